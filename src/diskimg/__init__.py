@@ -1,0 +1,44 @@
+"""diskimg: pure-Python qcow2, raw and vmdk disk images with a qemu-img compatible CLI."""
+
+from diskimg.api import create, open
+from diskimg.device import BlockDevice, DeviceIO, ImageInfo, MapEntry
+from diskimg.errors import (
+    BackingChainError,
+    CorruptImageError,
+    DiskImgError,
+    EncryptionError,
+    FormatError,
+    ImageLockedError,
+    InvalidPassphraseError,
+    MissingSecretError,
+    PoolError,
+    UnsupportedFeatureError,
+    UsageError,
+    WrongFormatError,
+)
+from diskimg.policy import OpenPolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackingChainError",
+    "BlockDevice",
+    "CorruptImageError",
+    "DeviceIO",
+    "DiskImgError",
+    "EncryptionError",
+    "FormatError",
+    "ImageInfo",
+    "ImageLockedError",
+    "InvalidPassphraseError",
+    "MapEntry",
+    "MissingSecretError",
+    "OpenPolicy",
+    "PoolError",
+    "UnsupportedFeatureError",
+    "UsageError",
+    "WrongFormatError",
+    "__version__",
+    "create",
+    "open",
+]

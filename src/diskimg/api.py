@@ -1,0 +1,165 @@
+"""Opening and creating images: the orchestration layer over the format classes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from diskimg.device import BlockDevice
+from diskimg.errors import BackingChainError, DiskImgError, UsageError
+from diskimg.hostio import open_host_file
+from diskimg.policy import OpenPolicy
+from diskimg.probe import check_format, probe
+
+FORMATS = ("qcow2", "raw", "vmdk")
+PathLike = str | os.PathLike[str]
+
+
+def open(  # noqa: A001 - mirrors builtins.open on purpose
+    path: PathLike,
+    mode: str = "r",
+    format: str | None = None,  # noqa: A002
+    *,
+    backing: bool = True,
+    force_share: bool = False,
+    untrusted: bool = False,
+    policy: OpenPolicy | None = None,
+    secrets: Mapping[str, bytes] | None = None,
+    options: Mapping[str, str] | None = None,
+) -> BlockDevice:
+    """Open an image.  ``mode`` is ``"r"`` or ``"r+"``; ``format`` None probes (raw last).
+
+    ``backing=False`` opens without the backing chain (reads of unallocated ranges then
+    return zeros); ``force_share`` skips QEMU's lock bytes (qemu-img ``-U``); ``untrusted``
+    confines backing/data files to the image's directory.  ``options`` are image-opts
+    (``encrypt.key-secret`` ...).
+    """
+    if mode not in ("r", "r+"):
+        raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
+    if format is not None and format not in FORMATS:
+        raise UsageError(f"Unknown file format '{format}'")
+    pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(Path(path))
+    return _open_one(Path(path), mode == "r+", format, backing=backing,
+                     force_share=force_share, policy=pol, secrets=dict(secrets or {}),
+                     options=dict(options or {}), seen=set(), depth=0)
+
+
+def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
+              force_share: bool, policy: OpenPolicy, secrets: dict[str, bytes],
+              options: dict[str, str], seen: set[tuple[int, int]], depth: int) -> BlockDevice:
+    if depth > policy.max_depth:
+        raise BackingChainError(f"Backing chain of '{path}' is deeper than "
+                                f"{policy.max_depth} images")
+    host = open_host_file(path, writable, lock_mode=not force_share)
+    try:
+        st = os.fstat(host.fd)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise BackingChainError(f"Backing chain loop: '{path}' appears twice in its own "
+                                    "backing chain")
+        seen.add(key)
+        probed = fmt is None
+        if fmt is None:
+            fmt = probe(host)
+        else:
+            check_format(host, fmt)
+        dev: BlockDevice
+        if fmt == "raw":
+            from diskimg.raw import RawImage
+
+            dev = RawImage(host, probed=probed)
+        elif fmt == "qcow2":
+            from diskimg.qcow2.image import Qcow2Image
+
+            dev = Qcow2Image(host, secrets=secrets, options=options, policy=policy)
+        else:
+            raise DiskImgError(f"Could not open '{path}': vmdk support is not implemented yet")
+    except BaseException:
+        host.close()
+        raise
+    try:
+        if backing:
+            name, bfmt = _backing_name(dev)
+            if name is not None:
+                bpath = policy.resolve(name, path)
+                dev.backing = _open_one(bpath, False, bfmt, backing=True,
+                                        force_share=force_share, policy=policy,
+                                        secrets=secrets, options={}, seen=seen,
+                                        depth=depth + 1)
+                _attach_backing(dev)
+    except BaseException:
+        dev.close()
+        raise
+    return dev
+
+
+def _backing_name(dev: BlockDevice) -> tuple[str | None, str | None]:
+    fn = getattr(dev, "backing_file_name", None)
+    if fn is None:
+        return None, None
+    name, fmt = fn()
+    return name, fmt
+
+
+def _attach_backing(dev: BlockDevice) -> None:
+    hook = getattr(dev, "backing_attached", None)
+    if hook is not None:
+        hook()
+
+
+def create(
+    path: PathLike,
+    format: str,  # noqa: A002
+    size: int | None,
+    *,
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    unsafe: bool = False,
+    options: Mapping[str, Any] | None = None,
+    secrets: Mapping[str, bytes] | None = None,
+) -> None:
+    """Create an image at ``path`` (overwriting it) like ``qemu-img create``.
+
+    ``size`` in bytes may be None when a backing file gives it.  ``options`` take qemu-img's
+    ``-o`` names (``cluster_size``, ``compat``, ``preallocation``, ``lazy_refcounts``,
+    ``refcount_bits``, ``extended_l2`` ...) as strings or Python values.
+    """
+    opts = dict(options or {})
+    if format not in FORMATS:
+        raise UsageError(f"Unknown file format '{format}'")
+    if backing_file is not None and backing_fmt is None and not unsafe:
+        raise UsageError("Backing file specified without backing format")
+    if size is None:
+        if backing_file is None:
+            raise UsageError("Image creation needs a size parameter")
+        bpath = OpenPolicy().resolve(backing_file, Path(os.path.abspath(path)))
+        with open(bpath, "r", backing_fmt, force_share=True) as b:
+            size = b.size
+    elif backing_file is not None and not unsafe:
+        bpath = OpenPolicy().resolve(backing_file, Path(os.path.abspath(path)))
+        with open(bpath, "r", backing_fmt, force_share=True):
+            pass
+    if size < 0:
+        raise UsageError("Image size must be less than 8 EiB!")
+    if format == "raw":
+        from diskimg.raw import create_raw
+
+        if backing_file:
+            raise UsageError("'raw' does not support backing files")
+        host = open_host_file(path, True, create=True)
+        try:
+            create_raw(host, size, str(opts.pop("preallocation", "off")))
+        finally:
+            host.close()
+        if opts:
+            raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
+        return
+    if format == "qcow2":
+        from diskimg.qcow2.create import create_qcow2
+
+        create_qcow2(Path(path), size, backing_file=backing_file, backing_fmt=backing_fmt,
+                     options=opts, secrets=dict(secrets or {}))
+        return
+    raise DiskImgError("vmdk support is not implemented yet")

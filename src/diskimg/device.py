@@ -1,0 +1,337 @@
+"""The block-device interface every format implements, and its shared machinery.
+
+A :class:`BlockDevice` is a fixed-size array of bytes addressed by guest offset.  Formats
+implement a handful of primitives (``_readinto``, ``_write``, ``_write_zeroes``,
+``_discard``, ``_status``); this module builds ``read``, ``map`` (qemu-img map's entries,
+walking backing chains), ``as_file`` and the context-manager protocol on top of them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from diskimg.errors import UsageError
+
+
+@dataclass(frozen=True, slots=True)
+class MapEntry:
+    """One run of ``qemu-img map --output=json``; field names are qemu's JSON keys."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None = None
+    filename: str | None = None  # host file the offset refers to (for human map output)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "start": self.start,
+            "length": self.length,
+            "depth": self.depth,
+            "present": self.present,
+            "zero": self.zero,
+            "data": self.data,
+        }
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Block status of one run in one layer (QEMU's BDRV_BLOCK_* flags).
+
+    ``allocated``: this layer decides the contents (no fall-through to the backing file).
+    ``offset``: host offset of the data in ``filename`` when it lies there verbatim.
+    """
+
+    length: int
+    allocated: bool
+    data: bool
+    zero: bool
+    offset: int | None = None
+    filename: str | None = None
+
+
+@dataclass(slots=True)
+class ImageInfo:
+    """What ``qemu-img info`` reports; :meth:`to_json` gives qemu's keys."""
+
+    filename: str
+    format: str
+    virtual_size: int
+    actual_size: int
+    dirty_flag: bool = False
+    cluster_size: int | None = None
+    encrypted: bool = False
+    backing_filename: str | None = None
+    full_backing_filename: str | None = None
+    backing_filename_format: str | None = None
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    format_specific: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.snapshots:
+            d["snapshots"] = self.snapshots
+        if self.backing_filename_format is not None:
+            d["backing-filename-format"] = self.backing_filename_format
+        d["virtual-size"] = self.virtual_size
+        d["filename"] = self.filename
+        if self.cluster_size is not None:
+            d["cluster-size"] = self.cluster_size
+        d["format"] = self.format
+        d["actual-size"] = self.actual_size
+        if self.encrypted:
+            d["encrypted"] = True
+        if self.format_specific is not None:
+            d["format-specific"] = self.format_specific
+        if self.full_backing_filename is not None:
+            d["full-backing-filename"] = self.full_backing_filename
+        if self.backing_filename is not None:
+            d["backing-filename"] = self.backing_filename
+        d["dirty-flag"] = self.dirty_flag
+        return d
+
+
+class BlockDevice:
+    """Base class of every image format.
+
+    Invariants: ``0 <= offset`` and ``offset + length <= size`` for every data call (checked
+    here, so formats may assume it); a read-only device refuses every mutating call with
+    :class:`UsageError`; ``close()`` flushes, is idempotent, and releases the host files.
+    """
+
+    format: str = ""
+    size: int = 0
+    read_only: bool = True
+    backing: BlockDevice | None = None
+    filename: str = ""
+
+    # --- primitives formats implement ------------------------------------------------
+    def _readinto(self, offset: int, buf: memoryview) -> None:
+        raise NotImplementedError
+
+    def _write(self, offset: int, data: memoryview) -> None:
+        raise NotImplementedError
+
+    def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        self._write(offset, memoryview(bytes(length)))
+
+    def _discard(self, offset: int, length: int) -> None:
+        """Default: discard is advisory, do nothing."""
+
+    def _status(self, offset: int, length: int) -> Status:
+        """Block status of the run starting at ``offset`` (at most ``length`` bytes)."""
+        return Status(length, allocated=True, data=True, zero=False)
+
+    def _flush(self) -> None:
+        pass
+
+    def _close(self) -> None:
+        pass
+
+    def info(self) -> ImageInfo:
+        raise NotImplementedError
+
+    # --- public API ------------------------------------------------------------------
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise UsageError(
+                f"request [{offset}, {offset + length}) is outside the image (size {self.size})"
+            )
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise UsageError(f"'{self.filename}' is opened read-only")
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at guest ``offset`` (both in bytes, range inside the disk)."""
+        buf = bytearray(length)
+        self.readinto(offset, memoryview(buf))
+        return bytes(buf)
+
+    def readinto(self, offset: int, buf: memoryview | bytearray) -> int:
+        """Fill ``buf`` with the guest bytes at ``offset``; returns ``len(buf)``."""
+        mv = memoryview(buf).cast("B")
+        self._check_range(offset, len(mv))
+        if len(mv):
+            self._readinto(offset, mv)
+        return len(mv)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at guest ``offset``; the range must lie inside the disk."""
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv))
+        if len(mv):
+            self._write(offset, mv)
+
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        """Make the range read as zeros; ``may_unmap`` allows deallocating it."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if length:
+            self._write_zeroes(offset, length, may_unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Tell the format the range is unused; contents afterwards are unspecified by
+        QEMU, and in diskimg read as the backing file's (or zeros) for qcow2."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if length:
+            self._discard(offset, length)
+
+    def flush(self) -> None:
+        """Make everything written so far durable on the host."""
+        if not self.read_only:
+            self._flush()
+
+    def close(self) -> None:
+        """Flush, release locks and host files.  Safe to call twice."""
+        if getattr(self, "_closed", False):
+            return
+        try:
+            if not self.read_only:
+                self._flush()
+        finally:
+            self._closed = True
+            try:
+                self._close()
+            finally:
+                if self.backing is not None:
+                    self.backing.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def chain(self) -> list[BlockDevice]:
+        """This device followed by its backing devices, top first."""
+        out: list[BlockDevice] = []
+        dev: BlockDevice | None = self
+        while dev is not None:
+            out.append(dev)
+            dev = dev.backing
+        return out
+
+    def block_status(self, offset: int, length: int) -> tuple[Status, int]:
+        """Status of the run at ``offset`` through the backing chain, and its depth."""
+        depth = 0
+        dev: BlockDevice = self
+        while True:
+            st = dev._status(offset, length)
+            length = min(length, st.length)
+            if st.allocated or dev.backing is None:
+                return Status(length, st.allocated, st.data, st.zero, st.offset, st.filename), depth
+            if offset >= dev.backing.size:
+                # qemu: past the end of a shorter backing file reads as zeros, decided here
+                return Status(length, False, False, True), depth
+            length = min(length, dev.backing.size - offset)
+            dev = dev.backing
+            depth += 1
+
+    def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
+        """Yield qemu-img map entries covering [offset, offset+length), merged like qemu."""
+        end = self.size if length is None else min(self.size, offset + length)
+        pending: MapEntry | None = None
+        pos = offset
+        while pos < end:
+            st, depth = self.block_status(pos, end - pos)
+            if st.length <= 0:
+                raise AssertionError("block status made no progress")
+            e = MapEntry(pos, st.length, depth, st.allocated, st.zero, st.data, st.offset,
+                         st.filename)
+            if pending is not None and _mergeable(pending, e):
+                pending = MapEntry(pending.start, pending.length + e.length, pending.depth,
+                                   pending.present, pending.zero, pending.data,
+                                   pending.offset, pending.filename)
+            else:
+                if pending is not None:
+                    yield pending
+                pending = e
+            pos += st.length
+        if pending is not None:
+            yield pending
+
+    def as_file(self) -> io.BufferedRandom:
+        """A buffered file object over the guest bytes (usable by tarfile, shutil, ...)."""
+        return io.BufferedRandom(DeviceIO(self))
+
+
+def _mergeable(a: MapEntry, b: MapEntry) -> bool:
+    if (a.depth, a.present, a.zero, a.data, a.filename) != (
+        b.depth, b.present, b.zero, b.data, b.filename
+    ):
+        return False
+    if (a.offset is None) != (b.offset is None):
+        return False
+    return a.offset is None or a.offset + a.length == b.offset
+
+
+class DeviceIO(io.RawIOBase):
+    """``io.RawIOBase`` adapter with a cursor over a :class:`BlockDevice`.
+
+    Reads past the end return ``b""``; writes past the end raise (the disk has a fixed size).
+    """
+
+    def __init__(self, dev: BlockDevice) -> None:
+        super().__init__()
+        self._dev = dev
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return not self._dev.read_only
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            new = pos
+        elif whence == os.SEEK_CUR:
+            new = self._pos + pos
+        elif whence == os.SEEK_END:
+            new = self._dev.size + pos
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if new < 0:
+            raise ValueError("negative seek position")
+        self._pos = new
+        return new
+
+    def readinto(self, b: Any) -> int:
+        mv = memoryview(b).cast("B")
+        n = max(0, min(len(mv), self._dev.size - self._pos))
+        if n:
+            self._dev.readinto(self._pos, mv[:n])
+            self._pos += n
+        return n
+
+    def write(self, b: Any) -> int:
+        mv = memoryview(b).cast("B")
+        if self._pos + len(mv) > self._dev.size:
+            raise OSError(28, "write past the end of the virtual disk")
+        self._dev.write(self._pos, mv)
+        self._pos += len(mv)
+        return len(mv)
+
+    def flush(self) -> None:
+        if not self.closed and not self._dev.read_only:
+            self._dev.flush()
+        super().flush()

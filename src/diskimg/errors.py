@@ -1,0 +1,77 @@
+"""The whole diskimg exception hierarchy, and nothing else.
+
+Each class says whose fault a failure is: the caller's (:class:`UsageError`), the image's
+bytes (:class:`FormatError` and subclasses), the files around it
+(:class:`BackingChainError`), secrets (:class:`EncryptionError`) or another process
+(:class:`ImageLockedError`).  The CLI prints ``diskimg: <str(error)>`` and exits 1.
+"""
+
+from __future__ import annotations
+
+
+class DiskImgError(Exception):
+    """Base class of every error diskimg raises on purpose."""
+
+
+class UsageError(DiskImgError, ValueError):
+    """The caller asked for something impossible: a bad option, size or mode."""
+
+
+class FormatError(DiskImgError):
+    """The bytes of an image are not what its format allows."""
+
+    def __init__(self, message: str, *, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+class WrongFormatError(FormatError):
+    """Probe result: the file is not in the format that was asked for."""
+
+
+class UnsupportedFeatureError(FormatError):
+    """Valid image, but it uses a feature diskimg does not implement."""
+
+
+class CorruptImageError(FormatError):
+    """Metadata is inconsistent (tables overlap, point past the end, ...)."""
+
+
+class BackingChainError(DiskImgError):
+    """A backing file is missing, loops, is too deep, or was refused by the open policy."""
+
+
+class EncryptionError(DiskImgError):
+    """Problems with encryption keys or secrets."""
+
+
+class MissingSecretError(EncryptionError):
+    """The image is encrypted and no secret was given (raised on data access only)."""
+
+
+class InvalidPassphraseError(EncryptionError):
+    """No key slot opens with the given passphrase."""
+
+
+class ImageLockedError(DiskImgError, BlockingIOError):
+    """Another process holds QEMU's lock bytes on the image."""
+
+
+class PoolError(DiskImgError):
+    """Storage pool or volume problems: exists, not found, bad XML."""
+
+
+__all__ = [
+    "BackingChainError",
+    "CorruptImageError",
+    "DiskImgError",
+    "EncryptionError",
+    "FormatError",
+    "ImageLockedError",
+    "InvalidPassphraseError",
+    "MissingSecretError",
+    "PoolError",
+    "UnsupportedFeatureError",
+    "UsageError",
+    "WrongFormatError",
+]

@@ -1,0 +1,175 @@
+"""HostFile: one open host file with positional I/O and sparse-file helpers.
+
+Formats never call ``os`` directly; they get a HostFile.  A HostFile owns its fd and, when
+locking was asked for, QEMU's lock bytes on it (released on close).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from diskimg.errors import DiskImgError, UsageError
+from diskimg.hostio import lock, sparse
+
+
+class HostFile:
+    """A host file opened for positional I/O.  Offsets and lengths are in bytes."""
+
+    def __init__(self, fd: int, path: Path, writable: bool) -> None:
+        self.fd = fd
+        self.path = path
+        self.writable = writable
+        self._closed = False
+
+    # --- reads and writes -------------------------------------------------------------
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read up to ``length`` bytes at ``offset``; short only at end of file."""
+        if length <= 0:
+            return b""
+        data = os.pread(self.fd, length, offset)
+        if len(data) == length or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < length:
+            more = os.pread(self.fd, length - got, offset + got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
+        """Read exactly ``length`` bytes or raise naming ``what`` and the offset."""
+        from diskimg.errors import FormatError
+
+        data = self.pread(offset, length)
+        if len(data) != length:
+            raise FormatError(
+                f"{what} at offset {offset:#x} (length {length}) lies past the end of "
+                f"'{self.path}'",
+                offset=offset,
+            )
+        return data
+
+    def preadinto(self, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; bytes past end of file are zeroed.  Returns len(buf)."""
+        n = len(buf)
+        got = 0
+        while got < n:
+            chunk = os.preadv(self.fd, [buf[got:]], offset + got)
+            if chunk <= 0:
+                buf[got:] = bytes(n - got)
+                break
+            got += chunk
+        return n
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` at ``offset``."""
+        if not self.writable:
+            raise UsageError(f"'{self.path}' is opened read-only")
+        mv = memoryview(data)
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(self.fd, mv[done:], offset + done)
+
+    # --- size and allocation ----------------------------------------------------------
+    def size(self) -> int:
+        """Current file size in bytes (block devices: their size)."""
+        st = os.fstat(self.fd)
+        if stat.S_ISBLK(st.st_mode):
+            return os.lseek(self.fd, 0, os.SEEK_END)
+        return st.st_size
+
+    def allocated_size(self) -> int:
+        """Bytes the filesystem has allocated (st_blocks * 512), qemu-img's 'disk size'."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def truncate(self, size: int) -> None:
+        if not self.writable:
+            raise UsageError(f"'{self.path}' is opened read-only")
+        os.ftruncate(self.fd, size)
+
+    def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """(start, length, is_data) runs covering the range, from SEEK_DATA/SEEK_HOLE."""
+        return sparse.data_extents(self.fd, offset, length)
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        return sparse.punch_hole(self.fd, offset, length)
+
+    def zero_range(self, offset: int, length: int) -> None:
+        sparse.zero_range(self.fd, offset, length)
+
+    def preallocate(self, offset: int, length: int) -> None:
+        sparse.preallocate(self.fd, offset, length)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        sparse.write_zeros(self.fd, offset, length)
+
+    def flush(self) -> None:
+        """fdatasync: data and the metadata needed to read it back are durable."""
+        if self.writable:
+            os.fdatasync(self.fd)
+
+    # --- locking and lifetime ---------------------------------------------------------
+    def lock(self, writable: bool) -> None:
+        held, refused = lock.READ_WRITE_PERMS if writable else lock.READ_ONLY_PERMS
+        lock.acquire(self.fd, str(self.path), held, refused)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            lock.release(self.fd)
+            os.close(self.fd)
+
+    def __enter__(self) -> HostFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_host_file(
+    path: str | os.PathLike[str],
+    writable: bool = False,
+    *,
+    create: bool = False,
+    lock_mode: bool | None = True,
+) -> HostFile:
+    """Open ``path`` for positional I/O.
+
+    Refuses directories, FIFOs, sockets and character devices with a clear error.
+    ``lock_mode`` True takes QEMU's lock bytes (writable or read-only set); None/False skips
+    locking (qemu-img ``-U``).
+    """
+    p = Path(path)
+    flags = os.O_RDWR if writable else os.O_RDONLY
+    if create:
+        flags |= os.O_CREAT | os.O_TRUNC
+    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(p, flags, 0o644)
+    except IsADirectoryError:
+        raise DiskImgError(f"Could not open '{p}': Is a directory") from None
+    except FileNotFoundError:
+        raise DiskImgError(f"Could not open '{p}': No such file or directory") from None
+    except PermissionError:
+        raise DiskImgError(f"Could not open '{p}': Permission denied") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise DiskImgError(f"Could not open '{p}': Is a directory")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise DiskImgError(f"Could not open '{p}': not a regular file or block device")
+        os.set_blocking(fd, True)
+        hf = HostFile(fd, p, writable)
+        if lock_mode:
+            hf.lock(writable)
+    except BaseException:
+        lock.release(fd)
+        os.close(fd)
+        raise
+    return hf

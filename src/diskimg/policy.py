@@ -1,0 +1,63 @@
+"""Which files an image may make diskimg open (backing files, data files, vmdk extents).
+
+qemu-img follows such names anywhere; diskimg never follows ``json:`` or protocol names,
+never opens devices, FIFOs or directories as images, detects loops, caps chain depth, and
+with ``untrusted=True`` opens nothing outside the top image's own directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diskimg.errors import BackingChainError
+
+MAX_CHAIN_DEPTH = 256
+_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+@dataclass(slots=True)
+class OpenPolicy:
+    """``untrusted``: confine every referenced file to ``allowed_dirs`` (default: the top
+    image's directory).  ``max_depth``: longest backing chain accepted."""
+
+    untrusted: bool = False
+    allowed_dirs: list[Path] = field(default_factory=list)
+    max_depth: int = MAX_CHAIN_DEPTH
+
+    def for_top(self, top: Path) -> OpenPolicy:
+        if self.untrusted and not self.allowed_dirs:
+            return OpenPolicy(True, [top.resolve().parent], self.max_depth)
+        return self
+
+    def resolve(self, name: str, parent: Path, what: str = "backing file") -> Path:
+        """Resolve ``name`` (as written in ``parent``) to a path, or raise naming it."""
+        if name.startswith("json:") or (_PROTOCOL.match(name) and not name.startswith("/")
+                                        and not name.startswith("file:")):
+            raise BackingChainError(
+                f"Refusing to open {what} '{name}' named by '{parent}': json: and protocol "
+                "names are not followed")
+        if name.startswith("file:"):
+            name = name[5:]
+        p = Path(name)
+        if not p.is_absolute():
+            p = parent.parent / p
+        real = p.resolve()
+        if self.untrusted:
+            if not any(real.is_relative_to(d) for d in self.allowed_dirs):
+                raise BackingChainError(
+                    f"Refusing to open {what} '{name}' named by '{parent}': it lies outside "
+                    f"the allowed directories (--untrusted)")
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise BackingChainError(
+                f"Could not open {what} '{p}' named by '{parent}': No such file or directory"
+            ) from None
+        if not (stat.S_ISREG(st.st_mode) or (stat.S_ISBLK(st.st_mode) and not self.untrusted)):
+            raise BackingChainError(
+                f"Refusing to open {what} '{name}' named by '{parent}': not a regular file")
+        return p

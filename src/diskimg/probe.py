@@ -1,0 +1,72 @@
+"""Format detection: qcow2, vmdk, then raw last (qemu's probe order for these formats).
+
+Foreign formats that qemu knows but diskimg does not implement are recognised by their
+magic and refused, so a VHD is never silently converted as if it were raw bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from diskimg.errors import UnsupportedFeatureError, WrongFormatError
+from diskimg.hostio import HostFile
+
+PROBE_SIZE = 2048
+QCOW_MAGIC = b"QFI\xfb"
+VMDK4_MAGIC = b"KDMV"
+VMDK3_MAGIC = b"COWD"
+
+_FOREIGN = [
+    (0, b"conectix", "vpc"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"Bochs Virtual HD Image", "bochs"),
+    (0, b"<<< QEMU VM Virtual Disk Image >>>", "vdi"),
+    (0x40, b"\x7f\x10\xda\xbe", "vdi"),
+    (0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop", "cloop"),
+    (0, b"#!/bin/sh\n#V2.0 Format\ninsmod cloop", "cloop"),
+    (0, b"#!/bin/sh\n#V3.0 Format\nmodprobe cloop", "cloop"),
+    (0, b"#!/bin/sh\n#V4.0 Format\nmodprobe cloop", "cloop"),
+    (0, b"QEMU DM", "dmg"),
+]
+
+
+def probe_bytes(head: bytes) -> str:
+    """Name the format of an image whose first bytes are ``head`` ("qcow2", "vmdk", "raw",
+    or a foreign format name diskimg does not implement)."""
+    if head[:4] == QCOW_MAGIC and len(head) >= 8:
+        version = struct.unpack_from(">I", head, 4)[0]
+        return "qcow2" if version in (2, 3) else ("qcow" if version == 1 else "raw")
+    if head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC):
+        return "vmdk"
+    text = head[:PROBE_SIZE]
+    if b"# Disk DescriptorFile" in text[:64] or (
+        b"createType=" in text and b"# Extent description" in text
+    ):
+        return "vmdk"
+    for off, magic, name in _FOREIGN:
+        if head[off : off + len(magic)] == magic:
+            return name
+    return "raw"
+
+
+def probe(host: HostFile) -> str:
+    """Probe a host file; raises for formats diskimg does not implement."""
+    head = host.pread(0, PROBE_SIZE)
+    fmt = probe_bytes(head)
+    if fmt not in ("qcow2", "vmdk", "raw"):
+        raise UnsupportedFeatureError(
+            f"Image format '{fmt}' of '{host.path}' is not supported by diskimg "
+            "(qcow2, vmdk and raw are); refusing to treat it as raw"
+        )
+    return fmt
+
+
+def check_format(host: HostFile, fmt: str) -> None:
+    """Raise :class:`WrongFormatError` if ``host`` is not in format ``fmt``."""
+    got = probe_bytes(host.pread(0, PROBE_SIZE))
+    if fmt == "qcow2" and got != "qcow2":
+        raise WrongFormatError(f"Image is not in qcow2 format", offset=0)
+    if fmt == "vmdk" and got != "vmdk":
+        raise WrongFormatError("Not a VMDK image", offset=0)

@@ -1,0 +1,342 @@
+"""qcow2 on-disk constants and records: the header and its extensions.
+
+Names follow QEMU (``qcow2.h``, ``docs/interop/qcow2.txt``).  Records are dataclasses with
+``parse(bytes)`` / ``pack()`` and no I/O.  All integers are big-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+from typing import Self
+
+from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError, WrongFormatError
+
+QCOW_MAGIC = 0x514649FB
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+QCOW_MAX_L1_SIZE = 0x2000000  # bytes
+QCOW_MAX_REFTABLE_SIZE = 0x800000  # bytes
+QCOW_MAX_SNAPSHOTS = 65536
+QCOW_MAX_CLUSTER_OFFSET = (1 << 56) - 1
+BACKING_FILE_NAME_MAX = 1023
+
+QCOW_CRYPT_NONE = 0
+QCOW_CRYPT_AES = 1
+QCOW_CRYPT_LUKS = 2
+
+# incompatible feature bits
+QCOW2_INCOMPAT_DIRTY = 1 << 0
+QCOW2_INCOMPAT_CORRUPT = 1 << 1
+QCOW2_INCOMPAT_DATA_FILE = 1 << 2
+QCOW2_INCOMPAT_COMPRESSION = 1 << 3
+QCOW2_INCOMPAT_EXTL2 = 1 << 4
+QCOW2_INCOMPAT_MASK = 0x1F
+# compatible / autoclear
+QCOW2_COMPAT_LAZY_REFCOUNTS = 1 << 0
+QCOW2_AUTOCLEAR_BITMAPS = 1 << 0
+QCOW2_AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+
+QCOW2_COMPRESSION_TYPE_ZLIB = 0
+QCOW2_COMPRESSION_TYPE_ZSTD = 1
+COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
+
+# header extension types
+QCOW2_EXT_MAGIC_END = 0
+QCOW2_EXT_MAGIC_BACKING_FORMAT = 0xE2792ACA
+QCOW2_EXT_MAGIC_FEATURE_TABLE = 0x6803F857
+QCOW2_EXT_MAGIC_CRYPTO_HEADER = 0x0537BE77
+QCOW2_EXT_MAGIC_BITMAPS = 0x23852875
+QCOW2_EXT_MAGIC_DATA_FILE = 0x44415441
+
+#: The feature-name table QEMU 7.2 writes into every v3 header, in its order.
+FEATURE_NAMES: list[tuple[int, int, str]] = [
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+]
+
+_V2 = struct.Struct(">IIQIIQIIQQIIQ")
+_V3 = struct.Struct(">QQQII")
+V2_HEADER_LENGTH = 72
+V3_HEADER_LENGTH = 104
+V3_HEADER_LENGTH_COMPRESSION = 112
+_EXT_HDR = struct.Struct(">II")
+
+
+@dataclass(slots=True)
+class Extension:
+    """One header extension; ``data`` unpadded."""
+
+    type: int
+    data: bytes
+
+    def pack(self) -> bytes:
+        pad = (-len(self.data)) % 8
+        return _EXT_HDR.pack(self.type, len(self.data)) + self.data + b"\0" * pad
+
+
+def pack_feature_table(names: list[tuple[int, int, str]] = FEATURE_NAMES) -> bytes:
+    return b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in names)
+
+
+def parse_feature_table(data: bytes) -> dict[tuple[int, int], str]:
+    out = {}
+    for i in range(0, len(data) - 47, 48):
+        t, b, raw = struct.unpack_from(">BB46s", data, i)
+        out[(t, b)] = raw.split(b"\0", 1)[0].decode("latin-1")
+    return out
+
+
+@dataclass(slots=True)
+class Header:
+    """The qcow2 header (v2 or v3) plus its extensions and backing file name.
+
+    ``extensions`` keeps every extension except the end marker, in file order, unknown ones
+    included, so ``pack()`` preserves them.  The backing file name is stored after them.
+    """
+
+    version: int
+    cluster_bits: int
+    size: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    crypt_method: int = 0
+    nb_snapshots: int = 0
+    snapshots_offset: int = 0
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = V3_HEADER_LENGTH_COMPRESSION
+    compression_type: int = 0
+    backing_file: str | None = None
+    backing_file_offset: int = 0  # as read; recomputed by pack()
+    extensions: list[Extension] = field(default_factory=list)
+
+    # --- derived ---------------------------------------------------------------------
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & QCOW2_INCOMPAT_EXTL2)
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    def ext(self, ext_type: int) -> Extension | None:
+        for e in self.extensions:
+            if e.type == ext_type:
+                return e
+        return None
+
+    def set_ext(self, ext_type: int, data: bytes | None) -> None:
+        """Replace, add (in qemu's order) or remove (data None) an extension."""
+        order = [QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_DATA_FILE,
+                 QCOW2_EXT_MAGIC_CRYPTO_HEADER, QCOW2_EXT_MAGIC_FEATURE_TABLE,
+                 QCOW2_EXT_MAGIC_BITMAPS]
+        exts = [e for e in self.extensions if e.type != ext_type]
+        if data is not None:
+            new = Extension(ext_type, data)
+            rank = order.index(ext_type) if ext_type in order else len(order)
+            pos = len(exts)
+            for i, e in enumerate(exts):
+                r = order.index(e.type) if e.type in order else len(order)
+                if r > rank:
+                    pos = i
+                    break
+            exts.insert(pos, new)
+        self.extensions = exts
+
+    @property
+    def backing_format(self) -> str | None:
+        e = self.ext(QCOW2_EXT_MAGIC_BACKING_FORMAT)
+        return e.data.split(b"\0", 1)[0].decode("utf-8", "replace") if e else None
+
+    @property
+    def data_file(self) -> str | None:
+        e = self.ext(QCOW2_EXT_MAGIC_DATA_FILE)
+        return e.data.split(b"\0", 1)[0].decode("utf-8", "replace") if e else None
+
+    # --- parse / pack ----------------------------------------------------------------
+    @classmethod
+    def parse(cls, buf: bytes, file_size: int | None = None) -> Self:
+        """Parse the header from the first cluster (or at least the first bytes) of a file.
+
+        Validates every field against QEMU's limits; raises FormatError subclasses that
+        name the field and its offset.
+        """
+        if len(buf) < 8 or struct.unpack_from(">I", buf, 0)[0] != QCOW_MAGIC:
+            raise WrongFormatError("Image is not in qcow2 format", offset=0)
+        if len(buf) < V2_HEADER_LENGTH:
+            raise FormatError("Could not read qcow2 header: file too short (header at 0x0)",
+                              offset=0)
+        (_, version, bf_off, bf_size, cluster_bits, size, crypt, l1_size, l1_off, rt_off,
+         rt_clusters, nb_snap, snap_off) = _V2.unpack_from(buf, 0)
+        if version not in (2, 3):
+            raise UnsupportedFeatureError(f"Unsupported qcow2 version {version} (field "
+                                          "'version' at 0x4)", offset=4)
+        if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+            raise FormatError(f"Unsupported cluster size: 2^{cluster_bits} (field "
+                              "'cluster_bits' at 0x14)", offset=20)
+        h = cls(version=version, cluster_bits=cluster_bits, size=size, l1_size=l1_size,
+                l1_table_offset=l1_off, refcount_table_offset=rt_off,
+                refcount_table_clusters=rt_clusters, crypt_method=crypt, nb_snapshots=nb_snap,
+                snapshots_offset=snap_off, backing_file_offset=bf_off)
+        cs = 1 << cluster_bits
+        if version == 2:
+            h.header_length = V2_HEADER_LENGTH
+            h.refcount_order = 4
+            h.incompatible_features = h.compatible_features = h.autoclear_features = 0
+        else:
+            if len(buf) < V3_HEADER_LENGTH:
+                raise FormatError("Could not read qcow2 header: file too short for a v3 header"
+                                  " (header at 0x0)", offset=0)
+            (h.incompatible_features, h.compatible_features, h.autoclear_features,
+             h.refcount_order, h.header_length) = _V3.unpack_from(buf, V2_HEADER_LENGTH)
+            if h.header_length < V3_HEADER_LENGTH or h.header_length > cs:
+                raise FormatError(f"qcow2 header too short or too long: header_length "
+                                  f"{h.header_length} (field at 0x64)", offset=100)
+            if h.header_length > len(buf):
+                raise FormatError("Could not read qcow2 header: header_length past end of "
+                                  "file (field at 0x64)", offset=100)
+            if h.header_length >= 105:
+                h.compression_type = buf[104]
+        h._validate(file_size)
+        # extensions
+        end = cs if h.backing_file_offset == 0 else min(cs, h.backing_file_offset)
+        off = h.header_length
+        while off + 8 <= min(end, len(buf)):
+            etype, elen = _EXT_HDR.unpack_from(buf, off)
+            if etype == QCOW2_EXT_MAGIC_END:
+                break
+            if off + 8 + elen > end or off + 8 + elen > len(buf):
+                raise FormatError(f"Header extension {etype:#x} at {off:#x} too large "
+                                  f"(length {elen})", offset=off)
+            h.extensions.append(Extension(etype, bytes(buf[off + 8 : off + 8 + elen])))
+            off += 8 + elen + ((-elen) % 8)
+        if bf_off:
+            if bf_size > BACKING_FILE_NAME_MAX:
+                raise FormatError(f"Backing file name too long ({bf_size} bytes, field "
+                                  "'backing_file_size' at 0x10)", offset=16)
+            if bf_off + bf_size > cs or bf_off + bf_size > len(buf):
+                raise FormatError(f"Invalid backing file offset {bf_off:#x} (field "
+                                  "'backing_file_offset' at 0x8)", offset=8)
+            name = bytes(buf[bf_off : bf_off + bf_size])
+            if b"\0" in name:
+                raise FormatError(f"Backing file name at {bf_off:#x} contains a NUL byte",
+                                  offset=bf_off)
+            try:
+                h.backing_file = name.decode("utf-8")
+            except UnicodeDecodeError:
+                raise FormatError(f"Backing file name at {bf_off:#x} is not valid UTF-8",
+                                  offset=bf_off) from None
+        if h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE and h.data_file is None:
+            # allowed by qemu only with an explicit data-file option; we require the name
+            pass
+        return h
+
+    def _validate(self, file_size: int | None) -> None:
+        cs = self.cluster_size
+        unknown = self.incompatible_features & ~QCOW2_INCOMPAT_MASK
+        if unknown:
+            bits = [str(i) for i in range(64) if unknown >> i & 1]
+            raise UnsupportedFeatureError(
+                f"Unsupported qcow2 feature(s): incompatible bit(s) {', '.join(bits)} "
+                "(field 'incompatible_features' at 0x48)", offset=72)
+        if self.refcount_order > 6:
+            raise FormatError(f"Reference count entry width too large; may not exceed 64 bits "
+                              f"(refcount_order {self.refcount_order} at 0x60)", offset=96)
+        if self.compression_type not in COMPRESSION_TYPES:
+            raise UnsupportedFeatureError(
+                f"Unknown compression type {self.compression_type} (field 'compression_type' "
+                "at 0x68)", offset=104)
+        if self.compression_type != 0 and not (
+                self.incompatible_features & QCOW2_INCOMPAT_COMPRESSION):
+            raise FormatError("Compression type field set but incompatible bit 3 clear "
+                              "(field 'incompatible_features' at 0x48)", offset=72)
+        if self.crypt_method not in (0, 1, 2):
+            raise UnsupportedFeatureError(
+                f"Unsupported encryption method: {self.crypt_method} (field 'crypt_method' "
+                "at 0x20)", offset=32)
+        if self.size > (1 << 63) - 1:
+            raise FormatError(f"Image size {self.size} too large (field 'size' at 0x18)",
+                              offset=24)
+        if self.l1_size * 8 > QCOW_MAX_L1_SIZE:
+            raise FormatError(f"Active L1 table too large: {self.l1_size} entries (field "
+                              "'l1_size' at 0x24)", offset=36)
+        entries_per_l2 = cs // (16 if self.extended_l2 else 8)
+        needed = -(-self.size // (cs * entries_per_l2))
+        if self.l1_size < needed:
+            raise FormatError(f"L1 table is too small: {self.l1_size} entries for size "
+                              f"{self.size} (field 'l1_size' at 0x24)", offset=36)
+        if self.l1_size and (self.l1_table_offset % cs or
+                             self.l1_table_offset > (1 << 63) - 1 - self.l1_size * 8):
+            raise FormatError(f"L1 table offset invalid: {self.l1_table_offset:#x} (field "
+                              "'l1_table_offset' at 0x28)", offset=40)
+        if self.refcount_table_clusters == 0:
+            raise FormatError("Image does not contain a reference count table (field "
+                              "'refcount_table_clusters' at 0x38)", offset=56)
+        if self.refcount_table_clusters * cs > QCOW_MAX_REFTABLE_SIZE:
+            raise FormatError(f"Reference count table too large: {self.refcount_table_clusters}"
+                              " clusters (field 'refcount_table_clusters' at 0x38)", offset=56)
+        if self.refcount_table_offset % cs or self.refcount_table_offset == 0:
+            raise FormatError(f"Invalid reference count table offset "
+                              f"{self.refcount_table_offset:#x} (field at 0x30)", offset=48)
+        if self.nb_snapshots > QCOW_MAX_SNAPSHOTS:
+            raise FormatError(f"Too many snapshots: {self.nb_snapshots} (field 'nb_snapshots'"
+                              " at 0x3c)", offset=60)
+        if self.nb_snapshots and self.snapshots_offset % cs:
+            raise FormatError(f"Snapshot table offset invalid: {self.snapshots_offset:#x} "
+                              "(field at 0x40)", offset=64)
+        if file_size is not None:
+            rt_end = self.refcount_table_offset + self.refcount_table_clusters * cs
+            if rt_end > file_size:
+                raise CorruptImageError(
+                    f"Reference count table at {self.refcount_table_offset:#x} lies past the "
+                    f"end of the file ({file_size} bytes)", offset=self.refcount_table_offset)
+            if self.l1_size and self.l1_table_offset + self.l1_size * 8 > file_size:
+                raise CorruptImageError(
+                    f"L1 table at {self.l1_table_offset:#x} ({self.l1_size} entries) lies past "
+                    f"the end of the file ({file_size} bytes)", offset=self.l1_table_offset)
+
+    def pack(self) -> bytes:
+        """Header, extensions (v3 adds QEMU's feature table if absent), end marker, backing
+        name — exactly as QEMU lays out cluster 0.  Raises if it does not fit one cluster."""
+        cs = self.cluster_size
+        body = bytearray()
+        if self.version >= 3:
+            body += _V3.pack(self.incompatible_features, self.compatible_features,
+                             self.autoclear_features, self.refcount_order, self.header_length)
+            body += bytes(self.header_length - V3_HEADER_LENGTH)
+            if self.header_length > V3_HEADER_LENGTH:
+                body[0] = 0  # placeholder; compression byte set below
+        hdr_len = V2_HEADER_LENGTH if self.version == 2 else self.header_length
+        exts = b"".join(e.pack() for e in self.extensions)
+        exts += _EXT_HDR.pack(QCOW2_EXT_MAGIC_END, 0)
+        bf = self.backing_file.encode() if self.backing_file else b""
+        bf_off = hdr_len + len(exts) if bf else 0
+        if hdr_len + len(exts) + len(bf) > cs:
+            raise FormatError("qcow2 header, extensions and backing file name do not fit in "
+                              "the first cluster")
+        head = _V2.pack(QCOW_MAGIC, self.version, bf_off, len(bf), self.cluster_bits,
+                        self.size, self.crypt_method, self.l1_size, self.l1_table_offset,
+                        self.refcount_table_offset, self.refcount_table_clusters,
+                        self.nb_snapshots, self.snapshots_offset)
+        out = bytearray(head) + body
+        if self.version >= 3 and self.header_length > V3_HEADER_LENGTH:
+            out[104] = self.compression_type
+        return bytes(out + exts + bf)
+
+    def copy(self) -> Header:
+        return replace(self, extensions=[Extension(e.type, e.data) for e in self.extensions])
