@@ -322,9 +322,13 @@ class Header:
             if self.header_length > V3_HEADER_LENGTH:
                 body[0] = 0  # placeholder; compression byte set below
         hdr_len = V2_HEADER_LENGTH if self.version == 2 else self.header_length
-        exts = b"".join(e.pack() for e in self.extensions)
-        exts += _EXT_HDR.pack(QCOW2_EXT_MAGIC_END, 0)
         bf = self.backing_file.encode() if self.backing_file else b""
+        kept = self.extensions
+        exts = b"".join(e.pack() for e in kept) + _EXT_HDR.pack(QCOW2_EXT_MAGIC_END, 0)
+        if hdr_len + len(exts) + len(bf) > cs:
+            # QEMU leaves out the (optional) feature-name table when it does not fit
+            kept = [e for e in kept if e.type != QCOW2_EXT_MAGIC_FEATURE_TABLE]
+            exts = b"".join(e.pack() for e in kept) + _EXT_HDR.pack(QCOW2_EXT_MAGIC_END, 0)
         bf_off = hdr_len + len(exts) if bf else 0
         if hdr_len + len(exts) + len(bf) > cs:
             raise FormatError("qcow2 header, extensions and backing file name do not fit in "

@@ -1,0 +1,206 @@
+"""``-o key=value,...`` option lists: qemu's parsing (``,,`` escapes a comma), per-format
+option schemas (type, default, help), ``-o help`` text and the ``Formatting ...`` line of
+``create``, all as qemu-img 7.2 prints them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diskimg.errors import UsageError
+from diskimg.units import parse_size
+
+SIZE_PARAM_HELP = ("expects a non-negative number below 2^64\n"
+                   "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                   "and exabytes, respectively.")
+
+
+@dataclass(frozen=True, slots=True)
+class OptionDesc:
+    """One ``-o`` option: ``kind`` is ``str``, ``bool``, ``num`` or ``size`` (qemu's types)."""
+
+    name: str
+    kind: str
+    help: str
+    default: str | None = None
+
+
+def _o(name: str, kind: str, help: str, default: str | None = None) -> OptionDesc:  # noqa: A002
+    return OptionDesc(name, kind, help, default)
+
+
+_ENCRYPT = [
+    _o("encrypt.format", "str", "Encrypt the image, format choices: 'aes', 'luks'"),
+    _o("encrypt.key-secret", "str", "ID of secret providing qcow AES key or LUKS passphrase"),
+    _o("encrypt.cipher-alg", "str", "Name of encryption cipher algorithm"),
+    _o("encrypt.cipher-mode", "str", "Name of encryption cipher mode"),
+    _o("encrypt.ivgen-alg", "str", "Name of IV generator algorithm"),
+    _o("encrypt.ivgen-hash-alg", "str", "Name of IV generator hash algorithm"),
+    _o("encrypt.hash-alg", "str", "Name of encryption hash algorithm"),
+    _o("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+]
+_SIZE = _o("size", "size", "Virtual disk size")
+_BACKING_FILE = _o("backing_file", "str", "File name of a base image")
+
+#: Options of each format, in qemu's internal order (the order of the ``Formatting`` line).
+FORMAT_OPTIONS: dict[str, list[OptionDesc]] = {
+    "qcow2": [
+        _o("encryption", "bool", "Encrypt the image with format 'aes'. (Deprecated in favor "
+           "of encrypt.format=aes)"),
+        *_ENCRYPT,
+        _o("cluster_size", "size", "qcow2 cluster size", "65536"),
+        _o("extended_l2", "bool", "Extended L2 tables", "off"),
+        _o("preallocation", "str",
+           "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+        _o("compression_type", "str", "Compression method used for image cluster compression",
+           "zlib"),
+        _SIZE,
+        _o("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+        _BACKING_FILE,
+        _o("backing_fmt", "str", "Image format of the base image"),
+        _o("data_file", "str", "File name of an external data file"),
+        _o("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
+        _o("lazy_refcounts", "bool", "Postpone refcount updates", "off"),
+        _o("refcount_bits", "num", "Width of a reference count entry in bits", "16"),
+    ],
+    "raw": [_SIZE],
+    "vmdk": [
+        _SIZE,
+        _o("adapter_type", "str", "Virtual adapter type, can be one of ide (default), "
+           "lsilogic, buslogic or legacyESX"),
+        _BACKING_FILE,
+        _o("backing_fmt", "str", "Must be 'vmdk' if present"),
+        _o("compat6", "bool", "VMDK version 6 image", "off"),
+        _o("hwversion", "str", "VMDK hardware version"),
+        _o("toolsversion", "str", "VMware guest tools version"),
+        _o("subformat", "str", "VMDK flat extent format, can be one of {monolithicSparse "
+           "(default) | monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | "
+           "streamOptimized} "),
+        _o("zeroed_grain", "bool",
+           "Enable efficient zero writes using the zeroed-grain GTE feature", "off"),
+    ],
+}
+
+#: Options of the host-file protocol driver, appended after the format's own.
+PROTOCOL_OPTIONS = [
+    _o("nocow", "bool", "Turn off copy-on-write (valid only on btrfs)"),
+    _o("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
+    _o("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
+]
+
+
+def schema(fmt: str, with_protocol: bool = True) -> list[OptionDesc]:
+    """The option list of ``fmt`` (plus the file protocol's), first definition winning."""
+    out: list[OptionDesc] = []
+    seen: set[str] = set()
+    for d in FORMAT_OPTIONS[fmt] + (PROTOCOL_OPTIONS if with_protocol else []):
+        if d.name not in seen:
+            seen.add(d.name)
+            out.append(d)
+    return out
+
+
+def split_list(text: str) -> list[str]:
+    """Split on single commas; ``,,`` is a literal comma.  Empty items are qemu's error."""
+    items: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == ",":
+            if text[i + 1 : i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    items.append("".join(cur))
+    return items
+
+
+def parse_list(text: str) -> list[tuple[str, str]]:
+    """Parse ``k=v,k2=v2`` into pairs like qemu's QemuOpts (``key`` alone is ``key=on``,
+    ``nokey`` is ``key=off``)."""
+    pairs: list[tuple[str, str]] = []
+    for item in split_list(text):
+        if item == "":
+            raise UsageError(f"Invalid option list: {text}")
+        if "=" in item:
+            k, v = item.split("=", 1)
+        elif item.startswith("no"):
+            k, v = item[2:], "off"
+        else:
+            k, v = item, "on"
+        pairs.append((k, v))
+    return pairs
+
+
+def is_help(text: str | None) -> bool:
+    """True when an option list asks for help (``help`` or ``?`` among its items)."""
+    if not text:
+        return False
+    return any(item in ("help", "?") for item in split_list(text))
+
+
+def help_text(fmt: str, with_protocol: bool = False) -> str:
+    """``-o help`` output of qemu-img 7.2 (``with_protocol``: a filename was given)."""
+    opts = sorted(schema(fmt, with_protocol), key=lambda d: d.name)
+    lines = ["Supported options:" if with_protocol else f"Supported {fmt} options:"]
+    for d in opts:
+        kind = {"bool": "bool (on/off)"}.get(d.kind, d.kind)
+        lines.append(f"  {f'{d.name}=<{kind}>':<22} - {d.help}")
+    if not with_protocol:
+        lines += ["", "The protocol level may support further options.",
+                  "Specify the target filename to include those options."]
+    return "\n".join(lines) + "\n"
+
+
+def validate(fmt: str, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Check names and value syntax against the schema; return ``{name: value}``
+    (later duplicates win, as in qemu).  Raises :class:`UsageError` with qemu's wording."""
+    by_name = {d.name: d for d in schema(fmt)}
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        d = by_name.get(k)
+        if d is None:
+            raise UsageError(f"Invalid parameter '{k}'")
+        if d.kind == "bool" and v not in ("on", "off"):
+            raise UsageError(f"Parameter '{k}' expects 'on' or 'off'")
+        if d.kind == "num":
+            try:
+                int(v, 0)
+            except ValueError:
+                raise UsageError(f"Parameter '{k}' expects a number") from None
+        if d.kind == "size":
+            v = str(parse_param_size(k, v))
+        out[k] = v
+    return out
+
+
+def parse_param_size(name: str, text: str) -> int:
+    """A size-typed option value; qemu's three-line message on error."""
+    try:
+        return parse_size(text)
+    except UsageError:
+        raise UsageError(f"Parameter '{name}' {SIZE_PARAM_HELP}") from None
+
+
+def _escape(v: str) -> str:
+    return v.replace(",", ",,")
+
+
+def formatting_line(filename: str, fmt: str, opts: dict[str, str]) -> str:
+    """``Formatting 'FILE', fmt=FMT k=v ...``: set values or defaults, in qemu's order."""
+    parts = [f"Formatting '{filename}', fmt={fmt}"]
+    for d in schema(fmt):
+        v = opts.get(d.name, d.default)
+        if v is not None:
+            parts.append(f"{d.name}={_escape(v)}")
+    return " ".join(parts)
+
+
+def to_bool(v: str) -> bool:
+    return v == "on"

@@ -1,0 +1,125 @@
+"""TableCache: a write-back LRU cache of cluster-sized metadata tables.
+
+Invariant (QEMU's cache dependency): before any table of this cache is written to disk,
+``before_write()`` runs; the L2 cache passes the refcount cache's flush there, so a cluster
+is never referenced on disk before its refcount is.  Tables are written in offset order.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+from diskimg.hostio import HostFile
+
+_LITTLE = sys.byteorder == "little"
+assert array("Q").itemsize == 8 and array("H").itemsize == 2 and array("I").itemsize == 4
+
+
+def be_u64_array(buf: bytes) -> array[int]:
+    """Big-endian u64 bytes → native array('Q')."""
+    a = array("Q", buf)
+    if _LITTLE:
+        a.byteswap()
+    return a
+
+
+def pack_be_u64_array(a: array[int]) -> bytes:
+    if not _LITTLE:
+        return a.tobytes()
+    b = array("Q", a)
+    b.byteswap()
+    return b.tobytes()
+
+
+class Table(Protocol):
+    def pack(self) -> bytes: ...
+
+
+T = TypeVar("T", bound=Table)
+
+
+class L2Table:
+    """One L2 table: ``entries`` as native u64 (extended L2: entry, bitmap pairs)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: array[int]) -> None:
+        self.entries = entries
+
+    def pack(self) -> bytes:
+        return pack_be_u64_array(self.entries)
+
+
+class TableCache(Generic[T]):
+    """Cache of tables keyed by host offset.  ``load(bytes)`` builds a table."""
+
+    def __init__(self, host: HostFile, table_size: int, load: Callable[[bytes], T],
+                 capacity: int, what: str) -> None:
+        self.host = host
+        self.table_size = table_size
+        self.load = load
+        self.capacity = max(2, capacity)
+        self.what = what
+        self.tables: OrderedDict[int, T] = OrderedDict()
+        self.dirty: set[int] = set()
+        self.before_write: Callable[[], None] | None = None
+
+    def get(self, offset: int) -> T:
+        t = self.tables.get(offset)
+        if t is not None:
+            self.tables.move_to_end(offset)
+            return t
+        data = self.host.pread_exact(offset, self.table_size, self.what)
+        t = self.load(data)
+        self._insert(offset, t)
+        return t
+
+    def put(self, offset: int, table: T, dirty: bool = True) -> None:
+        """Insert a new (e.g. freshly allocated) table."""
+        self._insert(offset, table)
+        if dirty:
+            self.dirty.add(offset)
+
+    def mark_dirty(self, offset: int) -> None:
+        self.dirty.add(offset)
+
+    def _insert(self, offset: int, table: T) -> None:
+        self.tables[offset] = table
+        self.tables.move_to_end(offset)
+        if len(self.tables) > self.capacity:
+            self._evict()
+
+    def _evict(self) -> None:
+        for off in list(self.tables):
+            if len(self.tables) <= self.capacity:
+                return
+            if off not in self.dirty:
+                del self.tables[off]
+        if len(self.tables) > self.capacity:
+            self.flush()
+            while len(self.tables) > self.capacity:
+                self.tables.popitem(last=False)
+
+    def flush(self) -> None:
+        """Write every dirty table (after ``before_write``)."""
+        if not self.dirty:
+            return
+        if self.before_write is not None:
+            self.before_write()
+        for off in sorted(self.dirty):
+            t = self.tables.get(off)
+            if t is not None:
+                self.host.pwrite(off, t.pack())
+        self.dirty.clear()
+
+    def drop(self, offset: int) -> None:
+        self.tables.pop(offset, None)
+        self.dirty.discard(offset)
+
+    def clear(self) -> None:
+        self.tables.clear()
+        self.dirty.clear()

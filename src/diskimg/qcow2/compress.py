@@ -1,0 +1,43 @@
+"""Compression codecs for qcow2 clusters: zlib (raw deflate, wbits -12) and zstd.
+
+Decompression always stops at one cluster of output (no decompression bombs) and must
+produce exactly one cluster, as QEMU requires.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import zstandard
+
+from diskimg.errors import CorruptImageError
+
+
+def decompress(ctype: int, data: bytes, cluster_size: int, host_offset: int) -> bytes:
+    """Decode one compressed cluster (``ctype`` 0 zlib, 1 zstd) found at ``host_offset``."""
+    try:
+        if ctype == 0:
+            out = zlib.decompressobj(-12).decompress(data, cluster_size)
+        else:
+            reader = zstandard.ZstdDecompressor().stream_reader(
+                io.BytesIO(data), read_across_frames=False)
+            out = reader.read(cluster_size)
+    except (zlib.error, zstandard.ZstdError) as e:
+        raise CorruptImageError(f"Compressed cluster at host offset {host_offset:#x} does not "
+                                f"decompress: {e}", offset=host_offset) from None
+    if len(out) != cluster_size:
+        raise CorruptImageError(f"Compressed cluster at host offset {host_offset:#x} "
+                                f"decompresses to {len(out)} bytes, not {cluster_size}",
+                                offset=host_offset)
+    return out
+
+
+def compress(ctype: int, data: bytes, level: int | None = None) -> bytes:
+    """Encode one cluster; the caller stores it only if it is smaller than a cluster."""
+    if ctype == 0:
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION if level is None else level,
+                             zlib.DEFLATED, -12, 9)
+        return c.compress(data) + c.flush()
+    return zstandard.ZstdCompressor(level=3 if level is None else level,
+                                    write_content_size=False).compress(data)

@@ -1,0 +1,196 @@
+"""Creating qcow2 images laid out byte for byte as ``qemu-img create`` lays them out.
+
+Layout of a new image: cluster 0 header (+ extensions, backing name), cluster 1 refcount
+table, cluster 2 the first refcount block, then the L1 table at the first free cluster,
+written only up to its last entry (so the file ends mid-cluster, as QEMU's does).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+from diskimg.errors import UnsupportedFeatureError, UsageError
+from diskimg.hostio import open_host_file
+from diskimg.qcow2.layout import (
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
+    QCOW2_EXT_MAGIC_BACKING_FORMAT,
+    QCOW2_EXT_MAGIC_FEATURE_TABLE,
+    QCOW2_INCOMPAT_COMPRESSION,
+    QCOW2_INCOMPAT_EXTL2,
+    QCOW_MAX_L1_SIZE,
+    V2_HEADER_LENGTH,
+    V3_HEADER_LENGTH_COMPRESSION,
+    Header,
+    pack_feature_table,
+)
+from diskimg.qcow2.refcount import RefBlock
+from diskimg.units import parse_size
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).lower()
+    if v in ("on", "yes", "true"):
+        return True
+    if v in ("off", "no", "false"):
+        return False
+    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+def plan_header(size: int, options: dict[str, Any], backing_file: str | None = None,
+                backing_fmt: str | None = None) -> tuple[Header, str]:
+    """Validate qemu-img's qcow2 ``-o`` options; returns the new header and preallocation.
+
+    Consumes the options it knows from ``options``.
+    """
+    compat = str(options.pop("compat", "1.1"))
+    if compat in ("0.10", "v2"):
+        version = 2
+    elif compat in ("1.1", "v3"):
+        version = 3
+    else:
+        raise UsageError(f"Invalid parameter '{compat}'\nInvalid compatibility level: "
+                         f"'{compat}'")
+    cs_opt = options.pop("cluster_size", 65536)
+    cs = cs_opt if isinstance(cs_opt, int) else parse_size(str(cs_opt))
+    if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
+        raise UsageError("Cluster size must be a power of two between 512 and 2048k")
+    cluster_bits = cs.bit_length() - 1
+    rb = int(options.pop("refcount_bits", 16))
+    if rb < 1 or rb > 64 or rb & (rb - 1):
+        raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
+    if version == 2 and rb != 16:
+        raise UsageError("Different refcount widths than 16 bits require compatibility level "
+                         "1.1 or above (use compat=1.1 or greater)")
+    lazy = _bool("lazy_refcounts", options.pop("lazy_refcounts", False))
+    if lazy and version == 2:
+        raise UsageError("Lazy refcounts only supported with compatibility level 1.1 and "
+                         "above (use compat=1.1 or greater)")
+    extl2 = _bool("extended_l2", options.pop("extended_l2", False))
+    if extl2 and version == 2:
+        raise UsageError("Extended L2 entries are only supported with compatibility level "
+                         "1.1 and above (use compat=1.1 or greater)")
+    if extl2 and cs < 16384:
+        raise UsageError("Extended L2 entries are only supported with cluster sizes of at "
+                         "least 16384 bytes")
+    ctype_name = str(options.pop("compression_type", "zlib"))
+    if ctype_name not in ("zlib", "zstd"):
+        raise UsageError(f"Invalid parameter '{ctype_name}'")
+    ctype = 1 if ctype_name == "zstd" else 0
+    if ctype and version == 2:
+        raise UsageError("Non-zlib compression type is only supported with compatibility "
+                         "level 1.1 and above (use compat=1.1 or greater)")
+    prealloc = str(options.pop("preallocation", "off"))
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise UsageError(f"Invalid parameter '{prealloc}'")
+    for key in ("encryption", "encrypt.format", "data_file", "data_file_raw"):
+        if key in options and options[key] not in (False, "off", None, ""):
+            raise UnsupportedFeatureError(f"qcow2 option '{key}' is not implemented yet")
+        options.pop(key, None)
+    if any(k.startswith("encrypt.") for k in options):
+        raise UnsupportedFeatureError("qcow2 encryption is not implemented yet")
+    if size % 512:
+        size = -(-size // 512) * 512  # qemu rounds the virtual size up to a sector
+    entries_per_l2 = cs // (16 if extl2 else 8)
+    l1_size = -(-size // (cs * entries_per_l2))
+    if l1_size * 8 > QCOW_MAX_L1_SIZE:
+        raise UsageError("Image size is too large for this cluster size")
+    h = Header(version=version, cluster_bits=cluster_bits, size=size, l1_size=l1_size,
+               l1_table_offset=0, refcount_table_offset=cs, refcount_table_clusters=1,
+               refcount_order=rb.bit_length() - 1,
+               header_length=V2_HEADER_LENGTH if version == 2 else V3_HEADER_LENGTH_COMPRESSION,
+               compression_type=ctype)
+    if version == 3:
+        if lazy:
+            h.compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS
+        if extl2:
+            h.incompatible_features |= QCOW2_INCOMPAT_EXTL2
+        if ctype:
+            h.incompatible_features |= QCOW2_INCOMPAT_COMPRESSION
+    if backing_file is not None:
+        h.backing_file = backing_file
+        if backing_fmt is not None:
+            h.set_ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, backing_fmt.encode())
+    if version == 3 and cs >= 8192:
+        # observed: qemu-img 7.2 writes the feature-name table only for clusters >= 8 KiB
+        h.set_ext(QCOW2_EXT_MAGIC_FEATURE_TABLE, pack_feature_table())
+    if len(backing_file.encode() if backing_file else b"") > 1023:
+        raise UsageError("Backing file name too long")
+    return h, prealloc
+
+
+def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
+                 backing_fmt: str | None = None, options: dict[str, Any] | None = None,
+                 secrets: dict[str, bytes] | None = None) -> None:
+    """Write a new, empty qcow2 image at ``path`` (truncating it)."""
+    opts = dict(options or {})
+    opts.pop("size", None)
+    opts.pop("backing_file", None)
+    opts.pop("backing_fmt", None)
+    h, prealloc = plan_header(size, opts, backing_file, backing_fmt)
+    if opts:
+        raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
+    cs = h.cluster_size
+    l1_clusters = -(-h.l1_size * 8 // cs)
+    host = open_host_file(path, True, create=True)
+    try:
+        # clusters 0-2: header, refcount table, first refcount block (refcounts for 0..2)
+        host.pwrite(0, h.pack().ljust(cs, b"\0"))
+        host.pwrite(cs, struct.pack(">Q", 2 * cs).ljust(cs, b"\0"))
+        blk = RefBlock(h.refcount_order, bytes(cs))
+        for c in range(3):
+            blk[c] = 1
+        host.pwrite(2 * cs, blk.pack())
+        host.flush()
+        if h.l1_size:
+            from diskimg.qcow2.refcount import Refcounts
+
+            rc = Refcounts(host, h)
+            l1_off = rc.alloc(l1_clusters)
+            rc.flush()
+            host.pwrite(l1_off, bytes(h.l1_size * 8))
+            h.l1_table_offset = l1_off
+            host.flush()
+            host.pwrite(0, h.pack())
+        host.flush()
+    finally:
+        host.close()
+    if prealloc != "off":
+        _preallocate(path, prealloc)
+
+
+def _preallocate(path: Path, mode: str) -> None:
+    """Allocate every L2 table and data cluster (``metadata``), then optionally the bytes."""
+    from diskimg.qcow2 import entries as E
+    from diskimg.qcow2.image import Qcow2Image
+
+    host = open_host_file(path, True)
+    img = Qcow2Image(host)
+    try:
+        nclusters = -(-img.size >> img.cb)
+        c = 0
+        while c < nclusters:
+            idx = c & (img.l2_entries - 1)
+            n = min(img.l2_entries - idx, nclusters - c)
+            l2_off, table = img._get_l2_for_write(c)
+            base = img.refcounts.alloc(n)
+            for j in range(n):
+                table.entries[idx + j] = (base + j * img.cs) | E.QCOW_OFLAG_COPIED
+            img.l2_cache.mark_dirty(l2_off)
+            c += n
+        img.flush()
+        end = (img.refcounts.find_free(1)) * img.cs
+        if mode == "metadata":
+            if host.size() < end:
+                host.truncate(end)
+        elif mode == "falloc":
+            host.preallocate(0, end)
+        else:
+            cur = host.size()
+            if cur < end:
+                host.write_zeros(cur, end - cur)
+    finally:
+        img.close()

@@ -1,0 +1,93 @@
+"""Pure codecs for L1/L2 entries and compressed-cluster descriptors (no I/O).
+
+Bit layouts from docs/interop/qcow2.txt; names from QEMU's qcow2.h.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+QCOW_OFLAG_COPIED = 1 << 63
+QCOW_OFLAG_COMPRESSED = 1 << 62
+QCOW_OFLAG_ZERO = 1 << 0
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1E_RESERVED_MASK = 0x7F000000000001FF
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE
+SUBCLUSTERS_PER_CLUSTER = 32
+
+
+class ClusterType(IntEnum):
+    """What a (standard-L2) entry says about its guest cluster (QCOW2_CLUSTER_*)."""
+
+    UNALLOCATED = 0
+    ZERO_PLAIN = 1
+    ZERO_ALLOC = 2
+    NORMAL = 3
+    COMPRESSED = 4
+
+
+class SubclusterType(IntEnum):
+    """QCOW2_SUBCLUSTER_*: the state of one subcluster of an extended-L2 entry."""
+
+    UNALLOCATED_PLAIN = 0
+    UNALLOCATED_ALLOC = 1
+    ZERO_PLAIN = 2
+    ZERO_ALLOC = 3
+    NORMAL = 4
+    COMPRESSED = 5
+    INVALID = 6
+
+
+def cluster_type(entry: int, extended: bool = False) -> ClusterType:
+    """Classify an L2 entry.  With extended L2 the zero flag lives in the bitmap, so
+    bit 0 is ignored here (it must be 0) and zero-ness is per subcluster."""
+    if entry & QCOW_OFLAG_COMPRESSED:
+        return ClusterType.COMPRESSED
+    off = entry & L2E_OFFSET_MASK
+    if not extended and entry & QCOW_OFLAG_ZERO:
+        return ClusterType.ZERO_ALLOC if off else ClusterType.ZERO_PLAIN
+    return ClusterType.NORMAL if off else ClusterType.UNALLOCATED
+
+
+def subcluster_type(entry: int, bitmap: int, index: int) -> SubclusterType:
+    """State of subcluster ``index`` (0..31) of an extended L2 entry + bitmap."""
+    if entry & QCOW_OFLAG_COMPRESSED:
+        return SubclusterType.COMPRESSED if bitmap == 0 else SubclusterType.INVALID
+    alloc = bitmap >> index & 1
+    zero = bitmap >> (32 + index) & 1
+    off = entry & L2E_OFFSET_MASK
+    if alloc and zero:
+        return SubclusterType.INVALID
+    if zero:
+        return SubclusterType.ZERO_ALLOC if off else SubclusterType.ZERO_PLAIN
+    if alloc:
+        return SubclusterType.NORMAL if off else SubclusterType.INVALID
+    return SubclusterType.UNALLOCATED_ALLOC if off else SubclusterType.UNALLOCATED_PLAIN
+
+
+def compressed_layout(cluster_bits: int) -> tuple[int, int]:
+    """(offset bits x, sector-count mask) of a compressed descriptor: x = 62-(cluster_bits-8)."""
+    x = 62 - (cluster_bits - 8)
+    return x, (1 << (cluster_bits - 8)) - 1
+
+
+def decode_compressed(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """(host offset, byte length to read) of a compressed cluster descriptor.
+
+    The length is (nb_csectors + 1) * 512 minus the offset's position in its sector,
+    per the spec; it may extend past the compressed data (trailing bytes are ignored)."""
+    x, mask = compressed_layout(cluster_bits)
+    desc = entry & ((1 << 62) - 1)
+    host = desc & ((1 << x) - 1)
+    nb_csectors = (desc >> x) & mask
+    return host, (nb_csectors + 1) * 512 - (host & 511)
+
+
+def encode_compressed(host: int, length: int, cluster_bits: int) -> int:
+    """Descriptor for ``length`` compressed bytes at ``host`` (COMPRESSED flag set)."""
+    x, mask = compressed_layout(cluster_bits)
+    nb = (host + length - 1) // 512 - host // 512
+    if nb > mask or host >> x:
+        raise ValueError("compressed cluster does not fit a descriptor")
+    return QCOW_OFLAG_COMPRESSED | (nb << x) | host

@@ -1,0 +1,650 @@
+"""Qcow2Image: a qcow2 file as a :class:`BlockDevice`.
+
+The only qcow2 class with both state and I/O.  Write ordering (QEMU's): guest data is
+written before the L2 entry that points at it; refcount blocks are flushed (and synced)
+before any L2 table; L2 tables before the L1 entries that point at them; references are
+dropped (clusters freed) only after the tables no longer pointing at them are on disk.
+A crash therefore leaves at most leaked clusters.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from diskimg.device import BlockDevice, ImageInfo, Status
+from diskimg.errors import (
+    CorruptImageError,
+    MissingSecretError,
+    UnsupportedFeatureError,
+    UsageError,
+)
+from diskimg.hostio import HostFile, open_host_file
+from diskimg.policy import OpenPolicy
+from diskimg.qcow2 import entries as E
+from diskimg.qcow2.cache import L2Table, TableCache, be_u64_array, pack_be_u64_array
+from diskimg.qcow2.compress import decompress
+from diskimg.qcow2.layout import (
+    COMPRESSION_TYPES,
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
+    QCOW2_EXT_MAGIC_CRYPTO_HEADER,
+    QCOW2_INCOMPAT_CORRUPT,
+    QCOW2_INCOMPAT_DATA_FILE,
+    QCOW2_INCOMPAT_DIRTY,
+    QCOW_MAX_L1_SIZE,
+    Header,
+)
+from diskimg.qcow2.refcount import Refcounts
+
+# run kinds produced by _lookup
+UNALLOC, ZERO, DATA, COMPRESSED = "unalloc", "zero", "data", "compressed"
+_DECODED_CACHE = 8
+
+
+class Qcow2Image(BlockDevice):
+    """qcow2 v2/v3 image.  Offsets are guest bytes unless named ``host``."""
+
+    format = "qcow2"
+
+    def __init__(self, host: HostFile, *, secrets: Mapping[str, bytes] | None = None,
+                 options: Mapping[str, str] | None = None,
+                 policy: OpenPolicy | None = None) -> None:
+        self.host = host
+        self.filename = str(host.path)
+        self.read_only = not host.writable
+        self.policy = policy or OpenPolicy()
+        self.secrets = dict(secrets or {})
+        self.options = dict(options or {})
+        fsize = host.size()
+        head = host.pread(0, 512)
+        Header.parse(head)  # magic, version and cluster_bits before reading a cluster
+        cs = 1 << struct.unpack_from(">I", head, 20)[0]
+        self.header = h = Header.parse(host.pread(0, cs), fsize)
+        self.cs = cs
+        self.cb = h.cluster_bits
+        self.extended = h.extended_l2
+        self.l2_entries = cs // (16 if self.extended else 8)
+        self.l2_bits = self.l2_entries.bit_length() - 1
+        self.sc_size = cs // E.SUBCLUSTERS_PER_CLUSTER if self.extended else cs
+        self.size = h.size
+        if h.crypt_method == 2 and h.ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER) is None:
+            raise CorruptImageError("LUKS-encrypted image (crypt_method 2 at 0x20) has no "
+                                    "full disk encryption header extension", offset=32)
+        if not self.read_only and h.incompatible_features & QCOW2_INCOMPAT_CORRUPT:
+            raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write "
+                                    "(corrupt bit set in incompatible_features at 0x48)")
+        l1_bytes = h.l1_size * 8
+        if l1_bytes > QCOW_MAX_L1_SIZE:
+            raise CorruptImageError("Active L1 table too large", offset=36)
+        self.l1 = be_u64_array(host.pread_exact(h.l1_table_offset, l1_bytes, "L1 table")
+                               if l1_bytes else b"")
+        self.l1_dirty: set[int] = set()
+        capacity = min(32768, max(64, (16 << 20) // cs))
+        self.l2_cache: TableCache[L2Table] = TableCache(
+            host, cs, lambda b: L2Table(be_u64_array(b)), capacity, "L2 table")
+        self._refcounts: Refcounts | None = None
+        self._pending_free: list[tuple[int, int]] = []
+        self._decoded: OrderedDict[int, bytes] = OrderedDict()
+        self._header_dirty = False
+        self._set_dirty_bit = False
+        self.data_host: HostFile = host
+        self._data_file_opened = False
+        if h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
+            name = self.options.get("data-file") or h.data_file
+            if not name:
+                raise CorruptImageError("Image has an external data file (incompatible bit 2) "
+                                        "but names none (header extension 0x44415441)")
+            path = self.policy.resolve(name, host.path, "data file")
+            self.data_host = open_host_file(path, not self.read_only, lock_mode=False)
+            self._data_file_opened = True
+        if not self.read_only and h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
+            self._repair_dirty()
+
+    # --- helpers ---------------------------------------------------------------------
+    @property
+    def refcounts(self) -> Refcounts:
+        if self._refcounts is None:
+            self._refcounts = Refcounts(self.host, self.header)
+            self.l2_cache.before_write = self._flush_refcounts
+        return self._refcounts
+
+    def _flush_refcounts(self) -> None:
+        if self._refcounts is not None and self._refcounts.blocks.dirty:
+            self._refcounts.flush()
+            self.host.flush()
+
+    def _repair_dirty(self) -> None:
+        from diskimg.qcow2.check import check_image
+
+        res = check_image(self.host, self.header, "all")
+        if getattr(res, "corruptions", 0) and not getattr(res, "corruptions_fixed", 0):
+            raise CorruptImageError("Could not repair dirty image")
+        self.header = Header.parse(self.host.pread(0, self.cs), self.host.size())
+
+    def backing_file_name(self) -> tuple[str | None, str | None]:
+        return self.header.backing_file, self.header.backing_format
+
+    def _l2_location(self, cluster: int) -> tuple[int, int]:
+        """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``."""
+        l1i = cluster >> self.l2_bits
+        if l1i >= len(self.l1):
+            raise CorruptImageError(f"Guest cluster {cluster} lies beyond the L1 table "
+                                    f"({len(self.l1)} entries)")
+        ent = self.l1[l1i]
+        off = ent & E.L1E_OFFSET_MASK
+        if off % self.cs:
+            raise CorruptImageError(f"L2 table offset {off:#x} in L1 entry {l1i} is not "
+                                    "cluster aligned",
+                                    offset=self.header.l1_table_offset + 8 * l1i)
+        return l1i, off
+
+    def _check_data_offset(self, host_off: int, l2_off: int, idx: int) -> None:
+        if host_off % self.cs:
+            raise CorruptImageError(f"Cluster allocation offset {host_off:#x} unaligned "
+                                    f"(L2 table at {l2_off:#x}, entry {idx})",
+                                    offset=l2_off + idx * 8)
+
+    # --- lookup (the read plan) ------------------------------------------------------
+    def _lookup(self, offset: int, length: int) -> tuple[str, int, int, int]:
+        """Classify the run at guest ``offset``: (kind, length, host offset, raw entry).
+
+        Merges consecutive clusters of the same kind (DATA only when host-contiguous);
+        never crosses an L2 table.  For COMPRESSED the run is one cluster.
+        """
+        cs = self.cs
+        cluster = offset >> self.cb
+        in_off = offset & (cs - 1)
+        _, l2_off = self._l2_location(cluster)
+        idx = cluster & (self.l2_entries - 1)
+        max_len = min(length, (self.l2_entries - idx) * cs - in_off)
+        if not l2_off:
+            return UNALLOC, max_len, 0, 0
+        ents = self.l2_cache.get(l2_off).entries
+        if self.extended:
+            return self._lookup_ext(ents, l2_off, idx, in_off, max_len)
+        ent = ents[idx]
+        kind, host = self._classify(ent, l2_off, idx)
+        if kind == COMPRESSED:
+            return COMPRESSED, min(max_len, cs - in_off), 0, ent
+        n = cs - in_off
+        nxt = host + cs
+        i = idx + 1
+        while n < max_len:
+            k2, h2 = self._classify(ents[i], l2_off, i)
+            if k2 != kind or (kind == DATA and h2 != nxt):
+                break
+            n += cs
+            nxt += cs
+            i += 1
+        return kind, min(n, max_len), (host + in_off if kind == DATA else 0), ent
+
+    def _classify(self, ent: int, l2_off: int, idx: int) -> tuple[str, int]:
+        t = E.cluster_type(ent)
+        if t == E.ClusterType.NORMAL:
+            host = ent & E.L2E_OFFSET_MASK
+            self._check_data_offset(host, l2_off, idx)
+            return DATA, host
+        if t == E.ClusterType.UNALLOCATED:
+            return UNALLOC, 0
+        if t == E.ClusterType.COMPRESSED:
+            return COMPRESSED, 0
+        return ZERO, 0
+
+    def _lookup_ext(self, ents: array[int], l2_off: int, idx: int, in_off: int,
+                    max_len: int) -> tuple[str, int, int, int]:
+        scs = self.sc_size
+        ent, bitmap = ents[2 * idx], ents[2 * idx + 1]
+        sc = in_off // scs
+        t = E.subcluster_type(ent, bitmap, sc)
+        if t == E.SubclusterType.INVALID:
+            raise CorruptImageError(f"Invalid extended L2 entry {idx} in table at {l2_off:#x}",
+                                    offset=l2_off + 16 * idx)
+        if t == E.SubclusterType.COMPRESSED:
+            return COMPRESSED, min(max_len, self.cs - in_off), 0, ent
+        kind = {E.SubclusterType.NORMAL: DATA, E.SubclusterType.ZERO_PLAIN: ZERO,
+                E.SubclusterType.ZERO_ALLOC: ZERO}.get(t, UNALLOC)
+        host = ent & E.L2E_OFFSET_MASK
+        if kind == DATA:
+            self._check_data_offset(host, l2_off, idx)
+        n = scs - in_off % scs
+        sc += 1
+        while n < max_len and sc < E.SUBCLUSTERS_PER_CLUSTER:
+            t2 = E.subcluster_type(ent, bitmap, sc)
+            k2 = {E.SubclusterType.NORMAL: DATA, E.SubclusterType.ZERO_PLAIN: ZERO,
+                  E.SubclusterType.ZERO_ALLOC: ZERO}.get(t2, UNALLOC)
+            if k2 != kind or t2 == E.SubclusterType.INVALID:
+                break
+            n += scs
+            sc += 1
+        return kind, min(n, max_len), (host + in_off if kind == DATA else 0), ent
+
+    # --- reads -----------------------------------------------------------------------
+    def _need_crypto(self) -> None:
+        if self.header.crypt_method:
+            fmt = "aes" if self.header.crypt_method == 1 else "luks"
+            if "encrypt.key-secret" not in self.options:
+                raise MissingSecretError(f"'{self.filename}' is encrypted ({fmt}); a secret is "
+                                         "needed (encrypt.key-secret)")
+            raise UnsupportedFeatureError(f"Reading {fmt}-encrypted qcow2 data is not "
+                                          "implemented yet")
+
+    def _readinto(self, offset: int, buf: memoryview) -> None:
+        self._need_crypto()
+        pos = 0
+        n = len(buf)
+        while pos < n:
+            kind, run, host, ent = self._lookup(offset + pos, n - pos)
+            dst = buf[pos : pos + run]
+            if kind == DATA:
+                self.data_host.preadinto(host, dst)
+            elif kind == ZERO:
+                dst[:] = bytes(run)
+            elif kind == UNALLOC:
+                self._read_backing(offset + pos, dst)
+            else:
+                data = self._decode_compressed(ent)
+                c_off = (offset + pos) & (self.cs - 1)
+                dst[:] = data[c_off : c_off + run]
+            pos += run
+
+    def _read_backing(self, offset: int, dst: memoryview) -> None:
+        b = self.backing
+        n = len(dst)
+        if b is None or offset >= b.size:
+            dst[:] = bytes(n)
+            return
+        k = min(n, b.size - offset)
+        b.readinto(offset, dst[:k])
+        if k < n:
+            dst[k:] = bytes(n - k)
+
+    def _decode_compressed(self, ent: int) -> bytes:
+        hit = self._decoded.get(ent)
+        if hit is not None:
+            self._decoded.move_to_end(ent)
+            return hit
+        host, clen = E.decode_compressed(ent, self.cb)
+        fsize = self.data_host.size()
+        if host >= fsize:
+            raise CorruptImageError(f"Compressed cluster at host offset {host:#x} lies past "
+                                    "the end of the file", offset=host)
+        clen = min(clen, fsize - host, 2 * self.cs)
+        data = decompress(self.header.compression_type, self.data_host.pread(host, clen),
+                          self.cs, host)
+        self._decoded[ent] = data
+        if len(self._decoded) > _DECODED_CACHE:
+            self._decoded.popitem(last=False)
+        return data
+
+    # --- block status ----------------------------------------------------------------
+    def _status(self, offset: int, length: int) -> Status:
+        kind, run, host, _ = self._lookup(offset, length)
+        crypt = bool(self.header.crypt_method)
+        fname = str(self.data_host.path)
+        if kind == DATA:
+            if crypt:
+                return Status(run, True, True, False)
+            for start, n, is_data in self.data_host.data_extents(host, run):
+                return Status(n, True, True, not is_data, start, fname)
+            return Status(run, True, True, False, host, fname)
+        if kind == ZERO:
+            ent_host = 0
+            if not self.extended:
+                cluster = offset >> self.cb
+                _, l2_off = self._l2_location(cluster)
+                ent = self.l2_cache.get(l2_off).entries[cluster & (self.l2_entries - 1)]
+                ent_host = ent & E.L2E_OFFSET_MASK
+            if ent_host and not crypt:
+                return Status(run, True, False, True, ent_host + (offset & (self.cs - 1)), fname)
+            return Status(run, True, False, True)
+        if kind == COMPRESSED:
+            return Status(run, True, True, False)
+        if self.backing is None:
+            return Status(run, False, False, True)
+        return Status(run, False, False, False)
+
+    # --- allocation helpers ----------------------------------------------------------
+    def _check_write_support(self) -> None:
+        if self.extended:
+            raise UnsupportedFeatureError("Writing to qcow2 images with extended L2 entries "
+                                          "is not implemented yet")
+        if self.header.crypt_method:
+            self._need_crypto()
+        if self._data_file_opened:
+            raise UnsupportedFeatureError("Writing to qcow2 images with an external data "
+                                          "file is not implemented yet")
+        if not self._set_dirty_bit and self.header.compatible_features & \
+                QCOW2_COMPAT_LAZY_REFCOUNTS:
+            self.header.incompatible_features |= QCOW2_INCOMPAT_DIRTY
+            self._write_header_features()
+            self.host.flush()
+            self._set_dirty_bit = True
+
+    def _write_header_features(self) -> None:
+        if self.header.version >= 3:
+            self.host.pwrite(72, struct.pack(">Q", self.header.incompatible_features))
+
+    def _get_l2_for_write(self, cluster: int) -> tuple[int, L2Table]:
+        """L2 table covering ``cluster``, allocated or copied (if shared) as needed."""
+        l1i, l2_off = self._l2_location(cluster)
+        ent = self.l1[l1i]
+        rc = self.refcounts
+        if l2_off and ent & E.QCOW_OFLAG_COPIED:
+            return l2_off, self.l2_cache.get(l2_off)
+        new_off = rc.alloc(1)
+        if l2_off:
+            table = L2Table(array("Q", self.l2_cache.get(l2_off).entries))
+            self._pending_free.append((l2_off, self.cs))
+        else:
+            table = L2Table(array("Q", bytes(self.cs)))
+        self.l2_cache.put(new_off, table)
+        self.l1[l1i] = new_off | E.QCOW_OFLAG_COPIED
+        self.l1_dirty.add(l1i)
+        return new_off, table
+
+    def _free_entry(self, ent: int) -> None:
+        """Schedule dropping the reference an L2 entry held (applied after the flush)."""
+        t = E.cluster_type(ent)
+        if t in (E.ClusterType.NORMAL, E.ClusterType.ZERO_ALLOC):
+            self._pending_free.append((ent & E.L2E_OFFSET_MASK, self.cs))
+        elif t == E.ClusterType.COMPRESSED:
+            host, clen = E.decode_compressed(ent, self.cb)
+            self._pending_free.append((host & ~511, clen + (host & 511)))
+
+    def _cluster_contents(self, cluster: int, ent: int) -> bytearray:
+        """Current guest contents of a whole cluster (for copy-on-write)."""
+        buf = bytearray(self.cs)
+        start = cluster << self.cb
+        n = min(self.cs, self.size - start)
+        if n > 0:
+            self._readinto(start, memoryview(buf)[:n])
+        return buf
+
+    # --- writes ----------------------------------------------------------------------
+    def _write(self, offset: int, data: memoryview) -> None:
+        self._check_write_support()
+        cs = self.cs
+        pos = 0
+        n = len(data)
+        while pos < n:
+            g = offset + pos
+            cluster = g >> self.cb
+            idx = cluster & (self.l2_entries - 1)
+            nclusters = min(self.l2_entries - idx, ((g + n - pos - 1) >> self.cb) - cluster + 1)
+            l2_off, table = self._get_l2_for_write(cluster)
+            ents = table.entries
+            writes: list[tuple[int, memoryview | bytes | bytearray]] = []
+            to_alloc: list[int] = []
+            for j in range(nclusters):
+                ent = ents[idx + j]
+                if ent & E.QCOW_OFLAG_COPIED and E.cluster_type(ent) == E.ClusterType.NORMAL:
+                    host = ent & E.L2E_OFFSET_MASK
+                    self._check_data_offset(host, l2_off, idx + j)
+                    c_start = (cluster + j) << self.cb
+                    lo = max(g, c_start)
+                    hi = min(offset + n, c_start + cs)
+                    writes.append((host + lo - c_start, data[lo - offset : hi - offset]))
+                else:
+                    to_alloc.append(j)
+            if to_alloc:
+                base = self.refcounts.alloc(len(to_alloc))
+                for k, j in enumerate(to_alloc):
+                    c = cluster + j
+                    c_start = c << self.cb
+                    lo = max(g, c_start)
+                    hi = min(offset + n, c_start + cs)
+                    new_host = base + k * cs
+                    old = ents[idx + j]
+                    if lo == c_start and hi == c_start + cs:
+                        writes.append((new_host, data[lo - offset : hi - offset]))
+                    else:
+                        buf = self._cluster_contents(c, old)
+                        buf[lo - c_start : hi - c_start] = data[lo - offset : hi - offset]
+                        writes.append((new_host, buf))
+            # data first (merged where host-contiguous), then the L2 entries
+            self._pwrite_runs(writes)
+            if to_alloc:
+                for k, j in enumerate(to_alloc):
+                    old = ents[idx + j]
+                    ents[idx + j] = (base + k * cs) | E.QCOW_OFLAG_COPIED
+                    self._free_entry(old)
+                    self._decoded.pop(old, None)
+                self.l2_cache.mark_dirty(l2_off)
+            pos = min(n, ((cluster + nclusters) << self.cb) - offset)
+
+    def _pwrite_runs(self, writes: list[tuple[int, Any]]) -> None:
+        i = 0
+        while i < len(writes):
+            host, buf = writes[i]
+            parts = [buf]
+            end = host + len(buf)
+            j = i + 1
+            while j < len(writes) and writes[j][0] == end:
+                parts.append(writes[j][1])
+                end += len(writes[j][1])
+                j += 1
+            self.data_host.pwrite(host, parts[0] if len(parts) == 1 else b"".join(parts))
+            i = j
+
+    def _full_clusters(self, offset: int, length: int) -> tuple[int, int]:
+        """(first, end) guest cluster indices fully inside the range (end exclusive);
+        the last partial cluster of the disk counts as full."""
+        first = -(-offset >> self.cb)
+        end_b = offset + length
+        end = (end_b >> self.cb) if end_b < self.size else -(-self.size >> self.cb)
+        return first, max(first, end)
+
+    def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        self._check_write_support()
+        first, end = self._full_clusters(offset, length)
+        head_end = min(offset + length, first << self.cb)
+        if head_end > offset:
+            self._write(offset, memoryview(bytes(head_end - offset)))
+        tail_start = max(offset, end << self.cb)
+        if end > first and tail_start < offset + length:
+            self._write(tail_start, memoryview(bytes(offset + length - tail_start)))
+        elif end <= first and head_end < offset + length:
+            self._write(head_end, memoryview(bytes(offset + length - head_end)))
+            return
+        if end > first:
+            self._zero_clusters(first, end, may_unmap, discard=False)
+
+    def _discard(self, offset: int, length: int) -> None:
+        self._check_write_support()
+        first, end = self._full_clusters(offset, length)
+        if end > first:
+            self._zero_clusters(first, end, True, discard=True)
+
+    def _zero_clusters(self, first: int, end: int, unmap: bool, discard: bool) -> None:
+        """Set full clusters [first, end) to read as zeros (v3) or deallocate them."""
+        v3 = self.header.version >= 3
+        c = first
+        while c < end:
+            idx = c & (self.l2_entries - 1)
+            n = min(self.l2_entries - idx, end - c)
+            _, l2_off = self._l2_location(c)
+            if not v3:
+                if self.backing is not None and not discard:
+                    # v2 has no zero flag: write real zeros over the backing file
+                    start = c << self.cb
+                    stop = min(self.size, (c + n) << self.cb)
+                    for s in range(start, stop, 1 << 20):
+                        self._write(s, memoryview(bytes(min(1 << 20, stop - s))))
+                    c += n
+                    continue
+                if not l2_off:
+                    c += n
+                    continue
+            l2_off, table = self._get_l2_for_write(c)
+            ents = table.entries
+            for j in range(idx, idx + n):
+                old = ents[j]
+                t = E.cluster_type(old)
+                if not v3:
+                    new = 0
+                elif unmap or not (old & E.QCOW_OFLAG_COPIED) or t not in (
+                        E.ClusterType.NORMAL, E.ClusterType.ZERO_ALLOC):
+                    new = E.QCOW_OFLAG_ZERO
+                else:
+                    new = (old & (E.L2E_OFFSET_MASK | E.QCOW_OFLAG_COPIED)) | E.QCOW_OFLAG_ZERO
+                if discard and v3 and t == E.ClusterType.UNALLOCATED and self.backing is None:
+                    new = 0
+                if new != old:
+                    ents[j] = new
+                    if not new & E.L2E_OFFSET_MASK:
+                        self._free_entry(old)  # the entry no longer holds its cluster
+                    self._decoded.pop(old, None)
+            self.l2_cache.mark_dirty(l2_off)
+            c += n
+
+    # --- flush / close ---------------------------------------------------------------
+    def _flush(self) -> None:
+        if self._refcounts is None and not self.l1_dirty and not self._header_dirty:
+            self.host.flush()
+            return
+        self._flush_refcounts()
+        self.l2_cache.flush()
+        self.host.flush()
+        if self.l1_dirty:
+            self._write_l1_entries()
+            self.host.flush()
+        if self._pending_free:
+            pending, self._pending_free = self._pending_free, []
+            for host, n in pending:
+                self.refcounts.free(host, n)
+            self._flush_refcounts()
+        if self._header_dirty:
+            self.host.pwrite(0, self.header.pack())
+            self._header_dirty = False
+        self.host.flush()
+
+    def _write_l1_entries(self) -> None:
+        base = self.header.l1_table_offset
+        for i in sorted(self.l1_dirty):
+            self.host.pwrite(base + 8 * i, struct.pack(">Q", self.l1[i]))
+        self.l1_dirty.clear()
+
+    def _close(self) -> None:
+        try:
+            if not self.read_only and self._set_dirty_bit:
+                self.header.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY
+                self._write_header_features()
+                self.host.flush()
+        finally:
+            if self._data_file_opened:
+                self.data_host.close()
+            self.host.close()
+
+    # --- resize ----------------------------------------------------------------------
+    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+        """Grow (or with ``shrink`` shrink) the virtual disk to ``new_size`` bytes."""
+        self._check_writable()
+        if new_size % 512:
+            raise UsageError("The new size must be a multiple of 512")
+        if new_size < self.size and not shrink:
+            raise UsageError("Use the --shrink option to perform a shrink operation.")
+        if self.header.nb_snapshots:
+            raise UnsupportedFeatureError("Can't resize an image which has snapshots")
+        self._check_write_support()
+        if new_size < self.size:
+            first = -(-new_size >> self.cb)
+            last = -(-self.size >> self.cb)
+            c = first
+            while c < last:
+                idx = c & (self.l2_entries - 1)
+                n = min(self.l2_entries - idx, last - c)
+                _, l2_off = self._l2_location(c)
+                if l2_off:
+                    l2_off, table = self._get_l2_for_write(c)
+                    for j in range(idx, idx + n):
+                        if table.entries[j]:
+                            self._free_entry(table.entries[j])
+                            table.entries[j] = 0
+                    self.l2_cache.mark_dirty(l2_off)
+                c += n
+        need = -(-new_size // (self.cs * self.l2_entries))
+        if need > len(self.l1):
+            self._grow_l1(need)
+        self.size = self.header.size = new_size
+        self.flush()
+        self.host.pwrite(24, struct.pack(">Q", new_size))
+        self.host.flush()
+
+    def _grow_l1(self, need: int) -> None:
+        if need * 8 > QCOW_MAX_L1_SIZE:
+            raise UsageError("The new size is too large for this image's cluster size")
+        self.flush()
+        new_clusters = -(-need * 8 // self.cs)
+        new_off = self.refcounts.alloc(new_clusters)
+        self._flush_refcounts()
+        table = array("Q", self.l1)
+        table.extend([0] * (need - len(table)))
+        self.host.pwrite(new_off, pack_be_u64_array(table))
+        self.host.flush()
+        old_off, old_size = self.header.l1_table_offset, self.header.l1_size
+        self.host.pwrite(36, struct.pack(">IQ", need, new_off))
+        self.host.flush()
+        self.header.l1_size, self.header.l1_table_offset = need, new_off
+        self.l1 = table
+        if old_size:
+            self.refcounts.free(old_off, old_size * 8)
+        self._flush_refcounts()
+
+    # --- info ------------------------------------------------------------------------
+    def info(self) -> ImageInfo:
+        h = self.header
+        data: dict[str, Any] = {"compat": "1.1" if h.version >= 3 else "0.10"}
+        if h.version >= 3:
+            data["compression-type"] = COMPRESSION_TYPES[h.compression_type]
+            data["lazy-refcounts"] = bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
+        else:
+            data["compression-type"] = COMPRESSION_TYPES[h.compression_type]
+        data["refcount-bits"] = h.refcount_bits
+        if h.version >= 3:
+            data["corrupt"] = bool(h.incompatible_features & QCOW2_INCOMPAT_CORRUPT)
+            data["extended-l2"] = h.extended_l2
+        if h.data_file is not None:
+            data["data-file"] = h.data_file
+            data["data-file-raw"] = bool(h.autoclear_features & 2)
+        if h.crypt_method:
+            data["encrypt"] = {"format": "aes" if h.crypt_method == 1 else "luks"}
+        backing = h.backing_file
+        full = None
+        if backing is not None:
+            try:
+                full = str(self.policy.resolve(backing, self.host.path)) \
+                    if not backing.startswith("/") else backing
+            except Exception:  # noqa: BLE001 - info works without the backing file
+                full = str(self.host.path.parent / backing)
+        return ImageInfo(
+            filename=self.filename,
+            format="qcow2",
+            virtual_size=self.size,
+            actual_size=self.host.allocated_size(),
+            dirty_flag=bool(h.incompatible_features & QCOW2_INCOMPAT_DIRTY),
+            cluster_size=self.cs,
+            encrypted=bool(h.crypt_method),
+            backing_filename=backing,
+            full_backing_filename=full,
+            backing_filename_format=h.backing_format if backing is not None else None,
+            format_specific={"type": "qcow2", "data": data},
+        )
+
+    def check(self, repair: str | None = None) -> Any:
+        """Consistency check (and repair) like ``qemu-img check``; see qcow2.check."""
+        from diskimg.qcow2.check import check_image
+
+        if repair is not None:
+            self._check_writable()
+        self.flush()
+        res = check_image(self.host, self.header, repair)
+        if repair is not None:
+            self.header = Header.parse(self.host.pread(0, self.cs), self.host.size())
+            self.l1 = be_u64_array(self.host.pread_exact(
+                self.header.l1_table_offset, self.header.l1_size * 8, "L1 table"))
+            self.l2_cache.clear()
+            self._refcounts = None
+        return res
