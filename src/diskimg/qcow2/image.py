@@ -59,9 +59,7 @@ class Qcow2Image(BlockDevice):
         self.secrets = dict(secrets or {})
         self.options = dict(options or {})
         fsize = host.size()
-        head = host.pread(0, 512)
-        Header.parse(head)  # magic, version and cluster_bits before reading a cluster
-        cs = 1 << struct.unpack_from(">I", head, 20)[0]
+        cs = Header.cluster_size_of(host.pread(0, 512))
         self.header = h = Header.parse(host.pread(0, cs), fsize)
         self.cs = cs
         self.cb = h.cluster_bits

@@ -169,6 +169,24 @@ class Header:
         return e.data.split(b"\0", 1)[0].decode("utf-8", "replace") if e else None
 
     # --- parse / pack ----------------------------------------------------------------
+    @staticmethod
+    def cluster_size_of(buf: bytes) -> int:
+        """Validate magic, version and cluster_bits of the first bytes; the cluster size."""
+        if len(buf) < 8 or struct.unpack_from(">I", buf, 0)[0] != QCOW_MAGIC:
+            raise WrongFormatError("Image is not in qcow2 format", offset=0)
+        if len(buf) < V2_HEADER_LENGTH:
+            raise FormatError("Could not read qcow2 header: file too short (header at 0x0)",
+                              offset=0)
+        version, cluster_bits = struct.unpack_from(">I", buf, 4)[0], buf[20:24]
+        if version not in (2, 3):
+            raise UnsupportedFeatureError(f"Unsupported qcow2 version {version} (field "
+                                          "'version' at 0x4)", offset=4)
+        bits = struct.unpack(">I", cluster_bits)[0]
+        if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS:
+            raise FormatError(f"Unsupported cluster size: 2^{bits} (field 'cluster_bits' at "
+                              "0x14)", offset=20)
+        return 1 << bits
+
     @classmethod
     def parse(cls, buf: bytes, file_size: int | None = None) -> Self:
         """Parse the header from the first cluster (or at least the first bytes) of a file.
@@ -176,19 +194,9 @@ class Header:
         Validates every field against QEMU's limits; raises FormatError subclasses that
         name the field and its offset.
         """
-        if len(buf) < 8 or struct.unpack_from(">I", buf, 0)[0] != QCOW_MAGIC:
-            raise WrongFormatError("Image is not in qcow2 format", offset=0)
-        if len(buf) < V2_HEADER_LENGTH:
-            raise FormatError("Could not read qcow2 header: file too short (header at 0x0)",
-                              offset=0)
+        cls.cluster_size_of(buf)
         (_, version, bf_off, bf_size, cluster_bits, size, crypt, l1_size, l1_off, rt_off,
          rt_clusters, nb_snap, snap_off) = _V2.unpack_from(buf, 0)
-        if version not in (2, 3):
-            raise UnsupportedFeatureError(f"Unsupported qcow2 version {version} (field "
-                                          "'version' at 0x4)", offset=4)
-        if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
-            raise FormatError(f"Unsupported cluster size: 2^{cluster_bits} (field "
-                              "'cluster_bits' at 0x14)", offset=20)
         h = cls(version=version, cluster_bits=cluster_bits, size=size, l1_size=l1_size,
                 l1_table_offset=l1_off, refcount_table_offset=rt_off,
                 refcount_table_clusters=rt_clusters, crypt_method=crypt, nb_snapshots=nb_snap,

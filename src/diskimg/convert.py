@@ -1,0 +1,439 @@
+"""Library side of ``convert``, ``compare`` and ``dd``: copy/compare guest bytes between
+images, skipping what block status says is zero and writing sparse output like qemu-img.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from diskimg import api
+from diskimg.device import BlockDevice
+from diskimg.errors import UnsupportedFeatureError, UsageError
+
+CHUNK = 2 << 20  # qemu-img convert's buffer: 4096 sectors
+SECTOR = 512
+_ZERO_SECTOR = bytes(SECTOR)
+_NONZERO = re.compile(rb"[^\x00]")
+_ZEROS = bytes(CHUNK)
+
+Source = str | os.PathLike[str] | BlockDevice
+ProgressFn = Callable[[float], None]
+
+
+def _nonzero_at(buf: bytes | bytearray, pos: int, end: int) -> int:
+    """First index in [pos, end) of a non-zero byte, else ``end``."""
+    m = _NONZERO.search(buf, pos, end)
+    return m.start() if m else end
+
+
+def is_zero(buf: bytes | bytearray | memoryview) -> bool:
+    """True if every byte of ``buf`` is zero (C-speed comparison)."""
+    n = len(buf)
+    if n <= CHUNK:
+        return buf == _ZEROS[:n] if not isinstance(buf, memoryview) else bytes(buf) == _ZEROS[:n]
+    return _NONZERO.search(bytes(buf)) is None
+
+
+def _next_zero_sector(buf: bytearray, pos: int, end: int) -> int:
+    """Start of the first fully zero 512-byte sector at or after ``pos`` (sector aligned)."""
+    i = pos
+    while i < end:
+        p = buf.find(_ZERO_SECTOR, i, end)
+        if p < 0:
+            return end
+        s = pos + -(-(p - pos) // SECTOR) * SECTOR
+        if s + SECTOR > end:
+            return end
+        nz = _nonzero_at(buf, s, s + SECTOR)
+        if nz >= s + SECTOR:
+            return s
+        i = nz
+    return end
+
+
+def _allocated_sectors(buf: bytearray, pos: int, end: int, sector: int,
+                       alignment: int) -> tuple[bool, int]:
+    """qemu's ``is_allocated_sectors``: (is data, run length in sectors) at ``pos``."""
+    n = -(-(end - pos) // SECTOR)
+    first_zero = _nonzero_at(buf, pos, min(end, pos + SECTOR)) >= min(end, pos + SECTOR)
+    if first_zero:
+        i = (_nonzero_at(buf, pos, end) - pos) // SECTOR
+    else:
+        i = -(-(_next_zero_sector(buf, pos, end) - pos) // SECTOR)
+    if i >= n:
+        return not first_zero, n
+    data = not first_zero
+    tail = (sector + i) & (alignment - 1)
+    if tail:
+        if not data and i <= tail:
+            data = True
+        if data:
+            i = min(i + alignment - tail, n)
+        else:
+            i -= tail
+    return data, i
+
+
+def sparse_runs(buf: bytearray, length: int, min_sparse: int, offset: int,
+                alignment: int = 8) -> list[tuple[int, int, bool]]:
+    """Split ``buf[:length]`` into (start, length, is_data) runs like qemu-img convert -S:
+    zero runs at the start count as holes, inner zero runs need ``min_sparse`` bytes.
+    ``offset`` is the guest offset of ``buf[0]``; ``alignment`` is in sectors."""
+    out: list[tuple[int, int, bool]] = []
+    pos = 0
+    min_sec = max(1, min_sparse // SECTOR)
+    while pos < length:
+        sector = (offset + pos) // SECTOR
+        total = -(-(length - pos) // SECTOR)
+        mn = min(min_sec, total)
+        data, cnt = _allocated_sectors(buf, pos, length, sector, alignment)
+        if data:
+            used = checked = cnt
+            while checked < total:
+                p = pos + checked * SECTOR
+                d2, c2 = _allocated_sectors(buf, p, length, sector + checked, alignment)
+                checked += c2
+                if d2:
+                    used = checked
+                elif c2 >= mn:
+                    break
+            cnt = used
+        run = min(cnt * SECTOR, length - pos)
+        if out and out[-1][2] == data:
+            s, ln, _ = out[-1]
+            out[-1] = (s, ln + run, data)
+        else:
+            out.append((pos, run, data))
+        pos += run
+    return out
+
+
+def _open(src: Source, fmt: str | None, kw: Mapping[str, Any]) -> tuple[BlockDevice, bool]:
+    if isinstance(src, BlockDevice):
+        return src, False
+    return api.open(src, "r", fmt, **kw), True
+
+
+def _has_backing(dev: BlockDevice) -> bool:
+    return dev.backing is not None
+
+
+@dataclass(slots=True)
+class _Copier:
+    tgt: BlockDevice
+    fresh: bool
+    target_backing: bool
+    min_sparse: int
+    alignment: int
+    compress: bool
+    total: int
+    done: int = 0
+    progress: ProgressFn | None = None
+
+    def zero(self, off: int, n: int) -> None:
+        if self.min_sparse == 0:
+            for p in range(off, off + n, CHUNK):
+                self.tgt.write(p, _ZEROS[: min(CHUNK, off + n - p)])
+        elif not (self.fresh and not self.target_backing):
+            self.tgt.write_zeroes(off, n, may_unmap=True)
+
+    def data(self, off: int, buf: bytearray, n: int) -> None:
+        if self.compress:
+            self._write_compressed(off, buf, n)
+            return
+        if self.min_sparse == 0:
+            self.tgt.write(off, memoryview(buf)[:n])
+            return
+        mv = memoryview(buf)
+        for s, ln, is_data in sparse_runs(buf, n, self.min_sparse, off, self.alignment):
+            if is_data:
+                self.tgt.write(off + s, mv[s : s + ln])
+            else:
+                self.zero(off + s, ln)
+
+    def _write_compressed(self, off: int, buf: bytearray, n: int) -> None:
+        wc = getattr(self.tgt, "write_compressed", None)
+        if wc is None:
+            raise UnsupportedFeatureError("Compression not supported for this file format")
+        cs = getattr(self.tgt, "cluster_size", None) or 65536
+        mv = memoryview(buf)
+        pos = 0
+        while pos < n:
+            ln = min(cs - (off + pos) % cs, n - pos)
+            piece = mv[pos : pos + ln]
+            if is_zero(piece):
+                self.zero(off + pos, ln)
+            else:
+                wc(off + pos, piece)
+            pos += ln
+
+    def tick(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None and self.total:
+            self.progress(self.done * 100.0 / self.total)
+
+    def copy(self, src: BlockDevice, base: int) -> None:
+        buf = bytearray(CHUNK)
+        pos, size = 0, src.size
+        while pos < size:
+            n = min(CHUNK, size - pos)
+            if self.target_backing:
+                st = src._status(pos, n)  # top layer only: the rest is the target's backing
+                n = min(n, st.length)
+                kind = "backing" if not st.allocated else ("zero" if st.zero else "data")
+            else:
+                st, _ = src.block_status(pos, n)
+                n = min(n, st.length)
+                kind = "zero" if st.zero or (not st.allocated and not st.data) else "data"
+            if kind == "zero":
+                self.zero(base + pos, n)
+            elif kind == "data":
+                mv = memoryview(buf)[:n]
+                src.readinto(pos, mv)
+                self.data(base + pos, buf, n)
+            pos += n
+            self.tick(n)
+
+
+def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) -> BlockDevice:
+    sid, name = snapshot
+    loader = getattr(dev, "snapshot_view", None)
+    if dev.format == "raw" or loader is None:
+        raise UnsupportedFeatureError(
+            f"Failed to load snapshot: Block format '{dev.format}' used by device '' does "
+            "not support temporarily loading internal snapshots")
+    view: BlockDevice = loader(snapshot_id=sid, name=name)
+    return view
+
+
+def convert(
+    sources: Source | Sequence[Source],
+    dst: str | os.PathLike[str],
+    out_format: str = "raw",
+    *,
+    src_format: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    sparse_size: int = 4096,
+    target_exists: bool = False,
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    progress: ProgressFn | None = None,
+    snapshot: tuple[str | None, str | None] | None = None,
+    compress: bool = False,
+    force_share: bool = False,
+    untrusted: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
+    target_options: Mapping[str, str] | None = None,
+) -> None:
+    """Copy the guest contents of ``sources`` (concatenated) into image ``dst``.
+
+    Holes and zero runs are never read (block status) and never written to a fresh target;
+    ``sparse_size`` (``-S``, 0 = fully allocate) turns zero runs in data into holes;
+    ``backing_file`` gives the target a backing file and copies only the sources' top layer
+    (qemu-img ``-B``); ``target_exists`` writes into an existing image (``-n``).
+    ``progress`` receives percentages.  Sources may be paths or open devices.
+    """
+    srcs = [sources] if isinstance(sources, str | os.PathLike | BlockDevice) else list(sources)
+    if not srcs:
+        raise UsageError("Must specify image file name")
+    if sparse_size < 0 or sparse_size % SECTOR or sparse_size > 16 << 20:
+        raise UsageError("Invalid buffer size for sparse output specified. Valid sizes are "
+                         "multiples of 512 up to 16777216. Select 0 to disable sparse "
+                         "detection (fully allocates output).")
+    if backing_file is not None and out_format == "raw":
+        raise UsageError("Backing file not supported for file format 'raw'")
+    if backing_file is not None and backing_fmt is None:
+        raise UsageError("Use of backing file requires explicit backing format")
+    if compress and out_format == "raw":
+        raise UsageError("Compression not supported for this file format")
+    kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
+                          "secrets": dict(secrets or {})}
+    opened: list[tuple[BlockDevice, bool]] = []
+    try:
+        for s in srcs:
+            dev, owned = _open(s, src_format, kw)
+            opened.append((dev, owned))
+        devs = [d for d, _ in opened]
+        if snapshot is not None:
+            if len(devs) != 1:
+                raise UsageError("No support for concatenating multiple snapshot")
+            devs = [_snapshot_view(devs[0], snapshot)]
+        total = sum(d.size for d in devs)
+        if not target_exists:
+            api.create(dst, out_format, total, backing_file=backing_file,
+                       backing_fmt=backing_fmt, options=options, secrets=secrets)
+        with api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
+                      options=dict(target_options or {})) as tgt:
+            if tgt.size < total:
+                raise UsageError("output file is smaller than input file")
+            cluster = getattr(tgt, "cluster_size", None) or 0
+            align = max(_pow2floor(max(sparse_size, SECTOR) // SECTOR), cluster // SECTOR
+                        if compress else 1)
+            cp = _Copier(tgt, fresh=not target_exists, target_backing=_has_backing(tgt),
+                         min_sparse=sparse_size, alignment=align, compress=compress,
+                         total=total, progress=progress)
+            if progress is not None:
+                progress(0.0)
+            base = 0
+            for d in devs:
+                cp.copy(d, base)
+                base += d.size
+            tgt.flush()
+    finally:
+        for dev, owned in opened:
+            if owned:
+                dev.close()
+
+
+def _pow2floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1) if n > 0 else 1
+
+
+# --- compare ------------------------------------------------------------------------
+
+
+def _first_diff_sector(a: bytes | bytearray, b: bytes | bytearray) -> int:
+    """Byte offset (sector aligned) of the first 512-byte sector where a and b differ."""
+    lo, hi = 0, len(a)
+    # binary search on prefix equality: C-speed slices
+    while hi - lo > SECTOR:
+        mid = lo + max(SECTOR, (hi - lo) // 2 // SECTOR * SECTOR)
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def compare(
+    a: Source,
+    b: Source,
+    fmt_a: str | None = None,
+    fmt_b: str | None = None,
+    strict: bool = False,
+    progress: ProgressFn | None = None,
+    *,
+    force_share: bool = False,
+    untrusted: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
+) -> tuple[bool, int | None, str]:
+    """Compare guest contents like ``qemu-img compare``.
+
+    Returns ``(identical, mismatch_offset, message)``; ``message`` is what qemu-img prints
+    (possibly two lines).  Without ``strict`` a longer image whose tail reads as zeros is
+    identical (with a size warning); with ``strict`` any size or allocation difference is a
+    mismatch.
+    """
+    kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
+                          "secrets": dict(secrets or {})}
+    d1, own1 = _open(a, fmt_a, kw)
+    try:
+        d2, own2 = _open(b, fmt_b, kw)
+        try:
+            return _compare(d1, d2, strict, progress)
+        finally:
+            if own2:
+                d2.close()
+    finally:
+        if own1:
+            d1.close()
+
+
+def _compare(d1: BlockDevice, d2: BlockDevice, strict: bool,
+             progress: ProgressFn | None) -> tuple[bool, int | None, str]:
+    s1, s2 = d1.size, d2.size
+    if strict and s1 != s2:
+        return False, None, "Strict mode: Image size mismatch!"
+    common, total = min(s1, s2), max(s1, s2)
+    if progress is not None:
+        progress(0.0)
+    pos = 0
+    while pos < common:
+        st1, _ = d1.block_status(pos, common - pos)
+        st2, _ = d2.block_status(pos, common - pos)
+        n = min(st1.length, st2.length, CHUNK)
+        z1 = st1.zero or (not st1.allocated and not st1.data)
+        z2 = st2.zero or (not st2.allocated and not st2.data)
+        if strict and (st1.allocated, z1) != (st2.allocated, z2):
+            return False, pos, f"Strict mode: Offset {pos} block status mismatch!"
+        if not (z1 and z2):
+            b1 = _ZEROS[:n] if z1 else d1.read(pos, n)
+            b2 = _ZEROS[:n] if z2 else d2.read(pos, n)
+            if b1 != b2:
+                off = pos + _first_diff_sector(b1, b2)
+                return False, off, f"Content mismatch at offset {off}!"
+        pos += n
+        if progress is not None:
+            progress(pos * 100.0 / total if total else 100.0)
+    msg = ""
+    if s1 != s2:
+        msg = "Warning: Image size mismatch!\n"
+        longer = d1 if s1 > s2 else d2
+        while pos < total:
+            st, _ = longer.block_status(pos, total - pos)
+            n = min(st.length, CHUNK)
+            if not (st.zero or (not st.allocated and not st.data)):
+                data = longer.read(pos, n)
+                nz = _nonzero_at(data, 0, n)
+                if nz < n:
+                    off = pos + (nz // SECTOR) * SECTOR
+                    return False, off, f"Content mismatch at offset {off}!"
+            pos += n
+            if progress is not None:
+                progress(pos * 100.0 / total)
+    return True, None, msg + "Images are identical."
+
+
+# --- dd -----------------------------------------------------------------------------
+
+
+def dd(
+    src: Source,
+    dst: str | os.PathLike[str],
+    out_format: str = "raw",
+    *,
+    src_format: str | None = None,
+    bs: int = 512,
+    count: int | None = None,
+    skip: int = 0,
+    force_share: bool = False,
+    untrusted: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> None:
+    """``qemu-img dd``: copy ``count`` blocks of ``bs`` bytes after skipping ``skip`` blocks
+    into a new image ``dst``.  The output size is ``min(count*bs, size) - skip*bs`` (qemu's
+    rule); a skip past that end creates an empty output and calls ``warn``."""
+    kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
+                          "secrets": dict(secrets or {})}
+    dev, owned = _open(src, src_format, kw)
+    try:
+        size = dev.size
+        if count is not None and count * bs < size:
+            size = count * bs
+        in_pos = skip * bs
+        if in_pos > size:
+            if warn is not None:
+                warn(f"{dev.filename}: cannot skip to specified offset")
+            in_pos = size
+        api.create(dst, out_format, size - in_pos)
+        with api.open(dst, "r+", out_format) as out:
+            step = max(bs, CHUNK // bs * bs)
+            buf = bytearray(step)
+            out_pos = 0
+            while in_pos < size:
+                n = min(step, size - in_pos)
+                mv = memoryview(buf)[:n]
+                dev.readinto(in_pos, mv)
+                if not is_zero(mv):
+                    out.write(out_pos, mv)
+                in_pos += n
+                out_pos += n
+            out.flush()
+    finally:
+        if owned:
+            dev.close()
