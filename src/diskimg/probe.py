@@ -37,7 +37,7 @@ def probe_bytes(head: bytes) -> str:
     or a foreign format name diskimg does not implement)."""
     if head[:4] == QCOW_MAGIC and len(head) >= 8:
         version = struct.unpack_from(">I", head, 4)[0]
-        return "qcow2" if version in (2, 3) else ("qcow" if version == 1 else "raw")
+        return "qcow2" if version >= 2 else ("qcow" if version == 1 else "raw")
     if head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC):
         return "vmdk"
     text = head[:PROBE_SIZE]
