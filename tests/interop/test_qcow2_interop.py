@@ -195,3 +195,29 @@ def test_qemu_lock_blocks_diskimg_writer(tmp_path: Path) -> None:
         assert 'Failed to get shared "write" lock' in out.stderr
         assert subprocess.run([QEMU_IMG, "info", "-U", img],
                               capture_output=True).returncode == 0
+
+
+def test_extended_l2_subclusters_read_and_map(tmp_path: Path) -> None:
+    img = tmp_path / "ext.qcow2"
+    run(QEMU_IMG, "create", "-f", "qcow2", "-o", "extended_l2=on", img, "4M")
+    qemu_io(img, "write -P 1 0 4k", "write -P 2 36k 10k", "write -z 100k 8k",
+            "write -c -P 3 1M 64k")
+    with diskimg.open(img) as d:
+        assert d.read(0, d.size) == qemu_raw(img, tmp_path)
+        assert [e.to_json() for e in d.map()] == json.loads(
+            run(QEMU_IMG, "map", "--output=json", img))
+        assert d.info().to_json()["format-specific"]["data"]["extended-l2"] is True
+
+
+@pytest.mark.parametrize("raw_flag", ["off", "on"])
+def test_external_data_file_read_and_map(tmp_path: Path, raw_flag: str) -> None:
+    img = tmp_path / "df.qcow2"
+    run(QEMU_IMG, "create", "-f", "qcow2", "-o",
+        f"data_file=df.raw,data_file_raw={raw_flag}", img, "4M")
+    qemu_io(img, "write -P 5 64k 64k", "write -P 6 3M 1k")
+    with diskimg.open(img) as d:
+        assert d.read(0, d.size) == qemu_raw(img, tmp_path)
+        assert [e.to_json() for e in d.map()] == json.loads(
+            run(QEMU_IMG, "map", "--output=json", img))
+        fs = d.info().to_json()["format-specific"]["data"]
+        assert fs["data-file"] == "df.raw" and fs["data-file-raw"] is (raw_flag == "on")

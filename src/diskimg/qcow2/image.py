@@ -29,6 +29,7 @@ from diskimg.qcow2.cache import L2Table, TableCache, be_u64_array, pack_be_u64_a
 from diskimg.qcow2.compress import decompress
 from diskimg.qcow2.layout import (
     COMPRESSION_TYPES,
+    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_EXT_MAGIC_CRYPTO_HEADER,
     QCOW2_INCOMPAT_CORRUPT,
@@ -172,12 +173,12 @@ class Qcow2Image(BlockDevice):
         i = idx + 1
         while n < max_len:
             k2, h2 = self._classify(ents[i], l2_off, i)
-            if k2 != kind or (kind == DATA and h2 != nxt):
+            if k2 != kind or (h2 != nxt if host else h2 != 0):
                 break
             n += cs
             nxt += cs
             i += 1
-        return kind, min(n, max_len), (host + in_off if kind == DATA else 0), ent
+        return kind, min(n, max_len), (host + in_off if host else 0), ent
 
     def _classify(self, ent: int, l2_off: int, idx: int) -> tuple[str, int]:
         t = E.cluster_type(ent)
@@ -189,7 +190,7 @@ class Qcow2Image(BlockDevice):
             return UNALLOC, 0
         if t == E.ClusterType.COMPRESSED:
             return COMPRESSED, 0
-        return ZERO, 0
+        return ZERO, ent & E.L2E_OFFSET_MASK  # ZERO_ALLOC keeps its host cluster
 
     def _lookup_ext(self, ents: array[int], l2_off: int, idx: int, in_off: int,
                     max_len: int) -> tuple[str, int, int, int]:
@@ -205,19 +206,17 @@ class Qcow2Image(BlockDevice):
         kind = {E.SubclusterType.NORMAL: DATA, E.SubclusterType.ZERO_PLAIN: ZERO,
                 E.SubclusterType.ZERO_ALLOC: ZERO}.get(t, UNALLOC)
         host = ent & E.L2E_OFFSET_MASK
-        if kind == DATA:
+        if host:
             self._check_data_offset(host, l2_off, idx)
         n = scs - in_off % scs
         sc += 1
         while n < max_len and sc < E.SUBCLUSTERS_PER_CLUSTER:
             t2 = E.subcluster_type(ent, bitmap, sc)
-            k2 = {E.SubclusterType.NORMAL: DATA, E.SubclusterType.ZERO_PLAIN: ZERO,
-                  E.SubclusterType.ZERO_ALLOC: ZERO}.get(t2, UNALLOC)
-            if k2 != kind or t2 == E.SubclusterType.INVALID:
+            if t2 != t:
                 break
             n += scs
             sc += 1
-        return kind, min(n, max_len), (host + in_off if kind == DATA else 0), ent
+        return kind, min(n, max_len), (host + in_off if host else 0), ent
 
     # --- reads -----------------------------------------------------------------------
     def _need_crypto(self) -> None:
@@ -279,30 +278,27 @@ class Qcow2Image(BlockDevice):
 
     # --- block status ----------------------------------------------------------------
     def _status(self, offset: int, length: int) -> Status:
-        kind, run, host, _ = self._lookup(offset, length)
-        crypt = bool(self.header.crypt_method)
+        """QEMU's qcow2 block status: host offsets are valid for data, zero-allocated and
+        allocated-but-unused subclusters, never for compressed or encrypted clusters."""
         fname = str(self.data_host.path)
+        if self.header.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
+            return Status(length, True, True, False, offset, fname)
+        kind, run, host, _ = self._lookup(offset, length)
+        if self.header.crypt_method:
+            host = 0
         if kind == DATA:
-            if crypt:
+            if not host:
                 return Status(run, True, True, False)
             for start, n, is_data in self.data_host.data_extents(host, run):
                 return Status(n, True, True, not is_data, start, fname)
             return Status(run, True, True, False, host, fname)
-        if kind == ZERO:
-            ent_host = 0
-            if not self.extended:
-                cluster = offset >> self.cb
-                _, l2_off = self._l2_location(cluster)
-                ent = self.l2_cache.get(l2_off).entries[cluster & (self.l2_entries - 1)]
-                ent_host = ent & E.L2E_OFFSET_MASK
-            if ent_host and not crypt:
-                return Status(run, True, False, True, ent_host + (offset & (self.cs - 1)), fname)
-            return Status(run, True, False, True)
         if kind == COMPRESSED:
             return Status(run, True, True, False)
-        if self.backing is None:
-            return Status(run, False, False, True)
-        return Status(run, False, False, False)
+        where = host or None
+        name = fname if host else None
+        if kind == ZERO:
+            return Status(run, True, False, True, where, name)
+        return Status(run, False, False, self.backing is None, where, name)
 
     # --- allocation helpers ----------------------------------------------------------
     def _check_write_support(self) -> None:
