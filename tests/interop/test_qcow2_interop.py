@@ -212,8 +212,9 @@ def test_extended_l2_subclusters_read_and_map(tmp_path: Path) -> None:
 @pytest.mark.parametrize("raw_flag", ["off", "on"])
 def test_external_data_file_read_and_map(tmp_path: Path, raw_flag: str) -> None:
     img = tmp_path / "df.qcow2"
-    run(QEMU_IMG, "create", "-f", "qcow2", "-o",
-        f"data_file=df.raw,data_file_raw={raw_flag}", img, "4M")
+    subprocess.run([QEMU_IMG, "create", "-f", "qcow2", "-o",
+                    f"data_file=df.raw,data_file_raw={raw_flag}", img, "4M"],
+                   check=True, capture_output=True, cwd=tmp_path)
     qemu_io(img, "write -P 5 64k 64k", "write -P 6 3M 1k")
     with diskimg.open(img) as d:
         assert d.read(0, d.size) == qemu_raw(img, tmp_path)
