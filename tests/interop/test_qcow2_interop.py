@@ -32,10 +32,13 @@ def qemu_raw(path: Path, tmp: Path) -> bytes:
 
 
 def qemu_io(path: Path, *cmds: str, fmt: str = "qcow2") -> None:
+    """Run qemu-io commands on ``path`` from the image's directory (qemu resolves
+    external data-file names against the working directory)."""
     args: list[str | Path] = [QEMU_IO, "-f", fmt]
     for c in cmds:
         args += ["-c", c]
-    run(*args, path)
+    subprocess.run([str(a) for a in (*args, path)], check=True, capture_output=True,
+                   cwd=path.parent)
 
 
 LAYOUTS = [
