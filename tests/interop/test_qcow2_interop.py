@@ -20,14 +20,14 @@ pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(not (QEMU_IMG and QEMU_IO), reason="qemu-img/qemu-io absent")]
 
 
-def run(*args: str | Path) -> str:
+def run(*args: str | Path, cwd: Path | None = None) -> str:
     return subprocess.run([str(a) for a in args], check=True, capture_output=True,
-                          text=True).stdout
+                          text=True, cwd=cwd).stdout
 
 
 def qemu_raw(path: Path, tmp: Path) -> bytes:
     out = tmp / (path.name + ".ref.raw")
-    run(QEMU_IMG, "convert", "-O", "raw", path, out)
+    run(QEMU_IMG, "convert", "-O", "raw", path, out, cwd=path.parent)
     return out.read_bytes()
 
 
@@ -222,6 +222,6 @@ def test_external_data_file_read_and_map(tmp_path: Path, raw_flag: str) -> None:
     with diskimg.open(img) as d:
         assert d.read(0, d.size) == qemu_raw(img, tmp_path)
         assert [e.to_json() for e in d.map()] == json.loads(
-            run(QEMU_IMG, "map", "--output=json", img))
+            run(QEMU_IMG, "map", "--output=json", img, cwd=tmp_path))
         fs = d.info().to_json()["format-specific"]["data"]
         assert fs["data-file"] == "df.raw" and fs["data-file-raw"] is (raw_flag == "on")
