@@ -34,15 +34,18 @@ class Qcow2Machine(RuleBasedStateMachine):
         compat=st.sampled_from(["0.10", "1.1"]),
         refcount_bits=st.sampled_from([1, 16, 64]),
         size_sectors=st.integers(1, SIZE // 512),
+        zstd=st.booleans(),
     )
     def setup(self, cluster_bits: int, compat: str, refcount_bits: int,
-              size_sectors: int) -> None:
+              size_sectors: int, zstd: bool) -> None:
         if compat == "0.10":
             refcount_bits = 16
+            zstd = False
         self.cs = 1 << cluster_bits
         self.size = size_sectors * 512
         self.compat = compat
-        opts = {"cluster_size": self.cs, "compat": compat, "refcount_bits": refcount_bits}
+        opts = {"cluster_size": self.cs, "compat": compat, "refcount_bits": refcount_bits,
+                "compression_type": "zstd" if zstd else "zlib"}
         if self.with_backing:
             base = self.dir / "base.raw"
             pattern = bytes((i * 7 + 3) & 0xFF for i in range(256)) * (self.size // 256 + 1)
@@ -67,6 +70,22 @@ class Qcow2Machine(RuleBasedStateMachine):
         buf = bytes([byte]) * n
         assert self.img is not None
         self.img.write(off, buf)
+        self.model[off : off + n] = buf
+
+    @rule(data=st.data(), seed=st.integers(0, 255), compressible=st.booleans())
+    def write_compressed(self, data: st.DataObject, seed: int, compressible: bool) -> None:
+        """A whole cluster written compressed (qemu-io write -c); incompressible data falls
+        back to a normal cluster."""
+        assert self.img is not None
+        nclusters = -(-self.size // self.cs)
+        c = data.draw(st.integers(0, nclusters - 1))
+        off = c * self.cs
+        n = min(self.cs, self.size - off)
+        if compressible:
+            buf = bytes([seed]) * (n // 2) + bytes(n - n // 2)
+        else:
+            buf = bytes((seed + i * 131 + (i >> 3) * 17) & 0xFF for i in range(n))
+        self.img.write_compressed(off, buf)  # type: ignore[attr-defined]
         self.model[off : off + n] = buf
 
     @rule(data=st.data(), unmap=st.booleans())

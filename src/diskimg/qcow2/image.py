@@ -409,6 +409,43 @@ class Qcow2Image(BlockDevice):
                 self.l2_cache.mark_dirty(l2_off)
             pos = min(n, ((cluster + nclusters) << self.cb) - offset)
 
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write one whole cluster compressed (qemu-io ``write -c``).
+
+        ``offset`` must be cluster aligned and ``data`` one cluster long (shorter only for
+        the last cluster of the disk, padded with zeros).  Data that does not compress to
+        less than a cluster is written as a normal cluster, as QEMU does.
+        """
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv))
+        cs = self.cs
+        if offset % cs or (len(mv) != cs and offset + len(mv) != self.size):
+            raise UsageError("Compressed writes must cover exactly one cluster")
+        self._check_write_support()
+        from diskimg.qcow2.compress import compress
+
+        raw = bytes(mv).ljust(cs, b"\0")
+        out = compress(self.header.compression_type, raw)
+        if len(out) >= cs:
+            self._write(offset, mv)
+            return
+        cluster = offset >> self.cb
+        l2_off, table = self._get_l2_for_write(cluster)
+        host = self.refcounts.alloc_bytes(len(out))
+        self.data_host.pwrite(host, out)
+        idx = cluster & (self.l2_entries - 1)
+        if self.extended:
+            old = table.entries[2 * idx]
+            table.entries[2 * idx] = E.encode_compressed(host, len(out), self.cb)
+            table.entries[2 * idx + 1] = 0
+        else:
+            old = table.entries[idx]
+            table.entries[idx] = E.encode_compressed(host, len(out), self.cb)
+        self._free_entry(old)
+        self._decoded.pop(old, None)
+        self.l2_cache.mark_dirty(l2_off)
+
     def _pwrite_runs(self, writes: list[tuple[int, Any]]) -> None:
         i = 0
         while i < len(writes):

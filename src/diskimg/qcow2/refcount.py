@@ -85,6 +85,7 @@ class Refcounts:
         self.blocks: TableCache[RefBlock] = TableCache(
             host, cs, lambda b: RefBlock(self.order, b), cache_tables, "refcount block")
         self.free_cluster_index = 0
+        self.free_byte_offset = 0  # where the next compressed cluster may go (alloc_bytes)
 
     # --- reading ---------------------------------------------------------------------
     def _block_offset(self, ri: int) -> int:
@@ -123,8 +124,11 @@ class Refcounts:
             raise CorruptImageError(f"Refcount of cluster {cluster} would become negative",
                                     offset=cluster * self.cs)
         self.set(cluster, new)
-        if new == 0 and cluster < self.free_cluster_index:
-            self.free_cluster_index = cluster
+        if new == 0:
+            if cluster < self.free_cluster_index:
+                self.free_cluster_index = cluster
+            if self.free_byte_offset and (self.free_byte_offset - 1) // self.cs == cluster:
+                self.free_byte_offset = 0  # never append compressed data to a freed cluster
         return new
 
     def find_free(self, n: int) -> int:
@@ -149,6 +153,31 @@ class Refcounts:
         for c in range(start, start + n):
             self.set(c, 1)
         return start * self.cs
+
+    def alloc_bytes(self, size: int) -> int:
+        """Byte-granular allocation for one compressed cluster (QEMU's alloc_bytes).
+
+        Consecutive compressed clusters are packed into shared host clusters; every host
+        cluster's refcount counts the compressed clusters overlapping it, so the range
+        may later be freed with :meth:`free`.  Returns the host byte offset.
+        """
+        cs = self.cs
+        if not 0 < size <= cs:
+            raise ValueError("compressed size must be between 1 and the cluster size")
+        off = self.free_byte_offset
+        if off and off % cs and self.get(off // cs) >= self.max_refcount:
+            off = 0
+        if not off or off % cs == 0 or cs - off % cs < size:
+            start = self.find_free(-(-size // cs)) * cs
+            if not off or -(-off // cs) * cs != start:
+                off = start
+        last = (off + size - 1) // cs
+        # reserve first, so a refcount block allocated below never lands on this range
+        self.free_cluster_index = max(self.free_cluster_index, last + 1)
+        for c in range(off // cs, last + 1):
+            self.update(c, 1)
+        self.free_byte_offset = off + size
+        return off
 
     def free(self, host_offset: int, length: int) -> None:
         """Drop one reference from every cluster overlapping [host_offset, +length)."""
