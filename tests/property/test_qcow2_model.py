@@ -35,17 +35,20 @@ class Qcow2Machine(RuleBasedStateMachine):
         refcount_bits=st.sampled_from([1, 16, 64]),
         size_sectors=st.integers(1, SIZE // 512),
         zstd=st.booleans(),
+        extended_l2=st.booleans(),
     )
     def setup(self, cluster_bits: int, compat: str, refcount_bits: int,
-              size_sectors: int, zstd: bool) -> None:
+              size_sectors: int, zstd: bool, extended_l2: bool) -> None:
         if compat == "0.10":
             refcount_bits = 16
             zstd = False
+        if compat == "0.10" or cluster_bits < 14:
+            extended_l2 = False
         self.cs = 1 << cluster_bits
         self.size = size_sectors * 512
         self.compat = compat
         opts = {"cluster_size": self.cs, "compat": compat, "refcount_bits": refcount_bits,
-                "compression_type": "zstd" if zstd else "zlib"}
+                "compression_type": "zstd" if zstd else "zlib", "extended_l2": extended_l2}
         if self.with_backing:
             base = self.dir / "base.raw"
             pattern = bytes((i * 7 + 3) & 0xFF for i in range(256)) * (self.size // 256 + 1)

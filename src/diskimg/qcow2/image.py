@@ -302,9 +302,6 @@ class Qcow2Image(BlockDevice):
 
     # --- allocation helpers ----------------------------------------------------------
     def _check_write_support(self) -> None:
-        if self.extended:
-            raise UnsupportedFeatureError("Writing to qcow2 images with extended L2 entries "
-                                          "is not implemented yet")
         if self.header.crypt_method:
             self._need_crypto()
         if self._data_file_opened:
@@ -360,6 +357,9 @@ class Qcow2Image(BlockDevice):
     # --- writes ----------------------------------------------------------------------
     def _write(self, offset: int, data: memoryview) -> None:
         self._check_write_support()
+        if self.extended:
+            self._write_ext(offset, data)
+            return
         cs = self.cs
         pos = 0
         n = len(data)
@@ -408,6 +408,53 @@ class Qcow2Image(BlockDevice):
                     self._decoded.pop(old, None)
                 self.l2_cache.mark_dirty(l2_off)
             pos = min(n, ((cluster + nclusters) << self.cb) - offset)
+
+    def _write_ext(self, offset: int, data: memoryview) -> None:
+        """Writes with extended L2 entries: only the touched subclusters become allocated
+        (copy-on-write at subcluster granularity), as QEMU does."""
+        cs, scs = self.cs, self.sc_size
+        full_bits = (1 << E.SUBCLUSTERS_PER_CLUSTER) - 1
+        end = offset + len(data)
+        g = offset
+        while g < end:
+            cluster = g >> self.cb
+            c_start = cluster << self.cb
+            hi = min(end, c_start + cs)
+            s_lo = (g - c_start) // scs
+            s_hi = -(-(hi - c_start) // scs)
+            # guest bytes of the touched subclusters, merged with the new data
+            r_lo = c_start + s_lo * scs
+            r_hi = min(c_start + s_hi * scs, self.size)
+            l2_off, table = self._get_l2_for_write(cluster)
+            i = 2 * (cluster & (self.l2_entries - 1))
+            ent, bm = table.entries[i], table.entries[i + 1]
+            host = ent & E.L2E_OFFSET_MASK
+            compressed = bool(ent & E.QCOW_OFLAG_COMPRESSED)
+            if host and not compressed:
+                self._check_data_offset(host, l2_off, i // 2)
+            touched = ((1 << s_hi) - 1) ^ ((1 << s_lo) - 1)
+            if host and not compressed and ent & E.QCOW_OFLAG_COPIED:
+                new_host, new_bm = host, bm
+            elif compressed or host:
+                # compressed or shared cluster: copy the whole cluster to a new one
+                new_host = self.refcounts.alloc(1)
+                new_bm = full_bits
+                r_lo, r_hi = c_start, min(c_start + cs, self.size)
+            else:
+                new_host, new_bm = self.refcounts.alloc(1), bm
+            buf = bytearray(r_hi - r_lo)
+            if g > r_lo or hi < r_hi:
+                self._readinto(r_lo, memoryview(buf))
+            buf[g - r_lo : hi - r_lo] = data[g - offset : hi - offset]
+            self.data_host.pwrite(new_host + r_lo - c_start, buf)
+            new_bm = (new_bm | touched) & ~(touched << 32) & ((1 << 64) - 1)
+            table.entries[i] = new_host | E.QCOW_OFLAG_COPIED
+            table.entries[i + 1] = new_bm
+            if new_host != host:
+                self._free_entry(ent)
+                self._decoded.pop(ent, None)
+            self.l2_cache.mark_dirty(l2_off)
+            g = hi
 
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write one whole cluster compressed (qemu-io ``write -c``).
@@ -511,6 +558,11 @@ class Qcow2Image(BlockDevice):
                     continue
             l2_off, table = self._get_l2_for_write(c)
             ents = table.entries
+            if self.extended:
+                self._zero_ext(ents, idx, n, unmap)
+                self.l2_cache.mark_dirty(l2_off)
+                c += n
+                continue
             for j in range(idx, idx + n):
                 old = ents[j]
                 t = E.cluster_type(old)
@@ -530,6 +582,20 @@ class Qcow2Image(BlockDevice):
                     self._decoded.pop(old, None)
             self.l2_cache.mark_dirty(l2_off)
             c += n
+
+    def _zero_ext(self, ents: array[int], idx: int, n: int, unmap: bool) -> None:
+        """Extended L2: every subcluster of clusters idx..idx+n-1 reads as zeros; the host
+        cluster is kept (zero-allocated) unless ``unmap`` or it is compressed/shared."""
+        all_zero = ((1 << E.SUBCLUSTERS_PER_CLUSTER) - 1) << 32
+        for j in range(idx, idx + n):
+            ent = ents[2 * j]
+            keep = (not unmap and ent & E.QCOW_OFLAG_COPIED
+                    and not ent & E.QCOW_OFLAG_COMPRESSED and ent & E.L2E_OFFSET_MASK)
+            new = (ent & (E.L2E_OFFSET_MASK | E.QCOW_OFLAG_COPIED)) if keep else 0
+            if not new and ent & (E.L2E_OFFSET_MASK | E.QCOW_OFLAG_COMPRESSED):
+                self._free_entry(ent)
+                self._decoded.pop(ent, None)
+            ents[2 * j], ents[2 * j + 1] = new, all_zero
 
     # --- flush / close ---------------------------------------------------------------
     def _flush(self) -> None:
