@@ -4,6 +4,7 @@ images, skipping what block status says is zero and writing sparse output like q
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -118,10 +119,6 @@ def _open(src: Source, fmt: str | None, kw: Mapping[str, Any]) -> tuple[BlockDev
     return api.open(src, "r", fmt, **kw), True
 
 
-def _has_backing(dev: BlockDevice) -> bool:
-    return dev.backing is not None
-
-
 @dataclass(slots=True)
 class _Copier:
     tgt: BlockDevice
@@ -212,7 +209,7 @@ def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) ->
 
 def convert(
     sources: Source | Sequence[Source],
-    dst: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | BlockDevice,
     out_format: str = "raw",
     *,
     src_format: str | None = None,
@@ -234,8 +231,9 @@ def convert(
     Holes and zero runs are never read (block status) and never written to a fresh target;
     ``sparse_size`` (``-S``, 0 = fully allocate) turns zero runs in data into holes;
     ``backing_file`` gives the target a backing file and copies only the sources' top layer
-    (qemu-img ``-B``); ``target_exists`` writes into an existing image (``-n``).
-    ``progress`` receives percentages.  Sources may be paths or open devices.
+    (qemu-img ``-B``); ``target_exists`` writes into an existing image (``-n``; ``dst`` may
+    then be an open writable device).  ``progress`` receives percentages.  Sources may be
+    paths or open devices.
     """
     srcs = [sources] if isinstance(sources, str | os.PathLike | BlockDevice) else list(sources)
     if not srcs:
@@ -246,7 +244,7 @@ def convert(
                          "detection (fully allocates output).")
     if backing_file is not None and out_format == "raw":
         raise UsageError("Backing file not supported for file format 'raw'")
-    if backing_file is not None and backing_fmt is None:
+    if backing_file is not None and backing_fmt is None and not target_exists:
         raise UsageError("Use of backing file requires explicit backing format")
     if compress and out_format == "raw":
         raise UsageError("Compression not supported for this file format")
@@ -263,17 +261,23 @@ def convert(
                 raise UsageError("No support for concatenating multiple snapshot")
             devs = [_snapshot_view(devs[0], snapshot)]
         total = sum(d.size for d in devs)
-        if not target_exists:
-            api.create(dst, out_format, total, backing_file=backing_file,
-                       backing_fmt=backing_fmt, options=options, secrets=secrets)
-        with api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
-                      options=dict(target_options or {})) as tgt:
+        if isinstance(dst, BlockDevice):
+            if not target_exists:
+                raise UsageError("an open target device needs target_exists=True")
+            tgt_cm: Any = contextlib.nullcontext(dst)
+        else:
+            if not target_exists:
+                api.create(dst, out_format, total, backing_file=backing_file,
+                           backing_fmt=backing_fmt, options=options, secrets=secrets)
+            tgt_cm = api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
+                              options=dict(target_options or {}))
+        with tgt_cm as tgt:
             if tgt.size < total:
                 raise UsageError("output file is smaller than input file")
             cluster = getattr(tgt, "cluster_size", None) or 0
             align = max(_pow2floor(max(sparse_size, SECTOR) // SECTOR), cluster // SECTOR
                         if compress else 1)
-            cp = _Copier(tgt, fresh=not target_exists, target_backing=_has_backing(tgt),
+            cp = _Copier(tgt, fresh=not target_exists, target_backing=backing_file is not None,
                          min_sparse=sparse_size, alignment=align, compress=compress,
                          total=total, progress=progress)
             if progress is not None:
@@ -381,7 +385,7 @@ def _compare(d1: BlockDevice, d2: BlockDevice, strict: bool,
                 nz = _nonzero_at(data, 0, n)
                 if nz < n:
                     off = pos + (nz // SECTOR) * SECTOR
-                    return False, off, f"Content mismatch at offset {off}!"
+                    return False, off, f"{msg}Content mismatch at offset {off}!"
             pos += n
             if progress is not None:
                 progress(pos * 100.0 / total)

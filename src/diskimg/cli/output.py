@@ -17,6 +17,19 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=4, separators=(",", ": "), ensure_ascii=False) + "\n"
 
 
+def _qdict_bucket(key: str) -> int:
+    """Bucket of ``key`` in QEMU's QDict (tdb hash mod 512), which fixes its JSON order."""
+    v = (0x238F13AF * len(key)) & 0xFFFFFFFF
+    for i, ch in enumerate(key.encode()):
+        v = (v + (ch << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * v + 12345) & 0xFFFFFFFF) % 512
+
+
+def qdict_order(d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` with its keys in the order QEMU's JSON output iterates a QDict."""
+    return {k: d[k] for k in sorted(d, key=_qdict_bucket)}
+
+
 # --- info ---------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ from typing import TextIO
 
 
 class Progress:
-    """Prints at 0 and 100 and whenever the value moved by more than ``min_skip`` points
+    """Callable taking percentages; prints at 0 and 100 and whenever the value moved by more than ``min_skip`` points
     (qemu-img uses 1.0 for convert, 2.0 for compare).  Disabled: does nothing."""
 
     def __init__(self, enabled: bool, min_skip: float = 1.0, out: TextIO | None = None):
@@ -16,8 +16,6 @@ class Progress:
         self.out = out
         self.current = 0.0
         self.last = 0.0
-        if enabled:
-            self._print()
 
     def _print(self) -> None:
         out = self.out or sys.stdout

@@ -1,0 +1,1 @@
+"""diskimg command-line interface (qemu-img 7.2 compatible)."""

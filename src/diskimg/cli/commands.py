@@ -1,0 +1,572 @@
+"""One function per sub-command.  Each takes the parsed namespace and a :class:`Context`
+and returns the exit code; errors are raised (``main`` prints them)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from diskimg import api
+from diskimg import convert as conv
+from diskimg import options as opts
+from diskimg.cli import output
+from diskimg.cli.progress import Progress
+from diskimg.device import BlockDevice, MapEntry
+from diskimg.errors import DiskImgError, UsageError
+from diskimg.units import SIZE_HELP, parse_size
+
+KNOWN_FORMATS = ("qcow2", "raw", "vmdk")
+PROBED_RAW_WARNING = (
+    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, write "
+    "operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+
+class ExitCode(Exception):
+    """An error with a specific exit code (``lines`` printed with the program prefix)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class Context:
+    """Global state shared by commands: secrets, --untrusted, output streams."""
+
+    prog: str = "diskimg"
+    untrusted: bool = False
+    secrets: dict[str, bytes] = field(default_factory=dict)
+
+    def warn(self, msg: str) -> None:
+        sys.stderr.write(f"{self.prog}: {msg}\n")
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def size_arg(text: str, what: str) -> int:
+    """Parse a size option; qemu's "Invalid <what> specified. You may use ..." message."""
+    try:
+        return parse_size(text)
+    except UsageError as e:
+        if str(e) == SIZE_HELP:
+            raise UsageError(SIZE_HELP.replace("Invalid image size", f"Invalid {what}")) from None
+        raise
+
+
+def parse_image_opts(text: str) -> tuple[str, str | None, dict[str, str]]:
+    """``driver=qcow2,file.filename=X,encrypt.key-secret=s`` → (path, format, options)."""
+    if "=" not in opts.split_list(text)[0]:
+        raise DiskImgError(f"Could not open '{text}': Cannot find device='{text}' nor "
+                           f"node-name='{text}'")
+    pairs = opts.parse_list(text)
+    d = dict(pairs)
+    fmt = d.pop("driver", None)
+    path = d.pop("file.filename", None) or d.pop("filename", None)
+    if fmt == "file":
+        fmt = "raw"
+    if path is None:
+        raise DiskImgError(f"Could not open '{text}': A block device must be specified for "
+                           '"file"')
+    rest = {k: v for k, v in d.items() if not k.startswith("file.")}
+    if fmt is not None and fmt not in KNOWN_FORMATS:
+        raise DiskImgError(f"Could not open '{text}': Unknown driver '{fmt}'")
+    for k in rest:
+        if fmt == "raw" or not (k.startswith("encrypt.") or fmt in (None, "qcow2", "vmdk")):
+            raise DiskImgError(f"Could not open '{text}': Block format '{fmt or 'raw'}' does "
+                               f"not support the option '{k}'")
+    return path, fmt, rest
+
+
+def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None, *,
+               image_opts: bool = False, force_share: bool = False,
+               backing: bool = True, need_key: bool = True) -> BlockDevice:
+    """Open like qemu-img's ``img_open``: errors read ``Could not open 'NAME': reason``.
+
+    ``need_key``: an encrypted image needs ``encrypt.key-secret`` (every command but info).
+    """
+    options: dict[str, str] = {}
+    label = name
+    path = name
+    if image_opts:
+        if fmt is not None:
+            raise UsageError("--image-opts and --format are mutually exclusive")
+        path, fmt, options = parse_image_opts(name)
+    if fmt is not None and fmt not in KNOWN_FORMATS:
+        raise DiskImgError(f"Could not open '{label}': Unknown driver '{fmt}'")
+    sid = options.get("encrypt.key-secret")
+    if sid is not None and sid not in ctx.secrets:
+        raise DiskImgError(f"Could not open '{label}': No secret with id '{sid}'")
+    try:
+        dev = api.open(path, mode, fmt, backing=backing, force_share=force_share,
+                       untrusted=ctx.untrusted, secrets=ctx.secrets, options=options)
+    except DiskImgError as e:
+        raise type(e)(f"Could not open '{label}': {e}") from e
+    except OSError as e:
+        raise DiskImgError(f"Could not open '{label}': {e.strerror or e}") from e
+    if need_key and sid is None and dev.format != "raw":
+        try:
+            encrypted = dev.info().encrypted
+        except DiskImgError:
+            encrypted = False
+        if encrypted:
+            dev.close()
+            raise DiskImgError(f"Could not open '{label}': Parameter 'encrypt.key-secret' is "
+                               "required for cipher")
+    if mode == "r+" and getattr(dev, "probed", False):
+        sys.stderr.write(PROBED_RAW_WARNING.format(path))
+    return dev
+
+
+@contextmanager
+def opened(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
+           **kw: Any) -> Iterator[BlockDevice]:
+    dev = open_image(ctx, name, mode, fmt, **kw)
+    try:
+        yield dev
+    finally:
+        dev.close()
+
+
+def one_file(args: argparse.Namespace) -> str:
+    if len(args.files) != 1:
+        raise UsageError("Expecting one image file name", )
+    return str(args.files[0])
+
+
+def output_format(text: str | None) -> str:
+    if text in (None, "human"):
+        return "human"
+    if text == "json":
+        return "json"
+    raise ExitCode("--output must be used with human or json as argument.", 1)
+
+
+# --- info ---------------------------------------------------------------------------
+
+
+def cmd_info(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img info."""
+    ofmt = output_format(a.output)
+    name = one_file(a)
+    with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
+                force_share=a.force_share, need_key=False) as dev:
+        devs = dev.chain() if a.backing_chain else [dev]
+        infos = [d.info().to_json() for d in devs]
+    if a.backing_chain:
+        text = output.to_json(infos) if ofmt == "json" else output.info_chain_human(infos)
+    else:
+        text = output.to_json(infos[0]) if ofmt == "json" else output.info_human(infos[0])
+    sys.stdout.write(text)
+    return 0
+
+
+# --- map ----------------------------------------------------------------------------
+
+
+def cmd_map(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img map."""
+    ofmt = output_format(a.output)
+    name = one_file(a)
+    start = size_arg(a.start_offset, "start offset") if a.start_offset is not None else 0
+    maxlen = size_arg(a.max_length, "max length") if a.max_length is not None else None
+    with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
+                force_share=a.force_share) as dev:
+        chain = dev.chain()
+        end = dev.size if maxlen is None else min(dev.size, start + maxlen)
+        entries: Iterator[MapEntry] = iter(())
+        if start < end:
+            entries = dev.map(start, end - start)
+        out = sys.stdout
+        if ofmt == "json":
+            first = True
+            for e in entries:
+                out.write(("[" if first else ",\n") + output.map_entry_json(e))
+                first = False
+            if first:
+                out.write("[" + output.map_entry_json(MapEntry(start, 0, 0, False, False,
+                                                                False)))
+            out.write("]\n")
+        else:
+            out.write(output.MAP_HEADER + "\n")
+            for e in entries:
+                fname = e.filename or chain[min(e.depth, len(chain) - 1)].filename
+                line = output.map_human_line(e, fname)
+                if line is not None:
+                    out.write(line + "\n")
+    return 0
+
+
+# --- check --------------------------------------------------------------------------
+
+
+def run_check(dev: BlockDevice, repair: str | None) -> Any:
+    """The format's checker (``dev.check(repair)``); ExitCode 63 for formats without one."""
+    fn = getattr(dev, "check", None)
+    if dev.format == "raw" or fn is None:
+        raise ExitCode("This image format does not support checks", 63)
+    return fn(repair)
+
+
+def _lines(res: Any, attr: str) -> list[str]:
+    v = getattr(res, attr, None)
+    return [str(x) for x in v] if isinstance(v, list | tuple) else []
+
+
+def cmd_check(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks, 63 unsupported."""
+    ofmt = output_format(a.output)
+    if a.repair not in (None, "leaks", "all"):
+        raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): "
+                         f"{a.repair}")
+    name = one_file(a)
+    with opened(ctx, name, "r+" if a.repair else "r", a.format, image_opts=a.image_opts,
+                force_share=a.force_share) as dev:
+        res = run_check(dev, a.repair)
+    err, out = sys.stderr, sys.stdout
+    repaired = bool(getattr(res, "repaired", False))
+    summary = res.summary_lines() if hasattr(res, "summary_lines") else []
+    head, tail = (summary[:6], summary[6:]) if repaired else ([], summary)
+    if repaired:
+        err.writelines(line + "\n" for line in _lines(res, "repair_messages"))
+    if ofmt == "human" and not a.quiet:
+        out.writelines(line + "\n" for line in head)
+    out.flush()
+    err.writelines(line + "\n" for line in _lines(res, "messages"))
+    err.flush()
+    d = dict(res.to_json())
+    d.pop("findings", None)
+    if ofmt == "json":
+        out.write(output.to_json(output.qdict_order(d)))
+    elif not a.quiet:
+        out.write("".join(line + "\n" for line in tail) if summary or not d
+                  else output.check_human(d))
+    out.flush()
+    fail = getattr(res, "failure_message", None)
+    if fail:
+        ctx.warn(fail)
+    code = getattr(res, "exit_code", None)
+    if code is not None:
+        return int(code)
+    if d.get("check-errors"):
+        return 1
+    return 2 if d.get("corruptions") else 3 if d.get("leaks") else 0
+
+
+# --- create -------------------------------------------------------------------------
+
+
+def _collect_o(values: list[str] | None) -> str | None:
+    if not values:
+        return None
+    return ",".join(values)
+
+
+def _print_help(fmt: str, filename: str | None) -> int:
+    if fmt not in opts.FORMAT_OPTIONS:
+        raise UsageError(f"Unknown file format '{fmt}'")
+    sys.stdout.write(opts.help_text(fmt, with_protocol=filename is not None))
+    return 0
+
+
+def _probe_name(path: str) -> str:
+    from diskimg.probe import probe_bytes
+
+    try:
+        with open(path, "rb") as f:
+            return probe_bytes(f.read(2048))
+    except OSError:
+        return "raw"
+
+
+def _resolve_backing(backing: str, image: str) -> str:
+    if os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(image), backing)
+
+
+def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
+                 olist: str | None, backing: str | None, backing_fmt: str | None,
+                 unsafe: bool, quiet: bool) -> None:
+    """qemu's ``bdrv_img_create``: validate, print ``Formatting ...``, create."""
+
+    def fail(msg: str) -> DiskImgError:
+        return DiskImgError(f"{filename}: {msg}")
+
+    if fmt not in opts.FORMAT_OPTIONS:
+        raise fail(f"Unknown file format '{fmt}'")
+    try:
+        values = opts.validate(fmt, opts.parse_list(olist)) if olist else {}
+    except UsageError as e:
+        if str(e).startswith("Invalid option list"):
+            raise
+        raise fail(str(e)) from None
+    if "size" in values:
+        if size is not None:
+            raise fail("The image size must be specified only once")
+        size = int(values["size"])
+    backing = backing if backing is not None else values.get("backing_file")
+    backing_fmt = backing_fmt if backing_fmt is not None else values.get("backing_fmt")
+    if backing is not None:
+        if fmt == "raw":
+            raise fail(f"Backing file not supported for file format '{fmt}'")
+        values["backing_file"] = backing
+        if backing_fmt is not None:
+            values["backing_fmt"] = backing_fmt
+        if not unsafe:
+            bpath = _resolve_backing(backing, filename)
+            if backing_fmt is None and os.path.exists(bpath):
+                raise fail("Backing file specified without backing format\n"
+                           f"Detected format of {_probe_name(bpath)}.")
+            try:
+                with api.open(bpath, "r", backing_fmt, force_share=True,
+                              untrusted=ctx.untrusted, secrets=ctx.secrets) as b:
+                    if size is None:
+                        size = b.size
+            except DiskImgError as e:
+                msg = str(e)
+                if msg.startswith("Could not open '"):
+                    msg = msg.replace(f"'{bpath}'", f"'{backing}'", 1)
+                raise fail(f"{msg}\nCould not open backing image.") from None
+        elif backing_fmt is None:
+            raise fail("Backing file specified without backing format")
+    if size is None:
+        raise fail("Image creation needs a size parameter")
+    values["size"] = str(size)
+    if not quiet:
+        sys.stdout.write(opts.formatting_line(filename, fmt, values) + "\n")
+        sys.stdout.flush()
+    prealloc = values.get("preallocation")
+    if prealloc is not None:
+        allowed = ("off", "falloc", "full") + (("metadata",) if fmt == "qcow2" else ())
+        if prealloc not in allowed:
+            if prealloc in ("off", "metadata", "falloc", "full"):
+                raise fail(f"Unsupported preallocation mode: {prealloc}")
+            raise fail(f"invalid parameter value: {prealloc}")
+    create_opts = {k: v for k, v in values.items()
+                   if k not in ("size", "backing_file", "backing_fmt", "nocow",
+                                "extent_size_hint")}
+    try:
+        api.create(filename, fmt, size, backing_file=backing, backing_fmt=backing_fmt,
+                   unsafe=True, options=create_opts, secrets=ctx.secrets)
+    except DiskImgError as e:
+        msg = str(e)
+        if msg.startswith("Could not open '"):
+            msg = msg.replace("Could not open", "Could not create", 1)
+        raise fail(msg) from e
+    except OSError as e:
+        raise fail(f"Could not create '{filename}': {e.strerror or e}") from e
+
+
+def cmd_create(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img create."""
+    olist = _collect_o(a.options)
+    fmt = a.format or "raw"
+    if opts.is_help(olist):
+        return _print_help(fmt, a.files[0] if a.files else None)
+    if olist is not None:
+        opts.parse_list(olist)  # "Invalid option list" before anything else
+    if not a.files:
+        raise UsageError("Expecting image file name")
+    if len(a.files) > 2:
+        raise UsageError(f"Unexpected argument: {a.files[2]}")
+    size = None
+    if len(a.files) == 2:
+        size = parse_size(a.files[1])
+    create_image(ctx, a.files[0], fmt, size, olist, a.backing, a.backing_fmt, a.unsafe,
+                 a.quiet)
+    return 0
+
+
+# --- convert ------------------------------------------------------------------------
+
+
+def _snapshot_param(text: str | None) -> tuple[str | None, str | None] | None:
+    if text is None:
+        return None
+    if text.startswith("snapshot."):
+        d = dict(opts.parse_list(text))
+        unknown = [k for k in d if k not in ("snapshot.id", "snapshot.name")]
+        if unknown:
+            raise UsageError(f"Invalid parameter '{unknown[0]}'")
+        return d.get("snapshot.id"), d.get("snapshot.name")
+    return text, text
+
+
+def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img convert."""
+    olist = _collect_o(a.options)
+    out_fmt = a.output_format or "raw"
+    if opts.is_help(olist):
+        return _print_help(out_fmt, None)
+    if a.coroutines is not None:
+        try:
+            m = int(a.coroutines)
+        except ValueError:
+            m = 0
+        if not 1 <= m <= 16:
+            raise UsageError("Invalid number of coroutines. Allowed number of coroutines is "
+                             "between 1 and 16")
+    sparse = 4096
+    if a.sparse is not None:
+        sparse = size_arg(a.sparse, "buffer size for sparse output")
+        if sparse % 512 or sparse > 16 << 20:
+            raise UsageError("Invalid buffer size for sparse output specified. Valid sizes "
+                             "are multiples of 512 up to 16777216. Select 0 to disable sparse "
+                             "detection (fully allocates output).")
+    if len(a.files) < 2:
+        raise UsageError("Must specify image file name")
+    if out_fmt not in opts.FORMAT_OPTIONS:
+        raise UsageError(f"Unknown file format '{out_fmt}'")
+    *srcs, dst = a.files
+    values: dict[str, str] = {}
+    if olist is not None:
+        if a.target_exists:
+            raise UsageError("-o has no effect when skipping image creation")
+        values = opts.validate(out_fmt, opts.parse_list(olist))
+    backing = a.backing or values.pop("backing_file", None)
+    backing_fmt = a.backing_fmt or values.pop("backing_fmt", None)
+    if backing is not None and out_fmt == "raw":
+        raise UsageError("Backing file not supported for file format 'raw'")
+    if backing is not None and backing_fmt is None and not a.target_exists:
+        raise UsageError("Use of backing file requires explicit backing format")
+    if a.compress and out_fmt == "raw":
+        raise UsageError("Compression not supported for this file format")
+    snap = _snapshot_param(a.snapshot)
+    devs: list[BlockDevice] = []
+    try:
+        for s in srcs:
+            devs.append(open_image(ctx, s, "r", a.format, image_opts=a.image_opts,
+                                   force_share=a.force_share))
+        dst_path, dst_opts = dst, {}
+        if a.target_image_opts:
+            dst_path, tfmt, dst_opts = parse_image_opts(dst)
+            out_fmt = tfmt or out_fmt
+        for k in ("size", "nocow", "extent_size_hint"):
+            values.pop(k, None)
+        target: str | BlockDevice = dst_path
+        if a.target_exists:
+            target = open_image(ctx, dst, "r+", None if a.target_image_opts else out_fmt,
+                                image_opts=a.target_image_opts)
+            devs.append(target)
+        prog = Progress(a.progress and not a.quiet, 1.0)
+        conv.convert(devs[: len(srcs)], target, out_fmt, options=values, sparse_size=sparse,
+                     target_exists=a.target_exists,
+                     backing_file=backing,
+                     backing_fmt=backing_fmt, progress=prog if prog.enabled else None,
+                     snapshot=snap, compress=a.compress, secrets=ctx.secrets,
+                     target_options=dst_opts)
+        prog.finish()
+    finally:
+        for d in devs:
+            d.close()
+    return 0
+
+
+# --- compare ------------------------------------------------------------------------
+
+
+def cmd_compare(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img compare: 0 identical, 1 different, 2 error."""
+    if len(a.files) != 2:
+        raise UsageError("Expecting two image file names")
+    prog = Progress(a.progress and not a.quiet, 2.0)
+    try:
+        with opened(ctx, a.files[0], "r", a.format, image_opts=a.image_opts,
+                    force_share=a.force_share) as d1, \
+             opened(ctx, a.files[1], "r", a.format2 or a.format, image_opts=a.image_opts,
+                    force_share=a.force_share) as d2:
+            same, _off, msg = conv.compare(d1, d2, strict=a.strict,
+                                           progress=prog if prog.enabled else None)
+    except (DiskImgError, OSError) as e:
+        raise ExitCode(str(e) if isinstance(e, DiskImgError) else
+                       (e.strerror or str(e)), 2) from e
+    if not a.quiet:
+        sys.stdout.write(msg + "\n")
+    prog.end()
+    return 0 if same else 1
+
+
+# --- dd -----------------------------------------------------------------------------
+
+
+def cmd_dd(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img dd with bs=, count=, skip=, if=, of= operands."""
+    ops: dict[str, str] = {}
+    for item in a.files:
+        k, sep, v = item.partition("=")
+        if not sep or k not in ("bs", "count", "skip", "if", "of"):
+            raise ExitCode(f"unrecognized operand {k}", 1)
+        ops[k] = v
+    bs = 512
+    if "bs" in ops:
+        bs = size_arg(ops["bs"], "bs")
+        if not 1 <= bs <= 2**31 - 1:
+            raise UsageError("Invalid bs specified. Must be between 1 and 2147483647.")
+    count = size_arg(ops["count"], "count") if "count" in ops else None
+    skip = size_arg(ops["skip"], "skip") if "skip" in ops else 0
+    if "if" not in ops or "of" not in ops:
+        raise ExitCode("Must specify both input and output files", 1)
+    out_fmt = a.output_format or "raw"
+    if out_fmt not in opts.FORMAT_OPTIONS:
+        raise UsageError(f"Unknown file format '{out_fmt}'")
+    with opened(ctx, ops["if"], "r", a.format, image_opts=a.image_opts,
+                force_share=a.force_share) as src:
+        conv.dd(src, ops["of"], out_fmt, bs=bs, count=count, skip=skip, warn=ctx.warn)
+    return 0
+
+
+# --- resize -------------------------------------------------------------------------
+
+
+def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img resize FILE [+|-]SIZE."""
+    if len(a.files) < 2:
+        raise UsageError("Not enough arguments")
+    if len(a.files) > 2:
+        raise UsageError("Expecting image file name and size")
+    name, text = a.files
+    rel = text[0] if text[:1] in ("+", "-") else ""
+    try:
+        delta = parse_size(text[1:] if rel else text)
+    except UsageError:
+        raise UsageError(f"Parameter 'size' {opts.SIZE_PARAM_HELP}") from None
+    prealloc = a.preallocation
+    if prealloc is not None and prealloc not in ("off", "metadata", "falloc", "full"):
+        raise UsageError(f"Invalid preallocation mode '{prealloc}'")
+    with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
+        cur = dev.size
+        new = cur + delta if rel == "+" else cur - delta if rel == "-" else delta
+        if new <= 0:
+            raise UsageError("New image size must be positive")
+        if prealloc == "metadata" and dev.format != "qcow2":
+            raise UsageError("Unsupported preallocation mode: metadata")
+        if dev.format == "qcow2" and new % 512:
+            raise UsageError("The new size must be a multiple of 512")
+        if new < cur and not a.shrink:
+            raise ExitCode("Use the --shrink option to perform a shrink operation.\n"
+                           "\0warning: Shrinking an image will delete all data beyond the "
+                           "shrunken image's end. Before performing such an operation, make "
+                           "sure there is no important data there.", 1)
+        if new < cur and prealloc not in (None, "off"):
+            raise UsageError("Preallocation can only be used for growing images")
+        fn = getattr(dev, "resize", None)
+        if fn is None:
+            raise DiskImgError(f"resize is not supported yet for format '{dev.format}'")
+        if dev.format == "raw":
+            fn(new, prealloc or "off")
+        else:
+            kw: dict[str, Any] = {"shrink": a.shrink}
+            if prealloc:
+                kw["preallocation"] = prealloc
+            fn(new, **kw)
+    if not a.quiet:
+        sys.stdout.write("Image resized.\n")
+    return 0

@@ -1,0 +1,282 @@
+"""``diskimg`` entry point: qemu-img compatible argument parsing and the global error
+handler (``diskimg: message`` on stderr, exit 1, no traceback unless ``--debug`` or
+``DISKIMG_DEBUG=1``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from diskimg import __version__
+from diskimg.cli import commands as c
+from diskimg.errors import DiskImgError, UsageError
+from diskimg.secrets import parse_objects
+
+PROG = "diskimg"
+TRY_HELP = f"Try '{PROG} --help' for more information"
+
+
+class _Usage(Exception):
+    """A command-line mistake: message plus the "Try ... --help" line, exit 1."""
+
+
+class _Exit(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser that raises instead of exiting, with getopt-style messages."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("argument "):
+            opt = message.split(":", 1)[0].split()[1].split("/")[0]
+            if "expected one argument" in message:
+                if opt.startswith("--"):
+                    raise _Usage(f"option '{opt}' requires an argument")
+                raise _Usage(f"option requires an argument -- '{opt.lstrip('-')}'")
+        if message.startswith("unrecognized arguments: "):
+            raise _Usage(f"unrecognized option '{message.split(': ', 1)[1].split()[0]}'")
+        raise _Usage(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _Exit(status)
+
+
+def _common(p: Parser, *, fmt: bool = True, share: bool = True, obj: bool = True,
+            image_opts: bool = True, quiet: bool = True, out: bool = False) -> None:
+    if fmt:
+        p.add_argument("-f", "--format", metavar="FMT", help="image format (probed if absent)")
+    if share:
+        p.add_argument("-U", "--force-share", action="store_true",
+                       help="open without taking QEMU's image locks")
+    if obj:
+        p.add_argument("--object", action="append", default=[], metavar="OBJ",
+                       help="secret,id=ID,data=S|file=PATH")
+    if image_opts:
+        p.add_argument("--image-opts", action="store_true",
+                       help="FILE is an option string (driver=...,file.filename=...)")
+    if quiet:
+        p.add_argument("-q", "--quiet", action="store_true", help="quiet mode")
+    if out:
+        p.add_argument("--output", metavar="human|json", help="output format")
+    p.add_argument("-T", "--source-cache", dest="src_cache", help=argparse.SUPPRESS)
+    p.add_argument("files", nargs="*", help=argparse.SUPPRESS)
+
+
+CmdFn = Callable[[c.Context, argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "info": ("[-f FMT] [--output=human|json] [--backing-chain] [-U] [--object OBJ] "
+             "[--image-opts] FILE", "Show information about a disk image.",
+             "diskimg info --output=json disk.qcow2"),
+    "create": ("[-f FMT] [-o K=V[,K=V...]] [-b BACKING -F BACKING_FMT] [-u] [--object OBJ] "
+               "FILE [SIZE]", "Create a new disk image.",
+               "diskimg create -f qcow2 -o cluster_size=64k disk.qcow2 10G"),
+    "convert": ("[-f FMT] [-O FMT] [-c] [-o K=V,...] [-B BACKING -F BACKING_FMT] [-n] [-p] "
+                "[-W] [-m N] [-S SIZE] [-l SNAPSHOT] [-U] [--object OBJ] [--image-opts] "
+                "[--target-image-opts] SRC... DST",
+                "Convert (copy) one or more images into a new image, sparsely.",
+                "diskimg convert -p -O qcow2 disk.raw disk.qcow2"),
+    "check": ("[-f FMT] [-r leaks|all] [--output=human|json] [-U] [--object OBJ] "
+              "[--image-opts] FILE",
+              "Check an image for consistency (exit 0 clean, 2 corrupt, 3 leaks, 63 n/a).",
+              "diskimg check -r leaks disk.qcow2"),
+    "compare": ("[-f FMT] [-F FMT] [-s] [-p] [-U] [--object OBJ] [--image-opts] FILE1 FILE2",
+                "Compare the guest contents of two images (exit 0 same, 1 differ, 2 error).",
+                "diskimg compare disk.raw disk.qcow2"),
+    "map": ("[-f FMT] [--output=human|json] [--start-offset=OFF] [--max-length=LEN] [-U] "
+            "[--object OBJ] [--image-opts] FILE",
+            "Show how the image's guest ranges map to host files.",
+            "diskimg map --output=json disk.qcow2"),
+    "dd": ("[-f FMT] [-O FMT] [-U] [bs=N] [count=N] [skip=N] if=IN of=OUT",
+           "Copy blocks from one image into a new one, like dd(1).",
+           "diskimg dd -O qcow2 bs=1M count=16 if=disk.raw of=head.qcow2"),
+    "resize": ("[-f FMT] [--shrink] [--preallocation=MODE] [--object OBJ] [--image-opts] "
+               "FILE [+|-]SIZE", "Change the virtual size of an image.",
+               "diskimg resize disk.qcow2 +1G"),
+}
+
+
+def _build(cmd: str) -> tuple[Parser, CmdFn]:
+    usage, desc, example = _COMMANDS[cmd]
+    p = Parser(prog=f"{PROG} {cmd}", usage=f"{PROG} {cmd} {usage}", description=desc,
+               epilog=f"example:\n  {example}", allow_abbrev=False,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    fn: CmdFn
+    if cmd == "info":
+        _common(p, out=True)
+        p.add_argument("--backing-chain", action="store_true", help="show the whole chain")
+        fn = c.cmd_info
+    elif cmd == "map":
+        _common(p, out=True)
+        p.add_argument("--start-offset", metavar="OFF", help="first guest offset")
+        p.add_argument("--max-length", metavar="LEN", help="bytes to map at most")
+        fn = c.cmd_map
+    elif cmd == "check":
+        _common(p, out=True)
+        p.add_argument("-r", "--repair", metavar="leaks|all", help="repair the image")
+        fn = c.cmd_check
+    elif cmd == "create":
+        _common(p, share=False, image_opts=False)
+        p.add_argument("-o", dest="options", action="append", metavar="K=V,...",
+                       help="format options (-o help lists them)")
+        p.add_argument("-b", "--backing", metavar="BACKING", help="backing file")
+        p.add_argument("-F", "--backing-format", dest="backing_fmt", metavar="FMT",
+                       help="backing file format")
+        p.add_argument("-u", dest="unsafe", action="store_true",
+                       help="do not open the backing file")
+        fn = c.cmd_create
+    elif cmd == "convert":
+        _common(p)
+        p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
+        p.add_argument("-o", dest="options", action="append", metavar="K=V,...")
+        p.add_argument("-B", dest="backing", metavar="BACKING", help="target backing file")
+        p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="its format")
+        p.add_argument("-c", dest="compress", action="store_true", help="compress (qcow2)")
+        p.add_argument("-n", dest="target_exists", action="store_true",
+                       help="write into an existing target")
+        p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+        p.add_argument("-W", dest="unordered", action="store_true",
+                       help="out-of-order writes (accepted)")
+        p.add_argument("-m", dest="coroutines", metavar="N", help="parallel requests (1-16)")
+        p.add_argument("-S", dest="sparse", metavar="SIZE", help="zero run size for holes")
+        p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="source snapshot")
+        p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)
+        p.add_argument("-C", dest="copy_range", action="store_true", help=argparse.SUPPRESS)
+        p.add_argument("--target-image-opts", action="store_true",
+                       help="DST is an option string")
+        p.add_argument("--target-is-zero", action="store_true", help=argparse.SUPPRESS)
+        fn = c.cmd_convert
+    elif cmd == "compare":
+        _common(p)
+        p.add_argument("-F", dest="format2", metavar="FMT", help="format of FILE2")
+        p.add_argument("-s", dest="strict", action="store_true", help="strict mode")
+        p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+        fn = c.cmd_compare
+    elif cmd == "dd":
+        _common(p, obj=False, quiet=False)
+        p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
+        fn = c.cmd_dd
+    else:  # resize
+        _common(p, share=False)
+        p.add_argument("--shrink", action="store_true", help="allow shrinking")
+        p.add_argument("--preallocation", metavar="MODE", help="off|falloc|full|metadata")
+        fn = c.cmd_resize
+    return p, fn
+
+
+def _main_help() -> str:
+    lines = [f"usage: {PROG} [--untrusted] [--debug] COMMAND [command options]",
+             "diskimg: qcow2, raw and vmdk disk images (qemu-img 7.2 compatible)", "",
+             "  -h, --help      display this help and exit",
+             "  -V, --version   output version information and exit",
+             "  --untrusted     open no file outside the image's own directory",
+             "  --debug         show Python tracebacks (also DISKIMG_DEBUG=1)", "",
+             "Command syntax:"]
+    lines += [f"  {cmd} {u}" for cmd, (u, _, _) in _COMMANDS.items()]
+    lines += ["", "Example:", "  diskimg create -f qcow2 disk.qcow2 10G",
+              "  diskimg convert -O raw disk.qcow2 disk.raw", "",
+              f"'{PROG} COMMAND --help' describes one command."]
+    return "\n".join(lines) + "\n"
+
+
+def _parse(cmd: str, argv: list[str]) -> tuple[argparse.Namespace, CmdFn]:
+    p, fn = _build(cmd)
+    ns, extra = p.parse_known_intermixed_args(argv)
+    for x in extra:
+        if x.startswith("-") and x != "-":
+            raise _Usage(f"unrecognized option '{x}'")
+        ns.files.append(x)
+    return ns, fn
+
+
+def _print_error(msg: str) -> None:
+    lines = msg.split("\n")
+    every = "You may use k, M, G, T, P or E" in msg
+    out = []
+    for i, line in enumerate(lines):
+        if i == 0 or every or line.startswith("\0"):
+            out.append(f"{PROG}: {line.lstrip(chr(0))}")
+        else:
+            out.append(line)
+    sys.stderr.write("\n".join(out) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 success, 1 error, command-specific codes)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("DISKIMG_DEBUG") == "1"
+    ctx = c.Context(prog=PROG)
+    while args and args[0].startswith("-"):
+        opt = args.pop(0)
+        if opt == "--debug":
+            debug = True
+        elif opt == "--untrusted":
+            ctx.untrusted = True
+        elif opt in ("-h", "--help"):
+            sys.stdout.write(_main_help())
+            return 0
+        elif opt in ("-V", "--version"):
+            sys.stdout.write(f"{PROG} version {__version__} (qemu-img 7.2 compatible)\n")
+            return 0
+        else:
+            _print_error(f"unrecognized option '{opt}'\n{TRY_HELP}")
+            return 1
+    if not args:
+        _print_error(f"Not enough arguments\n{TRY_HELP}")
+        return 1
+    cmd = args.pop(0)
+    if cmd not in _COMMANDS:
+        _print_error(f"Command not found: {cmd}\n{TRY_HELP}")
+        return 1
+    try:
+        ns, fn = _parse(cmd, args)
+        ctx.secrets = parse_objects(getattr(ns, "object", []) or [])
+        return fn(ctx, ns)
+    except _Exit as e:
+        return e.code
+    except _Usage as e:
+        _print_error(f"{e}\n{TRY_HELP}")
+        return 1
+    except c.ExitCode as e:
+        _print_error(str(e))
+        return e.code
+    except UsageError as e:
+        if debug:
+            raise
+        msg = str(e)
+        if msg in ("Expecting one image file name", "Expecting image file name",
+                   "Expecting two image file names", "Not enough arguments") or \
+                msg.startswith(("Unexpected argument:", "Unknown option value for -r")):
+            msg += f"\n{TRY_HELP}"
+        _print_error(msg)
+        return 1
+    except (DiskImgError, OSError) as e:
+        if debug:
+            raise
+        _print_error(str(e) if isinstance(e, DiskImgError) else _os_message(e))
+        return 1
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        _print_error(f"internal error: {type(e).__name__}: {e}")
+        return 1
+
+
+def _os_message(e: OSError) -> str:
+    if e.filename is not None and e.strerror:
+        return f"Could not open '{e.filename}': {e.strerror}"
+    return e.strerror or str(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
