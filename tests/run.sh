@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then run the whole test suite.
+#
+#   bash tests/run.sh                 # the full suite (what CI runs, via .ci/run)
+#   bash tests/run.sh tests/unit -x   # extra arguments go to pytest
+#
+# - qemu-img/qemu-io (Debian package qemu-utils) are installed with apt-get when missing and
+#   we are root; otherwise the tests marked `qemu` are skipped (pytest -ra lists them).
+# - CI=true selects the reproducible hypothesis profile "ci" (see tests/conftest.py).
+# - pytest exit code 5 ("no tests collected"): with no arguments this means the suite itself
+#   is broken and is a failure; with a user filter (-k, a path) it is only reported.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-python3}"
+SUITE_TIMEOUT="${SUITE_TIMEOUT:-1500}"   # seconds; the suite takes a few minutes on 2 cores
+
+if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tests/run.sh: installing qemu-utils (qemu-img, qemu-io)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq qemu-utils >/dev/null
+  else
+    echo "tests/run.sh: note: qemu-img/qemu-io not found and not root; tests marked" \
+         "'qemu' will be skipped (install the qemu-utils package)" >&2
+  fi
+fi
+
+# Debian's own python3 refuses `pip install` outside a virtualenv (PEP 668).  On a
+# throwaway CI machine that is fine to override; elsewhere use a virtualenv.
+if ! "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' &&
+   [ -e "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')/EXTERNALLY-MANAGED" ]; then
+  if [ "${CI:-}" = true ]; then
+    export PIP_BREAK_SYSTEM_PACKAGES=1
+  else
+    echo "tests/run.sh: $PY is managed by the OS; run inside a virtualenv:" >&2
+    echo "  python3 -m venv .venv && . .venv/bin/activate && bash tests/run.sh" >&2
+    exit 1
+  fi
+fi
+
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
+
+rc=0
+timeout --signal=INT --kill-after=30 "$SUITE_TIMEOUT" \
+  "$PY" -m pytest -ra --durations=10 "$@" || rc=$?
+case "$rc" in
+  5)
+    if [ "$#" -eq 0 ]; then
+      echo "tests/run.sh: pytest collected no tests: the test suite is broken" >&2
+      exit 1
+    fi
+    echo "tests/run.sh: note: no tests matched the given arguments ($*)" >&2
+    exit 0 ;;
+  124|130)
+    echo "tests/run.sh: the suite did not finish within ${SUITE_TIMEOUT}s" >&2
+    exit 1 ;;
+esac
+exit "$rc"

@@ -1,0 +1,179 @@
+"""Host-file I/O: positional reads/writes, sparse files, preallocation, refusing non-files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from diskimg.errors import DiskImgError, ImageLockedError, UsageError
+from diskimg.hostio import open_host_file
+
+MiB = 1 << 20
+
+
+def _blocks(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def _sparse_file(path: Path, size: int, data_at: list[tuple[int, bytes]]) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in data_at:
+            f.seek(off)
+            f.write(data)
+
+
+def test_pwrite_then_pread_roundtrip_and_short_read_at_eof(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"")
+    with open_host_file(p, True, lock_mode=False) as hf:
+        hf.pwrite(4096, b"hello")
+        hf.pwrite(0, memoryview(b"ab"))
+        assert hf.size() == 4101
+        assert hf.pread(0, 2) == b"ab"
+        assert hf.pread(2, 4094) == bytes(4094)  # the gap reads as zeros
+        assert hf.pread(4096, 100) == b"hello"  # short only at end of file
+        assert hf.pread(5000, 10) == b""
+    assert p.read_bytes()[4096:] == b"hello"
+
+
+def test_preadinto_zero_fills_past_end_of_file(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 1000)
+    buf = bytearray(b"\xee" * 1024)
+    with open_host_file(p, lock_mode=False) as hf:
+        assert hf.preadinto(0, memoryview(buf)) == 1024
+    assert buf == b"x" * 1000 + bytes(24)
+
+
+def test_pread_exact_names_the_structure_and_offset(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(bytes(100))
+    with open_host_file(p, lock_mode=False) as hf, pytest.raises(DiskImgError) as ei:
+        hf.pread_exact(64, 64, "L1 table")
+    assert "L1 table" in str(ei.value) and "0x40" in str(ei.value)
+
+
+def test_read_only_host_file_refuses_writes(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(bytes(512))
+    with open_host_file(p, False, lock_mode=False) as hf:
+        with pytest.raises(UsageError):
+            hf.pwrite(0, b"x")
+        with pytest.raises(UsageError):
+            hf.truncate(0)
+    assert p.read_bytes() == bytes(512)
+
+
+def test_punch_hole_frees_blocks_and_reads_zeros(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom(4 * MiB))
+    before = _blocks(p)
+    assert before >= 4 * MiB
+    with open_host_file(p, True, lock_mode=False) as hf:
+        assert hf.punch_hole(MiB, 2 * MiB) is True
+        assert hf.size() == 4 * MiB  # KEEP_SIZE
+        assert hf.pread(MiB, 2 * MiB) == bytes(2 * MiB)
+    assert before - _blocks(p) >= 2 * MiB - 8192
+
+
+def test_zero_range_reads_zeros_keeps_size(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    data = os.urandom(MiB)
+    p.write_bytes(data)
+    with open_host_file(p, True, lock_mode=False) as hf:
+        hf.zero_range(4096, 8192)
+        assert hf.size() == MiB
+    got = p.read_bytes()
+    assert got[:4096] == data[:4096]
+    assert got[4096:12288] == bytes(8192)
+    assert got[12288:] == data[12288:]
+
+
+def test_data_extents_on_a_sparse_file_cover_the_range(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    _sparse_file(p, 8 * MiB, [(MiB, b"a" * 65536), (5 * MiB, b"b" * 4096)])
+    with open_host_file(p, lock_mode=False) as hf:
+        runs = list(hf.data_extents(0, 10 * MiB))  # asks past EOF too
+    # runs are contiguous and cover exactly the request
+    assert runs[0][0] == 0
+    for (s, n, _), (s2, _, _) in zip(runs, runs[1:], strict=False):
+        assert s + n == s2
+    assert runs[-1][0] + runs[-1][1] == 10 * MiB
+    data = [(s, n) for s, n, d in runs if d]
+    assert data == [(MiB, 65536), (5 * MiB, 4096)]
+    # past EOF is a hole
+    assert runs[-1][2] is False and runs[-1][0] <= 8 * MiB
+
+
+def test_data_extents_of_a_window_inside_data(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    _sparse_file(p, 2 * MiB, [(0, b"z" * MiB)])
+    with open_host_file(p, lock_mode=False) as hf:
+        assert list(hf.data_extents(4096, 8192)) == [(4096, 8192, True)]
+        assert list(hf.data_extents(MiB + 4096, 4096)) == [(MiB + 4096, 4096, False)]
+
+
+def test_preallocate_allocates_blocks_and_reads_zeros(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"")
+    with open_host_file(p, True, lock_mode=False) as hf:
+        hf.truncate(4 * MiB)
+        assert hf.allocated_size() == 0
+        hf.preallocate(0, 4 * MiB)
+        assert hf.allocated_size() >= 4 * MiB
+        assert hf.pread(0, 4 * MiB) == bytes(4 * MiB)
+        hf.write_zeros(4 * MiB, 4096)
+        assert hf.size() == 4 * MiB + 4096
+
+
+def test_allocated_size_is_st_blocks(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    _sparse_file(p, 16 * MiB, [(0, b"q" * 65536)])
+    with open_host_file(p, lock_mode=False) as hf:
+        assert hf.allocated_size() == os.stat(p).st_blocks * 512
+        assert hf.allocated_size() < MiB
+
+
+def test_directory_fifo_and_missing_file_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(DiskImgError, match="Is a directory"):
+        open_host_file(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(DiskImgError, match="not a regular file"):
+        open_host_file(fifo)  # must not block waiting for a writer
+    with pytest.raises(DiskImgError, match="No such file or directory"):
+        open_host_file(tmp_path / "missing")
+
+
+def test_char_device_is_refused() -> None:
+    with pytest.raises(DiskImgError, match="not a regular file"):
+        open_host_file("/dev/zero")
+
+
+def test_create_truncates_existing_file(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(b"old content")
+    with open_host_file(p, True, create=True, lock_mode=False) as hf:
+        assert hf.size() == 0
+
+
+def test_close_is_idempotent_and_releases_lock(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(bytes(512))
+    hf = open_host_file(p, True)
+    hf.close()
+    hf.close()
+    # a second writer can now take the same locks
+    with open_host_file(p, True):
+        pass
+
+
+def test_two_writers_in_one_process_conflict(tmp_path: Path) -> None:
+    # OFD locks belong to the open file description, so this works within one process too
+    p = tmp_path / "img"
+    p.write_bytes(bytes(512))
+    with open_host_file(p, True), pytest.raises(ImageLockedError):
+        open_host_file(p, True)

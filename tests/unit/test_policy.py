@@ -1,0 +1,104 @@
+"""Which files an image may make diskimg open: the safety rules of CONTRACT.md
+("Files an image names")."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import diskimg
+from diskimg.errors import BackingChainError
+from diskimg.policy import OpenPolicy
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> dict[str, Path]:
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    (img_dir / "sub").mkdir()
+    outside = tmp_path / "secret.raw"
+    outside.write_bytes(b"host secret")
+    top = img_dir / "top.qcow2"
+    top.write_bytes(b"")
+    (img_dir / "base.raw").write_bytes(bytes(512))
+    (img_dir / "sub" / "deep.raw").write_bytes(bytes(512))
+    return {"dir": img_dir, "top": top, "outside": outside}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ['json:{"file.filename":"/etc/passwd"}', "nbd://127.0.0.1:10809/x", "nbd:localhost:10809",
+     "http://example.com/disk", "https://example.com/disk", "ssh://host/disk",
+     "iscsi://host/iqn/0", "rbd:pool/img", "gluster://h/v/i", "host_device:/dev/sda"],
+)
+def test_json_and_protocol_names_are_never_followed(tree, name: str) -> None:
+    for pol in (OpenPolicy(), OpenPolicy(untrusted=True).for_top(tree["top"])):
+        with pytest.raises(BackingChainError) as ei:
+            pol.resolve(name, tree["top"])
+        msg = str(ei.value)
+        assert name in msg and str(tree["top"]) in msg
+
+
+def test_relative_names_resolve_next_to_the_naming_image(tree) -> None:
+    pol = OpenPolicy()
+    assert pol.resolve("base.raw", tree["top"]) == tree["dir"] / "base.raw"
+    assert pol.resolve("sub/deep.raw", tree["top"]) == tree["dir"] / "sub" / "deep.raw"
+    assert pol.resolve("file:base.raw", tree["top"]) == tree["dir"] / "base.raw"
+
+
+def test_trusted_mode_follows_absolute_and_parent_paths_like_qemu(tree) -> None:
+    pol = OpenPolicy()
+    assert pol.resolve(str(tree["outside"]), tree["top"]) == tree["outside"]
+    assert pol.resolve("../secret.raw", tree["top"]).resolve() == tree["outside"]
+
+
+@pytest.mark.parametrize("name", ["../secret.raw", "ABS", "sub/../../secret.raw",
+                                  "link-out.raw"])
+def test_untrusted_confines_to_the_image_directory(tree, name: str) -> None:
+    (tree["dir"] / "link-out.raw").symlink_to(tree["outside"])  # symlinks don't escape
+    if name == "ABS":
+        name = str(tree["outside"])
+    pol = OpenPolicy(untrusted=True).for_top(tree["top"])
+    with pytest.raises(BackingChainError) as ei:
+        pol.resolve(name, tree["top"])
+    assert name in str(ei.value)
+    assert "outside the allowed directories" in str(ei.value)
+
+
+def test_untrusted_allows_files_inside_and_explicit_directories(tree, tmp_path: Path) -> None:
+    pol = OpenPolicy(untrusted=True).for_top(tree["top"])
+    assert pol.resolve("sub/deep.raw", tree["top"]) == tree["dir"] / "sub" / "deep.raw"
+    explicit = OpenPolicy(untrusted=True, allowed_dirs=[tmp_path.resolve()])
+    assert explicit.resolve("../secret.raw", tree["top"]).resolve() == tree["outside"]
+
+
+def test_missing_backing_file_names_the_file_and_the_image(tree) -> None:
+    with pytest.raises(BackingChainError) as ei:
+        OpenPolicy().resolve("gone.qcow2", tree["top"])
+    msg = str(ei.value)
+    assert "gone.qcow2" in msg and "No such file or directory" in msg and "top.qcow2" in msg
+
+
+def test_fifo_directory_and_char_device_are_refused(tree) -> None:
+    os.mkfifo(tree["dir"] / "fifo")
+    pol = OpenPolicy()
+    for name in ("fifo", "sub", "/dev/zero", "/dev/null"):
+        with pytest.raises(BackingChainError, match="not a regular file"):
+            pol.resolve(name, tree["top"])
+
+
+def test_untrusted_open_of_a_qcow2_with_an_outside_backing_file(tmp_path: Path, make_image,
+                                                                run, qemu_img: str) -> None:
+    pytest.importorskip("diskimg.qcow2.image", reason="qcow2 image support not built yet")
+    base = make_image("base.raw", "raw", "1M")
+    top_dir = tmp_path / "upload"
+    top_dir.mkdir()
+    top = top_dir / "user.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top])
+    with diskimg.open(top) as img:  # trusted: followed, as qemu-img does
+        assert img.backing is not None
+    with pytest.raises(BackingChainError) as ei:
+        diskimg.open(top, untrusted=True)
+    assert str(base) in str(ei.value)
