@@ -67,9 +67,6 @@ VMDK_PENDING = "vmdk support is not implemented yet"
 
 # Known gaps, reported to the owner of probe.py.  strict: delete the entry once fixed.
 KNOWN_GAPS = {
-    # qemu's dmg probe goes by the ".dmg" file name (the "koly" trailer sits in the last 512
-    # bytes); diskimg's probe has no dmg rule that matches, so the image opens as raw.
-    "qemu-iotests/simple-dmg.dmg.bz2": "dmg is not recognised by probe.py",
 }
 
 

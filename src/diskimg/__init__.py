@@ -1,6 +1,7 @@
 """diskimg: pure-Python qcow2, raw and vmdk disk images with a qemu-img compatible CLI."""
 
 from diskimg.api import create, open
+from diskimg.operations import compare, convert
 from diskimg.device import BlockDevice, DeviceIO, ImageInfo, MapEntry
 from diskimg.errors import (
     BackingChainError,
@@ -39,6 +40,8 @@ __all__ = [
     "UsageError",
     "WrongFormatError",
     "__version__",
+    "compare",
+    "convert",
     "create",
     "open",
 ]

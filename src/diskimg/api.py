@@ -129,6 +129,8 @@ def create(
     opts = dict(options or {})
     if format not in FORMATS:
         raise UsageError(f"Unknown file format '{format}'")
+    if format == "raw" and backing_file:
+        raise UsageError("Backing file not supported for file format 'raw'")
     if backing_file is not None and backing_fmt is None and not unsafe:
         raise UsageError("Backing file specified without backing format")
     if size is None:
@@ -146,8 +148,6 @@ def create(
     if format == "raw":
         from diskimg.raw import create_raw
 
-        if backing_file:
-            raise UsageError("'raw' does not support backing files")
         host = open_host_file(path, True, create=True)
         try:
             create_raw(host, size, str(opts.pop("preallocation", "off")))

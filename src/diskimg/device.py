@@ -263,8 +263,11 @@ class BlockDevice:
         if pending is not None:
             yield pending
 
-    def as_file(self) -> io.BufferedRandom:
-        """A buffered file object over the guest bytes (usable by tarfile, shutil, ...)."""
+    def as_file(self) -> io.BufferedRandom | io.BufferedReader:
+        """A buffered file object over the guest bytes (usable by tarfile, shutil, ...):
+        ``BufferedRandom`` when the device is writable, ``BufferedReader`` otherwise."""
+        if self.read_only:
+            return io.BufferedReader(DeviceIO(self))
         return io.BufferedRandom(DeviceIO(self))
 
 

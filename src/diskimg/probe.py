@@ -28,8 +28,8 @@ _FOREIGN = [
     (0, b"#!/bin/sh\n#V2.0 Format\ninsmod cloop", "cloop"),
     (0, b"#!/bin/sh\n#V3.0 Format\nmodprobe cloop", "cloop"),
     (0, b"#!/bin/sh\n#V4.0 Format\nmodprobe cloop", "cloop"),
-    (0, b"QEMU DM", "dmg"),
 ]
+DMG_TRAILER_MAGIC = b"koly"
 
 
 def probe_bytes(head: bytes) -> str:
@@ -55,6 +55,9 @@ def probe(host: HostFile) -> str:
     """Probe a host file; raises for formats diskimg does not implement."""
     head = host.pread(0, PROBE_SIZE)
     fmt = probe_bytes(head)
+    size = host.size()
+    if fmt == "raw" and size >= 512 and host.pread(size - 512, 4) == DMG_TRAILER_MAGIC:
+        fmt = "dmg"  # Apple disk image: 'koly' trailer in the last 512 bytes
     if fmt not in ("qcow2", "vmdk", "raw"):
         raise UnsupportedFeatureError(
             f"Image format '{fmt}' of '{host.path}' is not supported by diskimg "

@@ -103,8 +103,11 @@ class RawImage(BlockDevice):
 def create_raw(host: HostFile, size: int, preallocation: str = "off") -> None:
     """Lay out a new raw image of ``size`` bytes on an empty host file."""
     if preallocation not in ("off", "falloc", "full"):
-        raise UsageError(f"Invalid parameter '{preallocation}'")
+        raise UsageError(f"Unsupported preallocation mode: {preallocation}")
     host.truncate(size)
+    if preallocation == "off" and size:
+        # qemu allocates the first block so later opens can probe alignment
+        host.write_zeros(0, min(size, 4096))
     if preallocation == "falloc":
         host.preallocate(0, size)
     elif preallocation == "full":

@@ -10,7 +10,7 @@ from diskimg.errors import UsageError
 INT64_MAX = (1 << 63) - 1
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
              "p": 1 << 50, "e": 1 << 60}
-_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)([bBkKmMgGtTpPeE]?)$")
+_SIZE_RE = re.compile(r"^\s*\+?(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)([bBkKmMgGtTpPeE]?)$")
 SIZE_HELP = ("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
              "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
 SIZE_RANGE = f"Invalid image size specified. Must be between 0 and {INT64_MAX}."
@@ -31,9 +31,9 @@ def parse_size(text: str, default_suffix: str = "b") -> int:
     if num.lower().startswith("0x"):
         value = int(num, 16) * mul
     elif "." in num:
-        if mul == 1:
-            raise UsageError(SIZE_HELP)
         whole, frac = num.split(".")
+        if mul == 1 and frac.strip("0"):
+            raise UsageError(SIZE_HELP)  # qemu: a fraction needs a suffix unless it is .0
         # exact rational arithmetic, then round to nearest like qemu's double maths
         value = int(whole or "0") * mul
         if frac:

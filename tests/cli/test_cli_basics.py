@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from diskimg import convert as conv
+from diskimg import operations as conv
 from diskimg import options as opts
 from diskimg.cli import commands
 from diskimg.cli.progress import Progress

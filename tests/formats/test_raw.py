@@ -29,7 +29,7 @@ def img_path(tmp_path: Path) -> Path:
 
 def test_create_makes_a_sparse_file_of_the_exact_size(img_path: Path) -> None:
     assert img_path.stat().st_size == 4 * MiB
-    assert _blocks(img_path) == 0
+    assert _blocks(img_path) == 4096  # like qemu-img create: the first block is allocated
     with diskimg.open(img_path) as img:
         assert (img.format, img.size, img.read_only) == ("raw", 4 * MiB, True)
         assert img.read(0, 4 * MiB) == bytes(4 * MiB)
@@ -98,7 +98,7 @@ def test_map_reports_data_and_holes(img_path: Path) -> None:
         entries = list(img.map())
     assert sum(e.length for e in entries) == 4 * MiB
     data = [(e.start, e.length) for e in entries if e.data]
-    assert data == [(MiB, 64 * KiB)]
+    assert data == [(0, 4 * KiB), (MiB, 64 * KiB)]  # first block allocated, as qemu-img
     for e in entries:
         assert e.present and e.depth == 0 and e.zero == (not e.data)
         assert e.offset == e.start  # raw: host offset == guest offset
@@ -169,7 +169,7 @@ def test_read_only_open_refuses_every_mutation(img_path: Path) -> None:
                      lambda: img.discard(0, 512)):
             with pytest.raises(UsageError, match="read-only"):
                 call()
-    assert _blocks(img_path) == 0
+    assert _blocks(img_path) == 4096  # like qemu-img create: the first block is allocated
 
 
 # --- probed raw: qemu refuses writes that would change how the image probes ----------------

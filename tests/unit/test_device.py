@@ -18,14 +18,6 @@ from diskimg.errors import UsageError
 
 SIZE = 1 << 20
 
-# Change request for device.py: as_file() on a read-only image builds io.BufferedRandom,
-# which refuses a non-writable raw stream; it should return io.BufferedReader then.
-# strict: when fixed these pass and the marker must be removed.
-RO_AS_FILE_BUG = pytest.mark.xfail(
-    raises=io.UnsupportedOperation, strict=True,
-    reason="as_file() of a read-only image raises UnsupportedOperation (device.py)")
-
-
 @pytest.fixture
 def raw_img(tmp_path: Path) -> tuple[Path, bytes]:
     data = os.urandom(SIZE)
@@ -34,7 +26,6 @@ def raw_img(tmp_path: Path) -> tuple[Path, bytes]:
     return p, data
 
 
-@RO_AS_FILE_BUG
 def test_as_file_reads_sequentially_and_hits_eof(raw_img) -> None:
     p, data = raw_img
     with diskimg.open(p, format="raw") as img, img.as_file() as f:
@@ -45,7 +36,6 @@ def test_as_file_reads_sequentially_and_hits_eof(raw_img) -> None:
         assert f.read() == b""
 
 
-@RO_AS_FILE_BUG
 def test_as_file_seek_semantics(raw_img) -> None:
     p, data = raw_img
     with diskimg.open(p, format="raw") as img, img.as_file() as f:
@@ -92,7 +82,6 @@ def test_read_only_file_view_is_not_writable(raw_img) -> None:
             img.write(0, b"x")
 
 
-@RO_AS_FILE_BUG
 def test_shutil_copyfileobj_gives_identical_bytes(raw_img, tmp_path: Path) -> None:
     p, data = raw_img
     out = tmp_path / "copy"
@@ -101,7 +90,6 @@ def test_shutil_copyfileobj_gives_identical_bytes(raw_img, tmp_path: Path) -> No
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
 
 
-@RO_AS_FILE_BUG
 def test_tarfile_can_archive_the_disk_as_a_member(raw_img, tmp_path: Path) -> None:
     p, data = raw_img
     tar = tmp_path / "disk.tar"
@@ -115,7 +103,6 @@ def test_tarfile_can_archive_the_disk_as_a_member(raw_img, tmp_path: Path) -> No
         assert member.read() == data
 
 
-@RO_AS_FILE_BUG
 def test_tarfile_reads_an_archive_stored_inside_an_image(tmp_path: Path) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as t:

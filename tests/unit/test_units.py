@@ -66,15 +66,9 @@ def _ours(text: str) -> int | str:
         return str(e)
 
 
-# Known differences, reported to the owner of units.py.  strict: once fixed, the xfail
-# fails and the entry must be deleted.  (".99999999999999999999G" is deliberately absent:
-# qemu converts the fraction 1.0 * 2**64 to uint64, undefined behaviour in C.)
-KNOWN_PARSE_BUGS = {
-    "1.": "a fraction point without digits is allowed without a suffix",
-    "1.0": "a zero fraction is allowed without a suffix",
-    "1.0b": "a zero fraction is allowed with the b suffix",
-    "+1": "qemu_strtou64 accepts a leading '+'",
-}
+# (".99999999999999999999G" is deliberately absent: qemu converts the fraction
+# 1.0 * 2**64 to uint64, undefined behaviour in C.)
+KNOWN_PARSE_BUGS: dict[str, str] = {}
 
 
 def _size_params() -> list:

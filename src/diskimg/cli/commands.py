@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diskimg import api
-from diskimg import convert as conv
+from diskimg import operations as conv
 from diskimg import options as opts
 from diskimg.cli import output
 from diskimg.cli.progress import Progress
@@ -242,9 +242,12 @@ def cmd_check(ctx: Context, a: argparse.Namespace) -> int:
     err.writelines(line + "\n" for line in _lines(res, "messages"))
     err.flush()
     d = dict(res.to_json())
-    d.pop("findings", None)
+    findings = d.pop("findings", None)
     if ofmt == "json":
-        out.write(output.to_json(output.qdict_order(d)))
+        doc = output.qdict_order(d)
+        if findings is not None:
+            doc["findings"] = findings  # diskimg's addition; qemu-img's keys are unchanged
+        out.write(output.to_json(doc))
     elif not a.quiet:
         out.write("".join(line + "\n" for line in tail) if summary or not d
                   else output.check_human(d))

@@ -52,8 +52,7 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
     elif compat in ("1.1", "v3"):
         version = 3
     else:
-        raise UsageError(f"Invalid parameter '{compat}'\nInvalid compatibility level: "
-                         f"'{compat}'")
+        raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
     cs_opt = options.pop("cluster_size", 65536)
     cs = cs_opt if isinstance(cs_opt, int) else parse_size(str(cs_opt))
     if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
@@ -64,28 +63,28 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
         raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
     if version == 2 and rb != 16:
         raise UsageError("Different refcount widths than 16 bits require compatibility level "
-                         "1.1 or above (use compat=1.1 or greater)")
+                         "1.1 or above (use version=v3 or greater)")
     lazy = _bool("lazy_refcounts", options.pop("lazy_refcounts", False))
     if lazy and version == 2:
         raise UsageError("Lazy refcounts only supported with compatibility level 1.1 and "
-                         "above (use compat=1.1 or greater)")
+                         "above (use version=v3 or greater)")
     extl2 = _bool("extended_l2", options.pop("extended_l2", False))
     if extl2 and version == 2:
         raise UsageError("Extended L2 entries are only supported with compatibility level "
-                         "1.1 and above (use compat=1.1 or greater)")
+                         "1.1 and above (use version=v3 or greater)")
     if extl2 and cs < 16384:
         raise UsageError("Extended L2 entries are only supported with cluster sizes of at "
                          "least 16384 bytes")
     ctype_name = str(options.pop("compression_type", "zlib"))
     if ctype_name not in ("zlib", "zstd"):
-        raise UsageError(f"Invalid parameter '{ctype_name}'")
+        raise UsageError(f"Parameter 'compression-type' does not accept value '{ctype_name}'")
     ctype = 1 if ctype_name == "zstd" else 0
     if ctype and version == 2:
         raise UsageError("Non-zlib compression type is only supported with compatibility "
-                         "level 1.1 and above (use compat=1.1 or greater)")
+                         "level 1.1 and above (use version=v3 or greater)")
     prealloc = str(options.pop("preallocation", "off"))
     if prealloc not in ("off", "metadata", "falloc", "full"):
-        raise UsageError(f"Invalid parameter '{prealloc}'")
+        raise UsageError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
     for key in ("encryption", "encrypt.format", "data_file", "data_file_raw"):
         if key in options and options[key] not in (False, "off", None, ""):
             raise UnsupportedFeatureError(f"qcow2 option '{key}' is not implemented yet")

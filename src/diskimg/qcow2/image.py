@@ -59,9 +59,9 @@ class Qcow2Image(BlockDevice):
         self.policy = policy or OpenPolicy()
         self.secrets = dict(secrets or {})
         self.options = dict(options or {})
-        fsize = host.size()
         cs = Header.cluster_size_of(host.pread(0, 512))
-        self.header = h = Header.parse(host.pread(0, cs), fsize)
+        # tables past the end of the file are found when used (check reports them, as qemu)
+        self.header = h = Header.parse(host.pread(0, cs))
         self.cs = cs
         self.cb = h.cluster_bits
         self.extended = h.extended_l2
@@ -119,9 +119,10 @@ class Qcow2Image(BlockDevice):
         from diskimg.qcow2.check import check_image
 
         res = check_image(self.host, self.header, "all")
-        if getattr(res, "corruptions", 0) and not getattr(res, "corruptions_fixed", 0):
-            raise CorruptImageError("Could not repair dirty image")
-        self.header = Header.parse(self.host.pread(0, self.cs), self.host.size())
+        if res.exit_code != 0:
+            raise CorruptImageError("Could not repair the dirty lazy-refcount image; run "
+                                    "'diskimg check -r all'")
+        self.header = Header.parse(self.host.pread(0, self.cs))
 
     def backing_file_name(self) -> tuple[str | None, str | None]:
         return self.header.backing_file, self.header.backing_format
@@ -739,7 +740,7 @@ class Qcow2Image(BlockDevice):
         self.flush()
         res = check_image(self.host, self.header, repair)
         if repair is not None:
-            self.header = Header.parse(self.host.pread(0, self.cs), self.host.size())
+            self.header = Header.parse(self.host.pread(0, self.cs))
             self.l1 = be_u64_array(self.host.pread_exact(
                 self.header.l1_table_offset, self.header.l1_size * 8, "L1 table"))
             self.l2_cache.clear()
