@@ -206,7 +206,7 @@ class BlockDevice:
             try:
                 self._close()
             finally:
-                if self.backing is not None:
+                if self.backing is not None and getattr(self, "owns_backing", True):
                     self.backing.close()
 
     def __enter__(self) -> Self:

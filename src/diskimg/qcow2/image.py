@@ -101,6 +101,11 @@ class Qcow2Image(BlockDevice):
             self._data_file_opened = True
         if not self.read_only and h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
             self._repair_dirty()
+        from diskimg.qcow2.snapshot import SnapshotTable, read_table
+
+        self.snapshot_list = read_table(self)
+        self.snapshots = SnapshotTable(self)
+        self._view_of: Qcow2Image | None = None
 
     # --- helpers ---------------------------------------------------------------------
     @property
@@ -611,8 +616,11 @@ class Qcow2Image(BlockDevice):
             self.host.flush()
         if self._pending_free:
             pending, self._pending_free = self._pending_free, []
+            rc = self.refcounts
             for host, n in pending:
-                self.refcounts.free(host, n)
+                rc.free(host, n)
+                if host in self.l2_cache.tables and rc.get(host // self.cs) == 0:
+                    self.l2_cache.drop(host)  # a freed L2 table must never be written back
             self._flush_refcounts()
         if self._header_dirty:
             self.host.pwrite(0, self.header.pack())
@@ -626,6 +634,8 @@ class Qcow2Image(BlockDevice):
         self.l1_dirty.clear()
 
     def _close(self) -> None:
+        if self._view_of is not None:
+            return  # a snapshot view shares its parent's files
         try:
             if not self.read_only and self._set_dirty_bit:
                 self.header.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY
@@ -729,7 +739,37 @@ class Qcow2Image(BlockDevice):
             full_backing_filename=full,
             backing_filename_format=h.backing_format if backing is not None else None,
             format_specific={"type": "qcow2", "data": data},
+            snapshots=[s.to_json() for s in self.snapshot_list],
         )
+
+    def snapshot_view(self, snapshot_id: str | None = None,
+                      name: str | None = None) -> Qcow2Image:
+        """A read-only device showing the disk as snapshot ``snapshot_id``/``name`` saw it.
+
+        It shares this image's files and backing chain; closing it closes nothing."""
+        from diskimg.qcow2.snapshot import SnapshotNotFoundError
+
+        sn = None
+        for s in self.snapshot_list:
+            if (snapshot_id is None or s.id == snapshot_id) and (name is None or s.name == name):
+                sn = s
+                break
+        if sn is None:
+            raise SnapshotNotFoundError(snapshot_id if snapshot_id is not None else str(name))
+        view = object.__new__(Qcow2Image)
+        view.__dict__.update(self.__dict__)
+        view.read_only = True
+        view._view_of = self
+        view.owns_backing = False
+        view.size = sn.disk_size if sn.disk_size is not None else self.size
+        view.l1 = self.snapshots._read_l1(sn.l1_table_offset, sn.l1_size)
+        view.l1_dirty = set()
+        view.l2_cache = TableCache(self.host, self.cs, lambda b: L2Table(be_u64_array(b)),
+                                   self.l2_cache.capacity, "L2 table")
+        view._decoded = OrderedDict()
+        view._pending_free = []
+        view._closed = False
+        return view
 
     def check(self, repair: str | None = None) -> Any:
         """Consistency check (and repair) like ``qemu-img check``; see qcow2.check."""
@@ -745,4 +785,7 @@ class Qcow2Image(BlockDevice):
                 self.header.l1_table_offset, self.header.l1_size * 8, "L1 table"))
             self.l2_cache.clear()
             self._refcounts = None
+            from diskimg.qcow2.snapshot import read_table
+
+            self.snapshot_list = read_table(self)
         return res
