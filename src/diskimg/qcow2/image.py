@@ -109,6 +109,11 @@ class Qcow2Image(BlockDevice):
 
     # --- helpers ---------------------------------------------------------------------
     @property
+    def cluster_size(self) -> int:
+        """Bytes per cluster (512 B .. 2 MiB)."""
+        return self.cs
+
+    @property
     def refcounts(self) -> Refcounts:
         if self._refcounts is None:
             self._refcounts = Refcounts(self.host, self.header)
