@@ -18,6 +18,8 @@ import diskimg
 
 QEMU = shutil.which("qemu-img")
 SIZE = 1 << 20  # 1 MiB keeps every example fast and still spans many clusters
+SECRETS = {"sec0": b"model-passphrase"}
+QEMU_SECRET = ["--object", "secret,id=sec0,data=model-passphrase"]
 
 
 class Qcow2Machine(RuleBasedStateMachine):
@@ -37,9 +39,10 @@ class Qcow2Machine(RuleBasedStateMachine):
         size_sectors=st.integers(1, SIZE // 512),
         zstd=st.booleans(),
         extended_l2=st.booleans(),
+        encrypt=st.sampled_from([None, None, "luks", "aes"]),
     )
     def setup(self, cluster_bits: int, compat: str, refcount_bits: int,
-              size_sectors: int, zstd: bool, extended_l2: bool) -> None:
+              size_sectors: int, zstd: bool, extended_l2: bool, encrypt: str | None) -> None:
         if compat == "0.10":
             refcount_bits = 16
             zstd = False
@@ -49,8 +52,15 @@ class Qcow2Machine(RuleBasedStateMachine):
         self.refcount_bits = refcount_bits
         self.size = size_sectors * 512
         self.compat = compat
-        opts = {"cluster_size": self.cs, "compat": compat, "refcount_bits": refcount_bits,
-                "compression_type": "zstd" if zstd else "zlib", "extended_l2": extended_l2}
+        opts: dict[str, object] = {
+            "cluster_size": self.cs, "compat": compat, "refcount_bits": refcount_bits,
+            "compression_type": "zstd" if zstd else "zlib", "extended_l2": extended_l2}
+        self.encrypt = encrypt
+        self.open_kw: dict[str, object] = {}
+        if encrypt:
+            opts.update({"encrypt.format": encrypt, "encrypt.key-secret": "sec0",
+                         "encrypt.iter-time": 1})
+            self.open_kw = {"secrets": SECRETS, "options": {"encrypt.key-secret": "sec0"}}
         if self.with_backing:
             base = self.dir / "base.raw"
             pattern = bytes((i * 7 + 3) & 0xFF for i in range(256)) * (self.size // 256 + 1)
@@ -58,11 +68,11 @@ class Qcow2Machine(RuleBasedStateMachine):
             base.write_bytes(pattern[:base_len])
             self.model = bytearray(pattern[:base_len]) + bytearray(self.size - base_len)
             diskimg.create(self.path, "qcow2", self.size, backing_file="base.raw",
-                           backing_fmt="raw", options=opts)
+                           backing_fmt="raw", options=opts, secrets=SECRETS)
         else:
             self.model = bytearray(self.size)
-            diskimg.create(self.path, "qcow2", self.size, options=opts)
-        self.img = diskimg.open(self.path, "r+")
+            diskimg.create(self.path, "qcow2", self.size, options=opts, secrets=SECRETS)
+        self.img = diskimg.open(self.path, "r+", **self.open_kw)  # type: ignore[arg-type]
 
     def _range(self, data: st.DataObject) -> tuple[int, int]:
         off = data.draw(st.integers(0, self.size - 1))
@@ -82,6 +92,10 @@ class Qcow2Machine(RuleBasedStateMachine):
         """A whole cluster written compressed (qemu-io write -c); incompressible data falls
         back to a normal cluster."""
         assert self.img is not None
+        if self.encrypt:
+            with pytest.raises(diskimg.UnsupportedFeatureError):
+                self.img.write_compressed(0, bytes(min(self.cs, self.size)))  # type: ignore[attr-defined]
+            return
         nclusters = -(-self.size // self.cs)
         c = data.draw(st.integers(0, nclusters - 1))
         off = c * self.cs
@@ -161,7 +175,7 @@ class Qcow2Machine(RuleBasedStateMachine):
     def reopen(self) -> None:
         assert self.img is not None
         self.img.close()
-        self.img = diskimg.open(self.path, "r+")
+        self.img = diskimg.open(self.path, "r+", **self.open_kw)  # type: ignore[arg-type]
 
     @precondition(lambda self: self.img is not None)
     @invariant()
@@ -174,13 +188,19 @@ class Qcow2Machine(RuleBasedStateMachine):
             if self.img is not None:
                 self.img.close()
                 if QEMU:
-                    chk = subprocess.run([QEMU, "check", str(self.path)],
-                                         capture_output=True, text=True)
+                    top = [str(self.path)]
+                    if self.encrypt:
+                        top = [*QEMU_SECRET, "--image-opts",
+                               f"driver=qcow2,file.filename={self.path},encrypt.key-secret=sec0"]
+                    chk = subprocess.run([QEMU, "check", *top], capture_output=True, text=True)
                     assert chk.returncode == 0, chk.stdout + chk.stderr
                     ref = self.dir / "model.raw"
                     ref.write_bytes(self.model)
-                    cmp = subprocess.run([QEMU, "compare", "-f", "qcow2", "-F", "raw",
-                                          str(self.path), str(ref)],
+                    if self.encrypt:
+                        args = [*top, f"driver=raw,file.filename={ref}"]
+                    else:
+                        args = ["-f", "qcow2", "-F", "raw", str(self.path), str(ref)]
+                    cmp = subprocess.run([QEMU, "compare", *args],
                                          capture_output=True, text=True)
                     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
         finally:

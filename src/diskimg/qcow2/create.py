@@ -85,12 +85,19 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
     prealloc = str(options.pop("preallocation", "off"))
     if prealloc not in ("off", "metadata", "falloc", "full"):
         raise UsageError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
-    for key in ("encryption", "encrypt.format", "data_file", "data_file_raw"):
+    for key in ("data_file", "data_file_raw"):
         if key in options and options[key] not in (False, "off", None, ""):
             raise UnsupportedFeatureError(f"qcow2 option '{key}' is not implemented yet")
         options.pop(key, None)
-    if any(k.startswith("encrypt.") for k in options):
-        raise UnsupportedFeatureError("qcow2 encryption is not implemented yet")
+    legacy = _bool("encryption", options.pop("encryption", False))
+    enc_format = str(options.pop("encrypt.format", "aes" if legacy else "")) or None
+    enc_opts = {k: options.pop(k) for k in list(options) if k.startswith("encrypt.")}
+    if enc_format is None and enc_opts:
+        raise UsageError("Missing encryption format (use encrypt.format=luks|aes)")
+    if enc_format not in (None, "aes", "luks"):
+        raise UsageError(f"Parameter 'encrypt.format' does not accept value '{enc_format}'")
+    if enc_format is not None and "encrypt.key-secret" not in enc_opts:
+        raise UsageError("Parameter 'encrypt.key-secret' is required for cipher")
     if size % 512:
         size = -(-size // 512) * 512  # qemu rounds the virtual size up to a sector
     entries_per_l2 = cs // (16 if extl2 else 8)
@@ -118,6 +125,9 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
         h.set_ext(QCOW2_EXT_MAGIC_FEATURE_TABLE, pack_feature_table())
     if len(backing_file.encode() if backing_file else b"") > 1023:
         raise UsageError("Backing file name too long")
+    if enc_format is not None:
+        h.crypt_method = 1 if enc_format == "aes" else 2
+        options["_encrypt"] = enc_opts  # consumed by create_qcow2
     return h, prealloc
 
 
@@ -130,6 +140,13 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
     opts.pop("backing_file", None)
     opts.pop("backing_fmt", None)
     h, prealloc = plan_header(size, opts, backing_file, backing_fmt)
+    enc_opts: dict[str, Any] = opts.pop("_encrypt", {})
+    passphrase = b""
+    if h.crypt_method:
+        key_id = str(enc_opts["encrypt.key-secret"])
+        if key_id not in (secrets or {}):
+            raise UsageError(f"No secret with id '{key_id}' found")
+        passphrase = (secrets or {})[key_id]
     if opts:
         raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
     cs = h.cluster_size
@@ -152,6 +169,8 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
             rc.flush()
             host.pwrite(l1_off, bytes(h.l1_size * 8))
             h.l1_table_offset = l1_off
+            if h.crypt_method == 2:
+                _add_luks_area(host, h, rc, passphrase, enc_opts)
             host.flush()
             host.pwrite(0, h.pack())
         host.flush()
@@ -159,6 +178,24 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
         host.close()
     if prealloc != "off":
         _preallocate(path, prealloc)
+
+
+def _add_luks_area(host: Any, h: Header, rc: Any, passphrase: bytes,
+                   enc_opts: dict[str, Any]) -> None:
+    """Build a LUKS1 header with qemu's defaults in fresh clusters after the L1 table and
+    point the full-disk-encryption extension at it (QEMU's layout)."""
+    from diskimg.crypto.luks import create_luks, pack_fde_extension
+    from diskimg.qcow2.layout import QCOW2_EXT_MAGIC_CRYPTO_HEADER
+
+    opts = {k[len("encrypt."):]: v for k, v in enc_opts.items() if k != "encrypt.key-secret"}
+    iter_time = int(opts.pop("iter-time", 2000))
+    area, _cipher = create_luks(passphrase, opts, iter_time)
+    cs = h.cluster_size
+    nclusters = -(-len(area) // cs)
+    off = rc.alloc(nclusters)
+    rc.flush()
+    host.pwrite(off, area.ljust(nclusters * cs, b"\0"))
+    h.set_ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER, pack_fde_extension(off, len(area)))
 
 
 def _preallocate(path: Path, mode: str) -> None:

@@ -18,10 +18,14 @@ from typing import Any
 from diskimg.device import BlockDevice, ImageInfo, Status
 from diskimg.errors import (
     CorruptImageError,
+    DiskImgError,
     MissingSecretError,
     UnsupportedFeatureError,
     UsageError,
 )
+from diskimg.crypto import SectorCipher
+from diskimg.crypto.luks import luks_info, open_luks, parse_fde_extension
+from diskimg.crypto.qcow_aes import QcowAesCipher
 from diskimg.hostio import HostFile, open_host_file
 from diskimg.policy import OpenPolicy
 from diskimg.qcow2 import entries as E
@@ -69,9 +73,11 @@ class Qcow2Image(BlockDevice):
         self.l2_bits = self.l2_entries.bit_length() - 1
         self.sc_size = cs // E.SUBCLUSTERS_PER_CLUSTER if self.extended else cs
         self.size = h.size
-        if h.crypt_method == 2 and h.ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER) is None:
-            raise CorruptImageError("LUKS-encrypted image (crypt_method 2 at 0x20) has no "
-                                    "full disk encryption header extension", offset=32)
+        self._cipher: SectorCipher | None = None
+        self._luks_area: tuple[int, int] | None = None
+        if h.crypt_method == 2:
+            ext = h.ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER)
+            self._luks_area = parse_fde_extension(ext.data if ext else None, cs)
         if not self.read_only and h.incompatible_features & QCOW2_INCOMPAT_CORRUPT:
             raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write "
                                     "(corrupt bit set in incompatible_features at 0x48)")
@@ -230,24 +236,74 @@ class Qcow2Image(BlockDevice):
         return kind, min(n, max_len), (host + in_off if host else 0), ent
 
     # --- reads -----------------------------------------------------------------------
-    def _need_crypto(self) -> None:
-        if self.header.crypt_method:
-            fmt = "aes" if self.header.crypt_method == 1 else "luks"
-            if "encrypt.key-secret" not in self.options:
-                raise MissingSecretError(f"'{self.filename}' is encrypted ({fmt}); a secret is "
-                                         "needed (encrypt.key-secret)")
-            raise UnsupportedFeatureError(f"Reading {fmt}-encrypted qcow2 data is not "
-                                          "implemented yet")
+    @property
+    def cipher(self) -> SectorCipher | None:
+        """The sector cipher of an encrypted image, unlocked on first data access with the
+        secret named by the ``encrypt.key-secret`` option; None when not encrypted."""
+        if not self.header.crypt_method or self._cipher is not None:
+            return self._cipher
+        key_id = self.options.get("encrypt.key-secret")
+        if key_id is None:
+            raise MissingSecretError("Parameter 'encrypt.key-secret' is required for cipher")
+        secret = self.secrets.get(key_id)
+        if secret is None:
+            raise MissingSecretError(f"No secret with id '{key_id}' found")
+        if self.header.crypt_method == 1:
+            self._cipher = QcowAesCipher.from_passphrase(secret)
+        else:
+            assert self._luks_area is not None
+            off, length = self._luks_area
+            area = self.host.pread_exact(off, length, "LUKS header (FDE extension)")
+            self._cipher, _ = open_luks(area, secret)
+        return self._cipher
+
+    def _crypt_sector(self, host: int, guest: int) -> int:
+        """IV sector: the host sector for LUKS, the guest sector for legacy AES (QEMU)."""
+        return (host if self.header.crypt_method == 2 else guest) // 512
+
+    def _read_encrypted(self, guest: int, host: int, dst: memoryview) -> None:
+        cipher = self.cipher
+        assert cipher is not None
+        d = host & 511
+        lo = host - d
+        buf = bytearray(-(-(d + len(dst)) // 512) * 512)
+        self.data_host.preadinto(lo, memoryview(buf))
+        cipher.decrypt(self._crypt_sector(lo, guest - d), buf)
+        dst[:] = memoryview(buf)[d : d + len(dst)]
+
+    def _encrypt_writes(self, writes: list[tuple[int, Any, int]]) -> list[tuple[int, Any]]:
+        """Turn (host, data, guest) pieces into whole encrypted sectors; partial sectors
+        are completed with the current guest contents first."""
+        cipher = self.cipher
+        if cipher is None:
+            return [(h, b) for h, b, _ in writes]
+        out = []
+        for host, data, guest in writes:
+            d = host & 511
+            n = len(data)
+            if d or n % 512:
+                full = bytearray(-(-(d + n) // 512) * 512)
+                avail = min(len(full), self.size - (guest - d))
+                self._readinto(guest - d, memoryview(full)[:avail])
+                full[d : d + n] = data
+            else:
+                full = bytearray(data)
+            cipher.encrypt(self._crypt_sector(host - d, guest - d), full)
+            out.append((host - d, full))
+        return out
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
-        self._need_crypto()
+        crypt = bool(self.header.crypt_method)
         pos = 0
         n = len(buf)
         while pos < n:
             kind, run, host, ent = self._lookup(offset + pos, n - pos)
             dst = buf[pos : pos + run]
             if kind == DATA:
-                self.data_host.preadinto(host, dst)
+                if crypt:
+                    self._read_encrypted(offset + pos, host, dst)
+                else:
+                    self.data_host.preadinto(host, dst)
             elif kind == ZERO:
                 dst[:] = bytes(run)
             elif kind == UNALLOC:
@@ -314,7 +370,7 @@ class Qcow2Image(BlockDevice):
     # --- allocation helpers ----------------------------------------------------------
     def _check_write_support(self) -> None:
         if self.header.crypt_method:
-            self._need_crypto()
+            _ = self.cipher  # fails early without the secret
         if self._data_file_opened:
             raise UnsupportedFeatureError("Writing to qcow2 images with an external data "
                                           "file is not implemented yet")
@@ -381,7 +437,7 @@ class Qcow2Image(BlockDevice):
             nclusters = min(self.l2_entries - idx, ((g + n - pos - 1) >> self.cb) - cluster + 1)
             l2_off, table = self._get_l2_for_write(cluster)
             ents = table.entries
-            writes: list[tuple[int, memoryview | bytes | bytearray]] = []
+            writes: list[tuple[int, memoryview | bytes | bytearray, int]] = []
             to_alloc: list[int] = []
             for j in range(nclusters):
                 ent = ents[idx + j]
@@ -391,7 +447,7 @@ class Qcow2Image(BlockDevice):
                     c_start = (cluster + j) << self.cb
                     lo = max(g, c_start)
                     hi = min(offset + n, c_start + cs)
-                    writes.append((host + lo - c_start, data[lo - offset : hi - offset]))
+                    writes.append((host + lo - c_start, data[lo - offset : hi - offset], lo))
                 else:
                     to_alloc.append(j)
             if to_alloc:
@@ -404,13 +460,13 @@ class Qcow2Image(BlockDevice):
                     new_host = base + k * cs
                     old = ents[idx + j]
                     if lo == c_start and hi == c_start + cs:
-                        writes.append((new_host, data[lo - offset : hi - offset]))
+                        writes.append((new_host, data[lo - offset : hi - offset], c_start))
                     else:
                         buf = self._cluster_contents(c, old)
                         buf[lo - c_start : hi - c_start] = data[lo - offset : hi - offset]
-                        writes.append((new_host, buf))
+                        writes.append((new_host, buf, c_start))
             # data first (merged where host-contiguous), then the L2 entries
-            self._pwrite_runs(writes)
+            self._pwrite_runs(self._encrypt_writes(writes))
             if to_alloc:
                 for k, j in enumerate(to_alloc):
                     old = ents[idx + j]
@@ -457,7 +513,8 @@ class Qcow2Image(BlockDevice):
             if g > r_lo or hi < r_hi:
                 self._readinto(r_lo, memoryview(buf))
             buf[g - r_lo : hi - r_lo] = data[g - offset : hi - offset]
-            self.data_host.pwrite(new_host + r_lo - c_start, buf)
+            for h_off, piece in self._encrypt_writes([(new_host + r_lo - c_start, buf, r_lo)]):
+                self.data_host.pwrite(h_off, piece)
             new_bm = (new_bm | touched) & ~(touched << 32) & ((1 << 64) - 1)
             table.entries[i] = new_host | E.QCOW_OFLAG_COPIED
             table.entries[i + 1] = new_bm
@@ -481,6 +538,8 @@ class Qcow2Image(BlockDevice):
         if offset % cs or (len(mv) != cs and offset + len(mv) != self.size):
             raise UsageError("Compressed writes must cover exactly one cluster")
         self._check_write_support()
+        if self.header.crypt_method:
+            raise UnsupportedFeatureError("Compression of encrypted images is not supported")
         from diskimg.qcow2.compress import compress
 
         raw = bytes(mv).ljust(cs, b"\0")
@@ -722,8 +781,15 @@ class Qcow2Image(BlockDevice):
         if h.data_file is not None:
             data["data-file"] = h.data_file
             data["data-file-raw"] = bool(h.autoclear_features & 2)
-        if h.crypt_method:
-            data["encrypt"] = {"format": "aes" if h.crypt_method == 1 else "luks"}
+        if h.crypt_method == 1:
+            data["encrypt"] = {"format": "aes"}
+        elif h.crypt_method == 2 and self._luks_area is not None:
+            off, length = self._luks_area
+            try:
+                area = self.host.pread_exact(off, min(length, 1 << 20), "LUKS header")
+                data["encrypt"] = luks_info(area)
+            except DiskImgError:
+                data["encrypt"] = {"format": "luks"}
         backing = h.backing_file
         full = None
         if backing is not None:
