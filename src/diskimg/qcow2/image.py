@@ -107,6 +107,8 @@ class Qcow2Image(BlockDevice):
             self._data_file_opened = True
         if not self.read_only and h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
             self._repair_dirty()
+        if h.crypt_method and "encrypt.key-secret" in self.options:
+            _ = self.cipher  # like qemu: a wrong passphrase fails the open
         from diskimg.qcow2.snapshot import SnapshotTable, read_table
 
         self.snapshot_list = read_table(self)
@@ -294,6 +296,8 @@ class Qcow2Image(BlockDevice):
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
         crypt = bool(self.header.crypt_method)
+        if crypt:
+            _ = self.cipher  # data access needs the key, allocated or not
         pos = 0
         n = len(buf)
         while pos < n:
