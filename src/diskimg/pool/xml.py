@@ -1,0 +1,590 @@
+"""libvirt storage XML: ``<pool type='dir'>`` and ``<volume type='file'>`` read and write.
+
+Parsing uses :mod:`xml.etree.ElementTree` behind a guard against hostile input: any
+``<!DOCTYPE`` or ``<!ENTITY`` declaration is refused before expat sees the text (so no entity
+is ever expanded, whatever the expat version), and parse errors become :class:`PoolError`.
+
+Writing mirrors what libvirt 9 prints (``virsh pool-dumpxml`` / ``vol-dumpxml``): two-space
+indentation, single-quoted attributes, sizes as ``unit='bytes'`` (``clusterSize`` as
+``unit='B'`` like libvirt), an empty ``<source>`` printed open/close.  Elements this module
+does not know are kept and written back (after the known ones of the same parent), so a
+definition libvirt wrote survives a round trip through diskimg.
+
+Units follow libvirt's ``virScaleInteger``, not qemu's size grammar: ``B``/``bytes`` = 1,
+``KB`` = 1000, ``K``/``KiB`` = 1024, and so on up to ``E``/``EiB``/``EB`` (case-insensitive).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+from diskimg.errors import PoolError
+
+ULLONG_MAX = (1 << 64) - 1
+_SCALE_LETTERS = "kmgtpe"
+_HOSTILE = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+_NUM = re.compile(r"^\s*\+?([0-9]+)$")
+
+#: The XML that libvirt puts at the top of the definitions it saves.
+CONFIG_WARNING = (
+    "<!--\n"
+    "WARNING: THIS IS AN AUTO-GENERATED FILE. CHANGES TO IT ARE LIKELY TO BE\n"
+    "OVERWRITTEN AND LOST. Changes to this xml configuration should be made using:\n"
+    "  virsh pool-edit {name}\n"
+    "or other application using the libvirt API.\n"
+    "-->\n\n"
+)
+
+
+# --- units ----------------------------------------------------------------------------------
+
+def unit_scale(unit: str | None) -> int:
+    """Multiplier of a libvirt unit suffix; raises :class:`PoolError` for an unknown one."""
+    if unit is None or unit == "":
+        return 1
+    u = unit.lower()
+    if u in ("b", "byte", "bytes"):
+        return 1
+    letter = u[0]
+    rest = u[1:]
+    if letter not in _SCALE_LETTERS:
+        raise PoolError(f"invalid argument: unknown suffix '{unit}'")
+    if rest in ("", "ib"):
+        base = 1024
+    elif rest == "b":
+        base = 1000
+    else:
+        raise PoolError(f"invalid argument: unknown suffix '{unit}'")
+    return int(base ** (_SCALE_LETTERS.index(letter) + 1))
+
+
+def scale_integer(value: int, unit: str | None, limit: int = ULLONG_MAX) -> int:
+    """``value`` times the unit's scale, refusing results above ``limit`` (libvirt's check)."""
+    result = value * unit_scale(unit)
+    if result > limit:
+        raise PoolError(f"argument out of range: value too large: {value}{unit or ''}")
+    return result
+
+
+def parse_scaled(text: str, default_unit: str | None = None, limit: int = ULLONG_MAX) -> int:
+    """Parse a scaled integer the way virsh does for sizes: ``1024``, ``10M``, ``1KB``, ``5GiB``.
+
+    Digits (base 10) then an optional suffix.  Raises :class:`PoolError` with libvirt's
+    wording (``unknown suffix 'X'``) for a bad suffix and ``malformed size`` for bad digits.
+    """
+    m = re.match(r"^\s*([0-9]+)(.*)$", text)
+    if not m:
+        raise PoolError(f"Malformed size {text}")
+    digits, suffix = m.groups()
+    return scale_integer(int(digits), suffix or default_unit, limit)
+
+
+def _sized(elem: ET.Element | None, what: str) -> int | None:
+    """Value of ``<capacity unit='..'>N</capacity>``-like elements; None when absent."""
+    if elem is None:
+        return None
+    text = (elem.text or "").strip()
+    m = _NUM.match(text)
+    if not m:
+        raise PoolError(f"XML error: malformed {what} element")
+    return scale_integer(int(m.group(1)), elem.get("unit"))
+
+
+# --- safe parsing and libvirt-style formatting ----------------------------------------------
+
+def parse_xml(text: str | bytes, what: str = "XML") -> tuple[ET.Element, dict[str, str]]:
+    """Parse untrusted XML text; returns the root element and its namespace prefixes.
+
+    Refuses DTDs and entity declarations (billion laughs, external entities) before
+    parsing; every failure is a :class:`PoolError`.
+    """
+    if isinstance(text, bytes):
+        probe = text.decode("utf-8", "replace")
+    else:
+        probe = text
+    if _HOSTILE.search(probe):
+        raise PoolError(f"XML error: {what} contains a DOCTYPE or ENTITY declaration; "
+                        "refusing to parse it")
+    nsmap: dict[str, str] = {}
+    parser = ET.XMLPullParser(events=("start-ns",))
+    try:
+        parser.feed(text)
+        parser.close()
+        for _event, ns in parser.read_events():
+            prefix, uri = ns  # type: ignore[misc]
+            nsmap.setdefault(uri, prefix)
+        root = ET.fromstring(text)
+    except ET.ParseError as err:
+        raise PoolError(f"XML error: {what} is not well-formed: {err}") from None
+    except (ValueError, UnicodeError) as err:
+        raise PoolError(f"XML error: {what} cannot be parsed: {err}") from None
+    return root, nsmap
+
+
+def _qname(tag: str, nsmap: dict[str, str]) -> str:
+    if tag.startswith("{"):
+        uri, local = tag[1:].split("}", 1)
+        prefix = nsmap.get(uri)
+        if prefix is None:
+            prefix = f"ns{len(nsmap)}"
+            nsmap[uri] = prefix
+        return f"{prefix}:{local}" if prefix else local
+    return tag
+
+
+def _attr_escape(value: str) -> str:
+    return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("'", "&apos;").replace("\n", "&#10;"))
+
+
+def _text_escape(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+#: Elements libvirt prints as an open/close pair even when empty.
+_NEVER_SELF_CLOSED = {"source", "encryption"}
+
+
+def format_element(elem: ET.Element, nsmap: dict[str, str] | None = None, indent: int = 0,
+                   root_ns: bool = True) -> str:
+    """Serialize ``elem`` like libvirt's virBuffer XML writers (2-space indent, ' quotes)."""
+    ns = dict(nsmap or {})
+    lines: list[str] = []
+    _format_into(elem, ns, indent, lines, declare_ns=root_ns)
+    return "".join(lines)
+
+
+def _format_into(elem: ET.Element, ns: dict[str, str], indent: int, out: list[str],
+                 declare_ns: bool = False) -> None:
+    pad = "  " * indent
+    name = _qname(elem.tag, ns)
+    attrs = "".join(f" {_qname(k, ns)}='{_attr_escape(v)}'" for k, v in elem.attrib.items())
+    if declare_ns:
+        decl = "".join(f" xmlns:{p}='{_attr_escape(u)}'" if p else f" xmlns='{_attr_escape(u)}'"
+                       for u, p in ns.items())
+        attrs += decl
+    text = elem.text if elem.text is not None and elem.text.strip() else None
+    children = list(elem)
+    if not children:
+        if text is not None:
+            out.append(f"{pad}<{name}{attrs}>{_text_escape(text)}</{name}>\n")
+        elif name in _NEVER_SELF_CLOSED:
+            out.append(f"{pad}<{name}{attrs}>\n{pad}</{name}>\n")
+        else:
+            out.append(f"{pad}<{name}{attrs}/>\n")
+        return
+    out.append(f"{pad}<{name}{attrs}>")
+    if text is not None:
+        out.append(_text_escape(text))
+    out.append("\n")
+    for child in children:
+        _format_into(child, ns, indent + 1, out)
+    out.append(f"{pad}</{name}>\n")
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    e = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        e.text = text
+    return e
+
+
+# --- shared pieces --------------------------------------------------------------------------
+
+@dataclass
+class Permissions:
+    """``<permissions>``: octal mode, numeric owner/group, optional MAC label."""
+
+    mode: int | None = None
+    owner: int | None = None
+    group: int | None = None
+    label: str | None = None
+    extra: list[ET.Element] = field(default_factory=list)
+
+    @classmethod
+    def from_element(cls, elem: ET.Element | None) -> Permissions | None:
+        if elem is None:
+            return None
+        p = cls()
+        for child in elem:
+            t = (child.text or "").strip()
+            if child.tag == "mode":
+                try:
+                    p.mode = int(t, 8)
+                except ValueError:
+                    raise PoolError(f"XML error: malformed octal mode '{t}'") from None
+                if not 0 <= p.mode <= 0o7777:
+                    raise PoolError(f"XML error: malformed octal mode '{t}'")
+            elif child.tag in ("owner", "group"):
+                try:
+                    v = int(t)
+                except ValueError:
+                    raise PoolError(f"XML error: malformed {child.tag} element") from None
+                if v < -1:
+                    raise PoolError(f"XML error: malformed {child.tag} element")
+                setattr(p, child.tag, v)
+            elif child.tag == "label":
+                p.label = t
+            else:
+                p.extra.append(child)
+        return p
+
+    def to_element(self, parent: ET.Element) -> ET.Element:
+        e = _sub(parent, "permissions")
+        if self.mode is not None:
+            _sub(e, "mode", f"{self.mode:04o}")
+        if self.owner is not None:
+            _sub(e, "owner", str(self.owner))
+        if self.group is not None:
+            _sub(e, "group", str(self.group))
+        if self.label is not None:
+            _sub(e, "label", self.label)
+        e.extend(copy.deepcopy(self.extra))
+        return e
+
+
+def format_timestamp(sec: int, nsec: int) -> str:
+    """libvirt's timestamp text: seconds, then ``.%09d`` nanoseconds unless they are 0."""
+    return f"{sec}.{nsec:09d}" if nsec else str(sec)
+
+
+@dataclass
+class Timestamps:
+    """``<timestamps>`` as (seconds, nanoseconds) pairs; btime is 0 as libvirt 9 prints."""
+
+    atime: tuple[int, int]
+    mtime: tuple[int, int]
+    ctime: tuple[int, int]
+    btime: tuple[int, int] | None = (0, 0)
+
+    @classmethod
+    def from_stat(cls, st: object) -> Timestamps:
+        def pair(ns: int) -> tuple[int, int]:
+            return divmod(ns, 1_000_000_000)
+
+        return cls(pair(st.st_atime_ns), pair(st.st_mtime_ns),  # type: ignore[attr-defined]
+                   pair(st.st_ctime_ns))  # type: ignore[attr-defined]
+
+    def to_element(self, parent: ET.Element) -> ET.Element:
+        e = _sub(parent, "timestamps")
+        for name in ("atime", "mtime", "ctime", "btime"):
+            v = getattr(self, name)
+            if v is not None:
+                _sub(e, name, format_timestamp(*v))
+        return e
+
+
+def _check_uuid(text: str) -> str:
+    t = text.strip()
+    try:
+        return str(uuidlib.UUID(t))
+    except ValueError:
+        raise PoolError(f"XML error: malformed uuid element '{t}'") from None
+
+
+# --- pools ----------------------------------------------------------------------------------
+
+_POOL_KNOWN = {"name", "uuid", "capacity", "allocation", "available", "source", "target"}
+_POOL_TARGET_KNOWN = {"path", "permissions"}
+
+
+@dataclass
+class PoolDef:
+    """A ``<pool>`` definition.  ``type`` is kept as read; diskimg operates on ``dir`` pools."""
+
+    name: str
+    target_path: str | None
+    type: str = "dir"
+    uuid: str | None = None
+    permissions: Permissions | None = None
+    source: ET.Element | None = None
+    capacity: int = 0
+    allocation: int = 0
+    available: int = 0
+    attrib: dict[str, str] = field(default_factory=dict)
+    extra: list[ET.Element] = field(default_factory=list)
+    target_extra: list[ET.Element] = field(default_factory=list)
+    nsmap: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_xml(cls, text: str | bytes) -> PoolDef:
+        """Parse libvirt pool XML (what ``virsh pool-dumpxml`` or /etc/libvirt/storage holds)."""
+        root, nsmap = parse_xml(text, "pool XML")
+        if root.tag != "pool":
+            raise PoolError(f"XML error: unexpected root element <{root.tag}>, expecting <pool>")
+        ptype = root.get("type")
+        if not ptype:
+            raise PoolError("XML error: storage pool missing type attribute")
+        name_el = root.find("name")
+        name = (name_el.text or "").strip() if name_el is not None else ""
+        if not name:
+            raise PoolError("XML error: missing pool source name element")
+        validate_pool_name(name)
+        uuid_el = root.find("uuid")
+        uu = _check_uuid(uuid_el.text or "") if uuid_el is not None else None
+        target = root.find("target")
+        path = None
+        perms = None
+        target_extra: list[ET.Element] = []
+        if target is not None:
+            p = target.find("path")
+            if p is not None and (p.text or "").strip():
+                path = (p.text or "").strip()
+            perms = Permissions.from_element(target.find("permissions"))
+            target_extra = [c for c in target if c.tag not in _POOL_TARGET_KNOWN]
+        if ptype in ("dir", "fs", "netfs") and not path:
+            raise PoolError("XML error: missing storage pool target path")
+        attrib = {k: v for k, v in root.attrib.items() if k != "type"}
+        return cls(
+            name=name, target_path=path, type=ptype, uuid=uu, permissions=perms,
+            source=root.find("source"),
+            capacity=_sized(root.find("capacity"), "capacity") or 0,
+            allocation=_sized(root.find("allocation"), "allocation") or 0,
+            available=_sized(root.find("available"), "available") or 0,
+            attrib=attrib,
+            extra=[c for c in root if c.tag not in _POOL_KNOWN],
+            target_extra=target_extra, nsmap=nsmap,
+        )
+
+    def to_element(self, *, capacity: int | None = None, allocation: int | None = None,
+                   available: int | None = None,
+                   permissions: Permissions | None = None) -> ET.Element:
+        root = ET.Element("pool", {"type": self.type, **self.attrib})
+        _sub(root, "name", self.name)
+        if self.uuid is not None:
+            _sub(root, "uuid", self.uuid)
+        for tag, v in (("capacity", capacity), ("allocation", allocation),
+                       ("available", available)):
+            _sub(root, tag, str(v if v is not None else 0), unit="bytes")
+        if self.source is not None:
+            root.append(copy.deepcopy(self.source))
+        else:
+            _sub(root, "source")
+        if self.target_path is not None or self.target_extra or self.permissions:
+            target = _sub(root, "target")
+            if self.target_path is not None:
+                _sub(target, "path", self.target_path)
+            perms = permissions if permissions is not None else self.permissions
+            if perms is not None:
+                perms.to_element(target)
+            target.extend(copy.deepcopy(self.target_extra))
+        root.extend(copy.deepcopy(self.extra))
+        return root
+
+    def to_xml(self, *, capacity: int | None = None, allocation: int | None = None,
+               available: int | None = None, permissions: Permissions | None = None) -> str:
+        """libvirt-style XML; sizes default to 0 (what libvirt stores for a definition)."""
+        return format_element(self.to_element(capacity=capacity, allocation=allocation,
+                                              available=available, permissions=permissions),
+                              self.nsmap)
+
+
+def validate_pool_name(name: str) -> None:
+    """A pool name becomes a file name (NAME.xml): no '/', NUL, '.' or '..'."""
+    if "/" in name:
+        raise PoolError(f"XML error: name {name} cannot contain '/'")
+    if not name or name in (".", "..") or "\0" in name:
+        raise PoolError(f"XML error: invalid pool name '{name}'")
+
+
+def validate_volume_name(name: str) -> None:
+    """Refuse names that would leave the pool directory (libvirt's rule plus . and ..)."""
+    if "/" in name:
+        raise PoolError(f"Requested operation is not valid: volume name '{name}' cannot "
+                        "contain '/'")
+    if not name or name in (".", "..") or "\0" in name:
+        raise PoolError(f"Requested operation is not valid: invalid volume name '{name}'")
+
+
+# --- volumes --------------------------------------------------------------------------------
+
+_VOL_KNOWN = {"name", "key", "capacity", "allocation", "physical", "target", "backingStore",
+              "source"}
+_VOL_TARGET_KNOWN = {"path", "format", "permissions", "timestamps", "encryption", "compat",
+                     "clusterSize", "features", "nocow"}
+
+
+@dataclass
+class Encryption:
+    """``<encryption format='luks'>`` with its ``<secret type='passphrase' uuid=.../>``."""
+
+    format: str = "luks"
+    secret_uuid: str | None = None
+    secret_usage: str | None = None
+    element: ET.Element | None = None  # as read, for a faithful round trip
+
+    @classmethod
+    def from_element(cls, elem: ET.Element | None) -> Encryption | None:
+        if elem is None:
+            return None
+        fmt = elem.get("format") or "default"
+        sec = elem.find("secret")
+        uu = sec.get("uuid") if sec is not None else None
+        usage = sec.get("usage") if sec is not None else None
+        return cls(fmt, _check_uuid(uu) if uu else None, usage, elem)
+
+    def to_element(self, parent: ET.Element) -> ET.Element:
+        if self.element is not None:
+            e = copy.deepcopy(self.element)
+            parent.append(e)
+            return e
+        e = _sub(parent, "encryption", format=self.format)
+        if self.secret_uuid:
+            _sub(e, "secret", type="passphrase", uuid=self.secret_uuid)
+        elif self.secret_usage:
+            _sub(e, "secret", type="passphrase", usage=self.secret_usage)
+        return e
+
+
+@dataclass
+class BackingStore:
+    path: str
+    format: str | None = None
+    permissions: Permissions | None = None
+    timestamps: Timestamps | None = None
+
+
+@dataclass
+class VolumeDef:
+    """A ``<volume>`` document: what ``vol-create`` reads and ``vol-dumpxml`` prints."""
+
+    name: str
+    capacity: int | None = None
+    allocation: int | None = None
+    physical: int | None = None
+    type: str | None = None
+    key: str | None = None
+    path: str | None = None
+    format: str | None = None
+    permissions: Permissions | None = None
+    timestamps: Timestamps | None = None
+    encryption: Encryption | None = None
+    compat: str | None = None
+    cluster_size: int | None = None
+    features: list[str] | None = None
+    backing: BackingStore | None = None
+    extra: list[ET.Element] = field(default_factory=list)
+    target_extra: list[ET.Element] = field(default_factory=list)
+    nsmap: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_xml(cls, text: str | bytes) -> VolumeDef:
+        """Parse libvirt volume XML, e.g. the input of ``virsh vol-create``."""
+        root, nsmap = parse_xml(text, "volume XML")
+        if root.tag != "volume":
+            raise PoolError(f"XML error: unexpected root element <{root.tag}>, "
+                            "expecting <volume>")
+        name_el = root.find("name")
+        name = (name_el.text or "").strip() if name_el is not None else ""
+        if not name:
+            raise PoolError("XML error: missing volume name element")
+        validate_volume_name(name)
+        v = cls(name=name, type=root.get("type"), nsmap=nsmap)
+        key = root.find("key")
+        v.key = (key.text or "").strip() if key is not None else None
+        v.capacity = _sized(root.find("capacity"), "capacity")
+        v.allocation = _sized(root.find("allocation"), "allocation")
+        v.physical = _sized(root.find("physical"), "physical")
+        target = root.find("target")
+        if target is not None:
+            p = target.find("path")
+            v.path = (p.text or "").strip() if p is not None else None
+            f = target.find("format")
+            if f is not None:
+                v.format = f.get("type")
+            v.permissions = Permissions.from_element(target.find("permissions"))
+            v.encryption = Encryption.from_element(target.find("encryption"))
+            c = target.find("compat")
+            if c is not None:
+                v.compat = (c.text or "").strip()
+                if not re.fullmatch(r"[0-9]+\.[0-9]+", v.compat):
+                    raise PoolError(f"XML error: forbidden characters in 'compat' attribute: "
+                                    f"'{v.compat}'")
+            v.cluster_size = _sized(target.find("clusterSize"), "clusterSize")
+            feats = target.find("features")
+            if feats is not None:
+                v.features = []
+                for child in feats:
+                    if child.tag != "lazy_refcounts":
+                        raise PoolError(f"XML error: unsupported feature {child.tag}")
+                    v.features.append(child.tag)
+            v.target_extra = [c for c in target if c.tag not in _VOL_TARGET_KNOWN]
+        bs = root.find("backingStore")
+        if bs is not None:
+            bp = bs.find("path")
+            if bp is None or not (bp.text or "").strip():
+                raise PoolError("XML error: missing backing store path element")
+            bf = bs.find("format")
+            v.backing = BackingStore((bp.text or "").strip(),
+                                     bf.get("type") if bf is not None else None,
+                                     Permissions.from_element(bs.find("permissions")))
+        v.extra = [c for c in root if c.tag not in _VOL_KNOWN]
+        return v
+
+    def to_element(self) -> ET.Element:
+        attrs = {"type": self.type} if self.type else {}
+        root = ET.Element("volume", attrs)
+        _sub(root, "name", self.name)
+        if self.key is not None:
+            _sub(root, "key", self.key)
+        for tag in ("capacity", "allocation", "physical"):
+            v = getattr(self, tag)
+            if v is not None:
+                _sub(root, tag, str(v), unit="bytes")
+        target = _sub(root, "target")
+        if self.path is not None:
+            _sub(target, "path", self.path)
+        if self.format is not None:
+            _sub(target, "format", type=self.format)
+        if self.permissions is not None:
+            self.permissions.to_element(target)
+        if self.timestamps is not None:
+            self.timestamps.to_element(target)
+        if self.encryption is not None:
+            self.encryption.to_element(target)
+        if self.compat is not None:
+            _sub(target, "compat", self.compat)
+        if self.cluster_size is not None:
+            _sub(target, "clusterSize", str(self.cluster_size), unit="B")
+        if self.features is not None:
+            fe = _sub(target, "features")
+            for name in self.features:
+                _sub(fe, name)
+        target.extend(copy.deepcopy(self.target_extra))
+        if self.backing is not None:
+            b = _sub(root, "backingStore")
+            _sub(b, "path", self.backing.path)
+            if self.backing.format:
+                _sub(b, "format", type=self.backing.format)
+            if self.backing.permissions is not None:
+                self.backing.permissions.to_element(b)
+            if self.backing.timestamps is not None:
+                self.backing.timestamps.to_element(b)
+        root.extend(copy.deepcopy(self.extra))
+        return root
+
+    def to_xml(self) -> str:
+        return format_element(self.to_element(), self.nsmap)
+
+
+__all__ = [
+    "CONFIG_WARNING",
+    "BackingStore",
+    "Encryption",
+    "Permissions",
+    "PoolDef",
+    "Timestamps",
+    "VolumeDef",
+    "format_element",
+    "format_timestamp",
+    "parse_scaled",
+    "parse_xml",
+    "scale_integer",
+    "unit_scale",
+    "validate_pool_name",
+    "validate_volume_name",
+]
