@@ -113,6 +113,7 @@ class BlockDevice:
     size: int = 0
     read_only: bool = True
     backing: BlockDevice | None = None
+    owns_backing: bool = True  # False for views that share another device's chain
     filename: str = ""
 
     # --- primitives formats implement ------------------------------------------------
@@ -206,7 +207,7 @@ class BlockDevice:
             try:
                 self._close()
             finally:
-                if self.backing is not None and getattr(self, "owns_backing", True):
+                if self.backing is not None and self.owns_backing:
                     self.backing.close()
 
     def __enter__(self) -> Self:

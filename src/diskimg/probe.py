@@ -70,6 +70,6 @@ def check_format(host: HostFile, fmt: str) -> None:
     """Raise :class:`WrongFormatError` if ``host`` is not in format ``fmt``."""
     got = probe_bytes(host.pread(0, PROBE_SIZE))
     if fmt == "qcow2" and got != "qcow2":
-        raise WrongFormatError(f"Image is not in qcow2 format", offset=0)
+        raise WrongFormatError("Image is not in qcow2 format", offset=0)
     if fmt == "vmdk" and got != "vmdk":
         raise WrongFormatError("Not a VMDK image", offset=0)

@@ -242,7 +242,7 @@ def af_split(data: bytes, stripes: int, hash_name: str,
     return bytes(out)
 
 
-def af_merge(material: bytes | memoryview, key_len: int, stripes: int, hash_name: str) -> bytes:
+def af_merge(material: bytes | bytearray | memoryview, key_len: int, stripes: int, hash_name: str) -> bytes:
     """Inverse of :func:`af_split`: recover ``key_len`` bytes from the split material."""
     if len(material) < key_len * stripes:
         raise ValueError("split material shorter than key_len * stripes")

@@ -711,7 +711,7 @@ def _connect(uri: str) -> Path:
         base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
                                                                  ".config")
         return Path(base) / "libvirt" / "storage"
-    raise CmdError(f"failed to connect to the hypervisor",
+    raise CmdError("failed to connect to the hypervisor",
                    f"diskimg only knows qemu:///system and qemu:///session, not '{uri}'")
 
 

@@ -383,7 +383,7 @@ class Volume:
                 if d.features and "lazy_refcounts" in d.features:
                     opts["lazy_refcounts"] = "on"
             b = d.backing
-            api.create(self.path, d.format, d.capacity,
+            api.create(self.path, d.format or "raw", d.capacity,
                        backing_file=b.path if b else None,
                        backing_fmt=(b.format or "raw") if b else None,
                        unsafe=b is not None, options=opts, secrets=secrets)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import Any
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -110,12 +111,12 @@ def parse_xml(text: str | bytes, what: str = "XML") -> tuple[ET.Element, dict[st
         raise PoolError(f"XML error: {what} contains a DOCTYPE or ENTITY declaration; "
                         "refusing to parse it")
     nsmap: dict[str, str] = {}
-    parser = ET.XMLPullParser(events=("start-ns",))
+    parser: Any = ET.XMLPullParser(events=("start-ns",))
     try:
         parser.feed(text)
         parser.close()
         for _event, ns in parser.read_events():
-            prefix, uri = ns  # type: ignore[misc]
+            prefix, uri = ns
             nsmap.setdefault(uri, prefix)
         root = ET.fromstring(text)
     except ET.ParseError as err:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diskimg.errors import CorruptImageError, FormatError, UsageError
+from diskimg.hostio import HostFile
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_BITMAPS,
     QCOW2_EXT_MAGIC_BITMAPS,
@@ -221,7 +222,7 @@ def _typecode(bits: int) -> str:
 _LITTLE = sys.byteorder == "little"
 
 
-def _decode_refblock(raw: bytes, order: int, entries: int) -> array:
+def _decode_refblock(raw: bytes, order: int, entries: int) -> array[int]:
     """Decode one refcount block (``raw`` is exactly one cluster) into an array."""
     bits = 1 << order
     if bits >= 8:
@@ -235,7 +236,7 @@ def _decode_refblock(raw: bytes, order: int, entries: int) -> array:
     return array("B", b"".join(table[b] for b in raw))
 
 
-def _encode_refs(vals: array, order: int) -> bytes:
+def _encode_refs(vals: array[int], order: int) -> bytes:
     """Encode refcount values (length a multiple of the per-byte count) to disk bytes."""
     bits = 1 << order
     if bits >= 8:
@@ -263,7 +264,7 @@ class _Snap:
 class _Pass:
     """One run of qemu's ``qcow2_co_check_locked`` (with or without a fix mode)."""
 
-    def __init__(self, host: Any, header: Header, fix: int, res: CheckResult) -> None:
+    def __init__(self, host: HostFile, header: Header, fix: int, res: CheckResult) -> None:
         self.host = host
         self.h = header
         self.fix = fix  # bit 0: leaks, bit 1: errors (qemu's BDRV_FIX_*)
@@ -289,7 +290,7 @@ class _Pass:
         self.signaled = False  # qemu's s->signaled_corruption
         self.marked_corrupt = False
         self.dead = False  # a fatal corruption was signalled (qemu: bs->drv = NULL)
-        self.rb_cache: dict[int, array] = {}
+        self.rb_cache: dict[int, array[int]] = {}
         self.rb_dirty: set[int] = set()
         self.snapshots: list[_Snap] = []
         self.snapshots_offset = 0
@@ -327,7 +328,7 @@ class _Pass:
             data += bytes(length - len(data))
         return data
 
-    def _read_u64s(self, offset: int, n: int) -> array:
+    def _read_u64s(self, offset: int, n: int) -> array[int]:
         a = array("Q", self.pread(offset, n * 8))
         if _LITTLE:
             a.byteswap()
@@ -436,7 +437,7 @@ class _Pass:
                 "visited (L1/L2 tables shared by too many snapshots?)")
 
     # --- stored refcounts -------------------------------------------------------------
-    def refblock(self, idx: int) -> array | None:
+    def refblock(self, idx: int) -> array[int] | None:
         """Stored refcount block ``idx`` decoded, or None when it is not allocated."""
         if idx >= len(self.reftable):
             return None
@@ -740,7 +741,7 @@ class _Pass:
             raise _Abort("EINVAL")
         d = self.pread(doff, dsize)
         pos = 0
-        tables = []
+        tables: list[tuple[int, int]] = []
         while pos + 24 <= len(d) and len(tables) < nb:
             t_off, t_size, _fl, _ty, _gb, nlen, xlen = struct.unpack_from(">QIIBBHI", d, pos)
             tables.append((t_off, t_size))

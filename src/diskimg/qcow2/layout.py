@@ -181,7 +181,7 @@ class Header:
         if version not in (2, 3):
             raise UnsupportedFeatureError(f"Unsupported qcow2 version {version} (field "
                                           "'version' at 0x4)", offset=4)
-        bits = struct.unpack(">I", cluster_bits)[0]
+        bits = int(struct.unpack(">I", cluster_bits)[0])
         if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS:
             raise FormatError(f"Unsupported cluster size: 2^{bits} (field 'cluster_bits' at "
                               "0x14)", offset=20)

@@ -9,6 +9,7 @@ the active image by reference counting.  Invariants kept by every operation:
 
 from __future__ import annotations
 
+import builtins
 import struct
 import time
 from array import array
@@ -163,7 +164,7 @@ class SnapshotTable:
         raise SnapshotNotFoundError(name_or_id)
 
     # --- helpers ---------------------------------------------------------------------
-    def _write_table(self, snaps: list[Snapshot]) -> None:
+    def _write_table(self, snaps: builtins.list[Snapshot]) -> None:
         """Write a new snapshot table, switch the header to it, free the old one."""
         img = self.img
         h = img.header
