@@ -100,8 +100,8 @@ class HostFile:
     def punch_hole(self, offset: int, length: int) -> bool:
         return sparse.punch_hole(self.fd, offset, length)
 
-    def zero_range(self, offset: int, length: int) -> None:
-        sparse.zero_range(self.fd, offset, length)
+    def zero_range(self, offset: int, length: int, keep_size: bool = True) -> None:
+        sparse.zero_range(self.fd, offset, length, keep_size)
 
     def preallocate(self, offset: int, length: int) -> None:
         sparse.preallocate(self.fd, offset, length)

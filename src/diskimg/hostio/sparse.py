@@ -67,11 +67,14 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     return False
 
 
-def zero_range(fd: int, offset: int, length: int) -> None:
-    """Make [offset, offset+length) read as zeros, keeping it allocated where possible."""
+def zero_range(fd: int, offset: int, length: int, keep_size: bool = True) -> None:
+    """Make [offset, offset+length) read as zeros, keeping it allocated where possible.
+
+    With ``keep_size`` False the file grows to cover the range (as a write would)."""
     if length <= 0:
         return
-    if _fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
+    mode = FALLOC_FL_ZERO_RANGE | (FALLOC_FL_KEEP_SIZE if keep_size else 0)
+    if _fallocate(fd, mode, offset, length):
         return
     write_zeros(fd, offset, length)
 

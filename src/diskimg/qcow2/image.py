@@ -416,6 +416,17 @@ class Qcow2Image(BlockDevice):
             host, clen = E.decode_compressed(ent, self.cb)
             self._pending_free.append((host & ~511, clen + (host & 511)))
 
+    def _cow_is_zero(self, cluster: int, ent: int) -> bool:
+        """True when the guest cluster reads as zeros and the image is not encrypted, so a
+        partial write may zero the rest of a new cluster instead of copying it."""
+        if self.header.crypt_method:
+            return False
+        t = E.cluster_type(ent)
+        if t in (E.ClusterType.ZERO_PLAIN, E.ClusterType.ZERO_ALLOC):
+            return True
+        return t == E.ClusterType.UNALLOCATED and (
+            self.backing is None or cluster << self.cb >= self.backing.size)
+
     def _cluster_contents(self, cluster: int, ent: int) -> bytearray:
         """Current guest contents of a whole cluster (for copy-on-write)."""
         buf = bytearray(self.cs)
@@ -465,6 +476,13 @@ class Qcow2Image(BlockDevice):
                     old = ents[idx + j]
                     if lo == c_start and hi == c_start + cs:
                         writes.append((new_host, data[lo - offset : hi - offset], c_start))
+                    elif self._cow_is_zero(c, old):
+                        # like qemu: zero the copy-on-write areas instead of writing zeros
+                        self.data_host.zero_range(new_host, lo - c_start, keep_size=False)
+                        self.data_host.zero_range(new_host + hi - c_start, c_start + cs - hi,
+                                                  keep_size=False)
+                        writes.append((new_host + lo - c_start, data[lo - offset : hi - offset],
+                                       lo))
                     else:
                         buf = self._cluster_contents(c, old)
                         buf[lo - c_start : hi - c_start] = data[lo - offset : hi - offset]
