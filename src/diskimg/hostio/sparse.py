@@ -7,7 +7,6 @@ every function falls back to a portable equivalent when the filesystem says no.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from collections.abc import Iterator
@@ -27,9 +26,10 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     if not _have_fallocate:
         return False
     if _libc is None:
-        name = ctypes.util.find_library("c")
         try:
-            _libc = ctypes.CDLL(name, use_errno=True)
+            # dlopen(NULL): libc's symbols without ctypes.util.find_library, which runs
+            # ldconfig/gcc in subprocesses (hundreds of ms)
+            _libc = ctypes.CDLL(None, use_errno=True)
             fn = _libc.fallocate
         except (OSError, AttributeError):
             _have_fallocate = False
