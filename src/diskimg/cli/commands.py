@@ -573,3 +573,210 @@ def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
     if not a.quiet:
         sys.stdout.write("Image resized.\n")
     return 0
+
+
+# --- measure ------------------------------------------------------------------------
+
+
+def _load_snapshot(dev: BlockDevice, text: str) -> BlockDevice:
+    """``-l`` for measure: the snapshot's read-only view (qemu's error wording)."""
+    try:
+        snap = _snapshot_param(text)
+    except UsageError as e:
+        raise UsageError(f"{e}\n\0Failed in parsing snapshot param '{text}'") from None
+    assert snap is not None
+    try:
+        return conv._snapshot_view(dev, snap)
+    except DiskImgError as e:
+        msg = str(e)
+        if not msg.startswith("Failed to load snapshot: "):
+            msg = f"Failed to load snapshot: {msg}"
+        raise DiskImgError(msg) from e
+
+
+def cmd_measure(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img measure: file size needed for a new image of --size or of FILE's data."""
+    from diskimg.qcow2.measure import measure
+
+    ofmt = output_format(a.output)
+    img_size = size_arg(a.size, "image size") if a.size is not None else None
+    olist = _collect_o(a.options)
+    out_fmt = a.output_format or "raw"
+    if len(a.files) > 1:
+        raise UsageError("At most one filename argument is allowed.")
+    filename = a.files[0] if a.files else None
+    if filename is None and (a.image_opts or a.format or a.snapshot is not None):
+        raise UsageError("--image-opts, -f, and -l require a filename argument.")
+    if filename is not None and img_size is not None:
+        raise UsageError("--size N cannot be used together with a filename.")
+    if filename is None and img_size is None:
+        raise UsageError("Either --size N or one filename must be specified.")
+    dev: BlockDevice | None = None
+    src: BlockDevice | None = None
+    try:
+        if filename is not None:
+            dev = open_image(ctx, filename, "r", a.format, image_opts=a.image_opts,
+                             force_share=a.force_share)
+            src = dev if a.snapshot is None else _load_snapshot(dev, a.snapshot)
+        if out_fmt not in opts.FORMAT_OPTIONS:
+            raise UsageError(f"Unknown file format '{out_fmt}'")
+        values: dict[str, str] = {}
+        if olist is not None:
+            try:
+                values = opts.validate(out_fmt, opts.parse_list(olist))
+            except UsageError as e:
+                raise UsageError(f"{e}\n\0Invalid options for file format '{out_fmt}'") \
+                    from None
+        info = measure(out_fmt, values, src, size=img_size,
+                       has_secret=lambda sid: sid in ctx.secrets, bitmap_dev=dev)
+    finally:
+        if src is not None and src is not dev:
+            src.close()
+        if dev is not None:
+            dev.close()
+    if ofmt == "json":
+        sys.stdout.write(output.to_json(output.qdict_order(info.to_json())))
+    else:
+        sys.stdout.write(info.human())
+    return 0
+
+
+# --- commit -------------------------------------------------------------------------
+
+
+def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img commit [-b BASE] [-d] [-p] FILE."""
+    name = one_file(a)
+    if a.image_opts:
+        raise UsageError("--image-opts is not supported by diskimg commit")
+    # open once the way qemu-img does, for its error messages (and the probed-raw warning)
+    with opened(ctx, name, "r+", a.format) as dev:
+        if dev.backing is None:
+            raise DiskImgError("Image does not have a backing file")
+    prog = Progress(a.progress and not a.quiet, 1.0)
+    conv.commit(name, base=a.base, drop=a.drop, progress=prog if prog.enabled else None,
+                fmt=a.format, untrusted=ctx.untrusted, secrets=ctx.secrets)
+    prog.finish()
+    if not a.quiet:
+        sys.stdout.write("Image committed.\n")
+    return 0
+
+
+# --- rebase -------------------------------------------------------------------------
+
+
+def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img rebase [-u] [-p] -b BACKING [-F FMT] FILE."""
+    name = one_file(a)
+    if a.image_opts:
+        raise UsageError("--image-opts is not supported by diskimg rebase")
+    if not a.unsafe and a.backing is None:
+        raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
+    if a.backing_fmt is not None and a.backing_fmt not in KNOWN_FORMATS:
+        raise UsageError(f"Invalid format name: '{a.backing_fmt}'")
+    backing = a.backing or None
+    with opened(ctx, name, "r+", a.format, backing=not a.unsafe) as dev:
+        fmt = dev.format
+    if fmt != "qcow2":
+        raise DiskImgError(f"Could not change the backing file to '{a.backing or ''}': "
+                           "Operation not supported")
+    if backing is not None and a.backing_fmt is None:
+        # qemu-img copies first and then fails on this; diskimg fails before writing
+        raise DiskImgError(f"Could not change the backing file to '{backing}': backing "
+                           "format must be specified")
+    if backing is not None and not a.unsafe:
+        bpath = _resolve_backing(backing, name)
+        if not os.path.exists(bpath):
+            raise DiskImgError(f"Could not open new backing file '{backing}': Could not open "
+                               f"'{bpath}': No such file or directory")
+    prog = Progress(a.progress and not a.quiet, 1.0)
+    conv.rebase(name, backing, a.backing_fmt, unsafe=a.unsafe, fmt=a.format,
+                progress=prog if prog.enabled else None, untrusted=ctx.untrusted,
+                secrets=ctx.secrets, force_share=a.force_share)
+    prog.finish()
+    return 0
+
+
+# --- snapshot -----------------------------------------------------------------------
+
+
+def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img snapshot [-l | -c NAME | -a NAME | -d NAME] FILE."""
+    actions = list(a.actions)
+    if len(actions) > 1:
+        raise UsageError("Cannot mix '-l', '-a', '-c', '-d'")
+    name = one_file(a)
+    action, arg = actions[0] if actions else (None, None)
+    writable = action in ("create", "apply", "delete")
+    if writable and a.force_share:
+        raise DiskImgError(f"Could not open '{name}': force-share=on can only be used with "
+                           "read-only images")
+    with opened(ctx, name, "r+" if writable else "r", None, image_opts=a.image_opts,
+                force_share=a.force_share, backing=False) as dev:
+        table = getattr(dev, "snapshots", None)
+        if action == "list":
+            snaps = table.list() if table is not None else []
+            if snaps:
+                lines = ["Snapshot list:", output.snapshot_header()]
+                lines += [output.snapshot_row(s.to_json()) for s in snaps]
+                sys.stdout.write("\n".join(lines) + "\n")
+        elif action == "create":
+            try:
+                if table is None:
+                    raise DiskImgError("Operation not supported")
+                table.create(arg)
+            except DiskImgError as e:
+                raise DiskImgError(f"Could not create snapshot '{arg}': {e}") from e
+        elif action == "apply":
+            try:
+                if table is None:
+                    raise DiskImgError("Operation not supported")
+                found = [s for s in table.list() if s.id == arg] or \
+                    [s for s in table.list() if s.name == arg]
+                if not found:
+                    raise DiskImgError("Failed to load snapshot: No such file or directory")
+                table.apply(found[0].id)
+            except DiskImgError as e:
+                raise DiskImgError(f"Could not apply snapshot '{arg}': {e}") from e
+        elif action == "delete":
+            try:
+                if table is None:
+                    raise DiskImgError("Operation not supported")
+                found = [s for s in table.list() if s.name == arg]  # qemu: by name only
+                if not found:
+                    raise DiskImgError("snapshot not found")
+                table.delete(found[0].id)
+            except DiskImgError as e:
+                raise DiskImgError(f"Could not delete snapshot '{arg}': {e}") from e
+    return 0
+
+
+# --- amend --------------------------------------------------------------------------
+
+
+def cmd_amend(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img amend -o K=V,... FILE (qcow2)."""
+    from diskimg.qcow2 import amend as am
+
+    olist = _collect_o(a.options)
+    if olist is None:
+        raise UsageError("Must specify options (-o)")
+    if opts.is_help(olist):
+        fmt = a.format or (_probe_name(a.files[0]) if a.files else None)
+        if fmt == "qcow2":
+            sys.stdout.write(am.AMEND_HELP)
+            return 0
+        if fmt is None:
+            raise UsageError("Expecting one image file name")
+        raise DiskImgError(f"Format driver '{fmt}' does not support option amendment")
+    if len(a.files) != 1:
+        raise DiskImgError("Expecting one image file name")  # qemu: no --help hint here
+    name = str(a.files[0])
+    with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
+        fmt = dev.format
+    if fmt != "qcow2":
+        raise DiskImgError(f"Format driver '{fmt}' does not support option amendment")
+    values = am.validate_amend_options(opts.parse_list(olist))
+    am.amend(name, values, fmt="qcow2", force=a.force, secrets=ctx.secrets,
+             untrusted=ctx.untrusted)
+    return 0

@@ -70,6 +70,20 @@ def _common(p: Parser, *, fmt: bool = True, share: bool = True, obj: bool = True
     p.add_argument("files", nargs="*", help=argparse.SUPPRESS)
 
 
+class _Tagged(argparse.Action):
+    """Append ``(tag, value)`` to the destination list (snapshot's -c/-a/-d)."""
+
+    def __init__(self, *args: object, tag: str = "", **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.tag = tag
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        cur = list(getattr(ns, self.dest, None) or [])
+        cur.append((self.tag, values))
+        setattr(ns, self.dest, cur)
+
+
 CmdFn = Callable[[c.Context, argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[str, str, str]] = {
     "info": ("[-f FMT] [--output=human|json] [--backing-chain] [-U] [--object OBJ] "
@@ -100,6 +114,22 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "resize": ("[-f FMT] [--shrink] [--preallocation=MODE] [--object OBJ] [--image-opts] "
                "FILE [+|-]SIZE", "Change the virtual size of an image.",
                "diskimg resize disk.qcow2 +1G"),
+    "measure": ("[--output=human|json] [-O FMT] [-o K=V] (--size SIZE | [-f FMT] [-l SNAP] "
+                "FILE)", "Calculate the file size needed for a new image.",
+                "diskimg measure -O qcow2 --size 10G"),
+    "commit": ("[-f FMT] [-b BASE] [-d] [-p] [--object OBJ] [--image-opts] FILE",
+               "Write an overlay's data into its backing file (then empty the overlay).",
+               "diskimg commit overlay.qcow2"),
+    "rebase": ("[-f FMT] [-u] [-p] -b BACKING [-F BACKING_FMT] [--object OBJ] "
+               "[--image-opts] FILE",
+               "Change the backing file of an image (safe: guest content unchanged).",
+               "diskimg rebase -b new-base.qcow2 -F qcow2 overlay.qcow2"),
+    "snapshot": ("[-l | -c NAME | -a NAME | -d NAME] [-U] [--object OBJ] [--image-opts] FILE",
+                 "List, create, apply (revert to) or delete internal snapshots.",
+                 "diskimg snapshot -c before-upgrade disk.qcow2"),
+    "amend": ("[-f FMT] [--force] -o K=V,... [--object OBJ] [--image-opts] FILE",
+              "Change format options of an existing image (compat, refcount_bits, ...).",
+              "diskimg amend -o compat=0.10 disk.qcow2"),
 }
 
 
@@ -163,6 +193,50 @@ def _build(cmd: str) -> tuple[Parser, CmdFn]:
         _common(p, obj=False, quiet=False)
         p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
         fn = c.cmd_dd
+    elif cmd == "measure":
+        _common(p, quiet=False, out=True)
+        p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
+        p.add_argument("-o", dest="options", action="append", metavar="K=V,...")
+        p.add_argument("-l", dest="snapshot", metavar="SNAP", help="input snapshot")
+        p.add_argument("--size", metavar="SIZE", help="virtual size of a new image")
+        fn = c.cmd_measure
+    elif cmd == "commit":
+        _common(p, share=False)
+        p.add_argument("-b", dest="base", metavar="BASE", help="commit down to this image")
+        p.add_argument("-d", dest="drop", action="store_true",
+                       help="do not empty the image afterwards")
+        p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+        p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)
+        p.add_argument("-r", dest="rate", help=argparse.SUPPRESS)
+        fn = c.cmd_commit
+    elif cmd == "rebase":
+        _common(p)
+        p.add_argument("-b", dest="backing", metavar="BACKING", help="new backing file")
+        p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="its format")
+        p.add_argument("-u", dest="unsafe", action="store_true",
+                       help="only rewrite the backing file name")
+        p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+        p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)
+        fn = c.cmd_rebase
+    elif cmd == "snapshot":
+        _common(p, fmt=False)
+        p.set_defaults(actions=[])
+        for flag, act in (("-l", "list"), ("-c", "create"), ("-a", "apply"),
+                          ("-d", "delete")):
+            if act == "list":
+                p.add_argument(flag, dest="actions", action="append_const",
+                               const=(act, None), help="list snapshots")
+            else:
+                p.add_argument(flag, dest="actions", action=_Tagged, tag=act,
+                               metavar="NAME", help=f"{act} snapshot NAME")
+        fn = c.cmd_snapshot
+    elif cmd == "amend":
+        _common(p, share=False)
+        p.add_argument("-o", dest="options", action="append", metavar="K=V,...")
+        p.add_argument("--force", action="store_true", help="allow risky changes")
+        p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+        p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)
+        fn = c.cmd_amend
     else:  # resize
         _common(p, share=False)
         p.add_argument("--shrink", action="store_true", help="allow shrinking")
@@ -253,7 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e)
         if msg in ("Expecting one image file name", "Expecting image file name",
                    "Expecting two image file names", "Not enough arguments") or \
-                msg.startswith(("Unexpected argument:", "Unknown option value for -r")):
+                msg.startswith(("Unexpected argument:", "Unknown option value for -r",
+                                "Cannot mix '-l'", "Must specify backing file (-b)",
+                                "Must specify options (-o)")):
             msg += f"\n{TRY_HELP}"
         _print_error(msg)
         return 1

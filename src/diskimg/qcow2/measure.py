@@ -1,0 +1,377 @@
+"""``qemu-img measure`` arithmetic: the file size a new image needs (pure functions).
+
+qemu-img 7.2's model, reproduced exactly (including where it over-estimates):
+
+* ``fully-allocated`` = LUKS payload (rounded to clusters) + header cluster + every L2
+  table + the L1 table (rounded to whole clusters of L1 entries) + refcount table and
+  blocks covering all of that and the data (a fixed point) + the data, every cluster;
+* ``required`` = ``fully-allocated`` minus the data clusters that would stay unallocated:
+  with an input image, only clusters holding data (allocated, not zero) anywhere in its
+  chain count; with ``backing_file`` or ``preallocation=falloc|full`` every cluster does;
+* ``bitmaps`` (qcow2 v3 output from a qcow2 input only): the clusters the input's
+  persistent bitmaps, their tables and the bitmap directory would take.
+
+Sizes are bytes.  Nothing here does I/O except reading an input device's block status and
+(for ``bitmaps``) its bitmap directory.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from diskimg.errors import UsageError
+from diskimg.units import parse_size
+
+L1E_SIZE = 8
+L2E_SIZE_NORMAL = 8
+L2E_SIZE_EXTENDED = 16
+REFTABLE_ENTRY_SIZE = 8
+QCOW_MAX_L1_SIZE = 0x2000000
+DEFAULT_CLUSTER_SIZE = 65536
+MIN_CLUSTER_SIZE = 512
+MAX_CLUSTER_SIZE = 2 << 20
+BME_TABLE_ENTRY_SIZE = 8
+BITMAP_DIR_ENTRY_SIZE = 24
+SECTOR = 512
+
+# LUKS layout constants (the qcrypto LUKS header qemu would write)
+LUKS_STRIPES = 4000
+LUKS_NUM_SLOTS = 8
+LUKS_KEY_SLOT_OFFSET = 4096
+LUKS_ALIGNMENT = 4096
+#: key bytes of each LUKS cipher algorithm qemu supports
+LUKS_KEY_BYTES = {
+    "aes-128": 16, "aes-192": 24, "aes-256": 32, "des": 8, "3des": 24, "cast5-128": 16,
+    "serpent-128": 16, "serpent-192": 24, "serpent-256": 32, "twofish-128": 16,
+    "twofish-192": 24, "twofish-256": 32, "sm4": 16,
+}
+LUKS_MODES = ("ecb", "cbc", "xts", "ctr")
+
+
+@dataclass(frozen=True, slots=True)
+class MeasureInfo:
+    """qemu's ``BlockMeasureInfo``: bytes; ``bitmaps`` is None when qemu leaves it out."""
+
+    required: int
+    fully_allocated: int
+    bitmaps: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"required": self.required,
+                             "fully-allocated": self.fully_allocated}
+        if self.bitmaps is not None:
+            d["bitmaps"] = self.bitmaps
+        return d
+
+    def human(self) -> str:
+        """The lines ``qemu-img measure`` prints."""
+        s = (f"required size: {self.required}\n"
+             f"fully allocated size: {self.fully_allocated}\n")
+        if self.bitmaps is not None:
+            s += f"bitmaps size: {self.bitmaps}\n"
+        return s
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _div_round_up(n: int, m: int) -> int:
+    return -(-n // m)
+
+
+# --- the pure arithmetic ------------------------------------------------------------
+
+
+def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int,
+                           generous_increase: bool = False) -> tuple[int, int]:
+    """Bytes of refcount table plus blocks needed to count ``clusters`` host clusters
+    and themselves (the fixed point qemu iterates to); returns (bytes, refblock count)."""
+    per_table_cluster = cluster_size // REFTABLE_ENTRY_SIZE
+    per_block = cluster_size * 8 // (1 << refcount_order)
+    table = blocks = 0
+    n = 0
+    while True:
+        last = n
+        blocks = _div_round_up(clusters + table + blocks, per_block)
+        table = _div_round_up(blocks, per_table_cluster)
+        n = clusters + blocks + table
+        if n == last and generous_increase:
+            clusters += _div_round_up(table, 2)
+            n = 0
+            generous_increase = False
+        if n == last:
+            break
+    return (blocks + table) * cluster_size, blocks
+
+
+def prealloc_size(total_size: int, cluster_size: int, refcount_order: int,
+                  extended_l2: bool) -> int:
+    """File size of a fully preallocated image: metadata plus every data cluster."""
+    aligned = _round_up(total_size, cluster_size)
+    l2e = L2E_SIZE_EXTENDED if extended_l2 else L2E_SIZE_NORMAL
+    meta = cluster_size  # header
+    nl2e = _round_up(aligned // cluster_size, cluster_size // l2e)
+    meta += nl2e * l2e
+    nl1e = _round_up(nl2e * l2e // cluster_size, cluster_size // L1E_SIZE)
+    meta += nl1e * L1E_SIZE
+    rc, _ = refcount_metadata_size((meta + aligned) // cluster_size, cluster_size,
+                                   refcount_order)
+    return meta + rc + aligned
+
+
+def luks_header_size(cipher_alg: str = "aes-256", cipher_mode: str = "xts") -> int:
+    """Bytes of the LUKS header and key material qemu writes (its payload offset)."""
+    key = LUKS_KEY_BYTES[cipher_alg] * (2 if cipher_mode == "xts" else 1)
+    split = _div_round_up(key * LUKS_STRIPES, SECTOR)
+    align = LUKS_ALIGNMENT // SECTOR
+    sector = LUKS_KEY_SLOT_OFFSET // SECTOR
+    for _ in range(LUKS_NUM_SLOTS):
+        sector = _round_up(sector + split, align)
+    return sector * SECTOR
+
+
+def data_clusters_bytes(runs: Iterable[tuple[int, int, bool]], cluster_size: int) -> int:
+    """qemu's count of the input's data: ``runs`` are (offset, length, is_data) covering
+    the input in order; every cluster touched by data counts whole."""
+    required = 0
+    skip_to = 0
+    for off, length, is_data in runs:
+        end = off + length
+        if end <= skip_to or not is_data:
+            continue
+        off = max(off, skip_to)
+        stop = _round_up(end, cluster_size)
+        required += off % cluster_size + (stop - off)
+        skip_to = stop
+    return required
+
+
+def bitmaps_size(bitmaps: Iterable[tuple[str, int, int]], cluster_size: int) -> int:
+    """Bytes persistent bitmaps take in a qcow2 file of ``cluster_size``: ``bitmaps`` are
+    (name, disk size, granularity)."""
+    total = 0
+    dir_size = 0
+    for name, size, granularity in bitmaps:
+        nbytes = _div_round_up(_div_round_up(size, granularity), 8)
+        nclusters = _div_round_up(nbytes, cluster_size)
+        total += nclusters * cluster_size
+        total += _round_up(nclusters * BME_TABLE_ENTRY_SIZE, cluster_size)
+        dir_size += _round_up(BITMAP_DIR_ENTRY_SIZE + len(name.encode()), 8)
+    return total + _round_up(dir_size, cluster_size)
+
+
+# --- option handling --------------------------------------------------------------
+
+
+def _opt_bool(options: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = options.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool):
+        return v
+    s = str(v)
+    if s not in ("on", "off"):
+        raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
+    return s == "on"
+
+
+def _opt_size(options: Mapping[str, Any], key: str, default: int) -> int:
+    v = options.get(key)
+    if v is None:
+        return default
+    return v if isinstance(v, int) else parse_size(str(v))
+
+
+@dataclass(frozen=True, slots=True)
+class Qcow2Plan:
+    """The qcow2 creation options measure looks at, validated as qemu does."""
+
+    cluster_size: int = DEFAULT_CLUSTER_SIZE
+    version: int = 3
+    refcount_order: int = 4
+    extended_l2: bool = False
+    preallocation: str = "off"
+    backing_file: bool = False
+    luks_payload: int = 0
+    size: int = 0
+
+
+def parse_qcow2_options(options: Mapping[str, Any],
+                        has_secret: Callable[[str], bool] | None = None) -> Qcow2Plan:
+    """Validate the ``-o`` values (already syntax-checked strings) in qemu's order, with
+    qemu's messages; ``has_secret(id)`` says whether a ``--object secret`` exists."""
+    extl2 = _opt_bool(options, "extended_l2", False)
+    cs = _opt_size(options, "cluster_size", DEFAULT_CLUSTER_SIZE)
+    if cs & (cs - 1) or not MIN_CLUSTER_SIZE <= cs <= MAX_CLUSTER_SIZE:
+        raise UsageError("Cluster size must be a power of two between 512 and 2048k")
+    if extl2 and cs < 16384:
+        raise UsageError("Extended L2 entries are only supported with cluster sizes of at "
+                         "least 16384 bytes")
+    compat = options.get("compat")
+    if compat is None or str(compat) == "1.1":
+        version = 3
+    elif str(compat) == "0.10":
+        version = 2
+    else:
+        raise UsageError(f"Invalid compatibility level: '{compat}'")
+    rb = options.get("refcount_bits")
+    bits = 16 if rb is None else int(str(rb), 0)
+    if bits > 64 or bits <= 0 or bits & (bits - 1):
+        raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and bits != 16:
+        raise UsageError("Different refcount widths than 16 bits require compatibility "
+                         "level 1.1 or above (use compat=1.1 or greater)")
+    prealloc = str(options.get("preallocation") or "off")
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise UsageError(f"invalid parameter value: {prealloc}")
+    backing = options.get("backing_file") is not None
+    luks = 0
+    if str(options.get("encrypt.format") or "") == "luks":
+        sid = options.get("encrypt.key-secret")
+        if sid is None:
+            raise UsageError("Parameter 'encrypt.key-secret' is required for cipher")
+        if has_secret is not None and not has_secret(str(sid)):
+            raise UsageError(f"No secret with id '{sid}'")
+        alg = str(options.get("encrypt.cipher-alg") or "aes-256")
+        mode = str(options.get("encrypt.cipher-mode") or "xts")
+        if alg not in LUKS_KEY_BYTES:
+            raise UsageError(f"Parameter 'cipher-alg' does not accept value '{alg}'")
+        if mode not in LUKS_MODES:
+            raise UsageError(f"Parameter 'cipher-mode' does not accept value '{mode}'")
+        luks = _round_up(luks_header_size(alg, mode), cs)
+    size = _opt_size(options, "size", 0)
+    return Qcow2Plan(cs, version, bits.bit_length() - 1, extl2, prealloc, backing, luks,
+                     size)
+
+
+# --- measuring --------------------------------------------------------------------
+
+
+def metadata_preallocated(img: Any) -> bool:
+    """QEMU's guess whether a qcow2 image was created with ``preallocation=metadata``:
+    at least ``max(real * 10 / 9, real + 2)`` clusters have a refcount, where ``real`` is
+    the number of clusters the host file really allocates.  Only then does QEMU's block
+    status look for holes in the host file under data clusters."""
+    from diskimg.qcow2.refcount import Refcounts
+
+    host, cs = img.host, img.cs
+    real = host.allocated_size() // cs
+    threshold = max(real * 10 // 9, real + 2)
+    end = -(-host.size() // cs)
+    rc = Refcounts(host, img.header)
+    count = 0
+    for c in range(end):
+        if count >= threshold:
+            break
+        count += 1 if rc.get(c) else 0
+    return count >= threshold
+
+
+def _input_runs(dev: Any) -> Iterable[tuple[int, int, bool]]:
+    """(offset, length, is_data) over the whole input, through its backing chain:
+    data = allocated, reads data, not known zero (qemu's DATA|ALLOCATED without ZERO).
+
+    A hole in the host file under a qcow2 data cluster counts as zero only in an image
+    QEMU takes for metadata-preallocated (see :func:`metadata_preallocated`)."""
+    chain = dev.chain()
+    prealloc: dict[int, bool] = {}
+    pos, size = 0, dev.size
+    while pos < size:
+        st, depth = dev.block_status(pos, size - pos)
+        n = st.length
+        if n <= 0:
+            raise AssertionError("block status made no progress")
+        zero = st.zero
+        layer = chain[min(depth, len(chain) - 1)]
+        if zero and st.data and st.allocated and getattr(layer, "format", "") == "qcow2" \
+                and hasattr(layer, "host"):
+            if depth not in prealloc:
+                prealloc[depth] = metadata_preallocated(layer)
+            zero = prealloc[depth]
+        yield pos, n, bool(st.allocated and st.data and not zero)
+        pos += n
+
+
+def input_bitmaps(dev: Any) -> list[tuple[str, int, int]]:
+    """Persistent bitmaps of a qcow2 input device: (name, size, granularity)."""
+    header = getattr(dev, "header", None)
+    host = getattr(dev, "host", None)
+    if header is None or host is None:
+        return []
+    from diskimg.qcow2.layout import QCOW2_AUTOCLEAR_BITMAPS, QCOW2_EXT_MAGIC_BITMAPS
+
+    ext = header.ext(QCOW2_EXT_MAGIC_BITMAPS)
+    if ext is None or not header.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS or \
+            len(ext.data) < 24:
+        return []
+    nb, _res, dsize, doff = struct.unpack_from(">IIQQ", ext.data, 0)
+    if dsize > 64 << 20:
+        return []
+    raw = host.pread(doff, dsize)
+    out: list[tuple[str, int, int]] = []
+    pos = 0
+    for _ in range(nb):
+        if pos + BITMAP_DIR_ENTRY_SIZE > len(raw):
+            break
+        _toff, _tsize, _flags, _typ, gbits, nsize, xsize = struct.unpack_from(
+            ">QIIBBHI", raw, pos)
+        npos = pos + BITMAP_DIR_ENTRY_SIZE + xsize
+        name = raw[npos : npos + nsize].decode("utf-8", "replace")
+        out.append((name, int(dev.size), 1 << gbits))
+        pos += _round_up(BITMAP_DIR_ENTRY_SIZE + xsize + nsize, 8)
+    return out
+
+
+def measure_qcow2(options: Mapping[str, Any], dev: Any = None,
+                  has_secret: Callable[[str], bool] | None = None,
+                  bitmap_dev: Any = None) -> MeasureInfo:
+    """qcow2 output: from ``options['size']`` or from the open input device ``dev``
+    (``bitmap_dev``: the image whose persistent bitmaps count, default ``dev``)."""
+    p = parse_qcow2_options(options, has_secret)
+    cs = p.cluster_size
+    vsize = _round_up(p.size, cs)
+    l2e = L2E_SIZE_EXTENDED if p.extended_l2 else L2E_SIZE_NORMAL
+    l2_tables = _div_round_up(vsize // cs, cs // l2e)
+    if l2_tables * L1E_SIZE > QCOW_MAX_L1_SIZE:
+        raise UsageError("The image size is too large (try using a larger cluster size)")
+    required = 0
+    if dev is not None:
+        vsize = _round_up(dev.size, cs)
+        required = vsize if p.backing_file else data_clusters_bytes(_input_runs(dev), cs)
+    if p.preallocation in ("full", "falloc"):
+        required = vsize
+    full = p.luks_payload + prealloc_size(vsize, cs, p.refcount_order, p.extended_l2)
+    bitmaps = None
+    src = bitmap_dev if bitmap_dev is not None else dev
+    if p.version >= 3 and src is not None and getattr(src, "format", "") == "qcow2" and \
+            getattr(getattr(src, "header", None), "version", 3) >= 3:
+        bitmaps = bitmaps_size(input_bitmaps(src), cs)
+    return MeasureInfo(full - vsize + required, full, bitmaps)
+
+
+def measure_raw(options: Mapping[str, Any], dev: Any = None) -> MeasureInfo:
+    """raw output: the input's length, or ``size`` rounded up to a sector."""
+    if dev is not None:
+        req = int(dev.size)
+    else:
+        req = _round_up(_opt_size(options, "size", 0), SECTOR)
+    return MeasureInfo(req, req)
+
+
+def measure(out_format: str, options: Mapping[str, Any] | None = None, dev: Any = None, *,
+            size: int | None = None, has_secret: Callable[[str], bool] | None = None,
+            bitmap_dev: Any = None) -> MeasureInfo:
+    """``qemu-img measure``: sizes for a new ``out_format`` image holding ``dev``'s
+    contents (an open device) or of ``size`` bytes.  ``options`` use ``-o`` names."""
+    opts = dict(options or {})
+    if size is not None:
+        opts["size"] = size
+    if out_format == "qcow2":
+        return measure_qcow2(opts, dev, has_secret, bitmap_dev)
+    if out_format == "raw":
+        return measure_raw(opts, dev)
+    raise UsageError(f"Block driver '{out_format}' does not support size measurement")

@@ -1,0 +1,55 @@
+"""diskimg snapshot against qemu-img snapshot (needs the lead's snapshot API)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diskimg.qcow2.image import Qcow2Image
+
+from .conftest import needs_qemu, qemu
+from .lifecycle_helpers import create, qcheck_clean, qio, sh
+
+pytestmark = [pytest.mark.qemu, needs_qemu,
+              pytest.mark.skipif(not hasattr(Qcow2Image, "snapshot_view"),
+                                 reason="snapshot API not landed")]
+
+
+def build(d: Path) -> None:
+    create(d, "s.qcow2", "10M")
+    qio(d, "s.qcow2", "write -P 1 0 64k")
+    sh(d, "qemu-img", "snapshot", "-c", "s1", "s.qcow2")
+    qio(d, "s.qcow2", "write -P 2 0 64k")
+    sh(d, "qemu-img", "snapshot", "-c", "s1", "s.qcow2")
+    sh(d, "qemu-img", "snapshot", "-c", "s2", "s.qcow2")
+    create(d, "e.qcow2", "1M")
+
+
+@pytest.mark.parametrize("args", [
+    ["-l", "s.qcow2"], ["-l", "-U", "s.qcow2"], ["s.qcow2"], ["-l", "e.qcow2"],
+    ["-a", "nope", "s.qcow2"], ["-d", "nope", "s.qcow2"], ["-d", "1", "s.qcow2"],
+    ["-a", "s1", "-d", "s2", "s.qcow2"], ["-c", "x", "-U", "s.qcow2"], ["-l"],
+    ["-f", "qcow2", "-l", "s.qcow2"],
+])
+def test_snapshot_readonly_and_errors(di, tmp_path: Path, args: list[str]) -> None:
+    build(tmp_path)
+    mine = di("snapshot", *args, cwd=tmp_path)
+    ref = qemu("snapshot", *args, cwd=tmp_path)
+    assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
+
+
+@pytest.mark.parametrize("args", [["-a", "1"], ["-a", "s2"], ["-d", "s1"], ["-d", "s2"],
+                                  ["-c", "s3"], ["-q", "-c", "s3"]])
+def test_snapshot_mutations(di, twin_dirs: tuple[Path, Path], args: list[str]) -> None:
+    q, m = twin_dirs
+    build(q)
+    build(m)
+    ref = qemu("snapshot", *args, "s.qcow2", cwd=q)
+    mine = di("snapshot", *args, "s.qcow2", cwd=m)
+    assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
+    qcheck_clean(m, "s.qcow2")
+    assert sh(m, "qemu-img", "compare", "s.qcow2", str(q / "s.qcow2")).returncode == 0
+    names = lambda d: [ln.split()[1] for ln in  # noqa: E731
+                       sh(d, "qemu-img", "snapshot", "-l", "s.qcow2").stdout.splitlines()[2:]]
+    assert names(m) == names(q)
