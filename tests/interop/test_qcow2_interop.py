@@ -181,9 +181,11 @@ def test_resize_grows_l1_and_shrinks(tmp_path: Path) -> None:
     assert info["virtual-size"] == 64 << 20
     assert subprocess.run([QEMU_IMG, "check", img]).returncode == 0
     qemu_io(img, "read -P 0x42 0 8k", f"read -P 0x43 {(64 << 20) - 4096} 4k")
+    big = img.stat().st_size
     with diskimg.open(img, "r+") as d:
         d.resize(4096, shrink=True)
     assert json.loads(run(QEMU_IMG, "info", "--output=json", img))["virtual-size"] == 4096
+    assert img.stat().st_size < big  # the host file is cut after the last used cluster
     out = subprocess.run([QEMU_IMG, "check", img], capture_output=True, text=True)
     assert out.returncode in (0, 3), out.stdout  # shrinking may leave leaked L2 tables
     qemu_io(img, "read -P 0x42 0 4k")
@@ -233,6 +235,8 @@ LAYOUT_SEQUENCES = {
     "backwards": [("w", 3 << 20, 512), ("w", 0, 512), ("w", 2 << 20, 131072),
                   ("w", 65536 * 7 + 100, 70000)],
     "compressed": [("c", 0, 0), ("c", 1, 0), ("w", 4 << 20, 3000), ("c", 5, 0)],
+    "discard": [("w", 0, 2 << 20), ("d", 512 << 10, 1 << 20), ("u", 1536 << 10, 256 << 10),
+                ("w", 6 << 20, 100000)],
 }
 
 
@@ -254,6 +258,12 @@ def test_same_writes_give_qemus_bytes(tmp_path: Path, cs: int, name: str) -> Non
             elif op == "z":
                 d.write_zeroes(off, n)
                 cmds.append(f"write -z {off} {n}")
+            elif op == "u":
+                d.write_zeroes(off, n, may_unmap=True)
+                cmds.append(f"write -z -u {off} {n}")
+            elif op == "d":
+                d.discard(off, n)
+                cmds.append(f"discard {off} {n}")
             else:  # compressed cluster number ``off``, compressible pattern
                 d.write_compressed(off * cs, b"\x22" * cs)
                 cmds.append(f"write -c -P 0x22 {off * cs} {cs}")
@@ -263,3 +273,5 @@ def test_same_writes_give_qemus_bytes(tmp_path: Path, cs: int, name: str) -> Non
         json.loads(run(QEMU_IMG, "map", "--output=json", theirs))
     if name != "compressed":  # deflate output may differ by zlib build; layout may not
         assert ours.read_bytes() == theirs.read_bytes()
+    if name == "discard":  # freed clusters are deallocated in the host file, as qemu does
+        assert ours.stat().st_blocks == theirs.stat().st_blocks

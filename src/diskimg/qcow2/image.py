@@ -91,7 +91,7 @@ class Qcow2Image(BlockDevice):
         self.l2_cache: TableCache[L2Table] = TableCache(
             host, cs, lambda b: L2Table(be_u64_array(b)), capacity, "L2 table")
         self._refcounts: Refcounts | None = None
-        self._pending_free: list[tuple[int, int]] = []
+        self._pending_free: list[tuple[int, int, bool]] = []
         self._decoded: OrderedDict[int, bytes] = OrderedDict()
         self._header_dirty = False
         self._set_dirty_bit = False
@@ -114,6 +114,7 @@ class Qcow2Image(BlockDevice):
         self.snapshot_list = read_table(self)
         self.snapshots = SnapshotTable(self)
         self._view_of: Qcow2Image | None = None
+        self._metadata_prealloc: bool | None = None
 
     # --- helpers ---------------------------------------------------------------------
     @property
@@ -360,8 +361,9 @@ class Qcow2Image(BlockDevice):
         if kind == DATA:
             if not host:
                 return Status(run, True, True, False)
-            for start, n, is_data in self.data_host.data_extents(host, run):
-                return Status(n, True, True, not is_data, start, fname)
+            if self.metadata_preallocation:
+                for start, n, is_data in self.data_host.data_extents(host, run):
+                    return Status(n, True, True, not is_data, start, fname)
             return Status(run, True, True, False, host, fname)
         if kind == COMPRESSED:
             return Status(run, True, True, False)
@@ -370,6 +372,24 @@ class Qcow2Image(BlockDevice):
         if kind == ZERO:
             return Status(run, True, False, True, where, name)
         return Status(run, False, False, self.backing is None, where, name)
+
+    @property
+    def metadata_preallocation(self) -> bool:
+        """QEMU's guess (made once, on first use) whether the image was created with
+        ``preallocation=metadata``: at least ``max(real * 10 / 9, real + 2)`` clusters have
+        a refcount, ``real`` being the clusters the host file really allocates.  Only then
+        does block status report holes in the host file under data clusters as zeros."""
+        if self._metadata_prealloc is None:
+            real = self.host.allocated_size() // self.cs
+            threshold = max(real * 10 // 9, real + 2)
+            rc = self._refcounts or Refcounts(self.host, self.header)
+            count = 0
+            for c in range(-(-self.host.size() // self.cs)):
+                if count >= threshold:
+                    break
+                count += 1 if rc.get(c) else 0
+            self._metadata_prealloc = count >= threshold
+        return self._metadata_prealloc
 
     # --- allocation helpers ----------------------------------------------------------
     def _check_write_support(self) -> None:
@@ -399,7 +419,7 @@ class Qcow2Image(BlockDevice):
         new_off = rc.alloc(1)
         if l2_off:
             table = L2Table(array("Q", self.l2_cache.get(l2_off).entries))
-            self._pending_free.append((l2_off, self.cs))
+            self._pending_free.append((l2_off, self.cs, False))
         else:
             table = L2Table(array("Q", bytes(self.cs)))
         self.l2_cache.put(new_off, table)
@@ -407,14 +427,17 @@ class Qcow2Image(BlockDevice):
         self.l1_dirty.add(l1i)
         return new_off, table
 
-    def _free_entry(self, ent: int) -> None:
-        """Schedule dropping the reference an L2 entry held (applied after the flush)."""
+    def _free_entry(self, ent: int, punch: bool = False) -> None:
+        """Schedule dropping the reference an L2 entry held (applied after the flush).
+
+        ``punch``: a guest discard or unmapping zero-write; clusters that become free are
+        then deallocated in the host file too (QEMU's default pass-discard-request)."""
         t = E.cluster_type(ent)
         if t in (E.ClusterType.NORMAL, E.ClusterType.ZERO_ALLOC):
-            self._pending_free.append((ent & E.L2E_OFFSET_MASK, self.cs))
+            self._pending_free.append((ent & E.L2E_OFFSET_MASK, self.cs, punch))
         elif t == E.ClusterType.COMPRESSED:
             host, clen = E.decode_compressed(ent, self.cb)
-            self._pending_free.append((host & ~511, clen + (host & 511)))
+            self._pending_free.append((host & ~511, clen + (host & 511), punch))
 
     def _cow_is_zero(self, cluster: int, ent: int) -> bool:
         """True when the guest cluster reads as zeros and the image is not encrypted, so a
@@ -670,7 +693,7 @@ class Qcow2Image(BlockDevice):
                 if new != old:
                     ents[j] = new
                     if not new & E.L2E_OFFSET_MASK:
-                        self._free_entry(old)  # the entry no longer holds its cluster
+                        self._free_entry(old, punch=unmap)  # the entry lost its cluster
                     self._decoded.pop(old, None)
             self.l2_cache.mark_dirty(l2_off)
             c += n
@@ -685,7 +708,7 @@ class Qcow2Image(BlockDevice):
                     and not ent & E.QCOW_OFLAG_COMPRESSED and ent & E.L2E_OFFSET_MASK)
             new = (ent & (E.L2E_OFFSET_MASK | E.QCOW_OFLAG_COPIED)) if keep else 0
             if not new and ent & (E.L2E_OFFSET_MASK | E.QCOW_OFLAG_COMPRESSED):
-                self._free_entry(ent)
+                self._free_entry(ent, punch=unmap)
                 self._decoded.pop(ent, None)
             ents[2 * j], ents[2 * j + 1] = new, all_zero
 
@@ -703,15 +726,32 @@ class Qcow2Image(BlockDevice):
         if self._pending_free:
             pending, self._pending_free = self._pending_free, []
             rc = self.refcounts
-            for host, n in pending:
+            to_punch: list[int] = []
+            for host, n, punch in pending:
                 rc.free(host, n)
                 if host in self.l2_cache.tables and rc.get(host // self.cs) == 0:
                     self.l2_cache.drop(host)  # a freed L2 table must never be written back
+                if punch:
+                    to_punch.extend(range(host // self.cs, (host + n - 1) // self.cs + 1))
+            self._punch_free_clusters(to_punch)
             self._flush_refcounts()
         if self._header_dirty:
             self.host.pwrite(0, self.header.pack())
             self._header_dirty = False
         self.host.flush()
+
+    def _punch_free_clusters(self, clusters: list[int]) -> None:
+        """Deallocate in the host file those of ``clusters`` now unreferenced, merged into
+        runs (one punch per run, so small clusters still free whole filesystem blocks)."""
+        rc = self.refcounts
+        free = sorted({c for c in clusters if rc.get(c) == 0})
+        i = 0
+        while i < len(free):
+            j = i
+            while j + 1 < len(free) and free[j + 1] == free[j] + 1:
+                j += 1
+            self.data_host.punch_hole(free[i] * self.cs, (j - i + 1) * self.cs)
+            i = j + 1
 
     def _write_l1_entries(self) -> None:
         base = self.header.l1_table_offset
@@ -762,10 +802,18 @@ class Qcow2Image(BlockDevice):
         need = -(-new_size // (self.cs * self.l2_entries))
         if need > len(self.l1):
             self._grow_l1(need)
+        shrinking = new_size < self.size
         self.size = self.header.size = new_size
         self.flush()
         self.host.pwrite(24, struct.pack(">Q", new_size))
         self.host.flush()
+        if shrinking:  # like qemu: cut the host file after the last cluster in use
+            rc = self.refcounts
+            last = -(-self.host.size() // self.cs) - 1
+            while last > 0 and rc.get(last) == 0:
+                last -= 1
+            if (last + 1) * self.cs < self.host.size():
+                self.host.truncate((last + 1) * self.cs)
 
     def _grow_l1(self, need: int) -> None:
         if need * 8 > QCOW_MAX_L1_SIZE:

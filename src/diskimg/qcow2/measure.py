@@ -251,48 +251,18 @@ def parse_qcow2_options(options: Mapping[str, Any],
 # --- measuring --------------------------------------------------------------------
 
 
-def metadata_preallocated(img: Any) -> bool:
-    """QEMU's guess whether a qcow2 image was created with ``preallocation=metadata``:
-    at least ``max(real * 10 / 9, real + 2)`` clusters have a refcount, where ``real`` is
-    the number of clusters the host file really allocates.  Only then does QEMU's block
-    status look for holes in the host file under data clusters."""
-    from diskimg.qcow2.refcount import Refcounts
-
-    host, cs = img.host, img.cs
-    real = host.allocated_size() // cs
-    threshold = max(real * 10 // 9, real + 2)
-    end = -(-host.size() // cs)
-    rc = Refcounts(host, img.header)
-    count = 0
-    for c in range(end):
-        if count >= threshold:
-            break
-        count += 1 if rc.get(c) else 0
-    return count >= threshold
-
-
 def _input_runs(dev: Any) -> Iterable[tuple[int, int, bool]]:
     """(offset, length, is_data) over the whole input, through its backing chain:
-    data = allocated, reads data, not known zero (qemu's DATA|ALLOCATED without ZERO).
-
-    A hole in the host file under a qcow2 data cluster counts as zero only in an image
-    QEMU takes for metadata-preallocated (see :func:`metadata_preallocated`)."""
-    chain = dev.chain()
-    prealloc: dict[int, bool] = {}
+    data = allocated, reads data, not known zero (qemu's DATA|ALLOCATED without ZERO;
+    holes under data clusters count as zero only in metadata-preallocated qcow2 images,
+    which block status already takes care of)."""
     pos, size = 0, dev.size
     while pos < size:
-        st, depth = dev.block_status(pos, size - pos)
+        st, _depth = dev.block_status(pos, size - pos)
         n = st.length
         if n <= 0:
             raise AssertionError("block status made no progress")
-        zero = st.zero
-        layer = chain[min(depth, len(chain) - 1)]
-        if zero and st.data and st.allocated and getattr(layer, "format", "") == "qcow2" \
-                and hasattr(layer, "host"):
-            if depth not in prealloc:
-                prealloc[depth] = metadata_preallocated(layer)
-            zero = prealloc[depth]
-        yield pos, n, bool(st.allocated and st.data and not zero)
+        yield pos, n, bool(st.allocated and st.data and not st.zero)
         pos += n
 
 

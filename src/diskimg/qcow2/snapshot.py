@@ -225,6 +225,8 @@ class SnapshotTable:
                 if not host:
                     continue
                 cnt = rc.update(host // img.cs, addend) if addend else rc.get(host // img.cs)
+                if cnt == 0 and addend < 0:
+                    img.data_host.punch_hole(host, img.cs)  # qemu's pass-discard-snapshot
                 new = (ent | E.QCOW_OFLAG_COPIED) if cnt == 1 else (ent & ~E.QCOW_OFLAG_COPIED)
                 if new != ent:
                     ents[j] = new
