@@ -1,7 +1,7 @@
 """diskimg: pure-Python qcow2, raw and vmdk disk images with a qemu-img compatible CLI."""
 
 from diskimg.api import create, open
-from diskimg.operations import compare, convert
+from diskimg.operations import commit, compare, convert, dd, rebase
 from diskimg.device import BlockDevice, DeviceIO, ImageInfo, MapEntry
 from diskimg.errors import (
     BackingChainError,
@@ -18,6 +18,7 @@ from diskimg.errors import (
     WrongFormatError,
 )
 from diskimg.policy import OpenPolicy
+from diskimg.pool import Pool, PoolRegistry, Volume
 
 __version__ = "0.1.0"
 
@@ -35,13 +36,19 @@ __all__ = [
     "MapEntry",
     "MissingSecretError",
     "OpenPolicy",
+    "Pool",
     "PoolError",
+    "PoolRegistry",
     "UnsupportedFeatureError",
     "UsageError",
+    "Volume",
     "WrongFormatError",
     "__version__",
+    "commit",
     "compare",
     "convert",
     "create",
+    "dd",
     "open",
+    "rebase",
 ]

@@ -444,7 +444,7 @@ def test_qcow2_check_leak_matches_qemu(di, twin_dirs: tuple[Path, Path],
 @needs_qcow2
 def test_encrypted_needs_key_except_info(di, tmp_path: Path) -> None:
     r = qemu("create", "-f", "qcow2", "--object", "secret,id=sec0,data=pw", "-o",
-             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", "e.qcow2",
+             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=50", "e.qcow2",
              "1M", cwd=tmp_path)
     assert r.rc == 0
     info = di("info", "--output=json", "e.qcow2", cwd=tmp_path)

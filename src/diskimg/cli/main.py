@@ -50,9 +50,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def _common(p: Parser, *, fmt: bool = True, share: bool = True, obj: bool = True,
-            image_opts: bool = True, quiet: bool = True, out: bool = False) -> None:
+            image_opts: bool = True, quiet: bool = True, out: bool = False,
+            fmt_help: str = "image format (probed if absent)") -> None:
     if fmt:
-        p.add_argument("-f", "--format", metavar="FMT", help="image format (probed if absent)")
+        p.add_argument("-f", "--format", metavar="FMT", help=fmt_help)
     if share:
         p.add_argument("-U", "--force-share", action="store_true",
                        help="open without taking QEMU's image locks")
@@ -153,7 +154,7 @@ def _build(cmd: str) -> tuple[Parser, CmdFn]:
         p.add_argument("-r", "--repair", metavar="leaks|all", help="repair the image")
         fn = c.cmd_check
     elif cmd == "create":
-        _common(p, share=False, image_opts=False)
+        _common(p, share=False, image_opts=False, fmt_help="image format (default raw)")
         p.add_argument("-o", dest="options", action="append", metavar="K=V,...",
                        help="format options (-o help lists them)")
         p.add_argument("-b", "--backing", metavar="BACKING", help="backing file")
@@ -256,6 +257,9 @@ def _main_help() -> str:
     lines += [f"  {cmd} {u}" for cmd, (u, _, _) in _COMMANDS.items()]
     lines += ["", "Example:", "  diskimg create -f qcow2 disk.qcow2 10G",
               "  diskimg convert -O raw disk.qcow2 disk.raw", "",
+              "Storage pools (libvirt dir pools, virsh's commands):",
+              "  diskimg virsh pool-define-as NAME dir --target PATH",
+              "  diskimg virsh vol-create-as NAME VOL 10G --format qcow2", "",
               f"'{PROG} COMMAND --help' describes one command."]
     return "\n".join(lines) + "\n"
 
@@ -306,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(f"Not enough arguments\n{TRY_HELP}")
         return 1
     cmd = args.pop(0)
+    if cmd in ("virsh", "pool"):
+        from diskimg.pool.cli import main as pool_main
+
+        return pool_main(args)
     if cmd not in _COMMANDS:
         _print_error(f"Command not found: {cmd}\n{TRY_HELP}")
         return 1

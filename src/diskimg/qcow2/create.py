@@ -145,7 +145,7 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
     if h.crypt_method:
         key_id = str(enc_opts["encrypt.key-secret"])
         if key_id not in (secrets or {}):
-            raise UsageError(f"No secret with id '{key_id}' found")
+            raise UsageError(f"No secret with id '{key_id}'")
         passphrase = (secrets or {})[key_id]
     if opts:
         raise UsageError(f"Invalid parameter '{next(iter(opts))}'")

@@ -250,7 +250,7 @@ class Qcow2Image(BlockDevice):
             raise MissingSecretError("Parameter 'encrypt.key-secret' is required for cipher")
         secret = self.secrets.get(key_id)
         if secret is None:
-            raise MissingSecretError(f"No secret with id '{key_id}' found")
+            raise MissingSecretError(f"No secret with id '{key_id}'")
         if self.header.crypt_method == 1:
             self._cipher = QcowAesCipher.from_passphrase(secret)
         else:
