@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,8 @@ def _nonzero_at(buf: bytes | bytearray, pos: int, end: int) -> int:
 def is_zero(buf: bytes | bytearray | memoryview) -> bool:
     """True if every byte of ``buf`` is zero (C-speed comparison)."""
     mv = memoryview(buf).cast("B")
-    return all(mv[p : p + CHUNK] == _ZEROS[: min(CHUNK, len(mv) - p)]
+    # bytes == bytes is a memcmp; memoryview == bytes compares item by item
+    return all(mv[p : p + CHUNK].tobytes() == _ZEROS[: min(CHUNK, len(mv) - p)]
                for p in range(0, len(mv), CHUNK))
 
 
@@ -165,20 +168,52 @@ class _Copier:
                 self.zero(off + s, ln)
 
     def _write_compressed(self, off: int, buf: bytearray, n: int) -> None:
-        wc = getattr(self.tgt, "write_compressed", None)
-        if wc is None:
+        raise AssertionError("compressed copies go through copy_compressed")
+
+    def copy_compressed(self, devs: Sequence[BlockDevice], workers: int) -> None:
+        """``convert -c``: the sources (concatenated) go to the target one whole cluster at a
+        time; clusters that read as zeros are skipped, the others are compressed in a pool
+        of ``workers`` threads and written in guest order (qemu-img without ``-W``)."""
+        tgt = self.tgt
+        if not hasattr(tgt, "write_compressed"):
             raise UnsupportedFeatureError("Compression not supported for this file format")
-        cs = getattr(self.tgt, "cluster_size", None) or 65536
-        mv = memoryview(buf)
-        pos = 0
-        while pos < n:
-            ln = min(cs - (off + pos) % cs, n - pos)
-            piece = mv[pos : pos + ln]
-            if is_zero(piece):
-                self.zero(off + pos, ln)
-            else:
-                wc(off + pos, piece)
-            pos += ln
+        cs = getattr(tgt, "cluster_size", None) or 65536
+        step = max(cs, CHUNK // cs * cs)
+        reader = _Concat(devs)
+        pending: deque[tuple[int, memoryview, Future[bytes | None]]] = deque()
+        window = max(2, workers * 4)
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                o, piece, fut = pending.popleft()
+                packed = fut.result()
+                if packed is None:  # does not shrink: a normal cluster, as qemu writes it
+                    tgt.write(o, piece)
+                else:
+                    tgt.write_compressed(o, piece, compressed=packed)  # type: ignore[attr-defined]
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for start in range(0, self.total, step):
+                n = min(step, self.total - start)
+                if reader.is_zero(start, n):
+                    if not self.fresh:
+                        self.zero(start, n)
+                    self.tick(n)
+                    continue
+                buf = bytearray(n)
+                reader.readinto(start, memoryview(buf))
+                mv = memoryview(buf)
+                for p in range(0, n, cs):
+                    piece = mv[p : p + cs]
+                    if is_zero(piece):
+                        if not self.fresh:
+                            self.zero(start + p, len(piece))
+                        continue
+                    fut = pool.submit(tgt.compress_cluster, piece)  # type: ignore[attr-defined]
+                    pending.append((start + p, piece, fut))
+                    drain(window)
+                self.tick(n)
+            drain(0)
 
     def tick(self, n: int) -> None:
         self.done += n
@@ -206,6 +241,46 @@ class _Copier:
                 self.data(base + pos, buf, n)
             pos += n
             self.tick(n)
+
+
+class _Concat:
+    """Several devices read as one (convert's concatenated sources)."""
+
+    def __init__(self, devs: Sequence[BlockDevice]) -> None:
+        self.devs = list(devs)
+        self.starts = []
+        pos = 0
+        for d in self.devs:
+            self.starts.append(pos)
+            pos += d.size
+
+    def _pieces(self, off: int, n: int) -> Iterator[tuple[BlockDevice, int, int, int]]:
+        """(device, device offset, length, offset in the request) covering [off, off+n)."""
+        done = 0
+        for d, s in zip(self.devs, self.starts):
+            if done >= n:
+                return
+            lo = off + done
+            if lo >= s + d.size:
+                continue
+            k = min(n - done, s + d.size - lo)
+            yield d, lo - s, k, done
+            done += k
+
+    def readinto(self, off: int, buf: memoryview) -> None:
+        for d, o, k, at in self._pieces(off, len(buf)):
+            d.readinto(o, buf[at : at + k])
+
+    def is_zero(self, off: int, n: int) -> bool:
+        """True if block status says the whole range reads as zeros (nothing is read)."""
+        for d, o, k, _ in self._pieces(off, n):
+            end = o + k
+            while o < end:
+                st, _depth = d.block_status(o, end - o)
+                if not (st.zero or (not st.allocated and not st.data)):
+                    return False
+                o += st.length
+        return True
 
 
 def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) -> BlockDevice:
@@ -245,6 +320,7 @@ def convert(
     untrusted: bool = False,
     secrets: Mapping[str, bytes] | None = None,
     target_options: Mapping[str, str] | None = None,
+    workers: int | None = None,
 ) -> None:
     """Copy the guest contents of ``sources`` (concatenated) into image ``dst``.
 
@@ -253,8 +329,11 @@ def convert(
     ``backing_file`` gives the target a backing file and copies only the sources' top layer
     (qemu-img ``-B``); ``target_exists`` writes into an existing image (``-n``; ``dst`` may
     then be an open writable device).  ``progress`` receives percentages.  Sources may be
-    paths or open devices.
+    paths or open devices.  ``compress`` (``-c``) compresses every cluster in ``workers``
+    threads (``-m``; default: the number of CPUs, at most 8).
     """
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
     srcs = [sources] if isinstance(sources, str | os.PathLike | BlockDevice) else list(sources)
     if not srcs:
         raise UsageError("Must specify image file name")
@@ -302,10 +381,13 @@ def convert(
                          total=total, progress=progress)
             if progress is not None:
                 progress(0.0)
-            base = 0
-            for d in devs:
-                cp.copy(d, base)
-                base += d.size
+            if compress:
+                cp.copy_compressed(devs, workers)
+            else:
+                base = 0
+                for d in devs:
+                    cp.copy(d, base)
+                    base += d.size
             tgt.flush()
     finally:
         for dev, owned in opened:

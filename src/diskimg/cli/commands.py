@@ -465,7 +465,8 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
                      backing_file=backing,
                      backing_fmt=backing_fmt, progress=prog if prog.enabled else None,
                      snapshot=snap, compress=a.compress, secrets=ctx.secrets,
-                     target_options=dst_opts)
+                     target_options=dst_opts,
+                     workers=int(a.coroutines) if a.coroutines is not None else None)
         prog.finish()
     finally:
         for d in devs:

@@ -569,12 +569,23 @@ class Qcow2Image(BlockDevice):
             self.l2_cache.mark_dirty(l2_off)
             g = hi
 
-    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    def compress_cluster(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """The compressed form of one cluster of guest data (padded with zeros), or None
+        when it would not be smaller than a cluster.  Pure and thread-safe (zlib and
+        zstandard release the GIL), so callers may compress in a thread pool."""
+        from diskimg.qcow2.compress import compress
+
+        out = compress(self.header.compression_type, bytes(data).ljust(self.cs, b"\0"))
+        return out if len(out) < self.cs else None
+
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview,
+                         *, compressed: bytes | None = None) -> None:
         """Write one whole cluster compressed (qemu-io ``write -c``).
 
         ``offset`` must be cluster aligned and ``data`` one cluster long (shorter only for
         the last cluster of the disk, padded with zeros).  Data that does not compress to
-        less than a cluster is written as a normal cluster, as QEMU does.
+        less than a cluster is written as a normal cluster, as QEMU does.  ``compressed``
+        passes a result of :meth:`compress_cluster` computed elsewhere (e.g. in a thread).
         """
         self._check_writable()
         mv = memoryview(data).cast("B")
@@ -585,11 +596,8 @@ class Qcow2Image(BlockDevice):
         self._check_write_support()
         if self.header.crypt_method:
             raise UnsupportedFeatureError("Compression of encrypted images is not supported")
-        from diskimg.qcow2.compress import compress
-
-        raw = bytes(mv).ljust(cs, b"\0")
-        out = compress(self.header.compression_type, raw)
-        if len(out) >= cs:
+        out = compressed if compressed is not None else self.compress_cluster(mv)
+        if out is None:
             self._write(offset, mv)
             return
         cluster = offset >> self.cb
