@@ -273,5 +273,7 @@ def test_same_writes_give_qemus_bytes(tmp_path: Path, cs: int, name: str) -> Non
         json.loads(run(QEMU_IMG, "map", "--output=json", theirs))
     if name != "compressed":  # deflate output may differ by zlib build; layout may not
         assert ours.read_bytes() == theirs.read_bytes()
-    if name == "discard":  # freed clusters are deallocated in the host file, as qemu does
-        assert ours.stat().st_blocks == theirs.stat().st_blocks
+    if name == "discard":
+        # freed clusters are deallocated in the host file, as qemu does (the filesystem's
+        # own block placement may differ by a block or two; not punching would be ~1 MiB)
+        assert abs(ours.stat().st_blocks - theirs.stat().st_blocks) <= 16
