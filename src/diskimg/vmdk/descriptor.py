@@ -1,0 +1,217 @@
+"""The vmdk text descriptor: parse and serialize, round-trip exact.
+
+A :class:`Descriptor` keeps the original lines; accessors read ``key=value`` lines and
+:meth:`Descriptor.set` rewrites one line in place, so :meth:`Descriptor.pack` of an
+unmodified descriptor returns the input bytes unchanged (unknown ``ddb.*`` keys, comments,
+trailing blanks included).  Decoding is latin-1 (every byte maps to one character), lines
+are bounded, NUL bytes end the text (qemu reads the descriptor as a C string).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from diskimg.errors import FormatError
+
+#: a separate descriptor file larger than this is refused (qemu reads at most 1 MiB - 1)
+MAX_DESCRIPTOR_FILE = (1 << 20) - 1
+#: more extent lines than this are refused (qemu opens one file per line, unbounded)
+MAX_EXTENTS = 1024
+#: longest line accepted (qemu's sscanf widths bound names to 511 bytes)
+MAX_LINE = 4096
+NO_PARENT = 0xFFFFFFFF
+ACCESS = ("RW", "RDONLY", "NOACCESS")
+EXTENT_TYPES = ("SPARSE", "FLAT", "ZERO", "VMFS", "VMFSSPARSE", "VMFSRDM", "VMFSRAW",
+                "SESPARSE")
+#: sector counts above this overflow qemu's int64 byte arithmetic
+MAX_SECTORS = (1 << 63) // 512 - 1
+
+_EXTENT_RE = re.compile(
+    r'^\s*(RW|RDONLY|NOACCESS)\s+(-?\d+)\s+([A-Za-z]+)(?:\s+"([^"\r\n]*)"(?:\s+(-?\d+))?)?\s*$')
+_KEY_RE = re.compile(r'^\s*([A-Za-z0-9_.]+)\s*=\s*(.*?)\s*$')
+
+
+@dataclass(frozen=True, slots=True)
+class ExtentLine:
+    """``ACCESS SECTORS TYPE "FILENAME" [OFFSET]``; sizes and offsets are in sectors."""
+
+    access: str
+    sectors: int
+    type: str
+    filename: str | None = None
+    offset: int | None = None
+
+    @classmethod
+    def parse(cls, line: str, lineno: int = 0) -> ExtentLine:
+        m = _EXTENT_RE.match(line)
+        if m is None:
+            raise FormatError(f"Invalid extent line {lineno}: {line[:200]!r}")
+        access, sectors, typ, name, off = m.groups()
+        n = int(sectors)
+        if typ not in EXTENT_TYPES:
+            raise FormatError(f"Unsupported extent type '{typ[:40]}' in extent line {lineno}")
+        if n <= 0 or n > MAX_SECTORS:
+            raise FormatError(f"Invalid extent size {n} sectors in extent line {lineno}")
+        if typ != "ZERO" and not name:
+            raise FormatError(f"Extent line {lineno} names no file: {line[:200]!r}")
+        if off is not None:
+            o = int(off)
+            if o < 0 or o > MAX_SECTORS:
+                raise FormatError(f"Invalid extent offset {o} in extent line {lineno}")
+        elif typ == "FLAT":
+            raise FormatError(f"Invalid extent line {lineno}: {line[:200]!r} (FLAT extents "
+                              "need an offset)")
+        return cls(access, n, typ, name, int(off) if off is not None else None)
+
+    def pack(self) -> str:
+        s = f"{self.access} {self.sectors} {self.type}"
+        if self.filename is not None:
+            s += f' "{self.filename}"'
+        if self.offset is not None:
+            s += f" {self.offset}"
+        return s
+
+
+@dataclass(slots=True)
+class Descriptor:
+    """Lines of a descriptor plus parsed views.  ``trailer`` is what followed the last
+    newline (NUL padding of an embedded descriptor is not part of the text)."""
+
+    lines: list[str]
+    trailer: str = ""
+    extents: list[ExtentLine] = field(default_factory=list)
+
+    # --- parse/pack ----------------------------------------------------------------
+    @classmethod
+    def parse(cls, data: bytes, *, max_size: int = MAX_DESCRIPTOR_FILE,
+              extents: bool = True) -> Descriptor:
+        """``extents=False``: do not interpret extent lines (an embedded descriptor's are
+        ignored, as qemu does: the sparse file is its own only extent)."""
+        if len(data) > max_size:
+            raise FormatError(f"Descriptor of {len(data)} bytes exceeds the {max_size}-byte "
+                              "limit", offset=0)
+        nul = data.find(b"\0")
+        if nul >= 0:
+            data = data[:nul]
+        text = data.decode("latin-1")
+        parts = text.split("\n")
+        lines, trailer = parts[:-1], parts[-1]
+        d = cls(lines, trailer)
+        allx = lines + ([trailer] if trailer else [])
+        for i, raw in enumerate(allx, 1):
+            if extents and len(raw) > MAX_LINE:
+                raise FormatError(f"Descriptor line {i} is longer than {MAX_LINE} bytes")
+            line = raw.rstrip("\r")
+            if extents and line.lstrip().startswith(ACCESS):
+                first = line.split(None, 1)[0] if line.strip() else ""
+                if first in ACCESS:
+                    d.extents.append(ExtentLine.parse(line, i))
+                    if len(d.extents) > MAX_EXTENTS:
+                        raise FormatError(f"Descriptor has more than {MAX_EXTENTS} extents")
+        return d
+
+    def pack(self) -> bytes:
+        return ("".join(line + "\n" for line in self.lines) + self.trailer).encode("latin-1")
+
+    # --- key access -----------------------------------------------------------------
+    def _find(self, key: str) -> tuple[int, str] | None:
+        for i, raw in enumerate([*self.lines, self.trailer]):
+            m = _KEY_RE.match(raw.rstrip("\r"))
+            if m and m.group(1) == key:
+                return i, m.group(2)
+        return None
+
+    def get(self, key: str) -> str | None:
+        """Value of ``key`` with one pair of surrounding double quotes removed."""
+        f = self._find(key)
+        if f is None:
+            return None
+        v = f[1]
+        if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+            v = v[1:-1]
+        elif v.startswith('"'):
+            v = v[1:]
+        return v
+
+    def set(self, key: str, value: str) -> None:
+        """Replace the line of ``key`` (keeping ``key=value`` or ``key = "value"`` style),
+        or append ``key=value`` after the header keys when absent."""
+        f = self._find(key)
+        if f is None:
+            idx = next((i for i, ln in enumerate(self.lines) if ln.startswith("createType")),
+                       len(self.lines) - 1)
+            self.lines.insert(idx + 1, f"{key}={value}")
+            return
+        i, _ = f
+        old = ([*self.lines, self.trailer])[i]
+        eol = "\r" if old.endswith("\r") else ""
+        new = f'{key} = "{value}"{eol}' if key.startswith("ddb.") else f"{key}={value}{eol}"
+        if i == len(self.lines):
+            self.trailer = new
+        else:
+            self.lines[i] = new
+
+    def _hex(self, key: str, default: int) -> int:
+        v = self.get(key)
+        if v is None:
+            return default
+        m = re.match(r"\s*([0-9a-fA-F]+)", v)
+        if not m:
+            raise FormatError(f"Invalid {key} value {v[:40]!r} in the descriptor")
+        return int(m.group(1)[:16], 16) & 0xFFFFFFFF
+
+    @property
+    def cid(self) -> int:
+        return self._hex("CID", 0)
+
+    @property
+    def parent_cid(self) -> int:
+        return self._hex("parentCID", NO_PARENT)
+
+    @property
+    def create_type(self) -> str | None:
+        return self.get("createType")
+
+    @property
+    def parent_hint(self) -> str | None:
+        return self.get("parentFileNameHint")
+
+    def ddb(self) -> dict[str, str]:
+        """All ``ddb.*`` keys in file order (values unquoted)."""
+        out: dict[str, str] = {}
+        for raw in [*self.lines, self.trailer]:
+            m = _KEY_RE.match(raw.rstrip("\r"))
+            if m and m.group(1).startswith("ddb."):
+                out[m.group(1)] = self.get(m.group(1)) or ""
+        return out
+
+
+def build(*, cid: int, parent_cid: int, create_type: str, parent_hint: str | None,
+          extents: list[ExtentLine], hw_version: str, cylinders: int, heads: int,
+          adapter_type: str, tools_version: str) -> str:
+    """The descriptor text ``qemu-img create`` writes (qemu 7.2's template)."""
+    # qemu's template: the parent line takes the place of the blank line after createType
+    parent = f'parentFileNameHint="{parent_hint}"' if parent_hint else ""
+    ext = "".join(e.pack() + "\n" for e in extents)
+    return (
+        "# Disk DescriptorFile\n"
+        "version=1\n"
+        f"CID={cid:x}\n"
+        f"parentCID={parent_cid:x}\n"
+        f'createType="{create_type}"\n'
+        f"{parent}"
+        "\n"
+        "# Extent description\n"
+        f"{ext}"
+        "\n"
+        "# The Disk Data Base\n"
+        "#DDB\n"
+        "\n"
+        f'ddb.virtualHWVersion = "{hw_version}"\n'
+        f'ddb.geometry.cylinders = "{cylinders}"\n'
+        f'ddb.geometry.heads = "{heads}"\n'
+        'ddb.geometry.sectors = "63"\n'
+        f'ddb.adapterType = "{adapter_type}"\n'
+        f'ddb.toolsVersion = "{tools_version}"\n'
+    )

@@ -1,0 +1,714 @@
+"""vmdk extents behind one protocol: FlatExtent (FLAT, VMFS), ZeroExtent, SparseExtent.
+
+Offsets passed to an extent are bytes relative to the extent's first guest byte, and every
+call stays inside the extent (the image splits requests at extent boundaries).  ``fill`` is
+a callable ``fill(extent_offset, buf)`` supplying the bytes below this layer (the parent
+image, or zeros) for unallocated sparse grains.
+
+Sparse write ordering: a grain's data is written before the grain table entry pointing at
+it; dirty grain tables go to disk (both the GD's and the redundant GD's copy) on flush.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+from diskimg.device import Status
+from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError, UsageError
+from diskimg.hostio import HostFile
+from diskimg.vmdk import sparse as S
+
+Fill = Callable[[int, memoryview], None]
+UNALLOC, ZERO, DATA, COMPRESSED = "unalloc", "zero", "data", "compressed"
+_GT_CACHE = 4096      # grain tables kept in memory (2 KiB each with 512 entries)
+_GRAIN_CACHE = 8      # decompressed grains kept
+
+
+class Extent(Protocol):
+    size: int
+    filename: str
+    host: HostFile | None
+    read_only: bool
+
+    def status(self, off: int, length: int) -> Status: ...
+    def readinto(self, off: int, buf: memoryview, fill: Fill) -> None: ...
+    def write(self, off: int, data: memoryview, fill: Fill) -> None: ...
+    def write_zeroes(self, off: int, length: int, fill: Fill, has_backing: bool) -> None: ...
+    def flush(self) -> None: ...
+    def info(self) -> dict[str, Any]: ...
+
+
+class FlatExtent:
+    """FLAT / VMFS extent: guest bytes at ``start`` in a host file.  Bytes past the end of
+    the host file read as zeros."""
+
+    def __init__(self, host: HostFile, start: int, size: int, filename: str, typ: str,
+                 read_only: bool) -> None:
+        self.host, self.start, self.size = host, start, size
+        self.filename, self.type, self.read_only = filename, typ, read_only
+
+    def status(self, off: int, length: int) -> Status:
+        h = self.start + off
+        for s, n, is_data in self.host.data_extents(h, length):
+            return Status(n, True, True, not is_data, s, self.filename)
+        return Status(length, True, True, True, h, self.filename)
+
+    def readinto(self, off: int, buf: memoryview, fill: Fill) -> None:
+        self.host.preadinto(self.start + off, buf)
+
+    def write(self, off: int, data: memoryview, fill: Fill) -> None:
+        self.host.pwrite(self.start + off, data)
+
+    def write_zeroes(self, off: int, length: int, fill: Fill, has_backing: bool) -> None:
+        h = self.start + off
+        fsize = self.host.size()
+        if h >= fsize:
+            return
+        self.host.zero_range(h, min(length, fsize - h))
+
+    def flush(self) -> None:
+        self.host.flush()
+
+    def info(self) -> dict[str, Any]:
+        return {"virtual-size": self.size, "filename": self.filename, "format": self.type}
+
+
+class ZeroExtent:
+    """ZERO extent: reads zeros, refuses writes.  ``no_access``: a NOACCESS extent line,
+    whose reads fail (qemu 7.2 silently drops such lines, shifting later extents)."""
+
+    host = None
+
+    def __init__(self, size: int, typ: str = "ZERO", no_access: str | None = None) -> None:
+        self.size, self.filename, self.type, self.read_only = size, "", typ, True
+        self.no_access = no_access
+
+    def status(self, off: int, length: int) -> Status:
+        return Status(length, True, False, True)
+
+    def readinto(self, off: int, buf: memoryview, fill: Fill) -> None:
+        if self.no_access:
+            raise UnsupportedFeatureError(f"Cannot read extent '{self.no_access}': its "
+                                          "access mode is NOACCESS")
+        buf[:] = bytes(len(buf))
+
+    def write(self, off: int, data: memoryview, fill: Fill) -> None:
+        raise UsageError("Cannot write to a ZERO extent")
+
+    def write_zeroes(self, off: int, length: int, fill: Fill, has_backing: bool) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def info(self) -> dict[str, Any]:
+        return {"virtual-size": self.size, "filename": self.filename, "format": self.type}
+
+
+class SparseExtent:
+    """A hosted sparse extent (monolithicSparse, twoGbMaxExtentSparse, streamOptimized).
+
+    Invariants: the grain directory is validated to lie inside the file at open; every
+    grain table is checked to lie inside the file before it is read; new grains are
+    appended at ``next_sector`` (grain aligned, past every byte in use); a grain table
+    entry is set only after its grain's data is written.  Compressed extents are read-only
+    here except for an empty one, which accepts sequential writes (see :class:`StreamWriter`).
+    """
+
+    def __init__(self, host: HostFile, header: S.SparseHeader, filename: str, typ: str,
+                 read_only: bool, *, footer_header: S.SparseHeader | None = None,
+                 cowd_l1_size: int | None = None) -> None:
+        self.host = host
+        self.header = h = footer_header or header
+        self.filename, self.type = filename, typ
+        fsize = host.size()
+        self.fsize = fsize
+        self.geo = g = S.geometry(h, fsize, writable=not read_only, cowd_l1_size=cowd_l1_size)
+        self.size = g.capacity_bytes
+        self.gb = g.grain_bytes
+        self.read_only = read_only
+        self.compressed = h.compressed
+        self.has_markers = h.has_markers
+        self.zero_grain = bool(h.flags & S.FLAG_ZERO_GRAIN)
+        self.gd = S.le_u32_array(host.pread_exact(h.gd_offset * S.SECTOR, g.gd_entries * 4,
+                                                  "grain directory"))
+        self.rgd: array[int] | None = None
+        if h.flags & S.FLAG_RGD and not read_only and not self.compressed:
+            self.rgd = S.le_u32_array(host.pread_exact(
+                h.rgd_offset * S.SECTOR, g.gd_entries * 4, "redundant grain directory"))
+        self._gts: OrderedDict[int, array[int]] = OrderedDict()
+        self._dirty: set[int] = set()
+        self._grains: OrderedDict[int, bytes] = OrderedDict()
+        gsec = h.grain_size
+        fsec = -(-fsize // S.SECTOR)
+        self.next_sector = -(-fsec // gsec) * gsec     # grain aligned, past the file
+        self.stream: StreamWriter | None = None
+        if self.compressed and not read_only:
+            if fsize > h.overhead * S.SECTOR and any(
+                    self._gt(i) is not None and any(self._gt(i) or ())
+                    for i in range(len(self.gd))):
+                raise UnsupportedFeatureError(
+                    f"'{filename}': a streamOptimized image that already holds data is "
+                    "read-only (write a new one front to back)")
+            self.stream = StreamWriter(host, h, truncate_at=h.overhead * S.SECTOR)
+
+    # --- tables --------------------------------------------------------------------
+    def _gt(self, gdi: int) -> array[int] | None:
+        t = self._gts.get(gdi)
+        if t is not None:
+            self._gts.move_to_end(gdi)
+            return t
+        sec = self.gd[gdi]
+        if sec == 0:
+            return None
+        off = sec * S.SECTOR
+        h = self.header
+        if not self.read_only and sec < max(1, h.desc_offset + min(h.desc_size, 2048)):
+            raise CorruptImageError(
+                f"Grain table {gdi} at offset {off:#x} overlaps the header or descriptor of "
+                f"'{self.filename}'", offset=h.gd_offset * S.SECTOR + 4 * gdi)
+        if off + self.geo.gt_bytes > self.fsize:
+            raise CorruptImageError(
+                f"Grain table {gdi} at offset {off:#x} (grain directory entry at "
+                f"{self.header.gd_offset * S.SECTOR + 4 * gdi:#x}) lies past the end of "
+                f"'{self.filename}'", offset=self.header.gd_offset * S.SECTOR + 4 * gdi)
+        t = S.le_u32_array(self.host.pread(off, self.geo.gt_bytes))
+        self._gts[gdi] = t
+        if len(self._gts) > _GT_CACHE:
+            for k in list(self._gts):
+                if k not in self._dirty:
+                    del self._gts[k]
+                    break
+        return t
+
+    def _classify(self, gte: int) -> str:
+        if gte == 0:
+            return UNALLOC
+        if gte == S.GTE_ZEROED and self.zero_grain:
+            return ZERO
+        return COMPRESSED if self.compressed else DATA
+
+    def lookup(self, off: int, length: int) -> tuple[str, int, int]:
+        """(kind, run length, host byte offset) for the run at ``off``; a run never
+        crosses a grain table; DATA runs are host-contiguous."""
+        gb, gtes = self.gb, self.geo.gtes
+        grain = off // gb
+        in_g = off - grain * gb
+        gdi, idx = divmod(grain, gtes)
+        max_len = min(length, (gtes - idx) * gb - in_g)
+        t = self._gt(gdi)
+        if t is None:
+            return UNALLOC, max_len, 0
+        kind = self._classify(t[idx])
+        host = t[idx] * S.SECTOR if kind in (DATA, COMPRESSED) else 0
+        if kind == COMPRESSED:
+            return kind, min(max_len, gb - in_g), host
+        n = gb - in_g
+        i = idx + 1
+        if kind == UNALLOC and n < max_len:      # fast path: a run of zero entries
+            rest = t[i:].tobytes()
+            zeros = (len(rest) - len(rest.lstrip(b"\0"))) // 4
+            return kind, min(n + zeros * gb, max_len), 0
+        nxt = host + gb
+        while n < max_len:
+            k2 = self._classify(t[i])
+            if k2 != kind or (kind == DATA and t[i] * S.SECTOR != nxt):
+                break
+            n += gb
+            nxt += gb
+            i += 1
+        return kind, min(n, max_len), (host + in_g if kind == DATA else 0)
+
+    # --- reads -----------------------------------------------------------------------
+    def status(self, off: int, length: int) -> Status:
+        kind, n, host = self.lookup(off, length)
+        if kind == UNALLOC:
+            return Status(n, False, False, True)
+        if kind == ZERO:
+            return Status(n, True, False, True)
+        if kind == COMPRESSED:
+            return Status(n, True, True, False, None, self.filename)
+        return Status(n, True, True, False, host, self.filename)
+
+    def readinto(self, off: int, buf: memoryview, fill: Fill) -> None:
+        pos = 0
+        while pos < len(buf):
+            kind, n, host = self.lookup(off + pos, len(buf) - pos)
+            part = buf[pos:pos + n]
+            if kind == UNALLOC:
+                fill(off + pos, part)
+            elif kind == ZERO:
+                part[:] = bytes(n)
+            elif kind == DATA:
+                if host >= self.fsize:
+                    raise CorruptImageError(f"Grain at offset {host:#x} for guest offset "
+                                            f"{off + pos:#x} lies past the end of "
+                                            f"'{self.filename}'", offset=host)
+                self.host.preadinto(host, part)
+            else:
+                in_g = (off + pos) % self.gb
+                part[:] = self._grain(host)[in_g:in_g + n]
+            pos += n
+
+    def _grain(self, host: int) -> bytes:
+        g = self._grains.get(host)
+        if g is not None:
+            return g
+        if host >= self.fsize:
+            raise CorruptImageError(f"Compressed grain at offset {host:#x} lies past the end "
+                                    f"of '{self.filename}'", offset=host)
+        gb = self.gb
+        bound = gb + (gb >> 12) + (gb >> 14) + (gb >> 25) + 13 + 64
+        if self.has_markers:
+            head = self.host.pread(host, 12)
+            if len(head) < 12:
+                raise CorruptImageError(f"Grain marker at offset {host:#x} truncated",
+                                        offset=host)
+            _lba, size = S.GRAIN_MARKER.unpack(head)
+            if size == 0 or size > bound or host + 12 + size > self.fsize:
+                raise CorruptImageError(f"Grain marker at offset {host:#x} has invalid size "
+                                        f"{size}", offset=host)
+            data = self.host.pread(host + 12, size)
+        else:
+            data = self.host.pread(host, min(bound, self.fsize - host))
+        g = S.decompress_grain(data, gb, host)
+        self._grains[host] = g
+        if len(self._grains) > _GRAIN_CACHE:
+            self._grains.popitem(last=False)
+        return g
+
+    # --- writes ----------------------------------------------------------------------
+    def _set_gte(self, grain: int, value: int) -> None:
+        gdi, idx = divmod(grain, self.geo.gtes)
+        t = self._gt(gdi)
+        if t is None:
+            t = self._alloc_gt(gdi)
+        t[idx] = value
+        self._dirty.add(gdi)
+        if len(self._dirty) > _GT_CACHE // 2:     # bound memory: write tables back early
+            self._write_gts()
+
+    def _alloc_gt(self, gdi: int) -> array[int]:
+        """A grain directory entry of 0 on write: append a zeroed grain table (and one for
+        the redundant directory), then point the directory entries at them."""
+        nsec = -(-self.geo.gt_bytes // S.SECTOR)
+        copies = 2 if self.rgd is not None else 1
+        gs = self.header.grain_size
+        start = self._reserve(-(-(nsec * copies) // gs) * gs)
+        self.host.pwrite(start * S.SECTOR, bytes(nsec * copies * S.SECTOR))
+        self.fsize = max(self.fsize, self.host.size())
+        self.gd[gdi] = start
+        self.host.pwrite(self.header.gd_offset * S.SECTOR + 4 * gdi, struct.pack("<I", start))
+        if self.rgd is not None:
+            self.rgd[gdi] = start + nsec
+            self.host.pwrite(self.header.rgd_offset * S.SECTOR + 4 * gdi,
+                             struct.pack("<I", start + nsec))
+        t = array("I", bytes(self.geo.gt_bytes))
+        self._gts[gdi] = t
+        return t
+
+    def _reserve(self, nsec: int) -> int:
+        """Reserve ``nsec`` sectors at the end of the file; sector numbers are u32."""
+        sec = self.next_sector
+        if sec + nsec > 0xFFFFFFFF:
+            raise UnsupportedFeatureError(f"Sparse extent '{self.filename}' is full: grain "
+                                          "offsets past 2 TiB do not fit a grain table entry")
+        self.next_sector += nsec
+        return sec
+
+    def _alloc_grains(self, n: int) -> int:
+        return self._reserve(n * self.header.grain_size) * S.SECTOR
+
+    def write(self, off: int, data: memoryview, fill: Fill) -> None:
+        if self.stream is not None:
+            self.stream.write(off, data)
+            return
+        gb = self.gb
+        pos = 0
+        while pos < len(data):
+            kind, n, host = self.lookup(off + pos, len(data) - pos)
+            if kind == DATA:
+                if host < self.header.overhead * S.SECTOR or host >= self.fsize:
+                    raise CorruptImageError(f"Grain at offset {host:#x} overlaps the "
+                                            f"metadata of '{self.filename}' or lies past "
+                                            "its end", offset=host)
+                self.host.pwrite(host, data[pos:pos + n])
+                pos += n
+                continue
+            # allocate the grains of this run (UNALLOC or ZERO), one pwrite
+            g0 = (off + pos) // gb
+            in_g = (off + pos) - g0 * gb
+            end = off + pos + n
+            g1 = -(-end // gb)
+            buf = bytearray((g1 - g0) * gb)
+            mv = memoryview(buf)
+            if in_g:
+                self._base(kind, g0 * gb, mv[:gb], fill)
+            if end % gb and (in_g == 0 or g1 - 1 > g0):
+                self._base(kind, (g1 - 1) * gb, mv[(g1 - 1 - g0) * gb:], fill)
+            mv[in_g:in_g + n] = data[pos:pos + n]
+            host = self._alloc_grains(g1 - g0)
+            self.host.pwrite(host, buf)
+            self.fsize = max(self.fsize, host + len(buf))
+            for i in range(g1 - g0):
+                self._set_gte(g0 + i, host // S.SECTOR + i * self.header.grain_size)
+            pos += n
+
+    @staticmethod
+    def _base(kind: str, off: int, mv: memoryview, fill: Fill) -> None:
+        if kind == UNALLOC:
+            fill(off, mv)
+        # ZERO: already zeros
+
+    def write_zeroes(self, off: int, length: int, fill: Fill, has_backing: bool) -> None:
+        if self.stream is not None:
+            self.stream.write(off, memoryview(bytes(length)))
+            return
+        gb = self.gb
+        pos = 0
+        while pos < length:
+            kind, n, _host = self.lookup(off + pos, length - pos)
+            if kind == ZERO or (kind == UNALLOC and not has_backing):
+                pos += n
+                continue
+            g0 = (off + pos) // gb
+            in_g = off + pos - g0 * gb
+            full_from = g0 + (1 if in_g else 0)
+            full_to = (off + pos + n) // gb
+            if self.zero_grain and full_to > full_from:
+                if in_g:
+                    self.write(off + pos, memoryview(bytes(gb - in_g)), fill)
+                for g in range(full_from, full_to):
+                    self._set_gte(g, S.GTE_ZEROED)
+                tail = off + pos + n - full_to * gb
+                if tail:
+                    self.write(full_to * gb, memoryview(bytes(tail)), fill)
+            else:
+                for s in range(0, n, 1 << 20):
+                    m = min(1 << 20, n - s)
+                    self.write(off + pos + s, memoryview(bytes(m)), fill)
+            pos += n
+
+    def flush(self) -> None:
+        if self.read_only:
+            return
+        if self.stream is not None:
+            return
+        self._write_gts()
+        self.host.flush()
+
+    def _write_gts(self) -> None:
+        """Write dirty grain tables (primary and redundant copy); grain data is already on
+        disk before any table pointing at it."""
+        nbytes = self.geo.gt_bytes
+        for gdi in sorted(self._dirty):
+            raw = S.pack_le_u32_array(self._gts[gdi])
+            self.host.pwrite(self.gd[gdi] * S.SECTOR, raw[:nbytes])
+            if self.rgd is not None and self.rgd[gdi]:
+                self.host.pwrite(self.rgd[gdi] * S.SECTOR, raw[:nbytes])
+        self._dirty.clear()
+
+    def finish(self) -> None:
+        """Close-time work: a stream writer writes its tables, footer and EOS marker."""
+        if self.stream is not None and not self.read_only:
+            self.stream.finish()
+            self.stream = None
+
+    def info(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.compressed:
+            d["compressed"] = True
+        d.update({"virtual-size": self.size, "filename": self.filename,
+                  "cluster-size": self.gb, "format": self.type})
+        return d
+
+    def check_redundant(self) -> list[dict[str, Any]]:
+        """Findings where the redundant grain directory / tables disagree with the primary
+        ones (qemu neither reads nor checks them; VMware tools repair from them)."""
+        h = self.header
+        if not h.flags & S.FLAG_RGD or self.compressed:
+            return []
+        n = self.geo.gt_bytes
+        rgd = self.rgd if self.rgd is not None else S.le_u32_array(self.host.pread_exact(
+            h.rgd_offset * S.SECTOR, len(self.gd) * 4, "redundant grain directory"))
+        out: list[dict[str, Any]] = []
+        for i, (a, b) in enumerate(zip(self.gd, rgd, strict=True)):
+            if bool(a) != bool(b) or (a and self.host.pread(a * S.SECTOR, n) !=
+                                      self.host.pread(b * S.SECTOR, n)):
+                out.append({"extent": self.filename, "offset": b * S.SECTOR,
+                            "problem": f"redundant grain table {i} differs from the primary"})
+                if len(out) >= 100:
+                    break
+        return out
+
+    def check_grains(self) -> list[tuple[int, str]]:
+        """(guest offset, message) for grain table entries pointing past the file end."""
+        out: list[tuple[int, str]] = []
+        fsize = self.host.size()
+        for gdi in range(len(self.gd)):
+            t = self._gt(gdi)
+            if t is None:
+                continue
+            for idx, gte in enumerate(t):
+                if self._classify(gte) in (DATA, COMPRESSED) and gte * S.SECTOR >= fsize:
+                    g = gdi * self.geo.gtes + idx
+                    out.append((g * self.gb, f"ERROR: cluster offset for sector "
+                                             f"{g * self.gb // S.SECTOR} points after EOF"))
+                    return out
+        return out
+
+
+class SeSparseExtent:
+    """seSparse extent (ESXi 6.5+ snapshots), read-only like qemu 7.2's driver.
+
+    Directory entries are u64 ``0x1000_0000_xxxx_xxxx`` (table index in the low 32 bits);
+    table entries are u64 with the type in the top nibble: 0 unallocated, 1 unmapped and
+    2 zero (both read as zeros), 3 allocated (grain index in bits 0-47 << 12 | bits 48-59).
+    """
+
+    GTES = 4096
+
+    def __init__(self, host: HostFile, h: S.SeSparseHeader, filename: str, typ: str) -> None:
+        h.validate()
+        self.host, self.header, self.filename, self.type = host, h, filename, typ
+        self.read_only = True
+        self.fsize = host.size()
+        self.size = h.capacity * S.SECTOR
+        self.gb = h.grain_size * S.SECTOR
+        vh = host.pread(h.volatile_header_offset * S.SECTOR, 32)
+        if len(vh) < 32 or struct.unpack_from("<Q", vh)[0] != S.SESPARSE_VOLATILE_MAGIC:
+            raise FormatError("Bad seSparse volatile header magic",
+                              offset=h.volatile_header_offset * S.SECTOR)
+        if struct.unpack_from("<Q", vh, 24)[0]:
+            raise UnsupportedFeatureError("Image is dirty, Replaying journal not supported")
+        per_gt = self.GTES * self.gb
+        need = -(-self.size // per_gt)
+        n = h.grain_dir_size * S.SECTOR // 8
+        if n < need or n > S.MAX_GD_ENTRIES:
+            raise FormatError(f"seSparse grain directory size {h.grain_dir_size} sectors does "
+                              f"not fit capacity {h.capacity}", offset=8 * 17)
+        raw = host.pread_exact(h.grain_dir_offset * S.SECTOR, n * 8, "seSparse grain directory")
+        self.gd = struct.unpack(f"<{n}Q", raw)
+        self._gts: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+
+    def _gt(self, gdi: int) -> tuple[int, ...] | None:
+        t = self._gts.get(gdi)
+        if t is not None:
+            return t
+        ent = self.gd[gdi]
+        if ent == 0:
+            return None
+        where = self.header.grain_dir_offset * S.SECTOR + 8 * gdi
+        if ent >> 32 != 0x10000000:
+            raise CorruptImageError(f"Invalid seSparse grain directory entry {ent:#x}",
+                                    offset=where)
+        off = (self.header.grain_tables_offset * S.SECTOR + (ent & 0xFFFFFFFF) * self.GTES * 8)
+        if off + self.GTES * 8 > self.fsize:
+            raise CorruptImageError(f"seSparse grain table {gdi} at {off:#x} lies past the "
+                                    "end of the file", offset=where)
+        t = struct.unpack(f"<{self.GTES}Q", self.host.pread(off, self.GTES * 8))
+        self._gts[gdi] = t
+        if len(self._gts) > 256:
+            self._gts.popitem(last=False)
+        return t
+
+    def lookup(self, off: int, length: int) -> tuple[str, int, int]:
+        gb = self.gb
+        grain, in_g = divmod(off, gb)
+        gdi, idx = divmod(grain, self.GTES)
+        n = min(length, gb - in_g)
+        t = self._gt(gdi)
+        if t is None:
+            return UNALLOC, min(length, (self.GTES - idx) * gb - in_g), 0
+        e = t[idx]
+        kind = e >> 60
+        if kind == 0:
+            if e:
+                raise CorruptImageError(f"Invalid seSparse grain table entry {e:#x}")
+            return UNALLOC, n, 0
+        if kind in (1, 2):
+            return ZERO, n, 0
+        if kind != 3:
+            raise CorruptImageError(f"Invalid seSparse grain table entry {e:#x}")
+        g = ((e & 0x0FFF000000000000) >> 48) | ((e & 0x0000FFFFFFFFFFFF) << 12)
+        host = self.header.grains_offset * S.SECTOR + g * gb
+        return DATA, n, host + in_g
+
+    def status(self, off: int, length: int) -> Status:
+        kind, n, host = self.lookup(off, length)
+        if kind == UNALLOC:
+            return Status(n, False, False, True)
+        if kind == ZERO:
+            return Status(n, True, False, True)
+        return Status(n, True, True, False, host, self.filename)
+
+    def readinto(self, off: int, buf: memoryview, fill: Fill) -> None:
+        pos = 0
+        while pos < len(buf):
+            kind, n, host = self.lookup(off + pos, len(buf) - pos)
+            part = buf[pos:pos + n]
+            if kind == UNALLOC:
+                fill(off + pos, part)
+            elif kind == ZERO:
+                part[:] = bytes(n)
+            else:
+                if host >= self.fsize:
+                    raise CorruptImageError(f"seSparse grain at {host:#x} lies past the end "
+                                            f"of '{self.filename}'", offset=host)
+                self.host.preadinto(host, part)
+            pos += n
+
+    def write(self, off: int, data: memoryview, fill: Fill) -> None:
+        raise UnsupportedFeatureError("Writes to seSparse extents are not supported")
+
+    def write_zeroes(self, off: int, length: int, fill: Fill, has_backing: bool) -> None:
+        self.write(off, memoryview(b""), fill)
+
+    def flush(self) -> None:
+        pass
+
+    def info(self) -> dict[str, Any]:
+        return {"virtual-size": self.size, "filename": self.filename,
+                "cluster-size": self.gb, "format": self.type}
+
+
+class StreamWriter:
+    """Writes a streamOptimized extent front to back, VMware's layout: grains (marker +
+    zlib data), after the grains of each grain table a GT marker + table, then a GD
+    marker + directory, footer marker + footer header, end-of-stream marker.
+
+    Grains must arrive in ascending order; a partly written grain is held in memory until
+    a later grain (or :meth:`finish`) completes it.  All-zero grains are not stored.
+    Grains are deflated on a small thread pool (zlib releases the GIL) and appended in
+    order; at most ``2 * threads`` grains are in flight (bounded memory).
+    """
+
+    def __init__(self, host: HostFile, header: S.SparseHeader, truncate_at: int, *,
+                 threads: int | None = None, level: int = 6) -> None:
+        self.host, self.header = host, header
+        self.gb = header.grain_size * S.SECTOR
+        self.gtes = header.num_gtes_per_gt
+        self.gd_entries = -(-header.capacity // (header.grain_size * self.gtes))
+        self.pos = truncate_at
+        host.truncate(truncate_at)
+        self.gd = array("I", bytes(4 * self.gd_entries))
+        self.gt: array[int] | None = None
+        self.gt_index = -1
+        self.cur_grain = -1
+        self.last_added = -1
+        self.cur = bytearray()
+        self.level = level
+        n = threads if threads is not None else min(4, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(n) if n > 1 else None
+        self._inflight: deque[tuple[int, Future[bytes]]] = deque()
+        self._max_inflight = 2 * n
+
+    def _emit(self, rec: bytes) -> int:
+        at = self.pos
+        self.host.pwrite(at, rec)
+        self.pos += len(rec)
+        return at
+
+    def _close_gt(self) -> None:
+        if self.gt is not None and any(self.gt):
+            nsec = -(-self.gtes * 4 // S.SECTOR)
+            self._emit(S.Marker(nsec, 0, S.MARKER_GT).pack())
+            at = self._emit(S.pack_le_u32_array(self.gt).ljust(nsec * S.SECTOR, b"\0"))
+            self.gd[self.gt_index] = at // S.SECTOR
+        self.gt = None
+
+    def put_grain(self, grain: int, compressed: bytes) -> None:
+        """Append grain ``grain`` (already zlib-compressed data), in ascending order."""
+        gdi, idx = divmod(grain, self.gtes)
+        if gdi != self.gt_index:
+            self._close_gt()
+            self.gt_index = gdi
+            self.gt = array("I", bytes(4 * self.gtes))
+        at = self._emit(S.pack_grain(grain * self.header.grain_size, compressed))
+        assert self.gt is not None
+        self.gt[idx] = at // S.SECTOR
+
+    def add_grain(self, grain: int, data: bytes) -> None:
+        """Queue one whole, non-zero grain of guest data (ascending ``grain``)."""
+        if grain <= self.last_added:
+            raise UsageError("streamOptimized grains must be added in ascending order")
+        self.last_added = grain
+        if self._pool is None:
+            self.put_grain(grain, S.compress_grain(data, self.level))
+            return
+        self._inflight.append((grain, self._pool.submit(S.compress_grain, data, self.level)))
+        while len(self._inflight) > self._max_inflight:
+            self._pop()
+
+    def _pop(self) -> None:
+        g, fut = self._inflight.popleft()
+        self.put_grain(g, fut.result())
+
+    def _flush_cur(self) -> None:
+        if self.cur_grain >= 0 and any(self.cur):
+            self.add_grain(self.cur_grain, bytes(self.cur))
+        self.cur_grain = -1
+
+    def write(self, off: int, data: memoryview) -> None:
+        gb = self.gb
+        pos = 0
+        while pos < len(data):
+            g, in_g = divmod(off + pos, gb)
+            n = min(gb - in_g, len(data) - pos)
+            if g != self.cur_grain:
+                if g < self.cur_grain or g <= self.last_added:
+                    raise UsageError("streamOptimized images are written front to back: "
+                                     f"guest offset {off + pos} lies before data already "
+                                     "written")
+                self._flush_cur()
+                self.cur_grain = g
+                self.cur = bytearray(gb)
+            self.cur[in_g:in_g + n] = data[pos:pos + n]
+            pos += n
+
+    def close(self) -> None:
+        """Stop the compression threads (without writing anything)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def finish(self) -> None:
+        """Write the pending grains, the last grain table, GD, footer and EOS marker."""
+        try:
+            self._flush_cur()
+            while self._inflight:
+                self._pop()
+        finally:
+            self.close()
+        self._close_gt()
+        gd_sec = -(-self.gd_entries * 4 // S.SECTOR)
+        self._emit(S.Marker(gd_sec, 0, S.MARKER_GD).pack())
+        gd_at = self._emit(S.pack_le_u32_array(self.gd).ljust(gd_sec * S.SECTOR, b"\0"))
+        footer = self.header.with_(gd_offset=gd_at // S.SECTOR, rgd_offset=0,
+                                   flags=self.header.flags & ~S.FLAG_RGD)
+        self._emit(S.Marker(1, 0, S.MARKER_FOOTER).pack())
+        if S.SparseHeader.parse(self.host.pread(0, S.SECTOR)).gd_offset != S.GD_AT_END:
+            self.host.pwrite(0, footer.with_(gd_offset=S.GD_AT_END).pack())
+        self._emit(footer.pack())
+        self._emit(S.Marker(0, 0, S.MARKER_EOS).pack())
+        self.host.truncate(self.pos)
+        self.host.flush()
+
+
+def new_cid() -> int:
+    """A random content ID (qemu: g_random_int())."""
+    return random.getrandbits(32)
+
+
+def guard_type(typ: str) -> None:
+    if typ in ("VMFSRDM", "VMFSRAW"):
+        raise UnsupportedFeatureError(f"Unsupported vmdk extent type '{typ}'")
+    if typ not in ("SPARSE", "FLAT", "VMFS", "ZERO", "VMFSSPARSE", "SESPARSE"):
+        raise FormatError(f"Unknown vmdk extent type '{typ}'")
