@@ -15,6 +15,7 @@ import bz2
 import re
 import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,12 +58,6 @@ QEMU_REFUSES = {
     "libvmdk/descriptor_file.1": "vmdk",  # stand-alone monolithicSparse descriptor
 }
 
-# ---- vmdk -----------------------------------------------------------------------------------
-# vmdk is NOT IMPLEMENTED YET: today every vmdk input fails with a DiskImgError saying
-# "vmdk support is not implemented yet", and that is accepted.  As soon as diskimg.open stops
-# saying so, the real expectations apply by themselves: valid vmdks must open with qemu's
-# virtual size, the ones qemu refuses (QEMU_REFUSES) must fail with a DiskImgError.
-VMDK_PENDING = "vmdk support is not implemented yet"
 
 
 # Known gaps, reported to the owner of probe.py.  strict: delete the entry once fixed.
@@ -160,9 +155,7 @@ def test_corpus_file(name: str, tmp_path: Path) -> None:
         assert outcome is not None, f"{name}: a {expected} image was opened as {fmt}"
         assert expected in msg, msg
     elif expected == "vmdk":
-        if VMDK_PENDING in msg:
-            pass  # expected until vmdk lands, see VMDK_PENDING
-        elif name in QEMU_REFUSES:
+        if name in QEMU_REFUSES:
             assert outcome is not None, f"{name}: qemu-img refuses this file"
         else:
             assert outcome is None, msg
@@ -171,3 +164,24 @@ def test_corpus_file(name: str, tmp_path: Path) -> None:
         assert expected in ("raw", "qcow2"), expected
         assert outcome is None, f"{name}: qemu-img opens this as {expected}: {msg}"
         assert (fmt, size) == (expected, qsize)
+
+
+_CONVERTIBLE = [n for n in _all_files()
+                if TABLE[n][0] in ("raw", "qcow2", "vmdk") and n not in QEMU_REFUSES]
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img absent")
+@pytest.mark.parametrize("name", _CONVERTIBLE)
+def test_corpus_convert_to_raw_matches_qemu(name: str, tmp_path: Path) -> None:
+    """``diskimg convert -O raw`` of every file qemu-img opens gives the same guest bytes
+    (qemu-img compare, which reads holes as zeros) and exactly the virtual size."""
+    path = _materialise(name, tmp_path)
+    out = tmp_path / "out.raw"
+    with _time_limit(TIMEOUT_S):
+        diskimg.convert(path, out, "raw")
+    assert out.stat().st_size == TABLE[name][1]
+    fmt = TABLE[name][0]
+    cmp = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", "raw", str(path), str(out)],
+                         capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr

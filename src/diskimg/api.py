@@ -75,7 +75,9 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
 
             dev = Qcow2Image(host, secrets=secrets, options=options, policy=policy)
         else:
-            raise DiskImgError(f"Could not open '{path}': vmdk support is not implemented yet")
+            from diskimg.vmdk import open_vmdk
+
+            dev = open_vmdk(host, policy=policy)
     except BaseException:
         host.close()
         raise
@@ -162,4 +164,6 @@ def create(
         create_qcow2(Path(path), size, backing_file=backing_file, backing_fmt=backing_fmt,
                      options=opts, secrets=dict(secrets or {}))
         return
-    raise DiskImgError("vmdk support is not implemented yet")
+    from diskimg.vmdk import create_vmdk
+
+    create_vmdk(Path(path), size, backing_file=backing_file, options=opts)

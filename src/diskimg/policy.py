@@ -22,15 +22,19 @@ _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 @dataclass(slots=True)
 class OpenPolicy:
     """``untrusted``: confine every referenced file to ``allowed_dirs`` (default: the top
-    image's directory).  ``max_depth``: longest backing chain accepted."""
+    image's directory).  ``max_depth``: longest backing chain accepted.
+    ``allow_extents_outside``: let vmdk descriptors name extents outside their directory
+    (qemu-img's behaviour; off by default)."""
 
     untrusted: bool = False
     allowed_dirs: list[Path] = field(default_factory=list)
     max_depth: int = MAX_CHAIN_DEPTH
+    allow_extents_outside: bool = False  # vmdk extents outside the descriptor's directory
 
     def for_top(self, top: Path) -> OpenPolicy:
         if self.untrusted and not self.allowed_dirs:
-            return OpenPolicy(True, [top.resolve().parent], self.max_depth)
+            return OpenPolicy(True, [top.resolve().parent], self.max_depth,
+                              self.allow_extents_outside)
         return self
 
     def resolve(self, name: str, parent: Path, what: str = "backing file") -> Path:
