@@ -113,6 +113,9 @@ class Qcow2Image(BlockDevice):
 
         self.snapshot_list = read_table(self)
         self.snapshots = SnapshotTable(self)
+        from diskimg.qcow2.bitmaps import Bitmaps
+
+        self.bitmaps = Bitmaps(self)
         self._view_of: Qcow2Image | None = None
         self._metadata_prealloc: bool | None = None
 
@@ -462,6 +465,7 @@ class Qcow2Image(BlockDevice):
     # --- writes ----------------------------------------------------------------------
     def _write(self, offset: int, data: memoryview) -> None:
         self._check_write_support()
+        self.bitmaps.mark(offset, len(data))
         if self.extended:
             self._write_ext(offset, data)
             return
@@ -596,6 +600,7 @@ class Qcow2Image(BlockDevice):
         self._check_write_support()
         if self.header.crypt_method:
             raise UnsupportedFeatureError("Compression of encrypted images is not supported")
+        self.bitmaps.mark(offset, len(mv))
         out = compressed if compressed is not None else self.compress_cluster(mv)
         if out is None:
             self._write(offset, mv)
@@ -640,6 +645,7 @@ class Qcow2Image(BlockDevice):
 
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         self._check_write_support()
+        self.bitmaps.mark(offset, length)
         first, end = self._full_clusters(offset, length)
         head_end = min(offset + length, first << self.cb)
         if head_end > offset:
@@ -655,6 +661,7 @@ class Qcow2Image(BlockDevice):
 
     def _discard(self, offset: int, length: int) -> None:
         self._check_write_support()
+        self.bitmaps.mark(offset, length)
         first, end = self._full_clusters(offset, length)
         if end > first:
             self._zero_clusters(first, end, True, discard=True)
@@ -771,6 +778,9 @@ class Qcow2Image(BlockDevice):
         if self._view_of is not None:
             return  # a snapshot view shares its parent's files
         try:
+            if not self.read_only and self.bitmaps.tracked:
+                self.bitmaps.store()
+                self._flush()
             if not self.read_only and self._set_dirty_bit:
                 self.header.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY
                 self._write_header_features()
@@ -790,6 +800,8 @@ class Qcow2Image(BlockDevice):
             raise UsageError("Use the --shrink option to perform a shrink operation.")
         if self.header.nb_snapshots:
             raise UnsupportedFeatureError("Can't resize an image which has snapshots")
+        if self.bitmaps.entries:
+            raise UnsupportedFeatureError("Cannot resize qcow2 with persistent bitmaps")
         self._check_write_support()
         if new_size < self.size:
             first = -(-new_size >> self.cb)
@@ -850,6 +862,8 @@ class Qcow2Image(BlockDevice):
         if h.version >= 3:
             data["compression-type"] = COMPRESSION_TYPES[h.compression_type]
             data["lazy-refcounts"] = bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
+            if self.bitmaps.entries:
+                data["bitmaps"] = self.bitmaps.info()
         else:
             data["compression-type"] = COMPRESSION_TYPES[h.compression_type]
         data["refcount-bits"] = h.refcount_bits

@@ -1,0 +1,77 @@
+"""Persistent dirty bitmaps stay true: after the same writes, diskimg's bitmaps hold
+exactly the bits qemu-io's do, flags and info match, and qemu-img check is clean."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import diskimg
+from diskimg.qcow2.bitmaps import BME_FLAG_IN_USE
+
+QEMU_IMG = shutil.which("qemu-img")
+QEMU_IO = shutil.which("qemu-io")
+pytestmark = [pytest.mark.qemu,
+              pytest.mark.skipif(not (QEMU_IMG and QEMU_IO), reason="qemu-img/qemu-io absent")]
+
+
+def bitmap_bits(path: Path) -> dict[str, tuple[int, bytes]]:
+    """name -> (flags, bitmap data with trailing zeros stripped), parsed independently."""
+    img = diskimg.open(path, force_share=True)
+    try:
+        bm = img.bitmaps  # type: ignore[attr-defined]
+        cs = img.cluster_size  # type: ignore[attr-defined]
+        out = {}
+        for e in bm.entries:
+            raw = img.host.pread(e.table_offset, 8 * e.table_size)  # type: ignore[attr-defined]
+            data = b""
+            for ent in struct.unpack(f">{e.table_size}Q", raw):
+                off = ent & 0x00FFFFFFFFFFFE00
+                data += img.host.pread(off, cs) if off else bytes(cs)  # type: ignore[attr-defined]
+            out[e.name] = (e.flags, data.rstrip(b"\0"))
+        return out
+    finally:
+        img.close()
+
+
+def test_bitmaps_track_writes_like_qemu(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", theirs, "64M"], check=True)
+    for args in (["b0"], ["-g", "1M", "b1"], ["--disable", "b2"]):
+        subprocess.run([QEMU_IMG, "bitmap", "--add", *args[:-1], theirs, args[-1]], check=True)
+    ours = tmp_path / "ours.qcow2"
+    shutil.copyfile(theirs, ours)
+    subprocess.run([QEMU_IO, "-c", "write 0 100k", "-c", "write 10M 1k", "-c",
+                    "write -z 30M 3M", "-c", "discard 50M 64k", theirs], check=True,
+                   capture_output=True)
+    with diskimg.open(ours, "r+") as d:
+        d.write(0, b"\xcd" * 102400)
+        d.write(10 << 20, b"\xcd" * 1024)
+        d.write_zeroes(30 << 20, 3 << 20)
+        d.discard(50 << 20, 65536)
+        # while the image is open for writing, enabled bitmaps are flagged in use on disk
+        assert bitmap_bits(ours)["b0"][0] & BME_FLAG_IN_USE
+    got, want = bitmap_bits(ours), bitmap_bits(theirs)
+    assert got == want
+    assert got["b0"][1] and not got["b2"][1]  # the disabled bitmap is left alone
+    info = [json.loads(subprocess.run([QEMU_IMG, "info", "--output=json", p],
+                                      capture_output=True, text=True).stdout)["format-specific"]
+            for p in (ours, theirs)]
+    assert info[0] == info[1]
+    with diskimg.open(ours) as d:
+        assert d.info().to_json()["format-specific"] == info[1]
+    assert subprocess.run([QEMU_IMG, "check", ours], capture_output=True).returncode == 0
+
+
+def test_resize_refused_with_bitmaps(tmp_path: Path) -> None:
+    img = tmp_path / "b.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", img, "1M"], check=True)
+    subprocess.run([QEMU_IMG, "bitmap", "--add", img, "b0"], check=True)
+    with diskimg.open(img, "r+") as d, \
+            pytest.raises(diskimg.UnsupportedFeatureError, match="persistent bitmaps"):
+        d.resize(2 << 20)  # type: ignore[attr-defined]
