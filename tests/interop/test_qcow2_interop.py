@@ -277,3 +277,37 @@ def test_same_writes_give_qemus_bytes(tmp_path: Path, cs: int, name: str) -> Non
         # freed clusters are deallocated in the host file, as qemu does (the filesystem's
         # own block placement may differ by a block or two; not punching would be ~1 MiB)
         assert abs(ours.stat().st_blocks - theirs.stat().st_blocks) <= 16
+
+
+@pytest.mark.parametrize("raw_flag", ["off", "on"])
+def test_external_data_file_create_and_write(tmp_path: Path, raw_flag: str) -> None:
+    """create is byte-identical to qemu-img's (data file included); writes go to the data
+    file at the guest offset (qemu's identity mapping) and qemu reads them back."""
+    qdir, ddir = tmp_path / "q", tmp_path / "d"
+    qdir.mkdir()
+    ddir.mkdir()
+    opts = {"data_file": "disk.raw", "data_file_raw": raw_flag}
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
+                    ",".join(f"{k}={v}" for k, v in opts.items()), "disk.qcow2", "4M"],
+                   check=True, cwd=qdir)
+    diskimg.create(ddir / "disk.qcow2", "qcow2", 4 << 20, options=opts)
+    for name in ("disk.qcow2", "disk.raw"):
+        assert (ddir / name).read_bytes() == (qdir / name).read_bytes(), name
+    img = ddir / "disk.qcow2"
+    model = bytearray(4 << 20)
+    with diskimg.open(img, "r+") as d:
+        for off, n in ((70000, 100), (1 << 20, 200000), (3 << 20, 65536)):
+            model[off : off + n] = bytes([n & 0xFF or 1]) * n
+            d.write(off, model[off : off + n])
+        d.discard(3 << 20, 65536)
+        model[3 << 20 : (3 << 20) + 65536] = bytes(65536)
+    # guest data lies in the data file at the guest offset
+    assert (ddir / "disk.raw").read_bytes()[70000:70100] == model[70000:70100]
+    ref = ddir / "model.raw"
+    ref.write_bytes(model)
+    cmp = subprocess.run([QEMU_IMG, "compare", "-F", "raw", "disk.qcow2", "model.raw"],
+                         capture_output=True, text=True, cwd=ddir)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    chk = subprocess.run([QEMU_IMG, "check", "disk.qcow2"], capture_output=True, text=True,
+                         cwd=ddir)
+    assert chk.returncode == 0, chk.stdout + chk.stderr

@@ -14,7 +14,10 @@ from typing import Any
 from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.hostio import open_host_file
 from diskimg.qcow2.layout import (
+    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
+    QCOW2_EXT_MAGIC_DATA_FILE,
+    QCOW2_INCOMPAT_DATA_FILE,
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
     QCOW2_INCOMPAT_COMPRESSION,
@@ -85,10 +88,13 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
     prealloc = str(options.pop("preallocation", "off"))
     if prealloc not in ("off", "metadata", "falloc", "full"):
         raise UsageError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
-    for key in ("data_file", "data_file_raw"):
-        if key in options and options[key] not in (False, "off", None, ""):
-            raise UnsupportedFeatureError(f"qcow2 option '{key}' is not implemented yet")
-        options.pop(key, None)
+    data_file = options.pop("data_file", None) or None
+    data_file_raw = _bool("data_file_raw", options.pop("data_file_raw", False))
+    if data_file_raw and data_file is None:
+        raise UsageError("data-file-raw requires data-file")
+    if data_file is not None and version == 2:
+        raise UsageError("External data files are only supported with compatibility level "
+                         "1.1 and above (use version=v3 or greater)")
     legacy = _bool("encryption", options.pop("encryption", False))
     enc_format = str(options.pop("encrypt.format", "aes" if legacy else "")) or None
     enc_opts = {k: options.pop(k) for k in list(options) if k.startswith("encrypt.")}
@@ -128,6 +134,11 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
     if enc_format is not None:
         h.crypt_method = 1 if enc_format == "aes" else 2
         options["_encrypt"] = enc_opts  # consumed by create_qcow2
+    if data_file is not None:
+        h.incompatible_features |= QCOW2_INCOMPAT_DATA_FILE
+        h.set_ext(QCOW2_EXT_MAGIC_DATA_FILE, str(data_file).encode())
+        if data_file_raw:
+            h.autoclear_features |= QCOW2_AUTOCLEAR_DATA_FILE_RAW
     return h, prealloc
 
 
@@ -151,6 +162,8 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
         raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
     cs = h.cluster_size
     l1_clusters = -(-h.l1_size * 8 // cs)
+    if h.data_file is not None:
+        _create_data_file(path, h.data_file, h.size)
     host = open_host_file(path, True, create=True)
     try:
         # clusters 0-2: header, refcount table, first refcount block (refcounts for 0..2)
@@ -176,8 +189,27 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
         host.flush()
     finally:
         host.close()
+    if h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW and prealloc == "off":
+        prealloc = "metadata"  # qemu maps a raw data file one to one from the start
     if prealloc != "off":
         _preallocate(path, prealloc)
+
+
+def _create_data_file(image: Path, name: str, size: int) -> None:
+    """Create the external data file as an empty raw image of the virtual size.
+
+    Unlike qemu-img (which resolves the name against the working directory) the name is
+    resolved against the image's directory, where diskimg also looks for it on open."""
+    from diskimg.raw import create_raw
+
+    p = Path(name)
+    if not p.is_absolute():
+        p = Path(image).parent / p
+    host = open_host_file(p, True, create=True)
+    try:
+        create_raw(host, size)
+    finally:
+        host.close()
 
 
 def _add_luks_area(host: Any, h: Header, rc: Any, passphrase: bytes,
@@ -212,9 +244,9 @@ def _preallocate(path: Path, mode: str) -> None:
             idx = c & (img.l2_entries - 1)
             n = min(img.l2_entries - idx, nclusters - c)
             l2_off, table = img._get_l2_for_write(c)
-            base = img.refcounts.alloc(n)
+            hosts = img._alloc_data(list(range(c, c + n)))
             for j in range(n):
-                table.entries[idx + j] = (base + j * img.cs) | E.QCOW_OFLAG_COPIED
+                table.entries[idx + j] = hosts[j] | E.QCOW_OFLAG_COPIED
             img.l2_cache.mark_dirty(l2_off)
             c += n
         img.flush()

@@ -398,9 +398,6 @@ class Qcow2Image(BlockDevice):
     def _check_write_support(self) -> None:
         if self.header.crypt_method:
             _ = self.cipher  # fails early without the secret
-        if self._data_file_opened:
-            raise UnsupportedFeatureError("Writing to qcow2 images with an external data "
-                                          "file is not implemented yet")
         if not self._set_dirty_bit and self.header.compatible_features & \
                 QCOW2_COMPAT_LAZY_REFCOUNTS:
             self.header.incompatible_features |= QCOW2_INCOMPAT_DIRTY
@@ -430,12 +427,28 @@ class Qcow2Image(BlockDevice):
         self.l1_dirty.add(l1i)
         return new_off, table
 
+    def _alloc_data(self, clusters: list[int]) -> list[int]:
+        """Host offsets for new data clusters of guest clusters ``clusters``: with an
+        external data file the guest offset itself (QEMU's identity mapping, no refcounts),
+        else one contiguous run of freshly allocated clusters."""
+        if self._data_file_opened:
+            return [c << self.cb for c in clusters]
+        base = self.refcounts.alloc(len(clusters))
+        return [base + k * self.cs for k in range(len(clusters))]
+
     def _free_entry(self, ent: int, punch: bool = False) -> None:
         """Schedule dropping the reference an L2 entry held (applied after the flush).
 
         ``punch``: a guest discard or unmapping zero-write; clusters that become free are
-        then deallocated in the host file too (QEMU's default pass-discard-request)."""
+        then deallocated in the host file too (QEMU's default pass-discard-request).
+        Pending entries are (host, length, punch); a negative length marks a cluster of an
+        external data file, which is only deallocated."""
         t = E.cluster_type(ent)
+        if self._data_file_opened:
+            # data clusters of an external data file carry no refcount (identity mapped)
+            if punch and t in (E.ClusterType.NORMAL, E.ClusterType.ZERO_ALLOC):
+                self._pending_free.append((ent & E.L2E_OFFSET_MASK, -self.cs, True))
+            return
         if t in (E.ClusterType.NORMAL, E.ClusterType.ZERO_ALLOC):
             self._pending_free.append((ent & E.L2E_OFFSET_MASK, self.cs, punch))
         elif t == E.ClusterType.COMPRESSED:
@@ -493,13 +506,13 @@ class Qcow2Image(BlockDevice):
                 else:
                     to_alloc.append(j)
             if to_alloc:
-                base = self.refcounts.alloc(len(to_alloc))
+                hosts = self._alloc_data([cluster + j for j in to_alloc])
                 for k, j in enumerate(to_alloc):
                     c = cluster + j
                     c_start = c << self.cb
                     lo = max(g, c_start)
                     hi = min(offset + n, c_start + cs)
-                    new_host = base + k * cs
+                    new_host = hosts[k]
                     old = ents[idx + j]
                     if lo == c_start and hi == c_start + cs:
                         writes.append((new_host, data[lo - offset : hi - offset], c_start))
@@ -519,7 +532,7 @@ class Qcow2Image(BlockDevice):
             if to_alloc:
                 for k, j in enumerate(to_alloc):
                     old = ents[idx + j]
-                    ents[idx + j] = (base + k * cs) | E.QCOW_OFLAG_COPIED
+                    ents[idx + j] = hosts[k] | E.QCOW_OFLAG_COPIED
                     self._free_entry(old)
                     self._decoded.pop(old, None)
                 self.l2_cache.mark_dirty(l2_off)
@@ -553,11 +566,11 @@ class Qcow2Image(BlockDevice):
                 new_host, new_bm = host, bm
             elif compressed or host:
                 # compressed or shared cluster: copy the whole cluster to a new one
-                new_host = self.refcounts.alloc(1)
+                new_host = self._alloc_data([cluster])[0]
                 new_bm = full_bits
                 r_lo, r_hi = c_start, min(c_start + cs, self.size)
             else:
-                new_host, new_bm = self.refcounts.alloc(1), bm
+                new_host, new_bm = self._alloc_data([cluster])[0], bm
             buf = bytearray(r_hi - r_lo)
             if g > r_lo or hi < r_hi:
                 self._readinto(r_lo, memoryview(buf))
@@ -600,6 +613,9 @@ class Qcow2Image(BlockDevice):
         self._check_write_support()
         if self.header.crypt_method:
             raise UnsupportedFeatureError("Compression of encrypted images is not supported")
+        if self._data_file_opened:
+            raise UnsupportedFeatureError("Compression is not supported with an external "
+                                          "data file")
         self.bitmaps.mark(offset, len(mv))
         out = compressed if compressed is not None else self.compress_cluster(mv)
         if out is None:
@@ -743,6 +759,9 @@ class Qcow2Image(BlockDevice):
             rc = self.refcounts
             to_punch: list[int] = []
             for host, n, punch in pending:
+                if n < 0:  # external data file cluster: not refcounted, only deallocated
+                    self.data_host.punch_hole(host, -n)
+                    continue
                 rc.free(host, n)
                 if host in self.l2_cache.tables and rc.get(host // self.cs) == 0:
                     self.l2_cache.drop(host)  # a freed L2 table must never be written back

@@ -278,6 +278,9 @@ class SnapshotTable:
         img._check_write_support()
         if len(img.snapshot_list) >= QCOW_MAX_SNAPSHOTS:
             raise UsageError("Too many snapshots")
+        if img._data_file_opened:
+            raise UsageError(f"Could not create snapshot '{name}': internal snapshots are "
+                             "not supported with an external data file")
         ids = [int(s.id) for s in img.snapshot_list if s.id.isdigit()]
         sid = str(max(ids, default=0) + 1)
         img.flush()
