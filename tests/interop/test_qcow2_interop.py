@@ -311,3 +311,39 @@ def test_external_data_file_create_and_write(tmp_path: Path, raw_flag: str) -> N
     chk = subprocess.run([QEMU_IMG, "check", "disk.qcow2"], capture_output=True, text=True,
                          cwd=ddir)
     assert chk.returncode == 0, chk.stdout + chk.stderr
+
+
+INFO_KINDS = {
+    "plain": (["-o", "cluster_size=4096"], []),
+    "v2": (["-o", "compat=0.10"], []),
+    "zstd-extl2-lazy": (["-o", "compression_type=zstd,extended_l2=on,lazy_refcounts=on"], []),
+    "data-file": (["-o", "data_file=data.raw,data_file_raw=on"], []),
+    "luks": (["--object", "secret,id=s0,data=pw", "-o",
+              "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=50"], []),
+    "bitmaps": ([], [["bitmap", "--add", "IMG", "b0"], ["bitmap", "--add", "-g", "1M", "IMG",
+                                                          "b1"]]),
+    "snapshots": ([], [["snapshot", "-c", "one", "IMG"], ["snapshot", "-c", "two", "IMG"]]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(INFO_KINDS))
+def test_info_human_and_json_match_qemu(tmp_path: Path, kind: str) -> None:
+    """`diskimg info` prints qemu-img's text line for line (format-specific sections in
+    QEMU's QDict order) and the same JSON, for every qcow2 flavour."""
+    create, after = INFO_KINDS[kind]
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", *create, "img.qcow2", "8M"],
+                   check=True, cwd=tmp_path)
+    for step in after:
+        subprocess.run([QEMU_IMG, *[("img.qcow2" if a == "IMG" else a) for a in step]],
+                       check=True, cwd=tmp_path)
+    import sys
+    for extra in ([], ["--output=json"]):
+        theirs = subprocess.run([QEMU_IMG, "info", *extra, "img.qcow2"], capture_output=True,
+                                text=True, cwd=tmp_path)
+        ours = subprocess.run([sys.executable, "-m", "diskimg", "info", *extra, "img.qcow2"],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert ours.returncode == theirs.returncode == 0, ours.stderr
+        if extra:
+            assert json.loads(ours.stdout) == json.loads(theirs.stdout)
+        else:
+            assert ours.stdout == theirs.stdout

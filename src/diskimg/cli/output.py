@@ -40,11 +40,12 @@ def _scalar(v: Any) -> str:
 
 
 def _dump(indent: int, obj: Any, out: list[str]) -> None:
-    """qemu's ``dump_qobject`` for a dict/list: keys with '-' shown as ' '."""
+    """qemu's ``dump_qobject`` for a dict/list: keys with '-' shown as ' ', in the order
+    QEMU iterates its QDict (the same hash order as its JSON output)."""
     pad = " " * (indent * 4)
     items: Iterable[tuple[str, Any]]
     if isinstance(obj, Mapping):
-        items = ((str(k).replace("-", " "), v) for k, v in obj.items())
+        items = ((str(k).replace("-", " "), v) for k, v in qdict_order(obj).items())
     else:
         items = ((f"[{i}]", v) for i, v in enumerate(obj))
     for key, v in items:
