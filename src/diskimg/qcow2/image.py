@@ -9,8 +9,10 @@ A crash therefore leaves at most leaked clusters.
 
 from __future__ import annotations
 
+import os
 import struct
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -47,6 +49,16 @@ from diskimg.qcow2.refcount import Refcounts
 # run kinds produced by _lookup
 UNALLOC, ZERO, DATA, COMPRESSED = "unalloc", "zero", "data", "compressed"
 _DECODED_CACHE = 8
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """A process-wide pool for decompression (threads: the codecs release the GIL)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                   thread_name_prefix="diskimg-decompress")
+    return _POOL
 
 
 class Qcow2Image(BlockDevice):
@@ -302,10 +314,16 @@ class Qcow2Image(BlockDevice):
         crypt = bool(self.header.crypt_method)
         if crypt:
             _ = self.cipher  # data access needs the key, allocated or not
-        pos = 0
         n = len(buf)
+        plan = []
+        pos = 0
         while pos < n:
             kind, run, host, ent = self._lookup(offset + pos, n - pos)
+            plan.append((kind, pos, run, host, ent))
+            pos += run
+        todo = [p[4] for p in plan if p[0] == COMPRESSED and p[4] not in self._decoded]
+        decoded = self._decode_many(list(dict.fromkeys(todo))) if len(todo) > 1 else {}
+        for kind, pos, run, host, ent in plan:
             dst = buf[pos : pos + run]
             if kind == DATA:
                 if crypt:
@@ -317,10 +335,9 @@ class Qcow2Image(BlockDevice):
             elif kind == UNALLOC:
                 self._read_backing(offset + pos, dst)
             else:
-                data = self._decode_compressed(ent)
+                data = decoded.get(ent) or self._decode_compressed(ent)
                 c_off = (offset + pos) & (self.cs - 1)
                 dst[:] = data[c_off : c_off + run]
-            pos += run
 
     def _read_backing(self, offset: int, dst: memoryview) -> None:
         b = self.backing
@@ -333,19 +350,32 @@ class Qcow2Image(BlockDevice):
         if k < n:
             dst[k:] = bytes(n - k)
 
+    def _compressed_input(self, ent: int, fsize: int) -> tuple[int, bytes]:
+        """(host offset, stored bytes) of a compressed cluster, bounded by the file end
+        and by two clusters (no descriptor can make us read more)."""
+        host, clen = E.decode_compressed(ent, self.cb)
+        if host >= fsize:
+            raise CorruptImageError(f"Compressed cluster at host offset {host:#x} lies past "
+                                    "the end of the file", offset=host)
+        clen = min(clen, fsize - host, 2 * self.cs)
+        return host, self.data_host.pread(host, clen)
+
+    def _decode_many(self, ents: list[int]) -> dict[int, bytes]:
+        """Decompress several clusters at once in a thread pool (zlib and zstandard
+        release the GIL), for large sequential reads of compressed images."""
+        fsize = self.data_host.size()
+        inputs = [self._compressed_input(e, fsize) for e in ents]
+        ctype, cs = self.header.compression_type, self.cs
+        outs = _pool().map(lambda hi: decompress(ctype, hi[1], cs, hi[0]), inputs)
+        return dict(zip(ents, outs))
+
     def _decode_compressed(self, ent: int) -> bytes:
         hit = self._decoded.get(ent)
         if hit is not None:
             self._decoded.move_to_end(ent)
             return hit
-        host, clen = E.decode_compressed(ent, self.cb)
-        fsize = self.data_host.size()
-        if host >= fsize:
-            raise CorruptImageError(f"Compressed cluster at host offset {host:#x} lies past "
-                                    "the end of the file", offset=host)
-        clen = min(clen, fsize - host, 2 * self.cs)
-        data = decompress(self.header.compression_type, self.data_host.pread(host, clen),
-                          self.cs, host)
+        host, raw = self._compressed_input(ent, self.data_host.size())
+        data = decompress(self.header.compression_type, raw, self.cs, host)
         self._decoded[ent] = data
         if len(self._decoded) > _DECODED_CACHE:
             self._decoded.popitem(last=False)
