@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +19,7 @@ from typing import Any
 from diskimg import api
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
+from diskimg.hostio import HostFile
 
 CHUNK = 2 << 20  # qemu-img convert's buffer: 4096 sectors
 SECTOR = 512
@@ -220,11 +223,14 @@ class _Copier:
         if self.progress is not None and self.total:
             self.progress(self.done * 100.0 / self.total)
 
-    def copy(self, src: BlockDevice, base: int) -> None:
-        buf = bytearray(CHUNK)
+    def _plan(self, src: BlockDevice) -> Iterator[tuple[str, int, int]]:
+        """(kind, position, length) runs of ``src``, at most CHUNK long: 'zero', 'data' or
+        'backing' (left to the target's backing file)."""
         pos, size = 0, src.size
         while pos < size:
-            n = min(CHUNK, size - pos)
+            # ask for a long run: zero and backing runs are taken whole (like qemu-img, which
+            # caps only data runs at its buffer size), data runs are cut at CHUNK
+            n = min(_STATUS_SPAN, size - pos)
             if self.target_backing:
                 st = src._status(pos, n)  # top layer only: the rest is the target's backing
                 n = min(n, st.length)
@@ -233,14 +239,104 @@ class _Copier:
                 st, _ = src.block_status(pos, n)
                 n = min(n, st.length)
                 kind = "zero" if st.zero or (not st.allocated and not st.data) else "data"
-            if kind == "zero":
-                self.zero(base + pos, n)
-            elif kind == "data":
-                mv = memoryview(buf)[:n]
-                src.readinto(pos, mv)
-                self.data(base + pos, buf, n)
+            if kind == "data" or (kind == "zero" and self.min_sparse == 0):
+                n = min(n, CHUNK)
+            yield kind, pos, n
             pos += n
-            self.tick(n)
+
+    def copy(self, src: BlockDevice, base: int, pipelined: bool = True) -> None:
+        """Copy ``src`` to the target at ``base``.  With ``pipelined`` the source is
+        planned and read on a second thread, up to ``_BUFFERS - 1`` chunks ahead of the
+        writes (both sides spend their time in system calls that release the GIL)."""
+        if not pipelined:
+            buf = bytearray(CHUNK)
+            for kind, pos, n in self._plan(src):
+                if kind == "data":
+                    src.readinto(pos, memoryview(buf)[:n])
+                self._put(kind, base + pos, buf, n)
+            return
+        with _ReadAhead(src, self._plan(src)) as ahead:
+            for kind, pos, n, buf in ahead:
+                self._put(kind, base + pos, buf, n)
+                ahead.release(buf)
+
+    def _put(self, kind: str, off: int, buf: bytearray | None, n: int) -> None:
+        if kind == "zero":
+            self.zero(off, n)
+        elif kind == "data":
+            assert buf is not None
+            self.data(off, buf, n)
+        self.tick(n)
+
+
+_STATUS_SPAN = 1 << 30  # longest run asked of block status at once
+_BUFFERS = 4  # chunk buffers of a pipelined copy (one being written, the rest read ahead)
+
+
+class _ReadAhead:
+    """Reads the data runs of a plan on a background thread into a small ring of CHUNK
+    buffers; iterating yields ``(kind, pos, n, buffer or None)`` in plan order.  Return
+    each buffer with :meth:`release` once written.  Errors of the reader are raised by the
+    iteration; leaving the ``with`` block stops the reader."""
+
+    def __init__(self, src: BlockDevice, plan: Iterator[tuple[str, int, int]]) -> None:
+        self.src, self.plan = src, plan
+        self.free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        for _ in range(_BUFFERS):
+            self.free.put(bytearray(CHUNK))
+        self.ready: queue.Queue[tuple[str, int, int, bytearray | None] | BaseException
+                                | None] = queue.Queue(4 * _BUFFERS)
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, name="diskimg-readahead",
+                                       daemon=True)
+
+    def __enter__(self) -> _ReadAhead:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop = True
+        self.free.put(None)  # wakes a reader waiting for a buffer
+        self.thread.join()
+
+    def _send(self, item: tuple[str, int, int, bytearray | None] | BaseException | None
+              ) -> bool:
+        """Queue ``item`` for the consumer; False when the consumer has gone."""
+        while not self.stop:
+            try:
+                self.ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for kind, pos, n in self.plan:
+                buf = None
+                if kind == "data":
+                    buf = self.free.get()
+                    if buf is None or self.stop:
+                        return
+                    self.src.readinto(pos, memoryview(buf)[:n])
+                if not self._send((kind, pos, n, buf)):
+                    return
+            self._send(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._send(e)
+
+    def __iter__(self) -> Iterator[tuple[str, int, int, bytearray | None]]:
+        while True:
+            item = self.ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def release(self, buf: bytearray | None) -> None:
+        if buf is not None:
+            self.free.put(buf)
 
 
 class _Concat:
@@ -321,6 +417,7 @@ def convert(
     secrets: Mapping[str, bytes] | None = None,
     target_options: Mapping[str, str] | None = None,
     workers: int | None = None,
+    sync: bool = False,
 ) -> None:
     """Copy the guest contents of ``sources`` (concatenated) into image ``dst``.
 
@@ -330,7 +427,9 @@ def convert(
     (qemu-img ``-B``); ``target_exists`` writes into an existing image (``-n``; ``dst`` may
     then be an open writable device).  ``progress`` receives percentages.  Sources may be
     paths or open devices.  ``compress`` (``-c``) compresses every cluster in ``workers``
-    threads (``-m``; default: the number of CPUs, at most 8).
+    threads (``-m``; default: the number of CPUs, at most 8).  Like qemu-img convert (whose
+    target cache mode defaults to ``unsafe``) the target is not synced to stable storage
+    unless ``sync`` is true; everything is written before this returns.
     """
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
@@ -368,9 +467,16 @@ def convert(
             if not target_exists:
                 api.create(dst, out_format, total, backing_file=backing_file,
                            backing_fmt=backing_fmt, options=options, secrets=secrets)
+            topts = dict(target_options or {})
+            key = (options or {}).get("encrypt.key-secret")
+            if key is not None and not target_exists:
+                topts.setdefault("encrypt.key-secret", str(key))  # the new image's key
             tgt_cm = api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
-                              options=dict(target_options or {}))
+                              options=topts)
         with tgt_cm as tgt:
+            if not sync and not isinstance(dst, BlockDevice):
+                for hf in _host_files(tgt):
+                    hf.sync = False
             if tgt.size < total:
                 raise UsageError("output file is smaller than input file")
             cluster = getattr(tgt, "cluster_size", None) or 0
@@ -384,15 +490,29 @@ def convert(
             if compress:
                 cp.copy_compressed(devs, workers)
             else:
+                # the reader thread must not share a device with the writer
+                pipelined = not any(d is tgt for d in devs)
                 base = 0
                 for d in devs:
-                    cp.copy(d, base)
+                    cp.copy(d, base, pipelined)
                     base += d.size
             tgt.flush()
     finally:
         for dev, owned in opened:
             if owned:
                 dev.close()
+
+
+def _host_files(dev: BlockDevice) -> list[HostFile]:
+    """The writable host files behind ``dev`` (qcow2 image and data file, raw file, vmdk
+    descriptor and extents)."""
+    out: list[HostFile] = []
+    cands = [getattr(dev, "host", None), getattr(dev, "data_host", None)]
+    cands += [getattr(e, "host", None) for e in getattr(dev, "extents", None) or ()]
+    for h in cands:
+        if isinstance(h, HostFile) and h.writable and all(h is not o for o in out):
+            out.append(h)
+    return out
 
 
 def _pow2floor(n: int) -> int:

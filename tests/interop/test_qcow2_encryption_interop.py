@@ -111,3 +111,35 @@ def test_legacy_aes_converts_to_luks(tmp_path: Path) -> None:
     info = json.loads(subprocess.run([QEMU_IMG, "info", "--output=json", new],
                                      capture_output=True, text=True).stdout)
     assert info["format-specific"]["data"]["encrypt"]["format"] == "luks"
+
+
+def test_cli_convert_plain_encrypted_and_rekey(tmp_path: Path) -> None:
+    """diskimg convert: plain -> LUKS, LUKS -> LUKS with a new key, LUKS -> plain, with
+    qemu-img's --object/--image-opts syntax; no plaintext reaches the encrypted files."""
+    import sys
+
+    plain = tmp_path / "plain.raw"
+    pattern = b"PLAINTEXT-SENTINEL-" * 3000
+    plain.write_bytes(pattern.ljust(1 << 20, b"\0"))
+
+    def di(*args: str) -> None:
+        r = subprocess.run([sys.executable, "-m", "diskimg", *args], capture_output=True,
+                           text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+
+    objs = ["--object", "secret,id=a,data=old", "--object", "secret,id=b,data=new"]
+    di(*objs, "convert", "-O", "qcow2", "-o",
+       "encrypt.format=luks,encrypt.key-secret=a,encrypt.iter-time=50", "plain.raw", "a.qcow2")
+    di(*objs, "convert", "--image-opts", "driver=qcow2,file.filename=a.qcow2,"
+       "encrypt.key-secret=a", "-O", "qcow2", "-o",
+       "encrypt.format=luks,encrypt.key-secret=b,encrypt.iter-time=50", "b.qcow2")
+    di(*objs, "convert", "--image-opts", "driver=qcow2,file.filename=b.qcow2,"
+       "encrypt.key-secret=b", "-O", "raw", "back.raw")
+    assert (tmp_path / "back.raw").read_bytes() == plain.read_bytes()
+    for enc in ("a.qcow2", "b.qcow2"):
+        assert b"PLAINTEXT-SENTINEL" not in (tmp_path / enc).read_bytes()
+    cmp = subprocess.run([QEMU_IMG, "compare", "--object", "secret,id=b,data=new",
+                          "--image-opts", "driver=qcow2,file.filename=b.qcow2,"
+                          "encrypt.key-secret=b", "driver=raw,file.filename=plain.raw"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
