@@ -128,12 +128,12 @@ def test_cli_convert_plain_encrypted_and_rekey(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
 
     objs = ["--object", "secret,id=a,data=old", "--object", "secret,id=b,data=new"]
-    di(*objs, "convert", "-O", "qcow2", "-o",
+    di("convert", *objs, "-O", "qcow2", "-o",
        "encrypt.format=luks,encrypt.key-secret=a,encrypt.iter-time=50", "plain.raw", "a.qcow2")
-    di(*objs, "convert", "--image-opts", "driver=qcow2,file.filename=a.qcow2,"
+    di("convert", *objs, "--image-opts", "driver=qcow2,file.filename=a.qcow2,"
        "encrypt.key-secret=a", "-O", "qcow2", "-o",
        "encrypt.format=luks,encrypt.key-secret=b,encrypt.iter-time=50", "b.qcow2")
-    di(*objs, "convert", "--image-opts", "driver=qcow2,file.filename=b.qcow2,"
+    di("convert", *objs, "--image-opts", "driver=qcow2,file.filename=b.qcow2,"
        "encrypt.key-secret=b", "-O", "raw", "back.raw")
     assert (tmp_path / "back.raw").read_bytes() == plain.read_bytes()
     for enc in ("a.qcow2", "b.qcow2"):
