@@ -232,33 +232,11 @@ def _add_luks_area(host: Any, h: Header, rc: Any, passphrase: bytes,
 
 def _preallocate(path: Path, mode: str) -> None:
     """Allocate every L2 table and data cluster (``metadata``), then optionally the bytes."""
-    from diskimg.qcow2 import entries as E
     from diskimg.qcow2.image import Qcow2Image
 
     host = open_host_file(path, True)
     img = Qcow2Image(host)
     try:
-        nclusters = -(-img.size >> img.cb)
-        c = 0
-        while c < nclusters:
-            idx = c & (img.l2_entries - 1)
-            n = min(img.l2_entries - idx, nclusters - c)
-            l2_off, table = img._get_l2_for_write(c)
-            hosts = img._alloc_data(list(range(c, c + n)))
-            for j in range(n):
-                table.entries[idx + j] = hosts[j] | E.QCOW_OFLAG_COPIED
-            img.l2_cache.mark_dirty(l2_off)
-            c += n
-        img.flush()
-        end = (img.refcounts.find_free(1)) * img.cs
-        if mode == "metadata":
-            if host.size() < end:
-                host.truncate(end)
-        elif mode == "falloc":
-            host.preallocate(0, end)
-        else:
-            cur = host.size()
-            if cur < end:
-                host.write_zeros(cur, end - cur)
+        img.preallocate(0, img.size, mode)
     finally:
         img.close()

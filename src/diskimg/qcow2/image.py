@@ -839,9 +839,38 @@ class Qcow2Image(BlockDevice):
                 self.data_host.close()
             self.host.close()
 
+    def preallocate(self, start: int, end: int, mode: str) -> None:
+        """Give the unallocated clusters of guest [start, end) L2 entries and host clusters
+        (``metadata``), then also reserve (``falloc``) or zero-fill (``full``) the new
+        host space, as qemu's preallocation does on create and resize."""
+        if mode == "off":
+            return
+        c, last = start >> self.cb, -(-end >> self.cb)
+        while c < last:
+            idx = c & (self.l2_entries - 1)
+            n = min(self.l2_entries - idx, last - c)
+            l2_off, table = self._get_l2_for_write(c)
+            todo = [c + j for j in range(n) if not table.entries[idx + j]]
+            hosts = self._alloc_data(todo)
+            for h in hosts:  # the data clusters only: never over metadata
+                if mode == "falloc":
+                    self.data_host.preallocate(h, self.cs)
+                elif mode == "full":
+                    self.data_host.write_zeros(h, self.cs)
+            for j, h in zip(todo, hosts):
+                table.entries[j & (self.l2_entries - 1)] = h | E.QCOW_OFLAG_COPIED
+            self.l2_cache.mark_dirty(l2_off)
+            c += n
+        self.flush()
+        new_end = self.refcounts.find_free(1) * self.cs
+        if self.host.size() < new_end:
+            self.host.truncate(new_end)
+
     # --- resize ----------------------------------------------------------------------
-    def resize(self, new_size: int, *, shrink: bool = False) -> None:
-        """Grow (or with ``shrink`` shrink) the virtual disk to ``new_size`` bytes."""
+    def resize(self, new_size: int, *, shrink: bool = False,
+               preallocation: str = "off") -> None:
+        """Grow (or with ``shrink`` shrink) the virtual disk to ``new_size`` bytes;
+        ``preallocation`` (off/metadata/falloc/full) applies to the grown part."""
         self._check_writable()
         if new_size % 512:
             raise UsageError("The new size must be a multiple of 512")
@@ -872,10 +901,13 @@ class Qcow2Image(BlockDevice):
         if need > len(self.l1):
             self._grow_l1(need)
         shrinking = new_size < self.size
+        old_size = self.size
         self.size = self.header.size = new_size
         self.flush()
         self.host.pwrite(24, struct.pack(">Q", new_size))
         self.host.flush()
+        if new_size > old_size:
+            self.preallocate(old_size, new_size, preallocation)
         if shrinking:  # like qemu: cut the host file after the last cluster in use
             rc = self.refcounts
             last = -(-self.host.size() // self.cs) - 1
