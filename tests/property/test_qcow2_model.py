@@ -171,6 +171,27 @@ class Qcow2Machine(RuleBasedStateMachine):
             with self.img.snapshot_view(snapshot_id=sid) as v:  # type: ignore[attr-defined]
                 assert v.read(0, v.size) == content
 
+    @precondition(lambda self: not self.snaps)
+    @rule(data=st.data())
+    def resize(self, data: st.DataObject) -> None:
+        """Grow or shrink (qcow2 refuses both while snapshots exist); the grown part reads
+        as zeros, even over a longer backing file."""
+        assert self.img is not None
+        new = data.draw(st.integers(1, SIZE // 512)) * 512
+        self.img.resize(new, shrink=True)  # type: ignore[attr-defined]
+        if new < self.size:
+            del self.model[new:]
+        else:
+            self.model.extend(bytes(new - self.size))
+        self.size = new
+
+    @invariant()
+    def check_is_clean(self) -> None:
+        if self.img is not None:
+            res = self.img.check()  # type: ignore[attr-defined]
+            assert res.exit_code == 0 and res.leaks == 0 and res.corruptions == 0, \
+                res.human_lines()
+
     @rule()
     def reopen(self) -> None:
         assert self.img is not None

@@ -474,6 +474,7 @@ class Qcow2Image(BlockDevice):
         Pending entries are (host, length, punch); a negative length marks a cluster of an
         external data file, which is only deallocated."""
         t = E.cluster_type(ent)
+        self._decoded.pop(ent, None)  # the decoded-cluster cache is keyed by entry
         if self._data_file_opened:
             # data clusters of an external data file carry no refcount (identity mapped)
             if punch and t in (E.ClusterType.NORMAL, E.ClusterType.ZERO_ALLOC):
@@ -656,13 +657,15 @@ class Qcow2Image(BlockDevice):
         host = self.refcounts.alloc_bytes(len(out))
         self.data_host.pwrite(host, out)
         idx = cluster & (self.l2_entries - 1)
+        new = E.encode_compressed(host, len(out), self.cb)
+        self._decoded.pop(new, None)  # same host bytes may have held a freed cluster
         if self.extended:
             old = table.entries[2 * idx]
-            table.entries[2 * idx] = E.encode_compressed(host, len(out), self.cb)
+            table.entries[2 * idx] = new
             table.entries[2 * idx + 1] = 0
         else:
             old = table.entries[idx]
-            table.entries[idx] = E.encode_compressed(host, len(out), self.cb)
+            table.entries[idx] = new
         self._free_entry(old)
         self._decoded.pop(old, None)
         self.l2_cache.mark_dirty(l2_off)
@@ -839,6 +842,11 @@ class Qcow2Image(BlockDevice):
                 self.data_host.close()
             self.host.close()
 
+    def _zero_tail(self, start: int, end: int) -> None:
+        """Make guest [start, end) read as zeros over a backing file after a grow."""
+        self._write_zeroes(start, end - start, False)
+        self.flush()
+
     def preallocate(self, start: int, end: int, mode: str) -> None:
         """Give the unallocated clusters of guest [start, end) L2 entries and host clusters
         (``metadata``), then also reserve (``falloc``) or zero-fill (``full``) the new
@@ -850,7 +858,8 @@ class Qcow2Image(BlockDevice):
             idx = c & (self.l2_entries - 1)
             n = min(self.l2_entries - idx, last - c)
             l2_off, table = self._get_l2_for_write(c)
-            todo = [c + j for j in range(n) if not table.entries[idx + j]]
+            step = 2 if self.extended else 1  # extended L2: (entry, bitmap) pairs
+            todo = [c + j for j in range(n) if not table.entries[step * (idx + j)]]
             hosts = self._alloc_data(todo)
             for h in hosts:  # the data clusters only: never over metadata
                 if mode == "falloc":
@@ -858,7 +867,8 @@ class Qcow2Image(BlockDevice):
                 elif mode == "full":
                     self.data_host.write_zeros(h, self.cs)
             for j, h in zip(todo, hosts):
-                table.entries[j & (self.l2_entries - 1)] = h | E.QCOW_OFLAG_COPIED
+                # extended L2: the bitmap stays 0 (allocated, unused), as qemu leaves it
+                table.entries[step * (j & (self.l2_entries - 1))] = h | E.QCOW_OFLAG_COPIED
             self.l2_cache.mark_dirty(l2_off)
             c += n
         self.flush()
@@ -892,9 +902,12 @@ class Qcow2Image(BlockDevice):
                 if l2_off:
                     l2_off, table = self._get_l2_for_write(c)
                     for j in range(idx, idx + n):
-                        if table.entries[j]:
-                            self._free_entry(table.entries[j])
-                            table.entries[j] = 0
+                        k = 2 * j if self.extended else j  # (entry, bitmap) pairs
+                        if table.entries[k]:
+                            self._free_entry(table.entries[k])
+                            table.entries[k] = 0
+                        if self.extended:
+                            table.entries[k + 1] = 0
                     self.l2_cache.mark_dirty(l2_off)
                 c += n
         need = -(-new_size // (self.cs * self.l2_entries))
@@ -907,6 +920,13 @@ class Qcow2Image(BlockDevice):
         self.host.pwrite(24, struct.pack(">Q", new_size))
         self.host.flush()
         if new_size > old_size:
+            # the grown area reads as zeros: never stale bytes of the old last cluster
+            # (left there by an earlier shrink) nor the backing file (as qemu)
+            b = self.backing
+            zero_end = max(min(new_size, -(-old_size // self.cs) * self.cs),
+                           min(new_size, b.size) if b is not None else 0)
+            if zero_end > old_size:
+                self._zero_tail(old_size, zero_end)
             self.preallocate(old_size, new_size, preallocation)
         if shrinking:  # like qemu: cut the host file after the last cluster in use
             rc = self.refcounts
