@@ -15,15 +15,21 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 SUITE_TIMEOUT="${SUITE_TIMEOUT:-1500}"   # seconds; the suite takes a few minutes on 2 cores
 
-if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
+# Debian packages the tests use: qemu-img/qemu-io (the oracle) and libvirt's schema
+# validator for the pool XML (virt-xml-validate, from libvirt-clients + libxml2-utils).
+missing=()
+{ command -v qemu-img && command -v qemu-io; } >/dev/null 2>&1 || missing+=(qemu-utils)
+command -v virt-xml-validate >/dev/null 2>&1 || missing+=(libvirt-clients)
+command -v xmllint >/dev/null 2>&1 || missing+=(libxml2-utils)
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "tests/run.sh: installing qemu-utils (qemu-img, qemu-io)" >&2
+    echo "tests/run.sh: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq qemu-utils >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "tests/run.sh: note: qemu-img/qemu-io not found and not root; tests marked" \
-         "'qemu' will be skipped (install the qemu-utils package)" >&2
+    echo "tests/run.sh: note: ${missing[*]} not installed and not root; the tests that" \
+         "need them will be skipped" >&2
   fi
 fi
 
