@@ -140,7 +140,15 @@ class BlockDevice:
         pass
 
     def info(self) -> ImageInfo:
+        """What ``qemu-img info`` reports for this image (see :class:`ImageInfo`)."""
         raise NotImplementedError
+
+    def resize(self, new_size: int, *, shrink: bool = False,
+               preallocation: str = "off") -> None:
+        """Change the virtual size to ``new_size`` bytes (formats that support it)."""
+        from diskimg.errors import UnsupportedFeatureError
+
+        raise UnsupportedFeatureError(f"Image format '{self.format}' does not support resize")
 
     # --- public API ------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:

@@ -79,7 +79,8 @@ class RawImage(BlockDevice):
     def _close(self) -> None:
         self.host.close()
 
-    def resize(self, new_size: int, preallocation: str = "off") -> None:
+    def resize(self, new_size: int, preallocation: str = "off", *,
+               shrink: bool = True) -> None:
         """Grow or shrink the file to ``new_size`` bytes."""
         self._check_writable()
         old = self.host.size()

@@ -157,7 +157,8 @@ def cmd_info(ctx: Context, a: argparse.Namespace) -> int:
     ofmt = output_format(a.output)
     name = one_file(a)
     with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
-                force_share=a.force_share, need_key=False) as dev:
+                force_share=a.force_share, need_key=False,
+                backing=bool(a.backing_chain)) as dev:  # info needs no backing file
         devs = dev.chain() if a.backing_chain else [dev]
         infos = [d.info().to_json() for d in devs]
     if a.backing_chain:
@@ -448,7 +449,7 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         for s in srcs:
             devs.append(open_image(ctx, s, "r", a.format, image_opts=a.image_opts,
                                    force_share=a.force_share))
-        dst_path, dst_opts = dst, {}
+        dst_path, dst_opts = dst, dict[str, str]()
         if a.target_image_opts:
             dst_path, tfmt, dst_opts = parse_image_opts(dst)
             out_fmt = tfmt or out_fmt

@@ -425,7 +425,7 @@ class Volume:
             return new
         with api.open(self.path, "r+", d.format, backing=False, force_share=force) as dev:
             if d.format == "raw":
-                dev.resize(new, "falloc" if allocate else "off")  # type: ignore[attr-defined]
+                dev.resize(new, preallocation="falloc" if allocate else "off")
             else:
                 fn = getattr(dev, "resize", None)
                 if fn is None:

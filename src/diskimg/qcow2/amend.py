@@ -458,7 +458,7 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
         if dev.format != "qcow2":
             raise UsageError(f"Format driver '{dev.format}' does not support option "
                              "amendment")
-        h = read_header(dev.host)
+        h = read_header(dev.host)  # type: ignore[attr-defined]
     cur_version = h.version
     compat = options.get("compat")
     new_version = cur_version

@@ -109,6 +109,10 @@ class Qcow2Image(BlockDevice):
         self._set_dirty_bit = False
         self.data_host: HostFile = host
         self._data_file_opened = False
+        if h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW and \
+                not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
+            raise CorruptImageError("data-file-raw requires a data file (autoclear bit 1 at "
+                                    "0x58 without incompatible bit 2)", offset=88)
         if h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
             name = self.options.get("data-file") or h.data_file
             if not name:
@@ -415,12 +419,15 @@ class Qcow2Image(BlockDevice):
         if self._metadata_prealloc is None:
             real = self.host.allocated_size() // self.cs
             threshold = max(real * 10 // 9, real + 2)
-            rc = self._refcounts or Refcounts(self.host, self.header)
             count = 0
-            for c in range(-(-self.host.size() // self.cs)):
-                if count >= threshold:
-                    break
-                count += 1 if rc.get(c) else 0
+            try:
+                rc = self._refcounts or Refcounts(self.host, self.header)
+                for c in range(-(-self.host.size() // self.cs)):
+                    if count >= threshold:
+                        break
+                    count += 1 if rc.get(c) else 0
+            except DiskImgError:
+                count = 0  # broken refcounts: qemu ignores errors of this guess too
             self._metadata_prealloc = count >= threshold
         return self._metadata_prealloc
 
@@ -916,18 +923,19 @@ class Qcow2Image(BlockDevice):
         shrinking = new_size < self.size
         old_size = self.size
         self.size = self.header.size = new_size
-        self.flush()
-        self.host.pwrite(24, struct.pack(">Q", new_size))
-        self.host.flush()
         if new_size > old_size:
             # the grown area reads as zeros: never stale bytes of the old last cluster
-            # (left there by an earlier shrink) nor the backing file (as qemu)
+            # (left there by an earlier shrink) nor the backing file (as qemu); zeroed
+            # and preallocated before the header's size makes the area visible
             b = self.backing
             zero_end = max(min(new_size, -(-old_size // self.cs) * self.cs),
                            min(new_size, b.size) if b is not None else 0)
             if zero_end > old_size:
                 self._zero_tail(old_size, zero_end)
             self.preallocate(old_size, new_size, preallocation)
+        self.flush()
+        self.host.pwrite(24, struct.pack(">Q", new_size))
+        self.host.flush()
         if shrinking:  # like qemu: cut the host file after the last cluster in use
             rc = self.refcounts
             last = -(-self.host.size() // self.cs) - 1
