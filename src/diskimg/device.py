@@ -8,13 +8,14 @@ walking backing chains), ``as_file`` and the context-manager protocol on top of 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from diskimg.errors import UsageError
+from diskimg.errors import CorruptImageError, UsageError
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,20 @@ class BlockDevice:
     def _close(self) -> None:
         pass
 
+    @contextlib.contextmanager
+    def _corruption_guard(self) -> Iterator[None]:
+        """Inconsistent metadata found while writing: let the format mark the image corrupt
+        (qcow2 sets its corrupt bit and goes read-only, as qemu) before the error leaves."""
+        try:
+            yield
+        except CorruptImageError as e:
+            self._mark_corrupt(e)
+            raise
+
+    def _mark_corrupt(self, error: CorruptImageError) -> None:
+        """Formats with a corrupt flag override this; the default only refuses writes."""
+        self.read_only = True
+
     def info(self) -> ImageInfo:
         """What ``qemu-img info`` reports for this image (see :class:`ImageInfo`)."""
         raise NotImplementedError
@@ -181,14 +196,16 @@ class BlockDevice:
         mv = memoryview(data).cast("B")
         self._check_range(offset, len(mv))
         if len(mv):
-            self._write(offset, mv)
+            with self._corruption_guard():
+                self._write(offset, mv)
 
     def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         """Make the range read as zeros; ``may_unmap`` allows deallocating it."""
         self._check_writable()
         self._check_range(offset, length)
         if length:
-            self._write_zeroes(offset, length, may_unmap)
+            with self._corruption_guard():
+                self._write_zeroes(offset, length, may_unmap)
 
     def discard(self, offset: int, length: int) -> None:
         """Tell the format the range is unused; contents afterwards are unspecified by
@@ -196,7 +213,8 @@ class BlockDevice:
         self._check_writable()
         self._check_range(offset, length)
         if length:
-            self._discard(offset, length)
+            with self._corruption_guard():
+                self._discard(offset, length)
 
     def flush(self) -> None:
         """Make everything written so far durable on the host."""

@@ -166,3 +166,24 @@ def test_refcount_table_past_eof_reads_but_refuses_writes_and_check_reports(
         with diskimg.open(p, "r+") as d:
             d.write(1 << 20, b"x")
     assert "refcount table" in str(ei.value).lower()
+
+
+def test_inconsistency_found_while_writing_sets_the_corrupt_bit(tmp_path: Path) -> None:
+    """Like qemu: metadata found inconsistent during a write marks the image corrupt
+    (incompatible bit 1), refuses further writes, and read-write opens fail afterwards."""
+    p = fresh(tmp_path)
+    raw = p.read_bytes()
+    l1_off = struct.unpack_from(">Q", raw, 40)[0]
+    l2_off = struct.unpack_from(">Q", raw, l1_off)[0] & 0x00FFFFFFFFFFFE00
+    patch(p, l2_off, ">Q", (1 << 63) | 0x50200)  # unaligned data cluster offset
+    with diskimg.open(p, "r+") as d:
+        with pytest.raises(diskimg.CorruptImageError, match="unaligned"):
+            d.write(0, b"x" * 512)
+        with pytest.raises(diskimg.UsageError, match="read-only"):
+            d.write(1 << 20, b"y")
+    incompat = struct.unpack_from(">Q", p.read_bytes(), 72)[0]
+    assert incompat & 2
+    with diskimg.open(p) as d:
+        assert d.info().to_json()["format-specific"]["data"]["corrupt"] is True
+    with pytest.raises(diskimg.CorruptImageError, match="corrupt"):
+        diskimg.open(p, "r+")

@@ -633,6 +633,23 @@ class Qcow2Image(BlockDevice):
         out = compress(self.header.compression_type, bytes(data).ljust(self.cs, b"\0"))
         return out if len(out) < self.cs else None
 
+    def _mark_corrupt(self, error: CorruptImageError) -> None:
+        """Set the corrupt bit (incompatible feature bit 1) and refuse further writes, as
+        qemu does when it finds inconsistent metadata while writing."""
+        if self.read_only:
+            return
+        try:
+            self.header.incompatible_features |= QCOW2_INCOMPAT_CORRUPT
+            if self.header.version >= 3:
+                self._write_header_features()
+                self.host.flush()
+        finally:
+            self.read_only = True
+            self._refcounts = None  # nothing more is written, not even on close
+            self.l2_cache.clear()
+            self.l1_dirty.clear()
+            self._pending_free.clear()
+
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview,
                          *, compressed: bytes | None = None) -> None:
         """Write one whole cluster compressed (qemu-io ``write -c``).
@@ -648,6 +665,11 @@ class Qcow2Image(BlockDevice):
         cs = self.cs
         if offset % cs or (len(mv) != cs and offset + len(mv) != self.size):
             raise UsageError("Compressed writes must cover exactly one cluster")
+        with self._corruption_guard():
+            self._write_compressed(offset, mv, compressed)
+
+    def _write_compressed(self, offset: int, mv: memoryview, compressed: bytes | None) -> None:
+        cs = self.cs
         self._check_write_support()
         if self.header.crypt_method:
             raise UnsupportedFeatureError("Compression of encrypted images is not supported")
