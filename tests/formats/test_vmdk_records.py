@@ -176,7 +176,7 @@ def test_embedded_descriptor_cid_rewrite_leaves_no_garbage(tmp_path: Path,
     p = tmp_path / "d.vmdk"
     create_vmdk(p, 1 << 20, options={})
     before = p.read_bytes()[512:512 * 21].split(b"\0")[0]
-    monkeypatch.setattr(image_mod, "new_cid", lambda: 5)
+    monkeypatch.setattr(image_mod, "new_cid", lambda previous=0: 5)
     with open_vmdk(open_host_file(p, True)) as img:
         img.write(0, b"x")
     after = p.read_bytes()[512:512 * 21]

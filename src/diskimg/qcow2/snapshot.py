@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import builtins
 import struct
-import time
 from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
@@ -296,7 +295,9 @@ class SnapshotTable:
         self.update_refcounts(img.l1, 1, active=True)
         img.flush()
         # 3. the table entry
-        now = time.time() if date is None else date
+        from diskimg.reproducible import now as clock
+
+        now = clock() if date is None else date
         sn = Snapshot(sid, name, l1_off, len(img.l1), int(now),
                       int(now % 1 * 1e9) // 1000 * 1000, 0, 0, img.size, 0)
         self._write_table([*img.snapshot_list, sn])

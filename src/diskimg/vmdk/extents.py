@@ -12,7 +12,6 @@ it; dirty grain tables go to disk (both the GD's and the redundant GD's copy) on
 from __future__ import annotations
 
 import os
-import random
 import struct
 from array import array
 from collections import OrderedDict, deque
@@ -29,6 +28,18 @@ Fill = Callable[[int, memoryview], None]
 UNALLOC, ZERO, DATA, COMPRESSED = "unalloc", "zero", "data", "compressed"
 _GT_CACHE = 4096      # grain tables kept in memory (2 KiB each with 512 entries)
 _GRAIN_CACHE = 8      # decompressed grains kept
+
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def zero_fill(buf: memoryview) -> None:
+    """Set ``buf`` to zeros by copying from one shared zero buffer (no allocation)."""
+    n = len(buf)
+    z = len(_ZEROS)
+    for p in range(0, n, z):
+        k = min(z, n - p)
+        buf[p:p + k] = _ZEROS[:k]
 
 
 class Extent(Protocol):
@@ -97,7 +108,7 @@ class ZeroExtent:
         if self.no_access:
             raise UnsupportedFeatureError(f"Cannot read extent '{self.no_access}': its "
                                           "access mode is NOACCESS")
-        buf[:] = bytes(len(buf))
+        zero_fill(buf)
 
     def write(self, off: int, data: memoryview, fill: Fill) -> None:
         raise UsageError("Cannot write to a ZERO extent")
@@ -245,7 +256,7 @@ class SparseExtent:
             if kind == UNALLOC:
                 fill(off + pos, part)
             elif kind == ZERO:
-                part[:] = bytes(n)
+                zero_fill(part)
             elif kind == DATA:
                 if host >= self.fsize:
                     raise CorruptImageError(f"Grain at offset {host:#x} for guest offset "
@@ -347,16 +358,19 @@ class SparseExtent:
             in_g = (off + pos) - g0 * gb
             end = off + pos + n
             g1 = -(-end // gb)
-            buf = bytearray((g1 - g0) * gb)
-            mv = memoryview(buf)
-            if in_g:
-                self._base(kind, g0 * gb, mv[:gb], fill)
-            if end % gb and (in_g == 0 or g1 - 1 > g0):
-                self._base(kind, (g1 - 1) * gb, mv[(g1 - 1 - g0) * gb:], fill)
-            mv[in_g:in_g + n] = data[pos:pos + n]
+            if in_g == 0 and end % gb == 0:
+                out: bytearray | memoryview = data[pos:pos + n]  # whole grains: no copy
+            else:
+                out = bytearray((g1 - g0) * gb)
+                mv = memoryview(out)
+                if in_g:
+                    self._base(kind, g0 * gb, mv[:gb], fill)
+                if end % gb and (in_g == 0 or g1 - 1 > g0):
+                    self._base(kind, (g1 - 1) * gb, mv[(g1 - 1 - g0) * gb:], fill)
+                mv[in_g:in_g + n] = data[pos:pos + n]
             host = self._alloc_grains(g1 - g0)
-            self.host.pwrite(host, buf)
-            self.fsize = max(self.fsize, host + len(buf))
+            self.host.pwrite(host, out)
+            self.fsize = max(self.fsize, host + len(out))
             for i in range(g1 - g0):
                 self._set_gte(g0 + i, host // S.SECTOR + i * self.header.grain_size)
             pos += n
@@ -557,7 +571,7 @@ class SeSparseExtent:
             if kind == UNALLOC:
                 fill(off + pos, part)
             elif kind == ZERO:
-                part[:] = bytes(n)
+                zero_fill(part)
             else:
                 if host >= self.fsize:
                     raise CorruptImageError(f"seSparse grain at {host:#x} lies past the end "
@@ -702,9 +716,13 @@ class StreamWriter:
         self.host.flush()
 
 
-def new_cid() -> int:
-    """A random content ID (qemu: g_random_int())."""
-    return random.getrandbits(32)
+def new_cid(previous: int = 0) -> int:
+    """A new content ID: random (qemu: g_random_int()), or with ``SOURCE_DATE_EPOCH`` set
+    derived from it and the previous CID (reproducible, still different from it)."""
+    from diskimg.reproducible import random_u32
+
+    cid = random_u32("vmdk-cid", previous)
+    return cid if cid != previous else cid ^ 1
 
 
 def guard_type(typ: str) -> None:

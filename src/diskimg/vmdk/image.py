@@ -35,6 +35,7 @@ from diskimg.vmdk.extents import (
     ZeroExtent,
     guard_type,
     new_cid,
+    zero_fill,
 )
 
 #: createType values qemu 7.2 accepts in a separate descriptor file
@@ -230,14 +231,14 @@ class VmdkImage(BlockDevice):
             g = start + off
             b = self.backing
             if b is None or g >= b.size:
-                buf[:] = bytes(len(buf))
+                zero_fill(buf)
                 return
             if self._cid_mismatch:
                 raise BackingChainError(f"Could not read from the parent: {self._cid_mismatch}")
             n = min(len(buf), b.size - g)
             b.readinto(g, buf[:n])
             if n < len(buf):
-                buf[n:] = bytes(len(buf) - n)
+                zero_fill(buf[n:])
         return fill
 
     def _each(self, offset: int, length: int) -> Any:
@@ -260,7 +261,7 @@ class VmdkImage(BlockDevice):
         if not self._cid_updated:
             self._cid_updated = True
             if not any(getattr(e, "stream", None) for e in self.extents):
-                self._write_descriptor_cid(new_cid())
+                self._write_descriptor_cid(new_cid(self.cid))
 
     def _write_descriptor_cid(self, cid: int) -> None:
         self.desc.set("CID", f"{cid:x}")
