@@ -31,6 +31,16 @@ from typing import Any
 
 from diskimg.errors import CorruptImageError, FormatError, UsageError
 from diskimg.hostio import HostFile
+from diskimg.qcow2.bitmaps import BME_TABLE_OFFSET_MASK as BME_TABLE_ENTRY_OFFSET_MASK
+from diskimg.qcow2.entries import (
+    L1E_OFFSET_MASK,
+    L1E_RESERVED_MASK,
+    L2E_OFFSET_MASK,
+    L2E_STD_RESERVED_MASK,
+)
+from diskimg.qcow2.entries import QCOW_OFLAG_COMPRESSED as OFLAG_COMPRESSED
+from diskimg.qcow2.entries import QCOW_OFLAG_COPIED as OFLAG_COPIED
+from diskimg.qcow2.entries import QCOW_OFLAG_ZERO as OFLAG_ZERO
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_BITMAPS,
     QCOW2_EXT_MAGIC_BITMAPS,
@@ -42,26 +52,19 @@ from diskimg.qcow2.layout import (
     QCOW_MAX_SNAPSHOTS,
     Header,
 )
+from diskimg.qcow2.refcount import REFT_OFFSET_MASK
+from diskimg.qcow2.snapshot import (
+    QCOW_MAX_SNAPSHOT_EXTRA_DATA,
+    QCOW_MAX_SNAPSHOTS_SIZE,
+)
 
 __all__ = ["CheckResult", "check_image"]
 
-# --- on-disk masks (qcow2.txt) --------------------------------------------------------
-OFLAG_COPIED = 1 << 63
-OFLAG_COMPRESSED = 1 << 62
-OFLAG_ZERO = 1
-L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L1E_RESERVED_MASK = 0x7F000000000001FF
-L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L2E_STD_RESERVED_MASK = 0x3F000000000001FE
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK = 0x1FF
 L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
-BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
 
-QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
-QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS
 INT_MAX = (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1
 
