@@ -6,13 +6,45 @@ locking was asked for, QEMU's lock bytes on it (released on close).
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from diskimg.errors import DiskImgError, UsageError
 from diskimg.hostio import lock, sparse
+
+# The kernel copies into user buffers whose address is not 32-byte aligned several times
+# more slowly (x86 ``rep movsb``): 0.06 s instead of 0.01 s per 256 MiB here.  Buffers from
+# malloc (bytearray, bytes) sit 16 bytes into a page, so large reads into them go through
+# an aligned bounce buffer and one user-space memcpy, which has no such penalty.
+_BOUNCE = 1 << 20
+_BOUNCE_MIN = 64 << 10       # smaller reads go straight to the caller's buffer
+_ALIGN = 64
+_local = threading.local()
+
+
+def aligned_buffer(n: int) -> mmap.mmap:
+    """A writable, page-aligned buffer of ``n`` zero bytes (anonymous memory)."""
+    return mmap.mmap(-1, max(1, n))
+
+
+def is_aligned(buf: memoryview) -> bool:
+    """True if ``buf`` (writable) starts on an ``_ALIGN``-byte boundary."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf)) % _ALIGN == 0
+
+
+def _bounce() -> memoryview:
+    mv: memoryview | None = getattr(_local, "bounce", None)
+    if mv is None:
+        mv = _local.bounce = memoryview(aligned_buffer(_BOUNCE))
+    return mv
+
+
+INT64_MAX = (1 << 63) - 1
 
 
 class HostFile:
@@ -22,13 +54,25 @@ class HostFile:
         self.fd = fd
         self.path = path
         self.writable = writable
+        #: False: :meth:`flush` does not sync (qemu's ``cache=unsafe``, qemu-img convert's
+        #: default for its target); the data still reaches the page cache in order
+        self.sync = True
         self._closed = False
 
     # --- reads and writes -------------------------------------------------------------
+    def _check_offset(self, offset: int, length: int) -> None:
+        """Offsets come from image metadata: out of range is the image's fault."""
+        if offset < 0 or offset + max(length, 0) > INT64_MAX:
+            from diskimg.errors import FormatError
+
+            raise FormatError(f"offset {offset:#x} (+{length} bytes) in '{self.path}' is out "
+                              "of range", offset=offset)
+
     def pread(self, offset: int, length: int) -> bytes:
         """Read up to ``length`` bytes at ``offset``; short only at end of file."""
         if length <= 0:
             return b""
+        self._check_offset(offset, length)
         data = os.pread(self.fd, length, offset)
         if len(data) == length or not data:
             return data
@@ -58,12 +102,29 @@ class HostFile:
     def preadinto(self, offset: int, buf: memoryview) -> int:
         """Fill ``buf`` from ``offset``; bytes past end of file are zeroed.  Returns len(buf)."""
         n = len(buf)
+        self._check_offset(offset, n)
+        if n >= _BOUNCE_MIN and not is_aligned(buf):
+            return self._preadinto_bounced(offset, buf)
         got = 0
         while got < n:
             chunk = os.preadv(self.fd, [buf[got:]], offset + got)
             if chunk <= 0:
                 buf[got:] = bytes(n - got)
                 break
+            got += chunk
+        return n
+
+    def _preadinto_bounced(self, offset: int, buf: memoryview) -> int:
+        bounce = _bounce()
+        n = len(buf)
+        got = 0
+        while got < n:
+            k = min(n - got, _BOUNCE)
+            chunk = os.preadv(self.fd, [bounce[:k]], offset + got)
+            if chunk <= 0:
+                buf[got:] = bytes(n - got)
+                break
+            buf[got : got + chunk] = bounce[:chunk]
             got += chunk
         return n
 
@@ -75,6 +136,25 @@ class HostFile:
         done = 0
         while done < len(mv):
             done += os.pwrite(self.fd, mv[done:], offset + done)
+
+    def pwritev(self, offset: int, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Write ``parts`` back to back at ``offset`` with as few ``pwritev`` calls as the
+        kernel allows (no joined copy of the pieces)."""
+        if not self.writable:
+            raise UsageError(f"'{self.path}' is opened read-only")
+        views = [memoryview(p).cast("B") for p in parts]
+        views = [v for v in views if len(v)]
+        iov_max = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+        while views:
+            batch = views[:iov_max]
+            done = os.pwritev(self.fd, batch, offset)
+            offset += done
+            # drop what was written (short writes resume inside a piece)
+            while views and done >= len(views[0]):
+                done -= len(views[0])
+                views.pop(0)
+            if views and done:
+                views[0] = views[0][done:]
 
     # --- size and allocation ----------------------------------------------------------
     def size(self) -> int:
@@ -110,8 +190,9 @@ class HostFile:
         sparse.write_zeros(self.fd, offset, length)
 
     def flush(self) -> None:
-        """fdatasync: data and the metadata needed to read it back are durable."""
-        if self.writable:
+        """fdatasync: data and the metadata needed to read it back are durable (a no-op
+        when ``sync`` is off)."""
+        if self.writable and self.sync:
             os.fdatasync(self.fd)
 
     # --- locking and lifetime ---------------------------------------------------------

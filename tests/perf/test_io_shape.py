@@ -1,0 +1,260 @@
+"""Performance shape, without clocks: how many system calls and block-status queries a job
+issues, which threads do the work, and that every fast path gives the same bytes as the
+plain one.  Wall-clock ratios live in benchmarks/bench.py, never here."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import diskimg
+from diskimg import operations as ops
+from diskimg.hostio import aligned_buffer, open_host_file
+from diskimg.hostio import file as hostfile
+from diskimg.vmdk import sparse as S
+
+MiB = 1 << 20
+
+
+def _workload(path: Path, size: int, seed: int = 7) -> int:
+    """Sparse raw file: 1 MiB chunks of random, text, written zeros or holes; returns
+    the bytes of data written (random + text)."""
+    rng = random.Random(seed)
+    data = 0
+    line = b"disk image cluster refcount sector guest host offset\n"
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, MiB):
+            kind = rng.choice(("random", "text", "zeros", "hole", "hole"))
+            f.seek(off)
+            if kind == "random":
+                f.write(rng.randbytes(MiB))
+                data += MiB
+            elif kind == "text":
+                f.write((line * (MiB // len(line) + 1))[:MiB])
+                data += MiB
+            elif kind == "zeros":
+                f.write(bytes(MiB))
+    return data
+
+
+class _Counter:
+    """Counts calls of ``os`` functions (from any thread) while installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+        self.calls: dict[str, list[tuple[Any, ...]]] = {n: [] for n in names}
+        self.lock = threading.Lock()
+        for n in names:
+            real = getattr(os, n)
+
+            def wrapper(*a: Any, _real: Any = real, _n: str = n) -> Any:
+                with self.lock:
+                    self.calls[_n].append(a)
+                return _real(*a)
+
+            monkeypatch.setattr(os, n, wrapper)
+
+    def count(self, name: str, fd: int | None = None) -> int:
+        return sum(1 for a in self.calls[name] if fd is None or a[0] == fd)
+
+
+def _read_all(path: Path, fmt: str) -> bytes:
+    with diskimg.open(path, format=fmt) as d:
+        return d.read(0, d.size)
+
+
+def test_convert_raw_to_qcow2_issues_chunk_sized_io(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.qcow2"
+    data = _workload(src, 32 * MiB)
+    c = _Counter(monkeypatch, "pwrite", "preadv")
+    diskimg.convert(src, dst, "qcow2", src_format="raw")
+    monkeypatch.undo()
+    chunks = data // ops.CHUNK + 1
+    # one read per data chunk (plus headers), one data write per chunk plus metadata
+    assert c.count("preadv") <= chunks + 8
+    assert c.count("pwrite") <= 2 * chunks + 16
+    assert _read_all(dst, "qcow2") == src.read_bytes()
+
+
+def test_pipelined_and_plain_copy_write_the_same_image(tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    _workload(src, 24 * MiB, seed=11)
+    outs = []
+    for pipelined in (True, False):
+        out = tmp_path / f"out-{pipelined}.qcow2"
+        diskimg.create(out, "qcow2", 24 * MiB)
+        with diskimg.open(src, format="raw") as s, diskimg.open(out, "r+", "qcow2") as t:
+            cp = ops._Copier(t, fresh=True, target_backing=False, min_sparse=4096,
+                             alignment=8, compress=False, total=s.size)
+            cp.copy(s, 0, pipelined)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_compressed_source_is_decoded_on_worker_threads_and_written_in_big_pieces(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, zq, out = tmp_path / "src.raw", tmp_path / "z.qcow2", tmp_path / "out.raw"
+    data = _workload(src, 16 * MiB, seed=3)
+    diskimg.convert(src, zq, "qcow2", src_format="raw", compress=True)
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("the decode pool needs two CPUs")
+    from diskimg.qcow2 import compress as qc
+
+    threads: set[str] = set()
+    real = qc.decompress
+
+    def spy(*a: Any) -> bytes:
+        threads.add(threading.current_thread().name)
+        return real(*a)
+
+    monkeypatch.setattr(qc, "decompress", spy)
+    c = _Counter(monkeypatch, "pwrite")
+    diskimg.convert(zq, out, "raw", src_format="qcow2")
+    monkeypatch.undo()
+    assert threads and all(t.startswith("diskimg-dec") for t in threads)
+    # 64 KiB clusters arrive one by one; they reach the target gathered (2 MiB writes)
+    assert c.count("pwrite") <= 2 * (data // ops.CHUNK) + 8
+    assert out.read_bytes() == src.read_bytes()
+
+
+@pytest.mark.qemu
+def test_convert_outputs_match_qemu_img_byte_for_byte(tmp_path: Path, qemu_img: str,
+                                                     run: Any) -> None:
+    src = tmp_path / "src.raw"
+    _workload(src, 24 * MiB, seed=5)
+    zq = tmp_path / "z.qcow2"
+    run([qemu_img, "convert", "-c", "-f", "raw", "-O", "qcow2", str(src), str(zq)])
+    for s, sfmt in ((src, "raw"), (zq, "qcow2")):
+        ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+        for p in (ours, theirs):
+            p.unlink(missing_ok=True)
+        diskimg.convert(s, ours, "qcow2", src_format=sfmt)
+        run([qemu_img, "convert", "-f", sfmt, "-O", "qcow2", str(s), str(theirs)])
+        assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_block_status_cost_follows_allocated_data_not_virtual_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = tmp_path / "big.qcow2", tmp_path / "out.qcow2"
+    diskimg.create(src, "qcow2", 16 << 40)
+    with diskimg.open(src, "r+", "qcow2") as d:
+        d.write(5 << 40, os.urandom(3 * MiB))
+    calls = [0]
+    from diskimg.qcow2.image import Qcow2Image
+
+    real = Qcow2Image._status
+
+    def counting(self: Any, off: int, n: int) -> Any:
+        calls[0] += 1
+        return real(self, off, n)
+
+    monkeypatch.setattr(Qcow2Image, "_status", counting)
+    diskimg.convert(src, dst, "qcow2", src_format="qcow2")
+    monkeypatch.undo()
+    # 16 TiB in CHUNK steps would be 8M queries; runs are taken whole (one per L2 table)
+    assert calls[0] < 100_000
+    with diskimg.open(src, format="qcow2") as a, diskimg.open(dst, format="qcow2") as b:
+        assert a.read(5 << 40, 3 * MiB) == b.read(5 << 40, 3 * MiB)
+
+
+class _Failing(diskimg.BlockDevice):
+    format = "raw"
+
+    def __init__(self, size: int, fail_at: int) -> None:
+        self.size, self.fail_at = size, fail_at
+
+    def _readinto(self, offset: int, buf: memoryview) -> None:
+        if offset >= self.fail_at:
+            raise OSError(5, "Input/output error")
+        buf[:] = b"\x01" * len(buf)
+
+
+def test_reader_thread_errors_reach_the_caller_and_the_thread_ends(tmp_path: Path) -> None:
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(OSError, match="Input/output error"):
+        diskimg.convert(_Failing(16 * MiB, 6 * MiB), tmp_path / "o.raw", "raw")
+    assert not [t for t in threading.enumerate()
+                if t.name == "diskimg-readahead" and t.name not in before]
+
+
+def test_writer_errors_stop_the_reader(tmp_path: Path) -> None:
+    class Tgt(diskimg.BlockDevice):
+        format, size, read_only = "raw", 32 * MiB, False
+
+        def _write(self, offset: int, data: memoryview) -> None:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        diskimg.convert(_Failing(32 * MiB, 1 << 62), Tgt(), "raw", target_exists=True)
+    assert not [t for t in threading.enumerate() if t.name == "diskimg-readahead"]
+
+
+@pytest.mark.parametrize("shift", [0, 1, 16, 33])
+def test_misaligned_large_reads_go_through_the_bounce_buffer(tmp_path: Path, shift: int,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    p = tmp_path / "f"
+    payload = os.urandom(3 * MiB + 123)
+    p.write_bytes(payload)
+    h = open_host_file(p)
+    try:
+        store = bytearray(4 * MiB + 64)
+        dst = memoryview(store)[shift : shift + 3 * MiB + 4096]  # runs past EOF
+        c = _Counter(monkeypatch, "preadv")
+        h.preadinto(5, dst)
+        monkeypatch.undo()
+        assert bytes(dst[: len(payload) - 5]) == payload[5:]
+        assert not any(dst[len(payload) - 5 :])
+        if not hostfile.is_aligned(dst):  # the kernel only ever copies to aligned memory
+            assert all(hostfile.is_aligned(args[1][0]) for args in c.calls["preadv"])
+        assert c.count("preadv") <= 5
+    finally:
+        h.close()
+
+
+def test_aligned_buffer_is_aligned() -> None:
+    buf = aligned_buffer(ops.CHUNK)
+    assert hostfile.is_aligned(memoryview(buf)) and len(buf) == ops.CHUNK
+
+
+def test_incompressible_grains_are_stored_and_still_valid_zlib() -> None:
+    rnd = os.urandom(65536)
+    text = (b"guest host sector\n" * 4000)[:65536]
+    head_random = rnd[:8192] + bytes(65536 - 8192)
+    assert S.looks_incompressible(rnd)
+    assert not S.looks_incompressible(text)
+    assert not S.looks_incompressible(head_random)
+    for g in (rnd, text, head_random):
+        out = S.compress_grain(g)
+        assert zlib.decompress(out) == g
+    assert len(S.compress_grain(text)) < 4096
+    assert len(S.compress_grain(head_random)) < 16384
+
+
+def test_stream_optimized_output_roundtrips(tmp_path: Path) -> None:
+    src, out = tmp_path / "src.raw", tmp_path / "s.vmdk"
+    _workload(src, 8 * MiB, seed=9)
+    diskimg.convert(src, out, "vmdk", src_format="raw",
+                    options={"subformat": "streamOptimized"})
+    assert _read_all(out, "vmdk") == src.read_bytes()
+
+
+def test_pwritev_writes_all_pieces_in_one_call(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    h = open_host_file(tmp_path / "f", True, create=True)
+    try:
+        parts = [os.urandom(65536) for _ in range(32)] + [b"", bytearray(b"tail")]
+        c = _Counter(monkeypatch, "pwritev")
+        h.pwritev(4096, parts)
+        monkeypatch.undo()
+        assert c.count("pwritev") == 1
+        assert h.pread(4096, 32 * 65536 + 4) == b"".join(parts)
+    finally:
+        h.close()
