@@ -18,7 +18,19 @@ from diskimg.errors import (
     WrongFormatError,
 )
 from diskimg.policy import OpenPolicy
-from diskimg.pool import Pool, PoolRegistry, Volume
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from diskimg.pool import Pool, PoolRegistry, Volume
+
+
+def __getattr__(name: str) -> object:
+    """Import the storage-pool layer (~20 ms: xml, pool) only when it is used."""
+    if name in ("Pool", "PoolRegistry", "Volume"):
+        from diskimg import pool
+
+        return getattr(pool, name)
+    raise AttributeError(f"module 'diskimg' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

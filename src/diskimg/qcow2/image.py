@@ -710,7 +710,10 @@ class Qcow2Image(BlockDevice):
                 parts.append(writes[j][1])
                 end += len(writes[j][1])
                 j += 1
-            self.data_host.pwrite(host, parts[0] if len(parts) == 1 else b"".join(parts))
+            if len(parts) == 1:
+                self.data_host.pwrite(host, parts[0])
+            else:
+                self.data_host.pwritev(host, parts)  # one syscall, no joined copy
             i = j
 
     def _full_clusters(self, offset: int, length: int) -> tuple[int, int]:
