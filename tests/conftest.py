@@ -32,6 +32,14 @@ from hypothesis import HealthCheck, settings
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
 
+# qemu-img's LUKS create times PBKDF2 and now and then fails on a loaded machine ("Unable
+# to get accurate CPU usage"); tests/tools/qemu-img retries just that and is put first on
+# PATH before any test module looks qemu-img up.
+_REAL_QEMU_IMG = shutil.which("qemu-img")
+if _REAL_QEMU_IMG and "DISKIMG_REAL_QEMU_IMG" not in os.environ:
+    os.environ["DISKIMG_REAL_QEMU_IMG"] = _REAL_QEMU_IMG
+    os.environ["PATH"] = f"{REPO / 'tests' / 'tools'}{os.pathsep}{os.environ['PATH']}"
+
 # --- hypothesis profiles -------------------------------------------------------------------
 # "ci": reproducible (derandomize) and bounded, so the suite has a predictable run time.
 # "dev": hypothesis' defaults without a deadline (qemu subprocesses are slow and jittery).

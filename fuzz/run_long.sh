@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Deeper robustness runs than CI's (see docs/robustness.md).  Not run in CI.
+#
+#   bash fuzz/run_long.sh                  # defaults below, ~1-2 hours on 2 cores
+#   EXAMPLES=300 KILLS=10 bash fuzz/run_long.sh          # a quick pass
+#   ATHERIS_SECONDS=3600 bash fuzz/run_long.sh           # also run the atheris harnesses
+#
+# 1. fuzz/hunt.py: hypothesis mutation fuzzing of every qcow2 and vmdk base image, EXAMPLES
+#    inputs per image, collecting *all* distinct findings (it does not stop at the first);
+#    images of findings and summary.json go to $OUT.
+# 2. the CI fuzz tests with EXAMPLES examples each (random seeds: profile "dev"), which
+#    shrink the first failure to a minimal mutation list.
+# 3. crash consistency with KILLS kills per variant.
+# 4. optionally the atheris harnesses (pip install atheris) for ATHERIS_SECONDS each.
+# Exit status: 0 when nothing was found.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-python3}"
+EXAMPLES="${EXAMPLES:-2000}"
+KILLS="${KILLS:-40}"
+OUT="${OUT:-fuzz/findings/$(date +%Y%m%d-%H%M%S)}"
+ATHERIS_SECONDS="${ATHERIS_SECONDS:-0}"
+mkdir -p "$OUT"
+rc=0
+
+echo "== hunt: qcow2 ($EXAMPLES inputs per base image)"
+"$PY" fuzz/hunt.py --examples "$EXAMPLES" --out "$OUT/qcow2" || rc=1
+echo "== hunt: vmdk ($EXAMPLES inputs per base image)"
+"$PY" fuzz/hunt.py --vmdk --examples "$EXAMPLES" --out "$OUT/vmdk" || rc=1
+
+echo "== hypothesis fuzz tests (random seeds, $EXAMPLES examples each)"
+HYPOTHESIS_PROFILE=dev DISKIMG_FUZZ_EXAMPLES="$EXAMPLES" DISKIMG_FUZZ_SAVE="$OUT/shrunk" \
+  "$PY" -m pytest -q -p no:cacheprovider tests/robustness/test_fuzz_qcow2.py \
+  tests/robustness/test_fuzz_vmdk.py -k mutated || rc=1
+
+echo "== crash consistency ($KILLS kills per variant)"
+DISKIMG_CRASH_KILLS="$KILLS" "$PY" -m pytest -q -p no:cacheprovider \
+  tests/robustness/test_crash_consistency.py || rc=1
+
+if [ "$ATHERIS_SECONDS" -gt 0 ]; then
+  for fmt in qcow2 vmdk; do
+    echo "== atheris $fmt (${ATHERIS_SECONDS}s)"
+    corpus="$OUT/corpus-$fmt"
+    "$PY" "fuzz/fuzz_$fmt.py" --make-corpus "$corpus" || { rc=1; continue; }
+    "$PY" "fuzz/fuzz_$fmt.py" "$corpus" -timeout=10 -rss_limit_mb=2048 \
+      -max_total_time="$ATHERIS_SECONDS" -artifact_prefix="$OUT/atheris-$fmt-" || rc=1
+  done
+fi
+echo "== results in $OUT (exit $rc)"
+exit "$rc"

@@ -1,0 +1,178 @@
+"""Crash-consistency writer: opens a qcow2 ``"r+"`` and runs a seeded random sequence of
+writes, write_zeroes, discards, compressed writes, snapshot create/delete, resizes and
+flushes until it is SIGKILLed (test_crash_consistency.py).
+
+    python crash_child.py IMAGE SEED NOPS
+
+stdout protocol (line-buffered, one line per event, so the parent knows exactly what was
+started and what was made durable):
+
+    OP <json>        printed *before* an operation starts; the next line proves it finished
+    FLUSHED <i> <d>  printed after ``flush()`` of operation ``i`` returned; ``d`` is the
+                     digest of the child's :class:`Model` of the disk at that point
+    DONE             all NOPS operations finished
+
+The data of a write is :func:`payload` (seed, op index, length), so the parent can replay
+the log into a model of the disk without the child sending the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+
+def payload(seed: int, i: int, n: int, compressible: bool = False) -> bytes:
+    r = random.Random(f"{seed}/{i}")
+    if compressible:
+        unit = r.randbytes(37)
+        return (unit * (n // 37 + 1))[:n]
+    return r.randbytes(n)
+
+
+# --- the model of the disk (shared with the parent) ---------------------------------
+@dataclass
+class Model:
+    data: bytearray
+    known: bytearray  # 1 where the model knows the contents
+    cs: int
+    seed: int
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def apply(self, op: dict[str, Any]) -> None:
+        k = op["op"]
+        if k in ("write", "compressed"):
+            off, n = op["off"], op["len"]
+            self.data[off : off + n] = payload(self.seed, op["i"], n,
+                                                 compressible=k == "compressed")
+            self.known[off : off + n] = b"\1" * n
+        elif k == "zero":
+            off, n = op["off"], op["len"]
+            self.data[off : off + n] = bytes(n)
+            self.known[off : off + n] = b"\1" * n
+        elif k == "discard":
+            off, n = op["off"], op["len"]
+            self.known[off : off + n] = bytes(n)
+        elif k == "resize":
+            old, new = self.size, op["size"]
+            if new < old:
+                del self.data[new:]
+                del self.known[new:]
+            else:
+                self.data.extend(bytes(new - old))
+                self.known.extend(b"\1" * (new - old))
+                # a shrink keeps the last partial cluster whole: growing again shows its
+                # old tail (qemu 7.2 does the same without a backing file)
+                tail = min(new, -(-old // self.cs) * self.cs)
+                if tail > old:
+                    self.known[old:tail] = bytes(tail - old)
+
+    @staticmethod
+    def touched(op: dict[str, Any], size: int) -> tuple[int, int] | None:
+        k = op["op"]
+        if k in ("write", "compressed", "zero", "discard"):
+            # a partial-cluster write copies the rest of its cluster unchanged (COW), so
+            # only the range itself may hold old or new bytes after a crash
+            return op["off"], op["off"] + op["len"]
+        if k == "resize":
+            return min(size, op["size"]), max(size, op["size"])
+        return None
+
+
+    def digest(self) -> str:
+        return hashlib.sha256(bytes(self.data) + bytes(self.known)).hexdigest()[:16]
+
+
+def choose(r: random.Random, size: int, cs: int, nsnap: int) -> dict:
+    kinds = ["write"] * 6 + ["zero", "discard", "compressed", "flush", "flush", "snap",
+                             "unsnap", "resize"]
+    while True:
+        k = r.choice(kinds)
+        if k == "write":
+            off = r.randrange(size)
+            n = min(size - off, r.randint(1, 3 * cs))
+            return {"op": "write", "off": off, "len": n}
+        if k in ("zero", "discard"):
+            off = r.randrange(size)
+            n = min(size - off, r.randint(1, 6 * cs))
+            return {"op": k, "off": off, "len": n, "unmap": r.random() < 0.5}
+        if k == "compressed":
+            c = r.randrange(-(-size // cs))
+            return {"op": "compressed", "off": c * cs, "len": min(cs, size - c * cs)}
+        if k == "flush":
+            return {"op": "flush"}
+        if k == "snap" and nsnap < 3:
+            return {"op": "snap"}
+        if k == "unsnap" and nsnap:
+            return {"op": "unsnap", "pick": r.randrange(nsnap)}
+        if k == "resize" and not nsnap:
+            lo = max(size // 2, cs) // 512 * 512
+            new = r.randrange(lo, size * 3 // 2 + cs, 512)
+            return {"op": "resize", "size": new}
+
+
+def main() -> int:
+    import diskimg
+
+    path, seed, nops = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    # self-test of the harness: claim flushes without flushing (the parent must notice)
+    lie = len(sys.argv) > 4 and sys.argv[4] == "--lie"
+    if lie:
+        ops = [{"op": "write", "off": (k * 3 + 1) * 65536, "len": 8192} for k in range(20)]
+        ops.append({"op": "flush"})
+        chooser = iter(ops)
+    r = random.Random(seed)
+    out = sys.stdout
+    img = diskimg.open(path, "r+")
+    cs = img.cluster_size
+    model = Model(bytearray(img.read(0, img.size)), bytearray(b"\1" * img.size), cs, seed)
+    for i in range(21 if lie else nops):
+        snaps = img.snapshots.list()
+        op = next(chooser) if lie else choose(r, img.size, cs, len(snaps))
+        op["i"] = i
+        if op["op"] == "snap":
+            op["name"] = f"s{i}"
+        if op["op"] == "unsnap":
+            op["name"] = snaps[op["pick"]].name
+        out.write("OP " + json.dumps(op) + "\n")
+        out.flush()
+        kind = op["op"]
+        if kind == "write":
+            img.write(op["off"], payload(seed, i, op["len"]))
+        elif kind == "zero":
+            img.write_zeroes(op["off"], op["len"], may_unmap=op["unmap"])
+        elif kind == "discard":
+            img.discard(op["off"], op["len"])
+        elif kind == "compressed":
+            img.write_compressed(op["off"], payload(seed, i, op["len"], compressible=True))
+        elif kind == "snap":
+            img.snapshots.create(op["name"])
+        elif kind == "unsnap":
+            img.snapshots.delete(op["name"])
+        elif kind == "resize":
+            img.resize(op["size"], shrink=True)
+        elif kind == "flush" and not lie:
+            img.flush()
+        model.apply(op)
+        if kind == "flush":
+            out.write(f"FLUSHED {i} {model.digest()}\n")
+            out.flush()
+    if lie:
+        os.kill(os.getpid(), signal.SIGKILL)
+    img.close()
+    out.write("DONE\n")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

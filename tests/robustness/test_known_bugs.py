@@ -1,0 +1,244 @@
+"""Bugs found by the robustness work, one strict xfail each (remove the mark with the fix).
+
+Fixed ones stay as regression tests without the mark (B1-B4, B6, B9, B10).
+The fuzzers excuse exactly the open ones (robustlib.KNOWN_BUGS) so they keep finding new
+ones; drop an entry together with its xfail mark when the bug is fixed (a strict xfail that
+passes fails the suite as a reminder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import robustlib
+
+import diskimg
+from diskimg.errors import DiskImgError
+
+pytestmark = pytest.mark.qemu
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def run_py(code: str, timeout: float = 10, mem_mb: int | None = None) -> tuple[int | str, str]:
+    """Run ``code`` in a fresh interpreter; ("timeout", "") when it does not finish."""
+    pre = ""
+    if mem_mb:
+        pre = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, "
+               f"({mem_mb << 20}, {mem_mb << 20}))\n")
+    try:
+        res = subprocess.run([sys.executable, "-c", pre + textwrap.dedent(code)],
+                             capture_output=True, text=True, timeout=timeout,
+                             env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
+    except subprocess.TimeoutExpired:
+        return "timeout", ""
+    return res.returncode, res.stdout + res.stderr
+
+
+def qimg(*args: object, cwd: Path) -> None:
+    assert robustlib.QEMU_IMG
+    subprocess.run([robustlib.QEMU_IMG, *map(str, args)], check=True, capture_output=True,
+                   cwd=cwd)
+
+
+def qio(cmd: str, p: Path) -> None:
+    assert robustlib.QEMU_IO
+    subprocess.run([robustlib.QEMU_IO, "-c", cmd, p.name], check=True, capture_output=True,
+                   cwd=p.parent)
+
+
+# --- B1 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["raw-4-zero-bytes", "qcow2-size-4100-zero-cluster"])
+def test_convert_of_unaligned_zero_tail_terminates(case: str, tmp_path: Path) -> None:
+    if case.startswith("raw"):
+        src = tmp_path / "four.img"
+        src.write_bytes(b"\0\0\0\0")
+    else:
+        src = tmp_path / "uz.qcow2"
+        qimg("create", "-q", "-f", "qcow2", src.name, "8k", cwd=tmp_path)
+        qio("write -P 0 0 8k", src)
+        robustlib.patch_be(src, 24, ">Q", 4100)
+    rc, out = run_py(f"""
+        from diskimg.cli.main import main
+        raise SystemExit(main(["convert", "-O", "raw", {str(src)!r},
+                               {str(tmp_path / 'out.raw')!r}]))
+    """, timeout=4)
+    assert rc == 0, out
+
+
+# --- B2 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["reftable-entry", "header-refcount_table_offset"])
+def test_refcount_block_offset_above_2_63(where: str, tmp_path: Path) -> None:
+    p = tmp_path / "rt.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p.name, "1M", cwd=tmp_path)
+    qio("write -P 0x11 0 64k", p)
+    rt = robustlib.qcow2_header(p.read_bytes())["refcount_table_offset"]
+    off = rt if where == "reftable-entry" else 48
+    with p.open("r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x80]))  # 0x8000000000003000 / 0x8000000000001000
+    with diskimg.open(p) as d, contextlib.suppress(DiskImgError):
+        list(d.map())  # a clean error is fine (qemu-img map succeeds)
+    with diskimg.open(p, "r+") as d, contextlib.suppress(DiskImgError):
+        d.write(1 << 19, b"x" * 4096)
+
+
+@pytest.fixture(scope="module")
+def luks_image(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    p = tmp_path_factory.mktemp("luks") / "l.qcow2"
+    diskimg.create(p, "qcow2", 1 << 20, secrets={"s0": b"pw"},
+                   options={"encrypt.format": "luks", "encrypt.key-secret": "s0",
+                            "encrypt.iter-time": 10})
+    return p.read_bytes()
+
+
+# --- B9 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_secret", [False, True])
+def test_luks_header_offset_above_2_63(with_secret: bool, luks_image: bytes,
+                                       tmp_path: Path) -> None:
+    p = tmp_path / "l.qcow2"
+    data = bytearray(luks_image)
+    ext = data.find(bytes.fromhex("0537be77"), 104, 4096)
+    assert ext > 0
+    data[ext + 8] ^= 0xD0  # FDE offset 0x8000 -> 0xd000000000008000: the fuzzer's find
+    p.write_bytes(bytes(data))
+    kw = ({"secrets": {"s0": b"pw"}, "options": {"encrypt.key-secret": "s0"}}
+          if with_secret else {})
+    try:
+        with diskimg.open(p, **kw) as d:
+            d.info()
+    except DiskImgError:
+        pass
+
+
+# --- B3 -----------------------------------------------------------------------------------
+def test_map_and_convert_work_with_unreadable_refcount_table(tmp_path: Path) -> None:
+    p = tmp_path / "rt.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p.name, "1M", cwd=tmp_path)
+    qio("write -P 0x11 0 64k", p)
+    robustlib.patch_be(p, 48, ">Q", 1 << 40)
+    with diskimg.open(p) as d:
+        assert d.read(0, 4) == b"\x11" * 4  # reads work (as in qemu)
+        entries = list(d.map())
+        assert entries[0].data and entries[0].length == 64 << 10
+    diskimg.convert(p, tmp_path / "out.raw", out_format="raw")
+
+
+# --- B4 -----------------------------------------------------------------------------------
+def test_data_file_raw_without_data_file_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "dfr.qcow2"
+    qimg("create", "-q", "-f", "qcow2", p.name, "1M", cwd=tmp_path)
+    robustlib.patch_be(p, 88, ">Q", 2)
+    with pytest.raises(DiskImgError, match="data"):
+        diskimg.open(p).close()
+
+
+# --- B5 -----------------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="B5: opening a streamOptimized vmdk 'r+' truncates "
+                   "the file to overHead*512 at open time without checking overHead against "
+                   "the file: huge sparse file or OSError(EFBIG)")
+def test_vmdk_stream_rw_open_truncates_to_overhead(tmp_path: Path) -> None:
+    p = tmp_path / "s.vmdk"
+    qimg("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", p.name, "1M",
+         cwd=tmp_path)
+    size = p.stat().st_size
+    for overhead in (1 << 25, 1 << 40):  # 16 GiB, 512 TiB
+        with p.open("r+b") as f:
+            f.seek(64)
+            f.write(struct.pack("<Q", overhead))
+        with contextlib.suppress(DiskImgError):
+            diskimg.open(p, "r+").close()
+        assert p.stat().st_size == size, f"overHead {overhead}: file is now " \
+            f"{p.stat().st_size} bytes"
+
+
+# --- B6 (fixed in the working tree while this was written: now a regression test) ------
+# growing an overlay left the new area unallocated, so the backing file's old data showed
+# through; qemu 7.2 zeroes it (block: truncate: Don't make backing file data visible)--
+def test_resize_grow_does_not_expose_backing_data(tmp_path: Path) -> None:
+    qimg("create", "-q", "-f", "qcow2", "b.qcow2", "1M", cwd=tmp_path)
+    qio("write -P 0xbb 0 1M", tmp_path / "b.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "o.qcow2", "1M",
+         cwd=tmp_path)
+    with diskimg.open(tmp_path / "o.qcow2", "r+") as d:
+        d.resize(512 << 10, shrink=True)
+        d.resize(1 << 20)
+    with diskimg.open(tmp_path / "o.qcow2") as d:
+        assert d.read(768 << 10, 4096) == bytes(4096)
+
+
+# --- B7 -----------------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="B7: a vmdk grain size near qemu's 1 GiB limit makes "
+                   "every compressed-grain read inflate and pad a whole grain: ~1 GiB for a "
+                   "1 MiB disk (MemoryError under a 1 GiB address-space limit)")
+def test_vmdk_huge_grain_read_is_bounded(tmp_path: Path) -> None:
+    raw = tmp_path / "r.img"
+    raw.write_bytes(bytes(range(256)) * 1024 + bytes(768 << 10))
+    p = tmp_path / "s.vmdk"
+    qimg("convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
+         raw.name, p.name, cwd=tmp_path)
+    data = bytearray(p.read_bytes())
+    data[22] ^= 0x1E  # grainSize 0x80 -> 0x1e0080 sectors (960 MiB): the fuzzer's find
+    p.write_bytes(bytes(data))
+    rc, out = run_py(f"""
+        import diskimg
+        from diskimg.errors import DiskImgError
+        try:
+            with diskimg.open({str(p)!r}) as d:
+                d.read(0, d.size)
+        except DiskImgError as e:
+            print("clean error:", e)
+    """, timeout=60, mem_mb=1024)
+    assert rc == 0, out
+
+
+def test_known_bug_registry_names_existing_tests() -> None:
+    names = {n for n in globals() if n.startswith("test_")}
+    for k in robustlib.KNOWN_BUGS:
+        assert k.test.split("::")[1] in names, k
+
+
+# --- B8 -----------------------------------------------------------------------------------
+CRASH_IN_SNAPSHOT_OP = """
+import os, diskimg
+img = diskimg.open({path!r}, "r+")
+{setup}
+calls = 0
+real = img.l2_cache.flush
+def flush():
+    global calls
+    calls += 1
+    if calls == {nth}:
+        os._exit(9)  # "crash": refcount blocks are on disk, the L2 tables are not
+    real()
+img.l2_cache.flush = flush
+{op}
+os._exit(0)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="B8: a crash inside snapshot delete, after the "
+                   "refcount blocks and before the L2 tables with the new OFLAG_COPIED bits "
+                   "are written, leaves refcount/COPIED mismatches that qemu-img check counts "
+                   "as corruptions (exit 2); qemu 7.2 has the same window")
+def test_crash_in_snapshot_delete_leaves_only_leaks(tmp_path: Path) -> None:
+    op, nth = "img.snapshots.delete('s1')", 2
+    p = tmp_path / "s.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096,compat=0.10", p.name, "1M",
+         cwd=tmp_path)
+    qio("write -P 0x11 0 256k", p)
+    setup = "img.snapshots.create('s1')"
+    code = CRASH_IN_SNAPSHOT_OP.format(path=str(p), setup=setup, nth=nth, op=op)
+    rc, out = run_py(code)
+    assert rc == 9, out  # the simulated crash happened inside the operation
+    assert robustlib.QEMU_IMG
+    res = subprocess.run([robustlib.QEMU_IMG, "check", str(p)], capture_output=True,
+                         text=True)
+    assert res.returncode in (0, 3), res.stdout + res.stderr[:2000]
