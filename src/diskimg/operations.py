@@ -224,7 +224,7 @@ class _Copier:
                 if packed is None:  # does not shrink: a normal cluster, as qemu writes it
                     tgt.write(o, piece)
                 else:
-                    tgt.write_compressed(o, piece, compressed=packed)  # type: ignore[attr-defined]
+                    tgt.write_compressed(o, piece, compressed=packed)
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for start in range(0, self.total, step):
@@ -935,7 +935,7 @@ def rebase(
                 if new_dev is not None:
                     new_dev.close()
         dev.flush()
-        host = dev.host
+        host = dev.host  # type: ignore[attr-defined]  # qcow2 only (checked above)
         set_backing(host, new_name, backing_fmt if new_name else None)
         # keep the open device's idea of the header in step, so closing it is harmless
         from diskimg.qcow2.amend import read_header

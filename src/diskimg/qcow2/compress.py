@@ -18,7 +18,7 @@ _local = threading.local()
 
 
 def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
-    cache = _local.__dict__.setdefault("zc", {})
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("zc", {})
     z = cache.get(level)
     if z is None:
         z = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=False)
