@@ -326,9 +326,7 @@ class Header:
         if self.version >= 3:
             body += _V3.pack(self.incompatible_features, self.compatible_features,
                              self.autoclear_features, self.refcount_order, self.header_length)
-            body += bytes(self.header_length - V3_HEADER_LENGTH)
-            if self.header_length > V3_HEADER_LENGTH:
-                body[0] = 0  # placeholder; compression byte set below
+            body += bytes(self.header_length - V3_HEADER_LENGTH)  # compression byte below
         hdr_len = V2_HEADER_LENGTH if self.version == 2 else self.header_length
         bf = self.backing_file.encode() if self.backing_file else b""
         kept = self.extensions
