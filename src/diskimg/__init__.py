@@ -30,7 +30,12 @@ def __getattr__(name: str) -> object:
         from diskimg import pool
 
         return getattr(pool, name)
-    raise AttributeError(f"module 'diskimg' has no attribute {name!r}")
+    import importlib
+
+    try:  # submodules by attribute (diskimg.units ...), as before the lazy import
+        return importlib.import_module(f"diskimg.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'diskimg' has no attribute {name!r}") from None
 
 __version__ = "0.1.0"
 
