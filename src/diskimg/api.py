@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from diskimg.device import BlockDevice
-from diskimg.errors import BackingChainError, DiskImgError, UsageError
+from diskimg.errors import BackingChainError, UsageError
 from diskimg.hostio import open_host_file
 from diskimg.policy import OpenPolicy
 from diskimg.probe import check_format, probe

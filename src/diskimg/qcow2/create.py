@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from diskimg.errors import UnsupportedFeatureError, UsageError
+from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,

@@ -669,7 +669,6 @@ class Qcow2Image(BlockDevice):
             self._write_compressed(offset, mv, compressed)
 
     def _write_compressed(self, offset: int, mv: memoryview, compressed: bytes | None) -> None:
-        cs = self.cs
         self._check_write_support()
         if self.header.crypt_method:
             raise UnsupportedFeatureError("Compression of encrypted images is not supported")
