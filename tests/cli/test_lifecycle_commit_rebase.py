@@ -3,6 +3,7 @@ maps (host offsets included), qemu-img check and compare afterwards."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,14 +79,27 @@ def test_commit_messages_and_codes(committed) -> None:
 def test_commit_results_match_qemu(committed, name: str, byte_identical: bool) -> None:
     q, m, _ = committed
     qcheck_clean(m, name)
+    ours, theirs = json.loads(qmap(m, name)), json.loads(qmap(q, name))
+    # qemu's commit job runs parallel requests, so the order in which it allocates the
+    # clusters it copies varies from run to run (seen in CI for ctop: the 2M and 3M
+    # clusters swapped). The extents must match exactly; the host clusters used must be
+    # the same set; only a run where qemu allocated in request order can be byte-identical.
+    assert _without_offsets(ours) == _without_offsets(theirs)
     if name not in ("vt.qcow2", "vb.qcow2"):
-        # qemu's commit job runs parallel requests: for far-apart clusters (vb) the order
-        # in which it allocates them varies from run to run
-        assert qmap(m, name) == qmap(q, name)
+        # vb's far-apart clusters need new L2 tables, whose place also follows that order
+        assert _offsets(ours) == _offsets(theirs)
     assert qcompare(q / name, m / name) == 0
-    if byte_identical:
+    if byte_identical and ours == theirs:
         # the others differ only where qemu punched holes into freed clusters
         assert (q / name).read_bytes() == (m / name).read_bytes()
+
+
+def _without_offsets(extents: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "offset"} for e in extents]
+
+
+def _offsets(extents: list[dict]) -> list[int]:
+    return sorted(e["offset"] for e in extents if "offset" in e)
 
 
 def test_commit_drop_keeps_top(di, tmp_path: Path) -> None:
