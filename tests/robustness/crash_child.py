@@ -14,10 +14,21 @@ started and what was made durable):
 
 The data of a write is :func:`payload` (seed, op index, length), so the parent can replay
 the log into a model of the disk without the child sending the bytes.
+
+    python crash_child.py --sweep SPEC.json
+
+runs one whole operation (``amend`` or ``convert``, :func:`run_operation`) once per job of
+the spec, each in a forked child (diskimg is imported once) working in the job's own
+directory, and prints one JSON line per job.  A job either ends the child just before its
+``nth`` write-like host call (pwrite, pwritev, truncate, punch_hole, zero_range,
+preallocate, write_zeros, flush: every point where the file can change) or SIGKILLs it
+``kill_after`` seconds after the fork; ``nth=0`` runs to the end and records in
+``calls`` how many write-like calls the operation made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -174,5 +185,95 @@ def main() -> int:
     return 0
 
 
+# --- kill-point sweeps of whole operations ------------------------------------------------
+WRITE_CALLS = ("pwrite", "pwritev", "truncate", "punch_hole", "zero_range", "preallocate",
+               "write_zeros", "flush")
+
+
+def install_crash_hook(nth: int) -> list[int]:
+    """Count write-like calls on writable host files; ``os._exit(9)`` just before call
+    ``nth`` (never when ``nth`` is 0).  Returns the one-element call counter."""
+    from diskimg.hostio.file import HostFile
+
+    calls = [0]
+    for name in WRITE_CALLS:
+        real = getattr(HostFile, name)
+
+        def hook(self: Any, *a: Any, _real: Any = real, **kw: Any) -> Any:
+            if self.writable:
+                calls[0] += 1
+                if calls[0] == nth:
+                    os._exit(9)
+            return _real(self, *a, **kw)
+
+        setattr(HostFile, name, hook)
+    return calls
+
+
+def run_operation(op: dict[str, Any]) -> None:
+    """``{"op": "amend", "image": p, "options": {...}}`` or ``{"op": "convert", "src": p,
+    "dst": p, "compress": bool, "options": {...}}``; relative paths are in the job's
+    directory (the current one)."""
+    import diskimg
+
+    if op["op"] == "amend":
+        from diskimg.qcow2.amend import amend
+
+        amend(op["image"], op["options"])
+    elif op["op"] == "convert":
+        diskimg.convert(op["src"], op["dst"], "qcow2", options=op.get("options"),
+                        compress=op.get("compress", False), workers=op.get("workers"))
+    else:
+        raise ValueError(op["op"])
+
+
+def sweep(spec_path: str) -> int:
+    import shutil
+    import time
+
+    import diskimg
+    import diskimg.qcow2.amend  # imported once, before the forks
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    assert diskimg.qcow2.amend.amend and diskimg.convert  # resolved before the forks
+    for job in spec["jobs"]:
+        d = job["dir"]
+        os.makedirs(d, exist_ok=True)
+        for name in spec.get("copy", []):
+            shutil.copyfile(os.path.join(spec["pristine"], name), os.path.join(d, name))
+        sys.stdout.flush()
+        t0 = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.chdir(d)
+                calls = install_crash_hook(job.get("nth", 0))
+                run_operation(spec["op"])
+                with open("calls", "w") as f:
+                    f.write(str(calls[0]))
+                os._exit(0)
+            except BaseException as e:
+                try:
+                    with open("error", "w") as f:
+                        f.write(f"{type(e).__name__}: {e}")
+                finally:
+                    os._exit(3)
+        if "kill_after" in job:
+            time.sleep(job["kill_after"])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        took = time.perf_counter() - t0
+        if os.WIFSIGNALED(status):
+            res = {"dir": d, "signal": os.WTERMSIG(status), "seconds": took}
+        else:
+            res = {"dir": d, "exit": os.WEXITSTATUS(status), "seconds": took}
+        print(json.dumps(res), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--sweep":
+        sys.exit(sweep(sys.argv[2]))
     sys.exit(main())

@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ import pytest
 import robustlib
 
 import diskimg
+from diskimg.errors import DiskImgError
 
 pytestmark = pytest.mark.qemu
 
@@ -77,13 +79,6 @@ def qemu_check(p: Path, *extra: str) -> tuple[int, dict[str, Any]]:
         doc = {}
     doc["stderr"] = res.stderr
     return res.returncode, doc
-
-
-def only_copied_flag_errors(stderr: str) -> bool:
-    """Every problem qemu-img check reported is an OFLAG_COPIED/refcount mismatch (or a
-    leak): the footprint of known bug B8 (a crash inside a snapshot operation)."""
-    errs = [ln for ln in stderr.splitlines() if ln.startswith("ERROR")]
-    return bool(errs) and all(" OFLAG_COPIED " in ln for ln in errs)
 
 
 def parse_log(out: str) -> tuple[list[dict[str, Any]], int, bool, str | None]:
@@ -235,15 +230,7 @@ def test_sigkill_leaves_consistent_image(opts: str, backing: bool, seed: int,
     theirs = {k: qdoc.get(k, 0) for k in mine}
     assert (mine, res.exit_code) == (theirs, qrc), f"{note}\ndiskimg {mine} exit " \
         f"{res.exit_code}, qemu-img {theirs} exit {qrc}"
-    b8 = False
-    if not lazy and qrc == 2 and any(o["op"] in ("snap", "unsnap") for o in pending) \
-            and only_copied_flag_errors(qdoc["stderr"]):
-        # known bug B8 (test_known_bugs.py): tolerated here, but a full repair must fix it
-        b8 = True
-        c0 = tmp_path / "b8.qcow2"
-        shutil.copyfile(p, c0)
-        qemu("check", "-q", "-r", "all", c0, check=(0,))
-    elif not lazy:
+    if not lazy:
         assert qrc in (0, 3), f"{note}\nqemu-img check exit {qrc}: {qdoc}"
 
     # 2. the flushed data reads back, through diskimg and through qemu-img
@@ -264,11 +251,11 @@ def test_sigkill_leaves_consistent_image(opts: str, backing: bool, seed: int,
     else:
         c1 = tmp_path / "qrepair.qcow2"
         shutil.copyfile(p, c1)
-        qemu("check", "-q", "-r", "all" if b8 else "leaks", c1, check=(0,))
+        qemu("check", "-q", "-r", "leaks", c1, check=(0,))
         c2 = tmp_path / "drepair.qcow2"
         shutil.copyfile(p, c2)
         with diskimg.open(c2, "r+") as img:
-            rep = img.check(repair="all" if b8 else "leaks")
+            rep = img.check(repair="leaks")
         assert rep.exit_code == 0, (note, rep)
         qrc3, qdoc3 = qemu_check(c2)
         assert qrc3 == 0, f"{note}\nafter diskimg check -r leaks: qemu-img {qrc3} {qdoc3}"
@@ -335,3 +322,240 @@ def test_harness_detects_lost_flushed_data(tmp_path: Path) -> None:
         model.apply(op)
     with diskimg.open(p) as img, pytest.raises(AssertionError, match="flushed model"):
         compare(img.read(0, img.size), model, [], "lying writer")
+
+
+# --- whole operations: amend and convert, killed at every write-like host call -------------
+# A forked child (crash_child.py --sweep) runs the operation and ends just before its nth
+# write-like host call (every point where the file can change: the deterministic kill
+# points), or is SIGKILLed after a random delay (which may also cut a long pwrite short).
+SWEEP_POINTS = int(os.environ.get("DISKIMG_CRASH_POINTS", "14"))
+SWEEP_TIMED = int(os.environ.get("DISKIMG_CRASH_TIMED_KILLS", "3"))
+SWEEP_SIZE = 2 << 20
+
+# B11: amend's rebuild_refcounts (src/diskimg/qcow2/amend.py) switches the header to the
+# new refcount table with one pwrite (refcount_table_offset/clusters at 48) and sets the
+# new refcount_order with a second one (at 96): a crash between them leaves the new blocks
+# read with the old width, hundreds of corruptions.  Fix: one pwrite of header bytes
+# 48..100 (h.pack()[48:100] after setting the three fields), then the flush.
+B11 = pytest.mark.xfail(strict=True, reason="B11: a crash between amend's two header writes "
+                        "of a refcount_bits change (table offset at 48, refcount_order at "
+                        "96) leaves the new refcount blocks read with the old width")
+
+# (id, qemu-img create -o, backing file, qemu-io commands, amend options[, mark])
+AMEND_CASES = [
+    ("downgrade-zero-clusters-snapshot", "cluster_size=4096", True,
+     ["write -P 0x11 0 256k", "write -z -u 64k 64k", "snapshot", "write -P 0x22 512k 128k",
+      "write -z 512k 32k", "write -c -P 0x33 1M 64k", "write -z -u 1536k 16k"],
+     {"compat": "0.10"}),
+    ("upgrade", "compat=0.10,cluster_size=4096", False,
+     ["write -P 0x11 0 256k", "snapshot", "write -P 0x22 128k 256k"], {"compat": "1.1"}),
+    ("refcount_bits-64", "cluster_size=4096", False,
+     ["write -P 0x11 0 512k", "snapshot", "write -P 0x22 256k 256k"], {"refcount_bits": "64"},
+     B11),
+    ("refcount_bits-2", "cluster_size=4096", False,
+     ["write -P 0x11 0 512k", "snapshot", "write -P 0x22 256k 256k"], {"refcount_bits": "2"},
+     B11),
+    ("lazy_refcounts-on-grow", "cluster_size=4096", True, ["write -P 0x11 0 512k"],
+     {"lazy_refcounts": "on", "size": str(3 << 20)}),
+    ("lazy_refcounts-off-shrink", "cluster_size=4096,lazy_refcounts=on", False,
+     ["write -P 0x11 0 512k", "write -P 0x22 1536k 256k"],
+     {"lazy_refcounts": "off", "size": str(1 << 20)}),
+]
+CONVERT_CASES = [("plain", False), ("compressed", True)]
+
+
+def sweep(tmp: Path, pristine: Path, copy: list[str], op: dict[str, Any],
+          jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``jobs`` (each gets ``dir``) through ``crash_child.py --sweep``."""
+    spec = tmp / f"spec-{len(list(tmp.glob('spec-*')))}.json"
+    spec.write_text(json.dumps({"pristine": str(pristine), "copy": copy, "op": op,
+                                "jobs": jobs}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(HERE.parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, str(HERE / "crash_child.py"), "--sweep", str(spec)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return [json.loads(ln) for ln in res.stdout.splitlines()]
+
+
+def kill_plan(tmp: Path, pristine: Path, copy: list[str], op: dict[str, Any],
+              seed: int) -> tuple[list[dict[str, Any]], int]:
+    """Count the operation's write-like calls in a full run (which must succeed), then
+    plan the kill points: the first and last few calls, the rest spread at random, and
+    SWEEP_TIMED SIGKILLs at random times within the run's duration."""
+    (full,) = sweep(tmp, pristine, copy, op, [{"dir": str(tmp / "full")}])
+    err = tmp / "full" / "error"
+    assert full.get("exit") == 0, err.read_text() if err.exists() else full
+    n = int((tmp / "full" / "calls").read_text())
+    r = random.Random(seed)
+    edge = max(1, SWEEP_POINTS // 4)
+    points = set(range(1, min(n, edge) + 1)) | set(range(max(1, n - edge + 1), n + 1))
+    rest = sorted(set(range(1, n + 1)) - points)
+    points |= set(r.sample(rest, min(len(rest), max(0, SWEEP_POINTS - len(points)))))
+    jobs: list[dict[str, Any]] = [{"dir": str(tmp / f"p{k}"), "nth": k} for k in sorted(points)]
+    jobs += [{"dir": str(tmp / f"t{k}"), "kill_after": r.uniform(0, full["seconds"])}
+             for k in range(SWEEP_TIMED)]
+    return jobs, n
+
+
+def check_killed_image(p: Path, note: str) -> None:
+    """qemu-img check finds at most leaks (a dirty lazy-refcount image: after the
+    repairing ``open("r+")`` of a copy, none at all)."""
+    qrc, qdoc = qemu_check(p)
+    dirty = p.stat().st_size >= 80 and int.from_bytes(p.read_bytes()[72:80], "big") & 1
+    if dirty and p.read_bytes()[4:8] == b"\0\0\0\3":
+        assert qrc in (0, 2, 3), f"{note}: qemu-img check exit {qrc}: {qdoc}"
+        c = p.with_name("repaired.qcow2")
+        shutil.copyfile(p, c)
+        diskimg.open(c, "r+").close()
+        qrc, qdoc = qemu_check(c)
+        assert qrc == 0, f"{note}: after the repairing open: {qrc} {qdoc}"
+    else:
+        assert qrc in (0, 3), f"{note}: qemu-img check exit {qrc}: {qdoc}"
+
+
+def guest_view(p: Path) -> tuple[bytes, dict[str, bytes]]:
+    with diskimg.open(p) as img:
+        snaps = {}
+        for s in img.snapshots.list():
+            with img.snapshot_view(name=s.name) as v:
+                snaps[s.name] = v.read(0, v.size)
+        return img.read(0, img.size), snaps
+
+
+@pytest.mark.parametrize(("opts", "backing", "cmds", "options"),
+                         [pytest.param(*c[1:5], id=c[0], marks=c[5:])
+                          for c in AMEND_CASES])
+def test_sigkill_during_amend(opts: str, backing: bool, cmds: list[str],
+                              options: dict[str, str], tmp_path: Path) -> None:
+    """Kill ``amend`` at every planned point: qemu-img check finds at most leaks, the
+    guest data and every snapshot read back unchanged (a resize: the old or new size, the
+    common prefix unchanged)."""
+    pristine = tmp_path / "pristine"
+    pristine.mkdir()
+    copy = ["disk.qcow2"]
+    if backing:
+        (pristine / "b.raw").write_bytes(random.Random(3).randbytes(SWEEP_SIZE))
+        qemu("convert", "-q", "-f", "raw", "-O", "qcow2", "b.raw", "base.qcow2", cwd=pristine)
+        opts += ",backing_file=base.qcow2,backing_fmt=qcow2"
+        copy.append("base.qcow2")
+    qemu("create", "-q", "-f", "qcow2", "-o", opts, "disk.qcow2", str(SWEEP_SIZE),
+         cwd=pristine)
+    assert robustlib.QEMU_IO
+    for k, cmd in enumerate(cmds):
+        if cmd == "snapshot":
+            qemu("snapshot", "-c", f"s{k}", "disk.qcow2", cwd=pristine)
+        else:
+            subprocess.run([robustlib.QEMU_IO, "-c", cmd, "disk.qcow2"], cwd=pristine,
+                           check=True, capture_output=True)
+    want, want_snaps = guest_view(pristine / "disk.qcow2")
+    op = {"op": "amend", "image": "disk.qcow2", "options": options}
+    jobs, n = kill_plan(tmp_path, pristine, copy, op, sum(map(ord, str(options))))
+    sizes = {len(want), int(options.get("size", len(want)))}
+    survived = 0
+    failed: list[str] = []
+    for job in sweep(tmp_path, pristine, copy, op, jobs):
+        p = Path(job["dir"]) / "disk.qcow2"
+        note = f"amend {options} killed at {job} of {n} write-like calls"
+        try:
+            assert job.get("exit") in (0, 9) or job.get("signal") == signal.SIGKILL, note
+            check_killed_image(p, note)
+            got, got_snaps = guest_view(p)
+            assert len(got) in sizes, note
+            common = min(sizes)
+            assert got[:common] == want[:common], f"{note}: guest data changed"
+            assert got_snaps == want_snaps, f"{note}: snapshot data changed"
+            survived += 1
+        except (AssertionError, DiskImgError) as e:
+            failed.append(str(e)[:600])
+    assert not failed, f"{len(failed)} of {len(jobs)} kill points failed:\n" + \
+        "\n".join(failed)
+    print(f"amend {options}: {survived}/{len(jobs)} kill points survived "
+          f"({n} write-like calls)")
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "compressed"])
+def test_sigkill_during_convert(compress: bool, tmp_path: Path) -> None:
+    """Kill ``convert -O qcow2 [-c]`` at every planned point: the target is either not yet
+    a qcow2 image (missing or without a complete header) or one qemu-img check finds at
+    most leaks in, and every cluster it maps reads as the source's."""
+    pristine = tmp_path / "pristine"
+    pristine.mkdir()
+    r = random.Random(11)
+    src = bytearray(SWEEP_SIZE)
+    for k in range(0, SWEEP_SIZE, 64 << 10):
+        kind = r.choice(["random", "pattern", "zero", "zero"])
+        if kind == "random":
+            src[k : k + (64 << 10)] = r.randbytes(64 << 10)
+        elif kind == "pattern":
+            src[k : k + (64 << 10)] = bytes([r.randrange(1, 256)]) * (64 << 10)
+    (pristine / "src.raw").write_bytes(bytes(src))
+    op = {"op": "convert", "src": str(pristine / "src.raw"), "dst": "out.qcow2",
+          "compress": compress, "options": {"cluster_size": 4096}, "workers": 2}
+    jobs, n = kill_plan(tmp_path, pristine, [], op, 5 + compress)
+    survived = b12 = 0
+    failed: list[str] = []
+    for job in sweep(tmp_path, pristine, [], op, jobs):
+        p = Path(job["dir"]) / "out.qcow2"
+        note = f"convert -c={compress} killed at {job} of {n} write-like calls"
+        head = p.read_bytes()[:104] if p.exists() else b""
+        if len(head) < 104 or head[:4] != b"QFI\xfb":
+            survived += 1  # clearly not (yet) an image
+            continue
+        if create_placeholder_header(head):
+            b12 += 1  # known bug B12 (test_crash_in_create_leaves_no_half_made_image)
+            continue
+        try:
+            assert job.get("exit") in (0, 9) or job.get("signal") == signal.SIGKILL, note
+            check_killed_image(p, note)
+            with diskimg.open(p) as img:
+                assert img.size == SWEEP_SIZE, note
+                for e in img.map():
+                    if e.data:
+                        got = img.read(e.start, e.length)
+                        assert got == bytes(src[e.start : e.start + e.length]), \
+                            f"{note}: mapped range {e.start}+{e.length} differs from source"
+            survived += 1
+        except (AssertionError, DiskImgError) as e:
+            failed.append(str(e)[:600])
+    assert not failed, f"{len(failed)} of {len(jobs)} kill points failed:\n" + \
+        "\n".join(failed)
+    print(f"convert -c={compress}: {survived}/{len(jobs)} kill points survived, {b12} hit "
+          f"B12 ({n} write-like calls)")
+
+
+def create_placeholder_header(head: bytes) -> bool:
+    """The first header ``create`` writes: an L1 table of ``l1_size`` entries at offset 0
+    (the real offset is written last), i.e. known bug B12."""
+    l1_size, l1_off = struct.unpack_from(">IQ", head, 36)
+    return l1_size > 0 and l1_off == 0
+
+
+@pytest.mark.xfail(strict=True, reason="B12: qcow2 create writes a complete-looking header "
+                   "(magic, l1_size > 0, l1_table_offset 0) before the refcount table and "
+                   "the L1 table; a crash there leaves a file qemu opens and reads its "
+                   "header as the L1 table (qemu-img check: corruptions)")
+def test_crash_in_create_leaves_no_half_made_image(tmp_path: Path) -> None:
+    """Crash ``create`` before each of its writes: the file is either no qcow2 image yet
+    (no magic) or one qemu-img check finds clean.  Fix (src/diskimg/qcow2/create.py,
+    create_qcow2): write the refcount table, refcount block, L1 table and LUKS area
+    first and the header cluster last, in one pwrite."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(HERE.parents[1] / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    bad = []
+    for nth in range(1, 12):
+        p = tmp_path / f"c{nth}.qcow2"
+        code = ("import crash_child, diskimg\n"
+                f"crash_child.install_crash_hook({nth})\n"
+                f"diskimg.create({str(p)!r}, 'qcow2', 1 << 20)\n")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=60)
+        head = p.read_bytes()[:104] if p.exists() else b""
+        if res.returncode == 0:
+            break
+        assert res.returncode == 9, res.stderr
+        if len(head) >= 104 and head[:4] == b"QFI\xfb":
+            qrc, qdoc = qemu_check(p)
+            if qrc != 0:
+                bad.append((nth, qrc, qdoc["stderr"][:200]))
+    assert not bad, bad

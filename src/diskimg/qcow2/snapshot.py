@@ -5,6 +5,15 @@ the active image by reference counting.  Invariants kept by every operation:
 - refcount increments reach the disk before any table that relies on them, decrements
   only after the table that dropped the reference is on disk (crash: leaks only);
 - QCOW_OFLAG_COPIED is set in active L1/L2 entries exactly when the refcount is 1.
+
+qemu-img check counts a COPIED/refcount mismatch as a corruption in *both* directions,
+and a snapshot create or delete moves shared clusters across refcount 1, so no order of
+in-place writes of L2 tables and refcount blocks is crash safe (qemu 7.2 has that window).
+Create and delete therefore write every table they change to fresh clusters (the active
+L1 table, the active L2 tables whose COPIED bits change, the refcount blocks whose counts
+change, the refcount table and the snapshot table) and switch to all of them with one
+32-byte header write (:meth:`SnapshotTable._switch`): a crash before it leaves the old
+image plus leaked clusters, after it the new image, without leaks.
 """
 
 from __future__ import annotations
@@ -12,13 +21,15 @@ from __future__ import annotations
 import builtins
 import struct
 from array import array
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
 from diskimg.errors import CorruptImageError, FormatError, UsageError
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
+from diskimg.qcow2.cache import L2Table, be_u64_array, pack_be_u64_array
 from diskimg.qcow2.layout import QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
+from diskimg.qcow2.refcount import RefBlock
 
 if TYPE_CHECKING:
     from diskimg.qcow2.image import Qcow2Image
@@ -84,6 +95,9 @@ class Snapshot:
                    icount, extra_len, bytes(extra[24:])), length
 
     def pack(self) -> bytes:
+        """The on-disk snapshot table entry: fixed header, ``extra_data_size`` bytes of
+        extra data (VM state size, disk size, icount, then any unknown bytes kept from
+        parsing), id, name, zero-padded to a multiple of 8 bytes."""
         sid, name = self.id.encode(), self.name.encode()
         extra = struct.pack(">QQQ", self.vm_state_size,
                             self.disk_size if self.disk_size is not None else 0,
@@ -150,6 +164,7 @@ class SnapshotTable:
         self.img = img
 
     def list(self) -> list[Snapshot]:
+        """A copy of the snapshot table in on-disk order (what ``snapshot -l`` lists)."""
         return list(self.img.snapshot_list)
 
     def find(self, name_or_id: str) -> Snapshot:
@@ -163,28 +178,6 @@ class SnapshotTable:
         raise SnapshotNotFoundError(name_or_id)
 
     # --- helpers ---------------------------------------------------------------------
-    def _write_table(self, snaps: builtins.list[Snapshot]) -> None:
-        """Write a new snapshot table, switch the header to it, free the old one."""
-        img = self.img
-        h = img.header
-        data = pack_table(snaps)
-        if len(data) > QCOW_MAX_SNAPSHOTS_SIZE:
-            raise UsageError("Snapshot table too large")
-        old_off, old_len = h.snapshots_offset, len(pack_table(img.snapshot_list))
-        new_off = 0
-        if snaps:
-            new_off = img.refcounts.alloc(-(-len(data) // img.cs))
-            img._flush_refcounts()
-            img.host.pwrite(new_off, data)
-        img.host.flush()
-        img.host.pwrite(60, struct.pack(">IQ", len(snaps), new_off))
-        img.host.flush()
-        h.nb_snapshots, h.snapshots_offset = len(snaps), new_off
-        if img.snapshot_list and old_len:
-            img.refcounts.free(old_off, old_len)
-            img._flush_refcounts()
-        img.snapshot_list = snaps
-
     def _read_l1(self, offset: int, size: int) -> array[int]:
         img = self.img
         if offset % img.cs:
@@ -243,6 +236,181 @@ class SnapshotTable:
                     img.l1_dirty.add(i)
         return changed
 
+    def _count_refs(self, l1: array[int], deltas: defaultdict[int, int], addend: int) -> None:
+        """Add ``addend`` to ``deltas`` (host cluster -> refcount change) for every L2
+        table and data cluster ``l1`` reaches, as QEMU's update_snapshot_refcount would."""
+        img = self.img
+        cs = img.cs
+        step = 2 if img.extended else 1
+        for i in range(len(l1)):
+            l2_off = l1[i] & E.L1E_OFFSET_MASK
+            if not l2_off:
+                continue
+            if l2_off % cs:
+                raise CorruptImageError(f"L2 table offset {l2_off:#x} in L1 entry {i} is "
+                                        "not cluster aligned")
+            deltas[l2_off // cs] += addend
+            ents = img.l2_cache.get(l2_off).entries
+            for j in range(0, len(ents), step):
+                ent = ents[j]
+                if ent & E.QCOW_OFLAG_COMPRESSED:
+                    host, n = E.decode_compressed(ent, img.cb)
+                    for c in range((host & ~511) // cs, (host + n - 1) // cs + 1):
+                        deltas[c] += addend
+                elif ent & E.L2E_OFFSET_MASK:
+                    deltas[(ent & E.L2E_OFFSET_MASK) // cs] += addend
+
+    def _switch(self, deltas: defaultdict[int, int], snaps: builtins.list[Snapshot]) -> None:
+        """Commit a snapshot operation atomically (see the module docstring).
+
+        ``deltas`` are the refcount changes of the snapshot references the operation adds
+        or drops; ``snaps`` is the new snapshot table (its L1 copies already on disk and
+        allocated).  On return the header names a new active L1 table, refcount table
+        and snapshot table in which OFLAG_COPIED is set exactly where the refcount is 1.
+        Everything is flushed on entry and on return."""
+        for _ in range(4):
+            try:
+                self._try_switch(defaultdict(int, deltas), snaps)
+                return
+            except _TableMoved:
+                continue  # the refcount table grew while allocating: start again
+        raise CorruptImageError("Snapshot update: the refcount table keeps moving")
+
+    def _try_switch(self, d: defaultdict[int, int], snaps: builtins.list[Snapshot]) -> None:
+        img = self.img
+        rc = img.refcounts
+        cs = img.cs
+        h = img.header
+        step = 2 if img.extended else 1
+        rt_off, rt_clusters = h.refcount_table_offset, h.refcount_table_clusters
+        allocated: builtins.list[tuple[int, int]] = []
+
+        def alloc(n: int) -> int:
+            off = rc.alloc(n)
+            allocated.append((off, n))
+            if (h.refcount_table_offset, h.refcount_table_clusters) != (rt_off, rt_clusters):
+                for a_off, a_n in allocated:
+                    rc.free(a_off, a_n * cs)
+                img._flush_refcounts()
+                raise _TableMoved
+            return off
+
+        def newref(c: int) -> int:
+            return rc.get(c) + d.get(c, 0)
+
+        # 1. the active L2 tables whose COPIED bits change get new copies
+        new_l1 = array("Q", img.l1)
+        shadows: dict[int, tuple[int, L2Table]] = {}
+        for i in range(len(new_l1)):
+            l2_off = new_l1[i] & E.L1E_OFFSET_MASK
+            if not l2_off:
+                continue
+            if l2_off in shadows:
+                new_l1[i] = shadows[l2_off][0]
+                d[shadows[l2_off][0] // cs] += 1
+                d[l2_off // cs] -= 1
+                continue
+            ents = img.l2_cache.get(l2_off).entries
+            changed: array[int] | None = None
+            for j in range(0, len(ents), step):
+                ent = ents[j]
+                if ent & E.QCOW_OFLAG_COMPRESSED or not ent & E.L2E_OFFSET_MASK:
+                    continue
+                want = (ent | E.QCOW_OFLAG_COPIED) \
+                    if newref((ent & E.L2E_OFFSET_MASK) // cs) == 1 \
+                    else (ent & ~E.QCOW_OFLAG_COPIED)
+                if want != ent:
+                    if changed is None:
+                        changed = array("Q", ents)
+                    changed[j] = want
+            if changed is not None:
+                t2 = alloc(1)
+                shadows[l2_off] = (t2, L2Table(changed))
+                d[l2_off // cs] -= 1
+                new_l1[i] = t2
+        for i in range(len(new_l1)):
+            l2_off = new_l1[i] & E.L1E_OFFSET_MASK
+            if l2_off:
+                new_l1[i] = (l2_off | E.QCOW_OFLAG_COPIED) if newref(l2_off // cs) == 1 \
+                    else l2_off
+        # 2. new active L1 table, snapshot table and refcount table
+        l1_off = h.l1_table_offset
+        if new_l1 != img.l1:
+            l1_clusters = -(-len(new_l1) * 8 // cs)
+            l1_off = alloc(l1_clusters)
+            for c in range(h.l1_table_offset // cs, h.l1_table_offset // cs + l1_clusters):
+                d[c] -= 1
+        table = pack_table(snaps)
+        if len(table) > QCOW_MAX_SNAPSHOTS_SIZE:
+            raise UsageError("Snapshot table too large")
+        snap_off = alloc(-(-len(table) // cs)) if snaps else 0
+        old_table = len(pack_table(img.snapshot_list)) if img.snapshot_list else 0
+        if old_table:
+            for c in range(h.snapshots_offset // cs,
+                           (h.snapshots_offset + old_table - 1) // cs + 1):
+                d[c] -= 1
+        new_rt = alloc(rt_clusters)
+        for c in range(rt_off // cs, rt_off // cs + rt_clusters):
+            d[c] -= 1
+        # 3. every refcount block with a changed count gets a new copy
+        blocks: dict[int, int] = {}
+        while True:
+            need = sorted({c >> rc.block_bits for c, v in d.items() if v} - blocks.keys())
+            if not need:
+                break
+            for ri in need:
+                old_b = rc._block_offset(ri)
+                if not old_b:
+                    raise CorruptImageError(f"Snapshot update: no refcount block for "
+                                            f"refcount table entry {ri}",
+                                            offset=rt_off + 8 * ri)
+                blocks[ri] = alloc(1)
+                d[old_b // cs] -= 1
+        img._flush_refcounts()  # the allocations above, in place: leaks until the switch
+        per_block = 1 << rc.block_bits
+        new_blocks: dict[int, RefBlock] = {}
+        for ri in blocks:
+            new_blocks[ri] = RefBlock(rc.order, rc.blocks.get(rc._block_offset(ri)).pack())
+        for c, v in d.items():
+            if not v:
+                continue
+            blk = new_blocks[c >> rc.block_bits]
+            val = blk[c & (per_block - 1)] + v
+            if not 0 <= val <= rc.max_refcount:
+                raise CorruptImageError(f"Refcount of cluster {c} would become {val}",
+                                        offset=c * cs)
+            blk[c & (per_block - 1)] = val
+        rt = array("Q", rc.table)
+        rt.extend([0] * (rt_clusters * cs // 8 - len(rt)))
+        for ri, off in blocks.items():
+            rt[ri] = off
+        # 4. write the new tables, then switch the header to them in one write
+        for t2, tbl in shadows.values():
+            img.host.pwrite(t2, tbl.pack())
+        if l1_off != h.l1_table_offset:
+            img.host.pwrite(l1_off, pack_be_u64_array(new_l1))
+        if snaps:
+            img.host.pwrite(snap_off, table)
+        for ri, off in blocks.items():
+            img.host.pwrite(off, new_blocks[ri].pack())
+        img.host.pwrite(new_rt, pack_be_u64_array(rt))
+        img.host.flush()
+        img.host.pwrite(40, struct.pack(">QQIIQ", l1_off, new_rt, rt_clusters, len(snaps),
+                                        snap_off))
+        img.host.flush()
+        # 5. the in-memory image follows
+        h.l1_table_offset, h.refcount_table_offset = l1_off, new_rt
+        h.nb_snapshots, h.snapshots_offset = len(snaps), snap_off
+        img.l1 = new_l1
+        img.l1_dirty.clear()
+        img.snapshot_list = snaps
+        img.l2_cache.clear()
+        for t2, tbl in shadows.values():
+            img.l2_cache.put(t2, tbl, dirty=False)
+        img._decoded.clear()
+        img._refcounts = None  # reloaded from the new refcount table on first use
+        img._punch_free_clusters([c for c, v in d.items() if v < 0])
+
     def _check_headroom(self, l1: array[int], what: str) -> None:
         """Refuse, before changing anything, when one more reference to a cluster ``l1``
         reaches would overflow the refcount width (qemu fails half-way and leaks)."""
@@ -284,24 +452,23 @@ class SnapshotTable:
         sid = str(max(ids, default=0) + 1)
         img.flush()
         self._check_headroom(img.l1, f"Could not create snapshot '{name}'")
-        # 1. copy of the active L1 table in new clusters
+        # 1. copy of the active L1 table in new clusters (a leak until the switch)
         l1_bytes = len(img.l1) * 8
         l1_off = 0
         if l1_bytes:
             l1_off = img.refcounts.alloc(-(-l1_bytes // img.cs))
             img._flush_refcounts()
             img.host.pwrite(l1_off, pack_be_u64_array(img.l1))
-        # 2. references from the snapshot: refcounts up, COPIED flags cleared
-        self.update_refcounts(img.l1, 1, active=True)
-        img.flush()
-        # 3. the table entry
+        # 2. the snapshot's references and the table entry, switched to atomically; the
+        # snapshot keeps the old L2 tables, the active image gets copies without COPIED
         from diskimg.reproducible import now as clock
 
         now = clock() if date is None else date
         sn = Snapshot(sid, name, l1_off, len(img.l1), int(now),
                       int(now % 1 * 1e9) // 1000 * 1000, 0, 0, img.size, 0)
-        self._write_table([*img.snapshot_list, sn])
-        img.flush()
+        deltas: defaultdict[int, int] = defaultdict(int)
+        self._count_refs(img.l1, deltas, 1)
+        self._switch(deltas, [*img.snapshot_list, sn])
         return sn
 
     def apply(self, name_or_id: str) -> None:
@@ -343,13 +510,19 @@ class SnapshotTable:
         img._check_write_support()
         sn = self.find(name_or_id)
         img.flush()
-        self._write_table([s for s in img.snapshot_list if s is not sn])
         snap_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
-        self.update_refcounts(snap_l1, -1, active=False)
+        deltas: defaultdict[int, int] = defaultdict(int)
+        self._count_refs(snap_l1, deltas, -1)
         if sn.l1_size:
-            img.refcounts.free(sn.l1_table_offset, sn.l1_size * 8)
-        self.update_refcounts(img.l1, 0, active=True)
-        img.flush()
+            first = sn.l1_table_offset // img.cs
+            for c in range(first, (sn.l1_table_offset + sn.l1_size * 8 - 1) // img.cs + 1):
+                deltas[c] -= 1
+        # dropped references and OFLAG_COPIED bits switch together (known bug B8)
+        self._switch(deltas, [s for s in img.snapshot_list if s is not sn])
+
+
+class _TableMoved(Exception):
+    """The refcount table moved (grew) while a snapshot update allocated clusters."""
 
 
 class SnapshotNotFoundError(UsageError):
