@@ -3,13 +3,14 @@
     python docs/gen_api.py            # rewrite docs/reference/api.md
     python docs/gen_api.py --check    # exit 1 if the committed file is out of date
 
-Objects without a docstring are listed at the end of the page (and on stderr), so gaps
-are visible.  Only the standard library is used (``inspect``).
+Every public function, class, method and property listed here must have a docstring: a
+missing one is printed on stderr (and at the end of the page) and makes both modes exit 1;
+tests/docs/test_generated.py runs ``--check``.  Only the standard library is used
+(``inspect``).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import sys
@@ -17,14 +18,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from gen_common import run
+
 OUT = Path(__file__).resolve().parent / "reference" / "api.md"
 
 # (module, names, heading, intro); names None = the module's __all__
 SECTIONS: list[tuple[str, list[str] | None, str, str]] = [
     ("diskimg", None, "`diskimg`",
      "Everything re-exported from the top-level package (`diskimg.__all__`)."),
-    ("diskimg.operations", ["commit", "rebase", "dd"], "`diskimg.operations` (not re-exported yet)",
-     "Image operations that exist but are not in `diskimg.__all__` yet."),
     ("diskimg.qcow2.image", ["Qcow2Image"], "qcow2 images (`diskimg.qcow2`)",
      "What `diskimg.open()` returns for a qcow2 file: a `BlockDevice` plus snapshots, "
      "compressed writes, resize and check."),
@@ -33,8 +34,9 @@ SECTIONS: list[tuple[str, list[str] | None, str, str]] = [
     ("diskimg.qcow2.check", ["CheckResult"], "Check results",
      "What `img.check()` returns; `to_json()` is `check --output=json`."),
     ("diskimg.vmdk", ["create_vmdk", "write_stream_optimized", "open_vmdk", "VmdkImage"],
-     "`diskimg.vmdk` (in progress)",
-     "vmdk entry points; not yet reachable through `diskimg.open()`/`create()` or the CLI."),
+     "vmdk images (`diskimg.vmdk`)",
+     "What `diskimg.open()` returns for a vmdk (`VmdkImage`), and the vmdk writers behind "
+     "`diskimg.create()` and `convert -O vmdk`."),
     ("diskimg.pool", None, "`diskimg.pool`",
      "libvirt-compatible directory pools; see [pools.md](../pools.md)."),
 ]
@@ -179,21 +181,9 @@ def generate() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="fail if api.md is out of date")
-    a = ap.parse_args(argv)
-    text = generate()
-    for q in missing:
-        print(f"missing docstring: {q}", file=sys.stderr)
-    if a.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is out of date; run python docs/gen_api.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    """Write (or ``--check``) api.md; exit 1 if any public object lacks a docstring."""
+    return run("gen_api.py", OUT, generate, argv,
+               problems=lambda: [f"missing docstring: {q}" for q in missing])
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ tests/docs/test_docs_examples.py.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import sys
 from pathlib import Path
+
+from gen_common import run
 
 OUT = Path(__file__).resolve().parent / "reference" / "cli.md"
 
@@ -133,19 +134,8 @@ def generate() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="fail if cli.md is out of date")
-    a = ap.parse_args(argv)
-    text = generate()
-    if a.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is out of date; run python docs/gen_cli.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    """Write (or ``--check``) cli.md."""
+    return run("gen_cli.py", OUT, generate, argv)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ block that needs qemu-img/qemu-io (skipped when they are absent; blocks that men
   page can build on its earlier steps (like a doctest session).
 - ```` ```console ```` / ```` ```sh ```` blocks: every line starting with ``$ `` is a
   command (a trailing ``\\`` continues it on the next line); other lines are sample output
-  and are not compared.  Each command must exit 0.  Plain ``diskimg ...`` commands run
-  in-process through ``diskimg.cli.main.main`` (fast); anything else runs under ``bash``.
+  and are not compared, unless the marker says ``<!-- test: output -->``: then each
+  command's combined stdout and stderr must equal the lines after it (trailing blanks
+  ignored).  Each command must exit 0.  Plain ``diskimg ...`` commands run in-process
+  through ``diskimg.cli.main.main`` (fast); anything else runs under ``bash``.
 
 Every page with at least one runnable block is one test.  Pages: README.md and
 docs/**/*.md.
@@ -21,6 +23,7 @@ docs/**/*.md.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import os
 import re
@@ -91,15 +94,16 @@ def extract(page: Path) -> list[Block]:
     return out
 
 
-def commands(text: str) -> list[str]:
-    """The ``$ `` commands of a console block (continuation lines joined)."""
-    cmds: list[str] = []
+def session(text: str) -> list[tuple[str, list[str]]]:
+    """The ``$ `` commands of a console block (continuation lines joined), each with the
+    sample output lines that follow it."""
+    out: list[tuple[str, list[str]]] = []
     cur: str | None = None
     for line in text.splitlines():
         if cur is not None:
             cur += "\n" + line
             if not line.endswith("\\"):
-                cmds.append(cur)
+                out.append((cur, []))
                 cur = None
             continue
         if line.startswith("$ "):
@@ -107,29 +111,44 @@ def commands(text: str) -> list[str]:
             if cmd.endswith("\\"):
                 cur = cmd
             else:
-                cmds.append(cmd)
+                out.append((cmd, []))
+        elif out:
+            out[-1][1].append(line)
     if cur is not None:
-        cmds.append(cur)
-    return cmds
+        out.append((cur, []))
+    return out
 
 
-def _run_command(cmd: str, where: str) -> None:
+def commands(text: str) -> list[str]:
+    """The ``$ `` commands of a console block (continuation lines joined)."""
+    return [cmd for cmd, _ in session(text)]
+
+
+def _run_command(cmd: str, where: str) -> str:
+    """Run one command (it must exit 0); return its stdout and stderr, interleaved."""
     simple = "\n" not in cmd and not (_SHELL_META & set(cmd.replace("=", "")))
     argv = shlex.split(cmd) if simple else []
     if argv and argv[0] == "diskimg":
         from diskimg.cli.main import main
 
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             rc = main(argv[1:])
-        assert rc == 0, f"{where}: `{cmd}` exited {rc}\n{out.getvalue()}{err.getvalue()}"
-        return
+        assert rc == 0, f"{where}: `{cmd}` exited {rc}\n{out.getvalue()}"
+        return out.getvalue()
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env,
-                       timeout=120)
-    assert p.returncode == 0, (f"{where}: `{cmd}` exited {p.returncode}\n"
-                               f"{p.stdout}{p.stderr}")
+    p = subprocess.run(["bash", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0, f"{where}: `{cmd}` exited {p.returncode}\n{p.stdout}"
+    return p.stdout
+
+
+def _lines(text: str | list[str]) -> list[str]:
+    lines = [ln.rstrip() for ln in (text.splitlines() if isinstance(text, str) else text)]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
 
 
 def _pages_with_blocks() -> list[Path]:
@@ -151,8 +170,13 @@ def test_page_examples(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
             code = compile(b.text, b.where(), "exec")
             exec(code, ns)
         elif b.lang in ("console", "sh", "shell", "bash"):
-            for cmd in commands(b.text):
-                _run_command(cmd, b.where())
+            for cmd, expected in session(b.text):
+                got = _run_command(cmd, b.where())
+                if "output" in b.opts:
+                    assert _lines(got) == _lines(expected), (
+                        f"{b.where()}: `{cmd}` printed something else than the page shows:\n"
+                        + "\n".join(difflib.unified_diff(_lines(expected), _lines(got),
+                                                          "page", "actual", lineterm="")))
         else:
             raise AssertionError(f"{b.where()}: cannot run a '{b.lang}' block")
 
