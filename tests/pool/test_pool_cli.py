@@ -121,7 +121,7 @@ def test_pool_define_from_file_and_print_xml(virsh: Virsh, tmp_path: Path) -> No
     bomb = tmp_path / "bomb.xml"
     bomb.write_text("<!DOCTYPE p [<!ENTITY a 'aaaa'><!ENTITY b '&a;&a;&a;&a;'>]>"
                     "<pool type='dir'><name>&b;</name></pool>")
-    rc, out, err = virsh("pool-define", str(bomb))
+    rc, _out, err = virsh("pool-define", str(bomb))
     assert rc == 1 and err.startswith(f"error: Failed to define pool from {bomb}\nerror: ")
     assert "DOCTYPE" in err and "Traceback" not in err
     rc, _out, err = virsh("pool-define-as", "p4", "logical", "--target", "/dev/vg")
@@ -242,10 +242,71 @@ def test_parse_errors_and_quiet(virsh: Virsh, started: Path) -> None:
                 stdout=io.StringIO(), stderr=io.StringIO()) == 0
 
 
-def test_env_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DISKIMG_POOL_DIR", str(tmp_path / "envcfg"))
-    monkeypatch.setenv("DISKIMG_POOL_STATE_DIR", str(tmp_path / "envstate"))
+def test_where_definitions_live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lookup order: --config-dir/-c, then $DISKIMG_STORAGE_DIR, then libvirt's own place
+    (/etc/libvirt/storage for root, $XDG_CONFIG_HOME/libvirt/storage otherwise)."""
+    from diskimg.pool import default_config_dir
+
+    monkeypatch.setenv("DISKIMG_STORAGE_DIR", str(tmp_path / "envcfg"))
+    assert default_config_dir() == tmp_path / "envcfg"
     out, err = io.StringIO(), io.StringIO()
     assert main(["pool-define-as", "e1", "dir", "--target", str(tmp_path / "e")],
                 stdout=out, stderr=err) == 0
     assert (tmp_path / "envcfg" / "e1.xml").exists()
+    # an explicit --config-dir beats the environment
+    assert main(["--config-dir", str(tmp_path / "explicit"), "pool-define-as", "e2", "dir",
+                 "--target", str(tmp_path / "e2")], stdout=out, stderr=err) == 0
+    assert (tmp_path / "explicit" / "e2.xml").exists()
+    assert not (tmp_path / "envcfg" / "e2.xml").exists()
+
+    monkeypatch.delenv("DISKIMG_STORAGE_DIR")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert str(default_config_dir()) == "/etc/libvirt/storage"
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert default_config_dir() == tmp_path / "xdg" / "libvirt" / "storage"
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_config_dir() == tmp_path / "home" / ".config" / "libvirt" / "storage"
+    # what a non-root user gets with no option at all, and -c qemu:///session: the same place
+    assert main(["pool-define-as", "s1", "dir", "--target", str(tmp_path / "s1")],
+                stdout=out, stderr=err) == 0
+    assert main(["-c", "qemu:///session", "-q", "pool-list", "--all", "--name"],
+                stdout=(o := io.StringIO()), stderr=err) == 0
+    assert o.getvalue().split() == ["s1"]
+    assert (tmp_path / "home" / ".config" / "libvirt" / "storage" / "s1.xml").exists()
+
+
+def test_autostart_links_as_libvirt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pool-autostart makes libvirt's autostart/NAME.xml symlink to the absolute definition
+    path, even when --config-dir was given relative."""
+    monkeypatch.chdir(tmp_path)
+    v = Virsh(tmp_path)
+    v.base = ["--config-dir", "cfg", "--state-dir", "state"]
+    v.ok("pool-define-as", "a1", "dir", "--target", str(tmp_path / "a1"))
+    assert v.ok("pool-autostart", "a1") == "Pool a1 marked as autostarted\n\n"
+    link = tmp_path / "cfg" / "autostart" / "a1.xml"
+    assert os.readlink(link) == str(tmp_path / "cfg" / "a1.xml")
+    assert "yes" in v.ok("pool-list", "--all", "--autostart")
+    assert v.ok("pool-autostart", "a1", "--disable") == "Pool a1 unmarked as autostarted\n\n"
+    assert not os.path.lexists(link)
+    v.ok("pool-autostart", "a1")
+    v.ok("pool-undefine", "a1")
+    assert not os.path.lexists(link) and not (tmp_path / "cfg" / "a1.xml").exists()
+
+
+def test_print_xml_escapes_arguments(virsh: Virsh, tmp_path: Path) -> None:
+    """Names and paths with XML metacharacters give well-formed XML (virsh 9 pastes them in
+    raw and then fails to parse its own document)."""
+    target = tmp_path / "x&y<z'"
+    xml = virsh.ok("pool-define-as", "a&b", "dir", "--target", str(target), "--print-xml")
+    assert f"<path>{tmp_path}/x&amp;y&lt;z&apos;</path>" in xml
+    assert "<name>a&amp;b</name>" in xml
+    virsh.ok("pool-define-as", "a&b", "dir", "--target", str(target))
+    virsh.ok("pool-start", "a&b", "--build")
+    assert virsh.ok("pool-dumpxml", "a&b").count("x&amp;y&lt;z&apos;") == 1
+    assert target.is_dir()
+    virsh.ok("vol-create-as", "a&b", "v&1.raw", "1K")
+    assert (target / "v&1.raw").stat().st_size == 1024
+    assert "<name>w&amp;.raw</name>" in virsh.ok("vol-create-as", "a&b", "w&.raw", "1K",
+                                                  "--print-xml")

@@ -243,6 +243,11 @@ EXTERNAL_ENTITY = """<?xml version="1.0"?>
 
 @pytest.mark.parametrize("text", [BILLION_LAUGHS, EXTERNAL_ENTITY,
                                   BILLION_LAUGHS.encode(), "<!doctype pool><pool/>",
+                                  # the DOCTYPE check must see through other encodings
+                                  BILLION_LAUGHS.encode("utf-16"),
+                                  b"\xfe\xff" + EXTERNAL_ENTITY.encode("utf-16-be"),
+                                  BILLION_LAUGHS.encode("utf-32"),
+                                  BILLION_LAUGHS.encode("utf-8-sig"),
                                   "<?xml version='1.0'?>\n<!DOCTYPE pool SYSTEM 'x.dtd'><pool/>"])
 def test_hostile_xml_refused(text: str | bytes) -> None:
     for parse in (PoolDef.from_xml, VolumeDef.from_xml):
@@ -287,3 +292,15 @@ def test_bad_pool_xml(text: str, msg: str) -> None:
 def test_bad_volume_xml(text: str, msg: str) -> None:
     with pytest.raises(PoolError, match=msg):
         VolumeDef.from_xml(text)
+
+
+def test_encodings_of_xml_bytes() -> None:
+    """Bytes are decoded by their BOM (UTF-8 without one), strictly: what libvirt reads."""
+    doc = "<volume><name>vé.raw</name><capacity>1</capacity></volume>"
+    for enc in ("utf-8", "utf-8-sig", "utf-16", "utf-32"):
+        assert VolumeDef.from_xml(doc.encode(enc)).name == "vé.raw"
+    for enc in ("utf-16-be", "utf-16-le", "utf-32-le"):  # no BOM: refused, whatever it says
+        with pytest.raises(PoolError, match="NUL characters"):
+            VolumeDef.from_xml(BILLION_LAUGHS.encode(enc))
+    with pytest.raises(PoolError, match=r"not valid UTF-8 \(byte 14"):
+        VolumeDef.from_xml(b"<volume><name>\xff</name><capacity>1</capacity></volume>")

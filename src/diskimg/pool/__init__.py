@@ -1,7 +1,8 @@
 """libvirt-compatible directory storage pools and volumes, without libvirtd.
 
 >>> from diskimg.pool import PoolRegistry
->>> reg = PoolRegistry()                       # ~/.config/diskimg/storage
+>>> reg = PoolRegistry()     # $DISKIMG_STORAGE_DIR, /etc/libvirt/storage (root) or
+>>>                          # ~/.config/libvirt/storage, as libvirt
 >>> pool = reg.define("images", "/srv/images")
 >>> pool.build(); pool.start()
 >>> vol = pool.create_volume("vm1.qcow2", "20G", "qcow2")
@@ -20,6 +21,7 @@ from diskimg.pool.pool import (
     VolumeInfo,
     default_config_dir,
     default_state_dir,
+    libvirt_session_dir,
 )
 from diskimg.pool.xml import (
     BackingStore,
@@ -47,6 +49,7 @@ __all__ = [
     "VolumeInfo",
     "default_config_dir",
     "default_state_dir",
+    "libvirt_session_dir",
     "parse_scaled",
     "unit_scale",
 ]

@@ -29,6 +29,7 @@ from diskimg.pool.pool import (
     Pool,
     PoolRegistry,
     Volume,
+    libvirt_session_dir,
 )
 from diskimg.pool.xml import PoolDef, parse_scaled
 
@@ -232,102 +233,95 @@ _POOL_AS = [Opt("name", required=True), Opt("type", required=True),
 _BUILD_FLAGS = [Opt("build", BOOL), Opt("no-overwrite", BOOL), Opt("overwrite", BOOL)]
 
 
-def _pool_def_as(ctx: Ctx, a: dict[str, Any]) -> tuple[PoolDef, str]:
+def _esc(text: str) -> str:
+    """Escape text for XML the way virsh's virBufferEscapeString does."""
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("'", "&apos;").replace('"', "&quot;"))
+
+
+def _pool_def_as(a: dict[str, Any], verb: str) -> tuple[PoolDef, str]:
+    """The ``<pool>`` XML virsh builds from pool-define-as/pool-create-as arguments."""
+    fail = f"Failed to {verb} pool {a['name']}"
     if a["type"] != "dir":
-        raise CmdError(f"Failed to define pool {a['name']}",
-                       f"Operation not supported: diskimg supports pool type 'dir', not "
-                       f"'{a['type']}'")
+        raise CmdError(fail, f"Operation not supported: diskimg supports pool type 'dir', "
+                             f"not '{a['type']}'")
     unsupported = [k for k in a if k.startswith(("source-", "auth-", "secret-", "adapter-"))]
     if unsupported:
-        raise CmdError(f"Failed to define pool {a['name']}",
-                       f"Operation not supported: --{unsupported[0]} is not used by dir pools")
+        raise CmdError(fail, f"Operation not supported: --{unsupported[0]} is not used by "
+                             "dir pools")
     target = a.get("target")
-    lines = [f"<pool type='{a['type']}'>", f"  <name>{a['name']}</name>"]
+    lines = [f"<pool type='{_esc(a['type'])}'>", f"  <name>{_esc(a['name'])}</name>"]
     if target:
-        lines += ["  <target>", f"    <path>{target}</path>", "  </target>"]
+        lines += ["  <target>", f"    <path>{_esc(target)}</path>", "  </target>"]
     lines.append("</pool>")
     xml = "\n".join(lines) + "\n"
-    with _Fail(f"Failed to define pool {a['name']}"):
+    with _Fail(fail):
         d = PoolDef.from_xml(xml)
         if d.target_path is not None:
             d.target_path = os.path.abspath(d.target_path)
     return d, xml
 
 
-def cmd_pool_define_as(ctx: Ctx, a: dict[str, Any]) -> None:
-    d, xml = _pool_def_as(ctx, a)
-    if a.get("print-xml"):
-        ctx.print(xml)
-        return
-    with _Fail(f"Failed to define pool {a['name']}"):
-        ctx.reg.define_xml(d)
-    ctx.extra(f"Pool {a['name']} defined\n")
+def _store_pool(ctx: Ctx, a: dict[str, Any], xml: str | bytes | PoolDef,
+                transient: bool) -> Pool:
+    if transient:
+        return ctx.reg.create_xml(xml, build=bool(a.get("build")))
+    return ctx.reg.define_xml(xml)
 
 
-def cmd_pool_create_as(ctx: Ctx, a: dict[str, Any]) -> None:
-    d, xml = _pool_def_as(ctx, a)
-    if a.get("print-xml"):
-        ctx.print(xml)
-        return
-    with _Fail(f"Failed to create pool {a['name']}"):
-        ctx.reg.create_xml(d, build=bool(a.get("build")))
-    ctx.extra(f"Pool {a['name']} created\n")
+def _pool_from_args(transient: bool) -> Callable[[Ctx, dict[str, Any]], None]:
+    """pool-define-as (persistent) / pool-create-as (transient, started)."""
+    verb = "create" if transient else "define"
+
+    def run(ctx: Ctx, a: dict[str, Any]) -> None:
+        d, xml = _pool_def_as(a, verb)
+        if a.get("print-xml"):
+            ctx.print(xml)
+            return
+        with _Fail(f"Failed to {verb} pool {a['name']}"):
+            _store_pool(ctx, a, d, transient)
+        ctx.extra(f"Pool {a['name']} {verb}d\n")
+
+    return run
 
 
-def cmd_pool_define(ctx: Ctx, a: dict[str, Any]) -> None:
-    text = _read_file(a["file"])
-    with _Fail(f"Failed to define pool from {a['file']}"):
-        p = ctx.reg.define_xml(text)
-    ctx.extra(f"Pool {p.name} defined from {a['file']}\n")
+def _pool_from_file(transient: bool) -> Callable[[Ctx, dict[str, Any]], None]:
+    """pool-define FILE (persistent) / pool-create FILE (transient, started)."""
+    verb = "create" if transient else "define"
+
+    def run(ctx: Ctx, a: dict[str, Any]) -> None:
+        text = _read_file(a["file"])
+        with _Fail(f"Failed to {verb} pool from {a['file']}"):
+            p = _store_pool(ctx, a, text, transient)
+        ctx.extra(f"Pool {p.name} {verb}d from {a['file']}\n")
+
+    return run
 
 
-def cmd_pool_create(ctx: Ctx, a: dict[str, Any]) -> None:
-    text = _read_file(a["file"])
-    with _Fail(f"Failed to create pool from {a['file']}"):
-        p = ctx.reg.create_xml(text, build=bool(a.get("build")))
-    ctx.extra(f"Pool {p.name} created from {a['file']}\n")
+#: pool-VERB commands that call one :class:`Pool` method: command → (method, {virsh flag:
+#: keyword argument}, what the success message says).  The failure context is
+#: "Failed to METHOD pool NAME", as virsh prints it.
+_POOL_ACTIONS: dict[str, tuple[str, dict[str, str], str]] = {
+    "pool-build": ("build", {"overwrite": "overwrite", "no-overwrite": "no_overwrite"}, "built"),
+    "pool-start": ("start", {"build": "build"}, "started"),
+    "pool-destroy": ("destroy", {}, "destroyed"),
+    "pool-delete": ("delete", {}, "deleted"),
+    "pool-undefine": ("undefine", {}, "has been undefined"),
+    "pool-refresh": ("refresh", {}, "refreshed"),
+}
 
 
-def cmd_pool_build(ctx: Ctx, a: dict[str, Any]) -> None:
-    p = ctx.pool(a["pool"])
-    with _Fail(f"Failed to build pool {p.name}"):
-        p.build(overwrite=bool(a.get("overwrite")), no_overwrite=bool(a.get("no-overwrite")))
-    ctx.extra(f"Pool {p.name} built\n")
+def _pool_action(cmd: str) -> Callable[[Ctx, dict[str, Any]], None]:
+    method, flags, done = _POOL_ACTIONS[cmd]
 
+    def run(ctx: Ctx, a: dict[str, Any]) -> None:
+        p = ctx.pool(a["pool"])
+        with _Fail(f"Failed to {method} pool {p.name}"):
+            getattr(p, method)(**{kw: bool(a.get(flag)) for flag, kw in flags.items()})
+        ctx.extra(f"Pool {p.name} {done}\n")
 
-def cmd_pool_start(ctx: Ctx, a: dict[str, Any]) -> None:
-    p = ctx.pool(a["pool"])
-    with _Fail(f"Failed to start pool {p.name}"):
-        p.start(build=bool(a.get("build")))
-    ctx.extra(f"Pool {p.name} started\n")
-
-
-def cmd_pool_destroy(ctx: Ctx, a: dict[str, Any]) -> None:
-    p = ctx.pool(a["pool"])
-    with _Fail(f"Failed to destroy pool {p.name}"):
-        p.destroy()
-    ctx.extra(f"Pool {p.name} destroyed\n")
-
-
-def cmd_pool_delete(ctx: Ctx, a: dict[str, Any]) -> None:
-    p = ctx.pool(a["pool"])
-    with _Fail(f"Failed to delete pool {p.name}"):
-        p.delete()
-    ctx.extra(f"Pool {p.name} deleted\n")
-
-
-def cmd_pool_undefine(ctx: Ctx, a: dict[str, Any]) -> None:
-    p = ctx.pool(a["pool"])
-    with _Fail(f"Failed to undefine pool {p.name}"):
-        p.undefine()
-    ctx.extra(f"Pool {p.name} has been undefined\n")
-
-
-def cmd_pool_refresh(ctx: Ctx, a: dict[str, Any]) -> None:
-    p = ctx.pool(a["pool"])
-    with _Fail(f"Failed to refresh pool {p.name}"):
-        p.refresh()
-    ctx.extra(f"Pool {p.name} refreshed\n")
+    run.__name__ = "cmd_" + cmd.replace("-", "_")
+    return run
 
 
 def cmd_pool_autostart(ctx: Ctx, a: dict[str, Any]) -> None:
@@ -429,16 +423,17 @@ def cmd_vol_create_as(ctx: Ctx, a: dict[str, Any]) -> None:
     alloc = _size(a["allocation"]) if "allocation" in a else None
     fmt = a.get("format")
     if a.get("print-xml"):
-        lines = ["<volume>", f"  <name>{a['name']}</name>", f"  <capacity>{cap}</capacity>"]
+        lines = ["<volume>", f"  <name>{_esc(a['name'])}</name>",
+                 f"  <capacity>{cap}</capacity>"]
         if alloc is not None:
             lines.append(f"  <allocation>{alloc}</allocation>")
         if fmt:
-            lines += ["  <target>", f"    <format type='{fmt}'/>", "  </target>"]
+            lines += ["  <target>", f"    <format type='{_esc(fmt)}'/>", "  </target>"]
         if "backing-vol" in a:
             bv = ctx.vol(a["backing-vol"], a["pool"])
-            lines += ["  <backingStore>", f"    <path>{bv.path}</path>"]
+            lines += ["  <backingStore>", f"    <path>{_esc(bv.path)}</path>"]
             if a.get("backing-vol-format"):
-                lines.append(f"    <format type='{a['backing-vol-format']}'/>")
+                lines.append(f"    <format type='{_esc(a['backing-vol-format'])}'/>")
             lines.append("  </backingStore>")
         lines.append("</volume>")
         ctx.print("\n".join(lines) + "\n")
@@ -486,7 +481,7 @@ def cmd_vol_clone(ctx: Ctx, a: dict[str, Any]) -> None:
 def cmd_vol_delete(ctx: Ctx, a: dict[str, Any]) -> None:
     v = ctx.vol(a["vol"], a.get("pool"))
     with _Fail(f"Failed to delete vol {v.name}"):
-        v.delete()
+        v.delete(force=bool(a.get("force")))
     ctx.extra(f"Vol {v.name} deleted\n")
 
 
@@ -496,7 +491,7 @@ def cmd_vol_wipe(ctx: Ctx, a: dict[str, Any]) -> None:
     if alg not in WIPE_ALGORITHMS:
         raise CmdError(f"Unsupported algorithm '{alg}'")
     with _Fail(f"Failed to wipe vol {v.name}"):
-        v.wipe(alg, secrets=ctx.secrets)
+        v.wipe(alg, secrets=ctx.secrets, force=bool(a.get("force")))
     ctx.extra(f"Vol {v.name} wiped\n")
 
 
@@ -515,7 +510,8 @@ def cmd_vol_resize(ctx: Ctx, a: dict[str, Any]) -> None:
     v = ctx.vol(a["vol"], a.get("pool"))
     how = "by" if delta else "to"
     with _Fail(f"Failed to change size of volume '{v.name}' {how} {a['capacity'].lstrip('-')}"):
-        v.resize(cap, delta=delta, shrink=shrink, allocate=bool(a.get("allocate")))
+        v.resize(cap, delta=delta, shrink=shrink, allocate=bool(a.get("allocate")),
+                 force=bool(a.get("force")))
     ctx.extra(f"Size of volume '{v.name}' successfully changed {how} "
               f"{a['capacity'].lstrip('-')}\n")
 
@@ -527,7 +523,8 @@ def cmd_vol_upload(ctx: Ctx, a: dict[str, Any]) -> None:
     except OSError as e:
         raise CmdError(f"cannot read {a['file']}", e.strerror or "") from None
     with f, _Fail(f"cannot upload to volume {v.name}"):
-        v.upload(f, a.get("offset", 0), a.get("length", 0), sparse=bool(a.get("sparse")))
+        v.upload(f, a.get("offset", 0), a.get("length", 0), sparse=bool(a.get("sparse")),
+                 force=bool(a.get("force")))
 
 
 def cmd_vol_download(ctx: Ctx, a: dict[str, Any]) -> None:
@@ -602,23 +599,26 @@ def cmd_vol_pool(ctx: Ctx, a: dict[str, Any]) -> None:
 
 _POOL = [Opt("pool", required=True)]
 _VOL_POOL = [Opt("vol", required=True), Opt("pool")]
+#: diskimg's own option (virsh has none): act on a volume even while another process (a
+#: running QEMU) holds its image lock.
+_FORCE = Opt("force", BOOL, help="even if a running QEMU holds the image lock (diskimg only)")
 
 COMMANDS: dict[str, tuple[Callable[[Ctx, dict[str, Any]], None], list[Opt], str]] = {
-    "pool-define-as": (cmd_pool_define_as, _POOL_AS, "define a pool from a set of args"),
-    "pool-create-as": (cmd_pool_create_as, _POOL_AS + _BUILD_FLAGS,
+    "pool-define-as": (_pool_from_args(False), _POOL_AS, "define a pool from a set of args"),
+    "pool-create-as": (_pool_from_args(True), _POOL_AS + _BUILD_FLAGS,
                        "create a pool from a set of args"),
-    "pool-define": (cmd_pool_define, [Opt("file", required=True), Opt("validate", BOOL)],
+    "pool-define": (_pool_from_file(False), [Opt("file", required=True), Opt("validate", BOOL)],
                     "define an inactive persistent storage pool from an XML file"),
-    "pool-create": (cmd_pool_create, [Opt("file", required=True), *_BUILD_FLAGS],
+    "pool-create": (_pool_from_file(True), [Opt("file", required=True), *_BUILD_FLAGS],
                     "create a pool from an XML file"),
-    "pool-build": (cmd_pool_build, [*_POOL, Opt("no-overwrite", BOOL), Opt("overwrite", BOOL)],
-                   "build a pool"),
-    "pool-start": (cmd_pool_start, [*_POOL, *_BUILD_FLAGS], "start a (previously defined) "
-                   "inactive pool"),
-    "pool-destroy": (cmd_pool_destroy, _POOL, "destroy (stop) a pool"),
-    "pool-delete": (cmd_pool_delete, _POOL, "delete a pool"),
-    "pool-undefine": (cmd_pool_undefine, _POOL, "undefine an inactive pool"),
-    "pool-refresh": (cmd_pool_refresh, _POOL, "refresh a pool"),
+    "pool-build": (_pool_action("pool-build"),
+                   [*_POOL, Opt("no-overwrite", BOOL), Opt("overwrite", BOOL)], "build a pool"),
+    "pool-start": (_pool_action("pool-start"), [*_POOL, *_BUILD_FLAGS],
+                   "start a (previously defined) inactive pool"),
+    "pool-destroy": (_pool_action("pool-destroy"), _POOL, "destroy (stop) a pool"),
+    "pool-delete": (_pool_action("pool-delete"), _POOL, "delete a pool"),
+    "pool-undefine": (_pool_action("pool-undefine"), _POOL, "undefine an inactive pool"),
+    "pool-refresh": (_pool_action("pool-refresh"), _POOL, "refresh a pool"),
     "pool-autostart": (cmd_pool_autostart, [*_POOL, Opt("disable", BOOL)], "autostart a pool"),
     "pool-name": (cmd_pool_name, _POOL, "convert a pool UUID to pool name"),
     "pool-uuid": (cmd_pool_uuid, _POOL, "convert a pool name to pool UUID"),
@@ -651,17 +651,18 @@ COMMANDS: dict[str, tuple[Callable[[Ctx, dict[str, Any]], None], list[Opt], str]
                                   Opt("pool", positional=False),
                                   Opt("prealloc-metadata", BOOL), Opt("reflink", BOOL),
                                   Opt("print-xml", BOOL)], "clone a volume"),
-    "vol-delete": (cmd_vol_delete, [*_VOL_POOL, Opt("delete-snapshots", BOOL)],
+    "vol-delete": (cmd_vol_delete, [*_VOL_POOL, Opt("delete-snapshots", BOOL), _FORCE],
                    "delete a vol"),
-    "vol-wipe": (cmd_vol_wipe, [*_VOL_POOL, Opt("algorithm", positional=False)],
+    "vol-wipe": (cmd_vol_wipe, [*_VOL_POOL, Opt("algorithm", positional=False), _FORCE],
                  "wipe a vol"),
     "vol-resize": (cmd_vol_resize, [Opt("vol", required=True), Opt("capacity", required=True),
                                     Opt("pool"), Opt("allocate", BOOL), Opt("delta", BOOL),
-                                    Opt("shrink", BOOL)], "resize a vol"),
+                                    Opt("shrink", BOOL), _FORCE], "resize a vol"),
     "vol-upload": (cmd_vol_upload, [Opt("vol", required=True), Opt("file", required=True),
                                     Opt("pool"), Opt("offset", NUM, positional=False),
                                     Opt("length", NUM, positional=False),
-                                    Opt("sparse", BOOL)], "upload file contents to a volume"),
+                                    Opt("sparse", BOOL), _FORCE],
+                   "upload file contents to a volume"),
     "vol-download": (cmd_vol_download, [Opt("vol", required=True), Opt("file", required=True),
                                         Opt("pool"), Opt("offset", NUM, positional=False),
                                         Opt("length", NUM, positional=False),
@@ -708,9 +709,7 @@ def _connect(uri: str) -> Path:
     if uri in ("qemu:///system", "libvirt:///system"):
         return LIBVIRT_SYSTEM_DIR
     if uri in ("qemu:///session", "libvirt:///session"):
-        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
-                                                                 ".config")
-        return Path(base) / "libvirt" / "storage"
+        return libvirt_session_dir()
     raise CmdError("failed to connect to the hypervisor",
                    f"diskimg only knows qemu:///system and qemu:///session, not '{uri}'")
 

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import os
 import stat
+import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from diskimg import api
-from diskimg.errors import DiskImgError, PoolError
+from diskimg.errors import DiskImgError, ImageLockedError, PoolError
 from diskimg.hostio import open_host_file
 from diskimg.pool.xml import (
     CONFIG_WARNING,
@@ -78,13 +81,22 @@ WIPE_ALGORITHMS: dict[str, tuple[list[bytes | str], bool]] = {
 # --- where definitions live -----------------------------------------------------------------
 
 def default_config_dir() -> Path:
-    """``$DISKIMG_POOL_DIR``, ``$DISKIMG_STORAGE_DIR``, else ``$XDG_CONFIG_HOME/diskimg/storage``
-    (``~/.config/diskimg/storage``)."""
-    for var in ("DISKIMG_POOL_DIR", "DISKIMG_STORAGE_DIR"):
-        if os.environ.get(var):
-            return Path(os.environ[var])
+    """Where pool definitions live, in libvirt's places: ``$DISKIMG_STORAGE_DIR`` if set,
+    else ``/etc/libvirt/storage`` for root (``qemu:///system``), else
+    ``$XDG_CONFIG_HOME/libvirt/storage`` (``~/.config/libvirt/storage``, ``qemu:///session``).
+    ``--config-dir`` / ``PoolRegistry(config_dir)`` override all of these."""
+    if os.environ.get("DISKIMG_STORAGE_DIR"):
+        return Path(os.environ["DISKIMG_STORAGE_DIR"])
+    if os.geteuid() == 0:
+        return LIBVIRT_SYSTEM_DIR
+    return libvirt_session_dir()
+
+
+def libvirt_session_dir() -> Path:
+    """libvirt's per-user (``qemu:///session``) pool directory:
+    ``$XDG_CONFIG_HOME/libvirt/storage``, ``~/.config/libvirt/storage`` by default."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "diskimg" / "storage"
+    return Path(base) / "libvirt" / "storage"
 
 
 def default_state_dir(config_dir: Path) -> Path:
@@ -112,6 +124,59 @@ def _write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# --- per-volume locks -----------------------------------------------------------------------
+
+#: diskimg's per-volume lock: an OFD byte-range lock on this byte of the volume file itself,
+#: outside QEMU's lock bytes (100-299), so it works across processes (and across hosts on
+#: NFS/GlusterFS) without any extra file in the pool directory.  Exclusive while a volume is
+#: created, filled, deleted, wiped, resized or uploaded to; shared while it is read whole
+#: (clone/create-from source, download).
+VOLUME_LOCK_BYTE = 300
+#: Seconds to wait for another diskimg process's per-volume lock before giving up.
+LOCK_TIMEOUT = 60.0
+_FLOCK = struct.Struct("hhqqi4x")
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+def _lock_volume_fd(fd: int, exclusive: bool, name: str) -> None:
+    """Take diskimg's per-volume lock on ``fd``, waiting up to :data:`LOCK_TIMEOUT` seconds
+    (polling: OFD locks have no deadlock detection, so never block without a bound)."""
+    arg = _FLOCK.pack(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, 0, VOLUME_LOCK_BYTE, 1, 0)
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    delay = 0.001
+    while True:
+        try:
+            fcntl.fcntl(fd, _OFD_SETLK, arg)
+            return
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return  # no byte-range locks on this filesystem: nothing to coordinate with
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            raise PoolError(f"storage volume '{name}' is busy: another diskimg process has "
+                            f"held its lock for {LOCK_TIMEOUT:g} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """True if ``path`` still names the file open as ``fd`` (not deleted or replaced)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def _unlink_if_same(fd: int, path: str) -> None:
+    """Remove ``path`` only if it is still the file we created (never someone else's)."""
+    if _same_file(fd, path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 # --- info records ---------------------------------------------------------------------------
@@ -206,7 +271,7 @@ def probe_volume(path: str) -> _Probed | None:
     try:
         with api.open(path, "r", fmt, backing=False, force_share=True) as dev:
             info = dev.info()
-    except Exception:  # noqa: BLE001 - one odd file must not break listing the pool
+    except Exception:
         if fmt == "vmdk":
             cap = _vmdk_capacity(path, head)
             if cap is not None:
@@ -246,6 +311,7 @@ class Volume:
 
     @property
     def key(self) -> str:
+        """libvirt's volume key: the absolute path, as the dir backend uses."""
         return self.path
 
     def _probe(self) -> _Probed:
@@ -261,6 +327,9 @@ class Volume:
         return self._probe().format
 
     def info(self) -> VolumeInfo:
+        """``virsh vol-info``: type, capacity (virtual size), allocation (host bytes in
+        use) and physical size, all in bytes.  Raises :class:`PoolError` if the volume is
+        gone."""
         p = self._probe()
         return VolumeInfo(p.type, p.capacity, p.allocation,
                           p.physical if p.physical is not None else 0)
@@ -268,7 +337,10 @@ class Volume:
     def definition(self) -> VolumeDef:
         """The volume as a :class:`VolumeDef` filled from the file (what vol-dumpxml prints)."""
         p = self._probe()
-        st = os.stat(self.path)
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise self._not_found() from None
         v = VolumeDef(name=self.name, type=p.type, key=self.key, capacity=p.capacity,
                       allocation=p.allocation, physical=p.physical, path=self.path,
                       format=p.format,
@@ -300,24 +372,69 @@ class Volume:
         return format_element(self.definition().to_element())
 
     # --- mutations ------------------------------------------------------------------
+    def _not_found(self) -> PoolError:
+        return PoolError(f"Storage volume not found: no storage vol with matching name "
+                         f"'{self.name}'")
+
     @contextlib.contextmanager
-    def _locked(self, force: bool) -> Iterator[Any]:
-        """Hold QEMU's write lock bytes (so a running VM's image is not touched)."""
-        if os.path.isdir(self.path) and not os.path.islink(self.path):
-            yield None
-            return
-        host = open_host_file(self.path, True, lock_mode=not force)
+    def _op_lock(self, exclusive: bool = True) -> Iterator[int]:
+        """Hold diskimg's per-volume lock (see :data:`VOLUME_LOCK_BYTE`) on the volume file;
+        after the wait, the name must still refer to the same file (else "not found").
+        Yields the locking fd, which is open read-write when ``exclusive``."""
+        flags = (os.O_RDWR if exclusive else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            raise self._not_found() from None
+        except OSError as e:
+            raise PoolError(f"cannot open volume '{self.name}': {e.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise PoolError(f"volume '{self.name}' is not a regular file")
+            _lock_volume_fd(fd, exclusive, self.name)
+            if not _same_file(fd, self.path):
+                raise self._not_found()
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _in_use(self, e: ImageLockedError) -> ImageLockedError:
+        """QEMU's lock refusal, reworded to name the volume and the way out."""
+        why = str(e).splitlines()[0] if str(e) else "image locked"
+        return ImageLockedError(
+            f"storage volume '{self.name}' in pool '{self.pool.name}' is in use by another "
+            f"process ({why})\na running QEMU holds its image lock; force=True (virsh "
+            "option --force) overrides")
+
+    @contextlib.contextmanager
+    def _qemu_locked(self, force: bool) -> Iterator[Any]:
+        """Hold QEMU's write lock bytes (so a running VM's image is not touched); refused
+        with :class:`ImageLockedError` naming the volume unless ``force``."""
+        try:
+            host = open_host_file(self.path, True, lock_mode=not force)
+        except ImageLockedError as e:
+            raise self._in_use(e) from None
         try:
             yield host
         finally:
             host.close()
 
+    @contextlib.contextmanager
+    def _locked(self, force: bool) -> Iterator[Any]:
+        """Both locks: diskimg's exclusive per-volume lock, then QEMU's write lock bytes."""
+        with self._op_lock(), self._qemu_locked(force) as host:
+            yield host
+
+    def _is_dir(self) -> bool:
+        return os.path.isdir(self.path) and not os.path.islink(self.path)
+
     def delete(self, *, force: bool = False) -> None:
-        """Remove the volume file (or empty directory).  Refused while another process
-        (QEMU) holds the image's lock, unless ``force``."""
+        """Remove the volume file (or empty directory).  Waits for other diskimg processes
+        working on it; refused while another process (QEMU) holds the image's lock, unless
+        ``force``."""
         self.pool._require_active()
         self._probe()
-        if os.path.isdir(self.path) and not os.path.islink(self.path):
+        if self._is_dir():
             try:
                 os.rmdir(self.path)
             except OSError as e:
@@ -327,8 +444,7 @@ class Volume:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
-                raise PoolError(f"Storage volume not found: no storage vol with matching "
-                                f"name '{self.name}'") from None
+                raise self._not_found() from None
 
     def wipe(self, algorithm: str = "zero", *, force: bool = False,
              secrets: Mapping[str, bytes] | None = None) -> None:
@@ -345,9 +461,13 @@ class Volume:
             raise PoolError(f"Unsupported wipe algorithm '{algorithm}'; choose one of "
                             f"{', '.join(WIPE_ALGORITHMS)}")
         self.pool._require_active()
+        if self._is_dir():
+            raise PoolError("unsupported: wiping a volume of type 'dir'")
+        with self._op_lock():
+            self._wipe(algorithm, force, secrets)
+
+    def _wipe(self, algorithm: str, force: bool, secrets: Mapping[str, bytes] | None) -> None:
         d = self.definition()
-        if d.type != "file":
-            raise PoolError(f"unsupported: wiping a volume of type '{d.type}'")
         recreate = d.format != "raw"
         if recreate:
             if d.format not in CREATE_FORMATS:
@@ -358,7 +478,7 @@ class Volume:
                                 "secret to re-create it; delete and re-create it instead")
             _check_can_create(d.format)
         passes, verify = WIPE_ALGORITHMS[algorithm]
-        with self._locked(force) as host:
+        with self._qemu_locked(force) as host:
             size = os.fstat(host.fd).st_size
             if algorithm == "trim":
                 if not host.punch_hole(0, size):
@@ -397,12 +517,14 @@ class Volume:
         (raw only) preallocates the new space.
         """
         self.pool._require_active()
+        with self._op_lock():
+            return self._resize(capacity, delta, shrink, allocate, force)
+
+    def _resize(self, capacity: int, delta: bool, shrink: bool, allocate: bool,
+                force: bool) -> int:
         d = self.definition()
         cur = d.capacity or 0
-        if delta:
-            new = cur - capacity if shrink else cur + capacity
-        else:
-            new = capacity
+        new = (cur - capacity if shrink else cur + capacity) if delta else capacity
         if new < 0:
             raise PoolError("invalid argument: can't shrink capacity below 0")
         if new < cur and not shrink:
@@ -423,7 +545,11 @@ class Volume:
             with open(self.path, "r+b") as f:
                 os.ftruncate(f.fileno(), new)
             return new
-        with api.open(self.path, "r+", d.format, backing=False, force_share=force) as dev:
+        try:
+            dev = api.open(self.path, "r+", d.format, backing=False, force_share=force)
+        except ImageLockedError as e:
+            raise self._in_use(e) from None
+        with dev:
             if d.format == "raw":
                 dev.resize(new, preallocation="falloc" if allocate else "off")
             else:
@@ -477,7 +603,8 @@ class Volume:
             raise PoolError("unsupported: downloading a directory volume")
         copied = 0
         hole_end = None
-        with open_host_file(self.path, False, lock_mode=False) as host:
+        with self._op_lock(exclusive=False), \
+                open_host_file(self.path, False, lock_mode=False) as host:
             size = host.size()
             end = size if length == 0 else min(size, offset + length)
             pos = offset
@@ -503,17 +630,19 @@ class Volume:
         """Copy this volume to ``new_name`` (in ``pool``, default this pool), like
         ``virsh vol-clone``: same format (unless ``format``), capacity and permissions."""
         target = pool or self.pool
-        d = self.definition()
-        if d.encryption is not None:
-            raise PoolError("unsupported: cloning encrypted volumes")
-        nd = VolumeDef(name=new_name, capacity=d.capacity, allocation=0,
-                       format=format or d.format,
-                       permissions=Permissions(d.permissions.mode if d.permissions else None))
-        if nd.format == "qcow2" and d.format == "qcow2":
-            nd.compat = d.compat
-            nd.cluster_size = d.cluster_size
-            nd.features = d.features
-        return target.create_volume_from(nd, self, **kw)
+        with self._op_lock(exclusive=False):
+            d = self.definition()
+            if d.encryption is not None:
+                raise PoolError("unsupported: cloning encrypted volumes")
+            nd = VolumeDef(name=new_name, capacity=d.capacity, allocation=0,
+                           format=format or d.format,
+                           permissions=Permissions(d.permissions.mode if d.permissions
+                                                   else None))
+            if nd.format == "qcow2" and d.format == "qcow2":
+                nd.compat = d.compat
+                nd.cluster_size = d.cluster_size
+                nd.features = d.features
+            return target.create_volume_from(nd, self, **kw)
 
 
 _ZEROS = bytes(_CHUNK)
@@ -594,32 +723,39 @@ class Pool:
 
     @property
     def name(self) -> str:
+        """The pool's name (from its definition; unique within a registry)."""
         return self.definition.name
 
     @property
     def uuid(self) -> str | None:
+        """The pool's UUID string from its definition, or None if it has none."""
         return self.definition.uuid
 
     @property
     def type(self) -> str:
+        """The libvirt pool type (``dir``; other types can be defined but not started)."""
         return self.definition.type
 
     @property
     def path(self) -> str:
+        """The target directory; raises :class:`PoolError` if the definition has none."""
         if self.definition.target_path is None:
             raise PoolError(f"pool '{self.name}' has no target path")
         return self.definition.target_path
 
     # --- state ----------------------------------------------------------------------
     def is_active(self) -> bool:
+        """Whether the pool is started (a pool opened without a registry always is)."""
         return True if self.registry is None else self.registry._is_active(self.name)
 
     def is_persistent(self) -> bool:
+        """Whether a definition ``NAME.xml`` is stored in the registry (False without one)."""
         return False if self.registry is None else self.registry._config_file(
             self.name).exists()
 
     @property
     def autostart(self) -> bool:
+        """Whether the registry holds an ``autostart/NAME.xml`` link for this pool."""
         return False if self.registry is None else os.path.lexists(
             self.registry._autostart_link(self.name))
 
@@ -727,6 +863,9 @@ class Pool:
         self._reg()._undefine(self)
 
     def info(self) -> PoolInfo:
+        """``virsh pool-info``: state plus capacity, allocation and available bytes of the
+        file system holding the pool (statvfs, libvirt's arithmetic); all 0 when inactive.
+        Raises :class:`PoolError` if the directory cannot be examined."""
         if not self.is_active():
             return PoolInfo("inactive", 0, 0, 0)
         try:
@@ -761,13 +900,14 @@ class Pool:
         dangling links are skipped."""
         self._require_active()
         self._check_dir()
-        out = []
-        for name in sorted(os.listdir(self.path)):
-            if probe_volume(os.path.join(self.path, name)) is not None:
-                out.append(Volume(self, name))
-        return out
+        return [Volume(self, name) for name in sorted(os.listdir(self.path))
+                if probe_volume(os.path.join(self.path, name)) is not None]
 
     def volume(self, name: str) -> Volume:
+        """The existing volume ``name`` (``virsh vol-*`` lookup by name).
+
+        Raises :class:`PoolError` if the pool is not started, the name is invalid (a path,
+        ``.``/``..``) or no such volume exists."""
         self._require_active()
         v = Volume(self, name)
         if probe_volume(v.path) is None:
@@ -775,18 +915,27 @@ class Pool:
                             f"'{name}'")
         return v
 
-    def _reserve(self, name: str, mode: int) -> str:
+    def _reserve(self, name: str, mode: int) -> tuple[str, int]:
+        """Create the volume file exclusively (O_EXCL: two processes cannot both create it)
+        and take diskimg's per-volume lock on it; returns (path, locking fd)."""
         validate_volume_name(name)
         self._require_active()
         path = os.path.join(self.path, name)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, mode)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, mode)
         except FileExistsError:
             raise PoolError(f"storage volume '{name}' exists already") from None
         except OSError as e:
             raise PoolError(f"cannot create volume '{path}': {e.strerror}") from None
-        os.close(fd)
-        return path
+        try:
+            _lock_volume_fd(fd, True, name)
+            if not _same_file(fd, path):
+                raise PoolError(f"storage volume '{name}' was deleted by another process "
+                                "while it was being created")
+        except BaseException:
+            os.close(fd)
+            raise
+        return path, fd
 
     def _backing_path(self, backing: Volume | str) -> str:
         if isinstance(backing, Volume):
@@ -795,13 +944,14 @@ class Pool:
             return self.volume(backing).path
         return os.path.abspath(backing)
 
-    def create_volume(self, name: str, capacity: int | str, format: str = "raw", *,  # noqa: A002
+    def create_volume(self, name: str, capacity: int | str, format: str = "raw", *,
                       allocation: int | str | None = None,
                       backing: Volume | str | None = None, backing_format: str | None = None,
                       options: Mapping[str, Any] | None = None,
                       permissions: Permissions | None = None,
                       encryption: str | None = None, secret: bytes | None = None,
-                      prealloc_metadata: bool = False) -> Volume:
+                      prealloc_metadata: bool = False,
+                      _fill: Callable[[str], None] | None = None) -> Volume:
         """Create a volume (``virsh vol-create-as``) as libvirt's dir backend does.
 
         ``capacity``/``allocation`` are bytes or libvirt scaled strings (``10G``, ``1KB``).
@@ -811,7 +961,9 @@ class Pool:
         ``backing`` (a volume, a volume name in this pool, or a path) with its format probed
         when not given, ``encryption="luks"`` with ``secret``.  vmdk via diskimg's vmdk
         driver.  Permissions default to mode 0600 and the caller's owner and group.  The
-        name is reserved with an exclusive create; on failure nothing is left behind.
+        name is reserved with an exclusive create and the volume stays under diskimg's
+        per-volume lock until it is complete (``_fill``, internal, copies data in under
+        that lock); on failure nothing is left behind.
         """
         cap = parse_scaled(capacity) if isinstance(capacity, str) else int(capacity)
         alloc = (cap if allocation is None else
@@ -842,7 +994,7 @@ class Pool:
                     raise PoolError(f"Storage volume not found: backing store '{bpath}' "
                                     "does not exist")
                 bfmt = bp.format
-        path = self._reserve(name, mode)
+        path, fd = self._reserve(name, mode)
         try:
             if format == "raw":
                 _create_raw(path, cap, alloc)
@@ -861,16 +1013,19 @@ class Pool:
                         secrets["sec0"] = secret  # type: ignore[assignment]
                 api.create(path, format, size_arg, backing_file=bpath, backing_fmt=bfmt,
                            options=opts, secrets=secrets)
+            if _fill is not None:
+                _fill(path)
             os.chmod(path, mode)
             if perms.owner not in (None, -1) or perms.group not in (None, -1):
                 os.chown(path, -1 if perms.owner is None else perms.owner,
                          -1 if perms.group is None else perms.group)
         except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            _unlink_if_same(fd, path)
             if isinstance(e, OSError):
                 raise PoolError(f"cannot create volume '{path}': {e.strerror or e}") from e
             raise
+        finally:
+            os.close(fd)
         return Volume(self, name)
 
     def _def_args(self, vd: VolumeDef,
@@ -924,27 +1079,29 @@ class Pool:
         between formats (``virsh vol-create-from``); the new capacity is at least the
         source's.  Backing chains are flattened into the copy."""
         vd = xml if isinstance(xml, VolumeDef) else VolumeDef.from_xml(xml)
-        src = source.definition()
-        if src.type != "file":
-            raise PoolError("unsupported: copying a directory volume")
-        if src.encryption is not None:
-            raise PoolError("unsupported: copying from an encrypted volume")
-        fmt, kw = self._def_args(vd, secrets)
-        kw.pop("backing", None)
-        kw.pop("backing_format", None)
-        kw["allocation"] = 0
-        cap = max(vd.capacity or 0, src.capacity or 0)
-        vol = self.create_volume(vd.name, cap, fmt, prealloc_metadata=prealloc_metadata, **kw)
-        try:
-            _copy_guest_data(source.path, src.format or "raw", vol.path, fmt,
-                             kw.get("secret"))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(vol.path)
-            raise
-        return vol
+        with source._op_lock(exclusive=False):  # the source stays whole while it is copied
+            src = source.definition()
+            if src.type != "file":
+                raise PoolError("unsupported: copying a directory volume")
+            if src.encryption is not None:
+                raise PoolError("unsupported: copying from an encrypted volume")
+            fmt, kw = self._def_args(vd, secrets)
+            kw.pop("backing", None)
+            kw.pop("backing_format", None)
+            kw["allocation"] = 0
+            cap = max(vd.capacity or 0, src.capacity or 0)
+            secret = kw.get("secret")
+
+            def fill(path: str) -> None:
+                _copy_guest_data(source.path, src.format or "raw", path, fmt, secret)
+
+            return self.create_volume(vd.name, cap, fmt, prealloc_metadata=prealloc_metadata,
+                                      _fill=fill, **kw)
 
     def clone_volume(self, source: Volume | str, new_name: str, **kw: Any) -> Volume:
+        """Copy ``source`` (a volume of any pool, or a name in this one) into this pool as
+        ``new_name``, like ``virsh vol-clone --pool``; ``kw`` as :meth:`Volume.clone`.
+        Raises :class:`PoolError` if ``new_name`` exists or the source is encrypted."""
         src = source if isinstance(source, Volume) else self.volume(source)
         return src.clone(new_name, pool=self, **kw)
 
@@ -998,18 +1155,20 @@ class PoolRegistry:
     """Stored pool definitions: ``config_dir/NAME.xml`` (+ ``autostart/NAME.xml`` links), the
     layout of libvirt's ``/etc/libvirt/storage``; started pools are marked in ``state_dir``.
 
-    ``config_dir`` defaults to :func:`default_config_dir` (``$DISKIMG_POOL_DIR`` or
-    ``~/.config/diskimg/storage``); point it at ``/etc/libvirt/storage`` to manage the pools
-    libvirt has (that directory is only written to when you define, undefine or autostart a
-    pool there).  ``state_dir`` defaults to :func:`default_state_dir`.  For libvirt's
-    system directory a pool is also reported started when libvirtd has it running.
+    ``config_dir`` defaults to :func:`default_config_dir` (``$DISKIMG_STORAGE_DIR``, else
+    ``/etc/libvirt/storage`` for root, else ``$XDG_CONFIG_HOME/libvirt/storage``), so by
+    default diskimg manages the pools libvirt has; the directory is only written to when
+    you define, undefine or (un)autostart a pool.  ``state_dir`` defaults to
+    :func:`default_state_dir`.  For libvirt's system directory a pool is also reported
+    started when libvirtd has it running.  Both paths are made absolute.
     """
 
     def __init__(self, config_dir: str | os.PathLike[str] | None = None,
                  state_dir: str | os.PathLike[str] | None = None) -> None:
-        self.config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
-        self.state_dir = (Path(state_dir) if state_dir is not None
-                          else default_state_dir(self.config_dir))
+        self.config_dir = Path(os.path.abspath(config_dir if config_dir is not None
+                                               else default_config_dir()))
+        self.state_dir = Path(os.path.abspath(state_dir if state_dir is not None
+                                              else default_state_dir(self.config_dir)))
         #: (file, message) for stored definitions that could not be read
         self.errors: list[tuple[Path, str]] = []
 
@@ -1137,7 +1296,7 @@ class PoolRegistry:
         _write_atomic(self._config_file(d.name), text)
         return Pool(d, self)
 
-    def define(self, name: str, target: str | os.PathLike[str], *, type: str = "dir",  # noqa: A002
+    def define(self, name: str, target: str | os.PathLike[str], *, type: str = "dir",
                permissions: Permissions | None = None, uuid: str | None = None) -> Pool:
         """``virsh pool-define-as NAME dir --target PATH``."""
         validate_pool_name(name)
@@ -1188,9 +1347,9 @@ class PoolRegistry:
                 same = os.path.samefile(pool.path, parent)
             except OSError:
                 same = False
-            if same or os.path.normpath(pool.path) == parent:
-                if name and probe_volume(p) is not None:
-                    return Volume(pool, name)
+            if ((same or os.path.normpath(pool.path) == parent)
+                    and name and probe_volume(p) is not None):
+                return Volume(pool, name)
         raise PoolError(f"Storage volume not found: no storage vol with matching path "
                         f"'{key_or_path}'")
 
@@ -1204,5 +1363,6 @@ __all__ = [
     "VolumeInfo",
     "default_config_dir",
     "default_state_dir",
+    "libvirt_session_dir",
     "probe_volume",
 ]

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from typing import Any
 
 from diskimg.errors import PoolError
 
@@ -92,10 +92,18 @@ def _sized(elem: ET.Element | None, what: str) -> int | None:
     m = _NUM.match(text)
     if not m:
         raise PoolError(f"XML error: malformed {what} element")
-    return scale_integer(int(m.group(1)), elem.get("unit"))
+    try:
+        return scale_integer(int(m.group(1)), elem.get("unit"))
+    except PoolError as e:  # name the element: "unknown suffix 'X' in <capacity>"
+        raise PoolError(f"{e} in <{elem.tag}>") from None
 
 
 # --- safe parsing and libvirt-style formatting ----------------------------------------------
+
+#: byte order marks → codec (UTF-32 first: its little-endian BOM starts like UTF-16's)
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"), (b"\xef\xbb\xbf", "utf-8-sig"))
+
 
 def parse_xml(text: str | bytes, what: str = "XML") -> tuple[ET.Element, dict[str, str]]:
     """Parse untrusted XML text; returns the root element and its namespace prefixes.
@@ -104,9 +112,17 @@ def parse_xml(text: str | bytes, what: str = "XML") -> tuple[ET.Element, dict[st
     parsing; every failure is a :class:`PoolError`.
     """
     if isinstance(text, bytes):
-        probe = text.decode("utf-8", "replace")
-    else:
-        probe = text
+        # decode first, so the DOCTYPE check below also sees UTF-16/32 documents
+        codec = next((c for bom, c in _BOMS if text.startswith(bom)), "utf-8")
+        try:
+            text = text.decode(codec)
+        except UnicodeDecodeError as err:
+            raise PoolError(f"XML error: {what} is not valid {codec.upper()} (byte "
+                            f"{err.start}: {err.reason})") from None
+    if "\x00" in text:  # never valid XML; also what UTF-16/32 without a BOM look like
+        raise PoolError(f"XML error: {what} contains NUL characters (UTF-16 or UTF-32 "
+                        "without a byte order mark?)")
+    probe = text
     if _HOSTILE.search(probe):
         raise PoolError(f"XML error: {what} contains a DOCTYPE or ENTITY declaration; "
                         "refusing to parse it")
@@ -143,7 +159,9 @@ def _attr_escape(value: str) -> str:
 
 
 def _text_escape(value: str) -> str:
-    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """libvirt's virBufferEscapeString: quotes are escaped in text too."""
+    return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("'", "&apos;").replace('"', "&quot;"))
 
 
 #: Elements libvirt prints as an open/close pair even when empty.
@@ -208,6 +226,9 @@ class Permissions:
 
     @classmethod
     def from_element(cls, elem: ET.Element | None) -> Permissions | None:
+        """Parse a ``<permissions>`` element (None gives None).  Unknown children are kept
+        in ``extra``.  Raises :class:`PoolError` for a mode outside 0..0o7777 or not octal,
+        or an owner/group that is not an integer >= -1."""
         if elem is None:
             return None
         p = cls()
@@ -235,6 +256,8 @@ class Permissions:
         return p
 
     def to_element(self, parent: ET.Element) -> ET.Element:
+        """Append ``<permissions>`` to ``parent`` (mode as 4 octal digits; unset fields
+        omitted; ``extra`` copied) and return it."""
         e = _sub(parent, "permissions")
         if self.mode is not None:
             _sub(e, "mode", f"{self.mode:04o}")
@@ -264,6 +287,8 @@ class Timestamps:
 
     @classmethod
     def from_stat(cls, st: object) -> Timestamps:
+        """Atime, mtime and ctime of an ``os.stat_result`` as (seconds, nanoseconds);
+        btime stays (0, 0)."""
         def pair(ns: int) -> tuple[int, int]:
             return divmod(ns, 1_000_000_000)
 
@@ -271,6 +296,8 @@ class Timestamps:
                    pair(st.st_ctime_ns))  # type: ignore[attr-defined]
 
     def to_element(self, parent: ET.Element) -> ET.Element:
+        """Append ``<timestamps>`` to ``parent`` in libvirt's order (atime, mtime, ctime,
+        btime unless None), each as :func:`format_timestamp` text, and return it."""
         e = _sub(parent, "timestamps")
         for name in ("atime", "mtime", "ctime", "btime"):
             v = getattr(self, name)
@@ -285,6 +312,26 @@ def _check_uuid(text: str) -> str:
         return str(uuidlib.UUID(t))
     except ValueError:
         raise PoolError(f"XML error: malformed uuid element '{t}'") from None
+
+
+def _text(parent: ET.Element, tag: str) -> str | None:
+    """Stripped text of ``parent``'s child ``tag``; None when the child is absent."""
+    e = parent.find(tag)
+    return None if e is None else (e.text or "").strip()
+
+
+def _parse_root(text: str | bytes, tag: str) -> tuple[ET.Element, dict[str, str], str]:
+    """Parse a ``<pool>``/``<volume>`` document: (root, namespace prefixes, its name).
+    Raises :class:`PoolError` for another root element or a missing name."""
+    root, nsmap = parse_xml(text, f"{tag} XML")
+    if root.tag != tag:
+        raise PoolError(f"XML error: unexpected root element <{root.tag}>, expecting <{tag}>")
+    name = _text(root, "name")
+    if not name:
+        # libvirt's own wording for each document
+        raise PoolError("XML error: missing pool source name element" if tag == "pool"
+                        else "XML error: missing volume name element")
+    return root, nsmap, name
 
 
 # --- pools ----------------------------------------------------------------------------------
@@ -314,27 +361,19 @@ class PoolDef:
     @classmethod
     def from_xml(cls, text: str | bytes) -> PoolDef:
         """Parse libvirt pool XML (what ``virsh pool-dumpxml`` or /etc/libvirt/storage holds)."""
-        root, nsmap = parse_xml(text, "pool XML")
-        if root.tag != "pool":
-            raise PoolError(f"XML error: unexpected root element <{root.tag}>, expecting <pool>")
+        root, nsmap, name = _parse_root(text, "pool")
         ptype = root.get("type")
         if not ptype:
             raise PoolError("XML error: storage pool missing type attribute")
-        name_el = root.find("name")
-        name = (name_el.text or "").strip() if name_el is not None else ""
-        if not name:
-            raise PoolError("XML error: missing pool source name element")
         validate_pool_name(name)
-        uuid_el = root.find("uuid")
-        uu = _check_uuid(uuid_el.text or "") if uuid_el is not None else None
+        uu = _text(root, "uuid")
+        uu = _check_uuid(uu) if uu is not None else None
         target = root.find("target")
         path = None
         perms = None
         target_extra: list[ET.Element] = []
         if target is not None:
-            p = target.find("path")
-            if p is not None and (p.text or "").strip():
-                path = (p.text or "").strip()
+            path = _text(target, "path") or None
             perms = Permissions.from_element(target.find("permissions"))
             target_extra = [c for c in target if c.tag not in _POOL_TARGET_KNOWN]
         if ptype in ("dir", "fs", "netfs") and not path:
@@ -343,9 +382,8 @@ class PoolDef:
         return cls(
             name=name, target_path=path, type=ptype, uuid=uu, permissions=perms,
             source=root.find("source"),
-            capacity=_sized(root.find("capacity"), "capacity") or 0,
-            allocation=_sized(root.find("allocation"), "allocation") or 0,
-            available=_sized(root.find("available"), "available") or 0,
+            **{tag: _sized(root.find(tag), tag) or 0
+               for tag in ("capacity", "allocation", "available")},
             attrib=attrib,
             extra=[c for c in root if c.tag not in _POOL_KNOWN],
             target_extra=target_extra, nsmap=nsmap,
@@ -354,6 +392,8 @@ class PoolDef:
     def to_element(self, *, capacity: int | None = None, allocation: int | None = None,
                    available: int | None = None,
                    permissions: Permissions | None = None) -> ET.Element:
+        """The ``<pool>`` element in libvirt's order; sizes in bytes (0 when None),
+        ``permissions`` overrides the stored ones; unknown elements read are kept."""
         root = ET.Element("pool", {"type": self.type, **self.attrib})
         _sub(root, "name", self.name)
         if self.uuid is not None:
@@ -420,6 +460,9 @@ class Encryption:
 
     @classmethod
     def from_element(cls, elem: ET.Element | None) -> Encryption | None:
+        """Parse ``<encryption>`` (None gives None; no format attribute means
+        ``default``), keeping the element for a faithful round trip.  Raises
+        :class:`PoolError` for a malformed secret UUID."""
         if elem is None:
             return None
         fmt = elem.get("format") or "default"
@@ -429,6 +472,8 @@ class Encryption:
         return cls(fmt, _check_uuid(uu) if uu else None, usage, elem)
 
     def to_element(self, parent: ET.Element) -> ET.Element:
+        """Append ``<encryption>`` to ``parent`` (the element as read, if any, else one
+        built from the fields) and return it."""
         if self.element is not None:
             e = copy.deepcopy(self.element)
             parent.append(e)
@@ -441,8 +486,19 @@ class Encryption:
         return e
 
 
+def _append_parts(parent: ET.Element,
+                  *parts: Permissions | Timestamps | Encryption | None) -> None:
+    """Append each part that is set, in the order given (libvirt's element order)."""
+    for part in parts:
+        if part is not None:
+            part.to_element(parent)
+
+
 @dataclass
 class BackingStore:
+    """``<backingStore>`` of a volume: the backing file's path, format and, when it
+    exists, its permissions and timestamps."""
+
     path: str
     format: str | None = None
     permissions: Permissions | None = None
@@ -475,36 +531,23 @@ class VolumeDef:
     @classmethod
     def from_xml(cls, text: str | bytes) -> VolumeDef:
         """Parse libvirt volume XML, e.g. the input of ``virsh vol-create``."""
-        root, nsmap = parse_xml(text, "volume XML")
-        if root.tag != "volume":
-            raise PoolError(f"XML error: unexpected root element <{root.tag}>, "
-                            "expecting <volume>")
-        name_el = root.find("name")
-        name = (name_el.text or "").strip() if name_el is not None else ""
-        if not name:
-            raise PoolError("XML error: missing volume name element")
+        root, nsmap, name = _parse_root(text, "volume")
         validate_volume_name(name)
-        v = cls(name=name, type=root.get("type"), nsmap=nsmap)
-        key = root.find("key")
-        v.key = (key.text or "").strip() if key is not None else None
-        v.capacity = _sized(root.find("capacity"), "capacity")
-        v.allocation = _sized(root.find("allocation"), "allocation")
-        v.physical = _sized(root.find("physical"), "physical")
+        v = cls(name=name, type=root.get("type"), nsmap=nsmap, key=_text(root, "key"))
+        for tag in ("capacity", "allocation", "physical"):
+            setattr(v, tag, _sized(root.find(tag), tag))
         target = root.find("target")
         if target is not None:
-            p = target.find("path")
-            v.path = (p.text or "").strip() if p is not None else None
+            v.path = _text(target, "path")
             f = target.find("format")
             if f is not None:
                 v.format = f.get("type")
             v.permissions = Permissions.from_element(target.find("permissions"))
             v.encryption = Encryption.from_element(target.find("encryption"))
-            c = target.find("compat")
-            if c is not None:
-                v.compat = (c.text or "").strip()
-                if not re.fullmatch(r"[0-9]+\.[0-9]+", v.compat):
-                    raise PoolError(f"XML error: forbidden characters in 'compat' attribute: "
-                                    f"'{v.compat}'")
+            v.compat = _text(target, "compat")
+            if v.compat is not None and not re.fullmatch(r"[0-9]+\.[0-9]+", v.compat):
+                raise PoolError(f"XML error: forbidden characters in 'compat' attribute: "
+                                f"'{v.compat}'")
             v.cluster_size = _sized(target.find("clusterSize"), "clusterSize")
             feats = target.find("features")
             if feats is not None:
@@ -516,17 +559,19 @@ class VolumeDef:
             v.target_extra = [c for c in target if c.tag not in _VOL_TARGET_KNOWN]
         bs = root.find("backingStore")
         if bs is not None:
-            bp = bs.find("path")
-            if bp is None or not (bp.text or "").strip():
+            bpath = _text(bs, "path")
+            if not bpath:
                 raise PoolError("XML error: missing backing store path element")
             bf = bs.find("format")
-            v.backing = BackingStore((bp.text or "").strip(),
+            v.backing = BackingStore(bpath,
                                      bf.get("type") if bf is not None else None,
                                      Permissions.from_element(bs.find("permissions")))
         v.extra = [c for c in root if c.tag not in _VOL_KNOWN]
         return v
 
     def to_element(self) -> ET.Element:
+        """The ``<volume>`` element in libvirt's order; sizes in bytes, unset fields
+        omitted, unknown elements read are kept."""
         attrs = {"type": self.type} if self.type else {}
         root = ET.Element("volume", attrs)
         _sub(root, "name", self.name)
@@ -541,12 +586,7 @@ class VolumeDef:
             _sub(target, "path", self.path)
         if self.format is not None:
             _sub(target, "format", type=self.format)
-        if self.permissions is not None:
-            self.permissions.to_element(target)
-        if self.timestamps is not None:
-            self.timestamps.to_element(target)
-        if self.encryption is not None:
-            self.encryption.to_element(target)
+        _append_parts(target, self.permissions, self.timestamps, self.encryption)
         if self.compat is not None:
             _sub(target, "compat", self.compat)
         if self.cluster_size is not None:
@@ -561,14 +601,12 @@ class VolumeDef:
             _sub(b, "path", self.backing.path)
             if self.backing.format:
                 _sub(b, "format", type=self.backing.format)
-            if self.backing.permissions is not None:
-                self.backing.permissions.to_element(b)
-            if self.backing.timestamps is not None:
-                self.backing.timestamps.to_element(b)
+            _append_parts(b, self.backing.permissions, self.backing.timestamps)
         root.extend(copy.deepcopy(self.extra))
         return root
 
     def to_xml(self) -> str:
+        """The volume XML as ``virsh vol-dumpxml`` formats it (two-space indent)."""
         return format_element(self.to_element(), self.nsmap)
 
 
