@@ -164,6 +164,9 @@ def test_page_examples(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         if not blocks:
             pytest.skip("every example on this page needs qemu-img")
     monkeypatch.chdir(tmp_path)
+    # pool examples run as root in CI: keep definitions out of /etc/libvirt/storage
+    monkeypatch.setenv("DISKIMG_STORAGE_DIR", str(tmp_path / ".storage"))
+    monkeypatch.setenv("DISKIMG_POOL_STATE_DIR", str(tmp_path / ".state"))
     ns: dict[str, object] = {"__name__": "__docs__"}
     for b in blocks:
         if b.lang in ("python", "py", "pycon"):
