@@ -32,6 +32,11 @@ class OpenPolicy:
     allow_extents_outside: bool = False  # vmdk extents outside the descriptor's directory
 
     def for_top(self, top: Path) -> OpenPolicy:
+        """The policy to open the top image ``top`` and its chain with.
+
+        An untrusted policy without ``allowed_dirs`` becomes a new policy confined to
+        ``top``'s resolved directory; any other policy is returned unchanged (``self``).
+        """
         if self.untrusted and not self.allowed_dirs:
             return OpenPolicy(True, [top.resolve().parent], self.max_depth,
                               self.allow_extents_outside)
@@ -60,6 +65,10 @@ class OpenPolicy:
         except FileNotFoundError:
             raise BackingChainError(
                 f"Could not open {what} '{p}' named by '{parent}': No such file or directory"
+            ) from None
+        except OSError as err:  # ENOTDIR, ENAMETOOLONG, EACCES, ELOOP: still the name's fault
+            raise BackingChainError(
+                f"Could not open {what} '{p}' named by '{parent}': {err.strerror}"
             ) from None
         if not (stat.S_ISREG(st.st_mode) or (stat.S_ISBLK(st.st_mode) and not self.untrusted)):
             raise BackingChainError(

@@ -7,7 +7,9 @@ a hang or a huge allocation.  Messages name the field (and offset where there is
 from __future__ import annotations
 
 import bz2
+import json
 import os
+import re
 import struct
 import time
 from pathlib import Path
@@ -280,8 +282,10 @@ def test_v11_sparse_extent_is_text(tmp_path: Path) -> None:
     ("", "monolithicFlat", FormatError),
     ('RW 8 FLAT "' + "a" * (1 << 20) + '" 0', "monolithicFlat", FormatError),
     ('RW 8 FLAT "data\0.bin" 0', "monolithicFlat", FormatError),
+    ('RW 8 FLAT "data.bin/x" 0', "monolithicFlat", BackingChainError),
 ], ids=["unknown-type", "sesparse", "vmfssparse", "unterminated-quote", "empty-name",
-        "directory", "ctype-control-chars", "no-extents", "1MiB-line", "nul-in-name"])
+        "directory", "ctype-control-chars", "no-extents", "1MiB-line", "nul-in-name",
+        "file-as-directory"])
 def test_v12_syntax(tmp_path: Path, body: str, ctype: str, exc: type[Exception]) -> None:
     _expect(_desc(tmp_path, body, ctype), exc)
 
@@ -477,3 +481,165 @@ def test_sesparse_hostile(tmp_path: Path) -> None:
         make_sesparse(tmp_path)
         _patch(ext, 8 * S.SeSparseHeader.NAMES.index(field), "<Q", value)
         _expect(p, DiskImgError, msg)
+
+
+# --- streamOptimized opened for writing (B5) ------------------------------------------------
+def _qemu_layout_stream(p: Path, size: int) -> S.SparseHeader:
+    """An empty streamOptimized extent in qemu 7.2's layout (GD/RGD and tables before
+    overHead, no footer), as `qemu-img create -o subformat=streamOptimized` writes it."""
+    from diskimg.vmdk import sparse_layout
+
+    h = sparse_layout(size // 512, compress=True)[0]
+    with open(p, "wb") as f:
+        f.write(h.pack())
+        f.truncate(h.overhead * 512)
+    return h
+
+
+@pytest.mark.parametrize("field,value,where", [
+    ("overhead", 1 << 40, "overHead"),          # past the end: must not grow the file
+    ("overhead", 5, "overHead"),                # inside the descriptor
+    ("overhead", "gd+1", "gdOffset"),           # the grain directory straddles it
+    ("overhead", "rgd+1", "rgdOffset"),
+])
+def test_stream_rw_open_validates_overhead(tmp_path: Path, field: str, value: int | str,
+                                           where: str) -> None:
+    p = tmp_path / "s.vmdk"
+    h = _qemu_layout_stream(p, 64 << 30)        # GD of 2048 entries: 16 sectors
+    v = h.gd_offset + 1 if value == "gd+1" else h.rgd_offset + 1 if value == "rgd+1" else value
+    assert isinstance(v, int)
+    _patch(p, 64, "<Q", v)
+    before = p.read_bytes()
+    with open_host_file(p, True) as h, pytest.raises(CorruptImageError, match=where) as info:
+        open_vmdk(h).close()
+    assert info.value.offset in (48, 56, 64)
+    assert p.read_bytes() == before              # opening never changed the file
+    with open_vmdk(open_host_file(p)) as img:    # read-only opens still work
+        assert img.read(0, 4096) == bytes(4096)
+
+
+def test_stream_rw_open_without_writes_leaves_the_file_alone(tmp_path: Path) -> None:
+    p = tmp_path / "s.vmdk"
+    create_vmdk(p, 2 << 20, options={"subformat": "streamOptimized"})
+    before = p.read_bytes()
+    with open_vmdk(open_host_file(p, True)) as img:
+        assert img.read(0, 512) == bytes(512)
+    assert p.read_bytes() == before
+
+
+# --- marker sizes that lie (V8), seen by the VMware-acceptance lint of `check` -------------
+def _markers(p: Path) -> dict[int, int]:
+    """Sector offsets of the GT (1) / GD (2) markers of a VMware-layout stream."""
+    data = p.read_bytes()
+    pos = S.SparseHeader.parse(data[:512]).overhead * 512
+    out: dict[int, int] = {}
+    while pos + 16 <= len(data):
+        val, size, typ = struct.unpack_from("<QII", data, pos)
+        if size:
+            pos += -(-(12 + size) // 512) * 512
+            continue
+        if typ in (1, 2):
+            out.setdefault(typ, pos)
+            pos += 512 + val * 512
+            continue
+        pos += 512
+    return out
+
+
+@pytest.mark.parametrize("typ", [1, 2], ids=["GT", "GD"])
+@pytest.mark.parametrize("value", [2**63, 2**40, 5, 2])
+def test_v8_table_marker_sizes_that_lie(stream_img: Path, typ: int, value: int) -> None:
+    at = _markers(stream_img)[typ]
+    _patch(stream_img, at, "<Q", value)
+    t = time.monotonic()
+    with open_vmdk(open_host_file(stream_img)) as img:
+        res = img.check()
+    assert time.monotonic() - t < 5
+    problems = " | ".join(str(f["problem"]) for f in res.findings)
+    assert "marker" in problems, problems
+
+
+# --- parentFileNameHint loops (V11) ---------------------------------------------------------
+@pytest.mark.parametrize("chain", [["a"], ["a", "b"], ["a", "b", "c"]],
+                         ids=["self", "a-b-a", "a-b-c-a"])
+def test_v11_parent_hint_loop(tmp_path: Path, chain: list[str]) -> None:
+    import diskimg
+
+    (tmp_path / "data.bin").write_bytes(bytes(4096))
+    for i, name in enumerate(chain):
+        parent = chain[(i + 1) % len(chain)]
+        (tmp_path / f"{name}.vmdk").write_text(
+            '# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=1\n'
+            f'createType="monolithicFlat"\nparentFileNameHint="{parent}.vmdk"\n'
+            '# Extent description\nRW 8 FLAT "data.bin" 0\n')
+    t = time.monotonic()
+    with pytest.raises(BackingChainError, match=r"(?i)loop"):
+        diskimg.open(tmp_path / "a.vmdk").close()
+    assert time.monotonic() - t < 5
+
+
+# --- the issue's bad-input list, in one process under a memory limit -----------------------
+BOUNDED = r"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (384 << 20, 384 << 20))
+import diskimg
+out = {}
+for name in sys.argv[1:]:
+    try:
+        with diskimg.open(name) as d:
+            for e in d.map():
+                if e.data:
+                    d.read(e.start, min(e.length, 1 << 20))
+        out[name] = "ok"
+    except diskimg.DiskImgError as e:
+        out[name] = type(e).__name__ + ": " + str(e)
+    except MemoryError:
+        out[name] = "MemoryError"
+print(json.dumps(out))
+"""
+
+
+def test_issue_bad_input_list_bounded_memory(tmp_path: Path, sparse_img: Path) -> None:
+    """Issue 5's list: a 1 GB descriptor, 5000 extents, zero and negative extents, escaping
+    extent names, grain sizes 0 and 2^40, grain tables past the end of the file: each is a
+    clean DiskImgError under a 384 MiB address-space limit, all of them in seconds."""
+    import subprocess
+    import sys
+
+    cases: dict[str, str] = {}
+
+    def desc(name: str, extents: str, expect: str) -> None:
+        _desc(tmp_path, extents).rename(tmp_path / "d" / name)
+        cases[str(tmp_path / "d" / name)] = expect
+
+    def header(name: str, off: int, fmt: str, value: int, expect: str) -> None:
+        p = tmp_path / name
+        p.write_bytes(sparse_img.read_bytes())
+        _patch(p, off, fmt, value)
+        cases[str(p)] = expect
+
+    big = tmp_path / "big.vmdk"
+    with open(big, "wb") as f:
+        f.write(b"# Disk DescriptorFile\n")
+        f.truncate(1 << 30)
+    cases[str(big)] = "FormatError: .*limit"
+    desc("many.vmdk", 'RW 1 FLAT "data.bin" 0\n' * 5000, "FormatError: .*extents")
+    desc("zero.vmdk", 'RW 0 FLAT "data.bin" 0', "FormatError: Invalid extent size")
+    desc("neg.vmdk", 'RW -8 FLAT "data.bin" 0', "FormatError: Invalid extent size")
+    desc("none.vmdk", "", "FormatError: .*no extents")
+    up = "../" * len(tmp_path.parts)                 # ../../etc/passwd from any depth
+    desc("passwd.vmdk", f'RW 8 FLAT "{up}etc/passwd" 0', "BackingChainError: .*outside")
+    desc("abs.vmdk", 'RW 8 FLAT "/etc/passwd" 0', "BackingChainError: .*outside")
+    header("g0.vmdk", 20, "<Q", 0, "FormatError: .*grainSize 0 at offset 20")
+    header("g40.vmdk", 20, "<Q", 2**40, "FormatError: .*grainSize 1099511627776 at offset 20")
+    header("gt.vmdk", _gd_entry0(sparse_img), "<I", 0xFFFFFF00,
+           "CorruptImageError: Grain table 0 .*past the end")
+    header("gd.vmdk", 56, "<Q", 1 << 40, "CorruptImageError: .*gdOffset .*offset 56")
+    t = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", BOUNDED, *cases], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout)
+    for name, expect in cases.items():
+        assert re.match(expect, got[name]), (name, got[name])
+    assert time.monotonic() - t < 30

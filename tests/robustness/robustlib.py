@@ -534,26 +534,7 @@ def _fde_offset_above_2_63(data: bytes) -> bool:
     return False
 
 
-def _vmdk_stream_overhead_past_eof(data: bytes) -> bool:
-    if data[:4] != b"KDMV" or len(data) < 80:
-        return False
-    heads = [0] + ([len(data) - 1024] if len(data) >= 1536 else [])
-    return any(_le(data, h + 64, 8) * 512 > len(data) for h in heads)
-
-
-def _vmdk_huge_grain(data: bytes) -> bool:
-    if data[:4] != b"KDMV" or len(data) < 80:
-        return False
-    heads = [0] + ([len(data) - 1024] if len(data) >= 1536 else [])
-    return any(_le(data, h + 20, 8) * 512 > (64 << 20) for h in heads)
-
-
-KNOWN_BUGS: list[KnownBug] = [
-    KnownBug("B5", "test_known_bugs.py::test_vmdk_stream_rw_open_truncates_to_overhead",
-             _vmdk_stream_overhead_past_eof, r"File too large|ftruncate"),
-    KnownBug("B7", "test_known_bugs.py::test_vmdk_huge_grain_read_is_bounded",
-             _vmdk_huge_grain, r"MemoryError|exceeded the time limit"),
-]
+KNOWN_BUGS: list[KnownBug] = []  # B5 and B7 (vmdk) fixed: regression tests now
 
 
 def unexcused(bugs: list[str], base: BaseImage, data: bytes) -> list[str]:

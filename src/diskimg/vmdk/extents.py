@@ -28,6 +28,7 @@ Fill = Callable[[int, memoryview], None]
 UNALLOC, ZERO, DATA, COMPRESSED = "unalloc", "zero", "data", "compressed"
 _GT_CACHE = 4096      # grain tables kept in memory (2 KiB each with 512 entries)
 _GRAIN_CACHE = 8      # decompressed grains kept
+_WHOLE_GRAIN_MAX = 1 << 20  # larger compressed grains are streamed, never held whole
 
 
 _ZEROS = memoryview(bytes(1 << 20))
@@ -51,7 +52,8 @@ class Extent(Protocol):
     def status(self, off: int, length: int) -> Status: ...
     def readinto(self, off: int, buf: memoryview, fill: Fill) -> None: ...
     def write(self, off: int, data: memoryview, fill: Fill) -> None: ...
-    def write_zeroes(self, off: int, length: int, fill: Fill, has_backing: bool) -> None: ...
+    def zeroable(self, off: int, length: int) -> bool: ...
+    def mark_zeroed(self, off: int, length: int) -> None: ...
     def flush(self) -> None: ...
     def info(self) -> dict[str, Any]: ...
 
@@ -77,12 +79,12 @@ class FlatExtent:
     def write(self, off: int, data: memoryview, fill: Fill) -> None:
         self.host.pwrite(self.start + off, data)
 
-    def write_zeroes(self, off: int, length: int, fill: Fill, has_backing: bool) -> None:
-        h = self.start + off
-        fsize = self.host.size()
-        if h >= fsize:
-            return
-        self.host.zero_range(h, min(length, fsize - h))
+    def zeroable(self, off: int, length: int) -> bool:
+        """Never: like qemu, zeroes go to a flat extent as written zero bytes."""
+        return False
+
+    def mark_zeroed(self, off: int, length: int) -> None:
+        raise UsageError("A flat extent has no zeroed grains")
 
     def flush(self) -> None:
         self.host.flush()
@@ -113,8 +115,11 @@ class ZeroExtent:
     def write(self, off: int, data: memoryview, fill: Fill) -> None:
         raise UsageError("Cannot write to a ZERO extent")
 
-    def write_zeroes(self, off: int, length: int, fill: Fill, has_backing: bool) -> None:
-        pass
+    def zeroable(self, off: int, length: int) -> bool:
+        return not self.no_access
+
+    def mark_zeroed(self, off: int, length: int) -> None:
+        """A ZERO extent reads as zeros already."""
 
     def flush(self) -> None:
         pass
@@ -123,7 +128,71 @@ class ZeroExtent:
         return {"virtual-size": self.size, "filename": self.filename, "format": self.type}
 
 
-class SparseExtent:
+def _zeroed_run(n: int) -> array[int]:
+    """``n`` grain table entries meaning "zeroed grain"."""
+    return array("I", [S.GTE_ZEROED]) * n
+
+
+class GrainMappedExtent:
+    """What the grain-mapped extents (hosted sparse, COWD, seSparse) share: ``status`` and
+    ``readinto`` over the subclass's ``lookup(off, length) -> (kind, n, host)``.
+
+    Invariants: a run never reads past its ``n`` bytes; UNALLOC runs come from ``fill``,
+    ZERO runs are zeros, DATA runs are read at ``host`` only when it lies inside the file
+    (checked against ``fsize``), COMPRESSED runs go to :meth:`_read_compressed`.
+    """
+
+    host: HostFile
+    filename: str
+    fsize: int
+    gb: int
+    #: how errors name a grain of this extent type
+    grain_noun = "Grain"
+
+    def lookup(self, off: int, length: int) -> tuple[str, int, int]:
+        raise NotImplementedError
+
+    def zeroable(self, off: int, length: int) -> bool:
+        return False
+
+    def mark_zeroed(self, off: int, length: int) -> None:
+        raise UsageError(f"'{self.filename}' has no zeroed grains")
+
+    def _read_compressed(self, host: int, off: int, part: memoryview) -> None:
+        raise CorruptImageError(f"Compressed grain at offset {host:#x} in '{self.filename}', "
+                                "whose format has none", offset=host)
+
+    def status(self, off: int, length: int) -> Status:
+        kind, n, host = self.lookup(off, length)
+        if kind == UNALLOC:
+            return Status(n, False, False, True)
+        if kind == ZERO:
+            return Status(n, True, False, True)
+        if kind == COMPRESSED:
+            return Status(n, True, True, False, None, self.filename)
+        return Status(n, True, True, False, host, self.filename)
+
+    def readinto(self, off: int, buf: memoryview, fill: Fill) -> None:
+        pos = 0
+        while pos < len(buf):
+            kind, n, host = self.lookup(off + pos, len(buf) - pos)
+            part = buf[pos:pos + n]
+            if kind == UNALLOC:
+                fill(off + pos, part)
+            elif kind == ZERO:
+                zero_fill(part)
+            elif kind == DATA:
+                if host >= self.fsize:
+                    raise CorruptImageError(f"{self.grain_noun} at offset {host:#x} for guest "
+                                            f"offset {off + pos:#x} lies past the end of "
+                                            f"'{self.filename}'", offset=host)
+                self.host.preadinto(host, part)
+            else:
+                self._read_compressed(host, off + pos, part)
+            pos += n
+
+
+class SparseExtent(GrainMappedExtent):
     """A hosted sparse extent (monolithicSparse, twoGbMaxExtentSparse, streamOptimized).
 
     Invariants: the grain directory is validated to lie inside the file at open; every
@@ -135,7 +204,7 @@ class SparseExtent:
 
     def __init__(self, host: HostFile, header: S.SparseHeader, filename: str, typ: str,
                  read_only: bool, *, footer_header: S.SparseHeader | None = None,
-                 cowd_l1_size: int | None = None) -> None:
+                 footer_at: int = 0, cowd_l1_size: int | None = None) -> None:
         self.host = host
         self.header = h = footer_header or header
         self.filename, self.type = filename, typ
@@ -157,18 +226,40 @@ class SparseExtent:
         self._gts: OrderedDict[int, array[int]] = OrderedDict()
         self._dirty: set[int] = set()
         self._grains: OrderedDict[int, bytes] = OrderedDict()
+        self._cursor: tuple[int, S.GrainInflater] | None = None
         gsec = h.grain_size
         fsec = -(-fsize // S.SECTOR)
         self.next_sector = -(-fsec // gsec) * gsec     # grain aligned, past the file
+        #: a writable compressed extent is written front to back by a StreamWriter made on
+        #: the first write (opening never changes the file)
+        self.appendable = self.compressed and not read_only
         self.stream: StreamWriter | None = None
-        if self.compressed and not read_only:
-            if fsize > h.overhead * S.SECTOR and any(
-                    self._gt(i) is not None and any(self._gt(i) or ())
-                    for i in range(len(self.gd))):
+        if self.appendable:
+            S.check_stream_append(h, footer_at if footer_header is not None else 0, g, fsize)
+            if fsize > h.overhead * S.SECTOR and self._holds_data():
                 raise UnsupportedFeatureError(
                     f"'{filename}': a streamOptimized image that already holds data is "
                     "read-only (write a new one front to back)")
-            self.stream = StreamWriter(host, h, truncate_at=h.overhead * S.SECTOR)
+
+    def _holds_data(self) -> bool:
+        """Whether any grain table entry is set (each distinct table read once: time
+        bounded by the file size, not by the number of directory entries)."""
+        seen: set[int] = set()
+        for gdi, sec in enumerate(self.gd):
+            if sec and sec not in seen:
+                seen.add(sec)
+                t = self._gt(gdi)
+                if t is not None and any(t):
+                    return True
+        return False
+
+    def _stream(self) -> StreamWriter:
+        """The stream writer, created (truncating at the validated ``overHead``) on the
+        first write."""
+        if self.stream is None:
+            self.stream = StreamWriter(self.host, self.header,
+                                       truncate_at=self.header.overhead * S.SECTOR)
+        return self.stream
 
     # --- tables --------------------------------------------------------------------
     def _gt(self, gdi: int) -> array[int] | None:
@@ -238,40 +329,32 @@ class SparseExtent:
         return kind, min(n, max_len), (host + in_g if kind == DATA else 0)
 
     # --- reads -----------------------------------------------------------------------
-    def status(self, off: int, length: int) -> Status:
-        kind, n, host = self.lookup(off, length)
-        if kind == UNALLOC:
-            return Status(n, False, False, True)
-        if kind == ZERO:
-            return Status(n, True, False, True)
-        if kind == COMPRESSED:
-            return Status(n, True, True, False, None, self.filename)
-        return Status(n, True, True, False, host, self.filename)
+    def _read_compressed(self, host: int, off: int, part: memoryview) -> None:
+        """Guest bytes ``[off, off + len(part))`` of the compressed grain at ``host``.
 
-    def readinto(self, off: int, buf: memoryview, fill: Fill) -> None:
-        pos = 0
-        while pos < len(buf):
-            kind, n, host = self.lookup(off + pos, len(buf) - pos)
-            part = buf[pos:pos + n]
-            if kind == UNALLOC:
-                fill(off + pos, part)
-            elif kind == ZERO:
-                zero_fill(part)
-            elif kind == DATA:
-                if host >= self.fsize:
-                    raise CorruptImageError(f"Grain at offset {host:#x} for guest offset "
-                                            f"{off + pos:#x} lies past the end of "
-                                            f"'{self.filename}'", offset=host)
-                self.host.preadinto(host, part)
-            else:
-                in_g = (off + pos) % self.gb
-                part[:] = self._grain(host)[in_g:in_g + n]
-            pos += n
+        Grains up to :data:`_WHOLE_GRAIN_MAX` are inflated once (only up to the extent's
+        end) and cached; larger ones are streamed through one :class:`S.GrainInflater`
+        kept for sequential reads, so memory follows the request, not the grain size."""
+        in_g = off % self.gb
+        if self.gb <= _WHOLE_GRAIN_MAX:
+            g = self._grains.get(host)
+            if g is None:
+                want = min(self.gb, self.size - (off - in_g))
+                out = bytearray(want)
+                self._inflater(host).readinto(0, memoryview(out))
+                g = self._grains[host] = bytes(out)
+                if len(self._grains) > _GRAIN_CACHE:
+                    self._grains.popitem(last=False)
+            part[:] = g[in_g:in_g + len(part)]
+            return
+        cur = self._cursor
+        if cur is None or cur[0] != host or cur[1].pos > in_g:
+            cur = self._cursor = (host, self._inflater(host))
+        cur[1].readinto(in_g, part)
 
-    def _grain(self, host: int) -> bytes:
-        g = self._grains.get(host)
-        if g is not None:
-            return g
+    def _inflater(self, host: int) -> S.GrainInflater:
+        """An inflater for the compressed grain at file offset ``host`` (its marker checked
+        when the extent has markers)."""
         if host >= self.fsize:
             raise CorruptImageError(f"Compressed grain at offset {host:#x} lies past the end "
                                     f"of '{self.filename}'", offset=host)
@@ -286,14 +369,8 @@ class SparseExtent:
             if size == 0 or size > bound or host + 12 + size > self.fsize:
                 raise CorruptImageError(f"Grain marker at offset {host:#x} has invalid size "
                                         f"{size}", offset=host)
-            data = self.host.pread(host + 12, size)
-        else:
-            data = self.host.pread(host, min(bound, self.fsize - host))
-        g = S.decompress_grain(data, gb, host)
-        self._grains[host] = g
-        if len(self._grains) > _GRAIN_CACHE:
-            self._grains.popitem(last=False)
-        return g
+            return S.GrainInflater(self.host.pread, host + 12, host + 12 + size, host)
+        return S.GrainInflater(self.host.pread, host, min(host + bound, self.fsize), host)
 
     # --- writes ----------------------------------------------------------------------
     def _set_gte(self, grain: int, value: int) -> None:
@@ -338,8 +415,8 @@ class SparseExtent:
         return self._reserve(n * self.header.grain_size) * S.SECTOR
 
     def write(self, off: int, data: memoryview, fill: Fill) -> None:
-        if self.stream is not None:
-            self.stream.write(off, data)
+        if self.appendable:
+            self._stream().write(off, data)
             return
         gb = self.gb
         pos = 0
@@ -381,39 +458,34 @@ class SparseExtent:
             fill(off, mv)
         # ZERO: already zeros
 
-    def write_zeroes(self, off: int, length: int, fill: Fill, has_backing: bool) -> None:
-        if self.stream is not None:
-            self.stream.write(off, memoryview(bytes(length)))
-            return
-        gb = self.gb
-        pos = 0
-        while pos < length:
-            kind, n, _host = self.lookup(off + pos, length - pos)
-            if kind == ZERO or (kind == UNALLOC and not has_backing):
-                pos += n
-                continue
-            g0 = (off + pos) // gb
-            in_g = off + pos - g0 * gb
-            full_from = g0 + (1 if in_g else 0)
-            full_to = (off + pos + n) // gb
-            if self.zero_grain and full_to > full_from:
-                if in_g:
-                    self.write(off + pos, memoryview(bytes(gb - in_g)), fill)
-                for g in range(full_from, full_to):
-                    self._set_gte(g, S.GTE_ZEROED)
-                tail = off + pos + n - full_to * gb
-                if tail:
-                    self.write(full_to * gb, memoryview(bytes(tail)), fill)
-            else:
-                for s in range(0, n, 1 << 20):
-                    m = min(1 << 20, n - s)
-                    self.write(off + pos + s, memoryview(bytes(m)), fill)
-            pos += n
+    def zeroable(self, off: int, length: int) -> bool:
+        """qemu's dry run of vmdk_co_pwrite_zeroes: only whole grains of an extent with
+        zeroed-grain entries (not a compressed one) can be marked zeroed."""
+        return (self.zero_grain and not self.compressed and off % self.gb == 0
+                and length % self.gb == 0)
+
+    def mark_zeroed(self, off: int, length: int) -> None:
+        """Set the entries of the whole grains ``[off, off + length)`` to zeroed (qemu:
+        VMDK_GTE_ZEROED, whatever they held); the grains' old data is leaked, as in qemu."""
+        gb, gtes = self.gb, self.geo.gtes
+        g, end = off // gb, (off + length) // gb
+        while g < end:
+            gdi, idx = divmod(g, gtes)
+            n = min(gtes - idx, end - g)
+            t = self._gt(gdi)
+            if t is None:
+                t = self._alloc_gt(gdi)
+            if t[idx:idx + n] != _zeroed_run(n):
+                t[idx:idx + n] = _zeroed_run(n)
+                self._dirty.add(gdi)
+                if len(self._dirty) > _GT_CACHE // 2:
+                    self._write_gts()
+            g += n
 
     def flush(self) -> None:
         if self.read_only:
             return
-        if self.stream is not None:
+        if self.appendable:
             return
         self._write_gts()
         self.host.flush()
@@ -479,7 +551,7 @@ class SparseExtent:
         return out
 
 
-class SeSparseExtent:
+class SeSparseExtent(GrainMappedExtent):
     """seSparse extent (ESXi 6.5+ snapshots), read-only like qemu 7.2's driver.
 
     Directory entries are u64 ``0x1000_0000_xxxx_xxxx`` (table index in the low 32 bits);
@@ -488,6 +560,7 @@ class SeSparseExtent:
     """
 
     GTES = 4096
+    grain_noun = "seSparse grain"
 
     def __init__(self, host: HostFile, h: S.SeSparseHeader, filename: str, typ: str) -> None:
         h.validate()
@@ -555,35 +628,8 @@ class SeSparseExtent:
         host = self.header.grains_offset * S.SECTOR + g * gb
         return DATA, n, host + in_g
 
-    def status(self, off: int, length: int) -> Status:
-        kind, n, host = self.lookup(off, length)
-        if kind == UNALLOC:
-            return Status(n, False, False, True)
-        if kind == ZERO:
-            return Status(n, True, False, True)
-        return Status(n, True, True, False, host, self.filename)
-
-    def readinto(self, off: int, buf: memoryview, fill: Fill) -> None:
-        pos = 0
-        while pos < len(buf):
-            kind, n, host = self.lookup(off + pos, len(buf) - pos)
-            part = buf[pos:pos + n]
-            if kind == UNALLOC:
-                fill(off + pos, part)
-            elif kind == ZERO:
-                zero_fill(part)
-            else:
-                if host >= self.fsize:
-                    raise CorruptImageError(f"seSparse grain at {host:#x} lies past the end "
-                                            f"of '{self.filename}'", offset=host)
-                self.host.preadinto(host, part)
-            pos += n
-
     def write(self, off: int, data: memoryview, fill: Fill) -> None:
         raise UnsupportedFeatureError("Writes to seSparse extents are not supported")
-
-    def write_zeroes(self, off: int, length: int, fill: Fill, has_backing: bool) -> None:
-        self.write(off, memoryview(b""), fill)
 
     def flush(self) -> None:
         pass

@@ -45,6 +45,8 @@ DESC_FILE_TYPES = ("monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMax
 EMBEDDED_DESC_MAX = 1 << 20
 #: the total virtual size is capped where int64 byte arithmetic would overflow
 MAX_SIZE = (1 << 63) - 1
+#: qemu's MAX_BOUNCE_BUFFER: the most zero bytes one fallback write-zeroes request writes
+_MAX_BOUNCE = 32768 * S.SECTOR
 
 
 def _extent_name(desc_path: Path, name: str) -> str:
@@ -188,6 +190,7 @@ class VmdkImage(BlockDevice):
                               offset=0)
         h = S.SparseHeader.parse(raw)
         footer = None
+        at = 0
         if h.gd_offset == S.GD_AT_END:
             fsize = host.size()
             if fsize < 4 * S.SECTOR:
@@ -197,18 +200,23 @@ class VmdkImage(BlockDevice):
             if footer.gd_offset == S.GD_AT_END:
                 raise FormatError(f"Invalid footer at {at:#x}: gdOffset is also at end",
                                   offset=at)
-        return SparseExtent(host, h, shown, typ, ro, footer_header=footer)
+        return SparseExtent(host, h, shown, typ, ro, footer_header=footer,
+                            footer_at=at + S.SECTOR if footer is not None else 0)
 
     # --- chain ------------------------------------------------------------------------
     @property
     def cid(self) -> int:
+        """The descriptor's content ID (32-bit); a child's ``parentCID`` must equal it."""
         return self.desc.cid
 
     @property
     def parent_cid(self) -> int:
+        """The descriptor's ``parentCID``: 0xffffffff without a parent, else the CID the
+        parent had when this delta was made (checked when the backing file is attached)."""
         return self.desc.parent_cid
 
     def backing_file_name(self) -> tuple[str | None, str | None]:
+        """(``parentFileNameHint``, ``"vmdk"``) for a delta disk, else (None, None)."""
         hint = self.desc.parent_hint
         return (hint, "vmdk") if hint else (None, None)
 
@@ -260,7 +268,7 @@ class VmdkImage(BlockDevice):
                 raise UsageError(f"Cannot write to read-only extent '{ext.filename}'")
         if not self._cid_updated:
             self._cid_updated = True
-            if not any(getattr(e, "stream", None) for e in self.extents):
+            if not any(getattr(e, "appendable", False) for e in self.extents):
                 self._write_descriptor_cid(new_cid(self.cid))
 
     def _write_descriptor_cid(self, cid: int) -> None:
@@ -283,10 +291,44 @@ class VmdkImage(BlockDevice):
         for pos, start, ext, n in self._each(offset, len(data)):
             ext.write(pos - start, data[pos - offset:pos - offset + n], self._fill_for(start))
 
+    def _zero_alignment(self) -> int:
+        """qemu's pwrite_zeroes_alignment for vmdk: the largest grain of a non-flat extent
+        (at least one sector)."""
+        return max([S.SECTOR] + [int(e.gb) for e in self.extents
+                                 if not isinstance(e, FlatExtent | ZeroExtent)])
+
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """qemu 7.2's write-zeroes path (the block layer over vmdk_co_pwrite_zeroes), so the
+        same requests leave the same grain tables and host offsets: the range is split at
+        the zero alignment (an unaligned head, the aligned body, the tail); a piece whose
+        grains can all be marked zeroed is marked, any other piece is written as explicit
+        zero bytes (allocating grains like a write), at most 16 MiB per write."""
         self._before_write(offset, length)
-        for pos, start, ext, n in self._each(offset, length):
-            ext.write_zeroes(pos - start, n, self._fill_for(start), self.backing is not None)
+        align = self._zero_alignment()
+        head = offset % align
+        tail = (offset + length) % align
+        zeros: bytes | None = None
+        while length > 0:
+            num = length
+            if head:
+                num = min(length, _MAX_BOUNCE, align - head)
+                head = (head + num) % align
+            elif tail and num > align:
+                num -= tail
+            if all(ext.zeroable(pos - start, n)
+                   for pos, start, ext, n in self._each(offset, num)):
+                for pos, start, ext, n in self._each(offset, num):
+                    ext.mark_zeroed(pos - start, n)
+            else:
+                num = min(num, _MAX_BOUNCE)
+                if zeros is None or len(zeros) < num:
+                    zeros = bytes(num)
+                data = memoryview(zeros)[:num]
+                for pos, start, ext, n in self._each(offset, num):
+                    ext.write(pos - start, data[pos - offset:pos - offset + n],
+                              self._fill_for(start))
+            offset += num
+            length -= num
 
     def _discard(self, offset: int, length: int) -> None:
         """qemu's vmdk driver has no discard; neither do we (contents unchanged)."""

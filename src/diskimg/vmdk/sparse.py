@@ -183,17 +183,71 @@ def compress_grain(data: bytes, level: int = 6) -> bytes:
     return zlib.compress(data, level)
 
 
-def decompress_grain(data: bytes, grain_bytes: int, where: int) -> bytes:
-    """Inflate at most ``grain_bytes`` (never more: bounded memory for hostile data)."""
-    try:
-        d = zlib.decompressobj()
-        out = d.decompress(data, grain_bytes)
-    except zlib.error as err:
-        raise CorruptImageError(f"Compressed grain at offset {where:#x} is not valid zlib "
-                                f"data: {err}", offset=where) from None
-    if len(out) < grain_bytes:
-        out += bytes(grain_bytes - len(out))
-    return out
+_INFLATE_CHUNK = 256 << 10   # output bytes produced per inflate step while skipping
+_INPUT_CHUNK = 256 << 10     # compressed bytes read from the file per step
+
+
+class GrainInflater:
+    """The inflated bytes of one compressed grain, produced front to back on demand.
+
+    ``read(offset, n)`` reads the file; the zlib stream starts at ``start`` and is at most
+    ``end - start`` bytes long.  Invariants: memory is bounded by the caller's buffer plus
+    two chunks (never by the grain size, which may be 1 GiB); output past the end of the
+    zlib stream (or past a truncated stream) reads as zeros; :attr:`pos` only grows, so a
+    read before it needs a new inflater.  ``where`` is the file offset named in errors.
+    """
+
+    def __init__(self, read: Callable[[int, int], bytes], start: int, end: int,
+                 where: int) -> None:
+        self._read = read
+        self._in_pos, self._in_end = start, end
+        self._where = where
+        self._d = zlib.decompressobj()
+        self._pending = b""
+        self.pos = 0          # offset in the inflated grain of the next byte produced
+        self.done = False     # no more output: stream end, or input exhausted
+
+    def _step(self, limit: int) -> bytes:
+        """Up to ``limit`` (> 0) more bytes of output; b"" only once :attr:`done`."""
+        while not self.done:
+            if not self._pending and self._in_pos < self._in_end:
+                n = min(_INPUT_CHUNK, self._in_end - self._in_pos)
+                self._pending = self._read(self._in_pos, n)
+                self._in_pos += n
+                if len(self._pending) < n:          # the file ended early
+                    self._in_end = self._in_pos
+            before = len(self._pending)
+            try:
+                out = self._d.decompress(self._pending, limit)
+            except zlib.error as err:
+                raise CorruptImageError(f"Compressed grain at offset {self._where:#x} is not "
+                                        f"valid zlib data: {err}", offset=self._where) from None
+            self._pending = self._d.unconsumed_tail
+            if out:
+                self.pos += len(out)
+                return out
+            if self._d.eof or (len(self._pending) == before
+                               and (self._pending or self._in_pos >= self._in_end)):
+                self.done = True
+        return b""
+
+    def readinto(self, start: int, buf: memoryview) -> None:
+        """Fill ``buf`` with inflated bytes ``[start, start + len(buf))``; ``start`` must
+        not lie before :attr:`pos`."""
+        if start < self.pos:
+            raise ValueError("GrainInflater reads front to back")
+        while self.pos < start and not self.done:
+            self._step(min(_INFLATE_CHUNK, start - self.pos))
+        got = 0
+        if self.pos == start:
+            while got < len(buf):
+                out = self._step(len(buf) - got)
+                if not out:
+                    break
+                buf[got:got + len(out)] = out
+                got += len(out)
+        if got < len(buf):
+            buf[got:] = bytes(len(buf) - got)
 
 
 def le_u32_array(buf: bytes) -> array[int]:
@@ -276,6 +330,37 @@ def geometry(h: SparseHeader, file_size: int, *, writable: bool = False,
                     h.num_gtes_per_gt * 4, h.capacity * SECTOR)
 
 
+def check_stream_append(h: SparseHeader, at: int, geo: Geometry, file_size: int) -> None:
+    """Validate the header at file offset ``at`` (0, or the footer's copy) of a
+    streamOptimized extent opened for writing, which is appended to from ``overHead``.
+
+    Invariants checked before anything is written: the header and the embedded descriptor
+    lie before ``overHead``; ``overHead`` lies inside the file (appending never starts past
+    its end, so opening never grows the file); the grain directory lies wholly before
+    ``overHead`` (qemu's layout) or wholly after it (VMware's, following the grains).
+    Raises :class:`CorruptImageError` naming the field and its offset.
+    """
+    ov = h.overhead
+    fsec = -(-file_size // SECTOR)
+    desc_end = h.desc_offset + h.desc_size if h.desc_offset else 1
+    if ov < max(1, desc_end):
+        raise CorruptImageError(f"overHead {ov} sectors (offset {at + 64}) overlaps the header "
+                                f"or the embedded descriptor (sectors 0-{desc_end - 1})",
+                                offset=at + 64)
+    if ov * SECTOR > file_size:
+        raise CorruptImageError(f"overHead {ov} sectors (offset {at + 64}) lies past the end "
+                                f"of the file ({fsec} sectors)", offset=at + 64)
+    gd_sec = -(-geo.gd_entries * 4 // SECTOR)
+    dirs = [("gdOffset", h.gd_offset, 56)]
+    if h.flags & FLAG_RGD:
+        dirs.append(("rgdOffset", h.rgd_offset, 48))
+    for name, off, field_off in dirs:
+        if off < ov < off + gd_sec:
+            raise CorruptImageError(f"Grain directory {name} {off} (sector, offset "
+                                    f"{at + field_off}) straddles overHead {ov}",
+                                    offset=at + field_off)
+
+
 def parse_footer(buf: bytes, where: int) -> SparseHeader:
     """The last 1536 bytes of a streamOptimized file: footer marker, header, EOS marker."""
     if len(buf) != 3 * SECTOR:
@@ -336,6 +421,9 @@ def lint_stream(read: Callable[[int, int], bytes], file_size: int,
         return out
     gb = h.grain_size * SECTOR
     pos = h.overhead * SECTOR
+    gt_sectors = -(-h.num_gtes_per_gt * 4 // SECTOR)
+    gd_entries = -(-h.capacity // (h.grain_size * h.num_gtes_per_gt))
+    gd_sectors = -(-gd_entries * 4 // SECTOR)
     gt_entries: dict[int, int] = {}     # grain sector -> lba, since the last grain table
     gts: dict[int, int] = {}            # GT sector -> the table index its entries imply
     gd: list[int] | None = None
@@ -361,10 +449,16 @@ def lint_stream(read: Callable[[int, int], bytes], file_size: int,
                 bad(pos, "end-of-stream marker is not the last sector")
         elif m.type in (MARKER_GT, MARKER_GD):
             n = m.value * SECTOR
+            expect = gt_sectors if m.type == MARKER_GT else gd_sectors
             if body + n > file_size:
                 bad(pos, "table marker runs past the end of the file")
                 break
-            ents = list(struct.unpack_from(f"<{n // 4}I", read(body, n)))
+            if m.value != expect:
+                bad(pos, f"{'GT' if m.type == MARKER_GT else 'GD'} marker claims {m.value} "
+                         f"sectors; the table has {expect}")
+                if m.value > expect:    # a size that lies: stop before reading it
+                    break
+            ents = le_u32_array(read(body, n)).tolist()
             if m.type == MARKER_GT:
                 ents = ents[:h.num_gtes_per_gt]
                 first = next((j for j, g in enumerate(ents) if g), None)
