@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,186 @@ def test_amend_needs_options(di, tmp_path: Path) -> None:
         mine = di(*args, cwd=tmp_path)
         ref = qemu(*args, cwd=tmp_path)
         assert (mine.rc, mine.err) == (ref.rc, ref.err)
+
+
+# --- LUKS key slots: encrypt.* amend options, qemu-img's checks and messages ----------------
+
+SECRETS = ["--object", "secret,id=s0,data=pw0", "--object", "secret,id=s1,data=pw1",
+           "--object", "secret,id=s2,data=pw2", "--object", "secret,id=bad,data=nope"]
+FLAKE = "Unable to get accurate CPU usage"  # qemu's PBKDF2 benchmark on a loaded machine
+
+
+def iopts(name: str, key: str = "s0") -> list[str]:
+    return ["--image-opts", f"driver=qcow2,file.filename={name},encrypt.key-secret={key}"]
+
+
+def qemu_amend(*args: str, cwd: Path):
+    for _ in range(5):
+        res = qemu("amend", *SECRETS, *args, cwd=cwd)
+        if FLAKE not in res.err:
+            return res
+    return res
+
+
+@pytest.fixture(scope="module")
+def luks_templates(tmp_path_factory: pytest.TempPathFactory) -> dict[int, bytes]:
+    """LUKS qcow2 images with 1, 2, 3 and 8 active slots: slot 0 opens with pw0, the others
+    with pw1.  qemu-img makes slots 0 and 1 (its create and amend benchmark PBKDF2 for
+    seconds, so only once per module); diskimg's API fills further slots."""
+    from diskimg.qcow2.amend import luks_add_key
+
+    d = tmp_path_factory.mktemp("luks")
+    sh(d, "qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw0",
+       "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "k.qcow2",
+       "1M")
+    out = {1: (d / "k.qcow2").read_bytes()}
+    res = qemu_amend(*iopts("k.qcow2"), "-o",
+                     "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10", cwd=d)
+    assert res.rc == 0, res.err
+    out[2] = (d / "k.qcow2").read_bytes()
+    for n in range(3, 9):
+        luks_add_key(d / "k.qcow2", b"pw0", b"pw1", iter_time_ms=0)
+        out[n] = (d / "k.qcow2").read_bytes()
+    return out
+
+
+def luks_image(templates: dict[int, bytes], d: Path, name: str, slots: int) -> None:
+    (d / name).write_bytes(templates[slots])
+
+
+def active_slots(d: Path, name: str) -> list[bool]:
+    import json
+
+    info = json.loads(sh(d, "qemu-img", "info", "--output=json", name).stdout)
+    return [s["active"] for s in info["format-specific"]["data"]["encrypt"]["slots"]]
+
+
+ADD = "encrypt.state=active,encrypt.iter-time=10,"
+# (slots in the image, extra arguments, -o list); every case runs in both tools
+LUKS_CASES = [
+    (2, [], ADD + "encrypt.new-secret=s2"),
+    (2, [], ADD + "encrypt.new-secret=s2,encrypt.keyslot=5"),
+    (2, [], ADD + "encrypt.new-secret=s2,encrypt.keyslot=1"),
+    (2, ["--force"], ADD + "encrypt.new-secret=s2,encrypt.keyslot=1"),
+    (2, [], ADD + "encrypt.new-secret=s2,encrypt.keyslot=8"),
+    (2, [], ADD + "encrypt.new-secret=s2,encrypt.keyslot=-1"),
+    (2, [], ADD + "encrypt.new-secret=s2,encrypt.keyslot=0x10"),
+    (2, [], ADD + "encrypt.new-secret=s2,encrypt.keyslot=x"),
+    (2, [], "encrypt.state=active,encrypt.new-secret=s2,encrypt.iter-time=99999999999999999999"),
+    (2, [], "encrypt.state=active,encrypt.keyslot=3"),
+    (2, [], ADD + "encrypt.new-secret=s2,encrypt.old-secret=s0"),
+    (2, [], "encrypt.state=bogus,encrypt.new-secret=s2"),
+    (2, [], "encrypt.new-secret=s2"),
+    (2, [], ADD + "encrypt.new-secret=nosuch"),
+    (2, [], "encrypt.format=luks"),
+    (2, [], "encrypt.key-secret=s0"),
+    (8, [], ADD + "encrypt.new-secret=s2"),
+    (2, [], "encrypt.state=inactive,encrypt.keyslot=1"),
+    (2, [], "encrypt.state=inactive,encrypt.old-secret=s1"),
+    (3, [], "encrypt.state=inactive,encrypt.old-secret=s1"),
+    (2, [], "encrypt.state=inactive,encrypt.keyslot=5"),
+    (2, [], "encrypt.state=inactive,encrypt.keyslot=-2"),
+    (2, [], "encrypt.state=inactive,encrypt.keyslot=9,encrypt.old-secret=s1"),
+    (2, [], "encrypt.state=inactive,encrypt.keyslot=0,encrypt.old-secret=s1"),
+    (2, [], "encrypt.state=inactive,encrypt.keyslot=1,encrypt.old-secret=s1"),
+    (2, [], "encrypt.state=inactive,encrypt.old-secret=s2"),
+    (2, [], "encrypt.state=inactive,encrypt.old-secret=nosuch"),
+    (2, [], "encrypt.state=inactive"),
+    (2, [], "encrypt.state=inactive,encrypt.new-secret=s2"),
+    (2, [], "encrypt.state=inactive,encrypt.keyslot=1,encrypt.iter-time=5"),
+    (1, [], "encrypt.state=inactive,encrypt.keyslot=0"),
+    (1, [], "encrypt.state=inactive,encrypt.old-secret=s0"),
+    (1, ["--force"], "encrypt.state=inactive,encrypt.keyslot=0"),
+    (2, [], "encrypt.state=inactive,encrypt.old-secret=s1,compat=foo"),
+]
+
+
+@pytest.mark.parametrize("nslots,extra,olist", LUKS_CASES,
+                         ids=[f"{n}-{'f-' if e else ''}{o}" for n, e, o in LUKS_CASES])
+def test_amend_luks_keyslots_match_qemu(di, twin_dirs: tuple[Path, Path],
+                                        luks_templates: dict[int, bytes], nslots: int,
+                                        extra: list[str], olist: str) -> None:
+    q, m = twin_dirs
+    luks_image(luks_templates, q, "k.qcow2", nslots)
+    luks_image(luks_templates, m, "k.qcow2", nslots)
+    args = [*iopts("k.qcow2"), *extra, "-o", olist]
+    ref = qemu_amend(*args, cwd=q)
+    mine = di("amend", *SECRETS, *args, cwd=m)
+    assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
+    assert active_slots(m, "k.qcow2") == active_slots(q, "k.qcow2")
+    for sid in ("s0", "s1", "s2"):  # the same passwords open (or not) both images
+        opens = [subprocess.run(["qemu-img", "info", *SECRETS, *iopts("k.qcow2", sid)],
+                                cwd=d, capture_output=True).returncode == 0 for d in (q, m)]
+        assert opens[0] == opens[1], sid
+    if ref.rc != 0:  # a refused amend leaves the image as it was, byte for byte
+        assert (m / "k.qcow2").read_bytes() == (q / "k.qcow2").read_bytes()
+
+
+@pytest.mark.parametrize("args", [
+    ["-o", "encrypt.state=active,encrypt.new-secret=s1", "k.qcow2"],
+    [*iopts("k.qcow2", "bad"), "-o", "encrypt.state=active,encrypt.new-secret=s1"],
+    [*iopts("k.qcow2", "nosuch"), "-o", "encrypt.state=active,encrypt.new-secret=s1"],
+    ["-o", "lazy_refcounts=on", "k.qcow2"],
+], ids=["no-key", "wrong-key", "unknown-key", "other-option-no-key"])
+def test_amend_luks_open_errors_match_qemu(di, tmp_path: Path, luks_templates: dict[int, bytes],
+                                           args: list[str]) -> None:
+    luks_image(luks_templates, tmp_path, "k.qcow2", 1)
+    before = (tmp_path / "k.qcow2").read_bytes()
+    ref = qemu_amend(*args, cwd=tmp_path)
+    mine = di("amend", *SECRETS, *args, cwd=tmp_path)
+    assert (mine.rc, mine.err) == (ref.rc, ref.err) and ref.rc == 1
+    assert "nope" not in mine.err  # the wrong secret is never printed
+    assert (tmp_path / "k.qcow2").read_bytes() == before
+
+
+def test_amend_encrypt_options_on_unencrypted_and_aes(di, tmp_path: Path) -> None:
+    sh(tmp_path, "qemu-img", "create", "-q", "-f", "qcow2", "p.qcow2", "1M")
+    sh(tmp_path, "qemu-img", "create", "-q", "-f", "qcow2", "--object",
+       "secret,id=s0,data=pw0", "-o", "encrypt.format=aes,encrypt.key-secret=s0",
+       "a.qcow2", "1M")
+    for args in (["-o", "encrypt.state=active,encrypt.new-secret=s1", "p.qcow2"],
+                 [*iopts("a.qcow2"), "-o", "encrypt.state=active,encrypt.new-secret=s1"]):
+        ref = qemu_amend(*args, cwd=tmp_path)
+        mine = di("amend", *SECRETS, *args, cwd=tmp_path)
+        assert (mine.rc, mine.err) == (ref.rc, ref.err) and ref.rc == 1
+
+
+def test_amend_image_opts_for_non_key_options(di, twin_dirs: tuple[Path, Path]) -> None:
+    """--image-opts names the file for every amend option, not only encrypt.*."""
+    q, m = twin_dirs
+    build(q)
+    build(m)
+    args = ["--image-opts", "driver=qcow2,file.filename=am.qcow2", "-o", "compat=0.10"]
+    ref = qemu("amend", *args, cwd=q)
+    mine = di("amend", *args, cwd=m)
+    assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err) == (0, "", "")
+    assert (q / "am.qcow2").read_bytes() == (m / "am.qcow2").read_bytes()
+
+
+@pytest.mark.parametrize("args", [
+    ["commit", "--image-opts", "driver=qcow2,file.filename=ov.qcow2"],
+    ["commit", "-d", "--image-opts", "driver=qcow2,file.filename=ov.qcow2"],
+    ["commit", "-f", "qcow2", "--image-opts", "driver=qcow2,file.filename=ov.qcow2"],
+    ["commit", "--image-opts", "ov.qcow2"],
+    ["rebase", "-u", "-b", "", "--image-opts", "driver=qcow2,file.filename=ov.qcow2"],
+    ["rebase", "-b", "", "--image-opts", "driver=qcow2,file.filename=ov.qcow2"],
+    ["rebase", "-u", "-b", "x", "-F", "qcow2", "--image-opts",
+     "driver=raw,file.filename=am.qcow2"],
+], ids=["commit", "commit-d", "commit-f", "commit-bad", "rebase-u", "rebase-safe",
+        "rebase-raw"])
+def test_commit_rebase_image_opts_match_qemu(di, twin_dirs: tuple[Path, Path],
+                                             args: list[str]) -> None:
+    """qemu-img accepts --image-opts for commit and rebase; same output, exit code and
+    resulting images."""
+    q, m = twin_dirs
+    build(q)
+    build(m)
+    ref = qemu(*args, cwd=q)
+    mine = di(*args, cwd=m)
+    assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
+    for name in ("am.qcow2", "ov.qcow2"):
+        assert qcompare(q / name, m / name) == 0
+        qcheck_clean(m, name)
+    assert sh(q, "qemu-img", "info", "ov.qcow2").stdout.split("disk size")[1].split(
+        "\n", 1)[1] == sh(m, "qemu-img", "info", "ov.qcow2").stdout.split(
+        "disk size")[1].split("\n", 1)[1]

@@ -332,14 +332,10 @@ SWEEP_POINTS = int(os.environ.get("DISKIMG_CRASH_POINTS", "14"))
 SWEEP_TIMED = int(os.environ.get("DISKIMG_CRASH_TIMED_KILLS", "3"))
 SWEEP_SIZE = 2 << 20
 
-# B11: amend's rebuild_refcounts (src/diskimg/qcow2/amend.py) switches the header to the
-# new refcount table with one pwrite (refcount_table_offset/clusters at 48) and sets the
-# new refcount_order with a second one (at 96): a crash between them leaves the new blocks
-# read with the old width, hundreds of corruptions.  Fix: one pwrite of header bytes
-# 48..100 (h.pack()[48:100] after setting the three fields), then the flush.
-B11 = pytest.mark.xfail(strict=True, reason="B11: a crash between amend's two header writes "
-                        "of a refcount_bits change (table offset at 48, refcount_order at "
-                        "96) leaves the new refcount blocks read with the old width")
+# B11 (fixed): amend's rebuild_refcounts switched the header to the new refcount table
+# and to the new refcount_order with two pwrites; a crash between them left the new blocks
+# read with the old width. It now writes header bytes 48..100 at once; these cases are the
+# regression test.
 
 # (id, qemu-img create -o, backing file, qemu-io commands, amend options[, mark])
 AMEND_CASES = [
@@ -350,11 +346,9 @@ AMEND_CASES = [
     ("upgrade", "compat=0.10,cluster_size=4096", False,
      ["write -P 0x11 0 256k", "snapshot", "write -P 0x22 128k 256k"], {"compat": "1.1"}),
     ("refcount_bits-64", "cluster_size=4096", False,
-     ["write -P 0x11 0 512k", "snapshot", "write -P 0x22 256k 256k"], {"refcount_bits": "64"},
-     B11),
+     ["write -P 0x11 0 512k", "snapshot", "write -P 0x22 256k 256k"], {"refcount_bits": "64"}),
     ("refcount_bits-2", "cluster_size=4096", False,
-     ["write -P 0x11 0 512k", "snapshot", "write -P 0x22 256k 256k"], {"refcount_bits": "2"},
-     B11),
+     ["write -P 0x11 0 512k", "snapshot", "write -P 0x22 256k 256k"], {"refcount_bits": "2"}),
     ("lazy_refcounts-on-grow", "cluster_size=4096", True, ["write -P 0x11 0 512k"],
      {"lazy_refcounts": "on", "size": str(3 << 20)}),
     ("lazy_refcounts-off-shrink", "cluster_size=4096,lazy_refcounts=on", False,

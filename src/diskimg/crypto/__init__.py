@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives.ciphers import algorithms as _algorithms
 from cryptography.hazmat.primitives.ciphers import modes as _modes
 
 SECTOR_SIZE = 512
+#: key arguments: a ``memoryview`` of a key ``bytearray`` slices without copying the key
+KeyBuf = bytes | bytearray | memoryview
 
 
 @runtime_checkable
@@ -48,6 +50,22 @@ class SectorCipher(Protocol):
     def encrypt(self, sector: int, buf: bytearray | memoryview) -> None: ...
 
     def decrypt(self, sector: int, buf: bytearray | memoryview) -> None: ...
+
+
+def wipe(*bufs: bytearray | memoryview | None) -> None:
+    """Overwrite each writable buffer with zeros in place (keys that are no longer needed).
+
+    Only mutable buffers can be scrubbed: ``bytes`` objects (what ``hashlib``, ``os.urandom``
+    and most of ``cryptography`` return) are immutable and stay in freed memory until it is
+    reused.  ``None`` entries are skipped, so ``finally: wipe(a, b)`` needs no guards."""
+    for b in bufs:
+        if b is None:
+            continue
+        mv = memoryview(b)
+        if mv.readonly:
+            raise TypeError("cannot wipe a read-only buffer")
+        mv = mv.cast("B")
+        mv[:] = bytes(len(mv))
 
 
 def check_sector_buffer(sector: int, buf: bytearray | memoryview) -> int:
@@ -81,7 +99,7 @@ def xor_bytes(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryvi
     return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(n, "little")
 
 
-def _ecb(key: bytes, data: bytes | bytearray | memoryview, encrypt: bool) -> bytes:
+def _ecb(key: KeyBuf, data: bytes | bytearray | memoryview, encrypt: bool) -> bytes:
     c = _Cipher(_algorithms.AES(key), _modes.ECB())
     ctx = c.encryptor() if encrypt else c.decryptor()
     return ctx.update(data)
@@ -116,7 +134,7 @@ def _per_sector(alg: _algorithms.AES, mode: type[_modes.CBC] | type[_modes.XTS],
     return bytes(out)
 
 
-def cbc_decrypt_sectors(key: bytes, ivs: bytes, data: bytes | bytearray | memoryview) -> bytes:
+def cbc_decrypt_sectors(key: KeyBuf, ivs: bytes, data: bytes | bytearray | memoryview) -> bytes:
     """AES-CBC decryption of ``len(ivs) // 16`` sectors, sector ``i`` with IV ``ivs[i]``."""
     if len(ivs) < 16 * SMALL_BATCH:
         return _per_sector(_algorithms.AES(key), _modes.CBC, ivs, data, False)
@@ -128,7 +146,7 @@ def cbc_decrypt_sectors(key: bytes, ivs: bytes, data: bytes | bytearray | memory
     return xor_bytes(plain, chain.tobytes())
 
 
-def cbc_encrypt_sectors(key: bytes, ivs: bytes, data: bytes | bytearray | memoryview) -> bytes:
+def cbc_encrypt_sectors(key: KeyBuf, ivs: bytes, data: bytes | bytearray | memoryview) -> bytes:
     """AES-CBC encryption of sectors; the 32 chained steps run over all sectors at once."""
     n = len(ivs) // 16
     if n < SMALL_BATCH:
@@ -150,7 +168,7 @@ def _lane_tops(n: int) -> int:
     return int.from_bytes((b"\0" * 15 + b"\x80") * n, "little")
 
 
-def xts_sectors(key: bytes, ivs: bytes, data: bytes | bytearray | memoryview,
+def xts_sectors(key: KeyBuf, ivs: bytes, data: bytes | bytearray | memoryview,
                 encrypt: bool) -> bytes:
     """XTS-AES (IEEE 1619) of whole sectors with tweaks ``ivs``; any AES key size pair
     (so also AES-192-XTS, which ``cryptography``'s XTS does not offer)."""
@@ -171,4 +189,4 @@ def xts_sectors(key: bytes, ivs: bytes, data: bytes | bytearray | memoryview,
 
 
 __all__ = ["SECTOR_SIZE", "SectorCipher", "cbc_decrypt_sectors", "cbc_encrypt_sectors",
-           "check_sector_buffer", "xor_bytes", "xts_sectors"]
+           "check_sector_buffer", "wipe", "xor_bytes", "xts_sectors"]

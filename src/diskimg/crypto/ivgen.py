@@ -38,7 +38,7 @@ HASH_NAMES = {
 }
 
 
-def hash_digest(name: str, data: bytes) -> bytes:
+def hash_digest(name: str, data: bytes | bytearray | memoryview) -> bytes:
     """``H(data)`` for a LUKS hash name; UnsupportedFeatureError if this Python lacks it."""
     try:
         return hashlib.new(HASH_NAMES[name], data).digest()
@@ -91,18 +91,25 @@ class Plain64IV:
 
 
 class EssivIV:
-    """``essiv:HASH`` for AES: ``AES-ECB(key=H(master_key))(plain64(sector))``."""
+    """``essiv:HASH`` for AES: ``AES-ECB(key=H(master_key))(plain64(sector))``.
+
+    The salt is key material; it is kept in a ``bytearray`` that :meth:`wipe` zeroes (the
+    digest ``hashlib`` returned is immutable and cannot be scrubbed)."""
 
     block_size = 16
 
-    def __init__(self, master_key: bytes, hash_name: str) -> None:
-        salt = hash_digest(hash_name, master_key)
-        if len(salt) not in (16, 24, 32):
+    def __init__(self, master_key: bytes | bytearray | memoryview, hash_name: str) -> None:
+        self._salt = bytearray(hash_digest(hash_name, master_key))
+        if len(self._salt) not in (16, 24, 32):
             raise UnsupportedFeatureError(
-                f"No AES cipher with key size {len(salt)} available (essiv hash "
+                f"No AES cipher with key size {len(self._salt)} available (essiv hash "
                 f"'{hash_name}')")
-        self._ecb = Cipher(algorithms.AES(salt), modes.ECB())
+        self._ecb = Cipher(algorithms.AES(memoryview(self._salt)), modes.ECB())
         self.hash_name = hash_name
+
+    def wipe(self) -> None:
+        """Zero the salt in place (the generator then yields wrong IVs: do not use it)."""
+        self._salt[:] = bytes(len(self._salt))
 
     def iv(self, sector: int) -> bytes:
         enc = self._ecb.encryptor()
@@ -115,8 +122,8 @@ class EssivIV:
         return self._ecb.encryptor().update(blob)
 
 
-def make_ivgen(name: str, *, master_key: bytes = b"", hash_name: str | None = None,
-               block_size: int = 16) -> IVGen:
+def make_ivgen(name: str, *, master_key: bytes | bytearray | memoryview = b"",
+               hash_name: str | None = None, block_size: int = 16) -> IVGen:
     """Build an IV generator by QEMU name (``plain``, ``plain64``, ``essiv``)."""
     if name == "plain":
         return PlainIV(block_size)

@@ -58,7 +58,7 @@ import os
 import struct
 import time
 import uuid as uuid_mod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,13 +68,16 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from diskimg.crypto import (
     SECTOR_SIZE,
+    KeyBuf,
     cbc_decrypt_sectors,
     cbc_encrypt_sectors,
     check_sector_buffer,
+    wipe,
     xts_sectors,
 )
 from diskimg.crypto.ivgen import HASH_NAMES, IVGen, make_ivgen
 from diskimg.errors import (
+    EncryptionError,
     FormatError,
     InvalidPassphraseError,
     UnsupportedFeatureError,
@@ -144,11 +147,6 @@ def _pad_name(s: str, n: int) -> bytes:
     return b.ljust(n, b"\0")
 
 
-def _xor(a: bytes, b: bytes) -> bytes:
-    n = len(a)
-    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(n, "little")
-
-
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -163,7 +161,8 @@ _CRYPTO_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 
 
-def pbkdf2(hash_name: str, password: bytes, salt: bytes, iterations: int, length: int) -> bytes:
+def pbkdf2(hash_name: str, password: KeyBuf, salt: bytes, iterations: int,
+           length: int) -> bytes:
     """PBKDF2-HMAC with a LUKS hash name (``cryptography``; hashlib for ripemd160)."""
     if iterations < 1:
         raise ValueError("PBKDF2 needs at least one iteration")
@@ -178,6 +177,25 @@ def pbkdf2(hash_name: str, password: bytes, salt: bytes, iterations: int, length
     except ValueError as err:
         raise UnsupportedFeatureError(f"hash algorithm '{hash_name}' is not available") \
             from err
+
+
+def pbkdf2_key(hash_name: str, password: KeyBuf, salt: bytes, iterations: int,
+               length: int) -> bytearray:
+    """:func:`pbkdf2` into a fresh ``bytearray`` the caller wipes (:func:`wipe`) when done.
+
+    With ``cryptography`` >= 47 the key is derived straight into the buffer; older
+    versions (and ripemd160, which only ``hashlib`` has) leave one immutable ``bytes``
+    copy behind that cannot be scrubbed."""
+    out = bytearray(length)
+    alg = _CRYPTO_HASHES.get(hash_name)
+    if alg is not None and iterations >= 1:
+        kdf = PBKDF2HMAC(algorithm=alg(), length=length, salt=salt, iterations=iterations)
+        derive_into = getattr(kdf, "derive_into", None)
+        if derive_into is not None:
+            derive_into(password, out)
+            return out
+    out[:] = pbkdf2(hash_name, password, salt, iterations, length)
+    return out
 
 
 def pbkdf2_iterations(hash_name: str, key_len: int, time_ms: int,
@@ -206,52 +224,96 @@ def pbkdf2_iterations(hash_name: str, key_len: int, time_ms: int,
 # anti-forensic splitter
 # --------------------------------------------------------------------------------------
 
-def _diffuse(block: bytes, hash_name: str) -> bytes:
-    """LUKS H1: hash each digest-sized piece i as H(be32(i) || piece), last one truncated."""
-    hlen = hashlib.new(HASH_NAMES[hash_name]).digest_size if hash_name in HASH_NAMES else 0
-    if not hlen:
+_DIGEST_SIZES: dict[str, int] = {}
+_HASH_PROTOS: dict[str, Any] = {}  # empty hash objects to copy (cheaper than hashlib.new)
+
+
+def _digest_size(hash_name: str) -> int:
+    if hash_name in _DIGEST_SIZES:
+        return _DIGEST_SIZES[hash_name]
+    if hash_name not in HASH_NAMES:
         raise UnsupportedFeatureError(f"hash algorithm '{hash_name}' is not supported")
-    hname = HASH_NAMES[hash_name]
-    out = bytearray()
-    for i, start in enumerate(range(0, len(block), hlen)):
-        piece = block[start:start + hlen]
-        h = hashlib.new(hname)
+    try:
+        size = _DIGEST_SIZES[hash_name] = hashlib.new(HASH_NAMES[hash_name]).digest_size
+        return size
+    except ValueError as err:
+        raise UnsupportedFeatureError(f"hash algorithm '{hash_name}' is not available") \
+            from err
+
+
+def _diffuse_into(block: bytearray | memoryview, hash_name: str) -> None:
+    """LUKS H1 in place: piece i (digest-sized, last one shorter) becomes
+    ``H(be32(i) || piece)`` truncated to the piece's length."""
+    hlen = _digest_size(hash_name)
+    proto = _HASH_PROTOS.get(hash_name)
+    if proto is None:
+        proto = _HASH_PROTOS[hash_name] = hashlib.new(HASH_NAMES[hash_name])
+    mv = memoryview(block).cast("B")
+    for i, start in enumerate(range(0, len(mv), hlen)):
+        n = min(hlen, len(mv) - start)
+        h = proto.copy()
         h.update(i.to_bytes(4, "big"))
-        h.update(piece)
-        out += h.digest()[:len(piece)]
+        h.update(mv[start:start + n])
+        mv[start:start + n] = memoryview(h.digest())[:n]
+
+
+def _diffuse(block: bytes | bytearray, hash_name: str) -> bytes:
+    """LUKS H1 of ``block`` (a copy; see :func:`_diffuse_into`)."""
+    out = bytearray(block)
+    _diffuse_into(out, hash_name)
     return bytes(out)
 
 
-def af_split(data: bytes, stripes: int, hash_name: str,
-             random: Any = os.urandom) -> bytes:
+def _xor_into(dst: bytearray | memoryview, src: bytes | bytearray | memoryview) -> None:
+    """``dst ^= src`` byte by byte.  Slow-ish on purpose: every intermediate is a cached
+    small int, so no copy of key-derived bytes is left in freed memory."""
+    for i, x in enumerate(src):
+        dst[i] ^= x
+
+
+def af_split(data: KeyBuf, stripes: int, hash_name: str,
+             random: Callable[[int], bytes] = os.urandom) -> bytearray:
     """Anti-forensic split of ``data`` into ``len(data) * stripes`` bytes.
 
     Stripes 1..n-1 are random; ``d`` starts at zeros and becomes ``H1(d ^ s_k)`` after each;
-    the last stripe is ``d ^ data``.
+    the last stripe is ``d ^ data``.  The result is key-equivalent: encrypt it in place and
+    :func:`wipe` what is not written.
     """
     if stripes < 1:
         raise ValueError("stripes must be >= 1")
     n = len(data)
-    d = bytes(n)
-    out = bytearray()
-    for _ in range(stripes - 1):
-        s = random(n)
-        out += s
-        d = _diffuse(_xor(d, s), hash_name)
-    out += _xor(d, data)
-    return bytes(out)
+    _digest_size(hash_name)
+    out = bytearray(n * stripes)
+    mv = memoryview(out)
+    d = bytearray(n)
+    try:
+        for k in range(stripes - 1):
+            s = random(n)
+            mv[k * n:(k + 1) * n] = s
+            _xor_into(d, s)
+            _diffuse_into(d, hash_name)
+        last = mv[(stripes - 1) * n:]
+        last[:] = d
+        _xor_into(last, memoryview(data).cast("B"))
+    finally:
+        wipe(d)
+    return out
 
 
-def af_merge(material: bytes | bytearray | memoryview, key_len: int, stripes: int, hash_name: str) -> bytes:
-    """Inverse of :func:`af_split`: recover ``key_len`` bytes from the split material."""
+def af_merge(material: bytes | bytearray | memoryview, key_len: int, stripes: int,
+             hash_name: str) -> bytearray:
+    """Inverse of :func:`af_split`: recover ``key_len`` bytes from the split material
+    (a fresh ``bytearray`` the caller wipes)."""
     if len(material) < key_len * stripes:
         raise ValueError("split material shorter than key_len * stripes")
-    mv = memoryview(material)
-    d = bytes(key_len)
+    _digest_size(hash_name)
+    mv = memoryview(material).cast("B")
+    d = bytearray(key_len)
     for k in range(stripes - 1):
-        d = _diffuse(_xor(d, bytes(mv[k * key_len:(k + 1) * key_len])), hash_name)
-    last = bytes(mv[(stripes - 1) * key_len:stripes * key_len])
-    return _xor(d, last)
+        _xor_into(d, mv[k * key_len:(k + 1) * key_len])
+        _diffuse_into(d, hash_name)
+    _xor_into(d, mv[(stripes - 1) * key_len:stripes * key_len])
+    return d
 
 
 # --------------------------------------------------------------------------------------
@@ -355,7 +417,7 @@ class LuksHeader:
 
     # ---- parse ----
     @classmethod
-    def parse(cls, buf: bytes | memoryview, area_len: int | None = None) -> LuksHeader:
+    def parse(cls, buf: bytes | bytearray | memoryview, area_len: int | None = None) -> LuksHeader:
         """Parse and validate.  ``area_len``: bytes available for key material (the FDE
         extension length in qcow2); when given, every slot must lie inside it."""
         buf = bytes(buf[:LUKS_HEADER_SIZE])
@@ -449,17 +511,20 @@ class LuksHeader:
 # the data cipher
 # --------------------------------------------------------------------------------------
 
-def _equal_halves(key: bytes) -> bool:
-    return key[:len(key) // 2] == key[len(key) // 2:]
+def _equal_halves(key: KeyBuf) -> bool:
+    mv = memoryview(key).cast("B")  # compares without copying the halves
+    return bool(mv[:len(mv) // 2] == mv[len(mv) // 2:])
 
 
 class LuksCipher:
     """Sector cipher for a LUKS volume: AES in XTS/CBC/ECB/CTR with plain/plain64/essiv IVs.
 
-    For qcow2 the caller passes the **host** sector (host offset / 512).
+    For qcow2 the caller passes the **host** sector (host offset / 512).  The key is copied
+    into a ``bytearray`` owned by the cipher; :meth:`wipe` zeroes it (and the essiv salt),
+    after which every use raises :class:`EncryptionError`.
     """
 
-    def __init__(self, spec: CipherSpec, master_key: bytes) -> None:
+    def __init__(self, spec: CipherSpec, master_key: KeyBuf) -> None:
         if spec.cipher_name not in IMPLEMENTED_CIPHERS:
             raise UnsupportedFeatureError(
                 f"LUKS cipher '{spec.cipher_alg}' is not implemented (only AES)")
@@ -472,12 +537,42 @@ class LuksCipher:
         half = len(master_key) // 2 if spec.mode == "xts" else len(master_key)
         if half not in (16, 24, 32):
             raise UnsupportedFeatureError(f"bad AES key length {len(master_key)}")
-        self._key = bytes(master_key)
-        self._alg = algorithms.AES(self._key[:half])
-        self._ivgen: IVGen = make_ivgen(spec.ivgen, master_key=self._key,
+        self._key = bytearray(master_key)
+        self._kv = memoryview(self._key)  # slicing a view never copies the key
+        self._half = half
+        self._alg = algorithms.AES(self._kv[:half])
+        self._ivgen: IVGen = make_ivgen(spec.ivgen, master_key=self._kv,
                                         hash_name=spec.ivgen_hash)
+        self._wiped = False
+
+    def __repr__(self) -> str:
+        state = "wiped" if self._wiped else "keyed"
+        return f"<LuksCipher {self.spec.cipher_alg}-{self.spec.mode_string} ({state})>"
+
+    @property
+    def wiped(self) -> bool:
+        """True once :meth:`wipe` ran: the key bytes are zero and the cipher is unusable."""
+        return self._wiped
+
+    def wipe(self) -> None:
+        """Zero the master key and the essiv salt in place.  Idempotent."""
+        wipe(self._key)
+        ivwipe = getattr(self._ivgen, "wipe", None)
+        if ivwipe is not None:
+            ivwipe()
+        self._wiped = True
+
+    def export_master_key(self) -> bytearray:
+        """A copy of the master key for re-wrapping it in a key slot; the caller wipes it."""
+        self._check_keyed()
+        return bytearray(self._kv)
+
+    def _check_keyed(self) -> None:
+        if self._wiped:
+            raise EncryptionError("The encryption key was wiped (image closed)")
 
     def _run(self, sector: int, buf: bytearray | memoryview, encrypt: bool) -> None:
+        self._check_keyed()
         n = check_sector_buffer(sector, buf)
         mv = memoryview(buf).cast("B") if not isinstance(buf, bytearray) else memoryview(buf)
         mode = self.spec.mode
@@ -492,10 +587,10 @@ class LuksCipher:
             chunk = mv[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE]
             ivs = self._ivgen.ivs(sector + first, count)
             if mode == "xts":
-                chunk[:] = xts_sectors(self._key, ivs, chunk, encrypt)
+                chunk[:] = xts_sectors(self._kv, ivs, chunk, encrypt)
             elif mode == "cbc":
                 kernel = cbc_encrypt_sectors if encrypt else cbc_decrypt_sectors
-                chunk[:] = kernel(self._key, ivs, chunk)
+                chunk[:] = kernel(self._kv, ivs, chunk)
             else:  # ctr: one keystream per sector
                 for i in range(count):
                     a = i * SECTOR_SIZE
@@ -507,6 +602,41 @@ class LuksCipher:
 
     def decrypt(self, sector: int, buf: bytearray | memoryview) -> None:
         self._run(sector, buf, False)
+
+    def crypt_private(self, sector: int, buf: bytearray | memoryview, encrypt: bool) -> None:
+        """Encrypt/decrypt ``buf`` in place, one sector at a time through OpenSSL straight
+        into a scratch ``bytearray`` that is wiped afterwards, so no plaintext copy is left
+        behind.  Used for key material; the batched data kernels are faster but go through
+        immutable temporaries.  (AES-192-XTS, which OpenSSL lacks, uses the kernels.)"""
+        self._check_keyed()
+        n = check_sector_buffer(sector, buf)
+        mode = self.spec.mode
+        if mode == "xts" and self._half == 24:
+            self._run(sector, buf, encrypt)
+            return
+        mv = memoryview(buf).cast("B")
+        scratch = bytearray(SECTOR_SIZE + 16)
+        try:
+            ivs = self._ivgen.ivs(sector, n) if mode != "ecb" else b""
+            for i in range(n):
+                a = i * SECTOR_SIZE
+                iv = ivs[16 * i:16 * i + 16]
+                m: modes.Mode
+                if mode == "xts":
+                    alg = algorithms.AES(self._kv)
+                    m = modes.XTS(iv)
+                else:
+                    alg = self._alg
+                    m = (modes.ECB() if mode == "ecb" else modes.CBC(iv) if mode == "cbc"
+                         else modes.CTR(iv))
+                c = Cipher(alg, m)
+                ctx = c.encryptor() if encrypt else c.decryptor()
+                got = ctx.update_into(mv[a:a + SECTOR_SIZE], scratch)
+                assert got == SECTOR_SIZE
+                mv[a:a + SECTOR_SIZE] = memoryview(scratch)[:SECTOR_SIZE]
+                ctx.finalize()
+        finally:
+            wipe(scratch)
 
 
 # --------------------------------------------------------------------------------------
@@ -520,15 +650,11 @@ def _check_iters(n: int, what: str, off: int, cap: int) -> None:
             f"0x{off:x}); refusing to spend the time", offset=off)
 
 
-def unlock(header: LuksHeader, area: bytes | memoryview, passphrase: bytes | str,
-           max_iterations: int = MAX_PBKDF2_ITERATIONS) -> tuple[bytes, int]:
-    """Find the master key: try every active slot; ``(master_key, slot_index)``.
+def _as_key_bytes(passphrase: KeyBuf | str) -> KeyBuf:
+    return passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
 
-    ``area`` is the whole LUKS area (header + key material; the FDE extension's bytes).
-    Raises :class:`InvalidPassphraseError` when no slot opens.
-    """
-    if isinstance(passphrase, str):
-        passphrase = passphrase.encode("utf-8")
+
+def _check_unlockable(header: LuksHeader, max_iterations: int) -> None:
     spec = header.spec
     if spec.cipher_name not in IMPLEMENTED_CIPHERS:
         raise UnsupportedFeatureError(
@@ -537,37 +663,84 @@ def unlock(header: LuksHeader, area: bytes | memoryview, passphrase: bytes | str
         # fail early (with qemu's message) rather than after the PBKDF2 run
         make_ivgen("essiv", master_key=bytes(header.key_bytes), hash_name=spec.ivgen_hash)
     _check_iters(header.mk_digest_iter, "master key digest", 164, max_iterations)
-    active = [(i, s) for i, s in enumerate(header.slots) if s.active]
-    for i, s in active:
-        _check_iters(s.iterations, f"key slot {i}", LUKS_SLOT_OFFSET + i * LUKS_SLOT_SIZE + 4,
-                     max_iterations)
+    for i, s in enumerate(header.slots):
+        if s.active:
+            _check_iters(s.iterations, f"key slot {i}",
+                         LUKS_SLOT_OFFSET + i * LUKS_SLOT_SIZE + 4, max_iterations)
+
+
+def _master_key_matches(header: LuksHeader, candidate: KeyBuf) -> bool:
+    digest = pbkdf2(header.hash_spec, candidate, header.mk_digest_salt,
+                    header.mk_digest_iter, LUKS_DIGEST_LEN)
+    return hmac.compare_digest(digest, header.mk_digest)
+
+
+def _try_slot(header: LuksHeader, area: bytes | bytearray | memoryview, index: int,
+              passphrase: KeyBuf) -> bytearray | None:
+    """The master key if ``passphrase`` opens active slot ``index``, else None.
+
+    Every intermediate that could lead to the key (slot key, decrypted split material, a
+    candidate that fails the digest) lives in a ``bytearray`` wiped before returning."""
+    s = header.slots[index]
+    spec = header.spec
     mlen = header.material_bytes
-    for i, s in active:
-        start = s.key_offset * SECTOR_SIZE
-        if start + mlen > len(area):
-            raise _bad(f"key-slot[{i}].key-material-offset",
-                       LUKS_SLOT_OFFSET + i * LUKS_SLOT_SIZE + 40,
-                       f"key slot {i} material lies outside the {len(area)}-byte LUKS area")
-        slot_key = pbkdf2(header.hash_spec, passphrase, s.salt, s.iterations, header.key_bytes)
+    start = s.key_offset * SECTOR_SIZE
+    if start + mlen > len(area):
+        raise _bad(f"key-slot[{index}].key-material-offset",
+                   LUKS_SLOT_OFFSET + index * LUKS_SLOT_SIZE + 40,
+                   f"key slot {index} material lies outside the {len(area)}-byte LUKS area")
+    slot_key = pbkdf2_key(header.hash_spec, passphrase, s.salt, s.iterations,
+                          header.key_bytes)
+    material: bytearray | None = None
+    candidate: bytearray | None = None
+    try:
         if spec.mode == "xts" and _equal_halves(slot_key):
-            continue  # degenerate XTS slot key: the backend refuses it, cannot be the one
+            return None  # degenerate XTS slot key: the backend refuses it, cannot be it
         slot_cipher = LuksCipher(spec, slot_key)
-        material = bytearray(area[start:start + mlen])
-        slot_cipher.decrypt(0, material)
-        candidate = af_merge(material, header.key_bytes, s.stripes, header.hash_spec)
-        digest = pbkdf2(header.hash_spec, candidate, header.mk_digest_salt,
-                        header.mk_digest_iter, LUKS_DIGEST_LEN)
-        if hmac.compare_digest(digest, header.mk_digest):
-            return candidate, i
+        try:
+            material = bytearray(memoryview(area)[start:start + mlen])
+            slot_cipher.crypt_private(0, material, False)
+            candidate = af_merge(material, header.key_bytes, s.stripes, header.hash_spec)
+        finally:
+            slot_cipher.wipe()
+        if _master_key_matches(header, candidate):
+            found, candidate = candidate, None
+            return found
+        return None
+    finally:
+        wipe(slot_key, material, candidate)
+
+
+def unlock(header: LuksHeader, area: bytes | bytearray | memoryview,
+           passphrase: KeyBuf | str,
+           max_iterations: int = MAX_PBKDF2_ITERATIONS) -> tuple[bytearray, int]:
+    """Find the master key: try every active slot; ``(master_key, slot_index)``.
+
+    ``area`` is the whole LUKS area (header + key material; the FDE extension's bytes).
+    The master key is a ``bytearray`` the caller wipes (:func:`diskimg.crypto.wipe`) when
+    done.  Raises :class:`InvalidPassphraseError` (never naming the passphrase) when no slot
+    opens.
+    """
+    passphrase = _as_key_bytes(passphrase)
+    _check_unlockable(header, max_iterations)
+    for i, s in enumerate(header.slots):
+        if s.active:
+            mk = _try_slot(header, area, i, passphrase)
+            if mk is not None:
+                return mk, i
     raise InvalidPassphraseError("Invalid password, cannot unlock any keyslot")
 
 
-def open_luks(area: bytes | memoryview, passphrase: bytes | str,
+def open_luks(area: bytes | bytearray | memoryview, passphrase: KeyBuf | str,
               max_iterations: int = MAX_PBKDF2_ITERATIONS) -> tuple[LuksCipher, int]:
-    """Parse + unlock a LUKS area; ``(cipher, payload_offset_bytes)``."""
+    """Parse + unlock a LUKS area; ``(cipher, payload_offset_bytes)``.  The cipher holds
+    the only copy of the master key (wipe it with ``cipher.wipe()``)."""
     header = LuksHeader.parse(area, len(area))
     master_key, _slot = unlock(header, area, passphrase, max_iterations)
-    return LuksCipher(header.spec, master_key), header.payload_offset * SECTOR_SIZE
+    try:
+        return LuksCipher(header.spec, master_key), header.payload_offset * SECTOR_SIZE
+    finally:
+        wipe(master_key)
 
 
 # --------------------------------------------------------------------------------------
@@ -630,15 +803,58 @@ def layout(spec: CipherSpec) -> tuple[list[int], int]:
     return offsets, first + LUKS_NUM_SLOTS * stride
 
 
-def _random_master_key(spec: CipherSpec) -> bytes:
+def _fill_random(buf: bytearray) -> None:
+    """Random bytes straight into ``buf`` (``/dev/urandom``; ``os.urandom`` elsewhere, which
+    leaves an immutable copy)."""
+    try:
+        with open("/dev/urandom", "rb", buffering=0) as f:
+            if f.readinto(buf) == len(buf):
+                return
+    except OSError:
+        pass
+    buf[:] = os.urandom(len(buf))
+
+
+def _random_master_key(spec: CipherSpec) -> bytearray:
+    mk = bytearray(spec.key_bytes)
     while True:
-        mk = os.urandom(spec.key_bytes)
+        _fill_random(mk)
         if spec.mode != "xts" or not _equal_halves(mk):
             return mk
 
 
-def build_luks(passphrase: bytes | str, options: Mapping[str, Any] | None = None,
-               iter_time_ms: int | None = None, *, master_key: bytes | None = None,
+def _wrap_master_key(header: LuksHeader, master_key: KeyBuf, passphrase: KeyBuf,
+                     slot: KeySlot) -> bytearray:
+    """The encrypted, sector-padded key material of ``slot`` for ``passphrase``.
+
+    Picks a new salt into ``slot`` while the slot key would be a degenerate XTS key.  The
+    split material is encrypted in place; the slot key is wiped."""
+    spec = header.spec
+    while True:
+        slot_key = pbkdf2_key(header.hash_spec, passphrase, slot.salt, slot.iterations,
+                              spec.key_bytes)
+        if spec.mode != "xts" or not _equal_halves(slot_key):
+            break
+        wipe(slot_key)  # never in practice
+        slot.salt = os.urandom(LUKS_SALT_LEN)
+    material = af_split(master_key, slot.stripes, header.hash_spec)
+    material += bytes(header.material_bytes - len(material))
+    try:
+        slot_cipher = LuksCipher(spec, slot_key)
+        try:
+            slot_cipher.crypt_private(0, material, True)
+        finally:
+            slot_cipher.wipe()
+    except BaseException:
+        wipe(material)
+        raise
+    finally:
+        wipe(slot_key)
+    return material
+
+
+def build_luks(passphrase: KeyBuf | str, options: Mapping[str, Any] | None = None,
+               iter_time_ms: int | None = None, *, master_key: KeyBuf | None = None,
                slot_iterations: int | None = None, mk_iterations: int | None = None,
                uuid: str | None = None) -> tuple[bytes, LuksCipher, LuksHeader]:
     """Build a new LUKS area the way qemu-img 7.2 does; ``(area, cipher, header)``.
@@ -646,10 +862,10 @@ def build_luks(passphrase: bytes | str, options: Mapping[str, Any] | None = None
     ``area`` is ``payload_offset * 512`` bytes: the header, slot 0 active, other slots
     inactive, zeros elsewhere.  ``iter_time_ms`` (default ``options['iter-time']`` or 2000)
     is spent on PBKDF2 per slot unlock, an eighth of it on the master key digest; both at
-    least 1000 iterations.  The keyword arguments pin values for reproducible tests.
+    least 1000 iterations.  The keyword arguments pin values for reproducible tests.  The
+    returned cipher holds the only copy of a generated master key.
     """
-    if isinstance(passphrase, str):
-        passphrase = passphrase.encode("utf-8")
+    passphrase = _as_key_bytes(passphrase)
     options = dict(options or {})
     spec, hash_alg = spec_from_options(options)
     if iter_time_ms is None:
@@ -657,12 +873,9 @@ def build_luks(passphrase: bytes | str, options: Mapping[str, Any] | None = None
                                                                  DEFAULT_ITER_TIME_MS)))
     if iter_time_ms < 0:
         raise UsageError("Parameter 'iter-time' must not be negative")
-    if master_key is None:
-        master_key = _random_master_key(spec)
-    elif len(master_key) != spec.key_bytes:
+    if master_key is not None and len(master_key) != spec.key_bytes:
         raise UsageError(f"master key must be {spec.key_bytes} bytes for {spec.cipher_alg}-"
                          f"{spec.mode}")
-    cipher = LuksCipher(spec, master_key)  # validates the key (XTS halves)
     if mk_iterations is None:
         mk_iterations = max(MIN_ITERATIONS,
                             pbkdf2_iterations(hash_alg, LUKS_DIGEST_LEN, iter_time_ms) // 8)
@@ -672,29 +885,216 @@ def build_luks(passphrase: bytes | str, options: Mapping[str, Any] | None = None
     for n, what in ((mk_iterations, "master key"), (slot_iterations, "key slot")):
         if not 1 <= n <= 0xFFFFFFFF:
             raise UsageError(f"{what} iteration count {n} out of range")
-    mk_salt = os.urandom(LUKS_SALT_LEN)
-    digest = pbkdf2(hash_alg, master_key, mk_salt, mk_iterations, LUKS_DIGEST_LEN)
-    offsets, payload = layout(spec)
-    slot_salt = os.urandom(LUKS_SALT_LEN)
-    slots = [KeySlot(True, slot_iterations, slot_salt, offsets[0])]
-    slots += [KeySlot(False, 0, bytes(LUKS_SALT_LEN), o) for o in offsets[1:]]
-    header = LuksHeader(spec.cipher_name, spec.mode_string, hash_alg, payload, spec.key_bytes,
-                        digest, mk_salt, mk_iterations, uuid or str(uuid_mod.uuid4()), slots)
+    mk = _random_master_key(spec) if master_key is None else bytearray(master_key)
+    try:
+        cipher = LuksCipher(spec, mk)  # validates the key (XTS halves)
+        mk_salt = os.urandom(LUKS_SALT_LEN)
+        digest = pbkdf2(hash_alg, mk, mk_salt, mk_iterations, LUKS_DIGEST_LEN)
+        offsets, payload = layout(spec)
+        slots = [KeySlot(True, slot_iterations, os.urandom(LUKS_SALT_LEN), offsets[0])]
+        slots += [KeySlot(False, 0, bytes(LUKS_SALT_LEN), o) for o in offsets[1:]]
+        header = LuksHeader(spec.cipher_name, spec.mode_string, hash_alg, payload,
+                            spec.key_bytes, digest, mk_salt, mk_iterations,
+                            uuid or str(uuid_mod.uuid4()), slots)
+        material = _wrap_master_key(header, mk, passphrase, slots[0])
+    finally:
+        wipe(mk)
     area = bytearray(payload * SECTOR_SIZE)
     area[:LUKS_HEADER_SIZE] = header.pack()
-    slot_key = pbkdf2(hash_alg, passphrase, slot_salt, slot_iterations, spec.key_bytes)
-    while spec.mode == "xts" and _equal_halves(slot_key):  # never in practice
-        slot_salt = os.urandom(LUKS_SALT_LEN)
-        slots[0].salt = slot_salt
-        area[:LUKS_HEADER_SIZE] = header.pack()
-        slot_key = pbkdf2(hash_alg, passphrase, slot_salt, slot_iterations, spec.key_bytes)
-    slot_cipher = LuksCipher(spec, slot_key)
-    material = bytearray(af_split(master_key, LUKS_STRIPES, hash_alg))
-    material += bytes(spec.material_sectors * SECTOR_SIZE - len(material))
-    slot_cipher.encrypt(0, material)
     start = offsets[0] * SECTOR_SIZE
     area[start:start + len(material)] = material
     return bytes(area), cipher, header
+
+
+# --------------------------------------------------------------------------------------
+# key slot changes (qemu-img amend -o encrypt.*)
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class AreaWrite:
+    """One write into the LUKS area (``offset`` relative to its start).  A plan is a list
+    of these in order; each must be durable (flushed) before the next is issued."""
+
+    offset: int
+    data: bytes
+
+
+def _slot_header_write(header: LuksHeader) -> AreaWrite:
+    return AreaWrite(0, header.pack())
+
+
+def _copy_header(header: LuksHeader) -> LuksHeader:
+    return LuksHeader(header.cipher_name, header.cipher_mode, header.hash_spec,
+                      header.payload_offset, header.key_bytes, header.mk_digest,
+                      header.mk_digest_salt, header.mk_digest_iter, header.uuid,
+                      [KeySlot(s.active, s.iterations, s.salt, s.key_offset, s.stripes)
+                       for s in header.slots])
+
+
+def _erased(slot: KeySlot) -> KeySlot:
+    return KeySlot(False, 0, bytes(LUKS_SALT_LEN), slot.key_offset, slot.stripes)
+
+
+def plan_add_key(header: LuksHeader, master_key: KeyBuf, passphrase: KeyBuf | str, *,
+                 keyslot: int | None = None, iter_time_ms: int | None = None,
+                 force: bool = False, slot_iterations: int | None = None
+                 ) -> tuple[int, LuksHeader, list[AreaWrite]]:
+    """Wrap ``master_key`` for ``passphrase`` in a key slot: ``(slot, new header, writes)``.
+
+    ``keyslot`` None takes the first inactive slot.  An active slot is only replaced with
+    ``force``.  Write order (LUKS tools' order, crash-safe): the key material, then the
+    header that activates the slot; replacing an active slot first writes a header that
+    deactivates it, so no header ever points an active slot at half-written material.
+    The master key is checked against the header's digest before anything is planned.
+    """
+    passphrase = _as_key_bytes(passphrase)
+    if len(master_key) != header.key_bytes or not _master_key_matches(header, master_key):
+        raise InvalidPassphraseError("The master key does not match the LUKS header")
+    if keyslot is None:
+        free = [i for i, s in enumerate(header.slots) if not s.active]
+        if not free:
+            raise UsageError("Can't add a keyslot - all keyslots are in use")
+        keyslot = free[0]
+    if not 0 <= keyslot < LUKS_NUM_SLOTS:
+        raise UsageError(f"Invalid keyslot {keyslot} specified, must be between 0 and "
+                         f"{LUKS_NUM_SLOTS - 1}")
+    if header.slots[keyslot].active and not force:
+        raise UsageError(f"Refusing to overwrite active keyslot {keyslot} - please erase it "
+                         "first")
+    if slot_iterations is None:
+        ms = DEFAULT_ITER_TIME_MS if iter_time_ms is None else iter_time_ms
+        if ms < 0:
+            raise UsageError("Parameter 'iter-time' must not be negative")
+        slot_iterations = max(MIN_ITERATIONS,
+                              pbkdf2_iterations(header.hash_spec, header.key_bytes, ms))
+    if not 1 <= slot_iterations <= 0xFFFFFFFF:
+        raise UsageError(f"key slot iteration count {slot_iterations} out of range")
+    new = _copy_header(header)
+    writes: list[AreaWrite] = []
+    old = new.slots[keyslot]
+    if old.active:
+        new.slots[keyslot] = _erased(old)
+        writes.append(_slot_header_write(new))
+        new = _copy_header(new)
+    slot = KeySlot(True, slot_iterations, os.urandom(LUKS_SALT_LEN), old.key_offset,
+                   LUKS_STRIPES)
+    material = _wrap_master_key(new, master_key, passphrase, slot)
+    new.slots[keyslot] = slot
+    writes.append(AreaWrite(slot.key_offset * SECTOR_SIZE, bytes(material)))
+    writes.append(_slot_header_write(new))
+    return keyslot, new, writes
+
+
+def plan_erase_keys(header: LuksHeader, slots: list[int]
+                    ) -> tuple[LuksHeader, list[AreaWrite]]:
+    """Deactivate ``slots``: ``(new header, writes)``.  Order: the header that marks them
+    inactive first (the slots are then gone whatever happens next), then random bytes over
+    their key material.  Refusing to erase the last active slot is the caller's policy
+    (:func:`plan_keyslot_amend`)."""
+    new = _copy_header(header)
+    for i in slots:
+        new.slots[i] = _erased(new.slots[i])
+    writes = [_slot_header_write(new)]
+    writes += [AreaWrite(new.slots[i].key_offset * SECTOR_SIZE,
+                         os.urandom(header.material_bytes)) for i in slots]
+    return new, writes
+
+
+def slot_opens(header: LuksHeader, area: bytes | bytearray | memoryview, index: int,
+               passphrase: KeyBuf | str,
+               max_iterations: int = MAX_PBKDF2_ITERATIONS) -> bool:
+    """True when ``passphrase`` unlocks active key slot ``index``."""
+    _check_unlockable(header, max_iterations)
+    if not header.slots[index].active:
+        return False
+    mk = _try_slot(header, area, index, _as_key_bytes(passphrase))
+    wipe(mk)
+    return mk is not None
+
+
+@dataclass(frozen=True, slots=True)
+class KeySlotAmend:
+    """qemu's LUKS amend options (``encrypt.state``, ``new-secret``, ``old-secret``,
+    ``keyslot``, ``iter-time``); the secrets are ids, looked up only when qemu does."""
+
+    state: str | None
+    new_secret: str | None = None
+    old_secret: str | None = None
+    keyslot: int | None = None
+    iter_time: int | None = None
+
+
+def _int32(n: int) -> int:
+    n &= 0xFFFFFFFF
+    return n - (1 << 32) if n & 0x80000000 else n
+
+
+def plan_keyslot_amend(header: LuksHeader, area: bytes | bytearray | memoryview,
+                       master_key: KeyBuf, req: KeySlotAmend,
+                       lookup: Callable[[str], bytes], force: bool = False,
+                       max_iterations: int = MAX_PBKDF2_ITERATIONS
+                       ) -> tuple[LuksHeader, list[AreaWrite]]:
+    """``qemu-img amend -o encrypt.*`` for LUKS: checks in qemu 7.2's order with its
+    messages, then the plan of :func:`plan_add_key` or :func:`plan_erase_keys`.
+
+    ``lookup(id)`` returns a secret (raising :class:`MissingSecretError` for unknown ids).
+    Without ``force`` an active slot is never overwritten and the last active slot is never
+    erased (its erasure makes the data unreadable for ever)."""
+    if req.state is None:
+        raise UsageError("Parameter 'state' is missing")
+    if req.state not in ("active", "inactive"):
+        raise UsageError(f"Parameter 'state' does not accept value '{req.state}'")
+    keyslot = None if req.keyslot is None else _int32(req.keyslot)
+    if req.state == "active":
+        if req.new_secret is None:
+            raise UsageError("'new-secret' is required to activate a keyslot")
+        if req.old_secret is not None:
+            raise UsageError("'old-secret' must not be given when activating keyslots")
+        if keyslot is not None and not 0 <= keyslot < LUKS_NUM_SLOTS:
+            raise UsageError(f"Invalid keyslot {keyslot & 0xFFFFFFFF} specified, must be "
+                             f"between 0 and {LUKS_NUM_SLOTS - 1}")
+        if keyslot is None and all(s.active for s in header.slots):
+            raise UsageError("Can't add a keyslot - all keyslots are in use")
+        if keyslot is not None and header.slots[keyslot].active and not force:
+            raise UsageError(f"Refusing to overwrite active keyslot {keyslot} - please "
+                             "erase it first")
+        new_pw = lookup(req.new_secret)
+        _slot, new, writes = plan_add_key(header, master_key, new_pw, keyslot=keyslot,
+                                          iter_time_ms=req.iter_time, force=force)
+        return new, writes
+    if req.new_secret is not None:
+        raise UsageError("'new-secret' must not be given when erasing keyslots")
+    if req.iter_time is not None:
+        raise UsageError("'iter-time' must not be given when erasing keyslots")
+    old_pw = lookup(req.old_secret) if req.old_secret is not None else None
+    active = [i for i, s in enumerate(header.slots) if s.active]
+    if keyslot is not None:
+        if not 0 <= keyslot < LUKS_NUM_SLOTS:
+            raise UsageError(f"Invalid keyslot {keyslot} specified, must be between 0 and "
+                             f"{LUKS_NUM_SLOTS - 1}")
+        if keyslot not in active:
+            raise UsageError(f"Given keyslot {keyslot} is already erased (inactive) ")
+        if old_pw is not None and not slot_opens(header, area, keyslot, old_pw,
+                                                 max_iterations):
+            raise InvalidPassphraseError(f"Given keyslot {keyslot} doesn't contain the given "
+                                         "old password for erase operation")
+        if not force and len(active) == 1:
+            raise UsageError(f"Attempt to erase the only active keyslot {keyslot} which will "
+                             "erase all the data in the image irreversibly - refusing "
+                             "operation")
+        return plan_erase_keys(header, [keyslot])
+    if old_pw is None:
+        raise UsageError("To erase keyslot(s), either explicit keyslot index or the password "
+                         "currently contained in them must be given")
+    matching = [i for i in active if slot_opens(header, area, i, old_pw, max_iterations)]
+    if not force and len(matching) == len(active):
+        raise UsageError("All the active keyslots match the (old) password that was given "
+                         "and erasing them will erase all the data in the image "
+                         "irreversibly - refusing operation")
+    if not matching:
+        raise InvalidPassphraseError("No keyslots match given (old) password for erase "
+                                     "operation")
+    return plan_erase_keys(header, matching)
 
 
 def create_luks(passphrase: bytes | str, options: Mapping[str, Any] | None = None,
@@ -778,8 +1178,30 @@ def pack_fde_extension(offset: int, length: int) -> bytes:
 
 
 __all__ = [
-    "CipherSpec", "KeySlot", "LuksCipher", "LuksHeader", "MAX_PBKDF2_ITERATIONS",
-    "af_merge", "af_split", "build_luks", "create_luks", "layout", "luks_info", "open_luks",
-    "pack_fde_extension", "parse_cipher_mode", "parse_fde_extension", "pbkdf2",
-    "pbkdf2_iterations", "spec_from_options", "unlock",
+    "MAX_PBKDF2_ITERATIONS",
+    "AreaWrite",
+    "CipherSpec",
+    "KeySlot",
+    "KeySlotAmend",
+    "LuksCipher",
+    "LuksHeader",
+    "af_merge",
+    "af_split",
+    "build_luks",
+    "create_luks",
+    "layout",
+    "luks_info",
+    "open_luks",
+    "pack_fde_extension",
+    "parse_cipher_mode",
+    "parse_fde_extension",
+    "pbkdf2",
+    "pbkdf2_iterations",
+    "pbkdf2_key",
+    "plan_add_key",
+    "plan_erase_keys",
+    "plan_keyslot_amend",
+    "slot_opens",
+    "spec_from_options",
+    "unlock",
 ]

@@ -18,44 +18,74 @@ from __future__ import annotations
 
 from diskimg.crypto import (
     SECTOR_SIZE,
+    KeyBuf,
     cbc_decrypt_sectors,
     cbc_encrypt_sectors,
     check_sector_buffer,
+    wipe,
 )
 from diskimg.crypto.ivgen import Plain64IV
+from diskimg.errors import EncryptionError
 
 AES_KEY_LEN = 16
 _BATCH_SECTORS = 2048  # 1 MiB per batched call
 
 
-def qcow_aes_key(passphrase: bytes | str) -> bytes:
-    """The 16-byte AES key QEMU derives from a passphrase (zero padded / truncated)."""
+def qcow_aes_key(passphrase: KeyBuf | str) -> bytearray:
+    """The 16-byte AES key QEMU derives from a passphrase (zero padded / truncated), in a
+    ``bytearray`` the caller may wipe."""
     if isinstance(passphrase, str):
         passphrase = passphrase.encode("utf-8")
-    return bytes(passphrase[:AES_KEY_LEN]).ljust(AES_KEY_LEN, b"\0")
+    src = memoryview(passphrase).cast("B")[:AES_KEY_LEN]
+    key = bytearray(AES_KEY_LEN)
+    key[:len(src)] = src
+    return key
 
 
 class QcowAesCipher:
-    """AES-128-CBC with plain64 IVs; the caller passes the **guest** sector number."""
+    """AES-128-CBC with plain64 IVs; the caller passes the **guest** sector number.
 
-    def __init__(self, key: bytes) -> None:
+    The key lives in a ``bytearray`` owned by the cipher; :meth:`wipe` zeroes it."""
+
+    def __init__(self, key: KeyBuf) -> None:
         if len(key) != AES_KEY_LEN:
             raise ValueError(f"qcow2 AES key must be {AES_KEY_LEN} bytes, got {len(key)}")
-        self._key = bytes(key)
+        self._key = bytearray(key)
+        self._kv = memoryview(self._key)
         self._iv = Plain64IV(16)
+        self._wiped = False
+
+    def __repr__(self) -> str:
+        return f"<QcowAesCipher aes-128-cbc-plain64 ({'wiped' if self._wiped else 'keyed'})>"
 
     @classmethod
-    def from_passphrase(cls, passphrase: bytes | str) -> QcowAesCipher:
-        return cls(qcow_aes_key(passphrase))
+    def from_passphrase(cls, passphrase: KeyBuf | str) -> QcowAesCipher:
+        key = qcow_aes_key(passphrase)
+        try:
+            return cls(key)
+        finally:
+            wipe(key)
+
+    @property
+    def wiped(self) -> bool:
+        """True once :meth:`wipe` ran."""
+        return self._wiped
+
+    def wipe(self) -> None:
+        """Zero the key in place; later use raises :class:`EncryptionError`.  Idempotent."""
+        wipe(self._key)
+        self._wiped = True
 
     def _run(self, sector: int, buf: bytearray | memoryview, encrypt: bool) -> None:
+        if self._wiped:
+            raise EncryptionError("The encryption key was wiped (image closed)")
         n = check_sector_buffer(sector, buf)
         mv = memoryview(buf).cast("B") if not isinstance(buf, bytearray) else memoryview(buf)
         kernel = cbc_encrypt_sectors if encrypt else cbc_decrypt_sectors
         for first in range(0, n, _BATCH_SECTORS):
             count = min(_BATCH_SECTORS, n - first)
             chunk = mv[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE]
-            chunk[:] = kernel(self._key, self._iv.ivs(sector + first, count), chunk)
+            chunk[:] = kernel(self._kv, self._iv.ivs(sector + first, count), chunk)
 
     def encrypt(self, sector: int, buf: bytearray | memoryview) -> None:
         self._run(sector, buf, True)

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
+from diskimg.crypto import wipe
+from diskimg.crypto.luks import (
+    KeySlotAmend,
+    LuksCipher,
+    LuksHeader,
+    parse_fde_extension,
+    plan_keyslot_amend,
+)
+from diskimg.errors import DiskImgError, MissingSecretError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
@@ -24,6 +32,7 @@ from diskimg.qcow2.layout import (
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
     QCOW2_EXT_MAGIC_BITMAPS,
+    QCOW2_EXT_MAGIC_CRYPTO_HEADER,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
     QCOW2_INCOMPAT_COMPRESSION,
     QCOW2_INCOMPAT_DATA_FILE,
@@ -119,9 +128,8 @@ def _free_entry(rc: Refcounts, host: HostFile, ent: int, cb: int, extended: bool
             rc.update(c, -1)
         return
     off = ent & E.L2E_OFFSET_MASK
-    if off:
-        if rc.update(off >> cb, -1) == 0:
-            host.punch_hole(off, 1 << cb)
+    if off and rc.update(off >> cb, -1) == 0:
+        host.punch_hole(off, 1 << cb)
 
 
 def _discard_all(host: HostFile, h: Header) -> None:
@@ -267,9 +275,9 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
         from diskimg.qcow2.snapshot import parse_table
 
         raw = host.pread(h.snapshots_offset, 64 << 20)
-        for sn in parse_table(raw, h.nb_snapshots, h.snapshots_offset):
-            tables.append(be_u64_array(host.pread_exact(sn.l1_table_offset, sn.l1_size * 8,
-                                                        "snapshot L1 table")))
+        tables += [be_u64_array(host.pread_exact(sn.l1_table_offset, sn.l1_size * 8,
+                                                 "snapshot L1 table"))
+                   for sn in parse_table(raw, h.nb_snapshots, h.snapshots_offset)]
     backed = h.backing_file is not None
     done: dict[int, array[int]] = {}
     for l1 in tables:
@@ -375,8 +383,9 @@ def rebuild_refcounts(host: HostFile, h: Header, new_order: int) -> None:
     h.refcount_order = new_order
     h.refcount_table_offset = (start + nblocks) * cs
     h.refcount_table_clusters = ntable
-    host.pwrite(48, struct.pack(">QI", h.refcount_table_offset, ntable))
-    host.pwrite(96, struct.pack(">I", new_order))
+    # one write switches table and width together (bytes 48..100): a crash between two
+    # writes would make qemu read the new blocks at the old width (B11)
+    host.pwrite(48, h.pack()[48:100])
     host.flush()
 
 
@@ -423,6 +432,32 @@ AMEND_HELP = """Amend options for 'qcow2':
 """
 
 
+def qemu_number(name: str, text: str) -> int:
+    """A ``num`` option value as qemu's ``qemu_strtou64`` reads it (decimal, ``0x`` hex,
+    leading-``0`` octal; a ``-`` wraps modulo 2^64), with qemu's messages."""
+    t = text.strip()
+    neg = t.startswith("-")
+    body = t[1:] if neg or t.startswith("+") else t
+    try:
+        if body[:2].lower() == "0x":
+            v = int(body[2:], 16)
+        elif len(body) > 1 and body[0] == "0":
+            v = int(body[1:], 8)
+        else:
+            if not body.isdigit():
+                raise ValueError(body)
+            v = int(body, 10)
+    except ValueError:
+        raise UsageError(f"Parameter '{name}' expects a number") from None
+    if v > 0xFFFFFFFFFFFFFFFF:
+        raise UsageError(f"Value '{text}' is too large for parameter '{name}'")
+    return (-v) & 0xFFFFFFFFFFFFFFFF if neg else v
+
+
+def _int64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
 def validate_amend_options(pairs: list[tuple[str, str]]) -> dict[str, str]:
     """Names and value syntax as qemu-img amend checks them (create-only options get the
     "only supported for image creation" hint)."""
@@ -436,6 +471,9 @@ def validate_amend_options(pairs: list[tuple[str, str]]) -> dict[str, str]:
                 raise UsageError(f"Invalid parameter '{k}'\n"
                                  "This option is only supported for image creation")
             raise UsageError(f"Invalid parameter '{k}'")
+        if k in ("encrypt.keyslot", "encrypt.iter-time"):
+            out[k] = str(_int64(qemu_number(k, v)))
+            continue
         if k.startswith("encrypt."):
             out[k] = v
             continue
@@ -443,22 +481,188 @@ def validate_amend_options(pairs: list[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
+# --- LUKS key slots (amend -o encrypt.*) ----------------------------------------------
+
+
+def keyslot_request(options: Mapping[str, str]) -> KeySlotAmend:
+    """The ``encrypt.*`` entries of validated amend options as a :class:`KeySlotAmend`."""
+    ks = options.get("encrypt.keyslot")
+    it = options.get("encrypt.iter-time")
+    return KeySlotAmend(state=options.get("encrypt.state"),
+                        new_secret=options.get("encrypt.new-secret"),
+                        old_secret=options.get("encrypt.old-secret"),
+                        keyslot=None if ks is None else int(ks),
+                        iter_time=None if it is None else int(it))
+
+
+def _secret_lookup(secrets: Mapping[str, bytes]) -> Callable[[str], bytes]:
+    def lookup(sid: str) -> bytes:
+        if sid not in secrets:
+            raise MissingSecretError(f"No secret with id '{sid}'")
+        return secrets[sid]
+    return lookup
+
+
+def check_encryption_amendable(h: Header) -> None:
+    """qemu's refusals for ``encrypt.*`` amend options on this image."""
+    if not h.crypt_method:
+        raise UsageError("Can't amend encryption options - encryption not present")
+    if h.crypt_method != QCOW_CRYPT_LUKS:
+        raise UnsupportedFeatureError("Only LUKS encryption options can be amended")
+
+
+def amend_keyslots(dev: Any, req: KeySlotAmend, secrets: Mapping[str, bytes], *,
+                   force: bool = False) -> LuksHeader:
+    """Apply a key slot change to the open, writable LUKS qcow2 ``dev`` (unlocked with its
+    ``encrypt.key-secret``); returns the new LUKS header.
+
+    The master key is taken from the open image (no second PBKDF2 run), copied into a
+    ``bytearray`` and wiped once the plan is made.  Each planned write goes to the LUKS
+    area inside the image file and is flushed before the next one (key material before
+    the slot header that activates it; an erase writes the header first)."""
+    h = read_header(dev.host)
+    check_encryption_amendable(h)
+    if dev.read_only:
+        raise UsageError("Cannot amend key slots of an image opened read-only")
+    cipher = dev.cipher  # MissingSecretError without encrypt.key-secret
+    if not isinstance(cipher, LuksCipher):
+        raise UnsupportedFeatureError("Only LUKS encryption options can be amended")
+    off, length = luks_area(h, dev.host.size())
+    area = dev.host.pread_exact(off, length, "LUKS header (FDE extension)")
+    header = LuksHeader.parse(area, len(area))
+    mk = cipher.export_master_key()
+    try:
+        new, writes = plan_keyslot_amend(header, area, mk, req, _secret_lookup(secrets),
+                                         force)
+    finally:
+        wipe(mk)
+    for w in writes:
+        dev.host.pwrite(off + w.offset, w.data)
+        dev.host.flush()
+    return new
+
+
+def luks_area(h: Header, file_size: int | None) -> tuple[int, int]:
+    """(offset, length) of the LUKS area the FDE header extension points at."""
+    ext = h.ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER)
+    return parse_fde_extension(ext.data if ext is not None else None, h.cluster_size,
+                               file_size)
+
+
+def _keyslot_api(path: Any, secret: bytes, req: KeySlotAmend,
+                 secrets: dict[str, bytes], force: bool, untrusted: bool
+                 ) -> tuple[LuksHeader, LuksHeader]:
+    from diskimg import api
+
+    with api.open(path, "r+", "qcow2", backing=False, untrusted=untrusted,
+                  secrets={**secrets, "\0unlock": secret},
+                  options={"encrypt.key-secret": "\0unlock"}) as dev:
+        h = read_header(dev.host)  # type: ignore[attr-defined]
+        check_encryption_amendable(h)
+        off, length = luks_area(h, None)
+        before = LuksHeader.parse(dev.host.pread_exact(  # type: ignore[attr-defined]
+            off, length, "LUKS header (FDE extension)"), length)
+        after = amend_keyslots(dev, req, secrets, force=force)
+    return before, after
+
+
+def luks_add_key(path: Any, secret: bytes, new_secret: bytes, *,
+                 keyslot: int | None = None, iter_time_ms: int | None = None,
+                 force: bool = False, untrusted: bool = False) -> int:
+    """Add ``new_secret`` as a key of the LUKS qcow2 at ``path`` unlocked with ``secret``
+    (qemu-img amend ``encrypt.state=active``); returns the key slot used.
+
+    ``keyslot`` None takes the first free slot; an active slot is replaced only with
+    ``force``.  ``iter_time_ms`` (default 2000) is the PBKDF2 time of the new slot.
+    Raises :class:`InvalidPassphraseError` when ``secret`` opens no slot."""
+    before, after = _keyslot_api(
+        path, secret, KeySlotAmend("active", new_secret="new", keyslot=keyslot,
+                                   iter_time=iter_time_ms),
+        {"new": new_secret}, force, untrusted)
+    changed = [i for i, (a, b) in enumerate(zip(before.slots, after.slots, strict=True))
+               if b.active and (not a.active or a.salt != b.salt)]
+    assert len(changed) == 1
+    return changed[0]
+
+
+def luks_remove_keys(path: Any, secret: bytes, *, keyslot: int | None = None,
+                     old_secret: bytes | None = None, force: bool = False,
+                     untrusted: bool = False) -> list[int]:
+    """Erase key slots of the LUKS qcow2 at ``path`` unlocked with ``secret`` (qemu-img
+    amend ``encrypt.state=inactive``): slot ``keyslot``, and/or every slot ``old_secret``
+    opens.  Erasing the last active slot is refused unless ``force`` (the data would be
+    lost for ever).  Returns the erased slots."""
+    before, after = _keyslot_api(
+        path, secret, KeySlotAmend("inactive", keyslot=keyslot,
+                                   old_secret=None if old_secret is None else "old"),
+        {} if old_secret is None else {"old": old_secret}, force, untrusted)
+    return [i for i, (a, b) in enumerate(zip(before.slots, after.slots, strict=True))
+            if a.active and not b.active]
+
+
 def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
-          force: bool = False, secrets: dict[str, bytes] | None = None,
-          untrusted: bool = False) -> None:
+          force: bool = False, secrets: Mapping[str, bytes] | None = None,
+          untrusted: bool = False, image_options: Mapping[str, str] | None = None,
+          device: Any = None) -> None:
     """``qemu-img amend`` for qcow2: ``compat``, ``lazy_refcounts``, ``refcount_bits``,
     ``size`` (grow or shrink), ``backing_file``/``backing_fmt`` (only their current
-    values; use rebase to change them).  Steps in qemu's order: upgrade, refcount width,
-    lazy refcounts, size, downgrade."""
+    values; use rebase to change them) and LUKS key slots (``encrypt.state``,
+    ``encrypt.new-secret``, ``encrypt.old-secret``, ``encrypt.keyslot``,
+    ``encrypt.iter-time``; secrets are ids into ``secrets``, the image is unlocked with
+    ``image_options['encrypt.key-secret']``).
+
+    Every option is checked before anything is written (qemu writes key slots before it
+    checks ``lazy_refcounts`` against ``compat``).  Steps in qemu's order: key slots,
+    upgrade, refcount width, lazy refcounts, size, downgrade.  ``device``: the image
+    already open read-write (the CLI's), which amend closes."""
     from diskimg import api
     from diskimg.hostio import open_host_file
 
-    with api.open(path, "r+", fmt, backing=False, untrusted=untrusted,
-                  secrets=secrets) as dev:  # opening r+ also repairs a dirty image
+    secrets = dict(secrets or {})
+    iopts = dict(image_options or {})
+    dev: Any = device if device is not None else api.open(
+        path, "r+", fmt, backing=False, untrusted=untrusted, secrets=secrets,
+        options=iopts)  # opening r+ also repairs a dirty image
+    try:
         if dev.format != "qcow2":
             raise UsageError(f"Format driver '{dev.format}' does not support option "
                              "amendment")
-        h = read_header(dev.host)  # type: ignore[attr-defined]
+        h = read_header(dev.host)
+        plan = _validate(h, options)
+        if any(k.startswith("encrypt.") for k in options):
+            amend_keyslots(dev, keyslot_request(options), secrets, force=force)
+    finally:
+        dev.close()
+    cur_version, new_version, new_bits, lazy_on = plan
+    host = open_host_file(path, True)
+    try:
+        if new_version > cur_version:
+            upgrade_to_v3(host, h)
+        if new_bits != h.refcount_bits:
+            rebuild_refcounts(host, h, new_bits.bit_length() - 1)
+        if lazy_on is not None and lazy_on != bool(
+                h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS):
+            set_lazy_refcounts(host, h, lazy_on)
+    finally:
+        host.close()
+    if "size" in options:
+        new_size = int(options["size"])
+        with api.open(path, "r+", "qcow2", backing=False, untrusted=untrusted,
+                      secrets=secrets, options=iopts) as dev:
+            if new_size != dev.size:
+                dev.resize(new_size, shrink=True)
+    if new_version < cur_version:
+        host = open_host_file(path, True)
+        try:
+            h = read_header(host)
+            downgrade_to_v2(host, h)
+        finally:
+            host.close()
+
+
+def _validate(h: Header, options: dict[str, str]) -> tuple[int, int, int, bool | None]:
+    """Every refusal qemu-img amend makes for these options on this header, before any
+    write; returns (current version, new version, new refcount bits, lazy refcounts)."""
     cur_version = h.version
     compat = options.get("compat")
     new_version = cur_version
@@ -478,9 +682,7 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
     if "data_file_raw" in options:
         raise UsageError("data-file-raw cannot be set on existing images")
     if any(k.startswith("encrypt.") for k in options):
-        if not h.crypt_method:
-            raise UsageError("Amending encryption options requires an encrypted image")
-        raise UnsupportedFeatureError("Amending LUKS key slots is not implemented yet")
+        check_encryption_amendable(h)
     bf = options.get("backing_file")
     bfmt = options.get("backing_fmt")
     if ("backing_file" in options or "backing_fmt" in options) and (
@@ -496,6 +698,8 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
                              "bits")
         new_bits = bits
     if new_version < 3 and new_bits != 16:
+        if rb is None:  # qemu's message when only the downgrade asks for it
+            raise UsageError("compat=0.10 requires refcount_bits=16")
         raise UsageError("Refcount widths other than 16 bits require compatibility level "
                          "1.1 or above (use compat=1.1 or greater)")
     lazy = options.get("lazy_refcounts")
@@ -503,27 +707,4 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
     if lazy_on and new_version < 3:
         raise UsageError("Lazy refcounts only supported with compatibility level 1.1 and "
                          "above (use compat=1.1 or greater)")
-    host = open_host_file(path, True)
-    try:
-        if new_version > cur_version:
-            upgrade_to_v3(host, h)
-        if new_bits != h.refcount_bits:
-            rebuild_refcounts(host, h, new_bits.bit_length() - 1)
-        if lazy_on is not None and lazy_on != bool(
-                h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS):
-            set_lazy_refcounts(host, h, lazy_on)
-    finally:
-        host.close()
-    if "size" in options:
-        new_size = int(options["size"])
-        with api.open(path, "r+", "qcow2", backing=False, untrusted=untrusted,
-                      secrets=secrets) as dev:
-            if new_size != dev.size:
-                dev.resize(new_size, shrink=True)
-    if new_version < cur_version:
-        host = open_host_file(path, True)
-        try:
-            h = read_header(host)
-            downgrade_to_v2(host, h)
-        finally:
-            host.close()
+    return cur_version, new_version, new_bits, lazy_on
