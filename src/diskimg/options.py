@@ -71,13 +71,14 @@ FORMAT_OPTIONS: dict[str, list[OptionDesc]] = {
         _BACKING_FILE,
         _o("backing_fmt", "str", "Must be 'vmdk' if present"),
         _o("compat6", "bool", "VMDK version 6 image", "off"),
-        _o("hwversion", "str", "VMDK hardware version"),
+        _o("hwversion", "str", "VMDK hardware version", "undefined"),
         _o("toolsversion", "str", "VMware guest tools version"),
         _o("subformat", "str", "VMDK flat extent format, can be one of {monolithicSparse "
            "(default) | monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | "
            "streamOptimized} "),
+        # qemu-img lists zeroed_grain on the Formatting line only when it was given
         _o("zeroed_grain", "bool",
-           "Enable efficient zero writes using the zeroed-grain GTE feature", "off"),
+           "Enable efficient zero writes using the zeroed-grain GTE feature"),
     ],
 }
 

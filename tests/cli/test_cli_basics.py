@@ -184,3 +184,19 @@ def test_compare_library_returns_offset(tmp_path: Path) -> None:
     assert (same, off, msg) == (False, 700_000 // 512 * 512,
                                 f"Content mismatch at offset {700_000 // 512 * 512}!")
     assert conv.compare(a, a) == (True, None, "Images are identical.")
+
+
+def test_qemu_progress_single_precision_steps() -> None:
+    # compare and rebase add a share per chunk in C float arithmetic; three thirds end
+    # exactly at 100 (capped), and a step below min_skip prints nothing
+    from diskimg.cli.progress import QemuProgress, f32
+
+    buf = io.StringIO()
+    p = QemuProgress(True, 2.0, out=buf)
+    p.report(0, 100)
+    p.report(1.5, 100)
+    for _ in range(3):
+        p.report(f32(f32(1 / 3) * 100), 100)
+    p.end()
+    assert buf.getvalue() == ("    (0.00/100%)\r    (34.83/100%)\r    (68.17/100%)\r"
+                              "    (100.00/100%)\r\n")

@@ -4,7 +4,6 @@ parsed JSON and human text (program name replaced)."""
 from __future__ import annotations
 
 import json
-
 import shutil
 from pathlib import Path
 

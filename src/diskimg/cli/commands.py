@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,16 @@ from diskimg import api
 from diskimg import operations as conv
 from diskimg import options as opts
 from diskimg.cli import output
-from diskimg.cli.progress import Progress
+from diskimg.cli.progress import (
+    SIZE_MISMATCH,
+    QemuProgress,
+    Schedule,
+    commit_schedule,
+    compare_schedule,
+    convert_schedule,
+    rebase_schedule,
+    unsafe_rebase_schedule,
+)
 from diskimg.device import BlockDevice, MapEntry
 from diskimg.errors import DiskImgError, UsageError
 from diskimg.units import SIZE_HELP, parse_size
@@ -108,7 +118,7 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
         dev = api.open(path, mode, fmt, backing=backing, force_share=force_share,
                        untrusted=ctx.untrusted, secrets=ctx.secrets, options=options)
     except DiskImgError as e:
-        raise type(e)(f"Could not open '{label}': {e}") from e
+        raise type(e)(f"Could not open '{label}': {qemu_open_error(str(e), fmt)}") from e
     except OSError as e:
         raise DiskImgError(f"Could not open '{label}': {e.strerror or e}") from e
     if need_key and sid is None and dev.format != "raw":
@@ -123,6 +133,23 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
     if mode == "r+" and getattr(dev, "probed", False):
         sys.stderr.write(PROBED_RAW_WARNING.format(path))
     return dev
+
+
+_MISSING_BACKING = re.compile(r"^Could not open backing file '(.*)' named by '.*': "
+                              r"(No such file or directory|Permission denied|Not a directory)$",
+                              re.S)
+
+
+def qemu_open_error(msg: str, fmt: str | None) -> str:
+    """qemu-img's words for an open failure diskimg's library words differently: a
+    missing backing file (the library also names the image that refers to it) and a file
+    that is not a vmdk opened with ``-f vmdk``."""
+    m = _MISSING_BACKING.match(msg)
+    if m:
+        return f"Could not open backing file: Could not open '{m[1]}': {m[2]}"
+    if fmt == "vmdk" and msg == "Not a VMDK image":
+        return "invalid VMDK image descriptor"
+    return msg
 
 
 @contextmanager
@@ -152,10 +179,29 @@ def output_format(text: str | None) -> str:
 # --- info ---------------------------------------------------------------------------
 
 
+def _check_chain_names(ctx: Context, name: str, a: argparse.Namespace) -> None:
+    """``info --backing-chain`` opens image after image like qemu-img, so a missing
+    backing file is reported under its own name: ``Could not open 'B': Could not open
+    'B': ...``."""
+    try:
+        with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
+                    force_share=a.force_share, need_key=False, backing=True):
+            return
+    except DiskImgError as e:
+        m = re.match(r"^Could not open '.*': Could not open backing file: Could not open "
+                     r"'(.*)': (.*)$", str(e), re.S)
+        if m is None:
+            raise
+        raise DiskImgError(f"Could not open '{m[1]}': Could not open '{m[1]}': {m[2]}") \
+            from e
+
+
 def cmd_info(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img info."""
     ofmt = output_format(a.output)
     name = one_file(a)
+    if a.backing_chain:
+        _check_chain_names(ctx, name, a)
     with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
                 force_share=a.force_share, need_key=False,
                 backing=bool(a.backing_chain)) as dev:  # info needs no backing file
@@ -211,7 +257,8 @@ def cmd_map(ctx: Context, a: argparse.Namespace) -> int:
 def run_check(dev: BlockDevice, repair: str | None) -> Any:
     """The format's checker (``dev.check(repair)``); ExitCode 63 for formats without one."""
     fn = getattr(dev, "check", None)
-    if dev.format == "raw" or fn is None:
+    if dev.format == "raw" or fn is None or (dev.format == "vmdk" and repair):
+        # qemu's vmdk check cannot repair: with -r it reports no check support
         raise ExitCode("This image format does not support checks", 63)
     return fn(repair)
 
@@ -404,6 +451,56 @@ def _snapshot_param(text: str | None) -> tuple[str | None, str | None] | None:
     return text, text
 
 
+def _convert_progress(a: argparse.Namespace, srcs: list[BlockDevice],
+                      snap: tuple[str | None, str | None] | None, target: Any, out_fmt: str,
+                      values: dict[str, str], target_backing: bool,
+                      sparse: int) -> Schedule:
+    """qemu-img convert's ``-p`` lines for these sources (nothing without ``-p``)."""
+    printer = QemuProgress(a.progress and not a.quiet, 1.0)
+    if not printer.enabled:
+        return Schedule(printer, 0)
+    view: BlockDevice | None = None
+    try:
+        if snap is not None:
+            view = conv._snapshot_view(srcs[0], snap)
+        cluster = 0
+        if a.compress:
+            if isinstance(target, BlockDevice):
+                cluster = int(getattr(target, "cluster_size", None) or 65536)
+            elif out_fmt == "qcow2":
+                cluster = parse_size(str(values.get("cluster_size", "65536")))
+            else:
+                cluster = 65536  # vmdk grains
+        return convert_schedule(printer, [view] if view is not None else srcs,
+                                target_backing=target_backing, min_sparse=sparse,
+                                compress_cluster=cluster)
+    except DiskImgError:
+        return Schedule(printer, 0)  # the convert itself reports the problem
+    finally:
+        if view is not None:
+            view.close()
+
+
+def _file_state(path: str) -> tuple[int, int, int] | None:
+    """(inode, mtime, size) of ``path``, None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _create_error(e: BaseException, path: str) -> str:
+    """The reason a new target could not be created, worded like qemu's."""
+    if isinstance(e, OSError):
+        return f"Could not create '{path}': {e.strerror or e}"
+    msg = str(e)
+    prefix = f"Could not open '{path}'"
+    if msg.startswith(prefix):
+        msg = "Could not create" + msg[len("Could not open"):]
+    return msg
+
+
 def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img convert."""
     olist = _collect_o(a.options)
@@ -460,14 +557,31 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
             target = open_image(ctx, dst, "r+", None if a.target_image_opts else out_fmt,
                                 image_opts=a.target_image_opts)
             devs.append(target)
-        prog = Progress(a.progress and not a.quiet, 1.0)
-        conv.convert(devs[: len(srcs)], target, out_fmt, options=values, sparse_size=sparse,
-                     target_exists=a.target_exists,
-                     backing_file=backing,
-                     backing_fmt=backing_fmt, progress=prog if prog.enabled else None,
-                     snapshot=snap, compress=a.compress, secrets=ctx.secrets,
-                     target_options=dst_opts,
-                     workers=int(a.coroutines) if a.coroutines is not None else None)
+        if snap is not None and len(srcs) == 1:
+            # a bad snapshot is reported before the target is created (no target prefix)
+            conv._snapshot_view(devs[0], snap).close()
+        prog = _convert_progress(a, devs[: len(srcs)], snap, target, out_fmt, values,
+                                 backing is not None, sparse)
+        before = _file_state(dst_path)
+        try:
+            conv.convert(devs[: len(srcs)], target, out_fmt, options=values,
+                         sparse_size=sparse, target_exists=a.target_exists,
+                         backing_file=backing,
+                         backing_fmt=backing_fmt, progress=prog if prog.enabled else None,
+                         snapshot=snap, compress=a.compress, secrets=ctx.secrets,
+                         target_options=dst_opts,
+                         workers=int(a.coroutines) if a.coroutines is not None else None)
+        except (DiskImgError, OSError) as e:
+            prog.stop()
+            after = _file_state(dst_path)
+            if not a.target_exists and (after == before or (after and after[2] == 0)):
+                # nothing was written: creating the target failed, in qemu-img's words
+                raise DiskImgError(f"{dst_path}: error while converting {out_fmt}: "
+                                   f"{_create_error(e, dst_path)}") from e
+            raise
+        except BaseException:
+            prog.stop()
+            raise
         prog.finish()
     finally:
         for d in devs:
@@ -482,21 +596,87 @@ def cmd_compare(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img compare: 0 identical, 1 different, 2 error."""
     if len(a.files) != 2:
         raise UsageError("Expecting two image file names")
-    prog = Progress(a.progress and not a.quiet, 2.0)
+    printer = QemuProgress(a.progress and not a.quiet, 2.0)
+    prog = Schedule(printer, 0)
     try:
         with opened(ctx, a.files[0], "r", a.format, image_opts=a.image_opts,
                     force_share=a.force_share) as d1, \
              opened(ctx, a.files[1], "r", a.format2 or a.format, image_opts=a.image_opts,
                     force_share=a.force_share) as d2:
-            same, _off, msg = conv.compare(d1, d2, strict=a.strict,
-                                           progress=prog if prog.enabled else None)
+            if printer.enabled:
+                prog = compare_schedule(printer, d1, d2)
+            same, off, msg = conv.compare(d1, d2, strict=a.strict,
+                                          progress=prog if prog.enabled else None)
     except (DiskImgError, OSError) as e:
         raise ExitCode(str(e) if isinstance(e, DiskImgError) else
                        (e.strerror or str(e)), 2) from e
+    # qemu-img prints 0 before its first check, then a line per chunk it finished
+    prog.advance(2**63 if same else off if off is not None else -1)
+    if prog.printed(SIZE_MISMATCH) and msg.startswith(SIZE_MISMATCH):
+        msg = msg[len(SIZE_MISMATCH):]  # already printed between the progress lines
     if not a.quiet:
         sys.stdout.write(msg + "\n")
-    prog.end()
+    prog.stop()
     return 0 if same else 1
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.realpath(a, strict=True) == os.path.realpath(b, strict=True)
+    except OSError:
+        return False
+
+
+def _basic_schedule(printer: QemuProgress) -> Schedule:
+    """Only qemu-img's first (0) and last (100) progress calls."""
+    sched = Schedule(printer, 0)
+    sched.add(-1, 0.0, 100)
+    sched.add(0, 100.0, 0)
+    return sched
+
+
+def commit_progress(ctx: Context, a: argparse.Namespace, path: str,
+                    fmt: str | None) -> Schedule:
+    """qemu-img commit's ``-p`` lines for ``path`` (nothing without ``-p``)."""
+    printer = QemuProgress(a.progress and not a.quiet, 1.0)
+    if not printer.enabled:
+        return Schedule(printer, 0)
+    try:
+        with api.open(path, "r", fmt, force_share=True, untrusted=ctx.untrusted,
+                      secrets=ctx.secrets) as top:
+            chain = top.chain()
+            depth = 1
+            if a.base is not None:
+                for k in range(1, len(chain)):
+                    parent = os.path.dirname(chain[k - 1].filename)
+                    if _same_file(os.path.join(parent, a.base), chain[k].filename):
+                        depth = k
+                        break
+            return commit_schedule(printer, top, depth)
+    except (DiskImgError, OSError):
+        return _basic_schedule(printer)  # the commit itself reports the problem
+
+
+def rebase_progress(ctx: Context, a: argparse.Namespace, path: str, fmt: str | None,
+                    backing: str | None) -> Schedule:
+    """qemu-img rebase's ``-p`` lines for ``path`` (nothing without ``-p``)."""
+    printer = QemuProgress(a.progress and not a.quiet, 2.0)
+    if not printer.enabled:
+        return Schedule(printer, 0)
+    if a.unsafe:
+        return unsafe_rebase_schedule(printer)
+    try:
+        with api.open(path, "r", fmt, force_share=True, untrusted=ctx.untrusted,
+                      secrets=ctx.secrets) as dev:
+            prefix = None
+            if backing is not None:
+                new = _resolve_backing(backing, path)
+                chain = dev.chain()
+                prefix = next((k for k in range(1, len(chain))
+                               if _same_file(new, chain[k].filename)), None)
+            return rebase_schedule(printer, dev, prefix)
+    except (DiskImgError, OSError):
+        return _basic_schedule(printer)  # the rebase itself reports the problem
 
 
 # --- dd -----------------------------------------------------------------------------
@@ -546,6 +726,10 @@ def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
     prealloc = a.preallocation
     if prealloc is not None and prealloc not in ("off", "metadata", "falloc", "full"):
         raise UsageError(f"Invalid preallocation mode '{prealloc}'")
+    with opened(ctx, name, "r", a.format, image_opts=a.image_opts, force_share=True,
+                need_key=False) as probe:
+        if probe.format == "vmdk":
+            raise DiskImgError("Image format driver does not support resize")
     with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         cur = dev.size
         new = cur + delta if rel == "+" else cur - delta if rel == "-" else delta
@@ -646,18 +830,31 @@ def cmd_measure(ctx: Context, a: argparse.Namespace) -> int:
 # --- commit -------------------------------------------------------------------------
 
 
+def path_and_format(a: argparse.Namespace, name: str, command: str,
+                    allowed: tuple[str, ...] = ()) -> tuple[str, str | None, dict[str, str]]:
+    """The file name, format and image options of FILE for commands that reopen it by
+    path (commit, rebase, amend): with ``--image-opts`` parsed by :func:`parse_image_opts`.
+    Image options other than ``allowed`` are refused (they could not be passed on)."""
+    if not a.image_opts:
+        return name, a.format, {}
+    path, fmt, rest = parse_image_opts(name)
+    for k in rest:
+        if k not in allowed:
+            raise UsageError(f"diskimg {command} does not support the image option '{k}'")
+    return path, fmt, rest
+
+
 def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
-    """qemu-img commit [-b BASE] [-d] [-p] FILE."""
+    """qemu-img commit [-b BASE] [-d] [-p] [--image-opts] FILE."""
     name = one_file(a)
-    if a.image_opts:
-        raise UsageError("--image-opts is not supported by diskimg commit")
     # open once the way qemu-img does, for its error messages (and the probed-raw warning)
-    with opened(ctx, name, "r+", a.format) as dev:
+    with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         if dev.backing is None:
             raise DiskImgError("Image does not have a backing file")
-    prog = Progress(a.progress and not a.quiet, 1.0)
-    conv.commit(name, base=a.base, drop=a.drop, progress=prog if prog.enabled else None,
-                fmt=a.format, untrusted=ctx.untrusted, secrets=ctx.secrets)
+    path, fmt, _ = path_and_format(a, name, "commit")
+    prog = commit_progress(ctx, a, path, fmt)
+    conv.commit(path, base=a.base, drop=a.drop, progress=prog if prog.enabled else None,
+                fmt=fmt, untrusted=ctx.untrusted, secrets=ctx.secrets)
     prog.finish()
     if not a.quiet:
         sys.stdout.write("Image committed.\n")
@@ -668,17 +865,17 @@ def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
 
 
 def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
-    """qemu-img rebase [-u] [-p] -b BACKING [-F FMT] FILE."""
+    """qemu-img rebase [-u] [-p] -b BACKING [-F FMT] [--image-opts] FILE."""
     name = one_file(a)
-    if a.image_opts:
-        raise UsageError("--image-opts is not supported by diskimg rebase")
     if not a.unsafe and a.backing is None:
         raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
     if a.backing_fmt is not None and a.backing_fmt not in KNOWN_FORMATS:
         raise UsageError(f"Invalid format name: '{a.backing_fmt}'")
     backing = a.backing or None
-    with opened(ctx, name, "r+", a.format, backing=not a.unsafe) as dev:
+    with opened(ctx, name, "r+", a.format, backing=not a.unsafe,
+                image_opts=a.image_opts) as dev:
         fmt = dev.format
+    path, path_fmt, _ = path_and_format(a, name, "rebase")
     if fmt != "qcow2":
         raise DiskImgError(f"Could not change the backing file to '{a.backing or ''}': "
                            "Operation not supported")
@@ -687,12 +884,12 @@ def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
         raise DiskImgError(f"Could not change the backing file to '{backing}': backing "
                            "format must be specified")
     if backing is not None and not a.unsafe:
-        bpath = _resolve_backing(backing, name)
+        bpath = _resolve_backing(backing, path)
         if not os.path.exists(bpath):
             raise DiskImgError(f"Could not open new backing file '{backing}': Could not open "
                                f"'{bpath}': No such file or directory")
-    prog = Progress(a.progress and not a.quiet, 1.0)
-    conv.rebase(name, backing, a.backing_fmt, unsafe=a.unsafe, fmt=a.format,
+    prog = rebase_progress(ctx, a, path, path_fmt, backing)
+    conv.rebase(path, backing, a.backing_fmt, unsafe=a.unsafe, fmt=path_fmt,
                 progress=prog if prog.enabled else None, untrusted=ctx.untrusted,
                 secrets=ctx.secrets, force_share=a.force_share)
     prog.finish()
@@ -714,7 +911,7 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
         raise DiskImgError(f"Could not open '{name}': force-share=on can only be used with "
                            "read-only images")
     with opened(ctx, name, "r+" if writable else "r", None, image_opts=a.image_opts,
-                force_share=a.force_share, backing=False) as dev:
+                force_share=a.force_share) as dev:
         table = getattr(dev, "snapshots", None)
         if action == "list":
             snaps = table.list() if table is not None else []
@@ -725,14 +922,17 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
         elif action == "create":
             try:
                 if table is None:
-                    raise DiskImgError("Operation not supported")
+                    raise DiskImgError("-95 (Operation not supported)")  # qemu's errno text
                 table.create(arg)
             except DiskImgError as e:
                 raise DiskImgError(f"Could not create snapshot '{arg}': {e}") from e
         elif action == "apply":
             try:
                 if table is None:
-                    raise DiskImgError("Operation not supported")
+                    if getattr(dev, "probed", False):
+                        # qemu reopens the file to try its snapshots: the warning again
+                        sys.stderr.write(PROBED_RAW_WARNING.format(name))
+                    raise DiskImgError("Block driver does not support snapshots")
                 found = [s for s in table.list() if s.id == arg] or \
                     [s for s in table.list() if s.name == arg]
                 if not found:
@@ -743,7 +943,7 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
         elif action == "delete":
             try:
                 if table is None:
-                    raise DiskImgError("Operation not supported")
+                    raise DiskImgError("snapshot not found")  # qemu's words for this too
                 found = [s for s in table.list() if s.name == arg]  # qemu: by name only
                 if not found:
                     raise DiskImgError("snapshot not found")
@@ -774,11 +974,14 @@ def cmd_amend(ctx: Context, a: argparse.Namespace) -> int:
     if len(a.files) != 1:
         raise DiskImgError("Expecting one image file name")  # qemu: no --help hint here
     name = str(a.files[0])
+    # the image stays open (and unlocked: key slots are re-wrapped with its master key)
+    # until amend's header rewrites, which amend.amend starts by closing it
     with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         fmt = dev.format
-    if fmt != "qcow2":
-        raise DiskImgError(f"Format driver '{fmt}' does not support option amendment")
-    values = am.validate_amend_options(opts.parse_list(olist))
-    am.amend(name, values, fmt="qcow2", force=a.force, secrets=ctx.secrets,
-             untrusted=ctx.untrusted)
+        if fmt != "qcow2":
+            raise DiskImgError(f"Format driver '{fmt}' does not support option amendment")
+        path, _fmt, iopts = path_and_format(a, name, "amend", ("encrypt.key-secret",))
+        values = am.validate_amend_options(opts.parse_list(olist))
+        am.amend(path, values, fmt="qcow2", force=a.force, secrets=ctx.secrets,
+                 untrusted=ctx.untrusted, image_options=iopts, device=dev)
     return 0

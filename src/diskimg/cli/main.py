@@ -266,6 +266,19 @@ def _main_help() -> str:
 
 def _parse(cmd: str, argv: list[str]) -> tuple[argparse.Namespace, CmdFn]:
     p, fn = _build(cmd)
+    # getopt takes "-5" for an option (argparse for a number); qemu-img resize alone
+    # takes its last argument as the size before parsing options
+    opts_end = argv.index("--") if "--" in argv else len(argv)
+    if cmd == "resize" and opts_end == len(argv) and argv:
+        opts_end -= 1
+        if argv[-1].startswith("-") and argv[-1] != "-":
+            argv = [*argv[:-1], "--", argv[-1]]  # "-1M" is the size, not an option
+    takes_value = {o for o, act in p._option_string_actions.items() if act.nargs != 0}
+    for i, x in enumerate(argv[:opts_end]):
+        if i and argv[i - 1] in takes_value:
+            continue  # an option's argument ("-S -1" is getopt's too)
+        if len(x) > 1 and x[0] == "-" and (x[1].isdigit() or x[1] == "."):
+            raise _Usage(f"unrecognized option '{x}'")
     ns, extra = p.parse_known_intermixed_args(argv)
     for x in extra:
         if x.startswith("-") and x != "-":
@@ -283,7 +296,9 @@ def _print_error(msg: str) -> None:
             out.append(f"{PROG}: {line.lstrip(chr(0))}")
         else:
             out.append(line)
-    sys.stderr.write("\n".join(out) + "\n")
+    # qemu appends this hint to the error without a newline of its own
+    end = "" if lines[-1].startswith("Detected format of ") else "\n"
+    sys.stderr.write("\n".join(out) + end)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

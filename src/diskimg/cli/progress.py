@@ -1,48 +1,399 @@
-"""qemu-img's ``-p`` progress line: ``    (NN.NN/100%)\\r`` on stdout, ``\\n`` at the end."""
+"""qemu-img's ``-p`` progress lines, reproduced call for call.
+
+qemu-img prints ``    (NN.NN/100%)\\r`` on stdout from ``qemu_progress_print(delta, max)``
+(single-precision arithmetic; a line whenever the value moved by more than ``min_skip``
+points, and always at 0 and 100) and ``\\n`` from ``qemu_progress_end()``.  *When* it calls
+it depends on the command: convert reports the share of the allocated chunks it has claimed,
+compare and rebase add a fixed share per chunk they finish.  :class:`Schedule` lists those
+calls for given images (from block status alone, as qemu's own first pass does), each tied
+to a guest offset; the library's percentage callbacks release them as the copy passes that
+offset, so the same lines come out in the same order as qemu-img's.
+"""
 
 from __future__ import annotations
 
+import struct
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TextIO
 
+from diskimg.device import BlockDevice, Status
 
-class Progress:
-    """Callable taking percentages; prints at 0 and 100 and whenever the value moved by more than ``min_skip`` points
-    (qemu-img uses 1.0 for convert, 2.0 for compare).  Disabled: does nothing."""
+SIZE_MISMATCH = "Warning: Image size mismatch!\n"
+IO_BUF = 2 << 20  # qemu-img's IO_BUF_SIZE: the copy and compare chunk
+SECTOR = 512
+_MAX_REQUEST = (2**31 - 1) // SECTOR * SECTOR  # BDRV_REQUEST_MAX_BYTES (sector aligned)
 
-    def __init__(self, enabled: bool, min_skip: float = 1.0, out: TextIO | None = None):
+
+def f32(x: float) -> float:
+    """``x`` rounded to IEEE single precision (C ``float``)."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
+class QemuProgress:
+    """qemu's progress state (``float`` current, last printed value and ``min_skip``).
+    Disabled: prints nothing."""
+
+    def __init__(self, enabled: bool, min_skip: float, out: TextIO | None = None) -> None:
         self.enabled = enabled
-        self.min_skip = min_skip
+        self.min_skip = f32(min_skip)
         self.out = out
         self.current = 0.0
         self.last = 0.0
 
-    def _print(self) -> None:
-        out = self.out or sys.stdout
-        out.write(f"    ({self.current:3.2f}/100%)\r")
-        out.flush()
-
-    def __call__(self, percent: float) -> None:
-        """Set the progress to ``percent`` (0..100)."""
+    def report(self, delta: float, max_: int) -> None:
+        """``qemu_progress_print(delta, max)``: ``max == 0`` sets the value to ``delta``,
+        otherwise ``delta`` percent of ``max`` points are added."""
         if not self.enabled:
             return
-        cur = min(100.0, max(0.0, percent))
+        delta = f32(delta)
+        cur = delta if max_ == 0 else f32(self.current + f32(f32(delta / 100) * max_))
+        cur = min(cur, 100.0)
         self.current = cur
-        if (cur > self.last + self.min_skip or cur < self.last - self.min_skip
+        if (cur > f32(self.last + self.min_skip) or cur < f32(self.last - self.min_skip)
                 or cur in (0.0, 100.0)):
             self.last = cur
-            self._print()
-
-    def finish(self) -> None:
-        """Force 100% and end the line (what qemu-img does after a successful copy)."""
-        if self.enabled:
-            self.current = 100.0
-            self._print()
-            self.end()
+            out = self.out or sys.stdout
+            out.write(f"    ({cur:3.2f}/100%)\r")
+            out.flush()
 
     def end(self) -> None:
-        """End the progress line."""
+        """``qemu_progress_end()``: the newline that ends the progress line."""
         if self.enabled:
             out = self.out or sys.stdout
             out.write("\n")
             out.flush()
+
+
+@dataclass(slots=True)
+class Schedule:
+    """qemu's progress calls ``(offset, delta, max, text)`` for one command, in order; a call
+    is made once the work has reached ``offset`` (bytes of the library's progress total).
+    A step with ``text`` writes that text to the progress stream instead (a message qemu-img
+    prints between progress lines).
+
+    Use as the library's ``progress`` callback (it takes percentages of ``total``)."""
+
+    printer: QemuProgress
+    total: int
+    steps: list[tuple[int, float, int, str]] = field(default_factory=list)
+    done: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """False when ``-p`` was not given (or ``-q`` was): nothing is printed."""
+        return self.printer.enabled
+
+    def add(self, offset: int, delta: float, max_: int) -> None:
+        """Append the call ``qemu_progress_print(delta, max_)`` made at ``offset``."""
+        self.steps.append((offset, delta, max_, ""))
+
+    def add_text(self, offset: int, text: str) -> None:
+        """Append ``text``, written at ``offset`` between the progress lines."""
+        self.steps.append((offset, 0.0, 0, text))
+
+    def __call__(self, percent: float) -> None:
+        """The library's callback: release the calls up to ``percent`` of ``total``."""
+        self.advance(round(percent * self.total / 100.0))
+
+    def advance(self, offset: int) -> None:
+        """Make every pending call whose offset is at most ``offset``."""
+        steps = self.steps
+        while self.done < len(steps) and steps[self.done][0] <= offset:
+            _, delta, mx, text = steps[self.done]
+            self.done += 1
+            if not self.printer.enabled:
+                continue
+            if text:
+                out = self.printer.out or sys.stdout
+                out.write(text)
+                out.flush()
+            else:
+                self.printer.report(delta, mx)
+
+    def printed(self, text: str) -> bool:
+        """Whether the text step ``text`` has been written."""
+        return any(t == text for _, _, _, t in self.steps[: self.done])
+
+    def finish(self) -> None:
+        """The command succeeded: make every pending call and end the line."""
+        self.advance(2**63)
+        self.printer.end()
+
+    def stop(self) -> None:
+        """The command failed: end the line (qemu-img prints no 100 then)."""
+        self.printer.end()
+
+
+# --- convert -------------------------------------------------------------------------
+
+
+def _grain(dev: BlockDevice) -> int | None:
+    """The cluster size of a sparse vmdk or a qcow2 image, else None."""
+    cs = getattr(dev, "cluster_size", None)
+    if cs is None and dev.format == "vmdk":
+        try:
+            cs = dev.info().cluster_size
+        except Exception:
+            cs = None
+    return int(cs) if cs else None
+
+
+def _alignment(dev: BlockDevice) -> int:
+    """Sectors a source's block-status runs are trimmed to (qemu-img's src_alignment:
+    the format's cluster size, 1 sector for raw and flat images)."""
+    return max(1, (_grain(dev) or 0) // SECTOR)
+
+
+def status_run(dev: BlockDevice, off: int, length: int,
+               top_only: bool = False) -> tuple[Status, int]:
+    """Block status at ``off`` (at most ``length`` bytes) with QEMU's run lengths: a
+    sparse vmdk answers one grain at a time, a qcow2 image one run of clusters of the same
+    kind (and contiguous host offsets) within one L2 table."""
+    def one(o: int, n: int) -> tuple[Status, int]:
+        if top_only:
+            return dev._status(o, n), 0
+        return dev.block_status(o, n)
+
+    st, depth = one(off, length)
+    grain = _grain(dev)
+    if dev.format == "vmdk" and grain:
+        n = min(st.length, grain - off % grain)
+        return Status(n, st.allocated, st.data, st.zero, st.offset, st.filename), depth
+    if dev.format != "qcow2" or not grain:
+        return st, depth
+    ext = getattr(dev, "extended", False)
+    span = grain * (grain // (16 if ext else 8))  # guest bytes one L2 table maps
+    end = min(off + length, (off // span + 1) * span)
+    n = min(st.length, end - off)
+    while off + n < end:
+        nxt, d2 = one(off + n, end - off - n)
+        same = (nxt.allocated, nxt.data, nxt.zero, d2) == (st.allocated, st.data, st.zero, depth)
+        if st.offset is not None:
+            same = same and nxt.offset == st.offset + n
+        elif st.data:
+            same = False  # compressed or encrypted clusters: one at a time
+        if not same:
+            break
+        n += min(nxt.length, end - off - n)
+    return Status(n, st.allocated, st.data, st.zero, st.offset, st.filename), depth
+
+
+def convert_schedule(printer: QemuProgress, devs: Sequence[BlockDevice], *,
+                     target_backing: bool = False, min_sparse: int = 4096,
+                     compress_cluster: int = 0) -> Schedule:
+    """qemu-img convert's progress: 0 at the start, then after claiming each chunk that
+    will be copied (data, or zeros with ``-S 0``) the share of such sectors claimed so far,
+    then 100.  Chunks follow qemu's iteration: block-status runs trimmed to the source's
+    cluster alignment, data cut at 2 MiB, whole clusters when compressing
+    (``compress_cluster`` bytes, 0 = not compressing)."""
+    total_sectors = sum(d.size for d in devs) // SECTOR
+    starts = []
+    pos = 0
+    for d in devs:
+        starts.append(pos)
+        pos += d.size // SECTOR
+    csec = compress_cluster // SECTOR
+    buf = csec or IO_BUF // SECTOR  # compressing: one cluster at a time
+    chunks: list[tuple[int, int, bool]] = []  # (sector, sectors, counted)
+    status = "data"
+    next_status = 0
+    sector = 0
+    while sector < total_sectors:
+        n = min(total_sectors - sector, _MAX_REQUEST // SECTOR)
+        if next_status <= sector:
+            k = max(i for i, s in enumerate(starts) if s <= sector)
+            dev, base = devs[k], starts[k]
+            off = (sector - base) * SECTOR
+            want = min(n * SECTOR, dev.size - off)
+            st, _ = status_run(dev, off, want, top_only=target_backing)
+            if target_backing:
+                zero = st.zero
+                data = st.data and st.allocated
+                other = "backing" if not st.allocated else "data"
+            else:
+                zero = st.zero or (not st.allocated and not st.data)
+                data = st.data
+                other = "data"
+            n = max(1, -(-min(st.length, want) // SECTOR))
+            tail = (sector - base + n) % _alignment(dev)
+            if n > tail:
+                n -= tail
+            status = "zero" if zero else "data" if data else other
+            next_status = sector + n
+        n = min(n, next_status - sector)
+        if status == "data":
+            n = min(n, buf)
+        if csec:
+            if n < csec:
+                n = min(csec, total_sectors - sector)
+                status = "data"
+            else:
+                n = n // csec * csec
+        counted = status == "data" or (min_sparse == 0 and status == "zero")
+        if counted and status == "zero":
+            n = min(n, buf)
+        chunks.append((sector, n, counted))
+        sector += n
+    allocated = sum(n for _, n, c in chunks if c)
+    sched = Schedule(printer, total_sectors * SECTOR)
+    sched.add(-1, 0.0, 100)
+    done = 0
+    for s, n, counted in chunks:
+        if counted:
+            done += n
+            sched.add(s * SECTOR, 100.0 * done / allocated, 0)
+    sched.add(total_sectors * SECTOR, 100.0, 0)
+    return sched
+
+
+# --- compare -------------------------------------------------------------------------
+
+
+def _reads_zero(dev: BlockDevice, off: int, size: int) -> tuple[int, bool]:
+    st, _ = status_run(dev, off, size - off)
+    return st.length, st.zero or (not st.allocated and not st.data)
+
+
+def compare_schedule(printer: QemuProgress, d1: BlockDevice, d2: BlockDevice) -> Schedule:
+    """qemu-img compare's progress: 0, then after each chunk (a run both images read as
+    zeros whole, anything else cut at 2 MiB) its share of the larger size, single
+    precision, accumulated; the tail of the longer image likewise."""
+    s1, s2 = d1.size, d2.size
+    common, total = min(s1, s2), max(s1, s2)
+    sched = Schedule(printer, total)
+    sched.add(-1, 0.0, 100)
+    ftotal = f32(total)
+
+    def step(end: int, chunk: int) -> None:
+        sched.add(end, f32(f32(f32(chunk) / ftotal) * 100), 100)
+
+    pos = 0
+    while pos < common:
+        n1, z1 = _reads_zero(d1, pos, s1)
+        n2, z2 = _reads_zero(d2, pos, s2)
+        n = min(n1, n2)
+        if not (z1 and z2):
+            n = min(n, IO_BUF)
+        pos += n
+        step(pos, n)
+    if s1 != s2:
+        sched.add_text(common, SIZE_MISMATCH)
+    longer = d1 if s1 > s2 else d2
+    while pos < total:
+        n, z = _reads_zero(longer, pos, total)
+        if not z:
+            n = min(n, IO_BUF)
+        pos += n
+        step(pos, n)
+    return sched
+
+
+# --- rebase --------------------------------------------------------------------------
+
+
+def rebase_schedule(printer: QemuProgress, dev: BlockDevice,
+                    prefix_depth: int | None = None) -> Schedule:
+    """qemu-img rebase's progress (safe mode): 0, then ``100 / (size / 2 MiB)`` points for
+    each run (at most 2 MiB) that the image does not allocate itself and so has to be
+    compared with the new backing file, then 100.  With ``prefix_depth`` (the new backing
+    file is that image of the old chain) only runs some image above it allocates count."""
+    size = dev.size
+    sched = Schedule(printer, size)
+    sched.add(-1, 0.0, 100)
+    if size:
+        share = f32(f32(100.0) / f32(size // min(size, IO_BUF)))
+        pos = 0
+        while pos < size:
+            st = dev._status(pos, min(IO_BUF, size - pos))
+            n = st.length
+            if not st.allocated:
+                if prefix_depth is not None:
+                    n, counts = _allocated_between(dev, pos, n, prefix_depth)
+                else:
+                    counts = True
+                if counts:
+                    sched.add(pos + n, share, 100)
+            pos += n
+    sched.add(size, 100.0, 0)
+    return sched
+
+
+def _allocated_between(dev: BlockDevice, pos: int, n: int, prefix: int) -> tuple[int, bool]:
+    """Length of the run at ``pos`` and whether an image strictly between ``dev`` and the
+    chain member at depth ``prefix`` allocates it."""
+    chain = dev.chain()
+    for d in chain[1:prefix]:
+        if pos >= d.size:
+            return n, False
+        st = d._status(pos, min(n, d.size - pos))
+        n = min(n, st.length)
+        if st.allocated:
+            return n, True
+    return n, False
+
+
+def unsafe_rebase_schedule(printer: QemuProgress) -> Schedule:
+    """``rebase -u``: only 0 and 100."""
+    sched = Schedule(printer, 0)
+    sched.add(-1, 0.0, 100)
+    sched.add(0, 100.0, 0)
+    return sched
+
+
+# --- commit --------------------------------------------------------------------------
+
+_MIRROR_BUF = 1 << 20  # the commit job's copy buffer
+
+
+def commit_schedule(printer: QemuProgress, top: BlockDevice, base_depth: int) -> Schedule:
+    """qemu-img commit's progress: the block job's bytes done over bytes to copy (the
+    ranges some image above the base allocates), polled as the job runs.  qemu-img polls
+    on every event, so how often it repeats 0 and 100 depends on timing; this is the
+    sequence of one poll before the job starts, one per finished 1 MiB buffer and one after
+    it ends."""
+    size = top.size
+    runs: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        st, depth = top.block_status(pos, size - pos)
+        if st.allocated and depth < base_depth:
+            runs.append((pos, st.length))
+        pos += st.length
+    total = sum(n for _, n in runs)
+    sched = Schedule(printer, size)
+    sched.add(-1, 0.0, 100)
+    sched.add(-1, 0.0, 0)
+    done = 0
+    for start, n in runs:
+        for p in range(start, start + n, _MIRROR_BUF):
+            k = min(_MIRROR_BUF, start + n - p)
+            done += k
+            sched.add(p + k, f32(f32(f32(done) / f32(total)) * 100), 0)
+    sched.add(size, 100.0, 0)
+    sched.add(size, 100.0, 0)
+    return sched
+
+
+class Progress:
+    """Callable taking percentages of the whole job: qemu's line whenever the value moved
+    by more than ``min_skip`` points, always at 0 and 100 (a simple progress bar for jobs
+    without a qemu schedule).  Disabled: does nothing."""
+
+    def __init__(self, enabled: bool, min_skip: float = 1.0, out: TextIO | None = None):
+        self.printer = QemuProgress(enabled, min_skip, out)
+        self.enabled = enabled
+
+    def __call__(self, percent: float) -> None:
+        """Set the progress to ``percent`` (0..100)."""
+        self.printer.report(min(100.0, max(0.0, percent)), 0)
+
+    def finish(self) -> None:
+        """Print 100 and end the line."""
+        self.printer.report(100.0, 0)
+        self.printer.end()
+
+    def end(self) -> None:
+        """End the progress line."""
+        self.printer.end()

@@ -16,11 +16,11 @@ from diskimg.hostio import open_host_file
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
-    QCOW2_EXT_MAGIC_DATA_FILE,
-    QCOW2_INCOMPAT_DATA_FILE,
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
+    QCOW2_EXT_MAGIC_DATA_FILE,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
     QCOW2_INCOMPAT_COMPRESSION,
+    QCOW2_INCOMPAT_DATA_FILE,
     QCOW2_INCOMPAT_EXTL2,
     QCOW_MAX_L1_SIZE,
     V2_HEADER_LENGTH,
@@ -191,7 +191,9 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
         host.close()
     if h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW and prealloc == "off":
         prealloc = "metadata"  # qemu maps a raw data file one to one from the start
-    if prealloc != "off":
+    if prealloc in ("falloc", "full") and h.data_file is None:
+        _preallocate_space(path, h, prealloc)
+    elif prealloc != "off":
         _preallocate(path, prealloc)
 
 
@@ -228,6 +230,95 @@ def _add_luks_area(host: Any, h: Header, rc: Any, passphrase: bytes,
     rc.flush()
     host.pwrite(off, area.ljust(nclusters * cs, b"\0"))
     h.set_ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER, pack_fde_extension(off, len(area)))
+
+
+def _refcount_blocks_needed(clusters: int, cs: int, refcount_order: int) -> int:
+    """Refcount blocks needed to count ``clusters`` clusters plus the refcount blocks and
+    refcount table clusters themselves (the fixed point of QEMU's metadata-size sum)."""
+    per_block = cs * 8 >> refcount_order
+    per_table_cluster = cs // 8
+    blocks = table = 0
+    while True:
+        nb = -(-(clusters + blocks + table) // per_block)
+        nt = -(-nb // per_table_cluster)
+        if (nb, nt) == (blocks, table):
+            return blocks
+        blocks, table = nb, nt
+
+
+def _preallocate_space(path: Path, h: Header, mode: str) -> None:
+    """``preallocation=falloc|full`` laid out as qemu-img 7.2 lays it out.
+
+    QEMU first moves the refcount table to the end of the file, sized (with new refcount
+    blocks in front of it) to count every cluster the preallocation will add, then puts
+    the data clusters after it in one run (fallocated, or written as zeros for ``full``),
+    and only then allocates the L2 tables: the first one in the freed cluster of the old
+    refcount table, the others after the data.  Invariant: every cluster the file uses
+    has refcount 1 and everything else 0, so ``check`` finds no leaks."""
+    cs = h.cluster_size
+    order = h.refcount_order
+    per_block = cs * 8 >> order
+    l2_entry = 16 if h.incompatible_features & QCOW2_INCOMPAT_EXTL2 else 8
+    per_l2 = cs // l2_entry
+    host = open_host_file(path, True)
+    try:
+        old_end = -(-host.size() // cs)  # clusters in use (the file ends mid-cluster)
+        n_data = -(-h.size // cs)
+        n_l2 = -(-n_data // per_l2) + 1  # QEMU's estimate: one more for a head/tail
+        n_blocks = _refcount_blocks_needed(old_end + n_data + n_l2, cs, order)
+        table_entries = -(-n_blocks // (cs // 8)) * (cs // 8)
+        table_clusters = table_entries * 8 // cs
+        old_table = struct.unpack(">Q", host.pread(h.refcount_table_offset, 8))[0]
+        blocks: dict[int, RefBlock] = {0: RefBlock(order, host.pread(old_table, cs))}
+        table = [old_table] + [0] * (table_entries - 1)
+        first_block = old_end // per_block
+        nxt = old_end
+        for i in range(first_block, n_blocks):
+            if not table[i]:
+                table[i] = nxt * cs
+                blocks[i] = RefBlock(order, bytes(cs))
+                nxt += 1
+        table_at = nxt
+        data_at = table_at + table_clusters
+        old_table_cluster = h.refcount_table_offset // cs
+        # L2 tables: the old refcount table's cluster first, then after the data
+        l2_at = [old_table_cluster, *range(data_at + n_data, data_at + n_data + n_l2 - 1)]
+        n_tables = -(-n_data // per_l2)
+        # in use: the new refcount blocks, the table and the data, then the L2 tables
+        used = [(old_end, data_at + n_data)] + [(c, c + 1) for c in l2_at[:n_tables]]
+        blocks[0][old_table_cluster] = 0
+        for lo, hi in used:
+            while lo < hi:
+                i, j = divmod(lo, per_block)
+                k = min(hi - lo, per_block - j)
+                blocks[i].fill(j, j + k, 1)
+                lo += k
+        for i, b in sorted(blocks.items()):
+            host.pwrite(table[i], b.pack())
+        host.pwrite(table_at * cs, b"".join(struct.pack(">Q", e) for e in table))
+        host.pwrite(48, struct.pack(">QI", table_at * cs, table_clusters))
+        h.refcount_table_offset, h.refcount_table_clusters = table_at * cs, table_clusters
+        data_end = (data_at + n_data) * cs
+        if mode == "full":
+            host.write_zeros(data_at * cs, n_data * cs)
+        else:
+            host.preallocate(data_at * cs, n_data * cs)
+        if host.size() < data_end:
+            host.truncate(data_end)
+        l1 = bytearray(h.l1_size * 8)
+        copied = 1 << 63
+        for t in range(n_tables):
+            first = t * per_l2
+            entries = bytearray(cs)
+            for j in range(min(per_l2, n_data - first)):
+                struct.pack_into(">Q", entries, j * l2_entry,
+                                 ((data_at + first + j) * cs) | copied)
+            host.pwrite(l2_at[t] * cs, entries)
+            struct.pack_into(">Q", l1, t * 8, (l2_at[t] * cs) | copied)
+        host.pwrite(h.l1_table_offset, l1)
+        host.flush()
+    finally:
+        host.close()
 
 
 def _preallocate(path: Path, mode: str) -> None:
