@@ -166,14 +166,14 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
         _create_data_file(path, h.data_file, h.size)
     host = open_host_file(path, True, create=True)
     try:
-        # clusters 0-2: header, refcount table, first refcount block (refcounts for 0..2)
-        host.pwrite(0, h.pack().ljust(cs, b"\0"))
+        # clusters 0-2: header, refcount table, first refcount block (refcounts for 0..2).
+        # The header cluster is written last: until then the file has no magic, so a crash
+        # leaves no half-made image that qemu would open (B12)
         host.pwrite(cs, struct.pack(">Q", 2 * cs).ljust(cs, b"\0"))
         blk = RefBlock(h.refcount_order, bytes(cs))
         for c in range(3):
             blk[c] = 1
         host.pwrite(2 * cs, blk.pack())
-        host.flush()
         if h.l1_size:
             from diskimg.qcow2.refcount import Refcounts
 
@@ -184,8 +184,8 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
             h.l1_table_offset = l1_off
             if h.crypt_method == 2:
                 _add_luks_area(host, h, rc, passphrase, enc_opts)
-            host.flush()
-            host.pwrite(0, h.pack())
+        host.flush()
+        host.pwrite(0, h.pack().ljust(cs, b"\0"))
         host.flush()
     finally:
         host.close()
