@@ -135,3 +135,56 @@ def test_same_output_as_virsh() -> None:
         # the session libvirtd exits by itself after its idle timeout
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(mine, ignore_errors=True)
+
+
+def _virsh_test(script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``virsh -c test:///default`` (libvirt's in-process test driver, no daemon)."""
+    return subprocess.run([VIRSH or "", "-c", "test:///default", script],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _text(xml: str, path: str) -> str | None:
+    import xml.etree.ElementTree as ET
+
+    el = ET.fromstring(xml).find(path)
+    return None if el is None else (el.text or "").strip()
+
+
+@pytest.mark.skipif(VIRSH is None or QEMU_IMG is None, reason="virsh/qemu-img not installed")
+def test_libvirt_test_driver_accepts_our_xml(tmp_path: Path) -> None:
+    """Pool and volume XML diskimg writes is defined by libvirt itself (its test driver),
+    and libvirt reads back the same name, uuid, target path, permissions, capacity and
+    format."""
+    reg = PoolRegistry(tmp_path / "cfg", tmp_path / "state")
+    pool = reg.define("p1", tmp_path / "images")
+    pool.build()
+    pool.start()
+    vols = [pool.create_volume("r.raw", "3M"),
+            pool.create_volume("a.qcow2", "1G", "qcow2"),
+            pool.create_volume("v.vmdk", "64M", "vmdk")]
+    vols.append(pool.create_volume("b.qcow2", "1G", "qcow2", backing=vols[1]))
+    ours = (tmp_path / "cfg" / "p1.xml").read_text()
+    (tmp_path / "pool.xml").write_text(ours)
+    r = _virsh_test(f"pool-define {tmp_path / 'pool.xml'}; pool-dumpxml p1")
+    assert r.returncode == 0 and "Pool p1 defined" in r.stdout, r.stdout + r.stderr
+    theirs = r.stdout[r.stdout.index("<pool"):]
+    for path in ("name", "uuid", "target/path", "target/permissions/mode"):
+        assert _text(theirs, path) == _text(ours, path), path
+    for v in vols:
+        f = tmp_path / f"{v.name}.xml"
+        f.write_text(v.to_xml())
+        r = _virsh_test(f"vol-create default-pool {f}; vol-dumpxml {v.name} default-pool")
+        assert r.returncode == 0 and f"Vol {v.name} created" in r.stdout, \
+            (v.to_xml(), r.stdout, r.stderr)
+        theirs = r.stdout[r.stdout.index("<volume"):]
+        assert _text(theirs, "name") == v.name
+        assert _text(theirs, "capacity") == _text(v.to_xml(), "capacity")
+        assert _attr(theirs, "target/format", "type") == v.format
+        assert _attr(v.to_xml(), "target/format", "type") == v.format
+
+
+def _attr(xml: str, path: str, attr: str) -> str | None:
+    import xml.etree.ElementTree as ET
+
+    el = ET.fromstring(xml).find(path)
+    return None if el is None else el.get(attr)
