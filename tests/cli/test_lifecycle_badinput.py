@@ -1,0 +1,133 @@
+"""Issue 4's bad input through the CLI: damaged snapshot tables and overlapping metadata.
+
+For each damage: ``info``, ``check`` and ``convert`` end in a clean ``diskimg:`` error or a
+qemu-style result (never a traceback, bounded time), ``check`` reports the damage as
+corruptions or a check error rather than crashing, and ``check -r all`` never makes the
+image worse by qemu-img's own count.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .conftest import needs_qemu
+from .lifecycle_helpers import create, qio
+
+pytestmark = [pytest.mark.qemu, needs_qemu]
+
+
+def _u32(p: Path, off: int) -> int:
+    with p.open("rb") as f:
+        f.seek(off)
+        return int(struct.unpack(">I", f.read(4))[0])
+
+
+def _u64(p: Path, off: int) -> int:
+    with p.open("rb") as f:
+        f.seek(off)
+        return int(struct.unpack(">Q", f.read(8))[0])
+
+
+def _put(p: Path, off: int, data: bytes) -> None:
+    with p.open("r+b") as f:
+        f.seek(off)
+        f.write(data)
+
+
+def _snap_name_64k(p: Path) -> None:
+    so = _u64(p, 64)
+    _put(p, so + 14, struct.pack(">H", 0xFFFF))  # name_size: 64 KiB name
+
+
+def _snap_table_past_eof(p: Path) -> None:
+    _put(p, 64, struct.pack(">Q", (p.stat().st_size + (1 << 20)) & ~0xFFFF))
+
+
+def _snap_l1_past_eof(p: Path) -> None:
+    so = _u64(p, 64)
+    _put(p, so, struct.pack(">Q", 1 << 40))  # the snapshot's l1_table_offset
+
+
+def _snap_extra_absurd(p: Path) -> None:
+    so = _u64(p, 64)
+    _put(p, so + 36, struct.pack(">I", 0x7FFFFFFF))  # extra_data_size
+
+
+def _reftable_over_l1(p: Path) -> None:
+    _put(p, 48, struct.pack(">Q", _u64(p, 40)))  # refcount_table_offset = l1_table_offset
+
+
+def _snap_count_huge(p: Path) -> None:
+    _put(p, 60, struct.pack(">I", 10**9))
+
+
+DAMAGE: dict[str, Callable[[Path], None]] = {
+    "snapshot-name-64KiB": _snap_name_64k,
+    "snapshot-table-past-eof": _snap_table_past_eof,
+    "snapshot-l1-past-eof": _snap_l1_past_eof,
+    "snapshot-extra-data-absurd": _snap_extra_absurd,
+    "refcount-table-overlaps-l1": _reftable_over_l1,
+    "snapshot-count-1e9": _snap_count_huge,
+}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("bad")
+    create(d, "img.qcow2", "4M")
+    qio(d, "img.qcow2", "write -P 1 0 1M")
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", "img.qcow2"], cwd=d, check=True)
+    qio(d, "img.qcow2", "write -P 2 512k 64k")
+    return d / "img.qcow2"
+
+
+def _qcheck(p: Path) -> tuple[int, int]:
+    """qemu-img's (exit code, corruptions + check errors) for ``p``."""
+    r = subprocess.run(["qemu-img", "check", "--output=json", str(p)], capture_output=True,
+                       text=True, timeout=120)
+    try:
+        doc = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        return r.returncode, 1 << 30  # qemu could not even check it
+    return r.returncode, int(doc.get("corruptions", 0)) + int(doc.get("check-errors", 0))
+
+
+def _clean_outcome(r, allowed: tuple[int, ...]) -> None:
+    assert r.rc in allowed, (r.rc, r.out, r.err)
+    assert "Traceback" not in r.err
+    if r.rc == 1:
+        first = r.err.splitlines()[0] if r.err else ""
+        assert first.startswith(("diskimg:", "ERROR")), r.err
+        if first.startswith("diskimg: Could not open"):
+            assert " at 0x" in first, f"the error does not say where: {first}"
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_lifecycle_metadata(damage: str, pristine: Path, tmp_path: Path, di) -> None:
+    p = tmp_path / "img.qcow2"
+    shutil.copy(pristine, p)
+    DAMAGE[damage](p)
+    before = p.read_bytes()
+    # read-only commands: a clean result or a clean error, and the file is untouched
+    r = di("info", "--output=json", p.name, cwd=tmp_path)
+    _clean_outcome(r, (0, 1))
+    r = di("check", p.name, cwd=tmp_path)
+    _clean_outcome(r, (0, 1, 2, 3))
+    r = di("snapshot", "-l", p.name, cwd=tmp_path)
+    _clean_outcome(r, (0, 1))
+    r = di("convert", "-O", "raw", p.name, "out.raw", cwd=tmp_path)
+    _clean_outcome(r, (0, 1))
+    assert p.read_bytes() == before, "a read-only command wrote to the image"
+    # -r all never makes the image worse by qemu-img's own count
+    q_rc, q_bad = _qcheck(p)
+    r = di("check", "-r", "all", p.name, cwd=tmp_path)
+    _clean_outcome(r, (0, 1, 2, 3))
+    a_rc, a_bad = _qcheck(p)
+    assert a_bad <= q_bad, (damage, q_rc, q_bad, a_rc, a_bad, r.out, r.err)
