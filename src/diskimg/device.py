@@ -32,6 +32,10 @@ class MapEntry:
     filename: str | None = None  # host file the offset refers to (for human map output)
 
     def to_json(self) -> dict[str, Any]:
+        """This run as ``qemu-img map --output=json`` prints it (``offset`` only when set).
+
+        ``start``, ``length`` and ``offset`` are bytes; ``filename`` is not included.
+        """
         d: dict[str, Any] = {
             "start": self.start,
             "length": self.length,
@@ -79,6 +83,10 @@ class ImageInfo:
     format_specific: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The ``qemu-img info --output=json`` object, with qemu's keys, order and
+        conditional keys (``encrypted`` only when true, backing keys only with a backing
+        file, ``snapshots`` only when there are some).  Sizes are bytes.
+        """
         d: dict[str, Any] = {}
         if self.snapshots:
             d["snapshots"] = self.snapshots
@@ -346,6 +354,10 @@ class DeviceIO(io.RawIOBase):
         return new
 
     def readinto(self, b: Any) -> int:
+        """Fill ``b`` from the cursor and advance it; return the number of bytes read.
+
+        Returns 0 at or past the end of the disk (never raises for that).
+        """
         mv = memoryview(b).cast("B")
         n = max(0, min(len(mv), self._dev.size - self._pos))
         if n:
@@ -354,6 +366,11 @@ class DeviceIO(io.RawIOBase):
         return n
 
     def write(self, b: Any) -> int:
+        """Write all of ``b`` at the cursor and advance it; return ``len(b)`` in bytes.
+
+        All or nothing: a write that would extend past the fixed disk size raises
+        ``OSError(ENOSPC)`` before writing; a read-only device raises ``UsageError``.
+        """
         mv = memoryview(b).cast("B")
         if self._pos + len(mv) > self._dev.size:
             raise OSError(28, "write past the end of the virtual disk")

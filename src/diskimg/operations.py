@@ -11,15 +11,17 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskimg import api
 from diskimg.device import BlockDevice
 from diskimg.errors import CorruptImageError, DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile, aligned_buffer
+
+if TYPE_CHECKING:  # imported where used: info/check/map never start threads
+    from concurrent.futures import Future
 
 CHUNK = 2 << 20  # qemu-img convert's buffer: 4096 sectors
 SECTOR = 512
@@ -207,46 +209,91 @@ class _Copier:
     def copy_compressed(self, devs: Sequence[BlockDevice], workers: int) -> None:
         """``convert -c``: the sources (concatenated) go to the target one whole cluster at a
         time; clusters that read as zeros are skipped, the others are compressed in a pool
-        of ``workers`` threads and written in guest order (qemu-img without ``-W``)."""
-        tgt = self.tgt
+        of ``workers`` threads and written in guest order (qemu-img without ``-W``).
+
+        Work is handed out a chunk (CHUNK bytes) at a time: a worker finds the zero
+        clusters of the chunk and compresses the others; the main thread reads ahead and
+        writes finished chunks in order, each run of non-zero clusters with one
+        ``write_compressed_clusters`` call where the target has it."""
+        tgt: Any = self.tgt
         if not hasattr(tgt, "write_compressed"):
             raise UnsupportedFeatureError("Compression not supported for this file format")
         cs = getattr(tgt, "cluster_size", None) or 65536
         step = max(cs, CHUNK // cs * cs)
         reader = _Concat(devs)
-        pending: deque[tuple[int, memoryview, Future[bytes | None]]] = deque()
-        window = max(2, workers * 4)
+        compress = tgt.compress_cluster
+        batch = getattr(tgt, "write_compressed_clusters", None)
+        zeros = bytes(cs)
+        # chunks in flight (each holds a CHUNK buffer): bounded, so memory is too
+        window = max(2, min(2 * workers, 6))
+        pending: deque[tuple[int, int, Any, Future[list[bytes | bool | None]] | None]] = \
+            deque()
+        spare: list[Any] = []
+
+        def work(buf: Any, n: int) -> list[bytes | bool | None]:
+            """Per cluster of ``buf[:n]``: False (reads as zeros), None (does not shrink:
+            stored as a normal cluster, as qemu does) or the compressed bytes."""
+            mv = memoryview(buf)[:n]  # the buffer may be longer (the last chunk)
+            out: list[bytes | bool | None] = []
+            for p in range(0, n, cs):
+                piece = mv[p : p + cs]
+                if not piece[0] and piece.tobytes() == zeros[: len(piece)]:
+                    out.append(False)
+                else:
+                    out.append(compress(piece))
+            return out
+
+        def put(off: int, run: list[tuple[memoryview, bytes | None]]) -> None:
+            if batch is not None:
+                batch(off, run)
+                return
+            for k, (piece, packed) in enumerate(run):
+                if packed is None:
+                    tgt.write(off + k * cs, piece)
+                else:
+                    tgt.write_compressed(off + k * cs, piece, compressed=packed)
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
-                o, piece, fut = pending.popleft()
-                packed = fut.result()
-                if packed is None:  # does not shrink: a normal cluster, as qemu writes it
-                    tgt.write(o, piece)
-                else:
-                    tgt.write_compressed(o, piece, compressed=packed)
-
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for start in range(0, self.total, step):
-                n = min(step, self.total - start)
-                if reader.is_zero(start, n):
+                start, n, buf, fut = pending.popleft()
+                if fut is None:  # the whole chunk reads as zeros
                     if not self.fresh:
                         self.zero(start, n)
                     self.tick(n)
                     continue
-                buf = bytearray(n)
-                reader.readinto(start, memoryview(buf))
-                mv = memoryview(buf)
-                for p in range(0, n, cs):
-                    piece = mv[p : p + cs]
-                    if is_zero(piece):
+                mv = memoryview(buf)[:n]
+                run: list[tuple[memoryview, bytes | None]] = []
+                run_off = start
+                for k, r in enumerate(fut.result()):
+                    p = k * cs
+                    if r is False:
+                        if run:
+                            put(run_off, run)
+                            run = []
                         if not self.fresh:
-                            self.zero(start + p, len(piece))
+                            self.zero(start + p, min(cs, n - p))
                         continue
-                    fut = pool.submit(tgt.compress_cluster, piece)  # type: ignore[attr-defined]
-                    pending.append((start + p, piece, fut))
-                    drain(window)
+                    if not run:
+                        run_off = start + p
+                    run.append((mv[p : p + cs], r if isinstance(r, bytes) else None))
+                if run:
+                    put(run_off, run)
                 self.tick(n)
+                spare.append(buf)
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, workers),
+                                thread_name_prefix="diskimg-compress") as pool:
+            for start in range(0, self.total, step):
+                n = min(step, self.total - start)
+                if reader.is_zero(start, n):
+                    pending.append((start, n, None, None))
+                else:
+                    buf = spare.pop() if spare else aligned_buffer(step)
+                    reader.readinto(start, memoryview(buf)[:n])
+                    pending.append((start, n, buf, pool.submit(work, buf, n)))
+                drain(window)
             drain(0)
 
     def tick(self, n: int) -> None:
@@ -289,14 +336,27 @@ class _Copier:
             return
         with _ReadAhead(src, self._plan(src)) as ahead:
             for kind, pos, n, item in ahead:
-                if isinstance(item, Future):  # a compressed cluster decoded by the pool
-                    data, c_off = item.result()
-                    self._put(kind, base + pos, data if c_off == 0 and len(data) == n
-                              else data[c_off : c_off + n], n)
+                if isinstance(item, _Decoded):  # compressed clusters decoded by the pool
+                    item.future.result()
+                    self._put_decoded(base + pos, item, n)
+                    ahead.release(item.buf)
                     continue
                 self._put(kind, base + pos, item, n)
                 ahead.release(item)
             self.flush_pending()
+
+    def _put_decoded(self, off: int, item: _Decoded, n: int) -> None:
+        """Write decoded compressed clusters gathered in ``item.buf[:n]``.  Sparse
+        detection works per block-status run (one cluster each), as qemu-img's does; when
+        the buffer holds no zero sector at all that is the same as one run for all."""
+        buf = item.buf
+        if self.min_sparse == 0 or _next_zero_sector(buf, 0, n) >= n:
+            self._put("data", off, buf, n)
+            return
+        at = 0
+        for _pos, k in item.pieces:
+            self._put("data", off + at, buf[at : at + k], k)
+            at += k
 
     def _put(self, kind: str, off: int, buf: Any, n: int) -> None:
         if kind == "zero":
@@ -312,11 +372,23 @@ _COMBINE_BELOW = 256 << 10  # data pieces shorter than this are gathered into on
 _BUFFERS = 4  # chunk buffers of a pipelined copy (one being written, the rest read ahead)
 
 
+@dataclass(slots=True)
+class _Decoded:
+    """Consecutive compressed clusters being decoded into ``buf`` by the pool: ``pieces``
+    are their block-status runs (guest position, length), in order."""
+
+    future: Future[None]
+    buf: Any
+    pieces: list[tuple[int, int]]
+
+
 class _ReadAhead:
     """Reads the data runs of a plan on a background thread into a small ring of CHUNK
-    buffers; iterating yields ``(kind, pos, n, buffer or None)`` in plan order.  Return
-    each buffer with :meth:`release` once written.  Errors of the reader are raised by the
-    iteration; leaving the ``with`` block stops the reader."""
+    buffers; iterating yields ``(kind, pos, n, item)`` in plan order, ``item`` being the
+    buffer (data), None (zero, backing) or, for a run of whole compressed clusters (up to
+    CHUNK bytes, several plan runs), a :class:`_Decoded`.
+    Return each buffer with :meth:`release` once written.  Errors of the reader are raised
+    by the iteration; leaving the ``with`` block stops the reader."""
 
     def __init__(self, src: BlockDevice, plan: Iterator[tuple[str, int, int]]) -> None:
         self.src, self.plan = src, plan
@@ -351,21 +423,49 @@ class _ReadAhead:
                 continue
         return False
 
+    def _flush_batch(self, batch: list[tuple[int, int, int]]) -> bool:
+        """Hand the gathered compressed clusters to the decoder; False when stopping."""
+        if not batch:
+            return True
+        assert self.decoder is not None
+        buf = self.free.get()
+        if buf is None or self.stop:
+            return False
+        pieces = [(pos, n) for pos, n, _ in batch]
+        fut = self.decoder.decode_into(list(batch), buf)
+        total = sum(n for _, n in pieces)
+        batch.clear()
+        return self._send(("data", pieces[0][0], total, _Decoded(fut, buf, pieces)))
+
     def _run(self) -> None:
         try:
             dec = self.decoder
+            batch: list[tuple[int, int, int]] = []  # (pos, n, L2 entry), guest-contiguous
+            size = 0
             for kind, pos, n in self.plan:
-                buf: Any = None
                 if kind == "data" and dec is not None:
-                    buf = dec.submit(pos, n)
-                if kind == "data" and buf is None:
+                    ent = dec.entry(pos, n)
+                    if ent is not None:
+                        if batch and (pos != batch[-1][0] + batch[-1][1] or size + n > CHUNK):
+                            if not self._flush_batch(batch):
+                                return
+                            size = 0
+                        batch.append((pos, n, ent))
+                        size += n
+                        continue
+                if not self._flush_batch(batch):
+                    return
+                size = 0
+                buf: Any = None
+                if kind == "data":
                     buf = self.free.get()
                     if buf is None or self.stop:
                         return
                     self.src.readinto(pos, memoryview(buf)[:n])
                 if not self._send((kind, pos, n, buf)):
                     return
-            self._send(None)
+            if self._flush_batch(batch):
+                self._send(None)
         except BaseException as e:  # handed to the consumer, raised there
             self._send(e)
 
@@ -396,6 +496,8 @@ class _ClusterDecoder:
         self._decode_entry = E.decode_compressed
         self._decompress = decompress
         self.fsize = src.data_host.size()
+        from concurrent.futures import ThreadPoolExecutor
+
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diskimg-dec")
 
     @classmethod
@@ -406,14 +508,26 @@ class _ClusterDecoder:
             return None
         return cls(src, workers)
 
-    def submit(self, pos: int, n: int) -> Future[tuple[bytes, int]] | None:
-        """A future of (cluster bytes, offset of ``pos`` in them) when [pos, pos+n) lies
-        in one compressed cluster, else None (read it normally)."""
-        src = self.src
-        kind, run, _host, ent = src._lookup(pos, n)
+    def entry(self, pos: int, n: int) -> int | None:
+        """The L2 entry when [pos, pos+n) lies in one compressed cluster, else None (read
+        it normally)."""
+        kind, run, _host, ent = self.src._lookup(pos, n)
         if kind != "compressed" or run < n:
             return None
-        return self.pool.submit(self._decode, ent, pos & (src.cs - 1))
+        return int(ent)
+
+    def decode_into(self, batch: list[tuple[int, int, int]], buf: Any) -> Future[None]:
+        """Decode the ``(pos, n, entry)`` pieces back to back into ``buf`` on the pool."""
+        return self.pool.submit(self._decode_batch, batch, buf)
+
+    def _decode_batch(self, batch: list[tuple[int, int, int]], buf: Any) -> None:
+        mv = memoryview(buf)
+        at = 0
+        mask = self.src.cs - 1
+        for pos, n, ent in batch:
+            data, c_off = self._decode(ent, pos & mask)
+            mv[at : at + n] = memoryview(data)[c_off : c_off + n]
+            at += n
 
     def _decode(self, ent: int, c_off: int) -> tuple[bytes, int]:
         # Qcow2Image._decode_compressed without its (single-threaded) cache
@@ -445,7 +559,7 @@ class _Concat:
     def _pieces(self, off: int, n: int) -> Iterator[tuple[BlockDevice, int, int, int]]:
         """(device, device offset, length, offset in the request) covering [off, off+n)."""
         done = 0
-        for d, s in zip(self.devs, self.starts):
+        for d, s in zip(self.devs, self.starts, strict=True):
             if done >= n:
                 return
             lo = off + done

@@ -4,10 +4,12 @@ plain one.  Wall-clock ratios live in benchmarks/bench.py, never here."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
 import zlib
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +260,205 @@ def test_pwritev_writes_all_pieces_in_one_call(tmp_path: Path,
         assert h.pread(4096, 32 * 65536 + 4) == b"".join(parts)
     finally:
         h.close()
+
+
+# --- qcow2 run allocation: one refcount update per run, one data write per host run -----
+
+
+def _data_writes(c: _Counter, fd: int, min_len: int) -> int:
+    """pwrite/pwritev calls on ``fd`` carrying at least ``min_len`` bytes (guest data;
+    metadata writes are smaller or go out at flush)."""
+    n = sum(1 for a in c.calls["pwrite"] if a[0] == fd and len(a[1]) >= min_len)
+    return n + sum(1 for a in c.calls["pwritev"]
+                   if a[0] == fd and sum(len(memoryview(b)) for b in a[1]) >= min_len)
+
+
+def test_large_write_allocates_one_run_and_writes_it_with_one_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    img = tmp_path / "a.qcow2"
+    diskimg.create(img, "qcow2", 64 * MiB)
+    payload = os.urandom(8 * MiB)
+    with diskimg.open(img, "r+", "qcow2") as d:
+        fd = d.host.fd  # type: ignore[attr-defined]
+        c = _Counter(monkeypatch, "pwrite", "pwritev")
+        d.write(MiB, payload)
+        monkeypatch.undo()
+        # 128 new clusters, one host-contiguous run: one data write, nothing else yet
+        assert _data_writes(c, fd, 64 << 10) == 1
+        assert c.count("pwrite", fd) + c.count("pwritev", fd) == 1
+    with diskimg.open(img, format="qcow2") as d:
+        assert d.read(MiB, 8 * MiB) == payload
+        offs = [e.offset for e in d.map() if e.data]
+    assert len(offs) == 1  # one extent, host contiguous
+
+
+def test_run_allocation_is_per_l2_table_range(tmp_path: Path) -> None:
+    """4 KiB clusters: a 12 MiB write crosses L2 tables (2 MiB of guest each) and refcount
+    blocks (8 MiB of host each).  Like qemu, the allocation unit is the part of a request
+    inside one L2 table: one write gives the layout of the same bytes written one table
+    range at a time, and new refcount blocks land after the run being allocated."""
+    payload = os.urandom(12 * MiB)
+    start = 3 * MiB
+    maps = []
+    for split in (False, True):
+        img = tmp_path / f"s{split}.qcow2"
+        diskimg.create(img, "qcow2", 32 * MiB, options={"cluster_size": "4096"})
+        with diskimg.open(img, "r+", "qcow2") as d:
+            if split:
+                bounds = [start, *range(4 * MiB, start + len(payload), 2 * MiB),
+                          start + len(payload)]
+                for lo, hi in itertools.pairwise(bounds):
+                    d.write(lo, payload[lo - start : hi - start])
+            else:
+                d.write(start, payload)
+        with diskimg.open(img, format="qcow2") as d:
+            assert d.read(start, len(payload)) == payload
+            maps.append([e.to_json() for e in d.map()])
+            assert d.check().exit_code == 0  # type: ignore[attr-defined]
+    assert maps[0] == maps[1]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("refcount_bits", [1, 16, 64])
+def test_run_allocation_puts_clusters_where_qemu_does(tmp_path: Path, qemu_img: str,
+                                                      qemu_io: str, run: Any,
+                                                      refcount_bits: int) -> None:
+    """Runs crossing L2 tables and (64-bit refcounts: every 2 MiB of host) refcount
+    blocks, sub-byte refcounts included: the same host offsets as qemu."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    writes = [(3 * MiB, 12 * MiB), (100 << 10, 5000), (20 * MiB, 3 * MiB)]
+    for p in (ours, theirs):
+        run([qemu_img, "create", "-f", "qcow2", "-o",
+             f"cluster_size=4096,refcount_bits={refcount_bits}", p, "32M"])
+    run([qemu_io, "-f", "qcow2", *[a for off, n in writes
+                                   for a in ("-c", f"write -P 0x5a {off} {n}")], theirs])
+    with diskimg.open(ours, "r+", "qcow2") as d:
+        for off, n in writes:
+            d.write(off, b"\x5a" * n)
+    maps = [run([qemu_img, "map", "--output=json", "-f", "qcow2", p]).stdout
+            for p in (ours, theirs)]
+    assert maps[0] == maps[1]
+    run([qemu_img, "check", ours])
+
+
+def test_convert_compressed_writes_runs_of_clusters_not_single_clusters(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.qcow2"
+    _workload(src, 16 * MiB, seed=13)
+    c = _Counter(monkeypatch, "pwrite", "pwritev")
+    diskimg.convert(src, dst, "qcow2", src_format="raw", compress=True,
+                    options={"compression_type": "zstd"})
+    monkeypatch.undo()
+    with diskimg.open(dst, format="qcow2") as d:
+        entries = list(d.map())
+        clusters = sum(e.length for e in entries if e.data) // (64 << 10)
+        assert d.read(0, d.size) == src.read_bytes()
+    assert clusters > 64
+    # a chunk of consecutive clusters goes out with one call (plus metadata), not one each
+    assert c.count("pwrite") + c.count("pwritev") < clusters // 4
+
+
+@pytest.mark.parametrize("size", [16 * MiB, 16 * MiB - 3 * 512])
+def test_batched_compressed_convert_equals_cluster_by_cluster_writes(
+        tmp_path: Path, size: int) -> None:
+    """convert -c (batched writes) gives the bytes write_compressed() one cluster at a
+    time gives: same allocations in the same order, incompressible clusters stored
+    plain, zero clusters skipped, the disk's partial last cluster handled."""
+    src = tmp_path / "src.raw"
+    _workload(src, 16 * MiB, seed=21)
+    with open(src, "r+b") as f:
+        f.truncate(size)
+        f.seek(size - 1000)
+        f.write(os.urandom(1000))  # the last (partial) cluster does not compress
+    data = src.read_bytes()
+    batched, single = tmp_path / "b.qcow2", tmp_path / "s.qcow2"
+    diskimg.convert(src, batched, "qcow2", src_format="raw", compress=True)
+    cs = 64 << 10
+    diskimg.create(single, "qcow2", len(data))
+    with diskimg.open(single, "r+", "qcow2") as d:
+        for off in range(0, len(data), cs):
+            piece = data[off : off + cs]
+            if any(piece):
+                d.write_compressed(off, piece)  # type: ignore[attr-defined]
+    assert batched.read_bytes() == single.read_bytes()
+    with diskimg.open(batched, format="qcow2") as d:
+        assert d.read(0, d.size) == data
+        assert d.check().exit_code == 0  # type: ignore[attr-defined]
+
+
+def test_compressed_convert_into_existing_image_keeps_guest_order(tmp_path: Path) -> None:
+    """-n into an image with data: zero chunks and zero clusters of the source overwrite
+    the old contents in guest order, between the compressed runs."""
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.qcow2"
+    _workload(src, 8 * MiB, seed=5)
+    diskimg.create(dst, "qcow2", 8 * MiB)
+    with diskimg.open(dst, "r+", "qcow2") as d:
+        d.write(0, b"\xee" * (8 * MiB))
+    diskimg.convert(src, dst, "qcow2", src_format="raw", compress=True, target_exists=True)
+    with diskimg.open(dst, format="qcow2") as d:
+        assert d.read(0, d.size) == src.read_bytes()
+        assert d.check().exit_code == 0  # type: ignore[attr-defined]
+
+
+def test_l2_runs_are_found_with_few_table_comparisons(tmp_path: Path) -> None:
+    """A fully allocated, host-contiguous L2 table maps as one extent, and a table with
+    an interruption every few clusters still maps exactly (the slice comparison falls
+    back to entry by entry)."""
+    from diskimg.qcow2.image import _progression_end
+
+    ents = array("Q", range(1 << 63 | 0x50000, (1 << 63 | 0x50000) + 100 * 65536, 65536))
+    assert _progression_end(ents, 1, 100, ents[1], 65536) == 100
+    ents[57] = 0
+    assert _progression_end(ents, 1, 100, ents[1], 65536) == 57
+    assert _progression_end(ents, 1, 40, ents[1], 65536) == 40
+    zeros = array("Q", bytes(8 * 300))
+    zeros[299] = 1
+    assert _progression_end(zeros, 0, 300, 0, 0) == 299
+    # hostile entries whose progression would overflow 64 bits: no fast path, no error
+    top = array("Q", [(1 << 64) - 65536, (1 << 64) - 1])
+    assert _progression_end(top, 0, 2, top[0], 65536) == 0
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("sparse", [4096, 65536])
+def test_decoded_compressed_runs_leave_the_holes_qemu_leaves(
+        tmp_path: Path, qemu_img: str, run: Any, sparse: int) -> None:
+    """Compressed clusters are decoded a chunk at a time, but zero runs inside them still
+    become holes exactly where qemu-img's per-cluster runs put them (-S 4k and 64k)."""
+    src, zq = tmp_path / "src.raw", tmp_path / "z.qcow2"
+    rng = random.Random(sparse)
+    cs = 64 << 10
+    with open(src, "wb") as f:
+        for c in range(96):
+            lead = rng.choice((0, 0, 4096, 8192, 32768, cs - 512))
+            f.write(bytes(lead) + (b"guest sector %d " % c * 6000)[: cs - lead])
+    run([qemu_img, "convert", "-c", "-f", "raw", "-O", "qcow2", src, zq])
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    diskimg.convert(zq, ours, "raw", src_format="qcow2", sparse_size=sparse)
+    run([qemu_img, "convert", "-S", str(sparse), "-f", "qcow2", "-O", "raw", zq, theirs])
+    assert ours.read_bytes() == src.read_bytes()
+    maps = [run([qemu_img, "map", "--output=json", "-f", "raw", p]).stdout
+            for p in (ours, theirs)]
+    assert maps[0] == maps[1]
+
+
+def test_encrypted_run_is_encrypted_in_pieces_and_written_with_one_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LUKS: a 2 MiB write into new clusters is encrypted 64 KiB at a time (small
+    temporaries) and still reaches the file with one pwritev; it reads back."""
+    img = tmp_path / "l.qcow2"
+    kw: dict[str, Any] = {"secrets": {"s": b"pw"}}
+    diskimg.create(img, "qcow2", 16 * MiB, options={
+        "encrypt.format": "luks", "encrypt.key-secret": "s", "encrypt.iter-time": "10"}, **kw)
+    payload = os.urandom(2 * MiB)
+    with diskimg.open(img, "r+", "qcow2", options={"encrypt.key-secret": "s"}, **kw) as d:
+        fd = d.host.fd  # type: ignore[attr-defined]
+        c = _Counter(monkeypatch, "pwrite", "pwritev")
+        d.write(4 * MiB, payload)
+        monkeypatch.undo()
+        assert _data_writes(c, fd, 64 << 10) == 1
+        assert c.count("pwritev", fd) == 1
+    assert payload[:4096] not in img.read_bytes()  # no plaintext reached the file
+    with diskimg.open(img, format="qcow2", options={"encrypt.key-secret": "s"}, **kw) as d:
+        assert d.read(4 * MiB, 2 * MiB) == payload
+        assert d.read(4 * MiB + 1000, 70000) == payload[1000:71000]

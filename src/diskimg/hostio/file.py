@@ -6,7 +6,6 @@ locking was asked for, QEMU's lock bytes on it (released on close).
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import stat
@@ -34,6 +33,8 @@ def aligned_buffer(n: int) -> mmap.mmap:
 
 def is_aligned(buf: memoryview) -> bool:
     """True if ``buf`` (writable) starts on an ``_ALIGN``-byte boundary."""
+    import ctypes  # here, not at module level: only large reads ask
+
     return ctypes.addressof(ctypes.c_char.from_buffer(buf)) % _ALIGN == 0
 
 

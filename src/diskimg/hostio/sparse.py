@@ -6,10 +6,13 @@ every function falls back to a portable equivalent when the filesystem says no.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # ctypes is loaded on the first fallocate call only
+    import ctypes
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -25,6 +28,8 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     global _libc, _have_fallocate
     if not _have_fallocate:
         return False
+    import ctypes
+
     if _libc is None:
         try:
             # dlopen(NULL): libc's symbols without ctypes.util.find_library, which runs

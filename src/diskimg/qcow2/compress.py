@@ -1,7 +1,8 @@
 """Compression codecs for qcow2 clusters: zlib (raw deflate, wbits -12) and zstd.
 
 Decompression always stops at one cluster of output (no decompression bombs) and must
-produce exactly one cluster, as QEMU requires.
+produce exactly one cluster, as QEMU requires.  ``zstandard`` (and the ``platform`` module
+it pulls in) is imported on first zstd use only, so opening plain images stays cheap.
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ from __future__ import annotations
 import io
 import threading
 import zlib
+from typing import TYPE_CHECKING
 
-import zstandard
+from diskimg.errors import CorruptImageError
+
+if TYPE_CHECKING:
+    import zstandard
 
 # zstd contexts cost ~40 us to create (as much as compressing a 64 KiB cluster): keep one
 # compressor per level and decompressor per thread (they are not thread-safe)
@@ -21,6 +26,8 @@ def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
     cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("zc", {})
     z = cache.get(level)
     if z is None:
+        import zstandard
+
         z = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=False)
     return z
 
@@ -28,10 +35,24 @@ def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
 def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     d = getattr(_local, "zd", None)
     if d is None:
+        import zstandard
+
         d = _local.zd = zstandard.ZstdDecompressor()
     return d
 
-from diskimg.errors import CorruptImageError
+
+def _zstd_decompress(data: bytes, cluster_size: int) -> bytes:
+    """At most ``cluster_size`` bytes of the first zstd frame in ``data`` (frames without
+    a content size included)."""
+    import zstandard
+
+    try:
+        reader = _zstd_decompressor().stream_reader(io.BytesIO(data),
+                                                    read_across_frames=False)
+        out: bytes = reader.read(cluster_size)
+    except zstandard.ZstdError as e:
+        raise ValueError(str(e)) from None
+    return out
 
 
 def decompress(ctype: int, data: bytes, cluster_size: int, host_offset: int) -> bytes:
@@ -40,10 +61,8 @@ def decompress(ctype: int, data: bytes, cluster_size: int, host_offset: int) -> 
         if ctype == 0:
             out = zlib.decompressobj(-12).decompress(data, cluster_size)
         else:
-            reader = _zstd_decompressor().stream_reader(
-                io.BytesIO(data), read_across_frames=False)
-            out = reader.read(cluster_size)
-    except (zlib.error, zstandard.ZstdError) as e:
+            out = _zstd_decompress(data, cluster_size)
+    except (zlib.error, ValueError) as e:
         raise CorruptImageError(f"Compressed cluster at host offset {host_offset:#x} does not "
                                 f"decompress: {e}", offset=host_offset) from None
     if len(out) != cluster_size:
@@ -53,7 +72,8 @@ def decompress(ctype: int, data: bytes, cluster_size: int, host_offset: int) -> 
     return out
 
 
-def compress(ctype: int, data: bytes, level: int | None = None) -> bytes:
+def compress(ctype: int, data: bytes | bytearray | memoryview,
+             level: int | None = None) -> bytes:
     """Encode one cluster; the caller stores it only if it is smaller than a cluster."""
     if ctype == 0:
         c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION if level is None else level,

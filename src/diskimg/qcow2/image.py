@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 import struct
 from array import array
-from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice, ImageInfo, Status
 from diskimg.errors import (
@@ -25,14 +24,10 @@ from diskimg.errors import (
     UnsupportedFeatureError,
     UsageError,
 )
-from diskimg.crypto import SectorCipher
-from diskimg.crypto.luks import luks_info, open_luks, parse_fde_extension
-from diskimg.crypto.qcow_aes import QcowAesCipher
 from diskimg.hostio import HostFile, open_host_file
 from diskimg.policy import OpenPolicy
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2.cache import L2Table, TableCache, be_u64_array, pack_be_u64_array
-from diskimg.qcow2.compress import decompress
 from diskimg.qcow2.layout import (
     COMPRESSION_TYPES,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
@@ -46,9 +41,15 @@ from diskimg.qcow2.layout import (
 )
 from diskimg.qcow2.refcount import Refcounts
 
+if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first used
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diskimg.crypto import SectorCipher
+
 # run kinds produced by _lookup
 UNALLOC, ZERO, DATA, COMPRESSED = "unalloc", "zero", "data", "compressed"
 _DECODED_CACHE = 8
+_CRYPT_PIECE = 64 << 10  # bytes encrypted per cipher call (a multiple of 512)
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -56,9 +57,38 @@ def _pool() -> ThreadPoolExecutor:
     """A process-wide pool for decompression (threads: the codecs release the GIL)."""
     global _POOL
     if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
         _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
                                    thread_name_prefix="diskimg-decompress")
     return _POOL
+
+
+_U64 = (1 << 64) - 1
+
+
+def _progression_end(ents: array[int], i: int, stop: int, first: int, step: int) -> int:
+    """The largest ``j`` in [i, stop] with ``ents[k] == first + (k - i) * step`` for every
+    ``k`` in [i, j).  Slices of doubling length are compared at once (one C comparison
+    each; a mismatch starts again at 8 entries), so the cost follows the run's length."""
+    stop = min(stop, len(ents))
+    if i >= stop or first + (stop - i) * step > _U64:
+        return i
+    j, size = i, 8
+    while j < stop:
+        k = min(stop, j + size)
+        base = first + (j - i) * step
+        want = (array("Q", range(base, base + (k - j) * step, step)) if step
+                else array("Q", [base]) * (k - j))
+        if ents[j:k] == want:
+            j, size = k, size * 2
+        elif size > 8:
+            size = 8
+        else:
+            while ents[j] == first + (j - i) * step:
+                j += 1
+            return j
+    return j
 
 
 class Qcow2Image(BlockDevice):
@@ -88,6 +118,8 @@ class Qcow2Image(BlockDevice):
         self._cipher: SectorCipher | None = None
         self._luks_area: tuple[int, int] | None = None
         if h.crypt_method == 2:
+            from diskimg.crypto.luks import parse_fde_extension
+
             ext = h.ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER)
             self._luks_area = parse_fde_extension(ext.data if ext else None, cs)
         if not self.read_only and h.incompatible_features & QCOW2_INCOMPAT_CORRUPT:
@@ -143,6 +175,9 @@ class Qcow2Image(BlockDevice):
 
     @property
     def refcounts(self) -> Refcounts:
+        """The refcount table and blocks, loaded on first use.  Invariant: dirty refcount
+        blocks are flushed before any L2 table is written, so a cluster's refcount reaches
+        the file before an L2 entry points at it."""
         if self._refcounts is None:
             self._refcounts = Refcounts(self.host, self.header)
             self.l2_cache.before_write = self._flush_refcounts
@@ -163,6 +198,8 @@ class Qcow2Image(BlockDevice):
         self.header = Header.parse(self.host.pread(0, self.cs))
 
     def backing_file_name(self) -> tuple[str | None, str | None]:
+        """(backing file name, backing format) as stored in the header, unresolved;
+        (None, None) without a backing file, format None when the header has none."""
         return self.header.backing_file, self.header.backing_format
 
     def _l2_location(self, cluster: int) -> tuple[int, int]:
@@ -208,8 +245,13 @@ class Qcow2Image(BlockDevice):
         if kind == COMPRESSED:
             return COMPRESSED, min(max_len, cs - in_off), 0, ent
         n = cs - in_off
-        nxt = host + cs
-        i = idx + 1
+        # entries equal to the first one plus k clusters (k times 0 for unallocated and
+        # zero clusters) continue the run: compared a slice at a time, in C
+        step = cs if host else 0
+        stop = idx + 1 + (max_len - n + cs - 1) // cs
+        i = _progression_end(ents, idx + 1, stop, ent + step, step)
+        n += (i - idx - 1) * cs
+        nxt = host + (i - idx) * cs
         while n < max_len:
             k2, h2 = self._classify(ents[i], l2_off, i)
             if k2 != kind or (h2 != nxt if host else h2 != 0):
@@ -271,8 +313,12 @@ class Qcow2Image(BlockDevice):
         if secret is None:
             raise MissingSecretError(f"No secret with id '{key_id}'")
         if self.header.crypt_method == 1:
+            from diskimg.crypto.qcow_aes import QcowAesCipher
+
             self._cipher = QcowAesCipher.from_passphrase(secret)
         else:
+            from diskimg.crypto.luks import open_luks
+
             assert self._luks_area is not None
             off, length = self._luks_area
             area = self.host.pread_exact(off, length, "LUKS header (FDE extension)")
@@ -287,6 +333,10 @@ class Qcow2Image(BlockDevice):
         cipher = self.cipher
         assert cipher is not None
         d = host & 511
+        if not d and len(dst) > _CRYPT_PIECE:  # small temporaries (see _encrypt_writes)
+            for k in range(0, len(dst), _CRYPT_PIECE):
+                self._read_encrypted(guest + k, host + k, dst[k : k + _CRYPT_PIECE])
+            return
         lo = host - d
         buf = bytearray(-(-(d + len(dst)) // 512) * 512)
         self.data_host.preadinto(lo, memoryview(buf))
@@ -309,7 +359,15 @@ class Qcow2Image(BlockDevice):
                 self._readinto(guest - d, memoryview(full)[:avail])
                 full[d : d + n] = data
             else:
-                full = bytearray(data)
+                # whole sectors: encrypted _CRYPT_PIECE at a time, so the cipher's
+                # temporaries stay small (2 MiB ones cost a page fault per 4 KiB) and the
+                # pieces still go out with one pwritev
+                mv = memoryview(data)
+                for k in range(0, n, _CRYPT_PIECE):
+                    piece = bytearray(mv[k : k + _CRYPT_PIECE])
+                    cipher.encrypt(self._crypt_sector(host + k, guest + k), piece)
+                    out.append((host + k, piece))
+                continue
             cipher.encrypt(self._crypt_sector(host - d, guest - d), full)
             out.append((host - d, full))
         return out
@@ -367,17 +425,21 @@ class Qcow2Image(BlockDevice):
     def _decode_many(self, ents: list[int]) -> dict[int, bytes]:
         """Decompress several clusters at once in a thread pool (zlib and zstandard
         release the GIL), for large sequential reads of compressed images."""
+        from diskimg.qcow2.compress import decompress
+
         fsize = self.data_host.size()
         inputs = [self._compressed_input(e, fsize) for e in ents]
         ctype, cs = self.header.compression_type, self.cs
         outs = _pool().map(lambda hi: decompress(ctype, hi[1], cs, hi[0]), inputs)
-        return dict(zip(ents, outs))
+        return dict(zip(ents, outs, strict=True))
 
     def _decode_compressed(self, ent: int) -> bytes:
         hit = self._decoded.get(ent)
         if hit is not None:
             self._decoded.move_to_end(ent)
             return hit
+        from diskimg.qcow2.compress import decompress
+
         host, raw = self._compressed_input(ent, self.data_host.size())
         data = decompress(self.header.compression_type, raw, self.cs, host)
         self._decoded[ent] = data
@@ -419,13 +481,9 @@ class Qcow2Image(BlockDevice):
         if self._metadata_prealloc is None:
             real = self.host.allocated_size() // self.cs
             threshold = max(real * 10 // 9, real + 2)
-            count = 0
             try:
                 rc = self._refcounts or Refcounts(self.host, self.header)
-                for c in range(-(-self.host.size() // self.cs)):
-                    if count >= threshold:
-                        break
-                    count += 1 if rc.get(c) else 0
+                count = rc.count_used(-(-self.host.size() // self.cs), threshold)
             except DiskImgError:
                 count = 0  # broken refcounts: qemu ignores errors of this guess too
             self._metadata_prealloc = count >= threshold
@@ -520,61 +578,79 @@ class Qcow2Image(BlockDevice):
         if self.extended:
             self._write_ext(offset, data)
             return
-        cs = self.cs
-        pos = 0
-        n = len(data)
-        while pos < n:
-            g = offset + pos
+        end = offset + len(data)
+        g = offset
+        while g < end:
             cluster = g >> self.cb
             idx = cluster & (self.l2_entries - 1)
-            nclusters = min(self.l2_entries - idx, ((g + n - pos - 1) >> self.cb) - cluster + 1)
+            stop = min(end, (cluster + self.l2_entries - idx) << self.cb)
             l2_off, table = self._get_l2_for_write(cluster)
-            ents = table.entries
-            writes: list[tuple[int, memoryview | bytes | bytearray, int]] = []
-            to_alloc: list[int] = []
-            for j in range(nclusters):
-                ent = ents[idx + j]
-                if ent & E.QCOW_OFLAG_COPIED and E.cluster_type(ent) == E.ClusterType.NORMAL:
-                    host = ent & E.L2E_OFFSET_MASK
-                    self._check_data_offset(host, l2_off, idx + j)
-                    c_start = (cluster + j) << self.cb
-                    lo = max(g, c_start)
-                    hi = min(offset + n, c_start + cs)
-                    writes.append((host + lo - c_start, data[lo - offset : hi - offset], lo))
-                else:
-                    to_alloc.append(j)
-            if to_alloc:
-                hosts = self._alloc_data([cluster + j for j in to_alloc])
-                for k, j in enumerate(to_alloc):
-                    c = cluster + j
-                    c_start = c << self.cb
-                    lo = max(g, c_start)
-                    hi = min(offset + n, c_start + cs)
-                    new_host = hosts[k]
-                    old = ents[idx + j]
-                    if lo == c_start and hi == c_start + cs:
-                        writes.append((new_host, data[lo - offset : hi - offset], c_start))
-                    elif self._cow_is_zero(c, old):
-                        # like qemu: zero the copy-on-write areas instead of writing zeros
-                        self.data_host.zero_range(new_host, lo - c_start, keep_size=False)
-                        self.data_host.zero_range(new_host + hi - c_start, c_start + cs - hi,
-                                                  keep_size=False)
-                        writes.append((new_host + lo - c_start, data[lo - offset : hi - offset],
-                                       lo))
-                    else:
-                        buf = self._cluster_contents(c, old)
+            self._write_in_table(table.entries, l2_off, idx, cluster, g, stop, offset, data)
+            g = stop
+
+    def _write_in_table(self, ents: array[int], l2_off: int, idx: int, cluster: int,
+                        g: int, stop: int, offset: int, data: memoryview) -> None:
+        """Write guest [g, stop), which lies in the L2 table ``ents`` (entry ``idx`` is
+        guest cluster ``cluster``); ``data[0]`` is guest byte ``offset``.
+
+        The clusters needing a new host cluster get one run, allocated at once (QEMU's
+        order); the data goes out host-contiguous pieces at a time (one pwrite or pwritev
+        per run), and only then are the L2 entries changed and old references dropped."""
+        cs, cb = self.cs, self.cb
+        copied, mask = E.QCOW_OFLAG_COPIED, E.L2E_OFFSET_MASK
+        not_normal = E.QCOW_OFLAG_COMPRESSED | E.QCOW_OFLAG_ZERO
+        n = ((stop - 1) >> cb) - cluster + 1
+        olds = ents[idx : idx + n]
+        # a NORMAL cluster this image alone references is written in place
+        to_alloc = [j for j, ent in enumerate(olds)
+                    if not (ent & copied and ent & mask and not ent & not_normal)]
+        hosts = self._alloc_data([cluster + j for j in to_alloc]) if to_alloc else []
+        # (host, guest lo, guest hi) runs of plain data, merged where host and guest are
+        # both contiguous; copy-on-write clusters become their own buffers
+        runs: list[list[int]] = []
+        cow: list[tuple[int, bytearray, int]] = []
+        k = 0
+        for j in range(n):
+            c_start = (cluster + j) << cb
+            lo = g if g > c_start else c_start
+            hi = stop if stop < c_start + cs else c_start + cs
+            if k < len(to_alloc) and to_alloc[k] == j:
+                host = hosts[k]
+                k += 1
+                if lo != c_start or hi != c_start + cs:
+                    old = olds[j]
+                    if not self._cow_is_zero(cluster + j, old):
+                        buf = self._cluster_contents(cluster + j, old)
                         buf[lo - c_start : hi - c_start] = data[lo - offset : hi - offset]
-                        writes.append((new_host, buf, c_start))
-            # data first (merged where host-contiguous), then the L2 entries
-            self._pwrite_runs(self._encrypt_writes(writes))
-            if to_alloc:
-                for k, j in enumerate(to_alloc):
-                    old = ents[idx + j]
-                    ents[idx + j] = hosts[k] | E.QCOW_OFLAG_COPIED
-                    self._free_entry(old)
-                    self._decoded.pop(old, None)
-                self.l2_cache.mark_dirty(l2_off)
-            pos = min(n, ((cluster + nclusters) << self.cb) - offset)
+                        cow.append((host, buf, c_start))
+                        continue
+                    # like qemu: zero the copy-on-write areas instead of writing zeros
+                    self.data_host.zero_range(host, lo - c_start, keep_size=False)
+                    self.data_host.zero_range(host + hi - c_start, c_start + cs - hi,
+                                              keep_size=False)
+            else:
+                host = olds[j] & mask
+                if host % cs:
+                    self._check_data_offset(host, l2_off, idx + j)
+            h = host + lo - c_start
+            last = runs[-1] if runs else None
+            if last is not None and last[0] + last[2] - last[1] == h and last[2] == lo:
+                last[2] = hi
+            else:
+                runs.append([h, lo, hi])
+        writes: list[tuple[int, Any, int]] = [
+            (h, data[lo - offset : hi - offset], lo) for h, lo, hi in runs]
+        writes.extend(cow)
+        # data first, then the L2 entries
+        self._pwrite_runs(self._encrypt_writes(sorted(writes, key=lambda w: w[0])))
+        if to_alloc:
+            free = self._free_entry
+            for k, j in enumerate(to_alloc):
+                old = olds[j]
+                ents[idx + j] = hosts[k] | copied
+                if old & (mask | E.QCOW_OFLAG_COMPRESSED):
+                    free(old)
+            self.l2_cache.mark_dirty(l2_off)
 
     def _write_ext(self, offset: int, data: memoryview) -> None:
         """Writes with extended L2 entries: only the touched subclusters become allocated
@@ -630,7 +706,9 @@ class Qcow2Image(BlockDevice):
         zstandard release the GIL), so callers may compress in a thread pool."""
         from diskimg.qcow2.compress import compress
 
-        out = compress(self.header.compression_type, bytes(data).ljust(self.cs, b"\0"))
+        if len(data) != self.cs:  # the last cluster of the disk: padded with zeros
+            data = bytes(data).ljust(self.cs, b"\0")
+        out = compress(self.header.compression_type, data)
         return out if len(out) < self.cs else None
 
     def _mark_corrupt(self, error: CorruptImageError) -> None:
@@ -697,6 +775,73 @@ class Qcow2Image(BlockDevice):
         self._free_entry(old)
         self._decoded.pop(old, None)
         self.l2_cache.mark_dirty(l2_off)
+
+    def write_compressed_clusters(
+            self, offset: int,
+            clusters: list[tuple[bytes | bytearray | memoryview, bytes | None]]) -> None:
+        """Write consecutive whole clusters from cluster-aligned guest ``offset``: each
+        ``(data, compressed)`` pair as :meth:`write_compressed` would with that
+        ``compressed`` (None: stored as a normal cluster).
+
+        Same host allocations, in the same order, as writing them one by one (qemu-img
+        convert -c's layout); the data goes out in as few pwrite/pwritev calls as host
+        contiguity allows, all of it before any L2 entry changes."""
+        self._check_writable()
+        cs = self.cs
+        total = sum(len(d) for d, _ in clusters)
+        self._check_range(offset, total)
+        if offset % cs or any(len(d) != cs for d, _ in clusters[:-1]) or (
+                clusters and len(clusters[-1][0]) != cs and offset + total != self.size):
+            raise UsageError("Compressed writes must cover exactly one cluster")
+        if not clusters:
+            return
+        with self._corruption_guard():
+            self._check_write_support()
+            if self.header.crypt_method or self._data_file_opened or self.extended:
+                for k, (d, packed) in enumerate(clusters):  # the one-by-one path
+                    mv = memoryview(d).cast("B")
+                    if packed is None:
+                        self._write(offset + k * cs, mv)
+                    else:
+                        self._write_compressed(offset + k * cs, mv, packed)
+                return
+            self.bitmaps.mark(offset, total)
+            copied, mask = E.QCOW_OFLAG_COPIED, E.L2E_OFFSET_MASK
+            not_normal = E.QCOW_OFLAG_COMPRESSED | E.QCOW_OFLAG_ZERO
+            writes: list[tuple[int, Any]] = []
+            updates: list[tuple[int, int, int]] = []  # (L2 table offset, index, new entry)
+            for k, (d, packed) in enumerate(clusters):
+                cluster = (offset >> self.cb) + k
+                l2_off, table = self._get_l2_for_write(cluster)
+                idx = cluster & (self.l2_entries - 1)
+                old = table.entries[idx]
+                if packed is not None:
+                    host = self.refcounts.alloc_bytes(len(packed))
+                    new = E.encode_compressed(host, len(packed), self.cb)
+                    writes.append((host, packed))
+                elif len(d) != cs:  # the disk's partial last cluster: copy-on-write rules
+                    self._pwrite_runs(writes)
+                    writes = []
+                    self._write_in_table(table.entries, l2_off, idx, cluster,
+                                         cluster << self.cb, (cluster << self.cb) + len(d),
+                                         cluster << self.cb, memoryview(d).cast("B"))
+                    continue
+                elif old & copied and old & mask and not old & not_normal:
+                    self._check_data_offset(old & mask, l2_off, idx)
+                    writes.append((old & mask, d))  # written in place, entry unchanged
+                    continue
+                else:
+                    new = self._alloc_data([cluster])[0] | copied
+                    writes.append((new & mask, d))
+                updates.append((l2_off, idx, new))
+            self._pwrite_runs(writes)  # data first, then the L2 entries
+            for l2_off, idx, new in updates:
+                ents = self.l2_cache.get(l2_off).entries
+                old = ents[idx]
+                ents[idx] = new
+                self._decoded.pop(new, None)  # same host bytes may have held a freed cluster
+                self._free_entry(old)
+                self.l2_cache.mark_dirty(l2_off)
 
     def _pwrite_runs(self, writes: list[tuple[int, Any]]) -> None:
         i = 0
@@ -857,8 +1002,19 @@ class Qcow2Image(BlockDevice):
             self.host.pwrite(base + 8 * i, struct.pack(">Q", self.l1[i]))
         self.l1_dirty.clear()
 
+    def _wipe_keys(self) -> None:
+        """Zero the unlocked key in place and drop the secrets (issue 8.6); a view never
+        wipes the cipher it shares with its parent."""
+        cipher = self._cipher
+        wipe_fn = getattr(cipher, "wipe", None)
+        if wipe_fn is not None and (self._view_of is None
+                                    or cipher is not self._view_of._cipher):
+            wipe_fn()
+        self.secrets = {}
+
     def _close(self) -> None:
         if self._view_of is not None:
+            self._wipe_keys()
             return  # a snapshot view shares its parent's files
         try:
             if not self.read_only and self.bitmaps.tracked:
@@ -869,6 +1025,7 @@ class Qcow2Image(BlockDevice):
                 self._write_header_features()
                 self.host.flush()
         finally:
+            self._wipe_keys()
             if self._data_file_opened:
                 self.data_host.close()
             self.host.close()
@@ -897,7 +1054,7 @@ class Qcow2Image(BlockDevice):
                     self.data_host.preallocate(h, self.cs)
                 elif mode == "full":
                     self.data_host.write_zeros(h, self.cs)
-            for j, h in zip(todo, hosts):
+            for j, h in zip(todo, hosts, strict=True):
                 # extended L2: the bitmap stays 0 (allocated, unused), as qemu leaves it
                 table.entries[step * (j & (self.l2_entries - 1))] = h | E.QCOW_OFLAG_COPIED
             self.l2_cache.mark_dirty(l2_off)
@@ -1009,6 +1166,8 @@ class Qcow2Image(BlockDevice):
         if h.crypt_method == 1:
             data["encrypt"] = {"format": "aes"}
         elif h.crypt_method == 2 and self._luks_area is not None:
+            from diskimg.crypto.luks import luks_info
+
             off, length = self._luks_area
             try:
                 area = self.host.pread_exact(off, min(length, 1 << 20), "LUKS header")
@@ -1021,7 +1180,7 @@ class Qcow2Image(BlockDevice):
             try:
                 full = str(self.policy.resolve(backing, self.host.path)) \
                     if not backing.startswith("/") else backing
-            except Exception:  # noqa: BLE001 - info works without the backing file
+            except Exception:  # info works without the backing file
                 full = str(self.host.path.parent / backing)
         return ImageInfo(
             filename=self.filename,

@@ -56,6 +56,38 @@ class RefBlock:
         b = self.data[i // per]
         self.data[i // per] = (b & ~mask) | ((v << shift) & mask)
 
+    def first_used(self, lo: int, hi: int) -> int:
+        """Index of the first non-zero entry in [lo, hi), else ``hi`` (C-speed scan for
+        byte-or-wider entries)."""
+        if self.order >= 3:
+            seg = self.data[lo:hi]
+            if seg.count(0) == len(seg):
+                return hi
+            for k, v in enumerate(seg):
+                if v:
+                    return lo + k
+            return hi  # pragma: no cover - count said there is a non-zero entry
+        for i in range(lo, hi):
+            if self[i]:
+                return i
+        return hi
+
+    def count_used(self, n: int) -> int:
+        """Number of non-zero entries among the first ``n``."""
+        if isinstance(self.data, array):
+            return n - self.data[:n].count(0)
+        return sum(1 for i in range(n) if self[i])
+
+    def fill(self, lo: int, hi: int, value: int) -> None:
+        """Set entries [lo, hi) to ``value`` (one slice assignment for wide entries)."""
+        if hi <= lo:
+            return
+        if isinstance(self.data, array):
+            self.data[lo:hi] = array(self.data.typecode, [value]) * (hi - lo)
+            return
+        for i in range(lo, hi):
+            self[i] = value
+
     def pack(self) -> bytes:
         if self.order > 3 and _LITTLE:
             assert isinstance(self.data, array)
@@ -105,6 +137,20 @@ class Refcounts:
             return 0
         return self.blocks.get(off)[cluster & ((1 << self.block_bits) - 1)]
 
+    def count_used(self, end: int, limit: int) -> int:
+        """How many of host clusters [0, end) have a non-zero refcount, counted one
+        refcount block at a time and stopping once ``limit`` is reached."""
+        bb = self.block_bits
+        count = 0
+        for ri in range(min(len(self.table), -(-end >> bb))):
+            if count >= limit:
+                break
+            off = self._block_offset(ri)
+            if off:
+                n = min(1 << bb, end - (ri << bb))
+                count += self.blocks.get(off).count_used(n)
+        return count
+
     # --- updating --------------------------------------------------------------------
     def set(self, cluster: int, value: int) -> None:
         if not 0 <= value <= self.max_refcount:
@@ -132,27 +178,59 @@ class Refcounts:
         return new
 
     def find_free(self, n: int) -> int:
-        """First cluster index of a run of ``n`` free clusters (refcounts not changed)."""
+        """First cluster index of a run of ``n`` free clusters at or after
+        ``free_cluster_index`` (refcounts not changed).  Scans whole refcount blocks at a
+        time; a cluster no refcount block covers is free."""
         c = self.free_cluster_index
         run = 0
         start = c
+        bb = self.block_bits
         while run < n:
-            if self.get(c) == 0:
+            ri = c >> bb
+            base = ri << bb
+            lim = min(1 << bb, c - base + (n - run))  # never look past what is needed
+            off = self._block_offset(ri)
+            k = self.blocks.get(off).first_used(c - base, lim) if off else lim
+            if k > c - base:
                 if run == 0:
                     start = c
-                run += 1
-            else:
+                run += k - (c - base)
+            if k < lim:  # a used cluster: the run starts again after it
                 run = 0
-            c += 1
+                c = base + k + 1
+            else:
+                c = base + lim
         return start
 
     def alloc(self, n: int) -> int:
-        """Allocate ``n`` contiguous clusters; returns the host byte offset."""
+        """Allocate ``n`` contiguous clusters (QEMU's order: the first free run at or after
+        ``free_cluster_index``); returns the host byte offset.  Refcounts are set one
+        refcount block at a time; a block needed on the way is created in cluster order,
+        exactly as setting them one by one would."""
         start = self.find_free(n)
         self.free_cluster_index = start + n
-        for c in range(start, start + n):
-            self.set(c, 1)
+        self._set_run(start, start + n, 1)
         return start * self.cs
+
+    def _set_run(self, first: int, end: int, value: int) -> None:
+        """Set the refcount of clusters [first, end) to ``value`` (creating refcount blocks
+        as needed, in cluster order)."""
+        if not 0 <= value <= self.max_refcount:
+            raise CorruptImageError(f"Refcount of cluster {first} would overflow "
+                                    f"({value} > {self.max_refcount})")
+        bb = self.block_bits
+        c = first
+        while c < end:
+            ri = c >> bb
+            off = self._block_offset(ri)
+            if not off:
+                self._new_block(ri, depth=0)
+                off = self._block_offset(ri)
+            base = ri << bb
+            stop = min(end, base + (1 << bb))
+            self.blocks.get(off).fill(c - base, stop - base, value)
+            self.blocks.mark_dirty(off)
+            c = stop
 
     def alloc_bytes(self, size: int) -> int:
         """Byte-granular allocation for one compressed cluster (QEMU's alloc_bytes).
