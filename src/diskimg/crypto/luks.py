@@ -303,11 +303,18 @@ def pbkdf2_iterations(hash_name: str, out_len: int, time_ms: int, divisor: int =
 
     The master-key digest uses ``out_len=20, divisor=8``; a key slot ``out_len=key-bytes``.
     ``time_ms`` 0 gives the floor of :data:`MIN_ITERATIONS` without benchmarking (qemu
-    benchmarks first, to the same result).  See :func:`iterations_for_time`.
+    benchmarks first, to the same result).  See :func:`iterations_for_time`.  A count above
+    :data:`MAX_PBKDF2_ITERATIONS` (the unlock cap) raises :class:`UsageError` rather than
+    writing a key slot diskimg would refuse to open.
     """
     if time_ms == 0:
         return MIN_ITERATIONS
-    return iterations_for_time(pbkdf2_rate(hash_name, out_len), time_ms, divisor)
+    iters = iterations_for_time(pbkdf2_rate(hash_name, out_len), time_ms, divisor)
+    if iters > MAX_PBKDF2_ITERATIONS:  # diskimg would refuse to unlock its own image
+        raise UsageError(f"Parameter 'iter-time' {time_ms} ms gives {iters} PBKDF2 "
+                         f"iterations here, more than the {MAX_PBKDF2_ITERATIONS} diskimg "
+                         "unlocks; use a smaller iter-time")
+    return iters
 
 
 # --------------------------------------------------------------------------------------
