@@ -88,13 +88,19 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
                 bpath = policy.resolve(name, path)
                 dev.backing = _open_one(bpath, False, bfmt, backing=True,
                                         force_share=force_share, policy=policy,
-                                        secrets=secrets, options={}, seen=seen,
-                                        depth=depth + 1)
+                                        secrets=secrets, options=backing_options(options),
+                                        seen=seen, depth=depth + 1)
                 _attach_backing(dev)
     except BaseException:
         dev.close()
         raise
     return dev
+
+
+def backing_options(options: Mapping[str, str]) -> dict[str, str]:
+    """The image options of the backing file: qemu's ``backing.`` prefix removed
+    (``backing.encrypt.key-secret=s`` unlocks an encrypted backing file)."""
+    return {k[len("backing."):]: v for k, v in options.items() if k.startswith("backing.")}
 
 
 def _backing_name(dev: BlockDevice) -> tuple[str | None, str | None]:

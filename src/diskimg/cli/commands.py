@@ -844,6 +844,33 @@ def path_and_format(a: argparse.Namespace, name: str, command: str,
     return path, fmt, rest
 
 
+_KEY_OPTION = re.compile(r"^(backing\.)*encrypt\.key-secret$")
+
+
+def _key_options(a: argparse.Namespace, name: str) -> tuple[str, ...]:
+    """The image options commit and rebase pass on: the key secrets of the image
+    (``encrypt.key-secret``) and of its backing files (``backing.encrypt.key-secret``,
+    ``backing.backing.encrypt.key-secret`` ...), as qemu-img accepts them."""
+    if not a.image_opts:
+        return ()
+    return tuple(k for k in parse_image_opts(name)[2] if _KEY_OPTION.match(k))
+
+
+def _check_backing_keys(name: str, dev: BlockDevice) -> None:
+    """qemu-img's open error for an encrypted backing file given no key secret (diskimg's
+    open itself only fails on the first data access)."""
+    for d in dev.chain()[1:]:
+        opts = getattr(d, "options", {})
+        if d.format == "qcow2" and "encrypt.key-secret" not in opts:
+            try:
+                encrypted = d.info().encrypted
+            except DiskImgError:
+                encrypted = False
+            if encrypted:
+                raise DiskImgError(f"Could not open '{name}': Could not open backing file: "
+                                   "Parameter 'encrypt.key-secret' is required for cipher")
+
+
 def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img commit [-b BASE] [-d] [-p] [--image-opts] FILE."""
     name = one_file(a)
@@ -851,10 +878,11 @@ def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
     with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         if dev.backing is None:
             raise DiskImgError("Image does not have a backing file")
-    path, fmt, _ = path_and_format(a, name, "commit")
+        _check_backing_keys(name, dev)
+    path, fmt, img_opts = path_and_format(a, name, "commit", _key_options(a, name))
     prog = commit_progress(ctx, a, path, fmt)
     conv.commit(path, base=a.base, drop=a.drop, progress=prog if prog.enabled else None,
-                fmt=fmt, untrusted=ctx.untrusted, secrets=ctx.secrets)
+                fmt=fmt, untrusted=ctx.untrusted, secrets=ctx.secrets, options=img_opts)
     prog.finish()
     if not a.quiet:
         sys.stdout.write("Image committed.\n")
@@ -875,7 +903,9 @@ def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
     with opened(ctx, name, "r+", a.format, backing=not a.unsafe,
                 image_opts=a.image_opts) as dev:
         fmt = dev.format
-    path, path_fmt, _ = path_and_format(a, name, "rebase")
+        if not a.unsafe:
+            _check_backing_keys(name, dev)
+    path, path_fmt, img_opts = path_and_format(a, name, "rebase", _key_options(a, name))
     if fmt != "qcow2":
         raise DiskImgError(f"Could not change the backing file to '{a.backing or ''}': "
                            "Operation not supported")
@@ -891,7 +921,7 @@ def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
     prog = rebase_progress(ctx, a, path, path_fmt, backing)
     conv.rebase(path, backing, a.backing_fmt, unsafe=a.unsafe, fmt=path_fmt,
                 progress=prog if prog.enabled else None, untrusted=ctx.untrusted,
-                secrets=ctx.secrets, force_share=a.force_share)
+                secrets=ctx.secrets, force_share=a.force_share, options=img_opts)
     prog.finish()
     return 0
 

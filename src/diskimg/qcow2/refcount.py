@@ -23,6 +23,32 @@ _WIDE = {3: "B", 4: "H", 5: "I", 6: "Q"}
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
 
+class _Again(Exception):
+    """QEMU's ``-EAGAIN`` from refcount-block allocation: refcount metadata was just
+    allocated, so the caller must search for free clusters again."""
+
+
+def refcount_blocks_for(clusters: int, cs: int, refcount_order: int,
+                        generous: bool = False) -> int:
+    """Refcount blocks needed to count ``clusters`` clusters plus the refcount blocks and
+    table clusters themselves (the fixed point of QEMU's ``qcow2_refcount_metadata_size``;
+    ``generous`` adds half the table size to ``clusters`` once, as QEMU's
+    ``generous_increase`` does)."""
+    per_block = cs * 8 >> refcount_order
+    per_table_cluster = cs // 8
+    blocks = table = 0
+    while True:
+        nb = -(-(clusters + blocks + table) // per_block)
+        nt = -(-nb // per_table_cluster)
+        if (nb, nt) == (blocks, table):
+            if generous:
+                clusters += -(-nt // 2)
+                generous = False
+                continue
+            return blocks
+        blocks, table = nb, nt
+
+
 class RefBlock:
     """One refcount block of ``1 << order`` bit entries (order 0..6)."""
 
@@ -152,15 +178,25 @@ class Refcounts:
         return count
 
     # --- updating --------------------------------------------------------------------
-    def set(self, cluster: int, value: int) -> None:
+    def _check_value(self, cluster: int, value: int) -> None:
         if not 0 <= value <= self.max_refcount:
             raise CorruptImageError(f"Refcount of cluster {cluster} would overflow "
                                     f"({value} > {self.max_refcount})")
-        ri = cluster >> self.block_bits
-        off = self._block_offset(ri)
-        if not off:
-            self._new_block(ri, depth=0)
-            off = self._block_offset(ri)
+
+    def _block_for(self, cluster: int) -> int:
+        """Offset of the refcount block covering ``cluster``, created first when missing
+        (retried until no more refcount metadata had to be allocated)."""
+        for _ in range(64):
+            try:
+                return self._ensure_block(cluster)
+            except _Again:
+                continue
+        raise CorruptImageError("Refcount block allocation does not converge")  # pragma: no cover
+
+    def set(self, cluster: int, value: int) -> None:
+        """Set the refcount of host cluster ``cluster`` (creating its block if needed)."""
+        self._check_value(cluster, value)
+        off = self._block_for(cluster)
         self.blocks.get(off)[cluster & ((1 << self.block_bits) - 1)] = value
         self.blocks.mark_dirty(off)
 
@@ -204,30 +240,59 @@ class Refcounts:
 
     def alloc(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters (QEMU's order: the first free run at or after
-        ``free_cluster_index``); returns the host byte offset.  Refcounts are set one
-        refcount block at a time; a block needed on the way is created in cluster order,
-        exactly as setting them one by one would."""
-        start = self.find_free(n)
-        self.free_cluster_index = start + n
-        self._set_run(start, start + n, 1)
-        return start * self.cs
+        ``free_cluster_index``); returns the host byte offset.
 
-    def _set_run(self, first: int, end: int, value: int) -> None:
-        """Set the refcount of clusters [first, end) to ``value`` (creating refcount blocks
-        as needed, in cluster order)."""
-        if not 0 <= value <= self.max_refcount:
-            raise CorruptImageError(f"Refcount of cluster {first} would overflow "
-                                    f"({value} > {self.max_refcount})")
+        Refcounts are set one refcount block at a time.  When a refcount block (or a
+        bigger refcount table) had to be made on the way, the clusters set so far are
+        released and the search starts again from the same place -- QEMU's ``-EAGAIN``
+        loop -- because the new metadata may have taken part of the run."""
+        for _ in range(1 << 16):
+            start = self.find_free(n)
+            self.free_cluster_index = start + n
+            try:
+                self._alloc_run(start, start + n)
+            except _Again:
+                continue
+            return start * self.cs
+        raise CorruptImageError("Cluster allocation does not converge")  # pragma: no cover
+
+    def alloc_at(self, first: int, n: int) -> None:
+        """Take the free clusters [first, first + n) (QEMU's ``alloc_clusters_at`` for a
+        range whose refcount blocks exist, e.g. right after :meth:`refcount_area`)."""
+        for _ in range(64):
+            try:
+                self._alloc_run(first, first + n)
+                return
+            except _Again:
+                continue
+        raise CorruptImageError("Cluster allocation does not converge")  # pragma: no cover
+
+    def _alloc_run(self, first: int, end: int) -> None:
+        """Set the refcount of the free clusters [first, end) to 1; raises ``_Again`` (with
+        the run's refcounts back at 0) after creating refcount metadata."""
         bb = self.block_bits
         c = first
         while c < end:
-            ri = c >> bb
-            off = self._block_offset(ri)
-            if not off:
-                self._new_block(ri, depth=0)
-                off = self._block_offset(ri)
-            base = ri << bb
+            try:
+                off = self._ensure_block(c)
+            except _Again:
+                self.free_cluster_index = min(self.free_cluster_index, first)
+                self._fill(first, c, 0)
+                raise
+            base = (c >> bb) << bb
             stop = min(end, base + (1 << bb))
+            self.blocks.get(off).fill(c - base, stop - base, 1)
+            self.blocks.mark_dirty(off)
+            c = stop
+
+    def _fill(self, first: int, end: int, value: int) -> None:
+        """Set the refcounts of [first, end) (whose blocks exist) to ``value``."""
+        bb = self.block_bits
+        c = first
+        while c < end:
+            base = (c >> bb) << bb
+            stop = min(end, base + (1 << bb))
+            off = self._block_offset(c >> bb)
             self.blocks.get(off).fill(c - base, stop - base, value)
             self.blocks.mark_dirty(off)
             c = stop
@@ -245,17 +310,25 @@ class Refcounts:
         off = self.free_byte_offset
         if off and off % cs and self.get(off // cs) >= self.max_refcount:
             off = 0
-        if not off or off % cs == 0 or cs - off % cs < size:
-            start = self.find_free(-(-size // cs)) * cs
-            if not off or -(-off // cs) * cs != start:
-                off = start
-        last = (off + size - 1) // cs
-        # reserve first, so a refcount block allocated below never lands on this range
-        self.free_cluster_index = max(self.free_cluster_index, last + 1)
-        for c in range(off // cs, last + 1):
-            self.update(c, 1)
-        self.free_byte_offset = off + size
-        return off
+        for _ in range(64):
+            if not off or off % cs == 0 or cs - off % cs < size:
+                start = self.find_free(-(-size // cs)) * cs
+                if not off or -(-off // cs) * cs != start:
+                    off = start
+            last = (off + size - 1) // cs
+            # reserve first, so a refcount block allocated below never lands on this range
+            self.free_cluster_index = max(self.free_cluster_index, last + 1)
+            try:
+                for c in range(off // cs, last + 1):
+                    self._ensure_block(c)
+            except _Again:
+                off = 0
+                continue
+            for c in range(off // cs, last + 1):
+                self.update(c, 1)
+            self.free_byte_offset = off + size
+            return off
+        raise CorruptImageError("Cluster allocation does not converge")  # pragma: no cover
 
     def free(self, host_offset: int, length: int) -> None:
         """Drop one reference from every cluster overlapping [host_offset, +length)."""
@@ -269,87 +342,112 @@ class Refcounts:
         self.host.pwrite(self.header.refcount_table_offset + 8 * ri,
                          struct.pack(">Q", self.table[ri]))
 
-    def _new_block(self, ri: int, depth: int) -> None:
-        if depth > 8:
-            raise CorruptImageError("Refcount block allocation does not converge")
-        if ri >= len(self.table):
-            self._grow_table(ri)
-            return
+    def _ensure_block(self, cluster: int) -> int:
+        """Offset of the refcount block covering ``cluster``; if there is none, make one
+        the way QEMU does and raise ``_Again`` (the caller searches again).
+
+        The new block goes to the first free cluster.  If that cluster is in the range
+        the block covers, the block counts itself; otherwise its own cluster is counted
+        first (which may make another block).  If the refcount table has no entry for
+        it, a new table is built by :meth:`refcount_area` at the first cluster of the
+        refcount-block range after both the needed cluster and the new block."""
+        ri = cluster >> self.block_bits
+        off = self._block_offset(ri)
+        if off:
+            return off
         loc = self.find_free(1)
         self.free_cluster_index = loc + 1
-        lri = loc >> self.block_bits
+        if loc == 0:
+            raise CorruptImageError("Preventing invalid allocation of refcount block at "
+                                    "offset 0")
         blk = RefBlock(self.order, bytes(self.cs))
-        if lri == ri:
+        if loc >> self.block_bits == ri:
             blk[loc & ((1 << self.block_bits) - 1)] = 1  # the block describes itself
         else:
-            if not self._block_offset(lri):
-                self._new_block(lri, depth + 1)
-            self.set(loc, 1)
-        self.blocks.flush()  # refcounts of the new block's own cluster, if elsewhere
+            try:
+                self._alloc_run(loc, loc + 1)
+            except _Again:
+                self.free_cluster_index = min(self.free_cluster_index, loc)
+                raise
+            self.blocks.flush()  # refcount of the new block's own cluster first
         self.host.pwrite(loc * self.cs, blk.pack())
         self.host.flush()
-        self.table[ri] = loc * self.cs
-        self._write_table_entry(ri)
         self.blocks.put(loc * self.cs, blk, dirty=False)
-        self.free_cluster_index = max(self.free_cluster_index, loc + 1)
-
-    def _grow_table(self, ri: int) -> None:
-        """Move the refcount table to new clusters at the end, big enough for entry ``ri``."""
-        cs = self.cs
-        old_off = self.header.refcount_table_offset
-        old_clusters = self.header.refcount_table_clusters
-        start = max(-(-self.host.size() // cs), self.free_cluster_index)
-        while self.get(start):
-            start += 1
+        if ri < len(self.table):
+            self.table[ri] = loc * self.cs
+            self._write_table_entry(ri)
+            self.host.flush()
+            raise _Again
         per_block = 1 << self.block_bits
-        nb_blocks = 0
-        table_clusters = old_clusters
-        for _ in range(64):
-            area_end = start + nb_blocks + table_clusters
-            need = {ri}
-            for bi in range(start // per_block, (area_end - 1) // per_block + 1):
-                if not self._block_offset(bi):
-                    need.add(bi)
-            entries = max(max(need) + 1, len(self.table))
-            new_tc = max(old_clusters, -(-entries * 8 // cs))
-            new_tc += new_tc // 2  # headroom, like QEMU's growth
-            if len(need) == nb_blocks and new_tc <= table_clusters:
-                break
-            nb_blocks, table_clusters = len(need), max(table_clusters, new_tc)
-        else:
-            raise CorruptImageError("Refcount table growth does not converge")
-        if table_clusters * cs > QCOW_MAX_REFTABLE_SIZE:
+        blocks_used = -(-max(cluster + 1, loc + 1) // per_block)
+        self.refcount_area(blocks_used * per_block, 0, exact=False, new_index=ri,
+                           new_block=loc * self.cs)
+        raise _Again
+
+    def _max_table_index(self) -> int:
+        for i in range(len(self.table) - 1, -1, -1):
+            if self.table[i]:
+                return i
+        return 0
+
+    def refcount_area(self, start: int, additional: int, *, exact: bool,
+                      new_index: int = 0, new_block: int = 0) -> int:
+        """Build a new refcount table (and the refcount blocks missing up to its end) at
+        host cluster ``start``, big enough to count the clusters before ``start`` plus
+        ``additional`` more (with 50% headroom unless ``exact``) -- QEMU's
+        ``qcow2_refcount_area``.  ``new_block`` (if set) is hooked in at ``new_index``.
+
+        The new blocks come first, then the table; all of them count themselves.  The
+        header is switched to the new table after it is written and synced, then the
+        old table's clusters are freed.  Returns the first cluster after the area."""
+        cs = self.cs
+        per_block = 1 << self.block_bits
+        per_table_cluster = cs // 8
+        total = refcount_blocks_for(start + additional, cs, self.order, generous=not exact)
+        area_index = start // per_block
+        table_size = total if exact else total + -(-total // 2)
+        table_size = -(-table_size // per_table_cluster) * per_table_cluster
+        table_clusters = table_size * 8 // cs
+        if table_size * 8 > QCOW_MAX_REFTABLE_SIZE:
             raise CorruptImageError("Refcount table would exceed the maximum size (8 MiB); "
                                     "image too large for this cluster size")
-        need_sorted = sorted(need)
-        new_blocks = {bi: RefBlock(self.order, bytes(cs)) for bi in need_sorted}
-        block_loc = {bi: start + k for k, bi in enumerate(need_sorted)}
-        table_start = start + len(need_sorted)
-        self.blocks.flush()
-        for c in range(start, table_start + table_clusters):
-            bi = c >> self.block_bits
-            if bi in new_blocks:
-                new_blocks[bi][c & (per_block - 1)] = 1
+        new_table = array("Q", bytes(8 * table_size))
+        keep = min(table_size, self._max_table_index() + 1, len(self.table))
+        new_table[:keep] = self.table[:keep]
+        if new_block:
+            new_table[new_index] = new_block
+        additional_blocks = sum(1 for i in range(area_index, total) if not new_table[i])
+        table_at = start + additional_blocks
+        end = table_at + table_clusters
+        nxt = start
+        for i in range(area_index, total):
+            if new_table[i]:
+                off = new_table[i] & REFT_OFFSET_MASK
+                blk = self.blocks.get(off)
             else:
-                self.set(c, 1)
+                off = nxt * cs
+                blk = RefBlock(self.order, bytes(cs))
+                self.blocks.put(off, blk)
+                new_table[i] = off
+                nxt += 1
+            first = i * per_block
+            if first < end:
+                lo = max(start, first) - first
+                hi = min(end - first, per_block)
+                blk.fill(lo, hi, 1)
+            self.blocks.mark_dirty(off)
         self.blocks.flush()
-        for bi, blk in new_blocks.items():
-            self.host.pwrite(block_loc[bi] * cs, blk.pack())
-        table = array("Q", self.table)
-        table.extend([0] * (table_clusters * cs // 8 - len(table)))
-        for bi in need_sorted:
-            table[bi] = block_loc[bi] * cs
-        self.host.pwrite(table_start * cs, pack_be_u64_array(table))
+        self.host.pwrite(table_at * cs, pack_be_u64_array(new_table))
         self.host.flush()
-        self.host.pwrite(48, struct.pack(">QI", table_start * cs, table_clusters))
+        self.host.pwrite(48, struct.pack(">QI", table_at * cs, table_clusters))
         self.host.flush()
-        self.header.refcount_table_offset = table_start * cs
+        old_off = self.header.refcount_table_offset
+        old_clusters = self.header.refcount_table_clusters
+        self.header.refcount_table_offset = table_at * cs
         self.header.refcount_table_clusters = table_clusters
-        self.table = table
-        for bi, blk in new_blocks.items():
-            self.blocks.put(block_loc[bi] * cs, blk, dirty=False)
-        self.free_cluster_index = max(self.free_cluster_index, table_start + table_clusters)
+        self.table = new_table
         self.free(old_off, old_clusters * cs)
+        return end
 
     def flush(self) -> None:
         self.blocks.flush()
