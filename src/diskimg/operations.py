@@ -21,11 +21,12 @@ from diskimg.errors import CorruptImageError, DiskImgError, UnsupportedFeatureEr
 from diskimg.hostio import HostFile, aligned_buffer
 
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
-    from concurrent.futures import Future
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 CHUNK = 2 << 20  # qemu-img convert's buffer: 4096 sectors
 SECTOR = 512
 _ZERO_SECTOR = bytes(SECTOR)
+_ZERO_WORD = bytes(8)
 _NONZERO = re.compile(rb"[^\x00]")
 _ZEROS = bytes(CHUNK)
 
@@ -59,8 +60,23 @@ def is_zero(buf: bytes | bytearray | memoryview) -> bool:
                for p in range(0, len(mv), CHUNK))
 
 
+def _first_zero_head(buf: Any, pos: int, end: int) -> int:
+    """Start of the first whole sector in [pos, end) (aligned to ``pos``) whose first 8
+    bytes are zero, else ``end``.  Reads one word per sector (a strided copy in C), so
+    data without zero sectors is ruled out without touching most of its bytes."""
+    m = (end - pos) // SECTOR
+    if m <= 0:
+        return end
+    heads = memoryview(buf)[pos : pos + m * SECTOR].cast("Q")[:: SECTOR // 8].tobytes()
+    p = heads.find(_ZERO_WORD)
+    while p > 0 and p % 8:  # a zero run straddling two heads: not a zero head
+        p = heads.find(_ZERO_WORD, p + 8 - p % 8)
+    return end if p < 0 else pos + p // 8 * SECTOR
+
+
 def _next_zero_sector(buf: bytearray, pos: int, end: int) -> int:
     """Start of the first fully zero 512-byte sector at or after ``pos`` (sector aligned)."""
+    pos = _first_zero_head(buf, pos, end)  # no zero sector before the first zero head
     i = pos
     while i < end:
         p = buf.find(_ZERO_SECTOR, i, end)
@@ -496,9 +512,10 @@ class _ClusterDecoder:
         self._decode_entry = E.decode_compressed
         self._decompress = decompress
         self.fsize = src.data_host.size()
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diskimg-dec")
+        self.workers = workers
+        # started on the first compressed cluster: a source without any costs no threads
+        # (nor the concurrent.futures import)
+        self.pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def for_device(cls, src: BlockDevice) -> _ClusterDecoder | None:
@@ -518,6 +535,11 @@ class _ClusterDecoder:
 
     def decode_into(self, batch: list[tuple[int, int, int]], buf: Any) -> Future[None]:
         """Decode the ``(pos, n, entry)`` pieces back to back into ``buf`` on the pool."""
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=self.workers,
+                                           thread_name_prefix="diskimg-dec")
         return self.pool.submit(self._decode_batch, batch, buf)
 
     def _decode_batch(self, batch: list[tuple[int, int, int]], buf: Any) -> None:
@@ -542,7 +564,8 @@ class _ClusterDecoder:
         return data, c_off
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Concat:
@@ -884,7 +907,7 @@ class _Layer:
 def _chain_layers(path: str | os.PathLike[str], fmt: str | None,
                   kw: Mapping[str, Any]) -> list[_Layer]:
     """Path, format and backing-file name of every image in ``path``'s chain, top first."""
-    with api.open(path, "r", fmt, force_share=True, **kw) as dev:
+    with api.open(path, "r", fmt, force_share=True, **kw) as dev:  # kw: secrets, options
         out = []
         for d in dev.chain():
             name_fn = getattr(d, "backing_file_name", None)
@@ -926,6 +949,7 @@ def commit(
     fmt: str | None = None,
     untrusted: bool = False,
     secrets: Mapping[str, bytes] | None = None,
+    options: Mapping[str, str] | None = None,
 ) -> None:
     """``qemu-img commit``: write the data of ``path`` (and of every image between it and
     ``base``) into ``base`` (default: its backing file), then empty ``path`` unless ``drop``.
@@ -933,11 +957,16 @@ def commit(
     As in qemu-img, giving ``base`` implies ``drop`` (intermediate images are never
     emptied), the base grows to the top's size if it is smaller, and no header changes:
     the top keeps naming its backing file.  Zero ranges are written as zeros (unmapped
-    where the base allows)."""
+    where the base allows).  ``options`` are the top's image options; each layer below
+    gets them with one more ``backing.`` prefix removed (``encrypt.key-secret`` for an
+    encrypted top, ``backing.encrypt.key-secret`` for an encrypted base), so encrypted
+    layers are read and written with their own keys."""
+    from diskimg.api import backing_options
     from diskimg.hostio import open_host_file
     from diskimg.qcow2.amend import make_empty, read_header
 
-    kw: dict[str, Any] = {"untrusted": untrusted, "secrets": dict(secrets or {})}
+    kw: dict[str, Any] = {"untrusted": untrusted, "secrets": dict(secrets or {}),
+                          "options": dict(options or {})}
     path = os.fspath(path)
     if base is not None:
         drop = True
@@ -954,7 +983,10 @@ def commit(
                 raise UsageError(f"Did not find '{base}' in the backing chain of '{path}'")
             base_idx = found
         b = layers[base_idx]
-        with api.open(b.path, "r+", b.format, **kw) as base_dev, \
+        base_opts = dict(options or {})
+        for _ in range(base_idx):
+            base_opts = backing_options(base_opts)
+        with api.open(b.path, "r+", b.format, **{**kw, "options": base_opts}) as base_dev, \
                 api.open(path, "r", fmt, force_share=True, **kw) as top:
             _commit_copy(top, base_dev, base_idx, progress)
             base_dev.flush()
@@ -1013,6 +1045,7 @@ def rebase(
     untrusted: bool = False,
     secrets: Mapping[str, bytes] | None = None,
     force_share: bool = False,
+    options: Mapping[str, str] | None = None,
 ) -> None:
     """``qemu-img rebase``: make ``path`` use ``backing`` (``None`` or ``""``: no backing
     file) without changing what the guest sees.
@@ -1020,7 +1053,11 @@ def rebase(
     Safe mode reads the old and new backing chains and copies into ``path`` every range
     where they differ and ``path`` does not decide the contents itself; ``unsafe`` only
     rewrites the backing file name and format in the header.  ``backing`` is stored as
-    given and resolved, like qemu, relative to ``path``'s directory."""
+    given and resolved, like qemu, relative to ``path``'s directory.  ``options`` are
+    ``path``'s image options (``encrypt.key-secret``; ``backing.encrypt.key-secret`` for
+    an encrypted old backing file).  As in qemu-img the new backing file is opened with
+    no options, so it cannot be encrypted in safe mode."""
+    from diskimg.errors import MissingSecretError
     from diskimg.policy import OpenPolicy
     from diskimg.qcow2.amend import set_backing
 
@@ -1028,7 +1065,7 @@ def rebase(
     path = os.fspath(path)
     new_name = backing or None
     with api.open(path, "r+", fmt, backing=not unsafe, force_share=force_share,
-                  **kw) as dev:
+                  options=dict(options or {}), **kw) as dev:
         if dev.format != "qcow2":
             raise UnsupportedFeatureError(
                 f"Could not change the backing file to '{backing or ''}': Operation not "
@@ -1041,6 +1078,9 @@ def rebase(
                     bpath = pol.resolve(new_name, Path(path))
                     try:
                         new_dev = api.open(bpath, "r", backing_fmt, force_share=True, **kw)
+                        if new_dev.info().encrypted:
+                            raise MissingSecretError(
+                                "Parameter 'encrypt.key-secret' is required for cipher")
                     except DiskImgError as e:
                         raise DiskImgError(f"Could not open new backing file "
                                            f"'{bpath}': {e}") from e

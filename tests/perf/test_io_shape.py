@@ -462,3 +462,68 @@ def test_encrypted_run_is_encrypted_in_pieces_and_written_with_one_call(
     with diskimg.open(img, format="qcow2", options={"encrypt.key-secret": "s"}, **kw) as d:
         assert d.read(4 * MiB, 2 * MiB) == payload
         assert d.read(4 * MiB + 1000, 70000) == payload[1000:71000]
+
+
+def _reference_next_zero_sector(buf: bytes, pos: int, end: int) -> int:
+    """Sector by sector: the first whole zero sector (aligned to ``pos``) in [pos, end)."""
+    for s in range(pos, end - 511, 512):
+        if not any(buf[s : s + 512]):
+            return s
+    return end
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_zero_sector_search_skips_by_sector_heads_and_finds_what_a_full_scan_finds(
+        seed: int) -> None:
+    """The sparse detection of convert rules sectors out by their first 8 bytes (read
+    strided, in C) before scanning: zero heads on data sectors, zero words straddling two
+    heads, zero sectors at any place and buffers of odd length find the same sector as a
+    byte-by-byte scan, so the hole layout (compared with qemu-img elsewhere) is kept."""
+    rng = random.Random(seed)
+    n = 64 * 512 + rng.choice((0, 100, 511))
+    buf = bytearray(rng.randbytes(n))
+    for s in rng.sample(range(0, n - 512, 512), 10):
+        buf[s : s + 8] = bytes(8)  # zero head, data after it: not a zero sector
+    for s in rng.sample(range(0, n - 512, 512), 6):
+        buf[s + 4 : s + 12] = bytes(8)  # zero word across two heads' bytes
+    for s in rng.sample(range(512, n - 512, 512), rng.randrange(3)):
+        buf[s : s + 512] = bytes(512)  # whole zero sectors
+    mm = aligned_buffer(n)
+    mm[:n] = buf
+    for pos in (0, 512, 3 * 512, rng.randrange(0, n // 2)):
+        for end in (n, n - n % 512, rng.randrange(pos, n + 1)):
+            want = _reference_next_zero_sector(bytes(buf), pos, end)
+            assert ops._next_zero_sector(buf, pos, end) == want
+            assert ops._next_zero_sector(mm, pos, end) == want
+    ref = [(s, ln, d) for s, ln, d in ops.sparse_runs(buf, n, 4096, 0)]
+    assert ops.sparse_runs(mm, n, 4096, 0) == ref
+    assert sum(ln for _, ln, _ in ref) == n
+
+
+def test_uncompressed_qcow2_convert_starts_no_decoder_threads(tmp_path: Path) -> None:
+    """A qcow2 source without compressed clusters is copied by the reader thread alone:
+    the decompression pool (and its import) is only started by a compressed cluster."""
+    src = tmp_path / "s.qcow2"
+    diskimg.create(src, "qcow2", 4 * MiB)
+    with diskimg.open(src, "r+") as img:
+        img.write(MiB, os.urandom(MiB))
+    seen: list[str] = []
+    orig = ops._ClusterDecoder.decode_into
+
+    def spy(self: Any, batch: Any, buf: Any) -> Any:
+        seen.append("decode")
+        return orig(self, batch, buf)
+
+    ops._ClusterDecoder.decode_into = spy  # type: ignore[method-assign]
+    try:
+        with diskimg.open(src) as dev, ops._ReadAhead(dev, iter([("data", MiB, MiB)])) as ahead:
+            items = list(ahead)
+            assert ahead.decoder is None or ahead.decoder.pool is None
+        assert not seen
+        assert [k for k, *_ in items] == ["data"]
+    finally:
+        ops._ClusterDecoder.decode_into = orig  # type: ignore[method-assign]
+    out = tmp_path / "o.raw"
+    diskimg.convert(src, out, "raw")
+    with diskimg.open(src) as dev:
+        assert out.read_bytes() == dev.read(0, 4 * MiB)

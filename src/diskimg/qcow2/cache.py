@@ -94,7 +94,8 @@ class TableCache(Generic[T]):
             self._evict()
 
     def _evict(self) -> None:
-        for off in list(self.tables):
+        # never the newest entry: the caller is about to use (and maybe dirty) it
+        for off in list(self.tables)[:-1]:
             if len(self.tables) <= self.capacity:
                 return
             if off not in self.dirty:

@@ -1111,9 +1111,15 @@ class Qcow2Image(BlockDevice):
             b = self.backing
             zero_end = max(min(new_size, -(-old_size // self.cs) * self.cs),
                            min(new_size, b.size) if b is not None else 0)
-            if zero_end > old_size:
+            grown = preallocation in ("falloc", "full") and not self._data_file_opened
+            # (falloc/full without a backing file give the old last cluster a fresh,
+            # zeroed cluster anyway and copy only its head)
+            if zero_end > old_size and not (grown and b is None):
                 self._zero_tail(old_size, zero_end)
-            self.preallocate(old_size, new_size, preallocation)
+            if grown:
+                self._preallocate_grown(old_size, new_size, preallocation)
+            else:
+                self.preallocate(old_size, new_size, preallocation)
         self.flush()
         self.host.pwrite(24, struct.pack(">Q", new_size))
         self.host.flush()
@@ -1124,6 +1130,65 @@ class Qcow2Image(BlockDevice):
                 last -= 1
             if (last + 1) * self.cs < self.host.size():
                 self.host.truncate((last + 1) * self.cs)
+
+    def _preallocate_grown(self, old_size: int, new_size: int, mode: str) -> None:
+        """``resize --preallocation=falloc|full`` laid out as qemu-img 7.2 lays it out.
+
+        QEMU first builds refcount structures (new blocks, then a new refcount table)
+        right after the last cluster in use, sized exactly for the new data clusters plus
+        their L2 tables, then takes the data clusters in one run after them (reserved or
+        written as zeros), and only then allocates the L2 tables (at the first free
+        clusters) and fills in their entries.  A partly used last cluster of the old size
+        gets a new cluster too; its old contents are copied into it (QEMU's COW head),
+        so no guest data is lost.  Invariant: every cluster used has refcount 1."""
+        cs = self.cs
+        self.flush()
+        rc = self.refcounts
+        last = -(-self.host.size() // cs) - 1
+        while last >= 0 and rc.get(last) == 0:
+            last -= 1
+        first_guest = old_size >> self.cb
+        n_data = -(-new_size // cs) - first_guest
+        n_l2 = -(-n_data // self.l2_entries) + 1
+        start = rc.refcount_area(last + 1, n_data + n_l2, exact=True)
+        rc.alloc_at(start, n_data)
+        self._flush_refcounts()
+        lo, hi = start * cs, (start + n_data) * cs
+        cur = max(lo, min(hi, self.host.size()))
+        if mode == "full":
+            self.host.write_zeros(cur, hi - cur)
+        elif hi > cur:
+            self.host.preallocate(cur, hi - cur)
+        if self.host.size() < hi:
+            self.host.truncate(hi)
+        head = old_size & (cs - 1)
+        # the partly used old last cluster moves to a new cluster: keep what it holds
+        head_data = self.read(first_guest * cs, head) if head else b""
+        step = 2 if self.extended else 1  # extended L2: (entry, bitmap) pairs
+        c, end, host = first_guest, first_guest + n_data, start
+        while c < end:
+            idx = c & (self.l2_entries - 1)
+            n = min(self.l2_entries - idx, end - c)
+            l2_off, table = self._get_l2_for_write(c)
+            for j in range(n):
+                k = step * (idx + j)
+                if table.entries[k]:
+                    self._free_entry(table.entries[k])
+                table.entries[k] = (host + j) * cs | E.QCOW_OFLAG_COPIED
+            self.l2_cache.mark_dirty(l2_off)
+            c += n
+            host += n
+        self.flush()
+        if head_data.count(0) != len(head_data):
+            l2_off, table = self._get_l2_for_write(first_guest)
+            k = 2 * (first_guest & (self.l2_entries - 1)) + 1
+            bitmap = table.entries[k] if self.extended else 0
+            self.write(first_guest * cs, head_data)
+            if self.extended:  # qemu keeps the old subcluster bitmap as it was
+                l2_off, table = self._get_l2_for_write(first_guest)
+                table.entries[k] = bitmap
+                self.l2_cache.mark_dirty(l2_off)
+            self.flush()
 
     def _grow_l1(self, need: int) -> None:
         if need * 8 > QCOW_MAX_L1_SIZE:
