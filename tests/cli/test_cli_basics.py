@@ -200,3 +200,25 @@ def test_qemu_progress_single_precision_steps() -> None:
     p.end()
     assert buf.getvalue() == ("    (0.00/100%)\r    (34.83/100%)\r    (68.17/100%)\r"
                               "    (100.00/100%)\r\n")
+
+
+def test_closed_stdout_pipe_stops_quietly(tmp_path: Path) -> None:
+    """`diskimg map ... | head -1`: no "Broken pipe" error, the shell's SIGPIPE status."""
+    import subprocess
+    import sys
+
+    import diskimg
+
+    img = tmp_path / "many.qcow2"
+    diskimg.create(img, "qcow2", 64 << 20, options={"cluster_size": 4096})
+    with diskimg.open(img, "r+") as d:
+        for k in range(0, 64 << 20, 8192):  # thousands of map lines, more than a pipe buffer
+            d.write(k, b"x")
+    p = subprocess.Popen([sys.executable, "-m", "diskimg", "map", "--output=json", str(img)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.readline().startswith(b"[{")
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 141
+    assert err == b""

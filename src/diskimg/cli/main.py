@@ -356,6 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             msg += f"\n{TRY_HELP}"
         _print_error(msg)
         return 1
+    except BrokenPipeError:
+        # stdout's reader went away (`diskimg map ... | head`): stop quietly, as qemu-img
+        # does when SIGPIPE kills it, with the shell's status for that (128 + SIGPIPE)
+        _silence_stdout()
+        return 141
     except (DiskImgError, OSError) as e:
         if debug:
             raise
@@ -369,6 +374,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _print_error(f"internal error: {type(e).__name__}: {e}")
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout replaced by an object without a file descriptor
+        pass
 
 
 def _os_message(e: OSError) -> str:
