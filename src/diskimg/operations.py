@@ -311,6 +311,9 @@ class _Copier:
                     pending.append((start, n, buf, pool.submit(work, buf, n)))
                 drain(window)
             drain(0)
+        align = getattr(tgt, "align_compressed_end", None)
+        if align is not None:
+            align()
 
     def tick(self, n: int) -> None:
         self.done += n

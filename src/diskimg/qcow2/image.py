@@ -728,6 +728,15 @@ class Qcow2Image(BlockDevice):
             self.l1_dirty.clear()
             self._pending_free.clear()
 
+    def align_compressed_end(self) -> None:
+        """Grow the image file to a multiple of 512 bytes, as qemu-img's ``convert -c``
+        does when it finishes (a zero-length compressed write), so sector-based readers can
+        read the last compressed cluster whole.  Only bytes inside an already allocated
+        cluster are added: refcounts are unchanged."""
+        end = self.host.size()
+        if end % 512:
+            self.host.truncate(end + (-end % 512))
+
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview,
                          *, compressed: bytes | None = None) -> None:
         """Write one whole cluster compressed (qemu-io ``write -c``).
