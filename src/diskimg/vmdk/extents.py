@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+import zlib
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from diskimg.device import Status
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError, UsageError
-from diskimg.hostio import HostFile
+from diskimg.hostio import HostFile, aligned_buffer
 from diskimg.vmdk import sparse as S
+
+if TYPE_CHECKING:     # concurrent.futures is imported when a pool is first needed
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 Fill = Callable[[int, memoryview], None]
 UNALLOC, ZERO, DATA, COMPRESSED = "unalloc", "zero", "data", "compressed"
@@ -31,7 +35,58 @@ _GRAIN_CACHE = 8      # decompressed grains kept
 _WHOLE_GRAIN_MAX = 1 << 20  # larger compressed grains are streamed, never held whole
 
 
+#: whole compressed grains in one request before they are inflated on the pool
+_PARALLEL_MIN = 4
+#: grains read with one pread: a group spans at most this many bytes of the file, and
+#: neighbours lie at most this far apart beyond a grain record (a GT marker + table fits)
+_GROUP_MAX = 4 << 20
+_GROUP_GAP = 64 << 10
+_BATCH_BYTES = 8 << 20
+#: pool threads; the thread asking takes a share too, so one CPU per inflating thread
+_POOL_WORKERS = min(4, (os.cpu_count() or 1) - 1)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _inflate_pool() -> ThreadPoolExecutor | None:
+    """The process's grain-inflate pool (zlib releases the GIL), made on first use (and
+    again in a forked child, whose copy has no threads); None on a single CPU."""
+    global _pool
+    if _POOL_WORKERS < 1:
+        return None
+    with _pool_lock:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(_POOL_WORKERS, thread_name_prefix="diskimg-inflate")
+        return _pool
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> memoryview:
+    """This thread's page-aligned scratch buffer, at least ``n`` bytes (reused, grown on
+    demand; the largest request is bounded by the batch and group limits above)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _local.buf = aligned_buffer(max(n, 1 << 20))
+    return memoryview(buf)
+
+
 _ZEROS = memoryview(bytes(1 << 20))
+_PAD = bytes(S.SECTOR)
+#: streamOptimized records are written with one pwritev per this many bytes
+_EMIT_BATCH = 1 << 20
 
 
 def zero_fill(buf: memoryview) -> None:
@@ -41,6 +96,15 @@ def zero_fill(buf: memoryview) -> None:
     for p in range(0, n, z):
         k = min(z, n - p)
         buf[p:p + k] = _ZEROS[:k]
+
+
+def _all_zero(buf: bytearray) -> bool:
+    """Whether ``buf`` holds only zero bytes (memcmp a MiB at a time: bytearray equality
+    with a buffer runs in C, memoryview equality item by item does not)."""
+    z = len(_ZEROS)
+    if len(buf) <= z:
+        return buf == _ZEROS[:len(buf)]
+    return all(buf[p:p + z] == _ZEROS[:len(buf[p:p + z])] for p in range(0, len(buf), z))
 
 
 class Extent(Protocol):
@@ -299,7 +363,9 @@ class SparseExtent(GrainMappedExtent):
 
     def lookup(self, off: int, length: int) -> tuple[str, int, int]:
         """(kind, run length, host byte offset) for the run at ``off``; a run never
-        crosses a grain table; DATA runs are host-contiguous."""
+        crosses a grain table; DATA runs are host-contiguous (``host`` is that of ``off``);
+        a COMPRESSED run is a series of compressed grains (``host`` is the first one's
+        grain, read through :meth:`_read_compressed`)."""
         gb, gtes = self.gb, self.geo.gtes
         grain = off // gb
         in_g = off - grain * gb
@@ -310,8 +376,6 @@ class SparseExtent(GrainMappedExtent):
             return UNALLOC, max_len, 0
         kind = self._classify(t[idx])
         host = t[idx] * S.SECTOR if kind in (DATA, COMPRESSED) else 0
-        if kind == COMPRESSED:
-            return kind, min(max_len, gb - in_g), host
         n = gb - in_g
         i = idx + 1
         if kind == UNALLOC and n < max_len:      # fast path: a run of zero entries
@@ -326,10 +390,37 @@ class SparseExtent(GrainMappedExtent):
             n += gb
             nxt += gb
             i += 1
-        return kind, min(n, max_len), (host + in_g if kind == DATA else 0)
+        return kind, min(n, max_len), (host + in_g if kind == DATA else host)
 
     # --- reads -----------------------------------------------------------------------
     def _read_compressed(self, host: int, off: int, part: memoryview) -> None:
+        """Guest bytes ``[off, off + len(part))`` of a run of compressed grains (one grain
+        table; ``host`` is the grain at ``off``).
+
+        Whole grains up to :data:`_WHOLE_GRAIN_MAX` are read with one pread per group of
+        grains that follow each other in the file and inflated straight into ``part`` (on
+        the inflate pool when there are at least :data:`_PARALLEL_MIN`); a grain the
+        request covers only partly goes through :meth:`_read_grain` (cached).  Memory
+        follows the request (plus one grain), never the number or size of grains."""
+        gb, gtes = self.gb, self.geo.gtes
+        t = self._gt(off // gb // gtes)
+        assert t is not None
+        whole: list[tuple[int, memoryview]] = []
+        pos = 0
+        while pos < len(part):
+            o = off + pos
+            g0 = o - o % gb
+            n = min(g0 + gb - o, len(part) - pos)
+            h = host if pos == 0 else t[(o // gb) % gtes] * S.SECTOR
+            if gb <= _WHOLE_GRAIN_MAX and o == g0 and n == min(gb, self.size - g0):
+                whole.append((h, part[pos:pos + n]))
+            else:
+                self._read_grain(h, o, part[pos:pos + n])
+            pos += n
+        if whole:
+            self._inflate_whole(whole)
+
+    def _read_grain(self, host: int, off: int, part: memoryview) -> None:
         """Guest bytes ``[off, off + len(part))`` of the compressed grain at ``host``.
 
         Grains up to :data:`_WHOLE_GRAIN_MAX` are inflated once (only up to the extent's
@@ -352,14 +443,114 @@ class SparseExtent(GrainMappedExtent):
             cur = self._cursor = (host, self._inflater(host))
         cur[1].readinto(in_g, part)
 
+    def _bound(self) -> int:
+        """The most bytes a grain's zlib stream may take (deflate's worst case + slack)."""
+        gb = self.gb
+        return gb + (gb >> 12) + (gb >> 14) + (gb >> 25) + 13 + 64
+
+    def _inflate_whole(self, items: list[tuple[int, memoryview]]) -> None:
+        """Inflate whole grains ``(host, destination)`` (each destination is the grain's
+        guest bytes, ``len`` at most :data:`_WHOLE_GRAIN_MAX`).
+
+        Grains whose records follow each other in the file (ascending, at most a grain
+        table's marker apart, a group at most :data:`_GROUP_MAX` long) are read with one
+        pread; a hostile table (grains out of order, far apart, shared) only costs more
+        preads.  At most about :data:`_BATCH_BYTES` of file data is held at once.  On the
+        pool, every task has finished (or failed) before this returns or
+        raises, so nothing writes into the caller's buffer afterwards."""
+        tail = self._bound() + (S.GRAIN_MARKER.size if self.has_markers else 0)
+        fsize = self.fsize
+        groups: list[list[tuple[int, memoryview]]] = []
+        for h, dst in items:
+            if h >= fsize:
+                raise CorruptImageError(f"Compressed grain at offset {h:#x} lies past the end "
+                                        f"of '{self.filename}'", offset=h)
+            if groups:
+                g = groups[-1]
+                last, first = g[-1][0], g[0][0]
+                if last < h <= last + tail + _GROUP_GAP and h - first <= _GROUP_MAX:
+                    g.append((h, dst))
+                    continue
+            groups.append([(h, dst)])
+        i = 0
+        while i < len(groups):
+            # a batch: groups until about _BATCH_BYTES of file data, read into one
+            # per-thread scratch buffer, then inflated
+            spans: list[tuple[int, int, list[tuple[int, memoryview]]]] = []
+            held = 0
+            while i < len(groups) and held < _BATCH_BYTES:
+                g = groups[i]
+                n = min(g[-1][0] + tail, fsize) - g[0][0]
+                spans.append((held, n, g))
+                held += n
+                i += 1
+            scratch = _scratch(held)
+            jobs: list[tuple[memoryview, int, int, memoryview]] = []
+            for at, n, g in spans:
+                buf = scratch[at:at + n]
+                self.host.preadinto(g[0][0], buf)
+                jobs.extend((buf, g[0][0], h, dst) for h, dst in g)
+            self._inflate_batch(jobs)
+
+    def _inflate_batch(self, jobs: list[tuple[memoryview, int, int, memoryview]]) -> None:
+        """:meth:`_inflate_jobs` on the pool (the calling thread takes a share) when the
+        batch is large enough, else inline."""
+        pool = _inflate_pool() if len(jobs) >= _PARALLEL_MIN else None
+        if pool is None:
+            self._inflate_jobs(jobs)
+            return
+        step = max(2, -(-len(jobs) // (_POOL_WORKERS + 1)))
+        mine = jobs[:step]
+        futs: list[Future[None]] = []
+        for i in range(step, len(jobs), step):
+            try:
+                futs.append(pool.submit(self._inflate_jobs, jobs[i:i + step]))
+            except RuntimeError:        # interpreter shutting down: inflate here
+                mine += jobs[i:i + step]
+        try:
+            self._inflate_jobs(mine)
+        finally:
+            from concurrent.futures import wait
+
+            wait(futs)
+        for f in futs:
+            f.result()
+
+    def _inflate_jobs(self, jobs: list[tuple[memoryview, int, int, memoryview]]) -> None:
+        """Inflate each ``(file bytes, their offset, grain offset, destination)``: the
+        grain marker is checked like :meth:`_inflater` does; output past the end of the
+        zlib stream (or a truncated one) reads as zeros."""
+        bound = self._bound()
+        for buf, base, h, dst in jobs:
+            at = h - base
+            if self.has_markers:
+                if at + S.GRAIN_MARKER.size > len(buf):
+                    raise CorruptImageError(f"Grain marker at offset {h:#x} truncated",
+                                            offset=h)
+                _lba, size = S.GRAIN_MARKER.unpack_from(buf, at)
+                if size == 0 or size > bound or h + 12 + size > self.fsize:
+                    raise CorruptImageError(f"Grain marker at offset {h:#x} has invalid size "
+                                            f"{size}", offset=h)
+                src = buf[at + 12:at + 12 + size]
+            else:
+                src = buf[at:at + bound]
+            try:
+                out = zlib.decompressobj().decompress(src, len(dst))
+            except zlib.error as err:
+                raise CorruptImageError(f"Compressed grain at offset {h:#x} is not valid "
+                                        f"zlib data: {err}", offset=h) from None
+            k = len(out)
+            dst[:k] = out
+            if k < len(dst):
+                zero_fill(dst[k:])
+
     def _inflater(self, host: int) -> S.GrainInflater:
         """An inflater for the compressed grain at file offset ``host`` (its marker checked
         when the extent has markers)."""
         if host >= self.fsize:
             raise CorruptImageError(f"Compressed grain at offset {host:#x} lies past the end "
                                     f"of '{self.filename}'", offset=host)
-        gb = self.gb
-        bound = gb + (gb >> 12) + (gb >> 14) + (gb >> 25) + 13 + 64
+        bound = self._bound()
         if self.has_markers:
             head = self.host.pread(host, 12)
             if len(head) < 12:
@@ -373,13 +564,21 @@ class SparseExtent(GrainMappedExtent):
         return S.GrainInflater(self.host.pread, host, min(host + bound, self.fsize), host)
 
     # --- writes ----------------------------------------------------------------------
-    def _set_gte(self, grain: int, value: int) -> None:
-        gdi, idx = divmod(grain, self.geo.gtes)
-        t = self._gt(gdi)
-        if t is None:
-            t = self._alloc_gt(gdi)
-        t[idx] = value
-        self._dirty.add(gdi)
+    def _set_run(self, grain: int, count: int, sector: int) -> None:
+        """Point the entries of grains ``[grain, grain + count)`` at consecutive grains
+        from ``sector`` (already written), one slice assignment per grain table."""
+        gtes, gs = self.geo.gtes, self.header.grain_size
+        g, end = grain, grain + count
+        while g < end:
+            gdi, idx = divmod(g, gtes)
+            n = min(gtes - idx, end - g)
+            t = self._gt(gdi)
+            if t is None:
+                t = self._alloc_gt(gdi)
+            first = sector + (g - grain) * gs
+            t[idx:idx + n] = array("I", range(first, first + n * gs, gs))
+            self._dirty.add(gdi)
+            g += n
         if len(self._dirty) > _GT_CACHE // 2:     # bound memory: write tables back early
             self._write_gts()
 
@@ -448,8 +647,7 @@ class SparseExtent(GrainMappedExtent):
             host = self._alloc_grains(g1 - g0)
             self.host.pwrite(host, out)
             self.fsize = max(self.fsize, host + len(out))
-            for i in range(g1 - g0):
-                self._set_gte(g0 + i, host // S.SECTOR + i * self.header.grain_size)
+            self._set_run(g0, g1 - g0, host // S.SECTOR)
             pos += n
 
     @staticmethod
@@ -494,11 +692,24 @@ class SparseExtent(GrainMappedExtent):
         """Write dirty grain tables (primary and redundant copy); grain data is already on
         disk before any table pointing at it."""
         nbytes = self.geo.gt_bytes
+        writes: list[tuple[int, bytes]] = []
         for gdi in sorted(self._dirty):
-            raw = S.pack_le_u32_array(self._gts[gdi])
-            self.host.pwrite(self.gd[gdi] * S.SECTOR, raw[:nbytes])
+            raw = S.pack_le_u32_array(self._gts[gdi])[:nbytes]
+            writes.append((self.gd[gdi] * S.SECTOR, raw))
             if self.rgd is not None and self.rgd[gdi]:
-                self.host.pwrite(self.rgd[gdi] * S.SECTOR, raw[:nbytes])
+                writes.append((self.rgd[gdi] * S.SECTOR, raw))
+        # tables that lie back to back in the file (qemu's layout) go out with one pwritev
+        writes.sort(key=lambda w: w[0])
+        i = 0
+        while i < len(writes):
+            at, parts = writes[i][0], [writes[i][1]]
+            end = at + nbytes
+            i += 1
+            while i < len(writes) and writes[i][0] == end and len(parts) < 512:
+                parts.append(writes[i][1])
+                end += nbytes
+                i += 1
+            self.host.pwritev(at, list(parts))
         self._dirty.clear()
 
     def finish(self) -> None:
@@ -658,6 +869,8 @@ class StreamWriter:
         self.gd_entries = -(-header.capacity // (header.grain_size * self.gtes))
         self.pos = truncate_at
         host.truncate(truncate_at)
+        self._out: list[bytes | bytearray | memoryview] = []  # emitted, not written ...
+        self._out_at = truncate_at  # ... starting at this file offset
         self.gd = array("I", bytes(4 * self.gd_entries))
         self.gt: array[int] | None = None
         self.gt_index = -1
@@ -666,15 +879,30 @@ class StreamWriter:
         self.cur = bytearray()
         self.level = level
         n = threads if threads is not None else min(4, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(n) if n > 1 else None
+        self._pool: ThreadPoolExecutor | None = None
+        if n > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(n)
         self._inflight: deque[tuple[int, Future[bytes]]] = deque()
         self._max_inflight = 2 * n
 
-    def _emit(self, rec: bytes) -> int:
+    def _emit(self, *parts: bytes) -> int:
+        """Append ``parts`` (one record) to the stream; returns its file offset.  Records
+        are gathered and written with one ``pwritev`` per :data:`_EMIT_BATCH` bytes."""
         at = self.pos
-        self.host.pwrite(at, rec)
-        self.pos += len(rec)
+        for rec in parts:
+            self._out.append(rec)
+            self.pos += len(rec)
+        if self.pos - self._out_at >= _EMIT_BATCH:
+            self._flush_out()
         return at
+
+    def _flush_out(self) -> None:
+        if self._out:
+            self.host.pwritev(self._out_at, self._out)
+            self._out = []
+        self._out_at = self.pos
 
     def _close_gt(self) -> None:
         if self.gt is not None and any(self.gt):
@@ -691,7 +919,9 @@ class StreamWriter:
             self._close_gt()
             self.gt_index = gdi
             self.gt = array("I", bytes(4 * self.gtes))
-        at = self._emit(S.pack_grain(grain * self.header.grain_size, compressed))
+        n = S.GRAIN_MARKER.size + len(compressed)
+        at = self._emit(S.GRAIN_MARKER.pack(grain * self.header.grain_size, len(compressed)),
+                        compressed, _PAD[:-n % S.SECTOR])
         assert self.gt is not None
         self.gt[idx] = at // S.SECTOR
 
@@ -712,7 +942,7 @@ class StreamWriter:
         self.put_grain(g, fut.result())
 
     def _flush_cur(self) -> None:
-        if self.cur_grain >= 0 and any(self.cur):
+        if self.cur_grain >= 0 and not _all_zero(self.cur):
             self.add_grain(self.cur_grain, bytes(self.cur))
         self.cur_grain = -1
 
@@ -758,6 +988,7 @@ class StreamWriter:
             self.host.pwrite(0, footer.with_(gd_offset=S.GD_AT_END).pack())
         self._emit(footer.pack())
         self._emit(S.Marker(0, 0, S.MARKER_EOS).pack())
+        self._flush_out()
         self.host.truncate(self.pos)
         self.host.flush()
 

@@ -1,0 +1,293 @@
+"""vmdk performance shape, without clocks: how many system calls sequential reads and
+converts issue, that compressed grains are inflated on the pool, that memory follows the
+batch and not the request, and that every fast path gives the bytes of the plain one.
+Wall-clock ratios live in benchmarks/, never here."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import diskimg
+from diskimg.errors import CorruptImageError
+from diskimg.hostio import aligned_buffer
+from diskimg.vmdk import VmdkImage, write_stream_optimized
+from diskimg.vmdk import extents as E
+from diskimg.vmdk import sparse as S
+
+MiB = 1 << 20
+GRAIN = 64 << 10
+
+
+def _workload(path: Path, kinds: str, seed: int = 11) -> int:
+    """A raw file of 1 MiB chunks: ``r`` random, ``t`` text, ``z`` written zeros, ``h``
+    hole.  Returns the number of data (r/t) chunks."""
+    rng = random.Random(seed)
+    line = b"vmdk grain table marker footer descriptor extent\n"
+    with open(path, "wb") as f:
+        f.truncate(len(kinds) * MiB)
+        for i, k in enumerate(kinds):
+            f.seek(i * MiB)
+            if k == "r":
+                f.write(rng.randbytes(MiB))
+            elif k == "t":
+                f.write((line * (MiB // len(line) + 1))[:MiB])
+            elif k == "z":
+                f.write(bytes(MiB))
+    return sum(k in "rt" for k in kinds)
+
+
+class _Calls:
+    """Records ``(name, fd, offset, nbytes)`` of positional I/O from any thread."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+        self.calls: list[tuple[str, int, int, int]] = []
+        self.lock = threading.Lock()
+        for n in names:
+            real = getattr(os, n)
+
+            def wrap(fd: int, a: Any, b: Any, *rest: Any, _real: Any = real,
+                     _n: str = n) -> Any:
+                if _n == "pread":            # pread(fd, n, offset)
+                    rec = (_n, fd, b, a)
+                elif _n == "pwrite":         # pwrite(fd, data, offset)
+                    rec = (_n, fd, b, len(memoryview(a).cast("B")))
+                else:                        # preadv/pwritev(fd, buffers, offset)
+                    rec = (_n, fd, b, sum(len(memoryview(x).cast("B")) for x in a))
+                with self.lock:
+                    self.calls.append(rec)
+                return _real(fd, a, b, *rest)
+
+            monkeypatch.setattr(os, n, wrap)
+
+    def on(self, fd: int, *names: str) -> list[tuple[str, int, int, int]]:
+        return [c for c in self.calls if c[1] == fd and (not names or c[0] in names)]
+
+
+def _open(path: Path) -> VmdkImage:
+    img = diskimg.open(path, format="vmdk")
+    assert isinstance(img, VmdkImage)
+    return img
+
+
+def _read_seq(img: Any, chunk: int = MiB) -> bytes:
+    """The whole image read front to back in ``chunk`` requests into an aligned buffer."""
+    buf = aligned_buffer(chunk)
+    out = bytearray()
+    for off in range(0, img.size, chunk):
+        n = min(chunk, img.size - off)
+        img.readinto(off, memoryview(buf)[:n])
+        out += buf[:n]
+    return bytes(out)
+
+
+def _stream(tmp_path: Path, kinds: str) -> tuple[Path, bytes, int]:
+    raw = tmp_path / "src.raw"
+    data = _workload(raw, kinds)
+    out = tmp_path / "s.vmdk"
+    with diskimg.open(raw, format="raw") as src:
+        write_stream_optimized(src, out)
+    return out, raw.read_bytes(), data
+
+
+def test_sequential_reads_of_a_sparse_vmdk_issue_one_read_per_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw, vmdk = tmp_path / "src.raw", tmp_path / "d.vmdk"
+    data = _workload(raw, "rthzrrhtzhhr" * 2)
+    diskimg.convert(raw, vmdk, "vmdk", src_format="raw")
+    with _open(vmdk) as img:
+        c = _Calls(monkeypatch, "pread", "preadv")
+        got = _read_seq(img)
+        monkeypatch.undo()
+        reads = c.on(img.host.fd)
+    assert got == raw.read_bytes()
+    # one read per MiB of data plus the one grain table; nothing for holes and zeros
+    assert len(reads) <= data + 1, reads
+
+
+def test_sequential_reads_of_stream_optimized_read_runs_of_grains_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, want, data = _stream(tmp_path, "rtthrzrt" * 2)
+    with _open(path) as img:
+        c = _Calls(monkeypatch, "pread", "preadv")
+        got = _read_seq(img)
+        monkeypatch.undo()
+        reads = c.on(img.host.fd)
+    assert got == want
+    # 16 grains per MiB: per-grain reads (marker + data) would be 32 per data MiB
+    assert len(reads) <= data + 2, reads
+
+
+def test_compressed_grains_are_inflated_on_the_pool_and_match_grain_by_grain_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, want, _ = _stream(tmp_path, "trtrhtz")
+    monkeypatch.setattr(E, "_POOL_WORKERS", 1)   # a pool even on a one-CPU machine
+    monkeypatch.setattr(E, "_pool", None)
+    names: set[str] = set()
+    real = zlib.decompressobj
+
+    def spy(*a: Any) -> Any:
+        names.add(threading.current_thread().name)
+        return real(*a)
+
+    monkeypatch.setattr(zlib, "decompressobj", spy)
+    with _open(path) as img:
+        fast = _read_seq(img, 2 * MiB)
+        assert any(n.startswith("diskimg-inflate") for n in names), names
+        # 4 KiB requests never cover a whole grain: the cached grain-by-grain path
+        slow = b"".join(img.read(off, 4096) for off in range(0, img.size, 4096))
+    assert fast == slow == want
+
+
+def test_a_large_request_holds_a_bounded_amount_of_compressed_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, want, _ = _stream(tmp_path, "r" * 24)
+    sizes: list[int] = []
+    real = E._scratch
+
+    def spy(n: int) -> memoryview:
+        sizes.append(n)
+        return real(n)
+
+    monkeypatch.setattr(E, "_scratch", spy)
+    with _open(path) as img:
+        got = img.read(0, img.size)
+    assert got == want
+    assert len(sizes) >= 2                      # read in batches, not all at once
+    assert max(sizes) <= E._BATCH_BYTES + E._GROUP_MAX + 2 * GRAIN
+
+
+def _grain_hosts(path: Path) -> tuple[int, list[int]]:
+    """(file offset of grain table 0, its entries as byte offsets)."""
+    with _open(path) as img:
+        ext = img.extents[0]
+        t = ext._gt(0)
+        return ext.gd[0] * S.SECTOR, [e * S.SECTOR for e in t]
+
+
+@pytest.mark.parametrize("damage", ["marker-size", "zlib"])
+def test_a_corrupt_grain_inside_a_batched_run_names_its_offset(tmp_path: Path,
+                                                               damage: str) -> None:
+    path, _, _ = _stream(tmp_path, "tttt")
+    _, hosts = _grain_hosts(path)
+    bad = hosts[30]                    # late in a 2 MiB request: a pool task's share
+    with open(path, "r+b") as f:
+        if damage == "marker-size":
+            f.seek(bad + 8)
+            f.write(struct.pack("<I", 0xFFFFFFF0))
+        else:
+            f.seek(bad + 12)
+            f.write(b"\xff" * 16)
+    with _open(path) as img, pytest.raises(CorruptImageError) as ei:
+        img.readinto(0, memoryview(bytearray(2 * MiB)))
+    assert ei.value.offset == bad
+    assert f"{bad:#x}" in str(ei.value)
+
+
+def test_grain_tables_out_of_file_order_read_like_grain_by_grain(tmp_path: Path) -> None:
+    path, want, _ = _stream(tmp_path, "rtrt")
+    gt_at, hosts = _grain_hosts(path)
+    orig = [h // S.SECTOR for h in hosts]
+    ents = list(orig)
+    # grains 0-15 reversed, 16-19 all pointing at grain 3, 20-23 swapped in pairs
+    ents[:16] = orig[:16][::-1]
+    ents[16:20] = [orig[3]] * 4
+    ents[20:24] = [orig[21], orig[20], orig[23], orig[22]]
+    with open(path, "r+b") as f:
+        f.seek(gt_at)
+        f.write(struct.pack(f"<{len(ents)}I", *ents))
+    with _open(path) as img:
+        fast = img.read(0, img.size)
+        slow = b"".join(img.read(off, 4096) for off in range(0, img.size, 4096))
+    assert fast == slow
+    assert fast[:GRAIN] == want[15 * GRAIN:16 * GRAIN]
+    assert fast[16 * GRAIN:20 * GRAIN] == want[3 * GRAIN:4 * GRAIN] * 4
+    assert fast[20 * GRAIN:21 * GRAIN] == want[21 * GRAIN:22 * GRAIN]
+
+
+def test_monolithic_sparse_convert_writes_grain_tables_with_one_call_per_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw, vmdk = tmp_path / "src.raw", tmp_path / "d.vmdk"
+    # data in four grain tables (32 MiB each)
+    _workload(raw, "rhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh" "thhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh"
+                   "rhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh" "thhhhhhhhhhhhhhhhhhhhhhhhhhhhhhr")
+    c = _Calls(monkeypatch, "pwrite", "pwritev")
+    diskimg.convert(raw, vmdk, "vmdk", src_format="raw")
+    monkeypatch.undo()
+    with _open(vmdk) as img:
+        h = img.extents[0].header
+        assert img.read(0, img.size) == raw.read_bytes()
+    first_table = (h.rgd_offset + 1) * S.SECTOR   # one GD sector, then its tables
+    tables = [x for x in c.calls if first_table <= x[2] < h.overhead * S.SECTOR
+              and x[2] != h.gd_offset * S.SECTOR]
+    # four dirty tables in each copy (redundant and primary), each copy back to back
+    assert len(tables) == 2, tables
+    assert sorted(x[3] for x in tables) == [4 * 2048, 4 * 2048]
+    # data: one write per run of grains (five 1 MiB runs), never one per grain
+    data = [x for x in c.calls if x[2] >= h.overhead * S.SECTOR]
+    assert len(data) == 5, data
+
+
+def test_stream_optimized_records_are_written_in_large_pieces(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = tmp_path / "src.raw"
+    _workload(raw, "rtrtzhrt")
+    out = tmp_path / "s.vmdk"
+    c = _Calls(monkeypatch, "pwrite", "pwritev")
+    with diskimg.open(raw, format="raw") as src:
+        write_stream_optimized(src, out)
+    monkeypatch.undo()
+    size = out.stat().st_size
+    grains = [x for x in c.calls if x[2] >= 128 * S.SECTOR]
+    # 96 grains stored: one pwritev per MiB of records, not one pwrite per grain
+    assert len(grains) <= size // MiB + 2, len(grains)
+    with _open(out) as img:
+        assert img.lint() == []
+        assert img.read(0, img.size) == raw.read_bytes()
+
+
+def test_stream_writer_stores_no_all_zero_grain_and_reads_back(tmp_path: Path) -> None:
+    path = tmp_path / "w.vmdk"
+    diskimg.create(path, "vmdk", 4 * MiB, options={"subformat": "streamOptimized"})
+    rng = random.Random(3)
+    data = bytearray(4 * MiB)
+    data[:GRAIN] = rng.randbytes(GRAIN)                 # grain 0: data
+    # grain 1: zeros written explicitly; grain 2: one byte at its very end
+    data[3 * GRAIN - 1] = 7
+    data[3 * MiB:3 * MiB + 100] = b"x" * 100            # a partial grain further on
+    with diskimg.open(path, "r+", format="vmdk") as img:
+        img.write(0, bytes(data[:3 * GRAIN]))           # through StreamWriter.write
+        img.write(3 * MiB, bytes(data[3 * MiB:3 * MiB + 100]))
+    with _open(path) as img:
+        assert img.read(0, img.size) == bytes(data)
+        t = img.extents[0]._gt(0)
+        stored = [i for i, e in enumerate(t) if e]
+        assert img.lint() == []
+    assert stored == [0, 2, 3 * MiB // GRAIN]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_inflates_on_a_fresh_pool(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path, want, _ = _stream(tmp_path, "tr")
+    monkeypatch.setattr(E, "_POOL_WORKERS", 1)
+    monkeypatch.setattr(E, "_pool", None)
+    with _open(path) as img:
+        assert img.read(0, img.size) == want    # the parent's pool now has a thread
+    pid = os.fork()
+    if pid == 0:                                # the child: its copy of the pool is dead
+        ok = False
+        try:
+            with _open(path) as img:
+                ok = img.read(0, img.size) == want
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
