@@ -28,7 +28,7 @@ from diskimg.qcow2.layout import (
     Header,
     pack_feature_table,
 )
-from diskimg.qcow2.refcount import RefBlock
+from diskimg.qcow2.refcount import RefBlock, refcount_blocks_for
 from diskimg.units import parse_size
 
 
@@ -232,20 +232,6 @@ def _add_luks_area(host: Any, h: Header, rc: Any, passphrase: bytes,
     h.set_ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER, pack_fde_extension(off, len(area)))
 
 
-def _refcount_blocks_needed(clusters: int, cs: int, refcount_order: int) -> int:
-    """Refcount blocks needed to count ``clusters`` clusters plus the refcount blocks and
-    refcount table clusters themselves (the fixed point of QEMU's metadata-size sum)."""
-    per_block = cs * 8 >> refcount_order
-    per_table_cluster = cs // 8
-    blocks = table = 0
-    while True:
-        nb = -(-(clusters + blocks + table) // per_block)
-        nt = -(-nb // per_table_cluster)
-        if (nb, nt) == (blocks, table):
-            return blocks
-        blocks, table = nb, nt
-
-
 def _preallocate_space(path: Path, h: Header, mode: str) -> None:
     """``preallocation=falloc|full`` laid out as qemu-img 7.2 lays it out.
 
@@ -265,7 +251,7 @@ def _preallocate_space(path: Path, h: Header, mode: str) -> None:
         old_end = -(-host.size() // cs)  # clusters in use (the file ends mid-cluster)
         n_data = -(-h.size // cs)
         n_l2 = -(-n_data // per_l2) + 1  # QEMU's estimate: one more for a head/tail
-        n_blocks = _refcount_blocks_needed(old_end + n_data + n_l2, cs, order)
+        n_blocks = refcount_blocks_for(old_end + n_data + n_l2, cs, order)
         table_entries = -(-n_blocks // (cs // 8)) * (cs // 8)
         table_clusters = table_entries * 8 // cs
         old_table = struct.unpack(">Q", host.pread(h.refcount_table_offset, 8))[0]

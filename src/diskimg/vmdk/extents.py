@@ -17,7 +17,7 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from diskimg.device import Status
@@ -567,20 +567,26 @@ class SparseExtent(GrainMappedExtent):
     def _set_run(self, grain: int, count: int, sector: int) -> None:
         """Point the entries of grains ``[grain, grain + count)`` at consecutive grains
         from ``sector`` (already written), one slice assignment per grain table."""
-        gtes, gs = self.geo.gtes, self.header.grain_size
-        g, end = grain, grain + count
+        gs = self.header.grain_size
+        for g, gdi, idx, n, t in self._table_runs(grain, grain + count):
+            first = sector + (g - grain) * gs
+            t[idx:idx + n] = array("I", range(first, first + n * gs, gs))
+            self._dirty.add(gdi)
+        if len(self._dirty) > _GT_CACHE // 2:     # bound memory: write tables back early
+            self._write_gts()
+
+    def _table_runs(self, g: int, end: int) -> Iterator[tuple[int, int, int, int, array[int]]]:
+        """``(grain, gdi, idx, n, table)`` for grains ``[g, end)`` split at grain-table
+        boundaries; missing tables are allocated (callers are about to set entries)."""
+        gtes = self.geo.gtes
         while g < end:
             gdi, idx = divmod(g, gtes)
             n = min(gtes - idx, end - g)
             t = self._gt(gdi)
             if t is None:
                 t = self._alloc_gt(gdi)
-            first = sector + (g - grain) * gs
-            t[idx:idx + n] = array("I", range(first, first + n * gs, gs))
-            self._dirty.add(gdi)
+            yield g, gdi, idx, n, t
             g += n
-        if len(self._dirty) > _GT_CACHE // 2:     # bound memory: write tables back early
-            self._write_gts()
 
     def _alloc_gt(self, gdi: int) -> array[int]:
         """A grain directory entry of 0 on write: append a zeroed grain table (and one for
@@ -665,20 +671,12 @@ class SparseExtent(GrainMappedExtent):
     def mark_zeroed(self, off: int, length: int) -> None:
         """Set the entries of the whole grains ``[off, off + length)`` to zeroed (qemu:
         VMDK_GTE_ZEROED, whatever they held); the grains' old data is leaked, as in qemu."""
-        gb, gtes = self.gb, self.geo.gtes
-        g, end = off // gb, (off + length) // gb
-        while g < end:
-            gdi, idx = divmod(g, gtes)
-            n = min(gtes - idx, end - g)
-            t = self._gt(gdi)
-            if t is None:
-                t = self._alloc_gt(gdi)
+        for _g, gdi, idx, n, t in self._table_runs(off // self.gb, (off + length) // self.gb):
             if t[idx:idx + n] != _zeroed_run(n):
                 t[idx:idx + n] = _zeroed_run(n)
                 self._dirty.add(gdi)
                 if len(self._dirty) > _GT_CACHE // 2:
                     self._write_gts()
-            g += n
 
     def flush(self) -> None:
         if self.read_only:
