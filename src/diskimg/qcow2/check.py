@@ -126,6 +126,8 @@ class CheckResult:
     repaired: bool = False
     #: a repair attempt hit inconsistent metadata and set the image's corrupt bit
     marked_corrupt: bool = False
+    #: indexes of v3 snapshot table entries with less than 16 bytes of extra data
+    incomplete_snapshots: list[int] = field(default_factory=list)
 
     # --- output -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -262,6 +264,7 @@ class _Snap:
     id_str: str
     name: str
     extra_data_size: int
+    entry_offset: int
 
 
 class _Pass:
@@ -534,6 +537,7 @@ class _Pass:
         snaps = []
         for i in range(nb):
             pos = (pos + 7) & ~7
+            entry_offset = pos
             (l1_off, l1_size, id_len, name_len, _ds, _dn, _vc, _vs,
              extra) = struct.unpack(">QIHHIIQII", self.pread(pos, 40))
             pos += 40
@@ -574,11 +578,22 @@ class _Pass:
                 self.find("snapshot-table-too-big", table="snapshot-table", host_offset=off)
                 raise _Abort("EFBIG")
             snaps.append(_Snap(l1_off, l1_size, id_str.split("\0", 1)[0],
-                               name.split("\0", 1)[0], extra))
+                               name.split("\0", 1)[0], extra, entry_offset))
         self.snapshots = snaps
         self.snapshots_offset = off
         self.snapshots_size = pos - off if nb else 0
         self.snap_corruptions += dropped
+        if self.h.version >= 3:
+            # v3 entries must carry the 64-bit VM state size and the disk size
+            for i, sn in enumerate(snaps):
+                if sn.extra_data_size < 16:
+                    self.msg(f"{'Repairing' if fix_errors else 'ERROR'} snapshot table entry "
+                             f"{i} is incomplete")
+                    self.snap_corruptions += 1
+                    self.res.incomplete_snapshots.append(i)
+                    self.find("snapshot-incomplete", table="snapshot-table", index=i,
+                              host_offset=sn.entry_offset, repaired=fix_errors,
+                              extra_data_size=sn.extra_data_size)
 
     # --- L1 / L2 walking --------------------------------------------------------------
     def cluster_type(self, e: int) -> int:
@@ -1203,6 +1218,9 @@ def check_image(host: Any, header: Header, repair: str | None = None) -> CheckRe
     res = _one_pass(host, header, fix, filename)
     if fix:
         first = res
+        if fix & 2 and first.error is None and first.incomplete_snapshots \
+                and not first.marked_corrupt:
+            _complete_snapshot_table(host, _reread_header(host, header), first)
         if (first.error is None and not first.check_errors and not first.corruptions
                 and not first.marked_corrupt):
             _clear_incompat(host, header, QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT)
@@ -1220,6 +1238,55 @@ def check_image(host: Any, header: Header, repair: str | None = None) -> CheckRe
             _clear_incompat(host, header, QCOW2_INCOMPAT_DIRTY)
         host.flush()
     return res
+
+
+def _complete_snapshot_table(host: Any, header: Header, res: CheckResult) -> None:
+    """qemu's qcow2_check_fix_snapshot_table: rewrite the snapshot table to new clusters
+    with full extra data (a missing disk size becomes the image size, as QEMU reads it),
+    switch the header to it with one write, then free (and punch) the old table.  Runs after the
+    refcount repair, so the stored refcounts are trusted for allocation."""
+    from diskimg.qcow2.refcount import Refcounts
+    from diskimg.qcow2.snapshot import parse_table, pack_table
+
+    old_off, nb = header.snapshots_offset, header.nb_snapshots
+    limit = min(QCOW_MAX_SNAPSHOTS_SIZE, nb * (40 + 1024 + 2 * 65535 + 8))
+    avail = max(0, host.size() - old_off)
+    snaps = parse_table(host.pread(old_off, min(limit, avail)), nb, old_off, limit)
+    old_size = 0
+    for i, sn in enumerate(snaps):
+        old_size = (old_size + 7) & ~7
+        old_size += 40 + sn.extra_data_size + len(sn.id.encode()) + len(sn.name.encode())
+        if i in res.incomplete_snapshots:
+            if sn.disk_size is None:
+                sn.disk_size = header.size
+            sn.extra_data_size = 24
+    data = pack_table(snaps)
+    last_sn = snaps[-1]
+    # like qemu, the table ends with the last entry's name (entries start 8-byte aligned)
+    data = data[: len(data) - len(last_sn.pack()) + 40 + last_sn.extra_data_size
+                + len(last_sn.id.encode()) + len(last_sn.name.encode())]
+    rc = Refcounts(host, header)
+    cs = header.cluster_size
+    new_off = rc.alloc(-(-len(data) // cs))
+    rc.flush()
+    host.flush()
+    host.pwrite(new_off, data)  # no padding: qemu's file ends with the table
+    host.flush()
+    host.pwrite(60, struct.pack(">IQ", len(snaps), new_off))
+    host.flush()
+    first, last = old_off // cs, (old_off + max(old_size, 1) - 1) // cs
+    if any(rc.get(c) == 0 for c in range(first, last + 1)):
+        res.messages.append("qcow2_free_clusters failed: Invalid argument")
+    else:
+        rc.free(old_off, old_size)
+        rc.flush()
+        host.flush()
+        for c in range(first, last + 1):
+            if rc.get(c) == 0:
+                host.punch_hole(c * cs, cs)  # qemu discards freed snapshot clusters
+    n = len(res.incomplete_snapshots)
+    res.corruptions -= n
+    res.corruptions_fixed += n
 
 
 def _reread_header(host: Any, old: Header) -> Header:

@@ -58,22 +58,30 @@ class Snapshot:
     extra: bytes = field(default=b"", repr=False)
 
     @classmethod
-    def parse(cls, buf: bytes, offset: int, table_offset: int) -> tuple[Self, int]:
-        """Parse the entry at ``offset`` of the table bytes; returns it and its length."""
+    def parse(cls, buf: bytes, offset: int, table_offset: int,
+              limit: int | None = None) -> tuple[Self, int]:
+        """Parse the entry at ``offset`` of the table bytes; returns it and its length.
+
+        ``limit`` is the table's maximum length: bytes between ``len(buf)`` (the end of the
+        file) and ``limit`` read as zeros, as QEMU reads past the end of an image file, so
+        a table cut short by truncation still opens (``check`` reports it incomplete).
+        Id and name are C strings: they end at the first NUL byte, as QEMU shows them."""
         where = table_offset + offset
-        if offset + _ENTRY.size > len(buf):
+        limit = len(buf) if limit is None else limit
+        if offset + _ENTRY.size > limit:
             raise FormatError(f"Snapshot table entry at {where:#x} is truncated", offset=where)
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vm32,
-         extra_len) = _ENTRY.unpack_from(buf, offset)
+         extra_len) = _ENTRY.unpack(_zero_padded(buf, offset, _ENTRY.size))
         if extra_len > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             raise FormatError(f"Too much extra metadata in snapshot table entry at {where:#x} "
                               f"({extra_len} bytes)", offset=where)
         pos = offset + _ENTRY.size
         end = pos + extra_len + id_len + name_len
-        if end > len(buf):
+        if end > limit:
             raise FormatError(f"Snapshot table entry at {where:#x} runs past the end of the "
                               "table", offset=where)
-        extra = buf[pos : pos + extra_len]
+        var = _zero_padded(buf, pos, end - pos)  # extra data, id, name
+        extra = var[:extra_len]
         vm_state = vm32
         disk_size = icount = None
         if extra_len >= 8:
@@ -83,9 +91,8 @@ class Snapshot:
         if extra_len >= 24:
             ic = struct.unpack_from(">Q", extra, 16)[0]
             icount = None if ic == (1 << 64) - 1 else ic
-        pos += extra_len
-        sid = buf[pos : pos + id_len].decode("utf-8", "replace")
-        name = buf[pos + id_len : end].decode("utf-8", "replace")
+        sid = _c_string(var[extra_len : extra_len + id_len])
+        name = _c_string(var[extra_len + id_len :])
         if l1_size * 8 > QCOW_MAX_L1_SIZE:
             raise FormatError(f"Snapshot L1 table too large ({l1_size} entries) in entry at "
                               f"{where:#x}", offset=where)
@@ -127,14 +134,26 @@ class Snapshot:
         return d
 
 
-def parse_table(buf: bytes, count: int, table_offset: int) -> list[Snapshot]:
+def _zero_padded(buf: bytes, pos: int, n: int) -> bytes:
+    """``n`` bytes of ``buf`` from ``pos``, zeros where ``buf`` ends first."""
+    part = bytes(buf[pos : pos + n])
+    return part + bytes(n - len(part))
+
+
+def _c_string(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def parse_table(buf: bytes, count: int, table_offset: int,
+                limit: int | None = None) -> list[Snapshot]:
+    """The ``count`` entries of a snapshot table; ``limit`` as in :meth:`Snapshot.parse`."""
     if count > QCOW_MAX_SNAPSHOTS:
         raise FormatError(f"Too many snapshots: {count} (field 'nb_snapshots' at 0x3c)",
                           offset=60)
     out = []
     pos = 0
     for _ in range(count):
-        sn, n = Snapshot.parse(buf, pos, table_offset)
+        sn, n = Snapshot.parse(buf, pos, table_offset, limit)
         out.append(sn)
         pos += n
     return out
@@ -145,16 +164,17 @@ def pack_table(snaps: list[Snapshot]) -> bytes:
 
 
 def read_table(img: Qcow2Image) -> list[Snapshot]:
-    """Read the snapshot table named by the header, bounded by QEMU's limits."""
+    """Read the snapshot table named by the header, bounded by QEMU's limits.  The part
+    of the table past the end of the file reads as zeros, as in QEMU."""
     h = img.header
     if not h.nb_snapshots:
         return []
-    # each entry is at least 40 bytes; read what the count can need, capped at 64 MiB
-    fsize = img.host.size()
-    avail = max(0, fsize - h.snapshots_offset)
-    want = min(QCOW_MAX_SNAPSHOTS_SIZE, avail, h.nb_snapshots * (40 + 1024 + 2 * 65535 + 8))
-    buf = img.host.pread(h.snapshots_offset, want)
-    return parse_table(buf, h.nb_snapshots, h.snapshots_offset)
+    # the largest table the count allows (entry: 40 + 1024 + 2 * 65535 + padding bytes),
+    # capped at QEMU's 64 MiB; only the part inside the file is read
+    limit = min(QCOW_MAX_SNAPSHOTS_SIZE, h.nb_snapshots * (40 + 1024 + 2 * 65535 + 8))
+    avail = max(0, img.host.size() - h.snapshots_offset)
+    buf = img.host.pread(h.snapshots_offset, min(limit, avail))
+    return parse_table(buf, h.nb_snapshots, h.snapshots_offset, limit)
 
 
 class SnapshotTable:
