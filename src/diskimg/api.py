@@ -28,13 +28,16 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     policy: OpenPolicy | None = None,
     secrets: Mapping[str, bytes] | None = None,
     options: Mapping[str, str] | None = None,
+    for_check: bool = False,
 ) -> BlockDevice:
     """Open an image.  ``mode`` is ``"r"`` or ``"r+"``; ``format`` None probes (raw last).
 
     ``backing=False`` opens without the backing chain (reads of unallocated ranges then
     return zeros); ``force_share`` skips QEMU's lock bytes (qemu-img ``-U``); ``untrusted``
     confines backing/data files to the image's directory.  ``options`` are image-opts
-    (``encrypt.key-secret`` ...).
+    (``encrypt.key-secret`` ...).  ``for_check`` opens as ``qemu-img check`` does: a
+    qcow2 snapshot table that cannot be read is left to :meth:`check` to report (and
+    repair) instead of failing the open.
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -43,12 +46,14 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(Path(path))
     return _open_one(Path(path), mode == "r+", format, backing=backing,
                      force_share=force_share, policy=pol, secrets=dict(secrets or {}),
-                     options=dict(options or {}), seen=set(), depth=0)
+                     options=dict(options or {}), seen=set(), depth=0,
+                     for_check=for_check)
 
 
 def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
               force_share: bool, policy: OpenPolicy, secrets: dict[str, bytes],
-              options: dict[str, str], seen: set[tuple[int, int]], depth: int) -> BlockDevice:
+              options: dict[str, str], seen: set[tuple[int, int]], depth: int,
+              for_check: bool = False) -> BlockDevice:
     if depth > policy.max_depth:
         raise BackingChainError(f"Backing chain of '{path}' is deeper than "
                                 f"{policy.max_depth} images")
@@ -73,7 +78,8 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
         elif fmt == "qcow2":
             from diskimg.qcow2.image import Qcow2Image
 
-            dev = Qcow2Image(host, secrets=secrets, options=options, policy=policy)
+            dev = Qcow2Image(host, secrets=secrets, options=options, policy=policy,
+                             for_check=for_check)
         else:
             from diskimg.vmdk import open_vmdk
 

@@ -128,6 +128,12 @@ class CheckResult:
     marked_corrupt: bool = False
     #: indexes of v3 snapshot table entries with less than 16 bytes of extra data
     incomplete_snapshots: list[int] = field(default_factory=list)
+    #: snapshot table problems a rewrite of the table repairs (qemu counts each as a
+    #: corruption): incomplete entries, cut extra data, dropped overhanging entries
+    snapshot_repairs: int = 0
+    #: entries kept and bytes used by the snapshot table as the check read it
+    snapshots_kept: int = 0
+    snapshots_size: int = 0
 
     # --- output -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -454,6 +460,8 @@ class _Pass:
             self.signal_corruption(f"Refblock offset {_hexc(off)} unaligned (reftable index: "
                                    f"{_hexc(idx)})")
             raise _RefErr(off)
+        if off > INT64_MAX - self.cs:
+            raise _RefErr(off)  # qemu: a negative file offset reads as EIO
         blk = self.rb_cache.get(off)
         if blk is None:
             blk = _decode_refblock(self.pread(off, self.cs), self.order, self.rb_entries)
@@ -522,18 +530,19 @@ class _Pass:
             if fix_errors:
                 raise CorruptImageError(f"Too many snapshots ({nb_u}); repairing the snapshot "
                                         "table is not supported", offset=60)
-            self.msg(f"{'Repairing' if fix_errors else 'ERROR'} Number of snapshots exceeds "
-                     f"the maximum; {nb_u - QCOW_MAX_SNAPSHOTS} of {nb_u} snapshots dropped")
-            self.snap_corruptions += 1
+            self.res.check_errors += 1
+            self.msg("diskimg: ERROR snapshot table too large")
+            self.msg(f"You can force-remove all {nb_u - QCOW_MAX_SNAPSHOTS} overhanging "
+                     "snapshots with diskimg check -r all")
             self.find("too-many-snapshots", table="snapshot-table", count=nb_u)
-            nb = QCOW_MAX_SNAPSHOTS
+            raise _Abort("EFBIG")
         nb = max(nb, 0)
         if off & (self.cs - 1) or off < 0 or INT64_MAX - nb * 40 < off:
             self.res.check_errors += 1
             self.msg("diskimg: ERROR snapshot table is invalid: Invalid argument")
             self.find("snapshot-table-invalid", table="snapshot-table", host_offset=off)
             raise _Abort("EINVAL")
-        pos = off
+        pos = entry_end = off
         snaps = []
         for i in range(nb):
             pos = (pos + 7) & ~7
@@ -547,18 +556,13 @@ class _Pass:
                     self.res.check_errors += 1
                     self.msg("diskimg: ERROR failed to read the snapshot table: Too much extra "
                              f"metadata in snapshot table entry {i}")
-                    self.msg("You can force-remove this extra metadata with qemu-img check "
+                    self.msg("You can force-remove this extra metadata with diskimg check "
                              "-r all")
                     self.find("snapshot-extra-data", table="snapshot-table", index=i)
                     raise _Abort("EFBIG")
-                # qemu would now rewrite the whole snapshot table elsewhere; refuse before
-                # writing anything
-                raise CorruptImageError(
-                    f"Snapshot table entry {i} has too much extra metadata ({extra} > "
-                    f"{QCOW_MAX_SNAPSHOT_EXTRA_DATA} bytes); repairing it is not supported",
-                    offset=pos - 40)
                 self.msg(f"Discarding too much extra metadata in snapshot table entry {i} "
                          f"({extra} > {QCOW_MAX_SNAPSHOT_EXTRA_DATA})")
+                self.find("snapshot-extra-data", True, table="snapshot-table", index=i)
                 dropped += 1
                 truncate = True
             pos += min(24, extra)
@@ -571,6 +575,14 @@ class _Pass:
             pos += id_len
             name = self.pread(pos, name_len).decode("utf-8", "replace")
             pos += name_len
+            if pos - off > QCOW_MAX_SNAPSHOTS_SIZE and fix_errors:
+                self.msg(f"Discarding {nb - i} overhanging snapshots (snapshot table is too "
+                         "big)")
+                self.find("snapshot-table-too-big", True, table="snapshot-table",
+                          host_offset=off, count=nb - i)
+                dropped += nb - i
+                pos = entry_end  # the table ends with the last entry kept
+                break
             if pos - off > QCOW_MAX_SNAPSHOTS_SIZE:
                 self.res.check_errors += 1
                 self.msg("diskimg: ERROR failed to read the snapshot table: Snapshot table is "
@@ -579,10 +591,14 @@ class _Pass:
                 raise _Abort("EFBIG")
             snaps.append(_Snap(l1_off, l1_size, id_str.split("\0", 1)[0],
                                name.split("\0", 1)[0], extra, entry_offset))
+            entry_end = pos
+        self.res.snapshots_kept = len(snaps)
         self.snapshots = snaps
         self.snapshots_offset = off
-        self.snapshots_size = pos - off if nb else 0
+        self.snapshots_size = pos - off if snaps else 0
         self.snap_corruptions += dropped
+        self.res.snapshot_repairs += dropped
+        self.res.snapshots_size = self.snapshots_size
         if self.h.version >= 3:
             # v3 entries must carry the 64-bit VM state size and the disk size
             for i, sn in enumerate(snaps):
@@ -590,6 +606,7 @@ class _Pass:
                     self.msg(f"{'Repairing' if fix_errors else 'ERROR'} snapshot table entry "
                              f"{i} is incomplete")
                     self.snap_corruptions += 1
+                    self.res.snapshot_repairs += 1
                     self.res.incomplete_snapshots.append(i)
                     self.find("snapshot-incomplete", table="snapshot-table", index=i,
                               host_offset=sn.entry_offset, repaired=fix_errors,
@@ -819,7 +836,8 @@ class _Pass:
                     continue
                 if fix_errors:
                     rebuild = True
-                    self.msg("ERROR could not resize image: File too large")
+                    why = "Invalid argument" if off > INT64_MAX - self.cs else "File too large"
+                    self.msg(f"ERROR could not resize image: {why}")
                 self.find("refblock-outside-image", table="refcount table", index=i,
                           host_offset=off)
                 continue
@@ -1218,9 +1236,9 @@ def check_image(host: Any, header: Header, repair: str | None = None) -> CheckRe
     res = _one_pass(host, header, fix, filename)
     if fix:
         first = res
-        if fix & 2 and first.error is None and first.incomplete_snapshots \
+        if fix & 2 and first.error is None and first.snapshot_repairs \
                 and not first.marked_corrupt:
-            _complete_snapshot_table(host, _reread_header(host, header), first)
+            _rewrite_snapshot_table(host, _reread_header(host, header), first)
         if (first.error is None and not first.check_errors and not first.corruptions
                 and not first.marked_corrupt):
             _clear_incompat(host, header, QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT)
@@ -1240,53 +1258,53 @@ def check_image(host: Any, header: Header, repair: str | None = None) -> CheckRe
     return res
 
 
-def _complete_snapshot_table(host: Any, header: Header, res: CheckResult) -> None:
-    """qemu's qcow2_check_fix_snapshot_table: rewrite the snapshot table to new clusters
-    with full extra data (a missing disk size becomes the image size, as QEMU reads it),
-    switch the header to it with one write, then free (and punch) the old table.  Runs after the
+def _rewrite_snapshot_table(host: Any, header: Header, res: CheckResult) -> None:
+    """qemu's qcow2_check_fix_snapshot_table: write the entries the check kept to new
+    clusters (oversized extra data cut to 1024 bytes; incomplete v3 entries given full
+    extra data, a missing disk size becoming the image size as QEMU reads it), switch the
+    header to them with one write, then free (and punch) the old table.  Runs after the
     refcount repair, so the stored refcounts are trusted for allocation."""
     from diskimg.qcow2.refcount import Refcounts
-    from diskimg.qcow2.snapshot import parse_table, pack_table
+    from diskimg.qcow2.snapshot import pack_table, parse_table
 
-    old_off, nb = header.snapshots_offset, header.nb_snapshots
-    limit = min(QCOW_MAX_SNAPSHOTS_SIZE, nb * (40 + 1024 + 2 * 65535 + 8))
-    avail = max(0, host.size() - old_off)
-    snaps = parse_table(host.pread(old_off, min(limit, avail)), nb, old_off, limit)
-    old_size = 0
-    for i, sn in enumerate(snaps):
-        old_size = (old_size + 7) & ~7
-        old_size += 40 + sn.extra_data_size + len(sn.id.encode()) + len(sn.name.encode())
-        if i in res.incomplete_snapshots:
-            if sn.disk_size is None:
-                sn.disk_size = header.size
-            sn.extra_data_size = 24
-    data = pack_table(snaps)
-    last_sn = snaps[-1]
-    # like qemu, the table ends with the last entry's name (entries start 8-byte aligned)
-    data = data[: len(data) - len(last_sn.pack()) + 40 + last_sn.extra_data_size
-                + len(last_sn.id.encode()) + len(last_sn.name.encode())]
-    rc = Refcounts(host, header)
+    old_off, keep, old_size = header.snapshots_offset, res.snapshots_kept, res.snapshots_size
     cs = header.cluster_size
-    new_off = rc.alloc(-(-len(data) // cs))
-    rc.flush()
-    host.flush()
-    host.pwrite(new_off, data)  # no padding: qemu's file ends with the table
-    host.flush()
-    host.pwrite(60, struct.pack(">IQ", len(snaps), new_off))
-    host.flush()
-    first, last = old_off // cs, (old_off + max(old_size, 1) - 1) // cs
-    if any(rc.get(c) == 0 for c in range(first, last + 1)):
-        res.messages.append("qcow2_free_clusters failed: Invalid argument")
-    else:
-        rc.free(old_off, old_size)
+    rc = Refcounts(host, header)
+    new_off = 0
+    if keep:
+        limit = min(QCOW_MAX_SNAPSHOTS_SIZE, old_size)
+        avail = max(0, host.size() - old_off)
+        snaps = parse_table(host.pread(old_off, min(limit, avail)), keep, old_off, limit,
+                            cut_extra=True)
+        for i in res.incomplete_snapshots:
+            if snaps[i].disk_size is None:
+                snaps[i].disk_size = header.size
+            snaps[i].extra_data_size = 24
+        data = pack_table(snaps)
+        last = snaps[-1]
+        # like qemu, the table ends with the last entry's name (entries start 8-byte aligned)
+        data = data[: len(data) - len(last.pack()) + 40 + last.extra_data_size
+                    + len(last.id.encode()) + len(last.name.encode())]
+        new_off = rc.alloc(-(-len(data) // cs))
         rc.flush()
         host.flush()
-        for c in range(first, last + 1):
-            if rc.get(c) == 0:
-                host.punch_hole(c * cs, cs)  # qemu discards freed snapshot clusters
-    n = len(res.incomplete_snapshots)
-    res.corruptions -= n
-    res.corruptions_fixed += n
+        host.pwrite(new_off, data)
+        host.flush()
+    host.pwrite(60, struct.pack(">IQ", keep, new_off))
+    host.flush()
+    if old_size:
+        first, last_c = old_off // cs, (old_off + old_size - 1) // cs
+        if any(rc.get(c) == 0 for c in range(first, last_c + 1)):
+            res.messages.append("qcow2_free_clusters failed: Invalid argument")
+        else:
+            rc.free(old_off, old_size)
+            rc.flush()
+            host.flush()
+            for c in range(first, last_c + 1):
+                if rc.get(c) == 0:
+                    host.punch_hole(c * cs, cs)  # qemu discards freed snapshot clusters
+    res.corruptions -= res.snapshot_repairs
+    res.corruptions_fixed += res.snapshot_repairs
 
 
 def _reread_header(host: Any, old: Header) -> Header:

@@ -20,6 +20,7 @@ from diskimg.device import BlockDevice, ImageInfo, Status
 from diskimg.errors import (
     CorruptImageError,
     DiskImgError,
+    FormatError,
     MissingSecretError,
     UnsupportedFeatureError,
     UsageError,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first use
     from concurrent.futures import ThreadPoolExecutor
 
     from diskimg.crypto import SectorCipher
+    from diskimg.qcow2.snapshot import Snapshot
 
 # run kinds produced by _lookup
 UNALLOC, ZERO, DATA, COMPRESSED = "unalloc", "zero", "data", "compressed"
@@ -98,7 +100,7 @@ class Qcow2Image(BlockDevice):
 
     def __init__(self, host: HostFile, *, secrets: Mapping[str, bytes] | None = None,
                  options: Mapping[str, str] | None = None,
-                 policy: OpenPolicy | None = None) -> None:
+                 policy: OpenPolicy | None = None, for_check: bool = False) -> None:
         self.host = host
         self.filename = str(host.path)
         self.read_only = not host.writable
@@ -157,9 +159,9 @@ class Qcow2Image(BlockDevice):
             self._repair_dirty()
         if h.crypt_method and "encrypt.key-secret" in self.options:
             _ = self.cipher  # like qemu: a wrong passphrase fails the open
-        from diskimg.qcow2.snapshot import SnapshotTable, read_table
+        from diskimg.qcow2.snapshot import SnapshotTable
 
-        self.snapshot_list = read_table(self)
+        self.snapshot_list = self._read_snapshot_table(for_check)
         self.snapshots = SnapshotTable(self)
         from diskimg.qcow2.bitmaps import Bitmaps
 
@@ -168,6 +170,18 @@ class Qcow2Image(BlockDevice):
         self._metadata_prealloc: bool | None = None
 
     # --- helpers ---------------------------------------------------------------------
+    def _read_snapshot_table(self, for_check: bool) -> list[Snapshot]:
+        """The snapshot table; when opened for check, an unreadable table reads as empty
+        (qemu opens with BDRV_O_CHECK and leaves the table to the checker)."""
+        from diskimg.qcow2.snapshot import read_table
+
+        try:
+            return read_table(self)
+        except FormatError:
+            if not for_check:
+                raise
+            return []
+
     @property
     def cluster_size(self) -> int:
         """Bytes per cluster (512 B .. 2 MiB)."""
@@ -1314,7 +1328,5 @@ class Qcow2Image(BlockDevice):
                 self.header.l1_table_offset, self.header.l1_size * 8, "L1 table"))
             self.l2_cache.clear()
             self._refcounts = None
-            from diskimg.qcow2.snapshot import read_table
-
-            self.snapshot_list = read_table(self)
+            self.snapshot_list = self._read_snapshot_table(True)
         return res

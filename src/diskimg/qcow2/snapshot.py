@@ -59,20 +59,22 @@ class Snapshot:
 
     @classmethod
     def parse(cls, buf: bytes, offset: int, table_offset: int,
-              limit: int | None = None) -> tuple[Self, int]:
+              limit: int | None = None, cut_extra: bool = False) -> tuple[Self, int]:
         """Parse the entry at ``offset`` of the table bytes; returns it and its length.
 
         ``limit`` is the table's maximum length: bytes between ``len(buf)`` (the end of the
         file) and ``limit`` read as zeros, as QEMU reads past the end of an image file, so
         a table cut short by truncation still opens (``check`` reports it incomplete).
-        Id and name are C strings: they end at the first NUL byte, as QEMU shows them."""
+        Id and name are C strings: they end at the first NUL byte, as QEMU shows them.
+        ``cut_extra`` keeps the first 1024 bytes of oversized extra data (``check -r all``)
+        instead of refusing the entry."""
         where = table_offset + offset
         limit = len(buf) if limit is None else limit
         if offset + _ENTRY.size > limit:
             raise FormatError(f"Snapshot table entry at {where:#x} is truncated", offset=where)
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vm32,
          extra_len) = _ENTRY.unpack(_zero_padded(buf, offset, _ENTRY.size))
-        if extra_len > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+        if extra_len > QCOW_MAX_SNAPSHOT_EXTRA_DATA and not cut_extra:
             raise FormatError(f"Too much extra metadata in snapshot table entry at {where:#x} "
                               f"({extra_len} bytes)", offset=where)
         pos = offset + _ENTRY.size
@@ -81,7 +83,7 @@ class Snapshot:
             raise FormatError(f"Snapshot table entry at {where:#x} runs past the end of the "
                               "table", offset=where)
         var = _zero_padded(buf, pos, end - pos)  # extra data, id, name
-        extra = var[:extra_len]
+        extra = var[: min(extra_len, QCOW_MAX_SNAPSHOT_EXTRA_DATA)]
         vm_state = vm32
         disk_size = icount = None
         if extra_len >= 8:
@@ -99,7 +101,7 @@ class Snapshot:
         length = end - offset
         length += (-length) % 8
         return cls(sid, name, l1_off, l1_size, dsec, dnsec, clock, vm_state, disk_size,
-                   icount, extra_len, bytes(extra[24:])), length
+                   icount, len(extra), bytes(extra[24:])), length
 
     def pack(self) -> bytes:
         """The on-disk snapshot table entry: fixed header, ``extra_data_size`` bytes of
@@ -145,15 +147,16 @@ def _c_string(raw: bytes) -> str:
 
 
 def parse_table(buf: bytes, count: int, table_offset: int,
-                limit: int | None = None) -> list[Snapshot]:
-    """The ``count`` entries of a snapshot table; ``limit`` as in :meth:`Snapshot.parse`."""
+                limit: int | None = None, cut_extra: bool = False) -> list[Snapshot]:
+    """The ``count`` entries of a snapshot table; ``limit`` and ``cut_extra`` as in
+    :meth:`Snapshot.parse`."""
     if count > QCOW_MAX_SNAPSHOTS:
         raise FormatError(f"Too many snapshots: {count} (field 'nb_snapshots' at 0x3c)",
                           offset=60)
     out = []
     pos = 0
     for _ in range(count):
-        sn, n = Snapshot.parse(buf, pos, table_offset, limit)
+        sn, n = Snapshot.parse(buf, pos, table_offset, limit, cut_extra)
         out.append(sn)
         pos += n
     return out
@@ -169,6 +172,12 @@ def read_table(img: Qcow2Image) -> list[Snapshot]:
     h = img.header
     if not h.nb_snapshots:
         return []
+    if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
+        raise FormatError(f"Too many snapshots: {h.nb_snapshots} (field 'nb_snapshots' at "
+                          "0x3c)", offset=60)
+    if h.snapshots_offset % img.cs:
+        raise FormatError(f"Snapshot table offset invalid: {h.snapshots_offset:#x} (field "
+                          "'snapshots_offset' at 0x40)", offset=64)
     # the largest table the count allows (entry: 40 + 1024 + 2 * 65535 + padding bytes),
     # capped at QEMU's 64 MiB; only the part inside the file is read
     limit = min(QCOW_MAX_SNAPSHOTS_SIZE, h.nb_snapshots * (40 + 1024 + 2 * 65535 + 8))
