@@ -8,8 +8,8 @@
 
 The input is a sparse raw file mixing, by 1 MiB chunk (seeded): 16% random data, 24%
 compressible text-like data, 12% written zeros, 48% holes (issue 7's proportions).  Derived
-inputs (qcow2, zlib- and zstd-compressed qcow2, monolithicSparse vmdk) are made once with
-qemu-img, untimed.
+inputs (qcow2, zlib- and zstd-compressed qcow2, monolithicSparse and streamOptimized vmdk) are
+made once with qemu-img, untimed.
 
 Every job is a set of child processes, run interleaved (ref, candidate, ref, candidate, ...
 in each round) and compared by the medians of ``--repeat`` rounds, so a load spike hits
@@ -41,6 +41,11 @@ time to the same budget) from dominating what is meant to be data throughput.
 Reads: every reader reads every byte of the virtual disk in 1 MiB chunks into a buffer and
 discards it.  qemu-io is given one ``read`` command per MiB; it allocates and pattern-fills
 a bounce buffer per command, so it is a slightly pessimistic reference.
+
+Scale (issue 7): the same 100 MiB in a 1 GiB-virtual and a 16 TiB-virtual qcow2; convert,
+map and check of the big one are timed against the same diskimg command on the small one
+(target 1.5: cost follows allocated data, not virtual size), qemu-img on the big one is
+shown for information.
 
 ``--baseline SRC`` adds, for every diskimg variant, the same command run with
 ``PYTHONPATH=SRC`` (e.g. ``git archive HEAD src | tar -x -C /tmp/base``), interleaved in the
@@ -339,6 +344,8 @@ def make_jobs(work: Path, inputs: dict[str, Path], size: int, qemu_img: str,
                             "{}", 1.0))
     jobs.append(convert_job("convert vmdk->raw", inputs["vmdk"], "vmdk", "raw", [], [], "{}",
                             1.0))
+    jobs.append(convert_job("convert streamOptimized vmdk->raw", inputs["vmdk-stream"], "vmdk",
+                            "raw", [], [], "{}", 1.0))
     jobs.append(convert_job("convert raw->vmdk streamOptimized", raw, "raw", "vmdk",
                             ["-o", "subformat=streamOptimized"],
                             ["-o", "subformat=streamOptimized"], None, 0.6, stream_api=True))
@@ -378,6 +385,46 @@ def make_jobs(work: Path, inputs: dict[str, Path], size: int, qemu_img: str,
                         [Variant("qemu-img", [qemu_img, *args, str(qcow)])],
                         [Variant("diskimg CLI", [*cli, *args, str(qcow)], diskimg=True)],
                         {"qemu-img": 2.0}))
+    jobs.extend(scale_jobs(work, qemu_img, qemu_io, cli))
+    return jobs
+
+
+SCALE_DATA_PIECES = 10  # 10 x 10 MiB = issue 7's 100 MiB
+
+
+def scale_jobs(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> list[Job]:
+    """Issue 7's scale rows: the same 100 MiB (ten 10 MiB pieces of distinct patterns)
+    spread over a 1 GiB-virtual and a 16 TiB-virtual qcow2 (both made by qemu-io, untimed);
+    diskimg on the 16 TiB image against diskimg on the 1 GiB one (target 1.5), with
+    qemu-img on the 16 TiB image for information."""
+    imgs = {}
+    for label, virt in (("1g", 1 << 30), ("16t", 16 << 40)):
+        p = work / f"scale-{label}.qcow2"
+        subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(p), str(virt)], check=True)
+        step = virt // SCALE_DATA_PIECES
+        cmds = [c for k in range(SCALE_DATA_PIECES)
+                for c in ("-c", f"write -q -P {0x11 * (k + 1)} {k * step} 10M")]
+        subprocess.run([qemu_io, "-f", "qcow2", *cmds, str(p)], check=True)
+        imgs[label] = p
+    jobs = []
+    for name, args, out in (("convert -O qcow2", ["convert", "-f", "qcow2", "-O", "qcow2"],
+                             True),
+                            ("map --output=json", ["map", "--output=json", "-f", "qcow2"],
+                             False),
+                            ("check", ["check", "-f", "qcow2"], False)):
+        def cmd(tool: list[str], label: str) -> tuple[list[str], Path | None]:
+            o = work / f"scale-out-{tool[-1].rsplit('/', 1)[-1]}-{label}.qcow2" if out else None
+            return [*tool, *args, str(imgs[label]), *([str(o)] if o else [])], o
+
+        small, small_out = cmd(cli, "1g")
+        big, big_out = cmd(cli, "16t")
+        qbig, qbig_out = cmd([qemu_img], "16t")
+        jobs.append(Job(f"scale: {name}, 100 MiB in 16 TiB vs 1 GiB virtual",
+                        [Variant("diskimg CLI on 1 GiB virtual", small, small_out, "qcow2"),
+                         Variant("qemu-img on 16 TiB virtual", qbig, qbig_out, "qcow2")],
+                        [Variant("diskimg CLI on 16 TiB virtual", big, big_out, "qcow2",
+                                 diskimg=True)],
+                        {"diskimg CLI on 1 GiB virtual": 1.5}))
     return jobs
 
 
@@ -557,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {"raw": raw, "qcow2": work / "workload.qcow2",
               "qcow2-zlib": work / "workload-zlib.qcow2",
               "qcow2-zstd": work / "workload-zstd.qcow2", "vmdk": work / "workload.vmdk",
+              "vmdk-stream": work / "workload-stream.vmdk",
               "qcow2-luks": work / "workload-luks.qcow2"}
     load0 = os.getloadavg()
     try:
@@ -566,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
                           ("qcow2-zstd", ["-c", "-O", "qcow2", "-o",
                                           "compression_type=zstd"]),
                           ("vmdk", ["-O", "vmdk"]),
+                          ("vmdk-stream", ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
                           ("qcow2-luks", ["-O", "qcow2", "-o", LUKS_CREATE])):
             obj = ["--object", LUKS_OBJECT] if key == "qcow2-luks" else []
             for attempt in range(4 if obj else 1):  # see Variant.retries

@@ -142,6 +142,11 @@ class BlockDevice:
         """Block status of the run starting at ``offset`` (at most ``length`` bytes)."""
         return Status(length, allocated=True, data=True, zero=False)
 
+    def _unallocated_until(self, offset: int, end: int) -> int:
+        """Where the unallocated region of this layer that reaches ``offset`` ends (at
+        most ``end``), when the format knows it cheaply; ``offset`` when it does not."""
+        return offset
+
     def _flush(self) -> None:
         pass
 
@@ -259,12 +264,21 @@ class BlockDevice:
             dev = dev.backing
         return out
 
-    def block_status(self, offset: int, length: int) -> tuple[Status, int]:
-        """Status of the run at ``offset`` through the backing chain, and its depth."""
+    def block_status(self, offset: int, length: int,
+                     coarse: bool = False) -> tuple[Status, int]:
+        """Status of the run at ``offset`` through the backing chain, and its depth.
+
+        ``coarse`` lets an unallocated run go on past the format's table boundaries
+        (qemu stops at each L2 table): what ``map`` and ``convert`` merge anyway, taken in
+        one step, so their cost follows the allocated data rather than the virtual size."""
         depth = 0
         dev: BlockDevice = self
         while True:
             st = dev._status(offset, length)
+            if coarse and not st.allocated and st.length < length:
+                more = dev._unallocated_until(offset + st.length, offset + length) - offset
+                if more > st.length:
+                    st = Status(more, st.allocated, st.data, st.zero, st.offset, st.filename)
             length = min(length, st.length)
             if st.allocated or dev.backing is None:
                 return Status(length, st.allocated, st.data, st.zero, st.offset, st.filename), depth
@@ -281,7 +295,7 @@ class BlockDevice:
         pending: MapEntry | None = None
         pos = offset
         while pos < end:
-            st, depth = self.block_status(pos, end - pos)
+            st, depth = self.block_status(pos, end - pos, coarse=True)
             if st.length <= 0:
                 raise AssertionError("block status made no progress")
             e = MapEntry(pos, st.length, depth, st.allocated, st.zero, st.data, st.offset,

@@ -11,7 +11,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -320,20 +320,44 @@ class _Copier:
         if self.progress is not None and self.total:
             self.progress(self.done * 100.0 / self.total)
 
-    def _plan(self, src: BlockDevice) -> Iterator[tuple[str, int, int]]:
-        """(kind, position, length) runs of ``src``, at most CHUNK long: 'zero', 'data' or
-        'backing' (left to the target's backing file)."""
+    def _plan(self, src: BlockDevice) -> Iterator[tuple[str, int, int, list[int] | None]]:
+        """(kind, position, length, runs) of ``src``: 'data' runs at most CHUNK long
+        (``runs`` None), and 'zero' or 'backing' runs, consecutive ones of a kind merged
+        into one item (``runs`` lists the lengths merged, progress is ticked per run)."""
+        kind_m, pos_m, runs_m = "", 0, []
+        for kind, pos, n in self._status_runs(src):
+            if kind == "data" or (kind == "zero" and self.min_sparse == 0):
+                if runs_m:
+                    yield kind_m, pos_m, sum(runs_m), runs_m
+                    runs_m = []
+                yield kind, pos, n, None
+            elif runs_m and kind == kind_m:
+                runs_m.append(n)
+            else:
+                if runs_m:
+                    yield kind_m, pos_m, sum(runs_m), runs_m
+                kind_m, pos_m, runs_m = kind, pos, [n]
+        if runs_m:
+            yield kind_m, pos_m, sum(runs_m), runs_m
+
+    def _status_runs(self, src: BlockDevice) -> Iterator[tuple[str, int, int]]:
+        """(kind, position, length) runs of ``src``, at most CHUNK long for data: 'zero',
+        'data' or 'backing' (left to the target's backing file)."""
         pos, size = 0, src.size
         while pos < size:
-            # ask for a long run: zero and backing runs are taken whole (like qemu-img, which
-            # caps only data runs at its buffer size), data runs are cut at CHUNK
-            n = min(_STATUS_SPAN, size - pos)
+            # ask for the rest of the disk (qemu-img asks for 2 GiB at most: that cuts the
+            # runs differently, not what they are); zero and backing runs are taken whole,
+            # data runs are cut at CHUNK
+            n = size - pos
             if self.target_backing:
                 st = src._status(pos, n)  # top layer only: the rest is the target's backing
+                if not st.allocated and st.length < n:
+                    st = replace(st, length=max(st.length, src._unallocated_until(
+                        pos + st.length, pos + n) - pos))
                 n = min(n, st.length)
                 kind = "backing" if not st.allocated else ("zero" if st.zero else "data")
             else:
-                st, _ = src.block_status(pos, n)
+                st, _ = src.block_status(pos, n, coarse=True)
                 n = min(n, st.length)
                 kind = "zero" if st.zero or (not st.allocated and not st.data) else "data"
             if kind == "data" or (kind == "zero" and self.min_sparse == 0):
@@ -347,10 +371,10 @@ class _Copier:
         writes (both sides spend their time in system calls that release the GIL)."""
         if not pipelined:
             buf = aligned_buffer(CHUNK)
-            for kind, pos, n in self._plan(src):
+            for kind, pos, n, runs in self._plan(src):
                 if kind == "data":
                     src.readinto(pos, memoryview(buf)[:n])
-                self._put(kind, base + pos, buf, n)
+                self._put(kind, base + pos, buf if kind == "data" else runs, n)
             self.flush_pending()
             return
         with _ReadAhead(src, self._plan(src)) as ahead:
@@ -361,7 +385,8 @@ class _Copier:
                     ahead.release(item.buf)
                     continue
                 self._put(kind, base + pos, item, n)
-                ahead.release(item)
+                if kind == "data":
+                    ahead.release(item)
             self.flush_pending()
 
     def _put_decoded(self, off: int, item: _Decoded, n: int) -> None:
@@ -377,16 +402,20 @@ class _Copier:
             self._put("data", off + at, buf[at : at + k], k)
             at += k
 
-    def _put(self, kind: str, off: int, buf: Any, n: int) -> None:
+    def _put(self, kind: str, off: int, item: Any, n: int) -> None:
+        """Write one plan item: ``item`` is the buffer of a data run, or the list of the
+        merged status runs of a zero or backing run (None: one run)."""
+        if kind == "data":
+            assert item is not None
+            self.data(off, item, n)
+            self.tick(n)
+            return
         if kind == "zero":
             self.zero(off, n)
-        elif kind == "data":
-            assert buf is not None
-            self.data(off, buf, n)
-        self.tick(n)
+        for k in item or (n,):
+            self.tick(k)
 
 
-_STATUS_SPAN = 1 << 30  # longest run asked of block status at once
 _COMBINE_BELOW = 256 << 10  # data pieces shorter than this are gathered into one write
 _BUFFERS = 4  # chunk buffers of a pipelined copy (one being written, the rest read ahead)
 
@@ -404,12 +433,14 @@ class _Decoded:
 class _ReadAhead:
     """Reads the data runs of a plan on a background thread into a small ring of CHUNK
     buffers; iterating yields ``(kind, pos, n, item)`` in plan order, ``item`` being the
-    buffer (data), None (zero, backing) or, for a run of whole compressed clusters (up to
+    buffer (data), the lengths of the runs merged (zero, backing) or, for a run of whole
+    compressed clusters (up to
     CHUNK bytes, several plan runs), a :class:`_Decoded`.
     Return each buffer with :meth:`release` once written.  Errors of the reader are raised
     by the iteration; leaving the ``with`` block stops the reader."""
 
-    def __init__(self, src: BlockDevice, plan: Iterator[tuple[str, int, int]]) -> None:
+    def __init__(self, src: BlockDevice,
+                 plan: Iterator[tuple[str, int, int, list[int] | None]]) -> None:
         self.src, self.plan = src, plan
         self.decoder = _ClusterDecoder.for_device(src)
         self.free: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -461,7 +492,7 @@ class _ReadAhead:
             dec = self.decoder
             batch: list[tuple[int, int, int]] = []  # (pos, n, L2 entry), guest-contiguous
             size = 0
-            for kind, pos, n in self.plan:
+            for kind, pos, n, runs in self.plan:
                 if kind == "data" and dec is not None:
                     ent = dec.entry(pos, n)
                     if ent is not None:
@@ -475,7 +506,7 @@ class _ReadAhead:
                 if not self._flush_batch(batch):
                     return
                 size = 0
-                buf: Any = None
+                buf: Any = runs  # zero and backing runs: what they merge
                 if kind == "data":
                     buf = self.free.get()
                     if buf is None or self.stop:
