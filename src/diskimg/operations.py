@@ -324,7 +324,8 @@ class _Copier:
         """(kind, position, length, runs) of ``src``: 'data' runs at most CHUNK long
         (``runs`` None), and 'zero' or 'backing' runs, consecutive ones of a kind merged
         into one item (``runs`` lists the lengths merged, progress is ticked per run)."""
-        kind_m, pos_m, runs_m = "", 0, []
+        kind_m, pos_m = "", 0
+        runs_m: list[int] = []
         for kind, pos, n in self._status_runs(src):
             if kind == "data" or (kind == "zero" and self.min_sparse == 0):
                 if runs_m:

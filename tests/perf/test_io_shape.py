@@ -525,7 +525,8 @@ def test_uncompressed_qcow2_convert_starts_no_decoder_threads(tmp_path: Path) ->
 
     ops._ClusterDecoder.decode_into = spy  # type: ignore[method-assign]
     try:
-        with diskimg.open(src) as dev, ops._ReadAhead(dev, iter([("data", MiB, MiB, None)])) as ahead:
+        plan = iter([("data", MiB, MiB, None)])
+        with diskimg.open(src) as dev, ops._ReadAhead(dev, plan) as ahead:
             items = list(ahead)
             assert ahead.decoder is None or ahead.decoder.pool is None
         assert not seen
