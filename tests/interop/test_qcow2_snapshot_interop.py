@@ -95,3 +95,17 @@ def test_unknown_snapshot_and_narrow_refcounts_are_clean_errors(tmp_path: Path) 
             d.snapshots.create("s")
     # unlike qemu-img, the refused snapshot leaks nothing
     assert subprocess.run([QEMU_IMG, "check", img], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("name", ["a\0b", "x" * 65536])
+def test_snapshot_names_the_table_cannot_hold_are_refused(tmp_path: Path, name: str) -> None:
+    """qemu reads names as C strings of at most 65535 bytes: a name with a NUL or longer
+    than that would not read back, so create refuses it and the image stays unchanged."""
+    img = tmp_path / "n.qcow2"
+    diskimg.create(img, "qcow2", 1 << 20)
+    before = img.read_bytes()
+    with diskimg.open(img, "r+") as d, pytest.raises(diskimg.DiskImgError, match="NUL"):
+        d.snapshots.create(name)  # type: ignore[attr-defined]
+    assert img.read_bytes() == before
+    assert json.loads(sh(QEMU_IMG, "info", "--output=json", img).stdout).get("snapshots") \
+        is None

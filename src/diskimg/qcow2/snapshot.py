@@ -472,6 +472,9 @@ class SnapshotTable:
         img = self.img
         img._check_writable()
         img._check_write_support()
+        if "\0" in name or len(name.encode()) > 0xFFFF:
+            raise UsageError("Snapshot names end at the first NUL byte and hold at most "
+                             "65535 bytes (the snapshot table's name_size field)")
         if len(img.snapshot_list) >= QCOW_MAX_SNAPSHOTS:
             raise UsageError("Too many snapshots")
         if img._data_file_opened:
