@@ -152,37 +152,54 @@ def test_damaged_lifecycle_metadata(damage: str, pristine: Path, tmp_path: Path,
     assert a_bad <= q_bad, (damage, q_rc, q_bad, a_rc, a_bad, r.out, r.err)
 
 
+def _damaged_twins(pristine: Path, tmp_path: Path, damage: str) -> tuple[Path, Path]:
+    """The same damaged image in ``q/`` (for qemu-img) and ``d/`` (for diskimg)."""
+    q, d = tmp_path / "q", tmp_path / "d"
+    for side in (q, d):
+        side.mkdir()
+        shutil.copy(pristine, side / "img.qcow2")
+        DAMAGE[damage](side / "img.qcow2")
+    return q, d
+
+
+def _same_output(q: Path, d: Path, di, *commands: list[str]) -> None:
+    """Each command gives the same exit code, stderr and stdout (JSON parsed, without
+    diskimg's ``findings``) in both directories."""
+    for args in commands:
+        want = qemu(*args, "img.qcow2", cwd=q)
+        got = di(*args, "img.qcow2", cwd=d)
+        assert (got.rc, got.err) == (want.rc, want.err), args
+        if args[-1] == "--output=json" and want.out:
+            doc = json.loads(got.out)
+            doc.pop("findings", None)
+            assert doc == json.loads(want.out), args
+        else:
+            assert got.out == want.out, args
+
+
+def _same_repair(q: Path, d: Path, di) -> None:
+    """``check -r all`` prints the same and leaves the same bytes; qemu-img finds the
+    result clean."""
+    want = qemu("check", "-r", "all", "img.qcow2", cwd=q)
+    got = di("check", "-r", "all", "img.qcow2", cwd=d)
+    assert (got.rc, got.out, got.err) == (want.rc, want.out, want.err)
+    assert (d / "img.qcow2").read_bytes() == (q / "img.qcow2").read_bytes()
+    assert qemu("check", "img.qcow2", cwd=d).rc == 0
+
+
 @pytest.mark.parametrize("damage", SAME_AS_QEMU)
 def test_damaged_snapshot_table_same_as_qemu(damage: str, pristine: Path, tmp_path: Path,
                                              di) -> None:
     """qemu-img reads the table as zeros past EOF and names as C strings, reports v3
     entries without extra data as incomplete, and repairs them by rewriting the table:
     info, snapshot -l, convert, check and check -r all agree with it, byte for byte."""
-    q, d = tmp_path / "q", tmp_path / "d"
-    for side in (q, d):
-        side.mkdir()
-        shutil.copy(pristine, side / "img.qcow2")
-        DAMAGE[damage](side / "img.qcow2")
-    for args in (["info", "--output=json"], ["snapshot", "-l"], ["check"],
-                 ["check", "--output=json"]):
-        want = qemu(*args, "img.qcow2", cwd=q)
-        got = di(*args, "img.qcow2", cwd=d)
-        assert got.rc == want.rc, (args, got.err, want.err)
-        assert got.err == want.err, args
-        if args[-1] == "--output=json":
-            doc = json.loads(got.out)
-            doc.pop("findings", None)
-            assert doc == json.loads(want.out), args
-        else:
-            assert got.out == want.out, args
+    q, d = _damaged_twins(pristine, tmp_path, damage)
+    _same_output(q, d, di, ["info", "--output=json"], ["snapshot", "-l"], ["check"],
+                 ["check", "--output=json"])
     assert qemu("convert", "-O", "raw", "img.qcow2", "out.raw", cwd=q).rc == 0
     assert di("convert", "-O", "raw", "img.qcow2", "out.raw", cwd=d).rc == 0
     assert (q / "out.raw").read_bytes() == (d / "out.raw").read_bytes()
-    want = qemu("check", "-r", "all", "img.qcow2", cwd=q)
-    got = di("check", "-r", "all", "img.qcow2", cwd=d)
-    assert (got.rc, got.out, got.err) == (want.rc, want.out, want.err)
-    assert (d / "img.qcow2").read_bytes() == (q / "img.qcow2").read_bytes()
-    assert qemu("check", "img.qcow2", cwd=d).rc == 0
+    _same_repair(q, d, di)
 
 
 @pytest.mark.parametrize("damage", ["snapshot-extra-data-absurd", "snapshot-count-1e9",
@@ -193,29 +210,12 @@ def test_damaged_check_same_as_qemu(damage: str, pristine: Path, tmp_path: Path,
     oversized extra data and the overlapping refcount table are repaired as qemu-img does,
     to the same bytes; 10^9 snapshots are refused by -r all (qemu-img marks the image
     corrupt), leaving the file untouched."""
-    q, d = tmp_path / "q", tmp_path / "d"
-    for side in (q, d):
-        side.mkdir()
-        shutil.copy(pristine, side / "img.qcow2")
-        DAMAGE[damage](side / "img.qcow2")
-    for args in (["check"], ["check", "--output=json"]):
-        want = qemu(*args, "img.qcow2", cwd=q)
-        got = di(*args, "img.qcow2", cwd=d)
-        assert (got.rc, got.err) == (want.rc, want.err), args
-        if args[-1] == "--output=json" and want.out:
-            doc = json.loads(got.out)
-            doc.pop("findings", None)
-            assert doc == json.loads(want.out), args
-        else:
-            assert got.out == want.out, args
+    q, d = _damaged_twins(pristine, tmp_path, damage)
+    _same_output(q, d, di, ["check"], ["check", "--output=json"])
     if damage == "snapshot-count-1e9":
         before = (d / "img.qcow2").read_bytes()
         r = di("check", "-r", "all", "img.qcow2", cwd=d)
         assert r.rc == 1 and "Too many snapshots" in r.err
         assert (d / "img.qcow2").read_bytes() == before
         return
-    want = qemu("check", "-r", "all", "img.qcow2", cwd=q)
-    got = di("check", "-r", "all", "img.qcow2", cwd=d)
-    assert (got.rc, got.out, got.err) == (want.rc, want.out, want.err)
-    assert (d / "img.qcow2").read_bytes() == (q / "img.qcow2").read_bytes()
-    assert qemu("check", "img.qcow2", cwd=d).rc == 0
+    _same_repair(q, d, di)
