@@ -219,3 +219,23 @@ def test_damaged_check_same_as_qemu(damage: str, pristine: Path, tmp_path: Path,
         assert (d / "img.qcow2").read_bytes() == before
         return
     _same_repair(q, d, di)
+
+
+def test_snapshot_ops_refused_when_opened_for_check_with_a_damaged_table(
+        pristine: Path, tmp_path: Path) -> None:
+    """An image opened for check with an unreadable snapshot table shows no snapshots;
+    creating or deleting one then would rewrite the table without the damaged entries,
+    so both are refused and the file is untouched."""
+    import diskimg
+
+    p = tmp_path / "img.qcow2"
+    shutil.copy(pristine, p)
+    _snap_extra_absurd(p)
+    before = p.read_bytes()
+    with diskimg.open(p, "r+", "qcow2", for_check=True) as d:
+        assert d.snapshots.list() == []  # type: ignore[attr-defined]
+        for op in (lambda: d.snapshots.create("new"),  # type: ignore[attr-defined]
+                   lambda: d.snapshots.delete("1")):  # type: ignore[attr-defined]
+            with pytest.raises(diskimg.DiskImgError, match="snapshot table is damaged"):
+                op()
+    assert p.read_bytes() == before

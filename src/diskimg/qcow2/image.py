@@ -175,11 +175,13 @@ class Qcow2Image(BlockDevice):
         (qemu opens with BDRV_O_CHECK and leaves the table to the checker)."""
         from diskimg.qcow2.snapshot import read_table
 
+        self.snapshot_table_error: FormatError | None = None
         try:
             return read_table(self)
-        except FormatError:
+        except FormatError as exc:
             if not for_check:
                 raise
+            self.snapshot_table_error = exc  # snapshot operations refuse to run
             return []
 
     @property
@@ -276,7 +278,7 @@ class Qcow2Image(BlockDevice):
         return kind, min(n, max_len), (host + in_off if host else 0), ent
 
     def _unallocated_until(self, offset: int, end: int) -> int:
-        """Past L1 entries without an L2 table (a C-speed search of the L1 table)."""
+        """Past L1 entries without an L2 table (one pass over the L1 table)."""
         span = self.l2_entries * self.cs
         i = offset // span
         if offset % span or i >= len(self.l1):

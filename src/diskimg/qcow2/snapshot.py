@@ -207,6 +207,14 @@ class SnapshotTable:
         raise SnapshotNotFoundError(name_or_id)
 
     # --- helpers ---------------------------------------------------------------------
+    def _check_table_read(self) -> None:
+        """Refuse to change snapshots when the table could not be read (an image opened
+        for check): a rewrite would drop the entries that were not understood."""
+        err = self.img.snapshot_table_error
+        if err is not None:
+            raise type(err)(f"The snapshot table is damaged ({err}); run 'diskimg check -r "
+                            "all' first", offset=err.offset)
+
     def _read_l1(self, offset: int, size: int) -> array[int]:
         img = self.img
         if offset % img.cs:
@@ -470,6 +478,7 @@ class SnapshotTable:
     def create(self, name: str, *, date: float | None = None) -> Snapshot:
         """Snapshot the current disk state under ``name`` (id: highest numeric id + 1)."""
         img = self.img
+        self._check_table_read()
         img._check_writable()
         img._check_write_support()
         if "\0" in name or len(name.encode()) > 0xFFFF:
@@ -505,6 +514,7 @@ class SnapshotTable:
 
     def apply(self, name_or_id: str) -> None:
         """Revert the disk to snapshot ``name_or_id`` (qemu-img snapshot -a)."""
+        self._check_table_read()
         img = self.img
         img._check_writable()
         img._check_write_support()
@@ -537,6 +547,7 @@ class SnapshotTable:
 
     def delete(self, name_or_id: str) -> None:
         """Delete snapshot ``name_or_id`` and free what only it referenced."""
+        self._check_table_read()
         img = self.img
         img._check_writable()
         img._check_write_support()
