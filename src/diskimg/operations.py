@@ -435,8 +435,7 @@ class _ReadAhead:
     """Reads the data runs of a plan on a background thread into a small ring of CHUNK
     buffers; iterating yields ``(kind, pos, n, item)`` in plan order, ``item`` being the
     buffer (data), the lengths of the runs merged (zero, backing) or, for a run of whole
-    compressed clusters (up to
-    CHUNK bytes, several plan runs), a :class:`_Decoded`.
+    compressed clusters (up to CHUNK bytes, several plan runs), a :class:`_Decoded`.
     Return each buffer with :meth:`release` once written.  Errors of the reader are raised
     by the iteration; leaving the ``with`` block stops the reader."""
 
