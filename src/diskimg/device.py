@@ -147,6 +147,16 @@ class BlockDevice:
         most ``end``), when the format knows it cheaply; ``offset`` when it does not."""
         return offset
 
+    def _status_coarse(self, offset: int, length: int) -> Status:
+        """:meth:`_status`, an unallocated run taken on past the format's table
+        boundaries (see :meth:`_unallocated_until`)."""
+        st = self._status(offset, length)
+        if not st.allocated and st.length < length:
+            more = self._unallocated_until(offset + st.length, offset + length) - offset
+            if more > st.length:
+                st = Status(more, st.allocated, st.data, st.zero, st.offset, st.filename)
+        return st
+
     def _flush(self) -> None:
         pass
 
@@ -274,11 +284,7 @@ class BlockDevice:
         depth = 0
         dev: BlockDevice = self
         while True:
-            st = dev._status(offset, length)
-            if coarse and not st.allocated and st.length < length:
-                more = dev._unallocated_until(offset + st.length, offset + length) - offset
-                if more > st.length:
-                    st = Status(more, st.allocated, st.data, st.zero, st.offset, st.filename)
+            st = dev._status_coarse(offset, length) if coarse else dev._status(offset, length)
             length = min(length, st.length)
             if st.allocated or dev.backing is None:
                 return Status(length, st.allocated, st.data, st.zero, st.offset, st.filename), depth

@@ -11,7 +11,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -351,10 +351,8 @@ class _Copier:
             # data runs are cut at CHUNK
             n = size - pos
             if self.target_backing:
-                st = src._status(pos, n)  # top layer only: the rest is the target's backing
-                if not st.allocated and st.length < n:
-                    st = replace(st, length=max(st.length, src._unallocated_until(
-                        pos + st.length, pos + n) - pos))
+                # top layer only: the rest is the target's backing
+                st = src._status_coarse(pos, n)
                 n = min(n, st.length)
                 kind = "backing" if not st.allocated else ("zero" if st.zero else "data")
             else:

@@ -1265,26 +1265,20 @@ def _rewrite_snapshot_table(host: Any, header: Header, res: CheckResult) -> None
     header to them with one write, then free (and punch) the old table.  Runs after the
     refcount repair, so the stored refcounts are trusted for allocation."""
     from diskimg.qcow2.refcount import Refcounts
-    from diskimg.qcow2.snapshot import pack_table, parse_table
+    from diskimg.qcow2.snapshot import pack_table_exact, read_entries
 
     old_off, keep, old_size = header.snapshots_offset, res.snapshots_kept, res.snapshots_size
     cs = header.cluster_size
     rc = Refcounts(host, header)
     new_off = 0
     if keep:
-        limit = min(QCOW_MAX_SNAPSHOTS_SIZE, old_size)
-        avail = max(0, host.size() - old_off)
-        snaps = parse_table(host.pread(old_off, min(limit, avail)), keep, old_off, limit,
-                            cut_extra=True)
+        snaps = read_entries(host, old_off, keep, min(QCOW_MAX_SNAPSHOTS_SIZE, old_size),
+                             cut_extra=True)
         for i in res.incomplete_snapshots:
             if snaps[i].disk_size is None:
                 snaps[i].disk_size = header.size
             snaps[i].extra_data_size = 24
-        data = pack_table(snaps)
-        last = snaps[-1]
-        # like qemu, the table ends with the last entry's name (entries start 8-byte aligned)
-        data = data[: len(data) - len(last.pack()) + 40 + last.extra_data_size
-                    + len(last.id.encode()) + len(last.name.encode())]
+        data = pack_table_exact(snaps)
         new_off = rc.alloc(-(-len(data) // cs))
         rc.flush()
         host.flush()

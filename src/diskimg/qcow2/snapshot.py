@@ -32,6 +32,7 @@ from diskimg.qcow2.layout import QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
 from diskimg.qcow2.refcount import RefBlock
 
 if TYPE_CHECKING:
+    from diskimg.hostio import HostFile
     from diskimg.qcow2.image import Qcow2Image
 
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
@@ -181,9 +182,24 @@ def read_table(img: Qcow2Image) -> list[Snapshot]:
     # the largest table the count allows (entry: 40 + 1024 + 2 * 65535 + padding bytes),
     # capped at QEMU's 64 MiB; only the part inside the file is read
     limit = min(QCOW_MAX_SNAPSHOTS_SIZE, h.nb_snapshots * (40 + 1024 + 2 * 65535 + 8))
-    avail = max(0, img.host.size() - h.snapshots_offset)
-    buf = img.host.pread(h.snapshots_offset, min(limit, avail))
-    return parse_table(buf, h.nb_snapshots, h.snapshots_offset, limit)
+    return read_entries(img.host, h.snapshots_offset, h.nb_snapshots, limit)
+
+
+def read_entries(host: HostFile, offset: int, count: int, limit: int,
+                 cut_extra: bool = False) -> list[Snapshot]:
+    """The ``count`` entries of the table at ``offset``, at most ``limit`` bytes long:
+    only the part inside the file is read, the rest reads as zeros."""
+    buf = host.pread(offset, min(limit, max(0, host.size() - offset)))
+    return parse_table(buf, count, offset, limit, cut_extra)
+
+
+def pack_table_exact(snaps: list[Snapshot]) -> bytes:
+    """:func:`pack_table` without the last entry's padding: the bytes QEMU writes (every
+    entry starts 8-byte aligned, the table ends with the last name)."""
+    data = pack_table(snaps)
+    last = snaps[-1]
+    used = 40 + last.extra_data_size + len(last.id.encode()) + len(last.name.encode())
+    return data[: len(data) - (-used) % 8]
 
 
 class SnapshotTable:
