@@ -1,7 +1,6 @@
 """diskimg: pure-Python qcow2, raw and vmdk disk images with a qemu-img compatible CLI."""
 
 from diskimg.api import create, open
-from diskimg.operations import commit, compare, convert, dd, rebase
 from diskimg.device import BlockDevice, DeviceIO, ImageInfo, MapEntry
 from diskimg.errors import (
     BackingChainError,
@@ -21,17 +20,23 @@ from diskimg.policy import OpenPolicy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from diskimg.operations import commit, compare, convert, dd, rebase
     from diskimg.pool import Pool, PoolRegistry, Volume
+
+_LAZY = {"Pool": "pool", "PoolRegistry": "pool", "Volume": "pool", "commit": "operations",
+         "compare": "operations", "convert": "operations", "dd": "operations",
+         "rebase": "operations"}
 
 
 def __getattr__(name: str) -> object:
-    """Import the storage-pool layer (~20 ms: xml, pool) only when it is used."""
-    if name in ("Pool", "PoolRegistry", "Volume"):
-        from diskimg import pool
-
-        return getattr(pool, name)
+    """Import the storage-pool layer (~20 ms: xml, pool) and the copy operations (threads,
+    queues) only when they are used: ``diskimg info`` and ``open`` need neither."""
     import importlib
 
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"diskimg.{_LAZY[name]}"), name)
+        globals()[name] = value  # found directly from now on
+        return value
     try:  # submodules by attribute (diskimg.units ...), as before the lazy import
         return importlib.import_module(f"diskimg.{name}")
     except ModuleNotFoundError:

@@ -10,25 +10,20 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskimg import api
-from diskimg import operations as conv
 from diskimg import options as opts
 from diskimg.cli import output
-from diskimg.cli.progress import (
-    SIZE_MISMATCH,
-    QemuProgress,
-    Schedule,
-    commit_schedule,
-    compare_schedule,
-    convert_schedule,
-    rebase_schedule,
-    unsafe_rebase_schedule,
-)
 from diskimg.device import BlockDevice, MapEntry
 from diskimg.errors import DiskImgError, UsageError
 from diskimg.units import SIZE_HELP, parse_size
+
+if TYPE_CHECKING:
+    from diskimg.cli.progress import QemuProgress, Schedule
+
+# diskimg.operations (threads, queues) and diskimg.cli.progress are imported by the
+# commands that copy data: info, check, map and snapshot start without them
 
 KNOWN_FORMATS = ("qcow2", "raw", "vmdk")
 PROBED_RAW_WARNING = (
@@ -460,6 +455,9 @@ def _convert_progress(a: argparse.Namespace, srcs: list[BlockDevice],
                       values: dict[str, str], target_backing: bool,
                       sparse: int) -> Schedule:
     """qemu-img convert's ``-p`` lines for these sources (nothing without ``-p``)."""
+    from diskimg import operations as conv
+    from diskimg.cli.progress import QemuProgress, Schedule, convert_schedule
+
     printer = QemuProgress(a.progress and not a.quiet, 1.0)
     if not printer.enabled:
         return Schedule(printer, 0)
@@ -507,6 +505,8 @@ def _create_error(e: BaseException, path: str) -> str:
 
 def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img convert."""
+    from diskimg import operations as conv
+
     olist = _collect_o(a.options)
     out_fmt = a.output_format or "raw"
     if opts.is_help(olist):
@@ -598,6 +598,9 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
 
 def cmd_compare(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img compare: 0 identical, 1 different, 2 error."""
+    from diskimg import operations as conv
+    from diskimg.cli.progress import SIZE_MISMATCH, QemuProgress, Schedule, compare_schedule
+
     if len(a.files) != 2:
         raise UsageError("Expecting two image file names")
     printer = QemuProgress(a.progress and not a.quiet, 2.0)
@@ -633,6 +636,8 @@ def _same_file(a: str, b: str) -> bool:
 
 def _basic_schedule(printer: QemuProgress) -> Schedule:
     """Only qemu-img's first (0) and last (100) progress calls."""
+    from diskimg.cli.progress import Schedule
+
     sched = Schedule(printer, 0)
     sched.add(-1, 0.0, 100)
     sched.add(0, 100.0, 0)
@@ -642,6 +647,8 @@ def _basic_schedule(printer: QemuProgress) -> Schedule:
 def commit_progress(ctx: Context, a: argparse.Namespace, path: str,
                     fmt: str | None) -> Schedule:
     """qemu-img commit's ``-p`` lines for ``path`` (nothing without ``-p``)."""
+    from diskimg.cli.progress import QemuProgress, Schedule, commit_schedule
+
     printer = QemuProgress(a.progress and not a.quiet, 1.0)
     if not printer.enabled:
         return Schedule(printer, 0)
@@ -664,6 +671,9 @@ def commit_progress(ctx: Context, a: argparse.Namespace, path: str,
 def rebase_progress(ctx: Context, a: argparse.Namespace, path: str, fmt: str | None,
                     backing: str | None) -> Schedule:
     """qemu-img rebase's ``-p`` lines for ``path`` (nothing without ``-p``)."""
+    from diskimg.cli.progress import (QemuProgress, Schedule, rebase_schedule,
+                                      unsafe_rebase_schedule)
+
     printer = QemuProgress(a.progress and not a.quiet, 2.0)
     if not printer.enabled:
         return Schedule(printer, 0)
@@ -688,6 +698,8 @@ def rebase_progress(ctx: Context, a: argparse.Namespace, path: str, fmt: str | N
 
 def cmd_dd(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img dd with bs=, count=, skip=, if=, of= operands."""
+    from diskimg import operations as conv
+
     ops: dict[str, str] = {}
     for item in a.files:
         k, sep, v = item.partition("=")
@@ -770,6 +782,8 @@ def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
 
 def _load_snapshot(dev: BlockDevice, text: str) -> BlockDevice:
     """``-l`` for measure: the snapshot's read-only view (qemu's error wording)."""
+    from diskimg import operations as conv
+
     try:
         snap = _snapshot_param(text)
     except UsageError as e:
@@ -877,6 +891,8 @@ def _check_backing_keys(name: str, dev: BlockDevice) -> None:
 
 def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img commit [-b BASE] [-d] [-p] [--image-opts] FILE."""
+    from diskimg import operations as conv
+
     name = one_file(a)
     # open once the way qemu-img does, for its error messages (and the probed-raw warning)
     with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
@@ -898,6 +914,8 @@ def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
 
 def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img rebase [-u] [-p] -b BACKING [-F FMT] [--image-opts] FILE."""
+    from diskimg import operations as conv
+
     name = one_file(a)
     if not a.unsafe and a.backing is None:
         raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")

@@ -13,7 +13,6 @@ from typing import NoReturn
 from diskimg import __version__
 from diskimg.cli import commands as c
 from diskimg.errors import DiskImgError, UsageError
-from diskimg.secrets import parse_objects
 
 PROG = "diskimg"
 TRY_HELP = f"Try '{PROG} --help' for more information"
@@ -334,7 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         ns, fn = _parse(cmd, args)
-        ctx.secrets = parse_objects(getattr(ns, "object", []) or [])
+        objects = getattr(ns, "object", []) or []
+        if objects:
+            from diskimg.secrets import parse_objects
+
+            ctx.secrets = parse_objects(objects)
         return fn(ctx, ns)
     except _Exit as e:
         return e.code

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -14,6 +13,8 @@ from diskimg.units import size_to_str
 
 def to_json(obj: Any) -> str:
     """qemu's JSON pretty printer: 4-space indent, ``": "`` separators, newline at end."""
+    import json  # human output needs none of it
+
     return json.dumps(obj, indent=4, separators=(",", ": "), ensure_ascii=False) + "\n"
 
 
