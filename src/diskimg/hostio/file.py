@@ -31,6 +31,19 @@ def aligned_buffer(n: int) -> mmap.mmap:
     return mmap.mmap(-1, max(1, n))
 
 
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def zero_fill(buf: memoryview) -> None:
+    """Set ``buf`` to zeros by copying from one shared zero buffer: no allocation (a
+    fresh ``bytes(n)`` costs a memset and, when large, page faults on top of the copy)."""
+    n = len(buf)
+    z = len(_ZEROS)
+    for p in range(0, n, z):
+        k = min(z, n - p)
+        buf[p : p + k] = _ZEROS[:k]
+
+
 def is_aligned(buf: memoryview) -> bool:
     """True if ``buf`` (writable) starts on an ``_ALIGN``-byte boundary."""
     import ctypes  # here, not at module level: only large reads ask
@@ -110,7 +123,7 @@ class HostFile:
         while got < n:
             chunk = os.preadv(self.fd, [buf[got:]], offset + got)
             if chunk <= 0:
-                buf[got:] = bytes(n - got)
+                zero_fill(buf[got:])
                 break
             got += chunk
         return n
@@ -123,7 +136,7 @@ class HostFile:
             k = min(n - got, _BOUNCE)
             chunk = os.preadv(self.fd, [bounce[:k]], offset + got)
             if chunk <= 0:
-                buf[got:] = bytes(n - got)
+                zero_fill(buf[got:])
                 break
             buf[got : got + chunk] = bounce[:chunk]
             got += chunk

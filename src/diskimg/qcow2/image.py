@@ -25,7 +25,7 @@ from diskimg.errors import (
     UnsupportedFeatureError,
     UsageError,
 )
-from diskimg.hostio import HostFile, open_host_file
+from diskimg.hostio import HostFile, open_host_file, zero_fill
 from diskimg.policy import OpenPolicy
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2.cache import L2Table, TableCache, be_u64_array, pack_be_u64_array
@@ -422,7 +422,7 @@ class Qcow2Image(BlockDevice):
                 else:
                     self.data_host.preadinto(host, dst)
             elif kind == ZERO:
-                dst[:] = bytes(run)
+                zero_fill(dst)
             elif kind == UNALLOC:
                 self._read_backing(offset + pos, dst)
             else:
@@ -434,12 +434,12 @@ class Qcow2Image(BlockDevice):
         b = self.backing
         n = len(dst)
         if b is None or offset >= b.size:
-            dst[:] = bytes(n)
+            zero_fill(dst)
             return
         k = min(n, b.size - offset)
         b.readinto(offset, dst[:k])
         if k < n:
-            dst[k:] = bytes(n - k)
+            zero_fill(dst[k:])
 
     def _compressed_input(self, ent: int, fsize: int) -> tuple[int, bytes]:
         """(host offset, stored bytes) of a compressed cluster, bounded by the file end

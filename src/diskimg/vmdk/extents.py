@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from diskimg.device import Status
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError, UsageError
-from diskimg.hostio import HostFile, aligned_buffer
+from diskimg.hostio import HostFile, aligned_buffer, zero_fill
 from diskimg.vmdk import sparse as S
 
 if TYPE_CHECKING:     # concurrent.futures is imported when a pool is first needed
@@ -87,15 +87,6 @@ _ZEROS = memoryview(bytes(1 << 20))
 _PAD = bytes(S.SECTOR)
 #: streamOptimized records are written with one pwritev per this many bytes
 _EMIT_BATCH = 1 << 20
-
-
-def zero_fill(buf: memoryview) -> None:
-    """Set ``buf`` to zeros by copying from one shared zero buffer (no allocation)."""
-    n = len(buf)
-    z = len(_ZEROS)
-    for p in range(0, n, z):
-        k = min(z, n - p)
-        buf[p:p + k] = _ZEROS[:k]
 
 
 def _all_zero(buf: bytearray) -> bool:

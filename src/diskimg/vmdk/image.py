@@ -23,7 +23,7 @@ from diskimg.errors import (
     UnsupportedFeatureError,
     UsageError,
 )
-from diskimg.hostio import HostFile, open_host_file
+from diskimg.hostio import HostFile, open_host_file, zero_fill
 from diskimg.policy import OpenPolicy
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, NO_PARENT, Descriptor
@@ -35,7 +35,6 @@ from diskimg.vmdk.extents import (
     ZeroExtent,
     guard_type,
     new_cid,
-    zero_fill,
 )
 
 #: createType values qemu 7.2 accepts in a separate descriptor file
