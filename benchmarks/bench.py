@@ -42,6 +42,15 @@ Reads: every reader reads every byte of the virtual disk in 1 MiB chunks into a 
 discards it.  qemu-io is given one ``read`` command per MiB; it allocates and pattern-fills
 a bounce buffer per command, so it is a slightly pessimistic reference.
 
+Start-up floor (informational): a bare interpreter, one with site-packages, one that
+imports diskimg, and ``diskimg --version``, each against the whole of ``qemu-img info``.
+The whole-process rows (info, check, map) cannot go below the interpreter's own start.
+
+Noise: on a VM whose disk is shared, the convert rows that write ~1 GiB swing 2-4x between
+rounds (the host's write-back throttles whichever run follows a large write).  Pass
+``--workdir /dev/shm/bench`` (tmpfs: the page cache without a disk behind it, ~5 GiB for the
+2 GiB workload) to measure the tools rather than the disk.
+
 Scale (issue 7): the same 100 MiB in a 1 GiB-virtual and a 16 TiB-virtual qcow2; convert,
 map and check of the big one are timed against the same diskimg command on the small one
 (target 1.5: cost follows allocated data, not virtual size), qemu-img on the big one is
@@ -385,8 +394,22 @@ def make_jobs(work: Path, inputs: dict[str, Path], size: int, qemu_img: str,
                         [Variant("qemu-img", [qemu_img, *args, str(qcow)])],
                         [Variant("diskimg CLI", [*cli, *args, str(qcow)], diskimg=True)],
                         {"qemu-img": 2.0}))
+    jobs.append(floor_job(qemu_img, qcow))
     jobs.extend(scale_jobs(work, qemu_img, qemu_io, cli))
     return jobs
+
+
+def floor_job(qemu_img: str, qcow: Path) -> Job:
+    """Informational: what a Python process costs before diskimg does any work, against
+    the whole of ``qemu-img info``; it bounds the whole-process rows from below.  ``-S``
+    skips site-packages (and any ``.pth`` start-up hooks the environment installs)."""
+    return Job("start-up floor (informational)",
+               [Variant("qemu-img info", [qemu_img, "info", "-f", "qcow2", str(qcow)])],
+               [Variant("python -S -c pass", [PY, "-S", "-c", "pass"]),
+                Variant("python -c pass", [PY, "-c", "pass"]),
+                Variant("python -c 'import diskimg'", [PY, "-c", "import diskimg"]),
+                Variant("diskimg --version", [PY, "-m", "diskimg", "--version"])],
+               {})
 
 
 SCALE_DATA_PIECES = 10  # 10 x 10 MiB = issue 7's 100 MiB
@@ -513,6 +536,11 @@ def _rss(v: Variant) -> float | None:
     return max(s.rss_kib for s in v.samples) / 1024 if v.samples else None
 
 
+def _secs(t: float | None) -> str:
+    """A median in seconds: milliseconds shown for the sub-second start-up rows."""
+    return "-" if t is None else f"{t:.2f}" if t >= 0.1 else f"{t:.4f}"
+
+
 def report(jobs: list[Job], meta: dict[str, str]) -> str:
     lines = ["| job | candidate | reference | cand median s | ref median s | ratio | target "
              "| met | CPU-time ratio | cand peak RSS MiB | ref peak RSS MiB | load before/after "
@@ -535,8 +563,7 @@ def report(jobs: list[Job], meta: dict[str, str]) -> str:
                         met, missed = met + good, missed + (not good)
                 lines.append(
                     f"| {job.name} | {c.label} | {ref.label} | "
-                    f"{'-' if cm is None else f'{cm:.2f}'} | "
-                    f"{'-' if rm is None else f'{rm:.2f}'} | "
+                    f"{_secs(cm)} | {_secs(rm)} | "
                     f"{'-' if ratio is None else f'**{ratio:.2f}**'} | "
                     f"{'-' if target is None else f'≤ {target:.2f}'} | {ok} | {cpu_ratio} | "
                     f"{'-' if crss is None else f'{crss:.0f}'} | "
