@@ -16,6 +16,7 @@ from diskimg.errors import (
     UsageError,
     WrongFormatError,
 )
+from diskimg.hostio import aligned_buffer
 from diskimg.policy import OpenPolicy
 
 TYPE_CHECKING = False
@@ -66,6 +67,7 @@ __all__ = [
     "Volume",
     "WrongFormatError",
     "__version__",
+    "aligned_buffer",
     "commit",
     "compare",
     "convert",
