@@ -184,8 +184,10 @@ def xts_sectors(key: KeyBuf, ivs: bytes, data: bytes | bytearray | memoryview,
         _scatter(tw, j, _array("Q", t.to_bytes(size, "little")))
         carry = t & top
         t = ((t ^ carry) << 1) ^ ((carry >> 127) * 0x87)
-    twb = tw.tobytes()
-    return xor_bytes(_ecb(key[:half], xor_bytes(data, twb), encrypt), twb)
+    ti = int.from_bytes(tw, "little")  # converted once, used on both sides of the AES
+    m = len(data)
+    x = (int.from_bytes(data, "little") ^ ti).to_bytes(m, "little")
+    return (int.from_bytes(_ecb(key[:half], x, encrypt), "little") ^ ti).to_bytes(m, "little")
 
 
 __all__ = ["SECTOR_SIZE", "SectorCipher", "cbc_decrypt_sectors", "cbc_encrypt_sectors",
