@@ -41,8 +41,9 @@ time to the same budget) from dominating what is meant to be data throughput.
 Reads: every reader reads every byte of the virtual disk in 1 MiB chunks into a buffer and
 discards it.  diskimg is timed twice: into a ``bytearray`` (which the kernel would fill
 slowly, so diskimg bounces large reads through an aligned buffer: one more copy) and into
-``diskimg.aligned_buffer`` (filled directly).  qemu-io is given one ``read`` command per MiB; it allocates and pattern-fills
-a bounce buffer per command, so it is a slightly pessimistic reference.
+``diskimg.aligned_buffer`` (filled directly).  qemu-io is given one ``read`` command per
+MiB; it allocates and pattern-fills a bounce buffer per command, so it is a slightly
+pessimistic reference.
 
 Start-up floor (informational): a bare interpreter, one with site-packages, one that
 imports diskimg, and ``diskimg --version``, each against the whole of ``qemu-img info``.
@@ -617,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=20240601)
     ap.add_argument("--only", action="append", default=[],
                     help="run only jobs whose name contains this (repeatable)")
+    ap.add_argument("--skip", action="append", default=[],
+                    help="leave out jobs whose name contains this (repeatable)")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="also time every diskimg variant with PYTHONPATH=BASELINE")
     ap.add_argument("--workdir", type=Path, default=HERE / "work")
@@ -632,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     size = parse_size(ns.size or ("256M" if ns.quick else "1G"))
-    out = ns.out if ns.out is not None else (None if ns.only else HERE / "results.md")
+    out = ns.out if ns.out is not None else (None if ns.only or ns.skip
+                                             else HERE / "results.md")
     work: Path = ns.workdir
     work.mkdir(parents=True, exist_ok=True)
     raw = work / "workload.raw"
@@ -674,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = make_jobs(work, inputs, size, qemu_img, qemu_io)
         if ns.only:
             jobs = [j for j in jobs if any(o in j.name for o in ns.only)]
+        jobs = [j for j in jobs if not any(o in j.name for o in ns.skip)]
         if ns.baseline is not None:
             add_baseline(jobs, ns.baseline.resolve())
         run_jobs(jobs, ns.repeat, ns.timeout, qemu_img, ns.warmup)
