@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,47 @@ def test_snapshot_names_the_table_cannot_hold_are_refused(tmp_path: Path, name: 
     assert img.read_bytes() == before
     assert json.loads(sh(QEMU_IMG, "info", "--output=json", img).stdout).get("snapshots") \
         is None
+
+
+def test_snapshot_name_that_is_not_utf8_survives_a_table_rewrite(tmp_path: Path) -> None:
+    """Names are bytes on disk: one qemu wrote that is not UTF-8 is kept byte for byte
+    when diskimg rewrites the table (a new snapshot), and is found by those bytes."""
+    img = tmp_path / "b.qcow2"
+    raw = b"bad\xff\xfename"
+    sh(QEMU_IMG, "create", "-f", "qcow2", img, "1M")
+    sh(QEMU_IO, "-c", "write -P 7 0 64k", img)
+    subprocess.run([QEMU_IMG.encode(), b"snapshot", b"-c", raw, bytes(img)], check=True)
+    sh(QEMU_IO, "-c", "write -P 8 0 64k", img)
+    with diskimg.open(img, "r+") as d:
+        d.snapshots.create("new")  # type: ignore[attr-defined]
+        old = d.snapshots.find(raw.decode("utf-8", "surrogateescape"))  # type: ignore
+        assert old.id == "1"
+    # qemu finds the old name by its bytes and reverts to its data
+    subprocess.run([QEMU_IMG.encode(), b"snapshot", b"-a", raw, bytes(img)], check=True)
+    sh(QEMU_IO, "-c", "read -P 7 0 64k", img)
+    assert subprocess.run([QEMU_IMG, "check", img], capture_output=True).returncode == 0
+
+
+def test_awkward_snapshot_names_print_as_qemu_prints_them(tmp_path: Path) -> None:
+    """Tables pad by bytes and print names raw; JSON escapes every non-ASCII character as
+    \\uXXXX (upper case), DEL too, and bytes that are not UTF-8 as U+FFFD."""
+    img = tmp_path / "w.qcow2"
+    sh(QEMU_IMG, "create", "-f", "qcow2", img, "1M")
+    for name in (b"bad\xff\xfename", "caf\u00e9".encode(),
+                 b"t\tab\x7fdel\xf0\x9f\x98\x80/x\"q\\", b"\\u00e9 literal"):
+        subprocess.run([QEMU_IMG.encode(), b"snapshot", b"-c", name, bytes(img)], check=True)
+    for args in (["snapshot", "-l"], ["info"], ["info", "--output=json"]):
+        theirs = subprocess.run([QEMU_IMG, *args, img], capture_output=True)
+        mine = subprocess.run([sys.executable, "-m", "diskimg", *args, img],
+                              capture_output=True)
+        assert (mine.returncode, mine.stdout) == (theirs.returncode, theirs.stdout)
+    doc = json.loads(subprocess.run([sys.executable, "-m", "diskimg", "info",
+                                     "--output=json", img], capture_output=True).stdout)
+    assert [s["name"] for s in doc["snapshots"]][:2] == ["bad\ufffd\ufffdname", "caf\u00e9"]
+
+
+def test_snapshot_names_that_are_no_bytes_are_refused(tmp_path: Path) -> None:
+    img = tmp_path / "s.qcow2"
+    diskimg.create(img, "qcow2", 1 << 20)
+    with diskimg.open(img, "r+") as d, pytest.raises(diskimg.UsageError, match="surrogate"):
+        d.snapshots.create("x\ud800")  # type: ignore[attr-defined]

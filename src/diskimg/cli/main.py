@@ -300,9 +300,21 @@ def _print_error(msg: str) -> None:
     sys.stderr.write("\n".join(out) + end)
 
 
+def _raw_bytes_out() -> None:
+    """Let text that came from bytes which are not UTF-8 (file names from the command
+    line, snapshot names from an image) go out as those bytes, as qemu-img prints them,
+    rather than fail with UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "encoding", "").lower() in (
+                "utf-8", "utf8"):
+            reconfigure(errors="surrogateescape")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 success, 1 error, command-specific codes)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _raw_bytes_out()
     debug = os.environ.get("DISKIMG_DEBUG") == "1"
     ctx = c.Context(prog=PROG)
     while args and args[0].startswith("-"):

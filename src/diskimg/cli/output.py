@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -12,10 +13,46 @@ from diskimg.units import size_to_str
 
 
 def to_json(obj: Any) -> str:
-    """qemu's JSON pretty printer: 4-space indent, ``": "`` separators, newline at end."""
+    """qemu's JSON pretty printer: 4-space indent, ``": "`` separators, newline at end;
+    strings escaped as QEMU does (every character outside printable ASCII as ``\\uXXXX``
+    in upper case, bytes that are not UTF-8 as U+FFFD)."""
     import json  # human output needs none of it
 
-    return json.dumps(obj, indent=4, separators=(",", ": "), ensure_ascii=False) + "\n"
+    text = json.dumps(_valid_text(obj), indent=4, separators=(",", ": "), ensure_ascii=True)
+    return _UESCAPE.sub(_qemu_escape, text) + "\n"
+
+
+# a \u escape (an odd run of backslashes before the u) or a DEL, which json leaves as is
+_UESCAPE = re.compile(r"(\\+)u([0-9a-f]{4})|\x7f")
+
+
+def _qemu_escape(m: re.Match[str]) -> str:
+    if m.group(1) is None:
+        return "\\u007F"
+    if len(m.group(1)) % 2 == 0:  # an escaped backslash, then a plain "u"
+        return m.group(0)
+    return m.group(1) + "u" + m.group(2).upper()
+
+
+def _valid_text(obj: Any) -> Any:
+    """``obj`` with the lone surrogates of ``surrogateescape`` text (bytes that were not
+    UTF-8: image names, snapshot names) replaced by U+FFFD, one per byte, like qemu."""
+    if isinstance(obj, str):
+        try:
+            return obj.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            return obj.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(obj, Mapping):
+        return {k: _valid_text(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_valid_text(v) for v in obj]
+    return obj
+
+
+def _ljust_bytes(text: str, width: int) -> str:
+    """``text`` padded to ``width`` bytes of output (printf's ``%-Ns``, which counts
+    bytes, as qemu's tables do)."""
+    return text + " " * (width - len(text.encode("utf-8", "surrogateescape")))
 
 
 def _qdict_bucket(key: str) -> int:
@@ -75,7 +112,7 @@ def snapshot_row(sn: Mapping[str, Any]) -> str:
                    + int(sn.get("vm-clock-nsec", 0)))
     icount = sn.get("icount")
     ic = "" if icount is None else str(icount)
-    return (f"{sn.get('id', ''):<9} {sn.get('name', ''):<16} "
+    return (f"{_ljust_bytes(sn.get('id', ''), 9)} {_ljust_bytes(sn.get('name', ''), 16)} "
             f"{size_to_str(int(sn.get('vm-state-size', 0))):>8}{date:>20}{clock:>13}{ic:>11}")
 
 

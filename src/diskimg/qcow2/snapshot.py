@@ -108,7 +108,7 @@ class Snapshot:
         """The on-disk snapshot table entry: fixed header, ``extra_data_size`` bytes of
         extra data (VM state size, disk size, icount, then any unknown bytes kept from
         parsing), id, name, zero-padded to a multiple of 8 bytes."""
-        sid, name = self.id.encode(), self.name.encode()
+        sid, name = raw_name(self.id), raw_name(self.name)
         extra = struct.pack(">QQQ", self.vm_state_size,
                             self.disk_size if self.disk_size is not None else 0,
                             (1 << 64) - 1 if self.icount is None else self.icount)
@@ -144,7 +144,14 @@ def _zero_padded(buf: bytes, pos: int, n: int) -> bytes:
 
 
 def _c_string(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    """A C string field as text; bytes that are not UTF-8 survive as lone surrogates
+    (``surrogateescape``), so the name is rewritten byte for byte (:func:`raw_name`)."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def raw_name(text: str) -> bytes:
+    """The on-disk bytes of a snapshot id or name (the inverse of reading it)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def parse_table(buf: bytes, count: int, table_offset: int,
@@ -198,7 +205,7 @@ def pack_table_exact(snaps: list[Snapshot]) -> bytes:
     entry starts 8-byte aligned, the table ends with the last name)."""
     data = pack_table(snaps)
     last = snaps[-1]
-    used = 40 + last.extra_data_size + len(last.id.encode()) + len(last.name.encode())
+    used = 40 + last.extra_data_size + len(raw_name(last.id)) + len(raw_name(last.name))
     return data[: len(data) - (-used) % 8]
 
 
@@ -497,7 +504,12 @@ class SnapshotTable:
         self._check_table_read()
         img._check_writable()
         img._check_write_support()
-        if "\0" in name or len(name.encode()) > 0xFFFF:
+        try:
+            size = len(raw_name(name))
+        except UnicodeEncodeError:
+            raise UsageError("Snapshot name is not valid text (a lone surrogate that "
+                             "stands for no byte)") from None
+        if "\0" in name or size > 0xFFFF:
             raise UsageError("Snapshot names end at the first NUL byte and hold at most "
                              "65535 bytes (the snapshot table's name_size field)")
         if len(img.snapshot_list) >= QCOW_MAX_SNAPSHOTS:
