@@ -42,6 +42,16 @@ def test_ivs_concatenate() -> None:
         assert gen.ivs(0xFFFF_FFFE, 3) == b"".join(gen.iv(0xFFFF_FFFE + i) for i in range(3))
 
 
+@pytest.mark.parametrize("first", [0, 5, 0xFFFF_FF00, 0xFFFF_FFFF, 1 << 40,
+                                   (1 << 64) - 100, (1 << 64) + 7])
+@pytest.mark.parametrize("count", [0, 1, 300])
+def test_batched_ivs_equal_one_iv_per_sector(first: int, count: int) -> None:
+    """The array-built runs of IVs are the per-sector IVs, through both wraps (plain at
+    2^32 sectors, plain64 at 2^64) and for essiv, which encrypts plain64's."""
+    for gen in (PlainIV(), Plain64IV(), EssivIV(bytes(range(32)), "sha256")):
+        assert gen.ivs(first, count) == b"".join(gen.iv(first + i) for i in range(count))
+
+
 def test_essiv_md5_is_aes128() -> None:
     key = b"k" * 16
     salt = hashlib.md5(key).digest()

@@ -17,6 +17,8 @@ The sector numbering (guest vs host offset) is decided by the caller; see
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array as _array
 from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -46,6 +48,28 @@ def hash_digest(name: str, data: bytes | bytearray | memoryview) -> bytes:
         raise UnsupportedFeatureError(f"hash algorithm '{name}' is not available") from err
 
 
+def counter_ivs(first: int, count: int, width: int, block_size: int) -> bytes:
+    """IVs of ``count`` consecutive sectors from ``first``: each sector number modulo
+    ``2 ** (8 * width)``, little-endian in ``width`` bytes, zero padded to ``block_size``.
+
+    Built with two strided array copies instead of one ``int.to_bytes`` per sector (a
+    fifth of an XTS read's time when done per sector); the rare run that wraps past the
+    top goes the per-sector way."""
+    mask = (1 << (8 * width)) - 1
+    start = first & mask
+    code = {4: "I", 8: "Q"}.get(width)
+    if (code is None or _array(code).itemsize != width or block_size % width
+            or start + count - 1 > mask):
+        pad = bytes(block_size - width)
+        return b"".join(((first + i) & mask).to_bytes(width, "little") + pad
+                        for i in range(count))
+    out = _array(code, bytes(block_size * count))
+    out[:: block_size // width] = _array(code, range(start, start + count))
+    if sys.byteorder == "big":
+        out.byteswap()
+    return out.tobytes()
+
+
 class IVGen(Protocol):
     """Maps a sector number to an IV of ``block_size`` bytes."""
 
@@ -69,9 +93,7 @@ class PlainIV:
         return (sector & 0xFFFFFFFF).to_bytes(4, "little") + self._pad
 
     def ivs(self, sector: int, count: int) -> bytes:
-        pad = self._pad
-        return b"".join(((sector + i) & 0xFFFFFFFF).to_bytes(4, "little") + pad
-                        for i in range(count))
+        return counter_ivs(sector, count, 4, self.block_size)
 
 
 class Plain64IV:
@@ -85,9 +107,7 @@ class Plain64IV:
         return (sector & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") + self._pad
 
     def ivs(self, sector: int, count: int) -> bytes:
-        pad = self._pad
-        return b"".join(((sector + i) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") + pad
-                        for i in range(count))
+        return counter_ivs(sector, count, 8, self.block_size)
 
 
 class EssivIV:
@@ -117,9 +137,7 @@ class EssivIV:
 
     def ivs(self, sector: int, count: int) -> bytes:
         """IVs for ``count`` consecutive sectors with one ECB call."""
-        blob = b"".join(((sector + i) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") + bytes(8)
-                        for i in range(count))
-        return self._ecb.encryptor().update(blob)
+        return self._ecb.encryptor().update(counter_ivs(sector, count, 8, 16))
 
 
 def make_ivgen(name: str, *, master_key: bytes | bytearray | memoryview = b"",
@@ -137,4 +155,4 @@ def make_ivgen(name: str, *, master_key: bytes | bytearray | memoryview = b"",
 
 
 __all__ = ["HASH_NAMES", "IVGEN_NAMES", "EssivIV", "IVGen", "Plain64IV", "PlainIV",
-           "hash_digest", "make_ivgen"]
+           "counter_ivs", "hash_digest", "make_ivgen"]
