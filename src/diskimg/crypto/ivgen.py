@@ -52,9 +52,9 @@ def counter_ivs(first: int, count: int, width: int, block_size: int) -> bytes:
     """IVs of ``count`` consecutive sectors from ``first``: each sector number modulo
     ``2 ** (8 * width)``, little-endian in ``width`` bytes, zero padded to ``block_size``.
 
-    Built with two strided array copies instead of one ``int.to_bytes`` per sector (a
-    fifth of an XTS read's time when done per sector); the rare run that wraps past the
-    top goes the per-sector way."""
+    Built with one strided array copy instead of one ``int.to_bytes`` per sector (that
+    was a fifth of an XTS read's time); the rare run that wraps past the top goes the
+    per-sector way."""
     mask = (1 << (8 * width)) - 1
     start = first & mask
     code = {4: "I", 8: "Q"}.get(width)
