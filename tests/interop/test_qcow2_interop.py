@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 
@@ -166,7 +165,7 @@ def test_refcount_table_growth_with_small_clusters(tmp_path: Path) -> None:
             d.write(off, chunk)
     out = subprocess.run([QEMU_IMG, "check", img], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
-    qemu_io(img, f"read -P 0 0 1", f"read -P 0xff {(24 << 20) - 1} 1")
+    qemu_io(img, "read -P 0 0 1", f"read -P 0xff {(24 << 20) - 1} 1")
     assert qemu_raw(img, tmp_path) == chunk * ((24 << 20) // len(chunk))
 
 

@@ -1,6 +1,7 @@
 """Hypothesis state machine: a qcow2 image (with and without a backing file) against a
-bytearray model, with internal snapshots (create/apply/delete) checked through views.  Every run ends with ``qemu-img check`` clean and ``qemu-img compare``
-identical to the model."""
+bytearray model, with internal snapshots (create/apply/delete) checked through views.
+Every run ends with ``qemu-img check`` clean and ``qemu-img compare`` identical to the
+model."""
 
 from __future__ import annotations
 
