@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from diskimg.device import BlockDevice
-from diskimg.errors import BackingChainError, UsageError
+from diskimg.errors import BackingChainError, DiskImgError, UsageError
 from diskimg.hostio import open_host_file
 from diskimg.policy import OpenPolicy
 from diskimg.probe import check_format, probe
@@ -92,15 +92,34 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
             name, bfmt = _backing_name(dev)
             if name is not None:
                 bpath = policy.resolve(name, path)
-                dev.backing = _open_one(bpath, False, bfmt, backing=True,
-                                        force_share=force_share, policy=policy,
-                                        secrets=secrets, options=backing_options(options),
-                                        seen=seen, depth=depth + 1)
+                try:
+                    dev.backing = _open_one(bpath, False, bfmt, backing=True,
+                                            force_share=force_share, policy=policy,
+                                            secrets=secrets,
+                                            options=backing_options(options),
+                                            seen=seen, depth=depth + 1)
+                except DiskImgError as e:
+                    _blame_backing(e, bpath)
+                    raise
                 _attach_backing(dev)
     except BaseException:
         dev.close()
         raise
     return dev
+
+
+def _blame_backing(e: DiskImgError, path: Path) -> None:
+    """qemu's words for a backing file that would not open (a wrong passphrase, a
+    corrupt header): ``Could not open backing file: `` before the reason, once per level
+    of the chain; the innermost level also records the file and the bare reason
+    (:attr:`DiskImgError.backing_path`).  The error keeps its class and offset.
+    BackingChainError already names the files involved (missing, looping, refused by the
+    policy) and is left as it is."""
+    if isinstance(e, BackingChainError) or len(e.args) != 1 or not isinstance(e.args[0], str):
+        return
+    if e.backing_path is None:
+        e.backing_path, e.backing_reason = str(path), e.args[0]
+    e.args = (f"Could not open backing file: {e.args[0]}",)
 
 
 def backing_options(options: Mapping[str, str]) -> dict[str, str]:

@@ -12,6 +12,11 @@ from __future__ import annotations
 class DiskImgError(Exception):
     """Base class of every error diskimg raises on purpose."""
 
+    #: when opening a backing file failed: that file, and the error's words before
+    #: ``Could not open backing file: `` was put in front of them (set once, innermost)
+    backing_path: str | None = None
+    backing_reason: str | None = None
+
 
 class UsageError(DiskImgError, ValueError):
     """The caller asked for something impossible: a bad option, size or mode."""

@@ -185,6 +185,10 @@ def _check_chain_names(ctx: Context, name: str, a: argparse.Namespace) -> None:
                     force_share=a.force_share, need_key=False, backing=True):
             return
     except DiskImgError as e:
+        inner = e.__cause__ if isinstance(e.__cause__, DiskImgError) else e
+        if inner.backing_path is not None:  # the backing file itself would not open
+            raise DiskImgError(f"Could not open '{inner.backing_path}': "
+                               f"{inner.backing_reason}") from e
         m = re.match(r"^Could not open '.*': Could not open backing file: Could not open "
                      r"'(.*)': (.*)$", str(e), re.S)
         if m is None:
