@@ -450,18 +450,24 @@ class _Pass:
                 "visited (L1/L2 tables shared by too many snapshots?)")
 
     # --- stored refcounts -------------------------------------------------------------
-    def refblock(self, idx: int) -> array[int] | None:
-        """Stored refcount block ``idx`` decoded, or None when it is not allocated."""
+    def refblock(self, idx: int, *, quiet: bool = False) -> array[int] | None:
+        """Stored refcount block ``idx`` decoded, or None when it is not allocated.
+
+        An unusable block offset (unaligned, or negative as a file offset) is reported and
+        raises _RefErr; with ``quiet`` it reads as None and nothing is reported (for a
+        fast path that leaves such tables to the full check)."""
         if idx >= len(self.reftable):
             return None
         off = self.reftable[idx] & REFT_OFFSET_MASK
         if not off:
             return None
-        if off & (self.cs - 1):
-            self.signal_corruption(f"Refblock offset {_hexc(off)} unaligned (reftable index: "
-                                   f"{_hexc(idx)})")
-            raise _RefErr(off)
-        if off > INT64_MAX - self.cs:
+        unaligned = off & (self.cs - 1)
+        if unaligned or off > INT64_MAX - self.cs:
+            if quiet:
+                return None
+            if unaligned:
+                self.signal_corruption(f"Refblock offset {_hexc(off)} unaligned (reftable "
+                                       f"index: {_hexc(idx)})")
             raise _RefErr(off)  # qemu: a negative file offset reads as EIO
         blk = self.rb_cache.get(off)
         if blk is None:
@@ -676,23 +682,17 @@ class _Pass:
     def _all_copied_once(self, raw: bytes, hosts: list[int]) -> bool:
         """True when every entry of a plain table (:meth:`_plain_hosts`) has COPIED set and
         a stored refcount of exactly 1: check_oflag_copied has nothing to say about it.
-        Reads refcount blocks only where :meth:`refblock` would neither report nor fail,
-        so answering False has no side effect but filling the block cache."""
+        Reads refcount blocks quietly (:meth:`refblock`), so answering False has no side
+        effect but filling the block cache."""
         if raw[::8].count(0x80) != len(hosts):
             return False
         cb, rb_bits, m = self.cbits, self.rb_bits, self.rb_entries - 1
-        reftable, cs = self.reftable, self.cs
         cur, blk = -1, None
         for h in hosts:
             k = h >> cb
             idx = k >> rb_bits
             if idx != cur:
-                if idx >= len(reftable):
-                    return False
-                off = reftable[idx] & REFT_OFFSET_MASK
-                if not off or off & (cs - 1) or off > INT64_MAX - cs:
-                    return False
-                blk, cur = self.refblock(idx), idx
+                blk, cur = self.refblock(idx, quiet=True), idx
             if blk is None or blk[k & m] != 1:
                 return False
         return True
