@@ -49,6 +49,16 @@ def zero_fill(buf: memoryview) -> None:
         buf[p : p + k] = _ZEROS[:k]
 
 
+def all_zero(buf: bytearray) -> bool:
+    """Whether ``buf`` holds only zero bytes (memcmp a MiB at a time against the same
+    shared zero buffer: bytearray equality with a buffer runs in C, memoryview equality
+    item by item does not)."""
+    z = len(_ZEROS)
+    if len(buf) <= z:
+        return buf == _ZEROS[: len(buf)]
+    return all(buf[p : p + z] == _ZEROS[: len(buf[p : p + z])] for p in range(0, len(buf), z))
+
+
 def is_aligned(buf: memoryview) -> bool:
     """True if ``buf`` (writable) starts on an ``_ALIGN``-byte boundary."""
     import ctypes  # here, not at module level: only large reads ask

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from diskimg.device import Status
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError, UsageError
-from diskimg.hostio import HostFile, aligned_buffer, zero_fill
+from diskimg.hostio import HostFile, aligned_buffer, all_zero, zero_fill
 from diskimg.vmdk import sparse as S
 
 if TYPE_CHECKING:     # concurrent.futures is imported when a pool is first needed
@@ -83,19 +83,9 @@ def _scratch(n: int) -> memoryview:
     return memoryview(buf)
 
 
-_ZEROS = memoryview(bytes(1 << 20))
 _PAD = bytes(S.SECTOR)
 #: streamOptimized records are written with one pwritev per this many bytes
 _EMIT_BATCH = 1 << 20
-
-
-def _all_zero(buf: bytearray) -> bool:
-    """Whether ``buf`` holds only zero bytes (memcmp a MiB at a time: bytearray equality
-    with a buffer runs in C, memoryview equality item by item does not)."""
-    z = len(_ZEROS)
-    if len(buf) <= z:
-        return buf == _ZEROS[:len(buf)]
-    return all(buf[p:p + z] == _ZEROS[:len(buf[p:p + z])] for p in range(0, len(buf), z))
 
 
 class Extent(Protocol):
@@ -931,7 +921,7 @@ class StreamWriter:
         self.put_grain(g, fut.result())
 
     def _flush_cur(self) -> None:
-        if self.cur_grain >= 0 and not _all_zero(self.cur):
+        if self.cur_grain >= 0 and not all_zero(self.cur):
             self.add_grain(self.cur_grain, bytes(self.cur))
         self.cur_grain = -1
 
