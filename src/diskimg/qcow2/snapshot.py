@@ -471,31 +471,18 @@ class SnapshotTable:
         img._refcounts = None  # reloaded from the new refcount table on first use
         img._punch_free_clusters([c for c, v in d.items() if v < 0])
 
-    def _check_headroom(self, l1: array[int], what: str) -> None:
-        """Refuse, before changing anything, when one more reference to a cluster ``l1``
-        reaches would overflow the refcount width (qemu fails half-way and leaks)."""
-        img = self.img
-        rc = img.refcounts
-        step = 2 if img.extended else 1
-        clusters: set[int] = set()
-        for i in range(len(l1)):
-            l2_off = l1[i] & E.L1E_OFFSET_MASK
-            if not l2_off:
-                continue
-            clusters.add(l2_off // img.cs)
-            ents = img.l2_cache.get(l2_off).entries
-            for j in range(0, len(ents), step):
-                ent = ents[j]
-                if ent & E.QCOW_OFLAG_COMPRESSED:
-                    host, n = E.decode_compressed(ent, img.cb)
-                    clusters.update(range((host & ~511) // img.cs, (host + n - 1) // img.cs + 1))
-                elif ent & E.L2E_OFFSET_MASK:
-                    clusters.add((ent & E.L2E_OFFSET_MASK) // img.cs)
-        for c in clusters:
-            if rc.get(c) >= rc.max_refcount:
-                raise UsageError(f"{what}: refcount of cluster {c} is already at the maximum "
-                                 f"of {rc.max_refcount} (refcount_bits="
-                                 f"{img.header.refcount_bits})")
+    def _check_headroom(self, deltas: defaultdict[int, int], what: str) -> None:
+        """Refuse, before changing anything, when the references an operation adds
+        (``deltas``, from :meth:`_count_refs`) would overflow the refcount width: qemu
+        fails half-way there and leaks.  The count is exact: a host cluster that packs
+        several compressed clusters gains one reference per L2 entry.  Every other
+        cluster a snapshot update raises is freshly allocated (refcount 1)."""
+        rc = self.img.refcounts
+        for c, v in sorted(deltas.items()):
+            if v > 0 and rc.get(c) + v > rc.max_refcount:
+                raise UsageError(f"{what}: refcount of cluster {c} would exceed the maximum "
+                                 f"of {rc.max_refcount} ({rc.get(c)} + {v} references; "
+                                 f"refcount_bits={self.img.header.refcount_bits})")
 
     # --- operations ------------------------------------------------------------------
     def create(self, name: str, *, date: float | None = None) -> Snapshot:
@@ -520,7 +507,9 @@ class SnapshotTable:
         ids = [int(s.id) for s in img.snapshot_list if s.id.isdigit()]
         sid = str(max(ids, default=0) + 1)
         img.flush()
-        self._check_headroom(img.l1, f"Could not create snapshot '{name}'")
+        deltas: defaultdict[int, int] = defaultdict(int)
+        self._count_refs(img.l1, deltas, 1)
+        self._check_headroom(deltas, f"Could not create snapshot '{name}'")
         # 1. copy of the active L1 table in new clusters (a leak until the switch)
         l1_bytes = len(img.l1) * 8
         l1_off = 0
@@ -535,8 +524,6 @@ class SnapshotTable:
         now = clock() if date is None else date
         sn = Snapshot(sid, name, l1_off, len(img.l1), int(now),
                       int(now % 1 * 1e9) // 1000 * 1000, 0, 0, img.size, 0)
-        deltas: defaultdict[int, int] = defaultdict(int)
-        self._count_refs(img.l1, deltas, 1)
         self._switch(deltas, [*img.snapshot_list, sn])
         return sn
 
@@ -551,10 +538,13 @@ class SnapshotTable:
             raise UsageError("qcow2: Loading snapshots with different disk size is not "
                              "supported")
         img.flush()
+        snap_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
+        # the snapshot's references are taken before the active image's are dropped
+        adds: defaultdict[int, int] = defaultdict(int)
+        self._count_refs(snap_l1, adds, 1)
+        self._check_headroom(adds, f"Could not apply snapshot '{name_or_id}'")
         if sn.l1_size > len(img.l1):
             img._grow_l1(sn.l1_size)
-        snap_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
-        self._check_headroom(snap_l1, f"Could not apply snapshot '{name_or_id}'")
         # take the snapshot's references first, then switch the active L1, then drop the
         # old active references
         self.update_refcounts(array("Q", snap_l1), 1, active=False)
