@@ -631,6 +631,8 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
         plan = _validate(h, options)
         if any(k.startswith("encrypt.") for k in options):
             amend_keyslots(dev, keyslot_request(options), secrets, force=force)
+        if plan[1] > plan[0]:
+            dev.snapshots.upgrade_for_v3()  # while still v2, as qemu's upgrade does
     finally:
         dev.close()
     cur_version, new_version, new_bits, lazy_on = plan

@@ -22,7 +22,7 @@ import builtins
 import struct
 from array import array
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Self
 
 from diskimg.errors import CorruptImageError, FormatError, UsageError
@@ -526,6 +526,45 @@ class SnapshotTable:
                       int(now % 1 * 1e9) // 1000 * 1000, 0, 0, img.size, 0)
         self._switch(deltas, [*img.snapshot_list, sn])
         return sn
+
+    def upgrade_for_v3(self) -> bool:
+        """Make the table valid for version 3 before ``amend -o compat=1.1`` switches the
+        header (qemu's qcow2_upgrade): v3 requires every entry's extra data to hold the
+        64-bit VM state size and the disk size.  If an entry has fewer than those 16
+        bytes, the whole table is rewritten as QEMU writes it -- every entry with (at
+        least) the 24 bytes QEMU defines, an unknown disk size as the current one, an
+        unknown icount as -1 -- into new clusters; one header write switches to it, then
+        the old table's clusters are freed (a crash leaks at most).  Returns True if the
+        table was rewritten.  The new entries are valid in a v2 image too."""
+        img = self.img
+        old = img.snapshot_list
+        if not any(s.extra_data_size < 16 for s in old):
+            return False
+        self._check_table_read()
+        img._check_writable()
+        img.flush()
+        new = [replace(s, extra_data_size=max(24, s.extra_data_size),
+                       disk_size=img.size if s.disk_size is None else s.disk_size)
+               for s in old]
+        table = pack_table_exact(new)
+        if len(table) > QCOW_MAX_SNAPSHOTS_SIZE:
+            raise UsageError("Snapshot table too large")
+        h = img.header
+        rc = img.refcounts
+        off = rc.alloc(-(-len(table) // img.cs))
+        img._flush_refcounts()
+        img.host.pwrite(off, table)
+        img.host.flush()
+        img.host.pwrite(60, struct.pack(">IQ", len(new), off))
+        img.host.flush()
+        old_off, old_len = h.snapshots_offset, len(pack_table_exact(old))
+        h.snapshots_offset = off
+        img.snapshot_list = new
+        rc.free(old_off, old_len)
+        img._flush_refcounts()
+        img._punch_free_clusters(list(range(old_off // img.cs,
+                                            (old_off + old_len - 1) // img.cs + 1)))
+        return True
 
     def apply(self, name_or_id: str) -> None:
         """Revert the disk to snapshot ``name_or_id`` (qemu-img snapshot -a)."""
