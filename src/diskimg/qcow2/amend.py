@@ -266,7 +266,10 @@ def _zero_cluster_indices(host: HostFile, h: Header, l1: array[int]
 
 def expand_zero_clusters(host: HostFile, h: Header) -> None:
     """Replace every zero cluster (active and snapshot tables) by an explicit cluster of
-    zeros (zero-allocated clusters keep their host cluster, written with zeros)."""
+    zeros.  A zero-allocated cluster keeps its host cluster, written with zeros, when
+    only its L2 table refers to it; one that another table (a snapshot) still reads is
+    left alone and the entry gets its own cluster of zeros (or none without a backing
+    file), so the snapshot keeps its data (qemu 7.2 zeroes the shared cluster)."""
     cs, cb = h.cluster_size, h.cluster_bits
     rc = Refcounts(host, h)
     tables: list[array[int]] = [be_u64_array(host.pread_exact(
@@ -280,6 +283,7 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
                    for sn in parse_table(raw, h.nb_snapshots, h.snapshots_offset)]
     backed = h.backing_file is not None
     done: dict[int, array[int]] = {}
+    released: list[tuple[int, int]] = []
     for l1 in tables:
         for i in range(len(l1)):
             l2_off = l1[i] & E.L1E_OFFSET_MASK
@@ -291,11 +295,24 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
                 t = E.cluster_type(ent)
                 if t == E.ClusterType.ZERO_ALLOC:
                     off = ent & E.L2E_OFFSET_MASK
-                    host.pwrite(off, bytes(cs))
                     l2_ref = rc.get(l2_off >> cb)
-                    ents[j] = off | (E.QCOW_OFLAG_COPIED if l2_ref == 1 else 0)
-                    changed = True
-                elif t == E.ClusterType.ZERO_PLAIN:
+                    if rc.get(off >> cb) <= l2_ref:
+                        # only this L2 table refers to the cluster: zero it in place
+                        host.pwrite(off, bytes(cs))
+                        ents[j] = off | (E.QCOW_OFLAG_COPIED if l2_ref == 1 else 0)
+                        changed = True
+                        continue
+                    # another table (a snapshot) still reads the cluster's data: qemu 7.2
+                    # zeroes it in place and destroys that data.  Give this entry its
+                    # own zeros instead and drop its references to the shared cluster
+                    # once the L2 table no longer points at it.
+                    released.append((off, l2_ref))
+                    if not backed:
+                        ents[j] = 0
+                        changed = True
+                        continue
+                    t = E.ClusterType.ZERO_PLAIN
+                if t == E.ClusterType.ZERO_PLAIN:
                     if not backed:
                         ents[j] = 0  # unallocated reads as zeros without a backing file
                         changed = True
@@ -315,6 +332,9 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
                 host.flush()
                 host.pwrite(l2_off, pack_be_u64_array(ents))
                 host.flush()
+            for off, n in released:
+                rc.update(off >> cb, -n)
+            released.clear()
             done[l2_off] = ents
     rc.flush()
     host.flush()
