@@ -44,6 +44,7 @@ from diskimg.qcow2.layout import (
     Header,
     pack_feature_table,
 )
+from diskimg.qcow2.image import clear_unknown_autoclear
 from diskimg.qcow2.refcount import RefBlock, Refcounts
 
 ProgressFn = Callable[[float], None]
@@ -83,6 +84,7 @@ def make_empty(host: HostFile, h: Header) -> None:
     cs = h.cluster_size
     l1_clusters = -(-h.l1_size * 8 // cs)
     per_block = cs * 8 // h.refcount_bits
+    clear_unknown_autoclear(host, h)
     if (h.version >= 3 and not h.nb_snapshots and not nb_bitmaps(h)
             and 3 + l1_clusters <= per_block and h.crypt_method != QCOW_CRYPT_LUKS
             and not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE):
@@ -196,6 +198,7 @@ def set_backing(host: HostFile, backing_file: str | None, backing_fmt: str | Non
     except DiskImgError:
         raise UnsupportedFeatureError("Could not change the backing file: the header does "
                                       "not fit in one cluster") from None
+    clear_unknown_autoclear(host, h)
     write_header(host, h)
 
 
@@ -649,6 +652,7 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
                              "amendment")
         h = read_header(dev.host)
         plan = _validate(h, options)
+        clear_unknown_autoclear(dev.host, h)
         if any(k.startswith("encrypt.") for k in options):
             amend_keyslots(dev, keyslot_request(options), secrets, force=force)
         if plan[1] > plan[0]:
