@@ -471,7 +471,7 @@ class SnapshotTable:
         img._refcounts = None  # reloaded from the new refcount table on first use
         img._punch_free_clusters([c for c, v in d.items() if v < 0])
 
-    def _check_headroom(self, deltas: defaultdict[int, int], what: str) -> None:
+    def _check_headroom(self, deltas: defaultdict[int, int]) -> None:
         """Refuse, before changing anything, when the references an operation adds
         (``deltas``, from :meth:`_count_refs`) would overflow the refcount width: qemu
         fails half-way there and leaks.  The count is exact: a host cluster that packs
@@ -480,7 +480,7 @@ class SnapshotTable:
         rc = self.img.refcounts
         for c, v in sorted(deltas.items()):
             if v > 0 and rc.get(c) + v > rc.max_refcount:
-                raise UsageError(f"{what}: refcount of cluster {c} would exceed the maximum "
+                raise UsageError(f"Refcount of cluster {c} would exceed the maximum "
                                  f"of {rc.max_refcount} ({rc.get(c)} + {v} references; "
                                  f"refcount_bits={self.img.header.refcount_bits})")
 
@@ -509,7 +509,7 @@ class SnapshotTable:
         img.flush()
         deltas: defaultdict[int, int] = defaultdict(int)
         self._count_refs(img.l1, deltas, 1)
-        self._check_headroom(deltas, f"Could not create snapshot '{name}'")
+        self._check_headroom(deltas)
         # 1. copy of the active L1 table in new clusters (a leak until the switch)
         l1_bytes = len(img.l1) * 8
         l1_off = 0
@@ -572,6 +572,10 @@ class SnapshotTable:
         img = self.img
         img._check_writable()
         img._check_write_support()
+        if img.bitmaps.entries:
+            # qemu refuses too (any persistent bitmap, enabled or not): reverting the
+            # data would leave the bitmaps claiming to know what changed
+            raise UsageError("Device has active dirty bitmaps")
         sn = self.find(name_or_id)
         if sn.disk_size is not None and sn.disk_size != img.size:
             raise UsageError("qcow2: Loading snapshots with different disk size is not "
@@ -581,7 +585,7 @@ class SnapshotTable:
         # the snapshot's references are taken before the active image's are dropped
         adds: defaultdict[int, int] = defaultdict(int)
         self._count_refs(snap_l1, adds, 1)
-        self._check_headroom(adds, f"Could not apply snapshot '{name_or_id}'")
+        self._check_headroom(adds)
         if sn.l1_size > len(img.l1):
             img._grow_l1(sn.l1_size)
         # take the snapshot's references first, then switch the active L1, then drop the
