@@ -26,7 +26,7 @@ from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 import diskimg
 from diskimg.qcow2.amend import amend
@@ -110,20 +110,23 @@ def test_issue15_bug11_snapshot_create_refused_before_anything_is_written(
 
 OPS = st.one_of(
     st.tuples(st.just("w"), st.integers(0, 63), st.integers(1, 3), st.integers(1, 255)),
-    st.tuples(st.just("c"), st.integers(0, 63), st.just(1), st.integers(1, 255)),
+    st.tuples(st.just("c"), st.integers(0, 63), st.integers(1, 8), st.integers(1, 255)),
     st.tuples(st.just("s"), st.just(0), st.just(0), st.just(0)),
     st.tuples(st.just("a"), st.integers(0, 7), st.just(0), st.just(0)),
     st.tuples(st.just("d"), st.integers(0, 7), st.just(0), st.just(0)),
 )
 
 
-@settings(max_examples=30)
+@settings(max_examples=15)
+@example(bits=2, cluster_bits=9, zstd=False, ops=[("c", 0, 2, 1), ("s", 0, 0, 0)])
+@example(bits=4, cluster_bits=12, zstd=True, ops=[("c", 3, 8, 7), ("s", 0, 0, 0),
+                                                   ("w", 3, 1, 9), ("s", 0, 0, 0)])
 @given(bits=st.sampled_from([1, 2, 4]), cluster_bits=st.sampled_from([9, 12]),
-       zstd=st.booleans(), ops=st.lists(OPS, min_size=1, max_size=24))
+       zstd=st.booleans(), ops=st.lists(OPS, min_size=1, max_size=16))
 def test_snapshot_ops_on_narrow_refcounts_succeed_cleanly_or_change_nothing(
         bits: int, cluster_bits: int, zstd: bool, ops: list[tuple[str, int, int, int]]
 ) -> None:
-    """Random writes, compressed writes (packed many to a host cluster) and snapshot
+    """Random writes, runs of compressed writes (packed many to a host cluster) and snapshot
     create/apply/delete with refcount_bits 1, 2, 4.  A snapshot operation either
     succeeds or raises UsageError with the file byte-identical; at the end qemu-img
     check is clean and the image and every snapshot read as the model says."""
@@ -144,9 +147,10 @@ def test_snapshot_ops_on_narrow_refcounts_succeed_cleanly_or_change_nothing(
                     data = data[: size - off]
                     if op == "w":
                         img.write(off, data)
-                    else:
-                        img.write_compressed(off, data[:cs])  # type: ignore[attr-defined]
-                        data = data[:cs]
+                    else:  # b clusters one by one: their data packs into host clusters
+                        for k in range(0, len(data), cs):
+                            img.write_compressed(  # type: ignore[attr-defined]
+                                off + k, data[k : k + cs])
                     model[off : off + len(data)] = data
                     img.flush()
                     continue
@@ -166,8 +170,7 @@ def test_snapshot_ops_on_narrow_refcounts_succeed_cleanly_or_change_nothing(
                         name = names[a % len(names)]
                         img.snapshots.delete(name)  # type: ignore[attr-defined]
                         del snaps[name]
-                except diskimg.UsageError as e:
-                    assert "would exceed the maximum" in str(e)
+                except diskimg.UsageError:  # refused: nothing written
                     assert sha(p) == before, f"refused {op} changed the file"
             assert img.read(0, size) == model
             for s in img.snapshots.list():  # type: ignore[attr-defined]
