@@ -321,6 +321,13 @@ def _api_compressed(p: Path) -> None:
         img.write_compressed(0, b"\x09" * 65536)  # type: ignore[attr-defined]
 
 
+def _cli_op(name: str, snapshot: bool, tool: str, *args: str
+            ) -> tuple[str, bool, list[str], Callable[[Path], object]]:
+    """The same qemu-img and diskimg command line, the image path last."""
+    return (name, snapshot, [tool, *args],
+            lambda p: diskimg_cli(*[a for a in args if a != "-q"], p))
+
+
 # (name, needs a snapshot, qemu command, diskimg action)
 WRITE_OPS: list[tuple[str, bool, list[str], Callable[[Path], object]]] = [
     ("write", False, ["qemu-io", "-c", "write -P 9 0 512"], _api_write),
@@ -328,23 +335,15 @@ WRITE_OPS: list[tuple[str, bool, list[str], Callable[[Path], object]]] = [
     ("write_compressed", False, ["qemu-io", "-c", "write -c -P 9 0 64k"], _api_compressed),
     ("resize", False, ["qemu-img", "resize", "-q"],
      lambda p: diskimg_cli("resize", "-q", p, "2M")),
-    ("snapshot-c", True, ["qemu-img", "snapshot", "-c", "s2"],
-     lambda p: diskimg_cli("snapshot", "-c", "s2", p)),
-    ("snapshot-a", True, ["qemu-img", "snapshot", "-a", "s1"],
-     lambda p: diskimg_cli("snapshot", "-a", "s1", p)),
-    ("snapshot-d", True, ["qemu-img", "snapshot", "-d", "s1"],
-     lambda p: diskimg_cli("snapshot", "-d", "s1", p)),
-    ("amend", True, ["qemu-img", "amend", "-o", "lazy_refcounts=on"],
-     lambda p: diskimg_cli("amend", "-o", "lazy_refcounts=on", p)),
-    ("check-r-leaks", True, ["qemu-img", "check", "-r", "leaks"],
-     lambda p: diskimg_cli("check", "-r", "leaks", p)),
-    ("check-r-all", True, ["qemu-img", "check", "-r", "all"],
-     lambda p: diskimg_cli("check", "-r", "all", p)),
-    ("commit", True, ["qemu-img", "commit"], lambda p: diskimg_cli("commit", p)),
-    ("rebase-u", True, ["qemu-img", "rebase", "-u", "-b", ""],
-     lambda p: diskimg_cli("rebase", "-u", "-b", "", p)),
-    ("rebase", True, ["qemu-img", "rebase", "-b", ""],
-     lambda p: diskimg_cli("rebase", "-b", "", p)),
+    _cli_op("snapshot-c", True, "qemu-img", "snapshot", "-c", "s2"),
+    _cli_op("snapshot-a", True, "qemu-img", "snapshot", "-a", "s1"),
+    _cli_op("snapshot-d", True, "qemu-img", "snapshot", "-d", "s1"),
+    _cli_op("amend", True, "qemu-img", "amend", "-o", "lazy_refcounts=on"),
+    _cli_op("check-r-leaks", True, "qemu-img", "check", "-r", "leaks"),
+    _cli_op("check-r-all", True, "qemu-img", "check", "-r", "all"),
+    _cli_op("commit", True, "qemu-img", "commit"),
+    _cli_op("rebase-u", True, "qemu-img", "rebase", "-u", "-b", ""),
+    _cli_op("rebase", True, "qemu-img", "rebase", "-b", ""),
 ]
 
 
