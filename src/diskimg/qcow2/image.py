@@ -221,6 +221,7 @@ class Qcow2Image(BlockDevice):
     def _repair_dirty(self) -> None:
         from diskimg.qcow2.check import check_image
 
+        clear_unknown_autoclear(self.host, self.header)  # the repair changes the image
         res = check_image(self.host, self.header, "all")
         if res.exit_code != 0:
             raise CorruptImageError("Could not repair the dirty lazy-refcount image; run "
