@@ -181,6 +181,24 @@ def test_snapshot_ops_on_narrow_refcounts_succeed_cleanly_or_change_nothing(
         assert_clean(p)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_compressed_writes_at_the_refcount_maximum_match_qemu(tmp_path: Path,
+                                                              bits: int) -> None:
+    """Compressed clusters pack into a host cluster until its refcount reaches the
+    maximum, then move on to a new one: the file is byte-identical to qemu-io's."""
+    ours, theirs = tmp_path / "d.qcow2", tmp_path / "q.qcow2"
+    sh(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
+       f"refcount_bits={bits},cluster_size=4096", theirs, "128k")
+    shutil.copyfile(theirs, ours)
+    sh(QEMU_IO, *[a for i in range(18) for a in ("-c", f"write -c -P {i + 1} {i * 4}k 4k")],
+       theirs)
+    with diskimg.open(ours, "r+") as img:
+        for i in range(18):
+            img.write_compressed(i * 4096, bytes([i + 1]) * 4096)  # type: ignore
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert_clean(ours)
+
+
 # --- bug 9: amend compat=1.1 / 0.10 with snapshots -------------------------------------
 
 class _File:
