@@ -466,3 +466,20 @@ def test_opening_a_dirty_lazy_refcounts_image_clears_unknown_autoclear_bits(
     assert _autoclear(ours) == 0
     sh(QEMU_IO, "-c", "read -P 7 0 64k", ours)
     assert_clean(ours)
+
+
+def test_known_autoclear_bit_raw_data_file_is_kept(tmp_path: Path) -> None:
+    results = []
+    for who in ("q", "d"):
+        p = tmp_path / f"{who}.qcow2"
+        sh(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
+           f"data_file={tmp_path / (who + '.raw')},data_file_raw=on", p, "1M")
+        _set_autoclear(p, _autoclear(p) | UNKNOWN)
+        if who == "q":
+            sh(QEMU_IO, "-c", "write -P 9 0 512", p)
+        else:
+            _api_write(p)
+        results.append(_autoclear(p))
+        assert_clean(p)
+        assert (tmp_path / f"{who}.raw").read_bytes()[:512] == b"\x09" * 512
+    assert results == [2, 2]
