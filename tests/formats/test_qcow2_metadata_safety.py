@@ -383,6 +383,11 @@ def test_issue15_bug10_write_paths_clear_unknown_autoclear_bits_like_qemu(
     assert_clean(ours)
 
 
+def _refused(p: Path, call: Callable[[diskimg.BlockDevice], object]) -> None:
+    with diskimg.open(p, "r+") as img, pytest.raises(diskimg.UsageError):
+        call(img)
+
+
 @pytest.mark.parametrize("action", [
     lambda p: diskimg_cli("info", p),
     lambda p: diskimg_cli("check", p),
@@ -394,8 +399,10 @@ def test_issue15_bug10_write_paths_clear_unknown_autoclear_bits_like_qemu(
     lambda p: diskimg_cli("snapshot", "-a", "nope", p, check=False),
     lambda p: diskimg_cli("resize", "--shrink", "-q", p, "64k", check=False),
     lambda p: diskimg.open(p, "r+").close(),
+    lambda p: _refused(p, lambda img: img.snapshots.apply("nope")),
+    lambda p: _refused(p, lambda img: img.snapshots.delete("nope")),
 ], ids=["info", "check", "map", "snapshot-l", "open-r", "refused-apply",
-        "refused-shrink", "open-r+-unchanged"])
+        "refused-shrink", "open-r+-unchanged", "api-refused-apply", "api-refused-delete"])
 def test_read_only_use_and_refusals_leave_autoclear_bits(
         tmp_path: Path, templates: dict[bool, Path], action: Callable[[Path], object]
 ) -> None:
@@ -483,3 +490,17 @@ def test_known_autoclear_bit_raw_data_file_is_kept(tmp_path: Path) -> None:
         assert_clean(p)
         assert (tmp_path / f"{who}.raw").read_bytes()[:512] == b"\x09" * 512
     assert results == [2, 2]
+
+
+def test_refused_snapshot_create_changes_nothing_with_lazy_refcounts_and_autoclear_bits(
+        tmp_path: Path) -> None:
+    """The refusal comes before the first change: neither the lazy-refcounts dirty bit
+    nor the autoclear field is written for a create that is refused."""
+    p = tmp_path / "l.qcow2"
+    sh(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "refcount_bits=1,lazy_refcounts=on",
+       p, "1M")
+    sh(QEMU_IO, "-c", "write -P 3 0 64k", p)
+    _set_autoclear(p, UNKNOWN)
+    before = sha(p)
+    _refused(p, lambda img: img.snapshots.create("s"))  # type: ignore[attr-defined]
+    assert sha(p) == before

@@ -490,7 +490,6 @@ class SnapshotTable:
         img = self.img
         self._check_table_read()
         img._check_writable()
-        img._check_write_support()
         try:
             size = len(raw_name(name))
         except UnicodeEncodeError:
@@ -510,6 +509,7 @@ class SnapshotTable:
         deltas: defaultdict[int, int] = defaultdict(int)
         self._count_refs(img.l1, deltas, 1)
         self._check_headroom(deltas)
+        img._check_write_support()  # the first change: after every refusal
         # 1. copy of the active L1 table in new clusters (a leak until the switch)
         l1_bytes = len(img.l1) * 8
         l1_off = 0
@@ -571,7 +571,6 @@ class SnapshotTable:
         self._check_table_read()
         img = self.img
         img._check_writable()
-        img._check_write_support()
         if img.bitmaps.entries:
             # qemu refuses too (any persistent bitmap, enabled or not): reverting the
             # data would leave the bitmaps claiming to know what changed
@@ -586,6 +585,7 @@ class SnapshotTable:
         adds: defaultdict[int, int] = defaultdict(int)
         self._count_refs(snap_l1, adds, 1)
         self._check_headroom(adds)
+        img._check_write_support()  # the first change: after every refusal
         if sn.l1_size > len(img.l1):
             img._grow_l1(sn.l1_size)
         # take the snapshot's references first, then switch the active L1, then drop the
@@ -611,7 +611,6 @@ class SnapshotTable:
         self._check_table_read()
         img = self.img
         img._check_writable()
-        img._check_write_support()
         sn = self.find(name_or_id)
         img.flush()
         snap_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
@@ -622,6 +621,7 @@ class SnapshotTable:
             for c in range(first, (sn.l1_table_offset + sn.l1_size * 8 - 1) // img.cs + 1):
                 deltas[c] -= 1
         # dropped references and OFLAG_COPIED bits switch together (known bug B8)
+        img._check_write_support()
         self._switch(deltas, [s for s in img.snapshot_list if s is not sn])
 
 
