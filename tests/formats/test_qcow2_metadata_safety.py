@@ -504,3 +504,16 @@ def test_refused_snapshot_create_changes_nothing_with_lazy_refcounts_and_autocle
     before = sha(p)
     _refused(p, lambda img: img.snapshots.create("s"))  # type: ignore[attr-defined]
     assert sha(p) == before
+
+
+def test_refused_amend_downgrade_changes_nothing(tmp_path: Path) -> None:
+    """Every reason a v2 header cannot be written is checked before amend writes
+    anything, the autoclear field included."""
+    p = tmp_path / "z.qcow2"
+    sh(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", p, "1M")
+    sh(QEMU_IO, "-c", "write -c -P 3 0 64k", p)
+    _set_autoclear(p, UNKNOWN)
+    before = sha(p)
+    with pytest.raises(diskimg.UsageError, match="incompatible features 0x8"):
+        amend(p, {"compat": "0.10"})
+    assert sha(p) == before

@@ -211,9 +211,8 @@ def set_feature_bits(host: HostFile, h: Header) -> None:
     host.flush()
 
 
-def downgrade_to_v2(host: HostFile, h: Header) -> None:
-    """compat=0.10: refuse what v2 cannot express, expand zero clusters, rewrite the
-    header as version 2 (no feature table, no v3 fields)."""
+def check_downgradable(h: Header) -> None:
+    """Refuse what a v2 header cannot express (before ``amend`` writes anything)."""
     if h.refcount_order != 4:
         raise UsageError("compat=0.10 requires refcount_bits=16")
     if h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
@@ -225,6 +224,12 @@ def downgrade_to_v2(host: HostFile, h: Header) -> None:
         # qemu-img 7.2 downgrades and silently loses the compression type; refuse instead
         raise UsageError("Cannot downgrade an image with incompatible features "
                          f"{QCOW2_INCOMPAT_COMPRESSION:#x} set")
+
+
+def downgrade_to_v2(host: HostFile, h: Header) -> None:
+    """compat=0.10: refuse what v2 cannot express, expand zero clusters, rewrite the
+    header as version 2 (no feature table, no v3 fields)."""
+    check_downgradable(h)
     expand_zero_clusters(host, h)
     h2 = read_header(host)
     h2.version = 2
@@ -652,9 +657,13 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
                              "amendment")
         h = read_header(dev.host)
         plan = _validate(h, options)
-        clear_unknown_autoclear(dev.host, h)
+        if plan[1] < plan[0]:
+            after = h.copy()
+            after.refcount_order = plan[2].bit_length() - 1  # the width it will have
+            check_downgradable(after)
         if any(k.startswith("encrypt.") for k in options):
             amend_keyslots(dev, keyslot_request(options), secrets, force=force)
+        clear_unknown_autoclear(dev.host, h)  # after every refusal
         if plan[1] > plan[0]:
             dev.snapshots.upgrade_for_v3()  # while still v2, as qemu's upgrade does
     finally:
