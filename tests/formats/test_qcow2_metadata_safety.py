@@ -117,7 +117,7 @@ OPS = st.one_of(
 )
 
 
-@settings(max_examples=15)
+@settings(max_examples=12)
 @example(bits=2, cluster_bits=9, zstd=False, ops=[("c", 0, 2, 1), ("s", 0, 0, 0)])
 @example(bits=4, cluster_bits=12, zstd=True, ops=[("c", 3, 8, 7), ("s", 0, 0, 0),
                                                    ("w", 3, 1, 9), ("s", 0, 0, 0)])
