@@ -117,7 +117,7 @@ OPS = st.one_of(
 )
 
 
-@settings(max_examples=12)
+@settings(max_examples=10)
 @example(bits=2, cluster_bits=9, zstd=False, ops=[("c", 0, 2, 1), ("s", 0, 0, 0)])
 @example(bits=4, cluster_bits=12, zstd=True, ops=[("c", 3, 8, 7), ("s", 0, 0, 0),
                                                    ("w", 3, 1, 9), ("s", 0, 0, 0)])
@@ -229,16 +229,19 @@ def _v2_with_short_extra_data(p: Path) -> None:
         f.write(pack_table_exact(snaps))
 
 
+@pytest.mark.parametrize("more", ["", ",refcount_bits=4"])
 def test_issue15_bug9_amend_to_v3_rewrites_short_snapshot_extra_data(
-        tmp_path: Path) -> None:
+        tmp_path: Path, more: str) -> None:
+    """The later amend steps (a new refcount width) see the moved table."""
     src = tmp_path / "v2.qcow2"
     _v2_with_short_extra_data(src)
     ours, theirs = tmp_path / "d.qcow2", tmp_path / "q.qcow2"
     shutil.copyfile(src, ours)
     shutil.copyfile(src, theirs)
-    sh(QEMU_IMG, "amend", "-o", "compat=1.1", theirs)
-    amend(ours, {"compat": "1.1"})
-    assert ours.read_bytes() == theirs.read_bytes()  # table, header, refcounts: all of it
+    sh(QEMU_IMG, "amend", "-o", f"compat=1.1{more}", theirs)
+    amend(ours, dict(kv.split("=") for kv in f"compat=1.1{more}".split(",")))
+    if "refcount_bits" not in more:  # diskimg lays out a new refcount width its own way
+        assert ours.read_bytes() == theirs.read_bytes()  # table, header, refcounts
     assert_clean(ours)
     info = json.loads(sh(QEMU_IMG, "info", "--output=json", ours).stdout)
     assert info["format-specific"]["data"]["compat"] == "1.1"

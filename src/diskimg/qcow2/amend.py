@@ -664,8 +664,8 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
         if any(k.startswith("encrypt.") for k in options):
             amend_keyslots(dev, keyslot_request(options), secrets, force=force)
         clear_unknown_autoclear(dev.host, h)  # after every refusal
-        if plan[1] > plan[0]:
-            dev.snapshots.upgrade_for_v3()  # while still v2, as qemu's upgrade does
+        if plan[1] > plan[0] and dev.snapshots.upgrade_for_v3():
+            h = read_header(dev.host)  # the table moved: the steps below use ``h``
     finally:
         dev.close()
     cur_version, new_version, new_bits, lazy_on = plan
