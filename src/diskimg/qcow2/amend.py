@@ -44,6 +44,7 @@ from diskimg.qcow2.layout import (
     Header,
     pack_feature_table,
 )
+from diskimg.qcow2.image import clear_unknown_autoclear
 from diskimg.qcow2.refcount import RefBlock, Refcounts
 
 ProgressFn = Callable[[float], None]
@@ -83,6 +84,7 @@ def make_empty(host: HostFile, h: Header) -> None:
     cs = h.cluster_size
     l1_clusters = -(-h.l1_size * 8 // cs)
     per_block = cs * 8 // h.refcount_bits
+    clear_unknown_autoclear(host, h)
     if (h.version >= 3 and not h.nb_snapshots and not nb_bitmaps(h)
             and 3 + l1_clusters <= per_block and h.crypt_method != QCOW_CRYPT_LUKS
             and not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE):
@@ -196,6 +198,7 @@ def set_backing(host: HostFile, backing_file: str | None, backing_fmt: str | Non
     except DiskImgError:
         raise UnsupportedFeatureError("Could not change the backing file: the header does "
                                       "not fit in one cluster") from None
+    clear_unknown_autoclear(host, h)
     write_header(host, h)
 
 
@@ -208,9 +211,8 @@ def set_feature_bits(host: HostFile, h: Header) -> None:
     host.flush()
 
 
-def downgrade_to_v2(host: HostFile, h: Header) -> None:
-    """compat=0.10: refuse what v2 cannot express, expand zero clusters, rewrite the
-    header as version 2 (no feature table, no v3 fields)."""
+def check_downgradable(h: Header) -> None:
+    """Refuse what a v2 header cannot express (before ``amend`` writes anything)."""
     if h.refcount_order != 4:
         raise UsageError("compat=0.10 requires refcount_bits=16")
     if h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
@@ -222,6 +224,12 @@ def downgrade_to_v2(host: HostFile, h: Header) -> None:
         # qemu-img 7.2 downgrades and silently loses the compression type; refuse instead
         raise UsageError("Cannot downgrade an image with incompatible features "
                          f"{QCOW2_INCOMPAT_COMPRESSION:#x} set")
+
+
+def downgrade_to_v2(host: HostFile, h: Header) -> None:
+    """compat=0.10: refuse what v2 cannot express, expand zero clusters, rewrite the
+    header as version 2 (no feature table, no v3 fields)."""
+    check_downgradable(h)
     expand_zero_clusters(host, h)
     h2 = read_header(host)
     h2.version = 2
@@ -266,7 +274,10 @@ def _zero_cluster_indices(host: HostFile, h: Header, l1: array[int]
 
 def expand_zero_clusters(host: HostFile, h: Header) -> None:
     """Replace every zero cluster (active and snapshot tables) by an explicit cluster of
-    zeros (zero-allocated clusters keep their host cluster, written with zeros)."""
+    zeros.  A zero-allocated cluster keeps its host cluster, written with zeros, when
+    only its L2 table refers to it; one that another table (a snapshot) still reads is
+    left alone and the entry gets its own cluster of zeros (or none without a backing
+    file), so the snapshot keeps its data (qemu 7.2 zeroes the shared cluster)."""
     cs, cb = h.cluster_size, h.cluster_bits
     rc = Refcounts(host, h)
     tables: list[array[int]] = [be_u64_array(host.pread_exact(
@@ -280,6 +291,7 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
                    for sn in parse_table(raw, h.nb_snapshots, h.snapshots_offset)]
     backed = h.backing_file is not None
     done: dict[int, array[int]] = {}
+    released: list[tuple[int, int]] = []
     for l1 in tables:
         for i in range(len(l1)):
             l2_off = l1[i] & E.L1E_OFFSET_MASK
@@ -291,11 +303,24 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
                 t = E.cluster_type(ent)
                 if t == E.ClusterType.ZERO_ALLOC:
                     off = ent & E.L2E_OFFSET_MASK
-                    host.pwrite(off, bytes(cs))
                     l2_ref = rc.get(l2_off >> cb)
-                    ents[j] = off | (E.QCOW_OFLAG_COPIED if l2_ref == 1 else 0)
-                    changed = True
-                elif t == E.ClusterType.ZERO_PLAIN:
+                    if rc.get(off >> cb) <= l2_ref:
+                        # only this L2 table refers to the cluster: zero it in place
+                        host.pwrite(off, bytes(cs))
+                        ents[j] = off | (E.QCOW_OFLAG_COPIED if l2_ref == 1 else 0)
+                        changed = True
+                        continue
+                    # another table (a snapshot) still reads the cluster's data: qemu 7.2
+                    # zeroes it in place and destroys that data.  Give this entry its
+                    # own zeros instead and drop its references to the shared cluster
+                    # once the L2 table no longer points at it.
+                    released.append((off, l2_ref))
+                    if not backed:
+                        ents[j] = 0
+                        changed = True
+                        continue
+                    t = E.ClusterType.ZERO_PLAIN
+                if t == E.ClusterType.ZERO_PLAIN:
                     if not backed:
                         ents[j] = 0  # unallocated reads as zeros without a backing file
                         changed = True
@@ -315,6 +340,9 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
                 host.flush()
                 host.pwrite(l2_off, pack_be_u64_array(ents))
                 host.flush()
+            for off, n in released:
+                rc.update(off >> cb, -n)
+            released.clear()
             done[l2_off] = ents
     rc.flush()
     host.flush()
@@ -629,8 +657,15 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
                              "amendment")
         h = read_header(dev.host)
         plan = _validate(h, options)
+        if plan[1] < plan[0]:
+            after = h.copy()
+            after.refcount_order = plan[2].bit_length() - 1  # the width it will have
+            check_downgradable(after)
         if any(k.startswith("encrypt.") for k in options):
             amend_keyslots(dev, keyslot_request(options), secrets, force=force)
+        clear_unknown_autoclear(dev.host, h)  # after every refusal
+        if plan[1] > plan[0] and dev.snapshots.upgrade_for_v3():
+            h = read_header(dev.host)  # the table moved: the steps below use ``h``
     finally:
         dev.close()
     cur_version, new_version, new_bits, lazy_on = plan

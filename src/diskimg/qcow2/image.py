@@ -32,6 +32,7 @@ from diskimg.qcow2.cache import L2Table, TableCache, be_u64_array, pack_be_u64_a
 from diskimg.qcow2.layout import (
     COMPRESSION_TYPES,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+    QCOW2_AUTOCLEAR_MASK,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_EXT_MAGIC_CRYPTO_HEADER,
     QCOW2_INCOMPAT_CORRUPT,
@@ -91,6 +92,19 @@ def _progression_end(ents: array[int], i: int, stop: int, first: int, step: int)
                 j += 1
             return j
     return j
+
+
+def clear_unknown_autoclear(host: HostFile, h: Header) -> None:
+    """Clear the autoclear feature bits diskimg does not know (all but bit 0, bitmaps,
+    which every write keeps true, and bit 1, raw external data) in the header and in
+    ``h``, synced before the caller changes anything else: that is how a later reader
+    tells that a writer unaware of those features touched the image (qemu clears them
+    on every read-write open; diskimg on the first change, so that a refused operation
+    leaves the file byte-identical).  v2 headers have no autoclear field."""
+    if h.version >= 3 and h.autoclear_features & ~QCOW2_AUTOCLEAR_MASK:
+        h.autoclear_features &= QCOW2_AUTOCLEAR_MASK
+        host.pwrite(88, struct.pack(">Q", h.autoclear_features))
+        host.flush()
 
 
 class Qcow2Image(BlockDevice):
@@ -207,6 +221,7 @@ class Qcow2Image(BlockDevice):
     def _repair_dirty(self) -> None:
         from diskimg.qcow2.check import check_image
 
+        clear_unknown_autoclear(self.host, self.header)  # the repair changes the image
         res = check_image(self.host, self.header, "all")
         if res.exit_code != 0:
             raise CorruptImageError("Could not repair the dirty lazy-refcount image; run "
@@ -520,8 +535,11 @@ class Qcow2Image(BlockDevice):
 
     # --- allocation helpers ----------------------------------------------------------
     def _check_write_support(self) -> None:
+        """Called before every change to the image: fails early without the secret, then
+        clears unknown autoclear bits and sets the lazy-refcounts dirty bit on disk."""
         if self.header.crypt_method:
             _ = self.cipher  # fails early without the secret
+        clear_unknown_autoclear(self.host, self.header)
         if not self._set_dirty_bit and self.header.compatible_features & \
                 QCOW2_COMPAT_LAZY_REFCOUNTS:
             self.header.incompatible_features |= QCOW2_INCOMPAT_DIRTY
@@ -1336,6 +1354,8 @@ class Qcow2Image(BlockDevice):
         if repair is not None:
             self._check_writable()
         self.flush()
+        if repair is not None:
+            clear_unknown_autoclear(self.host, self.header)
         res = check_image(self.host, self.header, repair)
         if repair is not None:
             self.header = Header.parse(self.host.pread(0, self.cs))

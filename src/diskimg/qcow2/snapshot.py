@@ -22,7 +22,7 @@ import builtins
 import struct
 from array import array
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Self
 
 from diskimg.errors import CorruptImageError, FormatError, UsageError
@@ -471,31 +471,18 @@ class SnapshotTable:
         img._refcounts = None  # reloaded from the new refcount table on first use
         img._punch_free_clusters([c for c, v in d.items() if v < 0])
 
-    def _check_headroom(self, l1: array[int], what: str) -> None:
-        """Refuse, before changing anything, when one more reference to a cluster ``l1``
-        reaches would overflow the refcount width (qemu fails half-way and leaks)."""
-        img = self.img
-        rc = img.refcounts
-        step = 2 if img.extended else 1
-        clusters: set[int] = set()
-        for i in range(len(l1)):
-            l2_off = l1[i] & E.L1E_OFFSET_MASK
-            if not l2_off:
-                continue
-            clusters.add(l2_off // img.cs)
-            ents = img.l2_cache.get(l2_off).entries
-            for j in range(0, len(ents), step):
-                ent = ents[j]
-                if ent & E.QCOW_OFLAG_COMPRESSED:
-                    host, n = E.decode_compressed(ent, img.cb)
-                    clusters.update(range((host & ~511) // img.cs, (host + n - 1) // img.cs + 1))
-                elif ent & E.L2E_OFFSET_MASK:
-                    clusters.add((ent & E.L2E_OFFSET_MASK) // img.cs)
-        for c in clusters:
-            if rc.get(c) >= rc.max_refcount:
-                raise UsageError(f"{what}: refcount of cluster {c} is already at the maximum "
-                                 f"of {rc.max_refcount} (refcount_bits="
-                                 f"{img.header.refcount_bits})")
+    def _check_headroom(self, deltas: defaultdict[int, int]) -> None:
+        """Refuse, before changing anything, when the references an operation adds
+        (``deltas``, from :meth:`_count_refs`) would overflow the refcount width: qemu
+        fails half-way there and leaks.  The count is exact: a host cluster that packs
+        several compressed clusters gains one reference per L2 entry.  Every other
+        cluster a snapshot update raises is freshly allocated (refcount 1)."""
+        rc = self.img.refcounts
+        for c, v in sorted(deltas.items()):
+            if v > 0 and rc.get(c) + v > rc.max_refcount:
+                raise UsageError(f"Refcount of cluster {c} would exceed the maximum "
+                                 f"of {rc.max_refcount} ({rc.get(c)} + {v} references; "
+                                 f"refcount_bits={self.img.header.refcount_bits})")
 
     # --- operations ------------------------------------------------------------------
     def create(self, name: str, *, date: float | None = None) -> Snapshot:
@@ -503,7 +490,6 @@ class SnapshotTable:
         img = self.img
         self._check_table_read()
         img._check_writable()
-        img._check_write_support()
         try:
             size = len(raw_name(name))
         except UnicodeEncodeError:
@@ -520,7 +506,10 @@ class SnapshotTable:
         ids = [int(s.id) for s in img.snapshot_list if s.id.isdigit()]
         sid = str(max(ids, default=0) + 1)
         img.flush()
-        self._check_headroom(img.l1, f"Could not create snapshot '{name}'")
+        deltas: defaultdict[int, int] = defaultdict(int)
+        self._count_refs(img.l1, deltas, 1)
+        self._check_headroom(deltas)
+        img._check_write_support()  # the first change: after every refusal
         # 1. copy of the active L1 table in new clusters (a leak until the switch)
         l1_bytes = len(img.l1) * 8
         l1_off = 0
@@ -535,26 +524,70 @@ class SnapshotTable:
         now = clock() if date is None else date
         sn = Snapshot(sid, name, l1_off, len(img.l1), int(now),
                       int(now % 1 * 1e9) // 1000 * 1000, 0, 0, img.size, 0)
-        deltas: defaultdict[int, int] = defaultdict(int)
-        self._count_refs(img.l1, deltas, 1)
         self._switch(deltas, [*img.snapshot_list, sn])
         return sn
+
+    def upgrade_for_v3(self) -> bool:
+        """Make the table valid for version 3 before ``amend -o compat=1.1`` switches the
+        header (qemu's qcow2_upgrade): v3 requires every entry's extra data to hold the
+        64-bit VM state size and the disk size.  If an entry has fewer than those 16
+        bytes, the whole table is rewritten as QEMU writes it -- every entry with (at
+        least) the 24 bytes QEMU defines, an unknown disk size as the current one, an
+        unknown icount as -1 -- into new clusters; one header write switches to it, then
+        the old table's clusters are freed (a crash leaks at most).  Returns True if the
+        table was rewritten.  The new entries are valid in a v2 image too."""
+        img = self.img
+        old = img.snapshot_list
+        if not any(s.extra_data_size < 16 for s in old):
+            return False
+        self._check_table_read()
+        img._check_writable()
+        img.flush()
+        new = [replace(s, extra_data_size=max(24, s.extra_data_size),
+                       disk_size=img.size if s.disk_size is None else s.disk_size)
+               for s in old]
+        table = pack_table_exact(new)
+        if len(table) > QCOW_MAX_SNAPSHOTS_SIZE:
+            raise UsageError("Snapshot table too large")
+        h = img.header
+        rc = img.refcounts
+        off = rc.alloc(-(-len(table) // img.cs))
+        img._flush_refcounts()
+        img.host.pwrite(off, table)
+        img.host.flush()
+        img.host.pwrite(60, struct.pack(">IQ", len(new), off))
+        img.host.flush()
+        old_off, old_len = h.snapshots_offset, len(pack_table_exact(old))
+        h.snapshots_offset = off
+        img.snapshot_list = new
+        rc.free(old_off, old_len)
+        img._flush_refcounts()
+        img._punch_free_clusters(list(range(old_off // img.cs,
+                                            (old_off + old_len - 1) // img.cs + 1)))
+        return True
 
     def apply(self, name_or_id: str) -> None:
         """Revert the disk to snapshot ``name_or_id`` (qemu-img snapshot -a)."""
         self._check_table_read()
         img = self.img
         img._check_writable()
-        img._check_write_support()
+        if img.bitmaps.entries:
+            # qemu refuses too (any persistent bitmap, enabled or not): reverting the
+            # data would leave the bitmaps claiming to know what changed
+            raise UsageError("Device has active dirty bitmaps")
         sn = self.find(name_or_id)
         if sn.disk_size is not None and sn.disk_size != img.size:
             raise UsageError("qcow2: Loading snapshots with different disk size is not "
                              "supported")
         img.flush()
+        snap_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
+        # the snapshot's references are taken before the active image's are dropped
+        adds: defaultdict[int, int] = defaultdict(int)
+        self._count_refs(snap_l1, adds, 1)
+        self._check_headroom(adds)
+        img._check_write_support()  # the first change: after every refusal
         if sn.l1_size > len(img.l1):
             img._grow_l1(sn.l1_size)
-        snap_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
-        self._check_headroom(snap_l1, f"Could not apply snapshot '{name_or_id}'")
         # take the snapshot's references first, then switch the active L1, then drop the
         # old active references
         self.update_refcounts(array("Q", snap_l1), 1, active=False)
@@ -578,7 +611,6 @@ class SnapshotTable:
         self._check_table_read()
         img = self.img
         img._check_writable()
-        img._check_write_support()
         sn = self.find(name_or_id)
         img.flush()
         snap_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
@@ -589,6 +621,7 @@ class SnapshotTable:
             for c in range(first, (sn.l1_table_offset + sn.l1_size * 8 - 1) // img.cs + 1):
                 deltas[c] -= 1
         # dropped references and OFLAG_COPIED bits switch together (known bug B8)
+        img._check_write_support()
         self._switch(deltas, [s for s in img.snapshot_list if s is not sn])
 
 
