@@ -202,6 +202,12 @@ class HostFile:
             raise UsageError(f"'{self.path}' is opened read-only")
         os.ftruncate(self.fd, size)
 
+    def empty(self) -> None:
+        """Truncate a regular file to 0 bytes (what ``create`` does once the lock is held;
+        a block device keeps its size, as ``O_TRUNC`` leaves it)."""
+        if stat.S_ISREG(os.fstat(self.fd).st_mode):
+            self.truncate(0)
+
     def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """(start, length, is_data) runs covering the range, from SEEK_DATA/SEEK_HOLE."""
         return sparse.data_extents(self.fd, offset, length)
@@ -248,17 +254,23 @@ def open_host_file(
     *,
     create: bool = False,
     lock_mode: bool | None = True,
+    truncate: bool = True,
 ) -> HostFile:
     """Open ``path`` for positional I/O.
 
     Refuses directories, FIFOs, sockets and character devices with a clear error.
     ``lock_mode`` True takes QEMU's lock bytes (writable or read-only set); None/False skips
     locking (qemu-img ``-U``).
+
+    ``create`` makes the file if it is missing and empties a regular file -- only once
+    QEMU's lock is held, so a file another process holds is refused byte-identical (never
+    ``O_TRUNC``).  ``truncate=False`` leaves emptying it to the caller (:meth:`HostFile.empty`),
+    who first takes the locks on the other files it will rewrite.
     """
     p = Path(path)
     flags = os.O_RDWR if writable else os.O_RDONLY
     if create:
-        flags |= os.O_CREAT | os.O_TRUNC
+        flags |= os.O_CREAT
     flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(p, flags, 0o644)
@@ -278,6 +290,8 @@ def open_host_file(
         hf = HostFile(fd, p, writable)
         if lock_mode:
             hf.lock(writable)
+        if create and truncate:
+            hf.empty()
     except BaseException:
         lock.release(fd)
         os.close(fd)
