@@ -1120,8 +1120,9 @@ def rebase(
                             raise MissingSecretError(
                                 "Parameter 'encrypt.key-secret' is required for cipher")
                     except DiskImgError as e:
-                        raise DiskImgError(f"Could not open new backing file "
-                                           f"'{bpath}': {e}") from e
+                        cls = ImageLockedError if isinstance(e, ImageLockedError) \
+                            else DiskImgError  # a held file stays an ImageLockedError
+                        raise cls(f"Could not open new backing file '{bpath}': {e}") from e
                 _rebase_copy(dev, new_dev, progress)
             finally:
                 if new_dev is not None:
