@@ -189,36 +189,47 @@ VMDK_CASES: list[Case] = [
 ]
 
 
-def _run_cases(images: Path, qemu_io: str, cases: list[Case]) -> None:
+def _restore(images: Path, master: Path) -> None:
+    """Put back the images a failing command changed, so the next case starts clean."""
+    shutil.rmtree(images)
+    shutil.copytree(master, images)
+
+
+def _run_cases(images: Path, master: Path, qemu_io: str, cases: list[Case]) -> None:
     failures = []
     for held_name, fmt, args in cases:
         with held(qemu_io, images / held_name, fmt):
             before = digests(images)
             mine = di(*args, cwd=images)
             after_mine = digests(images)
-            theirs = qimg(*args, cwd=images)
-            after_theirs = digests(images)
-        want = theirs.stderr.replace("qemu-img: ", "diskimg: ")
-        if mine.returncode != 1 or mine.stderr != want:
-            failures.append(f"{args}: exit {mine.returncode}, stderr {mine.stderr!r}, "
-                            f"qemu-img: {theirs.stderr!r}")
         if after_mine != before:
             changed = sorted(k for k in set(before) | set(after_mine)
                              if before.get(k) != after_mine.get(k))
             failures.append(f"{args}: changed {changed}")
-        assert theirs.returncode == 1 and after_theirs == before, (args, theirs.stderr)
+            _restore(images, master)
+        with held(qemu_io, images / held_name, fmt):
+            theirs = qimg(*args, cwd=images)
+            assert theirs.returncode == 1 and digests(images) == before, \
+                (args, theirs.stderr)
+        want = theirs.stderr.replace("qemu-img: ", "diskimg: ")
+        if mine.returncode != 1 or mine.stderr != want:
+            failures.append(f"{args}: exit {mine.returncode}, stderr {mine.stderr!r}, "
+                            f"qemu-img: {theirs.stderr!r}")
     assert not failures, "\n".join(failures)
 
 
-def test_qcow2_commands_leave_a_held_image_alone(images: Path, qemu_io: str) -> None:
-    _run_cases(images, qemu_io, QCOW2_CASES)
+def test_qcow2_commands_leave_a_held_image_alone(images: Path, master_images: Path,
+                                                 qemu_io: str) -> None:
+    _run_cases(images, master_images, qemu_io, QCOW2_CASES)
 
 
-def test_vmdk_commands_leave_a_held_image_alone(images: Path, qemu_io: str) -> None:
-    _run_cases(images, qemu_io, VMDK_CASES)
+def test_vmdk_commands_leave_a_held_image_alone(images: Path, master_images: Path,
+                                                qemu_io: str) -> None:
+    _run_cases(images, master_images, qemu_io, VMDK_CASES)
 
 
-def test_raw_commands_leave_a_held_image_alone(images: Path, qemu_io: str) -> None:
+def test_raw_commands_leave_a_held_image_alone(images: Path, master_images: Path,
+                                               qemu_io: str) -> None:
     """qemu's raw driver shares write access, so qemu-img would go ahead here; diskimg
     refuses a raw file another process writes, in qemu's words for that conflict."""
     img = images / "img.raw"
@@ -234,14 +245,16 @@ def test_raw_commands_leave_a_held_image_alone(images: Path, qemu_io: str) -> No
          f"Could not open 'img.raw': {shared_lock(img.name)}"),
     ]
     failures = []
-    with held(qemu_io, img, "raw"):
-        before = digests(images)
-        for args, want in cases:
+    for args, want in cases:
+        with held(qemu_io, img, "raw"):
+            before = digests(images)
             r = di(*args, cwd=images)
-            if (r.returncode, r.stderr) != (1, f"diskimg: {want}\n"):
-                failures.append(f"{args}: exit {r.returncode}, stderr {r.stderr!r}")
-            if digests(images) != before:
-                failures.append(f"{args}: changed files")
+            changed = digests(images) != before
+        if (r.returncode, r.stderr) != (1, f"diskimg: {want}\n"):
+            failures.append(f"{args}: exit {r.returncode}, stderr {r.stderr!r}")
+        if changed:
+            failures.append(f"{args}: changed files")
+            _restore(images, master_images)
     assert not failures, "\n".join(failures)
 
 
@@ -283,20 +296,23 @@ def _api_calls(d: Path) -> list[tuple[str, str, Callable[[], object]]]:
     ]
 
 
-def test_api_calls_leave_a_held_image_alone(images: Path, qemu_io: str) -> None:
+def test_api_calls_leave_a_held_image_alone(images: Path, master_images: Path,
+                                            qemu_io: str) -> None:
     failures = []
-    for held_name, fmt, call in _api_calls(images):
+    for i, (held_name, fmt, call) in enumerate(_api_calls(images)):
         with held(qemu_io, images / held_name, fmt):
             before = digests(images)
             try:
                 call()
-                failures.append(f"{held_name}: no error")
+                failures.append(f"call {i} ({held_name}): no error")
             except ImageLockedError as e:
                 msg = str(e)
                 if "lock\nIs another process using the image [" not in msg:
-                    failures.append(f"{held_name}: {msg!r}")
-            if digests(images) != before:
-                failures.append(f"{held_name}: changed files under {call}")
+                    failures.append(f"call {i} ({held_name}): {msg!r}")
+            changed = digests(images) != before
+        if changed:
+            failures.append(f"call {i} ({held_name}): changed files")
+            _restore(images, master_images)
     assert not failures, "\n".join(failures)
 
 
@@ -392,6 +408,7 @@ def test_pool_verbs_leave_a_held_volume_alone(tmp_path: Path, qemu_io: str) -> N
                     failures.append(f"{args}: exit {rc}: {err!r}")
                 if digests(tmp_path) != before:
                     failures.append(f"{args}: changed files")
+        assert not failures, "\n".join(failures)
         # the same volume, free again, is cloned and deleted normally
         assert virsh("vol-clone", name, f"copy.{fmt}", "--pool", "p1")[0] == 0
         r = qimg("compare", "-f", fmt, "-F", fmt, path, pool_dir / f"copy.{fmt}",
