@@ -753,8 +753,14 @@ def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
         vmdk = probe.format == "vmdk"
     if vmdk:
         # qemu opens the image for writing first: a held image is refused by its lock
-        with opened(ctx, name, "r+", a.format, image_opts=a.image_opts, need_key=False):
-            raise DiskImgError("Image format driver does not support resize")
+        try:
+            open_image(ctx, name, "r+", a.format, image_opts=a.image_opts,
+                       need_key=False).close()
+        except ImageLockedError:
+            raise
+        except DiskImgError:
+            pass  # e.g. a streamOptimized image with data, which diskimg only reads
+        raise DiskImgError("Image format driver does not support resize")
     with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         cur = dev.size
         new = cur + delta if rel == "+" else cur - delta if rel == "-" else delta
