@@ -400,6 +400,8 @@ def test_pool_verbs_leave_a_held_volume_alone(tmp_path: Path, qemu_io: str) -> N
         ]
         if fmt != "vmdk":
             cmds.append((["vol-resize", name, "2M", "--pool", "p1"], wording))
+        # vol-download onto a file a running QEMU holds (here: the held image itself)
+        cmds.append((["vol-download", name, str(path), "--pool", "p1"], wording))
         with held(qemu_io, path, fmt):
             before = digests(tmp_path)
             for args, want in cmds:
