@@ -86,6 +86,9 @@ class HostFile:
         #: False: :meth:`flush` does not sync (qemu's ``cache=unsafe``, qemu-img convert's
         #: default for its target); the data still reaches the page cache in order
         self.sync = True
+        #: whether this file holds QEMU's lock bytes (the files an image names -- a data
+        #: file -- are then locked too, as qemu locks every file of an image)
+        self.locked = False
         self._closed = False
 
     # --- reads and writes -------------------------------------------------------------
@@ -234,6 +237,7 @@ class HostFile:
     def lock(self, writable: bool) -> None:
         held, refused = lock.READ_WRITE_PERMS if writable else lock.READ_ONLY_PERMS
         lock.acquire(self.fd, str(self.path), held, refused)
+        self.locked = True
 
     def close(self) -> None:
         if not self._closed:
