@@ -420,17 +420,21 @@ def test_pool_verbs_leave_a_held_volume_alone(tmp_path: Path, qemu_io: str) -> N
     assert not failures, "\n".join(failures)
 
 
-def test_data_file_is_locked_with_its_image(images: Path) -> None:
-    """qemu locks every file of an image; diskimg holding a qcow2 "r+" holds its external
-    data file too, so qemu-io cannot write the guest data under it."""
-    with diskimg.open(images / "ext.qcow2", "r+") as dev:
+@pytest.mark.parametrize(("name", "fmt", "part", "pattern"),
+                         [("ext.qcow2", "qcow2", "ext.data", 5),
+                          ("flat.vmdk", "vmdk", "flat-flat.vmdk", 8)])
+def test_files_an_image_names_are_locked_with_it(images: Path, name: str, fmt: str,
+                                                 part: str, pattern: int) -> None:
+    """qemu locks every file of an image; diskimg holding a qcow2 or vmdk "r+" holds its
+    external data file or extents too, so qemu-io cannot write guest data under it."""
+    with diskimg.open(images / name, "r+") as dev:
         data = dev.read(0, 128 << 10)
         before = digests(images)
-        r = qio("-f", "raw", "-c", "write -P 0x77 0 64k", "ext.data", cwd=images)
+        r = qio("-f", "raw", "-c", "write -P 0x77 0 64k", part, cwd=images)
         assert r.returncode == 1, r.stdout
-        assert r.stderr == ("qemu-io: can't open device ext.data: "
-                            f'{write_lock(Path("ext.data"))}\n'), r.stderr
+        assert r.stderr == (f"qemu-io: can't open device {part}: "
+                            f"{write_lock(Path(part))}\n"), r.stderr
         assert digests(images) == before
         assert dev.read(0, 128 << 10) == data
-    r = qio("-f", "qcow2", "-c", "read -P 5 0 64k", "ext.qcow2", cwd=images)
+    r = qio("-f", fmt, "-c", f"read -P {pattern} 0 64k", name, cwd=images)
     assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
