@@ -143,8 +143,8 @@ def master_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-# (held image, its format, the command's arguments, expected stderr after "PROG: " for raw
-# where qemu-img does not refuse; None: compare with qemu-img's)
+# (the image qemu-io holds, its format, the command): diskimg's exit code and stderr must be
+# qemu-img's for the same command under the same hold
 Case = tuple[str, str, list[str]]
 
 QCOW2_CASES: list[Case] = [
