@@ -157,3 +157,18 @@ def test_qcow2_naming_a_block_device_does_not_open(tmp_path: Path) -> None:
     with diskimg.open(top, "r", backing=False) as img:   # the image itself is fine
         assert img.read(0, 4096) == bytes(4096)
     assert hashlib.sha256(top.read_bytes()).hexdigest() == before
+
+
+def test_a_backing_file_that_is_a_device_when_opened_is_refused(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """The check is repeated on the file actually opened: a name that passed the policy and
+    was then swapped for a device (simulated: a policy that lets everything through) is
+    refused before any format code reads it."""
+    pytest.importorskip("diskimg.qcow2.image", reason="qcow2 image support not built yet")
+    dev = _block_device(tmp_path)
+    top = tmp_path / "top.qcow2"
+    diskimg.create(top, "qcow2", 1 << 20, backing_file=str(dev), backing_fmt="raw",
+                   unsafe=True)
+    monkeypatch.setattr(OpenPolicy, "resolve", lambda self, name, parent, what="": Path(name))
+    with pytest.raises(BackingChainError, match="not a regular file"):
+        diskimg.open(top)
