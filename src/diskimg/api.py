@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,11 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
     host = open_host_file(path, writable, lock_mode=not force_share)
     try:
         st = os.fstat(host.fd)
+        if depth and not stat.S_ISREG(st.st_mode):
+            # the policy refused it by name; this is the file actually opened (a name
+            # swapped for a device in between is refused too)
+            raise BackingChainError(f"Refusing to open backing file '{path}': not a regular "
+                                    "file (a block device)")
         key = (st.st_dev, st.st_ino)
         if key in seen:
             raise BackingChainError(f"Backing chain loop: '{path}' appears twice in its own "

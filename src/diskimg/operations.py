@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from diskimg import api
 from diskimg.device import BlockDevice
-from diskimg.errors import CorruptImageError, DiskImgError, UnsupportedFeatureError, UsageError
+from diskimg.errors import (CorruptImageError, DiskImgError, ImageLockedError,
+                            UnsupportedFeatureError, UsageError)
 from diskimg.hostio import HostFile, aligned_buffer
 
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
@@ -907,7 +908,11 @@ def dd(
             if warn is not None:
                 warn(f"{dev.filename}: cannot skip to specified offset")
             in_pos = size
-        api.create(dst, out_format, size - in_pos)
+        try:
+            api.create(dst, out_format, size - in_pos)
+        except ImageLockedError as e:  # qemu-img dd's words; the file is left as it was
+            raise ImageLockedError(f"{os.fspath(dst)}: error while creating output image: "
+                                   f"{e}") from e
         with api.open(dst, "r+", out_format) as out:
             step = max(bs, CHUNK // bs * bs)
             buf = bytearray(step)
@@ -1109,13 +1114,15 @@ def rebase(
                     pol = OpenPolicy(untrusted=untrusted).for_top(Path(path))
                     bpath = pol.resolve(new_name, Path(path))
                     try:
-                        new_dev = api.open(bpath, "r", backing_fmt, force_share=True, **kw)
+                        new_dev = api.open(bpath, "r", backing_fmt,
+                                           force_share=force_share, **kw)
                         if new_dev.info().encrypted:
                             raise MissingSecretError(
                                 "Parameter 'encrypt.key-secret' is required for cipher")
                     except DiskImgError as e:
-                        raise DiskImgError(f"Could not open new backing file "
-                                           f"'{bpath}': {e}") from e
+                        cls = ImageLockedError if isinstance(e, ImageLockedError) \
+                            else DiskImgError  # a held file stays an ImageLockedError
+                        raise cls(f"Could not open new backing file '{bpath}': {e}") from e
                 _rebase_copy(dev, new_dev, progress)
             finally:
                 if new_dev is not None:

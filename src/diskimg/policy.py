@@ -1,8 +1,9 @@
 """Which files an image may make diskimg open (backing files, data files, vmdk extents).
 
 qemu-img follows such names anywhere; diskimg never follows ``json:`` or protocol names,
-never opens devices, FIFOs or directories as images, detects loops, caps chain depth, and
-with ``untrusted=True`` opens nothing outside the top image's own directory.
+never opens a device (block or character), FIFO, socket or directory an image names,
+detects loops, caps chain depth, and with ``untrusted=True`` opens nothing outside the top
+image's own directory.  (The image given on the command line may be a block device.)
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ class OpenPolicy:
             raise BackingChainError(
                 f"Could not open {what} '{p}' named by '{parent}': {err.strerror}"
             ) from None
-        if not (stat.S_ISREG(st.st_mode) or (stat.S_ISBLK(st.st_mode) and not self.untrusted)):
+        if not stat.S_ISREG(st.st_mode):  # devices too, with or without --untrusted
+            kind = " (a block device)" if stat.S_ISBLK(st.st_mode) else ""
             raise BackingChainError(
-                f"Refusing to open {what} '{name}' named by '{parent}': not a regular file")
+                f"Refusing to open {what} '{name}' named by '{parent}': not a regular "
+                f"file{kind}")
         return p

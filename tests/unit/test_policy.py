@@ -102,3 +102,73 @@ def test_untrusted_open_of_a_qcow2_with_an_outside_backing_file(tmp_path: Path, 
     with pytest.raises(BackingChainError) as ei:
         diskimg.open(top, untrusted=True)
     assert str(base) in str(ei.value)
+
+
+def _block_device(tmp_path: Path) -> Path:
+    """A block-device node that is never opened: one made with mknod in ``tmp_path`` (loop
+    device 7:0), else any block device under /dev."""
+    import stat
+
+    node = tmp_path / "blockdev"
+    try:
+        os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(7, 0))
+        return node
+    except OSError:
+        pass
+    for cand in sorted(Path("/dev").iterdir()):
+        try:
+            if stat.S_ISBLK(cand.stat().st_mode):
+                return cand
+        except OSError:
+            continue
+    pytest.skip("no block device node available (mknod not permitted, none in /dev)")
+
+
+def test_block_devices_are_never_followed_with_or_without_untrusted(tree, tmp_path) -> None:
+    """Issue 15 bug 12: a block device named as a backing file was followed unless
+    --untrusted; CONTRACT.md ("Files an image names") and the docs say never."""
+    dev = _block_device(tmp_path)
+    link = tree["dir"] / "disk-link"   # inside the image's directory: only the type decides
+    link.symlink_to(dev)
+    for name in (str(dev), "disk-link"):
+        for pol in (OpenPolicy(), OpenPolicy(untrusted=True,
+                                             allowed_dirs=[tmp_path.resolve(),
+                                                           dev.resolve().parent])):
+            for what in ("backing file", "data file", "vmdk extent"):
+                with pytest.raises(BackingChainError) as ei:
+                    pol.resolve(name, tree["top"], what)
+                msg = str(ei.value)
+                assert f"Refusing to open {what} '{name}' named by '{tree['top']}'" in msg
+                assert "not a regular file (a block device)" in msg
+
+
+def test_qcow2_naming_a_block_device_does_not_open(tmp_path: Path) -> None:
+    pytest.importorskip("diskimg.qcow2.image", reason="qcow2 image support not built yet")
+    import hashlib
+
+    dev = _block_device(tmp_path)
+    top = tmp_path / "top.qcow2"
+    diskimg.create(top, "qcow2", 1 << 20, backing_file=str(dev), backing_fmt="raw",
+                   unsafe=True)
+    before = hashlib.sha256(top.read_bytes()).hexdigest()
+    for mode in ("r", "r+"):
+        with pytest.raises(BackingChainError, match="not a regular file"):
+            diskimg.open(top, mode)
+    with diskimg.open(top, "r", backing=False) as img:   # the image itself is fine
+        assert img.read(0, 4096) == bytes(4096)
+    assert hashlib.sha256(top.read_bytes()).hexdigest() == before
+
+
+def test_a_backing_file_that_is_a_device_when_opened_is_refused(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """The check is repeated on the file actually opened: a name that passed the policy and
+    was then swapped for a device (simulated: a policy that lets everything through) is
+    refused before any format code reads it."""
+    pytest.importorskip("diskimg.qcow2.image", reason="qcow2 image support not built yet")
+    dev = _block_device(tmp_path)
+    top = tmp_path / "top.qcow2"
+    diskimg.create(top, "qcow2", 1 << 20, backing_file=str(dev), backing_fmt="raw",
+                   unsafe=True)
+    monkeypatch.setattr(OpenPolicy, "resolve", lambda self, name, parent, what="": Path(name))
+    with pytest.raises(BackingChainError, match="not a regular file"):
+        diskimg.open(top)

@@ -16,7 +16,7 @@ from diskimg import api
 from diskimg import options as opts
 from diskimg.cli import output
 from diskimg.device import BlockDevice, MapEntry
-from diskimg.errors import DiskImgError, UsageError
+from diskimg.errors import DiskImgError, ImageLockedError, UsageError
 from diskimg.units import SIZE_HELP, parse_size
 
 if TYPE_CHECKING:
@@ -498,6 +498,8 @@ def _file_state(path: str) -> tuple[int, int, int] | None:
 
 def _create_error(e: BaseException, path: str) -> str:
     """The reason a new target could not be created, worded like qemu's."""
+    if isinstance(e, ImageLockedError):
+        return str(e)  # qemu's two lines as they are (it is an OSError too)
     if isinstance(e, OSError):
         return f"Could not create '{path}': {e.strerror or e}"
     msg = str(e)
@@ -748,8 +750,17 @@ def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
         raise UsageError(f"Invalid preallocation mode '{prealloc}'")
     with opened(ctx, name, "r", a.format, image_opts=a.image_opts, force_share=True,
                 need_key=False) as probe:
-        if probe.format == "vmdk":
-            raise DiskImgError("Image format driver does not support resize")
+        vmdk = probe.format == "vmdk"
+    if vmdk:
+        # qemu opens the image for writing first: a held image is refused by its lock
+        try:
+            open_image(ctx, name, "r+", a.format, image_opts=a.image_opts,
+                       need_key=False).close()
+        except ImageLockedError:
+            raise
+        except DiskImgError:
+            pass  # e.g. a streamOptimized image with data, which diskimg only reads
+        raise DiskImgError("Image format driver does not support resize")
     with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         cur = dev.size
         new = cur + delta if rel == "+" else cur - delta if rel == "-" else delta

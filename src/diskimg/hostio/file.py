@@ -86,6 +86,9 @@ class HostFile:
         #: False: :meth:`flush` does not sync (qemu's ``cache=unsafe``, qemu-img convert's
         #: default for its target); the data still reaches the page cache in order
         self.sync = True
+        #: whether this file holds QEMU's lock bytes (the files an image names -- a data
+        #: file -- are then locked too, as qemu locks every file of an image)
+        self.locked = False
         self._closed = False
 
     # --- reads and writes -------------------------------------------------------------
@@ -202,6 +205,12 @@ class HostFile:
             raise UsageError(f"'{self.path}' is opened read-only")
         os.ftruncate(self.fd, size)
 
+    def empty(self) -> None:
+        """Truncate a regular file to 0 bytes (what ``create`` does once the lock is held;
+        a block device keeps its size, as ``O_TRUNC`` leaves it)."""
+        if stat.S_ISREG(os.fstat(self.fd).st_mode):
+            self.truncate(0)
+
     def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """(start, length, is_data) runs covering the range, from SEEK_DATA/SEEK_HOLE."""
         return sparse.data_extents(self.fd, offset, length)
@@ -228,6 +237,7 @@ class HostFile:
     def lock(self, writable: bool) -> None:
         held, refused = lock.READ_WRITE_PERMS if writable else lock.READ_ONLY_PERMS
         lock.acquire(self.fd, str(self.path), held, refused)
+        self.locked = True
 
     def close(self) -> None:
         if not self._closed:
@@ -248,17 +258,23 @@ def open_host_file(
     *,
     create: bool = False,
     lock_mode: bool | None = True,
+    truncate: bool = True,
 ) -> HostFile:
     """Open ``path`` for positional I/O.
 
     Refuses directories, FIFOs, sockets and character devices with a clear error.
     ``lock_mode`` True takes QEMU's lock bytes (writable or read-only set); None/False skips
     locking (qemu-img ``-U``).
+
+    ``create`` makes the file if it is missing and empties a regular file -- only once
+    QEMU's lock is held, so a file another process holds is refused byte-identical (never
+    ``O_TRUNC``).  ``truncate=False`` leaves emptying it to the caller (:meth:`HostFile.empty`),
+    who first takes the locks on the other files it will rewrite.
     """
     p = Path(path)
     flags = os.O_RDWR if writable else os.O_RDONLY
     if create:
-        flags |= os.O_CREAT | os.O_TRUNC
+        flags |= os.O_CREAT
     flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(p, flags, 0o644)
@@ -278,6 +294,8 @@ def open_host_file(
         hf = HostFile(fd, p, writable)
         if lock_mode:
             hf.lock(writable)
+        if create and truncate:
+            hf.empty()
     except BaseException:
         lock.release(fd)
         os.close(fd)

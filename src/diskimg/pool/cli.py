@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from diskimg.errors import DiskImgError, PoolError
+from diskimg.hostio import open_host_file
 from diskimg.pool.pool import (
     LIBVIRT_SYSTEM_DIR,
     WIPE_ALGORITHMS,
@@ -530,17 +531,33 @@ def cmd_vol_upload(ctx: Ctx, a: dict[str, Any]) -> None:
 def cmd_vol_download(ctx: Ctx, a: dict[str, Any]) -> None:
     v = ctx.vol(a["vol"], a.get("pool"))
     created = not os.path.exists(a["file"])
+    # an existing regular file is emptied only under QEMU's write lock, held to the end: a
+    # disk image a running QEMU holds is refused as it is (a pipe or /dev/stdout is not)
+    guard = None
+    if os.path.isfile(a["file"]):
+        try:
+            guard = open_host_file(a["file"], True)
+        except DiskImgError as e:
+            msg = str(e)
+            if not msg.startswith("Could not open '"):
+                msg = f"Could not open '{a['file']}': {msg}"
+            raise CmdError(f"cannot create {a['file']}", *msg.splitlines()) from None
     try:
-        f = open(a["file"], "wb")  # noqa: SIM115
-    except OSError as e:
-        raise CmdError(f"cannot create {a['file']}", e.strerror or "") from None
-    try:
-        with f, _Fail(f"cannot download from volume {v.name}"):
-            v.download(f, a.get("offset", 0), a.get("length", 0), sparse=bool(a.get("sparse")))
-    except CmdError:
-        if created:
-            os.unlink(a["file"])
-        raise
+        try:
+            f = open(a["file"], "wb")  # noqa: SIM115
+        except OSError as e:
+            raise CmdError(f"cannot create {a['file']}", e.strerror or "") from None
+        try:
+            with f, _Fail(f"cannot download from volume {v.name}"):
+                v.download(f, a.get("offset", 0), a.get("length", 0),
+                           sparse=bool(a.get("sparse")))
+        except CmdError:
+            if created:
+                os.unlink(a["file"])
+            raise
+    finally:
+        if guard is not None:
+            guard.close()
 
 
 def cmd_vol_info(ctx: Ctx, a: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from diskimg import api
+from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, ImageLockedError, PoolError
 from diskimg.hostio import open_host_file
 from diskimg.pool.xml import (
@@ -398,13 +399,17 @@ class Volume:
         finally:
             os.close(fd)
 
-    def _in_use(self, e: ImageLockedError) -> ImageLockedError:
-        """QEMU's lock refusal, reworded to name the volume and the way out."""
-        why = str(e).splitlines()[0] if str(e) else "image locked"
+    def _in_use(self, e: ImageLockedError, forcible: bool = True) -> ImageLockedError:
+        """QEMU's lock refusal: a line naming the volume (and, if ``forcible``, the way
+        out), then qemu-img's own two lines, which libvirt relays when its qemu-img call is
+        refused."""
+        why = str(e) or "Failed to get \"write\" lock"
+        if not why.startswith("Could not open '"):
+            why = f"Could not open '{self.path}': {why}"
+        way_out = "; force=True (virsh option --force) overrides" if forcible else ""
         return ImageLockedError(
             f"storage volume '{self.name}' in pool '{self.pool.name}' is in use by another "
-            f"process ({why})\na running QEMU holds its image lock; force=True (virsh "
-            "option --force) overrides")
+            f"process{way_out}\n{why}")
 
     @contextlib.contextmanager
     def _qemu_locked(self, force: bool) -> Iterator[Any]:
@@ -1091,12 +1096,20 @@ class Pool:
             kw["allocation"] = 0
             cap = max(vd.capacity or 0, src.capacity or 0)
             secret = kw.get("secret")
+            # read with QEMU's read lock, as libvirt's qemu-img convert does: the disk of a
+            # running VM is refused before the new volume is made, not copied half-written
+            try:
+                sdev = api.open(source.path, "r", src.format or "raw")
+            except ImageLockedError as e:
+                raise source._in_use(e, forcible=False) from None
 
             def fill(path: str) -> None:
-                _copy_guest_data(source.path, src.format or "raw", path, fmt, secret)
+                _copy_guest_data(sdev, path, fmt, secret)
 
-            return self.create_volume(vd.name, cap, fmt, prealloc_metadata=prealloc_metadata,
-                                      _fill=fill, **kw)
+            with sdev:
+                return self.create_volume(vd.name, cap, fmt,
+                                          prealloc_metadata=prealloc_metadata, _fill=fill,
+                                          **kw)
 
     def clone_volume(self, source: Volume | str, new_name: str, **kw: Any) -> Volume:
         """Copy ``source`` (a volume of any pool, or a name in this one) into this pool as
@@ -1126,27 +1139,13 @@ def _create_raw(path: str, capacity: int, allocation: int) -> None:
         os.close(fd)
 
 
-def _copy_guest_data(src: str, src_fmt: str, dst: str, dst_fmt: str,
-                     secret: bytes | None) -> None:
-    """Copy guest bytes from ``src`` into the existing image ``dst`` (diskimg.convert when
-    available, else a plain block copy)."""
+def _copy_guest_data(src: BlockDevice, dst: str, dst_fmt: str, secret: bytes | None) -> None:
+    """Copy the guest bytes of the open image ``src`` into the existing image ``dst``."""
+    from diskimg.operations import convert
+
     opts = {"encrypt.key-secret": "sec0"} if secret else None
     secrets = {"sec0": secret} if secret else None
-    import diskimg
-
-    convert = getattr(diskimg, "convert", None)
-    if callable(convert):
-        convert(src, dst, dst_fmt, src_format=src_fmt, target_exists=True,
-                force_share=True, secrets=secrets, target_options=opts)
-        return
-    with api.open(src, "r", src_fmt, force_share=True) as s, \
-            api.open(dst, "r+", dst_fmt, secrets=secrets, options=opts) as d:  # pragma: no cover
-        pos = 0
-        while pos < s.size:
-            buf = s.read(pos, min(_CHUNK, s.size - pos))
-            if not _is_zero(buf):
-                d.write(pos, buf)
-            pos += len(buf)
+    convert(src, dst, dst_fmt, target_exists=True, secrets=secrets, target_options=opts)
 
 
 # --- the registry ---------------------------------------------------------------------------

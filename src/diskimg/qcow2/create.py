@@ -162,10 +162,13 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
         raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
     cs = h.cluster_size
     l1_clusters = -(-h.l1_size * 8 // cs)
-    if h.data_file is not None:
-        _create_data_file(path, h.data_file, h.size)
-    host = open_host_file(path, True, create=True)
+    # QEMU's lock on the image first: a refused create leaves it (and its data file) as
+    # they were; the image is emptied only once the data file is made too
+    host = open_host_file(path, True, create=True, truncate=False)
     try:
+        if h.data_file is not None:
+            _create_data_file(path, h.data_file, h.size)
+        host.empty()
         # clusters 0-2: header, refcount table, first refcount block (refcounts for 0..2).
         # The header cluster is written last: until then the file has no magic, so a crash
         # leaves no half-made image that qemu would open (B12)

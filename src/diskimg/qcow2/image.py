@@ -167,7 +167,8 @@ class Qcow2Image(BlockDevice):
                 raise CorruptImageError("Image has an external data file (incompatible bit 2) "
                                         "but names none (header extension 0x44415441)")
             path = self.policy.resolve(name, host.path, "data file")
-            self.data_host = open_host_file(path, not self.read_only, lock_mode=False)
+            self.data_host = open_host_file(path, not self.read_only,
+                                            lock_mode=host.locked)
             self._data_file_opened = True
         if not self.read_only and h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
             self._repair_dirty()

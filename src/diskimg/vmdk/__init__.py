@@ -142,20 +142,30 @@ def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | 
     extents: list[ExtentLine] = []
     flat = sub in ("monolithicFlat", "twoGbMaxExtentFlat")
     split = sub.startswith("twoGb")
-    desc_host: HostFile | None = None
+    parts: list[tuple[str, int]] = []       # (extent file name, bytes)
     if sub in ("monolithicSparse", "streamOptimized"):
         extents.append(ExtentLine("RW", cap, "SPARSE", path.name))
     else:
         remaining = size
-        idx = 0
         while remaining > 0:          # size 0: no extent at all, as qemu-img
             n = min(SPLIT_SIZE, remaining) if split else remaining
-            idx += 1
+            idx = len(parts) + 1
             if split:
                 name = f"{prefix}-{'f' if flat else 's'}{idx:03d}{postfix}"
             else:
                 name = f"{prefix}-flat{postfix}"
-            eh = open_host_file(d / name, True, create=True, lock_mode=False)
+            parts.append((name, n))
+            remaining -= n
+    # QEMU's lock on the descriptor, held throughout, and on every existing extent file
+    # before anything is emptied: a refused create changes no file
+    desc_host = open_host_file(path, True, create=True, truncate=False)
+    try:
+        for name, _n in parts:
+            if os.path.lexists(d / name):
+                open_host_file(d / name, True).close()
+        desc_host.empty()
+        for name, n in parts:
+            eh = open_host_file(d / name, True, create=True)
             try:
                 if flat:
                     eh.truncate(n)
@@ -165,27 +175,31 @@ def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | 
                     extents.append(ExtentLine("RW", n // S.SECTOR, "SPARSE", name))
             finally:
                 eh.close()
-            remaining -= n
-    text = build(cid=new_cid(), parent_cid=parent_cid, create_type=sub,
-                 parent_hint=backing_file, extents=extents, hw_version=hw_version,
-                 cylinders=size // (63 * heads * S.SECTOR), heads=heads,
-                 adapter_type=adapter, tools_version=tools).encode("latin-1")
-    desc_host = open_host_file(path, True, create=True, lock_mode=False)
-    try:
-        if sub == "monolithicSparse":
-            _init_sparse(desc_host, cap, zeroed)
-            desc_host.pwrite(S.SECTOR, text)
-        elif sub == "streamOptimized":
-            h = stream_header(cap)
-            if zeroed:
-                h = h.with_(flags=h.flags | S.FLAG_ZERO_GRAIN)
-            desc_host.pwrite(0, h.pack())
-            desc_host.pwrite(S.SECTOR, text.ljust(20 * S.SECTOR, b"\0"))
-            StreamWriter(desc_host, h, h.overhead * S.SECTOR, threads=1).finish()
-        else:
-            desc_host.pwrite(0, text)
+        text = build(cid=new_cid(), parent_cid=parent_cid, create_type=sub,
+                     parent_hint=backing_file, extents=extents, hw_version=hw_version,
+                     cylinders=size // (63 * heads * S.SECTOR), heads=heads,
+                     adapter_type=adapter, tools_version=tools).encode("latin-1")
+        _write_descriptor(desc_host, sub, cap, zeroed, text)
     finally:
         desc_host.close()
+
+
+def _write_descriptor(desc_host: HostFile, sub: str, cap: int, zeroed: bool,
+                      text: bytes) -> None:
+    """The descriptor file of a new image: sparse header + embedded descriptor
+    (monolithicSparse, streamOptimized) or the descriptor text alone."""
+    if sub == "monolithicSparse":
+        _init_sparse(desc_host, cap, zeroed)
+        desc_host.pwrite(S.SECTOR, text)
+    elif sub == "streamOptimized":
+        h = stream_header(cap)
+        if zeroed:
+            h = h.with_(flags=h.flags | S.FLAG_ZERO_GRAIN)
+        desc_host.pwrite(0, h.pack())
+        desc_host.pwrite(S.SECTOR, text.ljust(20 * S.SECTOR, b"\0"))
+        StreamWriter(desc_host, h, h.overhead * S.SECTOR, threads=1).finish()
+    else:
+        desc_host.pwrite(0, text)
 
 
 def write_stream_optimized(src: BlockDevice, dst: str | os.PathLike[str], *,
@@ -200,7 +214,7 @@ def write_stream_optimized(src: BlockDevice, dst: str | os.PathLike[str], *,
     opts = dict(options or {})
     opts["subformat"] = "streamOptimized"
     create_vmdk(dst, src.size, options=opts)
-    host = open_host_file(dst, True, lock_mode=False)
+    host = open_host_file(dst, True)
     try:
         h = S.SparseHeader.parse(host.pread(0, S.SECTOR))
         w = StreamWriter(host, h, h.overhead * S.SECTOR, threads=threads, level=level)

@@ -136,10 +136,11 @@ class VmdkImage(BlockDevice):
                 raise FormatError(f"Extent {i} has an invalid file name")
             path = self._resolve_extent(name)
             ro = self.read_only or x.access != "RW"
-            eh = open_host_file(path, not ro, lock_mode=False)
-            self._own_hosts.append(eh)
-            if path.samefile(self.host.path):
+            if _same_file(path, self.host.path):  # before its lock would refuse it as busy
                 raise FormatError(f"Extent {i} '{name}' is the descriptor file itself")
+            # QEMU's lock on every extent when the descriptor has it (qemu locks them all)
+            eh = open_host_file(path, not ro, lock_mode=self.host.locked)
+            self._own_hosts.append(eh)
             shown = _extent_name(self.host.path, name)
             if x.type in ("FLAT", "VMFS"):       # a VMFS line has no offset: 0
                 self.extents.append(FlatExtent(eh, (x.offset or 0) * S.SECTOR,
@@ -423,3 +424,12 @@ def open_vmdk(host: HostFile, *, policy: OpenPolicy | None = None) -> VmdkImage:
 
 
 __all__ = ["NO_PARENT", "VmdkImage", "open_vmdk"]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file (False when either cannot be looked at: the open
+    that follows reports that)."""
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
