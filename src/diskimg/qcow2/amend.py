@@ -119,8 +119,9 @@ def _make_completely_empty(host: HostFile, h: Header, l1_clusters: int) -> None:
 
 
 def _free_entry(rc: Refcounts, host: HostFile, ent: int, cb: int, extended: bool) -> None:
-    """Drop the reference an L2 entry holds (data, zero-allocated or compressed)."""
-    t = E.cluster_type(ent, extended)
+    """Drop the reference an L2 entry holds (data, zero-allocated or compressed).  Only
+    for images without an external data file (whose clusters carry no refcount)."""
+    t = E.cluster_type(ent, extended=extended, has_data_file=False)
     if t == E.ClusterType.COMPRESSED:
         off, n = E.decode_compressed(ent, cb)
         first, last = (off & ~511) >> cb, (off + n - 1) >> cb
@@ -252,6 +253,7 @@ def _zero_cluster_indices(host: HostFile, h: Header, l1: array[int]
                           ) -> list[tuple[int, int, int]]:
     """(L1 index, L2 offset, entry index) of every zero-flagged entry in ``l1``."""
     cs = h.cluster_size
+    data_file = bool(h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
     out = []
     for i in range(len(l1)):
         l2_off = l1[i] & E.L1E_OFFSET_MASK
@@ -259,7 +261,8 @@ def _zero_cluster_indices(host: HostFile, h: Header, l1: array[int]
             continue
         ents = be_u64_array(host.pread_exact(l2_off, cs, "L2 table"))
         for j, ent in enumerate(ents):
-            if E.cluster_type(ent) in (E.ClusterType.ZERO_PLAIN, E.ClusterType.ZERO_ALLOC):
+            if E.cluster_type(ent, extended=h.extended_l2, has_data_file=data_file) in (
+                    E.ClusterType.ZERO_PLAIN, E.ClusterType.ZERO_ALLOC):
                 out.append((i, l2_off, j))
     return out
 
@@ -279,6 +282,7 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
                                                  "snapshot L1 table"))
                    for sn in parse_table(raw, h.nb_snapshots, h.snapshots_offset)]
     backed = h.backing_file is not None
+    data_file = bool(h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
     done: dict[int, array[int]] = {}
     for l1 in tables:
         for i in range(len(l1)):
@@ -288,7 +292,7 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
             ents = be_u64_array(host.pread_exact(l2_off, cs, "L2 table"))
             changed = False
             for j, ent in enumerate(ents):
-                t = E.cluster_type(ent)
+                t = E.cluster_type(ent, extended=h.extended_l2, has_data_file=data_file)
                 if t == E.ClusterType.ZERO_ALLOC:
                     off = ent & E.L2E_OFFSET_MASK
                     host.pwrite(off, bytes(cs))
