@@ -51,7 +51,8 @@ def test_reads_guest_cluster_0_from_data_file_offset_0(
     img, _ = _pair(fixture_file)
     with diskimg.open(img) as d:
         assert d.read(0, CS) == b"\x5d" * CS
-        assert d.read(0, SIZE) == _model()
+        got = d.read(0, SIZE)
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(_model()).hexdigest()
         assert [e.to_json() for e in d.map()] == QEMU_MAP
 
 
@@ -69,9 +70,10 @@ def test_partial_write_to_cluster_0_keeps_its_other_bytes(
     model[5000:5010] = b"\x02" * 10
     # in-place writes change no metadata: the qcow2 file is byte-identical
     assert hashlib.sha256(img.read_bytes()).digest() == hashlib.sha256(before).digest()
-    assert raw.read_bytes()[: 2 * CS] == model[: 2 * CS]
+    assert raw.read_bytes()[: 2 * CS].hex() == model[: 2 * CS].hex()
     with diskimg.open(img) as d:
-        assert d.read(0, SIZE) == model
+        got = d.read(0, SIZE)
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(model).hexdigest()
         assert [e.to_json() for e in d.map()] == QEMU_MAP
     with diskimg.open(img) as d:
         res = d.check()
