@@ -185,3 +185,27 @@ def test_write_to_cluster_0_written_by_qemu_only(
     with diskimg.open(img) as d:
         _assert_bytes(d.read(0, 1 << 20), model, "diskimg")
     _qemu_check_clean(run, qemu_img, img)
+
+
+def test_commit_empties_a_data_file_top_without_touching_refcounts(
+        tmp_path: Path, run: RunFn, qemu_img: str, qemu_io: str,
+        make_image: Callable[..., Path]) -> None:
+    """commit then empties the top (qemu's make_empty): its data clusters live in the data
+    file and carry no refcount, so emptying must not drop references in the qcow2 file
+    (the old code did, and left refcount 0 on the header and the tables)."""
+    base = make_image("base.qcow2", "qcow2", 1 << 20)
+    data = tmp_path / "top.raw"
+    top = make_image("top.qcow2", "qcow2", 1 << 20, options={
+        "cluster_size": "4096", "data_file": str(data), "backing_file": str(base),
+        "backing_fmt": "qcow2"})
+    run([qemu_io, "-f", "qcow2", "-c", "write -P 0x11 0 12k", "-c", "write -P 0x22 64k 4k",
+         top.name], cwd=tmp_path)
+    model = bytearray(1 << 20)
+    model[: 12 << 10] = b"\x11" * (12 << 10)
+    model[64 << 10 : 68 << 10] = b"\x22" * 4096
+    run([sys.executable, "-m", "diskimg", "commit", top.name], cwd=tmp_path)
+    _qemu_check_clean(run, qemu_img, top)
+    _assert_bytes(_qemu_bytes(run, qemu_img, base), model, "the base after commit")
+    _assert_bytes(_qemu_bytes(run, qemu_img, top), model, "the emptied top")
+    js, _ = _qemu_map(run, qemu_img, top)
+    assert isinstance(js, list) and all(e["depth"] == 1 or not e["present"] for e in js)

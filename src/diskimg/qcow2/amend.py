@@ -118,9 +118,12 @@ def _make_completely_empty(host: HostFile, h: Header, l1_clusters: int) -> None:
     h.l1_table_offset, h.refcount_table_offset, h.refcount_table_clusters = 3 * cs, cs, 1
 
 
-def _free_entry(rc: Refcounts, host: HostFile, ent: int, cb: int, extended: bool) -> None:
-    """Drop the reference an L2 entry holds (data, zero-allocated or compressed).  Only
-    for images without an external data file (whose clusters carry no refcount)."""
+def _free_entry(rc: Refcounts, host: HostFile, ent: int, cb: int, extended: bool,
+                data_file: bool) -> None:
+    """Drop the reference an L2 entry holds (data, zero-allocated or compressed).  The
+    clusters of an external data file carry no refcount: nothing to drop there."""
+    if data_file:
+        return
     t = E.cluster_type(ent, extended=extended, has_data_file=False)
     if t == E.ClusterType.COMPRESSED:
         off, n = E.decode_compressed(ent, cb)
@@ -137,6 +140,7 @@ def _discard_all(host: HostFile, h: Header) -> None:
     """qemu's full discard of every active cluster (v2, snapshots, bitmaps, ...)."""
     cs, cb = h.cluster_size, h.cluster_bits
     extended = h.extended_l2
+    data_file = bool(h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
     rc = Refcounts(host, h)
     l1 = be_u64_array(host.pread_exact(h.l1_table_offset, h.l1_size * 8, "L1 table"))
     step = 2 if extended else 1
@@ -171,7 +175,7 @@ def _discard_all(host: HostFile, h: Header) -> None:
             host.flush()
             for j in range(0, len(old), step):
                 if old[j]:
-                    _free_entry(rc, host, old[j], cb, extended)
+                    _free_entry(rc, host, old[j], cb, extended, data_file)
     for off in freed_tables:
         rc.update(off >> cb, -1)
     rc.flush()
