@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from diskimg.qcow2 import check as C
+from diskimg.qcow2 import entries as E
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -120,13 +121,13 @@ def test_clean_tables_skip_the_entry_walk(tmp_path: Path, monkeypatch: pytest.Mo
     classifying a single L2 entry, and the counts are qemu-img's."""
     img = _make(tmp_path, backwards=True)
     calls: list[int] = []
-    real = C._Pass.cluster_type
+    real = C.cluster_type
 
-    def spy(self: C._Pass, e: int) -> int:
+    def spy(e: int, *, extended: bool, has_data_file: bool) -> E.ClusterType:
         calls.append(e)
-        return real(self, e)
+        return real(e, extended=extended, has_data_file=has_data_file)
 
-    monkeypatch.setattr(C._Pass, "cluster_type", spy)
+    monkeypatch.setattr(C, "cluster_type", spy)
     from diskimg.cli.main import main
 
     assert main(["check", "--output=json", str(img)]) == 0

@@ -120,9 +120,13 @@ def _make_completely_empty(host: HostFile, h: Header, l1_clusters: int) -> None:
     h.l1_table_offset, h.refcount_table_offset, h.refcount_table_clusters = 3 * cs, cs, 1
 
 
-def _free_entry(rc: Refcounts, host: HostFile, ent: int, cb: int, extended: bool) -> None:
-    """Drop the reference an L2 entry holds (data, zero-allocated or compressed)."""
-    t = E.cluster_type(ent, extended)
+def _free_entry(rc: Refcounts, host: HostFile, ent: int, cb: int, extended: bool,
+                data_file: bool) -> None:
+    """Drop the reference an L2 entry holds (data, zero-allocated or compressed).  The
+    clusters of an external data file carry no refcount: nothing to drop there."""
+    if data_file:
+        return
+    t = E.cluster_type(ent, extended=extended, has_data_file=False)
     if t == E.ClusterType.COMPRESSED:
         off, n = E.decode_compressed(ent, cb)
         first, last = (off & ~511) >> cb, (off + n - 1) >> cb
@@ -138,6 +142,7 @@ def _discard_all(host: HostFile, h: Header) -> None:
     """qemu's full discard of every active cluster (v2, snapshots, bitmaps, ...)."""
     cs, cb = h.cluster_size, h.cluster_bits
     extended = h.extended_l2
+    data_file = bool(h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
     rc = Refcounts(host, h)
     l1 = be_u64_array(host.pread_exact(h.l1_table_offset, h.l1_size * 8, "L1 table"))
     step = 2 if extended else 1
@@ -172,7 +177,7 @@ def _discard_all(host: HostFile, h: Header) -> None:
             host.flush()
             for j in range(0, len(old), step):
                 if old[j]:
-                    _free_entry(rc, host, old[j], cb, extended)
+                    _free_entry(rc, host, old[j], cb, extended, data_file)
     for off in freed_tables:
         rc.update(off >> cb, -1)
     rc.flush()
@@ -260,6 +265,7 @@ def _zero_cluster_indices(host: HostFile, h: Header, l1: array[int]
                           ) -> list[tuple[int, int, int]]:
     """(L1 index, L2 offset, entry index) of every zero-flagged entry in ``l1``."""
     cs = h.cluster_size
+    data_file = bool(h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
     out = []
     for i in range(len(l1)):
         l2_off = l1[i] & E.L1E_OFFSET_MASK
@@ -267,7 +273,8 @@ def _zero_cluster_indices(host: HostFile, h: Header, l1: array[int]
             continue
         ents = be_u64_array(host.pread_exact(l2_off, cs, "L2 table"))
         for j, ent in enumerate(ents):
-            if E.cluster_type(ent) in (E.ClusterType.ZERO_PLAIN, E.ClusterType.ZERO_ALLOC):
+            if E.cluster_type(ent, extended=h.extended_l2, has_data_file=data_file) in (
+                    E.ClusterType.ZERO_PLAIN, E.ClusterType.ZERO_ALLOC):
                 out.append((i, l2_off, j))
     return out
 
@@ -290,6 +297,7 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
                                                  "snapshot L1 table"))
                    for sn in parse_table(raw, h.nb_snapshots, h.snapshots_offset)]
     backed = h.backing_file is not None
+    data_file = bool(h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
     done: dict[int, array[int]] = {}
     released: list[tuple[int, int]] = []
     for l1 in tables:
@@ -300,7 +308,7 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
             ents = be_u64_array(host.pread_exact(l2_off, cs, "L2 table"))
             changed = False
             for j, ent in enumerate(ents):
-                t = E.cluster_type(ent)
+                t = E.cluster_type(ent, extended=h.extended_l2, has_data_file=data_file)
                 if t == E.ClusterType.ZERO_ALLOC:
                     off = ent & E.L2E_OFFSET_MASK
                     l2_ref = rc.get(l2_off >> cb)

@@ -37,8 +37,9 @@ from diskimg.qcow2.entries import (
     L1E_RESERVED_MASK,
     L2E_OFFSET_MASK,
     L2E_STD_RESERVED_MASK,
+    ClusterType,
+    cluster_type,
 )
-from diskimg.qcow2.entries import QCOW_OFLAG_COMPRESSED as OFLAG_COMPRESSED
 from diskimg.qcow2.entries import QCOW_OFLAG_COPIED as OFLAG_COPIED
 from diskimg.qcow2.entries import QCOW_OFLAG_ZERO as OFLAG_ZERO
 from diskimg.qcow2.layout import (
@@ -73,8 +74,10 @@ MAX_IMRT_BYTES = 1 << 29
 #: Cap on L1 plus non-zero L2 entries visited (snapshots sharing tables multiply this).
 MAX_L2_ENTRIES = 1 << 28
 
-# L2 cluster types
-_UNALLOCATED, _ZERO_PLAIN, _ZERO_ALLOC, _NORMAL, _COMPRESSED = range(5)
+# L2 cluster types (classified by entries.cluster_type, the one rule)
+_UNALLOCATED, _ZERO_ALLOC, _NORMAL, _COMPRESSED = (
+    ClusterType.UNALLOCATED, ClusterType.ZERO_ALLOC, ClusterType.NORMAL,
+    ClusterType.COMPRESSED)
 
 _STRERROR = {
     "EIO": "Input/output error",
@@ -620,17 +623,6 @@ class _Pass:
                               extra_data_size=sn.extra_data_size)
 
     # --- L1 / L2 walking --------------------------------------------------------------
-    def cluster_type(self, e: int) -> int:
-        if e & OFLAG_COMPRESSED:
-            return _COMPRESSED
-        if e & OFLAG_ZERO and not self.ext_l2:
-            return _ZERO_ALLOC if e & L2E_OFFSET_MASK else _ZERO_PLAIN
-        if not e & L2E_OFFSET_MASK:
-            if self.data_file and e & OFLAG_COPIED:
-                return _NORMAL
-            return _UNALLOCATED
-        return _NORMAL
-
     def _plain_hosts(self, raw: bytes) -> list[int] | None:
         """Host offsets of the entries of a standard L2 table (non-zero ones, in order)
         when every one is a plain data cluster: no flag but COPIED, no reserved bit, a
@@ -744,7 +736,7 @@ class _Pass:
             if not e and not bm:
                 continue
             nonzero += 1
-            typ = self.cluster_type(e)
+            typ = cluster_type(e, extended=self.ext_l2, has_data_file=self.data_file)
             guest = ((l1_index * self.l2_size + i) * cs) if active else None
             if typ != _COMPRESSED and e & L2E_STD_RESERVED_MASK:
                 self.msg(f"ERROR found l2 entry with reserved bits set: {e:x}")
@@ -1173,7 +1165,7 @@ class _Pass:
                 e = tab[j * step]
                 if not e:
                     continue
-                typ = self.cluster_type(e)
+                typ = cluster_type(e, extended=self.ext_l2, has_data_file=self.data_file)
                 if typ not in (_NORMAL, _ZERO_ALLOC):
                     continue
                 if self.data_file:

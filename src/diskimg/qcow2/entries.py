@@ -39,31 +39,45 @@ class SubclusterType(IntEnum):
     INVALID = 6
 
 
-def cluster_type(entry: int, extended: bool = False) -> ClusterType:
-    """Classify an L2 entry.  With extended L2 the zero flag lives in the bitmap, so
-    bit 0 is ignored here (it must be 0) and zero-ness is per subcluster."""
+def cluster_type(entry: int, *, extended: bool, has_data_file: bool) -> ClusterType:
+    """Classify an L2 entry (the one rule for every reader, writer and the checker).
+
+    With extended L2 the zero flag lives in the bitmap, so bit 0 is ignored here (it
+    must be 0) and zero-ness is per subcluster (:func:`subcluster_type`).
+
+    Host offset 0 means "no cluster" except with an external data file, where 0 is the
+    first cluster of the data file: there every data cluster has refcount 1, so its
+    entry carries QCOW_OFLAG_COPIED, and an entry with offset 0 and COPIED is NORMAL
+    (docs/interop/qcow2.txt, L2 entries).  A zero-flagged entry with offset 0 stays
+    ZERO_PLAIN, as in QEMU."""
     if entry & QCOW_OFLAG_COMPRESSED:
         return ClusterType.COMPRESSED
     off = entry & L2E_OFFSET_MASK
     if not extended and entry & QCOW_OFLAG_ZERO:
         return ClusterType.ZERO_ALLOC if off else ClusterType.ZERO_PLAIN
-    return ClusterType.NORMAL if off else ClusterType.UNALLOCATED
+    if off or (has_data_file and entry & QCOW_OFLAG_COPIED):
+        return ClusterType.NORMAL
+    return ClusterType.UNALLOCATED
 
 
-def subcluster_type(entry: int, bitmap: int, index: int) -> SubclusterType:
-    """State of subcluster ``index`` (0..31) of an extended L2 entry + bitmap."""
-    if entry & QCOW_OFLAG_COMPRESSED:
+def subcluster_type(entry: int, bitmap: int, index: int, *,
+                    has_data_file: bool) -> SubclusterType:
+    """State of subcluster ``index`` (0..31) of an extended L2 entry + bitmap.  Whether
+    the entry has a host cluster is :func:`cluster_type`'s rule (offset 0 with COPIED is
+    a host cluster in an external data file)."""
+    t = cluster_type(entry, extended=True, has_data_file=has_data_file)
+    if t == ClusterType.COMPRESSED:
         return SubclusterType.COMPRESSED if bitmap == 0 else SubclusterType.INVALID
     alloc = bitmap >> index & 1
     zero = bitmap >> (32 + index) & 1
-    off = entry & L2E_OFFSET_MASK
+    has_host = t == ClusterType.NORMAL
     if alloc and zero:
         return SubclusterType.INVALID
     if zero:
-        return SubclusterType.ZERO_ALLOC if off else SubclusterType.ZERO_PLAIN
+        return SubclusterType.ZERO_ALLOC if has_host else SubclusterType.ZERO_PLAIN
     if alloc:
-        return SubclusterType.NORMAL if off else SubclusterType.INVALID
-    return SubclusterType.UNALLOCATED_ALLOC if off else SubclusterType.UNALLOCATED_PLAIN
+        return SubclusterType.NORMAL if has_host else SubclusterType.INVALID
+    return SubclusterType.UNALLOCATED_ALLOC if has_host else SubclusterType.UNALLOCATED_PLAIN
 
 
 def compressed_layout(cluster_bits: int) -> tuple[int, int]:

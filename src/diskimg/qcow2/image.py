@@ -255,11 +255,13 @@ class Qcow2Image(BlockDevice):
                                     offset=l2_off + idx * 8)
 
     # --- lookup (the read plan) ------------------------------------------------------
-    def _lookup(self, offset: int, length: int) -> tuple[str, int, int, int]:
+    def _lookup(self, offset: int, length: int) -> tuple[str, int, int | None, int]:
         """Classify the run at guest ``offset``: (kind, length, host offset, raw entry).
 
-        Merges consecutive clusters of the same kind (DATA only when host-contiguous);
-        never crosses an L2 table.  For COMPRESSED the run is one cluster.
+        The host offset (in the data file) is None when the run has no host cluster; it
+        is never None for DATA and may be 0 with an external data file.  Merges
+        consecutive clusters of the same kind (DATA only when host-contiguous); never
+        crosses an L2 table.  For COMPRESSED the run is one cluster.
         """
         cs = self.cs
         cluster = offset >> self.cb
@@ -268,30 +270,31 @@ class Qcow2Image(BlockDevice):
         idx = cluster & (self.l2_entries - 1)
         max_len = min(length, (self.l2_entries - idx) * cs - in_off)
         if not l2_off:
-            return UNALLOC, max_len, 0, 0
+            return UNALLOC, max_len, None, 0
         ents = self.l2_cache.get(l2_off).entries
         if self.extended:
             return self._lookup_ext(ents, l2_off, idx, in_off, max_len)
         ent = ents[idx]
         kind, host = self._classify(ent, l2_off, idx)
         if kind == COMPRESSED:
-            return COMPRESSED, min(max_len, cs - in_off), 0, ent
+            return COMPRESSED, min(max_len, cs - in_off), None, ent
         n = cs - in_off
         # entries equal to the first one plus k clusters (k times 0 for unallocated and
         # zero clusters) continue the run: compared a slice at a time, in C
-        step = cs if host else 0
+        step = 0 if host is None else cs
         stop = idx + 1 + (max_len - n + cs - 1) // cs
         i = _progression_end(ents, idx + 1, stop, ent + step, step)
         n += (i - idx - 1) * cs
-        nxt = host + (i - idx) * cs
+        nxt = None if host is None else host + (i - idx) * cs
         while n < max_len:
             k2, h2 = self._classify(ents[i], l2_off, i)
-            if k2 != kind or (h2 != nxt if host else h2 != 0):
+            if k2 != kind or h2 != nxt:
                 break
             n += cs
-            nxt += cs
+            if nxt is not None:
+                nxt += cs
             i += 1
-        return kind, min(n, max_len), (host + in_off if host else 0), ent
+        return kind, min(n, max_len), (None if host is None else host + in_off), ent
 
     def _unallocated_until(self, offset: int, end: int) -> int:
         """Past L1 entries without an L2 table (one pass over the L1 table)."""
@@ -306,43 +309,55 @@ class Qcow2Image(BlockDevice):
             return end  # unallocated to the end of the image
         return min(end, j * span)
 
-    def _classify(self, ent: int, l2_off: int, idx: int) -> tuple[str, int]:
-        t = E.cluster_type(ent)
+    def _cluster_type(self, ent: int) -> E.ClusterType:
+        """:func:`entries.cluster_type` with this image's extended-L2 and data-file flags."""
+        return E.cluster_type(ent, extended=self.extended,
+                              has_data_file=self._data_file_opened)
+
+    def _classify(self, ent: int, l2_off: int, idx: int) -> tuple[str, int | None]:
+        """(run kind, host cluster offset or None) of a standard L2 entry."""
+        t = self._cluster_type(ent)
         if t == E.ClusterType.NORMAL:
             host = ent & E.L2E_OFFSET_MASK
             self._check_data_offset(host, l2_off, idx)
             return DATA, host
         if t == E.ClusterType.UNALLOCATED:
-            return UNALLOC, 0
+            return UNALLOC, None
         if t == E.ClusterType.COMPRESSED:
-            return COMPRESSED, 0
-        return ZERO, ent & E.L2E_OFFSET_MASK  # ZERO_ALLOC keeps its host cluster
+            return COMPRESSED, None
+        if t == E.ClusterType.ZERO_ALLOC:
+            return ZERO, ent & E.L2E_OFFSET_MASK  # keeps its host cluster
+        return ZERO, None
 
     def _lookup_ext(self, ents: array[int], l2_off: int, idx: int, in_off: int,
-                    max_len: int) -> tuple[str, int, int, int]:
+                    max_len: int) -> tuple[str, int, int | None, int]:
         scs = self.sc_size
         ent, bitmap = ents[2 * idx], ents[2 * idx + 1]
         sc = in_off // scs
-        t = E.subcluster_type(ent, bitmap, sc)
+        df = self._data_file_opened
+        t = E.subcluster_type(ent, bitmap, sc, has_data_file=df)
         if t == E.SubclusterType.INVALID:
             raise CorruptImageError(f"Invalid extended L2 entry {idx} in table at {l2_off:#x}",
                                     offset=l2_off + 16 * idx)
         if t == E.SubclusterType.COMPRESSED:
-            return COMPRESSED, min(max_len, self.cs - in_off), 0, ent
+            return COMPRESSED, min(max_len, self.cs - in_off), None, ent
         kind = {E.SubclusterType.NORMAL: DATA, E.SubclusterType.ZERO_PLAIN: ZERO,
                 E.SubclusterType.ZERO_ALLOC: ZERO}.get(t, UNALLOC)
-        host = ent & E.L2E_OFFSET_MASK
-        if host:
+        host: int | None = None
+        if t in (E.SubclusterType.NORMAL, E.SubclusterType.ZERO_ALLOC,
+                 E.SubclusterType.UNALLOCATED_ALLOC):  # the cluster has a host cluster
+            host = ent & E.L2E_OFFSET_MASK
             self._check_data_offset(host, l2_off, idx)
+            host += in_off
         n = scs - in_off % scs
         sc += 1
         while n < max_len and sc < E.SUBCLUSTERS_PER_CLUSTER:
-            t2 = E.subcluster_type(ent, bitmap, sc)
+            t2 = E.subcluster_type(ent, bitmap, sc, has_data_file=df)
             if t2 != t:
                 break
             n += scs
             sc += 1
-        return kind, min(n, max_len), (host + in_off if host else 0), ent
+        return kind, min(n, max_len), host, ent
 
     # --- reads -----------------------------------------------------------------------
     @property
@@ -433,6 +448,7 @@ class Qcow2Image(BlockDevice):
         for kind, pos, run, host, ent in plan:
             dst = buf[pos : pos + run]
             if kind == DATA:
+                assert host is not None  # DATA always has a host cluster
                 if crypt:
                     self._read_encrypted(offset + pos, host, dst)
                 else:
@@ -497,13 +513,11 @@ class Qcow2Image(BlockDevice):
         """QEMU's qcow2 block status: host offsets are valid for data, zero-allocated and
         allocated-but-unused subclusters, never for compressed or encrypted clusters."""
         fname = str(self.data_host.path)
-        if self.header.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
-            return Status(length, True, True, False, offset, fname)
         kind, run, host, _ = self._lookup(offset, length)
         if self.header.crypt_method:
-            host = 0
+            host = None
         if kind == DATA:
-            if not host:
+            if host is None:
                 return Status(run, True, True, False)
             if self.metadata_preallocation:
                 for start, n, is_data in self.data_host.data_extents(host, run):
@@ -511,8 +525,8 @@ class Qcow2Image(BlockDevice):
             return Status(run, True, True, False, host, fname)
         if kind == COMPRESSED:
             return Status(run, True, True, False)
-        where = host or None
-        name = fname if host else None
+        where = host
+        name = None if host is None else fname
         if kind == ZERO:
             return Status(run, True, False, True, where, name)
         return Status(run, False, False, self.backing is None, where, name)
@@ -586,7 +600,7 @@ class Qcow2Image(BlockDevice):
         then deallocated in the host file too (QEMU's default pass-discard-request).
         Pending entries are (host, length, punch); a negative length marks a cluster of an
         external data file, which is only deallocated."""
-        t = E.cluster_type(ent)
+        t = self._cluster_type(ent)
         self._decoded.pop(ent, None)  # the decoded-cluster cache is keyed by entry
         if self._data_file_opened:
             # data clusters of an external data file carry no refcount (identity mapped)
@@ -604,7 +618,7 @@ class Qcow2Image(BlockDevice):
         partial write may zero the rest of a new cluster instead of copying it."""
         if self.header.crypt_method:
             return False
-        t = E.cluster_type(ent)
+        t = self._cluster_type(ent)
         if t in (E.ClusterType.ZERO_PLAIN, E.ClusterType.ZERO_ALLOC):
             return True
         return t == E.ClusterType.UNALLOCATED and (
@@ -646,12 +660,12 @@ class Qcow2Image(BlockDevice):
         per run), and only then are the L2 entries changed and old references dropped."""
         cs, cb = self.cs, self.cb
         copied, mask = E.QCOW_OFLAG_COPIED, E.L2E_OFFSET_MASK
-        not_normal = E.QCOW_OFLAG_COMPRESSED | E.QCOW_OFLAG_ZERO
+        normal, ctype = E.ClusterType.NORMAL, self._cluster_type
         n = ((stop - 1) >> cb) - cluster + 1
         olds = ents[idx : idx + n]
         # a NORMAL cluster this image alone references is written in place
         to_alloc = [j for j, ent in enumerate(olds)
-                    if not (ent & copied and ent & mask and not ent & not_normal)]
+                    if not (ent & copied and ctype(ent) == normal)]
         hosts = self._alloc_data([cluster + j for j in to_alloc]) if to_alloc else []
         # (host, guest lo, guest hi) runs of plain data, merged where host and guest are
         # both contiguous; copy-on-write clusters become their own buffers
@@ -696,8 +710,7 @@ class Qcow2Image(BlockDevice):
             for k, j in enumerate(to_alloc):
                 old = olds[j]
                 ents[idx + j] = hosts[k] | copied
-                if old & (mask | E.QCOW_OFLAG_COMPRESSED):
-                    free(old)
+                free(old)  # a no-op unless the old entry held a cluster
             self.l2_cache.mark_dirty(l2_off)
 
     def _write_ext(self, offset: int, data: memoryview) -> None:
@@ -720,13 +733,14 @@ class Qcow2Image(BlockDevice):
             i = 2 * (cluster & (self.l2_entries - 1))
             ent, bm = table.entries[i], table.entries[i + 1]
             host = ent & E.L2E_OFFSET_MASK
-            compressed = bool(ent & E.QCOW_OFLAG_COMPRESSED)
-            if host and not compressed:
+            t = self._cluster_type(ent)
+            has_host = t == E.ClusterType.NORMAL  # (offset 0 is one in a data file)
+            if has_host:
                 self._check_data_offset(host, l2_off, i // 2)
             touched = ((1 << s_hi) - 1) ^ ((1 << s_lo) - 1)
-            if host and not compressed and ent & E.QCOW_OFLAG_COPIED:
+            if has_host and ent & E.QCOW_OFLAG_COPIED:
                 new_host, new_bm = host, bm
-            elif compressed or host:
+            elif t == E.ClusterType.COMPRESSED or has_host:
                 # compressed or shared cluster: copy the whole cluster to a new one
                 new_host = self._alloc_data([cluster])[0]
                 new_bm = full_bits
@@ -742,7 +756,7 @@ class Qcow2Image(BlockDevice):
             new_bm = (new_bm | touched) & ~(touched << 32) & ((1 << 64) - 1)
             table.entries[i] = new_host | E.QCOW_OFLAG_COPIED
             table.entries[i + 1] = new_bm
-            if new_host != host:
+            if not (has_host and new_host == host):
                 self._free_entry(ent)
                 self._decoded.pop(ent, None)
             self.l2_cache.mark_dirty(l2_off)
@@ -864,7 +878,6 @@ class Qcow2Image(BlockDevice):
                 return
             self.bitmaps.mark(offset, total)
             copied, mask = E.QCOW_OFLAG_COPIED, E.L2E_OFFSET_MASK
-            not_normal = E.QCOW_OFLAG_COMPRESSED | E.QCOW_OFLAG_ZERO
             writes: list[tuple[int, Any]] = []
             updates: list[tuple[int, int, int]] = []  # (L2 table offset, index, new entry)
             for k, (d, packed) in enumerate(clusters):
@@ -883,7 +896,7 @@ class Qcow2Image(BlockDevice):
                                          cluster << self.cb, (cluster << self.cb) + len(d),
                                          cluster << self.cb, memoryview(d).cast("B"))
                     continue
-                elif old & copied and old & mask and not old & not_normal:
+                elif old & copied and self._cluster_type(old) == E.ClusterType.NORMAL:
                     self._check_data_offset(old & mask, l2_off, idx)
                     writes.append((old & mask, d))  # written in place, entry unchanged
                     continue
@@ -951,6 +964,10 @@ class Qcow2Image(BlockDevice):
     def _zero_clusters(self, first: int, end: int, unmap: bool, discard: bool) -> None:
         """Set full clusters [first, end) to read as zeros (v3) or deallocate them."""
         v3 = self.header.version >= 3
+        if not discard and self.header.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
+            # data_file_raw: the data file must keep reading as the disk (as qemu does)
+            start = first << self.cb
+            self.data_host.zero_range(start, min(self.size, end << self.cb) - start)
         c = first
         while c < end:
             idx = c & (self.l2_entries - 1)
@@ -977,7 +994,7 @@ class Qcow2Image(BlockDevice):
                 continue
             for j in range(idx, idx + n):
                 old = ents[j]
-                t = E.cluster_type(old)
+                t = self._cluster_type(old)
                 if not v3:
                     new = 0
                 elif unmap or not (old & E.QCOW_OFLAG_COPIED) or t not in (
@@ -1002,10 +1019,10 @@ class Qcow2Image(BlockDevice):
         for j in range(idx, idx + n):
             ent = ents[2 * j]
             keep = (not unmap and ent & E.QCOW_OFLAG_COPIED
-                    and not ent & E.QCOW_OFLAG_COMPRESSED and ent & E.L2E_OFFSET_MASK)
+                    and self._cluster_type(ent) == E.ClusterType.NORMAL)
             new = (ent & (E.L2E_OFFSET_MASK | E.QCOW_OFLAG_COPIED)) if keep else 0
-            if not new and ent & (E.L2E_OFFSET_MASK | E.QCOW_OFLAG_COMPRESSED):
-                self._free_entry(ent, punch=unmap)
+            if not keep:
+                self._free_entry(ent, punch=unmap)  # a no-op for an entry without cluster
                 self._decoded.pop(ent, None)
             ents[2 * j], ents[2 * j + 1] = new, all_zero
 

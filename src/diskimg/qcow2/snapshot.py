@@ -265,7 +265,8 @@ class SnapshotTable:
             dirty = False
             for j in range(0, len(ents), step):
                 ent = ents[j]
-                t = E.cluster_type(ent, img.extended)
+                t = E.cluster_type(ent, extended=img.extended,
+                                   has_data_file=img._data_file_opened)
                 if t == E.ClusterType.COMPRESSED:
                     if addend:
                         host, n = E.decode_compressed(ent, img.cb)
