@@ -503,11 +503,18 @@ class Qcow2Image(BlockDevice):
 
     @property
     def metadata_preallocation(self) -> bool:
-        """QEMU's guess (made once, on first use) whether the image was created with
+        """QEMU's guess (made on first use) whether the image was created with
         ``preallocation=metadata``: at least ``max(real * 10 / 9, real + 2)`` clusters have
         a refcount, ``real`` being the clusters the host file really allocates.  Only then
-        does block status report holes in the host file under data clusters as zeros."""
+        does block status report holes in the host file under data clusters as zeros.
+
+        qemu-img makes it on a freshly opened file; here it is made on the file as it is
+        on disk: a writable image flushes its cached tables first (else the refcounts
+        count clusters whose tables are not written yet, and map() would depend on when
+        it was called), and every change forgets it (:meth:`_check_write_support`)."""
         if self._metadata_prealloc is None:
+            if not self.read_only:
+                self.flush()
             real = self.host.allocated_size() // self.cs
             threshold = max(real * 10 // 9, real + 2)
             try:
@@ -520,6 +527,7 @@ class Qcow2Image(BlockDevice):
 
     # --- allocation helpers ----------------------------------------------------------
     def _check_write_support(self) -> None:
+        self._metadata_prealloc = None  # allocation changes: guess again on the next map
         if self.header.crypt_method:
             _ = self.cipher  # fails early without the secret
         if not self._set_dirty_bit and self.header.compatible_features & \
