@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from diskimg.device import BlockDevice, ImageInfo, Status
+from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import (
     CorruptImageError,
     DiskImgError,
@@ -168,6 +168,16 @@ class Qcow2Image(BlockDevice):
         self.bitmaps = Bitmaps(self)
         self._view_of: Qcow2Image | None = None
         self._metadata_prealloc: bool | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once closed; a snapshot view is closed with the image it shows."""
+        view_of = self.__dict__.get("_view_of")
+        return super().closed or (view_of is not None and view_of.closed)
+
+    def _warns_unclosed(self) -> bool:
+        return self._view_of is None and not self.is_backing  # a view holds no files
 
     # --- helpers ---------------------------------------------------------------------
     def _read_snapshot_table(self, for_check: bool) -> list[Snapshot]:
@@ -527,6 +537,7 @@ class Qcow2Image(BlockDevice):
 
     # --- allocation helpers ----------------------------------------------------------
     def _check_write_support(self) -> None:
+        self._check_open()
         self._metadata_prealloc = None  # allocation changes: guess again on the next map
         if self.header.crypt_method:
             _ = self.cipher  # fails early without the secret
@@ -765,6 +776,7 @@ class Qcow2Image(BlockDevice):
             self.l1_dirty.clear()
             self._pending_free.clear()
 
+    @requires_open
     def align_compressed_end(self) -> None:
         """Grow the image file to a multiple of 512 bytes, as qemu-img's ``convert -c``
         does when it finishes (a zero-length compressed write), so sector-based readers can
@@ -822,6 +834,7 @@ class Qcow2Image(BlockDevice):
         self._decoded.pop(old, None)
         self.l2_cache.mark_dirty(l2_off)
 
+    @requires_open
     def write_compressed_clusters(
             self, offset: int,
             clusters: list[tuple[bytes | bytearray | memoryview, bytes | None]]) -> None:
@@ -1081,6 +1094,7 @@ class Qcow2Image(BlockDevice):
         self._write_zeroes(start, end - start, False)
         self.flush()
 
+    @requires_open
     def preallocate(self, start: int, end: int, mode: str) -> None:
         """Give the unallocated clusters of guest [start, end) L2 entries and host clusters
         (``metadata``), then also reserve (``falloc``) or zero-fill (``full``) the new
@@ -1111,6 +1125,7 @@ class Qcow2Image(BlockDevice):
             self.host.truncate(new_end)
 
     # --- resize ----------------------------------------------------------------------
+    @requires_open
     def resize(self, new_size: int, *, shrink: bool = False,
                preallocation: str = "off") -> None:
         """Grow (or with ``shrink`` shrink) the virtual disk to ``new_size`` bytes;
@@ -1257,6 +1272,7 @@ class Qcow2Image(BlockDevice):
         self._flush_refcounts()
 
     # --- info ------------------------------------------------------------------------
+    @requires_open
     def info(self) -> ImageInfo:
         h = self.header
         data: dict[str, Any] = {"compat": "1.1" if h.version >= 3 else "0.10"}
@@ -1308,6 +1324,7 @@ class Qcow2Image(BlockDevice):
             snapshots=[s.to_json() for s in self.snapshot_list],
         )
 
+    @requires_open
     def snapshot_view(self, snapshot_id: str | None = None,
                       name: str | None = None) -> Qcow2Image:
         """A read-only device showing the disk as snapshot ``snapshot_id``/``name`` saw it.
@@ -1337,6 +1354,7 @@ class Qcow2Image(BlockDevice):
         view._closed = False
         return view
 
+    @requires_open
     def check(self, repair: str | None = None) -> Any:
         """Consistency check (and repair) like ``qemu-img check``; see qcow2.check."""
         from diskimg.qcow2.check import check_image
