@@ -123,13 +123,15 @@ class BlockDevice:
     here, so formats may assume it); a read-only device refuses every mutating call with
     :class:`UsageError`; ``close()`` flushes, is idempotent, and releases the host files.
 
-    Lifecycle: a format's ``__init__`` sets ``_closed = False`` as its last step (an image
-    that failed to open is released by its opener, never finalized).  After ``close()``
-    every call raises :class:`ClosedImageError` (public methods of formats carry
-    :func:`requires_open`).  An image that is never closed is closed when it is garbage
-    collected, with a ``ResourceWarning`` as Python's files give, so its files and QEMU's
-    locks do not outlive it; backing files and views close quietly (their owner warns).
+    After ``close()`` every call raises :class:`ClosedImageError`.  An image that is never
+    closed is closed when it is garbage collected, with a ``ResourceWarning`` as Python's
+    files give, so its files and QEMU's locks do not outlive it; its backing files and
+    snapshot views close quietly (the image that owns them warns).
     """
+
+    # Lifecycle, for formats: ``__init__`` sets ``self._closed = False`` as its last step
+    # (an image that failed to open is released by its opener and never finalized), and
+    # public methods beyond this class's carry @requires_open.
 
     format: str = ""
     size: int = 0

@@ -521,7 +521,7 @@ class Qcow2Image(BlockDevice):
         qemu-img makes it on a freshly opened file; here it is made on the file as it is
         on disk: a writable image flushes its cached tables first (else the refcounts
         count clusters whose tables are not written yet, and map() would depend on when
-        it was called), and every change forgets it (:meth:`_check_write_support`)."""
+        it was called), and every change to the image forgets it."""
         if self._metadata_prealloc is None:
             if not self.read_only:
                 self.flush()
@@ -538,7 +538,7 @@ class Qcow2Image(BlockDevice):
     # --- allocation helpers ----------------------------------------------------------
     def _check_write_support(self) -> None:
         self._check_open()
-        self._metadata_prealloc = None  # allocation changes: guess again on the next map
+        self._metadata_prealloc = None  # allocation changes: guess again on next use
         if self.header.crypt_method:
             _ = self.cipher  # fails early without the secret
         if not self._set_dirty_bit and self.header.compatible_features & \
@@ -1329,7 +1329,8 @@ class Qcow2Image(BlockDevice):
                       name: str | None = None) -> Qcow2Image:
         """A read-only device showing the disk as snapshot ``snapshot_id``/``name`` saw it.
 
-        It shares this image's files and backing chain; closing it closes nothing."""
+        It shares this image's files and backing chain: closing it closes nothing, and
+        closing the image closes it (calls then raise :class:`ClosedImageError`)."""
         from diskimg.qcow2.snapshot import SnapshotNotFoundError
 
         sn = None
