@@ -213,6 +213,22 @@ def test_backing_file_alone_is_quiet_when_top_closed(tmp_path: Path) -> None:
     assert got == []
 
 
+def test_failed_open_releases_the_data_file(tmp_path: Path, run: Any, qemu_img: str) -> None:
+    p, data = tmp_path / "df.qcow2", tmp_path / "df.raw"
+    run([qemu_img, "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o",
+         f"data_file={data},encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+         p, "1M"])
+    shas = _sha([p, data])
+    before = _fds()
+    for mode in ("r", "r+"):
+        with pytest.raises(diskimg.InvalidPassphraseError):
+            diskimg.open(p, mode, secrets={"s0": b"wrong"},
+                         options={"encrypt.key-secret": "s0"})
+    gc.collect()
+    assert _fds() == before  # the data file opened before the key check is closed again
+    assert _sha([p, data]) == shas
+
+
 # --- use after close -----------------------------------------------------------------------
 def _calls(img: Any, fmt: str) -> dict[str, Callable[[], object]]:
     buf = bytearray(4096)

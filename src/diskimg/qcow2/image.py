@@ -101,6 +101,18 @@ class Qcow2Image(BlockDevice):
     def __init__(self, host: HostFile, *, secrets: Mapping[str, bytes] | None = None,
                  options: Mapping[str, str] | None = None,
                  policy: OpenPolicy | None = None, for_check: bool = False) -> None:
+        try:
+            self._open(host, secrets=secrets, options=options, policy=policy,
+                       for_check=for_check)
+        except BaseException:
+            # the opener closes ``host``; a data file this image opened is its own to close
+            if self.__dict__.get("_data_file_opened"):
+                self.data_host.close()
+            raise
+
+    def _open(self, host: HostFile, *, secrets: Mapping[str, bytes] | None,
+              options: Mapping[str, str] | None, policy: OpenPolicy | None,
+              for_check: bool) -> None:
         self.host = host
         self.filename = str(host.path)
         self.read_only = not host.writable
