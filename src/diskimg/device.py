@@ -129,7 +129,7 @@ class BlockDevice:
     snapshot views close quietly (the image that owns them warns).
     """
 
-    # Lifecycle, for formats: ``__init__`` sets ``self._closed = False`` as its last step
+    # Lifecycle, for formats: ``__init__`` calls ``self._mark_open()`` as its last step
     # (an image that failed to open is released by its opener and never finalized), and
     # public methods beyond this class's carry @requires_open.
 
@@ -221,10 +221,17 @@ class BlockDevice:
         """Whether the finalizer of an unclosed device warns (not for backing files)."""
         return not self.is_backing
 
+    def _mark_open(self) -> None:
+        """The last step of opening: from now on the finalizer closes this device."""
+        self._closed = False
+        self._opener_pid = os.getpid()
+
     def __del__(self) -> None:
         # not "_closed" in __dict__: construction failed, the opener released the files
         if self.__dict__.get("_closed", True):
             return
+        if self.__dict__.get("_opener_pid") != os.getpid():
+            return  # a forked child's copy: flushing or unlocking would act on the parent's
         if self._warns_unclosed():
             warnings.warn(f"unclosed image {self.filename!r}", ResourceWarning,
                           stacklevel=2, source=self)

@@ -26,7 +26,7 @@ class RawImage(BlockDevice):
         self.read_only = not host.writable
         self.probed = probed
         self.size = -(-host.size() // SECTOR) * SECTOR
-        self._closed = False
+        self._mark_open()
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
         self.host.preadinto(offset, buf)

@@ -203,6 +203,27 @@ def test_finalizer_with_snapshot_view(tmp_path: Path, run: Any, qemu_io: str) ->
     _assert_released(k, run, qemu_io, data)
 
 
+@pytest.mark.parametrize("name", ["qcow2", "raw"])
+def test_finalizer_in_forked_child_leaves_parent_image_alone(
+        name: str, tmp_path: Path, run: Any, qemu_io: str) -> None:
+    k = KINDS[name](tmp_path)
+    img = k.open()
+    img.write(WHERE, b"\x21" * 4096)
+    pid = os.fork()
+    if pid == 0:  # the child drops its copy: must neither flush nor unlock the parent's
+        code = 99
+        try:
+            del img
+            code = len(_collect_warnings(lambda: None))  # no "unclosed image" either
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    res = run([qemu_io, "-f", "raw", "-c", "read 0 512", k.path], check=1)
+    assert 'Failed to get "write" lock' in res.stderr  # the parent still holds it
+    img.close()
+    _assert_released(k, run, qemu_io, b"\x21" * 4096)
+
+
 def test_backing_file_alone_is_quiet_when_top_closed(tmp_path: Path) -> None:
     k = _chain(tmp_path)
     img = k.open()

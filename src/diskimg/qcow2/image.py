@@ -180,7 +180,7 @@ class Qcow2Image(BlockDevice):
         self.bitmaps = Bitmaps(self)
         self._view_of: Qcow2Image | None = None
         self._metadata_prealloc: bool | None = None
-        self._closed = False
+        self._mark_open()
 
     @property
     def closed(self) -> bool:
@@ -1364,7 +1364,7 @@ class Qcow2Image(BlockDevice):
                                    self.l2_cache.capacity, "L2 table")
         view._decoded = OrderedDict()
         view._pending_free = []
-        view._closed = False
+        view._mark_open()
         return view
 
     @requires_open

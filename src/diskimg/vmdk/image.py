@@ -86,7 +86,7 @@ class VmdkImage(BlockDevice):
                 h.close()
             raise
         self.size = pos
-        self._closed = False
+        self._mark_open()
 
     # --- opening -----------------------------------------------------------------------
     def _open(self) -> None:
