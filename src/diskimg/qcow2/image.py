@@ -13,10 +13,10 @@ import os
 import struct
 from array import array
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
+from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
 from diskimg.errors import (
     CorruptImageError,
     DiskImgError,
@@ -180,6 +180,7 @@ class Qcow2Image(BlockDevice):
         self.bitmaps = Bitmaps(self)
         self._view_of: Qcow2Image | None = None
         self._metadata_prealloc: bool | None = None
+        self._changed_since_map = False
         self._mark_open()
 
     @property
@@ -523,6 +524,17 @@ class Qcow2Image(BlockDevice):
             return Status(run, True, False, True, where, name)
         return Status(run, False, False, self.backing is None, where, name)
 
+    def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
+        """qemu-img map's entries (see :meth:`BlockDevice.map`).  After changes the image
+        is flushed first, so the entries are what qemu-img map reports for the file and
+        what map() reports after reopening it (see :attr:`metadata_preallocation`)."""
+        self._check_open()
+        if self._changed_since_map and not self.read_only:
+            self.flush()
+            self._metadata_prealloc = None
+        self._changed_since_map = False
+        return super().map(offset, length)
+
     @property
     def metadata_preallocation(self) -> bool:
         """QEMU's guess (made on first use) whether the image was created with
@@ -530,13 +542,11 @@ class Qcow2Image(BlockDevice):
         a refcount, ``real`` being the clusters the host file really allocates.  Only then
         does block status report holes in the host file under data clusters as zeros.
 
-        qemu-img makes it on a freshly opened file; here it is made on the file as it is
-        on disk: a writable image flushes its cached tables first (else the refcounts
-        count clusters whose tables are not written yet, and map() would depend on when
-        it was called), and every change to the image forgets it."""
+        qemu-img makes it on a freshly opened file.  Every change to the image forgets it,
+        and :meth:`map` of a changed image flushes before it is made again: made on cached
+        tables not yet written, it would count clusters the file does not allocate yet,
+        and map() would depend on the session's history."""
         if self._metadata_prealloc is None:
-            if not self.read_only:
-                self.flush()
             real = self.host.allocated_size() // self.cs
             threshold = max(real * 10 // 9, real + 2)
             try:
@@ -551,6 +561,7 @@ class Qcow2Image(BlockDevice):
     def _check_write_support(self) -> None:
         self._check_open()
         self._metadata_prealloc = None  # allocation changes: guess again on next use
+        self._changed_since_map = True
         if self.header.crypt_method:
             _ = self.cipher  # fails early without the secret
         if not self._set_dirty_bit and self.header.compatible_features & \
