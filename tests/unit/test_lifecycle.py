@@ -275,6 +275,10 @@ def _calls(img: Any, fmt: str) -> dict[str, Callable[[], object]]:
         calls.update({
             "check-repair": lambda: img.check(repair="all"),
             "write_compressed": lambda: img.write_compressed(0, b"c" * 65536),
+            "write_compressed_clusters": lambda: img.write_compressed_clusters(
+                0, [(b"c" * 65536, None)]),
+            "align_compressed_end": img.align_compressed_end,
+            "preallocate": lambda: img.preallocate(0, 65536, "metadata"),
             "snapshots.list": img.snapshots.list,
             "snapshots.find": lambda: img.snapshots.find("s1"),
             "snapshots.create": lambda: img.snapshots.create("s2"),
