@@ -559,9 +559,6 @@ class Qcow2Image(BlockDevice):
 
     # --- allocation helpers ----------------------------------------------------------
     def _check_write_support(self) -> None:
-        self._check_open()
-        self._metadata_prealloc = None  # allocation changes: guess again on next use
-        self._changed_since_map = True
         if self.header.crypt_method:
             _ = self.cipher  # fails early without the secret
         if not self._set_dirty_bit and self.header.compatible_features & \
@@ -570,6 +567,8 @@ class Qcow2Image(BlockDevice):
             self._write_header_features()
             self.host.flush()
             self._set_dirty_bit = True
+        self._metadata_prealloc = None  # allocation changes: guess again on next use
+        self._changed_since_map = True
 
     def _write_header_features(self) -> None:
         if self.header.version >= 3:
