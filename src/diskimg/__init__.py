@@ -4,6 +4,7 @@ from diskimg.api import create, open
 from diskimg.device import BlockDevice, DeviceIO, ImageInfo, MapEntry
 from diskimg.errors import (
     BackingChainError,
+    ClosedImageError,
     CorruptImageError,
     DiskImgError,
     EncryptionError,
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackingChainError",
     "BlockDevice",
+    "ClosedImageError",
     "CorruptImageError",
     "DeviceIO",
     "DiskImgError",

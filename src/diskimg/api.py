@@ -107,6 +107,7 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
                 except DiskImgError as e:
                     _blame_backing(e, bpath)
                     raise
+                dev.backing.is_backing = True  # its finalizer leaves the warning to dev
                 _attach_backing(dev)
     except BaseException:
         dev.close()

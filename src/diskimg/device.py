@@ -9,13 +9,19 @@ walking backing chains), ``as_file`` and the context-manager protocol on top of 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
-from diskimg.errors import CorruptImageError, UsageError
+from diskimg.errors import ClosedImageError, CorruptImageError, UsageError
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_D = TypeVar("_D", bound="BlockDevice")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +122,16 @@ class BlockDevice:
     Invariants: ``0 <= offset`` and ``offset + length <= size`` for every data call (checked
     here, so formats may assume it); a read-only device refuses every mutating call with
     :class:`UsageError`; ``close()`` flushes, is idempotent, and releases the host files.
+
+    After ``close()`` every call raises :class:`ClosedImageError`.  An image that is never
+    closed is closed when it is garbage collected, with a ``ResourceWarning`` as Python's
+    files give, so its files and QEMU's locks do not outlive it; its backing files and
+    snapshot views close quietly (the image that owns them warns).
     """
+
+    # Lifecycle, for formats: ``__init__`` calls ``self._mark_open()`` as its last step
+    # (an image that failed to open is released by its opener and never finalized), and
+    # public methods beyond this class's carry @requires_open.
 
     format: str = ""
     size: int = 0
@@ -124,6 +139,9 @@ class BlockDevice:
     backing: BlockDevice | None = None
     owns_backing: bool = True  # False for views that share another device's chain
     filename: str = ""
+    #: set by the opener of a backing file: its finalizer closes it without a warning
+    #: (the image that owns it gives that warning)
+    is_backing: bool = False
 
     # --- primitives formats implement ------------------------------------------------
     def _readinto(self, offset: int, buf: memoryview) -> None:
@@ -186,7 +204,38 @@ class BlockDevice:
         """Change the virtual size to ``new_size`` bytes (formats that support it)."""
         from diskimg.errors import UnsupportedFeatureError
 
+        self._check_open()
         raise UnsupportedFeatureError(f"Image format '{self.format}' does not support resize")
+
+    # --- lifecycle -------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (as for files)."""
+        return bool(getattr(self, "_closed", False))
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClosedImageError(f"I/O operation on closed image '{self.filename}'")
+
+    def _warns_unclosed(self) -> bool:
+        """Whether the finalizer of an unclosed device warns (not for backing files)."""
+        return not self.is_backing
+
+    def _mark_open(self) -> None:
+        """The last step of opening: from now on the finalizer closes this device."""
+        self._closed = False
+        self._opener_pid = os.getpid()
+
+    def __del__(self) -> None:
+        # not "_closed" in __dict__: construction failed, the opener released the files
+        if self.__dict__.get("_closed", True):
+            return
+        if self.__dict__.get("_opener_pid") != os.getpid():
+            return  # a forked child's copy: flushing or unlocking would act on the parent's
+        if self._warns_unclosed():
+            warnings.warn(f"unclosed image {self.filename!r}", ResourceWarning,
+                          stacklevel=2, source=self)
+        self.close()
 
     # --- public API ------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:
@@ -196,6 +245,7 @@ class BlockDevice:
             )
 
     def _check_writable(self) -> None:
+        self._check_open()
         if self.read_only:
             raise UsageError(f"'{self.filename}' is opened read-only")
 
@@ -207,6 +257,7 @@ class BlockDevice:
 
     def readinto(self, offset: int, buf: memoryview | bytearray) -> int:
         """Fill ``buf`` with the guest bytes at ``offset``; returns ``len(buf)``."""
+        self._check_open()
         mv = memoryview(buf).cast("B")
         self._check_range(offset, len(mv))
         if len(mv):
@@ -241,6 +292,7 @@ class BlockDevice:
 
     def flush(self) -> None:
         """Make everything written so far durable on the host."""
+        self._check_open()
         if not self.read_only:
             self._flush()
 
@@ -281,6 +333,7 @@ class BlockDevice:
         ``coarse`` lets an unallocated run go on past the format's table boundaries
         (qemu stops at each L2 table): what ``map`` and ``convert`` merge anyway, taken in
         one step, so their cost follows the allocated data rather than the virtual size."""
+        self._check_open()
         depth = 0
         dev: BlockDevice = self
         while True:
@@ -297,6 +350,10 @@ class BlockDevice:
 
     def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
         """Yield qemu-img map entries covering [offset, offset+length), merged like qemu."""
+        self._check_open()  # now, not on the first next()
+        return self._map(offset, length)
+
+    def _map(self, offset: int, length: int | None) -> Iterator[MapEntry]:
         end = self.size if length is None else min(self.size, offset + length)
         pending: MapEntry | None = None
         pos = offset
@@ -321,9 +378,22 @@ class BlockDevice:
     def as_file(self) -> io.BufferedRandom | io.BufferedReader:
         """A buffered file object over the guest bytes (usable by tarfile, shutil, ...):
         ``BufferedRandom`` when the device is writable, ``BufferedReader`` otherwise."""
+        self._check_open()
         if self.read_only:
             return io.BufferedReader(DeviceIO(self))
         return io.BufferedRandom(DeviceIO(self))
+
+
+def requires_open(fn: Callable[Concatenate[_D, _P], _R]) -> Callable[Concatenate[_D, _P], _R]:
+    """Decorator for a format's public methods: :class:`ClosedImageError` once the
+    device is closed."""
+
+    @functools.wraps(fn)
+    def wrapper(self: _D, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        self._check_open()
+        return fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _mergeable(a: MapEntry, b: MapEntry) -> bool:
@@ -346,6 +416,7 @@ class DeviceIO(io.RawIOBase):
         super().__init__()
         self._dev = dev
         self._pos = 0
+        self._closing_after_dev = False
 
     def readable(self) -> bool:
         return True
@@ -378,6 +449,7 @@ class DeviceIO(io.RawIOBase):
 
         Returns 0 at or past the end of the disk (never raises for that).
         """
+        self._dev._check_open()
         mv = memoryview(b).cast("B")
         n = max(0, min(len(mv), self._dev.size - self._pos))
         if n:
@@ -391,6 +463,7 @@ class DeviceIO(io.RawIOBase):
         All or nothing: a write that would extend past the fixed disk size raises
         ``OSError(ENOSPC)`` before writing; a read-only device raises ``UsageError``.
         """
+        self._dev._check_open()
         mv = memoryview(b).cast("B")
         if self._pos + len(mv) > self._dev.size:
             raise OSError(28, "write past the end of the virtual disk")
@@ -399,6 +472,13 @@ class DeviceIO(io.RawIOBase):
         return len(mv)
 
     def flush(self) -> None:
-        if not self.closed and not self._dev.read_only:
+        if not self.closed and not self._dev.read_only and not self._closing_after_dev:
             self._dev.flush()
         super().flush()
+
+    def close(self) -> None:
+        """Close this file object; the device stays open.  When the device was closed
+        first there is nothing to flush into it (buffered writes still fail loudly, in
+        ``write``)."""
+        self._closing_after_dev = self._dev.closed
+        super().close()

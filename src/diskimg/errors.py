@@ -22,6 +22,10 @@ class UsageError(DiskImgError, ValueError):
     """The caller asked for something impossible: a bad option, size or mode."""
 
 
+class ClosedImageError(UsageError):
+    """A call on an image (or a view or file object over it) after ``close()``."""
+
+
 class FormatError(DiskImgError):
     """The bytes of an image are not what its format allows."""
 
@@ -68,6 +72,7 @@ class PoolError(DiskImgError):
 
 __all__ = [
     "BackingChainError",
+    "ClosedImageError",
     "CorruptImageError",
     "DiskImgError",
     "EncryptionError",

@@ -8,7 +8,7 @@ rule, CVE-2008-2004).
 
 from __future__ import annotations
 
-from diskimg.device import BlockDevice, ImageInfo, Status
+from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import UsageError
 from diskimg.hostio import HostFile
 
@@ -26,6 +26,7 @@ class RawImage(BlockDevice):
         self.read_only = not host.writable
         self.probed = probed
         self.size = -(-host.size() // SECTOR) * SECTOR
+        self._mark_open()
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
         self.host.preadinto(offset, buf)
@@ -79,6 +80,7 @@ class RawImage(BlockDevice):
     def _close(self) -> None:
         self.host.close()
 
+    @requires_open
     def resize(self, new_size: int, preallocation: str = "off", *,
                shrink: bool = True) -> None:
         """Grow or shrink the file to ``new_size`` bytes."""
@@ -92,6 +94,7 @@ class RawImage(BlockDevice):
                 self.host.write_zeros(old, new_size - old)
         self.size = -(-new_size // SECTOR) * SECTOR
 
+    @requires_open
     def info(self) -> ImageInfo:
         return ImageInfo(
             filename=self.filename,

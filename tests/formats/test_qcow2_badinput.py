@@ -122,7 +122,8 @@ def test_json_backing_name_is_refused(tmp_path: Path) -> None:
     diskimg.create(p, "qcow2", 1 << 20, backing_file=name, backing_fmt="raw", unsafe=True)
     with pytest.raises(diskimg.BackingChainError, match="json:"):
         diskimg.open(p)
-    assert diskimg.open(p, backing=False).info().backing_filename == name
+    with diskimg.open(p, backing=False) as d:
+        assert d.info().backing_filename == name
 
 
 def test_untrusted_refuses_backing_outside_directory(tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ import os
 import struct
 from array import array
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from diskimg.device import BlockDevice, ImageInfo, Status
+from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
 from diskimg.errors import (
     CorruptImageError,
     DiskImgError,
@@ -115,6 +115,18 @@ class Qcow2Image(BlockDevice):
     def __init__(self, host: HostFile, *, secrets: Mapping[str, bytes] | None = None,
                  options: Mapping[str, str] | None = None,
                  policy: OpenPolicy | None = None, for_check: bool = False) -> None:
+        try:
+            self._open(host, secrets=secrets, options=options, policy=policy,
+                       for_check=for_check)
+        except BaseException:
+            # the opener closes ``host``; a data file this image opened is its own to close
+            if self.__dict__.get("_data_file_opened"):
+                self.data_host.close()
+            raise
+
+    def _open(self, host: HostFile, *, secrets: Mapping[str, bytes] | None,
+              options: Mapping[str, str] | None, policy: OpenPolicy | None,
+              for_check: bool) -> None:
         self.host = host
         self.filename = str(host.path)
         self.read_only = not host.writable
@@ -183,6 +195,17 @@ class Qcow2Image(BlockDevice):
         self.bitmaps = Bitmaps(self)
         self._view_of: Qcow2Image | None = None
         self._metadata_prealloc: bool | None = None
+        self._changed_since_map = False
+        self._mark_open()
+
+    @property
+    def closed(self) -> bool:
+        """True once closed; a snapshot view is closed with the image it shows."""
+        view_of = self.__dict__.get("_view_of")
+        return super().closed or (view_of is not None and view_of.closed)
+
+    def _warns_unclosed(self) -> bool:
+        return self._view_of is None and not self.is_backing  # a view holds no files
 
     # --- helpers ---------------------------------------------------------------------
     def _read_snapshot_table(self, for_check: bool) -> list[Snapshot]:
@@ -531,12 +554,28 @@ class Qcow2Image(BlockDevice):
             return Status(run, True, False, True, where, name)
         return Status(run, False, False, self.backing is None, where, name)
 
+    def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
+        """qemu-img map's entries (see :meth:`BlockDevice.map`).  After changes the image
+        is flushed first, so the entries are what qemu-img map reports for the file and
+        what map() reports after reopening it (see :attr:`metadata_preallocation`)."""
+        self._check_open()
+        if self._changed_since_map and not self.read_only:
+            self.flush()
+            self._metadata_prealloc = None
+        self._changed_since_map = False
+        return super().map(offset, length)
+
     @property
     def metadata_preallocation(self) -> bool:
-        """QEMU's guess (made once, on first use) whether the image was created with
+        """QEMU's guess (made on first use) whether the image was created with
         ``preallocation=metadata``: at least ``max(real * 10 / 9, real + 2)`` clusters have
         a refcount, ``real`` being the clusters the host file really allocates.  Only then
-        does block status report holes in the host file under data clusters as zeros."""
+        does block status report holes in the host file under data clusters as zeros.
+
+        qemu-img makes it on a freshly opened file.  Every change to the image forgets it,
+        and :meth:`map` of a changed image flushes before it is made again: made on cached
+        tables not yet written, it would count clusters the file does not allocate yet,
+        and map() would depend on the session's history."""
         if self._metadata_prealloc is None:
             real = self.host.allocated_size() // self.cs
             threshold = max(real * 10 // 9, real + 2)
@@ -561,6 +600,8 @@ class Qcow2Image(BlockDevice):
             self._write_header_features()
             self.host.flush()
             self._set_dirty_bit = True
+        self._metadata_prealloc = None  # allocation changes: guess again on next use
+        self._changed_since_map = True
 
     def _write_header_features(self) -> None:
         if self.header.version >= 3:
@@ -790,6 +831,7 @@ class Qcow2Image(BlockDevice):
             self.l1_dirty.clear()
             self._pending_free.clear()
 
+    @requires_open
     def align_compressed_end(self) -> None:
         """Grow the image file to a multiple of 512 bytes, as qemu-img's ``convert -c``
         does when it finishes (a zero-length compressed write), so sector-based readers can
@@ -847,6 +889,7 @@ class Qcow2Image(BlockDevice):
         self._decoded.pop(old, None)
         self.l2_cache.mark_dirty(l2_off)
 
+    @requires_open
     def write_compressed_clusters(
             self, offset: int,
             clusters: list[tuple[bytes | bytearray | memoryview, bytes | None]]) -> None:
@@ -1109,6 +1152,7 @@ class Qcow2Image(BlockDevice):
         self._write_zeroes(start, end - start, False)
         self.flush()
 
+    @requires_open
     def preallocate(self, start: int, end: int, mode: str) -> None:
         """Give the unallocated clusters of guest [start, end) L2 entries and host clusters
         (``metadata``), then also reserve (``falloc``) or zero-fill (``full``) the new
@@ -1139,6 +1183,7 @@ class Qcow2Image(BlockDevice):
             self.host.truncate(new_end)
 
     # --- resize ----------------------------------------------------------------------
+    @requires_open
     def resize(self, new_size: int, *, shrink: bool = False,
                preallocation: str = "off") -> None:
         """Grow (or with ``shrink`` shrink) the virtual disk to ``new_size`` bytes;
@@ -1285,6 +1330,7 @@ class Qcow2Image(BlockDevice):
         self._flush_refcounts()
 
     # --- info ------------------------------------------------------------------------
+    @requires_open
     def info(self) -> ImageInfo:
         h = self.header
         data: dict[str, Any] = {"compat": "1.1" if h.version >= 3 else "0.10"}
@@ -1336,11 +1382,13 @@ class Qcow2Image(BlockDevice):
             snapshots=[s.to_json() for s in self.snapshot_list],
         )
 
+    @requires_open
     def snapshot_view(self, snapshot_id: str | None = None,
                       name: str | None = None) -> Qcow2Image:
         """A read-only device showing the disk as snapshot ``snapshot_id``/``name`` saw it.
 
-        It shares this image's files and backing chain; closing it closes nothing."""
+        It shares this image's files and backing chain: closing it closes nothing, and
+        closing the image closes it (calls then raise :class:`ClosedImageError`)."""
         from diskimg.qcow2.snapshot import SnapshotNotFoundError
 
         sn = None
@@ -1362,9 +1410,10 @@ class Qcow2Image(BlockDevice):
                                    self.l2_cache.capacity, "L2 table")
         view._decoded = OrderedDict()
         view._pending_free = []
-        view._closed = False
+        view._mark_open()
         return view
 
+    @requires_open
     def check(self, repair: str | None = None) -> Any:
         """Consistency check (and repair) like ``qemu-img check``; see qcow2.check."""
         from diskimg.qcow2.check import check_image

@@ -217,10 +217,12 @@ class SnapshotTable:
 
     def list(self) -> list[Snapshot]:
         """A copy of the snapshot table in on-disk order (what ``snapshot -l`` lists)."""
+        self.img._check_open()
         return list(self.img.snapshot_list)
 
     def find(self, name_or_id: str) -> Snapshot:
         """By id first, then by name (qemu's find_snapshot_by_id_or_name)."""
+        self.img._check_open()
         for s in self.img.snapshot_list:
             if s.id == name_or_id:
                 return s

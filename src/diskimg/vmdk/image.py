@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from diskimg.device import BlockDevice, ImageInfo, Status
+from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import (
     BackingChainError,
     DiskImgError,
@@ -86,6 +86,7 @@ class VmdkImage(BlockDevice):
                 h.close()
             raise
         self.size = pos
+        self._mark_open()
 
     # --- opening -----------------------------------------------------------------------
     def _open(self) -> None:
@@ -356,6 +357,7 @@ class VmdkImage(BlockDevice):
             self.host.close()
 
     # --- reporting ----------------------------------------------------------------------
+    @requires_open
     def info(self) -> ImageInfo:
         actual = self.host.allocated_size()
         for h in self._own_hosts:
@@ -384,6 +386,7 @@ class VmdkImage(BlockDevice):
             format_specific=fs,
         )
 
+    @requires_open
     def check(self, repair: str | None = None) -> Any:
         """qemu-img check for vmdk: grain table entries must point inside their file."""
         from diskimg.qcow2.check import CheckResult
@@ -405,6 +408,7 @@ class VmdkImage(BlockDevice):
         return res
 
 
+    @requires_open
     def lint(self) -> list[dict[str, Any]]:
         """VMware-acceptance findings (structure of a streamOptimized file); these do not
         count as corruptions (qemu accepts the files) but are reported in ``findings``."""
