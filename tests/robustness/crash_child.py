@@ -9,8 +9,8 @@ SIGKILL, so the parent knows exactly what was started and what was made durable)
 
     OP <json>          printed *before* an operation starts
     REFUSED <i> <msg>  operation ``i`` raised a DiskImgError (it must have changed nothing)
-    FLUSHED <i>        printed after ``flush()`` of operation ``i`` returned, before the
-                       next operation starts
+    FLUSHED <i>        printed after ``flush()`` (or the ``close()`` of a reopen) of
+                       operation ``i`` returned, before the next operation starts
     DONE               all operations finished and the image was closed
 
 The data of a write is :func:`payload` (seed, op index, length), so the parent can replay
@@ -119,8 +119,8 @@ def choose(r: random.Random, size: int, cs: int, nsnap: int,
         if k == "compressed":
             c = r.randrange(-(-size // cs))
             return {"op": "compressed", "off": c * cs, "len": min(cs, size - c * cs)}
-        if k == "flush":
-            return {"op": "flush"}
+        if k in ("flush", "reopen"):
+            return {"op": k}
         if k == "snap" and nsnap < 3:
             return {"op": "snap"}
         if k == "unsnap" and nsnap:
@@ -135,8 +135,8 @@ def choose(r: random.Random, size: int, cs: int, nsnap: int,
 
 
 # the default operation mix (a qcow2 image without restrictions)
-KINDS = ["write"] * 6 + ["zero", "discard", "compressed", "flush", "flush", "snap",
-                         "unsnap", "resize", "shrink"]
+KINDS = ["write"] * 6 + ["zero", "discard", "compressed", "flush", "flush", "reopen",
+                         "snap", "unsnap", "resize", "shrink"]
 
 
 def main(spec_path: str) -> int:
@@ -145,8 +145,10 @@ def main(spec_path: str) -> int:
     ``image``, ``format``, ``open`` (keyword arguments of ``diskimg.open``: ``secrets`` as
     text, ``options``), ``seed``, ``nops``, ``kinds`` (operation mix, :data:`KINDS` by
     default); ``arm_op``/``arm_calls``: end the process just before the ``arm_calls``-th
-    write-like host call made from the start of operation ``arm_op`` on (the
-    deterministic kill; without them the parent SIGKILLs at a moment of its choice);
+    write-like host call made from the start of the first operation at index ``arm_op``
+    or later whose kind is in ``arm_kinds`` (default: any; ``arm_op`` -1: from the
+    open on, which repairs a dirty lazy_refcounts image) on (the deterministic kill;
+    without them the parent SIGKILLs at a moment of its choice);
     ``lie``: the harness self-test, claim flushes without flushing.
     """
     import diskimg
@@ -165,6 +167,9 @@ def main(spec_path: str) -> int:
     if spec.get("arm_op") is not None:
         calls = install_crash_hook(spec["arm_calls"])
         calls[0] = -(1 << 62)  # disarmed until operation arm_op starts
+        if spec["arm_op"] == -1:
+            calls[0] = 0
+    arm_kinds = spec.get("arm_kinds")
     kw = dict(spec.get("open", {}))
     if "secrets" in kw:
         kw["secrets"] = {k: v.encode() for k, v in kw["secrets"].items()}
@@ -183,7 +188,8 @@ def main(spec_path: str) -> int:
         # the intent reaches the pipe (the kernel) before the operation starts
         out.write("OP " + json.dumps(op) + "\n")
         out.flush()
-        if i == spec.get("arm_op"):
+        if (spec.get("arm_op") is not None and calls[0] < 0 and i >= spec["arm_op"]
+                and (not arm_kinds or op["op"] in arm_kinds)):
             calls[0] = 0
         kind = op["op"]
         try:
@@ -204,13 +210,16 @@ def main(spec_path: str) -> int:
                 img.resize(op["size"], shrink=op["size"] < img.size)
             elif kind == "flush" and not lie:
                 img.flush()
+            elif kind == "reopen":  # close() flushes (and clears the dirty bit)
+                img.close()
+                img = diskimg.open(spec["image"], "r+", spec.get("format"), **kw)
         except diskimg.DiskImgError as e:
             # a refusal: it must have changed nothing (the parent holds it to that)
             msg = f"{type(e).__name__}: {e}".replace("\n", " ")
             out.write(f"REFUSED {i} {msg}\n")
             out.flush()
             continue
-        if kind == "flush":
+        if kind in ("flush", "reopen"):
             out.write(f"FLUSHED {i}\n")
             out.flush()
     if lie:

@@ -147,11 +147,11 @@ def random_config(r: random.Random) -> Config:
     if fmt == "vmdk":
         size = (4 << 20) - r.randrange(0, 64 << 10, 512)
         return Config("vmdk", size, 64 << 10, {"subformat": "monolithicSparse"},
-                      kinds=["write"] * 6 + ["zero", "discard", "flush", "flush"])
+                      kinds=["write"] * 6 + ["zero", "discard", "flush", "flush", "reopen"])
     if fmt == "raw":
         size = (2 << 20) - r.randrange(0, 64 << 10, 512)
         return Config("raw", size, 4096, kinds=["write"] * 6 + ["zero", "discard", "flush",
-                                                                 "flush", "resize", "shrink"])
+                                                                 "reopen", "resize", "shrink"])
     bits = r.choice([9, 12, 12, 14, 16, 16, 21])
     cs = 1 << bits
     size = {9: 1 << 20, 12: 2 << 20, 14: 2 << 20, 16: 4 << 20, 21: 8 << 20}[bits]
@@ -349,9 +349,16 @@ def run_random_kill(seed: int, d: Path) -> str:
                             "seed": seed, "nops": NOPS, "kinds": cfg.kinds}
     kill_at = r.randint(2, NOPS - 1)
     if mode == "call":
+        # often aimed at the operations that write metadata in several steps
+        aim = r.choice([None, None, ["snap", "unsnap"], ["resize", "shrink"],
+                        ["discard", "zero"], ["compressed"], ["flush", "reopen"]])
+        aim = [k for k in aim or [] if k in cfg.kinds] or None
+        if aim:
+            spec["arm_kinds"] = [k if k != "shrink" else "resize" for k in aim]
         spec["arm_op"] = kill_at
-        spec["arm_calls"] = r.choice([1, 1, 2, 3, r.randint(1, 24)])
-        how = f"ended before write-like call {spec['arm_calls']} from op {kill_at} on"
+        spec["arm_calls"] = r.choice([1, 1, 2, 3, r.randint(1, 40)])
+        how = (f"ended before write-like call {spec['arm_calls']} from the first "
+               f"{aim or 'op'} at index >= {kill_at}")
         out, rc = run_child(spec, d)
     else:
         delay = r.choice([0.0, r.uniform(0, 0.0005), r.uniform(0, 0.004)])
@@ -367,6 +374,14 @@ def run_random_kill(seed: int, d: Path) -> str:
             break
         model.apply(op)
     pending = [o for o in applied if o["i"] > last_flush]
+    head = p.read_bytes()[:80]
+    if cfg.lazy and int.from_bytes(head[72:80], "big") & 1 and r.random() < 0.5:
+        # kill diskimg's repairing open of the dirty image too: the repair may be cut
+        # anywhere and must still leave an image qemu-img check -r all repairs
+        n = r.randint(1, 30)
+        run_child({"image": p.name, "format": cfg.fmt, "open": cfg.open_kw, "seed": seed,
+                   "nops": 0, "arm_op": -1, "arm_calls": n}, d)
+        note += f"; then the repairing open ended before write-like call {n}"
     sizes = {model.size} | {o["size"] for o in pending if o["op"] == "resize"}
     check_image(d, p, cfg, note)
     with cfg.open(p) as img:
