@@ -2,7 +2,7 @@
 # Deeper robustness runs than CI's (see docs/robustness.md).  Not run in CI.
 #
 #   bash fuzz/run_long.sh                  # defaults below, ~1-2 hours on 2 cores
-#   EXAMPLES=300 KILLS=10 bash fuzz/run_long.sh          # a quick pass
+#   EXAMPLES=300 KILLS=30 bash fuzz/run_long.sh          # a quick pass
 #   ATHERIS_SECONDS=3600 bash fuzz/run_long.sh           # also run the atheris harnesses
 #
 # 1. fuzz/hunt.py: hypothesis mutation fuzzing of every qcow2 and vmdk base image, EXAMPLES
@@ -10,7 +10,7 @@
 #    images of findings and summary.json go to $OUT.
 # 2. the CI fuzz tests with EXAMPLES examples each (random seeds: profile "dev"), which
 #    shrink the first failure to a minimal mutation list.
-# 3. crash consistency with KILLS kills per variant.
+# 3. crash consistency: the CI test file, then fuzz/crash_long.py with KILLS more seeds.
 # 4. optionally the atheris harnesses (pip install atheris) for ATHERIS_SECONDS each.
 # Exit status: 0 when nothing was found.
 set -uo pipefail
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python3}"
 EXAMPLES="${EXAMPLES:-2000}"
-KILLS="${KILLS:-40}"
+KILLS="${KILLS:-500}"
 OUT="${OUT:-fuzz/findings/$(date +%Y%m%d-%H%M%S)}"
 ATHERIS_SECONDS="${ATHERIS_SECONDS:-0}"
 mkdir -p "$OUT"
@@ -34,9 +34,9 @@ HYPOTHESIS_PROFILE=dev DISKIMG_FUZZ_EXAMPLES="$EXAMPLES" DISKIMG_FUZZ_SAVE="$OUT
   "$PY" -m pytest -q -p no:cacheprovider tests/robustness/test_fuzz_qcow2.py \
   tests/robustness/test_fuzz_vmdk.py -k mutated || rc=1
 
-echo "== crash consistency ($KILLS kills per variant)"
-DISKIMG_CRASH_KILLS="$KILLS" "$PY" -m pytest -q -p no:cacheprovider \
-  tests/robustness/test_crash_consistency.py || rc=1
+echo "== crash consistency (the CI tests, then $KILLS more seeds)"
+"$PY" -m pytest -q -p no:cacheprovider tests/robustness/test_crash_consistency.py || rc=1
+"$PY" fuzz/crash_long.py "$KILLS" --out "$OUT/crash" || rc=1
 
 if [ "$ATHERIS_SECONDS" -gt 0 ]; then
   for fmt in qcow2 vmdk; do

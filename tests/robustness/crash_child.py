@@ -1,16 +1,17 @@
-"""Crash-consistency writer: opens a qcow2 ``"r+"`` and runs a seeded random sequence of
+"""Crash-consistency writer: opens an image ``"r+"`` and runs a seeded random sequence of
 writes, write_zeroes, discards, compressed writes, snapshot create/delete, resizes and
-flushes until it is SIGKILLed (test_crash_consistency.py).
+flushes until it is killed (test_crash_consistency.py).
 
-    python crash_child.py IMAGE SEED NOPS
+    python crash_child.py SPEC.json      (what the spec holds: :func:`main`)
 
-stdout protocol (line-buffered, one line per event, so the parent knows exactly what was
-started and what was made durable):
+stdout protocol (unbuffered, one line per event: a line in the pipe survives the writer's
+SIGKILL, so the parent knows exactly what was started and what was made durable):
 
-    OP <json>        printed *before* an operation starts; the next line proves it finished
-    FLUSHED <i> <d>  printed after ``flush()`` of operation ``i`` returned; ``d`` is the
-                     digest of the child's :class:`Model` of the disk at that point
-    DONE             all NOPS operations finished
+    OP <json>          printed *before* an operation starts
+    REFUSED <i> <msg>  operation ``i`` raised a DiskImgError (it must have changed nothing)
+    FLUSHED <i>        printed after ``flush()`` (or the ``close()`` of a reopen) of
+                       operation ``i`` returned, before the next operation starts
+    DONE               all operations finished and the image was closed
 
 The data of a write is :func:`payload` (seed, op index, length), so the parent can replay
 the log into a model of the disk without the child sending the bytes.
@@ -29,13 +30,12 @@ preallocate, write_zeros, flush: every point where the file can change) or SIGKI
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -54,6 +54,7 @@ class Model:
     known: bytearray  # 1 where the model knows the contents
     cs: int
     seed: int
+    snaps: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -73,6 +74,10 @@ class Model:
         elif k == "discard":
             off, n = op["off"], op["len"]
             self.known[off : off + n] = bytes(n)
+        elif k == "snap":
+            self.snaps[op["name"]] = (bytes(self.data), bytes(self.known))
+        elif k == "unsnap":
+            del self.snaps[op["name"]]
         elif k == "resize":
             old, new = self.size, op["size"]
             if new < old:
@@ -87,95 +92,135 @@ class Model:
                 if tail > old:
                     self.known[old:tail] = bytes(tail - old)
 
-    @staticmethod
-    def touched(op: dict[str, Any], size: int) -> tuple[int, int] | None:
-        k = op["op"]
-        if k in ("write", "compressed", "zero", "discard"):
-            # a partial-cluster write copies the rest of its cluster unchanged (COW), so
-            # only the range itself may hold old or new bytes after a crash
-            return op["off"], op["off"] + op["len"]
-        if k == "resize":
-            return min(size, op["size"]), max(size, op["size"])
-        return None
 
+def choose(r: random.Random, size: int, cs: int, nsnap: int,
+           kinds: list[str]) -> dict[str, Any]:
+    """The next operation: a random pick among ``kinds`` (weighted by repetition); writes
+    start at guest offset 0 and in the last, partial cluster more often than elsewhere."""
 
-    def digest(self) -> str:
-        return hashlib.sha256(bytes(self.data) + bytes(self.known)).hexdigest()[:16]
+    def start() -> int:
+        x = r.random()
+        if x < 0.1:
+            return 0
+        if x < 0.2:
+            return r.randrange(max(0, (size - 1) // cs * cs), size)
+        return r.randrange(size)
 
-
-def choose(r: random.Random, size: int, cs: int, nsnap: int) -> dict:
-    kinds = ["write"] * 6 + ["zero", "discard", "compressed", "flush", "flush", "snap",
-                             "unsnap", "resize"]
     while True:
         k = r.choice(kinds)
         if k == "write":
-            off = r.randrange(size)
-            n = min(size - off, r.randint(1, 3 * cs))
+            off = start()
+            n = min(size - off, r.randint(1, min(3 * cs, 256 << 10)))
             return {"op": "write", "off": off, "len": n}
         if k in ("zero", "discard"):
-            off = r.randrange(size)
-            n = min(size - off, r.randint(1, 6 * cs))
+            off = start()
+            n = min(size - off, r.randint(1, min(6 * cs, 512 << 10)))
             return {"op": k, "off": off, "len": n, "unmap": r.random() < 0.5}
         if k == "compressed":
             c = r.randrange(-(-size // cs))
             return {"op": "compressed", "off": c * cs, "len": min(cs, size - c * cs)}
-        if k == "flush":
-            return {"op": "flush"}
+        if k in ("flush", "reopen"):
+            return {"op": k}
         if k == "snap" and nsnap < 3:
             return {"op": "snap"}
         if k == "unsnap" and nsnap:
             return {"op": "unsnap", "pick": r.randrange(nsnap)}
         if k == "resize" and not nsnap:
-            lo = max(size // 2, cs) // 512 * 512
-            new = r.randrange(lo, size * 3 // 2 + cs, 512)
+            new = -(-(size + r.randint(1, 2 * cs)) // 512) * 512
             return {"op": "resize", "size": new}
+        if k == "shrink" and not nsnap:
+            lo = max(size // 2, cs) // 512 * 512
+            if lo < size:
+                return {"op": "resize", "size": r.randrange(lo, size, 512)}
 
 
-def main() -> int:
+# the default operation mix (a qcow2 image without restrictions)
+KINDS = ["write"] * 6 + ["zero", "discard", "compressed", "flush", "flush", "reopen",
+                         "snap", "unsnap", "resize", "shrink"]
+
+
+def main(spec_path: str) -> int:
+    """Run one seeded sequence as ``spec`` says (written by test_crash_consistency.py):
+
+    ``image``, ``format``, ``open`` (keyword arguments of ``diskimg.open``: ``secrets`` as
+    text, ``options``), ``seed``, ``nops``, ``kinds`` (operation mix, :data:`KINDS` by
+    default); ``arm_op``/``arm_calls``: end the process just before the ``arm_calls``-th
+    write-like host call made from the start of the first operation at index ``arm_op``
+    or later whose kind is in ``arm_kinds`` (default: any; ``arm_op`` -1: from the
+    open on, which repairs a dirty lazy_refcounts image) on (the deterministic kill;
+    without them the parent SIGKILLs at a moment of its choice);
+    ``lie``: the harness self-test, claim flushes without flushing.
+    """
     import diskimg
 
-    path, seed, nops = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    # self-test of the harness: claim flushes without flushing (the parent must notice)
-    lie = len(sys.argv) > 4 and sys.argv[4] == "--lie"
+    with open(spec_path) as f:
+        spec = json.load(f)
+    seed, nops = spec["seed"], spec["nops"]
+    kinds = spec.get("kinds", KINDS)
+    lie = spec.get("lie", False)
     if lie:
         ops = [{"op": "write", "off": (k * 3 + 1) * 65536, "len": 8192} for k in range(20)]
         ops.append({"op": "flush"})
         chooser = iter(ops)
+        nops = len(ops)
+    calls = [0]
+    if spec.get("arm_op") is not None:
+        calls = install_crash_hook(spec["arm_calls"])
+        calls[0] = -(1 << 62)  # disarmed until operation arm_op starts
+        if spec["arm_op"] == -1:
+            calls[0] = 0
+    arm_kinds = spec.get("arm_kinds")
+    kw = dict(spec.get("open", {}))
+    if "secrets" in kw:
+        kw["secrets"] = {k: v.encode() for k, v in kw["secrets"].items()}
     r = random.Random(seed)
     out = sys.stdout
-    img = diskimg.open(path, "r+")
-    cs = img.cluster_size
-    model = Model(bytearray(img.read(0, img.size)), bytearray(b"\1" * img.size), cs, seed)
-    for i in range(21 if lie else nops):
-        snaps = img.snapshots.list()
-        op = next(chooser) if lie else choose(r, img.size, cs, len(snaps))
+    img = diskimg.open(spec["image"], "r+", spec.get("format"), **kw)
+    cs = getattr(img, "cluster_size", 65536)
+    for i in range(nops):
+        snaps = img.snapshots.list() if "snap" in kinds else []
+        op = next(chooser) if lie else choose(r, img.size, cs, len(snaps), kinds)
         op["i"] = i
         if op["op"] == "snap":
             op["name"] = f"s{i}"
         if op["op"] == "unsnap":
             op["name"] = snaps[op["pick"]].name
+        # the intent reaches the pipe (the kernel) before the operation starts
         out.write("OP " + json.dumps(op) + "\n")
         out.flush()
+        if (spec.get("arm_op") is not None and calls[0] < 0 and i >= spec["arm_op"]
+                and (not arm_kinds or op["op"] in arm_kinds)):
+            calls[0] = 0
         kind = op["op"]
-        if kind == "write":
-            img.write(op["off"], payload(seed, i, op["len"]))
-        elif kind == "zero":
-            img.write_zeroes(op["off"], op["len"], may_unmap=op["unmap"])
-        elif kind == "discard":
-            img.discard(op["off"], op["len"])
-        elif kind == "compressed":
-            img.write_compressed(op["off"], payload(seed, i, op["len"], compressible=True))
-        elif kind == "snap":
-            img.snapshots.create(op["name"])
-        elif kind == "unsnap":
-            img.snapshots.delete(op["name"])
-        elif kind == "resize":
-            img.resize(op["size"], shrink=True)
-        elif kind == "flush" and not lie:
-            img.flush()
-        model.apply(op)
-        if kind == "flush":
-            out.write(f"FLUSHED {i} {model.digest()}\n")
+        try:
+            if kind == "write":
+                img.write(op["off"], payload(seed, i, op["len"]))
+            elif kind == "zero":
+                img.write_zeroes(op["off"], op["len"], may_unmap=op["unmap"])
+            elif kind == "discard":
+                img.discard(op["off"], op["len"])
+            elif kind == "compressed":
+                img.write_compressed(op["off"],  # type: ignore[attr-defined]
+                                     payload(seed, i, op["len"], compressible=True))
+            elif kind == "snap":
+                img.snapshots.create(op["name"])  # type: ignore[attr-defined]
+            elif kind == "unsnap":
+                img.snapshots.delete(op["name"])  # type: ignore[attr-defined]
+            elif kind == "resize":
+                img.resize(op["size"], shrink=op["size"] < img.size)
+            elif kind == "flush" and not lie:
+                img.flush()
+            elif kind == "reopen":  # close() flushes (and clears the dirty bit)
+                img.close()
+                img = diskimg.open(spec["image"], "r+", spec.get("format"), **kw)
+        except diskimg.DiskImgError as e:
+            # a refusal: it must have changed nothing (the parent holds it to that)
+            msg = f"{type(e).__name__}: {e}".replace("\n", " ")
+            out.write(f"REFUSED {i} {msg}\n")
+            out.flush()
+            continue
+        if kind in ("flush", "reopen"):
+            out.write(f"FLUSHED {i}\n")
             out.flush()
     if lie:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -276,4 +321,4 @@ def sweep(spec_path: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--sweep":
         sys.exit(sweep(sys.argv[2]))
-    sys.exit(main())
+    sys.exit(main(sys.argv[1]))

@@ -630,7 +630,15 @@ class Qcow2Image(BlockDevice):
         external data file the guest offset itself (QEMU's identity mapping, no refcounts),
         else one contiguous run of freshly allocated clusters."""
         if self._data_file_opened:
-            return [c << self.cb for c in clusters]
+            hosts = [c << self.cb for c in clusters]
+            if self._pending_free:
+                # a deallocation still pending for one of these clusters (a discard or an
+                # unmapping zero-write since the last flush) must not hit the data about
+                # to be written there: the identity mapping hands out the same cluster
+                taken = set(hosts)
+                self._pending_free = [f for f in self._pending_free
+                                      if not (f[1] < 0 and f[0] in taken)]
+            return hosts
         base = self.refcounts.alloc(len(clusters))
         return [base + k * self.cs for k in range(len(clusters))]
 
