@@ -37,6 +37,7 @@ from diskimg.crypto.luks import (
     build_luks,
     create_luks,
     iterations_for_time,
+    kdf,
     layout,
     luks_info,
     open_luks,
@@ -405,7 +406,7 @@ def test_build_luks_counts_from_measured_rates(monkeypatch: pytest.MonkeyPatch) 
     # for the digest, key-bytes (two blocks for aes-256-xts) for the slot; the digest gets
     # an eighth of iter-time, so it ends up with about a quarter of the slot's count.
     rates = {LUKS_DIGEST_LEN: 6_000_000, 64: 3_000_000}
-    monkeypatch.setattr(luks, "pbkdf2_rate", lambda _h, n: rates[n])
+    monkeypatch.setattr(kdf, "pbkdf2_rate", lambda _h, n: rates[n])
     _area, _cipher, hdr = build_luks(PASS, {}, 10, master_key=MK64)
     assert (hdr.mk_digest_iter, hdr.slots[0].iterations) == (7_500, 30_000)
     _slot, new, _writes = plan_add_key(hdr, MK64, b"pw2", iter_time_ms=20)
@@ -422,8 +423,8 @@ def test_pbkdf2_iterations_zero_time_and_cache(monkeypatch: pytest.MonkeyPatch) 
         calls.append((h, n))
         return 2_000_000
 
-    monkeypatch.setattr(luks, "pbkdf2_count_iters", bench)
-    monkeypatch.setattr(luks, "_rate_cache", {})
+    monkeypatch.setattr(kdf, "pbkdf2_count_iters", bench)
+    monkeypatch.setattr(kdf, "_rate_cache", {})
     assert pbkdf2_iterations("sha256", 64, 0) == 1000 and calls == []
     assert pbkdf2_iterations("sha256", 64, 100) == 200_000
     assert pbkdf2_iterations("sha256", 64, 200) == 400_000
@@ -566,9 +567,7 @@ def test_fde_extension() -> None:
 
 def test_iter_time_beyond_the_unlock_cap_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """A key slot diskimg could not unlock again is never written."""
-    import diskimg.crypto.luks as luks
-
-    monkeypatch.setattr(luks, "pbkdf2_rate", lambda hash_name, out_len: 3_300_000)
+    monkeypatch.setattr(kdf, "pbkdf2_rate", lambda hash_name, out_len: 3_300_000)
     assert luks.pbkdf2_iterations("sha256", 64, 30_000) == 99_000_000
     with pytest.raises(UsageError, match=r"iter-time' 31000 ms gives 102300000 PBKDF2"):
         luks.pbkdf2_iterations("sha256", 64, 31_000)

@@ -23,21 +23,8 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from diskimg.crypto import HASH_NAMES, IVGEN_NAMES
 from diskimg.errors import UnsupportedFeatureError
-
-#: IV generator names QEMU knows.
-IVGEN_NAMES = ("plain", "plain64", "essiv")
-
-#: hash names accepted in LUKS headers / QEMU options -> hashlib names
-HASH_NAMES = {
-    "md5": "md5",
-    "sha1": "sha1",
-    "sha224": "sha224",
-    "sha256": "sha256",
-    "sha384": "sha384",
-    "sha512": "sha512",
-    "ripemd160": "ripemd160",
-}
 
 
 def hash_digest(name: str, data: bytes | bytearray | memoryview) -> bytes:
