@@ -68,6 +68,10 @@ class IVGen(Protocol):
         """The IVs of ``count`` consecutive sectors, concatenated."""
         ...
 
+    def wipe(self) -> None:
+        """Zero any key-derived state in place (the generator is unusable afterwards)."""
+        ...
+
 
 class PlainIV:
     """``plain``: 32-bit little-endian sector number, zero padded."""
@@ -82,6 +86,9 @@ class PlainIV:
     def ivs(self, sector: int, count: int) -> bytes:
         return counter_ivs(sector, count, 4, self.block_size)
 
+    def wipe(self) -> None:
+        """Nothing key-derived to zero."""
+
 
 class Plain64IV:
     """``plain64``: 64-bit little-endian sector number, zero padded."""
@@ -95,6 +102,9 @@ class Plain64IV:
 
     def ivs(self, sector: int, count: int) -> bytes:
         return counter_ivs(sector, count, 8, self.block_size)
+
+    def wipe(self) -> None:
+        """Nothing key-derived to zero."""
 
 
 class EssivIV:

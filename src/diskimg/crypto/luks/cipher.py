@@ -78,9 +78,7 @@ class LuksCipher:
     def wipe(self) -> None:
         """Zero the master key and the essiv salt in place.  Idempotent."""
         wipe(self._key)
-        ivwipe = getattr(self._ivgen, "wipe", None)
-        if ivwipe is not None:
-            ivwipe()
+        self._ivgen.wipe()
         self._wiped = True
 
     def export_master_key(self) -> bytearray:
