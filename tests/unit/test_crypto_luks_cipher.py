@@ -19,8 +19,7 @@ from diskimg.errors import (
     UnsupportedFeatureError,
     UsageError,
 )
-
-MK64 = bytes(range(1, 65))  # halves differ: XTS accepts it
+from tests.unit.luks_testlib import MK64
 
 
 def _pattern(n: int, mul: int = 31) -> bytes:

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from diskimg.crypto.luks import (
     LUKS_HEADER_SIZE,
     LuksHeader,
-    build_luks,
     layout,
     luks_info,
     open_luks,
@@ -60,15 +59,12 @@ from diskimg.qcow2 import measure as qcow2_measure
 from diskimg.qcow2.layout import QCOW2_EXT_MAGIC_CRYPTO_HEADER, Header
 from diskimg.qcow2.measure import measure
 from tests.conftest import RunFn
-
-PASS = b"correct horse"
-MK64 = bytes(range(1, 65))  # halves differ: XTS accepts it
+from tests.unit.luks_testlib import PASS, luks_area, patch, u32
 
 
 @pytest.fixture(scope="module")
 def default_area() -> bytes:
-    area, _cipher, _hdr = build_luks(PASS, {}, 0, master_key=MK64)
-    return area
+    return luks_area()
 
 
 def test_default_header_layout(default_area: bytes) -> None:
@@ -93,6 +89,7 @@ def test_aes192_cbc_material_padded_to_sectors() -> None:
     offsets, payload = layout(spec)
     assert offsets[:2] == [8, 8 + 192] and payload == 8 + 8 * 192
 
+
 # --- luks_info ------------------------------------------------------------------------------
 
 def test_luks_info_shape(default_area: bytes) -> None:
@@ -104,51 +101,43 @@ def test_luks_info_shape(default_area: bytes) -> None:
     assert info["slots"][1] == {"active": False, "key-offset": 262144}
     assert info["payload-offset"] == 2068480 and info["format"] == "luks"
 
+
 # --- malformed headers -----------------------------------------------------------------------
-
-def _patch(area: bytes, off: int, data: bytes) -> bytes:
-    b = bytearray(area)
-    b[off:off + len(data)] = data
-    return bytes(b)
-
-
-def _u32(v: int) -> bytes:
-    return struct.pack(">I", v)
 
 SLOT1 = 208 + 48
 
 
 BAD: list[tuple[str, Callable[[bytes], bytes], type[DiskImgError], int | None]] = [
-    ("magic", lambda a: _patch(a, 0, b"LUKZ"), FormatError, 0),
-    ("version 2", lambda a: _patch(a, 6, b"\x00\x02"), UnsupportedFeatureError, 6),
-    ("unknown cipher", lambda a: _patch(a, 8, b"rot13\0"), UnsupportedFeatureError, 8),
-    ("unterminated cipher", lambda a: _patch(a, 8, b"a" * 32), FormatError, 8),
-    ("non-ascii cipher", lambda a: _patch(a, 8, b"\xff\0"), FormatError, 8),
-    ("mode without ivgen", lambda a: _patch(a, 40, b"xts\0"), UnsupportedFeatureError, 40),
-    ("unknown mode", lambda a: _patch(a, 40, b"lrw-plain64\0"), UnsupportedFeatureError, 40),
-    ("unknown ivgen", lambda a: _patch(a, 40, b"xts-benbi\0\0\0\0"), UnsupportedFeatureError,
+    ("magic", lambda a: patch(a, 0, b"LUKZ"), FormatError, 0),
+    ("version 2", lambda a: patch(a, 6, b"\x00\x02"), UnsupportedFeatureError, 6),
+    ("unknown cipher", lambda a: patch(a, 8, b"rot13\0"), UnsupportedFeatureError, 8),
+    ("unterminated cipher", lambda a: patch(a, 8, b"a" * 32), FormatError, 8),
+    ("non-ascii cipher", lambda a: patch(a, 8, b"\xff\0"), FormatError, 8),
+    ("mode without ivgen", lambda a: patch(a, 40, b"xts\0"), UnsupportedFeatureError, 40),
+    ("unknown mode", lambda a: patch(a, 40, b"lrw-plain64\0"), UnsupportedFeatureError, 40),
+    ("unknown ivgen", lambda a: patch(a, 40, b"xts-benbi\0\0\0\0"), UnsupportedFeatureError,
      40),
-    ("essiv without hash", lambda a: _patch(a, 40, b"xts-essiv\0\0\0"), FormatError, 40),
-    ("unterminated hash", lambda a: _patch(a, 72, b"s" * 32), FormatError, 72),
-    ("unknown hash", lambda a: _patch(a, 72, b"whirlpool\0"), UnsupportedFeatureError, 72),
-    ("key bytes 0", lambda a: _patch(a, 108, _u32(0)), FormatError, 108),
-    ("key bytes 2^32-1", lambda a: _patch(a, 108, _u32(0xFFFFFFFF)), FormatError, 108),
-    ("key bytes 32 for aes-xts-256 is aes-128: 24 not", lambda a: _patch(a, 108, _u32(24)),
+    ("essiv without hash", lambda a: patch(a, 40, b"xts-essiv\0\0\0"), FormatError, 40),
+    ("unterminated hash", lambda a: patch(a, 72, b"s" * 32), FormatError, 72),
+    ("unknown hash", lambda a: patch(a, 72, b"whirlpool\0"), UnsupportedFeatureError, 72),
+    ("key bytes 0", lambda a: patch(a, 108, u32(0)), FormatError, 108),
+    ("key bytes 2^32-1", lambda a: patch(a, 108, u32(0xFFFFFFFF)), FormatError, 108),
+    ("key bytes 32 for aes-xts-256 is aes-128: 24 not", lambda a: patch(a, 108, u32(24)),
      FormatError, 108),
-    ("payload 2^32-1", lambda a: _patch(a, 104, _u32(0xFFFFFFFF)), FormatError, 104),
-    ("payload inside key material", lambda a: _patch(a, 104, _u32(100)), FormatError, None),
-    ("mk digest iter 0", lambda a: _patch(a, 164, _u32(0)), FormatError, 164),
-    ("unterminated uuid", lambda a: _patch(a, 168, b"u" * 40), FormatError, 168),
-    ("slot state", lambda a: _patch(a, SLOT1, _u32(0x12345678)), FormatError, SLOT1),
-    ("stripes 2^32-1", lambda a: _patch(a, SLOT1 + 44, _u32(0xFFFFFFFF)), FormatError,
+    ("payload 2^32-1", lambda a: patch(a, 104, u32(0xFFFFFFFF)), FormatError, 104),
+    ("payload inside key material", lambda a: patch(a, 104, u32(100)), FormatError, None),
+    ("mk digest iter 0", lambda a: patch(a, 164, u32(0)), FormatError, 164),
+    ("unterminated uuid", lambda a: patch(a, 168, b"u" * 40), FormatError, 168),
+    ("slot state", lambda a: patch(a, SLOT1, u32(0x12345678)), FormatError, SLOT1),
+    ("stripes 2^32-1", lambda a: patch(a, SLOT1 + 44, u32(0xFFFFFFFF)), FormatError,
      SLOT1 + 44),
-    ("stripes 1", lambda a: _patch(a, 208 + 44, _u32(1)), FormatError, 208 + 44),
-    ("key offset past area", lambda a: _patch(a, SLOT1 + 40, _u32(0xFFFFFF00)), FormatError,
+    ("stripes 1", lambda a: patch(a, 208 + 44, u32(1)), FormatError, 208 + 44),
+    ("key offset past area", lambda a: patch(a, SLOT1 + 40, u32(0xFFFFFF00)), FormatError,
      SLOT1 + 40),
-    ("key offset in header", lambda a: _patch(a, 208 + 40, _u32(1)), FormatError, 208 + 40),
-    ("key offset overlaps slot 0", lambda a: _patch(a, SLOT1 + 40, _u32(16)), FormatError,
+    ("key offset in header", lambda a: patch(a, 208 + 40, u32(1)), FormatError, 208 + 40),
+    ("key offset overlaps slot 0", lambda a: patch(a, SLOT1 + 40, u32(16)), FormatError,
      SLOT1 + 40),
-    ("active slot 0 iterations", lambda a: _patch(a, 208 + 4, _u32(0)), FormatError, 212),
+    ("active slot 0 iterations", lambda a: patch(a, 208 + 4, u32(0)), FormatError, 212),
     ("truncated", lambda a: a[:300], FormatError, 0),
 ]
 

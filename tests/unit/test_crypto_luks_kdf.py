@@ -28,10 +28,7 @@ from diskimg.errors import (
     EncryptionError,
     UsageError,
 )
-
-PASS = b"correct horse"
-MK64 = bytes(range(1, 65))  # halves differ: XTS accepts it
-
+from tests.unit.luks_testlib import MK64, PASS
 
 # -- PBKDF2 iteration counts: qemu 7.2's benchmark and derivation -------------------------
 

@@ -5,7 +5,6 @@ iteration cap, and material outside the area.  Headers are built with ``iter_tim
 
 from __future__ import annotations
 
-import struct
 import time
 
 import pytest
@@ -13,7 +12,6 @@ import pytest
 from diskimg.crypto.luks import (
     LuksCipher,
     LuksHeader,
-    build_luks,
     luks_info,
     open_luks,
     unlock,
@@ -23,15 +21,12 @@ from diskimg.errors import (
     InvalidPassphraseError,
     UnsupportedFeatureError,
 )
-
-PASS = b"correct horse"
-MK64 = bytes(range(1, 65))  # halves differ: XTS accepts it
+from tests.unit.luks_testlib import MK64, PASS, luks_area, patch, u32
 
 
 @pytest.fixture(scope="module")
 def default_area() -> bytes:
-    area, _cipher, _hdr = build_luks(PASS, {}, 0, master_key=MK64)
-    return area
+    return luks_area()
 
 
 def test_unlock_own_header(default_area: bytes) -> None:
@@ -53,20 +48,12 @@ def test_wrong_passphrase(default_area: bytes) -> None:
     with pytest.raises(InvalidPassphraseError):
         open_luks(default_area, b"")
 
-# --- malformed headers -----------------------------------------------------------------------
 
-def _patch(area: bytes, off: int, data: bytes) -> bytes:
-    b = bytearray(area)
-    b[off:off + len(data)] = data
-    return bytes(b)
-
-
-def _u32(v: int) -> bytes:
-    return struct.pack(">I", v)
+# --- hostile key slots -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("off", [164, 208 + 4])
 def test_iteration_cap(default_area: bytes, off: int) -> None:
-    bad = _patch(default_area, off, _u32(0xFFFFFFFF))
+    bad = patch(default_area, off, u32(0xFFFFFFFF))
     hdr = LuksHeader.parse(bad, len(bad))  # parse (and info) still work
     assert luks_info(hdr)["format"] == "luks"
     t0 = time.monotonic()
@@ -83,6 +70,6 @@ def test_slot_material_past_short_area(default_area: bytes) -> None:
 
 
 def test_inactive_slots_only(default_area: bytes) -> None:
-    bad = _patch(default_area, 208, _u32(0x0000DEAD))
+    bad = patch(default_area, 208, u32(0x0000DEAD))
     with pytest.raises(InvalidPassphraseError):
         open_luks(bad, PASS)
