@@ -32,7 +32,8 @@ IMPLEMENTED_CIPHERS = ("aes",)
 _BATCH_SECTORS = 2048  # sectors per batched AES call (1 MiB)
 
 
-def _equal_halves(key: KeyBuf) -> bool:
+def equal_halves(key: KeyBuf) -> bool:
+    """True for an XTS key whose two halves are equal (the crypto backend refuses it)."""
     mv = memoryview(key).cast("B")  # compares without copying the halves
     return bool(mv[:len(mv) // 2] == mv[len(mv) // 2:])
 
@@ -52,7 +53,7 @@ class LuksCipher:
         if len(master_key) != spec.key_bytes:
             raise ValueError(f"master key must be {spec.key_bytes} bytes")
         self.spec = spec
-        if spec.mode == "xts" and _equal_halves(master_key):
+        if spec.mode == "xts" and equal_halves(master_key):
             raise UnsupportedFeatureError("XTS master key with two equal halves is refused "
                                           "by the crypto backend")
         half = len(master_key) // 2 if spec.mode == "xts" else len(master_key)

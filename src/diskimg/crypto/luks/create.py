@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from diskimg.crypto import SECTOR_SIZE, KeyBuf, wipe
-from diskimg.crypto.luks.cipher import LuksCipher, _equal_halves, spec_from_options
+from diskimg.crypto.luks.cipher import LuksCipher, equal_halves, spec_from_options
 from diskimg.crypto.luks.header import (
     LUKS_DIGEST_LEN,
     LUKS_HEADER_SIZE,
@@ -21,7 +21,7 @@ from diskimg.crypto.luks.header import (
     layout,
 )
 from diskimg.crypto.luks.kdf import DEFAULT_ITER_TIME_MS, pbkdf2, pbkdf2_iterations
-from diskimg.crypto.luks.keyslots import _as_key_bytes, _wrap_master_key
+from diskimg.crypto.luks.keyslots import as_key_bytes, wrap_master_key
 from diskimg.errors import UsageError
 
 
@@ -41,7 +41,7 @@ def _random_master_key(spec: CipherSpec) -> bytearray:
     mk = bytearray(spec.key_bytes)
     while True:
         _fill_random(mk)
-        if spec.mode != "xts" or not _equal_halves(mk):
+        if spec.mode != "xts" or not equal_halves(mk):
             return mk
 
 
@@ -57,7 +57,7 @@ def build_luks(passphrase: KeyBuf | str, options: Mapping[str, Any] | None = Non
     least 1000 iterations.  The keyword arguments pin values for reproducible tests.  The
     returned cipher holds the only copy of a generated master key.
     """
-    passphrase = _as_key_bytes(passphrase)
+    passphrase = as_key_bytes(passphrase)
     options = dict(options or {})
     spec, hash_alg = spec_from_options(options)
     if iter_time_ms is None:
@@ -86,7 +86,7 @@ def build_luks(passphrase: KeyBuf | str, options: Mapping[str, Any] | None = Non
         header = LuksHeader(spec.cipher_name, spec.mode_string, hash_alg, payload,
                             spec.key_bytes, digest, mk_salt, mk_iterations,
                             uuid or str(uuid_mod.uuid4()), slots)
-        material = _wrap_master_key(header, mk, passphrase, slots[0])
+        material = wrap_master_key(header, mk, passphrase, slots[0])
     finally:
         wipe(mk)
     area = bytearray(payload * SECTOR_SIZE)

@@ -98,7 +98,8 @@ def slot_offset(index: int) -> int:
     return LUKS_SLOT_OFFSET + index * LUKS_SLOT_SIZE
 
 
-def _bad(field_name: str, offset: int, detail: str) -> FormatError:
+def header_error(field_name: str, offset: int, detail: str) -> FormatError:
+    """The error for a bad header field: names the field and its offset in the area."""
     return FormatError(f"Invalid LUKS header: {detail} (field '{field_name}' at "
                        f"0x{offset:x})", offset=offset)
 
@@ -106,11 +107,11 @@ def _bad(field_name: str, offset: int, detail: str) -> FormatError:
 def _cstr(raw: bytes, field_name: str, offset: int) -> str:
     nul = raw.find(b"\0")
     if nul < 0:
-        raise _bad(field_name, offset, f"{field_name} is not NUL-terminated")
+        raise header_error(field_name, offset, f"{field_name} is not NUL-terminated")
     try:
         return raw[:nul].decode("ascii")
     except UnicodeDecodeError as err:
-        raise _bad(field_name, offset, f"{field_name} is not ASCII") from err
+        raise header_error(field_name, offset, f"{field_name} is not ASCII") from err
 
 
 def _pad_name(s: str, n: int) -> bytes:
@@ -271,15 +272,17 @@ class LuksHeader:
         if mode == "xts":
             sizes = tuple(2 * s for s in sizes)
         if key_bytes not in sizes:
-            raise _bad("key-bytes", OFF_KEY_BYTES, f"key length {key_bytes} is not valid for "
-                       f"{cipher_name}-{mode} (expected one of {list(sizes)})")
+            raise header_error("key-bytes", OFF_KEY_BYTES, f"key length {key_bytes} is not "
+                               f"valid for {cipher_name}-{mode} (expected one of "
+                               f"{list(sizes)})")
         if diter < 1:
-            raise _bad("mk-digest-iter", OFF_MK_DIGEST_ITER, "master key digest iterations is 0")
+            raise header_error("mk-digest-iter", OFF_MK_DIGEST_ITER,
+                               "master key digest iterations is 0")
         hdr = cls(cipher_name, cipher_mode, hash_spec, payload, key_bytes, digest, dsalt,
                   diter, uuid)
         if area_len is not None and payload * SECTOR_SIZE > area_len:
-            raise _bad("payload-offset", OFF_PAYLOAD_OFFSET, f"payload offset {payload} "
-                       f"sectors lies past the end of the {area_len}-byte LUKS area")
+            raise header_error("payload-offset", OFF_PAYLOAD_OFFSET, f"payload offset {payload} "
+                               f"sectors lies past the end of the {area_len}-byte LUKS area")
         for i in range(LUKS_NUM_SLOTS):
             hdr.slots.append(_parse_slot(buf, i, hdr, area_len))
         return hdr
@@ -304,28 +307,28 @@ def _parse_slot(buf: bytes, i: int, hdr: LuksHeader, area_len: int | None) -> Ke
     active, iters, salt, koff, stripes = _SLOT.unpack_from(buf, off)
     name = f"key-slot[{i}]"
     if active not in (LUKS_KEY_SLOT_ACTIVE, LUKS_KEY_SLOT_INACTIVE):
-        raise _bad(f"{name}.active", off + SLOT_ACTIVE,
-                   f"key slot {i} state 0x{active:08x} is neither active nor inactive")
+        raise header_error(f"{name}.active", off + SLOT_ACTIVE,
+                           f"key slot {i} state 0x{active:08x} is neither active nor inactive")
     if stripes != LUKS_STRIPES:
-        raise _bad(f"{name}.stripes", off + SLOT_STRIPES,
-                   f"key slot {i} has {stripes} stripes, expected {LUKS_STRIPES}")
+        raise header_error(f"{name}.stripes", off + SLOT_STRIPES,
+                           f"key slot {i} has {stripes} stripes, expected {LUKS_STRIPES}")
     if active == LUKS_KEY_SLOT_ACTIVE and iters < 1:
-        raise _bad(f"{name}.iterations", off + SLOT_ITERATIONS,
-                   f"active key slot {i} has 0 iterations")
+        raise header_error(f"{name}.iterations", off + SLOT_ITERATIONS,
+                           f"active key slot {i} has 0 iterations")
     koff_field, koff_at = f"{name}.key-material-offset", off + SLOT_KEY_OFFSET
     if koff < -(-LUKS_HEADER_SIZE // SECTOR_SIZE):
-        raise _bad(koff_field, koff_at,
-                   f"key slot {i} material at sector {koff} overlaps the LUKS header")
+        raise header_error(koff_field, koff_at,
+                           f"key slot {i} material at sector {koff} overlaps the LUKS header")
     end = koff + material_sectors(hdr.key_bytes)
     if area_len is not None and end * SECTOR_SIZE > area_len:
-        raise _bad(koff_field, koff_at, f"key slot {i} material (sectors {koff}..{end}) lies "
-                   f"outside the {area_len}-byte LUKS area")
+        raise header_error(koff_field, koff_at, f"key slot {i} material (sectors "
+                           f"{koff}..{end}) lies outside the {area_len}-byte LUKS area")
     if end > hdr.payload_offset:
-        raise _bad(koff_field, koff_at, f"key slot {i} material (sectors {koff}..{end}) "
-                   f"overlaps the payload at sector {hdr.payload_offset}")
+        raise header_error(koff_field, koff_at, f"key slot {i} material (sectors {koff}..{end}) "
+                           f"overlaps the payload at sector {hdr.payload_offset}")
     for j, other in enumerate(hdr.slots):
         if koff < other.key_offset + material_sectors(hdr.key_bytes) and other.key_offset < end:
-            raise _bad(koff_field, koff_at, f"key slot {i} material overlaps key slot {j}")
+            raise header_error(koff_field, koff_at, f"key slot {i} material overlaps key slot {j}")
     return KeySlot(active == LUKS_KEY_SLOT_ACTIVE, iters, salt, koff, stripes)
 
 

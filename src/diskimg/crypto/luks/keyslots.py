@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from diskimg.crypto import SECTOR_SIZE, KeyBuf, wipe
 from diskimg.crypto.ivgen import make_ivgen
 from diskimg.crypto.luks.af import af_merge, af_split
-from diskimg.crypto.luks.cipher import IMPLEMENTED_CIPHERS, LuksCipher, _equal_halves
+from diskimg.crypto.luks.cipher import IMPLEMENTED_CIPHERS, LuksCipher, equal_halves
 from diskimg.crypto.luks.header import (
     LUKS_DIGEST_LEN,
     LUKS_NUM_SLOTS,
@@ -32,7 +32,7 @@ from diskimg.crypto.luks.header import (
     SLOT_KEY_OFFSET,
     KeySlot,
     LuksHeader,
-    _bad,
+    header_error,
     slot_offset,
 )
 from diskimg.crypto.luks.kdf import (
@@ -52,7 +52,7 @@ def _check_iters(n: int, what: str, off: int, cap: int) -> None:
             f"0x{off:x}); refusing to spend the time", offset=off)
 
 
-def _as_key_bytes(passphrase: KeyBuf | str) -> KeyBuf:
+def as_key_bytes(passphrase: KeyBuf | str) -> KeyBuf:
     return passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
 
 
@@ -88,15 +88,15 @@ def _try_slot(header: LuksHeader, area: bytes | bytearray | memoryview, index: i
     mlen = header.material_bytes
     start = s.key_offset * SECTOR_SIZE
     if start + mlen > len(area):
-        raise _bad(f"key-slot[{index}].key-material-offset",
-                   slot_offset(index) + SLOT_KEY_OFFSET,
-                   f"key slot {index} material lies outside the {len(area)}-byte LUKS area")
+        raise header_error(f"key-slot[{index}].key-material-offset",
+                           slot_offset(index) + SLOT_KEY_OFFSET,
+                           f"key slot {index} material lies outside the {len(area)}-byte LUKS area")
     slot_key = pbkdf2_key(header.hash_spec, passphrase, s.salt, s.iterations,
                           header.key_bytes)
     material: bytearray | None = None
     candidate: bytearray | None = None
     try:
-        if spec.mode == "xts" and _equal_halves(slot_key):
+        if spec.mode == "xts" and equal_halves(slot_key):
             return None  # degenerate XTS slot key: the backend refuses it, cannot be it
         slot_cipher = LuksCipher(spec, slot_key)
         try:
@@ -123,7 +123,7 @@ def unlock(header: LuksHeader, area: bytes | bytearray | memoryview,
     done.  Raises :class:`InvalidPassphraseError` (never naming the passphrase) when no slot
     opens.
     """
-    passphrase = _as_key_bytes(passphrase)
+    passphrase = as_key_bytes(passphrase)
     _check_unlockable(header, max_iterations)
     for i, s in enumerate(header.slots):
         if s.active:
@@ -145,7 +145,7 @@ def open_luks(area: bytes | bytearray | memoryview, passphrase: KeyBuf | str,
         wipe(master_key)
 
 
-def _wrap_master_key(header: LuksHeader, master_key: KeyBuf, passphrase: KeyBuf,
+def wrap_master_key(header: LuksHeader, master_key: KeyBuf, passphrase: KeyBuf,
                      slot: KeySlot) -> bytearray:
     """The encrypted, sector-padded key material of ``slot`` for ``passphrase``.
 
@@ -155,7 +155,7 @@ def _wrap_master_key(header: LuksHeader, master_key: KeyBuf, passphrase: KeyBuf,
     while True:
         slot_key = pbkdf2_key(header.hash_spec, passphrase, slot.salt, slot.iterations,
                               spec.key_bytes)
-        if spec.mode != "xts" or not _equal_halves(slot_key):
+        if spec.mode != "xts" or not equal_halves(slot_key):
             break
         wipe(slot_key)  # never in practice
         slot.salt = os.urandom(LUKS_SALT_LEN)
@@ -200,7 +200,7 @@ def plan_add_key(header: LuksHeader, master_key: KeyBuf, passphrase: KeyBuf | st
     deactivates it, so no header ever points an active slot at half-written material.
     The master key is checked against the header's digest before anything is planned.
     """
-    passphrase = _as_key_bytes(passphrase)
+    passphrase = as_key_bytes(passphrase)
     if len(master_key) != header.key_bytes or not _master_key_matches(header, master_key):
         raise InvalidPassphraseError("The master key does not match the LUKS header")
     if keyslot is None:
@@ -230,7 +230,7 @@ def plan_add_key(header: LuksHeader, master_key: KeyBuf, passphrase: KeyBuf | st
         new = new.copy()
     slot = KeySlot(True, slot_iterations, os.urandom(LUKS_SALT_LEN), old.key_offset,
                    LUKS_STRIPES)
-    material = _wrap_master_key(new, master_key, passphrase, slot)
+    material = wrap_master_key(new, master_key, passphrase, slot)
     new.slots[keyslot] = slot
     writes.append(AreaWrite(slot.key_offset * SECTOR_SIZE, bytes(material)))
     writes.append(_slot_header_write(new))
@@ -259,7 +259,7 @@ def slot_opens(header: LuksHeader, area: bytes | bytearray | memoryview, index: 
     _check_unlockable(header, max_iterations)
     if not header.slots[index].active:
         return False
-    mk = _try_slot(header, area, index, _as_key_bytes(passphrase))
+    mk = _try_slot(header, area, index, as_key_bytes(passphrase))
     wipe(mk)
     return mk is not None
 
