@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import diskimg
-from diskimg.crypto import luks
+from diskimg.crypto.luks import kdf
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -51,7 +51,7 @@ def test_slot_and_digest_iterations_match_qemu(tmp_path: Path, ms: int,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     theirs, ours = tmp_path / "q.qcow2", tmp_path / "d.qcow2"
     _qemu_create(theirs, ms)
-    monkeypatch.setattr(luks, "_rate_cache", {})  # measure now, next to qemu's run
+    monkeypatch.setattr(kdf, "_rate_cache", {})  # measure now, next to qemu's run
     diskimg.create(ours, "qcow2", 1 << 20, secrets={"s0": b"correct horse"},
                    options={"encrypt.format": "luks", "encrypt.key-secret": "s0",
                             "encrypt.iter-time": str(ms)})

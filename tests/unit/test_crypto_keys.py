@@ -10,7 +10,7 @@ import pytest
 
 import diskimg
 from diskimg.crypto import luks, wipe
-from diskimg.crypto.luks import LuksCipher, LuksHeader, build_luks, unlock
+from diskimg.crypto.luks import LuksCipher, LuksHeader, build_luks, keyslots, unlock
 from diskimg.crypto.qcow_aes import QcowAesCipher
 from diskimg.errors import EncryptionError, InvalidPassphraseError
 
@@ -46,8 +46,8 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[bytearray]]:
         real_private(self, sector, buf, encrypt)
         seen["material"].append(buf)
 
-    monkeypatch.setattr(luks, "pbkdf2_key", kdf)
-    monkeypatch.setattr(luks, "af_merge", merge)
+    monkeypatch.setattr(keyslots, "pbkdf2_key", kdf)
+    monkeypatch.setattr(keyslots, "af_merge", merge)
     monkeypatch.setattr(LuksCipher, "crypt_private", private)
     return seen
 

@@ -23,21 +23,8 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from diskimg.crypto import HASH_NAMES, IVGEN_NAMES
 from diskimg.errors import UnsupportedFeatureError
-
-#: IV generator names QEMU knows.
-IVGEN_NAMES = ("plain", "plain64", "essiv")
-
-#: hash names accepted in LUKS headers / QEMU options -> hashlib names
-HASH_NAMES = {
-    "md5": "md5",
-    "sha1": "sha1",
-    "sha224": "sha224",
-    "sha256": "sha256",
-    "sha384": "sha384",
-    "sha512": "sha512",
-    "ripemd160": "ripemd160",
-}
 
 
 def hash_digest(name: str, data: bytes | bytearray | memoryview) -> bytes:
@@ -81,6 +68,10 @@ class IVGen(Protocol):
         """The IVs of ``count`` consecutive sectors, concatenated."""
         ...
 
+    def wipe(self) -> None:
+        """Zero any key-derived state in place (the generator is unusable afterwards)."""
+        ...
+
 
 class PlainIV:
     """``plain``: 32-bit little-endian sector number, zero padded."""
@@ -95,6 +86,9 @@ class PlainIV:
     def ivs(self, sector: int, count: int) -> bytes:
         return counter_ivs(sector, count, 4, self.block_size)
 
+    def wipe(self) -> None:
+        """Nothing key-derived to zero."""
+
 
 class Plain64IV:
     """``plain64``: 64-bit little-endian sector number, zero padded."""
@@ -108,6 +102,9 @@ class Plain64IV:
 
     def ivs(self, sector: int, count: int) -> bytes:
         return counter_ivs(sector, count, 8, self.block_size)
+
+    def wipe(self) -> None:
+        """Nothing key-derived to zero."""
 
 
 class EssivIV:

@@ -16,15 +16,9 @@ reads and writes them; only the system emulators refuse to run them.  The scheme
 
 from __future__ import annotations
 
-from diskimg.crypto import (
-    SECTOR_SIZE,
-    KeyBuf,
-    cbc_decrypt_sectors,
-    cbc_encrypt_sectors,
-    check_sector_buffer,
-    wipe,
-)
+from diskimg.crypto import SECTOR_SIZE, KeyBuf, check_sector_buffer, wipe
 from diskimg.crypto.ivgen import Plain64IV
+from diskimg.crypto.kernels import cbc_decrypt_sectors, cbc_encrypt_sectors
 from diskimg.errors import EncryptionError
 
 AES_KEY_LEN = 16

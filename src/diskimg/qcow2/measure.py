@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from diskimg.crypto.luks.header import CIPHER_MODES, QEMU_CIPHER_KEY_BYTES, luks_header_size
 from diskimg.errors import UsageError
 from diskimg.units import parse_size
 
@@ -36,19 +37,6 @@ MAX_CLUSTER_SIZE = 2 << 20
 BME_TABLE_ENTRY_SIZE = 8
 BITMAP_DIR_ENTRY_SIZE = 24
 SECTOR = 512
-
-# LUKS layout constants (the qcrypto LUKS header qemu would write)
-LUKS_STRIPES = 4000
-LUKS_NUM_SLOTS = 8
-LUKS_KEY_SLOT_OFFSET = 4096
-LUKS_ALIGNMENT = 4096
-#: key bytes of each LUKS cipher algorithm qemu supports
-LUKS_KEY_BYTES = {
-    "aes-128": 16, "aes-192": 24, "aes-256": 32, "des": 8, "3des": 24, "cast5-128": 16,
-    "serpent-128": 16, "serpent-192": 24, "serpent-256": 32, "twofish-128": 16,
-    "twofish-192": 24, "twofish-256": 32, "sm4": 16,
-}
-LUKS_MODES = ("ecb", "cbc", "xts", "ctr")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,17 +109,6 @@ def prealloc_size(total_size: int, cluster_size: int, refcount_order: int,
     rc, _ = refcount_metadata_size((meta + aligned) // cluster_size, cluster_size,
                                    refcount_order)
     return meta + rc + aligned
-
-
-def luks_header_size(cipher_alg: str = "aes-256", cipher_mode: str = "xts") -> int:
-    """Bytes of the LUKS header and key material qemu writes (its payload offset)."""
-    key = LUKS_KEY_BYTES[cipher_alg] * (2 if cipher_mode == "xts" else 1)
-    split = _div_round_up(key * LUKS_STRIPES, SECTOR)
-    align = LUKS_ALIGNMENT // SECTOR
-    sector = LUKS_KEY_SLOT_OFFSET // SECTOR
-    for _ in range(LUKS_NUM_SLOTS):
-        sector = _round_up(sector + split, align)
-    return sector * SECTOR
 
 
 def data_clusters_bytes(runs: Iterable[tuple[int, int, bool]], cluster_size: int) -> int:
@@ -238,9 +215,9 @@ def parse_qcow2_options(options: Mapping[str, Any],
             raise UsageError(f"No secret with id '{sid}'")
         alg = str(options.get("encrypt.cipher-alg") or "aes-256")
         mode = str(options.get("encrypt.cipher-mode") or "xts")
-        if alg not in LUKS_KEY_BYTES:
+        if alg not in QEMU_CIPHER_KEY_BYTES:
             raise UsageError(f"Parameter 'cipher-alg' does not accept value '{alg}'")
-        if mode not in LUKS_MODES:
+        if mode not in CIPHER_MODES:
             raise UsageError(f"Parameter 'cipher-mode' does not accept value '{mode}'")
         luks = _round_up(luks_header_size(alg, mode), cs)
     size = _opt_size(options, "size", 0)
