@@ -843,3 +843,33 @@ def test_data_file_write_after_unmap_survives_flush(raw: bool, free: str,
     d1 = diff(raw_out.read_bytes(), bytes(want))
     assert not d1, f"qemu-img convert: {d1}"
     assert qemu_check(p)[0] == 0
+
+
+def test_encrypted_data_file_raw_zero_write_killed_reads_old_or_zero(tmp_path: Path) -> None:
+    """Found by the random kills: with LUKS and ``data_file_raw=on`` an unmapping zero-write
+    wrote zeros into the data file before the L2 zero flag; killed in between, the range
+    decrypted to garbage (a third value) in diskimg and qemu alike.  The data file of an
+    encrypted image holds ciphertext, never the disk, so it is no longer zeroed there."""
+    script = f"""
+import os, diskimg
+s = {{"s0": b"pw"}}
+diskimg.create("rz.qcow2", "qcow2", 1 << 20, secrets=s,
+               options={{"encrypt.format": "luks", "encrypt.key-secret": "s0",
+                        "encrypt.iter-time": 1, "data_file": "rz.data",
+                        "data_file_raw": "on", "cluster_size": 512}})
+img = diskimg.open("rz.qcow2", "r+", secrets=s, options={{"encrypt.key-secret": "s0"}})
+img.write(0, b"\\x5a" * 65536)
+img.flush()
+img.write_zeroes(4096, 4096, may_unmap=True)
+os._exit(9)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(diskimg.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr
+    with diskimg.open(tmp_path / "rz.qcow2", secrets={"s0": b"pw"},
+                      options={"encrypt.key-secret": "s0"}) as img:
+        got = img.read(4096, 4096)
+        assert img.read(0, 4096) == b"\x5a" * 4096
+    assert got in (b"\x5a" * 4096, bytes(4096)), f"third value {got[:16].hex()}..."

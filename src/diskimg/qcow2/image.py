@@ -1015,8 +1015,11 @@ class Qcow2Image(BlockDevice):
     def _zero_clusters(self, first: int, end: int, unmap: bool, discard: bool) -> None:
         """Set full clusters [first, end) to read as zeros (v3) or deallocate them."""
         v3 = self.header.version >= 3
-        if not discard and self.header.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
-            # data_file_raw: the data file must keep reading as the disk (as qemu does)
+        if (not discard and self.header.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW
+                and not self.header.crypt_method):
+            # data_file_raw: the data file must keep reading as the disk (as qemu does).
+            # Not when encrypted: there it holds ciphertext, never the disk, and zeros
+            # written ahead of the L2 zero flag would decrypt to garbage after a crash
             start = first << self.cb
             self.data_host.zero_range(start, min(self.size, end << self.cb) - start)
         c = first
