@@ -17,6 +17,7 @@ Units follow libvirt's ``virScaleInteger``, not qemu's size grammar: ``B``/``byt
 from __future__ import annotations
 
 import copy
+import os
 import re
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diskimg.errors import PoolError
+from diskimg.pool.paths import validate_pool_name, validate_volume_name
 
 ULLONG_MAX = (1 << 64) - 1
 _SCALE_LETTERS = "kmgtpe"
@@ -286,21 +288,20 @@ class Timestamps:
     btime: tuple[int, int] | None = (0, 0)
 
     @classmethod
-    def from_stat(cls, st: object) -> Timestamps:
+    def from_stat(cls, st: os.stat_result) -> Timestamps:
         """Atime, mtime and ctime of an ``os.stat_result`` as (seconds, nanoseconds);
         btime stays (0, 0)."""
         def pair(ns: int) -> tuple[int, int]:
             return divmod(ns, 1_000_000_000)
 
-        return cls(pair(st.st_atime_ns), pair(st.st_mtime_ns),  # type: ignore[attr-defined]
-                   pair(st.st_ctime_ns))  # type: ignore[attr-defined]
+        return cls(pair(st.st_atime_ns), pair(st.st_mtime_ns), pair(st.st_ctime_ns))
 
     def to_element(self, parent: ET.Element) -> ET.Element:
         """Append ``<timestamps>`` to ``parent`` in libvirt's order (atime, mtime, ctime,
         btime unless None), each as :func:`format_timestamp` text, and return it."""
         e = _sub(parent, "timestamps")
-        for name in ("atime", "mtime", "ctime", "btime"):
-            v = getattr(self, name)
+        for name, v in (("atime", self.atime), ("mtime", self.mtime), ("ctime", self.ctime),
+                        ("btime", self.btime)):
             if v is not None:
                 _sub(e, name, format_timestamp(*v))
         return e
@@ -424,23 +425,6 @@ class PoolDef:
                               self.nsmap)
 
 
-def validate_pool_name(name: str) -> None:
-    """A pool name becomes a file name (NAME.xml): no '/', NUL, '.' or '..'."""
-    if "/" in name:
-        raise PoolError(f"XML error: name {name} cannot contain '/'")
-    if not name or name in (".", "..") or "\0" in name:
-        raise PoolError(f"XML error: invalid pool name '{name}'")
-
-
-def validate_volume_name(name: str) -> None:
-    """Refuse names that would leave the pool directory (libvirt's rule plus . and ..)."""
-    if "/" in name:
-        raise PoolError(f"Requested operation is not valid: volume name '{name}' cannot "
-                        "contain '/'")
-    if not name or name in (".", "..") or "\0" in name:
-        raise PoolError(f"Requested operation is not valid: invalid volume name '{name}'")
-
-
 # --- volumes --------------------------------------------------------------------------------
 
 _VOL_KNOWN = {"name", "key", "capacity", "allocation", "physical", "target", "backingStore",
@@ -534,8 +518,9 @@ class VolumeDef:
         root, nsmap, name = _parse_root(text, "volume")
         validate_volume_name(name)
         v = cls(name=name, type=root.get("type"), nsmap=nsmap, key=_text(root, "key"))
-        for tag in ("capacity", "allocation", "physical"):
-            setattr(v, tag, _sized(root.find(tag), tag))
+        v.capacity = _sized(root.find("capacity"), "capacity")
+        v.allocation = _sized(root.find("allocation"), "allocation")
+        v.physical = _sized(root.find("physical"), "physical")
         target = root.find("target")
         if target is not None:
             v.path = _text(target, "path")
@@ -577,8 +562,8 @@ class VolumeDef:
         _sub(root, "name", self.name)
         if self.key is not None:
             _sub(root, "key", self.key)
-        for tag in ("capacity", "allocation", "physical"):
-            v = getattr(self, tag)
+        for tag, v in (("capacity", self.capacity), ("allocation", self.allocation),
+                       ("physical", self.physical)):
             if v is not None:
                 _sub(root, tag, str(v), unit="bytes")
         target = _sub(root, "target")
