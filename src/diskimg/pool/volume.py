@@ -230,17 +230,22 @@ class Volume:
                 dev.resize(new, shrink=shrink)
         return new
 
+    def _check_transfer(self, offset: int, length: int, what: str) -> None:
+        """Refuse an upload/download (``what``: how the refusal names it) outside a started
+        pool, with a negative range, or of a directory volume."""
+        self.pool._require_active()
+        if offset < 0 or length < 0:
+            raise PoolError("invalid argument: offset and length must not be negative")
+        if self._probe().type != "file":
+            raise PoolError(f"unsupported: {what} a directory volume")
+
     def upload(self, src: BinaryIO, offset: int = 0, length: int = 0, *,
                sparse: bool = False, force: bool = False) -> int:
         """Write bytes from file object ``src`` into the volume file at ``offset``
         (``virsh vol-upload``); ``length`` 0 = until ``src`` ends.  Like libvirt, this works
         on the host file: uploading a qcow2 image makes the volume that image.  ``sparse``
         punches holes for zero blocks instead of writing them.  Returns bytes written."""
-        self.pool._require_active()
-        if offset < 0 or length < 0:
-            raise PoolError("invalid argument: offset and length must not be negative")
-        if self._probe().type != "file":
-            raise PoolError("unsupported: uploading into a directory volume")
+        self._check_transfer(offset, length, "uploading into")
         written = 0
         with self._locked(force) as host:
             while length == 0 or written < length:
@@ -266,11 +271,7 @@ class Volume:
         """Copy the volume file's bytes from ``offset`` (``length`` 0 = to the end) into file
         object ``dst`` (``virsh vol-download``).  With ``sparse`` zero blocks become holes
         (``dst`` must then be seekable).  Returns bytes copied."""
-        self.pool._require_active()
-        if offset < 0 or length < 0:
-            raise PoolError("invalid argument: offset and length must not be negative")
-        if self._probe().type != "file":
-            raise PoolError("unsupported: downloading a directory volume")
+        self._check_transfer(offset, length, "downloading")
         copied = 0
         hole_end = None
         with self._op_lock(exclusive=False), \
