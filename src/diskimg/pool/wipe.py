@@ -62,15 +62,18 @@ def check_recreatable(d: VolumeDef) -> bool:
 
 
 def overwrite(fd: int, size: int, pattern: bytes | str, verify: bool = False) -> None:
-    """One wipe pass over [0, size): random bytes or ``pattern`` repeated from offset 0."""
+    """One wipe pass over [0, size): random bytes, or ``pattern`` repeated from offset 0
+    (byte ``i`` is ``pattern[i % len(pattern)]``), fsynced; with ``verify`` every byte is
+    read back and compared.  Each write is a whole number of patterns (a 3-byte pattern
+    steps by a multiple of 3), so the pattern stays in phase across writes."""
     if isinstance(pattern, bytes):
         unit = len(pattern)
-        chunk = pattern * ((CHUNK // unit) or 1)
-        chunk = chunk[: len(chunk) - len(chunk) % unit]
+        chunk = pattern * ((CHUNK // unit) or 1)  # len(chunk) is a multiple of unit
+    step = CHUNK if pattern == "random" else len(chunk)
     pos = 0
     last_random: list[bytes] = []
     while pos < size:
-        n = min(size - pos, CHUNK)
+        n = min(size - pos, step)
         if pattern == "random":
             buf = os.urandom(n)
             if verify:
@@ -87,7 +90,7 @@ def overwrite(fd: int, size: int, pattern: bytes | str, verify: bool = False) ->
         pos = 0
         idx = 0
         while pos < size:
-            n = min(size - pos, CHUNK)
+            n = min(size - pos, step)
             want = last_random[idx] if pattern == "random" else chunk[:n]
             if os.pread(fd, n, pos) != want:
                 raise PoolError(f"wipe verification failed at offset {pos}")
