@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,13 +13,11 @@ import pytest
 
 from diskimg.errors import PoolError
 from diskimg.hostio import open_host_file
-from diskimg.pool import wipe
+from diskimg.pool import PoolRegistry, wipe
 from diskimg.pool.create import CHUNK
+from diskimg.pool.probe import probe_volume
 from diskimg.pool.xml import Encryption, VolumeDef
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from tests.conftest import RunFn
 
 
 @pytest.mark.parametrize("pattern", [b"\x00", b"\xff", bytes.fromhex("924924"),
@@ -91,36 +90,28 @@ def test_unknown_algorithm_and_unrecreatable_volumes_are_refused() -> None:
 
 @pytest.mark.qemu
 def test_recreate_keeps_format_options_and_capacity(make_image: Callable[..., Path],
-                                                    qemu_img: str, run: Callable[..., object]
-                                                    ) -> None:
+                                                    qemu_img: str, run: RunFn) -> None:
     img = make_image("v.qcow2", "qcow2", "5M",
                      options={"compat": "1.1", "lazy_refcounts": "on", "cluster_size": "8192"})
-    before = json.loads(run([qemu_img, "info", "--output=json", img]).stdout)  # type: ignore[attr-defined]
-    from diskimg.pool.probe import probe_volume
-
+    before = json.loads(run([qemu_img, "info", "--output=json", img]).stdout)
     p = probe_volume(str(img))
     assert p is not None
     d = VolumeDef(name="v", format=p.format, capacity=p.capacity, compat=p.compat,
                   cluster_size=p.cluster_size, features=p.features)
     os.truncate(img, 0)
     wipe.recreate(str(img), d, None)
-    after = json.loads(run([qemu_img, "info", "--output=json", img]).stdout)  # type: ignore[attr-defined]
+    after = json.loads(run([qemu_img, "info", "--output=json", img]).stdout)
     for key in ("virtual-size", "cluster-size", "format"):
         assert after[key] == before[key]
     assert after["format-specific"]["data"]["compat"] == "1.1"
     assert after["format-specific"]["data"]["lazy-refcounts"] is True
-    run([qemu_img, "check", img])  # type: ignore[operator]
+    run([qemu_img, "check", img])
 
 
 def test_gutmann_wipe_of_a_volume_over_one_mib_finishes(tmp_path: Path) -> None:
     """``virsh vol-wipe --algorithm gutmann`` on a 2 MiB volume: its 3-byte passes used to
     hang forever; now the 35 passes end, the size is kept and no byte of the old data is
     left in place."""
-    import subprocess
-    import sys
-
-    from diskimg.pool import PoolRegistry
-
     pool = PoolRegistry().define("p", tmp_path / "p")
     pool.build()
     pool.start()
