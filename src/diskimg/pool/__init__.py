@@ -25,6 +25,7 @@ from diskimg.pool.paths import (
 )
 from diskimg.pool.pool import Pool, PoolInfo
 from diskimg.pool.registry import PoolRegistry
+from diskimg.pool.scale import parse_scaled, unit_scale
 from diskimg.pool.volume import Volume, VolumeInfo
 from diskimg.pool.wipe import WIPE_ALGORITHMS
 from diskimg.pool.xml import (
@@ -34,8 +35,6 @@ from diskimg.pool.xml import (
     PoolDef,
     Timestamps,
     VolumeDef,
-    parse_scaled,
-    unit_scale,
 )
 
 __all__ = [

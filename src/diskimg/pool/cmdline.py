@@ -16,7 +16,7 @@ from diskimg.errors import DiskImgError, PoolError
 from diskimg.pool.pool import Pool
 from diskimg.pool.registry import PoolRegistry
 from diskimg.pool.volume import Volume
-from diskimg.pool.xml import parse_scaled
+from diskimg.pool.scale import parse_scaled
 
 # --- option grammar -------------------------------------------------------------------------
 

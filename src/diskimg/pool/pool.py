@@ -21,7 +21,8 @@ from diskimg.pool import create, locking
 from diskimg.pool.paths import DIR_TYPES, validate_volume_name
 from diskimg.pool.probe import probe_volume
 from diskimg.pool.volume import Volume
-from diskimg.pool.xml import Permissions, PoolDef, VolumeDef, parse_scaled
+from diskimg.pool.scale import parse_scaled
+from diskimg.pool.xml import Permissions, PoolDef, VolumeDef
 
 if TYPE_CHECKING:
     from diskimg.pool.registry import PoolRegistry

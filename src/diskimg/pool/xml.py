@@ -10,8 +10,7 @@ indentation, single-quoted attributes, sizes as ``unit='bytes'`` (``clusterSize`
 does not know are kept and written back (after the known ones of the same parent), so a
 definition libvirt wrote survives a round trip through diskimg.
 
-Units follow libvirt's ``virScaleInteger``, not qemu's size grammar: ``B``/``bytes`` = 1,
-``KB`` = 1000, ``K``/``KiB`` = 1024, and so on up to ``E``/``EiB``/``EB`` (case-insensitive).
+Sizes are libvirt's scaled integers (:mod:`diskimg.pool.scale`, re-exported here).
 """
 
 from __future__ import annotations
@@ -26,9 +25,8 @@ from typing import Any
 
 from diskimg.errors import PoolError
 from diskimg.pool.paths import validate_pool_name, validate_volume_name
+from diskimg.pool.scale import parse_scaled, scale_integer, unit_scale
 
-ULLONG_MAX = (1 << 64) - 1
-_SCALE_LETTERS = "kmgtpe"
 _HOSTILE = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 _NUM = re.compile(r"^\s*\+?([0-9]+)$")
 
@@ -41,49 +39,6 @@ CONFIG_WARNING = (
     "or other application using the libvirt API.\n"
     "-->\n\n"
 )
-
-
-# --- units ----------------------------------------------------------------------------------
-
-def unit_scale(unit: str | None) -> int:
-    """Multiplier of a libvirt unit suffix; raises :class:`PoolError` for an unknown one."""
-    if unit is None or unit == "":
-        return 1
-    u = unit.lower()
-    if u in ("b", "byte", "bytes"):
-        return 1
-    letter = u[0]
-    rest = u[1:]
-    if letter not in _SCALE_LETTERS:
-        raise PoolError(f"invalid argument: unknown suffix '{unit}'")
-    if rest in ("", "ib"):
-        base = 1024
-    elif rest == "b":
-        base = 1000
-    else:
-        raise PoolError(f"invalid argument: unknown suffix '{unit}'")
-    return int(base ** (_SCALE_LETTERS.index(letter) + 1))
-
-
-def scale_integer(value: int, unit: str | None, limit: int = ULLONG_MAX) -> int:
-    """``value`` times the unit's scale, refusing results above ``limit`` (libvirt's check)."""
-    result = value * unit_scale(unit)
-    if result > limit:
-        raise PoolError(f"argument out of range: value too large: {value}{unit or ''}")
-    return result
-
-
-def parse_scaled(text: str, default_unit: str | None = None, limit: int = ULLONG_MAX) -> int:
-    """Parse a scaled integer the way virsh does for sizes: ``1024``, ``10M``, ``1KB``, ``5GiB``.
-
-    Digits (base 10) then an optional suffix.  Raises :class:`PoolError` with libvirt's
-    wording (``unknown suffix 'X'``) for a bad suffix and ``malformed size`` for bad digits.
-    """
-    m = re.match(r"^\s*([0-9]+)(.*)$", text)
-    if not m:
-        raise PoolError(f"Malformed size {text}")
-    digits, suffix = m.groups()
-    return scale_integer(int(digits), suffix or default_unit, limit)
 
 
 def _sized(elem: ET.Element | None, what: str) -> int | None:
