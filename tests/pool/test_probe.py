@@ -92,3 +92,30 @@ def test_a_vmdk_diskimg_cannot_open_still_gets_its_capacity(tmp_path: Path) -> N
     p = probe_volume(str(desc))
     assert p is not None
     assert (p.format, p.capacity) == ("vmdk", (2048 + 6) * 512)
+
+
+def test_a_sparse_vmdk_diskimg_cannot_open_gets_its_header_capacity(tmp_path: Path) -> None:
+    """A KDMV header whose grain size is 0 (the driver refuses it): capacity from the header,
+    read by the vmdk codec."""
+    from diskimg.vmdk.sparse import SparseHeader
+
+    hdr = SparseHeader(version=1, flags=3, capacity=4096, grain_size=0, desc_offset=0,
+                       desc_size=0, num_gtes_per_gt=512, rgd_offset=0, gd_offset=1,
+                       overhead=1)
+    f = tmp_path / "s.vmdk"
+    f.write_bytes(hdr.pack())
+    before = digest(f)
+    p = probe_volume(str(f))
+    assert p is not None
+    assert (p.format, p.capacity, p.physical) == ("vmdk", 4096 * 512, 512)
+    assert digest(f) == before
+
+
+def test_a_malformed_descriptor_keeps_the_file_size(tmp_path: Path) -> None:
+    """Extent lines the vmdk codec refuses give no capacity: the file's size stands."""
+    desc = tmp_path / "d.vmdk"
+    desc.write_text('# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\n'
+                    'RW 2048 BOGUS "x.vmdk" 0\n')
+    p = probe_volume(str(desc))
+    assert p is not None
+    assert (p.format, p.capacity) == ("vmdk", desc.stat().st_size)

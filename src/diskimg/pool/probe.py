@@ -14,7 +14,10 @@ import stat
 from dataclasses import dataclass
 
 from diskimg import api
+from diskimg.errors import DiskImgError
 from diskimg.probe import PROBE_SIZE, probe_bytes
+from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, Descriptor
+from diskimg.vmdk.sparse import SECTOR, VMDK4_MAGIC, SparseHeader
 
 #: libvirt's names for the foreign formats diskimg's probe recognises.
 _LIBVIRT_FORMAT = {"vpc": "vpc", "vdi": "vdi", "bochs": "bochs", "cloop": "cloop",
@@ -49,19 +52,17 @@ def _iso_probe(path: str) -> bool:
 
 
 def _vmdk_capacity(path: str, head: bytes) -> int | None:
-    """Virtual size of a vmdk from its sparse header or descriptor (fallback when diskimg's
-    vmdk driver cannot open it)."""
-    if head[:4] == b"KDMV" and len(head) >= 20:
-        return int.from_bytes(head[12:20], "little") * 512
-    text = head.decode("latin-1", "replace")
-    total = 0
-    found = False
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0] in ("RW", "RDONLY", "NOACCESS") and parts[1].isdigit():
-            total += int(parts[1]) * 512
-            found = True
-    return total if found else None
+    """Virtual size of a vmdk from its sparse header or its descriptor's extent lines, read
+    with the vmdk codecs (fallback when diskimg's vmdk driver cannot open the image, e.g.
+    an extent file is missing); None when neither parses."""
+    try:
+        if head[:4] == VMDK4_MAGIC:
+            return SparseHeader.parse(head).capacity * SECTOR
+        with open(path, "rb") as f:
+            extents = Descriptor.parse(f.read(MAX_DESCRIPTOR_FILE + 1)).extents
+    except (DiskImgError, OSError):
+        return None
+    return sum(e.sectors for e in extents) * SECTOR if extents else None
 
 
 def probe_volume(path: str) -> Probed | None:
