@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from diskimg.pool import create, locking
 from diskimg.errors import ImageLockedError, PoolError
 from diskimg.hostio import lock
-from diskimg.pool import Pool, PoolRegistry
+from diskimg.pool import Pool, PoolRegistry, create, locking
 from diskimg.pool.cli import main
 
 QEMU_IMG = shutil.which("qemu-img")

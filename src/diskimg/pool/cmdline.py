@@ -15,8 +15,8 @@ from typing import Any, TextIO
 from diskimg.errors import DiskImgError, PoolError
 from diskimg.pool.pool import Pool
 from diskimg.pool.registry import PoolRegistry
-from diskimg.pool.volume import Volume
 from diskimg.pool.scale import parse_scaled
+from diskimg.pool.volume import Volume
 
 # --- option grammar -------------------------------------------------------------------------
 

@@ -20,8 +20,8 @@ from diskimg.errors import ImageLockedError, PoolError
 from diskimg.pool import create, locking
 from diskimg.pool.paths import DIR_TYPES, validate_volume_name
 from diskimg.pool.probe import probe_volume
-from diskimg.pool.volume import Volume
 from diskimg.pool.scale import parse_scaled
+from diskimg.pool.volume import Volume
 from diskimg.pool.xml import Permissions, PoolDef, VolumeDef
 
 if TYPE_CHECKING:

@@ -12,11 +12,11 @@ from typing import Any
 from diskimg.errors import PoolError
 from diskimg.pool.cmdline import (
     BOOL,
+    POOL_OPTS,
     CmdError,
     Command,
     Ctx,
     Fail,
-    POOL_OPTS,
     Opt,
     esc,
     kv,

@@ -13,11 +13,11 @@ from diskimg.hostio import open_host_file
 from diskimg.pool.cmdline import (
     BOOL,
     NUM,
+    POOL_OPTS,
     CmdError,
     Command,
     Ctx,
     Fail,
-    POOL_OPTS,
     Opt,
     esc,
     kv,
