@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 
-import diskimg.pool.pool as pool_mod
 from diskimg.errors import ImageLockedError, PoolError
 from diskimg.hostio import lock
-from diskimg.pool import Pool, PoolRegistry
+from diskimg.pool import Pool, PoolRegistry, create, locking
 from diskimg.pool.cli import main
 
 QEMU_IMG = shutil.which("qemu-img")
@@ -70,8 +69,8 @@ def test_busy_volume_times_out_cleanly(pool: Pool, monkeypatch: pytest.MonkeyPat
     before = digest(v.path)
     fd = os.open(v.path, os.O_RDWR)  # another process in the middle of, say, a wipe
     try:
-        pool_mod._lock_volume_fd(fd, True, "a.qcow2")
-        monkeypatch.setattr(pool_mod, "LOCK_TIMEOUT", 0.2)
+        locking.lock_volume_fd(fd, True, "a.qcow2")
+        monkeypatch.setattr(locking, "LOCK_TIMEOUT", 0.2)
         for op in (v.delete, lambda: v.resize(2 << 20), v.wipe,
                    lambda: v.clone("b.qcow2"), lambda: v.download(io.BytesIO())):
             with pytest.raises(PoolError, match=r"volume 'a\.qcow2' is busy"):
@@ -101,7 +100,7 @@ def test_delete_waits_for_create_in_progress(pool: Pool) -> None:
             errors.append(e)
         deleter_done.set()
 
-    real_copy = pool_mod._copy_guest_data
+    real_copy = create.copy_guest_data
 
     def slow_copy(*args: object) -> None:
         t = threading.Thread(target=delete_new)
@@ -110,11 +109,11 @@ def test_delete_waits_for_create_in_progress(pool: Pool) -> None:
         alive_during_fill.append(not deleter_done.is_set())
         real_copy(*args)  # type: ignore[arg-type]
 
-    pool_mod._copy_guest_data = slow_copy  # type: ignore[assignment]
+    create.copy_guest_data = slow_copy  # type: ignore[assignment]
     try:
         made = src.clone("copy.qcow2", format="qcow2")
     finally:
-        pool_mod._copy_guest_data = real_copy
+        create.copy_guest_data = real_copy
     assert deleter_done.wait(10)
     assert alive_during_fill == [True]
     assert errors == []

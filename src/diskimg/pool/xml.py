@@ -10,13 +10,13 @@ indentation, single-quoted attributes, sizes as ``unit='bytes'`` (``clusterSize`
 does not know are kept and written back (after the known ones of the same parent), so a
 definition libvirt wrote survives a round trip through diskimg.
 
-Units follow libvirt's ``virScaleInteger``, not qemu's size grammar: ``B``/``bytes`` = 1,
-``KB`` = 1000, ``K``/``KiB`` = 1024, and so on up to ``E``/``EiB``/``EB`` (case-insensitive).
+Sizes are libvirt's scaled integers (:mod:`diskimg.pool.scale`, re-exported here).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diskimg.errors import PoolError
+from diskimg.pool.paths import validate_pool_name, validate_volume_name
+from diskimg.pool.scale import parse_scaled, scale_integer, unit_scale
 
-ULLONG_MAX = (1 << 64) - 1
-_SCALE_LETTERS = "kmgtpe"
 _HOSTILE = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 _NUM = re.compile(r"^\s*\+?([0-9]+)$")
 
@@ -39,49 +39,6 @@ CONFIG_WARNING = (
     "or other application using the libvirt API.\n"
     "-->\n\n"
 )
-
-
-# --- units ----------------------------------------------------------------------------------
-
-def unit_scale(unit: str | None) -> int:
-    """Multiplier of a libvirt unit suffix; raises :class:`PoolError` for an unknown one."""
-    if unit is None or unit == "":
-        return 1
-    u = unit.lower()
-    if u in ("b", "byte", "bytes"):
-        return 1
-    letter = u[0]
-    rest = u[1:]
-    if letter not in _SCALE_LETTERS:
-        raise PoolError(f"invalid argument: unknown suffix '{unit}'")
-    if rest in ("", "ib"):
-        base = 1024
-    elif rest == "b":
-        base = 1000
-    else:
-        raise PoolError(f"invalid argument: unknown suffix '{unit}'")
-    return int(base ** (_SCALE_LETTERS.index(letter) + 1))
-
-
-def scale_integer(value: int, unit: str | None, limit: int = ULLONG_MAX) -> int:
-    """``value`` times the unit's scale, refusing results above ``limit`` (libvirt's check)."""
-    result = value * unit_scale(unit)
-    if result > limit:
-        raise PoolError(f"argument out of range: value too large: {value}{unit or ''}")
-    return result
-
-
-def parse_scaled(text: str, default_unit: str | None = None, limit: int = ULLONG_MAX) -> int:
-    """Parse a scaled integer the way virsh does for sizes: ``1024``, ``10M``, ``1KB``, ``5GiB``.
-
-    Digits (base 10) then an optional suffix.  Raises :class:`PoolError` with libvirt's
-    wording (``unknown suffix 'X'``) for a bad suffix and ``malformed size`` for bad digits.
-    """
-    m = re.match(r"^\s*([0-9]+)(.*)$", text)
-    if not m:
-        raise PoolError(f"Malformed size {text}")
-    digits, suffix = m.groups()
-    return scale_integer(int(digits), suffix or default_unit, limit)
 
 
 def _sized(elem: ET.Element | None, what: str) -> int | None:
@@ -286,21 +243,20 @@ class Timestamps:
     btime: tuple[int, int] | None = (0, 0)
 
     @classmethod
-    def from_stat(cls, st: object) -> Timestamps:
+    def from_stat(cls, st: os.stat_result) -> Timestamps:
         """Atime, mtime and ctime of an ``os.stat_result`` as (seconds, nanoseconds);
         btime stays (0, 0)."""
         def pair(ns: int) -> tuple[int, int]:
             return divmod(ns, 1_000_000_000)
 
-        return cls(pair(st.st_atime_ns), pair(st.st_mtime_ns),  # type: ignore[attr-defined]
-                   pair(st.st_ctime_ns))  # type: ignore[attr-defined]
+        return cls(pair(st.st_atime_ns), pair(st.st_mtime_ns), pair(st.st_ctime_ns))
 
     def to_element(self, parent: ET.Element) -> ET.Element:
         """Append ``<timestamps>`` to ``parent`` in libvirt's order (atime, mtime, ctime,
         btime unless None), each as :func:`format_timestamp` text, and return it."""
         e = _sub(parent, "timestamps")
-        for name in ("atime", "mtime", "ctime", "btime"):
-            v = getattr(self, name)
+        for name, v in (("atime", self.atime), ("mtime", self.mtime), ("ctime", self.ctime),
+                        ("btime", self.btime)):
             if v is not None:
                 _sub(e, name, format_timestamp(*v))
         return e
@@ -424,23 +380,6 @@ class PoolDef:
                               self.nsmap)
 
 
-def validate_pool_name(name: str) -> None:
-    """A pool name becomes a file name (NAME.xml): no '/', NUL, '.' or '..'."""
-    if "/" in name:
-        raise PoolError(f"XML error: name {name} cannot contain '/'")
-    if not name or name in (".", "..") or "\0" in name:
-        raise PoolError(f"XML error: invalid pool name '{name}'")
-
-
-def validate_volume_name(name: str) -> None:
-    """Refuse names that would leave the pool directory (libvirt's rule plus . and ..)."""
-    if "/" in name:
-        raise PoolError(f"Requested operation is not valid: volume name '{name}' cannot "
-                        "contain '/'")
-    if not name or name in (".", "..") or "\0" in name:
-        raise PoolError(f"Requested operation is not valid: invalid volume name '{name}'")
-
-
 # --- volumes --------------------------------------------------------------------------------
 
 _VOL_KNOWN = {"name", "key", "capacity", "allocation", "physical", "target", "backingStore",
@@ -534,8 +473,9 @@ class VolumeDef:
         root, nsmap, name = _parse_root(text, "volume")
         validate_volume_name(name)
         v = cls(name=name, type=root.get("type"), nsmap=nsmap, key=_text(root, "key"))
-        for tag in ("capacity", "allocation", "physical"):
-            setattr(v, tag, _sized(root.find(tag), tag))
+        v.capacity = _sized(root.find("capacity"), "capacity")
+        v.allocation = _sized(root.find("allocation"), "allocation")
+        v.physical = _sized(root.find("physical"), "physical")
         target = root.find("target")
         if target is not None:
             v.path = _text(target, "path")
@@ -577,8 +517,8 @@ class VolumeDef:
         _sub(root, "name", self.name)
         if self.key is not None:
             _sub(root, "key", self.key)
-        for tag in ("capacity", "allocation", "physical"):
-            v = getattr(self, tag)
+        for tag, v in (("capacity", self.capacity), ("allocation", self.allocation),
+                       ("physical", self.physical)):
             if v is not None:
                 _sub(root, tag, str(v), unit="bytes")
         target = _sub(root, "target")

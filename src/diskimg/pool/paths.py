@@ -1,0 +1,101 @@
+"""Where pool files live, and which names may become files.
+
+Invariants: a pool name is a file name (``NAME.xml``) and a volume name is a single entry of
+the pool directory: neither contains ``/`` or NUL nor is empty, ``.`` or ``..``, so
+``os.path.join(pool_dir, name)`` never leaves the pool directory.  Definitions are written
+atomically (temporary file, fsync, rename): a reader sees the old or the new text, never a
+mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from diskimg.errors import PoolError
+
+LIBVIRT_SYSTEM_DIR = Path("/etc/libvirt/storage")
+LIBVIRT_SYSTEM_STATE = Path("/run/libvirt/storage")
+#: the pool types whose target is a directory of volume files
+DIR_TYPES = ("dir", "fs", "netfs")
+
+
+def validate_pool_name(name: str) -> None:
+    """A pool name becomes a file name (NAME.xml): no '/', NUL, '.' or '..'."""
+    if "/" in name:
+        raise PoolError(f"XML error: name {name} cannot contain '/'")
+    if not name or name in (".", "..") or "\0" in name:
+        raise PoolError(f"XML error: invalid pool name '{name}'")
+
+
+def validate_volume_name(name: str) -> None:
+    """Refuse names that would leave the pool directory (libvirt's rule plus . and ..)."""
+    if "/" in name:
+        raise PoolError(f"Requested operation is not valid: volume name '{name}' cannot "
+                        "contain '/'")
+    if not name or name in (".", "..") or "\0" in name:
+        raise PoolError(f"Requested operation is not valid: invalid volume name '{name}'")
+
+
+def default_config_dir() -> Path:
+    """Where pool definitions live, in libvirt's places: ``$DISKIMG_STORAGE_DIR`` if set,
+    else ``/etc/libvirt/storage`` for root (``qemu:///system``), else
+    ``$XDG_CONFIG_HOME/libvirt/storage`` (``~/.config/libvirt/storage``, ``qemu:///session``).
+    ``--config-dir`` / ``PoolRegistry(config_dir)`` override all of these."""
+    if os.environ.get("DISKIMG_STORAGE_DIR"):
+        return Path(os.environ["DISKIMG_STORAGE_DIR"])
+    if os.geteuid() == 0:
+        return LIBVIRT_SYSTEM_DIR
+    return libvirt_session_dir()
+
+
+def libvirt_session_dir() -> Path:
+    """libvirt's per-user (``qemu:///session``) pool directory:
+    ``$XDG_CONFIG_HOME/libvirt/storage``, ``~/.config/libvirt/storage`` by default."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "libvirt" / "storage"
+
+
+def default_state_dir(config_dir: Path) -> Path:
+    """Where "pool is started" markers live: ``$DISKIMG_POOL_STATE_DIR``, else
+    ``$XDG_STATE_HOME/diskimg/pool-state/<hash of the config dir>``."""
+    if os.environ.get("DISKIMG_POOL_STATE_DIR"):
+        return Path(os.environ["DISKIMG_POOL_STATE_DIR"])
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                           "state")
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(config_dir))).hexdigest()[:16]
+    return Path(base) / "diskimg" / "pool-state" / digest
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``text`` (UTF-8, ``mode``) in one rename after an fsync; the
+    parent directory is created (0700) if missing.  On failure ``path`` is unchanged."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+__all__ = [
+    "DIR_TYPES",
+    "LIBVIRT_SYSTEM_DIR",
+    "LIBVIRT_SYSTEM_STATE",
+    "default_config_dir",
+    "default_state_dir",
+    "libvirt_session_dir",
+    "validate_pool_name",
+    "validate_volume_name",
+    "write_atomic",
+]

@@ -1,0 +1,132 @@
+"""``virsh vol-wipe``: the algorithms (scrub's pass lists) and how a volume file is
+overwritten, then re-created in its format.
+
+Invariants: every refusal (unknown algorithm, a format diskimg cannot re-create, an
+encrypted volume) happens before the first byte is overwritten; a pass covers the whole host
+file [0, size) and is fsynced; a verified pass reads every byte back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from diskimg import api
+from diskimg.errors import PoolError
+from diskimg.hostio import HostFile
+from diskimg.pool.create import CHUNK, CREATE_FORMATS, check_can_create, qcow2_options
+from diskimg.pool.xml import VolumeDef
+
+#: virsh vol-wipe algorithms → list of passes ("random", or a byte pattern repeated);
+#: the bool says whether the last pass is read back and verified (scrub's "verify").
+_G = [bytes([b]) for b in (0x55, 0xAA)] + [
+    bytes.fromhex(h) for h in ("924924", "492492", "249249")] + [
+    bytes([b]) for b in range(0x00, 0x100, 0x11)] + [
+    bytes.fromhex(h) for h in ("924924", "492492", "249249", "6db6db", "b6db6d", "db6db6")]
+WIPE_ALGORITHMS: dict[str, tuple[list[bytes | str], bool]] = {
+    "zero": ([b"\x00"], False),
+    "nnsa": (["random", "random", b"\x00"], True),
+    "dod": (["random", b"\x00", b"\xff"], True),
+    "bsi": ([bytes([b]) for b in (0xFF, 0xFE, 0xFD, 0xFB, 0xF7, 0xEF, 0xDF, 0xBF, 0x7F)],
+            False),
+    "gutmann": (["random"] * 4 + _G + ["random"] * 4, False),
+    "schneier": ([b"\x00", b"\xff"] + ["random"] * 5, False),
+    "pfitzner7": (["random"] * 7, False),
+    "pfitzner33": (["random"] * 33, False),
+    "random": (["random"], False),
+    "trim": ([], False),
+}
+
+
+def check_algorithm(algorithm: str) -> None:
+    """Refuse an algorithm virsh does not know."""
+    if algorithm not in WIPE_ALGORITHMS:
+        raise PoolError(f"Unsupported wipe algorithm '{algorithm}'; choose one of "
+                        f"{', '.join(WIPE_ALGORITHMS)}")
+
+
+def check_recreatable(d: VolumeDef) -> bool:
+    """Whether the wiped volume ``d`` must be re-created as an empty image (any format but
+    raw); refuses, before anything is overwritten, one that cannot be."""
+    if d.format == "raw":
+        return False
+    if d.format not in CREATE_FORMATS:
+        raise PoolError(f"unsupported: cannot re-create a '{d.format}' volume after "
+                        "wiping it")
+    if d.encryption is not None:
+        raise PoolError("unsupported: wiping an encrypted volume would need its "
+                        "secret to re-create it; delete and re-create it instead")
+    check_can_create(d.format or "raw")
+    return True
+
+
+def overwrite(fd: int, size: int, pattern: bytes | str, verify: bool = False) -> None:
+    """One wipe pass over [0, size): random bytes, or ``pattern`` repeated from offset 0
+    (byte ``i`` is ``pattern[i % len(pattern)]``), fsynced; with ``verify`` every byte is
+    read back and compared.  Each write is a whole number of patterns (a 3-byte pattern
+    steps by a multiple of 3), so the pattern stays in phase across writes."""
+    if isinstance(pattern, bytes):
+        unit = len(pattern)
+        chunk = pattern * ((CHUNK // unit) or 1)  # len(chunk) is a multiple of unit
+    step = CHUNK if pattern == "random" else len(chunk)
+    pos = 0
+    last_random: list[bytes] = []
+    while pos < size:
+        n = min(size - pos, step)
+        if pattern == "random":
+            buf = os.urandom(n)
+            if verify:
+                last_random.append(buf)
+        else:
+            buf = chunk[:n]
+        mv = memoryview(buf)
+        done = 0
+        while done < n:
+            done += os.pwrite(fd, mv[done:], pos + done)
+        pos += n
+    os.fsync(fd)
+    if verify:
+        pos = 0
+        idx = 0
+        while pos < size:
+            n = min(size - pos, step)
+            want = last_random[idx] if pattern == "random" else chunk[:n]
+            if os.pread(fd, n, pos) != want:
+                raise PoolError(f"wipe verification failed at offset {pos}")
+            pos += n
+            idx += 1
+
+
+def wipe_host(host: HostFile, algorithm: str) -> None:
+    """Run ``algorithm``'s passes over the whole of the open, write-locked ``host`` file.
+    ``trim`` punches one hole (zeros written where holes are not supported); ``zero`` on a
+    sparse file drops every block and keeps the size, as libvirt does."""
+    passes, verify = WIPE_ALGORITHMS[algorithm]
+    size = os.fstat(host.fd).st_size
+    if algorithm == "trim":
+        if not host.punch_hole(0, size):
+            overwrite(host.fd, size, b"\x00")
+        passes = []
+    elif algorithm == "zero" and os.fstat(host.fd).st_blocks * 512 < size:
+        # libvirt's way for a sparse file: drop every block, keep the size
+        os.ftruncate(host.fd, 0)
+        os.ftruncate(host.fd, size)
+        passes = []
+    for i, pattern in enumerate(passes):
+        overwrite(host.fd, size, pattern, verify=verify and i == len(passes) - 1)
+
+
+def recreate(path: str, d: VolumeDef, secrets: Mapping[str, bytes] | None) -> None:
+    """Create, in the emptied file ``path``, an image of ``d``'s format, capacity, options
+    and backing file, so the wiped volume stays usable."""
+    opts: dict[str, Any] = qcow2_options(d) if d.format == "qcow2" else {}
+    b = d.backing
+    api.create(path, d.format or "raw", d.capacity,
+               backing_file=b.path if b else None,
+               backing_fmt=(b.format or "raw") if b else None,
+               unsafe=b is not None, options=opts, secrets=secrets)
+
+
+__all__ = ["WIPE_ALGORITHMS", "check_algorithm", "check_recreatable", "overwrite",
+           "recreate", "wipe_host"]
