@@ -14,6 +14,7 @@ import stat
 from dataclasses import dataclass
 
 from diskimg import api
+from diskimg.crypto.luks.header import LUKS_MAGIC
 from diskimg.errors import DiskImgError
 from diskimg.probe import PROBE_SIZE, probe_bytes
 from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, Descriptor
@@ -88,7 +89,7 @@ def probe_volume(path: str) -> Probed | None:
     if fmt == "raw":
         p = Probed("file", "iso" if _iso_probe(path) else "raw", physical, allocation,
                    physical)
-        if head[:6] == b"LUKS\xba\xbe":
+        if head[:6] == LUKS_MAGIC:
             p.encryption = "luks"
         return p
     p = Probed("file", fmt, physical, allocation, physical)
