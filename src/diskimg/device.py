@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -180,6 +181,13 @@ class BlockDevice:
     def info(self) -> ImageInfo:
         """What ``qemu-img info`` reports for this image (see :class:`ImageInfo`)."""
         raise NotImplementedError
+
+    def has_zero_init(self) -> bool:
+        """Whether every range of the image that was never written reads as zeros, as the
+        image is now (QEMU's ``bdrv_has_zero_init``): what lets ``convert`` leave the zero
+        runs of a new target unwritten.  False for an image with a backing file (it reads
+        the backing file there); each format declares its own rule, the default is False."""
+        return False
 
     def resize(self, new_size: int, *, shrink: bool = False,
                preallocation: str = "off") -> None:
@@ -402,3 +410,9 @@ class DeviceIO(io.RawIOBase):
         if not self.closed and not self._dev.read_only:
             self._dev.flush()
         super().flush()
+
+
+def host_has_zero_init(fd: int) -> bool:
+    """QEMU's file-posix rule: a regular file reads as zeros where nothing was written
+    (holes, ``falloc``/``full`` preallocation alike); a block device need not."""
+    return stat.S_ISREG(os.fstat(fd).st_mode)

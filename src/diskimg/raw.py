@@ -8,7 +8,7 @@ rule, CVE-2008-2004).
 
 from __future__ import annotations
 
-from diskimg.device import BlockDevice, ImageInfo, Status
+from diskimg.device import BlockDevice, ImageInfo, Status, host_has_zero_init
 from diskimg.errors import UsageError
 from diskimg.hostio import HostFile
 
@@ -91,6 +91,9 @@ class RawImage(BlockDevice):
             elif preallocation == "full":
                 self.host.write_zeros(old, new_size - old)
         self.size = -(-new_size // SECTOR) * SECTOR
+
+    def has_zero_init(self) -> bool:
+        return host_has_zero_init(self.host.fd)
 
     def info(self) -> ImageInfo:
         return ImageInfo(
