@@ -824,6 +824,8 @@ def convert(
         raise UsageError("Use of backing file requires explicit backing format")
     if compress and out_format == "raw":
         raise UsageError("Compression not supported for this file format")
+    if compress and str((options or {}).get("preallocation", "off")) != "off":
+        raise UsageError("Compression and preallocation not supported at the same time")
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {})}
     opened: list[tuple[BlockDevice, bool]] = []
