@@ -458,9 +458,12 @@ class _Copier:
             self.data(off, item, n)
             self.tick(n)
             return
-        if kind == "zero":
-            self.zero(off, n)
         for k in item or (n,):
+            if kind == "zero":
+                # one call per block-status run, as qemu-img: a target that cannot zero
+                # part of a cluster writes zeros there, whatever the next run holds
+                self.zero(off, k)
+                off += k
             self.tick(k)
 
 
@@ -871,8 +874,8 @@ def convert(
             backing_end = tgt.backing.size if (target_backing and not target_exists
                                                and tgt.backing is not None) else None
             cp = _Copier(tgt, zero_init=zero_init, target_backing=target_backing,
-                         backing_end=backing_end, min_sparse=sparse_size, alignment=align, compress=compress,
-                         total=total, progress=progress)
+                         backing_end=backing_end, min_sparse=sparse_size, alignment=align,
+                         compress=compress, total=total, progress=progress)
             if progress is not None:
                 progress(0.0)
             if compress:

@@ -83,6 +83,7 @@ class Case:
     compress: bool = False
     zstd_target: bool = False
     zeroes_in_ext_l2: bool = False  # zeroes written into an extended-L2 target
+    tgt_opts: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -197,7 +198,7 @@ def _raw(rng: random.Random, run: Run, path: Path, size: int) -> Img:
 
 
 def _qcow2(rng: random.Random, run: Run, d: Path, name: str, size: int, *,
-           depth: int = 0, luks_ok: bool = True, notes: list[str]) -> Img:
+           depth: int = 0, luks_ok: bool = True, notes: list[str], focus: str = "") -> Img:
     cs = rng.choice([512, 4 * K, 16 * K, 64 * K, 64 * K, 64 * K, 2 * M])
     compat = rng.choice(["1.1", "1.1", "0.10"])
     opts = {"cluster_size": str(cs), "compat": compat}
@@ -206,9 +207,10 @@ def _qcow2(rng: random.Random, run: Run, d: Path, name: str, size: int, *,
             opts["extended_l2"] = "on"
         if rng.random() < 0.3:
             opts["compression_type"] = "zstd"
-    luks = luks_ok and depth == 0 and rng.random() < 0.12
+    luks = luks_ok and depth == 0 and rng.random() < 0.12 and focus != "snapshot"
     backing = None
-    if not luks and depth < 2 and rng.random() < (0.45 if depth == 0 else 0.3):
+    if not luks and depth < 2 and (rng.random() < (0.45 if depth == 0 else 0.3)
+                                   or (focus == "backing" and rng.random() < 0.7)):
         bsize = max(512, size + rng.choice([-1, 1]) * rng.randrange(1, size // 2) // 512 * 512)
         if rng.random() < 0.6:
             backing = _qcow2(rng, run, d, f"{name}.b", bsize, depth=depth + 1, luks_ok=False,
@@ -226,7 +228,7 @@ def _qcow2(rng: random.Random, run: Run, d: Path, name: str, size: int, *,
     img = Img(path, "qcow2", luks=luks, backing=backing, size=size)
     cmds = _writes(rng, size, cs, zero_unmap=compat == "1.1", compressed=not luks,
                    count=rng.randrange(3, 10))
-    if depth == 0 and not luks and rng.random() < 0.2:
+    if depth == 0 and not luks and (rng.random() < 0.2 or focus == "snapshot"):
         half = len(cmds) // 2
         _io(run, img, cmds[:half])
         run([_qemu("qemu-img"), "snapshot", "-c", "snap1", str(path)])
@@ -249,11 +251,11 @@ def _vmdk(rng: random.Random, run: Run, d: Path, name: str, size: int,
 
 
 def _source(rng: random.Random, run: Run, d: Path, name: str, notes: list[str],
-            single: bool) -> Img:
+            single: bool, focus: str) -> Img:
     size = _size(rng)
     r = rng.random()
-    if r < 0.7:
-        return _qcow2(rng, run, d, name, size, notes=notes)
+    if r < 0.7 or focus in ("backing", "snapshot"):
+        return _qcow2(rng, run, d, name, size, notes=notes, focus=focus)
     if r < 0.85:
         notes.append(f"{name}:raw")
         return _raw(rng, run, d / f"{name}.raw", size)
@@ -265,17 +267,28 @@ def _garbage(rng: random.Random, run: Run, img: Img, size: int) -> None:
     _io(run, img, [f"write -P {rng.randrange(1, 256)} 0 {size}"])
 
 
+FOCI = ["luks-target", "backing", "existing", "sources", "compress", "snapshot", "", ""]
+
+
 def build_case(seed: int, d: Path, run: Run) -> Case:
     """Build the sources (and any pre-existing target) of case ``seed`` in ``d``."""
     rng = random.Random(seed)
-    notes: list[str] = []
+    # every run of consecutive seeds covers each focus: one feature the case must have
+    focus = FOCI[seed % len(FOCI)]
+    notes: list[str] = [f"focus={focus}"] if focus else []
     nsrc = 1 if rng.random() < 0.8 else rng.randrange(2, 4)
-    sources = [_source(rng, run, d, f"s{i}", notes, nsrc == 1) for i in range(nsrc)]
+    if focus == "sources":
+        nsrc = max(nsrc, 2)
+    elif focus in ("backing", "snapshot"):
+        nsrc = 1
+    sources = [_source(rng, run, d, f"s{i}", notes, nsrc == 1, focus) for i in range(nsrc)]
     total = sum(s.size for s in sources)
     out_fmt = rng.choice(["qcow2"] * 11 + ["raw"] * 4 + ["vmdk"] * 5)
+    if focus in ("luks-target", "backing", "compress"):
+        out_fmt = "qcow2"
     args: list[str] = []
     tgt_opts: dict[str, str] = {}
-    case = Case(seed, sources, out_fmt, args, notes=notes)
+    case = Case(seed, sources, out_fmt, args, notes=notes, tgt_opts=tgt_opts)
     src = sources[0]
     if out_fmt == "qcow2":
         cs = rng.choice([512, 4 * K, 64 * K, 64 * K, 64 * K, 2 * M])
@@ -290,9 +303,13 @@ def build_case(seed: int, d: Path, run: Run) -> Case:
             if rng.random() < 0.15:
                 tgt_opts["lazy_refcounts"] = "on"
         prealloc = rng.choice(["off"] * 4 + ["metadata", "metadata", "falloc", "full"])
+        case.target_luks = rng.random() < 0.12 or focus == "luks-target"
+        if focus == "luks-target":
+            prealloc = rng.choice(["off", "metadata", "metadata", "falloc", "full"])
+        elif focus == "compress":
+            prealloc = "off"
         if prealloc != "off":
             tgt_opts["preallocation"] = prealloc
-        case.target_luks = rng.random() < 0.12
         if case.target_luks:
             tgt_opts.update(LUKS_OPTS)
         case.zeroes_in_ext_l2 = "extended_l2" in tgt_opts and case.target_luks and \
@@ -307,7 +324,7 @@ def build_case(seed: int, d: Path, run: Run) -> Case:
                                             "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"])
     # -B / -o backing_file: qcow2 targets of one source
     if out_fmt == "qcow2" and nsrc == 1 and not case.target_luks and not src.luks and \
-            rng.random() < (0.5 if src.backing is not None else 0.15):
+            (rng.random() < (0.5 if src.backing is not None else 0.15) or focus == "backing"):
         if src.backing is not None and rng.random() < 0.7:
             tb = src.backing
             case.notes.append("-B: the source's backing file")
@@ -332,17 +349,17 @@ def build_case(seed: int, d: Path, run: Run) -> Case:
         else:
             tgt_opts.update(backing_file=str(tb.path), backing_fmt=tb.fmt)
     compressible = out_fmt == "qcow2" and not case.target_luks
-    if compressible and rng.random() < 0.35:
+    if compressible and (rng.random() < (0.5 if case.backed else 0.35) or focus == "compress"):
         case.compress = True
         args.append("-c")
     sparse = rng.choice([None, None, None, "0", "512", "4k", "64k"])
     if sparse is not None:
         args += ["-S", sparse]
-    if nsrc == 1 and src.snapshot is not None and rng.random() < 0.6:
+    if nsrc == 1 and src.snapshot is not None and (rng.random() < 0.6 or focus == "snapshot"):
         case.snapshot = src.snapshot
         args += ["-l", src.snapshot]
     stream = tgt_opts.get("subformat") == "streamOptimized"
-    if not case.compress and not stream and rng.random() < 0.25:
+    if not case.compress and not stream and (rng.random() < 0.25 or focus == "existing"):
         # -n: the target exists (created like the new one would be) and holds other data
         ex = Img(d / f"existing.{out_fmt}", out_fmt, luks=case.target_luks, size=total)
         _create(run, ex.path, out_fmt, total, tgt_opts)
@@ -360,10 +377,12 @@ def _convert_cmd(prog: list[str], case: Case, target: Path) -> list[str]:
     luks_src = any(s.luks for s in case.sources)
     if luks_src:
         cmd.append("--image-opts")
-    cmd += ["-O", case.out_fmt, *case.args]
     tgt = Img(target, case.out_fmt, luks=case.target_luks)
     if case.existing is not None and case.target_luks:
-        cmd.append("--target-image-opts")
+        cmd.append("--target-image-opts")  # the format is its driver (-O is refused)
+    else:
+        cmd += ["-O", case.out_fmt]
+    cmd += case.args
     cmd += [s.opts() if luks_src else str(s.path) for s in case.sources]
     cmd.append(tgt.opts() if case.existing is not None and case.target_luks else str(target))
     return cmd
@@ -393,8 +412,9 @@ def _first_diff(a: bytes, b: bytes) -> int:
     return n
 
 
-def run_case(seed: int, d: Path, run: Run) -> list[str]:
-    """Build and run case ``seed`` in ``d``; the problems found (empty: it passed)."""
+def run_case(seed: int, d: Path, run: Run) -> tuple[Case, list[str]]:
+    """Build and run case ``seed`` in ``d``: the case and the problems found (empty: it
+    passed)."""
     case = build_case(seed, d, run)
     qimg = _qemu("qemu-img")
     ext = case.out_fmt
@@ -411,10 +431,11 @@ def run_case(seed: int, d: Path, run: Run) -> list[str]:
     what = case.describe()
     if q.returncode != 0:
         if r.returncode == 0:
-            return [f"qemu-img refused ({q.stderr.strip()}) but diskimg converted: {what}"]
-        return []
+            return case, [f"qemu-img refused ({q.stderr.strip()}) but diskimg converted: "
+                          f"{what}"]
+        return case, []
     if r.returncode != 0:
-        return [f"diskimg failed: {r.stderr.strip()[-500:]}: {what}"]
+        return case, [f"diskimg failed: {r.stderr.strip()[-500:]}: {what}"]
     problems: list[str] = []
     qimg_t = Img(qt, case.out_fmt, luks=case.target_luks)
     dimg_t = Img(dt, case.out_fmt, luks=case.target_luks)
@@ -459,7 +480,17 @@ def run_case(seed: int, d: Path, run: Run) -> list[str]:
         if maps[0] != maps[1]:
             problems.append(f"map differs from qemu-img's target:\n qemu:    {maps[0]}\n "
                             f"diskimg: {maps[1]}")
-    return [f"{p}\n  case: {what}" for p in problems]
+    return case, [f"{p}\n  case: {what}" for p in problems]
+
+
+def known_bug(case: Case) -> str | None:
+    """Why this case is expected to fail (a reported bug outside convert), or None."""
+    o = case.tgt_opts
+    if case.target_luks and case.existing is None and o.get("cluster_size") == "512" and \
+            o.get("preallocation") in ("falloc", "full"):
+        return ("create: LUKS qcow2 with cluster_size=512 and preallocation=falloc|full "
+                "gets refcount=0 for thousands of referenced clusters")
+    return None
 
 
 CASES = int(os.environ.get("CONVERT_MATRIX_CASES", "40"))
@@ -469,5 +500,10 @@ SEED = int(os.environ.get("CONVERT_MATRIX_SEED", "0"))
 @pytest.mark.qemu
 @pytest.mark.parametrize("seed", range(SEED, SEED + CASES))
 def test_convert_matrix(seed: int, tmp_path: Path, run: Run) -> None:
-    problems = run_case(seed, tmp_path, run)
+    case, problems = run_case(seed, tmp_path, run)
+    known = known_bug(case)
+    if known is not None:
+        # strict: once the bug is fixed the case passes and this marker must go
+        assert problems, f"known bug no longer seen, remove it from known_bug(): {known}"
+        pytest.xfail(f"{known}: {problems[0][:300]}")
     assert not problems, "\n".join(problems)
