@@ -507,3 +507,89 @@ def test_convert_matrix(seed: int, tmp_path: Path, run: Run) -> None:
         assert problems, f"known bug no longer seen, remove it from known_bug(): {known}"
         pytest.xfail(f"{known}: {problems[0][:300]}")
     assert not problems, "\n".join(problems)
+
+
+# --- the bugs the matrix was built for, as plain regression tests -----------------------
+
+def _both(run: Run, d: Path, args: list[str], src: Path, name: str,
+          obj: bool = False) -> tuple[Path, Path]:
+    """Convert ``src`` with ``args`` by qemu-img and by diskimg: (qemu's, diskimg's)."""
+    out = []
+    for prog in ([_qemu("qemu-img")], [sys.executable, "-m", "diskimg"]):
+        t = d / f"{'q' if len(prog) == 1 else 'd'}-{name}"
+        run([*prog, "convert", *(OBJECT if obj else []), *args, str(src), str(t)])
+        out.append(t)
+    return out[0], out[1]
+
+
+def _map(run: Run, img: Img) -> Any:
+    return json.loads(run([_qemu("qemu-img"), "map", "--output=json", *OBJECT,
+                           "--image-opts", img.opts()]).stdout)
+
+
+def _same(run: Run, a: Img, b: Img) -> None:
+    res = run([_qemu("qemu-img"), "compare", *OBJECT, "--image-opts", a.opts(), b.opts()],
+              check=False)
+    assert res.returncode == 0, f"{a.path.name} vs {b.path.name}: {res.stdout}{res.stderr}"
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("spelling", ["-B", "-o"])
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("src_backed", [True, False])
+def test_convert_backing_target(tmp_path: Path, run: Run, spelling: str, compress: bool,
+                                src_backed: bool) -> None:
+    """Issue 15 bug 7: ``convert [-c] -B``.  Zero clusters of the source must read as zeros
+    in the target (not as the target's backing file), ranges the source leaves to its
+    backing file are left to the target's, and a source without a backing file is copied
+    whole (its unallocated ranges are zeros over the target's backing file)."""
+    base = Img(tmp_path / "base.qcow2", "qcow2", size=M)
+    _create(run, base.path, "qcow2", M, {})
+    _io(run, base, [f"write -P 0xaa 0 {M}"])
+    src = Img(tmp_path / "src.qcow2", "qcow2", size=M)
+    _create(run, src.path, "qcow2", M,
+            {"backing_file": str(base.path), "backing_fmt": "qcow2"} if src_backed else {})
+    _io(run, src, ["write -z 0 64k", "write -P 0x11 128k 64k", "write -P 0 256k 64k",
+                   "write -z 400k 4k", "write -P 0x22 1020k 4k"])
+    args = ["-O", "qcow2", *(["-c"] if compress else [])]
+    args += (["-B", str(base.path), "-F", "qcow2"] if spelling == "-B" else
+             ["-o", f"backing_file={base.path},backing_fmt=qcow2"])
+    q, d = _both(run, tmp_path, args, src.path, "t.qcow2")
+    qi, di = Img(q, "qcow2"), Img(d, "qcow2")
+    _same(run, src, di)
+    _same(run, qi, di)
+    assert _map(run, di) == _map(run, qi)
+    want = _read_all(src)
+    assert _read_all(di) == want
+    assert want[:65536] == bytes(65536)  # the zero cluster over 0xaa in the backing file
+    res = run([_qemu("qemu-img"), "check", str(d)])
+    assert "No errors were found" in res.stdout
+
+
+@pytest.mark.qemu
+def test_convert_luks_preallocated_target_zero_runs(tmp_path: Path, run: Run) -> None:
+    """Issue 15 bug 8: a new LUKS qcow2 with preallocation=metadata does not read as zeros
+    (its preallocated clusters decrypt to garbage), so the zero runs of the source must be
+    written, as qemu-img does (its has-zero-init rule), with qemu's layout."""
+    src = Img(tmp_path / "src.qcow2", "qcow2", size=M)
+    _create(run, src.path, "qcow2", M, {})
+    _io(run, src, ["write -P 0x11 128k 64k", "write -z 256k 64k", "write -P 0 512k 4k"])
+    opts = ",".join(f"{k}={v}" for k, v in {**LUKS_OPTS, "preallocation": "metadata"}.items())
+    q, d = _both(run, tmp_path, ["-O", "qcow2", "-o", opts], src.path, "t.qcow2", obj=True)
+    qi, di = Img(q, "qcow2", luks=True), Img(d, "qcow2", luks=True)
+    _same(run, src, di)
+    _same(run, qi, di)
+    assert _map(run, di) == _map(run, qi)
+    assert _read_all(di) == _read_all(src)
+
+
+@pytest.mark.qemu
+def test_convert_compress_refuses_preallocation(tmp_path: Path, run: Run) -> None:
+    """qemu-img refuses ``-c`` with preallocation before creating anything."""
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\x01" * 65536)
+    for prog in ([_qemu("qemu-img")], [sys.executable, "-m", "diskimg"]):
+        res = run([*prog, "convert", "-c", "-O", "qcow2", "-o", "preallocation=metadata",
+                   str(src), str(tmp_path / "t.qcow2")], check=1)
+        assert "Compression and preallocation not supported at the same time" in res.stderr
+        assert not (tmp_path / "t.qcow2").exists()
