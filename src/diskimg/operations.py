@@ -245,14 +245,27 @@ class _Copier:
         writes finished chunks in order, each run of non-zero clusters with one
         ``write_compressed_clusters`` call where the target has it."""
         tgt: Any = self.tgt
-        if not hasattr(tgt, "write_compressed"):
+        native = hasattr(tgt, "write_compressed")
+        compress: Callable[[memoryview], bytes | None]
+        if native:
+            cs = getattr(tgt, "cluster_size", None) or 65536
+            compress = tgt.compress_cluster
+        elif tgt.format == "vmdk":
+            # qemu's vmdk takes compressed writes as ordinary ones (a streamOptimized extent
+            # compresses every grain anyway); the cluster is the first extent's grain, a
+            # flat extent has none
+            cs = tgt.info().cluster_size or 0
+            if not cs:
+                raise UnsupportedFeatureError("invalid cluster size")
+
+            def compress(piece: memoryview) -> bytes | None:
+                return None  # stored as it is
+        else:
             raise UnsupportedFeatureError("Compression not supported for this file format")
-        cs = getattr(tgt, "cluster_size", None) or 65536
         step = max(cs, CHUNK // cs * cs)
         reader = _Concat(devs)
         kinds = _ClusterKinds(self._concat_runs(devs), cs, self.total,
                               zero_as_data=self.min_sparse == 0)
-        compress = tgt.compress_cluster
         batch = getattr(tgt, "write_compressed_clusters", None)
         zeros = bytes(cs)
         skip_zero = self.min_sparse != 0  # -S 0: zero clusters are compressed as well

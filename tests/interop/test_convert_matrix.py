@@ -593,3 +593,29 @@ def test_convert_compress_refuses_preallocation(tmp_path: Path, run: Run) -> Non
                    str(src), str(tmp_path / "t.qcow2")], check=1)
         assert "Compression and preallocation not supported at the same time" in res.stderr
         assert not (tmp_path / "t.qcow2").exists()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("sub", ["monolithicSparse", "twoGbMaxExtentSparse", "streamOptimized",
+                                 "monolithicFlat"])
+def test_convert_compress_vmdk(tmp_path: Path, run: Run, sub: str) -> None:
+    """qemu-img accepts ``-c`` for vmdk (ordinary writes, whole grains; a streamOptimized
+    extent compresses them anyway) and refuses it for a flat extent (no cluster size)."""
+    src = Img(tmp_path / "src.qcow2", "qcow2", size=M)
+    _create(run, src.path, "qcow2", M, {})
+    _io(run, src, ["write -P 0x11 0 64k", "write -z 128k 64k", "write -P 0x22 200k 8k",
+                   "write -P 0 512k 64k", "write -P 0x33 1020k 4k"])
+    args = ["convert", "-c", "-O", "vmdk", "-o", f"subformat={sub}", str(src.path)]
+    q, d = tmp_path / "q.vmdk", tmp_path / "d.vmdk"
+    rq = run([_qemu("qemu-img"), *args, str(q)], check=False)
+    rd = run([sys.executable, "-m", "diskimg", *args, str(d)], check=False)
+    if sub == "monolithicFlat":
+        assert rq.returncode == rd.returncode == 1
+        assert "invalid cluster size" in rq.stderr and "invalid cluster size" in rd.stderr
+        return
+    assert rq.returncode == 0 and rd.returncode == 0, rd.stderr
+    qi, di = Img(q, "vmdk"), Img(d, "vmdk")
+    _same(run, src, di)
+    assert _map(run, di) == _map(run, qi)
+    assert _read_all(di) == _read_all(src)
+    assert "No errors were found" in run([_qemu("qemu-img"), "check", str(d)]).stdout
