@@ -348,7 +348,8 @@ def build_case(seed: int, d: Path, run: Run) -> Case:
             args += ["-B", str(tb.path), "-F", tb.fmt]
         else:
             tgt_opts.update(backing_file=str(tb.path), backing_fmt=tb.fmt)
-    compressible = out_fmt == "qcow2" and not case.target_luks
+    compressible = (out_fmt == "qcow2" and not case.target_luks) or \
+        (out_fmt == "vmdk" and "Flat" not in tgt_opts["subformat"])
     if compressible and (rng.random() < (0.5 if case.backed else 0.35) or focus == "compress"):
         case.compress = True
         args.append("-c")
@@ -468,11 +469,15 @@ def run_case(seed: int, d: Path, run: Run) -> tuple[Case, list[str]]:
         problems.append(f"diskimg reads the target differently from the source from byte "
                         f"{_first_diff(got, want)} (target {len(got)} bytes, source "
                         f"{len(want)})")
-    # 5. qemu's layout where the contract promises it.  Not yet: zstd (docs), and zeroes
+    # 5. qemu's layout where the contract promises it.  Not yet: zstd (docs), zeroes
     # written inside a cluster of an extended-L2 image (qemu sets subcluster zero bits,
-    # diskimg writes zeros: reported, qcow2 write_zeroes)
-    if case.out_fmt == "qcow2" and not (case.compress and case.zstd_target) and \
-            not case.zeroes_in_ext_l2:
+    # diskimg writes zeros: reported, qcow2 write_zeroes), streamOptimized with -S 0
+    # (diskimg's stream writer drops grains of zeros: reported)
+    stream = case.tgt_opts.get("subformat") == "streamOptimized"
+    if (case.out_fmt == "qcow2" and not (case.compress and case.zstd_target)
+            and not case.zeroes_in_ext_l2) or \
+            (case.out_fmt == "vmdk" and not (stream and "-S" in case.args
+                                             and case.args[case.args.index("-S") + 1] == "0")):
         maps = []
         for t in (qimg_t, dimg_t):
             m = run([qimg, "map", "--output=json", *OBJECT, "--image-opts", t.opts()])
