@@ -45,7 +45,12 @@ def main() -> int:
     t0 = time.monotonic()
     for seed in range(a.start, a.start + a.count):
         with tempfile.TemporaryDirectory(prefix=f"convert-matrix-{seed}-") as d:
-            case, problems = run_case(seed, Path(d), run_cmd)
+            try:
+                case, problems = run_case(seed, Path(d), run_cmd)
+            except Exception as e:  # noqa: BLE001 - a broken case is a finding too
+                failed.append(seed)
+                print(f"seed {seed}: the case itself failed: {e!r}"[:2000], flush=True)
+                continue
             if not problems:
                 continue
             if known_bug(case) is not None:
