@@ -207,7 +207,7 @@ def _qcow2(rng: random.Random, run: Run, d: Path, name: str, size: int, *,
             opts["extended_l2"] = "on"
         if rng.random() < 0.3:
             opts["compression_type"] = "zstd"
-    luks = luks_ok and depth == 0 and rng.random() < 0.12 and focus != "snapshot"
+    luks = luks_ok and depth == 0 and rng.random() < 0.06 and focus != "snapshot"
     backing = None
     if not luks and depth < 2 and (rng.random() < (0.45 if depth == 0 else 0.3)
                                    or (focus == "backing" and rng.random() < 0.7)):
@@ -303,7 +303,7 @@ def build_case(seed: int, d: Path, run: Run) -> Case:
             if rng.random() < 0.15:
                 tgt_opts["lazy_refcounts"] = "on"
         prealloc = rng.choice(["off"] * 4 + ["metadata", "metadata", "falloc", "full"])
-        case.target_luks = rng.random() < 0.12 or focus == "luks-target"
+        case.target_luks = rng.random() < 0.06 or focus == "luks-target"
         if focus == "luks-target":
             prealloc = rng.choice(["off", "metadata", "metadata", "falloc", "full"])
         elif focus == "compress":
