@@ -12,6 +12,7 @@ import contextlib
 import functools
 import io
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -198,6 +199,13 @@ class BlockDevice:
     def info(self) -> ImageInfo:
         """What ``qemu-img info`` reports for this image (see :class:`ImageInfo`)."""
         raise NotImplementedError
+
+    def has_zero_init(self) -> bool:
+        """Whether every range of the image that was never written reads as zeros, as the
+        image is now (QEMU's ``bdrv_has_zero_init``): what lets ``convert`` leave the zero
+        runs of a new target unwritten.  False for an image with a backing file (it reads
+        the backing file there); each format declares its own rule, the default is False."""
+        return False
 
     def resize(self, new_size: int, *, shrink: bool = False,
                preallocation: str = "off") -> None:
@@ -482,3 +490,9 @@ class DeviceIO(io.RawIOBase):
         ``write``)."""
         self._closing_after_dev = self._dev.closed
         super().close()
+
+
+def host_has_zero_init(fd: int) -> bool:
+    """QEMU's file-posix rule: a regular file reads as zeros where nothing was written
+    (holes, ``falloc``/``full`` preallocation alike); a block device need not."""
+    return stat.S_ISREG(os.fstat(fd).st_mode)

@@ -158,9 +158,18 @@ def _open(src: Source, fmt: str | None, kw: Mapping[str, Any]) -> tuple[BlockDev
 
 @dataclass(slots=True)
 class _Copier:
+    """qemu-img convert's copy loop.  ``zero_init``: the target reads as zeros wherever
+    nothing is written (a new target without backing file whose format says so, see
+    :meth:`BlockDevice.has_zero_init`), so zero runs are left unwritten; otherwise they are
+    written as zeroes.  ``target_backing`` (``-B``): only the sources' own layers are
+    copied, ranges they leave to their backing files are left to the target's;
+    ``backing_end``: the size of a new target's backing file, past which the target reads
+    zeros of its own (zero runs there are left to it, as qemu does), None if unknown."""
+
     tgt: BlockDevice
-    fresh: bool
+    zero_init: bool
     target_backing: bool
+    backing_end: int | None
     min_sparse: int
     alignment: int
     compress: bool
@@ -179,7 +188,7 @@ class _Copier:
             self.flush_pending()
             for p in range(off, off + n, CHUNK):
                 self.tgt.write(p, _ZEROS[: min(CHUNK, off + n - p)])
-        elif not (self.fresh and not self.target_backing):
+        elif not self.zero_init:
             self.flush_pending()
             self.tgt.write_zeroes(off, n, may_unmap=True)
 
@@ -225,36 +234,59 @@ class _Copier:
 
     def copy_compressed(self, devs: Sequence[BlockDevice], workers: int) -> None:
         """``convert -c``: the sources (concatenated) go to the target one whole cluster at a
-        time; clusters that read as zeros are skipped, the others are compressed in a pool
-        of ``workers`` threads and written in guest order (qemu-img without ``-W``).
+        time, as qemu-img's do: a cluster that one block-status run of a kind covers whole
+        is of that kind ('zero': written as zeroes unless the target has zero-init;
+        'backing' (``-B``): left to the target's backing file), every other cluster
+        (partial ones included) is read from the sources; one that reads as zeros takes
+        the zero path (unless ``-S 0``), the others are compressed in a pool of
+        ``workers`` threads and written in guest order (qemu-img without ``-W``).
 
         Work is handed out a chunk (CHUNK bytes) at a time: a worker finds the zero
         clusters of the chunk and compresses the others; the main thread reads ahead and
         writes finished chunks in order, each run of non-zero clusters with one
         ``write_compressed_clusters`` call where the target has it."""
         tgt: Any = self.tgt
-        if not hasattr(tgt, "write_compressed"):
+        native = hasattr(tgt, "write_compressed")
+        compress: Callable[[memoryview], bytes | None]
+        if native:
+            cs = getattr(tgt, "cluster_size", None) or 65536
+            compress = tgt.compress_cluster
+        elif tgt.format == "vmdk":
+            # qemu's vmdk takes compressed writes as ordinary ones (a streamOptimized extent
+            # compresses every grain anyway); the cluster is the first extent's grain, a
+            # flat extent has none
+            cs = tgt.info().cluster_size or 0
+            if not cs:
+                raise UnsupportedFeatureError("invalid cluster size")
+
+            def compress(piece: memoryview) -> bytes | None:
+                return None  # stored as it is
+        else:
             raise UnsupportedFeatureError("Compression not supported for this file format")
-        cs = getattr(tgt, "cluster_size", None) or 65536
         step = max(cs, CHUNK // cs * cs)
         reader = _Concat(devs)
-        compress = tgt.compress_cluster
+        kinds = _ClusterKinds(self._concat_runs(devs), cs, self.total,
+                              zero_as_data=self.min_sparse == 0)
         batch = getattr(tgt, "write_compressed_clusters", None)
         zeros = bytes(cs)
+        skip_zero = self.min_sparse != 0  # -S 0: zero clusters are compressed as well
         # chunks in flight (each holds a CHUNK buffer): bounded, so memory is too
         window = max(2, min(2 * workers, 6))
-        pending: deque[tuple[int, int, Any, Future[list[bytes | bool | None]] | None]] = \
-            deque()
+        Result = list[bytes | bool | str | None]
+        pending: deque[tuple[int, int, Any, Future[Result] | list[str]]] = deque()
         spare: list[Any] = []
 
-        def work(buf: Any, n: int) -> list[bytes | bool | None]:
-            """Per cluster of ``buf[:n]``: False (reads as zeros), None (does not shrink:
-            stored as a normal cluster, as qemu does) or the compressed bytes."""
+        def work(buf: Any, n: int, ks: list[str]) -> Result:
+            """Per cluster of ``buf[:n]``: its kind when not 'data' (nothing was read),
+            False (reads as zeros), None (does not shrink: stored as a normal cluster, as
+            qemu does) or the compressed bytes."""
             mv = memoryview(buf)[:n]  # the buffer may be longer (the last chunk)
-            out: list[bytes | bool | None] = []
-            for p in range(0, n, cs):
+            out: Result = []
+            for k, p in zip(ks, range(0, n, cs), strict=True):
                 piece = mv[p : p + cs]
-                if not piece[0] and piece.tobytes() == zeros[: len(piece)]:
+                if k != "data":
+                    out.append(k)
+                elif skip_zero and not piece[0] and piece.tobytes() == zeros[: len(piece)]:
                     out.append(False)
                 else:
                     out.append(compress(piece))
@@ -270,12 +302,17 @@ class _Copier:
                 else:
                     tgt.write_compressed(off + k * cs, piece, compressed=packed)
 
+        def skip(off: int, n: int, kind: str | bool) -> None:
+            """A cluster (or run of clusters) not written as data: zeros or backing."""
+            if kind != "backing" and not self.zero_init:
+                self.zero(off, n)
+
         def drain(limit: int) -> None:
             while len(pending) > limit:
                 start, n, buf, fut = pending.popleft()
-                if fut is None:  # the whole chunk reads as zeros
-                    if not self.fresh:
-                        self.zero(start, n)
+                if isinstance(fut, list):  # no cluster of the chunk is read
+                    for kind, p, k in _kind_runs(fut, cs, n):
+                        skip(start + p, k, kind)
                     self.tick(n)
                     continue
                 mv = memoryview(buf)[:n]
@@ -283,12 +320,11 @@ class _Copier:
                 run_off = start
                 for k, r in enumerate(fut.result()):
                     p = k * cs
-                    if r is False:
+                    if r is False or isinstance(r, str):
                         if run:
                             put(run_off, run)
                             run = []
-                        if not self.fresh:
-                            self.zero(start + p, min(cs, n - p))
+                        skip(start + p, min(cs, n - p), r)
                         continue
                     if not run:
                         run_off = start + p
@@ -304,30 +340,49 @@ class _Copier:
                                 thread_name_prefix="diskimg-compress") as pool:
             for start in range(0, self.total, step):
                 n = min(step, self.total - start)
-                if reader.is_zero(start, n):
-                    pending.append((start, n, None, None))
+                ks = kinds.of_chunk(start, n)
+                if "data" not in ks:
+                    pending.append((start, n, None, ks))
                 else:
                     buf = spare.pop() if spare else aligned_buffer(step)
                     reader.readinto(start, memoryview(buf)[:n])
-                    pending.append((start, n, buf, pool.submit(work, buf, n)))
+                    pending.append((start, n, buf, pool.submit(work, buf, n, ks)))
                 drain(window)
             drain(0)
         align = getattr(tgt, "align_compressed_end", None)
         if align is not None:
             align()
 
+    def _concat_runs(self, devs: Sequence[BlockDevice]) -> Iterator[tuple[str, int, int]]:
+        """The status runs of the concatenated sources, in target offsets, consecutive
+        runs of a kind merged within one source (qemu's runs never cross sources)."""
+        base = 0
+        for d in devs:
+            kind_m, pos_m, n_m = "", 0, 0
+            for kind, pos, n in self._status_runs(d, base):
+                if n_m and kind == kind_m:
+                    n_m += n
+                    continue
+                if n_m:
+                    yield kind_m, base + pos_m, n_m
+                kind_m, pos_m, n_m = kind, pos, n
+            if n_m:
+                yield kind_m, base + pos_m, n_m
+            base += d.size
+
     def tick(self, n: int) -> None:
         self.done += n
         if self.progress is not None and self.total:
             self.progress(self.done * 100.0 / self.total)
 
-    def _plan(self, src: BlockDevice) -> Iterator[tuple[str, int, int, list[int] | None]]:
+    def _plan(self, src: BlockDevice,
+              base: int) -> Iterator[tuple[str, int, int, list[int] | None]]:
         """(kind, position, length, runs) of ``src``: 'data' runs at most CHUNK long
         (``runs`` None), and 'zero' or 'backing' runs, consecutive ones of a kind merged
         into one item (``runs`` lists the lengths merged, progress is ticked per run)."""
         kind_m, pos_m = "", 0
         runs_m: list[int] = []
-        for kind, pos, n in self._status_runs(src):
+        for kind, pos, n in self._status_runs(src, base):
             if kind == "data" or (kind == "zero" and self.min_sparse == 0):
                 if runs_m:
                     yield kind_m, pos_m, sum(runs_m), runs_m
@@ -342,9 +397,10 @@ class _Copier:
         if runs_m:
             yield kind_m, pos_m, sum(runs_m), runs_m
 
-    def _status_runs(self, src: BlockDevice) -> Iterator[tuple[str, int, int]]:
-        """(kind, position, length) runs of ``src``, at most CHUNK long for data: 'zero',
-        'data' or 'backing' (left to the target's backing file)."""
+    def _status_runs(self, src: BlockDevice, base: int) -> Iterator[tuple[str, int, int]]:
+        """(kind, position, length) runs of ``src`` (copied to target offset ``base``), at
+        most CHUNK long for data: 'zero', 'data' or 'backing' (left to the target's
+        backing file)."""
         pos, size = 0, src.size
         while pos < size:
             # ask for the rest of the disk (qemu-img asks for 2 GiB at most: that cuts the
@@ -353,9 +409,15 @@ class _Copier:
             n = size - pos
             if self.target_backing:
                 # top layer only: the rest is the target's backing
-                st = src._status_coarse(pos, n)
-                n = min(n, st.length)
-                kind = "backing" if not st.allocated else ("zero" if st.zero else "data")
+                kind, n = _top_status(src, pos, n)
+                end = self.backing_end
+                if end is not None and kind == "zero":
+                    # past the end of a new target's backing file the target reads zeros
+                    # of its own: qemu leaves zero runs there unwritten
+                    if base + pos >= end:
+                        kind = "backing"
+                    elif base + pos + n > end:
+                        n = end - base - pos
             else:
                 st, _ = src.block_status(pos, n, coarse=True)
                 n = min(n, st.length)
@@ -371,13 +433,13 @@ class _Copier:
         writes (both sides spend their time in system calls that release the GIL)."""
         if not pipelined:
             buf = aligned_buffer(CHUNK)
-            for kind, pos, n, runs in self._plan(src):
+            for kind, pos, n, runs in self._plan(src, base):
                 if kind == "data":
                     src.readinto(pos, memoryview(buf)[:n])
                 self._put(kind, base + pos, buf if kind == "data" else runs, n)
             self.flush_pending()
             return
-        with _ReadAhead(src, self._plan(src)) as ahead:
+        with _ReadAhead(src, self._plan(src, base)) as ahead:
             for kind, pos, n, item in ahead:
                 if isinstance(item, _Decoded):  # compressed clusters decoded by the pool
                     item.future.result()
@@ -410,10 +472,81 @@ class _Copier:
             self.data(off, item, n)
             self.tick(n)
             return
-        if kind == "zero":
-            self.zero(off, n)
         for k in item or (n,):
+            if kind == "zero":
+                # one call per block-status run, as qemu-img: a target that cannot zero
+                # part of a cluster writes zeros there, whatever the next run holds
+                self.zero(off, k)
+                off += k
             self.tick(k)
+
+
+def _top_status(src: BlockDevice, pos: int, n: int) -> tuple[str, int]:
+    """The kind and length of the run at ``pos`` of ``src``'s own layer, as qemu-img
+    convert -B sees it (block status above the source's backing file): 'zero', 'data',
+    or 'backing' where the source shows its backing file.  An unallocated range reads as
+    zeros, not as backing, when the source has no backing file or the range lies past
+    the end of a shorter one."""
+    st = src._status_coarse(pos, n)
+    n = min(n, st.length)
+    if st.zero:
+        return "zero", n
+    if st.allocated and st.data:
+        return "data", n
+    if st.allocated:
+        return "backing", n
+    b = src.backing
+    if b is None or pos >= b.size:
+        return "zero", n
+    return "backing", min(n, b.size - pos)
+
+
+class _ClusterKinds:
+    """The kind of each target cluster for a compressed copy, from the merged status
+    runs: the kind of the run that covers it whole, else 'data' (read from the sources);
+    a partial last cluster is always 'data'.  ``zero_as_data`` (``-S 0``): zero runs are
+    read too."""
+
+    def __init__(self, runs: Iterator[tuple[str, int, int]], cs: int, total: int,
+                 zero_as_data: bool) -> None:
+        self.runs, self.cs, self.total = runs, cs, total
+        self.zero_as_data = zero_as_data
+        self.cur: tuple[str, int, int] = ("data", 0, 0)
+
+    def _run_at(self, p: int) -> tuple[str, int, int]:
+        while self.cur[1] + self.cur[2] <= p:
+            self.cur = next(self.runs, ("data", p, self.total - p))
+        return self.cur
+
+    def of_chunk(self, start: int, n: int) -> list[str]:
+        """Kinds of the clusters of [start, start + n) (``start`` cluster-aligned)."""
+        kind, rs, rn = self._run_at(start)
+        if rs + rn >= start + n and n % self.cs == 0:
+            # fast path: one run covers the chunk (of whole clusters)
+            k = "data" if kind == "zero" and self.zero_as_data else kind
+            return [k] * (-(-n // self.cs))
+        out = []
+        for p in range(start, start + n, self.cs):
+            e = p + self.cs
+            kind, rs, rn = self._run_at(p)
+            if e > self.total or kind == "data" or (kind == "zero" and self.zero_as_data):
+                out.append("data")
+                continue
+            # a cluster that runs of this kind cover whole (merged runs are maximal)
+            out.append(kind if rs + rn >= e else "data")
+        return out
+
+
+def _kind_runs(kinds: list[str], cs: int, n: int) -> Iterator[tuple[str, int, int]]:
+    """(kind, offset, length) of the runs of equal kinds in a chunk of ``n`` bytes."""
+    p = 0
+    while p < n:
+        k = kinds[p // cs]
+        q = p + cs
+        while q < n and kinds[q // cs] == k:
+            q += cs
+        yield k, p, min(q, n) - p
+        p = q
 
 
 _COMBINE_BELOW = 256 << 10  # data pieces shorter than this are gathered into one write
@@ -708,6 +841,8 @@ def convert(
         raise UsageError("Use of backing file requires explicit backing format")
     if compress and out_format == "raw":
         raise UsageError("Compression not supported for this file format")
+    if compress and str((options or {}).get("preallocation", "off")) != "off":
+        raise UsageError("Compression and preallocation not supported at the same time")
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {})}
     opened: list[tuple[BlockDevice, bool]] = []
@@ -744,9 +879,17 @@ def convert(
             cluster = getattr(tgt, "cluster_size", None) or 0
             align = max(_pow2floor(max(sparse_size, SECTOR) // SECTOR), cluster // SECTOR
                         if compress else 1)
-            cp = _Copier(tgt, fresh=not target_exists, target_backing=backing_file is not None,
-                         min_sparse=sparse_size, alignment=align, compress=compress,
-                         total=total, progress=progress)
+            target_backing = backing_file is not None
+            # qemu-img's rule: only a new target without backing file may leave zero runs
+            # unwritten, and only if its format says it reads as zeros (not, e.g., an
+            # encrypted qcow2 with preallocated clusters)
+            zero_init = (not target_exists and not target_backing and sparse_size > 0
+                         and tgt.has_zero_init())
+            backing_end = tgt.backing.size if (target_backing and not target_exists
+                                               and tgt.backing is not None) else None
+            cp = _Copier(tgt, zero_init=zero_init, target_backing=target_backing,
+                         backing_end=backing_end, min_sparse=sparse_size, alignment=align,
+                         compress=compress, total=total, progress=progress)
             if progress is not None:
                 progress(0.0)
             if compress:

@@ -8,7 +8,8 @@ rule, CVE-2008-2004).
 
 from __future__ import annotations
 
-from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
+from diskimg.device import (BlockDevice, ImageInfo, Status, host_has_zero_init,
+                             requires_open)
 from diskimg.errors import UsageError
 from diskimg.hostio import HostFile
 
@@ -93,6 +94,9 @@ class RawImage(BlockDevice):
             elif preallocation == "full":
                 self.host.write_zeros(old, new_size - old)
         self.size = -(-new_size // SECTOR) * SECTOR
+
+    def has_zero_init(self) -> bool:
+        return host_has_zero_init(self.host.fd)
 
     @requires_open
     def info(self) -> ImageInfo:

@@ -88,6 +88,11 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
     prealloc = str(options.pop("preallocation", "off"))
     if prealloc not in ("off", "metadata", "falloc", "full"):
         raise UsageError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
+    if backing_file is not None and prealloc != "off" and not extl2:
+        # qemu: preallocated clusters would hide the backing file (only extended L2 entries
+        # can mark them unallocated-but-preallocated)
+        raise UsageError("Backing file and preallocation can only be used at the same time "
+                         "if extended_l2 is on")
     data_file = options.pop("data_file", None) or None
     data_file_raw = _bool("data_file_raw", options.pop("data_file_raw", False))
     if data_file_raw and data_file is None:

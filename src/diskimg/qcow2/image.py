@@ -16,7 +16,8 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
+from diskimg.device import (BlockDevice, ImageInfo, MapEntry, Status, host_has_zero_init,
+                             requires_open)
 from diskimg.errors import (
     CorruptImageError,
     DiskImgError,
@@ -221,6 +222,19 @@ class Qcow2Image(BlockDevice):
                 raise
             self.snapshot_table_error = exc  # snapshot operations refuse to run
             return []
+
+    def has_zero_init(self) -> bool:
+        """QEMU's qcow2 rule: without a backing file, an image whose metadata is not
+        preallocated (L1[0] unset: preallocation sets every L2 table) reads as zeros; a
+        preallocated one does when it is not encrypted (its clusters would decrypt to
+        garbage) and its data file does."""
+        if self.backing is not None or self.header.backing_file:
+            return False
+        if not (len(self.l1) and self.l1[0]):
+            return True
+        if self.header.crypt_method:
+            return False
+        return host_has_zero_init(self.data_host.fd)
 
     @property
     def cluster_size(self) -> int:

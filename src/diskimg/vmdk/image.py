@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
+from diskimg.device import (BlockDevice, ImageInfo, Status, host_has_zero_init,
+                             requires_open)
 from diskimg.errors import (
     BackingChainError,
     DiskImgError,
@@ -215,6 +216,14 @@ class VmdkImage(BlockDevice):
         """The descriptor's ``parentCID``: 0xffffffff without a parent, else the CID the
         parent had when this delta was made (checked when the backing file is attached)."""
         return self.desc.parent_cid
+
+    def has_zero_init(self) -> bool:
+        """QEMU's vmdk rule: grain-mapped extents read as zeros until written, flat extents
+        when their host file does; a delta disk reads its parent."""
+        if self.backing is not None or self.desc.parent_hint:
+            return False
+        return all(host_has_zero_init(e.host.fd) for e in self.extents
+                   if isinstance(e, FlatExtent))
 
     def backing_file_name(self) -> tuple[str | None, str | None]:
         """(``parentFileNameHint``, ``"vmdk"``) for a delta disk, else (None, None)."""
