@@ -491,16 +491,6 @@ def run_case(seed: int, d: Path, run: Run) -> tuple[Case, list[str]]:
     return case, [f"{p}\n  case: {what}" for p in problems]
 
 
-def known_bug(case: Case) -> str | None:
-    """Why this case is expected to fail (a reported bug outside convert), or None."""
-    o = case.tgt_opts
-    if case.target_luks and case.existing is None and o.get("cluster_size") == "512" and \
-            o.get("preallocation") in ("falloc", "full"):
-        return ("create: LUKS qcow2 with cluster_size=512 and preallocation=falloc|full "
-                "gets refcount=0 for thousands of referenced clusters")
-    return None
-
-
 CASES = int(os.environ.get("CONVERT_MATRIX_CASES", "40"))
 SEED = int(os.environ.get("CONVERT_MATRIX_SEED", "0"))
 
@@ -509,11 +499,6 @@ SEED = int(os.environ.get("CONVERT_MATRIX_SEED", "0"))
 @pytest.mark.parametrize("seed", range(SEED, SEED + CASES))
 def test_convert_matrix(seed: int, tmp_path: Path, run: Run) -> None:
     case, problems = run_case(seed, tmp_path, run)
-    known = known_bug(case)
-    if known is not None:
-        # strict: once the bug is fixed the case passes and this marker must go
-        assert problems, f"known bug no longer seen, remove it from known_bug(): {known}"
-        pytest.xfail(f"{known}: {problems[0][:300]}")
     assert not problems, "\n".join(problems)
 
 
@@ -655,3 +640,26 @@ def test_convert_backing_with_preallocation_needs_extended_l2(tmp_path: Path, ru
     # (not the map yet: zeroes inside an extended-L2 cluster, see run_case)
     assert _read_all(Img(d, "qcow2")) == _read_all(src)
     assert "No errors were found" in run([_qemu("qemu-img"), "check", str(d)]).stdout
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("cluster_size", [512, 1024])
+@pytest.mark.parametrize("prealloc", ["falloc", "full"])
+def test_create_luks_preallocated_small_clusters(tmp_path: Path, run: Run, cluster_size: int,
+                                                 prealloc: str) -> None:
+    """Found by the matrix: a LUKS header spans several refcount blocks at small cluster
+    sizes, and ``preallocation=falloc|full`` rebuilt the refcounts from the first block
+    only (3788 clusters with refcount 0 but referenced at 512 bytes).  Now the image is
+    clean and laid out as qemu-img lays it out (same file size and map)."""
+    opts = ",".join(f"{k}={v}" for k, v in {**LUKS_OPTS, "cluster_size": cluster_size,
+                                            "preallocation": prealloc}.items())
+    q, d = tmp_path / "q.qcow2", tmp_path / "d.qcow2"
+    run([sys.executable, "-m", "diskimg", "create", "-q", "-f", "qcow2", *OBJECT, "-o", opts,
+         d, str(M)])
+    _create(run, q, "qcow2", M, {**LUKS_OPTS, "cluster_size": str(cluster_size),
+                                 "preallocation": prealloc})
+    di, qi = Img(d, "qcow2", luks=True), Img(q, "qcow2", luks=True)
+    chk = run([_qemu("qemu-img"), "check", *OBJECT, "--image-opts", di.opts()], check=False)
+    assert chk.returncode == 0 and "No errors were found" in chk.stdout, chk.stdout[-500:]
+    assert d.stat().st_size == q.stat().st_size
+    assert _map(run, di) == _map(run, qi)

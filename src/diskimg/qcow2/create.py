@@ -262,12 +262,17 @@ def _preallocate_space(path: Path, h: Header, mode: str) -> None:
         n_blocks = refcount_blocks_for(old_end + n_data + n_l2, cs, order)
         table_entries = -(-n_blocks // (cs // 8)) * (cs // 8)
         table_clusters = table_entries * 8 // cs
-        old_table = struct.unpack(">Q", host.pread(h.refcount_table_offset, 8))[0]
-        blocks: dict[int, RefBlock] = {0: RefBlock(order, host.pread(old_table, cs))}
-        table = [old_table] + [0] * (table_entries - 1)
-        first_block = old_end // per_block
+        # every refcount block the file has so far (a LUKS header can span several)
+        raw = host.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        old = [e for (e,) in struct.iter_unpack(">Q", raw)]
+        table = [0] * table_entries
+        blocks: dict[int, RefBlock] = {}
+        for i, off in enumerate(old):
+            if off:
+                table[i] = off
+                blocks[i] = RefBlock(order, host.pread(off, cs))
         nxt = old_end
-        for i in range(first_block, n_blocks):
+        for i in range(n_blocks):
             if not table[i]:
                 table[i] = nxt * cs
                 blocks[i] = RefBlock(order, bytes(cs))
@@ -280,7 +285,8 @@ def _preallocate_space(path: Path, h: Header, mode: str) -> None:
         n_tables = -(-n_data // per_l2)
         # in use: the new refcount blocks, the table and the data, then the L2 tables
         used = [(old_end, data_at + n_data)] + [(c, c + 1) for c in l2_at[:n_tables]]
-        blocks[0][old_table_cluster] = 0
+        for c in range(old_table_cluster, old_table_cluster + h.refcount_table_clusters):
+            blocks[c // per_block][c % per_block] = 0
         for lo, hi in used:
             while lo < hi:
                 i, j = divmod(lo, per_block)
