@@ -785,12 +785,13 @@ class Qcow2Image(BlockDevice):
             self._write_compressed(offset, mv, compressed)
 
     def _write_compressed(self, offset: int, mv: memoryview, compressed: bytes | None) -> None:
-        self._check_write_support()
+        # refused before _check_write_support: a refusal must not set the dirty bit
         if self.header.crypt_method:
             raise UnsupportedFeatureError("Compression of encrypted images is not supported")
         if self._data_file_opened:
             raise UnsupportedFeatureError("Compression is not supported with an external "
                                           "data file")
+        self._check_write_support()
         self.bitmaps.mark(offset, len(mv))
         out = compressed if compressed is not None else self.compress_cluster(mv)
         if out is None:
