@@ -8,8 +8,9 @@ monolithicSparse child over a vmdk parent (copy-on-write from the parent).  The 
 size is drawn, usually not a multiple of the 64 KiB grain.
 
 streamOptimized is append-only in diskimg: a new image is written front to back (a write
-that starts in a grain before the one last written is refused and changes nothing), and
-once it holds data it opens read-only.
+that starts in a grain before the one last written is refused and changes nothing), it
+cannot be read or mapped until it is closed (refused, not read as zeros), and once it
+holds data it opens read-only.
 
 Every step the image reads back the model and ``map()`` never calls a run zero where the
 model has data; at teardown ``qemu-img check`` is clean and ``qemu-img compare`` says the
@@ -79,6 +80,7 @@ class VmdkModel(RuleBasedStateMachine):
         self.variant = ""
         self.stream_grain = -1      # streamOptimized: the grain last written to
         self.read_only = False      # streamOptimized with data, after reopening
+        self.streaming = False      # streamOptimized written to in this session
 
     @initialize(variant=st.sampled_from(VARIANTS), zeroed=st.booleans(),
                 compat6=st.booleans(),
@@ -158,6 +160,7 @@ class VmdkModel(RuleBasedStateMachine):
         self.model[off:off + n] = data
         if self.variant == "streamOptimized":
             self.stream_grain = (off + n - 1) // GRAIN
+            self.streaming = True
         _note(what)
         if off == 0:
             _note("write at offset 0")
@@ -209,6 +212,7 @@ class VmdkModel(RuleBasedStateMachine):
             assert self._files() == before
             self.read_only = True
         self.stream_grain = -1
+        self.streaming = False
         self._open()
         _note("reopen")
 
@@ -218,12 +222,17 @@ class VmdkModel(RuleBasedStateMachine):
     @invariant()
     def reads_match_model(self) -> None:
         assert self.img.size == self.size
+        if self.streaming:
+            # a stream being written reads back only after close: refused, never zeros
+            self._refused("read while streaming", lambda: self.img.read(0, self.size))
+            self._refused("map while streaming", lambda: list(self.img.map()))
+            return
         got = self.img.read(0, self.size)
         if got != self.model:
             bad = next(i for i in range(self.size) if got[i] != self.model[i])
             raise AssertionError(f"first difference at byte {bad}")
 
-    @precondition(lambda self: self.img is not None)
+    @precondition(lambda self: self.img is not None and not self.streaming)
     @invariant()
     def map_zero_runs_are_zero(self) -> None:
         pos = 0
