@@ -503,6 +503,7 @@ class SnapshotTable:
         img = self.img
         self._check_table_read()
         img._check_writable()
+        img._check_write_support()
         try:
             size = len(raw_name(name))
         except UnicodeEncodeError:
@@ -520,7 +521,6 @@ class SnapshotTable:
         sid = str(max(ids, default=0) + 1)
         img.flush()
         self._check_headroom(img.l1, f"Could not create snapshot '{name}'")
-        img._check_write_support()  # after every refusal: it may set the dirty bit
         # 1. copy of the active L1 table in new clusters (a leak until the switch)
         l1_bytes = len(img.l1) * 8
         l1_off = 0
@@ -545,6 +545,7 @@ class SnapshotTable:
         self._check_table_read()
         img = self.img
         img._check_writable()
+        img._check_write_support()
         sn = self.find(name_or_id)
         if sn.disk_size is not None and sn.disk_size != img.size:
             raise UsageError("qcow2: Loading snapshots with different disk size is not "
@@ -554,7 +555,6 @@ class SnapshotTable:
             img._grow_l1(sn.l1_size)
         snap_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
         self._check_headroom(snap_l1, f"Could not apply snapshot '{name_or_id}'")
-        img._check_write_support()  # after every refusal: it may set the dirty bit
         # take the snapshot's references first, then switch the active L1, then drop the
         # old active references
         self.update_refcounts(array("Q", snap_l1), 1, active=False)
