@@ -1162,6 +1162,11 @@ class Qcow2Image(BlockDevice):
         self.flush()
         self.host.pwrite(24, struct.pack(">Q", new_size))
         self.host.flush()
+        if self._data_file_opened and self.data_host.size() != new_size:
+            # like qemu: the data file takes the new size too; a shrink must not leave
+            # the cut-off data in it (a raw data file would no longer be the disk)
+            self.data_host.truncate(new_size)
+            self.data_host.flush()
         if shrinking:  # like qemu: cut the host file after the last cluster in use
             rc = self.refcounts
             last = -(-self.host.size() // self.cs) - 1
