@@ -27,35 +27,33 @@ the run; ``--hypothesis-show-statistics`` shows the same as hypothesis events)."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
 import tempfile
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import event, settings
+from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import diskimg
+import modelkit
 
 QEMU = shutil.which("qemu-img")
 SECRETS = {"sec0": b"model-passphrase"}
 QEMU_SECRET = ["--object", "secret,id=sec0,data=model-passphrase"]
 MiB = 1 << 20
 
-#: counters of what the runs covered, printed by tests/property/conftest.py
-COVERAGE: Counter[str] = Counter()
+#: what the runs covered, printed by tests/property/conftest.py
+COVERAGE = modelkit.counter("qcow2")
 
 
 def _note(what: str) -> None:
-    COVERAGE[what] += 1
-    event(what)
+    modelkit.note(COVERAGE, what)
 
 
 def _pattern(n: int, seed: int) -> bytes:
@@ -203,8 +201,7 @@ class Qcow2Machine(RuleBasedStateMachine):
         return off, max(1, min(n, room))
 
     def _files(self) -> dict[str, str]:
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(self.dir.iterdir()) if p.is_file()}
+        return modelkit.file_hashes(self.dir)
 
     def _refused(self, what: str, fn: Callable[[], object]) -> None:
         """``fn`` must fail with a DiskImgError and change no byte of any file."""
@@ -332,12 +329,7 @@ class Qcow2Machine(RuleBasedStateMachine):
             self._refused("resize with snapshots", lambda: self.img.resize(new, shrink=True))
             return
         self.img.resize(new, shrink=True)
-        if new < self.size:
-            del self.model[new:]
-            _note("resize shrink")
-        else:
-            self.model.extend(bytes(new - self.size))
-            _note("resize grow")
+        _note(modelkit.resize_model(self.model, new))
         self.size = new
 
     @rule()

@@ -17,11 +17,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections import Counter
 import tempfile
 from pathlib import Path
 
-from hypothesis import event, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -32,18 +31,18 @@ from hypothesis.stateful import (
 )
 
 import diskimg
+import modelkit
 
 KiB = 1024
 QEMU_IMG = shutil.which("qemu-img")
 SIZES = [300 * KiB, 300 * KiB, 64 * KiB + 512, 4096, 512]
 ODD_SIZES = [1, 1000, 4097, 300 * KiB - 100]
-#: counters of what the runs covered, printed by tests/property/conftest.py
-COVERAGE: Counter[str] = Counter()
+#: what the runs covered, printed by tests/property/conftest.py
+COVERAGE = modelkit.counter("raw")
 
 
 def _note(what: str) -> None:
-    COVERAGE[what] += 1
-    event(what)
+    modelkit.note(COVERAGE, what)
 
 
 class RawModel(RuleBasedStateMachine):
@@ -140,12 +139,7 @@ class RawModel(RuleBasedStateMachine):
         new = sectors * 512
         assert self.img is not None
         self.img.resize(new)  # type: ignore[attr-defined]
-        if new < self.size:
-            del self.model[new:]
-            _note("resize shrink")
-        else:
-            self.model.extend(bytes(new - self.size))
-            _note("resize grow")
+        _note(modelkit.resize_model(self.model, new))
         self.size = new
 
     @rule()

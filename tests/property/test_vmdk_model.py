@@ -19,20 +19,19 @@ image equals the model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hypothesis import event, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import diskimg
+import modelkit
 from diskimg.hostio import open_host_file
 from diskimg.vmdk.descriptor import ExtentLine, build
 
@@ -41,13 +40,12 @@ GRAIN = 64 * KiB
 QEMU_IMG = shutil.which("qemu-img")
 VARIANTS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
             "twoGbMaxExtentFlat", "streamOptimized", "multi-extent", "child"]
-#: counters of what the runs covered, printed by tests/property/conftest.py
-COVERAGE: Counter[str] = Counter()
+#: what the runs covered, printed by tests/property/conftest.py
+COVERAGE = modelkit.counter("vmdk")
 
 
 def _note(what: str) -> None:
-    COVERAGE[what] += 1
-    event(what)
+    modelkit.note(COVERAGE, what)
 
 
 def _make_multi(path: Path) -> int:
@@ -133,8 +131,7 @@ class VmdkModel(RuleBasedStateMachine):
         return off, max(1, min(n, size - off))
 
     def _files(self) -> dict[str, str]:
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(self.dir.iterdir()) if p.is_file()}
+        return modelkit.file_hashes(self.dir)
 
     def _refused(self, what: str, fn: Any) -> None:
         before = self._files()
