@@ -197,4 +197,4 @@ class RawModel(RuleBasedStateMachine):
 
 TestRawModel = RawModel.TestCase
 # inherits the profile loaded in tests/conftest.py ("ci" bounds max_examples, derandomized)
-TestRawModel.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+TestRawModel.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)

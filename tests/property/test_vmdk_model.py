@@ -263,4 +263,4 @@ class VmdkModel(RuleBasedStateMachine):
 
 
 TestVmdkModel = VmdkModel.TestCase
-TestVmdkModel.settings = settings(max_examples=40, stateful_step_count=20, deadline=None)
+TestVmdkModel.settings = settings(max_examples=25, stateful_step_count=15, deadline=None)
