@@ -112,6 +112,7 @@ def create_raw(host: HostFile, size: int, preallocation: str = "off") -> None:
     """Lay out a new raw image of ``size`` bytes on an empty host file."""
     if preallocation not in ("off", "falloc", "full"):
         raise UsageError(f"Unsupported preallocation mode: {preallocation}")
+    size = -(-size // SECTOR) * SECTOR  # qemu-img rounds the file up to a whole sector
     host.truncate(size)
     if preallocation == "off" and size:
         # qemu allocates the first block so later opens can probe alignment

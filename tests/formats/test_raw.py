@@ -221,3 +221,15 @@ def test_info_of_a_raw_image(img_path: Path) -> None:
     assert info.cluster_size is None
     j = info.to_json()
     assert j["format"] == "raw" and "cluster-size" not in j and j["dirty-flag"] is False
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("prealloc", ["off", "falloc", "full"])
+@pytest.mark.parametrize("size", [1, 1000, 4097])
+def test_create_rounds_the_file_up_to_a_sector_as_qemu(tmp_path: Path, make_image,
+                                                       prealloc: str, size: int) -> None:
+    ours = make_image("ours.raw", "raw", size, tool="diskimg",
+                      options={"preallocation": prealloc})
+    theirs = make_image("theirs.raw", "raw", size, options={"preallocation": prealloc})
+    assert ours.stat().st_size == theirs.stat().st_size == -(-size // 512) * 512
+    assert ours.read_bytes() == theirs.read_bytes()

@@ -241,3 +241,21 @@ def test_create_size_zero(tmp_path: Path, sub: str) -> None:
 
         with open_host_file(p) as h, pytest.raises(FormatError, match="no extents"):
             open_vmdk(h)          # qemu-img 7.2 aborts on an assertion here
+
+
+def test_stream_being_written_refuses_reads_instead_of_zeros(tmp_path: Path) -> None:
+    """Data written to a new streamOptimized image in this session used to read back (and
+    map) as zeros; now reads and map are refused until close, then read the data."""
+    import diskimg
+
+    p = tmp_path / "s.vmdk"
+    diskimg.create(p, "vmdk", 300 * 1024, options={"subformat": "streamOptimized"})
+    img = diskimg.open(p, "r+")
+    img.write(0, b"a" * 70000)
+    with pytest.raises(diskimg.UsageError, match="cannot be read before it is closed"):
+        img.read(0, 1)
+    with pytest.raises(diskimg.UsageError, match="cannot be read before it is closed"):
+        list(img.map())
+    img.close()
+    with diskimg.open(p) as img:
+        assert img.read(0, 300 * 1024) == b"a" * 70000 + bytes(300 * 1024 - 70000)

@@ -371,3 +371,41 @@ def test_preallocation_on_create_and_resize_like_qemu(tmp_path: Path, mode: str)
             json.loads(run(QEMU_IMG, "map", "--output=json", q))
         assert abs(o.stat().st_blocks - q.stat().st_blocks) <= 64  # refcount layout differs
         assert subprocess.run([QEMU_IMG, "check", o], capture_output=True).returncode == 0
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("raw", [False, True])
+def test_resize_sets_the_data_file_length_as_qemu(tmp_path: Path, run, raw: bool) -> None:
+    """Shrink then grow an image with an external data file: qemu-img cuts and extends
+    the data file with the disk, so the cut-off data is gone and a raw data file stays
+    the disk byte for byte.  diskimg used to leave the data file at its old length."""
+    import diskimg
+
+    sizes = {}
+    for tool in ("qemu", "diskimg"):
+        d = tmp_path / tool
+        d.mkdir()
+        img, data = d / "a.qcow2", d / "a.data"
+        opts = f"data_file={data},data_file_raw={'on' if raw else 'off'}"
+        run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts, img, "1M"])
+        run([QEMU_IO, "-c", "write -P 0x7 0 1M", img])
+        got = []
+        if tool == "qemu":
+            run([QEMU_IMG, "resize", "-q", "--shrink", img, "300K"])
+            got.append(data.stat().st_size)
+            run([QEMU_IMG, "resize", "-q", img, "1M"])
+        else:
+            with diskimg.open(img, "r+") as i:
+                i.resize(300 * 1024, shrink=True)  # type: ignore[attr-defined]
+                got.append(data.stat().st_size)
+                i.resize(1 << 20)  # type: ignore[attr-defined]
+        got.append(data.stat().st_size)
+        sizes[tool] = got
+        expect = b"\x07" * (300 * 1024) + bytes(724 * 1024)
+        out = run([QEMU_IO, "-c", "read -P 0x7 0 300K", "-c", "read -P 0 300K 724K", img])
+        assert "fail" not in out.stdout + out.stderr
+        if raw:
+            same = data.read_bytes() == expect  # (no pytest diff of a MiB)
+            assert same, f"{tool}: the raw data file is not the disk"
+        assert "No errors were found" in run([QEMU_IMG, "check", img]).stdout
+    assert sizes["diskimg"] == sizes["qemu"] == [300 * 1024, 1 << 20]

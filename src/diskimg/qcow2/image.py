@@ -882,12 +882,13 @@ class Qcow2Image(BlockDevice):
             self._write_compressed(offset, mv, compressed)
 
     def _write_compressed(self, offset: int, mv: memoryview, compressed: bytes | None) -> None:
-        self._check_write_support()
+        # refused before _check_write_support: a refusal must not set the dirty bit
         if self.header.crypt_method:
             raise UnsupportedFeatureError("Compression of encrypted images is not supported")
         if self._data_file_opened:
             raise UnsupportedFeatureError("Compression is not supported with an external "
                                           "data file")
+        self._check_write_support()
         self.bitmaps.mark(offset, len(mv))
         out = compressed if compressed is not None else self.compress_cluster(mv)
         if out is None:
@@ -1267,6 +1268,11 @@ class Qcow2Image(BlockDevice):
         self.flush()
         self.host.pwrite(24, struct.pack(">Q", new_size))
         self.host.flush()
+        if self._data_file_opened and self.data_host.size() != new_size:
+            # like qemu: the data file takes the new size too; a shrink must not leave
+            # the cut-off data in it (a raw data file would no longer be the disk)
+            self.data_host.truncate(new_size)
+            self.data_host.flush()
         if shrinking:  # like qemu: cut the host file after the last cluster in use
             rc = self.refcounts
             last = -(-self.host.size() // self.cs) - 1

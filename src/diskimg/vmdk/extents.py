@@ -306,6 +306,22 @@ class SparseExtent(GrainMappedExtent):
                                        truncate_at=self.header.overhead * S.SECTOR)
         return self.stream
 
+    def _not_streaming(self) -> None:
+        """A streamOptimized extent being written front to back cannot be read back in
+        the same session (its grains and tables are only complete at close): refuse,
+        rather than read data written in this session as zeros."""
+        if self.stream is not None:
+            raise UsageError(f"'{self.filename}': a streamOptimized image being written "
+                             "cannot be read before it is closed")
+
+    def status(self, off: int, length: int) -> Status:
+        self._not_streaming()
+        return super().status(off, length)
+
+    def readinto(self, off: int, buf: memoryview, fill: Fill) -> None:
+        self._not_streaming()
+        super().readinto(off, buf, fill)
+
     # --- tables --------------------------------------------------------------------
     def _gt(self, gdi: int) -> array[int] | None:
         t = self._gts.get(gdi)
