@@ -291,6 +291,8 @@ def cmd_check(ctx: Context, a: argparse.Namespace) -> int:
     err.writelines(line + "\n" for line in _lines(res, "messages"))
     err.flush()
     d = dict(res.to_json())
+    if "filename" in d:
+        d["filename"] = name  # qemu-img prints the argument as given (./x, --image-opts)
     findings = d.pop("findings", None)
     if getattr(res, "error", None) is not None:
         pass  # the check could not finish: qemu-img prints only "Check failed: ..."
