@@ -232,7 +232,9 @@ class BlockDevice:
 
     def discard(self, offset: int, length: int) -> None:
         """Tell the format the range is unused; contents afterwards are unspecified by
-        QEMU, and in diskimg read as the backing file's (or zeros) for qcow2."""
+        QEMU.  qcow2 discards whole clusters, which then read as zeros; a compat 0.10
+        image with a backing file ignores discards, as QEMU does (deallocating would
+        expose the backing file's data)."""
         self._check_writable()
         self._check_range(offset, length)
         if length:

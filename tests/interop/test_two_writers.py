@@ -29,8 +29,9 @@ many more seeds; ``--seed N --count 1 -v`` replays one.
 Semantics the model relies on (qcow2 as QEMU 7.2 implements it, which diskimg follows):
 
 - ``discard`` acts on whole clusters only (and on the last, partial cluster when the range
-  runs from its start to the end of the disk); a discarded cluster reads as zeros in a
-  compat 1.1 image and falls through to the backing file (zeros without one) in 0.10.
+  runs from its start to the end of the disk); a discarded cluster reads as zeros, except
+  in a compat 0.10 image with a backing file, where discard does nothing (without the zero
+  flag it would expose the backing file's data).
 - growing an image that has a backing file makes the new range read as zeros.
 """
 
@@ -310,13 +311,11 @@ class Sequence:
             end = (off + n) // cs * cs
             if off + n == size:
                 end = size
+            if self.cfg.compat == "0.10" and self.cfg.backing:
+                return  # no zero flag: discarding would expose the backing file
             for c in range(start, end, cs):
                 ce = min(c + cs, size)
-                if self.cfg.compat == "1.1":
-                    self.model[c:ce] = bytes(ce - c)
-                else:
-                    under = self.base[c:ce] if self.cfg.backing else b""
-                    self.model[c:ce] = under + bytes(ce - c - len(under))
+                self.model[c:ce] = bytes(ce - c)
 
     # --- turns ---------------------------------------------------------------------
     def qemu_io(self, ops: list[Op]) -> None:
@@ -541,3 +540,36 @@ def test_check_json_filename_is_the_argument(tmp_path: Path, how: str) -> None:
     assert ours.pop("findings") == []
     assert ours == json.loads(q.stdout)
     assert ours["filename"] == arg[-1]
+
+
+@pytest.mark.qemu
+def test_v2_discard_with_backing_keeps_data(tmp_path: Path) -> None:
+    """A compat 0.10 image with a backing file ignores discards, as QEMU does: diskimg
+    deallocated the clusters, so the backing file's bytes replaced what had been written
+    (seed 0 of the two-writers test)."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(random.Random(1).randbytes(3 * 65536))
+    imgs = {}
+    for who in ("qemu", "diskimg"):
+        img = imgs[who] = tmp_path / f"{who}.qcow2"
+        subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "compat=0.10",
+                        "-b", "base.raw", "-F", "raw", str(img), "256K"], check=True)
+    subprocess.run([QEMU_IO, "-c", "write -P 7 0 64k", "-c", "write -z 64k 64k",
+                    "-c", "discard 0 192k", str(imgs["qemu"])], check=True,
+                   capture_output=True)
+    with diskimg.open(imgs["diskimg"], "r+") as dev:
+        dev.write(0, b"\7" * 65536)
+        dev.write_zeroes(65536, 65536)
+        dev.discard(0, 3 * 65536)
+    want = b"\7" * 65536 + bytes(65536) + base.read_bytes()[131072:] + bytes(65536)
+    for img in imgs.values():
+        with diskimg.open(img) as dev:
+            got = dev.read(0, dev.size)
+        if got != want:  # pytest.fail: an assert would diff 256 KiB reprs for minutes
+            pytest.fail(f"{img.name}: {first_diff(want, got)}")
+    res = subprocess.run([QEMU_IMG, "compare", str(imgs["qemu"]), str(imgs["diskimg"])],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    maps = [subprocess.run([QEMU_IMG, "map", "--output=json", str(i)], capture_output=True,
+                           text=True, check=True).stdout for i in imgs.values()]
+    assert maps[0] == maps[1]
