@@ -291,8 +291,10 @@ class BlockDevice:
             if st.allocated or dev.backing is None:
                 return Status(length, st.allocated, st.data, st.zero, st.offset, st.filename), depth
             if offset >= dev.backing.size:
-                # qemu: past the end of a shorter backing file reads as zeros, decided here
-                return Status(length, False, False, True), depth
+                # qemu: past the end of a shorter backing file reads as zeros, decided here,
+                # with this layer's own host offset (an extended-L2 cluster's unallocated
+                # subclusters have one)
+                return Status(length, False, False, True, st.offset, st.filename), depth
             length = min(length, dev.backing.size - offset)
             dev = dev.backing
             depth += 1

@@ -573,3 +573,30 @@ def test_v2_discard_with_backing_keeps_data(tmp_path: Path) -> None:
     maps = [subprocess.run([QEMU_IMG, "map", "--output=json", str(i)], capture_output=True,
                            text=True, check=True).stdout for i in imgs.values()]
     assert maps[0] == maps[1]
+
+
+@pytest.mark.qemu
+def test_map_offset_of_unallocated_subclusters_past_backing_end(tmp_path: Path) -> None:
+    """map of an extended-L2 image: unallocated subclusters of an allocated cluster past
+    the end of a shorter backing file keep their host offset, as in qemu-img (diskimg
+    dropped it; seed 5 of the two-writers test)."""
+    (tmp_path / "b.raw").write_bytes(random.Random(2).randbytes(16384))
+    img = tmp_path / "y.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
+                    "extended_l2=on,cluster_size=64k", "-b", "b.raw", "-F", "raw", str(img),
+                    "1M"], check=True)
+    subprocess.run([QEMU_IO, "-c", "write -P 1 0 4k", "-c", "write -P 2 32k 4k", str(img)],
+                   check=True, capture_output=True)
+    q = subprocess.run([QEMU_IMG, "map", "--output=json", str(img)], capture_output=True,
+                       text=True, check=True).stdout
+    rc, out, err = Sequence(0, tmp_path).diskimg_cli("map", "--output=json", str(img))
+    assert (rc, err) == (0, "")
+    assert out == q
+    assert '"start": 16384, "length": 16384, "depth": 0, "present": false, "zero": true, ' \
+        '"data": false, "offset": ' in out
+    with diskimg.open(img) as dev:
+        got = dev.read(0, 65536)
+    want = (b"\1" * 4096 + (tmp_path / "b.raw").read_bytes()[4096:] + bytes(16384)
+            + b"\2" * 4096 + bytes(28672))
+    if got != want:
+        pytest.fail(first_diff(want, got))
