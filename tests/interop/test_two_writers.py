@@ -64,7 +64,13 @@ SECRET_OBJ = f"secret,id=sec0,data={PASSPHRASE}"
 # Seeds whose sequence hits a bug of issue 15 that another branch is fixing.  Each is an
 # xfail(strict=True): when the fix lands, the seed passes, the xfail fails, and the entry
 # must go.  Keys are seeds, values the issue item.
-KNOWN: dict[int, str] = {}
+_BUG2 = ("issue 15 item 2: data-file offset 0 reads as zeros (guest cluster 0 of a data_file "
+         "image; with extended L2 diskimg calls the entry invalid)")
+_BUG3 = "issue 15 item 3: map of a data_file_raw=on image ignores the L2 entries"
+KNOWN: dict[int, str] = {
+    **dict.fromkeys([1, 10, 23, 32, 33, 35, 36, 37, 39, 41, 47, 49, 51, 57, 58], _BUG2),
+    **dict.fromkeys([3, 29, 34], _BUG3),
+}
 
 CI_SEEDS = 60
 
@@ -100,7 +106,7 @@ class Config:
             o["data_file_raw"] = "on" if self.data_file == "raw" else "off"
         if self.luks:
             o.update({"encrypt.format": "luks", "encrypt.key-secret": "sec0",
-                      "encrypt.iter-time": "10"})
+                      "encrypt.iter-time": "1"})
         return o
 
     def describe(self) -> str:
@@ -113,7 +119,7 @@ def draw_config(rng: random.Random) -> Config:
     compat = rng.choice(["1.1", "1.1", "1.1", "0.10"])
     v3 = compat == "1.1"
     # a few clusters plus (usually) a partial last one; small enough to stay fast
-    nclusters = rng.randint(1, 5) if cs >= 1 << 20 else rng.randint(2, min(24, (4 << 20) // cs))
+    nclusters = rng.randint(1, 3) if cs >= 1 << 20 else rng.randint(2, min(24, (3 << 20) // cs))
     tail = rng.choice([0, 512, cs // 2, cs - 512]) if cs > 512 else 0
     size = max(512, nclusters * cs + tail)
     backing = rng.choice([None, None, "raw", "qcow2"])
@@ -132,7 +138,7 @@ def draw_config(rng: random.Random) -> Config:
         backing=backing,
         backing_size=backing_size,
         data_file=data_file,
-        luks=rng.random() < 0.15,
+        luks=cluster_bits <= 16 and rng.random() < 0.15,  # LUKS costs ~1 MiB of header
         creator=rng.choice(["qemu", "diskimg"]),
     )
 
@@ -473,6 +479,12 @@ class Sequence:
 
     # --- driver --------------------------------------------------------------------
     def run(self) -> None:
+        try:
+            self._run()
+        except diskimg.DiskImgError as e:
+            self.fail(f"diskimg raised {type(e).__name__}: {e}")
+
+    def _run(self) -> None:
         self.create()
         nturns = self.rng.randint(4, 7)
         who = self.rng.choice(["qemu", "diskimg"])
