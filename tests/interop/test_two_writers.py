@@ -149,7 +149,8 @@ def draw_config(rng: random.Random) -> Config:
     )
 
 
-Op = tuple[Any, ...]  # ("w", off, n, pat|None), ("z", off, n, unmap), ("d", off, n), ("c", off, n, pat)
+# ("w", off, n, pattern), ("z", off, n, unmap), ("d", off, n), ("c", off, n, pattern)
+Op = tuple[Any, ...]
 
 
 @dataclass
