@@ -87,23 +87,23 @@ class ImageInfo:
         conditional keys (``encrypted`` only when true, backing keys only with a backing
         file, ``snapshots`` only when there are some).  Sizes are bytes.
         """
-        d: dict[str, Any] = {}
-        if self.snapshots:
-            d["snapshots"] = self.snapshots
+        d: dict[str, Any] = {}  # keys in QEMU's QDict order (cli.output.qdict_order)
         if self.backing_filename_format is not None:
             d["backing-filename-format"] = self.backing_filename_format
+        if self.snapshots:
+            d["snapshots"] = self.snapshots
         d["virtual-size"] = self.virtual_size
         d["filename"] = self.filename
         if self.cluster_size is not None:
             d["cluster-size"] = self.cluster_size
         d["format"] = self.format
         d["actual-size"] = self.actual_size
-        if self.encrypted:
-            d["encrypted"] = True
         if self.format_specific is not None:
             d["format-specific"] = self.format_specific
         if self.full_backing_filename is not None:
             d["full-backing-filename"] = self.full_backing_filename
+        if self.encrypted:
+            d["encrypted"] = True
         if self.backing_filename is not None:
             d["backing-filename"] = self.backing_filename
         d["dirty-flag"] = self.dirty_flag

@@ -619,3 +619,24 @@ def test_map_offset_of_unallocated_subclusters_past_backing_end(tmp_path: Path) 
             + b"\2" * 4096 + bytes(28672))
     if got != want:
         pytest.fail(first_diff(want, got))
+
+
+@pytest.mark.qemu
+def test_info_json_key_order_with_snapshots_and_encryption(tmp_path: Path) -> None:
+    """``info --output=json`` prints qemu-img's text: ``backing-filename-format`` before
+    ``snapshots`` and ``encrypted`` after ``full-backing-filename`` (QEMU's QDict order);
+    diskimg had both elsewhere (the two-writers test compares parsed JSON, so it found
+    this only in its failure output)."""
+    (tmp_path / "kb.raw").write_bytes(bytes(65536))
+    img = tmp_path / "k.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "--object", SECRET_OBJ, "-o",
+                    "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=1",
+                    "-b", "kb.raw", "-F", "raw", str(img), "1M"], check=True)
+    opts = ["--object", SECRET_OBJ, "--image-opts",
+            f"driver=qcow2,file.filename={img},encrypt.key-secret=sec0"]
+    subprocess.run([QEMU_IMG, "snapshot", *opts, "-c", "s1"], check=True)
+    q = subprocess.run([QEMU_IMG, "info", "--output=json", str(img)], capture_output=True,
+                       text=True, check=True).stdout
+    rc, out, err = Sequence(0, tmp_path).diskimg_cli("info", "--output=json", str(img))
+    assert (rc, err) == (0, "")
+    assert out == q

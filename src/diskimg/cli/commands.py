@@ -208,10 +208,12 @@ def cmd_info(ctx: Context, a: argparse.Namespace) -> int:
                 backing=bool(a.backing_chain)) as dev:  # info needs no backing file
         devs = dev.chain() if a.backing_chain else [dev]
         infos = [d.info().to_json() for d in devs]
-    if a.backing_chain:
-        text = output.to_json(infos) if ofmt == "json" else output.info_chain_human(infos)
+    if ofmt == "json":  # every object in QEMU's QDict order, format-specific data too
+        text = output.to_json(output.qdict_order_deep(infos if a.backing_chain else infos[0]))
+    elif a.backing_chain:
+        text = output.info_chain_human(infos)
     else:
-        text = output.to_json(infos[0]) if ofmt == "json" else output.info_human(infos[0])
+        text = output.info_human(infos[0])
     sys.stdout.write(text)
     return 0
 
