@@ -11,6 +11,8 @@
 # 2. the CI fuzz tests with EXAMPLES examples each (random seeds: profile "dev"), which
 #    shrink the first failure to a minimal mutation list.
 # 3. crash consistency: the CI test file, then fuzz/crash_long.py with KILLS more seeds.
+# 3b. fuzz/two_writers.py: TWO_WRITERS seeded sequences of qemu and diskimg taking turns on
+#    one qcow2 image (CI runs seeds 0..59; these are seeds 1000 and up).
 # 4. optionally the atheris harnesses (pip install atheris) for ATHERIS_SECONDS each.
 # Exit status: 0 when nothing was found.
 set -uo pipefail
@@ -21,6 +23,7 @@ EXAMPLES="${EXAMPLES:-2000}"
 KILLS="${KILLS:-500}"
 OUT="${OUT:-fuzz/findings/$(date +%Y%m%d-%H%M%S)}"
 ATHERIS_SECONDS="${ATHERIS_SECONDS:-0}"
+TWO_WRITERS="${TWO_WRITERS:-2000}"
 mkdir -p "$OUT"
 rc=0
 
@@ -37,6 +40,9 @@ HYPOTHESIS_PROFILE=dev DISKIMG_FUZZ_EXAMPLES="$EXAMPLES" DISKIMG_FUZZ_SAVE="$OUT
 echo "== crash consistency (the CI tests, then $KILLS more seeds)"
 "$PY" -m pytest -q -p no:cacheprovider tests/robustness/test_crash_consistency.py || rc=1
 "$PY" fuzz/crash_long.py "$KILLS" --out "$OUT/crash" || rc=1
+
+echo "== two writers: qemu and diskimg on one qcow2 image ($TWO_WRITERS sequences)"
+"$PY" fuzz/two_writers.py --seed 1000 --count "$TWO_WRITERS" || rc=1
 
 if [ "$ATHERIS_SECONDS" -gt 0 ]; then
   for fmt in qcow2 vmdk; do

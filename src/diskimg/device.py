@@ -94,23 +94,23 @@ class ImageInfo:
         conditional keys (``encrypted`` only when true, backing keys only with a backing
         file, ``snapshots`` only when there are some).  Sizes are bytes.
         """
-        d: dict[str, Any] = {}
-        if self.snapshots:
-            d["snapshots"] = self.snapshots
+        d: dict[str, Any] = {}  # keys in QEMU's QDict order (cli.output.qdict_order)
         if self.backing_filename_format is not None:
             d["backing-filename-format"] = self.backing_filename_format
+        if self.snapshots:
+            d["snapshots"] = self.snapshots
         d["virtual-size"] = self.virtual_size
         d["filename"] = self.filename
         if self.cluster_size is not None:
             d["cluster-size"] = self.cluster_size
         d["format"] = self.format
         d["actual-size"] = self.actual_size
-        if self.encrypted:
-            d["encrypted"] = True
         if self.format_specific is not None:
             d["format-specific"] = self.format_specific
         if self.full_backing_filename is not None:
             d["full-backing-filename"] = self.full_backing_filename
+        if self.encrypted:
+            d["encrypted"] = True
         if self.backing_filename is not None:
             d["backing-filename"] = self.backing_filename
         d["dirty-flag"] = self.dirty_flag
@@ -291,7 +291,9 @@ class BlockDevice:
 
     def discard(self, offset: int, length: int) -> None:
         """Tell the format the range is unused; contents afterwards are unspecified by
-        QEMU, and in diskimg read as the backing file's (or zeros) for qcow2."""
+        QEMU.  qcow2 discards whole clusters, which then read as zeros; a compat 0.10
+        image with a backing file ignores discards, as QEMU does (deallocating would
+        expose the backing file's data)."""
         self._check_writable()
         self._check_range(offset, length)
         if length:
@@ -350,8 +352,10 @@ class BlockDevice:
             if st.allocated or dev.backing is None:
                 return Status(length, st.allocated, st.data, st.zero, st.offset, st.filename), depth
             if offset >= dev.backing.size:
-                # qemu: past the end of a shorter backing file reads as zeros, decided here
-                return Status(length, False, False, True), depth
+                # qemu: past the end of a shorter backing file reads as zeros, decided here,
+                # with this layer's own host offset (an extended-L2 cluster's unallocated
+                # subclusters have one)
+                return Status(length, False, False, True, st.offset, st.filename), depth
             length = min(length, dev.backing.size - offset)
             dev = dev.backing
             depth += 1

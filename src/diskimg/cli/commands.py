@@ -208,10 +208,12 @@ def cmd_info(ctx: Context, a: argparse.Namespace) -> int:
                 backing=bool(a.backing_chain)) as dev:  # info needs no backing file
         devs = dev.chain() if a.backing_chain else [dev]
         infos = [d.info().to_json() for d in devs]
-    if a.backing_chain:
-        text = output.to_json(infos) if ofmt == "json" else output.info_chain_human(infos)
+    if ofmt == "json":  # every object in QEMU's QDict order, format-specific data too
+        text = output.to_json(output.qdict_order_deep(infos if a.backing_chain else infos[0]))
+    elif a.backing_chain:
+        text = output.info_chain_human(infos)
     else:
-        text = output.to_json(infos[0]) if ofmt == "json" else output.info_human(infos[0])
+        text = output.info_human(infos[0])
     sys.stdout.write(text)
     return 0
 
@@ -291,6 +293,8 @@ def cmd_check(ctx: Context, a: argparse.Namespace) -> int:
     err.writelines(line + "\n" for line in _lines(res, "messages"))
     err.flush()
     d = dict(res.to_json())
+    if "filename" in d:
+        d["filename"] = name  # qemu-img prints the argument as given (./x, --image-opts)
     findings = d.pop("findings", None)
     if getattr(res, "error", None) is not None:
         pass  # the check could not finish: qemu-img prints only "Check failed: ..."

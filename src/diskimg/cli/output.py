@@ -68,6 +68,15 @@ def qdict_order(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: d[k] for k in sorted(d, key=_qdict_bucket)}
 
 
+def qdict_order_deep(obj: Any) -> Any:
+    """``obj`` with every object inside it (lists followed) in QEMU's QDict order."""
+    if isinstance(obj, Mapping):
+        return {k: qdict_order_deep(v) for k, v in qdict_order(obj).items()}
+    if isinstance(obj, list | tuple):
+        return [qdict_order_deep(v) for v in obj]
+    return obj
+
+
 # --- info ---------------------------------------------------------------------------
 
 

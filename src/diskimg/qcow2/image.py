@@ -1023,6 +1023,11 @@ class Qcow2Image(BlockDevice):
     def _discard(self, offset: int, length: int) -> None:
         self._check_write_support()
         self.bitmaps.mark(offset, length)
+        if self.header.version < 3 and (self.backing is not None
+                                        or self.header.backing_file is not None):
+            # As QEMU: without the zero flag, a discarded cluster would show the backing
+            # file's data in place of what was written, so v2 ignores the request.
+            return
         first, end = self._full_clusters(offset, length)
         if end > first:
             self._zero_clusters(first, end, True, discard=True)
