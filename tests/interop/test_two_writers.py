@@ -69,16 +69,11 @@ QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 PASSPHRASE = "two-writers"
 SECRET_OBJ = f"secret,id=sec0,data={PASSPHRASE}"
 
-# Seeds whose sequence hits a bug of issue 15 that another branch is fixing.  Each is an
-# xfail(strict=True): when the fix lands, the seed passes, the xfail fails, and the entry
-# must go.  Keys are seeds, values the issue item.
-_BUG2 = ("issue 15 item 2: data-file offset 0 reads as zeros (guest cluster 0 of a data_file "
-         "image; with extended L2 diskimg calls the entry invalid)")
-_BUG3 = "issue 15 item 3: map of a data_file_raw=on image ignores the L2 entries"
-KNOWN: dict[int, str] = {
-    **dict.fromkeys([1, 10, 23, 32, 33, 35, 36, 37, 39, 41, 47, 49, 51, 57, 58], _BUG2),
-    **dict.fromkeys([3, 29, 34], _BUG3),
-}
+# Seeds whose sequence hits a known, not yet fixed bug: each is an xfail(strict=True), so
+# when the fix lands the seed passes, the xfail fails and the entry must go.  Keys are
+# seeds, values the issue item.  (Issue 15 items 2 and 3 hit 18 of the 60 seeds before
+# they were fixed.)
+KNOWN: dict[int, str] = {}
 
 CI_SEEDS = 60
 
