@@ -23,5 +23,5 @@ from diskimg.vmdk.create import (
 )
 from diskimg.vmdk.image import VmdkImage, open_vmdk
 
-__all__ = ["VmdkImage", "create_vmdk", "open_vmdk", "sparse_layout", "stream_header",
-           "write_stream_optimized", "_init_sparse"]
+__all__ = ["VmdkImage", "_init_sparse", "create_vmdk", "open_vmdk", "sparse_layout",
+           "stream_header", "write_stream_optimized"]

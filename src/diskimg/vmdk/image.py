@@ -307,11 +307,8 @@ class VmdkImage(BlockDevice):
     def _zero_alignment(self) -> int:
         """qemu's pwrite_zeroes_alignment for vmdk: the largest grain of a non-flat extent
         (at least one sector)."""
-        grains = [S.SECTOR]
-        for e in self.extents:
-            if isinstance(e, SparseExtent | SeSparseExtent):
-                grains.append(e.gb)
-        return max(grains)
+        grained = [e for e in self.extents if isinstance(e, SparseExtent | SeSparseExtent)]
+        return max([S.SECTOR, *(e.gb for e in grained)])
 
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """qemu 7.2's write-zeroes path (the block layer over vmdk_co_pwrite_zeroes), so the
