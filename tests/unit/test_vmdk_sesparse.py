@@ -39,13 +39,16 @@ def test_entries_map_to_runs_and_reads_execute_them(tmp_path: Path) -> None:
     assert data.count(0) == len(data) - 4 * G
 
 
-def test_an_invalid_table_entry_is_refused(tmp_path: Path) -> None:
+def test_an_invalid_table_entry_is_refused_naming_its_offset(tmp_path: Path) -> None:
     p = make_sesparse(tmp_path)
     ext_file = tmp_path / "s-sesparse.vmdk"
     raw = bytearray(ext_file.read_bytes())
     at = 4 * 512 + 8 * 9                      # table entry 9: type 4 does not exist
     raw[at:at + 8] = (4 << 60).to_bytes(8, "little")
     ext_file.write_bytes(raw)
+    before = ext_file.read_bytes()
     with open_vmdk(open_host_file(p)) as img, pytest.raises(CorruptImageError,
-                                                           match="grain table entry"):
+                                                           match="grain table entry") as ei:
         img.read(9 * G, 1)
+    assert ei.value.offset == at and f"{at:#x}" in str(ei.value)     # names where it is
+    assert ext_file.read_bytes() == before

@@ -61,7 +61,7 @@ class SeSparseExtent(GrainMappedExtent):
         if ent >> 32 != 0x10000000:
             raise CorruptImageError(f"Invalid seSparse grain directory entry {ent:#x}",
                                     offset=where)
-        off = (self.header.grain_tables_offset * S.SECTOR + (ent & 0xFFFFFFFF) * self.GTES * 8)
+        off = self._table_at(gdi)
         if off + self.GTES * 8 > self.fsize:
             raise CorruptImageError(f"seSparse grain table {gdi} at {off:#x} lies past the "
                                     "end of the file", offset=where)
@@ -70,6 +70,16 @@ class SeSparseExtent(GrainMappedExtent):
         if len(self._gts) > 256:
             self._gts.popitem(last=False)
         return t
+
+    def _table_at(self, gdi: int) -> int:
+        """File offset of the grain table that directory entry ``gdi`` names."""
+        return (self.header.grain_tables_offset * S.SECTOR
+                + (self.gd[gdi] & 0xFFFFFFFF) * self.GTES * 8)
+
+    def _bad_entry(self, e: int, gdi: int, idx: int) -> CorruptImageError:
+        at = self._table_at(gdi) + 8 * idx
+        return CorruptImageError(f"Invalid seSparse grain table entry {e:#x} at offset "
+                                 f"{at:#x}", offset=at)
 
     def lookup(self, off: int, length: int) -> Run:
         """The run at ``off``: a whole missing table is one UNALLOCATED run; otherwise
@@ -85,12 +95,12 @@ class SeSparseExtent(GrainMappedExtent):
         kind = e >> 60
         if kind == 0:
             if e:
-                raise CorruptImageError(f"Invalid seSparse grain table entry {e:#x}")
+                raise self._bad_entry(e, gdi, idx)
             return Run(off, n, RunKind.UNALLOCATED)
         if kind in (1, 2):
             return Run(off, n, RunKind.ZERO, entry=e)
         if kind != 3:
-            raise CorruptImageError(f"Invalid seSparse grain table entry {e:#x}")
+            raise self._bad_entry(e, gdi, idx)
         g = ((e & 0x0FFF000000000000) >> 48) | ((e & 0x0000FFFFFFFFFFFF) << 12)
         host = self.header.grains_offset * S.SECTOR + g * gb
         return Run(off, n, RunKind.DATA, host + in_g, e, self.filename)
