@@ -74,7 +74,7 @@ class SeSparseExtent(GrainMappedExtent):
     def _table_at(self, gdi: int) -> int:
         """File offset of the grain table that directory entry ``gdi`` names."""
         return (self.header.grain_tables_offset * S.SECTOR
-                + (self.gd[gdi] & 0xFFFFFFFF) * self.GTES * 8)
+                + (int(self.gd[gdi]) & 0xFFFFFFFF) * self.GTES * 8)
 
     def _bad_entry(self, e: int, gdi: int, idx: int) -> CorruptImageError:
         at = self._table_at(gdi) + 8 * idx
