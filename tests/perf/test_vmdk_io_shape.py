@@ -19,7 +19,7 @@ import diskimg
 from diskimg.errors import CorruptImageError
 from diskimg.hostio import aligned_buffer
 from diskimg.vmdk import VmdkImage, write_stream_optimized
-from diskimg.vmdk import extents as E
+from diskimg.vmdk import compressed as E
 from diskimg.vmdk import sparse as S
 
 MiB = 1 << 20

@@ -215,3 +215,13 @@ def build(*, cid: int, parent_cid: int, create_type: str, parent_hint: str | Non
         f'ddb.adapterType = "{adapter_type}"\n'
         f'ddb.toolsVersion = "{tools_version}"\n'
     )
+
+
+def new_cid(previous: int = 0) -> int:
+    """A new content ID: random (qemu: g_random_int()), or with ``SOURCE_DATE_EPOCH`` set
+    derived from it and the previous CID (reproducible, still different from it)."""
+    from diskimg.reproducible import random_u32
+
+    cid = random_u32("vmdk-cid", previous)
+    return cid if cid != previous else cid ^ 1
+

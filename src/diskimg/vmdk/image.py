@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +26,13 @@ from diskimg.errors import (
     UsageError,
 )
 from diskimg.hostio import HostFile, open_host_file, zero_fill
+from diskimg.plan import RunKind
 from diskimg.policy import OpenPolicy
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, NO_PARENT, Descriptor
-from diskimg.vmdk.extents import (
-    Extent,
-    FlatExtent,
-    SeSparseExtent,
-    SparseExtent,
-    ZeroExtent,
-    guard_type,
-    new_cid,
-)
+from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, NO_PARENT, Descriptor, new_cid
+from diskimg.vmdk.extent import Extent, Fill, FlatExtent, ZeroExtent, guard_type
+from diskimg.vmdk.sesparse import SeSparseExtent
+from diskimg.vmdk.sparse_extent import SparseExtent
 
 #: createType values qemu 7.2 accepts in a separate descriptor file
 DESC_FILE_TYPES = ("monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse",
@@ -67,7 +63,7 @@ class VmdkImage(BlockDevice):
         self.filename = str(host.path)
         self.read_only = not host.writable
         self.policy = policy or OpenPolicy()
-        self.extents: list[Any] = []
+        self.extents: list[Extent] = []
         self._own_hosts: list[HostFile] = []
         self._cid_updated = False
         self._cid_mismatch: str | None = None
@@ -170,11 +166,10 @@ class VmdkImage(BlockDevice):
 
     def _resolve_extent(self, name: str) -> Path:
         path = self.policy.resolve(name, self.host.path, "vmdk extent")
-        allow_out = getattr(self.policy, "allow_extents_outside", False)
-        if not allow_out:
+        if not self.policy.allow_extents_outside:
             base = self.host.path.resolve().parent
             real = path.resolve()
-            ok = [base, *getattr(self.policy, "allowed_dirs", [])]
+            ok = [base, *self.policy.allowed_dirs]
             if not any(real.is_relative_to(b) for b in ok):
                 raise BackingChainError(
                     f"Refusing to open vmdk extent '{name}' named by '{self.filename}': it "
@@ -244,7 +239,7 @@ class VmdkImage(BlockDevice):
         i = bisect.bisect_right(self.starts, offset) - 1
         return self.starts[i], self.extents[i]
 
-    def _fill_for(self, start: int) -> Any:
+    def _fill_for(self, start: int) -> Fill:
         def fill(off: int, buf: memoryview) -> None:
             g = start + off
             b = self.backing
@@ -259,7 +254,7 @@ class VmdkImage(BlockDevice):
                 zero_fill(buf[n:])
         return fill
 
-    def _each(self, offset: int, length: int) -> Any:
+    def _each(self, offset: int, length: int) -> Iterator[tuple[int, int, Extent, int]]:
         pos = offset
         end = offset + length
         while pos < end:
@@ -269,8 +264,25 @@ class VmdkImage(BlockDevice):
             pos += n
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
+        """Execute each extent's plan: runs from ``lookup``, dispatched by kind."""
         for pos, start, ext, n in self._each(offset, len(buf)):
-            ext.readinto(pos - start, buf[pos - offset:pos - offset + n], self._fill_for(start))
+            fill = self._fill_for(start)
+            o = pos - start
+            end = o + n
+            at = pos - offset - o           # buf index of extent offset 0
+            while o < end:
+                run = ext.lookup(o, end - o)
+                part = buf[at + o:at + o + run.length]
+                kind = run.kind
+                if kind is RunKind.DATA:
+                    ext.read_data(run, part)
+                elif kind is RunKind.ZERO:
+                    zero_fill(part)
+                elif kind is RunKind.UNALLOCATED:
+                    fill(o, part)
+                else:
+                    ext.read_compressed(run, part)
+                o += run.length
 
     def _before_write(self, offset: int, length: int) -> None:
         for _pos, _start, ext, _n in self._each(offset, length):
@@ -278,14 +290,14 @@ class VmdkImage(BlockDevice):
                 raise UsageError(f"Cannot write to read-only extent '{ext.filename}'")
         if not self._cid_updated:
             self._cid_updated = True
-            if not any(getattr(e, "appendable", False) for e in self.extents):
+            if not any(e.appendable for e in self.extents):
                 self._write_descriptor_cid(new_cid(self.cid))
 
     def _write_descriptor_cid(self, cid: int) -> None:
         self.desc.set("CID", f"{cid:x}")
         data = self.desc.pack()
         if self._embedded is not None:
-            h = self.extents[0].header
+            h = self._embedded
             room = min(h.desc_size * S.SECTOR, EMBEDDED_DESC_MAX)
             ends = [h.gd_offset, h.overhead] + ([h.rgd_offset] if h.flags & S.FLAG_RGD else [])
             inside = h.desc_offset * S.SECTOR + room <= min(e for e in ends if e) * S.SECTOR
@@ -304,8 +316,8 @@ class VmdkImage(BlockDevice):
     def _zero_alignment(self) -> int:
         """qemu's pwrite_zeroes_alignment for vmdk: the largest grain of a non-flat extent
         (at least one sector)."""
-        return max([S.SECTOR] + [int(e.gb) for e in self.extents
-                                 if not isinstance(e, FlatExtent | ZeroExtent)])
+        grained = [e for e in self.extents if isinstance(e, SparseExtent | SeSparseExtent)]
+        return max([S.SECTOR, *(e.gb for e in grained)])
 
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """qemu 7.2's write-zeroes path (the block layer over vmdk_co_pwrite_zeroes), so the
@@ -357,9 +369,7 @@ class VmdkImage(BlockDevice):
         try:
             if not self.read_only:
                 for e in self.extents:
-                    fin = getattr(e, "finish", None)
-                    if fin is not None:
-                        fin()
+                    e.finish()
         finally:
             for h in self._own_hosts:
                 h.close()
@@ -421,9 +431,9 @@ class VmdkImage(BlockDevice):
     def lint(self) -> list[dict[str, Any]]:
         """VMware-acceptance findings (structure of a streamOptimized file); these do not
         count as corruptions (qemu accepts the files) but are reported in ``findings``."""
-        if self.desc.create_type != "streamOptimized" or not self.extents:
+        ext = self.extents[0] if self.extents else None
+        if self.desc.create_type != "streamOptimized" or not isinstance(ext, SparseExtent):
             return []
-        ext = self.extents[0]
         text = self.desc.pack().decode("latin-1")
         return [{"extent": ext.filename, **f}
                 for f in S.lint_stream(ext.host.pread, ext.host.size(), text)]

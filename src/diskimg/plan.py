@@ -1,0 +1,91 @@
+"""The typed read plan: what a format's mapper says about a range of guest bytes.
+
+A mapper (vmdk's grain tables today; qcow2's L2 walk is shaped to adopt it) answers
+"what lies at guest offset ``o``?" with a :class:`Run`; the image executes runs by
+dispatching on :class:`RunKind`.  Nothing executing a plan compares strings.
+
+Invariants of a plan (a sequence of runs covering ``[start, end)``, see
+:func:`check_plan`):
+
+- every run is non-empty (``length > 0``);
+- runs are ordered and contiguous: each run starts where the previous one ended, the
+  first at ``start``, the last ends at ``end``;
+- runs lie inside the device (``0 <= offset`` and ``offset + length <= size``);
+- a DATA run is host-contiguous: guest byte ``offset + i`` is at host byte ``host + i``
+  of the file the run names;
+- a COMPRESSED run names its first compressed unit (``host``, ``entry``); the executor
+  decodes it with the format's codec, never by re-parsing the entry itself.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["Run", "RunKind", "check_plan"]
+
+
+class RunKind(enum.Enum):
+    """What the bytes of a run are."""
+
+    #: stored verbatim at ``Run.host`` in this layer's file
+    DATA = enum.auto()
+    #: read as zeros, decided by this layer (no fall-through to a backing file)
+    ZERO = enum.auto()
+    #: not decided by this layer: the backing file's bytes, or zeros without one
+    UNALLOCATED = enum.auto()
+    #: stored compressed; ``Run.host`` / ``Run.entry`` locate the first unit
+    COMPRESSED = enum.auto()
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One run of a plan: ``length`` guest bytes from ``offset``, all of one ``kind``.
+
+    ``host``: for DATA the host byte offset of guest byte ``offset`` (never None); for
+    COMPRESSED the host offset of the first compressed unit (a vmdk grain record; None
+    where the unit is only known through ``entry``, as for a qcow2 compressed cluster);
+    for ZERO the preallocated host offset when the format keeps one (qcow2 zero clusters
+    with an offset), else None; for UNALLOCATED None unless the format keeps one.
+    ``entry``: the raw table entry the run was classified from (0 when it has none);
+    a compressed run's descriptor for the format's decoder.
+    ``filename``: the host file the offsets refer to (an extent's or a data file's name;
+    None for the layer's own file when the caller knows it).
+    """
+
+    offset: int
+    length: int
+    kind: RunKind
+    host: int | None = None
+    entry: int = 0
+    filename: str | None = None
+
+    @property
+    def end(self) -> int:
+        """The guest byte after the run."""
+        return self.offset + self.length
+
+    @property
+    def allocated(self) -> bool:
+        """Whether this layer decides the run's contents (everything but UNALLOCATED)."""
+        return self.kind is not RunKind.UNALLOCATED
+
+
+def check_plan(runs: Iterable[Run], start: int, end: int, size: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``runs`` cover ``[start, end)`` as the module docstring
+    states: non-empty, ordered, contiguous, inside ``size`` when given, DATA runs with a
+    host offset.  For tests and debugging; the hot paths trust their mappers."""
+    pos = start
+    for r in runs:
+        if r.length <= 0:
+            raise ValueError(f"empty run at {r.offset}")
+        if r.offset != pos:
+            raise ValueError(f"run at {r.offset}, expected {pos}")
+        if r.kind is RunKind.DATA and r.host is None:
+            raise ValueError(f"DATA run at {r.offset} without a host offset")
+        if r.offset < 0 or (size is not None and r.end > size):
+            raise ValueError(f"run [{r.offset}, {r.end}) outside the device")
+        pos = r.end
+    if pos != end:
+        raise ValueError(f"plan ends at {pos}, expected {end}")

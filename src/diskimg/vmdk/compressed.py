@@ -1,0 +1,238 @@
+"""Reading compressed grains (streamOptimized; zlib, optionally behind grain markers).
+
+One :class:`CompressedGrains` per compressed extent.  Whole grains are read with one
+pread per group of grains that follow each other in the file and inflated straight into
+the caller's buffer, on the process's inflate pool when a request holds at least
+:data:`_PARALLEL_MIN` of them (zlib releases the GIL).  A grain read only partly is
+inflated once and cached (up to :data:`WHOLE_GRAIN_MAX`), or streamed through one
+:class:`~diskimg.vmdk.sparse.GrainInflater` when larger.
+
+Invariants: memory follows the request (plus one grain), never the number or size of
+grains; every grain's marker size is bounded by deflate's worst case and the file end;
+output past the end of a zlib stream reads as zeros; a pool task never writes into a
+caller's buffer after the call returns or raises.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import zlib
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from diskimg.errors import CorruptImageError
+from diskimg.hostio import HostFile, aligned_buffer, zero_fill
+from diskimg.vmdk import sparse as S
+
+if TYPE_CHECKING:     # concurrent.futures is imported when a pool is first needed
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+_MARKER = S.GRAIN_MARKER.size
+_GRAIN_CACHE = 8      # decompressed grains kept
+WHOLE_GRAIN_MAX = 1 << 20  # larger compressed grains are streamed, never held whole
+#: whole compressed grains in one request before they are inflated on the pool
+_PARALLEL_MIN = 4
+#: grains read with one pread: a group spans at most this many bytes of the file, and
+#: neighbours lie at most this far apart beyond a grain record (a GT marker + table fits)
+_GROUP_MAX = 4 << 20
+_GROUP_GAP = 64 << 10
+_BATCH_BYTES = 8 << 20
+#: pool threads; the thread asking takes a share too, so one CPU per inflating thread
+_POOL_WORKERS = min(4, (os.cpu_count() or 1) - 1)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _inflate_pool() -> ThreadPoolExecutor | None:
+    """The process's grain-inflate pool (zlib releases the GIL), made on first use (and
+    again in a forked child, whose copy has no threads); None on a single CPU."""
+    global _pool
+    if _POOL_WORKERS < 1:
+        return None
+    with _pool_lock:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(_POOL_WORKERS, thread_name_prefix="diskimg-inflate")
+        return _pool
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+class _Scratch(threading.local):
+    buf: mmap.mmap | None = None
+
+
+_local = _Scratch()
+
+
+def _scratch(n: int) -> memoryview:
+    """This thread's page-aligned scratch buffer, at least ``n`` bytes (reused, grown on
+    demand; the largest request is bounded by the batch and group limits above)."""
+    buf = _local.buf
+    if buf is None or len(buf) < n:
+        buf = _local.buf = aligned_buffer(max(n, 1 << 20))
+    return memoryview(buf)
+
+
+class CompressedGrains:
+    """The compressed grains of one extent file: ``gb`` guest bytes each, the file
+    ``fsize`` bytes long (fixed: a compressed extent is only ever appended to by a
+    stream writer, whose grains are not read back through this object)."""
+
+    def __init__(self, host: HostFile, filename: str, gb: int, fsize: int,
+                 has_markers: bool) -> None:
+        self.host, self.filename, self.gb = host, filename, gb
+        self.fsize, self.has_markers = fsize, has_markers
+        self._grains: OrderedDict[int, bytes] = OrderedDict()
+        self._cursor: tuple[int, S.GrainInflater] | None = None
+
+    def read_grain(self, host: int, in_g: int, part: memoryview, want: int) -> None:
+        """Bytes ``[in_g, in_g + len(part))`` of the compressed grain at ``host``, whose
+        first ``want`` bytes lie inside the extent.
+
+        Grains up to :data:`WHOLE_GRAIN_MAX` are inflated once (only ``want`` bytes) and
+        cached; larger ones are streamed through one :class:`S.GrainInflater` kept for
+        sequential reads, so memory follows the request, not the grain size."""
+        if self.gb <= WHOLE_GRAIN_MAX:
+            g = self._grains.get(host)
+            if g is None:
+                out = bytearray(want)
+                self.inflater(host).readinto(0, memoryview(out))
+                g = self._grains[host] = bytes(out)
+                if len(self._grains) > _GRAIN_CACHE:
+                    self._grains.popitem(last=False)
+            part[:] = g[in_g:in_g + len(part)]
+            return
+        cur = self._cursor
+        if cur is None or cur[0] != host or cur[1].pos > in_g:
+            cur = self._cursor = (host, self.inflater(host))
+        cur[1].readinto(in_g, part)
+
+    def bound(self) -> int:
+        """The most bytes a grain's zlib stream may take (deflate's worst case + slack)."""
+        gb = self.gb
+        return gb + (gb >> 12) + (gb >> 14) + (gb >> 25) + 13 + 64
+
+    def inflate_whole(self, items: list[tuple[int, memoryview]]) -> None:
+        """Inflate whole grains ``(host, destination)`` (each destination is the grain's
+        guest bytes, ``len`` at most :data:`WHOLE_GRAIN_MAX`).
+
+        Grains whose records follow each other in the file (ascending, at most a grain
+        table's marker apart, a group at most :data:`_GROUP_MAX` long) are read with one
+        pread; a hostile table (grains out of order, far apart, shared) only costs more
+        preads.  At most about :data:`_BATCH_BYTES` of file data is held at once.  On the
+        pool, every task has finished (or failed) before this returns or
+        raises, so nothing writes into the caller's buffer afterwards."""
+        tail = self.bound() + (S.GRAIN_MARKER.size if self.has_markers else 0)
+        fsize = self.fsize
+        groups: list[list[tuple[int, memoryview]]] = []
+        for h, dst in items:
+            if h >= fsize:
+                raise CorruptImageError(f"Compressed grain at offset {h:#x} lies past the end "
+                                        f"of '{self.filename}'", offset=h)
+            if groups:
+                g = groups[-1]
+                last, first = g[-1][0], g[0][0]
+                if last < h <= last + tail + _GROUP_GAP and h - first <= _GROUP_MAX:
+                    g.append((h, dst))
+                    continue
+            groups.append([(h, dst)])
+        i = 0
+        while i < len(groups):
+            # a batch: groups until about _BATCH_BYTES of file data, read into one
+            # per-thread scratch buffer, then inflated
+            spans: list[tuple[int, int, list[tuple[int, memoryview]]]] = []
+            held = 0
+            while i < len(groups) and held < _BATCH_BYTES:
+                g = groups[i]
+                n = min(g[-1][0] + tail, fsize) - g[0][0]
+                spans.append((held, n, g))
+                held += n
+                i += 1
+            scratch = _scratch(held)
+            jobs: list[tuple[memoryview, int, int, memoryview]] = []
+            for at, n, g in spans:
+                buf = scratch[at:at + n]
+                self.host.preadinto(g[0][0], buf)
+                jobs.extend((buf, g[0][0], h, dst) for h, dst in g)
+            self._inflate_batch(jobs)
+
+    def _inflate_batch(self, jobs: list[tuple[memoryview, int, int, memoryview]]) -> None:
+        """:meth:`_inflate_jobs` on the pool (the calling thread takes a share) when the
+        batch is large enough, else inline."""
+        pool = _inflate_pool() if len(jobs) >= _PARALLEL_MIN else None
+        if pool is None:
+            self._inflate_jobs(jobs)
+            return
+        step = max(2, -(-len(jobs) // (_POOL_WORKERS + 1)))
+        mine = jobs[:step]
+        futs: list[Future[None]] = []
+        for i in range(step, len(jobs), step):
+            try:
+                futs.append(pool.submit(self._inflate_jobs, jobs[i:i + step]))
+            except RuntimeError:        # interpreter shutting down: inflate here
+                mine += jobs[i:i + step]
+        try:
+            self._inflate_jobs(mine)
+        finally:
+            from concurrent.futures import wait
+
+            wait(futs)
+        for f in futs:
+            f.result()
+
+    def _inflate_jobs(self, jobs: list[tuple[memoryview, int, int, memoryview]]) -> None:
+        """Inflate each ``(file bytes, their offset, grain offset, destination)``: the
+        grain marker is checked like :meth:`inflater` does; output past the end of the
+        zlib stream (or a truncated one) reads as zeros."""
+        bound = self.bound()
+        for buf, base, h, dst in jobs:
+            at = h - base
+            if self.has_markers:
+                size = self._marker_size(h, buf, at)
+                src = buf[at + _MARKER:at + _MARKER + size]
+            else:
+                src = buf[at:at + bound]
+            try:
+                out = zlib.decompressobj().decompress(src, len(dst))
+            except zlib.error as err:
+                raise CorruptImageError(f"Compressed grain at offset {h:#x} is not valid "
+                                        f"zlib data: {err}", offset=h) from None
+            k = len(out)
+            dst[:k] = out
+            if k < len(dst):
+                zero_fill(dst[k:])
+
+    def inflater(self, host: int) -> S.GrainInflater:
+        """An inflater for the compressed grain at file offset ``host`` (its marker checked
+        when the extent has markers)."""
+        if host >= self.fsize:
+            raise CorruptImageError(f"Compressed grain at offset {host:#x} lies past the end "
+                                    f"of '{self.filename}'", offset=host)
+        if self.has_markers:
+            size = self._marker_size(host, self.host.pread(host, _MARKER), 0)
+            return S.GrainInflater(self.host.pread, host + _MARKER, host + _MARKER + size,
+                                   host)
+        return S.GrainInflater(self.host.pread, host, min(host + self.bound(), self.fsize),
+                               host)
+
+    def _marker_size(self, h: int, buf: bytes | memoryview, at: int) -> int:
+        """The compressed size in the grain marker of the grain at file offset ``h``
+        (``buf[at:]`` holds it): non-zero, within deflate's bound and the file."""
+        if at + _MARKER > len(buf):
+            raise CorruptImageError(f"Grain marker at offset {h:#x} truncated", offset=h)
+        _lba, size = S.GRAIN_MARKER.unpack_from(buf, at)
+        if size == 0 or size > self.bound() or h + _MARKER + size > self.fsize:
+            raise CorruptImageError(f"Grain marker at offset {h:#x} has invalid size "
+                                    f"{size}", offset=h)
+        return int(size)
+

@@ -1,0 +1,163 @@
+"""Writing a streamOptimized extent front to back (:class:`StreamWriter`)."""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections import deque
+from typing import TYPE_CHECKING
+
+from diskimg.errors import UsageError
+from diskimg.hostio import HostFile, all_zero
+from diskimg.vmdk import sparse as S
+
+if TYPE_CHECKING:     # concurrent.futures is imported when a pool is first needed
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+_PAD = bytes(S.SECTOR)
+#: streamOptimized records are written with one pwritev per this many bytes
+_EMIT_BATCH = 1 << 20
+
+
+class StreamWriter:
+    """Writes a streamOptimized extent front to back, VMware's layout: grains (marker +
+    zlib data), after the grains of each grain table a GT marker + table, then a GD
+    marker + directory, footer marker + footer header, end-of-stream marker.
+
+    Grains must arrive in ascending order; a partly written grain is held in memory until
+    a later grain (or :meth:`finish`) completes it.  All-zero grains are not stored.
+    Grains are deflated on a small thread pool (zlib releases the GIL) and appended in
+    order; at most ``2 * threads`` grains are in flight (bounded memory).
+    """
+
+    def __init__(self, host: HostFile, header: S.SparseHeader, truncate_at: int, *,
+                 threads: int | None = None, level: int = 6) -> None:
+        self.host, self.header = host, header
+        self.gb = header.grain_size * S.SECTOR
+        self.gtes = header.num_gtes_per_gt
+        self.gd_entries = -(-header.capacity // (header.grain_size * self.gtes))
+        self.pos = truncate_at
+        host.truncate(truncate_at)
+        self._out: list[bytes | bytearray | memoryview] = []  # emitted, not written ...
+        self._out_at = truncate_at  # ... starting at this file offset
+        self.gd = array("I", bytes(4 * self.gd_entries))
+        self.gt: array[int] | None = None
+        self.gt_index = -1
+        self.cur_grain = -1
+        self.last_added = -1
+        self.cur = bytearray()
+        self.level = level
+        n = threads if threads is not None else min(4, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+        if n > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(n)
+        self._inflight: deque[tuple[int, Future[bytes]]] = deque()
+        self._max_inflight = 2 * n
+
+    def _emit(self, *parts: bytes) -> int:
+        """Append ``parts`` (one record) to the stream; returns its file offset.  Records
+        are gathered and written with one ``pwritev`` per :data:`_EMIT_BATCH` bytes."""
+        at = self.pos
+        for rec in parts:
+            self._out.append(rec)
+            self.pos += len(rec)
+        if self.pos - self._out_at >= _EMIT_BATCH:
+            self._flush_out()
+        return at
+
+    def _flush_out(self) -> None:
+        if self._out:
+            self.host.pwritev(self._out_at, self._out)
+            self._out = []
+        self._out_at = self.pos
+
+    def _close_gt(self) -> None:
+        if self.gt is not None and any(self.gt):
+            nsec = -(-self.gtes * 4 // S.SECTOR)
+            self._emit(S.Marker(nsec, 0, S.MARKER_GT).pack())
+            at = self._emit(S.pack_le_u32_array(self.gt).ljust(nsec * S.SECTOR, b"\0"))
+            self.gd[self.gt_index] = at // S.SECTOR
+        self.gt = None
+
+    def put_grain(self, grain: int, compressed: bytes) -> None:
+        """Append grain ``grain`` (already zlib-compressed data), in ascending order."""
+        gdi, idx = divmod(grain, self.gtes)
+        if gdi != self.gt_index:
+            self._close_gt()
+            self.gt_index = gdi
+            self.gt = array("I", bytes(4 * self.gtes))
+        n = S.GRAIN_MARKER.size + len(compressed)
+        at = self._emit(S.GRAIN_MARKER.pack(grain * self.header.grain_size, len(compressed)),
+                        compressed, _PAD[:-n % S.SECTOR])
+        assert self.gt is not None
+        self.gt[idx] = at // S.SECTOR
+
+    def add_grain(self, grain: int, data: bytes) -> None:
+        """Queue one whole, non-zero grain of guest data (ascending ``grain``)."""
+        if grain <= self.last_added:
+            raise UsageError("streamOptimized grains must be added in ascending order")
+        self.last_added = grain
+        if self._pool is None:
+            self.put_grain(grain, S.compress_grain(data, self.level))
+            return
+        self._inflight.append((grain, self._pool.submit(S.compress_grain, data, self.level)))
+        while len(self._inflight) > self._max_inflight:
+            self._pop()
+
+    def _pop(self) -> None:
+        g, fut = self._inflight.popleft()
+        self.put_grain(g, fut.result())
+
+    def _flush_cur(self) -> None:
+        if self.cur_grain >= 0 and not all_zero(self.cur):
+            self.add_grain(self.cur_grain, bytes(self.cur))
+        self.cur_grain = -1
+
+    def write(self, off: int, data: memoryview) -> None:
+        gb = self.gb
+        pos = 0
+        while pos < len(data):
+            g, in_g = divmod(off + pos, gb)
+            n = min(gb - in_g, len(data) - pos)
+            if g != self.cur_grain:
+                if g < self.cur_grain or g <= self.last_added:
+                    raise UsageError("streamOptimized images are written front to back: "
+                                     f"guest offset {off + pos} lies before data already "
+                                     "written")
+                self._flush_cur()
+                self.cur_grain = g
+                self.cur = bytearray(gb)
+            self.cur[in_g:in_g + n] = data[pos:pos + n]
+            pos += n
+
+    def close(self) -> None:
+        """Stop the compression threads (without writing anything)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def finish(self) -> None:
+        """Write the pending grains, the last grain table, GD, footer and EOS marker."""
+        try:
+            self._flush_cur()
+            while self._inflight:
+                self._pop()
+        finally:
+            self.close()
+        self._close_gt()
+        gd_sec = -(-self.gd_entries * 4 // S.SECTOR)
+        self._emit(S.Marker(gd_sec, 0, S.MARKER_GD).pack())
+        gd_at = self._emit(S.pack_le_u32_array(self.gd).ljust(gd_sec * S.SECTOR, b"\0"))
+        footer = self.header.with_(gd_offset=gd_at // S.SECTOR, rgd_offset=0,
+                                   flags=self.header.flags & ~S.FLAG_RGD)
+        self._emit(S.Marker(1, 0, S.MARKER_FOOTER).pack())
+        if S.SparseHeader.parse(self.host.pread(0, S.SECTOR)).gd_offset != S.GD_AT_END:
+            self.host.pwrite(0, footer.with_(gd_offset=S.GD_AT_END).pack())
+        self._emit(footer.pack())
+        self._emit(S.Marker(0, 0, S.MARKER_EOS).pack())
+        self._flush_out()
+        self.host.truncate(self.pos)
+        self.host.flush()
+
