@@ -13,6 +13,8 @@
 # 3. crash consistency: the CI test file, then fuzz/crash_long.py with KILLS more seeds.
 # 3b. fuzz/two_writers.py: TWO_WRITERS seeded sequences of qemu and diskimg taking turns on
 #    one qcow2 image (CI runs seeds 0..59; these are seeds 1000 and up).
+# 3c. fuzz/model_long.py: the qcow2/vmdk/raw model tests with MODEL_EXAMPLES random examples.
+# 3d. fuzz/convert_matrix.py: CONVERT_CASES seeded convert cases (CI runs seeds 0..39).
 # 4. optionally the atheris harnesses (pip install atheris) for ATHERIS_SECONDS each.
 # Exit status: 0 when nothing was found.
 set -uo pipefail
@@ -24,6 +26,8 @@ KILLS="${KILLS:-500}"
 OUT="${OUT:-fuzz/findings/$(date +%Y%m%d-%H%M%S)}"
 ATHERIS_SECONDS="${ATHERIS_SECONDS:-0}"
 TWO_WRITERS="${TWO_WRITERS:-2000}"
+MODEL_EXAMPLES="${MODEL_EXAMPLES:-500}"
+CONVERT_CASES="${CONVERT_CASES:-500}"
 mkdir -p "$OUT"
 rc=0
 
@@ -43,6 +47,12 @@ echo "== crash consistency (the CI tests, then $KILLS more seeds)"
 
 echo "== two writers: qemu and diskimg on one qcow2 image ($TWO_WRITERS sequences)"
 "$PY" fuzz/two_writers.py --seed 1000 --count "$TWO_WRITERS" || rc=1
+
+echo "== model tests: qcow2, vmdk, raw against a bytearray ($MODEL_EXAMPLES examples each)"
+"$PY" fuzz/model_long.py --examples "$MODEL_EXAMPLES" || rc=1
+
+echo "== convert matrix ($CONVERT_CASES seeded cases from seed 1000)"
+"$PY" fuzz/convert_matrix.py "$CONVERT_CASES" --start 1000 || rc=1
 
 if [ "$ATHERIS_SECONDS" -gt 0 ]; then
   for fmt in qcow2 vmdk; do
