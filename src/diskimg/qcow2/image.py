@@ -271,11 +271,24 @@ class Qcow2Image(BlockDevice):
                                     offset=self.header.l1_table_offset + 8 * l1i)
         return l1i, off
 
-    def _check_data_offset(self, host_off: int, l2_off: int, idx: int) -> None:
+    def _check_data_offset(self, host_off: int, l2_off: int, idx: int, guest: int) -> None:
+        """The host cluster of L2 entry ``idx`` (table at ``l2_off``) that holds guest
+        cluster offset ``guest``: cluster aligned and, in an external data file, at the
+        guest offset itself (data-file clusters are identity mapped; qemu refuses any
+        other offset and marks a writable image corrupt).  Every reader, writer and map
+        goes through here."""
+        esize = 16 if self.extended else 8
         if host_off % self.cs:
             raise CorruptImageError(f"Cluster allocation offset {host_off:#x} unaligned "
                                     f"(L2 table at {l2_off:#x}, entry {idx})",
-                                    offset=l2_off + idx * 8)
+                                    offset=l2_off + idx * esize)
+        if self._data_file_opened and host_off != guest:
+            err = CorruptImageError(
+                f"External data file host cluster offset {host_off:#x} does not match "
+                f"guest cluster offset: {guest:#x}, L2 index: {idx:#x}) (L2 table at "
+                f"{l2_off:#x})", offset=l2_off + idx * esize)
+            self._mark_corrupt(err)
+            raise err
 
     # --- lookup (the read plan) ------------------------------------------------------
     def _lookup(self, offset: int, length: int) -> tuple[str, int, int | None, int]:
@@ -296,9 +309,11 @@ class Qcow2Image(BlockDevice):
             return UNALLOC, max_len, None, 0
         ents = self.l2_cache.get(l2_off).entries
         if self.extended:
-            return self._lookup_ext(ents, l2_off, idx, in_off, max_len)
+            return self._lookup_ext(ents, l2_off, idx, in_off, max_len,
+                                    cluster << self.cb)
         ent = ents[idx]
-        kind, host = self._classify(ent, l2_off, idx)
+        base = (cluster - idx) << self.cb  # guest offset of entry 0 of this table
+        kind, host = self._classify(ent, l2_off, idx, base)
         if kind == COMPRESSED:
             return COMPRESSED, min(max_len, cs - in_off), None, ent
         n = cs - in_off
@@ -310,7 +325,7 @@ class Qcow2Image(BlockDevice):
         n += (i - idx - 1) * cs
         nxt = None if host is None else host + (i - idx) * cs
         while n < max_len:
-            k2, h2 = self._classify(ents[i], l2_off, i)
+            k2, h2 = self._classify(ents[i], l2_off, i, base)
             if k2 != kind or h2 != nxt:
                 break
             n += cs
@@ -337,12 +352,14 @@ class Qcow2Image(BlockDevice):
         return E.cluster_type(ent, extended=self.extended,
                               has_data_file=self._data_file_opened)
 
-    def _classify(self, ent: int, l2_off: int, idx: int) -> tuple[str, int | None]:
-        """(run kind, host cluster offset or None) of a standard L2 entry."""
+    def _classify(self, ent: int, l2_off: int, idx: int,
+                  base: int) -> tuple[str, int | None]:
+        """(run kind, host cluster offset or None) of a standard L2 entry (``idx`` in
+        the table whose entry 0 maps guest offset ``base``)."""
         t = self._cluster_type(ent)
         if t == E.ClusterType.NORMAL:
             host = ent & E.L2E_OFFSET_MASK
-            self._check_data_offset(host, l2_off, idx)
+            self._check_data_offset(host, l2_off, idx, base + (idx << self.cb))
             return DATA, host
         if t == E.ClusterType.UNALLOCATED:
             return UNALLOC, None
@@ -353,7 +370,7 @@ class Qcow2Image(BlockDevice):
         return ZERO, None
 
     def _lookup_ext(self, ents: array[int], l2_off: int, idx: int, in_off: int,
-                    max_len: int) -> tuple[str, int, int | None, int]:
+                    max_len: int, guest: int) -> tuple[str, int, int | None, int]:
         scs = self.sc_size
         ent, bitmap = ents[2 * idx], ents[2 * idx + 1]
         sc = in_off // scs
@@ -370,7 +387,7 @@ class Qcow2Image(BlockDevice):
         if t in (E.SubclusterType.NORMAL, E.SubclusterType.ZERO_ALLOC,
                  E.SubclusterType.UNALLOCATED_ALLOC):  # the cluster has a host cluster
             host = ent & E.L2E_OFFSET_MASK
-            self._check_data_offset(host, l2_off, idx)
+            self._check_data_offset(host, l2_off, idx, guest)
             host += in_off
         n = scs - in_off % scs
         sc += 1
@@ -702,6 +719,7 @@ class Qcow2Image(BlockDevice):
         cs, cb = self.cs, self.cb
         copied, mask = E.QCOW_OFLAG_COPIED, E.L2E_OFFSET_MASK
         normal, ctype = E.ClusterType.NORMAL, self._cluster_type
+        df = self._data_file_opened
         n = ((stop - 1) >> cb) - cluster + 1
         olds = ents[idx : idx + n]
         # a NORMAL cluster this image alone references is written in place
@@ -733,8 +751,8 @@ class Qcow2Image(BlockDevice):
                                               keep_size=False)
             else:
                 host = olds[j] & mask
-                if host % cs:
-                    self._check_data_offset(host, l2_off, idx + j)
+                if host % cs or (df and host != c_start):
+                    self._check_data_offset(host, l2_off, idx + j, c_start)
             h = host + lo - c_start
             last = runs[-1] if runs else None
             if last is not None and last[0] + last[2] - last[1] == h and last[2] == lo:
@@ -777,7 +795,7 @@ class Qcow2Image(BlockDevice):
             t = self._cluster_type(ent)
             has_host = t == E.ClusterType.NORMAL  # (offset 0 is one in a data file)
             if has_host:
-                self._check_data_offset(host, l2_off, i // 2)
+                self._check_data_offset(host, l2_off, i // 2, c_start)
             touched = ((1 << s_hi) - 1) ^ ((1 << s_lo) - 1)
             if has_host and ent & E.QCOW_OFLAG_COPIED:
                 new_host, new_bm = host, bm
@@ -940,7 +958,7 @@ class Qcow2Image(BlockDevice):
                                          cluster << self.cb, memoryview(d).cast("B"))
                     continue
                 elif old & copied and self._cluster_type(old) == E.ClusterType.NORMAL:
-                    self._check_data_offset(old & mask, l2_off, idx)
+                    self._check_data_offset(old & mask, l2_off, idx, cluster << self.cb)
                     writes.append((old & mask, d))  # written in place, entry unchanged
                     continue
                 else:
