@@ -1000,6 +1000,7 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
                         # qemu reopens the file to try its snapshots: the warning again
                         sys.stderr.write(PROBED_RAW_WARNING.format(name))
                     raise DiskImgError("Block driver does not support snapshots")
+                table.check_revertible()
                 found = [s for s in table.list() if s.id == arg] or \
                     [s for s in table.list() if s.name == arg]
                 if not found:

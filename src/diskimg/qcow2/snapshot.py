@@ -569,15 +569,20 @@ class SnapshotTable:
                                             (old_off + old_len - 1) // img.cs + 1)))
         return True
 
-    def apply(self, name_or_id: str) -> None:
-        """Revert the disk to snapshot ``name_or_id`` (qemu-img snapshot -a)."""
+    def check_revertible(self) -> None:
+        """Refuse any revert of this image before looking the snapshot up (qemu's
+        order: an image with a persistent bitmap says so even for a missing snapshot)."""
         self._check_table_read()
-        img = self.img
-        img._check_writable()
-        if img.bitmaps.entries:
+        self.img._check_writable()
+        if self.img.bitmaps.entries:
             # qemu refuses too (any persistent bitmap, enabled or not): reverting the
             # data would leave the bitmaps claiming to know what changed
             raise UsageError("Device has active dirty bitmaps")
+
+    def apply(self, name_or_id: str) -> None:
+        """Revert the disk to snapshot ``name_or_id`` (qemu-img snapshot -a)."""
+        self.check_revertible()
+        img = self.img
         sn = self.find(name_or_id)
         img.flush()
         snap_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
