@@ -589,20 +589,74 @@ class Qcow2Image(BlockDevice):
         a refcount, ``real`` being the clusters the host file really allocates.  Only then
         does block status report holes in the host file under data clusters as zeros.
 
-        qemu-img makes it on a freshly opened file.  Every change to the image forgets it,
-        and :meth:`map` of a changed image flushes before it is made again: made on cached
-        tables not yet written, it would count clusters the file does not allocate yet,
-        and map() would depend on the session's history."""
+        qemu-img makes it on a freshly opened file.  Every change to the image forgets it;
+        it is made again on the file as a flush would leave it (:meth:`_file_after_flush`,
+        computed from the cached tables), so block_status() in a session agrees with
+        qemu-img map of the flushed file without a flush per call."""
         if self._metadata_prealloc is None:
-            real = self.host.allocated_size() // self.cs
-            threshold = max(real * 10 // 9, real + 2)
             try:
                 rc = self._refcounts or Refcounts(self.host, self.header)
-                count = rc.count_used(-(-self.host.size() // self.cs), threshold)
+                alloc, size, freed = self._file_after_flush(rc)
+                real = alloc // self.cs
+                threshold = max(real * 10 // 9, real + 2)
+                count = rc.count_used(-(-size // self.cs), threshold + len(freed))
+                count -= sum(1 for c in freed if c * self.cs < size)
             except DiskImgError:
-                count = 0  # broken refcounts: qemu ignores errors of this guess too
+                real, count, threshold = 0, 0, 2  # broken refcounts: qemu ignores errors
             self._metadata_prealloc = count >= threshold
         return self._metadata_prealloc
+
+    def _file_after_flush(self, rc: Refcounts) -> tuple[int, int, set[int]]:
+        """(allocated bytes, size, clusters whose refcount drops to 0) of the host file as
+        :meth:`flush` would leave it, computed from the cached tables without writing:
+        the metadata preallocation guess of a changed image is then the one qemu makes on
+        the flushed file, with no flush (fdatasync) per block status call.
+
+        A flush writes the dirty L2 tables, refcount blocks and L1 entries (allocating
+        the filesystem blocks under them that are holes now) and applies the pending
+        frees, punching the clusters it frees with the punch flag."""
+        host, cs = self.host, self.cs
+        alloc, size = host.allocated_size(), host.size()
+        if self.read_only:
+            return alloc, size, set()
+        writes = [(off, cs) for off in self.l2_cache.dirty]
+        writes += [(off, cs) for off in rc.blocks.dirty] if self._refcounts else []
+        l1_off = self.header.l1_table_offset
+        writes += [(l1_off + 8 * i, 8) for i in self.l1_dirty]
+        dec: dict[int, int] = {}
+        punch: set[int] = set()
+        for off, n, p in self._pending_free:
+            if n < 0:
+                continue  # a data-file cluster: deallocated there, not in this file
+            for c in range(off // cs, (off + n - 1) // cs + 1):
+                dec[c] = dec.get(c, 0) + 1
+                if p:
+                    punch.add(c)
+        freed = {c for c, k in dec.items() if 0 < rc.get(c) <= k}
+        if not writes and not freed:
+            return alloc, size, freed
+        blk = max(512, os.fstat(host.fd).st_blksize)
+        written: set[int] = set()  # filesystem blocks the flush writes
+        for off, n in writes:
+            written.update(range(off // blk, (off + n - 1) // blk + 1))
+            size = max(size, off + n)
+        for b in sorted(written):
+            if not any(d for _, _, d in host.data_extents(b * blk, blk)):
+                alloc += blk  # a hole now: the write allocates it
+        if self.data_host is host:
+            gone: set[int] = set()  # filesystem blocks wholly inside a punched run
+            run = sorted(freed & punch)
+            i = 0
+            while i < len(run):
+                j = i
+                while j + 1 < len(run) and run[j + 1] == run[j] + 1:
+                    j += 1
+                gone.update(range(-(-run[i] * cs // blk), (run[j] + 1) * cs // blk))
+                i = j + 1
+            for b in sorted(gone - written):
+                if any(d for _, _, d in host.data_extents(b * blk, blk)):
+                    alloc -= blk
+        return alloc, size, freed
 
     # --- allocation helpers ----------------------------------------------------------
     def _check_write_support(self) -> None:
