@@ -1151,6 +1151,7 @@ def commit(
     if base is not None:
         drop = True
     top_lock = open_host_file(path, not drop)  # qemu's lock on the top for the job
+    data_host: HostFile | None = None
     try:
         layers = _chain_layers(path, fmt, kw)
         if len(layers) < 2:
@@ -1162,6 +1163,10 @@ def commit(
             if found is None:
                 raise UsageError(f"Did not find '{base}' in the backing chain of '{path}'")
             base_idx = found
+        if not drop and layers[0].format == "qcow2":
+            # the top's external data file: its clusters are deallocated when the top is
+            # emptied, as qemu's commit does; locked now, before the base changes
+            data_host = _open_data_file(top_lock, path, options, untrusted)
         b = layers[base_idx]
         base_opts = dict(options or {})
         for _ in range(base_idx):
@@ -1172,9 +1177,30 @@ def commit(
             base_dev.flush()
         if not drop and layers[0].format == "qcow2":
             h = read_header(top_lock)
-            make_empty(top_lock, h)
+            make_empty(top_lock, h, data_host)
     finally:
+        if data_host is not None:
+            data_host.close()
         top_lock.close()
+
+
+def _open_data_file(top: HostFile, path: str, options: Mapping[str, str] | None,
+                    untrusted: bool) -> HostFile | None:
+    """The external data file of the qcow2 image ``top`` (at ``path``), opened writable
+    and locked, or None when it has none."""
+    from diskimg.hostio import open_host_file
+    from diskimg.policy import OpenPolicy
+    from diskimg.qcow2.amend import read_header
+    from diskimg.qcow2.layout import QCOW2_INCOMPAT_DATA_FILE
+
+    h = read_header(top)
+    if not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
+        return None
+    name = (options or {}).get("data-file") or h.data_file
+    if not name:
+        return None
+    pol = OpenPolicy(untrusted=untrusted).for_top(Path(path))
+    return open_host_file(pol.resolve(name, Path(path), "data file"), True)
 
 
 def _commit_copy(top: BlockDevice, base: BlockDevice, base_idx: int,

@@ -53,3 +53,22 @@ def test_snapshot_mutations(di, twin_dirs: tuple[Path, Path], args: list[str]) -
     names = lambda d: [ln.split()[1] for ln in  # noqa: E731
                        sh(d, "qemu-img", "snapshot", "-l", "s.qcow2").stdout.splitlines()[2:]]
     assert names(m) == names(q)
+
+
+@pytest.mark.parametrize("name", ["nope", "s1", "1"])
+def test_apply_with_a_persistent_bitmap_refused_first_like_qemu(
+        di, tmp_path: Path, name: str) -> None:
+    """qemu refuses a revert of an image with a persistent bitmap before it looks the
+    snapshot up: a missing one says "Device has active dirty bitmaps" too (diskimg said
+    "Failed to load snapshot: No such file or directory").  Nothing changes."""
+    import hashlib
+
+    build(tmp_path)
+    sh(tmp_path, "qemu-img", "bitmap", "--add", "s.qcow2", "b0")
+    img = tmp_path / "s.qcow2"
+    before = hashlib.sha256(img.read_bytes()).hexdigest()
+    mine = di("snapshot", "-a", name, "s.qcow2", cwd=tmp_path)
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == before
+    ref = qemu("snapshot", "-a", name, "s.qcow2", cwd=tmp_path)  # (rewrites bitmap tables)
+    assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
+    assert "Device has active dirty bitmaps" in mine.err

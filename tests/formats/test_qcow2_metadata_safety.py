@@ -400,7 +400,8 @@ def _refused(p: Path, call: Callable[[diskimg.BlockDevice], object]) -> None:
     # refusals: qemu clears the bits when it opens, before it refuses; diskimg clears
     # them only before a change, so a refused command leaves the file byte-identical
     lambda p: diskimg_cli("snapshot", "-a", "nope", p, check=False),
-    lambda p: diskimg_cli("resize", "--shrink", "-q", p, "64k", check=False),
+    # (qemu 7.2 shrinks an image with snapshots: the refusal is a shrink without --shrink)
+    lambda p: diskimg_cli("resize", "-q", p, "64k", check=False),
     lambda p: diskimg.open(p, "r+").close(),
     lambda p: _refused(p, lambda img: img.snapshots.apply("nope")),
     lambda p: _refused(p, lambda img: img.snapshots.delete("nope")),

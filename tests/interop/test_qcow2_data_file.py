@@ -209,3 +209,136 @@ def test_commit_empties_a_data_file_top_without_touching_refcounts(
     _assert_bytes(_qemu_bytes(run, qemu_img, top), model, "the emptied top")
     js, _ = _qemu_map(run, qemu_img, top)
     assert isinstance(js, list) and all(e["depth"] == 1 or not e["present"] for e in js)
+
+
+def _l2_entry_offset(img: Path, cluster: int) -> int:
+    """File offset of the standard L2 entry of guest ``cluster`` (first L2 table)."""
+    from diskimg.qcow2.layout import Header
+
+    raw = img.read_bytes()
+    h = Header.parse(raw[:4096])
+    l1 = int.from_bytes(raw[h.l1_table_offset : h.l1_table_offset + 8], "big")
+    return (l1 & 0x00FFFFFFFFFFFE00) + 8 * cluster
+
+
+def test_data_file_cluster_not_at_its_guest_offset_is_corrupt_like_qemu(
+        tmp_path: Path, qemu_img: str, qemu_io: str, run: RunFn) -> None:
+    """An L2 entry of a data-file image must map guest cluster k to data-file offset
+    k * cluster_size.  Cluster 1 patched to COPIED|0x2000: qemu fails reads and map of it
+    with EIO (marking a writable image corrupt), check finds nothing; diskimg read guest
+    cluster 1 from offset 0x2000 (guest cluster 2's bytes) and wrote there."""
+    import hashlib
+    import shutil
+
+    from diskimg.errors import CorruptImageError
+
+    good = tmp_path / "good.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-o",
+         f"data_file={tmp_path / 'd.raw'},cluster_size=4096", good, "64k"])
+    run([qemu_io, "-c", "write -P 0x11 0 8k", "-c", "write -P 0x22 8k 4k", good])
+    ent = _l2_entry_offset(good, 1)
+    buf = bytearray(good.read_bytes())
+    buf[ent : ent + 8] = ((1 << 63) | 0x2000).to_bytes(8, "big")
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(bytes(buf))
+    data = (tmp_path / "d.raw").read_bytes()
+    msg = ("External data file host cluster offset 0x2000 does not match guest cluster "
+           "offset: 0x1000, L2 index: 0x1)")
+
+    def fresh(name: str) -> Path:
+        p = tmp_path / name
+        shutil.copyfile(bad, p)
+        return p
+
+    def sha(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    # qemu: read-only read fails, nothing changes; a writable read marks it corrupt
+    q = fresh("q.qcow2")
+    r = run([qemu_io, "-r", "-c", "read 4k 4k", q], check=False)
+    assert "Input/output error" in r.stdout + r.stderr and msg in r.stderr
+    assert sha(q) == sha(bad)
+    run([qemu_io, "-c", "read 4k 4k", q], check=False)
+    qemu_corrupt = json.loads(run([qemu_img, "info", "--output=json", "-U", q]).stdout)[
+        "format-specific"]["data"]["corrupt"]
+    assert qemu_corrupt is True
+
+    # diskimg read-only: refused naming the entry, every byte unchanged
+    p = fresh("p.qcow2")
+    with diskimg.open(p) as d:
+        assert d.read(0, 4096) == b"\x11" * 4096
+        with pytest.raises(CorruptImageError) as ei:
+            d.read(4096, 4096)
+        assert msg in str(ei.value) and ei.value.offset == ent
+        with pytest.raises(CorruptImageError):
+            list(d.map())
+    assert sha(p) == sha(bad)
+    assert (tmp_path / "d.raw").read_bytes() == data
+    # diskimg writable read: marked corrupt as qemu marks it
+    with diskimg.open(p, "r+") as d, pytest.raises(CorruptImageError):
+        d.read(4096, 4096)
+    info = json.loads(run([qemu_img, "info", "--output=json", "-U", p]).stdout)
+    assert info["format-specific"]["data"]["corrupt"] is qemu_corrupt
+    assert (tmp_path / "d.raw").read_bytes() == data
+
+    # a write to the cluster is refused and leaves guest cluster 2 (offset 0x2000) alone
+    for off, n in ((4096, 4096), (4096, 512), (5120, 512)):
+        w = fresh("w.qcow2")
+        with diskimg.open(w, "r+") as d, pytest.raises(CorruptImageError):
+            d.write(off, b"\x33" * n)
+        assert (tmp_path / "d.raw").read_bytes() == data
+        r = run([qemu_io, "-r", "-c", "read -P 0x22 8k 4k", w])
+        assert "Pattern verification failed" not in r.stdout
+
+    # map and convert fail as qemu's do (exit 1), check reports what qemu-img check does
+    m = fresh("m.qcow2")
+    for args in (["map", m], ["map", "--output=json", m], ["convert", "-O", "raw", m,
+                                                           tmp_path / "out.raw"]):
+        want = run([qemu_img, *args], check=False)
+        got = run([sys.executable, "-m", "diskimg", *args], check=False)
+        assert (got.returncode, want.returncode) == (1, 1), got.stderr
+        assert msg in got.stderr
+    want = run([qemu_img, "check", m], check=False)
+    got = run([sys.executable, "-m", "diskimg", "check", m], check=False)
+    assert (got.returncode, got.stdout) == (want.returncode, want.stdout)
+    assert sha(m) == sha(bad)
+    assert (tmp_path / "d.raw").read_bytes() == data
+
+
+def test_commit_deallocates_the_data_file_clusters_of_the_top_like_qemu(
+        tmp_path: Path, run: RunFn, qemu_img: str, qemu_io: str) -> None:
+    """qemu-img commit empties a top with a data file by a full discard, which also
+    deallocates the top's clusters in its data file (``du top.raw`` is 0 after); diskimg
+    cleared the L2 entries but left the blocks allocated.  Same images, both tools: the
+    data file, the top, the base and the maps must come out identical."""
+    q, d = tmp_path / "q", tmp_path / "d"
+    for where in (q, d):  # built twice: a copy would not keep the data file sparse
+        where.mkdir()
+        run([qemu_img, "create", "-q", "-f", "qcow2", where / "base.qcow2", "1M"])
+        run([qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             "-o", "data_file=top.raw,cluster_size=4096", "top.qcow2"], cwd=where)
+        run([qemu_io, "-c", "write -P 0x11 0 12k", "-c", "write -P 0x22 64k 4k",
+             "-c", "write -P 0x33 80k 4k", "-c", "write -z 80k 4k", "top.qcow2"], cwd=where)
+        assert (where / "top.raw").stat().st_blocks > 0
+    run([qemu_img, "commit", "top.qcow2"], cwd=q)
+    run([sys.executable, "-m", "diskimg", "commit", "top.qcow2"], cwd=d)
+    assert (q / "top.raw").stat().st_blocks == 0
+    assert (d / "top.raw").stat().st_blocks == 0
+    for name in ("top.raw", "top.qcow2"):
+        assert (d / name).read_bytes() == (q / name).read_bytes(), name
+    # the base: same guest bytes (qemu's commit job allocates its clusters in another order)
+    run([qemu_img, "compare", "-f", "qcow2", "-F", "qcow2", q / "base.qcow2",
+         d / "base.qcow2"])
+    assert (run([qemu_img, "check", "top.qcow2"], cwd=d).stdout
+            == run([qemu_img, "check", "top.qcow2"], cwd=q).stdout)
+    _qemu_check_clean(run, qemu_img, d / "base.qcow2")
+
+    def top_map(where: Path) -> list[tuple[int, bool, bool]]:
+        """(guest offset, present, data) per byte run, split at every 4 KiB."""
+        js = json.loads(run([qemu_img, "map", "--output=json", "top.qcow2"],
+                            cwd=where).stdout)
+        assert all(e["depth"] == 1 or not e["present"] for e in js)
+        return [(p, e["present"], e["data"]) for e in js
+                for p in range(e["start"], e["start"] + e["length"], 4096)]
+
+    assert top_map(d) == top_map(q)

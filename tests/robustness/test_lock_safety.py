@@ -438,3 +438,42 @@ def test_files_an_image_names_are_locked_with_it(images: Path, name: str, fmt: s
         assert dev.read(0, 128 << 10) == data
     r = qio("-f", fmt, "-c", f"read -P {pattern} 0 64k", name, cwd=images)
     assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["check", "-r", "all", "-f", "raw", "img.raw"], ["check", "-r", "leaks", "-f", "raw",
+                                                    "img.raw"],
+    ["check", "-f", "raw", "img.raw"], ["check", "-r", "all", "img.raw"],
+    ["check", "img.raw"], ["check", "--output=json", "-f", "raw", "img.raw"],
+])
+def test_check_of_a_held_raw_file_reports_no_check_support_like_qemu(
+        images: Path, qemu_io: str, args: list[str]) -> None:
+    """qemu's raw driver unshares nothing, so qemu-img check of a raw file a qemu-io holds
+    opens it and says "This image format does not support checks" (exit 63); diskimg gave
+    its lock error.  Every file stays byte-identical."""
+    img = images / "img.raw"
+    with held(qemu_io, img, "raw"):
+        before = digests(images)
+        mine = di(*args, cwd=images)
+        assert digests(images) == before
+        theirs = qimg(*args, cwd=images)
+        assert digests(images) == before
+    assert theirs.returncode == 63
+    assert (mine.returncode, mine.stdout, mine.stderr) == (
+        theirs.returncode, theirs.stdout, theirs.stderr.replace("qemu-img: ", "diskimg: "))
+
+
+def test_check_of_raw_still_refused_where_qemu_refuses(images: Path, qemu_io: str) -> None:
+    """A qcow2 holder unshares write: check -r all -f raw (a writer) is refused by both,
+    check -f raw (a reader) reaches "does not support checks" in both."""
+    img = images / "top.qcow2"
+    for args, code in ((["check", "-r", "all", "-f", "raw", img.name], 1),
+                       (["check", "-f", "raw", img.name], 63)):
+        with held(qemu_io, img, "qcow2"):
+            before = digests(images)
+            mine = di(*args, cwd=images)
+            theirs = qimg(*args, cwd=images)
+            assert digests(images) == before
+        assert theirs.returncode == code
+        assert (mine.returncode, mine.stderr) == (
+            theirs.returncode, theirs.stderr.replace("qemu-img: ", "diskimg: "))

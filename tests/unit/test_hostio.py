@@ -177,3 +177,44 @@ def test_two_writers_in_one_process_conflict(tmp_path: Path) -> None:
     p.write_bytes(bytes(512))
     with open_host_file(p, True), pytest.raises(ImageLockedError):
         open_host_file(p, True)
+
+
+def test_every_call_after_close_raises_and_never_reuses_the_fd_number(tmp_path: Path) -> None:
+    """After close the fd number can belong to another file: a late pwrite once wrote into
+    it.  Every method raises ClosedImageError and the other file keeps its bytes."""
+    from diskimg.errors import ClosedImageError
+
+    p, q = tmp_path / "p", tmp_path / "q"
+    p.write_bytes(b"p" * 4096)
+    q.write_bytes(b"q" * 4096)
+    hf = open_host_file(p, True, lock_mode=False)
+    hf.close()
+    with open(q, "r+b") as other:
+        assert other.fileno() >= 0
+        calls = [
+            lambda: hf.pwrite(0, b"XX"),
+            lambda: hf.pwritev(0, [b"X", b"Y"]),
+            lambda: hf.pread(0, 2),
+            lambda: hf.pread(0, 0),
+            lambda: hf.pread_exact(0, 2, "header"),
+            lambda: hf.preadinto(0, memoryview(bytearray(2))),
+            lambda: hf.preadinto(0, memoryview(bytearray(0))),
+            lambda: hf.size(),
+            lambda: hf.allocated_size(),
+            lambda: hf.truncate(0),
+            lambda: hf.empty(),
+            lambda: list(hf.data_extents(0, 4096)),
+            lambda: hf.punch_hole(0, 4096),
+            lambda: hf.zero_range(0, 4096),
+            lambda: hf.preallocate(0, 8192),
+            lambda: hf.write_zeros(0, 4096),
+            lambda: hf.flush(),
+            lambda: hf.lock(True),
+            lambda: hf.fd,
+        ]
+        for call in calls:
+            with pytest.raises(ClosedImageError):
+                call()
+        hf.close()  # still idempotent
+    assert q.read_bytes() == b"q" * 4096
+    assert p.read_bytes() == b"p" * 4096

@@ -271,6 +271,28 @@ def _lines(res: Any, attr: str) -> list[str]:
     return [str(x) for x in v] if isinstance(v, list | tuple) else []
 
 
+def _raw_open_allowed(name: str, fmt: str | None, writable: bool) -> bool:
+    """Whether ``name`` is a raw image that qemu-img would open despite another process's
+    locks: qemu's raw driver takes "consistent read" (and "write" when writable) and
+    unshares nothing, so qemu-img check reaches "does not support checks" where diskimg's
+    stricter locks refuse.  Nothing is left locked or changed."""
+    from diskimg.hostio import lock, open_host_file
+    from diskimg.probe import probe
+
+    try:
+        with open_host_file(name, writable, lock_mode=False) as hf:
+            probed = fmt is None
+            if (fmt or probe(hf)) != "raw":
+                return False
+            held = {lock.PERM_CONSISTENT_READ} | ({lock.PERM_WRITE} if writable else set())
+            lock.acquire(hf.fd, name, held, set())
+    except DiskImgError:
+        return False
+    if probed and writable:
+        sys.stderr.write(PROBED_RAW_WARNING.format(name))
+    return True
+
+
 def cmd_check(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img check: 0 clean, 1 check failed, 2 corruptions, 3 leaks, 63 unsupported."""
     ofmt = output_format(a.output)
@@ -278,9 +300,17 @@ def cmd_check(ctx: Context, a: argparse.Namespace) -> int:
         raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): "
                          f"{a.repair}")
     name = one_file(a)
-    with opened(ctx, name, "r+" if a.repair else "r", a.format, image_opts=a.image_opts,
-                force_share=a.force_share, for_check=True) as dev:
+    try:
+        dev = open_image(ctx, name, "r+" if a.repair else "r", a.format,
+                         image_opts=a.image_opts, force_share=a.force_share, for_check=True)
+    except ImageLockedError:
+        if not a.image_opts and _raw_open_allowed(name, a.format, bool(a.repair)):
+            raise ExitCode("This image format does not support checks", 63) from None
+        raise
+    try:
         res = run_check(dev, a.repair)
+    finally:
+        dev.close()
     err, out = sys.stderr, sys.stdout
     repaired = bool(getattr(res, "repaired", False))
     summary = res.summary_lines() if hasattr(res, "summary_lines") else []
@@ -1004,6 +1034,7 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
                         # qemu reopens the file to try its snapshots: the warning again
                         sys.stderr.write(PROBED_RAW_WARNING.format(name))
                     raise DiskImgError("Block driver does not support snapshots")
+                table.check_revertible()
                 found = [s for s in table.list() if s.id == arg] or \
                     [s for s in table.list() if s.name == arg]
                 if not found:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from diskimg.errors import DiskImgError, UsageError
+from diskimg.errors import ClosedImageError, DiskImgError, UsageError
 from diskimg.hostio import lock, sparse
 
 # The kernel copies into user buffers whose address is not 32-byte aligned several times
@@ -80,7 +80,7 @@ class HostFile:
     """A host file opened for positional I/O.  Offsets and lengths are in bytes."""
 
     def __init__(self, fd: int, path: Path, writable: bool) -> None:
-        self.fd = fd
+        self._fd = fd
         self.path = path
         self.writable = writable
         #: False: :meth:`flush` does not sync (qemu's ``cache=unsafe``, qemu-img convert's
@@ -89,7 +89,18 @@ class HostFile:
         #: whether this file holds QEMU's lock bytes (the files an image names -- a data
         #: file -- are then locked too, as qemu locks every file of an image)
         self.locked = False
-        self._closed = False
+
+    @property
+    def fd(self) -> int:
+        """The open fd.  After :meth:`close` the number may already belong to another
+        file, so every use raises :class:`ClosedImageError` instead (the number is -1)."""
+        if self._fd < 0:
+            raise ClosedImageError(f"I/O operation on closed file '{self.path}'")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
 
     # --- reads and writes -------------------------------------------------------------
     def _check_offset(self, offset: int, length: int) -> None:
@@ -102,16 +113,17 @@ class HostFile:
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read up to ``length`` bytes at ``offset``; short only at end of file."""
+        fd = self.fd
         if length <= 0:
             return b""
         self._check_offset(offset, length)
-        data = os.pread(self.fd, length, offset)
+        data = os.pread(fd, length, offset)
         if len(data) == length or not data:
             return data
         parts = [data]
         got = len(data)
         while got < length:
-            more = os.pread(self.fd, length - got, offset + got)
+            more = os.pread(fd, length - got, offset + got)
             if not more:
                 break
             parts.append(more)
@@ -133,13 +145,14 @@ class HostFile:
 
     def preadinto(self, offset: int, buf: memoryview) -> int:
         """Fill ``buf`` from ``offset``; bytes past end of file are zeroed.  Returns len(buf)."""
+        fd = self.fd
         n = len(buf)
         self._check_offset(offset, n)
         if n >= _BOUNCE_MIN and not is_aligned(buf):
             return self._preadinto_bounced(offset, buf)
         got = 0
         while got < n:
-            chunk = os.preadv(self.fd, [buf[got:]], offset + got)
+            chunk = os.preadv(fd, [buf[got:]], offset + got)
             if chunk <= 0:
                 zero_fill(buf[got:])
                 break
@@ -162,16 +175,18 @@ class HostFile:
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset``."""
+        fd = self.fd
         if not self.writable:
             raise UsageError(f"'{self.path}' is opened read-only")
         mv = memoryview(data)
         done = 0
         while done < len(mv):
-            done += os.pwrite(self.fd, mv[done:], offset + done)
+            done += os.pwrite(fd, mv[done:], offset + done)
 
     def pwritev(self, offset: int, parts: list[bytes | bytearray | memoryview]) -> None:
         """Write ``parts`` back to back at ``offset`` with as few ``pwritev`` calls as the
         kernel allows (no joined copy of the pieces)."""
+        fd = self.fd
         if not self.writable:
             raise UsageError(f"'{self.path}' is opened read-only")
         views = [memoryview(p).cast("B") for p in parts]
@@ -179,7 +194,7 @@ class HostFile:
         iov_max = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
         while views:
             batch = views[:iov_max]
-            done = os.pwritev(self.fd, batch, offset)
+            done = os.pwritev(fd, batch, offset)
             offset += done
             # drop what was written (short writes resume inside a piece)
             while views and done >= len(views[0]):
@@ -201,9 +216,10 @@ class HostFile:
         return os.fstat(self.fd).st_blocks * 512
 
     def truncate(self, size: int) -> None:
+        fd = self.fd
         if not self.writable:
             raise UsageError(f"'{self.path}' is opened read-only")
-        os.ftruncate(self.fd, size)
+        os.ftruncate(fd, size)
 
     def empty(self) -> None:
         """Truncate a regular file to 0 bytes (what ``create`` does once the lock is held;
@@ -230,8 +246,9 @@ class HostFile:
     def flush(self) -> None:
         """fdatasync: data and the metadata needed to read it back are durable (a no-op
         when ``sync`` is off)."""
+        fd = self.fd
         if self.writable and self.sync:
-            os.fdatasync(self.fd)
+            os.fdatasync(fd)
 
     # --- locking and lifetime ---------------------------------------------------------
     def lock(self, writable: bool) -> None:
@@ -240,10 +257,11 @@ class HostFile:
         self.locked = True
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            lock.release(self.fd)
-            os.close(self.fd)
+        """Release the lock bytes and close the fd (idempotent)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            lock.release(fd)
+            os.close(fd)
 
     def __enter__(self) -> HostFile:
         return self

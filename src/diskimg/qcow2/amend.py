@@ -74,13 +74,15 @@ def nb_bitmaps(h: Header) -> int:
 # --- emptying (qemu's bdrv_make_empty after commit) -----------------------------------
 
 
-def make_empty(host: HostFile, h: Header) -> None:
+def make_empty(host: HostFile, h: Header, data_host: HostFile | None = None) -> None:
     """Drop every guest cluster of the image so it reads entirely from its backing file.
 
     A v3 image without snapshots, bitmaps, LUKS or data file is rebuilt from scratch as
     QEMU does (header, one-cluster refcount table, one refcount block, zeroed L1 table,
     file truncated after it); any other image has every active L2 entry cleared and its
-    clusters freed (shared L2 tables are copied first)."""
+    clusters freed (shared L2 tables are copied first).  ``data_host`` is the image's
+    external data file (opened writable): the clusters the cleared entries held there are
+    deallocated, as qemu's full discard does."""
     cs = h.cluster_size
     l1_clusters = -(-h.l1_size * 8 // cs)
     per_block = cs * 8 // h.refcount_bits
@@ -90,7 +92,7 @@ def make_empty(host: HostFile, h: Header) -> None:
             and not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE):
         _make_completely_empty(host, h, l1_clusters)
     else:
-        _discard_all(host, h)
+        _discard_all(host, h, data_host)
 
 
 def _make_completely_empty(host: HostFile, h: Header, l1_clusters: int) -> None:
@@ -121,10 +123,14 @@ def _make_completely_empty(host: HostFile, h: Header, l1_clusters: int) -> None:
 
 
 def _free_entry(rc: Refcounts, host: HostFile, ent: int, cb: int, extended: bool,
-                data_file: bool) -> None:
+                data_file: bool, data_host: HostFile | None) -> None:
     """Drop the reference an L2 entry holds (data, zero-allocated or compressed).  The
-    clusters of an external data file carry no refcount: nothing to drop there."""
+    clusters of an external data file carry no refcount: there the host cluster is only
+    deallocated in ``data_host`` (when given)."""
     if data_file:
+        t = E.cluster_type(ent, extended=extended, has_data_file=True)
+        if data_host is not None and t in (E.ClusterType.NORMAL, E.ClusterType.ZERO_ALLOC):
+            data_host.punch_hole(ent & E.L2E_OFFSET_MASK, 1 << cb)
         return
     t = E.cluster_type(ent, extended=extended, has_data_file=False)
     if t == E.ClusterType.COMPRESSED:
@@ -138,7 +144,7 @@ def _free_entry(rc: Refcounts, host: HostFile, ent: int, cb: int, extended: bool
         host.punch_hole(off, 1 << cb)
 
 
-def _discard_all(host: HostFile, h: Header) -> None:
+def _discard_all(host: HostFile, h: Header, data_host: HostFile | None) -> None:
     """qemu's full discard of every active cluster (v2, snapshots, bitmaps, ...)."""
     cs, cb = h.cluster_size, h.cluster_bits
     extended = h.extended_l2
@@ -177,7 +183,7 @@ def _discard_all(host: HostFile, h: Header) -> None:
             host.flush()
             for j in range(0, len(old), step):
                 if old[j]:
-                    _free_entry(rc, host, old[j], cb, extended, data_file)
+                    _free_entry(rc, host, old[j], cb, extended, data_file, data_host)
     for off in freed_tables:
         rc.update(off >> cb, -1)
     rc.flush()

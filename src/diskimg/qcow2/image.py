@@ -285,11 +285,24 @@ class Qcow2Image(BlockDevice):
                                     offset=self.header.l1_table_offset + 8 * l1i)
         return l1i, off
 
-    def _check_data_offset(self, host_off: int, l2_off: int, idx: int) -> None:
+    def _check_data_offset(self, host_off: int, l2_off: int, idx: int, guest: int) -> None:
+        """The host cluster of L2 entry ``idx`` (table at ``l2_off``) that holds guest
+        cluster offset ``guest``: cluster aligned and, in an external data file, at the
+        guest offset itself (data-file clusters are identity mapped; qemu refuses any
+        other offset and marks a writable image corrupt).  Every reader, writer and map
+        goes through here."""
+        esize = 16 if self.extended else 8
         if host_off % self.cs:
             raise CorruptImageError(f"Cluster allocation offset {host_off:#x} unaligned "
                                     f"(L2 table at {l2_off:#x}, entry {idx})",
-                                    offset=l2_off + idx * 8)
+                                    offset=l2_off + idx * esize)
+        if self._data_file_opened and host_off != guest:
+            err = CorruptImageError(
+                f"External data file host cluster offset {host_off:#x} does not match "
+                f"guest cluster offset: {guest:#x}, L2 index: {idx:#x}) (L2 table at "
+                f"{l2_off:#x})", offset=l2_off + idx * esize)
+            self._mark_corrupt(err)
+            raise err
 
     # --- lookup (the read plan) ------------------------------------------------------
     def _lookup(self, offset: int, length: int) -> tuple[str, int, int | None, int]:
@@ -310,9 +323,11 @@ class Qcow2Image(BlockDevice):
             return UNALLOC, max_len, None, 0
         ents = self.l2_cache.get(l2_off).entries
         if self.extended:
-            return self._lookup_ext(ents, l2_off, idx, in_off, max_len)
+            return self._lookup_ext(ents, l2_off, idx, in_off, max_len,
+                                    cluster << self.cb)
         ent = ents[idx]
-        kind, host = self._classify(ent, l2_off, idx)
+        base = (cluster - idx) << self.cb  # guest offset of entry 0 of this table
+        kind, host = self._classify(ent, l2_off, idx, base)
         if kind == COMPRESSED:
             return COMPRESSED, min(max_len, cs - in_off), None, ent
         n = cs - in_off
@@ -324,7 +339,7 @@ class Qcow2Image(BlockDevice):
         n += (i - idx - 1) * cs
         nxt = None if host is None else host + (i - idx) * cs
         while n < max_len:
-            k2, h2 = self._classify(ents[i], l2_off, i)
+            k2, h2 = self._classify(ents[i], l2_off, i, base)
             if k2 != kind or h2 != nxt:
                 break
             n += cs
@@ -351,12 +366,14 @@ class Qcow2Image(BlockDevice):
         return E.cluster_type(ent, extended=self.extended,
                               has_data_file=self._data_file_opened)
 
-    def _classify(self, ent: int, l2_off: int, idx: int) -> tuple[str, int | None]:
-        """(run kind, host cluster offset or None) of a standard L2 entry."""
+    def _classify(self, ent: int, l2_off: int, idx: int,
+                  base: int) -> tuple[str, int | None]:
+        """(run kind, host cluster offset or None) of a standard L2 entry (``idx`` in
+        the table whose entry 0 maps guest offset ``base``)."""
         t = self._cluster_type(ent)
         if t == E.ClusterType.NORMAL:
             host = ent & E.L2E_OFFSET_MASK
-            self._check_data_offset(host, l2_off, idx)
+            self._check_data_offset(host, l2_off, idx, base + (idx << self.cb))
             return DATA, host
         if t == E.ClusterType.UNALLOCATED:
             return UNALLOC, None
@@ -367,7 +384,7 @@ class Qcow2Image(BlockDevice):
         return ZERO, None
 
     def _lookup_ext(self, ents: array[int], l2_off: int, idx: int, in_off: int,
-                    max_len: int) -> tuple[str, int, int | None, int]:
+                    max_len: int, guest: int) -> tuple[str, int, int | None, int]:
         scs = self.sc_size
         ent, bitmap = ents[2 * idx], ents[2 * idx + 1]
         sc = in_off // scs
@@ -384,7 +401,7 @@ class Qcow2Image(BlockDevice):
         if t in (E.SubclusterType.NORMAL, E.SubclusterType.ZERO_ALLOC,
                  E.SubclusterType.UNALLOCATED_ALLOC):  # the cluster has a host cluster
             host = ent & E.L2E_OFFSET_MASK
-            self._check_data_offset(host, l2_off, idx)
+            self._check_data_offset(host, l2_off, idx, guest)
             host += in_off
         n = scs - in_off % scs
         sc += 1
@@ -586,20 +603,74 @@ class Qcow2Image(BlockDevice):
         a refcount, ``real`` being the clusters the host file really allocates.  Only then
         does block status report holes in the host file under data clusters as zeros.
 
-        qemu-img makes it on a freshly opened file.  Every change to the image forgets it,
-        and :meth:`map` of a changed image flushes before it is made again: made on cached
-        tables not yet written, it would count clusters the file does not allocate yet,
-        and map() would depend on the session's history."""
+        qemu-img makes it on a freshly opened file.  Every change to the image forgets it;
+        it is made again on the file as a flush would leave it (:meth:`_file_after_flush`,
+        computed from the cached tables), so block_status() in a session agrees with
+        qemu-img map of the flushed file without a flush per call."""
         if self._metadata_prealloc is None:
-            real = self.host.allocated_size() // self.cs
-            threshold = max(real * 10 // 9, real + 2)
             try:
                 rc = self._refcounts or Refcounts(self.host, self.header)
-                count = rc.count_used(-(-self.host.size() // self.cs), threshold)
+                alloc, size, freed = self._file_after_flush(rc)
+                real = alloc // self.cs
+                threshold = max(real * 10 // 9, real + 2)
+                count = rc.count_used(-(-size // self.cs), threshold + len(freed))
+                count -= sum(1 for c in freed if c * self.cs < size)
             except DiskImgError:
-                count = 0  # broken refcounts: qemu ignores errors of this guess too
+                real, count, threshold = 0, 0, 2  # broken refcounts: qemu ignores errors
             self._metadata_prealloc = count >= threshold
         return self._metadata_prealloc
+
+    def _file_after_flush(self, rc: Refcounts) -> tuple[int, int, set[int]]:
+        """(allocated bytes, size, clusters whose refcount drops to 0) of the host file as
+        :meth:`flush` would leave it, computed from the cached tables without writing:
+        the metadata preallocation guess of a changed image is then the one qemu makes on
+        the flushed file, with no flush (fdatasync) per block status call.
+
+        A flush writes the dirty L2 tables, refcount blocks and L1 entries (allocating
+        the filesystem blocks under them that are holes now) and applies the pending
+        frees, punching the clusters it frees with the punch flag."""
+        host, cs = self.host, self.cs
+        alloc, size = host.allocated_size(), host.size()
+        if self.read_only:
+            return alloc, size, set()
+        writes = [(off, cs) for off in self.l2_cache.dirty]
+        writes += [(off, cs) for off in rc.blocks.dirty] if self._refcounts else []
+        l1_off = self.header.l1_table_offset
+        writes += [(l1_off + 8 * i, 8) for i in self.l1_dirty]
+        dec: dict[int, int] = {}
+        punch: set[int] = set()
+        for off, n, p in self._pending_free:
+            if n < 0:
+                continue  # a data-file cluster: deallocated there, not in this file
+            for c in range(off // cs, (off + n - 1) // cs + 1):
+                dec[c] = dec.get(c, 0) + 1
+                if p:
+                    punch.add(c)
+        freed = {c for c, k in dec.items() if 0 < rc.get(c) <= k}
+        if not writes and not freed:
+            return alloc, size, freed
+        blk = max(512, os.fstat(host.fd).st_blksize)
+        written: set[int] = set()  # filesystem blocks the flush writes
+        for off, n in writes:
+            written.update(range(off // blk, (off + n - 1) // blk + 1))
+            size = max(size, off + n)
+        for b in sorted(written):
+            if not any(d for _, _, d in host.data_extents(b * blk, blk)):
+                alloc += blk  # a hole now: the write allocates it
+        if self.data_host is host:
+            gone: set[int] = set()  # filesystem blocks wholly inside a punched run
+            run = sorted(freed & punch)
+            i = 0
+            while i < len(run):
+                j = i
+                while j + 1 < len(run) and run[j + 1] == run[j] + 1:
+                    j += 1
+                gone.update(range(-(-run[i] * cs // blk), (run[j] + 1) * cs // blk))
+                i = j + 1
+            for b in sorted(gone - written):
+                if any(d for _, _, d in host.data_extents(b * blk, blk)):
+                    alloc -= blk
+        return alloc, size, freed
 
     # --- allocation helpers ----------------------------------------------------------
     def _check_write_support(self) -> None:
@@ -724,6 +795,7 @@ class Qcow2Image(BlockDevice):
         cs, cb = self.cs, self.cb
         copied, mask = E.QCOW_OFLAG_COPIED, E.L2E_OFFSET_MASK
         normal, ctype = E.ClusterType.NORMAL, self._cluster_type
+        df = self._data_file_opened
         n = ((stop - 1) >> cb) - cluster + 1
         olds = ents[idx : idx + n]
         # a NORMAL cluster this image alone references is written in place
@@ -755,8 +827,8 @@ class Qcow2Image(BlockDevice):
                                               keep_size=False)
             else:
                 host = olds[j] & mask
-                if host % cs:
-                    self._check_data_offset(host, l2_off, idx + j)
+                if host % cs or (df and host != c_start):
+                    self._check_data_offset(host, l2_off, idx + j, c_start)
             h = host + lo - c_start
             last = runs[-1] if runs else None
             if last is not None and last[0] + last[2] - last[1] == h and last[2] == lo:
@@ -799,7 +871,7 @@ class Qcow2Image(BlockDevice):
             t = self._cluster_type(ent)
             has_host = t == E.ClusterType.NORMAL  # (offset 0 is one in a data file)
             if has_host:
-                self._check_data_offset(host, l2_off, i // 2)
+                self._check_data_offset(host, l2_off, i // 2, c_start)
             touched = ((1 << s_hi) - 1) ^ ((1 << s_lo) - 1)
             if has_host and ent & E.QCOW_OFLAG_COPIED:
                 new_host, new_bm = host, bm
@@ -963,7 +1035,7 @@ class Qcow2Image(BlockDevice):
                                          cluster << self.cb, memoryview(d).cast("B"))
                     continue
                 elif old & copied and self._cluster_type(old) == E.ClusterType.NORMAL:
-                    self._check_data_offset(old & mask, l2_off, idx)
+                    self._check_data_offset(old & mask, l2_off, idx, cluster << self.cb)
                     writes.append((old & mask, d))  # written in place, entry unchanged
                     continue
                 else:
@@ -1224,8 +1296,8 @@ class Qcow2Image(BlockDevice):
             raise UsageError("The new size must be a multiple of 512")
         if new_size < self.size and not shrink:
             raise UsageError("Use the --shrink option to perform a shrink operation.")
-        if self.header.nb_snapshots:
-            raise UnsupportedFeatureError("Can't resize an image which has snapshots")
+        # snapshots keep their own L1 tables and sizes: qemu 7.2 resizes the active
+        # layer of such an image (a shrink drops only the active references)
         if self.bitmaps.entries:
             raise UnsupportedFeatureError("Cannot resize qcow2 with persistent bitmaps")
         self._check_write_support()

@@ -569,19 +569,21 @@ class SnapshotTable:
                                             (old_off + old_len - 1) // img.cs + 1)))
         return True
 
-    def apply(self, name_or_id: str) -> None:
-        """Revert the disk to snapshot ``name_or_id`` (qemu-img snapshot -a)."""
+    def check_revertible(self) -> None:
+        """Refuse any revert of this image before looking the snapshot up (qemu's
+        order: an image with a persistent bitmap says so even for a missing snapshot)."""
         self._check_table_read()
-        img = self.img
-        img._check_writable()
-        if img.bitmaps.entries:
+        self.img._check_writable()
+        if self.img.bitmaps.entries:
             # qemu refuses too (any persistent bitmap, enabled or not): reverting the
             # data would leave the bitmaps claiming to know what changed
             raise UsageError("Device has active dirty bitmaps")
+
+    def apply(self, name_or_id: str) -> None:
+        """Revert the disk to snapshot ``name_or_id`` (qemu-img snapshot -a)."""
+        self.check_revertible()
+        img = self.img
         sn = self.find(name_or_id)
-        if sn.disk_size is not None and sn.disk_size != img.size:
-            raise UsageError("qcow2: Loading snapshots with different disk size is not "
-                             "supported")
         img.flush()
         snap_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
         # the snapshot's references are taken before the active image's are dropped
@@ -589,6 +591,10 @@ class SnapshotTable:
         self._count_refs(snap_l1, adds, 1)
         self._check_headroom(adds)
         img._check_write_support()  # the first change: after every refusal
+        if sn.disk_size is not None and sn.disk_size != img.size:
+            # the disk was resized since (qemu 7.2 allows that): first back to the
+            # snapshot's size, as qemu's snapshot goto truncates the image
+            img.resize(sn.disk_size, shrink=True)
         if sn.l1_size > len(img.l1):
             img._grow_l1(sn.l1_size)
         # take the snapshot's references first, then switch the active L1, then drop the
