@@ -93,8 +93,8 @@ def test_pipelined_and_plain_copy_write_the_same_image(tmp_path: Path) -> None:
         out = tmp_path / f"out-{pipelined}.qcow2"
         diskimg.create(out, "qcow2", 24 * MiB)
         with diskimg.open(src, format="raw") as s, diskimg.open(out, "r+", "qcow2") as t:
-            cp = ops._Copier(t, fresh=True, target_backing=False, min_sparse=4096,
-                             alignment=8, compress=False, total=s.size)
+            cp = ops._Copier(t, zero_init=True, target_backing=False, backing_end=None,
+                             min_sparse=4096, alignment=8, compress=False, total=s.size)
             cp.copy(s, 0, pipelined)
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
