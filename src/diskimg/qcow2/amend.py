@@ -25,8 +25,17 @@ from diskimg.crypto.luks import (
 from diskimg.errors import DiskImgError, MissingSecretError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile
 from diskimg.qcow2 import entries as E
+from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
 from diskimg.qcow2.layout import (
+    HDR_AUTOCLEAR_FEATURES,
+    HDR_COMPATIBLE_FEATURES,
+    HDR_INCOMPATIBLE_FEATURES,
+    HDR_NB_SNAPSHOTS,
+    HDR_REFCOUNT_ORDER,
+    HDR_REFCOUNT_TABLE_CLUSTERS,
+    HDR_REFCOUNT_TABLE_OFFSET,
+    HDR_SNAPSHOTS_OFFSET,
     QCOW2_AUTOCLEAR_BITMAPS,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -98,12 +107,12 @@ def _make_completely_empty(host: HostFile, h: Header, l1_clusters: int) -> None:
     # mark dirty: until the new refcounts are in place the old ones are wrong
     dirty = h.version >= 3 and not h.incompatible_features & QCOW2_INCOMPAT_DIRTY
     if dirty:
-        host.pwrite(72, struct.pack(">Q", h.incompatible_features | QCOW2_INCOMPAT_DIRTY))
+        header_io.set_incompat(host, h.incompatible_features | QCOW2_INCOMPAT_DIRTY)
         host.flush()
     host.pwrite(h.l1_table_offset, bytes(l1_clusters * cs))
     host.pwrite(cs, bytes((2 + l1_clusters) * cs))
     host.flush()
-    host.pwrite(40, struct.pack(">QQI", 3 * cs, cs, 1))
+    header_io.set_tables(host, l1_offset=3 * cs, reftable_offset=cs, reftable_clusters=1)
     host.flush()
     host.pwrite(cs, struct.pack(">Q", 2 * cs))
     host.flush()
@@ -113,7 +122,7 @@ def _make_completely_empty(host: HostFile, h: Header, l1_clusters: int) -> None:
     host.pwrite(2 * cs, blk.pack())
     host.flush()
     if dirty:
-        host.pwrite(72, struct.pack(">Q", h.incompatible_features))
+        header_io.set_incompat(host, h.incompatible_features)
         host.flush()
     host.truncate((3 + l1_clusters) * cs)
     host.flush()
@@ -211,8 +220,8 @@ def set_backing(host: HostFile, backing_file: str | None, backing_fmt: str | Non
 
 def set_feature_bits(host: HostFile, h: Header) -> None:
     """Write the v3 feature fields (incompatible, compatible, autoclear) in place."""
-    host.pwrite(72, struct.pack(">QQQ", h.incompatible_features, h.compatible_features,
-                                h.autoclear_features))
+    header_io.set_feature_fields(host, h.incompatible_features, h.compatible_features,
+                                 h.autoclear_features)
     host.flush()
 
 
@@ -421,7 +430,13 @@ def rebuild_refcounts(host: HostFile, h: Header, new_order: int) -> None:
     h.refcount_table_clusters = ntable
     # one write switches table and width together (bytes 48..100): a crash between two
     # writes would make qemu read the new blocks at the old width (B11)
-    host.pwrite(48, h.pack()[48:100])
+    header_io.write_fields(
+        host, (HDR_REFCOUNT_TABLE_OFFSET, h.refcount_table_offset),
+        (HDR_REFCOUNT_TABLE_CLUSTERS, h.refcount_table_clusters),
+        (HDR_NB_SNAPSHOTS, h.nb_snapshots), (HDR_SNAPSHOTS_OFFSET, h.snapshots_offset),
+        (HDR_INCOMPATIBLE_FEATURES, h.incompatible_features),
+        (HDR_COMPATIBLE_FEATURES, h.compatible_features),
+        (HDR_AUTOCLEAR_FEATURES, h.autoclear_features), (HDR_REFCOUNT_ORDER, h.refcount_order))
     host.flush()
 
 

@@ -24,14 +24,15 @@ and by QEMU's table caps; the amount of L2 work is bounded by :data:`MAX_L2_ENTR
 from __future__ import annotations
 
 import struct
-import sys
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
 from diskimg.errors import CorruptImageError, FormatError, UsageError
 from diskimg.hostio import HostFile
+from diskimg.qcow2 import header_io
 from diskimg.qcow2.bitmaps import BME_TABLE_OFFSET_MASK as BME_TABLE_ENTRY_OFFSET_MASK
+from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
 from diskimg.qcow2.entries import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
@@ -53,7 +54,12 @@ from diskimg.qcow2.layout import (
     QCOW_MAX_SNAPSHOTS,
     Header,
 )
-from diskimg.qcow2.refcount import REFT_OFFSET_MASK
+from diskimg.qcow2.refcount import (
+    REFT_OFFSET_MASK,
+    decode_refblock,
+    encode_refblock,
+    refcount_typecode,
+)
 from diskimg.qcow2.snapshot import (
     QCOW_MAX_SNAPSHOT_EXTRA_DATA,
     QCOW_MAX_SNAPSHOTS_SIZE,
@@ -222,50 +228,6 @@ class CheckResult:
         return 0
 
 
-# --- refcount array helpers ------------------------------------------------------------
-def _typecode(bits: int) -> str:
-    if bits <= 8:
-        return "B"
-    if bits == 16:
-        return "H"
-    if bits == 32:
-        return "I" if array("I").itemsize == 4 else "L"
-    return "Q"
-
-
-_LITTLE = sys.byteorder == "little"
-
-
-def _decode_refblock(raw: bytes, order: int, entries: int) -> array[int]:
-    """Decode one refcount block (``raw`` is exactly one cluster) into an array."""
-    bits = 1 << order
-    if bits >= 8:
-        a = array(_typecode(bits), raw)
-        if _LITTLE and bits > 8:
-            a.byteswap()
-        return a
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    table = [bytes((b >> (bits * i)) & mask for i in range(per)) for b in range(256)]
-    return array("B", b"".join(table[b] for b in raw))
-
-
-def _encode_refs(vals: array[int], order: int) -> bytes:
-    """Encode refcount values (length a multiple of the per-byte count) to disk bytes."""
-    bits = 1 << order
-    if bits >= 8:
-        a = array(vals.typecode, vals)
-        if _LITTLE and bits > 8:
-            a.byteswap()
-        return a.tobytes()
-    per = 8 // bits
-    out = bytearray(len(vals) // per)
-    for i, v in enumerate(vals):
-        if v:
-            out[i // per] |= v << (bits * (i % per))
-    return bytes(out)
-
-
 @dataclass
 class _Snap:
     l1_table_offset: int
@@ -298,7 +260,7 @@ class _Pass:
         self.csize_mask = (1 << (self.cbits - 8)) - 1
         self.coffset_mask = (1 << self.csize_shift) - 1
         self.data_file = bool(header.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
-        self.tc = _typecode(self.rc_bits)
+        self.tc = refcount_typecode(self.order)
         self.itemsize = array(self.tc).itemsize
         self.work = 0
         self._l2_bad_bits: int | None = None  # see _plain_hosts
@@ -345,10 +307,7 @@ class _Pass:
         return data
 
     def _read_u64s(self, offset: int, n: int) -> array[int]:
-        a = array("Q", self.pread(offset, n * 8))
-        if _LITTLE:
-            a.byteswap()
-        return a
+        return be_u64_array(self.pread(offset, n * 8))
 
     def write(self, offset: int, data: bytes) -> None:
         self.host.pwrite(offset, data)
@@ -364,8 +323,8 @@ class _Pass:
             self.msg(f"qcow2: Marking image as corrupt: {message}; further corruption events "
                      "will be suppressed")
             if self.h.version >= 3:
-                cur = struct.unpack(">Q", self.pread(72, 8))[0]
-                self.write(72, struct.pack(">Q", cur | QCOW2_INCOMPAT_CORRUPT))
+                header_io.set_incompat(self.host, header_io.read_incompat(self.host)
+                                       | QCOW2_INCOMPAT_CORRUPT)
                 self.host.flush()
             self.marked_corrupt = True
             self.dead = True
@@ -474,7 +433,7 @@ class _Pass:
             raise _RefErr(off)  # qemu: a negative file offset reads as EIO
         blk = self.rb_cache.get(off)
         if blk is None:
-            blk = _decode_refblock(self.pread(off, self.cs), self.order, self.rb_entries)
+            blk = decode_refblock(self.pread(off, self.cs), self.order)
             self.rb_cache[off] = blk
         return blk
 
@@ -497,7 +456,7 @@ class _Pass:
             if self.dead:
                 break
             self.checked_write("refcount block", off,
-                               _encode_refs(self.rb_cache[off], self.order))
+                               encode_refblock(self.rb_cache[off], self.order))
         self.rb_dirty.clear()
         if not self.dead:
             self.host.flush()
@@ -641,9 +600,7 @@ class _Pass:
                                                       "big")
         if int.from_bytes(raw, "big") & bad:
             return None
-        tab = array("Q", raw)
-        if _LITTLE:
-            tab.byteswap()
+        tab = be_u64_array(raw)
         mask = L2E_OFFSET_MASK
         hosts = [e & mask for e in tab if e]
         if not hosts or 0 in hosts or max(hosts) >= self.file_len:
@@ -722,9 +679,7 @@ class _Pass:
         if hosts is not None and self._count_plain(hosts, frag):
             self.count_work(len(hosts))
             return
-        tab = array("Q", raw)
-        if _LITTLE:
-            tab.byteswap()
+        tab = be_u64_array(raw)
         res = self.res
         cs = self.cs
         step = 2 if self.ext_l2 else 1
@@ -1073,7 +1028,7 @@ class _Pass:
                     grown = True
                 reft[idx] = rb_off
             assert start + E <= len(self.imrt)
-            if not self.checked_write("", rb_off, _encode_refs(self.imrt[start:start + E],
+            if not self.checked_write("", rb_off, encode_refblock(self.imrt[start:start + E],
                                                                 self.order)):
                 self.msg("diskimg: ERROR writing refblock: Input/output error")
                 self.res.check_errors += 1
@@ -1095,10 +1050,7 @@ class _Pass:
             s = rt_off >> self.cbits
             if not self.write_refblocks(s, s + clusters, reft):
                 break
-        tab = array("Q", reft)
-        if _LITTLE:
-            tab.byteswap()
-        if not self.checked_write("", rt_off, tab.tobytes()):
+        if not self.checked_write("", rt_off, pack_be_u64_array(array("Q", reft))):
             self.msg("diskimg: ERROR writing reftable: Input/output error")
             self.res.check_errors += 1
             raise _Abort("EIO")
@@ -1157,9 +1109,7 @@ class _Pass:
             hosts = self._plain_hosts(raw)
             if hosts is not None and self._all_copied_once(raw, hosts):
                 continue
-            tab = array("Q", raw)
-            if _LITTLE:
-                tab.byteswap()
+            tab = be_u64_array(raw)
             dirty = 0
             for j in range(self.l2_size):
                 e = tab[j * step]
@@ -1186,9 +1136,7 @@ class _Pass:
                         tab[j * step] = e | OFLAG_COPIED if rc == 1 else e & ~OFLAG_COPIED
                         dirty += 1
             if dirty:
-                if _LITTLE:
-                    tab.byteswap()
-                if not self.checked_write("active L2 table", l2_off, tab.tobytes()):
+                if not self.checked_write("active L2 table", l2_off, pack_be_u64_array(tab)):
                     self.msg("ERROR: Could not write L2 table; metadata overlap check failed: "
                              "Input/output error")
                     res.check_errors += 1
@@ -1356,7 +1304,7 @@ def _rewrite_snapshot_table(host: Any, header: Header, res: CheckResult) -> None
         host.flush()
         host.pwrite(new_off, data)
         host.flush()
-    host.pwrite(60, struct.pack(">IQ", keep, new_off))
+    header_io.set_snapshots(host, keep, new_off)
     host.flush()
     if old_size:
         first, last_c = old_off // cs, (old_off + old_size - 1) // cs
@@ -1383,7 +1331,5 @@ def _reread_header(host: Any, old: Header) -> Header:
 def _clear_incompat(host: Any, header: Header, bits: int) -> None:
     if header.version < 3:
         return
-    cur = struct.unpack(">Q", host.pread(72, 8))[0]
-    if cur & bits:
-        host.pwrite(72, struct.pack(">Q", cur & ~bits))
+    if header_io.update_incompat(host, clear_bits=bits):
         host.flush()

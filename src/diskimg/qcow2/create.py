@@ -13,6 +13,7 @@ from typing import Any
 
 from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
+from diskimg.qcow2 import header_io
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -285,7 +286,7 @@ def _preallocate_space(path: Path, h: Header, mode: str) -> None:
         for i, b in sorted(blocks.items()):
             host.pwrite(table[i], b.pack())
         host.pwrite(table_at * cs, b"".join(struct.pack(">Q", e) for e in table))
-        host.pwrite(48, struct.pack(">QI", table_at * cs, table_clusters))
+        header_io.set_refcount_table(host, table_at * cs, table_clusters)
         h.refcount_table_offset, h.refcount_table_clusters = table_at * cs, table_clusters
         data_end = (data_at + n_data) * cs
         if mode == "full":

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from diskimg.errors import CorruptImageError, FormatError, UsageError
 from diskimg.qcow2 import entries as E
+from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import L2Table, be_u64_array, pack_be_u64_array
 from diskimg.qcow2.layout import QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
 from diskimg.qcow2.refcount import RefBlock
@@ -458,8 +459,8 @@ class SnapshotTable:
             img.host.pwrite(off, new_blocks[ri].pack())
         img.host.pwrite(new_rt, pack_be_u64_array(rt))
         img.host.flush()
-        img.host.pwrite(40, struct.pack(">QQIIQ", l1_off, new_rt, rt_clusters, len(snaps),
-                                        snap_off))
+        header_io.set_tables(img.host, l1_offset=l1_off, reftable_offset=new_rt,
+                             reftable_clusters=rt_clusters, snapshots=(len(snaps), snap_off))
         img.host.flush()
         # 5. the in-memory image follows
         h.l1_table_offset, h.refcount_table_offset = l1_off, new_rt
@@ -558,7 +559,7 @@ class SnapshotTable:
         img._flush_refcounts()
         img.host.pwrite(off, table)
         img.host.flush()
-        img.host.pwrite(60, struct.pack(">IQ", len(new), off))
+        header_io.set_snapshots(img.host, len(new), off)
         img.host.flush()
         old_off, old_len = h.snapshots_offset, len(pack_table_exact(old))
         h.snapshots_offset = off
