@@ -32,6 +32,11 @@ from diskimg.errors import CorruptImageError, FormatError, UsageError
 from diskimg.hostio import HostFile
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.bitmaps import BME_TABLE_OFFSET_MASK as BME_TABLE_ENTRY_OFFSET_MASK
+from diskimg.qcow2.bitmaps import (
+    QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+    BitmapEntry,
+    BitmapsExt,
+)
 from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
 from diskimg.qcow2.entries import (
     L1E_OFFSET_MASK,
@@ -40,12 +45,13 @@ from diskimg.qcow2.entries import (
     L2E_STD_RESERVED_MASK,
     ClusterType,
     cluster_type,
+    decode_compressed,
 )
 from diskimg.qcow2.entries import QCOW_OFLAG_COPIED as OFLAG_COPIED
 from diskimg.qcow2.entries import QCOW_OFLAG_ZERO as OFLAG_ZERO
 from diskimg.qcow2.layout import (
-    QCOW2_AUTOCLEAR_BITMAPS,
-    QCOW2_EXT_MAGIC_BITMAPS,
+    HDR_NB_SNAPSHOTS,
+    HDR_SNAPSHOTS_OFFSET,
     QCOW2_EXT_MAGIC_CRYPTO_HEADER,
     QCOW2_INCOMPAT_CORRUPT,
     QCOW2_INCOMPAT_DATA_FILE,
@@ -63,6 +69,8 @@ from diskimg.qcow2.refcount import (
 from diskimg.qcow2.snapshot import (
     QCOW_MAX_SNAPSHOT_EXTRA_DATA,
     QCOW_MAX_SNAPSHOTS_SIZE,
+    EntryHeader,
+    c_bytes,
 )
 
 __all__ = ["CheckResult", "check_image"]
@@ -256,9 +264,6 @@ class _Pass:
         self.ext_l2 = header.extended_l2
         self.l2e_size = 16 if self.ext_l2 else 8
         self.l2_size = self.cs // self.l2e_size
-        self.csize_shift = 62 - (self.cbits - 8)
-        self.csize_mask = (1 << (self.cbits - 8)) - 1
-        self.coffset_mask = (1 << self.csize_shift) - 1
         self.data_file = bool(header.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
         self.tc = refcount_typecode(self.order)
         self.itemsize = array(self.tc).itemsize
@@ -382,13 +387,10 @@ class _Pass:
         return True
 
     def bitmap_dir(self) -> tuple[int, int] | None:
-        if not self.h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
+        bx = BitmapsExt.of(self.h)
+        if bx is None or not bx.nb_bitmaps:
             return None
-        ext = self.h.ext(QCOW2_EXT_MAGIC_BITMAPS)
-        if ext is None or len(ext.data) < 24:
-            return None
-        nb, _, dsize, doff = struct.unpack_from(">IIQQ", ext.data)
-        return (doff, dsize) if nb else None
+        return bx.directory_offset, bx.directory_size
 
     def size_to_clusters(self, size: int) -> int:
         return (size + self.cs - 1) >> self.cbits
@@ -490,9 +492,9 @@ class _Pass:
 
     # --- snapshot table (qcow2_check_read_snapshot_table) -------------------------------
     def read_snapshots(self) -> None:
-        raw = self.pread(60, 12)
-        nb, off = struct.unpack(">iq", raw)
-        nb_u = nb & 0xFFFFFFFF
+        nb_u, off_u = header_io.read_fields(self.host, HDR_NB_SNAPSHOTS, HDR_SNAPSHOTS_OFFSET)
+        nb = nb_u - (1 << 32) if nb_u >> 31 else nb_u  # qemu reads both as signed
+        off = off_u - (1 << 64) if off_u >> 63 else off_u
         fix_errors = bool(self.fix & 2)
         dropped = 0
         if nb_u > QCOW_MAX_SNAPSHOTS:
@@ -516,9 +518,9 @@ class _Pass:
         for i in range(nb):
             pos = (pos + 7) & ~7
             entry_offset = pos
-            (l1_off, l1_size, id_len, name_len, _ds, _dn, _vc, _vs,
-             extra) = struct.unpack(">QIHHIIQII", self.pread(pos, 40))
-            pos += 40
+            eh = EntryHeader.parse(self.pread(pos, EntryHeader.SIZE))
+            l1_off, l1_size, extra = eh.l1_table_offset, eh.l1_size, eh.extra_data_size
+            pos += EntryHeader.SIZE
             truncate = False
             if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
                 if not fix_errors:
@@ -540,10 +542,10 @@ class _Pass:
                 if truncate:
                     extra = QCOW_MAX_SNAPSHOT_EXTRA_DATA
                 pos = end
-            id_str = self.pread(pos, id_len).decode("utf-8", "replace")
-            pos += id_len
-            name = self.pread(pos, name_len).decode("utf-8", "replace")
-            pos += name_len
+            id_str = c_bytes(self.pread(pos, eh.id_len)).decode("utf-8", "replace")
+            pos += eh.id_len
+            name = c_bytes(self.pread(pos, eh.name_len)).decode("utf-8", "replace")
+            pos += eh.name_len
             if pos - off > QCOW_MAX_SNAPSHOTS_SIZE and fix_errors:
                 self.msg(f"Discarding {nb - i} overhanging snapshots (snapshot table is too "
                          "big)")
@@ -558,8 +560,7 @@ class _Pass:
                          "too big")
                 self.find("snapshot-table-too-big", table="snapshot-table", host_offset=off)
                 raise _Abort("EFBIG")
-            snaps.append(_Snap(l1_off, l1_size, id_str.split("\0", 1)[0],
-                               name.split("\0", 1)[0], extra, entry_offset))
+            snaps.append(_Snap(l1_off, l1_size, id_str, name, extra, entry_offset))
             entry_end = pos
         self.res.snapshots_kept = len(snaps)
         self.snapshots = snaps
@@ -700,12 +701,13 @@ class _Pass:
                           host_offset=l2_off + i * self.l2e_size, guest_offset=guest)
             if typ == _COMPRESSED:
                 if e & OFLAG_COPIED:
-                    self.msg(f"ERROR: coffset=0x{e & self.coffset_mask:x}: copied flag must "
+                    coff = decode_compressed(e, self.cbits)[0]
+                    self.msg(f"ERROR: coffset=0x{coff:x}: copied flag must "
                              "never be set for compressed clusters")
                     e &= ~OFLAG_COPIED
                     res.corruptions += 1
                     self.find("compressed-copied", table=f"{label} L2", index=i,
-                              host_offset=e & self.coffset_mask, guest_offset=guest)
+                              host_offset=coff, guest_offset=guest)
                 if self.data_file:
                     self.msg(f"ERROR compressed cluster {i} with data file, entry=0x{e:x}")
                     res.corruptions += 1
@@ -719,10 +721,7 @@ class _Pass:
                     self.find("compressed-bitmap", table=f"{label} L2", index=i,
                               guest_offset=guest)
                     continue
-                coff = e & self.coffset_mask
-                nsec = ((e >> self.csize_shift) & self.csize_mask) + 1
-                csize = nsec * 512 - (coff & 511)
-                self.inc(coff, csize, "compressed data")
+                self.inc(*decode_compressed(e, self.cbits), "compressed data")
                 if frag:
                     res.allocated_clusters += 1
                     res.compressed_clusters += 1
@@ -785,26 +784,25 @@ class _Pass:
 
     # --- bitmaps ----------------------------------------------------------------------
     def check_bitmaps(self) -> None:
-        if not self.h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
+        bx = BitmapsExt.of(self.h)
+        if bx is None or not bx.nb_bitmaps:
             return
-        ext = self.h.ext(QCOW2_EXT_MAGIC_BITMAPS)
-        if ext is None or len(ext.data) < 24:
-            return
-        nb, _, dsize, doff = struct.unpack_from(">IIQQ", ext.data)
-        if nb == 0:
-            return
+        nb, dsize, doff = bx.nb_bitmaps, bx.directory_size, bx.directory_offset
         self.inc(doff, dsize, "bitmap directory")
-        if dsize > 64 * 1024 * 1024 or doff & (self.cs - 1):
+        if dsize > QCOW2_MAX_BITMAP_DIRECTORY_SIZE or doff & (self.cs - 1):
             self.res.corruptions += 1
             self.find("bitmap-directory", table="bitmap directory", host_offset=doff)
             raise _Abort("EINVAL")
         d = self.pread(doff, dsize)
         pos = 0
         tables: list[tuple[int, int]] = []
-        while pos + 24 <= len(d) and len(tables) < nb:
-            t_off, t_size, _fl, _ty, _gb, nlen, xlen = struct.unpack_from(">QIIBBHI", d, pos)
-            tables.append((t_off, t_size))
-            pos += (24 + xlen + nlen + 7) & ~7
+        while len(tables) < nb:
+            try:
+                bme, n = BitmapEntry.parse(d, pos, doff)
+            except FormatError:  # truncated or runs past the directory: qemu's broken_dir
+                break
+            tables.append((bme.table_offset, bme.table_size))
+            pos += n
         if len(tables) != nb or _tables_bad(tables, self.cs):
             self.res.corruptions += 1
             self.find("bitmap-directory", table="bitmap directory", host_offset=doff)
@@ -1054,7 +1052,7 @@ class _Pass:
             self.msg("diskimg: ERROR writing reftable: Input/output error")
             self.res.check_errors += 1
             raise _Abort("EIO")
-        self.write(48, struct.pack(">QI", rt_off, clusters))
+        header_io.set_refcount_table(self.host, rt_off, clusters)
         self.host.flush()
         self.file_len = self.host.size()
         self.reftable = array("Q", reft)

@@ -27,6 +27,7 @@ from diskimg.qcow2.layout import (
 )
 
 __all__ = [
+    "read_fields",
     "read_incompat",
     "set_autoclear",
     "set_feature_fields",
@@ -58,6 +59,17 @@ def write_fields(host: _Host, *values: tuple[HeaderField, int]) -> None:
         args.append(v)
         pos += f.size
     host.pwrite(start, struct.pack(code, *args))
+
+
+def read_fields(host: _Host, *fields: HeaderField) -> tuple[int, ...]:
+    """Header fields (contiguous, in offset order) as they are on disk now, unsigned."""
+    start = fields[0].offset
+    end = fields[-1].offset + fields[-1].size
+    code = ">" + "".join(f.code for f in fields)
+    if struct.calcsize(code) != end - start:
+        raise ValueError(f"header fields not contiguous from {fields[0].name}")
+    raw = host.pread(start, end - start).ljust(end - start, b"\0")
+    return tuple(int(v) for v in struct.unpack(code, raw))
 
 
 def set_size(host: _Host, size: int) -> None:
@@ -99,8 +111,7 @@ def set_incompat(host: _Host, bits: int) -> None:
 
 def read_incompat(host: _Host) -> int:
     """The incompatible feature bits as they are on disk now."""
-    f = HDR_INCOMPATIBLE_FEATURES
-    return int(struct.unpack(">" + f.code, host.pread(f.offset, f.size))[0])
+    return read_fields(host, HDR_INCOMPATIBLE_FEATURES)[0]
 
 
 def update_incompat(host: _Host, *, set_bits: int = 0, clear_bits: int = 0) -> bool:

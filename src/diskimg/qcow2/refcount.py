@@ -31,12 +31,13 @@ class _Again(Exception):
     allocated, so the caller must search for free clusters again."""
 
 
-def refcount_blocks_for(clusters: int, cs: int, refcount_order: int,
-                        generous: bool = False) -> int:
-    """Refcount blocks needed to count ``clusters`` clusters plus the refcount blocks and
-    table clusters themselves (the fixed point of QEMU's ``qcow2_refcount_metadata_size``;
-    ``generous`` adds half the table size to ``clusters`` once, as QEMU's
-    ``generous_increase`` does)."""
+def refcount_metadata_clusters(clusters: int, cs: int, refcount_order: int,
+                               generous: bool = False) -> tuple[int, int]:
+    """(refcount blocks, refcount table clusters) needed to count ``clusters`` clusters
+    plus those blocks and table clusters themselves: the fixed point of QEMU's
+    ``qcow2_refcount_metadata_size``.  ``generous`` adds half the table size to
+    ``clusters`` once, as QEMU's ``generous_increase`` does.  The one copy of this rule
+    (allocation, create and ``measure`` use it)."""
     per_block = cs * 8 >> refcount_order
     per_table_cluster = cs // 8
     blocks = table = 0
@@ -48,8 +49,14 @@ def refcount_blocks_for(clusters: int, cs: int, refcount_order: int,
                 clusters += -(-nt // 2)
                 generous = False
                 continue
-            return blocks
+            return blocks, table
         blocks, table = nb, nt
+
+
+def refcount_blocks_for(clusters: int, cs: int, refcount_order: int,
+                        generous: bool = False) -> int:
+    """The refcount blocks of :func:`refcount_metadata_clusters`."""
+    return refcount_metadata_clusters(clusters, cs, refcount_order, generous)[0]
 
 
 # --- the refcount-block codec (docs/interop/qcow2.txt, "Host cluster management") ---------
