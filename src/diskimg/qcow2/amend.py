@@ -27,6 +27,7 @@ from diskimg.hostio import HostFile
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
+from diskimg.qcow2.image import clear_unknown_autoclear
 from diskimg.qcow2.layout import (
     HDR_AUTOCLEAR_FEATURES,
     HDR_COMPATIBLE_FEATURES,
@@ -51,9 +52,9 @@ from diskimg.qcow2.layout import (
     V2_HEADER_LENGTH,
     V3_HEADER_LENGTH,
     Header,
+    compat_version,
     pack_feature_table,
 )
-from diskimg.qcow2.image import clear_unknown_autoclear
 from diskimg.qcow2.refcount import RefBlock, Refcounts
 
 ProgressFn = Callable[[float], None]
@@ -725,12 +726,10 @@ def _validate(h: Header, options: dict[str, str]) -> tuple[int, int, int, bool |
     compat = options.get("compat")
     new_version = cur_version
     if compat is not None:
-        if compat in ("0.10", "v2"):
-            new_version = 2
-        elif compat in ("1.1", "v3"):
-            new_version = 3
-        else:
+        version = compat_version(compat)
+        if version is None:
             raise UsageError(f"Unknown compatibility level {compat}")
+        new_version = version
     if "data_file" in options:
         if not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
             raise UsageError("data-file can only be set for images that use an external "

@@ -27,6 +27,7 @@ from diskimg.qcow2.layout import (
     V2_HEADER_LENGTH,
     V3_HEADER_LENGTH_COMPRESSION,
     Header,
+    compat_version,
     pack_feature_table,
 )
 from diskimg.qcow2.refcount import RefBlock, refcount_blocks_for
@@ -51,11 +52,8 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
     Consumes the options it knows from ``options``.
     """
     compat = str(options.pop("compat", "1.1"))
-    if compat in ("0.10", "v2"):
-        version = 2
-    elif compat in ("1.1", "v3"):
-        version = 3
-    else:
+    version = compat_version(compat)
+    if version is None:
         raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
     cs_opt = options.pop("cluster_size", 65536)
     cs = cs_opt if isinstance(cs_opt, int) else parse_size(str(cs_opt))

@@ -29,6 +29,7 @@ from diskimg.qcow2.bitmaps import (
     BitmapEntry,
     BitmapsExt,
 )
+from diskimg.qcow2.layout import compat_version
 from diskimg.qcow2.refcount import refcount_metadata_clusters
 from diskimg.units import parse_size
 
@@ -181,11 +182,8 @@ def parse_qcow2_options(options: Mapping[str, Any],
         raise UsageError("Extended L2 entries are only supported with cluster sizes of at "
                          "least 16384 bytes")
     compat = options.get("compat")
-    if compat is None or str(compat) == "1.1":
-        version = 3
-    elif str(compat) == "0.10":
-        version = 2
-    else:
+    version = 3 if compat is None else compat_version(compat, aliases=False)
+    if version is None:
         raise UsageError(f"Invalid compatibility level: '{compat}'")
     rb = options.get("refcount_bits")
     bits = 16 if rb is None else int(str(rb), 0)
