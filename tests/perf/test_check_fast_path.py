@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from diskimg.qcow2 import entries as E
 from diskimg.qcow2.check import copied as C_copied
 from diskimg.qcow2.check import walk as C
-from diskimg.qcow2 import entries as E
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
