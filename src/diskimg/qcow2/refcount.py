@@ -9,6 +9,7 @@ table entry that points at it reach the disk before anything relies on them.
 
 from __future__ import annotations
 
+import functools
 import struct
 from array import array
 
@@ -81,6 +82,7 @@ def _narrow_pos(i: int, order: int) -> tuple[int, int, int]:
     return i // per, (i % per) * bits, (1 << bits) - 1
 
 
+@functools.cache
 def _narrow_tables(order: int) -> tuple[list[bytes], dict[bytes, int]]:
     """Byte -> its decoded entries, and back (the LSB-first rule of _narrow_pos)."""
     per = 8 >> order
@@ -94,14 +96,11 @@ def _narrow_tables(order: int) -> tuple[list[bytes], dict[bytes, int]]:
     return dec, {v: b for b, v in enumerate(dec)}
 
 
-_NARROW = {order: _narrow_tables(order) for order in (0, 1, 2)}
-
-
 def decode_refblock(raw: bytes, order: int) -> array[int]:
     """Every refcount of a block (``raw`` big-endian on-disk bytes) as a native array of
     type :func:`refcount_typecode`."""
     if order < 3:
-        table = _NARROW[order][0]
+        table = _narrow_tables(order)[0]
         return array("B", b"".join(table[b] for b in raw))
     a = array(refcount_typecode(order), raw)
     if HOST_LITTLE_ENDIAN and order > 3:
@@ -114,7 +113,7 @@ def encode_refblock(vals: array[int], order: int) -> bytes:
     byte); the inverse of :func:`decode_refblock`."""
     if order < 3:
         per = 8 >> order
-        back = _NARROW[order][1]
+        back = _narrow_tables(order)[1]
         raw = vals.tobytes() if vals.typecode == "B" else bytes(vals)
         return bytes(back[raw[i:i + per]] for i in range(0, len(raw), per))
     a = array(refcount_typecode(order), vals)
