@@ -26,6 +26,7 @@ from diskimg.errors import DiskImgError, MissingSecretError, UnsupportedFeatureE
 from diskimg.hostio import HostFile
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
+from diskimg.qcow2.bitmaps import BitmapsExt
 from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
 from diskimg.qcow2.image import clear_unknown_autoclear
 from diskimg.qcow2.layout import (
@@ -37,11 +38,9 @@ from diskimg.qcow2.layout import (
     HDR_REFCOUNT_TABLE_CLUSTERS,
     HDR_REFCOUNT_TABLE_OFFSET,
     HDR_SNAPSHOTS_OFFSET,
-    QCOW2_AUTOCLEAR_BITMAPS,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
-    QCOW2_EXT_MAGIC_BITMAPS,
     QCOW2_EXT_MAGIC_CRYPTO_HEADER,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
     QCOW2_INCOMPAT_COMPRESSION,
@@ -75,10 +74,9 @@ def write_header(host: HostFile, h: Header) -> None:
 
 
 def nb_bitmaps(h: Header) -> int:
-    ext = h.ext(QCOW2_EXT_MAGIC_BITMAPS)
-    if ext is None or len(ext.data) < 4 or not h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
-        return 0
-    return int(struct.unpack_from(">I", ext.data, 0)[0])
+    """Persistent bitmaps the header declares (0 without a valid bitmaps extension)."""
+    bx = BitmapsExt.of(h)
+    return 0 if bx is None else bx.nb_bitmaps
 
 
 # --- emptying (qemu's bdrv_make_empty after commit) -----------------------------------
