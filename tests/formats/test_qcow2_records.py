@@ -142,3 +142,71 @@ def test_offset_zero_with_a_data_file() -> None:
     assert E.subcluster_type(copied, bitmap, 0, has_data_file=False) == E.SubclusterType.INVALID
     assert E.subcluster_type(copied, bitmap, 1,
                              has_data_file=False) == E.SubclusterType.ZERO_PLAIN
+
+
+# --- snapshot table and bitmap directory records on tables qemu wrote -------------------
+def _qemu_image(tmp_path: Path, opts: str) -> Path:
+    img = tmp_path / "t.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts, str(img), "4M"],
+                   check=True)
+    return img
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img absent")
+@pytest.mark.parametrize("opts", ["compat=0.10", "compat=1.1", "compat=1.1,cluster_size=512"])
+def test_snapshot_records_round_trip_on_qemu_tables(tmp_path: Path, opts: str) -> None:
+    from diskimg.qcow2.snapshot import EntryHeader, pack_table_exact, parse_table
+
+    img = _qemu_image(tmp_path, opts)
+    names = ["a", "a much longer snapshot name", "z" * 9]
+    for n in names:
+        subprocess.run([QEMU_IMG, "snapshot", "-c", n, str(img)], check=True)
+    raw = img.read_bytes()
+    h = Header.parse(raw[: Header.cluster_size_of(raw)], len(raw))
+    assert h.nb_snapshots == len(names)
+    table = raw[h.snapshots_offset:]
+    snaps = parse_table(table, h.nb_snapshots, h.snapshots_offset)
+    assert [s.name for s in snaps] == names
+    packed = pack_table_exact(snaps)
+    assert packed == table[: len(packed)]  # parse -> pack is byte-identical
+    pos = 0
+    for sn in snaps:  # the fixed part of each entry, through the one record
+        eh = EntryHeader.parse(table[pos:pos + EntryHeader.SIZE])
+        assert eh.pack() == table[pos:pos + EntryHeader.SIZE]
+        assert (eh.l1_table_offset, eh.l1_size) == (sn.l1_table_offset, sn.l1_size)
+        assert eh.extra_data_size == sn.extra_data_size == 24  # qemu writes 24 (v2 too)
+        pos += len(sn.pack())
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img absent")
+def test_bitmap_records_round_trip_on_qemu_directory(tmp_path: Path) -> None:
+    from diskimg.qcow2.bitmaps import BitmapEntry, BitmapsExt
+    from diskimg.qcow2.layout import QCOW2_EXT_MAGIC_BITMAPS
+
+    img = _qemu_image(tmp_path, "compat=1.1")
+    names = ["b0", "a-longer-bitmap-name", "x" * 17]
+    for i, n in enumerate(names):
+        subprocess.run([QEMU_IMG, "bitmap", "--add", "-g", str(65536 << i), str(img), n],
+                       check=True)
+    subprocess.run([QEMU_IMG, "bitmap", "--disable", str(img), names[1]], check=True)
+    raw = img.read_bytes()
+    h = Header.parse(raw[: Header.cluster_size_of(raw)], len(raw))
+    ext = h.ext(QCOW2_EXT_MAGIC_BITMAPS)
+    assert ext is not None
+    bx = BitmapsExt.of(h)
+    assert bx is not None and bx.pack() == ext.data
+    assert bx.nb_bitmaps == 3
+    d = raw[bx.directory_offset: bx.directory_offset + bx.directory_size]
+    pos, entries = 0, []
+    for _ in range(bx.nb_bitmaps):
+        e, n = BitmapEntry.parse(d, pos, bx.directory_offset)
+        assert e.pack() == d[pos:pos + n]
+        entries.append(e)
+        pos += n
+    assert pos == bx.directory_size
+    assert b"".join(e.pack() for e in entries) == d
+    assert [(e.name, 1 << e.granularity_bits) for e in entries] == [
+        (n, 65536 << i) for i, n in enumerate(names)]
+    assert [bool(e.flags & 2) for e in entries] == [True, False, True]  # BME_FLAG_AUTO

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from diskimg.qcow2 import check as C
 from diskimg.qcow2 import entries as E
+from diskimg.qcow2.check import copied as C_copied
+from diskimg.qcow2.check import walk as C
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -127,7 +128,8 @@ def test_clean_tables_skip_the_entry_walk(tmp_path: Path, monkeypatch: pytest.Mo
         calls.append(e)
         return real(e, extended=extended, has_data_file=has_data_file)
 
-    monkeypatch.setattr(C, "cluster_type", spy)
+    for mod in (C, C_copied):  # the check's two L2 walks (references, OFLAG_COPIED)
+        monkeypatch.setattr(mod, "cluster_type", spy)
     from diskimg.cli.main import main
 
     assert main(["check", "--output=json", str(img)]) == 0

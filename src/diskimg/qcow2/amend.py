@@ -25,13 +25,22 @@ from diskimg.crypto.luks import (
 from diskimg.errors import DiskImgError, MissingSecretError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile
 from diskimg.qcow2 import entries as E
+from diskimg.qcow2 import header_io
+from diskimg.qcow2.bitmaps import BitmapsExt
 from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
+from diskimg.qcow2.image import clear_unknown_autoclear
 from diskimg.qcow2.layout import (
-    QCOW2_AUTOCLEAR_BITMAPS,
+    HDR_AUTOCLEAR_FEATURES,
+    HDR_COMPATIBLE_FEATURES,
+    HDR_INCOMPATIBLE_FEATURES,
+    HDR_NB_SNAPSHOTS,
+    HDR_REFCOUNT_ORDER,
+    HDR_REFCOUNT_TABLE_CLUSTERS,
+    HDR_REFCOUNT_TABLE_OFFSET,
+    HDR_SNAPSHOTS_OFFSET,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
-    QCOW2_EXT_MAGIC_BITMAPS,
     QCOW2_EXT_MAGIC_CRYPTO_HEADER,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
     QCOW2_INCOMPAT_COMPRESSION,
@@ -42,9 +51,9 @@ from diskimg.qcow2.layout import (
     V2_HEADER_LENGTH,
     V3_HEADER_LENGTH,
     Header,
+    compat_version,
     pack_feature_table,
 )
-from diskimg.qcow2.image import clear_unknown_autoclear
 from diskimg.qcow2.refcount import RefBlock, Refcounts
 
 ProgressFn = Callable[[float], None]
@@ -65,10 +74,9 @@ def write_header(host: HostFile, h: Header) -> None:
 
 
 def nb_bitmaps(h: Header) -> int:
-    ext = h.ext(QCOW2_EXT_MAGIC_BITMAPS)
-    if ext is None or len(ext.data) < 4 or not h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
-        return 0
-    return int(struct.unpack_from(">I", ext.data, 0)[0])
+    """Persistent bitmaps the header declares (0 without a valid bitmaps extension)."""
+    bx = BitmapsExt.of(h)
+    return 0 if bx is None else bx.nb_bitmaps
 
 
 # --- emptying (qemu's bdrv_make_empty after commit) -----------------------------------
@@ -100,12 +108,12 @@ def _make_completely_empty(host: HostFile, h: Header, l1_clusters: int) -> None:
     # mark dirty: until the new refcounts are in place the old ones are wrong
     dirty = h.version >= 3 and not h.incompatible_features & QCOW2_INCOMPAT_DIRTY
     if dirty:
-        host.pwrite(72, struct.pack(">Q", h.incompatible_features | QCOW2_INCOMPAT_DIRTY))
+        header_io.set_incompat(host, h.incompatible_features | QCOW2_INCOMPAT_DIRTY)
         host.flush()
     host.pwrite(h.l1_table_offset, bytes(l1_clusters * cs))
     host.pwrite(cs, bytes((2 + l1_clusters) * cs))
     host.flush()
-    host.pwrite(40, struct.pack(">QQI", 3 * cs, cs, 1))
+    header_io.set_tables(host, l1_offset=3 * cs, reftable_offset=cs, reftable_clusters=1)
     host.flush()
     host.pwrite(cs, struct.pack(">Q", 2 * cs))
     host.flush()
@@ -115,7 +123,7 @@ def _make_completely_empty(host: HostFile, h: Header, l1_clusters: int) -> None:
     host.pwrite(2 * cs, blk.pack())
     host.flush()
     if dirty:
-        host.pwrite(72, struct.pack(">Q", h.incompatible_features))
+        header_io.set_incompat(host, h.incompatible_features)
         host.flush()
     host.truncate((3 + l1_clusters) * cs)
     host.flush()
@@ -217,8 +225,8 @@ def set_backing(host: HostFile, backing_file: str | None, backing_fmt: str | Non
 
 def set_feature_bits(host: HostFile, h: Header) -> None:
     """Write the v3 feature fields (incompatible, compatible, autoclear) in place."""
-    host.pwrite(72, struct.pack(">QQQ", h.incompatible_features, h.compatible_features,
-                                h.autoclear_features))
+    header_io.set_feature_fields(host, h.incompatible_features, h.compatible_features,
+                                 h.autoclear_features)
     host.flush()
 
 
@@ -427,7 +435,13 @@ def rebuild_refcounts(host: HostFile, h: Header, new_order: int) -> None:
     h.refcount_table_clusters = ntable
     # one write switches table and width together (bytes 48..100): a crash between two
     # writes would make qemu read the new blocks at the old width (B11)
-    host.pwrite(48, h.pack()[48:100])
+    header_io.write_fields(
+        host, (HDR_REFCOUNT_TABLE_OFFSET, h.refcount_table_offset),
+        (HDR_REFCOUNT_TABLE_CLUSTERS, h.refcount_table_clusters),
+        (HDR_NB_SNAPSHOTS, h.nb_snapshots), (HDR_SNAPSHOTS_OFFSET, h.snapshots_offset),
+        (HDR_INCOMPATIBLE_FEATURES, h.incompatible_features),
+        (HDR_COMPATIBLE_FEATURES, h.compatible_features),
+        (HDR_AUTOCLEAR_FEATURES, h.autoclear_features), (HDR_REFCOUNT_ORDER, h.refcount_order))
     host.flush()
 
 
@@ -716,12 +730,10 @@ def _validate(h: Header, options: dict[str, str]) -> tuple[int, int, int, bool |
     compat = options.get("compat")
     new_version = cur_version
     if compat is not None:
-        if compat in ("0.10", "v2"):
-            new_version = 2
-        elif compat in ("1.1", "v3"):
-            new_version = 3
-        else:
+        version = compat_version(compat)
+        if version is None:
             raise UsageError(f"Unknown compatibility level {compat}")
+        new_version = version
     if "data_file" in options:
         if not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
             raise UsageError("data-file can only be set for images that use an external "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 from diskimg.errors import FormatError
-from diskimg.qcow2.layout import QCOW2_AUTOCLEAR_BITMAPS, QCOW2_EXT_MAGIC_BITMAPS
+from diskimg.qcow2.layout import QCOW2_AUTOCLEAR_BITMAPS, QCOW2_EXT_MAGIC_BITMAPS, Header
 
 if TYPE_CHECKING:
     from diskimg.qcow2.image import Qcow2Image
@@ -23,10 +23,45 @@ if TYPE_CHECKING:
 BME_FLAG_IN_USE = 1 << 0
 BME_FLAG_AUTO = 1 << 1
 BME_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+# QEMU's limits (qcow2.h), the ones qemu-img applies on open and in check
 QCOW2_MAX_BITMAPS = 65535
 QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
 _EXT = struct.Struct(">IIQQ")
 _ENTRY = struct.Struct(">QIIBBHI")
+#: Size of the fixed part of a bitmap directory entry (docs/interop/qcow2.txt).
+BITMAP_DIR_ENTRY_SIZE = _ENTRY.size
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapsExt:
+    """The bitmaps header extension (0x23852875): bitmap count and directory location
+    (docs/interop/qcow2.txt, "Bitmaps extension")."""
+
+    nb_bitmaps: int
+    reserved: int
+    directory_size: int
+    directory_offset: int
+
+    SIZE = _EXT.size
+
+    @classmethod
+    def parse(cls, data: bytes) -> Self | None:
+        """The record, or None when ``data`` is too short to hold one."""
+        if len(data) < _EXT.size:
+            return None
+        return cls(*_EXT.unpack_from(data))
+
+    def pack(self) -> bytes:
+        return _EXT.pack(self.nb_bitmaps, self.reserved, self.directory_size,
+                         self.directory_offset)
+
+    @classmethod
+    def of(cls, h: Header) -> Self | None:
+        """The extension of ``h`` when the autoclear bit says it is valid, else None."""
+        ext = h.ext(QCOW2_EXT_MAGIC_BITMAPS)
+        if ext is None or not h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
+            return None
+        return cls.parse(ext.data)
 
 
 @dataclass(slots=True)
@@ -85,9 +120,10 @@ class Bitmaps:
         ext = h.ext(QCOW2_EXT_MAGIC_BITMAPS)
         if ext is None or not h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
             return
-        if len(ext.data) < _EXT.size:
+        bx = BitmapsExt.parse(ext.data)
+        if bx is None:
             raise FormatError("Bitmaps header extension is too short", offset=0)
-        nb, _res, dsize, doff = _EXT.unpack_from(ext.data)
+        nb, dsize, doff = bx.nb_bitmaps, bx.directory_size, bx.directory_offset
         if nb > QCOW2_MAX_BITMAPS or dsize > QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
             raise FormatError(f"Too many bitmaps ({nb}) or bitmap directory too large "
                               f"({dsize} bytes)")

@@ -15,20 +15,21 @@ from typing import Generic, Protocol, TypeVar
 
 from diskimg.hostio import HostFile
 
-_LITTLE = sys.byteorder == "little"
+#: True when native integers are little-endian (qcow2 is big-endian on disk).
+HOST_LITTLE_ENDIAN = sys.byteorder == "little"
 assert array("Q").itemsize == 8 and array("H").itemsize == 2 and array("I").itemsize == 4
 
 
 def be_u64_array(buf: bytes) -> array[int]:
     """Big-endian u64 bytes → native array('Q')."""
     a = array("Q", buf)
-    if _LITTLE:
+    if HOST_LITTLE_ENDIAN:
         a.byteswap()
     return a
 
 
 def pack_be_u64_array(a: array[int]) -> bytes:
-    if not _LITTLE:
+    if not HOST_LITTLE_ENDIAN:
         return a.tobytes()
     b = array("Q", a)
     b.byteswap()

@@ -13,6 +13,7 @@ from typing import Any
 
 from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
+from diskimg.qcow2 import header_io
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -26,6 +27,7 @@ from diskimg.qcow2.layout import (
     V2_HEADER_LENGTH,
     V3_HEADER_LENGTH_COMPRESSION,
     Header,
+    compat_version,
     pack_feature_table,
 )
 from diskimg.qcow2.refcount import RefBlock, refcount_blocks_for
@@ -50,11 +52,8 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
     Consumes the options it knows from ``options``.
     """
     compat = str(options.pop("compat", "1.1"))
-    if compat in ("0.10", "v2"):
-        version = 2
-    elif compat in ("1.1", "v3"):
-        version = 3
-    else:
+    version = compat_version(compat)
+    if version is None:
         raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
     cs_opt = options.pop("cluster_size", 65536)
     cs = cs_opt if isinstance(cs_opt, int) else parse_size(str(cs_opt))
@@ -296,7 +295,7 @@ def _preallocate_space(path: Path, h: Header, mode: str) -> None:
         for i, b in sorted(blocks.items()):
             host.pwrite(table[i], b.pack())
         host.pwrite(table_at * cs, b"".join(struct.pack(">Q", e) for e in table))
-        host.pwrite(48, struct.pack(">QI", table_at * cs, table_clusters))
+        header_io.set_refcount_table(host, table_at * cs, table_clusters)
         h.refcount_table_offset, h.refcount_table_clusters = table_at * cs, table_clusters
         data_end = (data_at + n_data) * cs
         if mode == "full":

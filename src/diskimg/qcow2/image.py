@@ -29,6 +29,7 @@ from diskimg.errors import (
 from diskimg.hostio import HostFile, open_host_file, zero_fill
 from diskimg.policy import OpenPolicy
 from diskimg.qcow2 import entries as E
+from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import L2Table, TableCache, be_u64_array, pack_be_u64_array
 from diskimg.qcow2.layout import (
     COMPRESSION_TYPES,
@@ -104,7 +105,7 @@ def clear_unknown_autoclear(host: HostFile, h: Header) -> None:
     leaves the file byte-identical).  v2 headers have no autoclear field."""
     if h.version >= 3 and h.autoclear_features & ~QCOW2_AUTOCLEAR_MASK:
         h.autoclear_features &= QCOW2_AUTOCLEAR_MASK
-        host.pwrite(88, struct.pack(">Q", h.autoclear_features))
+        header_io.set_autoclear(host, h.autoclear_features)
         host.flush()
 
 
@@ -690,7 +691,7 @@ class Qcow2Image(BlockDevice):
 
     def _write_header_features(self) -> None:
         if self.header.version >= 3:
-            self.host.pwrite(72, struct.pack(">Q", self.header.incompatible_features))
+            header_io.set_incompat(self.host, self.header.incompatible_features)
 
     def _get_l2_for_write(self, cluster: int) -> tuple[int, L2Table]:
         """L2 table covering ``cluster``, allocated or copied (if shared) as needed."""
@@ -1343,7 +1344,7 @@ class Qcow2Image(BlockDevice):
             else:
                 self.preallocate(old_size, new_size, preallocation)
         self.flush()
-        self.host.pwrite(24, struct.pack(">Q", new_size))
+        header_io.set_size(self.host, new_size)
         self.host.flush()
         if self._data_file_opened and self.data_host.size() != new_size:
             # like qemu: the data file takes the new size too; a shrink must not leave
@@ -1429,7 +1430,7 @@ class Qcow2Image(BlockDevice):
         self.host.pwrite(new_off, pack_be_u64_array(table))
         self.host.flush()
         old_off, old_size = self.header.l1_table_offset, self.header.l1_size
-        self.host.pwrite(36, struct.pack(">IQ", need, new_off))
+        header_io.set_l1_table(self.host, need, new_off)
         self.host.flush()
         self.header.l1_size, self.header.l1_table_offset = need, new_off
         self.l1 = table

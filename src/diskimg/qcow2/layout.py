@@ -70,6 +70,62 @@ V3_HEADER_LENGTH_COMPRESSION = 112
 _EXT_HDR = struct.Struct(">II")
 
 
+_COMPAT = {"0.10": 2, "1.1": 3}
+_COMPAT_ALIASES = {"v2": 2, "v3": 3}
+
+
+def compat_version(value: object, *, aliases: bool = True) -> int | None:
+    """The header version a ``compat`` option names ("0.10" -> 2, "1.1" -> 3; with
+    ``aliases`` also qemu's "v2"/"v3", which create and amend accept and measure does not),
+    or None when it names none (each command words that refusal as qemu-img does)."""
+    text = str(value)
+    return _COMPAT.get(text, _COMPAT_ALIASES.get(text) if aliases else None)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderField:
+    """One header field: its byte offset and big-endian struct code."""
+
+    name: str
+    offset: int
+    code: str
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize(">" + self.code)
+
+
+def _fields(fmt: str, names: tuple[str, ...], base: int) -> dict[str, HeaderField]:
+    out, pos = {}, base
+    for code, name in zip(fmt.lstrip(">"), names, strict=True):
+        out[name] = HeaderField(name, pos, code)
+        pos += struct.calcsize(">" + code)
+    return out
+
+
+# Header field offsets, derived from the structs Header.parse uses (docs/interop/qcow2.txt,
+# "Header": bytes 0-71 are the version 2 header, 72-103 the version 3 additions).
+_FIELDS = _fields(_V2.format, (
+    "magic", "version", "backing_file_offset", "backing_file_size", "cluster_bits", "size",
+    "crypt_method", "l1_size", "l1_table_offset", "refcount_table_offset",
+    "refcount_table_clusters", "nb_snapshots", "snapshots_offset"), 0)
+_FIELDS.update(_fields(_V3.format, (
+    "incompatible_features", "compatible_features", "autoclear_features", "refcount_order",
+    "header_length"), V2_HEADER_LENGTH))
+HDR_SIZE = _FIELDS["size"]
+HDR_L1_SIZE = _FIELDS["l1_size"]
+HDR_L1_TABLE_OFFSET = _FIELDS["l1_table_offset"]
+HDR_REFCOUNT_TABLE_OFFSET = _FIELDS["refcount_table_offset"]
+HDR_REFCOUNT_TABLE_CLUSTERS = _FIELDS["refcount_table_clusters"]
+HDR_NB_SNAPSHOTS = _FIELDS["nb_snapshots"]
+HDR_SNAPSHOTS_OFFSET = _FIELDS["snapshots_offset"]
+HDR_INCOMPATIBLE_FEATURES = _FIELDS["incompatible_features"]
+HDR_COMPATIBLE_FEATURES = _FIELDS["compatible_features"]
+HDR_AUTOCLEAR_FEATURES = _FIELDS["autoclear_features"]
+HDR_REFCOUNT_ORDER = _FIELDS["refcount_order"]
+HDR_HEADER_LENGTH = _FIELDS["header_length"]
+
+
 @dataclass(slots=True)
 class Extension:
     """One header extension; ``data`` unpadded."""

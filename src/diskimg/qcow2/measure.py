@@ -17,13 +17,20 @@ Sizes are bytes.  Nothing here does I/O except reading an input device's block s
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from diskimg.crypto.luks.header import CIPHER_MODES, QEMU_CIPHER_KEY_BYTES, luks_header_size
-from diskimg.errors import UsageError
+from diskimg.errors import FormatError, UsageError
+from diskimg.qcow2.bitmaps import (
+    BITMAP_DIR_ENTRY_SIZE,
+    QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+    BitmapEntry,
+    BitmapsExt,
+)
+from diskimg.qcow2.layout import compat_version
+from diskimg.qcow2.refcount import refcount_metadata_clusters
 from diskimg.units import parse_size
 
 L1E_SIZE = 8
@@ -35,7 +42,6 @@ DEFAULT_CLUSTER_SIZE = 65536
 MIN_CLUSTER_SIZE = 512
 MAX_CLUSTER_SIZE = 2 << 20
 BME_TABLE_ENTRY_SIZE = 8
-BITMAP_DIR_ENTRY_SIZE = 24
 SECTOR = 512
 
 
@@ -77,22 +83,9 @@ def _div_round_up(n: int, m: int) -> int:
 def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int,
                            generous_increase: bool = False) -> tuple[int, int]:
     """Bytes of refcount table plus blocks needed to count ``clusters`` host clusters
-    and themselves (the fixed point qemu iterates to); returns (bytes, refblock count)."""
-    per_table_cluster = cluster_size // REFTABLE_ENTRY_SIZE
-    per_block = cluster_size * 8 // (1 << refcount_order)
-    table = blocks = 0
-    n = 0
-    while True:
-        last = n
-        blocks = _div_round_up(clusters + table + blocks, per_block)
-        table = _div_round_up(blocks, per_table_cluster)
-        n = clusters + blocks + table
-        if n == last and generous_increase:
-            clusters += _div_round_up(table, 2)
-            n = 0
-            generous_increase = False
-        if n == last:
-            break
+    and themselves (refcount.refcount_metadata_clusters); returns (bytes, refblock count)."""
+    blocks, table = refcount_metadata_clusters(clusters, cluster_size, refcount_order,
+                                               generous_increase)
     return (blocks + table) * cluster_size, blocks
 
 
@@ -189,11 +182,8 @@ def parse_qcow2_options(options: Mapping[str, Any],
         raise UsageError("Extended L2 entries are only supported with cluster sizes of at "
                          "least 16384 bytes")
     compat = options.get("compat")
-    if compat is None or str(compat) == "1.1":
-        version = 3
-    elif str(compat) == "0.10":
-        version = 2
-    else:
+    version = 3 if compat is None else compat_version(compat, aliases=False)
+    if version is None:
         raise UsageError(f"Invalid compatibility level: '{compat}'")
     rb = options.get("refcount_bits")
     bits = 16 if rb is None else int(str(rb), 0)
@@ -249,27 +239,19 @@ def input_bitmaps(dev: Any) -> list[tuple[str, int, int]]:
     host = getattr(dev, "host", None)
     if header is None or host is None:
         return []
-    from diskimg.qcow2.layout import QCOW2_AUTOCLEAR_BITMAPS, QCOW2_EXT_MAGIC_BITMAPS
-
-    ext = header.ext(QCOW2_EXT_MAGIC_BITMAPS)
-    if ext is None or not header.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS or \
-            len(ext.data) < 24:
+    bx = BitmapsExt.of(header)
+    if bx is None or bx.directory_size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
         return []
-    nb, _res, dsize, doff = struct.unpack_from(">IIQQ", ext.data, 0)
-    if dsize > 64 << 20:
-        return []
-    raw = host.pread(doff, dsize)
+    raw = host.pread(bx.directory_offset, bx.directory_size)
     out: list[tuple[str, int, int]] = []
     pos = 0
-    for _ in range(nb):
-        if pos + BITMAP_DIR_ENTRY_SIZE > len(raw):
+    for _ in range(bx.nb_bitmaps):
+        try:
+            e, n = BitmapEntry.parse(raw, pos, bx.directory_offset)
+        except FormatError:
             break
-        _toff, _tsize, _flags, _typ, gbits, nsize, xsize = struct.unpack_from(
-            ">QIIBBHI", raw, pos)
-        npos = pos + BITMAP_DIR_ENTRY_SIZE + xsize
-        name = raw[npos : npos + nsize].decode("utf-8", "replace")
-        out.append((name, int(dev.size), 1 << gbits))
-        pos += _round_up(BITMAP_DIR_ENTRY_SIZE + xsize + nsize, 8)
+        out.append((e.name, int(dev.size), 1 << e.granularity_bits))
+        pos += n
     return out
 
 

@@ -9,17 +9,21 @@ table entry that points at it reach the disk before anything relies on them.
 
 from __future__ import annotations
 
+import functools
 import struct
-import sys
 from array import array
 
 from diskimg.errors import CorruptImageError
 from diskimg.hostio import HostFile
-from diskimg.qcow2.cache import TableCache, be_u64_array, pack_be_u64_array
+from diskimg.qcow2 import header_io
+from diskimg.qcow2.cache import (
+    HOST_LITTLE_ENDIAN,
+    TableCache,
+    be_u64_array,
+    pack_be_u64_array,
+)
 from diskimg.qcow2.layout import QCOW_MAX_REFTABLE_SIZE, Header
 
-_LITTLE = sys.byteorder == "little"
-_WIDE = {3: "B", 4: "H", 5: "I", 6: "Q"}
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
 
@@ -28,12 +32,13 @@ class _Again(Exception):
     allocated, so the caller must search for free clusters again."""
 
 
-def refcount_blocks_for(clusters: int, cs: int, refcount_order: int,
-                        generous: bool = False) -> int:
-    """Refcount blocks needed to count ``clusters`` clusters plus the refcount blocks and
-    table clusters themselves (the fixed point of QEMU's ``qcow2_refcount_metadata_size``;
-    ``generous`` adds half the table size to ``clusters`` once, as QEMU's
-    ``generous_increase`` does)."""
+def refcount_metadata_clusters(clusters: int, cs: int, refcount_order: int,
+                               generous: bool = False) -> tuple[int, int]:
+    """(refcount blocks, refcount table clusters) needed to count ``clusters`` clusters
+    plus those blocks and table clusters themselves: the fixed point of QEMU's
+    ``qcow2_refcount_metadata_size``.  ``generous`` adds half the table size to
+    ``clusters`` once, as QEMU's ``generous_increase`` does.  The one copy of this rule
+    (allocation, create and ``measure`` use it)."""
     per_block = cs * 8 >> refcount_order
     per_table_cluster = cs // 8
     blocks = table = 0
@@ -45,42 +50,106 @@ def refcount_blocks_for(clusters: int, cs: int, refcount_order: int,
                 clusters += -(-nt // 2)
                 generous = False
                 continue
-            return blocks
+            return blocks, table
         blocks, table = nb, nt
 
 
+def refcount_blocks_for(clusters: int, cs: int, refcount_order: int,
+                        generous: bool = False) -> int:
+    """The refcount blocks of :func:`refcount_metadata_clusters`."""
+    return refcount_metadata_clusters(clusters, cs, refcount_order, generous)[0]
+
+
+# --- the refcount-block codec (docs/interop/qcow2.txt, "Host cluster management") ---------
+# A refcount block holds cluster_size * 8 >> refcount_order entries of 1 << refcount_order
+# bits (order 0..6).  Entries of 8 bits or more are big-endian unsigned integers; narrower
+# entries are packed into bytes starting from the least significant bit:
+#   refcount = (block[i / (8 / bits)] >> ((i % (8 / bits)) * bits)) & ((1 << bits) - 1)
+
+
+def refcount_typecode(order: int) -> str:
+    """The ``array`` type code holding one decoded refcount of width ``1 << order`` (narrow
+    widths decode into bytes)."""
+    if order <= 3:
+        return "B"
+    return {4: "H", 5: "I", 6: "Q"}[order]
+
+
+def _narrow_pos(i: int, order: int) -> tuple[int, int, int]:
+    """(byte index, bit shift, value mask) of entry ``i`` of a sub-byte-width block."""
+    bits = 1 << order
+    per = 8 >> order
+    return i // per, (i % per) * bits, (1 << bits) - 1
+
+
+@functools.cache
+def _narrow_tables(order: int) -> tuple[list[bytes], dict[bytes, int]]:
+    """Byte -> its decoded entries, and back (the LSB-first rule of _narrow_pos)."""
+    per = 8 >> order
+    dec = []
+    for b in range(256):
+        vals = []
+        for k in range(per):
+            _, shift, mask = _narrow_pos(k, order)
+            vals.append((b >> shift) & mask)
+        dec.append(bytes(vals))
+    return dec, {v: b for b, v in enumerate(dec)}
+
+
+def decode_refblock(raw: bytes, order: int) -> array[int]:
+    """Every refcount of a block (``raw`` big-endian on-disk bytes) as a native array of
+    type :func:`refcount_typecode`."""
+    if order < 3:
+        table = _narrow_tables(order)[0]
+        return array("B", b"".join(table[b] for b in raw))
+    a = array(refcount_typecode(order), raw)
+    if HOST_LITTLE_ENDIAN and order > 3:
+        a.byteswap()
+    return a
+
+
+def encode_refblock(vals: array[int], order: int) -> bytes:
+    """On-disk bytes of refcounts ``vals`` (its length a multiple of the entries per
+    byte); the inverse of :func:`decode_refblock`."""
+    if order < 3:
+        per = 8 >> order
+        back = _narrow_tables(order)[1]
+        raw = vals.tobytes() if vals.typecode == "B" else bytes(vals)
+        return bytes(back[raw[i:i + per]] for i in range(0, len(raw), per))
+    a = array(refcount_typecode(order), vals)
+    if HOST_LITTLE_ENDIAN and order > 3:
+        a.byteswap()
+    return a.tobytes()
+
+
 class RefBlock:
-    """One refcount block of ``1 << order`` bit entries (order 0..6)."""
+    """One refcount block of ``1 << order`` bit entries (order 0..6), get/set by index.
+
+    Byte-or-wider entries are held decoded (:func:`decode_refblock`); narrower ones stay
+    packed in a bytearray and are read/written in place by the rule of ``_narrow_pos``."""
 
     __slots__ = ("data", "order")
 
     def __init__(self, order: int, raw: bytes) -> None:
         self.order = order
         if order >= 3:
-            a = array(_WIDE[order], raw)
-            if _LITTLE and order > 3:
-                a.byteswap()
-            self.data: array[int] | bytearray = a
+            self.data: array[int] | bytearray = decode_refblock(raw, order)
         else:
             self.data = bytearray(raw)
 
     def __getitem__(self, i: int) -> int:
         if self.order >= 3:
             return self.data[i]
-        bits = 1 << self.order
-        per = 8 // bits
-        return (self.data[i // per] >> ((i % per) * bits)) & ((1 << bits) - 1)
+        byte, shift, mask = _narrow_pos(i, self.order)
+        return (self.data[byte] >> shift) & mask
 
     def __setitem__(self, i: int, v: int) -> None:
         if self.order >= 3:
             self.data[i] = v
             return
-        bits = 1 << self.order
-        per = 8 // bits
-        shift = (i % per) * bits
-        mask = ((1 << bits) - 1) << shift
-        b = self.data[i // per]
-        self.data[i // per] = (b & ~mask) | ((v << shift) & mask)
+        byte, shift, mask = _narrow_pos(i, self.order)
+        b = self.data[byte]
+        self.data[byte] = (b & ~(mask << shift)) | ((v & mask) << shift)
 
     def first_used(self, lo: int, hi: int) -> int:
         """Index of the first non-zero entry in [lo, hi), else ``hi`` (C-speed scan for
@@ -115,13 +184,8 @@ class RefBlock:
             self[i] = value
 
     def pack(self) -> bytes:
-        if self.order > 3 and _LITTLE:
-            assert isinstance(self.data, array)
-            a = array(self.data.typecode, self.data)
-            a.byteswap()
-            return a.tobytes()
         if isinstance(self.data, array):
-            return self.data.tobytes()
+            return encode_refblock(self.data, self.order)
         return bytes(self.data)
 
 
@@ -439,7 +503,7 @@ class Refcounts:
         self.blocks.flush()
         self.host.pwrite(table_at * cs, pack_be_u64_array(new_table))
         self.host.flush()
-        self.host.pwrite(48, struct.pack(">QI", table_at * cs, table_clusters))
+        header_io.set_refcount_table(self.host, table_at * cs, table_clusters)
         self.host.flush()
         old_off = self.header.refcount_table_offset
         old_clusters = self.header.refcount_table_clusters

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from diskimg.errors import CorruptImageError, FormatError, UsageError
 from diskimg.qcow2 import entries as E
+from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import L2Table, be_u64_array, pack_be_u64_array
 from diskimg.qcow2.layout import QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
 from diskimg.qcow2.refcount import RefBlock
@@ -38,6 +39,39 @@ if TYPE_CHECKING:
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
 QCOW_MAX_SNAPSHOTS_SIZE = 64 << 20
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EntryHeader:
+    """The fixed 40 bytes that start every snapshot table entry (docs/interop/qcow2.txt,
+    "Snapshot table entry", bytes 0-39); the variable part (extra data, id, name) follows.
+    The one parse of those bytes: :meth:`Snapshot.parse` and the checker use it."""
+
+    l1_table_offset: int
+    l1_size: int
+    id_len: int
+    name_len: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size32: int
+    extra_data_size: int
+
+    SIZE = _ENTRY.size
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Self:
+        """``raw``: exactly :attr:`SIZE` bytes."""
+        return cls(*_ENTRY.unpack(raw))
+
+    def pack(self) -> bytes:
+        return _ENTRY.pack(self.l1_table_offset, self.l1_size, self.id_len, self.name_len,
+                           self.date_sec, self.date_nsec, self.vm_clock_nsec,
+                           self.vm_state_size32, self.extra_data_size)
+
+    def var_size(self) -> int:
+        """Bytes of extra data, id and name after the fixed part (no padding)."""
+        return self.extra_data_size + self.id_len + self.name_len
 
 
 @dataclass(slots=True)
@@ -71,21 +105,22 @@ class Snapshot:
         instead of refusing the entry."""
         where = table_offset + offset
         limit = len(buf) if limit is None else limit
-        if offset + _ENTRY.size > limit:
+        if offset + EntryHeader.SIZE > limit:
             raise FormatError(f"Snapshot table entry at {where:#x} is truncated", offset=where)
-        (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vm32,
-         extra_len) = _ENTRY.unpack(_zero_padded(buf, offset, _ENTRY.size))
+        eh = EntryHeader.parse(_zero_padded(buf, offset, EntryHeader.SIZE))
+        l1_off, l1_size, id_len = eh.l1_table_offset, eh.l1_size, eh.id_len
+        extra_len = eh.extra_data_size
         if extra_len > QCOW_MAX_SNAPSHOT_EXTRA_DATA and not cut_extra:
             raise FormatError(f"Too much extra metadata in snapshot table entry at {where:#x} "
                               f"({extra_len} bytes)", offset=where)
-        pos = offset + _ENTRY.size
-        end = pos + extra_len + id_len + name_len
+        pos = offset + EntryHeader.SIZE
+        end = pos + eh.var_size()
         if end > limit:
             raise FormatError(f"Snapshot table entry at {where:#x} runs past the end of the "
                               "table", offset=where)
         var = _zero_padded(buf, pos, end - pos)  # extra data, id, name
         extra = var[: min(extra_len, QCOW_MAX_SNAPSHOT_EXTRA_DATA)]
-        vm_state = vm32
+        vm_state = eh.vm_state_size32
         disk_size = icount = None
         if extra_len >= 8:
             vm_state = struct.unpack_from(">Q", extra, 0)[0]
@@ -101,8 +136,8 @@ class Snapshot:
                               f"{where:#x}", offset=where)
         length = end - offset
         length += (-length) % 8
-        return cls(sid, name, l1_off, l1_size, dsec, dnsec, clock, vm_state, disk_size,
-                   icount, len(extra), bytes(extra[24:])), length
+        return cls(sid, name, l1_off, l1_size, eh.date_sec, eh.date_nsec, eh.vm_clock_nsec,
+                   vm_state, disk_size, icount, len(extra), bytes(extra[24:])), length
 
     def pack(self) -> bytes:
         """The on-disk snapshot table entry: fixed header, ``extra_data_size`` bytes of
@@ -115,9 +150,9 @@ class Snapshot:
         extra = (extra + self.extra)[: max(self.extra_data_size, 24)] \
             if self.extra_data_size >= 24 else extra[: self.extra_data_size]
         vm32 = self.vm_state_size if self.vm_state_size < (1 << 32) else 0
-        out = _ENTRY.pack(self.l1_table_offset, self.l1_size, len(sid), len(name),
+        out = EntryHeader(self.l1_table_offset, self.l1_size, len(sid), len(name),
                           self.date_sec, self.date_nsec, self.vm_clock_nsec, vm32,
-                          len(extra)) + extra + sid + name
+                          len(extra)).pack() + extra + sid + name
         return out + b"\0" * ((-len(out)) % 8)
 
     def to_json(self) -> dict[str, Any]:
@@ -143,10 +178,15 @@ def _zero_padded(buf: bytes, pos: int, n: int) -> bytes:
     return part + bytes(n - len(part))
 
 
+def c_bytes(raw: bytes) -> bytes:
+    """A C string field (id or name): its bytes up to the first NUL, as QEMU shows it."""
+    return raw.split(b"\0", 1)[0]
+
+
 def _c_string(raw: bytes) -> str:
     """A C string field as text; bytes that are not UTF-8 survive as lone surrogates
     (``surrogateescape``), so the name is rewritten byte for byte (:func:`raw_name`)."""
-    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    return c_bytes(raw).decode("utf-8", "surrogateescape")
 
 
 def raw_name(text: str) -> bytes:
@@ -458,8 +498,8 @@ class SnapshotTable:
             img.host.pwrite(off, new_blocks[ri].pack())
         img.host.pwrite(new_rt, pack_be_u64_array(rt))
         img.host.flush()
-        img.host.pwrite(40, struct.pack(">QQIIQ", l1_off, new_rt, rt_clusters, len(snaps),
-                                        snap_off))
+        header_io.set_tables(img.host, l1_offset=l1_off, reftable_offset=new_rt,
+                             reftable_clusters=rt_clusters, snapshots=(len(snaps), snap_off))
         img.host.flush()
         # 5. the in-memory image follows
         h.l1_table_offset, h.refcount_table_offset = l1_off, new_rt
@@ -558,7 +598,7 @@ class SnapshotTable:
         img._flush_refcounts()
         img.host.pwrite(off, table)
         img.host.flush()
-        img.host.pwrite(60, struct.pack(">IQ", len(new), off))
+        header_io.set_snapshots(img.host, len(new), off)
         img.host.flush()
         old_off, old_len = h.snapshots_offset, len(pack_table_exact(old))
         h.snapshots_offset = off

@@ -1,0 +1,216 @@
+"""Comparing the counted references with the stored refcounts (``compare_refcounts``),
+repairing leaks and errors, rebuilding the refcount structure
+(``rebuild_refcount_structure``), and the whole ``qcow2_check_refcounts``."""
+
+from __future__ import annotations
+
+from array import array
+
+from diskimg.qcow2 import header_io
+from diskimg.qcow2.cache import pack_be_u64_array
+from diskimg.qcow2.check.copied import _Copied
+from diskimg.qcow2.check.report import _Abort, _counts, _RefErr, _set_counts
+from diskimg.qcow2.check.state import (
+    INT_MAX,
+)
+from diskimg.qcow2.refcount import (
+    encode_refblock,
+)
+
+
+class _Refcounts(_Copied):
+    def compare(self, fix: int) -> tuple[bool, int]:
+        rebuild = False
+        highest = 0
+        res = self.res
+        E = self.rb_entries
+        imrt = self.imrt
+        nb = self.nb
+        for b in range((nb + E - 1) // E):
+            lo = b * E
+            hi = min(nb, lo + E)
+            try:
+                blk = self.refblock(b)
+                bad = None
+            except _RefErr as exc:
+                blk, bad = None, exc
+            if bad is not None:
+                for i in range(lo, hi):
+                    self.msg(f"Can't get refcount for cluster {i}: Input/output error")
+                    res.check_errors += 1
+                continue
+            comp = imrt[lo:hi]
+            stored = blk[: hi - lo] if blk is not None else array(self.tc, bytes(
+                (hi - lo) * self.itemsize))
+            if stored == comp:
+                for j in range(hi - lo - 1, -1, -1):
+                    if comp[j]:
+                        highest = lo + j
+                        break
+                continue
+            for i in range(lo, hi):
+                r1 = blk[i - lo] if blk is not None else 0
+                r2 = imrt[i]
+                if r1 or r2:
+                    highest = i
+                if r1 == r2:
+                    continue
+                counter = None
+                if r1 == 0:
+                    rebuild = True
+                elif r1 > r2 and fix & 1:
+                    counter = "leaks_fixed"
+                elif r1 < r2 and fix & 2:
+                    counter = "corruptions_fixed"
+                word = "Repairing" if counter else ("ERROR" if r1 < r2 else "Leaked")
+                self.msg(f"{word} cluster {i} refcount={r1} reference={r2}")
+                kind = "leak" if r1 > r2 else "refcount-too-low"
+                if counter:
+                    self.set_refcount(i, r2)
+                    if r2 == 0:
+                        try:
+                            self.host.punch_hole(i << self.cbits, self.cs)
+                        except (OSError, AttributeError):  # pragma: no cover
+                            pass
+                    setattr(res, counter, getattr(res, counter) + 1)
+                    self.find(kind, True, table="refcount", index=i,
+                              host_offset=i << self.cbits, refcount=r1, reference=r2)
+                    continue
+                self.find(kind, table="refcount", index=i, host_offset=i << self.cbits,
+                          refcount=r1, reference=r2)
+                if r1 < r2:
+                    res.corruptions += 1
+                else:
+                    res.leaks += 1
+        return rebuild, highest
+
+    def alloc_imrt(self, count: int, first_free: list[int]) -> int:
+        cluster = first_free[0]
+        first_gap = True
+        contig = 0
+        imrt = self.imrt
+        while cluster < self.nb and contig < count:
+            if not imrt[cluster]:
+                contig += 1
+                if first_gap:
+                    first_free[0] = cluster
+                    first_gap = False
+            elif contig:
+                contig = 0
+            cluster += 1
+        if contig < count:
+            self.grow_imrt(cluster + count - contig)
+        cluster -= contig
+        for i in range(count):
+            imrt[cluster + i] = 1
+        return cluster << self.cbits
+
+    def write_refblocks(self, first: int, end: int, reft: list[int]) -> bool:
+        grown = False
+        first_free = [0]
+        E = self.rb_entries
+        cluster = first
+        while cluster < end:
+            if not self.imrt[cluster]:
+                cluster += 1
+                continue
+            idx = cluster >> self.rb_bits
+            start = idx << self.rb_bits
+            if len(reft) > idx and reft[idx]:
+                rb_off = reft[idx]
+            else:
+                if first_free[0] < start:
+                    first_free[0] = start
+                rb_off = self.alloc_imrt(1, first_free)
+                if rb_off // self.cs >= end:
+                    end = rb_off // self.cs + 1
+                if len(reft) <= idx:
+                    n = -(-((idx + 1) * 8) // self.cs) * self.cs // 8
+                    reft.extend([0] * (n - len(reft)))
+                    grown = True
+                reft[idx] = rb_off
+            assert start + E <= len(self.imrt)
+            if not self.checked_write("", rb_off, encode_refblock(self.imrt[start:start + E],
+                                                                self.order)):
+                self.msg("diskimg: ERROR writing refblock: Input/output error")
+                self.res.check_errors += 1
+                raise _Abort("EIO")
+            cluster = start + E
+        return grown
+
+    def rebuild(self) -> None:
+        self.flush_refblocks()
+        self.rb_cache.clear()
+        reft: list[int] = []
+        grown = self.write_refblocks(0, self.nb, reft)
+        assert grown
+        rt_off = -1
+        while True:
+            length = len(reft) * 8
+            clusters = self.size_to_clusters(length)
+            rt_off = self.alloc_imrt(clusters, [0])
+            s = rt_off >> self.cbits
+            if not self.write_refblocks(s, s + clusters, reft):
+                break
+        if not self.checked_write("", rt_off, pack_be_u64_array(array("Q", reft))):
+            self.msg("diskimg: ERROR writing reftable: Input/output error")
+            self.res.check_errors += 1
+            raise _Abort("EIO")
+        header_io.set_refcount_table(self.host, rt_off, clusters)
+        self.host.flush()
+        self.file_len = self.host.size()
+        self.reftable = array("Q", reft)
+        self.reftable_offset = rt_off
+        self.rb_cache.clear()
+
+    def check_refcounts(self) -> None:
+        res = self.res
+        nb = self.size_to_clusters(self.file_len)
+        if nb > INT_MAX:
+            res.check_errors += 1
+            raise _Abort("EFBIG")
+        res.total_clusters = self.size_to_clusters((self.h.size // 512) * 512)
+        self.grow_imrt(nb)
+        rebuild = self.calculate_refcounts()
+        pre = _counts(res)
+        n_find = len(res.findings)
+        r, highest = self.compare(0)
+        rebuild = rebuild or r
+        if rebuild and self.fix & 2:
+            old = _counts(res)
+            self.msg("Rebuilding refcount structure")
+            self.rebuild()
+            for f in res.findings[n_find:]:
+                f["repaired"] = True
+            res.corruptions = 0
+            res.leaks = 0
+            self.imrt = array(self.tc, bytes(len(self.imrt) * self.itemsize))
+            fix, self.fix = self.fix, 0
+            rebuild = self.calculate_refcounts()
+            self.fix = fix
+            fresh_leaks = 0
+            if self.fix & 1:
+                saved = _counts(res)
+                _set_counts(res, (0, 0, 0, 0, 0))
+                r, highest = self.compare(1)
+                if r:
+                    self.msg("ERROR rebuilt refcount structure is still broken")
+                fresh_leaks = res.leaks
+                _set_counts(res, saved)
+            if res.corruptions < old[1]:
+                res.corruptions_fixed += old[1] - res.corruptions
+            if res.leaks < old[2]:
+                res.leaks_fixed += old[2] - res.leaks
+            res.leaks += fresh_leaks
+        elif self.fix:
+            if rebuild:
+                self.msg("ERROR need to rebuild refcount structures")
+                res.check_errors += 1
+                raise _Abort("EIO")
+            if res.leaks or res.corruptions:
+                _set_counts(res, pre)
+                # the messages of the dry comparison stay; findings are replaced
+                del res.findings[n_find:]
+                r, highest = self.compare(self.fix)
+        self.check_oflag_copied()
+        res.image_end_offset = (highest + 1) * self.cs

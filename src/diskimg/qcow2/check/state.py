@@ -1,0 +1,171 @@
+"""The state of one check pass (qemu's BDRVQcow2State plus the in-memory refcount table)
+and the helpers every part of the check uses: reading with zero fill past EOF,
+findings, and counting references (``qcow2_inc_refcounts_imrt``)."""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from diskimg.errors import CorruptImageError
+from diskimg.hostio import HostFile
+from diskimg.qcow2.cache import be_u64_array
+from diskimg.qcow2.check.report import CheckResult, _Abort
+from diskimg.qcow2.entries import ClusterType
+from diskimg.qcow2.layout import (
+    QCOW2_INCOMPAT_DATA_FILE,
+    Header,
+)
+from diskimg.qcow2.refcount import refcount_typecode
+
+REFT_RESERVED_MASK = 0x1FF
+L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
+INT_MAX = (1 << 31) - 1
+INT64_MAX = (1 << 63) - 1
+
+#: Cap on the in-memory refcount array (one entry per host cluster).
+MAX_IMRT_BYTES = 1 << 29
+
+#: Cap on L1 plus non-zero L2 entries visited (snapshots sharing tables multiply this).
+MAX_L2_ENTRIES = 1 << 28
+
+# L2 cluster types (classified by entries.cluster_type, the one rule)
+_UNALLOCATED, _ZERO_ALLOC, _NORMAL, _COMPRESSED = (
+    ClusterType.UNALLOCATED, ClusterType.ZERO_ALLOC, ClusterType.NORMAL,
+    ClusterType.COMPRESSED)
+
+
+def _hexc(v: int) -> str:
+    """C's ``%#x``: 0 prints as ``0``."""
+    return f"{v:#x}" if v else "0"
+
+
+@dataclass
+class _Snap:
+    l1_table_offset: int
+    l1_size: int
+    id_str: str
+    name: str
+    extra_data_size: int
+    entry_offset: int
+
+
+class _State:
+    """One run of qemu's ``qcow2_co_check_locked``: its state and small helpers."""
+
+    def __init__(self, host: HostFile, header: Header, fix: int, res: CheckResult) -> None:
+        self.host = host
+        self.h = header
+        self.fix = fix  # bit 0: leaks, bit 1: errors (qemu's BDRV_FIX_*)
+        self.res = res
+        self.cs = header.cluster_size
+        self.cbits = header.cluster_bits
+        self.order = header.refcount_order
+        self.rc_bits = 1 << self.order
+        self.rc_max = (1 << self.rc_bits) - 1
+        self.rb_bits = self.cbits + 3 - self.order
+        self.rb_entries = 1 << self.rb_bits
+        self.ext_l2 = header.extended_l2
+        self.l2e_size = 16 if self.ext_l2 else 8
+        self.l2_size = self.cs // self.l2e_size
+        self.data_file = bool(header.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
+        self.tc = refcount_typecode(self.order)
+        self.itemsize = array(self.tc).itemsize
+        self.work = 0
+        self._l2_bad_bits: int | None = None  # see _plain_hosts
+        self.snap_corruptions = 0
+        self.signaled = False  # qemu's s->signaled_corruption
+        self.marked_corrupt = False
+        self.dead = False  # a fatal corruption was signalled (qemu: bs->drv = NULL)
+        self.rb_cache: dict[int, array[int]] = {}
+        self.rb_dirty: set[int] = set()
+        self.snapshots: list[_Snap] = []
+        self.snapshots_offset = 0
+        self.snapshots_size = 0
+        self.file_len = host.size()
+        # refcount table and active L1 as loaded at open (zeros past EOF)
+        rt_entries = header.refcount_table_clusters * self.cs // 8
+        self.reftable = self._read_u64s(header.refcount_table_offset, rt_entries)
+        self.reftable_offset = header.refcount_table_offset
+        self.l1 = self._read_u64s(header.l1_table_offset, header.l1_size)
+        self.imrt = array(self.tc)
+        self.nb = 0
+
+    def msg(self, line: str) -> None:
+        self.res.messages.append(line)
+
+    def find(self, kind: str, repaired: bool = False, **kw: Any) -> None:
+        d: dict[str, Any] = {"kind": kind, "table": kw.pop("table", None),
+                             "index": kw.pop("index", None),
+                             "host_offset": kw.pop("host_offset", None),
+                             "guest_offset": kw.pop("guest_offset", None),
+                             "repaired": repaired}
+        d.update(kw)
+        self.res.findings.append(d)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes, zero-filled past the end of the file."""
+        if length <= 0:
+            return b""
+        if offset >= self.file_len:
+            return bytes(length)
+        data = self.host.pread(offset, length)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def _read_u64s(self, offset: int, n: int) -> array[int]:
+        return be_u64_array(self.pread(offset, n * 8))
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.host.pwrite(offset, data)
+
+    def size_to_clusters(self, size: int) -> int:
+        return (size + self.cs - 1) >> self.cbits
+
+    def grow_imrt(self, new_nb: int) -> None:
+        """qemu's realloc_refcount_array: the backing array covers whole clusters."""
+        per_cluster = self.cs * 8 // self.rc_bits
+        need = -(-new_nb // per_cluster) * per_cluster
+        if need * self.itemsize > MAX_IMRT_BYTES:
+            self.res.check_errors += 1
+            raise _Abort("ENOMEM")
+        if need > len(self.imrt):
+            self.imrt.frombytes(bytes((need - len(self.imrt)) * self.itemsize))
+        self.nb = new_nb
+
+    def count_work(self, n: int) -> None:
+        self.work += n
+        if self.work > MAX_L2_ENTRIES:
+            raise CorruptImageError(
+                f"qcow2 metadata too large to check: more than {MAX_L2_ENTRIES} table entries "
+                "visited (L1/L2 tables shared by too many snapshots?)")
+
+    def inc(self, offset: int, size: int, what: str = "metadata") -> None:
+        if size <= 0:
+            return
+        if offset + size - self.file_len >= self.cs:
+            self.msg("ERROR: counting reference for region exceeding the end of the file by "
+                     f"one cluster or more: offset 0x{offset:x} size 0x{size:x}")
+            self.res.corruptions += 1
+            self.find("region-past-eof", table=what, host_offset=offset, size=size)
+            return
+        start = offset >> self.cbits
+        last = (offset + size - 1) >> self.cbits
+        if last >= self.nb:
+            self.grow_imrt(last + 1)
+        imrt = self.imrt
+        for k in range(start, last + 1):
+            r = imrt[k]
+            if r == self.rc_max:
+                self.msg(f"ERROR: overflow cluster offset=0x{k << self.cbits:x}")
+                self.msg("Use qemu-img amend to increase the refcount entry width or qemu-img "
+                         "convert to create a clean copy if the image cannot be opened for "
+                         "writing")
+                self.res.corruptions += 1
+                self.find("refcount-overflow", table=what, host_offset=k << self.cbits)
+                continue
+            imrt[k] = r + 1

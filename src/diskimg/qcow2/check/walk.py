@@ -1,0 +1,324 @@
+"""Counting references: the L1/L2 walk of the active and snapshot tables
+(``check_refcounts_l1``/``_l2``), bitmaps, and ``calculate_refcounts``.  L2 entries are
+classified by :func:`diskimg.qcow2.entries.cluster_type`, compressed descriptors decoded by
+:func:`~diskimg.qcow2.entries.decode_compressed` (the one copy of each rule)."""
+
+from __future__ import annotations
+
+import struct
+
+from diskimg.errors import FormatError
+from diskimg.qcow2.bitmaps import BME_TABLE_OFFSET_MASK as BME_TABLE_ENTRY_OFFSET_MASK
+from diskimg.qcow2.bitmaps import (
+    QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+    BitmapEntry,
+    BitmapsExt,
+)
+from diskimg.qcow2.cache import be_u64_array
+from diskimg.qcow2.check.report import _Abort
+from diskimg.qcow2.check.snapshots import _Snapshots
+from diskimg.qcow2.check.state import (
+    _COMPRESSED,
+    _NORMAL,
+    _UNALLOCATED,
+    _ZERO_ALLOC,
+    BME_TABLE_ENTRY_FLAG_ALL_ONES,
+    BME_TABLE_ENTRY_RESERVED_MASK,
+    L2_BITMAP_ALL_ALLOC,
+    _hexc,
+)
+from diskimg.qcow2.entries import (
+    L1E_OFFSET_MASK,
+    L1E_RESERVED_MASK,
+    L2E_OFFSET_MASK,
+    L2E_STD_RESERVED_MASK,
+    cluster_type,
+    decode_compressed,
+)
+from diskimg.qcow2.entries import QCOW_OFLAG_COPIED as OFLAG_COPIED
+from diskimg.qcow2.entries import QCOW_OFLAG_ZERO as OFLAG_ZERO
+from diskimg.qcow2.layout import (
+    QCOW2_EXT_MAGIC_CRYPTO_HEADER,
+    QCOW_MAX_L1_SIZE,
+)
+
+
+def _tables_bad(tables: list[tuple[int, int]], cs: int) -> bool:
+    return any(t_off & (cs - 1) or t_size * 8 > QCOW_MAX_L1_SIZE for t_off, t_size in tables)
+
+
+class _Walk(_Snapshots):
+    def _plain_hosts(self, raw: bytes) -> list[int] | None:
+        """Host offsets of the entries of a standard L2 table (non-zero ones, in order)
+        when every one is a plain data cluster: no flag but COPIED, no reserved bit, a
+        non-zero cluster-aligned offset inside the file.  None when any entry needs the
+        entry-by-entry check (or the image has extended L2 entries or a data file).
+
+        Decided with one big-integer AND over the whole table (the bits no plain entry
+        has: 56-62 and those below the cluster size), so a clean table costs no Python
+        work per entry but one list comprehension."""
+        if self.ext_l2 or self.data_file:
+            return None
+        bad = self._l2_bad_bits
+        if bad is None:
+            lane = ((1 << 63) - (1 << 56)) | (self.cs - 1)
+            bad = self._l2_bad_bits = int.from_bytes(lane.to_bytes(8, "big") * self.l2_size,
+                                                      "big")
+        if int.from_bytes(raw, "big") & bad:
+            return None
+        tab = be_u64_array(raw)
+        mask = L2E_OFFSET_MASK
+        hosts = [e & mask for e in tab if e]
+        if not hosts or 0 in hosts or max(hosts) >= self.file_len:
+            return None
+        return hosts
+
+    def _count_plain(self, hosts: list[int], frag: bool) -> bool:
+        """check_l2 for a table of plain data clusters (:meth:`_plain_hosts`): one
+        reference each, the allocation and fragmentation counts.  False, with nothing
+        counted, when a refcount could reach its maximum (the full check reports that)."""
+        cb = self.cbits
+        ks = [h >> cb for h in hosts]
+        need = max(ks) + 1
+        if need > self.nb:
+            self.grow_imrt(need)
+        imrt = self.imrt
+        if max(imrt[k] for k in ks) + len(ks) >= self.rc_max:
+            return False
+        for k in ks:
+            imrt[k] += 1
+        if frag:
+            cs = self.cs
+            self.res.allocated_clusters += len(hosts)
+            self.res.fragmented_clusters += sum(1 for a, b in zip(hosts, hosts[1:])
+                                                if b != a + cs)
+        return True
+
+    def _all_copied_once(self, raw: bytes, hosts: list[int]) -> bool:
+        """True when every entry of a plain table (:meth:`_plain_hosts`) has COPIED set and
+        a stored refcount of exactly 1: check_oflag_copied has nothing to say about it.
+        Reads refcount blocks quietly (:meth:`refblock`), so answering False has no side
+        effect but filling the block cache."""
+        if raw[::8].count(0x80) != len(hosts):
+            return False
+        cb, rb_bits, m = self.cbits, self.rb_bits, self.rb_entries - 1
+        cur, blk = -1, None
+        for h in hosts:
+            k = h >> cb
+            idx = k >> rb_bits
+            if idx != cur:
+                blk, cur = self.refblock(idx, quiet=True), idx
+            if blk is None or blk[k & m] != 1:
+                return False
+        return True
+
+    def check_l1(self, l1_offset: int, l1_size: int, frag: bool, active: bool,
+                 label: str) -> None:
+        if not l1_size:
+            return
+        self.inc(l1_offset, l1_size * 8, f"{label} L1")
+        l1 = self.l1 if active else self._read_u64s(l1_offset, l1_size)
+        self.count_work(l1_size)
+        for i, e in enumerate(l1):
+            if not e:
+                continue
+            if e & L1E_RESERVED_MASK:
+                self.msg(f"ERROR found L1 entry with reserved bits set: {e:x}")
+                self.res.corruptions += 1
+                self.find("l1-reserved-bits", table=f"{label} L1", index=i,
+                          host_offset=l1_offset + 8 * i)
+            l2_off = e & L1E_OFFSET_MASK
+            self.inc(l2_off, self.cs, f"{label} L2")
+            if l2_off & (self.cs - 1):
+                self.msg(f"ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry "
+                         "corrupted")
+                self.res.corruptions += 1
+                self.find("l2-unaligned", table=f"{label} L1", index=i, host_offset=l2_off)
+            self.check_l2(l2_off, i, frag, active, label)
+
+    def check_l2(self, l2_off: int, l1_index: int, frag: bool, active: bool,
+                 label: str) -> None:
+        raw = self.pread(l2_off, self.cs)
+        if raw.count(0) == len(raw):
+            return
+        hosts = self._plain_hosts(raw)
+        if hosts is not None and self._count_plain(hosts, frag):
+            self.count_work(len(hosts))
+            return
+        tab = be_u64_array(raw)
+        res = self.res
+        cs = self.cs
+        step = 2 if self.ext_l2 else 1
+        next_contig = 0
+        nonzero = 0
+        for i in range(self.l2_size):
+            e = tab[i * step]
+            bm = tab[i * step + 1] if self.ext_l2 else 0
+            if not e and not bm:
+                continue
+            nonzero += 1
+            typ = cluster_type(e, extended=self.ext_l2, has_data_file=self.data_file)
+            guest = ((l1_index * self.l2_size + i) * cs) if active else None
+            if typ != _COMPRESSED and e & L2E_STD_RESERVED_MASK:
+                self.msg(f"ERROR found l2 entry with reserved bits set: {e:x}")
+                res.corruptions += 1
+                self.find("l2-reserved-bits", table=f"{label} L2", index=i,
+                          host_offset=l2_off + i * self.l2e_size, guest_offset=guest)
+            if typ == _COMPRESSED:
+                if e & OFLAG_COPIED:
+                    coff = decode_compressed(e, self.cbits)[0]
+                    self.msg(f"ERROR: coffset=0x{coff:x}: copied flag must "
+                             "never be set for compressed clusters")
+                    e &= ~OFLAG_COPIED
+                    res.corruptions += 1
+                    self.find("compressed-copied", table=f"{label} L2", index=i,
+                              host_offset=coff, guest_offset=guest)
+                if self.data_file:
+                    self.msg(f"ERROR compressed cluster {i} with data file, entry=0x{e:x}")
+                    res.corruptions += 1
+                    self.find("compressed-with-data-file", table=f"{label} L2", index=i,
+                              guest_offset=guest)
+                    continue
+                if bm:
+                    self.msg(f"ERROR compressed cluster {i} with non-zero subcluster "
+                             f"allocation bitmap, entry=0x{e:x}")
+                    res.corruptions += 1
+                    self.find("compressed-bitmap", table=f"{label} L2", index=i,
+                              guest_offset=guest)
+                    continue
+                self.inc(*decode_compressed(e, self.cbits), "compressed data")
+                if frag:
+                    res.allocated_clusters += 1
+                    res.compressed_clusters += 1
+                    res.fragmented_clusters += 1
+            elif typ in (_NORMAL, _ZERO_ALLOC):
+                off = e & L2E_OFFSET_MASK
+                if (bm >> 32) & bm:
+                    res.corruptions += 1
+                    self.msg(f"ERROR offset={off:x}: Allocated cluster has corrupted "
+                             "subcluster allocation bitmap")
+                    self.find("l2-bitmap", table=f"{label} L2", index=i, host_offset=off,
+                              guest_offset=guest)
+                if off & (cs - 1):
+                    res.corruptions += 1
+                    if self.ext_l2:
+                        has_data = bool(bm & L2_BITMAP_ALL_ALLOC)
+                    else:
+                        has_data = not e & OFLAG_ZERO
+                    if not has_data:
+                        fixing = bool(self.fix & 2)
+                        self.msg(f"{'Repairing' if fixing else 'ERROR'} offset={off:x}: "
+                                 "Preallocated cluster is not properly aligned; L2 entry "
+                                 "corrupted.")
+                        self.find("data-unaligned", fixing, table=f"{label} L2", index=i,
+                                  host_offset=off, guest_offset=guest)
+                        if fixing:
+                            if self.ext_l2:
+                                nbm = (bm | (bm << 32)) & (L2_BITMAP_ALL_ALLOC << 32)
+                                new = struct.pack(">QQ", 0, nbm)
+                            else:
+                                new = struct.pack(">Q", OFLAG_ZERO)
+                            ign = "active L2 table" if active else "inactive L2 table"
+                            if not self.checked_write(ign, l2_off + i * self.l2e_size, new):
+                                self.msg("ERROR: Overlap check failed")
+                                res.check_errors += 1
+                                raise _Abort("EIO")
+                            self.host.flush()
+                            res.corruptions -= 1
+                            res.corruptions_fixed += 1
+                            continue
+                    else:
+                        self.msg(f"ERROR offset={off:x}: Data cluster is not properly "
+                                 "aligned; L2 entry corrupted.")
+                        self.find("data-unaligned", table=f"{label} L2", index=i,
+                                  host_offset=off, guest_offset=guest)
+                if frag:
+                    res.allocated_clusters += 1
+                    if next_contig and off != next_contig:
+                        res.fragmented_clusters += 1
+                    next_contig = off + cs
+                if not self.data_file:
+                    self.inc(off, cs, "data")
+            elif typ == _UNALLOCATED:
+                if bm & L2_BITMAP_ALL_ALLOC:
+                    res.corruptions += 1
+                    self.msg("ERROR: Unallocated cluster has non-zero subcluster allocation "
+                             "map")
+                    self.find("l2-bitmap", table=f"{label} L2", index=i, guest_offset=guest)
+        self.count_work(nonzero)
+
+    def check_bitmaps(self) -> None:
+        bx = BitmapsExt.of(self.h)
+        if bx is None or not bx.nb_bitmaps:
+            return
+        nb, dsize, doff = bx.nb_bitmaps, bx.directory_size, bx.directory_offset
+        self.inc(doff, dsize, "bitmap directory")
+        if dsize > QCOW2_MAX_BITMAP_DIRECTORY_SIZE or doff & (self.cs - 1):
+            self.res.corruptions += 1
+            self.find("bitmap-directory", table="bitmap directory", host_offset=doff)
+            raise _Abort("EINVAL")
+        d = self.pread(doff, dsize)
+        pos = 0
+        tables: list[tuple[int, int]] = []
+        while len(tables) < nb:
+            try:
+                bme, n = BitmapEntry.parse(d, pos, doff)
+            except FormatError:  # truncated or runs past the directory: qemu's broken_dir
+                break
+            tables.append((bme.table_offset, bme.table_size))
+            pos += n
+        if len(tables) != nb or _tables_bad(tables, self.cs):
+            self.res.corruptions += 1
+            self.find("bitmap-directory", table="bitmap directory", host_offset=doff)
+            raise _Abort("EINVAL")
+        for t_off, t_size in tables:
+            self.inc(t_off, t_size * 8, "bitmap table")
+            tab = self._read_u64s(t_off, t_size)
+            for e in tab:
+                off = e & BME_TABLE_ENTRY_OFFSET_MASK
+                if (e & BME_TABLE_ENTRY_RESERVED_MASK or off & (self.cs - 1)
+                        or (off and e & BME_TABLE_ENTRY_FLAG_ALL_ONES)):
+                    self.res.corruptions += 1
+                    self.find("bitmap-entry", table="bitmap table", host_offset=off)
+                    continue
+                if off:
+                    self.inc(off, self.cs, "bitmap data")
+
+    def calculate_refcounts(self) -> bool:
+        if not self.nb:
+            self.grow_imrt(self.size_to_clusters(self.file_len))
+        h = self.h
+        self.inc(0, self.cs, "header")
+        self.check_l1(h.l1_table_offset, h.l1_size, True, True, "active")
+        if self.data_file and self.snapshots:
+            self.msg(f"ERROR {len(self.snapshots)} snapshots in image with data file")
+            self.res.corruptions += 1
+            self.find("snapshots-with-data-file", table="snapshot-table")
+        for sn in self.snapshots:
+            if sn.l1_table_offset & (self.cs - 1):
+                self.msg(f"ERROR snapshot {sn.id_str} ({sn.name}) "
+                         f"l1_offset={_hexc(sn.l1_table_offset)}: L1 table is not cluster "
+                         "aligned; snapshot table entry corrupted")
+                self.res.corruptions += 1
+                self.find("snapshot-l1-unaligned", table="snapshot-table",
+                          host_offset=sn.l1_table_offset, snapshot=sn.id_str)
+                continue
+            if sn.l1_size > QCOW_MAX_L1_SIZE // 8:
+                self.msg(f"ERROR snapshot {sn.id_str} ({sn.name}) "
+                         f"l1_size={_hexc(sn.l1_size)}: L1 table is too large; snapshot "
+                         "table entry corrupted")
+                self.res.corruptions += 1
+                self.find("snapshot-l1-too-large", table="snapshot-table",
+                          snapshot=sn.id_str)
+                continue
+            self.check_l1(sn.l1_table_offset, sn.l1_size, False, False,
+                          f"snapshot {sn.id_str}")
+        self.inc(self.snapshots_offset, self.snapshots_size, "snapshot table")
+        self.inc(self.reftable_offset, len(self.reftable) * 8, "refcount table")
+        ext = h.ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER)
+        if ext is not None and len(ext.data) >= 16:
+            c_off, c_len = struct.unpack_from(">QQ", ext.data)
+            if c_len:
+                self.inc(c_off, c_len, "crypto header")
+        self.check_bitmaps()
+        return self.check_refblocks()
