@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from concurrent.futures import Future
 
 from diskimg.hostio import all_zero
+from diskimg.hostio.workers import worker_pool
 from diskimg.ops.common import _ZEROS, CHUNK, ProgressFn
 from diskimg.ops.readahead import (
     _COMBINE_BELOW,
@@ -208,10 +209,7 @@ class _Copier:
                 self.tick(n)
                 spare.append(buf)
 
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=max(1, workers),
-                                thread_name_prefix="diskimg-compress") as pool:
+        with worker_pool(workers, "compress") as pool:
             for start in range(0, self.total, step):
                 n = min(step, self.total - start)
                 ks = kinds.of_chunk(start, n)

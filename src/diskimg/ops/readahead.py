@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from diskimg.device import BlockDevice
 from diskimg.errors import CorruptImageError
 from diskimg.hostio import aligned_buffer
+from diskimg.hostio.workers import worker_pool
 
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -243,10 +244,7 @@ class _ClusterDecoder:
     def decode_into(self, batch: list[tuple[int, int, int]], buf: Any) -> Future[None]:
         """Decode the ``(pos, n, entry)`` pieces back to back into ``buf`` on the pool."""
         if self.pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(max_workers=self.workers,
-                                           thread_name_prefix="diskimg-dec")
+            self.pool = worker_pool(self.workers, "dec")
         return self.pool.submit(self._decode_batch, batch, buf)
 
     def _decode_batch(self, batch: list[tuple[int, int, int]], buf: Any) -> None:
