@@ -24,6 +24,7 @@ from diskimg.crypto.luks import (
 )
 from diskimg.errors import DiskImgError, MissingSecretError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile
+from diskimg.options import compat_version
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
 from diskimg.qcow2.layout import (
@@ -716,12 +717,10 @@ def _validate(h: Header, options: dict[str, str]) -> tuple[int, int, int, bool |
     compat = options.get("compat")
     new_version = cur_version
     if compat is not None:
-        if compat in ("0.10", "v2"):
-            new_version = 2
-        elif compat in ("1.1", "v3"):
-            new_version = 3
-        else:
+        version = compat_version(compat)
+        if version is None:
             raise UsageError(f"Unknown compatibility level {compat}")
+        new_version = version
     if "data_file" in options:
         if not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
             raise UsageError("data-file can only be set for images that use an external "

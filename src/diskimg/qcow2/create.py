@@ -13,6 +13,8 @@ from typing import Any
 
 from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
+from diskimg.options import compat_version
+from diskimg.options import parse_bool as _bool
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -32,17 +34,6 @@ from diskimg.qcow2.refcount import RefBlock, refcount_blocks_for
 from diskimg.units import parse_size
 
 
-def _bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    v = str(value).lower()
-    if v in ("on", "yes", "true"):
-        return True
-    if v in ("off", "no", "false"):
-        return False
-    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
-
-
 def plan_header(size: int, options: dict[str, Any], backing_file: str | None = None,
                 backing_fmt: str | None = None) -> tuple[Header, str]:
     """Validate qemu-img's qcow2 ``-o`` options; returns the new header and preallocation.
@@ -50,11 +41,8 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
     Consumes the options it knows from ``options``.
     """
     compat = str(options.pop("compat", "1.1"))
-    if compat in ("0.10", "v2"):
-        version = 2
-    elif compat in ("1.1", "v3"):
-        version = 3
-    else:
+    version = compat_version(compat)
+    if version is None:
         raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
     cs_opt = options.pop("cluster_size", 65536)
     cs = cs_opt if isinstance(cs_opt, int) else parse_size(str(cs_opt))
