@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from diskimg.errors import ClosedImageError, CorruptImageError, UsageError
+from diskimg.params import check_int
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -247,6 +248,9 @@ class BlockDevice:
 
     # --- public API ------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:
+        if type(offset) is not int or type(length) is not int:
+            offset = check_int("offset", offset)
+            length = check_int("length", length)
         if offset < 0 or length < 0 or offset + length > self.size:
             raise UsageError(
                 f"request [{offset}, {offset + length}) is outside the image (size {self.size})"
@@ -259,6 +263,8 @@ class BlockDevice:
 
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at guest ``offset`` (both in bytes, range inside the disk)."""
+        self._check_open()
+        self._check_range(offset, length)
         buf = bytearray(length)
         self.readinto(offset, memoryview(buf))
         return bytes(buf)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     pass
 
 from diskimg.ops.common import CHUNK, SECTOR, ProgressFn
+from diskimg.params import renamed
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ def commit(
     drop: bool = False,
     progress: ProgressFn | None = None,
     *,
+    format: str | None = None,  # noqa: A002 - the one keyword for an image's format
     fmt: str | None = None,
     untrusted: bool = False,
     secrets: Mapping[str, bytes] | None = None,
@@ -84,7 +86,9 @@ def commit(
     where the base allows).  ``options`` are the top's image options; each layer below
     gets them with one more ``backing.`` prefix removed (``encrypt.key-secret`` for an
     encrypted top, ``backing.encrypt.key-secret`` for an encrypted base), so encrypted
-    layers are read and written with their own keys."""
+    layers are read and written with their own keys.  ``format`` is ``path``'s format
+    (None probes; ``fmt`` is its deprecated name)."""
+    fmt = renamed("format", format, "fmt", fmt)
     from diskimg.api import backing_options
     from diskimg.hostio import open_host_file
     from diskimg.qcow2.amend import make_empty, read_header
@@ -190,6 +194,7 @@ def rebase(
     backing_fmt: str | None = None,
     *,
     unsafe: bool = False,
+    format: str | None = None,  # noqa: A002 - the one keyword for an image's format
     fmt: str | None = None,
     progress: ProgressFn | None = None,
     untrusted: bool = False,
@@ -206,7 +211,9 @@ def rebase(
     given and resolved, like qemu, relative to ``path``'s directory.  ``options`` are
     ``path``'s image options (``encrypt.key-secret``; ``backing.encrypt.key-secret`` for
     an encrypted old backing file).  As in qemu-img the new backing file is opened with
-    no options, so it cannot be encrypted in safe mode."""
+    no options, so it cannot be encrypted in safe mode.  ``format`` is ``path``'s format
+    (None probes; ``fmt`` is its deprecated name)."""
+    fmt = renamed("format", format, "fmt", fmt)
     from diskimg.errors import MissingSecretError
     from diskimg.policy import OpenPolicy
     from diskimg.qcow2.amend import set_backing

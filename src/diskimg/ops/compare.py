@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
 
 from diskimg.ops.common import _ZEROS, CHUNK, SECTOR, ProgressFn, Source, _open
 from diskimg.ops.zero import _nonzero_at
+from diskimg.params import renamed
 
 # --- compare ------------------------------------------------------------------------
 
@@ -38,6 +39,7 @@ def compare(
     strict: bool = False,
     progress: ProgressFn | None = None,
     *,
+    format: str | tuple[str | None, str | None] | None = None,  # noqa: A002
     force_share: bool = False,
     untrusted: bool = False,
     secrets: Mapping[str, bytes] | None = None,
@@ -47,8 +49,12 @@ def compare(
     Returns ``(identical, mismatch_offset, message)``; ``message`` is what qemu-img prints
     (possibly two lines).  Without ``strict`` a longer image whose tail reads as zeros is
     identical (with a size warning); with ``strict`` any size or allocation difference is a
-    mismatch.
+    mismatch.  ``format`` is both images' format, or a ``(format of a, format of b)``
+    pair (None probes); the positional ``fmt_a``/``fmt_b`` are deprecated.
     """
+    fa, fb = format if isinstance(format, tuple) else (format, format)
+    fmt_a = renamed("format", fa, "fmt_a", fmt_a)
+    fmt_b = renamed("format", fb, "fmt_b", fmt_b)
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {})}
     d1, own1 = _open(a, fmt_a, kw)

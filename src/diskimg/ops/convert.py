@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
 
 from diskimg.ops.common import SECTOR, ProgressFn, Source, _open
 from diskimg.ops.copier import _Copier
+from diskimg.params import renamed
 
 
 def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) -> BlockDevice:
@@ -45,6 +46,7 @@ def convert(
     dst: str | os.PathLike[str] | BlockDevice,
     out_format: str = "raw",
     *,
+    format: str | None = None,  # noqa: A002 - the one keyword for an image's format
     src_format: str | None = None,
     options: Mapping[str, Any] | None = None,
     sparse_size: int = 4096,
@@ -63,6 +65,8 @@ def convert(
 ) -> None:
     """Copy the guest contents of ``sources`` (concatenated) into image ``dst``.
 
+    ``format`` is the sources' format (None probes; ``src_format`` is its deprecated
+    name), ``out_format`` the target's.
     Holes and zero runs are never read (block status) and never written to a fresh target;
     ``sparse_size`` (``-S``, 0 = fully allocate) turns zero runs in data into holes;
     ``backing_file`` gives the target a backing file and copies only the sources' top layer
@@ -73,6 +77,7 @@ def convert(
     target cache mode defaults to ``unsafe``) the target is not synced to stable storage
     unless ``sync`` is true; everything is written before this returns.
     """
+    src_format = renamed("format", format, "src_format", src_format)
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     srcs = [sources] if isinstance(sources, str | os.PathLike | BlockDevice) else list(sources)

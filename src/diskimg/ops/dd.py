@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
 
 from diskimg.ops.common import CHUNK, Source, _open
 from diskimg.ops.zero import is_zero
+from diskimg.params import check_int, renamed
 
 # --- dd -----------------------------------------------------------------------------
 
@@ -24,6 +25,7 @@ def dd(
     dst: str | os.PathLike[str],
     out_format: str = "raw",
     *,
+    format: str | None = None,  # noqa: A002 - the one keyword for an image's format
     src_format: str | None = None,
     bs: int = 512,
     count: int | None = None,
@@ -35,7 +37,13 @@ def dd(
 ) -> None:
     """``qemu-img dd``: copy ``count`` blocks of ``bs`` bytes after skipping ``skip`` blocks
     into a new image ``dst``.  The output size is ``min(count*bs, size) - skip*bs`` (qemu's
-    rule); a skip past that end creates an empty output and calls ``warn``."""
+    rule); a skip past that end creates an empty output and calls ``warn``.  ``format`` is
+    the source's format (None probes; ``src_format`` is its deprecated name)."""
+    src_format = renamed("format", format, "src_format", src_format)
+    bs = check_int("bs", bs, minimum=1)
+    skip = check_int("skip", skip)
+    if count is not None:
+        count = check_int("count", count)
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {})}
     dev, owned = _open(src, src_format, kw)
