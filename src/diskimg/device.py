@@ -90,6 +90,12 @@ class ImageInfo:
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     format_specific: dict[str, Any] | None = None
 
+    def __str__(self) -> str:
+        """``qemu-img info``'s human text (the CLI's renderer, imported on use)."""
+        from diskimg.cli.output import info_human
+
+        return info_human(self.to_json())
+
     def to_json(self) -> dict[str, Any]:
         """The ``qemu-img info --output=json`` object, with qemu's keys, order and
         conditional keys (``encrypted`` only when true, backing keys only with a backing
