@@ -356,6 +356,8 @@ class BlockDevice:
         (qemu stops at each L2 table): what ``map`` and ``convert`` merge anyway, taken in
         one step, so their cost follows the allocated data rather than the virtual size."""
         self._check_open()
+        if type(offset) is not int or type(length) is not int:
+            offset, length = check_int("offset", offset), check_int("length", length)
         depth = 0
         dev: BlockDevice = self
         while True:
@@ -375,6 +377,9 @@ class BlockDevice:
     def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
         """Yield qemu-img map entries covering [offset, offset+length), merged like qemu."""
         self._check_open()  # now, not on the first next()
+        offset = check_int("offset", offset)
+        if length is not None:
+            length = check_int("length", length)
         return self._map(offset, length)
 
     def _map(self, offset: int, length: int | None) -> Iterator[MapEntry]:

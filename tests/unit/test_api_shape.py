@@ -216,9 +216,10 @@ def test_old_and_new_keyword_disagreeing_is_refused(tmp_path: Path, img: Path) -
     lambda d: d.write(0.0, b"x"), lambda d: d.write(False, b"x"),
     lambda d: d.write_zeroes(0, 1.5), lambda d: d.write_zeroes("0", 512),
     lambda d: d.discard(0, -512), lambda d: d.discard(None, 512),
+    lambda d: list(d.map(0.5)), lambda d: d.map(0, "1M"), lambda d: d.block_status(1.5, 512),
 ], ids=["float-offset", "str-length", "negative-length", "bool-offset", "readinto-float",
         "write-float", "write-bool", "zeroes-float", "zeroes-str", "discard-negative",
-        "discard-none"])
+        "discard-none", "map-float", "map-str", "status-float"])
 def test_wrong_types_on_device_methods(img: Path, call: Callable[[Any], Any]) -> None:
     before = _sha(img)
     with diskimg.open(img, "r+") as d:

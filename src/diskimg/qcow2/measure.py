@@ -24,6 +24,7 @@ from typing import Any
 
 from diskimg.crypto.luks.header import CIPHER_MODES, QEMU_CIPHER_KEY_BYTES, luks_header_size
 from diskimg.errors import UsageError
+from diskimg.options import compat_version, parse_bool
 from diskimg.units import parse_size
 
 L1E_SIZE = 8
@@ -148,12 +149,7 @@ def _opt_bool(options: Mapping[str, Any], key: str, default: bool) -> bool:
     v = options.get(key)
     if v is None:
         return default
-    if isinstance(v, bool):
-        return v
-    s = str(v)
-    if s not in ("on", "off"):
-        raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
-    return s == "on"
+    return parse_bool(key, v, strict=True)
 
 
 def _opt_size(options: Mapping[str, Any], key: str, default: int) -> int:
@@ -189,11 +185,8 @@ def parse_qcow2_options(options: Mapping[str, Any],
         raise UsageError("Extended L2 entries are only supported with cluster sizes of at "
                          "least 16384 bytes")
     compat = options.get("compat")
-    if compat is None or str(compat) == "1.1":
-        version = 3
-    elif str(compat) == "0.10":
-        version = 2
-    else:
+    version = 3 if compat is None else compat_version(compat, qapi_names=False)
+    if version is None:
         raise UsageError(f"Invalid compatibility level: '{compat}'")
     rb = options.get("refcount_bits")
     bits = 16 if rb is None else int(str(rb), 0)
