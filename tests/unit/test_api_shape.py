@@ -237,8 +237,12 @@ def test_wrong_types_on_device_methods(img: Path, call: Callable[[Any], Any]) ->
     lambda p, t: diskimg.dd(p, t / "o.raw", count=-1),
     lambda p, t: diskimg.measure("qcow2", size="1G"),
     lambda p, t: diskimg.snapshot(p, "create"),
+    lambda p, t: diskimg.create(t / "o.raw", "raw", 1.5),
+    lambda p, t: diskimg.create(t / "o.raw", "qcow2", "1M"),
+    lambda p, t: diskimg.create(t / "o.raw", "qcow2", True),
 ], ids=["map-float", "map-str", "resize-str", "resize-bool", "resize-float", "dd-bs-float",
-        "dd-count-negative", "measure-str", "snapshot-no-name"])
+        "dd-count-negative", "measure-str", "snapshot-no-name", "create-float", "create-str",
+        "create-bool"])
 def test_wrong_types_on_module_functions(tmp_path: Path, img: Path,
                                          call: Callable[[Path, Path], Any]) -> None:
     before = _sha(img)
