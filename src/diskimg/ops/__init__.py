@@ -6,10 +6,12 @@
 - :mod:`.readahead`: block-status plans of the sources, background reads and decoding;
 - :mod:`.copier`: the convert copy loop writing a plan to the target;
 - :mod:`.convert`, :mod:`.compare`, :mod:`.dd`: the commands;
-- :mod:`.chain`: ``commit`` and ``rebase`` over backing chains.
+- :mod:`.chain`: ``commit`` and ``rebase`` over backing chains;
+- :mod:`.commands`: ``info``, ``check``, ``map``, ``measure``, ``amend``, ``snapshot``,
+  ``resize`` by path (the module-level functions of :mod:`diskimg`).
 
-Imported only by commands that copy data (threads, queues): ``info``/``check``/``map``
-never load it."""
+Loaded on first use (``diskimg.convert`` ...): the CLI's ``info``/``check``/``map`` never
+load it.  ``diskimg.operations`` re-exports the names that lived there before."""
 
 from diskimg.ops.chain import commit, find_backing_image, rebase
 from diskimg.ops.compare import compare
