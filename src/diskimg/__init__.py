@@ -23,16 +23,20 @@ from diskimg.policy import OpenPolicy
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.operations import commit, compare, convert, dd, rebase
+    from diskimg.ops.commands import amend, check, info, map, measure, resize, snapshot
     from diskimg.pool import Pool, PoolRegistry, Volume
 
 _LAZY = {"Pool": "pool", "PoolRegistry": "pool", "Volume": "pool", "commit": "operations",
          "compare": "operations", "convert": "operations", "dd": "operations",
-         "rebase": "operations"}
+         "rebase": "operations", "amend": "ops.commands", "check": "ops.commands",
+         "info": "ops.commands", "map": "ops.commands", "measure": "ops.commands",
+         "resize": "ops.commands", "snapshot": "ops.commands"}
 
 
 def __getattr__(name: str) -> object:
-    """Import the storage-pool layer (~20 ms: xml, pool) and the copy operations (threads,
-    queues) only when they are used: ``diskimg info`` and ``open`` need neither."""
+    """Import the storage-pool layer (~20 ms: xml, pool), the copy operations (threads,
+    queues) and the module-level command functions (``diskimg.info`` ...) only when they
+    are used: ``diskimg info`` and ``open`` need none of them."""
     import importlib
 
     if name in _LAZY:
@@ -70,11 +74,18 @@ __all__ = [
     "WrongFormatError",
     "__version__",
     "aligned_buffer",
+    "amend",
+    "check",
     "commit",
     "compare",
     "convert",
     "create",
     "dd",
+    "info",
+    "map",
+    "measure",
     "open",
     "rebase",
+    "resize",
+    "snapshot",
 ]

@@ -12,6 +12,7 @@ from diskimg.device import BlockDevice
 from diskimg.errors import BackingChainError, DiskImgError, UsageError
 from diskimg.hostio import open_host_file
 from diskimg.policy import OpenPolicy
+from diskimg.params import check_int
 from diskimg.probe import check_format, probe
 
 FORMATS = ("qcow2", "raw", "vmdk")
@@ -166,6 +167,8 @@ def create(
     ``-o`` names (``cluster_size``, ``compat``, ``preallocation``, ``lazy_refcounts``,
     ``refcount_bits``, ``extended_l2`` ...) as strings or Python values.
     """
+    if size is not None:  # before anything touches the file: a refusal creates nothing
+        size = check_int("size", size, minimum=None)
     opts = dict(options or {})
     if format not in FORMATS:
         raise UsageError(f"Unknown file format '{format}'")

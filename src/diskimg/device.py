@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from diskimg.errors import ClosedImageError, CorruptImageError, UsageError
+from diskimg.params import check_int
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -88,6 +89,12 @@ class ImageInfo:
     backing_filename_format: str | None = None
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     format_specific: dict[str, Any] | None = None
+
+    def __str__(self) -> str:
+        """``qemu-img info``'s human text (the CLI's renderer, imported on use)."""
+        from diskimg.cli.output import info_human
+
+        return info_human(self.to_json())
 
     def to_json(self) -> dict[str, Any]:
         """The ``qemu-img info --output=json`` object, with qemu's keys, order and
@@ -247,6 +254,9 @@ class BlockDevice:
 
     # --- public API ------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:
+        if type(offset) is not int or type(length) is not int:
+            offset = check_int("offset", offset)
+            length = check_int("length", length)
         if offset < 0 or length < 0 or offset + length > self.size:
             raise UsageError(
                 f"request [{offset}, {offset + length}) is outside the image (size {self.size})"
@@ -259,6 +269,8 @@ class BlockDevice:
 
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at guest ``offset`` (both in bytes, range inside the disk)."""
+        self._check_open()
+        self._check_range(offset, length)
         buf = bytearray(length)
         self.readinto(offset, memoryview(buf))
         return bytes(buf)
@@ -344,6 +356,8 @@ class BlockDevice:
         (qemu stops at each L2 table): what ``map`` and ``convert`` merge anyway, taken in
         one step, so their cost follows the allocated data rather than the virtual size."""
         self._check_open()
+        if type(offset) is not int or type(length) is not int:
+            offset, length = check_int("offset", offset), check_int("length", length)
         depth = 0
         dev: BlockDevice = self
         while True:
@@ -363,6 +377,9 @@ class BlockDevice:
     def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
         """Yield qemu-img map entries covering [offset, offset+length), merged like qemu."""
         self._check_open()  # now, not on the first next()
+        offset = check_int("offset", offset)
+        if length is not None:
+            length = check_int("length", length)
         return self._map(offset, length)
 
     def _map(self, offset: int, length: int | None) -> Iterator[MapEntry]:

@@ -168,8 +168,8 @@ def validate(fmt: str, pairs: list[tuple[str, str]]) -> dict[str, str]:
         d = by_name.get(k)
         if d is None:
             raise UsageError(f"Invalid parameter '{k}'")
-        if d.kind == "bool" and v not in ("on", "off"):
-            raise UsageError(f"Parameter '{k}' expects 'on' or 'off'")
+        if d.kind == "bool":
+            parse_bool(k, v, strict=True)
         if d.kind == "num":
             try:
                 int(v, 0)
@@ -203,5 +203,40 @@ def formatting_line(filename: str, fmt: str, opts: dict[str, str]) -> str:
     return " ".join(parts)
 
 
+_TRUE = ("on", "yes", "true")
+_FALSE = ("off", "no", "false")
+
+
+def parse_bool(name: str, value: object, *, strict: bool = False) -> bool:
+    """The one boolean option parser.  A ``bool`` passes through.  ``strict``: the ``-o``
+    syntax qemu-img checks (only ``on``/``off``); otherwise library callers may also write
+    ``yes``/``no``/``true``/``false`` in any case.  Anything else is qemu's UsageError."""
+    if isinstance(value, bool):
+        return value
+    s = str(value) if strict else str(value).lower()
+    if s in _TRUE[:1] or (not strict and s in _TRUE):
+        return True
+    if s in _FALSE[:1] or (not strict and s in _FALSE):
+        return False
+    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
 def to_bool(v: str) -> bool:
-    return v == "on"
+    """``-o`` bool value (already validated) as a bool; see :func:`parse_bool`."""
+    return parse_bool("value", v, strict=True)
+
+
+# compat= values to qcow2 header versions: qemu-img's spellings, then the QAPI names that
+# create and amend also accept (measure does not)
+COMPAT_LEVELS = {"0.10": 2, "1.1": 3}
+_QAPI_COMPAT = {"v2": 2, "v3": 3}
+
+
+def compat_version(value: object, *, qapi_names: bool = True) -> int | None:
+    """The one qcow2 ``compat`` parser: the header version ``value`` names, or None when
+    it names none (each command raises qemu's own message for that)."""
+    s = str(value)
+    v = COMPAT_LEVELS.get(s)
+    if v is None and qapi_names:
+        v = _QAPI_COMPAT.get(s)
+    return v

@@ -1,4 +1,4 @@
-"""layout.compat_version: the one parser of qcow2's ``compat`` option, and the spellings
+"""options.compat_version: the one parser of qcow2's ``compat`` option, and the spellings
 each qemu-img command accepts (create/amend take v2/v3 aliases, measure does not)."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from diskimg.qcow2.layout import compat_version
+from diskimg.options import compat_version
 
 
 def test_compat_table() -> None:
     assert [compat_version(v) for v in ("0.10", "1.1", "v2", "v3", "1.0", "", "V3")] == [
         2, 3, 2, 3, None, None, None]
-    assert [compat_version(v, aliases=False) for v in ("0.10", "1.1", "v2", "v3")] == [
+    assert [compat_version(v, qapi_names=False) for v in ("0.10", "1.1", "v2", "v3")] == [
         2, 3, None, None]
 
 

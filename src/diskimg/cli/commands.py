@@ -951,7 +951,7 @@ def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
     path, fmt, img_opts = path_and_format(a, name, "commit", _key_options(a, name))
     prog = commit_progress(ctx, a, path, fmt)
     conv.commit(path, base=a.base, drop=a.drop, progress=prog if prog.enabled else None,
-                fmt=fmt, untrusted=ctx.untrusted, secrets=ctx.secrets, options=img_opts)
+                format=fmt, untrusted=ctx.untrusted, secrets=ctx.secrets, options=img_opts)
     prog.finish()
     if not a.quiet:
         sys.stdout.write("Image committed.\n")
@@ -990,7 +990,7 @@ def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
             raise DiskImgError(f"Could not open new backing file '{backing}': Could not open "
                                f"'{bpath}': No such file or directory")
     prog = rebase_progress(ctx, a, path, path_fmt, backing)
-    conv.rebase(path, backing, a.backing_fmt, unsafe=a.unsafe, fmt=path_fmt,
+    conv.rebase(path, backing, a.backing_fmt, unsafe=a.unsafe, format=path_fmt,
                 progress=prog if prog.enabled else None, untrusted=ctx.untrusted,
                 secrets=ctx.secrets, force_share=a.force_share, options=img_opts)
     prog.finish()

@@ -49,14 +49,25 @@ def zero_fill(buf: memoryview) -> None:
         buf[p : p + k] = _ZEROS[:k]
 
 
-def all_zero(buf: bytearray) -> bool:
-    """Whether ``buf`` holds only zero bytes (memcmp a MiB at a time against the same
-    shared zero buffer: bytearray equality with a buffer runs in C, memoryview equality
-    item by item does not)."""
+def all_zero(buf: bytes | bytearray | memoryview) -> bool:
+    """Whether ``buf`` (any bytes-like object) holds only zero bytes: the one zero test of
+    the project.  A non-zero first byte answers at once; otherwise the buffer is compared a
+    MiB at a time against one shared zero buffer (bytes/bytearray equality with a buffer
+    is a memcmp; memoryview equality runs item by item, so views are compared as bytes)."""
+    mv = buf if isinstance(buf, memoryview) else None
+    if mv is not None and (mv.format != "B" or mv.ndim != 1):
+        mv = mv.cast("B")
+    n = len(buf) if mv is None else mv.nbytes
+    if n == 0:
+        return True
+    if (buf if mv is None else mv)[0]:
+        return False
     z = len(_ZEROS)
-    if len(buf) <= z:
-        return buf == _ZEROS[: len(buf)]
-    return all(buf[p : p + z] == _ZEROS[: len(buf[p : p + z])] for p in range(0, len(buf), z))
+    if mv is not None:
+        return all(mv[p : p + z].tobytes() == _ZEROS[: min(z, n - p)] for p in range(0, n, z))
+    if n <= z:
+        return buf == _ZEROS[:n]
+    return all(buf[p : p + z] == _ZEROS[: min(z, n - p)] for p in range(0, n, z))
 
 
 def is_aligned(buf: memoryview) -> bool:

@@ -254,7 +254,7 @@ class Volume:
                 if not buf:
                     break
                 pos = offset + written
-                if sparse and all_zero(bytearray(buf)):
+                if sparse and all_zero(buf):
                     end = pos + len(buf)
                     if os.fstat(host.fd).st_size < end:
                         os.ftruncate(host.fd, end)
@@ -283,7 +283,7 @@ class Volume:
                 buf = host.pread(pos, min(CHUNK, end - pos))
                 if not buf:
                     break
-                if sparse and all_zero(bytearray(buf)):
+                if sparse and all_zero(buf):
                     dst.seek(len(buf), io.SEEK_CUR)
                     hole_end = dst.tell()
                 else:

@@ -24,6 +24,7 @@ from diskimg.crypto.luks import (
 )
 from diskimg.errors import DiskImgError, MissingSecretError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile
+from diskimg.options import compat_version
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.bitmaps import BitmapsExt
@@ -51,7 +52,6 @@ from diskimg.qcow2.layout import (
     V2_HEADER_LENGTH,
     V3_HEADER_LENGTH,
     Header,
-    compat_version,
     pack_feature_table,
 )
 from diskimg.qcow2.refcount import RefBlock, Refcounts

@@ -13,6 +13,8 @@ from typing import Any
 
 from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
+from diskimg.options import compat_version
+from diskimg.options import parse_bool as _bool
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
@@ -27,22 +29,10 @@ from diskimg.qcow2.layout import (
     V2_HEADER_LENGTH,
     V3_HEADER_LENGTH_COMPRESSION,
     Header,
-    compat_version,
     pack_feature_table,
 )
 from diskimg.qcow2.refcount import RefBlock, refcount_blocks_for
 from diskimg.units import parse_size
-
-
-def _bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    v = str(value).lower()
-    if v in ("on", "yes", "true"):
-        return True
-    if v in ("off", "no", "false"):
-        return False
-    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 def plan_header(size: int, options: dict[str, Any], backing_file: str | None = None,

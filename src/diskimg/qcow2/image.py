@@ -62,10 +62,9 @@ def _pool() -> ThreadPoolExecutor:
     """A process-wide pool for decompression (threads: the codecs release the GIL)."""
     global _POOL
     if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
+        from diskimg.hostio.workers import worker_pool
 
-        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                   thread_name_prefix="diskimg-decompress")
+        _POOL = worker_pool(min(8, os.cpu_count() or 1), "decompress")
     return _POOL
 
 

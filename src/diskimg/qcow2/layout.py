@@ -70,18 +70,6 @@ V3_HEADER_LENGTH_COMPRESSION = 112
 _EXT_HDR = struct.Struct(">II")
 
 
-_COMPAT = {"0.10": 2, "1.1": 3}
-_COMPAT_ALIASES = {"v2": 2, "v3": 3}
-
-
-def compat_version(value: object, *, aliases: bool = True) -> int | None:
-    """The header version a ``compat`` option names ("0.10" -> 2, "1.1" -> 3; with
-    ``aliases`` also qemu's "v2"/"v3", which create and amend accept and measure does not),
-    or None when it names none (each command words that refusal as qemu-img does)."""
-    text = str(value)
-    return _COMPAT.get(text, _COMPAT_ALIASES.get(text) if aliases else None)
-
-
 @dataclass(frozen=True, slots=True)
 class HeaderField:
     """One header field: its byte offset and big-endian struct code."""

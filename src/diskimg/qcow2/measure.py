@@ -23,13 +23,13 @@ from typing import Any
 
 from diskimg.crypto.luks.header import CIPHER_MODES, QEMU_CIPHER_KEY_BYTES, luks_header_size
 from diskimg.errors import FormatError, UsageError
+from diskimg.options import compat_version, parse_bool
 from diskimg.qcow2.bitmaps import (
     BITMAP_DIR_ENTRY_SIZE,
     QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
     BitmapEntry,
     BitmapsExt,
 )
-from diskimg.qcow2.layout import compat_version
 from diskimg.qcow2.refcount import refcount_metadata_clusters
 from diskimg.units import parse_size
 
@@ -141,12 +141,7 @@ def _opt_bool(options: Mapping[str, Any], key: str, default: bool) -> bool:
     v = options.get(key)
     if v is None:
         return default
-    if isinstance(v, bool):
-        return v
-    s = str(v)
-    if s not in ("on", "off"):
-        raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
-    return s == "on"
+    return parse_bool(key, v, strict=True)
 
 
 def _opt_size(options: Mapping[str, Any], key: str, default: int) -> int:
@@ -182,7 +177,7 @@ def parse_qcow2_options(options: Mapping[str, Any],
         raise UsageError("Extended L2 entries are only supported with cluster sizes of at "
                          "least 16384 bytes")
     compat = options.get("compat")
-    version = 3 if compat is None else compat_version(compat, aliases=False)
+    version = 3 if compat is None else compat_version(compat, qapi_names=False)
     if version is None:
         raise UsageError(f"Invalid compatibility level: '{compat}'")
     rb = options.get("refcount_bits")

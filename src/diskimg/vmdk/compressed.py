@@ -53,9 +53,9 @@ def _inflate_pool() -> ThreadPoolExecutor | None:
         return None
     with _pool_lock:
         if _pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+            from diskimg.hostio.workers import worker_pool
 
-            _pool = ThreadPoolExecutor(_POOL_WORKERS, thread_name_prefix="diskimg-inflate")
+            _pool = worker_pool(_POOL_WORKERS, "inflate")
         return _pool
 
 

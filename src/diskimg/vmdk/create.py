@@ -16,6 +16,7 @@ from typing import Any
 from diskimg.device import BlockDevice
 from diskimg.errors import UsageError
 from diskimg.hostio import HostFile, open_host_file
+from diskimg.options import parse_bool as _bool
 from diskimg.policy import OpenPolicy
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import NO_PARENT, ExtentLine, build, new_cid
@@ -28,17 +29,6 @@ ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
 SPLIT_SIZE = 2 * 1024 * 1024 * 1024
 GRAIN_SECTORS = 128
 GTES = 512
-
-
-def _bool(name: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).lower()
-    if s in ("on", "yes", "true"):
-        return True
-    if s in ("off", "no", "false"):
-        return False
-    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 def sparse_layout(capacity: int, *, zeroed_grain: bool = False,

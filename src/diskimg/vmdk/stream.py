@@ -50,9 +50,9 @@ class StreamWriter:
         n = threads if threads is not None else min(4, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         if n > 1:
-            from concurrent.futures import ThreadPoolExecutor
+            from diskimg.hostio.workers import worker_pool
 
-            self._pool = ThreadPoolExecutor(n)
+            self._pool = worker_pool(n, "deflate")
         self._inflight: deque[tuple[int, Future[bytes]]] = deque()
         self._max_inflight = 2 * n
 

@@ -1,0 +1,21 @@
+"""The copy operations behind ``diskimg convert``, ``compare``, ``dd``, ``commit`` and
+``rebase``, one job per module:
+
+- :mod:`.common`: chunk size, source type, opening a source;
+- :mod:`.zero`: zero detection and sparse runs of a buffer (``-S``);
+- :mod:`.readahead`: block-status plans of the sources, background reads and decoding;
+- :mod:`.copier`: the convert copy loop writing a plan to the target;
+- :mod:`.convert`, :mod:`.compare`, :mod:`.dd`: the commands;
+- :mod:`.chain`: ``commit`` and ``rebase`` over backing chains;
+- :mod:`.commands`: ``info``, ``check``, ``map``, ``measure``, ``amend``, ``snapshot``,
+  ``resize`` by path (the module-level functions of :mod:`diskimg`).
+
+Loaded on first use (``diskimg.convert`` ...): the CLI's ``info``/``check``/``map`` never
+load it.  ``diskimg.operations`` re-exports the names that lived there before."""
+
+from diskimg.ops.chain import commit, find_backing_image, rebase
+from diskimg.ops.compare import compare
+from diskimg.ops.convert import convert
+from diskimg.ops.dd import dd
+
+__all__ = ["commit", "compare", "convert", "dd", "find_backing_image", "rebase"]

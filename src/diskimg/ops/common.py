@@ -1,0 +1,25 @@
+"""What every copy operation shares: the chunk size, the source type and opening a
+source (a path is opened read-only and closed by the caller; a device is borrowed)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from diskimg import api
+from diskimg.device import BlockDevice
+
+CHUNK = 2 << 20  # qemu-img convert's buffer: 4096 sectors
+SECTOR = 512
+_ZEROS = bytes(CHUNK)
+
+Source = str | os.PathLike[str] | BlockDevice
+ProgressFn = Callable[[float], None]
+
+
+def _open(src: Source, fmt: str | None, kw: Mapping[str, Any]) -> tuple[BlockDevice, bool]:
+    """``(device, owned)``: ``owned`` devices were opened here and must be closed."""
+    if isinstance(src, BlockDevice):
+        return src, False
+    return api.open(src, "r", fmt, **kw), True

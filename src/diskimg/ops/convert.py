@@ -1,0 +1,176 @@
+"""``convert``: copy the guest bytes of one or more sources (concatenated) into a new or
+existing target (qemu-img convert).  A refused convert leaves an existing target as it
+was."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from diskimg import api
+from diskimg.device import BlockDevice
+from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
+from diskimg.hostio import HostFile
+
+if TYPE_CHECKING:  # imported where used: info/check/map never start threads
+    pass
+
+from diskimg.ops.common import SECTOR, ProgressFn, Source, _open
+from diskimg.ops.copier import _Copier
+from diskimg.params import renamed
+
+
+def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) -> BlockDevice:
+    sid, name = snapshot
+    loader = getattr(dev, "snapshot_view", None)
+    if dev.format == "raw" or loader is None:
+        raise UnsupportedFeatureError(
+            f"Failed to load snapshot: Block format '{dev.format}' used by device '' does "
+            "not support temporarily loading internal snapshots")
+    # a bare ``-l X`` (sid == name) is an id or a name: qemu tries the id first
+    tries = [(sid, None), (None, name)] if sid is not None and sid == name else [(sid, name)]
+    for s, n in tries:
+        try:
+            view: BlockDevice = loader(snapshot_id=s, name=n)
+            return view
+        except DiskImgError as e:
+            if "find snapshot" not in str(e):
+                raise
+    raise DiskImgError("Failed to load snapshot: Can't find snapshot")
+
+
+def convert(
+    sources: Source | Sequence[Source],
+    dst: str | os.PathLike[str] | BlockDevice,
+    out_format: str = "raw",
+    *,
+    format: str | None = None,  # noqa: A002 - the one keyword for an image's format
+    src_format: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    sparse_size: int = 4096,
+    target_exists: bool = False,
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    progress: ProgressFn | None = None,
+    snapshot: tuple[str | None, str | None] | None = None,
+    compress: bool = False,
+    force_share: bool = False,
+    untrusted: bool = False,
+    secrets: Mapping[str, bytes] | None = None,
+    target_options: Mapping[str, str] | None = None,
+    workers: int | None = None,
+    sync: bool = False,
+) -> None:
+    """Copy the guest contents of ``sources`` (concatenated) into image ``dst``.
+
+    ``format`` is the sources' format (None probes; ``src_format`` is its deprecated
+    name), ``out_format`` the target's.
+    Holes and zero runs are never read (block status) and never written to a fresh target;
+    ``sparse_size`` (``-S``, 0 = fully allocate) turns zero runs in data into holes;
+    ``backing_file`` gives the target a backing file and copies only the sources' top layer
+    (qemu-img ``-B``); ``target_exists`` writes into an existing image (``-n``; ``dst`` may
+    then be an open writable device).  ``progress`` receives percentages.  Sources may be
+    paths or open devices.  ``compress`` (``-c``) compresses every cluster in ``workers``
+    threads (``-m``; default: the number of CPUs, at most 8).  Like qemu-img convert (whose
+    target cache mode defaults to ``unsafe``) the target is not synced to stable storage
+    unless ``sync`` is true; everything is written before this returns.
+    """
+    src_format = renamed("format", format, "src_format", src_format)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    srcs = [sources] if isinstance(sources, str | os.PathLike | BlockDevice) else list(sources)
+    if not srcs:
+        raise UsageError("Must specify image file name")
+    if sparse_size < 0 or sparse_size % SECTOR or sparse_size > 16 << 20:
+        raise UsageError("Invalid buffer size for sparse output specified. Valid sizes are "
+                         "multiples of 512 up to 16777216. Select 0 to disable sparse "
+                         "detection (fully allocates output).")
+    if backing_file is not None and out_format == "raw":
+        raise UsageError("Backing file not supported for file format 'raw'")
+    if backing_file is not None and backing_fmt is None and not target_exists:
+        raise UsageError("Use of backing file requires explicit backing format")
+    if compress and out_format == "raw":
+        raise UsageError("Compression not supported for this file format")
+    if compress and str((options or {}).get("preallocation", "off")) != "off":
+        raise UsageError("Compression and preallocation not supported at the same time")
+    kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
+                          "secrets": dict(secrets or {})}
+    opened: list[tuple[BlockDevice, bool]] = []
+    try:
+        for s in srcs:
+            dev, owned = _open(s, src_format, kw)
+            opened.append((dev, owned))
+        devs = [d for d, _ in opened]
+        if snapshot is not None:
+            if len(devs) != 1:
+                raise UsageError("No support for concatenating multiple snapshot")
+            devs = [_snapshot_view(devs[0], snapshot)]
+        total = sum(d.size for d in devs)
+        if isinstance(dst, BlockDevice):
+            if not target_exists:
+                raise UsageError("an open target device needs target_exists=True")
+            tgt_cm: Any = contextlib.nullcontext(dst)
+        else:
+            if not target_exists:
+                api.create(dst, out_format, total, backing_file=backing_file,
+                           backing_fmt=backing_fmt, options=options, secrets=secrets)
+            topts = dict(target_options or {})
+            key = (options or {}).get("encrypt.key-secret")
+            if key is not None and not target_exists:
+                topts.setdefault("encrypt.key-secret", str(key))  # the new image's key
+            tgt_cm = api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
+                              options=topts)
+        with tgt_cm as tgt:
+            if not sync and not isinstance(dst, BlockDevice):
+                for hf in _host_files(tgt):
+                    hf.sync = False
+            if tgt.size < total:
+                raise UsageError("output file is smaller than input file")
+            cluster = getattr(tgt, "cluster_size", None) or 0
+            align = max(_pow2floor(max(sparse_size, SECTOR) // SECTOR), cluster // SECTOR
+                        if compress else 1)
+            target_backing = backing_file is not None
+            # qemu-img's rule: only a new target without backing file may leave zero runs
+            # unwritten, and only if its format says it reads as zeros (not, e.g., an
+            # encrypted qcow2 with preallocated clusters)
+            zero_init = (not target_exists and not target_backing and sparse_size > 0
+                         and tgt.has_zero_init())
+            backing_end = tgt.backing.size if (target_backing and not target_exists
+                                               and tgt.backing is not None) else None
+            cp = _Copier(tgt, zero_init=zero_init, target_backing=target_backing,
+                         backing_end=backing_end, min_sparse=sparse_size, alignment=align,
+                         compress=compress, total=total, progress=progress)
+            if progress is not None:
+                progress(0.0)
+            if compress:
+                cp.copy_compressed(devs, workers)
+            else:
+                # the reader thread must not share a device with the writer
+                pipelined = not any(d is tgt for d in devs)
+                base = 0
+                for d in devs:
+                    cp.copy(d, base, pipelined)
+                    base += d.size
+            tgt.flush()
+    finally:
+        for dev, owned in opened:
+            if owned:
+                dev.close()
+
+
+def _host_files(dev: BlockDevice) -> list[HostFile]:
+    """The writable host files behind ``dev`` (qcow2 image and data file, raw file, vmdk
+    descriptor and extents)."""
+    out: list[HostFile] = []
+    cands = [getattr(dev, "host", None), getattr(dev, "data_host", None)]
+    cands += [getattr(e, "host", None) for e in getattr(dev, "extents", None) or ()]
+    for h in cands:
+        if isinstance(h, HostFile) and h.writable and all(h is not o for o in out):
+            out.append(h)
+    return out
+
+
+def _pow2floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1) if n > 0 else 1

@@ -1,0 +1,353 @@
+"""qemu-img convert's copy loop (:class:`_Copier`): writes each run of the merged plan
+to the target, zero runs left unwritten on a zero-initialised target, data runs split by
+``-S`` into sparse holes.  Invariant: the target ends with exactly the guest bytes of the
+sources."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from diskimg.device import BlockDevice
+from diskimg.errors import UnsupportedFeatureError
+from diskimg.hostio import aligned_buffer
+
+if TYPE_CHECKING:  # imported where used: info/check/map never start threads
+    from concurrent.futures import Future
+
+from diskimg.hostio import all_zero
+from diskimg.hostio.workers import worker_pool
+from diskimg.ops.common import _ZEROS, CHUNK, ProgressFn
+from diskimg.ops.readahead import (
+    _COMBINE_BELOW,
+    _ClusterKinds,
+    _Concat,
+    _Decoded,
+    _kind_runs,
+    _ReadAhead,
+    _top_status,
+)
+from diskimg.ops.zero import _next_zero_sector, sparse_runs
+
+
+@dataclass(slots=True)
+class _Copier:
+    """qemu-img convert's copy loop.  ``zero_init``: the target reads as zeros wherever
+    nothing is written (a new target without backing file whose format says so, see
+    :meth:`BlockDevice.has_zero_init`), so zero runs are left unwritten; otherwise they are
+    written as zeroes.  ``target_backing`` (``-B``): only the sources' own layers are
+    copied, ranges they leave to their backing files are left to the target's;
+    ``backing_end``: the size of a new target's backing file, past which the target reads
+    zeros of its own (zero runs there are left to it, as qemu does), None if unknown."""
+
+    tgt: BlockDevice
+    zero_init: bool
+    target_backing: bool
+    backing_end: int | None
+    min_sparse: int
+    alignment: int
+    compress: bool
+    total: int
+    done: int = 0
+    progress: ProgressFn | None = None
+    # write combining: small data pieces that follow each other in guest order are
+    # gathered here and written with one call (the zero detection is unchanged: it still
+    # runs on each block-status run, as qemu-img's does)
+    pend: bytearray | None = None
+    pend_off: int = 0
+    pend_len: int = 0
+
+    def zero(self, off: int, n: int) -> None:
+        if self.min_sparse == 0:
+            self.flush_pending()
+            for p in range(off, off + n, CHUNK):
+                self.tgt.write(p, _ZEROS[: min(CHUNK, off + n - p)])
+        elif not self.zero_init:
+            self.flush_pending()
+            self.tgt.write_zeroes(off, n, may_unmap=True)
+
+    def data(self, off: int, buf: Any, n: int) -> None:
+        """Write ``buf[:n]`` (bytes, bytearray or mmap) at ``off``, sparsely."""
+        if self.compress:
+            self._write_compressed(off, buf, n)
+            return
+        mv = memoryview(buf)
+        if self.min_sparse == 0:
+            self.write(off, mv[:n])
+            return
+        for s, ln, is_data in sparse_runs(buf, n, self.min_sparse, off, self.alignment):
+            if is_data:
+                self.write(off + s, mv[s : s + ln])
+            else:
+                self.zero(off + s, ln)
+
+    def write(self, off: int, mv: memoryview) -> None:
+        """Write ``mv`` at ``off`` now (large pieces) or gathered with its neighbours."""
+        n = len(mv)
+        if self.pend_len and (n >= _COMBINE_BELOW or off != self.pend_off + self.pend_len
+                              or self.pend_len + n > CHUNK):
+            self.flush_pending()
+        if n >= _COMBINE_BELOW:
+            self.tgt.write(off, mv)
+            return
+        if self.pend is None:
+            self.pend = bytearray(CHUNK)
+        if not self.pend_len:
+            self.pend_off = off
+        self.pend[self.pend_len : self.pend_len + n] = mv
+        self.pend_len += n
+
+    def flush_pending(self) -> None:
+        if self.pend_len:
+            assert self.pend is not None
+            n, self.pend_len = self.pend_len, 0
+            self.tgt.write(self.pend_off, memoryview(self.pend)[:n])
+
+    def _write_compressed(self, off: int, buf: bytearray, n: int) -> None:
+        raise AssertionError("compressed copies go through copy_compressed")
+
+    def copy_compressed(self, devs: Sequence[BlockDevice], workers: int) -> None:
+        """``convert -c``: the sources (concatenated) go to the target one whole cluster at a
+        time, as qemu-img's do: a cluster that one block-status run of a kind covers whole
+        is of that kind ('zero': written as zeroes unless the target has zero-init;
+        'backing' (``-B``): left to the target's backing file), every other cluster
+        (partial ones included) is read from the sources; one that reads as zeros takes
+        the zero path (unless ``-S 0``), the others are compressed in a pool of
+        ``workers`` threads and written in guest order (qemu-img without ``-W``).
+
+        Work is handed out a chunk (CHUNK bytes) at a time: a worker finds the zero
+        clusters of the chunk and compresses the others; the main thread reads ahead and
+        writes finished chunks in order, each run of non-zero clusters with one
+        ``write_compressed_clusters`` call where the target has it."""
+        tgt: Any = self.tgt
+        native = hasattr(tgt, "write_compressed")
+        compress: Callable[[memoryview], bytes | None]
+        if native:
+            cs = getattr(tgt, "cluster_size", None) or 65536
+            compress = tgt.compress_cluster
+        elif tgt.format == "vmdk":
+            # qemu's vmdk takes compressed writes as ordinary ones (a streamOptimized extent
+            # compresses every grain anyway); the cluster is the first extent's grain, a
+            # flat extent has none
+            cs = tgt.info().cluster_size or 0
+            if not cs:
+                raise UnsupportedFeatureError("invalid cluster size")
+
+            def compress(piece: memoryview) -> bytes | None:
+                return None  # stored as it is
+        else:
+            raise UnsupportedFeatureError("Compression not supported for this file format")
+        step = max(cs, CHUNK // cs * cs)
+        reader = _Concat(devs)
+        kinds = _ClusterKinds(self._concat_runs(devs), cs, self.total,
+                              zero_as_data=self.min_sparse == 0)
+        batch = getattr(tgt, "write_compressed_clusters", None)
+        skip_zero = self.min_sparse != 0  # -S 0: zero clusters are compressed as well
+        # chunks in flight (each holds a CHUNK buffer): bounded, so memory is too
+        window = max(2, min(2 * workers, 6))
+        Result = list[bytes | bool | str | None]
+        pending: deque[tuple[int, int, Any, Future[Result] | list[str]]] = deque()
+        spare: list[Any] = []
+
+        def work(buf: Any, n: int, ks: list[str]) -> Result:
+            """Per cluster of ``buf[:n]``: its kind when not 'data' (nothing was read),
+            False (reads as zeros), None (does not shrink: stored as a normal cluster, as
+            qemu does) or the compressed bytes."""
+            mv = memoryview(buf)[:n]  # the buffer may be longer (the last chunk)
+            out: Result = []
+            for k, p in zip(ks, range(0, n, cs), strict=True):
+                piece = mv[p : p + cs]
+                if k != "data":
+                    out.append(k)
+                elif skip_zero and all_zero(piece):
+                    out.append(False)
+                else:
+                    out.append(compress(piece))
+            return out
+
+        def put(off: int, run: list[tuple[memoryview, bytes | None]]) -> None:
+            if batch is not None:
+                batch(off, run)
+                return
+            for k, (piece, packed) in enumerate(run):
+                if packed is None:
+                    tgt.write(off + k * cs, piece)
+                else:
+                    tgt.write_compressed(off + k * cs, piece, compressed=packed)
+
+        def skip(off: int, n: int, kind: str | bool) -> None:
+            """A cluster (or run of clusters) not written as data: zeros or backing."""
+            if kind != "backing" and not self.zero_init:
+                self.zero(off, n)
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                start, n, buf, fut = pending.popleft()
+                if isinstance(fut, list):  # no cluster of the chunk is read
+                    for kind, p, k in _kind_runs(fut, cs, n):
+                        skip(start + p, k, kind)
+                    self.tick(n)
+                    continue
+                mv = memoryview(buf)[:n]
+                run: list[tuple[memoryview, bytes | None]] = []
+                run_off = start
+                for k, r in enumerate(fut.result()):
+                    p = k * cs
+                    if r is False or isinstance(r, str):
+                        if run:
+                            put(run_off, run)
+                            run = []
+                        skip(start + p, min(cs, n - p), r)
+                        continue
+                    if not run:
+                        run_off = start + p
+                    run.append((mv[p : p + cs], r if isinstance(r, bytes) else None))
+                if run:
+                    put(run_off, run)
+                self.tick(n)
+                spare.append(buf)
+
+        with worker_pool(workers, "compress") as pool:
+            for start in range(0, self.total, step):
+                n = min(step, self.total - start)
+                ks = kinds.of_chunk(start, n)
+                if "data" not in ks:
+                    pending.append((start, n, None, ks))
+                else:
+                    buf = spare.pop() if spare else aligned_buffer(step)
+                    reader.readinto(start, memoryview(buf)[:n])
+                    pending.append((start, n, buf, pool.submit(work, buf, n, ks)))
+                drain(window)
+            drain(0)
+        align = getattr(tgt, "align_compressed_end", None)
+        if align is not None:
+            align()
+
+    def _concat_runs(self, devs: Sequence[BlockDevice]) -> Iterator[tuple[str, int, int]]:
+        """The status runs of the concatenated sources, in target offsets, consecutive
+        runs of a kind merged within one source (qemu's runs never cross sources)."""
+        base = 0
+        for d in devs:
+            kind_m, pos_m, n_m = "", 0, 0
+            for kind, pos, n in self._status_runs(d, base):
+                if n_m and kind == kind_m:
+                    n_m += n
+                    continue
+                if n_m:
+                    yield kind_m, base + pos_m, n_m
+                kind_m, pos_m, n_m = kind, pos, n
+            if n_m:
+                yield kind_m, base + pos_m, n_m
+            base += d.size
+
+    def tick(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None and self.total:
+            self.progress(self.done * 100.0 / self.total)
+
+    def _plan(self, src: BlockDevice,
+              base: int) -> Iterator[tuple[str, int, int, list[int] | None]]:
+        """(kind, position, length, runs) of ``src``: 'data' runs at most CHUNK long
+        (``runs`` None), and 'zero' or 'backing' runs, consecutive ones of a kind merged
+        into one item (``runs`` lists the lengths merged, progress is ticked per run)."""
+        kind_m, pos_m = "", 0
+        runs_m: list[int] = []
+        for kind, pos, n in self._status_runs(src, base):
+            if kind == "data" or (kind == "zero" and self.min_sparse == 0):
+                if runs_m:
+                    yield kind_m, pos_m, sum(runs_m), runs_m
+                    runs_m = []
+                yield kind, pos, n, None
+            elif runs_m and kind == kind_m:
+                runs_m.append(n)
+            else:
+                if runs_m:
+                    yield kind_m, pos_m, sum(runs_m), runs_m
+                kind_m, pos_m, runs_m = kind, pos, [n]
+        if runs_m:
+            yield kind_m, pos_m, sum(runs_m), runs_m
+
+    def _status_runs(self, src: BlockDevice, base: int) -> Iterator[tuple[str, int, int]]:
+        """(kind, position, length) runs of ``src`` (copied to target offset ``base``), at
+        most CHUNK long for data: 'zero', 'data' or 'backing' (left to the target's
+        backing file)."""
+        pos, size = 0, src.size
+        while pos < size:
+            # ask for the rest of the disk (qemu-img asks for 2 GiB at most: that cuts the
+            # runs differently, not what they are); zero and backing runs are taken whole,
+            # data runs are cut at CHUNK
+            n = size - pos
+            if self.target_backing:
+                # top layer only: the rest is the target's backing
+                kind, n = _top_status(src, pos, n)
+                end = self.backing_end
+                if end is not None and kind == "zero":
+                    # past the end of a new target's backing file the target reads zeros
+                    # of its own: qemu leaves zero runs there unwritten
+                    if base + pos >= end:
+                        kind = "backing"
+                    elif base + pos + n > end:
+                        n = end - base - pos
+            else:
+                st, _ = src.block_status(pos, n, coarse=True)
+                n = min(n, st.length)
+                kind = "zero" if st.zero or (not st.allocated and not st.data) else "data"
+            if kind == "data" or (kind == "zero" and self.min_sparse == 0):
+                n = min(n, CHUNK)
+            yield kind, pos, n
+            pos += n
+
+    def copy(self, src: BlockDevice, base: int, pipelined: bool = True) -> None:
+        """Copy ``src`` to the target at ``base``.  With ``pipelined`` the source is
+        planned and read on a second thread, up to ``_BUFFERS - 1`` chunks ahead of the
+        writes (both sides spend their time in system calls that release the GIL)."""
+        if not pipelined:
+            buf = aligned_buffer(CHUNK)
+            for kind, pos, n, runs in self._plan(src, base):
+                if kind == "data":
+                    src.readinto(pos, memoryview(buf)[:n])
+                self._put(kind, base + pos, buf if kind == "data" else runs, n)
+            self.flush_pending()
+            return
+        with _ReadAhead(src, self._plan(src, base)) as ahead:
+            for kind, pos, n, item in ahead:
+                if isinstance(item, _Decoded):  # compressed clusters decoded by the pool
+                    item.future.result()
+                    self._put_decoded(base + pos, item, n)
+                    ahead.release(item.buf)
+                    continue
+                self._put(kind, base + pos, item, n)
+                if kind == "data":
+                    ahead.release(item)
+            self.flush_pending()
+
+    def _put_decoded(self, off: int, item: _Decoded, n: int) -> None:
+        """Write decoded compressed clusters gathered in ``item.buf[:n]``.  Sparse
+        detection works per block-status run (one cluster each), as qemu-img's does; when
+        the buffer holds no zero sector at all that is the same as one run for all."""
+        buf = item.buf
+        if self.min_sparse == 0 or _next_zero_sector(buf, 0, n) >= n:
+            self._put("data", off, buf, n)
+            return
+        at = 0
+        for _pos, k in item.pieces:
+            self._put("data", off + at, buf[at : at + k], k)
+            at += k
+
+    def _put(self, kind: str, off: int, item: Any, n: int) -> None:
+        """Write one plan item: ``item`` is the buffer of a data run, or the list of the
+        merged status runs of a zero or backing run (None: one run)."""
+        if kind == "data":
+            assert item is not None
+            self.data(off, item, n)
+            self.tick(n)
+            return
+        for k in item or (n,):
+            if kind == "zero":
+                # one call per block-status run, as qemu-img: a target that cannot zero
+                # part of a cluster writes zeros there, whatever the next run holds
+                self.zero(off, k)
+                off += k
+            self.tick(k)

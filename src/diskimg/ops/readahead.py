@@ -1,0 +1,313 @@
+"""The read side of a copy: block-status runs of the sources (:func:`_top_status`,
+:class:`_ClusterKinds`), a background reader into a ring of CHUNK buffers
+(:class:`_ReadAhead`) and compressed-cluster decoding on the shared pool.  Invariant: runs
+are yielded in plan order and a buffer is reused only after its consumer released it."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from diskimg.device import BlockDevice
+from diskimg.errors import CorruptImageError
+from diskimg.hostio import aligned_buffer
+from diskimg.hostio.workers import worker_pool
+
+if TYPE_CHECKING:  # imported where used: info/check/map never start threads
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+from diskimg.ops.common import CHUNK
+
+
+def _top_status(src: BlockDevice, pos: int, n: int) -> tuple[str, int]:
+    """The kind and length of the run at ``pos`` of ``src``'s own layer, as qemu-img
+    convert -B sees it (block status above the source's backing file): 'zero', 'data',
+    or 'backing' where the source shows its backing file.  An unallocated range reads as
+    zeros, not as backing, when the source has no backing file or the range lies past
+    the end of a shorter one."""
+    st = src._status_coarse(pos, n)
+    n = min(n, st.length)
+    if st.zero:
+        return "zero", n
+    if st.allocated and st.data:
+        return "data", n
+    if st.allocated:
+        return "backing", n
+    b = src.backing
+    if b is None or pos >= b.size:
+        return "zero", n
+    return "backing", min(n, b.size - pos)
+
+
+class _ClusterKinds:
+    """The kind of each target cluster for a compressed copy, from the merged status
+    runs: the kind of the run that covers it whole, else 'data' (read from the sources);
+    a partial last cluster is always 'data'.  ``zero_as_data`` (``-S 0``): zero runs are
+    read too."""
+
+    def __init__(self, runs: Iterator[tuple[str, int, int]], cs: int, total: int,
+                 zero_as_data: bool) -> None:
+        self.runs, self.cs, self.total = runs, cs, total
+        self.zero_as_data = zero_as_data
+        self.cur: tuple[str, int, int] = ("data", 0, 0)
+
+    def _run_at(self, p: int) -> tuple[str, int, int]:
+        while self.cur[1] + self.cur[2] <= p:
+            self.cur = next(self.runs, ("data", p, self.total - p))
+        return self.cur
+
+    def of_chunk(self, start: int, n: int) -> list[str]:
+        """Kinds of the clusters of [start, start + n) (``start`` cluster-aligned)."""
+        kind, rs, rn = self._run_at(start)
+        if rs + rn >= start + n and n % self.cs == 0:
+            # fast path: one run covers the chunk (of whole clusters)
+            k = "data" if kind == "zero" and self.zero_as_data else kind
+            return [k] * (-(-n // self.cs))
+        out = []
+        for p in range(start, start + n, self.cs):
+            e = p + self.cs
+            kind, rs, rn = self._run_at(p)
+            if e > self.total or kind == "data" or (kind == "zero" and self.zero_as_data):
+                out.append("data")
+                continue
+            # a cluster that runs of this kind cover whole (merged runs are maximal)
+            out.append(kind if rs + rn >= e else "data")
+        return out
+
+
+def _kind_runs(kinds: list[str], cs: int, n: int) -> Iterator[tuple[str, int, int]]:
+    """(kind, offset, length) of the runs of equal kinds in a chunk of ``n`` bytes."""
+    p = 0
+    while p < n:
+        k = kinds[p // cs]
+        q = p + cs
+        while q < n and kinds[q // cs] == k:
+            q += cs
+        yield k, p, min(q, n) - p
+        p = q
+
+
+_COMBINE_BELOW = 256 << 10  # data pieces shorter than this are gathered into one write
+_BUFFERS = 4  # chunk buffers of a pipelined copy (one being written, the rest read ahead)
+
+
+@dataclass(slots=True)
+class _Decoded:
+    """Consecutive compressed clusters being decoded into ``buf`` by the pool: ``pieces``
+    are their block-status runs (guest position, length), in order."""
+
+    future: Future[None]
+    buf: Any
+    pieces: list[tuple[int, int]]
+
+
+class _ReadAhead:
+    """Reads the data runs of a plan on a background thread into a small ring of CHUNK
+    buffers; iterating yields ``(kind, pos, n, item)`` in plan order, ``item`` being the
+    buffer (data), the lengths of the runs merged (zero, backing) or, for a run of whole
+    compressed clusters (up to CHUNK bytes, several plan runs), a :class:`_Decoded`.
+    Return each buffer with :meth:`release` once written.  Errors of the reader are raised
+    by the iteration; leaving the ``with`` block stops the reader."""
+
+    def __init__(self, src: BlockDevice,
+                 plan: Iterator[tuple[str, int, int, list[int] | None]]) -> None:
+        self.src, self.plan = src, plan
+        self.decoder = _ClusterDecoder.for_device(src)
+        self.free: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(_BUFFERS):
+            self.free.put(aligned_buffer(CHUNK))
+        self.ready: queue.Queue[tuple[str, int, int, Any] | BaseException | None] = \
+            queue.Queue(4 * _BUFFERS)
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, name="diskimg-readahead",
+                                       daemon=True)
+
+    def __enter__(self) -> _ReadAhead:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop = True
+        self.free.put(None)  # wakes a reader waiting for a buffer
+        self.thread.join()
+        if self.decoder is not None:
+            self.decoder.close()
+
+    def _send(self, item: tuple[str, int, int, Any] | BaseException | None) -> bool:
+        """Queue ``item`` for the consumer; False when the consumer has gone."""
+        while not self.stop:
+            try:
+                self.ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _flush_batch(self, batch: list[tuple[int, int, int]]) -> bool:
+        """Hand the gathered compressed clusters to the decoder; False when stopping."""
+        if not batch:
+            return True
+        assert self.decoder is not None
+        buf = self.free.get()
+        if buf is None or self.stop:
+            return False
+        pieces = [(pos, n) for pos, n, _ in batch]
+        fut = self.decoder.decode_into(list(batch), buf)
+        total = sum(n for _, n in pieces)
+        batch.clear()
+        return self._send(("data", pieces[0][0], total, _Decoded(fut, buf, pieces)))
+
+    def _run(self) -> None:
+        try:
+            dec = self.decoder
+            batch: list[tuple[int, int, int]] = []  # (pos, n, L2 entry), guest-contiguous
+            size = 0
+            for kind, pos, n, runs in self.plan:
+                if kind == "data" and dec is not None:
+                    ent = dec.entry(pos, n)
+                    if ent is not None:
+                        if batch and (pos != batch[-1][0] + batch[-1][1] or size + n > CHUNK):
+                            if not self._flush_batch(batch):
+                                return
+                            size = 0
+                        batch.append((pos, n, ent))
+                        size += n
+                        continue
+                if not self._flush_batch(batch):
+                    return
+                size = 0
+                buf: Any = runs  # zero and backing runs: what they merge
+                if kind == "data":
+                    buf = self.free.get()
+                    if buf is None or self.stop:
+                        return
+                    self.src.readinto(pos, memoryview(buf)[:n])
+                if not self._send((kind, pos, n, buf)):
+                    return
+            if self._flush_batch(batch):
+                self._send(None)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._send(e)
+
+    def __iter__(self) -> Iterator[tuple[str, int, int, Any]]:
+        while True:
+            item = self.ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def release(self, buf: bytearray | None) -> None:
+        if buf is not None:
+            self.free.put(buf)
+
+
+class _ClusterDecoder:
+    """Decompresses the compressed clusters of a qcow2 source on a thread pool (zlib and
+    zstandard release the GIL), so a convert of a compressed image uses every core like
+    qemu-img's.  Only for unencrypted qcow2 images; other sources are read as usual."""
+
+    def __init__(self, src: Any, workers: int) -> None:
+        from diskimg.qcow2 import entries as E
+        from diskimg.qcow2.compress import decompress
+
+        self.src = src
+        self._decode_entry = E.decode_compressed
+        self._decompress = decompress
+        self.fsize = src.data_host.size()
+        self.workers = workers
+        # started on the first compressed cluster: a source without any costs no threads
+        # (nor the concurrent.futures import)
+        self.pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def for_device(cls, src: BlockDevice) -> _ClusterDecoder | None:
+        workers = min(8, os.cpu_count() or 1)
+        if (workers < 2 or src.format != "qcow2" or not hasattr(src, "_lookup")
+                or getattr(getattr(src, "header", None), "crypt_method", True)):
+            return None
+        return cls(src, workers)
+
+    def entry(self, pos: int, n: int) -> int | None:
+        """The L2 entry when [pos, pos+n) lies in one compressed cluster, else None (read
+        it normally)."""
+        kind, run, _host, ent = self.src._lookup(pos, n)
+        if kind != "compressed" or run < n:
+            return None
+        return int(ent)
+
+    def decode_into(self, batch: list[tuple[int, int, int]], buf: Any) -> Future[None]:
+        """Decode the ``(pos, n, entry)`` pieces back to back into ``buf`` on the pool."""
+        if self.pool is None:
+            self.pool = worker_pool(self.workers, "dec")
+        return self.pool.submit(self._decode_batch, batch, buf)
+
+    def _decode_batch(self, batch: list[tuple[int, int, int]], buf: Any) -> None:
+        mv = memoryview(buf)
+        at = 0
+        mask = self.src.cs - 1
+        for pos, n, ent in batch:
+            data, c_off = self._decode(ent, pos & mask)
+            mv[at : at + n] = memoryview(data)[c_off : c_off + n]
+            at += n
+
+    def _decode(self, ent: int, c_off: int) -> tuple[bytes, int]:
+        # Qcow2Image._decode_compressed without its (single-threaded) cache
+        src = self.src
+        host, clen = self._decode_entry(ent, src.cb)
+        if host >= self.fsize:
+            raise CorruptImageError(f"Compressed cluster at host offset {host:#x} lies past "
+                                    "the end of the file", offset=host)
+        clen = min(clen, self.fsize - host, 2 * src.cs)
+        data = self._decompress(src.header.compression_type, src.data_host.pread(host, clen),
+                                src.cs, host)
+        return data, c_off
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Concat:
+    """Several devices read as one (convert's concatenated sources)."""
+
+    def __init__(self, devs: Sequence[BlockDevice]) -> None:
+        self.devs = list(devs)
+        self.starts = []
+        pos = 0
+        for d in self.devs:
+            self.starts.append(pos)
+            pos += d.size
+
+    def _pieces(self, off: int, n: int) -> Iterator[tuple[BlockDevice, int, int, int]]:
+        """(device, device offset, length, offset in the request) covering [off, off+n)."""
+        done = 0
+        for d, s in zip(self.devs, self.starts, strict=True):
+            if done >= n:
+                return
+            lo = off + done
+            if lo >= s + d.size:
+                continue
+            k = min(n - done, s + d.size - lo)
+            yield d, lo - s, k, done
+            done += k
+
+    def readinto(self, off: int, buf: memoryview) -> None:
+        for d, o, k, at in self._pieces(off, len(buf)):
+            d.readinto(o, buf[at : at + k])
+
+    def is_zero(self, off: int, n: int) -> bool:
+        """True if block status says the whole range reads as zeros (nothing is read)."""
+        for d, o, k, _ in self._pieces(off, n):
+            end = o + k
+            while o < end:
+                st, _depth = d.block_status(o, end - o)
+                if not (st.zero or (not st.allocated and not st.data)):
+                    return False
+                o += st.length
+        return True

@@ -1,0 +1,128 @@
+"""Zero detection and sparse runs of a copy buffer: which sectors of a chunk hold
+any non-zero byte (qemu-img convert -S).  Invariant: a run reported zero is all zero
+bytes; nothing else is decided here."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: info/check/map never start threads
+    pass
+
+
+from diskimg.hostio import all_zero
+from diskimg.ops.common import _ZEROS, SECTOR
+
+_ZERO_SECTOR = bytes(SECTOR)
+_ZERO_WORD = bytes(8)
+_NONZERO = re.compile(rb"[^\x00]")
+
+def _nonzero_at(buf: bytes | bytearray, pos: int, end: int) -> int:
+    """First index in [pos, end) of a non-zero byte, else ``end``.
+
+    Skips zero blocks with slice comparisons (memcmp speed) and only runs the regex on
+    the one 512-byte block that holds the answer."""
+    p = pos
+    for step in (65536, SECTOR):
+        while p < end:
+            q = min(end, p + step)
+            if buf[p:q] != _ZEROS[: q - p]:
+                break
+            p = q
+        else:
+            return end
+    m = _NONZERO.search(buf, p, min(end, p + SECTOR))
+    return m.start() if m else end
+
+
+is_zero = all_zero  # the old name of the one zero test (diskimg.hostio.all_zero)
+
+
+def _first_zero_head(buf: Any, pos: int, end: int) -> int:
+    """Start of the first whole sector in [pos, end) (aligned to ``pos``) whose first 8
+    bytes are zero, else ``end``.  Reads one word per sector (a strided copy in C), so
+    data without zero sectors is ruled out without touching most of its bytes."""
+    m = (end - pos) // SECTOR
+    if m <= 0:
+        return end
+    heads = memoryview(buf)[pos : pos + m * SECTOR].cast("Q")[:: SECTOR // 8].tobytes()
+    p = heads.find(_ZERO_WORD)
+    while p > 0 and p % 8:  # a zero run straddling two heads: not a zero head
+        p = heads.find(_ZERO_WORD, p + 8 - p % 8)
+    return end if p < 0 else pos + p // 8 * SECTOR
+
+
+def _next_zero_sector(buf: bytearray, pos: int, end: int) -> int:
+    """Start of the first fully zero 512-byte sector at or after ``pos`` (sector aligned)."""
+    pos = _first_zero_head(buf, pos, end)  # no zero sector before the first zero head
+    i = pos
+    while i < end:
+        p = buf.find(_ZERO_SECTOR, i, end)
+        if p < 0:
+            return end
+        s = pos + -(-(p - pos) // SECTOR) * SECTOR
+        if s + SECTOR > end:
+            return end
+        nz = _nonzero_at(buf, s, s + SECTOR)
+        if nz >= s + SECTOR:
+            return s
+        i = nz
+    return end
+
+
+def _allocated_sectors(buf: bytearray, pos: int, end: int, sector: int,
+                       alignment: int) -> tuple[bool, int]:
+    """qemu's ``is_allocated_sectors``: (is data, run length in sectors) at ``pos``."""
+    n = -(-(end - pos) // SECTOR)
+    first_zero = _nonzero_at(buf, pos, min(end, pos + SECTOR)) >= min(end, pos + SECTOR)
+    if first_zero:
+        i = (_nonzero_at(buf, pos, end) - pos) // SECTOR
+    else:
+        i = -(-(_next_zero_sector(buf, pos, end) - pos) // SECTOR)
+    if i >= n:
+        return not first_zero, n
+    data = not first_zero
+    tail = (sector + i) & (alignment - 1)
+    if tail:
+        if not data and i <= tail:
+            data = True
+        if data:
+            i = min(i + alignment - tail, n)
+        else:
+            i -= tail
+    return data, i
+
+
+def sparse_runs(buf: bytearray, length: int, min_sparse: int, offset: int,
+                alignment: int = 8) -> list[tuple[int, int, bool]]:
+    """Split ``buf[:length]`` into (start, length, is_data) runs like qemu-img convert -S:
+    zero runs at the start count as holes, inner zero runs need ``min_sparse`` bytes.
+    ``offset`` is the guest offset of ``buf[0]``; ``alignment`` is in sectors."""
+    out: list[tuple[int, int, bool]] = []
+    pos = 0
+    min_sec = max(1, min_sparse // SECTOR)
+    while pos < length:
+        sector = (offset + pos) // SECTOR
+        total = -(-(length - pos) // SECTOR)
+        mn = min(min_sec, total)
+        data, cnt = _allocated_sectors(buf, pos, length, sector, alignment)
+        if data:
+            used = checked = cnt
+            while checked < total:
+                p = pos + checked * SECTOR
+                d2, c2 = _allocated_sectors(buf, p, length, sector + checked, alignment)
+                checked += max(c2, 1)  # always progress
+                if d2:
+                    used = checked
+                elif c2 >= mn:
+                    break
+            cnt = used
+        run = min(max(cnt, 1) * SECTOR, length - pos)  # always progress (tail < 1 sector)
+        if out and out[-1][2] == data:
+            s, ln, _ = out[-1]
+            out[-1] = (s, ln + run, data)
+        else:
+            out.append((pos, run, data))
+        pos += run
+    return out
