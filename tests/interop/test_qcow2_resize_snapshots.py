@@ -71,3 +71,24 @@ def test_resize_with_snapshots_matches_qemu_and_snapshot_apply_restores(
     # info (size 1 MiB), snapshot list, check (snapshot -a lays clusters out a little
     # differently from qemu even without a resize, so not map: a separate matter)
     assert _views(run, qemu_img, d)[:3] == _views(run, qemu_img, q)[:3]
+
+
+@pytest.mark.parametrize("args", [["resize", "{}", "2M"], ["resize", "--shrink", "{}", "512k"],
+                                  ["amend", "-o", "size=3M", "{}"]])
+def test_v2_image_with_snapshots_is_refused_as_qemu(run: RunFn, qemu_img: str, tmp_path: Path,
+                                                     args: list[str]) -> None:
+    """qemu 7.2 resizes only v3 images with snapshots (a v2 snapshot entry keeps no disk
+    size): both tools refuse a v2 one with the same words, and the file is unchanged."""
+    import hashlib
+
+    outs = []
+    for tool, name in ((DISKIMG, "d.qcow2"), ([qemu_img], "q.qcow2")):
+        p = tmp_path / name
+        run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", p, "1M"])
+        run([qemu_img, "snapshot", "-c", "s1", p])
+        before = hashlib.sha256(p.read_bytes()).hexdigest()
+        r = run([*tool, *(str(p) if a == "{}" else a for a in args)], check=False)
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == before
+        outs.append((r.returncode, r.stderr.split(":", 1)[1].strip()))
+    assert outs[0] == outs[1]
+    assert outs[0][0] == 1 and "Can't resize a v2 image which has snapshots" in outs[0][1]

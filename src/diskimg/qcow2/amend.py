@@ -24,7 +24,7 @@ from diskimg.crypto.luks import (
 )
 from diskimg.errors import DiskImgError, MissingSecretError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile
-from diskimg.options import compat_version
+from diskimg.options import compat_version, parse_bool
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.bitmaps import BitmapsExt
@@ -764,7 +764,7 @@ def _validate(h: Header, options: dict[str, str]) -> tuple[int, int, int, bool |
         raise UsageError("Refcount widths other than 16 bits require compatibility level "
                          "1.1 or above (use compat=1.1 or greater)")
     lazy = options.get("lazy_refcounts")
-    lazy_on = None if lazy is None else lazy == "on"
+    lazy_on = None if lazy is None else parse_bool("lazy_refcounts", lazy)
     if lazy_on and new_version < 3:
         raise UsageError("Lazy refcounts only supported with compatibility level 1.1 and "
                          "above (use compat=1.1 or greater)")

@@ -26,7 +26,7 @@ from diskimg.errors import (
     UnsupportedFeatureError,
     UsageError,
 )
-from diskimg.hostio import HostFile, open_host_file, zero_fill
+from diskimg.hostio import HostFile, all_zero, open_host_file, zero_fill
 from diskimg.policy import OpenPolicy
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
@@ -1161,7 +1161,7 @@ class Qcow2Image(BlockDevice):
     def _zero_ext(self, ents: array[int], idx: int, n: int, unmap: bool) -> None:
         """Extended L2: every subcluster of clusters idx..idx+n-1 reads as zeros; the host
         cluster is kept (zero-allocated) unless ``unmap`` or it is compressed/shared."""
-        all_zero = ((1 << E.SUBCLUSTERS_PER_CLUSTER) - 1) << 32
+        zero_bits = ((1 << E.SUBCLUSTERS_PER_CLUSTER) - 1) << 32
         for j in range(idx, idx + n):
             ent = ents[2 * j]
             keep = (not unmap and ent & E.QCOW_OFLAG_COPIED
@@ -1170,7 +1170,7 @@ class Qcow2Image(BlockDevice):
             if not keep:
                 self._free_entry(ent, punch=unmap)  # a no-op for an entry without cluster
                 self._decoded.pop(ent, None)
-            ents[2 * j], ents[2 * j + 1] = new, all_zero
+            ents[2 * j], ents[2 * j + 1] = new, zero_bits
 
     # --- flush / close ---------------------------------------------------------------
     def _flush(self) -> None:
@@ -1297,7 +1297,10 @@ class Qcow2Image(BlockDevice):
         if new_size < self.size and not shrink:
             raise UsageError("Use the --shrink option to perform a shrink operation.")
         # snapshots keep their own L1 tables and sizes: qemu 7.2 resizes the active
-        # layer of such an image (a shrink drops only the active references)
+        # layer of such a v3 image (a shrink drops only the active references); a v2
+        # snapshot entry has no disk size of its own, so qemu refuses those
+        if self.header.nb_snapshots and self.header.version < 3:
+            raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
         if self.bitmaps.entries:
             raise UnsupportedFeatureError("Cannot resize qcow2 with persistent bitmaps")
         self._check_write_support()
@@ -1406,7 +1409,7 @@ class Qcow2Image(BlockDevice):
             c += n
             host += n
         self.flush()
-        if head_data.count(0) != len(head_data):
+        if not all_zero(head_data):
             l2_off, table = self._get_l2_for_write(first_guest)
             k = 2 * (first_guest & (self.l2_entries - 1)) + 1
             bitmap = table.entries[k] if self.extended else 0

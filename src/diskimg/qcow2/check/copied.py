@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+from diskimg.hostio import all_zero
 from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
 from diskimg.qcow2.check.report import _Abort, _RefErr
 from diskimg.qcow2.check.state import (
@@ -63,7 +64,7 @@ class _Copied(_Walk):
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
             raw = self.pread(l2_off, self.cs)
-            if raw.count(0) == len(raw):
+            if all_zero(raw):
                 continue
             hosts = self._plain_hosts(raw)
             if hosts is not None and self._all_copied_once(raw, hosts):

@@ -14,6 +14,7 @@ from diskimg.qcow2.bitmaps import (
     BitmapEntry,
     BitmapsExt,
 )
+from diskimg.hostio import all_zero
 from diskimg.qcow2.cache import be_u64_array
 from diskimg.qcow2.check.report import _Abort
 from diskimg.qcow2.check.snapshots import _Snapshots
@@ -139,7 +140,7 @@ class _Walk(_Snapshots):
     def check_l2(self, l2_off: int, l1_index: int, frag: bool, active: bool,
                  label: str) -> None:
         raw = self.pread(l2_off, self.cs)
-        if raw.count(0) == len(raw):
+        if all_zero(raw):
             return
         hosts = self._plain_hosts(raw)
         if hosts is not None and self._count_plain(hosts, frag):
