@@ -17,8 +17,8 @@ No function here looks inside message text: every decision is made on classes an
 
 from __future__ import annotations
 
-from diskimg.errors import (BackingChainError, DiskImgError, ImageLockedError, UsageError,
-                            WrongFormatError)
+from diskimg.errors import (BackingChainError, DiskImgError, FormatError, ImageLockedError,
+                            UsageError, WrongFormatError)
 
 PROG = "diskimg"
 TRY_HELP = f"Try '{PROG} --help' for more information"
@@ -97,7 +97,8 @@ def open_failure(label: str, e: BaseException, fmt: str | None) -> DiskImgError:
     open; the error keeps its class, offset and fields, and records ``label``."""
     if isinstance(e, DiskImgError):
         err = type(e)(f"Could not open '{label}': {open_reason(e, fmt)}")
-        err.offset = getattr(e, "offset", None)  # type: ignore[attr-defined]
+        if isinstance(e, FormatError) and isinstance(err, FormatError):
+            err.offset = e.offset  # which byte of the image was at fault
         err.backing_path, err.backing_reason = e.backing_path, e.backing_reason
         err.path, err.operation, err.reason = label, "open", str(e)
         return err
