@@ -97,7 +97,7 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 
 def generate() -> str:
-    from diskimg.cli.main import _COMMANDS
+    from diskimg.cli.commands import NAMES
 
     rc, top = _run(["--help"])
     lines = ["# Command-line reference", "",
@@ -115,7 +115,7 @@ def generate() -> str:
              "## `diskimg`", "", "```text", top.rstrip(), "```", "",
              "Exit codes common to every command: 0 success, 1 error. Commands with their own "
              "codes say so below.", ""]
-    for cmd in _COMMANDS:
+    for cmd in NAMES:
         rc, text = _run([cmd, "--help"])
         if rc != 0:
             raise SystemExit(f"`diskimg {cmd} --help` exited {rc}")

@@ -3,7 +3,13 @@
 Each class says whose fault a failure is: the caller's (:class:`UsageError`), the image's
 bytes (:class:`FormatError` and subclasses), the files around it
 (:class:`BackingChainError`), secrets (:class:`EncryptionError`) or another process
-(:class:`ImageLockedError`).  The CLI prints ``diskimg: <str(error)>`` and exits 1.
+(:class:`ImageLockedError`).
+
+Besides its message, an error may say which file (``path``), which operation
+(``operation``: ``"open"``, ``"open backing file"`` ...), why (``reason``, the words
+after the file and the operation) and which option or field (``field``) it is about, and
+carry further lines of its own (``notes``).  ``str(error)`` is the message alone; the CLI
+(``diskimg.cli.errors``) words these fields as qemu-img does and exits 1.
 """
 
 from __future__ import annotations
@@ -16,6 +22,31 @@ class DiskImgError(Exception):
     #: ``Could not open backing file: `` was put in front of them (set once, innermost)
     backing_path: str | None = None
     backing_reason: str | None = None
+    #: the file the error is about, the operation that failed and why (None: not known)
+    path: str | None = None
+    operation: str | None = None
+    reason: str | None = None
+    #: the option or header field at fault (``"size"``: a size that does not parse)
+    field: str | None = None
+    #: further lines after the message, each one of its own (not part of ``str(error)``)
+    notes: tuple[str, ...] = ()
+
+    def __init__(self, *args: object, path: str | None = None,
+                 operation: str | None = None, reason: str | None = None,
+                 field: str | None = None, notes: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        # set on the instance only when given: ImageLockedError (an OSError too) keeps
+        # its own ``filename`` and the class defaults above stay shared
+        if path is not None:
+            self.path = path
+        if operation is not None:
+            self.operation = operation
+        if reason is not None:
+            self.reason = reason
+        if field is not None:
+            self.field = field
+        if notes:
+            self.notes = notes
 
 
 class UsageError(DiskImgError, ValueError):
@@ -29,8 +60,11 @@ class ClosedImageError(UsageError):
 class FormatError(DiskImgError):
     """The bytes of an image are not what its format allows."""
 
-    def __init__(self, message: str, *, offset: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, offset: int | None = None, path: str | None = None,
+                 operation: str | None = None, reason: str | None = None,
+                 field: str | None = None, notes: tuple[str, ...] = ()) -> None:
+        super().__init__(message, path=path, operation=operation, reason=reason,
+                         field=field, notes=notes)
         self.offset = offset
 
 

@@ -65,11 +65,13 @@ class OpenPolicy:
             st = os.stat(real)
         except FileNotFoundError:
             raise BackingChainError(
-                f"Could not open {what} '{p}' named by '{parent}': No such file or directory"
+                f"Could not open {what} '{p}' named by '{parent}': No such file or directory",
+                path=str(p), operation=f"open {what}", reason="No such file or directory"
             ) from None
         except OSError as err:  # ENOTDIR, ENAMETOOLONG, EACCES, ELOOP: still the name's fault
             raise BackingChainError(
-                f"Could not open {what} '{p}' named by '{parent}': {err.strerror}"
+                f"Could not open {what} '{p}' named by '{parent}': {err.strerror}",
+                path=str(p), operation=f"open {what}", reason=err.strerror
             ) from None
         if not stat.S_ISREG(st.st_mode):  # devices too, with or without --untrusted
             kind = " (a block device)" if stat.S_ISBLK(st.st_mode) else ""

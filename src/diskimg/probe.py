@@ -72,4 +72,4 @@ def check_format(host: HostFile, fmt: str) -> None:
     if fmt == "qcow2" and got != "qcow2":
         raise WrongFormatError("Image is not in qcow2 format", offset=0)
     if fmt == "vmdk" and got != "vmdk":
-        raise WrongFormatError("Not a VMDK image", offset=0)
+        raise WrongFormatError("Not a VMDK image", offset=0, field="format")

@@ -24,7 +24,7 @@ def parse_size(text: str, default_suffix: str = "b") -> int:
     """
     m = _SIZE_RE.match(text)
     if not m:
-        raise UsageError(SIZE_HELP)
+        raise UsageError(SIZE_HELP, field="size")
     num, suffix = m.groups()
     suffix = (suffix or default_suffix).lower()
     mul = _SUFFIXES[suffix]
@@ -33,7 +33,8 @@ def parse_size(text: str, default_suffix: str = "b") -> int:
     elif "." in num:
         whole, frac = num.split(".")
         if mul == 1 and frac.strip("0"):
-            raise UsageError(SIZE_HELP)  # qemu: a fraction needs a suffix unless it is .0
+            # qemu: a fraction needs a suffix unless it is .0
+            raise UsageError(SIZE_HELP, field="size")
         # exact rational arithmetic, then round to nearest like qemu's double maths
         value = int(whole or "0") * mul
         if frac:

@@ -1,1 +1,11 @@
-"""diskimg command-line interface (qemu-img 7.2 compatible)."""
+"""The ``diskimg`` command line (qemu-img 7.2 compatible).
+
+- :mod:`~diskimg.cli.main` — the entry point: global options, argument parsing, and the
+  one ``except`` that hands any error to :mod:`~diskimg.cli.errors`;
+- :mod:`~diskimg.cli.commands` — one module per sub-command, each declaring its usage
+  line, registering its options and running it (``_shared`` holds what they share);
+- :mod:`~diskimg.cli.errors` — the only place that words errors as qemu-img does, from the
+  library's structured errors (path, operation, reason, notes);
+- :mod:`~diskimg.cli.output` and :mod:`~diskimg.cli.progress` — qemu-img's output layouts
+  and ``-p`` progress lines.
+"""

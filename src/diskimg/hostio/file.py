@@ -308,17 +308,23 @@ def open_host_file(
     try:
         fd = os.open(p, flags, 0o644)
     except IsADirectoryError:
-        raise DiskImgError(f"Could not open '{p}': Is a directory") from None
+        raise DiskImgError(f"Could not open '{p}': Is a directory", path=str(p),
+                           operation="open", reason="Is a directory") from None
     except FileNotFoundError:
-        raise DiskImgError(f"Could not open '{p}': No such file or directory") from None
+        raise DiskImgError(f"Could not open '{p}': No such file or directory", path=str(p),
+                           operation="open", reason="No such file or directory") from None
     except PermissionError:
-        raise DiskImgError(f"Could not open '{p}': Permission denied") from None
+        raise DiskImgError(f"Could not open '{p}': Permission denied", path=str(p),
+                           operation="open", reason="Permission denied") from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise DiskImgError(f"Could not open '{p}': Is a directory")
+            raise DiskImgError(f"Could not open '{p}': Is a directory", path=str(p),
+                               operation="open", reason="Is a directory")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise DiskImgError(f"Could not open '{p}': not a regular file or block device")
+            raise DiskImgError(f"Could not open '{p}': not a regular file or block device",
+                               path=str(p), operation="open",
+                               reason="not a regular file or block device")
         os.set_blocking(fd, True)
         hf = HostFile(fd, p, writable)
         if lock_mode:

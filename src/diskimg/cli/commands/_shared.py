@@ -1,0 +1,276 @@
+"""What the command modules share: the :class:`Context`, opening images the way
+qemu-img's ``img_open`` does (``--image-opts``, key secrets), the options every command
+takes, and small argument helpers.  Heavy modules (the copy engine, progress) are imported
+by the commands that need them, never here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from diskimg import api
+from diskimg import options as opts
+from diskimg.cli import errors
+from diskimg.cli.errors import CommandLineError, ExitCode
+from diskimg.device import BlockDevice
+from diskimg.errors import DiskImgError, UsageError
+from diskimg.units import SIZE_HELP, parse_size
+
+if TYPE_CHECKING:
+    from diskimg.cli.progress import QemuProgress, Schedule
+
+
+def add_common(p: argparse.ArgumentParser, *, fmt: bool = True, share: bool = True,
+               obj: bool = True, image_opts: bool = True, quiet: bool = True,
+               out: bool = False, fmt_help: str = "image format (probed if absent)") -> None:
+    """The options most commands take (each one can be left out), and FILE arguments."""
+    if fmt:
+        p.add_argument("-f", "--format", metavar="FMT", help=fmt_help)
+    if share:
+        p.add_argument("-U", "--force-share", action="store_true",
+                       help="open without taking QEMU's image locks")
+    if obj:
+        p.add_argument("--object", action="append", default=[], metavar="OBJ",
+                       help="secret,id=ID,data=S|file=PATH")
+    if image_opts:
+        p.add_argument("--image-opts", action="store_true",
+                       help="FILE is an option string (driver=...,file.filename=...)")
+    if quiet:
+        p.add_argument("-q", "--quiet", action="store_true", help="quiet mode")
+    if out:
+        p.add_argument("--output", metavar="human|json", help="output format")
+    p.add_argument("-T", "--source-cache", dest="src_cache", help=argparse.SUPPRESS)
+    p.add_argument("files", nargs="*", help=argparse.SUPPRESS)
+
+
+KNOWN_FORMATS = ("qcow2", "raw", "vmdk")
+PROBED_RAW_WARNING = (
+    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, write "
+    "operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+
+@dataclass(slots=True)
+class Context:
+    """Global state shared by commands: secrets, --untrusted, output streams."""
+
+    prog: str = "diskimg"
+    untrusted: bool = False
+    secrets: dict[str, bytes] = field(default_factory=dict)
+
+    def warn(self, msg: str) -> None:
+        sys.stderr.write(f"{self.prog}: {msg}\n")
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def size_arg(text: str, what: str) -> int:
+    """Parse a size option; qemu's "Invalid <what> specified. You may use ..." message."""
+    try:
+        return parse_size(text)
+    except UsageError as e:
+        if e.field == "size":  # not a size at all (rather than one out of range)
+            raise UsageError(SIZE_HELP.replace("Invalid image size", f"Invalid {what}"),
+                             field=e.field) from None
+        raise
+
+
+def parse_image_opts(text: str) -> tuple[str, str | None, dict[str, str]]:
+    """``driver=qcow2,file.filename=X,encrypt.key-secret=s`` → (path, format, options)."""
+    if "=" not in opts.split_list(text)[0]:
+        raise DiskImgError(f"Could not open '{text}': Cannot find device='{text}' nor "
+                           f"node-name='{text}'")
+    pairs = opts.parse_list(text)
+    d = dict(pairs)
+    fmt = d.pop("driver", None)
+    path = d.pop("file.filename", None) or d.pop("filename", None)
+    if fmt == "file":
+        fmt = "raw"
+    if path is None:
+        raise DiskImgError(f"Could not open '{text}': A block device must be specified for "
+                           '"file"')
+    rest = {k: v for k, v in d.items() if not k.startswith("file.")}
+    if fmt is not None and fmt not in KNOWN_FORMATS:
+        raise DiskImgError(f"Could not open '{text}': Unknown driver '{fmt}'")
+    for k in rest:
+        if fmt == "raw" or not (k.startswith("encrypt.") or fmt in (None, "qcow2", "vmdk")):
+            raise DiskImgError(f"Could not open '{text}': Block format '{fmt or 'raw'}' does "
+                               f"not support the option '{k}'")
+    return path, fmt, rest
+
+
+def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None, *,
+               image_opts: bool = False, force_share: bool = False,
+               backing: bool = True, need_key: bool = True,
+               for_check: bool = False) -> BlockDevice:
+    """Open like qemu-img's ``img_open``: errors read ``Could not open 'NAME': reason``.
+
+    ``need_key``: an encrypted image needs ``encrypt.key-secret`` (every command but info).
+    """
+    options: dict[str, str] = {}
+    label = name
+    path = name
+    if image_opts:
+        if fmt is not None:
+            raise UsageError("--image-opts and --format are mutually exclusive")
+        path, fmt, options = parse_image_opts(name)
+    if fmt is not None and fmt not in KNOWN_FORMATS:
+        raise DiskImgError(f"Could not open '{label}': Unknown driver '{fmt}'")
+    sid = options.get("encrypt.key-secret")
+    if sid is not None and sid not in ctx.secrets:
+        raise DiskImgError(f"Could not open '{label}': No secret with id '{sid}'")
+    try:
+        dev = api.open(path, mode, fmt, backing=backing, force_share=force_share,
+                       untrusted=ctx.untrusted, secrets=ctx.secrets, options=options,
+                       for_check=for_check)
+    except (DiskImgError, OSError) as e:
+        raise errors.open_failure(label, e, fmt) from e
+    if need_key and sid is None and dev.format != "raw":
+        try:
+            encrypted = dev.info().encrypted
+        except DiskImgError:
+            encrypted = False
+        if encrypted:
+            dev.close()
+            raise DiskImgError(f"Could not open '{label}': Parameter 'encrypt.key-secret' is "
+                               "required for cipher")
+    if mode == "r+" and getattr(dev, "probed", False):
+        sys.stderr.write(PROBED_RAW_WARNING.format(path))
+    return dev
+
+
+@contextmanager
+def opened(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
+           **kw: Any) -> Iterator[BlockDevice]:
+    dev = open_image(ctx, name, mode, fmt, **kw)
+    try:
+        yield dev
+    finally:
+        dev.close()
+
+
+def one_file(args: argparse.Namespace) -> str:
+    if len(args.files) != 1:
+        raise CommandLineError("Expecting one image file name")
+    return str(args.files[0])
+
+
+def output_format(text: str | None) -> str:
+    if text in (None, "human"):
+        return "human"
+    if text == "json":
+        return "json"
+    raise ExitCode("--output must be used with human or json as argument.", 1)
+
+
+
+
+def collect_o(values: list[str] | None) -> str | None:
+    if not values:
+        return None
+    return ",".join(values)
+
+
+def print_help(fmt: str, filename: str | None) -> int:
+    if fmt not in opts.FORMAT_OPTIONS:
+        raise UsageError(f"Unknown file format '{fmt}'")
+    sys.stdout.write(opts.help_text(fmt, with_protocol=filename is not None))
+    return 0
+
+
+def probe_name(path: str) -> str:
+    from diskimg.probe import probe_bytes
+
+    try:
+        with open(path, "rb") as f:
+            return probe_bytes(f.read(2048))
+    except OSError:
+        return "raw"
+
+
+def resolve_backing(backing: str, image: str) -> str:
+    if os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(image), backing)
+
+
+
+def snapshot_param(text: str | None) -> tuple[str | None, str | None] | None:
+    if text is None:
+        return None
+    if text.startswith("snapshot."):
+        d = dict(opts.parse_list(text))
+        unknown = [k for k in d if k not in ("snapshot.id", "snapshot.name")]
+        if unknown:
+            raise UsageError(f"Invalid parameter '{unknown[0]}'")
+        return d.get("snapshot.id"), d.get("snapshot.name")
+    return text, text
+
+
+
+def same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.realpath(a, strict=True) == os.path.realpath(b, strict=True)
+    except OSError:
+        return False
+
+
+def basic_schedule(printer: QemuProgress) -> Schedule:
+    """Only qemu-img's first (0) and last (100) progress calls."""
+    from diskimg.cli.progress import Schedule
+
+    sched = Schedule(printer, 0)
+    sched.add(-1, 0.0, 100)
+    sched.add(0, 100.0, 0)
+    return sched
+
+
+
+def path_and_format(a: argparse.Namespace, name: str, command: str,
+                    allowed: tuple[str, ...] = ()) -> tuple[str, str | None, dict[str, str]]:
+    """The file name, format and image options of FILE for commands that reopen it by
+    path (commit, rebase, amend): with ``--image-opts`` parsed by :func:`parse_image_opts`.
+    Image options other than ``allowed`` are refused (they could not be passed on)."""
+    if not a.image_opts:
+        return name, a.format, {}
+    path, fmt, rest = parse_image_opts(name)
+    for k in rest:
+        if k not in allowed:
+            raise UsageError(f"diskimg {command} does not support the image option '{k}'")
+    return path, fmt, rest
+
+
+_KEY_OPTION = re.compile(r"^(backing\.)*encrypt\.key-secret$")
+
+
+def key_options(a: argparse.Namespace, name: str) -> tuple[str, ...]:
+    """The image options commit and rebase pass on: the key secrets of the image
+    (``encrypt.key-secret``) and of its backing files (``backing.encrypt.key-secret``,
+    ``backing.backing.encrypt.key-secret`` ...), as qemu-img accepts them."""
+    if not a.image_opts:
+        return ()
+    return tuple(k for k in parse_image_opts(name)[2] if _KEY_OPTION.match(k))
+
+
+def check_backing_keys(name: str, dev: BlockDevice) -> None:
+    """qemu-img's open error for an encrypted backing file given no key secret (diskimg's
+    open itself only fails on the first data access)."""
+    for d in dev.chain()[1:]:
+        opts = getattr(d, "options", {})
+        if d.format == "qcow2" and "encrypt.key-secret" not in opts:
+            try:
+                encrypted = d.info().encrypted
+            except DiskImgError:
+                encrypted = False
+            if encrypted:
+                raise DiskImgError(f"Could not open '{name}': Could not open backing file: "
+                                   "Parameter 'encrypt.key-secret' is required for cipher")
+

@@ -1,0 +1,183 @@
+"""qemu-img convert: copy one or more images into a new (or existing) image."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TYPE_CHECKING, Any
+
+from diskimg import options as opts
+from diskimg.cli.commands._shared import (Context, add_common, collect_o, open_image,
+                                          parse_image_opts, print_help, size_arg, snapshot_param)
+from diskimg.cli import errors
+from diskimg.device import BlockDevice
+from diskimg.errors import DiskImgError, UsageError
+from diskimg.units import parse_size
+
+if TYPE_CHECKING:
+    from diskimg.cli.progress import Schedule
+
+USAGE = ('[-f FMT] [-O FMT] [-c] [-o K=V,...] [-B BACKING -F BACKING_FMT] [-n] [-p] [-W] [-m '
+         'N] [-S SIZE] [-l SNAPSHOT] [-U] [--object OBJ] [--image-opts] [--target-image-opts] '
+         'SRC... DST')
+DESCRIPTION = 'Convert (copy) one or more images into a new image, sparsely.'
+EXAMPLE = 'diskimg convert -p -O qcow2 disk.raw disk.qcow2'
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    """This command's options."""
+    add_common(p)
+    p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
+    p.add_argument("-o", dest="options", action="append", metavar="K=V,...")
+    p.add_argument("-B", dest="backing", metavar="BACKING", help="target backing file")
+    p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="its format")
+    p.add_argument("-c", dest="compress", action="store_true", help="compress (qcow2)")
+    p.add_argument("-n", dest="target_exists", action="store_true",
+                   help="write into an existing target")
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("-W", dest="unordered", action="store_true",
+                   help="out-of-order writes (accepted)")
+    p.add_argument("-m", dest="coroutines", metavar="N", help="parallel requests (1-16)")
+    p.add_argument("-S", dest="sparse", metavar="SIZE", help="zero run size for holes")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="source snapshot")
+    p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)
+    p.add_argument("-C", dest="copy_range", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--target-image-opts", action="store_true",
+                   help="DST is an option string")
+    p.add_argument("--target-is-zero", action="store_true", help=argparse.SUPPRESS)
+
+
+def _convert_progress(a: argparse.Namespace, srcs: list[BlockDevice],
+                      snap: tuple[str | None, str | None] | None, target: Any, out_fmt: str,
+                      values: dict[str, str], target_backing: bool,
+                      sparse: int) -> Schedule:
+    """qemu-img convert's ``-p`` lines for these sources (nothing without ``-p``)."""
+    from diskimg import operations as conv
+    from diskimg.cli.progress import QemuProgress, Schedule, convert_schedule
+
+    printer = QemuProgress(a.progress and not a.quiet, 1.0)
+    if not printer.enabled:
+        return Schedule(printer, 0)
+    view: BlockDevice | None = None
+    try:
+        if snap is not None:
+            view = conv._snapshot_view(srcs[0], snap)
+        cluster = 0
+        if a.compress:
+            if isinstance(target, BlockDevice):
+                cluster = int(getattr(target, "cluster_size", None) or 65536)
+            elif out_fmt == "qcow2":
+                cluster = parse_size(str(values.get("cluster_size", "65536")))
+            else:
+                cluster = 65536  # vmdk grains
+        return convert_schedule(printer, [view] if view is not None else srcs,
+                                target_backing=target_backing, min_sparse=sparse,
+                                compress_cluster=cluster)
+    except DiskImgError:
+        return Schedule(printer, 0)  # the convert itself reports the problem
+    finally:
+        if view is not None:
+            view.close()
+
+
+def _file_state(path: str) -> tuple[int, int, int] | None:
+    """(inode, mtime, size) of ``path``, None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img convert."""
+    from diskimg import operations as conv
+
+    olist = collect_o(a.options)
+    out_fmt = a.output_format or "raw"
+    if opts.is_help(olist):
+        return print_help(out_fmt, None)
+    if a.coroutines is not None:
+        try:
+            m = int(a.coroutines)
+        except ValueError:
+            m = 0
+        if not 1 <= m <= 16:
+            raise UsageError("Invalid number of coroutines. Allowed number of coroutines is "
+                             "between 1 and 16")
+    sparse = 4096
+    if a.sparse is not None:
+        sparse = size_arg(a.sparse, "buffer size for sparse output")
+        if sparse % 512 or sparse > 16 << 20:
+            raise UsageError("Invalid buffer size for sparse output specified. Valid sizes "
+                             "are multiples of 512 up to 16777216. Select 0 to disable sparse "
+                             "detection (fully allocates output).")
+    if len(a.files) < 2:
+        raise UsageError("Must specify image file name")
+    if out_fmt not in opts.FORMAT_OPTIONS:
+        raise UsageError(f"Unknown file format '{out_fmt}'")
+    *srcs, dst = a.files
+    values: dict[str, str] = {}
+    if olist is not None:
+        if a.target_exists:
+            raise UsageError("-o has no effect when skipping image creation")
+        values = opts.validate(out_fmt, opts.parse_list(olist))
+    backing = a.backing or values.pop("backing_file", None)
+    backing_fmt = a.backing_fmt or values.pop("backing_fmt", None)
+    if backing is not None and out_fmt == "raw":
+        raise UsageError("Backing file not supported for file format 'raw'")
+    if backing is not None and backing_fmt is None and not a.target_exists:
+        raise UsageError("Use of backing file requires explicit backing format")
+    if a.compress and out_fmt == "raw":
+        raise UsageError("Compression not supported for this file format")
+    snap = snapshot_param(a.snapshot)
+    devs: list[BlockDevice] = []
+    try:
+        for s in srcs:
+            devs.append(open_image(ctx, s, "r", a.format, image_opts=a.image_opts,
+                                   force_share=a.force_share))
+        dst_path, dst_opts = dst, dict[str, str]()
+        if a.target_image_opts:
+            dst_path, tfmt, dst_opts = parse_image_opts(dst)
+            out_fmt = tfmt or out_fmt
+        for k in ("size", "nocow", "extent_size_hint"):
+            values.pop(k, None)
+        target: str | BlockDevice = dst_path
+        if a.target_exists:
+            target = open_image(ctx, dst, "r+", None if a.target_image_opts else out_fmt,
+                                image_opts=a.target_image_opts)
+            devs.append(target)
+        if snap is not None and len(srcs) == 1:
+            # a bad snapshot is reported before the target is created (no target prefix)
+            conv._snapshot_view(devs[0], snap).close()
+        prog = _convert_progress(a, devs[: len(srcs)], snap, target, out_fmt, values,
+                                 backing is not None, sparse)
+        before = _file_state(dst_path)
+        try:
+            conv.convert(devs[: len(srcs)], target, out_fmt, options=values,
+                         sparse_size=sparse, target_exists=a.target_exists,
+                         backing_file=backing,
+                         backing_fmt=backing_fmt, progress=prog if prog.enabled else None,
+                         snapshot=snap, compress=a.compress, secrets=ctx.secrets,
+                         target_options=dst_opts,
+                         workers=int(a.coroutines) if a.coroutines is not None else None)
+        except (DiskImgError, OSError) as e:
+            prog.stop()
+            after = _file_state(dst_path)
+            if not a.target_exists and (after == before or (after and after[2] == 0)):
+                # nothing was written: creating the target failed, in qemu-img's words
+                raise DiskImgError(f"{dst_path}: error while converting {out_fmt}: "
+                                   f"{errors.create_reason(e, dst_path, exact=True)}") from e
+            raise
+        except BaseException:
+            prog.stop()
+            raise
+        prog.finish()
+    finally:
+        for d in devs:
+            d.close()
+    return 0
+
+
+
+run = cmd_convert

@@ -1,0 +1,52 @@
+"""qemu-img dd: copy blocks into a new image with dd(1)'s operands."""
+
+from __future__ import annotations
+
+import argparse
+
+from diskimg import options as opts
+from diskimg.cli.commands._shared import (Context, add_common, opened, size_arg)
+from diskimg.cli.errors import ExitCode
+from diskimg.errors import UsageError
+
+USAGE = '[-f FMT] [-O FMT] [-U] [bs=N] [count=N] [skip=N] if=IN of=OUT'
+DESCRIPTION = 'Copy blocks from one image into a new one, like dd(1).'
+EXAMPLE = 'diskimg dd -O qcow2 bs=1M count=16 if=disk.raw of=head.qcow2'
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    """This command's options."""
+    add_common(p, obj=False, quiet=False)
+    p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
+
+
+def cmd_dd(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img dd with bs=, count=, skip=, if=, of= operands."""
+    from diskimg import operations as conv
+
+    ops: dict[str, str] = {}
+    for item in a.files:
+        k, sep, v = item.partition("=")
+        if not sep or k not in ("bs", "count", "skip", "if", "of"):
+            raise ExitCode(f"unrecognized operand {k}", 1)
+        ops[k] = v
+    bs = 512
+    if "bs" in ops:
+        bs = size_arg(ops["bs"], "bs")
+        if not 1 <= bs <= 2**31 - 1:
+            raise UsageError("Invalid bs specified. Must be between 1 and 2147483647.")
+    count = size_arg(ops["count"], "count") if "count" in ops else None
+    skip = size_arg(ops["skip"], "skip") if "skip" in ops else 0
+    if "if" not in ops or "of" not in ops:
+        raise ExitCode("Must specify both input and output files", 1)
+    out_fmt = a.output_format or "raw"
+    if out_fmt not in opts.FORMAT_OPTIONS:
+        raise UsageError(f"Unknown file format '{out_fmt}'")
+    with opened(ctx, ops["if"], "r", a.format, image_opts=a.image_opts,
+                force_share=a.force_share) as src:
+        conv.dd(src, ops["of"], out_fmt, bs=bs, count=count, skip=skip, warn=ctx.warn)
+    return 0
+
+
+
+run = cmd_dd

@@ -1,0 +1,60 @@
+"""qemu-img info: one image or its whole backing chain, human or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diskimg.cli import errors, output
+from diskimg.cli.commands._shared import (Context, add_common, one_file, opened, output_format)
+from diskimg.errors import DiskImgError
+
+USAGE = '[-f FMT] [--output=human|json] [--backing-chain] [-U] [--object OBJ] [--image-opts] FILE'
+DESCRIPTION = 'Show information about a disk image.'
+EXAMPLE = 'diskimg info --output=json disk.qcow2'
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    """This command's options."""
+    add_common(p, out=True)
+    p.add_argument("--backing-chain", action="store_true", help="show the whole chain")
+
+
+def _check_chain_names(ctx: Context, name: str, a: argparse.Namespace) -> None:
+    """``info --backing-chain`` opens image after image like qemu-img, so a missing
+    backing file is reported under its own name: ``Could not open 'B': Could not open
+    'B': ...``."""
+    try:
+        with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
+                    force_share=a.force_share, need_key=False, backing=True):
+            return
+    except DiskImgError as e:
+        err = errors.chain_open_failure(e)
+        if err is None:
+            raise
+        raise err from e
+
+
+def cmd_info(ctx: Context, a: argparse.Namespace) -> int:
+    """qemu-img info."""
+    ofmt = output_format(a.output)
+    name = one_file(a)
+    if a.backing_chain:
+        _check_chain_names(ctx, name, a)
+    with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
+                force_share=a.force_share, need_key=False,
+                backing=bool(a.backing_chain)) as dev:  # info needs no backing file
+        devs = dev.chain() if a.backing_chain else [dev]
+        infos = [d.info().to_json() for d in devs]
+    if ofmt == "json":  # every object in QEMU's QDict order, format-specific data too
+        text = output.to_json(output.qdict_order_deep(infos if a.backing_chain else infos[0]))
+    elif a.backing_chain:
+        text = output.info_chain_human(infos)
+    else:
+        text = output.info_human(infos[0])
+    sys.stdout.write(text)
+    return 0
+
+
+
+run = cmd_info

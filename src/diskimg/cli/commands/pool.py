@@ -1,0 +1,22 @@
+"""``diskimg virsh ...`` / ``diskimg pool ...``: libvirt storage-pool commands.
+
+They follow virsh's grammar, not qemu-img's, so :mod:`diskimg.pool.cli` parses and words
+them itself; this entry only hands the arguments over (and loads the pool layer only
+then)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: the words that start a storage-pool command
+ALIASES = ("virsh", "pool")
+HELP = ("Storage pools (libvirt dir pools, virsh's commands):",
+        "  diskimg virsh pool-define-as NAME dir --target PATH",
+        "  diskimg virsh vol-create-as NAME VOL 10G --format qcow2")
+
+
+def run_argv(args: Sequence[str]) -> int:
+    """Run ``diskimg virsh ARGS``; returns its exit code."""
+    from diskimg.pool.cli import main as pool_main
+
+    return pool_main(list(args))
