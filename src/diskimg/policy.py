@@ -8,6 +8,7 @@ image's own directory.  (The image given on the command line may be a block devi
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -55,7 +56,13 @@ class OpenPolicy:
         p = Path(name)
         if not p.is_absolute():
             p = parent.parent / p
-        real = p.resolve()
+        try:
+            real = p.resolve()
+        except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+            why = os.strerror(errno.ELOOP)
+            raise BackingChainError(
+                f"Could not open {what} '{p}' named by '{parent}': {why}",
+                path=str(p), operation=f"open {what}", reason=why) from None
         if self.untrusted:
             if not any(real.is_relative_to(d) for d in self.allowed_dirs):
                 raise BackingChainError(

@@ -183,7 +183,8 @@ def test_action_and_snapshot_load_and_exit_code() -> None:
     assert str(errors.snapshot_load_failure(CorruptImageError("bad table"))) == \
         "Failed to load snapshot: bad table"
     assert str(errors.snapshot_load_failure(
-        DiskImgError("Failed to load snapshot: Can't find snapshot"))) == \
+        DiskImgError("Failed to load snapshot: Can't find snapshot",
+                     operation="load snapshot"))) == \
         "Failed to load snapshot: Can't find snapshot"
     noted = errors.with_notes(UsageError("a"), "b")
     assert errors.render(errors.exit_code(noted, 2)) == ("diskimg: a\ndiskimg: b\n", 2)

@@ -850,14 +850,14 @@ def test_encrypted_data_file_raw_zero_write_killed_reads_old_or_zero(tmp_path: P
     wrote zeros into the data file before the L2 zero flag; killed in between, the range
     decrypted to garbage (a third value) in diskimg and qemu alike.  The data file of an
     encrypted image holds ciphertext, never the disk, so it is no longer zeroed there."""
-    script = f"""
+    script = """
 import os, diskimg
-s = {{"s0": b"pw"}}
+s = {"s0": b"pw"}
 diskimg.create("rz.qcow2", "qcow2", 1 << 20, secrets=s,
-               options={{"encrypt.format": "luks", "encrypt.key-secret": "s0",
+               options={"encrypt.format": "luks", "encrypt.key-secret": "s0",
                         "encrypt.iter-time": 1, "data_file": "rz.data",
-                        "data_file_raw": "on", "cluster_size": 512}})
-img = diskimg.open("rz.qcow2", "r+", secrets=s, options={{"encrypt.key-secret": "s0"}})
+                        "data_file_raw": "on", "cluster_size": 512})
+img = diskimg.open("rz.qcow2", "r+", secrets=s, options={"encrypt.key-secret": "s0"})
 img.write(0, b"\\x5a" * 65536)
 img.flush()
 img.write_zeroes(4096, 4096, may_unmap=True)

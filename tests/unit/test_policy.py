@@ -172,3 +172,16 @@ def test_a_backing_file_that_is_a_device_when_opened_is_refused(tmp_path: Path,
     monkeypatch.setattr(OpenPolicy, "resolve", lambda self, name, parent, what="": Path(name))
     with pytest.raises(BackingChainError, match="not a regular file"):
         diskimg.open(top)
+
+
+def test_backing_symlink_loop_is_the_images_fault(tmp_path: Path) -> None:
+    """A backing name that is a symlink loop ended in an internal RuntimeError from
+    Path.resolve(); it is a BackingChainError in qemu's words (ELOOP)."""
+    import errno
+
+    (tmp_path / "b").symlink_to("a")
+    (tmp_path / "a").symlink_to("b")
+    top = tmp_path / "top.qcow2"
+    with pytest.raises(BackingChainError) as e:
+        OpenPolicy().for_top(top).resolve("a", top)
+    assert e.value.reason == os.strerror(errno.ELOOP)

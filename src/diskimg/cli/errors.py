@@ -160,11 +160,11 @@ _LOAD_SNAPSHOT = "Failed to load snapshot: "
 
 
 def snapshot_load_failure(e: DiskImgError) -> DiskImgError:
-    """``Failed to load snapshot: reason`` (measure -l).  The copy engine's own refusals
-    already read so and carry no operation yet, hence the one look at the words here
-    (until ``operations._snapshot_view`` raises with ``operation="load snapshot"``)."""
+    """``Failed to load snapshot: reason`` (measure -l).  Errors raised while loading a
+    snapshot already say so and carry ``operation="load snapshot"``; any other error gets
+    the prefix."""
     msg = str(e)
-    if e.operation != "load snapshot" and not msg.startswith(_LOAD_SNAPSHOT):
+    if e.operation != "load snapshot":
         msg = _LOAD_SNAPSHOT + msg
     return DiskImgError(msg, operation="load snapshot", reason=str(e))
 

@@ -28,7 +28,7 @@ def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) ->
     if dev.format == "raw" or loader is None:
         raise UnsupportedFeatureError(
             f"Failed to load snapshot: Block format '{dev.format}' used by device '' does "
-            "not support temporarily loading internal snapshots")
+            "not support temporarily loading internal snapshots", operation="load snapshot")
     # a bare ``-l X`` (sid == name) is an id or a name: qemu tries the id first
     tries = [(sid, None), (None, name)] if sid is not None and sid == name else [(sid, name)]
     for s, n in tries:
@@ -38,7 +38,7 @@ def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) ->
         except DiskImgError as e:
             if "find snapshot" not in str(e):
                 raise
-    raise DiskImgError("Failed to load snapshot: Can't find snapshot")
+    raise DiskImgError("Failed to load snapshot: Can't find snapshot", operation="load snapshot")
 
 
 def convert(
