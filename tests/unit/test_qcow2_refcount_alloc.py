@@ -201,3 +201,96 @@ def test_run_straddling_a_block_boundary(tmp_path: Path) -> None:
     assert rc.alloc(6) == 261 * CS
     rc.flush()
     assert [_disk_refcount(host, c) for c in range(248, 269)] == [1] * 19 + [0, 0]
+
+
+def _alloc_until_table_moves(rc: Refcounts) -> list[int]:
+    """Allocate runs of 100 clusters until the refcount table moves; their first clusters."""
+    old_table = rc.header.refcount_table_offset
+    got = []
+    while rc.header.refcount_table_offset == old_table:
+        got.append(rc.alloc(100) // CS)
+        assert len(got) < 50
+    return got
+
+
+def test_refcount_table_grows_when_a_run_crosses_its_coverage(tmp_path: Path) -> None:
+    """64-bit refcounts, 512-byte clusters: 64 entries per block, and the one-cluster
+    refcount table covers 64 blocks = 4096 clusters.  Allocate until a run needs more."""
+    _, host = _image(tmp_path, refcount_bits=64)
+    rc = _refcounts(host)
+    assert rc.block_bits == 6 and rc.header.refcount_table_clusters == 1
+    old_table = rc.header.refcount_table_offset
+    assert old_table == CS and len(rc.table) == 64
+    got = _alloc_until_table_moves(rc)
+    assert got[-2] + 100 <= 4096 < got[-1] + 100  # the last run crossed the coverage
+    for a, b in zip(got, got[1:]):
+        assert b >= a + 100  # runs never overlap
+    # the header switched to the new table (bytes 48..59) and names what rc uses
+    new_off, new_clusters = struct.unpack_from(">QI", host.data, 48)
+    assert (new_off, new_clusters) == (rc.header.refcount_table_offset,
+                                       rc.header.refcount_table_clusters)
+    assert new_off >= 4096 * CS and new_clusters > 1 and len(rc.table) > 64
+    rc.flush()
+    assert _disk_refcount(host, old_table // CS) == 0  # the old table is freed
+    for c in range(new_off // CS, new_off // CS + new_clusters):
+        assert _disk_refcount(host, c) == 1
+    # the on-disk table is the one in memory, and every block it names counts itself
+    raw = bytes(host.data[new_off:new_off + new_clusters * CS])
+    entries = [struct.unpack_from(">Q", raw, 8 * i)[0] for i in range(len(rc.table))]
+    assert entries == list(rc.table)
+    blocks = [e // CS for e in entries if e]
+    assert len(blocks) >= 65
+    for b in blocks:
+        assert _disk_refcount(host, b) == 1
+    for first in got:
+        assert not set(range(first, first + 100)) & set(blocks)
+        assert all(_disk_refcount(host, c) == 1 for c in range(first, first + 100))
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("bits", [1, 16, 64])
+def test_qemu_check_counts_exactly_the_allocations_as_leaks(
+        tmp_path: Path, bits: int, qemu_img: str, run: Callable[..., object]) -> None:
+    """What Refcounts writes is consistent for qemu: nothing corrupt, and the clusters it
+    allocated (referenced by no L2 table) are exactly the leaks qemu finds."""
+    path, host = _image(tmp_path, refcount_bits=bits)
+    rc = _refcounts(host)
+    got = _alloc_until_table_moves(rc) if bits == 64 else [rc.alloc(100) // CS
+                                                          for _ in range(6)]
+    rc.free(got[1] * CS, 100 * CS)  # a freed run is neither used nor leaked
+    rc.flush()
+    end = max(got) + 100  # the caller writes the data: the file reaches the last run
+    path.write_bytes(bytes(host.data) + bytes(max(0, end * CS - len(host.data))))
+    res = run([qemu_img, "check", "--output=json", path], check=3)  # 3: leaks only
+    report = json.loads(res.stdout)  # type: ignore[attr-defined]
+    assert report.get("corruptions", 0) == 0 and report.get("check-errors", 0) == 0
+    assert report["leaks"] == 100 * (len(got) - 1)
+
+
+@pytest.mark.qemu
+def test_allocation_order_matches_qemu_io(tmp_path: Path, qemu_img: str, qemu_io: str,
+                                          run: Callable[..., object]) -> None:
+    """The same guest writes (data clusters, L2 tables and new refcount blocks all
+    allocated as the writes come) land at the same host offsets as qemu-io puts them,
+    across several refcount-block boundaries (256 clusters each)."""
+    q = tmp_path / "q.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-o",
+         "cluster_size=512,refcount_bits=16", q, "64M"])
+    d = tmp_path / "d.qcow2"
+    d.write_bytes(q.read_bytes())
+    # (guest cluster, clusters): multi-cluster writes, some far apart (new L2 tables)
+    writes = [((i * 37) % 700 + (i % 3) * 20000, 1 + i % 5) for i in range(250)]
+    cmds: list[str] = []
+    for i, (c, n) in enumerate(writes):
+        cmds += ["-c", f"write -P {i % 255 + 1} {c * CS} {n * CS}"]
+    run([qemu_io, "-f", "qcow2", *cmds, q])
+    with diskimg.open(d, "r+") as img:
+        for i, (c, n) in enumerate(writes):
+            img.write(c * CS, bytes([i % 255 + 1]) * (n * CS))
+    qmap = run([qemu_img, "map", "--output=json", q]).stdout  # type: ignore[attr-defined]
+    dmap = run([qemu_img, "map", "--output=json", d]).stdout  # type: ignore[attr-defined]
+    assert dmap == qmap
+    assert len(json.loads(qmap)) > 100  # the writes did scatter
+    assert q.stat().st_size > 520 * CS  # past two refcount-block boundaries
+    assert run([qemu_img, "check", d]).returncode == 0  # type: ignore[attr-defined]
+    run([qemu_img, "compare", q, d])
