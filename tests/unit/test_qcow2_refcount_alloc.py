@@ -229,7 +229,9 @@ def test_refcount_table_grows_when_a_run_crosses_its_coverage(tmp_path: Path) ->
     new_off, new_clusters = struct.unpack_from(">QI", host.data, 48)
     assert (new_off, new_clusters) == (rc.header.refcount_table_offset,
                                        rc.header.refcount_table_clusters)
-    assert new_off >= 4096 * CS and new_clusters > 1 and len(rc.table) > 64
+    # the run got [4061, 4161); the area starts at the next block boundary after the
+    # new block (4161), holding block 65 (4160 is block 64's own range) then the table
+    assert (new_off, new_clusters) == (4162 * CS, 2) and len(rc.table) == 128
     rc.flush()
     assert _disk_refcount(host, old_table // CS) == 0  # the old table is freed
     for c in range(new_off // CS, new_off // CS + new_clusters):
@@ -292,5 +294,37 @@ def test_allocation_order_matches_qemu_io(tmp_path: Path, qemu_img: str, qemu_io
     assert dmap == qmap
     assert len(json.loads(qmap)) > 100  # the writes did scatter
     assert q.stat().st_size > 520 * CS  # past two refcount-block boundaries
+    assert run([qemu_img, "check", d]).returncode == 0  # type: ignore[attr-defined]
+    run([qemu_img, "compare", q, d])
+
+
+@pytest.mark.qemu
+def test_refcount_table_growth_matches_qemu_io(tmp_path: Path, qemu_img: str,
+                                               qemu_io: str,
+                                               run: Callable[..., object]) -> None:
+    """Sequential guest writes that outgrow a one-cluster refcount table (64-bit
+    refcounts, 512-byte clusters: 4096 clusters covered): the new table lands where
+    qemu puts it, with the same entries, and every data cluster where qemu puts it."""
+    q = tmp_path / "q.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-o",
+         "cluster_size=512,refcount_bits=64", q, "64M"])
+    d = tmp_path / "d.qcow2"
+    d.write_bytes(q.read_bytes())
+    chunk = 100 * CS
+    cmds: list[str] = []
+    for i in range(45):
+        cmds += ["-c", f"write -P {i + 1} {i * chunk} {chunk}"]
+    run([qemu_io, "-f", "qcow2", *cmds, q])
+    with diskimg.open(d, "r+") as img:
+        for i in range(45):
+            img.write(i * chunk, bytes([i + 1]) * chunk)
+    qb, db = q.read_bytes(), d.read_bytes()
+    q_off, q_clusters = struct.unpack_from(">QI", qb, 48)
+    assert q_clusters > 1  # qemu grew the table too
+    assert struct.unpack_from(">QI", db, 48) == (q_off, q_clusters)
+    assert db[q_off:q_off + q_clusters * CS] == qb[q_off:q_off + q_clusters * CS]
+    assert len(db) == len(qb)
+    qmap = run([qemu_img, "map", "--output=json", q]).stdout  # type: ignore[attr-defined]
+    assert run([qemu_img, "map", "--output=json", d]).stdout == qmap  # type: ignore[attr-defined]
     assert run([qemu_img, "check", d]).returncode == 0  # type: ignore[attr-defined]
     run([qemu_img, "compare", q, d])
