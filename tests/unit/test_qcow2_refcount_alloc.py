@@ -229,8 +229,11 @@ def test_refcount_table_grows_when_a_run_crosses_its_coverage(tmp_path: Path) ->
     new_off, new_clusters = struct.unpack_from(">QI", host.data, 48)
     assert (new_off, new_clusters) == (rc.header.refcount_table_offset,
                                        rc.header.refcount_table_clusters)
-    # the run got [4061, 4161); the area starts at the next block boundary after the
-    # new block (4161), holding block 65 (4160 is block 64's own range) then the table
+    # the last run [3997, 4097) needed block 63, made at 4097 (beyond the old table's
+    # 4096 clusters, so block 64 at 4098 and a new area): the area starts at the next
+    # block boundary, 4160, with blocks 65 and 66, then the two-cluster table
+    assert got[-1] == 3997
+    assert [e // CS for e in rc.table[62:67]] == [3996, 4097, 4098, 4160, 4161]
     assert (new_off, new_clusters) == (4162 * CS, 2) and len(rc.table) == 128
     rc.flush()
     assert _disk_refcount(host, old_table // CS) == 0  # the old table is freed
