@@ -331,3 +331,25 @@ def test_refcount_table_growth_matches_qemu_io(tmp_path: Path, qemu_img: str,
     assert run([qemu_img, "map", "--output=json", d]).stdout == qmap  # type: ignore[attr-defined]
     assert run([qemu_img, "check", d]).returncode == 0  # type: ignore[attr-defined]
     run([qemu_img, "compare", q, d])
+
+
+@pytest.mark.parametrize("exact, clusters", [(True, 1), (False, 2)])
+def test_refcount_area_headroom(tmp_path: Path, exact: bool, clusters: int) -> None:
+    """QEMU's qcow2_refcount_area: a new table for 12800 clusters (16-bit refcounts: 256
+    per block, so 51 blocks with the area itself) fits one table cluster of 64 entries
+    exactly; with the 50% headroom of a growing image it takes two."""
+    _, host = _image(tmp_path)
+    rc = _refcounts(host)
+    end = rc.refcount_area(12800, 0, exact=exact)
+    # one new block (index 50, covering the area) at the area's start, then the table;
+    # the blocks before the area are not made (nothing there is in use)
+    assert rc.table[50] == 12800 * CS and not any(rc.table[1:50])
+    assert not any(rc.table[51:])
+    assert rc.header.refcount_table_offset == 12801 * CS
+    assert rc.header.refcount_table_clusters == clusters
+    assert end == 12801 + clusters
+    assert struct.unpack_from(">QI", host.data, 48) == (12801 * CS, clusters)
+    rc.flush()
+    assert [_disk_refcount(host, c) for c in range(12799, 12801 + clusters + 1)] == (
+        [0] + [1] * (1 + clusters) + [0])
+    assert _disk_refcount(host, 1) == 0  # the old table cluster is free
