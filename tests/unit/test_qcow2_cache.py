@@ -1,0 +1,220 @@
+"""qcow2.cache.TableCache: LRU order, dirty tables never dropped unwritten, eviction,
+the flush dependency (``before_write``), writes in offset order, drop/clear."""
+
+from __future__ import annotations
+
+from array import array
+
+import pytest
+
+from diskimg.qcow2.cache import L2Table, TableCache, be_u64_array, pack_be_u64_array
+
+SIZE = 16  # bytes per table: two big-endian u64 entries
+
+
+class FakeHost:
+    """A bytearray 'host file' recording every read and write, in order."""
+
+    def __init__(self, size: int = 64 * SIZE) -> None:
+        self.data = bytearray(size)
+        self.log: list[tuple[str, int]] = []
+
+    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
+        self.log.append(("read", offset))
+        return bytes(self.data[offset:offset + length])
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        self.log.append(("write", offset))
+        self.data[offset:offset + len(data)] = data
+
+    def writes(self) -> list[int]:
+        return [off for kind, off in self.log if kind == "write"]
+
+    def reads(self) -> list[int]:
+        return [off for kind, off in self.log if kind == "read"]
+
+
+def _entries(*vals: int) -> bytes:
+    return b"".join(v.to_bytes(8, "big") for v in vals)
+
+
+def _cache(host: FakeHost, capacity: int) -> TableCache[L2Table]:
+    return TableCache(host, SIZE, lambda b: L2Table(be_u64_array(b)), capacity,  # type: ignore[arg-type]
+                      "L2 table")
+
+
+def _host_with_tables(n: int) -> FakeHost:
+    host = FakeHost()
+    for i in range(n):
+        host.data[i * SIZE:(i + 1) * SIZE] = _entries(0x1000 * (i + 1), 0x1000 * (i + 1) + 1)
+    return host
+
+
+def test_codec_is_big_endian_both_ways() -> None:
+    raw = _entries(0x0102030405060708, 0x8000000000000200)
+    a = be_u64_array(raw)
+    assert list(a) == [0x0102030405060708, 0x8000000000000200]
+    assert pack_be_u64_array(a) == raw
+    assert L2Table(array("Q", [1, 2])).pack() == _entries(1, 2)
+
+
+def test_get_reads_once_then_hits() -> None:
+    host = _host_with_tables(3)
+    c = _cache(host, 4)
+    t = c.get(SIZE)
+    assert list(t.entries) == [0x2000, 0x2001]
+    assert c.get(SIZE) is t
+    assert host.reads() == [SIZE]
+
+
+def test_capacity_is_at_least_two() -> None:
+    assert _cache(FakeHost(), 0).capacity == 2
+    assert _cache(FakeHost(), 1).capacity == 2
+    assert _cache(FakeHost(), 5).capacity == 5
+
+
+def test_clean_eviction_drops_least_recently_used() -> None:
+    host = _host_with_tables(4)
+    c = _cache(host, 3)
+    for i in range(3):
+        c.get(i * SIZE)
+    c.get(0)  # touch table 0: table 1 is now least recently used
+    c.get(3 * SIZE)
+    assert list(c.tables) == [2 * SIZE, 0, 3 * SIZE]
+    assert host.writes() == []  # nothing dirty, nothing written
+    host.log.clear()
+    c.get(SIZE)  # evicted, so read again; table 2 goes next
+    assert host.reads() == [SIZE]
+    assert list(c.tables) == [0, 3 * SIZE, SIZE]
+
+
+def test_clean_tables_go_before_dirty_ones() -> None:
+    host = _host_with_tables(4)
+    c = _cache(host, 3)
+    c.get(0)
+    c.mark_dirty(0)  # oldest, but dirty
+    c.get(SIZE)
+    c.get(2 * SIZE)
+    c.get(3 * SIZE)
+    # the oldest *clean* table (1) is evicted, dirty table 0 stays and is not written
+    assert list(c.tables) == [0, 2 * SIZE, 3 * SIZE]
+    assert host.writes() == []
+    assert c.dirty == {0}
+
+
+def test_all_dirty_flushes_in_offset_order_then_evicts_oldest() -> None:
+    host = FakeHost()
+    c = _cache(host, 2)
+    order: list[str] = []
+    c.before_write = lambda: order.append("dependency")
+    c.put(5 * SIZE, L2Table(array("Q", [5, 5])))
+    c.put(2 * SIZE, L2Table(array("Q", [2, 2])))
+    c.put(9 * SIZE, L2Table(array("Q", [9, 9])))  # over capacity, everything dirty
+    assert order == ["dependency"]
+    assert host.writes() == [2 * SIZE, 5 * SIZE]  # sorted by offset, not by age
+    assert host.data[5 * SIZE:6 * SIZE] == _entries(5, 5)
+    assert host.data[2 * SIZE:3 * SIZE] == _entries(2, 2)
+    assert host.data[9 * SIZE:10 * SIZE] == bytes(SIZE)  # the newest is not written...
+    assert list(c.tables) == [2 * SIZE, 9 * SIZE]  # ...and never evicted
+    # the newest table is marked dirty after the eviction: it stays dirty, unwritten
+    assert c.dirty == {9 * SIZE}
+    c.flush()
+    assert order == ["dependency", "dependency"]
+    assert host.writes() == [2 * SIZE, 5 * SIZE, 9 * SIZE]
+    assert host.data[9 * SIZE:10 * SIZE] == _entries(9, 9)
+
+
+def test_newest_entry_survives_eviction() -> None:
+    host = FakeHost()
+    c = _cache(host, 2)
+    c.put(0, L2Table(array("Q", [1, 1])))
+    c.put(SIZE, L2Table(array("Q", [2, 2])))
+    c.put(2 * SIZE, L2Table(array("Q", [3, 3])), dirty=False)
+    assert 2 * SIZE in c.tables
+    assert len(c.tables) == 2
+
+
+def test_flush_runs_dependency_first_and_only_when_dirty() -> None:
+    host = _host_with_tables(3)
+    c = _cache(host, 8)
+    events: list[object] = []
+    c.before_write = lambda: events.append(list(host.writes()))
+    c.flush()
+    assert events == []  # nothing dirty: the dependency is not flushed either
+    for off in (2 * SIZE, 0, SIZE):
+        c.get(off).entries[0] = 0xABC0 + off
+        c.mark_dirty(off)
+    c.flush()
+    assert events == [[]]  # ran before any table write
+    assert host.writes() == [0, SIZE, 2 * SIZE]
+    for off in (0, SIZE, 2 * SIZE):
+        assert host.data[off:off + 8] == (0xABC0 + off).to_bytes(8, "big")
+    c.flush()  # clean now: nothing more
+    assert host.writes() == [0, SIZE, 2 * SIZE]
+    assert events == [[]]
+
+
+def test_put_clean_is_not_written() -> None:
+    host = FakeHost()
+    c = _cache(host, 4)
+    c.put(SIZE, L2Table(array("Q", [7, 7])), dirty=False)
+    c.flush()
+    assert host.writes() == []
+    c.put(2 * SIZE, L2Table(array("Q", [8, 8])))
+    c.flush()
+    assert host.writes() == [2 * SIZE]
+    assert host.data == bytes(2 * SIZE) + _entries(8, 8) + bytes(len(host.data) - 3 * SIZE)
+
+
+def test_drop_forgets_table_and_its_dirtiness() -> None:
+    host = _host_with_tables(2)
+    c = _cache(host, 4)
+    c.get(0).entries[0] = 99
+    c.mark_dirty(0)
+    c.put(SIZE, L2Table(array("Q", [4, 4])))
+    before = bytes(host.data)
+    c.drop(0)
+    c.drop(7 * SIZE)  # absent: no error
+    host.log.clear()
+    assert list(c.get(0).entries) == [0x1000, 0x1001]  # re-read from the host
+    assert host.reads() == [0]
+    c.flush()  # the reloaded table is clean: a dropped (freed) cluster is not written
+    assert host.writes() == [SIZE]
+    assert host.data[:SIZE] == before[:SIZE]  # the dropped change never reached the disk
+
+
+def test_clear_discards_everything() -> None:
+    host = _host_with_tables(2)
+    c = _cache(host, 4)
+    c.get(0)
+    c.mark_dirty(0)
+    c.clear()
+    c.flush()
+    assert c.tables == {} and c.dirty == set()
+    assert host.writes() == []
+
+
+def test_dirty_marked_but_evicted_table_is_skipped_at_flush() -> None:
+    # mark_dirty of an offset that is not cached (e.g. after drop) writes nothing
+    host = FakeHost()
+    c = _cache(host, 4)
+    c.mark_dirty(3 * SIZE)
+    c.flush()
+    assert host.writes() == []
+
+
+@pytest.mark.parametrize("capacity", [2, 3, 5])
+def test_cache_never_exceeds_capacity_and_loses_no_write(capacity: int) -> None:
+    host = _host_with_tables(12)
+    c = _cache(host, capacity)
+    expect = bytearray(host.data)
+    for step in range(40):
+        off = (step * 7 % 12) * SIZE
+        t = c.get(off)
+        if step % 3 == 0:
+            t.entries[1] = step
+            c.mark_dirty(off)
+            expect[off + 8:off + 16] = step.to_bytes(8, "big")
+        assert len(c.tables) <= capacity
+    c.flush()
+    assert host.data == expect
