@@ -76,7 +76,7 @@ def test_convert_raw_to_qcow2_issues_chunk_sized_io(tmp_path: Path,
     src, dst = tmp_path / "src.raw", tmp_path / "dst.qcow2"
     data = _workload(src, 32 * MiB)
     c = _Counter(monkeypatch, "pwrite", "preadv")
-    diskimg.convert(src, dst, "qcow2", src_format="raw")
+    diskimg.convert(src, dst, "qcow2", format="raw")
     monkeypatch.undo()
     chunks = data // ops.CHUNK + 1
     # one read per data chunk (plus headers), one data write per chunk plus metadata
@@ -104,7 +104,7 @@ def test_compressed_source_is_decoded_on_worker_threads_and_written_in_big_piece
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src, zq, out = tmp_path / "src.raw", tmp_path / "z.qcow2", tmp_path / "out.raw"
     data = _workload(src, 16 * MiB, seed=3)
-    diskimg.convert(src, zq, "qcow2", src_format="raw", compress=True)
+    diskimg.convert(src, zq, "qcow2", format="raw", compress=True)
     if (os.cpu_count() or 1) < 2:
         pytest.skip("the decode pool needs two CPUs")
     from diskimg.qcow2 import compress as qc
@@ -118,7 +118,7 @@ def test_compressed_source_is_decoded_on_worker_threads_and_written_in_big_piece
 
     monkeypatch.setattr(qc, "decompress", spy)
     c = _Counter(monkeypatch, "pwrite")
-    diskimg.convert(zq, out, "raw", src_format="qcow2")
+    diskimg.convert(zq, out, "raw", format="qcow2")
     monkeypatch.undo()
     assert threads and all(t.startswith("diskimg-dec") for t in threads)
     # 64 KiB clusters arrive one by one; they reach the target gathered (2 MiB writes)
@@ -137,7 +137,7 @@ def test_convert_outputs_match_qemu_img_byte_for_byte(tmp_path: Path, qemu_img: 
         ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
         for p in (ours, theirs):
             p.unlink(missing_ok=True)
-        diskimg.convert(s, ours, "qcow2", src_format=sfmt)
+        diskimg.convert(s, ours, "qcow2", format=sfmt)
         run([qemu_img, "convert", "-f", sfmt, "-O", "qcow2", str(s), str(theirs)])
         assert ours.read_bytes() == theirs.read_bytes()
 
@@ -158,7 +158,7 @@ def test_block_status_cost_follows_allocated_data_not_virtual_size(
         return real(self, off, n)
 
     monkeypatch.setattr(Qcow2Image, "_status", counting)
-    diskimg.convert(src, dst, "qcow2", src_format="qcow2")
+    diskimg.convert(src, dst, "qcow2", format="qcow2")
     monkeypatch.undo()
     # 16 TiB in CHUNK steps would be 8M queries, one per L2 table 32768 (qemu-img's
     # way); empty L1 entries are skipped in one query, so a handful remain
@@ -277,7 +277,7 @@ def test_incompressible_grains_are_stored_and_still_valid_zlib() -> None:
 def test_stream_optimized_output_roundtrips(tmp_path: Path) -> None:
     src, out = tmp_path / "src.raw", tmp_path / "s.vmdk"
     _workload(src, 8 * MiB, seed=9)
-    diskimg.convert(src, out, "vmdk", src_format="raw",
+    diskimg.convert(src, out, "vmdk", format="raw",
                     options={"subformat": "streamOptimized"})
     assert _read_all(out, "vmdk") == src.read_bytes()
 
@@ -380,7 +380,7 @@ def test_convert_compressed_writes_runs_of_clusters_not_single_clusters(
     src, dst = tmp_path / "src.raw", tmp_path / "dst.qcow2"
     _workload(src, 16 * MiB, seed=13)
     c = _Counter(monkeypatch, "pwrite", "pwritev")
-    diskimg.convert(src, dst, "qcow2", src_format="raw", compress=True,
+    diskimg.convert(src, dst, "qcow2", format="raw", compress=True,
                     options={"compression_type": "zstd"})
     monkeypatch.undo()
     with diskimg.open(dst, format="qcow2") as d:
@@ -406,7 +406,7 @@ def test_batched_compressed_convert_equals_cluster_by_cluster_writes(
         f.write(os.urandom(1000))  # the last (partial) cluster does not compress
     data = src.read_bytes()
     batched, single = tmp_path / "b.qcow2", tmp_path / "s.qcow2"
-    diskimg.convert(src, batched, "qcow2", src_format="raw", compress=True)
+    diskimg.convert(src, batched, "qcow2", format="raw", compress=True)
     cs = 64 << 10
     diskimg.create(single, "qcow2", len(data))
     with diskimg.open(single, "r+", "qcow2") as d:
@@ -428,7 +428,7 @@ def test_compressed_convert_into_existing_image_keeps_guest_order(tmp_path: Path
     diskimg.create(dst, "qcow2", 8 * MiB)
     with diskimg.open(dst, "r+", "qcow2") as d:
         d.write(0, b"\xee" * (8 * MiB))
-    diskimg.convert(src, dst, "qcow2", src_format="raw", compress=True, target_exists=True)
+    diskimg.convert(src, dst, "qcow2", format="raw", compress=True, target_exists=True)
     with diskimg.open(dst, format="qcow2") as d:
         assert d.read(0, d.size) == src.read_bytes()
         assert d.check().exit_code == 0  # type: ignore[attr-defined]
@@ -468,7 +468,7 @@ def test_decoded_compressed_runs_leave_the_holes_qemu_leaves(
             f.write(bytes(lead) + (b"guest sector %d " % c * 6000)[: cs - lead])
     run([qemu_img, "convert", "-c", "-f", "raw", "-O", "qcow2", src, zq])
     ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
-    diskimg.convert(zq, ours, "raw", src_format="qcow2", sparse_size=sparse)
+    diskimg.convert(zq, ours, "raw", format="qcow2", sparse_size=sparse)
     run([qemu_img, "convert", "-S", str(sparse), "-f", "qcow2", "-O", "raw", zq, theirs])
     assert ours.read_bytes() == src.read_bytes()
     maps = [run([qemu_img, "map", "--output=json", "-f", "raw", p]).stdout

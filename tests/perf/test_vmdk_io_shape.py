@@ -101,7 +101,7 @@ def test_sequential_reads_of_a_sparse_vmdk_issue_one_read_per_request(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw, vmdk = tmp_path / "src.raw", tmp_path / "d.vmdk"
     data = _workload(raw, "rthzrrhtzhhr" * 2)
-    diskimg.convert(raw, vmdk, "vmdk", src_format="raw")
+    diskimg.convert(raw, vmdk, "vmdk", format="raw")
     with _open(vmdk) as img:
         c = _Calls(monkeypatch, "pread", "preadv")
         got = _read_seq(img)
@@ -219,7 +219,7 @@ def test_monolithic_sparse_convert_writes_grain_tables_with_one_call_per_copy(
     _workload(raw, "rhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh" "thhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh"
                    "rhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh" "thhhhhhhhhhhhhhhhhhhhhhhhhhhhhhr")
     c = _Calls(monkeypatch, "pwrite", "pwritev")
-    diskimg.convert(raw, vmdk, "vmdk", src_format="raw")
+    diskimg.convert(raw, vmdk, "vmdk", format="raw")
     monkeypatch.undo()
     with _open(vmdk) as img:
         h = img.extents[0].header
