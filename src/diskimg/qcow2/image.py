@@ -1525,6 +1525,9 @@ class Qcow2Image(BlockDevice):
         view._mark_open()
         return view
 
+    supports_check = True
+    supports_check_repair = True
+
     @requires_open
     def check(self, repair: str | None = None) -> CheckReport:
         """Consistency check (and repair) like ``qemu-img check``; see qcow2.check."""

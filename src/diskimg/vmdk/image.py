@@ -406,6 +406,8 @@ class VmdkImage(BlockDevice):
             format_specific=fs,
         )
 
+    supports_check = True
+
     @requires_open
     def check(self, repair: str | None = None) -> CheckReport:
         """qemu-img check for vmdk: grain table entries must point inside their file."""
