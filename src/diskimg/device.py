@@ -227,6 +227,15 @@ class BlockDevice:
         self._check_open()
         raise UnsupportedFeatureError(f"Image format '{self.format}' does not support resize")
 
+    def backing_file_name(self) -> tuple[str | None, str | None]:
+        """(backing file name, backing format) as the image stores them, unresolved;
+        ``(None, None)`` for an image without one (the default: raw has none)."""
+        return None, None
+
+    def backing_attached(self) -> None:
+        """Called by the opener once :attr:`backing` is set, for a format that verifies its
+        backing file (vmdk's parent CID); the default does nothing."""
+
     def check(self, repair: str | None = None) -> CheckReport:
         """``qemu-img check`` of this image, and its repair when ``repair`` is ``"leaks"``
         or ``"all"`` (see :attr:`supports_check_repair`); formats with a checker override

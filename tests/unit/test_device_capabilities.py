@@ -76,3 +76,20 @@ def test_qcow2_check_returns_a_check_report(tmp_path: Path) -> None:
         res = img.check()
     assert isinstance(res, CheckReport) and res.format == "qcow2" and res.exit_code == 0
     assert _sha(p) == before
+
+
+def test_backing_name_is_declared_on_every_device(tmp_path: Path) -> None:
+    """api's opener and the commit/rebase chain read ``backing_file_name()`` of any device;
+    raw declares none, qcow2 and vmdk return the name they store."""
+    p = tmp_path / "d.raw"
+    p.write_bytes(bytes(SIZE))
+    top = tmp_path / "top.qcow2"
+    diskimg.create(top, "qcow2", SIZE, backing_file="d.raw", backing_fmt="raw")
+    before = (_sha(p), _sha(top))
+    with diskimg.open(p, format="raw") as img:
+        assert img.backing_file_name() == (None, None)
+        img.backing_attached()  # the default hook does nothing
+    with diskimg.open(top) as img:
+        assert img.backing_file_name() == ("d.raw", "raw")
+        assert img.backing is not None and img.backing.backing_file_name() == (None, None)
+    assert (_sha(p), _sha(top)) == before
