@@ -137,17 +137,11 @@ def backing_options(options: Mapping[str, str]) -> dict[str, str]:
 
 
 def _backing_name(dev: BlockDevice) -> tuple[str | None, str | None]:
-    fn = getattr(dev, "backing_file_name", None)
-    if fn is None:
-        return None, None
-    name, fmt = fn()
-    return name, fmt
+    return dev.backing_file_name()
 
 
 def _attach_backing(dev: BlockDevice) -> None:
-    hook = getattr(dev, "backing_attached", None)
-    if hook is not None:
-        hook()
+    dev.backing_attached()
 
 
 def create(

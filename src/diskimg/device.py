@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
-from diskimg.errors import ClosedImageError, CorruptImageError, UsageError
+from diskimg.check_report import CheckReport
+from diskimg.errors import (ClosedImageError, CorruptImageError, UnsupportedFeatureError,
+                            UsageError)
 from diskimg.params import check_int
 
 _P = ParamSpec("_P")
@@ -150,6 +152,11 @@ class BlockDevice:
     #: set by the opener of a backing file: its finalizer closes it without a warning
     #: (the image that owns it gives that warning)
     is_backing: bool = False
+    #: whether the format has a :meth:`check` (qcow2, vmdk; raw has none, as in qemu)
+    supports_check: bool = False
+    #: whether :meth:`check` can repair (``repair="leaks"``/``"all"``); a format without
+    #: a checker, or whose checker only reports (vmdk, as qemu's), leaves it False
+    supports_check_repair: bool = False
 
     # --- primitives formats implement ------------------------------------------------
     def _readinto(self, offset: int, buf: memoryview) -> None:
@@ -217,10 +224,24 @@ class BlockDevice:
     def resize(self, new_size: int, *, shrink: bool = False,
                preallocation: str = "off") -> None:
         """Change the virtual size to ``new_size`` bytes (formats that support it)."""
-        from diskimg.errors import UnsupportedFeatureError
-
         self._check_open()
         raise UnsupportedFeatureError(f"Image format '{self.format}' does not support resize")
+
+    def backing_file_name(self) -> tuple[str | None, str | None]:
+        """(backing file name, backing format) as the image stores them, unresolved;
+        ``(None, None)`` for an image without one (the default: raw has none)."""
+        return None, None
+
+    def backing_attached(self) -> None:
+        """Called by the opener once :attr:`backing` is set, for a format that verifies its
+        backing file (vmdk's parent CID); the default does nothing."""
+
+    def check(self, repair: str | None = None) -> CheckReport:
+        """``qemu-img check`` of this image, and its repair when ``repair`` is ``"leaks"``
+        or ``"all"`` (see :attr:`supports_check_repair`); formats with a checker override
+        this, the default raises :class:`UnsupportedFeatureError` (qemu-img's exit 63)."""
+        self._check_open()
+        raise UnsupportedFeatureError("This image format does not support checks")
 
     # --- lifecycle -------------------------------------------------------------------
     @property

@@ -149,7 +149,7 @@ class Job:
             if ok and digest:
                 self.info["sha256"] = digest
             self.step("map", lambda: self.map_all(dev))
-            if not hasattr(dev, "check"):  # raw (e.g. a mutated magic): no checks
+            if not dev.supports_check:  # raw (e.g. a mutated magic): no checks
                 return
             ok, res = self.step("check", lambda: dev.check())
             if ok:
@@ -166,7 +166,7 @@ class Job:
         ok, dev = self.step("open r+", lambda: self.diskimg.open(rw, "r+", **self.kw))
         if not ok:
             return
-        if not hasattr(dev, "check"):
+        if not dev.supports_check:
             self.step("close r+", dev.close)
             return
         try:

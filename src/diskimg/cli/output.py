@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diskimg.device import MapEntry
 from diskimg.errors import DiskImgError
 from diskimg.units import size_to_str
+
+if TYPE_CHECKING:  # a type only: device.ImageInfo.__str__ imports this module on use
+    from diskimg.device import MapEntry
 
 
 def to_json(obj: Any) -> str:

@@ -35,9 +35,7 @@ def _chain_layers(path: str | os.PathLike[str], fmt: str | None,
     with api.open(path, "r", fmt, force_share=True, **kw) as dev:  # kw: secrets, options
         out = []
         for d in dev.chain():
-            name_fn = getattr(d, "backing_file_name", None)
-            name = name_fn()[0] if name_fn is not None else None
-            out.append(_Layer(d.filename, d.format, name))
+            out.append(_Layer(d.filename, d.format, d.backing_file_name()[0]))
         return out
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from diskimg import api
+from diskimg.check_report import CheckReport
 from diskimg.device import ImageInfo, MapEntry
 from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.params import check_int
@@ -42,7 +43,7 @@ def info(path: PathLike, *, format: str | None = None,  # noqa: A002
 def check(path: PathLike, *, format: str | None = None,  # noqa: A002
           repair: str | None = None, force_share: bool = False, untrusted: bool = False,
           secrets: Mapping[str, bytes] | None = None,
-          options: Mapping[str, str] | None = None) -> Any:
+          options: Mapping[str, str] | None = None) -> CheckReport:
     """``qemu-img check`` (``repair``: None, ``"leaks"`` or ``"all"``): the format's check
     result (``to_json()`` is ``check --output=json``'s object, ``summary_lines()`` its
     text).  A format without a checker (raw; vmdk with ``repair``) raises
@@ -51,10 +52,9 @@ def check(path: PathLike, *, format: str | None = None,  # noqa: A002
         raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
     with api.open(path, "r+" if repair else "r", format, for_check=True,
                   **_kw(force_share, untrusted, secrets, options)) as dev:
-        fn = getattr(dev, "check", None)
-        if dev.format == "raw" or fn is None or (dev.format == "vmdk" and repair):
+        if repair is not None and not dev.supports_check_repair:
             raise UnsupportedFeatureError("This image format does not support checks")
-        return fn(repair)
+        return dev.check(repair)
 
 
 def map(path: PathLike, offset: int = 0, length: int | None = None, *,  # noqa: A001

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from diskimg.check_report import CheckReport
 from diskimg.device import (BlockDevice, ImageInfo, MapEntry, Status, host_has_zero_init,
                              requires_open)
 from diskimg.errors import (
@@ -1524,8 +1525,11 @@ class Qcow2Image(BlockDevice):
         view._mark_open()
         return view
 
+    supports_check = True
+    supports_check_repair = True
+
     @requires_open
-    def check(self, repair: str | None = None) -> Any:
+    def check(self, repair: str | None = None) -> CheckReport:
         """Consistency check (and repair) like ``qemu-img check``; see qcow2.check."""
         from diskimg.qcow2.check import check_image
 

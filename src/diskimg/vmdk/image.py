@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from diskimg.check_report import CheckReport
 from diskimg.device import (BlockDevice, ImageInfo, Status, host_has_zero_init,
                              requires_open)
 from diskimg.errors import (
@@ -405,12 +406,12 @@ class VmdkImage(BlockDevice):
             format_specific=fs,
         )
 
-    @requires_open
-    def check(self, repair: str | None = None) -> Any:
-        """qemu-img check for vmdk: grain table entries must point inside their file."""
-        from diskimg.qcow2.check import CheckResult
+    supports_check = True
 
-        res = CheckResult(filename=self.filename, format="vmdk")
+    @requires_open
+    def check(self, repair: str | None = None) -> CheckReport:
+        """qemu-img check for vmdk: grain table entries must point inside their file."""
+        res = CheckReport(filename=self.filename, format="vmdk")
         res.findings.extend(self.lint())
         for e in self.extents:
             if isinstance(e, SparseExtent):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
+from diskimg.check_report import CheckReport
 from diskimg.cli import output
 from diskimg.cli.commands._shared import (PROBED_RAW_WARNING, Context, add_common, one_file,
                                           open_image, output_format)
@@ -24,18 +24,12 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("-r", "--repair", metavar="leaks|all", help="repair the image")
 
 
-def run_check(dev: BlockDevice, repair: str | None) -> Any:
-    """The format's checker (``dev.check(repair)``); ExitCode 63 for formats without one."""
-    fn = getattr(dev, "check", None)
-    if dev.format == "raw" or fn is None or (dev.format == "vmdk" and repair):
-        # qemu's vmdk check cannot repair: with -r it reports no check support
+def run_check(dev: BlockDevice, repair: str | None) -> CheckReport:
+    """The format's checker (``dev.check(repair)``); ExitCode 63 for formats without one,
+    and for ``-r`` on a format whose check cannot repair (qemu's vmdk check)."""
+    if not dev.supports_check or (repair is not None and not dev.supports_check_repair):
         raise ExitCode("This image format does not support checks", 63)
-    return fn(repair)
-
-
-def _lines(res: Any, attr: str) -> list[str]:
-    v = getattr(res, attr, None)
-    return [str(x) for x in v] if isinstance(v, list | tuple) else []
+    return dev.check(repair)
 
 
 def _raw_open_allowed(name: str, fmt: str | None, writable: bool) -> bool:
@@ -79,21 +73,21 @@ def cmd_check(ctx: Context, a: argparse.Namespace) -> int:
     finally:
         dev.close()
     err, out = sys.stderr, sys.stdout
-    repaired = bool(getattr(res, "repaired", False))
-    summary = res.summary_lines() if hasattr(res, "summary_lines") else []
+    repaired = res.repaired
+    summary = res.summary_lines()
     head, tail = (summary[:6], summary[6:]) if repaired else ([], summary)
     if repaired:
-        err.writelines(line + "\n" for line in _lines(res, "repair_messages"))
+        err.writelines(line + "\n" for line in res.repair_messages)
     if ofmt == "human" and not a.quiet:
         out.writelines(line + "\n" for line in head)
     out.flush()
-    err.writelines(line + "\n" for line in _lines(res, "messages"))
+    err.writelines(line + "\n" for line in res.messages)
     err.flush()
     d = dict(res.to_json())
     if "filename" in d:
         d["filename"] = name  # qemu-img prints the argument as given (./x, --image-opts)
     findings = d.pop("findings", None)
-    if getattr(res, "error", None) is not None:
+    if res.error is not None:
         pass  # the check could not finish: qemu-img prints only "Check failed: ..."
     elif ofmt == "json":
         doc = output.qdict_order(d)
@@ -104,15 +98,10 @@ def cmd_check(ctx: Context, a: argparse.Namespace) -> int:
         out.write("".join(line + "\n" for line in tail) if summary or not d
                   else output.check_human(d))
     out.flush()
-    fail = getattr(res, "failure_message", None)
+    fail = res.failure_message
     if fail:
         ctx.warn(fail)
-    code = getattr(res, "exit_code", None)
-    if code is not None:
-        return int(code)
-    if d.get("check-errors"):
-        return 1
-    return 2 if d.get("corruptions") else 3 if d.get("leaks") else 0
+    return res.exit_code
 
 
 

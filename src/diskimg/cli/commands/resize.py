@@ -68,16 +68,14 @@ def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
                                   "operation, make sure there is no important data there.",))
         if new < cur and prealloc not in (None, "off"):
             raise UsageError("Preallocation can only be used for growing images")
-        fn = getattr(dev, "resize", None)
-        if fn is None:
-            raise DiskImgError(f"resize is not supported yet for format '{dev.format}'")
+        # BlockDevice.resize is declared: a format without it raises UnsupportedFeatureError
         if dev.format == "raw":
-            fn(new, prealloc or "off")
+            dev.resize(new, preallocation=prealloc or "off")
         else:
             kw: dict[str, Any] = {"shrink": a.shrink}
             if prealloc:
                 kw["preallocation"] = prealloc
-            fn(new, **kw)
+            dev.resize(new, **kw)
     if not a.quiet:
         sys.stdout.write("Image resized.\n")
     return 0

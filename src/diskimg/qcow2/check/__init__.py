@@ -20,9 +20,11 @@ read as zeros (as QEMU's file driver does).  Memory is bounded by the file size 
 in-memory refcount array has one entry per host cluster, capped at :data:`MAX_IMRT_BYTES`)
 and by QEMU's table caps; the amount of L2 work is bounded by :data:`MAX_L2_ENTRIES`.
 
-Package layout (QEMU's seams): ``report`` (CheckResult), ``state`` (one pass's state and
-reference counting), ``overlap``, ``stored`` (stored refcount blocks), ``snapshots``, ``walk``
-(L1/L2 traversal), ``copied`` (OFLAG_COPIED), ``refcounts`` (compare, repair, rebuild).
+Package layout (QEMU's seams): ``report`` (abort signals; the result is the format-neutral
+:class:`diskimg.check_report.CheckReport`, alias ``CheckResult``), ``state`` (one pass's
+state and reference counting), ``overlap``, ``stored`` (stored refcount blocks),
+``snapshots``, ``walk`` (L1/L2 traversal), ``copied`` (OFLAG_COPIED), ``refcounts``
+(compare, repair, rebuild).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 from diskimg.errors import CorruptImageError, FormatError, UsageError
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.check.refcounts import _Refcounts
+from diskimg.check_report import CheckReport
 from diskimg.qcow2.check.report import CheckResult, _Abort
 from diskimg.qcow2.check.snapshots import _rewrite_snapshot_table
 from diskimg.qcow2.layout import (
@@ -40,7 +43,7 @@ from diskimg.qcow2.layout import (
     Header,
 )
 
-__all__ = ["CheckResult", "check_image"]
+__all__ = ["CheckReport", "CheckResult", "check_image"]
 
 
 class _Pass(_Refcounts):
