@@ -30,10 +30,11 @@ def parse_fde_extension(data: bytes | None, cluster_size: int,
     if data is None:
         raise FormatError("qcow2 image uses LUKS encryption (crypt_method 2) but has no "
                           "full disk encryption header extension (0x0537be77)")
-    if len(data) != _FDE.size:
+    fields = fde_fields(data)
+    if fields is None or len(data) != _FDE.size:
         raise FormatError(f"Invalid full disk encryption header extension: length "
                           f"{len(data)}, expected {_FDE.size}")
-    off, length = _FDE.unpack(data)
+    off, length = fields
     if off == 0 or off % cluster_size:
         raise FormatError(f"Encryption header offset '{off}' is not a non-zero multiple of "
                           f"the cluster size '{cluster_size}' (FDE extension field 'offset')",
@@ -45,6 +46,15 @@ def parse_fde_extension(data: bytes | None, cluster_size: int,
     if file_size is not None and off + length > file_size:
         raise FormatError(f"Encryption header at {off} (+{length} bytes) lies past the end "
                           f"of the file ({file_size} bytes)", offset=off)
+    return off, length
+
+
+def fde_fields(data: bytes) -> tuple[int, int] | None:
+    """``(offset, length)`` as the extension payload states them, unvalidated (the checker
+    counts whatever clusters they name), or None when the payload is too short."""
+    if len(data) < _FDE.size:
+        return None
+    off, length = _FDE.unpack_from(data)
     return off, length
 
 

@@ -317,9 +317,11 @@ class _Walk(_Snapshots):
         self.inc(self.snapshots_offset, self.snapshots_size, "snapshot table")
         self.inc(self.reftable_offset, len(self.reftable) * 8, "refcount table")
         ext = h.ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER)
-        if ext is not None and len(ext.data) >= 16:
-            c_off, c_len = struct.unpack_from(">QQ", ext.data)
-            if c_len:
-                self.inc(c_off, c_len, "crypto header")
+        if ext is not None:
+            from diskimg.crypto.luks.fde import fde_fields  # only images that have one
+
+            fields = fde_fields(ext.data)
+            if fields is not None and fields[1]:
+                self.inc(fields[0], fields[1], "crypto header")
         self.check_bitmaps()
         return self.check_refblocks()
