@@ -15,9 +15,7 @@ if TYPE_CHECKING:
 
 
 def compress_cluster(img: Qcow2Image, data: bytes | bytearray | memoryview) -> bytes | None:
-    """The compressed form of one cluster of guest data (padded with zeros), or None
-    when it would not be smaller than a cluster.  Pure and thread-safe (zlib and
-    zstandard release the GIL), so callers may compress in a thread pool."""
+    """:meth:`Qcow2Image.compress_cluster` (documented there)."""
     from diskimg.qcow2.compress import compress
 
     if len(data) != img.cs:  # the last cluster of the disk: padded with zeros
@@ -27,10 +25,7 @@ def compress_cluster(img: Qcow2Image, data: bytes | bytearray | memoryview) -> b
 
 
 def align_compressed_end(img: Qcow2Image) -> None:
-    """Grow the image file to a multiple of 512 bytes, as qemu-img's ``convert -c``
-    does when it finishes (a zero-length compressed write), so sector-based readers can
-    read the last compressed cluster whole.  Only bytes inside an already allocated
-    cluster are added: refcounts are unchanged."""
+    """:meth:`Qcow2Image.align_compressed_end` (documented there)."""
     end = img.host.size()
     if end % 512:
         img.host.truncate(end + (-end % 512))
@@ -38,13 +33,7 @@ def align_compressed_end(img: Qcow2Image) -> None:
 
 def write_compressed(img: Qcow2Image, offset: int, data: bytes | bytearray | memoryview,
                      *, compressed: bytes | None = None) -> None:
-    """Write one whole cluster compressed (qemu-io ``write -c``).
-
-    ``offset`` must be cluster aligned and ``data`` one cluster long (shorter only for
-    the last cluster of the disk, padded with zeros).  Data that does not compress to
-    less than a cluster is written as a normal cluster, as QEMU does.  ``compressed``
-    passes a result of :meth:`compress_cluster` computed elsewhere (e.g. in a thread).
-    """
+    """:meth:`Qcow2Image.write_compressed` (documented there)."""
     img._check_writable()
     mv = memoryview(data).cast("B")
     img._check_range(offset, len(mv))
@@ -93,13 +82,7 @@ def store_compressed(img: Qcow2Image, offset: int, mv: memoryview,
 def write_compressed_clusters(
         img: Qcow2Image, offset: int,
         clusters: list[tuple[bytes | bytearray | memoryview, bytes | None]]) -> None:
-    """Write consecutive whole clusters from cluster-aligned guest ``offset``: each
-    ``(data, compressed)`` pair as :meth:`write_compressed` would with that
-    ``compressed`` (None: stored as a normal cluster).
-
-    Same host allocations, in the same order, as writing them one by one (qemu-img
-    convert -c's layout); the data goes out in as few pwrite/pwritev calls as host
-    contiguity allows, all of it before any L2 entry changes."""
+    """:meth:`Qcow2Image.write_compressed_clusters` (documented there)."""
     img._check_writable()
     cs = img.cs
     total = sum(len(d) for d, _ in clusters)

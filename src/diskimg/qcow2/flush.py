@@ -20,15 +20,7 @@ if TYPE_CHECKING:
 
 
 def metadata_preallocation(img: Qcow2Image) -> bool:
-    """QEMU's guess (made on first use) whether the image was created with
-    ``preallocation=metadata``: at least ``max(real * 10 / 9, real + 2)`` clusters have
-    a refcount, ``real`` being the clusters the host file really allocates.  Only then
-    does block status report holes in the host file under data clusters as zeros.
-
-    qemu-img makes it on a freshly opened file.  Every change to the image forgets it;
-    it is made again on the file as a flush would leave it (:meth:`_file_after_flush`,
-    computed from the cached tables), so block_status() in a session agrees with
-    qemu-img map of the flushed file without a flush per call."""
+    """:meth:`Qcow2Image.metadata_preallocation` (documented there)."""
     if img._metadata_prealloc is None:
         try:
             rc = img._refcounts or Refcounts(img.host, img.header)

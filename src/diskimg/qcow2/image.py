@@ -615,8 +615,16 @@ class Qcow2Image(BlockDevice):
     # --- writes: qcow2/cluster.py, zero.py, compressed_write.py, resize.py, flush.py --
     @property
     def metadata_preallocation(self) -> bool:
-        """QEMU's guess whether the image was created with ``preallocation=metadata``
-        (see :func:`diskimg.qcow2.flush.metadata_preallocation`)."""
+        """QEMU's guess (made on first use) whether the image was created with
+        ``preallocation=metadata``: at least ``max(real * 10 / 9, real + 2)`` clusters have
+        a refcount, ``real`` being the clusters the host file really allocates.  Only then
+        does block status report holes in the host file under data clusters as zeros.
+
+        qemu-img makes it on a freshly opened file.  Every change to the image forgets it;
+        it is made again on the file as a flush would leave it
+        (:func:`diskimg.qcow2.flush.file_after_flush`, computed from the cached tables),
+        so block_status() in a session agrees with qemu-img map of the flushed file
+        without a flush per call."""
         return F.metadata_preallocation(self)
 
     def _write(self, offset: int, data: memoryview) -> None:
@@ -638,34 +646,48 @@ class Qcow2Image(BlockDevice):
         F.mark_corrupt(self, error)
 
     def compress_cluster(self, data: bytes | bytearray | memoryview) -> bytes | None:
-        """The compressed form of one cluster (None when not smaller); pure and
-        thread-safe.  See :func:`diskimg.qcow2.compressed_write.compress_cluster`."""
+        """The compressed form of one cluster of guest data (padded with zeros), or None
+        when it would not be smaller than a cluster.  Pure and thread-safe (zlib and
+        zstandard release the GIL), so callers may compress in a thread pool."""
         return CW.compress_cluster(self, data)
 
     @requires_open
     def align_compressed_end(self) -> None:
-        """Grow the image file to a multiple of 512 bytes, as ``convert -c`` does."""
+        """Grow the image file to a multiple of 512 bytes, as qemu-img's ``convert -c``
+        does when it finishes (a zero-length compressed write), so sector-based readers can
+        read the last compressed cluster whole.  Only bytes inside an already allocated
+        cluster are added: refcounts are unchanged."""
         CW.align_compressed_end(self)
 
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview,
                          *, compressed: bytes | None = None) -> None:
-        """Write one whole cluster compressed (qemu-io ``write -c``); see
-        :func:`diskimg.qcow2.compressed_write.write_compressed`."""
+        """Write one whole cluster compressed (qemu-io ``write -c``).
+
+        ``offset`` must be cluster aligned and ``data`` one cluster long (shorter only for
+        the last cluster of the disk, padded with zeros).  Data that does not compress to
+        less than a cluster is written as a normal cluster, as QEMU does.  ``compressed``
+        passes a result of :meth:`compress_cluster` computed elsewhere (e.g. in a thread).
+        """
         CW.write_compressed(self, offset, data, compressed=compressed)
 
     @requires_open
     def write_compressed_clusters(
             self, offset: int,
             clusters: list[tuple[bytes | bytearray | memoryview, bytes | None]]) -> None:
-        """Write consecutive whole clusters, each compressed or not, with the layout of
-        writing them one by one; see
-        :func:`diskimg.qcow2.compressed_write.write_compressed_clusters`."""
+        """Write consecutive whole clusters from cluster-aligned guest ``offset``: each
+        ``(data, compressed)`` pair as :meth:`write_compressed` would with that
+        ``compressed`` (None: stored as a normal cluster).
+
+        Same host allocations, in the same order, as writing them one by one (qemu-img
+        convert -c's layout); the data goes out in as few pwrite/pwritev calls as host
+        contiguity allows, all of it before any L2 entry changes."""
         CW.write_compressed_clusters(self, offset, clusters)
 
     @requires_open
     def preallocate(self, start: int, end: int, mode: str) -> None:
-        """Preallocate guest [start, end) (``metadata``/``falloc``/``full``); see
-        :func:`diskimg.qcow2.resize.preallocate`."""
+        """Give the unallocated clusters of guest [start, end) L2 entries and host clusters
+        (``metadata``), then also reserve (``falloc``) or zero-fill (``full``) the new
+        host space, as qemu's preallocation does on create and resize."""
         R.preallocate(self, start, end, mode)
 
     @requires_open

@@ -26,9 +26,7 @@ def zero_tail(img: Qcow2Image, start: int, end: int) -> None:
 
 
 def preallocate(img: Qcow2Image, start: int, end: int, mode: str) -> None:
-    """Give the unallocated clusters of guest [start, end) L2 entries and host clusters
-    (``metadata``), then also reserve (``falloc``) or zero-fill (``full``) the new
-    host space, as qemu's preallocation does on create and resize."""
+    """:meth:`Qcow2Image.preallocate` (documented there)."""
     if mode == "off":
         return
     c, last = start >> img.cb, -(-end >> img.cb)
@@ -57,8 +55,7 @@ def preallocate(img: Qcow2Image, start: int, end: int, mode: str) -> None:
 
 def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
            preallocation: str = "off") -> None:
-    """Grow (or with ``shrink`` shrink) the virtual disk to ``new_size`` bytes;
-    ``preallocation`` (off/metadata/falloc/full) applies to the grown part."""
+    """:meth:`Qcow2Image.resize` (documented there)."""
     img._check_writable()
     if new_size % 512:
         raise UsageError("The new size must be a multiple of 512")
