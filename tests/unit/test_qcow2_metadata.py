@@ -14,6 +14,7 @@ import pytest
 import diskimg
 from diskimg.crypto import SectorCipher
 from diskimg.qcow2 import metadata
+from diskimg.qcow2.image import Qcow2Image
 from diskimg.qcow2.metadata import MetadataImage
 
 SRC = Path(metadata.__file__).resolve().parent
@@ -73,7 +74,8 @@ def test_qcow2image_has_every_interface_member(tmp_path: Path) -> None:
     with diskimg.open(p, "r+") as img:
         missing = [m for m in sorted(_members()) if not hasattr(img, m)]
         assert missing == []
-        md: MetadataImage = img  # type: ignore[assignment]  # (mypy checks the real use)
+        assert isinstance(img, Qcow2Image)
+        md: MetadataImage = img  # mypy checks that Qcow2Image implements the interface
         assert md.has_data_file is False and md.cs == CS and md.cb == 16
 
 
@@ -88,7 +90,8 @@ def test_free_after_flush_frees_at_the_flush_only(tmp_path: Path, qemu_img: str)
     with diskimg.open(p, "r+") as img:
         img.write(0, data)
         img.flush()
-        md: MetadataImage = img  # type: ignore[assignment]
+        assert isinstance(img, Qcow2Image)
+        md: MetadataImage = img
         md.begin_change()
         off = md.refcounts.alloc(1)
         md.flush_refcounts()
@@ -121,6 +124,7 @@ def test_install_tables_after_snapshot_switch(tmp_path: Path, qemu_img: str) -> 
     diskimg.create(p, "qcow2", 8 * CS)
     old, new = _pattern(2 * CS, 1), _pattern(CS // 2, 2)
     with diskimg.open(p, "r+") as img:
+        assert isinstance(img, Qcow2Image)
         img.write(0, old)
         img.snapshots.create("s1", date=1.0)
         assert img.l1_dirty == set()
@@ -131,6 +135,7 @@ def test_install_tables_after_snapshot_switch(tmp_path: Path, qemu_img: str) -> 
     res = subprocess.run([qemu_img, "check", str(p)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     with diskimg.open(p) as img:
+        assert isinstance(img, Qcow2Image)
         assert img.read(0, 8 * CS) == bytes(want)
         assert img.snapshot_view(name="s1").read(0, 2 * CS) == old
 
