@@ -67,6 +67,9 @@ class SectorCipher(Protocol):
 
     def decrypt(self, sector: int, buf: bytearray | memoryview) -> None: ...
 
+    def wipe(self) -> None:
+        """Zero the key material in place; every later encrypt/decrypt fails."""
+
 
 def wipe(*bufs: bytearray | memoryview | None) -> None:
     """Overwrite each writable buffer with zeros in place (keys that are no longer needed).

@@ -18,7 +18,7 @@ from diskimg.errors import FormatError
 from diskimg.qcow2.layout import QCOW2_AUTOCLEAR_BITMAPS, QCOW2_EXT_MAGIC_BITMAPS, Header
 
 if TYPE_CHECKING:
-    from diskimg.qcow2.image import Qcow2Image
+    from diskimg.qcow2.metadata import MetadataImage
 
 BME_FLAG_IN_USE = 1 << 0
 BME_FLAG_AUTO = 1 << 1
@@ -110,7 +110,7 @@ class BitmapEntry:
 class Bitmaps:
     """The persistent bitmaps of one open image, and their dirty tracking."""
 
-    def __init__(self, img: Qcow2Image) -> None:
+    def __init__(self, img: MetadataImage) -> None:
         self.img = img
         self.entries: list[BitmapEntry] = []
         self.dir_offset = 0
@@ -198,11 +198,11 @@ class Bitmaps:
                 old = off
                 if not off or img.refcounts.get(off // cs) != 1:
                     off = img.refcounts.alloc(1)  # never write over a shared cluster
-                    img._flush_refcounts()
+                    img.flush_refcounts()
                 img.host.pwrite(off, data)
                 table[j] = off
                 if old and old != off:
-                    img._pending_free.append((old, cs, False))
+                    img.free_after_flush(old, cs)
             img.host.flush()
             img.host.pwrite(e.table_offset, struct.pack(f">{e.table_size}Q", *table))
             e.flags &= ~BME_FLAG_IN_USE

@@ -1,4 +1,5 @@
-"""qcow2 internal snapshots: the snapshot table record and create/apply/delete.
+"""qcow2 internal snapshots: create/apply/delete (the table records are in
+:mod:`diskimg.qcow2.snapshot_table`, re-exported here).
 
 Each snapshot owns a copy of the L1 table; L2 tables and data clusters are shared with
 the active image by reference counting.  Invariants kept by every operation:
@@ -19,250 +20,52 @@ image plus leaked clusters, after it the new image, without leaks.
 from __future__ import annotations
 
 import builtins
-import struct
 from array import array
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Self
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from diskimg.errors import CorruptImageError, FormatError, UsageError
+from diskimg.errors import CorruptImageError, UsageError
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import L2Table, be_u64_array, pack_be_u64_array
-from diskimg.qcow2.layout import QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
+from diskimg.qcow2.layout import QCOW_MAX_SNAPSHOTS
 from diskimg.qcow2.refcount import RefBlock
+from diskimg.qcow2.snapshot_table import (
+    QCOW_MAX_SNAPSHOT_EXTRA_DATA,
+    QCOW_MAX_SNAPSHOTS_SIZE,
+    EntryHeader,
+    Snapshot,
+    c_bytes,
+    pack_table,
+    pack_table_exact,
+    parse_table,
+    raw_name,
+    read_entries,
+    read_table,
+)
 
 if TYPE_CHECKING:
-    from diskimg.hostio import HostFile
-    from diskimg.qcow2.image import Qcow2Image
+    from diskimg.qcow2.metadata import MetadataImage
 
-_ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
-QCOW_MAX_SNAPSHOTS_SIZE = 64 << 20
-QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class EntryHeader:
-    """The fixed 40 bytes that start every snapshot table entry (docs/interop/qcow2.txt,
-    "Snapshot table entry", bytes 0-39); the variable part (extra data, id, name) follows.
-    The one parse of those bytes: :meth:`Snapshot.parse` and the checker use it."""
-
-    l1_table_offset: int
-    l1_size: int
-    id_len: int
-    name_len: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    vm_state_size32: int
-    extra_data_size: int
-
-    SIZE = _ENTRY.size
-
-    @classmethod
-    def parse(cls, raw: bytes) -> Self:
-        """``raw``: exactly :attr:`SIZE` bytes."""
-        return cls(*_ENTRY.unpack(raw))
-
-    def pack(self) -> bytes:
-        return _ENTRY.pack(self.l1_table_offset, self.l1_size, self.id_len, self.name_len,
-                           self.date_sec, self.date_nsec, self.vm_clock_nsec,
-                           self.vm_state_size32, self.extra_data_size)
-
-    def var_size(self) -> int:
-        """Bytes of extra data, id and name after the fixed part (no padding)."""
-        return self.extra_data_size + self.id_len + self.name_len
-
-
-@dataclass(slots=True)
-class Snapshot:
-    """One snapshot table entry.  ``extra`` keeps extra-data bytes beyond the 24 QEMU
-    defines, unchanged, so foreign tools' data survives a rewrite."""
-
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size: int = 0
-    disk_size: int | None = None
-    icount: int | None = None
-    extra_data_size: int = 24
-    extra: bytes = field(default=b"", repr=False)
-
-    @classmethod
-    def parse(cls, buf: bytes, offset: int, table_offset: int,
-              limit: int | None = None, cut_extra: bool = False) -> tuple[Self, int]:
-        """Parse the entry at ``offset`` of the table bytes; returns it and its length.
-
-        ``limit`` is the table's maximum length: bytes between ``len(buf)`` (the end of the
-        file) and ``limit`` read as zeros, as QEMU reads past the end of an image file, so
-        a table cut short by truncation still opens (``check`` reports it incomplete).
-        Id and name are C strings: they end at the first NUL byte, as QEMU shows them.
-        ``cut_extra`` keeps the first 1024 bytes of oversized extra data (``check -r all``)
-        instead of refusing the entry."""
-        where = table_offset + offset
-        limit = len(buf) if limit is None else limit
-        if offset + EntryHeader.SIZE > limit:
-            raise FormatError(f"Snapshot table entry at {where:#x} is truncated", offset=where)
-        eh = EntryHeader.parse(_zero_padded(buf, offset, EntryHeader.SIZE))
-        l1_off, l1_size, id_len = eh.l1_table_offset, eh.l1_size, eh.id_len
-        extra_len = eh.extra_data_size
-        if extra_len > QCOW_MAX_SNAPSHOT_EXTRA_DATA and not cut_extra:
-            raise FormatError(f"Too much extra metadata in snapshot table entry at {where:#x} "
-                              f"({extra_len} bytes)", offset=where)
-        pos = offset + EntryHeader.SIZE
-        end = pos + eh.var_size()
-        if end > limit:
-            raise FormatError(f"Snapshot table entry at {where:#x} runs past the end of the "
-                              "table", offset=where)
-        var = _zero_padded(buf, pos, end - pos)  # extra data, id, name
-        extra = var[: min(extra_len, QCOW_MAX_SNAPSHOT_EXTRA_DATA)]
-        vm_state = eh.vm_state_size32
-        disk_size = icount = None
-        if extra_len >= 8:
-            vm_state = struct.unpack_from(">Q", extra, 0)[0]
-        if extra_len >= 16:
-            disk_size = struct.unpack_from(">Q", extra, 8)[0]
-        if extra_len >= 24:
-            ic = struct.unpack_from(">Q", extra, 16)[0]
-            icount = None if ic == (1 << 64) - 1 else ic
-        sid = _c_string(var[extra_len : extra_len + id_len])
-        name = _c_string(var[extra_len + id_len :])
-        if l1_size * 8 > QCOW_MAX_L1_SIZE:
-            raise FormatError(f"Snapshot L1 table too large ({l1_size} entries) in entry at "
-                              f"{where:#x}", offset=where)
-        length = end - offset
-        length += (-length) % 8
-        return cls(sid, name, l1_off, l1_size, eh.date_sec, eh.date_nsec, eh.vm_clock_nsec,
-                   vm_state, disk_size, icount, len(extra), bytes(extra[24:])), length
-
-    def pack(self) -> bytes:
-        """The on-disk snapshot table entry: fixed header, ``extra_data_size`` bytes of
-        extra data (VM state size, disk size, icount, then any unknown bytes kept from
-        parsing), id, name, zero-padded to a multiple of 8 bytes."""
-        sid, name = raw_name(self.id), raw_name(self.name)
-        extra = struct.pack(">QQQ", self.vm_state_size,
-                            self.disk_size if self.disk_size is not None else 0,
-                            (1 << 64) - 1 if self.icount is None else self.icount)
-        extra = (extra + self.extra)[: max(self.extra_data_size, 24)] \
-            if self.extra_data_size >= 24 else extra[: self.extra_data_size]
-        vm32 = self.vm_state_size if self.vm_state_size < (1 << 32) else 0
-        out = EntryHeader(self.l1_table_offset, self.l1_size, len(sid), len(name),
-                          self.date_sec, self.date_nsec, self.vm_clock_nsec, vm32,
-                          len(extra)).pack() + extra + sid + name
-        return out + b"\0" * ((-len(out)) % 8)
-
-    def to_json(self) -> dict[str, Any]:
-        """qemu-img info's keys for one snapshot."""
-        d: dict[str, Any] = {}
-        if self.icount is not None:
-            d["icount"] = self.icount
-        d.update({
-            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
-            "name": self.name,
-            "date-sec": self.date_sec,
-            "date-nsec": self.date_nsec,
-            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
-            "id": self.id,
-            "vm-state-size": self.vm_state_size,
-        })
-        return d
-
-
-def _zero_padded(buf: bytes, pos: int, n: int) -> bytes:
-    """``n`` bytes of ``buf`` from ``pos``, zeros where ``buf`` ends first."""
-    part = bytes(buf[pos : pos + n])
-    return part + bytes(n - len(part))
-
-
-def c_bytes(raw: bytes) -> bytes:
-    """A C string field (id or name): its bytes up to the first NUL, as QEMU shows it."""
-    return raw.split(b"\0", 1)[0]
-
-
-def _c_string(raw: bytes) -> str:
-    """A C string field as text; bytes that are not UTF-8 survive as lone surrogates
-    (``surrogateescape``), so the name is rewritten byte for byte (:func:`raw_name`)."""
-    return c_bytes(raw).decode("utf-8", "surrogateescape")
-
-
-def raw_name(text: str) -> bytes:
-    """The on-disk bytes of a snapshot id or name (the inverse of reading it)."""
-    return text.encode("utf-8", "surrogateescape")
-
-
-def parse_table(buf: bytes, count: int, table_offset: int,
-                limit: int | None = None, cut_extra: bool = False) -> list[Snapshot]:
-    """The ``count`` entries of a snapshot table; ``limit`` and ``cut_extra`` as in
-    :meth:`Snapshot.parse`."""
-    if count > QCOW_MAX_SNAPSHOTS:
-        raise FormatError(f"Too many snapshots: {count} (field 'nb_snapshots' at 0x3c)",
-                          offset=60)
-    out = []
-    pos = 0
-    for _ in range(count):
-        sn, n = Snapshot.parse(buf, pos, table_offset, limit, cut_extra)
-        out.append(sn)
-        pos += n
-    return out
-
-
-def pack_table(snaps: list[Snapshot]) -> bytes:
-    return b"".join(s.pack() for s in snaps)
-
-
-def read_table(img: Qcow2Image) -> list[Snapshot]:
-    """Read the snapshot table named by the header, bounded by QEMU's limits.  The part
-    of the table past the end of the file reads as zeros, as in QEMU."""
-    h = img.header
-    if not h.nb_snapshots:
-        return []
-    if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
-        raise FormatError(f"Too many snapshots: {h.nb_snapshots} (field 'nb_snapshots' at "
-                          "0x3c)", offset=60)
-    if h.snapshots_offset % img.cs:
-        raise FormatError(f"Snapshot table offset invalid: {h.snapshots_offset:#x} (field "
-                          "'snapshots_offset' at 0x40)", offset=64)
-    # the largest table the count allows (entry: 40 + 1024 + 2 * 65535 + padding bytes),
-    # capped at QEMU's 64 MiB; only the part inside the file is read
-    limit = min(QCOW_MAX_SNAPSHOTS_SIZE, h.nb_snapshots * (40 + 1024 + 2 * 65535 + 8))
-    return read_entries(img.host, h.snapshots_offset, h.nb_snapshots, limit)
-
-
-def read_entries(host: HostFile, offset: int, count: int, limit: int,
-                 cut_extra: bool = False) -> list[Snapshot]:
-    """The ``count`` entries of the table at ``offset``, at most ``limit`` bytes long:
-    only the part inside the file is read, the rest reads as zeros."""
-    buf = host.pread(offset, min(limit, max(0, host.size() - offset)))
-    return parse_table(buf, count, offset, limit, cut_extra)
-
-
-def pack_table_exact(snaps: list[Snapshot]) -> bytes:
-    """:func:`pack_table` without the last entry's padding: the bytes QEMU writes (every
-    entry starts 8-byte aligned, the table ends with the last name)."""
-    data = pack_table(snaps)
-    last = snaps[-1]
-    used = 40 + last.extra_data_size + len(raw_name(last.id)) + len(raw_name(last.name))
-    return data[: len(data) - (-used) % 8]
-
+__all__ = ["QCOW_MAX_SNAPSHOTS_SIZE", "QCOW_MAX_SNAPSHOT_EXTRA_DATA", "EntryHeader", "Snapshot",
+           "SnapshotNotFoundError", "SnapshotTable", "c_bytes", "pack_table", "pack_table_exact",
+           "parse_table", "raw_name", "read_entries", "read_table"]
 
 class SnapshotTable:
     """``img.snapshots``: list, create, apply and delete internal snapshots."""
 
-    def __init__(self, img: Qcow2Image) -> None:
+    def __init__(self, img: MetadataImage) -> None:
         self.img = img
 
     def list(self) -> list[Snapshot]:
         """A copy of the snapshot table in on-disk order (what ``snapshot -l`` lists)."""
-        self.img._check_open()
+        self.img.check_open()
         return list(self.img.snapshot_list)
 
     def find(self, name_or_id: str) -> Snapshot:
         """By id first, then by name (qemu's find_snapshot_by_id_or_name)."""
-        self.img._check_open()
+        self.img.check_open()
         for s in self.img.snapshot_list:
             if s.id == name_or_id:
                 return s
@@ -308,7 +111,7 @@ class SnapshotTable:
             for j in range(0, len(ents), step):
                 ent = ents[j]
                 t = E.cluster_type(ent, extended=img.extended,
-                                   has_data_file=img._data_file_opened)
+                                   has_data_file=img.has_data_file)
                 if t == E.ClusterType.COMPRESSED:
                     if addend:
                         host, n = E.decode_compressed(ent, img.cb)
@@ -394,7 +197,7 @@ class SnapshotTable:
             if (h.refcount_table_offset, h.refcount_table_clusters) != (rt_off, rt_clusters):
                 for a_off, a_n in allocated:
                     rc.free(a_off, a_n * cs)
-                img._flush_refcounts()
+                img.flush_refcounts()
                 raise _TableMoved
             return off
 
@@ -469,7 +272,7 @@ class SnapshotTable:
                                             offset=rt_off + 8 * ri)
                 blocks[ri] = alloc(1)
                 d[old_b // cs] -= 1
-        img._flush_refcounts()  # the allocations above, in place: leaks until the switch
+        img.flush_refcounts()  # the allocations above, in place: leaks until the switch
         per_block = 1 << rc.block_bits
         new_blocks: dict[int, RefBlock] = {}
         for ri in blocks:
@@ -504,15 +307,8 @@ class SnapshotTable:
         # 5. the in-memory image follows
         h.l1_table_offset, h.refcount_table_offset = l1_off, new_rt
         h.nb_snapshots, h.snapshots_offset = len(snaps), snap_off
-        img.l1 = new_l1
-        img.l1_dirty.clear()
-        img.snapshot_list = snaps
-        img.l2_cache.clear()
-        for t2, tbl in shadows.values():
-            img.l2_cache.put(t2, tbl, dirty=False)
-        img._decoded.clear()
-        img._refcounts = None  # reloaded from the new refcount table on first use
-        img._punch_free_clusters([c for c, v in d.items() if v < 0])
+        img.install_tables(new_l1, snaps, list(shadows.values()))
+        img.punch_free_clusters([c for c, v in d.items() if v < 0])
 
     def _check_headroom(self, deltas: defaultdict[int, int]) -> None:
         """Refuse, before changing anything, when the references an operation adds
@@ -532,7 +328,7 @@ class SnapshotTable:
         """Snapshot the current disk state under ``name`` (id: highest numeric id + 1)."""
         img = self.img
         self._check_table_read()
-        img._check_writable()
+        img.check_writable()
         try:
             size = len(raw_name(name))
         except UnicodeEncodeError:
@@ -543,7 +339,7 @@ class SnapshotTable:
                              "65535 bytes (the snapshot table's name_size field)")
         if len(img.snapshot_list) >= QCOW_MAX_SNAPSHOTS:
             raise UsageError("Too many snapshots")
-        if img._data_file_opened:
+        if img.has_data_file:
             raise UsageError(f"Could not create snapshot '{name}': internal snapshots are "
                              "not supported with an external data file")
         ids = [int(s.id) for s in img.snapshot_list if s.id.isdigit()]
@@ -552,13 +348,13 @@ class SnapshotTable:
         deltas: defaultdict[int, int] = defaultdict(int)
         self._count_refs(img.l1, deltas, 1)
         self._check_headroom(deltas)
-        img._check_write_support()  # the first change: after every refusal
+        img.begin_change()  # the first change: after every refusal
         # 1. copy of the active L1 table in new clusters (a leak until the switch)
         l1_bytes = len(img.l1) * 8
         l1_off = 0
         if l1_bytes:
             l1_off = img.refcounts.alloc(-(-l1_bytes // img.cs))
-            img._flush_refcounts()
+            img.flush_refcounts()
             img.host.pwrite(l1_off, pack_be_u64_array(img.l1))
         # 2. the snapshot's references and the table entry, switched to atomically; the
         # snapshot keeps the old L2 tables, the active image gets copies without COPIED
@@ -584,7 +380,7 @@ class SnapshotTable:
         if not any(s.extra_data_size < 16 for s in old):
             return False
         self._check_table_read()
-        img._check_writable()
+        img.check_writable()
         img.flush()
         new = [replace(s, extra_data_size=max(24, s.extra_data_size),
                        disk_size=img.size if s.disk_size is None else s.disk_size)
@@ -595,17 +391,17 @@ class SnapshotTable:
         h = img.header
         rc = img.refcounts
         off = rc.alloc(-(-len(table) // img.cs))
-        img._flush_refcounts()
+        img.flush_refcounts()
         img.host.pwrite(off, table)
         img.host.flush()
         header_io.set_snapshots(img.host, len(new), off)
         img.host.flush()
         old_off, old_len = h.snapshots_offset, len(pack_table_exact(old))
         h.snapshots_offset = off
-        img.snapshot_list = new
+        img.install_snapshots(new)
         rc.free(old_off, old_len)
-        img._flush_refcounts()
-        img._punch_free_clusters(list(range(old_off // img.cs,
+        img.flush_refcounts()
+        img.punch_free_clusters(list(range(old_off // img.cs,
                                             (old_off + old_len - 1) // img.cs + 1)))
         return True
 
@@ -613,7 +409,7 @@ class SnapshotTable:
         """Refuse any revert of this image before looking the snapshot up (qemu's
         order: an image with a persistent bitmap says so even for a missing snapshot)."""
         self._check_table_read()
-        self.img._check_writable()
+        self.img.check_writable()
         if self.img.bitmaps.entries:
             # qemu refuses too (any persistent bitmap, enabled or not): reverting the
             # data would leave the bitmaps claiming to know what changed
@@ -630,17 +426,17 @@ class SnapshotTable:
         adds: defaultdict[int, int] = defaultdict(int)
         self._count_refs(snap_l1, adds, 1)
         self._check_headroom(adds)
-        img._check_write_support()  # the first change: after every refusal
+        img.begin_change()  # the first change: after every refusal
         if sn.disk_size is not None and sn.disk_size != img.size:
             # the disk was resized since (qemu 7.2 allows that): first back to the
             # snapshot's size, as qemu's snapshot goto truncates the image
             img.resize(sn.disk_size, shrink=True)
         if sn.l1_size > len(img.l1):
-            img._grow_l1(sn.l1_size)
+            img.grow_l1(sn.l1_size)
         # take the snapshot's references first, then switch the active L1, then drop the
         # old active references
         self.update_refcounts(array("Q", snap_l1), 1, active=False)
-        img._flush_refcounts()
+        img.flush_refcounts()
         img.l2_cache.flush()
         img.host.flush()
         old_l1 = array("Q", img.l1)
@@ -648,9 +444,7 @@ class SnapshotTable:
         new_l1.extend([0] * (len(img.l1) - len(new_l1)))
         img.host.pwrite(img.header.l1_table_offset, pack_be_u64_array(new_l1))
         img.host.flush()
-        img.l1 = new_l1
-        img.l1_dirty.clear()
-        img._decoded.clear()
+        img.install_l1(new_l1)
         self.update_refcounts(old_l1, -1, active=False)
         self.update_refcounts(img.l1, 0, active=True)
         img.flush()
@@ -659,7 +453,7 @@ class SnapshotTable:
         """Delete snapshot ``name_or_id`` and free what only it referenced."""
         self._check_table_read()
         img = self.img
-        img._check_writable()
+        img.check_writable()
         sn = self.find(name_or_id)
         img.flush()
         snap_l1 = self._read_l1(sn.l1_table_offset, sn.l1_size)
@@ -670,7 +464,7 @@ class SnapshotTable:
             for c in range(first, (sn.l1_table_offset + sn.l1_size * 8 - 1) // img.cs + 1):
                 deltas[c] -= 1
         # dropped references and OFLAG_COPIED bits switch together (known bug B8)
-        img._check_write_support()
+        img.begin_change()
         self._switch(deltas, [s for s in img.snapshot_list if s is not sn])
 
 

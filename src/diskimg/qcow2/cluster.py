@@ -1,0 +1,326 @@
+"""qcow2 cluster allocation and guest writes (QEMU's qcow2-cluster.c seam).
+
+The L2 table for a write (allocated, or copied when shared), data cluster allocation,
+copy-on-write of partial clusters (whole clusters, or subclusters with extended L2),
+scheduling the references an entry drops, and the encrypted form of a write.  Order
+(the image's invariant, see :mod:`diskimg.qcow2.image`): guest data reaches the file
+before the L2 entry that points at it; the dropped references are applied by the flush
+(:func:`diskimg.qcow2.flush.flush`) after the tables no longer pointing at them.
+
+Module-level functions taking the image; :class:`~diskimg.qcow2.image.Qcow2Image`
+delegates its ``_write`` and ``begin_change`` to them.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import TYPE_CHECKING, Any
+
+from diskimg.qcow2 import entries as E
+from diskimg.qcow2 import header_io
+from diskimg.qcow2.cache import L2Table
+from diskimg.qcow2.layout import (
+    QCOW2_AUTOCLEAR_MASK,
+    QCOW2_COMPAT_LAZY_REFCOUNTS,
+    QCOW2_INCOMPAT_DIRTY,
+    Header,
+)
+
+if TYPE_CHECKING:
+    from diskimg.hostio import HostFile
+    from diskimg.qcow2.image import Qcow2Image
+
+CRYPT_PIECE = 64 << 10  # bytes encrypted per cipher call (a multiple of 512)
+
+
+def clear_unknown_autoclear(host: HostFile, h: Header) -> None:
+    """Clear the autoclear feature bits diskimg does not know (all but bit 0, bitmaps,
+    which every write keeps true, and bit 1, raw external data) in the header and in
+    ``h``, synced before the caller changes anything else: that is how a later reader
+    tells that a writer unaware of those features touched the image (qemu clears them
+    on every read-write open; diskimg on the first change, so that a refused operation
+    leaves the file byte-identical).  v2 headers have no autoclear field."""
+    if h.version >= 3 and h.autoclear_features & ~QCOW2_AUTOCLEAR_MASK:
+        h.autoclear_features &= QCOW2_AUTOCLEAR_MASK
+        header_io.set_autoclear(host, h.autoclear_features)
+        host.flush()
+
+
+def begin_change(img: Qcow2Image) -> None:
+    """Called before every change to the image: fails early without the secret, then
+    clears unknown autoclear bits and sets the lazy-refcounts dirty bit on disk."""
+    if img.header.crypt_method:
+        _ = img.cipher  # fails early without the secret
+    clear_unknown_autoclear(img.host, img.header)
+    if not img._set_dirty_bit and img.header.compatible_features & \
+            QCOW2_COMPAT_LAZY_REFCOUNTS:
+        img.header.incompatible_features |= QCOW2_INCOMPAT_DIRTY
+        write_header_features(img)
+        img.host.flush()
+        img._set_dirty_bit = True
+    img._metadata_prealloc = None  # allocation changes: guess again on next use
+    img._changed_since_map = True
+
+
+def write_header_features(img: Qcow2Image) -> None:
+    if img.header.version >= 3:
+        header_io.set_incompat(img.host, img.header.incompatible_features)
+
+
+def get_l2_for_write(img: Qcow2Image, cluster: int) -> tuple[int, L2Table]:
+    """L2 table covering ``cluster``, allocated or copied (if shared) as needed."""
+    l1i, l2_off = img._l2_location(cluster)
+    ent = img.l1[l1i]
+    rc = img.refcounts
+    if l2_off and ent & E.QCOW_OFLAG_COPIED:
+        return l2_off, img.l2_cache.get(l2_off)
+    new_off = rc.alloc(1)
+    if l2_off:
+        table = L2Table(array("Q", img.l2_cache.get(l2_off).entries))
+        img._pending_free.append((l2_off, img.cs, False))
+    else:
+        table = L2Table(array("Q", bytes(img.cs)))
+    img.l2_cache.put(new_off, table)
+    img.l1[l1i] = new_off | E.QCOW_OFLAG_COPIED
+    img.l1_dirty.add(l1i)
+    return new_off, table
+
+
+def alloc_data(img: Qcow2Image, clusters: list[int]) -> list[int]:
+    """Host offsets for new data clusters of guest clusters ``clusters``: with an
+    external data file the guest offset itself (QEMU's identity mapping, no refcounts),
+    else one contiguous run of freshly allocated clusters."""
+    if img._data_file_opened:
+        hosts = [c << img.cb for c in clusters]
+        if img._pending_free:
+            # a deallocation still pending for one of these clusters (a discard or an
+            # unmapping zero-write since the last flush) must not hit the data about
+            # to be written there: the identity mapping hands out the same cluster
+            taken = set(hosts)
+            img._pending_free = [f for f in img._pending_free
+                                  if not (f[1] < 0 and f[0] in taken)]
+        return hosts
+    base = img.refcounts.alloc(len(clusters))
+    return [base + k * img.cs for k in range(len(clusters))]
+
+
+def free_entry(img: Qcow2Image, ent: int, punch: bool = False) -> None:
+    """Schedule dropping the reference an L2 entry held (applied after the flush).
+
+    ``punch``: a guest discard or unmapping zero-write; clusters that become free are
+    then deallocated in the host file too (QEMU's default pass-discard-request).
+    Pending entries are (host, length, punch); a negative length marks a cluster of an
+    external data file, which is only deallocated."""
+    t = img._cluster_type(ent)
+    img._decoded.pop(ent, None)  # the decoded-cluster cache is keyed by entry
+    if img._data_file_opened:
+        # data clusters of an external data file carry no refcount (identity mapped)
+        if punch and t in (E.ClusterType.NORMAL, E.ClusterType.ZERO_ALLOC):
+            img._pending_free.append((ent & E.L2E_OFFSET_MASK, -img.cs, True))
+        return
+    if t in (E.ClusterType.NORMAL, E.ClusterType.ZERO_ALLOC):
+        img._pending_free.append((ent & E.L2E_OFFSET_MASK, img.cs, punch))
+    elif t == E.ClusterType.COMPRESSED:
+        host, clen = E.decode_compressed(ent, img.cb)
+        img._pending_free.append((host & ~511, clen + (host & 511), punch))
+
+
+def cow_is_zero(img: Qcow2Image, cluster: int, ent: int) -> bool:
+    """True when the guest cluster reads as zeros and the image is not encrypted, so a
+    partial write may zero the rest of a new cluster instead of copying it."""
+    if img.header.crypt_method:
+        return False
+    t = img._cluster_type(ent)
+    if t in (E.ClusterType.ZERO_PLAIN, E.ClusterType.ZERO_ALLOC):
+        return True
+    return t == E.ClusterType.UNALLOCATED and (
+        img.backing is None or cluster << img.cb >= img.backing.size)
+
+
+def cluster_contents(img: Qcow2Image, cluster: int, ent: int) -> bytearray:
+    """Current guest contents of a whole cluster (for copy-on-write)."""
+    buf = bytearray(img.cs)
+    start = cluster << img.cb
+    n = min(img.cs, img.size - start)
+    if n > 0:
+        img._readinto(start, memoryview(buf)[:n])
+    return buf
+
+
+def write(img: Qcow2Image, offset: int, data: memoryview) -> None:
+    begin_change(img)
+    img.bitmaps.mark(offset, len(data))
+    if img.extended:
+        write_ext(img, offset, data)
+        return
+    end = offset + len(data)
+    g = offset
+    while g < end:
+        cluster = g >> img.cb
+        idx = cluster & (img.l2_entries - 1)
+        stop = min(end, (cluster + img.l2_entries - idx) << img.cb)
+        l2_off, table = get_l2_for_write(img, cluster)
+        write_in_table(img, table.entries, l2_off, idx, cluster, g, stop, offset, data)
+        g = stop
+
+
+def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, cluster: int,
+                    g: int, stop: int, offset: int, data: memoryview) -> None:
+    """Write guest [g, stop), which lies in the L2 table ``ents`` (entry ``idx`` is
+    guest cluster ``cluster``); ``data[0]`` is guest byte ``offset``.
+
+    The clusters needing a new host cluster get one run, allocated at once (QEMU's
+    order); the data goes out host-contiguous pieces at a time (one pwrite or pwritev
+    per run), and only then are the L2 entries changed and old references dropped."""
+    cs, cb = img.cs, img.cb
+    copied, mask = E.QCOW_OFLAG_COPIED, E.L2E_OFFSET_MASK
+    normal, ctype = E.ClusterType.NORMAL, img._cluster_type
+    df = img._data_file_opened
+    n = ((stop - 1) >> cb) - cluster + 1
+    olds = ents[idx : idx + n]
+    # a NORMAL cluster this image alone references is written in place
+    to_alloc = [j for j, ent in enumerate(olds)
+                if not (ent & copied and ctype(ent) == normal)]
+    hosts = alloc_data(img, [cluster + j for j in to_alloc]) if to_alloc else []
+    # (host, guest lo, guest hi) runs of plain data, merged where host and guest are
+    # both contiguous; copy-on-write clusters become their own buffers
+    runs: list[list[int]] = []
+    cow: list[tuple[int, bytearray, int]] = []
+    k = 0
+    for j in range(n):
+        c_start = (cluster + j) << cb
+        lo = g if g > c_start else c_start
+        hi = stop if stop < c_start + cs else c_start + cs
+        if k < len(to_alloc) and to_alloc[k] == j:
+            host = hosts[k]
+            k += 1
+            if lo != c_start or hi != c_start + cs:
+                old = olds[j]
+                if not cow_is_zero(img, cluster + j, old):
+                    buf = cluster_contents(img, cluster + j, old)
+                    buf[lo - c_start : hi - c_start] = data[lo - offset : hi - offset]
+                    cow.append((host, buf, c_start))
+                    continue
+                # like qemu: zero the copy-on-write areas instead of writing zeros
+                img.data_host.zero_range(host, lo - c_start, keep_size=False)
+                img.data_host.zero_range(host + hi - c_start, c_start + cs - hi,
+                                          keep_size=False)
+        else:
+            host = olds[j] & mask
+            if host % cs or (df and host != c_start):
+                img._check_data_offset(host, l2_off, idx + j, c_start)
+        h = host + lo - c_start
+        last = runs[-1] if runs else None
+        if last is not None and last[0] + last[2] - last[1] == h and last[2] == lo:
+            last[2] = hi
+        else:
+            runs.append([h, lo, hi])
+    writes: list[tuple[int, Any, int]] = [
+        (h, data[lo - offset : hi - offset], lo) for h, lo, hi in runs]
+    writes.extend(cow)
+    # data first, then the L2 entries
+    pwrite_runs(img, encrypt_writes(img, sorted(writes, key=lambda w: w[0])))
+    if to_alloc:
+        for k, j in enumerate(to_alloc):
+            old = olds[j]
+            ents[idx + j] = hosts[k] | copied
+            free_entry(img, old)  # a no-op unless the old entry held a cluster
+        img.l2_cache.mark_dirty(l2_off)
+
+
+def write_ext(img: Qcow2Image, offset: int, data: memoryview) -> None:
+    """Writes with extended L2 entries: only the touched subclusters become allocated
+    (copy-on-write at subcluster granularity), as QEMU does."""
+    cs, scs = img.cs, img.sc_size
+    full_bits = (1 << E.SUBCLUSTERS_PER_CLUSTER) - 1
+    end = offset + len(data)
+    g = offset
+    while g < end:
+        cluster = g >> img.cb
+        c_start = cluster << img.cb
+        hi = min(end, c_start + cs)
+        s_lo = (g - c_start) // scs
+        s_hi = -(-(hi - c_start) // scs)
+        # guest bytes of the touched subclusters, merged with the new data
+        r_lo = c_start + s_lo * scs
+        r_hi = min(c_start + s_hi * scs, img.size)
+        l2_off, table = get_l2_for_write(img, cluster)
+        i = 2 * (cluster & (img.l2_entries - 1))
+        ent, bm = table.entries[i], table.entries[i + 1]
+        host = ent & E.L2E_OFFSET_MASK
+        t = img._cluster_type(ent)
+        has_host = t == E.ClusterType.NORMAL  # (offset 0 is one in a data file)
+        if has_host:
+            img._check_data_offset(host, l2_off, i // 2, c_start)
+        touched = ((1 << s_hi) - 1) ^ ((1 << s_lo) - 1)
+        if has_host and ent & E.QCOW_OFLAG_COPIED:
+            new_host, new_bm = host, bm
+        elif t == E.ClusterType.COMPRESSED or has_host:
+            # compressed or shared cluster: copy the whole cluster to a new one
+            new_host = alloc_data(img, [cluster])[0]
+            new_bm = full_bits
+            r_lo, r_hi = c_start, min(c_start + cs, img.size)
+        else:
+            new_host, new_bm = alloc_data(img, [cluster])[0], bm
+        buf = bytearray(r_hi - r_lo)
+        if g > r_lo or hi < r_hi:
+            img._readinto(r_lo, memoryview(buf))
+        buf[g - r_lo : hi - r_lo] = data[g - offset : hi - offset]
+        for h_off, piece in encrypt_writes(img, [(new_host + r_lo - c_start, buf, r_lo)]):
+            img.data_host.pwrite(h_off, piece)
+        new_bm = (new_bm | touched) & ~(touched << 32) & ((1 << 64) - 1)
+        table.entries[i] = new_host | E.QCOW_OFLAG_COPIED
+        table.entries[i + 1] = new_bm
+        if not (has_host and new_host == host):
+            free_entry(img, ent)
+            img._decoded.pop(ent, None)
+        img.l2_cache.mark_dirty(l2_off)
+        g = hi
+
+
+def pwrite_runs(img: Qcow2Image, writes: list[tuple[int, Any]]) -> None:
+    i = 0
+    while i < len(writes):
+        host, buf = writes[i]
+        parts = [buf]
+        end = host + len(buf)
+        j = i + 1
+        while j < len(writes) and writes[j][0] == end:
+            parts.append(writes[j][1])
+            end += len(writes[j][1])
+            j += 1
+        if len(parts) == 1:
+            img.data_host.pwrite(host, parts[0])
+        else:
+            img.data_host.pwritev(host, parts)  # one syscall, no joined copy
+        i = j
+
+
+def encrypt_writes(img: Qcow2Image, writes: list[tuple[int, Any, int]]) -> list[tuple[int, Any]]:
+    """Turn (host, data, guest) pieces into whole encrypted sectors; partial sectors
+    are completed with the current guest contents first."""
+    cipher = img.cipher
+    if cipher is None:
+        return [(h, b) for h, b, _ in writes]
+    out = []
+    for host, data, guest in writes:
+        d = host & 511
+        n = len(data)
+        if d or n % 512:
+            full = bytearray(-(-(d + n) // 512) * 512)
+            avail = min(len(full), img.size - (guest - d))
+            img._readinto(guest - d, memoryview(full)[:avail])
+            full[d : d + n] = data
+        else:
+            # whole sectors: encrypted CRYPT_PIECE at a time, so the cipher's
+            # temporaries stay small (2 MiB ones cost a page fault per 4 KiB) and the
+            # pieces still go out with one pwritev
+            mv = memoryview(data)
+            for k in range(0, n, CRYPT_PIECE):
+                piece = bytearray(mv[k : k + CRYPT_PIECE])
+                cipher.encrypt(img._crypt_sector(host + k, guest + k), piece)
+                out.append((host + k, piece))
+            continue
+        cipher.encrypt(img._crypt_sector(host - d, guest - d), full)
+        out.append((host - d, full))
+    return out

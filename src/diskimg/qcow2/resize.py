@@ -1,0 +1,208 @@
+"""qcow2 resize (grow, shrink), preallocation (metadata/falloc/full) and growing the
+active L1 table."""
+
+from __future__ import annotations
+
+from array import array
+from typing import TYPE_CHECKING
+
+from diskimg.errors import UnsupportedFeatureError, UsageError
+from diskimg.hostio import all_zero
+from diskimg.qcow2 import cluster as C
+from diskimg.qcow2 import entries as E
+from diskimg.qcow2 import header_io
+from diskimg.qcow2 import zero as Z
+from diskimg.qcow2.cache import pack_be_u64_array
+from diskimg.qcow2.layout import QCOW_MAX_L1_SIZE
+
+if TYPE_CHECKING:
+    from diskimg.qcow2.image import Qcow2Image
+
+
+def zero_tail(img: Qcow2Image, start: int, end: int) -> None:
+    """Make guest [start, end) read as zeros over a backing file after a grow."""
+    Z.write_zeroes(img, start, end - start, False)
+    img.flush()
+
+
+def preallocate(img: Qcow2Image, start: int, end: int, mode: str) -> None:
+    """:meth:`Qcow2Image.preallocate` (documented there)."""
+    if mode == "off":
+        return
+    c, last = start >> img.cb, -(-end >> img.cb)
+    while c < last:
+        idx = c & (img.l2_entries - 1)
+        n = min(img.l2_entries - idx, last - c)
+        l2_off, table = C.get_l2_for_write(img, c)
+        step = 2 if img.extended else 1  # extended L2: (entry, bitmap) pairs
+        todo = [c + j for j in range(n) if not table.entries[step * (idx + j)]]
+        hosts = C.alloc_data(img, todo)
+        for h in hosts:  # the data clusters only: never over metadata
+            if mode == "falloc":
+                img.data_host.preallocate(h, img.cs)
+            elif mode == "full":
+                img.data_host.write_zeros(h, img.cs)
+        for j, h in zip(todo, hosts, strict=True):
+            # extended L2: the bitmap stays 0 (allocated, unused), as qemu leaves it
+            table.entries[step * (j & (img.l2_entries - 1))] = h | E.QCOW_OFLAG_COPIED
+        img.l2_cache.mark_dirty(l2_off)
+        c += n
+    img.flush()
+    new_end = img.refcounts.find_free(1) * img.cs
+    if img.host.size() < new_end:
+        img.host.truncate(new_end)
+
+
+def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
+           preallocation: str = "off") -> None:
+    """:meth:`Qcow2Image.resize` (documented there)."""
+    img._check_writable()
+    if new_size % 512:
+        raise UsageError("The new size must be a multiple of 512")
+    if new_size < img.size and not shrink:
+        raise UsageError("Use the --shrink option to perform a shrink operation.")
+    # snapshots keep their own L1 tables and sizes: qemu 7.2 resizes the active
+    # layer of such a v3 image (a shrink drops only the active references); a v2
+    # snapshot entry has no disk size of its own, so qemu refuses those
+    if img.header.nb_snapshots and img.header.version < 3:
+        raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
+    if img.bitmaps.entries:
+        raise UnsupportedFeatureError("Cannot resize qcow2 with persistent bitmaps")
+    C.begin_change(img)
+    if new_size < img.size:
+        first = -(-new_size >> img.cb)
+        last = -(-img.size >> img.cb)
+        c = first
+        while c < last:
+            idx = c & (img.l2_entries - 1)
+            n = min(img.l2_entries - idx, last - c)
+            _, l2_off = img._l2_location(c)
+            if l2_off:
+                l2_off, table = C.get_l2_for_write(img, c)
+                for j in range(idx, idx + n):
+                    k = 2 * j if img.extended else j  # (entry, bitmap) pairs
+                    if table.entries[k]:
+                        C.free_entry(img, table.entries[k])
+                        table.entries[k] = 0
+                    if img.extended:
+                        table.entries[k + 1] = 0
+                img.l2_cache.mark_dirty(l2_off)
+            c += n
+    need = -(-new_size // (img.cs * img.l2_entries))
+    if need > len(img.l1):
+        grow_l1(img, need)
+    shrinking = new_size < img.size
+    old_size = img.size
+    img.size = img.header.size = new_size
+    if new_size > old_size:
+        # the grown area reads as zeros: never stale bytes of the old last cluster
+        # (left there by an earlier shrink) nor the backing file (as qemu); zeroed
+        # and preallocated before the header's size makes the area visible
+        b = img.backing
+        zero_end = max(min(new_size, -(-old_size // img.cs) * img.cs),
+                       min(new_size, b.size) if b is not None else 0)
+        grown = preallocation in ("falloc", "full") and not img._data_file_opened
+        # (falloc/full without a backing file give the old last cluster a fresh,
+        # zeroed cluster anyway and copy only its head)
+        if zero_end > old_size and not (grown and b is None):
+            zero_tail(img, old_size, zero_end)
+        if grown:
+            preallocate_grown(img, old_size, new_size, preallocation)
+        else:
+            img.preallocate(old_size, new_size, preallocation)
+    img.flush()
+    header_io.set_size(img.host, new_size)
+    img.host.flush()
+    if img._data_file_opened and img.data_host.size() != new_size:
+        # like qemu: the data file takes the new size too; a shrink must not leave
+        # the cut-off data in it (a raw data file would no longer be the disk)
+        img.data_host.truncate(new_size)
+        img.data_host.flush()
+    if shrinking:  # like qemu: cut the host file after the last cluster in use
+        rc = img.refcounts
+        last = -(-img.host.size() // img.cs) - 1
+        while last > 0 and rc.get(last) == 0:
+            last -= 1
+        if (last + 1) * img.cs < img.host.size():
+            img.host.truncate((last + 1) * img.cs)
+
+
+def preallocate_grown(img: Qcow2Image, old_size: int, new_size: int, mode: str) -> None:
+    """``resize --preallocation=falloc|full`` laid out as qemu-img 7.2 lays it out.
+
+    QEMU first builds refcount structures (new blocks, then a new refcount table)
+    right after the last cluster in use, sized exactly for the new data clusters plus
+    their L2 tables, then takes the data clusters in one run after them (reserved or
+    written as zeros), and only then allocates the L2 tables (at the first free
+    clusters) and fills in their entries.  A partly used last cluster of the old size
+    gets a new cluster too; its old contents are copied into it (QEMU's COW head),
+    so no guest data is lost.  Invariant: every cluster used has refcount 1."""
+    cs = img.cs
+    img.flush()
+    rc = img.refcounts
+    last = -(-img.host.size() // cs) - 1
+    while last >= 0 and rc.get(last) == 0:
+        last -= 1
+    first_guest = old_size >> img.cb
+    n_data = -(-new_size // cs) - first_guest
+    n_l2 = -(-n_data // img.l2_entries) + 1
+    start = rc.refcount_area(last + 1, n_data + n_l2, exact=True)
+    rc.alloc_at(start, n_data)
+    img.flush_refcounts()
+    lo, hi = start * cs, (start + n_data) * cs
+    cur = max(lo, min(hi, img.host.size()))
+    if mode == "full":
+        img.host.write_zeros(cur, hi - cur)
+    elif hi > cur:
+        img.host.preallocate(cur, hi - cur)
+    if img.host.size() < hi:
+        img.host.truncate(hi)
+    head = old_size & (cs - 1)
+    # the partly used old last cluster moves to a new cluster: keep what it holds
+    head_data = img.read(first_guest * cs, head) if head else b""
+    step = 2 if img.extended else 1  # extended L2: (entry, bitmap) pairs
+    c, end, host = first_guest, first_guest + n_data, start
+    while c < end:
+        idx = c & (img.l2_entries - 1)
+        n = min(img.l2_entries - idx, end - c)
+        l2_off, table = C.get_l2_for_write(img, c)
+        for j in range(n):
+            k = step * (idx + j)
+            if table.entries[k]:
+                C.free_entry(img, table.entries[k])
+            table.entries[k] = (host + j) * cs | E.QCOW_OFLAG_COPIED
+        img.l2_cache.mark_dirty(l2_off)
+        c += n
+        host += n
+    img.flush()
+    if not all_zero(head_data):
+        l2_off, table = C.get_l2_for_write(img, first_guest)
+        k = 2 * (first_guest & (img.l2_entries - 1)) + 1
+        bitmap = table.entries[k] if img.extended else 0
+        img.write(first_guest * cs, head_data)
+        if img.extended:  # qemu keeps the old subcluster bitmap as it was
+            l2_off, table = C.get_l2_for_write(img, first_guest)
+            table.entries[k] = bitmap
+            img.l2_cache.mark_dirty(l2_off)
+        img.flush()
+
+
+def grow_l1(img: Qcow2Image, need: int) -> None:
+    if need * 8 > QCOW_MAX_L1_SIZE:
+        raise UsageError("The new size is too large for this image's cluster size")
+    img.flush()
+    new_clusters = -(-need * 8 // img.cs)
+    new_off = img.refcounts.alloc(new_clusters)
+    img.flush_refcounts()
+    table = array("Q", img.l1)
+    table.extend([0] * (need - len(table)))
+    img.host.pwrite(new_off, pack_be_u64_array(table))
+    img.host.flush()
+    old_off, old_size = img.header.l1_table_offset, img.header.l1_size
+    header_io.set_l1_table(img.host, need, new_off)
+    img.host.flush()
+    img.header.l1_size, img.header.l1_table_offset = need, new_off
+    img.l1 = table
+    if old_size:
+        img.refcounts.free(old_off, old_size * 8)
+    img.flush_refcounts()
