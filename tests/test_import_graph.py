@@ -126,3 +126,13 @@ def test_vmdk_imports_nothing_from_qcow2() -> None:
     bad = {(m, t) for m, deps in import_graph().items() if m.startswith("diskimg.vmdk")
            for t in deps if t == "diskimg.qcow2" or t.startswith("diskimg.qcow2.")}
     assert not bad, sorted(bad)
+
+
+def test_nothing_below_the_cli_imports_it() -> None:
+    """The CLI is the top layer: no module outside ``cli/`` imports from it, lazily or not
+    (``ImageInfo.__str__`` renders through ``info_text``, below it).  ``__main__`` is the
+    entry point that runs it."""
+    bad = {(m, t) for m, deps in import_graph().items()
+           if not (m == "diskimg.cli" or m.startswith("diskimg.cli.")) and m != "diskimg.__main__"
+           for t in deps if t == "diskimg.cli" or t.startswith("diskimg.cli.")}
+    assert not bad, sorted(bad)

@@ -93,8 +93,8 @@ class ImageInfo:
     format_specific: dict[str, Any] | None = None
 
     def __str__(self) -> str:
-        """``qemu-img info``'s human text (the CLI's renderer, imported on use)."""
-        from diskimg.cli.output import info_human
+        """``qemu-img info``'s human text (:func:`diskimg.info_text.info_human`)."""
+        from diskimg.info_text import info_human
 
         return info_human(self.to_json())
 
@@ -103,7 +103,7 @@ class ImageInfo:
         conditional keys (``encrypted`` only when true, backing keys only with a backing
         file, ``snapshots`` only when there are some).  Sizes are bytes.
         """
-        d: dict[str, Any] = {}  # keys in QEMU's QDict order (cli.output.qdict_order)
+        d: dict[str, Any] = {}  # keys in QEMU's QDict order (info_text.qdict_order)
         if self.backing_filename_format is not None:
             d["backing-filename-format"] = self.backing_filename_format
         if self.snapshots:
