@@ -14,14 +14,18 @@ import io
 import os
 import stat
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, Self, TypeVar
 
 from diskimg.check_report import CheckReport
 from diskimg.errors import (ClosedImageError, CorruptImageError, UnsupportedFeatureError,
                             UsageError)
 from diskimg.params import check_int
+
+if TYPE_CHECKING:
+    from diskimg.hostio import HostFile
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -73,6 +77,45 @@ class Status:
     zero: bool
     offset: int | None = None
     filename: str | None = None
+
+
+class SnapshotEntry(Protocol):
+    """One internal snapshot as :class:`InternalSnapshots` lists it (qcow2's ``Snapshot``)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    def to_json(self) -> dict[str, Any]:
+        """The snapshot as ``qemu-img info --output=json`` lists it."""
+        ...
+
+
+class InternalSnapshots(Protocol):
+    """The internal snapshots of an image (:attr:`BlockDevice.snapshots`): what
+    ``qemu-img snapshot`` lists, creates, applies and deletes."""
+
+    def list(self) -> Sequence[SnapshotEntry]:
+        """The table in on-disk order."""
+        ...
+
+    def create(self, name: str) -> object:
+        """Take a snapshot of the current state named ``name``."""
+        ...
+
+    def check_revertible(self) -> None:
+        """Raise when no snapshot can be applied to this image (before looking one up)."""
+        ...
+
+    def apply(self, name_or_id: str) -> None:
+        """Revert the disk to snapshot ``name_or_id``."""
+        ...
+
+    def delete(self, name_or_id: str) -> None:
+        """Delete snapshot ``name_or_id``."""
+        ...
 
 
 @dataclass(slots=True)
@@ -157,6 +200,22 @@ class BlockDevice:
     #: whether :meth:`check` can repair (``repair="leaks"``/``"all"``); a format without
     #: a checker, or whose checker only reports (vmdk, as qemu's), leaves it False
     supports_check_repair: bool = False
+    #: whether ``convert -c`` can write this format (:meth:`write_compressed` and
+    #: friends): qcow2 stores compressed clusters; vmdk takes them as ordinary writes, as
+    #: qemu's vmdk driver does (a streamOptimized extent compresses every grain anyway);
+    #: raw refuses (qemu-img: "Compression not supported for this file format")
+    supports_compressed_write: bool = False
+    #: the internal snapshots of the image (qcow2's table); None for a format without
+    #: them (raw, vmdk): ``snapshot -l`` lists none, every other action is refused
+    snapshots: InternalSnapshots | None = None
+    #: the format was probed, not named, and it is raw: qemu-img warns before writing,
+    #: and refuses writes to sector 0 that would make the file probe as another format
+    probed: bool = False
+    #: the image options the device was opened with (qcow2: ``encrypt.key-secret``);
+    #: empty for a format that takes none
+    options: Mapping[str, str] = MappingProxyType({})
+    #: True once :meth:`close` ran (set by :meth:`_mark_open` and :meth:`close`)
+    _closed: bool = False
 
     # --- primitives formats implement ------------------------------------------------
     def _readinto(self, offset: int, buf: memoryview) -> None:
@@ -236,6 +295,98 @@ class BlockDevice:
         """Called by the opener once :attr:`backing` is set, for a format that verifies its
         backing file (vmdk's parent CID); the default does nothing."""
 
+    @property
+    def cluster_size(self) -> int | None:
+        """Bytes per cluster (qcow2) or grain (a sparse vmdk's first extent), what
+        ``qemu-img info`` shows as ``cluster_size``; None for a format without clusters
+        (raw, a flat vmdk)."""
+        return None
+
+    @property
+    def l2_span(self) -> int | None:
+        """Guest bytes one second-level mapping table of the format maps (qcow2: one L2
+        table), the most one block-status answer of QEMU's driver covers; None for a
+        format without such tables (raw) or that does not bound its answers by them."""
+        return None
+
+    def host_files(self) -> list[HostFile]:
+        """The host files behind this device, each once: the image file first, then the
+        files it opened for its data (qcow2's data file, vmdk's extents).  Backing files
+        are devices of their own (:attr:`backing`) and are not listed."""
+        return []
+
+    def snapshot_view(self, snapshot_id: str | None = None,
+                      name: str | None = None) -> BlockDevice:
+        """A read-only device showing the disk as internal snapshot ``snapshot_id`` /
+        ``name`` saw it (formats with internal snapshots override this); the default
+        raises :class:`UnsupportedFeatureError` in qemu-img's words."""
+        self._check_open()
+        raise UnsupportedFeatureError(
+            f"Failed to load snapshot: Block format '{self.format}' used by device '' does "
+            "not support temporarily loading internal snapshots", operation="load snapshot")
+
+    # --- compressed writes (``convert -c``, qemu-io ``write -c``) ------------------------
+    def _compression_refused(self) -> UnsupportedFeatureError:
+        return UnsupportedFeatureError(
+            f"Image format '{self.format}' does not support compressed writes "
+            "(Compression not supported for this file format)", field="compress")
+
+    def compressed_cluster_size(self) -> int:
+        """The unit of :meth:`write_compressed`: whole clusters of this many bytes.  A
+        format without compressed writes (see :attr:`supports_compressed_write`), or one
+        without clusters (a flat vmdk: qemu-img's "invalid cluster size"), raises
+        :class:`UnsupportedFeatureError`."""
+        self._check_open()
+        if not self.supports_compressed_write:
+            raise self._compression_refused()
+        cs = self.cluster_size
+        if not cs:
+            raise UnsupportedFeatureError("invalid cluster size", field="cluster_size")
+        return cs
+
+    def compress_cluster(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """The compressed form of one cluster of guest data, or None to store it as it is.
+        The default, for a format that takes compressed writes as ordinary ones (vmdk),
+        is None; one without compressed writes raises :class:`UnsupportedFeatureError`.
+        Pure and thread-safe."""
+        if not self.supports_compressed_write:
+            raise self._compression_refused()
+        return None
+
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview,
+                         *, compressed: bytes | None = None) -> None:
+        """Write one whole cluster compressed (qemu-io ``write -c``); ``compressed`` is a
+        result of :meth:`compress_cluster` computed elsewhere.  The default writes it as
+        an ordinary write (vmdk, as qemu's driver); a format without compressed writes
+        raises :class:`UnsupportedFeatureError` and changes nothing."""
+        self._check_writable()
+        if not self.supports_compressed_write:
+            raise self._compression_refused()
+        self.write(offset, data)
+
+    def write_compressed_clusters(
+            self, offset: int,
+            clusters: list[tuple[bytes | bytearray | memoryview, bytes | None]]) -> None:
+        """Consecutive whole clusters from cluster-aligned ``offset``: each ``(data,
+        compressed)`` pair as :meth:`write_compressed` writes it (None: stored as an
+        ordinary cluster).  The default writes them one by one."""
+        self._check_writable()
+        if not self.supports_compressed_write:
+            raise self._compression_refused()
+        pos = offset
+        for data, packed in clusters:
+            n = memoryview(data).nbytes
+            if packed is None:
+                self.write(pos, data)
+            else:
+                self.write_compressed(pos, data, compressed=packed)
+            pos += n
+
+    def align_compressed_end(self) -> None:
+        """What ``convert -c`` does to the image file when it finishes (qcow2 pads it to
+        a whole sector); the default does nothing."""
+        self._check_open()
+
     def check(self, repair: str | None = None) -> CheckReport:
         """``qemu-img check`` of this image, and its repair when ``repair`` is ``"leaks"``
         or ``"all"`` (see :attr:`supports_check_repair`); formats with a checker override
@@ -247,7 +398,7 @@ class BlockDevice:
     @property
     def closed(self) -> bool:
         """True once :meth:`close` ran (as for files)."""
-        return bool(getattr(self, "_closed", False))
+        return self._closed
 
     def _check_open(self) -> None:
         if self.closed:
@@ -341,7 +492,7 @@ class BlockDevice:
 
     def close(self) -> None:
         """Flush, release locks and host files.  Safe to call twice."""
-        if getattr(self, "_closed", False):
+        if self._closed:
             return
         try:
             if not self.read_only:

@@ -8,14 +8,12 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import DiskImgError
-from diskimg.info_text import (  # noqa: F401 - re-exported: the CLI's renderers
-    info_chain_human,
-    info_human,
-    qdict_order,
-    qdict_order_deep,
-    snapshot_header,
-    snapshot_row,
-)
+from diskimg.info_text import info_chain_human as info_chain_human  # re-exported
+from diskimg.info_text import info_human as info_human
+from diskimg.info_text import qdict_order as qdict_order
+from diskimg.info_text import qdict_order_deep as qdict_order_deep
+from diskimg.info_text import snapshot_header as snapshot_header
+from diskimg.info_text import snapshot_row as snapshot_row
 
 if TYPE_CHECKING:  # a type only
     from diskimg.device import MapEntry
