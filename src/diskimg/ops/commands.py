@@ -107,7 +107,7 @@ def amend(path: PathLike, options: Mapping[str, str], *,
             raise UnsupportedFeatureError(
                 f"Format driver '{dev.format}' does not support option amendment")
         values = am.validate_amend_options(list(options.items()))
-        am.amend(path, values, fmt="qcow2", force=force, secrets=dict(secrets or {}),
+        am.amend(path, values, format="qcow2", force=force, secrets=dict(secrets or {}),
                  untrusted=untrusted, image_options=dict(image_options or {}), device=dev)
 
 
