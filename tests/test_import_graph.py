@@ -18,6 +18,7 @@ Asserted: the graph has no cycle, and nothing under ``vmdk/`` imports from ``qco
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def _edges(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return out
 
 
+@functools.cache  # the source does not change during a run: parse it once
 def import_graph() -> dict[str, set[str]]:
     modules = _modules()
     return {name: _edges(name, path, modules) for name, path in modules.items()}
