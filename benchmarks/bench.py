@@ -215,11 +215,20 @@ class Job:
     encrypted: tuple[bool, bool] = (False, False)  # (source, output) need LUKS_SECRET
 
 
-# child-process scripts (argv: see each)
+# child-process scripts (argv: see each).  convert's source-format keyword is format=
+# (issue 16); a --baseline tree from before it only knows src_format=, so the scripts ask
+# the signature of the tree they run with (SRC_KW) rather than trigger its warning.
+SRC_KW = """\
+import inspect
+SRC_KW = "format" if "format" in inspect.signature(diskimg.convert).parameters \\
+    else "src_format"
+"""
+
 API_CONVERT = """\
 import sys, json, diskimg
+""" + SRC_KW + """\
 src, dst, sfmt, ofmt, extra = sys.argv[1:6]
-diskimg.convert(src, dst, out_format=ofmt, src_format=sfmt, **json.loads(extra))
+diskimg.convert(src, dst, out_format=ofmt, **{SRC_KW: sfmt}, **json.loads(extra))
 """
 
 API_STREAM = """\
@@ -235,7 +244,8 @@ LUKS_CREATE = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"
 
 API_LUKS_WRITE = """\
 import sys, diskimg
-diskimg.convert(sys.argv[1], sys.argv[2], out_format="qcow2", src_format="raw",
+""" + SRC_KW + """\
+diskimg.convert(sys.argv[1], sys.argv[2], out_format="qcow2", **{SRC_KW: "raw"},
                 secrets={"sec0": sys.argv[3].encode()},
                 options={"encrypt.format": "luks", "encrypt.key-secret": "sec0",
                          "encrypt.iter-time": "10"})

@@ -14,14 +14,20 @@ import io
 import os
 import stat
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 
 from diskimg.check_report import CheckReport
 from diskimg.errors import (ClosedImageError, CorruptImageError, UnsupportedFeatureError,
                             UsageError)
+from diskimg.device_io import DeviceIO as DeviceIO  # re-exported (it lived here)
+from diskimg.internal_snapshots import InternalSnapshots
 from diskimg.params import check_int
+
+if TYPE_CHECKING:
+    from diskimg.hostio import HostFile
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -93,8 +99,8 @@ class ImageInfo:
     format_specific: dict[str, Any] | None = None
 
     def __str__(self) -> str:
-        """``qemu-img info``'s human text (the CLI's renderer, imported on use)."""
-        from diskimg.cli.output import info_human
+        """``qemu-img info``'s human text (:func:`diskimg.info_text.info_human`)."""
+        from diskimg.info_text import info_human
 
         return info_human(self.to_json())
 
@@ -103,7 +109,7 @@ class ImageInfo:
         conditional keys (``encrypted`` only when true, backing keys only with a backing
         file, ``snapshots`` only when there are some).  Sizes are bytes.
         """
-        d: dict[str, Any] = {}  # keys in QEMU's QDict order (cli.output.qdict_order)
+        d: dict[str, Any] = {}  # keys in QEMU's QDict order (info_text.qdict_order)
         if self.backing_filename_format is not None:
             d["backing-filename-format"] = self.backing_filename_format
         if self.snapshots:
@@ -157,6 +163,22 @@ class BlockDevice:
     #: whether :meth:`check` can repair (``repair="leaks"``/``"all"``); a format without
     #: a checker, or whose checker only reports (vmdk, as qemu's), leaves it False
     supports_check_repair: bool = False
+    #: whether ``convert -c`` can write this format (:meth:`write_compressed` and
+    #: friends): qcow2 stores compressed clusters; vmdk takes them as ordinary writes, as
+    #: qemu's vmdk driver does (a streamOptimized extent compresses every grain anyway);
+    #: raw refuses (qemu-img: "Compression not supported for this file format")
+    supports_compressed_write: bool = False
+    #: the internal snapshots of the image (qcow2's table); None for a format without
+    #: them (raw, vmdk): ``snapshot -l`` lists none, every other action is refused
+    snapshots: InternalSnapshots | None = None
+    #: the format was probed, not named, and it is raw: qemu-img warns before writing,
+    #: and refuses writes to sector 0 that would make the file probe as another format
+    probed: bool = False
+    #: the image options the device was opened with (qcow2: ``encrypt.key-secret``);
+    #: empty for a format that takes none
+    options: Mapping[str, str] = MappingProxyType({})
+    #: True once :meth:`close` ran (set by :meth:`_mark_open` and :meth:`close`)
+    _closed: bool = False
 
     # --- primitives formats implement ------------------------------------------------
     def _readinto(self, offset: int, buf: memoryview) -> None:
@@ -236,6 +258,98 @@ class BlockDevice:
         """Called by the opener once :attr:`backing` is set, for a format that verifies its
         backing file (vmdk's parent CID); the default does nothing."""
 
+    @property
+    def cluster_size(self) -> int | None:
+        """Bytes per cluster (qcow2) or grain (a sparse vmdk's first extent), what
+        ``qemu-img info`` shows as ``cluster_size``; None for a format without clusters
+        (raw, a flat vmdk)."""
+        return None
+
+    @property
+    def l2_span(self) -> int | None:
+        """Guest bytes one second-level mapping table of the format maps (qcow2: one L2
+        table), the most one block-status answer of QEMU's driver covers; None for a
+        format without such tables (raw) or that does not bound its answers by them."""
+        return None
+
+    def host_files(self) -> list[HostFile]:
+        """The host files behind this device, each once: the image file first, then the
+        files it opened for its data (qcow2's data file, vmdk's extents).  Backing files
+        are devices of their own (:attr:`backing`) and are not listed."""
+        return []
+
+    def snapshot_view(self, snapshot_id: str | None = None,
+                      name: str | None = None) -> BlockDevice:
+        """A read-only device showing the disk as internal snapshot ``snapshot_id`` /
+        ``name`` saw it (formats with internal snapshots override this); the default
+        raises :class:`UnsupportedFeatureError` in qemu-img's words."""
+        self._check_open()
+        raise UnsupportedFeatureError(
+            f"Failed to load snapshot: Block format '{self.format}' used by device '' does "
+            "not support temporarily loading internal snapshots", operation="load snapshot")
+
+    # --- compressed writes (``convert -c``, qemu-io ``write -c``) ------------------------
+    def _compression_refused(self) -> UnsupportedFeatureError:
+        return UnsupportedFeatureError(
+            f"Image format '{self.format}' does not support compressed writes "
+            "(Compression not supported for this file format)", field="compress")
+
+    def compressed_cluster_size(self) -> int:
+        """The unit of :meth:`write_compressed`: whole clusters of this many bytes.  A
+        format without compressed writes (see :attr:`supports_compressed_write`), or one
+        without clusters (a flat vmdk: qemu-img's "invalid cluster size"), raises
+        :class:`UnsupportedFeatureError`."""
+        self._check_open()
+        if not self.supports_compressed_write:
+            raise self._compression_refused()
+        cs = self.cluster_size
+        if not cs:
+            raise UnsupportedFeatureError("invalid cluster size", field="cluster_size")
+        return cs
+
+    def compress_cluster(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """The compressed form of one cluster of guest data, or None to store it as it is.
+        The default, for a format that takes compressed writes as ordinary ones (vmdk),
+        is None; one without compressed writes raises :class:`UnsupportedFeatureError`.
+        Pure and thread-safe."""
+        if not self.supports_compressed_write:
+            raise self._compression_refused()
+        return None
+
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview,
+                         *, compressed: bytes | None = None) -> None:
+        """Write one whole cluster compressed (qemu-io ``write -c``); ``compressed`` is a
+        result of :meth:`compress_cluster` computed elsewhere.  The default writes it as
+        an ordinary write (vmdk, as qemu's driver); a format without compressed writes
+        raises :class:`UnsupportedFeatureError` and changes nothing."""
+        self._check_writable()
+        if not self.supports_compressed_write:
+            raise self._compression_refused()
+        self.write(offset, data)
+
+    def write_compressed_clusters(
+            self, offset: int,
+            clusters: list[tuple[bytes | bytearray | memoryview, bytes | None]]) -> None:
+        """Consecutive whole clusters from cluster-aligned ``offset``: each ``(data,
+        compressed)`` pair as :meth:`write_compressed` writes it (None: stored as an
+        ordinary cluster).  The default writes them one by one."""
+        self._check_writable()
+        if not self.supports_compressed_write:
+            raise self._compression_refused()
+        pos = offset
+        for data, packed in clusters:
+            n = memoryview(data).nbytes
+            if packed is None:
+                self.write(pos, data)
+            else:
+                self.write_compressed(pos, data, compressed=packed)
+            pos += n
+
+    def align_compressed_end(self) -> None:
+        """What ``convert -c`` does to the image file when it finishes (qcow2 pads it to
+        a whole sector); the default does nothing."""
+        self._check_open()
+
     def check(self, repair: str | None = None) -> CheckReport:
         """``qemu-img check`` of this image, and its repair when ``repair`` is ``"leaks"``
         or ``"all"`` (see :attr:`supports_check_repair`); formats with a checker override
@@ -247,7 +361,7 @@ class BlockDevice:
     @property
     def closed(self) -> bool:
         """True once :meth:`close` ran (as for files)."""
-        return bool(getattr(self, "_closed", False))
+        return self._closed
 
     def _check_open(self) -> None:
         if self.closed:
@@ -341,7 +455,7 @@ class BlockDevice:
 
     def close(self) -> None:
         """Flush, release locks and host files.  Safe to call twice."""
-        if getattr(self, "_closed", False):
+        if self._closed:
             return
         try:
             if not self.read_only:
@@ -454,84 +568,6 @@ def _mergeable(a: MapEntry, b: MapEntry) -> bool:
     if (a.offset is None) != (b.offset is None):
         return False
     return a.offset is None or a.offset + a.length == b.offset
-
-
-class DeviceIO(io.RawIOBase):
-    """``io.RawIOBase`` adapter with a cursor over a :class:`BlockDevice`.
-
-    Reads past the end return ``b""``; writes past the end raise (the disk has a fixed size).
-    """
-
-    def __init__(self, dev: BlockDevice) -> None:
-        super().__init__()
-        self._dev = dev
-        self._pos = 0
-        self._closing_after_dev = False
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return not self._dev.read_only
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_SET:
-            new = pos
-        elif whence == os.SEEK_CUR:
-            new = self._pos + pos
-        elif whence == os.SEEK_END:
-            new = self._dev.size + pos
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if new < 0:
-            raise ValueError("negative seek position")
-        self._pos = new
-        return new
-
-    def readinto(self, b: Any) -> int:
-        """Fill ``b`` from the cursor and advance it; return the number of bytes read.
-
-        Returns 0 at or past the end of the disk (never raises for that).
-        """
-        self._dev._check_open()
-        mv = memoryview(b).cast("B")
-        n = max(0, min(len(mv), self._dev.size - self._pos))
-        if n:
-            self._dev.readinto(self._pos, mv[:n])
-            self._pos += n
-        return n
-
-    def write(self, b: Any) -> int:
-        """Write all of ``b`` at the cursor and advance it; return ``len(b)`` in bytes.
-
-        All or nothing: a write that would extend past the fixed disk size raises
-        ``OSError(ENOSPC)`` before writing; a read-only device raises ``UsageError``.
-        """
-        self._dev._check_open()
-        mv = memoryview(b).cast("B")
-        if self._pos + len(mv) > self._dev.size:
-            raise OSError(28, "write past the end of the virtual disk")
-        self._dev.write(self._pos, mv)
-        self._pos += len(mv)
-        return len(mv)
-
-    def flush(self) -> None:
-        if not self.closed and not self._dev.read_only and not self._closing_after_dev:
-            self._dev.flush()
-        super().flush()
-
-    def close(self) -> None:
-        """Close this file object; the device stays open.  When the device was closed
-        first there is nothing to flush into it (buffered writes still fail loudly, in
-        ``write``)."""
-        self._closing_after_dev = self._dev.closed
-        super().close()
 
 
 def host_has_zero_init(fd: int) -> bool:

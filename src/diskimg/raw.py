@@ -21,6 +21,10 @@ class RawImage(BlockDevice):
 
     format = "raw"
 
+    def host_files(self) -> list[HostFile]:
+        """The one file."""
+        return [self.host]
+
     def __init__(self, host: HostFile, *, probed: bool = False) -> None:
         self.host = host
         self.filename = str(host.path)

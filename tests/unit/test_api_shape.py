@@ -207,6 +207,24 @@ def test_old_and_new_keyword_disagreeing_is_refused(tmp_path: Path, img: Path) -
     assert not (tmp_path / "o.raw").exists()
 
 
+def test_qcow2_amend_takes_format_and_fmt_warns(tmp_path: Path, img: Path) -> None:
+    """qcow2.amend.amend's keyword is format= too; its old fmt= still works, with a
+    DeprecationWarning, and writes the same bytes."""
+    from diskimg.qcow2.amend import amend
+
+    a, b = _copy(img, "x.qcow2"), _copy(img, "y.qcow2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        amend(a, {"lazy_refcounts": "on"}, format="qcow2")
+    with pytest.warns(DeprecationWarning, match="the fmt= keyword is deprecated; use format="):
+        amend(b, {"lazy_refcounts": "on"}, fmt="qcow2")
+    assert _sha(a) == _sha(b) != _sha(img)
+    c = _copy(img, "z.qcow2")
+    with pytest.warns(DeprecationWarning), pytest.raises(UsageError, match="fmt= and format="):
+        amend(c, {"lazy_refcounts": "on"}, format="qcow2", fmt="raw")
+    assert _sha(c) == _sha(img)
+
+
 # --- wrong types are UsageError and change nothing ----------------------------------
 
 

@@ -131,13 +131,7 @@ class Schedule:
 
 def _grain(dev: BlockDevice) -> int | None:
     """The cluster size of a sparse vmdk or a qcow2 image, else None."""
-    cs = getattr(dev, "cluster_size", None)
-    if cs is None and dev.format == "vmdk":
-        try:
-            cs = dev.info().cluster_size
-        except Exception:
-            cs = None
-    return int(cs) if cs else None
+    return dev.cluster_size or None
 
 
 def _alignment(dev: BlockDevice) -> int:
@@ -161,10 +155,9 @@ def status_run(dev: BlockDevice, off: int, length: int,
     if dev.format == "vmdk" and grain:
         n = min(st.length, grain - off % grain)
         return Status(n, st.allocated, st.data, st.zero, st.offset, st.filename), depth
-    if dev.format != "qcow2" or not grain:
+    span = dev.l2_span  # guest bytes one L2 table maps (declared by qcow2)
+    if dev.format != "qcow2" or not span:
         return st, depth
-    ext = getattr(dev, "extended", False)
-    span = grain * (grain // (16 if ext else 8))  # guest bytes one L2 table maps
     end = min(off + length, (off // span + 1) * span)
     n = min(st.length, end - off)
     while off + n < end:

@@ -214,14 +214,15 @@ def rebase(
     fmt = renamed("format", format, "fmt", fmt)
     from diskimg.errors import MissingSecretError
     from diskimg.policy import OpenPolicy
-    from diskimg.qcow2.amend import set_backing
+    from diskimg.qcow2.amend import read_header, set_backing
+    from diskimg.qcow2.image import Qcow2Image
 
     kw: dict[str, Any] = {"untrusted": untrusted, "secrets": dict(secrets or {})}
     path = os.fspath(path)
     new_name = backing or None
     with api.open(path, "r+", fmt, backing=not unsafe, force_share=force_share,
                   options=dict(options or {}), **kw) as dev:
-        if dev.format != "qcow2":
+        if not isinstance(dev, Qcow2Image):  # the one format that stores a backing name
             raise UnsupportedFeatureError(
                 f"Could not change the backing file to '{backing or ''}': Operation not "
                 "supported")
@@ -246,16 +247,12 @@ def rebase(
                 if new_dev is not None:
                     new_dev.close()
         dev.flush()
-        host = dev.host  # type: ignore[attr-defined]  # qcow2 only (checked above)
+        host = dev.host
         set_backing(host, new_name, backing_fmt if new_name else None)
         # keep the open device's idea of the header in step, so closing it is harmless
-        from diskimg.qcow2.amend import read_header
-
-        dev_header = getattr(dev, "header", None)
-        if dev_header is not None:
-            new_h = read_header(host)
-            dev_header.backing_file = new_h.backing_file
-            dev_header.extensions = new_h.extensions
+        new_h = read_header(host)
+        dev.header.backing_file = new_h.backing_file
+        dev.header.extensions = new_h.extensions
 
 
 def _rebase_copy(dev: BlockDevice, new: BlockDevice | None,

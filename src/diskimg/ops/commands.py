@@ -107,7 +107,7 @@ def amend(path: PathLike, options: Mapping[str, str], *,
             raise UnsupportedFeatureError(
                 f"Format driver '{dev.format}' does not support option amendment")
         values = am.validate_amend_options(list(options.items()))
-        am.amend(path, values, fmt="qcow2", force=force, secrets=dict(secrets or {}),
+        am.amend(path, values, format="qcow2", force=force, secrets=dict(secrets or {}),
                  untrusted=untrusted, image_options=dict(image_options or {}), device=dev)
 
 
@@ -124,14 +124,14 @@ def snapshot(path: PathLike, action: str = "list", name: str | None = None, *,
     writable = action != "list"
     with api.open(path, "r+" if writable else "r", format, force_share=force_share,
                   untrusted=untrusted) as dev:
-        table = getattr(dev, "snapshots", None)
+        table = dev.snapshots  # declared: None for a format without internal snapshots
         if table is None:
             if action == "list":
                 return []
             raise UnsupportedFeatureError(
                 f"Block format '{dev.format}' does not support internal snapshots")
         if action == "create":
-            table.create(name)
+            table.create(str(name))  # a str: checked above
         elif action == "apply":
             table.check_revertible()
             found = [s for s in table.list() if s.id == name] or \

@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from diskimg import api
 from diskimg.device import BlockDevice
-from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
-from diskimg.hostio import HostFile
+from diskimg.errors import DiskImgError, UsageError
 
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
-    pass
+    from diskimg.hostio import HostFile
 
 from diskimg.ops.common import SECTOR, ProgressFn, Source, _open
 from diskimg.ops.copier import _Copier
@@ -24,16 +23,13 @@ from diskimg.params import renamed
 
 def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) -> BlockDevice:
     sid, name = snapshot
-    loader = getattr(dev, "snapshot_view", None)
-    if dev.format == "raw" or loader is None:
-        raise UnsupportedFeatureError(
-            f"Failed to load snapshot: Block format '{dev.format}' used by device '' does "
-            "not support temporarily loading internal snapshots", operation="load snapshot")
-    # a bare ``-l X`` (sid == name) is an id or a name: qemu tries the id first
+    # a format without internal snapshots refuses in qemu-img's words (the declared
+    # BlockDevice.snapshot_view); a bare ``-l X`` (sid == name) is an id or a name: qemu
+    # tries the id first
     tries = [(sid, None), (None, name)] if sid is not None and sid == name else [(sid, name)]
     for s, n in tries:
         try:
-            view: BlockDevice = loader(snapshot_id=s, name=n)
+            view = dev.snapshot_view(snapshot_id=s, name=n)
             return view
         except DiskImgError as e:
             if "find snapshot" not in str(e):
@@ -128,7 +124,7 @@ def convert(
                     hf.sync = False
             if tgt.size < total:
                 raise UsageError("output file is smaller than input file")
-            cluster = getattr(tgt, "cluster_size", None) or 0
+            cluster = tgt.cluster_size or 0
             align = max(_pow2floor(max(sparse_size, SECTOR) // SECTOR), cluster // SECTOR
                         if compress else 1)
             target_backing = backing_file is not None
@@ -161,15 +157,9 @@ def convert(
 
 
 def _host_files(dev: BlockDevice) -> list[HostFile]:
-    """The writable host files behind ``dev`` (qcow2 image and data file, raw file, vmdk
-    descriptor and extents)."""
-    out: list[HostFile] = []
-    cands = [getattr(dev, "host", None), getattr(dev, "data_host", None)]
-    cands += [getattr(e, "host", None) for e in getattr(dev, "extents", None) or ()]
-    for h in cands:
-        if isinstance(h, HostFile) and h.writable and all(h is not o for o in out):
-            out.append(h)
-    return out
+    """The writable host files behind ``dev`` (its declared :meth:`~BlockDevice.host_files`:
+    qcow2 image and data file, raw file, vmdk descriptor and extents)."""
+    return [h for h in dev.host_files() if h.writable]
 
 
 def _pow2floor(n: int) -> int:

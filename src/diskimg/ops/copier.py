@@ -6,12 +6,11 @@ sources."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice
-from diskimg.errors import UnsupportedFeatureError
 from diskimg.hostio import aligned_buffer
 
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
@@ -120,30 +119,17 @@ class _Copier:
         Work is handed out a chunk (CHUNK bytes) at a time: a worker finds the zero
         clusters of the chunk and compresses the others; the main thread reads ahead and
         writes finished chunks in order, each run of non-zero clusters with one
-        ``write_compressed_clusters`` call where the target has it."""
-        tgt: Any = self.tgt
-        native = hasattr(tgt, "write_compressed")
-        compress: Callable[[memoryview], bytes | None]
-        if native:
-            cs = getattr(tgt, "cluster_size", None) or 65536
-            compress = tgt.compress_cluster
-        elif tgt.format == "vmdk":
-            # qemu's vmdk takes compressed writes as ordinary ones (a streamOptimized extent
-            # compresses every grain anyway); the cluster is the first extent's grain, a
-            # flat extent has none
-            cs = tgt.info().cluster_size or 0
-            if not cs:
-                raise UnsupportedFeatureError("invalid cluster size")
-
-            def compress(piece: memoryview) -> bytes | None:
-                return None  # stored as it is
-        else:
-            raise UnsupportedFeatureError("Compression not supported for this file format")
+        ``write_compressed_clusters`` call."""
+        tgt = self.tgt
+        # declared by the format (BlockDevice.supports_compressed_write): qcow2 compresses,
+        # vmdk stores each cluster (its first extent's grain) as it is, as qemu's vmdk
+        # does; raw, and a vmdk without grains, raise UnsupportedFeatureError here
+        cs = tgt.compressed_cluster_size()
+        compress = tgt.compress_cluster
         step = max(cs, CHUNK // cs * cs)
         reader = _Concat(devs)
         kinds = _ClusterKinds(self._concat_runs(devs), cs, self.total,
                               zero_as_data=self.min_sparse == 0)
-        batch = getattr(tgt, "write_compressed_clusters", None)
         skip_zero = self.min_sparse != 0  # -S 0: zero clusters are compressed as well
         # chunks in flight (each holds a CHUNK buffer): bounded, so memory is too
         window = max(2, min(2 * workers, 6))
@@ -167,15 +153,8 @@ class _Copier:
                     out.append(compress(piece))
             return out
 
-        def put(off: int, run: list[tuple[memoryview, bytes | None]]) -> None:
-            if batch is not None:
-                batch(off, run)
-                return
-            for k, (piece, packed) in enumerate(run):
-                if packed is None:
-                    tgt.write(off + k * cs, piece)
-                else:
-                    tgt.write_compressed(off + k * cs, piece, compressed=packed)
+        def put(off: int, run: list[tuple[bytes | bytearray | memoryview, bytes | None]]) -> None:
+            tgt.write_compressed_clusters(off, run)
 
         def skip(off: int, n: int, kind: str | bool) -> None:
             """A cluster (or run of clusters) not written as data: zeros or backing."""
@@ -191,7 +170,7 @@ class _Copier:
                     self.tick(n)
                     continue
                 mv = memoryview(buf)[:n]
-                run: list[tuple[memoryview, bytes | None]] = []
+                run: list[tuple[bytes | bytearray | memoryview, bytes | None]] = []
                 run_off = start
                 for k, r in enumerate(fut.result()):
                     p = k * cs
@@ -221,9 +200,7 @@ class _Copier:
                     pending.append((start, n, buf, pool.submit(work, buf, n, ks)))
                 drain(window)
             drain(0)
-        align = getattr(tgt, "align_compressed_end", None)
-        if align is not None:
-            align()
+        tgt.align_compressed_end()
 
     def _concat_runs(self, devs: Sequence[BlockDevice]) -> Iterator[tuple[str, int, int]]:
         """The status runs of the concatenated sources, in target offsets, consecutive

@@ -656,8 +656,8 @@ def luks_remove_keys(path: Any, secret: bytes, *, keyslot: int | None = None,
             if a.active and not b.active]
 
 
-def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
-          force: bool = False, secrets: Mapping[str, bytes] | None = None,
+def amend(path: Any, options: dict[str, str], *, format: str | None = None,  # noqa: A002
+          fmt: str | None = None, force: bool = False, secrets: Mapping[str, bytes] | None = None,
           untrusted: bool = False, image_options: Mapping[str, str] | None = None,
           device: Any = None) -> None:
     """``qemu-img amend`` for qcow2: ``compat``, ``lazy_refcounts``, ``refcount_bits``,
@@ -673,11 +673,13 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
     already open read-write (the CLI's), which amend closes."""
     from diskimg import api
     from diskimg.hostio import open_host_file
+    from diskimg.params import renamed  # fmt= is format='s deprecated spelling
 
     secrets = dict(secrets or {})
     iopts = dict(image_options or {})
     dev: Any = device if device is not None else api.open(
-        path, "r+", fmt, backing=False, untrusted=untrusted, secrets=secrets,
+        path, "r+", renamed("format", format, "fmt", fmt), backing=False,
+        untrusted=untrusted, secrets=secrets,
         options=iopts)  # opening r+ also repairs a dirty image
     try:
         if dev.format != "qcow2":

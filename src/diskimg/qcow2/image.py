@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first use
     from concurrent.futures import ThreadPoolExecutor
 
     from diskimg.crypto import SectorCipher
-    from diskimg.qcow2.snapshot import Snapshot
+    from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
 
 # run kinds produced by _lookup
 UNALLOC, ZERO, DATA, COMPRESSED = "unalloc", "zero", "data", "compressed"
@@ -101,6 +101,18 @@ class Qcow2Image(BlockDevice):
     """qcow2 v2/v3 image.  Offsets are guest bytes unless named ``host``."""
 
     format = "qcow2"
+    # declared capabilities (BlockDevice): compressed clusters, internal snapshots
+    supports_compressed_write = True
+    snapshots: SnapshotTable  # set when the image is opened
+
+    @property
+    def l2_span(self) -> int:
+        """Guest bytes one L2 table maps."""
+        return self.cs * self.l2_entries
+
+    def host_files(self) -> list[HostFile]:
+        """The image file, then the external data file when the image opened one."""
+        return [self.host, self.data_host] if self._data_file_opened else [self.host]
 
     def __init__(self, host: HostFile, *, secrets: Mapping[str, bytes] | None = None,
                  options: Mapping[str, str] | None = None,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskimg.crypto.luks.header import CIPHER_MODES, QEMU_CIPHER_KEY_BYTES, luks_header_size
 from diskimg.errors import FormatError, UsageError
@@ -32,6 +32,10 @@ from diskimg.qcow2.bitmaps import (
 )
 from diskimg.qcow2.refcount import refcount_metadata_clusters
 from diskimg.units import parse_size
+
+if TYPE_CHECKING:
+    from diskimg.device import BlockDevice
+    from diskimg.qcow2.image import Qcow2Image
 
 L1E_SIZE = 8
 L2E_SIZE_NORMAL = 8
@@ -228,12 +232,16 @@ def _input_runs(dev: Any) -> Iterable[tuple[int, int, bool]]:
         pos += n
 
 
-def input_bitmaps(dev: Any) -> list[tuple[str, int, int]]:
+def _qcow2_v3(dev: BlockDevice | None) -> Qcow2Image | None:
+    """``dev`` when it is a qcow2 v3 image (the only images with persistent bitmaps)."""
+    from diskimg.qcow2.image import Qcow2Image
+
+    return dev if isinstance(dev, Qcow2Image) and dev.header.version >= 3 else None
+
+
+def input_bitmaps(dev: Qcow2Image) -> list[tuple[str, int, int]]:
     """Persistent bitmaps of a qcow2 input device: (name, size, granularity)."""
-    header = getattr(dev, "header", None)
-    host = getattr(dev, "host", None)
-    if header is None or host is None:
-        return []
+    header, host = dev.header, dev.host
     bx = BitmapsExt.of(header)
     if bx is None or bx.directory_size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
         return []
@@ -250,9 +258,9 @@ def input_bitmaps(dev: Any) -> list[tuple[str, int, int]]:
     return out
 
 
-def measure_qcow2(options: Mapping[str, Any], dev: Any = None,
+def measure_qcow2(options: Mapping[str, Any], dev: BlockDevice | None = None,
                   has_secret: Callable[[str], bool] | None = None,
-                  bitmap_dev: Any = None) -> MeasureInfo:
+                  bitmap_dev: BlockDevice | None = None) -> MeasureInfo:
     """qcow2 output: from ``options['size']`` or from the open input device ``dev``
     (``bitmap_dev``: the image whose persistent bitmaps count, default ``dev``)."""
     p = parse_qcow2_options(options, has_secret)
@@ -271,13 +279,13 @@ def measure_qcow2(options: Mapping[str, Any], dev: Any = None,
     full = p.luks_payload + prealloc_size(vsize, cs, p.refcount_order, p.extended_l2)
     bitmaps = None
     src = bitmap_dev if bitmap_dev is not None else dev
-    if p.version >= 3 and src is not None and getattr(src, "format", "") == "qcow2" and \
-            getattr(getattr(src, "header", None), "version", 3) >= 3:
-        bitmaps = bitmaps_size(input_bitmaps(src), cs)
+    qsrc = _qcow2_v3(src) if p.version >= 3 else None
+    if qsrc is not None:
+        bitmaps = bitmaps_size(input_bitmaps(qsrc), cs)
     return MeasureInfo(full - vsize + required, full, bitmaps)
 
 
-def measure_raw(options: Mapping[str, Any], dev: Any = None) -> MeasureInfo:
+def measure_raw(options: Mapping[str, Any], dev: BlockDevice | None = None) -> MeasureInfo:
     """raw output: the input's length, or ``size`` rounded up to a sector."""
     if dev is not None:
         req = int(dev.size)
@@ -286,9 +294,10 @@ def measure_raw(options: Mapping[str, Any], dev: Any = None) -> MeasureInfo:
     return MeasureInfo(req, req)
 
 
-def measure(out_format: str, options: Mapping[str, Any] | None = None, dev: Any = None, *,
+def measure(out_format: str, options: Mapping[str, Any] | None = None,
+            dev: BlockDevice | None = None, *,
             size: int | None = None, has_secret: Callable[[str], bool] | None = None,
-            bitmap_dev: Any = None) -> MeasureInfo:
+            bitmap_dev: BlockDevice | None = None) -> MeasureInfo:
     """``qemu-img measure``: sizes for a new ``out_format`` image holding ``dev``'s
     contents (an open device) or of ``size`` bytes.  ``options`` use ``-o`` names."""
     opts = dict(options or {})

@@ -58,6 +58,19 @@ class VmdkImage(BlockDevice):
     byte; ``size`` is the sum of the extent sizes."""
 
     format = "vmdk"
+    # declared capability (BlockDevice): compressed writes are taken as ordinary writes
+    supports_compressed_write = True
+
+    @property
+    def cluster_size(self) -> int | None:
+        """The grain size of the first extent when it is grain-mapped (what qemu's info
+        shows as cluster_size), else None."""
+        first = self.extents[0]
+        return first.gb if isinstance(first, SparseExtent | SeSparseExtent) else None
+
+    def host_files(self) -> list[HostFile]:
+        """The descriptor (or monolithic sparse) file, then each extent file."""
+        return [self.host, *self._own_hosts]
 
     def __init__(self, host: HostFile, *, policy: OpenPolicy | None = None) -> None:
         self.host = host
@@ -382,8 +395,7 @@ class VmdkImage(BlockDevice):
         actual = self.host.allocated_size()
         for h in self._own_hosts:
             actual += h.allocated_size()
-        first = self.extents[0]
-        cs = first.gb if isinstance(first, SparseExtent | SeSparseExtent) else None
+        cs = self.cluster_size
         hint, _ = self.backing_file_name()
         full = None
         if hint:

@@ -142,7 +142,7 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
             dev.close()
             raise DiskImgError(f"Could not open '{label}': Parameter 'encrypt.key-secret' is "
                                "required for cipher")
-    if mode == "r+" and getattr(dev, "probed", False):
+    if mode == "r+" and dev.probed:
         sys.stderr.write(PROBED_RAW_WARNING.format(path))
     return dev
 
@@ -264,8 +264,7 @@ def check_backing_keys(name: str, dev: BlockDevice) -> None:
     """qemu-img's open error for an encrypted backing file given no key secret (diskimg's
     open itself only fails on the first data access)."""
     for d in dev.chain()[1:]:
-        opts = getattr(d, "options", {})
-        if d.format == "qcow2" and "encrypt.key-secret" not in opts:
+        if d.format == "qcow2" and "encrypt.key-secret" not in d.options:
             try:
                 encrypted = d.info().encrypted
             except DiskImgError:

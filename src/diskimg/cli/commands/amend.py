@@ -51,7 +51,7 @@ def cmd_amend(ctx: Context, a: argparse.Namespace) -> int:
             raise DiskImgError(f"Format driver '{fmt}' does not support option amendment")
         path, _fmt, iopts = path_and_format(a, name, "amend", ("encrypt.key-secret",))
         values = am.validate_amend_options(opts.parse_list(olist))
-        am.amend(path, values, fmt="qcow2", force=a.force, secrets=ctx.secrets,
+        am.amend(path, values, format="qcow2", force=a.force, secrets=ctx.secrets,
                  untrusted=ctx.untrusted, image_options=iopts, device=dev)
     return 0
 

@@ -65,7 +65,7 @@ def _convert_progress(a: argparse.Namespace, srcs: list[BlockDevice],
         cluster = 0
         if a.compress:
             if isinstance(target, BlockDevice):
-                cluster = int(getattr(target, "cluster_size", None) or 65536)
+                cluster = target.cluster_size or 65536
             elif out_fmt == "qcow2":
                 cluster = parse_size(str(values.get("cluster_size", "65536")))
             else:

@@ -56,7 +56,7 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
                            "read-only images")
     with opened(ctx, name, "r+" if writable else "r", None, image_opts=a.image_opts,
                 force_share=a.force_share) as dev:
-        table = getattr(dev, "snapshots", None)
+        table = dev.snapshots  # declared: None for a format without internal snapshots
         if action == "list":
             snaps = table.list() if table is not None else []
             if snaps:
@@ -67,13 +67,13 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
             try:
                 if table is None:
                     raise DiskImgError("-95 (Operation not supported)")  # qemu's errno text
-                table.create(arg)
+                table.create(str(arg))  # -c NAME: argparse gives a str
             except DiskImgError as e:
                 raise errors.action_failure(f"create snapshot '{arg}'", e) from e
         elif action == "apply":
             try:
                 if table is None:
-                    if getattr(dev, "probed", False):
+                    if dev.probed:
                         # qemu reopens the file to try its snapshots: the warning again
                         sys.stderr.write(PROBED_RAW_WARNING.format(name))
                     raise DiskImgError("Block driver does not support snapshots")

@@ -35,6 +35,10 @@ _CRYPTO_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha512": hashes.SHA512,
 }
 
+#: a library-version feature, decided once at import (not a device capability probe):
+#: ``PBKDF2HMAC.derive_into`` (cryptography >= 47) derives a key into a caller's buffer
+_DERIVE_INTO = hasattr(PBKDF2HMAC, "derive_into")
+
 
 def pbkdf2(hash_name: str, password: KeyBuf, salt: bytes, iterations: int,
            length: int) -> bytes:
@@ -63,12 +67,10 @@ def pbkdf2_key(hash_name: str, password: KeyBuf, salt: bytes, iterations: int,
     copy behind that cannot be scrubbed."""
     out = bytearray(length)
     alg = _CRYPTO_HASHES.get(hash_name)
-    if alg is not None and iterations >= 1:
+    if _DERIVE_INTO and alg is not None and iterations >= 1:
         kdf = PBKDF2HMAC(algorithm=alg(), length=length, salt=salt, iterations=iterations)
-        derive_into = getattr(kdf, "derive_into", None)
-        if derive_into is not None:
-            derive_into(password, out)
-            return out
+        kdf.derive_into(password, out)
+        return out
     out[:] = pbkdf2(hash_name, password, salt, iterations, length)
     return out
 

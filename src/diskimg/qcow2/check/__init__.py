@@ -29,9 +29,12 @@ state and reference counting), ``overlap``, ``stored`` (stored refcount blocks),
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import CorruptImageError, FormatError, UsageError
+
+if TYPE_CHECKING:
+    from diskimg.hostio import HostFile
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.check.refcounts import _Refcounts
 from diskimg.check_report import CheckReport
@@ -73,7 +76,7 @@ def _one_pass(host: Any, header: Header, fix: int, filename: str) -> CheckResult
     return res
 
 
-def check_image(host: Any, header: Header, repair: str | None = None) -> CheckResult:
+def check_image(host: HostFile, header: Header, repair: str | None = None) -> CheckResult:
     """Check (and with ``repair`` "leaks"/"all", repair) the qcow2 image in ``host``.
 
     ``header`` is the parsed header of ``host``.  Repair writes through ``host.pwrite`` and
@@ -83,9 +86,9 @@ def check_image(host: Any, header: Header, repair: str | None = None) -> CheckRe
     if repair not in _FIX:
         raise UsageError(f"Invalid repair mode '{repair}' (expected 'leaks' or 'all')")
     fix = _FIX[repair]
-    if fix and not getattr(host, "writable", True):
+    if fix and not host.writable:
         raise UsageError(f"'{host.path}' must be opened read-write to repair it")
-    filename = str(getattr(host, "path", ""))
+    filename = str(host.path)
     res = _one_pass(host, header, fix, filename)
     if fix:
         first = res

@@ -72,7 +72,10 @@ class _Refcounts(_Copied):
                             self.host.punch_hole(i << self.cbits, self.cs)
                         except (OSError, AttributeError):  # pragma: no cover
                             pass
-                    setattr(res, counter, getattr(res, counter) + 1)
+                    if counter == "leaks_fixed":
+                        res.leaks_fixed += 1
+                    else:
+                        res.corruptions_fixed += 1
                     self.find(kind, True, table="refcount", index=i,
                               host_offset=i << self.cbits, refcount=r1, reference=r2)
                     continue
