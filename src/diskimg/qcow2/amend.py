@@ -57,7 +57,11 @@ from diskimg.qcow2.amend_plan import (
     qemu_number,
     validate_amend_options,
 )
-from diskimg.qcow2.amend_refcount import rebuild_refcounts
+from diskimg.qcow2.amend_refcount import (
+    check_refcount_width,
+    counts_after_rebuild,
+    rebuild_refcounts,
+)
 from diskimg.qcow2.image import clear_unknown_autoclear
 from diskimg.qcow2.layout import (
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -78,6 +82,8 @@ __all__ = [
     "amend_keyslots",
     "check_downgradable",
     "check_encryption_amendable",
+    "check_refcount_width",
+    "counts_after_rebuild",
     "data_file_raw_flag",
     "downgrade_to_v2",
     "expand_zero_clusters",
@@ -128,6 +134,8 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
                              "amendment")
         h = read_header(dev.host)
         plan = plan_amend(h, options)  # every refusal of the options: nothing written yet
+        if plan.refcount_bits < h.refcount_bits:  # would a refcount still fit?
+            check_refcount_width(counts_after_rebuild(dev.host, h), plan.refcount_order)
         if plan.keyslots is not None:
             amend_keyslots(dev, plan.keyslots, secrets, force=force)
         clear_unknown_autoclear(dev.host, h)  # after every refusal

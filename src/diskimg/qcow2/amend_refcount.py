@@ -35,17 +35,16 @@ from diskimg.qcow2.refcount import (
     refcount_metadata_clusters,
 )
 
-__all__ = ["rebuild_refcounts"]
+__all__ = ["check_refcount_width", "counts_after_rebuild", "rebuild_refcounts"]
 
 
-def rebuild_refcounts(host: HostFile, h: Header, new_order: int) -> None:
-    """Change the refcount width: compute every cluster's refcount (from the current
-    structures), write a new table and new blocks of the new width at the end of the file,
-    switch the header to them, then free the old structures."""
+def counts_after_rebuild(host: HostFile, h: Header) -> list[int]:
+    """Every host cluster's refcount (up to the end of the file) once the current
+    refcount table and blocks are dropped, as :func:`rebuild_refcounts` carries them
+    over."""
     cs, cb = h.cluster_size, h.cluster_bits
     old = Refcounts(host, h)
-    end_cluster = -(-host.size() // cs)
-    counts = [old.get(c) for c in range(end_cluster)]
+    counts = [old.get(c) for c in range(-(-host.size() // cs))]
     # old refcount structures are freed after the switch
     old_structs = [h.refcount_table_offset >> cb]
     old_structs += [h.refcount_table_offset // cs + k
@@ -57,9 +56,24 @@ def rebuild_refcounts(host: HostFile, h: Header, new_order: int) -> None:
     for c in old_structs:
         if c < len(counts):
             counts[c] = max(0, counts[c] - 1)
+    return counts
+
+
+def check_refcount_width(counts: list[int], new_order: int) -> None:
+    """Refuse a width too narrow for a refcount in ``counts`` (before any write)."""
     if any(v > max_refcount(new_order) for v in counts):
         raise UsageError(f"Cannot decrease refcount entry width to {1 << new_order} bits: "
                          "A refcount would be too large")
+
+
+def rebuild_refcounts(host: HostFile, h: Header, new_order: int) -> None:
+    """Change the refcount width: compute every cluster's refcount (from the current
+    structures), write a new table and new blocks of the new width at the end of the file,
+    switch the header to them, then free the old structures."""
+    cs = h.cluster_size
+    counts = counts_after_rebuild(host, h)
+    check_refcount_width(counts, new_order)
+    end_cluster = len(counts)
     per_block = refblock_entries(cs, new_order)
     start = end_cluster
     # blocks + table covering every cluster including themselves
