@@ -52,6 +52,7 @@ from diskimg.qcow2.amend_plan import (
     AMENDABLE,
     AmendPlan,
     check_encryption_amendable,
+    check_resize,
     keyslot_request,
     plan_amend,
     qemu_number,
@@ -83,6 +84,7 @@ __all__ = [
     "check_downgradable",
     "check_encryption_amendable",
     "check_refcount_width",
+    "check_resize",
     "counts_after_rebuild",
     "data_file_raw_flag",
     "downgrade_to_v2",
@@ -136,6 +138,7 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
         plan = plan_amend(h, options)  # every refusal of the options: nothing written yet
         if plan.refcount_bits < h.refcount_bits:  # would a refcount still fit?
             check_refcount_width(counts_after_rebuild(dev.host, h), plan.refcount_order)
+        check_resize(h, plan, nb_bitmaps(h))
         if plan.keyslots is not None:
             amend_keyslots(dev, plan.keyslots, secrets, force=force)
         clear_unknown_autoclear(dev.host, h)  # after every refusal

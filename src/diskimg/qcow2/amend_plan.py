@@ -23,6 +23,7 @@ __all__ = [
     "AMEND_HELP",
     "AmendPlan",
     "check_encryption_amendable",
+    "check_resize",
     "keyslot_request",
     "plan_amend",
     "qemu_number",
@@ -217,3 +218,20 @@ def plan_amend(h: Header, options: Mapping[str, str]) -> AmendPlan:
         after.refcount_order = plan.refcount_order  # the width it will have
         check_downgradable(after)
     return plan
+
+
+def check_resize(h: Header, plan: AmendPlan, nb_bitmaps: int) -> None:
+    """The refusals of the image's ``resize`` that the header already decides, made before
+    the steps that precede the resize write anything: a size not a multiple of 512, a
+    version 2 image with snapshots (at the version the image has when the resize runs:
+    after an upgrade, before a downgrade), persistent bitmaps.  Same wording as
+    :meth:`Qcow2Image.resize`."""
+    if plan.size is None or plan.size == h.size:
+        return
+    if plan.size % 512:
+        raise UsageError("The new size must be a multiple of 512")
+    if h.nb_snapshots and max(plan.cur_version, plan.new_version) < 3:
+        raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
+    if nb_bitmaps:
+        raise UnsupportedFeatureError("Cannot resize qcow2 with persistent bitmaps")
+
