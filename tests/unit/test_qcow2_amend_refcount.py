@@ -1,0 +1,118 @@
+"""qcow2.amend_refcount: rebuilding the refcount structures at a new width keeps every
+cluster's refcount and every guest byte; the width check refuses before any write."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+import diskimg
+from diskimg.errors import UsageError
+from diskimg.hostio import open_host_file
+from diskimg.qcow2.amend import read_header
+from diskimg.qcow2.amend_refcount import (
+    check_refcount_width,
+    counts_after_rebuild,
+    rebuild_refcounts,
+)
+from diskimg.qcow2.refcount import REFT_OFFSET_MASK, Refcounts
+
+MiB = 1 << 20
+
+
+def test_check_refcount_width() -> None:
+    check_refcount_width([0, 1, 1], 0)
+    check_refcount_width([0, 3, 2], 1)
+    check_refcount_width([(1 << 16) - 1], 4)
+    for counts, order in (([0, 2], 0), ([4], 1), ([1 << 16], 4)):
+        with pytest.raises(UsageError) as exc:
+            check_refcount_width(counts, order)
+        assert str(exc.value) == (f"Cannot decrease refcount entry width to {1 << order} "
+                                  "bits: A refcount would be too large")
+
+
+def _image(tmp_path: Path) -> Path:
+    """Data, zero clusters and a snapshot (shared clusters have refcount 2)."""
+    p = tmp_path / "r.qcow2"
+    diskimg.create(p, "qcow2", 8 * MiB, options={"cluster_size": "4096"})
+    with diskimg.open(p, "r+") as d:
+        for i in range(40):
+            d.write(i * 8192, bytes([i + 1]) * 4096)
+        d.write_zeroes(2 * MiB, 16384)
+    diskimg.snapshot(p, "create", "s")
+    with diskimg.open(p, "r+") as d:
+        d.write(0, b"\xee" * 4096)
+    return p
+
+
+def _guest(p: Path) -> str:
+    with diskimg.open(p) as d:
+        return hashlib.sha256(d.read(0, d.size)).hexdigest()
+
+
+def _counts(p: Path) -> list[int]:
+    host = open_host_file(p, False)
+    try:
+        h = read_header(host)
+        rc = Refcounts(host, h)
+        return [rc.get(c) for c in range(-(-host.size() // h.cluster_size))]
+    finally:
+        host.close()
+
+
+def _clean(p: Path) -> None:
+    rep = diskimg.check(p)
+    assert (rep.corruptions, rep.leaks, rep.check_errors) == (0, 0, 0)
+
+
+def test_counts_after_rebuild_drops_the_old_structures(tmp_path: Path) -> None:
+    p = _image(tmp_path)
+    now = _counts(p)
+    host = open_host_file(p, False)
+    try:
+        h = read_header(host)
+        after = counts_after_rebuild(host, h)
+        rc = Refcounts(host, h)
+        old = {h.refcount_table_offset // h.cluster_size}
+        old |= {(e & REFT_OFFSET_MASK) // h.cluster_size for e in rc.table if e}
+    finally:
+        host.close()
+    assert old and all(now[c] == 1 and after[c] == 0 for c in old)
+    assert [v for c, v in enumerate(after) if c not in old] == \
+        [v for c, v in enumerate(now) if c not in old]
+    assert max(after) == 2  # the clusters the snapshot shares
+
+
+@pytest.mark.parametrize("orders", [(1, 6, 4), (3, 5)])
+def test_rebuild_keeps_refcounts_and_data(tmp_path: Path, orders: tuple[int, ...]) -> None:
+    p = _image(tmp_path)
+    guest = _guest(p)
+    for order in orders:
+        host = open_host_file(p, True)
+        try:
+            h = read_header(host)
+            before = counts_after_rebuild(host, h)
+            rebuild_refcounts(host, h, order)
+            assert read_header(host).refcount_order == order
+        finally:
+            host.close()
+        now = _counts(p)
+        # every cluster keeps its count; the new blocks and table at the end count 1
+        assert now[:len(before)] == before
+        assert now[len(before):] == [1] * (len(now) - len(before))
+        _clean(p)
+        assert _guest(p) == guest
+
+
+def test_rebuild_refuses_before_writing(tmp_path: Path) -> None:
+    p = _image(tmp_path)
+    raw = p.read_bytes()
+    host = open_host_file(p, True)
+    try:
+        with pytest.raises(UsageError, match="to 1 bits"):
+            rebuild_refcounts(host, read_header(host), 0)
+    finally:
+        host.close()
+    assert p.read_bytes() == raw
