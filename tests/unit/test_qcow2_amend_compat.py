@@ -4,7 +4,6 @@ restores a v3 header, and the lazy-refcounts bit is set only on v3."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from diskimg.qcow2.layout import (
     V2_HEADER_LENGTH,
     Header,
 )
+from tests.unit.qcow2_amend_testlib import assert_clean, guest_sha256
 
 MiB = 1 << 20
 
@@ -56,10 +56,6 @@ def test_check_downgradable_accepts() -> None:
     check_downgradable(_h(lazy_refcounts="on"))  # a compatible bit: dropped by the downgrade
 
 
-def _guest(p: Path) -> str:
-    with diskimg.open(p) as d:
-        return hashlib.sha256(d.read(0, d.size)).hexdigest()
-
 
 def _types(p: Path) -> list[E.ClusterType]:
     """Every active L2 entry's type, through the codecs."""
@@ -77,10 +73,6 @@ def _types(p: Path) -> list[E.ClusterType]:
     finally:
         host.close()
 
-
-def _clean(p: Path) -> None:
-    rep = diskimg.check(p)
-    assert (rep.corruptions, rep.leaks, rep.check_errors) == (0, 0, 0)
 
 
 def _amend_host(p: Path, fn: Callable[..., None], *args: object) -> Header:
@@ -101,7 +93,7 @@ def test_downgrade_then_upgrade(tmp_path: Path) -> None:
         d.write(MiB, b"\x22" * 65536)
         d.write_zeroes(MiB, 65536)  # zero-allocated: keeps its cluster
         d.write_zeroes(65536, 65536)  # zero flag without a cluster
-    guest = _guest(p)
+    guest = guest_sha256(p)
     T = E.ClusterType
     assert _types(p)[:2] + _types(p)[16:17] == [T.NORMAL, T.ZERO_PLAIN, T.ZERO_ALLOC]
     h = _amend_host(p, downgrade_to_v2)
@@ -112,13 +104,13 @@ def test_downgrade_then_upgrade(tmp_path: Path) -> None:
     # no backing file: the plain zero cluster became unallocated, the allocated one kept
     # its cluster (now written with zeros)
     assert types[:2] + types[16:17] == [T.NORMAL, T.UNALLOCATED, T.NORMAL]
-    assert _guest(p) == guest
-    _clean(p)
+    assert guest_sha256(p) == guest
+    assert_clean(p)
     h = _amend_host(p, upgrade_to_v3)
     assert (h.version, h.refcount_order) == (3, 4)
     assert h.ext(QCOW2_EXT_MAGIC_FEATURE_TABLE) is not None
-    assert _guest(p) == guest
-    _clean(p)
+    assert guest_sha256(p) == guest
+    assert_clean(p)
 
 
 def test_expand_zero_clusters_over_backing(tmp_path: Path) -> None:
@@ -130,15 +122,15 @@ def test_expand_zero_clusters_over_backing(tmp_path: Path) -> None:
     diskimg.create(top, "qcow2", MiB, backing_file=str(base), backing_fmt="qcow2")
     with diskimg.open(top, "r+") as d:
         d.write_zeroes(0, 131072)
-    guest = _guest(top)
+    guest = guest_sha256(top)
     _amend_host(top, expand_zero_clusters)
     # the zero clusters became clusters of zeros: still reads zeros over the backing data
     assert _types(top)[:2] == [E.ClusterType.NORMAL] * 2
     with diskimg.open(top) as d:
         assert d.read(0, 131072) == bytes(131072)
         assert d.read(131072, 4096) == b"\x55" * 4096
-    assert _guest(top) == guest
-    _clean(top)
+    assert guest_sha256(top) == guest
+    assert_clean(top)
 
 
 def test_set_lazy_refcounts(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import diskimg
 from diskimg.hostio import open_host_file
 from diskimg.qcow2.amend import read_header
 from diskimg.qcow2.amend_empty import make_empty
+from tests.unit.qcow2_amend_testlib import assert_clean
 
 MiB = 1 << 20
 
@@ -36,10 +37,6 @@ def _empty(p: Path) -> None:
         host.close()
 
 
-def _clean(p: Path) -> None:
-    rep = diskimg.check(p)
-    assert (rep.corruptions, rep.leaks, rep.check_errors) == (0, 0, 0)
-
 
 def test_make_completely_empty(tmp_path: Path) -> None:
     _base, top = _pair(tmp_path)
@@ -55,7 +52,7 @@ def test_make_completely_empty(tmp_path: Path) -> None:
     assert (h.refcount_table_offset, h.l1_table_offset) == (cs, 3 * cs)
     with diskimg.open(top) as d:
         assert d.read(0, d.size) == b"\x55" * (2 * MiB)
-    _clean(top)
+    assert_clean(top)
 
 
 def test_discard_all_keeps_snapshots(tmp_path: Path) -> None:
@@ -68,8 +65,8 @@ def test_discard_all_keeps_snapshots(tmp_path: Path) -> None:
     _empty(top)
     with diskimg.open(top) as d:
         assert d.read(0, d.size) == b"\x55" * (2 * MiB)
-    _clean(top)
+    assert_clean(top)
     diskimg.snapshot(top, "apply", "s")
     with diskimg.open(top) as d:
         assert d.read(0, d.size) == at_snapshot
-    _clean(top)
+    assert_clean(top)

@@ -27,6 +27,7 @@ from diskimg.qcow2.amend_keyslots import (
 from diskimg.qcow2.amend_plan import check_encryption_amendable, keyslot_request
 from diskimg.qcow2.create import plan_header
 from diskimg.qcow2.layout import QCOW_CRYPT_AES
+from tests.unit.qcow2_amend_testlib import assert_clean
 
 MiB = 1 << 20
 DATA = bytes(range(256)) * 256
@@ -91,8 +92,7 @@ def test_add_then_remove(luks: Path) -> None:
         _open(p, b"pw0").close()
     with _open(p, b"pw1") as d:
         assert d.read(0, len(DATA)) == DATA
-    rep = diskimg.check(p, secrets={"k": b"pw1"}, options={"encrypt.key-secret": "k"})
-    assert (rep.corruptions, rep.leaks, rep.check_errors) == (0, 0, 0)
+    assert_clean(p, secrets={"k": b"pw1"}, options={"encrypt.key-secret": "k"})
 
 
 def test_refusals_change_nothing(luks: Path) -> None:

@@ -3,7 +3,6 @@ cluster's refcount and every guest byte; the width check refuses before any writ
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from diskimg.qcow2.amend_refcount import (
     rebuild_refcounts,
 )
 from diskimg.qcow2.refcount import REFT_OFFSET_MASK, Refcounts
+from tests.unit.qcow2_amend_testlib import assert_clean, guest_sha256
 
 MiB = 1 << 20
 
@@ -47,10 +47,6 @@ def _image(tmp_path: Path) -> Path:
     return p
 
 
-def _guest(p: Path) -> str:
-    with diskimg.open(p) as d:
-        return hashlib.sha256(d.read(0, d.size)).hexdigest()
-
 
 def _counts(p: Path) -> list[int]:
     host = open_host_file(p, False)
@@ -61,10 +57,6 @@ def _counts(p: Path) -> list[int]:
     finally:
         host.close()
 
-
-def _clean(p: Path) -> None:
-    rep = diskimg.check(p)
-    assert (rep.corruptions, rep.leaks, rep.check_errors) == (0, 0, 0)
 
 
 def test_counts_after_rebuild_drops_the_old_structures(tmp_path: Path) -> None:
@@ -88,7 +80,7 @@ def test_counts_after_rebuild_drops_the_old_structures(tmp_path: Path) -> None:
 @pytest.mark.parametrize("orders", [(1, 6, 4), (3, 5)])
 def test_rebuild_keeps_refcounts_and_data(tmp_path: Path, orders: tuple[int, ...]) -> None:
     p = _image(tmp_path)
-    guest = _guest(p)
+    guest = guest_sha256(p)
     for order in orders:
         host = open_host_file(p, True)
         try:
@@ -102,8 +94,8 @@ def test_rebuild_keeps_refcounts_and_data(tmp_path: Path, orders: tuple[int, ...
         # every cluster keeps its count; the new blocks and table at the end count 1
         assert now[:len(before)] == before
         assert now[len(before):] == [1] * (len(now) - len(before))
-        _clean(p)
-        assert _guest(p) == guest
+        assert_clean(p)
+        assert guest_sha256(p) == guest
 
 
 def test_rebuild_refuses_before_writing(tmp_path: Path) -> None:
