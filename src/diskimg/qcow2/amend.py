@@ -1,7 +1,8 @@
 """qcow2 metadata rewrites done outside :class:`Qcow2Image`: ``amend``, emptying an image
 after ``commit``, and replacing the backing file name for ``rebase``.
 
-One module per job; this one runs ``amend`` and re-exports the names of the others:
+One module per job; this one holds the entry points (``amend``, ``luks_add_key``,
+``luks_remove_keys``) and re-exports the names of the others:
 
 ==========================  =============================================================
 :mod:`.amend_plan`          option names and syntax, and :func:`plan_amend`: every
@@ -24,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from diskimg.crypto.luks import KeySlotAmend
 from diskimg.errors import UsageError
 from diskimg.qcow2.amend_compat import (
     check_downgradable,
@@ -41,12 +43,7 @@ from diskimg.qcow2.amend_header import (
     set_feature_bits,
     write_header,
 )
-from diskimg.qcow2.amend_keyslots import (
-    amend_keyslots,
-    luks_add_key,
-    luks_area,
-    luks_remove_keys,
-)
+from diskimg.qcow2.amend_keyslots import amend_keyslots, keyslot_change, luks_area
 from diskimg.qcow2.amend_plan import (
     AMEND_HELP,
     AMENDABLE,
@@ -89,6 +86,7 @@ __all__ = [
     "data_file_raw_flag",
     "downgrade_to_v2",
     "expand_zero_clusters",
+    "keyslot_change",
     "keyslot_request",
     "luks_add_key",
     "luks_area",
@@ -106,6 +104,40 @@ __all__ = [
     "validate_amend_options",
     "write_header",
 ]
+
+
+def luks_add_key(path: Any, secret: bytes, new_secret: bytes, *,
+                 keyslot: int | None = None, iter_time_ms: int | None = None,
+                 force: bool = False, untrusted: bool = False) -> int:
+    """Add ``new_secret`` as a key of the LUKS qcow2 at ``path`` unlocked with ``secret``
+    (qemu-img amend ``encrypt.state=active``); returns the key slot used.
+
+    ``keyslot`` None takes the first free slot; an active slot is replaced only with
+    ``force``.  ``iter_time_ms`` (default 2000) is the PBKDF2 time of the new slot.
+    Raises :class:`InvalidPassphraseError` when ``secret`` opens no slot."""
+    before, after = keyslot_change(
+        path, secret, KeySlotAmend("active", new_secret="new", keyslot=keyslot,
+                                   iter_time=iter_time_ms),
+        {"new": new_secret}, force, untrusted)
+    changed = [i for i, (a, b) in enumerate(zip(before.slots, after.slots, strict=True))
+               if b.active and (not a.active or a.salt != b.salt)]
+    assert len(changed) == 1
+    return changed[0]
+
+
+def luks_remove_keys(path: Any, secret: bytes, *, keyslot: int | None = None,
+                     old_secret: bytes | None = None, force: bool = False,
+                     untrusted: bool = False) -> list[int]:
+    """Erase key slots of the LUKS qcow2 at ``path`` unlocked with ``secret`` (qemu-img
+    amend ``encrypt.state=inactive``): slot ``keyslot``, and/or every slot ``old_secret``
+    opens.  Erasing the last active slot is refused unless ``force`` (the data would be
+    lost for ever).  Returns the erased slots."""
+    before, after = keyslot_change(
+        path, secret, KeySlotAmend("inactive", keyslot=keyslot,
+                                   old_secret=None if old_secret is None else "old"),
+        {} if old_secret is None else {"old": old_secret}, force, untrusted)
+    return [i for i, (a, b) in enumerate(zip(before.slots, after.slots, strict=True))
+            if a.active and not b.active]
 
 
 def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,

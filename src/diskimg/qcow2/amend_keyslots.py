@@ -4,8 +4,8 @@ The format-neutral part -- which slot changes and the bytes of the new key mater
 slot header -- is :func:`diskimg.crypto.luks.plan_keyslot_amend`.  This module is the
 qcow2 part: where the LUKS area lives in the image (the full-disk-encryption header
 extension, :func:`luks_area`), the refusals qemu's qcow2 driver makes, and the writes
-into the image file.  Also the library calls :func:`luks_add_key` and
-:func:`luks_remove_keys`.
+into the image file.  The library calls ``luks_add_key`` and ``luks_remove_keys`` are in
+:mod:`.amend` (on :func:`keyslot_change`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from diskimg.qcow2.amend_header import read_header
 from diskimg.qcow2.amend_plan import check_encryption_amendable
 from diskimg.qcow2.layout import QCOW2_EXT_MAGIC_CRYPTO_HEADER, Header
 
-__all__ = ["amend_keyslots", "luks_add_key", "luks_area", "luks_remove_keys"]
+__all__ = ["amend_keyslots", "keyslot_change", "luks_area"]
 
 
 def _secret_lookup(secrets: Mapping[str, bytes]) -> Callable[[str], bytes]:
@@ -75,9 +75,11 @@ def amend_keyslots(dev: Any, req: KeySlotAmend, secrets: Mapping[str, bytes], *,
     return new
 
 
-def _keyslot_api(path: Any, secret: bytes, req: KeySlotAmend,
-                 secrets: dict[str, bytes], force: bool, untrusted: bool
-                 ) -> tuple[LuksHeader, LuksHeader]:
+def keyslot_change(path: Any, secret: bytes, req: KeySlotAmend,
+                   secrets: dict[str, bytes], force: bool, untrusted: bool
+                   ) -> tuple[LuksHeader, LuksHeader]:
+    """Open the LUKS qcow2 at ``path`` with ``secret``, apply ``req`` and return the LUKS
+    header (before, after): the library's key slot calls."""
     from diskimg import api
 
     with api.open(path, "r+", "qcow2", backing=False, untrusted=untrusted,
@@ -90,37 +92,3 @@ def _keyslot_api(path: Any, secret: bytes, req: KeySlotAmend,
             off, length, "LUKS header (FDE extension)"), length)
         after = amend_keyslots(dev, req, secrets, force=force)
     return before, after
-
-
-def luks_add_key(path: Any, secret: bytes, new_secret: bytes, *,
-                 keyslot: int | None = None, iter_time_ms: int | None = None,
-                 force: bool = False, untrusted: bool = False) -> int:
-    """Add ``new_secret`` as a key of the LUKS qcow2 at ``path`` unlocked with ``secret``
-    (qemu-img amend ``encrypt.state=active``); returns the key slot used.
-
-    ``keyslot`` None takes the first free slot; an active slot is replaced only with
-    ``force``.  ``iter_time_ms`` (default 2000) is the PBKDF2 time of the new slot.
-    Raises :class:`InvalidPassphraseError` when ``secret`` opens no slot."""
-    before, after = _keyslot_api(
-        path, secret, KeySlotAmend("active", new_secret="new", keyslot=keyslot,
-                                   iter_time=iter_time_ms),
-        {"new": new_secret}, force, untrusted)
-    changed = [i for i, (a, b) in enumerate(zip(before.slots, after.slots, strict=True))
-               if b.active and (not a.active or a.salt != b.salt)]
-    assert len(changed) == 1
-    return changed[0]
-
-
-def luks_remove_keys(path: Any, secret: bytes, *, keyslot: int | None = None,
-                     old_secret: bytes | None = None, force: bool = False,
-                     untrusted: bool = False) -> list[int]:
-    """Erase key slots of the LUKS qcow2 at ``path`` unlocked with ``secret`` (qemu-img
-    amend ``encrypt.state=inactive``): slot ``keyslot``, and/or every slot ``old_secret``
-    opens.  Erasing the last active slot is refused unless ``force`` (the data would be
-    lost for ever).  Returns the erased slots."""
-    before, after = _keyslot_api(
-        path, secret, KeySlotAmend("inactive", keyslot=keyslot,
-                                   old_secret=None if old_secret is None else "old"),
-        {} if old_secret is None else {"old": old_secret}, force, untrusted)
-    return [i for i, (a, b) in enumerate(zip(before.slots, after.slots, strict=True))
-            if a.active and not b.active]
