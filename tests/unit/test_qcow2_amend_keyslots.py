@@ -17,13 +17,8 @@ from diskimg.errors import (
     UsageError,
 )
 from diskimg.hostio import open_host_file
-from diskimg.qcow2.amend import read_header
-from diskimg.qcow2.amend_keyslots import (
-    amend_keyslots,
-    luks_add_key,
-    luks_area,
-    luks_remove_keys,
-)
+from diskimg.qcow2.amend import luks_add_key, luks_remove_keys, read_header
+from diskimg.qcow2.amend_keyslots import amend_keyslots, luks_area
 from diskimg.qcow2.amend_plan import check_encryption_amendable, keyslot_request
 from diskimg.qcow2.create import plan_header
 from diskimg.qcow2.layout import QCOW_CRYPT_AES
