@@ -17,6 +17,7 @@ from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.options import compat_version, parse_bool, parse_param_size
 from diskimg.qcow2.amend_compat import LAZY_NEEDS_V3, check_downgradable
 from diskimg.qcow2.layout import QCOW2_INCOMPAT_DATA_FILE, QCOW_CRYPT_LUKS, Header
+from diskimg.qcow2.refcount import refcount_order_of
 
 __all__ = [
     "AMENDABLE",
@@ -196,9 +197,7 @@ def plan_amend(h: Header, options: Mapping[str, str]) -> AmendPlan:
     new_bits = h.refcount_bits
     bits = _option_int(options, "refcount_bits", 0)
     if bits is not None:
-        if bits <= 0 or bits > 64 or bits & (bits - 1):
-            raise UsageError("Refcount width must be a power of two and may not exceed 64 "
-                             "bits")
+        refcount_order_of(bits)
         new_bits = bits
     if new_version < 3 and new_bits != 16:
         if bits is None:  # qemu's message when only the downgrade asks for it

@@ -34,7 +34,12 @@ from diskimg.qcow2.layout import (
     Header,
     pack_feature_table,
 )
-from diskimg.qcow2.refcount import RefBlock, refblock_entries, refcount_blocks_for
+from diskimg.qcow2.refcount import (
+    RefBlock,
+    refblock_entries,
+    refcount_blocks_for,
+    refcount_order_of,
+)
 from diskimg.units import parse_size
 
 
@@ -54,8 +59,7 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
         raise UsageError("Cluster size must be a power of two between 512 and 2048k")
     cluster_bits = cs.bit_length() - 1
     rb = int(options.pop("refcount_bits", 16))
-    if rb < 1 or rb > 64 or rb & (rb - 1):
-        raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
+    refcount_order_of(rb)
     if version == 2 and rb != 16:
         raise UsageError("Different refcount widths than 16 bits require compatibility level "
                          "1.1 or above (use version=v3 or greater)")

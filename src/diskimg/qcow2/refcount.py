@@ -13,7 +13,7 @@ import functools
 import struct
 from array import array
 
-from diskimg.errors import CorruptImageError
+from diskimg.errors import CorruptImageError, UsageError
 from diskimg.hostio import HostFile
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import (
@@ -70,6 +70,14 @@ def refcount_blocks_for(clusters: int, cs: int, refcount_order: int,
 def refblock_entries(cluster_size: int, order: int) -> int:
     """Refcounts one refcount block holds: ``cluster_size * 8 >> order``."""
     return cluster_size * 8 >> order
+
+
+def refcount_order_of(bits: int) -> int:
+    """The refcount order of a ``refcount_bits`` option value: a power of two from 1 to
+    64 (orders 0..6); any other width is refused with qemu's message."""
+    if bits <= 0 or bits > 64 or bits & (bits - 1):
+        raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
+    return bits.bit_length() - 1
 
 
 def max_refcount(order: int) -> int:
