@@ -8,6 +8,7 @@ from pathlib import Path
 
 import diskimg
 from diskimg.hostio import open_host_file
+from diskimg.qcow2 import entries as E
 from diskimg.qcow2.amend import read_header
 from diskimg.qcow2.amend_empty import make_empty
 from tests.unit.qcow2_amend_testlib import assert_clean
@@ -70,3 +71,13 @@ def test_discard_all_keeps_snapshots(tmp_path: Path) -> None:
     with diskimg.open(top) as d:
         assert d.read(0, d.size) == at_snapshot
     assert_clean(top)
+
+
+def test_compressed_host_clusters() -> None:
+    # the clusters a compressed descriptor's bytes touch (each freed once by make_empty)
+    cb = 16
+    one = E.encode_compressed(3 * 65536 + 1000, 2000, cb)
+    assert E.compressed_host_clusters(one, cb) == range(3, 4)
+    two = E.encode_compressed(4 * 65536 - 700, 1500, cb)  # crosses into cluster 4
+    assert E.compressed_host_clusters(two, cb) == range(3, 5)
+    assert E.decode_compressed(two, cb)[0] == 4 * 65536 - 700

@@ -16,7 +16,13 @@ from diskimg.qcow2.amend_refcount import (
     counts_after_rebuild,
     rebuild_refcounts,
 )
-from diskimg.qcow2.refcount import REFT_OFFSET_MASK, Refcounts
+from diskimg.qcow2.refcount import (
+    REFT_OFFSET_MASK,
+    Refcounts,
+    max_refcount,
+    refblock_entries,
+    refcount_order_of,
+)
 from tests.unit.qcow2_amend_testlib import assert_clean, guest_sha256
 
 MiB = 1 << 20
@@ -108,3 +114,20 @@ def test_rebuild_refuses_before_writing(tmp_path: Path) -> None:
     finally:
         host.close()
     assert p.read_bytes() == raw
+
+
+# --- the refcount-width rules amend_refcount uses (qcow2/refcount.py) ------------------
+
+
+def test_refcount_width_rules() -> None:
+    # docs/interop/qcow2.txt: refcount_order 0..6, a block holds cluster_size * 8 / bits
+    assert [refcount_order_of(b) for b in (1, 2, 4, 8, 16, 32, 64)] == list(range(7))
+    for bad in (0, -16, 3, 12, 128):
+        with pytest.raises(UsageError) as exc:
+            refcount_order_of(bad)
+        assert str(exc.value) == ("Refcount width must be a power of two and may not "
+                                  "exceed 64 bits")
+    assert [refblock_entries(65536, o) for o in (0, 4, 6)] == [524288, 32768, 8192]
+    assert [refblock_entries(512, o) for o in (0, 6)] == [4096, 64]
+    assert [max_refcount(o) for o in range(7)] == [1, 3, 15, 255, 65535, (1 << 32) - 1,
+                                                    (1 << 64) - 1]
