@@ -151,8 +151,11 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
     ``encrypt.iter-time``; secrets are ids into ``secrets``, the image is unlocked with
     ``image_options['encrypt.key-secret']``).
 
-    Every option is checked before anything is written (qemu writes key slots before it
-    checks ``lazy_refcounts`` against ``compat``).  Steps in qemu's order: key slots,
+    Every option is checked before anything is written (:func:`plan_amend`, then whether
+    every refcount fits a narrower ``refcount_bits`` and whether the resize would be
+    refused), so a refused amend changes no byte; qemu writes key slots before it checks
+    ``lazy_refcounts`` against ``compat``, and upgrades before it finds a refcount too
+    large for the new width.  Steps in qemu's order: key slots,
     upgrade, refcount width, lazy refcounts, size, downgrade.  ``device``: the image
     already open read-write (the CLI's), which amend closes."""
     from diskimg import api
