@@ -220,7 +220,8 @@ E2E: list[tuple[str, Callable[[Path], Path], dict[str, str], str]] = [
      "Can't resize a v2 image which has snapshots"),
     ("upgrade+refcount-too-narrow", _v2_with_snapshot,
      {"compat": "1.1", "refcount_bits": "1"},
-     "Cannot decrease refcount entry width to 1 bits: A refcount would be too large"),
+     "Cannot decrease refcount entry width to 1 bits: Cluster at offset 0x50000 has a "
+     "refcount of 2"),
 ]
 
 

@@ -3,6 +3,8 @@ cluster's refcount and every guest byte; the width check refuses before any writ
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,14 +31,17 @@ MiB = 1 << 20
 
 
 def test_check_refcount_width() -> None:
-    check_refcount_width([0, 1, 1], 0)
-    check_refcount_width([0, 3, 2], 1)
-    check_refcount_width([(1 << 16) - 1], 4)
-    for counts, order in (([0, 2], 0), ([4], 1), ([1 << 16], 4)):
+    check_refcount_width([0, 1, 1], 0, 512)
+    check_refcount_width([0, 3, 2], 1, 512)
+    check_refcount_width([(1 << 16) - 1], 4, 512)
+    # qemu's message names the first cluster whose refcount does not fit
+    for counts, order, where, value in (([0, 2, 3], 0, 0x10000, 2), ([1, 4], 1, 0x10000, 4),
+                                        ([1 << 16], 4, 0, 1 << 16)):
         with pytest.raises(UsageError) as exc:
-            check_refcount_width(counts, order)
+            check_refcount_width(counts, order, 65536)
         assert str(exc.value) == (f"Cannot decrease refcount entry width to {1 << order} "
-                                  "bits: A refcount would be too large")
+                                  f"bits: Cluster at offset {where:#x} has a refcount of "
+                                  f"{value}")
 
 
 def _image(tmp_path: Path) -> Path:
@@ -109,7 +114,7 @@ def test_rebuild_refuses_before_writing(tmp_path: Path) -> None:
     raw = p.read_bytes()
     host = open_host_file(p, True)
     try:
-        with pytest.raises(UsageError, match="to 1 bits"):
+        with pytest.raises(UsageError, match="to 1 bits: Cluster at offset 0x"):
             rebuild_refcounts(host, read_header(host), 0)
     finally:
         host.close()
@@ -131,3 +136,19 @@ def test_refcount_width_rules() -> None:
     assert [refblock_entries(512, o) for o in (0, 6)] == [4096, 64]
     assert [max_refcount(o) for o in range(7)] == [1, 3, 15, 255, 65535, (1 << 32) - 1,
                                                     (1 << 64) - 1]
+
+
+@pytest.mark.qemu
+def test_too_narrow_message_matches_qemu(tmp_path: Path, qemu_img: str) -> None:
+    p = _image(tmp_path)  # refcount 2 on the clusters the snapshot shares
+    q = tmp_path / "q.qcow2"
+    q.write_bytes(p.read_bytes())
+    raw = p.read_bytes()
+    ref = subprocess.run([qemu_img, "amend", "-o", "refcount_bits=1", str(q)],
+                         capture_output=True, text=True)
+    mine = subprocess.run([sys.executable, "-m", "diskimg", "amend", "-o", "refcount_bits=1",
+                           str(p)], capture_output=True, text=True)
+    assert ref.returncode == mine.returncode == 1
+    assert ref.stderr.removeprefix("qemu-img: ") == mine.stderr.removeprefix("diskimg: ")
+    assert "Cluster at offset 0x" in mine.stderr
+    assert p.read_bytes() == raw == q.read_bytes()

@@ -172,7 +172,8 @@ def amend(path: Any, options: dict[str, str], *, fmt: str | None = None,
         h = read_header(dev.host)
         plan = plan_amend(h, options)  # every refusal of the options: nothing written yet
         if plan.refcount_bits < h.refcount_bits:  # would a refcount still fit?
-            check_refcount_width(counts_after_rebuild(dev.host, h), plan.refcount_order)
+            check_refcount_width(counts_after_rebuild(dev.host, h), plan.refcount_order,
+                                 h.cluster_size)
         check_resize(h, plan, nb_bitmaps(h))
         if plan.keyslots is not None:
             amend_keyslots(dev, plan.keyslots, secrets, force=force)

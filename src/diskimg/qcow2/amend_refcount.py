@@ -59,11 +59,15 @@ def counts_after_rebuild(host: HostFile, h: Header) -> list[int]:
     return counts
 
 
-def check_refcount_width(counts: list[int], new_order: int) -> None:
-    """Refuse a width too narrow for a refcount in ``counts`` (before any write)."""
-    if any(v > max_refcount(new_order) for v in counts):
-        raise UsageError(f"Cannot decrease refcount entry width to {1 << new_order} bits: "
-                         "A refcount would be too large")
+def check_refcount_width(counts: list[int], new_order: int, cluster_size: int) -> None:
+    """Refuse a width too narrow for a refcount in ``counts`` (before any write), naming
+    the first such cluster as qemu does."""
+    top = max_refcount(new_order)
+    for c, v in enumerate(counts):
+        if v > top:
+            raise UsageError(f"Cannot decrease refcount entry width to {1 << new_order} "
+                             f"bits: Cluster at offset {c * cluster_size:#x} has a "
+                             f"refcount of {v}")
 
 
 def rebuild_refcounts(host: HostFile, h: Header, new_order: int) -> None:
@@ -72,7 +76,7 @@ def rebuild_refcounts(host: HostFile, h: Header, new_order: int) -> None:
     switch the header to them, then free the old structures."""
     cs = h.cluster_size
     counts = counts_after_rebuild(host, h)
-    check_refcount_width(counts, new_order)
+    check_refcount_width(counts, new_order, cs)
     end_cluster = len(counts)
     per_block = refblock_entries(cs, new_order)
     start = end_cluster
