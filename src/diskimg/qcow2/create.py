@@ -7,7 +7,7 @@ written only up to its last entry (so the file ends mid-cluster, as QEMU's does)
 
 from __future__ import annotations
 
-import struct
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,9 @@ from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
 from diskimg.options import compat_version
 from diskimg.options import parse_bool as _bool
+from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
+from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -25,13 +27,19 @@ from diskimg.qcow2.layout import (
     QCOW2_INCOMPAT_COMPRESSION,
     QCOW2_INCOMPAT_DATA_FILE,
     QCOW2_INCOMPAT_EXTL2,
+    QCOW_CRYPT_LUKS,
     QCOW_MAX_L1_SIZE,
     V2_HEADER_LENGTH,
     V3_HEADER_LENGTH_COMPRESSION,
     Header,
     pack_feature_table,
 )
-from diskimg.qcow2.refcount import RefBlock, refcount_blocks_for
+from diskimg.qcow2.refcount import (
+    RefBlock,
+    refblock_entries,
+    refcount_blocks_for,
+    refcount_order_of,
+)
 from diskimg.units import parse_size
 
 
@@ -51,8 +59,7 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
         raise UsageError("Cluster size must be a power of two between 512 and 2048k")
     cluster_bits = cs.bit_length() - 1
     rb = int(options.pop("refcount_bits", 16))
-    if rb < 1 or rb > 64 or rb & (rb - 1):
-        raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
+    refcount_order_of(rb)
     if version == 2 and rb != 16:
         raise UsageError("Different refcount widths than 16 bits require compatibility level "
                          "1.1 or above (use version=v3 or greater)")
@@ -166,7 +173,7 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
         # clusters 0-2: header, refcount table, first refcount block (refcounts for 0..2).
         # The header cluster is written last: until then the file has no magic, so a crash
         # leaves no half-made image that qemu would open (B12)
-        host.pwrite(cs, struct.pack(">Q", 2 * cs).ljust(cs, b"\0"))
+        host.pwrite(cs, pack_be_u64_array(array("Q", [2 * cs])).ljust(cs, b"\0"))
         blk = RefBlock(h.refcount_order, bytes(cs))
         for c in range(3):
             blk[c] = 1
@@ -179,7 +186,7 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
             rc.flush()
             host.pwrite(l1_off, bytes(h.l1_size * 8))
             h.l1_table_offset = l1_off
-            if h.crypt_method == 2:
+            if h.crypt_method == QCOW_CRYPT_LUKS:
                 _add_luks_area(host, h, rc, passphrase, enc_opts)
         host.flush()
         host.pwrite(0, h.pack().ljust(cs, b"\0"))
@@ -240,9 +247,9 @@ def _preallocate_space(path: Path, h: Header, mode: str) -> None:
     has refcount 1 and everything else 0, so ``check`` finds no leaks."""
     cs = h.cluster_size
     order = h.refcount_order
-    per_block = cs * 8 >> order
-    l2_entry = 16 if h.incompatible_features & QCOW2_INCOMPAT_EXTL2 else 8
-    per_l2 = cs // l2_entry
+    per_block = refblock_entries(cs, order)
+    step = 2 if h.incompatible_features & QCOW2_INCOMPAT_EXTL2 else 1  # u64 words an entry
+    per_l2 = cs // (8 * step)
     host = open_host_file(path, True)
     try:
         old_end = -(-host.size() // cs)  # clusters in use (the file ends mid-cluster)
@@ -253,7 +260,7 @@ def _preallocate_space(path: Path, h: Header, mode: str) -> None:
         table_clusters = table_entries * 8 // cs
         # every refcount block the file has so far (a LUKS header can span several)
         raw = host.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
-        old = [e for (e,) in struct.iter_unpack(">Q", raw)]
+        old = be_u64_array(raw)
         table = [0] * table_entries
         blocks: dict[int, RefBlock] = {}
         for i, off in enumerate(old):
@@ -284,7 +291,7 @@ def _preallocate_space(path: Path, h: Header, mode: str) -> None:
                 lo += k
         for i, b in sorted(blocks.items()):
             host.pwrite(table[i], b.pack())
-        host.pwrite(table_at * cs, b"".join(struct.pack(">Q", e) for e in table))
+        host.pwrite(table_at * cs, pack_be_u64_array(array("Q", table)))
         header_io.set_refcount_table(host, table_at * cs, table_clusters)
         h.refcount_table_offset, h.refcount_table_clusters = table_at * cs, table_clusters
         data_end = (data_at + n_data) * cs
@@ -294,17 +301,15 @@ def _preallocate_space(path: Path, h: Header, mode: str) -> None:
             host.preallocate(data_at * cs, n_data * cs)
         if host.size() < data_end:
             host.truncate(data_end)
-        l1 = bytearray(h.l1_size * 8)
-        copied = 1 << 63
+        l1 = array("Q", bytes(h.l1_size * 8))
         for t in range(n_tables):
             first = t * per_l2
-            entries = bytearray(cs)
+            entries = array("Q", bytes(cs))
             for j in range(min(per_l2, n_data - first)):
-                struct.pack_into(">Q", entries, j * l2_entry,
-                                 ((data_at + first + j) * cs) | copied)
-            host.pwrite(l2_at[t] * cs, entries)
-            struct.pack_into(">Q", l1, t * 8, (l2_at[t] * cs) | copied)
-        host.pwrite(h.l1_table_offset, l1)
+                entries[j * step] = ((data_at + first + j) * cs) | E.QCOW_OFLAG_COPIED
+            host.pwrite(l2_at[t] * cs, pack_be_u64_array(entries))
+            l1[t] = (l2_at[t] * cs) | E.QCOW_OFLAG_COPIED
+        host.pwrite(h.l1_table_offset, pack_be_u64_array(l1))
         host.flush()
     finally:
         host.close()

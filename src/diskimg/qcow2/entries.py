@@ -98,6 +98,13 @@ def decode_compressed(entry: int, cluster_bits: int) -> tuple[int, int]:
     return host, (nb_csectors + 1) * 512 - (host & 511)
 
 
+def compressed_host_clusters(entry: int, cluster_bits: int) -> range:
+    """Indices of the host clusters a compressed cluster descriptor's bytes touch (each
+    holds one reference for it)."""
+    host, length = decode_compressed(entry, cluster_bits)
+    return range((host & ~511) >> cluster_bits, ((host + length - 1) >> cluster_bits) + 1)
+
+
 def encode_compressed(host: int, length: int, cluster_bits: int) -> int:
     """Descriptor for ``length`` compressed bytes at ``host`` (COMPRESSED flag set)."""
     x, mask = compressed_layout(cluster_bits)

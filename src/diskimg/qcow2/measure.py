@@ -30,7 +30,7 @@ from diskimg.qcow2.bitmaps import (
     BitmapEntry,
     BitmapsExt,
 )
-from diskimg.qcow2.refcount import refcount_metadata_clusters
+from diskimg.qcow2.refcount import refcount_metadata_clusters, refcount_order_of
 from diskimg.units import parse_size
 
 if TYPE_CHECKING:
@@ -186,8 +186,7 @@ def parse_qcow2_options(options: Mapping[str, Any],
         raise UsageError(f"Invalid compatibility level: '{compat}'")
     rb = options.get("refcount_bits")
     bits = 16 if rb is None else int(str(rb), 0)
-    if bits > 64 or bits <= 0 or bits & (bits - 1):
-        raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
+    refcount_order_of(bits)
     if version < 3 and bits != 16:
         raise UsageError("Different refcount widths than 16 bits require compatibility "
                          "level 1.1 or above (use compat=1.1 or greater)")

@@ -13,7 +13,7 @@ import functools
 import struct
 from array import array
 
-from diskimg.errors import CorruptImageError
+from diskimg.errors import CorruptImageError, UsageError
 from diskimg.hostio import HostFile
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import (
@@ -39,7 +39,7 @@ def refcount_metadata_clusters(clusters: int, cs: int, refcount_order: int,
     ``qcow2_refcount_metadata_size``.  ``generous`` adds half the table size to
     ``clusters`` once, as QEMU's ``generous_increase`` does.  The one copy of this rule
     (allocation, create and ``measure`` use it)."""
-    per_block = cs * 8 >> refcount_order
+    per_block = refblock_entries(cs, refcount_order)
     per_table_cluster = cs // 8
     blocks = table = 0
     while True:
@@ -65,6 +65,24 @@ def refcount_blocks_for(clusters: int, cs: int, refcount_order: int,
 # bits (order 0..6).  Entries of 8 bits or more are big-endian unsigned integers; narrower
 # entries are packed into bytes starting from the least significant bit:
 #   refcount = (block[i / (8 / bits)] >> ((i % (8 / bits)) * bits)) & ((1 << bits) - 1)
+
+
+def refblock_entries(cluster_size: int, order: int) -> int:
+    """Refcounts one refcount block holds: ``cluster_size * 8 >> order``."""
+    return cluster_size * 8 >> order
+
+
+def refcount_order_of(bits: int) -> int:
+    """The refcount order of a ``refcount_bits`` option value: a power of two from 1 to
+    64 (orders 0..6); any other width is refused with qemu's message."""
+    if bits <= 0 or bits > 64 or bits & (bits - 1):
+        raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
+    return bits.bit_length() - 1
+
+
+def max_refcount(order: int) -> int:
+    """The largest refcount an entry of width ``1 << order`` bits holds."""
+    return (1 << (1 << order)) - 1
 
 
 def refcount_typecode(order: int) -> str:
@@ -199,7 +217,7 @@ class Refcounts:
         self.cs = cs
         self.cluster_bits = header.cluster_bits
         self.order = header.refcount_order
-        self.max_refcount = (1 << (1 << self.order)) - 1
+        self.max_refcount = max_refcount(self.order)
         self.block_bits = header.cluster_bits + 3 - self.order  # log2(entries per block)
         raw = host.pread_exact(header.refcount_table_offset,
                                header.refcount_table_clusters * cs, "refcount table")
