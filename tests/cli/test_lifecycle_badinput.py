@@ -16,9 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from .conftest import needs_qemu, qemu
-from .lifecycle_helpers import create, qio
+from .lifecycle_helpers import create
 
 pytestmark = [pytest.mark.qemu, needs_qemu]
 
@@ -101,9 +102,9 @@ SAME_AS_QEMU = ["snapshot-name-64KiB", "snapshot-table-past-eof",
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("bad")
     create(d, "img.qcow2", "4M")
-    qio(d, "img.qcow2", "write -P 1 0 1M")
+    QEMU.io("img.qcow2", "write -P 1 0 1M", fmt=None, cwd=d)
     subprocess.run(["qemu-img", "snapshot", "-c", "s1", "img.qcow2"], cwd=d, check=True)
-    qio(d, "img.qcow2", "write -P 2 512k 64k")
+    QEMU.io("img.qcow2", "write -P 2 512k 64k", fmt=None, cwd=d)
     return d / "img.qcow2"
 
 
