@@ -122,8 +122,8 @@ class Qemu:
     def io(self, path: Arg, *cmds: str, fmt: str | None = "qcow2",
            image_opts: bool = False, objects: Sequence[str] = (), read_only: bool = False,
            share: bool = False, extra: Sequence[Arg] = (), ok: Ok = (0,),
-           verify: bool = True, cwd: Arg | None = None,
-           env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[Any]:
+           verify: bool = True, cwd: Arg | None = None, env: Mapping[str, str] | None = None,
+           timeout: float = 120) -> subprocess.CompletedProcess[Any]:
         """``qemu-io [-f FMT] -c CMD ... PATH``.
 
         ``image_opts``: ``path`` is an ``--image-opts`` string (no ``-f``); ``objects``
@@ -145,7 +145,7 @@ class Qemu:
         argv += list(extra)
         for c in cmds:
             argv += ["-c", c]
-        res = self.run([*argv, path], ok=ok, cwd=cwd, env=env)
+        res = self.run([*argv, path], ok=ok, cwd=cwd, env=env, timeout=timeout)
         if verify:
             out = res.stdout + res.stderr
             assert "Pattern verification failed" not in out, f"qemu-io {path} {cmds}: {out}"
