@@ -102,7 +102,8 @@ class Qemu:
     def check_clean(self, path: Arg, *extra: Arg, cwd: Arg | None = None) -> None:
         """qemu-img check exits 0 and reports no corruption, leak or check error."""
         res = self.img("check", *extra, path, ok=None, cwd=cwd)
-        assert res.returncode == 0, f"qemu-img check {path}: {res.stdout}{res.stderr}"
+        assert res.returncode == 0 and "No errors were found on the image." in res.stdout, \
+            f"qemu-img check {path} exited {res.returncode}: {res.stdout}{res.stderr}"
 
     def compare(self, a: Arg, b: Arg, *extra: Arg, cwd: Arg | None = None) -> int:
         """``qemu-img compare`` exit code (0 identical, 1 differ, 2+ error)."""
