@@ -1,4 +1,5 @@
-"""Parse/pack round trips of every qcow2 on-disk record, on bytes qemu-img wrote."""
+"""Parse/pack round trips of every qcow2 on-disk record, on bytes qemu-img wrote (the L2
+entry classifier and compressed descriptors: tests/unit/test_qcow2_entries.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diskimg.qcow2 import entries as E
 from diskimg.qcow2.layout import (
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
@@ -83,65 +83,6 @@ def test_sub_byte_refcounts_are_lsb_first() -> None:
     blk4 = RefBlock(2, bytes(512))
     blk4[1] = 0xA
     assert blk4.pack()[0] == 0xA0
-
-
-@given(cluster_bits=st.integers(9, 21), data=st.data())
-def test_compressed_descriptor_round_trip(cluster_bits: int, data: st.DataObject) -> None:
-    x = 62 - (cluster_bits - 8)
-    host = data.draw(st.integers(0, min((1 << x) - 1, (1 << 56) - 1)))
-    max_len = (1 << (cluster_bits - 8)) * 512 - (host & 511)
-    length = data.draw(st.integers(1, max(1, min(max_len, 2 << cluster_bits))))
-    ent = E.encode_compressed(host, length, cluster_bits)
-    for extended in (False, True):
-        for df in (False, True):
-            assert E.cluster_type(ent, extended=extended,
-                                  has_data_file=df) == E.ClusterType.COMPRESSED
-    h, n = E.decode_compressed(ent, cluster_bits)
-    assert h == host and n >= length and n - length < 512
-
-
-def test_cluster_types() -> None:
-    def ct(e: int, df: bool = False) -> E.ClusterType:
-        return E.cluster_type(e, extended=False, has_data_file=df)
-
-    assert ct(0) == E.ClusterType.UNALLOCATED
-    assert ct(1) == E.ClusterType.ZERO_PLAIN
-    assert ct(0x50000 | 1) == E.ClusterType.ZERO_ALLOC
-    assert ct(E.QCOW_OFLAG_COPIED | 0x50000) == E.ClusterType.NORMAL
-    bitmap = 0b1 | (0b10 << 32)
-
-    def st_(e: int, bm: int, i: int, df: bool = False) -> E.SubclusterType:
-        return E.subcluster_type(e, bm, i, has_data_file=df)
-
-    assert st_(0x50000, bitmap, 0) == E.SubclusterType.NORMAL
-    assert st_(0x50000, bitmap, 1) == E.SubclusterType.ZERO_ALLOC
-    assert st_(0x50000, bitmap, 2) == E.SubclusterType.UNALLOCATED_ALLOC
-    assert st_(0, 1 | (1 << 32), 0) == E.SubclusterType.INVALID
-
-
-def test_offset_zero_with_a_data_file() -> None:
-    """Host offset 0 is the data file's first cluster: COPIED with offset 0 is NORMAL
-    there (QEMU's qcow2_get_cluster_type), unallocated in an image without one."""
-    copied = E.QCOW_OFLAG_COPIED
-    for extended in (False, True):
-        assert E.cluster_type(copied, extended=extended,
-                              has_data_file=True) == E.ClusterType.NORMAL
-        assert E.cluster_type(copied, extended=extended,
-                              has_data_file=False) == E.ClusterType.UNALLOCATED
-        assert E.cluster_type(0, extended=extended,
-                              has_data_file=True) == E.ClusterType.UNALLOCATED
-    # the zero flag wins; offset 0 keeps no host cluster
-    assert E.cluster_type(copied | 1, extended=False,
-                          has_data_file=True) == E.ClusterType.ZERO_PLAIN
-    bitmap = 0b1 | (0b10 << 32)
-    assert E.subcluster_type(copied, bitmap, 0, has_data_file=True) == E.SubclusterType.NORMAL
-    assert E.subcluster_type(copied, bitmap, 1,
-                             has_data_file=True) == E.SubclusterType.ZERO_ALLOC
-    assert E.subcluster_type(copied, bitmap, 2,
-                             has_data_file=True) == E.SubclusterType.UNALLOCATED_ALLOC
-    assert E.subcluster_type(copied, bitmap, 0, has_data_file=False) == E.SubclusterType.INVALID
-    assert E.subcluster_type(copied, bitmap, 1,
-                             has_data_file=False) == E.SubclusterType.ZERO_PLAIN
 
 
 # --- snapshot table and bitmap directory records on tables qemu wrote -------------------
