@@ -4,12 +4,12 @@ entry classifier and compressed descriptors: tests/unit/test_qcow2_entries.py)."
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from qemukit import QEMU
 
 from diskimg.qcow2.layout import (
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
@@ -31,11 +31,11 @@ QEMU_IMG = shutil.which("qemu-img")
 @pytest.mark.parametrize("backing", [False, True])
 def test_header_round_trip_on_qemu_images(tmp_path: Path, opts: str, backing: bool) -> None:
     img = tmp_path / "h.qcow2"
-    args = [QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts]
+    args: list[str] = ["create", "-q", "-f", "qcow2", "-o", opts]
     if backing:
         (tmp_path / "base.raw").write_bytes(b"\0" * 512)
         args += ["-b", "base.raw", "-F", "raw"]
-    subprocess.run([*args, str(img), "1M"], check=True)
+    QEMU.img(*args, img, "1M")
     raw = img.read_bytes()
     h = Header.parse(raw[: Header.cluster_size_of(raw)], len(raw))
     packed = h.pack()
@@ -88,8 +88,7 @@ def test_sub_byte_refcounts_are_lsb_first() -> None:
 # --- snapshot table and bitmap directory records on tables qemu wrote -------------------
 def _qemu_image(tmp_path: Path, opts: str) -> Path:
     img = tmp_path / "t.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts, str(img), "4M"],
-                   check=True)
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", opts, img, "4M")
     return img
 
 
@@ -102,7 +101,7 @@ def test_snapshot_records_round_trip_on_qemu_tables(tmp_path: Path, opts: str) -
     img = _qemu_image(tmp_path, opts)
     names = ["a", "a much longer snapshot name", "z" * 9]
     for n in names:
-        subprocess.run([QEMU_IMG, "snapshot", "-c", n, str(img)], check=True)
+        QEMU.img("snapshot", "-c", n, img)
     raw = img.read_bytes()
     h = Header.parse(raw[: Header.cluster_size_of(raw)], len(raw))
     assert h.nb_snapshots == len(names)
@@ -129,9 +128,8 @@ def test_bitmap_records_round_trip_on_qemu_directory(tmp_path: Path) -> None:
     img = _qemu_image(tmp_path, "compat=1.1")
     names = ["b0", "a-longer-bitmap-name", "x" * 17]
     for i, n in enumerate(names):
-        subprocess.run([QEMU_IMG, "bitmap", "--add", "-g", str(65536 << i), str(img), n],
-                       check=True)
-    subprocess.run([QEMU_IMG, "bitmap", "--disable", str(img), names[1]], check=True)
+        QEMU.img("bitmap", "--add", "-g", str(65536 << i), img, n)
+    QEMU.img("bitmap", "--disable", img, names[1])
     raw = img.read_bytes()
     h = Header.parse(raw[: Header.cluster_size_of(raw)], len(raw))
     ext = h.ext(QCOW2_EXT_MAGIC_BITMAPS)
