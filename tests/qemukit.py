@@ -28,7 +28,7 @@ from typing import Any
 
 TOOLS = Path(__file__).resolve().parent / "tools"
 Ok = Sequence[int] | None
-Arg = str | os.PathLike[str] | int
+Arg = str | bytes | os.PathLike[str] | int  # bytes: an argument that is not UTF-8
 
 _real = shutil.which("qemu-img")
 if _real and os.path.dirname(os.path.abspath(_real)) != str(TOOLS) \
@@ -41,12 +41,13 @@ QEMU_IO = shutil.which("qemu-io")
 AVAILABLE = QEMU_IMG is not None and QEMU_IO is not None
 
 
-def _checked(argv: list[str], res: subprocess.CompletedProcess[Any], ok: Ok) -> None:
+def _checked(argv: list[Any], res: subprocess.CompletedProcess[Any], ok: Ok) -> None:
     if ok is not None and res.returncode not in tuple(ok):
         out, err = res.stdout, res.stderr
         if isinstance(out, bytes):
             out, err = out.decode(errors="replace"), err.decode(errors="replace")
-        raise AssertionError(f"{' '.join(argv)} exited {res.returncode} (expected {tuple(ok)})"
+        cmd = " ".join(map(str, argv))
+        raise AssertionError(f"{cmd} exited {res.returncode} (expected {tuple(ok)})"
                              f"\nstdout: {out[-2000:]}\nstderr: {err[-2000:]}")
 
 
@@ -62,7 +63,7 @@ class Qemu:
             env: Mapping[str, str] | None = None, input: str | bytes | None = None,
             text: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[Any]:
         """Run ``argv`` (stdin is /dev/null unless ``input`` is given)."""
-        args = [str(a) for a in argv]
+        args: list[Any] = [a if isinstance(a, bytes) else str(a) for a in argv]
         kw: dict[str, Any] = {"input": input} if input is not None else \
             {"stdin": subprocess.DEVNULL}
         res = subprocess.run(args, capture_output=True, text=text, timeout=timeout,
