@@ -80,7 +80,7 @@ def test_diskimg_writes_verified_by_qemu_io(tmp_path: Path) -> None:
         d.discard(0, 65536)
     QEMU.io(img, "read -P 0 0 64k", "read -P 0x5a 64k 4464", "read -P 0 5M 64k",
             "read -P 0x66 5184k 960k", cwd=img.parent)
-    out = subprocess.run([QEMU_IMG, "check", img], capture_output=True, text=True)
+    out = QEMU.img("check", img, ok=None)
     assert out.returncode == 0 and "No errors were found" in out.stdout
 
 
@@ -97,8 +97,8 @@ def test_copy_on_write_from_backing_then_qemu_check(tmp_path: Path) -> None:
             cwd=top.parent)
     assert QEMU.json("info", top)["backing-filename"] \
         == "base.qcow2"
-    assert subprocess.run([QEMU_IMG, "check", top]).returncode == 0
-    cmp = subprocess.run([QEMU_IMG, "compare", top, base], capture_output=True, text=True)
+    assert QEMU.img("check", top, ok=None).returncode == 0
+    cmp = QEMU.img("compare", top, base, ok=None)
     assert cmp.returncode == 1 and "Content mismatch at offset 512!" in cmp.stdout
 
 
@@ -143,7 +143,7 @@ def test_refcount_table_growth_with_small_clusters(tmp_path: Path) -> None:
     with diskimg.open(img, "r+") as d:
         for off in range(0, 24 << 20, len(chunk)):
             d.write(off, chunk)
-    out = subprocess.run([QEMU_IMG, "check", img], capture_output=True, text=True)
+    out = QEMU.img("check", img, ok=None)
     assert out.returncode == 0, out.stdout
     QEMU.io(img, "read -P 0 0 1", f"read -P 0xff {(24 << 20) - 1} 1", cwd=img.parent)
     assert QEMU.raw_bytes(img, cwd=img.parent) == chunk * ((24 << 20) // len(chunk))
@@ -158,14 +158,14 @@ def test_resize_grows_l1_and_shrinks(tmp_path: Path) -> None:
         d.write((64 << 20) - 4096, b"\x43" * 4096)
     info = QEMU.json("info", img)
     assert info["virtual-size"] == 64 << 20
-    assert subprocess.run([QEMU_IMG, "check", img]).returncode == 0
+    assert QEMU.img("check", img, ok=None).returncode == 0
     QEMU.io(img, "read -P 0x42 0 8k", f"read -P 0x43 {(64 << 20) - 4096} 4k", cwd=img.parent)
     big = img.stat().st_size
     with diskimg.open(img, "r+") as d:
         d.resize(4096, shrink=True)
     assert QEMU.json("info", img)["virtual-size"] == 4096
     assert img.stat().st_size < big  # the host file is cut after the last used cluster
-    out = subprocess.run([QEMU_IMG, "check", img], capture_output=True, text=True)
+    out = QEMU.img("check", img, ok=None)
     assert out.returncode in (0, 3), out.stdout  # shrinking may leave leaked L2 tables
     QEMU.io(img, "read -P 0x42 0 4k", cwd=img.parent)
 
@@ -174,11 +174,10 @@ def test_qemu_lock_blocks_diskimg_writer(tmp_path: Path) -> None:
     img = tmp_path / "l.qcow2"
     diskimg.create(img, "qcow2", 1 << 20)
     with diskimg.open(img, "r+"):
-        out = subprocess.run([QEMU_IMG, "info", img], capture_output=True, text=True)
+        out = QEMU.img("info", img, ok=None)
         assert out.returncode == 1
         assert 'Failed to get shared "write" lock' in out.stderr
-        assert subprocess.run([QEMU_IMG, "info", "-U", img],
-                              capture_output=True).returncode == 0
+        assert QEMU.img("info", "-U", img, ok=None).returncode == 0
 
 
 def test_extended_l2_subclusters_read_and_map(tmp_path: Path) -> None:
@@ -262,9 +261,8 @@ def test_external_data_file_create_and_write(tmp_path: Path, raw_flag: str) -> N
     qdir.mkdir()
     ddir.mkdir()
     opts = {"data_file": "disk.raw", "data_file_raw": raw_flag}
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
-                    ",".join(f"{k}={v}" for k, v in opts.items()), "disk.qcow2", "4M"],
-                   check=True, cwd=qdir)
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", ",".join(f"{k}={v}" for k, v in opts.items()),
+             "disk.qcow2", "4M", cwd=qdir)
     diskimg.create(ddir / "disk.qcow2", "qcow2", 4 << 20, options=opts)
     for name in ("disk.qcow2", "disk.raw"):
         assert (ddir / name).read_bytes() == (qdir / name).read_bytes(), name
@@ -280,11 +278,9 @@ def test_external_data_file_create_and_write(tmp_path: Path, raw_flag: str) -> N
     assert (ddir / "disk.raw").read_bytes()[70000:70100] == model[70000:70100]
     ref = ddir / "model.raw"
     ref.write_bytes(model)
-    cmp = subprocess.run([QEMU_IMG, "compare", "-F", "raw", "disk.qcow2", "model.raw"],
-                         capture_output=True, text=True, cwd=ddir)
+    cmp = QEMU.img("compare", "-F", "raw", "disk.qcow2", "model.raw", cwd=ddir, ok=None)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    chk = subprocess.run([QEMU_IMG, "check", "disk.qcow2"], capture_output=True, text=True,
-                         cwd=ddir)
+    chk = QEMU.img("check", "disk.qcow2", cwd=ddir, ok=None)
     assert chk.returncode == 0, chk.stdout + chk.stderr
 
 
@@ -306,15 +302,12 @@ def test_info_human_and_json_match_qemu(tmp_path: Path, kind: str) -> None:
     """`diskimg info` prints qemu-img's text line for line (format-specific sections in
     QEMU's QDict order) and the same JSON, for every qcow2 flavour."""
     create, after = INFO_KINDS[kind]
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", *create, "img.qcow2", "8M"],
-                   check=True, cwd=tmp_path)
+    QEMU.img("create", "-q", "-f", "qcow2", *create, "img.qcow2", "8M", cwd=tmp_path)
     for step in after:
-        subprocess.run([QEMU_IMG, *[("img.qcow2" if a == "IMG" else a) for a in step]],
-                       check=True, cwd=tmp_path)
+        QEMU.img(*[("img.qcow2" if a == "IMG" else a) for a in step], cwd=tmp_path)
     import sys
     for extra in ([], ["--output=json"]):
-        theirs = subprocess.run([QEMU_IMG, "info", *extra, "img.qcow2"], capture_output=True,
-                                text=True, cwd=tmp_path)
+        theirs = QEMU.img("info", *extra, "img.qcow2", cwd=tmp_path, ok=None)
         ours = subprocess.run([sys.executable, "-m", "diskimg", "info", *extra, "img.qcow2"],
                               capture_output=True, text=True, cwd=tmp_path)
         assert ours.returncode == theirs.returncode == 0, ours.stderr
@@ -345,7 +338,7 @@ def test_preallocation_on_create_and_resize_like_qemu(tmp_path: Path, mode: str)
     for q, o in zip(made["qemu"], made["ours"]):
         assert QEMU.json("map", o) == QEMU.json("map", q)
         assert abs(o.stat().st_blocks - q.stat().st_blocks) <= 64  # refcount layout differs
-        assert subprocess.run([QEMU_IMG, "check", o], capture_output=True).returncode == 0
+        assert QEMU.img("check", o, ok=None).returncode == 0
 
 
 @pytest.mark.qemu
