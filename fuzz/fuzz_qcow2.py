@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "robustness"))
+sys.path.insert(0, str(ROOT / "tests"))  # qemukit: the one qemu-img/qemu-io runner
 
 FORMAT = "qcow2"
 

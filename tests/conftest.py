@@ -2,6 +2,9 @@
 
 Fixtures defined here:
 
+- ``qemu``: the shared ``qemukit.Qemu`` (``img``, ``io``, ``json``, ``map``, ``check``,
+  ``check_clean``, ``compare``, ``raw_bytes``); module-level helpers import ``QEMU`` from
+  ``qemukit`` instead (tests/ is on ``sys.path``).
 - ``qemu_img`` / ``qemu_io``: absolute path of the tool, or the test is skipped.
 - ``run``: ``run(cmd, check=True, **kw)`` runs a command (list) and returns the
   ``CompletedProcess`` with text output; on an unexpected exit code the assertion message
@@ -22,6 +25,7 @@ import gzip
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,13 +36,14 @@ from hypothesis import HealthCheck, settings
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
 
+# tests/ on sys.path: the shared qemu helper module (qemukit) is imported by plain name.
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
+
 # qemu-img's LUKS create times PBKDF2 and now and then fails on a loaded machine ("Unable
-# to get accurate CPU usage"); tests/tools/qemu-img retries just that and is put first on
-# PATH before any test module looks qemu-img up.
-_REAL_QEMU_IMG = shutil.which("qemu-img")
-if _REAL_QEMU_IMG and "DISKIMG_REAL_QEMU_IMG" not in os.environ:
-    os.environ["DISKIMG_REAL_QEMU_IMG"] = _REAL_QEMU_IMG
-    os.environ["PATH"] = f"{REPO / 'tests' / 'tools'}{os.pathsep}{os.environ['PATH']}"
+# to get accurate CPU usage"); importing qemukit puts tests/tools/qemu-img, which retries
+# just that, first on PATH before any test module looks qemu-img up.
+from qemukit import QEMU, Qemu  # noqa: E402
 
 # --- hypothesis profiles -------------------------------------------------------------------
 # "ci": reproducible (derandomize) and bounded, so the suite has a predictable run time.
@@ -85,6 +90,14 @@ def qemu_img() -> str:
     if QEMU_IMG is None:
         pytest.skip("qemu-img not installed")
     return QEMU_IMG
+
+
+@pytest.fixture
+def qemu() -> Qemu:
+    """The shared :class:`qemukit.Qemu` (qemu-img through tests/tools/qemu-img, qemu-io)."""
+    if QEMU_IMG is None or QEMU_IO is None:
+        pytest.skip("qemu-img/qemu-io not installed")
+    return QEMU
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from diskimg.cli.main import main
 
@@ -56,8 +57,7 @@ def di(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
 
 def qemu(*args: str, cwd: Path) -> Result:
     """Run ``qemu-img ARGS``; program name in output replaced by ``diskimg``."""
-    p = subprocess.run([QEMU_IMG or "qemu-img", *args], cwd=cwd, capture_output=True,
-                       text=True, timeout=60)
+    p = QEMU.img(*args, ok=None, cwd=cwd, timeout=60)
     return Result(p.returncode, p.stdout.replace("qemu-img", "diskimg"),
                   p.stderr.replace("qemu-img", "diskimg"))
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from .conftest import make_raw, needs_qcow2, needs_qemu, qemu
 
@@ -329,18 +330,13 @@ def test_resize_probed_raw_warns_like_qemu(di, twin_dirs: tuple[Path, Path]) -> 
 @pytest.fixture
 def qchain(tmp_path: Path) -> Path:
     """base.qcow2 (data at 0) <- top.qcow2 (data at 64k, zeros at 2M), made by qemu."""
-    qemu_io = shutil.which("qemu-io")
-    if qemu_io is None:
+    if shutil.which("qemu-io") is None:
         pytest.skip("qemu-io not installed")
-    import subprocess
-
-    def sh(*a: str) -> None:
-        subprocess.run(a, cwd=tmp_path, check=True, capture_output=True)
-
-    sh("qemu-img", "create", "-f", "qcow2", "base.qcow2", "4M")
-    sh(qemu_io, "-c", "write -P 0xcd 0 128k", "base.qcow2")
-    sh("qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
-    sh(qemu_io, "-c", "write -P 0xee 64k 64k", "-c", "write -z 2M 64k", "top.qcow2")
+    QEMU.img("create", "-f", "qcow2", "base.qcow2", "4M", cwd=tmp_path)
+    QEMU.io("base.qcow2", "write -P 0xcd 0 128k", fmt=None, cwd=tmp_path)
+    QEMU.img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2",
+             cwd=tmp_path)
+    QEMU.io("top.qcow2", "write -P 0xee 64k 64k", "write -z 2M 64k", fmt=None, cwd=tmp_path)
     return tmp_path
 
 

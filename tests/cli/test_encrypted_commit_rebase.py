@@ -10,25 +10,20 @@ encrypted files are scanned for the plaintext pattern the guest wrote.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from tests.cli.conftest import needs_qemu, qemu
 
 pytestmark = [needs_qemu, pytest.mark.qemu,
               pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io missing")]
 
-SECRETS = ["--object", "secret,id=s,data=pw-one", "--object", "secret,id=t,data=pw-two"]
+SECRET_OBJECTS = ["secret,id=s,data=pw-one", "secret,id=t,data=pw-two"]
+SECRETS = [a for o in SECRET_OBJECTS for a in ("--object", o)]
 PATTERN = 0x5A  # what the guest writes into the encrypted overlay
 PLAIN_RUN = bytes([PATTERN]) * 512
-
-
-def _qemu_io(cwd: Path, *args: str) -> None:
-    p = subprocess.run(["qemu-io", *SECRETS, *args], cwd=cwd, capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 0 and "error" not in p.stdout.lower(), p.stdout + p.stderr
 
 
 def _create(cwd: Path, name: str, enc: str | None, key: str = "s",
@@ -54,8 +49,9 @@ def _opts(name: str, key: str | None, backing_key: str | None = None) -> str:
 
 def _write(cwd: Path, name: str, key: str | None, backing_key: str | None,
            pattern: int, off: str, length: str) -> None:
-    _qemu_io(cwd, "--image-opts", "-c", f"write -P {pattern:#x} {off} {length}",
-             _opts(name, key, backing_key))
+    res = QEMU.io(_opts(name, key, backing_key), f"write -P {pattern:#x} {off} {length}",
+                  image_opts=True, objects=SECRET_OBJECTS, cwd=cwd, timeout=60)
+    assert "error" not in res.stdout.lower(), res.stdout + res.stderr
 
 
 def _chain(tmp_path: Path, enc: str, base_enc: str | None, base_key: str = "t") -> Path:

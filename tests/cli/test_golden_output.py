@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from .conftest import make_raw, needs_qemu, qemu
 
@@ -22,17 +23,6 @@ pytestmark = [pytest.mark.qemu, needs_qemu]
 
 VMDK_SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
                    "twoGbMaxExtentFlat", "streamOptimized"]
-
-
-def _sh(d: Path, *args: str) -> None:
-    subprocess.run(list(args), cwd=d, check=True, capture_output=True)
-
-
-def _qio(d: Path, name: str, *cmds: str) -> None:
-    args = ["qemu-io"]
-    for c in cmds:
-        args += ["-c", c]
-    _sh(d, *args, name)
 
 
 def _poke_refcount(path: Path, cluster: int, value: int, truncate: int | None = None) -> None:
@@ -49,45 +39,48 @@ def _poke_refcount(path: Path, cluster: int, value: int, truncate: int | None = 
 def build_inputs(d: Path) -> None:
     """Every image the read-only rows use, made by qemu-img and qemu-io."""
     make_raw(d / "r.raw", 4 << 20, [(65536, b"x" * 70000)])
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "b.qcow2", "4M")
-    _qio(d, "b.qcow2", "write -P 1 0 1M")
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2")
-    _qio(d, "t.qcow2", "write -P 2 64k 64k", "write -z 2M 64k", "write -c -P 3 3M 64k")
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "-b", "t.qcow2", "-F", "qcow2", "t2.qcow2",
-        "6M")
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "1G")
-    _qio(d, "v2.qcow2", "write 0 4k")
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "-o", "lazy_refcounts=on,extended_l2=on,"
-        "compression_type=zstd,refcount_bits=8", "x.qcow2", "16M")
-    _qio(d, "x.qcow2", "write 8k 4k")
-    _sh(d, "qemu-img", "snapshot", "-c", "first", "x.qcow2")
-    _sh(d, "qemu-img", "snapshot", "-c", "a-much-longer-snapshot-name", "x.qcow2")
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "-o", "data_file=dd.raw", "df.qcow2", "1M")
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "--object", "secret,id=s,data=pw", "-o",
-        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10", "l.qcow2", "1M")
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "--object", "secret,id=s,data=pw", "-o",
-        "encrypt.format=aes,encrypt.key-secret=s", "aes.qcow2", "1M")
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "bm.qcow2", "1M")
-    _sh(d, "qemu-img", "bitmap", "--add", "bm.qcow2", "b0")
-    _sh(d, "qemu-img", "bitmap", "--add", "--disable", "-g", "128k", "bm.qcow2", "b1")
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "-b", "r.raw", "-F", "raw", "or.qcow2")
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "-u", "-b", "missing.qcow2", "-F", "qcow2",
-        "om.qcow2", "1M")
+    QEMU.img("create", "-f", "qcow2", "b.qcow2", "4M", cwd=d)
+    QEMU.io("b.qcow2", "write -P 1 0 1M", fmt=None, cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2", cwd=d)
+    QEMU.io("t.qcow2", "write -P 2 64k 64k", "write -z 2M 64k", "write -c -P 3 3M 64k",
+            fmt=None, cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-b", "t.qcow2", "-F", "qcow2", "t2.qcow2", "6M", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "1G", cwd=d)
+    QEMU.io("v2.qcow2", "write 0 4k", fmt=None, cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-o",
+             "lazy_refcounts=on,extended_l2=on,"
+        "compression_type=zstd,refcount_bits=8",
+             "x.qcow2", "16M", cwd=d)
+    QEMU.io("x.qcow2", "write 8k 4k", fmt=None, cwd=d)
+    QEMU.img("snapshot", "-c", "first", "x.qcow2", cwd=d)
+    QEMU.img("snapshot", "-c", "a-much-longer-snapshot-name", "x.qcow2", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-o", "data_file=dd.raw", "df.qcow2", "1M", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "--object", "secret,id=s,data=pw", "-o",
+             "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10", "l.qcow2", "1M",
+             cwd=d)
+    QEMU.img("create", "-f", "qcow2", "--object", "secret,id=s,data=pw", "-o",
+             "encrypt.format=aes,encrypt.key-secret=s", "aes.qcow2", "1M", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "bm.qcow2", "1M", cwd=d)
+    QEMU.img("bitmap", "--add", "bm.qcow2", "b0", cwd=d)
+    QEMU.img("bitmap", "--add", "--disable", "-g", "128k", "bm.qcow2", "b1", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-b", "r.raw", "-F", "raw", "or.qcow2", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-u", "-b", "missing.qcow2", "-F", "qcow2", "om.qcow2",
+             "1M", cwd=d)
     for sub in VMDK_SUBFORMATS:
-        _sh(d, "qemu-img", "convert", "-O", "vmdk", "-o", f"subformat={sub}", "r.raw",
-            f"{sub}.vmdk")
-    _sh(d, "qemu-img", "create", "-f", "vmdk", "-o", "compat6=on,adapter_type=lsilogic",
-        "c6.vmdk", "10M")
-    _sh(d, "qemu-img", "create", "-f", "vmdk", "-o", "zeroed_grain=on", "zg.vmdk", "10M")
-    _sh(d, "qemu-img", "create", "-f", "vmdk", "-b", "monolithicSparse.vmdk", "-F", "vmdk",
-        "ov.vmdk")
+        QEMU.img("convert", "-O", "vmdk", "-o", f"subformat={sub}", "r.raw", f"{sub}.vmdk",
+                 cwd=d)
+    QEMU.img("create", "-f", "vmdk", "-o", "compat6=on,adapter_type=lsilogic", "c6.vmdk", "10M",
+             cwd=d)
+    QEMU.img("create", "-f", "vmdk", "-o", "zeroed_grain=on", "zg.vmdk", "10M", cwd=d)
+    QEMU.img("create", "-f", "vmdk", "-b", "monolithicSparse.vmdk", "-F", "vmdk", "ov.vmdk",
+             cwd=d)
     # check's messages: a cluster in use with refcount 0 (plus a leak), and refcount 2
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "bad.qcow2", "1M")
-    _qio(d, "bad.qcow2", "write 0 64k")
+    QEMU.img("create", "-f", "qcow2", "bad.qcow2", "1M", cwd=d)
+    QEMU.io("bad.qcow2", "write 0 64k", fmt=None, cwd=d)
     _poke_refcount(d / "bad.qcow2", 3, 0)
     _poke_refcount(d / "bad.qcow2", 7, 1, truncate=8 * 65536)
-    _sh(d, "qemu-img", "create", "-f", "qcow2", "bad2.qcow2", "1M")
-    _qio(d, "bad2.qcow2", "write 0 64k")
+    QEMU.img("create", "-f", "qcow2", "bad2.qcow2", "1M", cwd=d)
+    QEMU.io("bad2.qcow2", "write 0 64k", fmt=None, cwd=d)
     _poke_refcount(d / "bad2.qcow2", 4, 2)
 
 

@@ -6,10 +6,10 @@ clusters, small clusters, vmdk, several sources, ``-S 0``, ``-c``, ``-B``, ``-l`
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from .conftest import make_raw, needs_qemu, run_module
 
@@ -17,19 +17,8 @@ pytestmark = [pytest.mark.qemu, needs_qemu]
 QEMU_IO = shutil.which("qemu-io")
 
 
-def sh(d: Path, *args: str) -> None:
-    subprocess.run(list(args), cwd=d, check=True, capture_output=True)
-
-
-def qio(d: Path, name: str, *cmds: str, fmt: str = "qcow2") -> None:
-    args = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    sh(d, *args, name)
-
-
 def qemu_out(d: Path, *args: str) -> tuple[int, bytes]:
-    p = subprocess.run(["qemu-img", *args], cwd=d, capture_output=True, timeout=120)
+    p = QEMU.img(*args, ok=None, cwd=d, text=False)
     return p.returncode, p.stdout
 
 
@@ -54,23 +43,25 @@ def imgs(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                          (5 << 20, b"\2" * 512), (7 << 20, b"\3" * (2 << 20))])
     make_raw(d / "tail0.raw", 8 << 20, [(1 << 20, b"\xab" * 65536), (3 << 20, b"\1" * 4096),
                                         (5 << 20, b"\2" * 512)])
-    sh(d, "qemu-img", "create", "-f", "qcow2", "base.qcow2", "64M")
-    qio(d, "base.qcow2", "write -P 1 0 9M", "write -P 5 30M 1M", "write -c -P 6 40M 192k")
-    sh(d, "qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
-    qio(d, "top.qcow2", "write -P 2 64k 128k", "write -P 3 10M 3M", "write -z 20M 1M",
-        "write -P 4 33M 4k", "write -c -P 7 50M 64k", "discard 30M 64k")
-    sh(d, "qemu-img", "create", "-f", "qcow2", "nb.qcow2", "64M")
-    qio(d, "nb.qcow2", "write -P 1 0 2M")
-    sh(d, "qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4k,extended_l2=off",
-       "small.qcow2", "5M")
-    qio(d, "small.qcow2", "write -P 8 1000 5000", "write -P 9 2M 2M", "write -z 4M 100k")
-    sh(d, "qemu-img", "create", "-f", "qcow2", "-o", "extended_l2=on", "ext.qcow2", "8M")
-    qio(d, "ext.qcow2", "write -P 1 6k 10k", "write -P 2 1M 3M")
-    sh(d, "qemu-img", "snapshot", "-c", "snap", "ext.qcow2")
-    qio(d, "ext.qcow2", "write -P 3 5M 1M")
-    sh(d, "qemu-img", "convert", "-O", "vmdk", "sparse.raw", "s.vmdk")
-    sh(d, "qemu-img", "convert", "-O", "vmdk", "-o", "subformat=monolithicFlat", "many.raw",
-       "flat.vmdk")
+    QEMU.img("create", "-f", "qcow2", "base.qcow2", "64M", cwd=d)
+    QEMU.io("base.qcow2", "write -P 1 0 9M", "write -P 5 30M 1M", "write -c -P 6 40M 192k",
+            cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", cwd=d)
+    QEMU.io("top.qcow2", "write -P 2 64k 128k", "write -P 3 10M 3M", "write -z 20M 1M",
+            "write -P 4 33M 4k", "write -c -P 7 50M 64k", "discard 30M 64k", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "nb.qcow2", "64M", cwd=d)
+    QEMU.io("nb.qcow2", "write -P 1 0 2M", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-o", "cluster_size=4k,extended_l2=off", "small.qcow2",
+             "5M", cwd=d)
+    QEMU.io("small.qcow2", "write -P 8 1000 5000", "write -P 9 2M 2M", "write -z 4M 100k",
+            cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-o", "extended_l2=on", "ext.qcow2", "8M", cwd=d)
+    QEMU.io("ext.qcow2", "write -P 1 6k 10k", "write -P 2 1M 3M", cwd=d)
+    QEMU.img("snapshot", "-c", "snap", "ext.qcow2", cwd=d)
+    QEMU.io("ext.qcow2", "write -P 3 5M 1M", cwd=d)
+    QEMU.img("convert", "-O", "vmdk", "sparse.raw", "s.vmdk", cwd=d)
+    QEMU.img("convert", "-O", "vmdk", "-o", "subformat=monolithicFlat", "many.raw", "flat.vmdk",
+             cwd=d)
     return d
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from .conftest import needs_qemu, qemu
-from .lifecycle_helpers import create, qio
+from .lifecycle_helpers import create
 
 pytestmark = [pytest.mark.qemu, needs_qemu]
 
@@ -101,16 +101,15 @@ SAME_AS_QEMU = ["snapshot-name-64KiB", "snapshot-table-past-eof",
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("bad")
     create(d, "img.qcow2", "4M")
-    qio(d, "img.qcow2", "write -P 1 0 1M")
-    subprocess.run(["qemu-img", "snapshot", "-c", "s1", "img.qcow2"], cwd=d, check=True)
-    qio(d, "img.qcow2", "write -P 2 512k 64k")
+    QEMU.io("img.qcow2", "write -P 1 0 1M", fmt=None, cwd=d)
+    QEMU.img("snapshot", "-c", "s1", "img.qcow2", cwd=d)
+    QEMU.io("img.qcow2", "write -P 2 512k 64k", fmt=None, cwd=d)
     return d / "img.qcow2"
 
 
 def _qcheck(p: Path) -> tuple[int, int]:
     """qemu-img's (exit code, corruptions + check errors) for ``p``."""
-    r = subprocess.run(["qemu-img", "check", "--output=json", str(p)], capture_output=True,
-                       text=True, timeout=120)
+    r = QEMU.img("check", "--output=json", p, ok=None)
     try:
         doc = json.loads(r.stdout)
     except json.JSONDecodeError:

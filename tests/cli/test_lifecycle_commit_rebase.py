@@ -3,38 +3,40 @@ maps (host offsets included), qemu-img check and compare afterwards."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from .conftest import needs_qemu, qemu
-from .lifecycle_helpers import create, qcheck_clean, qcompare, qio, qmap
+from .lifecycle_helpers import create
 
 pytestmark = [pytest.mark.qemu, needs_qemu]
 
 
 def build_commit(d: Path) -> None:
     create(d, "cbase.qcow2", "10M")
-    qio(d, "cbase.qcow2", "write -P 1 0 1M")
+    QEMU.io("cbase.qcow2", "write -P 1 0 1M", fmt=None, cwd=d)
     create(d, "ctop.qcow2", None, "-b", "cbase.qcow2", "-F", "qcow2")
-    qio(d, "ctop.qcow2", "write -P 2 64k 128k", "write -z 512k 64k", "write -P 3 2M 4k",
-        "discard 768k 64k", "write -c -P 4 3M 64k")
+    QEMU.io("ctop.qcow2", "write -P 2 64k 128k", "write -z 512k 64k", "write -P 3 2M 4k",
+            "discard 768k 64k", "write -c -P 4 3M 64k", fmt=None, cwd=d)
     create(d, "vb.qcow2", "1G", "-o", "compat=0.10")
     create(d, "vt.qcow2", None, "-o", "compat=0.10", "-b", "vb.qcow2", "-F", "qcow2")
-    qio(d, "vt.qcow2", "write -P 2 64k 128k", "write -P 3 600M 4k", "write -c -P 4 800M 64k")
+    QEMU.io("vt.qcow2", "write -P 2 64k 128k", "write -P 3 600M 4k", "write -c -P 4 800M 64k",
+            fmt=None, cwd=d)
     create(d, "l0.qcow2", "4M")
-    qio(d, "l0.qcow2", "write -P 1 0 1M")
+    QEMU.io("l0.qcow2", "write -P 1 0 1M", fmt=None, cwd=d)
     create(d, "l1.qcow2", None, "-b", "l0.qcow2", "-F", "qcow2")
-    qio(d, "l1.qcow2", "write -P 2 64k 64k")
+    QEMU.io("l1.qcow2", "write -P 2 64k 64k", fmt=None, cwd=d)
     create(d, "l2.qcow2", "6M", "-b", "l1.qcow2", "-F", "qcow2")
-    qio(d, "l2.qcow2", "write -P 3 128k 64k", "write -z 0 64k", "write -P 5 5M 64k")
+    QEMU.io("l2.qcow2", "write -P 3 128k 64k", "write -z 0 64k", "write -P 5 5M 64k", fmt=None,
+            cwd=d)
     create(d, "s0.qcow2", "4M")
-    qio(d, "s0.qcow2", "write -P 1 0 1M")
+    QEMU.io("s0.qcow2", "write -P 1 0 1M", fmt=None, cwd=d)
     create(d, "s1.qcow2", None, "-b", "s0.qcow2", "-F", "qcow2")
-    qio(d, "s1.qcow2", "write -P 2 64k 64k", "write -P 3 2M 64k")
+    QEMU.io("s1.qcow2", "write -P 2 64k 64k", "write -P 3 2M 64k", fmt=None, cwd=d)
     qemu("snapshot", "-c", "snap", "s1.qcow2", cwd=d)
-    qio(d, "s1.qcow2", "write -P 4 2M 4k")
+    QEMU.io("s1.qcow2", "write -P 4 2M 4k", fmt=None, cwd=d)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,8 @@ def test_commit_messages_and_codes(committed) -> None:
     ("s0.qcow2", False)])
 def test_commit_results_match_qemu(committed, name: str, byte_identical: bool) -> None:
     q, m, _ = committed
-    qcheck_clean(m, name)
-    ours, theirs = json.loads(qmap(m, name)), json.loads(qmap(q, name))
+    QEMU.check_clean(name, cwd=m)
+    ours, theirs = QEMU.map(name, cwd=m), QEMU.map(name, cwd=q)
     # qemu's commit job runs parallel requests, so the order in which it allocates the
     # clusters it copies varies from run to run (seen in CI for ctop: the 2M and 3M
     # clusters swapped). The extents must match exactly; the host clusters used must be
@@ -88,7 +90,7 @@ def test_commit_results_match_qemu(committed, name: str, byte_identical: bool) -
     if name not in ("vt.qcow2", "vb.qcow2"):
         # vb's far-apart clusters need new L2 tables, whose place also follows that order
         assert _offsets(ours) == _offsets(theirs)
-    assert qcompare(q / name, m / name) == 0
+    assert QEMU.compare(q / name, m / name) == 0
     if byte_identical and ours == theirs:
         # the others differ only where qemu punched holes into freed clusters
         assert (q / name).read_bytes() == (m / name).read_bytes()
@@ -108,8 +110,8 @@ def test_commit_drop_keeps_top(di, tmp_path: Path) -> None:
     r = di("commit", "-d", "-p", "ctop.qcow2", cwd=tmp_path)
     assert r.rc == 0 and r.out.endswith("    (100.00/100%)\r\nImage committed.\n")
     assert (tmp_path / "ctop.qcow2").read_bytes() == before
-    qcheck_clean(tmp_path, "cbase.qcow2")
-    assert qcompare(tmp_path / "ctop.qcow2", tmp_path / "cbase.qcow2") == 0
+    QEMU.check_clean("cbase.qcow2", cwd=tmp_path)
+    assert QEMU.compare(tmp_path / "ctop.qcow2", tmp_path / "cbase.qcow2") == 0
 
 
 def test_commit_api(tmp_path: Path) -> None:
@@ -117,8 +119,8 @@ def test_commit_api(tmp_path: Path) -> None:
 
     build_commit(tmp_path)
     commit(tmp_path / "ctop.qcow2")
-    qcheck_clean(tmp_path, "ctop.qcow2")
-    assert '"depth": 0' not in qmap(tmp_path, "ctop.qcow2")
+    QEMU.check_clean("ctop.qcow2", cwd=tmp_path)
+    assert '"depth": 0' not in QEMU.img("map", "--output=json", "ctop.qcow2", cwd=tmp_path).stdout
 
 
 # --- rebase ---------------------------------------------------------------------------
@@ -126,12 +128,12 @@ def test_commit_api(tmp_path: Path) -> None:
 
 def build_rebase(d: Path) -> None:
     create(d, "rb1.qcow2", "4M")
-    qio(d, "rb1.qcow2", "write -P 1 0 1M")
+    QEMU.io("rb1.qcow2", "write -P 1 0 1M", fmt=None, cwd=d)
     create(d, "rb2.qcow2", "3M")
-    qio(d, "rb2.qcow2", "write -P 1 0 512k", "write -P 7 2M 4k")
+    QEMU.io("rb2.qcow2", "write -P 1 0 512k", "write -P 7 2M 4k", fmt=None, cwd=d)
     for i in range(6):
         create(d, f"rt{i}.qcow2", None, "-b", "rb1.qcow2", "-F", "qcow2")
-        qio(d, f"rt{i}.qcow2", "write -P 3 64k 4k", "write -z 3M 64k")
+        QEMU.io(f"rt{i}.qcow2", "write -P 3 64k 4k", "write -z 3M 64k", fmt=None, cwd=d)
 
 
 REBASES = [
@@ -157,14 +159,14 @@ def test_rebase_matches_qemu(di, twin_dirs: tuple[Path, Path], name: str,
         assert mine.out == ref.out
     else:
         assert mine.out.endswith("    (100.00/100%)\r\n")
-    qcheck_clean(m, name)
+    QEMU.check_clean(name, cwd=m)
     assert (q / name).read_bytes() == (m / name).read_bytes()
     # safe rebases keep the guest view of the original chain
     if "-u" not in args:
         build_dir = m / "orig"
         build_dir.mkdir()
         build_rebase(build_dir)
-        assert qcompare(build_dir / name, m / name) == 0
+        assert QEMU.compare(build_dir / name, m / name) == 0
 
 
 @pytest.mark.parametrize("args", [["-b", "rb2.qcow2"], ["-u", "-b", "rb2.qcow2"], [],
@@ -178,4 +180,4 @@ def test_rebase_errors(di, twin_dirs: tuple[Path, Path], args: list[str]) -> Non
     mine = di("rebase", *args, "rt0.qcow2", cwd=m)
     assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
     # diskimg refuses before writing anything (qemu-img copies first, then fails)
-    qcheck_clean(m, "rt0.qcow2")
+    QEMU.check_clean("rt0.qcow2", cwd=m)

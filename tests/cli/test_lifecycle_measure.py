@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from .conftest import make_raw, needs_qemu, qemu
 
 pytestmark = [pytest.mark.qemu, needs_qemu]
 QEMU_IO = shutil.which("qemu-io")
-
-
-def qio(path: Path, *cmds: str) -> None:
-    args = ["qemu-io"]
-    for c in cmds:
-        args += ["-c", c]
-    subprocess.run([*args, path.name], cwd=path.parent, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -27,28 +20,25 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     q = qemu  # noqa: F841
     make_raw(d / "r.raw", 10 << 20, [(70000, b"abc"), (9000000, b"xyz")])
     make_raw(d / "odd.raw", 10000, [(9999, b"x")])
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", "base.qcow2", "20M"], cwd=d,
-                   check=True, capture_output=True)
-    qio(d / "base.qcow2", "write -P 1 0 100k", "write -P 2 5M 1k", "write -P 3 19M 1M")
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-                    "top.qcow2", "24M"], cwd=d, check=True, capture_output=True)
-    qio(d / "top.qcow2", "write -P 4 64k 64k", "write -z 19M 512k", "write -P 5 22M 4k",
-        "write -c -P 6 23M 64k")
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-o",
-                    "extended_l2=on,cluster_size=128k", "ext.qcow2", "10M"], cwd=d,
-                   check=True, capture_output=True)
-    qio(d / "ext.qcow2", "write -P 1 4k 4k", "write -P 1 1M 8k", "write -z 2M 128k")
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-o", "preallocation=metadata",
-                    "pm.qcow2", "10M"], cwd=d, check=True, capture_output=True)
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2",
-                    "10M"], cwd=d, check=True, capture_output=True)
-    qio(d / "v2.qcow2", "write -P 1 4k 4k")
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", "bm.qcow2", "10M"], cwd=d,
-                   check=True, capture_output=True)
-    qio(d / "bm.qcow2", "write -P 1 0 1M")
+    QEMU.img("create", "-f", "qcow2", "base.qcow2", "20M", cwd=d)
+    QEMU.io("base.qcow2", "write -P 1 0 100k", "write -P 2 5M 1k", "write -P 3 19M 1M",
+            fmt=None, cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", "24M",
+             cwd=d)
+    QEMU.io("top.qcow2", "write -P 4 64k 64k", "write -z 19M 512k", "write -P 5 22M 4k",
+            "write -c -P 6 23M 64k", fmt=None, cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=128k", "ext.qcow2",
+             "10M", cwd=d)
+    QEMU.io("ext.qcow2", "write -P 1 4k 4k", "write -P 1 1M 8k", "write -z 2M 128k", fmt=None,
+            cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-o", "preallocation=metadata", "pm.qcow2", "10M", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "10M", cwd=d)
+    QEMU.io("v2.qcow2", "write -P 1 4k 4k", fmt=None, cwd=d)
+    QEMU.img("create", "-f", "qcow2", "bm.qcow2", "10M", cwd=d)
+    QEMU.io("bm.qcow2", "write -P 1 0 1M", fmt=None, cwd=d)
     for args in (["--add", "bm.qcow2", "b0"], ["--add", "-g", "4k", "bm.qcow2", "longer"]):
-        subprocess.run(["qemu-img", "bitmap", *args], cwd=d, check=True, capture_output=True)
-    subprocess.run(["qemu-img", "snapshot", "-c", "s1", "bm.qcow2"], cwd=d, check=True)
+        QEMU.img("bitmap", *args, cwd=d)
+    QEMU.img("snapshot", "-c", "s1", "bm.qcow2", cwd=d)
     return d
 
 

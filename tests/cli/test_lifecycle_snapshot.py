@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from diskimg.qcow2.image import Qcow2Image
 
 from .conftest import needs_qemu, qemu
-from .lifecycle_helpers import create, qcheck_clean, qio, sh
+from .lifecycle_helpers import create
 
 pytestmark = [pytest.mark.qemu, needs_qemu,
               pytest.mark.skipif(not hasattr(Qcow2Image, "snapshot_view"),
@@ -18,11 +19,11 @@ pytestmark = [pytest.mark.qemu, needs_qemu,
 
 def build(d: Path) -> None:
     create(d, "s.qcow2", "10M")
-    qio(d, "s.qcow2", "write -P 1 0 64k")
-    sh(d, "qemu-img", "snapshot", "-c", "s1", "s.qcow2")
-    qio(d, "s.qcow2", "write -P 2 0 64k")
-    sh(d, "qemu-img", "snapshot", "-c", "s1", "s.qcow2")
-    sh(d, "qemu-img", "snapshot", "-c", "s2", "s.qcow2")
+    QEMU.io("s.qcow2", "write -P 1 0 64k", fmt=None, cwd=d)
+    QEMU.img("snapshot", "-c", "s1", "s.qcow2", cwd=d)
+    QEMU.io("s.qcow2", "write -P 2 0 64k", fmt=None, cwd=d)
+    QEMU.img("snapshot", "-c", "s1", "s.qcow2", cwd=d)
+    QEMU.img("snapshot", "-c", "s2", "s.qcow2", cwd=d)
     create(d, "e.qcow2", "1M")
 
 
@@ -48,10 +49,10 @@ def test_snapshot_mutations(di, twin_dirs: tuple[Path, Path], args: list[str]) -
     ref = qemu("snapshot", *args, "s.qcow2", cwd=q)
     mine = di("snapshot", *args, "s.qcow2", cwd=m)
     assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
-    qcheck_clean(m, "s.qcow2")
-    assert sh(m, "qemu-img", "compare", "s.qcow2", str(q / "s.qcow2")).returncode == 0
+    QEMU.check_clean("s.qcow2", cwd=m)
+    assert QEMU.img("compare", "s.qcow2", str(q / "s.qcow2"), cwd=m).returncode == 0
     names = lambda d: [ln.split()[1] for ln in  # noqa: E731
-                       sh(d, "qemu-img", "snapshot", "-l", "s.qcow2").stdout.splitlines()[2:]]
+                       QEMU.img("snapshot", "-l", "s.qcow2", cwd=d).stdout.splitlines()[2:]]
     assert names(m) == names(q)
 
 
@@ -64,7 +65,7 @@ def test_apply_with_a_persistent_bitmap_refused_first_like_qemu(
     import hashlib
 
     build(tmp_path)
-    sh(tmp_path, "qemu-img", "bitmap", "--add", "s.qcow2", "b0")
+    QEMU.img("bitmap", "--add", "s.qcow2", "b0", cwd=tmp_path)
     img = tmp_path / "s.qcow2"
     before = hashlib.sha256(img.read_bytes()).hexdigest()
     mine = di("snapshot", "-a", name, "s.qcow2", cwd=tmp_path)

@@ -12,10 +12,10 @@ import hashlib
 import json
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from diskimg.errors import DiskImgError
 from diskimg.hostio import open_host_file
@@ -31,19 +31,11 @@ COPIED = 1 << 63
 
 
 # --- helpers ---------------------------------------------------------------------------
-def sh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, check=True, capture_output=True, text=True)
-
-
 def mkimg(path: Path, size: str = "1M", opts: str = "", writes: tuple[str, ...] = (),
           extra: tuple[str, ...] = ()) -> Path:
-    sh("qemu-img", "create", "-f", "qcow2", *(["-o", opts] if opts else []), *extra,
-       str(path), size)
+    QEMU.img("create", "-f", "qcow2", *(["-o", opts] if opts else []), *extra, path, size)
     if writes:
-        args: list[str] = []
-        for w in writes:
-            args += ["-c", w]
-        sh("qemu-io", *args, str(path))
+        QEMU.io(path, *writes, fmt=None)
     return path
 
 
@@ -94,17 +86,15 @@ def mine(path: Path, repair: str | None = None) -> CheckResult:
 
 
 def qemu_check(path: Path, repair: str | None, as_json: bool) -> tuple[int, str, str]:
-    cmd = ["qemu-img", "check", *(["-r", repair] if repair else []),
-           *(["--output=json"] if as_json else []), str(path)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = QEMU.img("check", *(["-r", repair] if repair else []),
+                 *(["--output=json"] if as_json else []), path, ok=None)
     return p.returncode, p.stdout, p.stderr
 
 
 def raw_digest(path: Path) -> str | None:
     """sha256 of the guest data per qemu-img convert, None if qemu cannot read it."""
     out = path.with_suffix(".raw")
-    p = subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(path),
-                        str(out)], capture_output=True)
+    p = QEMU.img("convert", "-U", "-f", "qcow2", "-O", "raw", path, out, ok=None)
     if p.returncode:
         return None
     d = hashlib.sha256(out.read_bytes()).hexdigest()
@@ -304,8 +294,8 @@ def sc_compressed_zero(d: Path) -> Path:
 
 def sc_snapshot_leak(d: Path) -> Path:
     p = mkimg(d / "snap.qcow2", writes=("write -P 1 0 64k", "write -P 2 64k 64k"))
-    sh("qemu-img", "snapshot", "-c", "s1", str(p))
-    sh("qemu-io", "-c", "write -P 3 0 64k", str(p))
+    QEMU.img("snapshot", "-c", "s1", p)
+    QEMU.io(p, "write -P 3 0 64k", fmt=None)
     set_ref16(p, 6, 3)  # shared cluster: refcount 2 expected
     return p
 
@@ -334,8 +324,8 @@ def sc_backing_leak(d: Path) -> Path:
 
 def sc_dirty_lazy(d: Path) -> Path:
     p = mkimg(d / "lazy.qcow2", opts="lazy_refcounts=on")
-    subprocess.run(["qemu-io", "-c", "write -P 0x33 0 64k", "-c", "write -P 0x44 128k 64k",
-                    "-c", "flush", "-c", "sigraise 9", str(p)], capture_output=True)
+    QEMU.io(p, "write -P 0x33 0 64k", "write -P 0x44 128k 64k", "flush", "sigraise 9",
+            fmt=None, ok=None)  # killed on purpose: the image stays dirty
     assert u64(p, 72) & 1, "image should be left dirty"
     return p
 
@@ -404,9 +394,7 @@ def test_dirty_lazy_refcounts_repair(tmp_path: Path) -> None:
     r = mine(src, "all")
     assert r.exit_code == 0 and r.corruptions_fixed == 2 and r.repaired
     assert not u64(src, 72) & 1  # dirty bit cleared
-    out = subprocess.run(["qemu-io", "-c", "read -P 0x33 0 64k", "-c", "read -P 0x44 128k 64k",
-                          str(src)], capture_output=True, text=True)
-    assert "Pattern verification failed" not in out.stdout + out.stderr
+    QEMU.io(src, "read -P 0x33 0 64k", "read -P 0x44 128k 64k", fmt=None, ok=None)
 
 
 @pytest.mark.qemu

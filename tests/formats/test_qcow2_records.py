@@ -1,16 +1,16 @@
-"""Parse/pack round trips of every qcow2 on-disk record, on bytes qemu-img wrote."""
+"""Parse/pack round trips of every qcow2 on-disk record, on bytes qemu-img wrote (the L2
+entry classifier and compressed descriptors: tests/unit/test_qcow2_entries.py)."""
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from qemukit import QEMU
 
-from diskimg.qcow2 import entries as E
 from diskimg.qcow2.layout import (
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
@@ -31,11 +31,11 @@ QEMU_IMG = shutil.which("qemu-img")
 @pytest.mark.parametrize("backing", [False, True])
 def test_header_round_trip_on_qemu_images(tmp_path: Path, opts: str, backing: bool) -> None:
     img = tmp_path / "h.qcow2"
-    args = [QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts]
+    args: list[str] = ["create", "-q", "-f", "qcow2", "-o", opts]
     if backing:
         (tmp_path / "base.raw").write_bytes(b"\0" * 512)
         args += ["-b", "base.raw", "-F", "raw"]
-    subprocess.run([*args, str(img), "1M"], check=True)
+    QEMU.img(*args, img, "1M")
     raw = img.read_bytes()
     h = Header.parse(raw[: Header.cluster_size_of(raw)], len(raw))
     packed = h.pack()
@@ -85,70 +85,10 @@ def test_sub_byte_refcounts_are_lsb_first() -> None:
     assert blk4.pack()[0] == 0xA0
 
 
-@given(cluster_bits=st.integers(9, 21), data=st.data())
-def test_compressed_descriptor_round_trip(cluster_bits: int, data: st.DataObject) -> None:
-    x = 62 - (cluster_bits - 8)
-    host = data.draw(st.integers(0, min((1 << x) - 1, (1 << 56) - 1)))
-    max_len = (1 << (cluster_bits - 8)) * 512 - (host & 511)
-    length = data.draw(st.integers(1, max(1, min(max_len, 2 << cluster_bits))))
-    ent = E.encode_compressed(host, length, cluster_bits)
-    for extended in (False, True):
-        for df in (False, True):
-            assert E.cluster_type(ent, extended=extended,
-                                  has_data_file=df) == E.ClusterType.COMPRESSED
-    h, n = E.decode_compressed(ent, cluster_bits)
-    assert h == host and n >= length and n - length < 512
-
-
-def test_cluster_types() -> None:
-    def ct(e: int, df: bool = False) -> E.ClusterType:
-        return E.cluster_type(e, extended=False, has_data_file=df)
-
-    assert ct(0) == E.ClusterType.UNALLOCATED
-    assert ct(1) == E.ClusterType.ZERO_PLAIN
-    assert ct(0x50000 | 1) == E.ClusterType.ZERO_ALLOC
-    assert ct(E.QCOW_OFLAG_COPIED | 0x50000) == E.ClusterType.NORMAL
-    bitmap = 0b1 | (0b10 << 32)
-
-    def st_(e: int, bm: int, i: int, df: bool = False) -> E.SubclusterType:
-        return E.subcluster_type(e, bm, i, has_data_file=df)
-
-    assert st_(0x50000, bitmap, 0) == E.SubclusterType.NORMAL
-    assert st_(0x50000, bitmap, 1) == E.SubclusterType.ZERO_ALLOC
-    assert st_(0x50000, bitmap, 2) == E.SubclusterType.UNALLOCATED_ALLOC
-    assert st_(0, 1 | (1 << 32), 0) == E.SubclusterType.INVALID
-
-
-def test_offset_zero_with_a_data_file() -> None:
-    """Host offset 0 is the data file's first cluster: COPIED with offset 0 is NORMAL
-    there (QEMU's qcow2_get_cluster_type), unallocated in an image without one."""
-    copied = E.QCOW_OFLAG_COPIED
-    for extended in (False, True):
-        assert E.cluster_type(copied, extended=extended,
-                              has_data_file=True) == E.ClusterType.NORMAL
-        assert E.cluster_type(copied, extended=extended,
-                              has_data_file=False) == E.ClusterType.UNALLOCATED
-        assert E.cluster_type(0, extended=extended,
-                              has_data_file=True) == E.ClusterType.UNALLOCATED
-    # the zero flag wins; offset 0 keeps no host cluster
-    assert E.cluster_type(copied | 1, extended=False,
-                          has_data_file=True) == E.ClusterType.ZERO_PLAIN
-    bitmap = 0b1 | (0b10 << 32)
-    assert E.subcluster_type(copied, bitmap, 0, has_data_file=True) == E.SubclusterType.NORMAL
-    assert E.subcluster_type(copied, bitmap, 1,
-                             has_data_file=True) == E.SubclusterType.ZERO_ALLOC
-    assert E.subcluster_type(copied, bitmap, 2,
-                             has_data_file=True) == E.SubclusterType.UNALLOCATED_ALLOC
-    assert E.subcluster_type(copied, bitmap, 0, has_data_file=False) == E.SubclusterType.INVALID
-    assert E.subcluster_type(copied, bitmap, 1,
-                             has_data_file=False) == E.SubclusterType.ZERO_PLAIN
-
-
 # --- snapshot table and bitmap directory records on tables qemu wrote -------------------
 def _qemu_image(tmp_path: Path, opts: str) -> Path:
     img = tmp_path / "t.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts, str(img), "4M"],
-                   check=True)
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", opts, img, "4M")
     return img
 
 
@@ -161,7 +101,7 @@ def test_snapshot_records_round_trip_on_qemu_tables(tmp_path: Path, opts: str) -
     img = _qemu_image(tmp_path, opts)
     names = ["a", "a much longer snapshot name", "z" * 9]
     for n in names:
-        subprocess.run([QEMU_IMG, "snapshot", "-c", n, str(img)], check=True)
+        QEMU.img("snapshot", "-c", n, img)
     raw = img.read_bytes()
     h = Header.parse(raw[: Header.cluster_size_of(raw)], len(raw))
     assert h.nb_snapshots == len(names)
@@ -188,9 +128,8 @@ def test_bitmap_records_round_trip_on_qemu_directory(tmp_path: Path) -> None:
     img = _qemu_image(tmp_path, "compat=1.1")
     names = ["b0", "a-longer-bitmap-name", "x" * 17]
     for i, n in enumerate(names):
-        subprocess.run([QEMU_IMG, "bitmap", "--add", "-g", str(65536 << i), str(img), n],
-                       check=True)
-    subprocess.run([QEMU_IMG, "bitmap", "--disable", str(img), names[1]], check=True)
+        QEMU.img("bitmap", "--add", "-g", str(65536 << i), img, n)
+    QEMU.img("bitmap", "--disable", img, names[1])
     raw = img.read_bytes()
     h = Header.parse(raw[: Header.cluster_size_of(raw)], len(raw))
     ext = h.ext(QCOW2_EXT_MAGIC_BITMAPS)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemukit import QEMU
 
 SECRET_ID = "sec0"
 SECRET = "matrix-secret"
@@ -93,16 +94,10 @@ class Case:
                 f"{'; '.join(self.notes)}")
 
 
-def _qemu(tool: str) -> str:
-    path = shutil.which(tool)
-    assert path is not None, f"{tool} not installed"
-    return path
-
-
 def _io(run: Run, img: Img, cmds: Sequence[str]) -> None:
     if not cmds:
         return
-    args: list[str] = [_qemu("qemu-io")]
+    args: list[str] = [QEMU.qemu_io]
     if img.luks:
         args += [*OBJECT, "--image-opts", img.opts()]
     else:
@@ -119,7 +114,7 @@ _LUKS_CACHE: dict[str, Path] = {}
 def _create(run: Run, path: Path, fmt: str, size: int, opts: dict[str, str]) -> None:
     """qemu-img create.  A LUKS image costs qemu seconds (its PBKDF2 benchmark), so each
     such create is done once per process and copied."""
-    cmd: list[str] = [_qemu("qemu-img"), "create", "-q", "-f", fmt]
+    cmd: list[str] = [QEMU.qemu_img, "create", "-q", "-f", fmt]
     if any(k.startswith("encrypt.") for k in opts):
         key = repr((fmt, size, sorted(opts.items())))
         if key not in _LUKS_CACHE:
@@ -231,7 +226,7 @@ def _qcow2(rng: random.Random, run: Run, d: Path, name: str, size: int, *,
     if depth == 0 and not luks and (rng.random() < 0.2 or focus == "snapshot"):
         half = len(cmds) // 2
         _io(run, img, cmds[:half])
-        run([_qemu("qemu-img"), "snapshot", "-c", "snap1", str(path)])
+        run([QEMU.qemu_img, "snapshot", "-c", "snap1", str(path)])
         img.snapshot = "snap1"
         cmds = cmds[half:]
     _io(run, img, cmds)
@@ -244,7 +239,7 @@ def _vmdk(rng: random.Random, run: Run, d: Path, name: str, size: int,
                       "monolithicFlat", "twoGbMaxExtentSparse"])
     raw = _raw(rng, run, d / f"{name}.tmp.raw", size)
     path = d / f"{name}.vmdk"
-    run([_qemu("qemu-img"), "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={sub}",
+    run([QEMU.qemu_img, "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={sub}",
          str(raw.path), str(path)])
     notes.append(f"{name}:vmdk {sub}")
     return Img(path, "vmdk", size=size)
@@ -331,9 +326,9 @@ def build_case(seed: int, d: Path, run: Run) -> Case:
         elif src.backing is not None:
             # a copy of the source's backing file, longer, with other data past its end
             tb = Img(d / "tb.qcow2", "qcow2", size=src.backing.size + 256 * K)
-            run([_qemu("qemu-img"), "convert", "-f", src.backing.fmt, "-O", "qcow2",
+            run([QEMU.qemu_img, "convert", "-f", src.backing.fmt, "-O", "qcow2",
                  str(src.backing.path), str(tb.path)])
-            run([_qemu("qemu-img"), "resize", "-q", "-f", "qcow2", str(tb.path),
+            run([QEMU.qemu_img, "resize", "-q", "-f", "qcow2", str(tb.path),
                  str(tb.size)])
             _io(run, tb, [f"write -P 0xbb {src.backing.size} {256 * K}"])
             case.notes.append("-B: a longer copy of the source's backing file")
@@ -420,7 +415,7 @@ def run_case(seed: int, d: Path, run: Run) -> tuple[Case, list[str]]:
     """Build and run case ``seed`` in ``d``: the case and the problems found (empty: it
     passed)."""
     case = build_case(seed, d, run)
-    qimg = _qemu("qemu-img")
+    qimg = QEMU.qemu_img
     ext = case.out_fmt
     qt, dt = d / f"qemu-target.{ext}", d / f"diskimg-target.{ext}"
     if case.existing is not None:
@@ -508,7 +503,7 @@ def _both(run: Run, d: Path, args: list[str], src: Path, name: str,
           obj: bool = False) -> tuple[Path, Path]:
     """Convert ``src`` with ``args`` by qemu-img and by diskimg: (qemu's, diskimg's)."""
     out = []
-    for prog in ([_qemu("qemu-img")], [sys.executable, "-m", "diskimg"]):
+    for prog in ([QEMU.qemu_img], [sys.executable, "-m", "diskimg"]):
         t = d / f"{'q' if len(prog) == 1 else 'd'}-{name}"
         run([*prog, "convert", *(OBJECT if obj else []), *args, str(src), str(t)])
         out.append(t)
@@ -516,12 +511,12 @@ def _both(run: Run, d: Path, args: list[str], src: Path, name: str,
 
 
 def _map(run: Run, img: Img) -> Any:
-    return json.loads(run([_qemu("qemu-img"), "map", "--output=json", *OBJECT,
+    return json.loads(run([QEMU.qemu_img, "map", "--output=json", *OBJECT,
                            "--image-opts", img.opts()]).stdout)
 
 
 def _same(run: Run, a: Img, b: Img) -> None:
-    res = run([_qemu("qemu-img"), "compare", *OBJECT, "--image-opts", a.opts(), b.opts()],
+    res = run([QEMU.qemu_img, "compare", *OBJECT, "--image-opts", a.opts(), b.opts()],
               check=False)
     assert res.returncode == 0, f"{a.path.name} vs {b.path.name}: {res.stdout}{res.stderr}"
 
@@ -555,7 +550,7 @@ def test_convert_backing_target(tmp_path: Path, run: Run, spelling: str, compres
     want = _read_all(src)
     assert _read_all(di) == want
     assert want[:65536] == bytes(65536)  # the zero cluster over 0xaa in the backing file
-    res = run([_qemu("qemu-img"), "check", str(d)])
+    res = run([QEMU.qemu_img, "check", str(d)])
     assert "No errors were found" in res.stdout
 
 
@@ -581,7 +576,7 @@ def test_convert_compress_refuses_preallocation(tmp_path: Path, run: Run) -> Non
     """qemu-img refuses ``-c`` with preallocation before creating anything."""
     src = tmp_path / "src.raw"
     src.write_bytes(b"\x01" * 65536)
-    for prog in ([_qemu("qemu-img")], [sys.executable, "-m", "diskimg"]):
+    for prog in ([QEMU.qemu_img], [sys.executable, "-m", "diskimg"]):
         res = run([*prog, "convert", "-c", "-O", "qcow2", "-o", "preallocation=metadata",
                    str(src), str(tmp_path / "t.qcow2")], check=1)
         assert "Compression and preallocation not supported at the same time" in res.stderr
@@ -600,7 +595,7 @@ def test_convert_compress_vmdk(tmp_path: Path, run: Run, sub: str) -> None:
                    "write -P 0 512k 64k", "write -P 0x33 1020k 4k"])
     args = ["convert", "-c", "-O", "vmdk", "-o", f"subformat={sub}", str(src.path)]
     q, d = tmp_path / "q.vmdk", tmp_path / "d.vmdk"
-    rq = run([_qemu("qemu-img"), *args, str(q)], check=False)
+    rq = run([QEMU.qemu_img, *args, str(q)], check=False)
     rd = run([sys.executable, "-m", "diskimg", *args, str(d)], check=False)
     if sub == "monolithicFlat":
         assert rq.returncode == rd.returncode == 1
@@ -611,7 +606,7 @@ def test_convert_compress_vmdk(tmp_path: Path, run: Run, sub: str) -> None:
     _same(run, src, di)
     assert _map(run, di) == _map(run, qi)
     assert _read_all(di) == _read_all(src)
-    assert "No errors were found" in run([_qemu("qemu-img"), "check", str(d)]).stdout
+    assert "No errors were found" in run([QEMU.qemu_img, "check", str(d)]).stdout
 
 
 @pytest.mark.qemu
@@ -625,7 +620,7 @@ def test_convert_backing_with_preallocation_needs_extended_l2(tmp_path: Path, ru
     src = Img(tmp_path / "src.qcow2", "qcow2", size=M)
     _create(run, src.path, "qcow2", M, {"backing_file": str(base.path), "backing_fmt": "qcow2"})
     _io(run, src, ["write -P 0x11 64k 64k", "write -z 256k 4k"])
-    for prog in ([_qemu("qemu-img")], [sys.executable, "-m", "diskimg"]):
+    for prog in ([QEMU.qemu_img], [sys.executable, "-m", "diskimg"]):
         t = tmp_path / "t.qcow2"
         res = run([*prog, "convert", "-O", "qcow2", "-B", str(base.path), "-F", "qcow2",
                    "-o", "preallocation=metadata", str(src.path), str(t)], check=1)
@@ -639,7 +634,7 @@ def test_convert_backing_with_preallocation_needs_extended_l2(tmp_path: Path, ru
     _same(run, Img(q, "qcow2"), Img(d, "qcow2"))
     # (not the map yet: zeroes inside an extended-L2 cluster, see run_case)
     assert _read_all(Img(d, "qcow2")) == _read_all(src)
-    assert "No errors were found" in run([_qemu("qemu-img"), "check", str(d)]).stdout
+    assert "No errors were found" in run([QEMU.qemu_img, "check", str(d)]).stdout
 
 
 @pytest.mark.qemu
@@ -659,7 +654,7 @@ def test_create_luks_preallocated_small_clusters(tmp_path: Path, run: Run, clust
     _create(run, q, "qcow2", M, {**LUKS_OPTS, "cluster_size": str(cluster_size),
                                  "preallocation": prealloc})
     di, qi = Img(d, "qcow2", luks=True), Img(q, "qcow2", luks=True)
-    chk = run([_qemu("qemu-img"), "check", *OBJECT, "--image-opts", di.opts()], check=False)
+    chk = run([QEMU.qemu_img, "check", *OBJECT, "--image-opts", di.opts()], check=False)
     assert chk.returncode == 0 and "No errors were found" in chk.stdout, chk.stdout[-500:]
     assert d.stat().st_size == q.stat().st_size
     assert _map(run, di) == _map(run, qi)

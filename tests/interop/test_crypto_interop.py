@@ -9,14 +9,12 @@ image and qemu-io must read the pattern back.
 
 from __future__ import annotations
 
-import json
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qemukit import QEMU
 
 from diskimg.crypto.luks import (
     LuksHeader,
@@ -31,18 +29,8 @@ from diskimg.qcow2.layout import QCOW2_EXT_MAGIC_CRYPTO_HEADER, Header
 
 pytestmark = pytest.mark.qemu
 
-QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
-QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 PW = "s3cret-Pw"
 L2_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
-
-
-def _run(*cmd: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120,
-                         stdin=subprocess.DEVNULL)
-    if ok:
-        assert res.returncode == 0, f"{cmd}: {res.stderr}"
-    return res
 
 
 def _qemu_create(path: Path, fmt: str, opts: str = "") -> None:
@@ -51,30 +39,21 @@ def _qemu_create(path: Path, fmt: str, opts: str = "") -> None:
         o += ",encrypt.iter-time=10"
     if opts:
         o += "," + opts
-    for _attempt in range(3):
-        res = _run(QEMU_IMG, "create", "-q", "-f", "qcow2", "--object",
-                   f"secret,id=sec0,data={PW}", "-o", o, path, "1M", ok=False)
-        # qemu's PBKDF2 benchmark sometimes fails on a loaded machine; try again
-        if "Unable to get accurate CPU usage" not in res.stderr:
-            break
-    assert res.returncode == 0, res.stderr
+    QEMU.img("create", "-q", "-f", "qcow2", "--object", f"secret,id=sec0,data={PW}", "-o", o,
+             path, "1M")
 
 
 def _qemu_io(path: Path, *cmds: str, pw: str = PW, ok: bool = True) -> str:
-    argv: list[str | Path] = [QEMU_IO, "--object", f"secret,id=sec0,data={pw}", "--image-opts",
-                              f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"]
-    for c in cmds:
-        argv += ["-c", c]
-    res = _run(*argv, ok=ok)
-    out = res.stdout + res.stderr
-    if ok:
-        assert "Pattern verification failed" not in out, out
-    return out
+    """qemu-io on the encrypted qcow2 ``path`` opened with passphrase ``pw``; with ``ok``
+    it must succeed without a pattern mismatch.  Returns stdout + stderr."""
+    res = QEMU.io(f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0", *cmds,
+                  image_opts=True, objects=[f"secret,id=sec0,data={pw}"],
+                  ok=(0,) if ok else None, verify=ok)
+    return res.stdout + res.stderr
 
 
 def _qemu_encrypt_info(path: Path) -> dict[str, Any]:
-    res = _run(QEMU_IMG, "info", "--output=json", path)
-    info: dict[str, Any] = json.loads(res.stdout)["format-specific"]["data"]["encrypt"]
+    info: dict[str, Any] = QEMU.json("info", path)["format-specific"]["data"]["encrypt"]
     return info
 
 

@@ -49,21 +49,18 @@ qemu-io ``read -P`` and diskimg read the expected ones):
 from __future__ import annotations
 
 import random
-import shutil
-import subprocess
 from contextlib import ExitStack
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qemukit import QEMU
 
 import diskimg
 
 pyqcow = pytest.importorskip("pyqcow")
 
-QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
-QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 KiB, MiB = 1 << 10, 1 << 20
 PASSWORD = "correct horse"
 SECRETS = {"s0": PASSWORD.encode()}
@@ -252,13 +249,6 @@ def test_legacy_aes(tmp_path: Path, compat: str) -> None:
     _assert_same(img, w.model, **OPEN_AES)
 
 
-def _qemu(*args: str | Path) -> None:
-    res = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120,
-                         stdin=subprocess.DEVNULL)
-    assert res.returncode == 0 and "fail" not in res.stdout.lower(), (args, res.stdout,
-                                                                      res.stderr)
-
-
 @pytest.mark.qemu
 @pytest.mark.parametrize(("compat", "cluster_size", "compress"), [
     ("0.10", "64k", True), ("0.10", "4k", False), ("1.1", "64k", False), ("1.1", "2M", False)])
@@ -272,13 +262,11 @@ def test_qemu_made_image_reads_identically(tmp_path: Path, compat: str, cluster_
     src[4 * MiB : 5 * MiB] = (rng.randbytes(4000) * 300)[: 1 * MiB]
     raw.write_bytes(src)
     img = tmp_path / "q.qcow2"
-    _qemu(QEMU_IMG, "convert", *(["-c"] if compress else []), "-O", "qcow2", "-o",
-          f"compat={compat},cluster_size={cluster_size}", raw, img)
+    QEMU.img("convert", *(["-c"] if compress else []), "-O", "qcow2", "-o",
+             f"compat={compat},cluster_size={cluster_size}", raw, img)
     cmds = ["write -P 0x11 5000 70000", "write -z 4M 64k", "discard 4352k 64k",
             "write -z -u 128k 64k", "write -P 0x22 5M 1"]
     if compress:
         cmds.append("write -c -P 0x33 1M 64k")
-    _qemu(QEMU_IO, "-f", "qcow2", *(a for c in cmds for a in ("-c", c)), img)
-    ref = tmp_path / "ref.raw"
-    _qemu(QEMU_IMG, "convert", "-O", "raw", img, ref)
-    _assert_same(img, ref.read_bytes())
+    assert "fail" not in QEMU.io(img, *cmds).stdout.lower()
+    _assert_same(img, QEMU.raw_bytes(img))

@@ -25,8 +25,6 @@ So the ``zeroed_grain=on`` images below are zeroed only in part of a grain (stor
 from __future__ import annotations
 
 import random
-import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from itertools import pairwise
@@ -34,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemukit import QEMU
 
 import diskimg
 
 pyvmdk = pytest.importorskip("pyvmdk")
 
-QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
-QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
               "twoGbMaxExtentFlat", "streamOptimized"]
@@ -179,13 +176,6 @@ def test_parent_chain(tmp_path: Path) -> None:
     m.check(top, chain=(mid, base))
 
 
-def _qemu(*args: str | Path) -> None:
-    res = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120,
-                         stdin=subprocess.DEVNULL)
-    assert res.returncode == 0 and "fail" not in res.stdout.lower(), (args, res.stdout,
-                                                                      res.stderr)
-
-
 @pytest.mark.qemu
 @pytest.mark.parametrize("sub", SUBFORMATS)
 def test_qemu_made_vmdk_reads_identically(tmp_path: Path, sub: str) -> None:
@@ -197,12 +187,10 @@ def test_qemu_made_vmdk_reads_identically(tmp_path: Path, sub: str) -> None:
     src[4 * MiB : 5 * MiB] = (rng.randbytes(4000) * 300)[: 1 * MiB]
     raw.write_bytes(src)
     img = tmp_path / "q.vmdk"
-    _qemu(QEMU_IMG, "convert", "-O", "vmdk", "-o", f"subformat={sub}", raw, img)
+    QEMU.img("convert", "-O", "vmdk", "-o", f"subformat={sub}", raw, img)
     if sub != "streamOptimized":                   # qemu writes streamOptimized only by convert
-        _qemu(QEMU_IO, "-f", "vmdk", "-c", "write -P 0x11 5000 70000",
-              "-c", "write -P 0x22 5M 1", img)
-    ref = tmp_path / "ref.raw"
-    _qemu(QEMU_IMG, "convert", "-O", "raw", img, ref)
+        res = QEMU.io(img, "write -P 0x11 5000 70000", "write -P 0x22 5M 1", fmt="vmdk")
+        assert "fail" not in res.stdout.lower(), res.stdout
     m = Model([(0, 6 * MiB)], seed=0)
-    m.windows[0][1][:] = ref.read_bytes()
+    m.windows[0][1][:] = QEMU.raw_bytes(img)
     m.check(img)

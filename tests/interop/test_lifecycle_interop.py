@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 import diskimg
 from diskimg.errors import InvalidPassphraseError
@@ -22,18 +22,6 @@ pytestmark = [pytest.mark.qemu,
 SECRETS = ["--object", "secret,id=s0,data=first", "--object", "secret,id=s1,data=second",
            "--object", "secret,id=s2,data=third"]
 PW = {"s0": b"first", "s1": b"second", "s2": b"third"}
-FLAKE = "Unable to get accurate CPU usage"
-
-
-def q(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    for _ in range(5):
-        p = subprocess.run([QEMU_IMG or "qemu-img", *map(str, args)], capture_output=True,
-                           text=True, timeout=120)
-        if FLAKE not in p.stderr:
-            break
-    if ok:
-        assert p.returncode == 0, p.stderr
-    return p
 
 
 def iopts(img: Path, key: str) -> list[str]:
@@ -43,7 +31,7 @@ def iopts(img: Path, key: str) -> list[str]:
 def qemu_plain(img: Path, key: str, out: Path) -> bytes | None:
     """The guest bytes via ``qemu-img convert -O raw`` with secret ``key``; None when qemu
     cannot open the image with it."""
-    p = q("convert", *SECRETS, *iopts(img, key), "-O", "raw", out, ok=False)
+    p = QEMU.img("convert", *SECRETS, *iopts(img, key), "-O", "raw", out, ok=None)
     if p.returncode:
         assert "Invalid password, cannot unlock any keyslot" in p.stderr, p.stderr
         return None
@@ -64,11 +52,10 @@ def qemu_luks(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A qemu-made LUKS qcow2 (key "first" in slot 0) with data written by qemu-io."""
     d = tmp_path_factory.mktemp("luks")
     img = d / "l.qcow2"
-    q("create", "-q", "-f", "qcow2", *SECRETS[:2], "-o",
-      "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", img, "4M")
-    subprocess.run([QEMU_IO or "qemu-io", *SECRETS[:2], *iopts(img, "s0"),
-                    "-c", "write -P 0x5a 0 100k", "-c", "write -P 0x33 3M 70k"],
-                   check=True, capture_output=True)
+    QEMU.img("create", "-q", "-f", "qcow2", *SECRETS[:2], "-o",
+             "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", img, "4M")
+    QEMU.io(iopts(img, "s0")[1], "write -P 0x5a 0 100k", "write -P 0x33 3M 70k",
+            image_opts=True, extra=SECRETS[:2])
     return img.read_bytes()
 
 
@@ -90,9 +77,9 @@ def test_key_added_by_diskimg_opens_in_qemu(luks: Path, tmp_path: Path) -> None:
     for key in ("s0", "s1", "s2"):
         assert qemu_plain(luks, key, tmp_path / f"{key}.raw") == want
         assert ours(luks, key) == want
-    check = q("check", *SECRETS, *iopts(luks, "s2"))
+    check = QEMU.img("check", *SECRETS, *iopts(luks, "s2"))
     assert "No errors were found on the image." in check.stdout
-    info = json.loads(q("info", "--output=json", luks).stdout)
+    info = json.loads(QEMU.img("info", "--output=json", luks).stdout)
     slots = info["format-specific"]["data"]["encrypt"]["slots"]
     assert [s["active"] for s in slots] == [True, True, False, False, False, False, True,
                                             False]
@@ -101,8 +88,8 @@ def test_key_added_by_diskimg_opens_in_qemu(luks: Path, tmp_path: Path) -> None:
 
 def test_key_added_by_qemu_opens_in_diskimg(luks: Path, tmp_path: Path) -> None:
     want = ours(luks, "s0")
-    q("amend", *SECRETS, *iopts(luks, "s0"), "-o",
-      "encrypt.state=active,encrypt.new-secret=s1,encrypt.keyslot=3,encrypt.iter-time=10")
+    QEMU.img("amend", *SECRETS, *iopts(luks, "s0"), "-o",
+             "encrypt.state=active,encrypt.new-secret=s1,encrypt.keyslot=3,encrypt.iter-time=10")
     assert ours(luks, "s1") == want
     assert ours(luks, "s2") is None
 
@@ -137,7 +124,8 @@ def test_keys_removed_by_qemu_stop_working_in_diskimg(luks: Path, tmp_path: Path
     want = ours(luks, "s0")
     luks_add_key(luks, b"first", b"second", keyslot=4, iter_time_ms=0)
     assert ours(luks, "s1") == want
-    q("amend", *SECRETS, *iopts(luks, "s1"), "-o", "encrypt.state=inactive,encrypt.keyslot=0")
+    QEMU.img("amend", *SECRETS, *iopts(luks, "s1"), "-o",
+             "encrypt.state=inactive,encrypt.keyslot=0")
     assert ours(luks, "s0") is None
     assert ours(luks, "s1") == want
     assert qemu_plain(luks, "s1", tmp_path / "z.raw") == want
@@ -146,10 +134,9 @@ def test_keys_removed_by_qemu_stop_working_in_diskimg(luks: Path, tmp_path: Path
 # --- non-key amend options, both directions ---------------------------------------------
 
 def build(img: Path, *opts: str) -> None:
-    q("create", "-q", "-f", "qcow2", *opts, img, "8M")
-    subprocess.run([QEMU_IO or "qemu-io", "-c", "write -P 1 0 64k", "-c", "write -z 1M 128k",
-                    "-c", "write -P 2 3M 64k", "-c", "write -c -P 5 5M 64k", img],
-                   check=True, capture_output=True)
+    QEMU.img("create", "-q", "-f", "qcow2", *opts, img, "8M")
+    QEMU.io(img, "write -P 1 0 64k", "write -z 1M 128k", "write -P 2 3M 64k",
+            "write -c -P 5 5M 64k", fmt=None)
 
 
 AMENDS = [
@@ -176,9 +163,9 @@ def test_amend_by_diskimg_checked_by_qemu(tmp_path: Path, create_opts: list[str]
     build(img, *create_opts)
     shutil.copy(img, ref)
     amend(img, options)
-    assert q("check", img).returncode == 0
-    assert q("compare", ref, img).stdout == "Images are identical.\n"
-    info = json.loads(q("info", "--output=json", img).stdout)["format-specific"]["data"]
+    assert QEMU.img("check", img).returncode == 0
+    assert QEMU.img("compare", ref, img).stdout == "Images are identical.\n"
+    info = json.loads(QEMU.img("info", "--output=json", img).stdout)["format-specific"]["data"]
     if "compat" in options:
         assert info["compat"] == options["compat"]
     if "refcount_bits" in options:
@@ -195,7 +182,7 @@ def test_amend_by_qemu_read_by_diskimg(tmp_path: Path, create_opts: list[str],
     build(img, *create_opts)
     with diskimg.open(img) as d:
         want = d.read(0, d.size)
-    q("amend", "-o", _olist(options), img)
+    QEMU.img("amend", "-o", _olist(options), img)
     with diskimg.open(img, "r+") as d:
         assert d.read(0, d.size) == want
         res = d.check()  # type: ignore[attr-defined]
@@ -205,21 +192,20 @@ def test_amend_by_qemu_read_by_diskimg(tmp_path: Path, create_opts: list[str],
 def test_backing_file_amend_both_ways(tmp_path: Path) -> None:
     base, ov = tmp_path / "base.qcow2", tmp_path / "ov.qcow2"
     build(base)
-    q("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", ov)
-    subprocess.run([QEMU_IO or "qemu-io", "-c", "write -P 9 2M 64k", ov], check=True,
-                   capture_output=True)
+    QEMU.img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", ov)
+    QEMU.io(ov, "write -P 9 2M 64k", fmt=None)
     # restating the current backing file (with compat) is what amend allows
     amend(ov, {"backing_file": "base.qcow2", "backing_fmt": "qcow2", "compat": "0.10"})
-    assert q("check", ov).returncode == 0
-    info = json.loads(q("info", "--output=json", ov).stdout)
+    assert QEMU.img("check", ov).returncode == 0
+    info = json.loads(QEMU.img("info", "--output=json", ov).stdout)
     assert (info["backing-filename"], info["backing-filename-format"]) == ("base.qcow2",
                                                                             "qcow2")
-    q("amend", "-o", "compat=1.1,backing_file=base.qcow2,backing_fmt=qcow2", ov)
+    QEMU.img("amend", "-o", "compat=1.1,backing_file=base.qcow2,backing_fmt=qcow2", ov)
     with diskimg.open(ov) as d:
         data = d.read(0, d.size)
     assert data[2 << 20:(2 << 20) + 65536] == b"\x09" * 65536
     assert data[:65536] == b"\x01" * 65536  # from the backing file
     with pytest.raises(diskimg.UsageError, match="Cannot amend the backing file"):
         amend(ov, {"backing_file": "other.qcow2", "backing_fmt": "qcow2"})
-    cmp = q("compare", ov, base, ok=False)  # still its own data over the base
+    cmp = QEMU.img("compare", ov, base, ok=None)  # still its own data over the base
     assert (cmp.returncode, cmp.stdout) == (1, "Content mismatch at offset 2097152!\n")

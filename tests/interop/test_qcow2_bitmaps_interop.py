@@ -3,13 +3,12 @@ exactly the bits qemu-io's do, flags and info match, and qemu-img check is clean
 
 from __future__ import annotations
 
-import json
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 import diskimg
 from diskimg.qcow2.bitmaps import BME_FLAG_IN_USE
@@ -41,14 +40,13 @@ def bitmap_bits(path: Path) -> dict[str, tuple[int, bytes]]:
 
 def test_bitmaps_track_writes_like_qemu(tmp_path: Path) -> None:
     theirs = tmp_path / "theirs.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", theirs, "64M"], check=True)
+    QEMU.img("create", "-q", "-f", "qcow2", theirs, "64M")
     for args in (["b0"], ["-g", "1M", "b1"], ["--disable", "b2"]):
-        subprocess.run([QEMU_IMG, "bitmap", "--add", *args[:-1], theirs, args[-1]], check=True)
+        QEMU.img("bitmap", "--add", *args[:-1], theirs, args[-1])
     ours = tmp_path / "ours.qcow2"
     shutil.copyfile(theirs, ours)
-    subprocess.run([QEMU_IO, "-c", "write 0 100k", "-c", "write 10M 1k", "-c",
-                    "write -z 30M 3M", "-c", "discard 50M 64k", theirs], check=True,
-                   capture_output=True)
+    QEMU.io(theirs, "write 0 100k", "write 10M 1k", "write -z 30M 3M", "discard 50M 64k",
+            fmt=None)
     with diskimg.open(ours, "r+") as d:
         d.write(0, b"\xcd" * 102400)
         d.write(10 << 20, b"\xcd" * 1024)
@@ -59,19 +57,17 @@ def test_bitmaps_track_writes_like_qemu(tmp_path: Path) -> None:
     got, want = bitmap_bits(ours), bitmap_bits(theirs)
     assert got == want
     assert got["b0"][1] and not got["b2"][1]  # the disabled bitmap is left alone
-    info = [json.loads(subprocess.run([QEMU_IMG, "info", "--output=json", p],
-                                      capture_output=True, text=True).stdout)["format-specific"]
-            for p in (ours, theirs)]
+    info = [QEMU.info(p)["format-specific"] for p in (ours, theirs)]
     assert info[0] == info[1]
     with diskimg.open(ours) as d:
         assert d.info().to_json()["format-specific"] == info[1]
-    assert subprocess.run([QEMU_IMG, "check", ours], capture_output=True).returncode == 0
+    assert QEMU.img("check", ours, ok=None).returncode == 0
 
 
 def test_resize_refused_with_bitmaps(tmp_path: Path) -> None:
     img = tmp_path / "b.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", img, "1M"], check=True)
-    subprocess.run([QEMU_IMG, "bitmap", "--add", img, "b0"], check=True)
+    QEMU.img("create", "-q", "-f", "qcow2", img, "1M")
+    QEMU.img("bitmap", "--add", img, "b0")
     with diskimg.open(img, "r+") as d, \
             pytest.raises(diskimg.UnsupportedFeatureError, match="persistent bitmaps"):
         d.resize(2 << 20)  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 import diskimg
 
@@ -77,10 +78,9 @@ def _apply(model: bytearray, off: int, n: int, pat: int) -> None:
     model[off : off + n] = bytes([pat]) * n
 
 
-def _qemu_map(run: RunFn, qemu_img: str, img: Path) -> tuple[object, str]:
-    js = run([qemu_img, "map", "--output=json", img.name], cwd=img.parent).stdout
-    human = run([qemu_img, "map", img.name], cwd=img.parent).stdout
-    return json.loads(js), human
+def _qemu_map(img: Path) -> tuple[object, str]:
+    return (QEMU.map(img.name, cwd=img.parent),
+            QEMU.img("map", img.name, cwd=img.parent).stdout)
 
 
 def _diskimg_map(run: RunFn, img: Path) -> tuple[object, str]:
@@ -88,18 +88,6 @@ def _diskimg_map(run: RunFn, img: Path) -> tuple[object, str]:
     js = run([*cli, "--output=json", img.name], cwd=img.parent).stdout
     human = run([*cli, img.name], cwd=img.parent).stdout
     return json.loads(js), human
-
-
-def _qemu_bytes(run: RunFn, qemu_img: str, img: Path) -> bytes:
-    out = img.parent / "qemu-view.raw"
-    out.unlink(missing_ok=True)
-    run([qemu_img, "convert", "-O", "raw", img.name, out.name], cwd=img.parent)
-    return out.read_bytes()
-
-
-def _qemu_check_clean(run: RunFn, qemu_img: str, img: Path) -> None:
-    res = run([qemu_img, "check", img.name], cwd=img.parent)
-    assert "No errors were found on the image." in res.stdout, res.stdout
 
 
 @pytest.mark.parametrize(("cs", "raw_flag", "ext"), CASES,
@@ -121,10 +109,10 @@ def test_data_file_reads_writes_and_map_match_qemu(
     run([qemu_io, "-f", "qcow2", *io_cmds, img.name], cwd=tmp_path)
 
     # 1. diskimg reads what qemu wrote, every byte, and maps it as qemu does
-    _assert_bytes(_qemu_bytes(run, qemu_img, img), model, "qemu after qemu-io")
+    _assert_bytes(QEMU.raw_bytes(img.name, cwd=img.parent), model, "qemu after qemu-io")
     with diskimg.open(img) as d:
         _assert_bytes(d.read(0, size), model, "diskimg after qemu-io")
-    assert _diskimg_map(run, img) == _qemu_map(run, qemu_img, img)
+    assert _diskimg_map(run, img) == _qemu_map(img)
 
     # 2. diskimg writes partial clusters (cluster 0 first); qemu reads the model
     sc = cs // 32 if ext == "on" else cs
@@ -153,11 +141,11 @@ def test_data_file_reads_writes_and_map_match_qemu(
         _apply(model, 6 * cs, cs, 0)
         _apply(model, 14 * cs, cs, 0)
         _assert_bytes(d.read(0, size), model, "diskimg after its writes")
-    _assert_bytes(_qemu_bytes(run, qemu_img, img), model, "qemu after diskimg's writes")
+    _assert_bytes(QEMU.raw_bytes(img.name, cwd=img.parent), model, "qemu after diskimg's writes")
     with diskimg.open(img) as d:
         _assert_bytes(d.read(0, size), model, "diskimg reopened")
-    _qemu_check_clean(run, qemu_img, img)
-    assert _diskimg_map(run, img) == _qemu_map(run, qemu_img, img)
+    QEMU.check_clean(img.name, cwd=img.parent)
+    assert _diskimg_map(run, img) == _qemu_map(img)
     if raw_flag == "on":  # data_file_raw: the data file itself is the disk
         _assert_bytes(data.read_bytes()[:size], model, "the raw data file")
 
@@ -180,11 +168,11 @@ def test_write_to_cluster_0_written_by_qemu_only(
     with diskimg.open(img, "r+") as d:
         d.write(4096, b"\x01" * 512)
     model[4096 : 4096 + 512] = b"\x01" * 512
-    _assert_bytes(_qemu_bytes(run, qemu_img, img), model, "qemu after diskimg's write")
+    _assert_bytes(QEMU.raw_bytes(img.name, cwd=img.parent), model, "qemu after diskimg's write")
     _assert_bytes(data.read_bytes()[:cs], model[:cs], "the data file")
     with diskimg.open(img) as d:
         _assert_bytes(d.read(0, 1 << 20), model, "diskimg")
-    _qemu_check_clean(run, qemu_img, img)
+    QEMU.check_clean(img.name, cwd=img.parent)
 
 
 def test_commit_empties_a_data_file_top_without_touching_refcounts(
@@ -204,10 +192,10 @@ def test_commit_empties_a_data_file_top_without_touching_refcounts(
     model[: 12 << 10] = b"\x11" * (12 << 10)
     model[64 << 10 : 68 << 10] = b"\x22" * 4096
     run([sys.executable, "-m", "diskimg", "commit", top.name], cwd=tmp_path)
-    _qemu_check_clean(run, qemu_img, top)
-    _assert_bytes(_qemu_bytes(run, qemu_img, base), model, "the base after commit")
-    _assert_bytes(_qemu_bytes(run, qemu_img, top), model, "the emptied top")
-    js, _ = _qemu_map(run, qemu_img, top)
+    QEMU.check_clean(top.name, cwd=top.parent)
+    _assert_bytes(QEMU.raw_bytes(base.name, cwd=base.parent), model, "the base after commit")
+    _assert_bytes(QEMU.raw_bytes(top.name, cwd=top.parent), model, "the emptied top")
+    js, _ = _qemu_map(top)
     assert isinstance(js, list) and all(e["depth"] == 1 or not e["present"] for e in js)
 
 
@@ -331,7 +319,7 @@ def test_commit_deallocates_the_data_file_clusters_of_the_top_like_qemu(
          d / "base.qcow2"])
     assert (run([qemu_img, "check", "top.qcow2"], cwd=d).stdout
             == run([qemu_img, "check", "top.qcow2"], cwd=q).stdout)
-    _qemu_check_clean(run, qemu_img, d / "base.qcow2")
+    QEMU.check_clean("base.qcow2", cwd=d)
 
     def top_map(where: Path) -> list[tuple[int, bool, bool]]:
         """(guest offset, present, data) per byte run, split at every 4 KiB."""

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 import diskimg
 
@@ -17,27 +18,6 @@ QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(not (QEMU_IMG and QEMU_IO), reason="qemu-img/qemu-io absent")]
-
-
-def run(*args: str | Path, cwd: Path | None = None) -> str:
-    return subprocess.run([str(a) for a in args], check=True, capture_output=True,
-                          text=True, cwd=cwd).stdout
-
-
-def qemu_raw(path: Path, tmp: Path) -> bytes:
-    out = tmp / (path.name + ".ref.raw")
-    run(QEMU_IMG, "convert", "-O", "raw", path, out, cwd=path.parent)
-    return out.read_bytes()
-
-
-def qemu_io(path: Path, *cmds: str, fmt: str = "qcow2") -> None:
-    """Run qemu-io commands on ``path`` from the image's directory (qemu resolves
-    external data-file names against the working directory)."""
-    args: list[str | Path] = [QEMU_IO, "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    subprocess.run([str(a) for a in (*args, path)], check=True, capture_output=True,
-                   cwd=path.parent)
 
 
 LAYOUTS = [
@@ -49,21 +29,21 @@ LAYOUTS = [
 @pytest.mark.parametrize(("compat", "cs", "rb"), LAYOUTS)
 def test_reads_qemu_written_image(tmp_path: Path, compat: str, cs: int, rb: int) -> None:
     img = tmp_path / "q.qcow2"
-    run(QEMU_IMG, "create", "-f", "qcow2", "-o",
-        f"compat={compat},cluster_size={cs},refcount_bits={rb}", img, "9M")
+    QEMU.img("create", "-f", "qcow2", "-o",
+             f"compat={compat},cluster_size={cs},refcount_bits={rb}", img, "9M")
     cmds = ["write -P 0x11 0 100k", "write -P 0x22 1M 3k", "write -c -P 0x33 4M 2M",
             "write -P 0x44 8191k 1k"]
     if compat == "1.1":
         cmds += ["write -z 20k 70k", "write -z -u 4M 1M"]
     cmds += ["discard 1M 2M"]
-    qemu_io(img, *cmds)
-    ref = qemu_raw(img, tmp_path)
+    QEMU.io(img, *cmds, cwd=img.parent)
+    ref = QEMU.raw_bytes(img, cwd=img.parent)
     with diskimg.open(img) as d:
         assert d.read(0, d.size) == ref
         ours_map = [e.to_json() for e in d.map()]
         ours_info = d.info().to_json()
-    assert ours_map == json.loads(run(QEMU_IMG, "map", "--output=json", img))
-    theirs = json.loads(run(QEMU_IMG, "info", "--output=json", img))
+    assert ours_map == QEMU.json("map", img)
+    theirs = QEMU.json("info", img)
     for key in ("virtual-size", "cluster-size", "format", "format-specific", "dirty-flag",
                 "actual-size"):
         assert ours_info.get(key) == theirs.get(key), key
@@ -73,22 +53,21 @@ def test_reads_qemu_written_image(tmp_path: Path, compat: str, cs: int, rb: int)
 @pytest.mark.parametrize("base_fmt", ["qcow2", "raw"])
 def test_backing_chain_reads(tmp_path: Path, depth: int, base_fmt: str) -> None:
     base = tmp_path / f"l0.{base_fmt}"
-    run(QEMU_IMG, "create", "-f", base_fmt, base, "3M")
-    qemu_io(base, "write -P 0xa0 0 3M", fmt=base_fmt)
+    QEMU.img("create", "-f", base_fmt, base, "3M")
+    QEMU.io(base, "write -P 0xa0 0 3M", fmt=base_fmt, cwd=base.parent)
     prev, prev_fmt = base, base_fmt
     for i in range(1, depth + 1):
         top = tmp_path / f"l{i}.qcow2"
         # each overlay is larger than the one below: the tail past the backing file reads 0
-        run(QEMU_IMG, "create", "-f", "qcow2", "-b", prev.name, "-F", prev_fmt, top,
-            f"{3 + i}M")
-        qemu_io(top, f"write -P 0x{i}{i} {i * 300}k 200k", f"write -z {i * 700}k 64k")
+        QEMU.img("create", "-f", "qcow2", "-b", prev.name, "-F", prev_fmt, top, f"{3 + i}M")
+        QEMU.io(top, f"write -P 0x{i}{i} {i * 300}k 200k", f"write -z {i * 700}k 64k",
+                cwd=top.parent)
         prev, prev_fmt = top, "qcow2"
-    ref = qemu_raw(prev, tmp_path)
+    ref = QEMU.raw_bytes(prev, cwd=prev.parent)
     with diskimg.open(prev) as d:
         assert len(d.chain()) == depth + 1
         assert d.read(0, d.size) == ref
-        assert [e.to_json() for e in d.map()] == json.loads(
-            run(QEMU_IMG, "map", "--output=json", prev))
+        assert [e.to_json() for e in d.map()] == QEMU.json("map", prev)
 
 
 def test_diskimg_writes_verified_by_qemu_io(tmp_path: Path) -> None:
@@ -99,26 +78,27 @@ def test_diskimg_writes_verified_by_qemu_io(tmp_path: Path) -> None:
         d.write(5 << 20, b"\x66" * (1 << 20))
         d.write_zeroes(5 << 20, 65536)
         d.discard(0, 65536)
-    qemu_io(img, "read -P 0 0 64k", "read -P 0x5a 64k 4464", "read -P 0 5M 64k",
-            "read -P 0x66 5184k 960k")
-    out = subprocess.run([QEMU_IMG, "check", img], capture_output=True, text=True)
+    QEMU.io(img, "read -P 0 0 64k", "read -P 0x5a 64k 4464", "read -P 0 5M 64k",
+            "read -P 0x66 5184k 960k", cwd=img.parent)
+    out = QEMU.img("check", img, ok=None)
     assert out.returncode == 0 and "No errors were found" in out.stdout
 
 
 def test_copy_on_write_from_backing_then_qemu_check(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
-    run(QEMU_IMG, "create", "-f", "qcow2", base, "4M")
-    qemu_io(base, "write -P 0x77 0 4M")
+    QEMU.img("create", "-f", "qcow2", base, "4M")
+    QEMU.io(base, "write -P 0x77 0 4M", cwd=base.parent)
     top = tmp_path / "top.qcow2"
     diskimg.create(top, "qcow2", None, backing_file="base.qcow2", backing_fmt="qcow2")
     with diskimg.open(top, "r+") as d:
         assert d.size == 4 << 20
         d.write(1000, b"\x01" * 10)  # partial cluster: head and tail come from the base
-    qemu_io(top, "read -P 0x77 0 1000", "read -P 1 1000 10", "read -P 0x77 1010 64526")
-    assert json.loads(run(QEMU_IMG, "info", "--output=json", top))["backing-filename"] \
+    QEMU.io(top, "read -P 0x77 0 1000", "read -P 1 1000 10", "read -P 0x77 1010 64526",
+            cwd=top.parent)
+    assert QEMU.json("info", top)["backing-filename"] \
         == "base.qcow2"
-    assert subprocess.run([QEMU_IMG, "check", top]).returncode == 0
-    cmp = subprocess.run([QEMU_IMG, "compare", top, base], capture_output=True, text=True)
+    assert QEMU.img("check", top, ok=None).returncode == 0
+    cmp = QEMU.img("compare", top, base, ok=None)
     assert cmp.returncode == 1 and "Content mismatch at offset 512!" in cmp.stdout
 
 
@@ -137,18 +117,18 @@ def test_create_is_byte_identical_to_qemu_img(tmp_path: Path, opts: dict[str, st
     if opts.get("cluster_size") == "512" and size == "3T":
         pytest.skip("L1 table for 3T with 512-byte clusters exceeds QEMU's 32 MiB limit")
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
-    args: list[str | Path] = [QEMU_IMG, "create", "-q", "-f", "qcow2"]
+    args: list[str | Path] = ["create", "-q", "-f", "qcow2"]
     if opts:
         args += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
-    run(*args, theirs, size)
+    QEMU.img(*args, theirs, size)
     diskimg.create(ours, "qcow2", diskimg.units.parse_size(size), options=opts)
     assert ours.read_bytes() == theirs.read_bytes()
 
 
 def test_create_with_backing_is_byte_identical(tmp_path: Path) -> None:
     (tmp_path / "b.raw").write_bytes(b"\0" * 4096)
-    run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw",
-        tmp_path / "theirs.qcow2", "64M")
+    QEMU.img("create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw",
+             tmp_path / "theirs.qcow2", "64M")
     diskimg.create(tmp_path / "ours.qcow2", "qcow2", 64 << 20, backing_file="b.raw",
                    backing_fmt="raw")
     assert (tmp_path / "ours.qcow2").read_bytes() == (tmp_path / "theirs.qcow2").read_bytes()
@@ -163,10 +143,10 @@ def test_refcount_table_growth_with_small_clusters(tmp_path: Path) -> None:
     with diskimg.open(img, "r+") as d:
         for off in range(0, 24 << 20, len(chunk)):
             d.write(off, chunk)
-    out = subprocess.run([QEMU_IMG, "check", img], capture_output=True, text=True)
+    out = QEMU.img("check", img, ok=None)
     assert out.returncode == 0, out.stdout
-    qemu_io(img, "read -P 0 0 1", f"read -P 0xff {(24 << 20) - 1} 1")
-    assert qemu_raw(img, tmp_path) == chunk * ((24 << 20) // len(chunk))
+    QEMU.io(img, "read -P 0 0 1", f"read -P 0xff {(24 << 20) - 1} 1", cwd=img.parent)
+    assert QEMU.raw_bytes(img, cwd=img.parent) == chunk * ((24 << 20) // len(chunk))
 
 
 def test_resize_grows_l1_and_shrinks(tmp_path: Path) -> None:
@@ -176,54 +156,50 @@ def test_resize_grows_l1_and_shrinks(tmp_path: Path) -> None:
         d.write(0, b"\x42" * 8192)
         d.resize(64 << 20)  # needs more L1 entries than the original table had
         d.write((64 << 20) - 4096, b"\x43" * 4096)
-    info = json.loads(run(QEMU_IMG, "info", "--output=json", img))
+    info = QEMU.json("info", img)
     assert info["virtual-size"] == 64 << 20
-    assert subprocess.run([QEMU_IMG, "check", img]).returncode == 0
-    qemu_io(img, "read -P 0x42 0 8k", f"read -P 0x43 {(64 << 20) - 4096} 4k")
+    assert QEMU.img("check", img, ok=None).returncode == 0
+    QEMU.io(img, "read -P 0x42 0 8k", f"read -P 0x43 {(64 << 20) - 4096} 4k", cwd=img.parent)
     big = img.stat().st_size
     with diskimg.open(img, "r+") as d:
         d.resize(4096, shrink=True)
-    assert json.loads(run(QEMU_IMG, "info", "--output=json", img))["virtual-size"] == 4096
+    assert QEMU.json("info", img)["virtual-size"] == 4096
     assert img.stat().st_size < big  # the host file is cut after the last used cluster
-    out = subprocess.run([QEMU_IMG, "check", img], capture_output=True, text=True)
+    out = QEMU.img("check", img, ok=None)
     assert out.returncode in (0, 3), out.stdout  # shrinking may leave leaked L2 tables
-    qemu_io(img, "read -P 0x42 0 4k")
+    QEMU.io(img, "read -P 0x42 0 4k", cwd=img.parent)
 
 
 def test_qemu_lock_blocks_diskimg_writer(tmp_path: Path) -> None:
     img = tmp_path / "l.qcow2"
     diskimg.create(img, "qcow2", 1 << 20)
     with diskimg.open(img, "r+"):
-        out = subprocess.run([QEMU_IMG, "info", img], capture_output=True, text=True)
+        out = QEMU.img("info", img, ok=None)
         assert out.returncode == 1
         assert 'Failed to get shared "write" lock' in out.stderr
-        assert subprocess.run([QEMU_IMG, "info", "-U", img],
-                              capture_output=True).returncode == 0
+        assert QEMU.img("info", "-U", img, ok=None).returncode == 0
 
 
 def test_extended_l2_subclusters_read_and_map(tmp_path: Path) -> None:
     img = tmp_path / "ext.qcow2"
-    run(QEMU_IMG, "create", "-f", "qcow2", "-o", "extended_l2=on", img, "4M")
-    qemu_io(img, "write -P 1 0 4k", "write -P 2 36k 10k", "write -z 100k 8k",
-            "write -c -P 3 1M 64k")
+    QEMU.img("create", "-f", "qcow2", "-o", "extended_l2=on", img, "4M")
+    QEMU.io(img, "write -P 1 0 4k", "write -P 2 36k 10k", "write -z 100k 8k",
+            "write -c -P 3 1M 64k", cwd=img.parent)
     with diskimg.open(img) as d:
-        assert d.read(0, d.size) == qemu_raw(img, tmp_path)
-        assert [e.to_json() for e in d.map()] == json.loads(
-            run(QEMU_IMG, "map", "--output=json", img))
+        assert d.read(0, d.size) == QEMU.raw_bytes(img, cwd=img.parent)
+        assert [e.to_json() for e in d.map()] == QEMU.json("map", img)
         assert d.info().to_json()["format-specific"]["data"]["extended-l2"] is True
 
 
 @pytest.mark.parametrize("raw_flag", ["off", "on"])
 def test_external_data_file_read_and_map(tmp_path: Path, raw_flag: str) -> None:
     img = tmp_path / "df.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-f", "qcow2", "-o",
-                    f"data_file=df.raw,data_file_raw={raw_flag}", img, "4M"],
-                   check=True, capture_output=True, cwd=tmp_path)
-    qemu_io(img, "write -P 5 64k 64k", "write -P 6 3M 1k")
+    QEMU.img("create", "-f", "qcow2", "-o", f"data_file=df.raw,data_file_raw={raw_flag}", img,
+             "4M", cwd=tmp_path)
+    QEMU.io(img, "write -P 5 64k 64k", "write -P 6 3M 1k", cwd=img.parent)
     with diskimg.open(img) as d:
-        assert d.read(0, d.size) == qemu_raw(img, tmp_path)
-        assert [e.to_json() for e in d.map()] == json.loads(
-            run(QEMU_IMG, "map", "--output=json", img, cwd=tmp_path))
+        assert d.read(0, d.size) == QEMU.raw_bytes(img, cwd=img.parent)
+        assert [e.to_json() for e in d.map()] == QEMU.json("map", img, cwd=tmp_path)
         fs = d.info().to_json()["format-specific"]["data"]
         assert fs["data-file"] == "df.raw" and fs["data-file-raw"] is (raw_flag == "on")
 
@@ -267,9 +243,8 @@ def test_same_writes_give_qemus_bytes(tmp_path: Path, cs: int, name: str) -> Non
                 d.write_compressed(off * cs, b"\x22" * cs)
                 cmds.append(f"write -c -P 0x22 {off * cs} {cs}")
             d.flush()
-    qemu_io(theirs, *cmds)
-    assert json.loads(run(QEMU_IMG, "map", "--output=json", ours)) == \
-        json.loads(run(QEMU_IMG, "map", "--output=json", theirs))
+    QEMU.io(theirs, *cmds, cwd=theirs.parent)
+    assert QEMU.json("map", ours) == QEMU.json("map", theirs)
     if name != "compressed":  # deflate output may differ by zlib build; layout may not
         assert ours.read_bytes() == theirs.read_bytes()
     if name == "discard":
@@ -286,9 +261,8 @@ def test_external_data_file_create_and_write(tmp_path: Path, raw_flag: str) -> N
     qdir.mkdir()
     ddir.mkdir()
     opts = {"data_file": "disk.raw", "data_file_raw": raw_flag}
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
-                    ",".join(f"{k}={v}" for k, v in opts.items()), "disk.qcow2", "4M"],
-                   check=True, cwd=qdir)
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", ",".join(f"{k}={v}" for k, v in opts.items()),
+             "disk.qcow2", "4M", cwd=qdir)
     diskimg.create(ddir / "disk.qcow2", "qcow2", 4 << 20, options=opts)
     for name in ("disk.qcow2", "disk.raw"):
         assert (ddir / name).read_bytes() == (qdir / name).read_bytes(), name
@@ -304,11 +278,9 @@ def test_external_data_file_create_and_write(tmp_path: Path, raw_flag: str) -> N
     assert (ddir / "disk.raw").read_bytes()[70000:70100] == model[70000:70100]
     ref = ddir / "model.raw"
     ref.write_bytes(model)
-    cmp = subprocess.run([QEMU_IMG, "compare", "-F", "raw", "disk.qcow2", "model.raw"],
-                         capture_output=True, text=True, cwd=ddir)
+    cmp = QEMU.img("compare", "-F", "raw", "disk.qcow2", "model.raw", cwd=ddir, ok=None)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    chk = subprocess.run([QEMU_IMG, "check", "disk.qcow2"], capture_output=True, text=True,
-                         cwd=ddir)
+    chk = QEMU.img("check", "disk.qcow2", cwd=ddir, ok=None)
     assert chk.returncode == 0, chk.stdout + chk.stderr
 
 
@@ -330,15 +302,12 @@ def test_info_human_and_json_match_qemu(tmp_path: Path, kind: str) -> None:
     """`diskimg info` prints qemu-img's text line for line (format-specific sections in
     QEMU's QDict order) and the same JSON, for every qcow2 flavour."""
     create, after = INFO_KINDS[kind]
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", *create, "img.qcow2", "8M"],
-                   check=True, cwd=tmp_path)
+    QEMU.img("create", "-q", "-f", "qcow2", *create, "img.qcow2", "8M", cwd=tmp_path)
     for step in after:
-        subprocess.run([QEMU_IMG, *[("img.qcow2" if a == "IMG" else a) for a in step]],
-                       check=True, cwd=tmp_path)
+        QEMU.img(*[("img.qcow2" if a == "IMG" else a) for a in step], cwd=tmp_path)
     import sys
     for extra in ([], ["--output=json"]):
-        theirs = subprocess.run([QEMU_IMG, "info", *extra, "img.qcow2"], capture_output=True,
-                                text=True, cwd=tmp_path)
+        theirs = QEMU.img("info", *extra, "img.qcow2", cwd=tmp_path, ok=None)
         ours = subprocess.run([sys.executable, "-m", "diskimg", "info", *extra, "img.qcow2"],
                               capture_output=True, text=True, cwd=tmp_path)
         assert ours.returncode == theirs.returncode == 0, ours.stderr
@@ -357,9 +326,9 @@ def test_preallocation_on_create_and_resize_like_qemu(tmp_path: Path, mode: str)
     for who in ("qemu", "ours"):
         c, r = tmp_path / f"{who}-create.qcow2", tmp_path / f"{who}-resize.qcow2"
         if who == "qemu":
-            run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", f"preallocation={mode}", c, "4M")
-            run(QEMU_IMG, "create", "-q", "-f", "qcow2", r, "1M")
-            run(QEMU_IMG, "resize", "-q", f"--preallocation={mode}", r, "4M")
+            QEMU.img("create", "-q", "-f", "qcow2", "-o", f"preallocation={mode}", c, "4M")
+            QEMU.img("create", "-q", "-f", "qcow2", r, "1M")
+            QEMU.img("resize", "-q", f"--preallocation={mode}", r, "4M")
         else:
             diskimg.create(c, "qcow2", 4 << 20, options={"preallocation": mode})
             diskimg.create(r, "qcow2", 1 << 20)
@@ -367,10 +336,9 @@ def test_preallocation_on_create_and_resize_like_qemu(tmp_path: Path, mode: str)
                 d.resize(4 << 20, preallocation=mode)  # type: ignore[attr-defined]
         made[who] = (c, r)
     for q, o in zip(made["qemu"], made["ours"]):
-        assert json.loads(run(QEMU_IMG, "map", "--output=json", o)) == \
-            json.loads(run(QEMU_IMG, "map", "--output=json", q))
+        assert QEMU.json("map", o) == QEMU.json("map", q)
         assert abs(o.stat().st_blocks - q.stat().st_blocks) <= 64  # refcount layout differs
-        assert subprocess.run([QEMU_IMG, "check", o], capture_output=True).returncode == 0
+        assert QEMU.img("check", o, ok=None).returncode == 0
 
 
 @pytest.mark.qemu

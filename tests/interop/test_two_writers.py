@@ -58,14 +58,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from qemukit import QEMU
 
 import diskimg
 
-QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
-# tests/tools/qemu-img retries LUKS creates that qemu's PBKDF2 benchmark fails on a loaded
-# machine (tests/conftest.py puts it first on PATH; the fuzz script runs without conftest)
-QEMU_IMG_CREATE = str(Path(__file__).resolve().parents[1] / "tools" / "qemu-img")
-QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 PASSPHRASE = "two-writers"
 SECRET_OBJ = f"secret,id=sec0,data={PASSPHRASE}"
 
@@ -181,8 +177,8 @@ class Sequence:
         return [str(self.path)]
 
     def sh(self, *cmd: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=120,
-                             stdin=subprocess.DEVNULL, cwd=self.dir)
+        """Run a qemu tool through qemukit; a bad exit fails with this machine's trace."""
+        res = QEMU.run(cmd, ok=None, cwd=self.dir)
         if res.returncode not in ok:
             self.fail(f"{' '.join(cmd)} exited {res.returncode}\nstdout: {res.stdout}\n"
                       f"stderr: {res.stderr}")
@@ -225,13 +221,13 @@ class Sequence:
             raw = self.dir / "base.raw"
             raw.write_bytes(base)
             if cfg.backing == "qcow2":
-                self.sh(QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", "-o",
+                self.sh(QEMU.qemu_img, "convert", "-q", "-f", "raw", "-O", "qcow2", "-o",
                         "cluster_size=4096", str(raw), str(self.dir / "base.qcow2"))
                 raw.unlink()
         bname = f"base.{cfg.backing}" if cfg.backing else None
         self.log.append(f"create by {cfg.creator}: {opts} backing={bname}")
         if cfg.creator == "qemu":
-            cmd = [QEMU_IMG_CREATE, "create", "-q", "-f", "qcow2", "-o",
+            cmd = [QEMU.qemu_img, "create", "-q", "-f", "qcow2", "-o",
                    ",".join(f"{k}={v}" for k, v in opts.items())]
             if cfg.luks:
                 cmd += ["--object", SECRET_OBJ]
@@ -340,7 +336,7 @@ class Sequence:
                 cmds.append(f"write -z {'-u ' if op[3] else ''}{op[1]} {op[2]}")
             else:
                 cmds.append(f"discard {op[1]} {op[2]}")
-        argv = [QEMU_IO]
+        argv = [QEMU.qemu_io]
         for c in cmds:
             argv += ["-c", c]
         res = self.sh(*argv, *self.image_args())
@@ -362,7 +358,7 @@ class Sequence:
         return out
 
     def qemu_allocated(self, off: int, n: int) -> bool:
-        res = self.sh(QEMU_IMG, "map", "--output=json", f"--start-offset={off}",
+        res = self.sh(QEMU.qemu_img, "map", "--output=json", f"--start-offset={off}",
                       f"--max-length={n}", *self.image_args())
         # a host offset, or data without one (a compressed cluster)
         return any(e["depth"] == 0 and ("offset" in e or e["data"])
@@ -407,7 +403,7 @@ class Sequence:
         how = who if who == "qemu" else self.rng.choice(["api", "cli"])
         self.log.append(f"{who} snapshot -{what} {name} ({how})")
         if how == "qemu":
-            self.sh(QEMU_IMG, "snapshot", f"-{what}", name, *self.image_args())
+            self.sh(QEMU.qemu_img, "snapshot", f"-{what}", name, *self.image_args())
         elif how == "cli":
             rc, out, err = self.diskimg_cli("snapshot", f"-{what}", name, *self.image_args())
             if rc:
@@ -432,7 +428,7 @@ class Sequence:
         self.log.append(f"{who} resize {old} -> {new} ({how})")
         shrink = ["--shrink"] if new < old else []
         if how == "qemu":
-            self.sh(QEMU_IMG, "resize", *shrink, *self.image_args(), str(new))
+            self.sh(QEMU.qemu_img, "resize", *shrink, *self.image_args(), str(new))
         elif how == "cli":
             rc, out, err = self.diskimg_cli("resize", *shrink, *self.image_args(), str(new))
             if rc:
@@ -458,7 +454,7 @@ class Sequence:
         raw = self.dir / "qemu-read.raw"
         src = ["--object", SECRET_OBJ, "--image-opts", args[-1]] if self.cfg.luks else [
             "-f", "qcow2", str(self.path)]
-        self.sh(QEMU_IMG, "convert", "-O", "raw", *src, str(raw))
+        self.sh(QEMU.qemu_img, "convert", "-O", "raw", *src, str(raw))
         qemu_bytes = raw.read_bytes()
         raw.unlink()
         with self.diskimg_open("r") as img:
@@ -470,7 +466,7 @@ class Sequence:
         for sub in (["map", "--output=json"], ["info", "--output=json"],
                     ["snapshot", "-l"], ["check", "--output=json"]):
             target = args if sub[0] != "info" else [str(self.path)]
-            q = self.sh(QEMU_IMG, *sub, *target, ok=(0, 1, 2, 3))
+            q = self.sh(QEMU.qemu_img, *sub, *target, ok=(0, 1, 2, 3))
             rc, out, err = self.diskimg_cli(*sub, *target)
             same = (q.returncode, q.stderr.replace("qemu-img:", "diskimg:")) == (rc, err)
             if sub[-1] == "--output=json" and q.returncode == 0 and rc == 0:
@@ -554,12 +550,11 @@ def test_check_json_filename_is_the_argument(tmp_path: Path, how: str) -> None:
     """``check --output=json`` names the image as it was given on the command line, as
     qemu-img does (it printed the opened path: ``r.qcow2`` for ``./r.qcow2``, and the
     bare path for an ``--image-opts`` string)."""
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(tmp_path / "r.qcow2"), "1M"],
-                   check=True)
+    QEMU.img("create", "-q", "-f", "qcow2", tmp_path / "r.qcow2", "1M")
     arg = ["./r.qcow2"] if how == "relative" else [
         "--image-opts", "driver=qcow2,file.filename=./r.qcow2"]
     seq = Sequence(0, tmp_path)
-    q = seq.sh(QEMU_IMG, "check", "--output=json", *arg)
+    q = seq.sh(QEMU.qemu_img, "check", "--output=json", *arg)
     rc, out, err = seq.diskimg_cli("check", "--output=json", *arg)
     assert (rc, err) == (0, "")
     ours = json.loads(out)
@@ -578,11 +573,9 @@ def test_v2_discard_with_backing_keeps_data(tmp_path: Path) -> None:
     imgs = {}
     for who in ("qemu", "diskimg"):
         img = imgs[who] = tmp_path / f"{who}.qcow2"
-        subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "compat=0.10",
-                        "-b", "base.raw", "-F", "raw", str(img), "256K"], check=True)
-    subprocess.run([QEMU_IO, "-c", "write -P 7 0 64k", "-c", "write -z 64k 64k",
-                    "-c", "discard 0 192k", str(imgs["qemu"])], check=True,
-                   capture_output=True)
+        QEMU.img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.raw", "-F",
+                 "raw", img, "256K")
+    QEMU.io(imgs["qemu"], "write -P 7 0 64k", "write -z 64k 64k", "discard 0 192k", fmt=None)
     with diskimg.open(imgs["diskimg"], "r+") as dev:
         dev.write(0, b"\7" * 65536)
         dev.write_zeroes(65536, 65536)
@@ -593,11 +586,9 @@ def test_v2_discard_with_backing_keeps_data(tmp_path: Path) -> None:
             got = dev.read(0, dev.size)
         if got != want:  # pytest.fail: an assert would diff 256 KiB reprs for minutes
             pytest.fail(f"{img.name}: {first_diff(want, got)}")
-    res = subprocess.run([QEMU_IMG, "compare", str(imgs["qemu"]), str(imgs["diskimg"])],
-                         capture_output=True, text=True)
+    res = QEMU.img("compare", imgs["qemu"], imgs["diskimg"], ok=None)
     assert res.returncode == 0, res.stdout + res.stderr
-    maps = [subprocess.run([QEMU_IMG, "map", "--output=json", str(i)], capture_output=True,
-                           text=True, check=True).stdout for i in imgs.values()]
+    maps = [QEMU.img("map", "--output=json", i).stdout for i in imgs.values()]
     assert maps[0] == maps[1]
 
 
@@ -608,13 +599,10 @@ def test_map_offset_of_unallocated_subclusters_past_backing_end(tmp_path: Path) 
     dropped it; seed 5 of the two-writers test)."""
     (tmp_path / "b.raw").write_bytes(random.Random(2).randbytes(16384))
     img = tmp_path / "y.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
-                    "extended_l2=on,cluster_size=64k", "-b", "b.raw", "-F", "raw", str(img),
-                    "1M"], check=True)
-    subprocess.run([QEMU_IO, "-c", "write -P 1 0 4k", "-c", "write -P 2 32k 4k", str(img)],
-                   check=True, capture_output=True)
-    q = subprocess.run([QEMU_IMG, "map", "--output=json", str(img)], capture_output=True,
-                       text=True, check=True).stdout
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", "-b",
+             "b.raw", "-F", "raw", img, "1M")
+    QEMU.io(img, "write -P 1 0 4k", "write -P 2 32k 4k", fmt=None)
+    q = QEMU.img("map", "--output=json", img).stdout
     rc, out, err = Sequence(0, tmp_path).diskimg_cli("map", "--output=json", str(img))
     assert (rc, err) == (0, "")
     assert out == q
@@ -636,14 +624,13 @@ def test_info_json_key_order_with_snapshots_and_encryption(tmp_path: Path) -> No
     this only in its failure output)."""
     (tmp_path / "kb.raw").write_bytes(bytes(65536))
     img = tmp_path / "k.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "--object", SECRET_OBJ, "-o",
-                    "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=1",
-                    "-b", "kb.raw", "-F", "raw", str(img), "1M"], check=True)
+    QEMU.img("create", "-q", "-f", "qcow2", "--object", SECRET_OBJ, "-o",
+             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=1",
+             "-b", "kb.raw", "-F", "raw", img, "1M")
     opts = ["--object", SECRET_OBJ, "--image-opts",
             f"driver=qcow2,file.filename={img},encrypt.key-secret=sec0"]
-    subprocess.run([QEMU_IMG, "snapshot", *opts, "-c", "s1"], check=True)
-    q = subprocess.run([QEMU_IMG, "info", "--output=json", str(img)], capture_output=True,
-                       text=True, check=True).stdout
+    QEMU.img("snapshot", *opts, "-c", "s1")
+    q = QEMU.img("info", "--output=json", img).stdout
     rc, out, err = Sequence(0, tmp_path).diskimg_cli("info", "--output=json", str(img))
     assert (rc, err) == (0, "")
     assert out == q

@@ -4,14 +4,12 @@ except the random CID."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from diskimg.errors import BackingChainError
 from diskimg.hostio import open_host_file
@@ -25,21 +23,9 @@ from diskimg.vmdk.sparse import (
 )
 
 pytestmark = pytest.mark.qemu
-QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
-QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
               "twoGbMaxExtentFlat"]
 BIG = (2 << 30) + (3 << 20)   # two extents for the twoGbMaxExtent* subformats
-
-
-def q(*args: str | Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120)
-    assert r.returncode in ok, f"{args}: {r.returncode} {r.stdout} {r.stderr}"
-    return r
-
-
-def qjson(*args: str | Path) -> object:
-    return json.loads(q(QEMU_IMG, *args[:1], "--output=json", *args[1:]).stdout)
 
 
 def _size(sub: str) -> int:
@@ -56,8 +42,8 @@ def _compare_json(path: Path) -> None:
     with open_vmdk(open_host_file(path)) as img:
         mine_map = [e.to_json() for e in img.map()]
         mine_info = img.info().to_json()
-    assert mine_map == qjson("map", path)
-    theirs = qjson("info", path)
+    assert mine_map == QEMU.json("map", path)
+    theirs = QEMU.json("info", path)
     assert isinstance(theirs, dict)
     mine_info.pop("actual-size")
     theirs.pop("actual-size")
@@ -87,21 +73,21 @@ def test_read_qemu_images(tmp_path: Path, sub: str) -> None:
             f.write(os.urandom(100000))
             f.seek(3 << 20)
             f.write(b"x" * 300000)
-        q(QEMU_IMG, "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, p)
+        QEMU.img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, p)
     else:
-        q(QEMU_IMG, "create", "-q", "-f", "vmdk", "-o", f"subformat={sub}", p, str(size))
-        cmds = [a for c in _io_writes(sub) for a in ("-c", c)]
-        q(QEMU_IO, "-f", "vmdk", *cmds, p)
+        QEMU.img("create", "-q", "-f", "vmdk", "-o", f"subformat={sub}", p, str(size))
+        cmds = _io_writes(sub)
+        QEMU.io(p, *cmds, fmt="vmdk")
     _compare_json(p)
     with open_vmdk(open_host_file(p)) as img:
         _dump_data(img, tmp_path / "mine.raw")
-    q(QEMU_IMG, "compare", "-f", "vmdk", "-F", "raw", p, tmp_path / "mine.raw")
+    QEMU.img("compare", "-f", "vmdk", "-F", "raw", p, tmp_path / "mine.raw")
 
 
 def test_read_qemu_zeroed_grain(tmp_path: Path) -> None:
     p = tmp_path / "z.vmdk"
-    q(QEMU_IMG, "create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", p, "4M")
-    q(QEMU_IO, "-f", "vmdk", "-c", "write -P 7 0 1M", "-c", "write -z 64k 256k", p)
+    QEMU.img("create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", p, "4M")
+    QEMU.io(p, "write -P 7 0 1M", "write -z 64k 256k", fmt="vmdk")
     _compare_json(p)
     with open_vmdk(open_host_file(p)) as img:
         assert img.read(0, 1 << 20) == b"\7" * 65536 + bytes(262144) + b"\7" * (720896)
@@ -120,7 +106,7 @@ def test_create_identical(tmp_path: Path, sub: str, opts: dict[str, str]) -> Non
     md.mkdir()
     size = _size(sub) + 1000        # also exercises rounding up to a sector
     o = ",".join(f"{k}={v}" for k, v in {"subformat": sub, **opts}.items())
-    q(QEMU_IMG, "create", "-q", "-f", "vmdk", "-o", o, qd / "x.vmdk", str(size))
+    QEMU.img("create", "-q", "-f", "vmdk", "-o", o, qd / "x.vmdk", str(size))
     create_vmdk(md / "x.vmdk", size, options={"subformat": sub, **opts})
     assert sorted(os.listdir(qd)) == sorted(os.listdir(md))
 
@@ -169,9 +155,9 @@ def test_qemu_accepts_diskimg_writes(tmp_path: Path, sub: str) -> None:
         for off, d in ops:
             f.seek(off)
             f.write(d)
-    assert "No errors" in q(QEMU_IMG, "check", p).stdout
-    q(QEMU_IMG, "compare", "-f", "vmdk", "-F", "raw", p, model)
-    info = qjson("info", p)
+    assert "No errors" in QEMU.img("check", p).stdout
+    QEMU.img("compare", "-f", "vmdk", "-F", "raw", p, model)
+    info = QEMU.json("info", p)
     assert isinstance(info, dict)
     assert info["format-specific"]["data"]["create-type"] == sub
 
@@ -189,8 +175,8 @@ def test_write_stream_optimized_from_raw(tmp_path: Path) -> None:
     with RawImage(open_host_file(src)) as r:
         write_stream_optimized(r, dst, options={"adapter_type": "lsilogic",
                                                 "hwversion": "8"})
-    assert "No errors" in q(QEMU_IMG, "check", dst).stdout
-    q(QEMU_IMG, "compare", "-f", "vmdk", "-F", "raw", dst, src)
+    assert "No errors" in QEMU.img("check", dst).stdout
+    QEMU.img("compare", "-f", "vmdk", "-F", "raw", dst, src)
     text = dst.read_bytes()[512:512 * 21].rstrip(b"\0").decode()
     assert 'ddb.toolsVersion = "2147483647"' in text and 'ddb.virtualHWVersion = "8"' in text
     _compare_json(dst)
@@ -199,7 +185,7 @@ def test_write_stream_optimized_from_raw(tmp_path: Path) -> None:
 def test_qemu_writes_into_diskimg_created(tmp_path: Path) -> None:
     p = tmp_path / "d.vmdk"
     create_vmdk(p, 4 << 20, options={"subformat": "monolithicSparse"})
-    q(QEMU_IO, "-f", "vmdk", "-c", "write -P 0x5a 65536 100k", p)
+    QEMU.io(p, "write -P 0x5a 65536 100k", fmt="vmdk")
     with open_vmdk(open_host_file(p)) as img:
         assert img.read(65536, 102400) == b"\x5a" * 102400
     _compare_json(p)
@@ -207,8 +193,8 @@ def test_qemu_writes_into_diskimg_created(tmp_path: Path) -> None:
 
 def test_parent_chain_and_cid_check(tmp_path: Path) -> None:
     base, top = tmp_path / "base.vmdk", tmp_path / "top.vmdk"
-    q(QEMU_IMG, "create", "-q", "-f", "vmdk", base, "4M")
-    q(QEMU_IO, "-f", "vmdk", "-c", "write -P 1 0 1M", base)
+    QEMU.img("create", "-q", "-f", "vmdk", base, "4M")
+    QEMU.io(base, "write -P 1 0 1M", fmt="vmdk")
     create_vmdk(top, 4 << 20, backing_file="base.vmdk")
     with open_vmdk(open_host_file(top, True)) as img:
         img.backing = open_vmdk(open_host_file(base))
@@ -217,14 +203,13 @@ def test_parent_chain_and_cid_check(tmp_path: Path) -> None:
         img.write(4096, b"\2" * 4096)
         assert img.read(0, 12288) == b"\1" * 4096 + b"\2" * 4096 + b"\1" * 4096
         info = img.info().to_json()
-    q(QEMU_IO, "-f", "vmdk", "-c", "read -P 1 0 4k", "-c", "read -P 2 4k 4k",
-      "-c", "read -P 1 8k 1016k", top)
-    theirs = qjson("info", top)
+    QEMU.io(top, "read -P 1 0 4k", "read -P 2 4k 4k", "read -P 1 8k 1016k", fmt="vmdk")
+    theirs = QEMU.json("info", top)
     assert isinstance(theirs, dict)
     for k in ("backing-filename", "backing-filename-format", "format-specific"):
         assert info[k] == theirs[k]
-    assert "No errors" in q(QEMU_IMG, "check", top).stdout
-    q(QEMU_IO, "-f", "vmdk", "-c", "write -P 3 2M 4k", base)     # changes base's CID
+    assert "No errors" in QEMU.img("check", top).stdout
+    QEMU.io(base, "write -P 3 2M 4k", fmt="vmdk")     # changes base's CID
     with open_vmdk(open_host_file(top)) as img:
         img.backing = open_vmdk(open_host_file(base))
         img.backing_attached()
@@ -257,7 +242,7 @@ def test_check_grain_past_eof(tmp_path: Path) -> None:
     p.write_bytes(bytes(raw))
     with open_vmdk(open_host_file(p)) as img:
         res = img.check()
-    r = q(QEMU_IMG, "check", p, ok=(1,))
+    r = QEMU.img("check", p, ok=(1,))
     assert res.exit_code == 1 and res.corruptions == 1
     assert res.messages == [r.stderr.splitlines()[0]]
     assert r.stderr.splitlines()[1].endswith(res.failure_message)
@@ -269,7 +254,7 @@ def test_fill_qemu_created_stream(tmp_path: Path) -> None:
     from diskimg.errors import UnsupportedFeatureError
 
     p = tmp_path / "o.vmdk"
-    q(QEMU_IMG, "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", p, "3M")
+    QEMU.img("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", p, "3M")
     data = os.urandom(100000)
     with open_vmdk(open_host_file(p, True)) as img:
         img.write(5000, data)
@@ -281,13 +266,13 @@ def test_fill_qemu_created_stream(tmp_path: Path) -> None:
         f.write(data)
         f.seek(2 << 20)
         f.write(b"end")
-    assert "No errors" in q(QEMU_IMG, "check", p).stdout
-    q(QEMU_IMG, "compare", "-f", "vmdk", "-F", "raw", p, model)
+    assert "No errors" in QEMU.img("check", p).stdout
+    QEMU.img("compare", "-f", "vmdk", "-F", "raw", p, model)
     _compare_json(p)
     src = tmp_path / "s.raw"
     src.write_bytes(os.urandom(1 << 20))
-    q(QEMU_IMG, "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src,
-      tmp_path / "q.vmdk")
+    QEMU.img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src,
+             tmp_path / "q.vmdk")
     for f in (p, tmp_path / "q.vmdk"):       # holding data: no longer appendable
         with open_host_file(f, True) as h, pytest.raises(UnsupportedFeatureError):
             open_vmdk(h)
@@ -295,11 +280,11 @@ def test_fill_qemu_created_stream(tmp_path: Path) -> None:
 
 def test_create_with_backing_identical(tmp_path: Path) -> None:
     base = tmp_path / "base.vmdk"
-    q(QEMU_IMG, "create", "-q", "-f", "vmdk", base, "4M")
+    QEMU.img("create", "-q", "-f", "vmdk", base, "4M")
     (tmp_path / "q").mkdir()
     (tmp_path / "m").mkdir()
-    q(QEMU_IMG, "create", "-q", "-f", "vmdk", "-b", "../base.vmdk", "-F", "vmdk",
-      tmp_path / "q" / "t.vmdk", "4M")
+    QEMU.img("create", "-q", "-f", "vmdk", "-b", "../base.vmdk", "-F", "vmdk",
+             tmp_path / "q" / "t.vmdk", "4M")
     create_vmdk(tmp_path / "m" / "t.vmdk", 4 << 20, backing_file="../base.vmdk", options={})
     a, b = (tmp_path / "q" / "t.vmdk").read_bytes(), (tmp_path / "m" / "t.vmdk").read_bytes()
     ta = re.sub(rb"\nCID=[0-9a-f]+\n", b"", a[512:21 * 512].split(b"\0")[0])
@@ -341,7 +326,7 @@ def test_vmfs_sparse_cowd(tmp_path: Path) -> None:
     _compare_json(p)
     with open_vmdk(open_host_file(p)) as img:
         _dump_data(img, tmp_path / "mine.raw")
-    q(QEMU_IMG, "compare", "-f", "vmdk", "-F", "raw", p, tmp_path / "mine.raw")
+    QEMU.img("compare", "-f", "vmdk", "-F", "raw", p, tmp_path / "mine.raw")
 
 
 def make_sesparse(d: Path, replay: int = 0, bad_gd: bool = False) -> Path:
@@ -382,7 +367,7 @@ def test_sesparse(tmp_path: Path) -> None:
     with open_vmdk(open_host_file(p)) as img:
         data = img.read(0, img.size)
     (tmp_path / "mine.raw").write_bytes(data)
-    q(QEMU_IMG, "compare", "-f", "vmdk", "-F", "raw", p, tmp_path / "mine.raw")
+    QEMU.img("compare", "-f", "vmdk", "-F", "raw", p, tmp_path / "mine.raw")
     assert data[:4096] == b"B" * 4096 and data[200 * 4096:201 * 4096] == b"Z" * 4096
 
 
@@ -426,12 +411,12 @@ def test_map_parity_after_writes_and_zeroes(tmp_path: Path, opts: dict[str, str]
     theirs, mine = tmp_path / "q.vmdk", tmp_path / "d.vmdk"
     o = ",".join(f"{k}={v}" for k, v in opts.items()) or "subformat=monolithicSparse"
     for p in (theirs, mine):
-        q(QEMU_IMG, "create", "-q", "-f", "vmdk", "-o", o, p, str(size))
+        QEMU.img("create", "-q", "-f", "vmdk", "-o", o, p, str(size))
     cmds: list[str] = []
     for op, off, n in ops:
-        cmds += ["-c", f"write -P 0x5a {off} {n}" if op == "w" else
-                 f"write -z {'-u ' if op == 'u' else ''}{off} {n}"]
-    q(QEMU_IO, "-f", "vmdk", *cmds, theirs)
+        cmds.append(f"write -P 0x5a {off} {n}" if op == "w" else
+                    f"write -z {'-u ' if op == 'u' else ''}{off} {n}")
+    QEMU.io(theirs, *cmds, fmt="vmdk")
     with open_vmdk(open_host_file(mine, True)) as img:
         for op, off, n in ops:
             if op == "w":
@@ -440,7 +425,7 @@ def test_map_parity_after_writes_and_zeroes(tmp_path: Path, opts: dict[str, str]
                 img.write_zeroes(off, n, may_unmap=op == "u")
     with open_vmdk(open_host_file(mine)) as img:
         mine_map = [e.to_json() for e in img.map()]
-    assert mine_map == qjson("map", theirs)
-    assert qjson("map", mine) == mine_map
-    q(QEMU_IMG, "compare", theirs, mine)
-    assert "No errors" in q(QEMU_IMG, "check", mine).stdout
+    assert mine_map == QEMU.json("map", theirs)
+    assert QEMU.json("map", mine) == mine_map
+    QEMU.img("compare", theirs, mine)
+    assert "No errors" in QEMU.img("check", mine).stdout

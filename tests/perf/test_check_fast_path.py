@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2.check import copied as C_copied
@@ -64,15 +65,14 @@ def _cut_last_cluster(img: Path) -> None:
 def _make(tmp: Path, refbits: int = 16, backwards: bool = False,
           snapshot: bool = False) -> Path:
     img = tmp / "img.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
-                    f"refcount_bits={refbits}", img, "64M"], check=True)
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", f"refcount_bits={refbits}", img, "64M")
     offsets = list(range(0, 48 * MiB, 3 * MiB))
     if backwards:  # host order the reverse of guest order: every cluster run fragmented
         offsets.reverse()
     cmds = [c for i, off in enumerate(offsets) for c in ("-c", f"write -P {i + 1} {off} 1M")]
     subprocess.run([QEMU_IO, "-f", "qcow2", *cmds, img], check=True, capture_output=True)
     if snapshot:  # shared clusters: refcount 2, COPIED clear
-        subprocess.run([QEMU_IMG, "snapshot", "-c", "s1", img], check=True)
+        QEMU.img("snapshot", "-c", "s1", img)
         subprocess.run([QEMU_IO, "-f", "qcow2", "-c", "write -P 99 0 2M", img], check=True,
                        capture_output=True)
     return img

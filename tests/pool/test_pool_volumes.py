@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import shutil
@@ -12,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 import diskimg
 from diskimg.errors import ImageLockedError, PoolError
@@ -19,17 +19,6 @@ from diskimg.pool import Permissions, Pool, PoolDef, PoolRegistry, VolumeDef
 
 QEMU_IMG = shutil.which("qemu-img")
 needs_qemu = pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img not installed")
-
-
-def qinfo(path: str | Path) -> dict:
-    out = subprocess.run([QEMU_IMG or "qemu-img", "info", "-U", "--output=json", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out)
-
-
-def qcheck(path: str | Path) -> int:
-    return subprocess.run([QEMU_IMG or "qemu-img", "check", "-U", str(path)],
-                          capture_output=True).returncode
 
 
 @pytest.fixture
@@ -170,13 +159,13 @@ def test_create_raw_and_qcow2(pool: Pool) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
     s = pool.create_volume("s.raw", 1000, allocation=0)
     assert os.stat(s.path).st_size == 1000 and os.stat(s.path).st_blocks == 0
-    assert qinfo(s.path)["format"] == "raw"
+    assert QEMU.json("info", "-U", s.path)["format"] == "raw"
     q = pool.create_volume("a.qcow2", "1G", "qcow2")
-    info = qinfo(q.path)
+    info = QEMU.json("info", "-U", q.path)
     assert info["format"] == "qcow2" and info["virtual-size"] == 1 << 30
     assert info["format-specific"]["data"]["compat"] == "0.10"  # libvirt's default
     o = pool.create_volume("b.qcow2", "2G", "qcow2", backing="a.qcow2")
-    info = qinfo(o.path)
+    info = QEMU.json("info", "-U", o.path)
     assert info["backing-filename"] == q.path and info["backing-filename-format"] == "qcow2"
     assert info["virtual-size"] == 2 << 30
     assert [v.name for v in pool.volumes()] == ["a.qcow2", "b.qcow2", "r.raw", "s.raw"]
@@ -190,7 +179,7 @@ def test_create_from_volume_xml(pool: Pool) -> None:
         "<format type='qcow2'/><permissions><mode>0640</mode></permissions>"
         "<features><lazy_refcounts/></features><clusterSize unit='KiB'>128</clusterSize>"
         "</target></volume>")
-    info = qinfo(v.path)
+    info = QEMU.json("info", "-U", v.path)
     data = info["format-specific"]["data"]
     assert info["cluster-size"] == 128 << 10 and info["virtual-size"] == 10 << 20
     assert data["compat"] == "1.1" and data["lazy-refcounts"] is True  # <features> → 1.1
@@ -199,7 +188,7 @@ def test_create_from_volume_xml(pool: Pool) -> None:
                                "<target><format type='qcow2'/><compat>1.1</compat></target>"
                                "<backingStore><path>" + v.path + "</path><format type='qcow2'/>"
                                "</backingStore></volume>")
-    info = qinfo(w.path)
+    info = QEMU.json("info", "-U", w.path)
     assert info["backing-filename"] == v.path
     assert info["format-specific"]["data"]["compat"] == "1.1"
     r = pool.create_volume_xml("<volume><name>r.img</name><capacity unit='KB'>4</capacity>"
@@ -221,7 +210,7 @@ def test_create_encrypted_luks(pool: Pool) -> None:
     except diskimg.UnsupportedFeatureError as e:  # qcow2 encryption still being written
         assert os.listdir(pool.path) == []
         pytest.skip(str(e))
-    info = qinfo(v.path)
+    info = QEMU.json("info", "-U", v.path)
     assert info["encrypted"] is True
     assert info["format-specific"]["data"]["encrypt"]["format"] == "luks"
     assert "<encryption format='luks'>" in v.to_xml()
@@ -336,7 +325,7 @@ def test_clone_and_create_from(pool: Pool, src_fmt: str, dst_fmt: str) -> None:
                         src.path, new.path], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     if dst_fmt == "qcow2":
-        assert qcheck(new.path) == 0
+        assert QEMU.img("check", "-U", new.path, ok=None).returncode == 0
     with pytest.raises(PoolError, match="exists already"):
         src.clone("copy")
 
@@ -356,7 +345,8 @@ def test_resize(pool: Pool) -> None:
         r.resize(4096, shrink=True)
     q = pool.create_volume("q.qcow2", "1G", "qcow2")
     q.resize(2 << 30)
-    assert qinfo(q.path)["virtual-size"] == 2 << 30 and qcheck(q.path) == 0
+    assert QEMU.json("info", "-U", q.path)["virtual-size"] == 2 << 30
+    assert QEMU.img("check", "-U", q.path, ok=None).returncode == 0
     with pytest.raises(PoolError, match="only supported for raw"):
         q.resize(3 << 30, allocate=True)
 
@@ -393,9 +383,10 @@ def test_wipe_algorithms(pool: Pool) -> None:
                                "<clusterSize unit='K'>128</clusterSize></target></volume>")
     _fill(q.path, "qcow2", {0: b"topsecret" * 100, 5 << 20: b"x" * 4096})
     q.wipe("random")
-    info = qinfo(q.path)
+    info = QEMU.json("info", "-U", q.path)
     assert info["format"] == "qcow2" and info["virtual-size"] == 8 << 20
-    assert info["cluster-size"] == 128 << 10 and qcheck(q.path) == 0
+    assert info["cluster-size"] == 128 << 10
+    assert QEMU.img("check", "-U", q.path, ok=None).returncode == 0
     with diskimg.open(q.path) as dev:
         assert dev.read(0, 1 << 20) == bytes(1 << 20)
     assert b"topsecret" not in Path(q.path).read_bytes()

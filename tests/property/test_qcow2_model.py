@@ -33,21 +33,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
+import modelkit
 import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from qemukit import QEMU
 
 import diskimg
-import modelkit
 
-QEMU = shutil.which("qemu-img")
+QEMU_IMG = shutil.which("qemu-img")
 SECRETS = {"sec0": b"model-passphrase"}
 QEMU_SECRET = ["--object", "secret,id=sec0,data=model-passphrase"]
 MiB = 1 << 20
@@ -167,13 +167,13 @@ class Qcow2Machine(RuleBasedStateMachine):
                            backing_fmt=self.backing, options=opts, secrets=SECRETS)
         else:
             diskimg.create(self.path, "qcow2", self.size, options=opts, secrets=SECRETS)
-        if self.encrypt and self.data_file == "on" and QEMU is not None:
+        if self.encrypt and self.data_file == "on" and QEMU_IMG is not None:
             # qemu maps a raw data file one to one from the start (metadata
             # preallocation), so a new encrypted image reads as its zeroed data file
             # decrypted: take the starting contents from qemu
             out = self.dir / "start.raw"
-            res = self._qemu("convert", *self._qemu_top(self.path)[:3], "-O", "raw",
-                             self._qemu_top(self.path)[3], str(out))
+            res = QEMU.img("convert", *self._qemu_top(self.path)[:3], "-O", "raw",
+                           self._qemu_top(self.path)[3], str(out), ok=None, cwd=self.dir)
             assert res.returncode == 0, res.stderr
             self.model = bytearray(out.read_bytes())
             out.unlink()
@@ -381,12 +381,8 @@ class Qcow2Machine(RuleBasedStateMachine):
             res.human_lines()
 
     # --- qemu's view at the end --------------------------------------------------------
-
-    def _qemu(self, *args: str) -> subprocess.CompletedProcess[str]:
-        # (qemu 7.2 opens a relative data_file name from its working directory)
-        assert QEMU is not None
-        return subprocess.run([QEMU, *args], capture_output=True, text=True, cwd=self.dir,
-                              timeout=120)
+    # (every qemu-img call runs in self.dir: qemu 7.2 opens a relative data_file name from
+    # its working directory)
 
     def _qemu_top(self, path: Path) -> list[str]:
         if self.encrypt:
@@ -395,7 +391,7 @@ class Qcow2Machine(RuleBasedStateMachine):
         return ["-f", "qcow2", str(path)]
 
     def _qemu_compare(self, path: Path, content: bytes, what: str) -> None:
-        assert QEMU is not None
+        assert QEMU_IMG is not None
         ref = self.dir / "model.raw"
         ref.write_bytes(content)
         top = self._qemu_top(path)
@@ -403,7 +399,7 @@ class Qcow2Machine(RuleBasedStateMachine):
             args = [*top, f"driver=raw,file.filename={ref}"]
         else:
             args = [*top, "-F", "raw", str(ref)]
-        res = self._qemu("compare", *args)
+        res = QEMU.img("compare", *args, ok=None, cwd=self.dir)
         assert res.returncode == 0, f"{what}: {res.stdout}{res.stderr}"
         ref.unlink()
 
@@ -412,14 +408,15 @@ class Qcow2Machine(RuleBasedStateMachine):
             if self.img is None:
                 return
             self.check_is_clean()
-            if QEMU is None:
+            if QEMU_IMG is None:
                 return
             self.img.close()
             self.img = None
-            chk = self._qemu("check", *self._qemu_top(self.path))
+            chk = QEMU.img("check", *self._qemu_top(self.path), ok=None, cwd=self.dir)
             assert chk.returncode == 0 and "No errors were found" in chk.stdout, \
                 chk.stdout + chk.stderr
-            info = self._qemu("info", "--output=json", *self._qemu_top(self.path))
+            info = QEMU.img("info", "--output=json", *self._qemu_top(self.path), ok=None,
+                            cwd=self.dir)
             assert json.loads(info.stdout)["virtual-size"] == self.size, info.stdout
             self._qemu_compare(self.path, bytes(self.model), "qemu reads the active layer")
             if self.data_file == "on" and not self.encrypt:
@@ -436,7 +433,7 @@ class Qcow2Machine(RuleBasedStateMachine):
                 # (qemu-img snapshot takes no -f)
                 target = self._qemu_top(copy)[3:] if self.encrypt else [str(copy)]
                 opts = [*QEMU_SECRET, "--image-opts"] if self.encrypt else []
-                res = self._qemu("snapshot", *opts, "-a", sid, *target)
+                res = QEMU.img("snapshot", *opts, "-a", sid, *target, ok=None, cwd=self.dir)
                 assert res.returncode == 0, res.stdout + res.stderr
                 self._qemu_compare(copy, content, f"qemu reads snapshot {sid}")
                 copy.unlink()

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
+import modelkit
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -29,9 +29,9 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from qemukit import QEMU
 
 import diskimg
-import modelkit
 
 KiB = 1024
 QEMU_IMG = shutil.which("qemu-img")
@@ -181,14 +181,12 @@ class RawModel(RuleBasedStateMachine):
                 if QEMU_IMG:
                     ref = self.dir / "model.raw"
                     ref.write_bytes(self.model)
-                    res = subprocess.run(
-                        [QEMU_IMG, "compare", "-f", "raw", "-F", "raw", str(self.path), str(ref)],
-                        capture_output=True, text=True, timeout=60)
+                    res = QEMU.img("compare", "-f", "raw", "-F", "raw", self.path, ref,
+                                   timeout=60, ok=None)
                     assert res.returncode == 0, res.stdout + res.stderr
                     assert res.stdout.strip() == "Images are identical."
-                    info = subprocess.run([QEMU_IMG, "info", "--output=json", "-f", "raw",
-                                           str(self.path)], capture_output=True, text=True,
-                                          timeout=60)
+                    info = QEMU.img("info", "--output=json", "-f", "raw", self.path, timeout=60,
+                                    ok=None)
                     assert json.loads(info.stdout)["virtual-size"] == self.size
                     COVERAGE["runs checked by qemu"] += 1
         finally:

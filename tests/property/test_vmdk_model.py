@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import modelkit
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from qemukit import QEMU
 
 import diskimg
-import modelkit
 from diskimg.hostio import open_host_file
 from diskimg.vmdk.descriptor import ExtentLine, build
 
@@ -248,12 +248,10 @@ class VmdkModel(RuleBasedStateMachine):
                 if QEMU_IMG:
                     ref = self.dir / "model.raw"
                     ref.write_bytes(self.model)
-                    chk = subprocess.run([QEMU_IMG, "check", str(self.path)],
-                                         capture_output=True, text=True, timeout=60)
+                    chk = QEMU.img("check", self.path, timeout=60, ok=None)
                     assert chk.returncode == 0, chk.stdout + chk.stderr
-                    res = subprocess.run(
-                        [QEMU_IMG, "compare", "-f", "vmdk", "-F", "raw", str(self.path),
-                         str(ref)], capture_output=True, text=True, timeout=60)
+                    res = QEMU.img("compare", "-f", "vmdk", "-F", "raw", self.path, ref,
+                                   timeout=60, ok=None)
                     assert res.returncode == 0, res.stdout + res.stderr
                     COVERAGE["runs checked by qemu"] += 1
         finally:

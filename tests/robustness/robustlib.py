@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qemukit import QEMU
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "robust_worker.py"
 QEMU_IMG = shutil.which("qemu-img")
@@ -715,24 +717,14 @@ def fuzz_kind(base: BaseImage, worker: Worker, wd: Path,
 
 
 # --- building the base images -------------------------------------------------------------
-def _run(*cmd: Any, cwd: Path | None = None) -> None:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd,
-                         stdin=subprocess.DEVNULL, timeout=120)
-    if res.returncode:
-        raise RuntimeError(f"{cmd} failed: {res.stderr}")
-
-
 def _qio(path: Path, *cmds: str, luks: bool = False) -> None:
-    assert QEMU_IO
-    args: list[Any] = [QEMU_IO]
-    for c in cmds:
-        args += ["-c", c]
+    """qemu-io ``cmds`` on ``path`` (format from its suffix; ``luks``: the LUKS secret)."""
     if luks:
-        args += [*LUKS_SECRET_ARGS, "--image-opts",
-                 f"driver=qcow2,file.filename={path.name},encrypt.key-secret=s0"]
+        QEMU.io(f"driver=qcow2,file.filename={path.name},encrypt.key-secret=s0", *cmds,
+                image_opts=True, objects=LUKS_SECRET_ARGS[1:], cwd=path.parent)
     else:
-        args += ["-f", path.suffix.lstrip(".") if path.suffix != ".img" else "raw", path.name]
-    _run(*args, cwd=path.parent)
+        QEMU.io(path.name, *cmds, fmt=path.suffix.lstrip(".") if path.suffix != ".img"
+                else "raw", cwd=path.parent)
 
 
 def _pattern(n: int, seed: int) -> bytes:
@@ -754,8 +746,8 @@ def build_qcow2_bases(d: Path, kinds: list[str] | None = None) -> dict[str, Base
 
     def q(kind: str, opts: str, size: str, *io: str, **kw: Any) -> Path:
         p = d / f"{kind}.qcow2"
-        _run(QEMU_IMG, "create", "-q", "-f", "qcow2", *kw.get("pre", []), "-o", opts, p.name,
-             size, cwd=d)
+        QEMU.img("create", "-q", "-f", "qcow2", *kw.get("pre", []), "-o", opts, p.name, size,
+                 cwd=d)
         if io:
             _qio(p, *io, luks=kw.get("luks", False))
         return p
@@ -775,8 +767,8 @@ def build_qcow2_bases(d: Path, kinds: list[str] | None = None) -> dict[str, Base
             raw = d / f"{kind}.src.img"
             raw.write_bytes(_pattern(1 << 20, 3) + bytes(512 << 10) + _pattern(300 << 10, 9))
             p = d / f"{kind}.qcow2"
-            _run(QEMU_IMG, "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o",
-                 f"compression_type={comp},cluster_size={cs}", raw.name, p.name, cwd=d)
+            QEMU.img("convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                     f"compression_type={comp},cluster_size={cs}", raw.name, p.name, cwd=d)
             _qio(p, "write -P 0x55 100k 4k")  # a normal cluster among compressed ones
             raw.unlink()
     if wanted("qemu-extl2"):
@@ -786,9 +778,9 @@ def build_qcow2_bases(d: Path, kinds: list[str] | None = None) -> dict[str, Base
     if wanted("qemu-snapshots"):
         p = q("qemu-snapshots", "cluster_size=4096", "1M", "write -P 0x11 0 40k",
               "write -P 0x12 512k 8k")
-        _run(QEMU_IMG, "snapshot", "-c", "first", p.name, cwd=d)
+        QEMU.img("snapshot", "-c", "first", p.name, cwd=d)
         _qio(p, "write -P 0x21 4k 8k", "write -P 0x22 700k 4k")
-        _run(QEMU_IMG, "snapshot", "-c", "second", p.name, cwd=d)
+        QEMU.img("snapshot", "-c", "second", p.name, cwd=d)
         _qio(p, "write -P 0x31 0 4k")
     if wanted("qemu-backing"):
         b = q("qemu-backing.base", "cluster_size=4096", "1M", "write -P 0xbb 0 1M")
@@ -842,8 +834,8 @@ def build_vmdk_bases(d: Path) -> dict[str, BaseImage]:
         raw = d / f"{sub}.src.img"
         raw.write_bytes(_pattern(200 << 10, 1) + bytes(300 << 10) + _pattern(100 << 10, 7)
                         + bytes(424 << 10))
-        _run(QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "vmdk", "-o", f"subformat={sub}",
-             raw.name, p.name, cwd=d)
+        QEMU.img("convert", "-q", "-f", "raw", "-O", "vmdk", "-o", f"subformat={sub}", raw.name,
+                 p.name, cwd=d)
         raw.unlink()
         if sub == "monolithicSparse":
             _qio(p, "write -P 0x66 700k 64k")

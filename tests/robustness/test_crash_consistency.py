@@ -62,6 +62,7 @@ from typing import Any
 import crash_child
 import pytest
 import robustlib
+from qemukit import QEMU
 
 import diskimg
 from diskimg.errors import DiskImgError
@@ -74,21 +75,11 @@ NOPS = 40
 SIZE = 4 << 20  # of make_variant's images
 
 
-def qemu(*args: Any, check: tuple[int, ...] | None = (0,),
-         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    assert robustlib.QEMU_IMG
-    res = subprocess.run([robustlib.QEMU_IMG, *map(str, args)], capture_output=True,
-                         text=True, timeout=120, cwd=cwd)
-    if check is not None:
-        assert res.returncode in check, (args, res.returncode, res.stdout, res.stderr)
-    return res
-
-
 def qemu_check(p: Path | list[str], *extra: str) -> tuple[int, dict[str, Any]]:
     """``qemu-img check --output=json``; ``p`` is a path or the image arguments of
     :meth:`Config.qemu_args`."""
     spec = p if isinstance(p, list) else [str(p)]
-    res = qemu("check", "--output=json", *extra, *spec, check=None)
+    res = QEMU.img("check", "--output=json", *extra, *spec, ok=None)
     try:
         doc = json.loads(res.stdout) if res.stdout.strip() else {}
     except ValueError:
@@ -195,7 +186,7 @@ def make_image(d: Path, cfg: Config, seed: int) -> tuple[Path, crash_child.Model
     r = random.Random(seed ^ 0xBA5E)
     if cfg.backing_len:
         (d / "base.raw").write_bytes(r.randbytes(cfg.backing_len))
-        qemu("convert", "-q", "-f", "raw", "-O", "qcow2", "base.raw", "base.qcow2", cwd=d)
+        QEMU.img("convert", "-q", "-f", "raw", "-O", "qcow2", "base.raw", "base.qcow2", cwd=d)
         (d / "base.raw").unlink()
         opts.update({"backing_file": "base.qcow2", "backing_fmt": "qcow2"})
     if "data_file" in opts:  # qemu 7.2 opens a relative data file from its cwd
@@ -206,15 +197,14 @@ def make_image(d: Path, cfg: Config, seed: int) -> tuple[Path, crash_child.Model
         diskimg.create(p, "qcow2", cfg.size, options=opts, secrets={"s0": b"pw"})
     else:
         o = ",".join(f"{k}={v}" for k, v in opts.items())
-        qemu("create", "-q", "-f", cfg.fmt, *(["-o", o] if o else []), p.name,
-             str(cfg.size), cwd=d)
-    assert robustlib.QEMU_IO
+        QEMU.img("create", "-q", "-f", cfg.fmt, *(["-o", o] if o else []), p.name,
+                 str(cfg.size), cwd=d)
     a = cfg.size // 4 // 512 * 512
-    subprocess.run([robustlib.QEMU_IO, *cfg.qemu_args(p), "-c",
-                    f"write -P 0x5a {a} {min(a, 512 << 10)}", "-c", "write -P 0x6b 0 1536"],
-                   cwd=d, check=True, capture_output=True)
+    *io_opts, io_image = cfg.qemu_args(p)
+    QEMU.io(io_image, f"write -P 0x5a {a} {min(a, 512 << 10)}", "write -P 0x6b 0 1536",
+            fmt=None, extra=io_opts, cwd=d)
     raw = d / "initial.raw"
-    qemu("convert", "-O", "raw", *cfg.qemu_args(p), raw, cwd=d)
+    QEMU.img("convert", "-O", "raw", *cfg.qemu_args(p), raw, cwd=d)
     data = bytearray(raw.read_bytes())
     raw.unlink()
     assert len(data) == cfg.size
@@ -405,15 +395,15 @@ def run_random_kill(seed: int, d: Path) -> str:
                     got_snaps[s.name] = v.read(0, v.size)
     assert len(got) in sizes, f"{note}: virtual size {len(got)}, expected one of {sizes}"
     raw = d / "out.raw"
-    qemu("convert", "-U", *cfg.qemu_args(p), "-O", "raw", raw)
+    QEMU.img("convert", "-U", *cfg.qemu_args(p), "-O", "raw", raw)
     d1 = diff(got, raw.read_bytes())
     assert not d1, f"{note}: diskimg and qemu-img read different data: {d1}"
     raw.unlink()
     verify(got, model, pending, f"read after the kill ({note})")
     check_snapshots(got_snaps, model, pending, note)
     if cfg.fmt == "qcow2":
-        names = qemu("snapshot", "-U", "-l",
-                     *(cfg.qemu_args(p) if cfg.luks else [str(p)])).stdout
+        names = QEMU.img("snapshot", "-U", "-l",
+                         *(cfg.qemu_args(p) if cfg.luks else [str(p)])).stdout
         for name in got_snaps:
             assert f" {name} " in names, f"{note}: qemu-img snapshot -l lacks {name}"
     return (f"seed={seed} [{cfg.describe()}] {mode}: ops {len(ops)}, flushed {last_flush}, "
@@ -472,7 +462,7 @@ def check_image(d: Path, p: Path, cfg: Config, note: str) -> None:
     with cfg.open(p) as img:
         before = img.read(0, img.size)
     # qemu's repair: -r all for a dirty image (what qemu requires), -r leaks otherwise
-    qemu("check", "-q", "-r", "all" if dirty else "leaks", *spec, check=(0, 3))
+    QEMU.img("check", "-q", "-r", "all" if dirty else "leaks", *spec, ok=(0, 3))
     qrc2, qdoc2 = qemu_check(spec)
     assert qrc2 in ((0, 3) if dirty else (0,)), \
         f"{note}\nafter qemu-img check -r: qemu-img check {qrc2} {qdoc2}"
@@ -694,18 +684,17 @@ def test_sigkill_during_amend(opts: str, backing: bool, cmds: list[str],
     copy = ["disk.qcow2"]
     if backing:
         (pristine / "b.raw").write_bytes(random.Random(3).randbytes(SWEEP_SIZE))
-        qemu("convert", "-q", "-f", "raw", "-O", "qcow2", "b.raw", "base.qcow2", cwd=pristine)
+        QEMU.img("convert", "-q", "-f", "raw", "-O", "qcow2", "b.raw", "base.qcow2",
+                 cwd=pristine)
         opts += ",backing_file=base.qcow2,backing_fmt=qcow2"
         copy.append("base.qcow2")
-    qemu("create", "-q", "-f", "qcow2", "-o", opts, "disk.qcow2", str(SWEEP_SIZE),
-         cwd=pristine)
-    assert robustlib.QEMU_IO
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", opts, "disk.qcow2", str(SWEEP_SIZE),
+             cwd=pristine)
     for k, cmd in enumerate(cmds):
         if cmd == "snapshot":
-            qemu("snapshot", "-c", f"s{k}", "disk.qcow2", cwd=pristine)
+            QEMU.img("snapshot", "-c", f"s{k}", "disk.qcow2", cwd=pristine)
         else:
-            subprocess.run([robustlib.QEMU_IO, "-c", cmd, "disk.qcow2"], cwd=pristine,
-                           check=True, capture_output=True)
+            QEMU.io("disk.qcow2", cmd, fmt=None, cwd=pristine)
     want, want_snaps = guest_view(pristine / "disk.qcow2")
     op = {"op": "amend", "image": "disk.qcow2", "options": options}
     jobs, n = kill_plan(tmp_path, pristine, copy, op, sum(map(ord, str(options))))
@@ -816,13 +805,12 @@ def test_data_file_write_after_unmap_survives_flush(raw: bool, free: str,
     cluster cancels its pending deallocation."""
     opts = "cluster_size=4096,data_file=disk.data" + (",data_file_raw=on" if raw else "")
     p = tmp_path / "disk.qcow2"
-    qemu("create", "-q", "-f", "qcow2", "-o", opts.replace("disk.data",
+    QEMU.img("create", "-q", "-f", "qcow2", "-o",
+             opts.replace("disk.data",
                                                            str(tmp_path / "disk.data")),
-         p, str(1 << 20))
-    assert robustlib.QEMU_IO
+             p, str(1 << 20))
     # (not guest cluster 0: data-file offset 0 is issue 15's bug 2, fixed elsewhere)
-    subprocess.run([robustlib.QEMU_IO, "-c", "write -P 0x22 32k 224k", str(p)], check=True,
-                   capture_output=True)
+    QEMU.io(p, "write -P 0x22 32k 224k", fmt=None)
     want = bytearray(bytes(32 << 10) + b"\x22" * (224 << 10) + bytes(768 << 10))
     with diskimg.open(p, "r+") as img:
         if free == "discard":
@@ -839,7 +827,7 @@ def test_data_file_write_after_unmap_survives_flush(raw: bool, free: str,
         d1 = diff(img.read(0, img.size), bytes(want))
     assert not d1, f"data written after the unmap was lost: {d1}"
     raw_out = tmp_path / "out.raw"
-    qemu("convert", "-O", "raw", p, raw_out)
+    QEMU.img("convert", "-O", "raw", p, raw_out)
     d1 = diff(raw_out.read_bytes(), bytes(want))
     assert not d1, f"qemu-img convert: {d1}"
     assert qemu_check(p)[0] == 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import robustlib
+from qemukit import QEMU
 
 import diskimg
 from diskimg.errors import DiskImgError
@@ -40,18 +41,6 @@ def run_py(code: str, timeout: float = 10, mem_mb: int | None = None) -> tuple[i
     return res.returncode, res.stdout + res.stderr
 
 
-def qimg(*args: object, cwd: Path) -> None:
-    assert robustlib.QEMU_IMG
-    subprocess.run([robustlib.QEMU_IMG, *map(str, args)], check=True, capture_output=True,
-                   cwd=cwd)
-
-
-def qio(cmd: str, p: Path) -> None:
-    assert robustlib.QEMU_IO
-    subprocess.run([robustlib.QEMU_IO, "-c", cmd, p.name], check=True, capture_output=True,
-                   cwd=p.parent)
-
-
 # --- B1 -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["raw-4-zero-bytes", "qcow2-size-4100-zero-cluster"])
 def test_convert_of_unaligned_zero_tail_terminates(case: str, tmp_path: Path) -> None:
@@ -60,8 +49,8 @@ def test_convert_of_unaligned_zero_tail_terminates(case: str, tmp_path: Path) ->
         src.write_bytes(b"\0\0\0\0")
     else:
         src = tmp_path / "uz.qcow2"
-        qimg("create", "-q", "-f", "qcow2", src.name, "8k", cwd=tmp_path)
-        qio("write -P 0 0 8k", src)
+        QEMU.img("create", "-q", "-f", "qcow2", src.name, "8k", cwd=tmp_path)
+        QEMU.io(src.name, "write -P 0 0 8k", fmt=None, cwd=src.parent)
         robustlib.patch_be(src, 24, ">Q", 4100)
     rc, out = run_py(f"""
         from diskimg.cli.main import main
@@ -75,8 +64,9 @@ def test_convert_of_unaligned_zero_tail_terminates(case: str, tmp_path: Path) ->
 @pytest.mark.parametrize("where", ["reftable-entry", "header-refcount_table_offset"])
 def test_refcount_block_offset_above_2_63(where: str, tmp_path: Path) -> None:
     p = tmp_path / "rt.qcow2"
-    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p.name, "1M", cwd=tmp_path)
-    qio("write -P 0x11 0 64k", p)
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p.name, "1M",
+             cwd=tmp_path)
+    QEMU.io(p.name, "write -P 0x11 0 64k", fmt=None, cwd=p.parent)
     rt = robustlib.qcow2_header(p.read_bytes())["refcount_table_offset"]
     off = rt if where == "reftable-entry" else 48
     with p.open("r+b") as f:
@@ -121,8 +111,9 @@ def test_luks_header_offset_above_2_63(with_secret: bool, luks_image: bytes,
 # --- B3 -----------------------------------------------------------------------------------
 def test_map_and_convert_work_with_unreadable_refcount_table(tmp_path: Path) -> None:
     p = tmp_path / "rt.qcow2"
-    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p.name, "1M", cwd=tmp_path)
-    qio("write -P 0x11 0 64k", p)
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p.name, "1M",
+             cwd=tmp_path)
+    QEMU.io(p.name, "write -P 0x11 0 64k", fmt=None, cwd=p.parent)
     robustlib.patch_be(p, 48, ">Q", 1 << 40)
     with diskimg.open(p) as d:
         assert d.read(0, 4) == b"\x11" * 4  # reads work (as in qemu)
@@ -134,7 +125,7 @@ def test_map_and_convert_work_with_unreadable_refcount_table(tmp_path: Path) -> 
 # --- B4 -----------------------------------------------------------------------------------
 def test_data_file_raw_without_data_file_is_refused(tmp_path: Path) -> None:
     p = tmp_path / "dfr.qcow2"
-    qimg("create", "-q", "-f", "qcow2", p.name, "1M", cwd=tmp_path)
+    QEMU.img("create", "-q", "-f", "qcow2", p.name, "1M", cwd=tmp_path)
     robustlib.patch_be(p, 88, ">Q", 2)
     with pytest.raises(DiskImgError, match="data"):
         diskimg.open(p).close()
@@ -145,8 +136,8 @@ def test_data_file_raw_without_data_file_is_refused(tmp_path: Path) -> None:
 # without checking overHead against the file: a huge sparse file or OSError(EFBIG)
 def test_vmdk_stream_rw_open_truncates_to_overhead(tmp_path: Path) -> None:
     p = tmp_path / "s.vmdk"
-    qimg("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", p.name, "1M",
-         cwd=tmp_path)
+    QEMU.img("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", p.name, "1M",
+             cwd=tmp_path)
     size = p.stat().st_size
     for overhead in (1 << 25, 1 << 40, 2):  # 16 GiB, 512 TiB, inside the descriptor
         with p.open("r+b") as f:
@@ -165,10 +156,10 @@ def test_vmdk_stream_rw_open_truncates_to_overhead(tmp_path: Path) -> None:
 # growing an overlay left the new area unallocated, so the backing file's old data showed
 # through; qemu 7.2 zeroes it (block: truncate: Don't make backing file data visible)--
 def test_resize_grow_does_not_expose_backing_data(tmp_path: Path) -> None:
-    qimg("create", "-q", "-f", "qcow2", "b.qcow2", "1M", cwd=tmp_path)
-    qio("write -P 0xbb 0 1M", tmp_path / "b.qcow2")
-    qimg("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "o.qcow2", "1M",
-         cwd=tmp_path)
+    QEMU.img("create", "-q", "-f", "qcow2", "b.qcow2", "1M", cwd=tmp_path)
+    QEMU.io("b.qcow2", "write -P 0xbb 0 1M", fmt=None, cwd=tmp_path)
+    QEMU.img("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "o.qcow2", "1M",
+             cwd=tmp_path)
     with diskimg.open(tmp_path / "o.qcow2", "r+") as d:
         d.resize(512 << 10, shrink=True)
         d.resize(1 << 20)
@@ -183,8 +174,8 @@ def test_vmdk_huge_grain_read_is_bounded(tmp_path: Path) -> None:
     raw = tmp_path / "r.img"
     raw.write_bytes(bytes(range(256)) * 1024 + bytes(768 << 10))
     p = tmp_path / "s.vmdk"
-    qimg("convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
-         raw.name, p.name, cwd=tmp_path)
+    QEMU.img("convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
+             raw.name, p.name, cwd=tmp_path)
     data = bytearray(p.read_bytes())
     data[22] ^= 0x1E  # grainSize 0x80 -> 0x1e0080 sectors (960 MiB): the fuzzer's find
     p.write_bytes(bytes(data))
@@ -239,10 +230,10 @@ os._exit(0)
 
 def _snapshot_image(d: Path, compat: str, cs: int) -> Path:
     p = d / "s.qcow2"
-    qimg("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs},compat={compat}", p.name,
-         "1M", cwd=d)
-    qio("write -P 0x11 0 256k", p)
-    qio("write -c -P 0x22 512k 64k", p)
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs},compat={compat}", p.name,
+             "1M", cwd=d)
+    QEMU.io(p.name, "write -P 0x11 0 256k", fmt=None, cwd=p.parent)
+    QEMU.io(p.name, "write -c -P 0x22 512k 64k", fmt=None, cwd=p.parent)
     return p
 
 

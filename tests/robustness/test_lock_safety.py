@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 import diskimg
 from diskimg.errors import ImageLockedError
@@ -78,16 +79,6 @@ def di(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
                           env=env, capture_output=True, text=True, timeout=120)
 
 
-def qimg(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
-
-def qio(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-io", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
-
 def write_lock(img: Path) -> str:
     return f'Failed to get "write" lock\nIs another process using the image [{img}]?'
 
@@ -114,11 +105,12 @@ def master_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d.mkdir()
 
     def q(*a: str) -> None:
-        r = qimg(*a, cwd=d)
+        r = QEMU.img(*a, cwd=d, ok=None)
         assert r.returncode == 0, r.stderr
 
     def w(fmt: str, name: str, pattern: int, off: str) -> None:
-        r = qio("-f", fmt, "-c", f"write -P {pattern} {off} 64k", name, cwd=d)
+        r = QEMU.io(name, f"write -P {pattern} {off} 64k", fmt=fmt, cwd=d, ok=None,
+                    verify=False)
         assert r.returncode == 0, r.stderr
 
     q("create", "-q", "-f", "qcow2", "base.qcow2", "1M")
@@ -208,7 +200,7 @@ def _run_cases(images: Path, master: Path, qemu_io: str, cases: list[Case]) -> N
             failures.append(f"{args}: changed {changed}")
             _restore(images, master)
         with held(qemu_io, images / held_name, fmt):
-            theirs = qimg(*args, cwd=images)
+            theirs = QEMU.img(*args, cwd=images, ok=None)
             assert theirs.returncode == 1 and digests(images) == before, \
                 (args, theirs.stderr)
         want = theirs.stderr.replace("qemu-img: ", "diskimg: ")
@@ -326,14 +318,16 @@ def test_qemu_refuses_an_image_diskimg_holds(images: Path, fmt: str, qemu_io: st
         data = dev.read(0, 256 << 10)
         before = digests(images)
         results = {
-            "qemu-io": qio("-f", fmt, "-c", "write -P 0x55 0 64k", name, cwd=images),
-            "create": qimg("create", "-f", fmt, name, "1M", cwd=images),
-            "convert": qimg("convert", "-O", fmt, "src.raw", name, cwd=images),
-            "convert -n": qimg("convert", "-n", "-O", fmt, "src.raw", name, cwd=images),
+            "qemu-io": QEMU.io(name, "write -P 0x55 0 64k", fmt=fmt, cwd=images, ok=None,
+                               verify=False),
+            "create": QEMU.img("create", "-f", fmt, name, "1M", cwd=images, ok=None),
+            "convert": QEMU.img("convert", "-O", fmt, "src.raw", name, cwd=images, ok=None),
+            "convert -n": QEMU.img("convert", "-n", "-O", fmt, "src.raw", name, cwd=images,
+                                   ok=None),
         }
         if fmt != "raw":  # qemu's raw driver lets readers share a writer's file
-            results["info"] = qimg("info", "-f", fmt, name, cwd=images)
-            results["check"] = qimg("check", "-f", fmt, name, cwd=images)
+            results["info"] = QEMU.img("info", "-f", fmt, name, cwd=images, ok=None)
+            results["check"] = QEMU.img("check", "-f", fmt, name, cwd=images, ok=None)
         assert digests(images) == before
         assert dev.read(0, 256 << 10) == data
     for what, r in results.items():
@@ -341,9 +335,9 @@ def test_qemu_refuses_an_image_diskimg_holds(images: Path, fmt: str, qemu_io: st
         assert "lock\nIs another process using the image [" in r.stderr, (what, r.stderr)
         assert f"[{name}]?" in r.stderr, (what, r.stderr)
     # released on close: qemu-img reads it, and its bytes are the ones diskimg saw
-    r = qimg("info", "-f", fmt, name, cwd=images)
+    r = QEMU.img("info", "-f", fmt, name, cwd=images, ok=None)
     assert r.returncode == 0, r.stderr
-    r = qio("-f", fmt, "-c", "read -P 0 256k 64k", name, cwd=images)
+    r = QEMU.io(name, "read -P 0 256k 64k", fmt=fmt, cwd=images, ok=None, verify=False)
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
 
 
@@ -377,7 +371,7 @@ def test_pool_verbs_leave_a_held_volume_alone(tmp_path: Path, qemu_io: str) -> N
         name = f"vm.{fmt}"
         assert virsh("vol-create-as", "p1", name, "1M", "--format", fmt)[0] == 0
         path = pool_dir / name
-        r = qio("-f", fmt, "-c", "write -P 0x33 0 64k", path, cwd=tmp_path)
+        r = QEMU.io(path, "write -P 0x33 0 64k", fmt=fmt, cwd=tmp_path, ok=None, verify=False)
         assert r.returncode == 0, r.stderr
         xml.write_text(f"<volume><name>{name}</name><capacity>1048576</capacity>"
                        f"<target><format type='{fmt}'/></target></volume>")
@@ -413,8 +407,8 @@ def test_pool_verbs_leave_a_held_volume_alone(tmp_path: Path, qemu_io: str) -> N
         assert not failures, "\n".join(failures)
         # the same volume, free again, is cloned and deleted normally
         assert virsh("vol-clone", name, f"copy.{fmt}", "--pool", "p1")[0] == 0
-        r = qimg("compare", "-f", fmt, "-F", fmt, path, pool_dir / f"copy.{fmt}",
-                 cwd=tmp_path)
+        r = QEMU.img("compare", "-f", fmt, "-F", fmt, path, pool_dir / f"copy.{fmt}",
+                     cwd=tmp_path, ok=None)
         assert r.returncode == 0, r.stdout + r.stderr
         assert virsh("vol-delete", f"copy.{fmt}", "p1")[0] == 0
     assert not failures, "\n".join(failures)
@@ -430,13 +424,13 @@ def test_files_an_image_names_are_locked_with_it(images: Path, name: str, fmt: s
     with diskimg.open(images / name, "r+") as dev:
         data = dev.read(0, 128 << 10)
         before = digests(images)
-        r = qio("-f", "raw", "-c", "write -P 0x77 0 64k", part, cwd=images)
+        r = QEMU.io(part, "write -P 0x77 0 64k", fmt="raw", cwd=images, ok=None, verify=False)
         assert r.returncode == 1, r.stdout
         assert r.stderr == (f"qemu-io: can't open device {part}: "
                             f"{write_lock(Path(part))}\n"), r.stderr
         assert digests(images) == before
         assert dev.read(0, 128 << 10) == data
-    r = qio("-f", fmt, "-c", f"read -P {pattern} 0 64k", name, cwd=images)
+    r = QEMU.io(name, f"read -P {pattern} 0 64k", fmt=fmt, cwd=images, ok=None, verify=False)
     assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
 
 
@@ -456,7 +450,7 @@ def test_check_of_a_held_raw_file_reports_no_check_support_like_qemu(
         before = digests(images)
         mine = di(*args, cwd=images)
         assert digests(images) == before
-        theirs = qimg(*args, cwd=images)
+        theirs = QEMU.img(*args, cwd=images, ok=None)
         assert digests(images) == before
     assert theirs.returncode == 63
     assert (mine.returncode, mine.stdout, mine.stderr) == (
@@ -472,7 +466,7 @@ def test_check_of_raw_still_refused_where_qemu_refuses(images: Path, qemu_io: st
         with held(qemu_io, img, "qcow2"):
             before = digests(images)
             mine = di(*args, cwd=images)
-            theirs = qimg(*args, cwd=images)
+            theirs = QEMU.img(*args, cwd=images, ok=None)
             assert digests(images) == before
         assert theirs.returncode == code
         assert (mine.returncode, mine.stderr) == (

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+from qemukit import QEMU
 
 from diskimg.errors import UsageError
 from diskimg.units import INT64_MAX, SIZE_HELP, SIZE_RANGE, parse_size, size_to_str
@@ -50,7 +51,7 @@ _FORMATTING = re.compile(r"^Formatting '.*', fmt=raw size=(\d+)$", re.M)
 def _qemu_parse(qemu_img: str, run, tmp_path: Path, text: str) -> int | str:
     """Size qemu-img create accepts for ``text``, or its error message (program name cut)."""
     target = tmp_path / "size-probe.img"
-    res = run([qemu_img, "create", "-f", "raw", target, "--", text], check=False)
+    res = QEMU.img("create", "-f", "raw", target, "--", text, ok=None)
     target.unlink(missing_ok=True)
     m = _FORMATTING.search(res.stdout)
     if m:

@@ -1,0 +1,157 @@
+"""qcow2/entries.py: the L2 entry classifier (``cluster_type``, ``subcluster_type``) on every
+class of bit pattern, with and without extended L2 and an external data file, and the
+compressed-cluster descriptor codec for every cluster size (cluster_bits 9..21), including
+descriptors qemu wrote (fixtures/compressed-*.qcow2).
+
+The expected classes are written out from docs/interop/qcow2.txt ("Cluster mapping",
+"Extended L2 Entries", "Compressed Clusters Descriptor") and QEMU's qcow2_get_cluster_type /
+qcow2_get_subcluster_type, not recomputed from the module's masks."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from diskimg.qcow2 import entries as E
+from diskimg.qcow2.layout import Header
+
+CT, SCT = E.ClusterType, E.SubclusterType
+COMPRESSED, COPIED, ZERO = 1 << 62, 1 << 63, 1
+HOST = 0x50000  # a cluster-aligned host offset (bits 9..55)
+
+
+# --- cluster_type ---------------------------------------------------------------------------
+def _expected(compressed: bool, copied: bool, zero: bool, off: int, extended: bool,
+              data_file: bool) -> E.ClusterType:
+    """The spec's table, case by case."""
+    if compressed:
+        return CT.COMPRESSED          # bit 62 decides before anything else
+    if zero and not extended:         # bit 0 is the zero flag only without extended L2
+        return CT.ZERO_ALLOC if off else CT.ZERO_PLAIN
+    if off:
+        return CT.NORMAL
+    if data_file and copied:          # offset 0 is the data file's first cluster
+        return CT.NORMAL
+    return CT.UNALLOCATED
+
+
+CASES = list(itertools.product([False, True], [False, True], [False, True], [0, HOST],
+                               [False, True], [False, True]))
+
+
+@pytest.mark.parametrize(("compressed", "copied", "zero", "off", "extended", "data_file"),
+                         CASES)
+def test_cluster_type_of_every_flag_combination(compressed: bool, copied: bool, zero: bool,
+                                                off: int, extended: bool,
+                                                data_file: bool) -> None:
+    entry = (COMPRESSED if compressed else 0) | (COPIED if copied else 0) | \
+        (ZERO if zero else 0) | off
+    got = E.cluster_type(entry, extended=extended, has_data_file=data_file)
+    assert got == _expected(compressed, copied, zero, off, extended, data_file), hex(entry)
+
+
+@given(off=st.integers(1, (1 << 47) - 1).map(lambda c: c << 9), copied=st.booleans(),
+       extended=st.booleans(), data_file=st.booleans())
+def test_any_nonzero_offset_is_a_host_cluster(off: int, copied: bool, extended: bool,
+                                              data_file: bool) -> None:
+    entry = off | (COPIED if copied else 0)
+    assert E.cluster_type(entry, extended=extended, has_data_file=data_file) == CT.NORMAL
+    if not extended:
+        assert E.cluster_type(entry | ZERO, extended=False,
+                              has_data_file=data_file) == CT.ZERO_ALLOC
+
+
+# --- subcluster_type ------------------------------------------------------------------------
+@pytest.mark.parametrize(("entry", "data_file", "has_host"), [
+    (0, False, False), (0, True, False), (COPIED, False, False), (COPIED, True, True),
+    (HOST, False, True), (HOST | COPIED, True, True)])
+@pytest.mark.parametrize("index", [0, 1, 17, 31])
+def test_subcluster_type_of_every_bitmap_state(entry: int, data_file: bool, has_host: bool,
+                                               index: int) -> None:
+    other = (1 << ((index + 1) % 32)) | (1 << (32 + (index + 5) % 32))  # noise elsewhere
+    want = {  # (allocated bit, zero bit) -> state, for an entry with / without a host cluster
+        (0, 0): SCT.UNALLOCATED_ALLOC if has_host else SCT.UNALLOCATED_PLAIN,
+        (1, 0): SCT.NORMAL if has_host else SCT.INVALID,
+        (0, 1): SCT.ZERO_ALLOC if has_host else SCT.ZERO_PLAIN,
+        (1, 1): SCT.INVALID,
+    }
+    for (a, z), state in want.items():
+        bitmap = other & ~((1 << index) | (1 << (32 + index)))
+        bitmap |= (a << index) | (z << (32 + index))
+        assert E.subcluster_type(entry, bitmap, index, has_data_file=data_file) == state, \
+            (hex(entry), hex(bitmap), index)
+
+
+@pytest.mark.parametrize("data_file", [False, True])
+def test_compressed_extended_entry_needs_an_empty_bitmap(data_file: bool) -> None:
+    ent = E.encode_compressed(HOST, 700, 16)
+    assert E.subcluster_type(ent, 0, 3, has_data_file=data_file) == SCT.COMPRESSED
+    for bitmap in (1 << 3, 1 << 35, 1 << 0, 1 << 63):
+        assert E.subcluster_type(ent, bitmap, 3, has_data_file=data_file) == SCT.INVALID
+
+
+# --- compressed descriptors -----------------------------------------------------------------
+@pytest.mark.parametrize("cluster_bits", range(9, 22))
+@given(data=st.data())
+def test_compressed_descriptor_round_trips(cluster_bits: int, data: st.DataObject) -> None:
+    """x = 62 - (cluster_bits - 8) offset bits, then (cluster_bits - 8) bits of additional
+    512-byte sectors: decode(encode(host, n)) gives host and a read length covering n that
+    ends in n's last sector; encode(decode(d)) == d for every valid descriptor."""
+    x = 62 - (cluster_bits - 8)
+    nb_bits = cluster_bits - 8
+    assert E.compressed_layout(cluster_bits) == (x, (1 << nb_bits) - 1)
+    host = data.draw(st.integers(0, min((1 << x) - 1, (1 << 56) - 1)), label="host")
+    max_len = (1 << nb_bits) * 512 - (host & 511)
+    length = data.draw(st.integers(1, max_len), label="length")
+    ent = E.encode_compressed(host, length, cluster_bits)
+    assert ent >> 62 == 1                                      # COMPRESSED, not COPIED
+    assert ent & ((1 << x) - 1) == host
+    assert (ent >> x) & ((1 << nb_bits) - 1) == (host + length - 1) // 512 - host // 512
+    h, n = E.decode_compressed(ent, cluster_bits)
+    assert h == host and length <= n and (host + n) % 512 == 0 and n - length < 512
+    assert E.encode_compressed(h, n, cluster_bits) == ent
+    nb = data.draw(st.integers(0, (1 << nb_bits) - 1), label="nb_csectors")
+    desc = COMPRESSED | (nb << x) | host
+    assert E.encode_compressed(*E.decode_compressed(desc, cluster_bits), cluster_bits) == desc
+
+
+@pytest.mark.parametrize("cluster_bits", [9, 16, 21])
+def test_compressed_descriptor_refuses_what_does_not_fit(cluster_bits: int) -> None:
+    x = 62 - (cluster_bits - 8)
+    with pytest.raises(ValueError):
+        E.encode_compressed(0, (1 << (cluster_bits - 8)) * 512 + 1, cluster_bits)
+    if x < 56:
+        with pytest.raises(ValueError):
+            E.encode_compressed(1 << x, 512, cluster_bits)
+
+
+@pytest.mark.parametrize("name", ["compressed-zlib.qcow2", "compressed-zstd.qcow2"])
+def test_qemu_written_descriptors_decode_and_re_encode_identically(
+        name: str, fixture_file: Callable[[str], Path]) -> None:
+    """Every L2 entry qemu-img convert -c wrote: compressed ones re-encode to the same 64
+    bits and point inside the file; the one uncompressed cluster is NORMAL."""
+    raw = fixture_file(name).read_bytes()
+    h = Header.parse(raw[: Header.cluster_size_of(raw)], len(raw))
+    cb = h.cluster_bits
+    l1 = [int.from_bytes(raw[h.l1_table_offset + 8 * i: h.l1_table_offset + 8 * i + 8], "big")
+          for i in range(h.l1_size)]
+    kinds: list[E.ClusterType] = []
+    for l1e in l1:
+        l2_off = l1e & E.L1E_OFFSET_MASK
+        if not l2_off:
+            continue
+        for i in range(h.cluster_size // 8):
+            ent = int.from_bytes(raw[l2_off + 8 * i: l2_off + 8 * i + 8], "big")
+            t = E.cluster_type(ent, extended=False, has_data_file=False)
+            kinds.append(t)
+            if t == CT.COMPRESSED:
+                host, n = E.decode_compressed(ent, cb)
+                assert E.encode_compressed(host, n, cb) == ent
+                assert 0 < host and host + n <= len(raw) + 511
+    assert kinds.count(CT.COMPRESSED) == 5  # 8k at 0, 6k at 130k (2 clusters), the tail
+    assert kinds.count(CT.NORMAL) == 1
