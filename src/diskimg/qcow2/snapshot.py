@@ -114,9 +114,7 @@ class SnapshotTable:
                                    has_data_file=img.has_data_file)
                 if t == E.ClusterType.COMPRESSED:
                     if addend:
-                        host, n = E.decode_compressed(ent, img.cb)
-                        first, last = (host & ~511) // img.cs, (host + n - 1) // img.cs
-                        for c in range(first, last + 1):
+                        for c in E.compressed_host_clusters(ent, img.cb):
                             rc.update(c, addend)
                     continue
                 host = ent & E.L2E_OFFSET_MASK
@@ -160,8 +158,7 @@ class SnapshotTable:
             for j in range(0, len(ents), step):
                 ent = ents[j]
                 if ent & E.QCOW_OFLAG_COMPRESSED:
-                    host, n = E.decode_compressed(ent, img.cb)
-                    for c in range((host & ~511) // cs, (host + n - 1) // cs + 1):
+                    for c in E.compressed_host_clusters(ent, img.cb):
                         deltas[c] += addend
                 elif ent & E.L2E_OFFSET_MASK:
                     deltas[(ent & E.L2E_OFFSET_MASK) // cs] += addend

@@ -17,7 +17,7 @@ from diskimg.qcow2.layout import (
     QCOW2_INCOMPAT_DATA_FILE,
     Header,
 )
-from diskimg.qcow2.refcount import refcount_typecode
+from diskimg.qcow2.refcount import refblock_entries, refcount_typecode
 
 REFT_RESERVED_MASK = 0x1FF
 L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
@@ -128,7 +128,7 @@ class _State:
 
     def grow_imrt(self, new_nb: int) -> None:
         """qemu's realloc_refcount_array: the backing array covers whole clusters."""
-        per_cluster = self.cs * 8 // self.rc_bits
+        per_cluster = refblock_entries(self.cs, self.order)
         need = -(-new_nb // per_cluster) * per_cluster
         if need * self.itemsize > MAX_IMRT_BYTES:
             self.res.check_errors += 1
