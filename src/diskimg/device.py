@@ -2,8 +2,10 @@
 
 A :class:`BlockDevice` is a fixed-size array of bytes addressed by guest offset.  Formats
 implement a handful of primitives (``_readinto``, ``_write``, ``_write_zeroes``,
-``_discard``, ``_status``); this module builds ``read``, ``map`` (qemu-img map's entries,
-walking backing chains), ``as_file`` and the context-manager protocol on top of them.
+``_discard``, ``_plan`` (the mapper, a :class:`~diskimg.plan.Run`) and ``_status`` (block
+status derived from it)); this module builds ``read``, ``plan``, ``block_status``, ``map``
+(qemu-img map's entries, walking backing chains), ``as_file`` and the context-manager
+protocol on top of them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from diskimg.check_report import CheckReport
 from diskimg.errors import (ClosedImageError, CorruptImageError, UnsupportedFeatureError,
                             UsageError)
 from diskimg.params import check_int
+from diskimg.plan import Run
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -171,8 +174,14 @@ class BlockDevice:
     def _discard(self, offset: int, length: int) -> None:
         """Default: discard is advisory, do nothing."""
 
+    def _plan(self, offset: int, length: int) -> Run:
+        """This layer's run at ``offset`` (see :meth:`plan`); every format implements it."""
+        raise NotImplementedError
+
     def _status(self, offset: int, length: int) -> Status:
-        """Block status of the run starting at ``offset`` (at most ``length`` bytes)."""
+        """This layer's block status at ``offset`` (at most ``length`` bytes), derived from
+        :meth:`_plan` (see :meth:`block_status`).  The default, for a device with no
+        mapper: its bytes are all its own data, at no host offset."""
         return Status(length, allocated=True, data=True, zero=False)
 
     def _unallocated_until(self, offset: int, end: int) -> int:
@@ -369,13 +378,48 @@ class BlockDevice:
             dev = dev.backing
         return out
 
-    def block_status(self, offset: int, length: int,
-                     coarse: bool = False) -> tuple[Status, int]:
+    # --- the read plan and block status ----------------------------------------------
+    # Two public answers, one source: plan() is this layer's mapper, a typed Run
+    # (diskimg.plan); block_status() is QEMU's block status (Status flags) through the
+    # backing chain.  Invariant: a layer's Status is derived from its Run (the format's
+    # _status translates _plan's answer, see each format): it starts at the same offset,
+    # is at most as long, ``allocated == run.allocated``; ``data`` for DATA and
+    # COMPRESSED runs, ``zero`` for ZERO runs (and, where the format looks, for holes of
+    # the host file under a DATA run); ``offset`` only where the bytes lie verbatim.
+    def plan(self, offset: int, length: int) -> Run:
+        """What this layer says about the guest bytes at ``offset`` (its backing file is
+        not consulted): one :class:`~diskimg.plan.Run` starting at ``offset``, at most
+        ``length`` (> 0) bytes long, of one :class:`~diskimg.plan.RunKind` (DATA at a host
+        offset, ZERO, UNALLOCATED (the backing file's bytes, or zeros), COMPRESSED).
+        Successive calls give a plan :func:`diskimg.plan.check_plan` accepts."""
+        self._check_open()
+        self._check_range(offset, length)
+        if length <= 0:
+            raise UsageError("plan() needs a non-empty range")
+        return self._plan(offset, length)
+
+    #: whether :meth:`read_compressed` decodes COMPRESSED runs and may run on several
+    #: threads at once (a converter decodes them on a pool); qcow2 without encryption
+    parallel_compressed_reads: bool = False
+
+    def read_compressed(self, run: Run, dst: memoryview) -> None:
+        """Fill ``dst`` with the guest bytes from ``run.offset`` of the COMPRESSED run
+        ``run`` (from :meth:`plan`; ``len(dst) <= run.length``), touching no shared state
+        (see :attr:`parallel_compressed_reads`); formats without such runs raise
+        :class:`UnsupportedFeatureError`."""
+        self._check_open()
+        raise UnsupportedFeatureError(f"Image format '{self.format}' has no compressed "
+                                      "runs to decode")
+
+    def block_status(self, offset: int, length: int, coarse: bool = False, *,
+                     top_only: bool = False) -> tuple[Status, int]:
         """Status of the run at ``offset`` through the backing chain, and its depth.
 
         ``coarse`` lets an unallocated run go on past the format's table boundaries
         (qemu stops at each L2 table): what ``map`` and ``convert`` merge anyway, taken in
-        one step, so their cost follows the allocated data rather than the virtual size."""
+        one step, so their cost follows the allocated data rather than the virtual size.
+        ``top_only``: this layer's status as the format reports it (depth 0), the backing
+        chain not consulted (qemu's ``bdrv_block_status`` of one node)."""
         self._check_open()
         if type(offset) is not int or type(length) is not int:
             offset, length = check_int("offset", offset), check_int("length", length)
@@ -384,7 +428,7 @@ class BlockDevice:
         while True:
             st = dev._status_coarse(offset, length) if coarse else dev._status(offset, length)
             length = min(length, st.length)
-            if st.allocated or dev.backing is None:
+            if st.allocated or dev.backing is None or top_only:
                 return Status(length, st.allocated, st.data, st.zero, st.offset, st.filename), depth
             if offset >= dev.backing.size:
                 # qemu: past the end of a shorter backing file reads as zeros, decided here,
