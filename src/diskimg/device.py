@@ -418,8 +418,11 @@ class BlockDevice:
         ``coarse`` lets an unallocated run go on past the format's table boundaries
         (qemu stops at each L2 table): what ``map`` and ``convert`` merge anyway, taken in
         one step, so their cost follows the allocated data rather than the virtual size.
-        ``top_only``: this layer's status as the format reports it (depth 0), the backing
-        chain not consulted (qemu's ``bdrv_block_status`` of one node)."""
+        ``top_only``: this layer's status alone (depth 0), the backing chain not consulted
+        (qemu's ``bdrv_block_status`` of one node): a range the layer leaves to an existing
+        backing file is not reported as zeros, whatever the format says (a vmdk's
+        unallocated grains included); past the end of a shorter backing file the caller
+        decides (qemu-img convert's progress and copy differ there)."""
         self._check_open()
         if type(offset) is not int or type(length) is not int:
             offset, length = check_int("offset", offset), check_int("length", length)
@@ -428,8 +431,10 @@ class BlockDevice:
         while True:
             st = dev._status_coarse(offset, length) if coarse else dev._status(offset, length)
             length = min(length, st.length)
-            if st.allocated or dev.backing is None or top_only:
+            if st.allocated or dev.backing is None:
                 return Status(length, st.allocated, st.data, st.zero, st.offset, st.filename), depth
+            if top_only:  # left to the backing file: not zeros, whatever the format says
+                return Status(length, False, st.data, False, st.offset, st.filename), 0
             if offset >= dev.backing.size:
                 # qemu: past the end of a shorter backing file reads as zeros, decided here,
                 # with this layer's own host offset (an extended-L2 cluster's unallocated
