@@ -383,9 +383,11 @@ class BlockDevice:
     # (diskimg.plan); block_status() is QEMU's block status (Status flags) through the
     # backing chain.  Invariant: a layer's Status is derived from its Run (the format's
     # _status translates _plan's answer, see each format): it starts at the same offset,
-    # is at most as long, ``allocated == run.allocated``; ``data`` for DATA and
-    # COMPRESSED runs, ``zero`` for ZERO runs (and, where the format looks, for holes of
-    # the host file under a DATA run); ``offset`` only where the bytes lie verbatim.
+    # is at most as long, ``allocated == run.allocated``; ``data`` for COMPRESSED and
+    # DATA runs, ``zero`` for ZERO runs, except that a format may report a hole of the
+    # host file under a DATA run as zeros (raw: zero, not data; qcow2 with metadata
+    # preallocation and vmdk flat extents: zero and data); ``offset`` only where the
+    # bytes lie verbatim (never for COMPRESSED runs or encrypted qcow2 clusters).
     def plan(self, offset: int, length: int) -> Run:
         """What this layer says about the guest bytes at ``offset`` (its backing file is
         not consulted): one :class:`~diskimg.plan.Run` starting at ``offset``, at most

@@ -83,3 +83,23 @@ def test_convert_B_of_a_vmdk_child_leaves_the_parents_data_to_the_backing_file(
     maps = [run([qemu_img, "map", "--output=json", n], cwd=d).stdout
             for n in ("q.qcow2", "d.qcow2")]
     assert maps[0] == maps[1]
+
+
+def test_raw_status_is_its_plan_refined_by_the_files_holes(tmp_path: Path) -> None:
+    p = tmp_path / "h.raw"
+    with open(p, "wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(MiB)
+        f.write(b"\x07" * 65536)
+    with diskimg.open(p, format="raw") as dev:
+        assert dev.plan(0, dev.size) == Run(0, dev.size, RunKind.DATA, 0, filename=str(p))
+        pos, got = 0, bytearray()
+        while pos < dev.size:
+            st, depth = dev.block_status(pos, dev.size - pos, top_only=True)
+            assert (st.allocated, st.offset, depth) == (True, pos, 0)
+            assert st.data != st.zero  # a hole: zero and not data
+            piece = dev.read(pos, st.length)
+            assert st.data or not any(piece)
+            got += piece
+            pos += st.length
+    assert bytes(got) == p.read_bytes()
