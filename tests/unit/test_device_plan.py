@@ -3,6 +3,7 @@ layer's block status): public, checked, and what convert -B and its progress con
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 import diskimg
 from diskimg.errors import UnsupportedFeatureError, UsageError
-from diskimg.plan import Run, RunKind
+from diskimg.plan import Run, RunKind, check_plan
 
 MiB = 1 << 20
 
@@ -103,3 +104,33 @@ def test_raw_status_is_its_plan_refined_by_the_files_holes(tmp_path: Path) -> No
             got += piece
             pos += st.length
     assert bytes(got) == p.read_bytes()
+
+
+@pytest.mark.qemu
+def test_vmdk_plan_across_extents_is_in_guest_offsets(tmp_path: Path, qemu_img: str,
+                                                       qemu_io: str,
+                                                       run: Callable[..., Any]) -> None:
+    img = tmp_path / "split.vmdk"
+    run([qemu_img, "create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse",
+         img, "3G"])
+    g2 = 2 << 30
+    run([qemu_io, "-f", "vmdk", "-c", f"write -P 0x42 {g2 + 65536} 65536",
+         "-c", f"write -P 0x43 {g2 - 65536} 65536", img])
+    with diskimg.open(img) as dev:
+        runs, pos = [], g2 - MiB
+        while pos < g2 + MiB:
+            r = dev.plan(pos, g2 + MiB - pos)
+            assert r.offset == pos and r.length > 0, r  # guest offsets, progress
+            runs.append(r)
+            pos = r.end
+        check_plan(runs, g2 - MiB, g2 + MiB, dev.size)
+        assert all(r.end <= g2 or r.offset >= g2 for r in runs)  # never across extents
+        data = [r for r in runs if r.kind is RunKind.DATA]
+        assert [(r.offset, r.length) for r in data] == [(g2 - 65536, 65536),
+                                                        (g2 + 65536, 65536)]
+        assert data[0].filename != data[1].filename
+        for r in data:
+            assert r.host is not None and r.filename is not None
+            with open(r.filename, "rb") as f:
+                assert os.pread(f.fileno(), r.length, r.host) == dev.read(r.offset, r.length)
+        assert dev.read(g2 + 65536, 65536) == b"\x42" * 65536

@@ -35,6 +35,7 @@ def _plan(dev: BlockDevice, start: int, end: int) -> list[Run]:
     pos = start
     while pos < end:
         r = dev.plan(pos, end - pos)
+        assert r.offset == pos and r.length > 0, r
         runs.append(r)
         pos = r.end
     check_plan(runs, start, end, dev.size)
