@@ -2,8 +2,10 @@
 
 A :class:`BlockDevice` is a fixed-size array of bytes addressed by guest offset.  Formats
 implement a handful of primitives (``_readinto``, ``_write``, ``_write_zeroes``,
-``_discard``, ``_status``); this module builds ``read``, ``map`` (qemu-img map's entries,
-walking backing chains), ``as_file`` and the context-manager protocol on top of them.
+``_discard``, ``_plan`` (the mapper, a :class:`~diskimg.plan.Run`) and ``_status`` (block
+status derived from it)); this module builds ``read``, ``plan``, ``block_status``, ``map``
+(qemu-img map's entries, walking backing chains), ``as_file`` and the context-manager
+protocol on top of them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from diskimg.errors import (ClosedImageError, CorruptImageError, UnsupportedFeat
 from diskimg.device_io import DeviceIO as DeviceIO  # re-exported (it lived here)
 from diskimg.internal_snapshots import InternalSnapshots
 from diskimg.params import check_int
+from diskimg.plan import Run
 
 if TYPE_CHECKING:
     from diskimg.hostio import HostFile
@@ -193,8 +196,14 @@ class BlockDevice:
     def _discard(self, offset: int, length: int) -> None:
         """Default: discard is advisory, do nothing."""
 
+    def _plan(self, offset: int, length: int) -> Run:
+        """This layer's run at ``offset`` (see :meth:`plan`); every format implements it."""
+        raise NotImplementedError
+
     def _status(self, offset: int, length: int) -> Status:
-        """Block status of the run starting at ``offset`` (at most ``length`` bytes)."""
+        """This layer's block status at ``offset`` (at most ``length`` bytes), derived from
+        :meth:`_plan` (see :meth:`block_status`).  The default, for a device with no
+        mapper: its bytes are all its own data, at no host offset."""
         return Status(length, allocated=True, data=True, zero=False)
 
     def _unallocated_until(self, offset: int, end: int) -> int:
@@ -483,13 +492,53 @@ class BlockDevice:
             dev = dev.backing
         return out
 
-    def block_status(self, offset: int, length: int,
-                     coarse: bool = False) -> tuple[Status, int]:
+    # --- the read plan and block status ----------------------------------------------
+    # Two public answers, one source: plan() is this layer's mapper, a typed Run
+    # (diskimg.plan); block_status() is QEMU's block status (Status flags) through the
+    # backing chain.  Invariant: a layer's Status is derived from its Run (the format's
+    # _status translates _plan's answer, see each format): it starts at the same offset,
+    # is at most as long, ``allocated == run.allocated``; ``data`` for COMPRESSED and
+    # DATA runs, ``zero`` for ZERO runs, except that a format may report a hole of the
+    # host file under a DATA run as zeros (raw: zero, not data; qcow2 with metadata
+    # preallocation and vmdk flat extents: zero and data); ``offset`` only where the
+    # bytes lie verbatim (never for COMPRESSED runs or encrypted qcow2 clusters).
+    def plan(self, offset: int, length: int) -> Run:
+        """What this layer says about the guest bytes at ``offset`` (its backing file is
+        not consulted): one :class:`~diskimg.plan.Run` starting at ``offset``, at most
+        ``length`` (> 0) bytes long, of one :class:`~diskimg.plan.RunKind` (DATA at a host
+        offset, ZERO, UNALLOCATED (the backing file's bytes, or zeros), COMPRESSED).
+        Successive calls give a plan :func:`diskimg.plan.check_plan` accepts."""
+        self._check_open()
+        self._check_range(offset, length)
+        if length <= 0:
+            raise UsageError("plan() needs a non-empty range")
+        return self._plan(offset, length)
+
+    #: whether :meth:`read_compressed` decodes COMPRESSED runs and may run on several
+    #: threads at once (a converter decodes them on a pool); qcow2 without encryption
+    parallel_compressed_reads: bool = False
+
+    def read_compressed(self, run: Run, dst: memoryview) -> None:
+        """Fill ``dst`` with the guest bytes from ``run.offset`` of the COMPRESSED run
+        ``run`` (from :meth:`plan`; ``len(dst) <= run.length``), touching no shared state
+        (see :attr:`parallel_compressed_reads`); formats without such runs raise
+        :class:`UnsupportedFeatureError`."""
+        self._check_open()
+        raise UnsupportedFeatureError(f"Image format '{self.format}' has no compressed "
+                                      "runs to decode")
+
+    def block_status(self, offset: int, length: int, coarse: bool = False, *,
+                     top_only: bool = False) -> tuple[Status, int]:
         """Status of the run at ``offset`` through the backing chain, and its depth.
 
         ``coarse`` lets an unallocated run go on past the format's table boundaries
         (qemu stops at each L2 table): what ``map`` and ``convert`` merge anyway, taken in
-        one step, so their cost follows the allocated data rather than the virtual size."""
+        one step, so their cost follows the allocated data rather than the virtual size.
+        ``top_only``: this layer's status alone (depth 0), the backing chain not consulted
+        (qemu's ``bdrv_block_status`` of one node): a range the layer leaves to an existing
+        backing file is not reported as zeros, whatever the format says (a vmdk's
+        unallocated grains included); past the end of a shorter backing file the caller
+        decides (qemu-img convert's progress and copy differ there)."""
         self._check_open()
         if type(offset) is not int or type(length) is not int:
             offset, length = check_int("offset", offset), check_int("length", length)
@@ -500,6 +549,8 @@ class BlockDevice:
             length = min(length, st.length)
             if st.allocated or dev.backing is None:
                 return Status(length, st.allocated, st.data, st.zero, st.offset, st.filename), depth
+            if top_only:  # left to the backing file: not zeros, whatever the format says
+                return Status(length, False, st.data, False, st.offset, st.filename), 0
             if offset >= dev.backing.size:
                 # qemu: past the end of a shorter backing file reads as zeros, decided here,
                 # with this layer's own host offset (an extended-L2 cluster's unallocated

@@ -12,6 +12,7 @@ from diskimg.device import (BlockDevice, ImageInfo, Status, host_has_zero_init,
                              requires_open)
 from diskimg.errors import UsageError
 from diskimg.hostio import HostFile
+from diskimg.plan import Run, RunKind
 
 SECTOR = 512
 
@@ -73,11 +74,19 @@ class RawImage(BlockDevice):
         if offset < self.host.size():
             self.host.punch_hole(offset, length)
 
+    def _plan(self, offset: int, length: int) -> Run:
+        """One DATA run: guest byte ``o`` is byte ``o`` of the file."""
+        return Run(offset, length, RunKind.DATA, offset, filename=self.filename)
+
     def _status(self, offset: int, length: int) -> Status:
-        for start, n, is_data in self.host.data_extents(offset, length):
+        """The DATA run of :meth:`_plan` refined by the file's holes (QEMU's file-posix:
+        a hole is allocated, reads as zeros and is not data)."""
+        run = self._plan(offset, length)
+        assert run.host is not None
+        for start, n, is_data in self.host.data_extents(run.host, run.length):
             return Status(n, allocated=True, data=is_data, zero=not is_data, offset=start,
                           filename=self.filename)
-        return Status(length, True, False, True, offset, self.filename)
+        return Status(run.length, True, False, True, run.host, self.filename)
 
     def _flush(self) -> None:
         self.host.flush()

@@ -19,6 +19,7 @@ import diskimg
 from diskimg import operations as ops
 from diskimg.hostio import aligned_buffer, open_host_file
 from diskimg.hostio import file as hostfile
+from diskimg.plan import RunKind
 from diskimg.vmdk import sparse as S
 
 MiB = 1 << 20
@@ -438,7 +439,7 @@ def test_l2_runs_are_found_with_few_table_comparisons(tmp_path: Path) -> None:
     """A fully allocated, host-contiguous L2 table maps as one extent, and a table with
     an interruption every few clusters still maps exactly (the slice comparison falls
     back to entry by entry)."""
-    from diskimg.qcow2.image import _progression_end
+    from diskimg.qcow2.mapper import progression_end as _progression_end
 
     ents = array("Q", range(1 << 63 | 0x50000, (1 << 63 | 0x50000) + 100 * 65536, 65536))
     assert _progression_end(ents, 1, 100, ents[1], 65536) == 100
@@ -550,12 +551,12 @@ def test_uncompressed_qcow2_convert_starts_no_decoder_threads(tmp_path: Path) ->
 
     ops._ClusterDecoder.decode_into = spy  # type: ignore[method-assign]
     try:
-        plan = iter([("data", MiB, MiB, None)])
+        plan = iter([(RunKind.DATA, MiB, MiB, None)])
         with diskimg.open(src) as dev, ops._ReadAhead(dev, plan) as ahead:
             items = list(ahead)
             assert ahead.decoder is None or ahead.decoder.pool is None
         assert not seen
-        assert [k for k, *_ in items] == ["data"]
+        assert [k for k, *_ in items] == [RunKind.DATA]
     finally:
         ops._ClusterDecoder.decode_into = orig  # type: ignore[method-assign]
     out = tmp_path / "o.raw"

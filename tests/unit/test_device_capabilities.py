@@ -308,13 +308,6 @@ NOT_PROBES: dict[str, set[str]] = {
     "cli/main.py": {"reconfigure", "encoding", "object"},  # std streams, argparse namespace
     "cli/commands/snapshot.py": {"*"},               # argparse Action: its namespace dest
 }
-#: probes that another part of issue 16 removes (the typed read plan replaces readahead's
-#: look into qcow2's mapper); they are not to grow
-PENDING: dict[str, set[str]] = {
-    "ops/readahead.py": {"_lookup", "header", "crypt_method"},
-}
-
-
 def _attribute_lookups() -> dict[str, set[str]]:
     """Every ``getattr(obj, name)``/``hasattr(obj, name)`` call in src/: module -> names."""
     import ast
@@ -334,11 +327,10 @@ def _attribute_lookups() -> dict[str, set[str]]:
 def test_src_has_no_capability_probes() -> None:
     found = _attribute_lookups()
     assert found, "the scan found nothing: it would pass vacuously"
-    extra = {m: names - NOT_PROBES.get(m, set()) - PENDING.get(m, set())
+    extra = {m: names - NOT_PROBES.get(m, set())
              for m, names in found.items()}
     extra = {m: n for m, n in extra.items() if n}
     assert not extra, f"getattr/hasattr probes (declare the feature on BlockDevice): {extra}"
     # the allow-list names only what is there (a stale entry would hide a new probe)
-    stale = {m: names - found.get(m, set())
-             for m, names in [*NOT_PROBES.items(), *PENDING.items()]}
+    stale = {m: names - found.get(m, set()) for m, names in NOT_PROBES.items()}
     assert not {m: n for m, n in stale.items() if n}, stale

@@ -146,9 +146,7 @@ def status_run(dev: BlockDevice, off: int, length: int,
     sparse vmdk answers one grain at a time, a qcow2 image one run of clusters of the same
     kind (and contiguous host offsets) within one L2 table."""
     def one(o: int, n: int) -> tuple[Status, int]:
-        if top_only:
-            return dev._status(o, n), 0
-        return dev.block_status(o, n)
+        return dev.block_status(o, n, top_only=top_only)
 
     st, depth = one(off, length)
     grain = _grain(dev)
@@ -299,9 +297,9 @@ def rebase_schedule(printer: QemuProgress, dev: BlockDevice,
         share = f32(f32(100.0) / f32(size // min(size, IO_BUF)))
         pos = 0
         while pos < size:
-            st = dev._status(pos, min(IO_BUF, size - pos))
-            n = st.length
-            if not st.allocated:
+            run = dev.plan(pos, min(IO_BUF, size - pos))  # this layer only
+            n = run.length
+            if not run.allocated:
                 if prefix_depth is not None:
                     n, counts = _allocated_between(dev, pos, n, prefix_depth)
                 else:
@@ -320,9 +318,9 @@ def _allocated_between(dev: BlockDevice, pos: int, n: int, prefix: int) -> tuple
     for d in chain[1:prefix]:
         if pos >= d.size:
             return n, False
-        st = d._status(pos, min(n, d.size - pos))
-        n = min(n, st.length)
-        if st.allocated:
+        run = d.plan(pos, min(n, d.size - pos))
+        n = min(n, run.length)
+        if run.allocated:
             return n, True
     return n, False
 

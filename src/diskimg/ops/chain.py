@@ -267,9 +267,9 @@ def _rebase_copy(dev: BlockDevice, new: BlockDevice | None,
     step(0)
     pos = 0
     while pos < size:
-        st = dev._status(pos, min(CHUNK, size - pos))
-        n = st.length
-        if not st.allocated:
+        run = dev.plan(pos, min(CHUNK, size - pos))  # this layer only
+        n = run.length
+        if not run.allocated:
             a = _read_or_zeros(old, old_size, pos, n)
             b = _read_or_zeros(new, new_size, pos, n)
             if a != b:

@@ -29,6 +29,9 @@ from diskimg.ops.readahead import (
     _top_status,
 )
 from diskimg.ops.zero import _next_zero_sector, sparse_runs
+from diskimg.plan import RunKind
+
+_DATA, _ZERO, _BACKING = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED
 
 
 @dataclass(slots=True)
@@ -133,11 +136,11 @@ class _Copier:
         skip_zero = self.min_sparse != 0  # -S 0: zero clusters are compressed as well
         # chunks in flight (each holds a CHUNK buffer): bounded, so memory is too
         window = max(2, min(2 * workers, 6))
-        Result = list[bytes | bool | str | None]
-        pending: deque[tuple[int, int, Any, Future[Result] | list[str]]] = deque()
+        Result = list[bytes | bool | RunKind | None]
+        pending: deque[tuple[int, int, Any, Future[Result] | list[RunKind]]] = deque()
         spare: list[Any] = []
 
-        def work(buf: Any, n: int, ks: list[str]) -> Result:
+        def work(buf: Any, n: int, ks: list[RunKind]) -> Result:
             """Per cluster of ``buf[:n]``: its kind when not 'data' (nothing was read),
             False (reads as zeros), None (does not shrink: stored as a normal cluster, as
             qemu does) or the compressed bytes."""
@@ -145,7 +148,7 @@ class _Copier:
             out: Result = []
             for k, p in zip(ks, range(0, n, cs), strict=True):
                 piece = mv[p : p + cs]
-                if k != "data":
+                if k is not _DATA:
                     out.append(k)
                 elif skip_zero and all_zero(piece):
                     out.append(False)
@@ -156,9 +159,9 @@ class _Copier:
         def put(off: int, run: list[tuple[bytes | bytearray | memoryview, bytes | None]]) -> None:
             tgt.write_compressed_clusters(off, run)
 
-        def skip(off: int, n: int, kind: str | bool) -> None:
+        def skip(off: int, n: int, kind: RunKind | bool) -> None:
             """A cluster (or run of clusters) not written as data: zeros or backing."""
-            if kind != "backing" and not self.zero_init:
+            if kind is not _BACKING and not self.zero_init:
                 self.zero(off, n)
 
         def drain(limit: int) -> None:
@@ -174,7 +177,7 @@ class _Copier:
                 run_off = start
                 for k, r in enumerate(fut.result()):
                     p = k * cs
-                    if r is False or isinstance(r, str):
+                    if r is False or isinstance(r, RunKind):
                         if run:
                             put(run_off, run)
                             run = []
@@ -192,7 +195,7 @@ class _Copier:
             for start in range(0, self.total, step):
                 n = min(step, self.total - start)
                 ks = kinds.of_chunk(start, n)
-                if "data" not in ks:
+                if _DATA not in ks:
                     pending.append((start, n, None, ks))
                 else:
                     buf = spare.pop() if spare else aligned_buffer(step)
@@ -202,14 +205,15 @@ class _Copier:
             drain(0)
         tgt.align_compressed_end()
 
-    def _concat_runs(self, devs: Sequence[BlockDevice]) -> Iterator[tuple[str, int, int]]:
+    def _concat_runs(self, devs: Sequence[BlockDevice]
+                     ) -> Iterator[tuple[RunKind, int, int]]:
         """The status runs of the concatenated sources, in target offsets, consecutive
         runs of a kind merged within one source (qemu's runs never cross sources)."""
         base = 0
         for d in devs:
-            kind_m, pos_m, n_m = "", 0, 0
+            kind_m, pos_m, n_m = _DATA, 0, 0
             for kind, pos, n in self._status_runs(d, base):
-                if n_m and kind == kind_m:
+                if n_m and kind is kind_m:
                     n_m += n
                     continue
                 if n_m:
@@ -225,19 +229,20 @@ class _Copier:
             self.progress(self.done * 100.0 / self.total)
 
     def _plan(self, src: BlockDevice,
-              base: int) -> Iterator[tuple[str, int, int, list[int] | None]]:
-        """(kind, position, length, runs) of ``src``: 'data' runs at most CHUNK long
-        (``runs`` None), and 'zero' or 'backing' runs, consecutive ones of a kind merged
-        into one item (``runs`` lists the lengths merged, progress is ticked per run)."""
-        kind_m, pos_m = "", 0
+              base: int) -> Iterator[tuple[RunKind, int, int, list[int] | None]]:
+        """(kind, position, length, runs) of ``src``: DATA runs at most CHUNK long
+        (``runs`` None), and ZERO or UNALLOCATED (backing) runs, consecutive ones of a
+        kind merged into one item (``runs`` lists the lengths merged, progress is ticked
+        per run)."""
+        kind_m, pos_m = _DATA, 0
         runs_m: list[int] = []
         for kind, pos, n in self._status_runs(src, base):
-            if kind == "data" or (kind == "zero" and self.min_sparse == 0):
+            if kind is _DATA or (kind is _ZERO and self.min_sparse == 0):
                 if runs_m:
                     yield kind_m, pos_m, sum(runs_m), runs_m
                     runs_m = []
                 yield kind, pos, n, None
-            elif runs_m and kind == kind_m:
+            elif runs_m and kind is kind_m:
                 runs_m.append(n)
             else:
                 if runs_m:
@@ -246,10 +251,11 @@ class _Copier:
         if runs_m:
             yield kind_m, pos_m, sum(runs_m), runs_m
 
-    def _status_runs(self, src: BlockDevice, base: int) -> Iterator[tuple[str, int, int]]:
+    def _status_runs(self, src: BlockDevice,
+                     base: int) -> Iterator[tuple[RunKind, int, int]]:
         """(kind, position, length) runs of ``src`` (copied to target offset ``base``), at
-        most CHUNK long for data: 'zero', 'data' or 'backing' (left to the target's
-        backing file)."""
+        most CHUNK long for data: ZERO, DATA or UNALLOCATED (left to the target's backing
+        file), from the source's public block status."""
         pos, size = 0, src.size
         while pos < size:
             # ask for the rest of the disk (qemu-img asks for 2 GiB at most: that cuts the
@@ -260,18 +266,18 @@ class _Copier:
                 # top layer only: the rest is the target's backing
                 kind, n = _top_status(src, pos, n)
                 end = self.backing_end
-                if end is not None and kind == "zero":
+                if end is not None and kind is _ZERO:
                     # past the end of a new target's backing file the target reads zeros
                     # of its own: qemu leaves zero runs there unwritten
                     if base + pos >= end:
-                        kind = "backing"
+                        kind = _BACKING
                     elif base + pos + n > end:
                         n = end - base - pos
             else:
                 st, _ = src.block_status(pos, n, coarse=True)
                 n = min(n, st.length)
-                kind = "zero" if st.zero or (not st.allocated and not st.data) else "data"
-            if kind == "data" or (kind == "zero" and self.min_sparse == 0):
+                kind = _ZERO if st.zero or (not st.allocated and not st.data) else _DATA
+            if kind is _DATA or (kind is _ZERO and self.min_sparse == 0):
                 n = min(n, CHUNK)
             yield kind, pos, n
             pos += n
@@ -283,9 +289,9 @@ class _Copier:
         if not pipelined:
             buf = aligned_buffer(CHUNK)
             for kind, pos, n, runs in self._plan(src, base):
-                if kind == "data":
+                if kind is _DATA:
                     src.readinto(pos, memoryview(buf)[:n])
-                self._put(kind, base + pos, buf if kind == "data" else runs, n)
+                self._put(kind, base + pos, buf if kind is _DATA else runs, n)
             self.flush_pending()
             return
         with _ReadAhead(src, self._plan(src, base)) as ahead:
@@ -296,7 +302,7 @@ class _Copier:
                     ahead.release(item.buf)
                     continue
                 self._put(kind, base + pos, item, n)
-                if kind == "data":
+                if kind is _DATA:
                     ahead.release(item)
             self.flush_pending()
 
@@ -306,23 +312,23 @@ class _Copier:
         the buffer holds no zero sector at all that is the same as one run for all."""
         buf = item.buf
         if self.min_sparse == 0 or _next_zero_sector(buf, 0, n) >= n:
-            self._put("data", off, buf, n)
+            self._put(_DATA, off, buf, n)
             return
         at = 0
         for _pos, k in item.pieces:
-            self._put("data", off + at, buf[at : at + k], k)
+            self._put(_DATA, off + at, buf[at : at + k], k)
             at += k
 
-    def _put(self, kind: str, off: int, item: Any, n: int) -> None:
+    def _put(self, kind: RunKind, off: int, item: Any, n: int) -> None:
         """Write one plan item: ``item`` is the buffer of a data run, or the list of the
         merged status runs of a zero or backing run (None: one run)."""
-        if kind == "data":
+        if kind is _DATA:
             assert item is not None
             self.data(off, item, n)
             self.tick(n)
             return
         for k in item or (n,):
-            if kind == "zero":
+            if kind is _ZERO:
                 # one call per block-status run, as qemu-img: a target that cannot zero
                 # part of a cluster writes zeros there, whatever the next run holds
                 self.zero(off, k)

@@ -1,7 +1,10 @@
 """The read side of a copy: block-status runs of the sources (:func:`_top_status`,
 :class:`_ClusterKinds`), a background reader into a ring of CHUNK buffers
 (:class:`_ReadAhead`) and compressed-cluster decoding on the shared pool.  Invariant: runs
-are yielded in plan order and a buffer is reused only after its consumer released it."""
+are yielded in plan order and a buffer is reused only after its consumer released it.
+
+Kinds of a copy plan are :class:`~diskimg.plan.RunKind`: DATA (read from the sources),
+ZERO, and UNALLOCATED (left to the target's backing file, ``-B``)."""
 
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice
-from diskimg.errors import CorruptImageError
 from diskimg.hostio import aligned_buffer
 from diskimg.hostio.workers import worker_pool
+from diskimg.plan import Run, RunKind
 
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,63 +26,67 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
 from diskimg.ops.common import CHUNK
 
 
-def _top_status(src: BlockDevice, pos: int, n: int) -> tuple[str, int]:
+_DATA, _ZERO, _BACKING = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED
+
+
+def _top_status(src: BlockDevice, pos: int, n: int) -> tuple[RunKind, int]:
     """The kind and length of the run at ``pos`` of ``src``'s own layer, as qemu-img
-    convert -B sees it (block status above the source's backing file): 'zero', 'data',
-    or 'backing' where the source shows its backing file.  An unallocated range reads as
+    convert -B sees it (block status above the source's backing file): ZERO, DATA, or
+    UNALLOCATED where the source shows its backing file.  An unallocated range reads as
     zeros, not as backing, when the source has no backing file or the range lies past
     the end of a shorter one."""
-    st = src._status_coarse(pos, n)
+    st, _ = src.block_status(pos, n, coarse=True, top_only=True)
     n = min(n, st.length)
     if st.zero:
-        return "zero", n
+        return _ZERO, n
     if st.allocated and st.data:
-        return "data", n
+        return _DATA, n
     if st.allocated:
-        return "backing", n
+        return _BACKING, n
     b = src.backing
     if b is None or pos >= b.size:
-        return "zero", n
-    return "backing", min(n, b.size - pos)
+        return _ZERO, n
+    return _BACKING, min(n, b.size - pos)
 
 
 class _ClusterKinds:
     """The kind of each target cluster for a compressed copy, from the merged status
-    runs: the kind of the run that covers it whole, else 'data' (read from the sources);
-    a partial last cluster is always 'data'.  ``zero_as_data`` (``-S 0``): zero runs are
+    runs: the kind of the run that covers it whole, else DATA (read from the sources);
+    a partial last cluster is always DATA.  ``zero_as_data`` (``-S 0``): zero runs are
     read too."""
 
-    def __init__(self, runs: Iterator[tuple[str, int, int]], cs: int, total: int,
+    def __init__(self, runs: Iterator[tuple[RunKind, int, int]], cs: int, total: int,
                  zero_as_data: bool) -> None:
         self.runs, self.cs, self.total = runs, cs, total
         self.zero_as_data = zero_as_data
-        self.cur: tuple[str, int, int] = ("data", 0, 0)
+        self.cur: tuple[RunKind, int, int] = (_DATA, 0, 0)
 
-    def _run_at(self, p: int) -> tuple[str, int, int]:
+    def _run_at(self, p: int) -> tuple[RunKind, int, int]:
         while self.cur[1] + self.cur[2] <= p:
-            self.cur = next(self.runs, ("data", p, self.total - p))
+            self.cur = next(self.runs, (_DATA, p, self.total - p))
         return self.cur
 
-    def of_chunk(self, start: int, n: int) -> list[str]:
+    def of_chunk(self, start: int, n: int) -> list[RunKind]:
         """Kinds of the clusters of [start, start + n) (``start`` cluster-aligned)."""
         kind, rs, rn = self._run_at(start)
         if rs + rn >= start + n and n % self.cs == 0:
             # fast path: one run covers the chunk (of whole clusters)
-            k = "data" if kind == "zero" and self.zero_as_data else kind
+            k = _DATA if kind is _ZERO and self.zero_as_data else kind
             return [k] * (-(-n // self.cs))
         out = []
         for p in range(start, start + n, self.cs):
             e = p + self.cs
             kind, rs, rn = self._run_at(p)
-            if e > self.total or kind == "data" or (kind == "zero" and self.zero_as_data):
-                out.append("data")
+            if e > self.total or kind is _DATA or (kind is _ZERO and self.zero_as_data):
+                out.append(_DATA)
                 continue
             # a cluster that runs of this kind cover whole (merged runs are maximal)
-            out.append(kind if rs + rn >= e else "data")
+            out.append(kind if rs + rn >= e else _DATA)
         return out
 
 
-def _kind_runs(kinds: list[str], cs: int, n: int) -> Iterator[tuple[str, int, int]]:
+def _kind_runs(kinds: list[RunKind], cs: int,
+               n: int) -> Iterator[tuple[RunKind, int, int]]:
     """(kind, offset, length) of the runs of equal kinds in a chunk of ``n`` bytes."""
     p = 0
     while p < n:
@@ -114,13 +121,13 @@ class _ReadAhead:
     by the iteration; leaving the ``with`` block stops the reader."""
 
     def __init__(self, src: BlockDevice,
-                 plan: Iterator[tuple[str, int, int, list[int] | None]]) -> None:
+                 plan: Iterator[tuple[RunKind, int, int, list[int] | None]]) -> None:
         self.src, self.plan = src, plan
         self.decoder = _ClusterDecoder.for_device(src)
         self.free: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(_BUFFERS):
             self.free.put(aligned_buffer(CHUNK))
-        self.ready: queue.Queue[tuple[str, int, int, Any] | BaseException | None] = \
+        self.ready: queue.Queue[tuple[RunKind, int, int, Any] | BaseException | None] = \
             queue.Queue(4 * _BUFFERS)
         self.stop = False
         self.thread = threading.Thread(target=self._run, name="diskimg-readahead",
@@ -137,7 +144,7 @@ class _ReadAhead:
         if self.decoder is not None:
             self.decoder.close()
 
-    def _send(self, item: tuple[str, int, int, Any] | BaseException | None) -> bool:
+    def _send(self, item: tuple[RunKind, int, int, Any] | BaseException | None) -> bool:
         """Queue ``item`` for the consumer; False when the consumer has gone."""
         while not self.stop:
             try:
@@ -147,7 +154,7 @@ class _ReadAhead:
                 continue
         return False
 
-    def _flush_batch(self, batch: list[tuple[int, int, int]]) -> bool:
+    def _flush_batch(self, batch: list[tuple[int, int, Run]]) -> bool:
         """Hand the gathered compressed clusters to the decoder; False when stopping."""
         if not batch:
             return True
@@ -159,15 +166,15 @@ class _ReadAhead:
         fut = self.decoder.decode_into(list(batch), buf)
         total = sum(n for _, n in pieces)
         batch.clear()
-        return self._send(("data", pieces[0][0], total, _Decoded(fut, buf, pieces)))
+        return self._send((_DATA, pieces[0][0], total, _Decoded(fut, buf, pieces)))
 
     def _run(self) -> None:
         try:
             dec = self.decoder
-            batch: list[tuple[int, int, int]] = []  # (pos, n, L2 entry), guest-contiguous
+            batch: list[tuple[int, int, Run]] = []  # (pos, n, run), guest-contiguous
             size = 0
             for kind, pos, n, runs in self.plan:
-                if kind == "data" and dec is not None:
+                if kind is _DATA and dec is not None:
                     ent = dec.entry(pos, n)
                     if ent is not None:
                         if batch and (pos != batch[-1][0] + batch[-1][1] or size + n > CHUNK):
@@ -181,7 +188,7 @@ class _ReadAhead:
                     return
                 size = 0
                 buf: Any = runs  # zero and backing runs: what they merge
-                if kind == "data":
+                if kind is _DATA:
                     buf = self.free.get()
                     if buf is None or self.stop:
                         return
@@ -193,7 +200,7 @@ class _ReadAhead:
         except BaseException as e:  # handed to the consumer, raised there
             self._send(e)
 
-    def __iter__(self) -> Iterator[tuple[str, int, int, Any]]:
+    def __iter__(self) -> Iterator[tuple[RunKind, int, int, Any]]:
         while True:
             item = self.ready.get()
             if item is None:
@@ -208,18 +215,13 @@ class _ReadAhead:
 
 
 class _ClusterDecoder:
-    """Decompresses the compressed clusters of a qcow2 source on a thread pool (zlib and
-    zstandard release the GIL), so a convert of a compressed image uses every core like
-    qemu-img's.  Only for unencrypted qcow2 images; other sources are read as usual."""
+    """Decodes the COMPRESSED runs of a source on a thread pool (zlib and zstandard
+    release the GIL), so a convert of a compressed image uses every core like qemu-img's:
+    for a source that declares :attr:`BlockDevice.parallel_compressed_reads` (qcow2
+    without encryption); other sources are read as usual."""
 
-    def __init__(self, src: Any, workers: int) -> None:
-        from diskimg.qcow2 import entries as E
-        from diskimg.qcow2.compress import decompress
-
+    def __init__(self, src: BlockDevice, workers: int) -> None:
         self.src = src
-        self._decode_entry = E.decode_compressed
-        self._decompress = decompress
-        self.fsize = src.data_host.size()
         self.workers = workers
         # started on the first compressed cluster: a source without any costs no threads
         # (nor the concurrent.futures import)
@@ -228,45 +230,30 @@ class _ClusterDecoder:
     @classmethod
     def for_device(cls, src: BlockDevice) -> _ClusterDecoder | None:
         workers = min(8, os.cpu_count() or 1)
-        if (workers < 2 or src.format != "qcow2" or not hasattr(src, "_lookup")
-                or getattr(getattr(src, "header", None), "crypt_method", True)):
+        if workers < 2 or not src.parallel_compressed_reads:
             return None
         return cls(src, workers)
 
-    def entry(self, pos: int, n: int) -> int | None:
-        """The L2 entry when [pos, pos+n) lies in one compressed cluster, else None (read
-        it normally)."""
-        kind, run, _host, ent = self.src._lookup(pos, n)
-        if kind != "compressed" or run < n:
+    def entry(self, pos: int, n: int) -> Run | None:
+        """The COMPRESSED run of the source when [pos, pos+n) lies in one, else None
+        (read it normally)."""
+        run = self.src.plan(pos, n)
+        if run.kind is not RunKind.COMPRESSED or run.length < n:
             return None
-        return int(ent)
+        return run
 
-    def decode_into(self, batch: list[tuple[int, int, int]], buf: Any) -> Future[None]:
-        """Decode the ``(pos, n, entry)`` pieces back to back into ``buf`` on the pool."""
+    def decode_into(self, batch: list[tuple[int, int, Run]], buf: Any) -> Future[None]:
+        """Decode the ``(pos, n, run)`` pieces back to back into ``buf`` on the pool."""
         if self.pool is None:
             self.pool = worker_pool(self.workers, "dec")
         return self.pool.submit(self._decode_batch, batch, buf)
 
-    def _decode_batch(self, batch: list[tuple[int, int, int]], buf: Any) -> None:
+    def _decode_batch(self, batch: list[tuple[int, int, Run]], buf: Any) -> None:
         mv = memoryview(buf)
         at = 0
-        mask = self.src.cs - 1
-        for pos, n, ent in batch:
-            data, c_off = self._decode(ent, pos & mask)
-            mv[at : at + n] = memoryview(data)[c_off : c_off + n]
+        for _pos, n, run in batch:
+            self.src.read_compressed(run, mv[at : at + n])
             at += n
-
-    def _decode(self, ent: int, c_off: int) -> tuple[bytes, int]:
-        # Qcow2Image._decode_compressed without its (single-threaded) cache
-        src = self.src
-        host, clen = self._decode_entry(ent, src.cb)
-        if host >= self.fsize:
-            raise CorruptImageError(f"Compressed cluster at host offset {host:#x} lies past "
-                                    "the end of the file", offset=host)
-        clen = min(clen, self.fsize - host, 2 * src.cs)
-        data = self._decompress(src.header.compression_type, src.data_host.pread(host, clen),
-                                src.cs, host)
-        return data, c_off
 
     def close(self) -> None:
         if self.pool is not None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import L2Table
+from diskimg.qcow2.crypt import CRYPT_PIECE
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_MASK,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -29,8 +30,6 @@ from diskimg.qcow2.layout import (
 if TYPE_CHECKING:
     from diskimg.hostio import HostFile
     from diskimg.qcow2.image import Qcow2Image
-
-CRYPT_PIECE = 64 << 10  # bytes encrypted per cipher call (a multiple of 512)
 
 
 def clear_unknown_autoclear(host: HostFile, h: Header) -> None:

@@ -9,7 +9,6 @@ A crash therefore leaves at most leaked clusters.
 
 from __future__ import annotations
 
-import os
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -22,13 +21,14 @@ from diskimg.errors import (
     CorruptImageError,
     DiskImgError,
     FormatError,
-    MissingSecretError,
 )
-from diskimg.hostio import HostFile, open_host_file, zero_fill
+from diskimg.hostio import HostFile, open_host_file
+from diskimg.plan import Run
 from diskimg.policy import OpenPolicy
 from diskimg.qcow2 import cluster as C
 from diskimg.qcow2 import compressed_write as CW
 from diskimg.qcow2 import entries as E
+from diskimg.qcow2 import compressed, crypt, mapper, reader
 from diskimg.qcow2 import flush as F
 from diskimg.qcow2 import resize as R
 from diskimg.qcow2 import zero as Z
@@ -48,53 +48,9 @@ from diskimg.qcow2.layout import (
 from diskimg.qcow2.refcount import Refcounts
 
 if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first used
-    from concurrent.futures import ThreadPoolExecutor
 
     from diskimg.crypto import SectorCipher
     from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
-
-# run kinds produced by _lookup
-UNALLOC, ZERO, DATA, COMPRESSED = "unalloc", "zero", "data", "compressed"
-_DECODED_CACHE = 8
-_CRYPT_PIECE = C.CRYPT_PIECE  # bytes decrypted per cipher call (as encrypted)
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    """A process-wide pool for decompression (threads: the codecs release the GIL)."""
-    global _POOL
-    if _POOL is None:
-        from diskimg.hostio.workers import worker_pool
-
-        _POOL = worker_pool(min(8, os.cpu_count() or 1), "decompress")
-    return _POOL
-
-
-_U64 = (1 << 64) - 1
-
-
-def _progression_end(ents: array[int], i: int, stop: int, first: int, step: int) -> int:
-    """The largest ``j`` in [i, stop] with ``ents[k] == first + (k - i) * step`` for every
-    ``k`` in [i, j).  Slices of doubling length are compared at once (one C comparison
-    each; a mismatch starts again at 8 entries), so the cost follows the run's length."""
-    stop = min(stop, len(ents))
-    if i >= stop or first + (stop - i) * step > _U64:
-        return i
-    j, size = i, 8
-    while j < stop:
-        k = min(stop, j + size)
-        base = first + (j - i) * step
-        want = (array("Q", range(base, base + (k - j) * step, step)) if step
-                else array("Q", [base]) * (k - j))
-        if ents[j:k] == want:
-            j, size = k, size * 2
-        elif size > 8:
-            size = 8
-        else:
-            while ents[j] == first + (j - i) * step:
-                j += 1
-            return j
-    return j
 
 
 class Qcow2Image(BlockDevice):
@@ -328,290 +284,56 @@ class Qcow2Image(BlockDevice):
         (None, None) without a backing file, format None when the header has none."""
         return self.header.backing_file, self.header.backing_format
 
+    # --- the read side: qcow2/mapper.py (L1/L2 walk, runs, block status), reader.py
+    # (executing a plan), compressed.py and crypt.py; these delegate for the write side
     def _l2_location(self, cluster: int) -> tuple[int, int]:
         """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``."""
-        l1i = cluster >> self.l2_bits
-        if l1i >= len(self.l1):
-            raise CorruptImageError(f"Guest cluster {cluster} lies beyond the L1 table "
-                                    f"({len(self.l1)} entries)")
-        ent = self.l1[l1i]
-        off = ent & E.L1E_OFFSET_MASK
-        if off % self.cs:
-            raise CorruptImageError(f"L2 table offset {off:#x} in L1 entry {l1i} is not "
-                                    "cluster aligned",
-                                    offset=self.header.l1_table_offset + 8 * l1i)
-        return l1i, off
+        return mapper.l2_location(self, cluster)
 
     def _check_data_offset(self, host_off: int, l2_off: int, idx: int, guest: int) -> None:
-        """The host cluster of L2 entry ``idx`` (table at ``l2_off``) that holds guest
-        cluster offset ``guest``: cluster aligned and, in an external data file, at the
-        guest offset itself (data-file clusters are identity mapped; qemu refuses any
-        other offset and marks a writable image corrupt).  Every reader, writer and map
-        goes through here."""
-        esize = 16 if self.extended else 8
-        if host_off % self.cs:
-            raise CorruptImageError(f"Cluster allocation offset {host_off:#x} unaligned "
-                                    f"(L2 table at {l2_off:#x}, entry {idx})",
-                                    offset=l2_off + idx * esize)
-        if self._data_file_opened and host_off != guest:
-            err = CorruptImageError(
-                f"External data file host cluster offset {host_off:#x} does not match "
-                f"guest cluster offset: {guest:#x}, L2 index: {idx:#x}) (L2 table at "
-                f"{l2_off:#x})", offset=l2_off + idx * esize)
-            self._mark_corrupt(err)
-            raise err
-
-    # --- lookup (the read plan) ------------------------------------------------------
-    def _lookup(self, offset: int, length: int) -> tuple[str, int, int | None, int]:
-        """Classify the run at guest ``offset``: (kind, length, host offset, raw entry).
-
-        The host offset (in the data file) is None when the run has no host cluster; it
-        is never None for DATA and may be 0 with an external data file.  Merges
-        consecutive clusters of the same kind (DATA only when host-contiguous); never
-        crosses an L2 table.  For COMPRESSED the run is one cluster.
-        """
-        cs = self.cs
-        cluster = offset >> self.cb
-        in_off = offset & (cs - 1)
-        _, l2_off = self._l2_location(cluster)
-        idx = cluster & (self.l2_entries - 1)
-        max_len = min(length, (self.l2_entries - idx) * cs - in_off)
-        if not l2_off:
-            return UNALLOC, max_len, None, 0
-        ents = self.l2_cache.get(l2_off).entries
-        if self.extended:
-            return self._lookup_ext(ents, l2_off, idx, in_off, max_len,
-                                    cluster << self.cb)
-        ent = ents[idx]
-        base = (cluster - idx) << self.cb  # guest offset of entry 0 of this table
-        kind, host = self._classify(ent, l2_off, idx, base)
-        if kind == COMPRESSED:
-            return COMPRESSED, min(max_len, cs - in_off), None, ent
-        n = cs - in_off
-        # entries equal to the first one plus k clusters (k times 0 for unallocated and
-        # zero clusters) continue the run: compared a slice at a time, in C
-        step = 0 if host is None else cs
-        stop = idx + 1 + (max_len - n + cs - 1) // cs
-        i = _progression_end(ents, idx + 1, stop, ent + step, step)
-        n += (i - idx - 1) * cs
-        nxt = None if host is None else host + (i - idx) * cs
-        while n < max_len:
-            k2, h2 = self._classify(ents[i], l2_off, i, base)
-            if k2 != kind or h2 != nxt:
-                break
-            n += cs
-            if nxt is not None:
-                nxt += cs
-            i += 1
-        return kind, min(n, max_len), (None if host is None else host + in_off), ent
-
-    def _unallocated_until(self, offset: int, end: int) -> int:
-        """Past L1 entries without an L2 table (one pass over the L1 table)."""
-        span = self.l2_entries * self.cs
-        i = offset // span
-        if offset % span or i >= len(self.l1):
-            return offset
-        last = min(len(self.l1), -(-end // span))
-        mask = E.L1E_OFFSET_MASK
-        j = next((k for k in range(i, last) if self.l1[k] & mask), last)
-        if j == last == len(self.l1):
-            return end  # unallocated to the end of the image
-        return min(end, j * span)
+        """See :func:`mapper.check_data_offset`."""
+        mapper.check_data_offset(self, host_off, l2_off, idx, guest)
 
     def _cluster_type(self, ent: int) -> E.ClusterType:
         """:func:`entries.cluster_type` with this image's extended-L2 and data-file flags."""
-        return E.cluster_type(ent, extended=self.extended,
-                              has_data_file=self._data_file_opened)
+        return mapper.cluster_type(self, ent)
 
-    def _classify(self, ent: int, l2_off: int, idx: int,
-                  base: int) -> tuple[str, int | None]:
-        """(run kind, host cluster offset or None) of a standard L2 entry (``idx`` in
-        the table whose entry 0 maps guest offset ``base``)."""
-        t = self._cluster_type(ent)
-        if t == E.ClusterType.NORMAL:
-            host = ent & E.L2E_OFFSET_MASK
-            self._check_data_offset(host, l2_off, idx, base + (idx << self.cb))
-            return DATA, host
-        if t == E.ClusterType.UNALLOCATED:
-            return UNALLOC, None
-        if t == E.ClusterType.COMPRESSED:
-            return COMPRESSED, None
-        if t == E.ClusterType.ZERO_ALLOC:
-            return ZERO, ent & E.L2E_OFFSET_MASK  # keeps its host cluster
-        return ZERO, None
+    @property
+    def data_file_name(self) -> str | None:
+        """The external data file's name (where DATA runs' host offsets lie), else None."""
+        return str(self.data_host.path) if self._data_file_opened else None
 
-    def _lookup_ext(self, ents: array[int], l2_off: int, idx: int, in_off: int,
-                    max_len: int, guest: int) -> tuple[str, int, int | None, int]:
-        scs = self.sc_size
-        ent, bitmap = ents[2 * idx], ents[2 * idx + 1]
-        sc = in_off // scs
-        df = self._data_file_opened
-        t = E.subcluster_type(ent, bitmap, sc, has_data_file=df)
-        if t == E.SubclusterType.INVALID:
-            raise CorruptImageError(f"Invalid extended L2 entry {idx} in table at {l2_off:#x}",
-                                    offset=l2_off + 16 * idx)
-        if t == E.SubclusterType.COMPRESSED:
-            return COMPRESSED, min(max_len, self.cs - in_off), None, ent
-        kind = {E.SubclusterType.NORMAL: DATA, E.SubclusterType.ZERO_PLAIN: ZERO,
-                E.SubclusterType.ZERO_ALLOC: ZERO}.get(t, UNALLOC)
-        host: int | None = None
-        if t in (E.SubclusterType.NORMAL, E.SubclusterType.ZERO_ALLOC,
-                 E.SubclusterType.UNALLOCATED_ALLOC):  # the cluster has a host cluster
-            host = ent & E.L2E_OFFSET_MASK
-            self._check_data_offset(host, l2_off, idx, guest)
-            host += in_off
-        n = scs - in_off % scs
-        sc += 1
-        while n < max_len and sc < E.SUBCLUSTERS_PER_CLUSTER:
-            t2 = E.subcluster_type(ent, bitmap, sc, has_data_file=df)
-            if t2 != t:
-                break
-            n += scs
-            sc += 1
-        return kind, min(n, max_len), host, ent
+    def _plan(self, offset: int, length: int) -> Run:
+        return mapper.lookup(self, offset, length)
 
-    # --- reads -----------------------------------------------------------------------
+    def _unallocated_until(self, offset: int, end: int) -> int:
+        return mapper.unallocated_until(self, offset, end)
+
+    @property
+    def parallel_compressed_reads(self) -> bool:  # type: ignore[override]
+        """Compressed clusters of an unencrypted image are decoded on worker threads."""
+        return not self.header.crypt_method
+
+    def read_compressed(self, run: Run, dst: memoryview) -> None:
+        """Decode the COMPRESSED run ``run`` of :meth:`plan` into ``dst`` (thread-safe)."""
+        self._check_open()
+        compressed.read_compressed(self, run, dst)
+
     @property
     def cipher(self) -> SectorCipher | None:
         """The sector cipher of an encrypted image, unlocked on first data access with the
         secret named by the ``encrypt.key-secret`` option; None when not encrypted."""
-        if not self.header.crypt_method or self._cipher is not None:
-            return self._cipher
-        key_id = self.options.get("encrypt.key-secret")
-        if key_id is None:
-            raise MissingSecretError("Parameter 'encrypt.key-secret' is required for cipher")
-        secret = self.secrets.get(key_id)
-        if secret is None:
-            raise MissingSecretError(f"No secret with id '{key_id}'")
-        if self.header.crypt_method == 1:
-            from diskimg.crypto.qcow_aes import QcowAesCipher
-
-            self._cipher = QcowAesCipher.from_passphrase(secret)
-        else:
-            from diskimg.crypto.luks import open_luks
-
-            assert self._luks_area is not None
-            off, length = self._luks_area
-            area = self.host.pread_exact(off, length, "LUKS header (FDE extension)")
-            self._cipher, _ = open_luks(area, secret)
-        return self._cipher
+        return crypt.cipher(self)
 
     def _crypt_sector(self, host: int, guest: int) -> int:
         """IV sector: the host sector for LUKS, the guest sector for legacy AES (QEMU)."""
-        return (host if self.header.crypt_method == 2 else guest) // 512
-
-    def _read_encrypted(self, guest: int, host: int, dst: memoryview) -> None:
-        cipher = self.cipher
-        assert cipher is not None
-        d = host & 511
-        if not d and len(dst) > _CRYPT_PIECE:  # small temporaries (see _encrypt_writes)
-            for k in range(0, len(dst), _CRYPT_PIECE):
-                self._read_encrypted(guest + k, host + k, dst[k : k + _CRYPT_PIECE])
-            return
-        lo = host - d
-        buf = bytearray(-(-(d + len(dst)) // 512) * 512)
-        self.data_host.preadinto(lo, memoryview(buf))
-        cipher.decrypt(self._crypt_sector(lo, guest - d), buf)
-        dst[:] = memoryview(buf)[d : d + len(dst)]
+        return crypt.crypt_sector(self, host, guest)
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
-        crypt = bool(self.header.crypt_method)
-        if crypt:
-            _ = self.cipher  # data access needs the key, allocated or not
-        n = len(buf)
-        plan = []
-        pos = 0
-        while pos < n:
-            kind, run, host, ent = self._lookup(offset + pos, n - pos)
-            plan.append((kind, pos, run, host, ent))
-            pos += run
-        todo = [p[4] for p in plan if p[0] == COMPRESSED and p[4] not in self._decoded]
-        decoded = self._decode_many(list(dict.fromkeys(todo))) if len(todo) > 1 else {}
-        for kind, pos, run, host, ent in plan:
-            dst = buf[pos : pos + run]
-            if kind == DATA:
-                assert host is not None  # DATA always has a host cluster
-                if crypt:
-                    self._read_encrypted(offset + pos, host, dst)
-                else:
-                    self.data_host.preadinto(host, dst)
-            elif kind == ZERO:
-                zero_fill(dst)
-            elif kind == UNALLOC:
-                self._read_backing(offset + pos, dst)
-            else:
-                data = decoded.get(ent) or self._decode_compressed(ent)
-                c_off = (offset + pos) & (self.cs - 1)
-                dst[:] = data[c_off : c_off + run]
+        reader.readinto(self, offset, buf)
 
-    def _read_backing(self, offset: int, dst: memoryview) -> None:
-        b = self.backing
-        n = len(dst)
-        if b is None or offset >= b.size:
-            zero_fill(dst)
-            return
-        k = min(n, b.size - offset)
-        b.readinto(offset, dst[:k])
-        if k < n:
-            zero_fill(dst[k:])
-
-    def _compressed_input(self, ent: int, fsize: int) -> tuple[int, bytes]:
-        """(host offset, stored bytes) of a compressed cluster, bounded by the file end
-        and by two clusters (no descriptor can make us read more)."""
-        host, clen = E.decode_compressed(ent, self.cb)
-        if host >= fsize:
-            raise CorruptImageError(f"Compressed cluster at host offset {host:#x} lies past "
-                                    "the end of the file", offset=host)
-        clen = min(clen, fsize - host, 2 * self.cs)
-        return host, self.data_host.pread(host, clen)
-
-    def _decode_many(self, ents: list[int]) -> dict[int, bytes]:
-        """Decompress several clusters at once in a thread pool (zlib and zstandard
-        release the GIL), for large sequential reads of compressed images."""
-        from diskimg.qcow2.compress import decompress
-
-        fsize = self.data_host.size()
-        inputs = [self._compressed_input(e, fsize) for e in ents]
-        ctype, cs = self.header.compression_type, self.cs
-        outs = _pool().map(lambda hi: decompress(ctype, hi[1], cs, hi[0]), inputs)
-        return dict(zip(ents, outs, strict=True))
-
-    def _decode_compressed(self, ent: int) -> bytes:
-        hit = self._decoded.get(ent)
-        if hit is not None:
-            self._decoded.move_to_end(ent)
-            return hit
-        from diskimg.qcow2.compress import decompress
-
-        host, raw = self._compressed_input(ent, self.data_host.size())
-        data = decompress(self.header.compression_type, raw, self.cs, host)
-        self._decoded[ent] = data
-        if len(self._decoded) > _DECODED_CACHE:
-            self._decoded.popitem(last=False)
-        return data
-
-    # --- block status ----------------------------------------------------------------
     def _status(self, offset: int, length: int) -> Status:
-        """QEMU's qcow2 block status: host offsets are valid for data, zero-allocated and
-        allocated-but-unused subclusters, never for compressed or encrypted clusters."""
-        fname = str(self.data_host.path)
-        kind, run, host, _ = self._lookup(offset, length)
-        if self.header.crypt_method:
-            host = None
-        if kind == DATA:
-            if host is None:
-                return Status(run, True, True, False)
-            if self.metadata_preallocation:
-                for start, n, is_data in self.data_host.data_extents(host, run):
-                    return Status(n, True, True, not is_data, start, fname)
-            return Status(run, True, True, False, host, fname)
-        if kind == COMPRESSED:
-            return Status(run, True, True, False)
-        where = host
-        name = None if host is None else fname
-        if kind == ZERO:
-            return Status(run, True, False, True, where, name)
-        return Status(run, False, False, self.backing is None, where, name)
+        return mapper.status(self, mapper.lookup(self, offset, length))
 
     def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
         """qemu-img map's entries (see :meth:`BlockDevice.map`).  After changes the image

@@ -11,6 +11,7 @@ by bisection.  The first write changes the CID (as qemu does) so children notice
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from diskimg.errors import (
     UsageError,
 )
 from diskimg.hostio import HostFile, open_host_file, zero_fill
-from diskimg.plan import RunKind
+from diskimg.plan import Run, RunKind
 from diskimg.policy import OpenPolicy
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, NO_PARENT, Descriptor, new_cid
@@ -369,7 +370,14 @@ class VmdkImage(BlockDevice):
     def _discard(self, offset: int, length: int) -> None:
         """qemu's vmdk driver has no discard; neither do we (contents unchanged)."""
 
+    def _plan(self, offset: int, length: int) -> Run:
+        """The extent's run at ``offset`` (never past the extent), in guest offsets."""
+        start, ext = self._find(offset)
+        run = ext.lookup(offset - start, min(length, start + ext.size - offset))
+        return dataclasses.replace(run, offset=offset) if start else run
+
     def _status(self, offset: int, length: int) -> Status:
+        """The extent's status, which it derives from its own lookup (extent.py)."""
         start, ext = self._find(offset)
         return ext.status(offset - start, min(length, start + ext.size - offset))
 

@@ -1,0 +1,90 @@
+"""Reading compressed qcow2 clusters (QEMU's qcow2_co_preadv_compressed): the stored
+bytes a COMPRESSED run's L2 entry names, decompressed with the codec of
+:mod:`diskimg.qcow2.compress`.
+
+The descriptor is decoded by :func:`entries.decode_compressed` only.  Invariants: no
+descriptor makes a read go past the end of the file or past two clusters; the image's
+small cache of decoded clusters (``img._decoded``, keyed by L2 entry) is used by the
+image's own (single-threaded) reads only: :func:`decode` and :func:`read_compressed`
+touch no shared state, so they may run on several threads at once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from diskimg.errors import CorruptImageError
+from diskimg.plan import Run
+from diskimg.qcow2 import entries as E
+
+if TYPE_CHECKING:  # the threads are started when first used
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diskimg.qcow2.image import Qcow2Image
+
+__all__ = ["decode", "decode_cached", "decode_many", "read_compressed"]
+
+_DECODED_CACHE = 8
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """A process-wide pool for decompression (threads: the codecs release the GIL)."""
+    global _POOL
+    if _POOL is None:
+        from diskimg.hostio.workers import worker_pool
+
+        _POOL = worker_pool(min(8, os.cpu_count() or 1), "decompress")
+    return _POOL
+
+
+def _stored(img: Qcow2Image, ent: int, fsize: int) -> tuple[int, bytes]:
+    """(host offset, stored bytes) of a compressed cluster, bounded by the file end
+    and by two clusters (no descriptor can make us read more)."""
+    host, clen = E.decode_compressed(ent, img.cb)
+    if host >= fsize:
+        raise CorruptImageError(f"Compressed cluster at host offset {host:#x} lies past "
+                                "the end of the file", offset=host)
+    clen = min(clen, fsize - host, 2 * img.cs)
+    return host, img.data_host.pread(host, clen)
+
+
+def decode(img: Qcow2Image, ent: int) -> bytes:
+    """The cluster the compressed L2 entry ``ent`` holds (no cache; thread-safe)."""
+    from diskimg.qcow2.compress import decompress
+
+    host, raw = _stored(img, ent, img.data_host.size())
+    return decompress(img.header.compression_type, raw, img.cs, host)
+
+
+def decode_cached(img: Qcow2Image, ent: int) -> bytes:
+    """:func:`decode` through the image's cache of the last few decoded clusters."""
+    cache = img._decoded
+    hit = cache.get(ent)
+    if hit is not None:
+        cache.move_to_end(ent)
+        return hit
+    data = cache[ent] = decode(img, ent)
+    if len(cache) > _DECODED_CACHE:
+        cache.popitem(last=False)
+    return data
+
+
+def decode_many(img: Qcow2Image, ents: list[int]) -> dict[int, bytes]:
+    """Decompress several clusters at once in a thread pool (zlib and zstandard
+    release the GIL), for large sequential reads of compressed images."""
+    from diskimg.qcow2.compress import decompress
+
+    fsize = img.data_host.size()
+    inputs = [_stored(img, e, fsize) for e in ents]
+    ctype, cs = img.header.compression_type, img.cs
+    outs = _pool().map(lambda hi: decompress(ctype, hi[1], cs, hi[0]), inputs)
+    return dict(zip(ents, outs, strict=True))
+
+
+def read_compressed(img: Qcow2Image, run: Run, dst: memoryview) -> None:
+    """Fill ``dst`` with the guest bytes from ``run.offset`` of the COMPRESSED run
+    ``run`` (``len(dst) <= run.length``); thread-safe."""
+    c_off = run.offset & (img.cs - 1)
+    dst[:] = memoryview(decode(img, run.entry))[c_off : c_off + len(dst)]
