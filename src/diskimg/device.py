@@ -17,17 +17,19 @@ import os
 import stat
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, Self, TypeVar
 
 from diskimg.check_report import CheckReport
-from diskimg.errors import (ClosedImageError, CorruptImageError, UnsupportedFeatureError,
-                            UsageError)
 from diskimg.device_io import DeviceIO as DeviceIO  # re-exported (it lived here)
+from diskimg.errors import ClosedImageError, CorruptImageError, UnsupportedFeatureError, UsageError
 from diskimg.internal_snapshots import InternalSnapshots
 from diskimg.params import check_int
 from diskimg.plan import Run
+from diskimg.records import ImageInfo as ImageInfo  # re-exported (they lived here)
+from diskimg.records import MapEntry as MapEntry
+from diskimg.records import Status as Status
+from diskimg.records import mergeable
 
 if TYPE_CHECKING:
     from diskimg.hostio import HostFile
@@ -35,104 +37,6 @@ if TYPE_CHECKING:
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _D = TypeVar("_D", bound="BlockDevice")
-
-
-@dataclass(frozen=True, slots=True)
-class MapEntry:
-    """One run of ``qemu-img map --output=json``; field names are qemu's JSON keys."""
-
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    offset: int | None = None
-    filename: str | None = None  # host file the offset refers to (for human map output)
-
-    def to_json(self) -> dict[str, Any]:
-        """This run as ``qemu-img map --output=json`` prints it (``offset`` only when set).
-
-        ``start``, ``length`` and ``offset`` are bytes; ``filename`` is not included.
-        """
-        d: dict[str, Any] = {
-            "start": self.start,
-            "length": self.length,
-            "depth": self.depth,
-            "present": self.present,
-            "zero": self.zero,
-            "data": self.data,
-        }
-        if self.offset is not None:
-            d["offset"] = self.offset
-        return d
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    """Block status of one run in one layer (QEMU's BDRV_BLOCK_* flags).
-
-    ``allocated``: this layer decides the contents (no fall-through to the backing file).
-    ``offset``: host offset of the data in ``filename`` when it lies there verbatim.
-    """
-
-    length: int
-    allocated: bool
-    data: bool
-    zero: bool
-    offset: int | None = None
-    filename: str | None = None
-
-
-@dataclass(slots=True)
-class ImageInfo:
-    """What ``qemu-img info`` reports; :meth:`to_json` gives qemu's keys."""
-
-    filename: str
-    format: str
-    virtual_size: int
-    actual_size: int
-    dirty_flag: bool = False
-    cluster_size: int | None = None
-    encrypted: bool = False
-    backing_filename: str | None = None
-    full_backing_filename: str | None = None
-    backing_filename_format: str | None = None
-    snapshots: list[dict[str, Any]] = field(default_factory=list)
-    format_specific: dict[str, Any] | None = None
-
-    def __str__(self) -> str:
-        """``qemu-img info``'s human text (:func:`diskimg.info_text.info_human`)."""
-        from diskimg.info_text import info_human
-
-        return info_human(self.to_json())
-
-    def to_json(self) -> dict[str, Any]:
-        """The ``qemu-img info --output=json`` object, with qemu's keys, order and
-        conditional keys (``encrypted`` only when true, backing keys only with a backing
-        file, ``snapshots`` only when there are some).  Sizes are bytes.
-        """
-        d: dict[str, Any] = {}  # keys in QEMU's QDict order (info_text.qdict_order)
-        if self.backing_filename_format is not None:
-            d["backing-filename-format"] = self.backing_filename_format
-        if self.snapshots:
-            d["snapshots"] = self.snapshots
-        d["virtual-size"] = self.virtual_size
-        d["filename"] = self.filename
-        if self.cluster_size is not None:
-            d["cluster-size"] = self.cluster_size
-        d["format"] = self.format
-        d["actual-size"] = self.actual_size
-        if self.format_specific is not None:
-            d["format-specific"] = self.format_specific
-        if self.full_backing_filename is not None:
-            d["full-backing-filename"] = self.full_backing_filename
-        if self.encrypted:
-            d["encrypted"] = True
-        if self.backing_filename is not None:
-            d["backing-filename"] = self.backing_filename
-        d["dirty-flag"] = self.dirty_flag
-        return d
 
 
 class BlockDevice:
@@ -578,7 +482,7 @@ class BlockDevice:
                 raise AssertionError("block status made no progress")
             e = MapEntry(pos, st.length, depth, st.allocated, st.zero, st.data, st.offset,
                          st.filename)
-            if pending is not None and _mergeable(pending, e):
+            if pending is not None and mergeable(pending, e):
                 pending = MapEntry(pending.start, pending.length + e.length, pending.depth,
                                    pending.present, pending.zero, pending.data,
                                    pending.offset, pending.filename)
@@ -609,16 +513,6 @@ def requires_open(fn: Callable[Concatenate[_D, _P], _R]) -> Callable[Concatenate
         return fn(self, *args, **kwargs)
 
     return wrapper
-
-
-def _mergeable(a: MapEntry, b: MapEntry) -> bool:
-    if (a.depth, a.present, a.zero, a.data, a.filename) != (
-        b.depth, b.present, b.zero, b.data, b.filename
-    ):
-        return False
-    if (a.offset is None) != (b.offset is None):
-        return False
-    return a.offset is None or a.offset + a.length == b.offset
 
 
 def host_has_zero_init(fd: int) -> bool:

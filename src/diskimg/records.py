@@ -1,0 +1,119 @@
+"""The records a block device answers with: :class:`MapEntry` (one run of
+``qemu-img map``, merged by :func:`mergeable`), :class:`Status` (block status of one run
+of one layer) and :class:`ImageInfo` (``qemu-img info``).  Field names and JSON keys are
+qemu's; the records hold values only (no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ImageInfo", "MapEntry", "Status", "mergeable"]
+
+
+@dataclass(frozen=True, slots=True)
+class MapEntry:
+    """One run of ``qemu-img map --output=json``; field names are qemu's JSON keys."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None = None
+    filename: str | None = None  # host file the offset refers to (for human map output)
+
+    def to_json(self) -> dict[str, Any]:
+        """This run as ``qemu-img map --output=json`` prints it (``offset`` only when set).
+
+        ``start``, ``length`` and ``offset`` are bytes; ``filename`` is not included.
+        """
+        d: dict[str, Any] = {
+            "start": self.start,
+            "length": self.length,
+            "depth": self.depth,
+            "present": self.present,
+            "zero": self.zero,
+            "data": self.data,
+        }
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Block status of one run in one layer (QEMU's BDRV_BLOCK_* flags).
+
+    ``allocated``: this layer decides the contents (no fall-through to the backing file).
+    ``offset``: host offset of the data in ``filename`` when it lies there verbatim.
+    """
+
+    length: int
+    allocated: bool
+    data: bool
+    zero: bool
+    offset: int | None = None
+    filename: str | None = None
+
+
+@dataclass(slots=True)
+class ImageInfo:
+    """What ``qemu-img info`` reports; :meth:`to_json` gives qemu's keys."""
+
+    filename: str
+    format: str
+    virtual_size: int
+    actual_size: int
+    dirty_flag: bool = False
+    cluster_size: int | None = None
+    encrypted: bool = False
+    backing_filename: str | None = None
+    full_backing_filename: str | None = None
+    backing_filename_format: str | None = None
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    format_specific: dict[str, Any] | None = None
+
+    def __str__(self) -> str:
+        """``qemu-img info``'s human text (:func:`diskimg.info_text.info_human`)."""
+        from diskimg.info_text import info_human
+
+        return info_human(self.to_json())
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``qemu-img info --output=json`` object, with qemu's keys, order and
+        conditional keys (``encrypted`` only when true, backing keys only with a backing
+        file, ``snapshots`` only when there are some).  Sizes are bytes.
+        """
+        d: dict[str, Any] = {}  # keys in QEMU's QDict order (info_text.qdict_order)
+        if self.backing_filename_format is not None:
+            d["backing-filename-format"] = self.backing_filename_format
+        if self.snapshots:
+            d["snapshots"] = self.snapshots
+        d["virtual-size"] = self.virtual_size
+        d["filename"] = self.filename
+        if self.cluster_size is not None:
+            d["cluster-size"] = self.cluster_size
+        d["format"] = self.format
+        d["actual-size"] = self.actual_size
+        if self.format_specific is not None:
+            d["format-specific"] = self.format_specific
+        if self.full_backing_filename is not None:
+            d["full-backing-filename"] = self.full_backing_filename
+        if self.encrypted:
+            d["encrypted"] = True
+        if self.backing_filename is not None:
+            d["backing-filename"] = self.backing_filename
+        d["dirty-flag"] = self.dirty_flag
+        return d
+
+
+def mergeable(a: MapEntry, b: MapEntry) -> bool:
+    if (a.depth, a.present, a.zero, a.data, a.filename) != (
+        b.depth, b.present, b.zero, b.data, b.filename
+    ):
+        return False
+    if (a.offset is None) != (b.offset is None):
+        return False
+    return a.offset is None or a.offset + a.length == b.offset
