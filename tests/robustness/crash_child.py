@@ -176,7 +176,7 @@ def main(spec_path: str) -> int:
     r = random.Random(seed)
     out = sys.stdout
     img = diskimg.open(spec["image"], "r+", spec.get("format"), **kw)
-    cs = getattr(img, "cluster_size", 65536)
+    cs = img.cluster_size or 65536  # None: no clusters (raw, flat vmdk)
     for i in range(nops):
         snaps = img.snapshots.list() if "snap" in kinds else []
         op = next(chooser) if lie else choose(r, img.size, cs, len(snaps), kinds)
