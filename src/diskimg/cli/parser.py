@@ -36,6 +36,16 @@ class Parser(argparse.ArgumentParser):
             raise CommandLineError(f"unrecognized option '{message.split(': ', 1)[1].split()[0]}'")
         raise CommandLineError(message)
 
+    #: True while the options are being added: argparse then builds a formatter per option
+    #: only to check its metavar, and a formatter asks the terminal's width, which costs
+    #: importing shutil (and with it bz2, lzma, fnmatch); help text is formatted after
+    _registering = True
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        if self._registering:
+            return self.formatter_class(prog=self.prog, width=80)
+        return super()._get_formatter()
+
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if message:
             sys.stderr.write(message)
@@ -49,6 +59,7 @@ def _build(cmd: str) -> tuple[Parser, ModuleType]:
                description=mod.DESCRIPTION, epilog=f"example:\n  {mod.EXAMPLE}",
                allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     mod.register(p)
+    p._registering = False
     return p, mod
 
 
