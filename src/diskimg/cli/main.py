@@ -13,9 +13,7 @@ from diskimg.cli.errors import PROG, CommandLineError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import Sequence
-    from types import ModuleType
 
 # Start-up (issue 20): this module loads only what ``--version`` needs.  argparse and the
 # parser (diskimg.cli.parser), the command table (diskimg.cli.commands, which loads the

@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diskimg.cli import commands
+from diskimg.cli.errors import PROG, CommandLineError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
     from typing import NoReturn
-
-from diskimg.cli import commands
-from diskimg.cli.errors import PROG, CommandLineError
 
 
 class _Exit(Exception):
@@ -42,8 +42,8 @@ class Parser(argparse.ArgumentParser):
     _registering = True
 
     def _get_formatter(self) -> argparse.HelpFormatter:
-        if self._registering:
-            return self.formatter_class(prog=self.prog, width=80)
+        if self._registering:  # only its _format_args (metavar check) is used
+            return argparse.HelpFormatter(prog=self.prog, width=80)
         return super()._get_formatter()
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
