@@ -45,9 +45,19 @@ slowly, so diskimg bounces large reads through an aligned buffer: one more copy)
 MiB; it allocates and pattern-fills a bounce buffer per command, so it is a slightly
 pessimistic reference.
 
-Start-up floor (informational): a bare interpreter, one with site-packages, one that
-imports diskimg, and ``diskimg --version``, each against the whole of ``qemu-img info``.
-The whole-process rows (info, check, map) cannot go below the interpreter's own start.
+Start-up floor (issue 20 item 1): ``python -c pass`` with the interpreter (venv) that runs
+diskimg is the floor; ``python -I -S -c pass`` (no site-packages, no ``.pth`` hooks), ``python
+-c 'import diskimg'``, ``diskimg --version`` and ``diskimg info/check/map`` of a 64 MiB qcow2
+are timed beside it, each against the whole of ``qemu-img info`` on that image, and the
+results file gives each row's excess over the floor in ms (target: at most 10 ms) and ``import
+diskimg``'s ``-X importtime`` cumulative time (target: at most 5 ms).  These rows do not
+depend on ``--size``: ``--only start-up --size 64M`` measures them alone, quickly.
+
+Results files: ``benchmarks/results.md`` for the default 1 GiB workload, ``results-SIZE.md``
+(``results-256M.md``, ``results-2G.md``) for another ``--size``/``--quick``, so the
+small-image and the large-image tables sit side by side.  Each records the machine (CPU
+model, CPUs usable, kernel), the load average before and after (and per job), the Python
+interpreter (and whether it is a venv) and the qemu-img version.
 
 Noise: on a VM whose disk is shared, the convert rows that write ~1 GiB swing 2-4x between
 rounds (the host's write-back throttles whichever run follows a large write).  Pass
@@ -413,22 +423,117 @@ def make_jobs(work: Path, inputs: dict[str, Path], size: int, qemu_img: str,
                         [Variant("qemu-img", [qemu_img, *args, str(qcow)])],
                         [Variant("diskimg CLI", [*cli, *args, str(qcow)], diskimg=True)],
                         {"qemu-img": 2.0}))
-    jobs.append(floor_job(qemu_img, qcow))
+    jobs.append(floor_job(work, qemu_img, qemu_io, cli))
     jobs.extend(scale_jobs(work, qemu_img, qemu_io, cli))
     return jobs
 
 
-def floor_job(qemu_img: str, qcow: Path) -> Job:
-    """Informational: what a Python process costs before diskimg does any work, against
-    the whole of ``qemu-img info``; it bounds the whole-process rows from below.  ``-S``
-    skips site-packages (and any ``.pth`` start-up hooks the environment installs)."""
-    return Job("start-up floor (informational)",
-               [Variant("qemu-img info", [qemu_img, "info", "-f", "qcow2", str(qcow)])],
-               [Variant("python -S -c pass", [PY, "-S", "-c", "pass"]),
-                Variant("python -c pass", [PY, "-c", "pass"]),
-                Variant("python -c 'import diskimg'", [PY, "-c", "import diskimg"]),
-                Variant("diskimg --version", [PY, "-m", "diskimg", "--version"])],
+#: the start-up rows' targets (issue 20 item 1): each whole diskimg command at most this many
+#: ms above the ``python -c pass`` floor; ``import diskimg`` at most IMPORT_TARGET_MS of
+#: ``-X importtime`` cumulative time
+FLOOR_TARGET_MS = 10.0
+IMPORT_TARGET_MS = 5.0
+FLOOR_LABEL = "python -c pass"
+
+
+def floor_job(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> Job:
+    """Start-up (issue 20 item 1): what a Python process costs before diskimg does any
+    work, and the whole-process commands on a small image, each against the whole of
+    ``qemu-img info`` on it.  ``python -c pass`` is the floor, run with the interpreter
+    (venv) that runs diskimg; ``python -I -S -c pass`` (no site-packages, no ``.pth``
+    start-up hooks, no environment) is shown beside it.  The report gives each row's excess
+    over the floor in ms (:func:`floor_report`)."""
+    small = work / "small.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(small), "64M"], check=True)
+    subprocess.run([qemu_io, "-f", "qcow2", "-c", "write -q -P 0x5a 1M 64k", str(small)],
+                   check=True)
+    cmds = (("info", ["info", "-f", "qcow2"]), ("check", ["check", "-f", "qcow2"]),
+            ("map", ["map", "-f", "qcow2"]))
+    # how a user runs it: the console script pip put beside the interpreter (it imports re
+    # before diskimg); ``python -m diskimg`` (runpy: contextlib, collections, functools)
+    # otherwise
+    script = Path(PY).with_name("diskimg")
+    how, also = "python -m diskimg", []
+    if script.is_file():
+        also = [Variant(f"diskimg --version ({how})", [*cli, "--version"], diskimg=True)]
+        cli, how = [str(script)], "bin/diskimg"
+    return Job("start-up floor",
+               [Variant("qemu-img info", [qemu_img, "info", "-f", "qcow2", str(small)])],
+               [Variant("python -I -S -c pass", [PY, "-I", "-S", "-c", "pass"]),
+                Variant(FLOOR_LABEL, [PY, "-c", "pass"]),
+                Variant("python -c 'import diskimg'", [PY, "-c", "import diskimg"],
+                        diskimg=True),
+                Variant(f"diskimg --version ({how})", [*cli, "--version"], diskimg=True),
+                *also,
+                *(Variant(f"diskimg {name} ({how})", [*cli, *args, str(small)],
+                          diskimg=True) for name, args in cmds)],
                {})
+
+
+def import_time_ms(env: dict[str, str] | None = None, rounds: int = 9) -> float:
+    """Median over ``rounds`` fresh interpreters of ``import diskimg``'s cumulative time
+    as ``python -X importtime`` reports it, in ms."""
+    out = []
+    for _ in range(rounds):
+        r = subprocess.run([PY, "-X", "importtime", "-c", "import diskimg"],
+                           capture_output=True, text=True, env=env, check=True)
+        line = [x for x in r.stderr.splitlines() if x.rstrip().endswith("| diskimg")][-1]
+        out.append(int(line.split("|")[1]) / 1000)
+    return statistics.median(out)
+
+
+def floor_report(jobs: list[Job], imports: dict[str, float]) -> str:
+    """The start-up table: each row's median, its ratio to ``qemu-img info`` and its
+    excess over the ``python -c pass`` floor (the target: at most FLOOR_TARGET_MS)."""
+    job = next((j for j in jobs if j.name == "start-up floor"), None)
+    if job is None:
+        return ""
+    ref = job.refs[0]
+    rm = _median(ref)
+    floor = next((c for c in job.cands if c.label == FLOOR_LABEL), None)
+    fl = _median(floor) if floor is not None else None
+    fcpu = _cpu(floor) if floor is not None else None
+    lines = ["| row | median ms | ratio to qemu-img info | above `python -c pass` ms "
+             "| target | met | CPU ms | CPU above floor ms | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| qemu-img info (64 MiB qcow2) | {_ms(rm)} | 1.00 | - | - | | {_ms(_cpu(ref))} "
+             f"| - | {_rss_s(ref)} |"]
+    for c in job.cands:
+        cm, ccpu = _median(c), _cpu(c)
+        above = cm - fl if cm is not None and fl is not None else None
+        cabove = ccpu - fcpu if ccpu is not None and fcpu is not None else None
+        target = FLOOR_TARGET_MS if c.diskimg and "import" not in c.label else None
+        met = "" if target is None or above is None else \
+            "yes" if above * 1000 <= target else "no"
+        is_floor = c.label == FLOOR_LABEL
+        lines.append(f"| {c.label} | {_ms(cm)} | "
+                     f"{'-' if cm is None or not rm else f'{cm / rm:.2f}'} | "
+                     f"{'-' if above is None or is_floor else f'{above * 1000:+.1f}'}"
+                     f" | {'-' if target is None else f'≤ {target:.0f}'} | {met} | "
+                     f"{_ms(ccpu)} | "
+                     f"{'-' if cabove is None or is_floor else f'{cabove * 1000:+.1f}'} | "
+                     f"{_rss_s(c)} |")
+    for label, ms in imports.items():
+        lines.append(f"| {label} | {ms:.1f} | - | - | ≤ {IMPORT_TARGET_MS:.0f} | "
+                     f"{'yes' if ms <= IMPORT_TARGET_MS else 'no'} | - | - | - |")
+    return ("\n## Start-up floor\n\nWhole processes on a 64 MiB qcow2 (one 64 KiB cluster "
+            "written), interleaved; `python -c pass` is the same "
+            f"interpreter that runs diskimg ({PY}). Target (issue 20): each diskimg command at "
+            f"most {FLOOR_TARGET_MS:.0f} ms above that floor, `import diskimg` at most "
+            f"{IMPORT_TARGET_MS:.0f} ms of `python -X importtime` cumulative time (median of "
+            "9 interpreters). The CPU columns (user + system time of the child, medians) "
+            "are less disturbed by other load than the wall-clock ones. Load: "
+            f"{job.load[0]:.2f} before, {job.load[1]:.2f} after."
+            "\n\n" + "\n".join(lines) + "\n")
+
+
+def _ms(t: float | None) -> str:
+    return "-" if t is None else f"{t * 1000:.1f}"
+
+
+def _rss_s(v: Variant) -> str:
+    r = _rss(v)
+    return "-" if r is None else f"{r:.0f}"
 
 
 SCALE_DATA_PIECES = 10  # 10 x 10 MiB = issue 7's 100 MiB
@@ -607,6 +712,17 @@ def report(jobs: list[Job], meta: dict[str, str]) -> str:
         """) + head + "\n\n" + "\n".join(lines) + "\n"
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
 def _commit() -> str:
     try:
         h = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -645,8 +761,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     size = parse_size(ns.size or ("256M" if ns.quick else "1G"))
-    out = ns.out if ns.out is not None else (None if ns.only or ns.skip
-                                             else HERE / "results.md")
+    size_label = (ns.size or ("256M" if ns.quick else "1G")).strip()
+    default_out = HERE / ("results.md" if size == 1 << 30 else f"results-{size_label}.md")
+    out = ns.out if ns.out is not None else (None if ns.only or ns.skip else default_out)
     work: Path = ns.workdir
     work.mkdir(parents=True, exist_ok=True)
     raw = work / "workload.raw"
@@ -692,6 +809,12 @@ def main(argv: list[str] | None = None) -> int:
         if ns.baseline is not None:
             add_baseline(jobs, ns.baseline.resolve())
         run_jobs(jobs, ns.repeat, ns.timeout, qemu_img, ns.warmup)
+        imports: dict[str, float] = {}
+        if any(j.name == "start-up floor" for j in jobs):
+            imports["`import diskimg`, -X importtime cumulative ms"] = import_time_ms()
+            if ns.baseline is not None:
+                imports["`import diskimg` @baseline, -X importtime cumulative ms"] = \
+                    import_time_ms(dict(os.environ, PYTHONPATH=str(ns.baseline.resolve())))
     finally:
         if not ns.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -701,10 +824,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "commit": _commit(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "machine": f"{_cpu_model()}, {platform.machine()}, {os.cpu_count()} CPUs "
+                   f"({len(os.sched_getaffinity(0))} usable), {platform.platform()}",
         "load average (1/5/15 min)": f"start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, "
                                      f"end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}",
-        "python": platform.python_version(),
+        "python": f"{platform.python_version()} ({PY}; "
+                  + (f"venv {sys.prefix}" if sys.prefix != sys.base_prefix else "not a venv")
+                  + ")",
         "qemu-img": qv.splitlines()[0] if qv else "?",
         "workload": f"{size} bytes, seed {ns.seed}: "
                     + ", ".join(f"{k} {v // MiB} MiB" for k, v in counts.items()),
@@ -714,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if ns.baseline is not None:
         meta["baseline"] = f"'@baseline' rows run diskimg from {ns.baseline}"
-    text = report(jobs, meta)
+    text = report(jobs, meta) + floor_report(jobs, imports)
     print()
     print(text)
     if out is not None:

@@ -1,7 +1,5 @@
 """diskimg: pure-Python qcow2, raw and vmdk disk images with a qemu-img compatible CLI."""
 
-from diskimg.api import create, open
-from diskimg.device import BlockDevice, DeviceIO, ImageInfo, MapEntry
 from diskimg.errors import (
     BackingChainError,
     ClosedImageError,
@@ -17,36 +15,49 @@ from diskimg.errors import (
     UsageError,
     WrongFormatError,
 )
-from diskimg.hostio import aligned_buffer
-from diskimg.policy import OpenPolicy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from diskimg.api import create, open
+    from diskimg.device import BlockDevice, DeviceIO, ImageInfo, MapEntry
+    from diskimg.hostio import aligned_buffer
     from diskimg.operations import commit, compare, convert, dd, rebase
     from diskimg.ops.commands import amend, check, info, map, measure, resize, snapshot
+    from diskimg.policy import OpenPolicy
     from diskimg.pool import Pool, PoolRegistry, Volume
 
-_LAZY = {"Pool": "pool", "PoolRegistry": "pool", "Volume": "pool", "commit": "operations",
-         "compare": "operations", "convert": "operations", "dd": "operations",
-         "rebase": "operations", "amend": "ops.commands", "check": "ops.commands",
-         "info": "ops.commands", "map": "ops.commands", "measure": "ops.commands",
-         "resize": "ops.commands", "snapshot": "ops.commands"}
+#: every public name but the errors, by the module that defines it: imported on first use
+#: (``diskimg.open`` loads the format layer, ``diskimg.convert`` the copy engine ...), so
+#: ``import diskimg`` costs a few milliseconds and a command loads only what it uses
+_LAZY = {"create": "api", "open": "api", "BlockDevice": "device", "DeviceIO": "device",
+         "ImageInfo": "device", "MapEntry": "device", "aligned_buffer": "hostio",
+         "OpenPolicy": "policy", "Pool": "pool", "PoolRegistry": "pool", "Volume": "pool",
+         "commit": "operations", "compare": "operations", "convert": "operations",
+         "dd": "operations", "rebase": "operations", "amend": "ops.commands",
+         "check": "ops.commands", "info": "ops.commands", "map": "ops.commands",
+         "measure": "ops.commands", "resize": "ops.commands", "snapshot": "ops.commands"}
 
 
 def __getattr__(name: str) -> object:
-    """Import the storage-pool layer (~20 ms: xml, pool), the copy operations (threads,
-    queues) and the module-level command functions (``diskimg.info`` ...) only when they
-    are used: ``diskimg info`` and ``open`` need none of them."""
+    """The public names of :data:`_LAZY`, imported when first used, and submodules by
+    attribute (``diskimg.units`` ...), as before the lazy import."""
     import importlib
 
     if name in _LAZY:
         value = getattr(importlib.import_module(f"diskimg.{_LAZY[name]}"), name)
         globals()[name] = value  # found directly from now on
         return value
-    try:  # submodules by attribute (diskimg.units ...), as before the lazy import
+    if name.startswith("__"):  # dunder probes (copy, pickle, doctest ...) are no submodules
+        raise AttributeError(f"module 'diskimg' has no attribute {name!r}")
+    try:
         return importlib.import_module(f"diskimg.{name}")
     except ModuleNotFoundError:
         raise AttributeError(f"module 'diskimg' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

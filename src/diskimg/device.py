@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, Self, TypeVar
 
-from diskimg.check_report import CheckReport
 from diskimg.device_io import DeviceIO as DeviceIO  # re-exported (it lived here)
 from diskimg.errors import ClosedImageError, CorruptImageError, UnsupportedFeatureError, UsageError
 from diskimg.internal_snapshots import InternalSnapshots
@@ -32,6 +31,7 @@ from diskimg.records import Status as Status
 from diskimg.records import mergeable
 
 if TYPE_CHECKING:
+    from diskimg.check_report import CheckReport  # built by the checkers, imported there
     from diskimg.hostio import HostFile
 
 _P = ParamSpec("_P")

@@ -18,7 +18,7 @@ from pathlib import Path
 from diskimg.errors import BackingChainError
 
 MAX_CHAIN_DEPTH = 256
-_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_PROTOCOL = r"^[A-Za-z][A-Za-z0-9+.-]*:"  # compiled on first use (re caches it)
 
 
 @dataclass(slots=True)
@@ -46,7 +46,7 @@ class OpenPolicy:
 
     def resolve(self, name: str, parent: Path, what: str = "backing file") -> Path:
         """Resolve ``name`` (as written in ``parent``) to a path, or raise naming it."""
-        if name.startswith("json:") or (_PROTOCOL.match(name) and not name.startswith("/")
+        if name.startswith("json:") or (re.match(_PROTOCOL, name) and not name.startswith("/")
                                         and not name.startswith("file:")):
             raise BackingChainError(
                 f"Refusing to open {what} '{name}' named by '{parent}': json: and protocol "

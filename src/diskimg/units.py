@@ -10,7 +10,8 @@ from diskimg.errors import UsageError
 INT64_MAX = (1 << 63) - 1
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
              "p": 1 << 50, "e": 1 << 60}
-_SIZE_RE = re.compile(r"^\s*\+?(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)([bBkKmMgGtTpPeE]?)$")
+#: compiled on first use (re caches it), not when the module is imported
+_SIZE_RE = r"^\s*\+?(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)([bBkKmMgGtTpPeE]?)$"
 SIZE_HELP = ("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
              "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
 SIZE_RANGE = f"Invalid image size specified. Must be between 0 and {INT64_MAX}."
@@ -22,7 +23,7 @@ def parse_size(text: str, default_suffix: str = "b") -> int:
     A fraction needs a suffix other than ``b``; the result is truncated to whole bytes.
     Raises :class:`UsageError` with qemu-img's message.
     """
-    m = _SIZE_RE.match(text)
+    m = re.match(_SIZE_RE, text)
     if not m:
         raise UsageError(SIZE_HELP, field="size")
     num, suffix = m.groups()

@@ -40,15 +40,6 @@ def _modules_after(args: list[str]) -> tuple[int, set[str], bool]:
     return code, set(mods), had_json
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("imports") / "a.qcow2"
-    diskimg.create(path, "qcow2", 1 << 30)
-    with diskimg.open(path, "r+") as img:
-        img.write(1 << 20, b"x" * 65536)
-    return path
-
-
 @pytest.mark.parametrize("args, wants_json", [
     (["info"], False), (["info", "--output=json"], True), (["check"], False),
     (["check", "--output=json"], True), (["map"], False), (["map", "--output=json"], False),

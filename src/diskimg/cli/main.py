@@ -4,53 +4,20 @@ handler (``diskimg: message`` on stderr, exit 1, no traceback unless ``--debug``
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Sequence
-from types import ModuleType
-from typing import NoReturn
 
 from diskimg import __version__
-from diskimg.cli import commands, errors
-from diskimg.cli.commands import pool as pool_entry
+from diskimg.cli import errors
 from diskimg.cli.errors import PROG, CommandLineError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-class _Exit(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser that raises instead of exiting, with getopt-style messages."""
-
-    def error(self, message: str) -> NoReturn:
-        if message.startswith("argument "):
-            opt = message.split(":", 1)[0].split()[1].split("/")[0]
-            if "expected one argument" in message:
-                if opt.startswith("--"):
-                    raise CommandLineError(f"option '{opt}' requires an argument")
-                raise CommandLineError(f"option requires an argument -- '{opt.lstrip('-')}'")
-        if message.startswith("unrecognized arguments: "):
-            raise CommandLineError(f"unrecognized option '{message.split(': ', 1)[1].split()[0]}'")
-        raise CommandLineError(message)
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            sys.stderr.write(message)
-        raise _Exit(status)
-
-
-def _build(cmd: str) -> tuple[Parser, ModuleType]:
-    """The parser of sub-command ``cmd``, filled in by its own module, and the module."""
-    mod = commands.load(cmd)
-    p = Parser(prog=f"{PROG} {cmd}", usage=f"{PROG} {cmd} {mod.USAGE}",
-               description=mod.DESCRIPTION, epilog=f"example:\n  {mod.EXAMPLE}",
-               allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mod.register(p)
-    return p, mod
+# Start-up (issue 20): this module loads only what ``--version`` needs.  argparse and the
+# parser (diskimg.cli.parser), the command table (diskimg.cli.commands, which loads the
+# format layer) and the storage-pool entry are imported in main() once a command is known.
 
 
 def _main_help() -> str:
@@ -61,35 +28,15 @@ def _main_help() -> str:
              "  --untrusted     open no file outside the image's own directory",
              "  --debug         show Python tracebacks (also DISKIMG_DEBUG=1)", "",
              "Command syntax:"]
+    from diskimg.cli import commands
+    from diskimg.cli.commands import pool as pool_entry
+
     lines += [f"  {cmd} {commands.load(cmd).USAGE}" for cmd in commands.NAMES]
     lines += ["", "Example:", "  diskimg create -f qcow2 disk.qcow2 10G",
               "  diskimg convert -O raw disk.qcow2 disk.raw", "",
               *pool_entry.HELP, "",
               f"'{PROG} COMMAND --help' describes one command."]
     return "\n".join(lines) + "\n"
-
-
-def _parse(cmd: str, argv: list[str]) -> tuple[argparse.Namespace, ModuleType]:
-    p, mod = _build(cmd)
-    # getopt takes "-5" for an option (argparse for a number); qemu-img resize alone
-    # takes its last argument as the size before parsing options
-    opts_end = argv.index("--") if "--" in argv else len(argv)
-    if cmd == "resize" and opts_end == len(argv) and argv:
-        opts_end -= 1
-        if argv[-1].startswith("-") and argv[-1] != "-":
-            argv = [*argv[:-1], "--", argv[-1]]  # "-1M" is the size, not an option
-    takes_value = {o for o, act in p._option_string_actions.items() if act.nargs != 0}
-    for i, x in enumerate(argv[:opts_end]):
-        if i and argv[i - 1] in takes_value:
-            continue  # an option's argument ("-S -1" is getopt's too)
-        if len(x) > 1 and x[0] == "-" and (x[1].isdigit() or x[1] == "."):
-            raise CommandLineError(f"unrecognized option '{x}'")
-    ns, extra = p.parse_known_intermixed_args(argv)
-    for x in extra:
-        if x.startswith("-") and x != "-":
-            raise CommandLineError(f"unrecognized option '{x}'")
-        ns.files.append(x)
-    return ns, mod
 
 
 def _raw_bytes_out() -> None:
@@ -115,13 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     _raw_bytes_out()
     debug = os.environ.get("DISKIMG_DEBUG") == "1"
-    ctx = commands.Context(prog=PROG)
+    untrusted = False
     while args and args[0].startswith("-"):
         opt = args.pop(0)
         if opt == "--debug":
             debug = True
         elif opt == "--untrusted":
-            ctx.untrusted = True
+            untrusted = True
         elif opt in ("-h", "--help"):
             sys.stdout.write(_main_help())
             return 0
@@ -133,10 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args:
         return _fail(CommandLineError("Not enough arguments"))
     cmd = args.pop(0)
+    from diskimg.cli.commands import pool as pool_entry
+
     if cmd in pool_entry.ALIASES:
         return pool_entry.run_argv(args)
+    from diskimg.cli import commands
+
     if cmd not in commands.NAMES:
         return _fail(CommandLineError(f"Command not found: {cmd}"))
+    from diskimg.cli.parser import _Exit, _parse
+
+    ctx = commands.Context(prog=PROG, untrusted=untrusted)
     parsed = False
     try:
         ns, mod = _parse(cmd, args)

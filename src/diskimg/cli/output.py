@@ -26,11 +26,12 @@ def to_json(obj: Any) -> str:
     import json  # human output needs none of it
 
     text = json.dumps(_valid_text(obj), indent=4, separators=(",", ": "), ensure_ascii=True)
-    return _UESCAPE.sub(_qemu_escape, text) + "\n"
+    return re.sub(_UESCAPE, _qemu_escape, text) + "\n"
 
 
 # a \u escape (an odd run of backslashes before the u) or a DEL, which json leaves as is
-_UESCAPE = re.compile(r"(\\+)u([0-9a-f]{4})|\x7f")
+# (compiled on first use: re caches it)
+_UESCAPE = r"(\\+)u([0-9a-f]{4})|\x7f"
 
 
 def _qemu_escape(m: re.Match[str]) -> str:

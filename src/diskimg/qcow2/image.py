@@ -14,7 +14,6 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from diskimg.check_report import CheckReport
 from diskimg.device import (BlockDevice, ImageInfo, MapEntry, Status, host_has_zero_init,
                              requires_open)
 from diskimg.errors import (
@@ -49,6 +48,7 @@ from diskimg.qcow2.refcount import Refcounts
 
 if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first used
 
+    from diskimg.check_report import CheckReport
     from diskimg.crypto import SectorCipher
     from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
 

@@ -248,7 +248,7 @@ def path_and_format(a: argparse.Namespace, name: str, command: str,
     return path, fmt, rest
 
 
-_KEY_OPTION = re.compile(r"^(backing\.)*encrypt\.key-secret$")
+_KEY_OPTION = r"^(backing\.)*encrypt\.key-secret$"  # compiled on first use
 
 
 def key_options(a: argparse.Namespace, name: str) -> tuple[str, ...]:
@@ -257,7 +257,7 @@ def key_options(a: argparse.Namespace, name: str) -> tuple[str, ...]:
     ``backing.backing.encrypt.key-secret`` ...), as qemu-img accepts them."""
     if not a.image_opts:
         return ()
-    return tuple(k for k in parse_image_opts(name)[2] if _KEY_OPTION.match(k))
+    return tuple(k for k in parse_image_opts(name)[2] if re.match(_KEY_OPTION, k))
 
 
 def check_backing_keys(name: str, dev: BlockDevice) -> None:

@@ -6,7 +6,9 @@ then)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 #: the words that start a storage-pool command
 ALIASES = ("virsh", "pool")

@@ -1,0 +1,86 @@
+"""The argparse side of the CLI (imported once a sub-command is known, so ``diskimg
+--version`` loads no argparse): a parser that raises instead of exiting, with
+getopt-style messages, built for one sub-command by that command's own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diskimg.cli import commands
+from diskimg.cli.errors import PROG, CommandLineError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import NoReturn
+
+
+class _Exit(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser that raises instead of exiting, with getopt-style messages."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("argument "):
+            opt = message.split(":", 1)[0].split()[1].split("/")[0]
+            if "expected one argument" in message:
+                if opt.startswith("--"):
+                    raise CommandLineError(f"option '{opt}' requires an argument")
+                raise CommandLineError(f"option requires an argument -- '{opt.lstrip('-')}'")
+        if message.startswith("unrecognized arguments: "):
+            raise CommandLineError(f"unrecognized option '{message.split(': ', 1)[1].split()[0]}'")
+        raise CommandLineError(message)
+
+    #: True while the options are being added: argparse then builds a formatter per option
+    #: only to check its metavar, and a formatter asks the terminal's width, which costs
+    #: importing shutil (and with it bz2, lzma, fnmatch); help text is formatted after
+    _registering = True
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        if self._registering:  # only its _format_args (metavar check) is used
+            return argparse.HelpFormatter(prog=self.prog, width=80)
+        return super()._get_formatter()
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _Exit(status)
+
+
+def _build(cmd: str) -> tuple[Parser, ModuleType]:
+    """The parser of sub-command ``cmd``, filled in by its own module, and the module."""
+    mod = commands.load(cmd)
+    p = Parser(prog=f"{PROG} {cmd}", usage=f"{PROG} {cmd} {mod.USAGE}",
+               description=mod.DESCRIPTION, epilog=f"example:\n  {mod.EXAMPLE}",
+               allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mod.register(p)
+    p._registering = False
+    return p, mod
+
+
+def _parse(cmd: str, argv: list[str]) -> tuple[argparse.Namespace, ModuleType]:
+    p, mod = _build(cmd)
+    # getopt takes "-5" for an option (argparse for a number); qemu-img resize alone
+    # takes its last argument as the size before parsing options
+    opts_end = argv.index("--") if "--" in argv else len(argv)
+    if cmd == "resize" and opts_end == len(argv) and argv:
+        opts_end -= 1
+        if argv[-1].startswith("-") and argv[-1] != "-":
+            argv = [*argv[:-1], "--", argv[-1]]  # "-1M" is the size, not an option
+    takes_value = {o for o, act in p._option_string_actions.items() if act.nargs != 0}
+    for i, x in enumerate(argv[:opts_end]):
+        if i and argv[i - 1] in takes_value:
+            continue  # an option's argument ("-S -1" is getopt's too)
+        if len(x) > 1 and x[0] == "-" and (x[1].isdigit() or x[1] == "."):
+            raise CommandLineError(f"unrecognized option '{x}'")
+    ns, extra = p.parse_known_intermixed_args(argv)
+    for x in extra:
+        if x.startswith("-") and x != "-":
+            raise CommandLineError(f"unrecognized option '{x}'")
+        ns.files.append(x)
+    return ns, mod
