@@ -23,6 +23,7 @@ from diskimg.policy import OpenPolicy
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.operations import commit, compare, convert, dd, rebase
+    from diskimg.ops.checksum import checksum
     from diskimg.ops.commands import amend, check, info, map, measure, resize, snapshot
     from diskimg.pool import Pool, PoolRegistry, Volume
 
@@ -30,7 +31,8 @@ _LAZY = {"Pool": "pool", "PoolRegistry": "pool", "Volume": "pool", "commit": "op
          "compare": "operations", "convert": "operations", "dd": "operations",
          "rebase": "operations", "amend": "ops.commands", "check": "ops.commands",
          "info": "ops.commands", "map": "ops.commands", "measure": "ops.commands",
-         "resize": "ops.commands", "snapshot": "ops.commands"}
+         "resize": "ops.commands", "snapshot": "ops.commands",
+         "checksum": "ops.checksum"}
 
 
 def __getattr__(name: str) -> object:
@@ -76,6 +78,7 @@ __all__ = [
     "aligned_buffer",
     "amend",
     "check",
+    "checksum",
     "commit",
     "compare",
     "convert",
