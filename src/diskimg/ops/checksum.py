@@ -184,7 +184,7 @@ def _checksum(dev: BlockDevice, blk: Blkhash, progress: ProgressFn | None,
                 item = item.result()
             pending.popleft()
             blk.update(item)
-            if progress is not None:
+            if progress is not None and end < size:
                 progress(end * 100.0 / size)
 
     if progress is not None:
@@ -212,6 +212,8 @@ def _checksum(dev: BlockDevice, blk: Blkhash, progress: ProgressFn | None,
             pos += n
             drain(2 * workers)
         drain(0)
+        if progress is not None:
+            progress(100.0)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
