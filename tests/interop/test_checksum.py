@@ -302,7 +302,7 @@ def test_zero_ranges_are_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_workers_and_progress_give_the_same_value(tmp_path: Path) -> None:
-    p, fmt, _ = qcow2_holes_zeros(tmp_path)
+    p, _, _ = qcow2_holes_zeros(tmp_path)
     seen: list[float] = []
     one = diskimg.checksum(p, block_size=64 * K, workers=0)
     many = diskimg.checksum(p, block_size=64 * K, workers=3, progress=seen.append)

@@ -153,7 +153,7 @@ class _Runs:
         while self.runs and self.runs[0][1] <= pos:
             self.runs.popleft()
         self._upto(pos + 1)
-        start, end, zero = self.runs[0]
+        _, end, zero = self.runs[0]
         return end if zero else pos
 
     def data(self, start: int, end: int) -> Iterator[tuple[int, int]]:

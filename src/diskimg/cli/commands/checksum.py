@@ -8,8 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diskimg.cli.commands._shared import (Context, add_common, one_file, opened, output_format,
-                                          size_arg)
+from diskimg.cli.commands._shared import (
+    Context,
+    add_common,
+    one_file,
+    opened,
+    output_format,
+    size_arg,
+)
 
 USAGE = ('[-f FMT] [--image-opts] [--object OBJ] [-U] [--output=human|json] [-p] '
          '[-a ALG] [-b BLOCK_SIZE] FILE')
