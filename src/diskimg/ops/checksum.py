@@ -239,10 +239,11 @@ def checksum(
     "checksum": hex digest}``.
 
     ``algorithm`` is a :mod:`hashlib` name (``blake2b`` uses a 32-byte digest, as
-    ovirt-imageio; see :func:`algorithms`); ``block_size`` (bytes, 1 to 64 MiB) must be
-    the same to compare two checksums.  ``progress`` is called with the percentage of the
-    guest bytes done; ``workers`` threads hash the data (default: the CPU count, at most
-    4; 0 hashes on the calling thread).  Ranges that read as zeros are not read.
+    ovirt-imageio; :func:`diskimg.ops.checksum.algorithms` lists them); ``block_size``
+    (bytes, 1 to 64 MiB) must be the same to compare two checksums.  ``progress`` is
+    called with the percentage of the guest bytes done; ``workers`` threads hash the data
+    (default: the CPU count, at most 4; 0 hashes on the calling thread).  Ranges that
+    read as zeros are not read.
     """
     _hasher(algorithm)
     block_size = check_int("block_size", block_size, minimum=1)
