@@ -120,6 +120,8 @@ def _reads_zero_runs(dev: BlockDevice, size: int) -> Iterator[tuple[int, int, bo
     cur: tuple[int, int, bool] | None = None
     while pos < size:
         st, _ = dev.block_status(pos, size - pos, coarse=True)
+        if st.length <= 0:
+            raise AssertionError("block status made no progress")
         end = pos + min(st.length, size - pos)
         zero = st.zero or (not st.allocated and not st.data)
         if cur is not None and cur[2] == zero:
