@@ -2,7 +2,8 @@
 
 Every image is made by qemu-img/qemu-io (sizes that are not a multiple of the block size,
 data at offset 0 and in the last, short block, holes, zero clusters, written zeros,
-compressed clusters, a backing chain, LUKS, vmdk).  The oracle's value is computed over
+compressed clusters, a backing chain, LUKS (qemu-img's fixtures/luks.qcow2, written to by
+qemu-io), vmdk).  The oracle's value is computed over
 the same guest bytes: qemu-img converts the image to raw and ovirt-imageio's public
 ``client.checksum`` hashes that file.
 
@@ -12,6 +13,7 @@ reason); the tests that need no oracle still run."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -36,8 +38,9 @@ needs_oracle = pytest.mark.skipif(
            "ovirt-imageio==2.5.1 (needs a C compiler and the Python headers)")
 
 K, M = 1024, 1024 * 1024
-SECRET_OBJ = "secret,id=s0,data=checksum secret"
-KEY = {"secrets": {"s0": b"checksum secret"}, "options": {"encrypt.key-secret": "s0"}}
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+SECRET_OBJ = "secret,id=s0,data=fixture-secret"
+KEY = {"secrets": {"s0": b"fixture-secret"}, "options": {"encrypt.key-secret": "s0"}}
 
 
 def _io(path: Path | str, fmt: str | None, *cmds: str, **kw: Any) -> None:
@@ -118,20 +121,14 @@ def qcow2_chain(d: Path) -> Made:
     return top, "qcow2", {}
 
 
-_LUKS: list[Path] = []  # made once per module: qemu-img's LUKS create takes seconds
-
-
 def qcow2_luks(d: Path) -> Made:
-    if _LUKS:
-        return _LUKS[0], "qcow2", KEY
+    """fixtures/luks.qcow2 (made by qemu-img: 64 KiB + 512, data at 0, 32K and in the last
+    partial cluster), more written by qemu-io (qemu-img's LUKS create alone takes seconds)."""
     p = d / "luks.qcow2"
-    QEMU.img("create", "-q", "-f", "qcow2", "--object", SECRET_OBJ, "-o",
-             "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", p,
-             str(3 * M + 1536))
+    with gzip.open(FIXTURES / "luks.qcow2.gz") as f:
+        p.write_bytes(f.read())
     _io(f"driver=qcow2,file.filename={p},encrypt.key-secret=s0", None,
-        "write -P 0xc1 0 1000", "write -z 1M 64k", f"write -P 0xc2 {3 * M} 1536",
-        image_opts=True, objects=[SECRET_OBJ])
-    _LUKS.append(p)
+        "write -z 16k 16k", "write -P 0xc1 40k 1000", image_opts=True, objects=[SECRET_OBJ])
     return p, "qcow2", KEY
 
 
@@ -173,7 +170,8 @@ def test_checksum_equals_ovirt_imageio(tmp_path: Path, name: str) -> None:
     p, fmt, kw = IMAGES[name](tmp_path)
     raw = _oracle_raw(p, fmt, kw)
     before = p.read_bytes()
-    for bs in (4 * M, M):  # the default, and blocks small enough for a short last one
+    # the default, and blocks small enough for several blocks and a short last one
+    for bs in (4 * M, M, 48 * K):
         theirs = oracle(raw, bs)
         ours = diskimg.checksum(p, block_size=bs, format=fmt, **kw)
         assert ours == theirs, (name, bs)

@@ -30,7 +30,7 @@ def naive(dev: diskimg.BlockDevice, block_size: int, data_blocks: set[int]) -> s
     last = dev.size - (n - 1) * block_size
     zero = digest(bytes(block_size))
     i = 0
-    for d in sorted(data_blocks) + [n]:
+    for d in [*sorted(data_blocks), n]:
         h.update(zero * (min(d, n - 1) - i))  # the zero blocks before d
         if d == n:  # the last block, when it holds no data
             if i < n:
