@@ -198,10 +198,11 @@ def _checksum(dev: BlockDevice, blk: Blkhash, progress: ProgressFn | None,
             # a zero run: its whole blocks (and the short last block) without reading
             zlen = zend - pos if zend == size else (zend - pos) // bs * bs
             if zlen:
-                for d in blk.zero_digests(zlen):
+                drain(0)  # the data before it, then the zero digests straight in (a PiB
+                for d in blk.zero_digests(zlen):  # of 4 KiB blocks is 8 TiB of digests)
                     pending.append((d, pos + zlen))
+                    drain(0)
                 pos += zlen
-                drain(2 * workers)
                 continue
             n = min(chunk, size - pos)
             buf = bytearray(n)  # zero ranges inside stay zeros: only data is read
