@@ -84,6 +84,14 @@ NOTES: dict[str, tuple[str, str, list[str]]] = {
               "`diskimg amend -f qcow2 -o help` lists them. LUKS key-slot changes need "
               "`--image-opts`, which amend does not accept yet.",
               ["diskimg amend -o lazy_refcounts=on disk.qcow2"]),
+    "checksum": (EXIT, "Not in qemu-img: ovirt-imageio's blkhash checksum of the guest "
+                 "content (the same value for the same content in any format, compressed, "
+                 "encrypted or through a backing chain). Prints `HEXDIGEST  FILE` as "
+                 "`sha256sum` does; `--output=json` prints ovirt-imageio's object (see "
+                 "[json.md](json.md#checksum)). Ranges that read as zeros are not read. "
+                 "See [verify a copy](../howto/checksum.md).",
+                 ["diskimg checksum disk.qcow2",
+                  "diskimg checksum --output=json -a sha256 -b 1M disk.qcow2"]),
 }
 
 

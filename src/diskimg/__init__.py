@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from diskimg.device import BlockDevice, DeviceIO, ImageInfo, MapEntry
     from diskimg.hostio import aligned_buffer
     from diskimg.operations import commit, compare, convert, dd, rebase
+    from diskimg.ops.checksum import checksum
     from diskimg.ops.commands import amend, check, info, map, measure, resize, snapshot
     from diskimg.policy import OpenPolicy
     from diskimg.pool import Pool, PoolRegistry, Volume
@@ -35,7 +36,8 @@ _LAZY = {"create": "api", "open": "api", "BlockDevice": "device", "DeviceIO": "d
          "commit": "operations", "compare": "operations", "convert": "operations",
          "dd": "operations", "rebase": "operations", "amend": "ops.commands",
          "check": "ops.commands", "info": "ops.commands", "map": "ops.commands",
-         "measure": "ops.commands", "resize": "ops.commands", "snapshot": "ops.commands"}
+         "measure": "ops.commands", "resize": "ops.commands", "snapshot": "ops.commands",
+         "checksum": "ops.checksum"}
 
 
 def __getattr__(name: str) -> object:
@@ -87,6 +89,7 @@ __all__ = [
     "aligned_buffer",
     "amend",
     "check",
+    "checksum",
     "commit",
     "compare",
     "convert",

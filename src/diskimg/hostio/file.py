@@ -36,7 +36,8 @@ def aligned_buffer(n: int) -> mmap.mmap:
     return mmap.mmap(-1, max(1, n))
 
 
-_ZEROS = memoryview(bytes(1 << 20))
+_ZERO_BYTES = bytes(1 << 20)
+_ZEROS = memoryview(_ZERO_BYTES)
 
 
 def zero_fill(buf: memoryview) -> None:
@@ -52,8 +53,9 @@ def zero_fill(buf: memoryview) -> None:
 def all_zero(buf: bytes | bytearray | memoryview) -> bool:
     """Whether ``buf`` (any bytes-like object) holds only zero bytes: the one zero test of
     the project.  A non-zero first byte answers at once; otherwise the buffer is compared a
-    MiB at a time against one shared zero buffer (bytes/bytearray equality with a buffer
-    is a memcmp; memoryview equality runs item by item, so views are compared as bytes)."""
+    MiB at a time against one shared zero ``bytes`` (bytes/bytearray equality with bytes
+    is a memcmp; memoryview equality, on either side, runs item by item, so views are
+    compared as bytes and never against the ``_ZEROS`` view)."""
     mv = buf if isinstance(buf, memoryview) else None
     if mv is not None and (mv.format != "B" or mv.ndim != 1):
         mv = mv.cast("B")
@@ -64,10 +66,11 @@ def all_zero(buf: bytes | bytearray | memoryview) -> bool:
         return False
     z = len(_ZEROS)
     if mv is not None:
-        return all(mv[p : p + z].tobytes() == _ZEROS[: min(z, n - p)] for p in range(0, n, z))
+        return all(mv[p : p + z].tobytes() == _ZERO_BYTES[: min(z, n - p)]
+                   for p in range(0, n, z))
     if n <= z:
-        return buf == _ZEROS[:n]
-    return all(buf[p : p + z] == _ZEROS[: min(z, n - p)] for p in range(0, n, z))
+        return buf == _ZERO_BYTES[:n]
+    return all(buf[p : p + z] == _ZERO_BYTES[: min(z, n - p)] for p in range(0, n, z))
 
 
 def is_aligned(buf: memoryview) -> bool:

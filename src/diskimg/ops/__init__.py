@@ -7,6 +7,7 @@
 - :mod:`.copier`: the convert copy loop writing a plan to the target;
 - :mod:`.convert`, :mod:`.compare`, :mod:`.dd`: the commands;
 - :mod:`.chain`: ``commit`` and ``rebase`` over backing chains;
+- :mod:`.checksum`: ovirt-imageio's blkhash checksum of the guest content;
 - :mod:`.commands`: ``info``, ``check``, ``map``, ``measure``, ``amend``, ``snapshot``,
   ``resize`` by path (the module-level functions of :mod:`diskimg`).
 
