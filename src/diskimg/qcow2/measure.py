@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from diskimg.crypto.luks.header import measured_payload
+from diskimg.crypto.luks.header import luks_header_size, measured_payload  # noqa: F401 (re-exported)
 from diskimg.errors import FormatError, UsageError
 from diskimg.options import compat_version, parse_bool
 from diskimg.qcow2.bitmaps import (
