@@ -388,5 +388,5 @@ def amend_area(host: HostFile, off: int, length: int, cipher: LuksCipher,
     return new
 
 
-__all__ = ["AreaWrite", "KeySlotAmend", "amend_area", "open_luks", "plan_add_key", "plan_erase_keys",
-           "plan_keyslot_amend", "secret_lookup", "slot_opens", "unlock"]
+__all__ = ["AreaWrite", "KeySlotAmend", "amend_area", "open_luks", "plan_add_key",
+           "plan_erase_keys", "plan_keyslot_amend", "secret_lookup", "slot_opens", "unlock"]
