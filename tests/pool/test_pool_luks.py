@@ -52,6 +52,11 @@ def test_encrypted_raw_volume_is_a_luks_image(pool: Pool, tmp_path: Path) -> Non
     assert (d.format, d.capacity) == ("raw", 1000 << 10)
     assert d.encryption is not None and d.encryption.format == "luks"
     assert "<encryption format='luks'" in v.to_xml()
+    # resizing it as raw bytes would cut the payload short: refused, file unchanged
+    before = Path(v.path).read_bytes()
+    with pytest.raises(PoolError, match="LUKS-encrypted raw volume"):
+        v.resize(1 << 20)
+    assert Path(v.path).read_bytes() == before
 
     # vol-create-from a raw volume: its guest bytes, encrypted, as qemu reads them
     src = pool.create_volume("src.raw", 600 << 10, "raw")
