@@ -259,6 +259,28 @@ def test_refusals_change_nothing(ours: dict[str, Path], tmp_path: Path) -> None:
     assert len(got) == 3 << 20 and got[:len(data) - 512] == data[:-512]
 
 
+def test_probe_names_luks1_only() -> None:
+    """qemu probes a LUKS1 header as luks; another version stays raw (qemu 7.2's luks
+    driver reads LUKS1 only), and the pool still reports it as raw with encryption."""
+    from diskimg.probe import probe_bytes
+
+    head = b"LUKS\xba\xbe"
+    assert probe_bytes(head + b"\0\x01" + bytes(600)) == "luks"
+    assert probe_bytes(head + b"\0\x02" + bytes(600)) == "raw"
+
+
+def test_key_option_is_the_formats_own(qemu_made: dict[str, Path]) -> None:
+    """luks takes ``key-secret``, qcow2 ``encrypt.key-secret`` (qemu's names); the other
+    one is refused by name, or leaves the key missing, as in qemu-img."""
+    p = qemu_made["xts"]
+    r = cli("info", *SECRET, "--image-opts",
+            f"driver=luks,encrypt.key-secret=s0,file.filename={p}", ok=1)
+    assert "does not support the option 'encrypt.key-secret'" in r.stderr
+    r = cli("convert", *SECRET, "-O", "raw", "--image-opts",
+            f"driver=qcow2,key-secret=s0,file.filename={p}", p.with_suffix(".x"), ok=1)
+    assert "Image is not in qcow2 format" in r.stderr
+
+
 def _hostile(tmp_path: Path, src: Path, name: str, patch: Any) -> Path:
     p = tmp_path / name
     b = bytearray(src.read_bytes())

@@ -134,14 +134,14 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
                        for_check=for_check)
     except (DiskImgError, OSError) as e:
         raise errors.open_failure(label, e, fmt) from e
-    if need_key and sid is None and dev.format != "raw":
+    key_option = "key-secret" if dev.format == "luks" else "encrypt.key-secret"
+    if need_key and key_option not in options and dev.format != "raw":
         try:
             encrypted = dev.info().encrypted
         except DiskImgError:
             encrypted = False
         if encrypted:
             dev.close()
-            key_option = "key-secret" if dev.format == "luks" else "encrypt.key-secret"
             raise DiskImgError(f"Could not open '{label}': Parameter '{key_option}' is "
                                "required for cipher")
     if mode == "r+" and dev.probed:
