@@ -15,7 +15,7 @@ from diskimg.policy import OpenPolicy
 from diskimg.params import check_int
 from diskimg.probe import check_format, probe
 
-FORMATS = ("qcow2", "raw", "vmdk")
+FORMATS = ("qcow2", "raw", "vmdk", "luks")
 PathLike = str | os.PathLike[str]
 
 
@@ -87,6 +87,10 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
 
             dev = Qcow2Image(host, secrets=secrets, options=options, policy=policy,
                              for_check=for_check)
+        elif fmt == "luks":
+            from diskimg.luks import LuksImage
+
+            dev = LuksImage(host, secrets=secrets, options=options)
         else:
             from diskimg.vmdk import open_vmdk
 
@@ -166,8 +170,8 @@ def create(
     opts = dict(options or {})
     if format not in FORMATS:
         raise UsageError(f"Unknown file format '{format}'")
-    if format == "raw" and backing_file:
-        raise UsageError("Backing file not supported for file format 'raw'")
+    if format in ("raw", "luks") and backing_file:
+        raise UsageError(f"Backing file not supported for file format '{format}'")
     if backing_file is not None and backing_fmt is None and not unsafe:
         raise UsageError("Backing file specified without backing format")
     if size is None:
@@ -192,6 +196,11 @@ def create(
             host.close()
         if opts:
             raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
+        return
+    if format == "luks":
+        from diskimg.luks import create_luks_image
+
+        create_luks_image(path, size, opts, dict(secrets or {}))
         return
     if format == "qcow2":
         from diskimg.qcow2.create import create_qcow2

@@ -64,6 +64,11 @@ FORMAT_OPTIONS: dict[str, list[OptionDesc]] = {
         _o("refcount_bits", "num", "Width of a reference count entry in bits", "16"),
     ],
     "raw": [_SIZE],
+    "luks": [
+        _SIZE,
+        _o("key-secret", "str", "ID of the secret that provides the keyslot passphrase"),
+        *(_o(d.name.removeprefix("encrypt."), d.kind, d.help) for d in _ENCRYPT[2:]),
+    ],
     "vmdk": [
         _SIZE,
         _o("adapter_type", "str", "Virtual adapter type, can be one of ide (default), "

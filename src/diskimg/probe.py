@@ -1,4 +1,5 @@
-"""Format detection: qcow2, vmdk, then raw last (qemu's probe order for these formats).
+"""Format detection: qcow2, vmdk, luks, then raw last (qemu's probe order for these
+formats).
 
 Foreign formats that qemu knows but diskimg does not implement are recognised by their
 magic and refused, so a VHD is never silently converted as if it were raw bytes.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import struct
 
+from diskimg.crypto.luks.header import LUKS_MAGIC, LUKS_VERSION
 from diskimg.errors import UnsupportedFeatureError, WrongFormatError
 from diskimg.hostio import HostFile
 
@@ -33,13 +35,15 @@ DMG_TRAILER_MAGIC = b"koly"
 
 
 def probe_bytes(head: bytes) -> str:
-    """Name the format of an image whose first bytes are ``head`` ("qcow2", "vmdk", "raw",
-    or a foreign format name diskimg does not implement)."""
+    """Name the format of an image whose first bytes are ``head`` ("qcow2", "vmdk", "luks",
+    "raw", or a foreign format name diskimg does not implement)."""
     if head[:4] == QCOW_MAGIC and len(head) >= 8:
         version = struct.unpack_from(">I", head, 4)[0]
         return "qcow2" if version >= 2 else ("qcow" if version == 1 else "raw")
     if head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC):
         return "vmdk"
+    if head[:6] == LUKS_MAGIC and head[6:8] == LUKS_VERSION.to_bytes(2, "big"):
+        return "luks"  # qemu's luks probe: magic and LUKS1
     text = head[:PROBE_SIZE]
     if b"# Disk DescriptorFile" in text[:64] or (
         b"createType=" in text and b"# Extent description" in text
@@ -58,10 +62,10 @@ def probe(host: HostFile) -> str:
     size = host.size()
     if fmt == "raw" and size >= 512 and host.pread(size - 512, 4) == DMG_TRAILER_MAGIC:
         fmt = "dmg"  # Apple disk image: 'koly' trailer in the last 512 bytes
-    if fmt not in ("qcow2", "vmdk", "raw"):
+    if fmt not in ("qcow2", "vmdk", "luks", "raw"):
         raise UnsupportedFeatureError(
             f"Image format '{fmt}' of '{host.path}' is not supported by diskimg "
-            "(qcow2, vmdk and raw are); refusing to treat it as raw"
+            "(qcow2, vmdk, luks and raw are); refusing to treat it as raw"
         )
     return fmt
 
@@ -73,3 +77,5 @@ def check_format(host: HostFile, fmt: str) -> None:
         raise WrongFormatError("Image is not in qcow2 format", offset=0)
     if fmt == "vmdk" and got != "vmdk":
         raise WrongFormatError("Not a VMDK image", offset=0, field="format")
+    if fmt == "luks" and got != "luks":
+        raise WrongFormatError("Volume is not in LUKS format", offset=0, field="magic")

@@ -97,12 +97,18 @@ def amend(path: PathLike, options: Mapping[str, str], *,
           secrets: Mapping[str, bytes] | None = None, untrusted: bool = False,
           image_options: Mapping[str, str] | None = None) -> None:
     """``qemu-img amend -o``: change qcow2 ``options`` (``compat``, ``lazy_refcounts``,
-    ``refcount_bits``, ``size``, LUKS key slots ...) in place; every option is checked
-    before anything is written."""
+    ``refcount_bits``, ``size``, LUKS key slots ...) in place, or the key slots of a luks
+    image (``state``, ``new-secret``, ``old-secret``, ``keyslot``, ``iter-time``; unlocked
+    with ``image_options['key-secret']``); every option is checked before anything is
+    written."""
+    from diskimg.luks import LuksImage, keyslot_request
     from diskimg.qcow2 import amend as am
 
     with api.open(path, "r+", format, untrusted=untrusted, secrets=dict(secrets or {}),
                   options=dict(image_options or {})) as dev:
+        if isinstance(dev, LuksImage):  # key slots, options named as qemu's luks driver
+            dev.amend_keyslots(keyslot_request(options), force=force)
+            return
         if dev.format != "qcow2":
             raise UnsupportedFeatureError(
                 f"Format driver '{dev.format}' does not support option amendment")

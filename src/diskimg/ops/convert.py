@@ -113,9 +113,10 @@ def convert(
                 api.create(dst, out_format, total, backing_file=backing_file,
                            backing_fmt=backing_fmt, options=options, secrets=secrets)
             topts = dict(target_options or {})
-            key = (options or {}).get("encrypt.key-secret")
+            key_option = "key-secret" if out_format == "luks" else "encrypt.key-secret"
+            key = (options or {}).get(key_option)
             if key is not None and not target_exists:
-                topts.setdefault("encrypt.key-secret", str(key))  # the new image's key
+                topts.setdefault(key_option, str(key))  # the new image's key
             tgt_cm = api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
                               options=topts)
         with tgt_cm as tgt:

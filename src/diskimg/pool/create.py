@@ -104,7 +104,10 @@ def copy_guest_data(src: BlockDevice, dst: str, dst_fmt: str, secret: bytes | No
     """Copy the guest bytes of the open image ``src`` into the existing image ``dst``."""
     from diskimg.operations import convert
 
-    opts = {"encrypt.key-secret": "sec0"} if secret else None
+    if secret and dst_fmt == "raw":
+        dst_fmt = "luks"  # an encrypted raw volume (Pool.create_volume)
+    key = "key-secret" if dst_fmt == "luks" else "encrypt.key-secret"
+    opts = {key: "sec0"} if secret else None
     secrets = {"sec0": secret} if secret else None
     convert(src, dst, dst_fmt, target_exists=True, secrets=secrets, target_options=opts)
 

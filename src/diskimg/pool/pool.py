@@ -298,7 +298,8 @@ class Pool:
         allocated.  qcow2: compat 0.10 unless ``options`` say otherwise (libvirt's default),
         ``prealloc_metadata`` → preallocation=metadata (falloc when allocation ≥ capacity),
         ``backing`` (a volume, a volume name in this pool, or a path) with its format probed
-        when not given, ``encryption="luks"`` with ``secret``.  vmdk via diskimg's vmdk
+        when not given, ``encryption="luks"`` with ``secret`` (a raw volume with it is a
+        ``luks`` image, as libvirt has qemu-img create it).  vmdk via diskimg's vmdk
         driver.  Permissions default to mode 0600 and the caller's owner and group.  The
         name is reserved with an exclusive create and the volume stays under diskimg's
         per-volume lock until it is complete (``_fill``, internal, copies data in under
@@ -316,9 +317,9 @@ class Pool:
             raise PoolError("Operation not supported: backing storage not supported for raw "
                             "volumes")
         if encryption is not None:
-            if format != "qcow2" or encryption not in ("luks", "default"):
-                raise PoolError("Operation not supported: only qcow2 volumes with LUKS "
-                                "encryption can be created")
+            if format not in ("qcow2", "raw") or encryption not in ("luks", "default"):
+                raise PoolError("Operation not supported: only qcow2 and raw volumes with "
+                                "LUKS encryption can be created")
             if not secret:
                 raise PoolError("invalid argument: an encrypted volume needs a secret")
         perms = permissions or Permissions()
@@ -335,8 +336,13 @@ class Pool:
                 bfmt = bp.format
         path, fd = self._reserve(name, mode)
         try:
-            if format == "raw":
+            if format == "raw" and encryption is None:
                 create.create_raw(path, cap, alloc)
+            elif format == "raw":
+                # libvirt: qemu-img create -f luks, a LUKS header before the raw payload
+                api.create(path, "luks", -(-cap // 1024) * 1024,
+                           options={"key-secret": "sec0"},
+                           secrets={"sec0": secret})  # type: ignore[dict-item]
             else:
                 opts = dict(options or {})
                 secrets: dict[str, bytes] = {}

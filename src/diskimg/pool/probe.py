@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from diskimg import api
 from diskimg.crypto.luks.header import LUKS_MAGIC
 from diskimg.errors import DiskImgError
+from diskimg.luks import LuksImage
 from diskimg.probe import PROBE_SIZE, probe_bytes
 from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, Descriptor
 from diskimg.vmdk.sparse import SECTOR, VMDK4_MAGIC, SparseHeader
@@ -66,6 +67,19 @@ def _vmdk_capacity(path: str, head: bytes) -> int | None:
     return sum(e.sectors for e in extents) * SECTOR if extents else None
 
 
+def _luks_volume(path: str, physical: int, allocation: int) -> Probed:
+    """A file with a LUKS1 header: format raw, encryption luks, and (libvirt) the payload
+    offset taken off the capacity when the header can be read."""
+    p = Probed("file", "raw", physical, allocation, physical, encryption="luks")
+    try:
+        with api.open(path, "r", "luks", backing=False, force_share=True) as dev:
+            assert isinstance(dev, LuksImage)
+            p.capacity = physical - dev.payload
+    except (DiskImgError, OSError):
+        pass
+    return p
+
+
 def probe_volume(path: str) -> Probed | None:
     """What libvirt's refresh learns about one directory entry; None = not a volume."""
     try:
@@ -84,6 +98,8 @@ def probe_volume(path: str) -> Probed | None:
     except OSError:
         return None  # libvirt skips files it cannot open
     fmt = probe_bytes(head)
+    if fmt == "luks":  # libvirt: a raw volume with LUKS encryption
+        return _luks_volume(path, physical, allocation)
     if fmt not in ("qcow2", "vmdk", "raw"):
         return Probed("file", _LIBVIRT_FORMAT.get(fmt, "raw"), physical, allocation, physical)
     if fmt == "raw":

@@ -215,6 +215,13 @@ class Volume:
                 raise PoolError("Not enough space left in storage pool")
         if d.format not in CREATE_FORMATS:
             raise PoolError(f"Operation not supported: resizing a '{d.format}' volume")
+        if d.format == "raw" and d.encryption is not None:
+            # a luks image: truncating it as raw bytes would cut the payload short (its
+            # LUKS header comes first); resize it with its key (diskimg resize
+            # --image-opts driver=luks,key-secret=...)
+            raise PoolError("Operation not supported: resizing a LUKS-encrypted raw volume "
+                            "needs its secret; use 'diskimg resize --object secret,... "
+                            "--image-opts driver=luks,key-secret=...'")
         if force and d.format == "raw":
             with open(self.path, "r+b") as f:
                 os.ftruncate(f.fileno(), new)

@@ -10,31 +10,17 @@ into the image file.  The library calls ``luks_add_key`` and ``luks_remove_keys`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from diskimg.crypto import wipe
-from diskimg.crypto.luks import (
-    KeySlotAmend,
-    LuksCipher,
-    LuksHeader,
-    parse_fde_extension,
-    plan_keyslot_amend,
-)
-from diskimg.errors import MissingSecretError, UnsupportedFeatureError, UsageError
+from diskimg.crypto.luks import KeySlotAmend, LuksCipher, LuksHeader, parse_fde_extension
+from diskimg.crypto.luks.keyslots import amend_area
+from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.qcow2.amend_header import read_header
 from diskimg.qcow2.amend_plan import check_encryption_amendable
 from diskimg.qcow2.layout import QCOW2_EXT_MAGIC_CRYPTO_HEADER, Header
 
 __all__ = ["amend_keyslots", "keyslot_change", "luks_area"]
-
-
-def _secret_lookup(secrets: Mapping[str, bytes]) -> Callable[[str], bytes]:
-    def lookup(sid: str) -> bytes:
-        if sid not in secrets:
-            raise MissingSecretError(f"No secret with id '{sid}'")
-        return secrets[sid]
-    return lookup
 
 
 def luks_area(h: Header, file_size: int | None) -> tuple[int, int]:
@@ -47,12 +33,8 @@ def luks_area(h: Header, file_size: int | None) -> tuple[int, int]:
 def amend_keyslots(dev: Any, req: KeySlotAmend, secrets: Mapping[str, bytes], *,
                    force: bool = False) -> LuksHeader:
     """Apply a key slot change to the open, writable LUKS qcow2 ``dev`` (unlocked with its
-    ``encrypt.key-secret``); returns the new LUKS header.
-
-    The master key is taken from the open image (no second PBKDF2 run), copied into a
-    ``bytearray`` and wiped once the plan is made.  Each planned write goes to the LUKS
-    area inside the image file and is flushed before the next one (key material before
-    the slot header that activates it; an erase writes the header first)."""
+    ``encrypt.key-secret``); returns the new LUKS header.  The writes into the LUKS area
+    inside the image file are :func:`diskimg.crypto.luks.keyslots.amend_area`'s."""
     h = read_header(dev.host)
     check_encryption_amendable(h)
     if dev.read_only:
@@ -61,18 +43,7 @@ def amend_keyslots(dev: Any, req: KeySlotAmend, secrets: Mapping[str, bytes], *,
     if not isinstance(cipher, LuksCipher):
         raise UnsupportedFeatureError("Only LUKS encryption options can be amended")
     off, length = luks_area(h, dev.host.size())
-    area = dev.host.pread_exact(off, length, "LUKS header (FDE extension)")
-    header = LuksHeader.parse(area, len(area))
-    mk = cipher.export_master_key()
-    try:
-        new, writes = plan_keyslot_amend(header, area, mk, req, _secret_lookup(secrets),
-                                         force)
-    finally:
-        wipe(mk)
-    for w in writes:
-        dev.host.pwrite(off + w.offset, w.data)
-        dev.host.flush()
-    return new
+    return amend_area(dev.host, off, length, cipher, req, secrets, force=force)
 
 
 def keyslot_change(path: Any, secret: bytes, req: KeySlotAmend,

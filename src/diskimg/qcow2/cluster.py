@@ -16,10 +16,10 @@ from __future__ import annotations
 from array import array
 from typing import TYPE_CHECKING, Any
 
+from diskimg.crypto.sectors import encrypt_sectors
+from diskimg.qcow2 import crypt, header_io
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import L2Table
-from diskimg.qcow2.crypt import CRYPT_PIECE
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_MASK,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -296,30 +296,18 @@ def pwrite_runs(img: Qcow2Image, writes: list[tuple[int, Any]]) -> None:
 
 
 def encrypt_writes(img: Qcow2Image, writes: list[tuple[int, Any, int]]) -> list[tuple[int, Any]]:
-    """Turn (host, data, guest) pieces into whole encrypted sectors; partial sectors
-    are completed with the current guest contents first."""
+    """Turn (host, data, guest) pieces into whole encrypted sectors
+    (:func:`diskimg.crypto.sectors.encrypt_sectors`); partial sectors are completed with
+    the current guest contents first."""
     cipher = img.cipher
     if cipher is None:
         return [(h, b) for h, b, _ in writes]
-    out = []
+    out: list[tuple[int, Any]] = []
     for host, data, guest in writes:
-        d = host & 511
-        n = len(data)
-        if d or n % 512:
-            full = bytearray(-(-(d + n) // 512) * 512)
-            avail = min(len(full), img.size - (guest - d))
-            img._readinto(guest - d, memoryview(full)[:avail])
-            full[d : d + n] = data
-        else:
-            # whole sectors: encrypted CRYPT_PIECE at a time, so the cipher's
-            # temporaries stay small (2 MiB ones cost a page fault per 4 KiB) and the
-            # pieces still go out with one pwritev
-            mv = memoryview(data)
-            for k in range(0, n, CRYPT_PIECE):
-                piece = bytearray(mv[k : k + CRYPT_PIECE])
-                cipher.encrypt(img._crypt_sector(host + k, guest + k), piece)
-                out.append((host + k, piece))
-            continue
-        cipher.encrypt(img._crypt_sector(host - d, guest - d), full)
-        out.append((host - d, full))
+        g0 = guest - (host & 511)
+
+        def fill(buf: memoryview, g0: int = g0) -> None:
+            img._readinto(g0, buf[: min(len(buf), img.size - g0)])
+
+        out += encrypt_sectors(cipher, host, data, crypt.iv_shift(img, host, guest), fill)
     return out

@@ -1,23 +1,21 @@
 """The sector cipher of an encrypted qcow2 image, read side (QEMU's qcow2-crypt seam):
 unlocking the cipher with the image's secret, the IV sector rule, and decrypting the
-sectors under a DATA run.  The write side (encrypting whole sectors) uses
-:func:`crypt_sector` and :data:`CRYPT_PIECE` from here."""
+sectors under a DATA run.  The sector loops themselves are format-neutral and live in
+:mod:`diskimg.crypto.sectors` (shared with the ``luks`` format); the write side
+(:func:`diskimg.qcow2.cluster.encrypt_writes`) takes :func:`iv_shift` from here."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from diskimg.crypto.sectors import CRYPT_PIECE, read_decrypt
 from diskimg.errors import MissingSecretError
 
 if TYPE_CHECKING:
     from diskimg.crypto import SectorCipher
     from diskimg.qcow2.image import Qcow2Image
 
-__all__ = ["CRYPT_PIECE", "cipher", "crypt_sector", "read_encrypted"]
-
-#: bytes en/decrypted per cipher call (a multiple of 512): the cipher's temporaries stay
-#: small (2 MiB ones cost a page fault per 4 KiB)
-CRYPT_PIECE = 64 << 10
+__all__ = ["CRYPT_PIECE", "cipher", "iv_shift", "read_encrypted"]
 
 
 def cipher(img: Qcow2Image) -> SectorCipher | None:
@@ -46,24 +44,15 @@ def cipher(img: Qcow2Image) -> SectorCipher | None:
     return img._cipher
 
 
-def crypt_sector(img: Qcow2Image, host: int, guest: int) -> int:
-    """IV sector: the host sector for LUKS, the guest sector for legacy AES (QEMU)."""
-    return (host if img.header.crypt_method == 2 else guest) // 512
+def iv_shift(img: Qcow2Image, host: int, guest: int) -> int:
+    """The ``iv_shift`` of :mod:`diskimg.crypto.sectors` for guest bytes at ``guest``
+    stored at ``host``: 0 for LUKS (host sectors), ``guest - host`` for legacy AES."""
+    return 0 if img.header.crypt_method == 2 else guest - host
 
 
 def read_encrypted(img: Qcow2Image, guest: int, host: int, dst: memoryview) -> None:
     """Fill ``dst`` with the plaintext of the guest bytes at ``guest``, stored encrypted
-    from host offset ``host`` (a DATA run): whole sectors are read and decrypted,
-    :data:`CRYPT_PIECE` at a time."""
+    from host offset ``host`` (a DATA run)."""
     c = cipher(img)
     assert c is not None
-    d = host & 511
-    if not d and len(dst) > CRYPT_PIECE:
-        for k in range(0, len(dst), CRYPT_PIECE):
-            read_encrypted(img, guest + k, host + k, dst[k : k + CRYPT_PIECE])
-        return
-    lo = host - d
-    buf = bytearray(-(-(d + len(dst)) // 512) * 512)
-    img.data_host.preadinto(lo, memoryview(buf))
-    c.decrypt(crypt_sector(img, lo, guest - d), buf)
-    dst[:] = memoryview(buf)[d : d + len(dst)]
+    read_decrypt(img.data_host, c, host, iv_shift(img, host, guest), dst)

@@ -325,10 +325,6 @@ class Qcow2Image(BlockDevice):
         secret named by the ``encrypt.key-secret`` option; None when not encrypted."""
         return crypt.cipher(self)
 
-    def _crypt_sector(self, host: int, guest: int) -> int:
-        """IV sector: the host sector for LUKS, the guest sector for legacy AES (QEMU)."""
-        return crypt.crypt_sector(self, host, guest)
-
     def _readinto(self, offset: int, buf: memoryview) -> None:
         reader.readinto(self, offset, buf)
 

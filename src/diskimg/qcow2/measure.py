@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from diskimg.crypto.luks.header import CIPHER_MODES, QEMU_CIPHER_KEY_BYTES, luks_header_size
+from diskimg.crypto.luks.header import luks_header_size, measured_payload  # noqa: F401 (re-exported)
 from diskimg.errors import FormatError, UsageError
 from diskimg.options import compat_version, parse_bool
 from diskimg.qcow2.bitmaps import (
@@ -196,18 +196,7 @@ def parse_qcow2_options(options: Mapping[str, Any],
     backing = options.get("backing_file") is not None
     luks = 0
     if str(options.get("encrypt.format") or "") == "luks":
-        sid = options.get("encrypt.key-secret")
-        if sid is None:
-            raise UsageError("Parameter 'encrypt.key-secret' is required for cipher")
-        if has_secret is not None and not has_secret(str(sid)):
-            raise UsageError(f"No secret with id '{sid}'")
-        alg = str(options.get("encrypt.cipher-alg") or "aes-256")
-        mode = str(options.get("encrypt.cipher-mode") or "xts")
-        if alg not in QEMU_CIPHER_KEY_BYTES:
-            raise UsageError(f"Parameter 'cipher-alg' does not accept value '{alg}'")
-        if mode not in CIPHER_MODES:
-            raise UsageError(f"Parameter 'cipher-mode' does not accept value '{mode}'")
-        luks = _round_up(luks_header_size(alg, mode), cs)
+        luks = _round_up(measured_payload(options, has_secret, "encrypt."), cs)
     size = _opt_size(options, "size", 0)
     return Qcow2Plan(cs, version, bits.bit_length() - 1, extl2, prealloc, backing, luks,
                      size)
@@ -293,6 +282,15 @@ def measure_raw(options: Mapping[str, Any], dev: BlockDevice | None = None) -> M
     return MeasureInfo(req, req)
 
 
+def measure_luks(options: Mapping[str, Any], dev: BlockDevice | None = None,
+                 has_secret: Callable[[str], bool] | None = None) -> MeasureInfo:
+    """luks output: the LUKS header and key material, then the input's length or
+    ``size`` (not rounded), all of it allocated (qemu's block_crypto_measure)."""
+    payload = measured_payload(options, has_secret)
+    n = payload + (int(dev.size) if dev is not None else _opt_size(options, "size", 0))
+    return MeasureInfo(n, n)
+
+
 def measure(out_format: str, options: Mapping[str, Any] | None = None,
             dev: BlockDevice | None = None, *,
             size: int | None = None, has_secret: Callable[[str], bool] | None = None,
@@ -306,4 +304,6 @@ def measure(out_format: str, options: Mapping[str, Any] | None = None,
         return measure_qcow2(opts, dev, has_secret, bitmap_dev)
     if out_format == "raw":
         return measure_raw(opts, dev)
+    if out_format == "luks":
+        return measure_luks(opts, dev, has_secret)
     raise UsageError(f"Block driver '{out_format}' does not support size measurement")

@@ -49,7 +49,7 @@ def add_common(p: argparse.ArgumentParser, *, fmt: bool = True, share: bool = Tr
     p.add_argument("files", nargs="*", help=argparse.SUPPRESS)
 
 
-KNOWN_FORMATS = ("qcow2", "raw", "vmdk")
+KNOWN_FORMATS = ("qcow2", "raw", "vmdk", "luks")
 PROBED_RAW_WARNING = (
     "WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
     "         Automatically detecting the format is dangerous for raw images, write "
@@ -101,7 +101,8 @@ def parse_image_opts(text: str) -> tuple[str, str | None, dict[str, str]]:
     if fmt is not None and fmt not in KNOWN_FORMATS:
         raise DiskImgError(f"Could not open '{text}': Unknown driver '{fmt}'")
     for k in rest:
-        if fmt == "raw" or not (k.startswith("encrypt.") or fmt in (None, "qcow2", "vmdk")):
+        if fmt == "raw" or not (k.startswith("encrypt.") or fmt in (None, "qcow2", "vmdk")
+                                or (fmt == "luks" and k == "key-secret")):
             raise DiskImgError(f"Could not open '{text}': Block format '{fmt or 'raw'}' does "
                                f"not support the option '{k}'")
     return path, fmt, rest
@@ -124,7 +125,7 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
         path, fmt, options = parse_image_opts(name)
     if fmt is not None and fmt not in KNOWN_FORMATS:
         raise DiskImgError(f"Could not open '{label}': Unknown driver '{fmt}'")
-    sid = options.get("encrypt.key-secret")
+    sid = options.get("encrypt.key-secret", options.get("key-secret"))  # qcow2, luks
     if sid is not None and sid not in ctx.secrets:
         raise DiskImgError(f"Could not open '{label}': No secret with id '{sid}'")
     try:
@@ -133,14 +134,15 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
                        for_check=for_check)
     except (DiskImgError, OSError) as e:
         raise errors.open_failure(label, e, fmt) from e
-    if need_key and sid is None and dev.format != "raw":
+    key_option = "key-secret" if dev.format == "luks" else "encrypt.key-secret"
+    if need_key and key_option not in options and dev.format != "raw":
         try:
             encrypted = dev.info().encrypted
         except DiskImgError:
             encrypted = False
         if encrypted:
             dev.close()
-            raise DiskImgError(f"Could not open '{label}': Parameter 'encrypt.key-secret' is "
+            raise DiskImgError(f"Could not open '{label}': Parameter '{key_option}' is "
                                "required for cipher")
     if mode == "r+" and dev.probed:
         sys.stderr.write(PROBED_RAW_WARNING.format(path))

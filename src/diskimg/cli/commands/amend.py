@@ -10,6 +10,7 @@ from diskimg.cli.commands._shared import (Context, add_common, collect_o, opened
                                           probe_name)
 from diskimg.cli.errors import CommandLineError
 from diskimg.errors import DiskImgError
+from diskimg.luks import LuksImage, keyslot_request
 
 USAGE = '[-f FMT] [--force] -o K=V,... [--object OBJ] [--image-opts] FILE'
 DESCRIPTION = 'Change format options of an existing image (compat, refcount_bits, ...).'
@@ -34,8 +35,10 @@ def cmd_amend(ctx: Context, a: argparse.Namespace) -> int:
         raise CommandLineError("Must specify options (-o)")
     if opts.is_help(olist):
         fmt = a.format or (probe_name(a.files[0]) if a.files else None)
-        if fmt == "qcow2":
-            sys.stdout.write(am.AMEND_HELP)
+        if fmt in ("qcow2", "luks"):
+            from diskimg.luks import AMEND_HELP
+
+            sys.stdout.write(am.AMEND_HELP if fmt == "qcow2" else AMEND_HELP)
             return 0
         if fmt is None:
             raise CommandLineError("Expecting one image file name")
@@ -47,6 +50,9 @@ def cmd_amend(ctx: Context, a: argparse.Namespace) -> int:
     # until amend's header rewrites, which amend.amend starts by closing it
     with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         fmt = dev.format
+        if isinstance(dev, LuksImage):  # key slots only, with qemu's luks option names
+            dev.amend_keyslots(keyslot_request(dict(opts.parse_list(olist))), force=a.force)
+            return 0
         if fmt != "qcow2":
             raise DiskImgError(f"Format driver '{fmt}' does not support option amendment")
         path, _fmt, iopts = path_and_format(a, name, "amend", ("encrypt.key-secret",))

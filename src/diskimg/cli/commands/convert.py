@@ -124,11 +124,11 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         values = opts.validate(out_fmt, opts.parse_list(olist))
     backing = a.backing or values.pop("backing_file", None)
     backing_fmt = a.backing_fmt or values.pop("backing_fmt", None)
-    if backing is not None and out_fmt == "raw":
-        raise UsageError("Backing file not supported for file format 'raw'")
+    if backing is not None and out_fmt in ("raw", "luks"):
+        raise UsageError(f"Backing file not supported for file format '{out_fmt}'")
     if backing is not None and backing_fmt is None and not a.target_exists:
         raise UsageError("Use of backing file requires explicit backing format")
-    if a.compress and out_fmt == "raw":
+    if a.compress and out_fmt in ("raw", "luks"):
         raise UsageError("Compression not supported for this file format")
     snap = snapshot_param(a.snapshot)
     devs: list[BlockDevice] = []

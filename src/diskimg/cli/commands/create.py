@@ -54,7 +54,7 @@ def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
     backing = backing if backing is not None else values.get("backing_file")
     backing_fmt = backing_fmt if backing_fmt is not None else values.get("backing_fmt")
     if backing is not None:
-        if fmt == "raw":
+        if fmt in ("raw", "luks"):
             raise fail(f"Backing file not supported for file format '{fmt}'")
         values["backing_file"] = backing
         if backing_fmt is not None:

@@ -34,6 +34,7 @@ it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -352,6 +353,25 @@ def luks_header_size(cipher_alg: str = "aes-256", cipher_mode: str = "xts") -> i
     ``encrypt.cipher-alg`` of :data:`QEMU_CIPHER_KEY_BYTES` and a mode."""
     key = QEMU_CIPHER_KEY_BYTES[cipher_alg] * (2 if cipher_mode == "xts" else 1)
     return slot_layout(key)[1] * SECTOR_SIZE
+
+
+def measured_payload(options: Mapping[str, Any], has_secret: Callable[[str], bool] | None,
+                     prefix: str = "") -> int:
+    """``qemu-img measure``'s LUKS header size for create options ``options`` (names
+    after ``prefix``: ``encrypt.`` in qcow2, none for the luks format), checked as qemu
+    checks them: the key secret must be named and exist."""
+    sid = options.get(f"{prefix}key-secret")
+    if sid is None:
+        raise UsageError(f"Parameter '{prefix}key-secret' is required for cipher")
+    if has_secret is not None and not has_secret(str(sid)):
+        raise UsageError(f"No secret with id '{sid}'")
+    alg = str(options.get(f"{prefix}cipher-alg") or "aes-256")
+    mode = str(options.get(f"{prefix}cipher-mode") or "xts")
+    if alg not in QEMU_CIPHER_KEY_BYTES:
+        raise UsageError(f"Parameter 'cipher-alg' does not accept value '{alg}'")
+    if mode not in CIPHER_MODES:
+        raise UsageError(f"Parameter 'cipher-mode' does not accept value '{mode}'")
+    return luks_header_size(alg, mode)
 
 
 def luks_info(header: LuksHeader | bytes | memoryview) -> dict[str, Any]:

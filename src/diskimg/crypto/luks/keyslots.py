@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from diskimg.crypto import SECTOR_SIZE, KeyBuf, wipe
 from diskimg.crypto.ivgen import make_ivgen
@@ -42,7 +43,11 @@ from diskimg.crypto.luks.kdf import (
     pbkdf2_iterations,
     pbkdf2_key,
 )
-from diskimg.errors import InvalidPassphraseError, UnsupportedFeatureError, UsageError
+from diskimg.errors import (InvalidPassphraseError, MissingSecretError,
+                            UnsupportedFeatureError, UsageError)
+
+if TYPE_CHECKING:
+    from diskimg.hostio import HostFile
 
 
 def _check_iters(n: int, what: str, off: int, cap: int) -> None:
@@ -349,5 +354,39 @@ def plan_keyslot_amend(header: LuksHeader, area: bytes | bytearray | memoryview,
     return plan_erase_keys(header, matching)
 
 
-__all__ = ["AreaWrite", "KeySlotAmend", "open_luks", "plan_add_key", "plan_erase_keys",
-           "plan_keyslot_amend", "slot_opens", "unlock"]
+def secret_lookup(secrets: Mapping[str, bytes]) -> Callable[[str], bytes]:
+    """The ``lookup`` of :func:`plan_keyslot_amend` over a dict of secrets."""
+    def lookup(sid: str) -> bytes:
+        if sid not in secrets:
+            raise MissingSecretError(f"No secret with id '{sid}'")
+        return secrets[sid]
+    return lookup
+
+
+def amend_area(host: HostFile, off: int, length: int, cipher: LuksCipher,
+               req: KeySlotAmend, secrets: Mapping[str, bytes], *,
+               force: bool = False) -> LuksHeader:
+    """Apply ``req`` to the LUKS area at ``off`` (``length`` bytes) of ``host``, whose
+    volume ``cipher`` is unlocked; returns the new header.  Used by every format that
+    holds a LUKS area (qcow2's FDE extension, the standalone ``luks`` format).
+
+    The master key is taken from ``cipher`` (no second PBKDF2 run), copied into a
+    ``bytearray`` and wiped once the plan is made.  Each planned write is flushed before
+    the next one (key material before the slot header that activates it; an erase writes
+    the header first), and nothing is written before the whole plan is made."""
+    area = host.pread_exact(off, length, "LUKS header and key material")
+    header = LuksHeader.parse(area, len(area))
+    mk = cipher.export_master_key()
+    try:
+        new, writes = plan_keyslot_amend(header, area, mk, req, secret_lookup(secrets),
+                                         force)
+    finally:
+        wipe(mk)
+    for w in writes:
+        host.pwrite(off + w.offset, w.data)
+        host.flush()
+    return new
+
+
+__all__ = ["AreaWrite", "KeySlotAmend", "amend_area", "open_luks", "plan_add_key",
+           "plan_erase_keys", "plan_keyslot_amend", "secret_lookup", "slot_opens", "unlock"]
