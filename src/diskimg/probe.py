@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import struct
 
-from diskimg.crypto.luks.header import LUKS_MAGIC, LUKS_VERSION
 from diskimg.errors import UnsupportedFeatureError, WrongFormatError
 from diskimg.hostio import HostFile
 
@@ -42,7 +41,7 @@ def probe_bytes(head: bytes) -> str:
         return "qcow2" if version >= 2 else ("qcow" if version == 1 else "raw")
     if head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC):
         return "vmdk"
-    if head[:6] == LUKS_MAGIC and head[6:8] == LUKS_VERSION.to_bytes(2, "big"):
+    if head[:4] == b"LUKS" and _is_luks1(head):
         return "luks"  # qemu's luks probe: magic and LUKS1
     text = head[:PROBE_SIZE]
     if b"# Disk DescriptorFile" in text[:64] or (
@@ -79,3 +78,11 @@ def check_format(host: HostFile, fmt: str) -> None:
         raise WrongFormatError("Not a VMDK image", offset=0, field="format")
     if fmt == "luks" and got != "luks":
         raise WrongFormatError("Volume is not in LUKS format", offset=0, field="magic")
+
+
+def _is_luks1(head: bytes) -> bool:
+    """A LUKS1 header (crypto/luks/header.py's magic and version; imported only for a
+    file that starts with ``LUKS``, so probing other formats loads no crypto code)."""
+    from diskimg.crypto.luks.header import LUKS_MAGIC, LUKS_VERSION
+
+    return head[:6] == LUKS_MAGIC and head[6:8] == LUKS_VERSION.to_bytes(2, "big")

@@ -16,7 +16,6 @@ from __future__ import annotations
 from array import array
 from typing import TYPE_CHECKING, Any
 
-from diskimg.crypto.sectors import encrypt_sectors
 from diskimg.qcow2 import crypt, header_io
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2.cache import L2Table
@@ -302,6 +301,8 @@ def encrypt_writes(img: Qcow2Image, writes: list[tuple[int, Any, int]]) -> list[
     cipher = img.cipher
     if cipher is None:
         return [(h, b) for h, b, _ in writes]
+    from diskimg.crypto.sectors import encrypt_sectors  # only encrypted images pay for it
+
     out: list[tuple[int, Any]] = []
     for host, data, guest in writes:
         g0 = guest - (host & 511)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from diskimg.crypto.sectors import CRYPT_PIECE, read_decrypt
 from diskimg.errors import MissingSecretError
 
 if TYPE_CHECKING:
     from diskimg.crypto import SectorCipher
     from diskimg.qcow2.image import Qcow2Image
 
-__all__ = ["CRYPT_PIECE", "cipher", "iv_shift", "read_encrypted"]
+__all__ = ["cipher", "iv_shift", "read_encrypted"]
 
 
 def cipher(img: Qcow2Image) -> SectorCipher | None:
@@ -55,4 +54,6 @@ def read_encrypted(img: Qcow2Image, guest: int, host: int, dst: memoryview) -> N
     from host offset ``host`` (a DATA run)."""
     c = cipher(img)
     assert c is not None
+    from diskimg.crypto.sectors import read_decrypt  # only encrypted images pay for it
+
     read_decrypt(img.data_host, c, host, iv_shift(img, host, guest), dst)
