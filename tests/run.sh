@@ -15,13 +15,14 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 SUITE_TIMEOUT="${SUITE_TIMEOUT:-1500}"   # seconds; the suite takes a few minutes on 2 cores
 
-# Debian packages the tests use: qemu-img/qemu-io (the oracle) and libvirt's schema
+# Debian packages the tests use: qemu-img/qemu-io/qemu-nbd (the oracle), nbdinfo (libnbd-bin) and libvirt's schema
 # validator for the pool XML (virt-xml-validate, from libvirt-clients + libxml2-utils), and
 # libvirtd (libvirt-daemon) so a private session daemon gives virsh's own output as an oracle.
 missing=()
 { command -v qemu-img && command -v qemu-io; } >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v virt-xml-validate >/dev/null 2>&1 || missing+=(libvirt-clients)
 command -v xmllint >/dev/null 2>&1 || missing+=(libxml2-utils)
+command -v nbdinfo >/dev/null 2>&1 || missing+=(libnbd-bin)   # nbdinfo: dirty-bitmap maps via qemu-nbd
 command -v libvirtd >/dev/null 2>&1 || [ -x /usr/sbin/libvirtd ] || missing+=(libvirt-daemon)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
