@@ -329,6 +329,8 @@ class Bitmaps:
         header_io.write_header(img.host, h)
         self.entries, self.dir_offset = entries, off
         self.tracking = False  # the next write flags the (new) enabled bitmaps IN_USE
+        if old or freed:
+            _ = img.refcounts  # loaded: the flush applies pending frees only then
         for host, length in old + freed:
             img.free_after_flush(host, length)
         if flush:
