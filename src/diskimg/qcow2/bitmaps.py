@@ -133,6 +133,9 @@ class Bitmaps:
         #: bits set by writes since tracking started, by bitmap name (flagged IN_USE by us)
         self.tracked: dict[str, bytearray] = {}
         self.tracking = False
+        #: True while a resize rewrites the bitmaps: its own zeroing marks nothing (as
+        #: in qemu, where the driver zeroes below the dirty bitmaps)
+        self.suspended = False
         h = img.header
         ext = h.ext(QCOW2_EXT_MAGIC_BITMAPS)
         if ext is None or not h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS:
@@ -305,10 +308,13 @@ class Bitmaps:
             probe.pack()  # raises when the header would no longer fit its cluster
 
     def _commit(self, entries: builtins.list[BitmapEntry],
-                freed: builtins.list[tuple[int, int]], *, flush: bool = True) -> None:
+                freed: builtins.list[tuple[int, int]], *, flush: bool = True,
+                size: int | None = None) -> None:
         """Write ``entries`` as a new directory, switch the header to it with one write,
         then free the old directory and ``freed`` (host ranges nothing points at now) in
-        the image's next flush (now, with ``flush``)."""
+        the image's next flush (now, with ``flush``).  ``size``: the same header write
+        sets the new virtual disk size (a resize), so the directory on disk always fits
+        the size on disk."""
         img = self.img
         h = img.header
         cs = img.cs
@@ -326,6 +332,8 @@ class Bitmaps:
             off = 0
             h.set_ext(QCOW2_EXT_MAGIC_BITMAPS, None)
             h.autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS
+        if size is not None:
+            h.size = size
         header_io.write_header(img.host, h)
         self.entries, self.dir_offset = entries, off
         self.tracking = False  # the next write flags the (new) enabled bitmaps IN_USE
@@ -345,7 +353,7 @@ class Bitmaps:
 
     def mark(self, offset: int, length: int) -> None:
         """Record that guest bytes [offset, offset+length) changed."""
-        if not self.entries or length <= 0:
+        if not self.entries or length <= 0 or self.suspended:
             return
         if not self.tracking:
             self._start()
@@ -385,3 +393,47 @@ class Bitmaps:
                                              flags=e.flags & ~BME_FLAG_IN_USE)
         self.tracked.clear()
         self._commit(entries, freed, flush=False)
+
+    # --- resize -------------------------------------------------------------------------
+    def check_resize(self) -> None:
+        """Refuse a resize qemu refuses (an inconsistent bitmap) or whose bitmaps cannot
+        be read; changes nothing."""
+        for e in self.entries:
+            self._usable(e.name)
+            BT.read_table(self.img, e)
+
+    def prepare_resize(self, new_size: int) -> Resized:
+        """Every bitmap at ``new_size`` (bits past the old end clear, bits past the new
+        end dropped), stored in new clusters; nothing on disk points at them until
+        :meth:`finish_resize`.  Call after :meth:`check_resize` and ``begin_change``,
+        while the image still has its old size."""
+        entries, freed = [], []
+        for e in self.entries:
+            bits, gbits = self.bits(e.name)
+            nbits = BT.nb_bits(new_size, gbits)
+            new = BT.empty(new_size, gbits)
+            keep = bits[: len(new)]
+            new[: len(keep)] = keep
+            if nbits % 8 and len(new):
+                new[-1] &= (1 << (nbits % 8)) - 1
+            freed += BT.host_ranges(self.img, e)
+            off, size = BT.store(self.img, new)
+            entries.append(dataclasses.replace(e, table_offset=off, table_size=size,
+                                               flags=e.flags & ~BME_FLAG_IN_USE))
+        self.tracked.clear()
+        self.suspended = True
+        return Resized(entries, freed)
+
+    def finish_resize(self, resized: Resized, new_size: int) -> None:
+        """One header write: the new size and the resized bitmaps' directory; then the
+        old bitmap clusters are freed."""
+        self.suspended = False
+        self._commit(resized.entries, resized.freed, size=new_size)
+
+
+@dataclass(slots=True)
+class Resized:
+    """Bitmaps stored for a new disk size (:meth:`Bitmaps.prepare_resize`)."""
+
+    entries: list[BitmapEntry]
+    freed: list[tuple[int, int]]
