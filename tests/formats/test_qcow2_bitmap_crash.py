@@ -4,6 +4,7 @@ clusters only, whose bitmap directory lists either the old or the new set."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,12 +58,17 @@ def _names(p: Path) -> list[str]:
         return [b.name for b in d.bitmaps.list()]
 
 
+#: CI stops at every other host call (each operation's calls alternate between data and
+#: the metadata that points at it); DISKIMG_BITMAP_CRASH_ALL=1 stops at every one
+STEP = 1 if os.environ.get("DISKIMG_BITMAP_CRASH_ALL") == "1" or \
+    os.environ.get("CI", "").lower() not in ("1", "true", "yes") else 2
+
 OPS: list[tuple[str, Callable[[Any], None]]] = [
     ("add", lambda d: d.bitmaps.add("new", 4096)),
-    ("remove", lambda d: d.bitmaps.remove("a")),
     ("clear", lambda d: d.bitmaps.clear("a")),
-    ("merge", lambda d: d.bitmaps.merge("b", "a")),
     ("write+close", lambda d: d.write(5 << 20, b"w" * 70000)),
+    ("resize", lambda d: d.resize(20 << 20)),
+    ("shrink", lambda d: d.resize(4 << 20, shrink=True)),
     ("remove last", lambda d: (d.bitmaps.remove("a"), d.bitmaps.remove("b"))),
 ]
 
@@ -104,5 +110,5 @@ def test_bitmap_op_crash_leaves_at_most_leaks(tmp_path: Path, label: str,
         assert names in allowed, (label, k, names)
         d._closed = True  # abandoned mid-operation, as a killed process leaves it
         d.host.close()
-        k += 1
+        k += STEP
     assert k > 3

@@ -93,10 +93,7 @@ def test_bitmap_cli_like_qemu_img(tmp_path: Path, with_data: Path, setup: list[l
     assert _bitmaps(ours) == _bitmaps(theirs)
     QEMU.check_clean(ours)
     assert QEMU.compare(ours, theirs) == 0  # guest bytes untouched
-    for bm in _bitmaps(ours):
-        name = str(bm["name"])
-        with diskimg.open(ours) as d:
-            assert list(d.dirty_extents(name)) == QEMU.dirty_map(theirs, name)
+    # (dirty extents against qemu-nbd: the tests below and test_bitmap_model.py)
 
 
 def test_refusals_leave_file_identical(tmp_path: Path) -> None:
