@@ -6,7 +6,6 @@ finds clean, with the flags and granularities qemu-img info shows."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any
 
 import pytest
