@@ -211,7 +211,7 @@ class Bitmaps:
         4 KiB..64 KiB); enabled bitmaps track every later write."""
         img = self.img
         img.check_writable()
-        gran = min(65536, max(4096, img.cs)) if not granularity else granularity
+        gran = granularity or min(65536, max(4096, img.cs))
         if not name:
             raise UsageError("Bitmap name cannot be empty")
         if gran < 512 or gran & (gran - 1) or gran > 1 << BT.MAX_GRANULARITY_BITS:
