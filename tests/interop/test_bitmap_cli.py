@@ -185,3 +185,23 @@ def test_diskimg_writes_and_ops_read_by_qemu(tmp_path: Path) -> None:
     for name, ext in want.items():
         assert QEMU.dirty_map(img, name) == ext
     assert [b["flags"] for b in _bitmaps(img)] == [["auto"], [], []]
+
+
+def test_object_and_image_opts(tmp_path: Path) -> None:
+    obj = "secret,id=s0,data=pw"
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", ours, "4M")
+    shutil.copyfile(ours, theirs)
+    for p, run in ((ours, _ours), (theirs, lambda *a: QEMU.img("bitmap", *a))):
+        opts = f"driver=qcow2,file.filename={p}"
+        assert run("--object", obj, "--add", "--disable", "-g", "8k", "--image-opts", opts,
+                   "b").returncode == 0
+    assert _bitmaps(ours) == _bitmaps(theirs) == [{"flags": [], "name": "b",
+                                                   "granularity": 8192}]
+    QEMU.check_clean(ours)
+    before = _sha(ours)
+    args = ("--add", "--image-opts", "-f", "qcow2", ours, "c")
+    got, want = _ours(*args), QEMU.img("bitmap", *args, ok=None)
+    assert got.returncode == want.returncode == 1
+    assert _words(got.stderr) == _words(want.stderr)  # --image-opts with --format
+    assert _sha(ours) == before
