@@ -116,5 +116,22 @@ def test_resize_refused_with_an_inconsistent_bitmap(tmp_path: Path) -> None:
             pytest.raises(diskimg.UsageError, match="'b0' is inconsistent"):
         d.resize(2 << 20)  # type: ignore[attr-defined]
     assert crashed.read_bytes() == before
+    with pytest.raises(diskimg.UsageError, match="'b0' is inconsistent"):
+        diskimg.amend(crashed, {"size": str(2 << 20), "lazy_refcounts": "on"})
+    assert crashed.read_bytes() == before
     want = QEMU.img("resize", crashed, "2M", ok=(1,)).stderr
     assert "Bitmap 'b0' is inconsistent and cannot be used" in want
+
+
+def test_amend_size_resizes_bitmaps_like_qemu(tmp_path: Path, with_bitmaps: Path) -> None:
+    theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
+    shutil.copyfile(with_bitmaps, theirs)
+    shutil.copyfile(with_bitmaps, ours)
+    QEMU.img("amend", "-o", "size=7M", theirs)
+    diskimg.amend(ours, {"size": str(7 << 20)})
+    QEMU.check_clean(ours)
+    assert QEMU.info(ours)["format-specific"] == QEMU.info(theirs)["format-specific"]
+    with diskimg.open(ours) as d:
+        assert d.size == 7 << 20
+        for name in ("b", "c", "f"):
+            assert list(d.dirty_extents(name)) == QEMU.dirty_map(theirs, name)
