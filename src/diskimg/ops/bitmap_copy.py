@@ -29,7 +29,7 @@ def check_copy(srcs: Sequence[BlockDevice], out_format: str,
     if src.format != "qcow2":
         raise UnsupportedFeatureError("Source lacks bitmap support")
     skip = []
-    for b in src.bitmaps.list():
+    for b in reversed(src.bitmaps.list()):  # qemu's order: last loaded first
         if b.flags & _IN_USE:
             if not skip_broken:
                 raise UsageError(f"Cannot copy inconsistent bitmap '{b.name}'\nTry "
@@ -50,10 +50,11 @@ def check_copy(srcs: Sequence[BlockDevice], out_format: str,
 def copy_bitmaps(src: BlockDevice, tgt: BlockDevice, skip: Sequence[str],
                  warn: Callable[[str], None] | None = None) -> None:
     """Add each bitmap of ``src`` (but ``skip``) to ``tgt`` and merge its bits in."""
+    if warn is not None:
+        for name in skip:
+            warn(f"Skipping inconsistent bitmap '{name}'")
     for b in src.bitmaps.list():
         if b.name in skip:
-            if warn is not None:
-                warn(f"Skipping inconsistent bitmap '{b.name}'")
             continue
         tgt.bitmaps.add(b.name, 1 << b.granularity_bits, disabled=not b.flags & _AUTO)
         tgt.bitmaps.merge(b.name, b.name, src)
