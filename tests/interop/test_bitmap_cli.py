@@ -105,12 +105,15 @@ def test_refusals_leave_file_identical(tmp_path: Path) -> None:
     raw = tmp_path / "r.raw"
     QEMU.img("create", "-q", "-f", "raw", raw, "4M")
     long = "x" * 1024
+    empty = tmp_path / "empty.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", empty, "0")
     cases = [(img, ["--add"], "b", "Bitmap already exists: b"),
              (img, ["--add"], long, "Name length exceeds maximum (1023 characters)"),
              (img, ["--add"], "", "Bitmap name cannot be empty"),
              (v2, ["--add"], "b", "Cannot store dirty bitmaps in qcow2 v2 files"),
              (raw, ["-f", "raw", "--add"], "b", "Operation not supported"),
-             (img, ["--enable"], "zz", "Dirty bitmap 'zz' not found")]
+             (img, ["--enable"], "zz", "Dirty bitmap 'zz' not found"),
+             (empty, ["--add"], "b", "the disk is empty (size 0)")]
     for path, args, name, msg in cases:
         before = _sha(path)
         res = _ours(*args, path, name)

@@ -225,6 +225,8 @@ class Bitmaps:
         if len(name.encode()) > BME_MAX_NAME_SIZE:
             raise UsageError(where + f"Name length exceeds maximum ({BME_MAX_NAME_SIZE} "
                              "characters)")
+        if not img.size:  # qemu-img "adds" it, warns, and stores nothing
+            raise UnsupportedFeatureError(where + "the disk is empty (size 0)")
         if len(self.entries) >= QCOW2_MAX_BITMAPS:
             raise UsageError(where + "Maximum number of persistent bitmaps is already "
                              "reached")
