@@ -30,25 +30,13 @@ def _words(text: str) -> str:
     return re.sub(r"^(qemu-img|diskimg): ", "", text, flags=re.M)
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("convert-bitmaps") / "src.qcow2"
-    QEMU.img("create", "-q", "-f", "qcow2", p, "10M")
-    QEMU.img("bitmap", "--add", p, "b")
-    QEMU.img("bitmap", "--add", "-g", "1M", "--disable", p, "c")
-    QEMU.img("bitmap", "--add", "-g", "512", p, "f")
-    QEMU.io(p, "write -P 7 0 64k", "write -P 8 9M 1M", "write -P 9 5000k 1k")
-    QEMU.img("bitmap", "--merge", "b", p, "c")
-    return p
-
-
-def test_convert_bitmaps_like_qemu(tmp_path: Path, source: Path) -> None:
+def test_convert_bitmaps_like_qemu(tmp_path: Path, bitmaps_image: Path) -> None:
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
-    QEMU.img("convert", "--bitmaps", "-O", "qcow2", source, theirs)
-    res = _ours("--bitmaps", "-O", "qcow2", source, ours)
+    QEMU.img("convert", "--bitmaps", "-O", "qcow2", bitmaps_image, theirs)
+    res = _ours("--bitmaps", "-O", "qcow2", bitmaps_image, ours)
     assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
     QEMU.check_clean(ours)
-    assert QEMU.compare(ours, source) == 0
+    assert QEMU.compare(ours, bitmaps_image) == 0
     assert QEMU.info(ours)["format-specific"] == QEMU.info(theirs)["format-specific"]
     with diskimg.open(ours) as d:
         for name in ("b", "c", "f"):
@@ -56,9 +44,9 @@ def test_convert_bitmaps_like_qemu(tmp_path: Path, source: Path) -> None:
             assert got and got == QEMU.dirty_map(theirs, name) == QEMU.dirty_map(ours, name)
 
 
-def test_convert_skip_broken_bitmaps_like_qemu(tmp_path: Path, source: Path) -> None:
+def test_convert_skip_broken_bitmaps_like_qemu(tmp_path: Path, bitmaps_image: Path) -> None:
     src = tmp_path / "src.qcow2"
-    shutil.copyfile(source, src)
+    shutil.copyfile(bitmaps_image, src)
     with diskimg.open(src, "r+") as d:
         d.write(0, b"x")
         broken = tmp_path / "broken.qcow2"
@@ -84,11 +72,11 @@ def test_convert_skip_broken_bitmaps_like_qemu(tmp_path: Path, source: Path) -> 
     ["--bitmaps", "-O", "qcow2", "SRC", "SRC"],
     ["--bitmaps", "-O", "qcow2", "RAW"],
 ], ids=["skip-without-bitmaps", "raw-target", "v2-target", "two-sources", "raw-source"])
-def test_convert_bitmaps_refusals_like_qemu(tmp_path: Path, source: Path,
+def test_convert_bitmaps_refusals_like_qemu(tmp_path: Path, bitmaps_image: Path,
                                             args: list[str]) -> None:
     raw = tmp_path / "r.raw"
     QEMU.img("create", "-q", "-f", "raw", raw, "10M")
-    argv = [str(source) if a == "SRC" else str(raw) if a == "RAW" else a for a in args]
+    argv = [str(bitmaps_image) if a == "SRC" else str(raw) if a == "RAW" else a for a in args]
     want = QEMU.img("convert", *argv, tmp_path / "theirs.img", ok=(1,))
     got = _ours(*argv, tmp_path / "ours.img")
     assert got.returncode == 1 and _words(got.stderr) == _words(want.stderr)

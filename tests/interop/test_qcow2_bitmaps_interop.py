@@ -66,27 +66,13 @@ def test_bitmaps_track_writes_like_qemu(tmp_path: Path) -> None:
     assert QEMU.img("check", ours, ok=None).returncode == 0
 
 
-@pytest.fixture(scope="module")
-def with_bitmaps(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """10 MiB with three bitmaps (64 KiB enabled, 1 MiB disabled with merged bits, 512 B
-    enabled) dirty near both ends and in the middle, made by qemu."""
-    p = tmp_path_factory.mktemp("resize-bitmaps") / "a.qcow2"
-    QEMU.img("create", "-q", "-f", "qcow2", p, "10M")
-    QEMU.img("bitmap", "--add", p, "b")
-    QEMU.img("bitmap", "--add", "-g", "1M", "--disable", p, "c")
-    QEMU.img("bitmap", "--add", "-g", "512", p, "f")
-    QEMU.io(p, "write 0 64k", "write 9M 1M", "write 5000k 1k")
-    QEMU.img("bitmap", "--merge", "b", p, "c")
-    return p
-
-
 @pytest.mark.parametrize("args", [["30M"], ["--shrink", "5632k"], ["+1536k"]],
                          ids=lambda a: " ".join(a))
-def test_resize_with_bitmaps_like_qemu(tmp_path: Path, with_bitmaps: Path,
+def test_resize_with_bitmaps_like_qemu(tmp_path: Path, bitmaps_image: Path,
                                        args: list[str]) -> None:
     theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
-    shutil.copyfile(with_bitmaps, theirs)
-    shutil.copyfile(with_bitmaps, ours)
+    shutil.copyfile(bitmaps_image, theirs)
+    shutil.copyfile(bitmaps_image, ours)
     QEMU.img("resize", "-q", *args[:-1], theirs, args[-1])
     res = subprocess.run([sys.executable, "-m", "diskimg", "resize", "-q", *args[:-1], ours,
                           args[-1]], capture_output=True, text=True, check=False)
@@ -122,10 +108,10 @@ def test_resize_refused_with_an_inconsistent_bitmap(tmp_path: Path) -> None:
     assert "Bitmap 'b0' is inconsistent and cannot be used" in want
 
 
-def test_amend_size_resizes_bitmaps_like_qemu(tmp_path: Path, with_bitmaps: Path) -> None:
+def test_amend_size_resizes_bitmaps_like_qemu(tmp_path: Path, bitmaps_image: Path) -> None:
     theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
-    shutil.copyfile(with_bitmaps, theirs)
-    shutil.copyfile(with_bitmaps, ours)
+    shutil.copyfile(bitmaps_image, theirs)
+    shutil.copyfile(bitmaps_image, ours)
     QEMU.img("amend", "-o", "size=7M", theirs)
     diskimg.amend(ours, {"size": str(7 << 20)})
     QEMU.check_clean(ours)
