@@ -102,3 +102,20 @@ def test_store_then_load_through_an_image(tmp_path: Path) -> None:
         table = BT.read_table(d, e)  # type: ignore[arg-type]
         assert len(table) == 13 and sum(1 for t in table if t) == 3  # zeros left out
         assert list(d.dirty_extents("b")) == want
+
+
+def test_hostile_granularity_refused_before_a_write_sizes_a_bit_array(tmp_path: Path) -> None:
+    p = tmp_path / "h.qcow2"
+    diskimg.create(p, "qcow2", 1 << 40)
+    with diskimg.open(p, "r+") as d:
+        d.bitmaps.add("b")
+        at = d.bitmaps.dir_offset  # type: ignore[attr-defined]
+    with open(p, "r+b") as f:
+        f.seek(at + 17)  # the entry's granularity_bits (docs/interop/qcow2.txt)
+        f.write(b"\0")   # one bit per byte of a 1 TiB disk
+    before = p.read_bytes()
+    with diskimg.open(p, "r+") as d, \
+            pytest.raises(diskimg.FormatError, match="invalid granularity bits 0") as ei:
+        d.write(0, b"x")
+    assert ei.value.offset is not None
+    assert p.read_bytes() == before

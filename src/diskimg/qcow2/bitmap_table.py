@@ -81,7 +81,7 @@ def check_entry(e: BitmapEntry, disk_size: int, cs: int) -> None:
     elif not MIN_GRANULARITY_BITS <= e.granularity_bits <= MAX_GRANULARITY_BITS:
         bad = f"has invalid granularity bits {e.granularity_bits}"
     elif e.table_offset % cs or not e.table_offset:
-        bad = f"has an unaligned table offset {e.table_offset:#x}"
+        bad = f"has an invalid table offset {e.table_offset:#x}"
     elif (e.table_size > MAX_TABLE_SIZE or e.table_size * cs > MAX_PHYS_SIZE
           or e.table_size != table_size(disk_size, e.granularity_bits, cs)):
         bad = f"has an invalid table size {e.table_size}"

@@ -364,8 +364,12 @@ class Bitmaps:
 
     def _start(self) -> None:
         """Flag enabled, consistent bitmaps IN_USE on disk before the first change."""
-        self.tracking = True
         flagged = False
+        for e in self.entries:
+            if e.flags & BME_FLAG_AUTO and not e.flags & BME_FLAG_IN_USE:
+                # qemu refuses such an image on open: never size a bit array from it
+                BT.check_entry(e, self.img.size, self.img.cs)
+        self.tracking = True
         for e in self.entries:
             if e.flags & BME_FLAG_AUTO and not e.flags & BME_FLAG_IN_USE and e.type == 1:
                 self.tracked[e.name] = BT.empty(self.img.size, e.granularity_bits)
