@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,38 @@ class Qemu:
             out = res.stdout + res.stderr
             assert "Pattern verification failed" not in out, f"qemu-io {path} {cmds}: {out}"
         return res
+
+
+    # -- qemu-nbd + nbdinfo --------------------------------------------------------------
+    def dirty_map(self, path: Arg, bitmap: str, fmt: str = "qcow2") -> list[tuple[int, int]]:
+        """The dirty (offset, length) extents of persistent bitmap ``bitmap`` as qemu
+        exports them: ``qemu-nbd -r -B BITMAP`` on a unix socket, read with ``nbdinfo
+        --map=qemu:dirty-bitmap:BITMAP --json``; the server is always stopped."""
+        with tempfile.TemporaryDirectory(prefix="qemukit-nbd-") as d:
+            sock = Path(d) / "nbd.sock"
+            server = subprocess.Popen(["qemu-nbd", "-r", "-t", "-B", bitmap, "-f", fmt,
+                                       "-k", str(sock), str(path)],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE)
+            try:
+                for _ in range(200):
+                    if sock.exists() or server.poll() is not None:
+                        break
+                    time.sleep(0.025)
+                assert sock.exists(), f"qemu-nbd did not start: {server.communicate()[1]!r}"
+                res = self.run(["nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}", "--json",
+                                f"nbd+unix:///?socket={sock}"])
+            finally:
+                server.kill()
+                server.wait()
+        out: list[tuple[int, int]] = []
+        for ext in _json.loads(res.stdout):
+            if ext["type"] & 1:
+                if out and out[-1][0] + out[-1][1] == ext["offset"]:
+                    out[-1] = (out[-1][0], out[-1][1] + ext["length"])
+                else:
+                    out.append((ext["offset"], ext["length"]))
+        return out
 
 
 QEMU = Qemu()

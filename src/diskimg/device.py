@@ -24,6 +24,7 @@ from diskimg.device_io import DeviceIO as DeviceIO  # re-exported (it lived here
 from diskimg.errors import ClosedImageError, CorruptImageError, UnsupportedFeatureError, UsageError
 from diskimg.internal_snapshots import InternalSnapshots
 from diskimg.params import check_int
+from diskimg.persistent_bitmaps import NoBitmapsSlot, PersistentBitmaps
 from diskimg.plan import Run
 from diskimg.records import ImageInfo as ImageInfo  # re-exported (they lived here)
 from diskimg.records import MapEntry as MapEntry
@@ -78,6 +79,9 @@ class BlockDevice:
     #: the internal snapshots of the image (qcow2's table); None for a format without
     #: them (raw, vmdk): ``snapshot -l`` lists none, every other action is refused
     snapshots: InternalSnapshots | None = None
+    #: the persistent dirty bitmaps (qcow2 v3's); a format without them lists none and
+    #: refuses every change with UnsupportedFeatureError
+    bitmaps: PersistentBitmaps = NoBitmapsSlot()  # type: ignore[assignment]
     #: the format was probed, not named, and it is raw: qemu-img warns before writing,
     #: and refuses writes to sector 0 that would make the file probe as another format
     probed: bool = False
@@ -463,6 +467,12 @@ class BlockDevice:
             length = min(length, dev.backing.size - offset)
             dev = dev.backing
             depth += 1
+
+    def dirty_extents(self, name: str) -> Iterator[tuple[int, int]]:
+        """The dirty guest ranges (offset, length) of persistent bitmap ``name``, merged,
+        in order, clipped to the disk size."""
+        self._check_open()
+        return self.bitmaps.dirty_extents(name)
 
     def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
         """Yield qemu-img map entries covering [offset, offset+length), merged like qemu."""

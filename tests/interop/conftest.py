@@ -47,3 +47,18 @@ def qemu_io_cmds() -> Callable[..., str]:
         return res.stdout
 
     return call
+
+
+@pytest.fixture(scope="module")
+def bitmaps_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 MiB qcow2 with three persistent bitmaps made by qemu: ``b`` (64 KiB, enabled),
+    ``c`` (1 MiB, disabled, ``b`` merged into it) and ``f`` (512 B, enabled), dirty near
+    both ends and in the middle (qemu-io writes)."""
+    p = tmp_path_factory.mktemp("bitmaps") / "bitmaps.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", p, "10M")
+    QEMU.img("bitmap", "--add", p, "b")
+    QEMU.img("bitmap", "--add", "-g", "1M", "--disable", p, "c")
+    QEMU.img("bitmap", "--add", "-g", "512", p, "f")
+    QEMU.io(p, "write -P 7 0 64k", "write -P 8 9M 1M", "write -P 9 5000k 1k")
+    QEMU.img("bitmap", "--merge", "b", p, "c")
+    return p

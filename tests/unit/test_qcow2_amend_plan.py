@@ -168,7 +168,7 @@ def test_check_resize() -> None:
         (V3, {"size": "1000"}, 0, "The new size must be a multiple of 512"),
         (snap, {"size": "1048576"}, 0, "Can't resize a v2 image which has snapshots"),
         (snap, {"size": "1048576", "compat": "1.1"}, 0, None),  # resized after the upgrade
-        (V3, {"size": "1048576"}, 1, "Cannot resize qcow2 with persistent bitmaps"),
+        (V3, {"size": "1048576"}, 1, None),  # bitmaps are resized with the disk
         (V3, {"size": str(16 * MiB)}, 1, None),  # the current size: no resize at all
         (V3, {"size": "1000"}, 0, "The new size must be a multiple of 512"),
         (V3, {}, 1, None),

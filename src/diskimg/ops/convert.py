@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from diskimg import api
@@ -16,6 +16,7 @@ from diskimg.errors import DiskImgError, UsageError
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from diskimg.hostio import HostFile
 
+from diskimg.ops.bitmap_copy import check_copy, copy_bitmaps
 from diskimg.ops.common import SECTOR, ProgressFn, Source, _open
 from diskimg.ops.copier import _Copier
 from diskimg.params import renamed
@@ -58,6 +59,9 @@ def convert(
     target_options: Mapping[str, str] | None = None,
     workers: int | None = None,
     sync: bool = False,
+    bitmaps: bool = False,
+    skip_broken_bitmaps: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> None:
     """Copy the guest contents of ``sources`` (concatenated) into image ``dst``.
 
@@ -72,6 +76,9 @@ def convert(
     threads (``-m``; default: the number of CPUs, at most 8).  Like qemu-img convert (whose
     target cache mode defaults to ``unsafe``) the target is not synced to stable storage
     unless ``sync`` is true; everything is written before this returns.
+    ``bitmaps`` (``--bitmaps``) copies the persistent bitmaps of a single qcow2 source
+    into the qcow2 v3 target after the data; ``skip_broken_bitmaps`` skips inconsistent
+    ones (each named to ``warn``) instead of refusing.
     """
     src_format = renamed("format", format, "src_format", src_format)
     if workers is None:
@@ -104,6 +111,13 @@ def convert(
                 raise UsageError("No support for concatenating multiple snapshot")
             devs = [_snapshot_view(devs[0], snapshot)]
         total = sum(d.size for d in devs)
+        if skip_broken_bitmaps and not bitmaps:
+            raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+        skip: list[str] = []
+        if bitmaps and (not target_exists or isinstance(dst, BlockDevice)):
+            skip = check_copy(devs, out_format, options,
+                              dst if isinstance(dst, BlockDevice) else None,
+                              skip_broken_bitmaps)
         if isinstance(dst, BlockDevice):
             if not target_exists:
                 raise UsageError("an open target device needs target_exists=True")
@@ -125,6 +139,8 @@ def convert(
                     hf.sync = False
             if tgt.size < total:
                 raise UsageError("output file is smaller than input file")
+            if bitmaps and target_exists and not isinstance(dst, BlockDevice):
+                skip = check_copy(devs, out_format, options, tgt, skip_broken_bitmaps)
             cluster = tgt.cluster_size or 0
             align = max(_pow2floor(max(sparse_size, SECTOR) // SECTOR), cluster // SECTOR
                         if compress else 1)
@@ -151,6 +167,9 @@ def convert(
                     cp.copy(d, base, pipelined)
                     base += d.size
             tgt.flush()
+            if bitmaps:
+                copy_bitmaps(devs[0], tgt, skip, warn)
+                tgt.flush()
     finally:
         for dev, owned in opened:
             if owned:

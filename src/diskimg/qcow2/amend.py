@@ -177,6 +177,8 @@ def amend(path: Any, options: dict[str, str], *, format: str | None = None,  # n
             check_refcount_width(counts_after_rebuild(dev.host, h), plan.refcount_order,
                                  h.cluster_size)
         check_resize(h, plan, nb_bitmaps(h))
+        if nb_bitmaps(h) and plan.size is not None and plan.size != h.size:
+            dev.bitmaps.check_resize()  # qemu: an inconsistent bitmap refuses a resize
         if plan.keyslots is not None:
             amend_keyslots(dev, plan.keyslots, secrets, force=force)
         clear_unknown_autoclear(dev.host, h)  # after every refusal

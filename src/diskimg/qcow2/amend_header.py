@@ -12,6 +12,7 @@ from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.bitmaps import BitmapsExt
+from diskimg.qcow2.header_io import write_header
 from diskimg.qcow2.image import clear_unknown_autoclear
 from diskimg.qcow2.layout import (
     BACKING_FILE_NAME_MAX,
@@ -33,14 +34,6 @@ def read_header(host: HostFile) -> Header:
     """Parse the header in cluster 0 of ``host``."""
     cs = Header.cluster_size_of(host.pread(0, 512))
     return Header.parse(host.pread(0, cs))
-
-
-def write_header(host: HostFile, h: Header) -> None:
-    """Write the whole header cluster (``Header.pack()``) in one pwrite and sync.  The
-    rest of cluster 0 is zeroed, so no stale extension or name bytes remain."""
-    data = h.pack()
-    host.pwrite(0, data.ljust(h.cluster_size, b"\0"))
-    host.flush()
 
 
 def nb_bitmaps(h: Header) -> int:

@@ -223,14 +223,13 @@ def check_resize(h: Header, plan: AmendPlan, nb_bitmaps: int) -> None:
     """The refusals of the image's ``resize`` that the header already decides, made before
     the steps that precede the resize write anything: a size not a multiple of 512, a
     version 2 image with snapshots (at the version the image has when the resize runs:
-    after an upgrade, before a downgrade), persistent bitmaps.  Same wording as
-    :meth:`Qcow2Image.resize`."""
+    after an upgrade, before a downgrade).  Same wording as :meth:`Qcow2Image.resize`,
+    which resizes persistent bitmaps too (``nb_bitmaps``: the caller then asks the open
+    image's ``bitmaps.check_resize()`` whether they can be resized)."""
     if plan.size is None or plan.size == h.size:
         return
     if plan.size % 512:
         raise UsageError("The new size must be a multiple of 512")
     if h.nb_snapshots and max(plan.cur_version, plan.new_version) < 3:
         raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
-    if nb_bitmaps:
-        raise UnsupportedFeatureError("Cannot resize qcow2 with persistent bitmaps")
 

@@ -23,6 +23,7 @@ from diskimg.qcow2.layout import (
     HDR_REFCOUNT_TABLE_OFFSET,
     HDR_SIZE,
     HDR_SNAPSHOTS_OFFSET,
+    Header,
     HeaderField,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "set_tables",
     "update_incompat",
     "write_fields",
+    "write_header",
 ]
 
 
@@ -134,3 +136,16 @@ def set_feature_fields(host: _Host, incompat: int, compat: int, autoclear: int) 
     """All three v3 feature fields in one write (bytes 72-95)."""
     write_fields(host, (HDR_INCOMPATIBLE_FEATURES, incompat),
                  (HDR_COMPATIBLE_FEATURES, compat), (HDR_AUTOCLEAR_FEATURES, autoclear))
+
+
+class _SyncHost(_Host, Protocol):
+    def flush(self) -> None: ...
+
+
+def write_header(host: _SyncHost, h: Header) -> None:
+    """Write the whole header cluster (``Header.pack()``: header, extensions, backing file
+    name) in one pwrite and sync.  The rest of cluster 0 is zeroed, so no stale extension
+    or name bytes remain."""
+    data = h.pack()
+    host.pwrite(0, data.ljust(h.cluster_size, b"\0"))
+    host.flush()

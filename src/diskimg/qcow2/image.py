@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first use
 
     from diskimg.check_report import CheckReport
     from diskimg.crypto import SectorCipher
+    from diskimg.qcow2.bitmaps import Bitmaps
     from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
 
 
@@ -60,6 +61,7 @@ class Qcow2Image(BlockDevice):
     # declared capabilities (BlockDevice): compressed clusters, internal snapshots
     supports_compressed_write = True
     snapshots: SnapshotTable  # set when the image is opened
+    bitmaps: Bitmaps  # set when the image is opened
 
     @property
     def l2_span(self) -> int:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from diskimg.crypto.luks.header import luks_header_size, measured_payload  # noqa: F401 (re-exported)
 from diskimg.errors import FormatError, UsageError
 from diskimg.options import compat_version, parse_bool
+from diskimg.qcow2 import bitmap_table as BT
 from diskimg.qcow2.bitmaps import (
     BITMAP_DIR_ENTRY_SIZE,
     QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
@@ -130,8 +131,8 @@ def bitmaps_size(bitmaps: Iterable[tuple[str, int, int]], cluster_size: int) -> 
     total = 0
     dir_size = 0
     for name, size, granularity in bitmaps:
-        nbytes = _div_round_up(_div_round_up(size, granularity), 8)
-        nclusters = _div_round_up(nbytes, cluster_size)
+        # one table entry per data cluster (the table codec's rule)
+        nclusters = BT.table_size(size, granularity.bit_length() - 1, cluster_size)
         total += nclusters * cluster_size
         total += _round_up(nclusters * BME_TABLE_ENTRY_SIZE, cluster_size)
         dir_size += _round_up(BITMAP_DIR_ENTRY_SIZE + len(name.encode()), 8)

@@ -66,9 +66,13 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
     # snapshot entry has no disk size of its own, so qemu refuses those
     if img.header.nb_snapshots and img.header.version < 3:
         raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
-    if img.bitmaps.entries:
-        raise UnsupportedFeatureError("Cannot resize qcow2 with persistent bitmaps")
+    bitmaps = img.bitmaps if img.bitmaps.entries else None
+    if bitmaps is not None:
+        bitmaps.check_resize()  # qemu: an inconsistent bitmap refuses the resize
     C.begin_change(img)
+    # persistent bitmaps take the new size too: stored now in new clusters, switched to
+    # by the same header write that sets the size (qemu-img 7.2 resizes them likewise)
+    resized = bitmaps.prepare_resize(new_size) if bitmaps is not None else None
     if new_size < img.size:
         first = -(-new_size >> img.cb)
         last = -(-img.size >> img.cb)
@@ -111,8 +115,11 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
         else:
             img.preallocate(old_size, new_size, preallocation)
     img.flush()
-    header_io.set_size(img.host, new_size)
-    img.host.flush()
+    if bitmaps is not None and resized is not None:
+        bitmaps.finish_resize(resized, new_size)  # synced
+    else:
+        header_io.set_size(img.host, new_size)
+        img.host.flush()
     if img._data_file_opened and img.data_host.size() != new_size:
         # like qemu: the data file takes the new size too; a shrink must not leave
         # the cut-off data in it (a raw data file would no longer be the disk)

@@ -45,6 +45,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-image-opts", action="store_true",
                    help="DST is an option string")
     p.add_argument("--target-is-zero", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bitmaps", action="store_true",
+                   help="copy the persistent bitmaps (qcow2 to qcow2)")
+    p.add_argument("--skip-broken-bitmaps", action="store_true",
+                   help="with --bitmaps: skip inconsistent bitmaps")
 
 
 def _convert_progress(a: argparse.Namespace, srcs: list[BlockDevice],
@@ -130,6 +134,8 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         raise UsageError("Use of backing file requires explicit backing format")
     if a.compress and out_fmt in ("raw", "luks"):
         raise UsageError("Compression not supported for this file format")
+    if a.skip_broken_bitmaps and not a.bitmaps:
+        raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
     snap = snapshot_param(a.snapshot)
     devs: list[BlockDevice] = []
     try:
@@ -150,6 +156,12 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         if snap is not None and len(srcs) == 1:
             # a bad snapshot is reported before the target is created (no target prefix)
             conv._snapshot_view(devs[0], snap).close()
+        if a.bitmaps:  # qemu's refusals, in its words, before the target is created
+            from diskimg.ops.bitmap_copy import check_copy
+
+            check_copy(devs[: len(srcs)], out_fmt, values,
+                       target if isinstance(target, BlockDevice) else None,
+                       a.skip_broken_bitmaps)
         prog = _convert_progress(a, devs[: len(srcs)], snap, target, out_fmt, values,
                                  backing is not None, sparse)
         before = _file_state(dst_path)
@@ -160,7 +172,9 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
                          backing_fmt=backing_fmt, progress=prog if prog.enabled else None,
                          snapshot=snap, compress=a.compress, secrets=ctx.secrets,
                          target_options=dst_opts,
-                         workers=int(a.coroutines) if a.coroutines is not None else None)
+                         workers=int(a.coroutines) if a.coroutines is not None else None,
+                         bitmaps=a.bitmaps, skip_broken_bitmaps=a.skip_broken_bitmaps,
+                         warn=lambda m: ctx.warn(f"warning: {m}"))
         except (DiskImgError, OSError) as e:
             prog.stop()
             after = _file_state(dst_path)
