@@ -97,4 +97,4 @@ class NoBitmapsSlot:
     :class:`NoBitmaps` (a format with them sets the instance attribute)."""
 
     def __get__(self, obj: Any, owner: type | None = None) -> PersistentBitmaps:
-        return NoBitmaps(getattr(obj, "filename", ""))
+        return NoBitmaps(obj.filename if obj is not None else "")

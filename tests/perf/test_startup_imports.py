@@ -50,6 +50,7 @@ QCOW2_READ = VERSION | {
     "diskimg.cli.parser", "diskimg.device", "diskimg.device_io", "diskimg.hostio",
     "diskimg.hostio.file", "diskimg.hostio.lock", "diskimg.hostio.sparse",
     "diskimg.info_text", "diskimg.internal_snapshots", "diskimg.options", "diskimg.params",
+    "diskimg.persistent_bitmaps", "diskimg.qcow2.bitmap_table",
     "diskimg.plan", "diskimg.policy", "diskimg.probe", "diskimg.records", "diskimg.units",
     "diskimg.qcow2", "diskimg.qcow2.bitmaps", "diskimg.qcow2.cache", "diskimg.qcow2.cluster",
     "diskimg.qcow2.compressed", "diskimg.qcow2.compressed_write", "diskimg.qcow2.crypt",

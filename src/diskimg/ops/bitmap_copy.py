@@ -38,8 +38,9 @@ def check_copy(srcs: Sequence[BlockDevice], out_format: str,
             skip.append(b.name)
     fmt = target.format if target is not None else out_format
     if target is not None:
-        header: Any = getattr(target, "header", None)
-        v3 = header is not None and header.version >= 3
+        from diskimg.qcow2.image import Qcow2Image  # bitmaps are qcow2 v3's alone
+
+        v3 = isinstance(target, Qcow2Image) and target.header.version >= 3
     else:
         v3 = (compat_version((options or {}).get("compat", "1.1")) or 3) >= 3
     if fmt != "qcow2" or not v3:

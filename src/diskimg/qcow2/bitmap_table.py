@@ -36,7 +36,7 @@ MAX_TABLE_SIZE = 0x8000000
 MAX_PHYS_SIZE = 0x20000000
 MIN_GRANULARITY_BITS = 9
 MAX_GRANULARITY_BITS = 31
-_NONZERO = re.compile(rb"[^\x00]+")
+_NONZERO = rb"[^\x00]+"  # runs of non-zero bytes (compiled on first use, by re's cache)
 _PIECE = 512
 
 
@@ -176,7 +176,7 @@ def extents(bits: bytes | bytearray, granularity_bits: int,
     ``disk_size``."""
     run_start = run_end = -1
     limit = nb_bits(disk_size, granularity_bits)
-    for m in _NONZERO.finditer(bits):
+    for m in re.finditer(_NONZERO, bits):
         for piece in range(m.start(), m.end(), _PIECE):  # bounded big-int work per run
             base = piece * 8
             value = int.from_bytes(bits[piece : min(piece + _PIECE, m.end())], "little")

@@ -272,7 +272,7 @@ class Bitmaps:
         img.check_writable()
         dst = self._usable(name)
         src_bitmaps = self if source_image is None else source_image.bitmaps
-        if src_bitmaps is None or not hasattr(src_bitmaps, "bits"):
+        if src_bitmaps is None:  # a format without bitmaps has NoBitmaps (not found)
             raise UsageError(f"Dirty bitmap '{source_name}' not found")
         src_size = source_image.size if source_image is not None else img.size
         src_bits, src_gbits = src_bitmaps.bits(source_name)
