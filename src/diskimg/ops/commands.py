@@ -168,8 +168,10 @@ def resize(path: PathLike, size: int, *, format: str | None = None,  # noqa: A00
         cur = dev.size
         if preallocation == "metadata" and dev.format != "qcow2":
             raise UsageError("Unsupported preallocation mode: metadata")
-        if dev.format == "qcow2" and size % 512:
-            raise UsageError("The new size must be a multiple of 512")
+        if dev.format == "qcow2":
+            from diskimg.qcow2.resize import check_size
+
+            check_size(size)
         if size < cur and not shrink:
             raise UsageError("Use the shrink option to perform a shrink operation.")
         if size < cur and preallocation not in (None, "off"):

@@ -228,8 +228,7 @@ def check_resize(h: Header, plan: AmendPlan, nb_bitmaps: int) -> None:
     image's ``bitmaps.check_resize()`` whether they can be resized)."""
     if plan.size is None or plan.size == h.size:
         return
-    if plan.size % 512:
-        raise UsageError("The new size must be a multiple of 512")
-    if h.nb_snapshots and max(plan.cur_version, plan.new_version) < 3:
-        raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
+    from diskimg.qcow2.resize import check_header
+
+    check_header(plan.size, max(plan.cur_version, plan.new_version), h.nb_snapshots)
 

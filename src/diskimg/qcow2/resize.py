@@ -53,19 +53,31 @@ def preallocate(img: Qcow2Image, start: int, end: int, mode: str) -> None:
         img.host.truncate(new_end)
 
 
+def check_size(new_size: int) -> None:
+    """qcow2 sizes are whole 512-byte sectors (qemu's words when not)."""
+    if new_size % 512:
+        raise UsageError("The new size must be a multiple of 512")
+
+
+def check_header(new_size: int, version: int, nb_snapshots: int) -> None:
+    """The refusals of a resize to ``new_size`` that the header decides, in qemu's words:
+    :func:`check_size`, and a version 2 image with snapshots (``version``: the image's
+    version when the resize runs).  Snapshots keep their own L1 tables and sizes: qemu
+    7.2 resizes the active layer of such a v3 image (a shrink drops only the active
+    references); a v2 snapshot entry has no disk size of its own, so qemu refuses."""
+    check_size(new_size)
+    if nb_snapshots and version < 3:
+        raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
+
+
 def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
            preallocation: str = "off") -> None:
     """:meth:`Qcow2Image.resize` (documented there)."""
     img._check_writable()
-    if new_size % 512:
-        raise UsageError("The new size must be a multiple of 512")
+    check_size(new_size)
     if new_size < img.size and not shrink:
         raise UsageError("Use the --shrink option to perform a shrink operation.")
-    # snapshots keep their own L1 tables and sizes: qemu 7.2 resizes the active
-    # layer of such a v3 image (a shrink drops only the active references); a v2
-    # snapshot entry has no disk size of its own, so qemu refuses those
-    if img.header.nb_snapshots and img.header.version < 3:
-        raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
+    check_header(new_size, img.header.version, img.header.nb_snapshots)
     bitmaps = img.bitmaps if img.bitmaps.entries else None
     if bitmaps is not None:
         bitmaps.check_resize()  # qemu: an inconsistent bitmap refuses the resize

@@ -59,8 +59,10 @@ def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
             raise UsageError("New image size must be positive")
         if prealloc == "metadata" and dev.format != "qcow2":
             raise UsageError("Unsupported preallocation mode: metadata")
-        if dev.format == "qcow2" and new % 512:
-            raise UsageError("The new size must be a multiple of 512")
+        if dev.format == "qcow2":
+            from diskimg.qcow2.resize import check_size
+
+            check_size(new)
         if new < cur and not a.shrink:
             raise ExitCode("Use the --shrink option to perform a shrink operation.", 1,
                            notes=("warning: Shrinking an image will delete all data beyond "
