@@ -78,10 +78,17 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
         else:
             check_format(host, fmt)
         dev: BlockDevice
+        if fmt != "raw":
+            from diskimg.raw import WINDOW_OPTIONS
+
+            for k in WINDOW_OPTIONS:
+                if k in options:
+                    raise UsageError(f"Block format '{fmt}' does not support the option "
+                                     f"'{k}'")
         if fmt == "raw":
             from diskimg.raw import RawImage
 
-            dev = RawImage(host, probed=probed)
+            dev = RawImage(host, probed=probed, options=options)
         elif fmt == "qcow2":
             from diskimg.qcow2.image import Qcow2Image
 
