@@ -12,9 +12,18 @@ from types import ModuleType
 from typing import NoReturn
 
 from diskimg import __version__
-from diskimg.cli import commands, errors
+from diskimg.cli import commands, errors, trace
 from diskimg.cli.commands import pool as pool_entry
 from diskimg.cli.errors import PROG, CommandLineError
+
+
+#: ``--version``: the first line is the one scripts match (OpenStack's
+#: ``re.match(r"qemu-img version ([0-9\.]*)", out)``, ``grep 'qemu-img version' | cut -d ' '
+#: -f 3``): the qemu-img release whose behaviour diskimg follows, then, where qemu-img puts
+#: its distribution's build, diskimg's own name and version
+VERSION_TEXT = (f"qemu-img version 7.2.0 ({PROG} {__version__})\n"
+                f"{PROG} {__version__}: a pure-Python clone of qemu-img 7.2 (qcow2, raw, vmdk); "
+                "it is not QEMU\n")
 
 
 class _Exit(Exception):
@@ -126,8 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(_main_help())
             return 0
         elif opt in ("-V", "--version"):
-            sys.stdout.write(f"{PROG} version {__version__} (qemu-img 7.2 compatible)\n")
+            sys.stdout.write(VERSION_TEXT)
             return 0
+        elif opt in ("-T", "--trace") or opt.startswith(("--trace=", "-T")):
+            if opt in ("-T", "--trace") and not args:
+                return _fail(CommandLineError(f"missing argument for option '{opt}'"))
+            value = args.pop(0) if opt in ("-T", "--trace") else \
+                opt.split("=", 1)[1] if opt.startswith("--") else opt[2:]
+            try:
+                rc = trace.apply(PROG, value)
+            except Exception as e:
+                return _fail(e)
+            if rc:
+                return rc
         else:
             return _fail(CommandLineError(f"unrecognized option '{opt}'"))
     if not args:
