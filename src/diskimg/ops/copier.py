@@ -266,16 +266,22 @@ class _Copier:
                     pending.append((start, n, None, ks))
                 else:
                     buf = spare.pop() if spare else aligned_buffer(step)
-                    if self.limit is not None:
-                        self.limit(n)
-                    if self.salvage is not None:
-                        self.salvage.readinto(reader.readinto, start, memoryview(buf)[:n])
-                    else:
-                        reader.readinto(start, memoryview(buf)[:n])
+                    self._read(reader.readinto, start, memoryview(buf)[:n])
                     pending.append((start, n, buf, pool.submit(work, buf, n, ks)))
                 drain(window)
             drain(0)
         tgt.align_compressed_end()
+
+    def _read(self, read: Callable[[int, memoryview], Any], pos: int,
+              buf: memoryview) -> None:
+        """Read a data run of the sources in the caller's thread: after its turn under
+        ``-r``, and with ``--salvage`` unreadable sectors become zeros."""
+        if self.limit is not None:
+            self.limit(len(buf))
+        if self.salvage is not None:
+            self.salvage.readinto(read, pos, buf)
+        else:
+            read(pos, buf)
 
     def _concat_runs(self, devs: Sequence[BlockDevice]
                      ) -> Iterator[tuple[RunKind, int, int]]:
@@ -373,12 +379,7 @@ class _Copier:
             buf = aligned_buffer(CHUNK)
             for kind, pos, n, runs in self._plan(src, base):
                 if kind is _DATA:
-                    if self.limit is not None:
-                        self.limit(n)
-                    if self.salvage is not None:
-                        self.salvage.readinto(src.readinto, pos, memoryview(buf)[:n])
-                    else:
-                        src.readinto(pos, memoryview(buf)[:n])
+                    self._read(src.readinto, pos, memoryview(buf)[:n])
                 self._put(kind, base + pos, buf if kind is _DATA else runs, n)
             self.flush_pending()
             return
