@@ -94,3 +94,23 @@ def test_version_line_parses_as_qemu_img(tmp_path: Path) -> None:
         # the same major.minor as the qemu-img diskimg is checked against
         ref_m = re.match(r"diskimg version (\d+\.\d+)", ref.out)
         assert ref_m is not None and m.group(1).startswith(ref_m.group(1) + ".")
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "-T", "foo", "q.qcow2"], ["check", "-q", "-T", "off", "q.qcow2"],
+    ["compare", "-T", "bad", "s.raw", "s.raw"], ["compare", "-T", "none", "s.raw", "s.raw"],
+    ["convert", "-T", "writeback", "-O", "raw", "s.raw", "c.raw"],
+    ["rebase", "-T", "x", "-u", "-b", "", "q.qcow2"],
+    ["info", "-T", "none", "s.raw"], ["map", "-T", "none", "s.raw"],
+    ["create", "-T", "none", "n.raw", "1M"], ["snapshot", "-T", "none", "-l", "q.qcow2"],
+])
+def test_source_cache_option_where_qemu_takes_it(di, sample: Path, argv: list[str]) -> None:
+    """``-T`` after the command is qemu-img's source cache mode (check, compare, convert,
+    rebase: checked, then nothing to do for diskimg); the other commands refuse it."""
+    d = sample.parent
+    qemu("create", "-q", "-f", "qcow2", "q.qcow2", "1M", cwd=d)
+    before = sha(d / "q.qcow2"), sha(sample)
+    mine = di(*argv, cwd=d)
+    ref = qemu(*argv, cwd=d)
+    assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
+    assert (sha(d / "q.qcow2"), sha(sample)) == before

@@ -27,7 +27,7 @@ EXAMPLE = 'diskimg convert -p -O qcow2 disk.raw disk.qcow2'
 
 def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
-    add_common(p)
+    add_common(p, src_cache=1)
     p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
     p.add_argument("-o", dest="options", action="append", metavar="K=V,...")
     p.add_argument("-B", dest="backing", metavar="BACKING", help="target backing file")
