@@ -37,7 +37,8 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     ``backing=False`` opens without the backing chain (reads of unallocated ranges then
     return zeros); ``force_share`` skips QEMU's lock bytes (qemu-img ``-U``); ``untrusted``
     confines backing/data files to the image's directory.  ``options`` are image-opts
-    (``encrypt.key-secret`` ...).  ``for_check`` opens as ``qemu-img check`` does: a
+    (qcow2: ``encrypt.key-secret`` ...; raw: ``offset`` and ``size``, a window of the
+    file, e.g. a disk inside an OVA or tar; a format refuses an option it does not take).  ``for_check`` opens as ``qemu-img check`` does: a
     qcow2 snapshot table that cannot be read is left to :meth:`check` to report (and
     repair) instead of failing the open.
     """
