@@ -133,7 +133,8 @@ class RawImage(BlockDevice):
         self.size = self._virtual_size()
 
     def has_zero_init(self) -> bool:
-        return host_has_zero_init(self.host.fd)
+        # a window of a file holds whatever the file holds there
+        return not self.options and host_has_zero_init(self.host.fd)
 
     @requires_open
     def info(self) -> ImageInfo:
@@ -143,7 +144,6 @@ class RawImage(BlockDevice):
             virtual_size=self.size,
             actual_size=self.host.allocated_size(),
         )
-
 
     def display_name(self) -> str:
         """The name qemu-img prints for the image: the file's, or with ``offset``/``size``
