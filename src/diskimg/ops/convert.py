@@ -63,7 +63,7 @@ def convert(
     rate_limit: int | None = None,
     target_is_zero: bool = False,
     salvage: bool | Callable[[str], None] = False,
-    on_target_ready: Callable[[], None] | None = None,
+    on_created: Callable[[], None] | None = None,
 ) -> None:
     """Copy the guest contents of ``sources`` (concatenated) into image ``dst``.
 
@@ -84,7 +84,7 @@ def convert(
     existing target already reads as zeros, so zero runs are not written.  ``salvage``
     (``--salvage``): a source range that cannot be read becomes zeros instead of ending the
     copy; a callable receives qemu-img's warning line for each unreadable sector.
-    ``on_target_ready`` is called once the target exists and is open, before the copy.
+    ``on_created`` is called once a new target has been created (before it is opened).
 
     A failed convert removes the target file it created (a path that did not exist
     before); an existing target (``target_exists``, or a file that was overwritten) keeps
@@ -142,6 +142,8 @@ def convert(
                            backing_fmt=backing_fmt, options=options, secrets=secrets)
                 if created is not None:
                     made = os.stat(created)  # the file removed on failure is this one
+                if on_created is not None:
+                    on_created()
             topts = dict(target_options or {})
             key = (options or {}).get("encrypt.key-secret")
             if key is not None and not target_exists:
@@ -149,8 +151,6 @@ def convert(
             tgt_cm = api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
                               options=topts)
         with tgt_cm as tgt:
-            if on_target_ready is not None:
-                on_target_ready()
             if not sync and not isinstance(dst, BlockDevice):
                 for hf in _host_files(tgt):
                     hf.sync = False

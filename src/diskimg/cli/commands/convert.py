@@ -163,7 +163,7 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
             conv._snapshot_view(devs[0], snap).close()
         prog = _convert_progress(a, devs[: len(srcs)], snap, target, out_fmt, values,
                                  backing is not None, sparse)
-        ready: list[bool] = []
+        created: list[bool] = []
         try:
             conv.convert(devs[: len(srcs)], target, out_fmt, options=values,
                          sparse_size=sparse, target_exists=a.target_exists,
@@ -174,11 +174,11 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
                          workers=int(a.coroutines) if a.coroutines is not None else None,
                          rate_limit=rate, target_is_zero=a.target_is_zero,
                          salvage=_warn if a.salvage and not a.quiet else a.salvage,
-                         on_target_ready=lambda: ready.append(True))
+                         on_created=lambda: created.append(True))
         except (DiskImgError, OSError) as e:
             prog.stop()
-            if not a.target_exists and not ready:
-                # the target could not be created (or opened): in qemu-img's words
+            if not a.target_exists and not created:
+                # the target could not be created: in qemu-img's words
                 raise DiskImgError(f"{dst_path}: error while converting {out_fmt}: "
                                    f"{errors.create_reason(e, dst_path, exact=True)}") from e
             raise
