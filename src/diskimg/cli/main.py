@@ -67,6 +67,9 @@ def _main_help() -> str:
              "diskimg: qcow2, raw and vmdk disk images (qemu-img 7.2 compatible)", "",
              "  -h, --help      display this help and exit",
              "  -V, --version   output version information and exit",
+             "  -T, --trace [[enable=]PATTERN][,events=FILE][,file=FILE]",
+             "                  qemu-img's tracing options (accepted; diskimg has no trace "
+             "events)",
              "  --untrusted     open no file outside the image's own directory",
              "  --debug         show Python tracebacks (also DISKIMG_DEBUG=1)", "",
              "Command syntax:"]
