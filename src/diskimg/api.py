@@ -38,9 +38,10 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     return zeros); ``force_share`` skips QEMU's lock bytes (qemu-img ``-U``); ``untrusted``
     confines backing/data files to the image's directory.  ``options`` are image-opts
     (qcow2: ``encrypt.key-secret`` ...; raw: ``offset`` and ``size``, a window of the
-    file, e.g. a disk inside an OVA or tar; a format refuses an option it does not take).  ``for_check`` opens as ``qemu-img check`` does: a
-    qcow2 snapshot table that cannot be read is left to :meth:`check` to report (and
-    repair) instead of failing the open.
+    file, e.g. a disk inside an OVA or tar; a format refuses an option it does not
+    take).  ``for_check`` opens as ``qemu-img check`` does: a qcow2 snapshot table that
+    cannot be read is left to :meth:`check` to report (and repair) instead of failing the
+    open.
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
