@@ -175,6 +175,8 @@ def convert(
                          Salvage(salvage if callable(salvage) else None))
             if progress is not None:
                 progress(0.0)
+            if cp.salvage is not None:
+                cp.survey(devs)
             if compress:
                 cp.copy_compressed(devs, workers)
             else:

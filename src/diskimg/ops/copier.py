@@ -352,6 +352,16 @@ class _Copier:
             yield kind, pos, n
             pos += n
 
+    def survey(self, devs: Sequence[BlockDevice]) -> None:
+        """qemu-img convert's first pass over the sources' block status (it counts the
+        sectors to copy): with ``--salvage`` each status that cannot be read is reported
+        there too, before the copy reports it again."""
+        base = 0
+        for d in devs:
+            for _ in self._status_runs(d, base):
+                pass
+            base += d.size
+
     def _kind_at(self, src: BlockDevice, base: int, pos: int,
                  n: int) -> tuple[RunKind, int]:
         """The kind and length of the status run of ``src`` at ``pos`` (at most ``n``)."""
