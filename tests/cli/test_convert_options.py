@@ -1,4 +1,4 @@
-"""convert's qemu-img 7.2 options against qemu-img: ``-r RATE`` (and commit's), 
+"""convert's qemu-img 7.2 options against qemu-img: ``-r RATE`` (and commit's),
 ``--target-is-zero``, ``--target-image-opts`` needing ``-n``, ``--salvage`` over a corrupt
 compressed cluster, and a failed convert that removes the target file it created (only
 that file)."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import time
 from pathlib import Path
 
@@ -230,8 +231,6 @@ def test_salvage_past_a_corrupt_l2_table_as_qemu(di, tmp_path: Path) -> None:
     img = tmp_path / "l2.qcow2"
     QEMU.img("create", "-q", "-f", "qcow2", img, "64k")
     QEMU.io(img, "write -P 0x11 0 64k")
-    import struct
-
     with open(img, "r+b") as f:
         l1 = struct.unpack(">Q", f.read(48)[40:48])[0]
         f.seek(l1)
