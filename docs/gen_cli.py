@@ -38,6 +38,10 @@ NOTES: dict[str, tuple[str, str, list[str]]] = {
                 "allocates). `-n` writes into an existing target, `-B`/`-F` give the target "
                 "a backing file and copy only the top layer, `-l` picks an internal snapshot "
                 "(`snapshot.name=X`, `snapshot.id=N` or `X`), `-c` compresses qcow2 clusters. "
+                "`-r RATE` copies at most RATE bytes of data per second; "
+                "`--target-is-zero` (with `-n`) leaves zero runs unwritten; `--salvage` "
+                "turns unreadable source sectors into zeros, with a warning each. A failed "
+                "convert removes the target file it created. "
                 "`-W`, `-m`, `-t`, `-T`, `-C` are accepted for compatibility.",
                 ["diskimg convert -p -O raw disk.qcow2 disk2.raw",
                  "diskimg convert -O qcow2 -o compat=0.10 disk.raw old.qcow2"]),
@@ -55,7 +59,8 @@ NOTES: dict[str, tuple[str, str, list[str]]] = {
             "every range (see [json.md](json.md#map)).",
             ["diskimg map disk.qcow2", "diskimg map --output=json --max-length=1M disk.qcow2"]),
     "dd": (EXIT, "`bs` (default 512), `count`, `skip` in blocks; `if`/`of` file names. The "
-           "output is always a new image.",
+           "output is always a new image, every block of it written (zeros too), as "
+           "qemu-img dd writes it.",
            ["diskimg dd -O qcow2 bs=1M count=16 if=disk.raw of=head.qcow2"]),
     "resize": (EXIT, "`+SIZE`/`-SIZE` are relative (a negative size needs `--` before it). "
                "qcow2 sizes must be multiples of 512, shrinking needs `--shrink`, images with "
@@ -66,7 +71,8 @@ NOTES: dict[str, tuple[str, str, list[str]]] = {
                 ["diskimg measure -O qcow2 --size 10G",
                  "diskimg measure --output=json -O qcow2 disk.raw"]),
     "commit": (EXIT, "Writes the overlay's data into its backing file (or `-b BASE` further "
-               "down, which implies `-d`), then empties the overlay unless `-d`. See "
+               "down, which implies `-d`), then empties the overlay unless `-d`. `-r RATE` "
+               "commits at most RATE bytes per second. See "
                "[overlays](../howto/overlays.md).",
                ["diskimg commit overlay.qcow2"]),
     "rebase": (EXIT, "Safe by default: ranges where old and new backing files differ are "

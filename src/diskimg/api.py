@@ -37,9 +37,11 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     ``backing=False`` opens without the backing chain (reads of unallocated ranges then
     return zeros); ``force_share`` skips QEMU's lock bytes (qemu-img ``-U``); ``untrusted``
     confines backing/data files to the image's directory.  ``options`` are image-opts
-    (``encrypt.key-secret`` ...).  ``for_check`` opens as ``qemu-img check`` does: a
-    qcow2 snapshot table that cannot be read is left to :meth:`check` to report (and
-    repair) instead of failing the open.
+    (qcow2: ``encrypt.key-secret`` ...; raw: ``offset`` and ``size``, a window of the
+    file, e.g. a disk inside an OVA or tar; a format refuses an option it does not
+    take).  ``for_check`` opens as ``qemu-img check`` does: a qcow2 snapshot table that
+    cannot be read is left to :meth:`check` to report (and repair) instead of failing the
+    open.
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -78,10 +80,17 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
         else:
             check_format(host, fmt)
         dev: BlockDevice
+        if fmt != "raw":
+            from diskimg.raw import WINDOW_OPTIONS
+
+            for k in WINDOW_OPTIONS:
+                if k in options:
+                    raise UsageError(f"Block format '{fmt}' does not support the option "
+                                     f"'{k}'")
         if fmt == "raw":
             from diskimg.raw import RawImage
 
-            dev = RawImage(host, probed=probed)
+            dev = RawImage(host, probed=probed, options=options)
         elif fmt == "qcow2":
             from diskimg.qcow2.image import Qcow2Image
 

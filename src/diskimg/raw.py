@@ -4,13 +4,21 @@ The virtual size is the file size rounded up to 512 (qemu's rule); bytes past th
 the file read as zeros.  When the format was probed rather than named, writes to the first
 sector that would make the image probe as another format are refused (qemu's probed-raw
 rule, CVE-2008-2004).
+
+The image options ``offset=`` and ``size=`` (qemu's raw driver; a disk inside an OVA or a
+tar) make the image a window of the file: guest byte ``o`` is file byte ``offset + o``.
+With ``size`` the window is fixed (it must lie inside the file and be a multiple of 512;
+it is never resized); without it the window runs to the end of the file.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+
 from diskimg.device import (BlockDevice, ImageInfo, Status, host_has_zero_init,
                              requires_open)
-from diskimg.errors import UsageError
+from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile
 from diskimg.plan import Run, RunKind
 
@@ -26,23 +34,33 @@ class RawImage(BlockDevice):
         """The one file."""
         return [self.host]
 
-    def __init__(self, host: HostFile, *, probed: bool = False) -> None:
+    def __init__(self, host: HostFile, *, probed: bool = False,
+                 options: Mapping[str, str] | None = None) -> None:
         self.host = host
         self.filename = str(host.path)
         self.read_only = not host.writable
         self.probed = probed
-        self.size = -(-host.size() // SECTOR) * SECTOR
+        self.options = dict(options or {})
+        self.offset, self.window = window_options(self.options, host.size())
+        self.size = self._virtual_size()
         self._mark_open()
 
+    def _virtual_size(self) -> int:
+        """The window's size, or what the file holds past ``offset`` rounded up to 512
+        (qemu's rule)."""
+        if self.window is not None:
+            return self.window
+        return -(-(self.host.size() - self.offset) // SECTOR) * SECTOR
+
     def _readinto(self, offset: int, buf: memoryview) -> None:
-        self.host.preadinto(offset, buf)
+        self.host.preadinto(self.offset + offset, buf)
 
     def _guard_probe(self, offset: int, data: memoryview | None) -> None:
         if not self.probed or offset >= SECTOR:
             return
         from diskimg.probe import probe_bytes
 
-        head = bytearray(self.host.pread(0, SECTOR).ljust(SECTOR, b"\0"))
+        head = bytearray(self.host.pread(self.offset, SECTOR).ljust(SECTOR, b"\0"))
         end = min(SECTOR, offset + (len(data) if data is not None else SECTOR))
         if data is None:
             head[offset:end] = bytes(end - offset)
@@ -56,10 +74,11 @@ class RawImage(BlockDevice):
 
     def _write(self, offset: int, data: memoryview) -> None:
         self._guard_probe(offset, data)
-        self.host.pwrite(offset, data)
+        self.host.pwrite(self.offset + offset, data)
 
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         self._guard_probe(offset, None)
+        offset += self.offset
         fsize = self.host.size()
         if offset >= fsize:
             self.host.truncate(max(fsize, offset + length))
@@ -71,12 +90,13 @@ class RawImage(BlockDevice):
 
     def _discard(self, offset: int, length: int) -> None:
         self._guard_probe(offset, None)
+        offset += self.offset
         if offset < self.host.size():
             self.host.punch_hole(offset, length)
 
     def _plan(self, offset: int, length: int) -> Run:
-        """One DATA run: guest byte ``o`` is byte ``o`` of the file."""
-        return Run(offset, length, RunKind.DATA, offset, filename=self.filename)
+        """One DATA run: guest byte ``o`` is byte ``offset + o`` of the file."""
+        return Run(offset, length, RunKind.DATA, self.offset + offset, filename=self.filename)
 
     def _status(self, offset: int, length: int) -> Status:
         """The DATA run of :meth:`_plan` refined by the file's holes (QEMU's file-posix:
@@ -97,28 +117,71 @@ class RawImage(BlockDevice):
     @requires_open
     def resize(self, new_size: int, preallocation: str = "off", *,
                shrink: bool = True) -> None:
-        """Grow or shrink the file to ``new_size`` bytes."""
+        """Grow or shrink the file to ``offset + new_size`` bytes (a fixed ``size=``
+        window is refused, as qemu refuses it)."""
         self._check_writable()
+        if self.window is not None:
+            raise UnsupportedFeatureError("Cannot resize fixed-size raw disks")
         old = self.host.size()
-        self.host.truncate(new_size)
-        if new_size > old:
+        end = self.offset + new_size
+        self.host.truncate(end)
+        if end > old:
             if preallocation == "falloc":
-                self.host.preallocate(old, new_size - old)
+                self.host.preallocate(old, end - old)
             elif preallocation == "full":
-                self.host.write_zeros(old, new_size - old)
-        self.size = -(-new_size // SECTOR) * SECTOR
+                self.host.write_zeros(old, end - old)
+        self.size = self._virtual_size()
 
     def has_zero_init(self) -> bool:
-        return host_has_zero_init(self.host.fd)
+        # a window of a file holds whatever the file holds there
+        return not self.options and host_has_zero_init(self.host.fd)
 
     @requires_open
     def info(self) -> ImageInfo:
         return ImageInfo(
-            filename=self.filename,
+            filename=self.display_name(),
             format="raw",
             virtual_size=self.size,
             actual_size=self.host.allocated_size(),
         )
+
+    def display_name(self) -> str:
+        """The name qemu-img prints for the image: the file's, or with ``offset``/``size``
+        (options that change what the image is) the ``json:{...}`` form QEMU builds."""
+        win = {k: v for k, v in self.options.items() if k in WINDOW_OPTIONS}
+        if not win:
+            return self.filename
+        from diskimg.info_text import qdict_order_deep
+
+        spec = {**win, "driver": "raw", "file": {"driver": "file", "filename": self.filename}}
+        return "json:" + json.dumps(qdict_order_deep(spec))
+
+
+WINDOW_OPTIONS = ("offset", "size")
+
+
+def window_options(options: Mapping[str, str], file_size: int) -> tuple[int, int | None]:
+    """``(offset, size)`` of the window the image options ``offset=``/``size=`` name in a
+    file of ``file_size`` bytes (size None: to the end of the file), checked with qemu's
+    messages.  Any other option is refused by name (raw takes no other)."""
+    from diskimg.options import parse_param_size
+
+    for k in options:
+        if k not in WINDOW_OPTIONS:
+            raise UsageError(f"Block format 'raw' does not support the option '{k}'")
+    offset = parse_param_size("offset", options["offset"]) if "offset" in options else 0
+    size = parse_param_size("size", options["size"]) if "size" in options else None
+    if offset > file_size:
+        raise UsageError(f"Offset ({offset}) cannot be greater than size of the containing "
+                         f"file ({file_size})")
+    if size is not None:
+        if offset + size > file_size:
+            raise UsageError(f"The sum of offset ({offset}) and size ({size}) has to be "
+                             "smaller or equal to the  actual size of the containing file "
+                             f"({file_size})")
+        if size % SECTOR:
+            raise UsageError(f"Specified size is not multiple of {SECTOR}")
+    return offset, size
 
 
 def create_raw(host: HostFile, size: int, preallocation: str = "off") -> None:

@@ -15,6 +15,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+#: ``--version``: the first line is the one scripts match (OpenStack's
+#: ``re.match(r"qemu-img version ([0-9\.]*)", out)``, ``grep 'qemu-img version' | cut -d ' '
+#: -f 3``): the qemu-img release whose behaviour diskimg follows, then, where qemu-img puts
+#: its distribution's build, diskimg's own name and version
+VERSION_TEXT = (f"qemu-img version 7.2.0 ({PROG} {__version__})\n"
+                f"{PROG} {__version__}: a pure-Python clone of qemu-img 7.2 (qcow2, raw, vmdk); "
+                "it is not QEMU\n")
+
 # Start-up (issue 20): this module loads only what ``--version`` needs.  argparse and the
 # parser (diskimg.cli.parser), the command table (diskimg.cli.commands, which loads the
 # format layer) and the storage-pool entry are imported in main() once a command is known.
@@ -25,6 +33,9 @@ def _main_help() -> str:
              "diskimg: qcow2, raw and vmdk disk images (qemu-img 7.2 compatible)", "",
              "  -h, --help      display this help and exit",
              "  -V, --version   output version information and exit",
+             "  -T, --trace [[enable=]PATTERN][,events=FILE][,file=FILE]",
+             "                  qemu-img's tracing options (accepted; diskimg has no trace "
+             "events)",
              "  --untrusted     open no file outside the image's own directory",
              "  --debug         show Python tracebacks (also DISKIMG_DEBUG=1)", "",
              "Command syntax:"]
@@ -73,8 +84,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(_main_help())
             return 0
         elif opt in ("-V", "--version"):
-            sys.stdout.write(f"{PROG} version {__version__} (qemu-img 7.2 compatible)\n")
+            sys.stdout.write(VERSION_TEXT)
             return 0
+        elif opt in ("-T", "--trace") or opt.startswith(("--trace=", "-T")):
+            if opt in ("-T", "--trace") and not args:
+                return _fail(CommandLineError(f"missing argument for option '{opt}'"))
+            value = args.pop(0) if opt in ("-T", "--trace") else \
+                opt.split("=", 1)[1] if opt.startswith("--") else opt[2:]
+            from diskimg.cli import trace  # only a command line with -T pays for it
+
+            try:
+                rc = trace.apply(PROG, value)
+            except Exception as e:
+                return _fail(e)
+            if rc:
+                return rc
         else:
             return _fail(CommandLineError(f"unrecognized option '{opt}'"))
     if not args:

@@ -74,6 +74,7 @@ def commit(
     untrusted: bool = False,
     secrets: Mapping[str, bytes] | None = None,
     options: Mapping[str, str] | None = None,
+    rate_limit: int | None = None,
 ) -> None:
     """``qemu-img commit``: write the data of ``path`` (and of every image between it and
     ``base``) into ``base`` (default: its backing file), then empty ``path`` unless ``drop``.
@@ -85,7 +86,8 @@ def commit(
     gets them with one more ``backing.`` prefix removed (``encrypt.key-secret`` for an
     encrypted top, ``backing.encrypt.key-secret`` for an encrypted base), so encrypted
     layers are read and written with their own keys.  ``format`` is ``path``'s format
-    (None probes; ``fmt`` is its deprecated name)."""
+    (None probes; ``fmt`` is its deprecated name).  ``rate_limit`` (``-r``): at most that
+    many bytes per second are committed (0 or None: no limit)."""
     fmt = renamed("format", format, "fmt", fmt)
     from diskimg.api import backing_options
     from diskimg.hostio import open_host_file
@@ -119,7 +121,7 @@ def commit(
             base_opts = backing_options(base_opts)
         with api.open(b.path, "r+", b.format, **{**kw, "options": base_opts}) as base_dev, \
                 api.open(path, "r", fmt, force_share=True, **kw) as top:
-            _commit_copy(top, base_dev, base_idx, progress)
+            _commit_copy(top, base_dev, base_idx, progress, rate_limit)
             base_dev.flush()
         if not drop and layers[0].format == "qcow2":
             h = read_header(top_lock)
@@ -150,7 +152,10 @@ def _open_data_file(top: HostFile, path: str, options: Mapping[str, str] | None,
 
 
 def _commit_copy(top: BlockDevice, base: BlockDevice, base_idx: int,
-                 progress: ProgressFn | None) -> None:
+                 progress: ProgressFn | None, rate_limit: int | None = None) -> None:
+    from diskimg.ops.copier import RateLimit
+
+    limit = RateLimit(rate_limit) if rate_limit else None
     size = top.size
     if base.size < size:
         fn = base.resize
@@ -172,6 +177,8 @@ def _commit_copy(top: BlockDevice, base: BlockDevice, base_idx: int,
             copy = (nxt < base_idx and nxt < len(chain) and pos >= chain[nxt].size)
             zero = True
         if copy:
+            if limit is not None:
+                limit(n)  # qemu's commit job counts every range it commits
             if zero:
                 base.write_zeroes(pos, n, may_unmap=True)
                 base.flush()  # free unmapped clusters now, so they are reused in order
@@ -210,7 +217,8 @@ def rebase(
     ``path``'s image options (``encrypt.key-secret``; ``backing.encrypt.key-secret`` for
     an encrypted old backing file).  As in qemu-img the new backing file is opened with
     no options, so it cannot be encrypted in safe mode.  ``format`` is ``path``'s format
-    (None probes; ``fmt`` is its deprecated name)."""
+    (None probes; ``fmt`` is its deprecated name).  ``rate_limit`` (``-r``): at most that
+    many bytes per second are committed (0 or None: no limit)."""
     fmt = renamed("format", format, "fmt", fmt)
     from diskimg.errors import MissingSecretError
     from diskimg.policy import OpenPolicy

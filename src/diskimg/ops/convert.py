@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +19,9 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
 
 from diskimg.ops.bitmap_copy import check_copy, copy_bitmaps
 from diskimg.ops.common import SECTOR, ProgressFn, Source, _open
-from diskimg.ops.copier import _Copier
+from diskimg.ops.copier import RateLimit, Salvage, _Copier
 from diskimg.params import renamed
+from diskimg.units import SIZE_HELP
 
 
 def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) -> BlockDevice:
@@ -62,6 +64,10 @@ def convert(
     bitmaps: bool = False,
     skip_broken_bitmaps: bool = False,
     warn: Callable[[str], None] | None = None,
+    rate_limit: int | None = None,
+    target_is_zero: bool = False,
+    salvage: bool | Callable[[str], None] = False,
+    on_created: Callable[[], None] | None = None,
 ) -> None:
     """Copy the guest contents of ``sources`` (concatenated) into image ``dst``.
 
@@ -79,6 +85,17 @@ def convert(
     ``bitmaps`` (``--bitmaps``) copies the persistent bitmaps of a single qcow2 source
     into the qcow2 v3 target after the data; ``skip_broken_bitmaps`` skips inconsistent
     ones (each named to ``warn``) instead of refusing.
+
+    ``rate_limit`` (``-r``): copy data at that many bytes per second at most (0 or None:
+    no limit).  ``target_is_zero`` (``--target-is-zero``, needs ``target_exists``): the
+    existing target already reads as zeros, so zero runs are not written.  ``salvage``
+    (``--salvage``): a source range that cannot be read becomes zeros instead of ending the
+    copy; a callable receives qemu-img's warning line for each unreadable sector.
+    ``on_created`` is called once a new target has been created (before it is opened).
+
+    A failed convert removes the target file it created (a path that did not exist
+    before); an existing target (``target_exists``, or a file that was overwritten) keeps
+    what was written, as in qemu-img.
     """
     src_format = renamed("format", format, "src_format", src_format)
     if workers is None:
@@ -98,9 +115,18 @@ def convert(
         raise UsageError("Compression not supported for this file format")
     if compress and str((options or {}).get("preallocation", "off")) != "off":
         raise UsageError("Compression and preallocation not supported at the same time")
+    if target_is_zero and not target_exists:
+        raise UsageError("--target-is-zero requires use of -n flag")
+    if target_is_zero and backing_file is not None:
+        raise UsageError("Cannot use --target-is-zero when the destination image has a "
+                         "backing file")
+    if rate_limit is not None and rate_limit < 0:
+        raise UsageError(SIZE_HELP.replace("image size", "rate limit"), field="size")
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {})}
     opened: list[tuple[BlockDevice, bool]] = []
+    created: str | os.PathLike[str] | None = None  # the target path this call creates
+    made: os.stat_result | None = None
     try:
         for s in srcs:
             dev, owned = _open(s, src_format, kw)
@@ -124,8 +150,14 @@ def convert(
             tgt_cm: Any = contextlib.nullcontext(dst)
         else:
             if not target_exists:
+                if not os.path.lexists(dst):
+                    created = dst
                 api.create(dst, out_format, total, backing_file=backing_file,
                            backing_fmt=backing_fmt, options=options, secrets=secrets)
+                if created is not None:
+                    made = os.stat(created)  # the file removed on failure is this one
+                if on_created is not None:
+                    on_created()
             topts = dict(target_options or {})
             key_option = "key-secret" if out_format == "luks" else "encrypt.key-secret"
             key = (options or {}).get(key_option)
@@ -148,15 +180,20 @@ def convert(
             # qemu-img's rule: only a new target without backing file may leave zero runs
             # unwritten, and only if its format says it reads as zeros (not, e.g., an
             # encrypted qcow2 with preallocated clusters)
-            zero_init = (not target_exists and not target_backing and sparse_size > 0
-                         and tgt.has_zero_init())
+            zero_init = target_is_zero or (not target_exists and not target_backing
+                                           and sparse_size > 0 and tgt.has_zero_init())
             backing_end = tgt.backing.size if (target_backing and not target_exists
                                                and tgt.backing is not None) else None
             cp = _Copier(tgt, zero_init=zero_init, target_backing=target_backing,
                          backing_end=backing_end, min_sparse=sparse_size, alignment=align,
-                         compress=compress, total=total, progress=progress)
+                         compress=compress, total=total, progress=progress,
+                         limit=RateLimit(rate_limit) if rate_limit else None,
+                         salvage=None if salvage is False else
+                         Salvage(salvage if callable(salvage) else None))
             if progress is not None:
                 progress(0.0)
+            if cp.salvage is not None:
+                cp.survey(devs)
             if compress:
                 cp.copy_compressed(devs, workers)
             else:
@@ -170,10 +207,36 @@ def convert(
             if bitmaps:
                 copy_bitmaps(devs[0], tgt, skip, warn)
                 tgt.flush()
+    except BaseException:
+        if created is not None:
+            _remove_created(created, made)
+        raise
     finally:
         for dev, owned in opened:
             if owned:
                 dev.close()
+
+
+def _remove_created(path: str | os.PathLike[str], made: os.stat_result | None) -> None:
+    """Remove the target file a failed convert created: only a regular file that is still
+    the one created (same device and inode), never anything else at that path."""
+    if made is None:
+        # creation itself failed part-way: whatever is there now was made by it
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return
+    else:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) != (made.st_dev, made.st_ino):
+            return
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _host_files(dev: BlockDevice) -> list[HostFile]:

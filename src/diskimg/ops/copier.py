@@ -5,12 +5,14 @@ sources."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice
+from diskimg.errors import FormatError
 from diskimg.hostio import aligned_buffer
 
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
@@ -18,7 +20,7 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
 
 from diskimg.hostio import all_zero
 from diskimg.hostio.workers import worker_pool
-from diskimg.ops.common import _ZEROS, CHUNK, ProgressFn
+from diskimg.ops.common import _ZEROS, CHUNK, SECTOR, ProgressFn
 from diskimg.ops.readahead import (
     _COMBINE_BELOW,
     _ClusterKinds,
@@ -32,6 +34,67 @@ from diskimg.ops.zero import _next_zero_sector, sparse_runs
 from diskimg.plan import RunKind
 
 _DATA, _ZERO, _BACKING = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED
+
+#: the errors of a source that ``--salvage`` reads past (a corrupt or unreadable range);
+#: a usage error (a bug) or an interrupt still ends the copy
+READ_ERRORS = (FormatError, OSError)
+
+
+class RateLimit:
+    """``-r RATE`` (convert, commit): data is copied at ``rate`` bytes per second at
+    most.  A request goes out at once when the bytes before it are within the rate, else
+    after a sleep until they are (so the first request is not delayed, as in qemu-img,
+    whose zero and backing runs are not counted either)."""
+
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.rate, self.clock, self.sleep = rate, clock, sleep
+        self.start: float | None = None
+        self.sent = 0
+
+    def __call__(self, n: int) -> None:
+        """Account for ``n`` bytes about to be copied, first waiting for their turn."""
+        now = self.clock()
+        if self.start is None:
+            self.start = now
+        due = self.start + self.sent / self.rate
+        if due > now:
+            self.sleep(due - now)
+        self.sent += n
+
+
+class Salvage:
+    """``--salvage``: a range of a source that cannot be read becomes zeros, sector by
+    sector, each unreadable sector reported as qemu-img reports it (``warn`` receives the
+    line; None keeps quiet, ``-q``)."""
+
+    def __init__(self, warn: Callable[[str], None] | None) -> None:
+        self.warn = warn
+
+    def _say(self, line: str) -> None:
+        if self.warn is not None:
+            self.warn(line)
+
+    def readinto(self, read: Callable[[int, memoryview], Any], off: int,
+                 buf: memoryview) -> None:
+        """``read(off, buf)``; on failure each sector again, unreadable ones zeroed."""
+        try:
+            read(off, buf)
+            return
+        except READ_ERRORS:
+            pass
+        for s in range(0, len(buf), SECTOR):
+            piece = buf[s : s + SECTOR]
+            try:
+                read(off + s, piece)
+            except READ_ERRORS:
+                piece[:] = _ZEROS[: len(piece)]
+                self._say(f"error while reading offset {off + s}: Input/output error")
+
+    def status_failed(self, pos: int) -> None:
+        """The block status at ``pos`` could not be read: the caller reads that one
+        sector as data (qemu-img's words for it)."""
+        self._say(f"error while reading block status at offset {pos}: Input/output error")
 
 
 @dataclass(slots=True)
@@ -60,6 +123,10 @@ class _Copier:
     pend: bytearray | None = None
     pend_off: int = 0
     pend_len: int = 0
+    #: ``-r``: called with the length of each data run before it is read
+    limit: Callable[[int], None] | None = None
+    #: ``--salvage``: unreadable source ranges become zeros (reads are not pipelined)
+    salvage: Salvage | None = None
 
     def zero(self, off: int, n: int) -> None:
         if self.min_sparse == 0:
@@ -199,11 +266,22 @@ class _Copier:
                     pending.append((start, n, None, ks))
                 else:
                     buf = spare.pop() if spare else aligned_buffer(step)
-                    reader.readinto(start, memoryview(buf)[:n])
+                    self._read(reader.readinto, start, memoryview(buf)[:n])
                     pending.append((start, n, buf, pool.submit(work, buf, n, ks)))
                 drain(window)
             drain(0)
         tgt.align_compressed_end()
+
+    def _read(self, read: Callable[[int, memoryview], Any], pos: int,
+              buf: memoryview) -> None:
+        """Read a data run of the sources in the caller's thread: after its turn under
+        ``-r``, and with ``--salvage`` unreadable sectors become zeros."""
+        if self.limit is not None:
+            self.limit(len(buf))
+        if self.salvage is not None:
+            self.salvage.readinto(read, pos, buf)
+        else:
+            read(pos, buf)
 
     def _concat_runs(self, devs: Sequence[BlockDevice]
                      ) -> Iterator[tuple[RunKind, int, int]]:
@@ -262,35 +340,56 @@ class _Copier:
             # runs differently, not what they are); zero and backing runs are taken whole,
             # data runs are cut at CHUNK
             n = size - pos
-            if self.target_backing:
-                # top layer only: the rest is the target's backing
-                kind, n = _top_status(src, pos, n)
-                end = self.backing_end
-                if end is not None and kind is _ZERO:
-                    # past the end of a new target's backing file the target reads zeros
-                    # of its own: qemu leaves zero runs there unwritten
-                    if base + pos >= end:
-                        kind = _BACKING
-                    elif base + pos + n > end:
-                        n = end - base - pos
-            else:
-                st, _ = src.block_status(pos, n, coarse=True)
-                n = min(n, st.length)
-                kind = _ZERO if st.zero or (not st.allocated and not st.data) else _DATA
+            try:
+                kind, n = self._kind_at(src, base, pos, n)
+            except READ_ERRORS:
+                if self.salvage is None:
+                    raise
+                self.salvage.status_failed(pos)
+                kind, n = _DATA, min(n, SECTOR)  # read it (the read reports it too)
             if kind is _DATA or (kind is _ZERO and self.min_sparse == 0):
                 n = min(n, CHUNK)
             yield kind, pos, n
             pos += n
 
+    def survey(self, devs: Sequence[BlockDevice]) -> None:
+        """qemu-img convert's first pass over the sources' block status (it counts the
+        sectors to copy): with ``--salvage`` each status that cannot be read is reported
+        there too, before the copy reports it again."""
+        base = 0
+        for d in devs:
+            for _ in self._status_runs(d, base):
+                pass
+            base += d.size
+
+    def _kind_at(self, src: BlockDevice, base: int, pos: int,
+                 n: int) -> tuple[RunKind, int]:
+        """The kind and length of the status run of ``src`` at ``pos`` (at most ``n``)."""
+        if self.target_backing:
+            # top layer only: the rest is the target's backing
+            kind, n = _top_status(src, pos, n)
+            end = self.backing_end
+            if end is not None and kind is _ZERO:
+                # past the end of a new target's backing file the target reads zeros
+                # of its own: qemu leaves zero runs there unwritten
+                if base + pos >= end:
+                    kind = _BACKING
+                elif base + pos + n > end:
+                    n = end - base - pos
+            return kind, n
+        st, _ = src.block_status(pos, n, coarse=True)
+        n = min(n, st.length)
+        return (_ZERO if st.zero or (not st.allocated and not st.data) else _DATA), n
+
     def copy(self, src: BlockDevice, base: int, pipelined: bool = True) -> None:
         """Copy ``src`` to the target at ``base``.  With ``pipelined`` the source is
         planned and read on a second thread, up to ``_BUFFERS - 1`` chunks ahead of the
         writes (both sides spend their time in system calls that release the GIL)."""
-        if not pipelined:
+        if not pipelined or self.salvage is not None:
             buf = aligned_buffer(CHUNK)
             for kind, pos, n, runs in self._plan(src, base):
                 if kind is _DATA:
-                    src.readinto(pos, memoryview(buf)[:n])
+                    self._read(src.readinto, pos, memoryview(buf)[:n])
                 self._put(kind, base + pos, buf if kind is _DATA else runs, n)
             self.flush_pending()
             return
@@ -298,9 +397,13 @@ class _Copier:
             for kind, pos, n, item in ahead:
                 if isinstance(item, _Decoded):  # compressed clusters decoded by the pool
                     item.future.result()
+                    if self.limit is not None:
+                        self.limit(n)
                     self._put_decoded(base + pos, item, n)
                     ahead.release(item.buf)
                     continue
+                if kind is _DATA and self.limit is not None:
+                    self.limit(n)
                 self._put(kind, base + pos, item, n)
                 if kind is _DATA:
                     ahead.release(item)

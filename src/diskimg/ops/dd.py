@@ -14,7 +14,6 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     pass
 
 from diskimg.ops.common import CHUNK, Source, _open
-from diskimg.ops.zero import is_zero
 from diskimg.params import check_int, renamed
 
 # --- dd -----------------------------------------------------------------------------
@@ -37,7 +36,9 @@ def dd(
 ) -> None:
     """``qemu-img dd``: copy ``count`` blocks of ``bs`` bytes after skipping ``skip`` blocks
     into a new image ``dst``.  The output size is ``min(count*bs, size) - skip*bs`` (qemu's
-    rule); a skip past that end creates an empty output and calls ``warn``.  ``format`` is
+    rule; the new image rounds it up to whole sectors); a skip past that end creates an
+    empty output and calls ``warn``.  Every block is written, zero blocks too, so the
+    output is allocated as qemu-img dd's is (``map`` shows one data run).  ``format`` is
     the source's format (None probes; ``src_format`` is its deprecated name)."""
     src_format = renamed("format", format, "src_format", src_format)
     bs = check_int("bs", bs, minimum=1)
@@ -69,8 +70,7 @@ def dd(
                 n = min(step, size - in_pos)
                 mv = memoryview(buf)[:n]
                 dev.readinto(in_pos, mv)
-                if not is_zero(mv):
-                    out.write(out_pos, mv)
+                out.write(out_pos, mv)  # zeros too: qemu-img dd allocates every block
                 in_pos += n
                 out_pos += n
             out.flush()

@@ -20,6 +20,7 @@ from diskimg.cli import errors
 from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
+from diskimg.raw import WINDOW_OPTIONS
 from diskimg.units import SIZE_HELP, parse_size
 
 if TYPE_CHECKING:
@@ -28,8 +29,13 @@ if TYPE_CHECKING:
 
 def add_common(p: argparse.ArgumentParser, *, fmt: bool = True, share: bool = True,
                obj: bool = True, image_opts: bool = True, quiet: bool = True,
-               out: bool = False, fmt_help: str = "image format (probed if absent)") -> None:
-    """The options most commands take (each one can be left out), and FILE arguments."""
+               out: bool = False, fmt_help: str = "image format (probed if absent)",
+               src_cache: int = 0) -> None:
+    """The options most commands take (each one can be left out), and FILE arguments.
+    ``src_cache``: the command takes qemu-img's ``-T SRC_CACHE`` (check, compare, convert,
+    rebase), and exits with this code for a cache mode qemu does not know (compare: 2);
+    0: the command refuses ``-T``, as qemu-img does (``-T``/``--trace`` before the
+    command is the trace option, :mod:`diskimg.cli.trace`)."""
     if fmt:
         p.add_argument("-f", "--format", metavar="FMT", help=fmt_help)
     if share:
@@ -45,8 +51,22 @@ def add_common(p: argparse.ArgumentParser, *, fmt: bool = True, share: bool = Tr
         p.add_argument("-q", "--quiet", action="store_true", help="quiet mode")
     if out:
         p.add_argument("--output", metavar="human|json", help="output format")
-    p.add_argument("-T", "--source-cache", dest="src_cache", help=argparse.SUPPRESS)
+    if src_cache:  # the host page cache is not diskimg's to choose: checked, then unused
+        p.add_argument("-T", dest="src_cache", type=lambda t: cache_mode(t, src_cache),
+                       help=argparse.SUPPRESS)
     p.add_argument("files", nargs="*", help=argparse.SUPPRESS)
+
+
+#: the cache modes qemu-img's ``-T`` accepts
+CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
+
+
+def cache_mode(text: str, code: int = 1) -> str:
+    """A ``-T`` cache mode, or qemu-img's error with exit ``code``."""
+    if text not in CACHE_MODES:
+        # ExitCode (not a ValueError, which argparse would reword): qemu-img's one line
+        raise ExitCode(f"Invalid source cache option: {text}", code)
+    return text
 
 
 KNOWN_FORMATS = ("qcow2", "raw", "vmdk", "luks")
@@ -101,6 +121,8 @@ def parse_image_opts(text: str) -> tuple[str, str | None, dict[str, str]]:
     if fmt is not None and fmt not in KNOWN_FORMATS:
         raise DiskImgError(f"Could not open '{text}': Unknown driver '{fmt}'")
     for k in rest:
+        if fmt in (None, "raw") and k in WINDOW_OPTIONS:
+            continue  # raw's offset=/size= (checked when the image opens)
         if fmt == "raw" or not (k.startswith("encrypt.") or fmt in (None, "qcow2", "vmdk")
                                 or (fmt == "luks" and k == "key-secret")):
             raise DiskImgError(f"Could not open '{text}': Block format '{fmt or 'raw'}' does "

@@ -20,7 +20,7 @@ EXAMPLE = 'diskimg check -r leaks disk.qcow2'
 
 def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
-    add_common(p, out=True)
+    add_common(p, out=True, src_cache=1)
     p.add_argument("-r", "--repair", metavar="leaks|all", help="repair the image")
 
 

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING
 
 from diskimg import api
 from diskimg.cli.commands._shared import (Context, add_common, basic_schedule, check_backing_keys,
-                                          key_options, one_file, opened, path_and_format, same_file)
+                                          key_options, one_file, opened, path_and_format, same_file,
+                                          size_arg)
 from diskimg.errors import DiskImgError
 
 if TYPE_CHECKING:
     from diskimg.cli.progress import Schedule
 
-USAGE = '[-f FMT] [-b BASE] [-d] [-p] [--object OBJ] [--image-opts] FILE'
+USAGE = '[-f FMT] [-b BASE] [-d] [-p] [-r RATE] [--object OBJ] [--image-opts] FILE'
 DESCRIPTION = "Write an overlay's data into its backing file (then empty the overlay)."
 EXAMPLE = 'diskimg commit overlay.qcow2'
 
@@ -28,7 +29,8 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="do not empty the image afterwards")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)
-    p.add_argument("-r", dest="rate", help=argparse.SUPPRESS)
+    p.add_argument("-r", dest="rate", metavar="RATE",
+                   help="commit at most RATE bytes per second (k, M, G... suffixes)")
 
 
 def commit_progress(ctx: Context, a: argparse.Namespace, path: str,
@@ -60,6 +62,7 @@ def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img commit [-b BASE] [-d] [-p] [--image-opts] FILE."""
     from diskimg import operations as conv
 
+    rate = size_arg(a.rate, "rate limit") if a.rate is not None else None
     name = one_file(a)
     # open once the way qemu-img does, for its error messages (and the probed-raw warning)
     with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
@@ -69,7 +72,8 @@ def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
     path, fmt, img_opts = path_and_format(a, name, "commit", key_options(a, name))
     prog = commit_progress(ctx, a, path, fmt)
     conv.commit(path, base=a.base, drop=a.drop, progress=prog if prog.enabled else None,
-                format=fmt, untrusted=ctx.untrusted, secrets=ctx.secrets, options=img_opts)
+                format=fmt, untrusted=ctx.untrusted, secrets=ctx.secrets, options=img_opts,
+                rate_limit=rate)
     prog.finish()
     if not a.quiet:
         sys.stdout.write("Image committed.\n")

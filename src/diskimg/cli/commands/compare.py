@@ -17,7 +17,7 @@ EXAMPLE = 'diskimg compare disk.raw disk.qcow2'
 
 def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
-    add_common(p)
+    add_common(p, src_cache=2)
     p.add_argument("-F", dest="format2", metavar="FMT", help="format of FILE2")
     p.add_argument("-s", dest="strict", action="store_true", help="strict mode")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from diskimg import options as opts
 from diskimg.cli.commands._shared import (Context, add_common, collect_o, open_image,
                                           parse_image_opts, print_help, size_arg, snapshot_param)
 from diskimg.cli import errors
+from diskimg.cli.errors import PROG
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 from diskimg.units import parse_size
@@ -18,15 +19,15 @@ if TYPE_CHECKING:
     from diskimg.cli.progress import Schedule
 
 USAGE = ('[-f FMT] [-O FMT] [-c] [-o K=V,...] [-B BACKING -F BACKING_FMT] [-n] [-p] [-W] [-m '
-         'N] [-S SIZE] [-l SNAPSHOT] [-U] [--object OBJ] [--image-opts] [--target-image-opts] '
-         'SRC... DST')
+         'N] [-S SIZE] [-l SNAPSHOT] [-r RATE] [-U] [--object OBJ] [--image-opts] '
+         '[--target-image-opts] [--target-is-zero] [--salvage] SRC... DST')
 DESCRIPTION = 'Convert (copy) one or more images into a new image, sparsely.'
 EXAMPLE = 'diskimg convert -p -O qcow2 disk.raw disk.qcow2'
 
 
 def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
-    add_common(p)
+    add_common(p, src_cache=1)
     p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
     p.add_argument("-o", dest="options", action="append", metavar="K=V,...")
     p.add_argument("-B", dest="backing", metavar="BACKING", help="target backing file")
@@ -44,7 +45,12 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("-C", dest="copy_range", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--target-image-opts", action="store_true",
                    help="DST is an option string")
-    p.add_argument("--target-is-zero", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--target-is-zero", action="store_true",
+                   help="the existing target (-n) reads as zeros: zero runs are not written")
+    p.add_argument("-r", dest="rate", metavar="RATE",
+                   help="copy at most RATE bytes of data per second (k, M, G... suffixes)")
+    p.add_argument("--salvage", action="store_true",
+                   help="unreadable source ranges become zeros (with a warning each)")
     p.add_argument("--bitmaps", action="store_true",
                    help="copy the persistent bitmaps (qcow2 to qcow2)")
     p.add_argument("--skip-broken-bitmaps", action="store_true",
@@ -84,13 +90,9 @@ def _convert_progress(a: argparse.Namespace, srcs: list[BlockDevice],
             view.close()
 
 
-def _file_state(path: str) -> tuple[int, int, int] | None:
-    """(inode, mtime, size) of ``path``, None when it does not exist."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+def _warn(line: str) -> None:
+    """A ``--salvage`` warning, as qemu-img's ``warn_report`` prints it."""
+    sys.stderr.write(f"{PROG}: warning: {line}\n")
 
 
 def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
@@ -116,6 +118,11 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
             raise UsageError("Invalid buffer size for sparse output specified. Valid sizes "
                              "are multiples of 512 up to 16777216. Select 0 to disable sparse "
                              "detection (fully allocates output).")
+    rate = size_arg(a.rate, "rate limit") if a.rate is not None else None
+    if a.target_image_opts and not a.target_exists:
+        raise UsageError("--target-image-opts requires use of -n flag")
+    if a.target_is_zero and not a.target_exists:
+        raise UsageError("--target-is-zero requires use of -n flag")
     if len(a.files) < 2:
         raise UsageError("Must specify image file name")
     if out_fmt not in opts.FORMAT_OPTIONS:
@@ -128,6 +135,10 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         values = opts.validate(out_fmt, opts.parse_list(olist))
     backing = a.backing or values.pop("backing_file", None)
     backing_fmt = a.backing_fmt or values.pop("backing_fmt", None)
+    if a.target_is_zero and backing is not None:
+        # qemu-img 7.2 prints this and exits 0 without converting; diskimg exits 1
+        raise UsageError("Cannot use --target-is-zero when the destination image has a "
+                         "backing file")
     if backing is not None and out_fmt in ("raw", "luks"):
         raise UsageError(f"Backing file not supported for file format '{out_fmt}'")
     if backing is not None and backing_fmt is None and not a.target_exists:
@@ -164,7 +175,7 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
                        a.skip_broken_bitmaps)
         prog = _convert_progress(a, devs[: len(srcs)], snap, target, out_fmt, values,
                                  backing is not None, sparse)
-        before = _file_state(dst_path)
+        created: list[bool] = []
         try:
             conv.convert(devs[: len(srcs)], target, out_fmt, options=values,
                          sparse_size=sparse, target_exists=a.target_exists,
@@ -174,12 +185,14 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
                          target_options=dst_opts,
                          workers=int(a.coroutines) if a.coroutines is not None else None,
                          bitmaps=a.bitmaps, skip_broken_bitmaps=a.skip_broken_bitmaps,
-                         warn=lambda m: ctx.warn(f"warning: {m}"))
+                         warn=lambda m: ctx.warn(f"warning: {m}"),
+                         rate_limit=rate, target_is_zero=a.target_is_zero,
+                         salvage=_warn if a.salvage and not a.quiet else a.salvage,
+                         on_created=lambda: created.append(True))
         except (DiskImgError, OSError) as e:
             prog.stop()
-            after = _file_state(dst_path)
-            if not a.target_exists and (after == before or (after and after[2] == 0)):
-                # nothing was written: creating the target failed, in qemu-img's words
+            if not a.target_exists and not created:
+                # the target could not be created: in qemu-img's words
                 raise DiskImgError(f"{dst_path}: error while converting {out_fmt}: "
                                    f"{errors.create_reason(e, dst_path, exact=True)}") from e
             raise

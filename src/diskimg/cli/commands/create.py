@@ -75,12 +75,22 @@ def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
                            "Could not open backing image.") from None
         elif backing_fmt is None:
             raise fail("Backing file specified without backing format")
+    elif backing_fmt is not None:
+        if fmt == "raw":
+            raise fail("Backing file format not supported for file format 'raw'")
+        values["backing_fmt"] = backing_fmt
     if size is None:
         raise fail("Image creation needs a size parameter")
     values["size"] = str(size)
     if not quiet:
         sys.stdout.write(opts.formatting_line(filename, fmt, values) + "\n")
         sys.stdout.flush()
+    if backing is None and backing_fmt is not None:
+        # the format driver refuses it after the Formatting line (vmdk takes its own name)
+        if fmt == "qcow2":
+            raise fail("Backing format cannot be used without backing file")
+        if backing_fmt != "vmdk":
+            raise fail("backing_file must be a vmdk image")
     prealloc = values.get("preallocation")
     if prealloc is not None:
         allowed = ("off", "falloc", "full") + (("metadata",) if fmt == "qcow2" else ())

@@ -16,7 +16,7 @@ EXAMPLE = 'diskimg info --output=json disk.qcow2'
 
 def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
-    add_common(p, out=True)
+    add_common(p, out=True, quiet=False)  # qemu-img: "unrecognized option '-q'"
     p.add_argument("--backing-chain", action="store_true", help="show the whole chain")
 
 

@@ -19,7 +19,7 @@ EXAMPLE = 'diskimg map --output=json disk.qcow2'
 
 def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
-    add_common(p, out=True)
+    add_common(p, out=True, quiet=False)  # qemu-img: "unrecognized option '-q'"
     p.add_argument("--start-offset", metavar="OFF", help="first guest offset")
     p.add_argument("--max-length", metavar="LEN", help="bytes to map at most")
 

@@ -23,7 +23,7 @@ EXAMPLE = 'diskimg rebase -b new-base.qcow2 -F qcow2 overlay.qcow2'
 
 def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
-    add_common(p)
+    add_common(p, src_cache=1)
     p.add_argument("-b", dest="backing", metavar="BACKING", help="new backing file")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="its format")
     p.add_argument("-u", dest="unsafe", action="store_true",
