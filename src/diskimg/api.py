@@ -81,9 +81,9 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
             check_format(host, fmt)
         dev: BlockDevice
         if fmt != "raw":
-            from diskimg.raw import WINDOW_OPTIONS
+            from diskimg.options import RAW_WINDOW_OPTIONS
 
-            for k in WINDOW_OPTIONS:
+            for k in RAW_WINDOW_OPTIONS:
                 if k in options:
                     raise UsageError(f"Block format '{fmt}' does not support the option "
                                      f"'{k}'")

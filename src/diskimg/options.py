@@ -245,3 +245,7 @@ def compat_version(value: object, *, qapi_names: bool = True) -> int | None:
     if v is None and qapi_names:
         v = _QAPI_COMPAT.get(s)
     return v
+
+#: the raw driver's window options (``offset=``, ``size=``: a disk inside a bigger file,
+#: e.g. an OVA or a tar); every other format refuses them by name, as qemu does
+RAW_WINDOW_OPTIONS = ("offset", "size")

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from diskimg.device import (BlockDevice, ImageInfo, Status, host_has_zero_init,
-                             requires_open)
+from diskimg.device import BlockDevice, ImageInfo, Status, host_has_zero_init, requires_open
 from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile
+from diskimg.options import RAW_WINDOW_OPTIONS as WINDOW_OPTIONS
 from diskimg.plan import Run, RunKind
 
 SECTOR = 512
@@ -156,8 +156,6 @@ class RawImage(BlockDevice):
         spec = {**win, "driver": "raw", "file": {"driver": "file", "filename": self.filename}}
         return "json:" + json.dumps(qdict_order_deep(spec))
 
-
-WINDOW_OPTIONS = ("offset", "size")
 
 
 def window_options(options: Mapping[str, str], file_size: int) -> tuple[int, int | None]:

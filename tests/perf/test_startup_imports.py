@@ -100,8 +100,10 @@ def test_import_diskimg_loads_only_the_package_and_its_errors() -> None:
 
 def test_version_loads_no_parser_and_no_format(image: Path) -> None:
     code, loaded, out = _probe("--version")
-    assert (code, out) == (0, f"diskimg version {diskimg.__version__} "
-                              "(qemu-img 7.2 compatible)\n")
+    # the first line is the one scripts parse as qemu-img's; our name is in both
+    first, second = out.splitlines()
+    assert (code, first) == (0, f"qemu-img version 7.2.0 (diskimg {diskimg.__version__})")
+    assert second.startswith(f"diskimg {diskimg.__version__}: ")
     assert _unexpected(loaded, VERSION) == [], "diskimg --version imports more than before"
     assert _denied(loaded, NOT_FOR_VERSION) == []
 

@@ -127,6 +127,10 @@ def convert(
     opened: list[tuple[BlockDevice, bool]] = []
     created: str | os.PathLike[str] | None = None  # the target path this call creates
     made: os.stat_result | None = None
+    #: the other files a new target consists of (vmdk extents, a qcow2 data file) that
+    #: did not exist before: removed with it when the convert fails
+    made_too: list[tuple[str, os.stat_result]] = []
+    listed: dict[str, set[str]] = {}
     try:
         for s in srcs:
             dev, owned = _open(s, src_format, kw)
@@ -152,6 +156,7 @@ def convert(
             if not target_exists:
                 if not os.path.lexists(dst):
                     created = dst
+                    listed = _listings(dst, (options or {}).get("data_file"))
                 api.create(dst, out_format, total, backing_file=backing_file,
                            backing_fmt=backing_fmt, options=options, secrets=secrets)
                 if created is not None:
@@ -166,6 +171,8 @@ def convert(
             tgt_cm = api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
                               options=topts)
         with tgt_cm as tgt:
+            if created is not None:
+                made_too = _new_files(tgt, created, listed)
             if not sync and not isinstance(dst, BlockDevice):
                 for hf in _host_files(tgt):
                     hf.sync = False
@@ -210,11 +217,42 @@ def convert(
     except BaseException:
         if created is not None:
             _remove_created(created, made)
+            for path, st in made_too:
+                _remove_created(path, st)
         raise
     finally:
         for dev, owned in opened:
             if owned:
                 dev.close()
+
+
+def _listings(dst: str | os.PathLike[str], data_file: object) -> dict[str, set[str]]:
+    """The names in the directories a new target's files go to (the target's own, and a
+    qcow2 ``data_file``'s, relative to it), taken before the target is created."""
+    base = os.path.dirname(os.path.abspath(dst))
+    dirs = {base}
+    if isinstance(data_file, str) and data_file:
+        dirs.add(os.path.dirname(os.path.join(base, data_file)))
+    out: dict[str, set[str]] = {}
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            out[d] = set(os.listdir(d))
+    return out
+
+
+def _new_files(tgt: BlockDevice, dst: str | os.PathLike[str],
+               listed: dict[str, set[str]]) -> list[tuple[str, os.stat_result]]:
+    """The target's other host files (extents, data file) that were not in ``listed``
+    before it was created, with their identity for :func:`_remove_created`."""
+    out = []
+    top = os.path.abspath(dst)
+    for h in tgt.host_files():
+        p = os.path.abspath(h.path)
+        d, name = os.path.split(p)
+        if p != top and d in listed and name not in listed[d]:
+            with contextlib.suppress(OSError):
+                out.append((p, os.stat(p)))
+    return out
 
 
 def _remove_created(path: str | os.PathLike[str], made: os.stat_result | None) -> None:

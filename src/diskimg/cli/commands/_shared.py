@@ -20,7 +20,7 @@ from diskimg.cli import errors
 from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
-from diskimg.raw import WINDOW_OPTIONS
+from diskimg.options import RAW_WINDOW_OPTIONS
 from diskimg.units import SIZE_HELP, parse_size
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def parse_image_opts(text: str) -> tuple[str, str | None, dict[str, str]]:
     if fmt is not None and fmt not in KNOWN_FORMATS:
         raise DiskImgError(f"Could not open '{text}': Unknown driver '{fmt}'")
     for k in rest:
-        if fmt in (None, "raw") and k in WINDOW_OPTIONS:
+        if fmt in (None, "raw") and k in RAW_WINDOW_OPTIONS:
             continue  # raw's offset=/size= (checked when the image opens)
         if fmt == "raw" or not (k.startswith("encrypt.") or fmt in (None, "qcow2", "vmdk")
                                 or (fmt == "luks" and k == "key-secret")):
