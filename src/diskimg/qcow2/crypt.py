@@ -15,9 +15,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CRYPT_PIECE", "cipher", "crypt_sector", "read_encrypted"]
 
-#: bytes en/decrypted per cipher call (a multiple of 512): the cipher's temporaries stay
-#: small (2 MiB ones cost a page fault per 4 KiB)
-CRYPT_PIECE = 64 << 10
+#: bytes en/decrypted per cipher call through a bounce buffer (a multiple of 512): big
+#: enough for the cipher to split a call over two threads, small enough for the bounce
+#: buffers of a write (the kernels work in their own smaller pieces)
+CRYPT_PIECE = 1 << 20
 
 
 def cipher(img: Qcow2Image) -> SectorCipher | None:
@@ -53,11 +54,16 @@ def crypt_sector(img: Qcow2Image, host: int, guest: int) -> int:
 
 def read_encrypted(img: Qcow2Image, guest: int, host: int, dst: memoryview) -> None:
     """Fill ``dst`` with the plaintext of the guest bytes at ``guest``, stored encrypted
-    from host offset ``host`` (a DATA run): whole sectors are read and decrypted,
-    :data:`CRYPT_PIECE` at a time."""
+    from host offset ``host`` (a DATA run): whole sectors are read into ``dst`` and
+    decrypted in place; a partial sector goes through a bounce buffer, :data:`CRYPT_PIECE`
+    at a time."""
     c = cipher(img)
     assert c is not None
     d = host & 511
+    if not d and not len(dst) & 511:  # whole sectors: decrypted where they are read
+        img.data_host.preadinto(host, dst)
+        c.decrypt(crypt_sector(img, host, guest), dst)
+        return
     if not d and len(dst) > CRYPT_PIECE:
         for k in range(0, len(dst), CRYPT_PIECE):
             read_encrypted(img, guest + k, host + k, dst[k : k + CRYPT_PIECE])
