@@ -6,9 +6,11 @@ tweak ``T_i = AES_k2(iv_i)`` XORs block ``j`` with ``T_i * alpha^j`` in GF(2^128
 and after ``AES_k1``.  Here every ``T_i * alpha^j`` of a piece is computed at once as two
 64-bit halves: ``(T << j) mod P`` is ``T << j`` with the ``j`` bits shifted out of the top
 (``h``) folded back in as ``h * (x^7 + x^2 + x + 1)`` (four XORs: ``h < 2^31`` never
-overflows the low half), no step depending on another block's result.  The AES passes are ``cryptography``'s ECB contexts writing into
-preallocated buffers; numpy's XORs and OpenSSL's AES both release the GIL, so two threads
-with a kernel each use two cores.  A kernel is not thread-safe: one per thread.
+overflows the low half), no step depending on another block's result, each one numpy pass
+over a planar array (low/high halves apart).  The AES passes are ``cryptography``'s ECB
+contexts writing into preallocated buffers; numpy's XORs and OpenSSL's AES both release
+the GIL, so two threads with a kernel each use two cores.  A kernel is not thread-safe:
+one per thread.
 """
 
 from __future__ import annotations
