@@ -249,3 +249,30 @@ def test_luks_cipher_parallel_error_reaches_caller(monkeypatch: pytest.MonkeyPat
     with pytest.raises(RuntimeError, match="worker half failed"):
         c.encrypt(0, bytearray(512 * 2 * cmod.PARALLEL_SECTORS))
     assert sorted(calls) == [0, cmod.PARALLEL_SECTORS]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_split_request_after_fork() -> None:
+    """A child forked after the crypt worker started splits requests too (its own worker:
+    the parent's thread does not exist in the child) and gets the same bytes."""
+    from diskimg.crypto.luks.cipher import PARALLEL_SECTORS
+
+    key = bytes(range(64))
+    data = random.Random(5).randbytes(512 * PARALLEL_SECTORS)
+    c = _luks_cipher(key)
+    ref = bytearray(data)
+    c.encrypt(9, ref)  # starts the worker in this process
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            import signal
+
+            signal.alarm(30)  # a hang (work queued to a thread that is not there) fails
+            buf = bytearray(data)
+            c.encrypt(9, buf)
+            code = 0 if buf == ref else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

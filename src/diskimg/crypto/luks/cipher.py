@@ -49,6 +49,10 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL[0]
 
 
+# a forked child has no worker thread behind the parent's pool: it starts its own
+os.register_at_fork(after_in_child=_POOL.clear)
+
+
 def equal_halves(key: KeyBuf) -> bool:
     """True for an XTS key whose two halves are equal (the crypto backend refuses it)."""
     mv = memoryview(key).cast("B")  # compares without copying the halves
