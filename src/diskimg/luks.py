@@ -129,7 +129,7 @@ class LuksImage(BlockDevice):
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """Encrypted zeros (qemu's luks driver has no cheaper way: a hole of the file
         decrypts to noise)."""
-        zeros = memoryview(bytes(min(length, 16 * CRYPT_PIECE)))
+        zeros = memoryview(bytes(min(length, 4 * CRYPT_PIECE)))
         pos, end = offset, offset + length
         while pos < end:
             n = min(len(zeros), end - pos)

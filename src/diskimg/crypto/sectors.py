@@ -19,17 +19,22 @@ if TYPE_CHECKING:
 
 __all__ = ["CRYPT_PIECE", "encrypt_sectors", "read_decrypt"]
 
-#: bytes en/decrypted per cipher call (a multiple of 512): the cipher's temporaries stay
-#: small (2 MiB ones cost a page fault per 4 KiB)
-CRYPT_PIECE = 64 << 10
+#: bytes en/decrypted per cipher call through a bounce buffer (a multiple of 512): big
+#: enough for the cipher to split a call over two threads, small enough for the bounce
+#: buffers of a write (the kernels work in their own smaller pieces)
+CRYPT_PIECE = 1 << 20
 
 
 def read_decrypt(src: HostFile, cipher: SectorCipher, host: int, iv_shift: int,
                  dst: memoryview) -> None:
     """Fill ``dst`` with the plaintext of the bytes stored encrypted at ``host`` in
-    ``src``: the whole sectors around them are read and decrypted, :data:`CRYPT_PIECE`
-    at a time."""
+    ``src``: whole sectors are read into ``dst`` and decrypted in place; a partial sector
+    goes through a bounce buffer, :data:`CRYPT_PIECE` at a time."""
     d = host & 511
+    if not d and not len(dst) & 511:  # whole sectors: decrypted where they are read
+        src.preadinto(host, dst)
+        cipher.decrypt((host + iv_shift) // 512, dst)
+        return
     if not d and len(dst) > CRYPT_PIECE:
         for k in range(0, len(dst), CRYPT_PIECE):
             read_decrypt(src, cipher, host + k, iv_shift, dst[k : k + CRYPT_PIECE])

@@ -9,8 +9,9 @@ and can be wiped.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -23,13 +24,33 @@ from diskimg.crypto import (
     wipe,
 )
 from diskimg.crypto.ivgen import IVGen, make_ivgen
-from diskimg.crypto.kernels import cbc_decrypt_sectors, cbc_encrypt_sectors, xts_sectors
+from diskimg.crypto.kernels import XtsKernel, cbc_decrypt_sectors, cbc_encrypt_sectors
 from diskimg.crypto.luks.header import CIPHER_KEY_SIZES, CIPHER_MODES, CipherSpec
 from diskimg.errors import EncryptionError, UnsupportedFeatureError, UsageError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 #: ciphers whose data path is implemented (needs the primitive in ``cryptography``)
 IMPLEMENTED_CIPHERS = ("aes",)
 _BATCH_SECTORS = 2048  # sectors per batched AES call (1 MiB)
+#: a request of at least this many sectors is split over two threads when the kernel's
+#: work releases the GIL (numpy's XTS kernel): half on a worker, half on the caller
+PARALLEL_SECTORS = 1024
+_CPUS = os.cpu_count() or 1
+_POOL: list[ThreadPoolExecutor] = []  # the one crypt worker, started on first use
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _POOL:
+        from diskimg.hostio.workers import worker_pool
+
+        _POOL.append(worker_pool(1, "crypt"))
+    return _POOL[0]
+
+
+# a forked child has no worker thread behind the parent's pool: it starts its own
+os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def equal_halves(key: KeyBuf) -> bool:
@@ -65,6 +86,7 @@ class LuksCipher:
         self._alg = algorithms.AES(self._kv[:half])
         self._ivgen: IVGen = make_ivgen(spec.ivgen, master_key=self._kv,
                                         hash_name=spec.ivgen_hash)
+        self._xts: list[Any] = []  # idle XTS kernels (cipher contexts: one per thread)
         self._wiped = False
 
     def __repr__(self) -> str:
@@ -78,6 +100,7 @@ class LuksCipher:
 
     def wipe(self) -> None:
         """Zero the master key and the essiv salt in place.  Idempotent."""
+        self._xts.clear()  # drops the contexts holding key schedules
         wipe(self._key)
         self._ivgen.wipe()
         self._wiped = True
@@ -96,6 +119,9 @@ class LuksCipher:
         n = check_sector_buffer(sector, buf)
         mv = memoryview(buf).cast("B") if not isinstance(buf, bytearray) else memoryview(buf)
         mode = self.spec.mode
+        if mode == "xts":
+            self._run_xts(sector, mv, n, encrypt)
+            return
         if mode == "ecb":
             if n:
                 c = Cipher(self._alg, modes.ECB())
@@ -106,9 +132,7 @@ class LuksCipher:
             count = min(_BATCH_SECTORS, n - first)
             chunk = mv[first * SECTOR_SIZE:(first + count) * SECTOR_SIZE]
             ivs = self._ivgen.ivs(sector + first, count)
-            if mode == "xts":
-                chunk[:] = xts_sectors(self._kv, ivs, chunk, encrypt)
-            elif mode == "cbc":
+            if mode == "cbc":
                 kernel = cbc_encrypt_sectors if encrypt else cbc_decrypt_sectors
                 chunk[:] = kernel(self._kv, ivs, chunk)
             else:  # ctr: one keystream per sector
@@ -116,6 +140,28 @@ class LuksCipher:
                     a = i * SECTOR_SIZE
                     ctx = Cipher(self._alg, modes.CTR(ivs[16 * i:16 * i + 16])).encryptor()
                     chunk[a:a + SECTOR_SIZE] = ctx.update(chunk[a:a + SECTOR_SIZE])
+
+    def _xts_part(self, sector: int, mv: memoryview, encrypt: bool) -> None:
+        """XTS of the sectors of ``mv`` on the calling thread, with an idle kernel."""
+        xts = self._xts
+        kernel = xts.pop() if xts else XtsKernel(self._kv)  # list.pop is atomic
+        kernel.crypt(self._ivgen.ivs(sector, len(mv) // SECTOR_SIZE), mv, encrypt)
+        if not self._wiped:
+            xts.append(kernel)
+
+    def _run_xts(self, sector: int, mv: memoryview, n: int, encrypt: bool) -> None:
+        if n < PARALLEL_SECTORS or not XtsKernel.parallel or _CPUS < 2:
+            for first in range(0, n, _BATCH_SECTORS):
+                count = min(_BATCH_SECTORS, n - first)
+                self._xts_part(sector + first, mv[first * SECTOR_SIZE:(first + count)
+                                                  * SECTOR_SIZE], encrypt)
+            return
+        half = n // 2
+        job = _pool().submit(self._xts_part, sector + half, mv[half * SECTOR_SIZE:], encrypt)
+        try:
+            self._xts_part(sector, mv[:half * SECTOR_SIZE], encrypt)
+        finally:
+            job.result()
 
     def encrypt(self, sector: int, buf: bytearray | memoryview) -> None:
         self._run(sector, buf, True)
