@@ -33,7 +33,7 @@ class Parser(argparse.ArgumentParser):
                     raise CommandLineError(f"option '{opt}' requires an argument")
                 raise CommandLineError(f"option requires an argument -- '{opt.lstrip('-')}'")
         if message.startswith("unrecognized arguments: "):
-            raise CommandLineError(f"unrecognized option '{message.split(': ', 1)[1].split()[0]}'")
+            raise _unrecognized(message.split(": ", 1)[1].split()[0])
         raise CommandLineError(message)
 
     #: True while the options are being added: argparse then builds a formatter per option
@@ -77,10 +77,24 @@ def _parse(cmd: str, argv: list[str]) -> tuple[argparse.Namespace, ModuleType]:
         if i and argv[i - 1] in takes_value:
             continue  # an option's argument ("-S -1" is getopt's too)
         if len(x) > 1 and x[0] == "-" and (x[1].isdigit() or x[1] == "."):
-            raise CommandLineError(f"unrecognized option '{x}'")
+            raise _unrecognized(x)
     ns, extra = p.parse_known_intermixed_args(argv)
     for x in extra:
         if x.startswith("-") and x != "-":
-            raise CommandLineError(f"unrecognized option '{x}'")
+            raise _unrecognized(x)
         ns.files.append(x)
     return ns, mod
+
+
+#: the options ``diskimg`` takes before the sub-command only
+GLOBAL_OPTIONS = ("--untrusted", "--debug")
+
+
+def _unrecognized(opt: str) -> CommandLineError:
+    """getopt's "unrecognized option"; a global option given after the sub-command gets a
+    note saying where it goes."""
+    notes: tuple[str, ...] = ()
+    if opt.split("=", 1)[0] in GLOBAL_OPTIONS:
+        notes = (f"note: '{opt}' is a global option: put it before the sub-command "
+                 f"({PROG} {opt} COMMAND ...)",)
+    return CommandLineError(f"unrecognized option '{opt}'", notes=notes)

@@ -10,7 +10,14 @@ from diskimg.cli.errors import ExitCode
 from diskimg.errors import UsageError
 
 USAGE = '[-f FMT] [-O FMT] [-U] [bs=N] [count=N] [skip=N] if=IN of=OUT'
-DESCRIPTION = 'Copy blocks from one image into a new one, like dd(1).'
+DESCRIPTION = '''Copy blocks from one image into a new one, like dd(1).
+
+operands (dd's syntax, no dashes):
+  if=IN      the input image (any format diskimg reads; -f names it)
+  of=OUT     the output image, created in the format -O names (default raw)
+  bs=N       block size in bytes, with k/M/G... suffixes (default 512)
+  count=N    copy N blocks only (default: to the end of the input)
+  skip=N     skip N blocks of the input first'''
 EXAMPLE = 'diskimg dd -O qcow2 bs=1M count=16 if=disk.raw of=head.qcow2'
 
 
