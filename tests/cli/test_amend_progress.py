@@ -18,9 +18,7 @@ pytestmark = [pytest.mark.qemu, needs_qemu]
 CASES = [  # (create options, amend options)
     ("compat=1.1", "compat=0.10"),  # downgrade: 0, 100, 100
     ("compat=0.10", "compat=1.1"),  # upgrade: 0, 0, 50, 100, 100
-    ("compat=1.1", "lazy_refcounts=on,size=2M"),  # no driver lines: 0, 100
     ("compat=0.10", "lazy_refcounts=on"),  # refused by the driver: 0, 100, newline
-    ("compat=1.1", "compat=2.0"),  # refused by the driver
     ("compat=1.1", "foo=1"),  # refused while parsing: the newline only
 ]
 
