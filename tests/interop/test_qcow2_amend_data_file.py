@@ -47,7 +47,6 @@ def test_amend_data_file_matches_qemu(tmp_path: Path, create: str, amend: str,
     QEMU.img("create", "-q", "-f", "qcow2", "-o", create, "a.qcow2", "1M", cwd=q)
     QEMU.io("a.qcow2", "write -P 9 0 64k", "write -P 3 512k 4k", cwd=q)
     shutil.copytree(q, d)
-    want_guest = QEMU.raw_bytes("a.qcow2", cwd=d)
     data_before = {p.name: sha(p) for p in d.glob("*.raw")}
     before = sha(d / "a.qcow2")
     want = QEMU.img("amend", "-o", amend, "a.qcow2", ok=None, cwd=q)
@@ -69,6 +68,6 @@ def test_amend_data_file_matches_qemu(tmp_path: Path, create: str, amend: str,
     info = QEMU.info("a.qcow2", cwd=d)
     assert info["format-specific"]["data"]["data-file"] == new_name
     QEMU.check_clean("a.qcow2", cwd=d)
-    QEMU.io("a.qcow2", "read -P 9 0 64k", "read -P 3 512k 4k", cwd=d)
-    assert QEMU.raw_bytes("a.qcow2", cwd=d)[: len(want_guest)].rstrip(b"\0") == \
-        want_guest.rstrip(b"\0")
+    # the guest bytes through the new name: the two writes, zeros around them
+    QEMU.io("a.qcow2", "read -P 9 0 64k", "read -P 0 64k 448k", "read -P 3 512k 4k",
+            "read -P 0 516k 508k", cwd=d)
