@@ -60,12 +60,13 @@ def cmd_amend(ctx: Context, a: argparse.Namespace) -> int:
     return 0
 
 
-def _amend(ctx: Context, a: argparse.Namespace, olist: list[str], printer: QemuProgress,
+def _amend(ctx: Context, a: argparse.Namespace, olist: str, printer: QemuProgress,
            started: list[bool]) -> None:
     """The amend itself; ``printer`` gets qemu's progress calls from its 0 onwards (the
     driver's own lines: 100 after a downgrade, 0, 50, 100 around an upgrade); ``started``
     gets an item once the 0 is printed (after the options parsed and the image opened)."""
     from diskimg.qcow2 import amend as am
+    from diskimg.qcow2.image import Qcow2Image
 
     name = str(a.files[0])
     # the image stays open (and unlocked: key slots are re-wrapped with its master key)
@@ -83,7 +84,7 @@ def _amend(ctx: Context, a: argparse.Namespace, olist: list[str], printer: QemuP
         values = am.validate_amend_options(opts.parse_list(olist))
         printer.report(0.0, 100)
         started.append(True)
-        version = dev.header.version
+        version = dev.header.version if isinstance(dev, Qcow2Image) else 3
         new = opts.compat_version(values["compat"]) if "compat" in values else version
         if new is not None and new > version:
             printer.report(0.0, 0)
