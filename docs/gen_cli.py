@@ -86,8 +86,11 @@ NOTES: dict[str, tuple[str, str, list[str]]] = {
                   "diskimg snapshot -a before-upgrade disk.qcow2",
                   "diskimg snapshot -d before-upgrade disk.qcow2"]),
     "amend": (EXIT, "Changes qcow2 options in place: `compat`, `lazy_refcounts`, "
-              "`refcount_bits`, `backing_file`, `backing_fmt`, `data_file`, `size`. "
-              "`diskimg amend -f qcow2 -o help` lists them. LUKS key-slot changes need "
+              "`refcount_bits`, `backing_file`, `backing_fmt`, `data_file`, `data_file_raw`, "
+              "`size`. `diskimg amend -f qcow2 -o help` lists them. `data_file=NEW` only "
+              "rewrites the external data file's name in the header of an image that has one "
+              "(move the file yourself); `data_file_raw=off` clears that flag, it cannot be "
+              "set. `-p` prints qemu-img's progress lines. LUKS key-slot changes need "
               "`--image-opts`, which amend does not accept yet.",
               ["diskimg amend -o lazy_refcounts=on disk.qcow2"]),
     "checksum": (EXIT, "Not in qemu-img: ovirt-imageio's blkhash checksum of the guest "

@@ -51,8 +51,8 @@ REFUSALS: list[tuple[Header, dict[str, str], type[Exception], str]] = [
     (V3, {"compat": "0.9"}, UsageError, "Unknown compatibility level 0.9"),
     (V3, {"data_file": "x"}, UsageError,
      "data-file can only be set for images that use an external data file"),
-    (header(data_file="d.raw"), {"data_file": "other.raw"}, UsageError,
-     "Changing the data file is not supported"),
+    (V3, {"data_file": ""}, UsageError,  # qemu: an empty name is still a name
+     "data-file can only be set for images that use an external data file"),
     (header(data_file="d.raw"), {"data_file_raw": "on"}, UsageError,
      "data-file-raw cannot be set on existing images"),
     (V3, {"encrypt.state": "active"}, UsageError,
@@ -102,7 +102,10 @@ def test_plan_refusals(h: Header, options: dict[str, str], cls: type[Exception],
 def test_plan_accepts_current_values() -> None:
     # data_file / backing_* may be given with their current values (qemu accepts them)
     h = header(data_file="d.raw")
-    assert plan_amend(h, {"data_file": "d.raw"}) == AmendPlan(3, 3, 16)
+    assert plan_amend(h, {"data_file": "d.raw"}) == AmendPlan(3, 3, 16, data_file="d.raw")
+    # data_file_raw may be cleared (also without a data file) but not set
+    assert plan_amend(h, {"data_file_raw": "off"}) == AmendPlan(3, 3, 16, data_file_raw=False)
+    assert plan_amend(V3, {"data_file_raw": "off"}) == AmendPlan(3, 3, 16, data_file_raw=False)
     b = header("b.qcow2")
     assert plan_amend(b, {"backing_file": "b.qcow2", "backing_fmt": "qcow2"}) == \
         AmendPlan(3, 3, 16)

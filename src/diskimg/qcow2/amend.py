@@ -50,6 +50,7 @@ from diskimg.qcow2.amend_plan import (
     AmendPlan,
     check_encryption_amendable,
     check_resize,
+    data_file_header,
     keyslot_request,
     plan_amend,
     qemu_number,
@@ -146,7 +147,9 @@ def amend(path: Any, options: dict[str, str], *, format: str | None = None,  # n
           device: Any = None) -> None:
     """``qemu-img amend`` for qcow2: ``compat``, ``lazy_refcounts``, ``refcount_bits``,
     ``size`` (grow or shrink), ``backing_file``/``backing_fmt`` (only their current
-    values; use rebase to change them) and LUKS key slots (``encrypt.state``,
+    values; use rebase to change them), ``data_file`` (renames the external data file in
+    the header; the file itself is not touched), ``data_file_raw`` (may be cleared, or
+    kept set) and LUKS key slots (``encrypt.state``,
     ``encrypt.new-secret``, ``encrypt.old-secret``, ``encrypt.keyslot``,
     ``encrypt.iter-time``; secrets are ids into ``secrets``, the image is unlocked with
     ``image_options['encrypt.key-secret']``).
@@ -212,6 +215,16 @@ def _apply(path: Any, h: Header, plan: AmendPlan, secrets: dict[str, bytes],
                       secrets=secrets, options=iopts) as dev:
             if plan.size != dev.size:
                 dev.resize(plan.size, shrink=True)
+    if plan.data_file is not None or plan.data_file_raw is not None:
+        # after the resize, which opens the image by the data file name it has now
+        host = open_host_file(path, True)
+        try:
+            now = read_header(host)
+            new = data_file_header(now, plan)
+            if new.pack() != now.pack():
+                write_header(host, new)
+        finally:
+            host.close()
     if plan.downgrade:
         host = open_host_file(path, True)
         try:

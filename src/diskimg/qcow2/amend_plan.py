@@ -13,10 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from diskimg.crypto.luks import KeySlotAmend
-from diskimg.errors import UnsupportedFeatureError, UsageError
+from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.options import compat_version, parse_bool, parse_param_size
 from diskimg.qcow2.amend_compat import LAZY_NEEDS_V3, check_downgradable
-from diskimg.qcow2.layout import QCOW2_INCOMPAT_DATA_FILE, QCOW_CRYPT_LUKS, Header
+from diskimg.qcow2.layout import (
+    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+    QCOW2_EXT_MAGIC_DATA_FILE,
+    QCOW2_INCOMPAT_DATA_FILE,
+    QCOW_CRYPT_LUKS,
+    Header,
+)
 from diskimg.qcow2.refcount import refcount_order_of
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "AmendPlan",
     "check_encryption_amendable",
     "check_resize",
+    "data_file_header",
     "keyslot_request",
     "plan_amend",
     "qemu_number",
@@ -150,6 +157,10 @@ class AmendPlan:
     size: int | None = None
     #: the key slot change of the ``encrypt.*`` options; None without them
     keyslots: KeySlotAmend | None = None
+    #: the new external data file name ("" removes the name, as qemu does); None leaves it
+    data_file: str | None = None
+    #: set (True) or clear (False) the autoclear ``data_file_raw`` bit; None leaves it
+    data_file_raw: bool | None = None
 
     @property
     def upgrade(self) -> bool:
@@ -177,14 +188,14 @@ def plan_amend(h: Header, options: Mapping[str, str]) -> AmendPlan:
         if version is None:
             raise UsageError(f"Unknown compatibility level {compat}")
         new_version = version
-    if "data_file" in options:
-        if not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
-            raise UsageError("data-file can only be set for images that use an external "
-                             "data file")
-        if options["data_file"] != (h.data_file or ""):
-            raise UsageError("Changing the data file is not supported")
-    if "data_file_raw" in options:
-        raise UsageError("data-file-raw cannot be set on existing images")
+    data_file = options.get("data_file")
+    if data_file is not None and not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
+        raise UsageError("data-file can only be set for images that use an external "
+                         "data file")
+    raw = options.get("data_file_raw")
+    data_file_raw = None if raw is None else parse_bool("data_file_raw", raw)
+    if data_file_raw and not h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
+        raise UsageError("data-file-raw cannot be set on existing images")  # only kept
     encrypt = any(k.startswith(_ENCRYPT) for k in options)
     if encrypt:
         check_encryption_amendable(h)
@@ -211,12 +222,33 @@ def plan_amend(h: Header, options: Mapping[str, str]) -> AmendPlan:
     size = options.get("size")
     plan = AmendPlan(cur_version, new_version, new_bits, lazy_on,
                      None if size is None else parse_param_size("size", size),
-                     keyslot_request(options) if encrypt else None)
+                     keyslot_request(options) if encrypt else None, data_file, data_file_raw)
+    if data_file is not None or data_file_raw is not None:
+        try:  # the new name must fit in the header cluster
+            data_file_header(h, plan).pack()
+        except DiskImgError:
+            raise UsageError("Failed to update the image header: No space left on device") \
+                from None
     if plan.downgrade:
         after = h.copy()
         after.refcount_order = plan.refcount_order  # the width it will have
         check_downgradable(after)
     return plan
+
+
+def data_file_header(h: Header, plan: AmendPlan) -> Header:
+    """``h`` with the data file name and ``data_file_raw`` bit of ``plan`` (qemu rewrites
+    the header with its new ``image_data_file``: an empty name drops the extension, the
+    incompatible ``data_file`` bit stays)."""
+    new = h.copy()
+    if plan.data_file is not None:
+        new.set_ext(QCOW2_EXT_MAGIC_DATA_FILE, plan.data_file.encode() or None)
+    if plan.data_file_raw is not None:
+        if plan.data_file_raw:
+            new.autoclear_features |= QCOW2_AUTOCLEAR_DATA_FILE_RAW
+        else:
+            new.autoclear_features &= ~QCOW2_AUTOCLEAR_DATA_FILE_RAW
+    return new
 
 
 def check_resize(h: Header, plan: AmendPlan, nb_bitmaps: int) -> None:

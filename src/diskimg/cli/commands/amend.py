@@ -9,6 +9,7 @@ from diskimg import options as opts
 from diskimg.cli.commands._shared import (Context, add_common, collect_o, opened, path_and_format,
                                           probe_name)
 from diskimg.cli.errors import CommandLineError
+from diskimg.cli.progress import QemuProgress
 from diskimg.errors import DiskImgError
 from diskimg.luks import LuksImage, keyslot_request
 
@@ -45,21 +46,53 @@ def cmd_amend(ctx: Context, a: argparse.Namespace) -> int:
         raise DiskImgError(f"Format driver '{fmt}' does not support option amendment")
     if len(a.files) != 1:
         raise DiskImgError("Expecting one image file name")  # qemu: no --help hint here
+    printer = QemuProgress(a.progress and not getattr(a, "quiet", False), 1.0)
+    started: list[bool] = []
+    try:
+        _amend(ctx, a, olist, printer, started)
+    except BaseException:
+        if started:  # qemu prints 100 whether or not the driver's amend failed
+            printer.report(100.0, 0)
+        printer.end()
+        raise
+    printer.report(100.0, 0)
+    printer.end()
+    return 0
+
+
+def _amend(ctx: Context, a: argparse.Namespace, olist: str, printer: QemuProgress,
+           started: list[bool]) -> None:
+    """The amend itself; ``printer`` gets qemu's progress calls from its 0 onwards (the
+    driver's own lines: 100 after a downgrade, 0, 50, 100 around an upgrade); ``started``
+    gets an item once the 0 is printed (after the options parsed and the image opened)."""
+    from diskimg.qcow2 import amend as am
+    from diskimg.qcow2.image import Qcow2Image
+
     name = str(a.files[0])
     # the image stays open (and unlocked: key slots are re-wrapped with its master key)
     # until amend's header rewrites, which amend.amend starts by closing it
     with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         fmt = dev.format
         if isinstance(dev, LuksImage):  # key slots only, with qemu's luks option names
+            printer.report(0.0, 100)
+            started.append(True)
             dev.amend_keyslots(keyslot_request(dict(opts.parse_list(olist))), force=a.force)
-            return 0
+            return
         if fmt != "qcow2":
             raise DiskImgError(f"Format driver '{fmt}' does not support option amendment")
         path, _fmt, iopts = path_and_format(a, name, "amend", ("encrypt.key-secret",))
         values = am.validate_amend_options(opts.parse_list(olist))
+        printer.report(0.0, 100)
+        started.append(True)
+        version = dev.header.version if isinstance(dev, Qcow2Image) else 3
+        new = opts.compat_version(values["compat"]) if "compat" in values else version
+        if new is not None and new > version:
+            printer.report(0.0, 0)
+            printer.report(50.0, 0)
         am.amend(path, values, format="qcow2", force=a.force, secrets=ctx.secrets,
                  untrusted=ctx.untrusted, image_options=iopts, device=dev)
-    return 0
+        if new is not None and new != version:
+            printer.report(100.0, 0)
 
 
 
