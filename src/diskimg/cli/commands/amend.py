@@ -7,7 +7,7 @@ import sys
 
 from diskimg import options as opts
 from diskimg.cli.commands._shared import (Context, add_common, collect_o, opened, path_and_format,
-                                          probe_name)
+                                          probe_name, target_cache)
 from diskimg.cli.errors import CommandLineError
 from diskimg.errors import DiskImgError
 from diskimg.luks import LuksImage, keyslot_request
@@ -45,6 +45,7 @@ def cmd_amend(ctx: Context, a: argparse.Namespace) -> int:
         raise DiskImgError(f"Format driver '{fmt}' does not support option amendment")
     if len(a.files) != 1:
         raise DiskImgError("Expecting one image file name")  # qemu: no --help hint here
+    target_cache(a)
     name = str(a.files[0])
     # the image stays open (and unlocked: key slots are re-wrapped with its master key)
     # until amend's header rewrites, which amend.amend starts by closing it
