@@ -6,8 +6,9 @@ renderers (:mod:`diskimg.cli.output`) both use it.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from diskimg.units import size_to_str
@@ -39,6 +40,19 @@ def qdict_order_deep(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [qdict_order_deep(v) for v in obj]
     return obj
+
+
+def image_name(driver: str, filename: str, options: Mapping[str, Any],
+               strong: Collection[str]) -> str:
+    """The name qemu-img prints for an image: its file's, or, when open options that change
+    what the image is (the driver's ``strong`` options: raw's ``offset``/``size``, qcow2's
+    ``encrypt.key-secret``, luks's ``key-secret``) are given, the ``json:{...}`` form QEMU
+    builds from them."""
+    opts = {k: v for k, v in options.items() if k in strong}
+    if not opts:
+        return filename
+    spec = {**opts, "driver": driver, "file": {"driver": "file", "filename": filename}}
+    return "json:" + json.dumps(qdict_order_deep(spec))
 
 
 # --- info ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from diskimg.crypto.sectors import CRYPT_PIECE, encrypt_sectors, read_decrypt
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import CorruptImageError, MissingSecretError, UsageError
 from diskimg.hostio import HostFile
+from diskimg.info_text import image_name
 from diskimg.plan import Run, RunKind
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ class LuksImage(BlockDevice):
     def info(self) -> ImageInfo:
         data = {k: v for k, v in luks_info(self.header).items() if k != "format"}
         return ImageInfo(
-            filename=self.filename,
+            filename=image_name("luks", self.filename, self.options, (KEY_OPTION,)),
             format="luks",
             virtual_size=self.size,
             actual_size=self.host.allocated_size(),

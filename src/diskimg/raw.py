@@ -13,12 +13,12 @@ it is never resized); without it the window runs to the end of the file.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
 from diskimg.device import BlockDevice, ImageInfo, Status, host_has_zero_init, requires_open
 from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile
+from diskimg.info_text import image_name
 from diskimg.options import RAW_WINDOW_OPTIONS as WINDOW_OPTIONS
 from diskimg.plan import Run, RunKind
 
@@ -146,16 +146,8 @@ class RawImage(BlockDevice):
         )
 
     def display_name(self) -> str:
-        """The name qemu-img prints for the image: the file's, or with ``offset``/``size``
-        (options that change what the image is) the ``json:{...}`` form QEMU builds."""
-        win = {k: v for k, v in self.options.items() if k in WINDOW_OPTIONS}
-        if not win:
-            return self.filename
-        from diskimg.info_text import qdict_order_deep
-
-        spec = {**win, "driver": "raw", "file": {"driver": "file", "filename": self.filename}}
-        return "json:" + json.dumps(qdict_order_deep(spec))
-
+        """The name qemu-img prints for the image (``json:{...}`` with ``offset``/``size``)."""
+        return image_name("raw", self.filename, self.options, WINDOW_OPTIONS)
 
 
 def window_options(options: Mapping[str, str], file_size: int) -> tuple[int, int | None]:

@@ -22,6 +22,7 @@ from diskimg.errors import (
     FormatError,
 )
 from diskimg.hostio import HostFile, open_host_file
+from diskimg.info_text import image_name
 from diskimg.plan import Run
 from diskimg.policy import OpenPolicy
 from diskimg.qcow2 import cluster as C
@@ -468,7 +469,7 @@ class Qcow2Image(BlockDevice):
             except Exception:  # info works without the backing file
                 full = str(self.host.path.parent / backing)
         return ImageInfo(
-            filename=self.filename,
+            filename=image_name("qcow2", self.filename, self.options, ("encrypt.key-secret",)),
             format="qcow2",
             virtual_size=self.size,
             actual_size=self.host.allocated_size(),

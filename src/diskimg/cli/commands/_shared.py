@@ -57,16 +57,24 @@ def add_common(p: argparse.ArgumentParser, *, fmt: bool = True, share: bool = Tr
     p.add_argument("files", nargs="*", help=argparse.SUPPRESS)
 
 
-#: the cache modes qemu-img's ``-T`` accepts
+#: the cache modes qemu-img's ``-T`` and ``-t`` accept
 CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
 
 
-def cache_mode(text: str, code: int = 1) -> str:
-    """A ``-T`` cache mode, or qemu-img's error with exit ``code``."""
+def cache_mode(text: str, code: int = 1, what: str = "source cache") -> str:
+    """A ``-T`` cache mode (``-t``: ``what="cache"``), or qemu-img's error with exit
+    ``code``."""
     if text not in CACHE_MODES:
         # ExitCode (not a ValueError, which argparse would reword): qemu-img's one line
-        raise ExitCode(f"Invalid source cache option: {text}", code)
+        raise ExitCode(f"Invalid {what} option: {text}", code)
     return text
+
+
+def target_cache(a: argparse.Namespace) -> None:
+    """Check ``-t`` (the cache mode of the image written) as qemu-img does; the host page
+    cache is not diskimg's to choose, so a valid mode is then unused."""
+    if a.cache is not None:
+        cache_mode(a.cache, what="cache")
 
 
 KNOWN_FORMATS = ("qcow2", "raw", "vmdk", "luks")

@@ -7,7 +7,7 @@ import sys
 
 from diskimg import options as opts
 from diskimg.cli.commands._shared import (Context, add_common, collect_o, opened, path_and_format,
-                                          probe_name)
+                                          probe_name, target_cache)
 from diskimg.cli.errors import CommandLineError
 from diskimg.cli.progress import QemuProgress
 from diskimg.errors import DiskImgError
@@ -46,7 +46,8 @@ def cmd_amend(ctx: Context, a: argparse.Namespace) -> int:
         raise DiskImgError(f"Format driver '{fmt}' does not support option amendment")
     if len(a.files) != 1:
         raise DiskImgError("Expecting one image file name")  # qemu: no --help hint here
-    printer = QemuProgress(a.progress and not getattr(a, "quiet", False), 1.0)
+    target_cache(a)
+    printer = QemuProgress(a.progress and not a.quiet, 1.0)
     started: list[bool] = []
     try:
         _amend(ctx, a, olist, printer, started)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from diskimg import api
 from diskimg.cli.commands._shared import (Context, add_common, basic_schedule, check_backing_keys,
                                           key_options, one_file, opened, path_and_format, same_file,
-                                          size_arg)
+                                          size_arg, target_cache)
 from diskimg.errors import DiskImgError
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
 
     rate = size_arg(a.rate, "rate limit") if a.rate is not None else None
     name = one_file(a)
+    target_cache(a)
     # open once the way qemu-img does, for its error messages (and the probed-raw warning)
     with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         if dev.backing is None:

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from diskimg import options as opts
 from diskimg.cli.commands._shared import (Context, add_common, collect_o, open_image,
-                                          parse_image_opts, print_help, size_arg, snapshot_param)
+                                          parse_image_opts, print_help, size_arg, snapshot_param,
+                                          target_cache)
 from diskimg.cli import errors
 from diskimg.cli.errors import PROG
 from diskimg.device import BlockDevice
@@ -153,6 +154,7 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         for s in srcs:
             devs.append(open_image(ctx, s, "r", a.format, image_opts=a.image_opts,
                                    force_share=a.force_share))
+        target_cache(a)  # qemu-img checks -t after opening the sources (before the target)
         dst_path, dst_opts = dst, dict[str, str]()
         if a.target_image_opts:
             dst_path, tfmt, dst_opts = parse_image_opts(dst)

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 from diskimg import api
 from diskimg.cli.commands._shared import (KNOWN_FORMATS, Context, add_common, basic_schedule,
                                           check_backing_keys, key_options, one_file, opened,
-                                          path_and_format, resolve_backing, same_file)
+                                          path_and_format, resolve_backing, same_file,
+                                          target_cache)
 from diskimg.cli.errors import CommandLineError
 from diskimg.errors import DiskImgError, UsageError
 
@@ -67,6 +68,7 @@ def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
         raise CommandLineError("Must specify backing file (-b) or use unsafe mode (-u)")
     if a.backing_fmt is not None and a.backing_fmt not in KNOWN_FORMATS:
         raise UsageError(f"Invalid format name: '{a.backing_fmt}'")
+    target_cache(a)
     backing = a.backing or None
     with opened(ctx, name, "r+", a.format, backing=not a.unsafe,
                 image_opts=a.image_opts) as dev:
