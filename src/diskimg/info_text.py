@@ -6,7 +6,6 @@ renderers (:mod:`diskimg.cli.output`) both use it.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
@@ -52,6 +51,8 @@ def image_name(driver: str, filename: str, options: Mapping[str, Any],
     if not opts:
         return filename
     spec = {**opts, "driver": driver, "file": {"driver": "file", "filename": filename}}
+    import json  # only a json: name needs it (human info of a plain image does not)
+
     return "json:" + json.dumps(qdict_order_deep(spec))
 
 
