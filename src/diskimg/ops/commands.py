@@ -13,7 +13,7 @@ from typing import Any
 
 from diskimg import api
 from diskimg.check_report import CheckReport
-from diskimg.device import ImageInfo, MapEntry
+from diskimg.device import BlockDevice, ImageInfo, MapEntry
 from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.params import check_int
 
@@ -165,21 +165,32 @@ def resize(path: PathLike, size: int, *, format: str | None = None,  # noqa: A00
         raise UsageError(f"Invalid preallocation mode '{preallocation}'")
     with api.open(path, "r+", format, secrets=dict(secrets or {}),
                   options=dict(options or {})) as dev:
-        cur = dev.size
-        if preallocation == "metadata" and dev.format != "qcow2":
-            raise UsageError("Unsupported preallocation mode: metadata")
-        if dev.format == "qcow2":
-            from diskimg.qcow2.resize import check_size
+        resize_open(dev, size, shrink=shrink, preallocation=preallocation)
 
-            check_size(size)
-        if size < cur and not shrink:
-            raise UsageError("Use the shrink option to perform a shrink operation.")
-        if size < cur and preallocation not in (None, "off"):
-            raise UsageError("Preallocation can only be used for growing images")
-        if dev.format == "raw":
-            dev.resize(size, preallocation=preallocation or "off")
-        else:
-            kw: dict[str, Any] = {"shrink": shrink}
-            if preallocation:
-                kw["preallocation"] = preallocation
-            dev.resize(size, **kw)
+
+def resize_open(dev: BlockDevice, size: int, *, shrink: bool, preallocation: str | None,
+                shrink_error: Exception | None = None) -> None:
+    """qemu-img resize's refusals on the open image, in qemu's order and before anything
+    is written, then the resize (the library's :func:`resize` and the CLI share it).
+    ``shrink_error``: what a shrink without ``shrink`` raises (the CLI words it with
+    ``--shrink`` and a warning)."""
+    cur = dev.size
+    if preallocation == "metadata" and dev.format != "qcow2":
+        raise UsageError("Unsupported preallocation mode: metadata")
+    if dev.format == "qcow2":
+        from diskimg.qcow2.resize import check_size
+
+        check_size(size)
+    if size < cur and not shrink:
+        raise shrink_error or UsageError("Use the shrink option to perform a shrink "
+                                         "operation.")
+    if size < cur and preallocation not in (None, "off"):
+        raise UsageError("Preallocation can only be used for growing images")
+    # BlockDevice.resize is declared: a format without it raises UnsupportedFeatureError
+    if dev.format == "raw":
+        dev.resize(size, preallocation=preallocation or "off")
+    else:
+        kw: dict[str, Any] = {"shrink": shrink}
+        if preallocation:
+            kw["preallocation"] = preallocation
+        dev.resize(size, **kw)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from diskimg import options as opts
 from diskimg.cli.commands._shared import (Context, add_common, open_image, opened)
@@ -57,27 +56,13 @@ def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
         new = cur + delta if rel == "+" else cur - delta if rel == "-" else delta
         if new <= 0:
             raise UsageError("New image size must be positive")
-        if prealloc == "metadata" and dev.format != "qcow2":
-            raise UsageError("Unsupported preallocation mode: metadata")
-        if dev.format == "qcow2":
-            from diskimg.qcow2.resize import check_size
+        from diskimg.ops.commands import resize_open
 
-            check_size(new)
-        if new < cur and not a.shrink:
-            raise ExitCode("Use the --shrink option to perform a shrink operation.", 1,
-                           notes=("warning: Shrinking an image will delete all data beyond "
-                                  "the shrunken image's end. Before performing such an "
-                                  "operation, make sure there is no important data there.",))
-        if new < cur and prealloc not in (None, "off"):
-            raise UsageError("Preallocation can only be used for growing images")
-        # BlockDevice.resize is declared: a format without it raises UnsupportedFeatureError
-        if dev.format == "raw":
-            dev.resize(new, preallocation=prealloc or "off")
-        else:
-            kw: dict[str, Any] = {"shrink": a.shrink}
-            if prealloc:
-                kw["preallocation"] = prealloc
-            dev.resize(new, **kw)
+        resize_open(dev, new, shrink=a.shrink, preallocation=prealloc, shrink_error=ExitCode(
+            "Use the --shrink option to perform a shrink operation.", 1,
+            notes=("warning: Shrinking an image will delete all data beyond the shrunken "
+                   "image's end. Before performing such an operation, make sure there is no "
+                   "important data there.",)))
     if not a.quiet:
         sys.stdout.write("Image resized.\n")
     return 0
