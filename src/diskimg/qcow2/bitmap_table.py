@@ -55,14 +55,21 @@ def empty(disk_size: int, granularity_bits: int) -> bytearray:
     return bytearray(-(-nb_bits(disk_size, granularity_bits) // 8))
 
 
+def entry_invalid(ent: int, cs: int) -> bool:
+    """Whether a table entry is invalid: a reserved bit set, a data offset not cluster
+    aligned, or an offset together with the all-ones flag (the checker counts these, the
+    I/O path refuses them)."""
+    off = ent & TABLE_OFFSET_MASK
+    return bool(ent & TABLE_RESERVED_MASK or off % cs or (off and ent & TABLE_FLAG_ALL_ONES))
+
+
 def decode_table(raw: bytes, cs: int, where: int) -> list[int]:
     """The entries of a table read from host offset ``where``; a reserved bit, an
     unaligned offset or an offset with the all-ones flag is a :class:`FormatError`
     naming the entry's offset."""
     entries = list(struct.unpack(f">{len(raw) // 8}Q", raw))
     for i, ent in enumerate(entries):
-        off = ent & TABLE_OFFSET_MASK
-        if ent & TABLE_RESERVED_MASK or off % cs or (off and ent & TABLE_FLAG_ALL_ONES):
+        if entry_invalid(ent, cs):
             raise FormatError(f"Bitmap table entry {i} at {where + 8 * i:#x} is invalid "
                               f"({ent:#018x})", offset=where + 8 * i)
     return entries

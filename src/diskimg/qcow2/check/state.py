@@ -10,7 +10,6 @@ from typing import Any
 
 from diskimg.errors import CorruptImageError
 from diskimg.hostio import HostFile
-from diskimg.qcow2.bitmap_table import TABLE_FLAG_ALL_ONES, TABLE_RESERVED_MASK
 from diskimg.qcow2.cache import be_u64_array
 from diskimg.qcow2.check.report import CheckResult, _Abort
 from diskimg.qcow2.entries import ClusterType
@@ -22,8 +21,6 @@ from diskimg.qcow2.refcount import refblock_entries, refcount_typecode
 
 REFT_RESERVED_MASK = 0x1FF
 L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
-BME_TABLE_ENTRY_RESERVED_MASK = TABLE_RESERVED_MASK  # the bitmap table codec's
-BME_TABLE_ENTRY_FLAG_ALL_ONES = TABLE_FLAG_ALL_ONES
 INT_MAX = (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 
 from diskimg.errors import FormatError
+from diskimg.qcow2.bitmap_table import entry_invalid
 from diskimg.qcow2.bitmaps import BME_TABLE_OFFSET_MASK as BME_TABLE_ENTRY_OFFSET_MASK
 from diskimg.qcow2.bitmaps import (
     QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
@@ -23,8 +24,6 @@ from diskimg.qcow2.check.state import (
     _NORMAL,
     _UNALLOCATED,
     _ZERO_ALLOC,
-    BME_TABLE_ENTRY_FLAG_ALL_ONES,
-    BME_TABLE_ENTRY_RESERVED_MASK,
     L2_BITMAP_ALL_ALLOC,
     _hexc,
 )
@@ -277,8 +276,7 @@ class _Walk(_Snapshots):
             tab = self._read_u64s(t_off, t_size)
             for e in tab:
                 off = e & BME_TABLE_ENTRY_OFFSET_MASK
-                if (e & BME_TABLE_ENTRY_RESERVED_MASK or off & (self.cs - 1)
-                        or (off and e & BME_TABLE_ENTRY_FLAG_ALL_ONES)):
+                if entry_invalid(e, self.cs):
                     self.res.corruptions += 1
                     self.find("bitmap-entry", table="bitmap table", host_offset=off)
                     continue
