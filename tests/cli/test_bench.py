@@ -31,12 +31,18 @@ def sha(p: Path) -> str:
 
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """a.qcow2 (1 MiB, 64k clusters, some data) and r.raw (1 MiB sparse, the same data)."""
+    """a.qcow2 (1 MiB, 64k clusters, some data), r.raw (1 MiB sparse, the same data),
+    o.qcow2 (an empty overlay of r.raw), v.vmdk (1 MiB, empty) and z.raw (empty)."""
     d = tmp_path_factory.mktemp("bench-templates")
     make_raw(d / "r.raw", SIZE, DATA)
     QEMU.img("convert", "-f", "raw", "-O", "qcow2", d / "r.raw", d / "a.qcow2")
+    QEMU.img("create", "-q", "-f", "qcow2", "-b", "r.raw", "-F", "raw", d / "o.qcow2", cwd=d)
+    QEMU.img("create", "-q", "-f", "vmdk", d / "v.vmdk", "1M")
     QEMU.img("create", "-q", "-f", "raw", d / "z.raw", "0")
     return d
+
+
+IMAGES = {"a.qcow2": "qcow2", "r.raw": "raw", "o.qcow2": "qcow2", "v.vmdk": "vmdk"}
 
 
 @pytest.fixture
@@ -80,6 +86,10 @@ RUNS = [
     ["-s", "0", "-c", "3", "-o", "1M", "a.qcow2"],
     ["-c", "0", "z.raw"],
     ["-c", "+5", "-d", " 0x10", "--no-drain", "a.qcow2"],
+    ["-w", "-c", "2", "-s", "2k", "a.qcow2"],  # the default pattern: zeros over data
+    ["-c", "40", "-s", "5k", "-S", "29k", "o.qcow2"],  # through the backing file
+    ["-w", "-c", "30", "-s", "5k", "-S", "33k", "--pattern", "0x61", "o.qcow2"],  # COW
+    ["-w", "-c", "50", "-s", "3k", "-S", "5k", "--pattern", "0x42", "v.vmdk"],
 ]
 
 
@@ -90,12 +100,12 @@ def test_run_matches_qemu(di, templates: Path, twins: tuple[Path, Path],
     assert normalised(mine) == normalised(ref)
     assert mine.rc == 0 and TIME.search(mine.out), mine
     qd, dd = twins
-    changed = [n for n in ("a.qcow2", "r.raw") if sha(dd / n) != sha(templates / n)]
+    changed = [n for n in IMAGES if sha(dd / n) != sha(templates / n)]
     assert len(changed) == ("-w" in args)  # a read bench changes no byte of the file
     for name in changed:  # the bytes qemu-img bench wrote, and a clean image
-        fmt = "qcow2" if name.endswith("qcow2") else "raw"
-        assert QEMU.compare("-f", fmt, "-F", fmt, qd / name, dd / name) == 0, name
-        if fmt == "qcow2":
+        fmt = IMAGES[name]
+        assert QEMU.compare("-f", fmt, "-F", fmt, qd / name, dd / name, cwd=dd) == 0, name
+        if fmt != "raw":
             QEMU.check_clean(dd / name)
 
 
@@ -286,3 +296,26 @@ def test_api_refusals_change_nothing(tmp_path: Path) -> None:
     with diskimg.open(img, "r", "qcow2") as dev, pytest.raises(diskimg.UsageError):
         diskimg.bench(dev, write=True, count=1)
     assert sha(img) == before
+
+
+def test_first_failing_request_is_found_as_a_loop_finds_it() -> None:
+    """The pre-check (no loop when no request can fail, one period at most otherwise)
+    against every request made in turn, on a small exhaustive grid."""
+    from diskimg.ops.bench import first_failing
+
+    def brute(count: int, offset: int, step: int, size: int, length: int) -> int | None:
+        pos = offset
+        for _ in range(count):
+            if pos + length > size:
+                return pos
+            pos = (pos + step) % size if size else pos + step
+        return None
+
+    for size in range(7):
+        for step in range(8):
+            for length in range(8):
+                for offset in range(9):
+                    for count in (0, 1, 2, 3, 7, 15):
+                        assert first_failing(count, offset, step, size, length) == \
+                            brute(count, offset, step, size, length), \
+                            (count, offset, step, size, length)

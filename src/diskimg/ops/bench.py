@@ -77,11 +77,26 @@ def offsets(offset: int, step: int, size: int) -> Iterator[int]:
 
 def first_failing(count: int, offset: int, step: int, size: int, length: int) -> int | None:
     """The offset of the first of the ``count`` requests of ``length`` bytes that does
-    not fit inside ``size`` bytes, or None.  After the first request the offsets repeat
-    with period ``size / gcd(step, size)``: no more than one period is looked at."""
-    n = count if not size else min(count, 1 + size // math.gcd(step, size))
+    not fit inside ``size`` bytes, or None.
+
+    After the first request the offsets are ``(offset + i * step) mod size``: multiples of
+    ``g = gcd(step, size)`` plus ``offset mod g``, repeating with period ``size / g``.  When
+    even the largest of those leaves room for ``length`` bytes none can fail (the usual
+    case, answered without a loop); otherwise no more than one period is looked at."""
+    if not count:
+        return None
+    if offset + length > size:
+        return offset
+    if count == 1:
+        return None
+    if not size:  # no modulus: the offsets only grow, the second is the one to check
+        return offset + step if offset + step + length > size else None
+    g = math.gcd(step, size)
+    if offset % g + size - g + length <= size:
+        return None
     it = offsets(offset, step, size)
-    for _ in range(n):
+    next(it)
+    for _ in range(min(count - 1, size // g)):
         pos = next(it)
         if pos + length > size:
             return pos
