@@ -81,6 +81,7 @@ RUNS = [
     ["-w", "-c", "2", "-s", "512", "--pattern", "3", "r.raw"],  # probed raw: the warning
     ["-w", "-c", "5", "--pattern", "9", "--image-opts", "driver=qcow2,file.filename=a.qcow2"],
     ["-q", "-c", "3", "-t", "none", "-n", "a.qcow2"],
+    ["-c", "3", "-t", "off", "-i", "native", "-i", "threads", "a.qcow2"],
     ["-c", "3", "-i", "threads", "-t", "writeback", "-U", "a.qcow2"],
     ["-c", "0", "-d", "0", "a.qcow2"],
     ["-s", "0", "-c", "3", "-o", "1M", "a.qcow2"],

@@ -6,7 +6,7 @@ output is qemu-img's: the "Sending ..." line (and "Sending flush every ..." with
 ``--flush-interval``) before the run, "Run completed in X.XXX seconds." after it; as in
 qemu-img, ``-q`` does not silence them.  ``-t``/``-n``/``-i`` are checked and then unused
 (the host page cache and AIO backend are not diskimg's to choose), but ``-n``/``-i
-native`` need ``-t none|directsync`` as in qemu."""
+native`` need ``-t none|off|directsync`` as in qemu."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def cmd_bench(ctx: Context, a: argparse.Namespace) -> int:
     bufsize = BUFFER_SIZE if a.buffer_size is None else a.buffer_size
     check_params(count=count, depth=depth, write=a.write, flush_interval=a.flush_interval)
     native = a.native or "native" in a.aio  # qemu adds each one's flag: none takes it back
-    if native and a.cache not in ("none", "directsync"):
+    if native and a.cache not in ("none", "off", "directsync"):  # cache.direct=on
         raise DiskImgError(f"Could not open '{name}': aio=native was specified, but it "
                            "requires cache.direct=on, which was not specified.")
     if a.write and a.force_share:
@@ -140,9 +140,9 @@ def cmd_bench(ctx: Context, a: argparse.Namespace) -> int:
         if a.flush_interval:
             out.write(f"Sending flush every {a.flush_interval} requests\n")
         out.flush()  # before a failed request's error, as qemu's line is
-        res = run_bench(dev, count=count, buffer_size=bufsize, depth=depth, offset=a.offset,
-                  step=step, write=a.write, pattern=a.pattern,
-                  flush_interval=a.flush_interval, drain=a.drain)
+        res = run_bench(dev, count=count, buffer_size=bufsize, depth=depth,
+                        offset=a.offset, step=step, write=a.write, pattern=a.pattern,
+                        flush_interval=a.flush_interval, drain=a.drain)
     out.write(f"Run completed in {res.seconds:.3f} seconds.\n")
     return 0
 
