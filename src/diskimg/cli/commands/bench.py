@@ -18,6 +18,7 @@ from diskimg.cli.commands._shared import (CACHE_MODES, Context, add_common, one_
                                           size_arg)
 from diskimg.cli.errors import ExitCode
 from diskimg.errors import DiskImgError, UsageError
+from diskimg.units import INT64_MAX
 
 USAGE = ('[-c COUNT] [-d DEPTH] [-f FMT] [--flush-interval=FLUSH_INTERVAL] [-i AIO] [-n] '
          '[--no-drain] [-o OFFSET] [--pattern=PATTERN] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] '
@@ -33,7 +34,6 @@ after the queue is drained unless --no-drain).  -t, -n and -i are checked, then 
 EXAMPLE = 'diskimg bench -w -c 1000 -s 64k disk.qcow2'
 
 INT_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
 AIO_MODES = ("threads", "native", "io_uring")
 
 
@@ -61,15 +61,10 @@ def _size(what: str, maximum: int) -> Callable[[str], int]:
 
     def parse(text: str) -> int:
         try:
-            value = size_arg(text, what)
-        except UsageError as e:
-            if e.field == "size":  # qemu prints each line of this one with its prefix
-                first, *rest = str(e).split("\n")
-                raise ExitCode(first, 1, notes=tuple(rest)) from None
-            value = maximum + 1  # out of range
-        if value > maximum:
-            raise ExitCode(f"Invalid {what} specified. Must be between 0 and {maximum}.", 1)
-        return value
+            return size_arg(text, what, 0, maximum)
+        except UsageError as e:  # qemu prints each line of the suffix help with its prefix
+            first, *rest = str(e).split("\n")
+            raise ExitCode(first, 1, notes=tuple(rest)) from None
 
     return parse
 
