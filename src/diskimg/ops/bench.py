@@ -28,7 +28,7 @@ from typing import Any
 
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
-from diskimg.ops.common import Source
+from diskimg.ops.common import Source, _open
 from diskimg.params import check_int
 
 COUNT = 75000  # qemu-img bench's defaults
@@ -185,17 +185,12 @@ def bench(
     check_params(count=count, depth=depth, write=write, flush_interval=flush_interval)
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {}), "options": dict(options or {})}
-    if isinstance(image, BlockDevice):
-        dev, owned = image, False
-        if write and dev.read_only:
-            raise UsageError("a write bench needs an image opened read-write", field="write")
-    else:
-        from diskimg import api
-
-        if write and force_share:
-            raise UsageError("force-share=on can only be used with read-only images",
-                             field="force_share")
-        dev, owned = api.open(image, "r+" if write else "r", format, **kw), True
+    if write and isinstance(image, BlockDevice) and image.read_only:
+        raise UsageError("a write bench needs an image opened read-write", field="write")
+    if write and force_share:
+        raise UsageError("force-share=on can only be used with read-only images",
+                         field="force_share")
+    dev, owned = _open(image, format, kw, "r+" if write else "r")
     try:
         return run(dev, count=count, buffer_size=buffer_size, depth=depth, offset=offset,
                    step=step, write=write, pattern=pattern, flush_interval=flush_interval,
