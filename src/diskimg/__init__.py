@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from diskimg.device import BlockDevice, DeviceIO, ImageInfo, MapEntry
     from diskimg.hostio import aligned_buffer
     from diskimg.operations import commit, compare, convert, dd, rebase
+    from diskimg.ops.bench import bench
     from diskimg.ops.checksum import checksum
     from diskimg.ops.commands import amend, check, info, map, measure, resize, snapshot
     from diskimg.policy import OpenPolicy
@@ -37,7 +38,7 @@ _LAZY = {"create": "api", "open": "api", "BlockDevice": "device", "DeviceIO": "d
          "dd": "operations", "rebase": "operations", "amend": "ops.commands",
          "check": "ops.commands", "info": "ops.commands", "map": "ops.commands",
          "measure": "ops.commands", "resize": "ops.commands", "snapshot": "ops.commands",
-         "checksum": "ops.checksum"}
+         "checksum": "ops.checksum", "bench": "ops.bench"}
 
 
 def __getattr__(name: str) -> object:
@@ -88,6 +89,7 @@ __all__ = [
     "__version__",
     "aligned_buffer",
     "amend",
+    "bench",
     "check",
     "checksum",
     "commit",

@@ -29,7 +29,9 @@ class Parser(argparse.ArgumentParser):
         if message.startswith("argument "):
             opt = message.split(":", 1)[0].split()[1].split("/")[0]
             if "expected one argument" in message:
-                if opt.startswith("--"):
+                if not self.prog.endswith(" measure"):  # qemu-img's ":..." optstrings
+                    raise CommandLineError(f"missing argument for option '{opt}'")
+                if opt.startswith("--"):  # measure's plain getopt
                     raise CommandLineError(f"option '{opt}' requires an argument")
                 raise CommandLineError(f"option requires an argument -- '{opt.lstrip('-')}'")
         if message.startswith("unrecognized arguments: "):

@@ -8,6 +8,7 @@
 - :mod:`.convert`, :mod:`.compare`, :mod:`.dd`: the commands;
 - :mod:`.chain`: ``commit`` and ``rebase`` over backing chains;
 - :mod:`.checksum`: ovirt-imageio's blkhash checksum of the guest content;
+- :mod:`.bench`: qemu-img bench's sequential I/O benchmark;
 - :mod:`.commands`: ``info``, ``check``, ``map``, ``measure``, ``amend``, ``snapshot``,
   ``resize`` by path (the module-level functions of :mod:`diskimg`).
 

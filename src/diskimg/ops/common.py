@@ -18,8 +18,10 @@ Source = str | os.PathLike[str] | BlockDevice
 ProgressFn = Callable[[float], None]
 
 
-def _open(src: Source, fmt: str | None, kw: Mapping[str, Any]) -> tuple[BlockDevice, bool]:
-    """``(device, owned)``: ``owned`` devices were opened here and must be closed."""
+def _open(src: Source, fmt: str | None, kw: Mapping[str, Any],
+          mode: str = "r") -> tuple[BlockDevice, bool]:
+    """``(device, owned)``: ``owned`` devices were opened here (in ``mode``) and must be
+    closed."""
     if isinstance(src, BlockDevice):
         return src, False
-    return api.open(src, "r", fmt, **kw), True
+    return api.open(src, mode, fmt, **kw), True

@@ -21,7 +21,7 @@ from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 from diskimg.options import RAW_WINDOW_OPTIONS
-from diskimg.units import SIZE_HELP, parse_size
+from diskimg.units import INT64_MAX, SIZE_HELP, parse_size
 
 if TYPE_CHECKING:
     from diskimg.cli.progress import QemuProgress, Schedule
@@ -100,15 +100,21 @@ class Context:
 # --- helpers ------------------------------------------------------------------------
 
 
-def size_arg(text: str, what: str) -> int:
-    """Parse a size option; qemu's "Invalid <what> specified. You may use ..." message."""
+def size_arg(text: str, what: str, minimum: int = 0, maximum: int = INT64_MAX) -> int:
+    """Parse a size option as qemu-img's ``cvtnum_full`` does: k/M/G... suffixes, from
+    ``minimum`` to ``maximum``; qemu's "Invalid <what> specified. You may use ..." and
+    "Invalid <what> specified. Must be between <minimum> and <maximum>." messages."""
     try:
-        return parse_size(text)
+        value = parse_size(text)
     except UsageError as e:
         if e.field == "size":  # not a size at all (rather than one out of range)
             raise UsageError(SIZE_HELP.replace("Invalid image size", f"Invalid {what}"),
                              field=e.field) from None
-        raise
+        value = INT64_MAX + 1  # past what qemu's int64 holds
+    if not minimum <= value <= maximum:
+        raise UsageError(f"Invalid {what} specified. Must be between {minimum} and "
+                         f"{maximum}.")
+    return value
 
 
 def parse_image_opts(text: str) -> tuple[str, str | None, dict[str, str]]:
