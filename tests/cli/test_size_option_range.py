@@ -36,3 +36,15 @@ def test_out_of_range_size_option_matches_qemu(di, tmp_path: Path, args: list[st
     assert mine.rc == 1 and "Must be between 0 and 9223372036854775807." in mine.err
     assert hashlib.sha256((tmp_path / "a.qcow2").read_bytes()).hexdigest() == before
     assert not (tmp_path / "o.raw").exists()
+
+
+@pytest.mark.parametrize("bs", ["9E", "0", "3G"])
+def test_dd_bs_range_matches_qemu(di, tmp_path: Path, bs: str) -> None:
+    """dd's bs= has qemu's own range, 1 to INT_MAX, in the same message form."""
+    QEMU.img("create", "-q", "-f", "qcow2", tmp_path / "a.qcow2", "1M")
+    args = ["dd", f"bs={bs}", "if=a.qcow2", "of=o.raw"]
+    ref = qemu(*args, cwd=tmp_path)
+    mine = di(*args, cwd=tmp_path)
+    assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
+    assert "Must be between 1 and 2147483647." in mine.err
+    assert not (tmp_path / "o.raw").exists()

@@ -39,9 +39,7 @@ def cmd_dd(ctx: Context, a: argparse.Namespace) -> int:
         ops[k] = v
     bs = 512
     if "bs" in ops:
-        bs = size_arg(ops["bs"], "bs")
-        if not 1 <= bs <= 2**31 - 1:
-            raise UsageError("Invalid bs specified. Must be between 1 and 2147483647.")
+        bs = size_arg(ops["bs"], "bs", 1, 2**31 - 1)
     count = size_arg(ops["count"], "count") if "count" in ops else None
     skip = size_arg(ops["skip"], "skip") if "skip" in ops else 0
     if "if" not in ops or "of" not in ops:
