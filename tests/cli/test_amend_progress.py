@@ -44,3 +44,52 @@ def test_amend_progress_matches_qemu(tmp_path: Path, create: str, amend: str) ->
     assert info_d == info_q
     QEMU.check_clean(tmp_path / "d.qcow2")
     assert QEMU.compare(tmp_path / "q.qcow2", tmp_path / "d.qcow2") == 0
+
+
+# (create options, size, qemu-io commands, snapshot?, amend options): the refcount-width
+# walks (allocation walks until nothing is allocated, then the write walk, one line per
+# point), the per-L1-entry lines of a downgrade, and both combined with a version change
+WALKS = [
+    ("compat=1.1", "4M", ["write -P 7 64k 1M"], False, "refcount_bits=1"),
+    ("compat=1.1", "4M", ["write -P 7 64k 1M", "write -c -P 8 3M 64k"], False,
+     "refcount_bits=64"),
+    ("compat=0.10", "4M", ["write -P 7 64k 1M"], False, "compat=1.1,refcount_bits=8"),
+    # the new blocks and table land where another walk is needed unless the new table
+    # covers only the blocks in use (qemu's rule)
+    ("cluster_size=512", "8M", ["write -P 7 0 3M", "write -P 8 6M 100k"], False,
+     "refcount_bits=32"),
+    # a refcount of 2 does not fit 1 bit: qemu stops in its first walk
+    ("compat=1.1", "4M", ["write -P 7 0 1M"], True, "refcount_bits=1"),
+    ("compat=1.1", "2G", ["write -P 7 0 1M", "write -z 1G 1M"], True, "compat=0.10"),
+    ("compat=1.1,refcount_bits=8", "4M", ["write -P 7 0 1M"], True,
+     "refcount_bits=16,compat=0.10"),
+]
+
+
+@pytest.mark.parametrize(("create", "size", "io", "snap", "amend"), WALKS,
+                         ids=[w[-1] for w in WALKS])
+def test_amend_walk_progress_matches_qemu(tmp_path: Path, create: str, size: str,
+                                          io: list[str], snap: bool, amend: str) -> None:
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", create, "q.qcow2", size, cwd=tmp_path)
+    if io:
+        QEMU.io("q.qcow2", *io, cwd=tmp_path)
+    if snap:
+        QEMU.img("snapshot", "-c", "s1", "q.qcow2", cwd=tmp_path)
+    shutil.copyfile(tmp_path / "q.qcow2", tmp_path / "d.qcow2")
+    before = hashlib.sha256((tmp_path / "d.qcow2").read_bytes()).hexdigest()
+    want = QEMU.img("amend", "-p", "-o", amend, "q.qcow2", ok=None, cwd=tmp_path, text=False)
+    got = run_module("amend", "-p", "-o", amend, "d.qcow2", cwd=tmp_path)
+    assert got.out.encode() == want.stdout
+    assert (got.rc, got.err.replace("diskimg:", "qemu-img:")) == (
+        want.returncode, want.stderr.decode())
+    lines = want.stdout.decode().split("\r")
+    assert len(lines) >= 4 and lines[-1] == "\n"  # the steps printed more than 0 and 100
+    if want.returncode:
+        assert hashlib.sha256((tmp_path / "d.qcow2").read_bytes()).hexdigest() == before
+    else:
+        QEMU.check_clean(tmp_path / "d.qcow2")
+        info_q, info_d = QEMU.info(tmp_path / "q.qcow2"), QEMU.info(tmp_path / "d.qcow2")
+        for key in ("compat", "refcount-bits"):
+            assert info_d["format-specific"]["data"][key] == \
+                info_q["format-specific"]["data"][key]
+    assert QEMU.compare(tmp_path / "q.qcow2", tmp_path / "d.qcow2") == 0
