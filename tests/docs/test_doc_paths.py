@@ -4,7 +4,7 @@ Scans README.md and every docs/**/*.md for
 - relative links (``[text](formats/luks.md#anchor)``, ``[x](../src/...)``), which must name
   an existing file or directory relative to the page;
 - repository paths in the text (``src/...``, ``tests/...``, ``benchmarks/...``,
-  ``examples/...``, ``fuzz/...``, ``fixtures/...``, ``docs/...``), which must exist
+  ``examples/...``, ``fuzz/...``, ``fixtures/...``, ``docs/...``, ``.ci/...``), which must exist
   relative to the repository root.
 
 A path may name something a command writes rather than a file in the repository only when
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 
 _LINK = re.compile(r"!?\[((?:[^\[\]]|\[[^\]]*\])*)\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-_PATH = re.compile(r"(?<![\w./~$-])((?:src|tests|benchmarks|examples|fuzz|fixtures|docs)"
+_PATH = re.compile(r"(?<![\w./~$-])((?:src|tests|benchmarks|examples|fuzz|fixtures|docs|\.ci)"
                    r"/[\w./*<>-]*[\w*>/])")
 _PLACEHOLDER = re.compile(r"(?<![a-z])[A-Z][A-Z0-9_]*(?![a-z])|<[^>]*>")
 
