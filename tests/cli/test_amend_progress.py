@@ -57,7 +57,6 @@ def test_amend_progress_matches_qemu(tmp_path: Path, create: str, amend: str) ->
 # walks (allocation walks until nothing is allocated, then the write walk, one line per
 # point), the per-L1-entry lines of a downgrade, and both combined with a version change
 WALKS = [  # (qemu's walks visit every entry of a refcount table: small clusters keep it fast)
-    ("cluster_size=4096", "4M", ["write -P 7 64k 1M"], False, "refcount_bits=1"),
     ("compat=0.10,cluster_size=4096", "4M", ["write -P 7 64k 1M"], False,
      "compat=1.1,refcount_bits=8"),
     # the new blocks and table land where another walk is needed unless the new table
