@@ -76,30 +76,59 @@ class AmendStatus:
 
 
 class _DryRunHost(HostFile):
-    """``base`` for reading; writes are kept in memory, so qemu's allocator can be replayed
-    on the image without changing it."""
+    """``base`` for reading; every write (zeroing and hole punching included) is kept in
+    memory, so qemu's allocator can be replayed on the image without changing it."""
 
     def __init__(self, base: HostFile) -> None:
-        super().__init__(base.fd, base.path, False)
+        super().__init__(base.fd, base.path, False)  # read-only: a missed override raises
         self.base = base
-        self.writes: list[tuple[int, bytes]] = []
+        #: (offset, bytes written) or (offset, length zeroed), in order
+        self.writes: list[tuple[int, bytes | int]] = []
 
     def pread(self, offset: int, length: int) -> bytes:
         data = bytearray(self.base.pread(offset, length))
         end = offset + length
-        for woff, wdata in self.writes:
-            lo, hi = max(offset, woff), min(end, woff + len(wdata))
+        for woff, w in self.writes:
+            n = w if isinstance(w, int) else len(w)
+            lo, hi = max(offset, woff), min(end, woff + n)
             if lo < hi:
                 if len(data) < hi - offset:
                     data.extend(bytes(hi - offset - len(data)))
-                data[lo - offset:hi - offset] = wdata[lo - woff:hi - woff]
+                data[lo - offset:hi - offset] = (bytes(hi - lo) if isinstance(w, int)
+                                                 else w[lo - woff:hi - woff])
         return bytes(data)
+
+    def preadinto(self, offset: int, buf: memoryview) -> int:
+        data = self.pread(offset, len(buf))
+        buf[:len(data)] = data
+        buf[len(data):] = bytes(len(buf) - len(data))
+        return len(buf)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.writes.append((offset, bytes(data)))
 
+    def pwritev(self, offset: int, parts: list[bytes | bytearray | memoryview]) -> None:
+        self.pwrite(offset, b"".join(bytes(p) for p in parts))
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        self.writes.append((offset, length))
+        return True
+
+    def zero_range(self, offset: int, length: int, keep_size: bool = True) -> None:
+        self.writes.append((offset, length))
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        self.writes.append((offset, length))
+
+    def preallocate(self, offset: int, length: int) -> None:
+        pass
+
+    def truncate(self, size: int) -> None:
+        pass
+
     def size(self) -> int:
-        return max([self.base.size()] + [o + len(d) for o, d in self.writes])
+        return max([self.base.size()] + [o + (w if isinstance(w, int) else len(w))
+                                          for o, w in self.writes])
 
     def flush(self) -> None:
         pass
