@@ -54,9 +54,9 @@ def run(seed: int, d: Path) -> list[str]:
         return subprocess.run(["qemu-img", *args], cwd=d, capture_output=True, check=False)
 
     img("create", "-q", "-f", "qcow2", "-o", create, "q.qcow2", size)
-    for c in cmds:
+    for c in cmds:  # a refused write (compressed over data) just leaves the image as is
         subprocess.run(["qemu-io", "-c", c, "q.qcow2"], cwd=d, capture_output=True,
-                       check=True)
+                       check=False)
     if snap:
         img("snapshot", "-c", "s1", "q.qcow2")
     shutil.copyfile(d / "q.qcow2", d / "d.qcow2")
