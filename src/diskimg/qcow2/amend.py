@@ -185,15 +185,15 @@ def amend(path: Any, options: dict[str, str], *, format: str | None = None,  # n
                              "amendment")
         h = read_header(dev.host)
         plan = plan_amend(h, options)  # every refusal of the options: nothing written yet
-        status = None if progress is None else AmendStatus(
-            (plan.new_version != plan.cur_version) + (plan.refcount_bits != h.refcount_bits)
-            + (plan.keyslots is not None), progress)
+        status = AmendStatus((plan.new_version != plan.cur_version)
+                             + (plan.refcount_bits != h.refcount_bits)
+                             + (plan.keyslots is not None), progress)
         if plan.refcount_bits < h.refcount_bits:  # would a refcount still fit?
             try:
                 check_refcount_width(counts_after_rebuild(dev.host, h), plan.refcount_order,
                                      h.cluster_size)
             except UsageError:
-                if status is not None:  # qemu upgrades, then stops in its first walk
+                if status.enabled:  # qemu upgrades, then stops in its first walk
                     walks, _write, refused = refcount_walk_calls(dev.host, h,
                                                                  plan.refcount_order)
                     if plan.upgrade:
@@ -215,7 +215,7 @@ def amend(path: Any, options: dict[str, str], *, format: str | None = None,  # n
 
 
 def _apply(path: Any, h: Header, plan: AmendPlan, secrets: dict[str, bytes],
-           iopts: dict[str, str], untrusted: bool, status: AmendStatus | None) -> None:
+           iopts: dict[str, str], untrusted: bool, status: AmendStatus) -> None:
     """The header steps of ``plan`` after the key slots, in qemu's order, on the closed
     image (``h`` its header now)."""
     from diskimg import api
@@ -224,19 +224,15 @@ def _apply(path: Any, h: Header, plan: AmendPlan, secrets: dict[str, bytes],
     host = open_host_file(path, True)
     try:
         if plan.upgrade:
-            if status is not None:
-                status.replay("upgrade", UPGRADE_CALLS[0])
+            status.replay("upgrade", UPGRADE_CALLS[0])
             upgrade_to_v3(host, h)
-            if status is not None:
-                status.replay("upgrade", UPGRADE_CALLS[1])
+            status.replay("upgrade", UPGRADE_CALLS[1])
         if plan.refcount_bits != h.refcount_bits:
-            walks, write = ([], []) if status is None else refcount_walk_calls(
-                host, h, plan.refcount_order)[:2]
-            if status is not None:
-                status.replay("refcount", walks)
+            walks, write = refcount_walk_calls(host, h, plan.refcount_order)[:2] \
+                if status.enabled else ([], [])
+            status.replay("refcount", walks)
             rebuild_refcounts(host, h, plan.refcount_order)
-            if status is not None:
-                status.replay("refcount", write)
+            status.replay("refcount", write)
         if plan.lazy_refcounts is not None and plan.lazy_refcounts != bool(
                 h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS):
             set_lazy_refcounts(host, h, plan.lazy_refcounts)
@@ -261,9 +257,8 @@ def _apply(path: Any, h: Header, plan: AmendPlan, secrets: dict[str, bytes],
         host = open_host_file(path, True)
         try:
             now = read_header(host)
-            calls = downgrade_calls(host, now) if status is not None else []
+            calls = downgrade_calls(host, now) if status.enabled else []
             downgrade_to_v2(host, now)
-            if status is not None:
-                status.replay("downgrade", calls)
+            status.replay("downgrade", calls)
         finally:
             host.close()

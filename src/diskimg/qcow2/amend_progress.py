@@ -41,10 +41,11 @@ UPGRADE_CALLS = ([(0, 2), (1, 2)], [(2, 2)])
 
 class AmendStatus:
     """qemu's amend helper callback: turns each step's ``(offset, total)`` into the
-    ``(offset, total)`` of the whole amend and passes it to ``out``.  ``steps`` is the
-    number of steps the amend counts (version change, refcount width, key slots)."""
+    ``(offset, total)`` of the whole amend and passes it to ``out`` (None: nothing is
+    reported, :attr:`enabled` is False).  ``steps`` is the number of steps the amend counts
+    (version change, refcount width, key slots)."""
 
-    def __init__(self, steps: int, out: StatusFn) -> None:
+    def __init__(self, steps: int, out: StatusFn | None) -> None:
         self.steps = steps
         self.out = out
         self.current: str | None = None
@@ -52,6 +53,10 @@ class AmendStatus:
         self.offset_done = 0
         self.steps_done = 0
         self.last_total = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.out is not None
 
     def step(self, name: str) -> None:
         """The step named ``name`` starts (its calls follow)."""
@@ -66,10 +71,13 @@ class AmendStatus:
         self.last_total = total
         work = self.offset_done + total
         projected = work * (self.steps - self.steps_done - 1) // (self.steps_done + 1)
-        self.out(self.offset_done + offset, work + projected)
+        if self.out is not None:
+            self.out(self.offset_done + offset, work + projected)
 
     def replay(self, name: str, calls: list[tuple[int, int]]) -> None:
         """Step ``name`` made ``calls``."""
+        if self.out is None:
+            return
         self.step(name)
         for offset, total in calls:
             self(offset, total)

@@ -64,8 +64,9 @@ def cmd_amend(ctx: Context, a: argparse.Namespace) -> int:
 def _amend(ctx: Context, a: argparse.Namespace, olist: str, printer: QemuProgress,
            started: list[bool]) -> None:
     """The amend itself; ``printer`` gets qemu's progress calls from its 0 onwards (the
-    driver's own lines: 100 after a downgrade, 0, 50, 100 around an upgrade); ``started``
-    gets an item once the 0 is printed (after the options parsed and the image opened)."""
+    qcow2 driver's, which amend reports through ``progress=``: upgrade, refcount-width
+    walks, downgrade); ``started`` gets an item once the 0 is printed (after the options
+    parsed and the image opened)."""
     from diskimg.qcow2 import amend as am
 
     name = str(a.files[0])
