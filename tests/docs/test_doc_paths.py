@@ -8,8 +8,8 @@ Scans README.md and every docs/**/*.md for
   relative to the repository root.
 
 A path may name something a command writes rather than a file in the repository only when
-it is a placeholder (an upper-case word such as ``SIZE`` or ``SEED`` standing for a value,
-checked as a glob: ``benchmarks/results-SIZE.md`` needs some ``benchmarks/results-*.md``)
+it is a placeholder (a word such as ``SIZE`` or ``SEED`` standing for a value, checked as a
+glob: ``benchmarks/results-SIZE.md`` needs some ``benchmarks/results-*.md``)
 or lies under a directory ``.gitignore`` keeps out of the repository (``fuzz/findings/``).
 Links to other sites (``https://...``) are not followed; their text is not scanned.
 """
@@ -28,7 +28,9 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 _LINK = re.compile(r"!?\[((?:[^\[\]]|\[[^\]]*\])*)\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 _PATH = re.compile(r"(?<![\w./~$-])((?:src|tests|benchmarks|examples|fuzz|fixtures|docs|\.ci)"
                    r"/[\w./*<>-]*[\w*>/])")
-_PLACEHOLDER = re.compile(r"(?<![a-z])[A-Z][A-Z0-9_]*(?![a-z])|<[^>]*>")
+#: words the docs use for a value in a path (``results-SIZE.md``, ``crash/SEED/``)
+_PLACEHOLDER = re.compile(r"(?<![A-Za-z])(?:SIZE|SEED|NAME|N|ID|FMT|DIR|KIND)(?![A-Za-z])"
+                          r"|<[^>]*>")
 
 
 def _ignored_dirs() -> list[str]:
@@ -81,6 +83,6 @@ def test_the_scanner_finds_missing_files() -> None:
     text = ("See [luks](formats/luks.md#x), [gone](formats/gone.md), "
             "[qemu](https://example.org/docs/interop/x.txt), `tests/docs/test_doc_paths.py`, "
             "`src/diskimg/no_such.py`, `benchmarks/results-SIZE.md`, "
-            "`examples/NAME.sh` and `fuzz/findings/q`.")
+            "`examples/NAME.sh`, `docs/README.md` and `fuzz/findings/q`.")
     assert missing_paths(page, text) == ["link formats/gone.md", "path src/diskimg/no_such.py",
-                                         "path examples/NAME.sh"]
+                                         "path examples/NAME.sh", "path docs/README.md"]
