@@ -65,6 +65,7 @@ def test_write_atomic_failure_leaves_the_old_file(tmp_path: Path) -> None:
 def test_state_dir_is_keyed_by_the_config_dir(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DISKIMG_POOL_STATE_DIR")
+    monkeypatch.delenv("DISKIMG_STORAGE_DIR")  # else the state lives inside it
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "st"))
     cfg = tmp_path / "cfg"
     digest = hashlib.sha256(os.fsencode(str(cfg))).hexdigest()[:16]

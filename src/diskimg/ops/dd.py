@@ -13,7 +13,8 @@ from diskimg.errors import ImageLockedError
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     pass
 
-from diskimg.ops.common import CHUNK, Source, _open
+from diskimg.ops.chain import _progress_steps
+from diskimg.ops.common import CHUNK, ProgressFn, Source, _open
 from diskimg.params import check_int, renamed
 
 # --- dd -----------------------------------------------------------------------------
@@ -33,13 +34,16 @@ def dd(
     untrusted: bool = False,
     secrets: Mapping[str, bytes] | None = None,
     warn: Callable[[str], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> None:
     """``qemu-img dd``: copy ``count`` blocks of ``bs`` bytes after skipping ``skip`` blocks
     into a new image ``dst``.  The output size is ``min(count*bs, size) - skip*bs`` (qemu's
     rule; the new image rounds it up to whole sectors); a skip past that end creates an
     empty output and calls ``warn``.  Every block is written, zero blocks too, so the
     output is allocated as qemu-img dd's is (``map`` shows one data run).  ``format`` is
-    the source's format (None probes; ``src_format`` is its deprecated name)."""
+    the source's format (None probes; ``src_format`` is its deprecated name).
+    ``progress`` gets the percentage of the output written after each chunk, 0 first and
+    100 last."""
     src_format = renamed("format", format, "src_format", src_format)
     bs = check_int("bs", bs, minimum=1)
     skip = check_int("skip", skip)
@@ -66,6 +70,9 @@ def dd(
             step = max(bs, CHUNK // bs * bs)
             buf = bytearray(step)
             out_pos = 0
+            done = _progress_steps(progress, size - in_pos)
+            if progress is not None:
+                progress(0.0)
             while in_pos < size:
                 n = min(step, size - in_pos)
                 mv = memoryview(buf)[:n]
@@ -73,7 +80,10 @@ def dd(
                 out.write(out_pos, mv)  # zeros too: qemu-img dd allocates every block
                 in_pos += n
                 out_pos += n
+                done(out_pos)
             out.flush()
+            if progress is not None and not out_pos:
+                progress(100.0)
     finally:
         if owned:
             dev.close()

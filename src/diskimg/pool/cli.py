@@ -17,11 +17,21 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 from diskimg.errors import DiskImgError
-from diskimg.pool.cmdline import BOOL, CmdError, Command, Ctx, parse_args, pretty, table
+from diskimg.pool.cmdline import (
+    BOOL,
+    CmdError,
+    Command,
+    Ctx,
+    ProgressLine,
+    parse_args,
+    pretty,
+    table,
+)
 from diskimg.pool.paths import LIBVIRT_SYSTEM_DIR, libvirt_session_dir
 from diskimg.pool.pool_commands import POOL_COMMANDS
 from diskimg.pool.registry import PoolRegistry
@@ -61,11 +71,14 @@ def _connect(uri: str) -> Path:
                    f"diskimg only knows qemu:///system and qemu:///session, not '{uri}'")
 
 
-def main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+def main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO | None = None,
+         progress_line: Callable[[TextIO], ProgressLine] | None = None) -> int:
     """Run one virsh storage command; returns the exit status (0 ok, 1 error).
 
     ``argv`` is what follows ``diskimg virsh`` (a leading ``virsh``/``pool`` word is
-    tolerated), e.g. ``["pool-list", "--all"]``.
+    tolerated), e.g. ``["pool-list", "--all"]``.  ``progress_line(stdout)`` makes the
+    printer of ``--progress`` (the diskimg command line passes its ``convert -p``
+    printer; without it ``--progress`` prints nothing).
     """
     out = stdout or sys.stdout
     err = stderr or sys.stderr
@@ -129,7 +142,7 @@ def main(argv: list[str], *, stdout: TextIO | None = None, stderr: TextIO | None
                 secrets = parse_objects(objects)
             except DiskImgError as e:
                 raise CmdError(str(e)) from None
-        ctx = Ctx(PoolRegistry(config_dir, state_dir), quiet, out, secrets)
+        ctx = Ctx(PoolRegistry(config_dir, state_dir), quiet, out, secrets, progress_line)
         func(ctx, parsed)
     except CmdError as e:
         for line in e.lines:

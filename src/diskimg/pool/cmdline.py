@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from diskimg.errors import DiskImgError, PoolError
 from diskimg.pool.pool import Pool
@@ -127,13 +127,25 @@ def kv(label: str, value: str) -> str:
 
 # --- context ---------------------------------------------------------------------------------
 
+class ProgressLine(Protocol):
+    """A progress printer (the diskimg CLI's ``convert -p`` lines): called with each
+    percentage; ``end`` finishes the line."""
+
+    def __call__(self, percent: float) -> None: ...
+
+    def end(self) -> None: ...
+
+
 class Ctx:
     def __init__(self, registry: PoolRegistry, quiet: bool, out: TextIO,
-                 secrets: dict[str, bytes]) -> None:
+                 secrets: dict[str, bytes],
+                 progress_line: Callable[[TextIO], ProgressLine] | None = None) -> None:
         self.reg = registry
         self.quiet = quiet
         self.out = out
         self.secrets = secrets
+        #: makes the printer of ``--progress`` (None: ``--progress`` prints nothing)
+        self.progress_line = progress_line
 
     def print(self, text: str) -> None:
         self.out.write(text)

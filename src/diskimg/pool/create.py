@@ -17,6 +17,7 @@ from typing import Any
 from diskimg import api
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, PoolError
+from diskimg.ops.common import ProgressFn
 from diskimg.pool.xml import VolumeDef
 
 #: the formats a pool volume can be created in (and re-created in after a wipe)
@@ -100,8 +101,10 @@ def create_raw(path: str, capacity: int, allocation: int) -> None:
         os.close(fd)
 
 
-def copy_guest_data(src: BlockDevice, dst: str, dst_fmt: str, secret: bytes | None) -> None:
-    """Copy the guest bytes of the open image ``src`` into the existing image ``dst``."""
+def copy_guest_data(src: BlockDevice, dst: str, dst_fmt: str, secret: bytes | None,
+                    progress: ProgressFn | None = None) -> None:
+    """Copy the guest bytes of the open image ``src`` into the existing image ``dst``
+    (``progress``: :func:`diskimg.convert`'s percentages)."""
     from diskimg.operations import convert
 
     if secret and dst_fmt == "raw":
@@ -109,7 +112,8 @@ def copy_guest_data(src: BlockDevice, dst: str, dst_fmt: str, secret: bytes | No
     key = "key-secret" if dst_fmt == "luks" else "encrypt.key-secret"
     opts = {key: "sec0"} if secret else None
     secrets = {"sec0": secret} if secret else None
-    convert(src, dst, dst_fmt, target_exists=True, secrets=secrets, target_options=opts)
+    convert(src, dst, dst_fmt, target_exists=True, secrets=secrets, target_options=opts,
+            progress=progress)
 
 
 __all__ = [

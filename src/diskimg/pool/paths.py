@@ -60,14 +60,29 @@ def libvirt_session_dir() -> Path:
 
 
 def default_state_dir(config_dir: Path) -> Path:
-    """Where "pool is started" markers live: ``$DISKIMG_POOL_STATE_DIR``, else
-    ``$XDG_STATE_HOME/diskimg/pool-state/<hash of the config dir>``."""
+    """Where "pool is started" markers live: ``$DISKIMG_POOL_STATE_DIR``; else, when
+    ``$DISKIMG_STORAGE_DIR`` is set, inside it (``run/`` for that directory's own pools,
+    ``run/<hash of the config dir>`` for a ``--config-dir`` elsewhere), so that one setting
+    holds all pool state; else ``$XDG_STATE_HOME/diskimg/pool-state/<hash of the config
+    dir>``."""
     if os.environ.get("DISKIMG_POOL_STATE_DIR"):
         return Path(os.environ["DISKIMG_POOL_STATE_DIR"])
+    config = os.path.abspath(config_dir)
+    digest = hashlib.sha256(os.fsencode(config)).hexdigest()[:16]
+    storage = os.environ.get("DISKIMG_STORAGE_DIR")
+    if storage and not _is_libvirt_system_dir(storage):  # never write inside /etc/libvirt
+        run = Path(os.path.abspath(storage)) / "run"
+        return run if config == os.path.abspath(storage) else run / digest
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
                                                            "state")
-    digest = hashlib.sha256(os.fsencode(os.path.abspath(config_dir))).hexdigest()[:16]
     return Path(base) / "diskimg" / "pool-state" / digest
+
+
+def _is_libvirt_system_dir(path: str) -> bool:
+    try:
+        return Path(path).resolve() == LIBVIRT_SYSTEM_DIR.resolve()
+    except OSError:
+        return False
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:

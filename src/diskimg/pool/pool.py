@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from diskimg import api
 from diskimg.errors import ImageLockedError, PoolError
+from diskimg.ops.common import ProgressFn
 from diskimg.pool import create, locking
 from diskimg.pool.paths import DIR_TYPES, validate_volume_name
 from diskimg.pool.probe import probe_volume
@@ -387,10 +388,12 @@ class Pool:
 
     def create_volume_from(self, xml: str | bytes | VolumeDef, source: Volume, *,
                            secrets: Mapping[str, bytes] | None = None,
-                           prealloc_metadata: bool = False) -> Volume:
+                           prealloc_metadata: bool = False,
+                           progress: ProgressFn | None = None) -> Volume:
         """Create a volume from XML and fill it with ``source``'s guest data, converting
         between formats (``virsh vol-create-from``); the new capacity is at least the
-        source's.  Backing chains are flattened into the copy."""
+        source's.  Backing chains are flattened into the copy.  ``progress`` gets the
+        copy's percentages as :func:`diskimg.convert` reports them."""
         vd = xml if isinstance(xml, VolumeDef) else VolumeDef.from_xml(xml)
         with source._op_lock(exclusive=False):  # the source stays whole while it is copied
             src = source.definition()
@@ -412,7 +415,7 @@ class Pool:
                 raise source._in_use(e, forcible=False) from None
 
             def fill(path: str) -> None:
-                create.copy_guest_data(sdev, path, fmt, secret)
+                create.copy_guest_data(sdev, path, fmt, secret, progress)
 
             with sdev:
                 return self.create_volume(vd.name, cap, fmt,

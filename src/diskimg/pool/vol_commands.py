@@ -6,10 +6,13 @@ upload, download, info, dumpxml, list, path, key, name, pool): each a function o
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from diskimg.errors import DiskImgError
 from diskimg.hostio import open_host_file
+from diskimg.ops.common import ProgressFn
 from diskimg.pool.cmdline import (
     BOOL,
     NUM,
@@ -31,6 +34,28 @@ from diskimg.pool.wipe import WIPE_ALGORITHMS
 # --- volume commands -------------------------------------------------------------------------
 
 _FORMATS_HELP = "raw,bochs,qcow,qcow2,qed,vmdk"
+
+
+@contextmanager
+def _progress(ctx: Ctx, a: dict[str, Any]) -> Iterator[ProgressFn | None]:
+    """With ``--progress`` (and not ``-q``): ``convert -p``'s ``    (NN.NN/100%)\r`` lines
+    on stdout as the job runs, 100 last, then a newline (also when it fails)."""
+    if not a.get("progress") or ctx.quiet or ctx.progress_line is None:
+        yield None
+        return
+    line = ctx.progress_line(ctx.out)
+    last: list[float] = []
+
+    def report(percent: float) -> None:
+        last[:] = [percent]
+        line(percent)
+
+    try:
+        yield report
+        if last != [100.0]:
+            line(100.0)
+    finally:
+        line.end()
 
 
 def cmd_vol_create_as(ctx: Ctx, a: dict[str, Any]) -> None:
@@ -78,9 +103,10 @@ def cmd_vol_create_from(ctx: Ctx, a: dict[str, Any]) -> None:
     text = read_file(a["file"])
     src = ctx.vol(a["vol"], a.get("inputpool"),
                   "" if a.get("inputpool") else ", specifying --inputpool might help")
-    with Fail(f"Failed to create vol from {a['file']}"):
+    with Fail(f"Failed to create vol from {a['file']}"), _progress(ctx, a) as progress:
         v = pool.create_volume_from(text, src, secrets=ctx.secrets,
-                                    prealloc_metadata=bool(a.get("prealloc-metadata")))
+                                    prealloc_metadata=bool(a.get("prealloc-metadata")),
+                                    progress=progress)
     ctx.extra(f"Vol {v.name} created from input vol {src.name}\n")
 
 
@@ -88,8 +114,9 @@ def cmd_vol_clone(ctx: Ctx, a: dict[str, Any]) -> None:
     src = ctx.vol(a["vol"], a.get("pool"))
     if a.get("print-xml"):
         raise CmdError("Operation not supported: --print-xml is not implemented by diskimg")
-    with Fail(f"Failed to clone vol from {src.name}"):
-        src.clone(a["newname"], prealloc_metadata=bool(a.get("prealloc-metadata")))
+    with Fail(f"Failed to clone vol from {src.name}"), _progress(ctx, a) as progress:
+        src.clone(a["newname"], prealloc_metadata=bool(a.get("prealloc-metadata")),
+                  progress=progress)
     ctx.extra(f"Vol {a['newname']} cloned from {src.name}\n")
 
 
@@ -105,8 +132,8 @@ def cmd_vol_wipe(ctx: Ctx, a: dict[str, Any]) -> None:
     alg = a.get("algorithm", "zero")
     if alg not in WIPE_ALGORITHMS:
         raise CmdError(f"Unsupported algorithm '{alg}'")
-    with Fail(f"Failed to wipe vol {v.name}"):
-        v.wipe(alg, secrets=ctx.secrets, force=bool(a.get("force")))
+    with Fail(f"Failed to wipe vol {v.name}"), _progress(ctx, a) as progress:
+        v.wipe(alg, secrets=ctx.secrets, force=bool(a.get("force")), progress=progress)
     ctx.extra(f"Vol {v.name} wiped\n")
 
 
@@ -137,9 +164,9 @@ def cmd_vol_upload(ctx: Ctx, a: dict[str, Any]) -> None:
         f = open(a["file"], "rb")  # noqa: SIM115
     except OSError as e:
         raise CmdError(f"cannot read {a['file']}", e.strerror or "") from None
-    with f, Fail(f"cannot upload to volume {v.name}"):
+    with f, Fail(f"cannot upload to volume {v.name}"), _progress(ctx, a) as progress:
         v.upload(f, a.get("offset", 0), a.get("length", 0), sparse=bool(a.get("sparse")),
-                 force=bool(a.get("force")))
+                 force=bool(a.get("force")), progress=progress)
 
 
 def cmd_vol_download(ctx: Ctx, a: dict[str, Any]) -> None:
@@ -162,9 +189,10 @@ def cmd_vol_download(ctx: Ctx, a: dict[str, Any]) -> None:
         except OSError as e:
             raise CmdError(f"cannot create {a['file']}", e.strerror or "") from None
         try:
-            with f, Fail(f"cannot download from volume {v.name}"):
+            with f, Fail(f"cannot download from volume {v.name}"), \
+                    _progress(ctx, a) as progress:
                 v.download(f, a.get("offset", 0), a.get("length", 0),
-                           sparse=bool(a.get("sparse")))
+                           sparse=bool(a.get("sparse")), progress=progress)
         except CmdError:
             if created:
                 os.unlink(a["file"])
@@ -232,6 +260,8 @@ _VOL_POOL = [Opt("vol", required=True), Opt("pool")]
 #: diskimg's own option (virsh has none): act on a volume even while another process (a
 #: running QEMU) holds its image lock.
 _FORCE = Opt("force", BOOL, help="even if a running QEMU holds the image lock (diskimg only)")
+#: diskimg's own option (virsh prints nothing while these jobs run): convert -p's lines
+_PROGRESS = Opt("progress", BOOL, help="print progress as convert -p does (diskimg only)")
 
 VOL_COMMANDS: dict[str, Command] = {
     "vol-create-as": (cmd_vol_create_as,
@@ -248,15 +278,16 @@ VOL_COMMANDS: dict[str, Command] = {
                         [Opt("pool", required=True), Opt("file", required=True),
                          Opt("vol", required=True), Opt("inputpool", positional=False),
                          Opt("prealloc-metadata", BOOL), Opt("reflink", BOOL),
-                         Opt("validate", BOOL)],
+                         Opt("validate", BOOL), _PROGRESS],
                         "create a vol, using another volume as input"),
     "vol-clone": (cmd_vol_clone, [Opt("vol", required=True), Opt("newname", required=True),
                                   Opt("pool", positional=False),
                                   Opt("prealloc-metadata", BOOL), Opt("reflink", BOOL),
-                                  Opt("print-xml", BOOL)], "clone a volume"),
+                                  Opt("print-xml", BOOL), _PROGRESS], "clone a volume"),
     "vol-delete": (cmd_vol_delete, [*_VOL_POOL, Opt("delete-snapshots", BOOL), _FORCE],
                    "delete a vol"),
-    "vol-wipe": (cmd_vol_wipe, [*_VOL_POOL, Opt("algorithm", positional=False), _FORCE],
+    "vol-wipe": (cmd_vol_wipe, [*_VOL_POOL, Opt("algorithm", positional=False), _FORCE,
+                                _PROGRESS],
                  "wipe a vol"),
     "vol-resize": (cmd_vol_resize, [Opt("vol", required=True), Opt("capacity", required=True),
                                     Opt("pool"), Opt("allocate", BOOL), Opt("delta", BOOL),
@@ -264,12 +295,12 @@ VOL_COMMANDS: dict[str, Command] = {
     "vol-upload": (cmd_vol_upload, [Opt("vol", required=True), Opt("file", required=True),
                                     Opt("pool"), Opt("offset", NUM, positional=False),
                                     Opt("length", NUM, positional=False),
-                                    Opt("sparse", BOOL), _FORCE],
+                                    Opt("sparse", BOOL), _FORCE, _PROGRESS],
                    "upload file contents to a volume"),
     "vol-download": (cmd_vol_download, [Opt("vol", required=True), Opt("file", required=True),
                                         Opt("pool"), Opt("offset", NUM, positional=False),
                                         Opt("length", NUM, positional=False),
-                                        Opt("sparse", BOOL)],
+                                        Opt("sparse", BOOL), _PROGRESS],
                      "download volume contents to a file"),
     "vol-info": (cmd_vol_info, [*_VOL_POOL, Opt("bytes", BOOL), Opt("physical", BOOL)],
                  "storage vol information"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from diskimg import api
 from diskimg.errors import ImageLockedError, PoolError
 from diskimg.hostio import HostFile, all_zero, open_host_file
+from diskimg.ops.common import ProgressFn
 from diskimg.pool import locking, wipe
 from diskimg.pool.create import CHUNK, CREATE_FORMATS
 from diskimg.pool.paths import validate_volume_name
@@ -158,7 +160,8 @@ class Volume:
                 raise locking.not_found(self.name) from None
 
     def wipe(self, algorithm: str = "zero", *, force: bool = False,
-             secrets: Mapping[str, bytes] | None = None) -> None:
+             secrets: Mapping[str, bytes] | None = None,
+             progress: ProgressFn | None = None) -> None:
         """Overwrite the volume's data (``virsh vol-wipe``).
 
         ``zero`` writes zeros; ``random`` and scrub's pattern algorithms (nnsa, dod, bsi,
@@ -166,7 +169,8 @@ class Volume:
         passes (nnsa and dod read the last pass back); ``trim`` discards (punches holes).
         A non-raw volume's whole file, metadata included, is overwritten and then an empty
         image of the same format, capacity and options is created in it, so the volume stays
-        usable (libvirt leaves a file of zeros that then probes as raw).
+        usable (libvirt leaves a file of zeros that then probes as raw).  ``progress`` gets
+        the percentage of the passes written (0 first, 100 last).
         """
         wipe.check_algorithm(algorithm)
         self.pool._require_active()
@@ -176,7 +180,7 @@ class Volume:
             d = self.definition()
             recreate = wipe.check_recreatable(d)
             with locking.qemu_locked(self.path, self.name, self.pool.name, force) as host:
-                wipe.wipe_host(host, algorithm)
+                wipe.wipe_host(host, algorithm, progress)
                 if recreate:
                     os.ftruncate(host.fd, 0)
             if recreate:
@@ -247,13 +251,21 @@ class Volume:
             raise PoolError(f"unsupported: {what} a directory volume")
 
     def upload(self, src: BinaryIO, offset: int = 0, length: int = 0, *,
-               sparse: bool = False, force: bool = False) -> int:
+               sparse: bool = False, force: bool = False,
+               progress: ProgressFn | None = None) -> int:
         """Write bytes from file object ``src`` into the volume file at ``offset``
         (``virsh vol-upload``); ``length`` 0 = until ``src`` ends.  Like libvirt, this works
         on the host file: uploading a qcow2 image makes the volume that image.  ``sparse``
-        punches holes for zero blocks instead of writing them.  Returns bytes written."""
+        punches holes for zero blocks instead of writing them.  ``progress`` gets the
+        percentage of ``length`` (else of what is left of ``src``, a regular file) written
+        after each chunk, 0 first and 100 last.  Returns bytes written."""
+        from diskimg.ops.chain import _progress_steps
+
         self._check_transfer(offset, length, "uploading into")
         written = 0
+        step = _progress_steps(progress, length or _remaining(src))
+        if progress is not None:
+            progress(0.0)
         with self._locked(force) as host:
             while length == 0 or written < length:
                 want = CHUNK if length == 0 else min(CHUNK, length - written)
@@ -270,21 +282,30 @@ class Volume:
                 else:
                     host.pwrite(pos, buf)
                 written += len(buf)
+                step(written)
             host.flush()
+        if progress is not None and not written:
+            progress(100.0)
         return written
 
     def download(self, dst: BinaryIO, offset: int = 0, length: int = 0, *,
-                 sparse: bool = False) -> int:
+                 sparse: bool = False, progress: ProgressFn | None = None) -> int:
         """Copy the volume file's bytes from ``offset`` (``length`` 0 = to the end) into file
         object ``dst`` (``virsh vol-download``).  With ``sparse`` zero blocks become holes
-        (``dst`` must then be seekable).  Returns bytes copied."""
+        (``dst`` must then be seekable).  ``progress`` gets the percentage copied after
+        each chunk, 0 first and 100 last.  Returns bytes copied."""
+        from diskimg.ops.chain import _progress_steps
+
         self._check_transfer(offset, length, "downloading")
+        if progress is not None:
+            progress(0.0)
         copied = 0
         hole_end = None
         with self._op_lock(exclusive=False), \
                 open_host_file(self.path, False, lock_mode=False) as host:
             size = host.size()
             end = size if length == 0 else min(size, offset + length)
+            step = _progress_steps(progress, end - offset)
             pos = offset
             while pos < end:
                 buf = host.pread(pos, min(CHUNK, end - pos))
@@ -298,15 +319,19 @@ class Volume:
                     hole_end = None
                 pos += len(buf)
                 copied += len(buf)
+                step(copied)
         if hole_end is not None:
             dst.truncate(hole_end)
         dst.flush()
+        if progress is not None and not copied:
+            progress(100.0)
         return copied
 
     def clone(self, new_name: str, *, pool: Pool | None = None, format: str | None = None,
               **kw: Any) -> Volume:
         """Copy this volume to ``new_name`` (in ``pool``, default this pool), like
-        ``virsh vol-clone``: same format (unless ``format``), capacity and permissions."""
+        ``virsh vol-clone``: same format (unless ``format``), capacity and permissions.
+        ``kw`` as :meth:`Pool.create_volume_from` (``prealloc_metadata``, ``progress``)."""
         target = pool or self.pool
         with self._op_lock(exclusive=False):
             d = self.definition()
@@ -321,6 +346,15 @@ class Volume:
                 nd.cluster_size = d.cluster_size
                 nd.features = d.features
             return target.create_volume_from(nd, self, **kw)
+
+
+def _remaining(src: BinaryIO) -> int:
+    """Bytes left to read in ``src`` when it is a regular file, else 0 (unknown)."""
+    try:
+        st = os.fstat(src.fileno())
+        return max(0, st.st_size - src.tell()) if stat.S_ISREG(st.st_mode) else 0
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return 0
 
 
 __all__ = ["Volume", "VolumeInfo"]

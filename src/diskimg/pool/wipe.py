@@ -9,7 +9,7 @@ file [0, size) and is fsynced; a verified pass reads every byte back.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from diskimg import api
@@ -61,11 +61,13 @@ def check_recreatable(d: VolumeDef) -> bool:
     return True
 
 
-def overwrite(fd: int, size: int, pattern: bytes | str, verify: bool = False) -> None:
+def overwrite(fd: int, size: int, pattern: bytes | str, verify: bool = False,
+              done_cb: Callable[[int], None] | None = None) -> None:
     """One wipe pass over [0, size): random bytes, or ``pattern`` repeated from offset 0
     (byte ``i`` is ``pattern[i % len(pattern)]``), fsynced; with ``verify`` every byte is
     read back and compared.  Each write is a whole number of patterns (a 3-byte pattern
-    steps by a multiple of 3), so the pattern stays in phase across writes."""
+    steps by a multiple of 3), so the pattern stays in phase across writes.  ``done_cb``
+    is told how many bytes of the pass are written, after each write."""
     if isinstance(pattern, bytes):
         unit = len(pattern)
         chunk = pattern * ((CHUNK // unit) or 1)  # len(chunk) is a multiple of unit
@@ -85,6 +87,8 @@ def overwrite(fd: int, size: int, pattern: bytes | str, verify: bool = False) ->
         while done < n:
             done += os.pwrite(fd, mv[done:], pos + done)
         pos += n
+        if done_cb is not None:
+            done_cb(pos)
     os.fsync(fd)
     if verify:
         pos = 0
@@ -98,10 +102,14 @@ def overwrite(fd: int, size: int, pattern: bytes | str, verify: bool = False) ->
             idx += 1
 
 
-def wipe_host(host: HostFile, algorithm: str) -> None:
+def wipe_host(host: HostFile, algorithm: str,
+              progress: Callable[[float], None] | None = None) -> None:
     """Run ``algorithm``'s passes over the whole of the open, write-locked ``host`` file.
     ``trim`` punches one hole (zeros written where holes are not supported); ``zero`` on a
-    sparse file drops every block and keeps the size, as libvirt does."""
+    sparse file drops every block and keeps the size, as libvirt does.  ``progress`` gets
+    the percentage of all passes' bytes written (0 first, 100 last)."""
+    from diskimg.ops.chain import _progress_steps
+
     passes, verify = WIPE_ALGORITHMS[algorithm]
     size = os.fstat(host.fd).st_size
     if algorithm == "trim":
@@ -113,8 +121,18 @@ def wipe_host(host: HostFile, algorithm: str) -> None:
         os.ftruncate(host.fd, 0)
         os.ftruncate(host.fd, size)
         passes = []
-    for i, pattern in enumerate(passes):
-        overwrite(host.fd, size, pattern, verify=verify and i == len(passes) - 1)
+    if progress is not None:
+        progress(0.0)
+    step = _progress_steps(progress, len(passes) * size)
+    for i, pattern in enumerate(passes):  # the last write of the last pass reports 100
+
+        def done(n: int, base: int = i * size) -> None:
+            step(base + n)
+
+        overwrite(host.fd, size, pattern, verify=verify and i == len(passes) - 1,
+                  done_cb=done)
+    if progress is not None and (not passes or not size):
+        progress(100.0)
 
 
 def recreate(path: str, d: VolumeDef, secrets: Mapping[str, bytes] | None) -> None:

@@ -56,6 +56,13 @@ from diskimg.qcow2.amend_plan import (
     qemu_number,
     validate_amend_options,
 )
+from diskimg.qcow2.amend_progress import (
+    UPGRADE_CALLS,
+    AmendStatus,
+    StatusFn,
+    downgrade_calls,
+    refcount_walk_calls,
+)
 from diskimg.qcow2.amend_refcount import (
     check_refcount_width,
     counts_after_rebuild,
@@ -144,7 +151,7 @@ def luks_remove_keys(path: Any, secret: bytes, *, keyslot: int | None = None,
 def amend(path: Any, options: dict[str, str], *, format: str | None = None,  # noqa: A002
           fmt: str | None = None, force: bool = False, secrets: Mapping[str, bytes] | None = None,
           untrusted: bool = False, image_options: Mapping[str, str] | None = None,
-          device: Any = None) -> None:
+          device: Any = None, progress: StatusFn | None = None) -> None:
     """``qemu-img amend`` for qcow2: ``compat``, ``lazy_refcounts``, ``refcount_bits``,
     ``size`` (grow or shrink), ``backing_file``/``backing_fmt`` (only their current
     values; use rebase to change them), ``data_file`` (renames the external data file in
@@ -160,7 +167,9 @@ def amend(path: Any, options: dict[str, str], *, format: str | None = None,  # n
     ``lazy_refcounts`` against ``compat``, and upgrades before it finds a refcount too
     large for the new width.  Steps in qemu's order: key slots,
     upgrade, refcount width, lazy refcounts, size, downgrade.  ``device``: the image
-    already open read-write (the CLI's), which amend closes."""
+    already open read-write (the CLI's), which amend closes.  ``progress`` gets qemu's
+    driver progress calls ``(offset, total)`` (see :mod:`.amend_progress`), also those
+    qemu makes before it refuses a refcount too large for a narrower width."""
     from diskimg import api
     from diskimg.params import renamed  # fmt= is format='s deprecated spelling
 
@@ -176,9 +185,22 @@ def amend(path: Any, options: dict[str, str], *, format: str | None = None,  # n
                              "amendment")
         h = read_header(dev.host)
         plan = plan_amend(h, options)  # every refusal of the options: nothing written yet
+        status = AmendStatus((plan.new_version != plan.cur_version)
+                             + (plan.refcount_bits != h.refcount_bits)
+                             + (plan.keyslots is not None), progress)
         if plan.refcount_bits < h.refcount_bits:  # would a refcount still fit?
-            check_refcount_width(counts_after_rebuild(dev.host, h), plan.refcount_order,
-                                 h.cluster_size)
+            try:
+                check_refcount_width(counts_after_rebuild(dev.host, h), plan.refcount_order,
+                                     h.cluster_size)
+            except UsageError:
+                if status.enabled:  # qemu upgrades, then stops in its first walk
+                    walks, _write, refused = refcount_walk_calls(dev.host, h,
+                                                                 plan.refcount_order)
+                    if plan.upgrade:
+                        status.replay("upgrade", UPGRADE_CALLS[0] + UPGRADE_CALLS[1])
+                    if refused:
+                        status.replay("refcount", walks)
+                raise
         check_resize(h, plan, nb_bitmaps(h))
         if nb_bitmaps(h) and plan.size is not None and plan.size != h.size:
             dev.bitmaps.check_resize()  # qemu: an inconsistent bitmap refuses a resize
@@ -189,11 +211,11 @@ def amend(path: Any, options: dict[str, str], *, format: str | None = None,  # n
             h = read_header(dev.host)  # the table moved: the steps below use ``h``
     finally:
         dev.close()
-    _apply(path, h, plan, secrets, iopts, untrusted)
+    _apply(path, h, plan, secrets, iopts, untrusted, status)
 
 
 def _apply(path: Any, h: Header, plan: AmendPlan, secrets: dict[str, bytes],
-           iopts: dict[str, str], untrusted: bool) -> None:
+           iopts: dict[str, str], untrusted: bool, status: AmendStatus) -> None:
     """The header steps of ``plan`` after the key slots, in qemu's order, on the closed
     image (``h`` its header now)."""
     from diskimg import api
@@ -202,9 +224,15 @@ def _apply(path: Any, h: Header, plan: AmendPlan, secrets: dict[str, bytes],
     host = open_host_file(path, True)
     try:
         if plan.upgrade:
+            status.replay("upgrade", UPGRADE_CALLS[0])
             upgrade_to_v3(host, h)
+            status.replay("upgrade", UPGRADE_CALLS[1])
         if plan.refcount_bits != h.refcount_bits:
+            walks, write = refcount_walk_calls(host, h, plan.refcount_order)[:2] \
+                if status.enabled else ([], [])
+            status.replay("refcount", walks)
             rebuild_refcounts(host, h, plan.refcount_order)
+            status.replay("refcount", write)
         if plan.lazy_refcounts is not None and plan.lazy_refcounts != bool(
                 h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS):
             set_lazy_refcounts(host, h, plan.lazy_refcounts)
@@ -228,6 +256,9 @@ def _apply(path: Any, h: Header, plan: AmendPlan, secrets: dict[str, bytes],
     if plan.downgrade:
         host = open_host_file(path, True)
         try:
-            downgrade_to_v2(host, read_header(host))
+            now = read_header(host)
+            calls = downgrade_calls(host, now) if status.enabled else []
+            downgrade_to_v2(host, now)
+            status.replay("downgrade", calls)
         finally:
             host.close()

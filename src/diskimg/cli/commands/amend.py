@@ -9,7 +9,7 @@ from diskimg import options as opts
 from diskimg.cli.commands._shared import (Context, add_common, collect_o, opened, path_and_format,
                                           probe_name, target_cache)
 from diskimg.cli.errors import CommandLineError
-from diskimg.cli.progress import QemuProgress
+from diskimg.cli.progress import QemuProgress, f32
 from diskimg.errors import DiskImgError
 from diskimg.luks import LuksImage, keyslot_request
 
@@ -64,10 +64,10 @@ def cmd_amend(ctx: Context, a: argparse.Namespace) -> int:
 def _amend(ctx: Context, a: argparse.Namespace, olist: str, printer: QemuProgress,
            started: list[bool]) -> None:
     """The amend itself; ``printer`` gets qemu's progress calls from its 0 onwards (the
-    driver's own lines: 100 after a downgrade, 0, 50, 100 around an upgrade); ``started``
-    gets an item once the 0 is printed (after the options parsed and the image opened)."""
+    qcow2 driver's, which amend reports through ``progress=``: upgrade, refcount-width
+    walks, downgrade); ``started`` gets an item once the 0 is printed (after the options
+    parsed and the image opened)."""
     from diskimg.qcow2 import amend as am
-    from diskimg.qcow2.image import Qcow2Image
 
     name = str(a.files[0])
     # the image stays open (and unlocked: key slots are re-wrapped with its master key)
@@ -85,15 +85,13 @@ def _amend(ctx: Context, a: argparse.Namespace, olist: str, printer: QemuProgres
         values = am.validate_amend_options(opts.parse_list(olist))
         printer.report(0.0, 100)
         started.append(True)
-        version = dev.header.version if isinstance(dev, Qcow2Image) else 3
-        new = opts.compat_version(values["compat"]) if "compat" in values else version
-        if new is not None and new > version:
-            printer.report(0.0, 0)
-            printer.report(50.0, 0)
+
+        def status(offset: int, total: int) -> None:  # qemu-img's amend_status_cb
+            printer.report(f32(f32(100.0 * f32(offset)) / f32(total)), 0)
+
         am.amend(path, values, format="qcow2", force=a.force, secrets=ctx.secrets,
-                 untrusted=ctx.untrusted, image_options=iopts, device=dev)
-        if new is not None and new != version:
-            printer.report(100.0, 0)
+                 untrusted=ctx.untrusted, image_options=iopts, device=dev,
+                 progress=status if printer.enabled else None)
 
 
 

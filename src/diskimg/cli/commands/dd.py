@@ -9,7 +9,7 @@ from diskimg.cli.commands._shared import (Context, add_common, opened, size_arg)
 from diskimg.cli.errors import ExitCode
 from diskimg.errors import UsageError
 
-USAGE = '[-f FMT] [-O FMT] [-U] [bs=N] [count=N] [skip=N] if=IN of=OUT'
+USAGE = '[-f FMT] [-O FMT] [-U] [-p] [bs=N] [count=N] [skip=N] if=IN of=OUT'
 DESCRIPTION = '''Copy blocks from one image into a new one, like dd(1).
 
 operands (dd's syntax, no dashes):
@@ -25,6 +25,9 @@ def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
     add_common(p, obj=False, quiet=False)
     p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
+    p.add_argument("-p", dest="progress", action="store_true",
+                   help="show progress as convert -p does (diskimg only: qemu-img dd has "
+                        "no -p)")
 
 
 def cmd_dd(ctx: Context, a: argparse.Namespace) -> int:
@@ -47,9 +50,16 @@ def cmd_dd(ctx: Context, a: argparse.Namespace) -> int:
     out_fmt = a.output_format or "raw"
     if out_fmt not in opts.FORMAT_OPTIONS:
         raise UsageError(f"Unknown file format '{out_fmt}'")
+    from diskimg.cli.progress import Progress
+
+    prog = Progress(a.progress)
     with opened(ctx, ops["if"], "r", a.format, image_opts=a.image_opts,
                 force_share=a.force_share) as src:
-        conv.dd(src, ops["of"], out_fmt, bs=bs, count=count, skip=skip, warn=ctx.warn)
+        try:
+            conv.dd(src, ops["of"], out_fmt, bs=bs, count=count, skip=skip, warn=ctx.warn,
+                    progress=prog if prog.enabled else None)
+        finally:
+            prog.end()
     return 0
 
 

@@ -19,6 +19,7 @@ HELP = ("Storage pools (libvirt dir pools, virsh's commands):",
 
 def run_argv(args: Sequence[str]) -> int:
     """Run ``diskimg virsh ARGS``; returns its exit code."""
+    from diskimg.cli.progress import Progress
     from diskimg.pool.cli import main as pool_main
 
-    return pool_main(list(args))
+    return pool_main(list(args), progress_line=lambda out: Progress(True, out=out))
