@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from diskimg import options as opts
-from diskimg.cli.commands._shared import (Context, add_common, collect_o, open_image,
+from diskimg.cli.commands._shared import (Context, add_common, collect_o, option_list, open_image,
                                           parse_image_opts, print_help, size_arg, snapshot_param,
                                           target_cache)
 from diskimg.cli import errors
@@ -30,7 +30,8 @@ def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
     add_common(p, src_cache=1)
     p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
-    p.add_argument("-o", dest="options", action="append", metavar="K=V,...")
+    p.add_argument("-o", dest="options", action="append", metavar="K=V,...",
+                   type=option_list)
     p.add_argument("-B", dest="backing", metavar="BACKING", help="target backing file")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="its format")
     p.add_argument("-c", dest="compress", action="store_true", help="compress (qcow2)")
@@ -148,12 +149,14 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         raise UsageError("Compression not supported for this file format")
     if a.skip_broken_bitmaps and not a.bitmaps:
         raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
-    snap = snapshot_param(a.snapshot)
     devs: list[BlockDevice] = []
     try:
         for s in srcs:
             devs.append(open_image(ctx, s, "r", a.format, image_opts=a.image_opts,
                                    force_share=a.force_share))
+        if a.snapshot is not None and len(srcs) > 1:  # qemu-img: after opening, before -l
+            raise UsageError("No support for concatenating multiple snapshot")
+        snap = snapshot_param(a.snapshot)
         target_cache(a)  # qemu-img checks -t after opening the sources (before the target)
         dst_path, dst_opts = dst, dict[str, str]()
         if a.target_image_opts:

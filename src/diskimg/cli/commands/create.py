@@ -8,8 +8,8 @@ import sys
 
 from diskimg import api
 from diskimg import options as opts
-from diskimg.cli.commands._shared import (Context, add_common, collect_o, print_help, probe_name,
-                                          resolve_backing)
+from diskimg.cli.commands._shared import (Context, add_common, collect_o, option_list, print_help,
+                                          probe_name, resolve_backing)
 from diskimg.cli import errors
 from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.errors import DiskImgError, UsageError
@@ -24,6 +24,7 @@ def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
     add_common(p, share=False, image_opts=False, fmt_help="image format (default raw)")
     p.add_argument("-o", dest="options", action="append", metavar="K=V,...",
+                   type=option_list,
                    help="format options (-o help lists them)")
     p.add_argument("-b", "--backing", metavar="BACKING", help="backing file")
     p.add_argument("-F", "--backing-format", dest="backing_fmt", metavar="FMT",
@@ -94,10 +95,10 @@ def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
     prealloc = values.get("preallocation")
     if prealloc is not None:
         allowed = ("off", "falloc", "full") + (("metadata",) if fmt == "qcow2" else ())
-        if prealloc not in allowed:
-            if prealloc in ("off", "metadata", "falloc", "full"):
-                raise fail(f"Unsupported preallocation mode: {prealloc}")
-            raise fail(f"invalid parameter value: {prealloc}")
+        try:
+            opts.check_preallocation(fmt, prealloc, allowed)
+        except UsageError as e:
+            raise fail(str(e)) from None
     create_opts = {k: v for k, v in values.items()
                    if k not in ("size", "backing_file", "backing_fmt", "nocow",
                                 "extent_size_hint")}
