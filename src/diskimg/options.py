@@ -233,6 +233,25 @@ def validate(fmt: str, pairs: list[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
+#: qemu-img 7.2's format drivers that cannot create an image (its protocol drivers and the
+#: formats it creates but diskimg does not are "Unknown file format" here)
+NO_CREATE_FORMATS = frozenset({
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress",
+    "copy-before-write", "copy-on-read", "dmg", "null-aio", "null-co", "preallocate",
+    "quorum", "replication", "snapshot-access", "throttle", "vvfat"})
+
+
+def creatable(fmt: str, *, named: bool = True) -> str:
+    """``fmt`` when diskimg can create an image of it; else qemu-img's refusal: a read-only
+    driver qemu knows "does not support image creation", any other name is an "Unknown
+    file format" (``named=False``: dd's wording, without the name)."""
+    if fmt in FORMAT_OPTIONS:
+        return fmt
+    if fmt in NO_CREATE_FORMATS:
+        raise UsageError(f"Format driver '{fmt}' does not support image creation")
+    raise UsageError(f"Unknown file format '{fmt}'" if named else "Unknown file format")
+
+
 #: every preallocation mode qemu knows (each format allows some of them)
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 

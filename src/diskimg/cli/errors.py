@@ -25,6 +25,8 @@ TRY_HELP = f"Try '{PROG} --help' for more information"
 
 #: the ``operation`` of an error about a backing file that could not be found or read
 OPEN_BACKING = "open backing file"
+#: the ``operation`` of api's error for a file met twice in one backing chain
+FOLLOW_CHAIN = "follow backing chain"
 
 
 class ExitCode(Exception):
@@ -108,11 +110,18 @@ def open_failure(label: str, e: BaseException, fmt: str | None) -> DiskImgError:
     raise TypeError(e)
 
 
-def chain_open_failure(e: DiskImgError) -> DiskImgError | None:
+def chain_open_failure(e: DiskImgError, name: str = "",
+                       same: bool = False) -> DiskImgError | None:
     """``info --backing-chain`` opens image after image, so a backing file that would not
     open is reported under its own name: ``Could not open 'B': Could not open 'B': ...``
-    (qemu names it twice).  None when ``e`` is not about a backing file."""
+    (qemu names it twice), and a file met twice ``creates an infinite loop`` (under
+    ``name``, the image's name as given, when ``same``: the loop comes back to it).  None
+    when ``e`` is not about a backing file."""
     inner = e.__cause__ if isinstance(e.__cause__, DiskImgError) else e
+    if isinstance(inner, BackingChainError) and inner.operation == FOLLOW_CHAIN:
+        looped = name if same else inner.path
+        return DiskImgError(f"Backing file '{looped}' creates an infinite loop.",
+                            path=looped, operation=FOLLOW_CHAIN)
     if inner.backing_path is not None:  # the backing file itself would not open
         return DiskImgError(f"Could not open '{inner.backing_path}': {inner.backing_reason}",
                             path=inner.backing_path, operation="open")

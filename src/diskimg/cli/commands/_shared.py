@@ -220,8 +220,7 @@ def collect_o(values: list[str] | None) -> str | None:
 
 
 def print_help(fmt: str, filename: str | None) -> int:
-    if fmt not in opts.FORMAT_OPTIONS:
-        raise UsageError(f"Unknown file format '{fmt}'")
+    opts.creatable(fmt)
     sys.stdout.write(opts.help_text(fmt, with_protocol=filename is not None))
     return 0
 

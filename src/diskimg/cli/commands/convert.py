@@ -103,8 +103,6 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
 
     olist = collect_o(a.options)
     out_fmt = a.output_format or "raw"
-    if opts.is_help(olist):
-        return print_help(out_fmt, None)
     if a.coroutines is not None:
         try:
             m = int(a.coroutines)
@@ -121,21 +119,31 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
                              "are multiples of 512 up to 16777216. Select 0 to disable sparse "
                              "detection (fully allocates output).")
     rate = size_arg(a.rate, "rate limit") if a.rate is not None else None
+    if a.skip_broken_bitmaps and not a.bitmaps:
+        raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if a.copy_range:  # qemu-img's order: -c, then -S (any value), then --salvage
+        if a.compress:
+            raise UsageError("Cannot enable copy offloading when -c is used")
+        if a.sparse is not None:
+            raise UsageError("Cannot enable copy offloading when -S is used")
+        if a.salvage:
+            raise UsageError("Cannot use copy offloading in salvaging mode")
     if a.target_image_opts and not a.target_exists:
         raise UsageError("--target-image-opts requires use of -n flag")
     if a.target_is_zero and not a.target_exists:
         raise UsageError("--target-is-zero requires use of -n flag")
+    if olist is not None and a.target_exists:
+        raise UsageError("-o has no effect when skipping image creation")
+    if opts.is_help(olist):  # with a target name, the file protocol's options too
+        return print_help(out_fmt, a.files[-1] if len(a.files) > 1 else None)
     if len(a.files) < 2:
         raise UsageError("Must specify image file name")
-    if out_fmt not in opts.FORMAT_OPTIONS:
-        raise UsageError(f"Unknown file format '{out_fmt}'")
+    opts.creatable(out_fmt)
     *srcs, dst = a.files
     values: dict[str, str] = {}
     if olist is not None:
-        if a.target_exists:
-            raise UsageError("-o has no effect when skipping image creation")
         values = opts.validate(out_fmt, opts.parse_list(olist))
-    backing = a.backing or values.pop("backing_file", None)
+    backing = a.backing if a.backing is not None else values.pop("backing_file", None)
     backing_fmt = a.backing_fmt or values.pop("backing_fmt", None)
     if a.target_is_zero and backing is not None:
         # qemu-img 7.2 prints this and exits 0 without converting; diskimg exits 1
@@ -145,10 +153,10 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         raise UsageError(f"Backing file not supported for file format '{out_fmt}'")
     if backing is not None and backing_fmt is None and not a.target_exists:
         raise UsageError("Use of backing file requires explicit backing format")
+    if backing == "":  # (qemu-img 7.2 crashes on -B '' -F FMT)
+        raise UsageError("Expected backing file name, got empty string")
     if a.compress and out_fmt in ("raw", "luks"):
         raise UsageError("Compression not supported for this file format")
-    if a.skip_broken_bitmaps and not a.bitmaps:
-        raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
     devs: list[BlockDevice] = []
     try:
         for s in srcs:

@@ -41,8 +41,10 @@ def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
     def fail(msg: str, *, field: str | None = None) -> DiskImgError:
         return DiskImgError(f"{filename}: {msg}", field=field)
 
-    if fmt not in opts.FORMAT_OPTIONS:
-        raise fail(f"Unknown file format '{fmt}'")
+    try:
+        opts.creatable(fmt)
+    except UsageError as e:
+        raise fail(str(e)) from None
     pairs = opts.parse_list(olist) if olist else []  # "Invalid option list" as it is
     try:
         values = opts.validate(fmt, pairs) if olist else {}
@@ -57,6 +59,8 @@ def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
     if backing is not None:
         if fmt in ("raw", "luks"):
             raise fail(f"Backing file not supported for file format '{fmt}'")
+        if not backing:
+            raise fail("Expected backing file name, got empty string")
         values["backing_file"] = backing
         if backing_fmt is not None:
             values["backing_fmt"] = backing_fmt

@@ -47,10 +47,9 @@ def cmd_dd(ctx: Context, a: argparse.Namespace) -> int:
     if "if" not in ops or "of" not in ops:
         raise ExitCode("Must specify both input and output files", 1)
     out_fmt = a.output_format or "raw"
-    if out_fmt not in opts.FORMAT_OPTIONS:
-        raise UsageError(f"Unknown file format '{out_fmt}'")
     with opened(ctx, ops["if"], "r", a.format, image_opts=a.image_opts,
                 force_share=a.force_share) as src:
+        opts.creatable(out_fmt, named=False)  # qemu-img: after opening the input
         conv.dd(src, ops["of"], out_fmt, bs=bs, count=count, skip=skip, warn=ctx.warn)
     return 0
 

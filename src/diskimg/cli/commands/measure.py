@@ -63,8 +63,7 @@ def cmd_measure(ctx: Context, a: argparse.Namespace) -> int:
             dev = open_image(ctx, filename, "r", a.format, image_opts=a.image_opts,
                              force_share=a.force_share)
             src = dev if a.snapshot is None else _load_snapshot(dev, a.snapshot)
-        if out_fmt not in opts.FORMAT_OPTIONS:
-            raise UsageError(f"Unknown file format '{out_fmt}'")
+        opts.creatable(out_fmt)
         values: dict[str, str] = {}
         if olist is not None:
             try:
