@@ -9,16 +9,23 @@ before and after).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from qemukit import QEMU
 
+import diskimg
+
 from .conftest import Result, needs_qemu, qemu
 
 pytestmark = [pytest.mark.qemu, needs_qemu]
+
+SRC = Path(diskimg.__file__).resolve().parents[1]  # the tree under test (PYTHONPATH's)
 
 # -- the images a case starts from (made once with qemu-img, copied for each run) ---------
 
@@ -169,3 +176,38 @@ def test_vmdk_takes_the_protocol_preallocation(di, templates, tmp_path: Path) ->
                           "x.vmdk"])
     assert mine.rc == 0
     QEMU.img("compare", tmp_path / "q" / "x.vmdk", tmp_path / "d" / "x.vmdk")
+
+
+# -- 12. the program name is argv[0]'s ----------------------------------------------------
+
+AS_NAMED = ("import sys; sys.argv[0] = sys.argv.pop(1); from diskimg.cli.main import main; "
+            "sys.exit(main())")
+
+
+def _as(argv0: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """diskimg started as ``argv0`` (a copy installed under another name)."""
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    env.pop("DISKIMG_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", AS_NAMED, argv0, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_installed_as_qemu_img_speaks_as_qemu_img(templates, tmp_path: Path) -> None:
+    """Under qemu-img's name (a script or test suite written for qemu-img), every message,
+    the commands it suggests included, is qemu-img's byte for byte: no substitution."""
+    qd, dd = tmp_path / "q", tmp_path / "d"
+    shutil.copytree(templates["plain"], qd)
+    shutil.copytree(templates["plain"], dd)
+    before = _hashes(dd)
+    for argv in (["amend", "-o", "backing_file=x.qcow2", "a.qcow2"],  # 'NAME rebase'
+                 ["info", "--foo", "a.qcow2"]):                        # 'NAME --help'
+        ref = QEMU.img(*argv, ok=None, cwd=qd)
+        mine = _as("/usr/local/bin/qemu-img", *argv, cwd=dd)
+        assert (mine.returncode, mine.stderr) == (ref.returncode, ref.stderr)
+        assert "qemu-img" in mine.stderr and "diskimg" not in mine.stderr
+        assert _hashes(dd) == before
+    # another name, and python -m diskimg (argv[0]: the package's __main__.py)
+    other = _as("/opt/bin/vdisk", *argv, cwd=dd)
+    assert other.stderr == ref.stderr.replace("qemu-img", "vdisk")
+    main_py = _as(str(SRC / "diskimg" / "__main__.py"), *argv, cwd=dd)
+    assert main_py.stderr == ref.stderr.replace("qemu-img", "diskimg")

@@ -17,11 +17,17 @@ No function here looks inside message text: every decision is made on classes an
 
 from __future__ import annotations
 
+from diskimg import progname
 from diskimg.errors import (BackingChainError, DiskImgError, FormatError, ImageLockedError,
                             UsageError, WrongFormatError)
 
-PROG = "diskimg"
-TRY_HELP = f"Try '{PROG} --help' for more information"
+def prog() -> str:
+    """The program name of the messages (argv[0]'s basename: :mod:`diskimg.progname`)."""
+    return progname.name()
+
+
+def try_help() -> str:
+    return f"Try '{prog()} --help' for more information"
 
 #: the ``operation`` of an error about a backing file that could not be found or read
 OPEN_BACKING = "open backing file"
@@ -50,8 +56,9 @@ class CommandLineError(UsageError):
 def _prefixed(first: str, notes: tuple[str, ...] = (), *, every_line: bool = False,
               newline: bool = True) -> str:
     lines = first.split("\n")
-    out = [f"{PROG}: {line}" if i == 0 or every_line else line for i, line in enumerate(lines)]
-    out += [f"{PROG}: {note}" for note in notes]
+    name = prog()
+    out = [f"{name}: {line}" if i == 0 or every_line else line for i, line in enumerate(lines)]
+    out += [f"{name}: {note}" for note in notes]
     return "\n".join(out) + ("\n" if newline else "")
 
 
@@ -67,7 +74,7 @@ def render(e: BaseException) -> tuple[str, int]:
     if isinstance(e, ExitCode):
         return _prefixed(str(e), e.notes, newline=e.newline), e.code
     if isinstance(e, CommandLineError):
-        return _prefixed(f"{e}\n{TRY_HELP}", e.notes), 1
+        return _prefixed(f"{e}\n{try_help()}", e.notes), 1
     if isinstance(e, DiskImgError):
         # qemu prints a size error as two error_report calls: each line has the prefix
         return _prefixed(str(e), e.notes, every_line=e.field == "size"), 1
@@ -80,7 +87,7 @@ def render(e: BaseException) -> tuple[str, int]:
 
 def usage_text(message: str) -> str:
     """A command-line mistake found before any command ran (the parser's own)."""
-    return _prefixed(f"{message}\n{TRY_HELP}")
+    return _prefixed(f"{message}\n{try_help()}")
 
 
 def open_reason(e: DiskImgError, fmt: str | None) -> str:

@@ -11,7 +11,7 @@ from diskimg.cli.commands._shared import (Context, add_common, collect_o, option
                                           parse_image_opts, print_help, size_arg, snapshot_param,
                                           target_cache)
 from diskimg.cli import errors
-from diskimg.cli.errors import PROG
+from diskimg.cli.errors import prog
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 from diskimg.units import parse_size
@@ -94,7 +94,7 @@ def _convert_progress(a: argparse.Namespace, srcs: list[BlockDevice],
 
 def _warn(line: str) -> None:
     """A ``--salvage`` warning, as qemu-img's ``warn_report`` prints it."""
-    sys.stderr.write(f"{PROG}: warning: {line}\n")
+    sys.stderr.write(f"{prog()}: warning: {line}\n")
 
 
 def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
