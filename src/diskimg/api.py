@@ -72,7 +72,8 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
         key = (st.st_dev, st.st_ino)
         if key in seen:
             raise BackingChainError(f"Backing chain loop: '{path}' appears twice in its own "
-                                    "backing chain")
+                                    "backing chain", path=str(path),
+                                    operation="follow backing chain")
         seen.add(key)
         probed = fmt is None
         if fmt is None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from diskimg import progname
+
 __all__ = ["CheckReport"]
 
 
@@ -118,7 +120,7 @@ class CheckReport:
         out += self.messages
         out += summary
         if self.failure_message:
-            out.append(f"diskimg: {self.failure_message}")
+            out.append(f"{progname.name()}: {self.failure_message}")
         return out
 
     @property

@@ -127,28 +127,75 @@ def split_list(text: str) -> list[str]:
     return items
 
 
+def valid_list(text: str) -> bool:
+    """qemu-img's check of one ``-o`` argument before it is parsed: not empty, not starting
+    with a comma, and not ending in an odd number of commas (a lone trailing separator)."""
+    if not text or text[0] == ",":
+        return False
+    trailing = len(text) - len(text.rstrip(","))
+    return trailing % 2 == 0
+
+
+def check_list(text: str) -> str:
+    """``text`` when :func:`valid_list`, else qemu's ``Invalid option list: TEXT``."""
+    if not valid_list(text):
+        raise UsageError(f"Invalid option list: {text}")
+    return text
+
+
+def _items(text: str) -> list[tuple[str, str | None]]:
+    """QemuOpts' item grammar: a name runs to ``=`` or ``,`` (no escapes in names); after
+    ``=`` the value runs to a single comma (``,,`` is a literal one).  ``(name, None)`` is
+    an item without ``=`` (a flag)."""
+    out: list[tuple[str, str | None]] = []
+    i, n = 0, len(text)
+    while i < n:
+        j = i
+        while j < n and text[j] not in "=,":
+            j += 1
+        name = text[i:j]
+        if j < n and text[j] == "=":
+            val: list[str] = []
+            j += 1
+            while j < n:
+                if text[j] == ",":
+                    if text[j + 1 : j + 2] != ",":
+                        break
+                    j += 1
+                val.append(text[j])
+                j += 1
+            out.append((name, "".join(val)))
+        else:
+            out.append((name, None))
+        i = j + 1  # past the separating comma
+    return out
+
+
 def parse_list(text: str) -> list[tuple[str, str]]:
     """Parse ``k=v,k2=v2`` into pairs like qemu's QemuOpts (``key`` alone is ``key=on``,
-    ``nokey`` is ``key=off``)."""
+    ``nokey`` is ``key=off``; ``a,,b`` is the flags ``a``, ``''`` and ``b``, as in qemu),
+    after :func:`check_list`."""
+    return parse_items(check_list(text))
+
+
+def parse_items(text: str) -> list[tuple[str, str]]:
+    """:func:`parse_list` without qemu-img's ``-o`` check (``-l`` and ``--object`` lists,
+    where a trailing comma is allowed)."""
     pairs: list[tuple[str, str]] = []
-    for item in split_list(text):
-        if item == "":
-            raise UsageError(f"Invalid option list: {text}")
-        if "=" in item:
-            k, v = item.split("=", 1)
-        elif item.startswith("no"):
-            k, v = item[2:], "off"
-        else:
-            k, v = item, "on"
+    for k, v in _items(text):
+        if v is None:
+            k, v = (k[2:], "off") if k.startswith("no") else (k, "on")
         pairs.append((k, v))
     return pairs
 
 
 def is_help(text: str | None) -> bool:
-    """True when an option list asks for help (``help`` or ``?`` among its items)."""
+    """True when an option list asks for help: an item ``help`` or ``?`` without a value,
+    found by the same grammar as :func:`parse_list` (so ``x,,help`` asks, ``x=,,help``
+    does not), as in qemu."""
     if not text:
         return False
-    return any(item in ("help", "?") for item in split_list(text))
+    return any(v is None and k in ("help", "?") for k, v in _items(text))
 
 
 def help_text(fmt: str, with_protocol: bool = False) -> str:
@@ -184,6 +231,43 @@ def validate(fmt: str, pairs: list[tuple[str, str]]) -> dict[str, str]:
             v = str(parse_param_size(k, v))
         out[k] = v
     return out
+
+
+#: qemu-img 7.2's format drivers that cannot create an image (its protocol drivers and the
+#: formats it creates but diskimg does not are "Unknown file format" here)
+NO_CREATE_FORMATS = frozenset({
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress",
+    "copy-before-write", "copy-on-read", "dmg", "null-aio", "null-co", "preallocate",
+    "quorum", "replication", "snapshot-access", "throttle", "vvfat"})
+
+
+def creatable(fmt: str, *, named: bool = True) -> str:
+    """``fmt`` when diskimg can create an image of it; else qemu-img's refusal: a read-only
+    driver qemu knows "does not support image creation", any other name is an "Unknown
+    file format" (``named=False``: dd's wording, without the name)."""
+    if fmt in FORMAT_OPTIONS:
+        return fmt
+    if fmt in NO_CREATE_FORMATS:
+        raise UsageError(f"Format driver '{fmt}' does not support image creation")
+    raise UsageError(f"Unknown file format '{fmt}'" if named else "Unknown file format")
+
+
+#: every preallocation mode qemu knows (each format allows some of them)
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+
+
+def check_preallocation(fmt: str, mode: str, allowed: tuple[str, ...]) -> str:
+    """``mode`` when ``fmt`` allows it; else qemu's wording: a mode qemu knows but ``fmt``
+    does not take is "Unsupported preallocation mode", an unknown word is refused by the
+    option parser of the format (qcow2's QAPI: "Parameter 'preallocation' does not accept
+    value", the others' "invalid parameter value")."""
+    if mode in allowed:
+        return mode
+    if mode in PREALLOCATION_MODES:
+        raise UsageError(f"Unsupported preallocation mode: {mode}")
+    if fmt == "qcow2":
+        raise UsageError(f"Parameter 'preallocation' does not accept value '{mode}'")
+    raise UsageError(f"invalid parameter value: {mode}")
 
 
 def parse_param_size(name: str, text: str) -> int:

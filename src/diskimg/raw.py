@@ -20,6 +20,7 @@ from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.hostio import HostFile
 from diskimg.info_text import image_name
 from diskimg.options import RAW_WINDOW_OPTIONS as WINDOW_OPTIONS
+from diskimg.options import check_preallocation
 from diskimg.plan import Run, RunKind
 
 SECTOR = 512
@@ -176,8 +177,7 @@ def window_options(options: Mapping[str, str], file_size: int) -> tuple[int, int
 
 def create_raw(host: HostFile, size: int, preallocation: str = "off") -> None:
     """Lay out a new raw image of ``size`` bytes on an empty host file."""
-    if preallocation not in ("off", "falloc", "full"):
-        raise UsageError(f"Unsupported preallocation mode: {preallocation}")
+    check_preallocation("raw", preallocation, ("off", "falloc", "full"))
     size = -(-size // SECTOR) * SECTOR  # qemu-img rounds the file up to a whole sector
     host.truncate(size)
     if preallocation == "off" and size:

@@ -125,7 +125,7 @@ def assert_parity(src: Path, repair: str | None, *, same_bytes: bool = True) -> 
                 assert r.failure_message and r.failure_message.startswith("Check failed")
         else:
             assert r.summary_lines() == out.splitlines()
-            exp_err = [line.replace("qemu-img:", "diskimg:") for line in err.splitlines()]
+            exp_err = [line.replace("qemu-img", "diskimg") for line in err.splitlines()]
             got_err = ((r.repair_messages if r.repaired else []) + r.messages
                        + ([f"diskimg: {r.failure_message}"] if r.failure_message else []))
             assert got_err == exp_err

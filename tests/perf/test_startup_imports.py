@@ -42,7 +42,8 @@ sys.stderr.write("\\n@@" + json.dumps([code, new]))
 #: what ``import diskimg`` may load: the package and its exception classes, nothing else
 IMPORT_ONLY = {"diskimg", "diskimg.errors"}
 #: ``diskimg --version``: the entry point and the error wording, no argparse, no formats
-VERSION = IMPORT_ONLY | {"diskimg.cli", "diskimg.cli.errors", "diskimg.cli.main"}
+VERSION = IMPORT_ONLY | {"diskimg.cli", "diskimg.cli.errors", "diskimg.cli.main",
+                        "diskimg.progname"}
 #: what opening a qcow2 and reading its metadata takes, for info, check and map alike
 QCOW2_READ = VERSION | {
     "diskimg.api", "diskimg.cli.commands",

@@ -17,14 +17,22 @@ No function here looks inside message text: every decision is made on classes an
 
 from __future__ import annotations
 
+from diskimg import progname
 from diskimg.errors import (BackingChainError, DiskImgError, FormatError, ImageLockedError,
                             UsageError, WrongFormatError)
 
-PROG = "diskimg"
-TRY_HELP = f"Try '{PROG} --help' for more information"
+def prog() -> str:
+    """The program name of the messages (argv[0]'s basename: :mod:`diskimg.progname`)."""
+    return progname.name()
+
+
+def try_help() -> str:
+    return f"Try '{prog()} --help' for more information"
 
 #: the ``operation`` of an error about a backing file that could not be found or read
 OPEN_BACKING = "open backing file"
+#: the ``operation`` of api's error for a file met twice in one backing chain
+FOLLOW_CHAIN = "follow backing chain"
 
 
 class ExitCode(Exception):
@@ -48,8 +56,9 @@ class CommandLineError(UsageError):
 def _prefixed(first: str, notes: tuple[str, ...] = (), *, every_line: bool = False,
               newline: bool = True) -> str:
     lines = first.split("\n")
-    out = [f"{PROG}: {line}" if i == 0 or every_line else line for i, line in enumerate(lines)]
-    out += [f"{PROG}: {note}" for note in notes]
+    name = prog()
+    out = [f"{name}: {line}" if i == 0 or every_line else line for i, line in enumerate(lines)]
+    out += [f"{name}: {note}" for note in notes]
     return "\n".join(out) + ("\n" if newline else "")
 
 
@@ -65,7 +74,7 @@ def render(e: BaseException) -> tuple[str, int]:
     if isinstance(e, ExitCode):
         return _prefixed(str(e), e.notes, newline=e.newline), e.code
     if isinstance(e, CommandLineError):
-        return _prefixed(f"{e}\n{TRY_HELP}", e.notes), 1
+        return _prefixed(f"{e}\n{try_help()}", e.notes), 1
     if isinstance(e, DiskImgError):
         # qemu prints a size error as two error_report calls: each line has the prefix
         return _prefixed(str(e), e.notes, every_line=e.field == "size"), 1
@@ -78,7 +87,7 @@ def render(e: BaseException) -> tuple[str, int]:
 
 def usage_text(message: str) -> str:
     """A command-line mistake found before any command ran (the parser's own)."""
-    return _prefixed(f"{message}\n{TRY_HELP}")
+    return _prefixed(f"{message}\n{try_help()}")
 
 
 def open_reason(e: DiskImgError, fmt: str | None) -> str:
@@ -108,11 +117,18 @@ def open_failure(label: str, e: BaseException, fmt: str | None) -> DiskImgError:
     raise TypeError(e)
 
 
-def chain_open_failure(e: DiskImgError) -> DiskImgError | None:
+def chain_open_failure(e: DiskImgError, name: str = "",
+                       same: bool = False) -> DiskImgError | None:
     """``info --backing-chain`` opens image after image, so a backing file that would not
     open is reported under its own name: ``Could not open 'B': Could not open 'B': ...``
-    (qemu names it twice).  None when ``e`` is not about a backing file."""
+    (qemu names it twice), and a file met twice ``creates an infinite loop`` (under
+    ``name``, the image's name as given, when ``same``: the loop comes back to it).  None
+    when ``e`` is not about a backing file."""
     inner = e.__cause__ if isinstance(e.__cause__, DiskImgError) else e
+    if isinstance(inner, BackingChainError) and inner.operation == FOLLOW_CHAIN:
+        looped = name if same else inner.path
+        return DiskImgError(f"Backing file '{looped}' creates an infinite loop.",
+                            path=looped, operation=FOLLOW_CHAIN)
     if inner.backing_path is not None:  # the backing file itself would not open
         return DiskImgError(f"Could not open '{inner.backing_path}': {inner.backing_reason}",
                             path=inner.backing_path, operation="open")

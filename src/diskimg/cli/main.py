@@ -9,7 +9,8 @@ import sys
 
 from diskimg import __version__
 from diskimg.cli import errors
-from diskimg.cli.errors import PROG, CommandLineError
+from diskimg import progname
+from diskimg.cli.errors import CommandLineError, prog
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
 #: ``re.match(r"qemu-img version ([0-9\.]*)", out)``, ``grep 'qemu-img version' | cut -d ' '
 #: -f 3``): the qemu-img release whose behaviour diskimg follows, then, where qemu-img puts
 #: its distribution's build, diskimg's own name and version
-VERSION_TEXT = (f"qemu-img version 7.2.0 ({PROG} {__version__})\n"
-                f"{PROG} {__version__}: a pure-Python clone of qemu-img 7.2 (qcow2, raw, vmdk); "
+VERSION_TEXT = (f"qemu-img version 7.2.0 (diskimg {__version__})\n"
+                f"diskimg {__version__}: a pure-Python clone of qemu-img 7.2 (qcow2, raw, vmdk); "
                 "it is not QEMU\n")
 
 # Start-up (issue 20): this module loads only what ``--version`` needs.  argparse and the
@@ -29,7 +30,7 @@ VERSION_TEXT = (f"qemu-img version 7.2.0 ({PROG} {__version__})\n"
 
 
 def _main_help() -> str:
-    lines = [f"usage: {PROG} [--untrusted] [--debug] COMMAND [command options]",
+    lines = [f"usage: {prog()} [--untrusted] [--debug] COMMAND [command options]",
              "diskimg: qcow2, raw and vmdk disk images (qemu-img 7.2 compatible)", "",
              "  -h, --help      display this help and exit",
              "  -V, --version   output version information and exit",
@@ -46,7 +47,7 @@ def _main_help() -> str:
     lines += ["", "Example:", "  diskimg create -f qcow2 disk.qcow2 10G",
               "  diskimg convert -O raw disk.qcow2 disk.raw", "",
               *pool_entry.HELP, "",
-              f"'{PROG} COMMAND --help' describes one command."]
+              f"'{prog()} COMMAND --help' describes one command."]
     return "\n".join(lines) + "\n"
 
 
@@ -69,8 +70,11 @@ def _fail(e: BaseException) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 success, 1 error, command-specific codes)."""
+    """Run the CLI; returns the exit code (0 success, 1 error, command-specific codes).
+    Without ``argv`` (a real command line), messages speak under argv[0]'s basename."""
     args = list(sys.argv[1:] if argv is None else argv)
+    progname.set_name(progname.from_argv0(sys.argv[0]) if argv is None and sys.argv else
+                      progname.DEFAULT)
     _raw_bytes_out()
     debug = os.environ.get("DISKIMG_DEBUG") == "1"
     untrusted = False
@@ -94,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from diskimg.cli import trace  # only a command line with -T pays for it
 
             try:
-                rc = trace.apply(PROG, value)
+                rc = trace.apply(prog(), value)
             except Exception as e:
                 return _fail(e)
             if rc:
@@ -114,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(CommandLineError(f"Command not found: {cmd}"))
     from diskimg.cli.parser import _Exit, _parse
 
-    ctx = commands.Context(prog=PROG, untrusted=untrusted)
+    ctx = commands.Context(prog=prog(), untrusted=untrusted)
     parsed = False
     try:
         ns, mod = _parse(cmd, args)

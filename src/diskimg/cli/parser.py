@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from diskimg.cli import commands
-from diskimg.cli.errors import PROG, CommandLineError
+from diskimg.cli.errors import CommandLineError, prog
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class Parser(argparse.ArgumentParser):
 def _build(cmd: str) -> tuple[Parser, ModuleType]:
     """The parser of sub-command ``cmd``, filled in by its own module, and the module."""
     mod = commands.load(cmd)
-    p = Parser(prog=f"{PROG} {cmd}", usage=f"{PROG} {cmd} {mod.USAGE}",
+    p = Parser(prog=f"{prog()} {cmd}", usage=f"{prog()} {cmd} {mod.USAGE}",
                description=mod.DESCRIPTION, epilog=f"example:\n  {mod.EXAMPLE}",
                allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     mod.register(p)
@@ -98,5 +98,5 @@ def _unrecognized(opt: str) -> CommandLineError:
     notes: tuple[str, ...] = ()
     if opt.split("=", 1)[0] in GLOBAL_OPTIONS:
         notes = (f"note: '{opt}' is a global option: put it before the sub-command "
-                 f"({PROG} {opt} COMMAND ...)",)
+                 f"({prog()} {opt} COMMAND ...)",)
     return CommandLineError(f"unrecognized option '{opt}'", notes=notes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from diskimg import progname
 from diskimg.device import BlockDevice
 from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.options import compat_version
@@ -33,8 +34,8 @@ def check_copy(srcs: Sequence[BlockDevice], out_format: str,
         if b.flags & _IN_USE:
             if not skip_broken:
                 raise UsageError(f"Cannot copy inconsistent bitmap '{b.name}'\nTry "
-                                 "--skip-broken-bitmaps, or use 'qemu-img bitmap --remove' "
-                                 "to delete it")
+                                 "--skip-broken-bitmaps, or use "
+                                 f"'{progname.name()} bitmap --remove' to delete it")
             skip.append(b.name)
     fmt = target.format if target is not None else out_format
     if target is not None:

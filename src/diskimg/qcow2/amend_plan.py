@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from diskimg import progname
 from diskimg.crypto.luks import KeySlotAmend
 from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.options import compat_version, parse_bool, parse_param_size
@@ -204,7 +205,7 @@ def plan_amend(h: Header, options: Mapping[str, str]) -> AmendPlan:
     if ("backing_file" in options or "backing_fmt" in options) and (
             bf != h.backing_file or bfmt != h.backing_format):
         raise UsageError("Cannot amend the backing file\n"
-                         "You can use 'diskimg rebase' instead.")
+                         f"You can use '{progname.name()} rebase' instead.")
     new_bits = h.refcount_bits
     bits = _option_int(options, "refcount_bits", 0)
     if bits is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
-from diskimg.options import compat_version
+from diskimg.options import PREALLOCATION_MODES, check_preallocation, compat_version
 from diskimg.options import parse_bool as _bool
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
@@ -82,8 +82,7 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
         raise UsageError("Non-zlib compression type is only supported with compatibility "
                          "level 1.1 and above (use version=v3 or greater)")
     prealloc = str(options.pop("preallocation", "off"))
-    if prealloc not in ("off", "metadata", "falloc", "full"):
-        raise UsageError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
+    check_preallocation("qcow2", prealloc, PREALLOCATION_MODES)
     if backing_file is not None and prealloc != "off" and not extl2:
         # qemu: preallocated clusters would hide the backing file (only extended L2 entries
         # can mark them unallocated-but-preallocated)

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from diskimg import progname
 from diskimg.device import (BlockDevice, ImageInfo, MapEntry, Status, host_has_zero_init,
                              requires_open)
 from diskimg.errors import (
@@ -279,7 +280,7 @@ class Qcow2Image(BlockDevice):
         res = check_image(self.host, self.header, "all")
         if res.exit_code != 0:
             raise CorruptImageError("Could not repair the dirty lazy-refcount image; run "
-                                    "'diskimg check -r all'")
+                                    f"'{progname.name()} check -r all'")
         self.header = Header.parse(self.host.pread(0, self.cs))
 
     def backing_file_name(self) -> tuple[str | None, str | None]:

@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from diskimg import progname
 from diskimg.errors import CorruptImageError, UsageError
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
@@ -80,8 +81,8 @@ class SnapshotTable:
         for check): a rewrite would drop the entries that were not understood."""
         err = self.img.snapshot_table_error
         if err is not None:
-            raise type(err)(f"The snapshot table is damaged ({err}); run 'diskimg check -r "
-                            "all' first", offset=err.offset)
+            raise type(err)(f"The snapshot table is damaged ({err}); run "
+                            f"'{progname.name()} check -r all' first", offset=err.offset)
 
     def _read_l1(self, offset: int, size: int) -> array[int]:
         img = self.img

@@ -16,6 +16,7 @@ from typing import Any
 from diskimg.device import BlockDevice
 from diskimg.errors import UsageError
 from diskimg.hostio import HostFile, open_host_file
+from diskimg.options import check_preallocation
 from diskimg.options import parse_bool as _bool
 from diskimg.policy import OpenPolicy
 from diskimg.vmdk import sparse as S
@@ -97,6 +98,8 @@ def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | 
     compat6 = _bool("compat6", opts.pop("compat6", False))
     tools = str(opts.pop("toolsversion", "2147483647"))
     zeroed = _bool("zeroed_grain", opts.pop("zeroed_grain", False))
+    # the file protocol's option: checked, and (as in qemu) it allocates nothing more
+    check_preallocation("vmdk", str(opts.pop("preallocation", "off")), ("off", "falloc", "full"))
     if opts:
         raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
     if sub not in SUBFORMATS:

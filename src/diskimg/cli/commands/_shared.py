@@ -211,6 +211,14 @@ def output_format(text: str | None) -> str:
 
 
 
+def option_list(text: str) -> str:
+    """The type of ``-o``: qemu-img refuses a malformed list as soon as it reads it
+    (``Invalid option list: TEXT``, no "Try --help"), before any other check."""
+    if not opts.valid_list(text):
+        raise ExitCode(f"Invalid option list: {text}", 1)  # not a ValueError: argparse's
+    return text
+
+
 def collect_o(values: list[str] | None) -> str | None:
     if not values:
         return None
@@ -218,8 +226,7 @@ def collect_o(values: list[str] | None) -> str | None:
 
 
 def print_help(fmt: str, filename: str | None) -> int:
-    if fmt not in opts.FORMAT_OPTIONS:
-        raise UsageError(f"Unknown file format '{fmt}'")
+    opts.creatable(fmt)
     sys.stdout.write(opts.help_text(fmt, with_protocol=filename is not None))
     return 0
 
@@ -242,16 +249,19 @@ def resolve_backing(backing: str, image: str) -> str:
 
 
 def snapshot_param(text: str | None) -> tuple[str | None, str | None] | None:
+    """``-l``: a snapshot name or id, or ``snapshot.id=ID,snapshot.name=NAME``; an unknown
+    key is qemu-img's two lines (``Invalid parameter 'K'`` and ``Failed in parsing snapshot
+    param 'TEXT'``)."""
     if text is None:
         return None
     if text.startswith("snapshot."):
-        d = dict(opts.parse_list(text))
+        d = dict(opts.parse_items(text))
         unknown = [k for k in d if k not in ("snapshot.id", "snapshot.name")]
         if unknown:
-            raise UsageError(f"Invalid parameter '{unknown[0]}'")
+            raise errors.with_notes(UsageError(f"Invalid parameter '{unknown[0]}'"),
+                                    f"Failed in parsing snapshot param '{text}'")
         return d.get("snapshot.id"), d.get("snapshot.name")
     return text, text
-
 
 
 def same_file(a: str, b: str) -> bool:

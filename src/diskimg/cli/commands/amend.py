@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from diskimg import options as opts
-from diskimg.cli.commands._shared import (Context, add_common, collect_o, opened, path_and_format,
-                                          probe_name, target_cache)
+from diskimg.cli.commands._shared import (Context, add_common, collect_o, option_list, opened,
+                                          path_and_format, probe_name, target_cache)
 from diskimg.cli.errors import CommandLineError
 from diskimg.cli.progress import QemuProgress, f32
 from diskimg.errors import DiskImgError
@@ -21,7 +21,8 @@ EXAMPLE = 'diskimg amend -o compat=0.10 disk.qcow2'
 def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
     add_common(p, share=False)
-    p.add_argument("-o", dest="options", action="append", metavar="K=V,...")
+    p.add_argument("-o", dest="options", action="append", metavar="K=V,...",
+                   type=option_list)
     p.add_argument("--force", action="store_true", help="allow risky changes")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)

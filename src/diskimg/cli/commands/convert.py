@@ -7,11 +7,11 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from diskimg import options as opts
-from diskimg.cli.commands._shared import (Context, add_common, collect_o, open_image,
+from diskimg.cli.commands._shared import (Context, add_common, collect_o, option_list, open_image,
                                           parse_image_opts, print_help, size_arg, snapshot_param,
                                           target_cache)
 from diskimg.cli import errors
-from diskimg.cli.errors import PROG
+from diskimg.cli.errors import prog
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 from diskimg.units import parse_size
@@ -30,7 +30,8 @@ def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
     add_common(p, src_cache=1)
     p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
-    p.add_argument("-o", dest="options", action="append", metavar="K=V,...")
+    p.add_argument("-o", dest="options", action="append", metavar="K=V,...",
+                   type=option_list)
     p.add_argument("-B", dest="backing", metavar="BACKING", help="target backing file")
     p.add_argument("-F", dest="backing_fmt", metavar="FMT", help="its format")
     p.add_argument("-c", dest="compress", action="store_true", help="compress (qcow2)")
@@ -93,7 +94,7 @@ def _convert_progress(a: argparse.Namespace, srcs: list[BlockDevice],
 
 def _warn(line: str) -> None:
     """A ``--salvage`` warning, as qemu-img's ``warn_report`` prints it."""
-    sys.stderr.write(f"{PROG}: warning: {line}\n")
+    sys.stderr.write(f"{prog()}: warning: {line}\n")
 
 
 def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
@@ -102,8 +103,6 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
 
     olist = collect_o(a.options)
     out_fmt = a.output_format or "raw"
-    if opts.is_help(olist):
-        return print_help(out_fmt, None)
     if a.coroutines is not None:
         try:
             m = int(a.coroutines)
@@ -120,21 +119,31 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
                              "are multiples of 512 up to 16777216. Select 0 to disable sparse "
                              "detection (fully allocates output).")
     rate = size_arg(a.rate, "rate limit") if a.rate is not None else None
+    if a.skip_broken_bitmaps and not a.bitmaps:
+        raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if a.copy_range:  # qemu-img's order: -c, then -S (any value), then --salvage
+        if a.compress:
+            raise UsageError("Cannot enable copy offloading when -c is used")
+        if a.sparse is not None:
+            raise UsageError("Cannot enable copy offloading when -S is used")
+        if a.salvage:
+            raise UsageError("Cannot use copy offloading in salvaging mode")
     if a.target_image_opts and not a.target_exists:
         raise UsageError("--target-image-opts requires use of -n flag")
     if a.target_is_zero and not a.target_exists:
         raise UsageError("--target-is-zero requires use of -n flag")
+    if olist is not None and a.target_exists:
+        raise UsageError("-o has no effect when skipping image creation")
+    if opts.is_help(olist):  # with a target name, the file protocol's options too
+        return print_help(out_fmt, a.files[-1] if len(a.files) > 1 else None)
     if len(a.files) < 2:
         raise UsageError("Must specify image file name")
-    if out_fmt not in opts.FORMAT_OPTIONS:
-        raise UsageError(f"Unknown file format '{out_fmt}'")
+    opts.creatable(out_fmt)
     *srcs, dst = a.files
     values: dict[str, str] = {}
     if olist is not None:
-        if a.target_exists:
-            raise UsageError("-o has no effect when skipping image creation")
         values = opts.validate(out_fmt, opts.parse_list(olist))
-    backing = a.backing or values.pop("backing_file", None)
+    backing = a.backing if a.backing is not None else values.pop("backing_file", None)
     backing_fmt = a.backing_fmt or values.pop("backing_fmt", None)
     if a.target_is_zero and backing is not None:
         # qemu-img 7.2 prints this and exits 0 without converting; diskimg exits 1
@@ -144,16 +153,18 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         raise UsageError(f"Backing file not supported for file format '{out_fmt}'")
     if backing is not None and backing_fmt is None and not a.target_exists:
         raise UsageError("Use of backing file requires explicit backing format")
+    if backing == "":  # (qemu-img 7.2 crashes on -B '' -F FMT)
+        raise UsageError("Expected backing file name, got empty string")
     if a.compress and out_fmt in ("raw", "luks"):
         raise UsageError("Compression not supported for this file format")
-    if a.skip_broken_bitmaps and not a.bitmaps:
-        raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
-    snap = snapshot_param(a.snapshot)
     devs: list[BlockDevice] = []
     try:
         for s in srcs:
             devs.append(open_image(ctx, s, "r", a.format, image_opts=a.image_opts,
                                    force_share=a.force_share))
+        if a.snapshot is not None and len(srcs) > 1:  # qemu-img: after opening, before -l
+            raise UsageError("No support for concatenating multiple snapshot")
+        snap = snapshot_param(a.snapshot)
         target_cache(a)  # qemu-img checks -t after opening the sources (before the target)
         dst_path, dst_opts = dst, dict[str, str]()
         if a.target_image_opts:

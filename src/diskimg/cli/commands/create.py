@@ -8,8 +8,8 @@ import sys
 
 from diskimg import api
 from diskimg import options as opts
-from diskimg.cli.commands._shared import (Context, add_common, collect_o, print_help, probe_name,
-                                          resolve_backing)
+from diskimg.cli.commands._shared import (Context, add_common, collect_o, option_list, print_help,
+                                          probe_name, resolve_backing)
 from diskimg.cli import errors
 from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.errors import DiskImgError, UsageError
@@ -24,6 +24,7 @@ def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
     add_common(p, share=False, image_opts=False, fmt_help="image format (default raw)")
     p.add_argument("-o", dest="options", action="append", metavar="K=V,...",
+                   type=option_list,
                    help="format options (-o help lists them)")
     p.add_argument("-b", "--backing", metavar="BACKING", help="backing file")
     p.add_argument("-F", "--backing-format", dest="backing_fmt", metavar="FMT",
@@ -40,8 +41,10 @@ def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
     def fail(msg: str, *, field: str | None = None) -> DiskImgError:
         return DiskImgError(f"{filename}: {msg}", field=field)
 
-    if fmt not in opts.FORMAT_OPTIONS:
-        raise fail(f"Unknown file format '{fmt}'")
+    try:
+        opts.creatable(fmt)
+    except UsageError as e:
+        raise fail(str(e)) from None
     pairs = opts.parse_list(olist) if olist else []  # "Invalid option list" as it is
     try:
         values = opts.validate(fmt, pairs) if olist else {}
@@ -56,6 +59,8 @@ def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
     if backing is not None:
         if fmt in ("raw", "luks"):
             raise fail(f"Backing file not supported for file format '{fmt}'")
+        if not backing:
+            raise fail("Expected backing file name, got empty string")
         values["backing_file"] = backing
         if backing_fmt is not None:
             values["backing_fmt"] = backing_fmt
@@ -94,10 +99,10 @@ def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
     prealloc = values.get("preallocation")
     if prealloc is not None:
         allowed = ("off", "falloc", "full") + (("metadata",) if fmt == "qcow2" else ())
-        if prealloc not in allowed:
-            if prealloc in ("off", "metadata", "falloc", "full"):
-                raise fail(f"Unsupported preallocation mode: {prealloc}")
-            raise fail(f"invalid parameter value: {prealloc}")
+        try:
+            opts.check_preallocation(fmt, prealloc, allowed)
+        except UsageError as e:
+            raise fail(str(e)) from None
     create_opts = {k: v for k, v in values.items()
                    if k not in ("size", "backing_file", "backing_fmt", "nocow",
                                 "extent_size_hint")}

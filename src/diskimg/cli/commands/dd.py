@@ -7,7 +7,6 @@ import argparse
 from diskimg import options as opts
 from diskimg.cli.commands._shared import (Context, add_common, opened, size_arg)
 from diskimg.cli.errors import ExitCode
-from diskimg.errors import UsageError
 
 USAGE = '[-f FMT] [-O FMT] [-U] [-p] [bs=N] [count=N] [skip=N] if=IN of=OUT'
 DESCRIPTION = '''Copy blocks from one image into a new one, like dd(1).
@@ -48,13 +47,12 @@ def cmd_dd(ctx: Context, a: argparse.Namespace) -> int:
     if "if" not in ops or "of" not in ops:
         raise ExitCode("Must specify both input and output files", 1)
     out_fmt = a.output_format or "raw"
-    if out_fmt not in opts.FORMAT_OPTIONS:
-        raise UsageError(f"Unknown file format '{out_fmt}'")
     from diskimg.cli.progress import Progress
 
     prog = Progress(a.progress)
     with opened(ctx, ops["if"], "r", a.format, image_opts=a.image_opts,
                 force_share=a.force_share) as src:
+        opts.creatable(out_fmt, named=False)  # qemu-img: after opening the input
         try:
             conv.dd(src, ops["of"], out_fmt, bs=bs, count=count, skip=skip, warn=ctx.warn,
                     progress=prog if prog.enabled else None)

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from diskimg.cli import errors, output
-from diskimg.cli.commands._shared import (Context, add_common, one_file, opened, output_format)
+from diskimg.cli.commands._shared import (Context, add_common, one_file, opened, output_format,
+                                          same_file)
 from diskimg.errors import DiskImgError
 
 USAGE = '[-f FMT] [--output=human|json] [--backing-chain] [-U] [--object OBJ] [--image-opts] FILE'
@@ -29,7 +30,10 @@ def _check_chain_names(ctx: Context, name: str, a: argparse.Namespace) -> None:
                     force_share=a.force_share, need_key=False, backing=True):
             return
     except DiskImgError as e:
-        err = errors.chain_open_failure(e)
+        looped = e.__cause__ if isinstance(e.__cause__, DiskImgError) else e
+        # a loop back to the image itself is named as the user gave it
+        same = looped.path is not None and same_file(looped.path, name)
+        err = errors.chain_open_failure(e, name, same)
         if err is None:
             raise
         raise err from e

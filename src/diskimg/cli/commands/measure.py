@@ -7,8 +7,8 @@ import sys
 
 from diskimg import options as opts
 from diskimg.cli import errors, output
-from diskimg.cli.commands._shared import (Context, add_common, collect_o, open_image, output_format,
-                                          size_arg, snapshot_param)
+from diskimg.cli.commands._shared import (Context, add_common, collect_o, option_list, open_image,
+                                          output_format, size_arg, snapshot_param)
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 
@@ -21,7 +21,8 @@ def register(p: argparse.ArgumentParser) -> None:
     """This command's options."""
     add_common(p, quiet=False, out=True)
     p.add_argument("-O", dest="output_format", metavar="FMT", help="output format")
-    p.add_argument("-o", dest="options", action="append", metavar="K=V,...")
+    p.add_argument("-o", dest="options", action="append", metavar="K=V,...",
+                   type=option_list)
     p.add_argument("-l", dest="snapshot", metavar="SNAP", help="input snapshot")
     p.add_argument("--size", metavar="SIZE", help="virtual size of a new image")
 
@@ -30,10 +31,7 @@ def _load_snapshot(dev: BlockDevice, text: str) -> BlockDevice:
     """``-l`` for measure: the snapshot's read-only view (qemu's error wording)."""
     from diskimg import operations as conv
 
-    try:
-        snap = snapshot_param(text)
-    except UsageError as e:
-        raise errors.with_notes(e, f"Failed in parsing snapshot param '{text}'") from None
+    snap = snapshot_param(text)
     assert snap is not None
     try:
         return conv._snapshot_view(dev, snap)
@@ -65,8 +63,7 @@ def cmd_measure(ctx: Context, a: argparse.Namespace) -> int:
             dev = open_image(ctx, filename, "r", a.format, image_opts=a.image_opts,
                              force_share=a.force_share)
             src = dev if a.snapshot is None else _load_snapshot(dev, a.snapshot)
-        if out_fmt not in opts.FORMAT_OPTIONS:
-            raise UsageError(f"Unknown file format '{out_fmt}'")
+        opts.creatable(out_fmt)
         values: dict[str, str] = {}
         if olist is not None:
             try:

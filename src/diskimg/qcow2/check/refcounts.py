@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from array import array
 
+from diskimg import progname
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import pack_be_u64_array
 from diskimg.qcow2.check.copied import _Copied
@@ -135,7 +136,7 @@ class _Refcounts(_Copied):
             assert start + E <= len(self.imrt)
             if not self.checked_write("", rb_off, encode_refblock(self.imrt[start:start + E],
                                                                 self.order)):
-                self.msg("diskimg: ERROR writing refblock: Input/output error")
+                self.msg(f"{progname.name()}: ERROR writing refblock: Input/output error")
                 self.res.check_errors += 1
                 raise _Abort("EIO")
             cluster = start + E
@@ -156,7 +157,7 @@ class _Refcounts(_Copied):
             if not self.write_refblocks(s, s + clusters, reft):
                 break
         if not self.checked_write("", rt_off, pack_be_u64_array(array("Q", reft))):
-            self.msg("diskimg: ERROR writing reftable: Input/output error")
+            self.msg(f"{progname.name()}: ERROR writing reftable: Input/output error")
             self.res.check_errors += 1
             raise _Abort("EIO")
         header_io.set_refcount_table(self.host, rt_off, clusters)

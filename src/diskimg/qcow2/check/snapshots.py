@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diskimg import progname
 from diskimg.errors import CorruptImageError
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.check.report import CheckResult, _Abort
@@ -40,15 +41,15 @@ class _Snapshots(_Stored):
                 raise CorruptImageError(f"Too many snapshots ({nb_u}); repairing the snapshot "
                                         "table is not supported", offset=60)
             self.res.check_errors += 1
-            self.msg("diskimg: ERROR snapshot table too large")
+            self.msg(f"{progname.name()}: ERROR snapshot table too large")
             self.msg(f"You can force-remove all {nb_u - QCOW_MAX_SNAPSHOTS} overhanging "
-                     "snapshots with diskimg check -r all")
+                     f"snapshots with {progname.name()} check -r all")
             self.find("too-many-snapshots", table="snapshot-table", count=nb_u)
             raise _Abort("EFBIG")
         nb = max(nb, 0)
         if off & (self.cs - 1) or off < 0 or INT64_MAX - nb * 40 < off:
             self.res.check_errors += 1
-            self.msg("diskimg: ERROR snapshot table is invalid: Invalid argument")
+            self.msg(f"{progname.name()}: ERROR snapshot table is invalid: Invalid argument")
             self.find("snapshot-table-invalid", table="snapshot-table", host_offset=off)
             raise _Abort("EINVAL")
         pos = entry_end = off
@@ -63,10 +64,10 @@ class _Snapshots(_Stored):
             if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
                 if not fix_errors:
                     self.res.check_errors += 1
-                    self.msg("diskimg: ERROR failed to read the snapshot table: Too much extra "
-                             f"metadata in snapshot table entry {i}")
-                    self.msg("You can force-remove this extra metadata with diskimg check "
-                             "-r all")
+                    self.msg(f"{progname.name()}: ERROR failed to read the snapshot table: "
+                             f"Too much extra metadata in snapshot table entry {i}")
+                    self.msg("You can force-remove this extra metadata with "
+                             f"{progname.name()} check -r all")
                     self.find("snapshot-extra-data", table="snapshot-table", index=i)
                     raise _Abort("EFBIG")
                 self.msg(f"Discarding too much extra metadata in snapshot table entry {i} "
@@ -94,8 +95,8 @@ class _Snapshots(_Stored):
                 break
             if pos - off > QCOW_MAX_SNAPSHOTS_SIZE:
                 self.res.check_errors += 1
-                self.msg("diskimg: ERROR failed to read the snapshot table: Snapshot table is "
-                         "too big")
+                self.msg(f"{progname.name()}: ERROR failed to read the snapshot table: "
+                         "Snapshot table is too big")
                 self.find("snapshot-table-too-big", table="snapshot-table", host_offset=off)
                 raise _Abort("EFBIG")
             snaps.append(_Snap(l1_off, l1_size, id_str, name, extra, entry_offset))

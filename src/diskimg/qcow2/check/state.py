@@ -8,6 +8,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
+from diskimg import progname
 from diskimg.errors import CorruptImageError
 from diskimg.hostio import HostFile
 from diskimg.qcow2.cache import be_u64_array
@@ -160,7 +161,8 @@ class _State:
             r = imrt[k]
             if r == self.rc_max:
                 self.msg(f"ERROR: overflow cluster offset=0x{k << self.cbits:x}")
-                self.msg("Use qemu-img amend to increase the refcount entry width or qemu-img "
+                prog = progname.name()
+                self.msg(f"Use {prog} amend to increase the refcount entry width or {prog} "
                          "convert to create a clean copy if the image cannot be opened for "
                          "writing")
                 self.res.corruptions += 1
