@@ -143,7 +143,9 @@ class Qcow2Image(BlockDevice):
             self.data_host = open_host_file(path, not self.read_only,
                                             lock_mode=host.locked)
             self._data_file_opened = True
-        if not self.read_only and h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
+        if not (self.read_only or for_check) and h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
+            # qemu repairs a dirty lazy-refcount image on a read-write open, except when
+            # it opens it for check (BDRV_O_CHECK): check then sees the stale refcounts
             self._repair_dirty()
         if h.crypt_method and "encrypt.key-secret" in self.options:
             _ = self.cipher  # like qemu: a wrong passphrase fails the open
@@ -530,6 +532,7 @@ class Qcow2Image(BlockDevice):
         res = check_image(self.host, self.header, repair)
         if repair is not None:
             self.header = Header.parse(self.host.pread(0, self.cs))
+            self._set_dirty_bit = False  # the repair decided the dirty bit on disk
             self.l1 = be_u64_array(self.host.pread_exact(
                 self.header.l1_table_offset, self.header.l1_size * 8, "L1 table"))
             self.l2_cache.clear()

@@ -49,6 +49,10 @@ QCOW2_EXT_MAGIC_FEATURE_TABLE = 0x6803F857
 QCOW2_EXT_MAGIC_CRYPTO_HEADER = 0x0537BE77
 QCOW2_EXT_MAGIC_BITMAPS = 0x23852875
 QCOW2_EXT_MAGIC_DATA_FILE = 0x44415441
+# the extensions qemu knows: each read into one field (the last one wins), written once
+_SINGLE_EXTENSIONS = frozenset({
+    QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_FEATURE_TABLE,
+    QCOW2_EXT_MAGIC_CRYPTO_HEADER, QCOW2_EXT_MAGIC_BITMAPS, QCOW2_EXT_MAGIC_DATA_FILE})
 
 #: The feature-name table QEMU 7.2 writes into every v3 header, in its order.
 FEATURE_NAMES: list[tuple[int, int, str]] = [
@@ -143,7 +147,8 @@ class Header:
     """The qcow2 header (v2 or v3) plus its extensions and backing file name.
 
     ``extensions`` keeps every extension except the end marker, in file order, unknown ones
-    included, so ``pack()`` preserves them.  The backing file name is stored after them.
+    included, so ``pack()`` preserves them; a known extension given twice is kept once,
+    with the last one's data (see ``_add_extension``).  The backing file name is stored after them.
     """
 
     version: int
@@ -276,7 +281,7 @@ class Header:
             if off + 8 + elen > end or off + 8 + elen > len(buf):
                 raise FormatError(f"Header extension {etype:#x} at {off:#x} too large "
                                   f"(length {elen})", offset=off)
-            h.extensions.append(Extension(etype, bytes(buf[off + 8 : off + 8 + elen])))
+            h._add_extension(Extension(etype, bytes(buf[off + 8 : off + 8 + elen])))
             off += 8 + elen + ((-elen) % 8)
         if bf_off:
             if bf_size > BACKING_FILE_NAME_MAX:
@@ -298,6 +303,17 @@ class Header:
             # allowed by qemu only with an explicit data-file option; we require the name
             pass
         return h
+
+    def _add_extension(self, e: Extension) -> None:
+        """Append an extension read from the file.  A known extension that appears again
+        replaces the earlier one in its place: qemu reads each into one field, so the last
+        wins, and writes it once when it rewrites the header.  Unknown ones are all kept."""
+        if e.type in _SINGLE_EXTENSIONS:
+            for i, old in enumerate(self.extensions):
+                if old.type == e.type:
+                    self.extensions[i] = e
+                    return
+        self.extensions.append(e)
 
     def _validate(self, file_size: int | None) -> None:
         cs = self.cluster_size
