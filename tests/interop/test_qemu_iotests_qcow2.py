@@ -15,18 +15,24 @@ the program name swapped), exit code and resulting bytes.
 from __future__ import annotations
 
 import shutil
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from qemukit import QEMU
 
-from diskimg.qcow2.layout import (QCOW2_EXT_MAGIC_BACKING_FORMAT,
-                                  QCOW2_EXT_MAGIC_FEATURE_TABLE, Extension, Header)
-from tests.cli.conftest import Result, needs_qemu, run_module
+from diskimg.qcow2.layout import (FEATURE_NAMES, QCOW2_EXT_MAGIC_BACKING_FORMAT,
+                                  QCOW2_EXT_MAGIC_FEATURE_TABLE, Extension, Header,
+                                  pack_feature_table)
+from tests.cli.conftest import Result, di, needs_qemu  # di: diskimg ARGS in-process
+
+__all__ = ["di"]  # the fixture, imported for this module's tests
 
 pytestmark = [pytest.mark.qemu, needs_qemu]
 
 IMG = "t.qcow2"
+DI = Callable[..., Result]
 
 
 def _pair(tmp_path: Path, src: Path) -> tuple[Path, Path]:
@@ -39,16 +45,16 @@ def _pair(tmp_path: Path, src: Path) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def _both(tmp_path: Path, *args: str) -> tuple[Result, Result]:
+def _both(di: DI, tmp_path: Path, *args: str) -> tuple[Result, Result]:
     """``qemu-img ARGS`` in q/ and ``diskimg ARGS`` in d/; qemu's result, ours."""
     q = QEMU.img(*args, ok=None, cwd=tmp_path / "q")
-    d = run_module(*args, cwd=tmp_path / "d")
+    d = di(*args, cwd=tmp_path / "d")
     return Result(q.returncode, q.stdout, q.stderr), d
 
 
-def _same(tmp_path: Path, *args: str) -> Result:
+def _same(di: DI, tmp_path: Path, *args: str) -> Result:
     """Run ARGS with both tools and assert the same exit code, stdout and stderr."""
-    want, got = _both(tmp_path, *args)
+    want, got = _both(di, tmp_path, *args)
     assert (got.rc, got.out, got.err.replace("diskimg:", "qemu-img:")) == \
         (want.rc, want.out, want.err)
     return got
@@ -76,13 +82,13 @@ def _dirty_lazy(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("repair", [None, "leaks", "all"])
-def test_dirty_lazy_refcounts_checked_as_it_is(tmp_path: Path, repair: str | None) -> None:
+def test_dirty_lazy_refcounts_checked_as_it_is(di: DI, tmp_path: Path, repair: str | None) -> None:
     q, d = _pair(tmp_path, _dirty_lazy(tmp_path))
     before = d.read_bytes()
-    _same(tmp_path, "info", IMG)
-    _same(tmp_path, "info", "--output=json", IMG)
+    _same(di, tmp_path, "info", IMG)
+    _same(di, tmp_path, "info", "--output=json", IMG)
     opt = ["-r", repair] if repair else []
-    got = _same(tmp_path, "check", *opt, IMG)
+    got = _same(di, tmp_path, "check", *opt, IMG)
     assert "ERROR cluster 5 refcount=0 reference=1" in got.err
     qb, db = _bytes(tmp_path)
     if repair is None:
@@ -93,7 +99,7 @@ def test_dirty_lazy_refcounts_checked_as_it_is(tmp_path: Path, repair: str | Non
         assert got.rc == 1 and "ERROR need to rebuild refcount structures" in got.err
         assert (qb[79], db[79]) == (0, 1)
         assert qb[:79] + qb[80:] == db[:79] + db[80:]
-        _same(tmp_path, "check", IMG)  # the refcounts are still stale in both
+        _same(di, tmp_path, "check", IMG)  # the refcounts are still stale in both
     else:
         assert got.rc == 0 and "Rebuilding refcount structure" in got.err
         assert "The following inconsistencies were found and repaired" in got.out
@@ -107,9 +113,9 @@ def test_dirty_lazy_refcounts_checked_as_it_is(tmp_path: Path, repair: str | Non
 @pytest.mark.parametrize("args", [["rebase", "-u", "-b", ""],
                                   ["amend", "-o", "lazy_refcounts=off"]])
 def test_dirty_lazy_refcounts_repaired_on_other_read_write_opens(
-        tmp_path: Path, args: list[str]) -> None:
+        di: DI, tmp_path: Path, args: list[str]) -> None:
     q, d = _pair(tmp_path, _dirty_lazy(tmp_path))
-    want, got = _both(tmp_path, *args, IMG)
+    want, got = _both(di, tmp_path, *args, IMG)
     assert (got.rc, got.out, want.rc) == (0, "", 0)
     qb, db = _bytes(tmp_path)
     assert qb == db and not db[79] & 1
@@ -118,7 +124,7 @@ def test_dirty_lazy_refcounts_repaired_on_other_read_write_opens(
 
 
 # --- 2. the Backing-format extension given twice ------------------------------------------
-def test_backing_format_extension_twice_the_last_wins(tmp_path: Path) -> None:
+def test_backing_format_extension_twice_the_last_wins(di: DI, tmp_path: Path) -> None:
     """The header names the raw backing file twice, first as qcow2 then as raw: qemu
     reads each extension into one field, so raw wins (and is all a header rewrite keeps)."""
     base = tmp_path / "base.raw"
@@ -138,15 +144,116 @@ def test_backing_format_extension_twice_the_last_wins(tmp_path: Path) -> None:
     q, d = _pair(tmp_path, src)
     for who in ("q", "d"):
         shutil.copyfile(base, tmp_path / who / "base.raw")
-    got = _same(tmp_path, "info", IMG)
+    got = _same(di, tmp_path, "info", IMG)
     assert "backing file format: raw" in got.out
-    _same(tmp_path, "info", "--output=json", IMG)
-    _same(tmp_path, "map", "--output=json", IMG)
-    _same(tmp_path, "convert", "-O", "raw", IMG, "out.raw")
+    _same(di, tmp_path, "info", "--output=json", IMG)
+    _same(di, tmp_path, "map", "--output=json", IMG)
+    _same(di, tmp_path, "convert", "-O", "raw", IMG, "out.raw")
     want = (tmp_path / "q" / "out.raw").read_bytes()
     assert (tmp_path / "d" / "out.raw").read_bytes() == want
     assert want[65536:69632] == b"\x77" * 4096 and want[:65536] == base.read_bytes()[:65536]
     # a header rewrite keeps the extension once, with the last one's data
-    _same(tmp_path, "rebase", "-u", "-b", "base.raw", "-F", "raw", IMG)
+    _same(di, tmp_path, "rebase", "-u", "-b", "base.raw", "-F", "raw", IMG)
     qb, db = _bytes(tmp_path)
     assert qb == db and qb.count(b"qcow2\0") == 0
+
+
+# --- 3. compression type and incompatible bit 3 -------------------------------------------
+def _plain(tmp_path: Path, *opts: str) -> Path:
+    """A qemu-made 1 MiB v3 image with some data."""
+    p = tmp_path / "plain.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", *opts, p, "1M")
+    QEMU.io(p, "write -P 0x3c 0 64k")
+    return p
+
+
+def _poke(p: Path, offset: int, data: bytes) -> None:
+    buf = bytearray(p.read_bytes())
+    buf[offset:offset + len(data)] = data
+    p.write_bytes(buf)
+
+
+ALL_COMMANDS = (["info", IMG], ["info", "--output=json", IMG], ["check", IMG],
+                ["check", "-r", "all", IMG], ["map", IMG], ["snapshot", "-l", IMG],
+                ["convert", "-O", "raw", IMG, "out.raw"], ["amend", "-o", "size=2M", IMG],
+                ["resize", IMG, "2M"])
+SOME_COMMANDS = (["info", IMG], ["check", "-r", "all", IMG],
+                 ["convert", "-O", "raw", IMG, "out.raw"])
+
+
+def _refused_alike(di: DI, tmp_path: Path, src: Path, message: str,
+                   commands: tuple[list[str], ...] = SOME_COMMANDS) -> None:
+    """Each command refuses ``src`` with qemu's words, and neither tool writes a byte."""
+    q, d = _pair(tmp_path, src)
+    before = src.read_bytes()
+    for args in commands:
+        got = _same(di, tmp_path, *args)
+        assert (got.rc, got.err) == (1, f"diskimg: Could not open '{IMG}': {message}\n")
+    assert q.read_bytes() == before == d.read_bytes()
+    assert not (tmp_path / "d" / "out.raw").exists()
+
+
+@pytest.mark.parametrize(("opts", "poke", "message"), [
+    ([], {79: 0x08}, "qcow2: Compression type incompatible feature bit must not be set"),
+    ([], {79: 0x08, 103: 104}, "qcow2: Compression type incompatible feature bit must not be set"),
+    (["-o", "compression_type=zstd"], {79: 0x00},
+     "qcow2: Compression type incompatible feature bit must be set"),
+    (["-o", "compression_type=zstd"], {104: 7}, "qcow2: unknown compression type: 7"),
+], ids=["zlib-bit3", "no-field-bit3", "zstd-no-bit3", "type7"])
+def test_compression_type_and_bit_3_refused_as_qemu(
+        di: DI, tmp_path: Path, opts: list[str], poke: dict[int, int], message: str) -> None:
+    src = _plain(tmp_path, *opts)
+    for off, val in poke.items():
+        _poke(src, off, bytes([val]))
+    _refused_alike(di, tmp_path, src, message, ALL_COMMANDS if poke == {79: 8} else SOME_COMMANDS)
+
+
+# --- 4. unknown feature bits (iotest 036) --------------------------------------------------
+def _with_feature_table(src: Path, names: list[tuple[int, int, str]]) -> None:
+    """Replace the feature-name table extension of ``src`` (the one header codec)."""
+    buf = bytearray(src.read_bytes())
+    h = Header.parse(bytes(buf[:65536]))
+    h.set_ext(QCOW2_EXT_MAGIC_FEATURE_TABLE, pack_feature_table(names))
+    packed = h.pack()
+    buf[:len(packed)] = packed
+    src.write_bytes(buf)
+
+
+@pytest.mark.parametrize(("bits", "table", "message"), [
+    (0xE000000000000000, [*FEATURE_NAMES, (0, 63, "Test feature")],
+     "Test feature, Unknown incompatible feature: 6000000000000000"),
+    (1 << 63, None, "Unknown incompatible feature: 8000000000000000"),
+    ((1 << 40) | (1 << 5) | 1, [(0, 40, "forty"), (1, 5, "compat five"), (0, 0, "dirty"),
+                                (0, 5, "five")], "forty, five"),
+], ids=["named-and-unknown", "no-table", "table-order"])
+def test_unknown_incompatible_features_named_from_the_table(
+        di: DI, tmp_path: Path, bits: int, table: list[tuple[int, int, str]] | None,
+        message: str) -> None:
+    src = _plain(tmp_path)
+    if table is not None:
+        _with_feature_table(src, table)
+    _poke(src, 72, struct.pack(">Q", bits))
+    _refused_alike(di, tmp_path, src, f"Unsupported qcow2 feature(s): {message}",
+                   ALL_COMMANDS if table and len(table) > 4 else SOME_COMMANDS)
+
+
+def test_unknown_autoclear_and_compatible_bits(di: DI, tmp_path: Path) -> None:
+    """Unknown compatible bits are ignored and kept; unknown autoclear bits are kept by
+    read-only commands and cleared by a repair (and any change), as qemu clears them."""
+    src = _plain(tmp_path)
+    _poke(src, 80, struct.pack(">QQ", 1 << 50, (1 << 63) | (1 << 40)))
+    q, d = _pair(tmp_path, src)
+    before = src.read_bytes()
+    _same(di, tmp_path, "info", IMG)
+    _same(di, tmp_path, "info", "--output=json", IMG)
+    _same(di, tmp_path, "check", IMG)
+    _same(di, tmp_path, "map", "--output=json", IMG)
+    assert q.read_bytes() == before == d.read_bytes()
+    got = _same(di, tmp_path, "check", "-r", "all", IMG)
+    assert got.rc == 0
+    qb, db = _bytes(tmp_path)
+    assert qb == db
+    assert struct.unpack(">QQ", db[80:96]) == (1 << 50, 0)
+    assert db[96:] == before[96:]
+    QEMU.check_clean(d)
+    assert QEMU.compare(q, d) == 0
