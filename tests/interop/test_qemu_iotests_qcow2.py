@@ -22,9 +22,13 @@ from pathlib import Path
 import pytest
 from qemukit import QEMU
 
+from diskimg.hostio import open_host_file
+from diskimg.qcow2 import header_io
 from diskimg.qcow2.layout import (FEATURE_NAMES, QCOW2_EXT_MAGIC_BACKING_FORMAT,
                                   QCOW2_EXT_MAGIC_FEATURE_TABLE, Extension, Header,
                                   pack_feature_table)
+from diskimg.qcow2.refcount import Refcounts
+from diskimg.qcow2.snapshot_table import Snapshot, read_entries
 from tests.cli.conftest import Result, di, needs_qemu  # di: diskimg ARGS in-process
 
 __all__ = ["di"]  # the fixture, imported for this module's tests
@@ -53,9 +57,10 @@ def _both(di: DI, tmp_path: Path, *args: str) -> tuple[Result, Result]:
 
 
 def _same(di: DI, tmp_path: Path, *args: str) -> Result:
-    """Run ARGS with both tools and assert the same exit code, stdout and stderr."""
+    """Run ARGS with both tools and assert the same exit code, stdout and stderr (where
+    qemu-img names itself, diskimg does)."""
     want, got = _both(di, tmp_path, *args)
-    assert (got.rc, got.out, got.err.replace("diskimg:", "qemu-img:")) == \
+    assert (got.rc, got.out, got.err.replace("diskimg", "qemu-img")) == \
         (want.rc, want.out, want.err)
     return got
 
@@ -257,3 +262,91 @@ def test_unknown_autoclear_and_compatible_bits(di: DI, tmp_path: Path) -> None:
     assert db[96:] == before[96:]
     QEMU.check_clean(d)
     assert QEMU.compare(q, d) == 0
+
+
+# --- 5. snapshot tables check -r all trims (iotest 261) -----------------------------------
+def _install_table(img: Path, snaps: list[Snapshot], at: int | None = None) -> None:
+    """Write ``snaps`` as the snapshot table of ``img`` at ``at`` (the clusters there
+    already in use) or in new clusters (refcounted), the zero runs of the entries left as
+    holes, and point the header at it."""
+    entries = [s.pack() for s in snaps]
+    total = sum(len(e) for e in entries)
+    with open_host_file(img, True, lock_mode=False) as host:
+        h = Header.parse(host.pread(0, 65536))
+        clusters = -(-total // h.cluster_size)
+        if at is None:
+            rc = Refcounts(host, h)
+            at = rc.alloc(clusters)
+            rc.flush()
+        off = at
+        pos = off
+        for e in entries:
+            body = e.rstrip(b"\0")
+            host.pwrite(pos, body)
+            pos += len(e)
+        host.truncate(max(host.size(), off + clusters * h.cluster_size))
+        header_io.set_snapshots(host, len(snaps), off)
+        host.flush()
+
+
+def _snapshot_lists_agree(tmp_path: Path) -> None:
+    """After both repairs, qemu reads the same snapshots from both copies."""
+    assert _info(tmp_path, "q") == _info(tmp_path, "d")
+    lists = [QEMU.img("snapshot", "-l", IMG, cwd=tmp_path / w).stdout for w in ("q", "d")]
+    assert lists[0] == lists[1]
+
+
+def test_check_repairs_oversized_extra_data_as_qemu(di: DI, tmp_path: Path) -> None:
+    """Entry 0 of two real snapshots carries 1116 bytes of extra data: opening refuses it
+    with qemu's hint; check -r all cuts it to 1024 bytes and rewrites the table."""
+    src = _plain(tmp_path)
+    QEMU.img("snapshot", "-c", "s1", src)
+    QEMU.io(src, "write -P 0x4d 0 64k")
+    QEMU.img("snapshot", "-c", "s2", src)
+    with open_host_file(src, False, lock_mode=False) as host:
+        h = Header.parse(host.pread(0, 65536))
+        snaps = read_entries(host, h.snapshots_offset, h.nb_snapshots, 65536)
+    snaps[0].extra, snaps[0].extra_data_size = bytes(range(256)) * 4 + b"\x01" * 68, 1116
+    _install_table(src, snaps, at=h.snapshots_offset)  # it fits the old table's cluster
+    assert QEMU.img("check", src, ok=None).returncode == 1
+    q, d = _pair(tmp_path, src)
+    got = _same(di, tmp_path, "info", IMG)
+    assert got.err == (f"diskimg: Could not open '{IMG}': Too much extra metadata in "
+                       "snapshot table entry 0\nYou can force-remove this extra metadata "
+                       "with diskimg check -r all\n")
+    _same(di, tmp_path, "snapshot", "-l", IMG)
+    _same(di, tmp_path, "check", IMG)
+    got = _same(di, tmp_path, "check", "-r", "all", IMG)
+    assert got.rc == 0 and "Discarding too much extra metadata in snapshot table entry 0 " \
+        "(1116 > 1024)" in got.err
+    qb, db = _bytes(tmp_path)
+    assert qb == db
+    _snapshot_lists_agree(tmp_path)
+    QEMU.check_clean(d)
+    for sn, pattern in (("s1", "0x3c"), ("s2", "0x4d")):
+        raw = QEMU.raw_bytes(d, "qcow2", "-l", sn)
+        assert raw[:65536] == bytes([int(pattern, 16)]) * 65536
+
+
+def test_check_trims_a_snapshot_table_over_64_mib_as_qemu(di: DI, tmp_path: Path) -> None:
+    """1010 entries of 66600 bytes (1 byte id, 65535 byte name, 1023 bytes of extra
+    data): the table passes 64 MiB at entry 1007.  qemu refuses to open it; check -r all
+    keeps the first 1007 where they are (the header's count cut in place) and frees the
+    clusters of the rest."""
+    src = _plain(tmp_path)
+    _install_table(src, [Snapshot(id=str(i % 10), name="\0" * 65535, l1_table_offset=0,
+                                  l1_size=0, disk_size=1 << 20, extra_data_size=1023,
+                                  extra=bytes(999)) for i in range(1010)])
+    q, d = _pair(tmp_path, src)
+    hint = "You can force-remove all 3 overhanging snapshots with diskimg check -r all\n"
+    got = _same(di, tmp_path, "info", IMG)
+    assert got.err == f"diskimg: Could not open '{IMG}': Snapshot table is too big\n{hint}"
+    got = _same(di, tmp_path, "check", IMG)
+    assert hint in got.err and got.rc == 1
+    got = _same(di, tmp_path, "check", "-r", "all", IMG)
+    assert got.rc == 0 and got.err.startswith(
+        "Discarding 3 overhanging snapshots (snapshot table is too big)\n")
+    qb, db = _bytes(tmp_path)
+    assert qb == db and struct.unpack(">IQ", db[60:72]) == (1007, 0x60000)
+    _snapshot_lists_agree(tmp_path)
+    QEMU.check_clean(d)
