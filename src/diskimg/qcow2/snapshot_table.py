@@ -61,7 +61,7 @@ class EntryHeader:
         return self.extra_data_size + self.id_len + self.name_len
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EntryPlace:
     """Where one entry lies, in bytes from the start of the table: its fixed part at
     ``start`` (8-byte aligned), then extra data, id and name up to ``end``.  ``extra_len``
