@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from qemukit import QEMU
 
+import diskimg
+from diskimg.errors import FormatError
 from diskimg.hostio import open_host_file
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.layout import (FEATURE_NAMES, QCOW2_EXT_MAGIC_BACKING_FORMAT,
@@ -302,6 +304,19 @@ def test_check_repairs_oversized_extra_data_as_qemu(di: DI, tmp_path: Path) -> N
     snaps[0].extra, snaps[0].extra_data_size = bytes(range(256)) * 4 + b"\x01" * 68, 1116
     _install_table(src, snaps, at=h.snapshots_offset)  # it fits the old table's cluster
     assert QEMU.img("check", src, ok=None).returncode == 1
+    # with the dirty bit set, a read-write open reads the table before it repairs
+    # anything: refused alike, nothing written
+    dirty = tmp_path / "dirty.qcow2"
+    dirty.write_bytes(src.read_bytes())
+    _poke(dirty, 79, b"\x01")
+    q, d = _pair(tmp_path, dirty)
+    got = _same(di, tmp_path, "resize", IMG, "2M")
+    assert got.rc == 1 and "Too much extra metadata" in got.err
+    res = QEMU.io(q, "write 0 512", ok=(1,))  # a read-write open, as diskimg.open(r+)
+    with pytest.raises(FormatError) as exc:
+        diskimg.open(d, "r+")
+    assert str(exc.value).replace("diskimg", "qemu-img") in res.stderr
+    assert _bytes(tmp_path) == (dirty.read_bytes(),) * 2
     q, d = _pair(tmp_path, src)
     got = _same(di, tmp_path, "info", IMG)
     assert got.err == (f"diskimg: Could not open '{IMG}': Too much extra metadata in "
