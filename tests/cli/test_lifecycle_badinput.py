@@ -117,13 +117,17 @@ def _qcheck(p: Path) -> tuple[int, int]:
     return r.returncode, int(doc.get("corruptions", 0)) + int(doc.get("check-errors", 0))
 
 
-def _clean_outcome(r, allowed: tuple[int, ...]) -> None:
+def _clean_outcome(r, allowed: tuple[int, ...], qemu_said=None) -> None:
+    """A clean result or error; an open error says where, unless it is qemu-img's own
+    text (``qemu_said``: qemu-img's result for the same command, program names swapped;
+    the error then still names field and offset as attributes)."""
     assert r.rc in allowed, (r.rc, r.out, r.err)
     assert "Traceback" not in r.err
     if r.rc == 1:
         first = r.err.splitlines()[0] if r.err else ""
         assert first.startswith(("diskimg:", "ERROR")), r.err
-        if first.startswith("diskimg: Could not open"):
+        if first.startswith("diskimg: Could not open") and not (
+                qemu_said is not None and (qemu_said.rc, qemu_said.err) == (1, r.err)):
             assert " at 0x" in first, f"the error does not say where: {first}"
 
 
@@ -135,13 +139,13 @@ def test_damaged_lifecycle_metadata(damage: str, pristine: Path, tmp_path: Path,
     before = p.read_bytes()
     # read-only commands: a clean result or a clean error, and the file is untouched
     r = di("info", "--output=json", p.name, cwd=tmp_path)
-    _clean_outcome(r, (0, 1))
+    _clean_outcome(r, (0, 1), qemu("info", "--output=json", p.name, cwd=tmp_path))
     r = di("check", p.name, cwd=tmp_path)
     _clean_outcome(r, (0, 1, 2, 3))
     r = di("snapshot", "-l", p.name, cwd=tmp_path)
-    _clean_outcome(r, (0, 1))
+    _clean_outcome(r, (0, 1), qemu("snapshot", "-l", p.name, cwd=tmp_path))
     r = di("convert", "-O", "raw", p.name, "out.raw", cwd=tmp_path)
-    _clean_outcome(r, (0, 1))
+    _clean_outcome(r, (0, 1), qemu("convert", "-O", "raw", p.name, "q.raw", cwd=tmp_path))
     assert p.read_bytes() == before, "a read-only command wrote to the image"
     # -r all never makes the image worse by qemu-img's own count
     q_rc, q_bad = _qcheck(p)

@@ -61,7 +61,11 @@ def test_bad_header_field_is_a_clean_error(tmp_path: Path, off: int, fmt: str, v
     with pytest.raises(DiskImgError) as ei:
         with diskimg.open(p) as d:
             d.read(0, d.size)
-    assert words.lower() in str(ei.value).lower()
+    # the message names the field, or it is qemu's own words and the error's ``field``
+    # and ``offset`` name it
+    e = ei.value
+    assert words.lower() in str(e).lower() or (
+        e.field == words and getattr(e, "offset", None) == off)
 
 
 @pytest.mark.parametrize("length", [4, 48, 71, 100, 104, 512, 65536, 200000])

@@ -374,7 +374,16 @@ def test_parity_with_qemu(tmp_path: Path, scenario) -> None:
     assert hashlib.sha256(src.read_bytes()).hexdigest() == before
     assert hashlib.sha256((tmp_path / ("m_" + src.name)).read_bytes()).hexdigest() == before
     for mode in ("leaks", "all"):
-        r = assert_parity(src, mode)
+        keeps_dirty = scenario is sc_dirty_lazy and mode == "leaks"
+        r = assert_parity(src, mode, same_bytes=not keeps_dirty)
+        if keeps_dirty:
+            # qemu marks the image clean although its refcounts still need a rebuild;
+            # diskimg keeps the dirty bit (byte 79) so the next read-write open rebuilds
+            # them (compatibility.md).  Every other byte is qemu's.
+            q, m = (bytearray((tmp_path / (w + src.name)).read_bytes()) for w in ("q_", "m_"))
+            assert (q[79], m[79]) == (0, 1)
+            m[79] = 0
+            assert q == m
         if r.exit_code == 0:
             m = tmp_path / ("m_" + src.name)
             rc, _, err = qemu_check(m, None, False)

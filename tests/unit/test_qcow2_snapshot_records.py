@@ -5,10 +5,13 @@ pack(parse(b)) == b for any fixed part.  Tables qemu wrote: tests/formats/test_q
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diskimg.qcow2.snapshot import EntryHeader, Snapshot
+from diskimg.errors import FormatError
+from diskimg.qcow2.snapshot import QCOW_MAX_SNAPSHOTS_SIZE, EntryHeader, Snapshot
+from diskimg.qcow2.snapshot_table import TableWalk
 
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 TABLE_AT = 0x30000
@@ -61,3 +64,43 @@ def test_two_entries_back_to_back_parse_at_their_offsets(first: Snapshot,
     a, n = Snapshot.parse(raw, 0, TABLE_AT)
     b, m = Snapshot.parse(raw, n, TABLE_AT)
     assert (a, b, n + m) == (first, second, len(raw))
+
+
+def _walk(sizes: list[tuple[int, int, int]], repair: bool = False) -> TableWalk:
+    """TableWalk over entries of (extra data, id, name) sizes, fixed parts only."""
+    fixed, pos = {}, 0
+    for extra, id_len, name_len in sizes:
+        pos = (pos + 7) & ~7
+        fixed[pos] = EntryHeader(0, 0, id_len, name_len, 0, 0, 0, 0, extra).pack()
+        pos += EntryHeader.SIZE + extra + id_len + name_len
+    return TableWalk(lambda p: fixed.get(p, bytes(EntryHeader.SIZE)), len(sizes), TABLE_AT,
+                     repair)
+
+
+BIG = (1024, 65535, 65535)  # 132134 bytes, 132136 with padding
+
+
+def test_table_walk_takes_exactly_64_mib_and_refuses_one_byte_more() -> None:
+    last = QCOW_MAX_SNAPSHOTS_SIZE - 507 * 132136 - EntryHeader.SIZE - 65535
+    walk = _walk([BIG] * 507 + [(0, 65535, last)])
+    assert (len(walk.places), walk.discarded, walk.size) == (508, 0, QCOW_MAX_SNAPSHOTS_SIZE)
+    with pytest.raises(FormatError, match="^Snapshot table is too big\nYou can force-remove "
+                       "all 1 overhanging snapshots with diskimg check -r all$"):
+        _walk([BIG] * 507 + [(0, 65535, last + 1)])
+    walk = _walk([BIG] * 507 + [(0, 65535, last + 1), BIG], repair=True)
+    assert (len(walk.places), walk.discarded) == (507, 2)
+
+
+def test_table_walk_counts_cut_extra_data_as_kept() -> None:
+    """A repair counts an entry's extra data as the 1024 bytes it keeps: 2000 bytes of
+    extra data in each entry do not push the table over 64 MiB."""
+    with pytest.raises(FormatError, match="^Too much extra metadata in snapshot table "
+                       "entry 0\nYou can force-remove this extra metadata with diskimg "
+                       "check -r all$") as exc:
+        _walk([(2000, 1, 0)])
+    assert (exc.value.field, exc.value.offset) == ("extra_data_size", TABLE_AT + 36)
+    walk = _walk([(2000, 65535, 65535)] * 508, repair=True)
+    assert len(walk.places) == 507 and walk.discarded == 1
+    assert [p.index for p in walk.cut] == list(range(508))
+    assert all(p.extra_len == 1024 for p in walk.places)
+    assert walk.size == 506 * (40 + 2000 + 131070 + 2) + 40 + 2000 + 131070

@@ -37,6 +37,7 @@ __all__ = [
     "set_refcount_table",
     "set_size",
     "set_snapshots",
+    "set_snapshots_count",
     "set_tables",
     "update_incompat",
     "write_fields",
@@ -93,6 +94,11 @@ def set_refcount_table(host: _Host, offset: int, clusters: int) -> None:
 def set_snapshots(host: _Host, nb_snapshots: int, offset: int) -> None:
     """The snapshot table: count and offset together (bytes 60-71)."""
     write_fields(host, (HDR_NB_SNAPSHOTS, nb_snapshots), (HDR_SNAPSHOTS_OFFSET, offset))
+
+
+def set_snapshots_count(host: _Host, nb_snapshots: int) -> None:
+    """The snapshot count alone (bytes 60-63): a table cut short where it lies."""
+    write_fields(host, (HDR_NB_SNAPSHOTS, nb_snapshots))
 
 
 def set_tables(host: _Host, *, l1_offset: int, reftable_offset: int,

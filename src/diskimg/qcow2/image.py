@@ -144,14 +144,17 @@ class Qcow2Image(BlockDevice):
             self.data_host = open_host_file(path, not self.read_only,
                                             lock_mode=host.locked)
             self._data_file_opened = True
-        if not self.read_only and h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
-            self._repair_dirty()
         if h.crypt_method and "encrypt.key-secret" in self.options:
             _ = self.cipher  # like qemu: a wrong passphrase fails the open
         from diskimg.qcow2.snapshot import SnapshotTable
 
         self.snapshot_list = self._read_snapshot_table(for_check)
         self.snapshots = SnapshotTable(self)
+        if not (self.read_only or for_check) and h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
+            # qemu repairs a dirty lazy-refcount image on a read-write open, once the
+            # snapshot table has been read, except when it opens it for check
+            # (BDRV_O_CHECK): check then sees the stale refcounts as they are
+            self._repair_dirty()
         from diskimg.qcow2.bitmaps import Bitmaps
 
         self.bitmaps = Bitmaps(self)
@@ -281,7 +284,18 @@ class Qcow2Image(BlockDevice):
         if res.exit_code != 0:
             raise CorruptImageError("Could not repair the dirty lazy-refcount image; run "
                                     f"'{progname.name()} check -r all'")
+        self._reload_after_repair()
+
+    def _reload_after_repair(self) -> None:
+        """Forget every table a repair may have changed or moved: read the header, the
+        active L1 table and the snapshot table again; refcounts and L2 tables on use."""
         self.header = Header.parse(self.host.pread(0, self.cs))
+        self._set_dirty_bit = False  # the repair decided the dirty bit on disk
+        self.l1 = be_u64_array(self.host.pread_exact(
+            self.header.l1_table_offset, self.header.l1_size * 8, "L1 table"))
+        self.l2_cache.clear()
+        self._refcounts = None
+        self.snapshot_list = self._read_snapshot_table(True)
 
     def backing_file_name(self) -> tuple[str | None, str | None]:
         """(backing file name, backing format) as stored in the header, unresolved;
@@ -530,10 +544,5 @@ class Qcow2Image(BlockDevice):
             clear_unknown_autoclear(self.host, self.header)
         res = check_image(self.host, self.header, repair)
         if repair is not None:
-            self.header = Header.parse(self.host.pread(0, self.cs))
-            self.l1 = be_u64_array(self.host.pread_exact(
-                self.header.l1_table_offset, self.header.l1_size * 8, "L1 table"))
-            self.l2_cache.clear()
-            self._refcounts = None
-            self.snapshot_list = self._read_snapshot_table(True)
+            self._reload_after_repair()
         return res

@@ -7,6 +7,7 @@ Names follow QEMU (``qcow2.h``, ``docs/interop/qcow2.txt``).  Records are datacl
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Self
 
@@ -49,6 +50,10 @@ QCOW2_EXT_MAGIC_FEATURE_TABLE = 0x6803F857
 QCOW2_EXT_MAGIC_CRYPTO_HEADER = 0x0537BE77
 QCOW2_EXT_MAGIC_BITMAPS = 0x23852875
 QCOW2_EXT_MAGIC_DATA_FILE = 0x44415441
+# the extensions qemu knows: each read into one field (the last one wins), written once
+_SINGLE_EXTENSIONS = frozenset({
+    QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_FEATURE_TABLE,
+    QCOW2_EXT_MAGIC_CRYPTO_HEADER, QCOW2_EXT_MAGIC_BITMAPS, QCOW2_EXT_MAGIC_DATA_FILE})
 
 #: The feature-name table QEMU 7.2 writes into every v3 header, in its order.
 FEATURE_NAMES: list[tuple[int, int, str]] = [
@@ -112,6 +117,7 @@ HDR_COMPATIBLE_FEATURES = _FIELDS["compatible_features"]
 HDR_AUTOCLEAR_FEATURES = _FIELDS["autoclear_features"]
 HDR_REFCOUNT_ORDER = _FIELDS["refcount_order"]
 HDR_HEADER_LENGTH = _FIELDS["header_length"]
+HDR_COMPRESSION_TYPE = V3_HEADER_LENGTH  # one byte, present when header_length > 104
 
 
 @dataclass(slots=True)
@@ -130,12 +136,61 @@ def pack_feature_table(names: list[tuple[int, int, str]] = FEATURE_NAMES) -> byt
     return b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in names)
 
 
-def parse_feature_table(data: bytes) -> dict[tuple[int, int], str]:
-    out = {}
-    for i in range(0, len(data) - 47, 48):
+def _feature_entries(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, bit, name) of each 48-byte entry of a feature-name table, a short last
+    entry padded with zeros, up to the first entry whose name is empty (as qemu reads it)."""
+    data = data + bytes(-len(data) % 48)
+    for i in range(0, len(data), 48):
         t, b, raw = struct.unpack_from(">BB46s", data, i)
-        out[(t, b)] = raw.split(b"\0", 1)[0].decode("latin-1")
-    return out
+        name = raw.split(b"\0", 1)[0]
+        if not name:
+            return
+        yield t, b, name
+
+
+def parse_feature_table(data: bytes) -> dict[tuple[int, int], str]:
+    return {(t, b): name.decode("latin-1") for t, b, name in _feature_entries(data)}
+
+
+def unsupported_features_message(unknown: int, table: bytes | None) -> str:
+    """qemu's refusal of the unknown incompatible feature bits ``unknown``: those the
+    feature-name table ``table`` names, in its order, then the rest as a hex mask."""
+    parts = []
+    for t, bit, name in _feature_entries(table or b""):
+        if t == 0 and bit < 64 and unknown >> bit & 1:
+            parts.append(name.decode("utf-8", "replace"))
+            unknown &= ~(1 << bit)
+    if unknown:
+        parts.append(f"Unknown incompatible feature: {unknown:x}")
+    return "Unsupported qcow2 feature(s): " + ", ".join(parts)
+
+
+def _walk_extensions(buf: bytes, start: int, end: int) -> Iterator[Extension]:
+    """The header extensions in ``buf[start:end]`` before the end marker, in file order;
+    raises FormatError at one that runs past ``end`` (or the buffer)."""
+    off = start
+    while off + 8 <= min(end, len(buf)):
+        etype, elen = _EXT_HDR.unpack_from(buf, off)
+        if etype == QCOW2_EXT_MAGIC_END:
+            return
+        if off + 8 + elen > end or off + 8 + elen > len(buf):
+            raise FormatError(f"Header extension {etype:#x} at {off:#x} too large "
+                              f"(length {elen})", offset=off)
+        yield Extension(etype, bytes(buf[off + 8 : off + 8 + elen]))
+        off += 8 + elen + ((-elen) % 8)
+
+
+def _last_feature_table(buf: bytes, start: int, end: int) -> bytes | None:
+    """The feature-name table qemu names unknown features from: the last one before
+    the end marker or the first extension that does not fit."""
+    table = None
+    try:
+        for e in _walk_extensions(buf, start, end):
+            if e.type == QCOW2_EXT_MAGIC_FEATURE_TABLE:
+                table = e.data
+    except FormatError:
+        pass
+    return table
 
 
 @dataclass(slots=True)
@@ -143,7 +198,8 @@ class Header:
     """The qcow2 header (v2 or v3) plus its extensions and backing file name.
 
     ``extensions`` keeps every extension except the end marker, in file order, unknown ones
-    included, so ``pack()`` preserves them.  The backing file name is stored after them.
+    included, so ``pack()`` preserves them; a known extension given twice is kept once,
+    with the last one's data (see ``_add_extension``).  The backing file name is stored after them.
     """
 
     version: int
@@ -265,19 +321,10 @@ class Header:
                                   "file (field at 0x64)", offset=100)
             if h.header_length >= 105:
                 h.compression_type = buf[104]
-        h._validate(file_size)
-        # extensions
         end = cs if h.backing_file_offset == 0 else min(cs, h.backing_file_offset)
-        off = h.header_length
-        while off + 8 <= min(end, len(buf)):
-            etype, elen = _EXT_HDR.unpack_from(buf, off)
-            if etype == QCOW2_EXT_MAGIC_END:
-                break
-            if off + 8 + elen > end or off + 8 + elen > len(buf):
-                raise FormatError(f"Header extension {etype:#x} at {off:#x} too large "
-                                  f"(length {elen})", offset=off)
-            h.extensions.append(Extension(etype, bytes(buf[off + 8 : off + 8 + elen])))
-            off += 8 + elen + ((-elen) % 8)
+        h._validate(file_size, lambda: _last_feature_table(buf, h.header_length, end))
+        for e in _walk_extensions(buf, h.header_length, end):
+            h._add_extension(e)
         if bf_off:
             if bf_size > BACKING_FILE_NAME_MAX:
                 raise FormatError(f"Backing file name too long ({bf_size} bytes, field "
@@ -299,25 +346,41 @@ class Header:
             pass
         return h
 
-    def _validate(self, file_size: int | None) -> None:
+    def _add_extension(self, e: Extension) -> None:
+        """Append an extension read from the file.  A known extension that appears again
+        replaces the earlier one in its place: qemu reads each into one field, so the last
+        wins, and writes it once when it rewrites the header.  Unknown ones are all kept."""
+        if e.type in _SINGLE_EXTENSIONS:
+            for i, old in enumerate(self.extensions):
+                if old.type == e.type:
+                    self.extensions[i] = e
+                    return
+        self.extensions.append(e)
+
+    def _validate(self, file_size: int | None,
+                  feature_table: Callable[[], bytes | None] = lambda: None) -> None:
+        """Check the fields in qemu's order (compression type first; unknown incompatible
+        features are named from ``feature_table()``, the feature-name extension)."""
         cs = self.cluster_size
+        if self.compression_type not in COMPRESSION_TYPES:
+            raise UnsupportedFeatureError(
+                f"qcow2: unknown compression type: {self.compression_type}",
+                offset=HDR_COMPRESSION_TYPE, field="compression_type")
+        if bool(self.compression_type) != bool(
+                self.incompatible_features & QCOW2_INCOMPAT_COMPRESSION):
+            # bit 3 (compression type) is set exactly when the type is not zlib
+            must = "must" if self.compression_type else "must not"
+            raise FormatError(f"qcow2: Compression type incompatible feature bit {must} be "
+                              "set", offset=HDR_INCOMPATIBLE_FEATURES.offset,
+                              field="incompatible_features")
         unknown = self.incompatible_features & ~QCOW2_INCOMPAT_MASK
         if unknown:
-            bits = [str(i) for i in range(64) if unknown >> i & 1]
             raise UnsupportedFeatureError(
-                f"Unsupported qcow2 feature(s): incompatible bit(s) {', '.join(bits)} "
-                "(field 'incompatible_features' at 0x48)", offset=72)
+                unsupported_features_message(unknown, feature_table()),
+                offset=HDR_INCOMPATIBLE_FEATURES.offset, field="incompatible_features")
         if self.refcount_order > 6:
             raise FormatError(f"Reference count entry width too large; may not exceed 64 bits "
                               f"(refcount_order {self.refcount_order} at 0x60)", offset=96)
-        if self.compression_type not in COMPRESSION_TYPES:
-            raise UnsupportedFeatureError(
-                f"Unknown compression type {self.compression_type} (field 'compression_type' "
-                "at 0x68)", offset=104)
-        if self.compression_type != 0 and not (
-                self.incompatible_features & QCOW2_INCOMPAT_COMPRESSION):
-            raise FormatError("Compression type field set but incompatible bit 3 clear "
-                              "(field 'incompatible_features' at 0x48)", offset=72)
         if self.crypt_method not in (0, 1, 2):
             raise UnsupportedFeatureError(
                 f"Unsupported encryption method: {self.crypt_method} (field 'crypt_method' "

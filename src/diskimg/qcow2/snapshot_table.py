@@ -1,16 +1,20 @@
 """qcow2 snapshot table records: the codec of the table (docs/interop/qcow2.txt,
 "Snapshot table").  :class:`EntryHeader` is the fixed 40-byte part of an entry,
 :class:`Snapshot` a whole entry; :func:`parse_table` / :func:`pack_table` the table.
+:class:`TableWalk` is QEMU's walk over the entries (where each lies, its 1024-byte cap
+on extra data, the 64 MiB cap on the table), shared by the open path and the checker.
 The operations on snapshots live in :mod:`diskimg.qcow2.snapshot`."""
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
 
 from diskimg.errors import FormatError
-from diskimg.qcow2.layout import QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
+from diskimg.qcow2.layout import (HDR_NB_SNAPSHOTS, HDR_SNAPSHOTS_OFFSET, QCOW_MAX_L1_SIZE,
+                                  QCOW_MAX_SNAPSHOTS)
 
 if TYPE_CHECKING:
     from diskimg.hostio import HostFile
@@ -19,6 +23,13 @@ if TYPE_CHECKING:
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
 QCOW_MAX_SNAPSHOTS_SIZE = 64 << 20
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+_INT_MAX = (1 << 31) - 1
+#: how qemu-img's hints name the program (the hints are part of the messages)
+def repair_hint() -> str:
+    """The repair command qemu's messages name, with the running program's name."""
+    from diskimg import progname
+
+    return f"{progname.name()} check -r all"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +66,87 @@ class EntryHeader:
 
 
 @dataclass(slots=True)
+class EntryPlace:
+    """Where one entry lies, in bytes from the start of the table: its fixed part at
+    ``start`` (8-byte aligned), then extra data, id and name up to ``end``.  ``extra_len``
+    is the extra data that counts: ``extra_data_size``, cut to 1024 bytes by a repair."""
+
+    index: int
+    start: int
+    header: EntryHeader
+    extra_len: int
+    end: int
+
+    @property
+    def cut(self) -> bool:
+        """True when the extra data is longer than QEMU keeps (a repair cuts it)."""
+        return self.extra_len < self.header.extra_data_size
+
+
+def place_entry(eh: EntryHeader, index: int, start: int, table_offset: int,
+                repair: bool = False) -> EntryPlace:
+    """Place entry ``index`` whose fixed part ``eh`` is at ``start``.  More than 1024
+    bytes of extra data are refused in qemu's words, or with ``repair`` cut to 1024."""
+    extra = eh.extra_data_size
+    if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+        if not repair:
+            raise FormatError(f"Too much extra metadata in snapshot table entry {index}\n"
+                              f"You can force-remove this extra metadata with {repair_hint()}",
+                              offset=table_offset + start + 36, field="extra_data_size")
+        extra = QCOW_MAX_SNAPSHOT_EXTRA_DATA
+    return EntryPlace(index, start, eh, extra, start + EntryHeader.SIZE + eh.var_size())
+
+
+class TableWalk:
+    """QEMU's walk over the ``count`` entries of a snapshot table (``read_fixed(pos)``:
+    the 40 bytes at ``pos`` from the start of the table, zeros past the end of the file).
+
+    The table may hold 64 MiB (each entry counted from its 8-byte aligned start with its
+    extra data as kept) and no entry may end past 2 GiB.  Without ``repair`` a table over
+    either limit, or an entry with more than 1024 bytes of extra data, is refused in
+    qemu's words; with it, the extra data is cut (``cut``: those entries, a dropped one
+    included) and the entries from the one over the limit on are dropped (``discarded``).
+    ``places`` are the entries kept and ``size`` the bytes they span (to the end of the
+    last name)."""
+
+    def __init__(self, read_fixed: Callable[[int], bytes], count: int, table_offset: int,
+                 repair: bool = False) -> None:
+        self.places: list[EntryPlace] = []
+        self.cut: list[EntryPlace] = []  # entries whose extra data is cut, in order
+        self.discarded = 0
+        pos = length = 0
+        for i in range(count):
+            start = (pos + 7) & ~7
+            p = place_entry(EntryHeader.parse(read_fixed(start)), i, start, table_offset,
+                            repair)
+            if p.cut:
+                self.cut.append(p)
+            length = ((length + 7) & ~7) + EntryHeader.SIZE + p.extra_len + \
+                p.header.id_len + p.header.name_len
+            if length > QCOW_MAX_SNAPSHOTS_SIZE or p.end > _INT_MAX:
+                if not repair:
+                    raise FormatError(
+                        f"Snapshot table is too big\nYou can force-remove all {count - i} "
+                        f"overhanging snapshots with {repair_hint()}",
+                        offset=HDR_NB_SNAPSHOTS.offset, field="nb_snapshots")
+                self.discarded = count - i
+                break
+            self.places.append(p)
+            pos = p.end
+        self.size = pos
+
+
+def check_table_pointer(count: int, offset: int, cluster_size: int) -> str | None:
+    """qemu's check of the header's snapshot table fields (count, offset): None when
+    they are usable, else what is wrong ("too large" or "offset invalid")."""
+    if count > QCOW_MAX_SNAPSHOTS:
+        return "too large"
+    if offset % cluster_size or offset > (1 << 63) - 1 - count * EntryHeader.SIZE:
+        return "offset invalid"
+    return None
+
+
+@dataclass(slots=True)
 class Snapshot:
     """One snapshot table entry.  ``extra`` keeps extra-data bytes beyond the 24 QEMU
     defines, unchanged, so foreign tools' data survives a rewrite."""
@@ -74,7 +166,8 @@ class Snapshot:
 
     @classmethod
     def parse(cls, buf: bytes, offset: int, table_offset: int,
-              limit: int | None = None, cut_extra: bool = False) -> tuple[Self, int]:
+              limit: int | None = None, cut_extra: bool = False,
+              index: int = 0) -> tuple[Self, int]:
         """Parse the entry at ``offset`` of the table bytes; returns it and its length.
 
         ``limit`` is the table's maximum length: bytes between ``len(buf)`` (the end of the
@@ -82,24 +175,32 @@ class Snapshot:
         a table cut short by truncation still opens (``check`` reports it incomplete).
         Id and name are C strings: they end at the first NUL byte, as QEMU shows them.
         ``cut_extra`` keeps the first 1024 bytes of oversized extra data (``check -r all``)
-        instead of refusing the entry."""
+        instead of refusing the entry (``index``: its place in the table, for the error)."""
         where = table_offset + offset
         limit = len(buf) if limit is None else limit
         if offset + EntryHeader.SIZE > limit:
             raise FormatError(f"Snapshot table entry at {where:#x} is truncated", offset=where)
         eh = EntryHeader.parse(_zero_padded(buf, offset, EntryHeader.SIZE))
+        return cls.decode(buf, place_entry(eh, index, offset, table_offset, cut_extra),
+                          table_offset, limit)
+
+    @classmethod
+    def decode(cls, buf: bytes, place: EntryPlace, table_offset: int,
+               limit: int | None = None) -> tuple[Self, int]:
+        """The entry at ``place`` in the table bytes ``buf``: it and its length (as
+        :meth:`parse`)."""
+        offset, eh = place.start, place.header
+        where = table_offset + offset
+        limit = len(buf) if limit is None else limit
         l1_off, l1_size, id_len = eh.l1_table_offset, eh.l1_size, eh.id_len
         extra_len = eh.extra_data_size
-        if extra_len > QCOW_MAX_SNAPSHOT_EXTRA_DATA and not cut_extra:
-            raise FormatError(f"Too much extra metadata in snapshot table entry at {where:#x} "
-                              f"({extra_len} bytes)", offset=where)
         pos = offset + EntryHeader.SIZE
         end = pos + eh.var_size()
         if end > limit:
             raise FormatError(f"Snapshot table entry at {where:#x} runs past the end of the "
                               "table", offset=where)
         var = _zero_padded(buf, pos, end - pos)  # extra data, id, name
-        extra = var[: min(extra_len, QCOW_MAX_SNAPSHOT_EXTRA_DATA)]
+        extra = var[: place.extra_len]
         vm_state = eh.vm_state_size32
         disk_size = icount = None
         if extra_len >= 8:
@@ -179,15 +280,11 @@ def parse_table(buf: bytes, count: int, table_offset: int,
     """The ``count`` entries of a snapshot table; ``limit`` and ``cut_extra`` as in
     :meth:`Snapshot.parse`."""
     if count > QCOW_MAX_SNAPSHOTS:
-        raise FormatError(f"Too many snapshots: {count} (field 'nb_snapshots' at 0x3c)",
-                          offset=60)
-    out = []
-    pos = 0
-    for _ in range(count):
-        sn, n = Snapshot.parse(buf, pos, table_offset, limit, cut_extra)
-        out.append(sn)
-        pos += n
-    return out
+        raise FormatError("Snapshot table too large", offset=HDR_NB_SNAPSHOTS.offset,
+                          field="nb_snapshots")
+    walk = TableWalk(lambda pos: _zero_padded(buf, pos, EntryHeader.SIZE), count,
+                     table_offset, cut_extra)
+    return [Snapshot.decode(buf, p, table_offset, limit)[0] for p in walk.places]
 
 
 def pack_table(snaps: list[Snapshot]) -> bytes:
@@ -198,14 +295,12 @@ def read_table(img: MetadataImage) -> list[Snapshot]:
     """Read the snapshot table named by the header, bounded by QEMU's limits.  The part
     of the table past the end of the file reads as zeros, as in QEMU."""
     h = img.header
+    bad = check_table_pointer(h.nb_snapshots, h.snapshots_offset, img.cs)
+    if bad is not None:
+        at = HDR_NB_SNAPSHOTS if bad == "too large" else HDR_SNAPSHOTS_OFFSET
+        raise FormatError(f"Snapshot table {bad}", offset=at.offset, field=at.name)
     if not h.nb_snapshots:
         return []
-    if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
-        raise FormatError(f"Too many snapshots: {h.nb_snapshots} (field 'nb_snapshots' at "
-                          "0x3c)", offset=60)
-    if h.snapshots_offset % img.cs:
-        raise FormatError(f"Snapshot table offset invalid: {h.snapshots_offset:#x} (field "
-                          "'snapshots_offset' at 0x40)", offset=64)
     # the largest table the count allows (entry: 40 + 1024 + 2 * 65535 + padding bytes),
     # capped at QEMU's 64 MiB; only the part inside the file is read
     limit = min(QCOW_MAX_SNAPSHOTS_SIZE, h.nb_snapshots * (40 + 1024 + 2 * 65535 + 8))

@@ -106,10 +106,10 @@ def check_image(host: HostFile, header: Header, repair: str | None = None) -> Ch
             res.leaks_fixed = first.leaks_fixed
             res.corruptions_fixed = first.corruptions_fixed
             res.repaired = True
-        # qemu marks the image clean when it closes it after opening it read-write (unless a
-        # fatal corruption made it drop the image)
-        if not first.marked_corrupt:
-            _clear_incompat(host, header, QCOW2_INCOMPAT_DIRTY)
+        # qemu also marks the image clean when it closes it after a repair that left
+        # refcount errors (``-r leaks`` where a rebuild is needed); diskimg keeps the dirty
+        # bit then, so that the next read-write open rebuilds the refcounts before anything
+        # is allocated over a cluster whose refcount is too low (compatibility.md)
         host.flush()
     return res
 

@@ -4,16 +4,14 @@ repair (``qcow2_check_fix_snapshot_table``); entries are read through
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from diskimg import progname
-from diskimg.errors import CorruptImageError
+from diskimg.errors import CorruptImageError, FormatError
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.check.report import CheckResult, _Abort
-from diskimg.qcow2.check.state import (
-    INT64_MAX,
-    _Snap,
-)
+from diskimg.qcow2.check.state import _Snap
 from diskimg.qcow2.check.stored import _Stored
 from diskimg.qcow2.layout import (
     HDR_NB_SNAPSHOTS,
@@ -23,84 +21,113 @@ from diskimg.qcow2.layout import (
 )
 from diskimg.qcow2.snapshot import (
     QCOW_MAX_SNAPSHOT_EXTRA_DATA,
-    QCOW_MAX_SNAPSHOTS_SIZE,
     EntryHeader,
     c_bytes,
 )
+from diskimg.qcow2.snapshot_table import TableWalk, repair_hint, check_table_pointer
+
+
+class _Window:
+    """Reads of the snapshot table, relative to its start, served from 1 MiB pieces of
+    the file read once each (a table may have 65536 entries)."""
+
+    PIECE = 1 << 20
+
+    def __init__(self, pread: Callable[[int, int], bytes], base: int) -> None:
+        self.pread, self.base = pread, base
+        self.pieces: dict[int, bytes] = {}
+
+    def read(self, pos: int, n: int) -> bytes:
+        k, at = divmod(pos, self.PIECE)
+        piece = self.pieces.get(k)
+        if piece is not None and at + n <= self.PIECE:
+            return piece[at : at + n]
+        out = bytearray()
+        while n > 0:
+            k, at = divmod(pos, self.PIECE)
+            piece = self.pieces.get(k)
+            if piece is None:
+                piece = self.pieces[k] = self.pread(self.base + k * self.PIECE, self.PIECE)
+            got = piece[at : at + n]
+            out += got
+            pos, n = pos + len(got), n - len(got)
+        return bytes(out)
 
 
 class _Snapshots(_Stored):
     def read_snapshots(self) -> None:
         nb_u, off_u = header_io.read_fields(self.host, HDR_NB_SNAPSHOTS, HDR_SNAPSHOTS_OFFSET)
-        nb = nb_u - (1 << 32) if nb_u >> 31 else nb_u  # qemu reads both as signed
-        off = off_u - (1 << 64) if off_u >> 63 else off_u
         fix_errors = bool(self.fix & 2)
-        dropped = 0
-        if nb_u > QCOW_MAX_SNAPSHOTS:
-            if fix_errors:
-                raise CorruptImageError(f"Too many snapshots ({nb_u}); repairing the snapshot "
-                                        "table is not supported", offset=60)
+        reduced = 0  # snapshots dropped: the header's count is cut in place (as qemu)
+        nb_orig = nb_u
+        if nb_u > QCOW_MAX_SNAPSHOTS and fix_errors:
+            self.msg(f"Discarding {nb_u - QCOW_MAX_SNAPSHOTS} overhanging snapshots")
+            self.find("too-many-snapshots", True, table="snapshot-table", count=nb_u)
+            reduced = nb_u - QCOW_MAX_SNAPSHOTS
+            nb_u = QCOW_MAX_SNAPSHOTS
+        off = off_u - (1 << 64) if off_u >> 63 else off_u  # qemu reads it as signed
+        bad = check_table_pointer(nb_u, off_u, self.cs)
+        if bad is not None:
             self.res.check_errors += 1
-            self.msg(f"{progname.name()}: ERROR snapshot table too large")
-            self.msg(f"You can force-remove all {nb_u - QCOW_MAX_SNAPSHOTS} overhanging "
-                     f"snapshots with {progname.name()} check -r all")
-            self.find("too-many-snapshots", table="snapshot-table", count=nb_u)
-            raise _Abort("EFBIG")
-        nb = max(nb, 0)
-        if off & (self.cs - 1) or off < 0 or INT64_MAX - nb * 40 < off:
+            self.msg(f"{progname.name()}: ERROR snapshot table {bad}")
+            if nb_u > QCOW_MAX_SNAPSHOTS:
+                self.msg(f"You can force-remove all {nb_u - QCOW_MAX_SNAPSHOTS} overhanging "
+                         f"snapshots with {repair_hint()}")
+                self.find("too-many-snapshots", table="snapshot-table", count=nb_u)
+            else:
+                self.find("snapshot-table-invalid", table="snapshot-table", host_offset=off)
+            raise _Abort("EFBIG" if bad == "too large" else "EINVAL")
+        nb = nb_u
+        table = _Window(self.pread, off)
+        try:
+            walk = TableWalk(lambda pos: table.read(pos, EntryHeader.SIZE), nb, off,
+                             fix_errors)
+        except FormatError as exc:  # only without a repair
             self.res.check_errors += 1
-            self.msg(f"{progname.name()}: ERROR snapshot table is invalid: Invalid argument")
-            self.find("snapshot-table-invalid", table="snapshot-table", host_offset=off)
-            raise _Abort("EINVAL")
-        pos = entry_end = off
-        snaps = []
-        for i in range(nb):
-            pos = (pos + 7) & ~7
-            entry_offset = pos
-            eh = EntryHeader.parse(self.pread(pos, EntryHeader.SIZE))
-            l1_off, l1_size, extra = eh.l1_table_offset, eh.l1_size, eh.extra_data_size
-            pos += EntryHeader.SIZE
-            truncate = False
-            if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
-                if not fix_errors:
-                    self.res.check_errors += 1
-                    self.msg(f"{progname.name()}: ERROR failed to read the snapshot table: "
-                             f"Too much extra metadata in snapshot table entry {i}")
-                    self.msg("You can force-remove this extra metadata with "
-                             f"{progname.name()} check -r all")
-                    self.find("snapshot-extra-data", table="snapshot-table", index=i)
-                    raise _Abort("EFBIG")
-                self.msg(f"Discarding too much extra metadata in snapshot table entry {i} "
-                         f"({extra} > {QCOW_MAX_SNAPSHOT_EXTRA_DATA})")
-                self.find("snapshot-extra-data", True, table="snapshot-table", index=i)
-                dropped += 1
-                truncate = True
-            pos += min(24, extra)
-            if extra > 24:
-                end = pos + extra - 24
-                if truncate:
-                    extra = QCOW_MAX_SNAPSHOT_EXTRA_DATA
-                pos = end
-            id_str = c_bytes(self.pread(pos, eh.id_len)).decode("utf-8", "replace")
-            pos += eh.id_len
-            name = c_bytes(self.pread(pos, eh.name_len)).decode("utf-8", "replace")
-            pos += eh.name_len
-            if pos - off > QCOW_MAX_SNAPSHOTS_SIZE and fix_errors:
-                self.msg(f"Discarding {nb - i} overhanging snapshots (snapshot table is too "
-                         "big)")
-                self.find("snapshot-table-too-big", True, table="snapshot-table",
-                          host_offset=off, count=nb - i)
-                dropped += nb - i
-                pos = entry_end  # the table ends with the last entry kept
-                break
-            if pos - off > QCOW_MAX_SNAPSHOTS_SIZE:
-                self.res.check_errors += 1
-                self.msg(f"{progname.name()}: ERROR failed to read the snapshot table: "
-                         "Snapshot table is too big")
+            first, *hint = str(exc).split("\n")
+            self.msg(f"{progname.name()}: ERROR failed to read the snapshot table: {first}")
+            for line in hint:
+                self.msg(line)
+            if exc.field == "extra_data_size":
+                self.find("snapshot-extra-data", table="snapshot-table",
+                          host_offset=exc.offset)
+            else:
                 self.find("snapshot-table-too-big", table="snapshot-table", host_offset=off)
-                raise _Abort("EFBIG")
-            snaps.append(_Snap(l1_off, l1_size, id_str, name, extra, entry_offset))
-            entry_end = pos
+            raise _Abort("EFBIG") from None
+        for p in walk.cut:
+            self.msg(f"Discarding too much extra metadata in snapshot table entry {p.index} "
+                     f"({p.header.extra_data_size} > {QCOW_MAX_SNAPSHOT_EXTRA_DATA})")
+            self.find("snapshot-extra-data", True, table="snapshot-table", index=p.index)
+        dropped = len(walk.cut)
+        if walk.discarded:
+            self.msg(f"Discarding {walk.discarded} overhanging snapshots (snapshot table is "
+                     "too big)")
+            self.find("snapshot-table-too-big", True, table="snapshot-table",
+                      host_offset=off, count=walk.discarded)
+            reduced += walk.discarded
+        snaps = []
+        for p in walk.places:
+            eh = p.header
+            id_at = p.start + EntryHeader.SIZE + eh.extra_data_size
+            id_str = c_bytes(table.read(id_at, eh.id_len)).decode("utf-8", "replace")
+            name = c_bytes(table.read(id_at + eh.id_len, eh.name_len)).decode("utf-8",
+                                                                              "replace")
+            snaps.append(_Snap(eh.l1_table_offset, eh.l1_size, id_str, name, p.extra_len,
+                               off + p.start))
+        pos = off + walk.size
+        if nb_u < nb_orig and pos - self.file_len >= self.cs:
+            # qemu goes on with a table that is not there: it reads zeros, cannot count
+            # the table's clusters, then finds its rewrite overlapping the old table and
+            # marks the image corrupt.  Refused here before anything is written.
+            raise CorruptImageError(f"Too many snapshots ({nb_orig}) in a snapshot table "
+                                    "that runs past the end of the file; repairing it is "
+                                    "not supported", offset=HDR_NB_SNAPSHOTS.offset)
+        if reduced:
+            # qemu writes the new count at once (the refcount pass then finds the clusters
+            # of the dropped entries leaked) and counts the drop as fixed
+            header_io.set_snapshots_count(self.host, len(snaps))
+            self.host.flush()
+            self.res.corruptions_fixed += reduced
         self.res.snapshots_kept = len(snaps)
         self.snapshots = snaps
         self.snapshots_offset = off
@@ -136,7 +163,7 @@ def _rewrite_snapshot_table(host: Any, header: Header, res: CheckResult) -> None
     rc = Refcounts(host, header)
     new_off = 0
     if keep:
-        snaps = read_entries(host, old_off, keep, min(QCOW_MAX_SNAPSHOTS_SIZE, old_size),
+        snaps = read_entries(host, old_off, keep, old_size,
                              cut_extra=True)
         for i in res.incomplete_snapshots:
             if snaps[i].disk_size is None:
