@@ -241,7 +241,7 @@ def rebase(
                     pol = OpenPolicy(untrusted=untrusted).for_top(Path(path))
                     bpath = pol.resolve(new_name, Path(path))
                     try:
-                        new_dev = api.open(bpath, "r", backing_fmt,
+                        new_dev = api.open(bpath, "r", api.backing_format(backing_fmt, bpath),
                                            force_share=force_share, **kw)
                         if new_dev.info().encrypted:
                             raise MissingSecretError(

@@ -24,7 +24,7 @@ from diskimg.errors import (
 from diskimg.hostio import HostFile, open_host_file
 from diskimg.info_text import image_name
 from diskimg.plan import Run
-from diskimg.policy import OpenPolicy
+from diskimg.policy import OpenPolicy, combine
 from diskimg.qcow2 import cluster as C
 from diskimg.qcow2 import compressed_write as CW
 from diskimg.qcow2 import entries as E
@@ -75,10 +75,13 @@ class Qcow2Image(BlockDevice):
 
     def __init__(self, host: HostFile, *, secrets: Mapping[str, bytes] | None = None,
                  options: Mapping[str, str] | None = None,
-                 policy: OpenPolicy | None = None, for_check: bool = False) -> None:
+                 policy: OpenPolicy | None = None, for_check: bool = False,
+                 unlock: bool = True) -> None:
+        """``unlock``: try the key secret the options name now (qemu's open), not on the
+        first data access."""
         try:
             self._open(host, secrets=secrets, options=options, policy=policy,
-                       for_check=for_check)
+                       for_check=for_check, unlock=unlock)
         except BaseException:
             # the opener closes ``host``; a data file this image opened is its own to close
             if self.__dict__.get("_data_file_opened"):
@@ -87,7 +90,7 @@ class Qcow2Image(BlockDevice):
 
     def _open(self, host: HostFile, *, secrets: Mapping[str, bytes] | None,
               options: Mapping[str, str] | None, policy: OpenPolicy | None,
-              for_check: bool) -> None:
+              for_check: bool, unlock: bool) -> None:
         self.host = host
         self.filename = str(host.path)
         self.read_only = not host.writable
@@ -145,7 +148,7 @@ class Qcow2Image(BlockDevice):
             self._data_file_opened = True
         if not self.read_only and h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
             self._repair_dirty()
-        if h.crypt_method and "encrypt.key-secret" in self.options:
+        if unlock and h.crypt_method and "encrypt.key-secret" in self.options:
             _ = self.cipher  # like qemu: a wrong passphrase fails the open
         from diskimg.qcow2.snapshot import SnapshotTable
 
@@ -461,13 +464,7 @@ class Qcow2Image(BlockDevice):
             except DiskImgError:
                 data["encrypt"] = {"format": "luks"}
         backing = h.backing_file
-        full = None
-        if backing is not None:
-            try:
-                full = str(self.policy.resolve(backing, self.host.path)) \
-                    if not backing.startswith("/") else backing
-            except Exception:  # info works without the backing file
-                full = str(self.host.path.parent / backing)
+        full = None if backing is None else combine(self.filename, backing)
         return ImageInfo(
             filename=image_name("qcow2", self.filename, self.options, ("encrypt.key-secret",)),
             format="qcow2",

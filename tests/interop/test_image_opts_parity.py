@@ -1,0 +1,217 @@
+"""Image options, backing format names and metadata-only opens as qemu-img 7.2 has them
+(issue 17 item 7).  Every case runs qemu-img and diskimg on identical copies of the same
+files: the same exit code, stdout and stderr (program name substituted), and the same
+bytes in every file afterwards.
+
+- ``--image-opts`` options qemu takes and that change nothing diskimg reads or writes
+  (caches, host I/O knobs, node names, ``backing.driver`` ...) are accepted; an option
+  qemu does not know, or a value it refuses, is refused in qemu's words;
+- ``info`` opens the image without its backing file, so ``backing.*`` options are unknown
+  to it, and opens it for metadata only: a key secret that is missing or wrong is not
+  tried;
+- ``file``, ``host_device`` and ``host_cdrom`` are backing format names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from qemukit import QEMU
+
+import diskimg
+from diskimg.cli.main import main
+
+pytestmark = pytest.mark.qemu
+
+SECRET = ["--object", "secret,id=s0,data=pw"]
+WRONG = ["--object", "secret,id=s0,data=wrong"]
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+Runner = Callable[..., Result]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """base.qcow2 (data at 0 and 256K) under top.qcow2 (data at 64K), and an encrypted
+    qcow2 and luks volume (made by diskimg: qemu-img's LUKS create can fail its PBKDF
+    timing on a loaded host)."""
+    d = tmp_path_factory.mktemp("opts")
+    QEMU.img("create", "-q", "-f", "qcow2", d / "base.qcow2", "1M")
+    QEMU.io(d / "base.qcow2", "write -P 1 0 64k", "write -P 2 256k 128k", fmt="qcow2")
+    QEMU.img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             d / "top.qcow2", cwd=d)
+    QEMU.io(d / "top.qcow2", "write -P 3 64k 64k", fmt="qcow2")
+    diskimg.create(d / "enc.qcow2", "qcow2", 1 << 20, secrets={"s0": b"pw"},
+                   options={"encrypt.format": "luks", "encrypt.key-secret": "s0",
+                            "encrypt.iter-time": 10})
+    diskimg.create(d / "enc.luks", "luks", 1 << 20, secrets={"s0": b"pw"},
+                   options={"key-secret": "s0", "iter-time": 10})
+    return d
+
+
+@pytest.fixture
+def twins(template: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Two copies of the template: one for qemu-img, one for diskimg."""
+    q, m = tmp_path / "qemu", tmp_path / "diskimg"
+    shutil.copytree(template, q)
+    shutil.copytree(template, m)
+    return q, m
+
+
+@pytest.fixture
+def di(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Runner:
+    """``diskimg ARGS`` in-process in ``cwd``."""
+
+    def run(*args: str, cwd: Path) -> Result:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        rc = main(list(args))
+        cap = capsys.readouterr()
+        return Result(rc, cap.out, cap.err)
+
+    return run
+
+
+def qemu_img(*args: str, cwd: Path) -> Result:
+    p = QEMU.img(*args, ok=None, cwd=cwd)
+    return Result(p.returncode, p.stdout.replace("qemu-img", "diskimg"),
+                  p.stderr.replace("qemu-img", "diskimg"))
+
+
+def files(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def same(di: Runner, twins: tuple[Path, Path], *args: str) -> Result:
+    """Run ``args`` with both tools; assert the same rc, output and files; qemu's result."""
+    q, m = twins
+    ref = qemu_img(*args, cwd=q)
+    mine = di(*args, cwd=m)
+    assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
+    assert files(m) == files(q)
+    return ref
+
+
+TOP = "driver=qcow2,file.filename=top.qcow2"
+
+# options qemu takes and diskimg may ignore: the caches, host I/O, node names; and the
+# write-only ones on a read-only open
+HARMLESS = ["cache.direct=on", "cache.no-flush=on", "l2-cache-entry-size=4096",
+            "l2-cache-size=1M", "refcount-cache-size=1M", "cache-size=2M",
+            "cache-clean-interval=10", "overlap-check=all", "overlap-check.active-l2=off",
+            "node-name=n1", "auto-read-only=on", "read-only=on", "force-share=on",
+            "file.locking=off", "file.aio=threads", "file.driver=file",
+            "file.cache.direct=on,cache.direct=on,file.aio=native",
+            "discard=unmap", "detect-zeroes=on", "lazy-refcounts=on"]
+
+# refused by qemu-img info, each with its own reason
+REFUSED = ["bogus=1", "file.bogus=1", "backing=null", "backing.driver=qcow2",
+           "backing.file.filename=base.qcow2", "backing.encrypt.key-secret=s0",
+           "cache.direct=maybe", "l2-cache-size=abc", "cache-clean-interval=x",
+           "file.locking=maybe", "file.aio=foo", "file.aio=native", "discard=foo",
+           "detect-zeroes=foo", "overlap-check=foo", "force-share=on,read-only=off"]
+
+
+@pytest.mark.parametrize("opt", HARMLESS + REFUSED)
+def test_info_image_options(di: Runner, twins: tuple[Path, Path], opt: str) -> None:
+    ref = same(di, twins, "info", "--image-opts", f"{TOP},{opt}")
+    assert ref.rc == (0 if opt in HARMLESS else 1)
+
+
+@pytest.mark.parametrize("opt", ["backing.driver=qcow2", "backing.encrypt.key-secret=s0"])
+def test_info_backing_chain_refuses_backing_options(di: Runner, twins: tuple[Path, Path],
+                                                    opt: str) -> None:
+    """qemu-img info opens every image of the chain without its backing file."""
+    ref = same(di, twins, "info", "--backing-chain", "--image-opts", f"{TOP},{opt}")
+    assert ref.rc == 1 and f"'{opt.split('=')[0]}'" in ref.err
+
+
+def test_commit_takes_backing_and_cache_options(di: Runner, twins: tuple[Path, Path]) -> None:
+    """``backing.driver`` and ``backing.file.filename`` naming the backing file, and the
+    caches, for commit: the same committed bytes as qemu-img's."""
+    ref = same(di, twins, "commit", "--image-opts",
+               f"{TOP},backing.driver=qcow2,backing.file.filename=base.qcow2,"
+               "cache.direct=on,l2-cache-size=1M,file.locking=on,backing.cache.no-flush=on")
+    assert ref.rc == 0 and ref.out == "Image committed.\n"
+
+
+@pytest.mark.parametrize("opt", ["bogus=1", "backing.bogus=1", "backing.file.bogus=1",
+                                 "file.aio=foo", "read-only=on", "backing=null"])
+def test_commit_refuses_like_qemu(di: Runner, twins: tuple[Path, Path], opt: str) -> None:
+    ref = same(di, twins, "commit", "--image-opts", f"{TOP},{opt}")
+    assert ref.rc == 1
+
+
+def test_backing_driver_sets_the_backing_format(di: Runner, twins: tuple[Path, Path]) -> None:
+    """``backing.driver=raw`` reads the qcow2 backing file as raw bytes, as qemu does."""
+    for out in ("human", "json"):
+        ref = same(di, twins, "map", f"--output={out}", "--image-opts",
+                   f"{TOP},backing.driver=raw")
+        assert ref.rc == 0
+    ref = same(di, twins, "compare", "--image-opts", f"{TOP},backing.driver=raw",
+               "driver=qcow2,file.filename=top.qcow2")
+    assert ref.rc == 1
+
+
+def test_rebase_unsafe_refuses_backing_options(di: Runner, twins: tuple[Path, Path]) -> None:
+    """rebase -u opens the image without its backing file."""
+    ref = same(di, twins, "rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "--image-opts",
+               f"{TOP},backing.driver=qcow2")
+    assert ref.rc == 1
+
+
+# --- info opens for metadata only ---------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0",
+                                  "driver=luks,file.filename=enc.luks,key-secret=s0",
+                                  "driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=s0"])
+@pytest.mark.parametrize("objs", [[], WRONG, SECRET], ids=["none", "wrong", "right"])
+@pytest.mark.parametrize("out", ["human", "json"])
+def test_info_needs_no_key(di: Runner, twins: tuple[Path, Path], spec: str,
+                           objs: list[str], out: str) -> None:
+    ref = same(di, twins, "info", f"--output={out}", *objs, "--image-opts", spec)
+    assert ref.rc == 0 and "json:{" in ref.out
+
+
+@pytest.mark.parametrize("argv", [["map"], ["check"], ["compare", "enc.qcow2"]])
+def test_other_commands_still_need_the_key(di: Runner, twins: tuple[Path, Path],
+                                           argv: list[str]) -> None:
+    ref = same(di, twins, argv[0], "--image-opts",
+               "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0", *argv[1:])
+    assert ref.rc == (2 if argv[0] == "compare" else 1) and "No secret with id 's0'" in ref.err
+
+
+# --- backing format names -----------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["host_device", "host_cdrom", "file"])
+def test_rebase_unsafe_protocol_backing_format(di: Runner, twins: tuple[Path, Path],
+                                               fmt: str) -> None:
+    ref = same(di, twins, "rebase", "-u", "-F", fmt, "-b", "base.qcow2", "top.qcow2")
+    assert ref.rc == 0
+    for argv in (["info", "top.qcow2"], ["map", "top.qcow2"], ["map", "--output=json",
+                                                               "top.qcow2"],
+                 ["info", "--backing-chain", "top.qcow2"]):
+        same(di, twins, *argv)
+
+
+@pytest.mark.parametrize("fmt", ["host_device", "file"])
+@pytest.mark.parametrize("unsafe", [True, False])
+def test_create_protocol_backing_format(di: Runner, twins: tuple[Path, Path], fmt: str,
+                                        unsafe: bool) -> None:
+    args = ["create", "-f", "qcow2", "-F", fmt, "-b", "base.qcow2", "new.qcow2"]
+    ref = same(di, twins, *args, *(["-u", "1M"] if unsafe else []))
+    assert ref.rc == (1 if fmt == "host_device" and not unsafe else 0)
+    if ref.rc == 0:
+        same(di, twins, "info", "--backing-chain", "new.qcow2")
