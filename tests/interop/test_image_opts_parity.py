@@ -58,6 +58,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             "encrypt.iter-time": 10})
     diskimg.create(d / "enc.luks", "luks", 1 << 20, secrets={"s0": b"pw"},
                    options={"key-secret": "s0", "iter-time": 10})
+    (d / "sub").mkdir()
     return d
 
 
@@ -91,7 +92,8 @@ def qemu_img(*args: str, cwd: Path) -> Result:
 
 
 def files(d: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def same(di: Runner, twins: tuple[Path, Path], *args: str) -> Result:
@@ -215,3 +217,89 @@ def test_create_protocol_backing_format(di: Runner, twins: tuple[Path, Path], fm
     assert ref.rc == (1 if fmt == "host_device" and not unsafe else 0)
     if ref.rc == 0:
         same(di, twins, "info", "--backing-chain", "new.qcow2")
+
+
+# --- backing names as written, and the file: protocol prefix --------------------------------
+
+@pytest.mark.parametrize("image,backing", [("new.qcow2", "./base.qcow2"),
+                                           ("sub/new.qcow2", "../base.qcow2"),
+                                           ("./new.qcow2", "././base.qcow2")])
+def test_backing_names_shown_as_written(di: Runner, twins: tuple[Path, Path], image: str,
+                                        backing: str) -> None:
+    """``./base`` stays ``./base`` in ``backing file:`` and in the chain's image names,
+    and the actual path is the name beside the image as written (``sub/../base``)."""
+    ref = same(di, twins, "create", "-f", "qcow2", "-F", "qcow2", "-b", backing, image)
+    assert ref.rc == 0
+    for argv in (["info"], ["info", "--output=json"], ["info", "--backing-chain"],
+                 ["info", "--backing-chain", "--output=json"]):
+        ref = same(di, twins, *argv, image)
+        assert ref.rc == 0 and backing in ref.out
+
+
+@pytest.mark.parametrize("argv", [
+    ["info", "file:top.qcow2"], ["info", "--output=json", "file:top.qcow2"],
+    ["map", "file:top.qcow2"], ["info", "file:nope.qcow2"],
+    ["check", "file:top.qcow2"], ["compare", "file:top.qcow2", "top.qcow2"],
+    ["create", "-f", "qcow2", "file:new.qcow2", "1M"],
+    ["create", "-f", "qcow2", "-F", "qcow2", "-b", "file:base.qcow2", "new.qcow2"],
+    ["convert", "-O", "qcow2", "file:top.qcow2", "file:out.qcow2"],
+    ["convert", "-O", "qcow2", "file:nope.qcow2", "file:out.qcow2"],
+], ids=lambda a: "-".join(a))
+def test_file_protocol_prefix(di: Runner, twins: tuple[Path, Path], argv: list[str]) -> None:
+    ref = same(di, twins, *argv)
+    assert ref.rc == (1 if "file:nope.qcow2" in argv else 0)
+    if argv[0] == "create" and "-b" in argv:  # the name is stored as given
+        for info in (["info", "new.qcow2"], ["map", "new.qcow2"]):
+            assert "file:base.qcow2" in same(di, twins, *info).out or info[0] == "map"
+
+
+# --- amend --force on an inactive LUKS key slot -------------------------------------------
+
+KEYS = ["--object", "secret,id=s0,data=pw"]
+AMEND = {"qcow2": ("driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0", "encrypt."),
+         "luks": ("driver=luks,file.filename=enc.luks,key-secret=s0", "")}
+
+
+def _changed_range(a: bytes, b: bytes) -> tuple[int, int]:
+    diff = [i for i in range(0, len(a), 512) if a[i:i + 512] != b[i:i + 512]]
+    return (diff[0], diff[-1] + 512) if diff else (0, 0)
+
+
+@pytest.mark.parametrize("kind", ["qcow2", "luks"])
+def test_amend_force_erases_an_inactive_slot(di: Runner, twins: tuple[Path, Path],
+                                             kind: str) -> None:
+    """qemu skips its "already erased" check with --force and erases the slot again: the
+    headers stay equal, only that slot's key material is overwritten (with random bytes),
+    and the image still opens with its secret."""
+    q, m = twins
+    spec, pre = AMEND[kind]
+    name = f"enc.{kind}"
+    before = (q / name).read_bytes()
+    ref = qemu_img("amend", *KEYS, "--force", "--image-opts", spec, "-o",
+                   f"{pre}state=inactive,{pre}keyslot=3", cwd=q)
+    mine = di("amend", *KEYS, "--force", "--image-opts", spec, "-o",
+              f"{pre}state=inactive,{pre}keyslot=3", cwd=m)
+    assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err) == (0, "", "")
+    qb, mb = (q / name).read_bytes(), (m / name).read_bytes()
+    lo, hi = _changed_range(before, qb)
+    assert 0 < hi - lo <= 256 * 1024  # one slot's key material, nothing else
+    assert _changed_range(before, mb) == (lo, hi)
+    assert qb[:lo] == mb[:lo] and qb[hi:] == mb[hi:]
+    for d in (q, m):
+        info = QEMU.json("info", d / name)
+        data = info["format-specific"]["data"]
+        slots = data.get("encrypt", data)["slots"]
+        assert [s["active"] for s in slots] == [True] + [False] * 7
+    # both unlock with s0, and the guest content is the same
+    r = qemu_img("compare", *KEYS, "--image-opts", spec.replace(name, str(q / name)),
+                 spec.replace(name, str(m / name)), cwd=q)
+    assert (r.rc, r.out) == (0, "Images are identical.\n"), r.err
+
+
+def test_amend_keyslot_checks_old_secret_first(di: Runner, twins: tuple[Path, Path]) -> None:
+    """An inactive slot with ``old-secret``: qemu tries the secret before the state."""
+    spec, pre = AMEND["luks"]
+    for force in ([], ["--force"]):
+        ref = same(di, twins, "amend", *KEYS, *force, "--image-opts", spec, "-o",
+                   f"{pre}state=inactive,{pre}keyslot=3,{pre}old-secret=s0")
+        assert ref.rc == 1 and "doesn't contain the given old password" in ref.err
