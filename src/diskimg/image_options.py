@@ -130,11 +130,45 @@ def check(fmt: str, options: Mapping[str, str], *, backing: bool = True,
         else:
             raise UsageError(f"Block format '{fmt}' does not support the option '{key}'",
                              field=key)
+    if fmt == "qcow2":
+        _check_cache_sizes(options)
+    if options.get("detect-zeroes") == "unmap" and options.get("discard") not in ("unmap",
+                                                                                  "on"):
+        raise UsageError("setting detect-zeroes to unmap is not allowed without setting "
+                         "discard operation to unmap", field="detect-zeroes")
     if writable and options.get("read-only") == "on":
         raise UsageError("Block node is read-only", field="read-only")
     if options.get("force-share") == "on" and (writable or options.get("read-only") == "off"):
         raise UsageError("force-share=on can only be used with read-only images",
                          field="force-share")
+
+
+def _check_cache_sizes(options: Mapping[str, str]) -> None:
+    """qcow2's cache sizes as qemu relates them (the values are checked already)."""
+    from diskimg.units import parse_size
+
+    names = ("cache-size", "l2-cache-size", "refcount-cache-size")
+    if all(k in options for k in names):
+        raise UsageError("cache-size, l2-cache-size and refcount-cache-size may not be set "
+                         "at the same time")
+    if "cache-size" in options:
+        total = parse_size(options["cache-size"])
+        for k in names[1:]:
+            if k in options and parse_size(options[k]) > total:
+                raise UsageError(f"{k} may not exceed cache-size", field=k)
+
+
+def check_l2_cache_entry_size(options: Mapping[str, str], cluster_size: int) -> None:
+    """qcow2's ``l2-cache-entry-size``, which qemu checks against the image's cluster
+    size once the header is read."""
+    if "l2-cache-entry-size" not in options:
+        return
+    from diskimg.units import parse_size
+
+    n = parse_size(options["l2-cache-entry-size"])
+    if not 512 <= n <= cluster_size or n & (n - 1):
+        raise UsageError("L2 cache entry size must be a power of two between 512 and the "
+                         f"cluster size ({cluster_size})", field="l2-cache-entry-size")
 
 
 def force_share(options: Mapping[str, str]) -> bool:

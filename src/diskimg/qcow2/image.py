@@ -101,6 +101,10 @@ class Qcow2Image(BlockDevice):
         # tables past the end of the file are found when used (check reports them, as qemu)
         self.header = h = Header.parse(host.pread(0, cs))
         self.cs = cs
+        if self.options:
+            from diskimg.image_options import check_l2_cache_entry_size
+
+            check_l2_cache_entry_size(self.options, cs)
         self.cb = h.cluster_bits
         self.extended = h.extended_l2
         self.l2_entries = cs // (16 if self.extended else 8)

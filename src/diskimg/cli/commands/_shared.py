@@ -164,9 +164,6 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
         path = strip_file_protocol(name)
     if fmt is not None and fmt not in KNOWN_FORMATS:
         raise DiskImgError(f"Could not open '{label}': Unknown driver '{fmt}'")
-    sid = options.get("encrypt.key-secret", options.get("key-secret"))  # qcow2, luks
-    if sid is not None and sid not in ctx.secrets and not metadata_only:
-        raise DiskImgError(f"Could not open '{label}': No secret with id '{sid}'")
     try:
         dev = api.open(path, mode, fmt, backing=backing, force_share=force_share,
                        untrusted=ctx.untrusted, secrets=ctx.secrets, options=options,
