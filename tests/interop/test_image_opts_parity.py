@@ -14,10 +14,10 @@ bytes in every file afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,8 @@ from qemukit import QEMU
 
 import diskimg
 from diskimg.cli.main import main
+from tests.cli.conftest import Result
+from tests.cli.conftest import qemu as qemu_img
 
 pytestmark = pytest.mark.qemu
 
@@ -32,14 +34,14 @@ SECRET = ["--object", "secret,id=s0,data=pw"]
 WRONG = ["--object", "secret,id=s0,data=wrong"]
 
 
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
 
-
-Runner = Callable[..., Result]
+def diskimg_cli(*args: str, cwd: Path) -> Result:
+    """``diskimg ARGS`` in-process in ``cwd``."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return Result(rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -71,36 +73,16 @@ def twins(template: Path, tmp_path: Path) -> tuple[Path, Path]:
     return q, m
 
 
-@pytest.fixture
-def di(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Runner:
-    """``diskimg ARGS`` in-process in ``cwd``."""
-
-    def run(*args: str, cwd: Path) -> Result:
-        monkeypatch.chdir(cwd)
-        capsys.readouterr()
-        rc = main(list(args))
-        cap = capsys.readouterr()
-        return Result(rc, cap.out, cap.err)
-
-    return run
-
-
-def qemu_img(*args: str, cwd: Path) -> Result:
-    p = QEMU.img(*args, ok=None, cwd=cwd)
-    return Result(p.returncode, p.stdout.replace("qemu-img", "diskimg"),
-                  p.stderr.replace("qemu-img", "diskimg"))
-
-
 def files(d: Path) -> dict[str, str]:
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def same(di: Runner, twins: tuple[Path, Path], *args: str) -> Result:
+def same(twins: tuple[Path, Path], *args: str) -> Result:
     """Run ``args`` with both tools; assert the same rc, output and files; qemu's result."""
     q, m = twins
     ref = qemu_img(*args, cwd=q)
-    mine = di(*args, cwd=m)
+    mine = diskimg_cli(*args, cwd=m)
     assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
     assert files(m) == files(q)
     return ref
@@ -128,46 +110,46 @@ REFUSED = ["bogus=1", "file.bogus=1", "backing=null", "backing.driver=qcow2",
 
 
 @pytest.mark.parametrize("opt", HARMLESS)
-def test_commit_takes_harmless_options(di: Runner, twins: tuple[Path, Path],
+def test_commit_takes_harmless_options(twins: tuple[Path, Path],
                                        opt: str) -> None:
-    ref = same(di, twins, "commit", "--image-opts", f"{TOP},{opt}")
+    ref = same(twins, "commit", "--image-opts", f"{TOP},{opt}")
     assert (ref.rc, ref.out) == (0, "Image committed.\n")
 
 
 @pytest.mark.parametrize("opt", REFUSED)
-def test_info_refuses_like_qemu(di: Runner, twins: tuple[Path, Path], opt: str) -> None:
-    ref = same(di, twins, "info", "--image-opts", f"{TOP},{opt}")
+def test_info_refuses_like_qemu(twins: tuple[Path, Path], opt: str) -> None:
+    ref = same(twins, "info", "--image-opts", f"{TOP},{opt}")
     assert ref.rc == 1
 
 
 @pytest.mark.parametrize("opt", ["discard=unmap", "detect-zeroes=on", "lazy-refcounts=on"])
-def test_write_only_options_refused_for_writing(di: Runner, twins: tuple[Path, Path],
+def test_write_only_options_refused_for_writing(twins: tuple[Path, Path],
                                                 opt: str) -> None:
     """qemu acts on these when it writes; diskimg does not, so it refuses them by name
     (and takes them for a read-only open, where they change nothing)."""
     _, m = twins
     before = files(m)
-    mine = di("commit", "--image-opts", f"{TOP},{opt}", cwd=m)
+    mine = diskimg_cli("commit", "--image-opts", f"{TOP},{opt}", cwd=m)
     key = opt.split("=")[0]
     assert (mine.rc, mine.out) == (1, "")
     assert mine.err == (f"diskimg: Could not open '{TOP},{opt}': Block format 'qcow2' "
                         f"option '{key}' is not supported by diskimg for writing\n")
     assert files(m) == before
-    same(di, twins, "info", "--image-opts", f"{TOP},{opt}")
+    same(twins, "info", "--image-opts", f"{TOP},{opt}")
 
 
 @pytest.mark.parametrize("opt", ["backing.driver=qcow2", "backing.encrypt.key-secret=s0"])
-def test_info_backing_chain_refuses_backing_options(di: Runner, twins: tuple[Path, Path],
+def test_info_backing_chain_refuses_backing_options(twins: tuple[Path, Path],
                                                     opt: str) -> None:
     """qemu-img info opens every image of the chain without its backing file."""
-    ref = same(di, twins, "info", "--backing-chain", "--image-opts", f"{TOP},{opt}")
+    ref = same(twins, "info", "--backing-chain", "--image-opts", f"{TOP},{opt}")
     assert ref.rc == 1 and f"'{opt.split('=')[0]}'" in ref.err
 
 
-def test_commit_takes_backing_and_cache_options(di: Runner, twins: tuple[Path, Path]) -> None:
+def test_commit_takes_backing_and_cache_options(twins: tuple[Path, Path]) -> None:
     """``backing.driver`` and ``backing.file.filename`` naming the backing file, and the
     caches, for commit: the same committed bytes as qemu-img's."""
-    ref = same(di, twins, "commit", "--image-opts",
+    ref = same(twins, "commit", "--image-opts",
                f"{TOP},backing.driver=qcow2,backing.file.filename=base.qcow2,"
                "cache.direct=on,l2-cache-size=1M,file.locking=on,backing.cache.no-flush=on")
     assert ref.rc == 0 and ref.out == "Image committed.\n"
@@ -175,25 +157,25 @@ def test_commit_takes_backing_and_cache_options(di: Runner, twins: tuple[Path, P
 
 @pytest.mark.parametrize("opt", ["bogus=1", "backing.bogus=1", "backing.file.bogus=1",
                                  "file.aio=foo", "read-only=on", "backing=null"])
-def test_commit_refuses_like_qemu(di: Runner, twins: tuple[Path, Path], opt: str) -> None:
-    ref = same(di, twins, "commit", "--image-opts", f"{TOP},{opt}")
+def test_commit_refuses_like_qemu(twins: tuple[Path, Path], opt: str) -> None:
+    ref = same(twins, "commit", "--image-opts", f"{TOP},{opt}")
     assert ref.rc == 1
 
 
-def test_backing_driver_sets_the_backing_format(di: Runner, twins: tuple[Path, Path]) -> None:
+def test_backing_driver_sets_the_backing_format(twins: tuple[Path, Path]) -> None:
     """``backing.driver=raw`` reads the qcow2 backing file as raw bytes, as qemu does."""
     for out in ("human", "json"):
-        ref = same(di, twins, "map", f"--output={out}", "--image-opts",
+        ref = same(twins, "map", f"--output={out}", "--image-opts",
                    f"{TOP},backing.driver=raw")
         assert ref.rc == 0
-    ref = same(di, twins, "compare", "--image-opts", f"{TOP},backing.driver=raw",
+    ref = same(twins, "compare", "--image-opts", f"{TOP},backing.driver=raw",
                "driver=qcow2,file.filename=top.qcow2")
     assert ref.rc == 1
 
 
-def test_rebase_unsafe_refuses_backing_options(di: Runner, twins: tuple[Path, Path]) -> None:
+def test_rebase_unsafe_refuses_backing_options(twins: tuple[Path, Path]) -> None:
     """rebase -u opens the image without its backing file."""
-    ref = same(di, twins, "rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "--image-opts",
+    ref = same(twins, "rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "--image-opts",
                f"{TOP},backing.driver=qcow2")
     assert ref.rc == 1
 
@@ -209,37 +191,37 @@ ENC_QCOW2 = "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0"
     ("driver=luks,file.filename=enc.luks,key-secret=s0", WRONG),
     ("driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=s0", [])],
     ids=["qcow2-none", "qcow2-wrong", "luks-none", "luks-wrong", "plain-none"])
-def test_info_needs_no_key(di: Runner, twins: tuple[Path, Path], spec: str,
+def test_info_needs_no_key(twins: tuple[Path, Path], spec: str,
                            objs: list[str]) -> None:
     """info opens for metadata only; every other command still needs the secret."""
     for out in ("human", "json"):
-        ref = same(di, twins, "info", f"--output={out}", *objs, "--image-opts", spec)
+        ref = same(twins, "info", f"--output={out}", *objs, "--image-opts", spec)
         assert ref.rc == 0 and "json:{" in ref.out
-    ref = same(di, twins, "map", *objs, "--image-opts", spec)
+    ref = same(twins, "map", *objs, "--image-opts", spec)
     assert ref.rc == (0 if "top" in spec else 1)
 
 
 # --- backing format names -----------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["host_device", "host_cdrom", "file"])
-def test_rebase_unsafe_protocol_backing_format(di: Runner, twins: tuple[Path, Path],
+def test_rebase_unsafe_protocol_backing_format(twins: tuple[Path, Path],
                                                fmt: str) -> None:
-    ref = same(di, twins, "rebase", "-u", "-F", fmt, "-b", "base.qcow2", "top.qcow2")
+    ref = same(twins, "rebase", "-u", "-F", fmt, "-b", "base.qcow2", "top.qcow2")
     assert ref.rc == 0
     for argv in (["map", "--output=json", "top.qcow2"], ["info", "--backing-chain",
                                                          "top.qcow2"]):
-        same(di, twins, *argv)
+        same(twins, *argv)
 
 
 @pytest.mark.parametrize("fmt", ["host_device", "file"])
 @pytest.mark.parametrize("unsafe", [True, False])
-def test_create_protocol_backing_format(di: Runner, twins: tuple[Path, Path], fmt: str,
+def test_create_protocol_backing_format(twins: tuple[Path, Path], fmt: str,
                                         unsafe: bool) -> None:
     args = ["create", "-f", "qcow2", "-F", fmt, "-b", "base.qcow2", "new.qcow2"]
-    ref = same(di, twins, *args, *(["-u", "1M"] if unsafe else []))
+    ref = same(twins, *args, *(["-u", "1M"] if unsafe else []))
     assert ref.rc == (1 if fmt == "host_device" and not unsafe else 0)
     if ref.rc == 0:
-        same(di, twins, "info", "--backing-chain", "new.qcow2")
+        same(twins, "info", "--backing-chain", "new.qcow2")
 
 
 # --- backing names as written, and the file: protocol prefix --------------------------------
@@ -247,14 +229,14 @@ def test_create_protocol_backing_format(di: Runner, twins: tuple[Path, Path], fm
 @pytest.mark.parametrize("image,backing", [("new.qcow2", "./base.qcow2"),
                                            ("sub/new.qcow2", "./../base.qcow2"),
                                            ("./new.qcow2", "././base.qcow2")])
-def test_backing_names_shown_as_written(di: Runner, twins: tuple[Path, Path], image: str,
+def test_backing_names_shown_as_written(twins: tuple[Path, Path], image: str,
                                         backing: str) -> None:
     """``./base`` stays ``./base`` in ``backing file:`` and in the chain's image names,
     and the actual path is the name beside the image as written (``sub/../base``)."""
-    ref = same(di, twins, "create", "-f", "qcow2", "-F", "qcow2", "-b", backing, image)
+    ref = same(twins, "create", "-f", "qcow2", "-F", "qcow2", "-b", backing, image)
     assert ref.rc == 0
     for argv in (["info"], ["info", "--backing-chain", "--output=json"]):
-        ref = same(di, twins, *argv, image)
+        ref = same(twins, *argv, image)
         assert ref.rc == 0 and backing in ref.out
 
 
@@ -266,12 +248,12 @@ def test_backing_names_shown_as_written(di: Runner, twins: tuple[Path, Path], im
     ["convert", "-O", "qcow2", "file:top.qcow2", "file:out.qcow2"],
     ["convert", "-O", "qcow2", "file:nope.qcow2", "file:out.qcow2"],
 ], ids=lambda a: "-".join(a))
-def test_file_protocol_prefix(di: Runner, twins: tuple[Path, Path], argv: list[str]) -> None:
-    ref = same(di, twins, *argv)
+def test_file_protocol_prefix(twins: tuple[Path, Path], argv: list[str]) -> None:
+    ref = same(twins, *argv)
     assert ref.rc == (1 if "file:nope.qcow2" in argv else 0)
     if argv[0] == "create" and "-b" in argv:  # the name is stored as given
         for info in (["info", "new.qcow2"], ["map", "new.qcow2"]):
-            assert "file:base.qcow2" in same(di, twins, *info).out or info[0] == "map"
+            assert "file:base.qcow2" in same(twins, *info).out or info[0] == "map"
 
 
 # --- amend --force on an inactive LUKS key slot -------------------------------------------
@@ -287,7 +269,7 @@ def _changed_range(a: bytes, b: bytes) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("kind", ["qcow2", "luks"])
-def test_amend_force_erases_an_inactive_slot(di: Runner, twins: tuple[Path, Path],
+def test_amend_force_erases_an_inactive_slot(twins: tuple[Path, Path],
                                              kind: str) -> None:
     """qemu skips its "already erased" check with --force and erases the slot again: the
     headers stay equal, only that slot's key material is overwritten (with random bytes),
@@ -298,7 +280,7 @@ def test_amend_force_erases_an_inactive_slot(di: Runner, twins: tuple[Path, Path
     before = (q / name).read_bytes()
     ref = qemu_img("amend", *KEYS, "--force", "--image-opts", spec, "-o",
                    f"{pre}state=inactive,{pre}keyslot=3", cwd=q)
-    mine = di("amend", *KEYS, "--force", "--image-opts", spec, "-o",
+    mine = diskimg_cli("amend", *KEYS, "--force", "--image-opts", spec, "-o",
               f"{pre}state=inactive,{pre}keyslot=3", cwd=m)
     assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err) == (0, "", "")
     qb, mb = (q / name).read_bytes(), (m / name).read_bytes()
@@ -317,10 +299,10 @@ def test_amend_force_erases_an_inactive_slot(di: Runner, twins: tuple[Path, Path
     assert (r.rc, r.out) == (0, "Images are identical.\n"), r.err
 
 
-def test_amend_keyslot_checks_old_secret_first(di: Runner, twins: tuple[Path, Path]) -> None:
+def test_amend_keyslot_checks_old_secret_first(twins: tuple[Path, Path]) -> None:
     """An inactive slot with ``old-secret``: qemu tries the secret before the state."""
     spec, pre = AMEND["luks"]
     for force in ([], ["--force"]):
-        ref = same(di, twins, "amend", *KEYS, *force, "--image-opts", spec, "-o",
+        ref = same(twins, "amend", *KEYS, *force, "--image-opts", spec, "-o",
                    f"{pre}state=inactive,{pre}keyslot=3,{pre}old-secret=s0")
         assert ref.rc == 1 and "doesn't contain the given old password" in ref.err

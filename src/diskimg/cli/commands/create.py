@@ -103,8 +103,9 @@ def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
                    if k not in ("size", "backing_file", "backing_fmt", "nocow",
                                 "extent_size_hint")}
     try:
-        api.create(strip_file_protocol(filename), fmt, size, backing_file=backing, backing_fmt=backing_fmt,
-                   unsafe=True, options=create_opts, secrets=ctx.secrets)
+        api.create(strip_file_protocol(filename), fmt, size, backing_file=backing,
+                   backing_fmt=backing_fmt, unsafe=True, options=create_opts,
+                   secrets=ctx.secrets)
     except (DiskImgError, OSError) as e:
         raise fail(errors.create_reason(e, filename)) from e
 
