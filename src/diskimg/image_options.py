@@ -104,6 +104,9 @@ def check(fmt: str, options: Mapping[str, str], *, backing: bool = True,
     harmless.  ``backing=False``: the image is opened without its backing file (qemu's
     ``info``, ``rebase -u``), so ``backing.*`` options are unknown to it, as in qemu.
     ``writable``: the image is opened read-write."""
+    if fmt == "file":  # the protocol driver itself (``driver=file``): its own options
+        check_protocol(options)
+        return
     harmless = {**_COMMON_HARMLESS, **_HARMLESS.get(fmt, {}), "read-only": "bool",
                 "force-share": "bool"}
     writes = {**_COMMON_WRITES, **_WRITES.get(fmt, {})}
@@ -183,3 +186,31 @@ def backing_options(options: Mapping[str, str]) -> tuple[str | None, dict[str, s
     backing file)."""
     sub = {k[len("backing."):]: v for k, v in options.items() if k.startswith("backing.")}
     return sub.pop("driver", None), sub
+
+
+def json_options(text: str) -> dict[str, str]:
+    """The options of a ``json:{...}`` image name, flattened as qemu flattens them
+    (``{"file": {"filename": "x"}}`` is ``file.filename=x``; booleans are ``on``/``off``)."""
+    import json
+
+    try:
+        obj = json.loads(text[len("json:"):])
+    except ValueError as e:
+        raise UsageError(f"Could not parse the JSON options: JSON parse error, {e}") from None
+    if not isinstance(obj, dict):
+        raise UsageError("Invalid JSON object given")
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, d: dict[str, object]) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            elif isinstance(v, bool):
+                out[prefix + k] = "on" if v else "off"
+            elif isinstance(v, (str, int, float)):
+                out[prefix + k] = str(v)
+            else:
+                raise UsageError(f"Invalid value for option '{prefix}{k}'")
+
+    walk("", obj)
+    return out

@@ -180,6 +180,28 @@ def test_rebase_unsafe_refuses_backing_options(twins: tuple[Path, Path]) -> None
     assert ref.rc == 1
 
 
+JSON_TOP = '"driver": "qcow2", "file": {"driver": "file", "filename": "top.qcow2"}'
+
+
+@pytest.mark.parametrize("argv", [
+    ["info", 'json:{%s, "cache": {"direct": true}, "l2-cache-size": 1048576}' % JSON_TOP],
+    ["info", "--output=json", 'json:{%s, "encrypt.key-secret": "s0"}' % JSON_TOP],
+    ["info", 'json:{%s, "bogus": 1}' % JSON_TOP], ["info", 'json:[1]'],
+    ["info", 'json:{"driver": "qcow2", "file": "top.qcow2"}'],
+    ["map", 'json:{%s, "backing": {"driver": "raw"}}' % JSON_TOP],
+    ["info", "--image-opts", "driver=file,filename=base.qcow2"],
+    ["info", "--image-opts", "driver=file,filename=base.qcow2,offset=1"],
+    ["commit", 'json:{%s, "backing": {"driver": "qcow2"}, "cache": {"no-flush": true}}'
+     % JSON_TOP],
+], ids=["info", "info-key", "bogus", "not-object", "node", "map-backing-raw", "file",
+        "file-offset", "commit"])
+def test_json_names(twins: tuple[Path, Path], argv: list[str]) -> None:
+    """A ``json:{...}`` image name takes the options ``--image-opts`` takes."""
+    ref = same(twins, *argv)
+    assert ref.rc == (1 if argv[-1].count("bogus") or "[1]" in argv[-1]
+                      or '"file": "' in argv[-1] or "offset" in argv[-1] else 0)
+
+
 # --- info opens for metadata only ---------------------------------------------------------
 
 ENC_QCOW2 = "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0"

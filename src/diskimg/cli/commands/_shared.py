@@ -113,22 +113,28 @@ def parse_image_opts(text: str) -> tuple[str, str | None, dict[str, str]]:
     """``driver=qcow2,file.filename=X,encrypt.key-secret=s`` → (path, format, options).
     The ``file.`` options are checked here (the file protocol's); the format's options are
     checked when the image opens (:mod:`diskimg.image_options`)."""
-    if "=" not in opts.split_list(text)[0]:
+    from diskimg.image_options import check_protocol, json_options
+
+    if text.startswith("json:"):  # a json:{...} name: the same options as a JSON object
+        try:
+            d = json_options(text)
+        except UsageError as e:
+            raise DiskImgError(f"Could not open '{text}': {e}") from None
+    elif "=" not in opts.split_list(text)[0]:
         raise DiskImgError(f"Could not open '{text}': Cannot find device='{text}' nor "
                            f"node-name='{text}'")
-    pairs = opts.parse_list(text)
-    d = dict(pairs)
+    else:
+        d = dict(opts.parse_list(text))
+    if "file" in d:  # a node name, which qemu-img never has
+        raise DiskImgError(f"Could not open '{text}': Cannot find device='{d['file']}' nor "
+                           f"node-name='{d['file']}'")
     fmt = d.pop("driver", None)
     path = d.pop("file.filename", None) or d.pop("filename", None)
-    if fmt == "file":
-        fmt = "raw"
     if path is None:
         raise DiskImgError(f"Could not open '{text}': A block device must be specified for "
                            '"file"')
-    if fmt is not None and fmt not in KNOWN_FORMATS:
+    if fmt is not None and fmt not in KNOWN_FORMATS and fmt != "file":  # file: the bytes
         raise DiskImgError(f"Could not open '{text}': Unknown driver '{fmt}'")
-    from diskimg.image_options import check_protocol
-
     try:
         check_protocol({k[5:]: v for k, v in d.items() if k.startswith("file.")})
     except UsageError as e:
@@ -159,9 +165,12 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
         if fmt is not None:
             raise UsageError("--image-opts and --format are mutually exclusive")
         path, fmt, options = parse_image_opts(name)
+    elif name.startswith("json:"):
+        path, jfmt, options = parse_image_opts(name)
+        fmt = jfmt or fmt
     else:
         path = strip_file_protocol(name)
-    if fmt is not None and fmt not in KNOWN_FORMATS:
+    if fmt is not None and fmt not in KNOWN_FORMATS and not (image_opts and fmt == "file"):
         raise DiskImgError(f"Could not open '{label}': Unknown driver '{fmt}'")
     try:
         dev = api.open(path, mode, fmt, backing=backing, force_share=force_share,
@@ -277,9 +286,10 @@ def path_and_format(a: argparse.Namespace,
     """The file name, format and image options of FILE for commands that reopen it by
     path (commit, rebase, amend): with ``--image-opts`` parsed by :func:`parse_image_opts`
     (the command's first open has checked the options)."""
-    if not a.image_opts:
+    if not a.image_opts and not name.startswith("json:"):
         return name, a.format, {}
-    return parse_image_opts(name)
+    path, fmt, options = parse_image_opts(name)
+    return path, fmt or a.format, options
 
 
 def check_backing_keys(name: str, dev: BlockDevice) -> None:
