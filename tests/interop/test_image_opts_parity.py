@@ -262,6 +262,24 @@ def test_backing_names_shown_as_written(twins: tuple[Path, Path], image: str,
         assert ref.rc == 0 and backing in ref.out
 
 
+def test_absolute_backing_name_with_dot_and_colon(twins: tuple[Path, Path]) -> None:
+    """QEMU's ``TEST_DIR/./image:base``: stored, printed and opened as written."""
+    q, m = twins
+    for d in twins:
+        shutil.copy(d / "base.qcow2", d / "image:base")
+    outs = []
+    for d, run in ((q, qemu_img), (m, diskimg_cli)):
+        res = [run("create", "-f", "qcow2", "-F", "qcow2", "-b", f"{d}/./image:base",
+                   "new.qcow2", cwd=d)]
+        res += [run(*argv, cwd=d) for argv in (
+            ["info", "new.qcow2"], ["info", "--backing-chain", "--output=json", "new.qcow2"],
+            ["map", "--output=json", "new.qcow2"], ["info", "file:image:base"],
+            ["map", "file:image:base"])]
+        outs.append([(r.rc, r.out.replace(str(d), "TEST_DIR"), r.err) for r in res])
+    assert outs[1] == outs[0]
+    assert "backing file: TEST_DIR/./image:base\n" in outs[0][1][1]
+
+
 @pytest.mark.parametrize("argv", [
     ["info", "--output=json", "file:top.qcow2"], ["map", "file:top.qcow2"],
     ["info", "file:nope.qcow2"], ["compare", "file:top.qcow2", "top.qcow2"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,8 +145,12 @@ def parse_image_opts(text: str) -> tuple[str, str | None, dict[str, str]]:
 
 def strip_file_protocol(name: str) -> str:
     """An image name without qemu's ``file:`` protocol prefix (``file:x.qcow2`` is
-    ``x.qcow2``)."""
-    return name[5:] if name.startswith("file:") else name
+    ``x.qcow2``; ``file:a:b`` is ``./a:b``, which no protocol prefix can be read into,
+    as qemu names it)."""
+    if not name.startswith("file:"):
+        return name
+    name = name[5:]
+    return "./" + name if re.match(r"^[^/]*:", name) else name
 
 
 def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None, *,
