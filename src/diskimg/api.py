@@ -39,8 +39,9 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     return zeros); ``force_share`` skips QEMU's lock bytes (qemu-img ``-U``); ``untrusted``
     confines backing/data files to the image's directory.  ``options`` are image-opts
     (qcow2: ``encrypt.key-secret`` ...; raw: ``offset`` and ``size``, a window of the
-    file, e.g. a disk inside an OVA or tar; a format refuses an option it does not
-    take).  ``for_check`` opens as ``qemu-img check`` does: a qcow2 snapshot table that
+    file, e.g. a disk inside an OVA or tar; qemu's cache and I/O options are taken and
+    unused; an option neither implemented nor harmless is refused by name:
+    :mod:`diskimg.image_options`).  ``for_check`` opens as ``qemu-img check`` does: a qcow2 snapshot table that
     cannot be read is left to :meth:`check` to report (and repair) instead of failing the
     open.  ``metadata_only`` opens as ``qemu-img info`` does (qemu's ``BDRV_O_NO_IO``): the
     key secret an encrypted image's options name is neither looked up nor tried until
@@ -182,24 +183,22 @@ def _backing_open_options(options: Mapping[str, str], bfmt: str | None,
     return driver or bfmt, {k: v for k, v in sub.items() if not k.startswith("file.")}
 
 
-#: qemu's protocol drivers, which a backing format may name too (BACKING_FORMATS):
-#: ``file`` is the file's bytes (a raw image that info names ``file``); the device
-#: drivers take only a device, and a backing file that is a device is refused (policy.py)
-_PROTOCOL_FORMATS = {"file": "file", "host_device": None, "host_cdrom": None}
-#: the names ``create -F`` and ``rebase -F`` accept, as qemu-img 7.2 does
-BACKING_FORMATS = FORMATS + tuple(_PROTOCOL_FORMATS)
+#: qemu's device protocol drivers, which a backing format may name: they take only a
+#: device, and a backing file that is a device is refused (policy.py)
+_DEVICE_DRIVERS = ("host_device", "host_cdrom")
+#: the names ``create -F`` and ``rebase -F`` accept, as qemu-img 7.2 does (``file``, the
+#: file protocol: the file's bytes, a raw image that info names ``file``)
+BACKING_FORMATS = (*FORMATS, "file", *_DEVICE_DRIVERS)
 
 
 def backing_format(bfmt: str | None, name: PathLike) -> str | None:
     """The format to open a backing file with, from the backing format its image names
-    (or ``create -F`` / ``rebase -F`` give): a format, or a protocol driver of qemu's."""
-    if bfmt not in _PROTOCOL_FORMATS:
-        return bfmt
-    fmt = _PROTOCOL_FORMATS[bfmt]
-    if fmt is None:  # policy.resolve has refused a device before this
+    (or ``create -F`` / ``rebase -F`` give), refused in qemu's words for a device
+    driver."""
+    if bfmt in _DEVICE_DRIVERS:  # policy.resolve has refused a device before this
         raise UsageError(f"'{bfmt}' driver requires '{name}' to be either a character or "
                          "block device", field="backing format")
-    return fmt
+    return bfmt
 
 
 def _same_file(a: PathLike, b: PathLike) -> bool:
