@@ -43,9 +43,9 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     unused; an option neither implemented nor harmless is refused by name:
     :mod:`diskimg.image_options`).  ``for_check`` opens as ``qemu-img check`` does: a
     qcow2 snapshot table that cannot be read is left to :meth:`check` to report (and
-    repair) instead of failing the open.  ``metadata_only`` opens as ``qemu-img info`` does (qemu's ``BDRV_O_NO_IO``): the
-    key secret an encrypted image's options name is neither looked up nor tried until
-    data is read.
+    repair) instead of failing the open.  ``metadata_only`` opens as ``qemu-img info``
+    does (qemu's ``BDRV_O_NO_IO``): the key secret an encrypted image's options name is
+    neither looked up nor tried until data is read.
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
