@@ -96,8 +96,8 @@ HARMLESS = ["cache.direct=on,cache.no-flush=on,node-name=n1,auto-read-only=on",
             "l2-cache-entry-size=4096,l2-cache-size=1M,refcount-cache-size=1M,"
             "cache-clean-interval=10", "cache-size=2M,l2-cache-size=1M",
             "overlap-check=all,overlap-check.active-l2=off", "read-only=off",
-            "file.locking=off,file.aio=threads,file.driver=file",
-            "file.cache.direct=on,cache.direct=on,file.aio=native"]
+            "file.locking=off,file.aio=threads,file.driver=file,file.cache.direct=on,"
+            "cache.direct=on,file.aio=native"]
 
 # refused by qemu-img, each with its own reason
 REFUSED = ["bogus=1", "file.bogus=1", "backing=null", "backing.driver=qcow2",
