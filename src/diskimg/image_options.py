@@ -197,6 +197,9 @@ def json_options(text: str) -> dict[str, str]:
         obj = json.loads(text[len("json:"):])
     except ValueError as e:
         raise UsageError(f"Could not parse the JSON options: JSON parse error, {e}") from None
+    except RecursionError:  # hostile nesting
+        raise UsageError("Could not parse the JSON options: JSON parse error, nesting too "
+                         "deep") from None
     if not isinstance(obj, dict):
         raise UsageError("Invalid JSON object given")
     out: dict[str, str] = {}
@@ -212,5 +215,9 @@ def json_options(text: str) -> dict[str, str]:
             else:
                 raise UsageError(f"Invalid value for option '{prefix}{k}'")
 
-    walk("", obj)
+    try:
+        walk("", obj)
+    except RecursionError:
+        raise UsageError("Could not parse the JSON options: JSON parse error, nesting too "
+                         "deep") from None
     return out

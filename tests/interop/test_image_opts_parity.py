@@ -202,6 +202,17 @@ def test_json_names(twins: tuple[Path, Path], argv: list[str]) -> None:
                       or '"file": "' in argv[-1] or "offset" in argv[-1] else 0)
 
 
+@pytest.mark.parametrize("depth", [5000, 900])
+def test_json_name_nested_too_deep(twins: tuple[Path, Path], depth: int) -> None:
+    """Hostile nesting ends in an error naming the JSON, never an internal error."""
+    _, m = twins
+    name = "json:" + '{"a":' * depth + "1" + "}" * depth
+    r = diskimg_cli("info", name, cwd=m)
+    assert r.rc == 1 and r.out == ""
+    assert r.err.startswith(f"diskimg: Could not open '{name}': ")
+    assert "internal error" not in r.err and "Traceback" not in r.err
+
+
 # --- info opens for metadata only ---------------------------------------------------------
 
 ENC_QCOW2 = "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0"
