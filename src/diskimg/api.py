@@ -31,6 +31,7 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     secrets: Mapping[str, bytes] | None = None,
     options: Mapping[str, str] | None = None,
     for_check: bool = False,
+    metadata_only: bool = False,
 ) -> BlockDevice:
     """Open an image.  ``mode`` is ``"r"`` or ``"r+"``; ``format`` None probes (raw last).
 
@@ -38,26 +39,33 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     return zeros); ``force_share`` skips QEMU's lock bytes (qemu-img ``-U``); ``untrusted``
     confines backing/data files to the image's directory.  ``options`` are image-opts
     (qcow2: ``encrypt.key-secret`` ...; raw: ``offset`` and ``size``, a window of the
-    file, e.g. a disk inside an OVA or tar; a format refuses an option it does not
-    take).  ``for_check`` opens as ``qemu-img check`` does: a qcow2 snapshot table that
-    cannot be read is left to :meth:`check` to report (and repair) instead of failing the
-    open.
+    file, e.g. a disk inside an OVA or tar; qemu's cache and I/O options are taken and
+    unused; an option neither implemented nor harmless is refused by name:
+    :mod:`diskimg.image_options`).  ``for_check`` opens as ``qemu-img check`` does: a
+    qcow2 snapshot table that cannot be read is left to :meth:`check` to report (and
+    repair) instead of failing the open.  ``metadata_only`` opens as ``qemu-img info``
+    does (qemu's ``BDRV_O_NO_IO``): the key secret an encrypted image's options name is
+    neither looked up nor tried until data is read.
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
-    if format is not None and format not in FORMATS:
+    if format is not None and format not in FORMATS and format != "file":
         raise UsageError(f"Unknown file format '{format}'")
     pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(Path(path))
-    return _open_one(Path(path), mode == "r+", format, backing=backing,
+    if options:
+        from diskimg.image_options import force_share as share_option
+
+        force_share = force_share or share_option(options)
+    return _open_one(Path(path), os.fspath(path), mode == "r+", format, backing=backing,
                      force_share=force_share, policy=pol, secrets=dict(secrets or {}),
                      options=dict(options or {}), seen=set(), depth=0,
-                     for_check=for_check)
+                     for_check=for_check, unlock=not metadata_only)
 
 
-def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
+def _open_one(path: Path, name: str, writable: bool, fmt: str | None, *, backing: bool,
               force_share: bool, policy: OpenPolicy, secrets: dict[str, bytes],
               options: dict[str, str], seen: set[tuple[int, int]], depth: int,
-              for_check: bool = False) -> BlockDevice:
+              for_check: bool = False, unlock: bool = True) -> BlockDevice:
     if depth > policy.max_depth:
         raise BackingChainError(f"Backing chain of '{path}' is deeper than "
                                 f"{policy.max_depth} images")
@@ -81,44 +89,46 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
         else:
             check_format(host, fmt)
         dev: BlockDevice
-        if fmt != "raw":
-            from diskimg.options import RAW_WINDOW_OPTIONS
+        if options:
+            from diskimg.image_options import check
 
-            for k in RAW_WINDOW_OPTIONS:
-                if k in options:
-                    raise UsageError(f"Block format '{fmt}' does not support the option "
-                                     f"'{k}'")
-        if fmt == "raw":
+            check(fmt, options, backing=backing, writable=writable)
+        if fmt in ("raw", "file"):
             from diskimg.raw import RawImage
 
-            dev = RawImage(host, probed=probed, options=options)
+            dev = RawImage(host, probed=probed, options=options, driver=fmt)
         elif fmt == "qcow2":
             from diskimg.qcow2.image import Qcow2Image
 
             dev = Qcow2Image(host, secrets=secrets, options=options, policy=policy,
-                             for_check=for_check)
+                             for_check=for_check, unlock=unlock)
         elif fmt == "luks":
             from diskimg.luks import LuksImage
 
-            dev = LuksImage(host, secrets=secrets, options=options)
-        else:
+            dev = LuksImage(host, secrets=secrets, options=options, unlock=unlock)
+        elif fmt == "vmdk":
             from diskimg.vmdk import open_vmdk
 
             dev = open_vmdk(host, policy=policy)
+        else:  # a backing format name diskimg does not implement
+            raise UsageError(f"Unknown driver '{fmt}'", field="backing format")
     except BaseException:
         host.close()
         raise
+    dev.filename = name  # as given (qemu prints ./x and sub/../x as they are written)
     try:
         if backing:
-            name, bfmt = _backing_name(dev)
-            if name is not None:
-                bpath = policy.resolve(name, path)
+            bname, bfmt = _backing_name(dev)
+            if bname is not None:
+                bpath = policy.resolve(bname, path)
                 try:
-                    dev.backing = _open_one(bpath, False, bfmt, backing=True,
+                    bfmt, bopts = _backing_open_options(options,
+                                                        backing_format(bfmt, bpath), bpath)
+                    dev.backing = _open_one(bpath, _backing_display(name, bname), False,
+                                            bfmt, backing=True,
                                             force_share=force_share, policy=policy,
-                                            secrets=secrets,
-                                            options=backing_options(options),
-                                            seen=seen, depth=depth + 1)
+                                            secrets=secrets, options=bopts,
+                                            seen=seen, depth=depth + 1, unlock=unlock)
                 except DiskImgError as e:
                     _blame_backing(e, bpath)
                     raise
@@ -146,8 +156,66 @@ def _blame_backing(e: DiskImgError, path: Path) -> None:
 
 def backing_options(options: Mapping[str, str]) -> dict[str, str]:
     """The image options of the backing file: qemu's ``backing.`` prefix removed
-    (``backing.encrypt.key-secret=s`` unlocks an encrypted backing file)."""
-    return {k[len("backing."):]: v for k, v in options.items() if k.startswith("backing.")}
+    (``backing.encrypt.key-secret=s`` unlocks an encrypted backing file), without
+    ``driver`` (its format) and ``file.*`` (its file)."""
+    from diskimg.image_options import backing_options as split
+
+    return {k: v for k, v in split(options)[1].items() if not k.startswith("file.")}
+
+
+def _backing_open_options(options: Mapping[str, str], bfmt: str | None,
+                          bpath: Path) -> tuple[str | None, dict[str, str]]:
+    """The format and image options to open the backing file ``bpath`` with.
+    ``backing.driver`` sets its format (as in qemu); ``backing.file.filename`` may only
+    name the file the header names (diskimg follows no other), and the other
+    ``backing.file.*`` options are the file protocol's."""
+    if not any(k.startswith("backing.") for k in options):
+        return bfmt, {}
+    from diskimg.image_options import backing_options as split, check_protocol
+
+    driver, sub = split(options)
+    proto = {k[len("file."):]: v for k, v in sub.items() if k.startswith("file.")}
+    fname = proto.pop("filename", None)
+    check_protocol(proto)
+    if fname is not None and not _same_file(fname, bpath):
+        raise UsageError(f"Image option 'backing.file.filename' names '{fname}', not the "
+                         f"backing file '{bpath}' of the image header: diskimg follows "
+                         "only the header's backing file", field="backing.file.filename")
+    return driver or bfmt, {k: v for k, v in sub.items() if not k.startswith("file.")}
+
+
+#: qemu's device protocol drivers, which a backing format may name: they take only a
+#: device, and a backing file that is a device is refused (policy.py)
+_DEVICE_DRIVERS = ("host_device", "host_cdrom")
+#: the names ``create -F`` and ``rebase -F`` accept, as qemu-img 7.2 does (``file``, the
+#: file protocol: the file's bytes, a raw image that info names ``file``)
+BACKING_FORMATS = (*FORMATS, "file", *_DEVICE_DRIVERS)
+
+
+def backing_format(bfmt: str | None, name: PathLike) -> str | None:
+    """The format to open a backing file with, from the backing format its image names
+    (or ``create -F`` / ``rebase -F`` give), refused in qemu's words for a device
+    driver."""
+    if bfmt in _DEVICE_DRIVERS:  # policy.resolve has refused a device before this
+        raise UsageError(f"'{bfmt}' driver requires '{name}' to be either a character or "
+                         "block device", field="backing format")
+    return bfmt
+
+
+def _same_file(a: PathLike, b: PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _backing_display(parent: str, name: str) -> str:
+    """The name a backing file opened for ``name`` (written in ``parent``) is shown by."""
+    from diskimg.policy import combine
+
+    if name.startswith("file:"):  # the policy opens it as a plain path (policy.resolve)
+        name = name[5:]
+    return combine(parent, name)
 
 
 def _backing_name(dev: BlockDevice) -> tuple[str | None, str | None]:
@@ -188,11 +256,11 @@ def create(
         if backing_file is None:
             raise UsageError("Image creation needs a size parameter")
         bpath = OpenPolicy().resolve(backing_file, Path(os.path.abspath(path)))
-        with open(bpath, "r", backing_fmt, force_share=True) as b:
+        with open(bpath, "r", backing_format(backing_fmt, bpath), force_share=True) as b:
             size = b.size
     elif backing_file is not None and not unsafe:
         bpath = OpenPolicy().resolve(backing_file, Path(os.path.abspath(path)))
-        with open(bpath, "r", backing_fmt, force_share=True):
+        with open(bpath, "r", backing_format(backing_fmt, bpath), force_share=True):
             pass
     if size < 0:
         raise UsageError("Image size must be less than 8 EiB!")

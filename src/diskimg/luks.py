@@ -68,20 +68,18 @@ class LuksImage(BlockDevice):
     format = "luks"
 
     def __init__(self, host: HostFile, *, secrets: Mapping[str, bytes] | None = None,
-                 options: Mapping[str, str] | None = None) -> None:
+                 options: Mapping[str, str] | None = None, unlock: bool = True) -> None:
+        """``unlock``: try the key secret the options name now (qemu's open), not on the
+        first data access."""
         self.host = host
         self.filename = str(host.path)
         self.read_only = not host.writable
         self.options = MappingProxyType(dict(options or {}))
-        unknown = sorted(set(self.options) - {KEY_OPTION})
-        if unknown:
-            raise UsageError(f"Block format 'luks' does not support the option "
-                             f"'{unknown[0]}'")
         self.secrets = dict(secrets or {})
         self.header, self.payload = read_luks_header(host)
         self._size_from_file()
         self._cipher: LuksCipher | None = None
-        if KEY_OPTION in self.options:
+        if unlock and KEY_OPTION in self.options:
             _ = self.cipher  # like qemu: a wrong passphrase fails the open
         self._mark_open()
 

@@ -21,6 +21,15 @@ MAX_CHAIN_DEPTH = 256
 _PROTOCOL = r"^[A-Za-z][A-Za-z0-9+.-]*:"  # compiled on first use (re caches it)
 
 
+def combine(parent: str, name: str) -> str:
+    """The path qemu shows for ``name`` as written in image ``parent``: ``name`` itself
+    when absolute or protocol-prefixed (``file:``, ``json:`` ...), else ``name`` beside
+    ``parent`` as both are written (``./x``, ``sub/../x`` stay as they are)."""
+    if name.startswith("/") or re.match(_PROTOCOL, name):
+        return name
+    return os.path.join(os.path.dirname(parent), name)
+
+
 @dataclass(slots=True)
 class OpenPolicy:
     """``untrusted``: confine every referenced file to ``allowed_dirs`` (default: the top

@@ -36,7 +36,10 @@ class RawImage(BlockDevice):
         return [self.host]
 
     def __init__(self, host: HostFile, *, probed: bool = False,
-                 options: Mapping[str, str] | None = None) -> None:
+                 options: Mapping[str, str] | None = None, driver: str = "raw") -> None:
+        """``driver``: the name ``info`` gives (``file``: qemu's protocol driver, which a
+        backing format may name: the same bytes)."""
+        self.driver = driver
         self.host = host
         self.filename = str(host.path)
         self.read_only = not host.writable
@@ -141,7 +144,7 @@ class RawImage(BlockDevice):
     def info(self) -> ImageInfo:
         return ImageInfo(
             filename=self.display_name(),
-            format="raw",
+            format=self.driver,
             virtual_size=self.size,
             actual_size=self.host.allocated_size(),
         )
@@ -154,12 +157,9 @@ class RawImage(BlockDevice):
 def window_options(options: Mapping[str, str], file_size: int) -> tuple[int, int | None]:
     """``(offset, size)`` of the window the image options ``offset=``/``size=`` name in a
     file of ``file_size`` bytes (size None: to the end of the file), checked with qemu's
-    messages.  Any other option is refused by name (raw takes no other)."""
+    messages (the other options are :mod:`diskimg.image_options`' to check)."""
     from diskimg.options import parse_param_size
 
-    for k in options:
-        if k not in WINDOW_OPTIONS:
-            raise UsageError(f"Block format 'raw' does not support the option '{k}'")
     offset = parse_param_size("offset", options["offset"]) if "offset" in options else 0
     size = parse_param_size("size", options["size"]) if "size" in options else None
     if offset > file_size:

@@ -236,21 +236,27 @@ def rebase(
                 "supported")
         if not unsafe:
             new_dev: BlockDevice | None = None
+            in_chain: BlockDevice | None = None
             try:
                 if new_name is not None:
                     pol = OpenPolicy(untrusted=untrusted).for_top(Path(path))
                     bpath = pol.resolve(new_name, Path(path))
+                    # a file of the current chain is read as the chain has it open, whatever
+                    # -F says (qemu: bdrv_find_backing_image)
+                    in_chain = _chain_member(dev, bpath)
                     try:
-                        new_dev = api.open(bpath, "r", backing_fmt,
-                                           force_share=force_share, **kw)
-                        if new_dev.info().encrypted:
+                        if in_chain is None:
+                            new_dev = api.open(bpath, "r",
+                                               api.backing_format(backing_fmt, bpath),
+                                               force_share=force_share, **kw)
+                        if new_dev is not None and new_dev.info().encrypted:
                             raise MissingSecretError(
                                 "Parameter 'encrypt.key-secret' is required for cipher")
                     except DiskImgError as e:
                         cls = ImageLockedError if isinstance(e, ImageLockedError) \
                             else DiskImgError  # a held file stays an ImageLockedError
                         raise cls(f"Could not open new backing file '{bpath}': {e}") from e
-                _rebase_copy(dev, new_dev, progress)
+                _rebase_copy(dev, new_dev or in_chain, progress)
             finally:
                 if new_dev is not None:
                     new_dev.close()
@@ -261,6 +267,19 @@ def rebase(
         new_h = read_header(host)
         dev.header.backing_file = new_h.backing_file
         dev.header.extensions = new_h.extensions
+
+
+def _chain_member(dev: BlockDevice, path: Path) -> BlockDevice | None:
+    """The image of ``dev``'s backing chain that is the file ``path``, if any."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    for d in dev.chain()[1:]:
+        hst = os.fstat(d.host_files()[0].fd)
+        if (hst.st_dev, hst.st_ino) == (st.st_dev, st.st_ino):
+            return d
+    return None
 
 
 def _rebase_copy(dev: BlockDevice, new: BlockDevice | None,

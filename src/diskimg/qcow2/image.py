@@ -25,7 +25,7 @@ from diskimg.errors import (
 from diskimg.hostio import HostFile, open_host_file
 from diskimg.info_text import image_name
 from diskimg.plan import Run
-from diskimg.policy import OpenPolicy
+from diskimg.policy import OpenPolicy, combine
 from diskimg.qcow2 import cluster as C
 from diskimg.qcow2 import compressed_write as CW
 from diskimg.qcow2 import entries as E
@@ -76,10 +76,13 @@ class Qcow2Image(BlockDevice):
 
     def __init__(self, host: HostFile, *, secrets: Mapping[str, bytes] | None = None,
                  options: Mapping[str, str] | None = None,
-                 policy: OpenPolicy | None = None, for_check: bool = False) -> None:
+                 policy: OpenPolicy | None = None, for_check: bool = False,
+                 unlock: bool = True) -> None:
+        """``unlock``: try the key secret the options name now (qemu's open), not on the
+        first data access."""
         try:
             self._open(host, secrets=secrets, options=options, policy=policy,
-                       for_check=for_check)
+                       for_check=for_check, unlock=unlock)
         except BaseException:
             # the opener closes ``host``; a data file this image opened is its own to close
             if self.__dict__.get("_data_file_opened"):
@@ -88,7 +91,7 @@ class Qcow2Image(BlockDevice):
 
     def _open(self, host: HostFile, *, secrets: Mapping[str, bytes] | None,
               options: Mapping[str, str] | None, policy: OpenPolicy | None,
-              for_check: bool) -> None:
+              for_check: bool, unlock: bool) -> None:
         self.host = host
         self.filename = str(host.path)
         self.read_only = not host.writable
@@ -99,6 +102,10 @@ class Qcow2Image(BlockDevice):
         # tables past the end of the file are found when used (check reports them, as qemu)
         self.header = h = Header.parse(host.pread(0, cs))
         self.cs = cs
+        if self.options:
+            from diskimg.image_options import check_l2_cache_entry_size
+
+            check_l2_cache_entry_size(self.options, cs)
         self.cb = h.cluster_bits
         self.extended = h.extended_l2
         self.l2_entries = cs // (16 if self.extended else 8)
@@ -144,7 +151,7 @@ class Qcow2Image(BlockDevice):
             self.data_host = open_host_file(path, not self.read_only,
                                             lock_mode=host.locked)
             self._data_file_opened = True
-        if h.crypt_method and "encrypt.key-secret" in self.options:
+        if unlock and h.crypt_method and "encrypt.key-secret" in self.options:
             _ = self.cipher  # like qemu: a wrong passphrase fails the open
         from diskimg.qcow2.snapshot import SnapshotTable
 
@@ -476,13 +483,7 @@ class Qcow2Image(BlockDevice):
             except DiskImgError:
                 data["encrypt"] = {"format": "luks"}
         backing = h.backing_file
-        full = None
-        if backing is not None:
-            try:
-                full = str(self.policy.resolve(backing, self.host.path)) \
-                    if not backing.startswith("/") else backing
-            except Exception:  # info works without the backing file
-                full = str(self.host.path.parent / backing)
+        full = None if backing is None else combine(self.filename, backing)
         return ImageInfo(
             filename=image_name("qcow2", self.filename, self.options, ("encrypt.key-secret",)),
             format="qcow2",

@@ -215,7 +215,7 @@ def status(img: Qcow2Image, run: Run) -> Status:
     compressed or encrypted clusters; with a metadata-preallocated image (see
     ``Qcow2Image.metadata_preallocation``) a DATA run over holes of the host file is
     split there, the holes reading as zeros."""
-    fname = str(img.data_host.path)
+    fname = img.data_file_name or img.filename  # the image as named (./x stays)
     host = None if img.header.crypt_method else run.host
     kind, n = run.kind, run.length
     if kind is _DATA:

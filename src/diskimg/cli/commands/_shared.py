@@ -20,7 +20,6 @@ from diskimg.cli import errors
 from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
-from diskimg.options import RAW_WINDOW_OPTIONS
 from diskimg.units import INT64_MAX, SIZE_HELP, parse_size
 
 if TYPE_CHECKING:
@@ -118,39 +117,57 @@ def size_arg(text: str, what: str, minimum: int = 0, maximum: int = INT64_MAX) -
 
 
 def parse_image_opts(text: str) -> tuple[str, str | None, dict[str, str]]:
-    """``driver=qcow2,file.filename=X,encrypt.key-secret=s`` → (path, format, options)."""
-    if "=" not in opts.split_list(text)[0]:
+    """``driver=qcow2,file.filename=X,encrypt.key-secret=s`` → (path, format, options).
+    The ``file.`` options are checked here (the file protocol's); the format's options are
+    checked when the image opens (:mod:`diskimg.image_options`)."""
+    from diskimg.image_options import check_protocol, json_options
+
+    if text.startswith("json:"):  # a json:{...} name: the same options as a JSON object
+        try:
+            d = json_options(text)
+        except UsageError as e:
+            raise DiskImgError(f"Could not open '{text}': {e}") from None
+    elif "=" not in opts.split_list(text)[0]:
         raise DiskImgError(f"Could not open '{text}': Cannot find device='{text}' nor "
                            f"node-name='{text}'")
-    pairs = opts.parse_list(text)
-    d = dict(pairs)
+    else:
+        d = dict(opts.parse_list(text))
+    if "file" in d:  # a node name, which qemu-img never has
+        raise DiskImgError(f"Could not open '{text}': Cannot find device='{d['file']}' nor "
+                           f"node-name='{d['file']}'")
     fmt = d.pop("driver", None)
     path = d.pop("file.filename", None) or d.pop("filename", None)
-    if fmt == "file":
-        fmt = "raw"
     if path is None:
         raise DiskImgError(f"Could not open '{text}': A block device must be specified for "
                            '"file"')
-    rest = {k: v for k, v in d.items() if not k.startswith("file.")}
-    if fmt is not None and fmt not in KNOWN_FORMATS:
+    if fmt is not None and fmt not in KNOWN_FORMATS and fmt != "file":  # file: the bytes
         raise DiskImgError(f"Could not open '{text}': Unknown driver '{fmt}'")
-    for k in rest:
-        if fmt in (None, "raw") and k in RAW_WINDOW_OPTIONS:
-            continue  # raw's offset=/size= (checked when the image opens)
-        if fmt == "raw" or not (k.startswith("encrypt.") or fmt in (None, "qcow2", "vmdk")
-                                or (fmt == "luks" and k == "key-secret")):
-            raise DiskImgError(f"Could not open '{text}': Block format '{fmt or 'raw'}' does "
-                               f"not support the option '{k}'")
-    return path, fmt, rest
+    try:
+        check_protocol({k[5:]: v for k, v in d.items() if k.startswith("file.")})
+    except UsageError as e:
+        raise DiskImgError(f"Could not open '{text}': {e}", field=e.field) from None
+    return path, fmt, {k: v for k, v in d.items() if not k.startswith("file.")}
+
+
+def strip_file_protocol(name: str) -> str:
+    """An image name without qemu's ``file:`` protocol prefix (``file:x.qcow2`` is
+    ``x.qcow2``; ``file:a:b`` is ``./a:b``, which no protocol prefix can be read into,
+    as qemu names it)."""
+    if not name.startswith("file:"):
+        return name
+    name = name[5:]
+    return "./" + name if re.match(r"^[^/]*:", name) else name
 
 
 def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None, *,
                image_opts: bool = False, force_share: bool = False,
                backing: bool = True, need_key: bool = True,
-               for_check: bool = False) -> BlockDevice:
+               for_check: bool = False, metadata_only: bool = False) -> BlockDevice:
     """Open like qemu-img's ``img_open``: errors read ``Could not open 'NAME': reason``.
 
     ``need_key``: an encrypted image needs ``encrypt.key-secret`` (every command but info).
+    ``metadata_only``: qemu-img info's open (``BDRV_O_NO_IO``): a key secret named in the
+    image options need not exist, nor be right.
     """
     options: dict[str, str] = {}
     label = name
@@ -159,15 +176,17 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
         if fmt is not None:
             raise UsageError("--image-opts and --format are mutually exclusive")
         path, fmt, options = parse_image_opts(name)
-    if fmt is not None and fmt not in KNOWN_FORMATS:
+    elif name.startswith("json:"):
+        path, jfmt, options = parse_image_opts(name)
+        fmt = jfmt or fmt
+    else:
+        path = strip_file_protocol(name)
+    if fmt is not None and fmt not in KNOWN_FORMATS and not (image_opts and fmt == "file"):
         raise DiskImgError(f"Could not open '{label}': Unknown driver '{fmt}'")
-    sid = options.get("encrypt.key-secret", options.get("key-secret"))  # qcow2, luks
-    if sid is not None and sid not in ctx.secrets:
-        raise DiskImgError(f"Could not open '{label}': No secret with id '{sid}'")
     try:
         dev = api.open(path, mode, fmt, backing=backing, force_share=force_share,
                        untrusted=ctx.untrusted, secrets=ctx.secrets, options=options,
-                       for_check=for_check)
+                       for_check=for_check, metadata_only=metadata_only)
     except (DiskImgError, OSError) as e:
         raise errors.open_failure(label, e, fmt) from e
     key_option = "key-secret" if dev.format == "luks" else "encrypt.key-secret"
@@ -242,6 +261,7 @@ def probe_name(path: str) -> str:
 
 
 def resolve_backing(backing: str, image: str) -> str:
+    backing = strip_file_protocol(backing)
     if os.path.isabs(backing):
         return backing
     return os.path.join(os.path.dirname(image), backing)
@@ -282,30 +302,15 @@ def basic_schedule(printer: QemuProgress) -> Schedule:
 
 
 
-def path_and_format(a: argparse.Namespace, name: str, command: str,
-                    allowed: tuple[str, ...] = ()) -> tuple[str, str | None, dict[str, str]]:
+def path_and_format(a: argparse.Namespace,
+                    name: str) -> tuple[str, str | None, dict[str, str]]:
     """The file name, format and image options of FILE for commands that reopen it by
-    path (commit, rebase, amend): with ``--image-opts`` parsed by :func:`parse_image_opts`.
-    Image options other than ``allowed`` are refused (they could not be passed on)."""
-    if not a.image_opts:
+    path (commit, rebase, amend): with ``--image-opts`` parsed by :func:`parse_image_opts`
+    (the command's first open has checked the options)."""
+    if not a.image_opts and not name.startswith("json:"):
         return name, a.format, {}
-    path, fmt, rest = parse_image_opts(name)
-    for k in rest:
-        if k not in allowed:
-            raise UsageError(f"diskimg {command} does not support the image option '{k}'")
-    return path, fmt, rest
-
-
-_KEY_OPTION = r"^(backing\.)*encrypt\.key-secret$"  # compiled on first use
-
-
-def key_options(a: argparse.Namespace, name: str) -> tuple[str, ...]:
-    """The image options commit and rebase pass on: the key secrets of the image
-    (``encrypt.key-secret``) and of its backing files (``backing.encrypt.key-secret``,
-    ``backing.backing.encrypt.key-secret`` ...), as qemu-img accepts them."""
-    if not a.image_opts:
-        return ()
-    return tuple(k for k in parse_image_opts(name)[2] if re.match(_KEY_OPTION, k))
+    path, fmt, options = parse_image_opts(name)
+    return path, fmt or a.format, options
 
 
 def check_backing_keys(name: str, dev: BlockDevice) -> None:

@@ -82,7 +82,7 @@ def _amend(ctx: Context, a: argparse.Namespace, olist: str, printer: QemuProgres
             return
         if fmt != "qcow2":
             raise DiskImgError(f"Format driver '{fmt}' does not support option amendment")
-        path, _fmt, iopts = path_and_format(a, name, "amend", ("encrypt.key-secret",))
+        path, _fmt, iopts = path_and_format(a, name)
         values = am.validate_amend_options(opts.parse_list(olist))
         printer.report(0.0, 100)
         started.append(True)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from diskimg import api
 from diskimg.cli.commands._shared import (Context, add_common, basic_schedule, check_backing_keys,
-                                          key_options, one_file, opened, path_and_format, same_file,
+                                          one_file, opened, path_and_format, same_file,
                                           size_arg, target_cache)
 from diskimg.errors import DiskImgError
 
@@ -70,7 +70,7 @@ def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
         if dev.backing is None:
             raise DiskImgError("Image does not have a backing file")
         check_backing_keys(name, dev)
-    path, fmt, img_opts = path_and_format(a, name, "commit", key_options(a, name))
+    path, fmt, img_opts = path_and_format(a, name)
     prog = commit_progress(ctx, a, path, fmt)
     conv.commit(path, base=a.base, drop=a.drop, progress=prog if prog.enabled else None,
                 format=fmt, untrusted=ctx.untrusted, secrets=ctx.secrets, options=img_opts,

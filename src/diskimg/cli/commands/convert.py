@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from diskimg import options as opts
 from diskimg.cli.commands._shared import (Context, add_common, collect_o, option_list, open_image,
                                           parse_image_opts, print_help, size_arg, snapshot_param,
+                                          strip_file_protocol,
                                           target_cache)
 from diskimg.cli import errors
 from diskimg.cli.errors import prog
@@ -166,7 +167,7 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
             raise UsageError("No support for concatenating multiple snapshot")
         snap = snapshot_param(a.snapshot)
         target_cache(a)  # qemu-img checks -t after opening the sources (before the target)
-        dst_path, dst_opts = dst, dict[str, str]()
+        dst_path, dst_opts = strip_file_protocol(dst), dict[str, str]()
         if a.target_image_opts:
             dst_path, tfmt, dst_opts = parse_image_opts(dst)
             out_fmt = tfmt or out_fmt
@@ -206,7 +207,8 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
             prog.stop()
             if not a.target_exists and not created:
                 # the target could not be created: in qemu-img's words
-                raise DiskImgError(f"{dst_path}: error while converting {out_fmt}: "
+                label = dst_path if a.target_image_opts else dst  # file:X as given
+                raise DiskImgError(f"{label}: error while converting {out_fmt}: "
                                    f"{errors.create_reason(e, dst_path, exact=True)}") from e
             raise
         except BaseException:

@@ -9,7 +9,7 @@ import sys
 from diskimg import api
 from diskimg import options as opts
 from diskimg.cli.commands._shared import (Context, add_common, collect_o, option_list, print_help,
-                                          probe_name, resolve_backing)
+                                          probe_name, resolve_backing, strip_file_protocol)
 from diskimg.cli import errors
 from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.errors import DiskImgError, UsageError
@@ -71,7 +71,8 @@ def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
                 raise ExitCode(f"{filename}: Backing file specified without backing format\n"
                                f"Detected format of {probe_name(bpath)}.", 1, newline=False)
             try:
-                with api.open(bpath, "r", backing_fmt, force_share=True,
+                with api.open(bpath, "r", api.backing_format(backing_fmt, bpath),
+                              force_share=True,
                               untrusted=ctx.untrusted, secrets=ctx.secrets) as b:
                     if size is None:
                         size = b.size
@@ -107,8 +108,9 @@ def create_image(ctx: Context, filename: str, fmt: str, size: int | None,
                    if k not in ("size", "backing_file", "backing_fmt", "nocow",
                                 "extent_size_hint")}
     try:
-        api.create(filename, fmt, size, backing_file=backing, backing_fmt=backing_fmt,
-                   unsafe=True, options=create_opts, secrets=ctx.secrets)
+        api.create(strip_file_protocol(filename), fmt, size, backing_file=backing,
+                   backing_fmt=backing_fmt, unsafe=True, options=create_opts,
+                   secrets=ctx.secrets)
     except (DiskImgError, OSError) as e:
         raise fail(errors.create_reason(e, filename)) from e
 

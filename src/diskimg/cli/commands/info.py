@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from diskimg.cli import errors, output
-from diskimg.cli.commands._shared import (Context, add_common, one_file, opened, output_format,
-                                          same_file)
+from diskimg.cli.commands._shared import (Context, add_common, one_file, open_image, opened,
+                                          output_format, same_file)
 from diskimg.errors import DiskImgError
 
 USAGE = '[-f FMT] [--output=human|json] [--backing-chain] [-U] [--object OBJ] [--image-opts] FILE'
@@ -27,7 +27,8 @@ def _check_chain_names(ctx: Context, name: str, a: argparse.Namespace) -> None:
     'B': ...``."""
     try:
         with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
-                    force_share=a.force_share, need_key=False, backing=True):
+                    force_share=a.force_share, need_key=False, backing=True,
+                    metadata_only=True):
             return
     except DiskImgError as e:
         looped = e.__cause__ if isinstance(e.__cause__, DiskImgError) else e
@@ -44,9 +45,12 @@ def cmd_info(ctx: Context, a: argparse.Namespace) -> int:
     ofmt = output_format(a.output)
     name = one_file(a)
     if a.backing_chain:
+        if a.image_opts:  # qemu opens each image without its backing file: no backing.*
+            open_image(ctx, name, "r", a.format, image_opts=True, force_share=a.force_share,
+                       need_key=False, backing=False, metadata_only=True).close()
         _check_chain_names(ctx, name, a)
     with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
-                force_share=a.force_share, need_key=False,
+                force_share=a.force_share, need_key=False, metadata_only=True,
                 backing=bool(a.backing_chain)) as dev:  # info needs no backing file
         devs = dev.chain() if a.backing_chain else [dev]
         infos = [d.info().to_json() for d in devs]

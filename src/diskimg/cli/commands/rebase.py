@@ -7,8 +7,8 @@ import os
 from typing import TYPE_CHECKING
 
 from diskimg import api
-from diskimg.cli.commands._shared import (KNOWN_FORMATS, Context, add_common, basic_schedule,
-                                          check_backing_keys, key_options, one_file, opened,
+from diskimg.cli.commands._shared import (Context, add_common, basic_schedule,
+                                          check_backing_keys, one_file, opened,
                                           path_and_format, resolve_backing, same_file,
                                           target_cache)
 from diskimg.cli.errors import CommandLineError
@@ -66,7 +66,7 @@ def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
     name = one_file(a)
     if not a.unsafe and a.backing is None:
         raise CommandLineError("Must specify backing file (-b) or use unsafe mode (-u)")
-    if a.backing_fmt is not None and a.backing_fmt not in KNOWN_FORMATS:
+    if a.backing_fmt is not None and a.backing_fmt not in api.BACKING_FORMATS:
         raise UsageError(f"Invalid format name: '{a.backing_fmt}'")
     target_cache(a)
     backing = a.backing or None
@@ -75,7 +75,7 @@ def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
         fmt = dev.format
         if not a.unsafe:
             check_backing_keys(name, dev)
-    path, path_fmt, img_opts = path_and_format(a, name, "rebase", key_options(a, name))
+    path, path_fmt, img_opts = path_and_format(a, name)
     if fmt != "qcow2":
         raise DiskImgError(f"Could not change the backing file to '{a.backing or ''}': "
                            "Operation not supported")

@@ -329,12 +329,14 @@ def plan_keyslot_amend(header: LuksHeader, area: bytes | bytearray | memoryview,
         if not 0 <= keyslot < LUKS_NUM_SLOTS:
             raise UsageError(f"Invalid keyslot {keyslot} specified, must be between 0 and "
                              f"{LUKS_NUM_SLOTS - 1}")
-        if keyslot not in active:
-            raise UsageError(f"Given keyslot {keyslot} is already erased (inactive) ")
         if old_pw is not None and not slot_opens(header, area, keyslot, old_pw,
                                                  max_iterations):
             raise InvalidPassphraseError(f"Given keyslot {keyslot} doesn't contain the given "
                                          "old password for erase operation")
+        # --force skips both checks, as in qemu: an inactive slot is erased again (its
+        # salt and iterations zeroed, its key material overwritten)
+        if not force and keyslot not in active:
+            raise UsageError(f"Given keyslot {keyslot} is already erased (inactive) ")
         if not force and len(active) == 1:
             raise UsageError(f"Attempt to erase the only active keyslot {keyslot} which will "
                              "erase all the data in the image irreversibly - refusing "
