@@ -137,8 +137,10 @@ class _Copier:
             self.flush_pending()
             self.tgt.write_zeroes(off, n, may_unmap=True)
 
-    def data(self, off: int, buf: Any, n: int) -> None:
-        """Write ``buf[:n]`` (bytes, bytearray or mmap) at ``off``, sparsely."""
+    def data(self, off: int, buf: Any, n: int,
+             runs: list[tuple[int, int, bool]] | None = None) -> None:
+        """Write ``buf[:n]`` (bytes, bytearray or mmap) at ``off``, sparsely: ``runs`` are
+        its sparse runs when already found (:meth:`_scan`, on the read-ahead thread)."""
         if self.compress:
             self._write_compressed(off, buf, n)
             return
@@ -146,7 +148,9 @@ class _Copier:
         if self.min_sparse == 0:
             self.write(off, mv[:n])
             return
-        for s, ln, is_data in sparse_runs(buf, n, self.min_sparse, off, self.alignment):
+        if runs is None:
+            runs = sparse_runs(buf, n, self.min_sparse, off, self.alignment)
+        for s, ln, is_data in runs:
             if is_data:
                 self.write(off + s, mv[s : s + ln])
             else:
@@ -393,8 +397,8 @@ class _Copier:
                 self._put(kind, base + pos, buf if kind is _DATA else runs, n)
             self.flush_pending()
             return
-        with _ReadAhead(src, self._plan(src, base)) as ahead:
-            for kind, pos, n, item in ahead:
+        with _ReadAhead(src, self._plan(src, base), self._scan(base)) as ahead:
+            for kind, pos, n, item, runs in ahead:
                 if isinstance(item, _Decoded):  # compressed clusters decoded by the pool
                     item.future.result()
                     if self.limit is not None:
@@ -404,10 +408,23 @@ class _Copier:
                     continue
                 if kind is _DATA and self.limit is not None:
                     self.limit(n)
-                self._put(kind, base + pos, item, n)
+                self._put(kind, base + pos, item, n, runs)
                 if kind is _DATA:
                     ahead.release(item)
             self.flush_pending()
+
+    def _scan(self, base: int) -> Callable[[Any, int, int], list[tuple[int, int, bool]]] | None:
+        """The zero scan of a data buffer of the source copied to ``base``, for the
+        read-ahead thread to run (the same :func:`sparse_runs` :meth:`data` would run,
+        with the same target offset): None when :meth:`data` does not scan."""
+        if self.compress or self.min_sparse == 0:
+            return None
+        min_sparse, alignment = self.min_sparse, self.alignment
+
+        def scan(buf: Any, n: int, pos: int) -> list[tuple[int, int, bool]]:
+            return sparse_runs(buf, n, min_sparse, base + pos, alignment)
+
+        return scan
 
     def _put_decoded(self, off: int, item: _Decoded, n: int) -> None:
         """Write decoded compressed clusters gathered in ``item.buf[:n]``.  Sparse
@@ -422,12 +439,14 @@ class _Copier:
             self._put(_DATA, off + at, buf[at : at + k], k)
             at += k
 
-    def _put(self, kind: RunKind, off: int, item: Any, n: int) -> None:
-        """Write one plan item: ``item`` is the buffer of a data run, or the list of the
-        merged status runs of a zero or backing run (None: one run)."""
+    def _put(self, kind: RunKind, off: int, item: Any, n: int,
+             runs: list[tuple[int, int, bool]] | None = None) -> None:
+        """Write one plan item: ``item`` is the buffer of a data run (``runs`` its sparse
+        runs, when scanned already), or the list of the merged status runs of a zero or
+        backing run (None: one run)."""
         if kind is _DATA:
             assert item is not None
-            self.data(off, item, n)
+            self.data(off, item, n, runs)
             self.tick(n)
             return
         for k in item or (n,):
