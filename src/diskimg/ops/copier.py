@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice
@@ -97,7 +96,6 @@ class Salvage:
         self._say(f"error while reading block status at offset {pos}: Input/output error")
 
 
-@dataclass(slots=True)
 class _Copier:
     """qemu-img convert's copy loop.  ``zero_init``: the target reads as zeros wherever
     nothing is written (a new target without backing file whose format says so, see
@@ -107,26 +105,33 @@ class _Copier:
     ``backing_end``: the size of a new target's backing file, past which the target reads
     zeros of its own (zero runs there are left to it, as qemu does), None if unknown."""
 
-    tgt: BlockDevice
-    zero_init: bool
-    target_backing: bool
-    backing_end: int | None
-    min_sparse: int
-    alignment: int
-    compress: bool
-    total: int
-    done: int = 0
-    progress: ProgressFn | None = None
-    # write combining: small data pieces that follow each other in guest order are
-    # gathered here and written with one call (the zero detection is unchanged: it still
-    # runs on each block-status run, as qemu-img's does)
-    pend: bytearray | None = None
-    pend_off: int = 0
-    pend_len: int = 0
-    #: ``-r``: called with the length of each data run before it is read
-    limit: Callable[[int], None] | None = None
-    #: ``--salvage``: unreadable source ranges become zeros (reads are not pipelined)
-    salvage: Salvage | None = None
+    # a slotted class with its own __init__ (no dataclasses: the copy path does not
+    # import it, see issue 20)
+    __slots__ = ("tgt", "zero_init", "target_backing", "backing_end", "min_sparse",
+                 "alignment", "compress", "total", "done", "progress", "pend", "pend_off",
+                 "pend_len", "limit", "salvage")
+
+    def __init__(self, tgt: BlockDevice, zero_init: bool, target_backing: bool,
+                 backing_end: int | None, min_sparse: int, alignment: int, compress: bool,
+                 total: int, done: int = 0, progress: ProgressFn | None = None,
+                 limit: Callable[[int], None] | None = None,
+                 salvage: Salvage | None = None) -> None:
+        self.tgt = tgt
+        self.zero_init, self.target_backing = zero_init, target_backing
+        self.backing_end = backing_end
+        self.min_sparse, self.alignment = min_sparse, alignment
+        self.compress, self.total, self.done = compress, total, done
+        self.progress = progress
+        # write combining: small data pieces that follow each other in guest order are
+        # gathered here and written with one call (the zero detection is unchanged: it
+        # still runs on each block-status run, as qemu-img's does)
+        self.pend: bytearray | None = None
+        self.pend_off = 0
+        self.pend_len = 0
+        #: ``-r``: called with the length of each data run before it is read
+        self.limit = limit
+        #: ``--salvage``: unreadable source ranges become zeros (reads are not pipelined)
+        self.salvage = salvage
 
     def zero(self, off: int, n: int) -> None:
         if self.min_sparse == 0:

@@ -12,7 +12,6 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice
@@ -105,14 +104,14 @@ _COMBINE_BELOW = 256 << 10  # data pieces shorter than this are gathered into on
 _BUFFERS = 4  # chunk buffers of a pipelined copy (one being written, the rest read ahead)
 
 
-@dataclass(slots=True)
 class _Decoded:
     """Consecutive compressed clusters being decoded into ``buf`` by the pool: ``pieces``
     are their block-status runs (guest position, length), in order."""
 
-    future: Future[None]
-    buf: Any
-    pieces: list[tuple[int, int]]
+    __slots__ = ("future", "buf", "pieces")
+
+    def __init__(self, future: Future[None], buf: Any, pieces: list[tuple[int, int]]) -> None:
+        self.future, self.buf, self.pieces = future, buf, pieces
 
 
 #: what a ``scan`` of :class:`_ReadAhead` returns for a data buffer (the copier's sparse
