@@ -125,3 +125,10 @@ def test_sparse_runs_same_on_bytearray_and_mmap(kind: str) -> None:
     for s, ln, is_data in ref:
         if not is_data:
             assert bytes(data[s : s + ln]) == bytes(ln)
+
+
+def test_zero_fill_of_a_wider_format_view_clears_every_byte() -> None:
+    m = aligned_buffer(1 << 20)
+    m[:] = b"\xaa" * (1 << 20)
+    zero_fill(memoryview(m)[8:].cast("Q"))  # 131071 items, 8 bytes each
+    assert bytes(m[:8]) == b"\xaa" * 8 and bytes(m[8:]) == bytes((1 << 20) - 8)

@@ -45,7 +45,9 @@ def zero_fill(buf: memoryview) -> None:
     ``memset`` (half the time of a copy from a zero buffer, which reads as much as it
     writes), a small one (or where ctypes is missing) by copying from one shared zero
     buffer."""
-    n = len(buf)
+    if buf.format != "B" or buf.ndim != 1:
+        buf = buf.cast("B")
+    n = buf.nbytes
     if n >= _MEMSET_MIN and _memset_zero(buf, n):
         return
     z = len(_ZEROS)
