@@ -69,6 +69,12 @@ map and check of the big one are timed against the same diskimg command on the s
 (target 1.5: cost follows allocated data, not virtual size), qemu-img on the big one is
 shown for information.
 
+Floor per row (issue 20 item 2): every job with a Python candidate also runs ``python -c
+pass`` in its rounds; the table gives its median and the row's ratio net of it, (candidate -
+floor) / reference (the floor is taken off the Python readers libqcow- and
+libvmdk-python too), so a miss at a small size shows how much of it is the interpreter's
+start-up alone.
+
 ``--baseline SRC`` adds, for every diskimg variant, the same command run with
 ``PYTHONPATH=SRC`` (e.g. ``git archive HEAD src | tar -x -C /tmp/base``), interleaved in the
 same rounds: before/after numbers measured under the same conditions.
@@ -223,6 +229,9 @@ class Job:
     src_fmt: str = "raw"
     load: tuple[float, float] = (0.0, 0.0)
     encrypted: tuple[bool, bool] = (False, False)  # (source, output) need LUKS_SECRET
+    #: ``python -c pass`` run in the same rounds (the start-up floor of the Python
+    #: candidates, see :func:`add_floors`); not a row of its own
+    floor: Variant | None = None
 
 
 # child-process scripts (argv: see each).  convert's source-format keyword is format=
@@ -575,6 +584,15 @@ def scale_jobs(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> list[
     return jobs
 
 
+def add_floors(jobs: list[Job]) -> None:
+    """Give every job with a Python candidate the floor variant (``python -c pass``), timed
+    interleaved with it: the report shows each such row's ratio net of the floor, i.e. how
+    much of a miss the interpreter's start-up alone accounts for (issue 20 item 2)."""
+    for job in jobs:
+        if job.name != "start-up floor" and any(c.cmd[0] == PY for c in job.cands):
+            job.floor = Variant(FLOOR_LABEL, [PY, "-c", "pass"])
+
+
 def add_baseline(jobs: list[Job], src: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(src))
     for job in jobs:
@@ -610,7 +628,7 @@ def run_jobs(jobs: list[Job], repeat: int, timeout: float, qemu_img: str,
     for job in jobs:
         print(f"== {job.name}  (load {os.getloadavg()[0]:.2f})", flush=True)
         l0 = os.getloadavg()[0]
-        variants = [*job.refs, *job.cands]
+        variants = [*job.refs, *job.cands, *([job.floor] if job.floor else [])]
         for _ in range(warmup):  # untimed: the first round of a job is slow for every tool
             for v in variants:
                 if v.out is not None:
@@ -668,10 +686,12 @@ def _secs(t: float | None) -> str:
 def report(jobs: list[Job], meta: dict[str, str]) -> str:
     lines = ["| job | candidate | reference | cand median s | ref median s | ratio | target "
              "| met | CPU-time ratio | cand peak RSS MiB | ref peak RSS MiB | load before/after "
-             "| note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| floor s | ratio net of floor | CPU-time ratio net of floor | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     met = missed = 0
     for job in jobs:
+        fm = _median(job.floor) if job.floor is not None else None
+        fcpu = _cpu(job.floor) if job.floor is not None else None
         for c in job.cands:
             cm, crss, ccpu = _median(c), _rss(c), _cpu(c)
             for ref in job.refs:
@@ -679,6 +699,18 @@ def report(jobs: list[Job], meta: dict[str, str]) -> str:
                 cpu_ratio = f"{ccpu / rcpu:.2f}" if (ccpu is not None and rcpu) else "-"
                 target = job.targets.get(ref.label)
                 ratio = cm / rm if (cm is not None and rm) else None
+                # the ratio without the interpreter's start-up: (candidate - floor) / ref,
+                # the floor taken off a Python reference (libqcow/libvmdk-python) too
+                net = None
+                if ratio is not None and rm is not None and fm is not None \
+                        and c.cmd[0] == PY:
+                    rnet = rm - fm if ref.cmd[0] == PY else rm
+                    net = (cm - fm) / rnet if (cm is not None and rnet > 0) else None
+                # the same with CPU times (user + system): less sensitive to other load
+                cnet = None
+                if net is not None and ccpu is not None and rcpu and fcpu is not None:
+                    rcnet = rcpu - fcpu if ref.cmd[0] == PY else rcpu
+                    cnet = (ccpu - fcpu) / rcnet if rcnet > 0 else None
                 ok = ""
                 if ratio is not None and target is not None:
                     good = ratio <= target and crss is not None and crss <= RSS_TARGET_MIB
@@ -692,7 +724,10 @@ def report(jobs: list[Job], meta: dict[str, str]) -> str:
                     f"{'-' if target is None else f'≤ {target:.2f}'} | {ok} | {cpu_ratio} | "
                     f"{'-' if crss is None else f'{crss:.0f}'} | "
                     f"{'-' if rrss is None else f'{rrss:.0f}'} | "
-                    f"{job.load[0]:.1f}/{job.load[1]:.1f} | {c.note or ref.note} |")
+                    f"{job.load[0]:.1f}/{job.load[1]:.1f} | "
+                    f"{_secs(fm) if net is not None else '-'} | "
+                    f"{'-' if net is None else f'{net:.2f}'} | "
+                    f"{'-' if cnet is None else f'{cnet:.2f}'} | {c.note or ref.note} |")
     meta = dict(meta, **{"targets met": f"{met} of {met + missed} rated rows "
                          f"(a row is met when ratio ≤ target and peak RSS ≤ "
                          f"{RSS_TARGET_MIB} MiB)"})
@@ -707,7 +742,11 @@ def report(jobs: list[Job], meta: dict[str, str]) -> str:
         processes) is less sensitive to other load on the machine, but it is not the target:
         a tool using two cores well has a higher CPU time and a lower wall time. Rows against
         `qemu-img -W` (out-of-order writes, both cores) are informational: issue 7's `-c`
-        targets are set against qemu-img's default.
+        targets are set against qemu-img's default. "floor s" is the median of `python -c
+        pass` timed in the same rounds as the row (the interpreter's start-up, which no
+        change to diskimg removes); "ratio net of floor" is (candidate - floor) / reference
+        (reference - floor for the Python readers libqcow/libvmdk-python): how much of a
+        miss the start-up floor accounts for; the last ratio is the same with CPU times.
 
         """) + head + "\n\n" + "\n".join(lines) + "\n"
 
@@ -806,6 +845,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.only:
             jobs = [j for j in jobs if any(o in j.name for o in ns.only)]
         jobs = [j for j in jobs if not any(o in j.name for o in ns.skip)]
+        add_floors(jobs)
         if ns.baseline is not None:
             add_baseline(jobs, ns.baseline.resolve())
         run_jobs(jobs, ns.repeat, ns.timeout, qemu_img, ns.warmup)

@@ -41,36 +41,54 @@ _ZEROS = memoryview(_ZERO_BYTES)
 
 
 def zero_fill(buf: memoryview) -> None:
-    """Set ``buf`` to zeros by copying from one shared zero buffer: no allocation (a
-    fresh ``bytes(n)`` costs a memset and, when large, page faults on top of the copy)."""
-    n = len(buf)
+    """Set ``buf`` (writable) to zeros without allocating: a large one with one libc
+    ``memset`` (half the time of a copy from a zero buffer, which reads as much as it
+    writes), a small one (or where ctypes is missing) by copying from one shared zero
+    buffer."""
+    if buf.format != "B" or buf.ndim != 1:
+        buf = buf.cast("B")
+    n = buf.nbytes
+    if n >= _MEMSET_MIN and _memset_zero(buf, n):
+        return
     z = len(_ZEROS)
     for p in range(0, n, z):
         k = min(z, n - p)
         buf[p : p + k] = _ZEROS[:k]
 
 
+_MEMSET_MIN = 64 << 10
+
+
+def _memset_zero(buf: memoryview, n: int) -> bool:
+    """``memset(buf, 0, n)`` through ctypes (imported here: large reads load it anyway,
+    see :func:`is_aligned`); False when ctypes cannot address the buffer."""
+    try:
+        import ctypes
+
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(buf)), 0, n)
+    except (ImportError, TypeError, ValueError):  # pragma: no cover - no ctypes here
+        return False
+    return True
+
+
 def all_zero(buf: bytes | bytearray | memoryview) -> bool:
     """Whether ``buf`` (any bytes-like object) holds only zero bytes: the one zero test of
     the project.  A non-zero first byte answers at once; otherwise the buffer is compared a
-    MiB at a time against one shared zero ``bytes`` (bytes/bytearray equality with bytes
-    is a memcmp; memoryview equality, on either side, runs item by item, so views are
-    compared as bytes and never against the ``_ZEROS`` view)."""
-    mv = buf if isinstance(buf, memoryview) else None
-    if mv is not None and (mv.format != "B" or mv.ndim != 1):
+    MiB at a time against one shared zero ``bytes`` with ``bytes.startswith``, which takes
+    any buffer and is a memcmp: no copy of ``buf`` (a slice of a bytearray or an mmap
+    copies, and memoryview equality runs item by item)."""
+    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+    if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
-    n = len(buf) if mv is None else mv.nbytes
+    n = mv.nbytes
     if n == 0:
         return True
-    if (buf if mv is None else mv)[0]:
+    if mv[0]:
         return False
-    z = len(_ZEROS)
-    if mv is not None:
-        return all(mv[p : p + z].tobytes() == _ZERO_BYTES[: min(z, n - p)]
-                   for p in range(0, n, z))
+    z = len(_ZERO_BYTES)
     if n <= z:
-        return buf == _ZERO_BYTES[:n]
-    return all(buf[p : p + z] == _ZERO_BYTES[: min(z, n - p)] for p in range(0, n, z))
+        return _ZERO_BYTES.startswith(mv)
+    return all(_ZERO_BYTES.startswith(mv[p : p + z]) for p in range(0, n, z))
 
 
 def is_aligned(buf: memoryview) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice
@@ -97,7 +96,6 @@ class Salvage:
         self._say(f"error while reading block status at offset {pos}: Input/output error")
 
 
-@dataclass(slots=True)
 class _Copier:
     """qemu-img convert's copy loop.  ``zero_init``: the target reads as zeros wherever
     nothing is written (a new target without backing file whose format says so, see
@@ -107,26 +105,33 @@ class _Copier:
     ``backing_end``: the size of a new target's backing file, past which the target reads
     zeros of its own (zero runs there are left to it, as qemu does), None if unknown."""
 
-    tgt: BlockDevice
-    zero_init: bool
-    target_backing: bool
-    backing_end: int | None
-    min_sparse: int
-    alignment: int
-    compress: bool
-    total: int
-    done: int = 0
-    progress: ProgressFn | None = None
-    # write combining: small data pieces that follow each other in guest order are
-    # gathered here and written with one call (the zero detection is unchanged: it still
-    # runs on each block-status run, as qemu-img's does)
-    pend: bytearray | None = None
-    pend_off: int = 0
-    pend_len: int = 0
-    #: ``-r``: called with the length of each data run before it is read
-    limit: Callable[[int], None] | None = None
-    #: ``--salvage``: unreadable source ranges become zeros (reads are not pipelined)
-    salvage: Salvage | None = None
+    # a slotted class with its own __init__ (no dataclasses: the copy path does not
+    # import it, see issue 20)
+    __slots__ = ("tgt", "zero_init", "target_backing", "backing_end", "min_sparse",
+                 "alignment", "compress", "total", "done", "progress", "pend", "pend_off",
+                 "pend_len", "limit", "salvage")
+
+    def __init__(self, tgt: BlockDevice, zero_init: bool, target_backing: bool,
+                 backing_end: int | None, min_sparse: int, alignment: int, compress: bool,
+                 total: int, done: int = 0, progress: ProgressFn | None = None,
+                 limit: Callable[[int], None] | None = None,
+                 salvage: Salvage | None = None) -> None:
+        self.tgt = tgt
+        self.zero_init, self.target_backing = zero_init, target_backing
+        self.backing_end = backing_end
+        self.min_sparse, self.alignment = min_sparse, alignment
+        self.compress, self.total, self.done = compress, total, done
+        self.progress = progress
+        # write combining: small data pieces that follow each other in guest order are
+        # gathered here and written with one call (the zero detection is unchanged: it
+        # still runs on each block-status run, as qemu-img's does)
+        self.pend: bytearray | None = None
+        self.pend_off = 0
+        self.pend_len = 0
+        #: ``-r``: called with the length of each data run before it is read
+        self.limit = limit
+        #: ``--salvage``: unreadable source ranges become zeros (reads are not pipelined)
+        self.salvage = salvage
 
     def zero(self, off: int, n: int) -> None:
         if self.min_sparse == 0:
@@ -137,8 +142,10 @@ class _Copier:
             self.flush_pending()
             self.tgt.write_zeroes(off, n, may_unmap=True)
 
-    def data(self, off: int, buf: Any, n: int) -> None:
-        """Write ``buf[:n]`` (bytes, bytearray or mmap) at ``off``, sparsely."""
+    def data(self, off: int, buf: Any, n: int,
+             runs: list[tuple[int, int, bool]] | None = None) -> None:
+        """Write ``buf[:n]`` (bytes, bytearray or mmap) at ``off``, sparsely: ``runs`` are
+        its sparse runs when already found (:meth:`_scan`, on the read-ahead thread)."""
         if self.compress:
             self._write_compressed(off, buf, n)
             return
@@ -146,7 +153,9 @@ class _Copier:
         if self.min_sparse == 0:
             self.write(off, mv[:n])
             return
-        for s, ln, is_data in sparse_runs(buf, n, self.min_sparse, off, self.alignment):
+        if runs is None:
+            runs = sparse_runs(buf, n, self.min_sparse, off, self.alignment)
+        for s, ln, is_data in runs:
             if is_data:
                 self.write(off + s, mv[s : s + ln])
             else:
@@ -393,8 +402,8 @@ class _Copier:
                 self._put(kind, base + pos, buf if kind is _DATA else runs, n)
             self.flush_pending()
             return
-        with _ReadAhead(src, self._plan(src, base)) as ahead:
-            for kind, pos, n, item in ahead:
+        with _ReadAhead(src, self._plan(src, base), self._scan(base)) as ahead:
+            for kind, pos, n, item, runs in ahead:
                 if isinstance(item, _Decoded):  # compressed clusters decoded by the pool
                     item.future.result()
                     if self.limit is not None:
@@ -404,10 +413,23 @@ class _Copier:
                     continue
                 if kind is _DATA and self.limit is not None:
                     self.limit(n)
-                self._put(kind, base + pos, item, n)
+                self._put(kind, base + pos, item, n, runs)
                 if kind is _DATA:
                     ahead.release(item)
             self.flush_pending()
+
+    def _scan(self, base: int) -> Callable[[Any, int, int], list[tuple[int, int, bool]]] | None:
+        """The zero scan of a data buffer of the source copied to ``base``, for the
+        read-ahead thread to run (the same :func:`sparse_runs` :meth:`data` would run,
+        with the same target offset): None when :meth:`data` does not scan."""
+        if self.compress or self.min_sparse == 0:
+            return None
+        min_sparse, alignment = self.min_sparse, self.alignment
+
+        def scan(buf: Any, n: int, pos: int) -> list[tuple[int, int, bool]]:
+            return sparse_runs(buf, n, min_sparse, base + pos, alignment)
+
+        return scan
 
     def _put_decoded(self, off: int, item: _Decoded, n: int) -> None:
         """Write decoded compressed clusters gathered in ``item.buf[:n]``.  Sparse
@@ -422,12 +444,14 @@ class _Copier:
             self._put(_DATA, off + at, buf[at : at + k], k)
             at += k
 
-    def _put(self, kind: RunKind, off: int, item: Any, n: int) -> None:
-        """Write one plan item: ``item`` is the buffer of a data run, or the list of the
-        merged status runs of a zero or backing run (None: one run)."""
+    def _put(self, kind: RunKind, off: int, item: Any, n: int,
+             runs: list[tuple[int, int, bool]] | None = None) -> None:
+        """Write one plan item: ``item`` is the buffer of a data run (``runs`` its sparse
+        runs, when scanned already), or the list of the merged status runs of a zero or
+        backing run (None: one run)."""
         if kind is _DATA:
             assert item is not None
-            self.data(off, item, n)
+            self.data(off, item, n, runs)
             self.tick(n)
             return
         for k in item or (n,):

@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice
@@ -98,37 +97,48 @@ def _kind_runs(kinds: list[RunKind], cs: int,
         p = q
 
 
+#: what :class:`_ReadAhead` yields: (kind, pos, n, item, scanned)
+_Item = tuple[RunKind, int, int, Any, Any]
+
 _COMBINE_BELOW = 256 << 10  # data pieces shorter than this are gathered into one write
 _BUFFERS = 4  # chunk buffers of a pipelined copy (one being written, the rest read ahead)
 
 
-@dataclass(slots=True)
 class _Decoded:
     """Consecutive compressed clusters being decoded into ``buf`` by the pool: ``pieces``
     are their block-status runs (guest position, length), in order."""
 
-    future: Future[None]
-    buf: Any
-    pieces: list[tuple[int, int]]
+    __slots__ = ("future", "buf", "pieces")
+
+    def __init__(self, future: Future[None], buf: Any, pieces: list[tuple[int, int]]) -> None:
+        self.future, self.buf, self.pieces = future, buf, pieces
+
+
+#: what a ``scan`` of :class:`_ReadAhead` returns for a data buffer (the copier's sparse
+#: runs), handed to the consumer with the buffer
+Scan = Callable[[Any, int, int], Any]
 
 
 class _ReadAhead:
     """Reads the data runs of a plan on a background thread into a small ring of CHUNK
-    buffers; iterating yields ``(kind, pos, n, item)`` in plan order, ``item`` being the
-    buffer (data), the lengths of the runs merged (zero, backing) or, for a run of whole
-    compressed clusters (up to CHUNK bytes, several plan runs), a :class:`_Decoded`.
-    Return each buffer with :meth:`release` once written.  Errors of the reader are raised
-    by the iteration; leaving the ``with`` block stops the reader."""
+    buffers; iterating yields ``(kind, pos, n, item, scanned)`` in plan order, ``item``
+    being the buffer (data), the lengths of the runs merged (zero, backing) or, for a run
+    of whole compressed clusters (up to CHUNK bytes, several plan runs), a
+    :class:`_Decoded`.  ``scan(buf, n, pos)``, when given, runs on the reader thread on each
+    data buffer just read, and ``scanned`` is its result (None otherwise): the copier's
+    zero scan overlaps the writes instead of delaying them.  Return each buffer with
+    :meth:`release` once written.  Errors of the reader (and of ``scan``) are raised by
+    the iteration; leaving the ``with`` block stops the reader."""
 
     def __init__(self, src: BlockDevice,
-                 plan: Iterator[tuple[RunKind, int, int, list[int] | None]]) -> None:
-        self.src, self.plan = src, plan
+                 plan: Iterator[tuple[RunKind, int, int, list[int] | None]],
+                 scan: Scan | None = None) -> None:
+        self.src, self.plan, self.scan = src, plan, scan
         self.decoder = _ClusterDecoder.for_device(src)
         self.free: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(_BUFFERS):
             self.free.put(aligned_buffer(CHUNK))
-        self.ready: queue.Queue[tuple[RunKind, int, int, Any] | BaseException | None] = \
-            queue.Queue(4 * _BUFFERS)
+        self.ready: queue.Queue[_Item | BaseException | None] = queue.Queue(4 * _BUFFERS)
         self.stop = False
         self.thread = threading.Thread(target=self._run, name="diskimg-readahead",
                                        daemon=True)
@@ -144,7 +154,7 @@ class _ReadAhead:
         if self.decoder is not None:
             self.decoder.close()
 
-    def _send(self, item: tuple[RunKind, int, int, Any] | BaseException | None) -> bool:
+    def _send(self, item: _Item | BaseException | None) -> bool:
         """Queue ``item`` for the consumer; False when the consumer has gone."""
         while not self.stop:
             try:
@@ -166,7 +176,7 @@ class _ReadAhead:
         fut = self.decoder.decode_into(list(batch), buf)
         total = sum(n for _, n in pieces)
         batch.clear()
-        return self._send((_DATA, pieces[0][0], total, _Decoded(fut, buf, pieces)))
+        return self._send((_DATA, pieces[0][0], total, _Decoded(fut, buf, pieces), None))
 
     def _run(self) -> None:
         try:
@@ -188,19 +198,22 @@ class _ReadAhead:
                     return
                 size = 0
                 buf: Any = runs  # zero and backing runs: what they merge
+                scanned = None
                 if kind is _DATA:
                     buf = self.free.get()
                     if buf is None or self.stop:
                         return
                     self.src.readinto(pos, memoryview(buf)[:n])
-                if not self._send((kind, pos, n, buf)):
+                    if self.scan is not None:
+                        scanned = self.scan(buf, n, pos)
+                if not self._send((kind, pos, n, buf, scanned)):
                     return
             if self._flush_batch(batch):
                 self._send(None)
         except BaseException as e:  # handed to the consumer, raised there
             self._send(e)
 
-    def __iter__(self) -> Iterator[tuple[RunKind, int, int, Any]]:
+    def __iter__(self) -> Iterator[_Item]:
         while True:
             item = self.ready.get()
             if item is None:

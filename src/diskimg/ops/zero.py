@@ -12,22 +12,25 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
 
 
 from diskimg.hostio import all_zero
-from diskimg.ops.common import _ZEROS, SECTOR
+from diskimg.ops.common import _ZEROS, CHUNK, SECTOR
 
 _ZERO_SECTOR = bytes(SECTOR)
 _ZERO_WORD = bytes(8)
 _NONZERO = re.compile(rb"[^\x00]")
 
-def _nonzero_at(buf: bytes | bytearray, pos: int, end: int) -> int:
+def _nonzero_at(buf: Any, pos: int, end: int) -> int:
     """First index in [pos, end) of a non-zero byte, else ``end``.
 
-    Skips zero blocks with slice comparisons (memcmp speed) and only runs the regex on
-    the one 512-byte block that holds the answer."""
+    Compares views of ``buf`` against one zero ``bytes`` with ``bytes.startswith`` (a
+    memcmp that stops at the first difference, no copy of either side: slicing a
+    bytearray or an mmap copies), the whole range first, then 64 KiB and 512-byte blocks
+    up to the one that holds the answer, where the regex finds the byte."""
+    mv = memoryview(buf)
     p = pos
-    for step in (65536, SECTOR):
+    for step in (CHUNK, 65536, SECTOR):
         while p < end:
             q = min(end, p + step)
-            if buf[p:q] != _ZEROS[: q - p]:
+            if not _ZEROS.startswith(mv[p:q]):
                 break
             p = q
         else:

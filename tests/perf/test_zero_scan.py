@@ -1,0 +1,134 @@
+"""The zero primitives of the copy loop give the answers of a plain reference on every
+buffer type the copy hands them (bytes, bytearray, mmap, memoryview slices at unaligned
+offsets): ``all_zero`` and ``_nonzero_at`` compare views without copying them,
+``zero_fill`` uses memset for large buffers.  Clock-free: speed is benchmarks/' job."""
+
+from __future__ import annotations
+
+import mmap
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from diskimg.hostio import aligned_buffer, all_zero, zero_fill
+from diskimg.hostio import file as hostfile
+from diskimg.ops.common import CHUNK
+from diskimg.ops.zero import _nonzero_at, sparse_runs
+
+MAKERS: dict[str, Callable[[bytes], Any]] = {
+    "bytes": bytes,
+    "bytearray": bytearray,
+    "mmap": lambda b: _mm(b),
+    "memoryview": lambda b: memoryview(bytearray(b)),
+}
+
+
+def _mm(data: bytes) -> mmap.mmap:
+    m = aligned_buffer(len(data))
+    m[: len(data)] = data
+    return m
+
+
+def _ref_nonzero(data: bytes, pos: int, end: int) -> int:
+    piece = data[pos:end]
+    return pos + len(piece) - len(piece.lstrip(b"\0"))
+
+
+@pytest.mark.parametrize("kind", sorted(MAKERS))
+@pytest.mark.parametrize("size", [1, 511, 512, 4096, 65536 + 7, CHUNK + 4097])
+def test_nonzero_at_and_all_zero_match_a_plain_scan(kind: str, size: int) -> None:
+    rng = random.Random(size)
+    positions = sorted({0, size - 1, size // 2, 511 % size, 65536 % size, 65535 % size,
+                        *(rng.randrange(size) for _ in range(3))})
+    zero = MAKERS[kind](bytes(size))
+    assert all_zero(zero)
+    assert _nonzero_at(zero, 0, size) == size
+    for at in positions:
+        data = bytearray(size)
+        data[at] = rng.randrange(1, 256)
+        buf = MAKERS[kind](bytes(data))
+        assert not all_zero(buf), (kind, size, at)
+        for pos, end in ((0, size), (at, size), (min(at + 1, size), size),
+                         (max(0, at - 600), min(size, at + 3)), (0, at)):
+            assert _nonzero_at(buf, pos, end) == _ref_nonzero(bytes(data), pos, end), \
+                (kind, size, at, pos, end)
+
+
+def test_all_zero_on_views_of_other_formats_and_offsets() -> None:
+    data = bytearray(3 * (1 << 20) + 24)
+    base = memoryview(data)
+    assert all_zero(base[8:].cast("B"))
+    assert all_zero(base[: 1 << 20].cast("Q"))
+    data[2 * (1 << 20) + 5] = 1
+    assert not all_zero(base[3:])
+    assert not all_zero(base[:-8].cast("Q"))
+    assert all_zero(base[2 * (1 << 20) + 6 :])
+
+
+@pytest.mark.parametrize("n", [1, 100, hostfile._MEMSET_MIN - 1, hostfile._MEMSET_MIN,
+                               (1 << 20) + 3, 3 * (1 << 20) + 17])
+@pytest.mark.parametrize("kind", ["bytearray", "mmap"])
+def test_zero_fill_clears_exactly_the_view(n: int, kind: str) -> None:
+    """Unaligned slices of every length: the view becomes zeros, the bytes on either side
+    keep their values."""
+    rng = random.Random(n)
+    full = rng.randbytes(n + 13)
+    buf = bytearray(full) if kind == "bytearray" else _mm(full)
+    zero_fill(memoryview(buf)[5 : 5 + n])
+    got = bytes(buf[: n + 13])
+    assert got[:5] == full[:5]
+    assert got[5 : 5 + n] == bytes(n)
+    assert got[5 + n :] == full[5 + n :]
+
+
+def test_zero_fill_large_uses_one_memset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large fill is one memset of the view's own address and length (no copy loop)."""
+    import ctypes
+
+    calls: list[tuple[int, int, int]] = []
+    real = ctypes.memset
+
+    def spy(dst: int, c: int, n: int) -> Any:
+        calls.append((dst, c, n))
+        return real(dst, c, n)
+
+    monkeypatch.setattr(ctypes, "memset", spy)
+    m = aligned_buffer(4 << 20)
+    m[:] = b"\xff" * (4 << 20)
+    view = memoryview(m)[4096 + 3 : (3 << 20) + 1]
+    zero_fill(view)
+    assert [(c, n) for _, c, n in calls] == [(0, len(view))]
+    assert bytes(m[: 4096 + 3]) == b"\xff" * (4096 + 3)
+    assert bytes(view) == bytes(len(view))
+    assert bytes(m[(3 << 20) + 1 :]) == b"\xff" * ((4 << 20) - (3 << 20) - 1)
+
+
+@pytest.mark.parametrize("kind", ["bytearray", "mmap"])
+def test_sparse_runs_same_on_bytearray_and_mmap(kind: str) -> None:
+    """The -S splitting of one chunk (zero runs at every alignment, single non-zero bytes
+    at sector edges) is the same whatever buffer the copy reads into."""
+    rng = random.Random(5)
+    data = bytearray(CHUNK)
+    for _ in range(40):
+        at = rng.randrange(0, CHUNK - 70000)
+        ln = rng.choice([1, 511, 512, 513, 4095, 4096, 65536])
+        data[at : at + ln] = rng.randbytes(ln)
+    for at in (0, 511, 512, CHUNK - 1):
+        data[at] = 7
+    ref = sparse_runs(bytes(data), CHUNK, 4096, 0)
+    buf = bytearray(data) if kind == "bytearray" else _mm(bytes(data))
+    assert sparse_runs(buf, CHUNK, 4096, 0) == ref
+    # runs tile the chunk; data runs hold every non-zero byte
+    assert sum(ln for _, ln, _ in ref) == CHUNK
+    for s, ln, is_data in ref:
+        if not is_data:
+            assert bytes(data[s : s + ln]) == bytes(ln)
+
+
+def test_zero_fill_of_a_wider_format_view_clears_every_byte() -> None:
+    m = aligned_buffer(1 << 20)
+    m[:] = b"\xaa" * (1 << 20)
+    zero_fill(memoryview(m)[8:].cast("Q"))  # 131071 items, 8 bytes each
+    assert bytes(m[:8]) == b"\xaa" * 8 and bytes(m[8:]) == bytes((1 << 20) - 8)
