@@ -10,7 +10,7 @@ from typing import Any
 
 from diskimg.device import BlockDevice
 from diskimg.errors import BackingChainError, DiskImgError, UsageError
-from diskimg.hostio import open_host_file
+from diskimg.hostio import HostFile, open_host_file
 from diskimg.policy import OpenPolicy
 from diskimg.params import check_int
 from diskimg.probe import check_format, probe
@@ -47,6 +47,13 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
     if format is not None and format not in FORMATS:
         raise UsageError(f"Unknown file format '{format}'")
+    if isinstance(path, str) and path.lower().startswith(("http://", "https://")):
+        if mode != "r":
+            raise UsageError(f"'{path}' is read-only (an HTTP source)")
+        return _open_url(path, format, backing=backing,
+                         policy=policy or OpenPolicy(untrusted=untrusted),
+                         secrets=dict(secrets or {}), options=dict(options or {}),
+                         for_check=for_check)
     pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(Path(path))
     return _open_one(Path(path), mode == "r+", format, backing=backing,
                      force_share=force_share, policy=pol, secrets=dict(secrets or {}),
@@ -74,36 +81,8 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
             raise BackingChainError(f"Backing chain loop: '{path}' appears twice in its own "
                                     "backing chain")
         seen.add(key)
-        probed = fmt is None
-        if fmt is None:
-            fmt = probe(host)
-        else:
-            check_format(host, fmt)
-        dev: BlockDevice
-        if fmt != "raw":
-            from diskimg.options import RAW_WINDOW_OPTIONS
-
-            for k in RAW_WINDOW_OPTIONS:
-                if k in options:
-                    raise UsageError(f"Block format '{fmt}' does not support the option "
-                                     f"'{k}'")
-        if fmt == "raw":
-            from diskimg.raw import RawImage
-
-            dev = RawImage(host, probed=probed, options=options)
-        elif fmt == "qcow2":
-            from diskimg.qcow2.image import Qcow2Image
-
-            dev = Qcow2Image(host, secrets=secrets, options=options, policy=policy,
-                             for_check=for_check)
-        elif fmt == "luks":
-            from diskimg.luks import LuksImage
-
-            dev = LuksImage(host, secrets=secrets, options=options)
-        else:
-            from diskimg.vmdk import open_vmdk
-
-            dev = open_vmdk(host, policy=policy)
+        dev = _device_over(host, fmt, policy=policy, secrets=secrets, options=options,
+                           for_check=for_check)
     except BaseException:
         host.close()
         raise
@@ -126,6 +105,70 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
     except BaseException:
         dev.close()
         raise
+    return dev
+
+
+def _device_over(host: HostFile, fmt: str | None, *, policy: OpenPolicy,
+                 secrets: dict[str, bytes], options: dict[str, str],
+                 for_check: bool = False) -> BlockDevice:
+    """The image of format ``fmt`` (None: probe) over ``host``; the caller closes
+    ``host`` if this raises."""
+    probed = fmt is None
+    if fmt is None:
+        fmt = probe(host)
+    else:
+        check_format(host, fmt)
+    dev: BlockDevice
+    if fmt != "raw":
+        from diskimg.options import RAW_WINDOW_OPTIONS
+
+        for k in RAW_WINDOW_OPTIONS:
+            if k in options:
+                raise UsageError(f"Block format '{fmt}' does not support the option "
+                                 f"'{k}'")
+    if fmt == "raw":
+        from diskimg.raw import RawImage
+
+        dev = RawImage(host, probed=probed, options=options)
+    elif fmt == "qcow2":
+        from diskimg.qcow2.image import Qcow2Image
+
+        dev = Qcow2Image(host, secrets=secrets, options=options, policy=policy,
+                         for_check=for_check)
+    elif fmt == "luks":
+        from diskimg.luks import LuksImage
+
+        dev = LuksImage(host, secrets=secrets, options=options)
+    else:
+        from diskimg.vmdk import open_vmdk
+
+        dev = open_vmdk(host, policy=policy)
+    return dev
+
+
+def _open_url(url: str, fmt: str | None, *, backing: bool, policy: OpenPolicy,
+              secrets: dict[str, bytes], options: dict[str, str],
+              for_check: bool) -> BlockDevice:
+    """An image over an http(s) URL, read-only.  Its backing file is not opened (a
+    remote image never makes diskimg open a local file or another URL): with
+    ``backing=True`` an image that names one is refused."""
+    from typing import cast
+
+    from diskimg.hostio.http import open_http
+
+    host = open_http(url, policy)
+    try:
+        dev = _device_over(cast(HostFile, host), fmt, policy=policy, secrets=secrets,
+                           options=options, for_check=for_check)
+    except BaseException:
+        host.close()
+        raise
+    name = _backing_name(dev)[0] if backing else None
+    if name is not None:
+        dev.close()
+        raise BackingChainError(f"Refusing to open backing file '{name}' named by '{url}': "
+                                "backing files of a remote image are not opened (open "
+                                "with backing=False / -U to read it without)")
     return dev
 
 
