@@ -106,10 +106,13 @@ class RemoteError(DiskImgError):
     it was opened.  ``url`` and ``offset`` (None: not a read) say where; ``status`` is the
     HTTP status when there was one."""
 
-    def __init__(self, message: str, *, url: str, offset: int | None = None,
-                 status: int | None = None) -> None:
-        super().__init__(message, path=url)
-        self.url = url
+    def __init__(self, message: str, *, url: str | None = None, offset: int | None = None,
+                 status: int | None = None, path: str | None = None,
+                 operation: str | None = None, reason: str | None = None,
+                 field: str | None = None, notes: tuple[str, ...] = ()) -> None:
+        super().__init__(message, path=path or url, operation=operation, reason=reason,
+                         field=field, notes=notes)
+        self.url = url or path
         self.offset = offset
         self.status = status
 
