@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -59,11 +60,12 @@ class Nginx:
         return f"http://{host}:{self.port}/{name}"
 
 
-@pytest.fixture(scope="session")
-def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+@contextlib.contextmanager
+def nginx_server(base: Path) -> Iterator[Nginx]:
+    """nginx serving ``base/www`` on a free port of 127.0.0.1 until the block ends (also
+    used by benchmarks/bench_http.py)."""
     if NGINX is None:
-        pytest.skip("nginx not installed (Debian package nginx-light)")
-    base = tmp_path_factory.mktemp("nginx")
+        raise FileNotFoundError("nginx not installed (Debian package nginx-light)")
     root = base / "www"
     root.mkdir()
     port = _free_port()
@@ -108,6 +110,14 @@ http {{
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+    if NGINX is None:
+        pytest.skip("nginx not installed (Debian package nginx-light)")
+    with nginx_server(tmp_path_factory.mktemp("nginx")) as server:
+        yield server
 
 
 #: what ``faulty.serve(data, fault)`` makes the server do on every ranged GET

@@ -26,6 +26,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from urllib.parse import urljoin, urlsplit
 
 from diskimg.errors import ClosedImageError, FormatError, RemoteError, UsageError
@@ -33,13 +34,20 @@ from diskimg.policy import OpenPolicy
 
 DEFAULT_TIMEOUT = 30.0
 BLOCK_SIZE = 256 << 10
-CACHE_BYTES = 16 << 20
+CACHE_BYTES = 8 << 20
 WORKERS = 4
 MAX_REDIRECTS = 5
 _PART_BLOCKS = 4             # a parallel part: at most this many blocks (1 MiB)
 _READAHEAD_MAX = 16          # blocks read ahead at most (4 MiB) while reads are sequential
 _REDIRECTS = (301, 302, 303, 307, 308)
 _Conn = http.client.HTTPConnection
+
+
+class _Conns(threading.local):
+    """Each thread's keep-alive connections, by (scheme, host:port)."""
+
+    def __init__(self) -> None:
+        self.by_host: dict[tuple[str, str], _Conn] = {}
 
 
 class _Dropped(Exception):
@@ -76,7 +84,7 @@ class HttpHost:
         self._max_redirects = max_redirects
         self._allow_hosts = {h.lower() for h in allow_hosts}
         self._ssl = ssl_context
-        self._local = threading.local()
+        self._local = _Conns()
         self._conns: list[_Conn] = []
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -98,9 +106,7 @@ class HttpHost:
         """This thread's keep-alive connection to ``url``'s host (one per host)."""
         p = urlsplit(url)
         key = (p.scheme, p.netloc)
-        conns: dict[tuple[str, str], _Conn] | None = getattr(self._local, "conns", None)
-        if conns is None:
-            conns = self._local.conns = {}
+        conns = self._local.by_host
         c = conns.get(key)
         if c is None:
             host = p.hostname or ""
@@ -116,8 +122,7 @@ class HttpHost:
 
     def _drop_conn(self, url: str) -> None:
         p = urlsplit(url)
-        conns = getattr(self._local, "conns", {})
-        c = conns.pop((p.scheme, p.netloc), None)
+        c = self._local.by_host.pop((p.scheme, p.netloc), None)
         if c is not None:
             c.close()
 
@@ -372,20 +377,36 @@ class HttpHost:
             self._ahead = min(max(self._ahead * 2, 2), _READAHEAD_MAX) if sequential \
                 else 0
             nblocks = -(-self._size // bs)
+            # read ahead for small sequential reads only: a large read is its own
+            # read-ahead, and going through the cache would copy it twice more
+            small = last - first < _PART_BLOCKS
             ahead = [b for b in range(last + 1, min(last + 1 + self._ahead, nblocks))
-                     if b not in self._cache] if missing and self._ahead else []
+                     if b not in self._cache] if missing and small and self._ahead else []
         if not missing:
             return n
-        runs = _runs(missing + ahead, _PART_BLOCKS)
-        if len(runs) == 1:
-            self._fill(runs[0][0], runs[0][1], offset, buf)
-        else:
-            pool = self._executor()
-            futs = [pool.submit(self._fill, b, c, offset, buf) for b, c in runs]
-            errors = [f.exception() for f in futs]
-            for e in errors:
-                if e is not None:
-                    raise e
+        # runs wholly inside the request go straight into ``buf`` (not cached: a large
+        # read is not read again); partial blocks and read-ahead go through the cache
+        jobs: list[Callable[[], None]] = []
+        for b, c in _runs(missing + ahead, _PART_BLOCKS):
+            lo, hi = b * bs, min((b + c) * bs, self._size)
+            if lo >= offset and hi <= end and c > 1:
+                jobs.append(partial(self._fetch_into, lo, buf[lo - offset : hi - offset]))
+            else:
+                jobs.append(partial(self._fill, b, c, offset, buf))
+        if len(jobs) == 1:
+            jobs[0]()
+            return n
+        pool = self._executor()
+        futs = [pool.submit(j) for j in jobs[1:]]
+        first_error: BaseException | None = None
+        try:
+            jobs[0]()
+        except BaseException as e:
+            first_error = e
+        errors = [first_error, *(f.exception() for f in futs)]
+        for err in errors:
+            if err is not None:
+                raise err
         return n
 
     def pread(self, offset: int, length: int) -> bytes:
