@@ -168,7 +168,7 @@ def _open_url(url: str, fmt: str | None, *, backing: bool, policy: OpenPolicy,
         dev.close()
         raise BackingChainError(f"Refusing to open backing file '{name}' named by '{url}': "
                                 "backing files of a remote image are not opened (open "
-                                "with backing=False / -U to read it without)")
+                                "it with backing=False to read the image alone)")
     return dev
 
 
