@@ -149,16 +149,19 @@ def _device_over(host: HostFile, fmt: str | None, *, policy: OpenPolicy,
 def _open_url(url: str, fmt: str | None, *, backing: bool, policy: OpenPolicy,
               secrets: dict[str, bytes], options: dict[str, str],
               for_check: bool) -> BlockDevice:
-    """An image over an http(s) URL, read-only.  Its backing file is not opened (a
-    remote image never makes diskimg open a local file or another URL): with
-    ``backing=True`` an image that names one is refused."""
+    """An image over an http(s) URL, read-only.  No file it names is opened (a remote
+    image never makes diskimg open a local file or another URL): an external data file
+    or vmdk extent is refused, and so is a backing file with ``backing=True``."""
     from typing import cast
 
     from diskimg.hostio.http import open_http
 
     host = open_http(url, policy)
+    # the files an image names (a qcow2 data file, vmdk extents) are never opened for a
+    # remote image: confined to no directory at all, every one is refused
+    confined = OpenPolicy(untrusted=True, allowed_dirs=[], max_depth=policy.max_depth)
     try:
-        dev = _device_over(cast(HostFile, host), fmt, policy=policy, secrets=secrets,
+        dev = _device_over(cast(HostFile, host), fmt, policy=confined, secrets=secrets,
                            options=options, for_check=for_check)
     except BaseException:
         host.close()

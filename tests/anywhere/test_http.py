@@ -266,3 +266,27 @@ def test_cli_fault_message(faulty: Faulty) -> None:
     res = _diskimg("info", "-f", "raw", url, ok=(1,))
     assert url in res.stderr and "ignores Range" in res.stderr
     assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+def test_files_a_remote_image_names_are_never_opened(nginx: Nginx, tmp_path: Path) -> None:
+    """A remote qcow2 naming an external data file, or a vmdk descriptor naming an
+    extent, by absolute local path: refused, the local file is never read."""
+    secret = tmp_path / "secret.raw"
+    qcow = nginx.root / "datafile.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on", qcow,
+             "1M")
+    secret.write_bytes(b"local secret" * 1000 + bytes(1048576 - 12000))
+    desc = nginx.root / "flat.vmdk"
+    desc.write_text('# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+                    'createType="monolithicFlat"\n\n# Extent description\n'
+                    f'RW 2048 FLAT "{secret}" 0\n\n# The Disk Data Base\n#DDB\n\n'
+                    'ddb.virtualHWVersion = "4"\nddb.geometry.cylinders = "2"\n'
+                    'ddb.geometry.heads = "16"\nddb.geometry.sectors = "63"\n'
+                    'ddb.adapterType = "ide"\n')
+    assert QEMU.raw_bytes(desc)[:12] == b"local secret"  # qemu would read it
+    with diskimg.open(qcow) as local:                     # and so does a local open
+        assert local.read(0, 12) == b"local secret"
+    for name in (qcow.name, desc.name):
+        with pytest.raises(diskimg.DiskImgError, match="Refusing to open") as ei:
+            diskimg.open(nginx.url(name))
+        assert str(secret) in str(ei.value)
