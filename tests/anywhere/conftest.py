@@ -55,9 +55,29 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None
 class Nginx:
     root: Path
     port: int
+    #: https on another port with a self-signed certificate for 127.0.0.1 (``cafile``
+    #: trusts it); 0 without the openssl command
+    https_port: int = 0
+    cafile: Path | None = None
 
     def url(self, name: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}/{name}"
+
+    def https_url(self, name: str) -> str:
+        return f"https://127.0.0.1:{self.https_port}/{name}"
+
+
+def _self_signed(base: Path) -> tuple[Path, Path] | None:
+    """A certificate and key for 127.0.0.1, or None without the openssl command."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    cert, key = base / "cert.pem", base / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True,
+                   stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    return cert, key
 
 
 @contextlib.contextmanager
@@ -69,6 +89,15 @@ def nginx_server(base: Path) -> Iterator[Nginx]:
     root = base / "www"
     root.mkdir()
     port = _free_port()
+    tls = _self_signed(base)
+    https_port = _free_port() if tls else 0
+    https = "" if tls is None else f"""
+    server {{
+        listen 127.0.0.1:{https_port} ssl;
+        ssl_certificate {tls[0]};
+        ssl_certificate_key {tls[1]};
+        root {root};
+    }}"""
     user = "user root;\n" if os.geteuid() == 0 else ""
     conf = base / "nginx.conf"
     conf.write_text(f"""{user}daemon off;
@@ -93,7 +122,7 @@ http {{
         location /away/ {{ rewrite ^/away/(.*)$ http://localhost:{port}/$1 redirect; }}
         location /ftp/ {{ return 302 ftp://127.0.0.1/x; }}
         location /loop/ {{ rewrite ^/loop/(.*)$ /loop/$1 redirect; }}
-    }}
+    }}{https}
 }}
 """)
     log = base / "error.log"
@@ -102,7 +131,7 @@ http {{
                             stderr=subprocess.DEVNULL)
     try:
         _wait_listening(port, proc, log)
-        yield Nginx(root, port)
+        yield Nginx(root, port, https_port, tls[0] if tls else None)
     finally:
         proc.terminate()
         try:

@@ -169,6 +169,21 @@ def test_parallel_reads_bounded_connections_and_cache(nginx: Nginx,
     assert host.closed
 
 
+def test_https(nginx: Nginx, images: dict[str, Path]) -> None:
+    if not nginx.https_port:
+        pytest.skip("no openssl command to make a certificate")
+    import ssl
+
+    local = images["vmdk-stream"]
+    url = nginx.https_url(local.name)
+    with pytest.raises(RemoteError, match="TLS certificate not accepted") as ei:
+        diskimg.open(url)                           # self-signed: refused by default
+    assert ei.value.url == url
+    ctx = ssl.create_default_context(cafile=str(nginx.cafile))
+    with open_http(url, ssl_context=ctx) as host:
+        assert host.pread(0, host.size()) == local.read_bytes()
+
+
 # --- redirects (nginx) ---------------------------------------------------------------------
 
 def test_redirects(nginx: Nginx, images: dict[str, Path]) -> None:
