@@ -42,6 +42,11 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     take).  ``for_check`` opens as ``qemu-img check`` does: a qcow2 snapshot table that
     cannot be read is left to :meth:`check` to report (and repair) instead of failing the
     open.
+
+    ``path`` may be an ``http://`` or ``https://`` URL (read-only, mode ``"r"``; see
+    :func:`diskimg.hostio.http.open_http`): the files such an image names (backing file,
+    data file, vmdk extents) are never opened, and a fault of the server raises
+    :class:`~diskimg.errors.RemoteError` naming the URL and the offset.
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
