@@ -159,6 +159,7 @@ FAULTS = (
     "ignore",    # 200 with the whole object, as a server without Range support
     "404", "403", "500",
     "slow",      # sleep longer than any test timeout before answering a GET
+    "stall",     # send the headers and half the body, then sleep as "slow" does
     "etag",      # a new ETag (and content) after the first ranged GET
     "nohead",    # HEAD answers 405: the size comes from a ranged GET
 )
@@ -251,6 +252,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("ETag", self._etag(obj))
         self.end_headers()
+        if fault == "stall":
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            time.sleep(self.server.slow)
+            self.close_connection = True
+            return
         if fault == "drop" or (fault == "drop1" and n == 1):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()

@@ -205,6 +205,24 @@ def test_redirects(nginx: Nginx, images: dict[str, Path]) -> None:
         diskimg.open(nginx.url("loop/x"))
 
 
+def test_object_replaced_on_the_server(nginx: Nginx) -> None:
+    """nginx answers If-Match with 412 once the file changed (its ETag is mtime and
+    size): the read fails, what was read before the change was the old bytes, and no
+    later read answers, not even from the cache."""
+    path = nginx.root / "changing.raw"
+    old = bytes(range(256)) * 4096
+    path.write_bytes(old)
+    os.utime(path, (1_000_000, 1_000_000))
+    with open_http(nginx.url(path.name), block_size=64 << 10) as host:
+        assert host.pread(0, 1000) == old[:1000]
+        path.write_bytes(bytes(len(old)))             # same size, new content and mtime
+        with pytest.raises(RemoteError, match="changed since it was opened") as ei:
+            host.pread(512 << 10, 1000)
+        assert ei.value.offset == 512 << 10 and ei.value.status == 412
+        with pytest.raises(RemoteError, match="changed since it was opened"):
+            host.pread(0, 1000)                        # cached, but of the old object
+
+
 def test_missing_object_names_status_and_url(nginx: Nginx) -> None:
     url = nginx.url("no-such.qcow2")
     with pytest.raises(RemoteError, match="HTTP 404") as ei:
@@ -253,6 +271,15 @@ def test_slow_server_times_out(faulty: Faulty) -> None:
     assert ei.value.offset == 0
 
 
+def test_stalled_body_times_out(faulty: Faulty) -> None:
+    url = faulty.serve(DATA, "stall")
+    with open_http(url, timeout=0.5) as host:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError, match=r"timed out after 0.5 s \(\d+ of \d+ bytes"):
+            host.pread(0, 10)
+        assert time.monotonic() - t0 < 2
+
+
 def test_dropped_once_is_retried(faulty: Faulty) -> None:
     url = faulty.serve(DATA, "drop1")
     with open_http(url, timeout=5) as host:
@@ -267,7 +294,7 @@ def test_size_without_head(faulty: Faulty) -> None:
 
 
 def test_changed_object_never_mixes_versions(faulty: Faulty) -> None:
-    """Blocks cached before the change are right; every read after it fails."""
+    """The first response of the new version fails the read, and every read after."""
     url = faulty.serve(DATA, "etag")
     with open_http(url, timeout=5) as host:
         with pytest.raises(RemoteError, match="changed"):

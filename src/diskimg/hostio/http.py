@@ -40,6 +40,7 @@ MAX_REDIRECTS = 5
 _PART_BLOCKS = 4             # a parallel part: at most this many blocks (1 MiB)
 _READAHEAD_MAX = 16          # blocks read ahead at most (4 MiB) while reads are sequential
 _REDIRECTS = (301, 302, 303, 307, 308)
+_CHANGED = "the object changed since it was opened"
 _Conn = http.client.HTTPConnection
 
 
@@ -92,6 +93,7 @@ class HttpHost:
         self._next = -1                      # where a sequential read would start
         self._ahead = 0                      # read-ahead window, in blocks
         self._closed = False
+        self._changed: str | None = None     # why the object is known to have changed
         self._etag: str | None = None
         self._modified: str | None = None
         self._size = -1
@@ -127,6 +129,9 @@ class HttpHost:
             c.close()
 
     def _error(self, what: str, offset: int | None, status: int | None = None) -> RemoteError:
+        if what.startswith(_CHANGED):
+            # every later read fails too (cached blocks included): never a mix of versions
+            self._changed = what
         at = "" if offset is None else f" at offset {offset:#x}"
         return RemoteError(f"Could not read '{self.url}'{at}: {what}", url=self.url,
                            offset=offset, status=status)
@@ -192,7 +197,7 @@ class HttpHost:
         modified = resp.getheader("Last-Modified")
         if (self._etag and etag and etag != self._etag) or \
                 (self._modified and modified and modified != self._modified):
-            raise self._error(f"the object changed since it was opened (ETag {self._etag} "
+            raise self._error(f"{_CHANGED} (ETag {self._etag} "
                               f"-> {etag}, Last-Modified {self._modified} -> {modified})",
                               offset)
 
@@ -200,7 +205,7 @@ class HttpHost:
                       offset: int | None) -> RemoteError:
         self._discard(resp, url)
         if resp.status == 412:
-            return self._error("the object changed since it was opened (HTTP 412 "
+            return self._error(f"{_CHANGED} (HTTP 412 "
                                "Precondition Failed)", offset, 412)
         return self._error(f"HTTP {resp.status} {resp.reason}", offset, resp.status)
 
@@ -276,7 +281,7 @@ class HttpHost:
                               f"({resp.getheader('Content-Range')!r})", offset, 206)
         if total is not None and total != self._size:
             self._discard(resp, url)
-            raise self._error(f"the object changed since it was opened (size {self._size} "
+            raise self._error(f"{_CHANGED} (size {self._size} "
                               f"-> {total})", offset, 206)
         if first == offset and last < end:
             self._discard(resp, url)
@@ -350,6 +355,8 @@ class HttpHost:
     def preadinto(self, offset: int, buf: memoryview) -> int:
         """Fill ``buf`` from ``offset``; bytes past the end of the object are zeroed."""
         self._check_open()
+        if self._changed is not None:
+            raise self._error(self._changed, offset)
         n = len(buf)
         if offset < 0:
             raise FormatError(f"offset {offset:#x} in '{self.url}' is out of range",
