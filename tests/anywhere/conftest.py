@@ -160,6 +160,7 @@ FAULTS = (
     "404", "403", "500",
     "slow",      # sleep longer than any test timeout before answering a GET
     "stall",     # send the headers and half the body, then sleep as "slow" does
+    "gzip",      # a 206 whose body says Content-Encoding: gzip
     "etag",      # a new ETag (and content) after the first ranged GET
     "nohead",    # HEAD answers 405: the size comes from a ranged GET
 )
@@ -251,6 +252,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Range", f"bytes {shown[0]}-{shown[1]}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("ETag", self._etag(obj))
+        if fault == "gzip":
+            self.send_header("Content-Encoding", "gzip")
         self.end_headers()
         if fault == "stall":
             self.wfile.write(body[: len(body) // 2])

@@ -243,6 +243,7 @@ DATA = bytes(range(256)) * 4096 + b"tail"        # 1 MiB + 4: blocks and a parti
     ("short", "short range: asked for bytes 262144-"),
     ("wrong", "wrong Content-Range"),
     ("ignore", "ignores Range"),
+    ("gzip", "Content-Encoding gzip"),
     ("404", "HTTP 404"), ("403", "HTTP 403"), ("500", "HTTP 500"),
     ("etag", "changed since it was opened"),
 ])

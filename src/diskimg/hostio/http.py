@@ -274,6 +274,11 @@ class HttpHost:
         if resp.status != 206:
             raise self._status_error(resp, url, offset)
         self._check_version_or_discard(resp, url, offset)
+        encoding = resp.getheader("Content-Encoding", "identity").strip().lower()
+        if encoding != "identity":
+            self._discard(resp, url)
+            raise self._error(f"the server sent an encoded body (Content-Encoding "
+                              f"{encoding}) though identity was asked for", offset, 206)
         first, last, total = _content_range(resp.getheader("Content-Range"))
         if first is None or last is None:
             self._discard(resp, url)
