@@ -333,3 +333,29 @@ def test_files_a_remote_image_names_are_never_opened(nginx: Nginx, tmp_path: Pat
         with pytest.raises(diskimg.DiskImgError, match="Refusing to open") as ei:
             diskimg.open(nginx.url(name))
         assert str(secret) in str(ei.value)
+
+
+def test_no_server_listening() -> None:
+    import socket
+
+    with socket.socket() as s:                  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/disk.qcow2"
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError, match="connection failed twice") as ei:
+            open_http(url, timeout=2)
+    assert ei.value.url == url and ei.value.offset is None
+    assert time.monotonic() - t0 < 4
+    with pytest.raises(UsageError, match="not an http"):
+        open_http("ftp://127.0.0.1/disk.qcow2")
+
+
+def test_content_range_parsing() -> None:
+    from diskimg.hostio.http import _content_range, _runs
+
+    assert _content_range("bytes 0-511/1024") == (0, 511, 1024)
+    assert _content_range("bytes 512-1023/*") == (512, 1023, None)
+    assert _content_range("bytes */1024") == (None, None, 1024)
+    for bad in (None, "", "items 0-1/2", "bytes 5-1/10", "bytes a-b/c", "bytes 0-"):
+        assert _content_range(bad)[:2] == (None, None)
+    assert _runs([7, 1, 2, 3, 4, 5, 2], 4) == [(1, 4), (5, 1), (7, 1)]
