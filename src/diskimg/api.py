@@ -10,7 +10,7 @@ from typing import Any
 
 from diskimg.device import BlockDevice
 from diskimg.errors import BackingChainError, DiskImgError, UsageError
-from diskimg.hostio import open_host_file
+from diskimg.hostio import HostFile, open_host_file
 from diskimg.policy import OpenPolicy
 from diskimg.params import check_int
 from diskimg.probe import check_format, probe
@@ -46,11 +46,23 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     repair) instead of failing the open.  ``metadata_only`` opens as ``qemu-img info``
     does (qemu's ``BDRV_O_NO_IO``): the key secret an encrypted image's options name is
     neither looked up nor tried until data is read.
+
+    ``path`` may be an ``http://`` or ``https://`` URL (read-only, mode ``"r"``; see
+    :func:`diskimg.hostio.http.open_http`): the files such an image names (backing file,
+    data file, vmdk extents) are never opened, and a fault of the server raises
+    :class:`~diskimg.errors.RemoteError` naming the URL and the offset.
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
     if format is not None and format not in FORMATS and format != "file":
         raise UsageError(f"Unknown file format '{format}'")
+    if isinstance(path, str) and path.lower().startswith(("http://", "https://")):
+        if mode != "r":
+            raise UsageError(f"'{path}' is read-only (an HTTP source)")
+        return _open_url(path, format, backing=backing,
+                         policy=policy or OpenPolicy(untrusted=untrusted),
+                         secrets=dict(secrets or {}), options=dict(options or {}),
+                         for_check=for_check)
     pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(Path(path))
     if options:
         from diskimg.image_options import force_share as share_option
@@ -83,35 +95,9 @@ def _open_one(path: Path, name: str, writable: bool, fmt: str | None, *, backing
                                     "backing chain", path=str(path),
                                     operation="follow backing chain")
         seen.add(key)
-        probed = fmt is None
-        if fmt is None:
-            fmt = probe(host)
-        else:
-            check_format(host, fmt)
-        dev: BlockDevice
-        if options:
-            from diskimg.image_options import check
-
-            check(fmt, options, backing=backing, writable=writable)
-        if fmt in ("raw", "file"):
-            from diskimg.raw import RawImage
-
-            dev = RawImage(host, probed=probed, options=options, driver=fmt)
-        elif fmt == "qcow2":
-            from diskimg.qcow2.image import Qcow2Image
-
-            dev = Qcow2Image(host, secrets=secrets, options=options, policy=policy,
-                             for_check=for_check, unlock=unlock)
-        elif fmt == "luks":
-            from diskimg.luks import LuksImage
-
-            dev = LuksImage(host, secrets=secrets, options=options, unlock=unlock)
-        elif fmt == "vmdk":
-            from diskimg.vmdk import open_vmdk
-
-            dev = open_vmdk(host, policy=policy)
-        else:  # a backing format name diskimg does not implement
-            raise UsageError(f"Unknown driver '{fmt}'", field="backing format")
+        dev = _device_over(host, fmt, policy=policy, secrets=secrets, options=options,
+                           for_check=for_check, unlock=unlock, backing=backing,
+                           writable=writable)
     except BaseException:
         host.close()
         raise
@@ -137,6 +123,73 @@ def _open_one(path: Path, name: str, writable: bool, fmt: str | None, *, backing
     except BaseException:
         dev.close()
         raise
+    return dev
+
+
+def _device_over(host: HostFile, fmt: str | None, *, policy: OpenPolicy,
+                 secrets: dict[str, bytes], options: dict[str, str],
+                 for_check: bool = False, unlock: bool = True, backing: bool = True,
+                 writable: bool = False) -> BlockDevice:
+    """The image of format ``fmt`` (None: probe) over ``host``; the caller closes
+    ``host`` if this raises."""
+    probed = fmt is None
+    if fmt is None:
+        fmt = probe(host)
+    else:
+        check_format(host, fmt)
+    dev: BlockDevice
+    if options:
+        from diskimg.image_options import check
+
+        check(fmt, options, backing=backing, writable=writable)
+    if fmt in ("raw", "file"):
+        from diskimg.raw import RawImage
+
+        dev = RawImage(host, probed=probed, options=options, driver=fmt)
+    elif fmt == "qcow2":
+        from diskimg.qcow2.image import Qcow2Image
+
+        dev = Qcow2Image(host, secrets=secrets, options=options, policy=policy,
+                         for_check=for_check, unlock=unlock)
+    elif fmt == "luks":
+        from diskimg.luks import LuksImage
+
+        dev = LuksImage(host, secrets=secrets, options=options, unlock=unlock)
+    elif fmt == "vmdk":
+        from diskimg.vmdk import open_vmdk
+
+        dev = open_vmdk(host, policy=policy)
+    else:  # a backing format name diskimg does not implement
+        raise UsageError(f"Unknown driver '{fmt}'", field="backing format")
+    return dev
+
+
+def _open_url(url: str, fmt: str | None, *, backing: bool, policy: OpenPolicy,
+              secrets: dict[str, bytes], options: dict[str, str],
+              for_check: bool) -> BlockDevice:
+    """An image over an http(s) URL, read-only.  No file it names is opened (a remote
+    image never makes diskimg open a local file or another URL): an external data file
+    or vmdk extent is refused, and so is a backing file with ``backing=True``."""
+    from typing import cast
+
+    from diskimg.hostio.http import open_http
+
+    host = open_http(url, policy)
+    # the files an image names (a qcow2 data file, vmdk extents) are never opened for a
+    # remote image: confined to no directory at all, every one is refused
+    confined = OpenPolicy(untrusted=True, allowed_dirs=[], max_depth=policy.max_depth)
+    try:
+        dev = _device_over(cast(HostFile, host), fmt, policy=confined, secrets=secrets,
+                           options=options, for_check=for_check, backing=backing)
+    except BaseException:
+        host.close()
+        raise
+    name = _backing_name(dev)[0] if backing else None
+    if name is not None:
+        dev.close()
+        raise BackingChainError(f"Refusing to open backing file '{name}' named by '{url}': "
+                                "backing files of a remote image are not opened (open "
+                                "it with backing=False to read the image alone)")
     return dev
 
 

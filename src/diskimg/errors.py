@@ -100,6 +100,23 @@ class ImageLockedError(DiskImgError, BlockingIOError):
     """Another process holds QEMU's lock bytes on the image."""
 
 
+class RemoteError(DiskImgError):
+    """A remote source (an HTTP URL) failed: an HTTP status, a dropped connection, a
+    timeout, a response that is not the bytes asked for, or an object that changed since
+    it was opened.  ``url`` and ``offset`` (None: not a read) say where; ``status`` is the
+    HTTP status when there was one."""
+
+    def __init__(self, message: str, *, url: str | None = None, offset: int | None = None,
+                 status: int | None = None, path: str | None = None,
+                 operation: str | None = None, reason: str | None = None,
+                 field: str | None = None, notes: tuple[str, ...] = ()) -> None:
+        super().__init__(message, path=path or url, operation=operation, reason=reason,
+                         field=field, notes=notes)
+        self.url = url or path
+        self.offset = offset
+        self.status = status
+
+
 class PoolError(DiskImgError):
     """Storage pool or volume problems: exists, not found, bad XML."""
 
@@ -115,6 +132,7 @@ __all__ = [
     "InvalidPassphraseError",
     "MissingSecretError",
     "PoolError",
+    "RemoteError",
     "UnsupportedFeatureError",
     "UsageError",
     "WrongFormatError",
