@@ -12,26 +12,33 @@ import errno
 import os
 import re
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from diskimg.errors import BackingChainError
+from diskimg.slotted import Record
 
 MAX_CHAIN_DEPTH = 256
 _PROTOCOL = r"^[A-Za-z][A-Za-z0-9+.-]*:"  # compiled on first use (re caches it)
 
 
-@dataclass(slots=True)
-class OpenPolicy:
+class OpenPolicy(Record):
     """``untrusted``: confine every referenced file to ``allowed_dirs`` (default: the top
     image's directory).  ``max_depth``: longest backing chain accepted.
     ``allow_extents_outside``: let vmdk descriptors name extents outside their directory
     (qemu-img's behaviour; off by default)."""
 
-    untrusted: bool = False
-    allowed_dirs: list[Path] = field(default_factory=list)
-    max_depth: int = MAX_CHAIN_DEPTH
-    allow_extents_outside: bool = False  # vmdk extents outside the descriptor's directory
+    __slots__ = ("untrusted", "allowed_dirs", "max_depth", "allow_extents_outside")
+    untrusted: bool
+    allowed_dirs: list[Path]
+    max_depth: int
+    allow_extents_outside: bool  # vmdk extents outside the descriptor's directory
+
+    def __init__(self, untrusted: bool = False, allowed_dirs: list[Path] | None = None,
+                 max_depth: int = MAX_CHAIN_DEPTH, allow_extents_outside: bool = False) -> None:
+        self.untrusted = untrusted
+        self.allowed_dirs = [] if allowed_dirs is None else allowed_dirs
+        self.max_depth = max_depth
+        self.allow_extents_outside = allow_extents_outside
 
     def for_top(self, top: Path) -> OpenPolicy:
         """The policy to open the top image ``top`` and its chain with.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import builtins
 from array import array
 from collections import defaultdict
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from diskimg.errors import CorruptImageError, UsageError
@@ -379,8 +378,8 @@ class SnapshotTable:
         self._check_table_read()
         img.check_writable()
         img.flush()
-        new = [replace(s, extra_data_size=max(24, s.extra_data_size),
-                       disk_size=img.size if s.disk_size is None else s.disk_size)
+        new = [s.replace(extra_data_size=max(24, s.extra_data_size),
+                         disk_size=img.size if s.disk_size is None else s.disk_size)
                for s in old]
         table = pack_table_exact(new)
         if len(table) > QCOW_MAX_SNAPSHOTS_SIZE:

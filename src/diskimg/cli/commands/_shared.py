@@ -11,7 +11,6 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from diskimg import api
@@ -21,6 +20,7 @@ from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 from diskimg.options import RAW_WINDOW_OPTIONS
+from diskimg.slotted import Record
 from diskimg.units import SIZE_HELP, parse_size
 
 if TYPE_CHECKING:
@@ -85,13 +85,19 @@ PROBED_RAW_WARNING = (
     "         Specify the 'raw' format explicitly to remove the restrictions.\n")
 
 
-@dataclass(slots=True)
-class Context:
+class Context(Record):
     """Global state shared by commands: secrets, --untrusted, output streams."""
 
-    prog: str = "diskimg"
-    untrusted: bool = False
-    secrets: dict[str, bytes] = field(default_factory=dict)
+    __slots__ = ("prog", "untrusted", "secrets")
+    prog: str
+    untrusted: bool
+    secrets: dict[str, bytes]
+
+    def __init__(self, prog: str = "diskimg", untrusted: bool = False,
+                 secrets: dict[str, bytes] | None = None) -> None:
+        self.prog = prog
+        self.untrusted = untrusted
+        self.secrets = {} if secrets is None else secrets
 
     def warn(self, msg: str) -> None:
         sys.stderr.write(f"{self.prog}: {msg}\n")
