@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 from diskimg.device import BlockDevice
 from diskimg.errors import BackingChainError, DiskImgError, UsageError
-from diskimg.hostio import open_host_file
+from diskimg.hostio import open_host_file, path_name
 from diskimg.policy import OpenPolicy
 from diskimg.params import check_int
 from diskimg.probe import check_format, probe
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 FORMATS = ("qcow2", "raw", "vmdk", "luks")
 PathLike = str | os.PathLike[str]
@@ -47,14 +50,16 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
     if format is not None and format not in FORMATS:
         raise UsageError(f"Unknown file format '{format}'")
-    pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(Path(path))
-    return _open_one(Path(path), mode == "r+", format, backing=backing,
+    # the name as pathlib prints it, without importing pathlib (start-up, issue 20)
+    name = path_name(path)
+    pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(name)
+    return _open_one(name, mode == "r+", format, backing=backing,
                      force_share=force_share, policy=pol, secrets=dict(secrets or {}),
                      options=dict(options or {}), seen=set(), depth=0,
                      for_check=for_check)
 
 
-def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
+def _open_one(path: str | Path, writable: bool, fmt: str | None, *, backing: bool,
               force_share: bool, policy: OpenPolicy, secrets: dict[str, bytes],
               options: dict[str, str], seen: set[tuple[int, int]], depth: int,
               for_check: bool = False) -> BlockDevice:
@@ -111,7 +116,9 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
         if backing:
             name, bfmt = _backing_name(dev)
             if name is not None:
-                bpath = policy.resolve(name, path)
+                from pathlib import Path
+
+                bpath = policy.resolve(name, Path(path))
                 try:
                     dev.backing = _open_one(bpath, False, bfmt, backing=True,
                                             force_share=force_share, policy=policy,
@@ -174,6 +181,8 @@ def create(
     ``-o`` names (``cluster_size``, ``compat``, ``preallocation``, ``lazy_refcounts``,
     ``refcount_bits``, ``extended_l2`` ...) as strings or Python values.
     """
+    from pathlib import Path
+
     if size is not None:  # before anything touches the file: a refusal creates nothing
         size = check_int("size", size, minimum=None)
     opts = dict(options or {})

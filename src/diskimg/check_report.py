@@ -4,9 +4,11 @@ below the formats so that no format imports another (vmdk used to import it from
 
 from __future__ import annotations
 
-
 from diskimg.slotted import Record
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["CheckReport"]
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
-from pathlib import Path
 
 from diskimg.errors import BackingChainError
 from diskimg.slotted import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 MAX_CHAIN_DEPTH = 256
 _PROTOCOL = r"^[A-Za-z][A-Za-z0-9+.-]*:"  # compiled on first use (re caches it)
@@ -40,19 +42,23 @@ class OpenPolicy(Record):
         self.max_depth = max_depth
         self.allow_extents_outside = allow_extents_outside
 
-    def for_top(self, top: Path) -> OpenPolicy:
+    def for_top(self, top: str | os.PathLike[str]) -> OpenPolicy:
         """The policy to open the top image ``top`` and its chain with.
 
         An untrusted policy without ``allowed_dirs`` becomes a new policy confined to
         ``top``'s resolved directory; any other policy is returned unchanged (``self``).
         """
         if self.untrusted and not self.allowed_dirs:
-            return OpenPolicy(True, [top.resolve().parent], self.max_depth,
+            from pathlib import Path
+
+            return OpenPolicy(True, [Path(top).resolve().parent], self.max_depth,
                               self.allow_extents_outside)
         return self
 
     def resolve(self, name: str, parent: Path, what: str = "backing file") -> Path:
         """Resolve ``name`` (as written in ``parent``) to a path, or raise naming it."""
+        import re  # an image without a backing file never gets here (start-up)
+
         if name.startswith("json:") or (re.match(_PROTOCOL, name) and not name.startswith("/")
                                         and not name.startswith("file:")):
             raise BackingChainError(
@@ -60,6 +66,8 @@ class OpenPolicy(Record):
                 "names are not followed")
         if name.startswith("file:"):
             name = name[5:]
+        from pathlib import Path
+
         p = Path(name)
         if not p.is_absolute():
             p = parent.parent / p

@@ -13,7 +13,6 @@ from __future__ import annotations
 import builtins
 import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Self
 
 from diskimg.errors import FormatError, UnsupportedFeatureError, UsageError
 from diskimg.qcow2 import bitmap_table as BT
@@ -21,7 +20,10 @@ from diskimg.qcow2 import header_io
 from diskimg.qcow2.layout import QCOW2_AUTOCLEAR_BITMAPS, QCOW2_EXT_MAGIC_BITMAPS, Header
 from diskimg.slotted import FrozenRecord, Record, set_field
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Self
+
     from diskimg.qcow2.metadata import MetadataImage
 
 BME_FLAG_IN_USE = 1 << 0

@@ -7,10 +7,13 @@ Names follow QEMU (``qcow2.h``, ``docs/interop/qcow2.txt``).  Records (:mod:`dis
 from __future__ import annotations
 
 import struct
-from typing import Self
 
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError, WrongFormatError
 from diskimg.slotted import FrozenRecord, Record, set_field
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Self
 
 QCOW_MAGIC = 0x514649FB
 MIN_CLUSTER_BITS = 9

@@ -15,13 +15,13 @@ the external data file when there is one (the host offsets are in it), else None
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING
 
 from diskimg.device import Status
 from diskimg.errors import CorruptImageError
 from diskimg.plan import Run, RunKind
 from diskimg.qcow2 import entries as E
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.qcow2.image import Qcow2Image
 
@@ -215,7 +215,7 @@ def status(img: Qcow2Image, run: Run) -> Status:
     compressed or encrypted clusters; with a metadata-preallocated image (see
     ``Qcow2Image.metadata_preallocation``) a DATA run over holes of the host file is
     split there, the holes reading as zeros."""
-    fname = str(img.data_host.path)
+    fname = img.data_host.name
     host = None if img.header.crypt_method else run.host
     kind, n = run.kind, run.length
     if kind is _DATA:

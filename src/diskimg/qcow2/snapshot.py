@@ -22,7 +22,6 @@ from __future__ import annotations
 import builtins
 from array import array
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 from diskimg.errors import CorruptImageError, UsageError
 from diskimg.qcow2 import entries as E
@@ -44,6 +43,7 @@ from diskimg.qcow2.snapshot_table import (
     read_table,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.qcow2.metadata import MetadataImage
 

@@ -6,13 +6,15 @@ The operations on snapshots live in :mod:`diskimg.qcow2.snapshot`."""
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any, Self
 
 from diskimg.errors import FormatError
 from diskimg.qcow2.layout import QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
 from diskimg.slotted import FrozenRecord, Record, set_field
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Self
+
     from diskimg.hostio import HostFile
     from diskimg.qcow2.metadata import MetadataImage
 

@@ -5,13 +5,10 @@ by the commands that need them, never here."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
 
 from diskimg import api
 from diskimg import options as opts
@@ -23,8 +20,24 @@ from diskimg.options import RAW_WINDOW_OPTIONS
 from diskimg.slotted import Record
 from diskimg.units import SIZE_HELP, parse_size
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
     from diskimg.cli.progress import QemuProgress, Schedule
+
+
+def _suppress() -> str:
+    """``argparse.SUPPRESS`` (help that --help leaves out), which argparse compares by
+    identity: argparse's own object when argparse is loaded (it is whenever ``p`` is an
+    argparse parser); for the quick reader (cli/quickparse.py), which ignores help, a
+    string of the same value, so that reading a plain command line loads no argparse."""
+    argparse = sys.modules.get("argparse")
+    if argparse is None:
+        return "==SUPPRESS=="
+    suppress: str = argparse.SUPPRESS
+    return suppress
 
 
 def add_common(p: argparse.ArgumentParser, *, fmt: bool = True, share: bool = True,
@@ -53,8 +66,8 @@ def add_common(p: argparse.ArgumentParser, *, fmt: bool = True, share: bool = Tr
         p.add_argument("--output", metavar="human|json", help="output format")
     if src_cache:  # the host page cache is not diskimg's to choose: checked, then unused
         p.add_argument("-T", dest="src_cache", type=lambda t: cache_mode(t, src_cache),
-                       help=argparse.SUPPRESS)
-    p.add_argument("files", nargs="*", help=argparse.SUPPRESS)
+                       help=_suppress())
+    p.add_argument("files", nargs="*", help=_suppress())
 
 
 #: the cache modes qemu-img's ``-T`` and ``-t`` accept
@@ -209,8 +222,6 @@ def output_format(text: str | None) -> str:
     raise ExitCode("--output must be used with human or json as argument.", 1)
 
 
-
-
 def collect_o(values: list[str] | None) -> str | None:
     if not values:
         return None
@@ -240,7 +251,6 @@ def resolve_backing(backing: str, image: str) -> str:
     return os.path.join(os.path.dirname(image), backing)
 
 
-
 def snapshot_param(text: str | None) -> tuple[str | None, str | None] | None:
     if text is None:
         return None
@@ -251,7 +261,6 @@ def snapshot_param(text: str | None) -> tuple[str | None, str | None] | None:
             raise UsageError(f"Invalid parameter '{unknown[0]}'")
         return d.get("snapshot.id"), d.get("snapshot.name")
     return text, text
-
 
 
 def same_file(a: str, b: str) -> bool:
@@ -269,7 +278,6 @@ def basic_schedule(printer: QemuProgress) -> Schedule:
     sched.add(-1, 0.0, 100)
     sched.add(0, 100.0, 0)
     return sched
-
 
 
 def path_and_format(a: argparse.Namespace, name: str, command: str,
@@ -295,6 +303,8 @@ def key_options(a: argparse.Namespace, name: str) -> tuple[str, ...]:
     ``backing.backing.encrypt.key-secret`` ...), as qemu-img accepts them."""
     if not a.image_opts:
         return ()
+    import re
+
     return tuple(k for k in parse_image_opts(name)[2] if re.match(_KEY_OPTION, k))
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from diskimg.cli import errors, output
 from diskimg.cli.commands._shared import (Context, add_common, one_file, opened, output_format)
 from diskimg.errors import DiskImgError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 USAGE = '[-f FMT] [--output=human|json] [--backing-chain] [-U] [--object OBJ] [--image-opts] FILE'
 DESCRIPTION = 'Show information about a disk image.'

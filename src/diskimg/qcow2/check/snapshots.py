@@ -4,8 +4,6 @@ repair (``qcow2_check_fix_snapshot_table``); entries are read through
 
 from __future__ import annotations
 
-from typing import Any
-
 from diskimg.errors import CorruptImageError
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.check.report import CheckResult, _Abort
@@ -26,6 +24,10 @@ from diskimg.qcow2.snapshot import (
     EntryHeader,
     c_bytes,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class _Snapshots(_Stored):

@@ -5,7 +5,6 @@ findings, and counting references (``qcow2_inc_refcounts_imrt``)."""
 from __future__ import annotations
 
 from array import array
-from typing import Any
 
 from diskimg.errors import CorruptImageError
 from diskimg.hostio import HostFile
@@ -18,6 +17,10 @@ from diskimg.qcow2.layout import (
 )
 from diskimg.qcow2.refcount import refblock_entries, refcount_typecode
 from diskimg.slotted import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 REFT_RESERVED_MASK = 0x1FF
 L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
