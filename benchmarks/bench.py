@@ -48,7 +48,9 @@ pessimistic reference.
 Start-up floor (issue 20 item 1): ``python -c pass`` with the interpreter (venv) that runs
 diskimg is the floor; ``python -I -S -c pass`` (no site-packages, no ``.pth`` hooks), ``python
 -c 'import diskimg'``, ``diskimg --version`` and ``diskimg info/check/map`` of a 64 MiB qcow2
-are timed beside it, each against the whole of ``qemu-img info`` on that image, and the
+are timed beside it (and ``--version`` and ``info`` run by ``python -c`` calling
+``diskimg.cli.main.main``: the CLI without pip's launcher script, which imports ``re``),
+each against the whole of ``qemu-img info`` on that image, and the
 results file gives each row's excess over the floor in ms (target: at most 10 ms) and ``import
 diskimg``'s ``-X importtime`` cumulative time (target: at most 5 ms).  These rows do not
 depend on ``--size``: ``--only start-up --size 64M`` measures them alone, quickly.
@@ -463,8 +465,14 @@ def floor_job(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> Job:
     # otherwise
     script = Path(PY).with_name("diskimg")
     how, also = "python -m diskimg", []
+    # the CLI without a launcher: what a console script that imports nothing but diskimg
+    # would cost (pip's imports re, uv's does not; runpy loads importlib.util, contextlib)
+    bare = [PY, "-c", "import sys; from diskimg.cli.main import main; sys.exit(main())"]
+    also = [Variant("diskimg --version (no launcher)", [*bare, "--version"], diskimg=True),
+            Variant("diskimg info (no launcher)", [*bare, "info", "-f", "qcow2", str(small)],
+                    diskimg=True)]
     if script.is_file():
-        also = [Variant(f"diskimg --version ({how})", [*cli, "--version"], diskimg=True)]
+        also.append(Variant(f"diskimg --version ({how})", [*cli, "--version"], diskimg=True))
         cli, how = [str(script)], "bin/diskimg"
     return Job("start-up floor",
                [Variant("qemu-img info", [qemu_img, "info", "-f", "qcow2", str(small)])],

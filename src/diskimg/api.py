@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 from diskimg.device import BlockDevice
 from diskimg.errors import BackingChainError, DiskImgError, UsageError
-from diskimg.hostio import HostFile, open_host_file
+from diskimg.hostio import HostFile, open_host_file, path_name
 from diskimg.policy import OpenPolicy
 from diskimg.params import check_int
 from diskimg.probe import check_format, probe
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 FORMATS = ("qcow2", "raw", "vmdk", "luks")
 PathLike = str | os.PathLike[str]
@@ -63,18 +66,20 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
                          policy=policy or OpenPolicy(untrusted=untrusted),
                          secrets=dict(secrets or {}), options=dict(options or {}),
                          for_check=for_check)
-    pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(Path(path))
+    # the name as pathlib prints it, without importing pathlib (start-up, issue 20)
+    name = path_name(path)
+    pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(name)
     if options:
         from diskimg.image_options import force_share as share_option
 
         force_share = force_share or share_option(options)
-    return _open_one(Path(path), os.fspath(path), mode == "r+", format, backing=backing,
+    return _open_one(name, os.fspath(path), mode == "r+", format, backing=backing,
                      force_share=force_share, policy=pol, secrets=dict(secrets or {}),
                      options=dict(options or {}), seen=set(), depth=0,
                      for_check=for_check, unlock=not metadata_only)
 
 
-def _open_one(path: Path, name: str, writable: bool, fmt: str | None, *, backing: bool,
+def _open_one(path: str | Path, name: str, writable: bool, fmt: str | None, *, backing: bool,
               force_share: bool, policy: OpenPolicy, secrets: dict[str, bytes],
               options: dict[str, str], seen: set[tuple[int, int]], depth: int,
               for_check: bool = False, unlock: bool = True) -> BlockDevice:
@@ -106,7 +111,9 @@ def _open_one(path: Path, name: str, writable: bool, fmt: str | None, *, backing
         if backing:
             bname, bfmt = _backing_name(dev)
             if bname is not None:
-                bpath = policy.resolve(bname, path)
+                from pathlib import Path
+
+                bpath = policy.resolve(bname, Path(path))
                 try:
                     bfmt, bopts = _backing_open_options(options,
                                                         backing_format(bfmt, bpath), bpath)
@@ -296,6 +303,8 @@ def create(
     ``-o`` names (``cluster_size``, ``compat``, ``preallocation``, ``lazy_refcounts``,
     ``refcount_bits``, ``extended_l2`` ...) as strings or Python values.
     """
+    from pathlib import Path
+
     if size is not None:  # before anything touches the file: a refusal creates nothing
         size = check_int("size", size, minimum=None)
     opts = dict(options or {})

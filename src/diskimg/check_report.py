@@ -4,16 +4,17 @@ below the formats so that no format imports another (vmdk used to import it from
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from diskimg import progname
+from diskimg.slotted import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["CheckReport"]
 
 
-@dataclass
-class CheckReport:
+class CheckReport(Record):
     """Outcome of a format's ``check()`` (qcow2, vmdk); field names mirror qemu's ``ImageCheck``.
 
     ``messages`` holds what qemu-img writes to stderr (per-problem lines, ``Repairing ...``,
@@ -22,34 +23,72 @@ class CheckReport:
     complete: the CLI then prints ``Check failed: <error>`` and exits 1.
     """
 
+    __slots__ = ("filename", "format", "check_errors", "corruptions", "leaks",
+                 "corruptions_fixed", "leaks_fixed", "image_end_offset", "total_clusters",
+                 "allocated_clusters", "fragmented_clusters", "compressed_clusters", "findings",
+                 "messages", "error", "repair_messages", "repaired", "marked_corrupt",
+                 "incomplete_snapshots", "snapshot_repairs", "snapshots_kept", "snapshots_size")
     filename: str
-    format: str = "qcow2"
-    check_errors: int = 0
-    corruptions: int = 0
-    leaks: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    findings: list[dict[str, Any]] = field(default_factory=list)
-    messages: list[str] = field(default_factory=list)
-    error: str | None = None
+    format: str
+    check_errors: int
+    corruptions: int
+    leaks: int
+    corruptions_fixed: int
+    leaks_fixed: int
+    image_end_offset: int
+    total_clusters: int
+    allocated_clusters: int
+    fragmented_clusters: int
+    compressed_clusters: int
+    findings: list[dict[str, Any]]
+    messages: list[str]
+    error: str | None
     #: stderr lines of the repairing pass (before "The following inconsistencies...").
-    repair_messages: list[str] = field(default_factory=list)
-    repaired: bool = False
+    repair_messages: list[str]
+    repaired: bool
     #: a repair attempt hit inconsistent metadata and set the image's corrupt bit
-    marked_corrupt: bool = False
+    marked_corrupt: bool
     #: indexes of v3 snapshot table entries with less than 16 bytes of extra data
-    incomplete_snapshots: list[int] = field(default_factory=list)
+    incomplete_snapshots: list[int]
     #: snapshot table problems a rewrite of the table repairs (qemu counts each as a
     #: corruption): incomplete entries, cut extra data, dropped overhanging entries
-    snapshot_repairs: int = 0
+    snapshot_repairs: int
     #: entries kept and bytes used by the snapshot table as the check read it
-    snapshots_kept: int = 0
-    snapshots_size: int = 0
+    snapshots_kept: int
+    snapshots_size: int
+
+    def __init__(self, filename: str, format: str = "qcow2", check_errors: int = 0,
+                 corruptions: int = 0, leaks: int = 0, corruptions_fixed: int = 0,
+                 leaks_fixed: int = 0, image_end_offset: int = 0, total_clusters: int = 0,
+                 allocated_clusters: int = 0, fragmented_clusters: int = 0,
+                 compressed_clusters: int = 0, findings: list[dict[str, Any]] | None = None,
+                 messages: list[str] | None = None, error: str | None = None,
+                 repair_messages: list[str] | None = None, repaired: bool = False,
+                 marked_corrupt: bool = False, incomplete_snapshots: list[int] | None = None,
+                 snapshot_repairs: int = 0, snapshots_kept: int = 0,
+                 snapshots_size: int = 0) -> None:
+        self.filename = filename
+        self.format = format
+        self.check_errors = check_errors
+        self.corruptions = corruptions
+        self.leaks = leaks
+        self.corruptions_fixed = corruptions_fixed
+        self.leaks_fixed = leaks_fixed
+        self.image_end_offset = image_end_offset
+        self.total_clusters = total_clusters
+        self.allocated_clusters = allocated_clusters
+        self.fragmented_clusters = fragmented_clusters
+        self.compressed_clusters = compressed_clusters
+        self.findings = [] if findings is None else findings
+        self.messages = [] if messages is None else messages
+        self.error = error
+        self.repair_messages = [] if repair_messages is None else repair_messages
+        self.repaired = repaired
+        self.marked_corrupt = marked_corrupt
+        self.incomplete_snapshots = [] if incomplete_snapshots is None else incomplete_snapshots
+        self.snapshot_repairs = snapshot_repairs
+        self.snapshots_kept = snapshots_kept
+        self.snapshots_size = snapshots_size
 
     # --- output -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

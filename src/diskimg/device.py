@@ -18,7 +18,6 @@ import stat
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Concatenate, ParamSpec, Self, TypeVar
 
 from diskimg.device_io import DeviceIO as DeviceIO  # re-exported (it lived here)
 from diskimg.errors import ClosedImageError, CorruptImageError, UnsupportedFeatureError, UsageError
@@ -31,13 +30,16 @@ from diskimg.records import MapEntry as MapEntry
 from diskimg.records import Status as Status
 from diskimg.records import mergeable
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Concatenate, ParamSpec, Self, TypeVar
+
     from diskimg.check_report import CheckReport  # built by the checkers, imported there
     from diskimg.hostio import HostFile
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-_D = TypeVar("_D", bound="BlockDevice")
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
+    _D = TypeVar("_D", bound="BlockDevice")
 
 
 class BlockDevice:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from diskimg.device import BlockDevice
 
 

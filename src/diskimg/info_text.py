@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any
 
 from diskimg.units import size_to_str
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _ljust_bytes(text: str, width: int) -> str:

@@ -5,9 +5,8 @@ option schemas (type, default, help), ``-o help`` text and the ``Formatting ...`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from diskimg.errors import UsageError
+from diskimg.slotted import FrozenRecord, set_field
 from diskimg.units import parse_size
 
 SIZE_PARAM_HELP = ("expects a non-negative number below 2^64\n"
@@ -15,14 +14,20 @@ SIZE_PARAM_HELP = ("expects a non-negative number below 2^64\n"
                    "and exabytes, respectively.")
 
 
-@dataclass(frozen=True, slots=True)
-class OptionDesc:
+class OptionDesc(FrozenRecord):
     """One ``-o`` option: ``kind`` is ``str``, ``bool``, ``num`` or ``size`` (qemu's types)."""
 
+    __slots__ = ("name", "kind", "help", "default")
     name: str
     kind: str
     help: str
-    default: str | None = None
+    default: str | None
+
+    def __init__(self, name: str, kind: str, help: str, default: str | None = None) -> None:
+        set_field(self, "name", name)
+        set_field(self, "kind", kind)
+        set_field(self, "help", help)
+        set_field(self, "default", default)
 
 
 def _o(name: str, kind: str, help: str, default: str | None = None) -> OptionDesc:  # noqa: A002

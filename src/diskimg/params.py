@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import TypeVar
 
 from diskimg.errors import UsageError
 
-_T = TypeVar("_T")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    _T = TypeVar("_T")
 
 
 def check_int(name: str, value: object, *, minimum: int | None = 0) -> int:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from diskimg.slotted import FrozenRecord, set_field
 
 __all__ = ["Run", "RunKind", "check_plan"]
 
@@ -39,8 +40,7 @@ class RunKind(enum.Enum):
     COMPRESSED = enum.auto()
 
 
-@dataclass(frozen=True, slots=True)
-class Run:
+class Run(FrozenRecord):
     """One run of a plan: ``length`` guest bytes from ``offset``, all of one ``kind``.
 
     ``host``: for DATA the host byte offset of guest byte ``offset`` (never None); for
@@ -54,12 +54,22 @@ class Run:
     None for the layer's own file when the caller knows it).
     """
 
+    __slots__ = ("offset", "length", "kind", "host", "entry", "filename")
     offset: int
     length: int
     kind: RunKind
-    host: int | None = None
-    entry: int = 0
-    filename: str | None = None
+    host: int | None
+    entry: int
+    filename: str | None
+
+    def __init__(self, offset: int, length: int, kind: RunKind, host: int | None = None,
+                 entry: int = 0, filename: str | None = None) -> None:
+        set_field(self, "offset", offset)
+        set_field(self, "length", length)
+        set_field(self, "kind", kind)
+        set_field(self, "host", host)
+        set_field(self, "entry", entry)
+        set_field(self, "filename", filename)
 
     @property
     def end(self) -> int:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from diskimg.errors import BackingChainError
+from diskimg.slotted import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 MAX_CHAIN_DEPTH = 256
 _PROTOCOL = r"^[A-Za-z][A-Za-z0-9+.-]*:"  # compiled on first use (re caches it)
@@ -25,36 +27,49 @@ def combine(parent: str, name: str) -> str:
     """The path qemu shows for ``name`` as written in image ``parent``: ``name`` itself
     when absolute or protocol-prefixed (``file:``, ``json:`` ...), else ``name`` beside
     ``parent`` as both are written (``./x``, ``sub/../x`` stay as they are)."""
+    import re  # only images with a backing file get here (start-up)
+
     if name.startswith("/") or re.match(_PROTOCOL, name):
         return name
     return os.path.join(os.path.dirname(parent), name)
 
 
-@dataclass(slots=True)
-class OpenPolicy:
+class OpenPolicy(Record):
     """``untrusted``: confine every referenced file to ``allowed_dirs`` (default: the top
     image's directory).  ``max_depth``: longest backing chain accepted.
     ``allow_extents_outside``: let vmdk descriptors name extents outside their directory
     (qemu-img's behaviour; off by default)."""
 
-    untrusted: bool = False
-    allowed_dirs: list[Path] = field(default_factory=list)
-    max_depth: int = MAX_CHAIN_DEPTH
-    allow_extents_outside: bool = False  # vmdk extents outside the descriptor's directory
+    __slots__ = ("untrusted", "allowed_dirs", "max_depth", "allow_extents_outside")
+    untrusted: bool
+    allowed_dirs: list[Path]
+    max_depth: int
+    allow_extents_outside: bool  # vmdk extents outside the descriptor's directory
 
-    def for_top(self, top: Path) -> OpenPolicy:
+    def __init__(self, untrusted: bool = False, allowed_dirs: list[Path] | None = None,
+                 max_depth: int = MAX_CHAIN_DEPTH, allow_extents_outside: bool = False) -> None:
+        self.untrusted = untrusted
+        self.allowed_dirs = [] if allowed_dirs is None else allowed_dirs
+        self.max_depth = max_depth
+        self.allow_extents_outside = allow_extents_outside
+
+    def for_top(self, top: str | os.PathLike[str]) -> OpenPolicy:
         """The policy to open the top image ``top`` and its chain with.
 
         An untrusted policy without ``allowed_dirs`` becomes a new policy confined to
         ``top``'s resolved directory; any other policy is returned unchanged (``self``).
         """
         if self.untrusted and not self.allowed_dirs:
-            return OpenPolicy(True, [top.resolve().parent], self.max_depth,
+            from pathlib import Path
+
+            return OpenPolicy(True, [Path(top).resolve().parent], self.max_depth,
                               self.allow_extents_outside)
         return self
 
     def resolve(self, name: str, parent: Path, what: str = "backing file") -> Path:
         """Resolve ``name`` (as written in ``parent``) to a path, or raise naming it."""
+        import re  # an image without a backing file never gets here (start-up)
+
         if name.startswith("json:") or (re.match(_PROTOCOL, name) and not name.startswith("/")
                                         and not name.startswith("file:")):
             raise BackingChainError(
@@ -62,6 +77,8 @@ class OpenPolicy:
                 "names are not followed")
         if name.startswith("file:"):
             name = name[5:]
+        from pathlib import Path
+
         p = Path(name)
         if not p.is_absolute():
             p = parent.parent / p

@@ -5,24 +5,38 @@ qemu's; the records hold values only (no I/O)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from diskimg.slotted import FrozenRecord, Record, set_field
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["ImageInfo", "MapEntry", "Status", "mergeable"]
 
 
-@dataclass(frozen=True, slots=True)
-class MapEntry:
+class MapEntry(FrozenRecord):
     """One run of ``qemu-img map --output=json``; field names are qemu's JSON keys."""
 
+    __slots__ = ("start", "length", "depth", "present", "zero", "data", "offset", "filename")
     start: int
     length: int
     depth: int
     present: bool
     zero: bool
     data: bool
-    offset: int | None = None
-    filename: str | None = None  # host file the offset refers to (for human map output)
+    offset: int | None
+    filename: str | None  # host file the offset refers to (for human map output)
+
+    def __init__(self, start: int, length: int, depth: int, present: bool, zero: bool,
+                 data: bool, offset: int | None = None, filename: str | None = None) -> None:
+        set_field(self, "start", start)
+        set_field(self, "length", length)
+        set_field(self, "depth", depth)
+        set_field(self, "present", present)
+        set_field(self, "zero", zero)
+        set_field(self, "data", data)
+        set_field(self, "offset", offset)
+        set_field(self, "filename", filename)
 
     def to_json(self) -> dict[str, Any]:
         """This run as ``qemu-img map --output=json`` prints it (``offset`` only when set).
@@ -42,38 +56,69 @@ class MapEntry:
         return d
 
 
-@dataclass(frozen=True, slots=True)
-class Status:
+class Status(FrozenRecord):
     """Block status of one run in one layer (QEMU's BDRV_BLOCK_* flags).
 
     ``allocated``: this layer decides the contents (no fall-through to the backing file).
     ``offset``: host offset of the data in ``filename`` when it lies there verbatim.
     """
 
+    __slots__ = ("length", "allocated", "data", "zero", "offset", "filename")
     length: int
     allocated: bool
     data: bool
     zero: bool
-    offset: int | None = None
-    filename: str | None = None
+    offset: int | None
+    filename: str | None
+
+    def __init__(self, length: int, allocated: bool, data: bool, zero: bool,
+                 offset: int | None = None, filename: str | None = None) -> None:
+        set_field(self, "length", length)
+        set_field(self, "allocated", allocated)
+        set_field(self, "data", data)
+        set_field(self, "zero", zero)
+        set_field(self, "offset", offset)
+        set_field(self, "filename", filename)
 
 
-@dataclass(slots=True)
-class ImageInfo:
+class ImageInfo(Record):
     """What ``qemu-img info`` reports; :meth:`to_json` gives qemu's keys."""
 
+    __slots__ = ("filename", "format", "virtual_size", "actual_size", "dirty_flag",
+                 "cluster_size", "encrypted", "backing_filename", "full_backing_filename",
+                 "backing_filename_format", "snapshots", "format_specific")
     filename: str
     format: str
     virtual_size: int
     actual_size: int
-    dirty_flag: bool = False
-    cluster_size: int | None = None
-    encrypted: bool = False
-    backing_filename: str | None = None
-    full_backing_filename: str | None = None
-    backing_filename_format: str | None = None
-    snapshots: list[dict[str, Any]] = field(default_factory=list)
-    format_specific: dict[str, Any] | None = None
+    dirty_flag: bool
+    cluster_size: int | None
+    encrypted: bool
+    backing_filename: str | None
+    full_backing_filename: str | None
+    backing_filename_format: str | None
+    snapshots: list[dict[str, Any]]
+    format_specific: dict[str, Any] | None
+
+    def __init__(self, filename: str, format: str, virtual_size: int, actual_size: int,
+                 dirty_flag: bool = False, cluster_size: int | None = None,
+                 encrypted: bool = False, backing_filename: str | None = None,
+                 full_backing_filename: str | None = None,
+                 backing_filename_format: str | None = None,
+                 snapshots: list[dict[str, Any]] | None = None,
+                 format_specific: dict[str, Any] | None = None) -> None:
+        self.filename = filename
+        self.format = format
+        self.virtual_size = virtual_size
+        self.actual_size = actual_size
+        self.dirty_flag = dirty_flag
+        self.cluster_size = cluster_size
+        self.encrypted = encrypted
+        self.backing_filename = backing_filename
+        self.full_backing_filename = full_backing_filename
+        self.backing_filename_format = backing_filename_format
+        self.snapshots = [] if snapshots is None else snapshots
+        self.format_specific = format_specific
 
     def __str__(self) -> str:
         """``qemu-img info``'s human text (:func:`diskimg.info_text.info_human`)."""

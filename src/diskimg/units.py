@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 
 from diskimg.errors import UsageError
 
@@ -23,6 +22,8 @@ def parse_size(text: str, default_suffix: str = "b") -> int:
     A fraction needs a suffix other than ``b``; the result is truncated to whole bytes.
     Raises :class:`UsageError` with qemu-img's message.
     """
+    import re  # only a command line with a size pays for it (start-up)
+
     m = re.match(_SIZE_RE, text)
     if not m:
         raise UsageError(SIZE_HELP, field="size")

@@ -312,6 +312,7 @@ NOT_PROBES: dict[str, set[str]] = {
     "qcow2/compress.py": {"zd"},                     # thread-local decompressor
     "cli/main.py": {"reconfigure", "encoding", "object"},  # std streams, argparse namespace
     "cli/commands/snapshot.py": {"*"},               # argparse Action: its namespace dest
+    "slotted.py": {"*"},                             # a record's fields, by slot name
 }
 def _attribute_lookups() -> dict[str, set[str]]:
     """Every ``getattr(obj, name)``/``hasattr(obj, name)`` call in src/: module -> names."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from diskimg.plan import Run, RunKind, check_plan
+from diskimg.slotted import FrozenInstanceError
 
 D, Z, U, C = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED, RunKind.COMPRESSED
 
@@ -15,7 +14,7 @@ def test_run_is_frozen_slotted_and_knows_its_end_and_allocation() -> None:
     r = Run(4096, 512, D, 1 << 20, filename="x.vmdk")
     assert (r.end, r.allocated) == (4608, True)
     assert not Run(0, 1, U).allocated and Run(0, 1, Z).allocated and Run(0, 1, C).allocated
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenInstanceError):
         r.length = 1  # type: ignore[misc]
     assert not hasattr(r, "__dict__")
     assert r == Run(4096, 512, D, 1 << 20, 0, "x.vmdk")

@@ -116,12 +116,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if cmd not in commands.NAMES:
         return _fail(CommandLineError(f"Command not found: {cmd}"))
-    from diskimg.cli.parser import _Exit, _parse
+    from diskimg.cli import quickparse
 
     ctx = commands.Context(prog=prog(), untrusted=untrusted)
     parsed = False
     try:
-        ns, mod = _parse(cmd, args)
+        # argparse (diskimg.cli.parser) only for what the quick reader does not read
+        ns: object
+        got = quickparse.parse(cmd, args)
+        if got is not None:
+            ns, mod = got
+        else:
+            from diskimg.cli.parser import _parse
+
+            ns, mod = _parse(cmd, args)
         parsed = True
         objects = getattr(ns, "object", []) or []
         if objects:
@@ -130,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx.secrets = parse_objects(objects)
         code: int = mod.run(ctx, ns)
         return code
-    except _Exit as e:
+    except quickparse.Exit as e:
         return e.code
     except BrokenPipeError:
         # stdout's reader went away (`diskimg map ... | head`): stop quietly, as qemu-img

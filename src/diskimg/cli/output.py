@@ -3,9 +3,7 @@ text and QEMU's QDict key order live in :mod:`diskimg.info_text`, below the CLI)
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import DiskImgError
 from diskimg.info_text import info_chain_human as info_chain_human  # re-exported
@@ -15,7 +13,11 @@ from diskimg.info_text import qdict_order_deep as qdict_order_deep
 from diskimg.info_text import snapshot_header as snapshot_header
 from diskimg.info_text import snapshot_row as snapshot_row
 
-if TYPE_CHECKING:  # a type only
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # types only
+    import re
+    from typing import Any
+
     from diskimg.device import MapEntry
 
 
@@ -24,6 +26,7 @@ def to_json(obj: Any) -> str:
     strings escaped as QEMU does (every character outside printable ASCII as ``\\uXXXX``
     in upper case, bytes that are not UTF-8 as U+FFFD)."""
     import json  # human output needs none of it
+    import re
 
     text = json.dumps(_valid_text(obj), indent=4, separators=(",", ": "), ensure_ascii=True)
     return re.sub(_UESCAPE, _qemu_escape, text) + "\n"

@@ -1,6 +1,7 @@
-"""The argparse side of the CLI (imported once a sub-command is known, so ``diskimg
---version`` loads no argparse): a parser that raises instead of exiting, with
-getopt-style messages, built for one sub-command by that command's own module."""
+"""The argparse side of the CLI (imported once a sub-command is known, and only for a
+command line :mod:`diskimg.cli.quickparse` leaves to it, so ``diskimg --version`` and a
+plain ``diskimg info FILE`` load no argparse): a parser that raises instead of exiting,
+with getopt-style messages, built for one sub-command by that command's own module."""
 
 from __future__ import annotations
 
@@ -9,17 +10,12 @@ import sys
 
 from diskimg.cli import commands
 from diskimg.cli.errors import CommandLineError, prog
+from diskimg.cli.quickparse import Exit
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import ModuleType
     from typing import NoReturn
-
-
-class _Exit(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 class Parser(argparse.ArgumentParser):
@@ -51,7 +47,7 @@ class Parser(argparse.ArgumentParser):
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if message:
             sys.stderr.write(message)
-        raise _Exit(status)
+        raise Exit(status)
 
 
 def _build(cmd: str) -> tuple[Parser, ModuleType]:

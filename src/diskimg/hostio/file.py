@@ -6,15 +6,18 @@ locking was asked for, QEMU's lock bytes on it (released on close).
 
 from __future__ import annotations
 
+import _thread
 import mmap
 import os
 import stat
-import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 from diskimg.errors import ClosedImageError, DiskImgError, UsageError
 from diskimg.hostio import lock, sparse
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # The kernel copies into user buffers whose address is not 32-byte aligned several times
 # more slowly (x86 ``rep movsb``): 0.06 s instead of 0.01 s per 256 MiB here.  Buffers from
@@ -23,7 +26,7 @@ from diskimg.hostio import lock, sparse
 _BOUNCE = 1 << 20
 _BOUNCE_MIN = 64 << 10       # smaller reads go straight to the caller's buffer
 _ALIGN = 64
-_local = threading.local()
+_local = _thread._local()  # threading.local, without importing threading (start-up)
 
 
 def aligned_buffer(n: int) -> mmap.mmap:
@@ -108,12 +111,29 @@ def _bounce() -> memoryview:
 INT64_MAX = (1 << 63) - 1
 
 
+def path_name(path: str | os.PathLike[str]) -> str:
+    """``str(pathlib.Path(path))`` without importing pathlib (start-up, issue 20): the
+    name with repeated slashes, ``.`` components and a trailing slash dropped (a leading
+    ``//`` kept), as pathlib prints it and as diskimg's messages name the file."""
+    name = os.fspath(path)
+    if not isinstance(name, str):  # pathlib's own refusal (bytes)
+        from pathlib import Path
+
+        return str(Path(path))
+    root = ""
+    if name.startswith("/"):
+        root = "//" if name.startswith("//") and not name.startswith("///") else "/"
+    return root + "/".join(x for x in name.split("/") if x and x != ".") or "."
+
+
 class HostFile:
     """A host file opened for positional I/O.  Offsets and lengths are in bytes."""
 
-    def __init__(self, fd: int, path: Path, writable: bool) -> None:
+    def __init__(self, fd: int, path: str | os.PathLike[str], writable: bool) -> None:
         self._fd = fd
-        self.path = path
+        #: the file's name as ``str(pathlib.Path(path))`` gives it (:func:`path_name`)
+        self.name = path_name(path)
+        self._path: Path | None = None
         self.writable = writable
         #: False: :meth:`flush` does not sync (qemu's ``cache=unsafe``, qemu-img convert's
         #: default for its target); the data still reaches the page cache in order
@@ -123,11 +143,21 @@ class HostFile:
         self.locked = False
 
     @property
+    def path(self) -> Path:
+        """The file's name as a :class:`pathlib.Path` (pathlib is imported when a caller
+        first asks: opening and reading an image needs only :attr:`name`)."""
+        if self._path is None:
+            from pathlib import Path
+
+            self._path = Path(self.name)
+        return self._path
+
+    @property
     def fd(self) -> int:
         """The open fd.  After :meth:`close` the number may already belong to another
         file, so every use raises :class:`ClosedImageError` instead (the number is -1)."""
         if self._fd < 0:
-            raise ClosedImageError(f"I/O operation on closed file '{self.path}'")
+            raise ClosedImageError(f"I/O operation on closed file '{self.name}'")
         return self._fd
 
     @property
@@ -140,7 +170,7 @@ class HostFile:
         if offset < 0 or offset + max(length, 0) > INT64_MAX:
             from diskimg.errors import FormatError
 
-            raise FormatError(f"offset {offset:#x} (+{length} bytes) in '{self.path}' is out "
+            raise FormatError(f"offset {offset:#x} (+{length} bytes) in '{self.name}' is out "
                               "of range", offset=offset)
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -170,7 +200,7 @@ class HostFile:
         if len(data) != length:
             raise FormatError(
                 f"{what} at offset {offset:#x} (length {length}) lies past the end of "
-                f"'{self.path}'",
+                f"'{self.name}'",
                 offset=offset,
             )
         return data
@@ -209,7 +239,7 @@ class HostFile:
         """Write all of ``data`` at ``offset``."""
         fd = self.fd
         if not self.writable:
-            raise UsageError(f"'{self.path}' is opened read-only")
+            raise UsageError(f"'{self.name}' is opened read-only")
         mv = memoryview(data)
         done = 0
         while done < len(mv):
@@ -220,7 +250,7 @@ class HostFile:
         kernel allows (no joined copy of the pieces)."""
         fd = self.fd
         if not self.writable:
-            raise UsageError(f"'{self.path}' is opened read-only")
+            raise UsageError(f"'{self.name}' is opened read-only")
         views = [memoryview(p).cast("B") for p in parts]
         views = [v for v in views if len(v)]
         iov_max = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -250,7 +280,7 @@ class HostFile:
     def truncate(self, size: int) -> None:
         fd = self.fd
         if not self.writable:
-            raise UsageError(f"'{self.path}' is opened read-only")
+            raise UsageError(f"'{self.name}' is opened read-only")
         os.ftruncate(fd, size)
 
     def empty(self) -> None:
@@ -285,7 +315,7 @@ class HostFile:
     # --- locking and lifetime ---------------------------------------------------------
     def lock(self, writable: bool) -> None:
         held, refused = lock.READ_WRITE_PERMS if writable else lock.READ_ONLY_PERMS
-        lock.acquire(self.fd, str(self.path), held, refused)
+        lock.acquire(self.fd, self.name, held, refused)
         self.locked = True
 
     def close(self) -> None:
@@ -321,7 +351,7 @@ def open_host_file(
     ``O_TRUNC``).  ``truncate=False`` leaves emptying it to the caller (:meth:`HostFile.empty`),
     who first takes the locks on the other files it will rewrite.
     """
-    p = Path(path)
+    p = path_name(path)
     flags = os.O_RDWR if writable else os.O_RDONLY
     if create:
         flags |= os.O_CREAT
@@ -329,22 +359,22 @@ def open_host_file(
     try:
         fd = os.open(p, flags, 0o644)
     except IsADirectoryError:
-        raise DiskImgError(f"Could not open '{p}': Is a directory", path=str(p),
+        raise DiskImgError(f"Could not open '{p}': Is a directory", path=p,
                            operation="open", reason="Is a directory") from None
     except FileNotFoundError:
-        raise DiskImgError(f"Could not open '{p}': No such file or directory", path=str(p),
+        raise DiskImgError(f"Could not open '{p}': No such file or directory", path=p,
                            operation="open", reason="No such file or directory") from None
     except PermissionError:
-        raise DiskImgError(f"Could not open '{p}': Permission denied", path=str(p),
+        raise DiskImgError(f"Could not open '{p}': Permission denied", path=p,
                            operation="open", reason="Permission denied") from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise DiskImgError(f"Could not open '{p}': Is a directory", path=str(p),
+            raise DiskImgError(f"Could not open '{p}': Is a directory", path=p,
                                operation="open", reason="Is a directory")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise DiskImgError(f"Could not open '{p}': not a regular file or block device",
-                               path=str(p), operation="open",
+                               path=p, operation="open",
                                reason="not a regular file or block device")
         os.set_blocking(fd, True)
         hf = HostFile(fd, p, writable)

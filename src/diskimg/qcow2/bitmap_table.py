@@ -16,13 +16,12 @@ stored bitmap holds, for freeing once nothing on disk points at them any more.
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from diskimg.errors import FormatError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.qcow2.bitmaps import BitmapEntry
     from diskimg.qcow2.metadata import MetadataImage
@@ -181,6 +180,8 @@ def extents(bits: bytes | bytearray, granularity_bits: int,
             disk_size: int) -> Iterator[tuple[int, int]]:
     """The dirty guest ranges (offset, length) of a bit array, merged and clipped to
     ``disk_size``."""
+    import re  # an image without bitmaps never gets here (start-up)
+
     run_start = run_end = -1
     limit = nb_bits(disk_size, granularity_bits)
     for m in re.finditer(_NONZERO, bits):

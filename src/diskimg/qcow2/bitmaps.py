@@ -11,18 +11,19 @@ bit ``i`` of byte ``j`` covers guest bytes from ``(8 * j + i) << granularity_bit
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
 
 from diskimg.errors import FormatError, UnsupportedFeatureError, UsageError
 from diskimg.qcow2 import bitmap_table as BT
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.layout import QCOW2_AUTOCLEAR_BITMAPS, QCOW2_EXT_MAGIC_BITMAPS, Header
+from diskimg.slotted import FrozenRecord, Record, set_field
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Self
+
     from diskimg.qcow2.metadata import MetadataImage
 
 BME_FLAG_IN_USE = 1 << 0
@@ -38,17 +39,24 @@ _ENTRY = struct.Struct(">QIIBBHI")
 BITMAP_DIR_ENTRY_SIZE = _ENTRY.size
 
 
-@dataclass(frozen=True, slots=True)
-class BitmapsExt:
+class BitmapsExt(FrozenRecord):
     """The bitmaps header extension (0x23852875): bitmap count and directory location
     (docs/interop/qcow2.txt, "Bitmaps extension")."""
 
+    __slots__ = ("nb_bitmaps", "reserved", "directory_size", "directory_offset")
     nb_bitmaps: int
     reserved: int
     directory_size: int
     directory_offset: int
 
     SIZE = _EXT.size
+
+    def __init__(self, nb_bitmaps: int, reserved: int, directory_size: int,
+                 directory_offset: int) -> None:
+        set_field(self, "nb_bitmaps", nb_bitmaps)
+        set_field(self, "reserved", reserved)
+        set_field(self, "directory_size", directory_size)
+        set_field(self, "directory_offset", directory_offset)
 
     @classmethod
     def parse(cls, data: bytes) -> Self | None:
@@ -70,17 +78,28 @@ class BitmapsExt:
         return cls.parse(ext.data)
 
 
-@dataclass(slots=True)
-class BitmapEntry:
+class BitmapEntry(Record):
     """One bitmap directory entry (``extra`` kept verbatim)."""
 
+    __slots__ = ("table_offset", "table_size", "flags", "type", "granularity_bits", "name",
+                 "extra")
     table_offset: int
     table_size: int
     flags: int
     type: int
     granularity_bits: int
     name: str
-    extra: bytes = b""
+    extra: bytes
+
+    def __init__(self, table_offset: int, table_size: int, flags: int, type: int,
+                 granularity_bits: int, name: str, extra: bytes = b"") -> None:
+        self.table_offset = table_offset
+        self.table_size = table_size
+        self.flags = flags
+        self.type = type
+        self.granularity_bits = granularity_bits
+        self.name = name
+        self.extra = extra
 
     @classmethod
     def parse(cls, buf: bytes, pos: int, where: int) -> tuple[Self, int]:
@@ -166,7 +185,7 @@ class Bitmaps:
         """The bitmaps in directory order (``flags``, ``name``, ``granularity_bits``;
         :meth:`BitmapEntry.info` gives qemu-img info's form)."""
         self.img.check_open()
-        return [dataclasses.replace(e) for e in self.entries]
+        return [e.replace() for e in self.entries]
 
     def _find(self, name: str) -> BitmapEntry:
         for e in self.entries:
@@ -292,20 +311,20 @@ class Bitmaps:
             return
         self._begin()
         e = self._find(name)
-        changed = dataclasses.replace(e, flags=(e.flags | on) & ~off)
+        changed = e.replace(flags=(e.flags | on) & ~off)
         self._commit([changed if x is e else x for x in self.entries], [])
 
     def _replace(self, e: BitmapEntry, bits: bytearray, flags: int) -> None:
         """Store ``bits`` as bitmap ``e``'s new table and data, then switch to them."""
         old = BT.host_ranges(self.img, e)
         off, size = BT.store(self.img, bits)
-        new = dataclasses.replace(e, table_offset=off, table_size=size, flags=flags)
+        new = e.replace(table_offset=off, table_size=size, flags=flags)
         self._commit([new if x is e else x for x in self.entries], old)
 
     def _fits_header(self) -> None:
         h = self.img.header
         if h.ext(QCOW2_EXT_MAGIC_BITMAPS) is None:
-            probe = dataclasses.replace(h, extensions=list(h.extensions))
+            probe = h.replace(extensions=list(h.extensions))
             probe.set_ext(QCOW2_EXT_MAGIC_BITMAPS, bytes(BitmapsExt.SIZE))
             probe.pack()  # raises when the header would no longer fit its cluster
 
@@ -395,8 +414,8 @@ class Bitmaps:
             BT.merge_into(have, e.granularity_bits, bits, e.granularity_bits, img.size)
             freed += BT.host_ranges(img, e)
             off, size = BT.store(img, have)
-            entries[i] = dataclasses.replace(e, table_offset=off, table_size=size,
-                                             flags=e.flags & ~BME_FLAG_IN_USE)
+            entries[i] = e.replace(table_offset=off, table_size=size,
+                                   flags=e.flags & ~BME_FLAG_IN_USE)
         self.tracked.clear()
         self._commit(entries, freed, flush=False)
 
@@ -424,8 +443,8 @@ class Bitmaps:
                 new[-1] &= (1 << (nbits % 8)) - 1
             freed += BT.host_ranges(self.img, e)
             off, size = BT.store(self.img, new)
-            entries.append(dataclasses.replace(e, table_offset=off, table_size=size,
-                                               flags=e.flags & ~BME_FLAG_IN_USE))
+            entries.append(e.replace(table_offset=off, table_size=size,
+                                     flags=e.flags & ~BME_FLAG_IN_USE))
         self.tracked.clear()
         self.suspended = True
         return Resized(entries, freed)
@@ -437,9 +456,13 @@ class Bitmaps:
         self._commit(resized.entries, resized.freed, size=new_size)
 
 
-@dataclass(slots=True)
-class Resized:
+class Resized(Record):
     """Bitmaps stored for a new disk size (:meth:`Bitmaps.prepare_resize`)."""
 
+    __slots__ = ("entries", "freed")
     entries: list[BitmapEntry]
     freed: list[tuple[int, int]]
+
+    def __init__(self, entries: list[BitmapEntry], freed: list[tuple[int, int]]) -> None:
+        self.entries = entries
+        self.freed = freed

@@ -11,9 +11,25 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
 
 from diskimg.hostio import HostFile
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Generic, Protocol, TypeVar
+
+    class Table(Protocol):
+        def pack(self) -> bytes: ...
+
+    T = TypeVar("T", bound=Table)
+else:  # typing is for the type checker: not imported at run time (start-up)
+    class Generic:
+        """``Generic[T]`` as a base class, without typing: the class itself."""
+
+        def __class_getitem__(cls, _item: object) -> type:
+            return cls
+
+    T = None
 
 #: True when native integers are little-endian (qcow2 is big-endian on disk).
 HOST_LITTLE_ENDIAN = sys.byteorder == "little"
@@ -34,13 +50,6 @@ def pack_be_u64_array(a: array[int]) -> bytes:
     b = array("Q", a)
     b.byteswap()
     return b.tobytes()
-
-
-class Table(Protocol):
-    def pack(self) -> bytes: ...
-
-
-T = TypeVar("T", bound=Table)
 
 
 class L2Table:

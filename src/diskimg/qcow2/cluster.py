@@ -14,7 +14,6 @@ delegates its ``_write`` and ``begin_change`` to them.
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING, Any
 
 from diskimg.qcow2 import crypt, header_io
 from diskimg.qcow2 import entries as E
@@ -26,7 +25,10 @@ from diskimg.qcow2.layout import (
     Header,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from diskimg.hostio import HostFile
     from diskimg.qcow2.image import Qcow2Image
 

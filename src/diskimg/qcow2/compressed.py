@@ -12,12 +12,12 @@ touch no shared state, so they may run on several threads at once.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from diskimg.errors import CorruptImageError
 from diskimg.plan import Run
 from diskimg.qcow2 import entries as E
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # the threads are started when first used
     from concurrent.futures import ThreadPoolExecutor
 

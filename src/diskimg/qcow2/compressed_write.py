@@ -4,13 +4,14 @@ encoded by :func:`diskimg.qcow2.entries.encode_compressed`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.qcow2 import cluster as C
 from diskimg.qcow2 import entries as E
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from diskimg.qcow2.image import Qcow2Image
 
 

@@ -6,10 +6,9 @@ sectors under a DATA run.  The sector loops themselves are format-neutral and li
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from diskimg.errors import MissingSecretError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.crypto import SectorCipher
     from diskimg.qcow2.image import Qcow2Image

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import TYPE_CHECKING
 
 from diskimg.errors import CorruptImageError, DiskImgError
 from diskimg.qcow2 import cluster as C
 from diskimg.qcow2.layout import QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DIRTY
 from diskimg.qcow2.refcount import Refcounts
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.qcow2.image import Qcow2Image
 

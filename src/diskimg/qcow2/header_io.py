@@ -10,7 +10,6 @@ when their ordering needs it; nothing here flushes.
 from __future__ import annotations
 
 import struct
-from typing import Protocol
 
 from diskimg.qcow2.layout import (
     HDR_AUTOCLEAR_FEATURES,
@@ -26,6 +25,12 @@ from diskimg.qcow2.layout import (
     Header,
     HeaderField,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+else:  # typing is for the type checker: not imported at run time (start-up)
+    Protocol = object
 
 __all__ = [
     "read_fields",

@@ -12,7 +12,6 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
 
 from diskimg import progname
 from diskimg.device import (BlockDevice, ImageInfo, MapEntry, Status, host_has_zero_init,
@@ -48,7 +47,9 @@ from diskimg.qcow2.layout import (
 )
 from diskimg.qcow2.refcount import Refcounts
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first used
+    from typing import Any
 
     from diskimg.check_report import CheckReport
     from diskimg.crypto import SectorCipher
@@ -93,7 +94,7 @@ class Qcow2Image(BlockDevice):
               options: Mapping[str, str] | None, policy: OpenPolicy | None,
               for_check: bool, unlock: bool) -> None:
         self.host = host
-        self.filename = str(host.path)
+        self.filename = host.name
         self.read_only = not host.writable
         self.policy = policy or OpenPolicy()
         self.secrets = dict(secrets or {})
@@ -326,7 +327,7 @@ class Qcow2Image(BlockDevice):
     @property
     def data_file_name(self) -> str | None:
         """The external data file's name (where DATA runs' host offsets lie), else None."""
-        return str(self.data_host.path) if self._data_file_opened else None
+        return self.data_host.name if self._data_file_opened else None
 
     def _plan(self, offset: int, length: int) -> Run:
         return mapper.lookup(self, offset, length)

@@ -1,6 +1,6 @@
 """qcow2 on-disk constants and records: the header and its extensions.
 
-Names follow QEMU (``qcow2.h``, ``docs/interop/qcow2.txt``).  Records are dataclasses with
+Names follow QEMU (``qcow2.h``, ``docs/interop/qcow2.txt``).  Records (:mod:`diskimg.slotted`) have
 ``parse(bytes)`` / ``pack()`` and no I/O.  All integers are big-endian.
 """
 
@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from typing import Self
 
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError, WrongFormatError
+from diskimg.slotted import FrozenRecord, Record, set_field
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Self
 
 QCOW_MAGIC = 0x514649FB
 MIN_CLUSTER_BITS = 9
@@ -75,13 +78,18 @@ V3_HEADER_LENGTH_COMPRESSION = 112
 _EXT_HDR = struct.Struct(">II")
 
 
-@dataclass(frozen=True, slots=True)
-class HeaderField:
+class HeaderField(FrozenRecord):
     """One header field: its byte offset and big-endian struct code."""
 
+    __slots__ = ("name", "offset", "code")
     name: str
     offset: int
     code: str
+
+    def __init__(self, name: str, offset: int, code: str) -> None:
+        set_field(self, "name", name)
+        set_field(self, "offset", offset)
+        set_field(self, "code", code)
 
     @property
     def size(self) -> int:
@@ -120,12 +128,16 @@ HDR_HEADER_LENGTH = _FIELDS["header_length"]
 HDR_COMPRESSION_TYPE = V3_HEADER_LENGTH  # one byte, present when header_length > 104
 
 
-@dataclass(slots=True)
-class Extension:
+class Extension(Record):
     """One header extension; ``data`` unpadded."""
 
+    __slots__ = ("type", "data")
     type: int
     data: bytes
+
+    def __init__(self, type: int, data: bytes) -> None:
+        self.type = type
+        self.data = data
 
     def pack(self) -> bytes:
         pad = (-len(self.data)) % 8
@@ -193,8 +205,7 @@ def _last_feature_table(buf: bytes, start: int, end: int) -> bytes | None:
     return table
 
 
-@dataclass(slots=True)
-class Header:
+class Header(Record):
     """The qcow2 header (v2 or v3) plus its extensions and backing file name.
 
     ``extensions`` keeps every extension except the end marker, in file order, unknown ones
@@ -202,6 +213,11 @@ class Header:
     with the last one's data (see ``_add_extension``).  The backing file name is stored after them.
     """
 
+    __slots__ = ("version", "cluster_bits", "size", "l1_size", "l1_table_offset",
+                 "refcount_table_offset", "refcount_table_clusters", "crypt_method",
+                 "nb_snapshots", "snapshots_offset", "incompatible_features",
+                 "compatible_features", "autoclear_features", "refcount_order", "header_length",
+                 "compression_type", "backing_file", "backing_file_offset", "extensions")
     version: int
     cluster_bits: int
     size: int
@@ -209,18 +225,46 @@ class Header:
     l1_table_offset: int
     refcount_table_offset: int
     refcount_table_clusters: int
-    crypt_method: int = 0
-    nb_snapshots: int = 0
-    snapshots_offset: int = 0
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = V3_HEADER_LENGTH_COMPRESSION
-    compression_type: int = 0
-    backing_file: str | None = None
-    backing_file_offset: int = 0  # as read; recomputed by pack()
-    extensions: list[Extension] = field(default_factory=list)
+    crypt_method: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int
+    compatible_features: int
+    autoclear_features: int
+    refcount_order: int
+    header_length: int
+    compression_type: int
+    backing_file: str | None
+    backing_file_offset: int  # as read; recomputed by pack()
+    extensions: list[Extension]
+
+    def __init__(self, version: int, cluster_bits: int, size: int, l1_size: int,
+                 l1_table_offset: int, refcount_table_offset: int, refcount_table_clusters: int,
+                 crypt_method: int = 0, nb_snapshots: int = 0, snapshots_offset: int = 0,
+                 incompatible_features: int = 0, compatible_features: int = 0,
+                 autoclear_features: int = 0, refcount_order: int = 4,
+                 header_length: int = V3_HEADER_LENGTH_COMPRESSION, compression_type: int = 0,
+                 backing_file: str | None = None, backing_file_offset: int = 0,
+                 extensions: list[Extension] | None = None) -> None:
+        self.version = version
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.l1_size = l1_size
+        self.l1_table_offset = l1_table_offset
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.crypt_method = crypt_method
+        self.nb_snapshots = nb_snapshots
+        self.snapshots_offset = snapshots_offset
+        self.incompatible_features = incompatible_features
+        self.compatible_features = compatible_features
+        self.autoclear_features = autoclear_features
+        self.refcount_order = refcount_order
+        self.header_length = header_length
+        self.compression_type = compression_type
+        self.backing_file = backing_file
+        self.backing_file_offset = backing_file_offset
+        self.extensions = [] if extensions is None else extensions
 
     # --- derived ---------------------------------------------------------------------
     @property
@@ -453,4 +497,4 @@ class Header:
         return bytes(out + exts + bf)
 
     def copy(self) -> Header:
-        return replace(self, extensions=[Extension(e.type, e.data) for e in self.extensions])
+        return self.replace(extensions=[Extension(e.type, e.data) for e in self.extensions])

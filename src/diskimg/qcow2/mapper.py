@@ -15,13 +15,13 @@ the external data file when there is one (the host offsets are in it), else None
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING
 
 from diskimg.device import Status
 from diskimg.errors import CorruptImageError
 from diskimg.plan import Run, RunKind
 from diskimg.qcow2 import entries as E
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.qcow2.image import Qcow2Image
 

@@ -6,13 +6,12 @@ without one); COMPRESSED decoded, several clusters at once on the decompression 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from diskimg.hostio import zero_fill
 from diskimg.plan import RunKind
 from diskimg.qcow2 import compressed, crypt
 from diskimg.qcow2.mapper import lookup
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.plan import Run
     from diskimg.qcow2.image import Qcow2Image

@@ -4,7 +4,6 @@ active L1 table."""
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING
 
 from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.hostio import all_zero
@@ -15,6 +14,7 @@ from diskimg.qcow2 import zero as Z
 from diskimg.qcow2.cache import pack_be_u64_array
 from diskimg.qcow2.layout import QCOW_MAX_L1_SIZE
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.qcow2.image import Qcow2Image
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import builtins
 from array import array
 from collections import defaultdict
-from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from diskimg import progname
 from diskimg.errors import CorruptImageError, UsageError
@@ -46,6 +44,7 @@ from diskimg.qcow2.snapshot_table import (
     read_table,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.qcow2.metadata import MetadataImage
 
@@ -380,8 +379,8 @@ class SnapshotTable:
         self._check_table_read()
         img.check_writable()
         img.flush()
-        new = [replace(s, extra_data_size=max(24, s.extra_data_size),
-                       disk_size=img.size if s.disk_size is None else s.disk_size)
+        new = [s.replace(extra_data_size=max(24, s.extra_data_size),
+                         disk_size=img.size if s.disk_size is None else s.disk_size)
                for s in old]
         table = pack_table_exact(new)
         if len(table) > QCOW_MAX_SNAPSHOTS_SIZE:

@@ -8,15 +8,17 @@ The operations on snapshots live in :mod:`diskimg.qcow2.snapshot`."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Self
 
 from diskimg.errors import FormatError
 from diskimg.qcow2.layout import (HDR_NB_SNAPSHOTS, HDR_SNAPSHOTS_OFFSET, QCOW_MAX_L1_SIZE,
                                   QCOW_MAX_SNAPSHOTS)
+from diskimg.slotted import FrozenRecord, Record, set_field
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Self
+
     from diskimg.hostio import HostFile
     from diskimg.qcow2.metadata import MetadataImage
 
@@ -32,12 +34,13 @@ def repair_hint() -> str:
     return f"{progname.name()} check -r all"
 
 
-@dataclass(frozen=True, slots=True)
-class EntryHeader:
+class EntryHeader(FrozenRecord):
     """The fixed 40 bytes that start every snapshot table entry (docs/interop/qcow2.txt,
     "Snapshot table entry", bytes 0-39); the variable part (extra data, id, name) follows.
     The one parse of those bytes: :meth:`Snapshot.parse` and the checker use it."""
 
+    __slots__ = ("l1_table_offset", "l1_size", "id_len", "name_len", "date_sec", "date_nsec",
+                 "vm_clock_nsec", "vm_state_size32", "extra_data_size")
     l1_table_offset: int
     l1_size: int
     id_len: int
@@ -49,6 +52,19 @@ class EntryHeader:
     extra_data_size: int
 
     SIZE = _ENTRY.size
+
+    def __init__(self, l1_table_offset: int, l1_size: int, id_len: int, name_len: int,
+                 date_sec: int, date_nsec: int, vm_clock_nsec: int, vm_state_size32: int,
+                 extra_data_size: int) -> None:
+        set_field(self, "l1_table_offset", l1_table_offset)
+        set_field(self, "l1_size", l1_size)
+        set_field(self, "id_len", id_len)
+        set_field(self, "name_len", name_len)
+        set_field(self, "date_sec", date_sec)
+        set_field(self, "date_nsec", date_nsec)
+        set_field(self, "vm_clock_nsec", vm_clock_nsec)
+        set_field(self, "vm_state_size32", vm_state_size32)
+        set_field(self, "extra_data_size", extra_data_size)
 
     @classmethod
     def parse(cls, raw: bytes) -> Self:
@@ -65,17 +81,25 @@ class EntryHeader:
         return self.extra_data_size + self.id_len + self.name_len
 
 
-@dataclass(slots=True)
-class EntryPlace:
+class EntryPlace(Record):
     """Where one entry lies, in bytes from the start of the table: its fixed part at
     ``start`` (8-byte aligned), then extra data, id and name up to ``end``.  ``extra_len``
     is the extra data that counts: ``extra_data_size``, cut to 1024 bytes by a repair."""
 
+    __slots__ = ("index", "start", "header", "extra_len", "end")
     index: int
     start: int
     header: EntryHeader
     extra_len: int
     end: int
+
+    def __init__(self, index: int, start: int, header: EntryHeader, extra_len: int,
+                 end: int) -> None:
+        self.index = index
+        self.start = start
+        self.header = header
+        self.extra_len = extra_len
+        self.end = end
 
     @property
     def cut(self) -> bool:
@@ -146,23 +170,43 @@ def check_table_pointer(count: int, offset: int, cluster_size: int) -> str | Non
     return None
 
 
-@dataclass(slots=True)
-class Snapshot:
+class Snapshot(Record):
     """One snapshot table entry.  ``extra`` keeps extra-data bytes beyond the 24 QEMU
     defines, unchanged, so foreign tools' data survives a rewrite."""
 
+    __slots__ = ("id", "name", "l1_table_offset", "l1_size", "date_sec", "date_nsec",
+                 "vm_clock_nsec", "vm_state_size", "disk_size", "icount", "extra_data_size",
+                 "extra")
+    _repr_hidden = ("extra",)
     id: str
     name: str
     l1_table_offset: int
     l1_size: int
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size: int = 0
-    disk_size: int | None = None
-    icount: int | None = None
-    extra_data_size: int = 24
-    extra: bytes = field(default=b"", repr=False)
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    disk_size: int | None
+    icount: int | None
+    extra_data_size: int
+    extra: bytes
+
+    def __init__(self, id: str, name: str, l1_table_offset: int, l1_size: int, date_sec: int = 0,
+                 date_nsec: int = 0, vm_clock_nsec: int = 0, vm_state_size: int = 0,
+                 disk_size: int | None = None, icount: int | None = None, extra_data_size: int = 24,
+                 extra: bytes = b"") -> None:
+        self.id = id
+        self.name = name
+        self.l1_table_offset = l1_table_offset
+        self.l1_size = l1_size
+        self.date_sec = date_sec
+        self.date_nsec = date_nsec
+        self.vm_clock_nsec = vm_clock_nsec
+        self.vm_state_size = vm_state_size
+        self.disk_size = disk_size
+        self.icount = icount
+        self.extra_data_size = extra_data_size
+        self.extra = extra
 
     @classmethod
     def parse(cls, buf: bytes, offset: int, table_offset: int,

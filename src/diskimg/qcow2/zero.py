@@ -5,12 +5,12 @@ host cluster; partial clusters are written as data through :mod:`diskimg.qcow2.c
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING
 
 from diskimg.qcow2 import cluster as C
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2.layout import QCOW2_AUTOCLEAR_DATA_FILE_RAW
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.qcow2.image import Qcow2Image
 

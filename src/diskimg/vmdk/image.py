@@ -11,7 +11,6 @@ by bisection.  The first write changes the CID (as qemu does) so children notice
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -374,7 +373,7 @@ class VmdkImage(BlockDevice):
         """The extent's run at ``offset`` (never past the extent), in guest offsets."""
         start, ext = self._find(offset)
         run = ext.lookup(offset - start, min(length, start + ext.size - offset))
-        return dataclasses.replace(run, offset=offset) if start else run
+        return run.replace(offset=offset) if start else run
 
     def _status(self, offset: int, length: int) -> Status:
         """The extent's status, which it derives from its own lookup (extent.py)."""

@@ -5,14 +5,10 @@ by the commands that need them, never here."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from diskimg import api
 from diskimg import options as opts
@@ -20,10 +16,27 @@ from diskimg.cli import errors
 from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
+from diskimg.slotted import Record
 from diskimg.units import INT64_MAX, SIZE_HELP, parse_size
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
     from diskimg.cli.progress import QemuProgress, Schedule
+
+
+def _suppress() -> str:
+    """``argparse.SUPPRESS`` (help that --help leaves out), which argparse compares by
+    identity: argparse's own object when argparse is loaded (it is whenever ``p`` is an
+    argparse parser); for the quick reader (cli/quickparse.py), which ignores help, a
+    string of the same value, so that reading a plain command line loads no argparse."""
+    argparse = sys.modules.get("argparse")
+    if argparse is None:
+        return "==SUPPRESS=="
+    suppress: str = argparse.SUPPRESS
+    return suppress
 
 
 def add_common(p: argparse.ArgumentParser, *, fmt: bool = True, share: bool = True,
@@ -52,8 +65,8 @@ def add_common(p: argparse.ArgumentParser, *, fmt: bool = True, share: bool = Tr
         p.add_argument("--output", metavar="human|json", help="output format")
     if src_cache:  # the host page cache is not diskimg's to choose: checked, then unused
         p.add_argument("-T", dest="src_cache", type=lambda t: cache_mode(t, src_cache),
-                       help=argparse.SUPPRESS)
-    p.add_argument("files", nargs="*", help=argparse.SUPPRESS)
+                       help=_suppress())
+    p.add_argument("files", nargs="*", help=_suppress())
 
 
 #: the cache modes qemu-img's ``-T`` and ``-t`` accept
@@ -84,13 +97,19 @@ PROBED_RAW_WARNING = (
     "         Specify the 'raw' format explicitly to remove the restrictions.\n")
 
 
-@dataclass(slots=True)
-class Context:
+class Context(Record):
     """Global state shared by commands: secrets, --untrusted, output streams."""
 
-    prog: str = "diskimg"
-    untrusted: bool = False
-    secrets: dict[str, bytes] = field(default_factory=dict)
+    __slots__ = ("prog", "untrusted", "secrets")
+    prog: str
+    untrusted: bool
+    secrets: dict[str, bytes]
+
+    def __init__(self, prog: str = "diskimg", untrusted: bool = False,
+                 secrets: dict[str, bytes] | None = None) -> None:
+        self.prog = prog
+        self.untrusted = untrusted
+        self.secrets = {} if secrets is None else secrets
 
     def warn(self, msg: str) -> None:
         sys.stderr.write(f"{self.prog}: {msg}\n")
@@ -156,7 +175,8 @@ def strip_file_protocol(name: str) -> str:
     if not name.startswith("file:"):
         return name
     name = name[5:]
-    return "./" + name if re.match(r"^[^/]*:", name) else name
+    head = name.split("/", 1)[0]
+    return "./" + name if ":" in head else name
 
 
 def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None, *,
@@ -265,7 +285,6 @@ def resolve_backing(backing: str, image: str) -> str:
     if os.path.isabs(backing):
         return backing
     return os.path.join(os.path.dirname(image), backing)
-
 
 
 def snapshot_param(text: str | None) -> tuple[str | None, str | None] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from diskimg.check_report import CheckReport
@@ -12,6 +11,10 @@ from diskimg.cli.commands._shared import (PROBED_RAW_WARNING, Context, add_commo
 from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, ImageLockedError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 USAGE = '[-f FMT] [-r leaks|all] [--output=human|json] [-U] [--object OBJ] [--image-opts] FILE'
 DESCRIPTION = 'Check an image for consistency (exit 0 clean, 2 corrupt, 3 leaks, 63 n/a).'

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from diskimg.cli import errors, output
 from diskimg.cli.commands._shared import (Context, add_common, one_file, open_image, opened,
                                           output_format, same_file)
 from diskimg.errors import DiskImgError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 USAGE = '[-f FMT] [--output=human|json] [--backing-chain] [-U] [--object OBJ] [--image-opts] FILE'
 DESCRIPTION = 'Show information about a disk image.'

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterator
 
@@ -10,6 +9,10 @@ from diskimg.cli import output
 from diskimg.cli.commands._shared import (Context, add_common, one_file, opened, output_format,
                                           size_arg)
 from diskimg.device import MapEntry
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 USAGE = ('[-f FMT] [--output=human|json] [--start-offset=OFF] [--max-length=LEN] [-U] '
          '[--object OBJ] [--image-opts] FILE')

@@ -29,12 +29,7 @@ state and reference counting), ``overlap``, ``stored`` (stored refcount blocks),
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from diskimg.errors import CorruptImageError, FormatError, UsageError
-
-if TYPE_CHECKING:
-    from diskimg.hostio import HostFile
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.check.refcounts import _Refcounts
 from diskimg.check_report import CheckReport
@@ -45,6 +40,12 @@ from diskimg.qcow2.layout import (
     QCOW2_INCOMPAT_DIRTY,
     Header,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from diskimg.hostio import HostFile
 
 __all__ = ["CheckReport", "CheckResult", "check_image"]
 
@@ -87,8 +88,8 @@ def check_image(host: HostFile, header: Header, repair: str | None = None) -> Ch
         raise UsageError(f"Invalid repair mode '{repair}' (expected 'leaks' or 'all')")
     fix = _FIX[repair]
     if fix and not host.writable:
-        raise UsageError(f"'{host.path}' must be opened read-write to repair it")
-    filename = str(host.path)
+        raise UsageError(f"'{host.name}' must be opened read-write to repair it")
+    filename = host.name
     res = _one_pass(host, header, fix, filename)
     if fix:
         first = res

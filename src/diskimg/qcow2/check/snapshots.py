@@ -5,7 +5,6 @@ repair (``qcow2_check_fix_snapshot_table``); entries are read through
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from diskimg import progname
 from diskimg.errors import CorruptImageError, FormatError
@@ -52,6 +51,10 @@ class _Window:
             out += got
             pos, n = pos + len(got), n - len(got)
         return bytes(out)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class _Snapshots(_Stored):

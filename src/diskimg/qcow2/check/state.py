@@ -5,8 +5,6 @@ findings, and counting references (``qcow2_inc_refcounts_imrt``)."""
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
-from typing import Any
 
 from diskimg import progname
 from diskimg.errors import CorruptImageError
@@ -19,6 +17,11 @@ from diskimg.qcow2.layout import (
     Header,
 )
 from diskimg.qcow2.refcount import refblock_entries, refcount_typecode
+from diskimg.slotted import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 REFT_RESERVED_MASK = 0x1FF
 L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
@@ -42,8 +45,9 @@ def _hexc(v: int) -> str:
     return f"{v:#x}" if v else "0"
 
 
-@dataclass
-class _Snap:
+class _Snap(Record):
+    __slots__ = ("l1_table_offset", "l1_size", "id_str", "name", "extra_data_size",
+                 "entry_offset")
     l1_table_offset: int
     l1_size: int
     id_str: str
@@ -51,6 +55,14 @@ class _Snap:
     extra_data_size: int
     entry_offset: int
 
+    def __init__(self, l1_table_offset: int, l1_size: int, id_str: str, name: str,
+                 extra_data_size: int, entry_offset: int) -> None:
+        self.l1_table_offset = l1_table_offset
+        self.l1_size = l1_size
+        self.id_str = id_str
+        self.name = name
+        self.extra_data_size = extra_data_size
+        self.entry_offset = entry_offset
 
 class _State:
     """One run of qemu's ``qcow2_co_check_locked``: its state and small helpers."""
