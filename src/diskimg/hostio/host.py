@@ -8,7 +8,8 @@ HTTP URL or an fsspec object are hosts too (issue 18).  Invariants every host ke
   (``preadinto``), never an exception; ``pread_exact`` names ``what`` and the offset;
 - a read-only host refuses every write with :class:`~diskimg.errors.UsageError` and
   changes nothing;
-- ``path`` is what error messages name: a path, or a URL with its scheme intact;
+- ``name`` (a ``str``) is what messages name: a path as pathlib prints it, or a URL with
+  its scheme intact; ``path`` is the object it was opened from;
 - ``flush`` makes written data durable as far as the host can (a no-op when ``sync`` is
   off); ``close`` is idempotent and releases every lock and connection;
 - the sparse helpers (``data_extents``, ``punch_hole``, ``zero_range``, ``preallocate``,
@@ -26,6 +27,7 @@ class Host(Protocol):
     """What formats and operations may call on the bytes under an image."""
 
     path: object
+    name: str
     writable: bool
     sync: bool
     locked: bool

@@ -75,6 +75,8 @@ class HttpHost:
                              "(cache_bytes at least one block)")
         #: the URL as given: what error messages name
         self.path: object = url
+        #: the URL as given (its scheme's two slashes intact): what messages name
+        self.name = url
         self.url = url
         self._target = url                  # after the redirects taken at open
         self._origin = parts.hostname.lower()
