@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import os
-import stat
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice
 from diskimg.errors import BackingChainError, DiskImgError, UsageError
 from diskimg.hostio import open_host_file
-from diskimg.policy import OpenPolicy
 from diskimg.params import check_int
+from diskimg.policy import OpenPolicy
 from diskimg.probe import check_format, probe
+
+if TYPE_CHECKING:
+    from diskimg.hostio.fileobj import BinaryFile
+    from diskimg.hostio.host import Host
 
 FORMATS = ("qcow2", "raw", "vmdk", "luks")
 PathLike = str | os.PathLike[str]
 
 
 def open(  # noqa: A001 - mirrors builtins.open on purpose
-    path: PathLike,
+    path: PathLike | BinaryFile,
     mode: str = "r",
     format: str | None = None,  # noqa: A002
     *,
@@ -42,34 +45,92 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     take).  ``for_check`` opens as ``qemu-img check`` does: a qcow2 snapshot table that
     cannot be read is left to :meth:`check` to report (and repair) instead of failing the
     open.
+
+    ``path`` may also be a URL (``scheme://...``: :mod:`diskimg.hostio.urls` opens it,
+    read-only) or a binary file object with ``readinto`` and ``seek`` (``"r+"`` needs a
+    writable one).  An image that is not a local file opens no local file unless
+    ``policy`` allows it (:attr:`OpenPolicy.allow_local_backing`); a vmdk over a file
+    object must be a single file.  The image pickles as what opened it (path or URL,
+    mode, format, options, policy -- never secrets); one over a file object does not.
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
     if format is not None and format not in FORMATS:
         raise UsageError(f"Unknown file format '{format}'")
-    pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(Path(path))
-    return _open_one(Path(path), mode == "r+", format, backing=backing,
-                     force_share=force_share, policy=pol, secrets=dict(secrets or {}),
-                     options=dict(options or {}), seen=set(), depth=0,
-                     for_check=for_check)
+    writable = mode == "r+"
+    src: Path | Host
+    recipe: dict[str, object] | None = None
+    if isinstance(path, str | os.PathLike):
+        name = os.fspath(path)
+        if isinstance(name, bytes):
+            name = os.fsdecode(name)
+        src = Path(name)
+        if _is_url(name):
+            from diskimg.hostio.urls import open_url
+
+            src = open_url(name, policy or OpenPolicy(untrusted=untrusted), writable)
+        pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(
+            src if isinstance(src, Path) else src.path)
+        recipe = {"path": name, "mode": mode, "format": format, "backing": backing,
+                  "untrusted": untrusted,
+                  "force_share": force_share, "policy": pol, "options": dict(options or {}),
+                  "for_check": for_check}
+    else:
+        src = _file_object_host(path, writable)
+        pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(src.path)
+    dev = _open_one(src, writable, format, backing=backing,
+                    force_share=force_share, policy=pol, secrets=dict(secrets or {}),
+                    options=dict(options or {}), seen=set(), depth=0,
+                    for_check=for_check)
+    dev.reopen_with = None if recipe is None else (_reopen, recipe)
+    return dev
 
 
-def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
+def _is_url(name: str) -> bool:
+    """:func:`diskimg.hostio.urls.is_url`, imported only for a name with ``://``."""
+    if "://" not in name:
+        return False
+    from diskimg.hostio.urls import is_url
+
+    return is_url(name)
+
+
+def _file_object_host(obj: BinaryFile, writable: bool) -> Host:
+    """The host over a file object given to :func:`open` (``"r+"``: it must be writable)."""
+    import io
+
+    from diskimg.hostio.fileobj import FileObjectHost, label
+
+    if writable and not (isinstance(obj, io.IOBase) and obj.writable()):
+        raise UsageError(f"'{label(obj)}' is not writable: mode 'r+' needs a file object "
+                         "whose writable() is True")
+    return FileObjectHost(obj, writable=writable)
+
+
+def _reopen(args: dict[str, object]) -> BlockDevice:
+    """Unpickle an image: open it again as it was opened (see :func:`open`)."""
+    return open(**args)  # type: ignore[arg-type]
+
+
+def _open_one(src: Path | Host, writable: bool, fmt: str | None, *, backing: bool,
               force_share: bool, policy: OpenPolicy, secrets: dict[str, bytes],
-              options: dict[str, str], seen: set[tuple[int, int]], depth: int,
+              options: dict[str, str], seen: set[Hashable], depth: int,
               for_check: bool = False) -> BlockDevice:
+    path = src if isinstance(src, Path) else src.path
     if depth > policy.max_depth:
+        if not isinstance(src, Path):
+            src.close()
         raise BackingChainError(f"Backing chain of '{path}' is deeper than "
                                 f"{policy.max_depth} images")
-    host = open_host_file(path, writable, lock_mode=not force_share)
+    host = open_host_file(src, writable, lock_mode=not force_share) \
+        if isinstance(src, Path) else src
     try:
-        st = os.fstat(host.fd)
-        if depth and not stat.S_ISREG(st.st_mode):
+        if depth and host.is_device():
             # the policy refused it by name; this is the file actually opened (a name
             # swapped for a device in between is refused too)
             raise BackingChainError(f"Refusing to open backing file '{path}': not a regular "
                                     "file (a block device)")
-        key = (st.st_dev, st.st_ino)
+        key = host.identity()
         if key in seen:
             raise BackingChainError(f"Backing chain loop: '{path}' appears twice in its own "
                                     "backing chain")
@@ -111,7 +172,7 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
         if backing:
             name, bfmt = _backing_name(dev)
             if name is not None:
-                bpath = policy.resolve(name, path)
+                bpath = _resolve_backing(policy, name, path)
                 try:
                     dev.backing = _open_one(bpath, False, bfmt, backing=True,
                                             force_share=force_share, policy=policy,
@@ -119,7 +180,7 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
                                             options=backing_options(options),
                                             seen=seen, depth=depth + 1)
                 except DiskImgError as e:
-                    _blame_backing(e, bpath)
+                    _blame_backing(e, bpath if isinstance(bpath, Path) else bpath.path)
                     raise
                 dev.backing.is_backing = True  # its finalizer leaves the warning to dev
                 _attach_backing(dev)
@@ -129,7 +190,18 @@ def _open_one(path: Path, writable: bool, fmt: str | None, *, backing: bool,
     return dev
 
 
-def _blame_backing(e: DiskImgError, path: Path) -> None:
+def _resolve_backing(policy: OpenPolicy, name: str, parent: Path | str) -> Path | Host:
+    """The backing file ``name`` of the image ``parent``: a local path (the policy's
+    :meth:`~OpenPolicy.resolve`), or for an image read from a URL, a host in the same
+    store (:func:`diskimg.hostio.urls.open_backing`)."""
+    if isinstance(parent, str) and _is_url(parent):
+        from diskimg.hostio.urls import open_backing
+
+        return open_backing(name, parent, policy)  # the same store, or as policy allows
+    return policy.resolve(name, parent)
+
+
+def _blame_backing(e: DiskImgError, path: Path | str) -> None:
     """qemu's words for a backing file that would not open (a wrong passphrase, a
     corrupt header): ``Could not open backing file: `` before the reason, once per level
     of the chain; the innermost level also records the file and the bare reason

@@ -8,28 +8,37 @@ HTTP URL or an fsspec object are hosts too (issue 18).  Invariants every host ke
   (``preadinto``), never an exception; ``pread_exact`` names ``what`` and the offset;
 - a read-only host refuses every write with :class:`~diskimg.errors.UsageError` and
   changes nothing;
-- ``path`` is what error messages name: a path, or a URL with its scheme intact;
+- ``path`` is what error messages name: a :class:`~pathlib.Path` for a local file (the
+  only kind of host whose image may name other local files without the
+  :class:`~diskimg.policy.OpenPolicy` allowing it), else a ``str`` -- a URL with its
+  scheme intact, or a file object's label;
 - ``flush`` makes written data durable as far as the host can (a no-op when ``sync`` is
   off); ``close`` is idempotent and releases every lock and connection;
 - the sparse helpers (``data_extents``, ``punch_hole``, ``zero_range``, ``preallocate``,
   ``write_zeros``) answer conservatively on hosts without holes: all data, no hole
-  punched (``punch_hole`` returns False), zeros written as bytes.
+  punched (``punch_hole`` returns False), zeros written as bytes;
+- capabilities are declared by methods, never probed (no ``fd`` outside hostio):
+  ``zero_init`` (bytes never written read as zeros), ``is_device`` (a block device: an
+  image may not name one), ``block_size`` (the allocation unit estimates count in) and
+  ``identity`` (equal for two hosts over the same bytes: backing-loop detection).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 
 class Host(Protocol):
     """What formats and operations may call on the bytes under an image."""
 
-    path: object
     writable: bool
     sync: bool
     locked: bool
 
+    @property
+    def path(self) -> Path | str: ...
     @property
     def closed(self) -> bool: ...
     def pread(self, offset: int, length: int) -> bytes: ...
@@ -49,3 +58,7 @@ class Host(Protocol):
     def flush(self) -> None: ...
     def lock(self, writable: bool) -> None: ...
     def close(self) -> None: ...
+    def zero_init(self) -> bool: ...
+    def is_device(self) -> bool: ...
+    def block_size(self) -> int: ...
+    def identity(self) -> Hashable: ...

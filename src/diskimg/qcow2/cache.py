@@ -11,9 +11,11 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
-from diskimg.hostio import HostFile
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
+
 
 #: True when native integers are little-endian (qcow2 is big-endian on disk).
 HOST_LITTLE_ENDIAN = sys.byteorder == "little"
@@ -58,7 +60,7 @@ class L2Table:
 class TableCache(Generic[T]):
     """Cache of tables keyed by host offset.  ``load(bytes)`` builds a table."""
 
-    def __init__(self, host: HostFile, table_size: int, load: Callable[[bytes], T],
+    def __init__(self, host: Host, table_size: int, load: Callable[[bytes], T],
                  capacity: int, what: str) -> None:
         self.host = host
         self.table_size = table_size

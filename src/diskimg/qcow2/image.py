@@ -14,21 +14,20 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from diskimg.device import (BlockDevice, ImageInfo, MapEntry, Status, host_has_zero_init,
-                             requires_open)
+from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
 from diskimg.errors import (
     CorruptImageError,
     DiskImgError,
     FormatError,
 )
-from diskimg.hostio import HostFile, open_host_file
+from diskimg.hostio import open_host_file
 from diskimg.info_text import image_name
 from diskimg.plan import Run
-from diskimg.policy import OpenPolicy
+from diskimg.policy import OpenPolicy, full_name
 from diskimg.qcow2 import cluster as C
+from diskimg.qcow2 import compressed, crypt, mapper, reader
 from diskimg.qcow2 import compressed_write as CW
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2 import compressed, crypt, mapper, reader
 from diskimg.qcow2 import flush as F
 from diskimg.qcow2 import resize as R
 from diskimg.qcow2 import zero as Z
@@ -46,6 +45,9 @@ from diskimg.qcow2.layout import (
     Header,
 )
 from diskimg.qcow2.refcount import Refcounts
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first used
 
@@ -69,11 +71,11 @@ class Qcow2Image(BlockDevice):
         """Guest bytes one L2 table maps."""
         return self.cs * self.l2_entries
 
-    def host_files(self) -> list[HostFile]:
+    def host_files(self) -> list[Host]:
         """The image file, then the external data file when the image opened one."""
         return [self.host, self.data_host] if self._data_file_opened else [self.host]
 
-    def __init__(self, host: HostFile, *, secrets: Mapping[str, bytes] | None = None,
+    def __init__(self, host: Host, *, secrets: Mapping[str, bytes] | None = None,
                  options: Mapping[str, str] | None = None,
                  policy: OpenPolicy | None = None, for_check: bool = False) -> None:
         try:
@@ -85,7 +87,7 @@ class Qcow2Image(BlockDevice):
                 self.data_host.close()
             raise
 
-    def _open(self, host: HostFile, *, secrets: Mapping[str, bytes] | None,
+    def _open(self, host: Host, *, secrets: Mapping[str, bytes] | None,
               options: Mapping[str, str] | None, policy: OpenPolicy | None,
               for_check: bool) -> None:
         self.host = host
@@ -128,7 +130,7 @@ class Qcow2Image(BlockDevice):
         self._decoded: OrderedDict[int, bytes] = OrderedDict()
         self._header_dirty = False
         self._set_dirty_bit = False
-        self.data_host: HostFile = host
+        self.data_host: Host = host
         self._data_file_opened = False
         if h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW and \
                 not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
@@ -194,7 +196,7 @@ class Qcow2Image(BlockDevice):
             return True
         if self.header.crypt_method:
             return False
-        return host_has_zero_init(self.data_host.fd)
+        return self.data_host.zero_init()
 
     @property
     def cluster_size(self) -> int:
@@ -467,7 +469,7 @@ class Qcow2Image(BlockDevice):
                 full = str(self.policy.resolve(backing, self.host.path)) \
                     if not backing.startswith("/") else backing
             except Exception:  # info works without the backing file
-                full = str(self.host.path.parent / backing)
+                full = full_name(backing, self.host.path)
         return ImageInfo(
             filename=image_name("qcow2", self.filename, self.options, ("encrypt.key-secret",)),
             format="qcow2",

@@ -13,7 +13,7 @@ from diskimg.errors import FormatError
 from diskimg.qcow2.layout import QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
 
 if TYPE_CHECKING:
-    from diskimg.hostio import HostFile
+    from diskimg.hostio.host import Host
     from diskimg.qcow2.metadata import MetadataImage
 
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
@@ -212,7 +212,7 @@ def read_table(img: MetadataImage) -> list[Snapshot]:
     return read_entries(img.host, h.snapshots_offset, h.nb_snapshots, limit)
 
 
-def read_entries(host: HostFile, offset: int, count: int, limit: int,
+def read_entries(host: Host, offset: int, count: int, limit: int,
                  cut_extra: bool = False) -> list[Snapshot]:
     """The ``count`` entries of the table at ``offset``, at most ``limit`` bytes long:
     only the part inside the file is read, the rest reads as zeros."""

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 from diskimg.errors import CorruptImageError, FormatError, UsageError
 
 if TYPE_CHECKING:
-    from diskimg.hostio import HostFile
+    from diskimg.hostio.host import Host
+from diskimg.check_report import CheckReport
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.check.refcounts import _Refcounts
-from diskimg.check_report import CheckReport
 from diskimg.qcow2.check.report import CheckResult, _Abort
 from diskimg.qcow2.check.snapshots import _rewrite_snapshot_table
 from diskimg.qcow2.layout import (
@@ -76,7 +76,7 @@ def _one_pass(host: Any, header: Header, fix: int, filename: str) -> CheckResult
     return res
 
 
-def check_image(host: HostFile, header: Header, repair: str | None = None) -> CheckResult:
+def check_image(host: Host, header: Header, repair: str | None = None) -> CheckResult:
     """Check (and with ``repair`` "leaks"/"all", repair) the qcow2 image in ``host``.
 
     ``header`` is the parsed header of ``host``.  Repair writes through ``host.pwrite`` and

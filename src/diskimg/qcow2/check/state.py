@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import CorruptImageError
-from diskimg.hostio import HostFile
 from diskimg.qcow2.cache import be_u64_array
 from diskimg.qcow2.check.report import CheckResult, _Abort
 from diskimg.qcow2.entries import ClusterType
@@ -18,6 +17,9 @@ from diskimg.qcow2.layout import (
     Header,
 )
 from diskimg.qcow2.refcount import refblock_entries, refcount_typecode
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 REFT_RESERVED_MASK = 0x1FF
 L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
@@ -54,7 +56,7 @@ class _Snap:
 class _State:
     """One run of qemu's ``qcow2_co_check_locked``: its state and small helpers."""
 
-    def __init__(self, host: HostFile, header: Header, fix: int, res: CheckResult) -> None:
+    def __init__(self, host: Host, header: Header, fix: int, res: CheckResult) -> None:
         self.host = host
         self.h = header
         self.fix = fix  # bit 0: leaks, bit 1: errors (qemu's BDRV_FIX_*)
