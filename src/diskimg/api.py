@@ -59,7 +59,7 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
         raise UsageError(f"Unknown file format '{format}'")
     writable = mode == "r+"
     src: Path | Host
-    recipe: dict[str, object] | None = None
+    recipe: dict[str, object] | None = None  # what reopens it: None over an object/pipe
     if isinstance(path, str | os.PathLike):
         name = os.fspath(path)
         if isinstance(name, bytes):
@@ -69,12 +69,17 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
             from diskimg.hostio.urls import open_url
 
             src = open_url(name, policy or OpenPolicy(untrusted=untrusted), writable)
+        elif not writable and _is_pipe(name):
+            from diskimg.hostio.pipe import open_pipe
+
+            src = open_pipe(name, format, options or {})  # read once: cannot reopen
+            format = "raw"  # open_pipe refuses any other
         pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(
             src if isinstance(src, Path) else src.path)
-        recipe = {"path": name, "mode": mode, "format": format, "backing": backing,
-                  "untrusted": untrusted,
-                  "force_share": force_share, "policy": pol, "options": dict(options or {}),
-                  "for_check": for_check}
+        if isinstance(src, Path) or _is_url(name):
+            recipe = {"path": name, "mode": mode, "format": format, "backing": backing,
+                      "untrusted": untrusted, "force_share": force_share, "policy": pol,
+                      "options": dict(options or {}), "for_check": for_check}
     else:
         src = _file_object_host(path, writable)
         pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(src.path)
@@ -93,6 +98,21 @@ def _is_url(name: str) -> bool:
     from diskimg.hostio.urls import is_url
 
     return is_url(name)
+
+
+def _is_pipe(name: str) -> bool:
+    """:func:`diskimg.hostio.pipe.is_pipe`, imported only for a name that is not a
+    regular file (one ``stat``)."""
+    import stat
+
+    try:
+        if stat.S_ISREG(os.stat(name).st_mode):
+            return False
+    except OSError:
+        return False
+    from diskimg.hostio.pipe import is_pipe
+
+    return is_pipe(name)
 
 
 def _file_object_host(obj: BinaryFile, writable: bool) -> Host:

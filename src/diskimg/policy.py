@@ -128,7 +128,7 @@ def full_name(name: str, parent: Path | str) -> str:
     if name.startswith("/") or re.match(_PROTOCOL, name):
         return name
     if isinstance(parent, str) and re.match(_PROTOCOL, parent):
-        from urllib.parse import urljoin
+        from diskimg.hostio.urls import join
 
-        return urljoin(parent, name)
+        return join(parent, name)
     return str(local_parent(parent).parent / name)

@@ -63,35 +63,51 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False) -> Host:
     if opener is not None:
         return opener(url, policy, writable)
     if s in _REFUSED:
-        raise UnsupportedFeatureError(f"Could not open '{url}': the '{s}' protocol is not "
-                                      "supported by diskimg (use qemu-nbd or nbdcopy)")
+        raise UnsupportedFeatureError(f"Unsupported protocol '{s}' in '{url}': diskimg "
+                                      "does not speak NBD (use qemu-nbd or nbdcopy)",
+                                      path=url, field="protocol")
     if s == "file":
-        raise UnsupportedFeatureError(f"Could not open '{url}': give a local file by its "
-                                      "path, not as a file:// URL")
+        raise UnsupportedFeatureError(f"Unsupported protocol 'file' in '{url}': give a "
+                                      "local file by its path", path=url, field="protocol")
     if s in _BUILTIN:
         mod, fn = _BUILTIN[s]
-        opener = _load(mod, fn, f"Could not open '{url}': the '{s}' protocol is not "
-                                f"supported by this diskimg yet")
+        opener = _load(mod, fn, url, f"Unsupported protocol '{s}' in '{url}': this "
+                                     "diskimg has no HTTP host yet")
         return opener(url, policy, writable)
     if importlib.util.find_spec("fsspec") is None:
         raise UnsupportedFeatureError(
-            f"Could not open '{url}': the '{s}' protocol needs fsspec: install "
-            "diskimg[remote] (pip install 'diskimg[remote]')")
-    opener = _load("diskimg.hostio.remote", "open_fsspec",
-                   f"Could not open '{url}': the '{s}' protocol is not supported by this "
-                   "diskimg yet (no fsspec host)")
+            f"Unsupported protocol '{s}' in '{url}': it needs fsspec; install "
+            "diskimg[remote] (pip install 'diskimg[remote]')", path=url, field="protocol")
+    opener = _load("diskimg.hostio.remote", "open_fsspec", url,
+                   f"Unsupported protocol '{s}' in '{url}': this diskimg has no fsspec "
+                   "host yet")
     return opener(url, policy, writable)
 
 
-def _load(module: str, name: str, missing: str) -> HostOpener:
+def _load(module: str, name: str, url: str, missing: str) -> HostOpener:
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name != module:
             raise
-        raise UnsupportedFeatureError(missing) from None
+        raise UnsupportedFeatureError(missing, path=url, field="protocol") from None
     opener: HostOpener = mod.__dict__[name]
     return opener
+
+
+def join(parent: str, name: str) -> str:
+    """The relative name ``name`` written in the object at URL ``parent``, as a URL in the
+    same store: beside ``parent``, ``..`` taken away (never above the root); any scheme
+    (``urllib.parse.urljoin`` joins only the schemes it knows).  Query and fragment of
+    ``parent`` are not carried over."""
+    import posixpath
+    from urllib.parse import urlsplit, urlunsplit
+
+    p = urlsplit(parent)
+    path = posixpath.normpath(posixpath.join(posixpath.dirname(p.path) or "/", name))
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    return urlunsplit((p.scheme, p.netloc, path, "", ""))
 
 
 def open_backing(name: str, parent: str, policy: OpenPolicy) -> Path | Host:
@@ -101,14 +117,14 @@ def open_backing(name: str, parent: str, policy: OpenPolicy) -> Path | Host:
     or host is refused unless ``policy.allow_remote_backing``; a local name (an absolute
     path, ``file:``) is the policy's to allow (:meth:`OpenPolicy.resolve`, which refuses it
     unless ``allow_local_backing``)."""
-    from urllib.parse import urljoin, urlsplit
+    from urllib.parse import urlsplit
 
     if name.startswith("json:"):
         raise BackingChainError(f"Refusing to open backing file '{name}' named by "
                                 f"'{parent}': json: names are not followed")
     if name.startswith("/") or name.startswith("file:"):
         return policy.resolve(name, parent)
-    full = name if is_url(name) else urljoin(parent, name)
+    full = name if is_url(name) else join(parent, name)
     a, b = urlsplit(parent), urlsplit(full)
     if (a.scheme.lower(), a.netloc.lower()) != (b.scheme.lower(), b.netloc.lower()) and \
             not policy.allow_remote_backing:
