@@ -16,7 +16,6 @@ The backing file a remote image names is opened by :func:`open_backing`: in the 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,8 @@ _OPENERS: dict[str, HostOpener] = {}
 #: schemes whose opener lives in a module of diskimg: (module, function)
 _BUILTIN = {"http": ("diskimg.hostio.http", "open_http"),
             "https": ("diskimg.hostio.http", "open_http")}
+#: the opener of every other scheme (the ``diskimg[remote]`` extra)
+_FSSPEC = ("diskimg.hostio.remote", "open_fsspec")
 _REFUSED = ("nbd", "nbd+unix", "nbd+tcp", "nbds")
 
 
@@ -74,14 +75,20 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False) -> Host:
         opener = _load(mod, fn, url, f"Unsupported protocol '{s}' in '{url}': this "
                                      "diskimg has no HTTP host yet")
         return opener(url, policy, writable)
-    if importlib.util.find_spec("fsspec") is None:
+    if _find_spec("fsspec") is None:
         raise UnsupportedFeatureError(
             f"Unsupported protocol '{s}' in '{url}': it needs fsspec; install "
             "diskimg[remote] (pip install 'diskimg[remote]')", path=url, field="protocol")
-    opener = _load("diskimg.hostio.remote", "open_fsspec", url,
+    opener = _load(*_FSSPEC, url,
                    f"Unsupported protocol '{s}' in '{url}': this diskimg has no fsspec "
                    "host yet")
     return opener(url, policy, writable)
+
+
+def _find_spec(name: str) -> object:
+    import importlib.util
+
+    return importlib.util.find_spec(name)
 
 
 def _load(module: str, name: str, url: str, missing: str) -> HostOpener:
