@@ -127,11 +127,9 @@ class FileObjectHost:
         return bytes(buf)
 
     def pread_exact(self, offset: int, length: int, what: str) -> bytes:
-        data = self.pread(offset, length)
-        if len(data) != length:
-            raise FormatError(f"{what} at offset {offset:#x} (length {length}) lies past the "
-                              f"end of '{self._name}'", offset=offset)
-        return data
+        from diskimg.hostio.host import read_exact
+
+        return read_exact(self, offset, length, what)
 
     # --- writes -----------------------------------------------------------------------
     def _put(self, offset: int, data: bytes | bytearray | memoryview) -> None:

@@ -30,6 +30,18 @@ from pathlib import Path
 from typing import Protocol
 
 
+def read_exact(host: Host, offset: int, length: int, what: str) -> bytes:
+    """``host.pread`` of exactly ``length`` bytes, or a FormatError naming ``what``, the
+    offset and the host (what ``pread_exact`` does on every host)."""
+    from diskimg.errors import FormatError
+
+    data = host.pread(offset, length)
+    if len(data) != length:
+        raise FormatError(f"{what} at offset {offset:#x} (length {length}) lies past the end "
+                          f"of '{host.path}'", offset=offset)
+    return data
+
+
 class Host(Protocol):
     """What formats and operations may call on the bytes under an image."""
 

@@ -203,11 +203,9 @@ class PipeHost:
         return bytes(buf)
 
     def pread_exact(self, offset: int, length: int, what: str) -> bytes:
-        data = self.pread(offset, length)
-        if len(data) != length:
-            raise FormatError(f"{what} at offset {offset:#x} (length {length}) lies past the "
-                              f"end of '{self._path}'", offset=offset)
-        return data
+        from diskimg.hostio.host import read_exact
+
+        return read_exact(self, offset, length, what)
 
     def _read_only(self, *args: object) -> None:
         raise UsageError(f"'{self._path}' is opened read-only")
