@@ -258,3 +258,18 @@ def test_hostile_images_through_bytesio_end_in_diskimgerror(name: str, data: byt
     except DiskImgError:
         pass                                          # the expected end: no traceback
     assert buf.getvalue() == data
+
+
+def test_what_is_not_a_binary_seekable_file_object_is_refused_by_name(tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    r, w = os.pipe()
+    with open(text) as t, open(r, "rb") as pipe:
+        for obj, msg in ((t, f"'{text}' is a text file: open it in binary mode"),
+                         (b"QFI\xfb", "'<bytes>' is not a binary file object"),
+                         (pipe, "'<BufferedReader>' is not seekable: an image needs random "
+                                "access")):
+            with pytest.raises(UsageError, match=msg):
+                diskimg.open(obj)  # type: ignore[arg-type]
+    os.close(w)
+    assert text.read_text() == "hello"

@@ -55,6 +55,16 @@ class FileObjectHost:
                  writable: bool | None = None, zero_init: bool = True) -> None:
         self._obj: Any = obj
         self._name = label(obj, name)
+        if isinstance(obj, io.TextIOBase):
+            raise UsageError(f"'{self._name}' is a text file: open it in binary mode ('rb')")
+        try:
+            self._obj.readinto, self._obj.seek  # noqa: B018 - what a file object must have
+        except AttributeError:
+            raise UsageError(f"'{self._name}' is not a binary file object (it needs "
+                             "readinto() and seek())") from None
+        if isinstance(obj, io.IOBase) and not obj.seekable():
+            raise UsageError(f"'{self._name}' is not seekable: an image needs random access "
+                             "(read a raw image from a pipe by its path, e.g. /dev/stdin)")
         if writable is None:
             writable = isinstance(obj, io.IOBase) and obj.writable()
         self.writable = writable
