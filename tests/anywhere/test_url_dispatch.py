@@ -162,3 +162,19 @@ def test_join_keeps_the_store_and_never_climbs_above_its_root() -> None:
     assert urls.join("https://h:8443/t?sig=1#f", "sub/b") == "https://h:8443/sub/b"
     assert urls.is_url("s3://b/k") and not urls.is_url("dir/s3:x") and \
         not urls.is_url("/tmp/a://b")
+
+
+@pytest.mark.qemu
+def test_a_vmdk_delta_finds_its_parent_in_the_store(store: dict[str, bytes], qemu: Qemu,
+                                                    tmp_path: Path) -> None:
+    base, top = tmp_path / "vbase.vmdk", tmp_path / "vtop.vmdk"
+    qemu.img("create", "-q", "-f", "vmdk", base, SIZE)
+    qemu.io(base, "write -P 0x71 0 128k", fmt="vmdk")
+    qemu.img("create", "-q", "-f", "vmdk", "-b", "vbase.vmdk", "-F", "vmdk", top,
+             cwd=tmp_path)
+    qemu.io(top, "write -P 0x72 64k 512", fmt="vmdk")
+    store["memtest://h/v/vbase.vmdk"] = base.read_bytes()
+    store["memtest://h/v/vtop.vmdk"] = top.read_bytes()
+    with diskimg.open("memtest://h/v/vtop.vmdk") as img:
+        assert img.info().full_backing_filename == "memtest://h/v/vbase.vmdk"
+        assert img.read(0, SIZE) == qemu.raw_bytes(top, "vmdk", cwd=tmp_path)

@@ -464,7 +464,9 @@ class Qcow2Image(BlockDevice):
                 data["encrypt"] = {"format": "luks"}
         backing = h.backing_file
         full = None
-        if backing is not None:
+        if backing is not None and isinstance(self.host.path, str):
+            full = full_name(backing, self.host.path)  # a URL, a file object
+        elif backing is not None:
             try:
                 full = str(self.policy.resolve(backing, self.host.path)) \
                     if not backing.startswith("/") else backing

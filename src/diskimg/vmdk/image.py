@@ -28,7 +28,7 @@ from diskimg.errors import (
 )
 from diskimg.hostio import open_host_file, zero_fill
 from diskimg.plan import Run, RunKind
-from diskimg.policy import OpenPolicy
+from diskimg.policy import OpenPolicy, full_name
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, NO_PARENT, Descriptor, new_cid
 from diskimg.vmdk.extent import Extent, Fill, FlatExtent, ZeroExtent, guard_type
@@ -416,7 +416,9 @@ class VmdkImage(BlockDevice):
         cs = self.cluster_size
         hint, _ = self.backing_file_name()
         full = None
-        if hint:
+        if hint and isinstance(self.host.path, str):
+            full = full_name(hint, self.host.path)  # a URL, a file object
+        elif hint:
             full = str(Path(hint) if hint.startswith("/") else
                        Path(_extent_name(self.host.path, hint)))
         fs: dict[str, Any] = {
