@@ -106,9 +106,16 @@ def test_file_object_images_backing_files_and_urls(tmp_path: Path) -> None:
 
 
 @pytest.mark.qemu
-def test_a_backing_file_alone_refuses_to_pickle(qemu: Qemu, tmp_path: Path) -> None:
+def test_a_backing_file_or_a_snapshot_view_alone_refuses_to_pickle(qemu: Qemu,
+                                                                   tmp_path: Path) -> None:
     top = _chain(qemu, tmp_path)
+    qemu.img("snapshot", "-c", "s1", top)
     with diskimg.open(top) as img:
         assert img.backing is not None
         with pytest.raises(UsageError, match="Cannot pickle the qcow2 image"):
             pickle.dumps(img.backing)
+        view = img.snapshot_view(name="s1")
+        with pytest.raises(UsageError, match="Cannot pickle the qcow2 image"):
+            pickle.dumps(view)
+        with pickle.loads(pickle.dumps(img)) as again:          # the image itself does
+            assert again.read(64 << 10, 4) == b"\x52" * 4

@@ -508,6 +508,7 @@ class Qcow2Image(BlockDevice):
         view.read_only = True
         view._view_of = self
         view.owns_backing = False
+        view.reopen_with = None  # a view is not what diskimg.open opened: no pickling
         view.size = sn.disk_size if sn.disk_size is not None else self.size
         view.l1 = self.snapshots._read_l1(sn.l1_table_offset, sn.l1_size)
         view.l1_dirty = set()
