@@ -232,7 +232,7 @@ def _hostile() -> list[tuple[str, bytes]]:
 
     hdr = bytearray(104)
     hdr[0:4] = b"QFI\xfb"
-    struct.pack_into(">IQIIQIIQQII", hdr, 4, 3, 0, 0, 16, 1 << 40, 0, 1, 1 << 60, 0x10000,
+    struct.pack_into(">IQIIQIIQQII", hdr, 4, 3, 0, 0, 16, 1 << 40, 0, 2048, 1 << 60, 0x10000,
                      1, 0)
     struct.pack_into(">QQQII", hdr, 72, 0, 0, 0, 4, 104)
     out = [("qcow2-l1-past-end", bytes(hdr)), ("qcow2-truncated", bytes(hdr[:40])),
