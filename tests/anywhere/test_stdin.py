@@ -157,3 +157,11 @@ def test_pipe_host_refuses_qcow2_and_a_short_stream() -> None:
     with pytest.raises(FormatError, match="ended at offset 0x3e8, before the 4096 bytes"):
         open_pipe(fifo, "raw", {"size": "4096"})
     t.join(timeout=10)
+
+
+def test_a_character_device_is_not_taken_for_a_pipe() -> None:
+    """An endless device must not be spooled: /dev/zero stays refused by name."""
+    import diskimg
+
+    with pytest.raises(DiskImgError, match="'/dev/zero': not a regular file or block device"):
+        diskimg.open("/dev/zero")

@@ -1,4 +1,4 @@
-"""Images from a pipe (``/dev/stdin`` after ``|``, a FIFO, a socket, a character device).
+"""Images from a pipe (``/dev/stdin`` after ``|``, a FIFO, a socket).
 
 qemu-img refuses every source that is not a regular file or block device.  diskimg reads
 a pipe once, front to back:
@@ -15,6 +15,8 @@ a pipe once, front to back:
   regular file.
 
 A regular file behind ``/dev/stdin`` (``< file``) is not a pipe: it opens as any file.
+A character device (a terminal, ``/dev/zero``) is not taken for a pipe: it is refused as
+before (an endless device would fill the spool).
 """
 
 from __future__ import annotations
@@ -38,13 +40,13 @@ _CHUNK = 1 << 20
 
 
 def is_pipe(path: str) -> bool:
-    """Whether ``path`` names a FIFO, socket or character device (False if it cannot be
-    looked at: the ordinary open then reports why)."""
+    """Whether ``path`` names a FIFO or a socket (False if it cannot be looked at: the
+    ordinary open then reports why)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def open_pipe(path: str, fmt: str | None, options: Mapping[str, str]) -> Host:
@@ -101,6 +103,7 @@ def _spool(fd: int, path: str, head: bytes) -> Host:
     from diskimg.hostio.file import HostFile
 
     tmp = tempfile.TemporaryFile()
+    pos = 0
     try:
         tmp.write(head)
         pos = len(head)
@@ -114,6 +117,11 @@ def _spool(fd: int, path: str, head: bytes) -> Host:
                 break
         tmp.flush()
         return HostFile(os.dup(tmp.fileno()), Path(path), False)
+    except OSError as e:  # the temporary directory is full, ...
+        why = e.strerror or str(e)
+        raise DiskImgError(f"Could not copy '{path}' to a temporary file at offset "
+                           f"{pos:#x}: {why} (give the raw image's size= to stream it)",
+                           path=path, operation="read", reason=why) from None
     finally:
         tmp.close()
 
