@@ -1,8 +1,11 @@
 """Host: the byte-source layer every format reads and writes through.
 
-A format never knows where its bytes live.  It gets a :class:`Host` -- today a
-:class:`~diskimg.hostio.file.HostFile` (one local file or block device); a file object, an
-HTTP URL or an fsspec object are hosts too (issue 18).  Invariants every host keeps:
+A format never knows where its bytes live.  It gets a :class:`Host`: a
+:class:`~diskimg.hostio.file.HostFile` (one local file or block device), a
+:class:`~diskimg.hostio.fileobj.FileObjectHost` (any binary file object), a
+:class:`~diskimg.hostio.pipe.PipeHost` (a raw image read once from a pipe), or what the
+opener registered for a URL's scheme returns (:mod:`diskimg.hostio.urls`: HTTP, fsspec).
+Invariants every host keeps:
 
 - offsets and lengths are bytes; reads past the end are short (``pread``) or zero-filled
   (``preadinto``), never an exception; ``pread_exact`` names ``what`` and the offset;
