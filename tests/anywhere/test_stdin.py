@@ -108,16 +108,21 @@ def test_a_pipe_shorter_than_its_size_fails_and_leaves_no_target(qemu: Qemu,
     assert not dst.exists()
 
 
-def _pipe_with(data: bytes) -> tuple[str, threading.Thread]:
-    """A FIFO path fed ``data`` by a thread (the writer blocks until opened)."""
+def _pipe_with(data: bytes) -> tuple[str, threading.Thread, int]:
+    """A FIFO path with a writer already attached, fed ``data`` by a thread, as
+    ``/dev/stdin`` after ``|`` is; the caller closes the extra read end (returned)."""
     import tempfile
 
     d = tempfile.mkdtemp()
     fifo = os.path.join(d, "fifo")
     os.mkfifo(fifo)
+    # a read end that never reads keeps the pipe (and what was written) alive until the
+    # code under test opens it; then the writer opens without waiting
+    keep = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    wfd = os.open(fifo, os.O_WRONLY)
 
     def feed() -> None:
-        with open(fifo, "wb") as f:
+        with open(wfd, "wb") as f:
             try:
                 f.write(data)
             except BrokenPipeError:
@@ -125,13 +130,14 @@ def _pipe_with(data: bytes) -> tuple[str, threading.Thread]:
 
     t = threading.Thread(target=feed, daemon=True)
     t.start()
-    return fifo, t
+    return fifo, t, keep
 
 
 def test_pipe_host_reads_forward_only_and_never_returns_wrong_bytes() -> None:
     data = os.urandom(3 << 20)
-    fifo, t = _pipe_with(data)
+    fifo, t, keep = _pipe_with(data)
     host = open_pipe(fifo, None, {"size": str(len(data))})
+    os.close(keep)
     assert isinstance(host, PipeHost)
     try:
         assert host.pread(0, 512) == data[:512]                   # the probed head
@@ -148,14 +154,16 @@ def test_pipe_host_reads_forward_only_and_never_returns_wrong_bytes() -> None:
 
 
 def test_pipe_host_refuses_qcow2_and_a_short_stream() -> None:
-    fifo, t = _pipe_with(b"QFI\xfb\0\0\0\3" + bytes(1000))
+    fifo, t, keep = _pipe_with(b"QFI\xfb\0\0\0\3" + bytes(1000))
     with pytest.raises(UnsupportedFeatureError, match="holds a qcow2 image, which needs "
                        "random access"):
         open_pipe(fifo, None, {})
+    os.close(keep)
     t.join(timeout=10)
-    fifo, t = _pipe_with(bytes(1000))
+    fifo, t, keep = _pipe_with(bytes(1000))
     with pytest.raises(FormatError, match="ended at offset 0x3e8, before the 4096 bytes"):
         open_pipe(fifo, "raw", {"size": "4096"})
+    os.close(keep)
     t.join(timeout=10)
 
 
@@ -165,3 +173,12 @@ def test_a_character_device_is_not_taken_for_a_pipe() -> None:
 
     with pytest.raises(DiskImgError, match="'/dev/zero': not a regular file or block device"):
         diskimg.open("/dev/zero")
+
+
+def test_a_named_fifo_nobody_writes_to_is_refused_without_waiting(tmp_path: Path) -> None:
+    import diskimg
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(DiskImgError, match="a pipe with nothing to read"):
+        diskimg.open(fifo)

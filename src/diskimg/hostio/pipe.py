@@ -15,6 +15,8 @@ a pipe once, front to back:
   regular file.
 
 A regular file behind ``/dev/stdin`` (``< file``) is not a pipe: it opens as any file.
+Opening never blocks: a named FIFO that nobody writes to reads as an empty stream and is
+refused.
 A character device (a terminal, ``/dev/zero``) is not taken for a pipe: it is refused as
 before (an endless device would fill the spool).
 """
@@ -54,13 +56,18 @@ def open_pipe(path: str, fmt: str | None, options: Mapping[str, str]) -> Host:
     needs random access (see the module's notes)."""
     from diskimg.probe import PROBE_SIZE, probe_bytes
 
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # never blocks waiting for a writer (a named FIFO nobody writes to)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise DiskImgError(f"Could not open '{path}': {e.strerror}", path=path,
                            operation="open", reason=e.strerror) from None
     try:
+        os.set_blocking(fd, True)  # reads wait for a writer's data; none: end of file
         head = _read_full(fd, HEAD, path)
+        if not head:
+            why = "a pipe with nothing to read (no writer, or an empty stream)"
+            raise DiskImgError(f"Could not open '{path}': {why}", path=path,
+                               operation="open", reason=why)
         got = fmt or probe_bytes(head[:PROBE_SIZE])
         if got != "raw":
             raise UnsupportedFeatureError(
