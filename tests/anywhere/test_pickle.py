@@ -90,7 +90,8 @@ def test_file_object_images_backing_files_and_urls(tmp_path: Path) -> None:
         pickle.dumps(img)
     opened: list[str] = []
 
-    def opener(url: str, policy: OpenPolicy, writable: bool) -> FileObjectHost:
+    def opener(url: str, policy: OpenPolicy,
+               writable: bool = False) -> FileObjectHost:
         opened.append(url)
         return FileObjectHost(io.BytesIO(raw.read_bytes()), name=url)
 

@@ -32,7 +32,8 @@ STORE: dict[str, bytes] = {}
 OPENED: list[tuple[str, bool]] = []
 
 
-def _memtest(url: str, policy: OpenPolicy, writable: bool) -> FileObjectHost:
+def _memtest(url: str, policy: OpenPolicy,
+               writable: bool = False) -> FileObjectHost:
     OPENED.append((url, writable))
     if url not in STORE:
         raise DiskImgError(f"No such object: '{url}'", path=url)
@@ -127,7 +128,8 @@ def test_builtin_schemes_dispatch_to_their_module_or_say_what_is_missing(
     calls: list[tuple[str, bool]] = []
     fake = types.ModuleType("diskimg_test_fake_http")
 
-    def open_http(url: str, policy: OpenPolicy, writable: bool) -> FileObjectHost:
+    def open_http(url: str, policy: OpenPolicy,
+               writable: bool = False) -> FileObjectHost:
         calls.append((url, writable))
         return FileObjectHost(io.BytesIO(bytes(4096)), name=url)
 

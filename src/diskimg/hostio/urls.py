@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from diskimg.hostio.host import Host
     from diskimg.policy import OpenPolicy
 
-#: (url, policy, writable) -> Host
-HostOpener = Callable[[str, "OpenPolicy", bool], "Host"]
+#: ``opener(url, policy)`` -> a read-only Host; ``opener(url, policy, writable=True)``
+#: for ``"r+"`` (an opener that cannot write refuses it)
+HostOpener = Callable[..., "Host"]
 
 _URL = r"^([A-Za-z][A-Za-z0-9+.-]*)://"  # compiled on first use (re caches it)
 _OPENERS: dict[str, HostOpener] = {}
@@ -62,7 +63,7 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False) -> Host:
     s = scheme(url)
     opener = _OPENERS.get(s)
     if opener is not None:
-        return opener(url, policy, writable)
+        return _call(opener, url, policy, writable)
     if s in _REFUSED:
         raise UnsupportedFeatureError(f"Unsupported protocol '{s}' in '{url}': diskimg "
                                       "does not speak NBD (use qemu-nbd or nbdcopy)",
@@ -74,7 +75,7 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False) -> Host:
         mod, fn = _BUILTIN[s]
         opener = _load(mod, fn, url, f"Unsupported protocol '{s}' in '{url}': this "
                                      "diskimg has no HTTP host yet")
-        return opener(url, policy, writable)
+        return _call(opener, url, policy, writable)
     if _find_spec("fsspec") is None:
         raise UnsupportedFeatureError(
             f"Unsupported protocol '{s}' in '{url}': it needs fsspec; install "
@@ -82,7 +83,13 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False) -> Host:
     opener = _load(*_FSSPEC, url,
                    f"Unsupported protocol '{s}' in '{url}': this diskimg has no fsspec "
                    "host yet")
-    return opener(url, policy, writable)
+    return _call(opener, url, policy, writable)
+
+
+def _call(opener: HostOpener, url: str, policy: OpenPolicy, writable: bool) -> Host:
+    """``opener(url, policy)``; ``writable=True`` is passed only when asked for, so a
+    read-only opener (``open_http(url, policy, *, timeout=...)``) needs no such argument."""
+    return opener(url, policy, writable=True) if writable else opener(url, policy)
 
 
 def _find_spec(name: str) -> object:
