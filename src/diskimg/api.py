@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import stat
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 from diskimg.device import BlockDevice
 from diskimg.errors import BackingChainError, DiskImgError, UsageError
-from diskimg.hostio import HostFile, open_host_file, path_name
+from diskimg.hostio import open_host_file, path_name
 from diskimg.policy import OpenPolicy
 from diskimg.params import check_int
 from diskimg.probe import check_format, probe
@@ -18,12 +17,15 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
+    from diskimg.hostio.fileobj import BinaryFile
+    from diskimg.hostio.host import Host
+
 FORMATS = ("qcow2", "raw", "vmdk", "luks")
 PathLike = str | os.PathLike[str]
 
 
 def open(  # noqa: A001 - mirrors builtins.open on purpose
-    path: PathLike,
+    path: PathLike | BinaryFile,
     mode: str = "r",
     format: str | None = None,  # noqa: A002
     *,
@@ -54,47 +56,124 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     :func:`diskimg.hostio.http.open_http`): the files such an image names (backing file,
     data file, vmdk extents) are never opened, and a fault of the server raises
     :class:`~diskimg.errors.RemoteError` naming the URL and the offset.
+
+    ``path`` may also be a URL (``scheme://...``: :mod:`diskimg.hostio.urls` opens it,
+    read-only; ``http://`` and ``https://`` through :func:`diskimg.hostio.http.open_http`,
+    whose faults raise :class:`~diskimg.errors.RemoteError` naming the URL and the offset)
+    or a binary file object with ``readinto`` and ``seek`` (``"r+"`` needs a writable
+    one).  An image that is not a local file opens no local file unless ``policy`` allows
+    it (:attr:`OpenPolicy.allow_local_backing`); its backing file is looked for in the
+    same store; a vmdk over a file object must be a single file.  The image pickles as
+    what opened it (path or URL, mode, format, options, policy -- never secrets); one over
+    a file object does not.
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
     if format is not None and format not in FORMATS and format != "file":
         raise UsageError(f"Unknown file format '{format}'")
-    if isinstance(path, str) and path.lower().startswith(("http://", "https://")):
-        if mode != "r":
-            raise UsageError(f"'{path}' is read-only (an HTTP source)")
-        return _open_url(path, format, backing=backing,
-                         policy=policy or OpenPolicy(untrusted=untrusted),
-                         secrets=dict(secrets or {}), options=dict(options or {}),
-                         for_check=for_check)
-    # the name as pathlib prints it, without importing pathlib (start-up, issue 20)
-    name = path_name(path)
-    pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(name)
+    writable = mode == "r+"
     if options:
         from diskimg.image_options import force_share as share_option
 
         force_share = force_share or share_option(options)
-    return _open_one(name, os.fspath(path), mode == "r+", format, backing=backing,
-                     force_share=force_share, policy=pol, secrets=dict(secrets or {}),
-                     options=dict(options or {}), seen=set(), depth=0,
-                     for_check=for_check, unlock=not metadata_only)
+    src: str | Host  # a str: a local file, by the name pathlib prints for it
+    recipe: dict[str, object] | None = None  # what reopens it: None over an object/pipe
+    if isinstance(path, str | os.PathLike):
+        shown = os.fspath(path)
+        if isinstance(shown, bytes):
+            shown = os.fsdecode(shown)
+        src = path_name(shown)
+        if _is_url(shown):
+            from diskimg.hostio.urls import open_url
+
+            src = open_url(shown, policy or OpenPolicy(untrusted=untrusted), writable)
+        elif not writable and _is_pipe(shown):
+            from diskimg.hostio.pipe import open_pipe
+
+            src = open_pipe(shown, format, options or {})  # read once: cannot reopen
+            format = "raw"  # open_pipe refuses any other
+        pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(
+            src if isinstance(src, str) else src.path)
+        if isinstance(src, str) or _is_url(shown):
+            recipe = {"path": shown, "mode": mode, "format": format, "backing": backing,
+                      "untrusted": untrusted, "force_share": force_share, "policy": pol,
+                      "options": dict(options or {}), "for_check": for_check,
+                      "metadata_only": metadata_only}
+    else:
+        src = _file_object_host(path, writable)
+        shown = str(src.path)
+        pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(src.path)
+    dev = _open_one(src, shown, writable, format, backing=backing,
+                    force_share=force_share, policy=pol, secrets=dict(secrets or {}),
+                    options=dict(options or {}), seen=set(), depth=0,
+                    for_check=for_check, unlock=not metadata_only)
+    dev.reopen_with = None if recipe is None else (_reopen, recipe)
+    return dev
 
 
-def _open_one(path: str | Path, name: str, writable: bool, fmt: str | None, *, backing: bool,
+def _is_url(name: str) -> bool:
+    """:func:`diskimg.hostio.urls.is_url`, imported only for a name with ``://``."""
+    if "://" not in name:
+        return False
+    from diskimg.hostio.urls import is_url
+
+    return is_url(name)
+
+
+def _is_pipe(name: str) -> bool:
+    """:func:`diskimg.hostio.pipe.is_pipe`, imported only for a name that is not a
+    regular file (one ``stat``)."""
+    import stat
+
+    try:
+        if stat.S_ISREG(os.stat(name).st_mode):
+            return False
+    except OSError:
+        return False
+    from diskimg.hostio.pipe import is_pipe
+
+    return is_pipe(name)
+
+
+def _file_object_host(obj: BinaryFile, writable: bool) -> Host:
+    """The host over a file object given to :func:`open` (``"r+"``: it must be writable)."""
+    import io
+
+    from diskimg.hostio.fileobj import FileObjectHost, label
+
+    if writable and not (isinstance(obj, io.IOBase) and obj.writable()):
+        raise UsageError(f"'{label(obj)}' is not writable: mode 'r+' needs a file object "
+                         "whose writable() is True")
+    return FileObjectHost(obj, writable=writable)
+
+
+def _reopen(args: dict[str, object]) -> BlockDevice:
+    """Unpickle an image: open it again as it was opened (see :func:`open`)."""
+    dev: BlockDevice = open(**args)  # type: ignore[arg-type]
+    return dev
+
+
+def _open_one(src: str | Host, name: str, writable: bool, fmt: str | None, *, backing: bool,
               force_share: bool, policy: OpenPolicy, secrets: dict[str, bytes],
-              options: dict[str, str], seen: set[tuple[int, int]], depth: int,
+              options: dict[str, str], seen: set[Hashable], depth: int,
               for_check: bool = False, unlock: bool = True) -> BlockDevice:
+    """Open ``src`` (a local file's name, or a host) and, with ``backing``, its chain;
+    ``name`` is what the image is shown by (as given: ``./x`` stays)."""
+    path = src if isinstance(src, str) else src.path
     if depth > policy.max_depth:
+        if not isinstance(src, str):
+            src.close()
         raise BackingChainError(f"Backing chain of '{path}' is deeper than "
                                 f"{policy.max_depth} images")
-    host = open_host_file(path, writable, lock_mode=not force_share)
+    host = open_host_file(src, writable, lock_mode=not force_share) \
+        if isinstance(src, str) else src
     try:
-        st = os.fstat(host.fd)
-        if depth and not stat.S_ISREG(st.st_mode):
+        if depth and host.is_device():
             # the policy refused it by name; this is the file actually opened (a name
             # swapped for a device in between is refused too)
             raise BackingChainError(f"Refusing to open backing file '{path}': not a regular "
                                     "file (a block device)")
-        key = (st.st_dev, st.st_ino)
+        key = host.identity()
         if key in seen:
             raise BackingChainError(f"Backing chain loop: '{path}' appears twice in its own "
                                     "backing chain", path=str(path),
@@ -111,13 +190,12 @@ def _open_one(path: str | Path, name: str, writable: bool, fmt: str | None, *, b
         if backing:
             bname, bfmt = _backing_name(dev)
             if bname is not None:
-                from pathlib import Path
-
-                bpath = policy.resolve(bname, Path(path))
+                bsrc = _resolve_backing(policy, bname, host.path)
+                bpath = bsrc if isinstance(bsrc, str) else bsrc.path
                 try:
                     bfmt, bopts = _backing_open_options(options,
                                                         backing_format(bfmt, bpath), bpath)
-                    dev.backing = _open_one(bpath, _backing_display(name, bname), False,
+                    dev.backing = _open_one(bsrc, _backing_display(name, bname), False,
                                             bfmt, backing=True,
                                             force_share=force_share, policy=policy,
                                             secrets=secrets, options=bopts,
@@ -133,7 +211,7 @@ def _open_one(path: str | Path, name: str, writable: bool, fmt: str | None, *, b
     return dev
 
 
-def _device_over(host: HostFile, fmt: str | None, *, policy: OpenPolicy,
+def _device_over(host: Host, fmt: str | None, *, policy: OpenPolicy,
                  secrets: dict[str, bytes], options: dict[str, str],
                  for_check: bool = False, unlock: bool = True, backing: bool = True,
                  writable: bool = False) -> BlockDevice:
@@ -171,36 +249,19 @@ def _device_over(host: HostFile, fmt: str | None, *, policy: OpenPolicy,
     return dev
 
 
-def _open_url(url: str, fmt: str | None, *, backing: bool, policy: OpenPolicy,
-              secrets: dict[str, bytes], options: dict[str, str],
-              for_check: bool) -> BlockDevice:
-    """An image over an http(s) URL, read-only.  No file it names is opened (a remote
-    image never makes diskimg open a local file or another URL): an external data file
-    or vmdk extent is refused, and so is a backing file with ``backing=True``."""
-    from typing import cast
+def _resolve_backing(policy: OpenPolicy, name: str, parent: Path | str) -> str | Host:
+    """The backing file ``name`` of the image ``parent``: a local path (the policy's
+    :meth:`~OpenPolicy.resolve`), or for an image read from a URL, a host in the same
+    store (:func:`diskimg.hostio.urls.open_backing`)."""
+    if isinstance(parent, str) and _is_url(parent):
+        from diskimg.hostio.urls import open_backing
 
-    from diskimg.hostio.http import open_http
-
-    host = open_http(url, policy)
-    # the files an image names (a qcow2 data file, vmdk extents) are never opened for a
-    # remote image: confined to no directory at all, every one is refused
-    confined = OpenPolicy(untrusted=True, allowed_dirs=[], max_depth=policy.max_depth)
-    try:
-        dev = _device_over(cast(HostFile, host), fmt, policy=confined, secrets=secrets,
-                           options=options, for_check=for_check, backing=backing)
-    except BaseException:
-        host.close()
-        raise
-    name = _backing_name(dev)[0] if backing else None
-    if name is not None:
-        dev.close()
-        raise BackingChainError(f"Refusing to open backing file '{name}' named by '{url}': "
-                                "backing files of a remote image are not opened (open "
-                                "it with backing=False to read the image alone)")
-    return dev
+        got = open_backing(name, parent, policy)  # the same store, or as policy allows
+        return got if not isinstance(got, os.PathLike) else os.fspath(got)
+    return str(policy.resolve(name, parent))
 
 
-def _blame_backing(e: DiskImgError, path: Path) -> None:
+def _blame_backing(e: DiskImgError, path: Path | str) -> None:
     """qemu's words for a backing file that would not open (a wrong passphrase, a
     corrupt header): ``Could not open backing file: `` before the reason, once per level
     of the chain; the innermost level also records the file and the bare reason
@@ -224,7 +285,7 @@ def backing_options(options: Mapping[str, str]) -> dict[str, str]:
 
 
 def _backing_open_options(options: Mapping[str, str], bfmt: str | None,
-                          bpath: Path) -> tuple[str | None, dict[str, str]]:
+                          bpath: Path | str) -> tuple[str | None, dict[str, str]]:
     """The format and image options to open the backing file ``bpath`` with.
     ``backing.driver`` sets its format (as in qemu); ``backing.file.filename`` may only
     name the file the header names (diskimg follows no other), and the other

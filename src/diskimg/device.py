@@ -14,7 +14,6 @@ import contextlib
 import functools
 import io
 import os
-import stat
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
     from typing import Concatenate, ParamSpec, Self, TypeVar
 
     from diskimg.check_report import CheckReport  # built by the checkers, imported there
-    from diskimg.hostio import HostFile
+    from diskimg.hostio.host import Host
 
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
@@ -68,6 +67,20 @@ class BlockDevice:
     #: set by the opener of a backing file: its finalizer closes it without a warning
     #: (the image that owns it gives that warning)
     is_backing: bool = False
+    #: set by :func:`diskimg.open`: its reopening function and what it was given (path or
+    #: URL, mode, format, options, policy; never secrets).  An image pickles as these and
+    #: unpickles by opening it again; None (over a file object, a backing file, a view)
+    #: refuses to pickle
+    reopen_with: tuple[Callable[[dict[str, object]], BlockDevice], dict[str, object]] | None \
+        = None
+
+    def __reduce__(self) -> tuple[object, ...]:
+        if self.reopen_with is None:
+            raise UsageError(f"Cannot pickle the {self.format} image '{self.filename}': it "
+                             "was not opened from a path or URL (a file object, a backing "
+                             "file or a view cannot be opened again elsewhere)")
+        fn, args = self.reopen_with
+        return (fn, (dict(args),))
     #: whether the format has a :meth:`check` (qcow2, vmdk; raw has none, as in qemu)
     supports_check: bool = False
     #: whether :meth:`check` can repair (``repair="leaks"``/``"all"``); a format without
@@ -191,7 +204,7 @@ class BlockDevice:
         format without such tables (raw) or that does not bound its answers by them."""
         return None
 
-    def host_files(self) -> list[HostFile]:
+    def host_files(self) -> list[Host]:
         """The host files behind this device, each once: the image file first, then the
         files it opened for its data (qcow2's data file, vmdk's extents).  Backing files
         are devices of their own (:attr:`backing`) and are not listed."""
@@ -526,8 +539,3 @@ def requires_open(fn: Callable[Concatenate[_D, _P], _R]) -> Callable[Concatenate
 
     return wrapper
 
-
-def host_has_zero_init(fd: int) -> bool:
-    """QEMU's file-posix rule: a regular file reads as zeros where nothing was written
-    (holes, ``falloc``/``full`` preallocation alike); a block device need not."""
-    return stat.S_ISREG(os.fstat(fd).st_mode)

@@ -24,12 +24,12 @@ from diskimg.crypto.luks.header import OFF_PAYLOAD_OFFSET
 from diskimg.crypto.sectors import CRYPT_PIECE, encrypt_sectors, read_decrypt
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import CorruptImageError, MissingSecretError, UsageError
-from diskimg.hostio import HostFile
 from diskimg.info_text import image_name
 from diskimg.plan import Run, RunKind
 
 if TYPE_CHECKING:
     from diskimg.crypto.luks import KeySlotAmend, LuksCipher
+    from diskimg.hostio.host import Host
 
 SECTOR = 512
 #: the image option naming the secret (qemu's luks driver: no ``encrypt.`` prefix)
@@ -47,7 +47,7 @@ _AMENDABLE = ("iter-time", "keyslot", "new-secret", "old-secret", "state")
 __all__ = ["AMEND_HELP", "KEY_OPTION", "LuksImage", "create_luks_image", "keyslot_request"]
 
 
-def read_luks_header(host: HostFile) -> tuple[LuksHeader, int]:
+def read_luks_header(host: Host) -> tuple[LuksHeader, int]:
     """The validated header of the volume in ``host`` and its payload offset in bytes
     (which must lie inside the file)."""
     head = host.pread(0, LUKS_HEADER_SIZE)
@@ -67,7 +67,7 @@ class LuksImage(BlockDevice):
 
     format = "luks"
 
-    def __init__(self, host: HostFile, *, secrets: Mapping[str, bytes] | None = None,
+    def __init__(self, host: Host, *, secrets: Mapping[str, bytes] | None = None,
                  options: Mapping[str, str] | None = None, unlock: bool = True) -> None:
         """``unlock``: try the key secret the options name now (qemu's open), not on the
         first data access."""
@@ -86,7 +86,7 @@ class LuksImage(BlockDevice):
     def _size_from_file(self) -> None:
         self.size = -(-(self.host.size() - self.payload) // SECTOR) * SECTOR
 
-    def host_files(self) -> list[HostFile]:
+    def host_files(self) -> list[Host]:
         """The one file."""
         return [self.host]
 

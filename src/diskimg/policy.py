@@ -4,6 +4,10 @@ qemu-img follows such names anywhere; diskimg never follows ``json:`` or protoco
 never opens a device (block or character), FIFO, socket or directory an image names,
 detects loops, caps chain depth, and with ``untrusted=True`` opens nothing outside the top
 image's own directory.  (The image given on the command line may be a block device.)
+
+An image that is not a local file -- opened over a file object or from a URL, whose host's
+``path`` is a ``str`` -- never makes diskimg open a local file unless the caller's policy
+says so (``allow_local_backing``).
 """
 
 from __future__ import annotations
@@ -38,20 +42,32 @@ class OpenPolicy(Record):
     """``untrusted``: confine every referenced file to ``allowed_dirs`` (default: the top
     image's directory).  ``max_depth``: longest backing chain accepted.
     ``allow_extents_outside``: let vmdk descriptors name extents outside their directory
-    (qemu-img's behaviour; off by default)."""
+    (qemu-img's behaviour; off by default).  ``allow_local_backing``: let an image that is
+    not a local file (a file object, a URL) name local files -- a backing file, a data
+    file; off by default, so such an image opens no local file.  A relative name is then
+    taken relative to the image's own name when that is a local path (an open file's
+    ``name``), else to the current directory.  ``allow_remote_backing``: let an image read
+    from a URL name a backing file in another store (another scheme or host); its own
+    store is allowed."""
 
-    __slots__ = ("untrusted", "allowed_dirs", "max_depth", "allow_extents_outside")
+    __slots__ = ("untrusted", "allowed_dirs", "max_depth", "allow_extents_outside",
+                 "allow_local_backing", "allow_remote_backing")
     untrusted: bool
     allowed_dirs: list[Path]
     max_depth: int
     allow_extents_outside: bool  # vmdk extents outside the descriptor's directory
+    allow_local_backing: bool  # a file-object/URL image may name local files
+    allow_remote_backing: bool  # a URL image may name another host or store
 
     def __init__(self, untrusted: bool = False, allowed_dirs: list[Path] | None = None,
-                 max_depth: int = MAX_CHAIN_DEPTH, allow_extents_outside: bool = False) -> None:
+                 max_depth: int = MAX_CHAIN_DEPTH, allow_extents_outside: bool = False,
+                 allow_local_backing: bool = False, allow_remote_backing: bool = False) -> None:
         self.untrusted = untrusted
         self.allowed_dirs = [] if allowed_dirs is None else allowed_dirs
         self.max_depth = max_depth
         self.allow_extents_outside = allow_extents_outside
+        self.allow_local_backing = allow_local_backing
+        self.allow_remote_backing = allow_remote_backing
 
     def for_top(self, top: str | os.PathLike[str]) -> OpenPolicy:
         """The policy to open the top image ``top`` and its chain with.
@@ -60,16 +76,26 @@ class OpenPolicy(Record):
         ``top``'s resolved directory; any other policy is returned unchanged (``self``).
         """
         if self.untrusted and not self.allowed_dirs:
-            from pathlib import Path
-
-            return OpenPolicy(True, [Path(top).resolve().parent], self.max_depth,
-                              self.allow_extents_outside)
+            return OpenPolicy(True, [local_parent(top).resolve().parent], self.max_depth,
+                              self.allow_extents_outside, self.allow_local_backing,
+                              self.allow_remote_backing)
         return self
 
-    def resolve(self, name: str, parent: Path, what: str = "backing file") -> Path:
-        """Resolve ``name`` (as written in ``parent``) to a path, or raise naming it."""
+    def resolve(self, name: str, parent: Path | str, what: str = "backing file") -> Path:
+        """Resolve ``name`` (as written in ``parent``) to a path, or raise naming it.
+        ``parent`` is the naming image's host ``path``: a ``str`` when it is not a local
+        file, whose names are refused unless ``allow_local_backing``."""
         import re  # an image without a backing file never gets here (start-up)
+        from pathlib import Path
 
+        if not isinstance(parent, Path):
+            if not self.allow_local_backing:
+                raise BackingChainError(
+                    f"Refusing to open {what} '{name}' named by '{parent}': an image read "
+                    "from a file object or URL opens no local file unless the open policy "
+                    "allows it (OpenPolicy(allow_local_backing=True))",
+                    path=name, operation=f"open {what}", reason="not allowed by the policy")
+            parent = local_parent(parent)
         if name.startswith("json:") or (re.match(_PROTOCOL, name) and not name.startswith("/")
                                         and not name.startswith("file:")):
             raise BackingChainError(
@@ -77,8 +103,6 @@ class OpenPolicy(Record):
                 "names are not followed")
         if name.startswith("file:"):
             name = name[5:]
-        from pathlib import Path
-
         p = Path(name)
         if not p.is_absolute():
             p = parent.parent / p
@@ -112,3 +136,31 @@ class OpenPolicy(Record):
                 f"Refusing to open {what} '{name}' named by '{parent}': not a regular "
                 f"file{kind}")
         return p
+
+
+def local_parent(name: Path | str | os.PathLike[str]) -> Path:
+    """The local path relative names in the image ``name`` are taken against: ``name``
+    itself when it is a local path, else (a URL, a file object's ``<label>``) a name in the
+    current directory."""
+    import re
+    from pathlib import Path
+
+    if not isinstance(name, str):
+        return Path(name)
+    if name.startswith("<") or re.match(_PROTOCOL, name):
+        return Path.cwd() / "-"
+    return Path(name)
+
+
+def full_name(name: str, parent: Path | str) -> str:
+    """``name`` as written in ``parent`` made whole for display (qemu-img info's
+    ``full_backing_filename``): joined to a URL parent as a URL, to a local one as a path."""
+    import re
+
+    if name.startswith("/") or re.match(_PROTOCOL, name):
+        return name
+    if isinstance(parent, str) and re.match(_PROTOCOL, parent):
+        from diskimg.hostio.urls import join
+
+        return join(parent, name)
+    return str(local_parent(parent).parent / name)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import struct
 
 from diskimg.errors import UnsupportedFeatureError, WrongFormatError
-from diskimg.hostio import HostFile
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 PROBE_SIZE = 2048
 QCOW_MAGIC = b"QFI\xfb"
@@ -54,7 +57,7 @@ def probe_bytes(head: bytes) -> str:
     return "raw"
 
 
-def probe(host: HostFile) -> str:
+def probe(host: Host) -> str:
     """Probe a host file; raises for formats diskimg does not implement."""
     head = host.pread(0, PROBE_SIZE)
     fmt = probe_bytes(head)
@@ -69,7 +72,7 @@ def probe(host: HostFile) -> str:
     return fmt
 
 
-def check_format(host: HostFile, fmt: str) -> None:
+def check_format(host: Host, fmt: str) -> None:
     """Raise :class:`WrongFormatError` if ``host`` is not in format ``fmt``."""
     got = probe_bytes(host.pread(0, PROBE_SIZE))
     if fmt == "qcow2" and got != "qcow2":

@@ -14,14 +14,17 @@ it is never resized); without it the window runs to the end of the file.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from diskimg.device import BlockDevice, ImageInfo, Status, host_has_zero_init, requires_open
+from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import UnsupportedFeatureError, UsageError
-from diskimg.hostio import HostFile
 from diskimg.info_text import image_name
 from diskimg.options import RAW_WINDOW_OPTIONS as WINDOW_OPTIONS
 from diskimg.options import check_preallocation
 from diskimg.plan import Run, RunKind
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 SECTOR = 512
 
@@ -31,11 +34,11 @@ class RawImage(BlockDevice):
 
     format = "raw"
 
-    def host_files(self) -> list[HostFile]:
+    def host_files(self) -> list[Host]:
         """The one file."""
         return [self.host]
 
-    def __init__(self, host: HostFile, *, probed: bool = False,
+    def __init__(self, host: Host, *, probed: bool = False,
                  options: Mapping[str, str] | None = None, driver: str = "raw") -> None:
         """``driver``: the name ``info`` gives (``file``: qemu's protocol driver, which a
         backing format may name: the same bytes)."""
@@ -138,7 +141,7 @@ class RawImage(BlockDevice):
 
     def has_zero_init(self) -> bool:
         # a window of a file holds whatever the file holds there
-        return not self.options and host_has_zero_init(self.host.fd)
+        return not self.options and self.host.zero_init()
 
     @requires_open
     def info(self) -> ImageInfo:
@@ -175,7 +178,7 @@ def window_options(options: Mapping[str, str], file_size: int) -> tuple[int, int
     return offset, size
 
 
-def create_raw(host: HostFile, size: int, preallocation: str = "off") -> None:
+def create_raw(host: Host, size: int, preallocation: str = "off") -> None:
     """Lay out a new raw image of ``size`` bytes on an empty host file."""
     check_preallocation("raw", preallocation, ("off", "falloc", "full"))
     size = -(-size // SECTOR) * SECTOR  # qemu-img rounds the file up to a whole sector

@@ -244,7 +244,7 @@ def test_failed_open_releases_the_data_file(tmp_path: Path, run: Any, qemu_img: 
     shas = _sha([p, data])
     before = _fds()
     for mode in ("r", "r+"):
-        with pytest.raises(diskimg.FormatError, match="snapshots_offset"):
+        with pytest.raises(diskimg.FormatError, match="Snapshot table offset invalid"):
             diskimg.open(p, mode)
     gc.collect()
     assert _fds() == before  # the data file is closed again

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from diskimg.crypto import SectorCipher
-    from diskimg.hostio import HostFile
+    from diskimg.hostio.host import Host
 
 __all__ = ["CRYPT_PIECE", "encrypt_sectors", "read_decrypt"]
 
@@ -25,7 +25,7 @@ __all__ = ["CRYPT_PIECE", "encrypt_sectors", "read_decrypt"]
 CRYPT_PIECE = 1 << 20
 
 
-def read_decrypt(src: HostFile, cipher: SectorCipher, host: int, iv_shift: int,
+def read_decrypt(src: Host, cipher: SectorCipher, host: int, iv_shift: int,
                  dst: memoryview) -> None:
     """Fill ``dst`` with the plaintext of the bytes stored encrypted at ``host`` in
     ``src``: whole sectors are read into ``dst`` and decrypted in place; a partial sector

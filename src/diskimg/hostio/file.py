@@ -331,6 +331,25 @@ class HostFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # --- declared capabilities (the Host protocol; no caller reads ``fd``) --------------
+    def zero_init(self) -> bool:
+        """QEMU's file-posix rule: a regular file reads as zeros where nothing was written
+        (holes, ``falloc``/``full`` preallocation alike); a block device need not."""
+        return stat.S_ISREG(os.fstat(self.fd).st_mode)
+
+    def is_device(self) -> bool:
+        """True for a block device (open_host_file admits nothing else but files)."""
+        return stat.S_ISBLK(os.fstat(self.fd).st_mode)
+
+    def block_size(self) -> int:
+        """The filesystem's allocation unit (``st_blksize``, at least 512)."""
+        return max(512, os.fstat(self.fd).st_blksize)
+
+    def identity(self) -> tuple[int, int]:
+        """(device, inode): equal for two opens of the same file."""
+        st = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino)
+
 
 def open_host_file(
     path: str | os.PathLike[str],

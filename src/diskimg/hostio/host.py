@@ -1,37 +1,62 @@
 """Host: the byte-source layer every format reads and writes through.
 
-A format never knows where its bytes live.  It gets a :class:`Host` -- today a
-:class:`~diskimg.hostio.file.HostFile` (one local file or block device); a file object, an
-HTTP URL or an fsspec object are hosts too (issue 18).  Invariants every host keeps:
+A format never knows where its bytes live.  It gets a :class:`Host`: a
+:class:`~diskimg.hostio.file.HostFile` (one local file or block device), a
+:class:`~diskimg.hostio.fileobj.FileObjectHost` (any binary file object), a
+:class:`~diskimg.hostio.pipe.PipeHost` (a raw image read once from a pipe), or what the
+opener registered for a URL's scheme returns (:mod:`diskimg.hostio.urls`: HTTP, fsspec).
+Invariants every host keeps:
 
 - offsets and lengths are bytes; reads past the end are short (``pread``) or zero-filled
   (``preadinto``), never an exception; ``pread_exact`` names ``what`` and the offset;
 - a read-only host refuses every write with :class:`~diskimg.errors.UsageError` and
   changes nothing;
 - ``name`` (a ``str``) is what messages name: a path as pathlib prints it, or a URL with
-  its scheme intact; ``path`` is the object it was opened from;
+  its scheme intact; ``path`` is what the host was opened from: a :class:`~pathlib.Path`
+  for a local file (the only kind of host whose image may name other local files without
+  the :class:`~diskimg.policy.OpenPolicy` allowing it), else a ``str`` -- a URL with its
+  scheme intact, or a file object's label;
 - ``flush`` makes written data durable as far as the host can (a no-op when ``sync`` is
   off); ``close`` is idempotent and releases every lock and connection;
 - the sparse helpers (``data_extents``, ``punch_hole``, ``zero_range``, ``preallocate``,
   ``write_zeros``) answer conservatively on hosts without holes: all data, no hole
-  punched (``punch_hole`` returns False), zeros written as bytes.
+  punched (``punch_hole`` returns False), zeros written as bytes;
+- capabilities are declared by methods, never probed (no ``fd`` outside hostio):
+  ``zero_init`` (bytes never written read as zeros), ``is_device`` (a block device: an
+  image may not name one), ``block_size`` (the allocation unit estimates count in) and
+  ``identity`` (equal for two hosts over the same bytes: backing-loop detection).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
+from pathlib import Path
 from typing import Protocol
+
+
+def read_exact(host: Host, offset: int, length: int, what: str) -> bytes:
+    """``host.pread`` of exactly ``length`` bytes, or a FormatError naming ``what``, the
+    offset and the host (what ``pread_exact`` does on every host)."""
+    from diskimg.errors import FormatError
+
+    data = host.pread(offset, length)
+    if len(data) != length:
+        raise FormatError(f"{what} at offset {offset:#x} (length {length}) lies past the end "
+                          f"of '{host.path}'", offset=offset)
+    return data
 
 
 class Host(Protocol):
     """What formats and operations may call on the bytes under an image."""
 
-    path: object
-    name: str
     writable: bool
     sync: bool
     locked: bool
 
+    @property
+    def path(self) -> Path | str: ...
+    @property
+    def name(self) -> str: ...
     @property
     def closed(self) -> bool: ...
     def pread(self, offset: int, length: int) -> bytes: ...
@@ -51,3 +76,7 @@ class Host(Protocol):
     def flush(self) -> None: ...
     def lock(self, writable: bool) -> None: ...
     def close(self) -> None: ...
+    def zero_init(self) -> bool: ...
+    def is_device(self) -> bool: ...
+    def block_size(self) -> int: ...
+    def identity(self) -> Hashable: ...

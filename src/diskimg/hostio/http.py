@@ -74,14 +74,14 @@ class HttpHost:
             raise UsageError("block_size, cache_bytes, workers and timeout must be positive "
                              "(cache_bytes at least one block)")
         #: the URL as given: what error messages name
-        self.path: object = url
+        self.path: str = url
         #: the URL as given (its scheme's two slashes intact): what messages name
         self.name = url
         self.url = url
         self._target = url                  # after the redirects taken at open
         self._origin = parts.hostname.lower()
         self.timeout = timeout
-        self.block_size = block_size
+        self._block = block_size
         self._max_blocks = cache_bytes // block_size
         self._workers = workers
         self._max_redirects = max_redirects
@@ -343,7 +343,7 @@ class HttpHost:
     def _fill(self, first: int, count: int, offset: int, buf: memoryview) -> None:
         """Fetch blocks ``first`` .. ``first + count - 1`` (inside the object), cache
         them and copy what overlaps ``buf`` (which starts at ``offset``)."""
-        bs = self.block_size
+        bs = self._block
         start = first * bs
         stop = min((first + count) * bs, self._size)
         data = bytearray(stop - start)
@@ -374,7 +374,7 @@ class HttpHost:
             tail[:] = bytes(len(tail))
         if offset >= end:
             return n
-        bs = self.block_size
+        bs = self._block
         first, last = offset // bs, (end - 1) // bs
         missing: list[int] = []
         with self._lock:
@@ -483,6 +483,21 @@ class HttpHost:
     def write_zeros(self, offset: int, length: int) -> None:
         raise self._read_only()
 
+    def zero_init(self) -> bool:
+        """Never: an HTTP object is never a fresh, zeroed file."""
+        return False
+
+    def is_device(self) -> bool:
+        return False
+
+    def block_size(self) -> int:
+        """The size of the ranges fetched and cached."""
+        return self._block
+
+    def identity(self) -> tuple[str, str]:
+        """Equal for two opens of the same URL (backing-chain loop detection)."""
+        return ("url", self.name)
+
     def flush(self) -> None:
         """Nothing to flush: the host is read-only."""
 
@@ -548,7 +563,7 @@ def _content_range(value: str | None) -> tuple[int | None, int | None, int | Non
     return a, b, tot
 
 
-def open_http(url: str, policy: OpenPolicy | None = None, *,
+def open_http(url: str, policy: OpenPolicy | None = None, writable: bool = False, *,
               timeout: float = DEFAULT_TIMEOUT, block_size: int = BLOCK_SIZE,
               cache_bytes: int = CACHE_BYTES, workers: int = WORKERS,
               max_redirects: int = MAX_REDIRECTS, allow_hosts: Collection[str] = (),
@@ -560,6 +575,8 @@ def open_http(url: str, policy: OpenPolicy | None = None, *,
     ``untrusted=True`` refuses them even when named).  The size and version (ETag,
     Last-Modified) are read now; a fault raises :class:`~diskimg.errors.RemoteError`.
     """
+    if writable:
+        raise UsageError(f"'{url}' is read-only (an HTTP source)")
     if policy is not None and policy.untrusted:
         allow_hosts = ()
     return HttpHost(url, timeout=timeout, block_size=block_size, cache_bytes=cache_bytes,

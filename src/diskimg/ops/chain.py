@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, Any
 from diskimg import api
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, ImageLockedError, UnsupportedFeatureError, UsageError
-from diskimg.hostio import HostFile
 
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     pass
 
 from diskimg.ops.common import CHUNK, SECTOR, ProgressFn
 from diskimg.params import renamed
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,7 @@ def commit(
     if base is not None:
         drop = True
     top_lock = open_host_file(path, not drop)  # qemu's lock on the top for the job
-    data_host: HostFile | None = None
+    data_host: Host | None = None
     try:
         layers = _chain_layers(path, fmt, kw)
         if len(layers) < 2:
@@ -132,8 +134,8 @@ def commit(
         top_lock.close()
 
 
-def _open_data_file(top: HostFile, path: str, options: Mapping[str, str] | None,
-                    untrusted: bool) -> HostFile | None:
+def _open_data_file(top: Host, path: str, options: Mapping[str, str] | None,
+                    untrusted: bool) -> Host | None:
     """The external data file of the qcow2 image ``top`` (at ``path``), opened writable
     and locked, or None when it has none."""
     from diskimg.hostio import open_host_file
@@ -276,8 +278,7 @@ def _chain_member(dev: BlockDevice, path: Path) -> BlockDevice | None:
     except OSError:
         return None
     for d in dev.chain()[1:]:
-        hst = os.fstat(d.host_files()[0].fd)
-        if (hst.st_dev, hst.st_ino) == (st.st_dev, st.st_ino):
+        if d.host_files()[0].identity() == (st.st_dev, st.st_ino):
             return d
     return None
 

@@ -15,7 +15,7 @@ from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
-    from diskimg.hostio import HostFile
+    from diskimg.hostio.host import Host
 
 from diskimg.ops.bitmap_copy import check_copy, copy_bitmaps
 from diskimg.ops.common import SECTOR, ProgressFn, Source, _open
@@ -277,7 +277,7 @@ def _remove_created(path: str | os.PathLike[str], made: os.stat_result | None) -
         os.unlink(path)
 
 
-def _host_files(dev: BlockDevice) -> list[HostFile]:
+def _host_files(dev: BlockDevice) -> list[Host]:
     """The writable host files behind ``dev`` (its declared :meth:`~BlockDevice.host_files`:
     qcow2 image and data file, raw file, vmdk descriptor and extents)."""
     return [h for h in dev.host_files() if h.writable]

@@ -10,9 +10,9 @@ written and synced before a table points at them.
 from __future__ import annotations
 
 from array import array
+from typing import TYPE_CHECKING
 
 from diskimg.errors import UsageError
-from diskimg.hostio import HostFile
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2.amend_header import read_header, set_feature_bits, write_header
 from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
@@ -28,6 +28,9 @@ from diskimg.qcow2.layout import (
     pack_feature_table,
 )
 from diskimg.qcow2.refcount import Refcounts
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 __all__ = [
     "LAZY_NEEDS_V3",
@@ -60,7 +63,7 @@ def check_downgradable(h: Header) -> None:
                          f"{QCOW2_INCOMPAT_COMPRESSION:#x} set")
 
 
-def downgrade_to_v2(host: HostFile, h: Header) -> None:
+def downgrade_to_v2(host: Host, h: Header) -> None:
     """compat=0.10: refuse what v2 cannot express, expand zero clusters, rewrite the
     header as version 2 (no feature table, no v3 fields)."""
     check_downgradable(h)
@@ -78,7 +81,7 @@ def downgrade_to_v2(host: HostFile, h: Header) -> None:
     h.extensions = h2.extensions
 
 
-def upgrade_to_v3(host: HostFile, h: Header) -> None:
+def upgrade_to_v3(host: Host, h: Header) -> None:
     """compat=1.1: a v3 header with the feature-name table (as qemu writes it)."""
     h2 = read_header(host)
     h2.version = 3
@@ -90,7 +93,7 @@ def upgrade_to_v3(host: HostFile, h: Header) -> None:
     h.version, h.header_length, h.extensions = 3, h2.header_length, h2.extensions
 
 
-def _l1_tables(host: HostFile, h: Header) -> list[array[int]]:
+def _l1_tables(host: Host, h: Header) -> list[array[int]]:
     """The active L1 table, then every snapshot's (through the snapshot-table codec)."""
     tables = [be_u64_array(host.pread_exact(h.l1_table_offset, h.l1_size * 8, "L1 table"))]
     if h.nb_snapshots:
@@ -103,7 +106,7 @@ def _l1_tables(host: HostFile, h: Header) -> list[array[int]]:
     return tables
 
 
-def expand_zero_clusters(host: HostFile, h: Header) -> None:
+def expand_zero_clusters(host: Host, h: Header) -> None:
     """Replace every zero cluster (active and snapshot tables) by an explicit cluster of
     zeros.  A zero-allocated cluster keeps its host cluster, written with zeros, when
     only its L2 table refers to it; one that another table (a snapshot) still reads is
@@ -171,7 +174,7 @@ def expand_zero_clusters(host: HostFile, h: Header) -> None:
     host.flush()
 
 
-def set_lazy_refcounts(host: HostFile, h: Header, on: bool) -> None:
+def set_lazy_refcounts(host: Host, h: Header, on: bool) -> None:
     """Set or clear the lazy-refcounts compatible bit (v3 only; a v2 image has no
     compatible-feature field, so clearing there writes nothing)."""
     if on:

@@ -9,8 +9,8 @@ header points at them; clusters are freed only after nothing on disk refers to t
 from __future__ import annotations
 
 from array import array
+from typing import TYPE_CHECKING
 
-from diskimg.hostio import HostFile
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.amend_header import nb_bitmaps
@@ -24,10 +24,13 @@ from diskimg.qcow2.layout import (
 )
 from diskimg.qcow2.refcount import RefBlock, Refcounts, refblock_entries
 
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
+
 __all__ = ["make_empty"]
 
 
-def make_empty(host: HostFile, h: Header, data_host: HostFile | None = None) -> None:
+def make_empty(host: Host, h: Header, data_host: Host | None = None) -> None:
     """Drop every guest cluster of the image so it reads entirely from its backing file.
 
     A v3 image without snapshots, bitmaps, LUKS or data file is rebuilt from scratch as
@@ -50,7 +53,7 @@ def make_empty(host: HostFile, h: Header, data_host: HostFile | None = None) -> 
         _discard_all(host, h, data_host)
 
 
-def _make_completely_empty(host: HostFile, h: Header, l1_clusters: int) -> None:
+def _make_completely_empty(host: Host, h: Header, l1_clusters: int) -> None:
     cs = h.cluster_size
     # mark dirty: until the new refcounts are in place the old ones are wrong
     dirty = h.version >= 3 and not h.incompatible_features & QCOW2_INCOMPAT_DIRTY
@@ -77,8 +80,8 @@ def _make_completely_empty(host: HostFile, h: Header, l1_clusters: int) -> None:
     h.l1_table_offset, h.refcount_table_offset, h.refcount_table_clusters = 3 * cs, cs, 1
 
 
-def _free_entry(rc: Refcounts, host: HostFile, ent: int, cb: int, extended: bool,
-                data_file: bool, data_host: HostFile | None) -> None:
+def _free_entry(rc: Refcounts, host: Host, ent: int, cb: int, extended: bool,
+                data_file: bool, data_host: Host | None) -> None:
     """Drop the reference an L2 entry holds (data, zero-allocated or compressed).  The
     clusters of an external data file carry no refcount: there the host cluster is only
     deallocated in ``data_host`` (when given)."""
@@ -97,7 +100,7 @@ def _free_entry(rc: Refcounts, host: HostFile, ent: int, cb: int, extended: bool
         host.punch_hole(off, 1 << cb)
 
 
-def _discard_all(host: HostFile, h: Header, data_host: HostFile | None) -> None:
+def _discard_all(host: Host, h: Header, data_host: Host | None) -> None:
     """qemu's full discard of every active cluster (v2, snapshots, bitmaps, ...)."""
     cs, cb = h.cluster_size, h.cluster_bits
     extended = h.extended_l2

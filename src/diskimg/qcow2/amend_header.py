@@ -8,8 +8,9 @@ go through :mod:`diskimg.qcow2.header_io`.  Nothing here parses header bytes its
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
-from diskimg.hostio import HostFile
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.bitmaps import BitmapsExt
 from diskimg.qcow2.header_io import write_header
@@ -21,6 +22,9 @@ from diskimg.qcow2.layout import (
     Header,
 )
 
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
+
 __all__ = [
     "data_file_raw_flag",
     "nb_bitmaps",
@@ -30,7 +34,7 @@ __all__ = [
     "write_header",
 ]
 
-def read_header(host: HostFile) -> Header:
+def read_header(host: Host) -> Header:
     """Parse the header in cluster 0 of ``host``."""
     cs = Header.cluster_size_of(host.pread(0, 512))
     return Header.parse(host.pread(0, cs))
@@ -47,14 +51,14 @@ def data_file_raw_flag(h: Header) -> bool:
     return bool(h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW)
 
 
-def set_feature_bits(host: HostFile, h: Header) -> None:
+def set_feature_bits(host: Host, h: Header) -> None:
     """Write the v3 feature fields (incompatible, compatible, autoclear) in place."""
     header_io.set_feature_fields(host, h.incompatible_features, h.compatible_features,
                                  h.autoclear_features)
     host.flush()
 
 
-def set_backing(host: HostFile, backing_file: str | None, backing_fmt: str | None) -> None:
+def set_backing(host: Host, backing_file: str | None, backing_fmt: str | None) -> None:
     """Rewrite the backing file name and format in the header (qcow2 ``change_backing_file``):
     ``backing_file`` None removes both.  Other extensions are kept."""
     h = read_header(host)

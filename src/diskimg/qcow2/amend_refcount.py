@@ -10,9 +10,9 @@ bytes from :class:`~diskimg.qcow2.refcount.RefBlock`: no width arithmetic here.
 from __future__ import annotations
 
 from array import array
+from typing import TYPE_CHECKING
 
 from diskimg.errors import UsageError
-from diskimg.hostio import HostFile
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import pack_be_u64_array
 from diskimg.qcow2.layout import (
@@ -35,10 +35,13 @@ from diskimg.qcow2.refcount import (
     refcount_metadata_clusters,
 )
 
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
+
 __all__ = ["check_refcount_width", "counts_after_rebuild", "rebuild_refcounts"]
 
 
-def counts_after_rebuild(host: HostFile, h: Header) -> list[int]:
+def counts_after_rebuild(host: Host, h: Header) -> list[int]:
     """Every host cluster's refcount (up to the end of the file) once the current
     refcount table and blocks are dropped, as :func:`rebuild_refcounts` carries them
     over."""
@@ -70,7 +73,7 @@ def check_refcount_width(counts: list[int], new_order: int, cluster_size: int) -
                              f"refcount of {v}")
 
 
-def rebuild_refcounts(host: HostFile, h: Header, new_order: int) -> None:
+def rebuild_refcounts(host: Host, h: Header, new_order: int) -> None:
     """Change the refcount width: compute every cluster's refcount (from the current
     structures), write a new table and new blocks of the new width at the end of the file,
     switch the header to them, then free the old structures."""

@@ -12,11 +12,12 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 
-from diskimg.hostio import HostFile
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Generic, Protocol, TypeVar
+
+    from diskimg.hostio.host import Host
 
     class Table(Protocol):
         def pack(self) -> bytes: ...
@@ -67,7 +68,7 @@ class L2Table:
 class TableCache(Generic[T]):
     """Cache of tables keyed by host offset.  ``load(bytes)`` builds a table."""
 
-    def __init__(self, host: HostFile, table_size: int, load: Callable[[bytes], T],
+    def __init__(self, host: Host, table_size: int, load: Callable[[bytes], T],
                  capacity: int, what: str) -> None:
         self.host = host
         self.table_size = table_size

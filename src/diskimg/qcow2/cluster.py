@@ -29,11 +29,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from diskimg.hostio import HostFile
+    from diskimg.hostio.host import Host
     from diskimg.qcow2.image import Qcow2Image
 
 
-def clear_unknown_autoclear(host: HostFile, h: Header) -> None:
+def clear_unknown_autoclear(host: Host, h: Header) -> None:
     """Clear the autoclear feature bits diskimg does not know (all but bit 0, bitmaps,
     which every write keeps true, and bit 1, raw external data) in the header and in
     ``h``, synced before the caller changes anything else: that is how a later reader

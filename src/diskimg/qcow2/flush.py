@@ -6,7 +6,6 @@ would leave it."""
 
 from __future__ import annotations
 
-import os
 import struct
 
 from diskimg.errors import CorruptImageError, DiskImgError
@@ -64,7 +63,7 @@ def file_after_flush(img: Qcow2Image, rc: Refcounts) -> tuple[int, int, set[int]
     freed = {c for c, k in dec.items() if 0 < rc.get(c) <= k}
     if not writes and not freed:
         return alloc, size, freed
-    blk = max(512, os.fstat(host.fd).st_blksize)
+    blk = host.block_size()
     written: set[int] = set()  # filesystem blocks the flush writes
     for off, n in writes:
         written.update(range(off // blk, (off + n - 1) // blk + 1))

@@ -14,21 +14,20 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 
 from diskimg import progname
-from diskimg.device import (BlockDevice, ImageInfo, MapEntry, Status, host_has_zero_init,
-                             requires_open)
+from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
 from diskimg.errors import (
     CorruptImageError,
     DiskImgError,
     FormatError,
 )
-from diskimg.hostio import HostFile, open_host_file
+from diskimg.hostio import open_host_file
 from diskimg.info_text import image_name
 from diskimg.plan import Run
-from diskimg.policy import OpenPolicy, combine
+from diskimg.policy import OpenPolicy, combine, full_name
 from diskimg.qcow2 import cluster as C
+from diskimg.qcow2 import compressed, crypt, mapper, reader
 from diskimg.qcow2 import compressed_write as CW
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2 import compressed, crypt, mapper, reader
 from diskimg.qcow2 import flush as F
 from diskimg.qcow2 import resize as R
 from diskimg.qcow2 import zero as Z
@@ -48,6 +47,9 @@ from diskimg.qcow2.layout import (
 from diskimg.qcow2.refcount import Refcounts
 
 TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
+
 if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first used
     from typing import Any
 
@@ -71,11 +73,11 @@ class Qcow2Image(BlockDevice):
         """Guest bytes one L2 table maps."""
         return self.cs * self.l2_entries
 
-    def host_files(self) -> list[HostFile]:
+    def host_files(self) -> list[Host]:
         """The image file, then the external data file when the image opened one."""
         return [self.host, self.data_host] if self._data_file_opened else [self.host]
 
-    def __init__(self, host: HostFile, *, secrets: Mapping[str, bytes] | None = None,
+    def __init__(self, host: Host, *, secrets: Mapping[str, bytes] | None = None,
                  options: Mapping[str, str] | None = None,
                  policy: OpenPolicy | None = None, for_check: bool = False,
                  unlock: bool = True) -> None:
@@ -90,7 +92,7 @@ class Qcow2Image(BlockDevice):
                 self.data_host.close()
             raise
 
-    def _open(self, host: HostFile, *, secrets: Mapping[str, bytes] | None,
+    def _open(self, host: Host, *, secrets: Mapping[str, bytes] | None,
               options: Mapping[str, str] | None, policy: OpenPolicy | None,
               for_check: bool, unlock: bool) -> None:
         self.host = host
@@ -137,7 +139,7 @@ class Qcow2Image(BlockDevice):
         self._decoded: OrderedDict[int, bytes] = OrderedDict()
         self._header_dirty = False
         self._set_dirty_bit = False
-        self.data_host: HostFile = host
+        self.data_host: Host = host
         self._data_file_opened = False
         if h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW and \
                 not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
@@ -206,7 +208,7 @@ class Qcow2Image(BlockDevice):
             return True
         if self.header.crypt_method:
             return False
-        return host_has_zero_init(self.data_host.fd)
+        return self.data_host.zero_init()
 
     @property
     def cluster_size(self) -> int:
@@ -484,7 +486,11 @@ class Qcow2Image(BlockDevice):
             except DiskImgError:
                 data["encrypt"] = {"format": "luks"}
         backing = h.backing_file
-        full = None if backing is None else combine(self.filename, backing)
+        full = None
+        if backing is not None and isinstance(self.host.path, str):
+            full = full_name(backing, self.host.path)  # a URL, a file object
+        elif backing is not None:
+            full = combine(self.filename, backing)  # as written (./x stays)
         return ImageInfo(
             filename=image_name("qcow2", self.filename, self.options, ("encrypt.key-secret",)),
             format="qcow2",
@@ -521,6 +527,7 @@ class Qcow2Image(BlockDevice):
         view.read_only = True
         view._view_of = self
         view.owns_backing = False
+        view.reopen_with = None  # a view is not what diskimg.open opened: no pickling
         view.size = sn.disk_size if sn.disk_size is not None else self.size
         view.l1 = self.snapshots._read_l1(sn.l1_table_offset, sn.l1_size)
         view.l1_dirty = set()

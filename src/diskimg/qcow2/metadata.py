@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from diskimg.errors import FormatError
-    from diskimg.hostio import HostFile
+    from diskimg.hostio.host import Host
     from diskimg.qcow2.bitmaps import Bitmaps
     from diskimg.qcow2.cache import L2Table, TableCache
     from diskimg.qcow2.layout import Header
@@ -37,11 +37,11 @@ class MetadataImage(Protocol):
         """The parsed header; kept equal to the file's after each header write."""
 
     @property
-    def host(self) -> HostFile:
+    def host(self) -> Host:
         """The image file."""
 
     @property
-    def data_host(self) -> HostFile:
+    def data_host(self) -> Host:
         """The file holding guest data: ``host``, or the external data file."""
 
     @property

@@ -14,7 +14,6 @@ import struct
 from array import array
 
 from diskimg.errors import CorruptImageError, UsageError
-from diskimg.hostio import HostFile
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import (
     HOST_LITTLE_ENDIAN,
@@ -23,6 +22,10 @@ from diskimg.qcow2.cache import (
     pack_be_u64_array,
 )
 from diskimg.qcow2.layout import QCOW_MAX_REFTABLE_SIZE, Header
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
@@ -210,7 +213,7 @@ class RefBlock:
 class Refcounts:
     """Refcount table + block cache + allocator for one image file."""
 
-    def __init__(self, host: HostFile, header: Header, cache_tables: int = 32) -> None:
+    def __init__(self, host: Host, header: Header, cache_tables: int = 32) -> None:
         self.host = host
         self.header = header
         cs = header.cluster_size

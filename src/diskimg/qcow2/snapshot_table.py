@@ -19,7 +19,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Self
 
-    from diskimg.hostio import HostFile
+    from diskimg.hostio.host import Host
     from diskimg.qcow2.metadata import MetadataImage
 
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
@@ -351,7 +351,7 @@ def read_table(img: MetadataImage) -> list[Snapshot]:
     return read_entries(img.host, h.snapshots_offset, h.nb_snapshots, limit)
 
 
-def read_entries(host: HostFile, offset: int, count: int, limit: int,
+def read_entries(host: Host, offset: int, count: int, limit: int,
                  cut_extra: bool = False) -> list[Snapshot]:
     """The ``count`` entries of the table at ``offset``, at most ``limit`` bytes long:
     only the part inside the file is read, the rest reads as zeros."""

@@ -23,8 +23,11 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from diskimg.errors import CorruptImageError
-from diskimg.hostio import HostFile, aligned_buffer, zero_fill
+from diskimg.hostio import aligned_buffer, zero_fill
 from diskimg.vmdk import sparse as S
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 if TYPE_CHECKING:     # concurrent.futures is imported when a pool is first needed
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,7 +91,7 @@ class CompressedGrains:
     ``fsize`` bytes long (fixed: a compressed extent is only ever appended to by a
     stream writer, whose grains are not read back through this object)."""
 
-    def __init__(self, host: HostFile, filename: str, gb: int, fsize: int,
+    def __init__(self, host: Host, filename: str, gb: int, fsize: int,
                  has_markers: bool) -> None:
         self.host, self.filename, self.gb = host, filename, gb
         self.fsize, self.has_markers = fsize, has_markers

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice
 from diskimg.errors import UsageError
-from diskimg.hostio import HostFile, open_host_file
+from diskimg.hostio import open_host_file
 from diskimg.options import check_preallocation
 from diskimg.options import parse_bool as _bool
 from diskimg.policy import OpenPolicy
@@ -23,6 +23,9 @@ from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import NO_PARENT, ExtentLine, build, new_cid
 from diskimg.vmdk.image import VmdkImage
 from diskimg.vmdk.stream import StreamWriter
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
               "twoGbMaxExtentFlat", "streamOptimized")
@@ -59,7 +62,7 @@ def sparse_layout(capacity: int, *, zeroed_grain: bool = False,
     return h, gt_count, gt_size, gd_sectors
 
 
-def _init_sparse(host: HostFile, capacity: int, zeroed_grain: bool) -> S.SparseHeader:
+def _init_sparse(host: Host, capacity: int, zeroed_grain: bool) -> S.SparseHeader:
     h, gt_count, gt_size, gd_sectors = sparse_layout(capacity, zeroed_grain=zeroed_grain)
     host.pwrite(0, h.pack())
     host.truncate(h.overhead * S.SECTOR)
@@ -177,7 +180,7 @@ def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | 
         desc_host.close()
 
 
-def _write_descriptor(desc_host: HostFile, sub: str, cap: int, zeroed: bool,
+def _write_descriptor(desc_host: Host, sub: str, cap: int, zeroed: bool,
                       text: bytes) -> None:
     """The descriptor file of a new image: sparse header + embedded descriptor
     (monolithicSparse, streamOptimized) or the descriptor text alone."""

@@ -14,12 +14,14 @@ request and the extent); the image dispatches on its kind, calling
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from diskimg.device import Status
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError, UsageError
-from diskimg.hostio import HostFile
 from diskimg.plan import Run, RunKind
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 Fill = Callable[[int, memoryview], None]
 
@@ -63,7 +65,7 @@ class FlatExtent(_NoCompression):
     """FLAT / VMFS extent: guest bytes at ``start`` in a host file, one DATA run.  Bytes
     past the end of the host file read as zeros."""
 
-    def __init__(self, host: HostFile, start: int, size: int, filename: str, typ: str,
+    def __init__(self, host: Host, start: int, size: int, filename: str, typ: str,
                  read_only: bool) -> None:
         self.host, self.start, self.size = host, start, size
         self.filename, self.type, self.read_only = filename, typ, read_only
@@ -143,7 +145,7 @@ class GrainMappedExtent(_NoCompression):
     from the subclass's ``lookup``, and DATA runs read only when their grain lies inside
     the file (checked against ``fsize``)."""
 
-    host: HostFile
+    host: Host
     filename: str
     fsize: int
     gb: int

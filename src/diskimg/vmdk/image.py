@@ -14,11 +14,10 @@ import bisect
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskimg.check_report import CheckReport
-from diskimg.device import (BlockDevice, ImageInfo, Status, host_has_zero_init,
-                             requires_open)
+from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import (
     BackingChainError,
     DiskImgError,
@@ -26,14 +25,17 @@ from diskimg.errors import (
     UnsupportedFeatureError,
     UsageError,
 )
-from diskimg.hostio import HostFile, open_host_file, zero_fill
+from diskimg.hostio import open_host_file, zero_fill
 from diskimg.plan import Run, RunKind
-from diskimg.policy import OpenPolicy
+from diskimg.policy import OpenPolicy, full_name
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, NO_PARENT, Descriptor, new_cid
 from diskimg.vmdk.extent import Extent, Fill, FlatExtent, ZeroExtent, guard_type
 from diskimg.vmdk.sesparse import SeSparseExtent
 from diskimg.vmdk.sparse_extent import SparseExtent
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 #: createType values qemu 7.2 accepts in a separate descriptor file
 DESC_FILE_TYPES = ("monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse",
@@ -46,7 +48,7 @@ MAX_SIZE = (1 << 63) - 1
 _MAX_BOUNCE = 32768 * S.SECTOR
 
 
-def _extent_name(desc_path: Path, name: str) -> str:
+def _extent_name(desc_path: Path | str, name: str) -> str:
     """The extent's file name as qemu prints it (joined to the descriptor's directory as
     the user spelled it)."""
     parent = os.path.dirname(str(desc_path))
@@ -68,17 +70,17 @@ class VmdkImage(BlockDevice):
         first = self.extents[0]
         return first.gb if isinstance(first, SparseExtent | SeSparseExtent) else None
 
-    def host_files(self) -> list[HostFile]:
+    def host_files(self) -> list[Host]:
         """The descriptor (or monolithic sparse) file, then each extent file."""
         return [self.host, *self._own_hosts]
 
-    def __init__(self, host: HostFile, *, policy: OpenPolicy | None = None) -> None:
+    def __init__(self, host: Host, *, policy: OpenPolicy | None = None) -> None:
         self.host = host
         self.filename = str(host.path)
         self.read_only = not host.writable
         self.policy = policy or OpenPolicy()
         self.extents: list[Extent] = []
-        self._own_hosts: list[HostFile] = []
+        self._own_hosts: list[Host] = []
         self._cid_updated = False
         self._cid_mismatch: str | None = None
         self._embedded: S.SparseHeader | None = None
@@ -136,6 +138,12 @@ class VmdkImage(BlockDevice):
             raise UnsupportedFeatureError(f"Unsupported image type '{shown}'")
         if not d.extents:
             raise FormatError(f"VMDK descriptor '{self.filename}' has no extents")
+        if not isinstance(self.host.path, Path) and any(
+                x.type != "ZERO" and x.access != "NOACCESS" for x in d.extents):
+            raise UnsupportedFeatureError(
+                f"VMDK descriptor '{self.filename}' names separate extent files: an image "
+                "read from a file object or URL must be a single file (monolithicSparse or "
+                "streamOptimized); open the descriptor from a local path instead")
         for i, x in enumerate(d.extents, 1):
             guard_type(x.type)
             if x.type == "ZERO" or x.access == "NOACCESS":
@@ -148,7 +156,7 @@ class VmdkImage(BlockDevice):
                 raise FormatError(f"Extent {i} has an invalid file name")
             path = self._resolve_extent(name)
             ro = self.read_only or x.access != "RW"
-            if _same_file(path, self.host.path):  # before its lock would refuse it as busy
+            if _same_file(path, Path(self.host.path)):  # before its lock would refuse it as busy
                 raise FormatError(f"Extent {i} '{name}' is the descriptor file itself")
             # QEMU's lock on every extent when the descriptor has it (qemu locks them all)
             eh = open_host_file(path, not ro, lock_mode=self.host.locked)
@@ -179,9 +187,11 @@ class VmdkImage(BlockDevice):
                 self.extents.append(ext)
 
     def _resolve_extent(self, name: str) -> Path:
-        path = self.policy.resolve(name, self.host.path, "vmdk extent")
+        top = self.host.path
+        assert isinstance(top, Path)  # _open refuses extents of an image that is not local
+        path = self.policy.resolve(name, top, "vmdk extent")
         if not self.policy.allow_extents_outside:
-            base = self.host.path.resolve().parent
+            base = top.resolve().parent
             real = path.resolve()
             ok = [base, *self.policy.allowed_dirs]
             if not any(real.is_relative_to(b) for b in ok):
@@ -190,7 +200,7 @@ class VmdkImage(BlockDevice):
                     "lies outside the descriptor's directory")
         return path
 
-    def _open_sparse(self, host: HostFile, shown: str, typ: str, ro: bool) -> SparseExtent:
+    def _open_sparse(self, host: Host, shown: str, typ: str, ro: bool) -> SparseExtent:
         raw = host.pread(0, S.SECTOR)
         if raw[:4] == b"COWD" and typ == "VMFSSPARSE":
             c = S.CowdHeader.parse(raw)        # read-only: qemu-compatible reads only
@@ -231,7 +241,7 @@ class VmdkImage(BlockDevice):
         when their host file does; a delta disk reads its parent."""
         if self.backing is not None or self.desc.parent_hint:
             return False
-        return all(host_has_zero_init(e.host.fd) for e in self.extents
+        return all(e.host.zero_init() for e in self.extents
                    if isinstance(e, FlatExtent))
 
     def backing_file_name(self) -> tuple[str | None, str | None]:
@@ -405,7 +415,9 @@ class VmdkImage(BlockDevice):
         cs = self.cluster_size
         hint, _ = self.backing_file_name()
         full = None
-        if hint:
+        if hint and isinstance(self.host.path, str):
+            full = full_name(hint, self.host.path)  # a URL, a file object
+        elif hint:
             full = str(Path(hint) if hint.startswith("/") else
                        Path(_extent_name(self.host.path, hint)))
         fs: dict[str, Any] = {
@@ -459,7 +471,7 @@ class VmdkImage(BlockDevice):
                 for f in S.lint_stream(ext.host.pread, ext.host.size(), text)]
 
 
-def open_vmdk(host: HostFile, *, policy: OpenPolicy | None = None) -> VmdkImage:
+def open_vmdk(host: Host, *, policy: OpenPolicy | None = None) -> VmdkImage:
     """Open the vmdk whose descriptor (or monolithic sparse file) is ``host``."""
     if policy is None:
         policy = OpenPolicy().for_top(host.path)

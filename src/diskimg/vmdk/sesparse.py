@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError
-from diskimg.hostio import HostFile
 from diskimg.plan import Run, RunKind
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.extent import Fill, GrainMappedExtent
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 
 class SeSparseExtent(GrainMappedExtent):
@@ -27,7 +29,7 @@ class SeSparseExtent(GrainMappedExtent):
     GTES = 4096
     grain_noun = "seSparse grain"
 
-    def __init__(self, host: HostFile, h: S.SeSparseHeader, filename: str, typ: str) -> None:
+    def __init__(self, host: Host, h: S.SeSparseHeader, filename: str, typ: str) -> None:
         h.validate()
         self.host, self.header, self.filename, self.type = host, h, filename, typ
         self.read_only = True

@@ -12,15 +12,17 @@ import struct
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import CorruptImageError, UnsupportedFeatureError, UsageError
-from diskimg.hostio import HostFile
 from diskimg.plan import Run, RunKind
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.compressed import WHOLE_GRAIN_MAX, CompressedGrains
 from diskimg.vmdk.extent import Fill, GrainMappedExtent
 from diskimg.vmdk.stream import StreamWriter
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 _GT_CACHE = 4096      # grain tables kept in memory (2 KiB each with 512 entries)
 _UNALLOC, _ZERO, _DATA, _COMPRESSED = (RunKind.UNALLOCATED, RunKind.ZERO, RunKind.DATA,
@@ -42,7 +44,7 @@ class SparseExtent(GrainMappedExtent):
     here except for an empty one, which accepts sequential writes (see :class:`StreamWriter`).
     """
 
-    def __init__(self, host: HostFile, header: S.SparseHeader, filename: str, typ: str,
+    def __init__(self, host: Host, header: S.SparseHeader, filename: str, typ: str,
                  read_only: bool, *, footer_header: S.SparseHeader | None = None,
                  footer_at: int = 0, cowd_l1_size: int | None = None) -> None:
         self.host = host

@@ -8,8 +8,11 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from diskimg.errors import UsageError
-from diskimg.hostio import HostFile, all_zero
+from diskimg.hostio import all_zero
 from diskimg.vmdk import sparse as S
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 if TYPE_CHECKING:     # concurrent.futures is imported when a pool is first needed
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +33,7 @@ class StreamWriter:
     order; at most ``2 * threads`` grains are in flight (bounded memory).
     """
 
-    def __init__(self, host: HostFile, header: S.SparseHeader, truncate_at: int, *,
+    def __init__(self, host: Host, header: S.SparseHeader, truncate_at: int, *,
                  threads: int | None = None, level: int = 6) -> None:
         self.host, self.header = host, header
         self.gb = header.grain_size * S.SECTOR

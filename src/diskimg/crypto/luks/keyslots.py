@@ -43,11 +43,15 @@ from diskimg.crypto.luks.kdf import (
     pbkdf2_iterations,
     pbkdf2_key,
 )
-from diskimg.errors import (InvalidPassphraseError, MissingSecretError,
-                            UnsupportedFeatureError, UsageError)
+from diskimg.errors import (
+    InvalidPassphraseError,
+    MissingSecretError,
+    UnsupportedFeatureError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
-    from diskimg.hostio import HostFile
+    from diskimg.hostio.host import Host
 
 
 def _check_iters(n: int, what: str, off: int, cap: int) -> None:
@@ -365,7 +369,7 @@ def secret_lookup(secrets: Mapping[str, bytes]) -> Callable[[str], bytes]:
     return lookup
 
 
-def amend_area(host: HostFile, off: int, length: int, cipher: LuksCipher,
+def amend_area(host: Host, off: int, length: int, cipher: LuksCipher,
                req: KeySlotAmend, secrets: Mapping[str, bytes], *,
                force: bool = False) -> LuksHeader:
     """Apply ``req`` to the LUKS area at ``off`` (``length`` bytes) of ``host``, whose

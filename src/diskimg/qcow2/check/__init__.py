@@ -30,9 +30,9 @@ state and reference counting), ``overlap``, ``stored`` (stored refcount blocks),
 from __future__ import annotations
 
 from diskimg.errors import CorruptImageError, FormatError, UsageError
+from diskimg.check_report import CheckReport
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.check.refcounts import _Refcounts
-from diskimg.check_report import CheckReport
 from diskimg.qcow2.check.report import CheckResult, _Abort
 from diskimg.qcow2.check.snapshots import _rewrite_snapshot_table
 from diskimg.qcow2.layout import (
@@ -45,7 +45,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from diskimg.hostio import HostFile
+    from diskimg.hostio.host import Host
 
 __all__ = ["CheckReport", "CheckResult", "check_image"]
 
@@ -77,7 +77,7 @@ def _one_pass(host: Any, header: Header, fix: int, filename: str) -> CheckResult
     return res
 
 
-def check_image(host: HostFile, header: Header, repair: str | None = None) -> CheckResult:
+def check_image(host: Host, header: Header, repair: str | None = None) -> CheckResult:
     """Check (and with ``repair`` "leaks"/"all", repair) the qcow2 image in ``host``.
 
     ``header`` is the parsed header of ``host``.  Repair writes through ``host.pwrite`` and

@@ -8,7 +8,6 @@ from array import array
 
 from diskimg import progname
 from diskimg.errors import CorruptImageError
-from diskimg.hostio import HostFile
 from diskimg.qcow2.cache import be_u64_array
 from diskimg.qcow2.check.report import CheckResult, _Abort
 from diskimg.qcow2.entries import ClusterType
@@ -22,6 +21,8 @@ from diskimg.slotted import Record
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from diskimg.hostio.host import Host
 
 REFT_RESERVED_MASK = 0x1FF
 L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
@@ -67,7 +68,7 @@ class _Snap(Record):
 class _State:
     """One run of qemu's ``qcow2_co_check_locked``: its state and small helpers."""
 
-    def __init__(self, host: HostFile, header: Header, fix: int, res: CheckResult) -> None:
+    def __init__(self, host: Host, header: Header, fix: int, res: CheckResult) -> None:
         self.host = host
         self.h = header
         self.fix = fix  # bit 0: leaks, bit 1: errors (qemu's BDRV_FIX_*)

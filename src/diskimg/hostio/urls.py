@@ -1,0 +1,149 @@
+"""URL dispatch, in one place: which :class:`~diskimg.hostio.host.Host` opens a
+``scheme://`` name.
+
+``diskimg.open(url)`` and the CLI's source opening call :func:`open_url`.  Openers are
+looked up by scheme: first those registered with :func:`register`; then ``http``/``https``
+by :func:`diskimg.hostio.http.open_http`; ``nbd`` (and its variants) is refused; any other
+scheme goes to fsspec (:func:`diskimg.hostio.remote.open_fsspec`, the ``diskimg[remote]``
+extra).  A URL is a ``str`` from end to end (never a :class:`~pathlib.Path`, which would
+fold ``http://h/x`` into ``http:/h/x``).
+
+The backing file a remote image names is opened by :func:`open_backing`: in the same store
+(same scheme and host) by default; another host or a local file only when the caller's
+:class:`~diskimg.policy.OpenPolicy` allows it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from diskimg.errors import BackingChainError, UnsupportedFeatureError
+
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
+    from diskimg.policy import OpenPolicy
+
+#: ``opener(url, policy)`` -> a read-only Host; ``opener(url, policy, writable=True)``
+#: for ``"r+"`` (an opener that cannot write refuses it)
+HostOpener = Callable[..., "Host"]
+
+_URL = r"^([A-Za-z][A-Za-z0-9+.-]*)://"  # compiled on first use (re caches it)
+_OPENERS: dict[str, HostOpener] = {}
+#: schemes whose opener lives in a module of diskimg: (module, function)
+_BUILTIN = {"http": ("diskimg.hostio.http", "open_http"),
+            "https": ("diskimg.hostio.http", "open_http")}
+#: the opener of every other scheme (the ``diskimg[remote]`` extra)
+_FSSPEC = ("diskimg.hostio.remote", "open_fsspec")
+_REFUSED = ("nbd", "nbd+unix", "nbd+tcp", "nbds")
+
+
+def is_url(name: str) -> bool:
+    """Whether ``name`` is a URL (``scheme://...``) rather than a file name."""
+    return re.match(_URL, name) is not None
+
+
+def scheme(url: str) -> str:
+    """The URL's scheme, lower case."""
+    m = re.match(_URL, url)
+    return m.group(1).lower() if m else ""
+
+
+def register(name: str, opener: HostOpener) -> None:
+    """Make ``opener`` open ``name://`` URLs (replacing the built-in choice)."""
+    _OPENERS[name.lower()] = opener
+
+
+def open_url(url: str, policy: OpenPolicy, writable: bool = False) -> Host:
+    """Open the bytes at ``url``; an :class:`UnsupportedFeatureError` naming the scheme
+    when nothing here opens it."""
+    s = scheme(url)
+    opener = _OPENERS.get(s)
+    if opener is not None:
+        return _call(opener, url, policy, writable)
+    if s in _REFUSED:
+        raise UnsupportedFeatureError(f"Unsupported protocol '{s}' in '{url}': diskimg "
+                                      "does not speak NBD (use qemu-nbd or nbdcopy)",
+                                      path=url, field="protocol")
+    if s == "file":
+        raise UnsupportedFeatureError(f"Unsupported protocol 'file' in '{url}': give a "
+                                      "local file by its path", path=url, field="protocol")
+    if s in _BUILTIN:
+        mod, fn = _BUILTIN[s]
+        opener = _load(mod, fn, url, f"Unsupported protocol '{s}' in '{url}': this "
+                                     "diskimg has no HTTP host yet")
+        return _call(opener, url, policy, writable)
+    if _find_spec("fsspec") is None:
+        raise UnsupportedFeatureError(
+            f"Unsupported protocol '{s}' in '{url}': it needs fsspec; install "
+            "diskimg[remote] (pip install 'diskimg[remote]')", path=url, field="protocol")
+    opener = _load(*_FSSPEC, url,
+                   f"Unsupported protocol '{s}' in '{url}': this diskimg has no fsspec "
+                   "host yet")
+    return _call(opener, url, policy, writable)
+
+
+def _call(opener: HostOpener, url: str, policy: OpenPolicy, writable: bool) -> Host:
+    """``opener(url, policy)``; ``writable=True`` is passed only when asked for, so a
+    read-only opener (``open_http(url, policy, *, timeout=...)``) needs no such argument."""
+    return opener(url, policy, writable=True) if writable else opener(url, policy)
+
+
+def _find_spec(name: str) -> object:
+    import importlib.util
+
+    return importlib.util.find_spec(name)
+
+
+def _load(module: str, name: str, url: str, missing: str) -> HostOpener:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise UnsupportedFeatureError(missing, path=url, field="protocol") from None
+    opener: HostOpener = mod.__dict__[name]
+    return opener
+
+
+def join(parent: str, name: str) -> str:
+    """The relative name ``name`` written in the object at URL ``parent``, as a URL in the
+    same store: beside ``parent``, ``..`` taken away (never above the root); any scheme
+    (``urllib.parse.urljoin`` joins only the schemes it knows).  Query and fragment of
+    ``parent`` are not carried over."""
+    import posixpath
+    from urllib.parse import urlsplit, urlunsplit
+
+    p = urlsplit(parent)
+    path = posixpath.normpath(posixpath.join(posixpath.dirname(p.path) or "/", name))
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    return urlunsplit((p.scheme, p.netloc, path, "", ""))
+
+
+def open_backing(name: str, parent: str, policy: OpenPolicy) -> Path | Host:
+    """The backing file ``name`` written in the image at URL ``parent``.
+
+    A relative name is joined to ``parent`` (the same store).  A URL naming another scheme
+    or host is refused unless ``policy.allow_remote_backing``; a local name (an absolute
+    path, ``file:``) is the policy's to allow (:meth:`OpenPolicy.resolve`, which refuses it
+    unless ``allow_local_backing``)."""
+    from urllib.parse import urlsplit
+
+    if name.startswith("json:"):
+        raise BackingChainError(f"Refusing to open backing file '{name}' named by "
+                                f"'{parent}': json: names are not followed")
+    if name.startswith("/") or name.startswith("file:"):
+        return policy.resolve(name, parent)
+    full = name if is_url(name) else join(parent, name)
+    a, b = urlsplit(parent), urlsplit(full)
+    if (a.scheme.lower(), a.netloc.lower()) != (b.scheme.lower(), b.netloc.lower()) and \
+            not policy.allow_remote_backing:
+        raise BackingChainError(
+            f"Refusing to open backing file '{name}' named by '{parent}': it lies in another "
+            "store (OpenPolicy(allow_remote_backing=True) allows it)",
+            path=name, operation="open backing file", reason="not allowed by the policy")
+    return open_url(full, policy, False)
