@@ -125,6 +125,8 @@ class Qcow2Image(BlockDevice):
             host, cs, lambda b: L2Table(be_u64_array(b)), capacity, "L2 table")
         self._refcounts: Refcounts | None = None
         self._pending_free: list[tuple[int, int, bool]] = []
+        # (list, entries seen, lowest host offset): cluster.alloc_clusters' cache
+        self._pending_low: tuple[list[tuple[int, int, bool]], int, int | None] | None = None
         self._decoded: OrderedDict[int, bytes] = OrderedDict()
         self._header_dirty = False
         self._set_dirty_bit = False
