@@ -97,3 +97,54 @@ def test_convert_n_reuses_freed_clusters_as_qemu(qemu: Qemu, tmp_path: Path,
                  ["convert", "-n", "-O", "qcow2", str(src), "{}"])
     _same(qemu, q, d)
     assert qemu.compare(src, d) == 0
+
+
+# --- resize over a longer backing file: the new area reads as zeros, as in qemu ----------
+
+def _backed(size: str, *cmds: str, opts: str = "") -> Prep:
+    def prep(qemu: Qemu, path: Path) -> None:
+        b = path.with_name("back.qcow2")
+        qemu.img("create", "-q", "-f", "qcow2", b, "4M")
+        qemu.io(b, "write -P 7 0 4M")
+        qemu.img("create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []),
+                 "-b", b.name, "-F", "qcow2", path, size)
+        if cmds:
+            qemu.io(path, *cmds)
+    return prep
+
+
+RESIZE_OVER_BACKING = {
+    # past the backing file's end: qemu zero-flags all the new area, not only up to it
+    "past-backing": (_backed("1M"), "6M", "off"),
+    # metadata: preallocated first, then zeroed without unmapping (zero-allocated)
+    "metadata": (_backed("1M"), "3M", "metadata"),
+    "metadata-unaligned": (_backed("1000k", "write -P 1 900k 60k"), "6M", "metadata"),
+    # falloc/full: the new clusters are zero-filled, so qemu sets no zero flag there
+    "falloc-unaligned": (_backed("1000k"), "3M", "falloc"),
+    "full": (_backed("1M"), "6M", "full"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESIZE_OVER_BACKING))
+def test_resize_over_longer_backing_zeroes_as_qemu(qemu: Qemu, tmp_path: Path,
+                                                   case: str) -> None:
+    prep, size, mode = RESIZE_OVER_BACKING[case]
+    q, d = _pair(qemu, tmp_path, prep, ["resize", f"--preallocation={mode}", "{}", size])
+    _same(qemu, q, d)
+    # the guest sees zeros past the old size, never the backing file's 0x07
+    assert qemu.raw_bytes(d)[1 << 20:] == bytes(qemu.info(d)["virtual-size"] - (1 << 20))
+
+
+def test_resize_v2_over_longer_backing_is_refused_as_qemu(qemu: Qemu,
+                                                          tmp_path: Path) -> None:
+    """v2 has no zero flag: qemu-img 7.2 fails (``Failed to zero out new clusters``);
+    diskimg fails the same way before anything is written."""
+    d = tmp_path / "d.qcow2"
+    _backed("1M", opts="compat=0.10")(qemu, d)
+    before = d.read_bytes()
+    res = subprocess.run([*DISKIMG, "resize", str(d), "3M"], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=120)
+    q = qemu.img("resize", d, "3M", ok=(1,))
+    assert res.returncode == 1
+    assert res.stderr == q.stderr.replace("qemu-img:", "diskimg:")
+    assert d.read_bytes() == before

@@ -78,6 +78,13 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
     if new_size < img.size and not shrink:
         raise UsageError("Use the --shrink option to perform a shrink operation.")
     check_header(new_size, img.header.version, img.header.nb_snapshots)
+    b = img.backing
+    # qemu: a grown area the (longer) backing file would show must read as zeros; v2
+    # has no zero flag, so qemu-img 7.2 fails (nothing changed here, before any write)
+    over_backing = new_size > img.size and b is not None and b.size > img.size
+    if over_backing and img.header.version < 3 and new_size > -(-img.size // img.cs) * img.cs:
+        raise UnsupportedFeatureError("Failed to zero out new clusters: Operation not "
+                                      "supported")
     bitmaps = img.bitmaps if img.bitmaps.entries else None
     if bitmaps is not None:
         bitmaps.check_resize()  # qemu: an inconsistent bitmap refuses the resize
@@ -112,20 +119,24 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
     img.size = img.header.size = new_size
     if new_size > old_size:
         # the grown area reads as zeros: never stale bytes of the old last cluster
-        # (left there by an earlier shrink) nor the backing file (as qemu); zeroed
-        # and preallocated before the header's size makes the area visible
-        b = img.backing
-        zero_end = max(min(new_size, -(-old_size // img.cs) * img.cs),
-                       min(new_size, b.size) if b is not None else 0)
+        # (left there by an earlier shrink) nor the backing file; preallocated, then
+        # zeroed (qemu's order: preallocated clusters become zero-allocated), before
+        # the header's size makes the area visible.  Over a longer backing file qemu
+        # zeroes all the new area (zero flags); falloc/full give the old last cluster
+        # a fresh, zeroed cluster anyway (copying only its head) and zero-fill the
+        # new clusters, so qemu writes no zero flags there
+        head_end = min(new_size, -(-old_size // img.cs) * img.cs)
         grown = preallocation in ("falloc", "full") and not img._data_file_opened
-        # (falloc/full without a backing file give the old last cluster a fresh,
-        # zeroed cluster anyway and copy only its head)
-        if zero_end > old_size and not (grown and b is None):
-            zero_tail(img, old_size, zero_end)
         if grown:
             preallocate_grown(img, old_size, new_size, preallocation)
         else:
+            # the rest of the old last cluster first: it keeps (copies) its head, as
+            # qemu's preallocation copies it on write; then the new clusters
+            if head_end > old_size:
+                zero_tail(img, old_size, head_end)
             img.preallocate(old_size, new_size, preallocation)
+            if over_backing and new_size > head_end:
+                zero_tail(img, head_end, new_size)
     img.flush()
     if bitmaps is not None and resized is not None:
         bitmaps.finish_resize(resized, new_size)  # synced
