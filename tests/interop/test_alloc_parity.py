@@ -200,3 +200,21 @@ def test_resize_shrink_deallocates_freed_clusters_as_qemu(qemu: Qemu, tmp_path: 
     # the disk usage drops as qemu's (both files were copied whole, without holes)
     assert abs(d.stat().st_blocks - q.stat().st_blocks) * 512 < 65536
     assert q.stat().st_blocks * 512 < 2 << 20
+
+
+# --- safe rebase: zeros past the old backing file's end become zero clusters -----------
+
+def test_safe_rebase_writes_zero_clusters_as_qemu(qemu: Qemu, tmp_path: Path) -> None:
+    """(A v2 overlay gets the zeros as data from both tools.)"""
+    old, new = tmp_path / "old.qcow2", tmp_path / "new.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", old, "1M")
+    qemu.io(old, "write -P 1 0 1M")
+    qemu.img("create", "-q", "-f", "qcow2", new, "4M")
+    qemu.io(new, "write -P 2 1M 2M", "write -P 1 0 512k")
+
+    def prep(qemu: Qemu, path: Path) -> None:
+        qemu.img("create", "-q", "-f", "qcow2", "-b", old.name, "-F", "qcow2", path, "4M")
+        qemu.io(path, "write -P 5 3M 64k", "write -z 2M 64k")
+
+    q, d = _pair(qemu, tmp_path, prep, ["rebase", "-b", new.name, "-F", "qcow2", "{}"])
+    _same(qemu, q, d)
