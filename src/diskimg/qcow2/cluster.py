@@ -97,9 +97,7 @@ def alloc_clusters(img: Qcow2Image, n: int) -> int:
     if pending:
         first = _first_pending_cluster(img, pending)
         if first is not None and rc.find_free(n, before=first) < 0:
-            from diskimg.qcow2.flush import release_pending  # (flush imports this module)
-
-            release_pending(img)
+            img.release_pending()
     return rc.alloc(n)
 
 

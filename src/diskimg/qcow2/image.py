@@ -238,6 +238,11 @@ class Qcow2Image(BlockDevice):
             self._refcounts.flush()
             self.host.flush()
 
+    def release_pending(self) -> None:
+        """Write the tables, then drop the references pending since the last flush
+        (:func:`diskimg.qcow2.flush.release_pending`)."""
+        F.release_pending(self)
+
     def free_after_flush(self, host: int, length: int) -> None:
         """Drop the references to host bytes [host, host+length) at the next flush,
         after the tables written by that flush no longer point at them."""
