@@ -298,12 +298,19 @@ def _rebase_copy(dev: BlockDevice, new: BlockDevice | None,
         run = dev.plan(pos, min(CHUNK, size - pos))  # this layer only
         n = run.length
         if not run.allocated:
+            if pos < old_size < pos + n:
+                n = old_size - pos  # (qemu's: the old backing file's end ends a chunk)
             a = _read_or_zeros(old, old_size, pos, n)
             b = _read_or_zeros(new, new_size, pos, n)
             if a != b:
-                # copy the old contents of the differing sectors into the overlay
+                # copy the old contents of the differing sectors into the overlay;
+                # past the old backing file's end they are zeros: written as such
+                # (zero clusters where the format has them), as qemu-img does
                 for s, e in _differing_sectors(a, b):
-                    dev.write(pos + s, a[s:e])
+                    if pos >= old_size:
+                        dev.write_zeroes(pos + s, e - s, may_unmap=False)
+                    else:
+                        dev.write(pos + s, a[s:e])
         pos += n
         step(pos)
 

@@ -71,10 +71,9 @@ def get_l2_for_write(img: Qcow2Image, cluster: int) -> tuple[int, L2Table]:
     """L2 table covering ``cluster``, allocated or copied (if shared) as needed."""
     l1i, l2_off = img._l2_location(cluster)
     ent = img.l1[l1i]
-    rc = img.refcounts
     if l2_off and ent & E.QCOW_OFLAG_COPIED:
         return l2_off, img.l2_cache.get(l2_off)
-    new_off = rc.alloc(1)
+    new_off = alloc_clusters(img, 1)
     if l2_off:
         table = L2Table(array("Q", img.l2_cache.get(l2_off).entries))
         img._pending_free.append((l2_off, img.cs, False))
@@ -84,6 +83,40 @@ def get_l2_for_write(img: Qcow2Image, cluster: int) -> tuple[int, L2Table]:
     img.l1[l1i] = new_off | E.QCOW_OFLAG_COPIED
     img.l1_dirty.add(l1i)
     return new_off, table
+
+
+def alloc_clusters(img: Qcow2Image, n: int) -> int:
+    """Host offset of ``n`` newly allocated contiguous clusters, chosen as QEMU chooses
+    them: QEMU drops a reference the moment an L2 entry lets go of it, so a cluster
+    freed earlier in the same session (a discard, an unmapping zero-write, a replaced
+    L2 table) is reused at once.  Here dropped references wait for the flush (after
+    the tables no longer pointing at them are on disk); when one of them would come
+    before the run found without it, the tables are written first and the references
+    dropped (:func:`diskimg.qcow2.flush.release_pending`), so the choice is QEMU's and
+    no data is ever written into a cluster an on-disk table still points at."""
+    rc = img.refcounts
+    pending = img._pending_free
+    if pending:
+        first = _first_pending_cluster(img, pending)
+        if first is not None and rc.find_free(n, before=first) < 0:
+            img.release_pending()
+    return rc.alloc(n)
+
+
+def _first_pending_cluster(img: Qcow2Image,
+                           pending: list[tuple[int, int, bool]]) -> int | None:
+    """Lowest host cluster whose reference is pending (external data-file entries,
+    which carry no refcount, left out); computed incrementally, as the list only
+    grows between flushes (a new list object starts again)."""
+    cached = img._pending_low
+    if cached is None or cached[0] is not pending or cached[1] > len(pending):
+        cached = (pending, 0, None)
+    _, seen, low = cached
+    for host, n, _punch in pending[seen:]:
+        if n > 0 and (low is None or host < low):
+            low = host
+    img._pending_low = (pending, len(pending), low)
+    return None if low is None else low // img.cs
 
 
 def alloc_data(img: Qcow2Image, clusters: list[int]) -> list[int]:
@@ -100,7 +133,7 @@ def alloc_data(img: Qcow2Image, clusters: list[int]) -> list[int]:
             img._pending_free = [f for f in img._pending_free
                                   if not (f[1] < 0 and f[0] in taken)]
         return hosts
-    base = img.refcounts.alloc(len(clusters))
+    base = alloc_clusters(img, len(clusters))
     return [base + k * img.cs for k in range(len(clusters))]
 
 
@@ -171,17 +204,28 @@ def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, clu
 
     The clusters needing a new host cluster get one run, allocated at once (QEMU's
     order); the data goes out host-contiguous pieces at a time (one pwrite or pwritev
-    per run), and only then are the L2 entries changed and old references dropped."""
+    per run), and only then are the L2 entries changed and old references dropped.
+    A cluster this image alone references is written in place: a NORMAL one, and (as
+    QEMU does) a zero-allocated one, whose copy-on-write areas are zeroed first."""
     cs, cb = img.cs, img.cb
     copied, mask = E.QCOW_OFLAG_COPIED, E.L2E_OFFSET_MASK
     normal, ctype = E.ClusterType.NORMAL, img._cluster_type
     df = img._data_file_opened
     n = ((stop - 1) >> cb) - cluster + 1
     olds = ents[idx : idx + n]
-    # a NORMAL cluster this image alone references is written in place
-    to_alloc = [j for j, ent in enumerate(olds)
-                if not (ent & copied and ctype(ent) == normal)]
+    to_alloc: list[int] = []
+    keep_zero: list[int] = []  # zero-allocated clusters written in place
+    for j, ent in enumerate(olds):
+        if ent & copied:
+            t = ctype(ent)
+            if t == normal:
+                continue
+            if t == E.ClusterType.ZERO_ALLOC:
+                keep_zero.append(j)
+                continue
+        to_alloc.append(j)
     hosts = alloc_data(img, [cluster + j for j in to_alloc]) if to_alloc else []
+    zeroed = set(keep_zero)
     # (host, guest lo, guest hi) runs of plain data, merged where host and guest are
     # both contiguous; copy-on-write clusters become their own buffers
     runs: list[list[int]] = []
@@ -191,9 +235,16 @@ def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, clu
         c_start = (cluster + j) << cb
         lo = g if g > c_start else c_start
         hi = stop if stop < c_start + cs else c_start + cs
-        if k < len(to_alloc) and to_alloc[k] == j:
+        fresh = k < len(to_alloc) and to_alloc[k] == j
+        if fresh:
             host = hosts[k]
             k += 1
+        else:
+            host = olds[j] & mask
+            if host % cs or (df and host != c_start):
+                img._check_data_offset(host, l2_off, idx + j, c_start)
+            fresh = j in zeroed
+        if fresh:
             if lo != c_start or hi != c_start + cs:
                 old = olds[j]
                 if not cow_is_zero(img, cluster + j, old):
@@ -205,10 +256,6 @@ def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, clu
                 img.data_host.zero_range(host, lo - c_start, keep_size=False)
                 img.data_host.zero_range(host + hi - c_start, c_start + cs - hi,
                                           keep_size=False)
-        else:
-            host = olds[j] & mask
-            if host % cs or (df and host != c_start):
-                img._check_data_offset(host, l2_off, idx + j, c_start)
         h = host + lo - c_start
         last = runs[-1] if runs else None
         if last is not None and last[0] + last[2] - last[1] == h and last[2] == lo:
@@ -225,6 +272,9 @@ def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, clu
             old = olds[j]
             ents[idx + j] = hosts[k] | copied
             free_entry(img, old)  # a no-op unless the old entry held a cluster
+    for j in keep_zero:
+        ents[idx + j] = olds[j] & (mask | copied)  # the zero flag goes: data now
+    if to_alloc or keep_zero:
         img.l2_cache.mark_dirty(l2_off)
 
 

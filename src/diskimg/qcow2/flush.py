@@ -106,34 +106,48 @@ def mark_corrupt(img: Qcow2Image, error: CorruptImageError) -> None:
 
 
 def flush(img: Qcow2Image) -> None:
-    if img._refcounts is None and not img.l1_dirty and not img._header_dirty:
+    if img._refcounts is None and not img.l1_dirty and not img._header_dirty \
+            and not img.l2_cache.dirty:  # (an in-place write may dirty an L2 table only)
         img.host.flush()
         return
+    if release_pending(img):
+        img.flush_refcounts()
+    if img._header_dirty:
+        img.host.pwrite(0, img.header.pack())
+        img._header_dirty = False
+    img.host.flush()
+
+
+def release_pending(img: Qcow2Image) -> bool:
+    """Write the tables (refcount blocks, then L2 tables, then L1 entries, each step
+    synced), so that none on disk points at a cluster whose reference is pending, then
+    drop those references (in memory: the refcount blocks reach the file with the next
+    flush) and punch the clusters a discard freed.  Returns whether any was pending.
+
+    :func:`flush` does this; so does :func:`diskimg.qcow2.cluster.alloc_clusters`
+    before it reuses a cluster freed since the last flush, as QEMU reuses it."""
     img.flush_refcounts()
     img.l2_cache.flush()
     img.host.flush()
     if img.l1_dirty:
         write_l1_entries(img)
         img.host.flush()
-    if img._pending_free:
-        pending, img._pending_free = img._pending_free, []
-        rc = img.refcounts
-        to_punch: list[int] = []
-        for host, n, punch in pending:
-            if n < 0:  # external data file cluster: not refcounted, only deallocated
-                img.data_host.punch_hole(host, -n)
-                continue
-            rc.free(host, n)
-            if host in img.l2_cache.tables and rc.get(host // img.cs) == 0:
-                img.l2_cache.drop(host)  # a freed L2 table must never be written back
-            if punch:
-                to_punch.extend(range(host // img.cs, (host + n - 1) // img.cs + 1))
-        punch_free_clusters(img, to_punch)
-        img.flush_refcounts()
-    if img._header_dirty:
-        img.host.pwrite(0, img.header.pack())
-        img._header_dirty = False
-    img.host.flush()
+    if not img._pending_free:
+        return False
+    pending, img._pending_free = img._pending_free, []
+    rc = img.refcounts
+    to_punch: list[int] = []
+    for host, n, punch in pending:
+        if n < 0:  # external data file cluster: not refcounted, only deallocated
+            img.data_host.punch_hole(host, -n)
+            continue
+        rc.free(host, n)
+        if host in img.l2_cache.tables and rc.get(host // img.cs) == 0:
+            img.l2_cache.drop(host)  # a freed L2 table must never be written back
+        if punch:
+            to_punch.extend(range(host // img.cs, (host + n - 1) // img.cs + 1))
+    punch_free_clusters(img, to_punch)
+    return True
 
 
 def punch_free_clusters(img: Qcow2Image, clusters: list[int]) -> None:

@@ -136,6 +136,8 @@ class Qcow2Image(BlockDevice):
             host, cs, lambda b: L2Table(be_u64_array(b)), capacity, "L2 table")
         self._refcounts: Refcounts | None = None
         self._pending_free: list[tuple[int, int, bool]] = []
+        # (list, entries seen, lowest host offset): cluster.alloc_clusters' cache
+        self._pending_low: tuple[list[tuple[int, int, bool]], int, int | None] | None = None
         self._decoded: OrderedDict[int, bytes] = OrderedDict()
         self._header_dirty = False
         self._set_dirty_bit = False
@@ -249,6 +251,11 @@ class Qcow2Image(BlockDevice):
         if self._refcounts is not None and self._refcounts.blocks.dirty:
             self._refcounts.flush()
             self.host.flush()
+
+    def release_pending(self) -> None:
+        """Write the tables, then drop the references pending since the last flush
+        (:func:`diskimg.qcow2.flush.release_pending`)."""
+        F.release_pending(self)
 
     def free_after_flush(self, host: int, length: int) -> None:
         """Drop the references to host bytes [host, host+length) at the next flush,

@@ -298,15 +298,18 @@ class Refcounts:
                 self.free_byte_offset = 0  # never append compressed data to a freed cluster
         return new
 
-    def find_free(self, n: int) -> int:
+    def find_free(self, n: int, before: int = -1) -> int:
         """First cluster index of a run of ``n`` free clusters at or after
         ``free_cluster_index`` (refcounts not changed).  Scans whole refcount blocks at a
-        time; a cluster no refcount block covers is free."""
+        time; a cluster no refcount block covers is free.  With ``before`` >= 0 the scan
+        stops there: -1 when no such run starts before cluster ``before``."""
         c = self.free_cluster_index
         run = 0
         start = c
         bb = self.block_bits
         while run < n:
+            if run == 0 and 0 <= before <= c:
+                return -1
             ri = c >> bb
             base = ri << bb
             lim = min(1 << bb, c - base + (n - run))  # never look past what is needed

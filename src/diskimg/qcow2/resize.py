@@ -36,12 +36,17 @@ def preallocate(img: Qcow2Image, start: int, end: int, mode: str) -> None:
         l2_off, table = C.get_l2_for_write(img, c)
         step = 2 if img.extended else 1  # extended L2: (entry, bitmap) pairs
         todo = [c + j for j in range(n) if not table.entries[step * (idx + j)]]
+        if c << img.cb < start and not img.extended and table.entries[idx] == \
+                E.QCOW_OFLAG_ZERO:
+            todo.insert(0, c)  # a partly preallocated zero cluster gets one too (qemu)
         hosts = C.alloc_data(img, todo)
         for h in hosts:  # the data clusters only: never over metadata
             if mode == "falloc":
                 img.data_host.preallocate(h, img.cs)
             elif mode == "full":
                 img.data_host.write_zeros(h, img.cs)
+        if todo and todo[0] << img.cb < start and not img.extended:
+            cow_head(img, todo[0], hosts[0], start)
         for j, h in zip(todo, hosts, strict=True):
             # extended L2: the bitmap stays 0 (allocated, unused), as qemu leaves it
             table.entries[step * (j & (img.l2_entries - 1))] = h | E.QCOW_OFLAG_COPIED
@@ -51,6 +56,21 @@ def preallocate(img: Qcow2Image, start: int, end: int, mode: str) -> None:
     new_end = img.refcounts.find_free(1) * img.cs
     if img.host.size() < new_end:
         img.host.truncate(new_end)
+
+
+def cow_head(img: Qcow2Image, cluster: int, host: int, start: int) -> None:
+    """A new host cluster for guest ``cluster``, of which only [``start``, end) is being
+    preallocated: its head keeps the guest's contents, written as data (qemu's
+    copy-on-write of a preallocation), and the rest reads as zeros -- left unwritten
+    in a cluster at or past the end of the file (as qemu leaves it), zeroed in one
+    reused inside it, and encrypted zeros when the image is encrypted.  (Extended L2
+    tables need no copy: the head's subclusters stay as they were.)"""
+    c_start = cluster << img.cb
+    buf = bytearray(img.cs if img.header.crypt_method else start - c_start)
+    img._readinto(c_start, memoryview(buf)[: start - c_start])
+    C.pwrite_runs(img, C.encrypt_writes(img, [(host, buf, c_start)]))
+    if not img.header.crypt_method and host + len(buf) < img.data_host.size():
+        img.data_host.zero_range(host + len(buf), img.cs - len(buf))
 
 
 def check_size(new_size: int) -> None:
@@ -78,6 +98,13 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
     if new_size < img.size and not shrink:
         raise UsageError("Use the --shrink option to perform a shrink operation.")
     check_header(new_size, img.header.version, img.header.nb_snapshots)
+    b = img.backing
+    # qemu: a grown area the (longer) backing file would show must read as zeros; v2
+    # has no zero flag, so qemu-img 7.2 fails (nothing changed here, before any write)
+    over_backing = new_size > img.size and b is not None and b.size > img.size
+    if over_backing and img.header.version < 3 and new_size > -(-img.size // img.cs) * img.cs:
+        raise UnsupportedFeatureError("Failed to zero out new clusters: Operation not "
+                                      "supported")
     bitmaps = img.bitmaps if img.bitmaps.entries else None
     if bitmaps is not None:
         bitmaps.check_resize()  # qemu: an inconsistent bitmap refuses the resize
@@ -98,7 +125,8 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
                 for j in range(idx, idx + n):
                     k = 2 * j if img.extended else j  # (entry, bitmap) pairs
                     if table.entries[k]:
-                        C.free_entry(img, table.entries[k])
+                        # like qemu's: the freed clusters are deallocated in the file
+                        C.free_entry(img, table.entries[k], punch=True)
                         table.entries[k] = 0
                     if img.extended:
                         table.entries[k + 1] = 0
@@ -112,20 +140,28 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
     img.size = img.header.size = new_size
     if new_size > old_size:
         # the grown area reads as zeros: never stale bytes of the old last cluster
-        # (left there by an earlier shrink) nor the backing file (as qemu); zeroed
-        # and preallocated before the header's size makes the area visible
-        b = img.backing
-        zero_end = max(min(new_size, -(-old_size // img.cs) * img.cs),
-                       min(new_size, b.size) if b is not None else 0)
+        # (left there by an earlier shrink) nor the backing file; preallocated, then
+        # zeroed (qemu's order: preallocated clusters become zero-allocated), before
+        # the header's size makes the area visible.  Over a longer backing file qemu
+        # zeroes all the new area (zero flags); falloc/full give the old last cluster
+        # a fresh, zeroed cluster anyway (copying only its head) and zero-fill the
+        # new clusters, so qemu writes no zero flags there
+        head_end = min(new_size, -(-old_size // img.cs) * img.cs)
         grown = preallocation in ("falloc", "full") and not img._data_file_opened
-        # (falloc/full without a backing file give the old last cluster a fresh,
-        # zeroed cluster anyway and copy only its head)
-        if zero_end > old_size and not (grown and b is None):
-            zero_tail(img, old_size, zero_end)
         if grown:
             preallocate_grown(img, old_size, new_size, preallocation)
         else:
+            # the rest of the old last cluster, where it may hold bytes: zeroed first
+            # (a write keeps, copies, its head); an unallocated one is left to the
+            # preallocation, which copies its head as qemu's does
+            tail = head_end > old_size and not last_cluster_reads_zero(img, old_size)
+            lazy = (head_end > old_size and not tail and preallocation == "metadata"
+                    and not (img.extended and old_size % img.sc_size))
+            if head_end > old_size and (tail or (over_backing and not lazy)):
+                zero_tail(img, old_size, head_end)
             img.preallocate(old_size, new_size, preallocation)
+            if over_backing:
+                zero_tail(img, old_size if lazy else head_end, new_size)
     img.flush()
     if bitmaps is not None and resized is not None:
         bitmaps.finish_resize(resized, new_size)  # synced
@@ -144,6 +180,21 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
             last -= 1
         if (last + 1) * img.cs < img.host.size():
             img.host.truncate((last + 1) * img.cs)
+
+
+def last_cluster_reads_zero(img: Qcow2Image, old_size: int) -> bool:
+    """The guest cluster holding ``old_size`` has no host bytes past it: a zero or
+    unallocated cluster (whose backing file, if any, ends before ``old_size``: the
+    caller zeroes the area over a longer one).  A data cluster may hold stale bytes
+    there (an earlier shrink keeps the last cluster whole)."""
+    c = old_size >> img.cb
+    _, l2_off = img._l2_location(c)
+    if not l2_off:
+        return True
+    step = 2 if img.extended else 1
+    ent = img.l2_cache.get(l2_off).entries[step * (c & (img.l2_entries - 1))]
+    return ent == 0 or (not img.extended and img._cluster_type(ent) in (
+        E.ClusterType.ZERO_PLAIN, E.ClusterType.ZERO_ALLOC, E.ClusterType.UNALLOCATED))
 
 
 def preallocate_grown(img: Qcow2Image, old_size: int, new_size: int, mode: str) -> None:
