@@ -76,12 +76,11 @@ OPEN_READ = VERSION | {
 #: ... and of a qcow2 in particular
 QCOW2_READ = OPEN_READ | {
     "diskimg.qcow2", "diskimg.qcow2.bitmap_table", "diskimg.qcow2.bitmaps",
-    "diskimg.qcow2.cache", "diskimg.qcow2.cluster",
-    "diskimg.qcow2.compressed", "diskimg.qcow2.compressed_write", "diskimg.qcow2.crypt",
-    "diskimg.qcow2.entries", "diskimg.qcow2.flush", "diskimg.qcow2.header_io",
-    "diskimg.qcow2.image", "diskimg.qcow2.layout", "diskimg.qcow2.mapper",
-    "diskimg.qcow2.reader", "diskimg.qcow2.refcount", "diskimg.qcow2.resize",
-    "diskimg.qcow2.snapshot", "diskimg.qcow2.snapshot_table", "diskimg.qcow2.zero"}
+    "diskimg.qcow2.cache", "diskimg.qcow2.cluster", "diskimg.qcow2.compressed",
+    "diskimg.qcow2.crypt", "diskimg.qcow2.entries", "diskimg.qcow2.flush",
+    "diskimg.qcow2.header_io", "diskimg.qcow2.image", "diskimg.qcow2.layout",
+    "diskimg.qcow2.mapper", "diskimg.qcow2.reader", "diskimg.qcow2.refcount",
+    "diskimg.qcow2.snapshot_table"}
 #: ... of a vmdk (the sparse extent codecs, no qcow2) and of a raw file
 VMDK_READ = OPEN_READ | {f"diskimg.vmdk.{m}" for m in (
     "compressed", "create", "descriptor", "extent", "image", "sesparse", "sparse",
@@ -89,7 +88,8 @@ VMDK_READ = OPEN_READ | {f"diskimg.vmdk.{m}" for m in (
 RAW_READ = OPEN_READ | {"diskimg.raw"}
 QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
                ("copied", "overlap", "refcounts", "report", "snapshots", "state", "stored",
-                "walk")} | {"diskimg.qcow2.check", "diskimg.check_report"}
+                "walk")} | {"diskimg.qcow2.check", "diskimg.check_report",
+                            "diskimg.qcow2.snapshot"}
 
 #: never loaded by a command that only reads metadata (prefixes: a package and its parts):
 #: the write and copy layers, other formats, and the standard library's heavy modules
