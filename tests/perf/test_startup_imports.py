@@ -81,10 +81,10 @@ QCOW2_READ = OPEN_READ | {
     "diskimg.qcow2.header_io", "diskimg.qcow2.image", "diskimg.qcow2.layout",
     "diskimg.qcow2.mapper", "diskimg.qcow2.reader", "diskimg.qcow2.refcount",
     "diskimg.qcow2.snapshot_table"}
-#: ... of a vmdk (the sparse extent codecs, no qcow2) and of a raw file
+#: ... of a vmdk (the extent codecs: not the creation side, no qcow2) and of a raw file
 VMDK_READ = OPEN_READ | {f"diskimg.vmdk.{m}" for m in (
-    "compressed", "create", "descriptor", "extent", "image", "sesparse", "sparse",
-    "sparse_extent", "stream")} | {"diskimg.vmdk", "diskimg.check_report"}
+    "compressed", "descriptor", "extent", "image", "sesparse", "sparse", "sparse_extent",
+    "stream")} | {"diskimg.vmdk"}
 RAW_READ = OPEN_READ | {"diskimg.raw"}
 QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
                ("copied", "overlap", "refcounts", "report", "snapshots", "state", "stored",

@@ -14,9 +14,8 @@ import bisect
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diskimg.check_report import CheckReport
 from diskimg.device import (BlockDevice, ImageInfo, Status, host_has_zero_init,
                              requires_open)
 from diskimg.errors import (
@@ -34,6 +33,9 @@ from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, NO_PARENT, Descriptor, 
 from diskimg.vmdk.extent import Extent, Fill, FlatExtent, ZeroExtent, guard_type
 from diskimg.vmdk.sesparse import SeSparseExtent
 from diskimg.vmdk.sparse_extent import SparseExtent
+
+if TYPE_CHECKING:  # imported by check(): info and map do not load it
+    from diskimg.check_report import CheckReport
 
 #: createType values qemu 7.2 accepts in a separate descriptor file
 DESC_FILE_TYPES = ("monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse",
@@ -430,6 +432,8 @@ class VmdkImage(BlockDevice):
     @requires_open
     def check(self, repair: str | None = None) -> CheckReport:
         """qemu-img check for vmdk: grain table entries must point inside their file."""
+        from diskimg.check_report import CheckReport
+
         res = CheckReport(filename=self.filename, format="vmdk")
         res.findings.extend(self.lint())
         for e in self.extents:
