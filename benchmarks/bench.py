@@ -458,8 +458,16 @@ def floor_job(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> Job:
     subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(small), "64M"], check=True)
     subprocess.run([qemu_io, "-f", "qcow2", "-c", "write -q -P 0x5a 1M 64k", str(small)],
                    check=True)
-    cmds = (("info", ["info", "-f", "qcow2"]), ("check", ["check", "-f", "qcow2"]),
-            ("map", ["map", "-f", "qcow2"]))
+    vmdk, raw = work / "small.vmdk", work / "small.raw"
+    subprocess.run([qemu_img, "create", "-q", "-f", "vmdk", str(vmdk), "64M"], check=True)
+    subprocess.run([qemu_io, "-f", "vmdk", "-c", "write -q -P 0x5a 1M 64k", str(vmdk)],
+                   check=True)
+    raw.write_bytes(b"\x5a" * (1 << 20))
+    cmds = (("info", ["info", "-f", "qcow2"], small),
+            ("check", ["check", "-f", "qcow2"], small),
+            ("map", ["map", "-f", "qcow2"], small), ("info of a vmdk", ["info"], vmdk),
+            ("convert 1 MiB raw to qcow2", ["convert", "-O", "qcow2", str(raw),
+                                            str(work / "small-out.qcow2")], None))
     # how a user runs it: the console script pip put beside the interpreter (it imports re
     # before diskimg); ``python -m diskimg`` (runpy: contextlib, collections, functools)
     # otherwise
@@ -482,8 +490,15 @@ def floor_job(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> Job:
                         diskimg=True),
                 Variant(f"diskimg --version ({how})", [*cli, "--version"], diskimg=True),
                 *also,
-                *(Variant(f"diskimg {name} ({how})", [*cli, *args, str(small)],
-                          diskimg=True) for name, args in cmds)],
+                *(Variant(f"diskimg {name} ({how})",
+                          [*cli, *args, *([str(path)] if path else [])], diskimg=True)
+                  for name, args, path in cmds),
+                # pip's console-script launcher alone: it imports re and runs one re.sub
+                # before it imports diskimg (distlib's template; [project.scripts] cannot
+                # change it)
+                Variant("pip launcher alone (import re, re.sub)",
+                        [PY, "-c", "import re, sys; "
+                         "sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])"])],
                {})
 
 

@@ -22,10 +22,13 @@ if TYPE_CHECKING:
     from diskimg.api import create, open
     from diskimg.device import BlockDevice, DeviceIO, ImageInfo, MapEntry
     from diskimg.hostio import aligned_buffer
-    from diskimg.operations import commit, compare, convert, dd, rebase
     from diskimg.ops.bench import bench
+    from diskimg.ops.chain import commit, rebase
     from diskimg.ops.checksum import checksum
     from diskimg.ops.commands import amend, check, info, map, measure, resize, snapshot
+    from diskimg.ops.compare import compare
+    from diskimg.ops.convert import convert
+    from diskimg.ops.dd import dd
     from diskimg.policy import OpenPolicy
     from diskimg.pool import Pool, PoolRegistry, Volume
 
@@ -35,8 +38,8 @@ if TYPE_CHECKING:
 _LAZY = {"create": "api", "open": "api", "BlockDevice": "device", "DeviceIO": "device",
          "ImageInfo": "device", "MapEntry": "device", "aligned_buffer": "hostio",
          "OpenPolicy": "policy", "Pool": "pool", "PoolRegistry": "pool", "Volume": "pool",
-         "commit": "operations", "compare": "operations", "convert": "operations",
-         "dd": "operations", "rebase": "operations", "amend": "ops.commands",
+         "commit": "ops.chain", "compare": "ops.compare", "convert": "ops.convert",
+         "dd": "ops.dd", "rebase": "ops.chain", "amend": "ops.commands",
          "check": "ops.commands", "info": "ops.commands", "map": "ops.commands",
          "measure": "ops.commands", "resize": "ops.commands", "snapshot": "ops.commands",
          "checksum": "ops.checksum", "bench": "ops.bench"}

@@ -14,7 +14,6 @@ it is never resized); without it the window runs to the end of the file.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import UnsupportedFeatureError, UsageError
@@ -23,6 +22,7 @@ from diskimg.options import RAW_WINDOW_OPTIONS as WINDOW_OPTIONS
 from diskimg.options import check_preallocation
 from diskimg.plan import Run, RunKind
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.hostio.host import Host
 

@@ -20,10 +20,19 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, NoReturn, Self
 
-__all__ = ["FrozenInstanceError", "FrozenRecord", "Record", "set_field"]
+__all__ = ["FrozenInstanceError", "FrozenRecord", "Record", "set_field", "set_fields"]
 
 #: how a frozen record's ``__init__`` sets its fields
 set_field = object.__setattr__
+
+
+def set_fields(record: Record, *values: object) -> None:
+    """Set all of ``record``'s fields, in ``__slots__`` order (a frozen record's
+    ``__init__`` with many fields)."""
+    names = type(record).__slots__
+    assert len(names) == len(values), (names, values)
+    for name, value in zip(names, values, strict=True):
+        set_field(record, name, value)
 
 
 class FrozenInstanceError(AttributeError):

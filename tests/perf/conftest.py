@@ -9,11 +9,23 @@ import pytest
 import diskimg
 
 
+def _one_run(factory: pytest.TempPathFactory, fmt: str, size: int, byte: bytes) -> Path:
+    """A ``fmt`` image of ``size`` bytes (made by diskimg): 64 KiB of ``byte`` at 1 MiB."""
+    path = factory.mktemp("imports") / f"a.{fmt}"
+    diskimg.create(path, fmt, size)
+    with diskimg.open(path, "r+") as img:
+        img.write(1 << 20, byte * 65536)
+    return path
+
+
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1 GiB qcow2 (made by diskimg) with one 64 KiB cluster of ``x`` at 1 MiB."""
-    path = tmp_path_factory.mktemp("imports") / "a.qcow2"
-    diskimg.create(path, "qcow2", 1 << 30)
-    with diskimg.open(path, "r+") as img:
-        img.write(1 << 20, b"x" * 65536)
-    return path
+    return _one_run(tmp_path_factory, "qcow2", 1 << 30, b"x")
+
+
+@pytest.fixture(scope="module")
+def vmdk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64 MiB monolithicSparse vmdk (made by diskimg): one 64 KiB grain run of ``v`` at
+    1 MiB."""
+    return _one_run(tmp_path_factory, "vmdk", 64 << 20, b"v")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import diskimg
+from diskimg.units import size_to_str
 
 SRC = str(Path(diskimg.__file__).resolve().parents[1])
 
@@ -62,26 +63,33 @@ IMPORT_ONLY = {"diskimg", "diskimg.errors"}
 #: ``diskimg --version``: the entry point and the error wording, no argparse, no formats
 VERSION = IMPORT_ONLY | {"diskimg.cli", "diskimg.cli.errors", "diskimg.cli.main",
                         "diskimg.progname"}
-#: what opening a qcow2 and reading its metadata takes, for info, check and map alike: a
+#: what opening any image and reading its metadata takes, for info, check and map alike: a
 #: plain command line is read by diskimg.cli.quickparse, so no diskimg.cli.parser (argparse)
-QCOW2_READ = VERSION | {
+OPEN_READ = VERSION | {
     "diskimg.api", "diskimg.cli.commands", "diskimg.cli.quickparse",
     "diskimg.cli.commands._shared", "diskimg.cli.commands.pool", "diskimg.cli.output",
     "diskimg.device", "diskimg.device_io", "diskimg.hostio",
     "diskimg.hostio.file", "diskimg.hostio.lock", "diskimg.hostio.sparse",
     "diskimg.info_text", "diskimg.internal_snapshots", "diskimg.options", "diskimg.params",
-    "diskimg.persistent_bitmaps", "diskimg.qcow2.bitmap_table",
-    "diskimg.plan", "diskimg.policy", "diskimg.probe", "diskimg.records", "diskimg.slotted",
-    "diskimg.units",
-    "diskimg.qcow2", "diskimg.qcow2.bitmaps", "diskimg.qcow2.cache", "diskimg.qcow2.cluster",
-    "diskimg.qcow2.compressed", "diskimg.qcow2.compressed_write", "diskimg.qcow2.crypt",
-    "diskimg.qcow2.entries", "diskimg.qcow2.flush", "diskimg.qcow2.header_io",
-    "diskimg.qcow2.image", "diskimg.qcow2.layout", "diskimg.qcow2.mapper",
-    "diskimg.qcow2.reader", "diskimg.qcow2.refcount", "diskimg.qcow2.resize",
-    "diskimg.qcow2.snapshot", "diskimg.qcow2.snapshot_table", "diskimg.qcow2.zero"}
+    "diskimg.persistent_bitmaps", "diskimg.plan", "diskimg.policy", "diskimg.probe",
+    "diskimg.records", "diskimg.slotted", "diskimg.units"}
+#: ... and of a qcow2 in particular
+QCOW2_READ = OPEN_READ | {
+    "diskimg.qcow2", "diskimg.qcow2.bitmap_table", "diskimg.qcow2.bitmaps",
+    "diskimg.qcow2.cache", "diskimg.qcow2.cluster", "diskimg.qcow2.compressed",
+    "diskimg.qcow2.crypt", "diskimg.qcow2.entries", "diskimg.qcow2.flush",
+    "diskimg.qcow2.header_io", "diskimg.qcow2.image", "diskimg.qcow2.layout",
+    "diskimg.qcow2.mapper", "diskimg.qcow2.reader", "diskimg.qcow2.refcount",
+    "diskimg.qcow2.snapshot_table"}
+#: ... of a vmdk (the extent codecs: not the creation side, no qcow2) and of a raw file
+VMDK_READ = OPEN_READ | {f"diskimg.vmdk.{m}" for m in (
+    "compressed", "descriptor", "extent", "image", "sesparse", "sparse", "sparse_extent",
+    "stream")} | {"diskimg.vmdk"}
+RAW_READ = OPEN_READ | {"diskimg.raw"}
 QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
                ("copied", "overlap", "refcounts", "report", "snapshots", "state", "stored",
-                "walk")} | {"diskimg.qcow2.check", "diskimg.check_report"}
+                "walk")} | {"diskimg.qcow2.check", "diskimg.check_report",
+                            "diskimg.qcow2.snapshot"}
 
 #: never loaded by a command that only reads metadata (prefixes: a package and its parts):
 #: the write and copy layers, other formats, and the standard library's heavy modules
@@ -178,3 +186,49 @@ def test_a_command_line_argparse_must_read_still_works(image: Path) -> None:
     code, loaded, out, _ = _probe("info", "-fqcow2", str(image))
     assert (code, out.splitlines()[0]) == (0, f"image: {image}")
     assert "diskimg.cli.parser" in loaded and "argparse" in loaded
+
+
+@pytest.mark.parametrize("fmt, allowed, denied", [
+    ("vmdk", VMDK_READ, ("diskimg.qcow2", "diskimg.raw", "diskimg.ops", "diskimg.operations",
+                         "diskimg.pool", "diskimg.cli.parser", "diskimg.cli.progress",
+                         "dataclasses", "inspect", "ast", "argparse", "concurrent", "queue",
+                         "subprocess", "tempfile", "json")),
+    ("raw", RAW_READ, ("diskimg.qcow2", "diskimg.vmdk", "diskimg.ops", "diskimg.operations",
+                       "diskimg.pool", "diskimg.cli.parser", "diskimg.cli.progress",
+                       "dataclasses", "inspect", "ast", "argparse", "concurrent", "queue",
+                       "subprocess", "tempfile", "json", "typing", "threading")),
+])
+def test_info_of_vmdk_and_raw_loads_only_their_allow_list(vmdk: Path, tmp_path: Path,
+                                                          fmt: str, allowed: set[str],
+                                                          denied: tuple[str, ...]) -> None:
+    path = vmdk if fmt == "vmdk" else tmp_path / "a.raw"
+    if fmt == "raw":
+        path.write_bytes(b"r" * 4096)
+    code, loaded, out, who = _probe("info", str(path))
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[:2] == [f"image: {path}", f"file format: {fmt}"]
+    size = 64 << 20 if fmt == "vmdk" else 4096
+    assert f"virtual size: {size_to_str(size)} ({size} bytes)" in lines
+    extra = _unexpected(loaded, allowed | {"diskimg.cli.commands.info"})
+    extra += _denied(loaded, denied)
+    assert extra == [], f"`diskimg info` of a {fmt} now also imports {_named(extra, who)}"
+
+
+def test_convert_raw_to_qcow2_loads_the_copy_engine_without_dataclasses(
+        tmp_path: Path) -> None:
+    """The copy engine (diskimg.ops.convert and what it uses), not the other commands of
+    diskimg.ops nor diskimg.operations' re-exports, and no dataclasses."""
+    src, dst = tmp_path / "s.raw", tmp_path / "d.qcow2"
+    data = bytes(range(256)) * 256 + bytes(1 << 16) + b"z" * 65536
+    src.write_bytes(data)
+    code, loaded, out, who = _probe("convert", "-O", "qcow2", str(src), str(dst))
+    assert (code, out) == (0, "")
+    with diskimg.open(dst) as img:
+        assert (img.format, img.size) == ("qcow2", len(data))
+        assert img.read(0, len(data)) == data
+    assert "diskimg.ops.copier" in loaded
+    bad = _denied(loaded, ("dataclasses", "diskimg.operations", "diskimg.ops.chain",
+                           "diskimg.ops.compare", "diskimg.ops.dd", "diskimg.vmdk",
+                           "diskimg.pool", "inspect", "ast"))
+    assert bad == [], f"`diskimg convert` raw -> qcow2 now imports {_named(bad, who)}"

@@ -306,6 +306,7 @@ NOT_PROBES: dict[str, set[str]] = {
     "params.py": {"__index__"},                      # the int protocol (operator.index)
     "__init__.py": {"*"},                            # module __getattr__: lazy exports
     "crypto/__init__.py": {"*"},                     # module __getattr__: lazy kernels
+    "vmdk/__init__.py": {"*"},                       # module __getattr__: lazy create side
     "crypto/luks/kdf.py": {"derive_into"},           # cryptography version, decided once
     "hostio/lock.py": {"F_OFD_SETLK", "F_OFD_GETLK"},   # fcntl constants by platform
     "hostio/file.py": {"bounce", "sysconf", "O_CLOEXEC", "O_NONBLOCK"},  # thread-local, os

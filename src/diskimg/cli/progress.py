@@ -15,10 +15,10 @@ from __future__ import annotations
 import struct
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TextIO
 
 from diskimg.device import BlockDevice, Status
+from diskimg.slotted import Record
 
 SIZE_MISMATCH = "Warning: Image size mismatch!\n"
 IO_BUF = 2 << 20  # qemu-img's IO_BUF_SIZE: the copy and compare chunk
@@ -66,8 +66,7 @@ class QemuProgress:
             out.flush()
 
 
-@dataclass(slots=True)
-class Schedule:
+class Schedule(Record):
     """qemu's progress calls ``(offset, delta, max, text)`` for one command, in order; a call
     is made once the work has reached ``offset`` (bytes of the library's progress total).
     A step with ``text`` writes that text to the progress stream instead (a message qemu-img
@@ -75,10 +74,18 @@ class Schedule:
 
     Use as the library's ``progress`` callback (it takes percentages of ``total``)."""
 
+    __slots__ = ("printer", "total", "steps", "done")
     printer: QemuProgress
     total: int
-    steps: list[tuple[int, float, int, str]] = field(default_factory=list)
-    done: int = 0
+    steps: list[tuple[int, float, int, str]]
+    done: int
+
+    def __init__(self, printer: QemuProgress, total: int,
+                 steps: list[tuple[int, float, int, str]] | None = None, done: int = 0) -> None:
+        self.printer = printer
+        self.total = total
+        self.steps = [] if steps is None else steps
+        self.done = done
 
     @property
     def enabled(self) -> bool:

@@ -13,11 +13,6 @@
   ``resize`` by path (the module-level functions of :mod:`diskimg`).
 
 Loaded on first use (``diskimg.convert`` ...): the CLI's ``info``/``check``/``map`` never
-load it.  ``diskimg.operations`` re-exports the names that lived there before."""
-
-from diskimg.ops.chain import commit, find_backing_image, rebase
-from diskimg.ops.compare import compare
-from diskimg.ops.convert import convert
-from diskimg.ops.dd import dd
-
-__all__ = ["commit", "compare", "convert", "dd", "find_backing_image", "rebase"]
+load it.  Importing the package loads none of its modules: ``diskimg.convert`` loads
+:mod:`.convert` and what it uses, not :mod:`.chain` or :mod:`.compare` (start-up, issue 20).
+``diskimg.operations`` re-exports every name that lived there before."""

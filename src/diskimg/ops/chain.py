@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,16 +18,20 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
 
 from diskimg.ops.common import CHUNK, SECTOR, ProgressFn
 from diskimg.params import renamed
+from diskimg.slotted import FrozenRecord, set_fields
 
 if TYPE_CHECKING:
     from diskimg.hostio.host import Host
 
 
-@dataclass(frozen=True, slots=True)
-class _Layer:
+class _Layer(FrozenRecord):
+    __slots__ = ("path", "format", "backing_name")
     path: str
     format: str
     backing_name: str | None  # as written in this image's header
+
+    def __init__(self, path: str, format: str, backing_name: str | None) -> None:
+        set_fields(self, path, format, backing_name)
 
 
 def _chain_layers(path: str | os.PathLike[str], fmt: str | None,

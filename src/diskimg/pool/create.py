@@ -105,7 +105,7 @@ def copy_guest_data(src: BlockDevice, dst: str, dst_fmt: str, secret: bytes | No
                     progress: ProgressFn | None = None) -> None:
     """Copy the guest bytes of the open image ``src`` into the existing image ``dst``
     (``progress``: :func:`diskimg.convert`'s percentages)."""
-    from diskimg.operations import convert
+    from diskimg.ops.convert import convert
 
     if secret and dst_fmt == "raw":
         dst_fmt = "luks"  # an encrypted raw volume (Pool.create_volume)

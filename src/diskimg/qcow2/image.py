@@ -26,11 +26,8 @@ from diskimg.plan import Run
 from diskimg.policy import OpenPolicy, combine, full_name
 from diskimg.qcow2 import cluster as C
 from diskimg.qcow2 import compressed, crypt, mapper, reader
-from diskimg.qcow2 import compressed_write as CW
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import flush as F
-from diskimg.qcow2 import resize as R
-from diskimg.qcow2 import zero as Z
 from diskimg.qcow2.cache import L2Table, TableCache, be_u64_array
 from diskimg.qcow2.cluster import clear_unknown_autoclear as clear_unknown_autoclear
 from diskimg.qcow2.layout import (
@@ -65,8 +62,25 @@ class Qcow2Image(BlockDevice):
     format = "qcow2"
     # declared capabilities (BlockDevice): compressed clusters, internal snapshots
     supports_compressed_write = True
-    snapshots: SnapshotTable  # set when the image is opened
     bitmaps: Bitmaps  # set when the image is opened
+
+    @property
+    def snapshots(self) -> SnapshotTable:
+        """Internal snapshot operations (diskimg.qcow2.snapshot, imported when first
+        used: reading metadata needs only the table, :attr:`snapshot_list`).  A snapshot
+        view answers with its image's."""
+        ops: SnapshotTable | None = self.__dict__.get("_snapshot_ops")
+        if ops is None:
+            from diskimg.qcow2.snapshot import SnapshotTable
+
+            view_of = self.__dict__.get("_view_of")
+            ops = view_of.snapshots if view_of is not None else SnapshotTable(self)
+            self.__dict__["_snapshot_ops"] = ops
+        return ops
+
+    @snapshots.setter
+    def snapshots(self, value: SnapshotTable) -> None:
+        self.__dict__["_snapshot_ops"] = value
 
     @property
     def l2_span(self) -> int:
@@ -158,10 +172,7 @@ class Qcow2Image(BlockDevice):
             self._data_file_opened = True
         if unlock and h.crypt_method and "encrypt.key-secret" in self.options:
             _ = self.cipher  # like qemu: a wrong passphrase fails the open
-        from diskimg.qcow2.snapshot import SnapshotTable
-
         self.snapshot_list = self._read_snapshot_table(for_check)
-        self.snapshots = SnapshotTable(self)
         if not (self.read_only or for_check) and h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
             # qemu repairs a dirty lazy-refcount image on a read-write open, once the
             # snapshot table has been read, except when it opens it for check
@@ -188,7 +199,7 @@ class Qcow2Image(BlockDevice):
     def _read_snapshot_table(self, for_check: bool) -> list[Snapshot]:
         """The snapshot table; when opened for check, an unreadable table reads as empty
         (qemu opens with BDRV_O_CHECK and leaves the table to the checker)."""
-        from diskimg.qcow2.snapshot import read_table
+        from diskimg.qcow2.snapshot_table import read_table
 
         self.snapshot_table_error: FormatError | None = None
         try:
@@ -268,6 +279,8 @@ class Qcow2Image(BlockDevice):
 
     def grow_l1(self, need: int) -> None:
         """Grow the active L1 table to ``need`` entries (new clusters, one header write)."""
+        from diskimg.qcow2 import resize as R
+
         R.grow_l1(self, need)
 
     def install_l1(self, l1: array[int]) -> None:
@@ -396,9 +409,13 @@ class Qcow2Image(BlockDevice):
         C.write(self, offset, data)
 
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        from diskimg.qcow2 import zero as Z
+
         Z.write_zeroes(self, offset, length, may_unmap)
 
     def _discard(self, offset: int, length: int) -> None:
+        from diskimg.qcow2 import zero as Z
+
         Z.discard(self, offset, length)
 
     def _flush(self) -> None:
@@ -414,6 +431,8 @@ class Qcow2Image(BlockDevice):
         """The compressed form of one cluster of guest data (padded with zeros), or None
         when it would not be smaller than a cluster.  Pure and thread-safe (zlib and
         zstandard release the GIL), so callers may compress in a thread pool."""
+        from diskimg.qcow2 import compressed_write as CW
+
         return CW.compress_cluster(self, data)
 
     @requires_open
@@ -422,6 +441,8 @@ class Qcow2Image(BlockDevice):
         does when it finishes (a zero-length compressed write), so sector-based readers can
         read the last compressed cluster whole.  Only bytes inside an already allocated
         cluster are added: refcounts are unchanged."""
+        from diskimg.qcow2 import compressed_write as CW
+
         CW.align_compressed_end(self)
 
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview,
@@ -433,6 +454,8 @@ class Qcow2Image(BlockDevice):
         less than a cluster is written as a normal cluster, as QEMU does.  ``compressed``
         passes a result of :meth:`compress_cluster` computed elsewhere (e.g. in a thread).
         """
+        from diskimg.qcow2 import compressed_write as CW
+
         CW.write_compressed(self, offset, data, compressed=compressed)
 
     @requires_open
@@ -446,6 +469,8 @@ class Qcow2Image(BlockDevice):
         Same host allocations, in the same order, as writing them one by one (qemu-img
         convert -c's layout); the data goes out in as few pwrite/pwritev calls as host
         contiguity allows, all of it before any L2 entry changes."""
+        from diskimg.qcow2 import compressed_write as CW
+
         CW.write_compressed_clusters(self, offset, clusters)
 
     @requires_open
@@ -453,6 +478,8 @@ class Qcow2Image(BlockDevice):
         """Give the unallocated clusters of guest [start, end) L2 entries and host clusters
         (``metadata``), then also reserve (``falloc``) or zero-fill (``full``) the new
         host space, as qemu's preallocation does on create and resize."""
+        from diskimg.qcow2 import resize as R
+
         R.preallocate(self, start, end, mode)
 
     @requires_open
@@ -460,6 +487,8 @@ class Qcow2Image(BlockDevice):
                preallocation: str = "off") -> None:
         """Grow (or with ``shrink`` shrink) the virtual disk to ``new_size`` bytes;
         ``preallocation`` (off/metadata/falloc/full) applies to the grown part."""
+        from diskimg.qcow2 import resize as R
+
         R.resize(self, new_size, shrink=shrink, preallocation=preallocation)
 
     # --- info ------------------------------------------------------------------------

@@ -14,14 +14,24 @@ extents as a device; executes the read plans), ``create`` (new images).
 
 from __future__ import annotations
 
-from diskimg.vmdk.create import (
-    _init_sparse,
-    create_vmdk,
-    sparse_layout,
-    stream_header,
-    write_stream_optimized,
-)
 from diskimg.vmdk.image import VmdkImage, open_vmdk
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from diskimg.vmdk.create import (_init_sparse, create_vmdk, sparse_layout, stream_header,
+                                     write_stream_optimized)
+
+#: the creation side, imported when first used: opening an image does not load it
+_CREATE = ("_init_sparse", "create_vmdk", "sparse_layout", "stream_header",
+           "write_stream_optimized")
+
+
+def __getattr__(name: str) -> object:
+    if name in _CREATE:
+        from diskimg.vmdk import create
+
+        return getattr(create, name)
+    raise AttributeError(f"module 'diskimg.vmdk' has no attribute {name!r}")
 
 __all__ = ["VmdkImage", "_init_sparse", "create_vmdk", "open_vmdk", "sparse_layout",
            "stream_header", "write_stream_optimized"]

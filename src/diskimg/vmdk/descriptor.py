@@ -10,9 +10,8 @@ are bounded, NUL bytes end the text (qemu reads the descriptor as a C string).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-
 from diskimg.errors import FormatError
+from diskimg.slotted import FrozenRecord, Record, set_fields
 
 #: a separate descriptor file larger than this is refused (qemu reads at most 1 MiB - 1)
 MAX_DESCRIPTOR_FILE = (1 << 20) - 1
@@ -32,15 +31,19 @@ _EXTENT_RE = re.compile(
 _KEY_RE = re.compile(r'^\s*([A-Za-z0-9_.]+)\s*=\s*(.*?)\s*$')
 
 
-@dataclass(frozen=True, slots=True)
-class ExtentLine:
+class ExtentLine(FrozenRecord):
     """``ACCESS SECTORS TYPE "FILENAME" [OFFSET]``; sizes and offsets are in sectors."""
 
+    __slots__ = ("access", "sectors", "type", "filename", "offset")
     access: str
     sectors: int
     type: str
-    filename: str | None = None
-    offset: int | None = None
+    filename: str | None
+    offset: int | None
+
+    def __init__(self, access: str, sectors: int, type: str, filename: str | None = None,
+                 offset: int | None = None) -> None:
+        set_fields(self, access, sectors, type, filename, offset)
 
     @classmethod
     def parse(cls, line: str, lineno: int = 0) -> ExtentLine:
@@ -73,14 +76,20 @@ class ExtentLine:
         return s
 
 
-@dataclass(slots=True)
-class Descriptor:
+class Descriptor(Record):
     """Lines of a descriptor plus parsed views.  ``trailer`` is what followed the last
     newline (NUL padding of an embedded descriptor is not part of the text)."""
 
+    __slots__ = ("lines", "trailer", "extents")
     lines: list[str]
-    trailer: str = ""
-    extents: list[ExtentLine] = field(default_factory=list)
+    trailer: str
+    extents: list[ExtentLine]
+
+    def __init__(self, lines: list[str], trailer: str = "",
+                 extents: list[ExtentLine] | None = None) -> None:
+        self.lines = lines
+        self.trailer = trailer
+        self.extents = [] if extents is None else extents
 
     # --- parse/pack ----------------------------------------------------------------
     @classmethod

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diskimg.check_report import CheckReport
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import (
     BackingChainError,
@@ -34,7 +33,8 @@ from diskimg.vmdk.extent import Extent, Fill, FlatExtent, ZeroExtent, guard_type
 from diskimg.vmdk.sesparse import SeSparseExtent
 from diskimg.vmdk.sparse_extent import SparseExtent
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # check_report is imported by check(): info and map do not load it
+    from diskimg.check_report import CheckReport
     from diskimg.hostio.host import Host
 
 #: createType values qemu 7.2 accepts in a separate descriptor file
@@ -442,6 +442,8 @@ class VmdkImage(BlockDevice):
     @requires_open
     def check(self, repair: str | None = None) -> CheckReport:
         """qemu-img check for vmdk: grain table entries must point inside their file."""
+        from diskimg.check_report import CheckReport
+
         res = CheckReport(filename=self.filename, format="vmdk")
         res.findings.extend(self.lint())
         for e in self.extents:

@@ -12,9 +12,9 @@ import sys
 import zlib
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError
+from diskimg.slotted import FrozenRecord, set_field, set_fields
 
 SECTOR = 512
 VMDK4_MAGIC = b"KDMV"
@@ -38,10 +38,12 @@ MAX_GD_ENTRIES = 32 * 1024 * 1024
 EOL_CHARS = b"\n \r\n"
 
 
-@dataclass(frozen=True, slots=True)
-class SparseHeader:
+class SparseHeader(FrozenRecord):
     """SparseExtentHeader (512 bytes; the first 79 carry fields, the rest is padding)."""
 
+    __slots__ = ("version", "flags", "capacity", "grain_size", "desc_offset", "desc_size",
+                 "num_gtes_per_gt", "rgd_offset", "gd_offset", "overhead",
+                 "unclean_shutdown", "eol", "compress_algorithm")
     version: int
     flags: int
     capacity: int            # sectors
@@ -52,9 +54,17 @@ class SparseHeader:
     rgd_offset: int          # sectors
     gd_offset: int           # sectors, GD_AT_END for a streamOptimized footer
     overhead: int            # sectors before the first grain
-    unclean_shutdown: int = 0
-    eol: bytes = EOL_CHARS
-    compress_algorithm: int = 0
+    unclean_shutdown: int
+    eol: bytes
+    compress_algorithm: int
+
+    def __init__(self, version: int, flags: int, capacity: int, grain_size: int,
+                 desc_offset: int, desc_size: int, num_gtes_per_gt: int, rgd_offset: int,
+                 gd_offset: int, overhead: int, unclean_shutdown: int = 0,
+                 eol: bytes = EOL_CHARS, compress_algorithm: int = 0) -> None:
+        set_fields(self, version, flags, capacity, grain_size, desc_offset, desc_size,
+                   num_gtes_per_gt, rgd_offset, gd_offset, overhead, unclean_shutdown, eol,
+                   compress_algorithm)
 
     FMT = struct.Struct("<4sIIQQQQIQQQB4sH")
 
@@ -79,7 +89,7 @@ class SparseHeader:
         return head.ljust(SECTOR, b"\0")
 
     def with_(self, **kw: int) -> SparseHeader:
-        return replace(self, **kw)  # type: ignore[arg-type]
+        return self.replace(**kw)
 
     @property
     def compressed(self) -> bool:
@@ -90,21 +100,28 @@ class SparseHeader:
         return self.compressed and bool(self.flags & FLAG_MARKER)
 
 
-@dataclass(frozen=True, slots=True)
-class CowdHeader:
+class CowdHeader(FrozenRecord):
     """The VMDK3 / ESX vmfsSparse ("COWD") header: little-endian u32 fields after the
     magic.  Grain tables have 4096 entries; offsets are in sectors."""
 
+    __slots__ = ("version", "flags", "disk_sectors", "granularity", "l1dir_offset",
+                 "l1dir_size", "file_sectors", "cylinders", "heads", "sectors_per_track")
     version: int
     flags: int
     disk_sectors: int
     granularity: int
     l1dir_offset: int
     l1dir_size: int
-    file_sectors: int = 0
-    cylinders: int = 0
-    heads: int = 0
-    sectors_per_track: int = 0
+    file_sectors: int
+    cylinders: int
+    heads: int
+    sectors_per_track: int
+
+    def __init__(self, version: int, flags: int, disk_sectors: int, granularity: int,
+                 l1dir_offset: int, l1dir_size: int, file_sectors: int = 0,
+                 cylinders: int = 0, heads: int = 0, sectors_per_track: int = 0) -> None:
+        set_fields(self, version, flags, disk_sectors, granularity, l1dir_offset, l1dir_size,
+                   file_sectors, cylinders, heads, sectors_per_track)
 
     FMT = struct.Struct("<4s10I")
     GTES = 4096
@@ -127,14 +144,17 @@ class CowdHeader:
                             self.l1dir_offset, 1)
 
 
-@dataclass(frozen=True, slots=True)
-class Marker:
+class Marker(FrozenRecord):
     """streamOptimized metadata marker: ``numSectors u64, size u32 (0), type u32``, padded
     to one sector.  A grain marker is ``lba u64, size u32`` followed by the data."""
 
+    __slots__ = ("value", "size", "type")
     value: int
     size: int
     type: int
+
+    def __init__(self, value: int, size: int, type: int) -> None:
+        set_fields(self, value, size, type)
 
     FMT = struct.Struct("<QII")
 
@@ -265,15 +285,19 @@ def pack_le_u32_array(a: array[int]) -> bytes:
     return a.tobytes()
 
 
-@dataclass(frozen=True, slots=True)
-class Geometry:
+class Geometry(FrozenRecord):
     """Sizes derived from a validated header (bytes unless named otherwise)."""
 
+    __slots__ = ("grain_bytes", "gtes", "gd_entries", "gt_bytes", "capacity_bytes")
     grain_bytes: int
     gtes: int
     gd_entries: int
     gt_bytes: int
     capacity_bytes: int
+
+    def __init__(self, grain_bytes: int, gtes: int, gd_entries: int, gt_bytes: int,
+                 capacity_bytes: int) -> None:
+        set_fields(self, grain_bytes, gtes, gd_entries, gt_bytes, capacity_bytes)
 
 
 def geometry(h: SparseHeader, file_size: int, *, writable: bool = False,
@@ -510,12 +534,15 @@ SESPARSE_VOLATILE_MAGIC = 0x00000000CAFECAFE
 SESPARSE_VERSION = 0x0000000200000001
 
 
-@dataclass(frozen=True, slots=True)
-class SeSparseHeader:
+class SeSparseHeader(FrozenRecord):
     """seSparse constant header (sector 0; 26 little-endian u64, sizes/offsets in
     sectors) plus the ``replay_journal`` field of the volatile header."""
 
+    __slots__ = ("fields",)
     fields: tuple[int, ...]
+
+    def __init__(self, fields: tuple[int, ...]) -> None:
+        set_field(self, "fields", fields)
 
     FMT = struct.Struct("<26Q")
     NAMES = ("magic", "version", "capacity", "grain_size", "grain_table_size", "flags",

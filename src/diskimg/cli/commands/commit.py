@@ -60,7 +60,7 @@ def commit_progress(ctx: Context, a: argparse.Namespace, path: str,
 
 def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img commit [-b BASE] [-d] [-p] [--image-opts] FILE."""
-    from diskimg import operations as conv
+    from diskimg.ops import chain as conv
 
     rate = size_arg(a.rate, "rate limit") if a.rate is not None else None
     name = one_file(a)

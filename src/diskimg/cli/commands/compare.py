@@ -25,7 +25,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def cmd_compare(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img compare: 0 identical, 1 different, 2 error."""
-    from diskimg import operations as conv
+    from diskimg.ops import compare as conv
     from diskimg.cli.progress import SIZE_MISMATCH, QemuProgress, Schedule, compare_schedule
 
     if len(a.files) != 2:

@@ -65,7 +65,7 @@ def _convert_progress(a: argparse.Namespace, srcs: list[BlockDevice],
                       values: dict[str, str], target_backing: bool,
                       sparse: int) -> Schedule:
     """qemu-img convert's ``-p`` lines for these sources (nothing without ``-p``)."""
-    from diskimg import operations as conv
+    from diskimg.ops import convert as conv
     from diskimg.cli.progress import QemuProgress, Schedule, convert_schedule
 
     printer = QemuProgress(a.progress and not a.quiet, 1.0)
@@ -100,7 +100,7 @@ def _warn(line: str) -> None:
 
 def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img convert."""
-    from diskimg import operations as conv
+    from diskimg.ops import convert as conv
 
     olist = collect_o(a.options)
     out_fmt = a.output_format or "raw"

@@ -31,7 +31,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def cmd_dd(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img dd with bs=, count=, skip=, if=, of= operands."""
-    from diskimg import operations as conv
+    from diskimg.ops import dd as conv
 
     ops: dict[str, str] = {}
     for item in a.files:

@@ -29,7 +29,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def _load_snapshot(dev: BlockDevice, text: str) -> BlockDevice:
     """``-l`` for measure: the snapshot's read-only view (qemu's error wording)."""
-    from diskimg import operations as conv
+    from diskimg.ops import convert as conv
 
     snap = snapshot_param(text)
     assert snap is not None

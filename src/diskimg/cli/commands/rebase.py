@@ -61,7 +61,7 @@ def rebase_progress(ctx: Context, a: argparse.Namespace, path: str, fmt: str | N
 
 def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img rebase [-u] [-p] -b BACKING [-F FMT] [--image-opts] FILE."""
-    from diskimg import operations as conv
+    from diskimg.ops import chain as conv
 
     name = one_file(a)
     if not a.unsafe and a.backing is None:
