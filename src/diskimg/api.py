@@ -53,12 +53,23 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     ``path`` may be an ``http://`` or ``https://`` URL (read-only, mode ``"r"``; see
     :func:`diskimg.hostio.http.open_http`): the files such an image names (backing file,
     data file, vmdk extents) are never opened, and a fault of the server raises
-    :class:`~diskimg.errors.RemoteError` naming the URL and the offset.
+    :class:`~diskimg.errors.RemoteError` naming the URL and the offset.  An fsspec URL
+    (``s3://``, ``gs://``, ``memory://`` ...; the ``diskimg[remote]`` extra) opens
+    through :func:`diskimg.hostio.remote.open_image`: its backing files are looked for in
+    the same store only.
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
     if format is not None and format not in FORMATS and format != "file":
         raise UsageError(f"Unknown file format '{format}'")
+    if isinstance(path, str) and "://" in path and not path.lower().startswith("http"):
+        from diskimg.hostio.remote import is_fsspec_url, open_image  # s3://, memory:// ...
+
+        if is_fsspec_url(path):
+            return open_image(path, format, writable=mode == "r+", backing=backing,
+                              policy=policy or OpenPolicy(untrusted=untrusted),
+                              secrets=dict(secrets or {}), options=dict(options or {}),
+                              for_check=for_check)
     if isinstance(path, str) and path.lower().startswith(("http://", "https://")):
         if mode != "r":
             raise UsageError(f"'{path}' is read-only (an HTTP source)")
