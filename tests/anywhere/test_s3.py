@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -238,3 +240,45 @@ def test_memory_host_refuses_writes_read_only(mem: Any) -> None:
             with pytest.raises(UsageError, match="read-only"):
                 call()
     assert mem.cat_file("/t/r.raw") == b"\x01" * 4096
+
+
+# --- the CLI, and the core without fsspec ---------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _diskimg(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, "-m", "diskimg", *args], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src"), **env},
+                         stdin=subprocess.DEVNULL, timeout=60)
+    assert res.returncode == 0, f"diskimg {args} exited {res.returncode}: {res.stderr}"
+    return res
+
+
+@pytest.mark.parametrize("cmd", ["info", "map", "check"])
+def test_cli_output_as_local(s3: S3, images: dict[str, Path], cmd: str) -> None:
+    """The endpoint and credentials come from the environment (fsspec's FSSPEC_S3_*)."""
+    local = images["qcow2"]
+    url = s3.url(f"img/{local.name}")
+    env = {"FSSPEC_S3_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing"}
+    argv = {"info": ["info", "--output=json"], "map": ["map", "--output=json"],
+            "check": ["check"]}[cmd]
+    got = _diskimg(env, *argv, url).stdout.replace(url, "NAME")
+    want = _diskimg({}, *argv, str(local)).stdout.replace(str(local), "NAME")
+
+    def drop_disk_size(text: str) -> str:      # allocation: st_blocks locally, none remote
+        return "\n".join(line for line in text.splitlines() if "actual-size" not in line)
+
+    assert drop_disk_size(got) == drop_disk_size(want)
+
+
+def test_without_fsspec_the_error_names_the_extra() -> None:
+    code = ("import sys; sys.modules['fsspec'] = None\n"
+            "import diskimg\n"
+            "try:\n    diskimg.open('s3://bucket/x.qcow2')\n"
+            "except diskimg.DiskImgError as e:\n    print(type(e).__name__, e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("UsageError") and "diskimg[remote]" in res.stdout
