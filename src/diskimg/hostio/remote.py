@@ -485,3 +485,19 @@ def open_image(url: str, fmt: str | None, *, writable: bool, backing: bool,
         return dev
 
     return one(url, key, fmt, writable, 0)
+
+
+def open_remote(url: str, mode: str = "r", *, format: str | None = None,  # noqa: A002
+                storage_options: Mapping[str, Any] | None = None, backing: bool = True,
+                untrusted: bool = False, for_check: bool = False,
+                secrets: Mapping[str, bytes] | None = None,
+                options: Mapping[str, str] | None = None) -> BlockDevice:
+    """``diskimg.open`` of an fsspec ``url`` with the filesystem's ``storage_options``
+    (s3: ``endpoint_url``, ``key``, ``secret``, ``anon`` ...): what a Dask task opens
+    from a URL and a dict of options (both pickle; an open image does not travel)."""
+    if mode not in ("r", "r+"):
+        raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
+    return open_image(url, format, writable=mode == "r+", backing=backing,
+                      policy=OpenPolicy(untrusted=untrusted), secrets=dict(secrets or {}),
+                      options=dict(options or {}), for_check=for_check,
+                      storage_options=storage_options)
