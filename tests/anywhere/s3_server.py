@@ -52,6 +52,14 @@ class S3:
             settings.INITIAL_NO_AUTH_ACTION_COUNT = before
 
 
+def _reset(endpoint: str) -> None:
+    import urllib.request
+
+    req = urllib.request.Request(f"{endpoint}/moto-api/reset", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        resp.read()
+
+
 @contextlib.contextmanager
 def s3_server() -> Iterator[S3]:
     """A moto S3 server with an empty bucket ``images`` until the block ends."""
@@ -68,6 +76,7 @@ def s3_server() -> Iterator[S3]:
         s3 = S3(endpoint, storage_options={
             "endpoint_url": endpoint, "key": "testing", "secret": "testing",
             "skip_instance_cache": True})
+        _reset(endpoint)        # moto's state is per process: no bucket of an earlier server
         s3.fs().mkdir(BUCKET)
         yield s3
     finally:

@@ -24,12 +24,13 @@ import socket
 import ssl
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from urllib.parse import urljoin, urlsplit
 
-from diskimg.errors import ClosedImageError, FormatError, RemoteError, UsageError
+from diskimg.errors import FormatError, RemoteError, UsageError
+from diskimg.hostio.objects import ObjectHost
 from diskimg.policy import OpenPolicy
 
 DEFAULT_TIMEOUT = 30.0
@@ -55,7 +56,7 @@ class _Dropped(Exception):
     """The connection failed under a request: safe to retry a GET once."""
 
 
-class HttpHost:
+class HttpHost(ObjectHost):
     """A read-only host over one HTTP(S) object.  Offsets and lengths are in bytes."""
 
     writable = False
@@ -75,6 +76,8 @@ class HttpHost:
                              "(cache_bytes at least one block)")
         #: the URL as given: what error messages name
         self.path: object = url
+        #: the URL as given (its scheme's two slashes intact): what messages name
+        self.name = url
         self.url = url
         self._target = url                  # after the redirects taken at open
         self._origin = parts.hostname.lower()
@@ -421,39 +424,7 @@ class HttpHost:
                 raise err
         return n
 
-    def pread(self, offset: int, length: int) -> bytes:
-        """Read up to ``length`` bytes at ``offset``; short only at the end."""
-        self._check_open()
-        length = max(0, min(length, self._size - offset))
-        if length <= 0:
-            return b""
-        buf = bytearray(length)
-        self.preadinto(offset, memoryview(buf))
-        return bytes(buf)
-
-    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
-        """Read exactly ``length`` bytes or raise naming ``what`` and the offset."""
-        data = self.pread(offset, length)
-        if len(data) != length:
-            raise FormatError(f"{what} at offset {offset:#x} (length {length}) lies past "
-                              f"the end of '{self.url}'", offset=offset)
-        return data
-
     # --- size and the rest of the Host protocol ---------------------------------------
-    def size(self) -> int:
-        self._check_open()
-        return self._size
-
-    def allocated_size(self) -> int:
-        """A remote object has no allocation to ask about: its size."""
-        return self.size()
-
-    def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-        """All data (a remote object has no holes we can see)."""
-        end = min(offset + length, self._size)
-        if end > offset:
-            yield offset, end - offset, True
-
     def _read_only(self) -> UsageError:
         return UsageError(f"'{self.url}' is read-only (an HTTP source)")
 
@@ -488,14 +459,6 @@ class HttpHost:
         """No lock bytes over HTTP; a writable lock is refused."""
         if writable:
             raise self._read_only()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedImageError(f"I/O operation on closed URL '{self.url}'")
 
     def close(self) -> None:
         """Close every connection and the thread pool (idempotent)."""

@@ -25,16 +25,11 @@ import errno
 import posixpath
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from diskimg.errors import (
-    BackingChainError,
-    ClosedImageError,
-    FormatError,
-    RemoteError,
-    UsageError,
-)
+from diskimg.errors import BackingChainError, FormatError, RemoteError, UsageError
+from diskimg.hostio.objects import ObjectHost
 from diskimg.policy import OpenPolicy
 
 if TYPE_CHECKING:
@@ -121,7 +116,7 @@ def remote_error(url: str, e: BaseException, offset: int | None) -> RemoteError:
                        status=status)
 
 
-class FsspecHost:
+class FsspecHost(ObjectHost):
     """A host over one object of an fsspec filesystem.  Offsets and lengths are bytes."""
 
     sync = False
@@ -237,24 +232,6 @@ class FsspecHost:
         if lo < hi:
             buf[lo - offset : hi - offset] = blk[lo - b * bs : hi - b * bs]
 
-    def pread(self, offset: int, length: int) -> bytes:
-        """Read up to ``length`` bytes at ``offset``; short only at the end."""
-        self._check_open()
-        length = max(0, min(length, self._size - offset))
-        if length <= 0:
-            return b""
-        buf = bytearray(length)
-        self.preadinto(offset, memoryview(buf))
-        return bytes(buf)
-
-    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
-        """Read exactly ``length`` bytes or raise naming ``what`` and the offset."""
-        data = self.pread(offset, length)
-        if len(data) != length:
-            raise FormatError(f"{what} at offset {offset:#x} (length {length}) lies past "
-                              f"the end of '{self.url}'", offset=offset)
-        return data
-
     # --- writes (write-through) -------------------------------------------------------
     def _read_only(self) -> UsageError:
         return UsageError(f"'{self.url}' is open read-only")
@@ -327,20 +304,6 @@ class FsspecHost:
             self.truncate(offset + length)
 
     # --- size and the rest of the Host protocol ---------------------------------------
-    def size(self) -> int:
-        self._check_open()
-        return self._size
-
-    def allocated_size(self) -> int:
-        """An object has no allocation to ask about: its size."""
-        return self.size()
-
-    def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-        """All data (no holes an object store shows)."""
-        end = min(offset + length, self._size)
-        if end > offset:
-            yield offset, end - offset, True
-
     def flush(self) -> None:
         if self.writable and not self._closed:
             with self._lock:
@@ -350,14 +313,6 @@ class FsspecHost:
         """No lock bytes in an object store; a writable lock needs a writable host."""
         if writable and not self.writable:
             raise self._read_only()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedImageError(f"I/O operation on closed URL '{self.url}'")
 
     def close(self) -> None:
         """Close the file object (idempotent); a memory:// object stays in its store."""
