@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from urllib.parse import urljoin, urlsplit
 
-from diskimg.errors import FormatError, RemoteError, UsageError
+from diskimg.errors import RemoteError, UsageError
 from diskimg.hostio.objects import ObjectHost
 from diskimg.policy import OpenPolicy
 
@@ -366,13 +366,7 @@ class HttpHost(ObjectHost):
         if self._changed is not None:
             raise self._error(self._changed, offset)
         n = len(buf)
-        if offset < 0:
-            raise FormatError(f"offset {offset:#x} in '{self.url}' is out of range",
-                              offset=offset)
-        end = min(offset + n, self._size)
-        if end < offset + n:
-            tail = buf[max(0, end - offset):]
-            tail[:] = bytes(len(tail))
+        end = self._clip(offset, buf)
         if offset >= end:
             return n
         bs = self.block_size

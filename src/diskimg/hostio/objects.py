@@ -20,6 +20,20 @@ class ObjectHost:
     def preadinto(self, offset: int, buf: memoryview) -> int:
         raise NotImplementedError
 
+    def _clip(self, offset: int, buf: memoryview) -> int:
+        """Where the object's bytes of a read of ``buf`` at ``offset`` end (``<= offset``:
+        none); the part of ``buf`` past the object's end is zeroed.  A negative offset
+        is refused naming the URL."""
+        if offset < 0:
+            raise FormatError(f"offset {offset:#x} in '{self.url}' is out of range",
+                              offset=offset)
+        n = len(buf)
+        end = min(offset + n, self._size)
+        if end < offset + n:
+            tail = buf[max(0, end - offset):]
+            tail[:] = bytes(len(tail))
+        return end
+
     def pread(self, offset: int, length: int) -> bytes:
         """Read up to ``length`` bytes at ``offset``; short only at the end."""
         self._check_open()

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from diskimg.errors import BackingChainError, FormatError, RemoteError, UsageError
+from diskimg.errors import BackingChainError, RemoteError, UsageError
 from diskimg.hostio.objects import ObjectHost
 from diskimg.policy import OpenPolicy
 
@@ -186,14 +186,8 @@ class FsspecHost(ObjectHost):
         self._check_open()
         if self._changed is not None:
             raise RemoteError(self._changed, url=self.url, offset=offset)
-        if offset < 0:
-            raise FormatError(f"offset {offset:#x} in '{self.url}' is out of range",
-                              offset=offset)
         n = len(buf)
-        end = min(offset + n, self._size)
-        if end < offset + n:
-            tail = buf[max(0, end - offset):]
-            tail[:] = bytes(len(tail))
+        end = self._clip(offset, buf)
         if offset >= end:
             return n
         bs = self.block_size
