@@ -25,7 +25,7 @@ import fsspec  # noqa: E402
 from anywhere.s3_server import S3, s3_server  # noqa: E402
 
 import diskimg  # noqa: E402
-from diskimg.errors import BackingChainError, RemoteError, UsageError  # noqa: E402
+from diskimg.errors import DiskImgError, RemoteError, UsageError  # noqa: E402
 from diskimg.hostio.remote import open_fsspec, open_fsspec_sink  # noqa: E402
 
 SIZE = 4 * 1024 * 1024 + 1536          # the last cluster is partial
@@ -198,14 +198,22 @@ def test_backing_in_the_same_bucket(s3_open: S3, tmp_path: Path) -> None:
         assert dev.backing is not None
         assert dev.backing.filename == s3_open.url("chain/base.qcow2")
         assert dev.read(0, dev.size) == QEMU.raw_bytes(top)
-    # a backing name that is a local path or leaves the bucket is refused
-    for name, why in ((str(base), "same store"), ("../../other/base.qcow2", "outside")):
+    # a backing name that is a local path, or that climbs out of the bucket, never opens
+    # the local file or an object of another bucket (refused, or not found in this one)
+    other = s3_open.url("x").replace(f"{s3_open.bucket}/x", "other")
+    fs.mkdir(other)
+    fs.put_file(str(base), f"{other}/base.qcow2")
+    for name in (str(base), "../../other/base.qcow2", "s3://other/base.qcow2"):
         bad = tmp_path / "bad.qcow2"
         QEMU.img("create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "qcow2", bad,
                  "1M")
         fs.put_file(str(bad), s3_open.url("chain/bad.qcow2"))
-        with pytest.raises(BackingChainError, match=why):
+        with pytest.raises(DiskImgError) as ei:
             diskimg.open(s3_open.url("chain/bad.qcow2"))
+        assert s3_open.url("chain/bad.qcow2") in str(ei.value) or \
+            s3_open.url("other/base.qcow2") in str(ei.value), (name, str(ei.value))
+    with diskimg.open(s3_open.url("chain/bad.qcow2"), backing=False) as dev:
+        assert dev.backing is None and dev.read(0, 4096) == bytes(4096)
 
 
 # --- memory:// (no server) ------------------------------------------------------------------
