@@ -290,3 +290,38 @@ def test_without_fsspec_the_error_names_the_extra() -> None:
                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("UsageError") and "diskimg[remote]" in res.stdout
+
+
+@pytest.mark.parametrize("store", ["file", "memory"])
+def test_write_through_host(store: str, mem: Any, tmp_path: Path) -> None:
+    """Writes reach the object at once; a write past the end leaves zeros in the gap;
+    truncate shrinks and grows with zeros; cached blocks never hide a write."""
+    data = bytes(range(256)) * 40                     # 10240 bytes
+    if store == "file":
+        (tmp_path / "w.raw").write_bytes(data)
+        url = f"file://{tmp_path}/w.raw"
+
+        def stored() -> bytes:
+            return (tmp_path / "w.raw").read_bytes()
+    else:
+        mem.pipe("/t/w.raw", data)
+        url = "memory://t/w.raw"
+
+        def stored() -> bytes:
+            return bytes(mem.cat_file("/t/w.raw"))
+    expect = bytearray(data)
+    with open_fsspec(url, writable=True, block_size=4096, cache_bytes=8192) as host:
+        assert host.pread(0, 8192) == data[:8192]     # both blocks cached
+        host.pwrite(4094, b"WXYZ")
+        expect[4094:4098] = b"WXYZ"
+        assert host.pread(0, 8192) == expect[:8192]
+        host.pwrite(12000, b"Q")
+        expect += bytes(12000 - len(expect)) + b"Q"
+        host.flush()
+        assert stored() == expect and host.size() == 12001
+        host.truncate(11000)
+        host.truncate(11500)
+        expect = expect[:11000] + bytes(500)
+        host.flush()
+        assert host.pread(0, 20000) == expect
+    assert stored() == expect
