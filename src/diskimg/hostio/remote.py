@@ -48,14 +48,15 @@ _KNOWN = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "mem
 _EXTRA = "pip install 'diskimg[remote]'"
 
 
-def _fsspec() -> Any:
-    """The fsspec module, or a UsageError naming the extra that installs it."""
+def _fsspec(url: str) -> Any:
+    """The fsspec module, or a UsageError naming ``url`` and the extra that installs
+    it."""
     from importlib import import_module  # fsspec ships no type information
 
     try:
         return import_module("fsspec")
     except ImportError:
-        raise UsageError(f"Opening object-store URLs needs fsspec: {_EXTRA}") from None
+        raise UsageError(f"Opening '{url}' needs fsspec: {_EXTRA}", path=url) from None
 
 
 def scheme_of(url: str) -> str | None:
@@ -88,7 +89,7 @@ def is_fsspec_url(path: object) -> bool:
 
 def _filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
     """The fsspec filesystem of ``url`` and the path in it."""
-    fsspec = _fsspec()
+    fsspec = _fsspec(url)
     try:
         fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     except ImportError as e:
