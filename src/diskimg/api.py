@@ -52,11 +52,6 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     does (qemu's ``BDRV_O_NO_IO``): the key secret an encrypted image's options name is
     neither looked up nor tried until data is read.
 
-    ``path`` may be an ``http://`` or ``https://`` URL (read-only, mode ``"r"``; see
-    :func:`diskimg.hostio.http.open_http`): the files such an image names (backing file,
-    data file, vmdk extents) are never opened, and a fault of the server raises
-    :class:`~diskimg.errors.RemoteError` naming the URL and the offset.
-
     ``path`` may also be a URL (``scheme://...``: :mod:`diskimg.hostio.urls` opens it,
     read-only; ``http://`` and ``https://`` through :func:`diskimg.hostio.http.open_http`,
     whose faults raise :class:`~diskimg.errors.RemoteError` naming the URL and the offset)
@@ -65,7 +60,8 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     it (:attr:`OpenPolicy.allow_local_backing`); its backing file is looked for in the
     same store; a vmdk over a file object must be a single file.  The image pickles as
     what opened it (path or URL, mode, format, options, policy -- never secrets); one over
-    a file object does not.
+    a file object does not.  An fsspec URL (``s3://``, ``gs://``, ``memory://`` ...; the
+    ``diskimg[remote]`` extra) opens through :func:`diskimg.hostio.remote.open_fsspec`.
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")

@@ -24,13 +24,18 @@ import socket
 import ssl
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from urllib.parse import urljoin, urlsplit
 
-from diskimg.errors import ClosedImageError, FormatError, RemoteError, UsageError
+from diskimg.errors import RemoteError, UsageError
+from diskimg.hostio.objects import ObjectHost
 from diskimg.policy import OpenPolicy
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from diskimg.hostio.host import Host
 
 DEFAULT_TIMEOUT = 30.0
 BLOCK_SIZE = 256 << 10
@@ -55,7 +60,7 @@ class _Dropped(Exception):
     """The connection failed under a request: safe to retry a GET once."""
 
 
-class HttpHost:
+class HttpHost(ObjectHost):
     """A read-only host over one HTTP(S) object.  Offsets and lengths are in bytes."""
 
     writable = False
@@ -365,13 +370,7 @@ class HttpHost:
         if self._changed is not None:
             raise self._error(self._changed, offset)
         n = len(buf)
-        if offset < 0:
-            raise FormatError(f"offset {offset:#x} in '{self.url}' is out of range",
-                              offset=offset)
-        end = min(offset + n, self._size)
-        if end < offset + n:
-            tail = buf[max(0, end - offset):]
-            tail[:] = bytes(len(tail))
+        end = self._clip(offset, buf)
         if offset >= end:
             return n
         bs = self._block
@@ -423,39 +422,7 @@ class HttpHost:
                 raise err
         return n
 
-    def pread(self, offset: int, length: int) -> bytes:
-        """Read up to ``length`` bytes at ``offset``; short only at the end."""
-        self._check_open()
-        length = max(0, min(length, self._size - offset))
-        if length <= 0:
-            return b""
-        buf = bytearray(length)
-        self.preadinto(offset, memoryview(buf))
-        return bytes(buf)
-
-    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
-        """Read exactly ``length`` bytes or raise naming ``what`` and the offset."""
-        data = self.pread(offset, length)
-        if len(data) != length:
-            raise FormatError(f"{what} at offset {offset:#x} (length {length}) lies past "
-                              f"the end of '{self.url}'", offset=offset)
-        return data
-
     # --- size and the rest of the Host protocol ---------------------------------------
-    def size(self) -> int:
-        self._check_open()
-        return self._size
-
-    def allocated_size(self) -> int:
-        """A remote object has no allocation to ask about: its size."""
-        return self.size()
-
-    def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-        """All data (a remote object has no holes we can see)."""
-        end = min(offset + length, self._size)
-        if end > offset:
-            yield offset, end - offset, True
-
     def _read_only(self) -> UsageError:
         return UsageError(f"'{self.url}' is read-only (an HTTP source)")
 
@@ -483,21 +450,6 @@ class HttpHost:
     def write_zeros(self, offset: int, length: int) -> None:
         raise self._read_only()
 
-    def zero_init(self) -> bool:
-        """Never: an HTTP object is never a fresh, zeroed file."""
-        return False
-
-    def is_device(self) -> bool:
-        return False
-
-    def block_size(self) -> int:
-        """The size of the ranges fetched and cached."""
-        return self._block
-
-    def identity(self) -> tuple[str, str]:
-        """Equal for two opens of the same URL (backing-chain loop detection)."""
-        return ("url", self.name)
-
     def flush(self) -> None:
         """Nothing to flush: the host is read-only."""
 
@@ -505,14 +457,6 @@ class HttpHost:
         """No lock bytes over HTTP; a writable lock is refused."""
         if writable:
             raise self._read_only()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedImageError(f"I/O operation on closed URL '{self.url}'")
 
     def close(self) -> None:
         """Close every connection and the thread pool (idempotent)."""
@@ -582,3 +526,8 @@ def open_http(url: str, policy: OpenPolicy | None = None, writable: bool = False
     return HttpHost(url, timeout=timeout, block_size=block_size, cache_bytes=cache_bytes,
                     workers=workers, max_redirects=max_redirects, allow_hosts=allow_hosts,
                     ssl_context=ssl_context)
+
+
+if TYPE_CHECKING:  # the type checker proves HttpHost is a Host (the formats' byte source)
+    def _is_a_host(h: HttpHost) -> Host:
+        return h

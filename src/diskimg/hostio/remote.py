@@ -1,0 +1,459 @@
+"""FsspecHost: a :class:`~diskimg.hostio.host.Host` over any fsspec URL (``s3://``,
+``gs://``, ``az://``, ``memory://``, ``file://`` ...), and the image opener behind
+``diskimg.open("s3://bucket/key")``.
+
+fsspec (and the store's own package: s3fs, gcsfs, adlfs ...) are imported only here, and
+only when such a URL is opened: the core needs neither.  Without them the error names
+the ``diskimg[remote]`` extra.
+
+- reads are ranged reads of one fsspec file object (opened once, without fsspec's own
+  cache) through a bounded LRU cache of ``block_size`` blocks; the size is the store's;
+- version pinning: the object's ETag (or version id) is recorded at open; s3fs sends it
+  as ``If-Match`` on every ranged GET, so an object replaced between two reads is an
+  error naming the URL and the offset, never a mix of two versions;
+- ``writable=True`` (``memory://``, ``file://`` and other stores whose files open
+  ``"r+b"``) writes through to the object; an object store (``s3://``, ``gs://`` ...)
+  refuses it: objects are immutable -- write a new object with :func:`open_fsspec_sink`;
+- a backing file named by a remote image is looked for in the same store, relative to
+  the image's key (:func:`resolve_backing`), never as a local file or in another
+  bucket; an untrusted policy also keeps it under the top image's prefix.
+"""
+
+from __future__ import annotations
+
+import errno
+import posixpath
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+
+from diskimg.errors import BackingChainError, RemoteError, UsageError
+from diskimg.hostio.objects import ObjectHost
+from diskimg.policy import OpenPolicy
+
+if TYPE_CHECKING:
+    from diskimg.device import BlockDevice
+    from diskimg.hostio.host import Host
+
+BLOCK_SIZE = 256 << 10
+CACHE_BYTES = 8 << 20
+_CHANGED = "the object changed since it was opened"
+#: the stores whose objects cannot be rewritten in place
+_IMMUTABLE = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci",
+                        "oss", "hf", "http", "https"})
+#: fsspec schemes diskimg.open dispatches here even when fsspec is missing (to name the
+#: extra); with fsspec installed every protocol it knows is dispatched
+_KNOWN = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory",
+                    "oci", "oss", "hf", "hdfs", "webhdfs", "sftp", "ftp", "smb"})
+_EXTRA = "pip install 'diskimg[remote]'"
+
+
+def _fsspec(url: str) -> Any:
+    """The fsspec module, or a UsageError naming ``url`` and the extra that installs
+    it."""
+    from importlib import import_module  # fsspec ships no type information
+
+    try:
+        return import_module("fsspec")
+    except ImportError:
+        raise UsageError(f"Opening '{url}' needs fsspec: {_EXTRA}", path=url) from None
+
+
+def scheme_of(url: str) -> str | None:
+    """``url``'s scheme when it is written ``scheme://...``, lower case, else None."""
+    head, sep, _ = url.partition("://")
+    if not sep or not head or not head[0].isalpha() or \
+            not all(c.isalnum() or c in "+.-" for c in head):
+        return None
+    return head.lower()
+
+
+def is_fsspec_url(path: object) -> bool:
+    """Whether ``diskimg.open(path)`` goes to fsspec: a ``scheme://`` URL of a protocol
+    fsspec knows (http, https and file are not: diskimg opens those itself)."""
+    if not isinstance(path, str):
+        return False
+    scheme = scheme_of(path)
+    if scheme is None or scheme in ("http", "https", "file"):
+        return False
+    if scheme in _KNOWN:
+        return True
+    from importlib import import_module
+
+    try:
+        reg = import_module("fsspec.registry")
+    except ImportError:
+        return False
+    return scheme in reg.known_implementations or scheme in reg.registry
+
+
+def _filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the path in it."""
+    fsspec = _fsspec(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as e:
+        raise UsageError(f"Opening '{url}' needs a package fsspec could not import "
+                         f"({e}): {_EXTRA}") from None
+    except ValueError as e:
+        raise UsageError(f"Cannot open '{url}': {e}") from None
+    return fs, path
+
+
+def remote_error(url: str, e: BaseException, offset: int | None) -> RemoteError:
+    """``e`` (raised by fsspec or its store) as a RemoteError naming ``url`` and
+    ``offset``; a missing object is a 404, a refused one a 403."""
+    at = "" if offset is None else f" at offset {offset:#x}"
+    status: int | None = None
+    if isinstance(e, FileNotFoundError):
+        what, status = "No such object (404)", 404
+    elif isinstance(e, PermissionError):
+        what, status = f"Access denied (403): {e}", 403
+    elif isinstance(e, OSError) and e.errno == errno.EBUSY and "Etag" in str(e):
+        what = f"{_CHANGED} (the ETag no longer matches)"
+    else:
+        what = f"{type(e).__name__}: {e}"
+    return RemoteError(f"Could not read '{url}'{at}: {what}", url=url, offset=offset,
+                       status=status)
+
+
+class FsspecHost(ObjectHost):
+    """A host over one object of an fsspec filesystem.  Offsets and lengths are bytes."""
+
+    sync = False
+    locked = False
+
+    def __init__(self, fs: Any, key: str, url: str, *, writable: bool = False,
+                 block_size: int = BLOCK_SIZE, cache_bytes: int = CACHE_BYTES) -> None:
+        if block_size <= 0 or cache_bytes < block_size:
+            raise UsageError("block_size and cache_bytes must be positive (cache_bytes at "
+                             "least one block)")
+        #: the URL as given: what error messages name
+        self.path: str = url
+        self.url = url
+        self.name = url
+        self.fs = fs
+        self.key = key
+        self.writable = writable
+        self._block = block_size
+        self._max_blocks = cache_bytes // block_size
+        self._lock = threading.RLock()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._closed = False
+        self._changed: str | None = None
+        self._f: Any = None
+        self.protocol = protocol = fs.protocol if isinstance(fs.protocol, str) \
+            else fs.protocol[0]
+        if writable and protocol in _IMMUTABLE:
+            raise UsageError(f"'{url}' cannot be written in place: objects in {protocol}:// "
+                             "are immutable (write a new object: convert to the URL)")
+        try:
+            fs.invalidate_cache(key)
+            info = fs.info(key)
+            if info.get("type", "file") != "file":
+                raise UsageError(f"'{url}' is not an object (it is a {info.get('type')})")
+            self.etag: str | None = info.get("ETag") or info.get("etag")
+            self.version: str | None = info.get("VersionId") or info.get("version_id")
+            self._size = int(info["size"] if info.get("size") is not None
+                             else fs.size(key))
+            self._f = fs.open(key, "r+b" if writable else "rb", cache_type="none",
+                                   block_size=block_size) \
+                if protocol != "memory" else fs.open(key, "r+b" if writable else "rb")
+        except (UsageError, RemoteError):
+            raise
+        except Exception as e:  # fsspec stores raise what their client raises
+            raise remote_error(url, e, None) from None
+
+    # --- reads ------------------------------------------------------------------------
+    def _read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (all inside the object) from the store."""
+        try:
+            with self._lock:
+                self._f.seek(offset)
+                data = self._f.read(length)
+        except Exception as e:
+            err = remote_error(self.url, e, offset)
+            if _CHANGED in str(err):
+                self._changed = str(err)
+            raise err from None
+        if len(data) != length:
+            raise RemoteError(f"Could not read '{self.url}' at offset {offset:#x}: short "
+                              f"read ({len(data)} of {length} bytes): the object may have "
+                              "changed", url=self.url, offset=offset)
+        return bytes(data)
+
+    def preadinto(self, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; bytes past the end of the object are zeroed."""
+        self._check_open()
+        if self._changed is not None:
+            raise RemoteError(self._changed, url=self.url, offset=offset)
+        n = len(buf)
+        end = self._clip(offset, buf)
+        if offset >= end:
+            return n
+        bs = self._block
+        first, last = offset // bs, (end - 1) // bs
+        if last - first + 1 > self._max_blocks:  # larger than the cache: not cached
+            buf[: end - offset] = self._read_at(offset, end - offset)
+            return n
+        with self._lock:
+            b = first
+            while b <= last:
+                blk = self._cache.get(b)
+                if blk is None:  # fetch the run of missing blocks in one ranged read
+                    stop = b
+                    while stop + 1 <= last and (stop + 1) not in self._cache:
+                        stop += 1
+                    lo, hi = b * bs, min((stop + 1) * bs, self._size)
+                    data = self._read_at(lo, hi - lo)
+                    for i in range(b, stop + 1):
+                        self._cache[i] = data[(i - b) * bs : (i - b + 1) * bs]
+                        self._cache.move_to_end(i)
+                    while len(self._cache) > self._max_blocks:
+                        self._cache.popitem(last=False)
+                    for i in range(b, stop + 1):
+                        self._copy(i, data[(i - b) * bs : (i - b + 1) * bs], offset,
+                                   end, buf)
+                    b = stop + 1
+                    continue
+                self._cache.move_to_end(b)
+                self._copy(b, blk, offset, end, buf)
+                b += 1
+        return n
+
+    def _copy(self, b: int, blk: bytes, offset: int, end: int, buf: memoryview) -> None:
+        bs = self._block
+        lo, hi = max(b * bs, offset), min((b + 1) * bs, end)
+        if lo < hi:
+            buf[lo - offset : hi - offset] = blk[lo - b * bs : hi - b * bs]
+
+    # --- writes (write-through) -------------------------------------------------------
+    def _read_only(self) -> UsageError:
+        return UsageError(f"'{self.url}' is open read-only")
+
+    def _write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if not self.writable:
+            raise self._read_only()
+        self._check_open()
+        with self._lock:
+            if offset > self._size:  # a gap: zeros, as a file's hole reads
+                self._write_at(self._size, bytes(offset - self._size))
+            try:
+                self._f.seek(offset)
+                self._f.write(bytes(data))
+            except Exception as e:
+                raise RemoteError(f"Could not write '{self.url}' at offset {offset:#x}: "
+                                  f"{type(e).__name__}: {e}", url=self.url,
+                                  offset=offset) from None
+            bs = self._block
+            for b in range(offset // bs, (offset + len(data) - 1) // bs + 1):
+                self._cache.pop(b, None)
+            self._size = max(self._size, offset + len(data))
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if len(data):
+            self._write_at(offset, data)
+
+    def pwritev(self, offset: int, parts: list[bytes | bytearray | memoryview]) -> None:
+        self.pwrite(offset, b"".join(bytes(p) for p in parts))
+
+    def truncate(self, size: int) -> None:
+        if not self.writable:
+            raise self._read_only()
+        with self._lock:
+            if size > self._size:
+                self.write_zeros(self._size, size - self._size)
+                return
+            try:
+                self._f.truncate(size)
+            except Exception as e:
+                raise RemoteError(f"Could not truncate '{self.url}' to {size}: {e}",
+                                  url=self.url) from None
+            self._cache.clear()
+            self._size = size
+
+    def empty(self) -> None:
+        self.truncate(0)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        chunk = 1 << 20
+        while length > 0:
+            k = min(chunk, length)
+            self.pwrite(offset, bytes(k))
+            offset += k
+            length -= k
+
+    def zero_range(self, offset: int, length: int, keep_size: bool = True) -> None:
+        if keep_size:
+            length = max(0, min(length, self._size - offset))
+        self.write_zeros(offset, length)
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """No holes in an object: nothing punched (the caller writes zeros)."""
+        if not self.writable:
+            raise self._read_only()
+        return False
+
+    def preallocate(self, offset: int, length: int) -> None:
+        if offset + length > self._size:
+            self.truncate(offset + length)
+
+    # --- size and the rest of the Host protocol ---------------------------------------
+    def flush(self) -> None:
+        if self.writable and not self._closed:
+            with self._lock:
+                self._f.flush()
+
+    def lock(self, writable: bool) -> None:
+        """No lock bytes in an object store; a writable lock needs a writable host."""
+        if writable and not self.writable:
+            raise self._read_only()
+
+    def close(self) -> None:
+        """Close the file object (idempotent); a memory:// object stays in its store."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            self._cache.clear()
+            f, self._f = self._f, None
+            if f is not None and self.protocol != "memory":  # memory's file IS the object
+                f.close()
+            elif f is not None and self.writable:
+                f.flush()
+
+    def __enter__(self) -> FsspecHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_fsspec(url: str, policy: OpenPolicy | None = None, writable: bool = False,
+                storage_options: Mapping[str, Any] | None = None, *,
+                block_size: int = BLOCK_SIZE, cache_bytes: int = CACHE_BYTES
+                ) -> FsspecHost:
+    """Open the object at fsspec ``url`` as a host.
+
+    ``storage_options`` go to the filesystem (s3: ``endpoint_url``, ``key``, ``secret``,
+    ``anon`` ...; fsspec's configuration and environment ``FSSPEC_S3_ENDPOINT_URL``
+    etc. apply too).  ``writable`` writes through (memory://, file://); an object store
+    refuses it.  A fault raises :class:`~diskimg.errors.RemoteError` naming the URL.
+    ``policy`` is accepted for symmetry with the other openers (backing files:
+    :func:`resolve_backing`).
+    """
+    del policy
+    fs, key = _filesystem(url, storage_options)
+    return FsspecHost(fs, key, url, writable=writable, block_size=block_size,
+                      cache_bytes=cache_bytes)
+
+
+def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None
+                     ) -> BinaryIO:
+    """A new object at ``url`` as a binary file object opened ``"wb"`` (non-seekable on
+    an object store: s3fs uploads it in parts and commits it on ``close``; nothing is
+    visible under ``url`` before that).  Write the image in order, then close it."""
+    fs, key = _filesystem(url, storage_options)
+    try:
+        return cast(BinaryIO, fs.open(key, "wb"))
+    except Exception as e:
+        raise remote_error(url, e, None) from None
+
+
+def resolve_backing(url: str, name: str, policy: OpenPolicy, top: str) -> str:
+    """The URL of the backing file ``name`` written in the image at ``url`` (whose top
+    image is ``top``): ``name`` relative to the image's key in the same store.  A local
+    path, another URL and a name leaving the bucket are refused; an untrusted policy
+    also refuses a name outside the top image's prefix."""
+    scheme = scheme_of(url) or ""
+    if name.startswith(("/", "file:", "json:")) or scheme_of(name) is not None or \
+            ":" in name.split("/", 1)[0]:
+        raise BackingChainError(
+            f"Refusing to open backing file '{name}' named by '{url}': a remote image's "
+            "backing file must be a name relative to it in the same store (no local path, "
+            "no other URL)")
+    rest = url[len(scheme) + 3:]
+    bucket, _, key = rest.partition("/")
+    joined = posixpath.normpath(posixpath.join(posixpath.dirname(key), name))
+    if joined.startswith("../") or joined in ("..", "."):
+        raise BackingChainError(
+            f"Refusing to open backing file '{name}' named by '{url}': it lies outside "
+            f"the bucket '{bucket}'")
+    out = f"{scheme}://{bucket}/{joined}"
+    if policy.untrusted:
+        prefix = top.rsplit("/", 1)[0] + "/"
+        if not out.startswith(prefix):
+            raise BackingChainError(
+                f"Refusing to open backing file '{name}' named by '{url}': it lies outside "
+                f"'{prefix}' (--untrusted)")
+    return out
+
+
+def open_image(url: str, fmt: str | None, *, writable: bool, backing: bool,
+               policy: OpenPolicy, secrets: dict[str, bytes], options: dict[str, str],
+               for_check: bool, storage_options: Mapping[str, Any] | None = None
+               ) -> BlockDevice:
+    """``diskimg.open`` of an fsspec URL: the image and its backing chain in the same
+    store (:func:`resolve_backing`).  Files an image names by path (a qcow2 data file,
+    vmdk extents) are never opened."""
+    from diskimg import api
+
+    fs, key = _filesystem(url, storage_options)
+    # no local file is ever opened for a remote image: confined to no directory at all
+    confined = OpenPolicy(untrusted=True, allowed_dirs=[], max_depth=policy.max_depth)
+    seen: set[str] = set()
+
+    def one(u: str, k: str, f: str | None, w: bool, depth: int) -> BlockDevice:
+        if depth > policy.max_depth:
+            raise BackingChainError(f"Backing chain of '{url}' is deeper than "
+                                    f"{policy.max_depth} images")
+        if u in seen:
+            raise BackingChainError(f"Backing chain loop: '{u}' appears twice in its own "
+                                    "backing chain", path=u, operation="follow backing chain")
+        seen.add(u)
+        host = FsspecHost(fs, k, u, writable=w)
+        try:
+            dev = api._device_over(cast(Any, host), f, policy=confined, secrets=secrets,
+                                   options=options if depth == 0 else {},
+                                   for_check=for_check and depth == 0, backing=backing,
+                                   writable=w)
+        except BaseException:
+            host.close()
+            raise
+        dev.filename = u
+        try:
+            bname, bfmt = api._backing_name(dev) if backing else (None, None)
+            if bname is not None:
+                burl = resolve_backing(u, bname, policy, url)
+                bkey = _filesystem(burl, storage_options)[1]
+                dev.backing = one(burl, bkey, bfmt, False, depth + 1)
+                dev.backing.is_backing = True
+                api._attach_backing(dev)
+        except BaseException:
+            dev.close()
+            raise
+        return dev
+
+    return one(url, key, fmt, writable, 0)
+
+
+def open_remote(url: str, mode: str = "r", *, format: str | None = None,  # noqa: A002
+                storage_options: Mapping[str, Any] | None = None, backing: bool = True,
+                untrusted: bool = False, for_check: bool = False,
+                secrets: Mapping[str, bytes] | None = None,
+                options: Mapping[str, str] | None = None) -> BlockDevice:
+    """``diskimg.open`` of an fsspec ``url`` with the filesystem's ``storage_options``
+    (s3: ``endpoint_url``, ``key``, ``secret``, ``anon`` ...): what a Dask task opens
+    from a URL and a dict of options (both pickle; an open image does not travel)."""
+    if mode not in ("r", "r+"):
+        raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
+    return open_image(url, format, writable=mode == "r+", backing=backing,
+                      policy=OpenPolicy(untrusted=untrusted), secrets=dict(secrets or {}),
+                      options=dict(options or {}), for_check=for_check,
+                      storage_options=storage_options)
+
+
+if TYPE_CHECKING:  # the type checker proves FsspecHost is a Host (the formats' byte source)
+    def _is_a_host(h: FsspecHost) -> Host:
+        return h
