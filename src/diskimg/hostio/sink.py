@@ -18,6 +18,7 @@ destinations that cannot seek: bytes go out in order, once.  Invariants:
 from __future__ import annotations
 
 import errno
+import io
 import os
 from typing import Protocol
 
@@ -48,8 +49,11 @@ class Sink:
                  owned: bool = False, buffer: int = BUFFER) -> None:
         self._fd = dest if isinstance(dest, int) else None
         self._obj = None if isinstance(dest, int) else dest
-        self.name = name if name is not None else (
-            f"fd {dest}" if isinstance(dest, int) else str(getattr(dest, "name", repr(dest))))
+        if name is None:
+            name = f"fd {dest}" if isinstance(dest, int) else (
+                str(dest.name) if isinstance(dest, io.FileIO | io.BufferedWriter)
+                else type(dest).__name__)
+        self.name = name
         self.owned = owned
         self.offset = 0            # bytes accepted
         self._done = 0             # bytes that reached the destination
@@ -113,11 +117,10 @@ class Sink:
     def flush(self) -> None:
         """Write what is buffered (a file object's own buffer is flushed too)."""
         self._drain()
-        if self._obj is not None:
-            fl = getattr(self._obj, "flush", None)
-            if fl is not None:
+        if isinstance(self._obj, io.IOBase):   # a file object's own buffer
+            if not self._obj.closed:
                 try:
-                    fl()
+                    self._obj.flush()
                 except (OSError, ValueError) as e:
                     raise SinkError(f"{self.name}: flush failed at offset {self._done}: {e}",
                                     path=self.name, offset=self._done) from e
@@ -133,10 +136,8 @@ class Sink:
             if self.owned:
                 if self._fd is not None:
                     os.close(self._fd)
-                elif self._obj is not None:
-                    cl = getattr(self._obj, "close", None)
-                    if cl is not None:
-                        cl()
+                elif isinstance(self._obj, io.IOBase):
+                    self._obj.close()
 
     def abort(self) -> None:
         """Drop what is buffered and close an owned destination (after a failure)."""
