@@ -24,7 +24,7 @@ pytestmark = pytest.mark.qemu
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 6 * 1024 * 1024 + 1536          # the last grain/cluster is partial
-STREAMABLE = [("raw", []), ("vmdk", ["-o", "subformat=streamOptimized"])]
+STREAMABLE = [("raw", []), ("vmdk", ["-o", "subformat=streamOptimized"]), ("qcow2", [])]
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
 
 
@@ -135,6 +135,7 @@ def test_vmdk_stream_is_the_seekable_path_bytes(src: Path, tmp_path: Path,
 
 REFUSED = [
     (["-O", "qcow2", "-c"], "compressed qcow2 cannot be written to a stream"),
+    (["-O", "qcow2", "-o", "extended_l2=on"], "extended_l2 cannot be written to a stream"),
     (["-O", "vmdk"], "vmdk subformat 'monolithicSparse' cannot be written to a stream"),
     (["-O", "vmdk", "-o", "subformat=monolithicFlat"], "use -o subformat=streamOptimized"),
     (["-O", "qcow2", "--object", "secret,id=s0,data=pw", "-o",
@@ -154,6 +155,22 @@ def test_refusals_write_nothing(src: Path, args: list[str], why: str) -> None:
     assert res.returncode == 1
     assert res.stdout == b""
     assert why in res.stderr.decode(), res.stderr
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=4096,refcount_bits=1", "compat=0.10",
+                                  "cluster_size=512,refcount_bits=64,lazy_refcounts=on"])
+def test_qcow2_stream_layouts(src: Path, tmp_path: Path, opts: str) -> None:
+    """qcow2 laid out metadata-first: no leaks (check), same guest bytes (compare), every
+    data cluster mapped once, in guest order after the metadata."""
+    buf = io.BytesIO()
+    diskimg.convert(src, buf, "qcow2", options=dict(kv.split("=") for kv in opts.split(",")))
+    out = tmp_path / "out.qcow2"
+    out.write_bytes(buf.getvalue())
+    _readback(out, src, "qcow2")
+    data = [e for e in QEMU.map(out) if e["data"]]
+    offs = [e["offset"] for e in data]
+    assert offs == sorted(offs) and offs[-1] + data[-1]["length"] <= len(buf.getvalue())
+    assert sum(e["length"] for e in data) >= 1 << 20
 
 
 def test_refusal_api_leaves_file_object_empty(src: Path) -> None:

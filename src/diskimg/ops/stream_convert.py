@@ -100,7 +100,6 @@ def refusal(out_format: str, n_sources: int, options: Mapping[str, Any], *,
             return "a qcow2 with an external data file cannot be written to a stream"
         if n_sources != 1:
             return "a streamed qcow2 is written from one source"
-        return "qcow2 cannot be written to a stream yet"
     return None
 
 
@@ -112,6 +111,11 @@ def convert_to_stream(devs: Sequence[BlockDevice], dst: object, out_format: str,
     ``dst``; the caller has checked :func:`refusal`.  A sink made here (from a file
     descriptor, a path or a file object) is flushed and closed; a :class:`Sink` given is
     flushed, not closed."""
+    qplan = None
+    if out_format == "qcow2":   # the layout (and its refusals) before the target opens
+        from diskimg.qcow2 import stream_write
+
+        qplan = stream_write.plan(devs[0], dict(options))
     sink, made = _open_target(dst)
     try:
         if on_created is not None:
@@ -129,6 +133,12 @@ def convert_to_stream(devs: Sequence[BlockDevice], dst: object, out_format: str,
                 devs[0], sink, options=opts, threads=workers,
                 progress=None if progress is None or not total else
                 (lambda done, size: progress(100.0 * done / size)))
+        elif qplan is not None:
+            plan = qplan
+            stream_write.write(
+                devs[0], plan, sink,
+                progress=None if progress is None or not plan.data_clusters else
+                (lambda done, n: progress(100.0 * done / n)))
         else:  # pragma: no cover - refusal() keeps other formats out
             raise UsageError(f"format '{out_format}' cannot be written to a stream")
         sink.flush()
