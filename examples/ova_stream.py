@@ -21,6 +21,8 @@ import hashlib
 import os
 import sys
 import tarfile
+import threading
+from collections.abc import Callable
 from typing import BinaryIO
 
 import diskimg
@@ -110,6 +112,24 @@ def stream_ova(src: str, out: BinaryIO, name: str = "appliance") -> int:
     return size
 
 
+def into_pipe(write: Callable[[BinaryIO], object]) -> bytes:
+    """What ``write`` writes into a pipe (drained by a thread): a destination that
+    cannot seek."""
+    r, w = os.pipe()
+    got: list[bytes] = []
+
+    def drain() -> None:
+        with os.fdopen(r, "rb") as f:
+            got.append(f.read())
+
+    t = threading.Thread(target=drain)
+    t.start()
+    with os.fdopen(w, "wb") as pipe:
+        write(pipe)
+    t.join()
+    return got[0]
+
+
 def main() -> None:
     if len(sys.argv) == 3:
         src, dst = sys.argv[1:]
@@ -119,27 +139,15 @@ def main() -> None:
         with open(dst, "wb") as f:
             stream_ova(src, f)
         return
+    sizes: list[int] = []
     diskimg.create("appliance.qcow2", "qcow2", 64 << 20)
     with diskimg.open("appliance.qcow2", "r+") as img:
         img.write(0, b"\xeb\x63\x90" + bytes(509))
         img.write(40 << 20, b"payload" * 10000)
-    r, w = os.pipe()     # a pipe: the OVA cannot be sought in
-    import threading
-
-    chunks: list[bytes] = []
-
-    def drain() -> None:
-        with os.fdopen(r, "rb") as f:
-            while chunk := f.read(1 << 16):
-                chunks.append(chunk)
-
-    t = threading.Thread(target=drain)
-    t.start()
-    with os.fdopen(w, "wb") as pipe:
-        size = stream_ova("appliance.qcow2", pipe)
-    t.join()
+    blob = into_pipe(lambda pipe: sizes.append(stream_ova("appliance.qcow2", pipe)))
+    size = sizes[0]
     with open("out.ova", "wb") as f:
-        f.write(b"".join(chunks))
+        f.write(blob)
     with tarfile.open("out.ova") as ova:
         names = ova.getnames()
         assert names == ["appliance.ovf", "appliance.mf", DISK], names

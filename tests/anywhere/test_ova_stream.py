@@ -7,9 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
-import os
 import tarfile
-import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -38,20 +36,9 @@ def test_ova_into_a_pipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     QEMU.img("create", "-q", "-f", "qcow2", src, "5M")
     QEMU.io(src, "write -P 0x3c 0 700k", "write -P 0x77 4M 65536")
     ova = _example()
-    r, w = os.pipe()
-    got: list[bytes] = []
-
-    def drain() -> None:
-        with os.fdopen(r, "rb") as f:
-            while chunk := f.read(1 << 16):
-                got.append(chunk)
-
-    t = threading.Thread(target=drain)
-    t.start()
-    with os.fdopen(w, "wb") as pipe:
-        size = ova.stream_ova(str(src), pipe, name="app")
-    t.join(60)
-    blob = b"".join(got)
+    sizes: list[int] = []
+    blob = ova.into_pipe(lambda pipe: sizes.append(ova.stream_ova(str(src), pipe, name="app")))
+    size = sizes[0]
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         assert tar.getnames() == ["app.ovf", "app.mf", "disk1.vmdk"]
         files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]

@@ -52,11 +52,11 @@ def _readback(path: Path, src: Path, fmt: str) -> None:
 
 
 def _drain(fd: int, out: list[bytes]) -> threading.Thread:
-    def loop() -> None:
+    def drain() -> None:
         with os.fdopen(fd, "rb") as f:
-            while chunk := f.read(1 << 16):
-                out.append(chunk)
-    t = threading.Thread(target=loop)
+            out.append(f.read())
+
+    t = threading.Thread(target=drain)
     t.start()
     return t
 
