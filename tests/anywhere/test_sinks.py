@@ -84,7 +84,7 @@ def test_fifo(src: Path, tmp_path: Path, fmt: str, extra: list[str]) -> None:
     os.mkfifo(fifo)
     got: list[bytes] = []
     # the reader opens the FIFO (blocking until convert opens it for writing)
-    t = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    t = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
     t.start()
     diskimg.convert(src, fifo, fmt, options=_opts(fmt))
     t.join(60)
@@ -143,6 +143,7 @@ REFUSED = [
     (["-O", "luks", "--object", "secret,id=s0,data=pw", "-o", "key-secret=s0"],
      "format 'luks' cannot be written to a stream"),
     (["-O", "raw", "-o", "preallocation=full"], "preallocation is not supported"),
+    (["-O", "raw", "-r", "1M"], "-r (rate limit) is not supported"),
     (["-O", "vmdk", "-o", "subformat=streamOptimized", "-B", "b.vmdk", "-F", "vmdk"],
      "cannot have a backing file"),
 ]
@@ -171,6 +172,31 @@ def test_qcow2_stream_layouts(src: Path, tmp_path: Path, opts: str) -> None:
     offs = [e["offset"] for e in data]
     assert offs == sorted(offs) and offs[-1] + data[-1]["length"] <= len(buf.getvalue())
     assert sum(e["length"] for e in data) >= 1 << 20
+
+
+def test_unix_socket_path(src: Path, tmp_path: Path) -> None:
+    """A path naming a listening unix socket: convert connects and streams into it."""
+    path = tmp_path / "s.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    got: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rb") as f:
+            got.append(f.read())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        diskimg.convert(src, path, "qcow2")
+        t.join(60)
+    finally:
+        server.close()
+    out = tmp_path / "out.qcow2"
+    out.write_bytes(got[0])
+    _readback(out, src, "qcow2")
 
 
 def test_refusal_api_leaves_file_object_empty(src: Path) -> None:

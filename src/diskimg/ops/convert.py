@@ -133,7 +133,8 @@ def convert(
     if is_stream(dst):
         why = refusal(out_format, len(srcs), options or {}, compress=compress,
                       backing_file=backing_file, target_exists=target_exists,
-                      bitmaps=bitmaps, salvage=salvage is not False)
+                      bitmaps=bitmaps, salvage=salvage is not False,
+                      rate_limit=rate_limit)
         if why is not None:
             raise UsageError(why)
     opened: list[tuple[BlockDevice, bool]] = []

@@ -64,9 +64,11 @@ def _open_target(dst: object) -> tuple[Sink, bool]:
 
 def refusal(out_format: str, n_sources: int, options: Mapping[str, Any], *,
             compress: bool, backing_file: str | None, target_exists: bool,
-            bitmaps: bool, salvage: bool) -> str | None:
+            bitmaps: bool, salvage: bool, rate_limit: int | None = None) -> str | None:
     """Why this convert cannot be written to a stream (None: it can)."""
     opts = {k: str(v) for k, v in options.items()}
+    if rate_limit:
+        return "-r (rate limit) is not supported when writing to a stream"
     if target_exists:
         return "-n writes into an existing image; a stream has no image to write into"
     if bitmaps:
