@@ -199,6 +199,34 @@ def test_unix_socket_path(src: Path, tmp_path: Path) -> None:
     _readback(out, src, "qcow2")
 
 
+def test_stdout_terminal_refused(src: Path) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        res = subprocess.run([sys.executable, "-m", "diskimg", "convert", "-O", "raw",
+                              str(src), "-"], stdout=slave, stderr=subprocess.PIPE, env=ENV,
+                             timeout=60)
+        os.set_blocking(master, False)
+        try:
+            written = os.read(master, 1 << 16)
+        except BlockingIOError:
+            written = b""
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert res.returncode == 1 and written == b""
+    assert b"standard output, which is a terminal" in res.stderr
+
+
+def test_raw_concatenates_sources(src: Path, tmp_path: Path) -> None:
+    second = tmp_path / "b.raw"
+    second.write_bytes(os.urandom(1 << 20) + bytes(512))
+    buf = io.BytesIO()
+    diskimg.convert([src, second], buf, "raw")
+    assert buf.getvalue() == QEMU.raw_bytes(src) + second.read_bytes()
+
+
 def test_refusal_api_leaves_file_object_empty(src: Path) -> None:
     buf = io.BytesIO()
     with pytest.raises(UsageError, match="compressed qcow2"):

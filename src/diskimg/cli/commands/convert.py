@@ -179,6 +179,9 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
             # the target is stdout, written as a stream (progress lines would mix in)
             from diskimg.hostio.sink import Sink
 
+            if sys.stdout.isatty():
+                raise UsageError("the target '-' is standard output, which is a terminal: "
+                                 "redirect it to a file or a pipe")
             sys.stdout.flush()
             target = Sink(sys.stdout.fileno(), "stdout")
             a.progress = False
