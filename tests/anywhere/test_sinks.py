@@ -263,6 +263,29 @@ def test_sink_error_and_bounded_buffer() -> None:
     a.close()
 
 
+def test_nonblocking_pipe_waits(src: Path) -> None:
+    """A non-blocking pipe that fills up is waited on, not an error."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    got: list[bytes] = []
+    t = _drain(r, got)
+    try:
+        diskimg.convert(src, w, "raw")
+    finally:
+        os.close(w)
+    t.join(60)
+    assert got[0] == QEMU.raw_bytes(src)
+
+
+def test_api_peer_closes_mid_stream(src: Path) -> None:
+    a, b = socket.socketpair()
+    b.close()
+    with pytest.raises(SinkError, match=r"fd \d+: write failed at offset 0") as ei:
+        diskimg.convert(src, a.fileno(), "qcow2")
+    assert ei.value.offset == 0
+    a.close()
+
+
 def test_sink_holds_at_most_its_buffer() -> None:
     seen: list[int] = []
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import select
 from typing import Protocol
 
 from diskimg.errors import DiskImgError
@@ -91,7 +92,11 @@ class Sink:
         try:
             while pos < len(mv):
                 if self._fd is not None:
-                    n: int | None = os.write(self._fd, mv[pos:])
+                    try:
+                        n: int | None = os.write(self._fd, mv[pos:])
+                    except BlockingIOError:   # a non-blocking pipe that is full: wait
+                        select.select([], [self._fd], [])
+                        continue
                 else:
                     assert self._obj is not None
                     n = self._obj.write(mv[pos:])
