@@ -227,6 +227,13 @@ def test_raw_concatenates_sources(src: Path, tmp_path: Path) -> None:
     assert buf.getvalue() == QEMU.raw_bytes(src) + second.read_bytes()
 
 
+def test_text_file_object_refused(src: Path) -> None:
+    text = io.StringIO()
+    with pytest.raises(UsageError, match="text file object"):
+        diskimg.convert(src, text, "raw")
+    assert text.getvalue() == ""
+
+
 def test_refusal_api_leaves_file_object_empty(src: Path) -> None:
     buf = io.BytesIO()
     with pytest.raises(UsageError, match="compressed qcow2"):

@@ -131,7 +131,7 @@ def convert(
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {})}
     if is_stream(dst):
-        why = refusal(out_format, len(srcs), options or {}, compress=compress,
+        why = refusal(out_format, len(srcs), options or {}, compress=compress, dst=dst,
                       backing_file=backing_file, target_exists=target_exists,
                       bitmaps=bitmaps, salvage=salvage is not False,
                       rate_limit=rate_limit)

@@ -11,6 +11,7 @@ most :data:`diskimg.hostio.sink.BUFFER` bytes.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from collections.abc import Callable, Mapping, Sequence
@@ -64,9 +65,12 @@ def _open_target(dst: object) -> tuple[Sink, bool]:
 
 def refusal(out_format: str, n_sources: int, options: Mapping[str, Any], *,
             compress: bool, backing_file: str | None, target_exists: bool,
-            bitmaps: bool, salvage: bool, rate_limit: int | None = None) -> str | None:
+            bitmaps: bool, salvage: bool, rate_limit: int | None = None,
+            dst: object = None) -> str | None:
     """Why this convert cannot be written to a stream (None: it can)."""
     opts = {k: str(v) for k, v in options.items()}
+    if isinstance(dst, io.TextIOBase):
+        return "the target is a text file object: pass a binary one (e.g. sys.stdout.buffer)"
     if rate_limit:
         return "-r (rate limit) is not supported when writing to a stream"
     if target_exists:
