@@ -122,13 +122,12 @@ class Sink:
     def flush(self) -> None:
         """Write what is buffered (a file object's own buffer is flushed too)."""
         self._drain()
-        if isinstance(self._obj, io.IOBase):   # a file object's own buffer
-            if not self._obj.closed:
-                try:
-                    self._obj.flush()
-                except (OSError, ValueError) as e:
-                    raise SinkError(f"{self.name}: flush failed at offset {self._done}: {e}",
-                                    path=self.name, offset=self._done) from e
+        if isinstance(self._obj, io.IOBase) and not self._obj.closed:   # its own buffer
+            try:
+                self._obj.flush()
+            except (OSError, ValueError) as e:
+                raise SinkError(f"{self.name}: flush failed at offset {self._done}: {e}",
+                                path=self.name, offset=self._done) from e
 
     def close(self) -> None:
         """Write what is buffered and (when ``owned``) close the destination."""
