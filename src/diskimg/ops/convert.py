@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
 from diskimg.ops.bitmap_copy import check_copy, copy_bitmaps
 from diskimg.ops.common import SECTOR, ProgressFn, Source, _open
 from diskimg.ops.copier import RateLimit, Salvage, _Copier
+from diskimg.ops.stream_convert import StreamTarget, convert_to_stream, is_stream, refusal
 from diskimg.params import renamed
 from diskimg.units import SIZE_HELP
 
@@ -42,7 +43,7 @@ def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) ->
 
 def convert(
     sources: Source | Sequence[Source],
-    dst: str | os.PathLike[str] | BlockDevice,
+    dst: str | os.PathLike[str] | BlockDevice | StreamTarget,
     out_format: str = "raw",
     *,
     format: str | None = None,  # noqa: A002 - the one keyword for an image's format
@@ -93,6 +94,11 @@ def convert(
     copy; a callable receives qemu-img's warning line for each unreadable sector.
     ``on_created`` is called once a new target has been created (before it is opened).
 
+    ``dst`` may be a stream (see :mod:`diskimg.ops.stream_convert`): a file descriptor,
+    a writable binary file object, a :class:`~diskimg.hostio.sink.Sink`, or the path of a
+    FIFO or socket; raw, streamOptimized vmdk and qcow2 are then written front to back,
+    and what cannot be streamed is refused before anything is written.
+
     A failed convert removes the target file it created (a path that did not exist
     before); an existing target (``target_exists``, or a file that was overwritten) keeps
     what was written, as in qemu-img.
@@ -124,6 +130,13 @@ def convert(
         raise UsageError(SIZE_HELP.replace("image size", "rate limit"), field="size")
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {})}
+    if is_stream(dst):
+        why = refusal(out_format, len(srcs), options or {}, compress=compress, dst=dst,
+                      backing_file=backing_file, target_exists=target_exists,
+                      bitmaps=bitmaps, salvage=salvage is not False,
+                      rate_limit=rate_limit)
+        if why is not None:
+            raise UsageError(why)
     opened: list[tuple[BlockDevice, bool]] = []
     created: str | os.PathLike[str] | None = None  # the target path this call creates
     made: os.stat_result | None = None
@@ -141,6 +154,11 @@ def convert(
                 raise UsageError("No support for concatenating multiple snapshot")
             devs = [_snapshot_view(devs[0], snapshot)]
         total = sum(d.size for d in devs)
+        if is_stream(dst):
+            convert_to_stream(devs, dst, out_format, options or {}, progress=progress,
+                              on_created=on_created, workers=workers)
+            return
+        assert isinstance(dst, str | os.PathLike | BlockDevice)
         if skip_broken_bitmaps and not bitmaps:
             raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
         skip: list[str] = []

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from diskimg.device import BlockDevice
 from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
+from diskimg.hostio.sink import Sink
 from diskimg.options import check_preallocation
 from diskimg.options import parse_bool as _bool
 from diskimg.policy import OpenPolicy
@@ -81,19 +82,22 @@ def stream_header(capacity: int) -> S.SparseHeader:
                           S.EOL_CHARS, S.COMPRESSION_DEFLATE)
 
 
-def _split_name(path: Path) -> tuple[str, str]:
-    base = path.name
-    dot = base.rfind(".")
-    return (base[:dot], base[dot:]) if dot > 0 else (base, "")
+class _Options(NamedTuple):
+    """A new vmdk's ``-o`` options, checked."""
+
+    sub: str
+    adapter: str
+    hw_version: str
+    tools: str
+    zeroed: bool
+    size: int               # rounded up to a sector
+    heads: int
 
 
-def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | None = None,
-                options: dict[str, Any] | None = None) -> None:
-    """Create a vmdk like ``qemu-img create -f vmdk`` with qemu's ``-o`` options."""
-    path = Path(path)
-    opts = dict(options or {})
+def _parse_options(size: int, opts: dict[str, Any]) -> _Options:
+    """Check and take qemu's vmdk ``-o`` options out of ``opts`` (``backing_file`` is
+    the caller's); an unknown one is refused."""
     opts.pop("size", None)
-    backing_file = backing_file or opts.pop("backing_file", None)
     opts.pop("backing_fmt", None)
     sub = str(opts.pop("subformat", "monolithicSparse"))
     adapter = str(opts.pop("adapter_type", "ide"))
@@ -118,6 +122,61 @@ def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | 
     if size < 0 or size // S.SECTOR > (1 << 63) // S.SECTOR - 1:
         raise UsageError("Image size must be less than 8 EiB!")
     heads = 16 if adapter == "ide" else 255
+    return _Options(sub, adapter, hw_version, tools, zeroed, size, heads)
+
+
+def _descriptor(o: _Options, parent_cid: int, backing_file: str | None,
+                extents: list[ExtentLine]) -> bytes:
+    return build(cid=new_cid(), parent_cid=parent_cid, create_type=o.sub,
+                 parent_hint=backing_file, extents=extents, hw_version=o.hw_version,
+                 cylinders=o.size // (63 * o.heads * S.SECTOR), heads=o.heads,
+                 adapter_type=o.adapter, tools_version=o.tools).encode("latin-1")
+
+
+def _stream_head(cap: int, zeroed: bool, text: bytes) -> tuple[S.SparseHeader, bytes]:
+    """A streamOptimized extent's first ``overhead`` sectors: header and descriptor."""
+    h = stream_header(cap)
+    if zeroed:
+        h = h.with_(flags=h.flags | S.FLAG_ZERO_GRAIN)
+    return h, (h.pack() + text.ljust(20 * S.SECTOR, b"\0")).ljust(h.overhead * S.SECTOR,
+                                                                 b"\0")
+
+
+def stream_preamble(size: int, options: dict[str, Any] | None = None,
+                    name: str = "disk.vmdk") -> tuple[S.SparseHeader, bytes]:
+    """The header and the first bytes (header + embedded descriptor naming ``name``) of a
+    streamOptimized vmdk of ``size`` bytes, for a destination that cannot seek: the same
+    bytes :func:`create_vmdk` writes (GD_AT_END: the tables follow the grains, the
+    footer says where).  ``options`` as for ``create``; the subformat must be
+    streamOptimized and there is no backing file."""
+    opts = dict(options or {})
+    opts.setdefault("subformat", "streamOptimized")
+    if opts.pop("backing_file", None):
+        raise UsageError("a streamed vmdk cannot have a backing file")
+    o = _parse_options(size, opts)
+    if o.sub != "streamOptimized":
+        raise UsageError(f"vmdk subformat '{o.sub}' cannot be written to a stream: its "
+                         "tables come before the data and are filled in afterwards; use "
+                         "subformat=streamOptimized")
+    cap = o.size // S.SECTOR
+    text = _descriptor(o, NO_PARENT, None, [ExtentLine("RW", cap, "SPARSE", name)])
+    return _stream_head(cap, o.zeroed, text)
+
+
+def _split_name(path: Path) -> tuple[str, str]:
+    base = path.name
+    dot = base.rfind(".")
+    return (base[:dot], base[dot:]) if dot > 0 else (base, "")
+
+
+def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | None = None,
+                options: dict[str, Any] | None = None) -> None:
+    """Create a vmdk like ``qemu-img create -f vmdk`` with qemu's ``-o`` options."""
+    path = Path(path)
+    opts = dict(options or {})
+    backing_file = backing_file or opts.pop("backing_file", None)
+    o = _parse_options(size, opts)
+    sub, zeroed, size = o.sub, o.zeroed, o.size
     parent_cid = NO_PARENT
     if backing_file:
         bpath = OpenPolicy().resolve(backing_file, Path(os.path.abspath(path)))
@@ -171,10 +230,7 @@ def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | 
                     extents.append(ExtentLine("RW", n // S.SECTOR, "SPARSE", name))
             finally:
                 eh.close()
-        text = build(cid=new_cid(), parent_cid=parent_cid, create_type=sub,
-                     parent_hint=backing_file, extents=extents, hw_version=hw_version,
-                     cylinders=size // (63 * heads * S.SECTOR), heads=heads,
-                     adapter_type=adapter, tools_version=tools).encode("latin-1")
+        text = _descriptor(o, parent_cid, backing_file, extents)
         _write_descriptor(desc_host, sub, cap, zeroed, text)
     finally:
         desc_host.close()
@@ -188,56 +244,68 @@ def _write_descriptor(desc_host: Host, sub: str, cap: int, zeroed: bool,
         _init_sparse(desc_host, cap, zeroed)
         desc_host.pwrite(S.SECTOR, text)
     elif sub == "streamOptimized":
-        h = stream_header(cap)
-        if zeroed:
-            h = h.with_(flags=h.flags | S.FLAG_ZERO_GRAIN)
-        desc_host.pwrite(0, h.pack())
-        desc_host.pwrite(S.SECTOR, text.ljust(20 * S.SECTOR, b"\0"))
+        h, head = _stream_head(cap, zeroed, text)
+        desc_host.pwrite(0, head)
         StreamWriter(desc_host, h, h.overhead * S.SECTOR, threads=1).finish()
     else:
         desc_host.pwrite(0, text)
 
 
-def write_stream_optimized(src: BlockDevice, dst: str | os.PathLike[str], *,
+def write_stream_optimized(src: BlockDevice, dst: str | os.PathLike[str] | Sink, *,
                            options: dict[str, Any] | None = None, level: int = 6,
                            threads: int | None = None,
-                           progress: Callable[[int, int], None] | None = None) -> None:
+                           progress: Callable[[int, int], None] | None = None,
+                           name: str = "disk.vmdk") -> None:
     """Write ``src`` as a streamOptimized vmdk at ``dst``, front to back in one pass.
 
     All-zero grains are skipped; grains are deflated on a thread pool (zlib releases the
-    GIL) and appended in guest order, so the output could go straight into a pipe.
+    GIL) and appended in guest order.  ``dst`` may be a :class:`Sink` (a pipe, a socket,
+    stdout): then nothing is sought back to, and the bytes are those a path gets (the
+    embedded descriptor names ``name`` as its extent).
     """
+    if isinstance(dst, Sink):
+        h, head = stream_preamble(src.size, options, name)
+        dst.write(head)
+        _stream_grains(src, StreamWriter(dst, h, len(head), threads=threads, level=level),
+                       progress)
+        return
     opts = dict(options or {})
     opts["subformat"] = "streamOptimized"
     create_vmdk(dst, src.size, options=opts)
     host = open_host_file(dst, True)
     try:
         h = S.SparseHeader.parse(host.pread(0, S.SECTOR))
-        w = StreamWriter(host, h, h.overhead * S.SECTOR, threads=threads, level=level)
-        try:
-            gb = w.gb
-            zero = bytes(gb)
-            buf = bytearray(gb)
-            last = -1
-            for e in src.map():
-                if not e.data:          # holes and zero runs are not stored
-                    continue
-                g = max(e.start // gb, last + 1)
-                while g * gb < e.start + e.length:
-                    off = g * gb
-                    n = min(gb, src.size - off)
-                    mv = memoryview(buf)
-                    src.readinto(off, mv[:n])   # reads stay on this thread
-                    if n < gb:
-                        mv[n:] = zero[:gb - n]
-                    if buf != zero:
-                        w.add_grain(g, bytes(buf))
-                    if progress is not None:
-                        progress(off + n, src.size)
-                    last = g
-                    g += 1
-            w.finish()
-        finally:
-            w.close()
+        _stream_grains(src, StreamWriter(host, h, h.overhead * S.SECTOR, threads=threads,
+                                         level=level), progress)
     finally:
         host.close()
+
+
+def _stream_grains(src: BlockDevice, w: StreamWriter,
+                   progress: Callable[[int, int], None] | None) -> None:
+    """Every non-zero grain of ``src`` into ``w``, in order, then its tables and footer."""
+    try:
+        gb = w.gb
+        zero = bytes(gb)
+        buf = bytearray(gb)
+        last = -1
+        for e in src.map():
+            if not e.data:          # holes and zero runs are not stored
+                continue
+            g = max(e.start // gb, last + 1)
+            while g * gb < e.start + e.length:
+                off = g * gb
+                n = min(gb, src.size - off)
+                mv = memoryview(buf)
+                src.readinto(off, mv[:n])   # reads stay on this thread
+                if n < gb:
+                    mv[n:] = zero[:gb - n]
+                if buf != zero:
+                    w.add_grain(g, bytes(buf))
+                if progress is not None:
+                    progress(off + n, src.size)
+                last = g
+                g += 1
+        w.finish()
+    finally:
+        w.close()

@@ -13,6 +13,17 @@ from diskimg.vmdk import sparse as S
 
 if TYPE_CHECKING:
     from diskimg.hostio.host import Host
+    from typing_extensions import TypeIs
+
+    from diskimg.hostio.sink import Sink
+
+
+def _is_sink(host: Host | Sink) -> TypeIs[Sink]:
+    """Whether ``host`` is a forward-only :class:`~diskimg.hostio.sink.Sink` (imported
+    here, not at module level: opening a vmdk for info does not load it)."""
+    from diskimg.hostio.sink import Sink
+
+    return isinstance(host, Sink)
 
 if TYPE_CHECKING:     # concurrent.futures is imported when a pool is first needed
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,16 +42,25 @@ class StreamWriter:
     a later grain (or :meth:`finish`) completes it.  All-zero grains are not stored.
     Grains are deflated on a small thread pool (zlib releases the GIL) and appended in
     order; at most ``2 * threads`` grains are in flight (bounded memory).
+
+    ``host`` is the extent's file (truncated at ``truncate_at``; the header's
+    ``gd_offset`` is set to GD_AT_END at the end if it was not) or a :class:`Sink` that
+    already received ``truncate_at`` bytes (header and descriptor, GD_AT_END): then
+    nothing is ever sought back to, and the output is the same bytes.
     """
 
-    def __init__(self, host: Host, header: S.SparseHeader, truncate_at: int, *,
+    def __init__(self, host: Host | Sink, header: S.SparseHeader, truncate_at: int, *,
                  threads: int | None = None, level: int = 6) -> None:
         self.host, self.header = host, header
         self.gb = header.grain_size * S.SECTOR
         self.gtes = header.num_gtes_per_gt
         self.gd_entries = -(-header.capacity // (header.grain_size * self.gtes))
         self.pos = truncate_at
-        host.truncate(truncate_at)
+        if _is_sink(host):
+            if host.offset != truncate_at:
+                raise UsageError(f"the stream is at offset {host.offset}, not {truncate_at}")
+        else:
+            host.truncate(truncate_at)
         self._out: list[bytes | bytearray | memoryview] = []  # emitted, not written ...
         self._out_at = truncate_at  # ... starting at this file offset
         self.gd = array("I", bytes(4 * self.gd_entries))
@@ -72,7 +92,10 @@ class StreamWriter:
 
     def _flush_out(self) -> None:
         if self._out:
-            self.host.pwritev(self._out_at, self._out)
+            if _is_sink(self.host):
+                self.host.writev(self._out)
+            else:
+                self.host.pwritev(self._out_at, self._out)
             self._out = []
         self._out_at = self.pos
 
@@ -156,11 +179,16 @@ class StreamWriter:
         footer = self.header.with_(gd_offset=gd_at // S.SECTOR, rgd_offset=0,
                                    flags=self.header.flags & ~S.FLAG_RGD)
         self._emit(S.Marker(1, 0, S.MARKER_FOOTER).pack())
-        if S.SparseHeader.parse(self.host.pread(0, S.SECTOR)).gd_offset != S.GD_AT_END:
-            self.host.pwrite(0, footer.with_(gd_offset=S.GD_AT_END).pack())
+        host = self.host
+        if not _is_sink(host) and \
+                S.SparseHeader.parse(host.pread(0, S.SECTOR)).gd_offset != S.GD_AT_END:
+            host.pwrite(0, footer.with_(gd_offset=S.GD_AT_END).pack())
         self._emit(footer.pack())
         self._emit(S.Marker(0, 0, S.MARKER_EOS).pack())
         self._flush_out()
-        self.host.truncate(self.pos)
-        self.host.flush()
+        if _is_sink(host):
+            host.flush()
+        else:
+            host.truncate(self.pos)
+            host.flush()
 

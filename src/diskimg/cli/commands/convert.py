@@ -19,6 +19,7 @@ from diskimg.units import parse_size
 
 if TYPE_CHECKING:
     from diskimg.cli.progress import Schedule
+    from diskimg.hostio.sink import Sink
 
 USAGE = ('[-f FMT] [-O FMT] [-c] [-o K=V,...] [-B BACKING -F BACKING_FMT] [-n] [-p] [-W] [-m '
          'N] [-S SIZE] [-l SNAPSHOT] [-r RATE] [-U] [--object OBJ] [--image-opts] '
@@ -173,7 +174,17 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
             out_fmt = tfmt or out_fmt
         for k in ("size", "nocow", "extent_size_hint"):
             values.pop(k, None)
-        target: str | BlockDevice = dst_path
+        target: str | BlockDevice | Sink = dst_path
+        if dst == "-" and not a.target_exists and not a.target_image_opts:
+            # the target is stdout, written as a stream (progress lines would mix in)
+            from diskimg.hostio.sink import Sink
+
+            if sys.stdout.isatty():
+                raise UsageError("the target '-' is standard output, which is a terminal: "
+                                 "redirect it to a file or a pipe")
+            sys.stdout.flush()
+            target = Sink(sys.stdout.fileno(), "stdout")
+            a.progress = False
         if a.target_exists:
             target = open_image(ctx, dst, "r+", None if a.target_image_opts else out_fmt,
                                 image_opts=a.target_image_opts)
