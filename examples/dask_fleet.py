@@ -2,7 +2,7 @@
 collect one table (a list of dicts, written as CSV).
 
 Each task gets a URL and the filesystem's options -- never an open image -- opens the
-image where it runs (``diskimg.hostio.remote.open_remote``), checks it, reads what
+image where it runs (``diskimg.open(url, storage_options=...)``), checks it, reads what
 ``qemu-img info`` shows, converts it to qcow2 and uploads the result under ``--dest``.
 One image failing (corrupt, refused, unreachable) is one row with an ``error``, not a
 failed run.
@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import diskimg
-from diskimg.hostio.remote import open_remote
 
 #: the table's columns, in order
 COLUMNS = ("url", "format", "virtual_size", "cluster_size", "backing", "check_errors",
@@ -55,8 +54,8 @@ def inspect_image(url: str, storage_options: Mapping[str, Any] | None = None,
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row["url"] = url
     try:
-        with open_remote(url, storage_options=storage_options, for_check=True,
-                         untrusted=True) as dev:
+        with diskimg.open(url, storage_options=storage_options, for_check=True,
+                          untrusted=True) as dev:
             info = dev.info()
             row.update(format=info.format, virtual_size=info.virtual_size,
                        cluster_size=info.cluster_size, backing=info.backing_filename)

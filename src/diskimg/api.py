@@ -37,6 +37,7 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     options: Mapping[str, str] | None = None,
     for_check: bool = False,
     metadata_only: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> BlockDevice:
     """Open an image.  ``mode`` is ``"r"`` or ``"r+"``; ``format`` None probes (raw last).
 
@@ -61,7 +62,13 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     same store; a vmdk over a file object must be a single file.  The image pickles as
     what opened it (path or URL, mode, format, options, policy -- never secrets); one over
     a file object does not.  An fsspec URL (``s3://``, ``gs://``, ``memory://`` ...; the
-    ``diskimg[remote]`` extra) opens through :func:`diskimg.hostio.remote.open_fsspec`.
+    ``diskimg[remote]`` extra) opens through :func:`diskimg.hostio.remote.open_fsspec`,
+    with ``storage_options`` (the filesystem's: s3 ``endpoint_url``, ``key``, ``secret``,
+    ``anon`` ...; fsspec's configuration and environment apply too); its backing files
+    open with the same options.  ``storage_options`` are refused (UsageError) for anything
+    but an fsspec URL.  They are part of what the image pickles as: a pickled image
+    carries any credentials in them (give credentials through the environment or
+    fsspec's configuration instead when the pickle must not hold them).
     """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -74,6 +81,9 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
         force_share = force_share or share_option(options)
     src: str | Host  # a str: a local file, by the name pathlib prints for it
     recipe: dict[str, object] | None = None  # what reopens it: None over an object/pipe
+    if storage_options and not (isinstance(path, str) and _is_url(path)):
+        raise UsageError("storage_options apply only to fsspec URLs (s3://, gs://, "
+                         f"memory:// ...), not to {path!r}", field="storage_options")
     if isinstance(path, str | os.PathLike):
         shown = os.fspath(path)
         if isinstance(shown, bytes):
@@ -82,7 +92,8 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
         if _is_url(shown):
             from diskimg.hostio.urls import open_url
 
-            src = open_url(shown, policy or OpenPolicy(untrusted=untrusted), writable)
+            src = open_url(shown, policy or OpenPolicy(untrusted=untrusted), writable,
+                           storage_options)
         elif not writable and _is_pipe(shown):
             from diskimg.hostio.pipe import open_pipe
 
@@ -94,7 +105,8 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
             recipe = {"path": shown, "mode": mode, "format": format, "backing": backing,
                       "untrusted": untrusted, "force_share": force_share, "policy": pol,
                       "options": dict(options or {}), "for_check": for_check,
-                      "metadata_only": metadata_only}
+                      "metadata_only": metadata_only,
+                      "storage_options": dict(storage_options or {})}
     else:
         src = _file_object_host(path, writable)
         shown = str(src.path)
@@ -102,7 +114,8 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
     dev = _open_one(src, shown, writable, format, backing=backing,
                     force_share=force_share, policy=pol, secrets=dict(secrets or {}),
                     options=dict(options or {}), seen=set(), depth=0,
-                    for_check=for_check, unlock=not metadata_only)
+                    for_check=for_check, unlock=not metadata_only,
+                    storage_options=storage_options)
     dev.reopen_with = None if recipe is None else (_reopen, recipe)
     return dev
 
@@ -152,10 +165,15 @@ def _reopen(args: dict[str, object]) -> BlockDevice:
 def _open_one(src: str | Host, name: str, writable: bool, fmt: str | None, *, backing: bool,
               force_share: bool, policy: OpenPolicy, secrets: dict[str, bytes],
               options: dict[str, str], seen: set[Hashable], depth: int,
-              for_check: bool = False, unlock: bool = True) -> BlockDevice:
+              for_check: bool = False, unlock: bool = True,
+              storage_options: Mapping[str, Any] | None = None, top: str | None = None
+              ) -> BlockDevice:
     """Open ``src`` (a local file's name, or a host) and, with ``backing``, its chain;
-    ``name`` is what the image is shown by (as given: ``./x`` stays)."""
+    ``name`` is what the image is shown by (as given: ``./x`` stays).  A URL image's
+    backing files open with ``storage_options``, confined by ``policy`` relative to the
+    chain's ``top`` (default: this image)."""
     path = src if isinstance(src, str) else src.path
+    top = top if top is not None else str(path)
     if depth > policy.max_depth:
         if not isinstance(src, str):
             src.close()
@@ -186,7 +204,8 @@ def _open_one(src: str | Host, name: str, writable: bool, fmt: str | None, *, ba
         if backing:
             bname, bfmt = _backing_name(dev)
             if bname is not None:
-                bsrc = _resolve_backing(policy, bname, host.path)
+                bsrc = _resolve_backing(policy, bname, host.path, top=top,
+                                        storage_options=storage_options)
                 bpath = bsrc if isinstance(bsrc, str) else bsrc.path
                 try:
                     bfmt, bopts = _backing_open_options(options,
@@ -195,7 +214,8 @@ def _open_one(src: str | Host, name: str, writable: bool, fmt: str | None, *, ba
                                             bfmt, backing=True,
                                             force_share=force_share, policy=policy,
                                             secrets=secrets, options=bopts,
-                                            seen=seen, depth=depth + 1, unlock=unlock)
+                                            seen=seen, depth=depth + 1, unlock=unlock,
+                                            storage_options=storage_options, top=top)
                 except DiskImgError as e:
                     _blame_backing(e, bpath)
                     raise
@@ -245,14 +265,16 @@ def _device_over(host: Host, fmt: str | None, *, policy: OpenPolicy,
     return dev
 
 
-def _resolve_backing(policy: OpenPolicy, name: str, parent: Path | str) -> str | Host:
+def _resolve_backing(policy: OpenPolicy, name: str, parent: Path | str, *,
+                     top: str | None = None,
+                     storage_options: Mapping[str, Any] | None = None) -> str | Host:
     """The backing file ``name`` of the image ``parent``: a local path (the policy's
     :meth:`~OpenPolicy.resolve`), or for an image read from a URL, a host in the same
     store (:func:`diskimg.hostio.urls.open_backing`)."""
     if isinstance(parent, str) and _is_url(parent):
         from diskimg.hostio.urls import open_backing
 
-        got = open_backing(name, parent, policy)  # the same store, or as policy allows
+        got = open_backing(name, parent, policy, top=top, storage_options=storage_options)
         return got if not isinstance(got, os.PathLike) else os.fspath(got)
     return str(policy.resolve(name, parent))
 

@@ -326,3 +326,85 @@ def test_write_through_host(store: str, mem: Any, tmp_path: Path) -> None:
         host.flush()
         assert host.pread(0, 20000) == expect
     assert stored() == expect
+
+
+# --- one backing rule: storage_options, policies (diskimg.open -> urls.open_backing) -------
+
+def _chain(tmp_path: Path, backing_name: str) -> tuple[Path, Path]:
+    """base (0x55) and top (0x66 at 64k) naming ``backing_name``, made by qemu."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", base, "1M")
+    QEMU.io(base, "write -P 0x55 0 1M")
+    QEMU.img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
+    QEMU.io(top, "write -P 0x66 64k 64k")
+    if backing_name != base.name:
+        QEMU.img("rebase", "-u", "-b", backing_name, "-F", "qcow2", top)
+    return base, top
+
+
+def test_storage_options_reach_the_backing_file(s3: S3, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fsspec configuration: the endpoint and credentials given to diskimg.open open
+    the top image, its backing file, and the image a pickle reopens."""
+    import pickle
+
+    monkeypatch.delitem(fsspec.config.conf, "s3", raising=False)
+    base, top = _chain(tmp_path, "base.qcow2")
+    fs = s3.fs()
+    fs.put_file(str(base), s3.url("so/base.qcow2"))
+    fs.put_file(str(top), s3.url("so/top.qcow2"))
+    want = QEMU.raw_bytes(top)
+    with diskimg.open(s3.url("so/top.qcow2"), storage_options=s3.storage_options) as dev:
+        assert dev.backing is not None
+        assert dev.backing.filename == s3.url("so/base.qcow2")
+        assert hashlib.sha256(dev.read(0, dev.size)).digest() == hashlib.sha256(want).digest()
+        copy = pickle.loads(pickle.dumps(dev))
+    with copy:
+        assert copy.backing is not None and copy.read(0, copy.size) == want
+
+
+def test_storage_options_refused_where_fsspec_does_not_open(tmp_path: Path) -> None:
+    img = tmp_path / "a.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", img, "1M")
+    before = img.read_bytes()
+    for src in (str(img), img, "http://127.0.0.1:9/a.qcow2", "file:///a.qcow2"):
+        with pytest.raises(UsageError, match="storage_options"):
+            diskimg.open(src, "r+" if src is img else "r", storage_options={"anon": True})
+    with img.open("rb") as f, pytest.raises(UsageError, match="storage_options"):
+        diskimg.open(f, storage_options={"anon": True})
+    assert img.read_bytes() == before
+
+
+def test_untrusted_confines_to_the_top_prefix(mem: Any, tmp_path: Path) -> None:
+    """``../base.qcow2`` stays in the store (opens by default) but leaves the top image's
+    prefix: an untrusted open refuses it; allow_remote_backing does not lift that."""
+    base, top = _chain(tmp_path, "../base.qcow2")
+    mem.pipe("/t/base.qcow2", base.read_bytes())
+    mem.pipe("/t/sub/top.qcow2", top.read_bytes())
+    with diskimg.open("memory://t/sub/top.qcow2") as dev:
+        assert dev.read(0, 65536) == b"\x55" * 65536
+        assert dev.read(64 << 10, 65536) == b"\x66" * 65536
+    for pol in (diskimg.OpenPolicy(untrusted=True),
+                diskimg.OpenPolicy(untrusted=True, allow_remote_backing=True)):
+        with pytest.raises(DiskImgError, match="outside 'memory://t/sub/'"):
+            diskimg.open("memory://t/sub/top.qcow2", policy=pol)
+    with pytest.raises(DiskImgError, match="outside"):
+        diskimg.open("memory://t/sub/top.qcow2", untrusted=True)
+
+
+def test_other_store_and_local_backing_only_when_allowed(mem: Any, tmp_path: Path) -> None:
+    """A backing file in another store opens only with allow_remote_backing; a local path
+    only with allow_local_backing (and then the local bytes are read)."""
+    base, _ = _chain(tmp_path, "x")
+    for name, allow in (("memory://elsewhere/base.qcow2", "allow_remote_backing"),
+                        (str(base), "allow_local_backing")):
+        _, top = _chain(tmp_path, name)
+        mem.pipe("/t/top.qcow2", top.read_bytes())
+        mem.pipe("/elsewhere/base.qcow2", base.read_bytes())
+        with pytest.raises(DiskImgError, match=allow):
+            diskimg.open("memory://t/top.qcow2")
+        with diskimg.open("memory://t/top.qcow2",
+                          policy=diskimg.OpenPolicy(**{allow: True})) as dev:
+            assert dev.read(0, 65536) == b"\x55" * 65536
+            assert dev.read(64 << 10, 65536) == b"\x66" * 65536
+    mem.rm("/elsewhere", recursive=True)

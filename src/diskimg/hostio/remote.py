@@ -14,26 +14,24 @@ the ``diskimg[remote]`` extra.
 - ``writable=True`` (``memory://``, ``file://`` and other stores whose files open
   ``"r+b"``) writes through to the object; an object store (``s3://``, ``gs://`` ...)
   refuses it: objects are immutable -- write a new object with :func:`open_fsspec_sink`;
-- a backing file named by a remote image is looked for in the same store, relative to
-  the image's key (:func:`resolve_backing`), never as a local file or in another
-  bucket; an untrusted policy also keeps it under the top image's prefix.
+- images and their backing chains are opened by :func:`diskimg.open` (with
+  ``storage_options``); a backing file named by a remote image is looked for in the same
+  store by :func:`diskimg.hostio.urls.open_backing` -- the one rule for every scheme.
 """
 
 from __future__ import annotations
 
 import errno
-import posixpath
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from diskimg.errors import BackingChainError, RemoteError, UsageError
+from diskimg.errors import RemoteError, UsageError
 from diskimg.hostio.objects import ObjectHost
 from diskimg.policy import OpenPolicy
 
 if TYPE_CHECKING:
-    from diskimg.device import BlockDevice
     from diskimg.hostio.host import Host
 
 BLOCK_SIZE = 256 << 10
@@ -341,7 +339,7 @@ def open_fsspec(url: str, policy: OpenPolicy | None = None, writable: bool = Fal
     etc. apply too).  ``writable`` writes through (memory://, file://); an object store
     refuses it.  A fault raises :class:`~diskimg.errors.RemoteError` naming the URL.
     ``policy`` is accepted for symmetry with the other openers (backing files:
-    :func:`resolve_backing`).
+    :func:`diskimg.hostio.urls.open_backing`).
     """
     del policy
     fs, key = _filesystem(url, storage_options)
@@ -359,99 +357,6 @@ def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None
         return cast(BinaryIO, fs.open(key, "wb"))
     except Exception as e:
         raise remote_error(url, e, None) from None
-
-
-def resolve_backing(url: str, name: str, policy: OpenPolicy, top: str) -> str:
-    """The URL of the backing file ``name`` written in the image at ``url`` (whose top
-    image is ``top``): ``name`` relative to the image's key in the same store.  A local
-    path, another URL and a name leaving the bucket are refused; an untrusted policy
-    also refuses a name outside the top image's prefix."""
-    scheme = scheme_of(url) or ""
-    if name.startswith(("/", "file:", "json:")) or scheme_of(name) is not None or \
-            ":" in name.split("/", 1)[0]:
-        raise BackingChainError(
-            f"Refusing to open backing file '{name}' named by '{url}': a remote image's "
-            "backing file must be a name relative to it in the same store (no local path, "
-            "no other URL)")
-    rest = url[len(scheme) + 3:]
-    bucket, _, key = rest.partition("/")
-    joined = posixpath.normpath(posixpath.join(posixpath.dirname(key), name))
-    if joined.startswith("../") or joined in ("..", "."):
-        raise BackingChainError(
-            f"Refusing to open backing file '{name}' named by '{url}': it lies outside "
-            f"the bucket '{bucket}'")
-    out = f"{scheme}://{bucket}/{joined}"
-    if policy.untrusted:
-        prefix = top.rsplit("/", 1)[0] + "/"
-        if not out.startswith(prefix):
-            raise BackingChainError(
-                f"Refusing to open backing file '{name}' named by '{url}': it lies outside "
-                f"'{prefix}' (--untrusted)")
-    return out
-
-
-def open_image(url: str, fmt: str | None, *, writable: bool, backing: bool,
-               policy: OpenPolicy, secrets: dict[str, bytes], options: dict[str, str],
-               for_check: bool, storage_options: Mapping[str, Any] | None = None
-               ) -> BlockDevice:
-    """``diskimg.open`` of an fsspec URL: the image and its backing chain in the same
-    store (:func:`resolve_backing`).  Files an image names by path (a qcow2 data file,
-    vmdk extents) are never opened."""
-    from diskimg import api
-
-    fs, key = _filesystem(url, storage_options)
-    # no local file is ever opened for a remote image: confined to no directory at all
-    confined = OpenPolicy(untrusted=True, allowed_dirs=[], max_depth=policy.max_depth)
-    seen: set[str] = set()
-
-    def one(u: str, k: str, f: str | None, w: bool, depth: int) -> BlockDevice:
-        if depth > policy.max_depth:
-            raise BackingChainError(f"Backing chain of '{url}' is deeper than "
-                                    f"{policy.max_depth} images")
-        if u in seen:
-            raise BackingChainError(f"Backing chain loop: '{u}' appears twice in its own "
-                                    "backing chain", path=u, operation="follow backing chain")
-        seen.add(u)
-        host = FsspecHost(fs, k, u, writable=w)
-        try:
-            dev = api._device_over(cast(Any, host), f, policy=confined, secrets=secrets,
-                                   options=options if depth == 0 else {},
-                                   for_check=for_check and depth == 0, backing=backing,
-                                   writable=w)
-        except BaseException:
-            host.close()
-            raise
-        dev.filename = u
-        try:
-            bname, bfmt = api._backing_name(dev) if backing else (None, None)
-            if bname is not None:
-                burl = resolve_backing(u, bname, policy, url)
-                bkey = _filesystem(burl, storage_options)[1]
-                dev.backing = one(burl, bkey, bfmt, False, depth + 1)
-                dev.backing.is_backing = True
-                api._attach_backing(dev)
-        except BaseException:
-            dev.close()
-            raise
-        return dev
-
-    return one(url, key, fmt, writable, 0)
-
-
-def open_remote(url: str, mode: str = "r", *, format: str | None = None,  # noqa: A002
-                storage_options: Mapping[str, Any] | None = None, backing: bool = True,
-                untrusted: bool = False, for_check: bool = False,
-                secrets: Mapping[str, bytes] | None = None,
-                options: Mapping[str, str] | None = None) -> BlockDevice:
-    """``diskimg.open`` of an fsspec ``url`` with the filesystem's ``storage_options``
-    (s3: ``endpoint_url``, ``key``, ``secret``, ``anon`` ...): what a Dask task opens
-    from a URL and a dict of options (both pickle; an open image does not travel)."""
-    if mode not in ("r", "r+"):
-        raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
-    return open_image(url, format, writable=mode == "r+", backing=backing,
-                      policy=OpenPolicy(untrusted=untrusted), secrets=dict(secrets or {}),
-                      options=dict(options or {}), for_check=for_check,
-                      storage_options=storage_options)
 
 
 if TYPE_CHECKING:  # the type checker proves FsspecHost is a Host (the formats' byte source)

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from diskimg.errors import BackingChainError, UnsupportedFeatureError
+from diskimg.errors import BackingChainError, UnsupportedFeatureError, UsageError
 
 if TYPE_CHECKING:
     from diskimg.hostio.host import Host
@@ -57,11 +57,20 @@ def register(name: str, opener: HostOpener) -> None:
     _OPENERS[name.lower()] = opener
 
 
-def open_url(url: str, policy: OpenPolicy, writable: bool = False) -> Host:
+def open_url(url: str, policy: OpenPolicy, writable: bool = False,
+             storage_options: Mapping[str, Any] | None = None) -> Host:
     """Open the bytes at ``url``; an :class:`UnsupportedFeatureError` naming the scheme
-    when nothing here opens it."""
+    when nothing here opens it.  ``storage_options`` (the fsspec filesystem's: endpoint,
+    credentials ...) go to :func:`~diskimg.hostio.remote.open_fsspec`; a URL that fsspec
+    does not open (``http``/``https``, a registered opener, ``nbd``, ``file``) refuses
+    them with a :class:`UsageError` rather than dropping them."""
     s = scheme(url)
     opener = _OPENERS.get(s)
+    if storage_options and (opener is not None or s in _BUILTIN or s in _REFUSED
+                            or s == "file"):
+        raise UsageError(f"storage_options apply only to fsspec URLs (s3://, gs://, "
+                         f"memory:// ...), not to '{url}'", path=url,
+                         field="storage_options")
     if opener is not None:
         return _call(opener, url, policy, writable)
     if s in _REFUSED:
@@ -83,6 +92,8 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False) -> Host:
     opener = _load(*_FSSPEC, url,
                    f"Unsupported protocol '{s}' in '{url}': this diskimg has no fsspec "
                    "host yet")
+    if storage_options:
+        return opener(url, policy, writable, storage_options)
     return _call(opener, url, policy, writable)
 
 
@@ -124,13 +135,17 @@ def join(parent: str, name: str) -> str:
     return urlunsplit((p.scheme, p.netloc, path, "", ""))
 
 
-def open_backing(name: str, parent: str, policy: OpenPolicy) -> Path | Host:
-    """The backing file ``name`` written in the image at URL ``parent``.
+def open_backing(name: str, parent: str, policy: OpenPolicy, *, top: str | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> Path | Host:
+    """The backing file ``name`` written in the image at URL ``parent`` (whose chain's top
+    image is ``top``, default ``parent``).
 
     A relative name is joined to ``parent`` (the same store).  A URL naming another scheme
     or host is refused unless ``policy.allow_remote_backing``; a local name (an absolute
     path, ``file:``) is the policy's to allow (:meth:`OpenPolicy.resolve`, which refuses it
-    unless ``allow_local_backing``)."""
+    unless ``allow_local_backing``).  An untrusted policy also refuses, for every scheme,
+    a URL outside the top image's prefix (``scheme://host/dir/``).  ``storage_options``
+    (those the top image was opened with) go with a backing file in the same scheme."""
     from urllib.parse import urlsplit
 
     if name.startswith("json:"):
@@ -146,4 +161,12 @@ def open_backing(name: str, parent: str, policy: OpenPolicy) -> Path | Host:
             f"Refusing to open backing file '{name}' named by '{parent}': it lies in another "
             "store (OpenPolicy(allow_remote_backing=True) allows it)",
             path=name, operation="open backing file", reason="not allowed by the policy")
-    return open_url(full, policy, False)
+    if policy.untrusted:
+        prefix = (top or parent).rsplit("/", 1)[0] + "/"
+        if not full.startswith(prefix):
+            raise BackingChainError(
+                f"Refusing to open backing file '{name}' named by '{parent}': it lies "
+                f"outside '{prefix}' (untrusted)", path=name,
+                operation="open backing file", reason="not allowed by the policy")
+    same = a.scheme.lower() == b.scheme.lower()
+    return open_url(full, policy, False, storage_options if same else None)
