@@ -35,6 +35,11 @@ def _plain(d: Path) -> None:
     QEMU.img("create", "-q", "-f", "raw", d / "r.raw", "1M")
 
 
+def _small(d: Path) -> None:
+    _plain(d)
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", d / "s.qcow2", "1M")
+
+
 def _snap(d: Path) -> None:
     _plain(d)
     QEMU.img("snapshot", "-c", "s1", d / "a.qcow2")
@@ -56,7 +61,7 @@ def _loop3(d: Path) -> None:
              d / "t.qcow2", "1M", cwd=d)
 
 
-SETUPS: dict[str, Callable[[Path], None]] = {"plain": _plain, "snap": _snap,
+SETUPS: dict[str, Callable[[Path], None]] = {"plain": _plain, "snap": _snap, "small": _small,
                                               "self-loop": _self_loop, "loop3": _loop3}
 
 
@@ -159,6 +164,14 @@ CASES: list[tuple[str, list[str]]] = [
     ("plain", ["convert", "-O", "luks", "-o", "help", "a.qcow2", "x.luks"]),
     ("plain", ["convert", "-O", "raw", "-o", "help", "-m", "99", "a.qcow2", "r.raw"]),
     ("plain", ["convert", "-O", "raw", "-o", "help", "-n", "a.qcow2", "r.raw"]),
+    # 13. sizes past what the L1 table can map (one limit: layout.l1_entries_for/l1_fits)
+    ("plain", ["create", "-f", "qcow2", "-o", "cluster_size=512", "x.qcow2", "137438954496"]),
+    ("plain", ["create", "-f", "qcow2", "-o", "cluster_size=512", "x.qcow2", "137438953472"]),
+    ("plain", ["create", "-f", "qcow2", "x.qcow2", "100P"]),
+    ("plain", ["measure", "-O", "qcow2", "-o", "cluster_size=512", "--size", "137438954496"]),
+    ("small", ["resize", "s.qcow2", "137438954496"]),
+    ("small", ["resize", "s.qcow2", "1T"]),
+    ("plain", ["resize", "a.qcow2", "100P"]),
 ]
 
 
