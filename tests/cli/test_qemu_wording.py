@@ -172,6 +172,8 @@ CASES: list[tuple[str, list[str]]] = [
     ("small", ["resize", "s.qcow2", "137438954496"]),
     ("small", ["resize", "s.qcow2", "1T"]),
     ("plain", ["resize", "a.qcow2", "100P"]),
+    ("plain", ["create", "-f", "raw", "x.raw", "1E"]),  # EFBIG from the file system
+    ("plain", ["create", "-f", "raw", "x.raw", "9223372036854775807"]),  # rounds past off_t
 ]
 
 
