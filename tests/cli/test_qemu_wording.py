@@ -40,6 +40,10 @@ def _small(d: Path) -> None:
     QEMU.img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", d / "s.qcow2", "1M")
 
 
+def _datafile(d: Path) -> None:
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", "data_file=df.raw", "dfa.qcow2", "1M", cwd=d)
+
+
 def _snap(d: Path) -> None:
     _plain(d)
     QEMU.img("snapshot", "-c", "s1", d / "a.qcow2")
@@ -62,6 +66,7 @@ def _loop3(d: Path) -> None:
 
 
 SETUPS: dict[str, Callable[[Path], None]] = {"plain": _plain, "snap": _snap, "small": _small,
+                                              "datafile": _datafile,
                                               "self-loop": _self_loop, "loop3": _loop3}
 
 
@@ -174,6 +179,12 @@ CASES: list[tuple[str, list[str]]] = [
     ("plain", ["resize", "a.qcow2", "100P"]),
     ("plain", ["create", "-f", "raw", "x.raw", "1E"]),  # EFBIG from the file system
     ("plain", ["create", "-f", "raw", "x.raw", "9223372036854775807"]),  # rounds past off_t
+    # 14. snapshot refusals: qemu's errno text, one "Could not ... snapshot" prefix
+    ("datafile", ["snapshot", "-c", "s", "dfa.qcow2"]),
+    ("datafile", ["snapshot", "-a", "s", "dfa.qcow2"]),
+    ("snap", ["snapshot", "-a", "nope", "a.qcow2"]),
+    ("snap", ["snapshot", "-d", "nope", "a.qcow2"]),
+    ("plain", ["snapshot", "-c", "s", "r.raw"]),
 ]
 
 
