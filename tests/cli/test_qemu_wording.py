@@ -171,7 +171,7 @@ CASES: list[tuple[str, list[str]]] = [
     ("plain", ["convert", "-O", "raw", "-o", "help", "-n", "a.qcow2", "r.raw"]),
     # 13. sizes past what the L1 table can map (one limit: layout.l1_entries_for/l1_fits)
     ("plain", ["create", "-f", "qcow2", "-o", "cluster_size=512", "x.qcow2", "137438954496"]),
-    ("plain", ["create", "-f", "qcow2", "-o", "cluster_size=512", "x.qcow2", "137438953472"]),
+    ("plain", ["measure", "-O", "qcow2", "-o", "cluster_size=512", "--size", "137438953472"]),
     ("plain", ["create", "-f", "qcow2", "x.qcow2", "100P"]),
     ("plain", ["measure", "-O", "qcow2", "-o", "cluster_size=512", "--size", "137438954496"]),
     ("small", ["resize", "s.qcow2", "137438954496"]),
@@ -185,6 +185,15 @@ CASES: list[tuple[str, list[str]]] = [
     ("snap", ["snapshot", "-a", "nope", "a.qcow2"]),
     ("snap", ["snapshot", "-d", "nope", "a.qcow2"]),
     ("plain", ["snapshot", "-c", "s", "r.raw"]),
+    # 15. a refcount narrower than a snapshot's shared clusters need
+    ("snap", ["amend", "-o", "refcount_bits=1", "a.qcow2"]),
+    # 16. writable opens of a chain that loops: qemu's lock conflict on its own file
+    # (qemu 7.2's read-only opens -- convert, map, check, compare, measure -- recurse
+    # without end: diskimg refuses those with 'Backing chain loop' instead)
+    ("self-loop", ["resize", "a.qcow2", "2M"]),
+    ("loop3", ["resize", "lp/c.qcow2", "2M"]),
+    ("self-loop", ["commit", "a.qcow2"]),
+    ("loop3", ["rebase", "-b", "", "lp/c.qcow2"]),
 ]
 
 
