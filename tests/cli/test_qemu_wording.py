@@ -189,7 +189,8 @@ CASES: list[tuple[str, list[str]]] = [
     ("snap", ["amend", "-o", "refcount_bits=1", "a.qcow2"]),
     # 16. writable opens of a chain that loops: qemu's lock conflict on its own file
     # (qemu 7.2's read-only opens -- convert, map, check, compare, measure -- recurse
-    # thousands of levels deep for over a minute: diskimg refuses those with 'Backing chain loop' instead)
+    # thousands of levels deep for over a minute: diskimg refuses those with 'Backing
+    # chain loop' instead)
     ("self-loop", ["resize", "a.qcow2", "2M"]),
     ("loop3", ["resize", "lp/c.qcow2", "2M"]),
     ("self-loop", ["commit", "a.qcow2"]),
