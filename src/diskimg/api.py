@@ -408,9 +408,16 @@ def create(
     if format == "raw":
         from diskimg.raw import create_raw
 
+        existed = os.path.lexists(path)
         host = open_host_file(path, True, create=True)
         try:
             create_raw(host, size, str(opts.pop("preallocation", "off")))
+        except BaseException:
+            if not existed:  # a refusal leaves no file behind (qemu-img leaves it empty)
+                from diskimg.pool.locking import unlink_if_same
+
+                unlink_if_same(host.fd, os.fspath(path))
+            raise
         finally:
             host.close()
         if opts:

@@ -13,6 +13,7 @@ it is never resized); without it the window runs to the end of the file.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
@@ -182,7 +183,14 @@ def create_raw(host: Host, size: int, preallocation: str = "off") -> None:
     """Lay out a new raw image of ``size`` bytes on an empty host file."""
     check_preallocation("raw", preallocation, ("off", "falloc", "full"))
     size = -(-size // SECTOR) * SECTOR  # qemu-img rounds the file up to a whole sector
-    host.truncate(size)
+    if size >= 1 << 63:  # rounded past off_t: ftruncate's EINVAL in qemu
+        raise UsageError("Could not resize file: Invalid argument")
+    try:
+        host.truncate(size)
+    except OSError as e:
+        if e.errno != errno.EFBIG:
+            raise
+        raise UsageError("The image size is too large for file format 'raw'") from None
     if preallocation == "off" and size:
         # qemu allocates the first block so later opens can probe alignment
         host.write_zeros(0, min(size, 4096))

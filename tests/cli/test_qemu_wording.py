@@ -35,6 +35,15 @@ def _plain(d: Path) -> None:
     QEMU.img("create", "-q", "-f", "raw", d / "r.raw", "1M")
 
 
+def _small(d: Path) -> None:
+    _plain(d)
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", d / "s.qcow2", "1M")
+
+
+def _datafile(d: Path) -> None:
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", "data_file=df.raw", "dfa.qcow2", "1M", cwd=d)
+
+
 def _snap(d: Path) -> None:
     _plain(d)
     QEMU.img("snapshot", "-c", "s1", d / "a.qcow2")
@@ -56,7 +65,8 @@ def _loop3(d: Path) -> None:
              d / "t.qcow2", "1M", cwd=d)
 
 
-SETUPS: dict[str, Callable[[Path], None]] = {"plain": _plain, "snap": _snap,
+SETUPS: dict[str, Callable[[Path], None]] = {"plain": _plain, "snap": _snap, "small": _small,
+                                              "datafile": _datafile,
                                               "self-loop": _self_loop, "loop3": _loop3}
 
 
@@ -159,6 +169,32 @@ CASES: list[tuple[str, list[str]]] = [
     ("plain", ["convert", "-O", "luks", "-o", "help", "a.qcow2", "x.luks"]),
     ("plain", ["convert", "-O", "raw", "-o", "help", "-m", "99", "a.qcow2", "r.raw"]),
     ("plain", ["convert", "-O", "raw", "-o", "help", "-n", "a.qcow2", "r.raw"]),
+    # 13. sizes past what the L1 table can map (one limit: layout.l1_entries_for/l1_fits)
+    ("plain", ["create", "-f", "qcow2", "-o", "cluster_size=512", "x.qcow2", "137438954496"]),
+    ("plain", ["measure", "-O", "qcow2", "-o", "cluster_size=512", "--size", "137438953472"]),
+    ("plain", ["create", "-f", "qcow2", "x.qcow2", "100P"]),
+    ("plain", ["measure", "-O", "qcow2", "-o", "cluster_size=512", "--size", "137438954496"]),
+    ("small", ["resize", "s.qcow2", "137438954496"]),
+    ("small", ["resize", "s.qcow2", "1T"]),
+    ("plain", ["resize", "a.qcow2", "100P"]),
+    ("plain", ["create", "-f", "raw", "x.raw", "1E"]),  # EFBIG from the file system
+    ("plain", ["create", "-f", "raw", "x.raw", "9223372036854775807"]),  # rounds past off_t
+    # 14. snapshot refusals: qemu's errno text, one "Could not ... snapshot" prefix
+    ("datafile", ["snapshot", "-c", "s", "dfa.qcow2"]),
+    ("datafile", ["snapshot", "-a", "s", "dfa.qcow2"]),
+    ("snap", ["snapshot", "-a", "nope", "a.qcow2"]),
+    ("snap", ["snapshot", "-d", "nope", "a.qcow2"]),
+    ("plain", ["snapshot", "-c", "s", "r.raw"]),
+    # 15. a refcount narrower than a snapshot's shared clusters need
+    ("snap", ["amend", "-o", "refcount_bits=1", "a.qcow2"]),
+    # 16. writable opens of a chain that loops: qemu's lock conflict on its own file
+    # (qemu 7.2's read-only opens -- convert, map, check, compare, measure -- recurse
+    # thousands of levels deep for over a minute: diskimg refuses those with 'Backing
+    # chain loop' instead)
+    ("self-loop", ["resize", "a.qcow2", "2M"]),
+    ("loop3", ["resize", "lp/c.qcow2", "2M"]),
+    ("self-loop", ["commit", "a.qcow2"]),
+    ("loop3", ["rebase", "-b", "", "lp/c.qcow2"]),
 ]
 
 

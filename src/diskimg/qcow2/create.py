@@ -28,10 +28,11 @@ from diskimg.qcow2.layout import (
     QCOW2_INCOMPAT_DATA_FILE,
     QCOW2_INCOMPAT_EXTL2,
     QCOW_CRYPT_LUKS,
-    QCOW_MAX_L1_SIZE,
     V2_HEADER_LENGTH,
     V3_HEADER_LENGTH_COMPRESSION,
     Header,
+    l1_entries_for,
+    l1_fits,
     pack_feature_table,
 )
 from diskimg.qcow2.refcount import (
@@ -106,10 +107,10 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
         raise UsageError("Parameter 'encrypt.key-secret' is required for cipher")
     if size % 512:
         size = -(-size // 512) * 512  # qemu rounds the virtual size up to a sector
-    entries_per_l2 = cs // (16 if extl2 else 8)
-    l1_size = -(-size // (cs * entries_per_l2))
-    if l1_size * 8 > QCOW_MAX_L1_SIZE:
-        raise UsageError("Image size is too large for this cluster size")
+    l1_size = l1_entries_for(size, cs, 16 if extl2 else 8)
+    if not l1_fits(l1_size):
+        raise UsageError("The image size is too large for file format 'qcow2' (try using a "
+                         "larger cluster size)")
     h = Header(version=version, cluster_bits=cluster_bits, size=size, l1_size=l1_size,
                l1_table_offset=0, refcount_table_offset=cs, refcount_table_clusters=1,
                refcount_order=rb.bit_length() - 1,

@@ -25,6 +25,19 @@ QCOW_MAX_SNAPSHOTS = 65536
 QCOW_MAX_CLUSTER_OFFSET = (1 << 56) - 1
 BACKING_FILE_NAME_MAX = 1023
 
+
+
+def l1_entries_for(size: int, cluster_size: int, l2_entry_size: int = 8) -> int:
+    """L1 entries that map ``size`` guest bytes: one per L2 table of ``cluster_size //
+    l2_entry_size`` entries (8 bytes, 16 with extended L2)."""
+    return -(-size // (cluster_size * (cluster_size // l2_entry_size)))
+
+
+def l1_fits(entries: int) -> bool:
+    """Whether an L1 table of ``entries`` is within the spec's limit (QCOW_MAX_L1_SIZE)."""
+    return entries * 8 <= QCOW_MAX_L1_SIZE
+
+
 QCOW_CRYPT_NONE = 0
 QCOW_CRYPT_AES = 1
 QCOW_CRYPT_LUKS = 2

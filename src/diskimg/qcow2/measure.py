@@ -31,6 +31,7 @@ from diskimg.qcow2.bitmaps import (
     BitmapEntry,
     BitmapsExt,
 )
+from diskimg.qcow2.layout import l1_entries_for, l1_fits
 from diskimg.qcow2.refcount import refcount_metadata_clusters, refcount_order_of
 from diskimg.units import parse_size
 
@@ -42,7 +43,6 @@ L1E_SIZE = 8
 L2E_SIZE_NORMAL = 8
 L2E_SIZE_EXTENDED = 16
 REFTABLE_ENTRY_SIZE = 8
-QCOW_MAX_L1_SIZE = 0x2000000
 DEFAULT_CLUSTER_SIZE = 65536
 MIN_CLUSTER_SIZE = 512
 MAX_CLUSTER_SIZE = 2 << 20
@@ -256,8 +256,7 @@ def measure_qcow2(options: Mapping[str, Any], dev: BlockDevice | None = None,
     cs = p.cluster_size
     vsize = _round_up(p.size, cs)
     l2e = L2E_SIZE_EXTENDED if p.extended_l2 else L2E_SIZE_NORMAL
-    l2_tables = _div_round_up(vsize // cs, cs // l2e)
-    if l2_tables * L1E_SIZE > QCOW_MAX_L1_SIZE:
+    if not l1_fits(l1_entries_for(vsize, cs, l2e)):
         raise UsageError("The image size is too large (try using a larger cluster size)")
     required = 0
     if dev is not None:

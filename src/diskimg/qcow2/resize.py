@@ -12,7 +12,7 @@ from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2 import zero as Z
 from diskimg.qcow2.cache import pack_be_u64_array
-from diskimg.qcow2.layout import QCOW_MAX_L1_SIZE
+from diskimg.qcow2.layout import l1_entries_for, l1_fits
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
                         table.entries[k + 1] = 0
                 img.l2_cache.mark_dirty(l2_off)
             c += n
-    need = -(-new_size // (img.cs * img.l2_entries))
+    need = l1_entries_for(new_size, img.cs, img.cs // img.l2_entries)
     if need > len(img.l1):
         grow_l1(img, need)
     shrinking = new_size < img.size
@@ -258,8 +258,8 @@ def preallocate_grown(img: Qcow2Image, old_size: int, new_size: int, mode: str) 
 
 
 def grow_l1(img: Qcow2Image, need: int) -> None:
-    if need * 8 > QCOW_MAX_L1_SIZE:
-        raise UsageError("The new size is too large for this image's cluster size")
+    if not l1_fits(need):  # qemu: -EFBIG from qcow2_grow_l1_table
+        raise UsageError("Failed to grow the L1 table: File too large")
     img.flush()
     new_clusters = -(-need * 8 // img.cs)
     new_off = img.refcounts.alloc(new_clusters)

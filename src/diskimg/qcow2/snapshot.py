@@ -334,11 +334,13 @@ class SnapshotTable:
         if "\0" in name or size > 0xFFFF:
             raise UsageError("Snapshot names end at the first NUL byte and hold at most "
                              "65535 bytes (the snapshot table's name_size field)")
+        # reason: qemu-img's words, the errno its driver returns (-EFBIG, -ENOTSUP)
         if len(img.snapshot_list) >= QCOW_MAX_SNAPSHOTS:
-            raise UsageError("Too many snapshots")
+            raise UsageError(f"Too many snapshots (at most {QCOW_MAX_SNAPSHOTS})",
+                             reason="-27 (File too large)")
         if img.has_data_file:
-            raise UsageError(f"Could not create snapshot '{name}': internal snapshots are "
-                             "not supported with an external data file")
+            raise UsageError("internal snapshots are not supported with an external data file",
+                             reason="-95 (Operation not supported)")
         ids = [int(s.id) for s in img.snapshot_list if s.id.isdigit()]
         sid = str(max(ids, default=0) + 1)
         img.flush()
@@ -411,6 +413,9 @@ class SnapshotTable:
             # qemu refuses too (any persistent bitmap, enabled or not): reverting the
             # data would leave the bitmaps claiming to know what changed
             raise UsageError("Device has active dirty bitmaps")
+        if self.img.has_data_file:  # qemu: -ENOTSUP from the driver's goto
+            raise UsageError("internal snapshots are not supported with an external data "
+                             "file", reason="Failed to load snapshot: Operation not supported")
 
     def apply(self, name_or_id: str) -> None:
         """Revert the disk to snapshot ``name_or_id`` (qemu-img snapshot -a)."""

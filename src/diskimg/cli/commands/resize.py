@@ -8,7 +8,7 @@ import sys
 from diskimg import options as opts
 from diskimg.cli.commands._shared import (Context, add_common, open_image, opened)
 from diskimg.cli.errors import CommandLineError, ExitCode
-from diskimg.errors import DiskImgError, ImageLockedError, UsageError
+from diskimg.errors import BackingChainError, DiskImgError, ImageLockedError, UsageError
 from diskimg.units import parse_size
 
 USAGE = '[-f FMT] [--shrink] [--preallocation=MODE] [--object OBJ] [--image-opts] FILE [+|-]SIZE'
@@ -38,9 +38,12 @@ def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
     prealloc = a.preallocation
     if prealloc is not None and prealloc not in ("off", "metadata", "falloc", "full"):
         raise UsageError(f"Invalid preallocation mode '{prealloc}'")
-    with opened(ctx, name, "r", a.format, image_opts=a.image_opts, force_share=True,
-                need_key=False) as probe:
-        vmdk = probe.format == "vmdk"
+    try:
+        with opened(ctx, name, "r", a.format, image_opts=a.image_opts, force_share=True,
+                    need_key=False) as probe:
+            vmdk = probe.format == "vmdk"
+    except BackingChainError:
+        vmdk = False  # a chain that loops: the writable open below says what qemu says
     if vmdk:
         # qemu opens the image for writing first: a held image is refused by its lock
         try:

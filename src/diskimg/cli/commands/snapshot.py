@@ -69,7 +69,7 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
                     raise DiskImgError("-95 (Operation not supported)")  # qemu's errno text
                 table.create(str(arg))  # -c NAME: argparse gives a str
             except DiskImgError as e:
-                raise errors.action_failure(f"create snapshot '{arg}'", e) from e
+                raise errors.action_failure(f"create snapshot '{arg}'", _qemu_words(e)) from e
         elif action == "apply":
             try:
                 if table is None:
@@ -84,7 +84,7 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
                     raise DiskImgError("Failed to load snapshot: No such file or directory")
                 table.apply(found[0].id)
             except DiskImgError as e:
-                raise errors.action_failure(f"apply snapshot '{arg}'", e) from e
+                raise errors.action_failure(f"apply snapshot '{arg}'", _qemu_words(e)) from e
         elif action == "delete":
             try:
                 if table is None:
@@ -97,6 +97,11 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
                 raise errors.action_failure(f"delete snapshot '{arg}'", e) from e
     return 0
 
+
+
+def _qemu_words(e: DiskImgError) -> DiskImgError:
+    """The reason qemu-img gives (its errno text) when the library names one."""
+    return DiskImgError(e.reason) if e.reason else e
 
 
 run = cmd_snapshot
