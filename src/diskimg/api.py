@@ -423,6 +423,21 @@ def create(
         if opts:
             raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
         return
+    existed = os.path.lexists(path)
+    try:
+        _create_image(path, format, size, backing_file, backing_fmt, opts, secrets)
+    except BaseException:
+        if not existed:  # a refused create leaves no file behind
+            _remove_created(path)
+        raise
+
+
+def _create_image(path: PathLike, format: str, size: int, backing_file: str | None,
+                  backing_fmt: str | None, opts: dict[str, Any],
+                  secrets: Mapping[str, bytes] | None) -> None:
+    """The luks, qcow2 and vmdk branches of :func:`create`."""
+    from pathlib import Path
+
     if format == "luks":
         from diskimg.luks import create_luks_image
 
@@ -437,3 +452,21 @@ def create(
     from diskimg.vmdk import create_vmdk
 
     create_vmdk(Path(path), size, backing_file=backing_file, options=opts)
+
+
+def _remove_created(path: PathLike) -> None:
+    """Remove the file a failed create made at ``path`` (a regular file only, and only
+    while the name still refers to it: never a file someone else put there since)."""
+    import stat
+
+    from diskimg.pool.locking import unlink_if_same
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            unlink_if_same(fd, os.fspath(path))
+    finally:
+        os.close(fd)
