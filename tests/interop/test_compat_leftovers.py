@@ -1,6 +1,6 @@
 """Leftovers of docs/compatibility.md's "Not there yet" list (issue 17), checked against
 qemu-img: the lines a read-write open of a dirty lazy-refcounts image prints while it
-repairs the image."""
+repairs the image; the frame header of zstd-compressed clusters."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 
 import diskimg
 from diskimg import progname
-from tests.qemukit import QEMU
+from diskimg.qcow2.entries import decode_compressed
+from diskimg.qcow2.layout import Header
+from qemukit import QEMU
 
 pytestmark = pytest.mark.qemu
 
@@ -78,3 +80,43 @@ def test_library_open_repairs_quietly_unless_given_a_sink(
         progname.set_message_sink(None)
     assert "".join(line + "\n" for line in lines) == want
     assert _sha(quiet) == _sha(heard) == _sha(tmp_path / "dirty.qcow2")
+
+
+def _zstd_frames(p: Path) -> list[bytes]:
+    """The stored bytes of every compressed cluster in the first L2 table of ``p``."""
+    data = p.read_bytes()
+    h = Header.parse(data[:65536])
+    l2 = int.from_bytes(data[h.l1_table_offset:h.l1_table_offset + 8], "big") \
+        & 0x00FF_FFFF_FFFF_FE00
+    out = []
+    for i in range(h.cluster_size // 8):
+        e = int.from_bytes(data[l2 + 8 * i:l2 + 8 * i + 8], "big")
+        if e >> 62 & 1:
+            off, n = decode_compressed(e, h.cluster_bits)
+            out.append(data[off:off + n])
+    return out
+
+
+def test_zstd_frames_carry_the_content_size_as_qemus(tmp_path: Path, run: object) -> None:
+    import zstandard
+
+    src = tmp_path / "src.raw"
+    words = [bytes([97 + (i * 7 + j) % 26 for j in range(2 + i % 7)]) + b" "
+             for i in range(97)]
+    src.write_bytes(b"".join(words[(i * i) % 97] for i in range(80000))[:256 << 10])
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for exe, out in (([sys.executable, "-m", "diskimg"], ours), ([QEMU.qemu_img], theirs)):
+        subprocess.run([*exe, "convert", "-c", "-O", "qcow2", "-o",
+                        "compression_type=zstd", str(src), str(out)],
+                       check=True, capture_output=True, timeout=60)
+    mine, qemus = _zstd_frames(ours), _zstd_frames(theirs)
+    assert len(mine) == len(qemus) == 4
+    for a, b in zip(mine, qemus):
+        fa, fb = zstandard.get_frame_parameters(a), zstandard.get_frame_parameters(b)
+        assert (fa.content_size, fa.window_size, fa.has_checksum, fa.dict_id) == \
+            (fb.content_size, fb.window_size, fb.has_checksum, fb.dict_id) == \
+            (65536, 65536, False, 0)
+        assert a[:7] == b[:7]  # magic, frame header descriptor, 2-byte content size
+    assert QEMU.compare(ours, theirs) == 0
+    assert QEMU.raw_bytes(ours) == src.read_bytes()
+    QEMU.check_clean(ours)
