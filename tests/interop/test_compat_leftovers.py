@@ -120,3 +120,50 @@ def test_zstd_frames_carry_the_content_size_as_qemus(tmp_path: Path, run: object
     assert QEMU.compare(ours, theirs) == 0
     assert QEMU.raw_bytes(ours) == src.read_bytes()
     QEMU.check_clean(ours)
+
+
+def _foreign_table(d: Path, autoclear: int = 0) -> Path:
+    """A qcow2 image whose feature-name table another tool wrote (one name changed)."""
+    p = d / "foreign.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", p, "1M")
+    data = bytearray(p.read_bytes())
+    i = data.index(b"dirty bit")
+    data[i:i + 9] = b"DIRTY BIT"
+    data[95] |= autoclear  # low byte of autoclear_features (0x58)
+    p.write_bytes(data)
+    return p
+
+
+@pytest.mark.parametrize("args", [("amend", "-o", "lazy_refcounts=off"),
+                                  ("rebase", "-u", "-b", "base.qcow2", "-F", "qcow2"),
+                                  ("bitmap", "--add", "{}", "b0")],
+                         ids=["amend-nochange", "rebase", "bitmap"])
+def test_whole_header_rewrite_writes_qemus_feature_table(
+        tmp_path: Path, args: tuple[str, ...]) -> None:
+    src = _foreign_table(tmp_path)
+    QEMU.img("create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "1M")
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    shutil.copyfile(src, ours)
+    shutil.copyfile(src, theirs)
+
+    def argv(p: Path) -> list[str]:
+        a = [x.format(p) for x in args]
+        return a if "{}" in args else [*a, str(p)]
+
+    QEMU.img(*argv(theirs), cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "diskimg", *argv(ours)], check=True,
+                   capture_output=True, timeout=60, cwd=tmp_path)
+    assert _sha(ours) == _sha(theirs)
+
+
+def test_clearing_unknown_autoclear_bits_writes_qemus_feature_table(tmp_path: Path) -> None:
+    src = _foreign_table(tmp_path, autoclear=0x20)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    shutil.copyfile(src, ours)
+    shutil.copyfile(src, theirs)
+    QEMU.io(theirs, "write -P 0x3c 0 512")
+    with diskimg.open(ours, "r+") as dev:
+        dev.write(0, b"\x3c" * 512)
+    data = ours.read_bytes()
+    assert b"DIRTY BIT" not in data and b"dirty bit" in data
+    assert _sha(ours) == _sha(theirs)
