@@ -37,11 +37,12 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("args", [("amend", "-o", "lazy_refcounts=off"),
-                                  ("resize", "{}", "+1M")], ids=["amend", "resize"])
-def test_dirty_repair_prints_qemus_lines(tmp_path: Path, args: tuple[str, ...]) -> None:
-    src = _dirty_lazy(tmp_path)
-    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+def _run_both(src: Path, args: tuple[str, ...]) -> tuple[
+        Path, Path, subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """Run ``qemu-img ARGS`` and ``diskimg ARGS`` (in ``src``'s directory) on two copies
+    of ``src``; ``{}`` in ``args`` stands for the image, else it goes last."""
+    d = src.parent
+    ours, theirs = d / "ours.qcow2", d / "theirs.qcow2"
     shutil.copyfile(src, ours)
     shutil.copyfile(src, theirs)
 
@@ -49,11 +50,18 @@ def test_dirty_repair_prints_qemus_lines(tmp_path: Path, args: tuple[str, ...]) 
         a = [x.format(p) for x in args]
         return a if "{}" in args else [*a, str(p)]
 
-    want = QEMU.img(*argv(theirs))
+    want = QEMU.img(*argv(theirs), cwd=d)
     got = subprocess.run([sys.executable, "-m", "diskimg", *argv(ours)],
                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                         timeout=60)
+                         timeout=60, cwd=d)
     assert got.returncode == 0, got.stderr
+    return ours, theirs, want, got
+
+
+@pytest.mark.parametrize("args", [("amend", "-o", "lazy_refcounts=off"),
+                                  ("resize", "{}", "+1M")], ids=["amend", "resize"])
+def test_dirty_repair_prints_qemus_lines(tmp_path: Path, args: tuple[str, ...]) -> None:
+    ours, theirs, want, got = _run_both(_dirty_lazy(tmp_path), args)
     assert "Repairing cluster" in want.stderr  # the repair did happen, in qemu too
     assert got.stderr == want.stderr
     assert got.stdout == want.stdout
@@ -140,19 +148,9 @@ def _foreign_table(d: Path, autoclear: int = 0) -> Path:
                          ids=["amend-nochange", "rebase", "bitmap"])
 def test_whole_header_rewrite_writes_qemus_feature_table(
         tmp_path: Path, args: tuple[str, ...]) -> None:
-    src = _foreign_table(tmp_path)
     QEMU.img("create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "1M")
-    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
-    shutil.copyfile(src, ours)
-    shutil.copyfile(src, theirs)
-
-    def argv(p: Path) -> list[str]:
-        a = [x.format(p) for x in args]
-        return a if "{}" in args else [*a, str(p)]
-
-    QEMU.img(*argv(theirs), cwd=tmp_path)
-    subprocess.run([sys.executable, "-m", "diskimg", *argv(ours)], check=True,
-                   capture_output=True, timeout=60, cwd=tmp_path)
+    ours, theirs, want, got = _run_both(_foreign_table(tmp_path), args)
+    assert b"DIRTY BIT" not in ours.read_bytes()
     assert _sha(ours) == _sha(theirs)
 
 
