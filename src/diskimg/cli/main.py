@@ -62,6 +62,12 @@ def _raw_bytes_out() -> None:
             reconfigure(errors="surrogateescape")
 
 
+def _stderr_line(line: str) -> None:
+    sys.stdout.flush()  # keep the order qemu-img's unbuffered stderr has with stdout
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _fail(e: BaseException) -> int:
     """Print ``e`` as qemu-img words it (:mod:`diskimg.cli.errors`); its exit code."""
     text, code = errors.render(e)
@@ -76,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progname.set_name(progname.from_argv0(sys.argv[0]) if argv is None and sys.argv else
                       progname.DEFAULT)
     _raw_bytes_out()
+    progname.set_message_sink(_stderr_line)
     debug = os.environ.get("DISKIMG_DEBUG") == "1"
     untrusted = False
     while args and args[0].startswith("-"):

@@ -43,6 +43,7 @@ from diskimg.qcow2.amend_header import (
     set_feature_bits,
     write_header,
 )
+from diskimg.qcow2.header_io import refresh_feature_table
 from diskimg.qcow2.amend_keyslots import amend_keyslots, keyslot_change, luks_area
 from diskimg.qcow2.amend_plan import (
     AMEND_HELP,
@@ -262,3 +263,8 @@ def _apply(path: Any, h: Header, plan: AmendPlan, secrets: dict[str, bytes],
             status.replay("downgrade", calls)
         finally:
             host.close()
+    host = open_host_file(path, True)
+    try:  # qemu's amend ends with a whole-header rewrite: its own feature-name table
+        refresh_feature_table(host, read_header(host))
+    finally:
+        host.close()

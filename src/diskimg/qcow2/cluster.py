@@ -44,6 +44,7 @@ def clear_unknown_autoclear(host: Host, h: Header) -> None:
         h.autoclear_features &= QCOW2_AUTOCLEAR_MASK
         header_io.set_autoclear(host, h.autoclear_features)
         host.flush()
+        header_io.refresh_feature_table(host, h)  # qemu rewrites the whole header there
 
 
 def begin_change(img: Qcow2Image) -> None:

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 # zstd contexts cost ~40 us to create (as much as compressing a 64 KiB cluster): keep one
 # compressor per level and decompressor per thread (they are not thread-safe)
+# Frames carry the content size, as qemu's (ZSTD_compressStream2 with ZSTD_e_end in one
+# call pledges the input size); their compressed blocks still differ from qemu 7.2's on
+# Debian because the zstandard wheel bundles another libzstd (compatibility.md)
 _local = threading.local()
 
 
@@ -28,7 +31,7 @@ def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
     if z is None:
         import zstandard
 
-        z = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=False)
+        z = cache[level] = zstandard.ZstdCompressor(level=level)
     return z
 
 

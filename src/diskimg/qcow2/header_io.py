@@ -22,8 +22,10 @@ from diskimg.qcow2.layout import (
     HDR_REFCOUNT_TABLE_OFFSET,
     HDR_SIZE,
     HDR_SNAPSHOTS_OFFSET,
+    QCOW2_EXT_MAGIC_FEATURE_TABLE,
     Header,
     HeaderField,
+    pack_feature_table,
 )
 
 TYPE_CHECKING = False
@@ -156,7 +158,23 @@ class _SyncHost(_Host, Protocol):
 def write_header(host: _SyncHost, h: Header) -> None:
     """Write the whole header cluster (``Header.pack()``: header, extensions, backing file
     name) in one pwrite and sync.  The rest of cluster 0 is zeroed, so no stale extension
-    or name bytes remain."""
+    or name bytes remain.  Like qemu's whole-header rewrite, a v3 header with clusters of
+    8 KiB or more gets qemu's own feature-name table, whatever table the file had."""
+    if _wants_qemu_table(h):
+        h.set_ext(QCOW2_EXT_MAGIC_FEATURE_TABLE, pack_feature_table())
     data = h.pack()
     host.pwrite(0, data.ljust(h.cluster_size, b"\0"))
     host.flush()
+
+
+def _wants_qemu_table(h: Header) -> bool:
+    # observed (qemu-img 7.2): only v3 headers with clusters of 8 KiB or more carry it
+    return h.version >= 3 and h.cluster_size >= 8192
+
+
+def refresh_feature_table(host: _SyncHost, h: Header) -> None:
+    """Rewrite the header (``h``, as in the file) when its feature-name table is not qemu's
+    own, as qemu-img's ``amend`` does whatever its options change."""
+    e = h.ext(QCOW2_EXT_MAGIC_FEATURE_TABLE)
+    if _wants_qemu_table(h) and (e is None or e.data != pack_feature_table()):
+        write_header(host, h)

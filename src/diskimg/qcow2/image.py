@@ -314,6 +314,9 @@ class Qcow2Image(BlockDevice):
         if res.exit_code != 0:
             raise CorruptImageError("Could not repair the dirty lazy-refcount image; run "
                                     f"'{progname.name()} check -r all'")
+        # qemu prints its one repairing pass's lines (its open does not check twice)
+        for line in res.repair_messages if res.repaired else res.messages:
+            progname.message(line)
         self._reload_after_repair()
 
     def _reload_after_repair(self) -> None:
