@@ -47,6 +47,11 @@ def set_message_sink(sink: Callable[[str], None] | None) -> None:
     _sink[0] = sink
 
 
+def message_sink() -> Callable[[str], None] | None:
+    """The sink set now (to restore it after a temporary one)."""
+    return _sink[0]
+
+
 def message(line: str) -> None:
     """Pass ``line`` to the message sink, if one is set."""
     sink = _sink[0]

@@ -165,3 +165,20 @@ def test_clearing_unknown_autoclear_bits_writes_qemus_feature_table(tmp_path: Pa
     data = ours.read_bytes()
     assert b"DIRTY BIT" not in data and b"dirty bit" in data
     assert _sha(ours) == _sha(theirs)
+
+
+def test_cli_in_process_leaves_the_library_quiet(tmp_path: Path,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    """Running the CLI in-process (``diskimg.cli.main.main([...])``) sets the stderr
+    message sink for that call only: a later library open repairs quietly again."""
+    from diskimg.cli.main import main
+
+    src = _dirty_lazy(tmp_path)
+    other = tmp_path / "other.qcow2"
+    shutil.copyfile(src, other)
+    assert main(["info", str(src)]) == 0
+    capfd.readouterr()
+    with diskimg.open(other, "r+") as dev:
+        dev.write(4096, b"\x77" * 512)
+    assert capfd.readouterr().err == ""
+    assert progname.message_sink() is None

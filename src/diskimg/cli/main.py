@@ -77,7 +77,18 @@ def _fail(e: BaseException) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 success, 1 error, command-specific codes).
-    Without ``argv`` (a real command line), messages speak under argv[0]'s basename."""
+    Without ``argv`` (a real command line), messages speak under argv[0]'s basename.
+    The program name and the message sink (stderr) are set for this call only: a caller
+    that runs the CLI in-process gets the library's quiet defaults back."""
+    name, sink = progname.name(), progname.message_sink()
+    try:
+        return _main(argv)
+    finally:
+        progname.set_name(name)
+        progname.set_message_sink(sink)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     progname.set_name(progname.from_argv0(sys.argv[0]) if argv is None and sys.argv else
                       progname.DEFAULT)
