@@ -138,6 +138,45 @@ def alloc_data(img: Qcow2Image, clusters: list[int]) -> list[int]:
     return [base + k * img.cs for k in range(len(clusters))]
 
 
+def _alloc_for_write(img: Qcow2Image, cluster: int, olds: array[int],
+                     to_alloc: list[int]) -> list[int]:
+    """Host offsets for the clusters ``cluster + j`` (j in ``to_alloc``, ascending) of
+    one write whose old entries are ``olds``, placed as QEMU places them: a write is
+    cut into host-contiguous runs, so clusters needing a new host cluster right after
+    a cluster written in place (or just allocated) go to the host clusters that follow
+    it when those are free, the rest to the first free run (:func:`alloc_clusters`)."""
+    if img._data_file_opened:
+        return alloc_data(img, [cluster + j for j in to_alloc])
+    cs, mask, rc = img.cs, E.L2E_OFFSET_MASK, img.refcounts
+    hosts: list[int] = []
+    prev_end: int | None = None  # host offset following the run being built
+    k = j = 0
+    n = len(olds)
+    while j < n:
+        if k == len(to_alloc) or to_alloc[k] != j:  # written in place
+            prev_end = (olds[j] & mask) + cs
+            j += 1
+            continue
+        run = 1
+        while k + run < len(to_alloc) and to_alloc[k + run] == j + run:
+            run += 1
+        got = 0
+        if prev_end is not None:
+            if img._pending_free and any(prev_end <= h < prev_end + run * cs
+                                         for h, m, _ in img._pending_free if m > 0):
+                img.release_pending()  # qemu has dropped those references already
+            got = rc.alloc_free_at(prev_end // cs, run)
+            base = prev_end
+        if not got:
+            got = run
+            base = alloc_clusters(img, run)
+        hosts.extend(base + i * cs for i in range(got))
+        prev_end = base + got * cs
+        k += got
+        j += got
+    return hosts
+
+
 def free_entry(img: Qcow2Image, ent: int, punch: bool = False) -> None:
     """Schedule dropping the reference an L2 entry held (applied after the flush).
 
@@ -225,7 +264,7 @@ def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, clu
                 keep_zero.append(j)
                 continue
         to_alloc.append(j)
-    hosts = alloc_data(img, [cluster + j for j in to_alloc]) if to_alloc else []
+    hosts = _alloc_for_write(img, cluster, olds, to_alloc) if to_alloc else []
     zeroed = set(keep_zero)
     # (host, guest lo, guest hi) runs of plain data, merged where host and guest are
     # both contiguous; copy-on-write clusters become their own buffers
@@ -282,41 +321,58 @@ def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, clu
 def write_ext(img: Qcow2Image, offset: int, data: memoryview) -> None:
     """Writes with extended L2 entries: only the touched subclusters become allocated
     (copy-on-write at subcluster granularity), as QEMU does."""
-    cs, scs = img.cs, img.sc_size
-    full_bits = (1 << E.SUBCLUSTERS_PER_CLUSTER) - 1
     end = offset + len(data)
     g = offset
     while g < end:
         cluster = g >> img.cb
-        c_start = cluster << img.cb
-        hi = min(end, c_start + cs)
-        s_lo = (g - c_start) // scs
+        idx = cluster & (img.l2_entries - 1)
+        stop = min(end, (cluster + img.l2_entries - idx) << img.cb)
+        _write_ext_in_table(img, cluster, g, stop, offset, data)
+        g = stop
+
+
+def _write_ext_in_table(img: Qcow2Image, cluster: int, g: int, stop: int, offset: int,
+                        data: memoryview) -> None:
+    """:func:`write_ext` of guest [g, stop), which lies in one L2 table."""
+    cs, scs = img.cs, img.sc_size
+    full_bits = (1 << E.SUBCLUSTERS_PER_CLUSTER) - 1
+    l2_off, table = get_l2_for_write(img, cluster)
+    idx = cluster & (img.l2_entries - 1)
+    n = ((stop - 1) >> img.cb) - cluster + 1
+    olds = table.entries[2 * idx : 2 * (idx + n) : 2]
+    to_alloc = [j for j, ent in enumerate(olds)
+                if not (ent & E.QCOW_OFLAG_COPIED
+                        and img._cluster_type(ent) == E.ClusterType.NORMAL)]
+    fresh = dict(zip(to_alloc, _alloc_for_write(img, cluster, olds, to_alloc)))
+    for j in range(n):
+        c_start = (cluster + j) << img.cb
+        lo, hi = max(g, c_start), min(stop, c_start + cs)
+        s_lo = (lo - c_start) // scs
         s_hi = -(-(hi - c_start) // scs)
-        # guest bytes of the touched subclusters, merged with the new data
+        # guest bytes of the touched subclusters, merged with the new data (as qemu, a
+        # subcluster past the disk's end is written whole, the bytes past it zeros)
         r_lo = c_start + s_lo * scs
-        r_hi = min(c_start + s_hi * scs, img.size)
-        l2_off, table = get_l2_for_write(img, cluster)
-        i = 2 * (cluster & (img.l2_entries - 1))
+        r_hi = c_start + s_hi * scs
+        i = 2 * (idx + j)
         ent, bm = table.entries[i], table.entries[i + 1]
         host = ent & E.L2E_OFFSET_MASK
         t = img._cluster_type(ent)
         has_host = t == E.ClusterType.NORMAL  # (offset 0 is one in a data file)
         if has_host:
-            img._check_data_offset(host, l2_off, i // 2, c_start)
+            img._check_data_offset(host, l2_off, idx + j, c_start)
         touched = ((1 << s_hi) - 1) ^ ((1 << s_lo) - 1)
-        if has_host and ent & E.QCOW_OFLAG_COPIED:
+        if j not in fresh:
             new_host, new_bm = host, bm
         elif t == E.ClusterType.COMPRESSED or has_host:
             # compressed or shared cluster: copy the whole cluster to a new one
-            new_host = alloc_data(img, [cluster])[0]
-            new_bm = full_bits
-            r_lo, r_hi = c_start, min(c_start + cs, img.size)
+            new_host, new_bm = fresh[j], full_bits
+            r_lo, r_hi = c_start, c_start + cs
         else:
-            new_host, new_bm = alloc_data(img, [cluster])[0], bm
+            new_host, new_bm = fresh[j], bm
         buf = bytearray(r_hi - r_lo)
-        if g > r_lo or hi < r_hi:
-            img._readinto(r_lo, memoryview(buf))
-        buf[g - r_lo : hi - r_lo] = data[g - offset : hi - offset]
+        if lo > r_lo or hi < r_hi:
+            img._readinto(r_lo, memoryview(buf)[: min(r_hi, img.size) - r_lo])
+        buf[lo - r_lo : hi - r_lo] = data[lo - offset : hi - offset]
         for h_off, piece in encrypt_writes(img, [(new_host + r_lo - c_start, buf, r_lo)]):
             img.data_host.pwrite(h_off, piece)
         new_bm = (new_bm | touched) & ~(touched << 32) & ((1 << 64) - 1)
@@ -325,8 +381,7 @@ def write_ext(img: Qcow2Image, offset: int, data: memoryview) -> None:
         if not (has_host and new_host == host):
             free_entry(img, ent)
             img._decoded.pop(ent, None)
-        img.l2_cache.mark_dirty(l2_off)
-        g = hi
+    img.l2_cache.mark_dirty(l2_off)
 
 
 def pwrite_runs(img: Qcow2Image, writes: list[tuple[int, Any]]) -> None:

@@ -355,6 +355,23 @@ class Refcounts:
                 continue
         raise CorruptImageError("Cluster allocation does not converge")  # pragma: no cover
 
+    def alloc_free_at(self, first: int, n: int) -> int:
+        """QEMU's ``alloc_clusters_at``: take the free clusters from ``first`` on, at most
+        ``n``, up to the first used one; returns how many (0 when ``first`` is used).
+        ``free_cluster_index`` is not moved."""
+        for _ in range(64):
+            k = 0
+            while k < n and self.get(first + k) == 0:
+                k += 1
+            if not k:
+                return 0
+            try:
+                self._alloc_run(first, first + k)
+            except _Again:  # new refcount metadata may have taken part of the run
+                continue
+            return k
+        raise CorruptImageError("Cluster allocation does not converge")  # pragma: no cover
+
     def _alloc_run(self, first: int, end: int) -> None:
         """Set the refcount of the free clusters [first, end) to 1; raises ``_Again`` (with
         the run's refcounts back at 0) after creating refcount metadata."""

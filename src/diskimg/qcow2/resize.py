@@ -20,8 +20,16 @@ if TYPE_CHECKING:
 
 
 def zero_tail(img: Qcow2Image, start: int, end: int) -> None:
-    """Make guest [start, end) read as zeros over a backing file after a grow."""
-    Z.write_zeroes(img, start, end - start, False)
+    """Make guest [start, end) read as zeros over a backing file after a grow, as
+    qemu's truncate does: zero flags from the next subcluster boundary on, data zeros
+    for the unaligned head."""
+    C.begin_change(img)
+    img.bitmaps.mark(start, end - start)
+    zero_start = min(end, -(-start // img.sc_size) * img.sc_size)
+    if end > zero_start and not Z.zeroize(img, zero_start, end, False):
+        C.write(img, zero_start, memoryview(bytes(end - zero_start)))
+    if zero_start > start:
+        C.write(img, start, memoryview(bytes(zero_start - start)))
     img.flush()
 
 
