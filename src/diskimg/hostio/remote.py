@@ -25,10 +25,11 @@ import errno
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import RemoteError, UsageError
 from diskimg.hostio.objects import ObjectHost
+from diskimg.hostio.sink import Sink, SinkError
 from diskimg.policy import OpenPolicy
 
 if TYPE_CHECKING:
@@ -347,16 +348,150 @@ def open_fsspec(url: str, policy: OpenPolicy | None = None, writable: bool = Fal
                       cache_bytes=cache_bytes)
 
 
-def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None
-                     ) -> BinaryIO:
-    """A new object at ``url`` as a binary file object opened ``"wb"`` (non-seekable on
-    an object store: s3fs uploads it in parts and commits it on ``close``; nothing is
-    visible under ``url`` before that).  Write the image in order, then close it."""
-    fs, key = _filesystem(url, storage_options)
+#: the smallest part of an S3 multipart upload (all but the last part), and the most parts
+PART_SIZE = 5 << 20
+MAX_PARTS = 10_000
+
+
+def part_size(size_hint: int | None) -> int:
+    """The part size of an upload of about ``size_hint`` bytes: S3's smallest (5 MiB,
+    the least memory) until 10,000 parts would not hold it, then larger (whole MiB).
+    A part may exceed it by one :data:`~diskimg.hostio.sink.BUFFER`."""
+    if not size_hint or size_hint <= PART_SIZE * (MAX_PARTS - 1):
+        return PART_SIZE
+    mib = 1 << 20
+    return -(-size_hint // (MAX_PARTS - 1) // mib) * mib + mib
+
+
+def _buffered_file() -> type:
+    """fsspec's buffered file class (s3fs, gcsfs, adlfs files derive from it)."""
+    from importlib import import_module  # fsspec ships no type information
+
+    cls: type = import_module("fsspec.spec").AbstractBufferedFile
+    return cls
+
+
+class ObjectSink(Sink):
+    """A new object at an fsspec URL written front to back (a multipart upload on an
+    object store), visible only once it is complete.
+
+    - ``close()`` uploads the last part and commits the object: only then does ``url``
+      name the new bytes (an existing object is replaced at that moment, as qemu-img
+      replaces a file; until then readers see the old one);
+    - ``abort()`` (and leaving a ``with`` block by an exception) discards the upload: an
+      interrupted or failed stream leaves no object, and an existing object unchanged;
+    - at most about three parts are in memory (the store client's buffer, the part in
+      flight and its copy): :func:`part_size` bytes each;
+    - a failure ends in :class:`~diskimg.hostio.sink.SinkError` naming the URL and the
+      offset of the first byte not stored (the start of the part that failed).
+      Uploading a part again is safe (a part number names its bytes) and the store
+      client retries it; nothing else is retried.
+    """
+
+    def __init__(self, f: Any, url: str) -> None:
+        super().__init__(f, url, owned=True)
+        self.url = url
+        self._f = f
+
+    def _stored(self) -> int:
+        """Bytes the store has accepted (parts uploaded), as far as the client says."""
+        if issubclass(type(self._f), _buffered_file()):
+            return int(self._f.offset or 0)
+        return self._done
+
+    def _out(self, mv: memoryview) -> None:
+        try:
+            super()._out(mv)
+        except SinkError as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            raise self._error(cause) from cause
+
+    def _error(self, e: BaseException) -> SinkError:
+        at = min(self._stored(), self._done)
+        if isinstance(e, FileNotFoundError):
+            what = "No such bucket or container (404)"
+        elif isinstance(e, PermissionError):
+            what = f"Access denied (403): {e}"
+        else:
+            what = f"{type(e).__name__}: {e}"
+        self.closed = True
+        return SinkError(f"Could not write '{self.url}' at offset {at}: {what}",
+                         path=self.url, offset=at)
+
+    def close(self) -> None:
+        """Upload what is left and commit the object (once); on failure the upload is
+        discarded and :class:`SinkError` raised."""
+        if self.closed:
+            return
+        try:
+            self.flush()
+            self.closed = True
+            self._f.close()
+            self._f.commit()
+        except BaseException as e:
+            self.closed = True
+            self._discard()
+            if isinstance(e, SinkError) or not isinstance(e, Exception):
+                raise
+            raise self._error(e) from e
+
+    def flush(self) -> None:
+        """Hand the buffered bytes to the store client (it uploads whole parts)."""
+        self._drain()
+
+    def abort(self) -> None:
+        """Discard the upload: nothing becomes visible under the URL."""
+        self._buf = bytearray()
+        self.closed = True
+        self._discard()
+
+    def _discard(self) -> None:
+        f, self._f = self._f, None
+        if f is None:
+            return
+        try:
+            f.discard()       # aborts the multipart upload, removes a temporary file
+        except Exception:     # noqa: S110 - best effort: the upload is never completed
+            pass
+        if issubclass(type(f), _buffered_file()):
+            f.closed = True   # its finalizer must not upload (or commit) anything
+
+    def __enter__(self) -> ObjectSink:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None, *,
+                     size_hint: int | None = None) -> ObjectSink:
+    """A new object at fsspec ``url`` as an :class:`ObjectSink`: write it in order, then
+    ``close()`` it (or leave the ``with`` block) to commit; nothing is visible under
+    ``url`` before that, and ``abort()`` (or an exception in the block) leaves nothing.
+
+    ``storage_options`` are the filesystem's (as for :func:`open_fsspec`); the upload
+    runs on a filesystem instance of its own (its transaction defers the commit).
+    ``size_hint`` (the expected size) picks the part size (:func:`part_size`)."""
+    if not is_fsspec_url(url):
+        raise UsageError(f"'{url}' is not an object store URL that diskimg writes "
+                         "(s3://, gs://, az://, memory:// ... through fsspec)", path=url)
+    fs, key = _filesystem(url, {**dict(storage_options or {}), "skip_instance_cache": True})
     try:
-        return cast(BinaryIO, fs.open(key, "wb"))
+        if fs.isdir(key):
+            raise UsageError(f"'{url}' is a directory (a prefix), not an object name",
+                             path=url)
+        fs.start_transaction()        # this instance only: commit() publishes the object
+        f = fs.open(key, "wb", block_size=part_size(size_hint))
+    except UsageError:
+        raise
     except Exception as e:
-        raise remote_error(url, e, None) from None
+        at = " at offset 0"
+        raise SinkError(f"Could not write '{url}'{at}: {type(e).__name__}: {e}", path=url,
+                        offset=0) from None
+    return ObjectSink(f, url)
 
 
 if TYPE_CHECKING:  # the type checker proves FsspecHost is a Host (the formats' byte source)

@@ -112,10 +112,11 @@ class Sink:
                    (errno.EPIPE, errno.ECONNRESET) else (e.strerror or str(e)))
             raise SinkError(f"{self.name}: write failed at offset {at}: {why}",
                             path=self.name, offset=at) from e
-        except ValueError as e:   # a closed file object
+        except Exception as e:   # a closed file object; a store client's own errors
             at = self._done + pos
             self.closed = True
-            raise SinkError(f"{self.name}: write failed at offset {at}: {e}",
+            why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            raise SinkError(f"{self.name}: write failed at offset {at}: {why}",
                             path=self.name, offset=at) from e
         self._done += pos
 

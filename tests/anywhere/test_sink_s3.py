@@ -1,0 +1,274 @@
+"""``convert`` into object storage (issue 18 item 2): ``diskimg convert ... s3://bucket/key``
+and ``diskimg.convert(src, "s3://...", storage_options=...)`` stream raw, streamOptimized
+vmdk and qcow2 into a multipart upload on the moto S3 server (tests/anywhere/s3_server.py)
+through the same streaming writers as ``-``.  Every uploaded image is downloaded and read
+back by qemu-img (compare, check); a failed or interrupted convert leaves no object (and no
+pending upload), and an existing object at the key unchanged; refusals upload nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemukit import QEMU
+
+pytest.importorskip("fsspec")
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+from anywhere.s3_server import S3, s3_server  # noqa: E402
+
+import diskimg  # noqa: E402
+from diskimg.errors import DiskImgError, UsageError  # noqa: E402
+from diskimg.hostio.remote import MAX_PARTS, PART_SIZE, open_fsspec_sink, part_size  # noqa: E402
+from diskimg.hostio.sink import SinkError  # noqa: E402
+
+pytestmark = pytest.mark.qemu
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 24 * 1024 * 1024 + 1536          # several 5 MiB parts; the last cluster is partial
+FORMATS = [("raw", []), ("vmdk", ["-o", "subformat=streamOptimized"]), ("qcow2", [])]
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3]:
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A qcow2 with 8 MiB of random (incompressible) data and 6 MiB of a pattern (several
+    5 MiB parts in every format), a zeroed run, a hole and a partial last cluster."""
+    d = tmp_path_factory.mktemp("sinks3")
+    noise, p = d / "noise.raw", d / "src.qcow2"
+    with noise.open("wb") as f:
+        f.truncate(SIZE)
+        f.seek(12 << 20)
+        f.write(os.urandom(8 << 20))
+    QEMU.img("convert", "-O", "qcow2", noise, p)
+    QEMU.io(p, "write -P 0xab 0 6M", "write -P 0x11 9M 64k", "write -z 9300k 256k",
+            f"write -P 0x5c {SIZE - 1536} 1536")
+    return p
+
+
+def _env(s3: S3) -> dict[str, str]:
+    """The CLI reaches the moto server through fsspec's environment configuration."""
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"),
+            "FSSPEC_S3_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+def _download(s3: S3, url: str, dst: Path) -> Path:
+    dst.write_bytes(s3.fs().cat_file(url))
+    return dst
+
+
+def _pending(s3: S3) -> list[Any]:
+    """The bucket's multipart uploads that were neither completed nor aborted."""
+    out = s3.fs().call_s3("list_multipart_uploads", Bucket=s3.bucket)
+    return list(out.get("Uploads", []))
+
+
+def _readback(got: Path, src: Path, fmt: str) -> None:
+    assert QEMU.compare(src, got, "-F", fmt) == 0
+    if fmt != "raw":
+        QEMU.check_clean(got)
+    info = QEMU.info(got)
+    assert info["format"] == fmt and info["virtual-size"] == -(-SIZE // 512) * 512
+
+
+def test_cli_convert_into_a_bucket(s3: S3, src: Path, tmp_path: Path) -> None:
+    url = s3.url("cli/out.qcow2")
+    res = subprocess.run([sys.executable, "-m", "diskimg", "convert", "-O", "qcow2",
+                          str(src), url], capture_output=True, text=True, env=_env(s3),
+                         stdin=subprocess.DEVNULL, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == res.stderr == ""
+    _readback(_download(s3, url, tmp_path / "got.qcow2"), src, "qcow2")
+    assert _pending(s3) == []
+
+
+@pytest.mark.parametrize(("fmt", "extra"), FORMATS)
+def test_api_convert_into_a_bucket(s3: S3, src: Path, tmp_path: Path, fmt: str,
+                                   extra: list[str]) -> None:
+    url = s3.url(f"api/out.{fmt}")
+    diskimg.convert(src, url, fmt, options=_opts(fmt), storage_options=s3.storage_options)
+    got = _download(s3, url, tmp_path / f"got.{fmt}")
+    _readback(got, src, fmt)
+    if fmt == "raw":
+        assert hashlib.sha256(got.read_bytes()).digest() == \
+            hashlib.sha256(QEMU.raw_bytes(src)).digest()
+    assert _pending(s3) == []
+
+
+def _opts(fmt: str) -> dict[str, str]:
+    return {"subformat": "streamOptimized"} if fmt == "vmdk" else {}
+
+
+def test_api_storage_options_and_same_bytes_as_a_pipe(s3: S3, src: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """The object holds exactly the bytes ``-`` streams (one writer), given the endpoint
+    and credentials as storage_options only; an s3:// source opens with them too."""
+    import io
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1000")   # the vmdk's CID: repeatable
+    opts = {"subformat": "streamOptimized"}
+    url = s3.url("api/out.vmdk")
+    diskimg.convert(src, url, "vmdk", options=opts, storage_options=s3.storage_options)
+    piped = io.BytesIO()
+    diskimg.convert(src, piped, "vmdk", options=opts)
+    assert s3.fs().cat_file(url) == piped.getvalue()
+    # bucket to bucket: the source is an s3:// URL opened with the same storage_options
+    again = s3.url("api/again.qcow2")
+    diskimg.convert(url, again, "qcow2", storage_options=s3.storage_options)
+    _readback(_download(s3, again, tmp_path / "again.qcow2"), src, "qcow2")
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("how", ["read-error", "interrupt"])
+def test_failure_mid_upload_leaves_no_object(s3: S3, src: Path, how: str) -> None:
+    """A source read error (or ^C) after several parts were uploaded: the upload is
+    aborted, the key does not exist, no multipart upload is left pending; an object that
+    was already at the key keeps every byte."""
+    fresh, kept = s3.url(f"fail/{how}.raw"), s3.url(f"fail/{how}-kept.raw")
+    old = os.urandom(100_000)
+    s3.fs().pipe(kept, old)
+    for url in (fresh, kept):
+        with diskimg.open(src) as dev:
+            real = dev.readinto
+            pending: list[list[Any]] = []
+
+            def failing(offset: int, buf: Any, *a: Any, _real: Any = real,
+                        _pending_then: list[list[Any]] = pending, **k: Any) -> Any:
+                if offset >= 14 << 20:       # past two 5 MiB parts
+                    _pending_then.append(_pending(s3))
+                    if how == "interrupt":
+                        raise KeyboardInterrupt
+                    raise DiskImgError(f"injected read error at {offset}")
+                return _real(offset, buf, *a, **k)
+
+            dev.readinto = failing  # type: ignore[method-assign]
+            exc: type[BaseException] = KeyboardInterrupt if how == "interrupt" \
+                else DiskImgError
+            with pytest.raises(exc):
+                diskimg.convert(dev, url, "raw", storage_options=s3.storage_options)
+            # the upload was under way (parts stored) when the source failed
+            assert len(pending) == 1 and len(pending[0]) == 1, pending
+    fs = s3.fs()
+    assert not fs.exists(fresh)
+    assert fs.cat_file(kept) == old
+    assert _pending(s3) == []
+
+
+def test_existing_key_is_replaced_when_complete(s3: S3, src: Path, tmp_path: Path) -> None:
+    """As qemu-img overwrites a target file, convert replaces an existing object, but only
+    at the end: the old bytes stay readable while the new ones upload."""
+    url = s3.url("replace/disk.qcow2")
+    s3.fs().pipe(url, b"old object")
+    seen: list[bytes] = []
+
+    def progress(pct: float) -> None:
+        if 50 < pct < 100 and not seen:
+            seen.append(s3.fs(skip_instance_cache=True).cat_file(url))
+
+    diskimg.convert(src, url, "qcow2", storage_options=s3.storage_options,
+                    progress=progress)
+    assert seen == [b"old object"]
+    _readback(_download(s3, url, tmp_path / "r.qcow2"), src, "qcow2")
+
+
+def test_refusals_upload_nothing(s3: S3, src: Path) -> None:
+    url = s3.url("refused/x.img")
+    res = subprocess.run([sys.executable, "-m", "diskimg", "convert", "-O", "qcow2", "-c",
+                          str(src), url], capture_output=True, text=True, env=_env(s3),
+                         stdin=subprocess.DEVNULL, timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "compressed qcow2 cannot be written to a stream" in res.stderr, res.stderr
+    for fmt, opts, why in (("vmdk", {}, "subformat 'monolithicSparse' cannot be written"),
+                           ("qcow2", {"preallocation": "metadata"}, "preallocation is not"),
+                           ("luks", {}, "format 'luks' cannot be written to a stream")):
+        with pytest.raises(UsageError, match=why):
+            diskimg.convert(src, url, fmt, options=opts, storage_options=s3.storage_options)
+    assert not s3.fs().exists(url) and _pending(s3) == []
+
+
+def test_url_targets_that_are_not_object_stores(src: Path, tmp_path: Path) -> None:
+    for url in ("http://127.0.0.1:9/x.raw", "https://example.invalid/x.raw"):
+        with pytest.raises(UsageError, match="fsspec URLs"):
+            diskimg.convert(src, url, "raw")
+    res = subprocess.run([sys.executable, "-m", "diskimg", "convert", "-O", "raw", str(src),
+                          "http://127.0.0.1:9/x.raw"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+                         cwd=tmp_path, timeout=60)
+    assert res.returncode == 1 and "fsspec URLs" in res.stderr, res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_bucket_names_url_and_offset(s3: S3, src: Path) -> None:
+    url = "s3://no-such-bucket/x.raw"
+    with pytest.raises(SinkError) as ei:
+        diskimg.convert(src, url, "raw", storage_options=s3.storage_options)
+    assert url in str(ei.value) and ei.value.offset == 0 and "404" in str(ei.value)
+
+
+def test_sink_context_manager_commits_or_discards(s3: S3) -> None:
+    url = s3.url("ctx/a.bin")
+    with pytest.raises(_Boom), open_fsspec_sink(url, s3.storage_options) as sink:
+        sink.write(b"x" * (6 << 20))
+        sink.flush()
+        raise _Boom
+    assert not s3.fs().exists(url) and _pending(s3) == []
+    with open_fsspec_sink(url, s3.storage_options) as sink:
+        sink.write(b"")
+    assert s3.fs().cat_file(url) == b""                 # an empty object is an object
+
+
+def test_part_size_keeps_under_the_part_limit() -> None:
+    assert part_size(None) == part_size(1 << 30) == PART_SIZE
+    for size in (PART_SIZE * (MAX_PARTS - 1) + 1, 1 << 40, 5 << 40):
+        p = part_size(size)
+        assert p % (1 << 20) == 0 and size // p < MAX_PARTS - 1
+
+
+def test_memory_stays_flat(s3: S3, tmp_path: Path) -> None:
+    """Peak RSS of ``convert`` into the bucket: a 4 GiB image with 64 MiB of data in
+    pieces all over it takes no more than a 1 MiB one plus a bound that does not depend
+    on the size (the parts in flight): far less than the data.  (The absolute peak, mostly
+    s3fs and botocore, is printed.)"""
+    big, small = tmp_path / "big.qcow2", tmp_path / "small.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", big, "4G")
+    QEMU.img("create", "-q", "-f", "qcow2", small, "1M")
+    QEMU.io(big, *[f"write -P {i + 1} {i * 256 << 20} 4M" for i in range(16)])
+    QEMU.io(small, "write -P 1 0 1M")
+    # the peak RSS of a child of a small process: a child forked from pytest itself
+    # would count pytest's own pages (its high-water mark survives exec)
+    measure = ("import resource, subprocess, sys\n"
+               "subprocess.run(sys.argv[1:], check=True, stdin=subprocess.DEVNULL)\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+
+    def peak(img: Path, fmt: str) -> int:
+        res = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m",
+                              "diskimg", "convert", "-O", fmt, str(img),
+                              s3.url(f"rss/{img.name}.{fmt}")], env=_env(s3),
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        return int(res.stdout) << 10
+
+    base = peak(small, "raw")
+    got = peak(big, "qcow2")
+    print(f"peak RSS: 1 MiB image {base >> 20} MiB, 4 GiB image (64 MiB data) "
+          f"{got >> 20} MiB")
+    assert got - base < 32 << 20, (base, got)
+    out = _download(s3, s3.url("rss/big.qcow2.qcow2"), tmp_path / "out.qcow2")
+    assert QEMU.compare(big, out) == 0
