@@ -383,9 +383,13 @@ class ObjectSink(Sink):
     - at most about three parts are in memory (the store client's buffer, the part in
       flight and its copy): :func:`part_size` bytes each;
     - a failure ends in :class:`~diskimg.hostio.sink.SinkError` naming the URL and the
-      offset of the first byte not stored (the start of the part that failed).
-      Uploading a part again is safe (a part number names its bytes) and the store
-      client retries it; nothing else is retried.
+      offset of the first byte not stored (the start of the part that failed; the size
+      when completing the upload failed), after which the upload is discarded;
+    - retries are the store client's (botocore: HTTP 5xx, throttling, a dropped
+      connection; s3fs: timeouts), and safe: a part sent again replaces the part of the
+      same number, and nothing is visible before the completing request.
+      Timeouts and attempts are ``storage_options`` (s3fs: ``config_kwargs=
+      {"connect_timeout": s, "read_timeout": s, "retries": {"max_attempts": n}}``).
     """
 
     def __init__(self, f: Any, url: str) -> None:
