@@ -309,3 +309,30 @@ def test_ova_into_a_bucket(s3: S3, src: Path, tmp_path: Path,
     QEMU.check_clean(vmdk)
     assert QEMU.compare(src, vmdk) == 0
     assert _pending(s3) == []
+
+
+def test_a_commit_the_store_ignores_is_an_error(src: Path) -> None:
+    """A store whose files ignore the deferred commit (fsspec's default commit() does
+    nothing) would lose the image silently: the size check after the commit says so."""
+    from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+    from fsspec.registry import register_implementation
+
+    class LostFile(MemoryFile):
+        def commit(self) -> None:
+            pass
+
+    class Lossy(MemoryFileSystem):
+        protocol = "lossymem"
+        store: dict[str, Any] = {}
+        pseudo_dirs = [""]
+
+        def _open(self, path: str, mode: str = "rb", **kw: Any) -> Any:
+            if "w" in mode:
+                return LostFile(self, self._strip_protocol(path))
+            return super()._open(path, mode, **kw)
+
+    register_implementation("lossymem", Lossy, clobber=True)
+    with pytest.raises(SinkError, match="the store has no object there after the upload "
+                       f"of {SIZE} bytes") as ei:
+        diskimg.convert(src, "lossymem://b/x.raw", "raw")
+    assert "lossymem://b/x.raw" in str(ei.value)

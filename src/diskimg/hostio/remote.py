@@ -392,10 +392,11 @@ class ObjectSink(Sink):
       {"connect_timeout": s, "read_timeout": s, "retries": {"max_attempts": n}}``).
     """
 
-    def __init__(self, f: Any, url: str) -> None:
+    def __init__(self, f: Any, url: str, fs: Any = None, key: str | None = None) -> None:
         super().__init__(f, url, owned=True)
         self.url = url
         self._f = f
+        self._fs, self._key = fs, key
 
     def _stored(self) -> int:
         """Bytes the store has accepted (parts uploaded), as far as the client says."""
@@ -438,6 +439,26 @@ class ObjectSink(Sink):
             if isinstance(e, SinkError) or not isinstance(e, Exception):
                 raise
             raise self._error(e) from e
+        self._verify()
+
+    def _verify(self) -> None:
+        """The store holds an object of the size written (a store whose files ignore
+        the deferred commit would otherwise lose the image silently)."""
+        if self._fs is None or self._key is None:
+            return
+        try:
+            self._fs.invalidate_cache(self._key)
+            size = int(self._fs.size(self._key))
+        except FileNotFoundError:
+            raise SinkError(f"Could not write '{self.url}': the store has no object there "
+                            f"after the upload of {self.offset} bytes", path=self.url,
+                            offset=0) from None
+        except Exception as e:
+            raise self._error(e) from e
+        if size != self.offset:
+            raise SinkError(f"Could not write '{self.url}': the store holds {size} bytes "
+                            f"after the upload of {self.offset}", path=self.url,
+                            offset=min(size, self.offset))
 
     def flush(self) -> None:
         """Hand the buffered bytes to the store client (it uploads whole parts)."""
@@ -495,7 +516,7 @@ def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None,
         at = " at offset 0"
         raise SinkError(f"Could not write '{url}'{at}: {type(e).__name__}: {e}", path=url,
                         offset=0) from None
-    return ObjectSink(f, url)
+    return ObjectSink(f, url, fs, key)
 
 
 if TYPE_CHECKING:  # the type checker proves FsspecHost is a Host (the formats' byte source)
