@@ -306,11 +306,13 @@ def test_upload_fault_leaves_no_object(s3: S3, faults: Proxy, src: Path, fault: 
     assert isinstance(e, DiskImgError) and url in str(e) and e.path == url
     assert f"at offset {e.offset}:" in str(e)
     if query == "uploadId=":      # every part was stored; completing it failed
-        assert e.offset == SIZE and "404" in str(e)
+        assert e.offset == SIZE and "Not found (404 NoSuchKey)" in str(e), str(e)
     else:                         # the first part (or the upload itself) failed
         assert e.offset == 0, str(e)
     if fault == "403":
-        assert "Access denied (403)" in str(e)
+        assert "Access denied (403 AccessDenied): Access Denied" in str(e), str(e)
+    if fault == "500":
+        assert "HTTP 500 InternalError: We encountered an internal error" in str(e), str(e)
     assert took < 4 * STALL, took
     faults.rules.clear()
     assert not s3.fs().exists(url) and _pending(s3) == []

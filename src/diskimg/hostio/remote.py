@@ -363,6 +363,24 @@ def part_size(size_hint: int | None) -> int:
     return -(-size_hint // (MAX_PARTS - 1) // mib) * mib + mib
 
 
+def _http_status(e: BaseException) -> tuple[int, str] | None:
+    """The HTTP status and error code of the store's answer behind ``e`` (botocore's
+    ClientError keeps them in ``response``; s3fs raises an OSError from it), if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        resp = cur.__dict__.get("response")
+        if isinstance(resp, dict):
+            meta, err = resp.get("ResponseMetadata") or {}, resp.get("Error") or {}
+            code = meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
+            if isinstance(code, int):
+                name = err.get("Code", "") if isinstance(err, dict) else ""
+                return code, str(name)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _buffered_file() -> type:
     """fsspec's buffered file class (s3fs, gcsfs, adlfs files derive from it)."""
     from importlib import import_module  # fsspec ships no type information
@@ -413,10 +431,15 @@ class ObjectSink(Sink):
 
     def _error(self, e: BaseException) -> SinkError:
         at = min(self._stored(), self._done)
+        status = _http_status(e)
+        code = f" {status[1]}" if status is not None and status[1] else ""
+        said = e.strerror if isinstance(e, OSError) and e.strerror else e
         if isinstance(e, FileNotFoundError):
-            what = "No such bucket or container (404)"
+            what = f"Not found (404{code}): no such bucket, or the upload is gone"
         elif isinstance(e, PermissionError):
-            what = f"Access denied (403): {e}"
+            what = f"Access denied (403{code}): {said}"
+        elif status is not None:
+            what = f"HTTP {status[0]}{code}: {said}"
         else:
             what = f"{type(e).__name__}: {e}"
         self.closed = True
