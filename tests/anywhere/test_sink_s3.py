@@ -336,3 +336,31 @@ def test_a_commit_the_store_ignores_is_an_error(src: Path) -> None:
                        f"of {SIZE} bytes") as ei:
         diskimg.convert(src, "lossymem://b/x.raw", "raw")
     assert "lossymem://b/x.raw" in str(ei.value)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM"])
+def test_cli_killed_mid_upload_leaves_nothing(s3: S3, sig: str) -> None:
+    """``kill`` while the CLI uploads (its source a pipe that stops after 12 MiB): the
+    upload is aborted, exit status 143; no object and no pending upload remain.  (^C is
+    the API's KeyboardInterrupt case above, and exits 130.)"""
+    import signal
+    import time
+
+    url = s3.url(f"killed/{sig}.raw")
+    p = subprocess.Popen([sys.executable, "-m", "diskimg", "convert", "-O", "raw",
+                          "--image-opts", f"driver=raw,file.filename=/dev/stdin,size={SIZE}",
+                          url], stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(s3))
+    assert p.stdin is not None and p.stderr is not None
+    p.stdin.write(os.urandom(12 << 20))
+    p.stdin.flush()
+    deadline = time.monotonic() + 60
+    while not _pending(s3):                      # the multipart upload has begun
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.1)
+    p.send_signal(getattr(signal, sig))
+    err = p.stderr.read().decode()
+    code = p.wait(60)
+    p.stdin.close()
+    assert code == (143 if sig == "SIGTERM" else 130), (code, err)
+    assert "Traceback" not in err
+    assert not s3.fs().exists(url) and _pending(s3) == []
