@@ -267,7 +267,7 @@ def test_memory_stays_flat(s3: S3, tmp_path: Path) -> None:
     got = peak(big, "qcow2")
     print(f"peak RSS: 1 MiB image {base >> 20} MiB, 3 GiB image (48 MiB data) "
           f"{got >> 20} MiB")
-    assert got - base < 32 << 20, (base, got)
+    assert got - base < 40 << 20, (base, got)       # all 48 MiB held would exceed it
     out = _download(s3, s3.url("rss/big.qcow2.qcow2"), tmp_path / "out.qcow2")
     assert QEMU.compare(big, out) == 0
 
