@@ -210,6 +210,8 @@ def test_url_targets_that_are_not_object_stores(src: Path, tmp_path: Path) -> No
                          env={**os.environ, "PYTHONPATH": str(REPO / "src")},
                          cwd=tmp_path, timeout=60)
     assert res.returncode == 1 and "fsspec URLs" in res.stderr, res.stderr
+    with pytest.raises(UsageError, match="storage_options apply only to fsspec URLs"):
+        diskimg.convert(src, tmp_path / "x.raw", "raw", storage_options={"anon": True})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -381,6 +381,24 @@ def _http_status(e: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def write_error(url: str, e: BaseException, offset: int) -> SinkError:
+    """``e`` (raised by fsspec or the store's client while writing ``url``) as a
+    SinkError naming the URL, the offset and the store's HTTP status and code."""
+    status = _http_status(e)
+    code = f" {status[1]}" if status is not None and status[1] else ""
+    said = e.strerror if isinstance(e, OSError) and e.strerror else e
+    if isinstance(e, FileNotFoundError):
+        what = f"Not found (404{code}): no such bucket, or the upload is gone"
+    elif isinstance(e, PermissionError):
+        what = f"Access denied (403{code}): {said}"
+    elif status is not None:
+        what = f"HTTP {status[0]}{code}: {said}"
+    else:
+        what = f"{type(e).__name__}: {e}"
+    return SinkError(f"Could not write '{url}' at offset {offset}: {what}", path=url,
+                     offset=offset)
+
+
 def _buffered_file() -> type:
     """fsspec's buffered file class (s3fs, gcsfs, adlfs files derive from it)."""
     from importlib import import_module  # fsspec ships no type information
@@ -430,21 +448,8 @@ class ObjectSink(Sink):
             raise self._error(cause) from cause
 
     def _error(self, e: BaseException) -> SinkError:
-        at = min(self._stored(), self._done)
-        status = _http_status(e)
-        code = f" {status[1]}" if status is not None and status[1] else ""
-        said = e.strerror if isinstance(e, OSError) and e.strerror else e
-        if isinstance(e, FileNotFoundError):
-            what = f"Not found (404{code}): no such bucket, or the upload is gone"
-        elif isinstance(e, PermissionError):
-            what = f"Access denied (403{code}): {said}"
-        elif status is not None:
-            what = f"HTTP {status[0]}{code}: {said}"
-        else:
-            what = f"{type(e).__name__}: {e}"
         self.closed = True
-        return SinkError(f"Could not write '{self.url}' at offset {at}: {what}",
-                         path=self.url, offset=at)
+        return write_error(self.url, e, min(self._stored(), self._done))
 
     def close(self) -> None:
         """Upload what is left and commit the object (once); on failure the upload is
@@ -536,9 +541,7 @@ def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None,
     except UsageError:
         raise
     except Exception as e:
-        at = " at offset 0"
-        raise SinkError(f"Could not write '{url}'{at}: {type(e).__name__}: {e}", path=url,
-                        offset=0) from None
+        raise write_error(url, e, 0) from e
     return ObjectSink(f, url, fs, key)
 
 

@@ -135,6 +135,11 @@ def convert(
                          "backing file")
     if rate_limit is not None and rate_limit < 0:
         raise UsageError(SIZE_HELP.replace("image size", "rate limit"), field="size")
+    if storage_options and not (isinstance(dst, str) and _is_fsspec(dst)) and \
+            not any(_is_fsspec(s) for s in srcs):
+        raise UsageError("storage_options apply only to fsspec URLs (s3://, gs://, "
+                         "memory:// ...): neither the target nor a source is one",
+                         field="storage_options")
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {})}
     if is_stream(dst):
