@@ -37,6 +37,17 @@ SECTIONS: list[tuple[str, list[str] | None, str, str]] = [
      "vmdk images (`diskimg.vmdk`)",
      "What `diskimg.open()` returns for a vmdk (`VmdkImage`), and the vmdk writers behind "
      "`diskimg.create()` and `convert -O vmdk`."),
+    ("diskimg.hostio.remote", ["open_fsspec", "open_fsspec_sink", "ObjectSink",
+                               "part_size", "is_fsspec_url"],
+     "Object storage (`diskimg.hostio.remote`)",
+     "Sources and sinks in any fsspec store (`s3://`, `gs://`, `az://`, `memory://` ...; "
+     "the `diskimg[remote]` extra): `diskimg.open(url)` reads through `open_fsspec`, "
+     "`diskimg.convert(src, url)` writes through `open_fsspec_sink`; see "
+     "[object storage](../howto/object-storage.md)."),
+    ("diskimg.hostio.sink", ["Sink", "CountingSink", "SinkError", "open_sink"],
+     "Sinks (`diskimg.hostio.sink`)",
+     "Append-only destinations `convert` streams into: stdout, pipes, sockets, file "
+     "objects; see [stream to a pipe](../howto/stream-to-pipe.md)."),
     ("diskimg.pool", None, "`diskimg.pool`",
      "libvirt-compatible directory pools; see [pools.md](../pools.md)."),
 ]

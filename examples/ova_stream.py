@@ -1,5 +1,6 @@
 """Stream an OVA (a tar of the .ovf descriptor, the .mf manifest and a streamOptimized
-vmdk) straight into a pipe or any writable file object, without a temporary file.
+vmdk) straight into a pipe, any writable file object, or a bucket (any fsspec URL:
+``s3://bucket/appliance.ova``; the ``diskimg[remote]`` extra), without a temporary file.
 
 A tar member's header carries its size, and OVF 1.x wants the manifest (with the SHA256
 of the disk) before the disk.  Both are known only once the vmdk is written, so the vmdk
@@ -11,8 +12,12 @@ against the dry run's, and a mismatch ends with an error.
 
     python examples/ova_stream.py                 # builds appliance.qcow2, writes out.ova
     python examples/ova_stream.py SRC - > x.ova   # any image to stdout
+    python examples/ova_stream.py SRC s3://bucket/x.ova   # into a bucket (multipart upload)
 
-``stream_ova(src, fileobj)`` is the reusable part (tests/anywhere/test_ova_stream.py).
+``stream_ova(src, fileobj)`` and ``stream_ova_to_url(src, url)`` are the reusable parts
+(tests/anywhere/test_ova_stream.py, tests/anywhere/test_sink_s3.py).  Into a bucket the
+OVA is one multipart upload: it appears under the URL only once complete, and a failure
+leaves no object.
 """
 
 from __future__ import annotations
@@ -22,11 +27,19 @@ import os
 import sys
 import tarfile
 import threading
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO, Protocol
 
 import diskimg
 from diskimg.hostio.sink import CountingSink, Sink
+
+
+class Out(Protocol):
+    """Where the OVA goes: a binary file object, a pipe, or a sink (a bucket's object)."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int | None: ...
+
+    def flush(self) -> None: ...
 
 DISK = "disk1.vmdk"
 VMDK_OPTIONS = {"subformat": "streamOptimized", "adapter_type": "lsilogic"}
@@ -35,7 +48,7 @@ VMDK_OPTIONS = {"subformat": "streamOptimized", "adapter_type": "lsilogic"}
 class HashingSink(Sink):
     """A sink that hashes what passes through it (and, with ``count_only``, stores none)."""
 
-    def __init__(self, dest: BinaryIO | None) -> None:
+    def __init__(self, dest: Out | None) -> None:
         if dest is None:
             self._inner: Sink = CountingSink()
         else:
@@ -73,17 +86,17 @@ def _ovf(size: int, capacity: int) -> bytes:
 """.encode()
 
 
-def _member(out: BinaryIO, name: str, size: int) -> None:
+def _member(out: Out, name: str, size: int) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode = size, 0o644
     out.write(info.tobuf(format=tarfile.USTAR_FORMAT))
 
 
-def _pad(out: BinaryIO, size: int) -> None:
+def _pad(out: Out, size: int) -> None:
     out.write(bytes(-size % tarfile.BLOCKSIZE))
 
 
-def stream_ova(src: str, out: BinaryIO, name: str = "appliance") -> int:
+def stream_ova(src: str, out: Out, name: str = "appliance") -> int:
     """Write the OVA of image ``src`` into ``out`` (written in order, never sought);
     returns the vmdk's size."""
     os.environ.setdefault("SOURCE_DATE_EPOCH", "0")   # the CID, equal in both runs
@@ -112,6 +125,19 @@ def stream_ova(src: str, out: BinaryIO, name: str = "appliance") -> int:
     return size
 
 
+def stream_ova_to_url(src: str, url: str, name: str = "appliance",
+                      storage_options: Mapping[str, Any] | None = None) -> int:
+    """Write the OVA of image ``src`` as the object at fsspec ``url`` (a multipart upload,
+    committed when the OVA is complete; discarded if anything fails); returns the vmdk's
+    size."""
+    from diskimg.hostio.remote import open_fsspec_sink
+
+    with diskimg.open(src) as img:       # an upper bound of the OVA's size: the part size
+        hint = img.size + img.size // 32 + (4 << 20)
+    with open_fsspec_sink(url, storage_options, size_hint=hint) as sink:
+        return stream_ova(src, sink, name=name)
+
+
 def into_pipe(write: Callable[[BinaryIO], object]) -> bytes:
     """What ``write`` writes into a pipe (drained by a thread): a destination that
     cannot seek."""
@@ -135,6 +161,9 @@ def main() -> None:
         src, dst = sys.argv[1:]
         if dst == "-":
             stream_ova(src, sys.stdout.buffer)
+            return
+        if "://" in dst:
+            stream_ova_to_url(src, dst)
             return
         with open(dst, "wb") as f:
             stream_ova(src, f)

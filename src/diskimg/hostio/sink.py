@@ -44,7 +44,13 @@ class Writable(Protocol):
 
 
 class Sink:
-    """Append-only writer over a file descriptor or a binary file object."""
+    """Append-only writer over a file descriptor or a binary file object (``dest``;
+    ``name`` is what errors call it).
+
+    ``offset`` counts the bytes accepted; at most ``buffer`` bytes are held before they
+    are written; a failed write raises :class:`SinkError` with the offset of the first
+    byte that did not reach the destination.  ``close`` writes what is buffered and
+    closes the destination only when ``owned``; ``abort`` drops the buffer."""
 
     def __init__(self, dest: int | Writable, name: str | None = None, *,
                  owned: bool = False, buffer: int = BUFFER) -> None:
@@ -79,6 +85,7 @@ class Sink:
             self._drain()
 
     def writev(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Append each of ``parts`` in order."""
         for p in parts:
             self.write(p)
 
@@ -112,10 +119,11 @@ class Sink:
                    (errno.EPIPE, errno.ECONNRESET) else (e.strerror or str(e)))
             raise SinkError(f"{self.name}: write failed at offset {at}: {why}",
                             path=self.name, offset=at) from e
-        except ValueError as e:   # a closed file object
+        except Exception as e:   # a closed file object; a store client's own errors
             at = self._done + pos
             self.closed = True
-            raise SinkError(f"{self.name}: write failed at offset {at}: {e}",
+            why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            raise SinkError(f"{self.name}: write failed at offset {at}: {why}",
                             path=self.name, offset=at) from e
         self._done += pos
 
@@ -159,12 +167,14 @@ class CountingSink(Sink):
         super().__init__(-1, "(count)")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Count ``data``; nothing is kept."""
         self.offset += len(data)
 
     def flush(self) -> None:
-        pass
+        """Nothing to write."""
 
     def close(self) -> None:
+        """Mark the sink closed."""
         self.closed = True
 
 

@@ -69,6 +69,7 @@ def convert(
     target_is_zero: bool = False,
     salvage: bool | Callable[[str], None] = False,
     on_created: Callable[[], None] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Copy the guest contents of ``sources`` (concatenated) into image ``dst``.
 
@@ -97,7 +98,13 @@ def convert(
     ``dst`` may be a stream (see :mod:`diskimg.ops.stream_convert`): a file descriptor,
     a writable binary file object, a :class:`~diskimg.hostio.sink.Sink`, or the path of a
     FIFO or socket; raw, streamOptimized vmdk and qcow2 are then written front to back,
-    and what cannot be streamed is refused before anything is written.
+    and what cannot be streamed is refused before anything is written.  An fsspec URL
+    (``s3://bucket/key``, ``gs://...``, ``memory://...``; the ``diskimg[remote]`` extra)
+    is such a target: a new object uploaded in parts (:func:`~diskimg.hostio.remote.
+    open_fsspec_sink`), visible only once complete: a failed convert leaves no object,
+    and an existing object is replaced only when the new one is complete.
+    ``storage_options`` (the filesystem's: endpoint, credentials ...) open a URL target
+    and the fsspec URL sources.
 
     A failed convert removes the target file it created (a path that did not exist
     before); an existing target (``target_exists``, or a file that was overwritten) keeps
@@ -128,6 +135,11 @@ def convert(
                          "backing file")
     if rate_limit is not None and rate_limit < 0:
         raise UsageError(SIZE_HELP.replace("image size", "rate limit"), field="size")
+    if storage_options and not (isinstance(dst, str) and _is_fsspec(dst)) and \
+            not any(_is_fsspec(s) for s in srcs):
+        raise UsageError("storage_options apply only to fsspec URLs (s3://, gs://, "
+                         "memory:// ...): neither the target nor a source is one",
+                         field="storage_options")
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {})}
     if is_stream(dst):
@@ -146,7 +158,8 @@ def convert(
     listed: dict[str, set[str]] = {}
     try:
         for s in srcs:
-            dev, owned = _open(s, src_format, kw)
+            dev, owned = _open(s, src_format, {**kw, "storage_options": storage_options}
+                               if storage_options and _is_fsspec(s) else kw)
             opened.append((dev, owned))
         devs = [d for d, _ in opened]
         if snapshot is not None:
@@ -156,7 +169,8 @@ def convert(
         total = sum(d.size for d in devs)
         if is_stream(dst):
             convert_to_stream(devs, dst, out_format, options or {}, progress=progress,
-                              on_created=on_created, workers=workers)
+                              on_created=on_created, workers=workers,
+                              storage_options=storage_options)
             return
         assert isinstance(dst, str | os.PathLike | BlockDevice)
         if skip_broken_bitmaps and not bitmaps:
@@ -242,6 +256,13 @@ def convert(
         for dev, owned in opened:
             if owned:
                 dev.close()
+
+
+def _is_fsspec(src: Source) -> bool:
+    """Whether source ``src`` is an fsspec URL (``storage_options`` open it)."""
+    from diskimg.hostio.remote import is_fsspec_url
+
+    return is_fsspec_url(src)
 
 
 def _listings(dst: str | os.PathLike[str], data_file: object) -> dict[str, set[str]]:

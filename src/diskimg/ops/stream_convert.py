@@ -20,6 +20,7 @@ from typing import Any
 from diskimg.device import BlockDevice
 from diskimg.errors import UsageError
 from diskimg.hostio.sink import Sink, Writable, open_sink
+from diskimg.hostio.urls import is_url, scheme
 from diskimg.ops.common import _ZEROS, CHUNK, ProgressFn
 
 #: what may be handed to ``convert`` as a streamed target
@@ -28,11 +29,14 @@ StreamTarget = int | Sink | Writable
 
 def is_stream(dst: object) -> bool:
     """True when ``dst`` is written as a stream: a sink, a file descriptor, a file object,
-    or the path of a FIFO or a socket."""
+    a URL (``s3://bucket/key`` ...: a new object, see
+    :func:`diskimg.hostio.remote.open_fsspec_sink`), or the path of a FIFO or a socket."""
     if isinstance(dst, Sink | int):
         return not isinstance(dst, bool)
     if isinstance(dst, BlockDevice):
         return False
+    if isinstance(dst, str) and is_url(dst):
+        return True
     if isinstance(dst, str | os.PathLike):
         try:
             mode = os.stat(dst).st_mode
@@ -42,10 +46,15 @@ def is_stream(dst: object) -> bool:
     return True
 
 
-def _open_target(dst: object) -> tuple[Sink, bool]:
+def _open_target(dst: object, storage_options: Mapping[str, Any] | None = None,
+                 size_hint: int | None = None) -> tuple[Sink, bool]:
     """``(sink, made)``: ``made`` sinks were opened here and are closed by the caller."""
     if isinstance(dst, Sink):
         return dst, False
+    if isinstance(dst, str) and is_url(dst):
+        from diskimg.hostio.remote import open_fsspec_sink
+
+        return open_fsspec_sink(dst, storage_options, size_hint=size_hint), True
     if isinstance(dst, int):
         return Sink(dst, f"fd {dst}"), True
     if isinstance(dst, str | os.PathLike):
@@ -71,6 +80,13 @@ def refusal(out_format: str, n_sources: int, options: Mapping[str, Any], *,
     opts = {k: str(v) for k, v in options.items()}
     if isinstance(dst, io.TextIOBase):
         return "the target is a text file object: pass a binary one (e.g. sys.stdout.buffer)"
+    if isinstance(dst, str) and is_url(dst):
+        from diskimg.hostio.remote import is_fsspec_url
+
+        if not is_fsspec_url(dst):
+            return (f"'{dst}' cannot be written: diskimg writes new objects through "
+                    "fsspec URLs (s3://, gs://, az://, memory:// ...; the diskimg[remote] "
+                    f"extra), not {scheme(dst)}:// URLs")
     if rate_limit:
         return "-r (rate limit) is not supported when writing to a stream"
     if target_exists:
@@ -112,17 +128,25 @@ def refusal(out_format: str, n_sources: int, options: Mapping[str, Any], *,
 def convert_to_stream(devs: Sequence[BlockDevice], dst: object, out_format: str,
                       options: Mapping[str, Any], *, progress: ProgressFn | None = None,
                       on_created: Callable[[], None] | None = None,
-                      workers: int | None = None) -> None:
+                      workers: int | None = None,
+                      storage_options: Mapping[str, Any] | None = None) -> None:
     """Write the guest bytes of ``devs`` (concatenated) as ``out_format`` into the stream
     ``dst``; the caller has checked :func:`refusal`.  A sink made here (from a file
-    descriptor, a path or a file object) is flushed and closed; a :class:`Sink` given is
-    flushed, not closed."""
+    descriptor, a path, a URL or a file object) is flushed and closed (a new object is
+    committed), and aborted when the convert fails (an object upload is discarded: no
+    partial object); a :class:`Sink` given is flushed, not closed.  ``storage_options``
+    open a URL target."""
     qplan = None
+    total = sum(d.size for d in devs)
+    hint = total
     if out_format == "qcow2":   # the layout (and its refusals) before the target opens
         from diskimg.qcow2 import stream_write
 
         qplan = stream_write.plan(devs[0], dict(options))
-    sink, made = _open_target(dst)
+        hint = qplan.size
+    elif out_format == "vmdk":  # at most the guest bytes, deflated, plus markers and tables
+        hint = total + total // 32 + (4 << 20)
+    sink, made = _open_target(dst, storage_options, hint)
     try:
         if on_created is not None:
             on_created()
@@ -133,7 +157,6 @@ def convert_to_stream(devs: Sequence[BlockDevice], dst: object, out_format: str,
         elif out_format == "vmdk":
             from diskimg.vmdk.create import write_stream_optimized
 
-            total = devs[0].size
             opts = {k: v for k, v in options.items() if k != "preallocation"}
             write_stream_optimized(
                 devs[0], sink, options=opts, threads=workers,

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from diskimg import options as opts
@@ -15,6 +19,7 @@ from diskimg.cli import errors
 from diskimg.cli.errors import prog
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
+from diskimg.hostio.urls import is_url
 from diskimg.units import parse_size
 
 if TYPE_CHECKING:
@@ -160,6 +165,7 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
     if a.compress and out_fmt in ("raw", "luks"):
         raise UsageError("Compression not supported for this file format")
     devs: list[BlockDevice] = []
+    stack = contextlib.ExitStack()
     try:
         for s in srcs:
             devs.append(open_image(ctx, s, "r", a.format, image_opts=a.image_opts,
@@ -202,6 +208,8 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
                                  backing is not None, sparse)
         created: list[bool] = []
         try:
+            stack.enter_context(_terminate_as_exit(isinstance(target, str)
+                                                   and is_url(target)))
             conv.convert(devs[: len(srcs)], target, out_fmt, options=values,
                          sparse_size=sparse, target_exists=a.target_exists,
                          backing_file=backing,
@@ -227,9 +235,30 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
             raise
         prog.finish()
     finally:
+        stack.close()
         for d in devs:
             d.close()
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_exit(on: bool) -> Iterator[None]:
+    """While an upload to a URL runs, SIGTERM ends the command as ^C does (exit status
+    143): the upload is aborted, so no incomplete upload is left in the store (an
+    interrupted one is never visible either way).  The previous handler comes back
+    after."""
+    if not on or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 
