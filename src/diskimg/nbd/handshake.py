@@ -50,7 +50,7 @@ def pack_server_greeting(handshake_flags: int) -> bytes:
     return _GREETING.pack(NBDMAGIC, IHAVEOPT, handshake_flags)
 
 
-def parse_server_greeting(data: bytes | memoryview, base: int = 0) -> int:
+def parse_server_greeting(data: bytes | bytearray | memoryview, base: int = 0) -> int:
     """The 18-byte newstyle greeting; returns the handshake flags."""
     _need(data, SERVER_GREETING_SIZE, "greeting", base)
     magic, opt_magic, flags = _GREETING.unpack_from(data)
@@ -67,7 +67,7 @@ def pack_client_flags(flags: int) -> bytes:
     return _U32.pack(flags)
 
 
-def parse_client_flags(data: bytes | memoryview, base: int = 0,
+def parse_client_flags(data: bytes | bytearray | memoryview, base: int = 0,
                        allowed: int = NBD_CLIENT_FLAGS_KNOWN) -> int:
     """The client's 32 flag bits; bits outside ``allowed`` (the ones the server offered)
     are an error (the spec: the server MUST drop the connection)."""
@@ -93,7 +93,7 @@ def pack_option(option: int, payload: bytes = b"") -> bytes:
     return _OPT.pack(IHAVEOPT, option, len(payload)) + payload
 
 
-def parse_option_header(data: bytes | memoryview, base: int = 0,
+def parse_option_header(data: bytes | bytearray | memoryview, base: int = 0,
                         max_length: int = NBD_MAX_OPTION_LENGTH) -> OptionHeader:
     _need(data, OPTION_HEADER_SIZE, "option header", base)
     magic, option, length = _OPT.unpack_from(data)
@@ -110,11 +110,11 @@ def pack_export_name_option(name: str) -> bytes:
     return encode_string(name, "export name")
 
 
-def parse_export_name_option(payload: bytes | memoryview, base: int = 0) -> str:
+def parse_export_name_option(payload: bytes | bytearray | memoryview, base: int = 0) -> str:
     return _string(payload, "export name", base)
 
 
-def parse_empty_option(payload: bytes | memoryview, option: int, base: int = 0) -> None:
+def parse_empty_option(payload: bytes | bytearray | memoryview, option: int, base: int = 0) -> None:
     """ABORT, LIST, STARTTLS, STRUCTURED_REPLY (and EXTENDED_HEADERS) carry no data."""
     if len(payload):
         raise NbdProtocolError(f"option {option} takes no data, got {len(payload)} bytes",
@@ -132,7 +132,7 @@ def pack_info_request(name: str, requests: tuple[int, ...] = ()) -> bytes:
             + b"".join(_U16.pack(r) for r in requests))
 
 
-def parse_info_request(payload: bytes | memoryview, base: int = 0) -> InfoRequest:
+def parse_info_request(payload: bytes | bytearray | memoryview, base: int = 0) -> InfoRequest:
     name, pos = _len_string(payload, 0, "export name", base)
     _need(payload[pos:], 2, "information request count", base + pos)
     (count,) = _U16.unpack_from(payload, pos)
@@ -155,7 +155,7 @@ def pack_meta_context_request(name: str, queries: tuple[str, ...] = ()) -> bytes
             + b"".join(_pack_len_string(q, "query") for q in queries))
 
 
-def parse_meta_context_request(payload: bytes | memoryview,
+def parse_meta_context_request(payload: bytes | bytearray | memoryview,
                                base: int = 0) -> MetaContextRequest:
     name, pos = _len_string(payload, 0, "export name", base)
     _need(payload[pos:], 4, "query count", base + pos)
@@ -190,7 +190,7 @@ def pack_option_reply(option: int, reply_type: int, payload: bytes = b"") -> byt
     return _REP.pack(NBD_REP_MAGIC, option, reply_type, len(payload)) + payload
 
 
-def parse_option_reply_header(data: bytes | memoryview, base: int = 0,
+def parse_option_reply_header(data: bytes | bytearray | memoryview, base: int = 0,
                               max_length: int = NBD_MAX_OPTION_REPLY_LENGTH
                               ) -> OptionReplyHeader:
     _need(data, OPTION_REPLY_HEADER_SIZE, "option reply header", base)
@@ -210,7 +210,7 @@ def pack_rep_error(option: int, reply_type: int, message: str = "") -> bytes:
     return pack_option_reply(option, reply_type, encode_string(message[:1024], "message"))
 
 
-def parse_rep_error_message(payload: bytes | memoryview, base: int = 0) -> str:
+def parse_rep_error_message(payload: bytes | bytearray | memoryview, base: int = 0) -> str:
     return _string(payload, "error message", base)
 
 
@@ -225,7 +225,7 @@ def pack_rep_server(name: str, description: str = "") -> bytes:
     return _pack_len_string(name, "export name") + encode_string(description, "description")
 
 
-def parse_rep_server(payload: bytes | memoryview, base: int = 0) -> ServerEntry:
+def parse_rep_server(payload: bytes | bytearray | memoryview, base: int = 0) -> ServerEntry:
     name, pos = _len_string(payload, 0, "export name", base)
     return ServerEntry(name, _string(payload[pos:], "description", base + pos))
 
@@ -286,7 +286,7 @@ def pack_info(info: Info) -> bytes:
     return _U16.pack(info.info_type) + info.data
 
 
-def parse_info(payload: bytes | memoryview, base: int = 0) -> Info:
+def parse_info(payload: bytes | bytearray | memoryview, base: int = 0) -> Info:
     """The payload of NBD_REP_INFO (unknown information types are returned, not refused:
     the spec tells clients to ignore them)."""
     _need(payload, 2, "information type", base)
@@ -336,7 +336,7 @@ def pack_rep_meta_context(context_id: int, name: str) -> bytes:
     return _U32.pack(context_id) + encode_string(name, "context name")
 
 
-def parse_rep_meta_context(payload: bytes | memoryview, base: int = 0) -> MetaContext:
+def parse_rep_meta_context(payload: bytes | bytearray | memoryview, base: int = 0) -> MetaContext:
     _need(payload, 4, "context id", base)
     (cid,) = _U32.unpack_from(payload)
     if len(payload) == 4:
@@ -356,7 +356,7 @@ def pack_export_name_reply(size: int, flags: int, no_zeroes: bool) -> bytes:
     return out if no_zeroes else out + bytes(EXPORT_NAME_REPLY_PADDING)
 
 
-def parse_export_name_reply(data: bytes | memoryview, base: int = 0) -> ExportNameReply:
+def parse_export_name_reply(data: bytes | bytearray | memoryview, base: int = 0) -> ExportNameReply:
     """The first 10 bytes (the 124 zero bytes that may follow are the caller's to skip)."""
     _need(data, EXPORT_NAME_REPLY_SIZE, "export reply", base)
     size, flags = _EXPORT.unpack_from(data)

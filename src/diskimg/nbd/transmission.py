@@ -62,7 +62,7 @@ def pack_request(type: int, handle: int, offset: int = 0, length: int = 0,
     return _REQ.pack(NBD_REQUEST_MAGIC, flags, type, handle, offset, length)
 
 
-def parse_request(data: bytes | memoryview, base: int = 0,
+def parse_request(data: bytes | bytearray | memoryview, base: int = 0,
                   max_write: int = NBD_MAX_BUFFER_SIZE) -> Request:
     """A request header.  A WRITE longer than ``max_write`` is an error here: its data
     cannot be skipped without reading it, so the server ends the connection."""
@@ -85,7 +85,7 @@ def pack_simple_reply(handle: int, error: int = 0) -> bytes:
     return _SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, error, handle)
 
 
-def parse_simple_reply(data: bytes | memoryview, base: int = 0) -> SimpleReply:
+def parse_simple_reply(data: bytes | bytearray | memoryview, base: int = 0) -> SimpleReply:
     _need(data, SIMPLE_REPLY_SIZE, "simple reply", base)
     magic, error, handle = _SIMPLE.unpack_from(data)
     if magic != NBD_SIMPLE_REPLY_MAGIC:
@@ -94,7 +94,7 @@ def parse_simple_reply(data: bytes | memoryview, base: int = 0) -> SimpleReply:
     return SimpleReply(int(error), int(handle))
 
 
-def reply_magic(data: bytes | memoryview, base: int = 0) -> int:
+def reply_magic(data: bytes | bytearray | memoryview, base: int = 0) -> int:
     """The first 4 bytes of a reply: NBD_SIMPLE_REPLY_MAGIC or NBD_STRUCTURED_REPLY_MAGIC
     (anything else is an error); the caller then reads 16 or 20 bytes in all."""
     _need(data, 4, "reply magic", base)
@@ -127,7 +127,7 @@ def pack_chunk(handle: int, chunk_type: int, payload: bytes = b"", flags: int = 
     return pack_chunk_header(handle, chunk_type, len(payload), flags) + payload
 
 
-def parse_chunk_header(data: bytes | memoryview, base: int = 0,
+def parse_chunk_header(data: bytes | bytearray | memoryview, base: int = 0,
                        max_length: int = NBD_MAX_BUFFER_SIZE + 8) -> ChunkHeader:
     _need(data, CHUNK_HEADER_SIZE, "chunk header", base)
     magic, flags, ctype, handle, length = _CHUNK.unpack_from(data)
@@ -159,7 +159,7 @@ def pack_offset_data(handle: int, offset: int, data: bytes, flags: int = 0) -> b
     return pack_offset_data_header(handle, offset, len(data), flags) + data
 
 
-def parse_offset_data(payload: bytes | memoryview, base: int = 0
+def parse_offset_data(payload: bytes | bytearray | memoryview, base: int = 0
                       ) -> tuple[int, memoryview]:
     """(offset, data) of an OFFSET_DATA payload (data: a view into ``payload``)."""
     if len(payload) < 9:
@@ -178,7 +178,7 @@ def pack_offset_hole(handle: int, offset: int, length: int, flags: int = 0) -> b
     return pack_chunk(handle, NBD_REPLY_TYPE_OFFSET_HOLE, _HOLE.pack(offset, length), flags)
 
 
-def parse_offset_hole(payload: bytes | memoryview, base: int = 0) -> Hole:
+def parse_offset_hole(payload: bytes | bytearray | memoryview, base: int = 0) -> Hole:
     if len(payload) != 12:
         raise NbdProtocolError(f"OFFSET_HOLE of {len(payload)} bytes (exactly 12)",
                                field="chunk length", offset=base)
@@ -201,7 +201,7 @@ def pack_block_status(handle: int, context_id: int,
     return pack_chunk(handle, NBD_REPLY_TYPE_BLOCK_STATUS, payload, flags)
 
 
-def parse_block_status(payload: bytes | memoryview, base: int = 0) -> BlockStatus:
+def parse_block_status(payload: bytes | bytearray | memoryview, base: int = 0) -> BlockStatus:
     n = len(payload)
     if n < 12 or (n - 4) % 8:
         raise NbdProtocolError(f"BLOCK_STATUS of {n} bytes (4 + a positive multiple of 8)",
@@ -234,7 +234,7 @@ def pack_error_chunk(handle: int, error: int, message: str = "",
                       flags)
 
 
-def parse_error_chunk(payload: bytes | memoryview, chunk_type: int,
+def parse_error_chunk(payload: bytes | bytearray | memoryview, chunk_type: int,
                       base: int = 0) -> ChunkError:
     """Any error chunk (type with bit 15): the error, the message and, for ERROR_OFFSET,
     the offset.  Unknown error types keep their trailing fields unread."""

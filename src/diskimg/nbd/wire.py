@@ -176,13 +176,13 @@ class NbdProtocolError(FormatError):
         self.detail = message
 
 
-def _need(data: bytes | memoryview, size: int, what: str, base: int) -> None:
+def _need(data: bytes | bytearray | memoryview, size: int, what: str, base: int) -> None:
     if len(data) < size:
         raise NbdProtocolError(f"{what} truncated: {len(data)} of {size} bytes",
                                field=what, offset=base + len(data))
 
 
-def _string(raw: bytes | memoryview, field: str, offset: int) -> str:
+def _string(raw: bytes | bytearray | memoryview, field: str, offset: int) -> str:
     if len(raw) > NBD_MAX_STRING:
         raise NbdProtocolError(f"{field} is {len(raw)} bytes, more than {NBD_MAX_STRING}",
                                field=field, offset=offset)
@@ -207,7 +207,7 @@ def encode_string(text: str, field: str = "string") -> bytes:
     return b
 
 
-def _len_string(data: bytes | memoryview, pos: int, field: str, base: int
+def _len_string(data: bytes | bytearray | memoryview, pos: int, field: str, base: int
                 ) -> tuple[str, int]:
     """A u32 length then that many bytes of string at ``data[pos:]``; (text, next pos)."""
     _need(data[pos:], 4, f"{field} length", base + pos)
