@@ -55,12 +55,13 @@ class RawClient:
             self.go(name)
 
     def recv(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            if not chunk:
+        out = bytearray(n)
+        view, got = memoryview(out), 0
+        while got < n:
+            k = self.sock.recv_into(view[got:])
+            if not k:
                 raise ConnectionError("server closed the connection")
-            out += chunk
+            got += k
         return bytes(out)
 
     def send(self, data: bytes) -> None:
@@ -111,7 +112,7 @@ class RawClient:
             assert r.handle == h
             body = self.recv(length) if cmd == p.NBD_CMD_READ and not r.error else b""
             return r.error, body, []
-        buf = bytearray(length if cmd == p.NBD_CMD_READ else 0)
+        buf = bytearray()      # sized by the first content chunk (an error has none)
         covered = 0
         err, status = 0, []
         rest = p.NBD_STRUCTURED_REPLY_MAGIC.to_bytes(4, "big") + self.recv(16)
@@ -123,10 +124,12 @@ class RawClient:
                 err = p.parse_error_chunk(payload, ch.type).error
             elif ch.type == p.NBD_REPLY_TYPE_OFFSET_DATA:
                 off, view = p.parse_offset_data(payload)
+                buf = buf or bytearray(length)
                 buf[off - offset:off - offset + len(view)] = view
                 covered += len(view)
             elif ch.type == p.NBD_REPLY_TYPE_OFFSET_HOLE:
                 hole = p.parse_offset_hole(payload)
+                buf = buf or bytearray(length)
                 buf[hole.offset - offset:hole.offset - offset + hole.length] = \
                     bytes(hole.length)
                 covered += hole.length

@@ -22,7 +22,7 @@ from tests.nbd.nbdtestlib import Serve, needs_nbd_tools, uri
 pytestmark = [pytest.mark.qemu, needs_nbd_tools]
 
 MiB = 1 << 20
-SIZE = 64 * MiB
+SIZE = 32 * MiB
 
 
 @pytest.fixture
@@ -33,10 +33,10 @@ def chain(tmp_path: Path, qemu: Qemu) -> tuple[Path, Path]:
     qemu.img("create", "-f", "qcow2", base, str(SIZE))
     qemu.io(base, "write -P 0x11 0 1M", "write -z 2M 1M", "write -P 0x12 5M 300k")
     qemu.img("bitmap", "--add", base, "b0")
-    qemu.io(base, "write -P 0x22 8M 64k", "write -P 0x23 40M 1M")
+    qemu.io(base, "write -P 0x22 8M 64k", "write -P 0x23 20M 1M")
     qemu.img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
     qemu.img("bitmap", "--add", top, "b1")
-    qemu.io(top, "write -P 0x33 9M 64k", "write -z 0 64k", "write -P 0x34 63M 1M")
+    qemu.io(top, "write -P 0x33 9M 64k", "write -z 0 64k", "write -P 0x34 31M 1M")
     return base, top
 
 
