@@ -151,6 +151,7 @@ class Export:
 
     # --- effects (the caller holds the lock) -------------------------------------------
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        """NBD_CMD_WRITE (``fua``: flushed before returning)."""
         with _errors("write"):
             self.dev.write(offset, data)
             self.generation += 1
@@ -158,6 +159,8 @@ class Export:
                 self.dev.flush()
 
     def write_zeroes(self, offset: int, length: int, flags: int) -> None:
+        """NBD_CMD_WRITE_ZEROES with its command ``flags`` (NO_HOLE: keep the range
+        allocated; FAST_ZERO: refuse with ENOTSUP unless the zeroing is cheap; FUA)."""
         if flags & NBD_CMD_FLAG_FAST_ZERO:
             a = self._fast_zero_align
             if a is None or offset % a or (length % a and offset + length != self.size):
@@ -170,6 +173,7 @@ class Export:
                 self.dev.flush()
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
+        """NBD_CMD_TRIM: a discard with ``discard="unmap"``, nothing otherwise."""
         if self.discard != "unmap":
             return
         with _errors("trim"):
@@ -179,6 +183,7 @@ class Export:
                 self.dev.flush()
 
     def flush(self) -> None:
+        """NBD_CMD_FLUSH: everything written so far is made durable."""
         with _errors("flush"):
             self.dev.flush()
 
