@@ -373,3 +373,34 @@ def test_memory_stays_bounded_under_huge_lengths(tmp_path: Path, sockdir: Path) 
     # 4 connections x one 32 MiB buffer, with room for the reads' own temporaries
     assert peak - idle < 4 * 32 * MiB + 64 * MiB
     assert _image_bytes(path, "raw") == bytes(model)
+
+
+STREAMS = 40
+
+
+def test_mutated_sessions(tmp_path: Path, inproc_nbd: Start) -> None:
+    """Mutated copies of whole valid sessions (handshake and requests) against a
+    read-only export: each one ends with an error reply or a disconnect, the server
+    keeps serving a good client, and the image is unchanged.  fuzz/nbd_server.py runs
+    the same with more streams."""
+    from tests.nbd.nbdtestlib import fuzz_one, mutate, valid_transcript
+
+    size = 2 * MiB
+    path, model = _image(tmp_path, "qcow2", size)
+    served = inproc_nbd(path, "qcow2", read_only=True, allocation_depth=True,
+                        handshake_timeout=1.0)
+    rng = random.Random(19)
+    outcomes: dict[str, int] = {}
+    good = RawClient(served.sock)
+    for i in range(STREAMS):
+        o = fuzz_one(served.sock, mutate(rng, valid_transcript(rng, size)), wait=0.1)
+        outcomes[o] = outcomes.get(o, 0) + 1
+        if i % 10 == 9:
+            err, got, _ = good.request(p.NBD_CMD_READ, 0, size)
+            assert err == 0 and got == bytes(model)
+    good.close()
+    served.stop()
+    print(f"\n[nbd mutated sessions] {STREAMS} streams: {outcomes}, "
+          f"server requests={served.server.requests}, "
+          f"error replies={served.server.error_replies}")
+    assert _image_bytes(path, "qcow2") == bytes(model)
