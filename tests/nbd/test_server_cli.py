@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemukit import Qemu
 
 from diskimg.nbd.server import listen_tcp
-from tests.nbd.nbdtestlib import Serve, needs_nbd_tools, uri
+from tests.nbd.nbdtestlib import needs_nbd_tools, uri
 
 MiB = 1 << 20
 
@@ -112,13 +113,14 @@ def test_tcp_with_bind_port_cache_aio(tmp_path: Path, qemu: Qemu) -> None:
 @pytest.mark.qemu
 @needs_nbd_tools
 @pytest.mark.parametrize("mode", ["ignore", "unmap"])
-def test_discard_modes(tmp_path: Path, qemu: Qemu, diskimg_nbd: Serve, mode: str) -> None:
+def test_discard_modes(tmp_path: Path, qemu: Qemu, inproc_nbd: Any, mode: str) -> None:
     img = tmp_path / "d.qcow2"
     qemu.img("create", "-f", "qcow2", img, "4M")
     qemu.io(img, "write -P 0x6d 0 4M")
     before = qemu.raw_bytes(img)
-    with diskimg_nbd(img, f"--discard={mode}") as sock:
-        qemu.io(uri(sock), "discard 1M 2M", fmt="raw")
+    served = inproc_nbd(img, "qcow2", discard=mode)    # what --discard=MODE builds
+    qemu.io(uri(served.sock), "discard 1M 2M", fmt="raw")
+    served.stop()
     data = qemu.raw_bytes(img)
     if mode == "ignore":       # TRIM accepted, nothing changed
         assert data == before

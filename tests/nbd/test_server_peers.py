@@ -117,19 +117,20 @@ def test_qemu_img_convert_from_and_to_the_export(chain: tuple[Path, Path], tmp_p
     qemu.check_clean(target)
 
 
-def test_qemu_io_write_then_read_back(tmp_path: Path, qemu: Qemu, diskimg_nbd: Serve) -> None:
+def test_qemu_io_write_then_read_back(tmp_path: Path, qemu: Qemu, inproc_nbd: Any) -> None:
     img = tmp_path / "io.qcow2"
     qemu.img("create", "-f", "qcow2", img, "8M")
     qemu.io(img, "write -P 0x61 0 2M")
     before = qemu.raw_bytes(img)
-    with diskimg_nbd(img) as sock:
-        u = uri(sock)
-        qemu.io(u, "write -P 0x5a 1M 64k", "write -z 3M 1M", "write -P 0x5b 7M 4097",
-                "read -P 0x5a 1M 64k", "read -P 0 3M 1M", "read -P 0x5b 7M 4097",
-                "read -P 0x61 0 1M", "flush", fmt="raw")
-        # a write with FUA, and a zero write that must not punch a hole (NO_HOLE)
-        qemu.io(u, "write -f -P 0x5c 5M 512", "write -z -u 6M 64k", "read -P 0x5c 5M 512",
-                fmt="raw")
+    served = inproc_nbd(img, "qcow2")
+    u = uri(served.sock)
+    qemu.io(u, "write -P 0x5a 1M 64k", "write -z 3M 1M", "write -P 0x5b 7M 4097",
+            "read -P 0x5a 1M 64k", "read -P 0 3M 1M", "read -P 0x5b 7M 4097",
+            "read -P 0x61 0 1M", "flush", fmt="raw")
+    # a write with FUA, and a zero write that may unmap (no NO_HOLE flag)
+    qemu.io(u, "write -f -P 0x5c 5M 512", "write -z -u 6M 64k", "read -P 0x5c 5M 512",
+            fmt="raw")
+    served.stop()
     want = bytearray(before)
     want[MiB:MiB + 65536] = b"\x5a" * 65536
     want[3 * MiB:4 * MiB] = bytes(MiB)
@@ -188,14 +189,15 @@ print(json.dumps(out))
 @pytest.mark.skipif(subprocess.run(["/usr/bin/python3", "-c", "import nbd"],
                                    capture_output=True).returncode != 0,
                     reason="python3-libnbd absent")
-def test_python3_libnbd(tmp_path: Path, qemu: Qemu, diskimg_nbd: Serve) -> None:
+def test_python3_libnbd(tmp_path: Path, qemu: Qemu, inproc_nbd: Any) -> None:
     img = tmp_path / "l.qcow2"
     qemu.img("create", "-f", "qcow2", img, "4M")
     qemu.io(img, "write -P 0x77 0 2M")
     before = qemu.raw_bytes(img)
-    with diskimg_nbd(img) as sock:
-        res = subprocess.run(["/usr/bin/python3", "-c", LIBNBD_SCRIPT, uri(sock)],
-                             capture_output=True, text=True, timeout=60, env={})
+    served = inproc_nbd(img, "qcow2")
+    res = subprocess.run(["/usr/bin/python3", "-c", LIBNBD_SCRIPT, uri(served.sock)],
+                         capture_output=True, text=True, timeout=60, env={})
+    served.stop()
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["size"] == 4 * MiB and out["structured"] and out["meta"]
