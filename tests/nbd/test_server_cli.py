@@ -39,7 +39,6 @@ def test_refusals_change_nothing_and_unlock(tmp_path: Path, qemu: Qemu, sockdir:
         (["--discard=foo", str(img)], "Invalid discard mode `foo'"),
         (["--cache=bogus", str(img)], "Invalid cache mode 'bogus'"),
         (["--aio=bogus", str(img)], "Invalid aio mode 'bogus'"),
-        (["-k", sock, "-p", "1234", str(img)], "-k cannot be used with -p or -b"),
         (["-U", str(img)], "--share requires read-only mode"),
         (["--tls-creds", str(tmp_path / "none"), str(img)],
          "No TLS credentials with id"),

@@ -6,7 +6,7 @@ import os
 import sys
 
 from diskimg.cli.commands._shared import CACHE_MODES, Context, one_file, open_image
-from diskimg.cli.errors import CommandLineError, ExitCode
+from diskimg.cli.errors import ExitCode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -43,7 +43,8 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="keep serving after the last client disconnects")
     p.add_argument("-e", "--shared", metavar="N", default="1",
                    help="serve up to N clients at once (default 1)")
-    p.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket")
+    p.add_argument("-k", "--socket", metavar="PATH",
+                   help="listen on a Unix socket (then -p and -b are ignored)")
     p.add_argument("-p", "--port", metavar="PORT", help="TCP port (default 10809)")
     p.add_argument("-b", "--bind", metavar="ADDR",
                    help="address to listen on (default 127.0.0.1)")
@@ -102,8 +103,6 @@ def _tls(ctx: Context, a: argparse.Namespace, objects: list[str]) -> ssl.SSLCont
 
 
 def _check(a: argparse.Namespace) -> None:
-    if a.socket is not None and (a.port is not None or a.bind is not None):
-        raise CommandLineError("-k cannot be used with -p or -b")
     if a.force_share and not a.read_only:
         raise ExitCode("--share requires read-only mode", 1)
     if a.cache is not None and a.cache not in CACHE_MODES:
