@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -302,3 +303,25 @@ def test_encrypted_image_with_object_and_image_opts(tmp_path: Path, qemu: Qemu,
         del info["exports"][0]["uri"]
     assert got[0] == got[1]
     assert got[0][0]["exports"][0]["block_size_minimum"] == 512
+
+
+@pytest.mark.skipif(not shutil.which("nginx") and not os.path.exists("/usr/sbin/nginx"),
+                    reason="nginx absent (Debian nginx-light)")
+def test_export_an_image_read_over_http(tmp_path: Path, qemu: Qemu,
+                                        diskimg_nbd: Serve) -> None:
+    """Any source diskimg opens can be exported: a qcow2 on an HTTP server (nginx, as in
+    tests/anywhere), read-only."""
+    from tests.anywhere.conftest import nginx_server
+
+    with nginx_server(tmp_path) as web:
+        img = web.root / "disk.qcow2"
+        qemu.img("create", "-f", "qcow2", img, "4M")
+        qemu.io(img, "write -P 0x48 0 1M", "write -P 0x49 3M 64k")
+        want = qemu.raw_bytes(img)
+        with diskimg_nbd(web.url("disk.qcow2"), "-r") as sock:
+            out = tmp_path / "o.raw"
+            qemu.run(["nbdcopy", uri(sock), str(out)])
+            assert out.read_bytes() == want
+            # and its zero ranges are sent as such: the map shows data only where written
+            data = [(e["start"], e["length"]) for e in qemu.map(uri(sock)) if e["data"]]
+            assert data == [(0, MiB), (3 * MiB, 65536)]
