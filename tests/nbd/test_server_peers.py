@@ -325,3 +325,20 @@ def test_export_an_image_read_over_http(tmp_path: Path, qemu: Qemu,
             # and its zero ranges are sent as such: the map shows data only where written
             data = [(e["start"], e["length"]) for e in qemu.map(uri(sock)) if e["data"]]
             assert data == [(0, MiB), (3 * MiB, 65536)]
+
+
+def test_vmdk_export_equals_qemu_nbd(tmp_path: Path, qemu: Qemu, diskimg_nbd: Serve,
+                                     qemu_nbd: Serve) -> None:
+    img = tmp_path / "d.vmdk"
+    qemu.img("create", "-f", "vmdk", img, "8M")
+    qemu.io(img, "write -P 0x56 64k 1M", "write -P 0x57 7M 4k", fmt="vmdk")
+    want = qemu.raw_bytes(img)
+    got = []
+    for serve in (diskimg_nbd, qemu_nbd):
+        with serve(img, "-r", fmt="vmdk") as sock:
+            got.append((qemu.map(uri(sock)), _map_text(qemu, None, uri(sock))))
+            if serve is diskimg_nbd:
+                out = tmp_path / "o.raw"
+                qemu.run(["nbdcopy", uri(sock), str(out)])
+                assert out.read_bytes() == want
+    assert got[0] == got[1]
