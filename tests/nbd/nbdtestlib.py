@@ -237,3 +237,13 @@ def fuzz_one(sock_path: str, stream: bytes, wait: float = 0.5) -> str:
             return "open"
     finally:
         s.close()
+
+
+def reap(proc: Any) -> None:
+    """Kill ``proc`` (a ``subprocess.Popen`` with ``stderr=PIPE``) if it still runs, wait
+    for it and close its pipe."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()

@@ -16,7 +16,7 @@ import pytest
 from qemukit import Qemu
 
 from diskimg.nbd.server import listen_tcp
-from tests.nbd.nbdtestlib import needs_nbd_tools, uri
+from tests.nbd.nbdtestlib import needs_nbd_tools, reap, uri
 
 MiB = 1 << 20
 
@@ -102,11 +102,7 @@ def test_tcp_with_bind_port_cache_aio(tmp_path: Path, qemu: Qemu) -> None:
         assert out.read_bytes() == img.read_bytes()
         assert proc.wait(timeout=20) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        reap(proc)
 
 
 @pytest.mark.qemu

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from qemukit import Qemu
 
-from tests.nbd.nbdtestlib import Serve, needs_nbd_tools, uri
+from tests.nbd.nbdtestlib import Serve, needs_nbd_tools, reap, uri
 
 pytestmark = [pytest.mark.qemu, needs_nbd_tools]
 
@@ -232,11 +232,7 @@ def test_not_persistent_exits_after_the_last_client_and_unlocks(
         qemu.io(uri(sock), "write -P 0x99 0 512", fmt="raw")
         assert proc.wait(timeout=20) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        reap(proc)
     assert not os.path.exists(sock)
     qemu.io(img, "read -P 0x99 0 512", "write 512 512")   # unlocked, data there
 
