@@ -267,26 +267,18 @@ def test_fork_returns_once_listening(tmp_path: Path, qemu: Qemu, sockdir: Path) 
     assert bad.returncode == 1 and "missing.qcow2" in bad.stderr
 
 
-def test_encrypted_image_with_object_and_image_opts(tmp_path: Path, qemu: Qemu,
-                                                    diskimg_nbd: Serve,
-                                                    qemu_nbd: Serve) -> None:
+def test_encrypted_image_with_object_and_image_opts(qemu: Qemu, diskimg_nbd: Serve,
+                                                    qemu_nbd: Serve, fixture_file: Any,
+                                                    tmp_path: Path) -> None:
     """--object secret and --image-opts, as qemu-nbd takes them: the export is the
     decrypted disk, with qemu-nbd's 512-byte minimum block size."""
-    import diskimg
-
-    img = tmp_path / "enc.qcow2"
-    # made by diskimg: qemu-img's LUKS create times PBKDF2 and is slow on a loaded host
-    diskimg.create(img, "qcow2", 4 * MiB, secrets={"s0": b"hunter2"},
-                   options={"encrypt.format": "luks", "encrypt.key-secret": "s0",
-                            "encrypt.iter-time": 10})
-    want = bytearray(4 * MiB)
-    want[:MiB] = b"\x71" * MiB
-    want[3 * MiB:3 * MiB + 4097] = b"\x72" * 4097
-    with diskimg.open(img, "r+", secrets={"s0": b"hunter2"},
-                      options={"encrypt.key-secret": "s0"}) as dev:
-        dev.write(0, want[:MiB])
-        dev.write(3 * MiB, want[3 * MiB:3 * MiB + 4097])
-    obj = "secret,id=s0,data=hunter2"
+    # the LUKS fixture (fixtures/README.md): creating one times PBKDF2, slow when loaded
+    img = fixture_file("luks.qcow2")
+    want = bytearray(66048)
+    want[:4096] = b"\x61" * 4096
+    want[32768:36864] = b"\x62" * 4096
+    want[65536:] = b"\x63" * 512
+    obj = "secret,id=s0,data=fixture-secret"
     opts = f"driver=qcow2,file.filename={img},encrypt.key-secret=s0"
     got = []
     for serve in (diskimg_nbd, qemu_nbd):
