@@ -128,7 +128,11 @@ def cmd_nbd(ctx: Context, a: argparse.Namespace) -> int:
 
         ctx.secrets = parse_objects(secret_objects)
     tls = _tls(ctx, a, tls_objects)
-    ready_fd = _fork() if a.fork else None
+    ready_fd = None
+    if a.fork:
+        parent_code, ready_fd = _fork()
+        if parent_code is not None:
+            return parent_code
     # from here on, in the server process
     from diskimg.nbd.export import Export
     from diskimg.nbd.server import Server, listen_tcp, listen_unix
@@ -185,10 +189,10 @@ def _on_signals(stop: Callable[[], None]) -> None:
         signal.signal(sig, handler)
 
 
-def _fork() -> int:
-    """qemu-nbd's --fork: the parent waits until the child listens (then exits 0) or
-    fails (then exits 1, the child having printed why); returns, in the child, the pipe
-    to report readiness on."""
+def _fork() -> tuple[int | None, int]:
+    """qemu-nbd's --fork.  In the parent: waits until the child listens (exit code 0) or
+    fails (1, the child having printed why) and returns ``(code, -1)``; in the child:
+    ``(None, fd)``, the pipe to report readiness on (:func:`_ready`)."""
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -199,10 +203,10 @@ def _fork() -> int:
             ok = f.read(1) == b"\0"
         if not ok:
             os.waitpid(pid, 0)
-        os._exit(0 if ok else 1)
+        return (0 if ok else 1), -1
     os.close(r)
     os.setsid()
-    return w
+    return None, w
 
 
 def _ready(fd: int) -> None:
