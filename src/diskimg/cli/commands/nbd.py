@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from diskimg.cli.commands._shared import CACHE_MODES, Context, one_file, open_image
+from diskimg.cli.commands._shared import (CACHE_MODES, Context, _suppress, one_file,
+                                          open_image)
 from diskimg.cli.errors import ExitCode
 
 TYPE_CHECKING = False
@@ -71,7 +72,7 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="seconds a client has for its handshake (default 10; 0: no limit)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="report each client that breaks the protocol on stderr")
-    p.add_argument("files", nargs="*", help="==SUPPRESS==")
+    p.add_argument("files", nargs="*", help=_suppress())
 
 
 def _int(text: str, what: str, lo: int, hi: int) -> int:
