@@ -26,11 +26,15 @@ MiB = 1 << 20
 SIZE = 32 * MiB
 
 
-@pytest.fixture
-def chain(tmp_path: Path, qemu: Qemu) -> tuple[Path, Path]:
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """base.qcow2 (data, an allocated zero range, bitmap b0 dirty at 8 MiB) under
-    top.qcow2 (its own data, a zeroed range over base data, bitmap b1)."""
-    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    top.qcow2 (its own data, a zeroed range over base data, bitmap b1); made once, and
+    only ever served read-only (-r) or read."""
+    from qemukit import QEMU as qemu
+
+    d = tmp_path_factory.mktemp("chain")
+    base, top = d / "base.qcow2", d / "top.qcow2"
     qemu.img("create", "-f", "qcow2", base, str(SIZE))
     qemu.io(base, "write -P 0x11 0 1M", "write -z 2M 1M", "write -P 0x12 5M 300k")
     qemu.img("bitmap", "--add", base, "b0")
