@@ -16,7 +16,7 @@ from diskimg.cli.commands._shared import Context, parse_image_opts
 
 #: the sub-commands in the order ``diskimg --help`` lists them
 NAMES = ("info", "create", "convert", "check", "compare", "map", "dd", "resize", "measure",
-         "commit", "rebase", "snapshot", "amend", "bitmap", "checksum", "bench")
+         "commit", "rebase", "snapshot", "amend", "bitmap", "checksum", "bench", "nbd")
 
 
 def load(name: str) -> ModuleType:
