@@ -37,6 +37,9 @@ class NumpyXtsKernel:
     """XTS over whole sectors, in place; any AES key size pair (also AES-192-XTS)."""
 
     parallel = True  # the work releases the GIL: worth splitting over threads
+    #: no copy of the data outside the caller's buffer but this kernel's scratch arrays,
+    #: which :meth:`wipe` zeroes: fit for key material
+    private = True
 
     def __init__(self, key: KeyBuf) -> None:
         half = len(key) // 2
@@ -70,6 +73,13 @@ class NumpyXtsKernel:
             np.left_shift(h, k, out=carry)
             np.bitwise_xor(lo, carry, out=lo)
         return m
+
+    def wipe(self) -> None:
+        """Zero the scratch arrays (tweak masks, the last piece's AES output)."""
+        for a in (self._shifted, self._out_bits):
+            a.fill(0)
+        self._tweaks[:] = bytes(len(self._tweaks))
+        self._out[:] = bytes(len(self._out))
 
     def crypt(self, ivs: bytes, buf: memoryview, encrypt: bool) -> None:
         """Encrypt/decrypt the ``len(ivs) // 16`` sectors of ``buf`` in place, sector
