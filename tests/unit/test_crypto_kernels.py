@@ -15,6 +15,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -236,26 +237,65 @@ def test_luks_cipher_big_request_equals_sector_by_sector(key_len: int, ivgen: st
 
 
 def test_luks_cipher_parallel_error_reaches_caller(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An exception in the worker's half is raised to the caller (not lost)."""
+    """An exception in a piece, whichever thread took it (the caller or the crypt worker),
+    is raised to the caller, not lost; every piece was taken once."""
     from diskimg.crypto import kernels
     from diskimg.crypto.luks import cipher as cmod
 
     if not kernels.XtsKernel.parallel:
         pytest.skip("the kernel in use does not split requests")
     c = _luks_cipher(bytes(range(64)))
-    calls: list[int] = []
     real: Callable[..., None] = cmod.LuksCipher._xts_part
+    n = 2 * cmod.PARALLEL_SECTORS
+    pieces = list(range(0, n, cmod.SHARE_SECTORS))
+    for bad in (pieces[0], pieces[-1]):
+        calls: list[int] = []
 
-    def part(self: Any, sector: int, mv: memoryview, encrypt: bool) -> None:
-        calls.append(sector)
-        if sector != 0:
-            raise RuntimeError("worker half failed")
-        real(self, sector, mv, encrypt)
+        def part(self: Any, sector: int, mv: memoryview, encrypt: bool,
+                 bad: int = bad, calls: list[int] = calls) -> None:
+            calls.append(sector)
+            if sector == bad:
+                raise RuntimeError("piece failed")
+            real(self, sector, mv, encrypt)
 
-    monkeypatch.setattr(cmod.LuksCipher, "_xts_part", part)
-    with pytest.raises(RuntimeError, match="worker half failed"):
-        c.encrypt(0, bytearray(512 * 2 * cmod.PARALLEL_SECTORS))
-    assert sorted(calls) == [0, cmod.PARALLEL_SECTORS]
+        monkeypatch.setattr(cmod.LuksCipher, "_xts_part", part)
+        with pytest.raises(RuntimeError, match="piece failed"):
+            c.encrypt(0, bytearray(512 * n))
+        assert bad in calls and len(set(calls)) == len(calls)  # no piece done twice
+
+
+def test_luks_cipher_shared_request_without_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crypt worker that never starts (a busy machine: its job still queued) does not
+    hold the request up: the caller does every piece, in place, with the right bytes."""
+    from concurrent.futures import Future
+
+    from diskimg.crypto import kernels
+    from diskimg.crypto.luks import cipher as cmod
+
+    if not kernels.XtsKernel.parallel:
+        pytest.skip("the kernel in use does not split requests")
+
+    class Idle:
+        def submit(self, fn: Callable[..., None], *args: object) -> Future[None]:
+            fut: Future[None] = Future()  # pending, never run: cancel() succeeds
+
+            def late() -> None:  # a caller still waiting after 2 s fails, not hangs
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(AssertionError("waited for a worker never started"))
+
+            t = threading.Timer(2.0, late)
+            t.daemon = True
+            t.start()
+            return fut
+
+    monkeypatch.setattr(cmod, "_pool", Idle)
+    key = bytes(range(64))
+    n = 2 * cmod.PARALLEL_SECTORS + 7
+    data = random.Random(11).randbytes(512 * n)
+    buf = bytearray(data)
+    c = _luks_cipher(key)
+    c.encrypt(5, buf)
+    assert _h(buf) == _h(_reference_xts(key, c._ivgen.ivs(5, n), data, True))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -75,17 +75,28 @@ def _fail(e: BaseException) -> int:
     return code
 
 
+#: The CLI uses numpy (the ``diskimg[fast]`` XTS kernel) but never its BLAS: OpenBLAS
+#: starting its thread pool when numpy loads took ~60 ms of a LUKS convert on two cores
+#: (issue 20).  Set for the command's duration unless the caller set it.
+_BLAS_THREADS = "OPENBLAS_NUM_THREADS"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 success, 1 error, command-specific codes).
     Without ``argv`` (a real command line), messages speak under argv[0]'s basename.
     The program name and the message sink (stderr) are set for this call only: a caller
     that runs the CLI in-process gets the library's quiet defaults back."""
     name, sink = progname.name(), progname.message_sink()
+    blas = os.environ.get(_BLAS_THREADS)
+    if blas is None:
+        os.environ[_BLAS_THREADS] = "1"
     try:
         return _main(argv)
     finally:
         progname.set_name(name)
         progname.set_message_sink(sink)
+        if blas is None:
+            os.environ.pop(_BLAS_THREADS, None)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -138,6 +138,7 @@ class PureXtsKernel:
     which ``cryptography``'s XTS does not offer).  Holds cipher contexts: one per thread."""
 
     parallel = False  # big-integer work holds the GIL: threads would only queue
+    private = False  # immutable big-integer temporaries: not for key material
 
     def __init__(self, key: KeyBuf) -> None:
         half = len(key) // 2
@@ -147,6 +148,9 @@ class PureXtsKernel:
         self._dec1 = _Cipher(_algorithms.AES(kv[:half]), _modes.ECB()).decryptor()
         self._enc2 = _Cipher(_algorithms.AES(kv[half:]), _modes.ECB()).encryptor()
         self._small = half in (16, 32)
+
+    def wipe(self) -> None:
+        """Nothing to zero: the temporaries are immutable (see :attr:`private`)."""
 
     def crypt(self, ivs: bytes, buf: memoryview, encrypt: bool) -> None:
         """Encrypt/decrypt the ``len(ivs) // 16`` sectors of ``buf`` in place, sector

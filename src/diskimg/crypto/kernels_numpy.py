@@ -7,7 +7,9 @@ and after ``AES_k1``.  Here every ``T_i * alpha^j`` of a piece is computed at on
 64-bit halves: ``(T << j) mod P`` is ``T << j`` with the ``j`` bits shifted out of the top
 (``h``) folded back in as ``h * (x^7 + x^2 + x + 1)`` (four XORs: ``h < 2^31`` never
 overflows the low half), no step depending on another block's result, each one numpy pass
-over a planar array (low/high halves apart).  The AES passes are ``cryptography``'s ECB
+over a planar array (low/high halves apart); the last step of each half writes the masks
+in the data's own layout, so both XORs with the data are contiguous passes (a strided XOR
+through a transposed view took twice as long).  The AES passes are ``cryptography``'s ECB
 contexts writing into preallocated buffers; numpy's XORs and OpenSSL's AES both release
 the GIL, so two threads with a kernel each use two cores.  A kernel is not thread-safe:
 one per thread.
@@ -37,6 +39,9 @@ class NumpyXtsKernel:
     """XTS over whole sectors, in place; any AES key size pair (also AES-192-XTS)."""
 
     parallel = True  # the work releases the GIL: worth splitting over threads
+    #: no copy of the data outside the caller's buffer but this kernel's scratch arrays,
+    #: which :meth:`wipe` zeroes: fit for key material
+    private = True
 
     def __init__(self, key: KeyBuf) -> None:
         half = len(key) // 2
@@ -48,12 +53,16 @@ class NumpyXtsKernel:
         # planar (low/high 64 bits, sector, block): every step is one contiguous pass
         self._shifted = np.empty((2, n, _COLS), _U64)
         self._out_bits = np.empty((2, n, _COLS), _U64)
+        # the masks as the data lays them out (sector, block, half): XORed contiguously
+        self._masks = np.empty((n, _COLS, 2), _U64)
         self._tweaks = bytearray(16 * n + 16)  # update_into wants a block of slack
         self._out = bytearray(SECTOR_SIZE * n + 16)
         self._out64 = np.frombuffer(self._out, _U64, count=SECTOR_SIZE * n // 8)
 
     def _mask(self, ivs: memoryview, n: int) -> Any:
-        """``T_i * alpha^j`` for the ``n`` tweaks ``ivs``, planar: ``[half, i, j]``."""
+        """``T_i * alpha^j`` for the ``n`` tweaks ``ivs``, flat in the data's layout: computed
+        planar (``[half, i, j]``), the last step of each half writing its strided view of
+        :attr:`_masks`."""
         self._enc2.update_into(ivs, self._tweaks)
         t = np.frombuffer(self._tweaks, _U64, count=2 * n).reshape(n, 2)
         m = self._shifted[:, :n]  # T << j, per half
@@ -64,12 +73,20 @@ class NumpyXtsKernel:
         np.right_shift(r, _S[:, :n], out=r)
         lo, hi = m[0], m[1]
         carry, h = r[0], r[1]  # lo >> (64 - j) moves into hi; h leaves the top
-        np.bitwise_or(hi, carry, out=hi)
+        out = self._masks[:n]
+        np.bitwise_or(hi, carry, out=out[..., 1])
         np.bitwise_xor(lo, h, out=lo)
         for k in (1, 2, 7):  # h * (x^7 + x^2 + x + 1), carry-less: h < 2^31 never overflows
             np.left_shift(h, k, out=carry)
-            np.bitwise_xor(lo, carry, out=lo)
-        return m
+            np.bitwise_xor(lo, carry, out=out[..., 0] if k == 7 else lo)
+        return out.reshape(-1)
+
+    def wipe(self) -> None:
+        """Zero the scratch arrays (tweak masks, the last piece's AES output)."""
+        for a in (self._shifted, self._out_bits, self._masks):
+            a.fill(0)
+        self._tweaks[:] = bytes(len(self._tweaks))
+        self._out[:] = bytes(len(self._out))
 
     def crypt(self, ivs: bytes, buf: memoryview, encrypt: bool) -> None:
         """Encrypt/decrypt the ``len(ivs) // 16`` sectors of ``buf`` in place, sector
@@ -81,12 +98,10 @@ class NumpyXtsKernel:
             n = min(PIECE_SECTORS, total - first)
             mask = self._mask(iv[16 * first : 16 * (first + n)], n)
             chunk = buf[SECTOR_SIZE * first : SECTOR_SIZE * (first + n)]
-            # the data seen as [half, sector, block], like the masks (strided, no copy)
-            data = np.frombuffer(chunk, _U64).reshape(n, _COLS, 2).transpose(2, 0, 1)
+            data = np.frombuffer(chunk, _U64)
             np.bitwise_xor(data, mask, out=data)
             ecb.update_into(chunk, self._out)
-            out = self._out64[: 64 * n].reshape(n, _COLS, 2).transpose(2, 0, 1)
-            np.bitwise_xor(out, mask, out=data)
+            np.bitwise_xor(self._out64[: 64 * n], mask, out=data)
 
 
 __all__ = ["PIECE_SECTORS", "NumpyXtsKernel"]
