@@ -1,0 +1,319 @@
+"""NbdHost: an NBD export as a :class:`~diskimg.hostio.host.Host`, so that every format
+(raw by default; qcow2, vmdk ... over an export that serves an image file's bytes) and
+every diskimg command can read, write, zero and map it.
+
+:func:`open_nbd` is the opener :mod:`diskimg.hostio.urls` uses for ``nbd://``,
+``nbd+unix://``, ``nbds://`` and ``nbds+unix://`` URLs.
+
+- the host's bytes are the export's; its size is the export's and never changes
+  (``truncate`` to another size is refused: NBD cannot resize);
+- reads and writes that are not aligned to the export's minimum block size are widened
+  (a write then reads the blocks at its ends first);
+- ``data_extents`` comes from the ``base:allocation`` metadata context: an extent the
+  server marks ``NBD_STATE_ZERO`` is not data (it reads as zeros); a hole without the
+  zero flag is data (its contents are undefined, so they are read and copied);
+- ``punch_hole`` and ``zero_range`` are ``NBD_CMD_WRITE_ZEROES`` (without and with
+  ``NBD_CMD_FLAG_NO_HOLE``), or zeros written when the server takes no WRITE_ZEROES;
+- ``flush`` is ``NBD_CMD_FLUSH``; QEMU's lock bytes are the server's to hold.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from diskimg.errors import BackingChainError, FormatError, UnsupportedFeatureError, UsageError
+from diskimg.nbd import protocol as P
+from diskimg.nbd.client import DEFAULT_TIMEOUT, NbdClient
+
+if TYPE_CHECKING:
+    import ssl
+
+    from diskimg.hostio.host import Host
+    from diskimg.policy import OpenPolicy
+
+#: the most bytes zeroed by writing zeros when the server takes no WRITE_ZEROES, per write
+_ZERO_CHUNK = 1 << 20
+
+
+class NbdHost:
+    """A host over one NBD export.  Offsets and lengths are in bytes."""
+
+    sync = True
+    locked = False
+
+    def __init__(self, url: str, *, writable: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT,
+                 contexts: Sequence[str] = (P.BASE_ALLOCATION,),
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.url = url
+        #: the URL as given: what messages name (a ``str``: never a local path)
+        self.name = url
+        self.client = NbdClient(url, timeout=timeout, contexts=contexts,
+                                ssl_context=ssl_context)
+        if writable and self.client.read_only:
+            self.client.close()
+            raise UsageError(f"Could not open '{url}': the NBD export is read-only",
+                             path=url, operation="open", reason="read-only export")
+        self.writable = writable
+        self._size = self.client.size
+        self._min = self.client.min_block
+        #: the last block status reply (start, extents); forgotten on every write
+        self._extents: tuple[int, list[tuple[int, int]]] = (0, [])
+        self._cache_lock = threading.Lock()
+
+    @property
+    def path(self) -> str:
+        return self.url
+
+    @property
+    def closed(self) -> bool:
+        return self.client.closed
+
+    # --- reads ------------------------------------------------------------------------
+    def _span(self, offset: int, n: int) -> tuple[int, int]:
+        """The range [offset, offset+n) widened to the minimum block size (within the
+        export: its last block may be short)."""
+        m = self._min
+        lo = offset - offset % m
+        hi = min(-(-(offset + n) // m) * m, self._size)
+        return lo, hi
+
+    def preadinto(self, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; bytes past the end of the export are zeroed."""
+        if offset < 0:
+            raise FormatError(f"offset {offset:#x} in '{self.url}' is out of range",
+                              offset=offset)
+        n = len(buf)
+        end = min(offset + n, self._size)
+        if end < offset + n:
+            tail = buf[max(0, end - offset):]
+            tail[:] = bytes(len(tail))
+        if end <= offset:
+            return n
+        lo, hi = self._span(offset, end - offset)
+        if lo == offset and hi == end:
+            self.client.read_into(offset, buf[:end - offset])
+        else:
+            tmp = bytearray(hi - lo)
+            self.client.read_into(lo, memoryview(tmp))
+            buf[:end - offset] = tmp[offset - lo:end - lo]
+        return n
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read up to ``length`` bytes at ``offset``; short only at the end."""
+        length = max(0, min(length, self._size - offset))
+        if length <= 0:
+            return b""
+        buf = bytearray(length)
+        self.preadinto(offset, memoryview(buf))
+        return bytes(buf)
+
+    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
+        """Read exactly ``length`` bytes or raise naming ``what`` and the offset."""
+        data = self.pread(offset, length)
+        if len(data) != length:
+            raise FormatError(f"{what} at offset {offset:#x} (length {length}) lies past "
+                              f"the end of '{self.url}'", offset=offset)
+        return data
+
+    # --- writes -----------------------------------------------------------------------
+    def _check_write(self, offset: int, n: int) -> None:
+        if not self.writable:
+            raise UsageError(f"'{self.url}' is opened read-only")
+        with self._cache_lock:
+            self._extents = (0, [])
+        if offset < 0 or offset + n > self._size:
+            raise UsageError(f"a write of {n} bytes at offset {offset:#x} lies past the end "
+                             f"of the NBD export '{self.url}' ({self._size} bytes; an "
+                             "export cannot grow)", path=self.url)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` at ``offset`` (inside the export)."""
+        view = memoryview(data).cast("B")
+        n = len(view)
+        self._check_write(offset, n)
+        if not n:
+            return
+        lo, hi = self._span(offset, n)
+        if lo == offset and hi == offset + n:
+            self.client.write(offset, view)
+            return
+        # read-modify-write of the blocks at the ends of an unaligned write
+        tmp = bytearray(hi - lo)
+        m = self._min
+        self.client.read_into(lo, memoryview(tmp)[:min(m, hi - lo)])
+        if hi - lo > m:
+            last = hi - ((hi - lo) % m or m)
+            self.client.read_into(last, memoryview(tmp)[last - lo:])
+        tmp[offset - lo:offset - lo + n] = view
+        self.client.write(lo, tmp)
+
+    def pwritev(self, offset: int, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Write ``parts`` back to back at ``offset``."""
+        for p in parts:
+            k = len(memoryview(p).cast("B"))
+            self.pwrite(offset, p)
+            offset += k
+
+    def _zero(self, offset: int, length: int, no_hole: bool) -> None:
+        length = min(length, self._size - offset)
+        if length <= 0:
+            return
+        self._check_write(offset, length)
+        lo, hi = self._span(offset, length)
+        # edges that are not whole blocks are written as zeros (read-modify-write)
+        a = offset if offset == lo else min(lo + self._min, offset + length)
+        b = offset + length if offset + length == hi else \
+            max(a, (offset + length) - (offset + length) % self._min)
+        if a > offset:
+            self.pwrite(offset, bytes(a - offset))
+        if b > a:
+            if self.client.can(P.NBD_FLAG_SEND_WRITE_ZEROES):
+                self.client.write_zeroes(a, b - a, no_hole=no_hole)
+            else:
+                for pos in range(a, b, _ZERO_CHUNK):
+                    self.client.write(pos, bytes(min(_ZERO_CHUNK, b - pos)))
+        if offset + length > b:
+            self.pwrite(b, bytes(offset + length - b))
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Make the range read as zeros, letting the server deallocate it."""
+        self._zero(offset, length, no_hole=False)
+        return True
+
+    def zero_range(self, offset: int, length: int, keep_size: bool = True) -> None:
+        """Make the range read as zeros, allocated (``NBD_CMD_FLAG_NO_HOLE``)."""
+        self._zero(offset, length, no_hole=True)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        self._zero(offset, length, no_hole=True)
+
+    def preallocate(self, offset: int, length: int) -> None:
+        """Nothing to do: the export's space is the server's."""
+        if not self.writable:
+            raise UsageError(f"'{self.url}' is opened read-only")
+
+    # --- size and allocation ------------------------------------------------------------
+    def size(self) -> int:
+        return self._size
+
+    def allocated_size(self) -> int:
+        """An export has no allocation to ask about: its size."""
+        return self._size
+
+    def truncate(self, size: int) -> None:
+        """Only to the export's own size: an NBD export cannot be resized."""
+        if not self.writable:
+            raise UsageError(f"'{self.url}' is opened read-only")
+        if size != self._size:
+            raise UnsupportedFeatureError(f"Cannot resize the NBD export '{self.url}' "
+                                          f"({self._size} bytes) to {size} bytes",
+                                          path=self.url)
+
+    def empty(self) -> None:
+        raise UnsupportedFeatureError(f"Cannot empty the NBD export '{self.url}'",
+                                      path=self.url)
+
+    def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """(start, length, is_data) runs from ``base:allocation`` (all data when the
+        server has no such context); is_data False only where the server says the
+        bytes read as zeros."""
+        end = min(offset + length, self._size)
+        pos = offset
+        cur: list[int | bool] | None = None  # the run being built: start, length, data
+        while pos < end:
+            lo = pos - pos % self._min
+            before = pos
+            for n, flags in self._status(lo, end - lo):
+                s, e = max(lo, pos), min(lo + n, end)
+                lo += n
+                if e <= s:
+                    continue
+                is_data = not flags & P.NBD_STATE_ZERO
+                if cur is not None and cur[2] == is_data:
+                    cur[1] = int(cur[1]) + e - s
+                else:
+                    if cur is not None:
+                        yield int(cur[0]), int(cur[1]), bool(cur[2])
+                    cur = [s, e - s, is_data]
+                pos = e
+            if pos == before:
+                raise self.client._fail(f"block status made no progress at {pos:#x}",
+                                        pos, "extent length")
+        if cur is not None:
+            yield int(cur[0]), int(cur[1]), bool(cur[2])
+
+    def _status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``base:allocation`` extents from ``offset``: from the last reply when it
+        covers ``offset`` (a map walks an export extent by extent), else asked for."""
+        with self._cache_lock:
+            start, extents = self._extents
+        pos = start
+        if offset > start:  # continuing a walk; a new query asks the server again
+            for i, (n, flags) in enumerate(extents):
+                if pos <= offset < pos + n:
+                    return [(pos + n - offset, flags), *extents[i + 1:]]
+                pos += n
+        got = self.client.block_status(offset, length)
+        with self._cache_lock:
+            self._extents = (offset, got)
+        return got
+
+    def flush(self) -> None:
+        """``NBD_CMD_FLUSH``: every write replied to is durable on the server."""
+        if self.writable:
+            self.client.flush()
+
+    def lock(self, writable: bool) -> None:
+        """Nothing here: the server holds the image's lock while it serves it."""
+
+    def close(self) -> None:
+        """Disconnect (``NBD_CMD_DISC``; idempotent)."""
+        self.client.close()
+
+    def __enter__(self) -> NbdHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- declared capabilities --------------------------------------------------------
+    def zero_init(self) -> bool:
+        """Never: an export holds whatever it holds."""
+        return False
+
+    def is_device(self) -> bool:
+        return False
+
+    def block_size(self) -> int:
+        """The export's preferred block size."""
+        return self.client.preferred_block
+
+    def identity(self) -> tuple[str, str]:
+        """Equal for two opens of the same URL (backing-chain loop detection)."""
+        return ("url", self.url)
+
+
+def open_nbd(url: str, policy: OpenPolicy | None = None, writable: bool = False, *,
+             timeout: float = DEFAULT_TIMEOUT,
+             contexts: Sequence[str] = (P.BASE_ALLOCATION,),
+             ssl_context: ssl.SSLContext | None = None) -> NbdHost:
+    """Connect to the export at ``url`` (``writable``: for ``"r+"``; refused when the
+    server exports it read-only).  An untrusted ``policy`` opens an NBD URL only when it
+    has ``allow_nbd`` (a name from an untrusted source must not make diskimg connect to
+    arbitrary sockets).  Faults raise :class:`~diskimg.errors.RemoteError` naming the URL
+    and the offset."""
+    if policy is not None and policy.untrusted and not policy.allow_nbd:
+        raise BackingChainError(f"Refusing to open '{url}': an untrusted open policy opens "
+                                "no NBD URL (OpenPolicy(untrusted=True, allow_nbd=True) "
+                                "allows it)", path=url, operation="open",
+                                reason="not allowed by the policy")
+    return NbdHost(url, writable=writable, timeout=timeout, contexts=contexts,
+                   ssl_context=ssl_context)
+
+
+if TYPE_CHECKING:  # the type checker proves NbdHost is a Host (the formats' byte source)
+    def _is_a_host(h: NbdHost) -> Host:
+        return h
