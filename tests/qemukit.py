@@ -23,7 +23,8 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -156,27 +157,26 @@ class Qemu:
 
 
     # -- qemu-nbd + nbdinfo --------------------------------------------------------------
+    @contextmanager
+    def nbd(self, path: Arg, *args: Arg, fmt: str | None = "qcow2",
+            sock: Arg | None = None) -> Iterator[str]:
+        """``qemu-nbd -t ARGS -f FMT -k SOCK PATH`` while the block runs; yields the
+        socket's path (a temporary one unless ``sock``); the server is always stopped."""
+        with tempfile.TemporaryDirectory(prefix="qemukit-nbd-") as d:
+            where = str(sock) if sock is not None else str(Path(d) / "nbd.sock")
+            argv: list[Arg] = ["qemu-nbd", "-t", *args]
+            if fmt is not None:
+                argv += ["-f", fmt]
+            with serving([*argv, "-k", where, path], where):
+                yield where
+
     def dirty_map(self, path: Arg, bitmap: str, fmt: str = "qcow2") -> list[tuple[int, int]]:
         """The dirty (offset, length) extents of persistent bitmap ``bitmap`` as qemu
         exports them: ``qemu-nbd -r -B BITMAP`` on a unix socket, read with ``nbdinfo
         --map=qemu:dirty-bitmap:BITMAP --json``; the server is always stopped."""
-        with tempfile.TemporaryDirectory(prefix="qemukit-nbd-") as d:
-            sock = Path(d) / "nbd.sock"
-            server = subprocess.Popen(["qemu-nbd", "-r", "-t", "-B", bitmap, "-f", fmt,
-                                       "-k", str(sock), str(path)],
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE)
-            try:
-                for _ in range(200):
-                    if sock.exists() or server.poll() is not None:
-                        break
-                    time.sleep(0.025)
-                assert sock.exists(), f"qemu-nbd did not start: {server.communicate()[1]!r}"
-                res = self.run(["nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}", "--json",
-                                f"nbd+unix:///?socket={sock}"])
-            finally:
-                server.kill()
-                server.wait()
+        with self.nbd(path, "-r", "-B", bitmap, fmt=fmt) as sock:
+            res = self.run(["nbdinfo", f"--map=qemu:dirty-bitmap:{bitmap}", "--json",
+                            f"nbd+unix:///?socket={sock}"])
         out: list[tuple[int, int]] = []
         for ext in _json.loads(res.stdout):
             if ext["type"] & 1:
@@ -185,6 +185,37 @@ class Qemu:
                 else:
                     out.append((ext["offset"], ext["length"]))
         return out
+
+
+@contextmanager
+def serving(argv: Sequence[Arg], sock: Arg, *, env: Mapping[str, str] | None = None,
+            timeout: float = 20.0) -> Iterator[subprocess.Popen[bytes]]:
+    """Run an NBD server (qemu-nbd, or ``diskimg nbd``) that listens on the Unix socket
+    ``sock`` while the block runs: yields the process once the socket exists; it is
+    stopped on the way out, whatever happened: SIGTERM (a clean exit: the image flushed
+    and unlocked), SIGKILL when that takes more than 10 s; always reaped."""
+    server = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(sock) and server.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not os.path.exists(sock):
+            server.kill()
+            raise AssertionError(f"{' '.join(map(str, argv))} did not listen: "
+                                 f"{server.communicate()[1]!r}")
+        yield server
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        server.wait()
+        if server.stderr is not None:
+            server.stderr.close()
 
 
 QEMU = Qemu()

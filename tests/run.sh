@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 SUITE_TIMEOUT="${SUITE_TIMEOUT:-1500}"   # seconds; the suite takes a few minutes on 2 cores
 
-# Debian packages the tests use: qemu-img/qemu-io/qemu-nbd (the oracle), nbdinfo (libnbd-bin) and libvirt's schema
+# Debian packages the tests use: qemu-img/qemu-io/qemu-nbd (the oracle), nbdinfo/nbdcopy (libnbd-bin),
+# python3-libnbd (an NBD client for tests/nbd, run with /usr/bin/python3) and libvirt's schema
 # validator for the pool XML (virt-xml-validate, from libvirt-clients + libxml2-utils), and
 # libvirtd (libvirt-daemon) so a private session daemon gives virsh's own output as an oracle,
 # and nginx (nginx-light), the HTTP server with Range support that tests/anywhere starts.
@@ -24,6 +25,8 @@ missing=()
 command -v virt-xml-validate >/dev/null 2>&1 || missing+=(libvirt-clients)
 command -v xmllint >/dev/null 2>&1 || missing+=(libxml2-utils)
 command -v nbdinfo >/dev/null 2>&1 || missing+=(libnbd-bin)   # nbdinfo: dirty-bitmap maps via qemu-nbd
+command -v nbdcopy >/dev/null 2>&1 || missing+=(libnbd-bin)   # nbdcopy: tests/nbd
+/usr/bin/python3 -c "import nbd" >/dev/null 2>&1 || missing+=(python3-libnbd)   # tests/nbd (system python)
 command -v libvirtd >/dev/null 2>&1 || [ -x /usr/sbin/libvirtd ] || missing+=(libvirt-daemon)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)   # images over HTTP (tests/anywhere)
 if [ "${#missing[@]}" -gt 0 ]; then

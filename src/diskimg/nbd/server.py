@@ -14,6 +14,7 @@ Library use::
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -70,18 +71,27 @@ def listen_tcp(host: str = "127.0.0.1", port: int = NBD_DEFAULT_PORT,
 
 def listen_unix(path: str, backlog: int = 16) -> list[socket.socket]:
     """A listening Unix socket at ``path`` (an old socket there is replaced, as qemu-nbd
-    does; any other file is left alone and refused)."""
+    does; any other file is left alone and refused).  The socket appears at ``path``
+    already listening (bound under a temporary name, then renamed): a client that sees
+    the file can connect."""
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FileExistsError(errno.EEXIST, "File exists", path)
     except FileNotFoundError:
         pass
+    tmp = os.path.join(os.path.dirname(path) or ".",
+                       f".{os.path.basename(path)}.{os.getpid()}.tmp")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.bind(path)
+        s.bind(tmp)
         s.listen(backlog)
+        os.replace(tmp, path)
     except OSError:
         s.close()
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
     return [s]
 
