@@ -111,7 +111,9 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
         src = _file_object_host(path, writable)
         shown = str(src.path)
         pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(src.path)
-    dev = _open_one(src, shown, writable, format, backing=backing,
+    # a URL's host names it as the image is shown (an NBD URL as qemu spells it)
+    label = src.name if not isinstance(src, str) and _is_url(shown) else shown
+    dev = _open_one(src, label, writable, format, backing=backing,
                     force_share=force_share, policy=pol, secrets=dict(secrets or {}),
                     options=dict(options or {}), seen=set(), depth=0,
                     for_check=for_check, unlock=not metadata_only,

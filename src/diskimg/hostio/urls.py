@@ -5,9 +5,9 @@
 looked up by scheme: first those registered with :func:`register`; then ``http``/``https``
 by :func:`diskimg.hostio.http.open_http`; ``nbd``, ``nbd+unix``, ``nbds`` ... by
 :func:`diskimg.nbd.client_host.open_nbd` (an NBD export; never followed as a backing
-name); any other scheme goes to fsspec (:func:`diskimg.hostio.remote.open_fsspec`, the ``diskimg[remote]``
-extra).  A URL is a ``str`` from end to end (never a :class:`~pathlib.Path`, which would
-fold ``http://h/x`` into ``http:/h/x``).
+name); any other scheme goes to fsspec (:func:`diskimg.hostio.remote.open_fsspec`, the
+``diskimg[remote]`` extra).  A URL is a ``str`` from end to end (never a
+:class:`~pathlib.Path`, which would fold ``http://h/x`` into ``http:/h/x``).
 
 The backing file a remote image names is opened by :func:`open_backing`: in the same store
 (same scheme and host) by default; another host or a local file only when the caller's
@@ -157,12 +157,12 @@ def open_backing(name: str, parent: str, policy: OpenPolicy, *, top: str | None 
     if name.startswith("/") or name.startswith("file:"):
         return policy.resolve(name, parent)
     full = name if is_url(name) else join(parent, name)
-    if scheme(full) in _NEVER_BACKING:
+    a, b = urlsplit(parent), urlsplit(full)
+    if b.scheme.lower() in _NEVER_BACKING:
         raise BackingChainError(
             f"Refusing to open backing file '{name}' named by '{parent}': NBD names are not "
             "followed", path=name, operation="open backing file",
             reason="not allowed by the policy")
-    a, b = urlsplit(parent), urlsplit(full)
     if (a.scheme.lower(), a.netloc.lower()) != (b.scheme.lower(), b.netloc.lower()) and \
             not policy.allow_remote_backing:
         raise BackingChainError(

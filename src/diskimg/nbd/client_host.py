@@ -47,10 +47,14 @@ class NbdHost:
                  timeout: float = DEFAULT_TIMEOUT,
                  contexts: Sequence[str] = (P.BASE_ALLOCATION,),
                  ssl_context: ssl.SSLContext | None = None) -> None:
+        from diskimg.nbd.url import display_name, parse
+
+        #: the URL as given (``path``: what reopens it, what backing names join to)
         self.url = url
-        #: the URL as given: what messages name (a ``str``: never a local path)
-        self.name = url
-        self.client = NbdClient(url, timeout=timeout, contexts=contexts,
+        address = parse(url)
+        #: what messages and ``info``/``map`` name: the URL as qemu spells it
+        self.name = display_name(address)
+        self.client = NbdClient(address, timeout=timeout, contexts=contexts,
                                 ssl_context=ssl_context)
         if writable and self.client.read_only:
             self.client.close()

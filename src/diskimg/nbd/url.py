@@ -117,3 +117,18 @@ def parse(url: str) -> NbdAddress:
     return NbdAddress(url, host, DEFAULT_PORT if port is None else port, None, export, tls,
                       params.get("tls-certificates"), params.get("tls-hostname"),
                       verify == "1")
+
+
+def display_name(address: NbdAddress) -> str:
+    """The URL as qemu spells an NBD image's file name (``nbd://HOST:PORT[/EXPORT]``,
+    ``nbd+unix://[/EXPORT]?socket=PATH``), so that ``info`` and ``map`` print what
+    qemu-img prints; a TLS URL keeps its parameters and is shown as given."""
+    from urllib.parse import quote
+
+    if address.tls:
+        return address.url
+    export = "/" + quote(address.export, safe="/:@!$&'()*+,;=") if address.export else ""
+    if address.socket is not None:
+        return f"nbd+unix://{export}?socket={address.socket}"
+    host = f"[{address.host}]" if address.host and ":" in address.host else address.host
+    return f"nbd://{host}:{address.port}{export}"
