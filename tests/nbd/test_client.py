@@ -73,7 +73,11 @@ def test_map_equals_qemu_img_map_of_the_same_url(image: Path, tmp_path: Path, qe
         f.write(b"\x77" * 8192)
         f.seek(3 * MiB + 4096)
         f.write(b"\x01" * 512)
-    for path, fmt in ((image, "qcow2"), (sparse, "raw")):
+    # allocated zeros (qemu-nbd: ZERO without HOLE) next to zero clusters (HOLE|ZERO)
+    prealloc = tmp_path / "prealloc.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", prealloc, "2M")
+    qemu.io(prealloc, "write -z 0 64k", "write -P 3 128k 64k")
+    for path, fmt in ((image, "qcow2"), (sparse, "raw"), (prealloc, "qcow2")):
         with qemu_nbd(path, "-r", fmt=fmt) as sock:
             u = uri(sock)
             ours = json.loads(_cli("map", "--output=json", u).stdout)

@@ -221,12 +221,28 @@ class NbdHost:
                                       path=self.url)
 
     def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-        """(start, length, is_data) runs from ``base:allocation`` (all data when the
-        server has no such context); is_data False only where the server says the
-        bytes read as zeros."""
+        """(start, length, is_data) runs: is_data False only where the server says the
+        bytes read as zeros (a hole that does not is read)."""
+        cur: list[int] | None = None  # start, length, is_data of the run being built
+        for start, n, _, zero in self.allocation_extents(offset, length):
+            d = int(not zero)
+            if cur is not None and cur[2] == d:
+                cur[1] += n
+                continue
+            if cur is not None:
+                yield cur[0], cur[1], bool(cur[2])
+            cur = [start, n, d]
+        if cur is not None:
+            yield cur[0], cur[1], bool(cur[2])
+
+    def allocation_extents(self, offset: int, length: int
+                           ) -> Iterator[tuple[int, int, bool, bool]]:
+        """(start, length, data, zero) runs from ``base:allocation`` (data: not
+        ``NBD_STATE_HOLE``; zero: ``NBD_STATE_ZERO``), adjacent equal runs merged; all
+        data when the server has no such context."""
         end = min(offset + length, self._size)
         pos = offset
-        cur: list[int | bool] | None = None  # the run being built: start, length, data
+        cur: list[int] | None = None  # start, length, flags of the run being built
         while pos < end:
             lo = pos - pos % self._min
             before = pos
@@ -235,19 +251,19 @@ class NbdHost:
                 lo += n
                 if e <= s:
                     continue
-                is_data = not flags & P.NBD_STATE_ZERO
-                if cur is not None and cur[2] == is_data:
-                    cur[1] = int(cur[1]) + e - s
+                f = flags & (P.NBD_STATE_HOLE | P.NBD_STATE_ZERO)
+                if cur is not None and cur[2] == f:
+                    cur[1] += e - s
                 else:
                     if cur is not None:
-                        yield int(cur[0]), int(cur[1]), bool(cur[2])
-                    cur = [s, e - s, is_data]
+                        yield _allocation(cur)
+                    cur = [s, e - s, f]
                 pos = e
             if pos == before:
                 raise self.client._fail(f"block status made no progress at {pos:#x}",
                                         pos, "extent length")
         if cur is not None:
-            yield int(cur[0]), int(cur[1]), bool(cur[2])
+            yield _allocation(cur)
 
     def _status(self, offset: int, length: int) -> list[tuple[int, int]]:
         """``base:allocation`` extents from ``offset``: from the last reply when it
@@ -298,6 +314,11 @@ class NbdHost:
     def identity(self) -> tuple[str, str]:
         """Equal for two opens of the same URL (backing-chain loop detection)."""
         return ("url", self.url)
+
+
+def _allocation(run: list[int]) -> tuple[int, int, bool, bool]:
+    start, n, flags = run
+    return start, n, not flags & P.NBD_STATE_HOLE, bool(flags & P.NBD_STATE_ZERO)
 
 
 def open_nbd(url: str, policy: OpenPolicy | None = None, writable: bool = False, *,
