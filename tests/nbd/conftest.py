@@ -7,9 +7,10 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemukit import serving
@@ -60,3 +61,52 @@ def qemu_nbd(sockdir: Path) -> Serve:
             yield sock
 
     return serve
+
+
+class Served:
+    """An in-process server (the ``inproc_nbd`` fixture): its socket path, the
+    :class:`~diskimg.nbd.server.Server`, and :meth:`stop` (shut it down, join its thread,
+    close its image: flushed and unlocked)."""
+
+    def __init__(self, sock: str, server: Any, thread: Any, dev: Any) -> None:
+        self.sock, self.server, self.thread, self.dev = sock, server, thread, dev
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+        self.dev.close()
+
+
+@pytest.fixture
+def inproc_nbd(sockdir: Path) -> Iterator[Callable[..., Served]]:
+    """``start(path, fmt="raw", shared=4, handshake_timeout=10, read_only=False,
+    **export_kw)``: a :class:`diskimg.nbd.server.Server` on a thread of the test process,
+    serving ``path`` persistently (a :class:`Served`).  Every server started is stopped
+    when the test ends."""
+    import threading
+
+    import diskimg
+    from diskimg.nbd.export import Export
+    from diskimg.nbd.server import Server, listen_unix
+
+    running: list[Served] = []
+
+    def start(path: object, fmt: str = "raw", *, shared: int = 4,
+              handshake_timeout: float = 10.0, read_only: bool = False,
+              **export_kw: Any) -> Served:
+        sock = str(sockdir / f"i{len(running)}.sock")
+        dev = diskimg.open(str(path), "r" if read_only else "r+", fmt)
+        srv = Server(Export(dev, shared=shared, **export_kw), listen_unix(sock),
+                     persistent=True, handshake_timeout=handshake_timeout)
+        t = threading.Thread(target=srv.serve, daemon=True)
+        t.start()
+        served = Served(sock, srv, t, dev)
+        running.append(served)
+        return served
+
+    try:
+        yield start
+    finally:
+        for served in running:
+            served.stop()
