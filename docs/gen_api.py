@@ -39,6 +39,15 @@ SECTIONS: list[tuple[str, list[str] | None, str, str]] = [
      "`diskimg.create()` and `convert -O vmdk`."),
     ("diskimg.pool", None, "`diskimg.pool`",
      "libvirt-compatible directory pools; see [pools.md](../pools.md)."),
+    ("diskimg.nbd.client_host", ["open_nbd", "NbdHost"], "NBD exports as images "
+     "(`diskimg.nbd.client_host`)",
+     "What `diskimg.open(\"nbd://...\")` opens an NBD export with; see "
+     "[the how-to](../howto/nbd-client.md)."),
+    ("diskimg.nbd.client", ["NbdClient"], "The NBD client (`diskimg.nbd.client`)",
+     "One connection to one export: the commands of the NBD protocol."),
+    ("diskimg.nbd.url", ["parse", "NbdAddress"], "NBD URLs (`diskimg.nbd.url`)",
+     "`nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://` as the NBD URI standard "
+     "defines them."),
 ]
 
 missing: list[str] = []

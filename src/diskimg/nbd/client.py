@@ -55,6 +55,7 @@ class NbdClient(Connection):
     # --- transmission -------------------------------------------------------------------
     @property
     def read_only(self) -> bool:
+        """Whether the server exports it read-only (``NBD_FLAG_READ_ONLY``)."""
         return bool(self.flags & P.NBD_FLAG_READ_ONLY)
 
     def can(self, flag: int) -> bool:

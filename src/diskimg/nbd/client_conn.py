@@ -342,6 +342,7 @@ class Connection:
     # --- lifetime -----------------------------------------------------------------------
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self._closed
 
     def close(self) -> None:

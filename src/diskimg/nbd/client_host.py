@@ -69,10 +69,12 @@ class NbdHost:
 
     @property
     def path(self) -> str:
+        """The URL as given."""
         return self.url
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self.client.closed
 
     # --- reads ------------------------------------------------------------------------
@@ -192,6 +194,7 @@ class NbdHost:
         self._zero(offset, length, no_hole=True)
 
     def write_zeros(self, offset: int, length: int) -> None:
+        """Zeros, allocated (``NBD_CMD_FLAG_NO_HOLE``)."""
         self._zero(offset, length, no_hole=True)
 
     def preallocate(self, offset: int, length: int) -> None:
@@ -201,6 +204,7 @@ class NbdHost:
 
     # --- size and allocation ------------------------------------------------------------
     def size(self) -> int:
+        """The export's size in bytes."""
         return self._size
 
     def allocated_size(self) -> int:
@@ -217,6 +221,7 @@ class NbdHost:
                                           path=self.url)
 
     def empty(self) -> None:
+        """Refused: an export cannot be emptied."""
         raise UnsupportedFeatureError(f"Cannot empty the NBD export '{self.url}'",
                                       path=self.url)
 
@@ -305,6 +310,7 @@ class NbdHost:
         return False
 
     def is_device(self) -> bool:
+        """Never: an image may name no NBD export anyway."""
         return False
 
     def block_size(self) -> int:
