@@ -26,8 +26,9 @@ import bisect
 import os
 import struct
 import time
+from collections.abc import Iterator
 
-from diskimg.errors import UsageError
+from diskimg.errors import RemoteError, UsageError
 from diskimg.nbd import protocol as P
 from diskimg.nbd.client_conn import DEFAULT_TIMEOUT, MAX_REQUEST, Connection, client_context
 
@@ -141,35 +142,49 @@ class NbdClient(Connection):
         text = message or os.strerror(eno)
         raise self._error(f"{what} failed: {text}", offset, "error", os.strerror(eno))
 
-    def _status_reply(self, cookie: int, what: str, offset: int) -> None:
+    def _structured(self, head: bytearray, cookie: int, offset: int, length: int,
+                    max_length: int, what: str) -> Iterator[P.ChunkHeader]:
+        """The chunks of the structured reply whose first magic is in ``head``: yields
+        each content chunk's header (the caller reads its payload before the next);
+        error chunks are read here, and the first one is raised once the reply is over
+        (the stream stays in step: an error fails this request only)."""
+        first: P.ChunkError | None = None
+        errors = 0
+        while True:
+            ch = self._chunk(head, cookie, offset, max_length)
+            if ch.is_error:
+                errors += 1
+                if errors > _MAX_ERROR_CHUNKS:
+                    raise self._fail(f"more than {_MAX_ERROR_CHUNKS} error chunks in one "
+                                     "reply", offset, "chunks")
+                err = self._error_chunk(ch, offset, length)
+                first = first or err
+            elif ch.type != P.NBD_REPLY_TYPE_NONE:
+                yield ch
+            if ch.done:
+                break
+            magic, head = self._reply_magic(cookie, offset)
+            if magic != P.NBD_STRUCTURED_REPLY_MAGIC:
+                raise self._fail("a simple reply inside a structured one", offset, "magic")
+        if first is not None:
+            self._raise_reply_error(what, first.error, first.message,
+                                    offset if first.offset is None else first.offset)
+
+    def _unexpected(self, ch: P.ChunkHeader, what: str, offset: int) -> RemoteError:
+        return self._fail(f"a chunk of type {ch.type} in the reply to {what}", offset,
+                          "chunk type")
+
+    def _status_reply(self, cookie: int, what: str, offset: int, length: int) -> None:
         """The reply to a command without data in the reply (WRITE, FLUSH, TRIM,
         WRITE_ZEROES): a simple reply, or structured NONE/error chunks."""
-        first: P.ChunkError | None = None
         magic, head = self._reply_magic(cookie, offset)
         if magic == P.NBD_SIMPLE_REPLY_MAGIC:
             error = self._simple(head, cookie, offset)
             if error:
                 self._raise_reply_error(what, error, "", offset)
             return
-        for _ in range(_MAX_ERROR_CHUNKS):
-            ch = self._chunk(head, cookie, offset, 0)
-            if ch.is_error:
-                err = self._error_chunk(ch, offset, 1 << 64)
-                first = first or err
-            elif ch.type != P.NBD_REPLY_TYPE_NONE:
-                raise self._fail(f"a chunk of type {ch.type} in the reply to {what}",
-                                 offset, "chunk type")
-            if ch.done:
-                break
-            magic, head = self._reply_magic(cookie, offset)
-            if magic != P.NBD_STRUCTURED_REPLY_MAGIC:
-                raise self._fail("a simple reply inside a structured one", offset, "magic")
-        else:
-            raise self._fail(f"more than {_MAX_ERROR_CHUNKS} chunks in one reply", offset,
-                             "chunks")
-        if first is not None:
-            self._raise_reply_error(what, first.error, first.message,
-                                    offset if first.offset is None else first.offset)
+        for ch in self._structured(head, cookie, offset, length, 0, what):
+            raise self._unexpected(ch, what, offset)
 
     # --- commands -----------------------------------------------------------------------
     def read_into(self, offset: int, buf: memoryview) -> None:
@@ -201,10 +216,7 @@ class NbdClient(Connection):
         starts: list[int] = []   # covered [start, end) pieces, sorted, relative
         ends: list[int] = []
         covered = 0
-        first: P.ChunkError | None = None
-        errors = 0
-        while True:
-            ch = self._chunk(head, cookie, offset, length + 8)
+        for ch in self._structured(head, cookie, offset, length, length + 8, "read"):
             if ch.type == P.NBD_REPLY_TYPE_OFFSET_DATA:
                 if ch.length < 9:
                     raise self._fail(f"OFFSET_DATA of {ch.length} bytes (at least 9)",
@@ -224,24 +236,8 @@ class NbdClient(Connection):
                 self._claim(starts, ends, rel, hole.length, length, offset)
                 buf[rel:rel + hole.length] = bytes(hole.length)
                 covered += hole.length
-            elif ch.is_error:
-                errors += 1
-                if errors > _MAX_ERROR_CHUNKS:
-                    raise self._fail(f"more than {_MAX_ERROR_CHUNKS} error chunks", offset,
-                                     "chunks")
-                err = self._error_chunk(ch, offset, length)
-                first = first or err
-            elif ch.type != P.NBD_REPLY_TYPE_NONE:
-                raise self._fail(f"a chunk of type {ch.type} in the reply to a READ",
-                                 offset, "chunk type")
-            if ch.done:
-                break
-            magic, head = self._reply_magic(cookie, offset)
-            if magic != P.NBD_STRUCTURED_REPLY_MAGIC:
-                raise self._fail("a simple reply inside a structured one", offset, "magic")
-        if first is not None:
-            self._raise_reply_error("read", first.error, first.message,
-                                    offset if first.offset is None else first.offset)
+            else:
+                raise self._unexpected(ch, "a READ", offset)
         if covered != length:
             missing = _first_gap(starts, ends, length)
             raise self._fail(f"the reply to a READ of {length} bytes left bytes from "
@@ -276,7 +272,7 @@ class NbdClient(Connection):
                 k = min(step, n - done)
                 cookie = self._request(P.NBD_CMD_WRITE, offset + done, k, flags,
                                        view[done:done + k])
-                self._status_reply(cookie, "write", offset + done)
+                self._status_reply(cookie, "write", offset + done, k)
                 done += k
 
     def _writable(self) -> None:
@@ -294,7 +290,7 @@ class NbdClient(Connection):
             while done < length:
                 k = min(step, length - done)
                 cookie = self._request(cmd, offset + done, k, flags)
-                self._status_reply(cookie, what, offset + done)
+                self._status_reply(cookie, what, offset + done, k)
                 done += k
 
     def write_zeroes(self, offset: int, length: int, *, no_hole: bool = False,
@@ -320,7 +316,7 @@ class NbdClient(Connection):
             return
         with self._lock:
             cookie = self._request(P.NBD_CMD_FLUSH, 0, 0)
-            self._status_reply(cookie, "flush", 0)
+            self._status_reply(cookie, "flush", 0, 0)
 
     def block_status(self, offset: int, length: int,
                      context: str = P.BASE_ALLOCATION) -> list[tuple[int, int]]:
@@ -352,44 +348,26 @@ class NbdClient(Connection):
         max_len = 4 + 8 * min(_MAX_EXTENTS, length)
         seen: set[int] = set()
         mine: list[tuple[int, int]] | None = None
-        first: P.ChunkError | None = None
-        for _ in range(len(self.contexts) + _MAX_ERROR_CHUNKS):
-            ch = self._chunk(head, cookie, offset, max_len)
-            if ch.type == P.NBD_REPLY_TYPE_BLOCK_STATUS:
-                data = self._recv(ch.length, offset)
-                try:
-                    bs = P.parse_block_status(data, self._pos - len(data))
-                except P.NbdProtocolError as e:
-                    raise self._protocol(e, offset) from None
-                if bs.context_id not in self.contexts.values() or bs.context_id in seen:
-                    raise self._fail(f"block status for context id {bs.context_id}, not "
-                                     "selected or sent twice", offset, "context id")
-                seen.add(bs.context_id)
-                total = 0
-                for i, (n, _) in enumerate(bs.extents):
-                    if total >= length:
-                        raise self._fail(f"block status extent {i} starts past the "
-                                         "request", offset, "extent length")
-                    total += n
-                if bs.context_id == cid:
-                    mine = _clip(bs.extents, length)
-            elif ch.is_error:
-                err = self._error_chunk(ch, offset, length)
-                first = first or err
-            elif ch.type != P.NBD_REPLY_TYPE_NONE:
-                raise self._fail(f"a chunk of type {ch.type} in the reply to "
-                                 "BLOCK_STATUS", offset, "chunk type")
-            if ch.done:
-                break
-            magic, head = self._reply_magic(cookie, offset)
-            if magic != P.NBD_STRUCTURED_REPLY_MAGIC:
-                raise self._fail("a simple reply inside a structured one", offset, "magic")
-        else:
-            raise self._fail("too many chunks in the reply to BLOCK_STATUS", offset,
-                             "chunks")
-        if first is not None:
-            self._raise_reply_error("block status", first.error, first.message,
-                                    offset if first.offset is None else first.offset)
+        for ch in self._structured(head, cookie, offset, length, max_len, "block status"):
+            if ch.type != P.NBD_REPLY_TYPE_BLOCK_STATUS:
+                raise self._unexpected(ch, "BLOCK_STATUS", offset)
+            data = self._recv(ch.length, offset)
+            try:
+                bs = P.parse_block_status(data, self._pos - len(data))
+            except P.NbdProtocolError as e:
+                raise self._protocol(e, offset) from None
+            if bs.context_id not in self.contexts.values() or bs.context_id in seen:
+                raise self._fail(f"block status for context id {bs.context_id}, not "
+                                 "selected or sent twice", offset, "context id")
+            seen.add(bs.context_id)
+            total = 0
+            for i, (n, _) in enumerate(bs.extents):
+                if total >= length:
+                    raise self._fail(f"block status extent {i} starts past the request",
+                                     offset, "extent length")
+                total += n
+            if bs.context_id == cid:
+                mine = _clip(bs.extents, length)
         if mine is None:
             raise self._fail("no block status for the selected context", offset,
                              "context id")

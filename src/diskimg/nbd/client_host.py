@@ -23,7 +23,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from diskimg.errors import BackingChainError, FormatError, UnsupportedFeatureError, UsageError
+from diskimg.errors import BackingChainError, UnsupportedFeatureError, UsageError
+from diskimg.hostio.objects import ObjectHost
 from diskimg.nbd import protocol as P
 from diskimg.nbd.client import DEFAULT_TIMEOUT, NbdClient
 
@@ -37,8 +38,10 @@ if TYPE_CHECKING:
 _ZERO_CHUNK = 1 << 20
 
 
-class NbdHost:
-    """A host over one NBD export.  Offsets and lengths are in bytes."""
+class NbdHost(ObjectHost):
+    """A host over one NBD export.  Offsets and lengths are in bytes.  As every host
+    over one remote object (:class:`~diskimg.hostio.objects.ObjectHost`): its size is
+    fixed, it is never a zeroed new file, its identity is its URL."""
 
     sync = True
     locked = False
@@ -62,6 +65,9 @@ class NbdHost:
                              path=url, operation="open", reason="read-only export")
         self.writable = writable
         self._size = self.client.size
+        self._closed = False
+        #: the preferred block size (what estimates count in)
+        self._block = self.client.preferred_block
         self._min = self.client.min_block
         #: the last block status reply (start, extents); forgotten on every write
         self._extents: tuple[int, list[tuple[int, int]]] = (0, [])
@@ -71,11 +77,6 @@ class NbdHost:
     def path(self) -> str:
         """The URL as given."""
         return self.url
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self.client.closed
 
     # --- reads ------------------------------------------------------------------------
     def _span(self, offset: int, n: int) -> tuple[int, int]:
@@ -88,14 +89,9 @@ class NbdHost:
 
     def preadinto(self, offset: int, buf: memoryview) -> int:
         """Fill ``buf`` from ``offset``; bytes past the end of the export are zeroed."""
-        if offset < 0:
-            raise FormatError(f"offset {offset:#x} in '{self.url}' is out of range",
-                              offset=offset)
+        self._check_open()
         n = len(buf)
-        end = min(offset + n, self._size)
-        if end < offset + n:
-            tail = buf[max(0, end - offset):]
-            tail[:] = bytes(len(tail))
+        end = self._clip(offset, buf)
         if end <= offset:
             return n
         lo, hi = self._span(offset, end - offset)
@@ -107,25 +103,9 @@ class NbdHost:
             buf[:end - offset] = tmp[offset - lo:end - lo]
         return n
 
-    def pread(self, offset: int, length: int) -> bytes:
-        """Read up to ``length`` bytes at ``offset``; short only at the end."""
-        length = max(0, min(length, self._size - offset))
-        if length <= 0:
-            return b""
-        buf = bytearray(length)
-        self.preadinto(offset, memoryview(buf))
-        return bytes(buf)
-
-    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
-        """Read exactly ``length`` bytes or raise naming ``what`` and the offset."""
-        data = self.pread(offset, length)
-        if len(data) != length:
-            raise FormatError(f"{what} at offset {offset:#x} (length {length}) lies past "
-                              f"the end of '{self.url}'", offset=offset)
-        return data
-
     # --- writes -----------------------------------------------------------------------
     def _check_write(self, offset: int, n: int) -> None:
+        self._check_open()
         if not self.writable:
             raise UsageError(f"'{self.url}' is opened read-only")
         with self._cache_lock:
@@ -203,14 +183,6 @@ class NbdHost:
             raise UsageError(f"'{self.url}' is opened read-only")
 
     # --- size and allocation ------------------------------------------------------------
-    def size(self) -> int:
-        """The export's size in bytes."""
-        return self._size
-
-    def allocated_size(self) -> int:
-        """An export has no allocation to ask about: its size."""
-        return self._size
-
     def truncate(self, size: int) -> None:
         """Only to the export's own size: an NBD export cannot be resized."""
         if not self.writable:
@@ -296,6 +268,7 @@ class NbdHost:
 
     def close(self) -> None:
         """Disconnect (``NBD_CMD_DISC``; idempotent)."""
+        self._closed = True
         self.client.close()
 
     def __enter__(self) -> NbdHost:
@@ -303,24 +276,6 @@ class NbdHost:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # --- declared capabilities --------------------------------------------------------
-    def zero_init(self) -> bool:
-        """Never: an export holds whatever it holds."""
-        return False
-
-    def is_device(self) -> bool:
-        """Never: an image may name no NBD export anyway."""
-        return False
-
-    def block_size(self) -> int:
-        """The export's preferred block size."""
-        return self.client.preferred_block
-
-    def identity(self) -> tuple[str, str]:
-        """Equal for two opens of the same URL (backing-chain loop detection)."""
-        return ("url", self.url)
-
 
 def _allocation(run: list[int]) -> tuple[int, int, bool, bool]:
     start, n, flags = run
