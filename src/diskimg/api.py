@@ -6,7 +6,7 @@ import os
 from collections.abc import Hashable, Mapping
 
 from diskimg.device import BlockDevice
-from diskimg.errors import BackingChainError, DiskImgError, UsageError
+from diskimg.errors import BackingChainError, DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import open_host_file, path_name
 from diskimg.policy import OpenPolicy
 from diskimg.params import check_int
@@ -386,6 +386,14 @@ def create(
     """
     from pathlib import Path
 
+    if isinstance(path, str) and "://" in path:
+        from diskimg.nbd.url import is_nbd_url
+
+        if is_nbd_url(path):  # not a local name either: refused before anything is done
+            raise UnsupportedFeatureError(
+                f"Cannot create an image on the NBD export '{path}': its size is the "
+                "server's; write onto it as it is (convert -n)", path=path,
+                field="protocol")
     if size is not None:  # before anything touches the file: a refusal creates nothing
         size = check_int("size", size, minimum=None)
     opts = dict(options or {})

@@ -127,6 +127,10 @@ def test_convert_from_and_to_the_export(image: Path, tmp_path: Path, qemu: Qemu,
     with open(target, "wb") as f:
         f.write(b"\xee" * SIZE)  # stale bytes everywhere: zeros must be written too
     with qemu_nbd(target, fmt="raw") as sock:
+        # without -n: refused before anything is written (diskimg creates no image there)
+        r = _cli("convert", "-O", "raw", str(image), uri(sock), ok=1)
+        assert "Cannot create an image on the NBD export" in r.stderr
+        assert target.read_bytes() == b"\xee" * SIZE
         _cli("convert", "-n", "-O", "raw", str(image), uri(sock))
     assert target.read_bytes() == qemu.raw_bytes(image)
 
