@@ -4,16 +4,38 @@ test makes it misbehave.  Built on the wire codec (:mod:`diskimg.nbd.protocol`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from qemukit import serving
 
 from diskimg.nbd import protocol as p
+
+
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str, ok: int = 0) -> Result:
+    """``diskimg ARGS`` in-process (a subprocess per command costs half a second of
+    start-up); its exit code must be ``ok``."""
+    from diskimg.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    r = Result(rc, out.getvalue(), err.getvalue())
+    assert rc == ok, (args, r)
+    return r
 
 
 def free_port() -> int:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,21 +16,13 @@ from qemukit import Qemu
 import diskimg
 from diskimg.errors import BackingChainError, DiskImgError, UsageError
 from diskimg.policy import OpenPolicy
-from tests.nbd.clientkit import qemu_nbd_tcp
+from tests.nbd.clientkit import cli, qemu_nbd_tcp
 from tests.nbd.nbdtestlib import Serve, uri
 
 pytestmark = pytest.mark.qemu
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 3 * MiB + 3 * 512  # the last cluster of the qcow2 is a partial one
-
-
-def _cli(*args: str, ok: int = 0) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-m", "diskimg", *args], capture_output=True,
-                       text=True, env=env, timeout=120)
-    assert r.returncode == ok, (args, r.returncode, r.stdout, r.stderr)
-    return r
 
 
 @pytest.fixture
@@ -80,10 +70,10 @@ def test_map_equals_qemu_img_map_of_the_same_url(image: Path, tmp_path: Path, qe
     for path, fmt in ((image, "qcow2"), (sparse, "raw"), (prealloc, "qcow2")):
         with qemu_nbd(path, "-r", fmt=fmt) as sock:
             u = uri(sock)
-            ours = json.loads(_cli("map", "--output=json", u).stdout)
+            ours = json.loads(cli("map", "--output=json", u).stdout)
             theirs = qemu.map(u)
             assert ours == theirs, (path, ours, theirs)
-            assert _cli("map", u).stdout == qemu.img("map", u).stdout
+            assert cli("map", u).stdout == qemu.img("map", u).stdout
 
 
 def test_writes_through_the_client_equal_a_model(tmp_path: Path, qemu: Qemu,
@@ -119,7 +109,7 @@ def test_convert_from_and_to_the_export(image: Path, tmp_path: Path, qemu: Qemu,
                                         qemu_nbd: Serve) -> None:
     out = tmp_path / "out.qcow2"
     with qemu_nbd(image, "-r") as sock:
-        _cli("convert", "-O", "qcow2", uri(sock), str(out))
+        cli("convert", "-O", "qcow2", uri(sock), str(out))
     assert qemu.compare(image, out) == 0
     assert qemu.raw_bytes(out) == qemu.raw_bytes(image)
     # onto an export (-n: the export is the target as it is)
@@ -128,10 +118,10 @@ def test_convert_from_and_to_the_export(image: Path, tmp_path: Path, qemu: Qemu,
         f.write(b"\xee" * SIZE)  # stale bytes everywhere: zeros must be written too
     with qemu_nbd(target, fmt="raw") as sock:
         # without -n: refused before anything is written (diskimg creates no image there)
-        r = _cli("convert", "-O", "raw", str(image), uri(sock), ok=1)
+        r = cli("convert", "-O", "raw", str(image), uri(sock), ok=1)
         assert "Cannot create an image on the NBD export" in r.stderr
         assert target.read_bytes() == b"\xee" * SIZE
-        _cli("convert", "-n", "-O", "raw", str(image), uri(sock))
+        cli("convert", "-n", "-O", "raw", str(image), uri(sock))
     assert target.read_bytes() == qemu.raw_bytes(image)
 
 
@@ -141,18 +131,18 @@ def test_compare_checksum_dd_info_check_take_the_url(image: Path, tmp_path: Path
     raw.write_bytes(qemu.raw_bytes(image))
     with qemu_nbd(image, "-r") as sock:
         u = uri(sock)
-        assert "Images are identical." in _cli("compare", u, str(raw)).stdout
-        assert _cli("checksum", u).stdout.split()[0] == \
-            _cli("checksum", str(raw)).stdout.split()[0]
+        assert "Images are identical." in cli("compare", u, str(raw)).stdout
+        assert cli("checksum", u).stdout.split()[0] == \
+            cli("checksum", str(raw)).stdout.split()[0]
         dd_out = tmp_path / "dd.raw"
-        _cli("dd", f"if={u}", f"of={dd_out}", "bs=64k", "-O", "raw")
+        cli("dd", f"if={u}", f"of={dd_out}", "bs=64k", "-O", "raw")
         assert dd_out.read_bytes() == raw.read_bytes()
-        info = json.loads(_cli("info", "--output=json", u).stdout)
+        info = json.loads(cli("info", "--output=json", u).stdout)
         theirs = qemu.info(u)
         assert (info["format"], info["virtual-size"], info["filename"]) == \
             ("raw", SIZE, theirs["filename"])
         # raw has nothing to check: refused as qemu-img refuses it
-        r = _cli("check", u, ok=63)
+        r = cli("check", u, ok=63)
         assert "does not support checks" in r.stderr
 
 
@@ -166,7 +156,7 @@ def test_qcow2_file_served_raw_opens_with_format_qcow2(image: Path, tmp_path: Pa
             assert dev.read(0, SIZE) == want
         with diskimg.open(uri(sock)) as dev:
             assert dev.format == "qcow2"  # probed too
-        assert "No errors were found" in _cli("check", "-f", "qcow2", uri(sock)).stdout
+        assert "No errors were found" in cli("check", "-f", "qcow2", uri(sock)).stdout
     top = tmp_path / "top.qcow2"
     qemu.img("create", "-q", "-f", "qcow2", "-b", image.name, "-F", "qcow2", top)
     before = hashlib.sha256(top.read_bytes()).hexdigest()

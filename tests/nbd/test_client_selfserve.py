@@ -5,9 +5,6 @@ qemu metadata contexts asked for by name.  Every test compares bytes or whole an
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from qemukit import Qemu
 import diskimg
 from diskimg.nbd import protocol as p
 from diskimg.nbd.client import NbdClient
+from tests.nbd.clientkit import cli
 from tests.nbd.nbdtestlib import Serve, uri
 from tests.nbd.test_server_tls import creds  # noqa: F401  (the CA and certificates)
 
@@ -23,14 +21,6 @@ pytestmark = pytest.mark.qemu
 
 MiB = 1 << 20
 SIZE = 6 * MiB
-
-
-def _cli(*args: str) -> str:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-m", "diskimg", *args], capture_output=True,
-                       text=True, env=env, timeout=120)
-    assert r.returncode == 0, (args, r.stdout, r.stderr)
-    return r.stdout
 
 
 @pytest.fixture
@@ -51,7 +41,8 @@ def test_bytes_map_and_contexts_equal_qemu_nbd(image: Path, qemu: Qemu, diskimg_
     with diskimg_nbd(image, "-r", "-A") as ours, qemu_nbd(image, "-r", "-A") as theirs:
         with diskimg.open(uri(ours)) as dev:
             assert dev.read(0, SIZE) == want
-        assert json.loads(_cli("map", "--output=json", uri(ours))) == qemu.map(uri(theirs))
+        ours_map = json.loads(cli("map", "--output=json", uri(ours)).stdout)
+        assert ours_map == qemu.map(uri(theirs))
         with NbdClient(uri(ours), contexts=contexts) as a, \
                 NbdClient(uri(theirs), contexts=contexts) as b:
             assert set(a.contexts) == set(b.contexts) == set(contexts)
@@ -82,7 +73,7 @@ def test_writes_and_convert_onto_diskimg_nbd(image: Path, tmp_path: Path, qemu: 
     qemu.io(dst, "write -P 0xee 0 6M")  # stale everywhere: zeros must be written too
     model = bytearray(qemu.raw_bytes(image))
     with diskimg_nbd(dst) as sock:
-        _cli("convert", "-n", "-O", "raw", str(image), uri(sock))
+        cli("convert", "-n", "-O", "raw", str(image), uri(sock))
         with diskimg.open(uri(sock), "r+", format="raw") as dev:
             dev.write(777, b"\x99" * 100000)
             model[777:100777] = b"\x99" * 100000
