@@ -104,13 +104,14 @@ class FakeServer:
     thread: a correct fixed-newstyle handshake (structured replies, ``base:allocation``
     as context 1, NBD_OPT_GO with the export's size and ``flags``), then ``handler`` for
     every request.  ``greeting`` replaces the greeting's bytes; ``go`` replaces the reply
-    to NBD_OPT_GO.  :attr:`requests` records what the client sent."""
+    to NBD_OPT_GO; ``old`` makes it a server without structured replies and GO.
+    :attr:`requests` records what the client sent."""
 
     def __init__(self, directory: Path, handler: Handler, *, size: int = 1 << 20,
                  flags: int = p.NBD_FLAG_HAS_FLAGS | p.NBD_FLAG_SEND_FLUSH
                  | p.NBD_FLAG_SEND_WRITE_ZEROES | p.NBD_FLAG_SEND_TRIM,
                  greeting: bytes | None = None, go: bytes | None = None,
-                 min_block: int = 1) -> None:
+                 min_block: int = 1, old: bool = False) -> None:
         self.path = str(directory / "fake.sock")
         self.url = f"nbd+unix:///disk?socket={self.path}"
         self.handler = handler
@@ -119,6 +120,8 @@ class FakeServer:
         self.greeting = greeting
         self.go = go
         self.min_block = min_block
+        #: an old server: no structured replies, no GO (NBD_OPT_EXPORT_NAME only)
+        self.old = old
         self.requests: list[p.Request] = []
         self.errors: list[BaseException] = []
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -156,7 +159,12 @@ class FakeServer:
         while True:
             opt = p.parse_option_header(c.recv(p.OPTION_HEADER_SIZE))
             payload = c.recv(opt.length)
-            if opt.option == p.NBD_OPT_STRUCTURED_REPLY:
+            if self.old and opt.option == p.NBD_OPT_EXPORT_NAME:
+                c.send(p.pack_export_name_reply(self.size, self.flags, no_zeroes=True))
+                break
+            if self.old and opt.option != p.NBD_OPT_ABORT:
+                c.send(p.pack_rep_error(opt.option, p.NBD_REP_ERR_UNSUP))
+            elif opt.option == p.NBD_OPT_STRUCTURED_REPLY:
                 c.send(p.pack_option_reply(opt.option, p.NBD_REP_ACK))
             elif opt.option == p.NBD_OPT_SET_META_CONTEXT:
                 req = p.parse_meta_context_request(payload)

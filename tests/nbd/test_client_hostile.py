@@ -238,3 +238,35 @@ def test_unaligned_io_respects_the_minimum_block_size(tmp_path: Path) -> None:
             dev.flush()
             assert dev.read(0, 8192) == model[:8192]
     assert store == model
+
+
+def test_an_old_server_without_go_or_structured_replies(tmp_path: Path) -> None:
+    """NBD_OPT_GO unknown: NBD_OPT_EXPORT_NAME; no structured replies: simple replies
+    (a read's data follows the reply header); no block status: all data.  Bytes written
+    and read back equal a model; a simple error reply fails that request only."""
+    store = bytearray(DATA)
+
+    def handler(c: Conn, r: p.Request) -> None:
+        if r.type == p.NBD_CMD_READ and r.offset == SIZE - 512:
+            c.send(p.pack_simple_reply(r.handle, p.NBD_EIO))
+        elif r.type == p.NBD_CMD_READ:
+            c.send(p.pack_simple_reply(r.handle) + bytes(store[r.offset:r.offset + r.length]))
+        elif r.type == p.NBD_CMD_WRITE:
+            store[r.offset:r.offset + r.length] = c.recv(r.length)
+            c.send(p.pack_simple_reply(r.handle))
+        else:
+            c.send(p.pack_simple_reply(r.handle))
+
+    model = bytearray(DATA)
+    with FakeServer(tmp_path, handler, size=SIZE, old=True) as srv:
+        with diskimg.open(srv.url, "r+", format="raw") as dev:
+            assert dev.block_status(0, SIZE)[0].data  # no base:allocation: data
+            dev.write(10, b"old server")
+            model[10:20] = b"old server"
+            assert dev.read(0, 65536) == model[:65536]
+            with pytest.raises(RemoteError, match="read failed: Input/output error"):
+                dev.read(SIZE - 512, 512)
+            assert dev.read(4096, 4096) == model[4096:8192]
+        types = [r.type for r in srv.requests]
+        assert p.NBD_CMD_BLOCK_STATUS not in types and types[-1] == p.NBD_CMD_DISC
+    assert store == model
