@@ -258,15 +258,19 @@ def test_an_old_server_without_go_or_structured_replies(tmp_path: Path) -> None:
             c.send(p.pack_simple_reply(r.handle))
 
     model = bytearray(DATA)
-    with FakeServer(tmp_path, handler, size=SIZE, old=True) as srv:
+    flags = p.NBD_FLAG_HAS_FLAGS | p.NBD_FLAG_SEND_FLUSH  # no WRITE_ZEROES either
+    with FakeServer(tmp_path, handler, size=SIZE, old=True, flags=flags) as srv:
         with diskimg.open(srv.url, "r+", format="raw") as dev:
             assert dev.block_status(0, SIZE)[0].data  # no base:allocation: data
             dev.write(10, b"old server")
             model[10:20] = b"old server"
+            dev.write_zeroes(30000, 5000, may_unmap=True)  # zeros written as bytes
+            model[30000:35000] = bytes(5000)
             assert dev.read(0, 65536) == model[:65536]
             with pytest.raises(RemoteError, match="read failed: Input/output error"):
                 dev.read(SIZE - 512, 512)
             assert dev.read(4096, 4096) == model[4096:8192]
         types = [r.type for r in srv.requests]
         assert p.NBD_CMD_BLOCK_STATUS not in types and types[-1] == p.NBD_CMD_DISC
+        assert p.NBD_CMD_WRITE_ZEROES not in types and p.NBD_CMD_FLUSH in types
     assert store == model

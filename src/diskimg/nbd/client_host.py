@@ -72,6 +72,7 @@ class NbdHost(ObjectHost):
         #: the last block status reply (start, extents); forgotten on every write
         self._extents: tuple[int, list[tuple[int, int]]] = (0, [])
         self._cache_lock = threading.Lock()
+        self._write_lock = threading.RLock()
 
     @property
     def path(self) -> str:
@@ -123,18 +124,19 @@ class NbdHost(ObjectHost):
         if not n:
             return
         lo, hi = self._span(offset, n)
-        if lo == offset and hi == offset + n:
-            self.client.write(offset, view)
-            return
-        # read-modify-write of the blocks at the ends of an unaligned write
-        tmp = bytearray(hi - lo)
-        m = self._min
-        self.client.read_into(lo, memoryview(tmp)[:min(m, hi - lo)])
-        if hi - lo > m:
-            last = hi - ((hi - lo) % m or m)
-            self.client.read_into(last, memoryview(tmp)[last - lo:])
-        tmp[offset - lo:offset - lo + n] = view
-        self.client.write(lo, tmp)
+        with self._write_lock:  # no write between a read-modify-write's read and write
+            if lo == offset and hi == offset + n:
+                self.client.write(offset, view)
+                return
+            # read-modify-write of the blocks at the ends of an unaligned write
+            tmp = bytearray(hi - lo)
+            m = self._min
+            self.client.read_into(lo, memoryview(tmp)[:min(m, hi - lo)])
+            if hi - lo > m:
+                last = hi - ((hi - lo) % m or m)
+                self.client.read_into(last, memoryview(tmp)[last - lo:])
+            tmp[offset - lo:offset - lo + n] = view
+            self.client.write(lo, tmp)
 
     def pwritev(self, offset: int, parts: list[bytes | bytearray | memoryview]) -> None:
         """Write ``parts`` back to back at ``offset``."""
@@ -153,16 +155,17 @@ class NbdHost(ObjectHost):
         a = offset if offset == lo else min(lo + self._min, offset + length)
         b = offset + length if offset + length == hi else \
             max(a, (offset + length) - (offset + length) % self._min)
-        if a > offset:
-            self.pwrite(offset, bytes(a - offset))
-        if b > a:
-            if self.client.can(P.NBD_FLAG_SEND_WRITE_ZEROES):
-                self.client.write_zeroes(a, b - a, no_hole=no_hole)
-            else:
-                for pos in range(a, b, _ZERO_CHUNK):
-                    self.client.write(pos, bytes(min(_ZERO_CHUNK, b - pos)))
-        if offset + length > b:
-            self.pwrite(b, bytes(offset + length - b))
+        with self._write_lock:
+            if a > offset:
+                self.pwrite(offset, bytes(a - offset))
+            if b > a:
+                if self.client.can(P.NBD_FLAG_SEND_WRITE_ZEROES):
+                    self.client.write_zeroes(a, b - a, no_hole=no_hole)
+                else:
+                    for pos in range(a, b, _ZERO_CHUNK):
+                        self.client.write(pos, bytes(min(_ZERO_CHUNK, b - pos)))
+            if offset + length > b:
+                self.pwrite(b, bytes(offset + length - b))
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Make the range read as zeros, letting the server deallocate it."""
