@@ -39,6 +39,12 @@ SECTIONS: list[tuple[str, list[str] | None, str, str]] = [
      "`diskimg.create()` and `convert -O vmdk`."),
     ("diskimg.pool", None, "`diskimg.pool`",
      "libvirt-compatible directory pools; see [pools.md](../pools.md)."),
+    ("diskimg.nbd.server", ["Server", "listen_tcp", "listen_unix"],
+     "NBD server (`diskimg.nbd`)",
+     "What `diskimg nbd` runs: a threaded NBD server over any `BlockDevice`; see the "
+     "[NBD how-to](../howto/nbd.md).  `diskimg.nbd.protocol` is the wire codec."),
+    ("diskimg.nbd.export", ["Export"], "NBD exports",
+     "One export: the device, its name, and what clients may do with it."),
     ("diskimg.nbd.client_host", ["open_nbd", "NbdHost"], "NBD exports as images "
      "(`diskimg.nbd.client_host`)",
      "What `diskimg.open(\"nbd://...\")` opens an NBD export with; see "

@@ -55,12 +55,13 @@ class RawClient:
             self.go(name)
 
     def recv(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            if not chunk:
+        out = bytearray(n)
+        view, got = memoryview(out), 0
+        while got < n:
+            k = self.sock.recv_into(view[got:])
+            if not k:
                 raise ConnectionError("server closed the connection")
-            out += chunk
+            got += k
         return bytes(out)
 
     def send(self, data: bytes) -> None:
@@ -111,7 +112,7 @@ class RawClient:
             assert r.handle == h
             body = self.recv(length) if cmd == p.NBD_CMD_READ and not r.error else b""
             return r.error, body, []
-        buf = bytearray(length if cmd == p.NBD_CMD_READ else 0)
+        buf = bytearray()      # sized by the first content chunk (an error has none)
         covered = 0
         err, status = 0, []
         rest = p.NBD_STRUCTURED_REPLY_MAGIC.to_bytes(4, "big") + self.recv(16)
@@ -123,10 +124,12 @@ class RawClient:
                 err = p.parse_error_chunk(payload, ch.type).error
             elif ch.type == p.NBD_REPLY_TYPE_OFFSET_DATA:
                 off, view = p.parse_offset_data(payload)
+                buf = buf or bytearray(length)
                 buf[off - offset:off - offset + len(view)] = view
                 covered += len(view)
             elif ch.type == p.NBD_REPLY_TYPE_OFFSET_HOLE:
                 hole = p.parse_offset_hole(payload)
+                buf = buf or bytearray(length)
                 buf[hole.offset - offset:hole.offset - offset + hole.length] = \
                     bytes(hole.length)
                 covered += hole.length
@@ -158,3 +161,79 @@ class RawClient:
             return True
         except TimeoutError:
             return False
+
+
+def valid_transcript(rng: Any, size: int) -> bytes:
+    """What a well-behaved client sends in a whole session: client flags, options
+    (structured replies, meta contexts, GO) and a few requests, then DISC."""
+    out = [p.pack_client_flags(p.NBD_FLAG_C_FIXED_NEWSTYLE | p.NBD_FLAG_C_NO_ZEROES)]
+    if rng.random() < 0.8:
+        out.append(p.pack_option(p.NBD_OPT_STRUCTURED_REPLY))
+        out.append(p.pack_option(p.NBD_OPT_SET_META_CONTEXT, p.pack_meta_context_request(
+            "", ("base:allocation", "qemu:allocation-depth"))))
+    for _ in range(rng.randrange(3)):
+        out.append(p.pack_option(rng.choice((p.NBD_OPT_LIST, p.NBD_OPT_INFO, 42)),
+                                 p.pack_info_request("") if rng.random() < 0.5 else b""))
+    out.append(p.pack_option(p.NBD_OPT_GO, p.pack_info_request("", (p.NBD_INFO_NAME,))))
+    for h in range(rng.randrange(1, 8)):
+        cmd = rng.choice((p.NBD_CMD_READ, p.NBD_CMD_BLOCK_STATUS, p.NBD_CMD_WRITE,
+                          p.NBD_CMD_WRITE_ZEROES, p.NBD_CMD_TRIM, p.NBD_CMD_FLUSH,
+                          p.NBD_CMD_CACHE))
+        off = rng.randrange(size)
+        n = rng.randrange(1, min(size - off, 1 << 20) + 1)
+        if cmd == p.NBD_CMD_WRITE:
+            out.append(p.pack_request(cmd, h, off, n) + rng.randbytes(n))
+        else:
+            out.append(p.pack_request(cmd, h, off, n))
+    out.append(p.pack_request(p.NBD_CMD_DISC, 99))
+    return b"".join(out)
+
+
+def mutate(rng: Any, data: bytes) -> bytes:
+    """A few random mutations: bit flips, 32-bit fields set to edge values, bytes
+    inserted or deleted, truncation."""
+    b = bytearray(data)
+    for _ in range(rng.randrange(1, 5)):
+        if not b:
+            break
+        kind = rng.randrange(5)
+        i = rng.randrange(len(b))
+        if kind == 0:
+            b[i] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            b[i:i + 4] = rng.choice((b"\xff\xff\xff\xff", b"\x00\x00\x00\x00",
+                                     b"\x80\x00\x00\x00", b"\x02\x00\x00\x01"))
+        elif kind == 2:
+            b[i:i] = rng.randbytes(rng.randrange(1, 9))
+        elif kind == 3:
+            del b[i:i + rng.randrange(1, 9)]
+        else:
+            del b[i:]
+    return bytes(b)
+
+
+def fuzz_one(sock_path: str, stream: bytes, wait: float = 0.5) -> str:
+    """Send ``stream`` after the server's greeting and read until the server hangs up
+    (``"dropped"``) or ``wait`` seconds pass (``"open"``)."""
+    import socket as _socket
+
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(sock_path)
+        s.recv(p.SERVER_GREETING_SIZE)
+        try:
+            s.sendall(stream)
+        except OSError:
+            return "dropped"
+        s.settimeout(wait)
+        try:
+            while s.recv(1 << 20):
+                pass
+            return "dropped"
+        except ConnectionError:
+            return "dropped"
+        except TimeoutError:
+            return "open"
+    finally:
+        s.close()

@@ -324,3 +324,83 @@ def test_meta_context_queries(tmp_path: Path, inproc_nbd: Start) -> None:
     err, _, st = c.request(p.NBD_CMD_BLOCK_STATUS, 3 * MiB, MiB)
     assert st[2].extents[0][1] == 1
     c.close()
+
+
+def test_memory_stays_bounded_under_huge_lengths(tmp_path: Path, sockdir: Path) -> None:
+    """A ``diskimg nbd -e 4`` process: four clients read 32 MiB (the largest request),
+    then claim 4 GiB reads, writes and options; the server's peak RSS stays within four
+    32 MiB request buffers (plus the send path) over the interpreter, and it still
+    serves."""
+    import sys
+
+    from qemukit import serving
+
+    size = 34 * MiB
+    path, model = _image(tmp_path, "raw", size)
+    sock = str(sockdir / "mem.sock")
+    argv = [sys.executable, "-m", "diskimg", "nbd", "-t", "-e", "4", "-f", "raw", "-k", sock,
+            str(path)]
+    with serving(argv, sock) as proc:
+        def hwm() -> int:
+            with open(f"/proc/{proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+            raise AssertionError("no VmHWM")
+
+        idle = hwm()
+        clients = [RawClient(sock, structured=bool(k % 2)) for k in range(4)]
+        for k, c in enumerate(clients):
+            err, got, _ = c.request(p.NBD_CMD_READ, k * MiB // 2, 32 * MiB)
+            assert err == 0 and got == bytes(model[k * MiB // 2:k * MiB // 2 + 32 * MiB])
+            for _ in range(5):
+                assert c.request(p.NBD_CMD_READ, 0, 0xFFFFFFFF)[0] == p.NBD_EINVAL
+                assert c.request(p.NBD_CMD_BLOCK_STATUS, 0, 0xFFFFFFFF)[0] == p.NBD_EINVAL
+        for c in clients:
+            c.send(p.pack_request(p.NBD_CMD_WRITE, 1, 0, 0xFFFFFFFF))
+            assert c.closed_by_server()
+        for _ in range(4):
+            c = RawClient(sock, handshake=False)
+            c.greet()
+            c.send(p.pack_option_header(p.NBD_OPT_GO, 0xFFFFFFFF))
+            assert c.closed_by_server()
+        peak = hwm()
+        good = RawClient(sock)
+        err, got, _ = good.request(p.NBD_CMD_READ, size - MiB, MiB)
+        assert err == 0 and got == bytes(model[-MiB:])
+        good.close()
+    print(f"\n[nbd memory] peak RSS {peak / MiB:.1f} MiB (idle {idle / MiB:.1f} MiB)")
+    # 4 connections x one 32 MiB buffer, with room for the reads' own temporaries
+    assert peak - idle < 4 * 32 * MiB + 64 * MiB
+    assert _image_bytes(path, "raw") == bytes(model)
+
+
+STREAMS = 40
+
+
+def test_mutated_sessions(tmp_path: Path, inproc_nbd: Start) -> None:
+    """Mutated copies of whole valid sessions (handshake and requests) against a
+    read-only export: each one ends with an error reply or a disconnect, the server
+    keeps serving a good client, and the image is unchanged.  fuzz/nbd_server.py runs
+    the same with more streams."""
+    from tests.nbd.nbdtestlib import fuzz_one, mutate, valid_transcript
+
+    size = 2 * MiB
+    path, model = _image(tmp_path, "qcow2", size)
+    served = inproc_nbd(path, "qcow2", read_only=True, allocation_depth=True,
+                        handshake_timeout=1.0)
+    rng = random.Random(19)
+    outcomes: dict[str, int] = {}
+    good = RawClient(served.sock)
+    for i in range(STREAMS):
+        o = fuzz_one(served.sock, mutate(rng, valid_transcript(rng, size)), wait=0.1)
+        outcomes[o] = outcomes.get(o, 0) + 1
+        if i % 10 == 9:
+            err, got, _ = good.request(p.NBD_CMD_READ, 0, size)
+            assert err == 0 and got == bytes(model)
+    good.close()
+    served.stop()
+    print(f"\n[nbd mutated sessions] {STREAMS} streams: {outcomes}, "
+          f"server requests={served.server.requests}, "
+          f"error replies={served.server.error_replies}")
+    assert _image_bytes(path, "qcow2") == bytes(model)

@@ -79,24 +79,24 @@ class Export:
         self.generation = 0
         self.meta = MetaContexts(dev, allocation_depth=allocation_depth, bitmaps=bitmaps,
                                  dirty_list=self._dirty_list)
-        # an encrypted or compressed layout zeroes by writing: not "fast" (FAST_ZERO)
-        self._fast_zero_align = self._zero_alignment()
-        self.min_block = MIN_BLOCK
+        self.encrypted = self._encrypted()
+        # zeroing is cheap (FAST_ZERO) only by fallocate (raw) or whole qcow2 clusters
+        self._fast_zero_align = (1 if dev.format == "raw" else dev.cluster_size
+                                 if dev.format == "qcow2" and not self.encrypted else None)
+        # encrypted data is read and written in 512-byte sectors (qemu-nbd's minimum)
+        self.min_block = 512 if self.encrypted else MIN_BLOCK
         self.preferred_block = PREFERRED_BLOCK
         self.max_block = NBD_MAX_BUFFER_SIZE
 
-    def _zero_alignment(self) -> int | None:
-        dev = self.dev
-        if dev.format == "raw":
-            return 1
-        if dev.format != "qcow2" or dev.cluster_size is None:
-            return None
+    def _encrypted(self) -> bool:
+        if self.dev.format == "luks":
+            return True
+        if self.dev.format != "qcow2":
+            return False
         try:
-            if dev.info().encrypted:
-                return None
+            return self.dev.info().encrypted
         except DiskImgError:
-            return None
-        return dev.cluster_size
+            return False
 
     def _dirty_list(self, bitmap: str) -> list[tuple[int, int]]:
         hit = self._dirty_cache.get(bitmap)
@@ -151,6 +151,7 @@ class Export:
 
     # --- effects (the caller holds the lock) -------------------------------------------
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        """NBD_CMD_WRITE (``fua``: flushed before returning)."""
         with _errors("write"):
             self.dev.write(offset, data)
             self.generation += 1
@@ -158,6 +159,8 @@ class Export:
                 self.dev.flush()
 
     def write_zeroes(self, offset: int, length: int, flags: int) -> None:
+        """NBD_CMD_WRITE_ZEROES with its command ``flags`` (NO_HOLE: keep the range
+        allocated; FAST_ZERO: refuse with ENOTSUP unless the zeroing is cheap; FUA)."""
         if flags & NBD_CMD_FLAG_FAST_ZERO:
             a = self._fast_zero_align
             if a is None or offset % a or (length % a and offset + length != self.size):
@@ -170,6 +173,7 @@ class Export:
                 self.dev.flush()
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
+        """NBD_CMD_TRIM: a discard with ``discard="unmap"``, nothing otherwise."""
         if self.discard != "unmap":
             return
         with _errors("trim"):
@@ -179,6 +183,7 @@ class Export:
                 self.dev.flush()
 
     def flush(self) -> None:
+        """NBD_CMD_FLUSH: everything written so far is made durable."""
         with _errors("flush"):
             self.dev.flush()
 

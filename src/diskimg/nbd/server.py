@@ -124,6 +124,7 @@ class Server:
 
     @property
     def addresses(self) -> list[object]:
+        """The addresses listened on (``(host, port)`` pairs, or socket paths)."""
         return [s.getsockname() for s in self.listeners]
 
     def serve(self) -> None:
