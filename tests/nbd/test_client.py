@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,29 @@ def test_read_only_export_and_policy(image: Path, qemu_nbd: Serve) -> None:
         with pytest.raises(DiskImgError, match="no such export"):
             diskimg.open(uri(sock, "nosuch"))
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+
+
+def test_threads_sharing_one_connection_read_the_right_bytes(image: Path, qemu: Qemu,
+                                                             qemu_nbd: Serve) -> None:
+    """One device (one connection) read from 4 threads at once, 40 random ranges each
+    (odd offsets and lengths), and its block status asked for meanwhile: every byte
+    equals qemu's."""
+    want = qemu.raw_bytes(image)
+    errors: list[BaseException] = []
+    with qemu_nbd(image, "-r") as sock, diskimg.open(uri(sock)) as dev:
+        def reader(seed: int) -> None:
+            rnd = random.Random(seed)
+            try:
+                for _ in range(40):
+                    off = rnd.randrange(SIZE)
+                    n = rnd.randrange(1, min(300 * KiB, SIZE - off) + 1)
+                    assert dev.read(off, n) == want[off:off + n], (off, n)
+                    dev.block_status(rnd.randrange(SIZE), 64 * KiB)
+            except BaseException as e:
+                errors.append(e)
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors

@@ -274,3 +274,26 @@ def test_an_old_server_without_go_or_structured_replies(tmp_path: Path) -> None:
         assert p.NBD_CMD_BLOCK_STATUS not in types and types[-1] == p.NBD_CMD_DISC
         assert p.NBD_CMD_WRITE_ZEROES not in types and p.NBD_CMD_FLUSH in types
     assert store == model
+
+
+def test_a_server_shutting_down_is_left_softly(tmp_path: Path) -> None:
+    """NBD_ESHUTDOWN on a request: the client sends NBD_CMD_DISC and uses the connection
+    no more; NBD_REP_ERR_SHUTDOWN in the handshake: NBD_OPT_ABORT."""
+    def handler(c: Conn, r: p.Request) -> None:
+        c.send(p.pack_error_chunk(r.handle, p.NBD_ESHUTDOWN, "going down"))
+
+    with FakeServer(tmp_path, handler, size=SIZE) as srv:
+        with NbdClient(srv.url, timeout=TIMEOUT) as cl:
+            with pytest.raises(RemoteError, match="read failed: going down"):
+                cl.read_into(0, memoryview(bytearray(512)))
+            with pytest.raises(RemoteError, match="shutting down"):
+                cl.read_into(0, memoryview(bytearray(512)))
+        deadline = time.monotonic() + 5
+        while srv.requests[-1].type != p.NBD_CMD_DISC and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [r.type for r in srv.requests] == [p.NBD_CMD_READ, p.NBD_CMD_DISC]
+    (tmp_path / "fake.sock").unlink()
+    go = p.pack_rep_error(p.NBD_OPT_GO, p.NBD_REP_ERR_SHUTDOWN, "bye")
+    with FakeServer(tmp_path, serve_read(DATA), size=SIZE, go=go) as srv:
+        with pytest.raises(RemoteError, match="the server is shutting down: bye"):
+            NbdClient(srv.url, timeout=TIMEOUT)

@@ -140,6 +140,8 @@ class NbdClient(Connection):
     def _raise_reply_error(self, what: str, error: int, message: str, offset: int) -> None:
         eno = P.from_nbd_error(error)
         text = message or os.strerror(eno)
+        if error == P.NBD_ESHUTDOWN:  # the spec: the client must disconnect (softly)
+            self._disconnect(f"the server is shutting down ({text})")
         raise self._error(f"{what} failed: {text}", offset, "error", os.strerror(eno))
 
     def _structured(self, head: bytearray, cookie: int, offset: int, length: int,

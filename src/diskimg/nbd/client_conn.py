@@ -206,6 +206,11 @@ class Connection:
                 raise self._fail(f"a reply to option {hdr.option} where one to option "
                                  f"{option} was due", None, "option")
             data = self._recv(hdr.length)
+            if hdr.reply_type == P.NBD_REP_ERR_SHUTDOWN:
+                # the spec: the client must then disconnect (softly: OPT_ABORT)
+                msg = self._rep_error(hdr.reply_type, data)
+                self._send(P.pack_option(P.NBD_OPT_ABORT))
+                raise self._fail(msg, None, "option")
             yield hdr.reply_type, data
             if hdr.reply_type == P.NBD_REP_ACK or hdr.is_error:
                 return
@@ -351,16 +356,22 @@ class Connection:
             return
         with self._lock:
             self._closed = True
-            sock = self._sock
-            if sock is not None and self._broken is None and self._in_transmission:
-                try:
-                    sock.settimeout(min(self.timeout, 5.0))
-                    self._cookie += 1
-                    sock.sendall(P.pack_request(P.NBD_CMD_DISC, self._cookie))
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self._drop()
+            self._disconnect("closed")
+
+    def _disconnect(self, why: str) -> None:
+        """A soft disconnect: NBD_CMD_DISC (in the transmission phase, on a stream still
+        in step), then the socket closed; later calls fail naming ``why``."""
+        sock = self._sock
+        if sock is not None and self._broken is None and self._in_transmission:
+            try:
+                sock.settimeout(min(self.timeout, 5.0))
+                self._cookie += 1
+                sock.sendall(P.pack_request(P.NBD_CMD_DISC, self._cookie))
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._broken = why
+        self._drop()
 
 
 def client_context(address: NbdAddress) -> ssl.SSLContext:
