@@ -209,3 +209,24 @@ def test_threads_sharing_one_connection_read_the_right_bytes(image: Path, qemu: 
         for t in threads:
             t.join(60)
     assert not errors, errors
+
+
+def test_qcow2_over_a_writable_export_cannot_grow_it(tmp_path: Path, qemu: Qemu,
+                                                     qemu_nbd: Serve) -> None:
+    """A qcow2 file served raw, opened r+ with -f qcow2: rewriting an allocated cluster
+    works; a write that needs a new cluster past the export's end is refused (an export
+    cannot grow) and leaves the image clean, the rewrite in place."""
+    img = tmp_path / "w.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", img, "8M")
+    qemu.io(img, "write -P 1 0 64k")
+    size = img.stat().st_size
+    with qemu_nbd(img, fmt="raw") as sock:
+        with diskimg.open(uri(sock), "r+", format="qcow2") as dev:
+            dev.write(0, b"x" * 512)
+            with pytest.raises(UsageError, match="an export cannot grow"):
+                dev.write(4 * MiB, b"y" * 65536)
+    assert img.stat().st_size == size
+    qemu.check_clean(img)
+    data = qemu.raw_bytes(img)
+    assert data[:512] == b"x" * 512 and data[512:65536] == b"\x01" * (65536 - 512)
+    assert data[65536:] == bytes(8 * MiB - 65536)
