@@ -121,6 +121,8 @@ def test_convert_from_and_to_the_export(image: Path, tmp_path: Path, qemu: Qemu,
     with qemu_nbd(target, fmt="raw") as sock:
         # without -n: refused before anything is written (diskimg creates no image there)
         r = cli("convert", "-O", "raw", str(image), uri(sock), ok=1)
+        assert uri(sock) in r.stderr
+        r = cli("create", "-f", "raw", uri(sock), "1M", ok=1)
         assert "Cannot create an image on the NBD export" in r.stderr
         assert target.read_bytes() == b"\xee" * SIZE
         cli("convert", "-n", "-O", "raw", str(image), uri(sock))
