@@ -56,6 +56,15 @@ SECTIONS: list[tuple[str, list[str] | None, str, str]] = [
      "[NBD how-to](../howto/nbd.md).  `diskimg.nbd.protocol` is the wire codec."),
     ("diskimg.nbd.export", ["Export"], "NBD exports",
      "One export: the device, its name, and what clients may do with it."),
+    ("diskimg.nbd.client_host", ["open_nbd", "NbdHost"], "NBD exports as images "
+     "(`diskimg.nbd.client_host`)",
+     "What `diskimg.open(\"nbd://...\")` opens an NBD export with; see "
+     "[the how-to](../howto/nbd-client.md)."),
+    ("diskimg.nbd.client", ["NbdClient"], "The NBD client (`diskimg.nbd.client`)",
+     "One connection to one export: the commands of the NBD protocol."),
+    ("diskimg.nbd.url", ["parse", "NbdAddress"], "NBD URLs (`diskimg.nbd.url`)",
+     "`nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://` as the NBD URI standard "
+     "defines them."),
 ]
 
 missing: list[str] = []

@@ -6,7 +6,7 @@ import os
 from collections.abc import Hashable, Mapping
 
 from diskimg.device import BlockDevice
-from diskimg.errors import BackingChainError, DiskImgError, UsageError
+from diskimg.errors import BackingChainError, DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import open_host_file, path_name
 from diskimg.policy import OpenPolicy
 from diskimg.params import check_int
@@ -111,7 +111,9 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
         src = _file_object_host(path, writable)
         shown = str(src.path)
         pol = (policy or OpenPolicy(untrusted=untrusted)).for_top(src.path)
-    dev = _open_one(src, shown, writable, format, backing=backing,
+    # a URL's host names it as the image is shown (an NBD URL as qemu spells it)
+    label = src.name if not isinstance(src, str) and _is_url(shown) else shown
+    dev = _open_one(src, label, writable, format, backing=backing,
                     force_share=force_share, policy=pol, secrets=dict(secrets or {}),
                     options=dict(options or {}), seen=set(), depth=0,
                     for_check=for_check, unlock=not metadata_only,
@@ -384,6 +386,14 @@ def create(
     """
     from pathlib import Path
 
+    if isinstance(path, str) and "://" in path:
+        from diskimg.nbd.url import is_nbd_url
+
+        if is_nbd_url(path):  # not a local name either: refused before anything is done
+            raise UnsupportedFeatureError(
+                f"Cannot create an image on the NBD export '{path}': its size is the "
+                "server's; write onto it as it is (convert -n)", path=path,
+                field="protocol")
     if size is not None:  # before anything touches the file: a refusal creates nothing
         size = check_int("size", size, minimum=None)
     opts = dict(options or {})

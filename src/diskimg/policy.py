@@ -48,26 +48,31 @@ class OpenPolicy(Record):
     taken relative to the image's own name when that is a local path (an open file's
     ``name``), else to the current directory.  ``allow_remote_backing``: let an image read
     from a URL name a backing file in another store (another scheme or host); its own
-    store is allowed."""
+    store is allowed.  ``allow_nbd``: let an untrusted policy open an NBD URL given as
+    the image to open (an image never names one: NBD backing names are always
+    refused)."""
 
     __slots__ = ("untrusted", "allowed_dirs", "max_depth", "allow_extents_outside",
-                 "allow_local_backing", "allow_remote_backing")
+                 "allow_local_backing", "allow_remote_backing", "allow_nbd")
     untrusted: bool
     allowed_dirs: list[Path]
     max_depth: int
     allow_extents_outside: bool  # vmdk extents outside the descriptor's directory
     allow_local_backing: bool  # a file-object/URL image may name local files
     allow_remote_backing: bool  # a URL image may name another host or store
+    allow_nbd: bool  # an untrusted policy may open a top-level NBD URL
 
     def __init__(self, untrusted: bool = False, allowed_dirs: list[Path] | None = None,
                  max_depth: int = MAX_CHAIN_DEPTH, allow_extents_outside: bool = False,
-                 allow_local_backing: bool = False, allow_remote_backing: bool = False) -> None:
+                 allow_local_backing: bool = False, allow_remote_backing: bool = False,
+                 allow_nbd: bool = False) -> None:
         self.untrusted = untrusted
         self.allowed_dirs = [] if allowed_dirs is None else allowed_dirs
         self.max_depth = max_depth
         self.allow_extents_outside = allow_extents_outside
         self.allow_local_backing = allow_local_backing
         self.allow_remote_backing = allow_remote_backing
+        self.allow_nbd = allow_nbd
 
     def for_top(self, top: str | os.PathLike[str]) -> OpenPolicy:
         """The policy to open the top image ``top`` and its chain with.
@@ -78,7 +83,7 @@ class OpenPolicy(Record):
         if self.untrusted and not self.allowed_dirs:
             return OpenPolicy(True, [local_parent(top).resolve().parent], self.max_depth,
                               self.allow_extents_outside, self.allow_local_backing,
-                              self.allow_remote_backing)
+                              self.allow_remote_backing, self.allow_nbd)
         return self
 
     def resolve(self, name: str, parent: Path | str, what: str = "backing file") -> Path:

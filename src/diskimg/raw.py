@@ -107,12 +107,13 @@ class RawImage(BlockDevice):
         return Run(offset, length, RunKind.DATA, self.offset + offset, filename=self.filename)
 
     def _status(self, offset: int, length: int) -> Status:
-        """The DATA run of :meth:`_plan` refined by the file's holes (QEMU's file-posix:
-        a hole is allocated, reads as zeros and is not data)."""
+        """The DATA run of :meth:`_plan` refined by the host's allocation (QEMU's
+        file-posix: a hole is allocated, reads as zeros and is not data; an NBD export:
+        its ``base:allocation`` flags)."""
         run = self._plan(offset, length)
         assert run.host is not None
-        for start, n, is_data in self.host.data_extents(run.host, run.length):
-            return Status(n, allocated=True, data=is_data, zero=not is_data, offset=start,
+        for start, n, data, zero in self.host.allocation_extents(run.host, run.length):
+            return Status(n, allocated=True, data=data, zero=zero, offset=start,
                           filename=self.filename)
         return Status(run.length, True, False, True, run.host, self.filename)
 

@@ -293,6 +293,13 @@ class HostFile:
         """(start, length, is_data) runs covering the range, from SEEK_DATA/SEEK_HOLE."""
         return sparse.data_extents(self.fd, offset, length)
 
+    def allocation_extents(self, offset: int, length: int
+                           ) -> Iterator[tuple[int, int, bool, bool]]:
+        """(start, length, data, zero) runs: holes read as zeros."""
+        from diskimg.hostio.host import allocation_from_data
+
+        return allocation_from_data(self, offset, length)
+
     def punch_hole(self, offset: int, length: int) -> bool:
         return sparse.punch_hole(self.fd, offset, length)
 

@@ -213,6 +213,13 @@ class FileObjectHost:
         if length > 0:
             yield (offset, length, False)
 
+    def allocation_extents(self, offset: int, length: int
+                           ) -> Iterator[tuple[int, int, bool, bool]]:
+        """(start, length, data, zero) runs: holes read as zeros."""
+        from diskimg.hostio.host import allocation_from_data
+
+        return allocation_from_data(self, offset, length)
+
     def write_zeros(self, offset: int, length: int) -> None:
         end = offset + length
         self._check_write(offset, length)

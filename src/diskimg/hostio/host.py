@@ -21,6 +21,11 @@ Invariants every host keeps:
 - the sparse helpers (``data_extents``, ``punch_hole``, ``zero_range``, ``preallocate``,
   ``write_zeros``) answer conservatively on hosts without holes: all data, no hole
   punched (``punch_hole`` returns False), zeros written as bytes;
+- ``data_extents`` says which bytes must be read (is_data False: they read as zeros);
+  ``allocation_extents`` says, as QEMU's block status of the host does, whether each run
+  is data and whether it reads as zeros, apart (an NBD export's ``base:allocation``: a
+  hole that does not read as zeros, zeros that are allocated); for a file the two are
+  one answer (:func:`allocation_from_data`);
 - capabilities are declared by methods, never probed (no ``fd`` outside hostio):
   ``zero_init`` (bytes never written read as zeros), ``is_device`` (a block device: an
   image may not name one), ``block_size`` (the allocation unit estimates count in) and
@@ -46,6 +51,18 @@ def read_exact(host: Host, offset: int, length: int, what: str) -> bytes:
     return data
 
 
+class HasDataExtents(Protocol):
+    def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]: ...
+
+
+def allocation_from_data(host: HasDataExtents, offset: int, length: int
+                         ) -> Iterator[tuple[int, int, bool, bool]]:
+    """``allocation_extents`` of a host whose holes read as zeros: (start, length, data,
+    zero) from its ``data_extents``, zero exactly where not data."""
+    for start, n, is_data in host.data_extents(offset, length):
+        yield start, n, is_data, not is_data
+
+
 class Host(Protocol):
     """What formats and operations may call on the bytes under an image."""
 
@@ -69,6 +86,8 @@ class Host(Protocol):
     def truncate(self, size: int) -> None: ...
     def empty(self) -> None: ...
     def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]: ...
+    def allocation_extents(self, offset: int, length: int
+                           ) -> Iterator[tuple[int, int, bool, bool]]: ...
     def punch_hole(self, offset: int, length: int) -> bool: ...
     def zero_range(self, offset: int, length: int, keep_size: bool = True) -> None: ...
     def preallocate(self, offset: int, length: int) -> None: ...

@@ -83,6 +83,13 @@ class ObjectHost:
         if end > offset:
             yield offset, end - offset, True
 
+    def allocation_extents(self, offset: int, length: int
+                           ) -> Iterator[tuple[int, int, bool, bool]]:
+        """(start, length, data, zero) runs: holes read as zeros."""
+        from diskimg.hostio.host import allocation_from_data
+
+        return allocation_from_data(self, offset, length)
+
     @property
     def closed(self) -> bool:
         return self._closed

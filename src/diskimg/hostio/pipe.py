@@ -268,6 +268,13 @@ class PipeHost:
         if length > n:
             yield (offset + n, length - n, False)
 
+    def allocation_extents(self, offset: int, length: int
+                           ) -> Iterator[tuple[int, int, bool, bool]]:
+        """(start, length, data, zero) runs: holes read as zeros."""
+        from diskimg.hostio.host import allocation_from_data
+
+        return allocation_from_data(self, offset, length)
+
     def flush(self) -> None:
         """Nothing written, nothing to flush."""
 

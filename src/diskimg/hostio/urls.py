@@ -3,10 +3,11 @@
 
 ``diskimg.open(url)`` and the CLI's source opening call :func:`open_url`.  Openers are
 looked up by scheme: first those registered with :func:`register`; then ``http``/``https``
-by :func:`diskimg.hostio.http.open_http`; ``nbd`` (and its variants) is refused; any other
-scheme goes to fsspec (:func:`diskimg.hostio.remote.open_fsspec`, the ``diskimg[remote]``
-extra).  A URL is a ``str`` from end to end (never a :class:`~pathlib.Path`, which would
-fold ``http://h/x`` into ``http:/h/x``).
+by :func:`diskimg.hostio.http.open_http`; ``nbd``, ``nbd+unix``, ``nbds`` ... by
+:func:`diskimg.nbd.client_host.open_nbd` (an NBD export; never followed as a backing
+name); any other scheme goes to fsspec (:func:`diskimg.hostio.remote.open_fsspec`, the
+``diskimg[remote]`` extra).  A URL is a ``str`` from end to end (never a
+:class:`~pathlib.Path`, which would fold ``http://h/x`` into ``http:/h/x``).
 
 The backing file a remote image names is opened by :func:`open_backing`: in the same store
 (same scheme and host) by default; another host or a local file only when the caller's
@@ -34,11 +35,15 @@ HostOpener = Callable[..., "Host"]
 _URL = r"^([A-Za-z][A-Za-z0-9+.-]*)://"  # compiled on first use (re caches it)
 _OPENERS: dict[str, HostOpener] = {}
 #: schemes whose opener lives in a module of diskimg: (module, function)
+_NBD = ("diskimg.nbd.client_host", "open_nbd")
 _BUILTIN = {"http": ("diskimg.hostio.http", "open_http"),
-            "https": ("diskimg.hostio.http", "open_http")}
+            "https": ("diskimg.hostio.http", "open_http"),
+            "nbd": _NBD, "nbd+tcp": _NBD, "nbd+unix": _NBD, "nbds": _NBD, "nbds+unix": _NBD}
 #: the opener of every other scheme (the ``diskimg[remote]`` extra)
 _FSSPEC = ("diskimg.hostio.remote", "open_fsspec")
-_REFUSED = ("nbd", "nbd+unix", "nbd+tcp", "nbds")
+#: schemes never followed as a backing name inside an image (a name an image holds must
+#: not make diskimg connect to a socket): the one rule, :func:`open_backing`'s
+_NEVER_BACKING = ("nbd", "nbd+unix", "nbd+tcp", "nbds", "nbds+unix")
 
 
 def is_url(name: str) -> bool:
@@ -62,28 +67,24 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False,
     """Open the bytes at ``url``; an :class:`UnsupportedFeatureError` naming the scheme
     when nothing here opens it.  ``storage_options`` (the fsspec filesystem's: endpoint,
     credentials ...) go to :func:`~diskimg.hostio.remote.open_fsspec`; a URL that fsspec
-    does not open (``http``/``https``, a registered opener, ``nbd``, ``file``) refuses
+    does not open (``http``/``https``, ``nbd``, a registered opener, ``file``) refuses
     them with a :class:`UsageError` rather than dropping them."""
     s = scheme(url)
     opener = _OPENERS.get(s)
-    if storage_options and (opener is not None or s in _BUILTIN or s in _REFUSED
-                            or s == "file"):
+    if storage_options and (opener is not None or s in _BUILTIN or s == "file"):
         raise UsageError(f"storage_options apply only to fsspec URLs (s3://, gs://, "
                          f"memory:// ...), not to '{url}'", path=url,
                          field="storage_options")
     if opener is not None:
         return _call(opener, url, policy, writable)
-    if s in _REFUSED:
-        raise UnsupportedFeatureError(f"Unsupported protocol '{s}' in '{url}': diskimg "
-                                      "does not speak NBD (use qemu-nbd or nbdcopy)",
-                                      path=url, field="protocol")
     if s == "file":
         raise UnsupportedFeatureError(f"Unsupported protocol 'file' in '{url}': give a "
                                       "local file by its path", path=url, field="protocol")
     if s in _BUILTIN:
         mod, fn = _BUILTIN[s]
+        what = "NBD client" if (mod, fn) == _NBD else "HTTP host"
         opener = _load(mod, fn, url, f"Unsupported protocol '{s}' in '{url}': this "
-                                     "diskimg has no HTTP host yet")
+                                     f"diskimg has no {what} yet")
         return _call(opener, url, policy, writable)
     if _find_spec("fsspec") is None:
         raise UnsupportedFeatureError(
@@ -145,7 +146,9 @@ def open_backing(name: str, parent: str, policy: OpenPolicy, *, top: str | None 
     path, ``file:``) is the policy's to allow (:meth:`OpenPolicy.resolve`, which refuses it
     unless ``allow_local_backing``).  An untrusted policy also refuses, for every scheme,
     a URL outside the top image's prefix (``scheme://host/dir/``).  ``storage_options``
-    (those the top image was opened with) go with a backing file in the same scheme."""
+    (those the top image was opened with) go with a backing file in the same scheme.
+    An NBD name (``nbd://``, ``nbd+unix://`` ...; or a relative name in an image read from
+    an NBD export) is always refused."""
     from urllib.parse import urlsplit
 
     if name.startswith("json:"):
@@ -155,6 +158,11 @@ def open_backing(name: str, parent: str, policy: OpenPolicy, *, top: str | None 
         return policy.resolve(name, parent)
     full = name if is_url(name) else join(parent, name)
     a, b = urlsplit(parent), urlsplit(full)
+    if b.scheme.lower() in _NEVER_BACKING:
+        raise BackingChainError(
+            f"Refusing to open backing file '{name}' named by '{parent}': NBD names are not "
+            "followed", path=name, operation="open backing file",
+            reason="not allowed by the policy")
     if (a.scheme.lower(), a.netloc.lower()) != (b.scheme.lower(), b.netloc.lower()) and \
             not policy.allow_remote_backing:
         raise BackingChainError(
