@@ -65,9 +65,22 @@ def _loop3(d: Path) -> None:
              d / "t.qcow2", "1M", cwd=d)
 
 
+def _sized(d: Path) -> None:
+    """qcow2 headers whose size the L1 table cannot map: past what qemu's int L1 index
+    reaches (``big``), within one L1 span of 2**64 (``wrap``: qemu's count wraps and its
+    sector count fails), over an L1 table too small (``short``)."""
+    for name, size in (("big", (1 << 61) + 512), ("wrap", (1 << 64) - 512),
+                       ("short", 2 << 40)):
+        QEMU.img("create", "-q", "-f", "qcow2", d / f"{name}.qcow2", "1M")
+        with open(d / f"{name}.qcow2", "r+b") as f:
+            f.seek(24)  # the header's size field
+            f.write(size.to_bytes(8, "big"))
+
+
 SETUPS: dict[str, Callable[[Path], None]] = {"plain": _plain, "snap": _snap, "small": _small,
                                               "datafile": _datafile,
-                                              "self-loop": _self_loop, "loop3": _loop3}
+                                              "self-loop": _self_loop, "loop3": _loop3,
+                                              "sized": _sized}
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +192,13 @@ CASES: list[tuple[str, list[str]]] = [
     ("plain", ["resize", "a.qcow2", "100P"]),
     ("plain", ["create", "-f", "raw", "x.raw", "1E"]),  # EFBIG from the file system
     ("plain", ["create", "-f", "raw", "x.raw", "9223372036854775807"]),  # rounds past off_t
+    # 13b. a qcow2 header size the L1 table cannot map (qemu's open: "Image is too big")
+    ("sized", ["info", "big.qcow2"]),
+    ("sized", ["check", "big.qcow2"]),
+    ("sized", ["convert", "-O", "raw", "big.qcow2", "x.raw"]),
+    ("sized", ["resize", "big.qcow2", "2M"]),
+    ("sized", ["info", "wrap.qcow2"]),
+    ("sized", ["info", "short.qcow2"]),
     # 14. snapshot refusals: qemu's errno text, one "Could not ... snapshot" prefix
     ("datafile", ["snapshot", "-c", "s", "dfa.qcow2"]),
     ("datafile", ["snapshot", "-a", "s", "dfa.qcow2"]),

@@ -101,19 +101,24 @@ def _free_entry(rc: Refcounts, host: Host, ent: int, cb: int, extended: bool,
 
 
 def _discard_all(host: Host, h: Header, data_host: Host | None) -> None:
-    """qemu's full discard of every active cluster (v2, snapshots, bitmaps, ...)."""
+    """qemu's full discard of every active cluster of the disk (v2, snapshots, bitmaps,
+    ...).  Like qemu's, it covers the disk only: what the active L1 table maps past its
+    end (a snapshot's VM state that ``snapshot -a`` copied there) stays."""
     cs, cb = h.cluster_size, h.cluster_bits
+    disk_clusters = -(-h.size // cs)
     extended = h.extended_l2
     data_file = bool(h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
     rc = Refcounts(host, h)
     l1 = be_u64_array(host.pread_exact(h.l1_table_offset, h.l1_size * 8, "L1 table"))
     step = 2 if extended else 1
+    per = cs // (8 * step)  # L2 entries per table
     freed_tables: list[int] = []
-    for i in range(len(l1)):
+    for i in range(min(len(l1), -(-disk_clusters // per))):
         l2_off = l1[i] & E.L1E_OFFSET_MASK
         if not l2_off:
             continue
         ents = be_u64_array(host.pread_exact(l2_off, cs, "L2 table"))
+        used = step * min(per, disk_clusters - i * per)  # the entries inside the disk
         if not l1[i] & E.QCOW_OFLAG_COPIED:
             # shared with a snapshot: give the active image its own copy first
             new_off = rc.alloc(1)
@@ -128,7 +133,7 @@ def _discard_all(host: Host, h: Header, data_host: Host | None) -> None:
             l2_off = new_off
         old = array("Q", ents)
         changed = False
-        for j in range(0, len(ents), step):
+        for j in range(0, used, step):
             if ents[j] or (extended and ents[j + 1]):
                 ents[j] = 0
                 if extended:
@@ -137,7 +142,7 @@ def _discard_all(host: Host, h: Header, data_host: Host | None) -> None:
         if changed:
             host.pwrite(l2_off, pack_be_u64_array(ents))
             host.flush()
-            for j in range(0, len(old), step):
+            for j in range(0, used, step):
                 if old[j]:
                     _free_entry(rc, host, old[j], cb, extended, data_file, data_host)
     for off in freed_tables:

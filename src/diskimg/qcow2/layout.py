@@ -442,17 +442,21 @@ class Header(Record):
             raise UnsupportedFeatureError(
                 f"Unsupported encryption method: {self.crypt_method} (field 'crypt_method' "
                 "at 0x20)", offset=32)
-        if self.size > (1 << 63) - 1:
-            raise FormatError(f"Image size {self.size} too large (field 'size' at 0x18)",
-                              offset=24)
         if self.l1_size * 8 > QCOW_MAX_L1_SIZE:
             raise FormatError(f"Active L1 table too large: {self.l1_size} entries (field "
                               "'l1_size' at 0x24)", offset=36)
-        entries_per_l2 = cs // (16 if self.extended_l2 else 8)
-        needed = -(-self.size // (cs * entries_per_l2))
+        span = cs * (cs // (16 if self.extended_l2 else 8))  # guest bytes per L1 entry
+        # qemu's size_to_l1, in its 64-bit arithmetic (a size within one span of 2**64
+        # wraps to a small count: qemu then fails on the size, below)
+        needed = ((self.size + span - 1) & ((1 << 64) - 1)) // span
+        if needed > (1 << 31) - 1:  # qemu's l1_vm_state_index > INT_MAX
+            raise FormatError("Image is too big", offset=HDR_SIZE.offset, field="size")
         if self.l1_size < needed:
-            raise FormatError(f"L1 table is too small: {self.l1_size} entries for size "
-                              f"{self.size} (field 'l1_size' at 0x24)", offset=36)
+            raise FormatError("L1 table is too small", offset=HDR_L1_SIZE.offset,
+                              field="l1_size")
+        if self.size > (1 << 63) - 1:  # qemu: the sector count of the size is refused
+            raise FormatError("Could not refresh total sector count: File too large",
+                              offset=HDR_SIZE.offset, field="size")
         if self.l1_size and (self.l1_table_offset % cs or
                              self.l1_table_offset > (1 << 63) - 1 - self.l1_size * 8):
             raise FormatError(f"L1 table offset invalid: {self.l1_table_offset:#x} (field "

@@ -120,6 +120,9 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
     # persistent bitmaps take the new size too: stored now in new clusters, switched to
     # by the same header write that sets the size (qemu-img 7.2 resizes them likewise)
     resized = bitmaps.prepare_resize(new_size) if bitmaps is not None else None
+    need = l1_entries_for(new_size, img.cs, img.cs // img.l2_entries)
+    if new_size > img.size:
+        unmap_past_end(img, -(-img.size >> img.cb), -(-new_size >> img.cb))
     if new_size < img.size:
         first = -(-new_size >> img.cb)
         last = -(-img.size >> img.cb)
@@ -140,7 +143,7 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
                         table.entries[k + 1] = 0
                 img.l2_cache.mark_dirty(l2_off)
             c += n
-    need = l1_entries_for(new_size, img.cs, img.cs // img.l2_entries)
+        drop_l1_entries(img, need)
     if need > len(img.l1):
         grow_l1(img, need)
     shrinking = new_size < img.size
@@ -188,6 +191,66 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
             last -= 1
         if (last + 1) * img.cs < img.host.size():
             img.host.truncate((last + 1) * img.cs)
+
+
+def _holds_data(img: Qcow2Image, ents: array[int], k: int) -> bool:
+    """L2 entry ``k`` of ``ents`` (extended L2: the entry at ``k``, its bitmap after it)
+    maps host bytes a guest read would return: a data or compressed cluster (extended
+    L2: with a subcluster allocated).  Zero and unallocated entries do not."""
+    t = img._cluster_type(ents[k])
+    if t == E.ClusterType.COMPRESSED:
+        return True
+    return t == E.ClusterType.NORMAL and (not img.extended or bool(ents[k + 1] & 0xFFFFFFFF))
+
+
+def unmap_past_end(img: Qcow2Image, first: int, last: int) -> None:
+    """Before a grow makes guest clusters [``first``, ``last``) part of the disk, drop
+    the active image's mappings there that hold data: past the end of the disk the
+    active L1 table may map a snapshot's VM state (``snapshot -a`` copies the snapshot's
+    whole L1 table, VM state included, as qemu does; qemu's ``savevm`` writes it there),
+    which must never become guest data (qemu-img 7.2 shows it in the grown area).  Zero
+    clusters stay as they are (they read as zeros; qemu leaves them too).  Only the L1
+    entries that exist are visited: ``last`` may lie far past them."""
+    per = img.l2_entries
+    step = 2 if img.extended else 1
+    for i in range(first // per, min(len(img.l1), -(-last // per))):
+        _, l2_off = img._l2_location(i * per)
+        if not l2_off:
+            continue
+        lo, hi = max(first, i * per) - i * per, min(last, (i + 1) * per) - i * per
+        ents = img.l2_cache.get(l2_off).entries
+        stale = [j for j in range(lo, hi) if _holds_data(img, ents, step * j)]
+        if not stale:
+            continue
+        l2_off, table = C.get_l2_for_write(img, i * per)  # copied if shared
+        for j in stale:
+            k = step * j
+            C.free_entry(img, table.entries[k], punch=True)
+            table.entries[k] = 0
+            if img.extended:
+                table.entries[k + 1] = 0
+        img.l2_cache.mark_dirty(l2_off)
+
+
+def drop_l1_entries(img: Qcow2Image, keep: int) -> None:
+    """A shrink's end: the active L1 entries from ``keep`` on map nothing of the disk
+    any more (qemu's qcow2_shrink_l1_table clears them and frees their L2 tables).
+    What those L2 tables still map past the old end (VM state a ``snapshot -a`` copied
+    into the active table) loses the active reference too: qemu-img 7.2 frees only the
+    tables and leaks those clusters (``Leaked cluster N refcount=2 reference=1``).
+    The entries reach the file before any reference is dropped (a crash leaks)."""
+    step = 2 if img.extended else 1
+    for i in range(keep, len(img.l1)):
+        _, l2_off = img._l2_location(i * img.l2_entries)
+        if not l2_off:
+            continue
+        ents = img.l2_cache.get(l2_off).entries
+        for k in range(0, len(ents), step):
+            if ents[k]:
+                C.free_entry(img, ents[k], punch=True)
+        img._pending_free.append((l2_off, img.cs, True))
+        img.l1[i] = 0
+        img.l1_dirty.add(i)
 
 
 def last_cluster_reads_zero(img: Qcow2Image, old_size: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from diskimg.cli import errors, output
@@ -67,7 +68,9 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
             try:
                 if table is None:
                     raise DiskImgError("-95 (Operation not supported)")  # qemu's errno text
-                table.create(str(arg))  # -c NAME: argparse gives a str
+                # qemu-img copies NAME into a 256-byte C buffer (QEMUSnapshotInfo.name):
+                # the snapshot gets its first 255 bytes (a multi-byte character may be cut)
+                table.create(os.fsdecode(os.fsencode(str(arg))[:255]))
             except DiskImgError as e:
                 raise errors.action_failure(f"create snapshot '{arg}'", _qemu_words(e)) from e
         elif action == "apply":
