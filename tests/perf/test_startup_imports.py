@@ -13,8 +13,10 @@ that silently did nothing cannot pass.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ import diskimg
 from diskimg.units import size_to_str
 
 SRC = str(Path(diskimg.__file__).resolve().parents[1])
+ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """\
 import sys
@@ -48,6 +51,14 @@ sys.meta_path.insert(0, Who())
 if sys.argv[2] == "import":
     import diskimg
     code = 0
+elif sys.argv[2] == "script":  # the installed ``diskimg`` command: run as __main__
+    sys.argv = sys.argv[3:]
+    with open(sys.argv[0], encoding="utf-8") as f:
+        script = compile(f.read(), sys.argv[0], "exec")
+    try:
+        exec(script, {"__name__": "__main__"})
+    except SystemExit as e:
+        code = e.code
 else:
     from diskimg.cli.main import main
     code = main(sys.argv[2:])
@@ -151,6 +162,31 @@ def test_version_loads_no_parser_and_no_format(image: Path) -> None:
     assert second.startswith(f"diskimg {diskimg.__version__}: ")
     extra = _unexpected(loaded, VERSION) + _denied(loaded, NOT_FOR_VERSION)
     assert extra == [], f"diskimg --version now also imports {_named(extra, who)}"
+
+
+def test_the_diskimg_command_is_a_plain_script_that_imports_no_re(image: Path) -> None:
+    """The installed ``diskimg`` is scripts/diskimg (the wheel's shared-scripts, its first
+    line pointed at the interpreter by the installer), not pip's console-script launcher,
+    which imports ``re`` and runs a regex on argv[0] before diskimg: about 6 ms of every
+    command (benchmarks/results-startup.md)."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "scripts" not in meta["project"]  # no console-script entry point beside it
+    wheel = meta["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert wheel["shared-scripts"] == {"scripts/diskimg": "diskimg"}
+    assert meta["build-system"]["requires"] == ["hatchling>=1.24.1"]  # keeps the x bit
+    script = ROOT / "scripts" / "diskimg"
+    assert os.access(script, os.X_OK)
+    first = script.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("#!") and first.endswith("python3")  # rewritten on install
+    code, loaded, out, who = _probe("script", str(script), "--version")
+    assert (code, out.splitlines()[0]) == (0, f"qemu-img version 7.2.0 (diskimg "
+                                              f"{diskimg.__version__})")
+    extra = _unexpected(loaded, VERSION) + _denied(loaded, NOT_FOR_VERSION)
+    assert extra == [], f"the diskimg script's --version now imports {_named(extra, who)}"
+    code, loaded, out, who = _probe("script", str(script), "info", str(image))
+    assert (code, out.splitlines()[0]) == (0, f"image: {image}")
+    assert "virtual size: 1 GiB (1073741824 bytes)" in out.splitlines()
+    assert _denied(loaded, ("re",)) == [], _named(_denied(loaded, ("re",)), who)
 
 
 @pytest.mark.parametrize("args, allowed, first_line", [
