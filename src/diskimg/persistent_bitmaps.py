@@ -6,12 +6,11 @@ list is empty and whose every other call raises
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-
 from diskimg.errors import UnsupportedFeatureError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
     from typing import Any, Protocol
 else:  # typing is for the type checker: not imported at run time (start-up)
     Protocol = object

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # ctypes is loaded on the first fallocate call only

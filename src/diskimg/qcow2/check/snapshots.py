@@ -4,8 +4,6 @@ repair (``qcow2_check_fix_snapshot_table``); entries are read through
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from diskimg import progname
 from diskimg.errors import CorruptImageError, FormatError
 from diskimg.qcow2 import header_io
@@ -23,7 +21,7 @@ from diskimg.qcow2.snapshot import (
     EntryHeader,
     c_bytes,
 )
-from diskimg.qcow2.snapshot_table import TableWalk, repair_hint, check_table_pointer
+from diskimg.qcow2.snapshot_table import TableWalk, check_table_pointer, repair_hint
 
 
 class _Window:
@@ -54,6 +52,7 @@ class _Window:
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
