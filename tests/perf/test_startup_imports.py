@@ -102,7 +102,7 @@ RAW_READ = OPEN_READ | {"diskimg.raw", "diskimg.options"}  # raw's offset/size o
 QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
                ("copied", "overlap", "refcounts", "report", "snapshots", "state", "stored",
                 "walk")} | {"diskimg.qcow2.check", "diskimg.check_report",
-                            "diskimg.qcow2.snapshot", "diskimg.qcow2.refcount",
+                            "diskimg.qcow2.refcount",
                             "diskimg.qcow2.bitmaps", "diskimg.qcow2.bitmap_table"}
 
 #: never loaded by a command that only reads metadata (prefixes: a package and its parts):

@@ -16,12 +16,14 @@ from diskimg.qcow2.layout import (
     QCOW_MAX_SNAPSHOTS,
     Header,
 )
-from diskimg.qcow2.snapshot import (
+from diskimg.qcow2.snapshot_table import (
     QCOW_MAX_SNAPSHOT_EXTRA_DATA,
     EntryHeader,
+    TableWalk,
     c_bytes,
+    check_table_pointer,
+    repair_hint,
 )
-from diskimg.qcow2.snapshot_table import TableWalk, check_table_pointer, repair_hint
 
 
 class _Window:
