@@ -21,6 +21,7 @@ from diskimg.errors import (
 )
 from diskimg.hostio import open_host_file
 from diskimg.info_text import image_name
+from diskimg.persistent_bitmaps import BitmapsOnFirstUse
 from diskimg.plan import Run
 from diskimg.policy import OpenPolicy, combine, full_name
 from diskimg.qcow2 import cluster as C
@@ -43,32 +44,16 @@ from diskimg.qcow2.layout import (
 )
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
-
-    from diskimg.hostio.host import Host
-
 if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first used
+    from collections.abc import Iterator, Mapping
     from typing import Any
 
     from diskimg.check_report import CheckReport
     from diskimg.crypto import SectorCipher
+    from diskimg.hostio.host import Host
     from diskimg.qcow2.bitmaps import Bitmaps
     from diskimg.qcow2.refcount import Refcounts
     from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
-
-
-class _BitmapsOnFirstUse:
-    """``Qcow2Image.bitmaps`` until it is first used: then the image's own attribute
-    (a non-data descriptor: the instance attribute it sets takes over)."""
-
-    def __get__(self, img: Qcow2Image | None, owner: type | None = None) -> Any:
-        if img is None:
-            return self
-        from diskimg.qcow2.bitmaps import Bitmaps
-
-        bitmaps = img.__dict__["bitmaps"] = Bitmaps(img)
-        return bitmaps
 
 
 class Qcow2Image(BlockDevice):
@@ -77,11 +62,9 @@ class Qcow2Image(BlockDevice):
     format = "qcow2"
     # declared capabilities (BlockDevice): compressed clusters, internal snapshots
     supports_compressed_write = True
-    #: the persistent dirty bitmaps (diskimg.qcow2.bitmaps.Bitmaps): an image with the
-    #: bitmaps extension reads (and checks) their directory when it is opened; for one
-    #: without, they are made when first used (start-up, issue 20: info and map of such an
-    #: image do not load the module)
-    bitmaps: Bitmaps = _BitmapsOnFirstUse()  # type: ignore[assignment]
+    #: the persistent dirty bitmaps: read (and checked) on open when the image has the
+    #: bitmaps extension, else made when first used (info and map do not load the module)
+    bitmaps: Bitmaps = BitmapsOnFirstUse("diskimg.qcow2.bitmaps")  # type: ignore[assignment]
 
     @property
     def snapshots(self) -> SnapshotTable:
@@ -522,8 +505,7 @@ class Qcow2Image(BlockDevice):
         if h.version >= 3:
             data["compression-type"] = COMPRESSION_TYPES[h.compression_type]
             data["lazy-refcounts"] = bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
-            bitmaps = self.__dict__.get("bitmaps")  # made on open when the image has any
-            if bitmaps is not None and bitmaps.entries:
+            if (bitmaps := self.__dict__.get("bitmaps")) and bitmaps.entries:  # (see open)
                 data["bitmaps"] = bitmaps.info()
         else:
             data["compression-type"] = COMPRESSION_TYPES[h.compression_type]
