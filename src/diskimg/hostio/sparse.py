@@ -10,11 +10,8 @@ import errno
 import os
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-TYPE_CHECKING = False
 if TYPE_CHECKING:  # ctypes is loaded on the first fallocate call only
+    from collections.abc import Iterator
     import ctypes
 
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -10,12 +10,8 @@ from __future__ import annotations
 import struct
 
 from diskimg.errors import FormatError
-from diskimg.qcow2.layout import (
-    HDR_NB_SNAPSHOTS,
-    HDR_SNAPSHOTS_OFFSET,
-    QCOW_MAX_L1_SIZE,
-    QCOW_MAX_SNAPSHOTS,
-)
+from diskimg.qcow2.layout import (HDR_NB_SNAPSHOTS, HDR_SNAPSHOTS_OFFSET, QCOW_MAX_L1_SIZE,
+                                  QCOW_MAX_SNAPSHOTS)
 from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False

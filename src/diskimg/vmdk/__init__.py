@@ -18,13 +18,8 @@ from diskimg.vmdk.image import VmdkImage, open_vmdk
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from diskimg.vmdk.create import (
-        _init_sparse,
-        create_vmdk,
-        sparse_layout,
-        stream_header,
-        write_stream_optimized,
-    )
+    from diskimg.vmdk.create import (_init_sparse, create_vmdk, sparse_layout, stream_header,
+                                     write_stream_optimized)
 
 #: the creation side, imported when first used: opening an image does not load it
 _CREATE = ("_init_sparse", "create_vmdk", "sparse_layout", "stream_header",
