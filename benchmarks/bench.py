@@ -49,7 +49,9 @@ Start-up floor (issue 20 item 1): ``python -c pass`` with the interpreter (venv)
 diskimg is the floor; ``python -I -S -c pass`` (no site-packages, no ``.pth`` hooks), ``python
 -c 'import diskimg'``, ``diskimg --version`` and ``diskimg info/check/map`` of a 64 MiB qcow2
 are timed beside it (and ``--version`` and ``info`` run by ``python -c`` calling
-``diskimg.cli.main.main``: the CLI without pip's launcher script, which imports ``re``),
+``diskimg.cli.main.main``: the CLI without any launcher script; the installed
+``bin/diskimg`` is diskimg's plain script, scripts/diskimg, not pip's console-script
+launcher, which imports ``re``),
 each against the whole of ``qemu-img info`` on that image, and the
 results file gives each row's excess over the floor in ms (target: at most 10 ms) and ``import
 diskimg``'s ``-X importtime`` cumulative time (target: at most 5 ms).  These rows do not
@@ -470,13 +472,13 @@ def floor_job(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> Job:
             ("map", ["map", "-f", "qcow2"], small), ("info of a vmdk", ["info"], vmdk),
             ("convert 1 MiB raw to qcow2", ["convert", "-O", "qcow2", str(raw),
                                             str(work / "small-out.qcow2")], None))
-    # how a user runs it: the console script pip put beside the interpreter (it imports re
-    # before diskimg); ``python -m diskimg`` (runpy: contextlib, collections, functools)
-    # otherwise
+    # how a user runs it: the script installed beside the interpreter (scripts/diskimg,
+    # which imports nothing but the CLI); ``python -m diskimg`` (runpy: contextlib,
+    # collections, functools) otherwise
     script = Path(PY).with_name("diskimg")
     how, also = "python -m diskimg", []
-    # the CLI without a launcher: what a console script that imports nothing but diskimg
-    # would cost (pip's imports re, uv's does not; runpy loads importlib.util, contextlib)
+    # the CLI without a launcher: what bin/diskimg should cost (runpy, for -m, loads
+    # importlib.util and contextlib)
     bare = [PY, "-c", "import sys; from diskimg.cli.main import main; sys.exit(main())"]
     also = [Variant("diskimg --version (no launcher)", [*bare, "--version"], diskimg=True),
             Variant("diskimg info (no launcher)", [*bare, "info", "-f", "qcow2", str(small)],
@@ -495,9 +497,9 @@ def floor_job(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> Job:
                 *(Variant(f"diskimg {name} ({how})",
                           [*cli, *args, *([str(path)] if path else [])], diskimg=True)
                   for name, args, path in cmds),
-                # pip's console-script launcher alone: it imports re and runs one re.sub
-                # before it imports diskimg (distlib's template; [project.scripts] cannot
-                # change it)
+                # pip's console-script launcher alone, for comparison: it imports re and
+                # runs one re.sub before it imports the CLI (distlib's template, which a
+                # [project.scripts] entry point got; diskimg now ships a plain script)
                 Variant("pip launcher alone (import re, re.sub)",
                         [PY, "-c", "import re, sys; "
                          "sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])"])],

@@ -48,18 +48,26 @@ _LAZY = {"create": "api", "open": "api", "BlockDevice": "device", "DeviceIO": "d
 def __getattr__(name: str) -> object:
     """The public names of :data:`_LAZY`, imported when first used, and submodules by
     attribute (``diskimg.units`` ...), as before the lazy import."""
-    import importlib
-
     if name in _LAZY:
-        value = getattr(importlib.import_module(f"diskimg.{_LAZY[name]}"), name)
+        value = getattr(_submodule(_LAZY[name]), name)
         globals()[name] = value  # found directly from now on
         return value
     if name.startswith("__"):  # dunder probes (copy, pickle, doctest ...) are no submodules
         raise AttributeError(f"module 'diskimg' has no attribute {name!r}")
     try:
-        return importlib.import_module(f"diskimg.{name}")
+        return _submodule(name)
     except ModuleNotFoundError:
         raise AttributeError(f"module 'diskimg' has no attribute {name!r}") from None
+
+
+def _submodule(name: str) -> object:
+    """``importlib.import_module(f"diskimg.{name}")`` without importing importlib (and
+    the warnings module it loads): start-up, issue 20."""
+    import sys
+
+    full = f"diskimg.{name}"
+    __import__(full)
+    return sys.modules[full]
 
 
 def __dir__() -> list[str]:

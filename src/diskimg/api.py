@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Mapping
 
 from diskimg.device import BlockDevice
 from diskimg.errors import BackingChainError, DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import open_host_file, path_name
-from diskimg.policy import OpenPolicy
 from diskimg.params import check_int
+from diskimg.policy import OpenPolicy
 from diskimg.probe import check_format, probe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Hashable, Mapping
     from pathlib import Path
     from typing import Any
 
@@ -312,7 +312,8 @@ def _backing_open_options(options: Mapping[str, str], bfmt: str | None,
     ``backing.file.*`` options are the file protocol's."""
     if not any(k.startswith("backing.") for k in options):
         return bfmt, {}
-    from diskimg.image_options import backing_options as split, check_protocol
+    from diskimg.image_options import backing_options as split
+    from diskimg.image_options import check_protocol
 
     driver, sub = split(options)
     proto = {k[len("file."):]: v for k, v in sub.items() if k.startswith("file.")}

@@ -10,17 +10,15 @@ protocol on top of them.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import io
 import os
-import warnings
-from collections.abc import Callable, Iterator, Mapping
-from types import MappingProxyType
 
-from diskimg.device_io import DeviceIO as DeviceIO  # re-exported (it lived here)
+# warnings.warn is _warnings.warn (a built-in module, loaded with the interpreter):
+# importing the warnings module, and the collections, functools, contextlib and types
+# modules this one used, costs start-up (issue 20)
+from _warnings import warn
+
 from diskimg.errors import ClosedImageError, CorruptImageError, UnsupportedFeatureError, UsageError
-from diskimg.internal_snapshots import InternalSnapshots
 from diskimg.params import check_int
 from diskimg.persistent_bitmaps import NoBitmapsSlot, PersistentBitmaps
 from diskimg.plan import Run
@@ -31,10 +29,12 @@ from diskimg.records import mergeable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping
     from typing import Concatenate, ParamSpec, Self, TypeVar
 
     from diskimg.check_report import CheckReport  # built by the checkers, imported there
     from diskimg.hostio.host import Host
+    from diskimg.internal_snapshots import InternalSnapshots  # a Protocol: types only
 
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
@@ -102,7 +102,7 @@ class BlockDevice:
     probed: bool = False
     #: the image options the device was opened with (qcow2: ``encrypt.key-secret``);
     #: empty for a format that takes none
-    options: Mapping[str, str] = MappingProxyType({})
+    options: Mapping[str, str] = type(type.__dict__)({})  # types.MappingProxyType({})
     #: True once :meth:`close` ran (set by :meth:`_mark_open` and :meth:`close`)
     _closed: bool = False
 
@@ -150,15 +150,10 @@ class BlockDevice:
     def _close(self) -> None:
         pass
 
-    @contextlib.contextmanager
-    def _corruption_guard(self) -> Iterator[None]:
+    def _corruption_guard(self) -> _CorruptionGuard:
         """Inconsistent metadata found while writing: let the format mark the image corrupt
         (qcow2 sets its corrupt bit and goes read-only, as qemu) before the error leaves."""
-        try:
-            yield
-        except CorruptImageError as e:
-            self._mark_corrupt(e)
-            raise
+        return _CorruptionGuard(self)
 
     def _mark_corrupt(self, error: CorruptImageError) -> None:
         """Formats with a corrupt flag override this; the default only refuses writes."""
@@ -315,7 +310,7 @@ class BlockDevice:
         if self.__dict__.get("_opener_pid") != os.getpid():
             return  # a forked child's copy: flushing or unlocking would act on the parent's
         if self._warns_unclosed():
-            warnings.warn(f"unclosed image {self.filename!r}", ResourceWarning,
+            warn(f"unclosed image {self.filename!r}", ResourceWarning,
                           stacklevel=2, source=self)
         self.close()
 
@@ -522,20 +517,57 @@ class BlockDevice:
     def as_file(self) -> io.BufferedRandom | io.BufferedReader:
         """A buffered file object over the guest bytes (usable by tarfile, shutil, ...):
         ``BufferedRandom`` when the device is writable, ``BufferedReader`` otherwise."""
+        from diskimg.device_io import DeviceIO
+
         self._check_open()
         if self.read_only:
             return io.BufferedReader(DeviceIO(self))
         return io.BufferedRandom(DeviceIO(self))
 
 
+def __getattr__(name: str) -> object:
+    """``DeviceIO``, which lived here (diskimg.device_io), imported when first asked for:
+    a command that makes no file object of an image does not load it (start-up)."""
+    if name == "DeviceIO":
+        from diskimg.device_io import DeviceIO
+
+        return DeviceIO
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def requires_open(fn: Callable[Concatenate[_D, _P], _R]) -> Callable[Concatenate[_D, _P], _R]:
     """Decorator for a format's public methods: :class:`ClosedImageError` once the
     device is closed."""
 
-    @functools.wraps(fn)
     def wrapper(self: _D, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         self._check_open()
         return fn(self, *args, **kwargs)
 
+    # functools.wraps, without importing functools (start-up)
+    wrapper.__module__ = fn.__module__
+    wrapper.__name__ = fn.__name__
+    wrapper.__qualname__ = fn.__qualname__
+    wrapper.__doc__ = fn.__doc__
+    wrapper.__annotations__ = fn.__annotations__
+    wrapper.__dict__.update(fn.__dict__)
+    wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
     return wrapper
+
+
+class _CorruptionGuard:
+    """``with dev._corruption_guard():`` — a CorruptImageError leaving the block marks
+    ``dev`` corrupt first (:meth:`BlockDevice._mark_corrupt`), then goes on."""
+
+    __slots__ = ("dev",)
+
+    def __init__(self, dev: BlockDevice) -> None:
+        self.dev = dev
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: object) -> None:
+        if isinstance(error, CorruptImageError):
+            self.dev._mark_corrupt(error)  # and the error goes on
 

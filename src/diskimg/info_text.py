@@ -7,12 +7,16 @@ renderers (:mod:`diskimg.cli.output`) both use it.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+
+# collections.abc's Mapping is _collections_abc's, which os has loaded: importing it from
+# there does not load the collections package (start-up, issue 20)
+from _collections_abc import Mapping
 
 from diskimg.units import size_to_str
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Collection, Iterable, Sequence
     from typing import Any
 
 

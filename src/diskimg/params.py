@@ -5,9 +5,6 @@ bare ``TypeError`` from deep inside; and renamed keywords keep working with a
 
 from __future__ import annotations
 
-import operator
-import warnings
-
 from diskimg.errors import UsageError
 
 TYPE_CHECKING = False
@@ -23,6 +20,8 @@ def check_int(name: str, value: object, *, minimum: int | None = 0) -> int:
     if type(value) is not int:
         if isinstance(value, bool) or not hasattr(type(value), "__index__"):
             raise UsageError(f"{name} must be an integer, not {type(value).__name__}")
+        import operator  # only for an int-like that is not an int
+
         value = operator.index(value)  # type: ignore[arg-type]
     assert isinstance(value, int)
     if minimum is not None and value < minimum:
@@ -36,6 +35,8 @@ def renamed(new: str, value: _T | None, old: str, old_value: _T | None, *,
     DeprecationWarning); both given is a UsageError."""
     if old_value is None:
         return value
+    import warnings  # only a deprecated keyword pays for it (start-up)
+
     warnings.warn(f"the {old}= keyword is deprecated; use {new}=", DeprecationWarning,
                   stacklevel=stacklevel)
     if value is not None and value != old_value:

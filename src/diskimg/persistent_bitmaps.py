@@ -6,12 +6,11 @@ list is empty and whose every other call raises
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-
 from diskimg.errors import UnsupportedFeatureError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
     from typing import Any, Protocol
 else:  # typing is for the type checker: not imported at run time (start-up)
     Protocol = object
@@ -103,3 +102,20 @@ class NoBitmapsSlot:
 
     def __get__(self, obj: Any, owner: type | None = None) -> PersistentBitmaps:
         return NoBitmaps(obj.filename if obj is not None else "")
+
+
+class BitmapsOnFirstUse:
+    """Class attribute of a format whose bitmaps live in a module of their own (qcow2's
+    ``Bitmaps``): that module is imported and the device's bitmaps made when first asked
+    for, then kept as its own attribute (a non-data descriptor: the attribute takes
+    over), so opening an image without bitmaps does not load the module (start-up)."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        bitmaps = __import__(self.module, fromlist=["Bitmaps"]).Bitmaps(obj)
+        obj.__dict__["bitmaps"] = bitmaps
+        return bitmaps

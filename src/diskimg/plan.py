@@ -19,25 +19,74 @@ Invariants of a plan (a sequence of runs covering ``[start, end)``, see
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Iterable
-
 from diskimg.slotted import FrozenRecord, set_field
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from typing import ClassVar
 
 __all__ = ["Run", "RunKind", "check_plan"]
 
 
-class RunKind(enum.Enum):
-    """What the bytes of a run are."""
+class _Members(type):
+    """RunKind's metaclass: ``for kind in RunKind`` gives the members in order, as an
+    Enum's does."""
+
+    _members: tuple[RunKind, ...]
+
+    def __iter__(cls) -> Iterator[RunKind]:
+        return iter(cls._members)
+
+    def __len__(cls) -> int:
+        return len(cls._members)
+
+
+class RunKind(metaclass=_Members):
+    """What the bytes of a run are: one of the four members below, each one object,
+    compared with ``is``.  An enum without the :mod:`enum` module, whose import (with the
+    functools, collections, operator and types modules it loads) costs every command's
+    start-up (issue 20); ``name``, ``value``, ``repr``, iteration over the class and
+    pickling behave as an ``enum.Enum``'s."""
+
+    __slots__ = ("name", "value")
+    name: str
+    value: int
 
     #: stored verbatim at ``Run.host`` in this layer's file
-    DATA = enum.auto()
+    DATA: ClassVar[RunKind]
     #: read as zeros, decided by this layer (no fall-through to a backing file)
-    ZERO = enum.auto()
+    ZERO: ClassVar[RunKind]
     #: not decided by this layer: the backing file's bytes, or zeros without one
-    UNALLOCATED = enum.auto()
+    UNALLOCATED: ClassVar[RunKind]
     #: stored compressed; ``Run.host`` / ``Run.entry`` locate the first unit
-    COMPRESSED = enum.auto()
+    COMPRESSED: ClassVar[RunKind]
+
+    def __init__(self, name: str, value: int) -> None:
+        self.name = name
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"<RunKind.{self.name}: {self.value}>"
+
+    def __str__(self) -> str:
+        return f"RunKind.{self.name}"
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return RunKind.named, (self.name,)  # the same object, unpickled or copied
+
+    @staticmethod
+    def named(name: str) -> RunKind:
+        """The member called ``name`` (``RunKind["DATA"]`` of an Enum)."""
+        for kind in RunKind._members:
+            if kind.name == name:
+                return kind
+        raise KeyError(name)
+
+
+RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED, RunKind.COMPRESSED = RunKind._members = tuple(
+    RunKind(name, value) for value, name in enumerate(
+        ("DATA", "ZERO", "UNALLOCATED", "COMPRESSED"), 1))
 
 
 class Run(FrozenRecord):

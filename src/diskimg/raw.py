@@ -14,7 +14,6 @@ it is never resized); without it the window runs to the end of the file.
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
 
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import UnsupportedFeatureError, UsageError
@@ -25,6 +24,8 @@ from diskimg.plan import Run, RunKind
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from diskimg.hostio.host import Host
 
 SECTOR = 512
@@ -45,7 +46,7 @@ class RawImage(BlockDevice):
         backing format may name: the same bytes)."""
         self.driver = driver
         self.host = host
-        self.filename = str(host.path)
+        self.filename = host.name  # str(host.path), without pathlib (start-up)
         self.read_only = not host.writable
         self.probed = probed
         self.options = dict(options or {})

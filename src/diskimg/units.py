@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from diskimg.errors import UsageError
 
 INT64_MAX = (1 << 63) - 1
@@ -51,7 +49,9 @@ def parse_size(text: str, default_suffix: str = "b") -> int:
 def size_to_str(value: int) -> str:
     """Render bytes as qemu's ``size_to_str``: ``%0.3g`` with IEC suffixes, 1000+ rolls over."""
     suffixes = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-    _, exp = math.frexp(value / (1000.0 / 1024.0))
+    # math.frexp's exponent (the bit length of the integer part; math is a shared library
+    # whose loading costs every info's start-up)
+    exp = int(value / (1000.0 / 1024.0)).bit_length()
     i = max(0, (exp - 1) // 10)
     i = min(i, len(suffixes) - 1)
     return f"{value / (1 << (i * 10)):0.3g} {suffixes[i]}"

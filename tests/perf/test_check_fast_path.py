@@ -78,6 +78,22 @@ def _make(tmp: Path, refbits: int = 16, backwards: bool = False,
     return img
 
 
+def _reftable_entry(index_from_end: int, value: Callable[[int], int]) -> Callable[[Path], None]:
+    """Set the refcount table entry ``index_from_end`` places before the table's end to
+    ``value(first refcount block's offset)``: check reads the table up to its last non-zero
+    entry only, so an entry far behind the zeros must still be found."""
+    def damage(img: Path) -> None:
+        with open(img, "r+b") as f:
+            hdr = f.read(104)
+            cs = 1 << struct.unpack_from(">I", hdr, 20)[0]
+            rt_off, rt_clusters = struct.unpack_from(">QI", hdr, 48)
+            f.seek(rt_off)
+            rb_off = struct.unpack(">Q", f.read(8))[0]
+            f.seek(rt_off + rt_clusters * cs - 8 * index_from_end)
+            f.write(struct.pack(">Q", value(rb_off)))
+    return damage
+
+
 CASES: dict[str, tuple[dict[str, object], Callable[[Path], None] | None]] = {
     "clean": ({}, None),
     "fragmented": ({"backwards": True}, None),
@@ -87,6 +103,8 @@ CASES: dict[str, tuple[dict[str, object], Callable[[Path], None] | None]] = {
     "refcount-too-high": ({}, _set_refcount(2)),
     "refcount-zero": ({}, _set_refcount(0)),
     "data-past-eof": ({}, _cut_last_cluster),
+    "reftable-last-entry-unaligned": ({}, _reftable_entry(1, lambda rb: rb + 512)),
+    "reftable-entry-outside": ({}, _reftable_entry(3, lambda rb: rb + (256 << 20))),
 }
 
 

@@ -13,8 +13,10 @@ that silently did nothing cannot pass.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ import diskimg
 from diskimg.units import size_to_str
 
 SRC = str(Path(diskimg.__file__).resolve().parents[1])
+ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """\
 import sys
@@ -48,6 +51,14 @@ sys.meta_path.insert(0, Who())
 if sys.argv[2] == "import":
     import diskimg
     code = 0
+elif sys.argv[2] == "script":  # the installed ``diskimg`` command: run as __main__
+    sys.argv = sys.argv[3:]
+    with open(sys.argv[0], encoding="utf-8") as f:
+        script = compile(f.read(), sys.argv[0], "exec")
+    try:
+        exec(script, {"__name__": "__main__"})
+    except SystemExit as e:
+        code = e.code
 else:
     from diskimg.cli.main import main
     code = main(sys.argv[2:])
@@ -65,36 +76,41 @@ VERSION = IMPORT_ONLY | {"diskimg.cli", "diskimg.cli.errors", "diskimg.cli.main"
                         "diskimg.progname"}
 #: what opening any image and reading its metadata takes, for info, check and map alike: a
 #: plain command line is read by diskimg.cli.quickparse, so no diskimg.cli.parser (argparse)
+#: (no -o parser, diskimg.options, no storage-pool entry, diskimg.cli.commands.pool, no file
+#: object over an image, diskimg.device_io, no SEEK_DATA/hole punching, diskimg.hostio.sparse)
 OPEN_READ = VERSION | {
     "diskimg.api", "diskimg.cli.commands", "diskimg.cli.quickparse",
-    "diskimg.cli.commands._shared", "diskimg.cli.commands.pool", "diskimg.cli.output",
-    "diskimg.device", "diskimg.device_io", "diskimg.hostio",
-    "diskimg.hostio.file", "diskimg.hostio.lock", "diskimg.hostio.sparse",
-    "diskimg.info_text", "diskimg.internal_snapshots", "diskimg.options", "diskimg.params",
+    "diskimg.cli.commands._shared", "diskimg.cli.output",
+    "diskimg.device", "diskimg.hostio", "diskimg.hostio.file", "diskimg.hostio.lock",
+    "diskimg.info_text", "diskimg.params",
     "diskimg.persistent_bitmaps", "diskimg.plan", "diskimg.policy", "diskimg.probe",
     "diskimg.records", "diskimg.slotted", "diskimg.units"}
-#: ... and of a qcow2 in particular
+#: ... and of a qcow2 in particular: without a bitmaps extension no bitmap module, and no
+#: refcounts (map's metadata-preallocation test reads them: QCOW2_MAP)
 QCOW2_READ = OPEN_READ | {
-    "diskimg.qcow2", "diskimg.qcow2.bitmap_table", "diskimg.qcow2.bitmaps",
-    "diskimg.qcow2.cache", "diskimg.qcow2.cluster", "diskimg.qcow2.compressed",
-    "diskimg.qcow2.crypt", "diskimg.qcow2.entries", "diskimg.qcow2.flush",
-    "diskimg.qcow2.header_io", "diskimg.qcow2.image", "diskimg.qcow2.layout",
-    "diskimg.qcow2.mapper", "diskimg.qcow2.reader", "diskimg.qcow2.refcount",
+    "diskimg.qcow2", "diskimg.qcow2.cache", "diskimg.qcow2.cluster",
+    "diskimg.qcow2.compressed", "diskimg.qcow2.crypt", "diskimg.qcow2.entries",
+    "diskimg.qcow2.flush", "diskimg.qcow2.header_io", "diskimg.qcow2.image",
+    "diskimg.qcow2.layout", "diskimg.qcow2.mapper", "diskimg.qcow2.reader",
     "diskimg.qcow2.snapshot_table"}
+QCOW2_MAP = QCOW2_READ | {"diskimg.cli.commands.map", "diskimg.qcow2.refcount"}
 #: ... of a vmdk (the extent codecs: not the creation side, no qcow2) and of a raw file
 VMDK_READ = OPEN_READ | {f"diskimg.vmdk.{m}" for m in (
     "compressed", "descriptor", "extent", "image", "sesparse", "sparse", "sparse_extent",
     "stream")} | {"diskimg.vmdk"}
-RAW_READ = OPEN_READ | {"diskimg.raw"}
+RAW_READ = OPEN_READ | {"diskimg.raw", "diskimg.options"}  # raw's offset/size options
 QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
                ("copied", "overlap", "refcounts", "report", "snapshots", "state", "stored",
                 "walk")} | {"diskimg.qcow2.check", "diskimg.check_report",
-                            "diskimg.qcow2.snapshot"}
+                            "diskimg.qcow2.refcount",
+                            "diskimg.qcow2.bitmaps", "diskimg.qcow2.bitmap_table"}
 
 #: never loaded by a command that only reads metadata (prefixes: a package and its parts):
 #: the write and copy layers, other formats, and the standard library's heavy modules
 #: (dataclasses and the inspect/ast/tokenize it brings, argparse and its gettext/locale,
-#: typing, threading, pathlib and its urllib.parse/ipaddress/fnmatch): records are
+#: typing, threading, pathlib and its urllib.parse/ipaddress/fnmatch, re, and enum,
+#: functools, contextlib, types, importlib and warnings, which diskimg replaces by plain
+#: classes, ``__import__`` and ``_warnings``): records are
 #: diskimg.slotted classes, plain command lines are read by diskimg.cli.quickparse, typing
 #: is imported for the type checker only, and a HostFile's name is diskimg.hostio.path_name
 #: (its pathlib ``path`` is made when first asked for)
@@ -104,7 +120,8 @@ NOT_FOR_READING = ("diskimg.ops", "diskimg.operations", "diskimg.pool", "diskimg
                    "multiprocessing", "xml", "subprocess", "tempfile", "dataclasses",
                    "inspect", "ast", "dis", "tokenize", "argparse", "gettext", "locale",
                    "typing", "threading", "json", "shlex", "textwrap", "shutil", "copy",
-                   "pathlib", "urllib", "ipaddress", "fnmatch")
+                   "pathlib", "urllib", "ipaddress", "fnmatch", "re", "enum", "functools",
+                   "contextlib", "types", "importlib", "warnings")
 #: nothing at all beyond the lines above: no argparse, no typing machinery, no regexes
 NOT_FOR_VERSION = ("argparse", "re", "typing", "dataclasses", "inspect", "enum", "pathlib",
                    "collections", "functools", "gettext", "locale", "struct")
@@ -153,13 +170,37 @@ def test_version_loads_no_parser_and_no_format(image: Path) -> None:
     assert extra == [], f"diskimg --version now also imports {_named(extra, who)}"
 
 
+def test_the_diskimg_command_is_a_plain_script_that_imports_no_re(image: Path) -> None:
+    """The installed ``diskimg`` is scripts/diskimg (the wheel's shared-scripts, its first
+    line pointed at the interpreter by the installer), not pip's console-script launcher,
+    which imports ``re`` and runs a regex on argv[0] before diskimg: about 6 ms of every
+    command (benchmarks/results-startup.md)."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "scripts" not in meta["project"]  # no console-script entry point beside it
+    wheel = meta["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert wheel["shared-scripts"] == {"scripts/diskimg": "diskimg"}
+    assert meta["build-system"]["requires"] == ["hatchling>=1.24.1"]  # keeps the x bit
+    script = ROOT / "scripts" / "diskimg"
+    assert os.access(script, os.X_OK)
+    first = script.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("#!") and first.endswith("python3")  # rewritten on install
+    code, loaded, out, who = _probe("script", str(script), "--version")
+    assert (code, out.splitlines()[0]) == (0, f"qemu-img version 7.2.0 (diskimg "
+                                              f"{diskimg.__version__})")
+    extra = _unexpected(loaded, VERSION) + _denied(loaded, NOT_FOR_VERSION)
+    assert extra == [], f"the diskimg script's --version now imports {_named(extra, who)}"
+    code, loaded, out, who = _probe("script", str(script), "info", str(image))
+    assert (code, out.splitlines()[0]) == (0, f"image: {image}")
+    assert "virtual size: 1 GiB (1073741824 bytes)" in out.splitlines()
+    assert _denied(loaded, ("re",)) == [], _named(_denied(loaded, ("re",)), who)
+
+
 @pytest.mark.parametrize("args, allowed, first_line", [
     (["info"], QCOW2_READ | {"diskimg.cli.commands.info"}, "image: {path}"),
     (["check", "-f", "qcow2"], QCOW2_READ | QCOW2_CHECK | {"diskimg.cli.commands.check"},
      "No errors were found on the image."),
-    (["map"], QCOW2_READ | {"diskimg.cli.commands.map"},
-     "Offset          Length          Mapped to       File"),
-    (["map", "-f", "qcow2", "-U"], QCOW2_READ | {"diskimg.cli.commands.map"},
+    (["map"], QCOW2_MAP, "Offset          Length          Mapped to       File"),
+    (["map", "-f", "qcow2", "-U"], QCOW2_MAP,
      "Offset          Length          Mapped to       File"),
 ])
 def test_reading_commands_load_only_their_allow_list(image: Path, args: list[str],
@@ -189,14 +230,21 @@ def test_a_command_line_argparse_must_read_still_works(image: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt, allowed, denied", [
+    # a monolithic sparse vmdk names no other file (no pathlib); its descriptor is read
+    # without re; no typing, no threading
     ("vmdk", VMDK_READ, ("diskimg.qcow2", "diskimg.raw", "diskimg.ops", "diskimg.operations",
                          "diskimg.pool", "diskimg.cli.parser", "diskimg.cli.progress",
                          "dataclasses", "inspect", "ast", "argparse", "concurrent", "queue",
-                         "subprocess", "tempfile", "json")),
+                         "subprocess", "tempfile", "json", "re", "pathlib", "typing",
+                         "threading", "enum", "functools", "contextlib", "importlib",
+                         "warnings")),
+    # raw: not even array and the collections package it loads
     ("raw", RAW_READ, ("diskimg.qcow2", "diskimg.vmdk", "diskimg.ops", "diskimg.operations",
                        "diskimg.pool", "diskimg.cli.parser", "diskimg.cli.progress",
                        "dataclasses", "inspect", "ast", "argparse", "concurrent", "queue",
-                       "subprocess", "tempfile", "json", "typing", "threading")),
+                       "subprocess", "tempfile", "json", "typing", "threading", "re",
+                       "pathlib", "array", "collections", "enum", "functools", "contextlib",
+                       "types", "importlib", "warnings")),
 ])
 def test_info_of_vmdk_and_raw_loads_only_their_allow_list(vmdk: Path, tmp_path: Path,
                                                           fmt: str, allowed: set[str],

@@ -218,3 +218,14 @@ def test_every_call_after_close_raises_and_never_reuses_the_fd_number(tmp_path: 
         hf.close()  # still idempotent
     assert q.read_bytes() == b"q" * 4096
     assert p.read_bytes() == b"p" * 4096
+
+
+@pytest.mark.parametrize("data", [b"", b"\0", b"\0" * 9, b"a", b"a\0", b"\0a\0\0",
+                                  b"\x80" + bytes(70), bytes(64 << 10) + b"\1",
+                                  b"\1" + bytes(64 << 10), bytes(range(256)) * 3],
+                         ids=lambda d: f"{len(d)}-bytes-{d[:2].hex()}-{d[-2:].hex()}")
+def test_trailing_zeros_counts_the_zero_bytes_at_the_end(data: bytes) -> None:
+    """What check uses to stop a table walk after its last non-zero entry."""
+    from diskimg.hostio.file import trailing_zeros
+
+    assert trailing_zeros(data) == len(data) - len(data.rstrip(b"\0"))

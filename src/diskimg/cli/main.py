@@ -137,12 +137,12 @@ def _main(argv: Sequence[str] | None) -> int:
     if not args:
         return _fail(CommandLineError("Not enough arguments"))
     cmd = args.pop(0)
-    from diskimg.cli.commands import pool as pool_entry
-
-    if cmd in pool_entry.ALIASES:
-        return pool_entry.run_argv(args)
     from diskimg.cli import commands
 
+    if cmd in commands.POOL_ALIASES:
+        from diskimg.cli.commands import pool as pool_entry
+
+        return pool_entry.run_argv(args)
     if cmd not in commands.NAMES:
         return _fail(CommandLineError(f"Command not found: {cmd}"))
     from diskimg.cli import quickparse

@@ -3,7 +3,9 @@ text and QEMU's QDict key order live in :mod:`diskimg.info_text`, below the CLI)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+# collections.abc's Mapping is _collections_abc's, which os has loaded: importing it from
+# there does not load the collections package (start-up, issue 20)
+from _collections_abc import Mapping
 
 from diskimg.errors import DiskImgError
 from diskimg.info_text import info_chain_human as info_chain_human  # re-exported
@@ -16,6 +18,7 @@ from diskimg.info_text import snapshot_row as snapshot_row
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # types only
     import re
+    from collections.abc import Iterable
     from typing import Any
 
     from diskimg.device import MapEntry

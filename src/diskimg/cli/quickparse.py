@@ -16,15 +16,17 @@ give (tests/cli/test_quickparse.py compares the two).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import sys
 
 from diskimg.cli import commands
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import ModuleType
+    from types import ModuleType, SimpleNamespace
     from typing import Any
+else:  # types.SimpleNamespace is this type; importing types costs start-up (issue 20)
+    SimpleNamespace = type(sys.implementation)
 
 __all__ = ["Exit", "parse"]
 

@@ -7,16 +7,16 @@ locking was asked for, QEMU's lock bytes on it (released on close).
 from __future__ import annotations
 
 import _thread
-import mmap
 import os
 import stat
-from collections.abc import Iterator
 
 from diskimg.errors import ClosedImageError, DiskImgError, UsageError
-from diskimg.hostio import lock, sparse
+from diskimg.hostio import lock
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import mmap
+    from collections.abc import Iterator
     from pathlib import Path
 
 # The kernel copies into user buffers whose address is not 32-byte aligned several times
@@ -36,6 +36,8 @@ def aligned_buffer(n: int) -> mmap.mmap:
     bytes past a page boundary, where the kernel's copy from page-aligned file data was
     measured 4x slower (4K aliasing), so reads into it go through a bounce buffer: one
     more copy."""
+    import mmap  # a shared library: not loaded by a command that reads no data (start-up)
+
     return mmap.mmap(-1, max(1, n))
 
 
@@ -92,6 +94,15 @@ def all_zero(buf: bytes | bytearray | memoryview) -> bool:
     if n <= z:
         return _ZERO_BYTES.startswith(mv)
     return all(_ZERO_BYTES.startswith(mv[p : p + z]) for p in range(0, n, z))
+
+
+def trailing_zeros(buf: bytes) -> int:
+    """How many zero bytes ``buf`` ends with (``len(buf)`` when it holds nothing else):
+    one big-integer operation, where ``bytes.rstrip(b"\\0")`` tests byte by byte."""
+    v = int.from_bytes(buf, "big")
+    if not v:
+        return len(buf)
+    return ((v & -v).bit_length() - 1) >> 3  # the lowest set bit's byte, from the end
 
 
 def is_aligned(buf: memoryview) -> bool:
@@ -291,6 +302,8 @@ class HostFile:
 
     def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """(start, length, is_data) runs covering the range, from SEEK_DATA/SEEK_HOLE."""
+        from diskimg.hostio import sparse  # (these five: imported when first used)
+
         return sparse.data_extents(self.fd, offset, length)
 
     def allocation_extents(self, offset: int, length: int
@@ -301,15 +314,23 @@ class HostFile:
         return allocation_from_data(self, offset, length)
 
     def punch_hole(self, offset: int, length: int) -> bool:
+        from diskimg.hostio import sparse
+
         return sparse.punch_hole(self.fd, offset, length)
 
     def zero_range(self, offset: int, length: int, keep_size: bool = True) -> None:
+        from diskimg.hostio import sparse
+
         sparse.zero_range(self.fd, offset, length, keep_size)
 
     def preallocate(self, offset: int, length: int) -> None:
+        from diskimg.hostio import sparse
+
         sparse.preallocate(self.fd, offset, length)
 
     def write_zeros(self, offset: int, length: int) -> None:
+        from diskimg.hostio import sparse
+
         sparse.write_zeros(self.fd, offset, length)
 
     def flush(self) -> None:

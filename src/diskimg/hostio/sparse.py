@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # ctypes is loaded on the first fallocate call only
+    from collections.abc import Iterator
     import ctypes
 
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -17,12 +17,13 @@ stored bitmap holds, for freeing once nothing on disk points at them any more.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
 from diskimg.errors import FormatError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from diskimg.qcow2.bitmaps import BitmapEntry
     from diskimg.qcow2.metadata import MetadataImage
 

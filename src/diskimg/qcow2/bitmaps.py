@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import builtins
 import struct
-from collections.abc import Iterator
 
 from diskimg.errors import FormatError, UnsupportedFeatureError, UsageError
 from diskimg.qcow2 import bitmap_table as BT
@@ -22,6 +21,7 @@ from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any, Self
 
     from diskimg.qcow2.metadata import MetadataImage

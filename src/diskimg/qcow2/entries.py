@@ -5,8 +5,6 @@ Bit layouts from docs/interop/qcow2.txt; names from QEMU's qcow2.h.
 
 from __future__ import annotations
 
-from enum import IntEnum
-
 QCOW_OFLAG_COPIED = 1 << 63
 QCOW_OFLAG_COMPRESSED = 1 << 62
 QCOW_OFLAG_ZERO = 1 << 0
@@ -17,8 +15,10 @@ L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 SUBCLUSTERS_PER_CLUSTER = 32
 
 
-class ClusterType(IntEnum):
-    """What a (standard-L2) entry says about its guest cluster (QCOW2_CLUSTER_*)."""
+class ClusterType:
+    """What a (standard-L2) entry says about its guest cluster (QCOW2_CLUSTER_*): plain
+    ints, as QEMU's enum values (an IntEnum would import :mod:`enum`, which costs every
+    command's start-up: issue 20)."""
 
     UNALLOCATED = 0
     ZERO_PLAIN = 1
@@ -27,8 +27,9 @@ class ClusterType(IntEnum):
     COMPRESSED = 4
 
 
-class SubclusterType(IntEnum):
-    """QCOW2_SUBCLUSTER_*: the state of one subcluster of an extended-L2 entry."""
+class SubclusterType:
+    """QCOW2_SUBCLUSTER_*: the state of one subcluster of an extended-L2 entry (plain
+    ints, as :class:`ClusterType`)."""
 
     UNALLOCATED_PLAIN = 0
     UNALLOCATED_ALLOC = 1
@@ -39,7 +40,7 @@ class SubclusterType(IntEnum):
     INVALID = 6
 
 
-def cluster_type(entry: int, *, extended: bool, has_data_file: bool) -> ClusterType:
+def cluster_type(entry: int, *, extended: bool, has_data_file: bool) -> int:
     """Classify an L2 entry (the one rule for every reader, writer and the checker).
 
     With extended L2 the zero flag lives in the bitmap, so bit 0 is ignored here (it
@@ -61,7 +62,7 @@ def cluster_type(entry: int, *, extended: bool, has_data_file: bool) -> ClusterT
 
 
 def subcluster_type(entry: int, bitmap: int, index: int, *,
-                    has_data_file: bool) -> SubclusterType:
+                    has_data_file: bool) -> int:
     """State of subcluster ``index`` (0..31) of an extended L2 entry + bitmap.  Whether
     the entry has a host cluster is :func:`cluster_type`'s rule (offset 0 with COPIED is
     a host cluster in an external data file)."""

@@ -11,16 +11,18 @@ import struct
 from diskimg.errors import CorruptImageError, DiskImgError
 from diskimg.qcow2 import cluster as C
 from diskimg.qcow2.layout import QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DIRTY
-from diskimg.qcow2.refcount import Refcounts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.qcow2.image import Qcow2Image
+    from diskimg.qcow2.refcount import Refcounts
 
 
 def metadata_preallocation(img: Qcow2Image) -> bool:
     """:meth:`Qcow2Image.metadata_preallocation` (documented there)."""
     if img._metadata_prealloc is None:
+        from diskimg.qcow2.refcount import Refcounts  # not for reading (start-up)
+
         try:
             rc = img._refcounts or Refcounts(img.host, img.header)
             alloc, size, freed = file_after_flush(img, rc)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
 
 from diskimg import progname
 from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
@@ -22,6 +21,7 @@ from diskimg.errors import (
 )
 from diskimg.hostio import open_host_file
 from diskimg.info_text import image_name
+from diskimg.persistent_bitmaps import BitmapsOnFirstUse
 from diskimg.plan import Run
 from diskimg.policy import OpenPolicy, combine, full_name
 from diskimg.qcow2 import cluster as C
@@ -34,6 +34,7 @@ from diskimg.qcow2.layout import (
     COMPRESSION_TYPES,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
+    QCOW2_EXT_MAGIC_BITMAPS,
     QCOW2_EXT_MAGIC_CRYPTO_HEADER,
     QCOW2_INCOMPAT_CORRUPT,
     QCOW2_INCOMPAT_DATA_FILE,
@@ -41,18 +42,17 @@ from diskimg.qcow2.layout import (
     QCOW_MAX_L1_SIZE,
     Header,
 )
-from diskimg.qcow2.refcount import Refcounts
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from diskimg.hostio.host import Host
-
 if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first used
+    from collections.abc import Iterator, Mapping
     from typing import Any
 
     from diskimg.check_report import CheckReport
     from diskimg.crypto import SectorCipher
+    from diskimg.hostio.host import Host
     from diskimg.qcow2.bitmaps import Bitmaps
+    from diskimg.qcow2.refcount import Refcounts
     from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
 
 
@@ -62,7 +62,9 @@ class Qcow2Image(BlockDevice):
     format = "qcow2"
     # declared capabilities (BlockDevice): compressed clusters, internal snapshots
     supports_compressed_write = True
-    bitmaps: Bitmaps  # set when the image is opened
+    #: the persistent dirty bitmaps: read (and checked) on open when the image has the
+    #: bitmaps extension, else made when first used (info and map do not load the module)
+    bitmaps: Bitmaps = BitmapsOnFirstUse("diskimg.qcow2.bitmaps")  # type: ignore[assignment]
 
     @property
     def snapshots(self) -> SnapshotTable:
@@ -178,9 +180,8 @@ class Qcow2Image(BlockDevice):
             # snapshot table has been read, except when it opens it for check
             # (BDRV_O_CHECK): check then sees the stale refcounts as they are
             self._repair_dirty()
-        from diskimg.qcow2.bitmaps import Bitmaps
-
-        self.bitmaps = Bitmaps(self)
+        if h.ext(QCOW2_EXT_MAGIC_BITMAPS) is not None:
+            _ = self.bitmaps  # read and check the bitmap directory now, as qemu's open
         self._view_of: Qcow2Image | None = None
         self._metadata_prealloc: bool | None = None
         self._changed_since_map = False
@@ -234,6 +235,8 @@ class Qcow2Image(BlockDevice):
         blocks are flushed before any L2 table is written, so a cluster's refcount reaches
         the file before an L2 entry points at it."""
         if self._refcounts is None:
+            from diskimg.qcow2.refcount import Refcounts  # not for reading (start-up)
+
             self._refcounts = Refcounts(self.host, self.header)
             self.l2_cache.before_write = self.flush_refcounts
         return self._refcounts
@@ -345,7 +348,7 @@ class Qcow2Image(BlockDevice):
         """See :func:`mapper.check_data_offset`."""
         mapper.check_data_offset(self, host_off, l2_off, idx, guest)
 
-    def _cluster_type(self, ent: int) -> E.ClusterType:
+    def _cluster_type(self, ent: int) -> int:
         """:func:`entries.cluster_type` with this image's extended-L2 and data-file flags."""
         return mapper.cluster_type(self, ent)
 
@@ -502,8 +505,8 @@ class Qcow2Image(BlockDevice):
         if h.version >= 3:
             data["compression-type"] = COMPRESSION_TYPES[h.compression_type]
             data["lazy-refcounts"] = bool(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS)
-            if self.bitmaps.entries:
-                data["bitmaps"] = self.bitmaps.info()
+            if (bitmaps := self.__dict__.get("bitmaps")) and bitmaps.entries:  # (see open)
+                data["bitmaps"] = bitmaps.info()
         else:
             data["compression-type"] = COMPRESSION_TYPES[h.compression_type]
         data["refcount-bits"] = h.refcount_bits
@@ -563,6 +566,7 @@ class Qcow2Image(BlockDevice):
             raise SnapshotNotFoundError(snapshot_id if snapshot_id is not None else str(name))
         view = object.__new__(Qcow2Image)
         view.__dict__.update(self.__dict__)
+        view.bitmaps = self.bitmaps  # the image's, as every other table
         view.read_only = True
         view._view_of = self
         view.owns_backing = False

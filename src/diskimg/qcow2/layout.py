@@ -7,13 +7,13 @@ Names follow QEMU (``qcow2.h``, ``docs/interop/qcow2.txt``).  Records (:mod:`dis
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
 
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError, WrongFormatError
 from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
     from typing import Self
 
 QCOW_MAGIC = 0x514649FB

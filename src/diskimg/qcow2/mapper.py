@@ -102,7 +102,7 @@ def check_data_offset(img: Qcow2Image, host_off: int, l2_off: int, idx: int,
         raise err
 
 
-def cluster_type(img: Qcow2Image, ent: int) -> E.ClusterType:
+def cluster_type(img: Qcow2Image, ent: int) -> int:
     """:func:`entries.cluster_type` with the image's extended-L2 and data-file flags."""
     return E.cluster_type(ent, extended=img.extended, has_data_file=img._data_file_opened)
 

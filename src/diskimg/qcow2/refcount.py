@@ -9,7 +9,6 @@ table entry that points at it reach the disk before anything relies on them.
 
 from __future__ import annotations
 
-import functools
 import struct
 from array import array
 
@@ -103,9 +102,19 @@ def _narrow_pos(i: int, order: int) -> tuple[int, int, int]:
     return i // per, (i % per) * bits, (1 << bits) - 1
 
 
-@functools.cache
+#: :func:`_narrow_tables` by order, made when first asked for
+_NARROW: dict[int, tuple[list[bytes], dict[bytes, int]]] = {}
+
+
 def _narrow_tables(order: int) -> tuple[list[bytes], dict[bytes, int]]:
     """Byte -> its decoded entries, and back (the LSB-first rule of _narrow_pos)."""
+    tables = _NARROW.get(order)
+    if tables is None:
+        tables = _NARROW[order] = _make_narrow_tables(order)
+    return tables
+
+
+def _make_narrow_tables(order: int) -> tuple[list[bytes], dict[bytes, int]]:
     per = 8 >> order
     dec = []
     for b in range(256):

@@ -8,7 +8,6 @@ The operations on snapshots live in :mod:`diskimg.qcow2.snapshot`."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 
 from diskimg.errors import FormatError
 from diskimg.qcow2.layout import (HDR_NB_SNAPSHOTS, HDR_SNAPSHOTS_OFFSET, QCOW_MAX_L1_SIZE,
@@ -17,6 +16,7 @@ from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, Self
 
     from diskimg.hostio.host import Host

@@ -15,17 +15,17 @@ caller's buffer after the call returns or raises.
 
 from __future__ import annotations
 
+import _thread  # threading's Lock and local, without importing threading (start-up)
 import mmap
 import os
-import threading
 import zlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 from diskimg.errors import CorruptImageError
 from diskimg.hostio import aligned_buffer, zero_fill
 from diskimg.vmdk import sparse as S
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.hostio.host import Host
 
@@ -45,7 +45,7 @@ _BATCH_BYTES = 8 << 20
 #: pool threads; the thread asking takes a share too, so one CPU per inflating thread
 _POOL_WORKERS = min(4, (os.cpu_count() or 1) - 1)
 _pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_pool_lock = _thread.allocate_lock()
 
 
 def _inflate_pool() -> ThreadPoolExecutor | None:
@@ -64,13 +64,13 @@ def _inflate_pool() -> ThreadPoolExecutor | None:
 
 def _forget_pool() -> None:
     global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
+    _pool, _pool_lock = None, _thread.allocate_lock()
 
 
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-class _Scratch(threading.local):
+class _Scratch(_thread._local):
     buf: mmap.mmap | None = None
 
 

@@ -9,7 +9,7 @@ are bounded, NUL bytes end the text (qemu reads the descriptor as a C string).
 
 from __future__ import annotations
 
-import re
+
 from diskimg.errors import FormatError
 from diskimg.slotted import FrozenRecord, Record, set_fields
 
@@ -26,9 +26,71 @@ EXTENT_TYPES = ("SPARSE", "FLAT", "ZERO", "VMFS", "VMFSSPARSE", "VMFSRDM", "VMFS
 #: sector counts above this overflow qemu's int64 byte arithmetic
 MAX_SECTORS = (1 << 63) // 512 - 1
 
-_EXTENT_RE = re.compile(
-    r'^\s*(RW|RDONLY|NOACCESS)\s+(-?\d+)\s+([A-Za-z]+)(?:\s+"([^"\r\n]*)"(?:\s+(-?\d+))?)?\s*$')
-_KEY_RE = re.compile(r'^\s*([A-Za-z0-9_.]+)\s*=\s*(.*?)\s*$')
+# The line grammar, read without the re module (its import costs every vmdk command's
+# start-up, issue 20).  "Whitespace" is what str.isspace() (and re's \s) calls so.
+#   extent line:  ^\s*(RW|RDONLY|NOACCESS)\s+(-?\d+)\s+([A-Za-z]+)
+#                   (?:\s+"([^"\r\n]*)"(?:\s+(-?\d+))?)?\s*$
+#   key line:     ^\s*([A-Za-z0-9_.]+)\s*=\s*(.*?)\s*$
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _is_int(token: str) -> bool:
+    """``-?\\d+``: an optional minus, then one or more decimal digits."""
+    digits = token[1:] if token.startswith("-") else token
+    return digits.isdecimal()
+
+
+def _word(text: str) -> tuple[str, str]:
+    """``text``'s first run of non-whitespace and what follows it."""
+    for i, ch in enumerate(text):
+        if ch.isspace():
+            return text[:i], text[i:]
+    return text, ""
+
+
+def _extent_fields(line: str) -> tuple[str, str, str, str | None, str | None] | None:
+    """(access, sectors, type, filename, offset) of an extent line (the grammar above),
+    None when it is not one."""
+    access, rest = _word(line.lstrip())
+    if access not in ACCESS or not rest:
+        return None
+    sectors, rest = _word(rest.lstrip())
+    if not _is_int(sectors) or not rest:
+        return None
+    typ, rest = _word(rest.lstrip())
+    if not (typ.isascii() and typ.isalpha()):
+        return None
+    if not rest or rest.isspace():
+        return access, sectors, typ, None, None
+    # a quoted file name after whitespace (a type followed by a quote directly has none)
+    rest = rest.lstrip()
+    end = rest.find('"', 1)
+    if not rest.startswith('"') or end < 0:
+        return None
+    name, rest = rest[1:end], rest[end + 1:]
+    if "\r" in name or "\n" in name:
+        return None
+    if not rest or rest.isspace():
+        return access, sectors, typ, name, None
+    if not rest[0].isspace():
+        return None
+    off, rest = _word(rest.lstrip())
+    if not _is_int(off) or (rest and not rest.isspace()):
+        return None
+    return access, sectors, typ, name, off
+
+
+def _key_value(line: str) -> tuple[str, str] | None:
+    """(key, value) of a ``key = value`` line (the grammar above), None otherwise."""
+    text = line.lstrip()
+    n = 0
+    while n < len(text) and text[n] in _KEY_CHARS:
+        n += 1
+    rest = text[n:].lstrip()
+    if not n or not rest.startswith("="):
+        return None
+    return text[:n], rest[1:].strip()
 
 
 class ExtentLine(FrozenRecord):
@@ -47,10 +109,10 @@ class ExtentLine(FrozenRecord):
 
     @classmethod
     def parse(cls, line: str, lineno: int = 0) -> ExtentLine:
-        m = _EXTENT_RE.match(line)
-        if m is None:
+        fields = _extent_fields(line)
+        if fields is None:
             raise FormatError(f"Invalid extent line {lineno}: {line[:200]!r}")
-        access, sectors, typ, name, off = m.groups()
+        access, sectors, typ, name, off = fields
         n = int(sectors)
         if typ not in EXTENT_TYPES:
             raise FormatError(f"Unsupported extent type '{typ[:40]}' in extent line {lineno}")
@@ -126,9 +188,9 @@ class Descriptor(Record):
     # --- key access -----------------------------------------------------------------
     def _find(self, key: str) -> tuple[int, str] | None:
         for i, raw in enumerate([*self.lines, self.trailer]):
-            m = _KEY_RE.match(raw.rstrip("\r"))
-            if m and m.group(1) == key:
-                return i, m.group(2)
+            kv = _key_value(raw.rstrip("\r"))
+            if kv is not None and kv[0] == key:
+                return i, kv[1]
         return None
 
     def get(self, key: str) -> str | None:
@@ -165,10 +227,13 @@ class Descriptor(Record):
         v = self.get(key)
         if v is None:
             return default
-        m = re.match(r"\s*([0-9a-fA-F]+)", v)
-        if not m:
+        text = v.lstrip()  # leading whitespace, then hex digits (what follows is ignored)
+        n = 0
+        while n < len(text) and text[n] in _HEX_DIGITS:
+            n += 1
+        if not n:
             raise FormatError(f"Invalid {key} value {v[:40]!r} in the descriptor")
-        return int(m.group(1)[:16], 16) & 0xFFFFFFFF
+        return int(text[:n][:16], 16) & 0xFFFFFFFF
 
     @property
     def cid(self) -> int:
@@ -190,9 +255,9 @@ class Descriptor(Record):
         """All ``ddb.*`` keys in file order (values unquoted)."""
         out: dict[str, str] = {}
         for raw in [*self.lines, self.trailer]:
-            m = _KEY_RE.match(raw.rstrip("\r"))
-            if m and m.group(1).startswith("ddb."):
-                out[m.group(1)] = self.get(m.group(1)) or ""
+            kv = _key_value(raw.rstrip("\r"))
+            if kv is not None and kv[0].startswith("ddb."):
+                out[kv[0]] = self.get(kv[0]) or ""
         return out
 
 

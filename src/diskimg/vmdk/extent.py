@@ -13,17 +13,20 @@ request and the extent); the image dispatches on its kind, calling
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
-
 from diskimg.device import Status
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError, UsageError
 from diskimg.plan import Run, RunKind
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, Protocol, TypeAlias
+
     from diskimg.hostio.host import Host
 
-Fill = Callable[[int, memoryview], None]
+    Fill: TypeAlias = Callable[[int, memoryview], None]
+else:  # typing is for the type checker: not imported at run time (start-up, issue 20)
+    Protocol = object
 
 
 class Extent(Protocol):

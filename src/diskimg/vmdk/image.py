@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import (
@@ -29,13 +26,19 @@ from diskimg.plan import Run, RunKind
 from diskimg.policy import OpenPolicy, full_name
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, NO_PARENT, Descriptor, new_cid
-from diskimg.vmdk.extent import Extent, Fill, FlatExtent, ZeroExtent, guard_type
+from diskimg.vmdk.extent import Extent, FlatExtent, ZeroExtent, guard_type
 from diskimg.vmdk.sesparse import SeSparseExtent
 from diskimg.vmdk.sparse_extent import SparseExtent
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # check_report is imported by check(): info and map do not load it
+    from collections.abc import Iterator
+    from pathlib import Path  # imported where used: a monolithic vmdk needs none
+    from typing import Any
+
     from diskimg.check_report import CheckReport
     from diskimg.hostio.host import Host
+    from diskimg.vmdk.extent import Fill
 
 #: createType values qemu 7.2 accepts in a separate descriptor file
 DESC_FILE_TYPES = ("monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse",
@@ -76,7 +79,7 @@ class VmdkImage(BlockDevice):
 
     def __init__(self, host: Host, *, policy: OpenPolicy | None = None) -> None:
         self.host = host
-        self.filename = str(host.path)
+        self.filename = host.name  # str(host.path), without pathlib (start-up)
         self.read_only = not host.writable
         self.policy = policy or OpenPolicy()
         self.extents: list[Extent] = []
@@ -138,6 +141,8 @@ class VmdkImage(BlockDevice):
             raise UnsupportedFeatureError(f"Unsupported image type '{shown}'")
         if not d.extents:
             raise FormatError(f"VMDK descriptor '{self.filename}' has no extents")
+        from pathlib import Path  # a separate descriptor names other files
+
         if not isinstance(self.host.path, Path) and any(
                 x.type != "ZERO" and x.access != "NOACCESS" for x in d.extents):
             raise UnsupportedFeatureError(
@@ -187,6 +192,8 @@ class VmdkImage(BlockDevice):
                 self.extents.append(ext)
 
     def _resolve_extent(self, name: str) -> Path:
+        from pathlib import Path
+
         top = self.host.path
         assert isinstance(top, Path)  # _open refuses extents of an image that is not local
         path = self.policy.resolve(name, top, "vmdk extent")
@@ -418,6 +425,8 @@ class VmdkImage(BlockDevice):
         if hint and isinstance(self.host.path, str):
             full = full_name(hint, self.host.path)  # a URL, a file object
         elif hint:
+            from pathlib import Path
+
             full = str(Path(hint) if hint.startswith("/") else
                        Path(_extent_name(self.host.path, hint)))
         fs: dict[str, Any] = {
@@ -476,7 +485,7 @@ class VmdkImage(BlockDevice):
 def open_vmdk(host: Host, *, policy: OpenPolicy | None = None) -> VmdkImage:
     """Open the vmdk whose descriptor (or monolithic sparse file) is ``host``."""
     if policy is None:
-        policy = OpenPolicy().for_top(host.path)
+        policy = OpenPolicy()  # for_top() returns a default policy unchanged
     return VmdkImage(host, policy=policy)
 
 

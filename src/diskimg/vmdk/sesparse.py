@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError
 from diskimg.plan import Run, RunKind
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.extent import Fill, GrainMappedExtent
+from diskimg.vmdk.extent import GrainMappedExtent
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from diskimg.hostio.host import Host
+    from diskimg.vmdk.extent import Fill
 
 
 class SeSparseExtent(GrainMappedExtent):

@@ -11,10 +11,13 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Callable
 
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError
 from diskimg.slotted import FrozenRecord, set_field, set_fields
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SECTOR = 512
 VMDK4_MAGIC = b"KDMV"

@@ -11,18 +11,21 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import CorruptImageError, UnsupportedFeatureError, UsageError
 from diskimg.plan import Run, RunKind
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.compressed import WHOLE_GRAIN_MAX, CompressedGrains
-from diskimg.vmdk.extent import Fill, GrainMappedExtent
+from diskimg.vmdk.extent import GrainMappedExtent
 from diskimg.vmdk.stream import StreamWriter
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
+
     from diskimg.hostio.host import Host
+    from diskimg.vmdk.extent import Fill
 
 _GT_CACHE = 4096      # grain tables kept in memory (2 KiB each with 512 entries)
 _UNALLOC, _ZERO, _DATA, _COMPRESSED = (RunKind.UNALLOCATED, RunKind.ZERO, RunKind.DATA,

@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 from array import array
 from collections import deque
-from typing import TYPE_CHECKING
 
 from diskimg.errors import UsageError
 from diskimg.hostio import all_zero
 from diskimg.vmdk import sparse as S
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from diskimg.hostio.host import Host
     from typing_extensions import TypeIs
 
+    from diskimg.hostio.host import Host
     from diskimg.hostio.sink import Sink
 
 

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from diskimg import api
-from diskimg import options as opts
 from diskimg.cli import errors
 from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.device import BlockDevice
@@ -139,6 +136,7 @@ def parse_image_opts(text: str) -> tuple[str, str | None, dict[str, str]]:
     """``driver=qcow2,file.filename=X,encrypt.key-secret=s`` → (path, format, options).
     The ``file.`` options are checked here (the file protocol's); the format's options are
     checked when the image opens (:mod:`diskimg.image_options`)."""
+    from diskimg import options as opts
     from diskimg.image_options import check_protocol, json_options
 
     if text.startswith("json:"):  # a json:{...} name: the same options as a JSON object
@@ -224,14 +222,21 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
     return dev
 
 
-@contextmanager
-def opened(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
-           **kw: Any) -> Iterator[BlockDevice]:
-    dev = open_image(ctx, name, mode, fmt, **kw)
-    try:
-        yield dev
-    finally:
-        dev.close()
+class opened:  # noqa: N801  (a context manager used as a function)
+    """``with opened(ctx, name, mode, fmt, **kw) as dev``: :func:`open_image` on entry,
+    closed on leaving (a class: contextlib costs start-up, issue 20)."""
+
+    def __init__(self, ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
+                 **kw: Any) -> None:
+        self.args = (ctx, name, mode, fmt)
+        self.kw = kw
+
+    def __enter__(self) -> BlockDevice:
+        self.dev = open_image(*self.args, **self.kw)
+        return self.dev
+
+    def __exit__(self, *exc: object) -> None:
+        self.dev.close()
 
 
 def one_file(args: argparse.Namespace) -> str:
@@ -253,6 +258,8 @@ def output_format(text: str | None) -> str:
 def option_list(text: str) -> str:
     """The type of ``-o``: qemu-img refuses a malformed list as soon as it reads it
     (``Invalid option list: TEXT``, no "Try --help"), before any other check."""
+    from diskimg import options as opts  # -o parsing: not for a command without -o
+
     if not opts.valid_list(text):
         raise ExitCode(f"Invalid option list: {text}", 1)  # not a ValueError: argparse's
     return text
@@ -265,6 +272,8 @@ def collect_o(values: list[str] | None) -> str | None:
 
 
 def print_help(fmt: str, filename: str | None) -> int:
+    from diskimg import options as opts
+
     opts.creatable(fmt)
     sys.stdout.write(opts.help_text(fmt, with_protocol=filename is not None))
     return 0
@@ -294,6 +303,8 @@ def snapshot_param(text: str | None) -> tuple[str | None, str | None] | None:
     if text is None:
         return None
     if text.startswith("snapshot."):
+        from diskimg import options as opts
+
         d = dict(opts.parse_items(text))
         unknown = [k for k in d if k not in ("snapshot.id", "snapshot.name")]
         if unknown:

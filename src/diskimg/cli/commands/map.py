@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 from diskimg.cli import output
 from diskimg.cli.commands._shared import (Context, add_common, one_file, opened, output_format,
@@ -13,6 +12,7 @@ from diskimg.device import MapEntry
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Iterator
 
 USAGE = ('[-f FMT] [--output=human|json] [--start-offset=OFF] [--max-length=LEN] [-U] '
          '[--object OBJ] [--image-opts] FILE')

@@ -6,12 +6,12 @@ then)."""
 
 from __future__ import annotations
 
+from diskimg.cli.commands import POOL_ALIASES as ALIASES  # noqa: F401  (the words)
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-#: the words that start a storage-pool command
-ALIASES = ("virsh", "pool")
 HELP = ("Storage pools (libvirt dir pools, virsh's commands):",
         "  diskimg virsh pool-define-as NAME dir --target PATH",
         "  diskimg virsh vol-create-as NAME VOL 10G --format qcow2")

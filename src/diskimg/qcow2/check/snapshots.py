@@ -4,8 +4,6 @@ repair (``qcow2_check_fix_snapshot_table``); entries are read through
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from diskimg import progname
 from diskimg.errors import CorruptImageError, FormatError
 from diskimg.qcow2 import header_io
@@ -18,12 +16,14 @@ from diskimg.qcow2.layout import (
     QCOW_MAX_SNAPSHOTS,
     Header,
 )
-from diskimg.qcow2.snapshot import (
+from diskimg.qcow2.snapshot_table import (
     QCOW_MAX_SNAPSHOT_EXTRA_DATA,
     EntryHeader,
+    TableWalk,
     c_bytes,
+    check_table_pointer,
+    repair_hint,
 )
-from diskimg.qcow2.snapshot_table import TableWalk, repair_hint, check_table_pointer
 
 
 class _Window:
@@ -54,6 +54,7 @@ class _Window:
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from array import array
 
+from diskimg.hostio.file import trailing_zeros
 from diskimg.qcow2.check.overlap import _Overlap
 from diskimg.qcow2.check.report import _RefErr
 from diskimg.qcow2.check.state import (
@@ -74,7 +75,14 @@ class _Stored(_Overlap):
     def check_refblocks(self) -> bool:
         rebuild = False
         fix_errors = bool(self.fix & 2)
-        for i, ent in enumerate(self.reftable):
+        rt = self.reftable
+        n = len(rt)
+        if self.nb > 0:  # then an entry of 0 (no refcount block) has nothing to check:
+            # stop after the last non-zero one (most of a small image's table is zeros)
+            raw = rt.tobytes()
+            n = -(-(len(raw) - trailing_zeros(raw)) // 8)
+        for i in range(n):
+            ent = rt[i]
             off = ent & REFT_OFFSET_MASK
             cluster = off >> self.cbits
             if ent & REFT_RESERVED_MASK:

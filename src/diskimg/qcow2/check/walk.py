@@ -16,6 +16,7 @@ from diskimg.qcow2.bitmaps import (
     BitmapsExt,
 )
 from diskimg.hostio import all_zero
+from diskimg.hostio.file import trailing_zeros
 from diskimg.qcow2.cache import be_u64_array
 from diskimg.qcow2.check.report import _Abort
 from diskimg.qcow2.check.snapshots import _Snapshots
@@ -66,7 +67,8 @@ class _Walk(_Snapshots):
                                                       "big")
         if int.from_bytes(raw, "big") & bad:
             return None
-        tab = be_u64_array(raw)
+        # the entries up to the last non-zero one (the rest have no host offset)
+        tab = be_u64_array(raw[: -(-(len(raw) - trailing_zeros(raw)) // 8) * 8])
         mask = L2E_OFFSET_MASK
         hosts = [e & mask for e in tab if e]
         if not hosts or 0 in hosts or max(hosts) >= self.file_len:
