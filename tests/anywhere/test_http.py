@@ -354,7 +354,8 @@ def test_no_server_listening() -> None:
 
 
 def test_content_range_parsing() -> None:
-    from diskimg.hostio.http import _content_range, _runs
+    from diskimg.hostio.blockcache import _runs
+    from diskimg.hostio.http import _content_range
 
     assert _content_range("bytes 0-511/1024") == (0, 511, 1024)
     assert _content_range("bytes 512-1023/*") == (512, 1023, None)
