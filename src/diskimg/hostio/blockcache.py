@@ -86,7 +86,7 @@ class BlockCache:
                 if b not in self._lru]
         fetches: list[Fetch] = []
         inner = [b for b in missing if b * bs >= offset and min((b + 1) * bs, size) <= end]
-        if small or len(inner) < 2:
+        if len(inner) < 2:
             inner = []
         inside = set(inner)
         for b0, count in _runs(inner):                  # straight into the caller's buffer

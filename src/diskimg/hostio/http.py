@@ -280,8 +280,8 @@ class HttpHost(ObjectHost):
         if got < n:
             conn.close()
             raise _Dropped(f"the body ended after {got} of {n} bytes")
-        if not resp.finished:
-            conn.close()        # a body longer than the range: the connection is spent
+        if not resp.finished:   # a chunked body's last chunk, or more than the range
+            self._discard(resp, conn)
 
     def _refusal(self, resp: Response, offset: int, end: int) -> RemoteError | None:
         """Why a 206 response is not the bytes ``offset``..``end`` of this object, or

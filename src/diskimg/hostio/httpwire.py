@@ -262,15 +262,19 @@ class Connection:
             self.close()
 
     def drain(self, resp: Response, most: int) -> None:
-        """Read and drop the rest of ``resp``'s body when it is known to be at most
-        ``most`` bytes, so the connection stays usable; otherwise close it."""
+        """Read and drop the rest of ``resp``'s body when it is at most ``most`` bytes
+        (a chunked body: while it stays so), so the connection stays usable; otherwise
+        close it."""
         if resp.finished:
             return
-        if resp.chunked or resp.remaining is None or resp.remaining > most:
+        if resp.remaining is None and not resp.chunked or (resp.remaining or 0) > most:
             self.close()
             return
-        scratch = memoryview(bytearray(resp.remaining))
+        scratch = memoryview(bytearray(min(most, 65536) or 1))
+        left = most
         while not resp.finished:
-            if not self.readinto(resp, scratch):
+            k = self.readinto(resp, scratch[: max(left, 1)])
+            left -= k
+            if not k and not resp.finished or left < 0:
                 self.close()
                 return
