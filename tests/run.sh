@@ -18,7 +18,8 @@ SUITE_TIMEOUT="${SUITE_TIMEOUT:-1500}"   # seconds; the suite takes a few minute
 # Debian packages the tests use: qemu-img/qemu-io/qemu-nbd (the oracle), nbdinfo (libnbd-bin) and libvirt's schema
 # validator for the pool XML (virt-xml-validate, from libvirt-clients + libxml2-utils), and
 # libvirtd (libvirt-daemon) so a private session daemon gives virsh's own output as an oracle,
-# and nginx (nginx-light), the HTTP server with Range support that tests/anywhere starts.
+# and nginx (nginx-light), the HTTP server with Range support that tests/anywhere starts,
+# and qemu-img's curl driver (qemu-block-extra), the oracle for images over HTTP.
 missing=()
 { command -v qemu-img && command -v qemu-io; } >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v virt-xml-validate >/dev/null 2>&1 || missing+=(libvirt-clients)
@@ -26,6 +27,8 @@ command -v xmllint >/dev/null 2>&1 || missing+=(libxml2-utils)
 command -v nbdinfo >/dev/null 2>&1 || missing+=(libnbd-bin)   # nbdinfo: dirty-bitmap maps via qemu-nbd
 command -v libvirtd >/dev/null 2>&1 || [ -x /usr/sbin/libvirtd ] || missing+=(libvirt-daemon)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)   # images over HTTP (tests/anywhere)
+# qemu-img's curl driver (http/https sources): the oracle for diskimg's URL sources
+ls /usr/lib/*/qemu/block-curl.so >/dev/null 2>&1 || missing+=(qemu-block-extra)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "tests/run.sh: installing ${missing[*]}" >&2

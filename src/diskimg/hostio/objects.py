@@ -190,9 +190,11 @@ class ObjectHost:
         self._check_open()
         return self._size
 
-    def allocated_size(self) -> int:
-        """A remote object has no allocation to ask about: its size."""
-        return self.size()
+    def allocated_size(self) -> int | None:
+        """None: a remote object has no allocation to ask about (qemu's curl driver
+        neither: ``qemu-img info`` says "disk size: unavailable")."""
+        self._check_open()
+        return None
 
     def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """All data (a remote object has no holes we can see)."""
