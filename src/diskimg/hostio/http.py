@@ -22,18 +22,19 @@
 from __future__ import annotations
 
 import re
-import ssl
 import threading
 from collections.abc import Callable, Collection
 from urllib.parse import urljoin, urlsplit
 
 from diskimg.errors import RemoteError, UsageError
-from diskimg.hostio.httpwire import Connection, ProtocolError, Response
+from diskimg.hostio.httpwire import Connection, ProtocolError, Response, certificate_refusal
 from diskimg.hostio.objects import ObjectHost
 from diskimg.policy import OpenPolicy
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # ssl is imported for https only
+    import ssl
+
     from diskimg.hostio.host import Host
 
 DEFAULT_TIMEOUT = 30.0
@@ -144,12 +145,12 @@ class HttpHost(ObjectHost):
             except TimeoutError:
                 conn.close()
                 raise self._error(f"timed out after {self.timeout:g} s", offset) from None
-            except ssl.SSLCertVerificationError as e:
-                conn.close()
-                raise self._error(f"TLS certificate not accepted: {e.verify_message}",
-                                  offset) from None
             except (OSError, ProtocolError) as e:
                 conn.close()
+                refusal = certificate_refusal(e)
+                if refusal is not None:
+                    raise self._error(f"TLS certificate not accepted: {refusal}",
+                                      offset) from None
                 raise _Dropped(str(e) or type(e).__name__) from None
             if resp.status not in _REDIRECTS:
                 return resp, conn, url

@@ -13,7 +13,7 @@
   side said ``Connection: close`` (HTTP/1.0 closes unless it says keep-alive); a new
   request on a connection whose last body was not finished reconnects first;
 - every socket operation has the connection's timeout; TLS is the same code over an
-  ``ssl`` socket.
+  ``ssl`` socket (``ssl`` is imported by the first https connection only).
 
 Errors: ``TimeoutError`` (the timeout), ``ssl.SSLCertVerificationError``, ``OSError``
 (the socket) and :class:`ProtocolError` (what the server sent) -- the caller decides what
@@ -23,13 +23,26 @@ each means (:mod:`diskimg.hostio.http`).
 from __future__ import annotations
 
 import socket
-import ssl
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # ssl is imported for https only (start-up of a plain http open)
+    import ssl
 
 MAX_HEAD = 64 << 10          # a response head (status line and headers) at most
 MAX_HEADERS = 100            # header lines at most (as http.client)
 MAX_LINE = 4096              # a chunk-size or trailer line at most
 _RBUF = MAX_HEAD + (16 << 10)
 _NO_BODY = (204, 304)
+
+
+def certificate_refusal(e: BaseException) -> str | None:
+    """Why TLS refused the server's certificate when ``e`` says so, else None (no ssl
+    import for that: an error of the ssl module means ssl is loaded)."""
+    ssl = sys.modules.get("ssl")
+    if ssl is not None and isinstance(e, ssl.SSLCertVerificationError):
+        return str(e.verify_message)
+    return None
 
 
 class ProtocolError(Exception):
@@ -116,10 +129,14 @@ class Connection:
 
     # --- the socket -------------------------------------------------------------------
     def _connect(self) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), self.timeout)
+        # an ASCII host name as bytes: getaddrinfo then needs no idna codec import
+        host: str | bytes = self.host.encode("ascii") if self.host.isascii() else self.host
+        sock = socket.create_connection((host, self.port), self.timeout)  # type: ignore[arg-type]
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.scheme == "https":
+                import ssl
+
                 ctx = self._ssl
                 if ctx is None:
                     ctx = ssl.create_default_context()
