@@ -243,3 +243,69 @@ def test_bigger_reads_use_bigger_parts(serve: Callable[[Script], Server]) -> Non
     gets = sorted(r.last - r.first + 1 for r in srv.requests if r.method == "GET")
     assert gets == [3 << 19, 3 << 19]                   # 2 parts of 1.5 MiB
     assert srv.conns == 2                               # this thread's and a worker's
+
+
+MIB = 1 << 20
+
+
+def _gets(srv: Server) -> list[tuple[int, int, int]]:
+    return [(r.first, r.last, r.conn) for r in srv.requests if r.method == "GET"]
+
+
+def test_sequential_large_reads_stream_one_get(serve: Callable[[Script], Server]) -> None:
+    """Large reads that follow each other are read from one open GET, straight into
+    the reader's buffers; a jump drops it (its connection closed: the rest of its body
+    is never read as a response) and the next sequential pair opens another."""
+    srv = serve(lambda r: ranged(r))
+    with open_http(srv.url, timeout=5, workers=2) as host:
+        for off in (0, MIB):
+            assert host.pread(off, MIB) == DATA[off : off + MIB]
+        first = _gets(srv)
+        assert [g[:2] for g in first] == [(0, MIB - 1), (MIB, 3 * MIB - 1)]
+        assert host.pread(0, MIB) == DATA[:MIB]           # a jump: 1 MiB of it unread
+        for off in (MIB, 2 * MIB):                         # sequential again
+            assert host.pread(off, MIB) == DATA[off : off + MIB]
+        assert host.pread(MIB, MIB) == DATA[MIB : 2 * MIB]  # not sequential: ranged,
+        assert host.pread(2 * MIB, MIB) == DATA[2 * MIB :]  # then a stream again
+    later = _gets(srv)[2:]
+    assert [g[:2] for g in later[:2]] == [
+        (0, MIB - 1),                       # the jump
+        (MIB, 3 * MIB - 1)]                 # the second stream, read to its end
+    assert sorted(g[:2] for g in later[2:4]) == [
+        (MIB, 2 * MIB - 1),                 # the read that is not sequential to the last
+        (2 * MIB, 2 * MIB + (512 << 10) - 1)]   # and the block cache's read-ahead (a
+    assert later[4][:2] == (2 * MIB, 3 * MIB - 1)   # parallel GET), then a third stream
+    assert later[1][2] != first[1][2]           # the first stream's connection was closed
+    assert later[4][2] == later[1][2]           # a stream read to its end is kept alive
+
+
+def test_stream_dropped_midway_rest_by_ranged_gets(serve: Callable[[Script], Server]
+                                                   ) -> None:
+    def script(r: Request) -> bytes:
+        whole = ranged(r)
+        if r.method == "GET" and (r.first, r.last) == (MIB, 3 * MIB - 1):
+            return whole[: len(whole) - MIB]     # the head and half the body, then close
+        return whole
+
+    srv = serve(script)
+    srv.close_after = set(range(1, 100))
+    with open_http(srv.url, timeout=5, workers=2) as host:
+        got = b"".join(host.pread(off, MIB) for off in (0, MIB, 2 * MIB))
+    assert got == DATA
+    assert [g[:2] for g in _gets(srv)] == [(0, MIB - 1), (MIB, 3 * MIB - 1),
+                                           (2 * MIB, 3 * MIB - 1)]
+
+
+def test_stream_error_names_the_read(serve: Callable[[Script], Server]) -> None:
+    """An answer refused while opening the stream is the read's error, at its offset."""
+    def script(r: Request) -> bytes:
+        if r.method == "GET" and r.first == MIB:
+            return b"HTTP/1.1 412 Precondition Failed\r\nContent-Length: 0\r\n\r\n"
+        return ranged(r)
+
+    srv = serve(script)
+    with open_http(srv.url, timeout=5, workers=2) as host:
+        assert host.pread(0, MIB) == DATA[:MIB]
+        with pytest.raises(RemoteError, match="changed since it was opened") as ei:
+            host.pread(MIB, MIB)
+        assert ei.value.offset == MIB and ei.value.status == 412
