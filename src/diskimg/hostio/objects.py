@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from diskimg.errors import ClosedImageError, FormatError, RemoteError
 from diskimg.hostio.blockcache import BlockCache
+from diskimg.hostio.workers import worker_pool
 
 if TYPE_CHECKING:  # imported where used: opening an image starts no threads
     from concurrent.futures import ThreadPoolExecutor
@@ -132,12 +133,9 @@ class ObjectHost:
                 raise err
 
     def _executor(self) -> ThreadPoolExecutor:
-        from concurrent.futures import ThreadPoolExecutor
-
         with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers - 1,
-                                                thread_name_prefix="diskimg-fetch")
+            if self._pool is None:      # the reading thread fetches too: one less
+                self._pool = worker_pool(self._workers - 1, "fetch")
             return self._pool
 
     def _close_reads(self) -> None:
