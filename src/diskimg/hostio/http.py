@@ -321,40 +321,33 @@ class HttpHost(ObjectHost):
         to the ranged GETs, which retry)."""
         if end - offset < MIN_PART or self._workers < 2:
             return 0
-        if not self._stream_lock.acquire(blocking=False):
-            return 0            # another thread streams: this read takes ranged GETs
-        try:
-            return self._stream_into(offset, end, buf)
-        finally:
-            self._stream_lock.release()
-
-    def _stream_into(self, offset: int, end: int, buf: memoryview) -> int:
-        sequential, self._seq_end = offset == self._seq_end, end
-        s = self._stream
-        if s is not None and s.pos != offset:
-            self._end_stream()
-            s = None
-        if s is None and not sequential:
-            return 0
-        pos = offset
-        try:
-            while pos < end:
-                if s is None:
-                    wend = min(pos + STREAM_BYTES, self._size)
-                    resp, conn = self._open_range(pos, wend - pos, stream=True)
-                    s = self._stream = _Stream(resp, conn, pos, wend)
-                k = min(end, s.end) - pos
-                self._read_body(s.resp, s.conn, pos, buf[pos - offset : pos - offset + k])
-                pos = s.pos = pos + k
-                if pos == s.end:
-                    self._end_stream()
-                    s = None
-        except _Dropped:
-            self._end_stream()
-        except BaseException:
-            self._end_stream()
-            raise
-        return pos - offset
+        with self._stream_lock:
+            sequential, self._seq_end = offset == self._seq_end, end
+            s = self._stream
+            if s is not None and s.pos != offset:
+                self._end_stream()
+                s = None
+            if s is None and not sequential:
+                return 0
+            pos = offset
+            try:
+                while pos < end:
+                    if s is None:
+                        wend = min(pos + STREAM_BYTES, self._size)
+                        resp, conn = self._open_range(pos, wend - pos, stream=True)
+                        s = self._stream = _Stream(resp, conn, pos, wend)
+                    k = min(end, s.end) - pos
+                    self._read_body(s.resp, s.conn, pos, buf[pos - offset : pos - offset + k])
+                    pos = s.pos = pos + k
+                    if pos == s.end:
+                        self._end_stream()
+                        s = None
+            except _Dropped:
+                self._end_stream()
+            except BaseException:
+                self._end_stream()
+                raise
+            return pos - offset
 
     def _end_stream(self) -> None:
         s, self._stream = self._stream, None
