@@ -43,7 +43,6 @@ CACHE_BYTES = 8 << 20
 WORKERS = 4
 MAX_REDIRECTS = 5
 MIN_PART = 1 << 20           # a parallel part of a large read: at least this many bytes
-STREAM_BYTES = 32 << 20      # large reads that follow each other: one GET this long
 _REDIRECTS = (301, 302, 303, 307, 308)
 _SMALL_BODY = 65536          # a body this short is read to keep its connection
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
@@ -58,16 +57,6 @@ class _Conns(threading.local):
 
 class _Dropped(Exception):
     """The connection failed under a request: safe to retry a GET once."""
-
-
-class _Stream:
-    """An open ranged GET whose body is read as sequential reads ask for it: the next
-    body byte is the object's byte ``pos``; the range ends at ``end``."""
-
-    __slots__ = ("resp", "conn", "pos", "end")
-
-    def __init__(self, resp: Response, conn: Connection, pos: int, end: int) -> None:
-        self.resp, self.conn, self.pos, self.end = resp, conn, pos, end
 
 
 class HttpHost(ObjectHost):
@@ -103,10 +92,6 @@ class HttpHost(ObjectHost):
         self._conns: list[Connection] = []
         self._lock = threading.Lock()
         self._init_reads(block_size, cache_bytes, workers, MIN_PART)
-        self._stream: _Stream | None = None
-        self._stream_conns: dict[tuple[str, str], Connection] = {}
-        self._stream_lock = threading.Lock()
-        self._seq_end = -1                  # where the last large read ended
         self._closed = False
         self._etag: str | None = None
         self._modified: str | None = None
@@ -118,12 +103,11 @@ class HttpHost(ObjectHost):
             raise
 
     # --- connections ------------------------------------------------------------------
-    def _conn(self, url: str, *, stream: bool = False) -> Connection:
-        """This thread's keep-alive connection to ``url``'s host (one per host), or
-        (``stream``) the one that streams sequential reads."""
+    def _conn(self, url: str) -> Connection:
+        """This thread's keep-alive connection to ``url``'s host (one per host)."""
         p = urlsplit(url)
         key = (p.scheme, p.netloc)
-        conns = self._stream_conns if stream else self._local.by_host
+        conns = self._local.by_host
         c = conns.get(key)
         if c is None:
             c = Connection(p.scheme, p.hostname or "", p.port, self.timeout, self._ssl)
@@ -142,8 +126,8 @@ class HttpHost(ObjectHost):
         return self._read_error(what, offset, status)
 
     # --- one request ------------------------------------------------------------------
-    def _request(self, method: str, headers: dict[str, str], offset: int | None,
-                 stream: bool = False) -> tuple[Response, Connection, str]:
+    def _request(self, method: str, headers: dict[str, str], offset: int | None
+                 ) -> tuple[Response, Connection, str]:
         """Send ``method`` to the URL, following redirects; return the response (its
         body unread), its connection and the URL that answered.  Raises
         :class:`_Dropped` when the connection failed before a complete response head."""
@@ -154,7 +138,7 @@ class HttpHost(ObjectHost):
             if _BAD_TARGET.search(target):
                 raise self._error(f"the URL path {target!r} holds a space or a control "
                                   "character", offset)
-            conn = self._conn(url, stream=stream)
+            conn = self._conn(url)
             try:
                 resp = conn.request(method, target, {"Accept-Encoding": "identity",
                                                      **headers})
@@ -262,20 +246,12 @@ class HttpHost(ObjectHost):
                     raise self._error(f"connection dropped twice: {e}", offset) from None
 
     def _fetch_once(self, offset: int, buf: memoryview) -> None:
-        resp, conn = self._open_range(offset, len(buf))
-        self._read_body(resp, conn, offset, buf)
-        if not resp.finished:   # a chunked body's last chunk, or more than the range
-            self._discard(resp, conn)
-
-    def _open_range(self, offset: int, n: int, stream: bool = False
-                    ) -> tuple[Response, Connection]:
-        """A GET of the ``n`` bytes at ``offset`` whose response is checked to be
-        exactly those bytes of this object; its body is unread."""
+        n = len(buf)
         end = offset + n - 1
         headers = {"Range": f"bytes={offset}-{end}"}
         if self._etag and not self._etag.startswith("W/"):
             headers["If-Match"] = self._etag
-        resp, conn, _ = self._request("GET", headers, offset, stream)
+        resp, conn, _ = self._request("GET", headers, offset)
         if resp.status == 200:
             self._check_version(resp, conn, offset)
             self._discard(resp, conn)
@@ -288,12 +264,6 @@ class HttpHost(ObjectHost):
         if refusal is not None:
             self._discard(resp, conn)
             raise refusal
-        return resp, conn
-
-    def _read_body(self, resp: Response, conn: Connection, offset: int,
-                   buf: memoryview) -> None:
-        """Fill ``buf`` (the object's bytes at ``offset``) from ``resp``'s body."""
-        n = len(buf)
         got = 0
         try:
             while got < n:
@@ -311,48 +281,8 @@ class HttpHost(ObjectHost):
         if got < n:
             conn.close()
             raise _Dropped(f"the body ended after {got} of {n} bytes")
-
-    # --- sequential reads: one long GET -------------------------------------------------
-    def _sequential(self, offset: int, end: int, buf: memoryview) -> int:
-        """Large reads that follow each other (a convert, a checksum) are read from one
-        open GET of up to :data:`STREAM_BYTES`, straight into ``buf``: no request, part
-        or thread per read, and the server sends ahead while the reader works.  Returns
-        how many bytes from ``offset`` on were read so (a dropped stream leaves the rest
-        to the ranged GETs, which retry)."""
-        if end - offset < MIN_PART or self._workers < 2:
-            return 0
-        with self._stream_lock:
-            sequential, self._seq_end = offset == self._seq_end, end
-            s = self._stream
-            if s is not None and s.pos != offset:
-                self._end_stream()
-                s = None
-            if s is None and not sequential:
-                return 0
-            pos = offset
-            try:
-                while pos < end:
-                    if s is None:
-                        wend = min(pos + STREAM_BYTES, self._size)
-                        resp, conn = self._open_range(pos, wend - pos, stream=True)
-                        s = self._stream = _Stream(resp, conn, pos, wend)
-                    k = min(end, s.end) - pos
-                    self._read_body(s.resp, s.conn, pos, buf[pos - offset : pos - offset + k])
-                    pos = s.pos = pos + k
-                    if pos == s.end:
-                        self._end_stream()
-                        s = None
-            except _Dropped:
-                self._end_stream()
-            except BaseException:
-                self._end_stream()
-                raise
-            return pos - offset
-
-    def _end_stream(self) -> None:
-        s, self._stream = self._stream, None
-        if s is not None and not s.resp.finished:
-            self._discard(s.resp, s.conn)
+        if not resp.finished:   # a chunked body's last chunk, or more than the range
+            self._discard(resp, conn)
 
     def _refusal(self, resp: Response, offset: int, end: int) -> RemoteError | None:
         """Why a 206 response is not the bytes ``offset``..``end`` of this object, or

@@ -85,10 +85,6 @@ class ObjectHost:
         end = self._clip(offset, buf)
         if offset >= end:
             return n
-        done = self._sequential(offset, end, buf)
-        if offset + done >= end:
-            return n
-        offset, buf = offset + done, buf[done:]
         jobs: list[Callable[[], None]] = []
         for f in self._cache.plan(offset, end, self._size, buf, parts=self._workers,
                                   min_part=self._min_part):
@@ -98,11 +94,6 @@ class ObjectHost:
                 jobs.append(partial(self._fill, f.lo, f.hi, offset, buf))
         self._run(jobs)
         return n
-
-    def _sequential(self, offset: int, end: int, buf: memoryview) -> int:
-        """How many bytes of ``[offset, end)`` (from ``offset`` on) a host that streams
-        sequential reads put into ``buf`` (none here: the rest goes through the cache)."""
-        return 0
 
     def _fill(self, lo: int, hi: int, offset: int, buf: memoryview) -> None:
         """Fetch ``[lo, hi)`` into cache blocks; copy what overlaps ``buf``."""
