@@ -243,3 +243,17 @@ def test_bigger_reads_use_bigger_parts(serve: Callable[[Script], Server]) -> Non
     gets = sorted(r.last - r.first + 1 for r in srv.requests if r.method == "GET")
     assert gets == [3 << 19, 3 << 19]                   # 2 parts of 1.5 MiB
     assert srv.conns == 2                               # this thread's and a worker's
+
+
+def test_reading_a_closed_connection_is_a_protocol_error() -> None:
+    """Never an assertion or a None dereference: the callers turn ProtocolError into a
+    dropped connection (retried once, then a RemoteError)."""
+    from diskimg.hostio.httpwire import Connection, ProtocolError, Response
+
+    conn = Connection("http", "127.0.0.1", 9, 1.0)
+    resp = Response("HTTP/1.1", 206, "Partial", {"content-length": "10"})
+    with pytest.raises(ProtocolError, match="closed"):
+        conn.readinto(resp, memoryview(bytearray(4)))
+    chunked = Response("HTTP/1.1", 206, "Partial", {"transfer-encoding": "chunked"})
+    with pytest.raises(ProtocolError, match="closed"):
+        conn.readinto(chunked, memoryview(bytearray(4)))

@@ -163,13 +163,15 @@ class Connection:
             buf[:k] = self._rbuf[self._rpos : self._rpos + k]
             self._rpos += k
             return k
-        assert self._sock is not None
+        if self._sock is None:
+            raise ProtocolError("the connection is closed")
         return self._sock.recv_into(buf)
 
     def _read_until(self, limit: int, *, blank: bool) -> bytes:
         """The bytes up to the end of the next line (``blank``: up to the next empty
         line, the end of a head), at most ``limit``; the terminator is consumed."""
-        assert self._sock is not None
+        if self._sock is None:
+            raise ProtocolError("the connection is closed")
         seps = (b"\r\n\r\n", b"\n\n") if blank else (b"\n",)
         scan = self._rpos
         while True:
