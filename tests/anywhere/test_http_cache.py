@@ -46,6 +46,16 @@ def test_plan_direct_parts_cached_edges_and_hits() -> None:
     assert len(c) == 4 and _plan(c, 0, 10, size)[0] == [(0, 64 * KB, False)]
 
 
+def test_plan_one_fetch_per_run_for_a_serial_host() -> None:
+    """A host that fetches one range at a time (FsspecHost: a round trip each) gets one
+    fetch per run of missing blocks, edges and all; a run larger than the cache is the
+    read's own bytes, uncached."""
+    c = BlockCache(64 * KB, 512 * KB)
+    size = 10 << 20
+    assert _plan(c, 1000, 300 * KB, size)[0] == [(0, 320 * KB, False)]
+    assert _plan(c, 1000, 1 << 20, size)[0] == [(1000, 1000 + (1 << 20), True)]
+
+
 def test_plan_read_ahead_grows_while_small_reads_are_sequential() -> None:
     c = BlockCache(4 * KB, 1 << 20)
     size = 1 << 20

@@ -8,6 +8,9 @@ covers are copied into the caller's buffer; the missing ones become fetches --
   and are not cached (a large read is not read again; caching it would copy it twice),
   split into parts of at least ``min_part`` bytes, as many as ``parts`` (the host's
   parallel connections), so a large read is fetched by all of them at once;
+- with ``parts == 1`` (a host that fetches one range at a time, where each request is a
+  round trip) every run of missing blocks is one fetch: cached, or, when the run is
+  larger than the cache, exactly the read's own bytes straight into its buffer;
 - cached: a partial block at either edge of the read, a small read, and the read-ahead
   of a small sequential read (it doubles up to :data:`READAHEAD_MAX` blocks while reads
   follow each other) are fetched into blocks, kept in a bounded LRU and copied out.
@@ -85,6 +88,14 @@ class BlockCache:
                 b for b in range(last + 1, min(last + 1 + self._ahead, -(-size // bs)))
                 if b not in self._lru]
         fetches: list[Fetch] = []
+        if parts == 1:      # one fetch at a time: a request per run of missing blocks
+            for b0, count in _runs(missing + ahead):
+                lo, hi = b0 * bs, min((b0 + count) * bs, size)
+                if count > self.max_blocks:   # too big to cache: the read's own bytes
+                    fetches.append(Fetch(max(lo, offset), min(hi, end), True))
+                else:
+                    fetches.append(Fetch(lo, hi, False))
+            return fetches
         inner = [b for b in missing if b * bs >= offset and min((b + 1) * bs, size) <= end]
         if len(inner) < 2:
             inner = []
