@@ -42,6 +42,7 @@ class Server:
     requests: list[Request] = field(default_factory=list)
     conns: int = 0
     close_after: set[int] = field(default_factory=set)   # request indexes: close after
+    trickle: Callable[[socket.socket], None] | None = None   # sends every GET's answer
 
     @property
     def url(self) -> str:
@@ -70,7 +71,10 @@ class Server:
                 index = len(self.requests) - 1
                 number += 1
                 try:
-                    c.sendall(self.script(req))
+                    if self.trickle is not None and method == "GET":
+                        self.trickle(c)
+                    else:
+                        c.sendall(self.script(req))
                 except OSError:
                     return
                 if index in self.close_after:
@@ -257,3 +261,23 @@ def test_reading_a_closed_connection_is_a_protocol_error() -> None:
     chunked = Response("HTTP/1.1", 206, "Partial", {"transfer-encoding": "chunked"})
     with pytest.raises(ProtocolError, match="closed"):
         conn.readinto(chunked, memoryview(bytearray(4)))
+
+
+def test_a_trickled_head_times_out(serve: Callable[[Script], Server]) -> None:
+    """A server that sends its head a byte at a time, each within the timeout, cannot
+    hold a read past it: the whole head must arrive within the timeout."""
+    trickle = b"HTTP/1.1 206 Partial Content\r\nX-Slow: " + b"a" * 200
+
+    def slow(c: socket.socket) -> None:
+        for i in range(len(trickle)):
+            time.sleep(0.02)
+            c.sendall(trickle[i : i + 1])
+
+    srv = serve(lambda r: head_ok() if r.method == "HEAD" else b"")
+    srv.trickle = slow
+    t0 = time.monotonic()
+    with open_http(srv.url, timeout=1, workers=1) as host:
+        with pytest.raises(RemoteError, match=r"timed out after 1 s") as ei:
+            host.pread(0, 10)
+    assert ei.value.offset == 0
+    assert time.monotonic() - t0 < 2.5           # one timeout: a timeout is not retried

@@ -12,7 +12,9 @@
 - keep-alive: the connection is reused only after a body was read to its end and neither
   side said ``Connection: close`` (HTTP/1.0 closes unless it says keep-alive); a new
   request on a connection whose last body was not finished reconnects first;
-- every socket operation has the connection's timeout; TLS is the same code over an
+- every socket operation has the connection's timeout, and the whole response head
+  must arrive within it (a server trickling a byte at a time cannot hold a read); TLS is
+  the same code over an
   ``ssl`` socket (``ssl`` is imported by the first https connection only).
 
 Errors: ``TimeoutError`` (the timeout), ``ssl.SSLCertVerificationError``, ``OSError``
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # ssl is imported for https only (start-up of a plain http open)
@@ -167,9 +170,11 @@ class Connection:
             raise ProtocolError("the connection is closed")
         return self._sock.recv_into(buf)
 
-    def _read_until(self, limit: int, *, blank: bool) -> bytes:
+    def _read_until(self, limit: int, *, blank: bool, deadline: float | None = None
+                    ) -> bytes:
         """The bytes up to the end of the next line (``blank``: up to the next empty
-        line, the end of a head), at most ``limit``; the terminator is consumed."""
+        line, the end of a head), at most ``limit``; the terminator is consumed.
+        ``deadline`` (``time.monotonic()``): TimeoutError once it passes."""
         if self._sock is None:
             raise ProtocolError("the connection is closed")
         seps = (b"\r\n\r\n", b"\n\n") if blank else (b"\n",)
@@ -191,6 +196,11 @@ class Connection:
                 self._rbuf[:pending] = self._rbuf[self._rpos : self._rend]
                 self._rpos, self._rend = 0, pending
             scan = max(self._rpos, self._rend - 3)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the response head did not arrive in time")
+                self._sock.settimeout(min(left, self.timeout))
             k = self._sock.recv_into(memoryview(self._rbuf)[self._rend:])
             if not k:
                 raise ProtocolError("the server closed the connection without a response"
@@ -214,10 +224,16 @@ class Connection:
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host}",
                  *(f"{k}: {v}" for k, v in headers.items()), "", ""]
         self._sock.sendall("\r\n".join(lines).encode("latin-1"))
-        while True:
-            resp = _parse_head(self._read_until(MAX_HEAD, blank=True))
-            if not (100 <= resp.status < 200) or resp.status == 101:
-                break
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                resp = _parse_head(self._read_until(MAX_HEAD, blank=True,
+                                                    deadline=deadline))
+                if not (100 <= resp.status < 200) or resp.status == 101:
+                    break
+        finally:
+            if self._sock is not None:
+                self._sock.settimeout(self.timeout)
         if method == "HEAD" or resp.status in _NO_BODY or resp.status < 200:
             resp.remaining, resp.chunked, resp.finished = 0, False, True
         elif resp.remaining is None and not resp.chunked:
