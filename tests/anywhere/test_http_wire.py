@@ -108,8 +108,8 @@ def serve() -> Iterator[Callable[[Script], Server]]:
 
 
 def head_ok(extra: str = "", version: str = "HTTP/1.1") -> bytes:
-    return ("%s 200 OK\r\nContent-Length: %d\r\nETag: \"e1\"\r\n%s\r\n"
-            % (version, len(DATA), extra)).encode()
+    return (f"{version} 200 OK\r\nContent-Length: {len(DATA)}\r\nETag: \"e1\"\r\n"
+            f"{extra}\r\n").encode()
 
 
 def ranged(req: Request, *, framing: str = "length", version: str = "HTTP/1.1",
@@ -201,9 +201,8 @@ def test_hostile_response_is_a_remote_error(serve: Callable[[Script], Server], b
     srv = serve(lambda r: head_ok() if r.method == "HEAD" else bad)
     url = srv.url
     t0 = time.monotonic()
-    with open_http(url, timeout=2, workers=1) as host:
-        with pytest.raises(RemoteError) as ei:
-            host.pread(300_000, 1000)
+    with open_http(url, timeout=2, workers=1) as host, pytest.raises(RemoteError) as ei:
+        host.pread(300_000, 1000)
     err = ei.value
     assert words in str(err) and url in str(err) and err.url == url
     assert err.offset == 262144 and "at offset 0x40000" in str(err)
@@ -276,8 +275,8 @@ def test_a_trickled_head_times_out(serve: Callable[[Script], Server]) -> None:
     srv = serve(lambda r: head_ok() if r.method == "HEAD" else b"")
     srv.trickle = slow
     t0 = time.monotonic()
-    with open_http(srv.url, timeout=1, workers=1) as host:
-        with pytest.raises(RemoteError, match=r"timed out after 1 s") as ei:
-            host.pread(0, 10)
+    with open_http(srv.url, timeout=1, workers=1) as host, \
+            pytest.raises(RemoteError, match=r"timed out after 1 s") as ei:
+        host.pread(0, 10)
     assert ei.value.offset == 0
     assert time.monotonic() - t0 < 2.5           # one timeout: a timeout is not retried

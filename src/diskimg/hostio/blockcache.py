@@ -29,7 +29,7 @@ class Fetch:
     """One range to fetch: ``[lo, hi)`` of the object; ``direct``: into the caller's
     buffer at ``lo - offset``, else into cache blocks from ``lo`` on."""
 
-    __slots__ = ("lo", "hi", "direct")
+    __slots__ = ("direct", "hi", "lo")
 
     def __init__(self, lo: int, hi: int, direct: bool) -> None:
         self.lo, self.hi, self.direct = lo, hi, direct

@@ -56,8 +56,8 @@ class ProtocolError(Exception):
 class Response:
     """A response head; its body is read with :meth:`Connection.readinto`."""
 
-    __slots__ = ("version", "status", "reason", "headers", "length", "chunked",
-                 "will_close", "remaining", "chunk_left", "finished")
+    __slots__ = ("chunk_left", "chunked", "finished", "headers", "length", "reason",
+                 "remaining", "status", "version", "will_close")
 
     def __init__(self, version: str, status: int, reason: str,
                  headers: dict[str, str]) -> None:
@@ -302,7 +302,7 @@ class Connection:
         close it."""
         if resp.finished:
             return
-        if resp.remaining is None and not resp.chunked or (resp.remaining or 0) > most:
+        if (resp.remaining is None and not resp.chunked) or (resp.remaining or 0) > most:
             self.close()
             return
         scratch = memoryview(bytearray(min(most, 65536) or 1))
@@ -310,6 +310,6 @@ class Connection:
         while not resp.finished:
             k = self.readinto(resp, scratch[: max(left, 1)])
             left -= k
-            if not k and not resp.finished or left < 0:
+            if (not k and not resp.finished) or left < 0:
                 self.close()
                 return

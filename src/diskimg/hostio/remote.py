@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from diskimg.errors import RemoteError, UsageError
-from diskimg.hostio.objects import ObjectHost, read_error
+from diskimg.hostio.objects import ObjectHost
 from diskimg.policy import OpenPolicy
 
 if TYPE_CHECKING:
@@ -100,6 +100,8 @@ def _filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[An
 def remote_error(url: str, e: BaseException, offset: int | None) -> RemoteError:
     """``e`` (raised by fsspec or its store) as a RemoteError naming ``url`` and
     ``offset``; a missing object is a 404, a refused one a 403."""
+    from diskimg.hostio.objects import read_error  # the one wording (objects is loaded)
+
     status: int | None = None
     if isinstance(e, FileNotFoundError):
         what, status = "No such object (404)", 404
