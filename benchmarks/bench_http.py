@@ -2,14 +2,20 @@
 
     python3 benchmarks/bench_http.py [--size-mib 256] [--rounds 3]
 
-Rows (best of ``--rounds``; ratios are http / local, the target is at most 1.5x):
+Rows (best of ``--rounds`` rounds, each round runs every row once; ratios are http /
+local, the target is at most 1.5x):
 
 - ``read``: every guest byte of a qcow2 (random data in every cluster but a few holes)
-  through ``diskimg.open(...).readinto`` in 4 MiB chunks, in this process;
+  through ``diskimg.open(...).readinto`` in 4 MiB chunks, in this process; ``cold
+  cache``: the image file's pages are dropped first (``POSIX_FADV_DONTNEED`` on that file
+  only), so the local read and nginx both read the disk;
+- the floor: one plain ``http.client`` GET of the whole file into a 4 MiB buffer;
 - ``convert``: ``diskimg convert -O raw SOURCE OUT`` as a subprocess, with its peak RSS
   (target: at most 64 MiB);
 - ``qemu-img convert -O raw URL``: only when qemu-img has its curl driver (Debian
-  ``qemu-block-extra``); otherwise the row says it could not run.
+  ``qemu-block-extra``); with ``-m 1`` (one coroutine) and with its default (8), which
+  hangs in many runs of qemu 7.2 here: a run still going after ``--qemu-timeout``
+  seconds is killed and counted as hung.
 
 nginx is started from tests/anywhere/conftest.py's ``nginx_server`` (Debian
 ``nginx-light``).  The load average is printed with the results: the machine is shared.
@@ -22,6 +28,7 @@ import importlib.util
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,17 +73,25 @@ def _read_all(source: str) -> float:
     return time.perf_counter() - t0
 
 
-def _child(argv: list[str]) -> tuple[float, float]:
+def _child(argv: list[str], timeout: float | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one subprocess, the RSS from GNU time: a child
     forked from this process would report this process's RSS as its own peak."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     with tempfile.NamedTemporaryFile("r") as rss:
         t0 = time.perf_counter()
-        res = subprocess.run(["/usr/bin/time", "-o", rss.name, "-f", "%M", *argv], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # a session of its own: a timeout kills GNU time and the command under it
+        proc = subprocess.Popen(["/usr/bin/time", "-o", rss.name, "-f", "%M", *argv],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         dt = time.perf_counter() - t0
-        if res.returncode:
-            raise RuntimeError(f"{' '.join(argv)} exited {res.returncode}: {res.stderr}")
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {err}")
         return dt, int(rss.read().split()[-1]) / 1024
 
 
@@ -101,15 +116,34 @@ def _one_get(url: str, size: int) -> float:
     return time.perf_counter() - t0
 
 
-def _best(rounds: int, fn: Callable[[], tuple[float, float]]) -> tuple[float, float]:
-    runs = [fn() for _ in range(rounds)]
-    return min(r[0] for r in runs), max(r[1] for r in runs)
+def _drop_cache(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache (this file only: POSIX_FADV_DONTNEED),
+    so the next read of it, local or by nginx, comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+class _Hung(Exception):
+    pass
+
+
+def _child_or_hang(argv: list[str], timeout: float) -> tuple[float, float]:
+    try:
+        return _child(argv, timeout)
+    except subprocess.TimeoutExpired:
+        raise _Hung from None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--qemu-timeout", type=float, default=30.0,
+                    help="seconds before a qemu-img convert from the URL counts as hung")
     a = ap.parse_args()
     conf = _conftest()
     with tempfile.TemporaryDirectory(prefix="bench-http-") as d:
@@ -118,38 +152,80 @@ def main() -> None:
             _make_qcow2(img, a.size_mib)
             url = server.url(img.name)
             out = Path(d) / "out.raw"
+            fsize = img.stat().st_size
             load = os.getloadavg()
-            print(f"image: qcow2, {a.size_mib} MiB virtual, "
-                  f"{img.stat().st_size >> 20} MiB file; load average "
-                  f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} cpus")
-            rows: list[tuple[str, float, float, float | None]] = []
-            for label, src in (("local", str(img)), ("http", url)):
-                t, _ = _best(a.rounds, lambda s=src: (_read_all(s), 0.0))  # type: ignore[misc]
-                rows.append((f"read {label}", t, a.size_mib / t, None))
-            t, _ = _best(a.rounds, lambda: (_one_get(url, img.stat().st_size), 0.0))
-            rows.append(("(floor: one http.client GET of the file)", t,
-                         img.stat().st_size / 2**20 / t, None))
-            for label, src in (("local", str(img)), ("http", url)):
-                t, rss = _best(a.rounds, lambda s=src: _child(  # type: ignore[misc]
-                    [sys.executable, "-m", "diskimg", "convert", "-O", "raw", s, str(out)]))
-                rows.append((f"diskimg convert -O raw ({label})", t, a.size_mib / t, rss))
-            qemu_curl = shutil.which("qemu-img") and subprocess.run(
-                ["qemu-img", "info", url], capture_output=True).returncode == 0
+            print(f"image: qcow2, {a.size_mib} MiB virtual, {fsize >> 20} MiB file; "
+                  f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+                  f"{os.cpu_count()} cpus; best of {a.rounds} interleaved rounds")
+            qemu_curl = shutil.which("qemu-img") is not None and subprocess.run(
+                ["qemu-img", "info", url], capture_output=True, timeout=60).returncode == 0
+
+            def cold(fn: Callable[[], float]) -> Callable[[], tuple[float, float]]:
+                def run() -> tuple[float, float]:
+                    _drop_cache(img)
+                    return fn(), 0.0
+                return run
+
+            def convert(src: str) -> Callable[[], tuple[float, float]]:
+                return lambda: _child([sys.executable, "-m", "diskimg", "convert", "-O",
+                                       "raw", src, str(out)])
+
+            # (name, MiB moved, run -> (seconds, peak RSS MiB or 0))
+            rows: list[tuple[str, float, Callable[[], tuple[float, float]]]] = [
+                ("read local", a.size_mib, lambda: (_read_all(str(img)), 0.0)),
+                ("read http", a.size_mib, lambda: (_read_all(url), 0.0)),
+                ("read local (cold cache)", a.size_mib, cold(lambda: _read_all(str(img)))),
+                ("read http (cold cache)", a.size_mib, cold(lambda: _read_all(url))),
+                ("(floor: one http.client GET)", fsize / 2**20,
+                 lambda: (_one_get(url, fsize), 0.0)),
+                ("diskimg convert -O raw (local)", a.size_mib, convert(str(img))),
+                ("diskimg convert -O raw (http)", a.size_mib, convert(url)),
+            ]
             if qemu_curl:
-                t, rss = _best(a.rounds, lambda: _child(
-                    ["qemu-img", "convert", "-O", "raw", url, str(out)]))
-                rows.append(("qemu-img convert -O raw (http)", t, a.size_mib / t, rss))
-            for name, t, speed, rss in rows:
-                mem = f"{rss:6.1f} MiB" if rss is not None else "     -"
-                print(f"{name:38s} {t:7.3f} s {speed:8.1f} MiB/s  peak RSS {mem}")
-            print(f"ratio read http/local:    {rows[1][1] / rows[0][1]:.2f}x (target <= 1.5)")
-            print(f"ratio convert http/local: {rows[4][1] / rows[3][1]:.2f}x")
-            if qemu_curl:
-                print(f"ratio convert diskimg/qemu-img (http): {rows[4][1] / rows[5][1]:.2f}x "
-                      "(target <= 1.0)")
-            else:
+                rows.append(("qemu-img convert -m 1 -O raw (http)", a.size_mib,
+                             lambda: _child(["qemu-img", "convert", "-m", "1", "-O", "raw",
+                                             url, str(out)])))
+                rows.append(("qemu-img convert -O raw (http)", a.size_mib,
+                             lambda: _child_or_hang(["qemu-img", "convert", "-O", "raw",
+                                                     url, str(out)], a.qemu_timeout)))
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in rows}
+            hangs: dict[str, int] = {name: 0 for name, _, _ in rows}
+            for _ in range(a.rounds):                     # interleaved: the load drifts
+                for name, _, fn in rows:
+                    try:
+                        runs[name].append(fn())
+                    except _Hung:
+                        hangs[name] += 1
+            best: dict[str, float] = {}
+            for name, mib, _ in rows:
+                if not runs[name]:
+                    print(f"{name:38s}    hung in every round (killed after "
+                          f"{a.qemu_timeout:g} s)")
+                    continue
+                t = best[name] = min(r[0] for r in runs[name])
+                rss = max(r[1] for r in runs[name])
+                mem = f"{rss:6.1f} MiB" if rss else "     -"
+                hung = f"  (hung {hangs[name]} of {a.rounds})" if hangs[name] else ""
+                print(f"{name:38s} {t:7.3f} s {mib / t:8.1f} MiB/s  peak RSS {mem}{hung}")
+
+            def ratio(label: str, x: str, y: str, target: str = "") -> None:
+                if x in best and y in best:
+                    print(f"ratio {label}: {best[x] / best[y]:.2f}x{target}")
+
+            ratio("read http/local", "read http", "read local", " (target <= 1.5)")
+            ratio("read http/local, cold cache", "read http (cold cache)",
+                  "read local (cold cache)", " (target <= 1.5)")
+            ratio("convert http/local", "diskimg convert -O raw (http)",
+                  "diskimg convert -O raw (local)")
+            ratio("convert diskimg/qemu-img -m 1 (http)", "diskimg convert -O raw (http)",
+                  "qemu-img convert -m 1 -O raw (http)", " (target <= 1.0)")
+            ratio("convert diskimg/qemu-img (http)", "diskimg convert -O raw (http)",
+                  "qemu-img convert -O raw (http)", " (target <= 1.0)")
+            if not qemu_curl:
                 print("qemu-img convert from the URL: not run (qemu-img has no curl driver "
                       "here: Debian qemu-block-extra is not installed)")
+            load = os.getloadavg()
+            print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}"
           " MiB")
 

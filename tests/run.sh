@@ -19,7 +19,8 @@ SUITE_TIMEOUT="${SUITE_TIMEOUT:-1500}"   # seconds; the suite takes a few minute
 # python3-libnbd (an NBD client for tests/nbd, run with /usr/bin/python3) and libvirt's schema
 # validator for the pool XML (virt-xml-validate, from libvirt-clients + libxml2-utils), and
 # libvirtd (libvirt-daemon) so a private session daemon gives virsh's own output as an oracle,
-# and nginx (nginx-light), the HTTP server with Range support that tests/anywhere starts.
+# and nginx (nginx-light), the HTTP server with Range support that tests/anywhere starts,
+# and qemu-img's curl driver (qemu-block-extra), the oracle for images over HTTP.
 missing=()
 { command -v qemu-img && command -v qemu-io; } >/dev/null 2>&1 || missing+=(qemu-utils)
 command -v virt-xml-validate >/dev/null 2>&1 || missing+=(libvirt-clients)
@@ -29,6 +30,8 @@ command -v nbdcopy >/dev/null 2>&1 || missing+=(libnbd-bin)   # nbdcopy: tests/n
 /usr/bin/python3 -c "import nbd" >/dev/null 2>&1 || missing+=(python3-libnbd)   # tests/nbd (system python)
 command -v libvirtd >/dev/null 2>&1 || [ -x /usr/sbin/libvirtd ] || missing+=(libvirt-daemon)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)   # images over HTTP (tests/anywhere)
+# qemu-img's curl driver (http/https sources): the oracle for diskimg's URL sources
+ls /usr/lib/*/qemu/block-curl.so >/dev/null 2>&1 || missing+=(qemu-block-extra)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "tests/run.sh: installing ${missing[*]}" >&2

@@ -148,11 +148,15 @@ class RawImage(BlockDevice):
 
     @requires_open
     def info(self) -> ImageInfo:
+        # raw's dirty flag is the protocol's answer (qemu: bdrv_get_info of the file);
+        # a URL gives none, and no allocated size either
+        actual = self.host.allocated_size()
         return ImageInfo(
             filename=self.display_name(),
             format=self.driver,
             virtual_size=self.size,
-            actual_size=self.host.allocated_size(),
+            actual_size=actual,
+            dirty_flag=None if actual is None else False,
         )
 
     def display_name(self) -> str:

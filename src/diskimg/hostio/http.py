@@ -1,13 +1,15 @@
 """HttpHost: a read-only :class:`~diskimg.hostio.host.Host` over an ``http://`` or
-``https://`` URL (stdlib ``http.client`` only).
+``https://`` URL (stdlib ``socket`` and ``ssl`` only, through
+:mod:`diskimg.hostio.httpwire`).
 
 - every read is a ``GET`` with one ``Range``; a response that is not exactly the bytes
   asked for (``200`` with the whole body, a short or wrong ``Content-Range``, a body that
   ends early) is refused -- never read into memory whole, never returned as data;
-- keep-alive: each thread keeps its own connection; large reads are split into parts
-  fetched in parallel on a bounded thread pool (``workers`` connections at most);
+- the body is received straight into the caller's buffer; keep-alive: each thread keeps
+  its own connection; a large read is split into parts (bigger for bigger reads) fetched
+  in parallel, ``workers`` connections at most;
 - a bounded LRU cache of ``block_size`` blocks (``cache_bytes`` in all), and read-ahead
-  that grows while reads are sequential;
+  that grows while small reads are sequential (:mod:`diskimg.hostio.blockcache`);
 - the size, ETag and Last-Modified are recorded at open; every response is checked
   against them (``If-Match`` is sent with a strong ETag): an object that changed is an
   error, never a mix of two versions;
@@ -19,22 +21,20 @@
 
 from __future__ import annotations
 
-import http.client
-import socket
-import ssl
+import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from urllib.parse import urljoin, urlsplit
 
 from diskimg.errors import RemoteError, UsageError
+from diskimg.hostio.httpwire import Connection, ProtocolError, Response, certificate_refusal
 from diskimg.hostio.objects import ObjectHost
 from diskimg.policy import OpenPolicy
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # ssl is imported for https only
+    import ssl
+
     from diskimg.hostio.host import Host
 
 DEFAULT_TIMEOUT = 30.0
@@ -42,18 +42,17 @@ BLOCK_SIZE = 256 << 10
 CACHE_BYTES = 8 << 20
 WORKERS = 4
 MAX_REDIRECTS = 5
-_PART_BLOCKS = 4             # a parallel part: at most this many blocks (1 MiB)
-_READAHEAD_MAX = 16          # blocks read ahead at most (4 MiB) while reads are sequential
+MIN_PART = 1 << 20           # a parallel part of a large read: at least this many bytes
 _REDIRECTS = (301, 302, 303, 307, 308)
-_CHANGED = "the object changed since it was opened"
-_Conn = http.client.HTTPConnection
+_SMALL_BODY = 65536          # a body this short is read to keep its connection
+_BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 
 
 class _Conns(threading.local):
     """Each thread's keep-alive connections, by (scheme, host:port)."""
 
     def __init__(self) -> None:
-        self.by_host: dict[tuple[str, str], _Conn] = {}
+        self.by_host: dict[tuple[str, str], Connection] = {}
 
 
 class _Dropped(Exception):
@@ -86,21 +85,14 @@ class HttpHost(ObjectHost):
         self._target = url                  # after the redirects taken at open
         self._origin = parts.hostname.lower()
         self.timeout = timeout
-        self._block = block_size
-        self._max_blocks = cache_bytes // block_size
-        self._workers = workers
         self._max_redirects = max_redirects
         self._allow_hosts = {h.lower() for h in allow_hosts}
         self._ssl = ssl_context
         self._local = _Conns()
-        self._conns: list[_Conn] = []
+        self._conns: list[Connection] = []
         self._lock = threading.Lock()
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._pool: ThreadPoolExecutor | None = None
-        self._next = -1                      # where a sequential read would start
-        self._ahead = 0                      # read-ahead window, in blocks
+        self._init_reads(block_size, cache_bytes, workers, MIN_PART)
         self._closed = False
-        self._changed: str | None = None     # why the object is known to have changed
         self._etag: str | None = None
         self._modified: str | None = None
         self._size = -1
@@ -111,19 +103,14 @@ class HttpHost(ObjectHost):
             raise
 
     # --- connections ------------------------------------------------------------------
-    def _conn(self, url: str) -> _Conn:
+    def _conn(self, url: str) -> Connection:
         """This thread's keep-alive connection to ``url``'s host (one per host)."""
         p = urlsplit(url)
         key = (p.scheme, p.netloc)
         conns = self._local.by_host
         c = conns.get(key)
         if c is None:
-            host = p.hostname or ""
-            if p.scheme == "https":
-                c = http.client.HTTPSConnection(host, p.port, timeout=self.timeout,
-                                                context=self._ssl)
-            else:
-                c = http.client.HTTPConnection(host, p.port, timeout=self.timeout)
+            c = Connection(p.scheme, p.hostname or "", p.port, self.timeout, self._ssl)
             conns[key] = c
             with self._lock:
                 self._conns.append(c)
@@ -131,46 +118,44 @@ class HttpHost(ObjectHost):
 
     def _drop_conn(self, url: str) -> None:
         p = urlsplit(url)
-        c = self._local.by_host.pop((p.scheme, p.netloc), None)
+        c = self._local.by_host.get((p.scheme, p.netloc))
         if c is not None:
             c.close()
 
     def _error(self, what: str, offset: int | None, status: int | None = None) -> RemoteError:
-        if what.startswith(_CHANGED):
-            # every later read fails too (cached blocks included): never a mix of versions
-            self._changed = what
-        at = "" if offset is None else f" at offset {offset:#x}"
-        return RemoteError(f"Could not read '{self.url}'{at}: {what}", url=self.url,
-                           offset=offset, status=status)
+        return self._read_error(what, offset, status)
 
     # --- one request ------------------------------------------------------------------
     def _request(self, method: str, headers: dict[str, str], offset: int | None
-                 ) -> tuple[http.client.HTTPResponse, str]:
+                 ) -> tuple[Response, Connection, str]:
         """Send ``method`` to the URL, following redirects; return the response (its
-        body unread) and the URL that answered.  Raises :class:`_Dropped` when the
-        connection failed before a status line."""
+        body unread), its connection and the URL that answered.  Raises
+        :class:`_Dropped` when the connection failed before a complete response head."""
         url = self._target
         for _ in range(self._max_redirects + 1):
             p = urlsplit(url)
-            path = (p.path or "/") + (f"?{p.query}" if p.query else "")
+            target = (p.path or "/") + (f"?{p.query}" if p.query else "")
+            if _BAD_TARGET.search(target):
+                raise self._error(f"the URL path {target!r} holds a space or a control "
+                                  "character", offset)
             conn = self._conn(url)
             try:
-                conn.request(method, path, headers={"Accept-Encoding": "identity",
-                                                    **headers})
-                resp = conn.getresponse()
-            except (TimeoutError, socket.timeout):
-                self._drop_conn(url)
+                resp = conn.request(method, target, {"Accept-Encoding": "identity",
+                                                     **headers})
+            except TimeoutError:
+                conn.close()
                 raise self._error(f"timed out after {self.timeout:g} s", offset) from None
-            except (ConnectionError, http.client.HTTPException, OSError) as e:
-                self._drop_conn(url)
-                if isinstance(e, ssl.SSLCertVerificationError):
-                    raise self._error(f"TLS certificate not accepted: {e.verify_message}",
+            except (OSError, ProtocolError) as e:
+                conn.close()
+                refusal = certificate_refusal(e)
+                if refusal is not None:
+                    raise self._error(f"TLS certificate not accepted: {refusal}",
                                       offset) from None
                 raise _Dropped(str(e) or type(e).__name__) from None
             if resp.status not in _REDIRECTS:
-                return resp, url
-            location = resp.getheader("Location")
-            self._discard(resp, url)
+                return resp, conn, url
+            location = resp.header("Location")
+            self._discard(resp, conn)
             if not location:
                 raise self._error(f"HTTP {resp.status} without a Location", offset,
                                   resp.status)
@@ -186,65 +171,59 @@ class HttpHost(ObjectHost):
             url = nxt
         raise self._error(f"more than {self._max_redirects} redirects", offset)
 
-    def _discard(self, resp: http.client.HTTPResponse, url: str) -> None:
-        """Leave a response without reading a body of unknown or large size: a short
-        body is read so the connection stays usable, anything else closes it."""
-        length = resp.getheader("Content-Length")
-        if resp.chunked or length is None or not length.isdigit() or int(length) > 65536:
-            resp.close()
-            self._drop_conn(url)
-        else:
-            try:
-                resp.read()
-            except (OSError, http.client.HTTPException):
-                self._drop_conn(url)
+    def _discard(self, resp: Response, conn: Connection) -> None:
+        """Leave a response: a short body is read so the connection stays usable,
+        anything else (or a failure reading it) closes it."""
+        try:
+            conn.drain(resp, _SMALL_BODY)
+        except (OSError, ProtocolError):
+            conn.close()
 
-    def _check_version(self, resp: http.client.HTTPResponse, offset: int | None) -> None:
-        etag = resp.getheader("ETag")
-        modified = resp.getheader("Last-Modified")
+    def _check_version(self, resp: Response, conn: Connection, offset: int | None) -> None:
+        etag = resp.header("ETag")
+        modified = resp.header("Last-Modified")
         if (self._etag and etag and etag != self._etag) or \
                 (self._modified and modified and modified != self._modified):
-            raise self._error(f"{_CHANGED} (ETag {self._etag} "
-                              f"-> {etag}, Last-Modified {self._modified} -> {modified})",
-                              offset)
+            self._discard(resp, conn)
+            raise self._changed_error(f"ETag {self._etag} -> {etag}, Last-Modified "
+                                      f"{self._modified} -> {modified}", offset)
 
-    def _status_error(self, resp: http.client.HTTPResponse, url: str,
+    def _status_error(self, resp: Response, conn: Connection,
                       offset: int | None) -> RemoteError:
-        self._discard(resp, url)
+        self._discard(resp, conn)
         if resp.status == 412:
-            return self._error(f"{_CHANGED} (HTTP 412 "
-                               "Precondition Failed)", offset, 412)
+            return self._changed_error("HTTP 412 Precondition Failed", offset, 412)
         return self._error(f"HTTP {resp.status} {resp.reason}", offset, resp.status)
 
     def _stat(self) -> int:
         """Size, ETag and Last-Modified: from HEAD, else from a one-byte ranged GET."""
-        resp, url = self._retry(lambda: self._request("HEAD", {}, None), None)
-        resp.read()
-        self._target = url
-        length = resp.getheader("Content-Length")
+        resp, conn, self._target = self._retry(lambda: self._request("HEAD", {}, None),
+                                               None)
+        length = resp.header("Content-Length")
         if resp.status == 200 and length is not None and length.isdigit():
-            self._etag = resp.getheader("ETag")
-            self._modified = resp.getheader("Last-Modified")
+            self._etag = resp.header("ETag")
+            self._modified = resp.header("Last-Modified")
             return int(length)
         if resp.status >= 400 and resp.status not in (405, 501):
             raise self._error(f"HTTP {resp.status} {resp.reason}", None, resp.status)
-        resp, url = self._retry(lambda: self._request("GET", {"Range": "bytes=0-0"}, 0), 0)
+        resp, conn, _ = self._retry(lambda: self._request("GET", {"Range": "bytes=0-0"}, 0),
+                                    0)
         if resp.status != 206:
             if resp.status == 200:
-                self._discard(resp, url)
+                self._discard(resp, conn)
                 raise self._error("the server ignores Range requests (HTTP 200)", 0, 200)
-            raise self._status_error(resp, url, 0)
-        self._etag = resp.getheader("ETag")
-        self._modified = resp.getheader("Last-Modified")
-        total = _content_range(resp.getheader("Content-Range"))[2]
-        self._discard(resp, url)
+            raise self._status_error(resp, conn, 0)
+        self._etag = resp.header("ETag")
+        self._modified = resp.header("Last-Modified")
+        total = _content_range(resp.header("Content-Range"))[2]
+        self._discard(resp, conn)
         if total is None:
             raise self._error("no size: neither Content-Length nor Content-Range/total",
                               0)
         return total
 
-    def _retry(self, call: Callable[[], tuple[http.client.HTTPResponse, str]],
-               offset: int | None) -> tuple[http.client.HTTPResponse, str]:
+    def _retry(self, call: Callable[[], tuple[Response, Connection, str]],
+               offset: int | None) -> tuple[Response, Connection, str]:
         """``call()``, once more if the connection failed under it."""
         try:
             return call()
@@ -272,155 +251,59 @@ class HttpHost(ObjectHost):
         headers = {"Range": f"bytes={offset}-{end}"}
         if self._etag and not self._etag.startswith("W/"):
             headers["If-Match"] = self._etag
-        resp, url = self._request("GET", headers, offset)
+        resp, conn, _ = self._request("GET", headers, offset)
         if resp.status == 200:
-            self._check_version_or_discard(resp, url, offset)
-            self._discard(resp, url)
+            self._check_version(resp, conn, offset)
+            self._discard(resp, conn)
             raise self._error("the server ignores Range requests (HTTP 200 with the "
                               "whole object): refused", offset, 200)
         if resp.status != 206:
-            raise self._status_error(resp, url, offset)
-        self._check_version_or_discard(resp, url, offset)
-        encoding = resp.getheader("Content-Encoding", "identity").strip().lower()
-        if encoding != "identity":
-            self._discard(resp, url)
-            raise self._error(f"the server sent an encoded body (Content-Encoding "
-                              f"{encoding}) though identity was asked for", offset, 206)
-        first, last, total = _content_range(resp.getheader("Content-Range"))
-        if first is None or last is None:
-            self._discard(resp, url)
-            raise self._error(f"a 206 response without a usable Content-Range "
-                              f"({resp.getheader('Content-Range')!r})", offset, 206)
-        if total is not None and total != self._size:
-            self._discard(resp, url)
-            raise self._error(f"{_CHANGED} (size {self._size} "
-                              f"-> {total})", offset, 206)
-        if first == offset and last < end:
-            self._discard(resp, url)
-            raise self._error(f"short range: asked for bytes {offset}-{end}, got "
-                              f"{first}-{last}", offset, 206)
-        if first != offset or last != end:
-            self._discard(resp, url)
-            raise self._error(f"wrong Content-Range: asked for bytes {offset}-{end}, got "
-                              f"{first}-{last}", offset, 206)
+            raise self._status_error(resp, conn, offset)
+        self._check_version(resp, conn, offset)
+        refusal = self._refusal(resp, offset, end)
+        if refusal is not None:
+            self._discard(resp, conn)
+            raise refusal
         got = 0
         try:
             while got < n:
-                k = resp.readinto(buf[got:])
+                k = conn.readinto(resp, buf[got:])
                 if not k:
                     break
                 got += k
-        except (TimeoutError, socket.timeout):
-            self._drop_conn(url)
+        except TimeoutError:
+            conn.close()
             raise self._error(f"timed out after {self.timeout:g} s ({got} of {n} bytes "
                               "read)", offset) from None
-        except http.client.IncompleteRead as e:
-            got += len(e.partial)
-        except (ConnectionError, http.client.HTTPException, OSError) as e:
-            self._drop_conn(url)
+        except (OSError, ProtocolError) as e:
+            conn.close()
             raise _Dropped(f"{e or type(e).__name__} after {got} of {n} bytes") from None
         if got < n:
-            self._drop_conn(url)
+            conn.close()
             raise _Dropped(f"the body ended after {got} of {n} bytes")
-        if not resp.isclosed():
-            # a body longer than the range: the connection cannot be reused
-            if resp.length:
-                self._drop_conn(url)
-            else:
-                resp.read()
+        if not resp.finished:   # a chunked body's last chunk, or more than the range
+            self._discard(resp, conn)
 
-    def _check_version_or_discard(self, resp: http.client.HTTPResponse, url: str,
-                                  offset: int) -> None:
-        try:
-            self._check_version(resp, offset)
-        except RemoteError:
-            self._discard(resp, url)
-            raise
-
-    # --- block cache ------------------------------------------------------------------
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers,
-                                                thread_name_prefix="diskimg-http")
-            return self._pool
-
-    def _fill(self, first: int, count: int, offset: int, buf: memoryview) -> None:
-        """Fetch blocks ``first`` .. ``first + count - 1`` (inside the object), cache
-        them and copy what overlaps ``buf`` (which starts at ``offset``)."""
-        bs = self._block
-        start = first * bs
-        stop = min((first + count) * bs, self._size)
-        data = bytearray(stop - start)
-        self._fetch_into(start, memoryview(data))
-        lo, hi = max(start, offset), min(stop, offset + len(buf))
-        if lo < hi:
-            buf[lo - offset : hi - offset] = memoryview(data)[lo - start : hi - start]
-        with self._lock:
-            for i in range(count):
-                b = first + i
-                self._cache[b] = bytes(data[i * bs : (i + 1) * bs])
-                self._cache.move_to_end(b)
-            while len(self._cache) > self._max_blocks:
-                self._cache.popitem(last=False)
-
-    def preadinto(self, offset: int, buf: memoryview) -> int:
-        """Fill ``buf`` from ``offset``; bytes past the end of the object are zeroed."""
-        self._check_open()
-        if self._changed is not None:
-            raise self._error(self._changed, offset)
-        n = len(buf)
-        end = self._clip(offset, buf)
-        if offset >= end:
-            return n
-        bs = self._block
-        first, last = offset // bs, (end - 1) // bs
-        missing: list[int] = []
-        with self._lock:
-            for b in range(first, last + 1):
-                blk = self._cache.get(b)
-                if blk is None:
-                    missing.append(b)
-                    continue
-                self._cache.move_to_end(b)
-                lo, hi = max(b * bs, offset), min((b + 1) * bs, end)
-                buf[lo - offset : hi - offset] = blk[lo - b * bs : hi - b * bs]
-            sequential = offset == self._next
-            self._next = end
-            self._ahead = min(max(self._ahead * 2, 2), _READAHEAD_MAX) if sequential \
-                else 0
-            nblocks = -(-self._size // bs)
-            # read ahead for small sequential reads only: a large read is its own
-            # read-ahead, and going through the cache would copy it twice more
-            small = last - first < _PART_BLOCKS
-            ahead = [b for b in range(last + 1, min(last + 1 + self._ahead, nblocks))
-                     if b not in self._cache] if missing and small and self._ahead else []
-        if not missing:
-            return n
-        # runs wholly inside the request go straight into ``buf`` (not cached: a large
-        # read is not read again); partial blocks and read-ahead go through the cache
-        jobs: list[Callable[[], None]] = []
-        for b, c in _runs(missing + ahead, _PART_BLOCKS):
-            lo, hi = b * bs, min((b + c) * bs, self._size)
-            if lo >= offset and hi <= end and c > 1:
-                jobs.append(partial(self._fetch_into, lo, buf[lo - offset : hi - offset]))
-            else:
-                jobs.append(partial(self._fill, b, c, offset, buf))
-        if len(jobs) == 1:
-            jobs[0]()
-            return n
-        pool = self._executor()
-        futs = [pool.submit(j) for j in jobs[1:]]
-        first_error: BaseException | None = None
-        try:
-            jobs[0]()
-        except BaseException as e:
-            first_error = e
-        errors = [first_error, *(f.exception() for f in futs)]
-        for err in errors:
-            if err is not None:
-                raise err
-        return n
+    def _refusal(self, resp: Response, offset: int, end: int) -> RemoteError | None:
+        """Why a 206 response is not the bytes ``offset``..``end`` of this object, or
+        None."""
+        encoding = (resp.header("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            return self._error(f"the server sent an encoded body (Content-Encoding "
+                               f"{encoding}) though identity was asked for", offset, 206)
+        first, last, total = _content_range(resp.header("Content-Range"))
+        if first is None or last is None:
+            return self._error(f"a 206 response without a usable Content-Range "
+                               f"({resp.header('Content-Range')!r})", offset, 206)
+        if total is not None and total != self._size:
+            return self._changed_error(f"size {self._size} -> {total}", offset, 206)
+        if first == offset and last < end:
+            return self._error(f"short range: asked for bytes {offset}-{end}, got "
+                               f"{first}-{last}", offset, 206)
+        if first != offset or last != end:
+            return self._error(f"wrong Content-Range: asked for bytes {offset}-{end}, got "
+                               f"{first}-{last}", offset, 206)
+        return None
 
     # --- size and the rest of the Host protocol ---------------------------------------
     def _read_only(self) -> UsageError:
@@ -461,12 +344,9 @@ class HttpHost(ObjectHost):
     def close(self) -> None:
         """Close every connection and the thread pool (idempotent)."""
         self._closed = True
+        self._close_reads()
         with self._lock:
-            pool, self._pool = self._pool, None
             conns, self._conns = self._conns, []
-            self._cache.clear()
-        if pool is not None:
-            pool.shutdown(wait=True)
         for c in conns:
             c.close()
 
@@ -475,17 +355,6 @@ class HttpHost(ObjectHost):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _runs(blocks: list[int], most: int) -> list[tuple[int, int]]:
-    """Sorted distinct ``blocks`` as (first, count) runs of at most ``most`` blocks."""
-    runs: list[tuple[int, int]] = []
-    for b in sorted(set(blocks)):
-        if runs and runs[-1][0] + runs[-1][1] == b and runs[-1][1] < most:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((b, 1))
-    return runs
 
 
 def _content_range(value: str | None) -> tuple[int | None, int | None, int | None]:

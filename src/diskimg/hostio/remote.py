@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
 
 BLOCK_SIZE = 256 << 10
 CACHE_BYTES = 8 << 20
-_CHANGED = "the object changed since it was opened"
 #: the stores whose objects cannot be rewritten in place
 _IMMUTABLE = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci",
                         "oss", "hf", "http", "https"})
@@ -103,18 +101,16 @@ def _filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[An
 def remote_error(url: str, e: BaseException, offset: int | None) -> RemoteError:
     """``e`` (raised by fsspec or its store) as a RemoteError naming ``url`` and
     ``offset``; a missing object is a 404, a refused one a 403."""
-    at = "" if offset is None else f" at offset {offset:#x}"
+    from diskimg.hostio.objects import read_error  # the one wording (objects is loaded)
+
     status: int | None = None
     if isinstance(e, FileNotFoundError):
         what, status = "No such object (404)", 404
     elif isinstance(e, PermissionError):
         what, status = f"Access denied (403): {e}", 403
-    elif isinstance(e, OSError) and e.errno == errno.EBUSY and "Etag" in str(e):
-        what = f"{_CHANGED} (the ETag no longer matches)"
     else:
         what = f"{type(e).__name__}: {e}"
-    return RemoteError(f"Could not read '{url}'{at}: {what}", url=url, offset=offset,
-                       status=status)
+    return read_error(url, what, offset, status)
 
 
 class FsspecHost(ObjectHost):
@@ -135,12 +131,9 @@ class FsspecHost(ObjectHost):
         self.fs = fs
         self.key = key
         self.writable = writable
-        self._block = block_size
-        self._max_blocks = cache_bytes // block_size
+        self._init_reads(block_size, cache_bytes)   # one fetch at a time: one file object
         self._lock = threading.RLock()
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._closed = False
-        self._changed: str | None = None
         self._f: Any = None
         self.protocol = protocol = fs.protocol if isinstance(fs.protocol, str) \
             else fs.protocol[0]
@@ -164,68 +157,22 @@ class FsspecHost(ObjectHost):
         except Exception as e:  # fsspec stores raise what their client raises
             raise remote_error(url, e, None) from None
 
-    # --- reads ------------------------------------------------------------------------
-    def _read_at(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` (all inside the object) from the store."""
+    # --- reads (through ObjectHost's block cache) --------------------------------------
+    def _fetch_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the object's bytes at ``offset`` (all inside it)."""
+        n = len(buf)
         try:
             with self._lock:
                 self._f.seek(offset)
-                data = self._f.read(length)
+                data = self._f.read(n)
         except Exception as e:
-            err = remote_error(self.url, e, offset)
-            if _CHANGED in str(err):
-                self._changed = str(err)
-            raise err from None
-        if len(data) != length:
-            raise RemoteError(f"Could not read '{self.url}' at offset {offset:#x}: short "
-                              f"read ({len(data)} of {length} bytes): the object may have "
-                              "changed", url=self.url, offset=offset)
-        return bytes(data)
-
-    def preadinto(self, offset: int, buf: memoryview) -> int:
-        """Fill ``buf`` from ``offset``; bytes past the end of the object are zeroed."""
-        self._check_open()
-        if self._changed is not None:
-            raise RemoteError(self._changed, url=self.url, offset=offset)
-        n = len(buf)
-        end = self._clip(offset, buf)
-        if offset >= end:
-            return n
-        bs = self._block
-        first, last = offset // bs, (end - 1) // bs
-        if last - first + 1 > self._max_blocks:  # larger than the cache: not cached
-            buf[: end - offset] = self._read_at(offset, end - offset)
-            return n
-        with self._lock:
-            b = first
-            while b <= last:
-                blk = self._cache.get(b)
-                if blk is None:  # fetch the run of missing blocks in one ranged read
-                    stop = b
-                    while stop + 1 <= last and (stop + 1) not in self._cache:
-                        stop += 1
-                    lo, hi = b * bs, min((stop + 1) * bs, self._size)
-                    data = self._read_at(lo, hi - lo)
-                    for i in range(b, stop + 1):
-                        self._cache[i] = data[(i - b) * bs : (i - b + 1) * bs]
-                        self._cache.move_to_end(i)
-                    while len(self._cache) > self._max_blocks:
-                        self._cache.popitem(last=False)
-                    for i in range(b, stop + 1):
-                        self._copy(i, data[(i - b) * bs : (i - b + 1) * bs], offset,
-                                   end, buf)
-                    b = stop + 1
-                    continue
-                self._cache.move_to_end(b)
-                self._copy(b, blk, offset, end, buf)
-                b += 1
-        return n
-
-    def _copy(self, b: int, blk: bytes, offset: int, end: int, buf: memoryview) -> None:
-        bs = self._block
-        lo, hi = max(b * bs, offset), min((b + 1) * bs, end)
-        if lo < hi:
-            buf[lo - offset : hi - offset] = blk[lo - b * bs : hi - b * bs]
+            if isinstance(e, OSError) and e.errno == errno.EBUSY and "Etag" in str(e):
+                raise self._changed_error("the ETag no longer matches", offset) from None
+            raise remote_error(self.url, e, offset) from None
+        if len(data) != n:
+            raise self._read_error(f"short read ({len(data)} of {n} bytes): the object "
+                                   "may have changed", offset)
+        buf[:] = data
 
     # --- writes (write-through) -------------------------------------------------------
     def _read_only(self) -> UsageError:
@@ -245,9 +192,7 @@ class FsspecHost(ObjectHost):
                 raise RemoteError(f"Could not write '{self.url}' at offset {offset:#x}: "
                                   f"{type(e).__name__}: {e}", url=self.url,
                                   offset=offset) from None
-            bs = self._block
-            for b in range(offset // bs, (offset + len(data) - 1) // bs + 1):
-                self._cache.pop(b, None)
+            self._cache.discard(offset, len(data))
             self._size = max(self._size, offset + len(data))
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -314,8 +259,8 @@ class FsspecHost(ObjectHost):
         if self._closed:
             return
         self._closed = True
+        self._close_reads()
         with self._lock:
-            self._cache.clear()
             f, self._f = self._f, None
             if f is not None and self.protocol != "memory":  # memory's file IS the object
                 f.close()

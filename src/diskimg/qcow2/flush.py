@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 def metadata_preallocation(img: Qcow2Image) -> bool:
     """:meth:`Qcow2Image.metadata_preallocation` (documented there)."""
+    if img._metadata_prealloc is None and img.host.allocated_size() is None:
+        img._metadata_prealloc = False  # no allocated size to judge by (qemu: an error)
     if img._metadata_prealloc is None:
         from diskimg.qcow2.refcount import Refcounts  # not for reading (start-up)
 
@@ -46,7 +48,7 @@ def file_after_flush(img: Qcow2Image, rc: Refcounts) -> tuple[int, int, set[int]
     the filesystem blocks under them that are holes now) and applies the pending
     frees, punching the clusters it frees with the punch flag."""
     host, cs = img.host, img.cs
-    alloc, size = host.allocated_size(), host.size()
+    alloc, size = host.allocated_size() or 0, host.size()
     if img.read_only:
         return alloc, size, set()
     writes = [(off, cs) for off in img.l2_cache.dirty]

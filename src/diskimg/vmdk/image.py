@@ -416,9 +416,8 @@ class VmdkImage(BlockDevice):
     # --- reporting ----------------------------------------------------------------------
     @requires_open
     def info(self) -> ImageInfo:
-        actual = self.host.allocated_size()
-        for h in self._own_hosts:
-            actual += h.allocated_size()
+        sizes = [self.host.allocated_size(), *(h.allocated_size() for h in self._own_hosts)]
+        actual = None if None in sizes else sum(s or 0 for s in sizes)
         cs = self.cluster_size
         hint, _ = self.backing_file_name()
         full = None
