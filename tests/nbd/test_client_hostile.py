@@ -77,6 +77,9 @@ HOSTILE_READS: dict[str, tuple[Handler, str]] = {
     "short reply": (_reply(lambda r: p.pack_offset_data(r.handle, r.offset,
                                                         DATA[:r.length], DONE)[:100],
                            then_close=True), "closed the connection"),
+    "data chunk without data": (_reply(lambda r: p.pack_chunk(
+        r.handle, p.NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", r.offset), DONE)),
+        "OFFSET_DATA of 8 bytes"),
     "hole of length 0": (_reply(lambda r: p.pack_chunk(
         r.handle, p.NBD_REPLY_TYPE_OFFSET_HOLE, struct.pack(">QI", r.offset, 0), DONE)),
         "OFFSET_HOLE of 0 bytes"),
