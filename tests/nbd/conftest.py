@@ -124,8 +124,8 @@ def _openssl(*args: str | Path) -> None:
 @pytest.fixture(scope="session")
 def creds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for localhost and a client certificate, named as QEMU's
-    tls-creds-x509 and libnbd's ``tls-certificates`` directory expect.  Shared by the TLS tests of the server and of
-    the client."""
+    tls-creds-x509 and libnbd's ``tls-certificates`` directory expect.  Shared by the TLS
+    tests of the server and of the client."""
     if not shutil.which("openssl"):
         pytest.skip("openssl absent")
     d = tmp_path_factory.mktemp("tls")
