@@ -147,11 +147,15 @@ class RawImage(BlockDevice):
 
     @requires_open
     def info(self) -> ImageInfo:
+        actual = self.host.allocated_size()
+        # qemu's raw driver asks its protocol driver for the dirty flag: a host with no
+        # allocation to report (an NBD export) has neither (qemu-img omits both keys)
         return ImageInfo(
             filename=self.display_name(),
             format=self.driver,
             virtual_size=self.size,
-            actual_size=self.host.allocated_size(),
+            actual_size=actual,
+            dirty_flag=None if actual is None else False,
         )
 
     def display_name(self) -> str:

@@ -82,7 +82,9 @@ class Status(FrozenRecord):
 
 
 class ImageInfo(Record):
-    """What ``qemu-img info`` reports; :meth:`to_json` gives qemu's keys."""
+    """What ``qemu-img info`` reports; :meth:`to_json` gives qemu's keys.  ``actual_size``
+    None: the host has no allocation to report (an NBD export; qemu's ``disk size:
+    unavailable``); ``dirty_flag`` None: not reported (raw over such a host)."""
 
     __slots__ = ("filename", "format", "virtual_size", "actual_size", "dirty_flag",
                  "cluster_size", "encrypted", "backing_filename", "full_backing_filename",
@@ -90,8 +92,8 @@ class ImageInfo(Record):
     filename: str
     format: str
     virtual_size: int
-    actual_size: int
-    dirty_flag: bool
+    actual_size: int | None
+    dirty_flag: bool | None
     cluster_size: int | None
     encrypted: bool
     backing_filename: str | None
@@ -100,8 +102,8 @@ class ImageInfo(Record):
     snapshots: list[dict[str, Any]]
     format_specific: dict[str, Any] | None
 
-    def __init__(self, filename: str, format: str, virtual_size: int, actual_size: int,
-                 dirty_flag: bool = False, cluster_size: int | None = None,
+    def __init__(self, filename: str, format: str, virtual_size: int,
+                 actual_size: int | None, dirty_flag: bool | None = False, cluster_size: int | None = None,
                  encrypted: bool = False, backing_filename: str | None = None,
                  full_backing_filename: str | None = None,
                  backing_filename_format: str | None = None,
@@ -141,7 +143,8 @@ class ImageInfo(Record):
         if self.cluster_size is not None:
             d["cluster-size"] = self.cluster_size
         d["format"] = self.format
-        d["actual-size"] = self.actual_size
+        if self.actual_size is not None:  # None: the host cannot say (an NBD export)
+            d["actual-size"] = self.actual_size
         if self.format_specific is not None:
             d["format-specific"] = self.format_specific
         if self.full_backing_filename is not None:
@@ -150,7 +153,8 @@ class ImageInfo(Record):
             d["encrypted"] = True
         if self.backing_filename is not None:
             d["backing-filename"] = self.backing_filename
-        d["dirty-flag"] = self.dirty_flag
+        if self.dirty_flag is not None:
+            d["dirty-flag"] = self.dirty_flag
         return d
 
 

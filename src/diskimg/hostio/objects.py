@@ -73,7 +73,7 @@ class ObjectHost:
         self._check_open()
         return self._size
 
-    def allocated_size(self) -> int:
+    def allocated_size(self) -> int | None:
         """A remote object has no allocation to ask about: its size."""
         return self.size()
 

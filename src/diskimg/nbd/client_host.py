@@ -79,6 +79,12 @@ class NbdHost(ObjectHost):
         """The URL as given."""
         return self.url
 
+    def allocated_size(self) -> None:
+        """None: NBD has no request for the bytes an export stores (``info`` says
+        ``disk size: unavailable``, as qemu-img)."""
+        self._check_open()
+        return None
+
     # --- reads ------------------------------------------------------------------------
     def _span(self, offset: int, n: int) -> tuple[int, int]:
         """The range [offset, offset+n) widened to the minimum block size (within the

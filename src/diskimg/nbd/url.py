@@ -122,12 +122,11 @@ def parse(url: str) -> NbdAddress:
 def display_name(address: NbdAddress) -> str:
     """The URL as qemu spells an NBD image's file name (``nbd://HOST:PORT[/EXPORT]``,
     ``nbd+unix://[/EXPORT]?socket=PATH``), so that ``info`` and ``map`` print what
-    qemu-img prints; a TLS URL keeps its parameters and is shown as given."""
-    from urllib.parse import quote
-
+    qemu-img prints (the export name as the server knows it, not percent-encoded, as
+    qemu prints it); a TLS URL keeps its parameters and is shown as given."""
     if address.tls:
         return address.url
-    export = "/" + quote(address.export, safe="/:@!$&'()*+,;=") if address.export else ""
+    export = "/" + address.export if address.export else ""
     if address.socket is not None:
         return f"nbd+unix://{export}?socket={address.socket}"
     host = f"[{address.host}]" if address.host and ":" in address.host else address.host

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 def metadata_preallocation(img: Qcow2Image) -> bool:
     """:meth:`Qcow2Image.metadata_preallocation` (documented there)."""
     if img._metadata_prealloc is None:
+        if img.host.allocated_size() is None:
+            img._metadata_prealloc = False  # no allocation to compare with: qemu's "no"
+            return False
         try:
             rc = img._refcounts or Refcounts(img.host, img.header)
             alloc, size, freed = file_after_flush(img, rc)
@@ -44,7 +47,7 @@ def file_after_flush(img: Qcow2Image, rc: Refcounts) -> tuple[int, int, set[int]
     the filesystem blocks under them that are holes now) and applies the pending
     frees, punching the clusters it frees with the punch flag."""
     host, cs = img.host, img.cs
-    alloc, size = host.allocated_size(), host.size()
+    alloc, size = host.allocated_size() or 0, host.size()  # None: never asked (above)
     if img.read_only:
         return alloc, size, set()
     writes = [(off, cs) for off in img.l2_cache.dirty]

@@ -409,9 +409,9 @@ class VmdkImage(BlockDevice):
     # --- reporting ----------------------------------------------------------------------
     @requires_open
     def info(self) -> ImageInfo:
-        actual = self.host.allocated_size()
-        for h in self._own_hosts:
-            actual += h.allocated_size()
+        sizes = [self.host.allocated_size(), *(h.allocated_size() for h in self._own_hosts)]
+        # one file that cannot say makes the whole unavailable, as in qemu
+        actual = None if None in sizes else sum(s for s in sizes if s is not None)
         cs = self.cluster_size
         hint, _ = self.backing_file_name()
         full = None
