@@ -103,7 +103,8 @@ class ImageInfo(Record):
     format_specific: dict[str, Any] | None
 
     def __init__(self, filename: str, format: str, virtual_size: int,
-                 actual_size: int | None, dirty_flag: bool | None = False, cluster_size: int | None = None,
+                 actual_size: int | None, dirty_flag: bool | None = False,
+                 cluster_size: int | None = None,
                  encrypted: bool = False, backing_filename: str | None = None,
                  full_backing_filename: str | None = None,
                  backing_filename_format: str | None = None,
