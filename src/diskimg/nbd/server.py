@@ -2,8 +2,9 @@
 
 As qemu-nbd: at most ``shared`` clients are served at once (``-e``; 0: no limit; the
 next ones wait in the listen queue until a slot frees), and unless ``persistent``
-(``-t``) the server stops once its last client has left.  :meth:`Server.shutdown` (a signal handler's call)
-stops accepting, ends every connection and returns from :meth:`Server.serve`.
+(``-t``) the server stops once its last client has left.  :meth:`Server.shutdown` (a
+signal handler's call) stops accepting, ends every connection and returns from
+:meth:`Server.serve`.
 
 Library use::
 
