@@ -45,3 +45,49 @@ def test_info_of_an_export_equals_qemu_img(image: Path, tmp_path: Path, qemu: Qe
         _same_info(qemu, uri(sock), "-f", "qcow2")
     with qemu_nbd_tcp(image, "-r", "-x", "disk one") as url:
         _same_info(qemu, url + "disk%20one")
+
+
+WRITES = [  # (command, args with {u} the export's URL, exit code)
+    ("convert", ["-O", "raw", "{small}", "{u}"], 0),   # the export's tail left as it was
+    ("convert", ["-O", "raw", "{same}", "{u}"], 0),    # stale bytes overwritten with zeros
+    ("convert", ["-O", "raw", "{big}", "{u}"], 1),     # Cannot grow NBD nodes: nothing
+    ("dd", ["-O", "raw", "if={small}", "of={u}"], 0),
+    ("dd", ["-O", "raw", "bs=64k", "count=3", "if={same}", "of={u}"], 0),
+    ("dd", ["-O", "raw", "if={big}", "of={u}"], 1),
+    ("create", ["-f", "raw", "{u}", "1M"], 0),         # only the first 512 bytes zeroed
+    ("create", ["-f", "raw", "{u}", "16M"], 1),
+    ("create", ["-f", "raw", "-o", "preallocation=full", "{u}", "1M"], 1),
+]
+
+
+def test_writing_onto_an_export_without_n_as_qemu_img(tmp_path: Path, qemu: Qemu,
+                                                      qemu_nbd: Serve) -> None:
+    """convert/dd/create onto an existing export without ``-n``: qemu-img writes onto
+    it (it cannot create it); the export keeps its size; a larger image is refused
+    before anything is written.  The export's every byte equals qemu-img's result."""
+    imgs = {}
+    for name, size, io in (("small", "3M", "write -P 0x22 0 64k"),
+                           ("same", "8M", "write -P 0x33 1M 64k"),
+                           ("big", "16M", "write -P 0x44 0 64k")):
+        imgs[name] = tmp_path / f"{name}.qcow2"
+        qemu.img("create", "-q", "-f", "qcow2", imgs[name], size)
+        qemu.io(imgs[name], io, "write -P 0x55 2M 512")
+    target = tmp_path / "export.raw"
+    stale = bytes(range(256)) * (8 * MiB // 256)
+    target.write_bytes(stale)
+    with qemu_nbd(target, fmt="raw") as sock:
+        for cmd, args, code in WRITES:
+            argv = [a.format(u=uri(sock), **{k: str(v) for k, v in imgs.items()})
+                    for a in args]
+            results = []
+            for tool in ("qemu-img", "diskimg"):
+                target.write_bytes(stale)
+                if tool == "diskimg":
+                    cli(cmd, *argv, ok=code)
+                else:
+                    qemu.img(cmd, *argv, ok=(code,))
+                results.append(target.read_bytes())
+            assert len(results[1]) == 8 * MiB, (cmd, args)
+            assert results[1] == results[0], (cmd, args)
+            if code:
+                assert results[1] == stale, (cmd, args)   # a refusal changes nothing

@@ -291,6 +291,24 @@ def _allocation(run: list[int]) -> tuple[int, int, bool, bool]:
     return start, n, not flags & P.NBD_STATE_HOLE, bool(flags & P.NBD_STATE_ZERO)
 
 
+def create_raw_on_export(url: str, size: int, preallocation: str = "off") -> None:
+    """``create -f raw`` (and the target of ``convert``/``dd`` without ``-n``) on an NBD
+    export, as qemu-img 7.2: the export keeps its size and bytes; ``size`` may not exceed
+    it ("Cannot grow NBD nodes"); only ``preallocation=off``; then the first 512 bytes are
+    zeroed (an old image there is not probed again).  A refusal writes nothing."""
+    if preallocation != "off":
+        raise UsageError(f"Unsupported preallocation mode '{preallocation}'",
+                         field="preallocation")
+    host = NbdHost(url, writable=True)
+    try:
+        if size > host.size():
+            raise UsageError("Cannot grow NBD nodes", path=url, field="size")
+        host.write_zeros(0, min(512, host.size()))
+        host.flush()
+    finally:
+        host.close()
+
+
 def open_nbd(url: str, policy: OpenPolicy | None = None, writable: bool = False, *,
              timeout: float = DEFAULT_TIMEOUT,
              contexts: Sequence[str] = (P.BASE_ALLOCATION,),

@@ -186,7 +186,7 @@ def convert(
             tgt_cm: Any = contextlib.nullcontext(dst)
         else:
             if not target_exists:
-                if not os.path.lexists(dst):
+                if not os.path.lexists(dst) and not _is_nbd(dst):
                     created = dst
                     listed = _listings(dst, (options or {}).get("data_file"))
                 api.create(dst, out_format, total, backing_file=backing_file,
@@ -256,6 +256,13 @@ def convert(
         for dev, owned in opened:
             if owned:
                 dev.close()
+
+
+def _is_nbd(dst: str | os.PathLike[str]) -> bool:
+    """An NBD URL: the export exists already (api.create writes onto it; never removed)."""
+    from diskimg.nbd.url import is_nbd_url
+
+    return isinstance(dst, str) and is_nbd_url(dst)
 
 
 def _is_fsspec(src: Source) -> bool:
