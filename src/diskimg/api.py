@@ -88,6 +88,10 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
         shown = os.fspath(path)
         if isinstance(shown, bytes):
             shown = os.fsdecode(shown)
+        if shown.startswith("nbd:"):  # qemu's legacy NBD names: the URL they mean
+            from diskimg.hostio.urls import top_level_name
+
+            shown = top_level_name(shown)
         src = path_name(shown)
         if _is_url(shown):
             from diskimg.hostio.urls import open_url
@@ -387,6 +391,10 @@ def create(
     from pathlib import Path
 
     nbd = False
+    if isinstance(path, str) and path.startswith("nbd:"):
+        from diskimg.hostio.urls import top_level_name
+
+        path = top_level_name(path)  # qemu's legacy NBD names: the URL they mean
     if isinstance(path, str) and "://" in path:
         from diskimg.nbd.url import is_nbd_url
 

@@ -91,3 +91,32 @@ def test_writing_onto_an_export_without_n_as_qemu_img(tmp_path: Path, qemu: Qemu
             assert results[1] == results[0], (cmd, args)
             if code:
                 assert results[1] == stale, (cmd, args)   # a refusal changes nothing
+
+
+def test_legacy_nbd_names_open_at_the_top_level_only(image: Path, tmp_path: Path,
+                                                      qemu: Qemu, qemu_nbd: Serve) -> None:
+    """``nbd:unix:PATH[:exportname=NAME]`` and ``nbd:HOST:PORT``: info as qemu-img prints
+    it, a convert onto one writes the export; as a backing name one is refused and
+    nothing connects."""
+    with qemu_nbd(image, "-r", "-x", "ex") as sock:
+        _same_info(qemu, f"nbd:unix:{sock}:exportname=ex")
+        for bad in (f"nbd:unix:{sock}:exportname=", "nbd:127.0.0.1"):
+            r = cli("info", bad, ok=1)
+            assert r.stderr.split(": ", 1)[1] == \
+                qemu.img("info", bad, ok=(1,)).stderr.split(": ", 1)[1]
+    with qemu_nbd_tcp(image, "-r") as url:
+        port = url.rsplit(":", 1)[1].strip("/")
+        _same_info(qemu, f"nbd:127.0.0.1:{port}")
+        _same_info(qemu, f"nbd:[127.0.0.1]:{port}")
+    target = tmp_path / "t.raw"
+    target.write_bytes(b"\xee" * (8 * MiB))
+    with qemu_nbd(target, fmt="raw") as sock:
+        cli("convert", "-O", "raw", str(image), f"nbd:unix:{sock}")
+        top = tmp_path / "top.qcow2"
+        qemu.img("create", "-q", "-f", "qcow2", "-u", "-b", f"nbd:unix:{sock}", "-F", "raw",
+                 top, "8M")
+        before = top.read_bytes()
+        r = cli("convert", "-O", "raw", str(top), str(tmp_path / "o.raw"), ok=1)
+        assert "Refusing to open backing file" in r.stderr
+        assert top.read_bytes() == before and not (tmp_path / "o.raw").exists()
+    assert target.read_bytes() == qemu.raw_bytes(image) + b"\xee" * (4 * MiB)

@@ -53,6 +53,35 @@ def is_nbd_url(name: str) -> bool:
     return bool(sep) and head.lower() in SCHEMES
 
 
+def legacy_url(name: str) -> str:
+    """The URL qemu's legacy NBD file name ``name`` means: ``nbd:HOST:PORT`` or
+    ``nbd:unix:PATH``, either followed by ``:exportname=NAME`` (the rest of the name);
+    an IPv6 ``HOST`` in brackets.  A :class:`UsageError` naming the part at fault when
+    ``name`` is not one (qemu's messages)."""
+    from urllib.parse import quote
+
+    def bad(why: str, field: str) -> UsageError:
+        return UsageError(why, path=name, field=field)
+
+    rest = name[4:] if name.startswith("nbd:") else ""
+    where, sep, export = rest.partition(":exportname=")
+    if sep and not export:
+        raise bad("NBD server address missing", "exportname")
+    path = "/" + quote(export, safe="") if export else ""
+    if where.startswith("unix:"):
+        if not where[5:]:
+            raise bad("NBD server address missing", "socket")
+        return f"nbd+unix://{path or '/'}?socket={quote(where[5:], safe='/')}"
+    host, colon, port = where.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise bad(f"error parsing address '{where}'", "address")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not bare or "[" in bare or "]" in bare or (":" in bare and bare == host):
+        raise bad(f"error parsing address '{where}'", "address")
+    host = f"[{bare}]" if ":" in bare else bare  # brackets only around IPv6
+    return f"nbd://{host}:{port}{path}"
+
+
 def parse(url: str) -> NbdAddress:
     """The address ``url`` names, or a :class:`UsageError` naming the URL and the part
     (``field``) that is wrong."""

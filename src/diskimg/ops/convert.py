@@ -111,6 +111,10 @@ def convert(
     what was written, as in qemu-img.
     """
     src_format = renamed("format", format, "src_format", src_format)
+    if isinstance(dst, str) and dst.startswith("nbd:"):
+        from diskimg.hostio.urls import top_level_name
+
+        dst = top_level_name(dst)  # qemu's legacy NBD names: the URL they mean
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     srcs = [sources] if isinstance(sources, str | os.PathLike | BlockDevice) else list(sources)
