@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from diskimg.errors import BackingChainError, UnsupportedFeatureError, UsageError
 from diskimg.hostio.objects import ObjectHost
 from diskimg.nbd import protocol as P
-from diskimg.nbd.client import DEFAULT_TIMEOUT, NbdClient
+from diskimg.nbd.client import NbdClient
 
 if TYPE_CHECKING:
     import ssl
@@ -47,7 +47,7 @@ class NbdHost(ObjectHost):
     locked = False
 
     def __init__(self, url: str, *, writable: bool = False,
-                 timeout: float = DEFAULT_TIMEOUT,
+                 timeout: float | None = None,  # None: the URL's x-timeout, else 30 s
                  contexts: Sequence[str] = (P.BASE_ALLOCATION,),
                  ssl_context: ssl.SSLContext | None = None) -> None:
         from diskimg.nbd.url import display_name, parse
@@ -310,13 +310,14 @@ def create_raw_on_export(url: str, size: int, preallocation: str = "off") -> Non
 
 
 def open_nbd(url: str, policy: OpenPolicy | None = None, writable: bool = False, *,
-             timeout: float = DEFAULT_TIMEOUT,
+             timeout: float | None = None,
              contexts: Sequence[str] = (P.BASE_ALLOCATION,),
              ssl_context: ssl.SSLContext | None = None) -> NbdHost:
     """Connect to the export at ``url`` (``writable``: for ``"r+"``; refused when the
     server exports it read-only).  An untrusted ``policy`` opens an NBD URL only when it
     has ``allow_nbd`` (a name from an untrusted source must not make diskimg connect to
-    arbitrary sockets).  Faults raise :class:`~diskimg.errors.RemoteError` naming the URL
+    arbitrary sockets).  ``timeout`` (seconds per socket operation): None takes the URL's
+    ``x-timeout``, else 30 s.  Faults raise :class:`~diskimg.errors.RemoteError` naming the URL
     and the offset."""
     if policy is not None and policy.untrusted and not policy.allow_nbd:
         raise BackingChainError(f"Refusing to open '{url}': an untrusted open policy opens "
