@@ -120,3 +120,30 @@ def test_legacy_nbd_names_open_at_the_top_level_only(image: Path, tmp_path: Path
         assert "Refusing to open backing file" in r.stderr
         assert top.read_bytes() == before and not (tmp_path / "o.raw").exists()
     assert target.read_bytes() == qemu.raw_bytes(image) + b"\xee" * (4 * MiB)
+
+
+def test_convert_B_over_holes_that_do_not_read_as_zeros(tmp_path: Path, qemu: Qemu,
+                                                         qemu_nbd: Serve) -> None:
+    """An export whose block status is a hole without NBD_STATE_ZERO (qemu's null-co
+    driver with read-zeroes=off: its bytes are undefined): ``convert -B BASE`` leaves
+    such ranges to the backing file, as qemu-img does (the output's map and every byte
+    equal qemu-img's); with a zero-reading hole neither tool does."""
+    base = tmp_path / "base.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", base, "4M")
+    qemu.io(base, "write -P 0x77 0 4M")
+    opts = "driver=raw,file.driver=null-co,file.size=4M,file.read-zeroes={}"
+    for zeroes in ("off", "on"):
+        with qemu_nbd(opts.format(zeroes), "-r", "--image-opts", fmt=None) as sock:
+            outs = []
+            for tool in ("qemu", "diskimg"):
+                out = tmp_path / f"{tool}-{zeroes}.qcow2"
+                args = ["convert", "-O", "qcow2", "-B", str(base), "-F", "qcow2", uri(sock),
+                        str(out)]
+                if tool == "qemu":
+                    qemu.img(*args)
+                else:
+                    cli(*args)
+                outs.append(out)
+        assert qemu.map(outs[1]) == qemu.map(outs[0]), zeroes
+        assert qemu.raw_bytes(outs[1]) == qemu.raw_bytes(outs[0]) == \
+            (b"\x77" * (4 * MiB) if zeroes == "off" else bytes(4 * MiB))
