@@ -79,14 +79,16 @@ def test_writing_onto_an_export_without_n_as_qemu_img(tmp_path: Path, qemu: Qemu
         for cmd, args, code in WRITES:
             argv = [a.format(u=uri(sock), **{k: str(v) for k, v in imgs.items()})
                     for a in args]
-            results = []
+            results, errors = [], []
             for tool in ("qemu-img", "diskimg"):
                 target.write_bytes(stale)
                 if tool == "diskimg":
-                    cli(cmd, *argv, ok=code)
+                    errors.append(cli(cmd, *argv, ok=code).stderr)
                 else:
-                    qemu.img(cmd, *argv, ok=(code,))
+                    errors.append(qemu.img(cmd, *argv, ok=(code,)).stderr)
                 results.append(target.read_bytes())
+            # the message after the program's name: qemu-img's words
+            assert errors[1].partition(": ")[2] == errors[0].partition(": ")[2], errors
             assert len(results[1]) == 8 * MiB, (cmd, args)
             assert results[1] == results[0], (cmd, args)
             if code:
