@@ -20,10 +20,10 @@ if TYPE_CHECKING:
 
 def metadata_preallocation(img: Qcow2Image) -> bool:
     """:meth:`Qcow2Image.metadata_preallocation` (documented there)."""
+    if img._metadata_prealloc is None and img.host.allocated_size() is None:
+        img._metadata_prealloc = False  # no allocation to compare with (NBD): qemu's "no"
+
     if img._metadata_prealloc is None:
-        if img.host.allocated_size() is None:
-            img._metadata_prealloc = False  # no allocation to compare with: qemu's "no"
-            return False
         try:
             rc = img._refcounts or Refcounts(img.host, img.header)
             alloc, size, freed = file_after_flush(img, rc)
