@@ -88,6 +88,10 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose
         shown = os.fspath(path)
         if isinstance(shown, bytes):
             shown = os.fsdecode(shown)
+        if shown.startswith("nbd:"):  # qemu's legacy NBD names: the URL they mean
+            from diskimg.hostio.urls import top_level_name
+
+            shown = top_level_name(shown)
         src = path_name(shown)
         if _is_url(shown):
             from diskimg.hostio.urls import open_url
@@ -387,14 +391,19 @@ def create(
     """
     from pathlib import Path
 
+    nbd = False
+    if isinstance(path, str) and path.startswith("nbd:"):
+        from diskimg.hostio.urls import top_level_name
+
+        path = top_level_name(path)  # qemu's legacy NBD names: the URL they mean
     if isinstance(path, str) and "://" in path:
         from diskimg.nbd.url import is_nbd_url
 
-        if is_nbd_url(path):  # not a local name either: refused before anything is done
+        nbd = is_nbd_url(path)
+        if nbd and format != "raw":  # not a local name either: refused before anything
             raise UnsupportedFeatureError(
-                f"Cannot create an image on the NBD export '{path}': its size is the "
-                "server's; write onto it as it is (convert -n)", path=path,
-                field="protocol")
+                f"Cannot create a {format} image on the NBD export '{path}': only raw "
+                "(its bytes as they are)", path=path, field="protocol")
     if size is not None:  # before anything touches the file: a refusal creates nothing
         size = check_int("size", size, minimum=None)
     opts = dict(options or {})
@@ -416,6 +425,14 @@ def create(
             pass
     if size < 0:
         raise UsageError("Image size must be less than 8 EiB!")
+    if nbd:
+        from diskimg.nbd.client_host import create_raw_on_export
+
+        prealloc = str(opts.pop("preallocation", "off"))
+        if opts:  # checked first: a refusal writes nothing
+            raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
+        create_raw_on_export(str(path), size, prealloc)
+        return
     if format == "raw":
         from diskimg.raw import create_raw
 

@@ -82,7 +82,9 @@ class Status(FrozenRecord):
 
 
 class ImageInfo(Record):
-    """What ``qemu-img info`` reports; :meth:`to_json` gives qemu's keys."""
+    """What ``qemu-img info`` reports; :meth:`to_json` gives qemu's keys.  ``actual_size``
+    None: the host has no allocation to report (an NBD export; qemu's ``disk size:
+    unavailable``); ``dirty_flag`` None: not reported (raw over such a host)."""
 
     __slots__ = ("filename", "format", "virtual_size", "actual_size", "dirty_flag",
                  "cluster_size", "encrypted", "backing_filename", "full_backing_filename",

@@ -77,6 +77,9 @@ HOSTILE_READS: dict[str, tuple[Handler, str]] = {
     "short reply": (_reply(lambda r: p.pack_offset_data(r.handle, r.offset,
                                                         DATA[:r.length], DONE)[:100],
                            then_close=True), "closed the connection"),
+    "data chunk without data": (_reply(lambda r: p.pack_chunk(
+        r.handle, p.NBD_REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", r.offset), DONE)),
+        "OFFSET_DATA of 8 bytes"),
     "hole of length 0": (_reply(lambda r: p.pack_chunk(
         r.handle, p.NBD_REPLY_TYPE_OFFSET_HOLE, struct.pack(">QI", r.offset, 0), DONE)),
         "OFFSET_HOLE of 0 bytes"),
@@ -270,6 +273,9 @@ def test_an_old_server_without_go_or_structured_replies(tmp_path: Path) -> None:
             with pytest.raises(RemoteError, match="read failed: Input/output error"):
                 dev.read(SIZE - 512, 512)
             assert dev.read(4096, 4096) == model[4096:8192]
+        deadline = time.monotonic() + 10  # the server's thread records DISC after close()
+        while srv.requests[-1].type != p.NBD_CMD_DISC and time.monotonic() < deadline:
+            time.sleep(0.01)
         types = [r.type for r in srv.requests]
         assert p.NBD_CMD_BLOCK_STATUS not in types and types[-1] == p.NBD_CMD_DISC
         assert p.NBD_CMD_WRITE_ZEROES not in types and p.NBD_CMD_FLUSH in types
@@ -297,3 +303,31 @@ def test_a_server_shutting_down_is_left_softly(tmp_path: Path) -> None:
     with FakeServer(tmp_path, serve_read(DATA), size=SIZE, go=go) as srv:
         with pytest.raises(RemoteError, match="the server is shutting down: bye"):
             NbdClient(srv.url, timeout=TIMEOUT)
+
+
+def test_the_url_x_timeout_bounds_every_wait(tmp_path: Path) -> None:
+    """``?x-timeout=SECONDS``: diskimg.open (and every command) gives up on a stalled
+    server after that many seconds, not the default 30; a bad value is refused naming
+    the parameter before anything connects."""
+    def handler(c: Conn, r: p.Request) -> None:
+        if r.type == p.NBD_CMD_READ and r.offset == OFF:
+            _stall(c, r)
+        elif r.type == p.NBD_CMD_READ:
+            c.send(p.pack_offset_data(r.handle, r.offset, DATA[r.offset:r.offset + r.length],
+                                      DONE))
+        else:
+            c.send(p.pack_simple_reply(r.handle))
+
+    with FakeServer(tmp_path, handler, size=SIZE) as srv:
+        with diskimg.open(srv.url + "&x-timeout=0.5", format="raw") as dev:
+            assert dev.host.client.timeout == 0.5  # type: ignore[attr-defined]
+            t0 = time.monotonic()
+            with pytest.raises(RemoteError, match="timed out after 0.5 s"):
+                dev.read(OFF, LEN)
+            assert time.monotonic() - t0 < 3
+        n = len(srv.requests)
+        for bad in ("0", "-1", "nan", "inf", "x", "1e9"):
+            with pytest.raises(DiskImgError) as ei:
+                diskimg.open(f"{srv.url}&x-timeout={bad}")
+            assert ei.value.field == "x-timeout"
+        assert len(srv.requests) == n

@@ -15,7 +15,6 @@ from diskimg.nbd import protocol as p
 from diskimg.nbd.client import NbdClient
 from tests.nbd.clientkit import cli
 from tests.nbd.nbdtestlib import Serve, uri
-from tests.nbd.test_server_tls import creds  # noqa: F401  (the CA and certificates)
 
 pytestmark = pytest.mark.qemu
 
@@ -87,7 +86,7 @@ def test_writes_and_convert_onto_diskimg_nbd(image: Path, tmp_path: Path, qemu: 
     qemu.check_clean(dst)
 
 
-def test_tls_against_diskimg_nbd_and_qemu_nbd(image: Path, creds: Path,  # noqa: F811
+def test_tls_against_diskimg_nbd_and_qemu_nbd(image: Path, creds: Path,
                                               qemu: Qemu, diskimg_nbd: Serve,
                                               qemu_nbd: Serve) -> None:
     want = qemu.raw_bytes(image)

@@ -75,3 +75,30 @@ def test_nbd_names_are_never_followed_as_backing_files() -> None:
                          ("base.qcow2", "nbd://h:1/top")):
         with pytest.raises(BackingChainError, match="NBD names are not followed"):
             urls.open_backing(name, parent, pol)
+
+
+@pytest.mark.parametrize("name,url", [
+    ("nbd:unix:/run/n.sock", "nbd+unix:///?socket=/run/n.sock"),
+    ("nbd:unix:/run/n.sock:exportname=a b", "nbd+unix:///a%20b?socket=/run/n.sock"),
+    ("nbd:h.example:10900", "nbd://h.example:10900"),
+    ("nbd:h:7:exportname=x:y", "nbd://h:7/x%3Ay"),
+    ("nbd:[::1]:7", "nbd://[::1]:7"),
+    ("nbd:[127.0.0.1]:7", "nbd://127.0.0.1:7"),
+])
+def test_qemus_legacy_names_as_urls(name: str, url: str) -> None:
+    assert urls.top_level_name(name) == url
+    assert parse(url).export == (name.split(":exportname=") + [""])[1]
+
+
+@pytest.mark.parametrize("name", ["nbd:h", "nbd:h:x", "nbd:h:0", "nbd:unix:",
+                                  "nbd:h:7:exportname=", "nbd:::1:7", "nbd::7"])
+def test_malformed_legacy_names_are_refused(name: str) -> None:
+    with pytest.raises(UsageError):
+        urls.top_level_name(name)
+    with pytest.raises(UsageError):
+        diskimg.open(name)
+
+
+def test_other_names_are_not_legacy_nbd() -> None:
+    for name in ("nbd://h/x", "disk.qcow2", "./nbd:h:7", "NBD:h:7"):
+        assert urls.top_level_name(name) == name

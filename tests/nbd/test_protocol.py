@@ -216,6 +216,8 @@ def test_hostile_transmission_bytes() -> None:
     _fails(p.parse_chunk_header, p.pack_chunk_header(1, 0, 0, 0), BASE, field="chunk type",
            offset=BASE + 6)
     _fails(p.parse_offset_data, bytes(8), BASE, field="chunk length", offset=BASE)
+    _fails(p.parse_offset_data_header, 8, bytes(8), BASE, field="chunk length", offset=BASE)
+    _fails(p.parse_offset_data_header, 9, bytes(7), BASE, field="offset", offset=BASE)
     _fails(p.parse_offset_hole, bytes(11), BASE, field="chunk length", offset=BASE)
     _fails(p.parse_offset_hole, bytes(12), BASE, field="hole size", offset=BASE + 8)
     _fails(p.parse_block_status, bytes(4), BASE, field="chunk length", offset=BASE)
@@ -266,3 +268,18 @@ def test_random_bytes_parse_or_raise_protocol_error(data: bytes, which: int) -> 
     except NbdProtocolError as e:
         assert e.offset is not None and BASE <= e.offset <= BASE + len(data)
         assert e.field
+
+
+def test_offset_data_header_is_the_one_rule_for_the_streamed_read_chunk() -> None:
+    """The client streams an OFFSET_DATA chunk's data into the caller's buffer: it parses
+    the 8-byte offset with the codec's parse_offset_data_header, which pack_offset_data_header
+    inverts, and holds no second struct for those bytes."""
+    wire = p.pack_offset_data_header(7, 1 << 40, 4096)
+    ch = p.parse_chunk_header(wire[:20])
+    assert p.parse_offset_data_header(ch.length, wire[20:28], 20) == (1 << 40, 4096)
+    assert p.parse_offset_data(wire[20:] + bytes(4096))[0] == 1 << 40
+    import inspect
+
+    from diskimg.nbd import client
+    src = inspect.getsource(client)
+    assert "import struct" not in src and "parse_offset_data_header" in src

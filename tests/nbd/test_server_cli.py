@@ -16,7 +16,7 @@ import pytest
 from qemukit import Qemu
 
 from diskimg.nbd.server import listen_tcp
-from tests.nbd.nbdtestlib import needs_nbd_tools, reap, uri
+from tests.nbd.nbdtestlib import Serve, needs_nbd_tools, reap, uri
 
 MiB = 1 << 20
 
@@ -35,7 +35,7 @@ def test_refusals_change_nothing_and_unlock(tmp_path: Path, qemu: Qemu, sockdir:
     cases = [
         (["-B", "nope", "-k", sock, str(img)], "Bitmap 'nope' is not found"),
         (["-e", "x", str(img)], "Invalid shared device number 'x'"),
-        (["-e", "0", str(img)], "Invalid shared device number '0'"),
+        (["-e", "-1", str(img)], "Invalid shared device number '-1'"),
         (["--discard=foo", str(img)], "Invalid discard mode `foo'"),
         (["--cache=bogus", str(img)], "Invalid cache mode 'bogus'"),
         (["--aio=bogus", str(img)], "Invalid aio mode 'bogus'"),
@@ -53,6 +53,32 @@ def test_refusals_change_nothing_and_unlock(tmp_path: Path, qemu: Qemu, sockdir:
         assert not Path(sock).exists()
     assert hashlib.sha256(img.read_bytes()).hexdigest() == before
     qemu.io(img, "read -P 0x5e 0 64k", "write 64k 512")   # not locked any more
+
+
+@pytest.mark.qemu
+def test_shared_0_serves_any_number_of_clients_as_qemu_nbd(
+        tmp_path: Path, qemu: Qemu, diskimg_nbd: Serve, qemu_nbd: Serve) -> None:
+    """``-e 0``: no limit on clients at once, and NBD_FLAG_CAN_MULTI_CONN (qemu-nbd 7.2);
+    every client reads the image's bytes."""
+    from diskimg.nbd import protocol as p
+    from diskimg.nbd.client import NbdClient
+
+    img = tmp_path / "e.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", img, "1M")
+    qemu.io(img, "write -P 0x6b 4k 8k")
+    want = qemu.raw_bytes(img)
+    for serve in (diskimg_nbd, qemu_nbd):
+        with serve(img, "-r", "-e", "0") as sock:
+            clients = [NbdClient(uri(sock), timeout=10) for _ in range(6)]
+            try:
+                for c in clients:
+                    assert c.flags & p.NBD_FLAG_CAN_MULTI_CONN
+                    buf = bytearray(len(want))
+                    c.read_into(0, memoryview(buf))
+                    assert buf == want
+            finally:
+                for c in clients:
+                    c.close()
 
 
 def _free_port() -> int:

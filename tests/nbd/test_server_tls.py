@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,36 +17,6 @@ from tests.nbd.nbdtestlib import RawClient, Serve, needs_nbd_tools, uri
 
 pytestmark = [pytest.mark.qemu, needs_nbd_tools,
               pytest.mark.skipif(not shutil.which("openssl"), reason="openssl absent")]
-
-
-#: a P-256 key: made in milliseconds (an RSA key takes seconds on a loaded machine)
-KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-
-
-def _openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def creds(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for localhost and a client certificate, named as QEMU's
-    tls-creds-x509 and libnbd's ``tls-certificates`` directory expect."""
-    d = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", *KEY, "-keyout", d / "ca-key.pem",
-             "-out", d / "ca-cert.pem", "-days", "2", "-subj", "/CN=diskimg test CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    for who, usage, san in (("server", "serverAuth", "subjectAltName=DNS:localhost\n"),
-                            ("client", "clientAuth", "")):
-        _openssl("req", *KEY, "-keyout", d / f"{who}-key.pem",
-                 "-out", d / f"{who}.csr", "-subj", f"/CN={who}")
-        ext = d / f"{who}.ext"
-        ext.write_text(f"{san}extendedKeyUsage={usage}\n"
-                       "keyUsage=digitalSignature,keyEncipherment\n")
-        _openssl("x509", "-req", "-in", d / f"{who}.csr", "-CA", d / "ca-cert.pem",
-                 "-CAkey", d / "ca-key.pem", "-CAcreateserial", "-out",
-                 d / f"{who}-cert.pem", "-days", "2", "-extfile", ext)
-    return d
 
 
 def test_tls_with_libnbd_and_qemu_img(creds: Path, tmp_path: Path, qemu: Qemu,

@@ -29,7 +29,10 @@ Invariants every host keeps:
 - capabilities are declared by methods, never probed (no ``fd`` outside hostio):
   ``zero_init`` (bytes never written read as zeros), ``is_device`` (a block device: an
   image may not name one), ``block_size`` (the allocation unit estimates count in) and
-  ``identity`` (equal for two hosts over the same bytes: backing-loop detection).
+  ``identity`` (equal for two hosts over the same bytes: backing-loop detection);
+- ``allocated_size`` is the bytes the host stores, or None when the host has no
+  allocation to report (an NBD export: ``info`` then says ``disk size: unavailable`` and,
+  as qemu-img, omits ``actual-size``).
 """
 
 from __future__ import annotations

@@ -46,6 +46,21 @@ _FSSPEC = ("diskimg.hostio.remote", "open_fsspec")
 _NEVER_BACKING = ("nbd", "nbd+unix", "nbd+tcp", "nbds", "nbds+unix")
 
 
+def top_level_name(name: str) -> str:
+    """``name`` as opened at the top level (an image given by the user, never a name
+    written inside an image): qemu's legacy NBD names ``nbd:HOST:PORT[:exportname=NAME]``
+    and ``nbd:unix:PATH[:exportname=NAME]`` become the NBD URL they mean
+    (:func:`diskimg.nbd.url.legacy_url`); any other name is returned as it is.  A backing
+    name never goes through here: :func:`open_backing` refuses every NBD name, and a
+    local backing name ``nbd:...`` is a file name (refused as a protocol name by the
+    policy)."""
+    if not name.startswith("nbd:") or name.startswith("nbd://"):
+        return name
+    from diskimg.nbd.url import legacy_url
+
+    return legacy_url(name)
+
+
 def is_url(name: str) -> bool:
     """Whether ``name`` is a URL (``scheme://...``) rather than a file name."""
     return re.match(_URL, name) is not None

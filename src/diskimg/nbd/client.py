@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import struct
 import time
 from collections.abc import Iterator
 
@@ -39,7 +38,6 @@ _MAX_ERROR_CHUNK = 6 + P.NBD_MAX_STRING + 64
 _MAX_ERROR_CHUNKS = 1024
 #: most extents in one BLOCK_STATUS chunk (the spec's SHOULD NOT exceed)
 _MAX_EXTENTS = 1 << 20
-_OFFSET = struct.Struct(">Q")  # the offset before an OFFSET_DATA chunk's data
 
 __all__ = ["DEFAULT_TIMEOUT", "MAX_REQUEST", "NbdClient", "client_context"]
 
@@ -220,11 +218,13 @@ class NbdClient(Connection):
         covered = 0
         for ch in self._structured(head, cookie, offset, length, length + 8, "read"):
             if ch.type == P.NBD_REPLY_TYPE_OFFSET_DATA:
-                if ch.length < 9:
-                    raise self._fail(f"OFFSET_DATA of {ch.length} bytes (at least 9)",
-                                     offset, "chunk length")
-                (at,) = _OFFSET.unpack(self._recv(8, offset))
-                rel, k = at - offset, ch.length - 8
+                at_pos = self._pos
+                head8 = self._recv(8, offset) if ch.length >= 9 else b""
+                try:
+                    at, k = P.parse_offset_data_header(ch.length, head8, at_pos)
+                except P.NbdProtocolError as e:
+                    raise self._protocol(e, offset) from None
+                rel = at - offset
                 self._claim(starts, ends, rel, k, length, offset)
                 self._recv_into(buf[rel:rel + k], offset)
                 covered += k

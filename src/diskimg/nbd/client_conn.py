@@ -31,15 +31,18 @@ class Connection:
     in the transmission phase once constructed.
 
     ``contexts``: the metadata contexts to select (those the server has are in
-    :attr:`contexts`); ``timeout``: seconds for the connect and every socket operation;
+    :attr:`contexts`); ``timeout``: seconds for the connect and every socket operation
+    (None: the URL's ``x-timeout``, else :data:`DEFAULT_TIMEOUT`);
     ``ssl_context``: for ``nbds://`` (default: from the URL's ``tls-certificates``
     directory, else the system's CAs)."""
 
-    def __init__(self, address: NbdAddress | str, *, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, address: NbdAddress | str, *, timeout: float | None = None,
                  contexts: Sequence[str] = (P.BASE_ALLOCATION,),
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.address = parse(address) if isinstance(address, str) else address
         self.url = self.address.url
+        if timeout is None:
+            timeout = self.address.timeout or DEFAULT_TIMEOUT
         if timeout <= 0:
             raise UsageError("timeout must be positive", field="timeout")
         self.timeout = timeout

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from diskimg.errors import BackingChainError, UnsupportedFeatureError, UsageError
 from diskimg.hostio.objects import ObjectHost
 from diskimg.nbd import protocol as P
-from diskimg.nbd.client import DEFAULT_TIMEOUT, NbdClient
+from diskimg.nbd.client import NbdClient
 
 if TYPE_CHECKING:
     import ssl
@@ -47,7 +47,7 @@ class NbdHost(ObjectHost):
     locked = False
 
     def __init__(self, url: str, *, writable: bool = False,
-                 timeout: float = DEFAULT_TIMEOUT,
+                 timeout: float | None = None,  # None: the URL's x-timeout, else 30 s
                  contexts: Sequence[str] = (P.BASE_ALLOCATION,),
                  ssl_context: ssl.SSLContext | None = None) -> None:
         from diskimg.nbd.url import display_name, parse
@@ -78,6 +78,12 @@ class NbdHost(ObjectHost):
     def path(self) -> str:
         """The URL as given."""
         return self.url
+
+    def allocated_size(self) -> None:
+        """None: NBD has no request for the bytes an export stores (``info`` says
+        ``disk size: unavailable``, as qemu-img)."""
+        self._check_open()
+        return None
 
     # --- reads ------------------------------------------------------------------------
     def _span(self, offset: int, n: int) -> tuple[int, int]:
@@ -285,14 +291,33 @@ def _allocation(run: list[int]) -> tuple[int, int, bool, bool]:
     return start, n, not flags & P.NBD_STATE_HOLE, bool(flags & P.NBD_STATE_ZERO)
 
 
+def create_raw_on_export(url: str, size: int, preallocation: str = "off") -> None:
+    """``create -f raw`` (and the target of ``convert``/``dd`` without ``-n``) on an NBD
+    export, as qemu-img 7.2: the export keeps its size and bytes; ``size`` may not exceed
+    it ("Cannot grow NBD nodes"); only ``preallocation=off``; then the first 512 bytes are
+    zeroed (an old image there is not probed again).  A refusal writes nothing."""
+    if preallocation != "off":
+        raise UsageError(f"Unsupported preallocation mode '{preallocation}'",
+                         field="preallocation")
+    host = NbdHost(url, writable=True)
+    try:
+        if size > host.size():
+            raise UsageError("Cannot grow NBD nodes", path=url, field="size")
+        host.write_zeros(0, min(512, host.size()))
+        host.flush()
+    finally:
+        host.close()
+
+
 def open_nbd(url: str, policy: OpenPolicy | None = None, writable: bool = False, *,
-             timeout: float = DEFAULT_TIMEOUT,
+             timeout: float | None = None,
              contexts: Sequence[str] = (P.BASE_ALLOCATION,),
              ssl_context: ssl.SSLContext | None = None) -> NbdHost:
     """Connect to the export at ``url`` (``writable``: for ``"r+"``; refused when the
     server exports it read-only).  An untrusted ``policy`` opens an NBD URL only when it
     has ``allow_nbd`` (a name from an untrusted source must not make diskimg connect to
-    arbitrary sockets).  Faults raise :class:`~diskimg.errors.RemoteError` naming the URL
+    arbitrary sockets).  ``timeout`` (seconds per socket operation): None takes the URL's
+    ``x-timeout``, else 30 s.  Faults raise :class:`~diskimg.errors.RemoteError` naming the URL
     and the offset."""
     if policy is not None and policy.untrusted and not policy.allow_nbd:
         raise BackingChainError(f"Refusing to open '{url}': an untrusted open policy opens "

@@ -52,8 +52,8 @@ _WRITES = (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_CMD_TRIM)
 class Export:
     """What a server serves: ``dev`` under ``name``.
 
-    ``shared``: how many clients may connect at once (``-e``); more than one sets
-    NBD_FLAG_CAN_MULTI_CONN, as qemu-nbd does (one process, one cache: a flush on one
+    ``shared``: how many clients may connect at once (``-e``; 0: any number); any value
+    but 1 sets NBD_FLAG_CAN_MULTI_CONN, as qemu-nbd does (one process, one cache: a flush on one
     connection covers the writes of all).  ``discard``: ``"ignore"`` (TRIM succeeds and
     changes nothing, qemu-nbd's default) or ``"unmap"`` (TRIM discards)."""
 
@@ -114,7 +114,7 @@ class Export:
             f |= NBD_FLAG_READ_ONLY
         else:
             f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO
-        if self.shared > 1:
+        if self.shared != 1:  # 0: no limit, as qemu-nbd -e 0
             f |= NBD_FLAG_CAN_MULTI_CONN
         return f
 

@@ -1,9 +1,10 @@
 """A threaded NBD server: listening sockets, the accept loop, one thread per connection.
 
-As qemu-nbd: at most ``shared`` clients are served at once (``-e``; the next ones wait
-in the listen queue until a slot frees), and unless ``persistent`` (``-t``) the server
-stops once its last client has left.  :meth:`Server.shutdown` (a signal handler's call)
-stops accepting, ends every connection and returns from :meth:`Server.serve`.
+As qemu-nbd: at most ``shared`` clients are served at once (``-e``; 0: no limit; the
+next ones wait in the listen queue until a slot frees), and unless ``persistent``
+(``-t``) the server stops once its last client has left.  :meth:`Server.shutdown` (a
+signal handler's call) stops accepting, ends every connection and returns from
+:meth:`Server.serve`.
 
 Library use::
 
@@ -107,7 +108,7 @@ class Server:
         self.export = export
         self.listeners = list(listeners)
         self.shared = export.shared if shared is None else shared
-        if self.shared < 1:
+        if self.shared < 0:
             raise UsageError("Invalid shared device number", field="shared")
         self.persistent = persistent
         self.tls = tls
@@ -130,7 +131,7 @@ class Server:
     def serve(self) -> None:
         """Accept and serve clients until :meth:`shutdown` (or, unless persistent, until
         the last client has left)."""
-        slots = threading.Semaphore(self.shared)
+        slots = threading.Semaphore(self.shared or sys.maxsize)  # 0: no limit
         try:
             while not self._stop.is_set():
                 if not slots.acquire(timeout=0.2):

@@ -159,14 +159,25 @@ def pack_offset_data(handle: int, offset: int, data: bytes, flags: int = 0) -> b
     return pack_offset_data_header(handle, offset, len(data), flags) + data
 
 
+def parse_offset_data_header(chunk_length: int, head: bytes | bytearray | memoryview,
+                             base: int = 0) -> tuple[int, int]:
+    """(offset, data length) of an OFFSET_DATA chunk of ``chunk_length`` bytes from its
+    first 8 payload bytes ``head`` (at ``base``); the data follows them on the wire."""
+    if chunk_length < 9:
+        raise NbdProtocolError(f"OFFSET_DATA of {chunk_length} bytes (at least 9)",
+                               field="chunk length", offset=base)
+    if len(head) < 8:
+        raise NbdProtocolError(f"OFFSET_DATA offset of {len(head)} bytes (8)",
+                               field="offset", offset=base)
+    (offset,) = _U64.unpack_from(head)
+    return int(offset), chunk_length - 8
+
+
 def parse_offset_data(payload: bytes | bytearray | memoryview, base: int = 0
                       ) -> tuple[int, memoryview]:
     """(offset, data) of an OFFSET_DATA payload (data: a view into ``payload``)."""
-    if len(payload) < 9:
-        raise NbdProtocolError(f"OFFSET_DATA of {len(payload)} bytes (at least 9)",
-                               field="chunk length", offset=base)
-    (offset,) = _U64.unpack_from(payload)
-    return int(offset), memoryview(payload)[8:]
+    offset, _ = parse_offset_data_header(len(payload), payload, base)
+    return offset, memoryview(payload)[8:]
 
 
 class Hole(NamedTuple):
@@ -302,6 +313,7 @@ __all__ = [
     "parse_chunk_header",
     "parse_error_chunk",
     "parse_offset_data",
+    "parse_offset_data_header",
     "parse_offset_hole",
     "parse_request",
     "parse_simple_reply",

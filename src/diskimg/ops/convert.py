@@ -111,6 +111,10 @@ def convert(
     what was written, as in qemu-img.
     """
     src_format = renamed("format", format, "src_format", src_format)
+    if isinstance(dst, str) and dst.startswith("nbd:"):
+        from diskimg.hostio.urls import top_level_name
+
+        dst = top_level_name(dst)  # qemu's legacy NBD names: the URL they mean
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     srcs = [sources] if isinstance(sources, str | os.PathLike | BlockDevice) else list(sources)
@@ -186,7 +190,7 @@ def convert(
             tgt_cm: Any = contextlib.nullcontext(dst)
         else:
             if not target_exists:
-                if not os.path.lexists(dst):
+                if not os.path.lexists(dst) and not _is_nbd(dst):
                     created = dst
                     listed = _listings(dst, (options or {}).get("data_file"))
                 api.create(dst, out_format, total, backing_file=backing_file,
@@ -256,6 +260,13 @@ def convert(
         for dev, owned in opened:
             if owned:
                 dev.close()
+
+
+def _is_nbd(dst: str | os.PathLike[str]) -> bool:
+    """An NBD URL: the export exists already (api.create writes onto it; never removed)."""
+    from diskimg.nbd.url import is_nbd_url
+
+    return isinstance(dst, str) and is_nbd_url(dst)
 
 
 def _is_fsspec(src: Source) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from diskimg import api
-from diskimg.errors import ImageLockedError
+from diskimg.errors import ImageLockedError, UsageError
 
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     pass
@@ -66,6 +66,11 @@ def dd(
         except ImageLockedError as e:  # qemu-img dd's words; the file is left as it was
             raise ImageLockedError(f"{os.fspath(dst)}: error while creating output image: "
                                    f"{e}") from e
+        except UsageError as e:  # an NBD export too small ("Cannot grow NBD nodes")
+            if not (isinstance(dst, str) and dst.startswith("nbd")):
+                raise
+            raise UsageError(f"{dst}: error while creating output image: {e}",
+                             path=dst, field=e.field) from e
         with api.open(dst, "r+", out_format) as out:
             step = max(bs, CHUNK // bs * bs)
             buf = bytearray(step)

@@ -36,7 +36,9 @@ def is_stream(dst: object) -> bool:
     if isinstance(dst, BlockDevice):
         return False
     if isinstance(dst, str) and is_url(dst):
-        return True
+        from diskimg.nbd.url import is_nbd_url
+
+        return not is_nbd_url(dst)  # an NBD export is written in place, as a device
     if isinstance(dst, str | os.PathLike):
         try:
             mode = os.stat(dst).st_mode

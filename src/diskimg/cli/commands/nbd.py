@@ -43,7 +43,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--persistent", action="store_true",
                    help="keep serving after the last client disconnects")
     p.add_argument("-e", "--shared", metavar="N", default="1",
-                   help="serve up to N clients at once (default 1)")
+                   help="serve up to N clients at once (default 1; 0: no limit)")
     p.add_argument("-k", "--socket", metavar="PATH",
                    help="listen on a Unix socket (then -p and -b are ignored)")
     p.add_argument("-p", "--port", metavar="PORT", help="TCP port (default 10809)")
@@ -118,7 +118,7 @@ def cmd_nbd(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-nbd."""
     name = one_file(a)
     _check(a)
-    shared = _int(a.shared, "shared device number", 1, 1 << 20)
+    shared = _int(a.shared, "shared device number", 0, 1 << 20)  # 0: no limit (qemu-nbd)
     port = _int(a.port, "port number", 0, 65535) if a.port is not None else 10809
     limit = _int(a.handshake_limit, "handshake limit", 0, 1 << 20)
     tls_objects = [o for o in a.nbd_object if o.split(",", 1)[0] in
