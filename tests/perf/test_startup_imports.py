@@ -280,3 +280,24 @@ def test_convert_raw_to_qcow2_loads_the_copy_engine_without_dataclasses(
                            "diskimg.ops.compare", "diskimg.ops.dd", "diskimg.vmdk",
                            "diskimg.pool", "inspect", "ast"))
     assert bad == [], f"`diskimg convert` raw -> qcow2 now imports {_named(bad, who)}"
+
+
+def test_bitmaps_of_an_image_without_them_are_made_only_when_used(tmp_path: Path) -> None:
+    """The bitmap module loads on first use, not on open (above); closing a writable
+    image that never used them (here at interpreter exit, unclosed, where an import may no
+    longer work) neither loads it nor changes a byte."""
+    path = tmp_path / "a.qcow2"
+    diskimg.create(path, "qcow2", 1 << 20)
+    before = path.read_bytes()
+    code = ("import sys, diskimg\n"
+            f"img = diskimg.open({str(path)!r}, 'r+')\n"
+            "assert 'diskimg.qcow2.bitmaps' not in sys.modules\n"
+            "img.flush()\n"
+            "assert 'diskimg.qcow2.bitmaps' not in sys.modules\n")  # no close: exit does it
+    r = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", "-c", code],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC},
+                       check=False)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert path.read_bytes() == before
+    with diskimg.open(path) as img:
+        assert img.bitmaps.list() == []  # made on first use, from the same header

@@ -189,8 +189,9 @@ def close(img: Qcow2Image) -> None:
         wipe_keys(img)
         return  # a snapshot view shares its parent's files
     try:
-        if not img.read_only and img.bitmaps.tracked:
-            img.bitmaps.store()
+        bitmaps = img.__dict__.get("bitmaps")  # none made: nothing tracked (and no import
+        if not img.read_only and bitmaps is not None and bitmaps.tracked:  # at exit)
+            bitmaps.store()
             flush(img)
         if not img.read_only and img._set_dirty_bit:
             img.header.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY
