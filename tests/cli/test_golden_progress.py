@@ -59,6 +59,15 @@ def imgs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     QEMU.io("ext.qcow2", "write -P 1 6k 10k", "write -P 2 1M 3M", cwd=d)
     QEMU.img("snapshot", "-c", "snap", "ext.qcow2", cwd=d)
     QEMU.io("ext.qcow2", "write -P 3 5M 1M", cwd=d)
+    # a source whose own backing file (2M) is shorter than it (8M), zeros and data past it
+    QEMU.img("create", "-f", "qcow2", "-o", "cluster_size=16k", "b2.qcow2", "2M", cwd=d)
+    QEMU.io("b2.qcow2", "write -P 1 0 2M", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-b", "b2.qcow2", "-F", "qcow2", "grown.qcow2", "8M",
+             cwd=d)
+    QEMU.io("grown.qcow2", "write -P 2 64k 64k", "write -z 1M 2M", "write -z 3M 1M",
+            "write -P 5 6M 100k", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "short.qcow2", "1M", cwd=d)
+    make_raw(d / "odd.raw", 1000000, [(4096, b"\7" * 512)])  # not a whole number of sectors
     QEMU.img("convert", "-O", "vmdk", "sparse.raw", "s.vmdk", cwd=d)
     QEMU.img("convert", "-O", "vmdk", "-o", "subformat=monolithicFlat", "many.raw", "flat.vmdk",
              cwd=d)
@@ -77,6 +86,18 @@ CONVERT = [
     ["-O", "raw", "-l", "snap", "ext.qcow2"], ["-O", "qcow2", "s.vmdk"],
     ["-O", "raw", "flat.vmdk"], ["-O", "raw", "sparse.raw", "full.raw", "small.qcow2"],
     ["-O", "vmdk", "sparse.raw"],
+    # -B onto a backing file shorter than the source: requests split at its end, zeros
+    # past it left to the target (not counted, also with -S 0)
+    ["-S", "0", "-O", "qcow2", "-B", "b2.qcow2", "-F", "qcow2", "grown.qcow2"],
+    ["-S", "0", "-O", "qcow2", "-B", "short.qcow2", "-F", "qcow2", "grown.qcow2"],
+    ["-O", "qcow2", "-B", "short.qcow2", "-F", "qcow2", "grown.qcow2"],
+    ["-S", "0", "-O", "qcow2", "-B", "odd.raw", "-F", "raw", "small.qcow2"],
+    ["-S", "0", "-c", "-O", "qcow2", "-B", "short.qcow2", "-F", "qcow2", "grown.qcow2"],
+    # a streamOptimized target compresses every grain: whole grains, as with -c
+    ["-O", "vmdk", "-o", "subformat=streamOptimized", "small.qcow2"],
+    # sources of different cluster sizes and formats, one not a whole number of sectors
+    ["-O", "raw", "small.qcow2", "grown.qcow2", "s.vmdk", "odd.raw", "ext.qcow2"],
+    ["-S", "0", "-O", "qcow2", "odd.raw", "small.qcow2", "flat.vmdk"],
 ]
 
 
@@ -88,6 +109,26 @@ def test_convert_progress_lines_match_qemu(imgs: Path, args: list[str]) -> None:
     assert ref[0] == 0
     assert mine == ref
     assert qemu_out(imgs, "compare", f"ref.{ext}", f"mine.{ext}")[0] == 0
+
+
+FAILING = [
+    ["convert", "-p", "-O", "raw", "missing.raw", "x.raw"],
+    ["convert", "-p", "-O", "nosuchfmt", "sparse.raw", "x.img"],
+    ["convert", "-p", "-c", "-O", "qcow2", "-o", "preallocation=metadata", "sparse.raw",
+     "x.qcow2"],
+    ["convert", "-p", "-n", "-O", "raw", "sparse.raw", "missing.raw"],
+    ["convert", "-p", "-n", "-O", "raw", "longer.raw", "sparse2.raw"],
+]
+
+
+@pytest.mark.parametrize("args", FAILING, ids=" ".join)
+def test_failing_progress_lines_match_qemu(imgs: Path, args: list[str]) -> None:
+    # qemu-img starts the line before it opens anything: a failure then ends it
+    ref = qemu_out(imgs, *args)
+    assert ref[0] == 1
+    assert mine_out(imgs, *args) == ref
+    for name in ("x.raw", "x.img", "x.qcow2", "missing.raw"):
+        assert not (imgs / name).exists()
 
 
 COMPARE = [

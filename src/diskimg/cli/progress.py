@@ -123,9 +123,13 @@ class Schedule(Record):
         """Whether the text step ``text`` has been written."""
         return any(t == text for _, _, _, t in self.steps[: self.done])
 
+    def complete(self) -> None:
+        """The work is done: make every pending call (the line is not ended)."""
+        self.advance(2**63)
+
     def finish(self) -> None:
         """The command succeeded: make every pending call and end the line."""
-        self.advance(2**63)
+        self.complete()
         self.printer.end()
 
     def stop(self) -> None:
@@ -179,19 +183,25 @@ def status_run(dev: BlockDevice, off: int, length: int,
 
 
 def convert_schedule(printer: QemuProgress, devs: Sequence[BlockDevice], *,
-                     target_backing: bool = False, min_sparse: int = 4096,
-                     compress_cluster: int = 0) -> Schedule:
-    """qemu-img convert's progress: 0 at the start, then after claiming each chunk that
-    will be copied (data, or zeros with ``-S 0``) the share of such sectors claimed so far,
-    then 100.  Chunks follow qemu's iteration: block-status runs trimmed to the source's
-    cluster alignment, data cut at 2 MiB, whole clusters when compressing
-    (``compress_cluster`` bytes, 0 = not compressing)."""
-    total_sectors = sum(d.size for d in devs) // SECTOR
+                     target_backing: bool = False, backing_sectors: int = -1,
+                     min_sparse: int = 4096, compress_cluster: int = 0) -> Schedule:
+    """qemu-img convert's progress after its first line (0, which qemu-img prints before
+    it opens anything: the caller's): after claiming each chunk that will be copied (data,
+    or zeros with ``-S 0``) the share of such sectors claimed so far, then 100.  Chunks
+    follow qemu's iteration: block-status runs trimmed to the source's cluster alignment,
+    data cut at 2 MiB, whole clusters when compressing (``compress_cluster`` bytes, 0 = not
+    compressing: ``-c``, or a target that compresses every write).
+
+    ``target_backing`` (``-B``): only the sources' own layers count, a range they leave to
+    their backing file is the target's backing file's.  ``backing_sectors``: the size of a
+    new target's backing file in sectors (qemu's ``target_backing_sectors``, -1 unknown):
+    requests are split there, and zeros past it are left to the target (not counted)."""
+    total_sectors = sum(-(-d.size // SECTOR) for d in devs)
     starts = []
     pos = 0
     for d in devs:
         starts.append(pos)
-        pos += d.size // SECTOR
+        pos += -(-d.size // SECTOR)
     csec = compress_cluster // SECTOR
     buf = csec or IO_BUF // SECTOR  # compressing: one cluster at a time
     chunks: list[tuple[int, int, bool]] = []  # (sector, sectors, counted)
@@ -200,6 +210,12 @@ def convert_schedule(printer: QemuProgress, devs: Sequence[BlockDevice], *,
     sector = 0
     while sector < total_sectors:
         n = min(total_sectors - sector, _MAX_REQUEST // SECTOR)
+        post_backing_zero = False
+        if backing_sectors >= 0:
+            if sector >= backing_sectors:
+                post_backing_zero = True
+            elif sector + n > backing_sectors:
+                n = backing_sectors - sector  # zeros are handled differently from there
         if next_status <= sector:
             k = max(i for i, s in enumerate(starts) if s <= sector)
             dev, base = devs[k], starts[k]
@@ -207,18 +223,23 @@ def convert_schedule(printer: QemuProgress, devs: Sequence[BlockDevice], *,
             want = min(n * SECTOR, dev.size - off)
             st, _ = status_run(dev, off, want, top_only=target_backing)
             if target_backing:
-                zero = st.zero
+                # this layer alone: where it leaves the range to no backing file, or to
+                # one that ends before ``off``, qemu's block status says zeros
+                below = dev.backing
+                zero = st.zero or (not st.allocated and not st.data
+                                   and (below is None or off >= below.size))
                 data = st.data and st.allocated
-                other = "backing" if not st.allocated else "data"
             else:
                 zero = st.zero or (not st.allocated and not st.data)
                 data = st.data
-                other = "data"
             n = max(1, -(-min(st.length, want) // SECTOR))
             tail = (sector - base + n) % _alignment(dev)
             if n > tail:
                 n -= tail
-            status = "zero" if zero else "data" if data else other
+            if zero:
+                status = "backing" if post_backing_zero else "zero"
+            else:
+                status = "data" if data or not target_backing else "backing"
             next_status = sector + n
         n = min(n, next_status - sector)
         if status == "data":
@@ -236,7 +257,6 @@ def convert_schedule(printer: QemuProgress, devs: Sequence[BlockDevice], *,
         sector += n
     allocated = sum(n for _, n, c in chunks if c)
     sched = Schedule(printer, total_sectors * SECTOR)
-    sched.add(-1, 0.0, 100)
     done = 0
     for s, n, counted in chunks:
         if counted:
