@@ -313,13 +313,13 @@ def compare_schedule(printer: QemuProgress, d1: BlockDevice, d2: BlockDevice) ->
 
 def rebase_schedule(printer: QemuProgress, dev: BlockDevice,
                     prefix_depth: int | None = None) -> Schedule:
-    """qemu-img rebase's progress (safe mode): 0, then ``100 / (size / 2 MiB)`` points for
-    each run (at most 2 MiB) that the image does not allocate itself and so has to be
-    compared with the new backing file, then 100.  With ``prefix_depth`` (the new backing
+    """qemu-img rebase's progress (safe mode) after its first line (0, printed by the
+    command before it opens the image): ``100 / (size / 2 MiB)`` points for each run (at
+    most 2 MiB) that the image does not allocate itself and so has to be compared with
+    the new backing file, then 100.  With ``prefix_depth`` (the new backing
     file is that image of the old chain) only runs some image above it allocates count."""
     size = dev.size
     sched = Schedule(printer, size)
-    sched.add(-1, 0.0, 100)
     if size:
         share = f32(f32(100.0) / f32(size // min(size, IO_BUF)))
         pos = 0
@@ -352,25 +352,17 @@ def _allocated_between(dev: BlockDevice, pos: int, n: int, prefix: int) -> tuple
     return n, False
 
 
-def unsafe_rebase_schedule(printer: QemuProgress) -> Schedule:
-    """``rebase -u``: only 0 and 100."""
-    sched = Schedule(printer, 0)
-    sched.add(-1, 0.0, 100)
-    sched.add(0, 100.0, 0)
-    return sched
-
-
 # --- commit --------------------------------------------------------------------------
 
 _MIRROR_BUF = 1 << 20  # the commit job's copy buffer
 
 
 def commit_schedule(printer: QemuProgress, top: BlockDevice, base_depth: int) -> Schedule:
-    """qemu-img commit's progress: the block job's bytes done over bytes to copy (the
-    ranges some image above the base allocates), polled as the job runs.  qemu-img polls
-    on every event, so how often it repeats 0 and 100 depends on timing; this is the
-    sequence of one poll before the job starts, one per finished 1 MiB buffer and one after
-    it ends."""
+    """qemu-img commit's progress after its first line (0, printed by the command once the
+    image is open): the block job's bytes done over bytes to copy (the ranges some image
+    above the base allocates), polled as the job runs.  qemu-img polls on every event, so
+    how often it repeats 0 and 100 depends on timing; this is the sequence of one poll
+    before the job starts, one per finished 1 MiB buffer and one after it ends."""
     size = top.size
     runs: list[tuple[int, int]] = []
     pos = 0
@@ -381,7 +373,6 @@ def commit_schedule(printer: QemuProgress, top: BlockDevice, base_depth: int) ->
         pos += st.length
     total = sum(n for _, n in runs)
     sched = Schedule(printer, size)
-    sched.add(-1, 0.0, 100)
     sched.add(-1, 0.0, 0)
     done = 0
     for start, n in runs:
