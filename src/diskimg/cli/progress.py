@@ -151,24 +151,39 @@ def _alignment(dev: BlockDevice) -> int:
     return max(1, (_grain(dev) or 0) // SECTOR)
 
 
+def _answer_end(dev: BlockDevice, off: int) -> int | None:
+    """Where one block-status answer of ``dev``'s own driver for ``off`` ends at the
+    latest: a sparse vmdk answers one grain at a time, a qcow2 image within one L2 table;
+    None for a driver without such a bound (raw: its file's data and holes)."""
+    grain = _grain(dev)
+    if dev.format == "vmdk" and grain:
+        return (off // grain + 1) * grain
+    span = dev.l2_span  # guest bytes one L2 table maps (declared by qcow2)
+    if dev.format == "qcow2" and span:
+        return (off // span + 1) * span
+    return None
+
+
 def status_run(dev: BlockDevice, off: int, length: int,
                top_only: bool = False) -> tuple[Status, int]:
     """Block status at ``off`` (at most ``length`` bytes) with QEMU's run lengths: a
     sparse vmdk answers one grain at a time, a qcow2 image one run of clusters of the same
-    kind (and contiguous host offsets) within one L2 table."""
+    kind (and contiguous host offsets) within one L2 table.  A range a layer leaves to its
+    backing file is asked of that file for the length of the layer's answer, so the run
+    also ends where the answer of every layer it passed through ends (a backing file's
+    smaller L2 tables or grains cut it)."""
     def one(o: int, n: int) -> tuple[Status, int]:
         return dev.block_status(o, n, top_only=top_only)
 
     st, depth = one(off, length)
-    grain = _grain(dev)
-    if dev.format == "vmdk" and grain:
-        n = min(st.length, grain - off % grain)
-        return Status(n, st.allocated, st.data, st.zero, st.offset, st.filename), depth
-    span = dev.l2_span  # guest bytes one L2 table maps (declared by qcow2)
-    if dev.format != "qcow2" or not span:
-        return st, depth
-    end = min(off + length, (off // span + 1) * span)
+    end = off + length
+    for layer in dev.chain()[: depth + 1]:
+        cut = _answer_end(layer, off)
+        if cut is not None:
+            end = min(end, cut)
     n = min(st.length, end - off)
+    if dev.format != "qcow2":
+        return Status(n, st.allocated, st.data, st.zero, st.offset, st.filename), depth
     while off + n < end:
         nxt, d2 = one(off + n, end - off - n)
         same = (nxt.allocated, nxt.data, nxt.zero, d2) == (st.allocated, st.data, st.zero, depth)
