@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 from qemukit import QEMU
 
-from tests.interop.test_convert_matrix import Img, _create, _garbage, _io, _qcow2, _raw, _vmdk
+from tests.interop.test_convert_matrix import Img, _create, _garbage, _qcow2, _raw, _vmdk
 
 from .conftest import needs_qemu
 
