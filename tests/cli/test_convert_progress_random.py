@@ -180,7 +180,7 @@ def run_case(seed: int, d: Path, run: Run) -> list[str]:
     return []
 
 
-CASES = int(os.environ.get("PROGRESS_RANDOM_CASES", "8"))
+CASES = int(os.environ.get("PROGRESS_RANDOM_CASES", "6"))
 SEED = int(os.environ.get("PROGRESS_RANDOM_SEED", "0"))
 
 

@@ -69,6 +69,12 @@ def imgs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "write -P 5 6M 100k", cwd=d)
     QEMU.img("create", "-f", "qcow2", "short.qcow2", "1M", cwd=d)
     make_raw(d / "odd.raw", 1000000, [(4096, b"\7" * 512)])  # not a whole number of sectors
+    # a 64k-cluster image over a 512-byte-cluster one, whose L2 tables map 32k each: qemu's
+    # block status of a range the top leaves to it ends at each of them
+    QEMU.img("create", "-f", "qcow2", "-o", "cluster_size=512", "sb.qcow2", "3M", cwd=d)
+    QEMU.io("sb.qcow2", "write -P 1 100k 50k", "write -z 1M 300k", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-b", "sb.qcow2", "-F", "qcow2", "over.qcow2", cwd=d)
+    QEMU.io("over.qcow2", "write -P 2 2M 64k", cwd=d)
     QEMU.img("convert", "-O", "vmdk", "sparse.raw", "s.vmdk", cwd=d)
     QEMU.img("convert", "-O", "vmdk", "-o", "subformat=monolithicFlat", "many.raw", "flat.vmdk",
              cwd=d)
@@ -90,15 +96,13 @@ CONVERT = [
     # -B onto a backing file shorter than the source: requests split at its end, zeros
     # past it left to the target (not counted, also with -S 0)
     ["-S", "0", "-O", "qcow2", "-B", "b2.qcow2", "-F", "qcow2", "grown.qcow2"],
-    ["-S", "0", "-O", "qcow2", "-B", "short.qcow2", "-F", "qcow2", "grown.qcow2"],
-    ["-O", "qcow2", "-B", "short.qcow2", "-F", "qcow2", "grown.qcow2"],
     ["-S", "0", "-O", "qcow2", "-B", "odd.raw", "-F", "raw", "small.qcow2"],
     ["-S", "0", "-c", "-O", "qcow2", "-B", "short.qcow2", "-F", "qcow2", "grown.qcow2"],
     # a streamOptimized target compresses every grain: whole grains, as with -c
     ["-O", "vmdk", "-o", "subformat=streamOptimized", "small.qcow2"],
     # sources of different cluster sizes and formats, one not a whole number of sectors
     ["-O", "raw", "small.qcow2", "grown.qcow2", "s.vmdk", "odd.raw", "ext.qcow2"],
-    ["-S", "0", "-O", "qcow2", "odd.raw", "small.qcow2", "flat.vmdk"],
+    ["-S", "0", "-O", "raw", "over.qcow2"],
 ]
 
 
@@ -114,17 +118,12 @@ def test_convert_progress_lines_match_qemu(imgs: Path, args: list[str]) -> None:
 
 FAILING = [
     ["convert", "-p", "-O", "raw", "missing.raw", "x.raw"],
-    ["convert", "-p", "-O", "nosuchfmt", "sparse.raw", "x.img"],
     ["convert", "-p", "-c", "-O", "qcow2", "-o", "preallocation=metadata", "sparse.raw",
      "x.qcow2"],
-    ["convert", "-p", "-n", "-O", "raw", "sparse.raw", "missing.raw"],
     ["convert", "-p", "-n", "-O", "raw", "longer.raw", "sparse2.raw"],
     ["compare", "-p", "missing.raw", "sparse.raw"],
-    ["compare", "-p", "sparse.raw", "missing.raw"],
     ["rebase", "-p", "-b", "nb.qcow2", "-F", "qcow2", "missing.qcow2"],
     ["rebase", "-p", "-b", "base.qcow2", "-F", "nosuchfmt", "nb.qcow2"],
-    ["rebase", "-p", "-u", "-b", "base.qcow2", "missing.qcow2"],
-    ["commit", "-p", "missing.qcow2"],
     ["commit", "-p", "nb.qcow2"],
 ]
 
@@ -160,6 +159,7 @@ COMPARE = [
     ["tail0.raw", "sparse.raw"], ["sparse.raw", "longer.raw"], ["top.qcow2", "top.qcow2"],
     ["top.qcow2", "base.qcow2"], ["-s", "sparse.raw", "tail0.raw"],
     ["small.qcow2", "small.qcow2"], ["sparse.raw", "s.vmdk"], ["-q", "sparse.raw", "many.raw"],
+    ["over.qcow2", "over.qcow2"],
 ]
 
 
