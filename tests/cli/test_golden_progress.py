@@ -203,3 +203,35 @@ def test_commit_progress_shape(imgs: Path, tmp_path: Path) -> None:
     assert values[:2] == [0.0, 0.0] and values[-2:] == [100.0, 100.0]
     assert values == sorted(values) and len(values) > 4
     assert all(x.startswith("    (") for x in body.split("\r") if x)
+
+
+def test_convert_backing_other_past_source_backing_end(tmp_path: Path) -> None:
+    # the source's own backing file (1M) ends before it (2M); -B names another image full
+    # of 0xbb.  qemu-img leaves the range the source leaves unallocated, across that end, to
+    # the target's backing file: its target reads 0xbb at 1M..2M where the source reads
+    # zeros.  diskimg writes the zeros there (docs/compatibility.md) and prints qemu-img's
+    # progress lines all the same.
+    d = tmp_path
+    QEMU.img("create", "-f", "qcow2", "base.qcow2", "1M", cwd=d)
+    QEMU.io("base.qcow2", "write -P 1 0 1M", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", "2M",
+             cwd=d)
+    QEMU.img("create", "-f", "qcow2", "tb.qcow2", "2M", cwd=d)
+    QEMU.io("tb.qcow2", "write -P 0xbb 0 2M", cwd=d)
+    args = ["convert", "-p", "-S", "0", "-O", "qcow2", "-B", "tb.qcow2", "-F", "qcow2",
+            "top.qcow2"]
+    ref = qemu_out(d, *args, "q.qcow2")
+    assert ref[0] == 0
+    assert mine_out(d, *args, "d.qcow2") == ref
+    half = 1 << 20
+    source = QEMU.raw_bytes(d / "top.qcow2", "qcow2")
+    # (booleans: pytest's diff of two megabytes would take minutes)
+    source_ok = source == b"\1" * half + bytes(half)
+    assert source_ok
+    # the first half is left to the target's backing file by both (the source leaves it to
+    # its own); past the end of the source's backing file the source reads zeros
+    mine = QEMU.raw_bytes(d / "d.qcow2", "qcow2")
+    mine_ok = mine[:half] == b"\xbb" * half and not any(mine[half:])
+    assert mine_ok
+    theirs_ok = QEMU.raw_bytes(d / "q.qcow2", "qcow2") == b"\xbb" * (2 * half)
+    assert theirs_ok
