@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from qemukit import QEMU
 
+from diskimg.cli.progress import f32
+
 from .conftest import make_raw, needs_qemu, run_module
 
 pytestmark = [pytest.mark.qemu, needs_qemu]
@@ -203,6 +205,47 @@ def test_commit_progress_shape(imgs: Path, tmp_path: Path) -> None:
     assert values[:2] == [0.0, 0.0] and values[-2:] == [100.0, 100.0]
     assert values == sorted(values) and len(values) > 4
     assert all(x.startswith("    (") for x in body.split("\r") if x)
+
+
+def test_commit_progress_values_on_qemus_grid(tmp_path: Path) -> None:
+    # qemu's commit job counts whole 64 KiB granules (the base's cluster size) of the ranges
+    # the top (of 4 KiB clusters) allocates, and its operations finish in an order that
+    # varies from run to run: every value either tool prints is k granules of that total
+    # (diskimg: one per operation, in order)
+    src = tmp_path / "src"
+    src.mkdir()
+    QEMU.img("create", "-f", "qcow2", "base.qcow2", "4M", cwd=src)
+    QEMU.io("base.qcow2", "write -P 1 0 4M", cwd=src)
+    QEMU.img("create", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "base.qcow2", "-F",
+             "qcow2", "top.qcow2", cwd=src)
+    QEMU.io("top.qcow2", "write -P 2 8k 12k", "write -P 3 200k 4k", "write -P 4 1M 300k",
+            "write -z 3M 64k", "write -P 5 4092k 4k", cwd=src)
+    outs = []
+    for tool in ("q", "d"):
+        d = tmp_path / tool
+        d.mkdir()
+        for n in ("base.qcow2", "top.qcow2"):
+            shutil.copy(src / n, d / n)
+        if tool == "q":
+            top_map = QEMU.map(d / "top.qcow2")
+            outs.append(qemu_out(d, "commit", "-p", "top.qcow2"))
+        else:
+            outs.append(mine_out(d, "commit", "-p", "top.qcow2"))
+    g = 65536
+    granules: set[int] = set()
+    for e in top_map:
+        if e["depth"] == 0:
+            granules.update(range(e["start"] // g, -(-(e["start"] + e["length"]) // g)))
+    total = len(granules) * g
+    grid = {f"{f32(f32(f32(k * g) / f32(total)) * 100):.2f}" for k in range(len(granules) + 1)}
+    seen = []
+    for rc, out in outs:
+        assert rc == 0
+        body = out.decode().rsplit("\n", 2)[0]
+        seen.append({x.strip()[1:].split("/")[0] for x in body.split("\r") if x})
+    assert seen[0] <= grid and seen[1] <= grid
+    assert len(seen[1] - {"0.00", "100.00"}) > 3  # a value per operation
+    assert QEMU.compare(tmp_path / "q" / "base.qcow2", tmp_path / "d" / "base.qcow2") == 0
 
 
 def test_convert_backing_other_past_source_backing_end(tmp_path: Path) -> None:

@@ -369,32 +369,57 @@ def _allocated_between(dev: BlockDevice, pos: int, n: int, prefix: int) -> tuple
 
 # --- commit --------------------------------------------------------------------------
 
-_MIRROR_BUF = 1 << 20  # the commit job's copy buffer
+_MIRROR_IO = 1 << 20  # the most data one operation of the commit (mirror) job copies
+_MIRROR_WINDOW = 16 << 20  # its buffer: the most one of its iterations takes on
+
+
+def _granularity(base: BlockDevice) -> int:
+    """The dirty-bitmap granularity of qemu's commit job: the base's cluster size within
+    4 KiB .. 64 KiB, 64 KiB for a base without clusters."""
+    cs = base.cluster_size
+    return min(65536, max(4096, cs)) if cs else 65536
 
 
 def commit_schedule(printer: QemuProgress, top: BlockDevice, base_depth: int) -> Schedule:
     """qemu-img commit's progress after its first line (0, printed by the command once the
-    image is open): the block job's bytes done over bytes to copy (the ranges some image
-    above the base allocates), polled as the job runs.  qemu-img polls on every event, so
-    how often it repeats 0 and 100 depends on timing; this is the sequence of one poll
-    before the job starts, one per finished 1 MiB buffer and one after it ends."""
+    image is open): the job's bytes done over its bytes to do, polled as the job runs.
+    The job marks dirty every granule (:func:`_granularity`) some image above the base
+    allocates, and copies each run of dirty granules (at most 16 MiB at a time) in
+    operations that follow the image's block status, 1 MiB at most for data, whole
+    granules (cut at the end of the disk).  qemu-img polls on every event, so how often it
+    repeats a value depends on timing; this is the sequence of one poll before the job
+    starts, one per finished operation and one after it ends."""
     size = top.size
-    runs: list[tuple[int, int]] = []
+    gran = _granularity(top.chain()[base_depth])
+    dirty: list[list[int]] = []  # granule-aligned [start, end) ranges, merged
     pos = 0
     while pos < size:
         st, depth = top.block_status(pos, size - pos)
         if st.allocated and depth < base_depth:
-            runs.append((pos, st.length))
+            a, b = pos // gran * gran, -(-(pos + st.length) // gran) * gran
+            if dirty and dirty[-1][1] >= a:
+                dirty[-1][1] = max(dirty[-1][1], b)
+            else:
+                dirty.append([a, b])
         pos += st.length
-    total = sum(n for _, n in runs)
+    total = sum(b - a for a, b in dirty)
     sched = Schedule(printer, size)
     sched.add(-1, 0.0, 0)
     done = 0
-    for start, n in runs:
-        for p in range(start, start + n, _MIRROR_BUF):
-            k = min(_MIRROR_BUF, start + n - p)
-            done += k
-            sched.add(p + k, f32(f32(f32(done) / f32(total)) * 100), 0)
+    for a, b in dirty:
+        for w in range(a, b, _MIRROR_WINDOW):
+            off, end = w, min(b, w + _MIRROR_WINDOW)
+            while off < end:
+                st, _ = status_run(top, off, min(end, size) - off) if off < size else \
+                    (Status(gran, True, True, False), 0)
+                n = st.length
+                if st.data and not st.zero:
+                    n = min(n, _MIRROR_IO)
+                n = max(gran, n - n % gran)
+                n = min(n, end - off)
+                done += min(n, size - off)  # the last granule is cut at the end of the disk
+                off += n
+                sched.add(min(off, size), f32(f32(f32(done) / f32(total)) * 100), 0)
     sched.add(size, 100.0, 0)
     sched.add(size, 100.0, 0)
     return sched
