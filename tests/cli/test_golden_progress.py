@@ -278,3 +278,17 @@ def test_convert_backing_other_past_source_backing_end(tmp_path: Path) -> None:
     assert mine_ok
     theirs_ok = QEMU.raw_bytes(d / "q.qcow2", "qcow2") == b"\xbb" * (2 * half)
     assert theirs_ok
+
+
+def test_convert_n_onto_stream_optimized_progress(imgs: Path, tmp_path: Path) -> None:
+    # an existing streamOptimized target compresses every grain: qemu-img copies into it a
+    # grain at a time, as with -c, and counts whole grains
+    for name in ("q.vmdk", "d.vmdk"):
+        QEMU.img("create", "-f", "vmdk", "-o", "subformat=streamOptimized", name, "5M",
+                 cwd=tmp_path)
+    src = str(imgs / "small.qcow2")
+    ref = qemu_out(tmp_path, "convert", "-p", "-n", "-O", "vmdk", src, "q.vmdk")
+    assert ref[0] == 0
+    assert mine_out(tmp_path, "convert", "-p", "-n", "-O", "vmdk", src, "d.vmdk") == ref
+    assert QEMU.compare(tmp_path / "q.vmdk", tmp_path / "d.vmdk") == 0
+    assert QEMU.compare(src, tmp_path / "d.vmdk") == 0

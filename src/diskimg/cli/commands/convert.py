@@ -85,9 +85,11 @@ def _convert_progress(ctx: Context, a: argparse.Namespace, printer: QemuProgress
                 cluster = parse_size(str(values.get("cluster_size", "65536")))
             else:
                 cluster = 65536  # vmdk grains
+        elif isinstance(target, BlockDevice) and target.compresses_every_write:
+            cluster = target.cluster_size or 65536  # qemu: the target needs compressed writes
         elif out_fmt == "vmdk" and not a.target_exists and \
                 values.get("subformat") == "streamOptimized":
-            cluster = 65536  # qemu: a target that needs compressed writes gets them
+            cluster = 65536  # the same for the new streamOptimized target (64 KiB grains)
         bsec = -1
         if backing is not None and not a.target_exists:
             bsec = _backing_sectors(ctx, backing, backing_fmt, dst_path)
