@@ -77,6 +77,15 @@ def imgs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     QEMU.io("sb.qcow2", "write -P 1 100k 50k", "write -z 1M 300k", cwd=d)
     QEMU.img("create", "-f", "qcow2", "-b", "sb.qcow2", "-F", "qcow2", "over.qcow2", cwd=d)
     QEMU.io("over.qcow2", "write -P 2 2M 64k", cwd=d)
+    # an extended-L2 image over one whose data is one run: qemu's answer for a range the
+    # top leaves to it ends where the top's unallocated subclusters of an allocated cluster
+    # meet an unallocated cluster
+    QEMU.img("create", "-f", "qcow2", "-o", "cluster_size=2M", "xb.qcow2", "3M", cwd=d)
+    QEMU.io("xb.qcow2", "write -P 1 0 3M", cwd=d)
+    QEMU.img("create", "-f", "qcow2", "-o", "cluster_size=64k,extended_l2=on", "-b",
+             "xb.qcow2", "-F", "qcow2", "xt.qcow2", cwd=d)
+    QEMU.io("xt.qcow2", "write -P 2 64k 4k", "write -P 3 1M 8k", "write -P 4 1200k 4k",
+            cwd=d)
     QEMU.img("convert", "-O", "vmdk", "sparse.raw", "s.vmdk", cwd=d)
     QEMU.img("convert", "-O", "vmdk", "-o", "subformat=monolithicFlat", "many.raw", "flat.vmdk",
              cwd=d)
@@ -105,6 +114,7 @@ CONVERT = [
     # sources of different cluster sizes and formats, one not a whole number of sectors
     ["-O", "raw", "small.qcow2", "grown.qcow2", "s.vmdk", "odd.raw", "ext.qcow2"],
     ["-S", "0", "-O", "raw", "over.qcow2"],
+    ["-O", "raw", "xt.qcow2"],
 ]
 
 

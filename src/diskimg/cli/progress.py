@@ -169,18 +169,23 @@ def status_run(dev: BlockDevice, off: int, length: int,
     """Block status at ``off`` (at most ``length`` bytes) with QEMU's run lengths: a
     sparse vmdk answers one grain at a time, a qcow2 image one run of clusters of the same
     kind (and contiguous host offsets) within one L2 table.  A range a layer leaves to its
-    backing file is asked of that file for the length of the layer's answer, so the run
-    also ends where the answer of every layer it passed through ends (a backing file's
-    smaller L2 tables or grains cut it)."""
+    backing file is asked of that file for the length of the layer's own answer, so the
+    run also ends where that answer ends (the layer's next cluster of another kind, such
+    as unallocated subclusters of an allocated cluster next to an unallocated cluster, or
+    its L2 table's end), and where the answering file's own answer ends (its smaller L2
+    tables or grains)."""
     def one(o: int, n: int) -> tuple[Status, int]:
         return dev.block_status(o, n, top_only=top_only)
 
     st, depth = one(off, length)
     end = off + length
-    for layer in dev.chain()[: depth + 1]:
-        cut = _answer_end(layer, off)
-        if cut is not None:
-            end = min(end, cut)
+    chain = dev.chain()
+    cut = _answer_end(chain[depth], off)
+    if cut is not None:
+        end = min(end, cut)
+    for layer in chain[:depth]:  # each layer that left the range to the next one
+        own, _ = status_run(layer, off, end - off, top_only=True)
+        end = min(end, off + own.length)
     n = min(st.length, end - off)
     if dev.format != "qcow2":
         return Status(n, st.allocated, st.data, st.zero, st.offset, st.filename), depth
