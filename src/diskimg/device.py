@@ -193,6 +193,13 @@ class BlockDevice:
         return None
 
     @property
+    def compresses_every_write(self) -> bool:
+        """Whether the format stores every write compressed, whole clusters at a time (a
+        streamOptimized vmdk: qemu's ``needs_compressed_writes``), so that qemu-img
+        converts into it a cluster at a time, as with ``-c``; False for the others."""
+        return False
+
+    @property
     def l2_span(self) -> int | None:
         """Guest bytes one second-level mapping table of the format maps (qcow2: one L2
         table), the most one block-status answer of QEMU's driver covers; None for a

@@ -123,9 +123,13 @@ class Schedule(Record):
         """Whether the text step ``text`` has been written."""
         return any(t == text for _, _, _, t in self.steps[: self.done])
 
+    def complete(self) -> None:
+        """The work is done: make every pending call (the line is not ended)."""
+        self.advance(2**63)
+
     def finish(self) -> None:
         """The command succeeded: make every pending call and end the line."""
-        self.advance(2**63)
+        self.complete()
         self.printer.end()
 
     def stop(self) -> None:
@@ -147,24 +151,44 @@ def _alignment(dev: BlockDevice) -> int:
     return max(1, (_grain(dev) or 0) // SECTOR)
 
 
+def _answer_end(dev: BlockDevice, off: int) -> int | None:
+    """Where one block-status answer of ``dev``'s own driver for ``off`` ends at the
+    latest: a sparse vmdk answers one grain at a time, a qcow2 image within one L2 table;
+    None for a driver without such a bound (raw: its file's data and holes)."""
+    grain = _grain(dev)
+    if dev.format == "vmdk" and grain:
+        return (off // grain + 1) * grain
+    span = dev.l2_span  # guest bytes one L2 table maps (declared by qcow2)
+    if dev.format == "qcow2" and span:
+        return (off // span + 1) * span
+    return None
+
+
 def status_run(dev: BlockDevice, off: int, length: int,
                top_only: bool = False) -> tuple[Status, int]:
     """Block status at ``off`` (at most ``length`` bytes) with QEMU's run lengths: a
     sparse vmdk answers one grain at a time, a qcow2 image one run of clusters of the same
-    kind (and contiguous host offsets) within one L2 table."""
+    kind (and contiguous host offsets) within one L2 table.  A range a layer leaves to its
+    backing file is asked of that file for the length of the layer's own answer, so the
+    run also ends where that answer ends (the layer's next cluster of another kind, such
+    as unallocated subclusters of an allocated cluster next to an unallocated cluster, or
+    its L2 table's end), and where the answering file's own answer ends (its smaller L2
+    tables or grains)."""
     def one(o: int, n: int) -> tuple[Status, int]:
         return dev.block_status(o, n, top_only=top_only)
 
     st, depth = one(off, length)
-    grain = _grain(dev)
-    if dev.format == "vmdk" and grain:
-        n = min(st.length, grain - off % grain)
-        return Status(n, st.allocated, st.data, st.zero, st.offset, st.filename), depth
-    span = dev.l2_span  # guest bytes one L2 table maps (declared by qcow2)
-    if dev.format != "qcow2" or not span:
-        return st, depth
-    end = min(off + length, (off // span + 1) * span)
+    end = off + length
+    chain = dev.chain()
+    cut = _answer_end(chain[depth], off)
+    if cut is not None:
+        end = min(end, cut)
+    for layer in chain[:depth]:  # each layer that left the range to the next one
+        own, _ = status_run(layer, off, end - off, top_only=True)
+        end = min(end, off + own.length)
     n = min(st.length, end - off)
+    if dev.format != "qcow2":
+        return Status(n, st.allocated, st.data, st.zero, st.offset, st.filename), depth
     while off + n < end:
         nxt, d2 = one(off + n, end - off - n)
         same = (nxt.allocated, nxt.data, nxt.zero, d2) == (st.allocated, st.data, st.zero, depth)
@@ -179,19 +203,25 @@ def status_run(dev: BlockDevice, off: int, length: int,
 
 
 def convert_schedule(printer: QemuProgress, devs: Sequence[BlockDevice], *,
-                     target_backing: bool = False, min_sparse: int = 4096,
-                     compress_cluster: int = 0) -> Schedule:
-    """qemu-img convert's progress: 0 at the start, then after claiming each chunk that
-    will be copied (data, or zeros with ``-S 0``) the share of such sectors claimed so far,
-    then 100.  Chunks follow qemu's iteration: block-status runs trimmed to the source's
-    cluster alignment, data cut at 2 MiB, whole clusters when compressing
-    (``compress_cluster`` bytes, 0 = not compressing)."""
-    total_sectors = sum(d.size for d in devs) // SECTOR
+                     target_backing: bool = False, backing_sectors: int = -1,
+                     min_sparse: int = 4096, compress_cluster: int = 0) -> Schedule:
+    """qemu-img convert's progress after its first line (0, which qemu-img prints before
+    it opens anything: the caller's): after claiming each chunk that will be copied (data,
+    or zeros with ``-S 0``) the share of such sectors claimed so far, then 100.  Chunks
+    follow qemu's iteration: block-status runs trimmed to the source's cluster alignment,
+    data cut at 2 MiB, whole clusters when compressing (``compress_cluster`` bytes, 0 = not
+    compressing: ``-c``, or a target that compresses every write).
+
+    ``target_backing`` (``-B``): only the sources' own layers count, a range they leave to
+    their backing file is the target's backing file's.  ``backing_sectors``: the size of a
+    new target's backing file in sectors (qemu's ``target_backing_sectors``, -1 unknown):
+    requests are split there, and zeros past it are left to the target (not counted)."""
+    total_sectors = sum(-(-d.size // SECTOR) for d in devs)
     starts = []
     pos = 0
     for d in devs:
         starts.append(pos)
-        pos += d.size // SECTOR
+        pos += -(-d.size // SECTOR)
     csec = compress_cluster // SECTOR
     buf = csec or IO_BUF // SECTOR  # compressing: one cluster at a time
     chunks: list[tuple[int, int, bool]] = []  # (sector, sectors, counted)
@@ -200,6 +230,12 @@ def convert_schedule(printer: QemuProgress, devs: Sequence[BlockDevice], *,
     sector = 0
     while sector < total_sectors:
         n = min(total_sectors - sector, _MAX_REQUEST // SECTOR)
+        post_backing_zero = False
+        if backing_sectors >= 0:
+            if sector >= backing_sectors:
+                post_backing_zero = True
+            elif sector + n > backing_sectors:
+                n = backing_sectors - sector  # zeros are handled differently from there
         if next_status <= sector:
             k = max(i for i, s in enumerate(starts) if s <= sector)
             dev, base = devs[k], starts[k]
@@ -207,18 +243,23 @@ def convert_schedule(printer: QemuProgress, devs: Sequence[BlockDevice], *,
             want = min(n * SECTOR, dev.size - off)
             st, _ = status_run(dev, off, want, top_only=target_backing)
             if target_backing:
-                zero = st.zero
+                # this layer alone: where it leaves the range to no backing file, or to
+                # one that ends before ``off``, qemu's block status says zeros
+                below = dev.backing
+                zero = st.zero or (not st.allocated and not st.data
+                                   and (below is None or off >= below.size))
                 data = st.data and st.allocated
-                other = "backing" if not st.allocated else "data"
             else:
                 zero = st.zero or (not st.allocated and not st.data)
                 data = st.data
-                other = "data"
             n = max(1, -(-min(st.length, want) // SECTOR))
             tail = (sector - base + n) % _alignment(dev)
             if n > tail:
                 n -= tail
-            status = "zero" if zero else "data" if data else other
+            if zero:
+                status = "backing" if post_backing_zero else "zero"
+            else:
+                status = "data" if data or not target_backing else "backing"
             next_status = sector + n
         n = min(n, next_status - sector)
         if status == "data":
@@ -236,7 +277,6 @@ def convert_schedule(printer: QemuProgress, devs: Sequence[BlockDevice], *,
         sector += n
     allocated = sum(n for _, n, c in chunks if c)
     sched = Schedule(printer, total_sectors * SECTOR)
-    sched.add(-1, 0.0, 100)
     done = 0
     for s, n, counted in chunks:
         if counted:
@@ -293,13 +333,13 @@ def compare_schedule(printer: QemuProgress, d1: BlockDevice, d2: BlockDevice) ->
 
 def rebase_schedule(printer: QemuProgress, dev: BlockDevice,
                     prefix_depth: int | None = None) -> Schedule:
-    """qemu-img rebase's progress (safe mode): 0, then ``100 / (size / 2 MiB)`` points for
-    each run (at most 2 MiB) that the image does not allocate itself and so has to be
-    compared with the new backing file, then 100.  With ``prefix_depth`` (the new backing
+    """qemu-img rebase's progress (safe mode) after its first line (0, printed by the
+    command before it opens the image): ``100 / (size / 2 MiB)`` points for each run (at
+    most 2 MiB) that the image does not allocate itself and so has to be compared with
+    the new backing file, then 100.  With ``prefix_depth`` (the new backing
     file is that image of the old chain) only runs some image above it allocates count."""
     size = dev.size
     sched = Schedule(printer, size)
-    sched.add(-1, 0.0, 100)
     if size:
         share = f32(f32(100.0) / f32(size // min(size, IO_BUF)))
         pos = 0
@@ -332,43 +372,59 @@ def _allocated_between(dev: BlockDevice, pos: int, n: int, prefix: int) -> tuple
     return n, False
 
 
-def unsafe_rebase_schedule(printer: QemuProgress) -> Schedule:
-    """``rebase -u``: only 0 and 100."""
-    sched = Schedule(printer, 0)
-    sched.add(-1, 0.0, 100)
-    sched.add(0, 100.0, 0)
-    return sched
-
-
 # --- commit --------------------------------------------------------------------------
 
-_MIRROR_BUF = 1 << 20  # the commit job's copy buffer
+_MIRROR_IO = 1 << 20  # the most data one operation of the commit (mirror) job copies
+_MIRROR_WINDOW = 16 << 20  # its buffer: the most one of its iterations takes on
+
+
+def _granularity(base: BlockDevice) -> int:
+    """The dirty-bitmap granularity of qemu's commit job: the base's cluster size within
+    4 KiB .. 64 KiB, 64 KiB for a base without clusters."""
+    cs = base.cluster_size
+    return min(65536, max(4096, cs)) if cs else 65536
 
 
 def commit_schedule(printer: QemuProgress, top: BlockDevice, base_depth: int) -> Schedule:
-    """qemu-img commit's progress: the block job's bytes done over bytes to copy (the
-    ranges some image above the base allocates), polled as the job runs.  qemu-img polls
-    on every event, so how often it repeats 0 and 100 depends on timing; this is the
-    sequence of one poll before the job starts, one per finished 1 MiB buffer and one after
-    it ends."""
+    """qemu-img commit's progress after its first line (0, printed by the command once the
+    image is open): the job's bytes done over its bytes to do, polled as the job runs.
+    The job marks dirty every granule (:func:`_granularity`) some image above the base
+    allocates, and copies each run of dirty granules (at most 16 MiB at a time) in
+    operations that follow the image's block status, 1 MiB at most for data, whole
+    granules (cut at the end of the disk).  qemu-img polls on every event, so how often it
+    repeats a value depends on timing; this is the sequence of one poll before the job
+    starts, one per finished operation and one after it ends."""
     size = top.size
-    runs: list[tuple[int, int]] = []
+    gran = _granularity(top.chain()[base_depth])
+    dirty: list[list[int]] = []  # granule-aligned [start, end) ranges, merged
     pos = 0
     while pos < size:
         st, depth = top.block_status(pos, size - pos)
         if st.allocated and depth < base_depth:
-            runs.append((pos, st.length))
+            a, b = pos // gran * gran, -(-(pos + st.length) // gran) * gran
+            if dirty and dirty[-1][1] >= a:
+                dirty[-1][1] = max(dirty[-1][1], b)
+            else:
+                dirty.append([a, b])
         pos += st.length
-    total = sum(n for _, n in runs)
+    total = sum(b - a for a, b in dirty)
     sched = Schedule(printer, size)
-    sched.add(-1, 0.0, 100)
     sched.add(-1, 0.0, 0)
     done = 0
-    for start, n in runs:
-        for p in range(start, start + n, _MIRROR_BUF):
-            k = min(_MIRROR_BUF, start + n - p)
-            done += k
-            sched.add(p + k, f32(f32(f32(done) / f32(total)) * 100), 0)
+    for a, b in dirty:
+        for w in range(a, b, _MIRROR_WINDOW):
+            off, end = w, min(b, w + _MIRROR_WINDOW)
+            while off < end:
+                st, _ = status_run(top, off, min(end, size) - off) if off < size else \
+                    (Status(gran, True, True, False), 0)
+                n = st.length
+                if st.data and not st.zero:
+                    n = min(n, _MIRROR_IO)
+                n = max(gran, n - n % gran)
+                n = min(n, end - off)
+                done += min(n, size - off)  # the last granule is cut at the end of the disk
+                off += n
+                sched.add(min(off, size), f32(f32(f32(done) / f32(total)) * 100), 0)
     sched.add(size, 100.0, 0)
     sched.add(size, 100.0, 0)
     return sched

@@ -73,6 +73,11 @@ class VmdkImage(BlockDevice):
         first = self.extents[0]
         return first.gb if isinstance(first, SparseExtent | SeSparseExtent) else None
 
+    @property
+    def compresses_every_write(self) -> bool:
+        """True for a streamOptimized vmdk (every extent of compressed grains)."""
+        return all(isinstance(e, SparseExtent) and e.compressed for e in self.extents)
+
     def host_files(self) -> list[Host]:
         """The descriptor (or monolithic sparse) file, then each extent file."""
         return [self.host, *self._own_hosts]

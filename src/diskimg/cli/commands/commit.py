@@ -14,7 +14,7 @@ from diskimg.cli.commands._shared import (Context, add_common, basic_schedule, c
 from diskimg.errors import DiskImgError
 
 if TYPE_CHECKING:
-    from diskimg.cli.progress import Schedule
+    from diskimg.cli.progress import QemuProgress, Schedule
 
 USAGE = '[-f FMT] [-b BASE] [-d] [-p] [-r RATE] [--object OBJ] [--image-opts] FILE'
 DESCRIPTION = "Write an overlay's data into its backing file (then empty the overlay)."
@@ -33,12 +33,12 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="commit at most RATE bytes per second (k, M, G... suffixes)")
 
 
-def commit_progress(ctx: Context, a: argparse.Namespace, path: str,
+def commit_progress(ctx: Context, a: argparse.Namespace, printer: QemuProgress, path: str,
                     fmt: str | None) -> Schedule:
-    """qemu-img commit's ``-p`` lines for ``path`` (nothing without ``-p``)."""
-    from diskimg.cli.progress import QemuProgress, Schedule, commit_schedule
+    """qemu-img commit's ``-p`` lines for ``path`` after the first (nothing without
+    ``-p``)."""
+    from diskimg.cli.progress import Schedule, commit_schedule
 
-    printer = QemuProgress(a.progress and not a.quiet, 1.0)
     if not printer.enabled:
         return Schedule(printer, 0)
     try:
@@ -67,15 +67,24 @@ def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
     target_cache(a)
     # open once the way qemu-img does, for its error messages (and the probed-raw warning)
     with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
-        if dev.backing is None:
+        backed = dev.backing is not None
+        if backed:
+            check_backing_keys(name, dev)
+    from diskimg.cli.progress import QemuProgress
+
+    printer = QemuProgress(a.progress and not a.quiet, 1.0)
+    printer.report(0.0, 100)  # qemu-img's first line, once the image is open
+    try:
+        if not backed:
             raise DiskImgError("Image does not have a backing file")
-        check_backing_keys(name, dev)
-    path, fmt, img_opts = path_and_format(a, name)
-    prog = commit_progress(ctx, a, path, fmt)
-    conv.commit(path, base=a.base, drop=a.drop, progress=prog if prog.enabled else None,
-                format=fmt, untrusted=ctx.untrusted, secrets=ctx.secrets, options=img_opts,
-                rate_limit=rate)
-    prog.finish()
+        path, fmt, img_opts = path_and_format(a, name)
+        prog = commit_progress(ctx, a, printer, path, fmt)
+        conv.commit(path, base=a.base, drop=a.drop, progress=prog if prog.enabled else None,
+                    format=fmt, untrusted=ctx.untrusted, secrets=ctx.secrets,
+                    options=img_opts, rate_limit=rate)
+        prog.complete()
+    finally:
+        printer.end()  # after 100, or wherever a failure stopped it
     if not a.quiet:
         sys.stdout.write("Image committed.\n")
     return 0

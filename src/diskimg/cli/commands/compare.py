@@ -42,6 +42,7 @@ def cmd_compare(ctx: Context, a: argparse.Namespace) -> int:
             same, off, msg = conv.compare(d1, d2, strict=a.strict,
                                           progress=prog if prog.enabled else None)
     except (DiskImgError, OSError) as e:
+        prog.stop()  # qemu-img started its (empty) progress line before opening
         raise errors.exit_code(e, 2) from e
     # qemu-img prints 0 before its first check, then a line per chunk it finished
     prog.advance(2**63 if same else off if off is not None else -1)

@@ -23,7 +23,7 @@ from diskimg.hostio.urls import is_url
 from diskimg.units import parse_size
 
 if TYPE_CHECKING:
-    from diskimg.cli.progress import Schedule
+    from diskimg.cli.progress import QemuProgress, Schedule
     from diskimg.hostio.sink import Sink
 
 USAGE = ('[-f FMT] [-O FMT] [-c] [-o K=V,...] [-B BACKING -F BACKING_FMT] [-n] [-p] [-W] [-m '
@@ -66,15 +66,16 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="with --bitmaps: skip inconsistent bitmaps")
 
 
-def _convert_progress(a: argparse.Namespace, srcs: list[BlockDevice],
-                      snap: tuple[str | None, str | None] | None, target: Any, out_fmt: str,
-                      values: dict[str, str], target_backing: bool,
+def _convert_progress(ctx: Context, a: argparse.Namespace, printer: QemuProgress,
+                      srcs: list[BlockDevice], snap: tuple[str | None, str | None] | None,
+                      target: Any, out_fmt: str, values: dict[str, str],
+                      backing: str | None, backing_fmt: str | None, dst_path: str,
                       sparse: int) -> Schedule:
-    """qemu-img convert's ``-p`` lines for these sources (nothing without ``-p``)."""
+    """qemu-img convert's ``-p`` lines for these sources after the first (nothing without
+    ``-p``)."""
     from diskimg.ops import convert as conv
-    from diskimg.cli.progress import QemuProgress, Schedule, convert_schedule
+    from diskimg.cli.progress import Schedule, convert_schedule
 
-    printer = QemuProgress(a.progress and not a.quiet, 1.0)
     if not printer.enabled:
         return Schedule(printer, 0)
     view: BlockDevice | None = None
@@ -89,14 +90,38 @@ def _convert_progress(a: argparse.Namespace, srcs: list[BlockDevice],
                 cluster = parse_size(str(values.get("cluster_size", "65536")))
             else:
                 cluster = 65536  # vmdk grains
+        elif isinstance(target, BlockDevice) and target.compresses_every_write:
+            cluster = target.cluster_size or 65536  # qemu: the target needs compressed writes
+        elif out_fmt == "vmdk" and not a.target_exists and \
+                values.get("subformat") == "streamOptimized":
+            cluster = 65536  # the same for the new streamOptimized target (64 KiB grains)
+        bsec = -1
+        if backing is not None and not a.target_exists:
+            bsec = _backing_sectors(ctx, backing, backing_fmt, dst_path)
         return convert_schedule(printer, [view] if view is not None else srcs,
-                                target_backing=target_backing, min_sparse=sparse,
-                                compress_cluster=cluster)
+                                target_backing=backing is not None, backing_sectors=bsec,
+                                min_sparse=sparse, compress_cluster=cluster)
     except DiskImgError:
         return Schedule(printer, 0)  # the convert itself reports the problem
     finally:
         if view is not None:
             view.close()
+
+
+def _backing_sectors(ctx: Context, backing: str, backing_fmt: str | None,
+                     dst_path: str) -> int:
+    """The size in sectors of the backing file a new target gets (named as in the
+    target, so relative to its directory), qemu-img's ``target_backing_sectors``; -1 if
+    it cannot be opened (the convert then reports why)."""
+    from diskimg.cli.progress import SECTOR
+    from diskimg.policy import combine
+
+    try:
+        with open_image(ctx, combine(dst_path, backing), "r", backing_fmt, backing=False,
+                        need_key=False, metadata_only=True) as dev:
+            return -(-dev.size // SECTOR)
+    except (DiskImgError, OSError):
+        return -1
 
 
 def _warn(line: str) -> None:
@@ -106,8 +131,6 @@ def _warn(line: str) -> None:
 
 def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img convert."""
-    from diskimg.ops import convert as conv
-
     olist = collect_o(a.options)
     out_fmt = a.output_format or "raw"
     if a.coroutines is not None:
@@ -145,6 +168,24 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         return print_help(out_fmt, a.files[-1] if len(a.files) > 1 else None)
     if len(a.files) < 2:
         raise UsageError("Must specify image file name")
+    from diskimg.cli.progress import QemuProgress
+
+    # the target '-' is standard output, written as a stream: no progress lines in it
+    to_stdout = a.files[-1] == "-" and not a.target_exists and not a.target_image_opts
+    printer = QemuProgress(a.progress and not a.quiet and not to_stdout, 1.0)
+    printer.report(0.0, 100)  # qemu-img's first line, printed before it opens anything
+    try:
+        _convert(ctx, a, olist, out_fmt, sparse, rate, printer)
+    finally:
+        printer.end()  # after 100, or wherever a failure stopped it
+    return 0
+
+
+def _convert(ctx: Context, a: argparse.Namespace, olist: str | None, out_fmt: str,
+             sparse: int, rate: int | None, printer: QemuProgress) -> None:
+    """The part of :func:`cmd_convert` after qemu-img has started its progress line."""
+    from diskimg.ops import convert as conv
+
     opts.creatable(out_fmt)
     *srcs, dst = a.files
     values: dict[str, str] = {}
@@ -204,8 +245,8 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
             check_copy(devs[: len(srcs)], out_fmt, values,
                        target if isinstance(target, BlockDevice) else None,
                        a.skip_broken_bitmaps)
-        prog = _convert_progress(a, devs[: len(srcs)], snap, target, out_fmt, values,
-                                 backing is not None, sparse)
+        prog = _convert_progress(ctx, a, printer, devs[: len(srcs)], snap, target, out_fmt,
+                                 values, backing, backing_fmt, dst_path, sparse)
         created: list[bool] = []
         try:
             stack.enter_context(_terminate_as_exit(isinstance(target, str)
@@ -223,22 +264,17 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
                          salvage=_warn if a.salvage and not a.quiet else a.salvage,
                          on_created=lambda: created.append(True))
         except (DiskImgError, OSError) as e:
-            prog.stop()
             if not a.target_exists and not created:
                 # the target could not be created: in qemu-img's words
                 label = dst_path if a.target_image_opts else dst  # file:X as given
                 raise DiskImgError(f"{label}: error while converting {out_fmt}: "
                                    f"{errors.create_reason(e, dst_path, exact=True)}") from e
             raise
-        except BaseException:
-            prog.stop()
-            raise
-        prog.finish()
+        prog.complete()
     finally:
         stack.close()
         for d in devs:
             d.close()
-    return 0
 
 
 @contextlib.contextmanager

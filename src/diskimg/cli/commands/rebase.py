@@ -15,7 +15,7 @@ from diskimg.cli.errors import CommandLineError
 from diskimg.errors import DiskImgError, UsageError
 
 if TYPE_CHECKING:
-    from diskimg.cli.progress import Schedule
+    from diskimg.cli.progress import QemuProgress, Schedule
 
 USAGE = '[-f FMT] [-u] [-p] -b BACKING [-F BACKING_FMT] [--object OBJ] [--image-opts] FILE'
 DESCRIPTION = 'Change the backing file of an image (safe: guest content unchanged).'
@@ -33,17 +33,16 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)
 
 
-def rebase_progress(ctx: Context, a: argparse.Namespace, path: str, fmt: str | None,
-                    backing: str | None) -> Schedule:
-    """qemu-img rebase's ``-p`` lines for ``path`` (nothing without ``-p``)."""
-    from diskimg.cli.progress import (QemuProgress, Schedule, rebase_schedule,
-                                      unsafe_rebase_schedule)
+def rebase_progress(ctx: Context, a: argparse.Namespace, printer: QemuProgress, path: str,
+                    fmt: str | None, backing: str | None) -> Schedule:
+    """qemu-img rebase's ``-p`` lines for ``path`` after the first (nothing without
+    ``-p``)."""
+    from diskimg.cli.progress import Schedule, rebase_schedule
 
-    printer = QemuProgress(a.progress and not a.quiet, 2.0)
     if not printer.enabled:
         return Schedule(printer, 0)
     if a.unsafe:
-        return unsafe_rebase_schedule(printer)
+        return basic_schedule(printer)
     try:
         with api.open(path, "r", fmt, force_share=True, untrusted=ctx.untrusted,
                       secrets=ctx.secrets) as dev:
@@ -61,11 +60,24 @@ def rebase_progress(ctx: Context, a: argparse.Namespace, path: str, fmt: str | N
 
 def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
     """qemu-img rebase [-u] [-p] -b BACKING [-F FMT] [--image-opts] FILE."""
-    from diskimg.ops import chain as conv
-
     name = one_file(a)
     if not a.unsafe and a.backing is None:
         raise CommandLineError("Must specify backing file (-b) or use unsafe mode (-u)")
+    from diskimg.cli.progress import QemuProgress
+
+    printer = QemuProgress(a.progress and not a.quiet, 2.0)
+    printer.report(0.0, 100)  # qemu-img's first line, printed before it opens anything
+    try:
+        _rebase(ctx, a, name, printer)
+    finally:
+        printer.end()  # after 100, or wherever a failure stopped it
+    return 0
+
+
+def _rebase(ctx: Context, a: argparse.Namespace, name: str, printer: QemuProgress) -> None:
+    """The part of :func:`cmd_rebase` after qemu-img has started its progress line."""
+    from diskimg.ops import chain as conv
+
     if a.backing_fmt is not None and a.backing_fmt not in api.BACKING_FORMATS:
         raise UsageError(f"Invalid format name: '{a.backing_fmt}'")
     target_cache(a)
@@ -88,12 +100,11 @@ def cmd_rebase(ctx: Context, a: argparse.Namespace) -> int:
         if not os.path.exists(bpath):
             raise DiskImgError(f"Could not open new backing file '{backing}': Could not open "
                                f"'{bpath}': No such file or directory")
-    prog = rebase_progress(ctx, a, path, path_fmt, backing)
+    prog = rebase_progress(ctx, a, printer, path, path_fmt, backing)
     conv.rebase(path, backing, a.backing_fmt, unsafe=a.unsafe, format=path_fmt,
                 progress=prog if prog.enabled else None, untrusted=ctx.untrusted,
                 secrets=ctx.secrets, force_share=a.force_share, options=img_opts)
-    prog.finish()
-    return 0
+    prog.complete()
 
 
 
