@@ -149,6 +149,7 @@ CASES: list[tuple[str, list[str]]] = [
     ("loop3", ["info", "--backing-chain", "t.qcow2"]),  # the loop below the top
     # 5. preallocation values
     ("plain", ["create", "-f", "qcow2", "-o", "preallocation=1234", "x.qcow2", "1M"]),
+    ("plain", ["create", "-f", "qcow2", "-o", "cluster_size=512", "x.qcow2", "100T"]),
     ("plain", ["convert", "-O", "raw", "-o", "preallocation=1234", "a.qcow2", "x.raw"]),
     ("plain", ["convert", "-O", "vmdk", "-o", "preallocation=1234", "a.qcow2", "x.vmdk"]),
     # 6. empty backing file names
