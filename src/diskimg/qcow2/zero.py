@@ -104,7 +104,7 @@ def zeroize(img: Qcow2Image, start: int, end: int, may_unmap: bool) -> bool:
     if tail_start > head_end:  # whole clusters (the disk's last one may be partial)
         first = head_end >> img.cb
         zero_clusters(img, first, first - (-(tail_start - head_end) >> img.cb), may_unmap,
-                      discard=False, data_file_done=True)
+                      discard=False)
     return True
 
 
@@ -141,18 +141,11 @@ def discard(img: Qcow2Image, offset: int, length: int) -> None:
         zero_clusters(img, first, end, True, discard=True)
 
 
-def zero_clusters(img: Qcow2Image, first: int, end: int, unmap: bool, discard: bool,
-                  data_file_done: bool = False) -> None:
-    """Set full clusters [first, end) to read as zeros (v3) or deallocate them."""
+def zero_clusters(img: Qcow2Image, first: int, end: int, unmap: bool, discard: bool) -> None:
+    """Set full clusters [first, end) to read as zeros (v3) or deallocate them (the
+    raw data file of a zero-write is zeroed by :func:`zeroize`, its one caller for
+    zero-writes)."""
     v3 = img.header.version >= 3
-    if (not discard and not data_file_done
-            and img.header.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW
-            and not img.header.crypt_method):
-        # data_file_raw: the data file must keep reading as the disk (as qemu does).
-        # Not when encrypted: there it holds ciphertext, never the disk, and zeros
-        # written ahead of the L2 zero flag would decrypt to garbage after a crash
-        start = first << img.cb
-        img.data_host.zero_range(start, min(img.size, end << img.cb) - start)
     c = first
     while c < end:
         idx = c & (img.l2_entries - 1)
