@@ -183,7 +183,9 @@ def zero_clusters(img: Qcow2Image, first: int, end: int, unmap: bool, discard: b
             if new != old:
                 ents[j] = new
                 if not new & E.L2E_OFFSET_MASK:
-                    C.free_entry(img, old, punch=unmap)  # the entry lost its cluster
+                    # the entry lost its cluster; v2 has no zero flag, so a zero-write
+                    # there is qemu's discard request, which punches the freed cluster
+                    C.free_entry(img, old, punch=unmap or not v3)
                 img._decoded.pop(old, None)
         img.l2_cache.mark_dirty(l2_off)
         c += n
