@@ -155,3 +155,47 @@ def test_qemu_written_descriptors_decode_and_re_encode_identically(
                 assert 0 < host and host + n <= len(raw) + 511
     assert kinds.count(CT.COMPRESSED) == 5  # 8k at 0, 6k at 130k (2 clusters), the tail
     assert kinds.count(CT.NORMAL) == 1
+
+
+# -- extended-L2 subcluster bitmaps: the one builder the writers and the checker share --
+
+_bitmaps = st.integers(0, (1 << 64) - 1)
+_ranges = st.tuples(st.integers(0, 32), st.integers(0, 32)).map(sorted)
+
+
+@given(_bitmaps, _ranges)
+def test_bitmap_with_alloc_allocates_exactly_the_range(bm: int, rng: list[int]) -> None:
+    lo, hi = rng
+    new = E.bitmap_with_alloc(bm, E.subcluster_mask(lo, hi))
+    assert new < 1 << 64
+    for i in range(32):
+        inside = lo <= i < hi
+        state = E.subcluster_type(1 << 9 | E.QCOW_OFLAG_COPIED, new, i, has_data_file=False)
+        if inside:
+            assert state == E.SubclusterType.NORMAL
+        else:  # subclusters outside the range keep both of their bits
+            assert (new >> i & 1, new >> 32 + i & 1) == (bm >> i & 1, bm >> 32 + i & 1)
+
+
+@given(_bitmaps, _ranges)
+def test_bitmap_with_zero_zeroes_exactly_the_range(bm: int, rng: list[int]) -> None:
+    lo, hi = rng
+    new = E.bitmap_with_zero(bm, E.subcluster_mask(lo, hi))
+    assert new < 1 << 64
+    for i in range(32):
+        if lo <= i < hi:
+            assert E.subcluster_type(0, new, i, has_data_file=False) == \
+                E.SubclusterType.ZERO_PLAIN
+        else:
+            assert (new >> i & 1, new >> 32 + i & 1) == (bm >> i & 1, bm >> 32 + i & 1)
+
+
+def test_bitmap_constants_and_conflicts() -> None:
+    assert E.L2_BITMAP_ALL_ALLOC == 0xFFFFFFFF
+    assert E.L2_BITMAP_ALL_ZERO == 0xFFFFFFFF << 32
+    assert E.subcluster_mask(0, 32) == E.L2_BITMAP_ALL_ALLOC
+    assert E.subcluster_mask(3, 5) == 0b11000
+    assert E.bitmap_conflicts(1 << 4 | 1 << 36) == 1 << 4
+    assert E.bitmap_conflicts(E.L2_BITMAP_ALL_ALLOC) == 0
+    # the checker's repair of a misaligned preallocated cluster: allocated -> zero
+    assert E.bitmap_with_zero(0b101 | 1 << 40, 0b101) == (0b101 | 1 << 8) << 32

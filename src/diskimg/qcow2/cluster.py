@@ -335,7 +335,6 @@ def _write_ext_in_table(img: Qcow2Image, cluster: int, g: int, stop: int, offset
                         data: memoryview) -> None:
     """:func:`write_ext` of guest [g, stop), which lies in one L2 table."""
     cs, scs = img.cs, img.sc_size
-    full_bits = (1 << E.SUBCLUSTERS_PER_CLUSTER) - 1
     l2_off, table = get_l2_for_write(img, cluster)
     idx = cluster & (img.l2_entries - 1)
     n = ((stop - 1) >> img.cb) - cluster + 1
@@ -360,12 +359,12 @@ def _write_ext_in_table(img: Qcow2Image, cluster: int, g: int, stop: int, offset
         has_host = t == E.ClusterType.NORMAL  # (offset 0 is one in a data file)
         if has_host:
             img._check_data_offset(host, l2_off, idx + j, c_start)
-        touched = ((1 << s_hi) - 1) ^ ((1 << s_lo) - 1)
+        touched = E.subcluster_mask(s_lo, s_hi)
         if j not in fresh:
             new_host, new_bm = host, bm
         elif t == E.ClusterType.COMPRESSED or has_host:
             # compressed or shared cluster: copy the whole cluster to a new one
-            new_host, new_bm = fresh[j], full_bits
+            new_host, new_bm = fresh[j], E.L2_BITMAP_ALL_ALLOC
             r_lo, r_hi = c_start, c_start + cs
         else:
             new_host, new_bm = fresh[j], bm
@@ -375,7 +374,7 @@ def _write_ext_in_table(img: Qcow2Image, cluster: int, g: int, stop: int, offset
         buf[lo - r_lo : hi - r_lo] = data[lo - offset : hi - offset]
         for h_off, piece in encrypt_writes(img, [(new_host + r_lo - c_start, buf, r_lo)]):
             img.data_host.pwrite(h_off, piece)
-        new_bm = (new_bm | touched) & ~(touched << 32) & ((1 << 64) - 1)
+        new_bm = E.bitmap_with_alloc(new_bm, touched)
         table.entries[i] = new_host | E.QCOW_OFLAG_COPIED
         table.entries[i + 1] = new_bm
         if not (has_host and new_host == host):

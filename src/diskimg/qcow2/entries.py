@@ -13,6 +13,9 @@ L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 SUBCLUSTERS_PER_CLUSTER = 32
+#: Extended-L2 bitmap: bit i (0..31) "subcluster i allocated", bit 32+i "reads as zeros".
+L2_BITMAP_ALL_ALLOC = (1 << SUBCLUSTERS_PER_CLUSTER) - 1
+L2_BITMAP_ALL_ZERO = L2_BITMAP_ALL_ALLOC << SUBCLUSTERS_PER_CLUSTER
 
 
 class ClusterType:
@@ -70,7 +73,7 @@ def subcluster_type(entry: int, bitmap: int, index: int, *,
     if t == ClusterType.COMPRESSED:
         return SubclusterType.COMPRESSED if bitmap == 0 else SubclusterType.INVALID
     alloc = bitmap >> index & 1
-    zero = bitmap >> (32 + index) & 1
+    zero = bitmap >> (SUBCLUSTERS_PER_CLUSTER + index) & 1
     has_host = t == ClusterType.NORMAL
     if alloc and zero:
         return SubclusterType.INVALID
@@ -79,6 +82,30 @@ def subcluster_type(entry: int, bitmap: int, index: int, *,
     if alloc:
         return SubclusterType.NORMAL if has_host else SubclusterType.INVALID
     return SubclusterType.UNALLOCATED_ALLOC if has_host else SubclusterType.UNALLOCATED_PLAIN
+
+
+def subcluster_mask(lo: int, hi: int) -> int:
+    """The allocation-bit mask of subclusters lo..hi-1 (0 <= lo <= hi <= 32)."""
+    return ((1 << hi) - 1) ^ ((1 << lo) - 1)
+
+
+def bitmap_with_alloc(bitmap: int, mask: int) -> int:
+    """``bitmap`` with the subclusters of allocation mask ``mask`` allocated (their zero
+    bits cleared: a subcluster is never both)."""
+    return (bitmap | mask) & ~(mask << SUBCLUSTERS_PER_CLUSTER) & (
+        L2_BITMAP_ALL_ALLOC | L2_BITMAP_ALL_ZERO)
+
+
+def bitmap_with_zero(bitmap: int, mask: int) -> int:
+    """``bitmap`` with the subclusters of allocation mask ``mask`` reading as zeros
+    (their allocation bits cleared)."""
+    return (bitmap | mask << SUBCLUSTERS_PER_CLUSTER) & ~mask & (
+        L2_BITMAP_ALL_ALLOC | L2_BITMAP_ALL_ZERO)
+
+
+def bitmap_conflicts(bitmap: int) -> int:
+    """Subclusters marked both allocated and zero (non-zero means a corrupt bitmap)."""
+    return bitmap >> SUBCLUSTERS_PER_CLUSTER & bitmap
 
 
 def compressed_layout(cluster_bits: int) -> tuple[int, int]:

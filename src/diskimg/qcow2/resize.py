@@ -200,7 +200,8 @@ def _holds_data(img: Qcow2Image, ents: array[int], k: int) -> bool:
     t = img._cluster_type(ents[k])
     if t == E.ClusterType.COMPRESSED:
         return True
-    return t == E.ClusterType.NORMAL and (not img.extended or bool(ents[k + 1] & 0xFFFFFFFF))
+    return t == E.ClusterType.NORMAL and (
+        not img.extended or bool(ents[k + 1] & E.L2_BITMAP_ALL_ALLOC))
 
 
 def unmap_past_end(img: Qcow2Image, first: int, last: int) -> None:

@@ -118,11 +118,10 @@ def _zero_subclusters(img: Qcow2Image, start: int, end: int) -> None:
     c_start = start & ~(img.cs - 1)
     lo = (start - c_start) // img.sc_size
     hi = -(-(end - c_start) // img.sc_size)
-    bits = ((1 << hi) - 1) ^ ((1 << lo) - 1)
     l2_off, table = C.get_l2_for_write(img, start >> img.cb)
     i = 2 * ((start >> img.cb) & (img.l2_entries - 1))
     old = table.entries[i + 1]
-    new = (old | bits << 32) & ~bits
+    new = E.bitmap_with_zero(old, E.subcluster_mask(lo, hi))
     if new != old:
         table.entries[i + 1] = new
         img.l2_cache.mark_dirty(l2_off)
@@ -197,7 +196,6 @@ def zero_ext(img: Qcow2Image, ents: array[int], idx: int, n: int, unmap: bool,
     cluster is kept (zero-allocated) unless ``unmap`` or it is compressed/shared.  A
     ``discard`` always drops the host cluster and leaves an unallocated cluster without
     a backing file as it is (as qemu)."""
-    zero_bits = ((1 << E.SUBCLUSTERS_PER_CLUSTER) - 1) << 32
     for j in range(idx, idx + n):
         ent = ents[2 * j]
         t = img._cluster_type(ent)
@@ -209,4 +207,4 @@ def zero_ext(img: Qcow2Image, ents: array[int], idx: int, n: int, unmap: bool,
         if not keep:
             C.free_entry(img, ent, punch=unmap)  # a no-op for an entry without cluster
             img._decoded.pop(ent, None)
-        ents[2 * j], ents[2 * j + 1] = new, zero_bits
+        ents[2 * j], ents[2 * j + 1] = new, E.L2_BITMAP_ALL_ZERO

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from diskimg.hostio.host import Host
 
 REFT_RESERVED_MASK = 0x1FF
-L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
 INT_MAX = (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1
 

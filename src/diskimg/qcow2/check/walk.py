@@ -25,14 +25,16 @@ from diskimg.qcow2.check.state import (
     _NORMAL,
     _UNALLOCATED,
     _ZERO_ALLOC,
-    L2_BITMAP_ALL_ALLOC,
     _hexc,
 )
 from diskimg.qcow2.entries import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
+    L2_BITMAP_ALL_ALLOC,
     L2E_OFFSET_MASK,
     L2E_STD_RESERVED_MASK,
+    bitmap_conflicts,
+    bitmap_with_zero,
     cluster_type,
     decode_compressed,
 )
@@ -195,7 +197,7 @@ class _Walk(_Snapshots):
                     res.fragmented_clusters += 1
             elif typ in (_NORMAL, _ZERO_ALLOC):
                 off = e & L2E_OFFSET_MASK
-                if (bm >> 32) & bm:
+                if bitmap_conflicts(bm):
                     res.corruptions += 1
                     self.msg(f"ERROR offset={off:x}: Allocated cluster has corrupted "
                              "subcluster allocation bitmap")
@@ -216,7 +218,7 @@ class _Walk(_Snapshots):
                                   host_offset=off, guest_offset=guest)
                         if fixing:
                             if self.ext_l2:
-                                nbm = (bm | (bm << 32)) & (L2_BITMAP_ALL_ALLOC << 32)
+                                nbm = bitmap_with_zero(bm, bm & L2_BITMAP_ALL_ALLOC)
                                 new = struct.pack(">QQ", 0, nbm)
                             else:
                                 new = struct.pack(">Q", OFLAG_ZERO)
