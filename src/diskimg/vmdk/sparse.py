@@ -10,14 +10,14 @@ from __future__ import annotations
 import struct
 import sys
 import zlib
-from array import array
 
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError
 from diskimg.slotted import FrozenRecord, set_field, set_fields
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from array import array
+    from collections.abc import Callable, Iterable
 
 SECTOR = 512
 VMDK4_MAGIC = b"KDMV"
@@ -273,18 +273,28 @@ class GrainInflater:
             buf[got:] = bytes(len(buf) - got)
 
 
-def le_u32_array(buf: bytes) -> array[int]:
-    a = array("I", buf)
+def le_u32_array(buf: bytes | bytearray) -> memoryview:
+    """The little-endian u32 entries of ``buf`` (a multiple of 4 bytes) as a writable
+    native ``"I"`` view of a private copy: indexed, sliced and assigned like an array,
+    without importing :mod:`array` (which loads :mod:`collections`: start-up, issue 20)."""
+    b = bytearray(buf)
     if sys.byteorder == "big":
-        a.byteswap()
-    return a
+        n = len(b) // 4
+        b = bytearray(struct.pack(f"={n}I", *struct.unpack(f"<{n}I", b)))
+    return memoryview(b).cast("I")
 
 
-def pack_le_u32_array(a: array[int]) -> bytes:
+def u32_table(values: Iterable[int]) -> memoryview:
+    """``values`` as a writable native ``"I"`` view (what a table slice is assigned)."""
+    v = list(values)
+    return memoryview(bytearray(struct.pack(f"={len(v)}I", *v))).cast("I")
+
+
+def pack_le_u32_array(a: memoryview | array[int]) -> bytes:
+    """The entries of ``a`` (a view from :func:`le_u32_array` or an ``array("I")``) as
+    little-endian u32 bytes."""
     if sys.byteorder == "big":
-        b = array("I", a)
-        b.byteswap()
-        return b.tobytes()
+        return struct.pack(f"<{len(a)}I", *a)
     return a.tobytes()
 
 
