@@ -10,7 +10,6 @@ by bisection.  The first write changes the CID (as qemu does) so children notice
 
 from __future__ import annotations
 
-import bisect
 import os
 
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
@@ -273,8 +272,13 @@ class VmdkImage(BlockDevice):
 
     # --- I/O -------------------------------------------------------------------------
     def _find(self, offset: int) -> tuple[int, Extent]:
-        i = bisect.bisect_right(self.starts, offset) - 1
-        return self.starts[i], self.extents[i]
+        starts = self.starts
+        if len(starts) == 1:                  # monolithic: no search (nor its import)
+            return 0, self.extents[0]
+        import bisect
+
+        i = bisect.bisect_right(starts, offset) - 1
+        return starts[i], self.extents[i]
 
     def _fill_for(self, start: int) -> Fill:
         def fill(off: int, buf: memoryview) -> None:
