@@ -116,3 +116,55 @@ def test_a_descriptor_past_or_across_the_file_end_is_refused_with_its_offset(
     if where == "past":
         assert "lies past the end of the file" in str(ei.value)
     assert path.read_bytes() == before
+
+
+def _zstd_reference(data: bytes, cs: int) -> bytes | str:
+    """The streaming decode alone (what every zstd cluster went through before the
+    one-call path): its bytes, or its error text."""
+    import io
+
+    import zstandard
+
+    try:
+        out: bytes = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(data), read_across_frames=False).read(cs)
+    except zstandard.ZstdError as e:
+        return str(e)
+    return out
+
+
+def test_zstd_one_call_path_decodes_exactly_what_the_streaming_path_does() -> None:
+    """Frames with and without a content size, with a checksum, followed by padding or
+    another frame, then truncated or with a byte flipped: the result (bytes, or the error
+    text) is the streaming decoder's every time."""
+    import zstandard
+
+    from diskimg.qcow2.compress import _zstd_decompress
+
+    rng = random.Random(3)
+    line = b"zstd frame content size checksum\n"
+    cluster = (line * (CS // len(line) + 1))[:CS - 4096] + rng.randbytes(4096)
+    frames = {
+        "sized": zstandard.ZstdCompressor(level=3).compress(cluster),
+        "unsized": zstandard.ZstdCompressor(write_content_size=False).compress(cluster),
+        "checksum": zstandard.ZstdCompressor(write_checksum=True).compress(cluster),
+        "short": zstandard.ZstdCompressor().compress(cluster[:CS // 2]),
+        "long": zstandard.ZstdCompressor().compress(cluster + b"x"),
+    }
+    cases: list[bytes] = []
+    for f in frames.values():
+        cases += [f, f + bytes(300), f + frames["sized"], f[:len(f) // 2], f[:-1], f[:5]]
+        for at in (4, 7, len(f) // 3, len(f) - 2):
+            flipped = bytearray(f)
+            flipped[at] ^= 0x5A
+            cases.append(bytes(flipped))
+    decoded = 0
+    for data in cases:
+        want = _zstd_reference(data, CS)
+        try:
+            got: bytes | str = _zstd_decompress(data, CS)
+        except ValueError as e:
+            got = str(e)
+        assert got == want, data[:16]
+        decoded += got == cluster
+    assert decoded >= 9         # the intact frames of a cluster, padded or not
