@@ -360,3 +360,18 @@ def test_reading_a_monolithic_sparse_vmdk_loads_no_codec_of_other_subformats(
     assert "diskimg.vmdk.sparse_extent" in loaded
     assert loaded & {"array", "collections", "zlib", "bisect", "diskimg.vmdk.compressed",
                      "diskimg.vmdk.stream", "diskimg.vmdk.sesparse"} == set()
+
+
+@pytest.mark.parametrize("order", ["little", "big"])
+def test_grain_table_views_hold_the_little_endian_values_on_either_byte_order(
+        monkeypatch: pytest.MonkeyPatch, order: str) -> None:
+    """Both branches of the table codec (the host's order is patched: a big-endian
+    host swaps through struct) give the entries' values, and pack back to the bytes."""
+    monkeypatch.setattr(S.sys, "byteorder", order)
+    vals = [0, 1, 128, 0xFFFFFFFF, 0x01020304, 7 << 20]
+    raw = struct.pack(f"<{len(vals)}I", *vals)
+    t = S.le_u32_array(raw)
+    assert (t.format, t.tolist()) == ("I", vals)
+    t[2:4] = S.u32_table([5, 6])
+    assert S.pack_le_u32_array(t) == struct.pack(f"<{len(vals)}I", 0, 1, 5, 6, *vals[4:])
+    assert raw == struct.pack(f"<{len(vals)}I", *vals)      # a private copy
