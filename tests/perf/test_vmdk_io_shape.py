@@ -291,3 +291,87 @@ def test_a_forked_child_inflates_on_a_fresh_pool(tmp_path: Path,
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_runs_of_a_rewritten_grain_table_read_like_the_entries_say(tmp_path: Path) -> None:
+    """Runs of host-contiguous grains (the lookup's fast path) stop exactly where an entry
+    breaks the sequence: a grain one sector off, a repeated grain, a zeroed-grain entry
+    (1), an unallocated one (0); every byte is checked against the file through the
+    entries, grain by grain, for requests that start and end inside grains."""
+    raw, path = tmp_path / "src.raw", tmp_path / "d.vmdk"
+    _workload(raw, "rrtr")
+    diskimg.convert(raw, path, "vmdk", format="raw", options={"zeroed_grain": True})
+    gt_at, hosts = _grain_hosts(path)
+    orig = [h // S.SECTOR for h in hosts[:64]]
+    assert orig == list(range(orig[0], orig[0] + 64 * 128, 128))   # 4 MiB laid out in order
+    ents = list(orig)
+    ents[10] += 1                       # one sector off: not the next grain of the run
+    ents[20:23] = [orig[20]] * 3        # the same grain three times
+    ents[30], ents[31] = 1, 0           # zeroed, unallocated
+    ents[40:44] = orig[44:48]           # a run that jumps ahead, then one that goes back
+    ents[44:48] = orig[40:44]
+    with open(path, "r+b") as f:
+        f.seek(gt_at)
+        f.write(struct.pack(f"<{len(ents)}I", *ents))
+    file = path.read_bytes()
+    want = b"".join(bytes(GRAIN) if e in (0, 1) else file[e * S.SECTOR:e * S.SECTOR + GRAIN]
+                    for e in ents)
+    with _open(path) as img:
+        assert img.read(0, 4 * MiB) == want
+        for start, n in ((GRAIN - 512, 3 * GRAIN), (9 * GRAIN + 7, GRAIN + 9),
+                         (19 * GRAIN + 100, 13 * GRAIN), (39 * GRAIN, 10 * GRAIN + 1)):
+            assert img.read(start, n) == want[start:start + n], (start, n)
+
+
+READ_PROBE = """\
+import hashlib, sys
+sys.path.insert(0, sys.argv[1])
+import diskimg
+buf = bytearray(1 << 20)
+h = hashlib.sha256()
+with diskimg.open(sys.argv[2], format="vmdk") as img:
+    for off in range(0, img.size, len(buf)):
+        n = min(len(buf), img.size - off)
+        img.readinto(off, memoryview(buf)[:n])
+        h.update(memoryview(buf)[:n])
+print(h.hexdigest())
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_reading_a_monolithic_sparse_vmdk_loads_no_codec_of_other_subformats(
+        tmp_path: Path) -> None:
+    """Issue 20 item 4 (start-up share of a read): grain tables are memoryviews, not
+    arrays (whose import loads the collections package); the streamOptimized, seSparse
+    and zlib code loads only for such extents; one extent needs no bisect."""
+    import hashlib
+    import subprocess
+    import sys
+
+    raw, path = tmp_path / "src.raw", tmp_path / "d.vmdk"
+    _workload(raw, "rthzr")
+    diskimg.convert(raw, path, "vmdk", format="raw")
+    src = str(Path(diskimg.__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-S", "-c", READ_PROBE, src, str(path)],
+                       capture_output=True, text=True, check=True)
+    digest, modules = r.stdout.splitlines()
+    assert digest == hashlib.sha256(raw.read_bytes()).hexdigest()
+    loaded = set(modules.split())
+    assert "diskimg.vmdk.sparse_extent" in loaded
+    assert loaded & {"array", "collections", "zlib", "bisect", "diskimg.vmdk.compressed",
+                     "diskimg.vmdk.stream", "diskimg.vmdk.sesparse"} == set()
+
+
+@pytest.mark.parametrize("order", ["little", "big"])
+def test_grain_table_views_hold_the_little_endian_values_on_either_byte_order(
+        monkeypatch: pytest.MonkeyPatch, order: str) -> None:
+    """Both branches of the table codec (the host's order is patched: a big-endian
+    host swaps through struct) give the entries' values, and pack back to the bytes."""
+    monkeypatch.setattr(S.sys, "byteorder", order)
+    vals = [0, 1, 128, 0xFFFFFFFF, 0x01020304, 7 << 20]
+    raw = struct.pack(f"<{len(vals)}I", *vals)
+    t = S.le_u32_array(raw)
+    assert (t.format, t.tolist()) == ("I", vals)
+    t[2:4] = S.u32_table([5, 6])
+    assert S.pack_le_u32_array(t) == struct.pack(f"<{len(vals)}I", 0, 1, 5, 6, *vals[4:])
+    assert raw == struct.pack(f"<{len(vals)}I", *vals)      # a private copy

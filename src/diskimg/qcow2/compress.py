@@ -49,9 +49,18 @@ def _zstd_decompress(data: bytes, cluster_size: int) -> bytes:
     a content size included)."""
     import zstandard
 
+    d = _zstd_decompressor()
     try:
-        reader = _zstd_decompressor().stream_reader(io.BytesIO(data),
-                                                    read_across_frames=False)
+        # the usual frame (qemu's and ours pledge the size): one call that allocates
+        # exactly a cluster, no reader object; whatever it refuses (or a frame of another
+        # size) takes the streaming path below, which decides the result or the error
+        if zstandard.frame_content_size(data) == cluster_size:
+            whole: bytes = d.decompress(data)
+            return whole
+    except zstandard.ZstdError:
+        pass
+    try:
+        reader = d.stream_reader(io.BytesIO(data), read_across_frames=False)
         out: bytes = reader.read(cluster_size)
     except zstandard.ZstdError as e:
         raise ValueError(str(e)) from None

@@ -39,22 +39,23 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def _stored(img: Qcow2Image, ent: int, fsize: int) -> tuple[int, bytes]:
-    """(host offset, stored bytes) of a compressed cluster, bounded by the file end
-    and by two clusters (no descriptor can make us read more)."""
+def _stored(img: Qcow2Image, ent: int) -> tuple[int, bytes]:
+    """(host offset, stored bytes) of a compressed cluster, bounded by two clusters (no
+    descriptor can make us read more) and by the file end: the pread stops there (no
+    fstat per cluster), and nothing read means the cluster lies past it."""
     host, clen = E.decode_compressed(ent, img.cb)
-    if host >= fsize:
+    raw = img.data_host.pread(host, min(clen, 2 * img.cs))
+    if not raw:
         raise CorruptImageError(f"Compressed cluster at host offset {host:#x} lies past "
                                 "the end of the file", offset=host)
-    clen = min(clen, fsize - host, 2 * img.cs)
-    return host, img.data_host.pread(host, clen)
+    return host, raw
 
 
 def decode(img: Qcow2Image, ent: int) -> bytes:
     """The cluster the compressed L2 entry ``ent`` holds (no cache; thread-safe)."""
-    from diskimg.qcow2.compress import decompress
+    from diskimg.qcow2.compress import decompress  # threading & co: on first use
 
-    host, raw = _stored(img, ent, img.data_host.size())
+    host, raw = _stored(img, ent)
     return decompress(img.header.compression_type, raw, img.cs, host)
 
 
@@ -76,8 +77,7 @@ def decode_many(img: Qcow2Image, ents: list[int]) -> dict[int, bytes]:
     release the GIL), for large sequential reads of compressed images."""
     from diskimg.qcow2.compress import decompress
 
-    fsize = img.data_host.size()
-    inputs = [_stored(img, e, fsize) for e in ents]
+    inputs = [_stored(img, e) for e in ents]
     ctype, cs = img.header.compression_type, img.cs
     outs = _pool().map(lambda hi: decompress(ctype, hi[1], cs, hi[0]), inputs)
     return dict(zip(ents, outs, strict=True))
@@ -86,5 +86,9 @@ def decode_many(img: Qcow2Image, ents: list[int]) -> dict[int, bytes]:
 def read_compressed(img: Qcow2Image, run: Run, dst: memoryview) -> None:
     """Fill ``dst`` with the guest bytes from ``run.offset`` of the COMPRESSED run
     ``run`` (``len(dst) <= run.length``); thread-safe."""
+    data = decode(img, run.entry)
     c_off = run.offset & (img.cs - 1)
-    dst[:] = memoryview(decode(img, run.entry))[c_off : c_off + len(dst)]
+    if c_off or len(dst) != len(data):
+        dst[:] = memoryview(data)[c_off : c_off + len(dst)]
+    else:
+        dst[:] = data          # a whole cluster (what convert asks for)

@@ -5,7 +5,7 @@ pread per group of grains that follow each other in the file and inflated straig
 the caller's buffer, on the process's inflate pool when a request holds at least
 :data:`_PARALLEL_MIN` of them (zlib releases the GIL).  A grain read only partly is
 inflated once and cached (up to :data:`WHOLE_GRAIN_MAX`), or streamed through one
-:class:`~diskimg.vmdk.sparse.GrainInflater` when larger.
+:class:`GrainInflater` when larger.
 
 Invariants: memory follows the request (plus one grain), never the number or size of
 grains; every grain's marker size is bounded by deflate's worst case and the file end;
@@ -27,6 +27,8 @@ from diskimg.vmdk import sparse as S
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from diskimg.hostio.host import Host
 
 if TYPE_CHECKING:     # concurrent.futures is imported when a pool is first needed
@@ -86,6 +88,73 @@ def _scratch(n: int) -> memoryview:
     return memoryview(buf)
 
 
+_INFLATE_CHUNK = 256 << 10   # output bytes produced per inflate step while skipping
+_INPUT_CHUNK = 256 << 10     # compressed bytes read from the file per step
+
+
+class GrainInflater:
+    """The inflated bytes of one compressed grain, produced front to back on demand.
+
+    ``read(offset, n)`` reads the file; the zlib stream starts at ``start`` and is at most
+    ``end - start`` bytes long.  Invariants: memory is bounded by the caller's buffer plus
+    two chunks (never by the grain size, which may be 1 GiB); output past the end of the
+    zlib stream (or past a truncated stream) reads as zeros; :attr:`pos` only grows, so a
+    read before it needs a new inflater.  ``where`` is the file offset named in errors.
+    """
+
+    def __init__(self, read: Callable[[int, int], bytes], start: int, end: int,
+                 where: int) -> None:
+        self._read = read
+        self._in_pos, self._in_end = start, end
+        self._where = where
+        self._d = zlib.decompressobj()
+        self._pending = b""
+        self.pos = 0          # offset in the inflated grain of the next byte produced
+        self.done = False     # no more output: stream end, or input exhausted
+
+    def _step(self, limit: int) -> bytes:
+        """Up to ``limit`` (> 0) more bytes of output; b"" only once :attr:`done`."""
+        while not self.done:
+            if not self._pending and self._in_pos < self._in_end:
+                n = min(_INPUT_CHUNK, self._in_end - self._in_pos)
+                self._pending = self._read(self._in_pos, n)
+                self._in_pos += n
+                if len(self._pending) < n:          # the file ended early
+                    self._in_end = self._in_pos
+            before = len(self._pending)
+            try:
+                out = self._d.decompress(self._pending, limit)
+            except zlib.error as err:
+                raise CorruptImageError(f"Compressed grain at offset {self._where:#x} is not "
+                                        f"valid zlib data: {err}", offset=self._where) from None
+            self._pending = self._d.unconsumed_tail
+            if out:
+                self.pos += len(out)
+                return out
+            if self._d.eof or (len(self._pending) == before
+                               and (self._pending or self._in_pos >= self._in_end)):
+                self.done = True
+        return b""
+
+    def readinto(self, start: int, buf: memoryview) -> None:
+        """Fill ``buf`` with inflated bytes ``[start, start + len(buf))``; ``start`` must
+        not lie before :attr:`pos`."""
+        if start < self.pos:
+            raise ValueError("GrainInflater reads front to back")
+        while self.pos < start and not self.done:
+            self._step(min(_INFLATE_CHUNK, start - self.pos))
+        got = 0
+        if self.pos == start:
+            while got < len(buf):
+                out = self._step(len(buf) - got)
+                if not out:
+                    break
+                buf[got:got + len(out)] = out
+                got += len(out)
+        if got < len(buf):
+            buf[got:] = bytes(len(buf) - got)
+
+
 class CompressedGrains:
     """The compressed grains of one extent file: ``gb`` guest bytes each, the file
     ``fsize`` bytes long (fixed: a compressed extent is only ever appended to by a
@@ -96,14 +165,14 @@ class CompressedGrains:
         self.host, self.filename, self.gb = host, filename, gb
         self.fsize, self.has_markers = fsize, has_markers
         self._grains: OrderedDict[int, bytes] = OrderedDict()
-        self._cursor: tuple[int, S.GrainInflater] | None = None
+        self._cursor: tuple[int, GrainInflater] | None = None
 
     def read_grain(self, host: int, in_g: int, part: memoryview, want: int) -> None:
         """Bytes ``[in_g, in_g + len(part))`` of the compressed grain at ``host``, whose
         first ``want`` bytes lie inside the extent.
 
         Grains up to :data:`WHOLE_GRAIN_MAX` are inflated once (only ``want`` bytes) and
-        cached; larger ones are streamed through one :class:`S.GrainInflater` kept for
+        cached; larger ones are streamed through one :class:`GrainInflater` kept for
         sequential reads, so memory follows the request, not the grain size."""
         if self.gb <= WHOLE_GRAIN_MAX:
             g = self._grains.get(host)
@@ -215,7 +284,7 @@ class CompressedGrains:
             if k < len(dst):
                 zero_fill(dst[k:])
 
-    def inflater(self, host: int) -> S.GrainInflater:
+    def inflater(self, host: int) -> GrainInflater:
         """An inflater for the compressed grain at file offset ``host`` (its marker checked
         when the extent has markers)."""
         if host >= self.fsize:
@@ -223,9 +292,9 @@ class CompressedGrains:
                                     f"of '{self.filename}'", offset=host)
         if self.has_markers:
             size = self._marker_size(host, self.host.pread(host, _MARKER), 0)
-            return S.GrainInflater(self.host.pread, host + _MARKER, host + _MARKER + size,
+            return GrainInflater(self.host.pread, host + _MARKER, host + _MARKER + size,
                                    host)
-        return S.GrainInflater(self.host.pread, host, min(host + self.bound(), self.fsize),
+        return GrainInflater(self.host.pread, host, min(host + self.bound(), self.fsize),
                                host)
 
     def _marker_size(self, h: int, buf: bytes | memoryview, at: int) -> int:

@@ -10,7 +10,6 @@ by bisection.  The first write changes the CID (as qemu does) so children notice
 
 from __future__ import annotations
 
-import bisect
 import os
 
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
@@ -26,8 +25,7 @@ from diskimg.plan import Run, RunKind
 from diskimg.policy import OpenPolicy, full_name
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, NO_PARENT, Descriptor, new_cid
-from diskimg.vmdk.extent import Extent, FlatExtent, ZeroExtent, guard_type
-from diskimg.vmdk.sesparse import SeSparseExtent
+from diskimg.vmdk.extent import Extent, FlatExtent, GrainMappedExtent, ZeroExtent, guard_type
 from diskimg.vmdk.sparse_extent import SparseExtent
 
 TYPE_CHECKING = False
@@ -71,7 +69,7 @@ class VmdkImage(BlockDevice):
         """The grain size of the first extent when it is grain-mapped (what qemu's info
         shows as cluster_size), else None."""
         first = self.extents[0]
-        return first.gb if isinstance(first, SparseExtent | SeSparseExtent) else None
+        return first.gb if isinstance(first, GrainMappedExtent) else None
 
     @property
     def compresses_every_write(self) -> bool:
@@ -180,6 +178,8 @@ class VmdkImage(BlockDevice):
                 if not ro:
                     raise UnsupportedFeatureError("No write support for seSparse images "
                                                   "available")
+                from diskimg.vmdk.sesparse import SeSparseExtent  # rare: loaded on use
+
                 sh = S.SeSparseHeader.parse(eh.pread(0, S.SECTOR))
                 se = SeSparseExtent(eh, sh, shown, x.type)
                 if se.size < x.sectors * S.SECTOR:
@@ -272,8 +272,13 @@ class VmdkImage(BlockDevice):
 
     # --- I/O -------------------------------------------------------------------------
     def _find(self, offset: int) -> tuple[int, Extent]:
-        i = bisect.bisect_right(self.starts, offset) - 1
-        return self.starts[i], self.extents[i]
+        starts = self.starts
+        if len(starts) == 1:                  # monolithic: no search (nor its import)
+            return 0, self.extents[0]
+        import bisect
+
+        i = bisect.bisect_right(starts, offset) - 1
+        return starts[i], self.extents[i]
 
     def _fill_for(self, start: int) -> Fill:
         def fill(off: int, buf: memoryview) -> None:
@@ -352,7 +357,7 @@ class VmdkImage(BlockDevice):
     def _zero_alignment(self) -> int:
         """qemu's pwrite_zeroes_alignment for vmdk: the largest grain of a non-flat extent
         (at least one sector)."""
-        grained = [e for e in self.extents if isinstance(e, SparseExtent | SeSparseExtent)]
+        grained = [e for e in self.extents if isinstance(e, GrainMappedExtent)]
         return max([S.SECTOR, *(e.gb for e in grained)])
 
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import struct
 import sys
-import zlib
-from array import array
 
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError
 from diskimg.slotted import FrozenRecord, set_field, set_fields
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from array import array
+    from collections.abc import Callable, Iterable
 
 SECTOR = 512
 VMDK4_MAGIC = b"KDMV"
@@ -191,6 +190,8 @@ def looks_incompressible(data: bytes | bytearray | memoryview) -> bool:
         return False
     step = (n - _PROBE) // (_PROBE_SAMPLES - 1)
     mv = memoryview(data)
+    import zlib  # compressed extents only: not loaded to read a plain sparse one
+
     return all(len(zlib.compress(mv[i * step : i * step + _PROBE], 1)) >= _PROBE_MIN
                for i in range(_PROBE_SAMPLES))
 
@@ -201,90 +202,35 @@ def compress_grain(data: bytes, level: int = 6) -> bytes:
     A grain that :func:`looks_incompressible` is stored (deflate level 0): deflate at
     ``level`` would emit stored blocks for it anyway, about 15x slower.  A misjudged grain
     only costs space; the stream is valid zlib either way."""
+    import zlib
+
     if level and looks_incompressible(data):
         return zlib.compress(data, 0)
     return zlib.compress(data, level)
 
 
-_INFLATE_CHUNK = 256 << 10   # output bytes produced per inflate step while skipping
-_INPUT_CHUNK = 256 << 10     # compressed bytes read from the file per step
-
-
-class GrainInflater:
-    """The inflated bytes of one compressed grain, produced front to back on demand.
-
-    ``read(offset, n)`` reads the file; the zlib stream starts at ``start`` and is at most
-    ``end - start`` bytes long.  Invariants: memory is bounded by the caller's buffer plus
-    two chunks (never by the grain size, which may be 1 GiB); output past the end of the
-    zlib stream (or past a truncated stream) reads as zeros; :attr:`pos` only grows, so a
-    read before it needs a new inflater.  ``where`` is the file offset named in errors.
-    """
-
-    def __init__(self, read: Callable[[int, int], bytes], start: int, end: int,
-                 where: int) -> None:
-        self._read = read
-        self._in_pos, self._in_end = start, end
-        self._where = where
-        self._d = zlib.decompressobj()
-        self._pending = b""
-        self.pos = 0          # offset in the inflated grain of the next byte produced
-        self.done = False     # no more output: stream end, or input exhausted
-
-    def _step(self, limit: int) -> bytes:
-        """Up to ``limit`` (> 0) more bytes of output; b"" only once :attr:`done`."""
-        while not self.done:
-            if not self._pending and self._in_pos < self._in_end:
-                n = min(_INPUT_CHUNK, self._in_end - self._in_pos)
-                self._pending = self._read(self._in_pos, n)
-                self._in_pos += n
-                if len(self._pending) < n:          # the file ended early
-                    self._in_end = self._in_pos
-            before = len(self._pending)
-            try:
-                out = self._d.decompress(self._pending, limit)
-            except zlib.error as err:
-                raise CorruptImageError(f"Compressed grain at offset {self._where:#x} is not "
-                                        f"valid zlib data: {err}", offset=self._where) from None
-            self._pending = self._d.unconsumed_tail
-            if out:
-                self.pos += len(out)
-                return out
-            if self._d.eof or (len(self._pending) == before
-                               and (self._pending or self._in_pos >= self._in_end)):
-                self.done = True
-        return b""
-
-    def readinto(self, start: int, buf: memoryview) -> None:
-        """Fill ``buf`` with inflated bytes ``[start, start + len(buf))``; ``start`` must
-        not lie before :attr:`pos`."""
-        if start < self.pos:
-            raise ValueError("GrainInflater reads front to back")
-        while self.pos < start and not self.done:
-            self._step(min(_INFLATE_CHUNK, start - self.pos))
-        got = 0
-        if self.pos == start:
-            while got < len(buf):
-                out = self._step(len(buf) - got)
-                if not out:
-                    break
-                buf[got:got + len(out)] = out
-                got += len(out)
-        if got < len(buf):
-            buf[got:] = bytes(len(buf) - got)
-
-
-def le_u32_array(buf: bytes) -> array[int]:
-    a = array("I", buf)
+def le_u32_array(buf: bytes | bytearray) -> memoryview:
+    """The little-endian u32 entries of ``buf`` (a multiple of 4 bytes) as a writable
+    native ``"I"`` view of a private copy: indexed, sliced and assigned like an array,
+    without importing :mod:`array` (which loads :mod:`collections`: start-up, issue 20)."""
+    b = bytearray(buf)
     if sys.byteorder == "big":
-        a.byteswap()
-    return a
+        n = len(b) // 4
+        b = bytearray(struct.pack(f"={n}I", *struct.unpack(f"<{n}I", b)))
+    return memoryview(b).cast("I")
 
 
-def pack_le_u32_array(a: array[int]) -> bytes:
+def u32_table(values: Iterable[int]) -> memoryview:
+    """``values`` as a writable native ``"I"`` view (what a table slice is assigned)."""
+    v = list(values)
+    return memoryview(bytearray(struct.pack(f"={len(v)}I", *v))).cast("I")
+
+
+def pack_le_u32_array(a: memoryview | array[int]) -> bytes:
+    """The entries of ``a`` (a view from :func:`le_u32_array` or an ``array("I")``) as
+    little-endian u32 bytes."""
     if sys.byteorder == "big":
-        b = array("I", a)
-        b.byteswap()
-        return b.tobytes()
+        return struct.pack(f"<{len(a)}I", *a)
     return a.tobytes()
 
 

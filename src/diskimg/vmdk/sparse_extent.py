@@ -9,15 +9,11 @@ it; dirty grain tables go to disk (both the GD's and the redundant GD's copy) on
 from __future__ import annotations
 
 import struct
-from array import array
-from collections import OrderedDict
 
 from diskimg.errors import CorruptImageError, UnsupportedFeatureError, UsageError
 from diskimg.plan import Run, RunKind
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.compressed import WHOLE_GRAIN_MAX, CompressedGrains
 from diskimg.vmdk.extent import GrainMappedExtent
-from diskimg.vmdk.stream import StreamWriter
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -25,16 +21,18 @@ if TYPE_CHECKING:
     from typing import Any
 
     from diskimg.hostio.host import Host
+    from diskimg.vmdk.compressed import CompressedGrains
     from diskimg.vmdk.extent import Fill
+    from diskimg.vmdk.stream import StreamWriter
 
 _GT_CACHE = 4096      # grain tables kept in memory (2 KiB each with 512 entries)
 _UNALLOC, _ZERO, _DATA, _COMPRESSED = (RunKind.UNALLOCATED, RunKind.ZERO, RunKind.DATA,
                                        RunKind.COMPRESSED)
 
 
-def _zeroed_run(n: int) -> array[int]:
+def _zeroed_run(n: int) -> memoryview:
     """``n`` grain table entries meaning "zeroed grain"."""
-    return array("I", [S.GTE_ZEROED]) * n
+    return S.u32_table([S.GTE_ZEROED] * n)
 
 
 class SparseExtent(GrainMappedExtent):
@@ -64,13 +62,14 @@ class SparseExtent(GrainMappedExtent):
         self.zero_grain = bool(h.flags & S.FLAG_ZERO_GRAIN)
         self.gd = S.le_u32_array(host.pread_exact(h.gd_offset * S.SECTOR, g.gd_entries * 4,
                                                   "grain directory"))
-        self.rgd: array[int] | None = None
+        self.rgd: memoryview | None = None
         if h.flags & S.FLAG_RGD and not read_only and not self.compressed:
             self.rgd = S.le_u32_array(host.pread_exact(
                 h.rgd_offset * S.SECTOR, g.gd_entries * 4, "redundant grain directory"))
-        self._gts: OrderedDict[int, array[int]] = OrderedDict()
+        #: grain tables by directory index, least recently used first
+        self._gts: dict[int, memoryview] = {}
         self._dirty: set[int] = set()
-        self.cgrains = CompressedGrains(host, filename, self.gb, fsize, self.has_markers)
+        self._cgrains: CompressedGrains | None = None     # made on the first compressed read
         gsec = h.grain_size
         fsec = -(-fsize // S.SECTOR)
         self.next_sector = -(-fsec // gsec) * gsec     # grain aligned, past the file
@@ -101,15 +100,18 @@ class SparseExtent(GrainMappedExtent):
         """The stream writer, created (truncating at the validated ``overHead``) on the
         first write."""
         if self.stream is None:
+            from diskimg.vmdk.stream import StreamWriter  # write side: loaded on use
+
             self.stream = StreamWriter(self.host, self.header,
                                        truncate_at=self.header.overhead * S.SECTOR)
         return self.stream
 
     # --- tables --------------------------------------------------------------------
-    def _gt(self, gdi: int) -> array[int] | None:
-        t = self._gts.get(gdi)
+    def _gt(self, gdi: int) -> memoryview | None:
+        gts = self._gts
+        t = gts.get(gdi)
         if t is not None:
-            self._gts.move_to_end(gdi)
+            gts[gdi] = gts.pop(gdi)       # most recently used last
             return t
         sec = self.gd[gdi]
         if sec == 0:
@@ -171,19 +173,24 @@ class SparseExtent(GrainMappedExtent):
         i = idx + 1
         if kind is _UNALLOC:
             if n < max_len:                    # fast path: a run of zero entries
-                rest = t[i:].tobytes()
+                rest = t[i:i - (-(max_len - n) // gb)].tobytes()   # only the entries needed
                 zeros = (len(rest) - len(rest.lstrip(b"\0"))) // 4
                 n += zeros * gb
             return Run(off, min(n, max_len), _UNALLOC)
         host = ent * S.SECTOR
-        nxt = host + gb
-        while n < max_len:
-            k2 = self._classify(t[i])
-            if k2 is not kind or (kind is _DATA and t[i] * S.SECTOR != nxt):
-                break
-            n += gb
-            nxt += gb
-            i += 1
+        if kind is _DATA:
+            # host-contiguous grains: entry i holds ent + (i - idx) * grain sectors, which
+            # is above 1, so _classify of it is DATA as well
+            gs = self.header.grain_size
+            nxt_sec = ent + gs
+            while n < max_len and t[i] == nxt_sec:
+                n += gb
+                nxt_sec += gs
+                i += 1
+        else:
+            while n < max_len and self._classify(t[i]) is kind:
+                n += gb
+                i += 1
         if kind is _ZERO:
             return Run(off, min(n, max_len), _ZERO, entry=ent)
         return Run(off, min(n, max_len), kind, host + in_g if kind is _DATA else host,
@@ -203,7 +210,12 @@ class SparseExtent(GrainMappedExtent):
         assert host is not None
         t = self._gt(off // gb // gtes)
         assert t is not None
-        cg = self.cgrains
+        from diskimg.vmdk.compressed import WHOLE_GRAIN_MAX, CompressedGrains  # on use
+
+        cg = self._cgrains
+        if cg is None:
+            cg = self._cgrains = CompressedGrains(self.host, self.filename, gb, self.fsize,
+                                                  self.has_markers)
         whole: list[tuple[int, memoryview]] = []
         pos = 0
         while pos < len(part):
@@ -227,12 +239,12 @@ class SparseExtent(GrainMappedExtent):
         gs = self.header.grain_size
         for g, gdi, idx, n, t in self._table_runs(grain, grain + count):
             first = sector + (g - grain) * gs
-            t[idx:idx + n] = array("I", range(first, first + n * gs, gs))
+            t[idx:idx + n] = S.u32_table(range(first, first + n * gs, gs))
             self._dirty.add(gdi)
         if len(self._dirty) > _GT_CACHE // 2:     # bound memory: write tables back early
             self._write_gts()
 
-    def _table_runs(self, g: int, end: int) -> Iterator[tuple[int, int, int, int, array[int]]]:
+    def _table_runs(self, g: int, end: int) -> Iterator[tuple[int, int, int, int, memoryview]]:
         """``(grain, gdi, idx, n, table)`` for grains ``[g, end)`` split at grain-table
         boundaries; missing tables are allocated (callers are about to set entries)."""
         gtes = self.geo.gtes
@@ -245,7 +257,7 @@ class SparseExtent(GrainMappedExtent):
             yield g, gdi, idx, n, t
             g += n
 
-    def _alloc_gt(self, gdi: int) -> array[int]:
+    def _alloc_gt(self, gdi: int) -> memoryview:
         """A grain directory entry of 0 on write: append a zeroed grain table (and one for
         the redundant directory), then point the directory entries at them."""
         nsec = -(-self.geo.gt_bytes // S.SECTOR)
@@ -260,7 +272,7 @@ class SparseExtent(GrainMappedExtent):
             self.rgd[gdi] = start + nsec
             self.host.pwrite(self.header.rgd_offset * S.SECTOR + 4 * gdi,
                              struct.pack("<I", start + nsec))
-        t = array("I", bytes(self.geo.gt_bytes))
+        t = memoryview(bytearray(self.geo.gt_bytes)).cast("I")
         self._gts[gdi] = t
         return t
 
