@@ -5,14 +5,13 @@ bytes; nothing else is decided here."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # imported where used: info/check/map never start threads
-    pass
-
 
 from diskimg.hostio import all_zero
 from diskimg.ops.common import _ZEROS, CHUNK, SECTOR
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _ZERO_SECTOR = bytes(SECTOR)
 _ZERO_WORD = bytes(8)

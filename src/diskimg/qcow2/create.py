@@ -8,8 +8,6 @@ written only up to its last entry (so the file ends mid-cluster, as QEMU's does)
 from __future__ import annotations
 
 from array import array
-from pathlib import Path
-from typing import Any
 
 from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
@@ -42,6 +40,11 @@ from diskimg.qcow2.refcount import (
     refcount_order_of,
 )
 from diskimg.units import parse_size
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 
 def plan_header(size: int, options: dict[str, Any], backing_file: str | None = None,
@@ -206,6 +209,8 @@ def _create_data_file(image: Path, name: str, size: int) -> None:
 
     Unlike qemu-img (which resolves the name against the working directory) the name is
     resolved against the image's directory, where diskimg also looks for it on open."""
+    from pathlib import Path
+
     from diskimg.raw import create_raw
 
     p = Path(name)
