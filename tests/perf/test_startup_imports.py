@@ -282,11 +282,13 @@ CONVERT_QCOW2 = QCOW2_READ | {"diskimg.qcow2.create", "diskimg.qcow2.refcount",
                               "diskimg.qcow2.bitmaps", "diskimg.qcow2.bitmap_table"}
 #: the standard library a plain convert does without: argparse (cli/quickparse.py reads
 #: the command line), typing, dataclasses, importlib, signal (SIGTERM handling is for URL
-#: targets only).  (pathlib, and the re, enum, urllib, ipaddress, fnmatch and warnings it
+#: targets only), the ctypes package (hostio.file's alignment test uses the extension
+#: module _ctypes alone).  (pathlib, and the re, enum, urllib, ipaddress, fnmatch and warnings it
 #: loads, still come with a new target: ops/convert.py's _new_files asks each HostFile
 #: for its ``path``; to be denied here once it uses the name)
 NOT_FOR_CONVERT = ("dataclasses", "inspect", "ast", "dis", "tokenize", "argparse", "gettext",
-                   "locale", "typing", "importlib", "signal", "json", "shlex", "textwrap",
+                   "locale", "typing", "importlib", "signal", "ctypes", "json", "shlex",
+                   "textwrap",
                    "subprocess", "tempfile", "concurrent", "multiprocessing", "zstandard",
                    "cryptography", "diskimg.operations", "diskimg.ops.chain",
                    "diskimg.ops.compare", "diskimg.ops.dd", "diskimg.ops.commands",
