@@ -26,8 +26,7 @@ from diskimg.plan import Run, RunKind
 from diskimg.policy import OpenPolicy, full_name
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, NO_PARENT, Descriptor, new_cid
-from diskimg.vmdk.extent import Extent, FlatExtent, ZeroExtent, guard_type
-from diskimg.vmdk.sesparse import SeSparseExtent
+from diskimg.vmdk.extent import Extent, FlatExtent, GrainMappedExtent, ZeroExtent, guard_type
 from diskimg.vmdk.sparse_extent import SparseExtent
 
 TYPE_CHECKING = False
@@ -71,7 +70,7 @@ class VmdkImage(BlockDevice):
         """The grain size of the first extent when it is grain-mapped (what qemu's info
         shows as cluster_size), else None."""
         first = self.extents[0]
-        return first.gb if isinstance(first, SparseExtent | SeSparseExtent) else None
+        return first.gb if isinstance(first, GrainMappedExtent) else None
 
     @property
     def compresses_every_write(self) -> bool:
@@ -180,6 +179,8 @@ class VmdkImage(BlockDevice):
                 if not ro:
                     raise UnsupportedFeatureError("No write support for seSparse images "
                                                   "available")
+                from diskimg.vmdk.sesparse import SeSparseExtent  # (start-up)
+
                 sh = S.SeSparseHeader.parse(eh.pread(0, S.SECTOR))
                 se = SeSparseExtent(eh, sh, shown, x.type)
                 if se.size < x.sectors * S.SECTOR:
@@ -352,7 +353,7 @@ class VmdkImage(BlockDevice):
     def _zero_alignment(self) -> int:
         """qemu's pwrite_zeroes_alignment for vmdk: the largest grain of a non-flat extent
         (at least one sector)."""
-        grained = [e for e in self.extents if isinstance(e, SparseExtent | SeSparseExtent)]
+        grained = [e for e in self.extents if isinstance(e, GrainMappedExtent)]
         return max([S.SECTOR, *(e.gb for e in grained)])
 
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:

@@ -17,7 +17,6 @@ from diskimg.plan import Run, RunKind
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.compressed import WHOLE_GRAIN_MAX, CompressedGrains
 from diskimg.vmdk.extent import GrainMappedExtent
-from diskimg.vmdk.stream import StreamWriter
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
 
     from diskimg.hostio.host import Host
     from diskimg.vmdk.extent import Fill
+    from diskimg.vmdk.stream import StreamWriter
 
 _GT_CACHE = 4096      # grain tables kept in memory (2 KiB each with 512 entries)
 _UNALLOC, _ZERO, _DATA, _COMPRESSED = (RunKind.UNALLOCATED, RunKind.ZERO, RunKind.DATA,
@@ -101,6 +101,8 @@ class SparseExtent(GrainMappedExtent):
         """The stream writer, created (truncating at the validated ``overHead``) on the
         first write."""
         if self.stream is None:
+            from diskimg.vmdk.stream import StreamWriter  # (a writer only: start-up)
+
             self.stream = StreamWriter(self.host, self.header,
                                        truncate_at=self.header.overhead * S.SECTOR)
         return self.stream
