@@ -470,9 +470,8 @@ def _create_image(path: PathLike, format: str, size: int, backing_file: str | No
         create_luks_image(path, size, opts, dict(secrets or {}))
         return
     if format == "qcow2":
-        from diskimg.qcow2.create import create_qcow2
-
         from diskimg.hostio.file import path_name
+        from diskimg.qcow2.create import create_qcow2
 
         create_qcow2(path_name(path), size, backing_file=backing_file, backing_fmt=backing_fmt,
                      options=opts, secrets=dict(secrets or {}))
