@@ -96,8 +96,8 @@ QCOW2_READ = OPEN_READ | {
 QCOW2_MAP = QCOW2_READ | {"diskimg.cli.commands.map", "diskimg.qcow2.refcount"}
 #: ... of a vmdk (the extent codecs: not the creation side, no qcow2) and of a raw file
 VMDK_READ = OPEN_READ | {f"diskimg.vmdk.{m}" for m in (
-    "compressed", "descriptor", "extent", "image", "sparse", "sparse_extent")} | {
-    "diskimg.vmdk"}  # (not seSparse, nor the stream writer: loaded when used)
+    "descriptor", "extent", "image", "sparse", "sparse_extent")} | {
+    "diskimg.vmdk"}  # (not seSparse, the stream writer or the compressed-grain reader)
 RAW_READ = OPEN_READ | {"diskimg.raw", "diskimg.options"}  # raw's offset/size options
 QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
                ("copied", "overlap", "refcounts", "report", "snapshots", "state", "stored",

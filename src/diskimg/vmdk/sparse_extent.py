@@ -15,7 +15,6 @@ from collections import OrderedDict
 from diskimg.errors import CorruptImageError, UnsupportedFeatureError, UsageError
 from diskimg.plan import Run, RunKind
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.compressed import WHOLE_GRAIN_MAX, CompressedGrains
 from diskimg.vmdk.extent import GrainMappedExtent
 
 TYPE_CHECKING = False
@@ -24,6 +23,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from diskimg.hostio.host import Host
+    from diskimg.vmdk.compressed import CompressedGrains
     from diskimg.vmdk.extent import Fill
     from diskimg.vmdk.stream import StreamWriter
 
@@ -70,7 +70,13 @@ class SparseExtent(GrainMappedExtent):
                 h.rgd_offset * S.SECTOR, g.gd_entries * 4, "redundant grain directory"))
         self._gts: OrderedDict[int, array[int]] = OrderedDict()
         self._dirty: set[int] = set()
-        self.cgrains = CompressedGrains(host, filename, self.gb, fsize, self.has_markers)
+        #: the inflating reader of a compressed (streamOptimized) extent: only its data runs
+        #: are COMPRESSED (:meth:`_classify`), so no other extent loads it (start-up)
+        self.cgrains: CompressedGrains | None = None
+        if self.compressed:
+            from diskimg.vmdk.compressed import CompressedGrains
+
+            self.cgrains = CompressedGrains(host, filename, self.gb, fsize, self.has_markers)
         gsec = h.grain_size
         fsec = -(-fsize // S.SECTOR)
         self.next_sector = -(-fsec // gsec) * gsec     # grain aligned, past the file
@@ -205,7 +211,10 @@ class SparseExtent(GrainMappedExtent):
         assert host is not None
         t = self._gt(off // gb // gtes)
         assert t is not None
+        from diskimg.vmdk.compressed import WHOLE_GRAIN_MAX
+
         cg = self.cgrains
+        assert cg is not None  # (a compressed extent's runs only)
         whole: list[tuple[int, memoryview]] = []
         pos = 0
         while pos < len(part):
