@@ -389,8 +389,6 @@ def create(
     ``-o`` names (``cluster_size``, ``compat``, ``preallocation``, ``lazy_refcounts``,
     ``refcount_bits``, ``extended_l2`` ...) as strings or Python values.
     """
-    from pathlib import Path
-
     nbd = False
     if isinstance(path, str) and path.startswith("nbd:"):
         from diskimg.hostio.urls import top_level_name
@@ -413,6 +411,8 @@ def create(
         raise UsageError(f"Backing file not supported for file format '{format}'")
     if backing_file is not None and backing_fmt is None and not unsafe:
         raise UsageError("Backing file specified without backing format")
+    if backing_file is not None:
+        from pathlib import Path  # (not for an image without one: start-up, issue 20)
     if size is None:
         if backing_file is None:
             raise UsageError("Image creation needs a size parameter")
@@ -464,19 +464,20 @@ def _create_image(path: PathLike, format: str, size: int, backing_file: str | No
                   backing_fmt: str | None, opts: dict[str, Any],
                   secrets: Mapping[str, bytes] | None) -> None:
     """The luks, qcow2 and vmdk branches of :func:`create`."""
-    from pathlib import Path
-
     if format == "luks":
         from diskimg.luks import create_luks_image
 
         create_luks_image(path, size, opts, dict(secrets or {}))
         return
     if format == "qcow2":
+        from diskimg.hostio.file import path_name
         from diskimg.qcow2.create import create_qcow2
 
-        create_qcow2(Path(path), size, backing_file=backing_file, backing_fmt=backing_fmt,
+        create_qcow2(path_name(path), size, backing_file=backing_file, backing_fmt=backing_fmt,
                      options=opts, secrets=dict(secrets or {}))
         return
+    from pathlib import Path
+
     from diskimg.vmdk import create_vmdk
 
     create_vmdk(Path(path), size, backing_file=backing_file, options=opts)

@@ -15,7 +15,7 @@ from diskimg.ops.copier import _Copier
 from diskimg.ops.dd import dd
 from diskimg.ops.readahead import (_BUFFERS, _COMBINE_BELOW, _ClusterDecoder, _ClusterKinds,
     _Concat, _Decoded, _kind_runs, _ReadAhead, _top_status)
-from diskimg.ops.zero import (_NONZERO, _ZERO_SECTOR, _ZERO_WORD, _allocated_sectors,
+from diskimg.ops.zero import (_ZERO_SECTOR, _ZERO_WORD, _allocated_sectors,
     _first_zero_head, _next_zero_sector, _nonzero_at, is_zero, sparse_runs)
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "SECTOR",
     "_BUFFERS",
     "_COMBINE_BELOW",
-    "_NONZERO",
     "_ZEROS",
     "_ZERO_SECTOR",
     "_ZERO_WORD",

@@ -229,3 +229,18 @@ def test_trailing_zeros_counts_the_zero_bytes_at_the_end(data: bytes) -> None:
     from diskimg.hostio.file import trailing_zeros
 
     assert trailing_zeros(data) == len(data) - len(data.rstrip(b"\0"))
+
+
+def test_is_aligned_matches_ctypes_at_every_offset() -> None:
+    """hostio.file's alignment test (the ctypes extension module alone, start-up) gives
+    ctypes' own address: every offset into a bytearray and an aligned buffer."""
+    import ctypes
+
+    from diskimg.hostio.file import _ALIGN, aligned_buffer, is_aligned
+
+    for store in (bytearray(1 << 17), aligned_buffer(1 << 17)):
+        for off in range(0, 2 * _ALIGN + 3):
+            view = memoryview(store)[off:]
+            address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+            assert is_aligned(view) == (address % _ALIGN == 0), off
+    assert is_aligned(memoryview(aligned_buffer(4096)))

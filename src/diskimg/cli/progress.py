@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import struct
 import sys
-from collections.abc import Sequence
-from typing import TextIO
 
 from diskimg.device import BlockDevice, Status
 from diskimg.slotted import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import TextIO
 
 SIZE_MISMATCH = "Warning: Image size mismatch!\n"
 IO_BUF = 2 << 20  # qemu-img's IO_BUF_SIZE: the copy and compare chunk

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import mmap
     from collections.abc import Iterator
     from pathlib import Path
+    from typing import Any
 
 # The kernel copies into user buffers whose address is not 32-byte aligned several times
 # more slowly (x86 ``rep movsb``): 0.06 s instead of 0.01 s per 256 MiB here.  Buffers from
@@ -107,9 +108,27 @@ def trailing_zeros(buf: bytes) -> int:
 
 def is_aligned(buf: memoryview) -> bool:
     """True if ``buf`` (writable) starts on an ``_ALIGN``-byte boundary."""
-    import ctypes  # here, not at module level: only large reads ask
+    return _address(buf) % _ALIGN == 0
 
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf)) % _ALIGN == 0
+
+_Byte: Any = None
+
+
+def _address(buf: memoryview) -> int:
+    """The address of ``buf``'s first byte: ``ctypes.addressof(ctypes.c_char.from_buffer(
+    buf))`` made with the ctypes extension module alone (its one-byte simple type, as
+    ctypes defines ``c_char``), because the ctypes package costs about 3 ms of CPU to
+    import and every convert asks once (start-up, issue 20)."""
+    global _Byte
+    import _ctypes  # here, not at module level: only large reads ask
+
+    if _Byte is None:
+        class _Char(_ctypes._SimpleCData):  # type: ignore[type-arg]
+            _type_ = "c"
+
+        _Byte = _Char
+    address: int = _ctypes.addressof(_Byte.from_buffer(buf))
+    return address
 
 
 def _bounce() -> memoryview:

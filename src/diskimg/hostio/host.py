@@ -37,9 +37,15 @@ Invariants every host keeps:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
-from pathlib import Path
-from typing import Protocol
+# Start-up (issue 20): Host and HasDataExtents are protocols for the type checker; at run
+# time they are plain classes, so that opening a file loads neither typing nor pathlib
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Hashable, Iterator
+    from pathlib import Path
+    from typing import Protocol
+else:
+    Protocol = object
 
 
 def read_exact(host: Host, offset: int, length: int, what: str) -> bytes:

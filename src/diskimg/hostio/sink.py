@@ -21,9 +21,14 @@ import errno
 import io
 import os
 import select
-from typing import Protocol
 
 from diskimg.errors import DiskImgError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+else:  # Writable is a protocol for the type checker only (start-up, issue 20)
+    Protocol = object
 
 #: bytes gathered before one write to the destination
 BUFFER = 1 << 20

@@ -16,21 +16,23 @@ The backing file a remote image names is opened by :func:`open_backing`: in the 
 
 from __future__ import annotations
 
-import importlib
-import re
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
 from diskimg.errors import BackingChainError, UnsupportedFeatureError, UsageError
 
+# Start-up (issue 20): convert asks every target name :func:`is_url`, so this module
+# imports nothing heavy at module level (re, importlib, pathlib and typing are loaded by
+# the functions that need them, or only for the type checker).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
+    from typing import Any
+
     from diskimg.hostio.host import Host
     from diskimg.policy import OpenPolicy
 
-#: ``opener(url, policy)`` -> a read-only Host; ``opener(url, policy, writable=True)``
-#: for ``"r+"`` (an opener that cannot write refuses it)
-HostOpener = Callable[..., "Host"]
+    #: ``opener(url, policy)`` -> a read-only Host; ``opener(url, policy, writable=True)``
+    #: for ``"r+"`` (an opener that cannot write refuses it)
+    HostOpener = Callable[..., Host]
 
 _URL = r"^([A-Za-z][A-Za-z0-9+.-]*)://"  # compiled on first use (re caches it)
 _OPENERS: dict[str, HostOpener] = {}
@@ -63,11 +65,17 @@ def top_level_name(name: str) -> str:
 
 def is_url(name: str) -> bool:
     """Whether ``name`` is a URL (``scheme://...``) rather than a file name."""
+    if "://" not in name:  # no regex (nor ``re``) for a plain file name
+        return False
+    import re
+
     return re.match(_URL, name) is not None
 
 
 def scheme(url: str) -> str:
     """The URL's scheme, lower case."""
+    import re
+
     m = re.match(_URL, url)
     return m.group(1).lower() if m else ""
 
@@ -126,6 +134,8 @@ def _find_spec(name: str) -> object:
 
 
 def _load(module: str, name: str, url: str, missing: str) -> HostOpener:
+    import importlib
+
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:

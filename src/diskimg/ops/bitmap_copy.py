@@ -6,13 +6,15 @@ Every refusal is made before the target is created or written."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
 from diskimg import progname
 from diskimg.device import BlockDevice
 from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.options import compat_version
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import Any
 
 #: the directory entry's "auto" (enabled) flag (docs/interop/qcow2.txt)
 _AUTO = 1 << 1

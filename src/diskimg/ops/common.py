@@ -4,18 +4,22 @@ source (a path is opened read-only and closed by the caller; a device is borrowe
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
 
 from diskimg import api
 from diskimg.device import BlockDevice
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, TypeAlias
 
 CHUNK = 2 << 20  # qemu-img convert's buffer: 4096 sectors
 SECTOR = 512
 _ZEROS = bytes(CHUNK)
 
 Source = str | os.PathLike[str] | BlockDevice
-ProgressFn = Callable[[float], None]
+#: (a string at run time: start-up, issue 20, loads no collections.abc for it)
+ProgressFn: TypeAlias = "Callable[[float], None]"
 
 
 def _open(src: Source, fmt: str | None, kw: Mapping[str, Any],

@@ -7,15 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
 
 from diskimg import api
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
-
-if TYPE_CHECKING:  # imported where used: info/check/map never start threads
-    from diskimg.hostio.host import Host
 
 from diskimg.ops.bitmap_copy import check_copy, copy_bitmaps
 from diskimg.ops.common import SECTOR, ProgressFn, Source, _open
@@ -23,6 +18,13 @@ from diskimg.ops.copier import RateLimit, Salvage, _Copier
 from diskimg.ops.stream_convert import StreamTarget, convert_to_stream, is_stream, refusal
 from diskimg.params import renamed
 from diskimg.units import SIZE_HELP
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # imported where used: info/check/map never start threads
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import Any
+
+    from diskimg.hostio.host import Host
 
 
 def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) -> BlockDevice:

@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice
 from diskimg.errors import FormatError
 from diskimg.hostio import aligned_buffer
-
-if TYPE_CHECKING:  # imported where used: info/check/map never start threads
-    from concurrent.futures import Future
 
 from diskimg.hostio import all_zero
 from diskimg.hostio.workers import worker_pool
@@ -31,6 +26,12 @@ from diskimg.ops.readahead import (
 )
 from diskimg.ops.zero import _next_zero_sector, sparse_runs
 from diskimg.plan import RunKind
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # imported where used: info/check/map never start threads
+    from collections.abc import Callable, Iterator, Sequence
+    from concurrent.futures import Future
+    from typing import Any
 
 _DATA, _ZERO, _BACKING = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED
 

@@ -11,18 +11,19 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
 
 from diskimg.device import BlockDevice
 from diskimg.hostio import aligned_buffer
 from diskimg.hostio.workers import worker_pool
 from diskimg.plan import Run, RunKind
 
-if TYPE_CHECKING:  # imported where used: info/check/map never start threads
-    from concurrent.futures import Future, ThreadPoolExecutor
-
 from diskimg.ops.common import CHUNK
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # imported where used: info/check/map never start threads
+    from collections.abc import Callable, Iterator, Sequence
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from typing import Any, TypeAlias
 
 
 _DATA, _ZERO, _BACKING = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED
@@ -98,7 +99,7 @@ def _kind_runs(kinds: list[RunKind], cs: int,
 
 
 #: what :class:`_ReadAhead` yields: (kind, pos, n, item, scanned)
-_Item = tuple[RunKind, int, int, Any, Any]
+_Item: TypeAlias = "tuple[RunKind, int, int, Any, Any]"
 
 _COMBINE_BELOW = 256 << 10  # data pieces shorter than this are gathered into one write
 _BUFFERS = 4  # chunk buffers of a pipelined copy (one being written, the rest read ahead)
@@ -116,7 +117,7 @@ class _Decoded:
 
 #: what a ``scan`` of :class:`_ReadAhead` returns for a data buffer (the copier's sparse
 #: runs), handed to the consumer with the buffer
-Scan = Callable[[Any, int, int], Any]
+Scan: TypeAlias = "Callable[[Any, int, int], Any]"
 
 
 class _ReadAhead:

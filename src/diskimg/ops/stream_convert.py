@@ -14,14 +14,17 @@ from __future__ import annotations
 import io
 import os
 import stat
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from diskimg.device import BlockDevice
 from diskimg.errors import UsageError
 from diskimg.hostio.sink import Sink, Writable, open_sink
 from diskimg.hostio.urls import is_url, scheme
 from diskimg.ops.common import _ZEROS, CHUNK, ProgressFn
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import Any
 
 #: what may be handed to ``convert`` as a streamed target
 StreamTarget = int | Sink | Writable

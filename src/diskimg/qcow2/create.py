@@ -8,8 +8,6 @@ written only up to its last entry (so the file ends mid-cluster, as QEMU's does)
 from __future__ import annotations
 
 from array import array
-from pathlib import Path
-from typing import Any
 
 from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
@@ -42,6 +40,11 @@ from diskimg.qcow2.refcount import (
     refcount_order_of,
 )
 from diskimg.units import parse_size
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import os
+    from typing import Any
 
 
 def plan_header(size: int, options: dict[str, Any], backing_file: str | None = None,
@@ -143,7 +146,7 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
     return h, prealloc
 
 
-def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
+def create_qcow2(path: str | os.PathLike[str], size: int, *, backing_file: str | None = None,
                  backing_fmt: str | None = None, options: dict[str, Any] | None = None,
                  secrets: dict[str, bytes] | None = None) -> None:
     """Write a new, empty qcow2 image at ``path`` (truncating it)."""
@@ -201,11 +204,13 @@ def create_qcow2(path: Path, size: int, *, backing_file: str | None = None,
         _preallocate(path, prealloc)
 
 
-def _create_data_file(image: Path, name: str, size: int) -> None:
+def _create_data_file(image: str | os.PathLike[str], name: str, size: int) -> None:
     """Create the external data file as an empty raw image of the virtual size.
 
     Unlike qemu-img (which resolves the name against the working directory) the name is
     resolved against the image's directory, where diskimg also looks for it on open."""
+    from pathlib import Path
+
     from diskimg.raw import create_raw
 
     p = Path(name)
@@ -236,7 +241,7 @@ def _add_luks_area(host: Any, h: Header, rc: Any, passphrase: bytes,
     h.set_ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER, pack_fde_extension(off, len(area)))
 
 
-def _preallocate_space(path: Path, h: Header, mode: str) -> None:
+def _preallocate_space(path: str | os.PathLike[str], h: Header, mode: str) -> None:
     """``preallocation=falloc|full`` laid out as qemu-img 7.2 lays it out.
 
     QEMU first moves the refcount table to the end of the file, sized (with new refcount
@@ -315,7 +320,7 @@ def _preallocate_space(path: Path, h: Header, mode: str) -> None:
         host.close()
 
 
-def _preallocate(path: Path, mode: str) -> None:
+def _preallocate(path: str | os.PathLike[str], mode: str) -> None:
     """Allocate every L2 table and data cluster (``metadata``), then optionally the bytes."""
     from diskimg.qcow2.image import Qcow2Image
 

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import signal
 import sys
-import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
 
 from diskimg import options as opts
-from diskimg.cli.commands._shared import (Context, add_common, collect_o, option_list, open_image,
-                                          parse_image_opts, print_help, size_arg, snapshot_param,
-                                          strip_file_protocol,
-                                          target_cache)
+from diskimg.cli.commands._shared import (Context, _suppress, add_common, collect_o,
+                                          option_list, open_image, parse_image_opts,
+                                          print_help, size_arg, snapshot_param,
+                                          strip_file_protocol, target_cache)
 from diskimg.cli import errors
 from diskimg.cli.errors import prog
 from diskimg.device import BlockDevice
@@ -22,7 +16,14 @@ from diskimg.errors import DiskImgError, UsageError
 from diskimg.hostio.urls import is_url
 from diskimg.units import parse_size
 
+# Start-up (issue 20): no argparse (a plain command line is read by cli/quickparse.py),
+# typing, contextlib, signal or threading at import time
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+    from typing import Any
+
     from diskimg.cli.progress import QemuProgress, Schedule
     from diskimg.hostio.sink import Sink
 
@@ -50,8 +51,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", dest="coroutines", metavar="N", help="parallel requests (1-16)")
     p.add_argument("-S", dest="sparse", metavar="SIZE", help="zero run size for holes")
     p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", help="source snapshot")
-    p.add_argument("-t", dest="cache", help=argparse.SUPPRESS)
-    p.add_argument("-C", dest="copy_range", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-t", dest="cache", help=_suppress())
+    p.add_argument("-C", dest="copy_range", action="store_true", help=_suppress())
     p.add_argument("--target-image-opts", action="store_true",
                    help="DST is an option string")
     p.add_argument("--target-is-zero", action="store_true",
@@ -206,7 +207,7 @@ def _convert(ctx: Context, a: argparse.Namespace, olist: str | None, out_fmt: st
     if a.compress and out_fmt in ("raw", "luks"):
         raise UsageError("Compression not supported for this file format")
     devs: list[BlockDevice] = []
-    stack = contextlib.ExitStack()
+    restore_sigterm: Callable[[], object] | None = None
     try:
         for s in srcs:
             devs.append(open_image(ctx, s, "r", a.format, image_opts=a.image_opts,
@@ -249,8 +250,8 @@ def _convert(ctx: Context, a: argparse.Namespace, olist: str | None, out_fmt: st
                                  values, backing, backing_fmt, dst_path, sparse)
         created: list[bool] = []
         try:
-            stack.enter_context(_terminate_as_exit(isinstance(target, str)
-                                                   and is_url(target)))
+            if isinstance(target, str) and is_url(target):
+                restore_sigterm = _terminate_as_exit()
             conv.convert(devs[: len(srcs)], target, out_fmt, options=values,
                          sparse_size=sparse, target_exists=a.target_exists,
                          backing_file=backing,
@@ -272,30 +273,28 @@ def _convert(ctx: Context, a: argparse.Namespace, olist: str | None, out_fmt: st
             raise
         prog.complete()
     finally:
-        stack.close()
+        if restore_sigterm is not None:
+            restore_sigterm()
         for d in devs:
             d.close()
 
 
-@contextlib.contextmanager
-def _terminate_as_exit(on: bool) -> Iterator[None]:
+def _terminate_as_exit() -> Callable[[], object] | None:
     """While an upload to a URL runs, SIGTERM ends the command as ^C does (exit status
     143): the upload is aborted, so no incomplete upload is left in the store (an
-    interrupted one is never visible either way).  The previous handler comes back
-    after."""
-    if not on or threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    interrupted one is never visible either way).  Returns what puts the previous handler
+    back (None off the main thread, where no handler can be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
     before = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
+    return lambda: signal.signal(signal.SIGTERM, before)
 
 
 run = cmd_convert

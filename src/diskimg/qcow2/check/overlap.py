@@ -4,14 +4,12 @@ corruption signalling (``qcow2_signal_corruption``) for the check's repair write
 from __future__ import annotations
 
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.bitmaps import (
-    BitmapsExt,
-)
 from diskimg.qcow2.check.state import _State
 from diskimg.qcow2.entries import (
     L1E_OFFSET_MASK,
 )
 from diskimg.qcow2.layout import (
+    QCOW2_EXT_MAGIC_BITMAPS,
     QCOW2_INCOMPAT_CORRUPT,
 )
 from diskimg.qcow2.refcount import (
@@ -90,6 +88,10 @@ class _Overlap(_State):
         return True
 
     def bitmap_dir(self) -> tuple[int, int] | None:
+        if self.h.ext(QCOW2_EXT_MAGIC_BITMAPS) is None:
+            return None  # (the bitmap module loads only for an image with the extension)
+        from diskimg.qcow2.bitmaps import BitmapsExt
+
         bx = BitmapsExt.of(self.h)
         if bx is None or not bx.nb_bitmaps:
             return None

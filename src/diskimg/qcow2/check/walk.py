@@ -8,13 +8,6 @@ from __future__ import annotations
 import struct
 
 from diskimg.errors import FormatError
-from diskimg.qcow2.bitmap_table import entry_invalid
-from diskimg.qcow2.bitmaps import BME_TABLE_OFFSET_MASK as BME_TABLE_ENTRY_OFFSET_MASK
-from diskimg.qcow2.bitmaps import (
-    QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
-    BitmapEntry,
-    BitmapsExt,
-)
 from diskimg.hostio import all_zero
 from diskimg.hostio.file import trailing_zeros
 from diskimg.qcow2.cache import be_u64_array
@@ -41,6 +34,7 @@ from diskimg.qcow2.entries import (
 from diskimg.qcow2.entries import QCOW_OFLAG_COPIED as OFLAG_COPIED
 from diskimg.qcow2.entries import QCOW_OFLAG_ZERO as OFLAG_ZERO
 from diskimg.qcow2.layout import (
+    QCOW2_EXT_MAGIC_BITMAPS,
     QCOW2_EXT_MAGIC_CRYPTO_HEADER,
     QCOW_MAX_L1_SIZE,
 )
@@ -252,6 +246,16 @@ class _Walk(_Snapshots):
         self.count_work(nonzero)
 
     def check_bitmaps(self) -> None:
+        if self.h.ext(QCOW2_EXT_MAGIC_BITMAPS) is None:
+            return  # (the bitmap modules load only for an image with the extension)
+        from diskimg.qcow2.bitmap_table import entry_invalid
+        from diskimg.qcow2.bitmaps import BME_TABLE_OFFSET_MASK as BME_TABLE_ENTRY_OFFSET_MASK
+        from diskimg.qcow2.bitmaps import (
+            QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+            BitmapEntry,
+            BitmapsExt,
+        )
+
         bx = BitmapsExt.of(self.h)
         if bx is None or not bx.nb_bitmaps:
             return
