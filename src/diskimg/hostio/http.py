@@ -43,6 +43,9 @@ CACHE_BYTES = 8 << 20
 WORKERS = 4
 MAX_REDIRECTS = 5
 MIN_PART = 1 << 20           # a parallel part of a large read: at least this many bytes
+STREAM_MIN = 1 << 20         # a read at least this large is received from the stream
+STREAM_WINDOW = 64 << 20     # the most one streaming GET asks for
+STREAM_SKIP = 256 << 10      # a gap in the stream at most this large is read past
 _REDIRECTS = (301, 302, 303, 307, 308)
 _SMALL_BODY = 65536          # a body this short is read to keep its connection
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
@@ -55,8 +58,37 @@ class _Conns(threading.local):
         self.by_host: dict[tuple[str, str], Connection] = {}
 
 
+class _Stream:
+    """The state of the one sequential stream of an :class:`HttpHost`: its connections
+    (its own, by host), the open response (None: none) whose body still holds the
+    object's bytes ``[pos, end)``, the size of the last GET it sent (``window``), where
+    the last streamed read ended (``next``) and a scratch buffer to read past a gap."""
+
+    __slots__ = ("conn", "conns", "end", "lock", "next", "pos", "resp", "scratch", "window")
+
+    def __init__(self) -> None:
+        self.conns: dict[tuple[str, str], Connection] = {}
+        self.resp: Response | None = None
+        self.conn: Connection | None = None
+        self.pos = self.end = self.window = 0
+        self.next = -1
+        self.scratch: memoryview | None = None
+        self.lock = threading.Lock()
+
+    def follows(self, offset: int, n: int) -> bool:
+        """Whether ``[offset, offset + n)`` lies in the open response, at most
+        :data:`STREAM_SKIP` bytes past where it stands."""
+        return (self.resp is not None and self.pos <= offset <= self.pos + STREAM_SKIP
+                and offset + n <= self.end)
+
+
 class _Dropped(Exception):
-    """The connection failed under a request: safe to retry a GET once."""
+    """The connection failed under a request: safe to retry a GET once.  ``got``: the
+    body bytes received (in order, into the caller's buffer) before it failed."""
+
+    def __init__(self, what: str, got: int = 0) -> None:
+        super().__init__(what)
+        self.got = got
 
 
 class HttpHost(ObjectHost):
@@ -92,6 +124,7 @@ class HttpHost(ObjectHost):
         self._conns: list[Connection] = []
         self._lock = threading.Lock()
         self._init_reads(block_size, cache_bytes, workers, MIN_PART)
+        self._stream = _Stream()
         self._closed = False
         self._etag: str | None = None
         self._modified: str | None = None
@@ -126,7 +159,8 @@ class HttpHost(ObjectHost):
         return self._read_error(what, offset, status)
 
     # --- one request ------------------------------------------------------------------
-    def _request(self, method: str, headers: dict[str, str], offset: int | None
+    def _request(self, method: str, headers: dict[str, str], offset: int | None,
+                 conn_of: Callable[[str], Connection] | None = None
                  ) -> tuple[Response, Connection, str]:
         """Send ``method`` to the URL, following redirects; return the response (its
         body unread), its connection and the URL that answered.  Raises
@@ -138,7 +172,7 @@ class HttpHost(ObjectHost):
             if _BAD_TARGET.search(target):
                 raise self._error(f"the URL path {target!r} holds a space or a control "
                                   "character", offset)
-            conn = self._conn(url)
+            conn = (conn_of or self._conn)(url)
             try:
                 resp = conn.request(method, target, {"Accept-Encoding": "identity",
                                                      **headers})
@@ -246,12 +280,23 @@ class HttpHost(ObjectHost):
                     raise self._error(f"connection dropped twice: {e}", offset) from None
 
     def _fetch_once(self, offset: int, buf: memoryview) -> None:
-        n = len(buf)
-        end = offset + n - 1
-        headers = {"Range": f"bytes={offset}-{end}"}
+        resp, conn = self._open_range(offset, offset + len(buf), self._conn)
+        self._recv_body(resp, conn, offset, buf)
+        if not resp.finished:   # a chunked body's last chunk, or more than the range
+            self._discard(resp, conn)
+
+    def _open_range(self, offset: int, end: int, conn_of: Callable[[str], Connection]
+                    ) -> tuple[Response, Connection]:
+        """Send ``GET`` for the bytes ``[offset, end)`` (with ``If-Match`` when the ETag
+        is strong) on ``conn_of(url)``'s connection; return the response once its head
+        proves it is exactly those bytes of this version of the object (its body
+        unread), else raise :class:`RemoteError` (:class:`_Dropped`: the connection
+        failed before a complete head)."""
+        last = end - 1
+        headers = {"Range": f"bytes={offset}-{last}"}
         if self._etag and not self._etag.startswith("W/"):
             headers["If-Match"] = self._etag
-        resp, conn, _ = self._request("GET", headers, offset)
+        resp, conn, _ = self._request("GET", headers, offset, conn_of)
         if resp.status == 200:
             self._check_version(resp, conn, offset)
             self._discard(resp, conn)
@@ -260,10 +305,19 @@ class HttpHost(ObjectHost):
         if resp.status != 206:
             raise self._status_error(resp, conn, offset)
         self._check_version(resp, conn, offset)
-        refusal = self._refusal(resp, offset, end)
+        refusal = self._refusal(resp, offset, last)
         if refusal is not None:
             self._discard(resp, conn)
             raise refusal
+        return resp, conn
+
+    def _recv_body(self, resp: Response, conn: Connection, offset: int, buf: memoryview
+                   ) -> None:
+        """Receive exactly ``len(buf)`` body bytes of ``resp`` (the object's bytes from
+        ``offset``) into ``buf``; a timeout is a
+        :class:`RemoteError` naming ``offset``, a failed or closed connection
+        :class:`_Dropped` (the connection is closed either way)."""
+        n = len(buf)
         got = 0
         try:
             while got < n:
@@ -277,12 +331,120 @@ class HttpHost(ObjectHost):
                               "read)", offset) from None
         except (OSError, ProtocolError) as e:
             conn.close()
-            raise _Dropped(f"{e or type(e).__name__} after {got} of {n} bytes") from None
+            raise _Dropped(f"{e or type(e).__name__} after {got} of {n} bytes",
+                           got) from None
         if got < n:
             conn.close()
-            raise _Dropped(f"the body ended after {got} of {n} bytes")
-        if not resp.finished:   # a chunked body's last chunk, or more than the range
+            raise _Dropped(f"the body ended after {got} of {n} bytes", got)
+
+    # --- the sequential stream --------------------------------------------------------
+    def preadinto(self, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; bytes past the end of the object are zeroed.
+
+        A large read (at least :data:`STREAM_MIN` bytes), and a read that continues the
+        open stream, is received from the stream (:meth:`_stream_into`); any other read
+        goes through the block cache.  One thread at a time streams: another thread's
+        read meanwhile takes the cache path."""
+        self._check_open()
+        if self._changed is not None:
+            raise self._read_error(self._changed, offset)
+        st = self._stream
+        n = len(buf)
+        if (n >= STREAM_MIN or st.follows(offset, n)) and st.lock.acquire(blocking=False):
+            try:
+                if n >= STREAM_MIN or st.follows(offset, n):
+                    end = self._clip(offset, buf)
+                    if offset < end:
+                        self._stream_into(offset, buf[: end - offset])
+                    return n
+            finally:
+                st.lock.release()
+        return super().preadinto(offset, buf)
+
+    def _stream_into(self, offset: int, buf: memoryview) -> None:
+        """Receive the object's bytes ``[offset, offset + len(buf))`` (all inside it) from
+        the stream: the open GET when the read continues it (a gap of at most
+        :data:`STREAM_SKIP` bytes is read past), else a new ranged GET from ``offset``.
+        A read that starts where the last one ended is sequential: each new GET asks for
+        twice the last one's bytes, up to :data:`STREAM_WINDOW`; any other read asks for
+        its own bytes only.  A connection dropped under a read is retried once, from
+        where it failed (GET is idempotent and ``If-Match`` pins the version; the bytes
+        received before the drop came in order from the checked response)."""
+        st = self._stream
+        n = len(buf)
+        if not (st.follows(offset, n) or offset == st.next):
+            st.window = 0
+        got = drops = 0
+        try:
+            while got < n:
+                pos = offset + got
+                try:
+                    if not st.follows(pos, 1):
+                        self._stream_open(pos, n - got)
+                    elif pos > st.pos:
+                        self._stream_skip(pos - st.pos)
+                    assert st.resp is not None and st.conn is not None
+                    k = min(n - got, st.end - pos)
+                    self._recv_body(st.resp, st.conn, pos, buf[got : got + k])
+                except _Dropped as e:
+                    self._stream_close()
+                    got += e.got            # received in order: resumed from there
+                    st.window = 0           # the retry asks for the rest of this read
+                    drops += 1
+                    if drops > 1:
+                        raise self._error(f"connection dropped twice: {e}", pos) from None
+                    continue
+                st.pos += k
+                got += k
+                if st.pos == st.end:
+                    self._stream_close()
+        except BaseException:
+            self._stream_close()
+            raise
+        st.next = offset + n
+
+    def _stream_open(self, pos: int, want: int) -> None:
+        """A new streaming GET from ``pos``: ``want`` bytes, or the next window of a
+        sequential reader (whichever is more, to the end of the object)."""
+        st = self._stream
+        self._stream_close()
+        window = max(want, min(2 * st.window, STREAM_WINDOW)) if st.window else want
+        st.window = window
+        end = min(self._size, pos + window)
+        st.resp, st.conn = self._open_range(pos, end, self._stream_conn)
+        st.pos, st.end = pos, end
+
+    def _stream_skip(self, k: int) -> None:
+        """Read past ``k`` (at most :data:`STREAM_SKIP`) bytes of the open stream."""
+        st = self._stream
+        assert st.resp is not None and st.conn is not None
+        if st.scratch is None:
+            st.scratch = memoryview(bytearray(STREAM_SKIP))
+        try:
+            self._recv_body(st.resp, st.conn, st.pos, st.scratch[:k])
+        except _Dropped as e:               # none of the caller's bytes came
+            raise _Dropped(str(e)) from None
+        st.pos += k
+
+    def _stream_close(self) -> None:
+        """Leave the open stream: its connection stays when little of the body is left
+        (read and dropped), else it is closed."""
+        st = self._stream
+        resp, conn, st.resp = st.resp, st.conn, None
+        if resp is not None and conn is not None and not resp.finished:
             self._discard(resp, conn)
+
+    def _stream_conn(self, url: str) -> Connection:
+        """The stream's own keep-alive connection to ``url``'s host."""
+        p = urlsplit(url)
+        key = (p.scheme, p.netloc)
+        c = self._stream.conns.get(key)
+        if c is None:
+            c = Connection(p.scheme, p.hostname or "", p.port, self.timeout, self._ssl)
+            self._stream.conns[key] = c
+            with self._lock:
+                self._conns.append(c)
+        return c
 
     def _refusal(self, resp: Response, offset: int, end: int) -> RemoteError | None:
         """Why a 206 response is not the bytes ``offset``..``end`` of this object, or
