@@ -6,16 +6,31 @@
   asked for (``200`` with the whole body, a short or wrong ``Content-Range``, a body that
   ends early) is refused -- never read into memory whole, never returned as data;
 - the body is received straight into the caller's buffer; keep-alive: each thread keeps
-  its own connection; a large read is split into parts (bigger for bigger reads) fetched
-  in parallel, ``workers`` connections at most;
-- a bounded LRU cache of ``block_size`` blocks (``cache_bytes`` in all), and read-ahead
-  that grows while small reads are sequential (:mod:`diskimg.hostio.blockcache`);
+  its own connection;
+- the stream: a large read (at least :data:`STREAM_MIN` bytes) is one GET of its bytes
+  on a connection of its own; a read that starts where the last one ended is sequential
+  and its GET asks for :data:`STREAM_WINDOW` bytes (to the end of the object, in
+  practice), and the next reads are received from that response as they come (a gap of
+  at most :data:`STREAM_SKIP` bytes is read past into a scratch buffer).  Memory: the
+  read-ahead is never copied into this process; what is in flight waits in the kernel's
+  socket buffers (this socket's receive buffer and the server's send buffer: a few MiB,
+  whatever the window), plus the ``STREAM_SKIP`` scratch buffer here.  One GET per
+  window, not one per read: each new GET leaves the pipe empty for a round trip, which
+  on a loaded machine cost ~15% against one whole-object GET (doubling windows from the
+  read's size up to 64 MiB) and ~0-5% with this window.  A read elsewhere leaves the
+  stream (its connection is closed when more than a few KiB of it is unread).  One
+  connection: on 2 cores, parallel GETs from one nginx did not pay (the floor rows of
+  benchmarks/bench_http.py), so ``workers`` only fetches the block cache's pieces of
+  one read at once;
+- other reads: a bounded LRU cache of ``block_size`` blocks (``cache_bytes`` in all), and
+  read-ahead that grows while small reads are sequential
+  (:mod:`diskimg.hostio.blockcache`);
 - the size, ETag and Last-Modified are recorded at open; every response is checked
   against them (``If-Match`` is sent with a strong ETag): an object that changed is an
   error, never a mix of two versions;
 - faults end in :class:`~diskimg.errors.RemoteError` naming the URL and the offset; a
-  dropped connection is retried once (a GET is idempotent), a timeout or an HTTP status is
-  not; redirects are followed ``max_redirects`` times, only to http/https, and to another
+  dropped connection is retried once (a GET is idempotent; a streamed read resumes where
+  the body broke), a timeout or an HTTP status is not; redirects are followed ``max_redirects`` times, only to http/https, and to another
   host only when it is in ``allow_hosts``.
 """
 
@@ -44,7 +59,7 @@ WORKERS = 4
 MAX_REDIRECTS = 5
 MIN_PART = 1 << 20           # a parallel part of a large read: at least this many bytes
 STREAM_MIN = 1 << 20         # a read at least this large is received from the stream
-STREAM_WINDOW = 64 << 20     # the most one streaming GET asks for
+STREAM_WINDOW = 1 << 30      # what a sequential reader's streaming GET asks for
 STREAM_SKIP = 256 << 10      # a gap in the stream at most this large is read past
 _REDIRECTS = (301, 302, 303, 307, 308)
 _SMALL_BODY = 65536          # a body this short is read to keep its connection
@@ -61,16 +76,16 @@ class _Conns(threading.local):
 class _Stream:
     """The state of the one sequential stream of an :class:`HttpHost`: its connections
     (its own, by host), the open response (None: none) whose body still holds the
-    object's bytes ``[pos, end)``, the size of the last GET it sent (``window``), where
-    the last streamed read ended (``next``) and a scratch buffer to read past a gap."""
+    object's bytes ``[pos, end)``, where the last streamed read ended (``next``) and a
+    scratch buffer to read past a gap."""
 
-    __slots__ = ("conn", "conns", "end", "lock", "next", "pos", "resp", "scratch", "window")
+    __slots__ = ("conn", "conns", "end", "lock", "next", "pos", "resp", "scratch")
 
     def __init__(self) -> None:
         self.conns: dict[tuple[str, str], Connection] = {}
         self.resp: Response | None = None
         self.conn: Connection | None = None
-        self.pos = self.end = self.window = 0
+        self.pos = self.end = 0
         self.next = -1
         self.scratch: memoryview | None = None
         self.lock = threading.Lock()
@@ -365,22 +380,21 @@ class HttpHost(ObjectHost):
         """Receive the object's bytes ``[offset, offset + len(buf))`` (all inside it) from
         the stream: the open GET when the read continues it (a gap of at most
         :data:`STREAM_SKIP` bytes is read past), else a new ranged GET from ``offset``.
-        A read that starts where the last one ended is sequential: each new GET asks for
-        twice the last one's bytes, up to :data:`STREAM_WINDOW`; any other read asks for
+        A read that starts where the last one ended is sequential: its GET asks for
+        :data:`STREAM_WINDOW` bytes (or the read's, when more); any other read asks for
         its own bytes only.  A connection dropped under a read is retried once, from
         where it failed (GET is idempotent and ``If-Match`` pins the version; the bytes
         received before the drop came in order from the checked response)."""
         st = self._stream
         n = len(buf)
-        if not (st.follows(offset, n) or offset == st.next):
-            st.window = 0
+        sequential = st.follows(offset, n) or offset == st.next
         got = drops = 0
         try:
             while got < n:
                 pos = offset + got
                 try:
                     if not st.follows(pos, 1):
-                        self._stream_open(pos, n - got)
+                        self._stream_open(pos, n - got, sequential)
                     elif pos > st.pos:
                         self._stream_skip(pos - st.pos)
                     assert st.resp is not None and st.conn is not None
@@ -389,7 +403,7 @@ class HttpHost(ObjectHost):
                 except _Dropped as e:
                     self._stream_close()
                     got += e.got            # received in order: resumed from there
-                    st.window = 0           # the retry asks for the rest of this read
+                    sequential = False      # the retry asks for the rest of this read
                     drops += 1
                     if drops > 1:
                         raise self._error(f"connection dropped twice: {e}", pos) from None
@@ -403,14 +417,12 @@ class HttpHost(ObjectHost):
             raise
         st.next = offset + n
 
-    def _stream_open(self, pos: int, want: int) -> None:
-        """A new streaming GET from ``pos``: ``want`` bytes, or the next window of a
-        sequential reader (whichever is more, to the end of the object)."""
+    def _stream_open(self, pos: int, want: int, sequential: bool) -> None:
+        """A new streaming GET from ``pos``: ``want`` bytes, or a sequential reader's
+        window (whichever is more, to the end of the object)."""
         st = self._stream
         self._stream_close()
-        window = max(want, min(2 * st.window, STREAM_WINDOW)) if st.window else want
-        st.window = window
-        end = min(self._size, pos + window)
+        end = min(self._size, pos + (max(want, STREAM_WINDOW) if sequential else want))
         st.resp, st.conn = self._open_range(pos, end, self._stream_conn)
         st.pos, st.end = pos, end
 
