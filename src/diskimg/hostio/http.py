@@ -30,8 +30,9 @@
   error, never a mix of two versions;
 - faults end in :class:`~diskimg.errors.RemoteError` naming the URL and the offset; a
   dropped connection is retried once (a GET is idempotent; a streamed read resumes where
-  the body broke), a timeout or an HTTP status is not; redirects are followed ``max_redirects`` times, only to http/https, and to another
-  host only when it is in ``allow_hosts``.
+  the body broke), a timeout or an HTTP status is not; redirects are followed
+  ``max_redirects`` times, only to http/https, and to another host only when it is in
+  ``allow_hosts``.
 """
 
 from __future__ import annotations
