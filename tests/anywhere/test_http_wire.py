@@ -316,6 +316,28 @@ def test_a_stream_dropped_mid_body_resumes_where_it_broke(
     assert always.url in str(ei.value) and f"at offset {10 + half:#x}" in str(ei.value)
 
 
+def test_a_change_seen_elsewhere_ends_the_stream(serve: Callable[[Script], Server]
+                                                 ) -> None:
+    """The object changes while the stream's GET is open: the next request (a small read
+    on the cache path) sees the new ETag, and from then on the stream's bytes are
+    refused too -- never a mix of the two versions."""
+    def script(r: Request) -> bytes:
+        out = ranged(r)
+        return out.replace(b'"e1"', b'"e2"') if len(srv.requests) > 3 else out
+
+    srv = serve(script)
+    with open_http(srv.url, timeout=5) as host:
+        assert host.pread(0, MIB) == DATA[:MIB]
+        assert host.pread(MIB, MIB) == DATA[MIB : 2 * MIB]    # GET 2: to the end
+        with pytest.raises(RemoteError, match="changed since it was opened") as ei:
+            host.pread(100, 50)
+        assert ei.value.offset == 0
+        with pytest.raises(RemoteError, match="changed since it was opened") as ei:
+            host.pread(2 * MIB, MIB)                           # would come from GET 2
+        assert ei.value.offset == 2 * MIB and srv.url in str(ei.value)
+    assert len([r for r in srv.requests if r.method == "GET"]) == 3
+
+
 @pytest.mark.parametrize("framing, version, extra", [
     ("chunked", "HTTP/1.1", ""),
     ("close", "HTTP/1.1", ""),

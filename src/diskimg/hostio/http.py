@@ -27,7 +27,10 @@
   (:mod:`diskimg.hostio.blockcache`);
 - the size, ETag and Last-Modified are recorded at open; every response is checked
   against them (``If-Match`` is sent with a strong ETag): an object that changed is an
-  error, never a mix of two versions;
+  error, never a mix of two versions.  A change after a GET's head arrived is seen by the
+  next request (the cache path's, or the stream's next window); until then the body is
+  what the server sends for that one response (nginx keeps sending the file it opened
+  when the file is replaced by a rename);
 - faults end in :class:`~diskimg.errors.RemoteError` naming the URL and the offset; a
   dropped connection is retried once (a GET is idempotent; a streamed read resumes where
   the body broke), a timeout or an HTTP status is not; redirects are followed
