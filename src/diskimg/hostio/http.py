@@ -65,6 +65,7 @@ MIN_PART = 1 << 20           # a parallel part of a large read: at least this ma
 STREAM_MIN = 1 << 20         # a read at least this large is received from the stream
 STREAM_WINDOW = 1 << 30      # what a sequential reader's streaming GET asks for
 STREAM_SKIP = 256 << 10      # a gap in the stream at most this large is read past
+STREAM_AFTER = 3             # small reads in a row, each where the last ended: streamed
 _REDIRECTS = (301, 302, 303, 307, 308)
 _SMALL_BODY = 65536          # a body this short is read to keep its connection
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
@@ -80,16 +81,17 @@ class _Conns(threading.local):
 class _Stream:
     """The state of the one sequential stream of an :class:`HttpHost`: its connections
     (its own, by host), the open response (None: none) whose body still holds the
-    object's bytes ``[pos, end)``, where the last streamed read ended (``next``) and a
-    scratch buffer to read past a gap."""
+    object's bytes ``[pos, end)``, where the last read ended (``next``), how many reads
+    in a row started there (``run``) and a scratch buffer to read past a gap.  ``next``
+    and ``run`` are a heuristic, updated without the lock."""
 
-    __slots__ = ("conn", "conns", "end", "lock", "next", "pos", "resp", "scratch")
+    __slots__ = ("conn", "conns", "end", "lock", "next", "pos", "resp", "run", "scratch")
 
     def __init__(self) -> None:
         self.conns: dict[tuple[str, str], Connection] = {}
         self.resp: Response | None = None
         self.conn: Connection | None = None
-        self.pos = self.end = 0
+        self.pos = self.end = self.run = 0
         self.next = -1
         self.scratch: memoryview | None = None
         self.lock = threading.Lock()
@@ -360,25 +362,37 @@ class HttpHost(ObjectHost):
     def preadinto(self, offset: int, buf: memoryview) -> int:
         """Fill ``buf`` from ``offset``; bytes past the end of the object are zeroed.
 
-        A large read (at least :data:`STREAM_MIN` bytes), and a read that continues the
-        open stream, is received from the stream (:meth:`_stream_into`); any other read
-        goes through the block cache.  One thread at a time streams: another thread's
+        A large read (at least :data:`STREAM_MIN` bytes), a read that continues the open
+        stream, and a run of small sequential reads (from the :data:`STREAM_AFTER`-th
+        on) are received from the stream (:meth:`_stream_into`); any other read goes
+        through the block cache.  One thread at a time streams: another thread's
         read meanwhile takes the cache path."""
         self._check_open()
         if self._changed is not None:
             raise self._read_error(self._changed, offset)
         st = self._stream
         n = len(buf)
-        if (n >= STREAM_MIN or st.follows(offset, n)) and st.lock.acquire(blocking=False):
+        st.run = st.run + 1 if offset == st.next else 0
+        if self._streams(offset, n) and st.lock.acquire(blocking=False):
             try:
-                if n >= STREAM_MIN or st.follows(offset, n):
+                if self._streams(offset, n):
                     end = self._clip(offset, buf)
                     if offset < end:
                         self._stream_into(offset, buf[: end - offset])
+                    st.next = offset + n
                     return n
             finally:
                 st.lock.release()
-        return super().preadinto(offset, buf)
+        super().preadinto(offset, buf)
+        st.next = offset + n
+        return n
+
+    def _streams(self, offset: int, n: int) -> bool:
+        """Whether a read of ``n`` bytes at ``offset`` is the stream's: a large one, one
+        that lies in the open response, or the :data:`STREAM_AFTER`-th small read in a row
+        to start where the last one ended."""
+        st = self._stream
+        return n >= STREAM_MIN or st.run >= STREAM_AFTER or st.follows(offset, n)
 
     def _stream_into(self, offset: int, buf: memoryview) -> None:
         """Receive the object's bytes ``[offset, offset + len(buf))`` (all inside it) from
@@ -391,7 +405,7 @@ class HttpHost(ObjectHost):
         received before the drop came in order from the checked response)."""
         st = self._stream
         n = len(buf)
-        sequential = st.follows(offset, n) or offset == st.next
+        sequential = st.follows(offset, n) or st.run > 0
         got = drops = 0
         try:
             while got < n:
@@ -419,7 +433,6 @@ class HttpHost(ObjectHost):
         except BaseException:
             self._stream_close()
             raise
-        st.next = offset + n
 
     def _stream_open(self, pos: int, want: int, sequential: bool) -> None:
         """A new streaming GET from ``pos``: ``want`` bytes, or a sequential reader's
