@@ -284,6 +284,28 @@ def test_small_sequential_reads_join_the_stream(serve: Callable[[Script], Server
         (0, (256 << 10) - 1), (3 * k, len(DATA) - 1)]
 
 
+def test_threads_share_a_host(serve: Callable[[Script], Server]) -> None:
+    """Threads reading one host at once, large and small reads, sequential and not: one
+    of them streams at a time, the others take the cache path; every byte is right."""
+    srv = serve(lambda r: ranged(r))
+    errors: list[str] = []
+    with open_http(srv.url, timeout=5) as host:
+        def reader(seed: int) -> None:
+            for i in range(12):
+                n = (MIB + 7) if (i + seed) % 3 else 50_000
+                off = ((seed * 977 + i * 200_003) % (len(DATA) - n)) if seed % 2 else \
+                    min(i * n, len(DATA) - n)
+                if host.pread(off, n) != DATA[off : off + n]:
+                    errors.append(f"thread {seed} read {i} at {off}")
+
+        threads = [threading.Thread(target=reader, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+
+
 def test_a_jump_leaves_the_stream(serve: Callable[[Script], Server]) -> None:
     """A large read elsewhere than the stream stands closes its connection (most of the
     window unread) and asks for its own bytes only: no read-ahead on random reads."""
