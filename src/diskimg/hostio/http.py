@@ -9,9 +9,10 @@
   its own connection;
 - the stream: a large read (at least :data:`STREAM_MIN` bytes) is one GET of its bytes
   on a connection of its own; a read that starts where the last one ended is sequential
-  (small ones join from the :data:`STREAM_AFTER`-th in a row) and its GET asks for :data:`STREAM_WINDOW` bytes (to the end of the object, in
-  practice), and the next reads are received from that response as they come (a gap of
-  at most :data:`STREAM_SKIP` bytes is read past into a scratch buffer).  Memory: the
+  (small ones join from the :data:`STREAM_AFTER`-th in a row) and its GET asks for
+  :data:`STREAM_WINDOW` bytes (to the end of the object, in practice), and the next
+  reads are received from that response as they come (a gap of at most
+  :data:`STREAM_SKIP` bytes is read past into a scratch buffer).  Memory: the
   read-ahead is never copied into this process; what is in flight waits in the kernel's
   socket buffers (this socket's receive buffer and the server's send buffer: a few MiB,
   whatever the window), plus the ``STREAM_SKIP`` scratch buffer here.  One GET per
