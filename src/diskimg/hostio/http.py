@@ -158,11 +158,14 @@ class HttpHost(ObjectHost):
             raise
 
     # --- connections ------------------------------------------------------------------
-    def _conn(self, url: str) -> Connection:
-        """This thread's keep-alive connection to ``url``'s host (one per host)."""
+    def _conn(self, url: str, conns: dict[tuple[str, str], Connection] | None = None
+              ) -> Connection:
+        """This thread's keep-alive connection to ``url``'s host (one per host), or the
+        one in ``conns`` (the stream's)."""
         p = urlsplit(url)
         key = (p.scheme, p.netloc)
-        conns = self._local.by_host
+        if conns is None:
+            conns = self._local.by_host
         c = conns.get(key)
         if c is None:
             c = Connection(p.scheme, p.hostname or "", p.port, self.timeout, self._ssl)
@@ -466,15 +469,7 @@ class HttpHost(ObjectHost):
 
     def _stream_conn(self, url: str) -> Connection:
         """The stream's own keep-alive connection to ``url``'s host."""
-        p = urlsplit(url)
-        key = (p.scheme, p.netloc)
-        c = self._stream.conns.get(key)
-        if c is None:
-            c = Connection(p.scheme, p.hostname or "", p.port, self.timeout, self._ssl)
-            self._stream.conns[key] = c
-            with self._lock:
-                self._conns.append(c)
-        return c
+        return self._conn(url, self._stream.conns)
 
     def _refusal(self, resp: Response, offset: int, end: int) -> RemoteError | None:
         """Why a 206 response is not the bytes ``offset``..``end`` of this object, or
