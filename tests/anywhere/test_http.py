@@ -184,6 +184,10 @@ def test_https(nginx: Nginx, images: dict[str, Path]) -> None:
     ctx = ssl.create_default_context(cafile=str(nginx.cafile))
     with open_http(url, ssl_context=ctx) as host:
         assert host.pread(0, host.size()) == local.read_bytes()
+    raw = images["raw"].read_bytes()                # the stream over TLS: 1 MiB reads
+    with open_http(nginx.https_url(images["raw"].name), ssl_context=ctx) as host:
+        got = b"".join(host.pread(off, 1 << 20) for off in range(0, len(raw), 1 << 20))
+        assert got == raw and len(host._stream.conns) == 1   # the stream read it
 
 
 # --- redirects (nginx) ---------------------------------------------------------------------
