@@ -9,7 +9,11 @@ local, the target is at most 1.5x):
   through ``diskimg.open(...).readinto`` in 4 MiB chunks, in this process; ``cold
   cache``: the image file's pages are dropped first (``POSIX_FADV_DONTNEED`` on that file
   only), so the local read and nginx both read the disk;
-- the floor: one plain ``http.client`` GET of the whole file into a 4 MiB buffer;
+- the floors (sizes are the file's, not the guest's): a plain ``readinto`` of the image
+  file (page cache and cold), and nginx sending the file to a client that does nothing
+  but ``recv_into`` a 4 MiB buffer, over 1, 2 and 4 connections at once (ranged GETs of
+  equal parts, a thread each) and over 1 from a cold cache: how much of ``read http``'s
+  miss the loopback transport itself accounts for;
 - ``convert``: ``diskimg convert -O raw SOURCE OUT`` as a subprocess, with its peak RSS
   (target: at most 64 MiB);
 - ``qemu-img convert -O raw URL``: only when qemu-img has its curl driver (Debian
@@ -29,9 +33,11 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -95,24 +101,54 @@ def _child(argv: list[str], timeout: float | None = None) -> tuple[float, float]
         return dt, int(rss.read().split()[-1]) / 1024
 
 
-def _one_get(url: str, size: int) -> float:
-    """The floor: one plain http.client GET of the whole object into a buffer."""
-    import http.client
+def _raw_get(host: str, port: int, path: str, lo: int, hi: int) -> None:
+    """One ranged GET of ``[lo, hi)`` on a new socket, its body received with
+    ``recv_into`` into a 4 MiB buffer (reused: the floor does nothing with the bytes)."""
+    buf = memoryview(bytearray(CHUNK))
+    with socket.create_connection((host, port)) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                  f"Range: bytes={lo}-{hi - 1}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            k = s.recv_into(buf)
+            if not k:
+                raise RuntimeError("the server closed the connection before the head")
+            head += bytes(buf[:k])
+        got = len(head.partition(b"\r\n\r\n")[2])
+        if not head.startswith(b"HTTP/1.1 206"):
+            raise RuntimeError(f"not a 206: {head[:40]!r}")
+        while got < hi - lo:
+            k = s.recv_into(buf)
+            if not k:
+                raise RuntimeError(f"the body ended after {got} of {hi - lo} bytes")
+            got += k
+
+
+def _recv_floor(url: str, size: int, conns: int) -> float:
+    """The transport floor: the whole file as ``conns`` ranged GETs at once, one thread
+    each, received with ``recv_into`` and nothing else."""
     from urllib.parse import urlsplit
 
     p = urlsplit(url)
+    per = -(-size // conns)
+    threads = [threading.Thread(target=_raw_get, args=(p.hostname, p.port, p.path, lo,
+                                                       min(lo + per, size)))
+               for lo in range(0, size, per)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def _file_floor(path: Path) -> float:
+    """A plain local read of the file into a 4 MiB buffer (``readinto``, no image)."""
     buf = memoryview(bytearray(CHUNK))
     t0 = time.perf_counter()
-    conn = http.client.HTTPConnection(p.hostname or "", p.port)
-    conn.request("GET", p.path)
-    resp = conn.getresponse()
-    got = 0
-    while got < size:
-        k = resp.readinto(buf)
-        if not k:
-            break
-        got += k
-    conn.close()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
     return time.perf_counter() - t0
 
 
@@ -145,6 +181,10 @@ def main() -> None:
     ap.add_argument("--qemu-timeout", type=float, default=30.0,
                     help="seconds before a qemu-img convert from the URL counts as hung")
     a = ap.parse_args()
+    # PYTHONDONTWRITEBYTECODE (set in some shells here) or a fresh tree would make every
+    # `diskimg convert` row compile its modules again (~0.17 s a run): compile them once
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src" / "diskimg")],
+                   check=False, stdout=subprocess.DEVNULL)
     conf = _conftest()
     with tempfile.TemporaryDirectory(prefix="bench-http-") as d:
         with conf.nginx_server(Path(d)) as server:  # type: ignore[attr-defined]
@@ -176,8 +216,18 @@ def main() -> None:
                 ("read http", a.size_mib, lambda: (_read_all(url), 0.0)),
                 ("read local (cold cache)", a.size_mib, cold(lambda: _read_all(str(img)))),
                 ("read http (cold cache)", a.size_mib, cold(lambda: _read_all(url))),
-                ("(floor: one http.client GET)", fsize / 2**20,
-                 lambda: (_one_get(url, fsize), 0.0)),
+                ("(floor: file read, page cache)", fsize / 2**20,
+                 lambda: (_file_floor(img), 0.0)),
+                ("(floor: file read, cold cache)", fsize / 2**20,
+                 cold(lambda: _file_floor(img))),
+                ("(floor: nginx -> recv_into, 1 conn)", fsize / 2**20,
+                 lambda: (_recv_floor(url, fsize, 1), 0.0)),
+                ("(floor: nginx -> recv_into, 2 conns)", fsize / 2**20,
+                 lambda: (_recv_floor(url, fsize, 2), 0.0)),
+                ("(floor: nginx -> recv_into, 4 conns)", fsize / 2**20,
+                 lambda: (_recv_floor(url, fsize, 4), 0.0)),
+                ("(floor: nginx -> recv_into, 1 conn, cold)", fsize / 2**20,
+                 cold(lambda: _recv_floor(url, fsize, 1))),
                 ("diskimg convert -O raw (local)", a.size_mib, convert(str(img))),
                 ("diskimg convert -O raw (http)", a.size_mib, convert(url)),
             ]
@@ -199,14 +249,14 @@ def main() -> None:
             best: dict[str, float] = {}
             for name, mib, _ in rows:
                 if not runs[name]:
-                    print(f"{name:38s}    hung in every round (killed after "
+                    print(f"{name:42s}    hung in every round (killed after "
                           f"{a.qemu_timeout:g} s)")
                     continue
                 t = best[name] = min(r[0] for r in runs[name])
                 rss = max(r[1] for r in runs[name])
                 mem = f"{rss:6.1f} MiB" if rss else "     -"
                 hung = f"  (hung {hangs[name]} of {a.rounds})" if hangs[name] else ""
-                print(f"{name:38s} {t:7.3f} s {mib / t:8.1f} MiB/s  peak RSS {mem}{hung}")
+                print(f"{name:42s} {t:7.3f} s {mib / t:8.1f} MiB/s  peak RSS {mem}{hung}")
 
             def ratio(label: str, x: str, y: str, target: str = "") -> None:
                 if x in best and y in best:
@@ -215,6 +265,13 @@ def main() -> None:
             ratio("read http/local", "read http", "read local", " (target <= 1.5)")
             ratio("read http/local, cold cache", "read http (cold cache)",
                   "read local (cold cache)", " (target <= 1.5)")
+            ratio("floor: transport/file read (page cache)",
+                  "(floor: nginx -> recv_into, 1 conn)", "(floor: file read, page cache)")
+            ratio("floor: transport/file read (cold cache)",
+                  "(floor: nginx -> recv_into, 1 conn, cold)",
+                  "(floor: file read, cold cache)")
+            ratio("read http/transport floor (1 conn)", "read http",
+                  "(floor: nginx -> recv_into, 1 conn)")
             ratio("convert http/local", "diskimg convert -O raw (http)",
                   "diskimg convert -O raw (local)")
             ratio("convert diskimg/qemu-img -m 1 (http)", "diskimg convert -O raw (http)",

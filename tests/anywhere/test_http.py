@@ -184,6 +184,10 @@ def test_https(nginx: Nginx, images: dict[str, Path]) -> None:
     ctx = ssl.create_default_context(cafile=str(nginx.cafile))
     with open_http(url, ssl_context=ctx) as host:
         assert host.pread(0, host.size()) == local.read_bytes()
+    raw = images["raw"].read_bytes()                # the stream over TLS: 1 MiB reads
+    with open_http(nginx.https_url(images["raw"].name), ssl_context=ctx) as host:
+        got = b"".join(host.pread(off, 1 << 20) for off in range(0, len(raw), 1 << 20))
+        assert got == raw and len(host._stream.conns) == 1   # the stream read it
 
 
 # --- redirects (nginx) ---------------------------------------------------------------------
@@ -262,6 +266,44 @@ def test_fault_is_a_remote_error(faulty: Faulty, fault: str, words: str) -> None
     else:
         assert err.status == int(fault)
     assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("drop", "connection dropped twice"),
+    ("short", "short range: asked for bytes 4-"),
+    ("wrong", "wrong Content-Range"),
+    ("ignore", "ignores Range"),
+    ("gzip", "Content-Encoding gzip"),
+    ("etag", "changed since it was opened"),
+])
+def test_fault_on_the_stream_is_a_remote_error(faulty: Faulty, fault: str,
+                                               words: str) -> None:
+    """A large read (the streaming GET, hostio/http.py STREAM_MIN) meets every fault as
+    the block reads do: a RemoteError naming the URL and the offset, the buffer never
+    returned."""
+    url = faulty.serve(DATA, fault)
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError) as ei:
+        with open_http(url, timeout=5) as host:
+            host.pread(4, 1 << 20)
+    err = ei.value
+    assert words in str(err) and url in str(err) and err.url == url
+    assert err.offset is not None and f"at offset {err.offset:#x}" in str(err)
+    if fault == "drop":          # retried once from where the body broke, then refused
+        assert 4 < err.offset < len(DATA)
+    else:
+        assert err.offset == 4
+    assert time.monotonic() - t0 < 5
+
+
+def test_stalled_stream_times_out(faulty: Faulty) -> None:
+    url = faulty.serve(DATA, "stall")
+    with open_http(url, timeout=0.5) as host:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError, match=r"timed out after 0.5 s \(\d+ of \d+ bytes") as ei:
+            host.pread(0, 1 << 20)
+        assert time.monotonic() - t0 < 2          # no retry after a timeout
+    assert ei.value.offset == 0
 
 
 def test_slow_server_times_out(faulty: Faulty) -> None:

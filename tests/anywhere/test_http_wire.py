@@ -2,8 +2,9 @@
 framing a server may choose (Content-Length, chunked, close-delimited, HTTP/1.0,
 ``Connection: close``, 1xx heads) gives the object's bytes; a hostile head (too long, too
 many lines, not HTTP) or body (a bad chunk) is a RemoteError naming the URL and the
-offset, never a hang or unbounded memory; keep-alive reuses one connection; a large read
-is fetched in at most ``workers`` parallel parts that grow with the read."""
+offset, never a hang or unbounded memory; keep-alive reuses one connection; large and
+sequential reads are received from one streaming GET (windows doubling up to a bound),
+random ones ask for their own bytes only."""
 
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ def ranged(req: Request, *, framing: str = "length", version: str = "HTTP/1.1",
 def read_all(url: str, **kw: int) -> bytes:
     with open_http(url, timeout=5, **kw) as host:
         out = bytearray()
-        for off in range(0, len(DATA), 700_000):           # uneven reads: cache and direct
+        for off in range(0, len(DATA), 700_000):   # uneven: the cache, then the stream
             out += host.pread(off, 700_000)
         return bytes(out)
 
@@ -158,8 +159,9 @@ def test_every_framing_reads_the_object(serve: Callable[[Script], Server], frami
     gets = [r for r in srv.requests if r.method == "GET"]
     if closes:   # a new connection for every GET (the server leaves its side open)
         assert srv.conns == len(gets) + (framing != "close")
-    else:                            # keep-alive: one connection for every request
-        assert srv.conns == 1 and len(gets) >= 3
+    else:     # keep-alive: one connection for the cache path's requests, one streams
+        assert srv.conns == 2 and len([r for r in gets if r.conn == 0]) >= 2
+        assert [(r.first, r.conn) for r in gets if r.conn] == [(2_100_000, 1)]
 
 
 @pytest.mark.parametrize("extra, conns", [(5, 1), (100_000, 2)])
@@ -221,31 +223,171 @@ def test_stale_keepalive_connection_is_retried(serve: Callable[[Script], Server]
     assert [r.conn for r in srv.requests] == [0, 0, 1]
 
 
-@pytest.mark.parametrize("length, parts", [(1 << 20, 1), (2 << 20, 2), (3 << 20, 3)])
-def test_large_read_parts_grow_with_the_read(serve: Callable[[Script], Server],
-                                             length: int, parts: int) -> None:
-    """A read of whole blocks is fetched straight into the caller's buffer in parts of
-    at least 1 MiB, at most ``workers`` of them, each on its own connection."""
+def test_a_large_read_is_one_get_into_the_buffer(serve: Callable[[Script], Server]
+                                                 ) -> None:
+    """A read of at least STREAM_MIN bytes at a new place is one GET of exactly its
+    bytes, received straight into the caller's buffer (nothing cached), on the stream's
+    own connection."""
     srv = serve(lambda r: ranged(r))
     with open_http(srv.url, timeout=5, workers=4) as host:
-        buf = bytearray(length)
-        host.preadinto(0, memoryview(buf))
-        assert bytes(buf) == DATA[:length]
-        assert len(host._cache) == 0                    # not cached: read once
-    gets = sorted((r.first, r.last) for r in srv.requests if r.method == "GET")
-    size = length // parts
-    assert gets == [(i * size, (i + 1) * size - 1) for i in range(parts)]
-    assert srv.conns <= 4
+        buf = bytearray((2 << 20) + 5)
+        host.preadinto(1000, memoryview(buf))
+        assert bytes(buf) == DATA[1000 : 1000 + len(buf)]
+        assert len(host._cache) == 0
+    gets = [(r.first, r.last) for r in srv.requests if r.method == "GET"]
+    assert gets == [(1000, 1000 + len(buf) - 1)]
+    assert srv.conns == 2                       # the HEAD's and the stream's
 
 
-def test_bigger_reads_use_bigger_parts(serve: Callable[[Script], Server]) -> None:
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("window, last, want", [
+    # the third read (4 KiB past where the stream stands) comes from the second GET
+    (1 << 30, 2 * MIB + 4096, [(0, MIB - 1), (MIB, 3 * MIB - 1), (0, (256 << 10) - 1)]),
+    # windows of 1 MiB at most: a GET per read
+    (MIB, 2 * MIB, [(0, MIB - 1), (MIB, 2 * MIB - 1), (0, (256 << 10) - 1),
+                    (2 * MIB, 3 * MIB - 1)]),
+])
+def test_sequential_reads_share_one_get(serve: Callable[[Script], Server],
+                                        monkeypatch: pytest.MonkeyPatch, window: int,
+                                        last: int, want: list[tuple[int, int]]) -> None:
+    """Reads that follow each other are received from one GET of STREAM_WINDOW bytes (or
+    to the end of the object); a small read elsewhere takes the
+    cache path on another connection and leaves the stream open; a small gap is read
+    past, not asked for again."""
+    from diskimg.hostio import http
+
+    monkeypatch.setattr(http, "STREAM_WINDOW", window)
     srv = serve(lambda r: ranged(r))
-    with open_http(srv.url, timeout=5, workers=2, block_size=64 << 10,
-                   cache_bytes=128 << 10) as host:
-        assert host.pread(0, len(DATA)) == DATA
-    gets = sorted(r.last - r.first + 1 for r in srv.requests if r.method == "GET")
-    assert gets == [3 << 19, 3 << 19]                   # 2 parts of 1.5 MiB
-    assert srv.conns == 2                               # this thread's and a worker's
+    with open_http(srv.url, timeout=5) as host:
+        got = []
+        for off, n in [(0, MIB), (MIB, MIB), (100, 50), (last, 3 * MIB - last)]:
+            buf = bytearray(n)
+            host.preadinto(off, memoryview(buf))
+            got.append(bytes(buf) == DATA[off : off + n])
+        assert got == [True] * 4
+    assert [(r.first, r.last) for r in srv.requests if r.method == "GET"] == want
+
+
+def test_small_sequential_reads_join_the_stream(serve: Callable[[Script], Server]
+                                                ) -> None:
+    """Small reads, each starting where the last ended: the first ones go through the
+    block cache, from the STREAM_AFTER-th in a row on they come from one streaming GET
+    (to the end of the object), with no further request."""
+    srv = serve(lambda r: ranged(r))
+    k = 64 << 10
+    with open_http(srv.url, timeout=5) as host:
+        out = b"".join(host.pread(off, k) for off in range(0, len(DATA), k))
+    assert out == DATA
+    assert [(r.first, r.last) for r in srv.requests if r.method == "GET"] == [
+        (0, (256 << 10) - 1), (3 * k, len(DATA) - 1)]
+
+
+def test_threads_share_a_host(serve: Callable[[Script], Server]) -> None:
+    """Threads reading one host at once, large and small reads, sequential and not: one
+    of them streams at a time, the others take the cache path; every byte is right."""
+    srv = serve(lambda r: ranged(r))
+    errors: list[str] = []
+    with open_http(srv.url, timeout=5) as host:
+        def reader(seed: int) -> None:
+            for i in range(12):
+                n = (MIB + 7) if (i + seed) % 3 else 50_000
+                off = ((seed * 977 + i * 200_003) % (len(DATA) - n)) if seed % 2 else \
+                    min(i * n, len(DATA) - n)
+                if host.pread(off, n) != DATA[off : off + n]:
+                    errors.append(f"thread {seed} read {i} at {off}")
+
+        threads = [threading.Thread(target=reader, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+
+
+def test_a_jump_leaves_the_stream(serve: Callable[[Script], Server]) -> None:
+    """A large read elsewhere than the stream stands closes its connection (most of the
+    window unread) and asks for its own bytes only: no read-ahead on random reads."""
+    srv = serve(lambda r: ranged(r))
+    with open_http(srv.url, timeout=5) as host:
+        for off in (0, MIB, 0, 2 * MIB):
+            assert host.pread(off, MIB) == DATA[off : off + MIB]
+    assert [(r.first, r.last) for r in srv.requests if r.method == "GET"] == [
+        (0, MIB - 1), (MIB, 3 * MIB - 1), (0, MIB - 1), (2 * MIB, 3 * MIB - 1)]
+    assert srv.conns == 3              # the HEAD's; the stream's, then a new one after the jump
+
+
+def test_a_stream_dropped_mid_body_resumes_where_it_broke(
+        serve: Callable[[Script], Server]) -> None:
+    """The bytes received before a drop stay (they came in order from a checked 206);
+    the one retry asks for the rest only, with If-Match; a second drop is a
+    RemoteError naming the offset where the retry started."""
+    half = 700_000
+
+    def cut(r: Request) -> bytes:
+        whole = ranged(r)
+        return whole[: whole.index(b"\r\n\r\n") + 4 + half] if r.method == "GET" else whole
+
+    srv = serve(lambda r: ranged(r))
+    srv.close_after = {1}                       # the first GET: cut, then closed
+    first = [True]
+
+    def once(r: Request) -> bytes:
+        if r.method == "GET" and first:
+            first.clear()
+            return cut(r)
+        return ranged(r)
+
+    srv.script = once
+    with open_http(srv.url, timeout=5) as host:
+        assert host.pread(10, 2 * MIB) == DATA[10 : 10 + 2 * MIB]
+    assert [(r.first, r.last) for r in srv.requests if r.method == "GET"] == [
+        (10, 10 + 2 * MIB - 1), (10 + half, 10 + 2 * MIB - 1)]
+
+    always = serve(cut)
+    always.close_after = set(range(1, 10))
+    with open_http(always.url, timeout=5) as host, pytest.raises(RemoteError) as ei:
+        host.pread(10, 2 * MIB)
+    assert ei.value.offset == 10 + half and "connection dropped twice" in str(ei.value)
+    assert always.url in str(ei.value) and f"at offset {10 + half:#x}" in str(ei.value)
+
+
+def test_a_change_seen_elsewhere_ends_the_stream(serve: Callable[[Script], Server]
+                                                 ) -> None:
+    """The object changes while the stream's GET is open: the next request (a small read
+    on the cache path) sees the new ETag, and from then on the stream's bytes are
+    refused too -- never a mix of the two versions."""
+    def script(r: Request) -> bytes:
+        out = ranged(r)
+        return out.replace(b'"e1"', b'"e2"') if len(srv.requests) > 3 else out
+
+    srv = serve(script)
+    with open_http(srv.url, timeout=5) as host:
+        assert host.pread(0, MIB) == DATA[:MIB]
+        assert host.pread(MIB, MIB) == DATA[MIB : 2 * MIB]    # GET 2: to the end
+        with pytest.raises(RemoteError, match="changed since it was opened") as ei:
+            host.pread(100, 50)
+        assert ei.value.offset == 0
+        with pytest.raises(RemoteError, match="changed since it was opened") as ei:
+            host.pread(2 * MIB, MIB)                           # would come from GET 2
+        assert ei.value.offset == 2 * MIB and srv.url in str(ei.value)
+    assert len([r for r in srv.requests if r.method == "GET"]) == 3
+
+
+@pytest.mark.parametrize("framing, version, extra", [
+    ("chunked", "HTTP/1.1", ""),
+    ("close", "HTTP/1.1", ""),
+    ("length", "HTTP/1.0", ""),
+])
+def test_streamed_reads_in_every_framing(serve: Callable[[Script], Server], framing: str,
+                                         version: str, extra: str) -> None:
+    srv = serve(lambda r: ranged(r, framing=framing, version=version, extra=extra))
+    with open_http(srv.url, timeout=5) as host:
+        out = bytearray()
+        for off in range(0, len(DATA), 1_100_000):
+            out += host.pread(off, 1_100_000)
+    assert bytes(out) == DATA
 
 
 def test_reading_a_closed_connection_is_a_protocol_error() -> None:

@@ -1,5 +1,5 @@
-"""The block cache every host over one remote object reads through (HttpHost and
-FsspecHost), written once.
+"""The block cache every host over one remote object reads through (FsspecHost, and
+HttpHost for the reads its stream does not take), written once.
 
 A read of ``[offset, end)`` is planned by :meth:`BlockCache.plan`: the cached blocks it
 covers are copied into the caller's buffer; the missing ones become fetches --
