@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import RemoteError, UsageError
 from diskimg.hostio.objects import ObjectHost
-from diskimg.hostio.sink import Sink, SinkError
 from diskimg.policy import OpenPolicy
 
 if TYPE_CHECKING:
@@ -293,201 +292,19 @@ def open_fsspec(url: str, policy: OpenPolicy | None = None, writable: bool = Fal
                       cache_bytes=cache_bytes)
 
 
-#: the smallest part of an S3 multipart upload (all but the last part), and the most parts
-PART_SIZE = 5 << 20
-MAX_PARTS = 10_000
+# the write side (re-exported: the documented names of this module)
+from diskimg.hostio.remote_sink import (  # noqa: E402
+    MAX_PARTS,
+    PART_SIZE,
+    ObjectSink,
+    open_fsspec_sink,
+    part_size,
+    write_error,
+)
 
-
-def part_size(size_hint: int | None) -> int:
-    """The part size of an upload of about ``size_hint`` bytes: S3's smallest (5 MiB,
-    the least memory) until 10,000 parts would not hold it, then larger (whole MiB).
-    A part may exceed it by one :data:`~diskimg.hostio.sink.BUFFER`."""
-    if not size_hint or size_hint <= PART_SIZE * (MAX_PARTS - 1):
-        return PART_SIZE
-    mib = 1 << 20
-    return -(-size_hint // (MAX_PARTS - 1) // mib) * mib + mib
-
-
-def _http_status(e: BaseException) -> tuple[int, str] | None:
-    """The HTTP status and error code of the store's answer behind ``e`` (botocore's
-    ClientError keeps them in ``response``; s3fs raises an OSError from it), if any."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        resp = cur.__dict__.get("response")
-        if isinstance(resp, dict):
-            meta, err = resp.get("ResponseMetadata") or {}, resp.get("Error") or {}
-            code = meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
-            if isinstance(code, int):
-                name = err.get("Code", "") if isinstance(err, dict) else ""
-                return code, str(name)
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def write_error(url: str, e: BaseException, offset: int) -> SinkError:
-    """``e`` (raised by fsspec or the store's client while writing ``url``) as a
-    SinkError naming the URL, the offset and the store's HTTP status and code."""
-    status = _http_status(e)
-    code = f" {status[1]}" if status is not None and status[1] else ""
-    said = e.strerror if isinstance(e, OSError) and e.strerror else e
-    if isinstance(e, FileNotFoundError):
-        what = f"Not found (404{code}): no such bucket, or the upload is gone"
-    elif isinstance(e, PermissionError):
-        what = f"Access denied (403{code}): {said}"
-    elif status is not None:
-        what = f"HTTP {status[0]}{code}: {said}"
-    else:
-        what = f"{type(e).__name__}: {e}"
-    return SinkError(f"Could not write '{url}' at offset {offset}: {what}", path=url,
-                     offset=offset)
-
-
-def _buffered_file() -> type:
-    """fsspec's buffered file class (s3fs, gcsfs, adlfs files derive from it)."""
-    from importlib import import_module  # fsspec ships no type information
-
-    cls: type = import_module("fsspec.spec").AbstractBufferedFile
-    return cls
-
-
-class ObjectSink(Sink):
-    """A new object at an fsspec URL written front to back (a multipart upload on an
-    object store), visible only once it is complete.
-
-    - ``close()`` uploads the last part and commits the object: only then does ``url``
-      name the new bytes (an existing object is replaced at that moment, as qemu-img
-      replaces a file; until then readers see the old one);
-    - ``abort()`` (and leaving a ``with`` block by an exception) discards the upload: an
-      interrupted or failed stream leaves no object, and an existing object unchanged;
-    - at most about three parts are in memory (the store client's buffer, the part in
-      flight and its copy): :func:`part_size` bytes each;
-    - a failure ends in :class:`~diskimg.hostio.sink.SinkError` naming the URL and the
-      offset of the first byte not stored (the start of the part that failed; the size
-      when completing the upload failed), after which the upload is discarded;
-    - retries are the store client's (botocore: HTTP 5xx, throttling, a dropped
-      connection; s3fs: timeouts), and safe: a part sent again replaces the part of the
-      same number, and nothing is visible before the completing request.
-      Timeouts and attempts are ``storage_options`` (s3fs: ``config_kwargs=
-      {"connect_timeout": s, "read_timeout": s, "retries": {"max_attempts": n}}``).
-    """
-
-    def __init__(self, f: Any, url: str, fs: Any = None, key: str | None = None) -> None:
-        super().__init__(f, url, owned=True)
-        self.url = url
-        self._f = f
-        self._fs, self._key = fs, key
-
-    def _stored(self) -> int:
-        """Bytes the store has accepted (parts uploaded), as far as the client says."""
-        if issubclass(type(self._f), _buffered_file()):
-            return int(self._f.offset or 0)
-        return self._done
-
-    def _out(self, mv: memoryview) -> None:
-        try:
-            super()._out(mv)
-        except SinkError as e:
-            cause = e.__cause__ if e.__cause__ is not None else e
-            raise self._error(cause) from cause
-
-    def _error(self, e: BaseException) -> SinkError:
-        self.closed = True
-        return write_error(self.url, e, min(self._stored(), self._done))
-
-    def close(self) -> None:
-        """Upload what is left and commit the object (once); on failure the upload is
-        discarded and :class:`SinkError` raised."""
-        if self.closed:
-            return
-        try:
-            self.flush()
-            self.closed = True
-            self._f.close()
-            self._f.commit()
-        except BaseException as e:
-            self.closed = True
-            self._discard()
-            if isinstance(e, SinkError) or not isinstance(e, Exception):
-                raise
-            raise self._error(e) from e
-        self._verify()
-
-    def _verify(self) -> None:
-        """The store holds an object of the size written (a store whose files ignore
-        the deferred commit would otherwise lose the image silently)."""
-        if self._fs is None or self._key is None:
-            return
-        try:
-            self._fs.invalidate_cache(self._key)
-            size = int(self._fs.size(self._key))
-        except FileNotFoundError:
-            raise SinkError(f"Could not write '{self.url}': the store has no object there "
-                            f"after the upload of {self.offset} bytes", path=self.url,
-                            offset=0) from None
-        except Exception as e:
-            raise self._error(e) from e
-        if size != self.offset:
-            raise SinkError(f"Could not write '{self.url}': the store holds {size} bytes "
-                            f"after the upload of {self.offset}", path=self.url,
-                            offset=min(size, self.offset))
-
-    def flush(self) -> None:
-        """Hand the buffered bytes to the store client (it uploads whole parts)."""
-        self._drain()
-
-    def abort(self) -> None:
-        """Discard the upload: nothing becomes visible under the URL."""
-        self._buf = bytearray()
-        self.closed = True
-        self._discard()
-
-    def _discard(self) -> None:
-        f, self._f = self._f, None
-        if f is None:
-            return
-        try:
-            f.discard()       # aborts the multipart upload, removes a temporary file
-        except Exception:     # noqa: S110 - best effort: the upload is never completed
-            pass
-        if issubclass(type(f), _buffered_file()):
-            f.closed = True   # its finalizer must not upload (or commit) anything
-
-    def __enter__(self) -> ObjectSink:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None, *,
-                     size_hint: int | None = None) -> ObjectSink:
-    """A new object at fsspec ``url`` as an :class:`ObjectSink`: write it in order, then
-    ``close()`` it (or leave the ``with`` block) to commit; nothing is visible under
-    ``url`` before that, and ``abort()`` (or an exception in the block) leaves nothing.
-
-    ``storage_options`` are the filesystem's (as for :func:`open_fsspec`); the upload
-    runs on a filesystem instance of its own (its transaction defers the commit).
-    ``size_hint`` (the expected size) picks the part size (:func:`part_size`)."""
-    if not is_fsspec_url(url):
-        raise UsageError(f"'{url}' is not an object store URL that diskimg writes "
-                         "(s3://, gs://, az://, memory:// ... through fsspec)", path=url)
-    fs, key = _filesystem(url, {**dict(storage_options or {}), "skip_instance_cache": True})
-    try:
-        if fs.isdir(key):
-            raise UsageError(f"'{url}' is a directory (a prefix), not an object name",
-                             path=url)
-        fs.start_transaction()        # this instance only: commit() publishes the object
-        f = fs.open(key, "wb", block_size=part_size(size_hint))
-    except UsageError:
-        raise
-    except Exception as e:
-        raise write_error(url, e, 0) from e
-    return ObjectSink(f, url, fs, key)
+__all__ = ["MAX_PARTS", "PART_SIZE", "BLOCK_SIZE", "CACHE_BYTES", "FsspecHost",
+           "ObjectSink", "is_fsspec_url", "open_fsspec", "open_fsspec_sink", "part_size",
+           "remote_error", "scheme_of", "write_error"]
 
 
 if TYPE_CHECKING:  # the type checker proves FsspecHost is a Host (the formats' byte source)
