@@ -102,12 +102,12 @@ class _Parts:
     one whole part at a time.
 
     An fsspec buffered file (s3fs, gcsfs, adlfs ...) copies what it is given into its
-    own buffer and copies that again to send it: three copies of every part.  A part
-    handed here while that buffer is empty becomes the buffer itself (a ``BytesIO``
-    over the part's ``bytes`` shares them, and reading it whole returns the same
-    object), so one copy of the part is in memory while it is sent.  The client still
-    decides what to send and when (its ``flush``); a file of any other kind, or one
-    that holds bytes already, is given the part by its ``write``.
+    own buffer and copies that again to send it.  A part handed to :meth:`send` while
+    that buffer is empty becomes the buffer itself: a ``BytesIO`` over the part's
+    ``bytes``, which it shares while it holds the only reference (so :meth:`send` takes
+    the part out of the caller's list), and which reading it whole returns.  The client
+    still decides what to send and when (its ``flush``); a file of any other kind, or
+    one that holds bytes already, is given the part by its ``write``.
 
     ``grow``: after each part sent the file's part size becomes
     :func:`next_part_size` (an upload of unknown size stays within S3's part count)."""
@@ -120,24 +120,34 @@ class _Parts:
         base: Any = _buffered_file()
         self._buffered = issubclass(type(f), base) and type(f).write is base.write
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        f, n = self.f, len(data)
-        whole = data.obj if isinstance(data, memoryview) else data
-        if self._buffered and isinstance(whole, bytes) and len(whole) == n and \
-                f.buffer.tell() == 0 and f.writable() and not f.closed and not f.forced:
-            f.buffer = io.BytesIO(whole)     # the part's bytes, not a copy of them
+    def send(self, box: list[bytes]) -> None:
+        """Hand over the part in ``box`` (emptied: the client holds the part alone)."""
+        f = self.f
+        if self._buffered and f.buffer.tell() == 0 and f.writable() and \
+                not f.closed and not f.forced:
+            n = len(box[0])
+            f.buffer = io.BytesIO(box.pop())  # the part's bytes, not a copy of them
             f.buffer.seek(0, 2)
             f.loc += n
             if n >= f.blocksize:
                 f.flush()
         else:
-            f.write(data)
+            f.write(box.pop())
+        self._sent()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Hand over ``data`` by the file's ``write`` (a copy: a large write at once)."""
+        self.f.write(data)
+        self._sent()
+        return len(data)
+
+    def _sent(self) -> None:
         if self._buffered:
+            f = self.f
             sent = f.__dict__.get("parts")
             self.parts = len(sent) if isinstance(sent, list) else self.parts + 1
             if self.grow:
                 f.blocksize = max(f.blocksize, next_part_size(self.parts, self.part))
-        return n
 
 
 class ObjectSink(Sink):
@@ -176,12 +186,24 @@ class ObjectSink(Sink):
 
     def _drain(self) -> None:
         """Hand the gathered bytes over as ``bytes`` of whole parts (the rest stays
-        gathered, unless the sink is being flushed), the ``bytearray`` freed first."""
-        if self._buf:
-            keep = 0 if self._flushing else len(self._buf) % self._limit
-            data = bytes(memoryview(self._buf)[:len(self._buf) - keep])
-            self._buf = self._buf[len(data):] if keep else bytearray()
-            self._out(memoryview(data))
+        gathered, unless the sink is being flushed), the ``bytearray`` freed first;
+        a failure is a SinkError at the first byte the store has not accepted."""
+        if not self._buf:
+            return
+        keep = 0 if self._flushing else len(self._buf) % self._limit
+        n = len(self._buf) - keep
+        box = [bytes(memoryview(self._buf)[:n])]
+        self._buf = self._buf[n:] if keep else bytearray()
+        try:
+            self._parts.send(box)
+        except Exception as e:    # a store client's errors, whatever their type
+            raise self._error(e) from e
+        self._done += n
+        self._grown()
+
+    def _grown(self) -> None:
+        if self._parts.grow:     # gather parts of the size the client now sends
+            self._limit = max(self._limit, int(self._f.blocksize))
 
     def _stored(self) -> int:
         """Bytes the store has accepted (parts uploaded), as far as the client says."""
@@ -195,8 +217,7 @@ class ObjectSink(Sink):
         except SinkError as e:
             cause = e.__cause__ if e.__cause__ is not None else e
             raise self._error(cause) from cause
-        if self._parts.grow:     # gather parts of the size the client now sends
-            self._limit = max(self._limit, int(self._f.blocksize))
+        self._grown()
 
     def _error(self, e: BaseException) -> SinkError:
         self.closed = True
