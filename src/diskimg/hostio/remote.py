@@ -35,6 +35,13 @@ if TYPE_CHECKING:
 
 BLOCK_SIZE = 256 << 10
 CACHE_BYTES = 8 << 20
+#: seconds a read (and the open) of an fsspec object may take before it is an error
+#: (as HTTP's :data:`~diskimg.hostio.http.DEFAULT_TIMEOUT`); ``open_fsspec(timeout=)`` or
+#: ``storage_options={"x-timeout": s}`` (the key is diskimg's, not passed to fsspec)
+DEFAULT_TIMEOUT = 30.0
+TIMEOUT_KEY = "x-timeout"
+#: stores in this process's memory or on its disks: no deadline (and no thread)
+_LOCAL = frozenset({"memory", "file", "local"})
 #: the stores whose objects cannot be rewritten in place
 _IMMUTABLE = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci",
                         "oss", "hf", "http", "https"})
@@ -84,11 +91,32 @@ def is_fsspec_url(path: object) -> bool:
     return scheme in reg.known_implementations or scheme in reg.registry
 
 
-def _filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
-    """The fsspec filesystem of ``url`` and the path in it."""
-    fsspec = _fsspec(url)
+def split_timeout(url: str, storage_options: Mapping[str, Any] | None
+                  ) -> tuple[dict[str, Any], float | None]:
+    """``storage_options`` without diskimg's ``x-timeout`` key, and its value (seconds,
+    more than 0; None when absent)."""
+    opts = dict(storage_options or {})
+    if TIMEOUT_KEY not in opts:
+        return opts, None
+    raw = opts.pop(TIMEOUT_KEY)
     try:
-        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        t = float(raw)
+    except (TypeError, ValueError):
+        t = 0.0
+    if not 0 < t <= 86400:
+        raise UsageError(f"Cannot open '{url}': storage_options['{TIMEOUT_KEY}'] must be "
+                         f"a number of seconds, more than 0 and at most 86400 (got {raw!r})",
+                         path=url, field=TIMEOUT_KEY)
+    return opts, t
+
+
+def _filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the path in it (diskimg's own key,
+    ``x-timeout``, is not the filesystem's)."""
+    fsspec = _fsspec(url)
+    opts, _ = split_timeout(url, storage_options)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **opts)
     except ImportError as e:
         raise UsageError(f"Opening '{url}' needs a package fsspec could not import "
                          f"({e}): {_EXTRA}") from None
@@ -112,6 +140,51 @@ def remote_error(url: str, e: BaseException, offset: int | None) -> RemoteError:
     return read_error(url, what, offset, status)
 
 
+class _Deadline:
+    """Runs calls on a daemon thread of its own; the caller waits at most ``timeout``
+    seconds for each.  A call that did not end in time leaves the runner ``stuck``
+    (that thread still waits for the store): the host fails every later read rather
+    than queue behind it, and the process can still exit (a daemon thread)."""
+
+    def __init__(self, name: str) -> None:
+        import queue
+
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self.stuck = False
+
+    def _loop(self) -> None:
+        while (job := self._q.get()) is not None:
+            fn, box, done = job
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # handed to the caller, raised there
+                box.append((False, e))
+            done.set()
+
+    def run(self, fn: Any, timeout: float) -> Any:
+        """``fn()``'s result (or exception), or TimeoutError after ``timeout`` s."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True,
+                                            name=f"diskimg-fsspec {self._name}")
+            self._thread.start()
+        box: list[tuple[bool, Any]] = []
+        done = threading.Event()
+        self._q.put((fn, box, done))
+        if not done.wait(timeout):
+            self.stuck = True
+            raise TimeoutError
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+    def close(self) -> None:
+        if self._thread is not None and not self.stuck:
+            self._q.put(None)
+
+
 class FsspecHost(ObjectHost):
     """A host over one object of an fsspec filesystem.  Offsets and lengths are bytes."""
 
@@ -119,10 +192,13 @@ class FsspecHost(ObjectHost):
     locked = False
 
     def __init__(self, fs: Any, key: str, url: str, *, writable: bool = False,
-                 block_size: int = BLOCK_SIZE, cache_bytes: int = CACHE_BYTES) -> None:
-        if block_size <= 0 or cache_bytes < block_size:
-            raise UsageError("block_size and cache_bytes must be positive (cache_bytes at "
-                             "least one block)")
+                 block_size: int = BLOCK_SIZE, cache_bytes: int = CACHE_BYTES,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        if block_size <= 0 or cache_bytes < block_size or not timeout > 0:
+            raise UsageError("block_size, cache_bytes and timeout must be positive "
+                             "(cache_bytes at least one block)")
+        #: seconds the open and each read may take (not for memory:// and file://)
+        self.timeout = timeout
         #: the URL as given: what error messages name
         self.path: str = url
         self.url = url
@@ -139,31 +215,60 @@ class FsspecHost(ObjectHost):
         if writable and protocol in _IMMUTABLE:
             raise UsageError(f"'{url}' cannot be written in place: objects in {protocol}:// "
                              "are immutable (write a new object: convert to the URL)")
-        try:
+        self._deadline = None if protocol in _LOCAL else _Deadline(url)
+
+        def opened() -> tuple[dict[str, Any], Any]:
             fs.invalidate_cache(key)
             info = fs.info(key)
             if info.get("type", "file") != "file":
                 raise UsageError(f"'{url}' is not an object (it is a {info.get('type')})")
-            self.etag: str | None = info.get("ETag") or info.get("etag")
-            self.version: str | None = info.get("VersionId") or info.get("version_id")
-            self._size = int(info["size"] if info.get("size") is not None
-                             else fs.size(key))
-            self._f = fs.open(key, "r+b" if writable else "rb", cache_type="none",
-                                   block_size=block_size) \
+            if info.get("size") is None:
+                info = {**info, "size": fs.size(key)}
+            return info, fs.open(key, "r+b" if writable else "rb", cache_type="none",
+                                 block_size=block_size) \
                 if protocol != "memory" else fs.open(key, "r+b" if writable else "rb")
+
+        try:
+            info, self._f = self._timed(opened, None)
         except (UsageError, RemoteError):
             raise
         except Exception as e:  # fsspec stores raise what their client raises
             raise remote_error(url, e, None) from None
+        self.etag: str | None = info.get("ETag") or info.get("etag")
+        self.version: str | None = info.get("VersionId") or info.get("version_id")
+        self._size = int(info["size"])
+
+    def _timed(self, fn: Any, offset: int | None) -> Any:
+        """``fn()`` within :attr:`timeout` seconds, else a RemoteError naming the URL
+        and ``offset`` (after which every read fails: the store never answered)."""
+        d = self._deadline
+        if d is None:
+            return fn()
+        if d.stuck:
+            raise self._read_error(f"an earlier request timed out after {self.timeout:g} s",
+                                   offset)
+        try:
+            return d.run(fn, self.timeout)
+        except TimeoutError:
+            if not d.stuck:     # the store's own timeout, raised by fn
+                raise
+            raise self._read_error(f"timed out after {self.timeout:g} s", offset) from None
 
     # --- reads (through ObjectHost's block cache) --------------------------------------
     def _fetch_into(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the object's bytes at ``offset`` (all inside it)."""
         n = len(buf)
-        try:
+
+        def read() -> bytes:
             with self._lock:
                 self._f.seek(offset)
-                data = self._f.read(n)
+                data: bytes = self._f.read(n)
+                return data
+
+        try:
+            data = self._timed(read, offset)
+        except RemoteError:
+            raise
         except Exception as e:
             if isinstance(e, OSError) and e.errno == errno.EBUSY and "Etag" in str(e):
                 raise self._changed_error("the ETag no longer matches", offset) from None
@@ -259,6 +364,11 @@ class FsspecHost(ObjectHost):
             return
         self._closed = True
         self._close_reads()
+        if self._deadline is not None:
+            self._deadline.close()
+            if self._deadline.stuck:   # its thread holds the file object: left to it
+                self._f = None
+                return
         with self._lock:
             f, self._f = self._f, None
             if f is not None and self.protocol != "memory":  # memory's file IS the object
@@ -275,9 +385,15 @@ class FsspecHost(ObjectHost):
 
 def open_fsspec(url: str, policy: OpenPolicy | None = None, writable: bool = False,
                 storage_options: Mapping[str, Any] | None = None, *,
-                block_size: int = BLOCK_SIZE, cache_bytes: int = CACHE_BYTES
-                ) -> FsspecHost:
+                block_size: int = BLOCK_SIZE, cache_bytes: int = CACHE_BYTES,
+                timeout: float | None = None) -> FsspecHost:
     """Open the object at fsspec ``url`` as a host.
+
+    ``timeout`` (seconds) bounds the open and every read: a store that does not answer
+    in time is a :class:`~diskimg.errors.RemoteError` naming the URL and the offset.
+    None: ``storage_options["x-timeout"]`` (diskimg's key, the way ``diskimg.open``,
+    ``convert`` and a backing file pass it), else :data:`DEFAULT_TIMEOUT`.  The store
+    client's own timeouts and retries (s3fs: ``config_kwargs``) apply within it.
 
     ``storage_options`` go to the filesystem (s3: ``endpoint_url``, ``key``, ``secret``,
     ``anon`` ...; fsspec's configuration and environment ``FSSPEC_S3_ENDPOINT_URL``
@@ -287,9 +403,11 @@ def open_fsspec(url: str, policy: OpenPolicy | None = None, writable: bool = Fal
     :func:`diskimg.hostio.urls.open_backing`).
     """
     del policy
+    _, given = split_timeout(url, storage_options)
     fs, key = _filesystem(url, storage_options)
     return FsspecHost(fs, key, url, writable=writable, block_size=block_size,
-                      cache_bytes=cache_bytes)
+                      cache_bytes=cache_bytes,
+                      timeout=timeout if timeout is not None else given or DEFAULT_TIMEOUT)
 
 
 # the write side (re-exported: the documented names of this module)
@@ -302,7 +420,8 @@ from diskimg.hostio.remote_sink import (  # noqa: E402
     write_error,
 )
 
-__all__ = ["MAX_PARTS", "PART_SIZE", "BLOCK_SIZE", "CACHE_BYTES", "FsspecHost",
+__all__ = ["MAX_PARTS", "PART_SIZE", "BLOCK_SIZE", "CACHE_BYTES", "DEFAULT_TIMEOUT",
+           "FsspecHost", "split_timeout",
            "ObjectSink", "is_fsspec_url", "open_fsspec", "open_fsspec_sink", "part_size",
            "remote_error", "scheme_of", "write_error"]
 
