@@ -117,3 +117,18 @@ def test_known_size_upload_with_the_part_limit_lowered(
     assert n_parts <= 3, parts_seen
     assert all(s >= PART_SIZE for s in parts_seen[-1][:-1])
     assert hashlib.sha256(s3.fs().cat_file(url)).digest() == hashlib.sha256(data).digest()
+
+
+def test_unknown_size_upload_to_a_store_without_parts() -> None:
+    """memory:// files are not fsspec buffered files (no parts, no part size): an
+    upload of unknown size writes through them and reads back equal."""
+    import fsspec
+
+    data = os.urandom(7 * MiB + 3)
+    url = "memory://parts-test/unknown.bin"
+    with open_fsspec_sink(url) as sink:
+        for off in range(0, len(data), MiB):
+            sink.write(data[off:off + MiB])
+    fs = fsspec.filesystem("memory")
+    assert fs.cat_file("/parts-test/unknown.bin") == data
+    fs.rm("/parts-test/unknown.bin")

@@ -118,12 +118,12 @@ class _Parts:
         self.grow = grow
         self.parts = 0          # parts sent (as the client counts them, when it does)
         base: Any = _buffered_file()
-        self._buffered = issubclass(type(f), base) and type(f).write is base.write
+        self.buffered = issubclass(type(f), base) and type(f).write is base.write
 
     def send(self, box: list[bytes]) -> None:
         """Hand over the part in ``box`` (emptied: the client holds the part alone)."""
         f = self.f
-        if self._buffered and f.buffer.tell() == 0 and f.writable() and \
+        if self.buffered and f.buffer.tell() == 0 and f.writable() and \
                 not f.closed and not f.forced:
             n = len(box[0])
             f.buffer = io.BytesIO(box.pop())  # the part's bytes, not a copy of them
@@ -142,7 +142,7 @@ class _Parts:
         return len(data)
 
     def _sent(self) -> None:
-        if self._buffered:
+        if self.buffered:
             f = self.f
             sent = f.__dict__.get("parts")
             self.parts = len(sent) if isinstance(sent, list) else self.parts + 1
@@ -202,7 +202,7 @@ class ObjectSink(Sink):
         self._grown()
 
     def _grown(self) -> None:
-        if self._parts.grow:     # gather parts of the size the client now sends
+        if self._parts.grow and self._parts.buffered:  # gather parts of the size it sends
             self._limit = max(self._limit, int(self._f.blocksize))
 
     def _stored(self) -> int:
