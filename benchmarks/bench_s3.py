@@ -57,14 +57,6 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[int, float, float]:
     return int(out[0]) << 10, float(out[1]), time.perf_counter() - t
 
 
-def _source(path: Path, size: int, every: int) -> None:
-    with path.open("wb") as f:
-        f.truncate(size)
-        for off in range(0, size, every):
-            f.seek(off)
-            f.write(os.urandom(min(1 << 20, size - off)))
-
-
 def _guest_sha(path: Path, fmt: str, tmp: Path) -> str:
     if fmt != "raw":
         raw = tmp / "guest.raw"
@@ -86,6 +78,7 @@ def main() -> None:
     ap.add_argument("--data-every-mib", type=int, default=4)
     ap.add_argument("--formats", nargs="+", default=["raw", "qcow2"])
     a = ap.parse_args()
+    from bench_stream import _source  # the same sources as the streaming rows
     from s3_server import s3_server
 
     print(f"load average: {os.getloadavg()[0]:.2f}")
