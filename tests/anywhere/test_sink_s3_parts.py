@@ -23,13 +23,13 @@ from anywhere.s3_server import S3, s3_server  # noqa: E402
 
 import diskimg  # noqa: E402
 from diskimg.hostio import remote_sink  # noqa: E402
+from diskimg.hostio.remote import open_fsspec_sink  # noqa: E402
 from diskimg.hostio.remote_sink import (  # noqa: E402
     GROW_EVERY,
     MAX_PARTS,
     PART_MAX,
     PART_SIZE,
     next_part_size,
-    open_fsspec_sink,
     part_size,
 )
 from diskimg.hostio.sink import BUFFER  # noqa: E402

@@ -415,7 +415,7 @@ from diskimg.hostio.remote_sink import (  # noqa: E402
     MAX_PARTS,
     PART_SIZE,
     ObjectSink,
-    open_fsspec_sink,
+    _map_large_allocations,
     part_size,
     write_error,
 )
@@ -424,6 +424,35 @@ __all__ = ["MAX_PARTS", "PART_SIZE", "BLOCK_SIZE", "CACHE_BYTES", "DEFAULT_TIMEO
            "FsspecHost", "split_timeout",
            "ObjectSink", "is_fsspec_url", "open_fsspec", "open_fsspec_sink", "part_size",
            "remote_error", "scheme_of", "write_error"]
+
+
+def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None, *,
+                     size_hint: int | None = None) -> ObjectSink:
+    """A new object at fsspec ``url`` as an :class:`ObjectSink`: write it in order, then
+    ``close()`` it (or leave the ``with`` block) to commit; nothing is visible under
+    ``url`` before that, and ``abort()`` (or an exception in the block) leaves nothing.
+
+    ``storage_options`` are the filesystem's (as for :func:`open_fsspec`); the upload
+    runs on a filesystem instance of its own (its transaction defers the commit).
+    ``size_hint`` (the expected size) picks the part size (:func:`part_size`); without
+    it the part size grows as parts are sent (:func:`next_part_size`)."""
+    if not is_fsspec_url(url):
+        raise UsageError(f"'{url}' is not an object store URL that diskimg writes "
+                         "(s3://, gs://, az://, memory:// ... through fsspec)", path=url)
+    fs, key = _filesystem(url, {**dict(storage_options or {}), "skip_instance_cache": True})
+    try:
+        if fs.isdir(key):
+            raise UsageError(f"'{url}' is a directory (a prefix), not an object name",
+                             path=url)
+        fs.start_transaction()        # this instance only: commit() publishes the object
+        part = part_size(size_hint)
+        f = fs.open(key, "wb", block_size=part)
+        _map_large_allocations()
+    except UsageError:
+        raise
+    except Exception as e:
+        raise write_error(url, e, 0) from e
+    return ObjectSink(f, url, fs, key, part=part, grow=size_hint is None)
 
 
 if TYPE_CHECKING:  # the type checker proves FsspecHost is a Host (the formats' byte source)

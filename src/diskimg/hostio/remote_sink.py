@@ -1,7 +1,8 @@
 """ObjectSink: a new object at an fsspec URL (``s3://``, ``gs://``, ``memory://`` ...)
 written front to back -- a multipart upload on an object store -- and committed only when
-complete (issue 18 item 2); the write side of :mod:`diskimg.hostio.remote`, which
-re-exports :func:`open_fsspec_sink`, :class:`ObjectSink` and :func:`part_size`.
+complete (issue 18 item 2); the write side of :mod:`diskimg.hostio.remote`, whose
+:func:`~diskimg.hostio.remote.open_fsspec_sink` opens it (and which re-exports
+:class:`ObjectSink` and :func:`part_size`).
 
 - parts: S3's smallest (5 MiB) while 10,000 of them hold the expected size, larger
   above; an upload of unknown size doubles its part size every :data:`GROW_EVERY`
@@ -14,10 +15,8 @@ re-exports :func:`open_fsspec_sink`, :class:`ObjectSink` and :func:`part_size`.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
 from typing import Any
 
-from diskimg.errors import UsageError
 from diskimg.hostio.sink import Sink, SinkError
 
 
@@ -308,34 +307,3 @@ def _map_large_allocations() -> None:
         ctypes.CDLL(None).mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD = -3
     except (OSError, AttributeError):             # not glibc: its own allocator's rules
         pass
-
-
-def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None, *,
-                     size_hint: int | None = None) -> ObjectSink:
-    """A new object at fsspec ``url`` as an :class:`ObjectSink`: write it in order, then
-    ``close()`` it (or leave the ``with`` block) to commit; nothing is visible under
-    ``url`` before that, and ``abort()`` (or an exception in the block) leaves nothing.
-
-    ``storage_options`` are the filesystem's (as for :func:`open_fsspec`); the upload
-    runs on a filesystem instance of its own (its transaction defers the commit).
-    ``size_hint`` (the expected size) picks the part size (:func:`part_size`); without
-    it the part size grows as parts are sent (:func:`next_part_size`)."""
-    from diskimg.hostio.remote import _filesystem, is_fsspec_url
-
-    if not is_fsspec_url(url):
-        raise UsageError(f"'{url}' is not an object store URL that diskimg writes "
-                         "(s3://, gs://, az://, memory:// ... through fsspec)", path=url)
-    fs, key = _filesystem(url, {**dict(storage_options or {}), "skip_instance_cache": True})
-    try:
-        if fs.isdir(key):
-            raise UsageError(f"'{url}' is a directory (a prefix), not an object name",
-                             path=url)
-        fs.start_transaction()        # this instance only: commit() publishes the object
-        part = part_size(size_hint)
-        f = fs.open(key, "wb", block_size=part)
-        _map_large_allocations()
-    except UsageError:
-        raise
-    except Exception as e:
-        raise write_error(url, e, 0) from e
-    return ObjectSink(f, url, fs, key, part=part, grow=size_hint is None)
