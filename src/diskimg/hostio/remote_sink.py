@@ -19,7 +19,6 @@ from typing import Any
 
 from diskimg.hostio.sink import Sink, SinkError
 
-
 #: the smallest part of an S3 multipart upload (all but the last part), the largest, and
 #: the most parts of one upload
 PART_SIZE = 5 << 20
