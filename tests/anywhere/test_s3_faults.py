@@ -327,6 +327,33 @@ def test_stalled_open_ends_at_diskimg_timeout(s3: S3, faults: Proxy, uploaded: s
         "1.5 s", str(ei.value)
 
 
+def test_deadline_thread_ends_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread that runs a host's reads ends when idle (a host never closed leaves
+    none behind) and starts again; a call's exception reaches the caller; a call past
+    its deadline is a TimeoutError and leaves the runner stuck."""
+    import threading
+
+    from diskimg.hostio.remote import _Deadline
+
+    monkeypatch.setattr(_Deadline, "IDLE", 0.2)
+    d = _Deadline("test")
+    before = threading.active_count()
+    assert d.run(lambda: 42, 5) == 42
+    assert threading.active_count() == before + 1
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before:
+        assert time.monotonic() < deadline, "the idle thread did not end"
+        time.sleep(0.05)
+    assert d.run(lambda: 43, 5) == 43
+    with pytest.raises(ZeroDivisionError):
+        d.run(lambda: 1 // 0, 5)
+    assert not d.stuck
+    with pytest.raises(TimeoutError):
+        d.run(lambda: time.sleep(1), 0.1)
+    assert d.stuck
+    d.close()
+
+
 @pytest.mark.parametrize("bad", [0, -1, "soon", None])
 def test_bad_timeout_is_refused(s3: S3, uploaded: str, bad: object) -> None:
     with pytest.raises(UsageError, match="x-timeout.*must be a number of seconds"):

@@ -144,7 +144,11 @@ class _Deadline:
     """Runs calls on a daemon thread of its own; the caller waits at most ``timeout``
     seconds for each.  A call that did not end in time leaves the runner ``stuck``
     (that thread still waits for the store): the host fails every later read rather
-    than queue behind it, and the process can still exit (a daemon thread)."""
+    than queue behind it, and the process can still exit (a daemon thread).  The thread
+    ends after :data:`IDLE` s without a call (a host never closed leaves no thread), and
+    starts again on the next."""
+
+    IDLE = 10.0
 
     def __init__(self, name: str) -> None:
         import queue
@@ -152,10 +156,23 @@ class _Deadline:
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._name = name
         self._thread: threading.Thread | None = None
+        self._mu = threading.Lock()
         self.stuck = False
 
     def _loop(self) -> None:
-        while (job := self._q.get()) is not None:
+        import queue
+
+        while True:
+            try:
+                job = self._q.get(timeout=self.IDLE)
+            except queue.Empty:
+                with self._mu:
+                    if self._q.empty():
+                        self._thread = None
+                        return
+                continue
+            if job is None:
+                return
             fn, box, done = job
             try:
                 box.append((True, fn()))
@@ -165,13 +182,14 @@ class _Deadline:
 
     def run(self, fn: Any, timeout: float) -> Any:
         """``fn()``'s result (or exception), or TimeoutError after ``timeout`` s."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, daemon=True,
-                                            name=f"diskimg-fsspec {self._name}")
-            self._thread.start()
         box: list[tuple[bool, Any]] = []
         done = threading.Event()
-        self._q.put((fn, box, done))
+        with self._mu:
+            self._q.put((fn, box, done))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name=f"diskimg-fsspec {self._name}")
+                self._thread.start()
         if not done.wait(timeout):
             self.stuck = True
             raise TimeoutError
@@ -181,8 +199,10 @@ class _Deadline:
         raise value
 
     def close(self) -> None:
-        if self._thread is not None and not self.stuck:
-            self._q.put(None)
+        with self._mu:
+            if self._thread is not None and not self.stuck:
+                self._q.put(None)
+                self._thread = None
 
 
 class FsspecHost(ObjectHost):
