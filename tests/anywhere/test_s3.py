@@ -29,7 +29,7 @@ from diskimg.errors import DiskImgError, RemoteError, UsageError  # noqa: E402
 from diskimg.hostio.remote import open_fsspec, open_fsspec_sink  # noqa: E402
 
 SIZE = 4 * 1024 * 1024 + 1536          # the last cluster is partial
-IMAGES = ("qcow2", "qcow2-compressed", "vmdk-stream", "raw")
+IMAGES = ("qcow2", "qcow2-compressed", "vmdk-stream", "vmdk-sparse", "raw")
 
 
 @pytest.fixture(scope="module")
