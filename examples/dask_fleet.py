@@ -3,7 +3,8 @@ collect one table (a list of dicts, written as CSV).
 
 Each task gets a URL and the filesystem's options -- never an open image -- opens the
 image where it runs (``diskimg.open(url, storage_options=...)``), checks it, reads what
-``qemu-img info`` shows, converts it to qcow2 and uploads the result under ``--dest``.
+``qemu-img info`` shows, and converts it to qcow2 straight into a new object under
+``--dest`` (a multipart upload; no temporary file).
 One image failing (corrupt, refused, unreachable) is one row with an ``error``, not a
 failed run.
 
@@ -22,9 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,23 +71,32 @@ def inspect_image(url: str, storage_options: Mapping[str, Any] | None = None,
     return row
 
 
+class _Hashing:
+    """A write-only file object: bytes go on to ``sink`` and into a sha256."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.sha256.update(data)
+        self.sink.write(data)
+        return len(data)
+
+
 def _convert(dev: diskimg.BlockDevice, url: str, storage_options: Mapping[str, Any] | None,
              dest_prefix: str, out_format: str) -> dict[str, Any]:
-    """Convert ``dev`` to a local temporary file, upload it under ``dest_prefix``."""
-    import fsspec
+    """Convert ``dev`` straight into a new object under ``dest_prefix`` (a multipart
+    upload: no temporary file; the object appears only once complete, and a failure
+    leaves none), hashing the bytes on their way."""
+    from diskimg.hostio.remote import open_fsspec_sink
 
     name = url.rstrip("/").rsplit("/", 1)[-1]
     dest = dest_prefix.rstrip("/") + f"/{name}.{out_format}"
-    with tempfile.TemporaryDirectory(prefix="dask-fleet-") as d:
-        out = os.path.join(d, "out")
+    with open_fsspec_sink(dest, storage_options) as sink:   # committed when the block ends
+        out = _Hashing(sink)
         diskimg.convert(dev, out, out_format)
-        digest = hashlib.sha256()
-        with open(out, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        fs, path = fsspec.core.url_to_fs(dest, **dict(storage_options or {}))
-        fs.put_file(out, path)
-    return {"converted": dest, "converted_sha256": digest.hexdigest()}
+    return {"converted": dest, "converted_sha256": out.sha256.hexdigest()}
 
 
 def fleet(client: Any, prefix: str, storage_options: Mapping[str, Any] | None = None,

@@ -302,3 +302,33 @@ def faulty() -> Iterator[Faulty]:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+#: the virtual size of every image of ``image_set`` (the last cluster is partial)
+IMAGE_SIZE = 4 * 1024 * 1024 + 1536
+
+
+@pytest.fixture(scope="session")
+def image_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each kind of image, made once by qemu in a directory of its own: ``qcow2`` (data,
+    a zeroed run, a partial last cluster), and converted from it ``qcow2-compressed``,
+    ``vmdk-stream``, ``vmdk-sparse`` and ``raw``.  The HTTP tests serve them from nginx's
+    root, the S3 tests upload them: the same bytes behind every server."""
+    from qemukit import QEMU
+
+    if not QEMU.qemu_img or not os.path.exists(QEMU.qemu_img):
+        pytest.skip("qemu-img not installed")
+    root = tmp_path_factory.mktemp("image-set")
+    base = root / "img.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", base, IMAGE_SIZE)
+    QEMU.io(base, "write -P 0x11 0 64k", "write -P 0x22 1000k 300k", "write -z 2M 64k",
+            "write -P 0x33 3M 4k", f"write -P 0x44 {IMAGE_SIZE - 1536} 1536")
+    out = {"qcow2": base}
+    for name, args in (("qcow2-compressed", ["-c", "-O", "qcow2"]),
+                       ("vmdk-stream", ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
+                       ("vmdk-sparse", ["-O", "vmdk", "-o", "subformat=monolithicSparse"]),
+                       ("raw", ["-O", "raw"])):
+        dst = root / f"img-{name}"
+        QEMU.img("convert", *args, base, dst)
+        out[name] = dst
+    return out

@@ -1,11 +1,13 @@
 """examples/dask_fleet.py on a LocalCluster of two worker processes against the moto S3
 server: one task per image (URL and storage options in, a dict out), and every row of
 the table equals ``qemu-img info``/``check`` of the local copy; every conversion the
-workers uploaded holds the same guest bytes as the local image (``qemu-img compare``)."""
+workers streamed into the bucket (no temporary file) passes ``qemu-img check``, holds the
+same guest bytes as the local image (``qemu-img compare``) and hashes as the row says."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import struct
 import sys
@@ -106,6 +108,8 @@ def test_fleet_table_equals_qemu(s3: S3, dask_fleet: Any, tmp_path: Path) -> Non
                  chk.get("leaks", 0), chk.get("image-end-offset")), name
         got = tmp_path / f"out-{name}.qcow2"
         fs.get_file(row["converted"], str(got))
+        # the hash the worker took of the stream it uploaded is the stored object's
+        assert hashlib.sha256(got.read_bytes()).hexdigest() == row["converted_sha256"]
         QEMU.check_clean(got)
         assert QEMU.compare(got, path) == 0            # every guest byte, by qemu
     assert by_name["leaky.qcow2"]["leaks"] == 1

@@ -29,7 +29,7 @@ from diskimg.errors import DiskImgError, RemoteError, UsageError  # noqa: E402
 from diskimg.hostio.remote import open_fsspec, open_fsspec_sink  # noqa: E402
 
 SIZE = 4 * 1024 * 1024 + 1536          # the last cluster is partial
-IMAGES = ("qcow2", "qcow2-compressed", "vmdk-stream", "raw")
+IMAGES = ("qcow2", "qcow2-compressed", "vmdk-stream", "vmdk-sparse", "raw")
 
 
 @pytest.fixture(scope="module")
@@ -53,26 +53,12 @@ def s3_open(s3: S3) -> Iterator[S3]:
 
 
 @pytest.fixture(scope="module")
-def images(s3: S3, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each kind of image, made by qemu, locally and uploaded under ``img/``."""
-    if not QEMU.qemu_img or not os.path.exists(QEMU.qemu_img):
-        pytest.skip("qemu-img not installed")
-    root = tmp_path_factory.mktemp("s3img")
-    base = root / "img.qcow2"
-    QEMU.img("create", "-q", "-f", "qcow2", base, SIZE)
-    QEMU.io(base, "write -P 0x11 0 64k", "write -P 0x22 1000k 300k", "write -z 2M 64k",
-            "write -P 0x33 3M 4k", f"write -P 0x44 {SIZE - 1536} 1536")
-    out = {"qcow2": base}
-    for name, args in (("qcow2-compressed", ["-c", "-O", "qcow2"]),
-                       ("vmdk-stream", ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
-                       ("raw", ["-O", "raw"])):
-        dst = root / f"img-{name}"
-        QEMU.img("convert", *args, base, dst)
-        out[name] = dst
+def images(s3: S3, image_set: dict[str, Path]) -> dict[str, Path]:
+    """conftest's image set, uploaded under ``img/``."""
     fs = s3.fs()
-    for p in out.values():
+    for p in image_set.values():
         fs.put_file(str(p), s3.url(f"img/{p.name}"))
-    return out
+    return image_set
 
 
 def _map(dev: diskimg.BlockDevice) -> list[tuple[int, int, int, bool, bool]]:

@@ -35,12 +35,13 @@ pytest.importorskip("moto.server")
 from anywhere.s3_server import S3, s3_server  # noqa: E402
 
 import diskimg  # noqa: E402
-from diskimg.errors import DiskImgError, RemoteError  # noqa: E402
-from diskimg.hostio.remote import open_fsspec  # noqa: E402
+from diskimg.errors import DiskImgError, RemoteError, UsageError  # noqa: E402
+from diskimg.hostio.remote import DEFAULT_TIMEOUT, open_fsspec  # noqa: E402
 from diskimg.hostio.sink import SinkError  # noqa: E402
 
 TIMEOUT = 1.0            # botocore's read timeout in these tests (s)
 STALL = 2.5              # how long a "slow" answer takes: longer than TIMEOUT
+HANG = 12.0              # how long a "stall" takes: longer than any timeout of a test
 SIZE = 12 << 20          # two full 5 MiB parts and a last one
 ERRORS = {"500": ("InternalError", "We encountered an internal error"),
           "403": ("AccessDenied", "Access Denied"),
@@ -49,7 +50,8 @@ ERRORS = {"500": ("InternalError", "We encountered an internal error"),
 
 @dataclass
 class Rule:
-    """Which requests fail, and how: ``fault`` is 500, 403, 404, ``slow`` or ``drop``;
+    """Which requests fail, and how: ``fault`` is 500, 403, 404, ``slow`` (no answer for
+    STALL s, then the connection closes), ``stall`` (the same for HANG s) or ``drop``;
     ``method`` and ``query`` (a substring of the query string: ``partNumber=`` is a part
     upload, ``uploads`` creates a multipart upload) select; ``ranged``: GETs with a Range
     header only; ``times``: how many matching requests fail (then they pass)."""
@@ -129,8 +131,8 @@ class _Handler(BaseHTTPRequestHandler):
         if rule is not None and rule.fault in ERRORS:
             self._error(rule.fault)
             return
-        if rule is not None and rule.fault == "slow":
-            time.sleep(STALL)
+        if rule is not None and rule.fault in ("slow", "stall"):
+            time.sleep(STALL if rule.fault == "slow" else HANG)
             self._drop()
             return
         if rule is not None and rule.fault == "drop" and self.command != "GET":
@@ -277,6 +279,85 @@ def test_read_fault_once_is_retried_to_the_right_bytes(s3: S3, faults: Proxy, sr
     with diskimg.open(uploaded, storage_options=_options(s3, faults, 2)) as dev:
         assert hashlib.sha256(dev.read(0, dev.size)).digest() == hashlib.sha256(want).digest()
     assert faults.rules[0].hits == 1
+
+
+def _patient(s3: S3, proxy: Proxy) -> dict[str, Any]:
+    """The proxy's endpoint with botocore's own read timeout far above the stall: only
+    diskimg's deadline can end a stalled read in time."""
+    return {**s3.storage_options, "endpoint_url": proxy.endpoint,
+            "config_kwargs": {"read_timeout": 60, "connect_timeout": 60,
+                              "retries": {"max_attempts": 1}}}
+
+
+def test_stalled_read_ends_at_diskimg_timeout(s3: S3, faults: Proxy, uploaded: str) -> None:
+    """The store stops answering a ranged GET (for longer than the test may wait) while
+    its client would wait 60 s: the read ends after ``x-timeout`` (1 s) in a RemoteError
+    naming the URL and the offset; later reads fail at once (the stalled request still
+    holds the file object), and closing does not wait for it.  The default is 30 s."""
+    with open_fsspec(uploaded, storage_options=s3.storage_options) as host:
+        assert host.timeout == DEFAULT_TIMEOUT == 30
+    opts = {**_patient(s3, faults), "x-timeout": 1}
+    at = 5 << 20
+    with open_fsspec(uploaded, storage_options=opts, block_size=1 << 20) as host:
+        faults.rules.append(Rule("stall", "GET", ranged=True))
+        t = time.monotonic()
+        with pytest.raises(RemoteError) as ei:
+            host.pread(at, 4096)
+        took = time.monotonic() - t
+        e = ei.value
+        assert isinstance(e, DiskImgError) and e.url == uploaded and e.offset == at
+        assert f"Could not read '{uploaded}' at offset {at:#x}: timed out after 1 s" == \
+            str(e), str(e)
+        assert took < HANG / 3, took
+        with pytest.raises(RemoteError, match="an earlier request timed out after 1 s"):
+            host.pread(0, 512)
+        t = time.monotonic()
+    assert time.monotonic() - t < 1.0                     # close did not wait either
+
+
+def test_stalled_open_ends_at_diskimg_timeout(s3: S3, faults: Proxy, uploaded: str) -> None:
+    """``diskimg.open`` of a store that stalls (its first read, the image header): a
+    DiskImgError naming the URL and offset 0 after ``x-timeout``, no hang."""
+    faults.rules.append(Rule("stall", "GET", ranged=True))
+    t = time.monotonic()
+    with pytest.raises(DiskImgError) as ei:
+        diskimg.open(uploaded, storage_options={**_patient(s3, faults), "x-timeout": 1.5})
+    assert time.monotonic() - t < HANG / 3
+    assert str(ei.value) == f"Could not read '{uploaded}' at offset 0x0: timed out after " \
+        "1.5 s", str(ei.value)
+
+
+def test_deadline_thread_ends_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread that runs a host's reads ends when idle (a host never closed leaves
+    none behind) and starts again; a call's exception reaches the caller; a call past
+    its deadline is a TimeoutError and leaves the runner stuck."""
+    import threading
+
+    from diskimg.hostio.remote import _Deadline
+
+    monkeypatch.setattr(_Deadline, "IDLE", 0.2)
+    d = _Deadline("test")
+    before = threading.active_count()
+    assert d.run(lambda: 42, 5) == 42
+    assert threading.active_count() == before + 1
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before:
+        assert time.monotonic() < deadline, "the idle thread did not end"
+        time.sleep(0.05)
+    assert d.run(lambda: 43, 5) == 43
+    with pytest.raises(ZeroDivisionError):
+        d.run(lambda: 1 // 0, 5)
+    assert not d.stuck
+    with pytest.raises(TimeoutError):
+        d.run(lambda: time.sleep(1), 0.1)
+    assert d.stuck
+    d.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1, "soon", None])
+def test_bad_timeout_is_refused(s3: S3, uploaded: str, bad: object) -> None:
+    with pytest.raises(UsageError, match="x-timeout.*must be a number of seconds"):
+        open_fsspec(uploaded, storage_options={**s3.storage_options, "x-timeout": bad})
 
 
 # --- the sink ---------------------------------------------------------------------------

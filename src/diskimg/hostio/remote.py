@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import RemoteError, UsageError
 from diskimg.hostio.objects import ObjectHost
-from diskimg.hostio.sink import Sink, SinkError
 from diskimg.policy import OpenPolicy
 
 if TYPE_CHECKING:
@@ -36,6 +35,13 @@ if TYPE_CHECKING:
 
 BLOCK_SIZE = 256 << 10
 CACHE_BYTES = 8 << 20
+#: seconds a read (and the open) of an fsspec object may take before it is an error
+#: (as HTTP's :data:`~diskimg.hostio.http.DEFAULT_TIMEOUT`); ``open_fsspec(timeout=)`` or
+#: ``storage_options={"x-timeout": s}`` (the key is diskimg's, not passed to fsspec)
+DEFAULT_TIMEOUT = 30.0
+TIMEOUT_KEY = "x-timeout"
+#: stores in this process's memory or on its disks: no deadline (and no thread)
+_LOCAL = frozenset({"memory", "file", "local"})
 #: the stores whose objects cannot be rewritten in place
 _IMMUTABLE = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci",
                         "oss", "hf", "http", "https"})
@@ -85,11 +91,32 @@ def is_fsspec_url(path: object) -> bool:
     return scheme in reg.known_implementations or scheme in reg.registry
 
 
-def _filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
-    """The fsspec filesystem of ``url`` and the path in it."""
-    fsspec = _fsspec(url)
+def split_timeout(url: str, storage_options: Mapping[str, Any] | None
+                  ) -> tuple[dict[str, Any], float | None]:
+    """``storage_options`` without diskimg's ``x-timeout`` key, and its value (seconds,
+    more than 0; None when absent)."""
+    opts = dict(storage_options or {})
+    if TIMEOUT_KEY not in opts:
+        return opts, None
+    raw = opts.pop(TIMEOUT_KEY)
     try:
-        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        t = float(raw)
+    except (TypeError, ValueError):
+        t = 0.0
+    if not 0 < t <= 86400:
+        raise UsageError(f"Cannot open '{url}': storage_options['{TIMEOUT_KEY}'] must be "
+                         f"a number of seconds, more than 0 and at most 86400 (got {raw!r})",
+                         path=url, field=TIMEOUT_KEY)
+    return opts, t
+
+
+def _filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the path in it (diskimg's own key,
+    ``x-timeout``, is not the filesystem's)."""
+    fsspec = _fsspec(url)
+    opts, _ = split_timeout(url, storage_options)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **opts)
     except ImportError as e:
         raise UsageError(f"Opening '{url}' needs a package fsspec could not import "
                          f"({e}): {_EXTRA}") from None
@@ -113,6 +140,71 @@ def remote_error(url: str, e: BaseException, offset: int | None) -> RemoteError:
     return read_error(url, what, offset, status)
 
 
+class _Deadline:
+    """Runs calls on a daemon thread of its own; the caller waits at most ``timeout``
+    seconds for each.  A call that did not end in time leaves the runner ``stuck``
+    (that thread still waits for the store): the host fails every later read rather
+    than queue behind it, and the process can still exit (a daemon thread).  The thread
+    ends after :data:`IDLE` s without a call (a host never closed leaves no thread), and
+    starts again on the next."""
+
+    IDLE = 10.0
+
+    def __init__(self, name: str) -> None:
+        import queue
+
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._mu = threading.Lock()
+        self.stuck = False
+
+    def _loop(self) -> None:
+        import queue
+
+        while True:
+            try:
+                job = self._q.get(timeout=self.IDLE)
+            except queue.Empty:
+                with self._mu:
+                    if self._q.empty():
+                        self._thread = None
+                        return
+                continue
+            if job is None:
+                return
+            fn, box, done = job
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # handed to the caller, raised there
+                box.append((False, e))
+            done.set()
+
+    def run(self, fn: Any, timeout: float) -> Any:
+        """``fn()``'s result (or exception), or TimeoutError after ``timeout`` s."""
+        box: list[tuple[bool, Any]] = []
+        done = threading.Event()
+        with self._mu:
+            self._q.put((fn, box, done))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name=f"diskimg-fsspec {self._name}")
+                self._thread.start()
+        if not done.wait(timeout):
+            self.stuck = True
+            raise TimeoutError
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+    def close(self) -> None:
+        with self._mu:
+            if self._thread is not None and not self.stuck:
+                self._q.put(None)
+                self._thread = None
+
+
 class FsspecHost(ObjectHost):
     """A host over one object of an fsspec filesystem.  Offsets and lengths are bytes."""
 
@@ -120,10 +212,13 @@ class FsspecHost(ObjectHost):
     locked = False
 
     def __init__(self, fs: Any, key: str, url: str, *, writable: bool = False,
-                 block_size: int = BLOCK_SIZE, cache_bytes: int = CACHE_BYTES) -> None:
-        if block_size <= 0 or cache_bytes < block_size:
-            raise UsageError("block_size and cache_bytes must be positive (cache_bytes at "
-                             "least one block)")
+                 block_size: int = BLOCK_SIZE, cache_bytes: int = CACHE_BYTES,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        if block_size <= 0 or cache_bytes < block_size or not timeout > 0:
+            raise UsageError("block_size, cache_bytes and timeout must be positive "
+                             "(cache_bytes at least one block)")
+        #: seconds the open and each read may take (not for memory:// and file://)
+        self.timeout = timeout
         #: the URL as given: what error messages name
         self.path: str = url
         self.url = url
@@ -140,31 +235,60 @@ class FsspecHost(ObjectHost):
         if writable and protocol in _IMMUTABLE:
             raise UsageError(f"'{url}' cannot be written in place: objects in {protocol}:// "
                              "are immutable (write a new object: convert to the URL)")
-        try:
+        self._deadline = None if protocol in _LOCAL else _Deadline(url)
+
+        def opened() -> tuple[dict[str, Any], Any]:
             fs.invalidate_cache(key)
             info = fs.info(key)
             if info.get("type", "file") != "file":
                 raise UsageError(f"'{url}' is not an object (it is a {info.get('type')})")
-            self.etag: str | None = info.get("ETag") or info.get("etag")
-            self.version: str | None = info.get("VersionId") or info.get("version_id")
-            self._size = int(info["size"] if info.get("size") is not None
-                             else fs.size(key))
-            self._f = fs.open(key, "r+b" if writable else "rb", cache_type="none",
-                                   block_size=block_size) \
+            if info.get("size") is None:
+                info = {**info, "size": fs.size(key)}
+            return info, fs.open(key, "r+b" if writable else "rb", cache_type="none",
+                                 block_size=block_size) \
                 if protocol != "memory" else fs.open(key, "r+b" if writable else "rb")
+
+        try:
+            info, self._f = self._timed(opened, None)
         except (UsageError, RemoteError):
             raise
         except Exception as e:  # fsspec stores raise what their client raises
             raise remote_error(url, e, None) from None
+        self.etag: str | None = info.get("ETag") or info.get("etag")
+        self.version: str | None = info.get("VersionId") or info.get("version_id")
+        self._size = int(info["size"])
+
+    def _timed(self, fn: Any, offset: int | None) -> Any:
+        """``fn()`` within :attr:`timeout` seconds, else a RemoteError naming the URL
+        and ``offset`` (after which every read fails: the store never answered)."""
+        d = self._deadline
+        if d is None:
+            return fn()
+        if d.stuck:
+            raise self._read_error(f"an earlier request timed out after {self.timeout:g} s",
+                                   offset)
+        try:
+            return d.run(fn, self.timeout)
+        except TimeoutError:
+            if not d.stuck:     # the store's own timeout, raised by fn
+                raise
+            raise self._read_error(f"timed out after {self.timeout:g} s", offset) from None
 
     # --- reads (through ObjectHost's block cache) --------------------------------------
     def _fetch_into(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the object's bytes at ``offset`` (all inside it)."""
         n = len(buf)
-        try:
+
+        def read() -> bytes:
             with self._lock:
                 self._f.seek(offset)
-                data = self._f.read(n)
+                data: bytes = self._f.read(n)
+                return data
+
+        try:
+            data = self._timed(read, offset)
+        except RemoteError:
+            raise
         except Exception as e:
             if isinstance(e, OSError) and e.errno == errno.EBUSY and "Etag" in str(e):
                 raise self._changed_error("the ETag no longer matches", offset) from None
@@ -260,6 +384,11 @@ class FsspecHost(ObjectHost):
             return
         self._closed = True
         self._close_reads()
+        if self._deadline is not None:
+            self._deadline.close()
+            if self._deadline.stuck:   # its thread holds the file object: left to it
+                self._f = None
+                return
         with self._lock:
             f, self._f = self._f, None
             if f is not None and self.protocol != "memory":  # memory's file IS the object
@@ -276,9 +405,15 @@ class FsspecHost(ObjectHost):
 
 def open_fsspec(url: str, policy: OpenPolicy | None = None, writable: bool = False,
                 storage_options: Mapping[str, Any] | None = None, *,
-                block_size: int = BLOCK_SIZE, cache_bytes: int = CACHE_BYTES
-                ) -> FsspecHost:
+                block_size: int = BLOCK_SIZE, cache_bytes: int = CACHE_BYTES,
+                timeout: float | None = None) -> FsspecHost:
     """Open the object at fsspec ``url`` as a host.
+
+    ``timeout`` (seconds) bounds the open and every read: a store that does not answer
+    in time is a :class:`~diskimg.errors.RemoteError` naming the URL and the offset.
+    None: ``storage_options["x-timeout"]`` (diskimg's key, the way ``diskimg.open``,
+    ``convert`` and a backing file pass it), else :data:`DEFAULT_TIMEOUT`.  The store
+    client's own timeouts and retries (s3fs: ``config_kwargs``) apply within it.
 
     ``storage_options`` go to the filesystem (s3: ``endpoint_url``, ``key``, ``secret``,
     ``anon`` ...; fsspec's configuration and environment ``FSSPEC_S3_ENDPOINT_URL``
@@ -288,180 +423,27 @@ def open_fsspec(url: str, policy: OpenPolicy | None = None, writable: bool = Fal
     :func:`diskimg.hostio.urls.open_backing`).
     """
     del policy
+    _, given = split_timeout(url, storage_options)
     fs, key = _filesystem(url, storage_options)
     return FsspecHost(fs, key, url, writable=writable, block_size=block_size,
-                      cache_bytes=cache_bytes)
+                      cache_bytes=cache_bytes,
+                      timeout=timeout if timeout is not None else given or DEFAULT_TIMEOUT)
 
 
-#: the smallest part of an S3 multipart upload (all but the last part), and the most parts
-PART_SIZE = 5 << 20
-MAX_PARTS = 10_000
+# the write side (re-exported: the documented names of this module)
+from diskimg.hostio.remote_sink import (  # noqa: E402
+    MAX_PARTS,
+    PART_SIZE,
+    ObjectSink,
+    _map_large_allocations,
+    part_size,
+    write_error,
+)
 
-
-def part_size(size_hint: int | None) -> int:
-    """The part size of an upload of about ``size_hint`` bytes: S3's smallest (5 MiB,
-    the least memory) until 10,000 parts would not hold it, then larger (whole MiB).
-    A part may exceed it by one :data:`~diskimg.hostio.sink.BUFFER`."""
-    if not size_hint or size_hint <= PART_SIZE * (MAX_PARTS - 1):
-        return PART_SIZE
-    mib = 1 << 20
-    return -(-size_hint // (MAX_PARTS - 1) // mib) * mib + mib
-
-
-def _http_status(e: BaseException) -> tuple[int, str] | None:
-    """The HTTP status and error code of the store's answer behind ``e`` (botocore's
-    ClientError keeps them in ``response``; s3fs raises an OSError from it), if any."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        resp = cur.__dict__.get("response")
-        if isinstance(resp, dict):
-            meta, err = resp.get("ResponseMetadata") or {}, resp.get("Error") or {}
-            code = meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
-            if isinstance(code, int):
-                name = err.get("Code", "") if isinstance(err, dict) else ""
-                return code, str(name)
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def write_error(url: str, e: BaseException, offset: int) -> SinkError:
-    """``e`` (raised by fsspec or the store's client while writing ``url``) as a
-    SinkError naming the URL, the offset and the store's HTTP status and code."""
-    status = _http_status(e)
-    code = f" {status[1]}" if status is not None and status[1] else ""
-    said = e.strerror if isinstance(e, OSError) and e.strerror else e
-    if isinstance(e, FileNotFoundError):
-        what = f"Not found (404{code}): no such bucket, or the upload is gone"
-    elif isinstance(e, PermissionError):
-        what = f"Access denied (403{code}): {said}"
-    elif status is not None:
-        what = f"HTTP {status[0]}{code}: {said}"
-    else:
-        what = f"{type(e).__name__}: {e}"
-    return SinkError(f"Could not write '{url}' at offset {offset}: {what}", path=url,
-                     offset=offset)
-
-
-def _buffered_file() -> type:
-    """fsspec's buffered file class (s3fs, gcsfs, adlfs files derive from it)."""
-    from importlib import import_module  # fsspec ships no type information
-
-    cls: type = import_module("fsspec.spec").AbstractBufferedFile
-    return cls
-
-
-class ObjectSink(Sink):
-    """A new object at an fsspec URL written front to back (a multipart upload on an
-    object store), visible only once it is complete.
-
-    - ``close()`` uploads the last part and commits the object: only then does ``url``
-      name the new bytes (an existing object is replaced at that moment, as qemu-img
-      replaces a file; until then readers see the old one);
-    - ``abort()`` (and leaving a ``with`` block by an exception) discards the upload: an
-      interrupted or failed stream leaves no object, and an existing object unchanged;
-    - at most about three parts are in memory (the store client's buffer, the part in
-      flight and its copy): :func:`part_size` bytes each;
-    - a failure ends in :class:`~diskimg.hostio.sink.SinkError` naming the URL and the
-      offset of the first byte not stored (the start of the part that failed; the size
-      when completing the upload failed), after which the upload is discarded;
-    - retries are the store client's (botocore: HTTP 5xx, throttling, a dropped
-      connection; s3fs: timeouts), and safe: a part sent again replaces the part of the
-      same number, and nothing is visible before the completing request.
-      Timeouts and attempts are ``storage_options`` (s3fs: ``config_kwargs=
-      {"connect_timeout": s, "read_timeout": s, "retries": {"max_attempts": n}}``).
-    """
-
-    def __init__(self, f: Any, url: str, fs: Any = None, key: str | None = None) -> None:
-        super().__init__(f, url, owned=True)
-        self.url = url
-        self._f = f
-        self._fs, self._key = fs, key
-
-    def _stored(self) -> int:
-        """Bytes the store has accepted (parts uploaded), as far as the client says."""
-        if issubclass(type(self._f), _buffered_file()):
-            return int(self._f.offset or 0)
-        return self._done
-
-    def _out(self, mv: memoryview) -> None:
-        try:
-            super()._out(mv)
-        except SinkError as e:
-            cause = e.__cause__ if e.__cause__ is not None else e
-            raise self._error(cause) from cause
-
-    def _error(self, e: BaseException) -> SinkError:
-        self.closed = True
-        return write_error(self.url, e, min(self._stored(), self._done))
-
-    def close(self) -> None:
-        """Upload what is left and commit the object (once); on failure the upload is
-        discarded and :class:`SinkError` raised."""
-        if self.closed:
-            return
-        try:
-            self.flush()
-            self.closed = True
-            self._f.close()
-            self._f.commit()
-        except BaseException as e:
-            self.closed = True
-            self._discard()
-            if isinstance(e, SinkError) or not isinstance(e, Exception):
-                raise
-            raise self._error(e) from e
-        self._verify()
-
-    def _verify(self) -> None:
-        """The store holds an object of the size written (a store whose files ignore
-        the deferred commit would otherwise lose the image silently)."""
-        if self._fs is None or self._key is None:
-            return
-        try:
-            self._fs.invalidate_cache(self._key)
-            size = int(self._fs.size(self._key))
-        except FileNotFoundError:
-            raise SinkError(f"Could not write '{self.url}': the store has no object there "
-                            f"after the upload of {self.offset} bytes", path=self.url,
-                            offset=0) from None
-        except Exception as e:
-            raise self._error(e) from e
-        if size != self.offset:
-            raise SinkError(f"Could not write '{self.url}': the store holds {size} bytes "
-                            f"after the upload of {self.offset}", path=self.url,
-                            offset=min(size, self.offset))
-
-    def flush(self) -> None:
-        """Hand the buffered bytes to the store client (it uploads whole parts)."""
-        self._drain()
-
-    def abort(self) -> None:
-        """Discard the upload: nothing becomes visible under the URL."""
-        self._buf = bytearray()
-        self.closed = True
-        self._discard()
-
-    def _discard(self) -> None:
-        f, self._f = self._f, None
-        if f is None:
-            return
-        try:
-            f.discard()       # aborts the multipart upload, removes a temporary file
-        except Exception:     # noqa: S110 - best effort: the upload is never completed
-            pass
-        if issubclass(type(f), _buffered_file()):
-            f.closed = True   # its finalizer must not upload (or commit) anything
-
-    def __enter__(self) -> ObjectSink:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+__all__ = ["MAX_PARTS", "PART_SIZE", "BLOCK_SIZE", "CACHE_BYTES", "DEFAULT_TIMEOUT",
+           "FsspecHost", "split_timeout",
+           "ObjectSink", "is_fsspec_url", "open_fsspec", "open_fsspec_sink", "part_size",
+           "remote_error", "scheme_of", "write_error"]
 
 
 def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None, *,
@@ -472,7 +454,8 @@ def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None,
 
     ``storage_options`` are the filesystem's (as for :func:`open_fsspec`); the upload
     runs on a filesystem instance of its own (its transaction defers the commit).
-    ``size_hint`` (the expected size) picks the part size (:func:`part_size`)."""
+    ``size_hint`` (the expected size) picks the part size (:func:`part_size`); without
+    it the part size grows as parts are sent (:func:`next_part_size`)."""
     if not is_fsspec_url(url):
         raise UsageError(f"'{url}' is not an object store URL that diskimg writes "
                          "(s3://, gs://, az://, memory:// ... through fsspec)", path=url)
@@ -482,12 +465,14 @@ def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None,
             raise UsageError(f"'{url}' is a directory (a prefix), not an object name",
                              path=url)
         fs.start_transaction()        # this instance only: commit() publishes the object
-        f = fs.open(key, "wb", block_size=part_size(size_hint))
+        part = part_size(size_hint)
+        f = fs.open(key, "wb", block_size=part)
+        _map_large_allocations()
     except UsageError:
         raise
     except Exception as e:
         raise write_error(url, e, 0) from e
-    return ObjectSink(f, url, fs, key)
+    return ObjectSink(f, url, fs, key, part=part, grow=size_hint is None)
 
 
 if TYPE_CHECKING:  # the type checker proves FsspecHost is a Host (the formats' byte source)
