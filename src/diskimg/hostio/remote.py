@@ -435,7 +435,6 @@ from diskimg.hostio.remote_sink import (  # noqa: E402
     MAX_PARTS,
     PART_SIZE,
     ObjectSink,
-    _map_large_allocations,
     part_size,
     write_error,
 )
@@ -467,7 +466,6 @@ def open_fsspec_sink(url: str, storage_options: Mapping[str, Any] | None = None,
         fs.start_transaction()        # this instance only: commit() publishes the object
         part = part_size(size_hint)
         f = fs.open(key, "wb", block_size=part)
-        _map_large_allocations()
     except UsageError:
         raise
     except Exception as e:

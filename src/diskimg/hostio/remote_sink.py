@@ -8,8 +8,8 @@ complete (issue 18 item 2); the write side of :mod:`diskimg.hostio.remote`, whos
   above; an upload of unknown size doubles its part size every :data:`GROW_EVERY`
   parts (:func:`next_part_size`), within S3's 5 GiB part maximum;
 - memory: one part gathered, handed to the store client as the ``bytes`` it sends
-  (:class:`_Parts`); large allocations mapped on their own so a freed part leaves the
-  process (:func:`_map_large_allocations`).
+  (:class:`_Parts`).  The process's allocator is left alone (glibc may keep a freed
+  part as heap: a few MiB of peak RSS, not a growth with the image size).
 """
 
 from __future__ import annotations
@@ -291,18 +291,3 @@ class ObjectSink(Sink):
             self.close()
         else:
             self.abort()
-
-
-def _map_large_allocations() -> None:
-    """glibc only: allocations of 1 MiB or more (a part, its copies in the store
-    client) are mapped on their own and unmapped when freed, rather than carved out of
-    the heap, whose threshold glibc raises after the first large free: freed parts
-    would stay resident as heap fragments (measured: the peak RSS of an upload ~10 MiB
-    lower).  Process-wide (``mallopt(M_MMAP_THRESHOLD)``); an upload is bound by the
-    network, not by the page faults of fresh mappings."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD = -3
-    except (OSError, AttributeError):             # not glibc: its own allocator's rules
-        pass
