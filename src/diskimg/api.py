@@ -436,10 +436,13 @@ def create(
     if format == "raw":
         from diskimg.raw import create_raw
 
+        prealloc = str(opts.pop("preallocation", "off"))
+        if opts:  # checked first: a refusal creates and changes nothing (as qemu-img)
+            raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
         existed = os.path.lexists(path)
-        host = open_host_file(path, True, create=True)
+        host = open_host_file(path, True, create=True, truncate=False)
         try:
-            create_raw(host, size, str(opts.pop("preallocation", "off")))
+            create_raw(host, size, prealloc)
         except BaseException:
             if not existed:  # a refusal leaves no file behind (qemu-img leaves it empty)
                 from diskimg.pool.locking import unlink_if_same
@@ -448,8 +451,6 @@ def create(
             raise
         finally:
             host.close()
-        if opts:
-            raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
         return
     existed = os.path.lexists(path)
     try:

@@ -239,8 +239,9 @@ def create_luks_image(path: str | os.PathLike[str], size: int, options: Mapping[
     area, cipher, _header = build_luks(secrets[str(key_id)], opts)
     cipher.wipe()
     total = len(area) + size
-    host = open_host_file(path, True, create=True)
+    host = open_host_file(path, True, create=True, truncate=False)
     try:
+        host.empty(reserve=total)  # a size the file system refuses leaves the file as it was
         host.truncate(total)
         if prealloc == "falloc":
             host.preallocate(0, total)

@@ -26,6 +26,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from diskimg.hostio.file import HostFile
     from diskimg.hostio.host import Host
 
 SECTOR = 512
@@ -185,13 +186,16 @@ def window_options(options: Mapping[str, str], file_size: int) -> tuple[int, int
     return offset, size
 
 
-def create_raw(host: Host, size: int, preallocation: str = "off") -> None:
-    """Lay out a new raw image of ``size`` bytes on an empty host file."""
+def create_raw(host: HostFile, size: int, preallocation: str = "off") -> None:
+    """Lay out a new raw image of ``size`` bytes on ``host``, emptying it first (QEMU's lock
+    is held).  The file is emptied only once the file system has accepted ``size``: a
+    refusal leaves it byte-identical."""
     check_preallocation("raw", preallocation, ("off", "falloc", "full"))
     size = -(-size // SECTOR) * SECTOR  # qemu-img rounds the file up to a whole sector
     if size >= 1 << 63:  # rounded past off_t: ftruncate's EINVAL in qemu
         raise UsageError("Could not resize file: Invalid argument")
     try:
+        host.empty(reserve=size)
         host.truncate(size)
     except OSError as e:
         if e.errno != errno.EFBIG:

@@ -313,10 +313,17 @@ class HostFile:
             raise UsageError(f"'{self.name}' is opened read-only")
         os.ftruncate(fd, size)
 
-    def empty(self) -> None:
+    def empty(self, reserve: int = 0) -> None:
         """Truncate a regular file to 0 bytes (what ``create`` does once the lock is held;
-        a block device keeps its size, as ``O_TRUNC`` leaves it)."""
-        if stat.S_ISREG(os.fstat(self.fd).st_mode):
+        a block device keeps its size, as ``O_TRUNC`` leaves it).
+
+        ``reserve``: the size the caller will grow the file to next.  A smaller file is
+        first grown to it, so a file system that cannot hold that size refuses (EFBIG)
+        while the file is still byte-identical: a refused create changes nothing."""
+        st = os.fstat(self.fd)
+        if stat.S_ISREG(st.st_mode):
+            if reserve > st.st_size:
+                self.truncate(reserve)
             self.truncate(0)
 
     def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:

@@ -172,7 +172,13 @@ def create_qcow2(path: str | os.PathLike[str], size: int, *, backing_file: str |
     try:
         if h.data_file is not None:
             _create_data_file(path, h.data_file, h.size)
-        host.empty()
+        reserve = 0
+        if prealloc != "off" and h.data_file is None:  # the file will hold every cluster
+            from diskimg.qcow2.measure import prealloc_size
+
+            reserve = prealloc_size(h.size, cs, h.refcount_order,
+                                    bool(h.incompatible_features & QCOW2_INCOMPAT_EXTL2))
+        host.empty(reserve)
         # clusters 0-2: header, refcount table, first refcount block (refcounts for 0..2).
         # The header cluster is written last: until then the file has no magic, so a crash
         # leaves no half-made image that qemu would open (B12)
@@ -216,7 +222,7 @@ def _create_data_file(image: str | os.PathLike[str], name: str, size: int) -> No
     p = Path(name)
     if not p.is_absolute():
         p = Path(image).parent / p
-    host = open_host_file(p, True, create=True)
+    host = open_host_file(p, True, create=True, truncate=False)
     try:
         create_raw(host, size)
     finally:

@@ -218,7 +218,13 @@ def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | 
         for name, _n in parts:
             if os.path.lexists(d / name):
                 open_host_file(d / name, True).close()
-        desc_host.empty()
+        # the largest file this create makes, tried on the locked descriptor (the extents
+        # share its directory): a file system that cannot hold it refuses before any change
+        sizes = [n if flat else sparse_layout(n // S.SECTOR)[0].overhead * S.SECTOR
+                 for _name, n in parts]
+        if sub == "monolithicSparse":
+            sizes.append(sparse_layout(cap)[0].overhead * S.SECTOR)
+        desc_host.empty(max(sizes, default=0))
         for name, n in parts:
             eh = open_host_file(d / name, True, create=True)
             try:
