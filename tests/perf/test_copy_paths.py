@@ -148,3 +148,37 @@ def test_copy_into_a_new_qcow2_skips_the_per_cluster_write_steps(
         assert [(e.start, e.length) for e in img.map() if e.data] == [
             (0, 4 * MiB), (5 * MiB, 65536)]
         assert img.check().exit_code == 0  # type: ignore[attr-defined]
+
+
+def test_a_long_data_run_is_cut_into_chunks_from_one_status_query(tmp_path: Path) -> None:
+    """The plan cuts a data run longer than CHUNK into CHUNK pieces itself: asking the
+    source again at each piece would only find the rest of the same run.  Same plan
+    as one query per piece, and the copy is the source's bytes."""
+    from diskimg.ops.common import CHUNK
+    from diskimg.plan import RunKind
+
+    src = tmp_path / "long.raw"
+    data = random.Random(9).randbytes(8 * CHUNK + 4096)
+    with open(src, "wb") as f:
+        f.write(data)
+        f.truncate(12 * CHUNK)
+    with diskimg.open(src, format="raw") as s:
+        calls: list[int] = []
+        real = s.block_status
+
+        def counted(pos: int, n: int, **kw: Any) -> Any:
+            calls.append(pos)
+            return real(pos, n, **kw)
+
+        s.block_status = counted  # type: ignore[method-assign]
+        cp = copier._Copier(s, zero_init=True, target_backing=False, backing_end=None,
+                            min_sparse=4096, alignment=8, compress=False, total=s.size)
+        plan = [(k, p, n) for k, p, n, _ in cp._plan(s, 0)]
+    assert plan == ([(RunKind.DATA, i * CHUNK, CHUNK) for i in range(8)]
+                    + [(RunKind.DATA, 8 * CHUNK, 4096),
+                       (RunKind.ZERO, 8 * CHUNK + 4096, 4 * CHUNK - 4096)])
+    assert len(calls) == 2  # the data run and the hole
+    out = tmp_path / "long.qcow2"
+    diskimg.convert(src, out, "qcow2", format="raw")
+    with diskimg.open(out) as img:
+        assert img.read(0, img.size) == data + bytes(4 * CHUNK - 4096)

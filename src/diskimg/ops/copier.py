@@ -357,7 +357,13 @@ class _Copier:
                 self.salvage.status_failed(pos)
                 kind, n = _DATA, min(n, SECTOR)  # read it (the read reports it too)
             if kind is _DATA or (kind is _ZERO and self.min_sparse == 0):
-                n = min(n, CHUNK)
+                # cut at CHUNK here: asking again at each CHUNK of a longer run would
+                # only find the rest of the same run
+                end = pos + n
+                while end - pos > CHUNK:
+                    yield kind, pos, CHUNK
+                    pos += CHUNK
+                n = end - pos
             yield kind, pos, n
             pos += n
 
