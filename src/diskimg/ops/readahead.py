@@ -114,9 +114,9 @@ class _Decoded:
         self.future, self.buf, self.pieces = future, buf, pieces
 
 
-#: what a ``scan`` of :class:`_ReadAhead` returns for a data buffer: the copier's sparse
-#: runs ``(start, length, is_data)``, handed to the consumer with the buffer
-Scan = Callable[[Any, int, int], list[tuple[int, int, bool]]]
+#: what a ``scan`` of :class:`_ReadAhead` returns for a data buffer (the copier's sparse
+#: runs), handed to the consumer with the buffer
+Scan = Callable[[Any, int, int], Any]
 
 
 class _ReadAhead:
@@ -208,7 +208,8 @@ class _ReadAhead:
                     if self.scan is not None:
                         scanned = self.scan(buf, n, pos)
                         if not any(is_data for _s, _n, is_data in scanned):
-                            # it reads as zeros: the consumer writes none of it, so the
+                            # (the copier's sparse runs: start, length, is_data)
+                            # all zero: the consumer writes none of it, so the
                             # buffer goes back to the ring at once (item None) and the
                             # reader is not held up by writes of the data before it
                             self.free.put(buf)
