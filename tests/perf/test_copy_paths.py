@@ -75,3 +75,110 @@ def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
     with diskimg.open(out) as img:
         got = hashlib.sha256(img.read(0, img.size)).hexdigest()
     assert got == hashlib.sha256(b"".join(s.read_bytes() for s in srcs)).hexdigest()
+
+
+def test_zero_chunks_of_a_raw_source_leave_the_readahead_ring_at_once(
+        tmp_path: Path) -> None:
+    """A data chunk (a raw file's written zeros) that the zero scan finds all zero is
+    handed over without its buffer, which goes back to the ring at once: a run of zero
+    chunks longer than the ring does not wait for the writes of the data before it.
+    The copy is still the source's bytes."""
+    from diskimg.ops import readahead
+    from diskimg.ops.common import CHUNK
+    from diskimg.plan import RunKind
+
+    src = tmp_path / "z.raw"
+    n_zero = readahead._BUFFERS + 3
+    rng = random.Random(3)
+    head, tail = rng.randbytes(CHUNK), rng.randbytes(CHUNK)
+    src.write_bytes(head + bytes(n_zero * CHUNK) + tail)
+    with diskimg.open(src, format="raw") as s:
+        cp = copier._Copier(s, zero_init=True, target_backing=False, backing_end=None,
+                            min_sparse=4096, alignment=8, compress=False, total=s.size)
+        items = []
+        with readahead._ReadAhead(s, cp._plan(s, 0), cp._scan(0)) as ahead:
+            for kind, pos, n, item, runs in ahead:
+                items.append((kind, pos, n, item is None, runs))
+                ahead.release(item)
+    assert [(k, p, n, none) for k, p, n, none, _ in items] == (
+        [(RunKind.DATA, 0, CHUNK, False)]
+        + [(RunKind.DATA, (1 + i) * CHUNK, CHUNK, True) for i in range(n_zero)]
+        + [(RunKind.DATA, (1 + n_zero) * CHUNK, CHUNK, False)])
+    assert all(runs == [(0, CHUNK, False)] for _, _, _, none, runs in items if none)
+    out = tmp_path / "z.qcow2"
+    diskimg.convert(src, out, "qcow2", format="raw")
+    with diskimg.open(out) as img:
+        assert img.read(0, img.size) == src.read_bytes()
+        assert [(e.start, e.length) for e in img.map() if e.data] == [
+            (0, CHUNK), ((1 + n_zero) * CHUNK, CHUNK)]
+
+
+def test_copy_into_a_new_qcow2_skips_the_per_cluster_write_steps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole clusters none of which is allocated (every data chunk of a convert into a
+    new image) are written without the general path's per-cluster steps (no old entry to
+    drop), with the bytes and layout the general path gives: a partial cluster and an
+    allocated one still go through it."""
+    from diskimg.qcow2 import cluster
+
+    dropped: list[int] = []
+    real = cluster.free_entry
+
+    def spy(img: Any, ent: int, punch: bool = False) -> None:
+        dropped.append(ent)
+        real(img, ent, punch)
+
+    monkeypatch.setattr(cluster, "free_entry", spy)
+    src, out = tmp_path / "n.raw", tmp_path / "n.qcow2"
+    data = random.Random(5).randbytes(4 * MiB)
+    with open(src, "wb") as f:
+        f.write(data)
+        f.truncate(6 * MiB)  # a hole at the end
+    diskimg.convert(src, out, "qcow2", format="raw")
+    assert dropped == []  # 64 whole new clusters: no per-cluster entry work
+    # a partial cluster in the hole: the general path (copy-on-write of zeros)
+    with diskimg.open(out, "r+", "qcow2") as img:
+        img.write(5 * MiB + 100, b"\x07" * 700)
+        img.write(0, data[:65536])  # in place
+    assert dropped == [0]
+    want = bytearray(data + bytes(2 * MiB))
+    want[5 * MiB + 100 : 5 * MiB + 800] = b"\x07" * 700
+    with diskimg.open(out) as img:
+        assert hashlib.sha256(img.read(0, img.size)).digest() == hashlib.sha256(want).digest()
+        assert [(e.start, e.length) for e in img.map() if e.data] == [
+            (0, 4 * MiB), (5 * MiB, 65536)]
+        assert img.check().exit_code == 0  # type: ignore[attr-defined]
+
+
+def test_a_long_data_run_is_cut_into_chunks_from_one_status_query(tmp_path: Path) -> None:
+    """The plan cuts a data run longer than CHUNK into CHUNK pieces itself: asking the
+    source again at each piece would only find the rest of the same run.  Same plan
+    as one query per piece, and the copy is the source's bytes."""
+    from diskimg.ops.common import CHUNK
+    from diskimg.plan import RunKind
+
+    src = tmp_path / "long.raw"
+    data = random.Random(9).randbytes(8 * CHUNK + 4096)
+    with open(src, "wb") as f:
+        f.write(data)
+        f.truncate(12 * CHUNK)
+    with diskimg.open(src, format="raw") as s:
+        calls: list[int] = []
+        real = s.block_status
+
+        def counted(pos: int, n: int, **kw: Any) -> Any:
+            calls.append(pos)
+            return real(pos, n, **kw)
+
+        s.block_status = counted  # type: ignore[method-assign]
+        cp = copier._Copier(s, zero_init=True, target_backing=False, backing_end=None,
+                            min_sparse=4096, alignment=8, compress=False, total=s.size)
+        plan = [(k, p, n) for k, p, n, _ in cp._plan(s, 0)]
+    assert plan == ([(RunKind.DATA, i * CHUNK, CHUNK) for i in range(8)]
+                    + [(RunKind.DATA, 8 * CHUNK, 4096),
+                       (RunKind.ZERO, 8 * CHUNK + 4096, 4 * CHUNK - 4096)])
+    assert len(calls) == 2  # the data run and the hole
+    out = tmp_path / "long.qcow2"
+    diskimg.convert(src, out, "qcow2", format="raw")
+    with diskimg.open(out) as img:
+        assert img.read(0, img.size) == data + bytes(4 * CHUNK - 4096)

@@ -146,19 +146,19 @@ class _Copier:
     def data(self, off: int, buf: Any, n: int,
              runs: list[tuple[int, int, bool]] | None = None) -> None:
         """Write ``buf[:n]`` (bytes, bytearray or mmap) at ``off``, sparsely: ``runs`` are
-        its sparse runs when already found (:meth:`_scan`, on the read-ahead thread)."""
+        its sparse runs when already found (:meth:`_scan`, on the read-ahead thread); a
+        buffer found all zero there is None."""
         if self.compress:
             self._write_compressed(off, buf, n)
             return
-        mv = memoryview(buf)
         if self.min_sparse == 0:
-            self.write(off, mv[:n])
+            self.write(off, memoryview(buf)[:n])
             return
         if runs is None:
             runs = sparse_runs(buf, n, self.min_sparse, off, self.alignment)
         for s, ln, is_data in runs:
             if is_data:
-                self.write(off + s, mv[s : s + ln])
+                self.write(off + s, memoryview(buf)[s : s + ln])
             else:
                 self.zero(off + s, ln)
 
@@ -358,7 +358,13 @@ class _Copier:
                 self.salvage.status_failed(pos)
                 kind, n = _DATA, min(n, SECTOR)  # read it (the read reports it too)
             if kind is _DATA or (kind is _ZERO and self.min_sparse == 0):
-                n = min(n, CHUNK)
+                # cut at CHUNK here: asking again at each CHUNK of a longer run would
+                # only find the rest of the same run
+                end = pos + n
+                while end - pos > CHUNK:
+                    yield kind, pos, CHUNK
+                    pos += CHUNK
+                n = end - pos
             yield kind, pos, n
             pos += n
 
@@ -451,7 +457,6 @@ class _Copier:
         runs, when scanned already), or the list of the merged status runs of a zero or
         backing run (None: one run)."""
         if kind is _DATA:
-            assert item is not None
             self.data(off, item, n, runs)
             self.tick(n)
             return

@@ -127,7 +127,8 @@ class _ReadAhead:
     of whole compressed clusters (up to CHUNK bytes, several plan runs), a
     :class:`_Decoded`.  ``scan(buf, n, pos)``, when given, runs on the reader thread on each
     data buffer just read, and ``scanned`` is its result (None otherwise): the copier's
-    zero scan overlaps the writes instead of delaying them.  Return each buffer with
+    zero scan overlaps the writes instead of delaying them; a data run the scan finds all
+    zero comes with item None (its buffer is reused at once).  Return each buffer with
     :meth:`release` once written.  Errors of the reader (and of ``scan``) are raised by
     the iteration; leaving the ``with`` block stops the reader."""
 
@@ -207,6 +208,13 @@ class _ReadAhead:
                     self.src.readinto(pos, memoryview(buf)[:n])
                     if self.scan is not None:
                         scanned = self.scan(buf, n, pos)
+                        if not any(is_data for _s, _n, is_data in scanned):
+                            # (the copier's sparse runs: start, length, is_data)
+                            # all zero: the consumer writes none of it, so the
+                            # buffer goes back to the ring at once (item None) and the
+                            # reader is not held up by writes of the data before it
+                            self.free.put(buf)
+                            buf = None
                 if not self._send((kind, pos, n, buf, scanned)):
                     return
             if self._flush_batch(batch):

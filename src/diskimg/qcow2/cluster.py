@@ -253,6 +253,17 @@ def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, clu
     df = img._data_file_opened
     n = ((stop - 1) >> cb) - cluster + 1
     olds = ents[idx : idx + n]
+    if not ((g | stop) & (cs - 1) or df or img.header.crypt_method or any(olds)):
+        # whole clusters none of which is allocated (a copy into a new image): what the
+        # general path below does for them, without its per-cluster steps: one run of
+        # new host clusters, one pwrite, then the entries
+        base = alloc_clusters(img, n)
+        img.data_host.pwrite(base, data[g - offset : stop - offset])
+        first = base | copied
+        ents[idx : idx + n] = array("Q", range(first, first + n * cs, cs))
+        img._decoded.pop(0, None)  # as free_entry does for each (empty) old entry
+        img.l2_cache.mark_dirty(l2_off)
+        return
     to_alloc: list[int] = []
     keep_zero: list[int] = []  # zero-allocated clusters written in place
     for j, ent in enumerate(olds):
