@@ -114,6 +114,7 @@ http {{
     scgi_temp_path {base}/scgi;
     default_type application/octet-stream;
     keepalive_requests 10000;
+    sendfile on;  # as Debian's /etc/nginx/nginx.conf
     server {{
         listen 127.0.0.1:{port};
         server_name 127.0.0.1;

@@ -299,7 +299,7 @@ def _new_files(tgt: BlockDevice, dst: str | os.PathLike[str],
     out = []
     top = os.path.abspath(dst)
     for h in tgt.host_files():
-        p = os.path.abspath(h.path)
+        p = os.path.abspath(h.name)  # (h.path would import pathlib: start-up)
         d, name = os.path.split(p)
         if p != top and d in listed and name not in listed[d]:
             with contextlib.suppress(OSError):
