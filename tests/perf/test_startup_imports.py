@@ -283,10 +283,10 @@ CONVERT_QCOW2 = QCOW2_READ | {"diskimg.qcow2.create", "diskimg.qcow2.refcount",
 #: the standard library a plain convert does without: argparse (cli/quickparse.py reads
 #: the command line), typing, dataclasses, importlib, signal (SIGTERM handling is for URL
 #: targets only), the ctypes package (hostio.file's alignment test uses the extension
-#: module _ctypes alone).  (pathlib, and the re, enum, urllib, ipaddress, fnmatch and warnings it
-#: loads, still come with a new target: ops/convert.py's _new_files asks each HostFile
-#: for its ``path``; to be denied here once it uses the name)
-NOT_FOR_CONVERT = ("dataclasses", "inspect", "ast", "dis", "tokenize", "argparse", "gettext",
+#: module _ctypes alone), pathlib (and the re, enum, urllib and ipaddress it loads: a new
+#: target's files are named by ``HostFile.name``)
+NOT_FOR_CONVERT = ("pathlib", "re", "enum", "urllib", "ipaddress",
+                   "dataclasses", "inspect", "ast", "dis", "tokenize", "argparse", "gettext",
                    "locale", "typing", "importlib", "signal", "ctypes", "json", "shlex",
                    "textwrap",
                    "subprocess", "tempfile", "concurrent", "multiprocessing", "zstandard",
