@@ -187,6 +187,28 @@ class Qemu:
         return out
 
 
+def _listening(sock: Arg) -> bool:
+    """Whether the Unix socket ``sock`` accepts connections.  qemu-nbd binds the name
+    and listens after, and a connect in between is refused (CI saw it), so the file
+    alone is not enough: a socket still bound under that name without the listening
+    flag (__SO_ACCEPTCON, 0x10000, in /proc/net/unix) is not ready.  ``diskimg nbd``
+    binds a temporary name, listens, then renames it into place: its file appears ready.
+    No probe connection is made (a server without -t would end after it)."""
+    if not os.path.exists(sock):
+        return False
+    names = {str(sock), os.path.abspath(str(sock))}  # as bound: relative or absolute
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:  # no procfs: the file's existence is all there is to go on
+        return True
+    for line in lines:
+        fields = line.split(maxsplit=7)
+        if len(fields) == 8 and fields[7] in names and not int(fields[3], 16) & 0x10000:
+            return False
+    return True
+
+
 @contextmanager
 def serving(argv: Sequence[Arg], sock: Arg, *, env: Mapping[str, str] | None = None,
             timeout: float = 20.0) -> Iterator[subprocess.Popen[bytes]]:
@@ -198,10 +220,10 @@ def serving(argv: Sequence[Arg], sock: Arg, *, env: Mapping[str, str] | None = N
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + timeout
-        while not os.path.exists(sock) and server.poll() is None \
+        while not _listening(sock) and server.poll() is None \
                 and time.monotonic() < deadline:
             time.sleep(0.02)
-        if not os.path.exists(sock):
+        if not _listening(sock):
             server.kill()
             raise AssertionError(f"{' '.join(map(str, argv))} did not listen: "
                                  f"{server.communicate()[1]!r}")
