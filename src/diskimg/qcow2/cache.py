@@ -69,27 +69,6 @@ class L2Table:
         return pack_be_u64_array(self.entries)
 
 
-class OnFirstUse:
-    """A class attribute made for each instance, by ``make(instance)``, when first read,
-    then kept as the instance's own attribute (a non-data descriptor: the instance
-    attribute takes over, so later reads cost nothing and assignments just replace it).
-    Two threads reading it first get the same value."""
-
-    __slots__ = ("make", "name")
-
-    def __init__(self, make: Callable[[Any], object]) -> None:
-        self.make = make
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: object, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        return obj.__dict__.setdefault(self.name, self.make(obj))
-
-
 class TableCache(Generic[T]):
     """Cache of tables keyed by host offset.  ``load(bytes)`` builds a table."""
 

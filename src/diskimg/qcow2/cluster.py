@@ -221,9 +221,19 @@ def cluster_contents(img: Qcow2Image, cluster: int, ent: int) -> bytearray:
     return buf
 
 
+def mark_bitmaps(img: Qcow2Image, offset: int, length: int) -> None:
+    """Record guest bytes [offset, offset+length) as changed in the persistent bitmaps
+    that track writes.  Free for an image without bitmaps: its bitmaps are made at open
+    when it has the extension, or once asked for (an added bitmap), and are then the
+    image's attribute; otherwise there are none to mark and their module is not loaded."""
+    bitmaps = img.__dict__.get("bitmaps")
+    if bitmaps is not None:
+        bitmaps.mark(offset, length)
+
+
 def write(img: Qcow2Image, offset: int, data: memoryview) -> None:
     begin_change(img)
-    img.bitmaps.mark(offset, len(data))
+    mark_bitmaps(img, offset, len(data))
     if img.extended:
         write_ext(img, offset, data)
         return
@@ -261,9 +271,7 @@ def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, clu
         base = alloc_clusters(img, n)
         img.data_host.pwrite(base, data[g - offset : stop - offset])
         first = base | copied
-        from array import array
-
-        ents[idx : idx + n] = array("Q", range(first, first + n * cs, cs))
+        ents[idx : idx + n] = type(ents)("Q", range(first, first + n * cs, cs))  # (array)
         img._decoded.pop(0, None)  # as free_entry does for each (empty) old entry
         img.l2_cache.mark_dirty(l2_off)
         return

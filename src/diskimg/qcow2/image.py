@@ -17,12 +17,10 @@ from diskimg.info_text import image_name
 from diskimg.persistent_bitmaps import BitmapsOnFirstUse
 from diskimg.plan import Run
 from diskimg.policy import OpenPolicy, combine, full_name
-from diskimg.qcow2 import cluster as C
-from diskimg.qcow2 import compressed, crypt, mapper, reader
+from diskimg.qcow2 import LazyModule, OnFirstUse, mapper
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import flush as F
-from diskimg.qcow2.cache import L2Table, OnFirstUse, TableCache, l2_table_cache, new_lru, u64s
-from diskimg.qcow2.cluster import clear_unknown_autoclear as clear_unknown_autoclear
+from diskimg.qcow2.cache import L2Table, TableCache, l2_table_cache, new_lru, u64s
 from diskimg.qcow2.layout import (
     COMPRESSION_TYPES,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
@@ -46,9 +44,16 @@ if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first use
     from diskimg.check_report import CheckReport
     from diskimg.crypto import SectorCipher
     from diskimg.hostio.host import Host
+    from diskimg.qcow2 import cluster as C
+    from diskimg.qcow2 import compressed, crypt, reader
     from diskimg.qcow2.bitmaps import Bitmaps
     from diskimg.qcow2.refcount import Refcounts
     from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
+else:  # the write side, compressed clusters, encryption and reads: imported when first used
+    C = LazyModule("diskimg.qcow2.cluster", globals(), "C")
+    compressed = LazyModule("diskimg.qcow2.compressed", globals(), "compressed")
+    crypt = LazyModule("diskimg.qcow2.crypt", globals(), "crypt")
+    reader = LazyModule("diskimg.qcow2.reader", globals(), "reader")
 
 
 class Qcow2Image(BlockDevice):
@@ -60,9 +65,8 @@ class Qcow2Image(BlockDevice):
     #: the persistent dirty bitmaps: read (and checked) on open when the image has the
     #: bitmaps extension, else made when first used (info and map do not load the module)
     bitmaps: Bitmaps = BitmapsOnFirstUse("diskimg.qcow2.bitmaps")  # type: ignore[assignment]
-    #: the active L1 table, read at open (a short read refuses the open) and decoded on
-    #: first use; the L2 cache and the decoded-cluster cache made on first use: ``info``
-    #: loads neither ``array`` nor ``collections`` (start-up)
+    #: the active L1 table, read at open (a short read refuses it), decoded on first use;
+    #: the table caches made on first use: info loads no ``array``/``collections``
     l1: array[int] = OnFirstUse(u64s("_l1_raw"))  # type: ignore[assignment]
     l2_cache: TableCache[L2Table] = OnFirstUse(  # type: ignore[assignment]
         lambda img: l2_table_cache(img.host, img.cs, img.flush_refcounts))
@@ -310,7 +314,7 @@ class Qcow2Image(BlockDevice):
     def _repair_dirty(self) -> None:
         from diskimg.qcow2.check import check_image
 
-        clear_unknown_autoclear(self.host, self.header)  # the repair changes the image
+        C.clear_unknown_autoclear(self.host, self.header)  # the repair changes the image
         res = check_image(self.host, self.header, "all")
         if res.exit_code != 0:
             raise CorruptImageError("Could not repair the dirty lazy-refcount image; run "
@@ -556,11 +560,8 @@ class Qcow2Image(BlockDevice):
         closing the image closes it (calls then raise :class:`ClosedImageError`)."""
         from diskimg.qcow2.snapshot import SnapshotNotFoundError
 
-        sn = None
-        for s in self.snapshot_list:
-            if (snapshot_id is None or s.id == snapshot_id) and (name is None or s.name == name):
-                sn = s
-                break
+        sn = next((s for s in self.snapshot_list if (snapshot_id is None or s.id == snapshot_id)
+                   and (name is None or s.name == name)), None)
         if sn is None:
             raise SnapshotNotFoundError(snapshot_id if snapshot_id is not None else str(name))
         view = object.__new__(Qcow2Image)
@@ -592,7 +593,7 @@ class Qcow2Image(BlockDevice):
             self._check_writable()
         self.flush()
         if repair is not None:
-            clear_unknown_autoclear(self.host, self.header)
+            C.clear_unknown_autoclear(self.host, self.header)
         res = check_image(self.host, self.header, repair)
         if repair is not None:
             self._reload_after_repair()

@@ -50,8 +50,7 @@ def progression_end(ents: array[int], i: int, stop: int, first: int, step: int) 
     stop = min(stop, len(ents))
     if i >= stop or first + (stop - i) * step > _U64:
         return i
-    from array import array
-
+    array = type(ents)  # array.array, without an import here (not loaded for info)
     j, size = i, 8
     while j < stop:
         k = min(stop, j + size)
