@@ -94,15 +94,15 @@ QCOW2_READ = OPEN_READ | {
     "diskimg.qcow2.flush", "diskimg.qcow2.header_io", "diskimg.qcow2.image",
     "diskimg.qcow2.layout", "diskimg.qcow2.mapper", "diskimg.qcow2.reader",
     "diskimg.qcow2.snapshot_table"}
-#: ``info`` of a qcow2 reads the header and the snapshot table only: not the write side
-#: (cluster, header_io), the reader, compressed clusters or encryption (qcow2/image.py
-#: imports them on first use)
-QCOW2_INFO = QCOW2_READ - {"diskimg.qcow2.cluster", "diskimg.qcow2.compressed",
-                           "diskimg.qcow2.crypt", "diskimg.qcow2.header_io",
-                           "diskimg.qcow2.reader"}
+#: ``info`` of a qcow2 reads the header and the snapshot table only: not the tables
+#: (cache, entries, mapper), the reader, the write side (cluster, header_io), compressed
+#: clusters or encryption (qcow2/image.py imports them on first use)
+QCOW2_INFO = OPEN_READ | {"diskimg.qcow2", "diskimg.qcow2.flush", "diskimg.qcow2.image",
+                          "diskimg.qcow2.layout", "diskimg.qcow2.snapshot_table"}
 #: ``map`` walks the tables; it reads no data, and no refcounts where the host file has
 #: too few clusters for a metadata-preallocated image (qcow2/flush.py)
-QCOW2_MAP = QCOW2_INFO | {"diskimg.cli.commands.map"}
+QCOW2_MAP = QCOW2_INFO | {"diskimg.cli.commands.map", "diskimg.qcow2.cache",
+                          "diskimg.qcow2.entries", "diskimg.qcow2.mapper"}
 #: ... of a vmdk (the extent codecs: not the creation side, no qcow2) and of a raw file
 VMDK_READ = OPEN_READ | {f"diskimg.vmdk.{m}" for m in (
     "descriptor", "extent", "image", "sparse", "sparse_extent")} | {

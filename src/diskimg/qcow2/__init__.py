@@ -49,3 +49,10 @@ class LazyModule:
         module = __import__(self._name, fromlist=["_"])
         self._namespace[self._var] = module
         return module.__dict__[attr]
+
+
+def lazy_modules(namespace: dict[str, Any], package: str, **modules: str) -> None:
+    """``var=name``: make global ``var`` of ``namespace`` a :class:`LazyModule` for
+    module ``package.name``."""
+    for var, name in modules.items():
+        namespace[var] = LazyModule(f"{package}.{name}", namespace, var)

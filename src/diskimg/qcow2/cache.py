@@ -157,8 +157,3 @@ def new_lru() -> OrderedDict[Any, Any]:
 
     return OrderedDict()
 
-
-def u64s(raw: str) -> Callable[[Any], array[int]]:
-    """For :class:`OnFirstUse`: the table whose big-endian bytes an instance holds as
-    attribute ``raw`` (dropped once decoded)."""
-    return lambda obj: be_u64_array(obj.__dict__.pop(raw))

@@ -17,10 +17,8 @@ from diskimg.info_text import image_name
 from diskimg.persistent_bitmaps import BitmapsOnFirstUse
 from diskimg.plan import Run
 from diskimg.policy import OpenPolicy, combine, full_name
-from diskimg.qcow2 import LazyModule, OnFirstUse, mapper
-from diskimg.qcow2 import entries as E
+from diskimg.qcow2 import OnFirstUse, lazy_modules
 from diskimg.qcow2 import flush as F
-from diskimg.qcow2.cache import L2Table, TableCache, l2_table_cache, new_lru, u64s
 from diskimg.qcow2.layout import (
     COMPRESSION_TYPES,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
@@ -44,16 +42,16 @@ if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first use
     from diskimg.check_report import CheckReport
     from diskimg.crypto import SectorCipher
     from diskimg.hostio.host import Host
+    from diskimg.qcow2 import cache, compressed, crypt, mapper, reader
     from diskimg.qcow2 import cluster as C
-    from diskimg.qcow2 import compressed, crypt, reader
+    from diskimg.qcow2 import entries as E
     from diskimg.qcow2.bitmaps import Bitmaps
+    from diskimg.qcow2.cache import L2Table, TableCache
     from diskimg.qcow2.refcount import Refcounts
     from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
-else:  # the write side, compressed clusters, encryption and reads: imported when first used
-    C = LazyModule("diskimg.qcow2.cluster", globals(), "C")
-    compressed = LazyModule("diskimg.qcow2.compressed", globals(), "compressed")
-    crypt = LazyModule("diskimg.qcow2.crypt", globals(), "crypt")
-    reader = LazyModule("diskimg.qcow2.reader", globals(), "reader")
+else:  # the tables, reads, writes, compressed clusters, encryption: imported on first use
+    lazy_modules(globals(), "diskimg.qcow2", C="cluster", E="entries", cache="cache",
+                 compressed="compressed", crypt="crypt", mapper="mapper", reader="reader")
 
 
 class Qcow2Image(BlockDevice):
@@ -67,10 +65,11 @@ class Qcow2Image(BlockDevice):
     bitmaps: Bitmaps = BitmapsOnFirstUse("diskimg.qcow2.bitmaps")  # type: ignore[assignment]
     #: the active L1 table, read at open (a short read refuses it), decoded on first use;
     #: the table caches made on first use: info loads no ``array``/``collections``
-    l1: array[int] = OnFirstUse(u64s("_l1_raw"))  # type: ignore[assignment]
+    l1: array[int] = OnFirstUse(  # type: ignore[assignment]
+        lambda img: cache.be_u64_array(img.__dict__.pop("_l1_raw")))
     l2_cache: TableCache[L2Table] = OnFirstUse(  # type: ignore[assignment]
-        lambda img: l2_table_cache(img.host, img.cs, img.flush_refcounts))
-    _decoded: OrderedDict[int, bytes] = OnFirstUse(lambda img: new_lru())  # type: ignore[assignment]
+        lambda img: cache.l2_table_cache(img.host, img.cs, img.flush_refcounts))
+    _decoded: OrderedDict[int, bytes] = OnFirstUse(lambda img: cache.new_lru())  # type: ignore[assignment]
 
     @property
     def snapshots(self) -> SnapshotTable:
@@ -576,7 +575,7 @@ class Qcow2Image(BlockDevice):
             view.__dict__.pop(made, None)
         view.l1 = self.snapshots._read_l1(sn.l1_table_offset, sn.l1_size)
         view.l1_dirty = set()
-        view.l2_cache = l2_table_cache(self.host, self.cs, None)
+        view.l2_cache = cache.l2_table_cache(self.host, self.cs, None)
         view._pending_free = []
         view._mark_open()
         return view
