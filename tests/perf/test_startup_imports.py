@@ -409,3 +409,23 @@ def test_writes_to_an_image_without_bitmaps_load_no_bitmap_module(tmp_path: Path
     assert [b["name"] for b in qemu.info(path)["format-specific"]["data"]["bitmaps"]] == ["b1"]
     with diskimg.open(path) as img:
         assert list(img.bitmaps.dirty_extents("b1")) == [(2 << 20, 65536)]  # one granule
+
+
+def test_an_l1_table_past_the_end_still_refuses_the_open(tmp_path: Path) -> None:
+    """The active L1 table is decoded on first use, but still read at open: ``info`` of
+    an image whose L1 table lies past the end of the file fails as before, naming the
+    table and its offset, and changes nothing."""
+    path = tmp_path / "a.qcow2"
+    diskimg.create(path, "qcow2", 1 << 30)
+    data = bytearray(path.read_bytes())
+    data[40:48] = (1 << 30).to_bytes(8, "big")  # l1_table_offset: cluster aligned, past EOF
+    path.write_bytes(data)
+    with pytest.raises(diskimg.DiskImgError) as ei:
+        diskimg.open(path).close()
+    assert str(ei.value).startswith("L1 table at offset 0x40000000 (length 16) lies past "
+                                    "the end of"), str(ei.value)
+    r = subprocess.run([sys.executable, "-m", "diskimg", "info", str(path)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC},
+                       check=False)
+    assert r.returncode == 1 and "L1 table at offset 0x40000000" in r.stderr, r.stderr
+    assert path.read_bytes() == data

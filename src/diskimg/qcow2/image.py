@@ -66,7 +66,7 @@ class Qcow2Image(BlockDevice):
     #: the active L1 table, read at open (a short read refuses it), decoded on first use;
     #: the table caches made on first use: info loads no ``array``/``collections``
     l1: array[int] = OnFirstUse(  # type: ignore[assignment]
-        lambda img: cache.be_u64_array(img.__dict__.pop("_l1_raw")))
+        lambda img: cache.be_u64_array(img._l1_raw))  # (kept: two threads may decode)
     l2_cache: TableCache[L2Table] = OnFirstUse(  # type: ignore[assignment]
         lambda img: cache.l2_table_cache(img.host, img.cs, img.flush_refcounts))
     _decoded: OrderedDict[int, bytes] = OnFirstUse(lambda img: cache.new_lru())  # type: ignore[assignment]
