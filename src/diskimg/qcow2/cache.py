@@ -156,4 +156,3 @@ def new_lru() -> OrderedDict[Any, Any]:
     from collections import OrderedDict
 
     return OrderedDict()
-

@@ -328,9 +328,9 @@ class Qcow2Image(BlockDevice):
         active L1 table and the snapshot table again; refcounts and L2 tables on use."""
         self.header = Header.parse(self.host.pread(0, self.cs))
         self._set_dirty_bit = False  # the repair decided the dirty bit on disk
-        self.__dict__.pop("l1", None)  # decoded on first use, as after open
         self._l1_raw = self.host.pread_exact(
             self.header.l1_table_offset, self.header.l1_size * 8, "L1 table")
+        self.__dict__.pop("l1", None)  # decoded on first use, as after open
         self.l2_cache.clear()
         self._refcounts = None
         self.snapshot_list = self._read_snapshot_table(True)
