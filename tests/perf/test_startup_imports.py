@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from qemukit import Qemu
 
 import diskimg
 from diskimg.units import size_to_str
@@ -86,14 +87,22 @@ OPEN_READ = VERSION | {
     "diskimg.persistent_bitmaps", "diskimg.plan", "diskimg.policy", "diskimg.probe",
     "diskimg.records", "diskimg.slotted", "diskimg.units"}
 #: ... and of a qcow2 in particular: without a bitmaps extension no bitmap module, and no
-#: refcounts (map's metadata-preallocation test reads them: QCOW2_MAP)
+#: refcounts
 QCOW2_READ = OPEN_READ | {
     "diskimg.qcow2", "diskimg.qcow2.cache", "diskimg.qcow2.cluster",
     "diskimg.qcow2.compressed", "diskimg.qcow2.crypt", "diskimg.qcow2.entries",
     "diskimg.qcow2.flush", "diskimg.qcow2.header_io", "diskimg.qcow2.image",
     "diskimg.qcow2.layout", "diskimg.qcow2.mapper", "diskimg.qcow2.reader",
     "diskimg.qcow2.snapshot_table"}
-QCOW2_MAP = QCOW2_READ | {"diskimg.cli.commands.map", "diskimg.qcow2.refcount"}
+#: ``info`` of a qcow2 reads the header and the snapshot table only: not the tables
+#: (cache, entries, mapper), the reader, the write side (cluster, header_io), compressed
+#: clusters or encryption (qcow2/image.py imports them on first use)
+QCOW2_INFO = OPEN_READ | {"diskimg.qcow2", "diskimg.qcow2.flush", "diskimg.qcow2.image",
+                          "diskimg.qcow2.layout", "diskimg.qcow2.snapshot_table"}
+#: ``map`` walks the tables; it reads no data, and no refcounts where the host file has
+#: too few clusters for a metadata-preallocated image (qcow2/flush.py)
+QCOW2_MAP = QCOW2_INFO | {"diskimg.cli.commands.map", "diskimg.qcow2.cache",
+                          "diskimg.qcow2.entries", "diskimg.qcow2.mapper"}
 #: ... of a vmdk (the extent codecs: not the creation side, no qcow2) and of a raw file
 VMDK_READ = OPEN_READ | {f"diskimg.vmdk.{m}" for m in (
     "descriptor", "extent", "image", "sparse", "sparse_extent")} | {
@@ -121,6 +130,8 @@ NOT_FOR_READING = ("diskimg.ops", "diskimg.operations", "diskimg.pool", "diskimg
                    "typing", "threading", "json", "shlex", "textwrap", "shutil", "copy",
                    "pathlib", "urllib", "ipaddress", "fnmatch", "re", "enum", "functools",
                    "contextlib", "types", "importlib", "warnings")
+#: ... nor, for ``info`` of a qcow2, the table arrays (only a mapping lookup needs them)
+NOT_FOR_QCOW2_INFO = ("array", "collections")
 #: nothing at all beyond the lines above: no argparse, no typing machinery, no regexes
 NOT_FOR_VERSION = ("argparse", "re", "typing", "dataclasses", "inspect", "enum", "pathlib",
                    "collections", "functools", "gettext", "locale", "struct")
@@ -195,7 +206,7 @@ def test_the_diskimg_command_is_a_plain_script_that_imports_no_re(image: Path) -
 
 
 @pytest.mark.parametrize("args, allowed, first_line", [
-    (["info"], QCOW2_READ | {"diskimg.cli.commands.info"}, "image: {path}"),
+    (["info"], QCOW2_INFO | {"diskimg.cli.commands.info"}, "image: {path}"),
     (["check", "-f", "qcow2"], QCOW2_READ | QCOW2_CHECK | {"diskimg.cli.commands.check"},
      "No errors were found on the image."),
     (["map"], QCOW2_MAP, "Offset          Length          Mapped to       File"),
@@ -216,9 +227,27 @@ def test_reading_commands_load_only_their_allow_list(image: Path, args: list[str
     assert extra == [], (f"`diskimg {' '.join(args)}` on a qcow2 now also imports "
                          f"{_named(extra, who)}: import them where they are used, or add "
                          "them to the allow-list on purpose")
-    denied = _denied(loaded, NOT_FOR_READING)
+    # info reads no L2 table: the L1 table is decoded, and the table caches made, on
+    # first use, so neither array nor the collections package it imports load
+    denied = _denied(loaded, NOT_FOR_READING + (NOT_FOR_QCOW2_INFO if args == ["info"] else ()))
     assert denied == [], (f"`diskimg {' '.join(args)}` on a qcow2 now imports "
                           f"{_named(denied, who)}, which reading metadata must not load")
+
+
+@pytest.mark.qemu
+def test_map_reads_refcounts_only_for_a_file_that_may_be_preallocated(tmp_path: Path,
+                                                                      qemu: Qemu) -> None:
+    """qemu's metadata-preallocation guess counts the clusters with a refcount: a file
+    with fewer clusters than the threshold answers no without them (the plain image of
+    the test above), a sparse preallocated one still reads them, and both map as qemu."""
+    path = tmp_path / "p.qcow2"
+    qemu.img("create", "-f", "qcow2", "-o", "preallocation=metadata", path, "8M")
+    qemu.io(path, "write -P 7 64k 64k")
+    code, loaded, out, who = _probe("map", "--output=json", str(path))
+    assert code == 0
+    assert json.loads(out) == qemu.map(path)
+    assert "diskimg.qcow2.refcount" in loaded
+    assert any(e["data"] and e["zero"] for e in json.loads(out))  # a hole read as zeros
 
 
 def test_a_command_line_argparse_must_read_still_works(image: Path) -> None:
@@ -348,3 +377,55 @@ def test_bitmaps_of_an_image_without_them_are_made_only_when_used(tmp_path: Path
     assert path.read_bytes() == before
     with diskimg.open(path) as img:
         assert img.bitmaps.list() == []  # made on first use, from the same header
+
+
+@pytest.mark.qemu
+def test_writes_to_an_image_without_bitmaps_load_no_bitmap_module(tmp_path: Path,
+                                                                  qemu: Qemu) -> None:
+    """Every qcow2 write, zeroing and discard tells the persistent bitmaps: free for an
+    image without them (no bitmap module loads), while a bitmap added in the same session
+    (the image had no bitmaps extension at open) still records the writes after it."""
+    path = tmp_path / "a.qcow2"
+    diskimg.create(path, "qcow2", 4 << 20)
+    code = ("import sys, diskimg\n"
+            f"with diskimg.open({str(path)!r}, 'r+') as img:\n"
+            "    img.write(0, b'a' * 65536)\n"
+            "    img.write_zeroes(1 << 20, 65536)\n"
+            "    img.discard(2 << 20, 65536)\n"
+            "    img.write(3 << 20, b'b' * 4096)\n"
+            "    loaded = [m for m in sys.modules if 'bitmap' in m]\n"
+            "    assert loaded == ['diskimg.persistent_bitmaps'], loaded\n"
+            "    img.bitmaps.add('b1')\n"  # made now: the writes from here on are recorded
+            "    img.write(2 << 20, b'c' * 512)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": SRC}, check=False)
+    assert (r.returncode, r.stderr) == (0, "")
+    want = bytearray(4 << 20)
+    want[:65536] = b"a" * 65536
+    want[2 << 20:(2 << 20) + 512] = b"c" * 512
+    want[3 << 20:(3 << 20) + 4096] = b"b" * 4096
+    assert qemu.raw_bytes(path) == want
+    qemu.check_clean(path)
+    assert [b["name"] for b in qemu.info(path)["format-specific"]["data"]["bitmaps"]] == ["b1"]
+    with diskimg.open(path) as img:
+        assert list(img.bitmaps.dirty_extents("b1")) == [(2 << 20, 65536)]  # one granule
+
+
+def test_an_l1_table_past_the_end_still_refuses_the_open(tmp_path: Path) -> None:
+    """The active L1 table is decoded on first use, but still read at open: ``info`` of
+    an image whose L1 table lies past the end of the file fails as before, naming the
+    table and its offset, and changes nothing."""
+    path = tmp_path / "a.qcow2"
+    diskimg.create(path, "qcow2", 1 << 30)
+    data = bytearray(path.read_bytes())
+    data[40:48] = (1 << 30).to_bytes(8, "big")  # l1_table_offset: cluster aligned, past EOF
+    path.write_bytes(data)
+    with pytest.raises(diskimg.DiskImgError) as ei:
+        diskimg.open(path).close()
+    assert str(ei.value).startswith("L1 table at offset 0x40000000 (length 16) lies past "
+                                    "the end of"), str(ei.value)
+    r = subprocess.run([sys.executable, "-m", "diskimg", "info", str(path)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC},
+                       check=False)
+    assert r.returncode == 1 and "L1 table at offset 0x40000000" in r.stderr, r.stderr
+    assert path.read_bytes() == data

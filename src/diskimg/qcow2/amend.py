@@ -69,7 +69,7 @@ from diskimg.qcow2.amend_refcount import (
     counts_after_rebuild,
     rebuild_refcounts,
 )
-from diskimg.qcow2.image import clear_unknown_autoclear
+from diskimg.qcow2.cluster import clear_unknown_autoclear
 from diskimg.qcow2.layout import (
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_INCOMPAT_COMPRESSION,

@@ -14,7 +14,7 @@ from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.bitmaps import BitmapsExt
 from diskimg.qcow2.header_io import write_header
-from diskimg.qcow2.image import clear_unknown_autoclear
+from diskimg.qcow2.cluster import clear_unknown_autoclear
 from diskimg.qcow2.layout import (
     BACKING_FILE_NAME_MAX,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,

@@ -8,14 +8,13 @@ is never referenced on disk before its refcount is.  Tables are written in offse
 from __future__ import annotations
 
 import sys
-from array import array
-from collections import OrderedDict
-from collections.abc import Callable
-
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Generic, Protocol, TypeVar
+    from array import array
+    from collections import OrderedDict
+    from collections.abc import Callable
+    from typing import Any, Generic, Protocol, TypeVar
 
     from diskimg.hostio.host import Host
 
@@ -34,12 +33,15 @@ else:  # typing is for the type checker: not imported at run time (start-up)
 
 #: True when native integers are little-endian (qcow2 is big-endian on disk).
 HOST_LITTLE_ENDIAN = sys.byteorder == "little"
-assert array("Q").itemsize == 8 and array("H").itemsize == 2 and array("I").itemsize == 4
 
 
 def be_u64_array(buf: bytes) -> array[int]:
-    """Big-endian u64 bytes → native array('Q')."""
+    """Big-endian u64 bytes → native array('Q').  (``array``, and the ``collections``
+    package it imports, load with the first table decoded: not for ``info`` (start-up).)"""
+    from array import array
+
     a = array("Q", buf)
+    assert a.itemsize == 8
     if HOST_LITTLE_ENDIAN:
         a.byteswap()
     return a
@@ -48,6 +50,8 @@ def be_u64_array(buf: bytes) -> array[int]:
 def pack_be_u64_array(a: array[int]) -> bytes:
     if not HOST_LITTLE_ENDIAN:
         return a.tobytes()
+    from array import array
+
     b = array("Q", a)
     b.byteswap()
     return b.tobytes()
@@ -75,7 +79,7 @@ class TableCache(Generic[T]):
         self.load = load
         self.capacity = max(2, capacity)
         self.what = what
-        self.tables: OrderedDict[int, T] = OrderedDict()
+        self.tables: OrderedDict[int, T] = new_lru()
         self.dirty: set[int] = set()
         self.before_write: Callable[[], None] | None = None
 
@@ -135,3 +139,20 @@ class TableCache(Generic[T]):
     def clear(self) -> None:
         self.tables.clear()
         self.dirty.clear()
+
+
+def l2_table_cache(host: Host, cs: int,
+                   before_write: Callable[[], None] | None) -> TableCache[L2Table]:
+    """An image's L2 table cache (16 MiB of tables, 64 to 32768 of them); a read-write
+    image passes its refcount flush as ``before_write``."""
+    cache = TableCache(host, cs, lambda b: L2Table(be_u64_array(b)),
+                       min(32768, max(64, (16 << 20) // cs)), "L2 table")
+    cache.before_write = before_write
+    return cache
+
+
+def new_lru() -> OrderedDict[Any, Any]:
+    """An empty LRU map (``collections`` is imported when one is first made)."""
+    from collections import OrderedDict
+
+    return OrderedDict()

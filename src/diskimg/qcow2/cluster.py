@@ -13,8 +13,6 @@ delegates its ``_write`` and ``begin_change`` to them.
 
 from __future__ import annotations
 
-from array import array
-
 from diskimg.qcow2 import crypt, header_io
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2.cache import L2Table
@@ -26,7 +24,8 @@ from diskimg.qcow2.layout import (
 )
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (array: imported where tables are made, not for ``info``)
+    from array import array
     from typing import Any
 
     from diskimg.hostio.host import Host
@@ -74,6 +73,8 @@ def get_l2_for_write(img: Qcow2Image, cluster: int) -> tuple[int, L2Table]:
     ent = img.l1[l1i]
     if l2_off and ent & E.QCOW_OFLAG_COPIED:
         return l2_off, img.l2_cache.get(l2_off)
+    from array import array
+
     new_off = alloc_clusters(img, 1)
     if l2_off:
         table = L2Table(array("Q", img.l2_cache.get(l2_off).entries))
@@ -220,9 +221,19 @@ def cluster_contents(img: Qcow2Image, cluster: int, ent: int) -> bytearray:
     return buf
 
 
+def mark_bitmaps(img: Qcow2Image, offset: int, length: int) -> None:
+    """Record guest bytes [offset, offset+length) as changed in the persistent bitmaps
+    that track writes.  Free for an image without bitmaps: its bitmaps are made at open
+    when it has the extension, or once asked for (an added bitmap), and are then the
+    image's attribute; otherwise there are none to mark and their module is not loaded."""
+    bitmaps = img.__dict__.get("bitmaps")
+    if bitmaps is not None:
+        bitmaps.mark(offset, length)
+
+
 def write(img: Qcow2Image, offset: int, data: memoryview) -> None:
     begin_change(img)
-    img.bitmaps.mark(offset, len(data))
+    mark_bitmaps(img, offset, len(data))
     if img.extended:
         write_ext(img, offset, data)
         return
@@ -260,7 +271,7 @@ def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, clu
         base = alloc_clusters(img, n)
         img.data_host.pwrite(base, data[g - offset : stop - offset])
         first = base | copied
-        ents[idx : idx + n] = array("Q", range(first, first + n * cs, cs))
+        ents[idx : idx + n] = type(ents)("Q", range(first, first + n * cs, cs))  # (array)
         img._decoded.pop(0, None)  # as free_entry does for each (empty) old entry
         img.l2_cache.mark_dirty(l2_off)
         return

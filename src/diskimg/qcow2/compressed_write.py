@@ -56,7 +56,7 @@ def store_compressed(img: Qcow2Image, offset: int, mv: memoryview,
         raise UnsupportedFeatureError("Compression is not supported with an external "
                                       "data file")
     C.begin_change(img)
-    img.bitmaps.mark(offset, len(mv))
+    C.mark_bitmaps(img, offset, len(mv))
     out = compressed if compressed is not None else compress_cluster(img, mv)
     if out is None:
         C.write(img, offset, mv)
@@ -103,7 +103,7 @@ def write_compressed_clusters(
                 else:
                     store_compressed(img, offset + k * cs, mv, packed)
             return
-        img.bitmaps.mark(offset, total)
+        C.mark_bitmaps(img, offset, total)
         copied, mask = E.QCOW_OFLAG_COPIED, E.L2E_OFFSET_MASK
         writes: list[tuple[int, Any]] = []
         updates: list[tuple[int, int, int]] = []  # (L2 table offset, index, new entry)

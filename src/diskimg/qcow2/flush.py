@@ -9,19 +9,29 @@ from __future__ import annotations
 import struct
 
 from diskimg.errors import CorruptImageError, DiskImgError
-from diskimg.qcow2 import cluster as C
+from diskimg.qcow2 import LazyModule
 from diskimg.qcow2.layout import QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DIRTY
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from diskimg.qcow2 import cluster as C
     from diskimg.qcow2.image import Qcow2Image
     from diskimg.qcow2.refcount import Refcounts
+else:  # the header writer: not for closing a read-only image (start-up)
+    C = LazyModule("diskimg.qcow2.cluster", globals(), "C")
 
 
 def metadata_preallocation(img: Qcow2Image) -> bool:
     """:meth:`Qcow2Image.metadata_preallocation` (documented there)."""
     if img._metadata_prealloc is None and img.host.allocated_size() is None:
         img._metadata_prealloc = False  # no allocated size to judge by (qemu: an error)
+    if img._metadata_prealloc is None and img.read_only:
+        # at most every cluster of the file has a refcount: a file with fewer clusters
+        # than the threshold (any image not sparse in its host file) needs no refcount
+        # read (map of a plain image loads no refcount code: start-up)
+        real = (img.host.allocated_size() or 0) // img.cs
+        if -(-img.host.size() // img.cs) < max(real * 10 // 9, real + 2):
+            img._metadata_prealloc = False
     if img._metadata_prealloc is None:
         from diskimg.qcow2.refcount import Refcounts  # not for reading (start-up)
 

@@ -9,27 +9,16 @@ A crash therefore leaves at most leaked clusters.
 
 from __future__ import annotations
 
-from array import array
-from collections import OrderedDict
-
 from diskimg import progname
 from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
-from diskimg.errors import (
-    CorruptImageError,
-    DiskImgError,
-    FormatError,
-)
+from diskimg.errors import CorruptImageError, DiskImgError, FormatError
 from diskimg.hostio import open_host_file
 from diskimg.info_text import image_name
 from diskimg.persistent_bitmaps import BitmapsOnFirstUse
 from diskimg.plan import Run
 from diskimg.policy import OpenPolicy, combine, full_name
-from diskimg.qcow2 import cluster as C
-from diskimg.qcow2 import compressed, crypt, mapper, reader
-from diskimg.qcow2 import entries as E
+from diskimg.qcow2 import OnFirstUse, lazy_modules
 from diskimg.qcow2 import flush as F
-from diskimg.qcow2.cache import L2Table, TableCache, be_u64_array
-from diskimg.qcow2.cluster import clear_unknown_autoclear as clear_unknown_autoclear
 from diskimg.qcow2.layout import (
     COMPRESSION_TYPES,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
@@ -45,15 +34,24 @@ from diskimg.qcow2.layout import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first used
+    from array import array
+    from collections import OrderedDict
     from collections.abc import Iterator, Mapping
     from typing import Any
 
     from diskimg.check_report import CheckReport
     from diskimg.crypto import SectorCipher
     from diskimg.hostio.host import Host
+    from diskimg.qcow2 import cache, compressed, crypt, mapper, reader
+    from diskimg.qcow2 import cluster as C
+    from diskimg.qcow2 import entries as E
     from diskimg.qcow2.bitmaps import Bitmaps
+    from diskimg.qcow2.cache import L2Table, TableCache
     from diskimg.qcow2.refcount import Refcounts
     from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
+else:  # the tables, reads, writes, compressed clusters, encryption: imported on first use
+    lazy_modules(globals(), "diskimg.qcow2", C="cluster", E="entries", cache="cache",
+                 compressed="compressed", crypt="crypt", mapper="mapper", reader="reader")
 
 
 class Qcow2Image(BlockDevice):
@@ -65,6 +63,13 @@ class Qcow2Image(BlockDevice):
     #: the persistent dirty bitmaps: read (and checked) on open when the image has the
     #: bitmaps extension, else made when first used (info and map do not load the module)
     bitmaps: Bitmaps = BitmapsOnFirstUse("diskimg.qcow2.bitmaps")  # type: ignore[assignment]
+    #: the active L1 table, read at open (a short read refuses it), decoded on first use;
+    #: the table caches made on first use: info loads no ``array``/``collections``
+    l1: array[int] = OnFirstUse(  # type: ignore[assignment]
+        lambda img: cache.be_u64_array(img._l1_raw))  # (kept: two threads may decode)
+    l2_cache: TableCache[L2Table] = OnFirstUse(  # type: ignore[assignment]
+        lambda img: cache.l2_table_cache(img.host, img.cs, img.flush_refcounts))
+    _decoded: OrderedDict[int, bytes] = OnFirstUse(lambda img: cache.new_lru())  # type: ignore[assignment]
 
     @property
     def snapshots(self) -> SnapshotTable:
@@ -144,17 +149,13 @@ class Qcow2Image(BlockDevice):
         l1_bytes = h.l1_size * 8
         if l1_bytes > QCOW_MAX_L1_SIZE:
             raise CorruptImageError("Active L1 table too large", offset=36)
-        self.l1 = be_u64_array(host.pread_exact(h.l1_table_offset, l1_bytes, "L1 table")
-                               if l1_bytes else b"")
+        self._l1_raw = host.pread_exact(h.l1_table_offset, l1_bytes, "L1 table") \
+            if l1_bytes else b""
         self.l1_dirty: set[int] = set()
-        capacity = min(32768, max(64, (16 << 20) // cs))
-        self.l2_cache: TableCache[L2Table] = TableCache(
-            host, cs, lambda b: L2Table(be_u64_array(b)), capacity, "L2 table")
         self._refcounts: Refcounts | None = None
         self._pending_free: list[tuple[int, int, bool]] = []
         # (list, entries seen, lowest host offset): cluster.alloc_clusters' cache
         self._pending_low: tuple[list[tuple[int, int, bool]], int, int | None] | None = None
-        self._decoded: OrderedDict[int, bytes] = OrderedDict()
         self._header_dirty = False
         self._set_dirty_bit = False
         self.data_host: Host = host
@@ -238,7 +239,6 @@ class Qcow2Image(BlockDevice):
             from diskimg.qcow2.refcount import Refcounts  # not for reading (start-up)
 
             self._refcounts = Refcounts(self.host, self.header)
-            self.l2_cache.before_write = self.flush_refcounts
         return self._refcounts
 
     # --- the metadata interface (qcow2/metadata.py: MetadataImage) -------------------
@@ -289,6 +289,7 @@ class Qcow2Image(BlockDevice):
     def install_l1(self, l1: array[int]) -> None:
         """Make ``l1`` (already written at the header's L1 offset) the active L1 table:
         no entry dirty, decoded compressed clusters forgotten."""
+        self.__dict__.pop("_l1_raw", None)
         self.l1 = l1
         self.l1_dirty.clear()
         self._decoded.clear()
@@ -312,7 +313,7 @@ class Qcow2Image(BlockDevice):
     def _repair_dirty(self) -> None:
         from diskimg.qcow2.check import check_image
 
-        clear_unknown_autoclear(self.host, self.header)  # the repair changes the image
+        C.clear_unknown_autoclear(self.host, self.header)  # the repair changes the image
         res = check_image(self.host, self.header, "all")
         if res.exit_code != 0:
             raise CorruptImageError("Could not repair the dirty lazy-refcount image; run "
@@ -327,8 +328,9 @@ class Qcow2Image(BlockDevice):
         active L1 table and the snapshot table again; refcounts and L2 tables on use."""
         self.header = Header.parse(self.host.pread(0, self.cs))
         self._set_dirty_bit = False  # the repair decided the dirty bit on disk
-        self.l1 = be_u64_array(self.host.pread_exact(
-            self.header.l1_table_offset, self.header.l1_size * 8, "L1 table"))
+        self._l1_raw = self.host.pread_exact(
+            self.header.l1_table_offset, self.header.l1_size * 8, "L1 table")
+        self.__dict__.pop("l1", None)  # decoded on first use, as after open
         self.l2_cache.clear()
         self._refcounts = None
         self.snapshot_list = self._read_snapshot_table(True)
@@ -557,11 +559,8 @@ class Qcow2Image(BlockDevice):
         closing the image closes it (calls then raise :class:`ClosedImageError`)."""
         from diskimg.qcow2.snapshot import SnapshotNotFoundError
 
-        sn = None
-        for s in self.snapshot_list:
-            if (snapshot_id is None or s.id == snapshot_id) and (name is None or s.name == name):
-                sn = s
-                break
+        sn = next((s for s in self.snapshot_list if (snapshot_id is None or s.id == snapshot_id)
+                   and (name is None or s.name == name)), None)
         if sn is None:
             raise SnapshotNotFoundError(snapshot_id if snapshot_id is not None else str(name))
         view = object.__new__(Qcow2Image)
@@ -572,11 +571,11 @@ class Qcow2Image(BlockDevice):
         view.owns_backing = False
         view.reopen_with = None  # a view is not what diskimg.open opened: no pickling
         view.size = sn.disk_size if sn.disk_size is not None else self.size
+        for made in ("_l1_raw", "l1", "l2_cache", "_decoded"):  # the view's own
+            view.__dict__.pop(made, None)
         view.l1 = self.snapshots._read_l1(sn.l1_table_offset, sn.l1_size)
         view.l1_dirty = set()
-        view.l2_cache = TableCache(self.host, self.cs, lambda b: L2Table(be_u64_array(b)),
-                                   self.l2_cache.capacity, "L2 table")
-        view._decoded = OrderedDict()
+        view.l2_cache = cache.l2_table_cache(self.host, self.cs, None)
         view._pending_free = []
         view._mark_open()
         return view
@@ -593,7 +592,7 @@ class Qcow2Image(BlockDevice):
             self._check_writable()
         self.flush()
         if repair is not None:
-            clear_unknown_autoclear(self.host, self.header)
+            C.clear_unknown_autoclear(self.host, self.header)
         res = check_image(self.host, self.header, repair)
         if repair is not None:
             self._reload_after_repair()

@@ -14,15 +14,15 @@ the external data file when there is one (the host offsets are in it), else None
 
 from __future__ import annotations
 
-from array import array
-
 from diskimg.device import Status
 from diskimg.errors import CorruptImageError
 from diskimg.plan import Run, RunKind
 from diskimg.qcow2 import entries as E
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (array: imported where a table is compared, not for ``info``)
+    from array import array
+
     from diskimg.qcow2.image import Qcow2Image
 
 __all__ = ["check_data_offset", "cluster_type", "l2_location", "lookup",
@@ -50,6 +50,7 @@ def progression_end(ents: array[int], i: int, stop: int, first: int, step: int) 
     stop = min(stop, len(ents))
     if i >= stop or first + (stop - i) * step > _U64:
         return i
+    array = type(ents)  # array.array, without an import here (not loaded for info)
     j, size = i, 8
     while j < stop:
         k = min(stop, j + size)

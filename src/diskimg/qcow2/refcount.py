@@ -87,6 +87,9 @@ def max_refcount(order: int) -> int:
     return (1 << (1 << order)) - 1
 
 
+assert array("Q").itemsize == 8 and array("H").itemsize == 2 and array("I").itemsize == 4
+
+
 def refcount_typecode(order: int) -> str:
     """The ``array`` type code holding one decoded refcount of width ``1 << order`` (narrow
     widths decode into bytes)."""

@@ -24,7 +24,7 @@ def zero_tail(img: Qcow2Image, start: int, end: int) -> None:
     qemu's truncate does: zero flags from the next subcluster boundary on, data zeros
     for the unaligned head."""
     C.begin_change(img)
-    img.bitmaps.mark(start, end - start)
+    C.mark_bitmaps(img, start, end - start)
     zero_start = min(end, -(-start // img.sc_size) * img.sc_size)
     if end > zero_start and not Z.zeroize(img, zero_start, end, False):
         C.write(img, zero_start, memoryview(bytes(end - zero_start)))

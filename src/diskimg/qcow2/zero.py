@@ -34,7 +34,7 @@ def write_zeroes(img: Qcow2Image, offset: int, length: int, may_unmap: bool) -> 
     the rest of that subcluster already reads as zeros and holds no data, and is
     written as data zeros otherwise (qcow2_co_pwrite_zeroes)."""
     C.begin_change(img)
-    img.bitmaps.mark(offset, length)
+    C.mark_bitmaps(img, offset, length)
     align = img.sc_size
     head, tail = offset % align, (offset + length) % align
     while length > 0:
@@ -129,7 +129,7 @@ def _zero_subclusters(img: Qcow2Image, start: int, end: int) -> None:
 
 def discard(img: Qcow2Image, offset: int, length: int) -> None:
     C.begin_change(img)
-    img.bitmaps.mark(offset, length)
+    C.mark_bitmaps(img, offset, length)
     if img.header.version < 3 and (img.backing is not None
                                     or img.header.backing_file is not None):
         # As QEMU: without the zero flag, a discarded cluster would show the backing
