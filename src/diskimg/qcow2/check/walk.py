@@ -12,7 +12,6 @@ from diskimg.hostio import all_zero
 from diskimg.hostio.file import trailing_zeros
 from diskimg.qcow2.cache import be_u64_array
 from diskimg.qcow2.check.report import _Abort
-from diskimg.qcow2.check.snapshots import _Snapshots
 from diskimg.qcow2.check.state import (
     _COMPRESSED,
     _NORMAL,
@@ -20,6 +19,7 @@ from diskimg.qcow2.check.state import (
     _ZERO_ALLOC,
     _hexc,
 )
+from diskimg.qcow2.check.stored import _Stored
 from diskimg.qcow2.entries import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
@@ -44,7 +44,7 @@ def _tables_bad(tables: list[tuple[int, int]], cs: int) -> bool:
     return any(t_off & (cs - 1) or t_size * 8 > QCOW_MAX_L1_SIZE for t_off, t_size in tables)
 
 
-class _Walk(_Snapshots):
+class _Walk(_Stored):
     def _plain_hosts(self, raw: bytes) -> list[int] | None:
         """Host offsets of the entries of a standard L2 table (non-zero ones, in order)
         when every one is a plain data cluster: no flag but COPIED, no reserved bit, a
