@@ -86,7 +86,7 @@ class _State:
         self.tc = refcount_typecode(self.order)
         self.itemsize = array(self.tc).itemsize
         self.work = 0
-        self._l2_bad_bits: int | None = None  # see _plain_hosts
+        self._l2_bad_bits: bytes | None = None  # see _plain_hosts
         self.snap_corruptions = 0
         self.signaled = False  # qemu's s->signaled_corruption
         self.marked_corrupt = False

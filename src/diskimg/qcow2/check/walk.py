@@ -51,20 +51,21 @@ class _Walk(_Stored):
         non-zero cluster-aligned offset inside the file.  None when any entry needs the
         entry-by-entry check (or the image has extended L2 entries or a data file).
 
-        Decided with one big-integer AND over the whole table (the bits no plain entry
-        has: 56-62 and those below the cluster size), so a clean table costs no Python
-        work per entry but one list comprehension."""
+        Decided with one big-integer AND over the table's entries up to its last non-zero
+        one (the bits no plain entry has: 56-62 and those below the cluster size), so a
+        clean table costs no Python work per entry but one list comprehension, and the
+        unused rest of a table nothing but a memcmp."""
         if self.ext_l2 or self.data_file:
             return None
+        # the entries up to the last non-zero one (the rest have no host offset)
+        used = raw[: -(-(len(raw) - trailing_zeros(raw)) // 8) * 8]
         bad = self._l2_bad_bits
         if bad is None:
             lane = ((1 << 63) - (1 << 56)) | (self.cs - 1)
-            bad = self._l2_bad_bits = int.from_bytes(lane.to_bytes(8, "big") * self.l2_size,
-                                                      "big")
-        if int.from_bytes(raw, "big") & bad:
+            bad = self._l2_bad_bits = lane.to_bytes(8, "big") * self.l2_size
+        if int.from_bytes(used, "big") & int.from_bytes(bad[: len(used)], "big"):
             return None
-        # the entries up to the last non-zero one (the rest have no host offset)
-        tab = be_u64_array(raw[: -(-(len(raw) - trailing_zeros(raw)) // 8) * 8])
+        tab = be_u64_array(used)
         mask = L2E_OFFSET_MASK
         hosts = [e & mask for e in tab if e]
         if not hosts or 0 in hosts or max(hosts) >= self.file_len:
