@@ -108,6 +108,7 @@ QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
 #: ... and what a plain check must not load: repair and snapshot code, the bitmap modules,
 #: and the JSON/--output writer (the human lines are the report's own)
 NOT_FOR_PLAIN_CHECK = ("diskimg.qcow2.check.overlap", "diskimg.qcow2.check.snapshots",
+                       "diskimg.qcow2.check.rebuild",
                        "diskimg.qcow2.snapshot", "diskimg.qcow2.bitmaps",
                        "diskimg.qcow2.bitmap_table", "diskimg.cli.output", "diskimg.crypto")
 
