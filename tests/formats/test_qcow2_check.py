@@ -515,3 +515,21 @@ def test_refblock_codec_roundtrip(order: int) -> None:
     assert encode_refblock(vals, order) == raw
     if bits < 8:  # sub-byte refcounts are packed LSB first
         assert vals[0] == raw[0] & ((1 << bits) - 1)
+
+
+@needs_qemu
+@pytest.mark.parametrize("index, flagged", [(0, True), (1, True), (511, True), (511, False),
+                                            (256, False)])
+def test_an_entry_anywhere_in_a_sparse_l2_table(tmp_path: Path, index: int,
+                                                flagged: bool) -> None:
+    """A plain L2 table is tested up to its last non-zero entry only (walk._plain_hosts):
+    an entry with a reserved bit set first, second or last in the table is reported as
+    qemu-img reports it, and a table whose entries end at the last slot, or the middle
+    one, is counted as qemu-img counts it (4 KiB clusters: 512 entries a table)."""
+    writes = tuple(f"write -P 0x5a {i * 4096} 4k" for i in sorted({0, index}))
+    p = mkimg(tmp_path / "a.qcow2", "4M", "cluster_size=4096", writes)
+    if flagged:
+        put64(p, l2_off(p, index), u64(p, l2_off(p, index)) | 0x2)  # bit 1: reserved
+    r = assert_parity(p, None)
+    assert (r.exit_code, r.corruptions) == ((2, 1) if flagged else (0, 0))
+    assert r.allocated_clusters == len({0, index})
