@@ -40,6 +40,10 @@ from diskimg.qcow2.layout import (
 )
 
 
+#: each byte value with its top bit cleared: the COPIED flag (bit 63) of a big-endian entry
+_CLEAR_TOP_BIT = bytes(b & 0x7F for b in range(256))
+
+
 def _tables_bad(tables: list[tuple[int, int]], cs: int) -> bool:
     return any(t_off & (cs - 1) or t_size * 8 > QCOW_MAX_L1_SIZE for t_off, t_size in tables)
 
@@ -65,10 +69,16 @@ class _Walk(_Stored):
             bad = self._l2_bad_bits = lane.to_bytes(8, "big") * self.l2_size
         if int.from_bytes(used, "big") & int.from_bytes(bad[: len(used)], "big"):
             return None
-        tab = be_u64_array(used)
-        mask = L2E_OFFSET_MASK
-        hosts = [e & mask for e in tab if e]
-        if not hosts or 0 in hosts or max(hosts) >= self.file_len:
+        # no bit but COPIED (63) and the offset's: an entry's host offset is the entry
+        # with its first byte's top bit cleared (a bytes.translate, not a loop per entry)
+        holes = be_u64_array(used).count(0)
+        flagless = bytearray(used)
+        flagless[::8] = flagless[::8].translate(_CLEAR_TOP_BIT)
+        offs = be_u64_array(bytes(flagless))
+        if offs.count(0) != holes:  # a flagged entry without a host offset
+            return None
+        hosts = [h for h in offs if h] if holes else offs.tolist()
+        if not hosts or max(hosts) >= self.file_len:
             return None
         return hosts
 
@@ -76,21 +86,20 @@ class _Walk(_Stored):
         """check_l2 for a table of plain data clusters (:meth:`_plain_hosts`): one
         reference each, the allocation and fragmentation counts.  False, with nothing
         counted, when a refcount could reach its maximum (the full check reports that)."""
-        cb = self.cbits
-        ks = [h >> cb for h in hosts]
+        ks = list(map(self.cbits.__rrshift__, hosts))  # h >> cbits: the clusters
         need = max(ks) + 1
         if need > self.nb:
             self.grow_imrt(need)
         imrt = self.imrt
-        if max(imrt[k] for k in ks) + len(ks) >= self.rc_max:
+        if max(map(imrt.__getitem__, ks)) + len(ks) >= self.rc_max:
             return False
         for k in ks:
             imrt[k] += 1
         if frag:
-            cs = self.cs
+            # a cluster not right after the previous entry's starts a fragment
             self.res.allocated_clusters += len(hosts)
-            self.res.fragmented_clusters += sum(1 for a, b in zip(hosts, hosts[1:])
-                                                if b != a + cs)
+            self.res.fragmented_clusters += sum(map(int.__ne__, hosts[1:],
+                                                    map(self.cs.__add__, hosts)))
         return True
 
     def _all_copied_once(self, raw: bytes, hosts: list[int]) -> bool:
@@ -101,6 +110,13 @@ class _Walk(_Stored):
         if raw[::8].count(0x80) != len(hosts):
             return False
         cb, rb_bits, m = self.cbits, self.rb_bits, self.rb_entries - 1
+        first, last = min(hosts) >> cb >> rb_bits, max(hosts) >> cb >> rb_bits
+        if first == last:  # one refcount block holds them all (2 GiB of 64 KiB clusters)
+            blk = self.refblock(first, quiet=True)
+            if blk is None:
+                return False
+            ks = map(m.__rand__, map(cb.__rrshift__, hosts))  # (h >> cb) & m
+            return list(map(blk.__getitem__, ks)).count(1) == len(hosts)
         cur, blk = -1, None
         for h in hosts:
             k = h >> cb
