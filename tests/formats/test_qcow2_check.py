@@ -515,3 +515,45 @@ def test_refblock_codec_roundtrip(order: int) -> None:
     assert encode_refblock(vals, order) == raw
     if bits < 8:  # sub-byte refcounts are packed LSB first
         assert vals[0] == raw[0] & ((1 << bits) - 1)
+
+
+@needs_qemu
+@pytest.mark.parametrize("index, flagged", [(0, True), (1, True), (511, True), (511, False),
+                                            (256, False)])
+def test_an_entry_anywhere_in_a_sparse_l2_table(tmp_path: Path, index: int,
+                                                flagged: bool) -> None:
+    """A plain L2 table is tested up to its last non-zero entry only (walk._plain_hosts):
+    an entry with a reserved bit set first, second or last in the table is reported as
+    qemu-img reports it, and a table whose entries end at the last slot, or the middle
+    one, is counted as qemu-img counts it (4 KiB clusters: 512 entries a table)."""
+    writes = tuple(f"write -P 0x5a {i * 4096} 4k" for i in sorted({0, index}))
+    p = mkimg(tmp_path / "a.qcow2", "4M", "cluster_size=4096", writes)
+    if flagged:
+        put64(p, l2_off(p, index), u64(p, l2_off(p, index)) | 0x2)  # bit 1: reserved
+    r = assert_parity(p, None)
+    assert (r.exit_code, r.corruptions) == ((2, 1) if flagged else (0, 0))
+    assert r.allocated_clusters == len({0, index})
+
+
+@needs_qemu
+@pytest.mark.parametrize("case", ["copied-flag-alone", "reverse-order", "512-byte-clusters"])
+def test_plain_table_edges(tmp_path: Path, case: str) -> None:
+    """The plain-table path's edges, as qemu-img checks them: an entry that is COPIED and
+    nothing else (no host offset: qemu reads it as unallocated), data written in
+    reverse guest order (fragments counted between neighbouring entries), and 512-byte
+    clusters, whose L2 tables point into several refcount blocks (256 refcounts each)."""
+    p = tmp_path / "a.qcow2"
+    if case == "copied-flag-alone":
+        mkimg(p, "4M", "cluster_size=4096", ("write -P 0x41 0 4k", "write -P 0x42 8k 4k"))
+        put64(p, l2_off(p, 5), COPIED)
+    elif case == "reverse-order":
+        mkimg(p, "4M", "cluster_size=4096",
+              tuple(f"write -P {i + 1} {i * 4096} 4k" for i in (7, 5, 4, 3, 0)))
+    else:
+        mkimg(p, "1M", "cluster_size=512", ("write -P 0x33 0 256k",))
+    r = assert_parity(p, None)
+    want = {"copied-flag-alone": (0, 2, 0), "reverse-order": (0, 5, 4),
+            "512-byte-clusters": (0, 512, 0)}[case]
+    assert (r.exit_code, r.allocated_clusters, r.fragmented_clusters) == want
+    if case == "copied-flag-alone":
+        assert_parity(p, "all")  # the repaired bytes equal qemu-img's

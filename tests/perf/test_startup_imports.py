@@ -108,10 +108,17 @@ VMDK_READ = OPEN_READ | {f"diskimg.vmdk.{m}" for m in (
     "descriptor", "extent", "image", "sparse", "sparse_extent")} | {
     "diskimg.vmdk"}  # (not seSparse, the stream writer or the compressed-grain reader)
 RAW_READ = OPEN_READ | {"diskimg.raw", "diskimg.options"}  # raw's offset/size options
+#: ``check`` of a qcow2 without snapshots or bitmaps that finds nothing: the counting
+#: passes only (no overlap protection, written for repairs, no snapshot-table reader)
 QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
-               ("copied", "overlap", "refcounts", "report", "snapshots", "state", "stored",
-                "walk")} | {"diskimg.qcow2.check", "diskimg.check_report",
-                            "diskimg.qcow2.refcount"}  # no bitmap modules without bitmaps
+               ("copied", "refcounts", "report", "state", "stored", "walk")} | {
+    "diskimg.qcow2.check", "diskimg.check_report", "diskimg.qcow2.refcount"}
+#: ... and what a plain check must not load: repair and snapshot code, the bitmap modules,
+#: and the JSON/--output writer (the human lines are the report's own)
+NOT_FOR_PLAIN_CHECK = ("diskimg.qcow2.check.overlap", "diskimg.qcow2.check.snapshots",
+                       "diskimg.qcow2.check.rebuild",
+                       "diskimg.qcow2.snapshot", "diskimg.qcow2.bitmaps",
+                       "diskimg.qcow2.bitmap_table", "diskimg.cli.output", "diskimg.crypto")
 
 #: never loaded by a command that only reads metadata (prefixes: a package and its parts):
 #: the write and copy layers, other formats, and the standard library's heavy modules
@@ -255,6 +262,33 @@ def test_a_command_line_argparse_must_read_still_works(image: Path) -> None:
     code, loaded, out, _ = _probe("info", "-fqcow2", str(image))
     assert (code, out.splitlines()[0]) == (0, f"image: {image}")
     assert "diskimg.cli.parser" in loaded and "argparse" in loaded
+
+
+@pytest.mark.qemu
+def test_a_plain_check_loads_only_the_counting_passes(image: Path, tmp_path: Path,
+                                                      qemu: Qemu) -> None:
+    """``check`` of a clean qcow2 without snapshots prints what qemu-img check prints and
+    loads neither the repair side nor the snapshot reader nor the JSON writer; with a
+    snapshot, and with ``--output=json``, those load and the report is still qemu's."""
+    code, loaded, out, who = _probe("check", str(image))
+    want = qemu.img("check", image).stdout
+    assert (code, out) == (0, want)
+    assert "No errors were found on the image." in out.splitlines()
+    extra = _unexpected(loaded, QCOW2_READ | QCOW2_CHECK | {"diskimg.cli.commands.check"})
+    extra += _denied(loaded, NOT_FOR_PLAIN_CHECK)
+    assert extra == [], f"a plain `diskimg check` now also imports {_named(extra, who)}"
+    snap = tmp_path / "s.qcow2"
+    snap.write_bytes(image.read_bytes())
+    qemu.img("snapshot", "-c", "s1", snap)
+    qemu.io(snap, "write -P 0x79 0 64k")
+    code, loaded, out, _ = _probe("check", "--output=json", str(snap))
+    got = json.loads(out)
+    assert got.pop("findings") == []
+    ref = qemu.check(snap)
+    assert (code, ref.pop("_returncode")) == (0, 0)
+    assert got == ref
+    assert {"diskimg.qcow2.check.snapshots", "diskimg.cli.output"} <= set(loaded)
+    assert "diskimg.qcow2.check.overlap" not in loaded  # (nothing was written)
 
 
 @pytest.mark.parametrize("fmt, allowed, denied", [

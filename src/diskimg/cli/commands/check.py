@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from diskimg.check_report import CheckReport
-from diskimg.cli import output
 from diskimg.cli.commands._shared import (PROBED_RAW_WARNING, Context, add_common, one_file,
                                           open_image, output_format)
 from diskimg.cli.errors import CommandLineError, ExitCode
@@ -15,6 +13,8 @@ from diskimg.errors import DiskImgError, ImageLockedError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+
+    from diskimg.check_report import CheckReport
 
 USAGE = '[-f FMT] [-r leaks|all] [--output=human|json] [-U] [--object OBJ] [--image-opts] FILE'
 DESCRIPTION = 'Check an image for consistency (exit 0 clean, 2 corrupt, 3 leaks, 63 n/a).'
@@ -93,13 +93,19 @@ def cmd_check(ctx: Context, a: argparse.Namespace) -> int:
     if res.error is not None:
         pass  # the check could not finish: qemu-img prints only "Check failed: ..."
     elif ofmt == "json":
+        from diskimg.cli import output  # (the JSON writer: only for --output=json)
+
         doc = output.qdict_order(d)
         if findings is not None:
             doc["findings"] = findings  # diskimg's addition; qemu-img's keys are unchanged
         out.write(output.to_json(doc))
     elif not a.quiet:
-        out.write("".join(line + "\n" for line in tail) if summary or not d
-                  else output.check_human(d))
+        if summary or not d:
+            out.write("".join(line + "\n" for line in tail))
+        else:
+            from diskimg.cli import output
+
+            out.write(output.check_human(d))
     out.flush()
     fail = res.failure_message
     if fail:

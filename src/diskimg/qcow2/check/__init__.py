@@ -22,9 +22,11 @@ and by QEMU's table caps; the amount of L2 work is bounded by :data:`MAX_L2_ENTR
 
 Package layout (QEMU's seams): ``report`` (abort signals; the result is the format-neutral
 :class:`diskimg.check_report.CheckReport`, alias ``CheckResult``), ``state`` (one pass's
-state and reference counting), ``overlap``, ``stored`` (stored refcount blocks),
-``snapshots``, ``walk`` (L1/L2 traversal), ``copied`` (OFLAG_COPIED), ``refcounts``
-(compare, repair, rebuild).
+state and reference counting), ``stored`` (stored refcount blocks), ``walk`` (L1/L2
+traversal), ``copied`` (OFLAG_COPIED), ``refcounts`` (compare, repair).  Loaded only when
+needed (start-up, issue 20): ``overlap`` (overlap protection and corruption signalling,
+for writes and findings), ``snapshots`` (an image with a snapshot table, or a bad table
+pointer), ``rebuild`` (``-r all`` of a broken refcount structure).
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from diskimg.check_report import CheckReport
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.check.refcounts import _Refcounts
 from diskimg.qcow2.check.report import CheckResult, _Abort
-from diskimg.qcow2.check.snapshots import _rewrite_snapshot_table
 from diskimg.qcow2.layout import (
+    HDR_NB_SNAPSHOTS,
+    HDR_SNAPSHOTS_OFFSET,
     QCOW2_INCOMPAT_CORRUPT,
     QCOW2_INCOMPAT_DIRTY,
     Header,
 )
+from diskimg.qcow2.snapshot_table import check_table_pointer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -54,7 +58,13 @@ class _Pass(_Refcounts):
     """One run of qemu's ``qcow2_co_check_locked`` (with or without a fix mode)."""
 
     def run(self) -> None:
-        self.read_snapshots()
+        nb, off = header_io.read_fields(self.host, HDR_NB_SNAPSHOTS, HDR_SNAPSHOTS_OFFSET)
+        if nb or check_table_pointer(0, off, self.cs) is not None:
+            from diskimg.qcow2.check.snapshots import read_snapshots
+
+            read_snapshots(self, nb, off)
+        else:  # no snapshot table (and a valid offset): nothing to read, count or repair
+            self.snapshots_offset = off
         try:
             self.check_refcounts()
         finally:
@@ -95,6 +105,8 @@ def check_image(host: Host, header: Header, repair: str | None = None) -> CheckR
         first = res
         if fix & 2 and first.error is None and first.snapshot_repairs \
                 and not first.marked_corrupt:
+            from diskimg.qcow2.check.snapshots import _rewrite_snapshot_table
+
             _rewrite_snapshot_table(host, _reread_header(host, header), first)
         if (first.error is None and not first.check_errors and not first.corruptions
                 and not first.marked_corrupt):

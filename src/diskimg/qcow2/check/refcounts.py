@@ -1,21 +1,15 @@
 """Comparing the counted references with the stored refcounts (``compare_refcounts``),
-repairing leaks and errors, rebuilding the refcount structure
-(``rebuild_refcount_structure``), and the whole ``qcow2_check_refcounts``."""
+repairing leaks and errors, and the whole ``qcow2_check_refcounts`` (rebuilding the
+refcount structure, for ``-r all`` only, is :mod:`diskimg.qcow2.check.rebuild`)."""
 
 from __future__ import annotations
 
 from array import array
 
-from diskimg import progname
-from diskimg.qcow2 import header_io
-from diskimg.qcow2.cache import pack_be_u64_array
 from diskimg.qcow2.check.copied import _Copied
 from diskimg.qcow2.check.report import _Abort, _counts, _RefErr, _set_counts
 from diskimg.qcow2.check.state import (
     INT_MAX,
-)
-from diskimg.qcow2.refcount import (
-    encode_refblock,
 )
 
 
@@ -88,85 +82,6 @@ class _Refcounts(_Copied):
                     res.leaks += 1
         return rebuild, highest
 
-    def alloc_imrt(self, count: int, first_free: list[int]) -> int:
-        cluster = first_free[0]
-        first_gap = True
-        contig = 0
-        imrt = self.imrt
-        while cluster < self.nb and contig < count:
-            if not imrt[cluster]:
-                contig += 1
-                if first_gap:
-                    first_free[0] = cluster
-                    first_gap = False
-            elif contig:
-                contig = 0
-            cluster += 1
-        if contig < count:
-            self.grow_imrt(cluster + count - contig)
-        cluster -= contig
-        for i in range(count):
-            imrt[cluster + i] = 1
-        return cluster << self.cbits
-
-    def write_refblocks(self, first: int, end: int, reft: list[int]) -> bool:
-        grown = False
-        first_free = [0]
-        E = self.rb_entries
-        cluster = first
-        while cluster < end:
-            if not self.imrt[cluster]:
-                cluster += 1
-                continue
-            idx = cluster >> self.rb_bits
-            start = idx << self.rb_bits
-            if len(reft) > idx and reft[idx]:
-                rb_off = reft[idx]
-            else:
-                if first_free[0] < start:
-                    first_free[0] = start
-                rb_off = self.alloc_imrt(1, first_free)
-                if rb_off // self.cs >= end:
-                    end = rb_off // self.cs + 1
-                if len(reft) <= idx:
-                    n = -(-((idx + 1) * 8) // self.cs) * self.cs // 8
-                    reft.extend([0] * (n - len(reft)))
-                    grown = True
-                reft[idx] = rb_off
-            assert start + E <= len(self.imrt)
-            if not self.checked_write("", rb_off, encode_refblock(self.imrt[start:start + E],
-                                                                self.order)):
-                self.msg(f"{progname.name()}: ERROR writing refblock: Input/output error")
-                self.res.check_errors += 1
-                raise _Abort("EIO")
-            cluster = start + E
-        return grown
-
-    def rebuild(self) -> None:
-        self.flush_refblocks()
-        self.rb_cache.clear()
-        reft: list[int] = []
-        grown = self.write_refblocks(0, self.nb, reft)
-        assert grown
-        rt_off = -1
-        while True:
-            length = len(reft) * 8
-            clusters = self.size_to_clusters(length)
-            rt_off = self.alloc_imrt(clusters, [0])
-            s = rt_off >> self.cbits
-            if not self.write_refblocks(s, s + clusters, reft):
-                break
-        if not self.checked_write("", rt_off, pack_be_u64_array(array("Q", reft))):
-            self.msg(f"{progname.name()}: ERROR writing reftable: Input/output error")
-            self.res.check_errors += 1
-            raise _Abort("EIO")
-        header_io.set_refcount_table(self.host, rt_off, clusters)
-        self.host.flush()
-        self.file_len = self.host.size()
-        self.reftable = array("Q", reft)
-        self.reftable_offset = rt_off
-        self.rb_cache.clear()
-
     def check_refcounts(self) -> None:
         res = self.res
         nb = self.size_to_clusters(self.file_len)
@@ -183,7 +98,9 @@ class _Refcounts(_Copied):
         if rebuild and self.fix & 2:
             old = _counts(res)
             self.msg("Rebuilding refcount structure")
-            self.rebuild()
+            from diskimg.qcow2.check.rebuild import rebuild_refcount_structure
+
+            rebuild_refcount_structure(self)
             for f in res.findings[n_find:]:
                 f["repaired"] = True
             res.corruptions = 0

@@ -9,10 +9,8 @@ from diskimg.errors import CorruptImageError, FormatError
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.check.report import CheckResult, _Abort
 from diskimg.qcow2.check.state import _Snap
-from diskimg.qcow2.check.stored import _Stored
 from diskimg.qcow2.layout import (
     HDR_NB_SNAPSHOTS,
-    HDR_SNAPSHOTS_OFFSET,
     QCOW_MAX_SNAPSHOTS,
     Header,
 )
@@ -57,100 +55,103 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from diskimg.qcow2.check.state import _State
 
-class _Snapshots(_Stored):
-    def read_snapshots(self) -> None:
-        nb_u, off_u = header_io.read_fields(self.host, HDR_NB_SNAPSHOTS, HDR_SNAPSHOTS_OFFSET)
-        fix_errors = bool(self.fix & 2)
-        reduced = 0  # snapshots dropped: the header's count is cut in place (as qemu)
-        nb_orig = nb_u
-        if nb_u > QCOW_MAX_SNAPSHOTS and fix_errors:
-            self.msg(f"Discarding {nb_u - QCOW_MAX_SNAPSHOTS} overhanging snapshots")
-            self.find("too-many-snapshots", True, table="snapshot-table", count=nb_u)
-            reduced = nb_u - QCOW_MAX_SNAPSHOTS
-            nb_u = QCOW_MAX_SNAPSHOTS
-        off = off_u - (1 << 64) if off_u >> 63 else off_u  # qemu reads it as signed
-        bad = check_table_pointer(nb_u, off_u, self.cs)
-        if bad is not None:
-            self.res.check_errors += 1
-            self.msg(f"{progname.name()}: ERROR snapshot table {bad}")
-            if nb_u > QCOW_MAX_SNAPSHOTS:
-                self.msg(f"You can force-remove all {nb_u - QCOW_MAX_SNAPSHOTS} overhanging "
-                         f"snapshots with {repair_hint()}")
-                self.find("too-many-snapshots", table="snapshot-table", count=nb_u)
-            else:
-                self.find("snapshot-table-invalid", table="snapshot-table", host_offset=off)
-            raise _Abort("EFBIG" if bad == "too large" else "EINVAL")
-        nb = nb_u
-        table = _Window(self.pread, off)
-        try:
-            walk = TableWalk(lambda pos: table.read(pos, EntryHeader.SIZE), nb, off,
-                             fix_errors)
-        except FormatError as exc:  # only without a repair
-            self.res.check_errors += 1
-            first, *hint = str(exc).split("\n")
-            self.msg(f"{progname.name()}: ERROR failed to read the snapshot table: {first}")
-            for line in hint:
-                self.msg(line)
-            if exc.field == "extra_data_size":
-                self.find("snapshot-extra-data", table="snapshot-table",
-                          host_offset=exc.offset)
-            else:
-                self.find("snapshot-table-too-big", table="snapshot-table", host_offset=off)
-            raise _Abort("EFBIG") from None
-        for p in walk.cut:
-            self.msg(f"Discarding too much extra metadata in snapshot table entry {p.index} "
-                     f"({p.header.extra_data_size} > {QCOW_MAX_SNAPSHOT_EXTRA_DATA})")
-            self.find("snapshot-extra-data", True, table="snapshot-table", index=p.index)
-        dropped = len(walk.cut)
-        if walk.discarded:
-            self.msg(f"Discarding {walk.discarded} overhanging snapshots (snapshot table is "
-                     "too big)")
-            self.find("snapshot-table-too-big", True, table="snapshot-table",
-                      host_offset=off, count=walk.discarded)
-            reduced += walk.discarded
-        snaps = []
-        for p in walk.places:
-            eh = p.header
-            id_at = p.start + EntryHeader.SIZE + eh.extra_data_size
-            id_str = c_bytes(table.read(id_at, eh.id_len)).decode("utf-8", "replace")
-            name = c_bytes(table.read(id_at + eh.id_len, eh.name_len)).decode("utf-8",
-                                                                              "replace")
-            snaps.append(_Snap(eh.l1_table_offset, eh.l1_size, id_str, name, p.extra_len,
-                               off + p.start))
-        pos = off + walk.size
-        if nb_u < nb_orig and pos - self.file_len >= self.cs:
-            # qemu goes on with a table that is not there: it reads zeros, cannot count
-            # the table's clusters, then finds its rewrite overlapping the old table and
-            # marks the image corrupt.  Refused here before anything is written.
-            raise CorruptImageError(f"Too many snapshots ({nb_orig}) in a snapshot table "
-                                    "that runs past the end of the file; repairing it is "
-                                    "not supported", offset=HDR_NB_SNAPSHOTS.offset)
-        if reduced:
-            # qemu writes the new count at once (the refcount pass then finds the clusters
-            # of the dropped entries leaked) and counts the drop as fixed
-            header_io.set_snapshots_count(self.host, len(snaps))
-            self.host.flush()
-            self.res.corruptions_fixed += reduced
-        self.res.snapshots_kept = len(snaps)
-        self.snapshots = snaps
-        self.snapshots_offset = off
-        self.snapshots_size = pos - off if snaps else 0
-        self.snap_corruptions += dropped
-        self.res.snapshot_repairs += dropped
-        self.res.snapshots_size = self.snapshots_size
-        if self.h.version >= 3:
-            # v3 entries must carry the 64-bit VM state size and the disk size
-            for i, sn in enumerate(snaps):
-                if sn.extra_data_size < 16:
-                    self.msg(f"{'Repairing' if fix_errors else 'ERROR'} snapshot table entry "
-                             f"{i} is incomplete")
-                    self.snap_corruptions += 1
-                    self.res.snapshot_repairs += 1
-                    self.res.incomplete_snapshots.append(i)
-                    self.find("snapshot-incomplete", table="snapshot-table", index=i,
-                              host_offset=sn.entry_offset, repaired=fix_errors,
-                              extra_data_size=sn.extra_data_size)
+
+def read_snapshots(st: _State, nb_u: int, off_u: int) -> None:
+    """qemu's qcow2_check_read_snapshot_table, for the header's count ``nb_u`` and offset
+    ``off_u`` as on disk (a pass without snapshots and with a valid offset skips it:
+    diskimg.qcow2.check._Pass.run)."""
+    fix_errors = bool(st.fix & 2)
+    reduced = 0  # snapshots dropped: the header's count is cut in place (as qemu)
+    nb_orig = nb_u
+    if nb_u > QCOW_MAX_SNAPSHOTS and fix_errors:
+        st.msg(f"Discarding {nb_u - QCOW_MAX_SNAPSHOTS} overhanging snapshots")
+        st.find("too-many-snapshots", True, table="snapshot-table", count=nb_u)
+        reduced = nb_u - QCOW_MAX_SNAPSHOTS
+        nb_u = QCOW_MAX_SNAPSHOTS
+    off = off_u - (1 << 64) if off_u >> 63 else off_u  # qemu reads it as signed
+    bad = check_table_pointer(nb_u, off_u, st.cs)
+    if bad is not None:
+        st.res.check_errors += 1
+        st.msg(f"{progname.name()}: ERROR snapshot table {bad}")
+        if nb_u > QCOW_MAX_SNAPSHOTS:
+            st.msg(f"You can force-remove all {nb_u - QCOW_MAX_SNAPSHOTS} overhanging "
+                     f"snapshots with {repair_hint()}")
+            st.find("too-many-snapshots", table="snapshot-table", count=nb_u)
+        else:
+            st.find("snapshot-table-invalid", table="snapshot-table", host_offset=off)
+        raise _Abort("EFBIG" if bad == "too large" else "EINVAL")
+    nb = nb_u
+    table = _Window(st.pread, off)
+    try:
+        walk = TableWalk(lambda pos: table.read(pos, EntryHeader.SIZE), nb, off,
+                         fix_errors)
+    except FormatError as exc:  # only without a repair
+        st.res.check_errors += 1
+        first, *hint = str(exc).split("\n")
+        st.msg(f"{progname.name()}: ERROR failed to read the snapshot table: {first}")
+        for line in hint:
+            st.msg(line)
+        if exc.field == "extra_data_size":
+            st.find("snapshot-extra-data", table="snapshot-table",
+                      host_offset=exc.offset)
+        else:
+            st.find("snapshot-table-too-big", table="snapshot-table", host_offset=off)
+        raise _Abort("EFBIG") from None
+    for p in walk.cut:
+        st.msg(f"Discarding too much extra metadata in snapshot table entry {p.index} "
+                 f"({p.header.extra_data_size} > {QCOW_MAX_SNAPSHOT_EXTRA_DATA})")
+        st.find("snapshot-extra-data", True, table="snapshot-table", index=p.index)
+    dropped = len(walk.cut)
+    if walk.discarded:
+        st.msg(f"Discarding {walk.discarded} overhanging snapshots (snapshot table is "
+                 "too big)")
+        st.find("snapshot-table-too-big", True, table="snapshot-table",
+                  host_offset=off, count=walk.discarded)
+        reduced += walk.discarded
+    snaps = []
+    for p in walk.places:
+        eh = p.header
+        id_at = p.start + EntryHeader.SIZE + eh.extra_data_size
+        id_str = c_bytes(table.read(id_at, eh.id_len)).decode("utf-8", "replace")
+        name = c_bytes(table.read(id_at + eh.id_len, eh.name_len)).decode("utf-8",
+                                                                          "replace")
+        snaps.append(_Snap(eh.l1_table_offset, eh.l1_size, id_str, name, p.extra_len,
+                           off + p.start))
+    pos = off + walk.size
+    if nb_u < nb_orig and pos - st.file_len >= st.cs:
+        # qemu goes on with a table that is not there: it reads zeros, cannot count
+        # the table's clusters, then finds its rewrite overlapping the old table and
+        # marks the image corrupt.  Refused here before anything is written.
+        raise CorruptImageError(f"Too many snapshots ({nb_orig}) in a snapshot table "
+                                "that runs past the end of the file; repairing it is "
+                                "not supported", offset=HDR_NB_SNAPSHOTS.offset)
+    if reduced:
+        # qemu writes the new count at once (the refcount pass then finds the clusters
+        # of the dropped entries leaked) and counts the drop as fixed
+        header_io.set_snapshots_count(st.host, len(snaps))
+        st.host.flush()
+        st.res.corruptions_fixed += reduced
+    st.res.snapshots_kept = len(snaps)
+    st.snapshots = snaps
+    st.snapshots_offset = off
+    st.snapshots_size = pos - off if snaps else 0
+    st.snap_corruptions += dropped
+    st.res.snapshot_repairs += dropped
+    st.res.snapshots_size = st.snapshots_size
+    if st.h.version >= 3:
+        # v3 entries must carry the 64-bit VM state size and the disk size
+        for i, sn in enumerate(snaps):
+            if sn.extra_data_size < 16:
+                st.msg(f"{'Repairing' if fix_errors else 'ERROR'} snapshot table entry "
+                         f"{i} is incomplete")
+                st.snap_corruptions += 1
+                st.res.snapshot_repairs += 1
+                st.res.incomplete_snapshots.append(i)
+                st.find("snapshot-incomplete", table="snapshot-table", index=i,
+                          host_offset=sn.entry_offset, repaired=fix_errors,
+                          extra_data_size=sn.extra_data_size)
 
 
 def _rewrite_snapshot_table(host: Any, header: Header, res: CheckResult) -> None:

@@ -86,7 +86,7 @@ class _State:
         self.tc = refcount_typecode(self.order)
         self.itemsize = array(self.tc).itemsize
         self.work = 0
-        self._l2_bad_bits: int | None = None  # see _plain_hosts
+        self._l2_bad_bits: bytes | None = None  # see _plain_hosts
         self.snap_corruptions = 0
         self.signaled = False  # qemu's s->signaled_corruption
         self.marked_corrupt = False
@@ -133,6 +133,23 @@ class _State:
 
     def write(self, offset: int, data: bytes) -> None:
         self.host.pwrite(offset, data)
+
+    # metadata overlap protection and corruption signalling, for repairs and findings only
+    # (diskimg.qcow2.check.overlap, loaded when first needed)
+    def signal_corruption(self, message: str, fatal: bool = True) -> None:
+        from diskimg.qcow2.check.overlap import signal_corruption
+
+        signal_corruption(self, message, fatal)
+
+    def overlap(self, ign: str, offset: int, size: int) -> str | None:
+        from diskimg.qcow2.check.overlap import overlap
+
+        return overlap(self, ign, offset, size)
+
+    def checked_write(self, ign: str, offset: int, data: bytes) -> bool:
+        from diskimg.qcow2.check.overlap import checked_write
+
+        return checked_write(self, ign, offset, data)
 
     def size_to_clusters(self, size: int) -> int:
         return (size + self.cs - 1) >> self.cbits

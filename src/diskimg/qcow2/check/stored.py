@@ -7,13 +7,13 @@ from __future__ import annotations
 from array import array
 
 from diskimg.hostio.file import trailing_zeros
-from diskimg.qcow2.check.overlap import _Overlap
 from diskimg.qcow2.check.report import _RefErr
 from diskimg.qcow2.check.state import (
     INT64_MAX,
     MAX_IMRT_BYTES,
     REFT_RESERVED_MASK,
     _hexc,
+    _State,
 )
 from diskimg.qcow2.refcount import (
     REFT_OFFSET_MASK,
@@ -22,7 +22,7 @@ from diskimg.qcow2.refcount import (
 )
 
 
-class _Stored(_Overlap):
+class _Stored(_State):
     def refblock(self, idx: int, *, quiet: bool = False) -> array[int] | None:
         """Stored refcount block ``idx`` decoded, or None when it is not allocated.
 

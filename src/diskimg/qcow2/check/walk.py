@@ -12,7 +12,6 @@ from diskimg.hostio import all_zero
 from diskimg.hostio.file import trailing_zeros
 from diskimg.qcow2.cache import be_u64_array
 from diskimg.qcow2.check.report import _Abort
-from diskimg.qcow2.check.snapshots import _Snapshots
 from diskimg.qcow2.check.state import (
     _COMPRESSED,
     _NORMAL,
@@ -20,6 +19,7 @@ from diskimg.qcow2.check.state import (
     _ZERO_ALLOC,
     _hexc,
 )
+from diskimg.qcow2.check.stored import _Stored
 from diskimg.qcow2.entries import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
@@ -40,34 +40,45 @@ from diskimg.qcow2.layout import (
 )
 
 
+#: each byte value with its top bit cleared: the COPIED flag (bit 63) of a big-endian entry
+_CLEAR_TOP_BIT = bytes(b & 0x7F for b in range(256))
+
+
 def _tables_bad(tables: list[tuple[int, int]], cs: int) -> bool:
     return any(t_off & (cs - 1) or t_size * 8 > QCOW_MAX_L1_SIZE for t_off, t_size in tables)
 
 
-class _Walk(_Snapshots):
+class _Walk(_Stored):
     def _plain_hosts(self, raw: bytes) -> list[int] | None:
         """Host offsets of the entries of a standard L2 table (non-zero ones, in order)
         when every one is a plain data cluster: no flag but COPIED, no reserved bit, a
         non-zero cluster-aligned offset inside the file.  None when any entry needs the
         entry-by-entry check (or the image has extended L2 entries or a data file).
 
-        Decided with one big-integer AND over the whole table (the bits no plain entry
-        has: 56-62 and those below the cluster size), so a clean table costs no Python
-        work per entry but one list comprehension."""
+        Decided with one big-integer AND over the table's entries up to its last non-zero
+        one (the bits no plain entry has: 56-62 and those below the cluster size), so a
+        clean table costs no Python work per entry but one list comprehension, and the
+        unused rest of a table nothing but a memcmp."""
         if self.ext_l2 or self.data_file:
             return None
+        # the entries up to the last non-zero one (the rest have no host offset)
+        used = raw[: -(-(len(raw) - trailing_zeros(raw)) // 8) * 8]
         bad = self._l2_bad_bits
         if bad is None:
             lane = ((1 << 63) - (1 << 56)) | (self.cs - 1)
-            bad = self._l2_bad_bits = int.from_bytes(lane.to_bytes(8, "big") * self.l2_size,
-                                                      "big")
-        if int.from_bytes(raw, "big") & bad:
+            bad = self._l2_bad_bits = lane.to_bytes(8, "big") * self.l2_size
+        if int.from_bytes(used, "big") & int.from_bytes(bad[: len(used)], "big"):
             return None
-        # the entries up to the last non-zero one (the rest have no host offset)
-        tab = be_u64_array(raw[: -(-(len(raw) - trailing_zeros(raw)) // 8) * 8])
-        mask = L2E_OFFSET_MASK
-        hosts = [e & mask for e in tab if e]
-        if not hosts or 0 in hosts or max(hosts) >= self.file_len:
+        # no bit but COPIED (63) and the offset's: an entry's host offset is the entry
+        # with its first byte's top bit cleared (a bytes.translate, not a loop per entry)
+        holes = be_u64_array(used).count(0)
+        flagless = bytearray(used)
+        flagless[::8] = flagless[::8].translate(_CLEAR_TOP_BIT)
+        offs = be_u64_array(bytes(flagless))
+        if offs.count(0) != holes:  # a flagged entry without a host offset
+            return None
+        hosts = [h for h in offs if h] if holes else offs.tolist()
+        if not hosts or max(hosts) >= self.file_len:
             return None
         return hosts
 
@@ -75,21 +86,20 @@ class _Walk(_Snapshots):
         """check_l2 for a table of plain data clusters (:meth:`_plain_hosts`): one
         reference each, the allocation and fragmentation counts.  False, with nothing
         counted, when a refcount could reach its maximum (the full check reports that)."""
-        cb = self.cbits
-        ks = [h >> cb for h in hosts]
+        ks = list(map(self.cbits.__rrshift__, hosts))  # h >> cbits: the clusters
         need = max(ks) + 1
         if need > self.nb:
             self.grow_imrt(need)
         imrt = self.imrt
-        if max(imrt[k] for k in ks) + len(ks) >= self.rc_max:
+        if max(map(imrt.__getitem__, ks)) + len(ks) >= self.rc_max:
             return False
         for k in ks:
             imrt[k] += 1
         if frag:
-            cs = self.cs
+            # a cluster not right after the previous entry's starts a fragment
             self.res.allocated_clusters += len(hosts)
-            self.res.fragmented_clusters += sum(1 for a, b in zip(hosts, hosts[1:])
-                                                if b != a + cs)
+            self.res.fragmented_clusters += sum(map(int.__ne__, hosts[1:],
+                                                    map(self.cs.__add__, hosts)))
         return True
 
     def _all_copied_once(self, raw: bytes, hosts: list[int]) -> bool:
@@ -100,6 +110,13 @@ class _Walk(_Snapshots):
         if raw[::8].count(0x80) != len(hosts):
             return False
         cb, rb_bits, m = self.cbits, self.rb_bits, self.rb_entries - 1
+        first, last = min(hosts) >> cb >> rb_bits, max(hosts) >> cb >> rb_bits
+        if first == last:  # one refcount block holds them all (2 GiB of 64 KiB clusters)
+            blk = self.refblock(first, quiet=True)
+            if blk is None:
+                return False
+            ks = map(m.__rand__, map(cb.__rrshift__, hosts))  # (h >> cb) & m
+            return list(map(blk.__getitem__, ks)).count(1) == len(hosts)
         cur, blk = -1, None
         for h in hosts:
             k = h >> cb
