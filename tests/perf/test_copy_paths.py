@@ -59,7 +59,8 @@ def test_concatenated_sources_same_map_and_bytes_as_qemu(tmp_path: Path, qemu: A
 def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Every data chunk of a pipelined copy is scanned once, on the read-ahead thread,
-    and the target is the source's bytes."""
+    and the target is the source's bytes (sources this small are copied inline unless
+    the threshold is lowered: see the next test)."""
     srcs = _sources(tmp_path)
     threads: list[str] = []
     real = copier.sparse_runs
@@ -69,10 +70,46 @@ def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
         return real(*a)
 
     monkeypatch.setattr(copier, "sparse_runs", spy)
+    monkeypatch.setattr(copier, "_INLINE_MAX", 0)
     out = tmp_path / "o.qcow2"
     diskimg.convert([str(s) for s in srcs], str(out), "qcow2", format="raw")
     assert threads and set(threads) == {"diskimg-readahead"}
     with diskimg.open(out) as img:
+        got = hashlib.sha256(img.read(0, img.size)).hexdigest()
+    assert got == hashlib.sha256(b"".join(s.read_bytes() for s in srcs)).hexdigest()
+
+
+def test_small_sources_are_copied_inline_with_the_bytes_of_a_pipelined_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sources of at most ``_INLINE_MAX`` bytes are copied on the caller's thread: no
+    read-ahead thread is started, every chunk is scanned on the caller's thread, and
+    the target holds every byte (and every hole) that the pipelined copy writes."""
+    srcs = _sources(tmp_path)
+    assert all(s.stat().st_size <= copier._INLINE_MAX for s in srcs)
+    threads: list[str] = []
+    started: list[str] = []
+    real_scan, real_start = copier.sparse_runs, threading.Thread.start
+
+    def spy(*a: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_scan(*a)
+
+    def start(self: threading.Thread) -> None:
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(copier, "sparse_runs", spy)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    inline = tmp_path / "inline.qcow2"
+    diskimg.convert([str(s) for s in srcs], str(inline), "qcow2", format="raw")
+    assert started == []
+    assert threads and set(threads) == {threading.current_thread().name}
+    monkeypatch.setattr(copier, "_INLINE_MAX", 0)
+    piped = tmp_path / "piped.qcow2"
+    diskimg.convert([str(s) for s in srcs], str(piped), "qcow2", format="raw")
+    assert "diskimg-readahead" in started
+    assert inline.read_bytes() == piped.read_bytes()  # same clusters, same holes
+    with diskimg.open(inline) as img:
         got = hashlib.sha256(img.read(0, img.size)).hexdigest()
     assert got == hashlib.sha256(b"".join(s.read_bytes() for s in srcs)).hexdigest()
 

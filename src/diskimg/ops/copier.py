@@ -6,7 +6,6 @@ sources."""
 from __future__ import annotations
 
 import time
-from collections import deque
 
 from diskimg.device import BlockDevice
 from diskimg.errors import FormatError
@@ -95,6 +94,10 @@ class Salvage:
         """The block status at ``pos`` could not be read: the caller reads that one
         sector as data (qemu-img's words for it)."""
         self._say(f"error while reading block status at offset {pos}: Input/output error")
+
+
+#: sources up to this size are copied without the read-ahead thread (:meth:`_Copier.copy`)
+_INLINE_MAX = 4 * CHUNK
 
 
 class _Copier:
@@ -214,6 +217,8 @@ class _Copier:
         # chunks in flight (each holds a CHUNK buffer): bounded, so memory is too
         window = max(2, min(2 * workers, 6))
         Result = list[bytes | bool | RunKind | None]
+        from collections import deque  # (here: a plain copy does not load collections)
+
         pending: deque[tuple[int, int, Any, Future[Result] | list[RunKind]]] = deque()
         spare: list[Any] = []
 
@@ -400,8 +405,11 @@ class _Copier:
     def copy(self, src: BlockDevice, base: int, pipelined: bool = True) -> None:
         """Copy ``src`` to the target at ``base``.  With ``pipelined`` the source is
         planned and read on a second thread, up to ``_BUFFERS - 1`` chunks ahead of the
-        writes (both sides spend their time in system calls that release the GIL)."""
-        if not pipelined or self.salvage is not None:
+        writes (both sides spend their time in system calls that release the GIL); a
+        source of at most ``_INLINE_MAX`` bytes is copied on this thread all the same (the
+        same reads and writes: starting the thread, and importing queue and threading,
+        cost more than the overlap saves there)."""
+        if not pipelined or self.salvage is not None or src.size <= _INLINE_MAX:
             buf = aligned_buffer(CHUNK)
             for kind, pos, n, runs in self._plan(src, base):
                 if kind is _DATA:
