@@ -269,7 +269,7 @@ CONVERT = VERSION | {
     "diskimg.api", "diskimg.cli.commands", "diskimg.cli.commands._shared",
     "diskimg.cli.commands.convert", "diskimg.cli.progress", "diskimg.cli.quickparse",
     "diskimg.device", "diskimg.hostio", "diskimg.hostio.file", "diskimg.hostio.lock",
-    "diskimg.hostio.urls", "diskimg.hostio.workers",
+    "diskimg.hostio.urls",
     "diskimg.info_text", "diskimg.ops", "diskimg.ops.common",
     "diskimg.ops.convert", "diskimg.ops.copier", "diskimg.ops.readahead",
     "diskimg.ops.zero", "diskimg.options", "diskimg.params",

@@ -12,7 +12,6 @@ from diskimg.errors import FormatError
 from diskimg.hostio import aligned_buffer
 
 from diskimg.hostio import all_zero
-from diskimg.hostio.workers import worker_pool
 from diskimg.ops.common import _ZEROS, CHUNK, SECTOR, ProgressFn
 from diskimg.ops.readahead import (
     _COMBINE_BELOW,
@@ -272,6 +271,8 @@ class _Copier:
                     put(run_off, run)
                 self.tick(n)
                 spare.append(buf)
+
+        from diskimg.hostio.workers import worker_pool  # (a plain copy starts no pool)
 
         with worker_pool(workers, "compress") as pool:
             for start in range(0, self.total, step):

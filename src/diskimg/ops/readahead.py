@@ -12,7 +12,6 @@ import os
 
 from diskimg.device import BlockDevice
 from diskimg.hostio import aligned_buffer
-from diskimg.hostio.workers import worker_pool
 from diskimg.plan import Run, RunKind
 
 from diskimg.ops.common import CHUNK
@@ -271,6 +270,8 @@ class _ClusterDecoder:
     def decode_into(self, batch: list[tuple[int, int, Run]], buf: Any) -> Future[None]:
         """Decode the ``(pos, n, run)`` pieces back to back into ``buf`` on the pool."""
         if self.pool is None:
+            from diskimg.hostio.workers import worker_pool
+
             self.pool = worker_pool(self.workers, "dec")
         return self.pool.submit(self._decode_batch, batch, buf)
 
