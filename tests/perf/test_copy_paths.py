@@ -6,6 +6,7 @@ into holes exactly where qemu-img splits them.  Clock-free: speed is benchmarks/
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import threading
 from pathlib import Path
@@ -219,3 +220,44 @@ def test_a_long_data_run_is_cut_into_chunks_from_one_status_query(tmp_path: Path
     diskimg.convert(src, out, "qcow2", format="raw")
     with diskimg.open(out) as img:
         assert img.read(0, img.size) == data + bytes(4 * CHUNK - 4096)
+
+
+def test_a_compressed_run_moves_a_mid_sized_copy_to_the_pool_with_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A qcow2 source above ``_DECODE_SWITCH_MIN`` (and at most ``_INLINE_MAX``) is copied
+    inline while it has no compressed cluster: without one no thread starts; at its first
+    compressed run the rest goes to the read-ahead thread and the decoding pool.  Either
+    way the target holds every byte of the source."""
+    size = copier._DECODE_SWITCH_MIN + 4 * MiB
+    rng = random.Random(7)
+    raw = tmp_path / "s.raw"
+    data = bytearray(size)
+    for at in range(0, size, MiB):
+        if rng.random() < 0.7:
+            data[at : at + MiB] = rng.randbytes(4096) * 256  # compressible
+    raw.write_bytes(bytes(data))
+    plain, packed = tmp_path / "p.qcow2", tmp_path / "c.qcow2"
+    diskimg.convert(raw, plain, "qcow2", format="raw")
+    diskimg.convert(raw, packed, "qcow2", format="raw", compress=True)
+    head = rng.randbytes(3 * MiB)
+    with diskimg.open(packed, "r+") as img:  # an uncompressed head: copied inline first
+        img.write(0, head)
+    data[: len(head)] = head
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    out = tmp_path / "p.raw"
+    diskimg.convert(plain, out, "raw", format="qcow2")
+    assert started == []
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(raw.read_bytes()).digest()
+    out2 = tmp_path / "c.raw"
+    diskimg.convert(packed, out2, "raw", format="qcow2")
+    assert "diskimg-readahead" in started
+    if (os.cpu_count() or 1) >= 2:
+        assert any(n.startswith("diskimg-dec") for n in started)
+    assert out2.read_bytes() == bytes(data)
