@@ -6,6 +6,7 @@ into holes exactly where qemu-img splits them.  Clock-free: speed is benchmarks/
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import threading
 from pathlib import Path
@@ -59,7 +60,8 @@ def test_concatenated_sources_same_map_and_bytes_as_qemu(tmp_path: Path, qemu: A
 def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Every data chunk of a pipelined copy is scanned once, on the read-ahead thread,
-    and the target is the source's bytes."""
+    and the target is the source's bytes (sources this small are copied inline unless
+    the threshold is lowered: see the next test)."""
     srcs = _sources(tmp_path)
     threads: list[str] = []
     real = copier.sparse_runs
@@ -69,10 +71,46 @@ def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
         return real(*a)
 
     monkeypatch.setattr(copier, "sparse_runs", spy)
+    monkeypatch.setattr(copier, "_INLINE_MAX", 0)
     out = tmp_path / "o.qcow2"
     diskimg.convert([str(s) for s in srcs], str(out), "qcow2", format="raw")
     assert threads and set(threads) == {"diskimg-readahead"}
     with diskimg.open(out) as img:
+        got = hashlib.sha256(img.read(0, img.size)).hexdigest()
+    assert got == hashlib.sha256(b"".join(s.read_bytes() for s in srcs)).hexdigest()
+
+
+def test_small_sources_are_copied_inline_with_the_bytes_of_a_pipelined_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sources of at most ``_INLINE_MAX`` bytes are copied on the caller's thread: no
+    read-ahead thread is started, every chunk is scanned on the caller's thread, and
+    the target holds every byte (and every hole) that the pipelined copy writes."""
+    srcs = _sources(tmp_path)
+    assert all(s.stat().st_size <= copier._INLINE_MAX for s in srcs)
+    threads: list[str] = []
+    started: list[str] = []
+    real_scan, real_start = copier.sparse_runs, threading.Thread.start
+
+    def spy(*a: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_scan(*a)
+
+    def start(self: threading.Thread) -> None:
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(copier, "sparse_runs", spy)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    inline = tmp_path / "inline.qcow2"
+    diskimg.convert([str(s) for s in srcs], str(inline), "qcow2", format="raw")
+    assert started == []
+    assert threads and set(threads) == {threading.current_thread().name}
+    monkeypatch.setattr(copier, "_INLINE_MAX", 0)
+    piped = tmp_path / "piped.qcow2"
+    diskimg.convert([str(s) for s in srcs], str(piped), "qcow2", format="raw")
+    assert "diskimg-readahead" in started
+    assert inline.read_bytes() == piped.read_bytes()  # same clusters, same holes
+    with diskimg.open(inline) as img:
         got = hashlib.sha256(img.read(0, img.size)).hexdigest()
     assert got == hashlib.sha256(b"".join(s.read_bytes() for s in srcs)).hexdigest()
 
@@ -182,3 +220,44 @@ def test_a_long_data_run_is_cut_into_chunks_from_one_status_query(tmp_path: Path
     diskimg.convert(src, out, "qcow2", format="raw")
     with diskimg.open(out) as img:
         assert img.read(0, img.size) == data + bytes(4 * CHUNK - 4096)
+
+
+def test_a_compressed_run_moves_a_mid_sized_copy_to_the_pool_with_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A qcow2 source above ``_DECODE_SWITCH_MIN`` (and at most ``_INLINE_MAX``) is copied
+    inline while it has no compressed cluster: without one no thread starts; at its first
+    compressed run the rest goes to the read-ahead thread and the decoding pool.  Either
+    way the target holds every byte of the source."""
+    size = copier._DECODE_SWITCH_MIN + 4 * MiB
+    rng = random.Random(7)
+    raw = tmp_path / "s.raw"
+    data = bytearray(size)
+    for at in range(0, size, MiB):
+        if rng.random() < 0.7:
+            data[at : at + MiB] = rng.randbytes(4096) * 256  # compressible
+    raw.write_bytes(bytes(data))
+    plain, packed = tmp_path / "p.qcow2", tmp_path / "c.qcow2"
+    diskimg.convert(raw, plain, "qcow2", format="raw")
+    diskimg.convert(raw, packed, "qcow2", format="raw", compress=True)
+    head = rng.randbytes(3 * MiB)
+    with diskimg.open(packed, "r+") as img:  # an uncompressed head: copied inline first
+        img.write(0, head)
+    data[: len(head)] = head
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    out = tmp_path / "p.raw"
+    diskimg.convert(plain, out, "raw", format="qcow2")
+    assert started == []
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(raw.read_bytes()).digest()
+    out2 = tmp_path / "c.raw"
+    diskimg.convert(packed, out2, "raw", format="qcow2")
+    assert "diskimg-readahead" in started
+    if (os.cpu_count() or 1) >= 2:
+        assert any(n.startswith("diskimg-dec") for n in started)
+    assert out2.read_bytes() == bytes(data)

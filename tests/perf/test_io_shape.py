@@ -188,7 +188,11 @@ class _Failing(diskimg.BlockDevice):
         buf[:] = b"\x01" * len(buf)
 
 
-def test_reader_thread_errors_reach_the_caller_and_the_thread_ends(tmp_path: Path) -> None:
+def test_reader_thread_errors_reach_the_caller_and_the_thread_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diskimg.ops import copier
+
+    monkeypatch.setattr(copier, "_INLINE_MAX", 0)  # (a source this small is copied inline)
     before = {t.name for t in threading.enumerate()}
     with pytest.raises(OSError, match="Input/output error"):
         diskimg.convert(_Failing(16 * MiB, 6 * MiB), tmp_path / "o.raw", "raw")
@@ -196,7 +200,11 @@ def test_reader_thread_errors_reach_the_caller_and_the_thread_ends(tmp_path: Pat
                 if t.name == "diskimg-readahead" and t.name not in before]
 
 
-def test_writer_errors_stop_the_reader(tmp_path: Path) -> None:
+def test_writer_errors_stop_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diskimg.ops import copier
+
+    monkeypatch.setattr(copier, "_INLINE_MAX", 0)  # (a source this small is copied inline)
+
     class Tgt(diskimg.BlockDevice):
         format, size, read_only = "raw", 32 * MiB, False
 

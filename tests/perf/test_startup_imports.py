@@ -332,13 +332,12 @@ CONVERT = VERSION | {
     "diskimg.api", "diskimg.cli.commands", "diskimg.cli.commands._shared",
     "diskimg.cli.commands.convert", "diskimg.cli.progress", "diskimg.cli.quickparse",
     "diskimg.device", "diskimg.hostio", "diskimg.hostio.file", "diskimg.hostio.lock",
-    "diskimg.hostio.sink", "diskimg.hostio.urls", "diskimg.hostio.workers",
-    "diskimg.info_text", "diskimg.ops", "diskimg.ops.bitmap_copy", "diskimg.ops.common",
+    "diskimg.hostio.urls",
+    "diskimg.info_text", "diskimg.ops", "diskimg.ops.common",
     "diskimg.ops.convert", "diskimg.ops.copier", "diskimg.ops.readahead",
-    "diskimg.ops.stream_convert", "diskimg.ops.zero", "diskimg.options", "diskimg.params",
+    "diskimg.ops.zero", "diskimg.options", "diskimg.params",
     "diskimg.persistent_bitmaps", "diskimg.plan", "diskimg.policy", "diskimg.probe",
-    "diskimg.records", "diskimg.slotted", "diskimg.units",
-    "diskimg.nbd", "diskimg.nbd.url"}  # (ops/convert.py's _is_nbd asks every target name)
+    "diskimg.records", "diskimg.slotted", "diskimg.units"}
 #: ... with a qcow2 on either side (the writer: create, refcounts; the bitmap modules
 #: because every qcow2 write asks ``img.bitmaps``, see the report of session 9)
 CONVERT_QCOW2 = QCOW2_READ | {"diskimg.qcow2.create", "diskimg.qcow2.refcount",
@@ -347,8 +346,13 @@ CONVERT_QCOW2 = QCOW2_READ | {"diskimg.qcow2.create", "diskimg.qcow2.refcount",
 #: the command line), typing, dataclasses, importlib, signal (SIGTERM handling is for URL
 #: targets only), the ctypes package (hostio.file's alignment test uses the extension
 #: module _ctypes alone), pathlib (and the re, enum, urllib and ipaddress it loads: a new
-#: target's files are named by ``HostFile.name``)
-NOT_FOR_CONVERT = ("pathlib", "re", "enum", "urllib", "ipaddress",
+#: target's files are named by ``HostFile.name``), queue and threading (a small image is
+#: copied without the read-ahead thread), contextlib, and the code of streamed targets,
+#: of ``--bitmaps`` and of NBD URLs (diskimg.ops.stream_convert, diskimg.hostio.sink,
+#: select, diskimg.ops.bitmap_copy, diskimg.nbd)
+NOT_FOR_CONVERT = ("pathlib", "re", "enum", "urllib", "ipaddress", "queue", "threading",
+                   "contextlib", "select", "diskimg.ops.stream_convert",
+                   "diskimg.hostio.sink", "diskimg.ops.bitmap_copy", "diskimg.nbd",
                    "dataclasses", "inspect", "ast", "dis", "tokenize", "argparse", "gettext",
                    "locale", "typing", "importlib", "signal", "ctypes", "json", "shlex",
                    "textwrap",

@@ -4,6 +4,7 @@ source (a path is opened read-only and closed by the caller; a device is borrowe
 from __future__ import annotations
 
 import os
+import stat
 
 from diskimg import api
 from diskimg.device import BlockDevice
@@ -29,3 +30,22 @@ def _open(src: Source, fmt: str | None, kw: Mapping[str, Any],
     if isinstance(src, BlockDevice):
         return src, False
     return api.open(src, mode, fmt, **kw), True
+
+
+def is_stream_path(dst: str | os.PathLike[str]) -> bool:
+    """Whether the target named ``dst`` is written as a stream (see
+    :func:`diskimg.ops.stream_convert.is_stream`): a URL other than an NBD one (a new
+    object), or the path of a FIFO or a socket.  Here, not there, so that a convert to a
+    file decides without importing the streaming code (start-up, issue 20)."""
+    if isinstance(dst, str):
+        from diskimg.hostio.urls import is_url
+
+        if is_url(dst):
+            from diskimg.nbd.url import is_nbd_url
+
+            return not is_nbd_url(dst)  # an NBD export is written in place, as a device
+    try:
+        mode = os.stat(dst).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)

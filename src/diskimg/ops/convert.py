@@ -4,7 +4,6 @@ was."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 
@@ -12,10 +11,8 @@ from diskimg import api
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 
-from diskimg.ops.bitmap_copy import check_copy, copy_bitmaps
-from diskimg.ops.common import SECTOR, ProgressFn, Source, _open
+from diskimg.ops.common import SECTOR, ProgressFn, Source, _open, is_stream_path
 from diskimg.ops.copier import RateLimit, Salvage, _Copier
-from diskimg.ops.stream_convert import StreamTarget, convert_to_stream, is_stream, refusal
 from diskimg.params import renamed
 from diskimg.units import SIZE_HELP
 
@@ -25,6 +22,7 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from typing import Any
 
     from diskimg.hostio.host import Host
+    from diskimg.ops.stream_convert import StreamTarget
 
 
 def _snapshot_view(dev: BlockDevice, snapshot: tuple[str | None, str | None]) -> BlockDevice:
@@ -148,7 +146,12 @@ def convert(
                          field="storage_options")
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {})}
-    if is_stream(dst):
+    # the streaming code (and --bitmaps') is imported only when used (start-up, issue 20)
+    streamed = (is_stream_path(dst) if isinstance(dst, str | os.PathLike)
+                else not isinstance(dst, BlockDevice) and _is_stream(dst))
+    if streamed:
+        from diskimg.ops.stream_convert import refusal
+
         why = refusal(out_format, len(srcs), options or {}, compress=compress, dst=dst,
                       backing_file=backing_file, target_exists=target_exists,
                       bitmaps=bitmaps, salvage=salvage is not False,
@@ -173,7 +176,9 @@ def convert(
                 raise UsageError("No support for concatenating multiple snapshot")
             devs = [_snapshot_view(devs[0], snapshot)]
         total = sum(d.size for d in devs)
-        if is_stream(dst):
+        if streamed:
+            from diskimg.ops.stream_convert import convert_to_stream
+
             convert_to_stream(devs, dst, out_format, options or {}, progress=progress,
                               on_created=on_created, workers=workers,
                               storage_options=storage_options)
@@ -183,13 +188,15 @@ def convert(
             raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
         skip: list[str] = []
         if bitmaps and (not target_exists or isinstance(dst, BlockDevice)):
+            from diskimg.ops.bitmap_copy import check_copy
+
             skip = check_copy(devs, out_format, options,
                               dst if isinstance(dst, BlockDevice) else None,
                               skip_broken_bitmaps)
         if isinstance(dst, BlockDevice):
             if not target_exists:
                 raise UsageError("an open target device needs target_exists=True")
-            tgt_cm: Any = contextlib.nullcontext(dst)
+            tgt_cm: Any = _Borrowed(dst)
         else:
             if not target_exists:
                 if not os.path.lexists(dst) and not _is_nbd(dst):
@@ -217,6 +224,8 @@ def convert(
             if tgt.size < total:
                 raise UsageError("output file is smaller than input file")
             if bitmaps and target_exists and not isinstance(dst, BlockDevice):
+                from diskimg.ops.bitmap_copy import check_copy
+
                 skip = check_copy(devs, out_format, options, tgt, skip_broken_bitmaps)
             cluster = tgt.cluster_size or 0
             align = max(_pow2floor(max(sparse_size, SECTOR) // SECTOR), cluster // SECTOR
@@ -250,6 +259,8 @@ def convert(
                     base += d.size
             tgt.flush()
             if bitmaps:
+                from diskimg.ops.bitmap_copy import copy_bitmaps
+
                 copy_bitmaps(devs[0], tgt, skip, warn)
                 tgt.flush()
     except BaseException:
@@ -264,11 +275,32 @@ def convert(
                 dev.close()
 
 
+class _Borrowed:
+    """An open target device used as the ``with`` target: left open on exit."""
+
+    def __init__(self, dev: BlockDevice) -> None:
+        self.dev = dev
+
+    def __enter__(self) -> BlockDevice:
+        return self.dev
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _is_stream(dst: object) -> bool:
+    from diskimg.ops.stream_convert import is_stream
+
+    return is_stream(dst)
+
+
 def _is_nbd(dst: str | os.PathLike[str]) -> bool:
     """An NBD URL: the export exists already (api.create writes onto it; never removed)."""
+    if not isinstance(dst, str) or "://" not in dst:
+        return False  # not a URL: decided without importing the URL parser (start-up)
     from diskimg.nbd.url import is_nbd_url
 
-    return isinstance(dst, str) and is_nbd_url(dst)
+    return is_nbd_url(dst)
 
 
 def _is_fsspec(src: Source) -> bool:
@@ -287,8 +319,10 @@ def _listings(dst: str | os.PathLike[str], data_file: object) -> dict[str, set[s
         dirs.add(os.path.dirname(os.path.join(base, data_file)))
     out: dict[str, set[str]] = {}
     for d in dirs:
-        with contextlib.suppress(OSError):
+        try:
             out[d] = set(os.listdir(d))
+        except OSError:
+            pass
     return out
 
 
@@ -302,8 +336,10 @@ def _new_files(tgt: BlockDevice, dst: str | os.PathLike[str],
         p = os.path.abspath(h.name)  # (h.path would import pathlib: start-up)
         d, name = os.path.split(p)
         if p != top and d in listed and name not in listed[d]:
-            with contextlib.suppress(OSError):
+            try:
                 out.append((p, os.stat(p)))
+            except OSError:
+                pass
     return out
 
 
@@ -325,8 +361,10 @@ def _remove_created(path: str | os.PathLike[str], made: os.stat_result | None) -
             return
         if (st.st_dev, st.st_ino) != (made.st_dev, made.st_ino):
             return
-    with contextlib.suppress(OSError):
+    try:
         os.unlink(path)
+    except OSError:
+        pass
 
 
 def _host_files(dev: BlockDevice) -> list[Host]:

@@ -5,18 +5,18 @@ sources."""
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections import deque
 
 from diskimg.device import BlockDevice
 from diskimg.errors import FormatError
 from diskimg.hostio import aligned_buffer
 
 from diskimg.hostio import all_zero
-from diskimg.hostio.workers import worker_pool
 from diskimg.ops.common import _ZEROS, CHUNK, SECTOR, ProgressFn
 from diskimg.ops.readahead import (
     _COMBINE_BELOW,
+    _ClusterDecoder,
     _ClusterKinds,
     _Concat,
     _Decoded,
@@ -95,6 +95,13 @@ class Salvage:
         """The block status at ``pos`` could not be read: the caller reads that one
         sector as data (qemu-img's words for it)."""
         self._say(f"error while reading block status at offset {pos}: Input/output error")
+
+
+#: sources up to this size are copied without the read-ahead thread (:meth:`_Copier.copy`)
+_INLINE_MAX = 256 << 20
+#: ... except that one larger than this moves to the thread and its decoding pool at its
+#: first compressed run (up to this size it never starts a thread)
+_DECODE_SWITCH_MIN = 4 * CHUNK
 
 
 class _Copier:
@@ -214,6 +221,8 @@ class _Copier:
         # chunks in flight (each holds a CHUNK buffer): bounded, so memory is too
         window = max(2, min(2 * workers, 6))
         Result = list[bytes | bool | RunKind | None]
+        from collections import deque  # (here: a plain copy does not load collections)
+
         pending: deque[tuple[int, int, Any, Future[Result] | list[RunKind]]] = deque()
         spare: list[Any] = []
 
@@ -267,6 +276,8 @@ class _Copier:
                     put(run_off, run)
                 self.tick(n)
                 spare.append(buf)
+
+        from diskimg.hostio.workers import worker_pool  # (a plain copy starts no pool)
 
         with worker_pool(workers, "compress") as pool:
             for start in range(0, self.total, step):
@@ -398,18 +409,40 @@ class _Copier:
         return (_ZERO if st.zero or (not st.allocated and not st.data) else _DATA), n
 
     def copy(self, src: BlockDevice, base: int, pipelined: bool = True) -> None:
-        """Copy ``src`` to the target at ``base``.  With ``pipelined`` the source is
-        planned and read on a second thread, up to ``_BUFFERS - 1`` chunks ahead of the
-        writes (both sides spend their time in system calls that release the GIL)."""
-        if not pipelined or self.salvage is not None:
-            buf = aligned_buffer(CHUNK)
-            for kind, pos, n, runs in self._plan(src, base):
-                if kind is _DATA:
-                    self._read(src.readinto, pos, memoryview(buf)[:n])
-                self._put(kind, base + pos, buf if kind is _DATA else runs, n)
-            self.flush_pending()
+        """Copy ``src`` to the target at ``base``.  With ``pipelined`` a source larger
+        than ``_INLINE_MAX`` is planned and read on a second thread, up to ``_BUFFERS - 1``
+        chunks ahead of the writes (both sides spend their time in system calls that
+        release the GIL); a smaller one is copied on this thread, with the same reads and
+        writes: the thread's hand-offs, and a buffer filled on one core and written
+        from another, cost more CPU than the overlap saves there (paired runs at 256 MiB,
+        see the commit), as do starting the thread and importing queue and threading for
+        a small image.  A source of this size whose compressed clusters the pool can decode
+        (:class:`_ClusterDecoder`) moves to the thread and its pool at its first
+        compressed run when it is larger than ``_DECODE_SWITCH_MIN``."""
+        plan = self._plan(src, base)
+        if pipelined and self.salvage is None and src.size > _INLINE_MAX:
+            self._pipelined(src, base, plan)
             return
-        with _ReadAhead(src, self._plan(src, base), self._scan(base)) as ahead:
+        dec = (_ClusterDecoder.for_device(src)
+               if pipelined and self.salvage is None and src.size > _DECODE_SWITCH_MIN
+               else None)
+        buf = aligned_buffer(CHUNK)
+        for item in plan:
+            kind, pos, n, runs = item
+            if kind is _DATA:
+                if dec is not None and dec.entry(pos, n) is not None:
+                    # compressed clusters: decoded on the pool from here on
+                    self.flush_pending()
+                    self._pipelined(src, base, itertools.chain((item,), plan))
+                    return
+                self._read(src.readinto, pos, memoryview(buf)[:n])
+            self._put(kind, base + pos, buf if kind is _DATA else runs, n)
+        self.flush_pending()
+
+    def _pipelined(self, src: BlockDevice, base: int,
+                   plan: Iterator[tuple[RunKind, int, int, list[int] | None]]) -> None:
+        """Copy the rest of ``plan`` of ``src`` with the read-ahead thread."""
+        with _ReadAhead(src, plan, self._scan(base)) as ahead:
             for kind, pos, n, item, runs in ahead:
                 if isinstance(item, _Decoded):  # compressed clusters decoded by the pool
                     item.future.result()

@@ -9,18 +9,16 @@ ZERO, and UNALLOCATED (left to the target's backing file, ``-B``)."""
 from __future__ import annotations
 
 import os
-import queue
-import threading
 
 from diskimg.device import BlockDevice
 from diskimg.hostio import aligned_buffer
-from diskimg.hostio.workers import worker_pool
 from diskimg.plan import Run, RunKind
 
 from diskimg.ops.common import CHUNK
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
+    import queue
     from collections.abc import Callable, Iterator, Sequence
     from concurrent.futures import Future, ThreadPoolExecutor
     from typing import Any, TypeAlias
@@ -130,11 +128,16 @@ class _ReadAhead:
     zero scan overlaps the writes instead of delaying them; a data run the scan finds all
     zero comes with item None (its buffer is reused at once).  Return each buffer with
     :meth:`release` once written.  Errors of the reader (and of ``scan``) are raised by
-    the iteration; leaving the ``with`` block stops the reader."""
+    the iteration; leaving the ``with`` block stops the reader.  (queue and threading
+    are imported here: a small copy, done inline by the copier, loads neither.)"""
 
     def __init__(self, src: BlockDevice,
                  plan: Iterator[tuple[RunKind, int, int, list[int] | None]],
                  scan: Scan | None = None) -> None:
+        import queue
+        import threading
+
+        self._full = queue.Full
         self.src, self.plan, self.scan = src, plan, scan
         self.decoder = _ClusterDecoder.for_device(src)
         self.free: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -162,7 +165,7 @@ class _ReadAhead:
             try:
                 self.ready.put(item, timeout=0.05)
                 return True
-            except queue.Full:
+            except self._full:
                 continue
         return False
 
@@ -267,6 +270,8 @@ class _ClusterDecoder:
     def decode_into(self, batch: list[tuple[int, int, Run]], buf: Any) -> Future[None]:
         """Decode the ``(pos, n, run)`` pieces back to back into ``buf`` on the pool."""
         if self.pool is None:
+            from diskimg.hostio.workers import worker_pool
+
             self.pool = worker_pool(self.workers, "dec")
         return self.pool.submit(self._decode_batch, batch, buf)
 

@@ -19,7 +19,7 @@ from diskimg.device import BlockDevice
 from diskimg.errors import UsageError
 from diskimg.hostio.sink import Sink, Writable, open_sink
 from diskimg.hostio.urls import is_url, scheme
-from diskimg.ops.common import _ZEROS, CHUNK, ProgressFn
+from diskimg.ops.common import _ZEROS, CHUNK, ProgressFn, is_stream_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,16 +38,8 @@ def is_stream(dst: object) -> bool:
         return not isinstance(dst, bool)
     if isinstance(dst, BlockDevice):
         return False
-    if isinstance(dst, str) and is_url(dst):
-        from diskimg.nbd.url import is_nbd_url
-
-        return not is_nbd_url(dst)  # an NBD export is written in place, as a device
     if isinstance(dst, str | os.PathLike):
-        try:
-            mode = os.stat(dst).st_mode
-        except (OSError, ValueError):
-            return False
-        return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+        return is_stream_path(dst)
     return True
 
 
