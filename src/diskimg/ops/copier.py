@@ -417,12 +417,12 @@ class _Copier:
         than ``_INLINE_MAX`` is planned and read on a second thread, up to ``_BUFFERS - 1``
         chunks ahead of the writes (both sides spend their time in system calls that
         release the GIL); a smaller one is copied on this thread, with the same reads and
-        writes: the thread's hand-offs, and a buffer filled on one core and written
-        from another, cost more CPU than the overlap saves there (paired runs at 256 MiB,
-        see the commit), as do starting the thread and importing queue and threading for
-        a small image.  A source of this size whose compressed clusters the pool can decode
-        (:class:`_ClusterDecoder`) moves to the thread and its pool at its first
-        compressed run when it is larger than ``_DECODE_SWITCH_MIN``."""
+        writes: for a copy that small, starting the thread, importing queue and threading
+        and the hand-offs cost more than the overlap saves (at 256 MiB the overlap wins in
+        wall time: see ``_INLINE_MAX``).  A source of this size whose compressed
+        clusters the pool can decode (:class:`_ClusterDecoder`) moves to the thread and
+        its pool at its first compressed run when it is larger than
+        ``_DECODE_SWITCH_MIN``."""
         plan = self._plan(src, base)
         if pipelined and self.salvage is None and src.size > _INLINE_MAX:
             self._pipelined(src, base, plan)
