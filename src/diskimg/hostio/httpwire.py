@@ -48,6 +48,15 @@ def certificate_refusal(e: BaseException) -> str | None:
     return None
 
 
+def host_header(scheme: str, host: str, port: int | None) -> str:
+    """The ``Host`` header of a request to ``host`` (an IPv6 address in brackets) and
+    ``port`` (left out when it is the scheme's default)."""
+    name = f"[{host}]" if ":" in host else host
+    if port is not None and port != (443 if scheme == "https" else 80):
+        name = f"{name}:{port}"
+    return name
+
+
 class ProtocolError(Exception):
     """The server's bytes are not a valid HTTP/1.1 response (or the connection closed
     where a response or a chunk was due)."""
@@ -211,19 +220,21 @@ class Connection:
         raise ProtocolError(f"a {what} longer than {limit} bytes")
 
     # --- one exchange -----------------------------------------------------------------
-    def request(self, method: str, target: str, headers: dict[str, str]) -> Response:
-        """Send one request and read the response head (1xx heads are skipped)."""
+    def request(self, method: str, target: str, headers: dict[str, str],
+                body: bytes | bytearray | memoryview | None = None) -> Response:
+        """Send one request and read the response head (1xx heads are skipped).
+        ``body`` (the caller's ``headers`` give its ``Content-Length``) is sent from
+        the caller's buffer as it is, after the head."""
         if self._resp is not None and not self._resp.finished:
             self.close()                    # an unread body: the connection is not reusable
         if self._sock is None:
             self._sock = self._connect()
-        default = 443 if self.scheme == "https" else 80
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.port != default:
-            host = f"{host}:{self.port}"
+        host = host_header(self.scheme, self.host, self.port)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host}",
                  *(f"{k}: {v}" for k, v in headers.items()), "", ""]
         self._sock.sendall("\r\n".join(lines).encode("latin-1"))
+        if body is not None and len(body):
+            self._sock.sendall(body)
         deadline = time.monotonic() + self.timeout
         try:
             while True:
