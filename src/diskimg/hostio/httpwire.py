@@ -307,6 +307,22 @@ class Connection:
         if resp.will_close:
             self.close()
 
+    def read_body(self, resp: Response, most: int) -> bytes:
+        """The whole body of ``resp`` (a small reply: an XML document) when it is at
+        most ``most`` bytes; a longer one is a :class:`ProtocolError` (the connection
+        is closed)."""
+        out = bytearray()
+        buf = memoryview(bytearray(min(most + 1, 65536)))
+        while not resp.finished:
+            k = self.readinto(resp, buf)
+            if not k:
+                break
+            out += buf[:k]
+            if len(out) > most:
+                self.close()
+                raise ProtocolError(f"a response body longer than {most} bytes")
+        return bytes(out)
+
     def drain(self, resp: Response, most: int) -> None:
         """Read and drop the rest of ``resp``'s body when it is at most ``most`` bytes
         (a chunked body: while it stays so), so the connection stays usable; otherwise

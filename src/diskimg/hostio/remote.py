@@ -93,9 +93,11 @@ def is_fsspec_url(path: object) -> bool:
 
 def split_timeout(url: str, storage_options: Mapping[str, Any] | None
                   ) -> tuple[dict[str, Any], float | None]:
-    """``storage_options`` without diskimg's ``x-timeout`` key, and its value (seconds,
-    more than 0; None when absent)."""
+    """``storage_options`` without diskimg's own keys (``x-timeout``, and ``x-client``,
+    :mod:`diskimg.hostio.s3conf`'s), and the ``x-timeout`` value (seconds, more than 0;
+    None when absent)."""
     opts = dict(storage_options or {})
+    opts.pop("x-client", None)
     if TIMEOUT_KEY not in opts:
         return opts, None
     raw = opts.pop(TIMEOUT_KEY)

@@ -5,8 +5,13 @@
 looked up by scheme: first those registered with :func:`register`; then ``http``/``https``
 by :func:`diskimg.hostio.http.open_http`; ``nbd``, ``nbd+unix``, ``nbds`` ... by
 :func:`diskimg.nbd.client_host.open_nbd` (an NBD export; never followed as a backing
-name); any other scheme goes to fsspec (:func:`diskimg.hostio.remote.open_fsspec`, the
-``diskimg[remote]`` extra).  A URL is a ``str`` from end to end (never a
+name); ``s3://`` and ``s3a://`` by diskimg's own S3 client
+(:func:`diskimg.hostio.s3.open_s3`: no botocore) when the ``storage_options`` hold only
+the keys it understands and credentials resolve (or ``anon``) -- the rule is
+:func:`diskimg.hostio.s3conf.native_config`'s; ``storage_options={"x-client":
+"fsspec"}`` forces fsspec; any other scheme, and ``s3://`` otherwise, goes to fsspec
+(:func:`diskimg.hostio.remote.open_fsspec`, the ``diskimg[remote]`` extra).  A URL
+target of ``convert`` is opened by :func:`open_url_sink`, by the same rule.  A URL is a ``str`` from end to end (never a
 :class:`~pathlib.Path`, which would fold ``http://h/x`` into ``http:/h/x``).
 
 The backing file a remote image names is opened by :func:`open_backing`: in the same store
@@ -28,6 +33,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from diskimg.hostio.host import Host
+    from diskimg.hostio.s3conf import S3Config
+    from diskimg.hostio.sink import Sink
     from diskimg.policy import OpenPolicy
 
     #: ``opener(url, policy)`` -> a read-only Host; ``opener(url, policy, writable=True)``
@@ -41,6 +48,8 @@ _NBD = ("diskimg.nbd.client_host", "open_nbd")
 _BUILTIN = {"http": ("diskimg.hostio.http", "open_http"),
             "https": ("diskimg.hostio.http", "open_http"),
             "nbd": _NBD, "nbd+tcp": _NBD, "nbd+unix": _NBD, "nbds": _NBD, "nbds+unix": _NBD}
+#: schemes diskimg's own S3 client serves (when :mod:`diskimg.hostio.s3conf` says so)
+_S3 = ("s3", "s3a")
 #: the opener of every other scheme (the ``diskimg[remote]`` extra)
 _FSSPEC = ("diskimg.hostio.remote", "open_fsspec")
 #: schemes never followed as a backing name inside an image (a name an image holds must
@@ -109,6 +118,12 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False,
         opener = _load(mod, fn, url, f"Unsupported protocol '{s}' in '{url}': this "
                                      f"diskimg has no {what} yet")
         return _call(opener, url, policy, writable)
+    if s in _S3:
+        cfg = _s3_config(url, storage_options)
+        if cfg is not None:
+            from diskimg.hostio.s3 import open_s3
+
+            return open_s3(url, policy, writable, config=cfg)
     if _find_spec("fsspec") is None:
         raise UnsupportedFeatureError(
             f"Unsupported protocol '{s}' in '{url}': it needs fsspec; install "
@@ -119,6 +134,31 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False,
     if storage_options:
         return opener(url, policy, writable, storage_options)
     return _call(opener, url, policy, writable)
+
+
+def _s3_config(url: str, storage_options: Mapping[str, Any] | None) -> S3Config | None:
+    """The native S3 client's configuration of ``url``, or None: fsspec opens it (the
+    rule: :mod:`diskimg.hostio.s3conf`)."""
+    from diskimg.hostio.s3conf import native_config
+
+    return native_config(url, storage_options)
+
+
+def open_url_sink(url: str, storage_options: Mapping[str, Any] | None = None, *,
+                  size_hint: int | None = None) -> Sink:
+    """A new object at ``url`` written front to back (``convert``'s URL targets):
+    ``s3://`` by the native client when :mod:`diskimg.hostio.s3conf`'s rule says so
+    (:class:`~diskimg.hostio.s3sink.S3Sink`), any other store (and ``s3://`` otherwise)
+    through fsspec (:func:`~diskimg.hostio.remote.open_fsspec_sink`)."""
+    if scheme(url) in _S3:
+        cfg = _s3_config(url, storage_options)
+        if cfg is not None:
+            from diskimg.hostio.s3sink import open_s3_sink
+
+            return open_s3_sink(cfg, size_hint=size_hint)
+    from diskimg.hostio.remote import open_fsspec_sink
+
+    return open_fsspec_sink(url, storage_options, size_hint=size_hint)
 
 
 def _call(opener: HostOpener, url: str, policy: OpenPolicy, writable: bool) -> Host:
