@@ -28,7 +28,8 @@ from anywhere.s3_server import S3, s3_server  # noqa: E402
 
 import diskimg  # noqa: E402
 from diskimg.hostio.http import HttpHost  # noqa: E402
-from diskimg.hostio.urls import open_url, open_url_sink  # noqa: E402
+from diskimg.hostio.url_sink import open_url_sink  # noqa: E402
+from diskimg.hostio.urls import open_url  # noqa: E402
 from diskimg.policy import OpenPolicy  # noqa: E402
 
 pytestmark = pytest.mark.qemu

@@ -59,8 +59,7 @@ if TYPE_CHECKING:  # ssl is imported for https only
 
     from diskimg.hostio.host import Host
 
-    #: ``sign(method, url, headers)`` -> the headers to send (an object store's
-    #: request signature added: :mod:`diskimg.hostio.sigv4`)
+    #: ``sign(method, url, headers)`` -> the headers to send, signed (S3: sigv4)
     Signer = Callable[[str, str, dict[str, str]], dict[str, str]]
 
 DEFAULT_TIMEOUT = 30.0
@@ -504,9 +503,8 @@ class HttpHost(ObjectHost):
 
     # --- size and the rest of the Host protocol ---------------------------------------
     def _read_only(self) -> UsageError:
-        what = "an HTTP source" if self.url.startswith(("http://", "https://")) else \
-            "objects are not rewritten in place: write a new one with convert"
-        return UsageError(f"'{self.url}' is read-only ({what})")
+        return UsageError(f"'{self.url}' is read-only (an HTTP source)" if self._sign is None
+                          else f"'{self.url}' is read-only (an object store's object)")
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         raise self._read_only()

@@ -78,7 +78,8 @@ def open_s3(url: str, policy: OpenPolicy | None = None, writable: bool = False,
         raise UsageError(f"'{url}' is read-only (objects are not rewritten in place: "
                          "write a new one with convert)", path=url)
     if config is None:
-        from diskimg.hostio.s3conf import CLIENT_KEY, native_config
+        from diskimg.hostio.s3conf import native_config
+        from diskimg.hostio.storeopts import CLIENT_KEY
 
         config = native_config(url, {**dict(storage_options or {}), CLIENT_KEY: "native"})
         assert config is not None

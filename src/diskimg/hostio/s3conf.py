@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 
 from diskimg.errors import UsageError
+from diskimg.hostio.storeopts import CLIENT_KEY, TIMEOUT_KEY, split_timeout
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -41,12 +42,9 @@ if TYPE_CHECKING:
 
     from diskimg.hostio.sigv4 import Credentials
 
-#: diskimg's storage_options key choosing the client: "native" or "fsspec"
-CLIENT_KEY = "x-client"
 _KEYS = frozenset({"endpoint_url", "key", "secret", "token", "anon", "client_kwargs",
-                   "x-timeout", CLIENT_KEY})
+                   TIMEOUT_KEY, CLIENT_KEY})
 _CLIENT_KWARGS = frozenset({"endpoint_url", "region_name"})
-SCHEMES = ("s3", "s3a")
 
 
 class S3Config:
@@ -168,8 +166,6 @@ def native_config(url: str, storage_options: Mapping[str, Any] | None) -> S3Conf
                              "and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials) and not "
                              "anon", path=url, field="storage_options")
         return None
-    from diskimg.hostio.remote import split_timeout
-
     _, timeout = split_timeout(url, opts)
     bucket, key = split_url(url)
     endpoint = (opts.get("endpoint_url") or ck.get("endpoint_url") or

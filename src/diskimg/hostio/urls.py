@@ -11,8 +11,10 @@ the keys it understands and credentials resolve (or ``anon``) -- the rule is
 :func:`diskimg.hostio.s3conf.native_config`'s; ``storage_options={"x-client":
 "fsspec"}`` forces fsspec; any other scheme, and ``s3://`` otherwise, goes to fsspec
 (:func:`diskimg.hostio.remote.open_fsspec`, the ``diskimg[remote]`` extra).  A URL
-target of ``convert`` is opened by :func:`open_url_sink`, by the same rule.  A URL is a ``str`` from end to end (never a
-:class:`~pathlib.Path`, which would fold ``http://h/x`` into ``http:/h/x``).
+target of ``convert`` is opened by :func:`diskimg.hostio.url_sink.open_url_sink`, by
+the same rule.  A URL is a
+``str`` from end to end (never a :class:`~pathlib.Path`, which would fold ``http://h/x``
+into ``http:/h/x``).
 
 The backing file a remote image names is opened by :func:`open_backing`: in the same store
 (same scheme and host) by default; another host or a local file only when the caller's
@@ -34,7 +36,6 @@ if TYPE_CHECKING:
 
     from diskimg.hostio.host import Host
     from diskimg.hostio.s3conf import S3Config
-    from diskimg.hostio.sink import Sink
     from diskimg.policy import OpenPolicy
 
     #: ``opener(url, policy)`` -> a read-only Host; ``opener(url, policy, writable=True)``
@@ -119,11 +120,10 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False,
                                      f"diskimg has no {what} yet")
         return _call(opener, url, policy, writable)
     if s in _S3:
-        cfg = _s3_config(url, storage_options)
-        if cfg is not None:
-            from diskimg.hostio.s3 import open_s3
-
-            return open_s3(url, policy, writable, config=cfg)
+        cfg = s3_config(url, storage_options)
+        if cfg is not None:   # s3 -> http imports policy, which imports this module
+            opener = _load("diskimg.hostio.s3", "open_s3", url, "no native S3 client")
+            return opener(url, policy, writable, config=cfg)
     if _find_spec("fsspec") is None:
         raise UnsupportedFeatureError(
             f"Unsupported protocol '{s}' in '{url}': it needs fsspec; install "
@@ -136,29 +136,14 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False,
     return _call(opener, url, policy, writable)
 
 
-def _s3_config(url: str, storage_options: Mapping[str, Any] | None) -> S3Config | None:
-    """The native S3 client's configuration of ``url``, or None: fsspec opens it (the
-    rule: :mod:`diskimg.hostio.s3conf`)."""
+def s3_config(url: str, storage_options: Mapping[str, Any] | None) -> S3Config | None:
+    """The native S3 client's configuration of ``url``, or None: fsspec opens it (not
+    an ``s3://`` URL, or the rule of :mod:`diskimg.hostio.s3conf` says so)."""
+    if scheme(url) not in _S3:
+        return None
     from diskimg.hostio.s3conf import native_config
 
     return native_config(url, storage_options)
-
-
-def open_url_sink(url: str, storage_options: Mapping[str, Any] | None = None, *,
-                  size_hint: int | None = None) -> Sink:
-    """A new object at ``url`` written front to back (``convert``'s URL targets):
-    ``s3://`` by the native client when :mod:`diskimg.hostio.s3conf`'s rule says so
-    (:class:`~diskimg.hostio.s3sink.S3Sink`), any other store (and ``s3://`` otherwise)
-    through fsspec (:func:`~diskimg.hostio.remote.open_fsspec_sink`)."""
-    if scheme(url) in _S3:
-        cfg = _s3_config(url, storage_options)
-        if cfg is not None:
-            from diskimg.hostio.s3sink import open_s3_sink
-
-            return open_s3_sink(cfg, size_hint=size_hint)
-    from diskimg.hostio.remote import open_fsspec_sink
-
-    return open_fsspec_sink(url, storage_options, size_hint=size_hint)
 
 
 def _call(opener: HostOpener, url: str, policy: OpenPolicy, writable: bool) -> Host:
