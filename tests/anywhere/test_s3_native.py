@@ -10,7 +10,6 @@ tests' own tool to upload and download."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -24,7 +23,8 @@ from qemukit import QEMU
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from anywhere.s3_server import S3, s3_server  # noqa: E402
+from anywhere.s3_server import S3, assert_reads_as_local, s3_server  # noqa: E402
+from anywhere.s3_server import map_tuples as _map  # noqa: E402
 
 import diskimg  # noqa: E402
 from diskimg.hostio.http import HttpHost  # noqa: E402
@@ -58,14 +58,8 @@ def native(s3: S3, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def images(s3: S3, image_set: dict[str, Path]) -> dict[str, Path]:
-    fs = s3.fs()
-    for p in image_set.values():
-        fs.put_file(str(p), s3.url(f"nat/{p.name}"))
+    s3.put_all(image_set.values(), "nat")
     return image_set
-
-
-def _map(dev: diskimg.BlockDevice) -> list[tuple[int, int, int, bool, bool]]:
-    return [(e.start, e.length, e.depth, e.zero, e.data) for e in dev.map()]
 
 
 @pytest.fixture(scope="module")
@@ -110,21 +104,7 @@ def test_the_native_client_opens_it(images: dict[str, Path], native: dict[str, A
 def test_every_byte_and_map_as_local(s3: S3, images: dict[str, Path],
                                      native: dict[str, Any], kind: str) -> None:
     local = images[kind]
-    expect = QEMU.raw_bytes(local)
-    url = s3.url(f"nat/{local.name}")
-    with diskimg.open(url, storage_options=native) as dev:      # cold: offset 0
-        assert dev.read(0, 512) == expect[:512]
-    with diskimg.open(url, storage_options=native) as dev:      # cold: the partial end
-        assert dev.read(SIZE - 1536, 1536) == expect[SIZE - 1536:]
-    with diskimg.open(url, storage_options=native) as dev, diskimg.open(local) as ldev:
-        assert dev.size == len(expect) == SIZE
-        assert hashlib.sha256(dev.read(0, dev.size)).digest() == \
-            hashlib.sha256(expect).digest()
-        if kind == "raw":          # an object shows no holes: all data
-            assert _map(dev) == [(0, SIZE, 0, False, True)]
-        else:
-            assert _map(dev) == _map(ldev)
-        assert dev.format == ldev.format and dev.filename == url
+    assert_reads_as_local(s3.url(f"nat/{local.name}"), local, SIZE, storage_options=native)
 
 
 def test_backing_in_the_same_bucket(s3: S3, native: dict[str, Any], tmp_path: Path) -> None:

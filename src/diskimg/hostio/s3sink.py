@@ -170,15 +170,6 @@ class S3Sink(Sink):
                 pass
         self._client.close()
 
-    def __enter__(self) -> S3Sink:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def open_s3_sink(cfg: S3Config, *, size_hint: int | None = None) -> S3Sink:
     """A new object at ``cfg.url`` as an :class:`S3Sink` (``size_hint``: the expected
