@@ -212,3 +212,80 @@ def test_xml_field_is_bounded_and_unescaped() -> None:
     assert xml_field(body, "UploadId") == 'a&b"c'
     assert xml_field(b"<UploadId>" + b"x" * 5000 + b"</UploadId>", "UploadId") is None
     assert xml_field(b"<Error><Code>NoSuchUpload</Code></Error>", "Code") == "NoSuchUpload"
+
+
+# --- a hostile or broken store (a stdlib server standing in for S3) -------------------
+class _Store:
+    """A fake S3 endpoint: ``mode`` says how it misbehaves; ``seen`` logs the requests."""
+
+    def __init__(self, mode: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        store = self
+        self.mode = mode
+        self.seen: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: bytes = b"",
+                       headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _any(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(n)
+                store.seen.append(f"{self.command} {self.path.split('?', 1)[-1][:10]}")
+                if self.command == "POST" and self.path.endswith("?uploads"):
+                    if store.mode == "huge-reply":
+                        self._reply(200, b"<UploadId>" + b"x" * (100 << 10))
+                    else:
+                        self._reply(200, b"<R><UploadId>u1</UploadId></R>")
+                elif self.command == "PUT":
+                    self._reply(200, headers={"ETag": '"e"'})
+                elif self.command == "POST":      # complete: 200 with an error inside
+                    self._reply(200, b"<Error><Code>InternalError</Code>"
+                                     b"<Message>try again</Message></Error>")
+                else:                              # DELETE (abort), HEAD
+                    self._reply(204)
+
+            do_POST = do_PUT = do_DELETE = do_HEAD = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["huge-reply", "error-in-200"])
+def test_hostile_store_replies_end_in_sink_error(mode: str) -> None:
+    from diskimg.hostio.url_sink import open_url_sink
+
+    store = _Store(mode)
+    url = "s3://bkt/out.raw"
+    try:
+        sink = open_url_sink(url, {"endpoint_url": store.endpoint, "key": "k",
+                                   "secret": "s"}, size_hint=6 << 20)
+        with pytest.raises(SinkError) as ei:
+            with sink:
+                sink.write(bytes(6 << 20))
+        assert f"'{url}'" in str(ei.value)
+        if mode == "huge-reply":
+            assert "longer than 65536" in str(ei.value) and ei.value.offset == 0
+        else:
+            assert "InternalError" in str(ei.value) and "try again" in str(ei.value)
+            assert ei.value.offset == 6 << 20
+            assert store.seen[-1] == "DELETE uploadId=u"     # the upload was aborted
+    finally:
+        store.close()
