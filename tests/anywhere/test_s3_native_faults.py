@@ -252,6 +252,8 @@ class _Store:
                 elif self.command == "POST":      # complete: 200 with an error inside
                     self._reply(200, b"<Error><Code>InternalError</Code>"
                                      b"<Message>try again</Message></Error>")
+                elif self.command == "HEAD" and store.mode == "moved":
+                    self._reply(301, headers={"x-amz-bucket-region": "eu-west-3"})
                 else:                              # DELETE (abort), HEAD
                     self._reply(204)
 
@@ -287,5 +289,18 @@ def test_hostile_store_replies_end_in_sink_error(mode: str) -> None:
             assert "InternalError" in str(ei.value) and "try again" in str(ei.value)
             assert ei.value.offset == 6 << 20
             assert store.seen[-1] == "DELETE uploadId=u"     # the upload was aborted
+    finally:
+        store.close()
+
+
+def test_bucket_in_another_region_says_so() -> None:
+    store = _Store("moved")
+    url = "s3://bkt/disk.qcow2"
+    try:
+        with pytest.raises(RemoteError) as ei:
+            open_s3(url, storage_options={"endpoint_url": store.endpoint, "key": "k",
+                                          "secret": "s"})
+        assert ei.value.status == 301 and f"'{url}'" in str(ei.value)
+        assert "another region" in str(ei.value) and "AWS_REGION" in str(ei.value)
     finally:
         store.close()

@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 MAX_REPLY = 64 << 10
 _HINT = {403: "access denied: check the credentials (key, secret, token) and the "
               "bucket's policy",
-         404: "no such object (or no such bucket)"}
+         404: "no such object (or no such bucket)",
+         301: "the bucket is in another region: set AWS_REGION (or storage_options "
+              "client_kwargs={'region_name': ...})"}
 
 
 def signer(cfg: S3Config) -> Signer | None:
