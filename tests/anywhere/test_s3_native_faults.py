@@ -207,6 +207,31 @@ def test_rule_environment_and_files(clean_env: pytest.MonkeyPatch, tmp_path: Pat
     assert (cfg.creds.key, cfg.endpoint) == ("OK", "http://opt:3")
 
 
+def test_rule_follows_fsspec_configuration(clean_env: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    import sys
+
+    import fsspec.config
+
+    base = {"key": "AK", "secret": "SK"}
+    clean_env.setitem(fsspec.config.conf, "s3", {"endpoint_url": "http://conf:1",
+                                                 "anon": "false"})
+    cfg = native_config("s3://b/k", base)
+    assert cfg is not None and cfg.endpoint == "http://conf:1" and cfg.creds is not None
+    clean_env.setitem(fsspec.config.conf, "s3", {"skip_instance_cache": True})
+    assert native_config("s3://b/k", base) is None
+    # fsspec not loaded: its other variables and its config files send s3 to fsspec
+    clean_env.delitem(sys.modules, "fsspec.config")
+    clean_env.setenv("FSSPEC_CONFIG_DIR", str(tmp_path))
+    assert native_config("s3://b/k", base) is not None
+    clean_env.setenv("FSSPEC_S3_USE_SSL", "false")
+    assert native_config("s3://b/k", base) is None
+    clean_env.delenv("FSSPEC_S3_USE_SSL")
+    (tmp_path / "conf.json").write_text('{"s3": {"endpoint_url": "http://file:2"}}')
+    assert native_config("s3://b/k", base) is None
+    assert native_config("s3://b/k", {**base, "x-client": "native"}) is not None
+
+
 def test_xml_field_is_bounded_and_unescaped() -> None:
     body = b"<?xml version='1.0'?><R><UploadId>a&amp;b&quot;c</UploadId></R>"
     assert xml_field(body, "UploadId") == 'a&b"c'

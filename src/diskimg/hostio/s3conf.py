@@ -15,6 +15,12 @@ place): the native client serves the URL when
   (``AWS_SHARED_CREDENTIALS_FILE`` or ``~/.aws/credentials``, profile ``AWS_PROFILE``
   or ``default``).
 
+fsspec's own configuration counts as ``storage_options`` given first: once fsspec is
+loaded, ``fsspec.config.conf["s3"]`` (its ``FSSPEC_S3_*`` variables and config files, or
+what a program set); before, any ``FSSPEC_S3*`` variable other than the four above, or
+any file in fsspec's configuration directory (``FSSPEC_CONFIG_DIR`` or
+``~/.config/fsspec``), sends the URL to fsspec, which reads them.
+
 Otherwise the URL goes to fsspec (s3fs and botocore find SSO, instance metadata, config
 files ...).  ``storage_options={"x-client": "fsspec"}`` forces fsspec;
 ``{"x-client": "native"}`` forces the native client (an error when no credentials
@@ -31,6 +37,7 @@ profile's ``region`` in ``AWS_CONFIG_FILE`` (``~/.aws/config``), else ``us-east-
 from __future__ import annotations
 
 import os
+import sys
 
 from diskimg.errors import UsageError
 from diskimg.hostio.storeopts import CLIENT_KEY, TIMEOUT_KEY, split_timeout
@@ -138,6 +145,31 @@ def _region(ck: Mapping[str, Any]) -> str:
                 section).get("region") or "us-east-1"
 
 
+#: fsspec's environment variables for s3 that this module reads (any other FSSPEC_S3*
+#: variable configures s3fs in a way the native client does not follow)
+_FSSPEC_ENV = frozenset({"FSSPEC_S3_ENDPOINT_URL", "FSSPEC_S3_KEY", "FSSPEC_S3_SECRET",
+                         "FSSPEC_S3_TOKEN"})
+
+
+def _fsspec_conf() -> dict[str, Any] | None:
+    """fsspec's own s3 configuration as storage_options defaults (``fsspec.config.conf
+    ["s3"]`` when fsspec is loaded: what its env variables and config files set, or a
+    program set), or None when fsspec is configured in a way read only by fsspec: other
+    ``FSSPEC_S3*`` variables, or (fsspec not loaded) a file in its configuration
+    directory (``FSSPEC_CONFIG_DIR``, ``~/.config/fsspec``)."""
+    mod = sys.modules.get("fsspec.config")
+    if mod is not None:
+        conf = mod.__dict__.get("conf", {}).get("s3")
+        return dict(conf) if isinstance(conf, dict) else {}
+    if any(k.startswith("FSSPEC_S3") and k not in _FSSPEC_ENV for k in os.environ):
+        return None
+    d = os.environ.get("FSSPEC_CONFIG_DIR") or os.path.expanduser("~/.config/fsspec")
+    try:
+        return None if os.listdir(d) else {}
+    except OSError:
+        return {}
+
+
 def native_config(url: str, storage_options: Mapping[str, Any] | None) -> S3Config | None:
     """The native client's configuration for ``url`` (``s3://`` or ``s3a://``), or None
     when the URL goes to fsspec (the rule in this module's docstring)."""
@@ -148,6 +180,10 @@ def native_config(url: str, storage_options: Mapping[str, Any] | None) -> S3Conf
                          f"(got {client!r})", path=url, field=CLIENT_KEY)
     if client == "fsspec":
         return None
+    fsconf = _fsspec_conf()
+    if fsconf is None and client != "native":
+        return None                      # fsspec is configured in ways not read here
+    opts = {**(fsconf or {}), **opts}
     ck = opts.get("client_kwargs") or {}
     known = set(opts) <= _KEYS and isinstance(ck, dict) and set(ck) <= _CLIENT_KWARGS
     if not known:
@@ -157,7 +193,8 @@ def native_config(url: str, storage_options: Mapping[str, Any] | None) -> S3Conf
                              f"understand storage_options {extra}", path=url,
                              field="storage_options")
         return None
-    anon = bool(opts.get("anon"))
+    anon = opts.get("anon")
+    anon = anon.strip().lower() in ("1", "true", "yes") if isinstance(anon, str) else bool(anon)
     creds = None if anon else _credentials(opts)
     if creds is None and not anon:
         if client == "native":
