@@ -249,6 +249,7 @@ class _Store:
         store = self
         self.mode = mode
         self.seen: list[str] = []
+        self.completed = False
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *a: Any) -> None:
@@ -268,12 +269,25 @@ class _Store:
                 self.rfile.read(n)
                 store.seen.append(f"{self.command} {self.path.split('?', 1)[-1][:10]}")
                 if self.command == "POST" and self.path.endswith("?uploads"):
+                    if store.mode == "drop-create":
+                        self.close_connection = True     # no reply at all
+                        return
                     if store.mode == "huge-reply":
                         self._reply(200, b"<UploadId>" + b"x" * (100 << 10))
                     else:
                         self._reply(200, b"<R><UploadId>u1</UploadId></R>")
                 elif self.command == "PUT":
                     self._reply(200, headers={"ETag": '"e"'})
+                elif self.command == "POST" and store.mode == "drop-complete":
+                    if store.completed:              # the retry: the upload is gone
+                        self._reply(404, b"<Error><Code>NoSuchUpload</Code></Error>")
+                    else:                            # completed, then the reply is lost
+                        store.completed = True
+                        self.close_connection = True
+                elif self.command == "HEAD" and store.mode == "drop-complete":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(6 << 20))
+                    self.end_headers()
                 elif self.command == "POST":      # complete: 200 with an error inside
                     self._reply(200, b"<Error><Code>InternalError</Code>"
                                      b"<Message>try again</Message></Error>")
@@ -327,5 +341,31 @@ def test_bucket_in_another_region_says_so() -> None:
                                           "secret": "s"})
         assert ei.value.status == 301 and f"'{url}'" in str(ei.value)
         assert "another region" in str(ei.value) and "AWS_REGION" in str(ei.value)
+    finally:
+        store.close()
+
+
+def test_retries_only_where_safe() -> None:
+    """CreateMultipartUpload is not sent twice (a second upload would be left pending);
+    a completion whose reply was lost is retried, and the store's answer that the
+    upload is gone is settled by the HEAD: the object is there, no error."""
+    from diskimg.hostio.url_sink import open_url_sink
+
+    opts = {"key": "k", "secret": "s"}
+    store = _Store("drop-create")
+    try:
+        sink = open_url_sink("s3://bkt/a.raw", {**opts, "endpoint_url": store.endpoint},
+                             size_hint=6 << 20)
+        with pytest.raises(SinkError, match="connection failed"), sink:
+            sink.write(bytes(6 << 20))
+        assert store.seen == ["POST uploads"]
+    finally:
+        store.close()
+    store = _Store("drop-complete")
+    try:
+        with open_url_sink("s3://bkt/b.raw", {**opts, "endpoint_url": store.endpoint},
+                           size_hint=6 << 20) as sink:
+            sink.write(bytes(6 << 20))
+        assert [x.split()[0] for x in store.seen] == ["POST", "PUT", "POST", "POST", "HEAD"]
     finally:
         store.close()

@@ -105,14 +105,18 @@ class S3Client:
         self._path = p.path
         self._conn = Connection(p.scheme, p.hostname or "", p.port,
                                 cfg.timeout or DEFAULT_TIMEOUT)
+        self.retried = False
 
     def call(self, method: str, query: str = "", headers: dict[str, str] | None = None,
              body: bytes | bytearray | memoryview | None = None,
-             payload_hash: str = UNSIGNED_PAYLOAD) -> tuple[Response, bytes]:
+             payload_hash: str = UNSIGNED_PAYLOAD, retry: bool = True
+             ) -> tuple[Response, bytes]:
         """Send one request (``query`` as it goes on the wire) and read the reply: its
         head and its body (at most :data:`MAX_REPLY` bytes).  A connection that fails
-        before the reply is tried once more (every request here is safe to repeat);
-        then the ``OSError``/``ProtocolError``/``TimeoutError`` is the caller's."""
+        before the reply is tried once more when ``retry`` (``retried`` says so
+        afterwards: the first attempt may have taken effect); then the
+        ``OSError``/``ProtocolError``/``TimeoutError`` is the caller's."""
+        self.retried = False
         url = self.url + (f"?{query}" if query else "")
         target = self._path + (f"?{query}" if query else "")
         hdrs = dict(headers or {})
@@ -130,8 +134,9 @@ class S3Client:
                 raise
             except (OSError, ProtocolError):
                 self._conn.close()
-                if attempt:
+                if attempt or not retry:
                     raise
+                self.retried = True
         raise AssertionError("unreachable")
 
     def close(self) -> None:

@@ -12,6 +12,9 @@ client (:mod:`diskimg.hostio.s3`): a multipart upload, committed only when compl
   ``<Error>`` is a failure), then checks the object's size with a ``HEAD``;
 - any failure, and ``abort()``, ends the upload (AbortMultipartUpload): a failed convert
   leaves no object and no pending upload, and an existing object unchanged;
+- a request whose connection failed before the reply is sent once more, except
+  CreateMultipartUpload (a second upload would be left pending); a completion retried
+  after the first attempt took effect finds no upload (404), and the ``HEAD`` decides;
 - errors are :class:`~diskimg.hostio.sink.SinkError` naming the ``s3://`` URL, the offset
   of the first byte not stored, the HTTP status and S3's error code.
 """
@@ -33,7 +36,12 @@ if TYPE_CHECKING:
 
 
 class _Failed(Exception):
-    """A request the store refused: ``what`` says how."""
+    """A request failed: the message says how; ``status``: the store's HTTP status
+    (None: no reply)."""
+
+    def __init__(self, what: str, status: int | None = None) -> None:
+        super().__init__(what)
+        self.status = status
 
 
 class S3Sink(Sink):
@@ -51,12 +59,13 @@ class S3Sink(Sink):
     # --- requests ---------------------------------------------------------------------
     def _call(self, method: str, query: str = "", body: bytes | bytearray | memoryview |
               None = None, payload_hash: str | None = None,
-              headers: dict[str, str] | None = None) -> tuple[Response, bytes]:
+              headers: dict[str, str] | None = None, retry: bool = True
+              ) -> tuple[Response, bytes]:
         """One request; a reply that is not 2xx (or a 200 holding an ``<Error>``) is
         :class:`_Failed`."""
         kw = {} if payload_hash is None else {"payload_hash": payload_hash}
         try:
-            resp, data = self._client.call(method, query, headers, body, **kw)
+            resp, data = self._client.call(method, query, headers, body, retry=retry, **kw)
         except TimeoutError:
             raise _Failed(f"timed out after {self._client.cfg.timeout or 30:g} s") from None
         except (OSError, ProtocolError) as e:
@@ -68,7 +77,8 @@ class S3Sink(Sink):
                 msg = f"access denied: {msg}"
             elif resp.status == 404:
                 msg = f"not found (no such bucket, or the upload is gone): {msg}"
-            raise _Failed(f"HTTP {resp.status}{' ' + code if code else ''}: {msg}")
+            raise _Failed(f"HTTP {resp.status}{' ' + code if code else ''}: {msg}",
+                          resp.status)
         return resp, data
 
     def _error(self, e: _Failed, offset: int) -> SinkError:
@@ -76,7 +86,7 @@ class S3Sink(Sink):
                          path=self.url, offset=offset)
 
     def _start(self) -> None:
-        _, data = self._call("POST", "uploads")
+        _, data = self._call("POST", "uploads", retry=False)  # a retry: a 2nd upload
         upload = xml_field(data, "UploadId")
         if not upload:
             raise _Failed("CreateMultipartUpload: no UploadId in the reply")
@@ -103,8 +113,14 @@ class S3Sink(Sink):
         body = ("<CompleteMultipartUpload>" + "".join(
             f"<Part><PartNumber>{i}</PartNumber><ETag>{escape(t)}</ETag></Part>"
             for i, t in enumerate(self._etags, 1)) + "</CompleteMultipartUpload>").encode()
-        self._call("POST", f"uploadId={quote(self._upload or '', safe='')}", body,
-                   hashlib.sha256(body).hexdigest(), {"Content-Type": "application/xml"})
+        try:
+            self._call("POST", f"uploadId={quote(self._upload or '', safe='')}", body,
+                       hashlib.sha256(body).hexdigest(), {"Content-Type": "application/xml"})
+        except _Failed as e:
+            # the connection failed under the first attempt, which completed the upload:
+            # the retry finds no upload; the HEAD that follows checks the object
+            if not (self._client.retried and e.status == 404):
+                raise
 
     def _verify(self) -> None:
         resp, _ = self._call("HEAD")
