@@ -44,6 +44,13 @@ SECTIONS: list[tuple[str, list[str] | None, str, str]] = [
      "the `diskimg[remote]` extra): `diskimg.open(url)` reads through `open_fsspec`, "
      "`diskimg.convert(src, url)` writes through `open_fsspec_sink`; see "
      "[object storage](../howto/object-storage.md)."),
+    ("diskimg.hostio.s3", ["open_s3"], "diskimg's own S3 client (`diskimg.hostio.s3`)",
+     "`s3://` without fsspec, s3fs or botocore: which URLs it serves (the rule of "
+     "`diskimg.hostio.s3conf.native_config`), with which endpoint and credentials: see "
+     "[object storage](../howto/object-storage.md#which-client-serves-s3)."),
+    ("diskimg.hostio.url_sink", ["open_url_sink"], "URL targets (`diskimg.hostio.url_sink`)",
+     "The sink behind `diskimg.convert(src, url)`: the native S3 client's `S3Sink` or "
+     "fsspec's `ObjectSink`, by the same rule as for reading."),
     ("diskimg.hostio.sink", ["Sink", "CountingSink", "SinkError", "open_sink"],
      "Sinks (`diskimg.hostio.sink`)",
      "Append-only destinations `convert` streams into: stdout, pipes, sockets, file "

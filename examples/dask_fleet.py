@@ -89,11 +89,11 @@ def _convert(dev: diskimg.BlockDevice, url: str, storage_options: Mapping[str, A
     """Convert ``dev`` straight into a new object under ``dest_prefix`` (a multipart
     upload: no temporary file; the object appears only once complete, and a failure
     leaves none), hashing the bytes on their way."""
-    from diskimg.hostio.remote import open_fsspec_sink
+    from diskimg.hostio.url_sink import open_url_sink
 
     name = url.rstrip("/").rsplit("/", 1)[-1]
     dest = dest_prefix.rstrip("/") + f"/{name}.{out_format}"
-    with open_fsspec_sink(dest, storage_options) as sink:   # committed when the block ends
+    with open_url_sink(dest, storage_options) as sink:   # committed when the block ends
         out = _Hashing(sink)
         diskimg.convert(dev, out, out_format)
     return {"converted": dest, "converted_sha256": out.sha256.hexdigest()}

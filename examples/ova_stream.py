@@ -130,11 +130,11 @@ def stream_ova_to_url(src: str, url: str, name: str = "appliance",
     """Write the OVA of image ``src`` as the object at fsspec ``url`` (a multipart upload,
     committed when the OVA is complete; discarded if anything fails); returns the vmdk's
     size."""
-    from diskimg.hostio.remote import open_fsspec_sink
+    from diskimg.hostio.url_sink import open_url_sink
 
     with diskimg.open(src) as img:       # an upper bound of the OVA's size: the part size
         hint = img.size + img.size // 32 + (4 << 20)
-    with open_fsspec_sink(url, storage_options, size_hint=hint) as sink:
+    with open_url_sink(url, storage_options, size_hint=hint) as sink:
         return stream_ova(src, sink, name=name)
 
 

@@ -11,11 +11,45 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 BUCKET = "images"
+
+
+def map_tuples(dev: Any) -> list[tuple[int, int, int, bool, bool]]:
+    """``dev.map()`` as tuples (start, length, depth, zero, data): what the tests compare
+    between an image read from the store and the same file read locally."""
+    return [(e.start, e.length, e.depth, e.zero, e.data) for e in dev.map()]
+
+
+def assert_reads_as_local(url: str, local: Path, size: int, *,
+                          storage_options: dict[str, Any] | None = None) -> None:
+    """The image at ``url`` read as the local file ``local`` (of ``size`` guest bytes,
+    the last cluster partial): offset 0 and the last 1536 bytes from cold opens, then
+    every byte and the map (an object store's raw object shows no holes: all data)."""
+    import hashlib
+
+    import diskimg
+    from qemukit import QEMU
+
+    expect = QEMU.raw_bytes(local)
+    kw: dict[str, Any] = {"storage_options": storage_options} if storage_options else {}
+    with diskimg.open(url, **kw) as dev:
+        assert dev.read(0, 512) == expect[:512]
+    with diskimg.open(url, **kw) as dev:
+        assert dev.read(size - 1536, 1536) == expect[size - 1536:]
+    with diskimg.open(url, **kw) as dev, diskimg.open(local) as ldev:
+        assert dev.size == len(expect) == size
+        assert hashlib.sha256(dev.read(0, dev.size)).digest() == \
+            hashlib.sha256(expect).digest()
+        if ldev.format == "raw":
+            assert map_tuples(dev) == [(0, size, 0, False, True)]
+        else:
+            assert map_tuples(dev) == map_tuples(ldev)
+        assert dev.format == ldev.format and dev.filename == url
 
 
 def free_port() -> int:
@@ -38,6 +72,12 @@ class S3:
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def put_all(self, paths: Iterable[Path], prefix: str) -> None:
+        """Upload each file in ``paths`` as ``prefix/NAME`` (the tests' image sets)."""
+        fs = self.fs()
+        for p in paths:
+            fs.put_file(str(p), self.url(f"{prefix}/{p.name}"))
 
     @contextlib.contextmanager
     def deny_all(self) -> Iterator[None]:

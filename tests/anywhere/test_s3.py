@@ -22,7 +22,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 import fsspec  # noqa: E402
-from anywhere.s3_server import S3, s3_server  # noqa: E402
+from anywhere.s3_server import S3, assert_reads_as_local, s3_server  # noqa: E402
 
 import diskimg  # noqa: E402
 from diskimg.errors import DiskImgError, RemoteError, UsageError  # noqa: E402
@@ -55,14 +55,8 @@ def s3_open(s3: S3) -> Iterator[S3]:
 @pytest.fixture(scope="module")
 def images(s3: S3, image_set: dict[str, Path]) -> dict[str, Path]:
     """conftest's image set, uploaded under ``img/``."""
-    fs = s3.fs()
-    for p in image_set.values():
-        fs.put_file(str(p), s3.url(f"img/{p.name}"))
+    s3.put_all(image_set.values(), "img")
     return image_set
-
-
-def _map(dev: diskimg.BlockDevice) -> list[tuple[int, int, int, bool, bool]]:
-    return [(e.start, e.length, e.depth, e.zero, e.data) for e in dev.map()]
 
 
 pytestmark = pytest.mark.qemu
@@ -71,23 +65,7 @@ pytestmark = pytest.mark.qemu
 @pytest.mark.parametrize("kind", IMAGES)
 def test_every_byte_and_map_as_local(s3_open: S3, images: dict[str, Path], kind: str) -> None:
     local = images[kind]
-    expect = QEMU.raw_bytes(local)
-    url = s3_open.url(f"img/{local.name}")
-    # cold reads: offset 0 and the last partial cluster, each from a fresh open
-    with diskimg.open(url) as dev:
-        assert dev.read(0, 512) == expect[:512]
-    with diskimg.open(url) as dev:
-        assert dev.read(SIZE - 1536, 1536) == expect[SIZE - 1536:]
-    with diskimg.open(url) as dev, diskimg.open(local) as ldev:
-        assert dev.size == len(expect) == SIZE
-        assert hashlib.sha256(dev.read(0, dev.size)).digest() == \
-            hashlib.sha256(expect).digest()
-        if kind == "raw":          # an object shows no holes: all data
-            assert _map(dev) == [(0, SIZE, 0, False, True)]
-        else:
-            assert _map(dev) == _map(ldev)
-        assert dev.format == ldev.format
-        assert dev.filename == url
+    assert_reads_as_local(s3_open.url(f"img/{local.name}"), local, SIZE)
 
 
 def test_host_reads_bounded_cache(s3: S3, images: dict[str, Path]) -> None:

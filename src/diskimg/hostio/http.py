@@ -32,6 +32,8 @@
   next request (the cache path's, or the stream's next window); until then the body is
   what the server sends for that one response (nginx keeps sending the file it opened
   when the file is replaced by a rename);
+- ``sign`` (an object store's client, :mod:`diskimg.hostio.s3`) adds a signature to the
+  headers of every request; ``name`` (the ``s3://`` URL) is what messages then name;
 - faults end in :class:`~diskimg.errors.RemoteError` naming the URL and the offset; a
   dropped connection is retried once (a GET is idempotent; a streamed read resumes where
   the body broke), a timeout or an HTTP status is not; redirects are followed
@@ -56,6 +58,9 @@ if TYPE_CHECKING:  # ssl is imported for https only
     import ssl
 
     from diskimg.hostio.host import Host
+
+    #: ``sign(method, url, headers)`` -> the headers to send, signed (S3: sigv4)
+    Signer = Callable[[str, str, dict[str, str]], dict[str, str]]
 
 DEFAULT_TIMEOUT = 30.0
 BLOCK_SIZE = 256 << 10
@@ -124,19 +129,21 @@ class HttpHost(ObjectHost):
                  block_size: int = BLOCK_SIZE, cache_bytes: int = CACHE_BYTES,
                  workers: int = WORKERS, max_redirects: int = MAX_REDIRECTS,
                  allow_hosts: Collection[str] = (),
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 sign: Signer | None = None, name: str | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"'{url}' is not an http:// or https:// URL")
         if block_size <= 0 or cache_bytes < block_size or workers < 1 or timeout <= 0:
             raise UsageError("block_size, cache_bytes, workers and timeout must be positive "
                              "(cache_bytes at least one block)")
-        #: the URL as given: what error messages name
-        self.path: str = url
-        #: the URL as given (its scheme's two slashes intact): what messages name
-        self.name = url
-        self.url = url
+        #: the URL as given, or ``name`` (an ``s3://`` URL): what error messages name
+        self.path: str = name or url
+        #: the same (its scheme's two slashes intact): what messages name
+        self.name = self.path
+        self.url = self.path
         self._target = url                  # after the redirects taken at open
+        self._sign = sign
         self._origin = parts.hostname.lower()
         self.timeout = timeout
         self._max_redirects = max_redirects
@@ -198,9 +205,11 @@ class HttpHost(ObjectHost):
                 raise self._error(f"the URL path {target!r} holds a space or a control "
                                   "character", offset)
             conn = (conn_of or self._conn)(url)
+            sent = {"Accept-Encoding": "identity", **headers}
+            if self._sign is not None:
+                sent = self._sign(method, url, sent)
             try:
-                resp = conn.request(method, target, {"Accept-Encoding": "identity",
-                                                     **headers})
+                resp = conn.request(method, target, sent)
             except TimeoutError:
                 conn.close()
                 raise self._error(f"timed out after {self.timeout:g} s", offset) from None
@@ -494,7 +503,8 @@ class HttpHost(ObjectHost):
 
     # --- size and the rest of the Host protocol ---------------------------------------
     def _read_only(self) -> UsageError:
-        return UsageError(f"'{self.url}' is read-only (an HTTP source)")
+        return UsageError(f"'{self.url}' is read-only (an HTTP source)" if self._sign is None
+                          else f"'{self.url}' is read-only (an object store's object)")
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         raise self._read_only()

@@ -48,6 +48,15 @@ def certificate_refusal(e: BaseException) -> str | None:
     return None
 
 
+def host_header(scheme: str, host: str, port: int | None) -> str:
+    """The ``Host`` header of a request to ``host`` (an IPv6 address in brackets) and
+    ``port`` (left out when it is the scheme's default)."""
+    name = f"[{host}]" if ":" in host else host
+    if port is not None and port != (443 if scheme == "https" else 80):
+        name = f"{name}:{port}"
+    return name
+
+
 class ProtocolError(Exception):
     """The server's bytes are not a valid HTTP/1.1 response (or the connection closed
     where a response or a chunk was due)."""
@@ -211,19 +220,21 @@ class Connection:
         raise ProtocolError(f"a {what} longer than {limit} bytes")
 
     # --- one exchange -----------------------------------------------------------------
-    def request(self, method: str, target: str, headers: dict[str, str]) -> Response:
-        """Send one request and read the response head (1xx heads are skipped)."""
+    def request(self, method: str, target: str, headers: dict[str, str],
+                body: bytes | bytearray | memoryview | None = None) -> Response:
+        """Send one request and read the response head (1xx heads are skipped).
+        ``body`` (the caller's ``headers`` give its ``Content-Length``) is sent from
+        the caller's buffer as it is, after the head."""
         if self._resp is not None and not self._resp.finished:
             self.close()                    # an unread body: the connection is not reusable
         if self._sock is None:
             self._sock = self._connect()
-        default = 443 if self.scheme == "https" else 80
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.port != default:
-            host = f"{host}:{self.port}"
+        host = host_header(self.scheme, self.host, self.port)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host}",
                  *(f"{k}: {v}" for k, v in headers.items()), "", ""]
         self._sock.sendall("\r\n".join(lines).encode("latin-1"))
+        if body is not None and len(body):
+            self._sock.sendall(body)
         deadline = time.monotonic() + self.timeout
         try:
             while True:
@@ -295,6 +306,22 @@ class Connection:
         resp.finished = True
         if resp.will_close:
             self.close()
+
+    def read_body(self, resp: Response, most: int) -> bytes:
+        """The whole body of ``resp`` (a small reply: an XML document) when it is at
+        most ``most`` bytes; a longer one is a :class:`ProtocolError` (the connection
+        is closed)."""
+        out = bytearray()
+        buf = memoryview(bytearray(min(most + 1, 65536)))
+        while not resp.finished:
+            k = self.readinto(resp, buf)
+            if not k:
+                break
+            out += buf[:k]
+            if len(out) > most:
+                self.close()
+                raise ProtocolError(f"a response body longer than {most} bytes")
+        return bytes(out)
 
     def drain(self, resp: Response, most: int) -> None:
         """Read and drop the rest of ``resp``'s body when it is at most ``most`` bytes

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from diskimg.errors import RemoteError, UsageError
 from diskimg.hostio.objects import ObjectHost
+from diskimg.hostio.storeopts import TIMEOUT_KEY, split_timeout  # noqa: F401 (re-exported)
 from diskimg.policy import OpenPolicy
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ CACHE_BYTES = 8 << 20
 #: (as HTTP's :data:`~diskimg.hostio.http.DEFAULT_TIMEOUT`); ``open_fsspec(timeout=)`` or
 #: ``storage_options={"x-timeout": s}`` (the key is diskimg's, not passed to fsspec)
 DEFAULT_TIMEOUT = 30.0
-TIMEOUT_KEY = "x-timeout"
 #: stores in this process's memory or on its disks: no deadline (and no thread)
 _LOCAL = frozenset({"memory", "file", "local"})
 #: the stores whose objects cannot be rewritten in place
@@ -89,25 +89,6 @@ def is_fsspec_url(path: object) -> bool:
     except ImportError:
         return False
     return scheme in reg.known_implementations or scheme in reg.registry
-
-
-def split_timeout(url: str, storage_options: Mapping[str, Any] | None
-                  ) -> tuple[dict[str, Any], float | None]:
-    """``storage_options`` without diskimg's ``x-timeout`` key, and its value (seconds,
-    more than 0; None when absent)."""
-    opts = dict(storage_options or {})
-    if TIMEOUT_KEY not in opts:
-        return opts, None
-    raw = opts.pop(TIMEOUT_KEY)
-    try:
-        t = float(raw)
-    except (TypeError, ValueError):
-        t = 0.0
-    if not 0 < t <= 86400:
-        raise UsageError(f"Cannot open '{url}': storage_options['{TIMEOUT_KEY}'] must be "
-                         f"a number of seconds, more than 0 and at most 86400 (got {raw!r})",
-                         path=url, field=TIMEOUT_KEY)
-    return opts, t
 
 
 def _filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:

@@ -282,12 +282,3 @@ class ObjectSink(Sink):
             pass
         if issubclass(type(f), _buffered_file()):
             f.closed = True   # its finalizer must not upload (or commit) anything
-
-    def __enter__(self) -> ObjectSink:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -26,7 +26,7 @@ from diskimg.errors import DiskImgError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Protocol
+    from typing import Protocol, Self
 else:  # Writable is a protocol for the type checker only (start-up, issue 20)
     Protocol = object
 
@@ -163,6 +163,17 @@ class Sink:
             self.closed = True
             if self.owned and self._fd is not None:
                 os.close(self._fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        """Leaving the block: :meth:`close` (an object store commits the object), or
+        :meth:`abort` when it raised (an object store discards the upload)."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class CountingSink(Sink):

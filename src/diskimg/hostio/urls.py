@@ -5,9 +5,16 @@
 looked up by scheme: first those registered with :func:`register`; then ``http``/``https``
 by :func:`diskimg.hostio.http.open_http`; ``nbd``, ``nbd+unix``, ``nbds`` ... by
 :func:`diskimg.nbd.client_host.open_nbd` (an NBD export; never followed as a backing
-name); any other scheme goes to fsspec (:func:`diskimg.hostio.remote.open_fsspec`, the
-``diskimg[remote]`` extra).  A URL is a ``str`` from end to end (never a
-:class:`~pathlib.Path`, which would fold ``http://h/x`` into ``http:/h/x``).
+name); ``s3://`` and ``s3a://`` by diskimg's own S3 client
+(:func:`diskimg.hostio.s3.open_s3`: no botocore) when the ``storage_options`` hold only
+the keys it understands and credentials resolve (or ``anon``) -- the rule is
+:func:`diskimg.hostio.s3conf.native_config`'s; ``storage_options={"x-client":
+"fsspec"}`` forces fsspec; any other scheme, and ``s3://`` otherwise, goes to fsspec
+(:func:`diskimg.hostio.remote.open_fsspec`, the ``diskimg[remote]`` extra).  A URL
+target of ``convert`` is opened by :func:`diskimg.hostio.url_sink.open_url_sink`, by
+the same rule.  A URL is a
+``str`` from end to end (never a :class:`~pathlib.Path`, which would fold ``http://h/x``
+into ``http:/h/x``).
 
 The backing file a remote image names is opened by :func:`open_backing`: in the same store
 (same scheme and host) by default; another host or a local file only when the caller's
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from diskimg.hostio.host import Host
+    from diskimg.hostio.s3conf import S3Config
     from diskimg.policy import OpenPolicy
 
     #: ``opener(url, policy)`` -> a read-only Host; ``opener(url, policy, writable=True)``
@@ -41,6 +49,8 @@ _NBD = ("diskimg.nbd.client_host", "open_nbd")
 _BUILTIN = {"http": ("diskimg.hostio.http", "open_http"),
             "https": ("diskimg.hostio.http", "open_http"),
             "nbd": _NBD, "nbd+tcp": _NBD, "nbd+unix": _NBD, "nbds": _NBD, "nbds+unix": _NBD}
+#: schemes diskimg's own S3 client serves (when :mod:`diskimg.hostio.s3conf` says so)
+_S3 = ("s3", "s3a")
 #: the opener of every other scheme (the ``diskimg[remote]`` extra)
 _FSSPEC = ("diskimg.hostio.remote", "open_fsspec")
 #: schemes never followed as a backing name inside an image (a name an image holds must
@@ -109,6 +119,11 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False,
         opener = _load(mod, fn, url, f"Unsupported protocol '{s}' in '{url}': this "
                                      f"diskimg has no {what} yet")
         return _call(opener, url, policy, writable)
+    if s in _S3:
+        cfg = s3_config(url, storage_options)
+        if cfg is not None:   # s3 -> http imports policy, which imports this module
+            opener = _load("diskimg.hostio.s3", "open_s3", url, "no native S3 client")
+            return opener(url, policy, writable, config=cfg)
     if _find_spec("fsspec") is None:
         raise UnsupportedFeatureError(
             f"Unsupported protocol '{s}' in '{url}': it needs fsspec; install "
@@ -119,6 +134,16 @@ def open_url(url: str, policy: OpenPolicy, writable: bool = False,
     if storage_options:
         return opener(url, policy, writable, storage_options)
     return _call(opener, url, policy, writable)
+
+
+def s3_config(url: str, storage_options: Mapping[str, Any] | None) -> S3Config | None:
+    """The native S3 client's configuration of ``url``, or None: fsspec opens it (not
+    an ``s3://`` URL, or the rule of :mod:`diskimg.hostio.s3conf` says so)."""
+    if scheme(url) not in _S3:
+        return None
+    from diskimg.hostio.s3conf import native_config
+
+    return native_config(url, storage_options)
 
 
 def _call(opener: HostOpener, url: str, policy: OpenPolicy, writable: bool) -> Host:

@@ -49,9 +49,9 @@ def _open_target(dst: object, storage_options: Mapping[str, Any] | None = None,
     if isinstance(dst, Sink):
         return dst, False
     if isinstance(dst, str) and is_url(dst):
-        from diskimg.hostio.remote import open_fsspec_sink
+        from diskimg.hostio.url_sink import open_url_sink
 
-        return open_fsspec_sink(dst, storage_options, size_hint=size_hint), True
+        return open_url_sink(dst, storage_options, size_hint=size_hint), True
     if isinstance(dst, int):
         return Sink(dst, f"fd {dst}"), True
     if isinstance(dst, str | os.PathLike):
