@@ -7,6 +7,7 @@ is never referenced on disk before its refcount is.  Tables are written in offse
 
 from __future__ import annotations
 
+import struct
 import sys
 
 TYPE_CHECKING = False
@@ -34,10 +35,74 @@ else:  # typing is for the type checker: not imported at run time (start-up)
 #: True when native integers are little-endian (qcow2 is big-endian on disk).
 HOST_LITTLE_ENDIAN = sys.byteorder == "little"
 
+#: tables byte-swapped without ``array`` (on a little-endian host) before the module is
+#: imported: importing it (and the ``collections`` package its initialisation loads)
+#: costs about 1.8 ms of CPU, a swap of a 64 KiB table without it about 0.1 ms (with it
+#: 6 us).  So a small image's map or check, a few tables, never imports it, and a big
+#: walk pays the import once (issue 20: start-up).
+PURE_SWAPS = 8
+_pure_left = PURE_SWAPS
+
+
+def swap_u64_pure(buf: bytes | bytearray | memoryview) -> memoryview:
+    """Each 8-byte word of ``buf`` byte-reversed, as a writable native ``"Q"`` view, with
+    bytes and memoryview operations only: the whole buffer reversed (words in reverse
+    order, each one's bytes swapped), then the words put back in order."""
+    rev = bytearray(buf)
+    rev.reverse()
+    return memoryview(bytearray(memoryview(rev).cast("Q")[::-1])).cast("Q")
+
+
+def swap_u64_array(buf: bytes | bytearray | memoryview) -> memoryview:
+    """:func:`swap_u64_pure` by ``array.byteswap`` (a view of the array)."""
+    from array import array
+
+    a = array("Q")
+    a.frombytes(buf)
+    a.byteswap()
+    return memoryview(a)
+
+
+def _swap_u64(buf: bytes | bytearray | memoryview) -> memoryview:
+    global _pure_left
+    if _pure_left > 0 and "array" not in sys.modules:
+        _pure_left -= 1  # (a race between threads only changes which swap runs)
+        return swap_u64_pure(buf)
+    return swap_u64_array(buf)
+
+
+def be_u64_table(buf: bytes | bytearray | memoryview) -> memoryview:
+    """Big-endian u64 bytes (an L1 or L2 table) → a writable native ``"Q"`` memoryview of
+    the entries: ``t[i]``, ``t[i] = v``, ``len(t)``, slices (views: copy with
+    ``.tolist()`` or :func:`u64_copy` what must not change).  The one decode of the
+    image's active tables; :func:`pack_be_u64_array` is its inverse."""
+    if not HOST_LITTLE_ENDIAN:
+        return memoryview(bytearray(buf)).cast("Q")
+    return _swap_u64(buf)
+
+
+def u64_copy(table: memoryview | array[int]) -> memoryview:
+    """A copy of a native u64 table (or ``array("Q")``), as :func:`be_u64_table` makes."""
+    return memoryview(bytearray(memoryview(table).cast("B"))).cast("Q")
+
+
+def u64_zeros(n: int) -> memoryview:
+    """A table of ``n`` zero entries."""
+    return memoryview(bytearray(8 * n)).cast("Q")
+
+
+def u64_run(first: int, n: int, step: int) -> memoryview:
+    """The ``n`` native u64 values ``first, first + step, ...`` (read-only), to compare
+    with, or assign to, a slice of a table."""
+    if not step:
+        return memoryview(struct.pack("=Q", first) * n).cast("Q")
+    return memoryview(struct.pack(f"={n}Q", *range(first, first + n * step, step))).cast("Q")
+
 
 def be_u64_array(buf: bytes) -> array[int]:
-    """Big-endian u64 bytes → native array('Q').  (``array``, and the ``collections``
-    package it imports, load with the first table decoded: not for ``info`` (start-up).)"""
+    """Big-endian u64 bytes → native array('Q') (the checker's and the amend passes'
+    tables, which use ``array``'s methods).  (``array``, and the ``collections``
+    package it imports, load with the first one: not for ``info`` or ``map``.)"""
     from array import array
 
     a = array("Q", buf)
@@ -47,22 +112,22 @@ def be_u64_array(buf: bytes) -> array[int]:
     return a
 
 
-def pack_be_u64_array(a: array[int]) -> bytes:
+def pack_be_u64_array(a: array[int] | memoryview) -> bytes:
+    """A native u64 table (``array("Q")`` or :func:`be_u64_table`'s view) → its
+    big-endian bytes."""
+    raw = memoryview(a).cast("B")
     if not HOST_LITTLE_ENDIAN:
-        return a.tobytes()
-    from array import array
-
-    b = array("Q", a)
-    b.byteswap()
-    return b.tobytes()
+        return raw.tobytes()
+    return _swap_u64(raw).tobytes()
 
 
 class L2Table:
-    """One L2 table: ``entries`` as native u64 (extended L2: entry, bitmap pairs)."""
+    """One L2 table: ``entries`` as native u64 (extended L2: entry, bitmap pairs), a
+    :func:`be_u64_table` view."""
 
     __slots__ = ("entries",)
 
-    def __init__(self, entries: array[int]) -> None:
+    def __init__(self, entries: memoryview) -> None:
         self.entries = entries
 
     def pack(self) -> bytes:
@@ -145,14 +210,21 @@ def l2_table_cache(host: Host, cs: int,
                    before_write: Callable[[], None] | None) -> TableCache[L2Table]:
     """An image's L2 table cache (16 MiB of tables, 64 to 32768 of them); a read-write
     image passes its refcount flush as ``before_write``."""
-    cache = TableCache(host, cs, lambda b: L2Table(be_u64_array(b)),
+    cache = TableCache(host, cs, lambda b: L2Table(be_u64_table(b)),
                        min(32768, max(64, (16 << 20) // cs)), "L2 table")
     cache.before_write = before_write
     return cache
 
 
 def new_lru() -> OrderedDict[Any, Any]:
-    """An empty LRU map (``collections`` is imported when one is first made)."""
-    from collections import OrderedDict
-
+    """An empty LRU map: CPython's C ``OrderedDict`` (which ``collections`` re-exports)
+    from its extension module, so that the ``collections`` package, its classes and the
+    operator, keyword and reprlib modules it imports are not loaded (issue 20: start-up)."""
+    if TYPE_CHECKING:
+        from collections import OrderedDict
+    else:
+        try:
+            from _collections import OrderedDict
+        except ImportError:  # (another interpreter)
+            from collections import OrderedDict
     return OrderedDict()
