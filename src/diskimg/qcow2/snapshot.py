@@ -140,7 +140,8 @@ class SnapshotTable:
                     img.l1_dirty.add(i)
         return changed
 
-    def _count_refs(self, l1: array[int] | memoryview, deltas: defaultdict[int, int], addend: int) -> None:
+    def _count_refs(self, l1: array[int] | memoryview, deltas: defaultdict[int, int],
+                    addend: int) -> None:
         """Add ``addend`` to ``deltas`` (host cluster -> refcount change) for every L2
         table and data cluster ``l1`` reaches, as QEMU's update_snapshot_refcount would."""
         img = self.img
