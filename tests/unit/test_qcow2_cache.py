@@ -16,11 +16,13 @@ from diskimg.qcow2 import cache
 from diskimg.qcow2.cache import (
     L2Table,
     TableCache,
+    be_table,
     be_u64_array,
     be_u64_table,
+    pack_be_table,
     pack_be_u64_array,
-    swap_u64_array,
-    swap_u64_pure,
+    swap_array,
+    swap_pure,
     u64_copy,
     u64_run,
     u64_zeros,
@@ -89,22 +91,33 @@ _SIZES = (0, 8, 512, 65536)
 
 
 @pytest.mark.parametrize("size", _SIZES)
-def test_both_swaps_decode_as_struct_does(size: int) -> None:
+@pytest.mark.parametrize("word", ["H", "I", "Q"])
+def test_both_swaps_decode_as_struct_does(size: int, word: str) -> None:
     """The decode without ``array`` (a small image's map and check) and the one with it
-    (after cache.PURE_SWAPS tables) give the same entries, struct's big-endian reading,
-    and pack back to the same bytes."""
+    (after cache.PURE_SWAPS tables) give the same words (u64 table entries, 16- and
+    32-bit refcounts), struct's big-endian reading, and pack back to the same bytes."""
     raw = random.Random(size).randbytes(size)
-    want = list(struct.unpack(f">{size // 8}Q", raw))
-    for swap in (swap_u64_pure, swap_u64_array):
+    n = size // struct.calcsize(word)
+    want = list(struct.unpack(f">{n}{word}", raw))
+    for swap in (swap_pure, swap_array):
         for buf in (raw, bytearray(raw), memoryview(raw)):
-            t = swap(buf)
-            assert (t.tolist(), t.format, t.readonly) == (want, "Q", False), swap
-    t = be_u64_table(raw)
+            t = swap(buf, word)  # type: ignore[arg-type]
+            assert (t.tolist(), t.format, t.readonly) == (want, word, False), swap
+    t = be_table(raw, word)  # type: ignore[arg-type]
     assert t.tolist() == want
-    assert pack_be_u64_array(t) == raw == pack_be_u64_array(array("Q", want))
+    assert pack_be_table(t) == raw == pack_be_table(array(word, want))
     if size:
-        t[-1] = 0x0102030405060708  # writable, and packed back big-endian
-        assert pack_be_u64_array(t) == raw[:-8] + bytes(range(1, 9))
+        t[-1] = 0x0102  # writable, and packed back big-endian
+        assert pack_be_table(t) == raw[:-t.itemsize] + (0x0102).to_bytes(t.itemsize, "big")
+    if word == "Q":
+        assert be_u64_table(raw).tolist() == want == list(be_u64_array(raw))
+        assert pack_be_u64_array(be_u64_table(raw)) == raw
+
+
+def test_byte_words_need_no_swap() -> None:
+    raw = bytes(range(200, 256))
+    t = be_table(raw, "B")
+    assert (t.tolist(), t.readonly, pack_be_table(t)) == (list(raw), False, raw)
 
 
 def test_big_endian_host_keeps_the_bytes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from array import array
     from collections import OrderedDict
     from collections.abc import Callable
-    from typing import Any, Generic, Protocol, TypeVar
+    from typing import Any, Generic, Literal, Protocol, TypeVar
 
     from diskimg.hostio.host import Host
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
         def pack(self) -> bytes: ...
 
     T = TypeVar("T", bound=Table)
+    #: the formats of qcow2's unsigned table words: 1, 2, 4 and 8 bytes
+    Word = Literal["B", "H", "I", "Q"]
 else:  # typing is for the type checker: not imported at run time (start-up)
     class Generic:
         """``Generic[T]`` as a base class, without typing: the class itself."""
@@ -44,41 +46,63 @@ PURE_SWAPS = 8
 _pure_left = PURE_SWAPS
 
 
-def swap_u64_pure(buf: bytes | bytearray | memoryview) -> memoryview:
-    """Each 8-byte word of ``buf`` byte-reversed, as a writable native ``"Q"`` view, with
-    bytes and memoryview operations only: the whole buffer reversed (words in reverse
-    order, each one's bytes swapped), then the words put back in order."""
+def swap_pure(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
+    """Each word of ``buf`` (of the size of ``typecode``: ``"H"``, ``"I"`` or ``"Q"``)
+    byte-reversed, as a writable native view of that format, with bytes and memoryview
+    operations only: the whole buffer reversed (words in reverse order, each one's bytes
+    swapped), then the words put back in order."""
     rev = bytearray(buf)
     rev.reverse()
-    return memoryview(bytearray(memoryview(rev).cast("Q")[::-1])).cast("Q")
+    return memoryview(bytearray(memoryview(rev).cast(typecode)[::-1])).cast(typecode)
 
 
-def swap_u64_array(buf: bytes | bytearray | memoryview) -> memoryview:
-    """:func:`swap_u64_pure` by ``array.byteswap`` (a view of the array)."""
+def swap_array(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
+    """:func:`swap_pure` by ``array.byteswap`` (a view of the array)."""
     from array import array
 
-    a = array("Q")
+    a = array(typecode)
     a.frombytes(buf)
     a.byteswap()
     return memoryview(a)
 
 
-def _swap_u64(buf: bytes | bytearray | memoryview) -> memoryview:
+def _swap(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
     global _pure_left
     if _pure_left > 0 and "array" not in sys.modules:
         _pure_left -= 1  # (a race between threads only changes which swap runs)
-        return swap_u64_pure(buf)
-    return swap_u64_array(buf)
+        return swap_pure(buf, typecode)
+    return swap_array(buf, typecode)
+
+
+def be_table(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
+    """Big-endian unsigned words (``typecode`` ``"B"``, ``"H"``, ``"I"`` or ``"Q"``: 1, 2,
+    4 or 8 bytes) → a writable native memoryview of that format: ``t[i]``, ``t[i] = v``,
+    ``len(t)``, slices (views: copy with ``.tolist()`` or :func:`u64_copy` what must not
+    change).  The one decode of qcow2's tables (L1, L2, refcount table, refcount blocks
+    of byte-or-wider entries); :func:`pack_be_table` is its inverse."""
+    if typecode == "B" or not HOST_LITTLE_ENDIAN:
+        return memoryview(bytearray(buf)).cast(typecode)
+    return _swap(buf, typecode)
 
 
 def be_u64_table(buf: bytes | bytearray | memoryview) -> memoryview:
-    """Big-endian u64 bytes (an L1 or L2 table) → a writable native ``"Q"`` memoryview of
-    the entries: ``t[i]``, ``t[i] = v``, ``len(t)``, slices (views: copy with
-    ``.tolist()`` or :func:`u64_copy` what must not change).  The one decode of the
-    image's active tables; :func:`pack_be_u64_array` is its inverse."""
-    if not HOST_LITTLE_ENDIAN:
-        return memoryview(bytearray(buf)).cast("Q")
-    return _swap_u64(buf)
+    """:func:`be_table` of u64 entries (an L1, L2 or refcount table)."""
+    return be_table(buf, "Q")
+
+
+def pack_be_table(t: array[int] | memoryview) -> bytes:
+    """A native table (``array`` or :func:`be_table`'s view, of any of its formats) → its
+    big-endian bytes."""
+    mv = memoryview(t)
+    raw = mv.cast("B")
+    if mv.itemsize == 1 or not HOST_LITTLE_ENDIAN:
+        return raw.tobytes()
+    return _swap(raw, _WORDS[mv.itemsize]).tobytes()
+
+
+_WORDS: dict[int, Word] = {1: "B", 2: "H", 4: "I", 8: "Q"}
+#: the u64 tables' name for it
+pack_be_u64_array = pack_be_table
 
 
 def u64_copy(table: memoryview | array[int]) -> memoryview:
@@ -110,15 +134,6 @@ def be_u64_array(buf: bytes) -> array[int]:
     if HOST_LITTLE_ENDIAN:
         a.byteswap()
     return a
-
-
-def pack_be_u64_array(a: array[int] | memoryview) -> bytes:
-    """A native u64 table (``array("Q")`` or :func:`be_u64_table`'s view) → its
-    big-endian bytes."""
-    raw = memoryview(a).cast("B")
-    if not HOST_LITTLE_ENDIAN:
-        return raw.tobytes()
-    return _swap_u64(raw).tobytes()
 
 
 class L2Table:

@@ -10,21 +10,25 @@ table entry that points at it reach the disk before anything relies on them.
 from __future__ import annotations
 
 import struct
-from array import array
 
 from diskimg.errors import CorruptImageError, UsageError
+from diskimg.hostio import all_zero
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import (
-    HOST_LITTLE_ENDIAN,
     TableCache,
+    be_table,
     be_u64_array,
+    pack_be_table,
     pack_be_u64_array,
 )
 from diskimg.qcow2.layout import QCOW_MAX_REFTABLE_SIZE, Header
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (array: the table of a writer's Refcounts, not loaded by check)
+    from array import array
+
     from diskimg.hostio.host import Host
+    from diskimg.qcow2.cache import Word
 
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
@@ -87,15 +91,17 @@ def max_refcount(order: int) -> int:
     return (1 << (1 << order)) - 1
 
 
-assert array("Q").itemsize == 8 and array("H").itemsize == 2 and array("I").itemsize == 4
+assert struct.calcsize("Q") == 8 and struct.calcsize("H") == 2 and struct.calcsize("I") == 4
 
 
-def refcount_typecode(order: int) -> str:
-    """The ``array`` type code holding one decoded refcount of width ``1 << order`` (narrow
-    widths decode into bytes)."""
+def refcount_typecode(order: int) -> Word:
+    """The memoryview (and ``array``) format holding one decoded refcount of width
+    ``1 << order`` (narrow widths decode into bytes)."""
     if order <= 3:
         return "B"
-    return {4: "H", 5: "I", 6: "Q"}[order]
+    if order > 6:
+        raise KeyError(order)
+    return "H" if order == 4 else "I" if order == 5 else "Q"
 
 
 def _narrow_pos(i: int, order: int) -> tuple[int, int, int]:
@@ -129,30 +135,24 @@ def _make_narrow_tables(order: int) -> tuple[list[bytes], dict[bytes, int]]:
     return dec, {v: b for b, v in enumerate(dec)}
 
 
-def decode_refblock(raw: bytes, order: int) -> array[int]:
-    """Every refcount of a block (``raw`` big-endian on-disk bytes) as a native array of
-    type :func:`refcount_typecode`."""
+def decode_refblock(raw: bytes, order: int) -> memoryview:
+    """Every refcount of a block (``raw`` big-endian on-disk bytes) as a writable native
+    memoryview of format :func:`refcount_typecode` (cache.be_table)."""
     if order < 3:
         table = _narrow_tables(order)[0]
-        return array("B", b"".join(table[b] for b in raw))
-    a = array(refcount_typecode(order), raw)
-    if HOST_LITTLE_ENDIAN and order > 3:
-        a.byteswap()
-    return a
+        return memoryview(bytearray(b"".join(table[b] for b in raw)))
+    return be_table(raw, refcount_typecode(order))
 
 
-def encode_refblock(vals: array[int], order: int) -> bytes:
-    """On-disk bytes of refcounts ``vals`` (its length a multiple of the entries per
-    byte); the inverse of :func:`decode_refblock`."""
+def encode_refblock(vals: memoryview | array[int], order: int) -> bytes:
+    """On-disk bytes of refcounts ``vals`` (of format :func:`refcount_typecode`, its
+    length a multiple of the entries per byte); the inverse of :func:`decode_refblock`."""
     if order < 3:
         per = 8 >> order
         back = _narrow_tables(order)[1]
-        raw = vals.tobytes() if vals.typecode == "B" else bytes(vals)
+        raw = bytes(vals)
         return bytes(back[raw[i:i + per]] for i in range(0, len(raw), per))
-    a = array(refcount_typecode(order), vals)
-    if HOST_LITTLE_ENDIAN and order > 3:
-        a.byteswap()
-    return a.tobytes()
+    return pack_be_table(vals)
 
 
 class RefBlock:
@@ -166,7 +166,7 @@ class RefBlock:
     def __init__(self, order: int, raw: bytes) -> None:
         self.order = order
         if order >= 3:
-            self.data: array[int] | bytearray = decode_refblock(raw, order)
+            self.data: memoryview | bytearray = decode_refblock(raw, order)
         else:
             self.data = bytearray(raw)
 
@@ -189,7 +189,7 @@ class RefBlock:
         byte-or-wider entries)."""
         if self.order >= 3:
             seg = self.data[lo:hi]
-            if seg.count(0) == len(seg):
+            if all_zero(seg):
                 return hi
             for k, v in enumerate(seg):
                 if v:
@@ -202,22 +202,23 @@ class RefBlock:
 
     def count_used(self, n: int) -> int:
         """Number of non-zero entries among the first ``n``."""
-        if isinstance(self.data, array):
-            return n - self.data[:n].count(0)
+        if isinstance(self.data, memoryview):  # (order >= 3)
+            return n - self.data[:n].tolist().count(0)
         return sum(1 for i in range(n) if self[i])
 
     def fill(self, lo: int, hi: int, value: int) -> None:
         """Set entries [lo, hi) to ``value`` (one slice assignment for wide entries)."""
         if hi <= lo:
             return
-        if isinstance(self.data, array):
-            self.data[lo:hi] = array(self.data.typecode, [value]) * (hi - lo)
+        if isinstance(self.data, memoryview):  # (order >= 3)
+            fmt = refcount_typecode(self.order)
+            self.data[lo:hi] = memoryview(struct.pack("=" + fmt, value) * (hi - lo)).cast(fmt)
             return
         for i in range(lo, hi):
             self[i] = value
 
     def pack(self) -> bytes:
-        if isinstance(self.data, array):
+        if isinstance(self.data, memoryview):  # (order >= 3)
             return encode_refblock(self.data, self.order)
         return bytes(self.data)
 
@@ -528,6 +529,8 @@ class Refcounts:
         if table_size * 8 > QCOW_MAX_REFTABLE_SIZE:
             raise CorruptImageError("Refcount table would exceed the maximum size (8 MiB); "
                                     "image too large for this cluster size")
+        from array import array
+
         new_table = array("Q", bytes(8 * table_size))
         keep = min(table_size, self._max_table_index() + 1, len(self.table))
         new_table[:keep] = self.table[:keep]

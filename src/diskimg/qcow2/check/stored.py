@@ -4,8 +4,6 @@ qemu's ``check_refblocks`` (references of the refcount blocks themselves)."""
 
 from __future__ import annotations
 
-from array import array
-
 from diskimg.hostio.file import trailing_zeros
 from diskimg.qcow2.check.report import _RefErr
 from diskimg.qcow2.check.state import (
@@ -23,7 +21,7 @@ from diskimg.qcow2.refcount import (
 
 
 class _Stored(_State):
-    def refblock(self, idx: int, *, quiet: bool = False) -> array[int] | None:
+    def refblock(self, idx: int, *, quiet: bool = False) -> memoryview | None:
         """Stored refcount block ``idx`` decoded, or None when it is not allocated.
 
         An unusable block offset (unaligned, or negative as a file offset) is reported and
