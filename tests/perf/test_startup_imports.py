@@ -118,7 +118,8 @@ QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
 NOT_FOR_PLAIN_CHECK = ("diskimg.qcow2.check.overlap", "diskimg.qcow2.check.snapshots",
                        "diskimg.qcow2.check.rebuild",
                        "diskimg.qcow2.snapshot", "diskimg.qcow2.bitmaps",
-                       "diskimg.qcow2.bitmap_table", "diskimg.cli.output", "diskimg.crypto")
+                       "diskimg.qcow2.bitmap_table", "diskimg.cli.output", "diskimg.crypto",
+                       "array", "collections")
 
 #: never loaded by a command that only reads metadata (prefixes: a package and its parts):
 #: the write and copy layers, other formats, and the standard library's heavy modules
@@ -137,8 +138,9 @@ NOT_FOR_READING = ("diskimg.ops", "diskimg.operations", "diskimg.pool", "diskimg
                    "typing", "threading", "json", "shlex", "textwrap", "shutil", "copy",
                    "pathlib", "urllib", "ipaddress", "fnmatch", "re", "enum", "functools",
                    "contextlib", "types", "importlib", "warnings")
-#: ... nor, for ``info`` and ``map`` of a small qcow2, ``array`` (whose initialisation
-#: imports the collections package): info decodes no table, map a few without it
+#: ... nor, for ``info``, ``map`` and ``check`` of a small qcow2, ``array`` (whose
+#: initialisation imports the collections package): info decodes no table, map and check
+#: a few without it (cache.PURE_SWAPS)
 NOT_FOR_QCOW2_INFO = ("array", "collections")
 #: nothing at all beyond the lines above: no argparse, no typing machinery, no regexes
 NOT_FOR_VERSION = ("argparse", "re", "typing", "dataclasses", "inspect", "enum", "pathlib",
@@ -236,10 +238,9 @@ def test_reading_commands_load_only_their_allow_list(image: Path, args: list[str
                          f"{_named(extra, who)}: import them where they are used, or add "
                          "them to the allow-list on purpose")
     # info reads no L2 table: the L1 table is decoded, and the table caches made, on
-    # first use; map decodes its few tables without ``array`` (cache.be_u64_table) and
-    # makes its LRU from _collections: neither loads array or the collections package
-    denied = _denied(loaded, NOT_FOR_READING + (NOT_FOR_QCOW2_INFO if args[0] in ("info", "map")
-                                                else ()))
+    # first use; map and check decode their few tables without ``array`` (cache.be_table)
+    # and map makes its LRU from _collections: none loads array or the collections package
+    denied = _denied(loaded, NOT_FOR_READING + NOT_FOR_QCOW2_INFO)
     assert denied == [], (f"`diskimg {' '.join(args)}` on a qcow2 now imports "
                           f"{_named(denied, who)}, which reading metadata must not load")
 
