@@ -86,7 +86,7 @@ def test_codec_is_big_endian_both_ways() -> None:
 
 
 #: the table sizes the codecs are compared on: empty, one entry, a 512-byte and a
-#: 64 KiB cluster's table
+#: 64 KiB cluster's table (random bytes: every word used)
 _SIZES = (0, 8, 512, 65536)
 
 
@@ -114,6 +114,19 @@ def test_both_swaps_decode_as_struct_does(size: int, word: str) -> None:
         assert pack_be_u64_array(be_u64_table(raw)) == raw
 
 
+@pytest.mark.parametrize("word", ["H", "I", "Q"])
+@pytest.mark.parametrize("used", [1, 7, 8, 9, 4095])
+def test_a_zero_tail_decodes_as_struct_does(word: str, used: int) -> None:
+    """be_table swaps only up to the word holding the last non-zero byte: a tail ending
+    inside a word, on a word boundary, or one byte short of the end decodes as struct
+    reads it, into a writable table of the full length."""
+    raw = random.Random(used).randbytes(used)[:-1] + b"\x01" + bytes(4096 - used)
+    t = be_table(raw, word)  # type: ignore[arg-type]
+    n = 4096 // struct.calcsize(word)
+    assert (t.tolist(), t.readonly) == (list(struct.unpack(f">{n}{word}", raw)), False)
+    assert pack_be_table(t) == raw
+
+
 def test_byte_words_need_no_swap() -> None:
     raw = bytes(range(200, 256))
     t = be_table(raw, "B")
@@ -130,17 +143,21 @@ def test_big_endian_host_keeps_the_bytes(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_first_tables_are_decoded_without_array() -> None:
-    """A fresh interpreter decodes cache.PURE_SWAPS tables without importing ``array``
-    (start-up of map and check), then imports it; every table decodes the same."""
+    """A fresh interpreter decodes cache.PURE_SWAP_BYTES of tables without importing
+    ``array`` (start-up of map and check), then imports it; a table's zero tail is not
+    counted; every table decodes the same."""
     code = ("import sys, struct, random\n"
             "from diskimg.qcow2 import cache\n"
             "raw = random.Random(7).randbytes(4096)\n"
             "want = list(struct.unpack('>512Q', raw))\n"
+            "tail = raw[:16] + bytes(65536 - 16)\n"  # two entries, then zeros
             "seen = []\n"
-            "for i in range(cache.PURE_SWAPS + 2):\n"
+            "for i in range(cache.PURE_SWAP_BYTES // 4096 + 2):\n"
+            "    t = cache.be_u64_table(tail)\n"
+            "    assert t.tolist() == want[:2] + [0] * 8190 and not t.readonly, i\n"
             "    assert cache.be_u64_table(raw).tolist() == want, i\n"
             "    seen.append('array' in sys.modules)\n"
-            "print(cache.PURE_SWAPS, seen)\n")
+            "print(cache.PURE_SWAP_BYTES // 4096, seen)\n")
     src = os.path.dirname(os.path.dirname(os.path.dirname(cache.__file__)))
     r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": src}, check=False)

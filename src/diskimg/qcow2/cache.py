@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 import sys
 
+from diskimg.hostio.file import trailing_zeros
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from array import array
@@ -37,13 +39,14 @@ else:  # typing is for the type checker: not imported at run time (start-up)
 #: True when native integers are little-endian (qcow2 is big-endian on disk).
 HOST_LITTLE_ENDIAN = sys.byteorder == "little"
 
-#: tables byte-swapped without ``array`` (on a little-endian host) before the module is
-#: imported: importing it (and the ``collections`` package its initialisation loads)
-#: costs about 1.8 ms of CPU, a swap of a 64 KiB table without it about 0.1 ms (with it
-#: 6 us).  So a small image's map or check, a few tables, never imports it, and a big
-#: walk pays the import once (issue 20: start-up).
-PURE_SWAPS = 8
-_pure_left = PURE_SWAPS
+#: bytes of tables byte-swapped without ``array`` (on a little-endian host) before the
+#: module is imported: importing it (and the ``collections`` package its initialisation
+#: loads) costs about 1.8 ms of CPU, a swap of a full 64 KiB table without it about
+#: 0.1 ms (with it 6 us).  So a small image's map or check never imports it, and a big
+#: walk pays the import once, after eight full tables (issue 20: start-up).  A table's
+#: zero tail is not swapped, nor counted (:func:`be_table`).
+PURE_SWAP_BYTES = 8 << 16
+_pure_left = PURE_SWAP_BYTES
 
 
 def swap_pure(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
@@ -69,7 +72,7 @@ def swap_array(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryvie
 def _swap(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
     global _pure_left
     if _pure_left > 0 and "array" not in sys.modules:
-        _pure_left -= 1  # (a race between threads only changes which swap runs)
+        _pure_left -= len(buf)  # (a race between threads only changes which swap runs)
         return swap_pure(buf, typecode)
     return swap_array(buf, typecode)
 
@@ -82,7 +85,17 @@ def be_table(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
     of byte-or-wider entries); :func:`pack_be_table` is its inverse."""
     if typecode == "B" or not HOST_LITTLE_ENDIAN:
         return memoryview(bytearray(buf)).cast(typecode)
-    return _swap(buf, typecode)
+    # the words up to the last non-zero byte are swapped, the zero tail (most of a small
+    # image's tables) is copied as it is: zero in either byte order
+    n = len(buf)
+    size = struct.calcsize(typecode)
+    used = -(-(n - trailing_zeros(buf)) // size) * size
+    if used == n:
+        return _swap(buf, typecode)
+    out = bytearray(n)
+    if used:
+        out[:used] = _swap(memoryview(buf)[:used], typecode).cast("B")
+    return memoryview(out).cast(typecode)
 
 
 def be_u64_table(buf: bytes | bytearray | memoryview) -> memoryview:
