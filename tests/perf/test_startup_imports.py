@@ -112,14 +112,15 @@ RAW_READ = OPEN_READ | {"diskimg.raw", "diskimg.options"}  # raw's offset/size o
 #: passes only (no overlap protection, written for repairs, no snapshot-table reader)
 QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
                ("copied", "refcounts", "report", "state", "stored", "walk")} | {
-    "diskimg.qcow2.check", "diskimg.check_report", "diskimg.qcow2.refcount"}
+    "diskimg.qcow2.check", "diskimg.check_report", "diskimg.qcow2.refblock"}
 #: ... and what a plain check must not load: repair and snapshot code, the bitmap modules,
-#: and the JSON/--output writer (the human lines are the report's own)
+#: the JSON/--output writer (the human lines are the report's own), the allocator (only
+#: the refcount-block codec, diskimg.qcow2.refblock) and array
 NOT_FOR_PLAIN_CHECK = ("diskimg.qcow2.check.overlap", "diskimg.qcow2.check.snapshots",
                        "diskimg.qcow2.check.rebuild",
                        "diskimg.qcow2.snapshot", "diskimg.qcow2.bitmaps",
                        "diskimg.qcow2.bitmap_table", "diskimg.cli.output", "diskimg.crypto",
-                       "array", "collections")
+                       "diskimg.qcow2.refcount", "array", "collections")
 
 #: never loaded by a command that only reads metadata (prefixes: a package and its parts):
 #: the write and copy layers, other formats, and the standard library's heavy modules
@@ -345,7 +346,8 @@ CONVERT = VERSION | {
 #: ... with a qcow2 on either side (the writer: create, refcounts; the bitmap modules
 #: because every qcow2 write asks ``img.bitmaps``, see the report of session 9)
 CONVERT_QCOW2 = QCOW2_READ | {"diskimg.qcow2.create", "diskimg.qcow2.refcount",
-                              "diskimg.qcow2.bitmaps", "diskimg.qcow2.bitmap_table"}
+                              "diskimg.qcow2.refblock", "diskimg.qcow2.bitmaps",
+                              "diskimg.qcow2.bitmap_table"}
 #: the standard library a plain convert does without: argparse (cli/quickparse.py reads
 #: the command line), typing, dataclasses, importlib, signal (SIGTERM handling is for URL
 #: targets only), the ctypes package (hostio.file's alignment test uses the extension

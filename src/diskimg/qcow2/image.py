@@ -288,9 +288,8 @@ class Qcow2Image(BlockDevice):
         R.grow_l1(self, need)
 
     def install_l1(self, l1: array[int] | memoryview) -> None:
-        """Make ``l1`` (already written at the header's L1 offset) the active L1 table:
-        no entry dirty, decoded compressed clusters forgotten.  (An array is kept as a
-        view of it: the L1 table is a ``"Q"`` memoryview, as cache.be_u64_table makes.)"""
+        """Make ``l1`` (already written at the header's L1 offset) the active L1 table (a
+        ``"Q"`` view of it): no entry dirty, decoded compressed clusters forgotten."""
         self.__dict__.pop("_l1_raw", None)
         self.l1 = memoryview(l1)
         self.l1_dirty.clear()

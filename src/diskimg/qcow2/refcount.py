@@ -14,23 +14,19 @@ import struct
 from diskimg.errors import CorruptImageError, UsageError
 from diskimg.hostio import all_zero
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.cache import (
-    TableCache,
-    be_table,
-    be_u64_array,
-    pack_be_table,
-    pack_be_u64_array,
-)
+from diskimg.qcow2.cache import TableCache, be_u64_array, pack_be_u64_array
 from diskimg.qcow2.layout import QCOW_MAX_REFTABLE_SIZE, Header
+from diskimg.qcow2.refblock import REFT_OFFSET_MASK as REFT_OFFSET_MASK  # the codec, re-
+from diskimg.qcow2.refblock import _narrow_pos  # exported (check imports it alone)
+from diskimg.qcow2.refblock import decode_refblock as decode_refblock
+from diskimg.qcow2.refblock import encode_refblock as encode_refblock
+from diskimg.qcow2.refblock import max_refcount as max_refcount
+from diskimg.qcow2.refblock import refblock_entries as refblock_entries
+from diskimg.qcow2.refblock import refcount_typecode as refcount_typecode
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # (array: the table of a writer's Refcounts, not loaded by check)
-    from array import array
-
+if TYPE_CHECKING:
     from diskimg.hostio.host import Host
-    from diskimg.qcow2.cache import Word
-
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
 
 class _Again(Exception):
@@ -66,93 +62,12 @@ def refcount_blocks_for(clusters: int, cs: int, refcount_order: int,
     return refcount_metadata_clusters(clusters, cs, refcount_order, generous)[0]
 
 
-# --- the refcount-block codec (docs/interop/qcow2.txt, "Host cluster management") ---------
-# A refcount block holds cluster_size * 8 >> refcount_order entries of 1 << refcount_order
-# bits (order 0..6).  Entries of 8 bits or more are big-endian unsigned integers; narrower
-# entries are packed into bytes starting from the least significant bit:
-#   refcount = (block[i / (8 / bits)] >> ((i % (8 / bits)) * bits)) & ((1 << bits) - 1)
-
-
-def refblock_entries(cluster_size: int, order: int) -> int:
-    """Refcounts one refcount block holds: ``cluster_size * 8 >> order``."""
-    return cluster_size * 8 >> order
-
-
 def refcount_order_of(bits: int) -> int:
     """The refcount order of a ``refcount_bits`` option value: a power of two from 1 to
     64 (orders 0..6); any other width is refused with qemu's message."""
     if bits <= 0 or bits > 64 or bits & (bits - 1):
         raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
     return bits.bit_length() - 1
-
-
-def max_refcount(order: int) -> int:
-    """The largest refcount an entry of width ``1 << order`` bits holds."""
-    return (1 << (1 << order)) - 1
-
-
-assert struct.calcsize("Q") == 8 and struct.calcsize("H") == 2 and struct.calcsize("I") == 4
-
-
-def refcount_typecode(order: int) -> Word:
-    """The memoryview (and ``array``) format holding one decoded refcount of width
-    ``1 << order`` (narrow widths decode into bytes)."""
-    if order <= 3:
-        return "B"
-    if order > 6:
-        raise KeyError(order)
-    return "H" if order == 4 else "I" if order == 5 else "Q"
-
-
-def _narrow_pos(i: int, order: int) -> tuple[int, int, int]:
-    """(byte index, bit shift, value mask) of entry ``i`` of a sub-byte-width block."""
-    bits = 1 << order
-    per = 8 >> order
-    return i // per, (i % per) * bits, (1 << bits) - 1
-
-
-#: :func:`_narrow_tables` by order, made when first asked for
-_NARROW: dict[int, tuple[list[bytes], dict[bytes, int]]] = {}
-
-
-def _narrow_tables(order: int) -> tuple[list[bytes], dict[bytes, int]]:
-    """Byte -> its decoded entries, and back (the LSB-first rule of _narrow_pos)."""
-    tables = _NARROW.get(order)
-    if tables is None:
-        tables = _NARROW[order] = _make_narrow_tables(order)
-    return tables
-
-
-def _make_narrow_tables(order: int) -> tuple[list[bytes], dict[bytes, int]]:
-    per = 8 >> order
-    dec = []
-    for b in range(256):
-        vals = []
-        for k in range(per):
-            _, shift, mask = _narrow_pos(k, order)
-            vals.append((b >> shift) & mask)
-        dec.append(bytes(vals))
-    return dec, {v: b for b, v in enumerate(dec)}
-
-
-def decode_refblock(raw: bytes, order: int) -> memoryview:
-    """Every refcount of a block (``raw`` big-endian on-disk bytes) as a writable native
-    memoryview of format :func:`refcount_typecode` (cache.be_table)."""
-    if order < 3:
-        table = _narrow_tables(order)[0]
-        return memoryview(bytearray(b"".join(table[b] for b in raw)))
-    return be_table(raw, refcount_typecode(order))
-
-
-def encode_refblock(vals: memoryview | array[int], order: int) -> bytes:
-    """On-disk bytes of refcounts ``vals`` (of format :func:`refcount_typecode`, its
-    length a multiple of the entries per byte); the inverse of :func:`decode_refblock`."""
-    if order < 3:
-        per = 8 >> order
-        back = _narrow_tables(order)[1]
-        raw = bytes(vals)
-        return bytes(back[raw[i:i + per]] for i in range(0, len(raw), per))
-    return pack_be_table(vals)
 
 
 class RefBlock:

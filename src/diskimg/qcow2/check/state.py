@@ -15,7 +15,7 @@ from diskimg.qcow2.layout import (
     QCOW2_INCOMPAT_DATA_FILE,
     Header,
 )
-from diskimg.qcow2.refcount import refblock_entries, refcount_typecode
+from diskimg.qcow2.refblock import refblock_entries, refcount_typecode
 from diskimg.slotted import Record
 
 TYPE_CHECKING = False

@@ -1,5 +1,5 @@
 """The refcounts stored in the image, as the check reads and repairs them: refcount blocks
-through the one codec (:mod:`diskimg.qcow2.refcount`), a write-back block cache, and
+through the one codec (:mod:`diskimg.qcow2.refblock`), a write-back block cache, and
 qemu's ``check_refblocks`` (references of the refcount blocks themselves)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from diskimg.qcow2.check.state import (
     _hexc,
     _State,
 )
-from diskimg.qcow2.refcount import (
+from diskimg.qcow2.refblock import (
     REFT_OFFSET_MASK,
     decode_refblock,
     encode_refblock,
