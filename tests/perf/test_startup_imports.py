@@ -115,12 +115,14 @@ QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
     "diskimg.qcow2.check", "diskimg.check_report", "diskimg.qcow2.refblock"}
 #: ... and what a plain check must not load: repair and snapshot code, the bitmap modules,
 #: the JSON/--output writer (the human lines are the report's own), the allocator (only
-#: the refcount-block codec, diskimg.qcow2.refblock) and array
+#: the refcount-block codec, diskimg.qcow2.refblock), the header writer (the snapshot
+#: fields are read by layout.read_fields) and array
 NOT_FOR_PLAIN_CHECK = ("diskimg.qcow2.check.overlap", "diskimg.qcow2.check.snapshots",
                        "diskimg.qcow2.check.rebuild",
                        "diskimg.qcow2.snapshot", "diskimg.qcow2.bitmaps",
                        "diskimg.qcow2.bitmap_table", "diskimg.cli.output", "diskimg.crypto",
-                       "diskimg.qcow2.refcount", "array", "collections")
+                       "diskimg.qcow2.refcount", "diskimg.qcow2.header_io", "array",
+                       "collections")
 
 #: never loaded by a command that only reads metadata (prefixes: a package and its parts):
 #: the write and copy layers, other formats, and the standard library's heavy modules
