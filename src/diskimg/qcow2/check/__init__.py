@@ -20,9 +20,9 @@ read as zeros (as QEMU's file driver does).  Memory is bounded by the file size 
 in-memory refcount array has one entry per host cluster, capped at :data:`MAX_IMRT_BYTES`)
 and by QEMU's table caps; the amount of L2 work is bounded by :data:`MAX_L2_ENTRIES`.
 
-Package layout (QEMU's seams): ``report`` (abort signals; the result is the format-neutral
-:class:`diskimg.check_report.CheckReport`, alias ``CheckResult``), ``state`` (one pass's
-state and reference counting), ``stored`` (stored refcount blocks), ``walk`` (L1/L2
+Package layout (QEMU's seams): ``state`` (one pass's state, reference counting and the
+abort signals; the result is the format-neutral :class:`diskimg.check_report.CheckReport`,
+alias ``CheckResult``), ``stored`` (stored refcount blocks), ``walk`` (L1/L2
 traversal), ``copied`` (OFLAG_COPIED), ``refcounts`` (compare, repair).  Loaded only when
 needed (start-up, issue 20): ``overlap`` (overlap protection and corruption signalling,
 for writes and findings), ``snapshots`` (an image with a snapshot table, or a bad table
@@ -34,7 +34,7 @@ from __future__ import annotations
 from diskimg.errors import CorruptImageError, FormatError, UsageError
 from diskimg.check_report import CheckReport
 from diskimg.qcow2.check.refcounts import _Refcounts
-from diskimg.qcow2.check.report import CheckResult, _Abort
+from diskimg.qcow2.check.state import CheckResult, _Abort
 from diskimg.qcow2.layout import (
     HDR_NB_SNAPSHOTS,
     HDR_SNAPSHOTS_OFFSET,

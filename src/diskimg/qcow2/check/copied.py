@@ -7,7 +7,7 @@ import struct
 
 from diskimg.hostio import all_zero
 from diskimg.qcow2.cache import be_u64_table, pack_be_u64_array
-from diskimg.qcow2.check.report import _Abort, _RefErr
+from diskimg.qcow2.check.state import _Abort, _RefErr
 from diskimg.qcow2.check.state import (
     _NORMAL,
     _ZERO_ALLOC,

@@ -5,7 +5,7 @@ refcount structure, for ``-r all`` only, is :mod:`diskimg.qcow2.check.rebuild`).
 from __future__ import annotations
 
 from diskimg.qcow2.check.copied import _Copied
-from diskimg.qcow2.check.report import _Abort, _counts, _RefErr, _set_counts
+from diskimg.qcow2.check.state import _Abort, _counts, _RefErr, _set_counts
 from diskimg.qcow2.check.state import (
     INT_MAX,
 )

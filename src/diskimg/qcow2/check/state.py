@@ -1,15 +1,15 @@
 """The state of one check pass (qemu's BDRVQcow2State plus the in-memory refcount table)
 and the helpers every part of the check uses: reading with zero fill past EOF,
-findings, and counting references (``qcow2_inc_refcounts_imrt``)."""
+findings, counting references (``qcow2_inc_refcounts_imrt``), and the abort signals."""
 
 from __future__ import annotations
 
 import struct
 
 from diskimg import progname
+from diskimg.check_report import CheckReport
 from diskimg.errors import CorruptImageError
 from diskimg.qcow2.cache import be_u64_table
-from diskimg.qcow2.check.report import CheckResult, _Abort
 from diskimg.qcow2.entries import ClusterType
 from diskimg.qcow2.layout import (
     QCOW2_INCOMPAT_DATA_FILE,
@@ -23,6 +23,43 @@ if TYPE_CHECKING:
     from typing import Any
 
     from diskimg.hostio.host import Host
+
+
+# --- the check's abort signals (its result is the format-neutral CheckReport) ---------
+
+_STRERROR = {
+    "EIO": "Input/output error",
+    "EFBIG": "File too large",
+    "EINVAL": "Invalid argument",
+    "ENOMEM": "Cannot allocate memory",
+}
+
+
+class _Abort(Exception):
+    """The check could not complete (qemu: the check function returned < 0)."""
+
+    def __init__(self, errno_name: str) -> None:
+        super().__init__(errno_name)
+        self.strerror = _STRERROR.get(errno_name, errno_name)
+
+
+class _RefErr(Exception):
+    """A stored refcount could not be read (unaligned refcount block)."""
+
+
+#: the qcow2 check's historical name for :class:`diskimg.check_report.CheckReport`
+CheckResult = CheckReport
+
+
+def _counts(res: CheckResult) -> tuple[int, int, int, int, int]:
+    return (res.check_errors, res.corruptions, res.leaks, res.corruptions_fixed,
+            res.leaks_fixed)
+
+
+def _set_counts(res: CheckResult, c: tuple[int, int, int, int, int]) -> None:
+    (res.check_errors, res.corruptions, res.leaks, res.corruptions_fixed,
+     res.leaks_fixed) = c
+
 
 REFT_RESERVED_MASK = 0x1FF
 INT_MAX = (1 << 31) - 1

@@ -5,7 +5,7 @@ qemu's ``check_refblocks`` (references of the refcount blocks themselves)."""
 from __future__ import annotations
 
 from diskimg.hostio.file import trailing_zeros
-from diskimg.qcow2.check.report import _RefErr
+from diskimg.qcow2.check.state import _RefErr
 from diskimg.qcow2.check.state import (
     INT64_MAX,
     MAX_IMRT_BYTES,

@@ -11,7 +11,7 @@ from diskimg.errors import FormatError
 from diskimg.hostio import all_zero
 from diskimg.hostio.file import trailing_zeros
 from diskimg.qcow2.cache import be_u64_table
-from diskimg.qcow2.check.report import _Abort
+from diskimg.qcow2.check.state import _Abort
 from diskimg.qcow2.check.state import (
     _COMPRESSED,
     _NORMAL,
