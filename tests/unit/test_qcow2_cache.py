@@ -140,6 +140,7 @@ def test_big_endian_host_keeps_the_bytes(monkeypatch: pytest.MonkeyPatch) -> Non
     t = be_u64_table(raw)
     assert (t.tobytes(), t.format, t.readonly) == (raw, "Q", False)
     assert pack_be_u64_array(t) == raw
+    assert be_u64_array(raw).tobytes() == raw == be_table(raw, "H").tobytes()
 
 
 def test_first_tables_are_decoded_without_array() -> None:

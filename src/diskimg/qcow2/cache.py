@@ -59,14 +59,18 @@ def swap_pure(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview
     return memoryview(bytearray(memoryview(rev).cast(typecode)[::-1])).cast(typecode)
 
 
-def swap_array(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
-    """:func:`swap_pure` by ``array.byteswap`` (a view of the array)."""
+def _swapped_array(buf: bytes | bytearray | memoryview, typecode: Word) -> array[int]:
     from array import array
 
     a = array(typecode)
     a.frombytes(buf)
     a.byteswap()
-    return memoryview(a)
+    return a
+
+
+def swap_array(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
+    """:func:`swap_pure` by ``array.byteswap`` (a view of the array)."""
+    return memoryview(_swapped_array(buf, typecode))
 
 
 def _swap(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
@@ -103,6 +107,9 @@ def be_u64_table(buf: bytes | bytearray | memoryview) -> memoryview:
     return be_table(buf, "Q")
 
 
+_WORDS: dict[int, Word] = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
 def pack_be_table(t: array[int] | memoryview) -> bytes:
     """A native table (``array`` or :func:`be_table`'s view, of any of its formats) → its
     big-endian bytes."""
@@ -113,7 +120,6 @@ def pack_be_table(t: array[int] | memoryview) -> bytes:
     return _swap(raw, _WORDS[mv.itemsize]).tobytes()
 
 
-_WORDS: dict[int, Word] = {1: "B", 2: "H", 4: "I", 8: "Q"}
 #: the u64 tables' name for it
 pack_be_u64_array = pack_be_table
 
@@ -137,15 +143,16 @@ def u64_run(first: int, n: int, step: int) -> memoryview:
 
 
 def be_u64_array(buf: bytes) -> array[int]:
-    """Big-endian u64 bytes → native array('Q') (the checker's and the amend passes'
-    tables, which use ``array``'s methods).  (``array``, and the ``collections``
-    package it imports, load with the first one: not for ``info`` or ``map``.)"""
+    """:func:`be_u64_table` as an ``array("Q")``, for the tables that use ``array``'s
+    methods (a writer's refcount table, the amend passes, create, snapshot L1 tables).
+    (``array``, and the ``collections`` package it imports, load with the first one:
+    not for ``info``, ``map`` or ``check``.)"""
+    if HOST_LITTLE_ENDIAN:
+        return _swapped_array(buf, "Q")
     from array import array
 
-    a = array("Q", buf)
-    assert a.itemsize == 8
-    if HOST_LITTLE_ENDIAN:
-        a.byteswap()
+    a = array("Q")
+    a.frombytes(buf)
     return a
 
 
