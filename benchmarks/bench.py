@@ -470,6 +470,7 @@ def floor_job(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> Job:
     cmds = (("info", ["info", "-f", "qcow2"], small),
             ("check", ["check", "-f", "qcow2"], small),
             ("map", ["map", "-f", "qcow2"], small), ("info of a vmdk", ["info"], vmdk),
+            ("map of a vmdk", ["map"], vmdk), ("check of a vmdk", ["check"], vmdk),
             ("convert 1 MiB raw to qcow2", ["convert", "-O", "qcow2", str(raw),
                                             str(work / "small-out.qcow2")], None))
     # how a user runs it: the script installed beside the interpreter (scripts/diskimg,

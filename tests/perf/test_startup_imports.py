@@ -111,14 +111,18 @@ RAW_READ = OPEN_READ | {"diskimg.raw", "diskimg.options"}  # raw's offset/size o
 #: ``check`` of a qcow2 without snapshots or bitmaps that finds nothing: the counting
 #: passes only (no overlap protection, written for repairs, no snapshot-table reader)
 QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
-               ("copied", "refcounts", "report", "state", "stored", "walk")} | {
-    "diskimg.qcow2.check", "diskimg.check_report", "diskimg.qcow2.refcount"}
+               ("copied", "refcounts", "state", "stored", "walk")} | {
+    "diskimg.qcow2.check", "diskimg.check_report", "diskimg.qcow2.refblock"}
 #: ... and what a plain check must not load: repair and snapshot code, the bitmap modules,
-#: and the JSON/--output writer (the human lines are the report's own)
+#: the JSON/--output writer (the human lines are the report's own), the allocator (only
+#: the refcount-block codec, diskimg.qcow2.refblock), the header writer (the snapshot
+#: fields are read by layout.read_fields) and array
 NOT_FOR_PLAIN_CHECK = ("diskimg.qcow2.check.overlap", "diskimg.qcow2.check.snapshots",
                        "diskimg.qcow2.check.rebuild",
                        "diskimg.qcow2.snapshot", "diskimg.qcow2.bitmaps",
-                       "diskimg.qcow2.bitmap_table", "diskimg.cli.output", "diskimg.crypto")
+                       "diskimg.qcow2.bitmap_table", "diskimg.cli.output", "diskimg.crypto",
+                       "diskimg.qcow2.refcount", "diskimg.qcow2.header_io", "array",
+                       "collections")
 
 #: never loaded by a command that only reads metadata (prefixes: a package and its parts):
 #: the write and copy layers, other formats, and the standard library's heavy modules
@@ -137,7 +141,9 @@ NOT_FOR_READING = ("diskimg.ops", "diskimg.operations", "diskimg.pool", "diskimg
                    "typing", "threading", "json", "shlex", "textwrap", "shutil", "copy",
                    "pathlib", "urllib", "ipaddress", "fnmatch", "re", "enum", "functools",
                    "contextlib", "types", "importlib", "warnings")
-#: ... nor, for ``info`` of a qcow2, the table arrays (only a mapping lookup needs them)
+#: ... nor, for ``info``, ``map`` and ``check`` of a small qcow2, ``array`` (whose
+#: initialisation imports the collections package): info decodes no table, map and check
+#: a few without it (cache.PURE_SWAPS)
 NOT_FOR_QCOW2_INFO = ("array", "collections")
 #: nothing at all beyond the lines above: no argparse, no typing machinery, no regexes
 NOT_FOR_VERSION = ("argparse", "re", "typing", "dataclasses", "inspect", "enum", "pathlib",
@@ -235,8 +241,9 @@ def test_reading_commands_load_only_their_allow_list(image: Path, args: list[str
                          f"{_named(extra, who)}: import them where they are used, or add "
                          "them to the allow-list on purpose")
     # info reads no L2 table: the L1 table is decoded, and the table caches made, on
-    # first use, so neither array nor the collections package it imports load
-    denied = _denied(loaded, NOT_FOR_READING + (NOT_FOR_QCOW2_INFO if args == ["info"] else ()))
+    # first use; map and check decode their few tables without ``array`` (cache.be_table)
+    # and map makes its LRU from _collections: none loads array or the collections package
+    denied = _denied(loaded, NOT_FOR_READING + NOT_FOR_QCOW2_INFO)
     assert denied == [], (f"`diskimg {' '.join(args)}` on a qcow2 now imports "
                           f"{_named(denied, who)}, which reading metadata must not load")
 
@@ -341,7 +348,8 @@ CONVERT = VERSION | {
 #: ... with a qcow2 on either side (the writer: create, refcounts; the bitmap modules
 #: because every qcow2 write asks ``img.bitmaps``, see the report of session 9)
 CONVERT_QCOW2 = QCOW2_READ | {"diskimg.qcow2.create", "diskimg.qcow2.refcount",
-                              "diskimg.qcow2.bitmaps", "diskimg.qcow2.bitmap_table"}
+                              "diskimg.qcow2.refblock", "diskimg.qcow2.bitmaps",
+                              "diskimg.qcow2.bitmap_table"}
 #: the standard library a plain convert does without: argparse (cli/quickparse.py reads
 #: the command line), typing, dataclasses, importlib, signal (SIGTERM handling is for URL
 #: targets only), the ctypes package (hostio.file's alignment test uses the extension

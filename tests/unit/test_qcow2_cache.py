@@ -3,11 +3,30 @@ the flush dependency (``before_write``), writes in offset order, drop/clear."""
 
 from __future__ import annotations
 
+import os
+import random
+import struct
+import subprocess
+import sys
 from array import array
 
 import pytest
 
-from diskimg.qcow2.cache import L2Table, TableCache, be_u64_array, pack_be_u64_array
+from diskimg.qcow2 import cache
+from diskimg.qcow2.cache import (
+    L2Table,
+    TableCache,
+    be_table,
+    be_u64_array,
+    be_u64_table,
+    pack_be_table,
+    pack_be_u64_array,
+    swap_array,
+    swap_pure,
+    u64_copy,
+    u64_run,
+    u64_zeros,
+)
 
 SIZE = 16  # bytes per table: two big-endian u64 entries
 
@@ -39,8 +58,12 @@ def _entries(*vals: int) -> bytes:
 
 
 def _cache(host: FakeHost, capacity: int) -> TableCache[L2Table]:
-    return TableCache(host, SIZE, lambda b: L2Table(be_u64_array(b)), capacity,  # type: ignore[arg-type]
+    return TableCache(host, SIZE, lambda b: L2Table(be_u64_table(b)), capacity,  # type: ignore[arg-type]
                       "L2 table")
+
+
+def _table(*vals: int) -> L2Table:
+    return L2Table(memoryview(array("Q", vals)))
 
 
 def _host_with_tables(n: int) -> FakeHost:
@@ -55,7 +78,108 @@ def test_codec_is_big_endian_both_ways() -> None:
     a = be_u64_array(raw)
     assert list(a) == [0x0102030405060708, 0x8000000000000200]
     assert pack_be_u64_array(a) == raw
-    assert L2Table(array("Q", [1, 2])).pack() == _entries(1, 2)
+    assert _table(1, 2).pack() == _entries(1, 2)
+    t = be_u64_table(raw)
+    assert (t.tolist(), t.format, t.readonly) == ([0x0102030405060708, 0x8000000000000200],
+                                                  "Q", False)
+    assert pack_be_u64_array(t) == raw
+
+
+#: the table sizes the codecs are compared on: empty, one entry, a 512-byte and a
+#: 64 KiB cluster's table (random bytes: every word used)
+_SIZES = (0, 8, 512, 65536)
+
+
+@pytest.mark.parametrize("size", _SIZES)
+@pytest.mark.parametrize("word", ["H", "I", "Q"])
+def test_both_swaps_decode_as_struct_does(size: int, word: str) -> None:
+    """The decode without ``array`` (a small image's map and check) and the one with it
+    (after cache.PURE_SWAPS tables) give the same words (u64 table entries, 16- and
+    32-bit refcounts), struct's big-endian reading, and pack back to the same bytes."""
+    raw = random.Random(size).randbytes(size)
+    n = size // struct.calcsize(word)
+    want = list(struct.unpack(f">{n}{word}", raw))
+    for swap in (swap_pure, swap_array):
+        for buf in (raw, bytearray(raw), memoryview(raw)):
+            t = swap(buf, word)  # type: ignore[arg-type]
+            assert (t.tolist(), t.format, t.readonly) == (want, word, False), swap
+    t = be_table(raw, word)  # type: ignore[arg-type]
+    assert t.tolist() == want
+    assert pack_be_table(t) == raw == pack_be_table(array(word, want))
+    if size:
+        t[-1] = 0x0102  # writable, and packed back big-endian
+        assert pack_be_table(t) == raw[:-t.itemsize] + (0x0102).to_bytes(t.itemsize, "big")
+    if word == "Q":
+        assert be_u64_table(raw).tolist() == want == list(be_u64_array(raw))
+        assert pack_be_u64_array(be_u64_table(raw)) == raw
+
+
+@pytest.mark.parametrize("word", ["H", "I", "Q"])
+@pytest.mark.parametrize("used", [1, 7, 8, 9, 4095])
+def test_a_zero_tail_decodes_as_struct_does(word: str, used: int) -> None:
+    """be_table swaps only up to the word holding the last non-zero byte: a tail ending
+    inside a word, on a word boundary, or one byte short of the end decodes as struct
+    reads it, into a writable table of the full length."""
+    raw = random.Random(used).randbytes(used)[:-1] + b"\x01" + bytes(4096 - used)
+    t = be_table(raw, word)  # type: ignore[arg-type]
+    n = 4096 // struct.calcsize(word)
+    assert (t.tolist(), t.readonly) == (list(struct.unpack(f">{n}{word}", raw)), False)
+    assert pack_be_table(t) == raw
+
+
+def test_byte_words_need_no_swap() -> None:
+    raw = bytes(range(200, 256))
+    t = be_table(raw, "B")
+    assert (t.tolist(), t.readonly, pack_be_table(t)) == (list(raw), False, raw)
+
+
+def test_big_endian_host_keeps_the_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a big-endian host a table is the bytes as read, and packs to them unchanged."""
+    raw = bytes(range(16))
+    monkeypatch.setattr(cache, "HOST_LITTLE_ENDIAN", False)
+    t = be_u64_table(raw)
+    assert (t.tobytes(), t.format, t.readonly) == (raw, "Q", False)
+    assert pack_be_u64_array(t) == raw
+    assert be_u64_array(raw).tobytes() == raw == be_table(raw, "H").tobytes()
+
+
+def test_first_tables_are_decoded_without_array() -> None:
+    """A fresh interpreter decodes cache.PURE_SWAP_BYTES of tables without importing
+    ``array`` (start-up of map and check), then imports it; a table's zero tail is not
+    counted; every table decodes the same."""
+    code = ("import sys, struct, random\n"
+            "from diskimg.qcow2 import cache\n"
+            "raw = random.Random(7).randbytes(4096)\n"
+            "want = list(struct.unpack('>512Q', raw))\n"
+            "tail = raw[:16] + bytes(65536 - 16)\n"  # two entries, then zeros
+            "seen = []\n"
+            "for i in range(cache.PURE_SWAP_BYTES // 4096 + 2):\n"
+            "    t = cache.be_u64_table(tail)\n"
+            "    assert t.tolist() == want[:2] + [0] * 8190 and not t.readonly, i\n"
+            "    assert cache.be_u64_table(raw).tolist() == want, i\n"
+            "    seen.append('array' in sys.modules)\n"
+            "print(cache.PURE_SWAP_BYTES // 4096, seen)\n")
+    src = os.path.dirname(os.path.dirname(os.path.dirname(cache.__file__)))
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": src}, check=False)
+    assert r.returncode == 0, r.stderr
+    n, seen = r.stdout.split(" ", 1)
+    if sys.byteorder == "little":
+        assert int(n) >= 2 and seen.strip() == str([False] * int(n) + [True, True])
+
+
+def test_table_helpers() -> None:
+    assert u64_run(7, 4, 0x10000).tolist() == [7, 0x10007, 0x20007, 0x30007]
+    assert u64_run(5, 3, 0).tolist() == [5, 5, 5]
+    assert u64_zeros(3).tolist() == [0, 0, 0]
+    src = be_u64_table(_entries(1, 2, 3))
+    c = u64_copy(src)
+    c[0] = 9  # a copy: the source does not change
+    assert (src.tolist(), c.tolist()) == ([1, 2, 3], [9, 2, 3])
+    assert u64_copy(array("Q", [4, 5])).tolist() == [4, 5]
+    t = u64_zeros(6)
+    t[1:4] = u64_run(0x8000000000010000, 3, 0x10000)
+    assert t.tolist() == [0, 0x8000000000010000, 0x8000000000020000, 0x8000000000030000, 0, 0]
 
 
 def test_get_reads_once_then_hits() -> None:
@@ -107,9 +231,9 @@ def test_all_dirty_flushes_in_offset_order_then_evicts_oldest() -> None:
     c = _cache(host, 2)
     order: list[str] = []
     c.before_write = lambda: order.append("dependency")
-    c.put(5 * SIZE, L2Table(array("Q", [5, 5])))
-    c.put(2 * SIZE, L2Table(array("Q", [2, 2])))
-    c.put(9 * SIZE, L2Table(array("Q", [9, 9])))  # over capacity, everything dirty
+    c.put(5 * SIZE, _table(5, 5))
+    c.put(2 * SIZE, _table(2, 2))
+    c.put(9 * SIZE, _table(9, 9))  # over capacity, everything dirty
     assert order == ["dependency"]
     assert host.writes() == [2 * SIZE, 5 * SIZE]  # sorted by offset, not by age
     assert host.data[5 * SIZE:6 * SIZE] == _entries(5, 5)
@@ -127,9 +251,9 @@ def test_all_dirty_flushes_in_offset_order_then_evicts_oldest() -> None:
 def test_newest_entry_survives_eviction() -> None:
     host = FakeHost()
     c = _cache(host, 2)
-    c.put(0, L2Table(array("Q", [1, 1])))
-    c.put(SIZE, L2Table(array("Q", [2, 2])))
-    c.put(2 * SIZE, L2Table(array("Q", [3, 3])), dirty=False)
+    c.put(0, _table(1, 1))
+    c.put(SIZE, _table(2, 2))
+    c.put(2 * SIZE, _table(3, 3), dirty=False)
     assert 2 * SIZE in c.tables
     assert len(c.tables) == 2
 
@@ -157,10 +281,10 @@ def test_flush_runs_dependency_first_and_only_when_dirty() -> None:
 def test_put_clean_is_not_written() -> None:
     host = FakeHost()
     c = _cache(host, 4)
-    c.put(SIZE, L2Table(array("Q", [7, 7])), dirty=False)
+    c.put(SIZE, _table(7, 7), dirty=False)
     c.flush()
     assert host.writes() == []
-    c.put(2 * SIZE, L2Table(array("Q", [8, 8])))
+    c.put(2 * SIZE, _table(8, 8))
     c.flush()
     assert host.writes() == [2 * SIZE]
     assert host.data == bytes(2 * SIZE) + _entries(8, 8) + bytes(len(host.data) - 3 * SIZE)
@@ -171,7 +295,7 @@ def test_drop_forgets_table_and_its_dirtiness() -> None:
     c = _cache(host, 4)
     c.get(0).entries[0] = 99
     c.mark_dirty(0)
-    c.put(SIZE, L2Table(array("Q", [4, 4])))
+    c.put(SIZE, _table(4, 4))
     before = bytes(host.data)
     c.drop(0)
     c.drop(7 * SIZE)  # absent: no error

@@ -38,7 +38,7 @@ def test_decode_follows_the_spec_and_round_trips(order: int) -> None:
     raw = bytes(rnd.randrange(256) for _ in range(512))
     entries = 512 * 8 >> order
     vals = decode_refblock(raw, order)
-    assert vals.typecode == refcount_typecode(order)
+    assert (vals.format, vals.readonly) == (refcount_typecode(order), False)
     assert len(vals) == entries
     assert list(vals) == [_spec_entry(raw, order, i) for i in range(entries)]
     assert encode_refblock(vals, order) == raw

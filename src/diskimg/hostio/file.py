@@ -125,7 +125,7 @@ def all_zero(buf: bytes | bytearray | memoryview) -> bool:
     return all(_ZERO_BYTES.startswith(mv[p : p + z]) for p in range(0, n, z))
 
 
-def trailing_zeros(buf: bytes) -> int:
+def trailing_zeros(buf: bytes | bytearray | memoryview) -> int:
     """How many zero bytes ``buf`` ends with (``len(buf)`` when it holds nothing else):
     a binary search for the shortest all-zero tail with :func:`all_zero` (memcmp), about
     2 * len(buf) bytes compared, where ``bytes.rstrip(b"\\0")`` tests byte by byte and a

@@ -23,7 +23,6 @@ the image beyond the refcount structures it reads.
 from __future__ import annotations
 
 import copy
-from array import array
 from collections.abc import Callable
 
 from diskimg.hostio import HostFile
@@ -155,7 +154,7 @@ def _first_too_large(rc: Refcounts, new_order: int) -> int | None:
         if not off:
             continue
         blk = rc.blocks.get(off)
-        if isinstance(blk.data, array) and max(blk.data) <= top:  # wide entries: C speed
+        if isinstance(blk.data, memoryview) and max(blk.data) <= top:  # wide entries
             continue
         for k in range(per):
             if blk[k] > top:

@@ -7,14 +7,17 @@ is never referenced on disk before its refcount is.  Tables are written in offse
 
 from __future__ import annotations
 
+import struct
 import sys
+
+from diskimg.hostio.file import trailing_zeros
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from array import array
     from collections import OrderedDict
     from collections.abc import Callable
-    from typing import Any, Generic, Protocol, TypeVar
+    from typing import Any, Generic, Literal, Protocol, TypeVar
 
     from diskimg.hostio.host import Host
 
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
         def pack(self) -> bytes: ...
 
     T = TypeVar("T", bound=Table)
+    #: the formats of qcow2's unsigned table words: 1, 2, 4 and 8 bytes
+    Word = Literal["B", "H", "I", "Q"]
 else:  # typing is for the type checker: not imported at run time (start-up)
     class Generic:
         """``Generic[T]`` as a base class, without typing: the class itself."""
@@ -34,35 +39,130 @@ else:  # typing is for the type checker: not imported at run time (start-up)
 #: True when native integers are little-endian (qcow2 is big-endian on disk).
 HOST_LITTLE_ENDIAN = sys.byteorder == "little"
 
+#: bytes of tables byte-swapped without ``array`` (on a little-endian host) before the
+#: module is imported: importing it (and the ``collections`` package its initialisation
+#: loads) costs about 1.8 ms of CPU, a swap of a full 64 KiB table without it about
+#: 0.1 ms (with it 6 us).  So a small image's map or check never imports it, and a big
+#: walk pays the import once, after eight full tables (issue 20: start-up).  A table's
+#: zero tail is not swapped, nor counted (:func:`be_table`).
+PURE_SWAP_BYTES = 8 << 16
+_pure_left = PURE_SWAP_BYTES
 
-def be_u64_array(buf: bytes) -> array[int]:
-    """Big-endian u64 bytes → native array('Q').  (``array``, and the ``collections``
-    package it imports, load with the first table decoded: not for ``info`` (start-up).)"""
+
+def swap_pure(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
+    """Each word of ``buf`` (of the size of ``typecode``: ``"H"``, ``"I"`` or ``"Q"``)
+    byte-reversed, as a writable native view of that format, with bytes and memoryview
+    operations only: the whole buffer reversed (words in reverse order, each one's bytes
+    swapped), then the words put back in order."""
+    rev = bytearray(buf)
+    rev.reverse()
+    return memoryview(bytearray(memoryview(rev).cast(typecode)[::-1])).cast(typecode)
+
+
+def _swapped_array(buf: bytes | bytearray | memoryview, typecode: Word) -> array[int]:
     from array import array
 
-    a = array("Q", buf)
-    assert a.itemsize == 8
-    if HOST_LITTLE_ENDIAN:
-        a.byteswap()
+    a = array(typecode)
+    a.frombytes(buf)
+    a.byteswap()
     return a
 
 
-def pack_be_u64_array(a: array[int]) -> bytes:
-    if not HOST_LITTLE_ENDIAN:
-        return a.tobytes()
+def swap_array(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
+    """:func:`swap_pure` by ``array.byteswap`` (a view of the array)."""
+    return memoryview(_swapped_array(buf, typecode))
+
+
+def _swap(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
+    global _pure_left
+    if _pure_left > 0 and "array" not in sys.modules:
+        _pure_left -= len(buf)  # (a race between threads only changes which swap runs)
+        return swap_pure(buf, typecode)
+    return swap_array(buf, typecode)
+
+
+def be_table(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
+    """Big-endian unsigned words (``typecode`` ``"B"``, ``"H"``, ``"I"`` or ``"Q"``: 1, 2,
+    4 or 8 bytes) → a writable native memoryview of that format: ``t[i]``, ``t[i] = v``,
+    ``len(t)``, slices (views: copy with ``.tolist()`` or :func:`u64_copy` what must not
+    change).  The one decode of qcow2's tables (L1, L2, refcount table, refcount blocks
+    of byte-or-wider entries); :func:`pack_be_table` is its inverse."""
+    if typecode == "B" or not HOST_LITTLE_ENDIAN:
+        return memoryview(bytearray(buf)).cast(typecode)
+    # the words up to the last non-zero byte are swapped, the zero tail (most of a small
+    # image's tables) is copied as it is: zero in either byte order
+    n = len(buf)
+    size = struct.calcsize(typecode)
+    used = -(-(n - trailing_zeros(buf)) // size) * size
+    if used == n:
+        return _swap(buf, typecode)
+    out = bytearray(n)
+    if used:
+        out[:used] = _swap(memoryview(buf)[:used], typecode).cast("B")
+    return memoryview(out).cast(typecode)
+
+
+def be_u64_table(buf: bytes | bytearray | memoryview) -> memoryview:
+    """:func:`be_table` of u64 entries (an L1, L2 or refcount table)."""
+    return be_table(buf, "Q")
+
+
+_WORDS: dict[int, Word] = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def pack_be_table(t: array[int] | memoryview) -> bytes:
+    """A native table (``array`` or :func:`be_table`'s view, of any of its formats) → its
+    big-endian bytes."""
+    mv = memoryview(t)
+    raw = mv.cast("B")
+    if mv.itemsize == 1 or not HOST_LITTLE_ENDIAN:
+        return raw.tobytes()
+    return _swap(raw, _WORDS[mv.itemsize]).tobytes()
+
+
+#: the u64 tables' name for it
+pack_be_u64_array = pack_be_table
+
+
+def u64_copy(table: memoryview | array[int]) -> memoryview:
+    """A copy of a native u64 table (or ``array("Q")``), as :func:`be_u64_table` makes."""
+    return memoryview(bytearray(memoryview(table).cast("B"))).cast("Q")
+
+
+def u64_zeros(n: int) -> memoryview:
+    """A table of ``n`` zero entries."""
+    return memoryview(bytearray(8 * n)).cast("Q")
+
+
+def u64_run(first: int, n: int, step: int) -> memoryview:
+    """The ``n`` native u64 values ``first, first + step, ...`` (read-only), to compare
+    with, or assign to, a slice of a table."""
+    if not step:
+        return memoryview(struct.pack("=Q", first) * n).cast("Q")
+    return memoryview(struct.pack(f"={n}Q", *range(first, first + n * step, step))).cast("Q")
+
+
+def be_u64_array(buf: bytes) -> array[int]:
+    """:func:`be_u64_table` as an ``array("Q")``, for the tables that use ``array``'s
+    methods (a writer's refcount table, the amend passes, create, snapshot L1 tables).
+    (``array``, and the ``collections`` package it imports, load with the first one:
+    not for ``info``, ``map`` or ``check``.)"""
+    if HOST_LITTLE_ENDIAN:
+        return _swapped_array(buf, "Q")
     from array import array
 
-    b = array("Q", a)
-    b.byteswap()
-    return b.tobytes()
+    a = array("Q")
+    a.frombytes(buf)
+    return a
 
 
 class L2Table:
-    """One L2 table: ``entries`` as native u64 (extended L2: entry, bitmap pairs)."""
+    """One L2 table: ``entries`` as native u64 (extended L2: entry, bitmap pairs), a
+    :func:`be_u64_table` view."""
 
     __slots__ = ("entries",)
 
-    def __init__(self, entries: array[int]) -> None:
+    def __init__(self, entries: memoryview) -> None:
         self.entries = entries
 
     def pack(self) -> bytes:
@@ -145,14 +245,21 @@ def l2_table_cache(host: Host, cs: int,
                    before_write: Callable[[], None] | None) -> TableCache[L2Table]:
     """An image's L2 table cache (16 MiB of tables, 64 to 32768 of them); a read-write
     image passes its refcount flush as ``before_write``."""
-    cache = TableCache(host, cs, lambda b: L2Table(be_u64_array(b)),
+    cache = TableCache(host, cs, lambda b: L2Table(be_u64_table(b)),
                        min(32768, max(64, (16 << 20) // cs)), "L2 table")
     cache.before_write = before_write
     return cache
 
 
 def new_lru() -> OrderedDict[Any, Any]:
-    """An empty LRU map (``collections`` is imported when one is first made)."""
-    from collections import OrderedDict
-
+    """An empty LRU map: CPython's C ``OrderedDict`` (which ``collections`` re-exports)
+    from its extension module, so that the ``collections`` package, its classes and the
+    operator, keyword and reprlib modules it imports are not loaded (issue 20: start-up)."""
+    if TYPE_CHECKING:
+        from collections import OrderedDict
+    else:
+        try:
+            from _collections import OrderedDict
+        except ImportError:  # (another interpreter)
+            from collections import OrderedDict
     return OrderedDict()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from diskimg.qcow2 import crypt, header_io
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2.cache import L2Table
+from diskimg.qcow2.cache import L2Table, u64_copy, u64_run, u64_zeros
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_MASK,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -24,8 +24,7 @@ from diskimg.qcow2.layout import (
 )
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # (array: imported where tables are made, not for ``info``)
-    from array import array
+if TYPE_CHECKING:
     from typing import Any
 
     from diskimg.hostio.host import Host
@@ -73,14 +72,12 @@ def get_l2_for_write(img: Qcow2Image, cluster: int) -> tuple[int, L2Table]:
     ent = img.l1[l1i]
     if l2_off and ent & E.QCOW_OFLAG_COPIED:
         return l2_off, img.l2_cache.get(l2_off)
-    from array import array
-
     new_off = alloc_clusters(img, 1)
     if l2_off:
-        table = L2Table(array("Q", img.l2_cache.get(l2_off).entries))
+        table = L2Table(u64_copy(img.l2_cache.get(l2_off).entries))
         img._pending_free.append((l2_off, img.cs, False))
     else:
-        table = L2Table(array("Q", bytes(img.cs)))
+        table = L2Table(u64_zeros(img.cs // 8))
     img.l2_cache.put(new_off, table)
     img.l1[l1i] = new_off | E.QCOW_OFLAG_COPIED
     img.l1_dirty.add(l1i)
@@ -139,7 +136,7 @@ def alloc_data(img: Qcow2Image, clusters: list[int]) -> list[int]:
     return [base + k * img.cs for k in range(len(clusters))]
 
 
-def _alloc_for_write(img: Qcow2Image, cluster: int, olds: array[int],
+def _alloc_for_write(img: Qcow2Image, cluster: int, olds: list[int],
                      to_alloc: list[int]) -> list[int]:
     """Host offsets for the clusters ``cluster + j`` (j in ``to_alloc``, ascending) of
     one write whose old entries are ``olds``, placed as QEMU places them: a write is
@@ -248,7 +245,7 @@ def write(img: Qcow2Image, offset: int, data: memoryview) -> None:
         g = stop
 
 
-def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, cluster: int,
+def write_in_table(img: Qcow2Image, ents: memoryview, l2_off: int, idx: int, cluster: int,
                     g: int, stop: int, offset: int, data: memoryview) -> None:
     """Write guest [g, stop), which lies in the L2 table ``ents`` (entry ``idx`` is
     guest cluster ``cluster``); ``data[0]`` is guest byte ``offset``.
@@ -263,7 +260,7 @@ def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, clu
     normal, ctype = E.ClusterType.NORMAL, img._cluster_type
     df = img._data_file_opened
     n = ((stop - 1) >> cb) - cluster + 1
-    olds = ents[idx : idx + n]
+    olds = ents[idx : idx + n].tolist()  # (a copy: the entries change below)
     if not ((g | stop) & (cs - 1) or df or img.header.crypt_method or any(olds)):
         # whole clusters none of which is allocated (a copy into a new image): what the
         # general path below does for them, without its per-cluster steps: one run of
@@ -271,7 +268,7 @@ def write_in_table(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, clu
         base = alloc_clusters(img, n)
         img.data_host.pwrite(base, data[g - offset : stop - offset])
         first = base | copied
-        ents[idx : idx + n] = type(ents)("Q", range(first, first + n * cs, cs))  # (array)
+        ents[idx : idx + n] = u64_run(first, n, cs)
         img._decoded.pop(0, None)  # as free_entry does for each (empty) old entry
         img.l2_cache.mark_dirty(l2_off)
         return
@@ -360,7 +357,7 @@ def _write_ext_in_table(img: Qcow2Image, cluster: int, g: int, stop: int, offset
     l2_off, table = get_l2_for_write(img, cluster)
     idx = cluster & (img.l2_entries - 1)
     n = ((stop - 1) >> img.cb) - cluster + 1
-    olds = table.entries[2 * idx : 2 * (idx + n) : 2]
+    olds = table.entries[2 * idx : 2 * (idx + n) : 2].tolist()
     to_alloc = [j for j, ent in enumerate(olds)
                 if not (ent & E.QCOW_OFLAG_COPIED
                         and img._cluster_type(ent) == E.ClusterType.NORMAL)]

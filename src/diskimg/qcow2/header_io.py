@@ -26,6 +26,7 @@ from diskimg.qcow2.layout import (
     Header,
     HeaderField,
     pack_feature_table,
+    read_fields,
 )
 
 TYPE_CHECKING = False
@@ -69,17 +70,6 @@ def write_fields(host: _Host, *values: tuple[HeaderField, int]) -> None:
         args.append(v)
         pos += f.size
     host.pwrite(start, struct.pack(code, *args))
-
-
-def read_fields(host: _Host, *fields: HeaderField) -> tuple[int, ...]:
-    """Header fields (contiguous, in offset order) as they are on disk now, unsigned."""
-    start = fields[0].offset
-    end = fields[-1].offset + fields[-1].size
-    code = ">" + "".join(f.code for f in fields)
-    if struct.calcsize(code) != end - start:
-        raise ValueError(f"header fields not contiguous from {fields[0].name}")
-    raw = host.pread(start, end - start).ljust(end - start, b"\0")
-    return tuple(int(v) for v in struct.unpack(code, raw))
 
 
 def set_size(host: _Host, size: int) -> None:

@@ -64,9 +64,10 @@ class Qcow2Image(BlockDevice):
     #: bitmaps extension, else made when first used (info and map do not load the module)
     bitmaps: Bitmaps = BitmapsOnFirstUse("diskimg.qcow2.bitmaps")  # type: ignore[assignment]
     #: the active L1 table, read at open (a short read refuses it), decoded on first use;
-    #: the table caches made on first use: info loads no ``array``/``collections``
-    l1: array[int] = OnFirstUse(  # type: ignore[assignment]
-        lambda img: cache.be_u64_array(img._l1_raw))  # (kept: two threads may decode)
+    #: the table caches made on first use: info loads no ``array``/``collections`` (nor,
+    #: for a small image, map: cache.be_u64_table)
+    l1: memoryview = OnFirstUse(  # type: ignore[assignment]
+        lambda img: cache.be_u64_table(img._l1_raw))  # (kept: two threads may decode)
     l2_cache: TableCache[L2Table] = OnFirstUse(  # type: ignore[assignment]
         lambda img: cache.l2_table_cache(img.host, img.cs, img.flush_refcounts))
     _decoded: OrderedDict[int, bytes] = OnFirstUse(lambda img: cache.new_lru())  # type: ignore[assignment]
@@ -286,11 +287,11 @@ class Qcow2Image(BlockDevice):
 
         R.grow_l1(self, need)
 
-    def install_l1(self, l1: array[int]) -> None:
-        """Make ``l1`` (already written at the header's L1 offset) the active L1 table:
-        no entry dirty, decoded compressed clusters forgotten."""
+    def install_l1(self, l1: array[int] | memoryview) -> None:
+        """Make ``l1`` (already written at the header's L1 offset) the active L1 table (a
+        ``"Q"`` view of it): no entry dirty, decoded compressed clusters forgotten."""
         self.__dict__.pop("_l1_raw", None)
-        self.l1 = l1
+        self.l1 = memoryview(l1)
         self.l1_dirty.clear()
         self._decoded.clear()
 
@@ -298,7 +299,7 @@ class Qcow2Image(BlockDevice):
         """Make ``snapshots`` (already on disk and named by the header) the table."""
         self.snapshot_list = snapshots
 
-    def install_tables(self, l1: array[int], snapshots: list[Snapshot],
+    def install_tables(self, l1: array[int] | memoryview, snapshots: list[Snapshot],
                        l2_tables: list[tuple[int, L2Table]]) -> None:
         """After one header write switched to a new active L1 table, refcount table and
         snapshot table: install them, keep only ``l2_tables`` (clean, as on disk) in the
@@ -573,7 +574,7 @@ class Qcow2Image(BlockDevice):
         view.size = sn.disk_size if sn.disk_size is not None else self.size
         for made in ("_l1_raw", "l1", "l2_cache", "_decoded"):  # the view's own
             view.__dict__.pop(made, None)
-        view.l1 = self.snapshots._read_l1(sn.l1_table_offset, sn.l1_size)
+        view.l1 = memoryview(self.snapshots._read_l1(sn.l1_table_offset, sn.l1_size))
         view.l1_dirty = set()
         view.l2_cache = cache.l2_table_cache(self.host, self.cs, None)
         view._pending_free = []

@@ -14,7 +14,7 @@ from diskimg.slotted import FrozenRecord, Record, set_field
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-    from typing import Self
+    from typing import Any, Self
 
 QCOW_MAGIC = 0x514649FB
 MIN_CLUSTER_BITS = 9
@@ -139,6 +139,19 @@ HDR_AUTOCLEAR_FEATURES = _FIELDS["autoclear_features"]
 HDR_REFCOUNT_ORDER = _FIELDS["refcount_order"]
 HDR_HEADER_LENGTH = _FIELDS["header_length"]
 HDR_COMPRESSION_TYPE = V3_HEADER_LENGTH  # one byte, present when header_length > 104
+
+
+def read_fields(host: Any, *fields: HeaderField) -> tuple[int, ...]:
+    """Header fields (contiguous, in offset order) as they are on disk now, unsigned
+    (``host.pread``).  Re-exported by :mod:`diskimg.qcow2.header_io`, the writer; here so
+    that a reader (the checker) does not load the writer."""
+    start = fields[0].offset
+    end = fields[-1].offset + fields[-1].size
+    code = ">" + "".join(f.code for f in fields)
+    if struct.calcsize(code) != end - start:
+        raise ValueError(f"header fields not contiguous from {fields[0].name}")
+    raw = host.pread(start, end - start).ljust(end - start, b"\0")
+    return tuple(int(v) for v in struct.unpack(code, raw))
 
 
 class Extension(Record):

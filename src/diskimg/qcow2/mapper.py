@@ -18,11 +18,10 @@ from diskimg.device import Status
 from diskimg.errors import CorruptImageError
 from diskimg.plan import Run, RunKind
 from diskimg.qcow2 import entries as E
+from diskimg.qcow2.cache import u64_run
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # (array: imported where a table is compared, not for ``info``)
-    from array import array
-
+if TYPE_CHECKING:
     from diskimg.qcow2.image import Qcow2Image
 
 __all__ = ["check_data_offset", "cluster_type", "l2_location", "lookup",
@@ -43,21 +42,17 @@ _SC_HAS_HOST = (E.SubclusterType.NORMAL, E.SubclusterType.ZERO_ALLOC,
                 E.SubclusterType.UNALLOCATED_ALLOC)
 
 
-def progression_end(ents: array[int], i: int, stop: int, first: int, step: int) -> int:
+def progression_end(ents: memoryview, i: int, stop: int, first: int, step: int) -> int:
     """The largest ``j`` in [i, stop] with ``ents[k] == first + (k - i) * step`` for every
     ``k`` in [i, j).  Slices of doubling length are compared at once (one C comparison
     each; a mismatch starts again at 8 entries), so the cost follows the run's length."""
     stop = min(stop, len(ents))
     if i >= stop or first + (stop - i) * step > _U64:
         return i
-    array = type(ents)  # array.array, without an import here (not loaded for info)
     j, size = i, 8
     while j < stop:
         k = min(stop, j + size)
-        base = first + (j - i) * step
-        want = (array("Q", range(base, base + (k - j) * step, step)) if step
-                else array("Q", [base]) * (k - j))
-        if ents[j:k] == want:
+        if ents[j:k] == u64_run(first + (j - i) * step, k - j, step):
             j, size = k, size * 2
         elif size > 8:
             size = 8
@@ -166,7 +161,7 @@ def lookup(img: Qcow2Image, offset: int, length: int) -> Run:
                ent, fname)
 
 
-def _lookup_ext(img: Qcow2Image, ents: array[int], l2_off: int, idx: int, offset: int,
+def _lookup_ext(img: Qcow2Image, ents: memoryview, l2_off: int, idx: int, offset: int,
                 max_len: int) -> Run:
     """:func:`lookup` in an extended L2 table: runs of equal subclusters of one cluster."""
     scs = img.sc_size

@@ -65,7 +65,7 @@ class MetadataImage(Protocol):
         """The virtual disk size in bytes."""
 
     @property
-    def l1(self) -> array[int]:
+    def l1(self) -> memoryview:
         """The active L1 table (entries may change; add their index to ``l1_dirty``)."""
 
     @property
@@ -127,7 +127,7 @@ class MetadataImage(Protocol):
                preallocation: str = "off") -> None:
         """Change the virtual disk size (see :meth:`Qcow2Image.resize`)."""
 
-    def install_l1(self, l1: array[int]) -> None:
+    def install_l1(self, l1: array[int] | memoryview) -> None:
         """Make ``l1`` the active L1 table.  It must already be on disk at
         ``header.l1_table_offset``; no entry is dirty afterwards and cached decoded
         compressed clusters are forgotten."""
@@ -136,7 +136,7 @@ class MetadataImage(Protocol):
         """Make ``snapshots`` the snapshot table; it must already be on disk where the
         header (file and ``header``) names it."""
 
-    def install_tables(self, l1: array[int], snapshots: list[Snapshot],
+    def install_tables(self, l1: array[int] | memoryview, snapshots: list[Snapshot],
                        l2_tables: list[tuple[int, L2Table]]) -> None:
         """After one header write switched the file to a new active L1 table, refcount
         table and snapshot table (and ``header`` was updated to match): install ``l1``

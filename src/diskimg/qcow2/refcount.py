@@ -10,23 +10,23 @@ table entry that points at it reach the disk before anything relies on them.
 from __future__ import annotations
 
 import struct
-from array import array
 
 from diskimg.errors import CorruptImageError, UsageError
+from diskimg.hostio import all_zero
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.cache import (
-    HOST_LITTLE_ENDIAN,
-    TableCache,
-    be_u64_array,
-    pack_be_u64_array,
-)
+from diskimg.qcow2.cache import TableCache, be_u64_array, pack_be_u64_array
 from diskimg.qcow2.layout import QCOW_MAX_REFTABLE_SIZE, Header
+from diskimg.qcow2.refblock import REFT_OFFSET_MASK as REFT_OFFSET_MASK  # the codec, re-
+from diskimg.qcow2.refblock import _narrow_pos  # exported (check imports it alone)
+from diskimg.qcow2.refblock import decode_refblock as decode_refblock
+from diskimg.qcow2.refblock import encode_refblock as encode_refblock
+from diskimg.qcow2.refblock import max_refcount as max_refcount
+from diskimg.qcow2.refblock import refblock_entries as refblock_entries
+from diskimg.qcow2.refblock import refcount_typecode as refcount_typecode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.hostio.host import Host
-
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
 
 class _Again(Exception):
@@ -62,97 +62,12 @@ def refcount_blocks_for(clusters: int, cs: int, refcount_order: int,
     return refcount_metadata_clusters(clusters, cs, refcount_order, generous)[0]
 
 
-# --- the refcount-block codec (docs/interop/qcow2.txt, "Host cluster management") ---------
-# A refcount block holds cluster_size * 8 >> refcount_order entries of 1 << refcount_order
-# bits (order 0..6).  Entries of 8 bits or more are big-endian unsigned integers; narrower
-# entries are packed into bytes starting from the least significant bit:
-#   refcount = (block[i / (8 / bits)] >> ((i % (8 / bits)) * bits)) & ((1 << bits) - 1)
-
-
-def refblock_entries(cluster_size: int, order: int) -> int:
-    """Refcounts one refcount block holds: ``cluster_size * 8 >> order``."""
-    return cluster_size * 8 >> order
-
-
 def refcount_order_of(bits: int) -> int:
     """The refcount order of a ``refcount_bits`` option value: a power of two from 1 to
     64 (orders 0..6); any other width is refused with qemu's message."""
     if bits <= 0 or bits > 64 or bits & (bits - 1):
         raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
     return bits.bit_length() - 1
-
-
-def max_refcount(order: int) -> int:
-    """The largest refcount an entry of width ``1 << order`` bits holds."""
-    return (1 << (1 << order)) - 1
-
-
-assert array("Q").itemsize == 8 and array("H").itemsize == 2 and array("I").itemsize == 4
-
-
-def refcount_typecode(order: int) -> str:
-    """The ``array`` type code holding one decoded refcount of width ``1 << order`` (narrow
-    widths decode into bytes)."""
-    if order <= 3:
-        return "B"
-    return {4: "H", 5: "I", 6: "Q"}[order]
-
-
-def _narrow_pos(i: int, order: int) -> tuple[int, int, int]:
-    """(byte index, bit shift, value mask) of entry ``i`` of a sub-byte-width block."""
-    bits = 1 << order
-    per = 8 >> order
-    return i // per, (i % per) * bits, (1 << bits) - 1
-
-
-#: :func:`_narrow_tables` by order, made when first asked for
-_NARROW: dict[int, tuple[list[bytes], dict[bytes, int]]] = {}
-
-
-def _narrow_tables(order: int) -> tuple[list[bytes], dict[bytes, int]]:
-    """Byte -> its decoded entries, and back (the LSB-first rule of _narrow_pos)."""
-    tables = _NARROW.get(order)
-    if tables is None:
-        tables = _NARROW[order] = _make_narrow_tables(order)
-    return tables
-
-
-def _make_narrow_tables(order: int) -> tuple[list[bytes], dict[bytes, int]]:
-    per = 8 >> order
-    dec = []
-    for b in range(256):
-        vals = []
-        for k in range(per):
-            _, shift, mask = _narrow_pos(k, order)
-            vals.append((b >> shift) & mask)
-        dec.append(bytes(vals))
-    return dec, {v: b for b, v in enumerate(dec)}
-
-
-def decode_refblock(raw: bytes, order: int) -> array[int]:
-    """Every refcount of a block (``raw`` big-endian on-disk bytes) as a native array of
-    type :func:`refcount_typecode`."""
-    if order < 3:
-        table = _narrow_tables(order)[0]
-        return array("B", b"".join(table[b] for b in raw))
-    a = array(refcount_typecode(order), raw)
-    if HOST_LITTLE_ENDIAN and order > 3:
-        a.byteswap()
-    return a
-
-
-def encode_refblock(vals: array[int], order: int) -> bytes:
-    """On-disk bytes of refcounts ``vals`` (its length a multiple of the entries per
-    byte); the inverse of :func:`decode_refblock`."""
-    if order < 3:
-        per = 8 >> order
-        back = _narrow_tables(order)[1]
-        raw = vals.tobytes() if vals.typecode == "B" else bytes(vals)
-        return bytes(back[raw[i:i + per]] for i in range(0, len(raw), per))
-    a = array(refcount_typecode(order), vals)
-    if HOST_LITTLE_ENDIAN and order > 3:
-        a.byteswap()
-    return a.tobytes()
 
 
 class RefBlock:
@@ -166,7 +81,7 @@ class RefBlock:
     def __init__(self, order: int, raw: bytes) -> None:
         self.order = order
         if order >= 3:
-            self.data: array[int] | bytearray = decode_refblock(raw, order)
+            self.data: memoryview | bytearray = decode_refblock(raw, order)
         else:
             self.data = bytearray(raw)
 
@@ -189,7 +104,7 @@ class RefBlock:
         byte-or-wider entries)."""
         if self.order >= 3:
             seg = self.data[lo:hi]
-            if seg.count(0) == len(seg):
+            if all_zero(seg):
                 return hi
             for k, v in enumerate(seg):
                 if v:
@@ -202,22 +117,23 @@ class RefBlock:
 
     def count_used(self, n: int) -> int:
         """Number of non-zero entries among the first ``n``."""
-        if isinstance(self.data, array):
-            return n - self.data[:n].count(0)
+        if isinstance(self.data, memoryview):  # (order >= 3)
+            return n - self.data[:n].tolist().count(0)
         return sum(1 for i in range(n) if self[i])
 
     def fill(self, lo: int, hi: int, value: int) -> None:
         """Set entries [lo, hi) to ``value`` (one slice assignment for wide entries)."""
         if hi <= lo:
             return
-        if isinstance(self.data, array):
-            self.data[lo:hi] = array(self.data.typecode, [value]) * (hi - lo)
+        if isinstance(self.data, memoryview):  # (order >= 3)
+            fmt = refcount_typecode(self.order)
+            self.data[lo:hi] = memoryview(struct.pack("=" + fmt, value) * (hi - lo)).cast(fmt)
             return
         for i in range(lo, hi):
             self[i] = value
 
     def pack(self) -> bytes:
-        if isinstance(self.data, array):
+        if isinstance(self.data, memoryview):  # (order >= 3)
             return encode_refblock(self.data, self.order)
         return bytes(self.data)
 
@@ -528,6 +444,8 @@ class Refcounts:
         if table_size * 8 > QCOW_MAX_REFTABLE_SIZE:
             raise CorruptImageError("Refcount table would exceed the maximum size (8 MiB); "
                                     "image too large for this cluster size")
+        from array import array
+
         new_table = array("Q", bytes(8 * table_size))
         keep = min(table_size, self._max_table_index() + 1, len(self.table))
         new_table[:keep] = self.table[:keep]

@@ -3,7 +3,6 @@ active L1 table."""
 
 from __future__ import annotations
 
-from array import array
 
 from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.hostio import all_zero
@@ -11,7 +10,7 @@ from diskimg.qcow2 import cluster as C
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2 import zero as Z
-from diskimg.qcow2.cache import pack_be_u64_array
+from diskimg.qcow2.cache import pack_be_u64_array, u64_zeros
 from diskimg.qcow2.layout import l1_entries_for, l1_fits
 
 TYPE_CHECKING = False
@@ -193,7 +192,7 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
             img.host.truncate((last + 1) * img.cs)
 
 
-def _holds_data(img: Qcow2Image, ents: array[int], k: int) -> bool:
+def _holds_data(img: Qcow2Image, ents: memoryview, k: int) -> bool:
     """L2 entry ``k`` of ``ents`` (extended L2: the entry at ``k``, its bitmap after it)
     maps host bytes a guest read would return: a data or compressed cluster (extended
     L2: with a subcluster allocated).  Zero and unallocated entries do not."""
@@ -336,8 +335,8 @@ def grow_l1(img: Qcow2Image, need: int) -> None:
     new_clusters = -(-need * 8 // img.cs)
     new_off = img.refcounts.alloc(new_clusters)
     img.flush_refcounts()
-    table = array("Q", img.l1)
-    table.extend([0] * (need - len(table)))
+    table = u64_zeros(need)
+    table[: len(img.l1)] = img.l1
     img.host.pwrite(new_off, pack_be_u64_array(table))
     img.host.flush()
     old_off, old_size = img.header.l1_table_offset, img.header.l1_size

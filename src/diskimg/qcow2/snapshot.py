@@ -27,7 +27,7 @@ from diskimg import progname
 from diskimg.errors import CorruptImageError, UsageError
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.cache import L2Table, be_u64_array, pack_be_u64_array
+from diskimg.qcow2.cache import L2Table, be_u64_array, pack_be_u64_array, u64_copy
 from diskimg.qcow2.layout import QCOW_MAX_SNAPSHOTS
 from diskimg.qcow2.refcount import RefBlock
 from diskimg.qcow2.snapshot_table import (
@@ -90,7 +90,7 @@ class SnapshotTable:
                                     offset=offset)
         return be_u64_array(img.host.pread_exact(offset, size * 8, "snapshot L1 table"))
 
-    def update_refcounts(self, l1: array[int], addend: int, active: bool) -> bool:
+    def update_refcounts(self, l1: array[int] | memoryview, addend: int, active: bool) -> bool:
         """QEMU's update_snapshot_refcount: add ``addend`` to every L2 table and data
         cluster ``l1`` reaches and recompute OFLAG_COPIED in the L2 entries and in ``l1``.
         Returns True if ``l1`` changed.  L2 tables go through the image's cache."""
@@ -140,7 +140,8 @@ class SnapshotTable:
                     img.l1_dirty.add(i)
         return changed
 
-    def _count_refs(self, l1: array[int], deltas: defaultdict[int, int], addend: int) -> None:
+    def _count_refs(self, l1: array[int] | memoryview, deltas: defaultdict[int, int],
+                    addend: int) -> None:
         """Add ``addend`` to ``deltas`` (host cluster -> refcount change) for every L2
         table and data cluster ``l1`` reaches, as QEMU's update_snapshot_refcount would."""
         img = self.img
@@ -214,7 +215,7 @@ class SnapshotTable:
                 d[l2_off // cs] -= 1
                 continue
             ents = img.l2_cache.get(l2_off).entries
-            changed: array[int] | None = None
+            changed: memoryview | None = None
             for j in range(0, len(ents), step):
                 ent = ents[j]
                 if ent & E.QCOW_OFLAG_COMPRESSED or not ent & E.L2E_OFFSET_MASK:
@@ -224,7 +225,7 @@ class SnapshotTable:
                     else (ent & ~E.QCOW_OFLAG_COPIED)
                 if want != ent:
                     if changed is None:
-                        changed = array("Q", ents)
+                        changed = u64_copy(ents)
                     changed[j] = want
             if changed is not None:
                 t2 = alloc(1)

@@ -5,7 +5,6 @@ zeros through :mod:`diskimg.qcow2.cluster` for what cannot be flagged.
 
 from __future__ import annotations
 
-from array import array
 
 from diskimg.plan import RunKind
 from diskimg.qcow2 import cluster as C
@@ -190,7 +189,7 @@ def zero_clusters(img: Qcow2Image, first: int, end: int, unmap: bool, discard: b
         c += n
 
 
-def zero_ext(img: Qcow2Image, ents: array[int], idx: int, n: int, unmap: bool,
+def zero_ext(img: Qcow2Image, ents: memoryview, idx: int, n: int, unmap: bool,
              discard: bool = False) -> None:
     """Extended L2: every subcluster of clusters idx..idx+n-1 reads as zeros; the host
     cluster is kept (zero-allocated) unless ``unmap`` or it is compressed/shared.  A

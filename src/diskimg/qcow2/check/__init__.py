@@ -20,9 +20,9 @@ read as zeros (as QEMU's file driver does).  Memory is bounded by the file size 
 in-memory refcount array has one entry per host cluster, capped at :data:`MAX_IMRT_BYTES`)
 and by QEMU's table caps; the amount of L2 work is bounded by :data:`MAX_L2_ENTRIES`.
 
-Package layout (QEMU's seams): ``report`` (abort signals; the result is the format-neutral
-:class:`diskimg.check_report.CheckReport`, alias ``CheckResult``), ``state`` (one pass's
-state and reference counting), ``stored`` (stored refcount blocks), ``walk`` (L1/L2
+Package layout (QEMU's seams): ``state`` (one pass's state, reference counting and the
+abort signals; the result is the format-neutral :class:`diskimg.check_report.CheckReport`,
+alias ``CheckResult``), ``stored`` (stored refcount blocks), ``walk`` (L1/L2
 traversal), ``copied`` (OFLAG_COPIED), ``refcounts`` (compare, repair).  Loaded only when
 needed (start-up, issue 20): ``overlap`` (overlap protection and corruption signalling,
 for writes and findings), ``snapshots`` (an image with a snapshot table, or a bad table
@@ -33,15 +33,15 @@ from __future__ import annotations
 
 from diskimg.errors import CorruptImageError, FormatError, UsageError
 from diskimg.check_report import CheckReport
-from diskimg.qcow2 import header_io
 from diskimg.qcow2.check.refcounts import _Refcounts
-from diskimg.qcow2.check.report import CheckResult, _Abort
+from diskimg.qcow2.check.state import CheckResult, _Abort
 from diskimg.qcow2.layout import (
     HDR_NB_SNAPSHOTS,
     HDR_SNAPSHOTS_OFFSET,
     QCOW2_INCOMPAT_CORRUPT,
     QCOW2_INCOMPAT_DIRTY,
     Header,
+    read_fields,
 )
 from diskimg.qcow2.snapshot_table import check_table_pointer
 
@@ -58,7 +58,7 @@ class _Pass(_Refcounts):
     """One run of qemu's ``qcow2_co_check_locked`` (with or without a fix mode)."""
 
     def run(self) -> None:
-        nb, off = header_io.read_fields(self.host, HDR_NB_SNAPSHOTS, HDR_SNAPSHOTS_OFFSET)
+        nb, off = read_fields(self.host, HDR_NB_SNAPSHOTS, HDR_SNAPSHOTS_OFFSET)
         if nb or check_table_pointer(0, off, self.cs) is not None:
             from diskimg.qcow2.check.snapshots import read_snapshots
 
@@ -137,5 +137,7 @@ def _reread_header(host: Any, old: Header) -> Header:
 def _clear_incompat(host: Any, header: Header, bits: int) -> None:
     if header.version < 3:
         return
+    from diskimg.qcow2 import header_io  # (the writer: repairs only)
+
     if header_io.update_incompat(host, clear_bits=bits):
         host.flush()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import struct
 
 from diskimg.hostio import all_zero
-from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
-from diskimg.qcow2.check.report import _Abort, _RefErr
+from diskimg.qcow2.cache import be_u64_table, pack_be_u64_array
+from diskimg.qcow2.check.state import _Abort, _RefErr
 from diskimg.qcow2.check.state import (
     _NORMAL,
     _ZERO_ALLOC,
@@ -69,7 +69,7 @@ class _Copied(_Walk):
             hosts = self._plain_hosts(raw)
             if hosts is not None and self._all_copied_once(raw, hosts):
                 continue
-            tab = be_u64_array(raw)
+            tab = be_u64_table(raw)
             dirty = 0
             for j in range(self.l2_size):
                 e = tab[j * step]

@@ -15,7 +15,7 @@ from diskimg.qcow2.layout import (
     QCOW2_EXT_MAGIC_BITMAPS,
     QCOW2_INCOMPAT_CORRUPT,
 )
-from diskimg.qcow2.refcount import (
+from diskimg.qcow2.refblock import (
     REFT_OFFSET_MASK,
 )
 

@@ -11,8 +11,8 @@ from array import array
 from diskimg import progname
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.cache import pack_be_u64_array
-from diskimg.qcow2.check.report import _Abort
-from diskimg.qcow2.refcount import encode_refblock
+from diskimg.qcow2.check.state import _Abort
+from diskimg.qcow2.refblock import encode_refblock
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ def alloc_imrt(st: _Stored, count: int, first_free: list[int]) -> int:
         cluster += 1
     if contig < count:
         st.grow_imrt(cluster + count - contig)
+        imrt = st.imrt  # (a new, longer view)
     cluster -= contig
     for i in range(count):
         imrt[cluster + i] = 1
@@ -97,6 +98,6 @@ def rebuild_refcount_structure(st: _Stored) -> None:
     header_io.set_refcount_table(st.host, rt_off, clusters)
     st.host.flush()
     st.file_len = st.host.size()
-    st.reftable = array("Q", reft)
+    st.reftable = memoryview(array("Q", reft))
     st.reftable_offset = rt_off
     st.rb_cache.clear()

@@ -4,10 +4,8 @@ refcount structure, for ``-r all`` only, is :mod:`diskimg.qcow2.check.rebuild`).
 
 from __future__ import annotations
 
-from array import array
-
 from diskimg.qcow2.check.copied import _Copied
-from diskimg.qcow2.check.report import _Abort, _counts, _RefErr, _set_counts
+from diskimg.qcow2.check.state import _Abort, _counts, _RefErr, _set_counts
 from diskimg.qcow2.check.state import (
     INT_MAX,
 )
@@ -35,8 +33,7 @@ class _Refcounts(_Copied):
                     res.check_errors += 1
                 continue
             comp = imrt[lo:hi]
-            stored = blk[: hi - lo] if blk is not None else array(self.tc, bytes(
-                (hi - lo) * self.itemsize))
+            stored = blk[: hi - lo] if blk is not None else self.zeros(hi - lo)
             if stored == comp:
                 for j in range(hi - lo - 1, -1, -1):
                     if comp[j]:
@@ -105,7 +102,7 @@ class _Refcounts(_Copied):
                 f["repaired"] = True
             res.corruptions = 0
             res.leaks = 0
-            self.imrt = array(self.tc, bytes(len(self.imrt) * self.itemsize))
+            self.imrt = self.zeros(len(self.imrt))
             fix, self.fix = self.fix, 0
             rebuild = self.calculate_refcounts()
             self.fix = fix

@@ -7,7 +7,7 @@ from __future__ import annotations
 from diskimg import progname
 from diskimg.errors import CorruptImageError, FormatError
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.check.report import CheckResult, _Abort
+from diskimg.qcow2.check.state import CheckResult, _Abort
 from diskimg.qcow2.check.state import _Snap
 from diskimg.qcow2.layout import (
     HDR_NB_SNAPSHOTS,

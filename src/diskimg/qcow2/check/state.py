@@ -1,21 +1,21 @@
 """The state of one check pass (qemu's BDRVQcow2State plus the in-memory refcount table)
 and the helpers every part of the check uses: reading with zero fill past EOF,
-findings, and counting references (``qcow2_inc_refcounts_imrt``)."""
+findings, counting references (``qcow2_inc_refcounts_imrt``), and the abort signals."""
 
 from __future__ import annotations
 
-from array import array
+import struct
 
 from diskimg import progname
+from diskimg.check_report import CheckReport
 from diskimg.errors import CorruptImageError
-from diskimg.qcow2.cache import be_u64_array
-from diskimg.qcow2.check.report import CheckResult, _Abort
+from diskimg.qcow2.cache import be_u64_table
 from diskimg.qcow2.entries import ClusterType
 from diskimg.qcow2.layout import (
     QCOW2_INCOMPAT_DATA_FILE,
     Header,
 )
-from diskimg.qcow2.refcount import refblock_entries, refcount_typecode
+from diskimg.qcow2.refblock import refblock_entries, refcount_typecode
 from diskimg.slotted import Record
 
 TYPE_CHECKING = False
@@ -23,6 +23,43 @@ if TYPE_CHECKING:
     from typing import Any
 
     from diskimg.hostio.host import Host
+
+
+# --- the check's abort signals (its result is the format-neutral CheckReport) ---------
+
+_STRERROR = {
+    "EIO": "Input/output error",
+    "EFBIG": "File too large",
+    "EINVAL": "Invalid argument",
+    "ENOMEM": "Cannot allocate memory",
+}
+
+
+class _Abort(Exception):
+    """The check could not complete (qemu: the check function returned < 0)."""
+
+    def __init__(self, errno_name: str) -> None:
+        super().__init__(errno_name)
+        self.strerror = _STRERROR.get(errno_name, errno_name)
+
+
+class _RefErr(Exception):
+    """A stored refcount could not be read (unaligned refcount block)."""
+
+
+#: the qcow2 check's historical name for :class:`diskimg.check_report.CheckReport`
+CheckResult = CheckReport
+
+
+def _counts(res: CheckResult) -> tuple[int, int, int, int, int]:
+    return (res.check_errors, res.corruptions, res.leaks, res.corruptions_fixed,
+            res.leaks_fixed)
+
+
+def _set_counts(res: CheckResult, c: tuple[int, int, int, int, int]) -> None:
+    (res.check_errors, res.corruptions, res.leaks, res.corruptions_fixed,
+     res.leaks_fixed) = c
+
 
 REFT_RESERVED_MASK = 0x1FF
 INT_MAX = (1 << 31) - 1
@@ -84,14 +121,14 @@ class _State:
         self.l2_size = self.cs // self.l2e_size
         self.data_file = bool(header.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
         self.tc = refcount_typecode(self.order)
-        self.itemsize = array(self.tc).itemsize
+        self.itemsize = struct.calcsize(self.tc)
         self.work = 0
         self._l2_bad_bits: bytes | None = None  # see _plain_hosts
         self.snap_corruptions = 0
         self.signaled = False  # qemu's s->signaled_corruption
         self.marked_corrupt = False
         self.dead = False  # a fatal corruption was signalled (qemu: bs->drv = NULL)
-        self.rb_cache: dict[int, array[int]] = {}
+        self.rb_cache: dict[int, memoryview] = {}
         self.rb_dirty: set[int] = set()
         self.snapshots: list[_Snap] = []
         self.snapshots_offset = 0
@@ -102,7 +139,9 @@ class _State:
         self.reftable = self._read_u64s(header.refcount_table_offset, rt_entries)
         self.reftable_offset = header.refcount_table_offset
         self.l1 = self._read_u64s(header.l1_table_offset, header.l1_size)
-        self.imrt = array(self.tc)
+        #: the in-memory refcounts, one per host cluster (qemu's refcount_table): a
+        #: native view of format ``tc``, replaced (not resized) when it grows
+        self.imrt = self.zeros(0)
         self.nb = 0
 
     def msg(self, line: str) -> None:
@@ -128,8 +167,12 @@ class _State:
             data += bytes(length - len(data))
         return data
 
-    def _read_u64s(self, offset: int, n: int) -> array[int]:
-        return be_u64_array(self.pread(offset, n * 8))
+    def _read_u64s(self, offset: int, n: int) -> memoryview:
+        return be_u64_table(self.pread(offset, n * 8))
+
+    def zeros(self, n: int) -> memoryview:
+        """``n`` zero refcounts, in the form of :attr:`imrt`."""
+        return memoryview(bytearray(n * self.itemsize)).cast(self.tc)
 
     def write(self, offset: int, data: bytes) -> None:
         self.host.pwrite(offset, data)
@@ -162,7 +205,9 @@ class _State:
             self.res.check_errors += 1
             raise _Abort("ENOMEM")
         if need > len(self.imrt):
-            self.imrt.frombytes(bytes((need - len(self.imrt)) * self.itemsize))
+            grown = self.zeros(need)
+            grown[: len(self.imrt)] = self.imrt
+            self.imrt = grown
         self.nb = new_nb
 
     def count_work(self, n: int) -> None:

@@ -1,13 +1,11 @@
 """The refcounts stored in the image, as the check reads and repairs them: refcount blocks
-through the one codec (:mod:`diskimg.qcow2.refcount`), a write-back block cache, and
+through the one codec (:mod:`diskimg.qcow2.refblock`), a write-back block cache, and
 qemu's ``check_refblocks`` (references of the refcount blocks themselves)."""
 
 from __future__ import annotations
 
-from array import array
-
 from diskimg.hostio.file import trailing_zeros
-from diskimg.qcow2.check.report import _RefErr
+from diskimg.qcow2.check.state import _RefErr
 from diskimg.qcow2.check.state import (
     INT64_MAX,
     MAX_IMRT_BYTES,
@@ -15,7 +13,7 @@ from diskimg.qcow2.check.state import (
     _hexc,
     _State,
 )
-from diskimg.qcow2.refcount import (
+from diskimg.qcow2.refblock import (
     REFT_OFFSET_MASK,
     decode_refblock,
     encode_refblock,
@@ -23,7 +21,7 @@ from diskimg.qcow2.refcount import (
 
 
 class _Stored(_State):
-    def refblock(self, idx: int, *, quiet: bool = False) -> array[int] | None:
+    def refblock(self, idx: int, *, quiet: bool = False) -> memoryview | None:
         """Stored refcount block ``idx`` decoded, or None when it is not allocated.
 
         An unusable block offset (unaligned, or negative as a file offset) is reported and

@@ -10,8 +10,8 @@ import struct
 from diskimg.errors import FormatError
 from diskimg.hostio import all_zero
 from diskimg.hostio.file import trailing_zeros
-from diskimg.qcow2.cache import be_u64_array
-from diskimg.qcow2.check.report import _Abort
+from diskimg.qcow2.cache import be_u64_table
+from diskimg.qcow2.check.state import _Abort
 from diskimg.qcow2.check.state import (
     _COMPRESSED,
     _NORMAL,
@@ -71,13 +71,14 @@ class _Walk(_Stored):
             return None
         # no bit but COPIED (63) and the offset's: an entry's host offset is the entry
         # with its first byte's top bit cleared (a bytes.translate, not a loop per entry)
-        holes = be_u64_array(used).count(0)
+        # (a zero entry is zero in either byte order: counted without a swap)
+        holes = memoryview(used).cast("Q").tolist().count(0)
         flagless = bytearray(used)
         flagless[::8] = flagless[::8].translate(_CLEAR_TOP_BIT)
-        offs = be_u64_array(bytes(flagless))
+        offs = be_u64_table(flagless).tolist()
         if offs.count(0) != holes:  # a flagged entry without a host offset
             return None
-        hosts = [h for h in offs if h] if holes else offs.tolist()
+        hosts = [h for h in offs if h] if holes else offs
         if not hosts or max(hosts) >= self.file_len:
             return None
         return hosts
@@ -160,7 +161,7 @@ class _Walk(_Stored):
         if hosts is not None and self._count_plain(hosts, frag):
             self.count_work(len(hosts))
             return
-        tab = be_u64_array(raw)
+        tab = be_u64_table(raw)
         res = self.res
         cs = self.cs
         step = 2 if self.ext_l2 else 1
