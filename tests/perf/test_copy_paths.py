@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import _thread
 import random
 import threading
 from pathlib import Path
@@ -19,6 +20,22 @@ from diskimg.ops import copier
 
 MiB = 1 << 20
 SECTOR = 512
+
+
+def _readers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The read-ahead readers started from now on: each is a ``_thread`` thread (no
+    ``threading.Thread``), ``ident`` its thread id."""
+    from diskimg.ops import readahead
+
+    started: list[Any] = []
+    real = readahead._ReadAhead.__enter__
+
+    def enter(self: Any) -> Any:
+        started.append(self)
+        return real(self)
+
+    monkeypatch.setattr(readahead._ReadAhead, "__enter__", enter)
+    return started
 
 
 def _sources(tmp_path: Path) -> list[Path]:
@@ -63,18 +80,22 @@ def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
     and the target is the source's bytes (sources this small are copied inline unless
     the threshold is lowered: see the next test)."""
     srcs = _sources(tmp_path)
-    threads: list[str] = []
+    threads: list[int] = []
     real = copier.sparse_runs
 
     def spy(*a: Any) -> Any:
-        threads.append(threading.current_thread().name)
+        threads.append(_thread.get_ident())
         return real(*a)
 
     monkeypatch.setattr(copier, "sparse_runs", spy)
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)
+    readers = _readers(monkeypatch)
     out = tmp_path / "o.qcow2"
     diskimg.convert([str(s) for s in srcs], str(out), "qcow2", format="raw")
-    assert threads and set(threads) == {"diskimg-readahead"}
+    assert len(readers) == len(srcs)  # a reader per source, none running now
+    assert not any(r.running.locked() for r in readers)
+    assert threads and set(threads) <= {r.ident for r in readers}
+    assert _thread.get_ident() not in threads
     with diskimg.open(out) as img:
         got = hashlib.sha256(img.read(0, img.size)).hexdigest()
     assert got == hashlib.sha256(b"".join(s.read_bytes() for s in srcs)).hexdigest()
@@ -87,12 +108,12 @@ def test_small_sources_are_copied_inline_with_the_bytes_of_a_pipelined_copy(
     the target holds every byte (and every hole) that the pipelined copy writes."""
     srcs = _sources(tmp_path)
     assert all(s.stat().st_size <= copier._INLINE_MAX for s in srcs)
-    threads: list[str] = []
+    threads: list[int] = []
     started: list[str] = []
     real_scan, real_start = copier.sparse_runs, threading.Thread.start
 
     def spy(*a: Any) -> Any:
-        threads.append(threading.current_thread().name)
+        threads.append(_thread.get_ident())
         return real_scan(*a)
 
     def start(self: threading.Thread) -> None:
@@ -101,14 +122,15 @@ def test_small_sources_are_copied_inline_with_the_bytes_of_a_pipelined_copy(
 
     monkeypatch.setattr(copier, "sparse_runs", spy)
     monkeypatch.setattr(threading.Thread, "start", start)
+    readers = _readers(monkeypatch)
     inline = tmp_path / "inline.qcow2"
     diskimg.convert([str(s) for s in srcs], str(inline), "qcow2", format="raw")
-    assert started == []
-    assert threads and set(threads) == {threading.current_thread().name}
+    assert started == [] and readers == []
+    assert threads and set(threads) == {_thread.get_ident()}
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)
     piped = tmp_path / "piped.qcow2"
     diskimg.convert([str(s) for s in srcs], str(piped), "qcow2", format="raw")
-    assert "diskimg-readahead" in started
+    assert readers and all(r.ident is not None for r in readers)
     assert inline.read_bytes() == piped.read_bytes()  # same clusters, same holes
     with diskimg.open(inline) as img:
         got = hashlib.sha256(img.read(0, img.size)).hexdigest()
@@ -251,13 +273,14 @@ def test_a_compressed_run_moves_a_mid_sized_copy_to_the_pool_with_the_same_bytes
         real_start(self)
 
     monkeypatch.setattr(threading.Thread, "start", start)
+    readers = _readers(monkeypatch)
     out = tmp_path / "p.raw"
     diskimg.convert(plain, out, "raw", format="qcow2")
-    assert started == []
+    assert started == [] and readers == []
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(raw.read_bytes()).digest()
     out2 = tmp_path / "c.raw"
     diskimg.convert(packed, out2, "raw", format="qcow2")
-    assert "diskimg-readahead" in started
+    assert len(readers) == 1 and readers[0].ident is not None
     if (os.cpu_count() or 1) >= 2:
         assert any(n.startswith("diskimg-dec") for n in started)
     assert out2.read_bytes() == bytes(data)
