@@ -396,6 +396,35 @@ def test_plain_convert_loads_only_its_allow_list(tmp_path: Path, src_fmt: str,
     assert bad == [], f"`diskimg convert` {src_fmt} -> {out_fmt} now imports {_named(bad, who)}"
 
 
+@pytest.mark.parametrize("out_fmt", ["qcow2", "raw"])
+def test_a_pipelined_convert_loads_neither_queue_nor_threading(tmp_path: Path,
+                                                               out_fmt: str) -> None:
+    """A source above the inline threshold is copied with the read-ahead thread: a
+    ``_thread`` thread fed through ``_queue`` (C), so even then neither queue nor
+    threading (nor the functools and heapq they load) is imported; the target holds the
+    source's bytes."""
+    from diskimg.ops.copier import _INLINE_MAX
+
+    size = _INLINE_MAX + (4 << 20)
+    head, tail = bytes(range(256)) * 4096, b"t" * 65536  # 1 MiB, 64 KiB; holes between
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        f.write(head)
+        f.seek(size - len(tail))
+        f.write(tail)
+    dst = tmp_path / f"dst.{out_fmt}"
+    code, loaded, out, who = _probe("convert", "-O", out_fmt, str(src), str(dst))
+    assert (code, out) == (0, "")
+    with diskimg.open(dst) as img:
+        assert (img.format, img.size) == (out_fmt, size)
+        assert img.read(0, len(head)) == head
+        assert img.read(size - len(tail), len(tail)) == tail
+        assert img.read(len(head), 1 << 20) == bytes(1 << 20)
+    assert "diskimg.ops.readahead" in loaded
+    bad = _denied(loaded, ("queue", "threading", "heapq"))
+    assert bad == [], f"a pipelined convert now imports {_named(bad, who)}"
+
+
 def test_bitmaps_of_an_image_without_them_are_made_only_when_used(tmp_path: Path) -> None:
     """The bitmap module loads on first use, not on open (above); closing a writable
     image that never used them (here at interpreter exit, unclosed, where an import may no
