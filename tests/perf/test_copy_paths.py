@@ -284,3 +284,38 @@ def test_a_compressed_run_moves_a_mid_sized_copy_to_the_pool_with_the_same_bytes
     if (os.cpu_count() or 1) >= 2:
         assert any(n.startswith("diskimg-dec") for n in started)
     assert out2.read_bytes() == bytes(data)
+
+
+def test_the_readahead_ring_makes_only_the_buffers_a_copy_needs(tmp_path: Path) -> None:
+    """The ring's buffers are made by the reader when none is free, up to ``_BUFFERS``
+    (each populated whole: it is filled whole): a source with one data chunk among holes
+    makes one, a source of data chunks at most ``_BUFFERS``; the items are the source's
+    bytes either way."""  # (a sparse 256 MiB image made 4 x 2 MiB before, populated or not)
+    from diskimg.ops import readahead
+    from diskimg.ops.common import CHUNK
+
+    rng = random.Random(11)
+    sparse, dense = tmp_path / "sparse.raw", tmp_path / "dense.raw"
+    one = rng.randbytes(CHUNK)
+    with open(sparse, "wb") as f:
+        f.seek(5 * CHUNK)
+        f.write(one)
+        f.truncate(12 * CHUNK)
+    data = rng.randbytes(3 * readahead._BUFFERS * CHUNK)
+    dense.write_bytes(data)
+    for path, want in ((sparse, bytes(5 * CHUNK) + one + bytes(6 * CHUNK)), (dense, data)):
+        got = bytearray(len(want))
+        with diskimg.open(path, format="raw") as s:
+            cp = copier._Copier(s, zero_init=True, target_backing=False, backing_end=None,
+                                min_sparse=4096, alignment=8, compress=False, total=s.size)
+            with readahead._ReadAhead(s, cp._plan(s, 0)) as ahead:
+                for kind, pos, n, item, _ in ahead:
+                    if item is not None and kind is copier._DATA:
+                        got[pos : pos + n] = memoryview(item)[:n]
+                    ahead.release(item if kind is copier._DATA else None)
+                made = ahead.made
+        assert bytes(got) == want
+        if path == sparse:
+            assert made == 1
+        else:  # (how many depends on how far the reader gets ahead: never more)
+            assert 1 <= made <= readahead._BUFFERS

@@ -142,9 +142,11 @@ class _ReadAhead:
 
         self.src, self.plan, self.scan = src, plan, scan
         self.decoder = _ClusterDecoder.for_device(src)
+        #: the ring: buffers written and given back; up to _BUFFERS are made, by the
+        #: reader, when it finds none free (a sparse source with little data makes one)
         self.free: _queue.SimpleQueue[Any] = _queue.SimpleQueue()
-        for _ in range(_BUFFERS):
-            self.free.put(aligned_buffer(CHUNK))
+        self.made = 0
+        self._empty = _queue.Empty
         self.ready: _queue.SimpleQueue[_Item | BaseException | None] = _queue.SimpleQueue()
         #: a token per item the reader may queue ahead of the consumer, given back as the
         #: consumer takes one: zero and backing runs hold no buffer, this bounds them
@@ -182,6 +184,18 @@ class _ReadAhead:
         finally:
             self.running.release()
 
+    def _buffer(self) -> Any:
+        """A free buffer of the ring, made (its pages populated: it is filled whole or
+        reused) while fewer than _BUFFERS exist; else the next one the consumer gives
+        back (None: stop)."""
+        try:
+            return self.free.get_nowait()
+        except self._empty:
+            if self.made < _BUFFERS:
+                self.made += 1
+                return aligned_buffer(CHUNK, fill=True)
+        return self.free.get()
+
     def _send(self, item: _Item | BaseException | None) -> bool:
         """Queue ``item`` for the consumer (once it has a slot); False when the consumer
         has gone."""
@@ -198,7 +212,7 @@ class _ReadAhead:
         if not batch:
             return True
         assert self.decoder is not None
-        buf = self.free.get()
+        buf = self._buffer()
         if buf is None or self.stop:
             return False
         pieces = [(pos, n) for pos, n, _ in batch]
@@ -229,7 +243,7 @@ class _ReadAhead:
                 buf: Any = runs  # zero and backing runs: what they merge
                 scanned = None
                 if kind is _DATA:
-                    buf = self.free.get()
+                    buf = self._buffer()
                     if buf is None or self.stop:
                         return
                     self.src.readinto(pos, memoryview(buf)[:n])
