@@ -349,8 +349,10 @@ CONVERT_QCOW2 = QCOW2_READ | {"diskimg.qcow2.create", "diskimg.qcow2.refcount",
 #: target's files are named by ``HostFile.name``), queue and threading (a small image is
 #: copied without the read-ahead thread), contextlib, and the code of streamed targets,
 #: of ``--bitmaps`` and of NBD URLs (diskimg.ops.stream_convert, diskimg.hostio.sink,
-#: select, diskimg.ops.bitmap_copy, diskimg.nbd)
-NOT_FOR_CONVERT = ("pathlib", "re", "enum", "urllib", "ipaddress", "queue", "threading",
+#: select, diskimg.ops.bitmap_copy, diskimg.nbd); nor, for an image without compressed
+#: clusters or encryption, the qcow2 modules that read those
+NOT_FOR_CONVERT = ("diskimg.qcow2.crypt", "diskimg.qcow2.compressed",  # (none here)
+                   "pathlib", "re", "enum", "urllib", "ipaddress", "queue", "threading",
                    "contextlib", "select", "diskimg.ops.stream_convert",
                    "diskimg.hostio.sink", "diskimg.ops.bitmap_copy", "diskimg.nbd",
                    "dataclasses", "inspect", "ast", "dis", "tokenize", "argparse", "gettext",
