@@ -330,7 +330,7 @@ def test_info_of_vmdk_and_raw_loads_only_their_allow_list(vmdk: Path, tmp_path: 
 #: diskimg.ops nor diskimg.operations' re-exports
 CONVERT = VERSION | {
     "diskimg.api", "diskimg.cli.commands", "diskimg.cli.commands._shared",
-    "diskimg.cli.commands.convert", "diskimg.cli.progress", "diskimg.cli.quickparse",
+    "diskimg.cli.commands.convert", "diskimg.cli.quickparse",
     "diskimg.device", "diskimg.hostio", "diskimg.hostio.file", "diskimg.hostio.lock",
     "diskimg.hostio.urls",
     "diskimg.info_text", "diskimg.ops", "diskimg.ops.common",
@@ -350,8 +350,10 @@ CONVERT_QCOW2 = QCOW2_READ | {"diskimg.qcow2.create", "diskimg.qcow2.refcount",
 #: copied without the read-ahead thread), contextlib, and the code of streamed targets,
 #: of ``--bitmaps`` and of NBD URLs (diskimg.ops.stream_convert, diskimg.hostio.sink,
 #: select, diskimg.ops.bitmap_copy, diskimg.nbd); nor, for an image without compressed
-#: clusters or encryption, the qcow2 modules that read those
+#: clusters or encryption, the qcow2 modules that read those; nor, without ``-p``, the
+#: progress code (diskimg.cli.progress)
 NOT_FOR_CONVERT = ("diskimg.qcow2.crypt", "diskimg.qcow2.compressed",  # (none here)
+                   "diskimg.cli.progress",  # (no -p)
                    "pathlib", "re", "enum", "urllib", "ipaddress", "queue", "threading",
                    "contextlib", "select", "diskimg.ops.stream_convert",
                    "diskimg.hostio.sink", "diskimg.ops.bitmap_copy", "diskimg.nbd",
