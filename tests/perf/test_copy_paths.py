@@ -22,22 +22,6 @@ MiB = 1 << 20
 SECTOR = 512
 
 
-def _readers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The read-ahead readers started from now on: each is a ``_thread`` thread (no
-    ``threading.Thread``), ``ident`` its thread id."""
-    from diskimg.ops import readahead
-
-    started: list[Any] = []
-    real = readahead._ReadAhead.__enter__
-
-    def enter(self: Any) -> Any:
-        started.append(self)
-        return real(self)
-
-    monkeypatch.setattr(readahead._ReadAhead, "__enter__", enter)
-    return started
-
-
 def _sources(tmp_path: Path) -> list[Path]:
     """Raw sources whose sizes are odd sector counts, with data, written zeros and holes
     at every alignment around their ends (so each target chunk starts at another
@@ -75,7 +59,8 @@ def test_concatenated_sources_same_map_and_bytes_as_qemu(tmp_path: Path, qemu: A
 
 
 def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                readers: list[Any]) -> None:
     """Every data chunk of a pipelined copy is scanned once, on the read-ahead thread,
     and the target is the source's bytes (sources this small are copied inline unless
     the threshold is lowered: see the next test)."""
@@ -89,7 +74,6 @@ def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
 
     monkeypatch.setattr(copier, "sparse_runs", spy)
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)
-    readers = _readers(monkeypatch)
     out = tmp_path / "o.qcow2"
     diskimg.convert([str(s) for s in srcs], str(out), "qcow2", format="raw")
     assert len(readers) == len(srcs)  # a reader per source, none running now
@@ -102,7 +86,7 @@ def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
 
 
 def test_small_sources_are_copied_inline_with_the_bytes_of_a_pipelined_copy(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readers: list[Any]) -> None:
     """Sources of at most ``_INLINE_MAX`` bytes are copied on the caller's thread: no
     read-ahead thread is started, every chunk is scanned on the caller's thread, and
     the target holds every byte (and every hole) that the pipelined copy writes."""
@@ -122,7 +106,6 @@ def test_small_sources_are_copied_inline_with_the_bytes_of_a_pipelined_copy(
 
     monkeypatch.setattr(copier, "sparse_runs", spy)
     monkeypatch.setattr(threading.Thread, "start", start)
-    readers = _readers(monkeypatch)
     inline = tmp_path / "inline.qcow2"
     diskimg.convert([str(s) for s in srcs], str(inline), "qcow2", format="raw")
     assert started == [] and readers == []
@@ -245,7 +228,7 @@ def test_a_long_data_run_is_cut_into_chunks_from_one_status_query(tmp_path: Path
 
 
 def test_a_compressed_run_moves_a_mid_sized_copy_to_the_pool_with_the_same_bytes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readers: list[Any]) -> None:
     """A qcow2 source above ``_DECODE_SWITCH_MIN`` (and at most ``_INLINE_MAX``) is copied
     inline while it has no compressed cluster: without one no thread starts; at its first
     compressed run the rest goes to the read-ahead thread and the decoding pool.  Either
@@ -273,7 +256,6 @@ def test_a_compressed_run_moves_a_mid_sized_copy_to_the_pool_with_the_same_bytes
         real_start(self)
 
     monkeypatch.setattr(threading.Thread, "start", start)
-    readers = _readers(monkeypatch)
     out = tmp_path / "p.raw"
     diskimg.convert(plain, out, "raw", format="qcow2")
     assert started == [] and readers == []

@@ -188,36 +188,21 @@ class _Failing(diskimg.BlockDevice):
         buf[:] = b"\x01" * len(buf)
 
 
-def _readers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The read-ahead readers started from now on (a ``_thread`` thread each, which
-    ``threading.enumerate`` does not list): their ``running`` lock is held while the
-    reader runs."""
-    from diskimg.ops import readahead
-
-    started: list[Any] = []
-    real = readahead._ReadAhead.__enter__
-
-    def enter(self: Any) -> Any:
-        started.append(self)
-        return real(self)
-
-    monkeypatch.setattr(readahead._ReadAhead, "__enter__", enter)
-    return started
 
 
 def test_reader_thread_errors_reach_the_caller_and_the_thread_ends(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readers: list[Any]) -> None:
     from diskimg.ops import copier
 
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)  # (a source this small is copied inline)
-    readers = _readers(monkeypatch)
     with pytest.raises(OSError, match="Input/output error"):
         diskimg.convert(_Failing(16 * MiB, 6 * MiB), tmp_path / "o.raw", "raw")
     assert len(readers) == 1 and readers[0].ident is not None
     assert not readers[0].running.locked()  # the reader has returned
 
 
-def test_writer_errors_stop_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_writer_errors_stop_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       readers: list[Any]) -> None:
     from diskimg.ops import copier
 
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)  # (a source this small is copied inline)
@@ -228,7 +213,6 @@ def test_writer_errors_stop_the_reader(tmp_path: Path, monkeypatch: pytest.Monke
         def _write(self, offset: int, data: memoryview) -> None:
             raise OSError(28, "No space left on device")
 
-    readers = _readers(monkeypatch)
     with pytest.raises(OSError, match="No space"):
         diskimg.convert(_Failing(32 * MiB, 1 << 62), Tgt(), "raw", target_exists=True)
     assert len(readers) == 1 and readers[0].ident is not None
