@@ -17,7 +17,6 @@ import errno
 
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import UnsupportedFeatureError, UsageError
-from diskimg.info_text import image_name
 from diskimg.options import RAW_WINDOW_OPTIONS as WINDOW_OPTIONS
 from diskimg.options import check_preallocation
 from diskimg.plan import Run, RunKind
@@ -162,6 +161,8 @@ class RawImage(BlockDevice):
 
     def display_name(self) -> str:
         """The name qemu-img prints for the image (``json:{...}`` with ``offset``/``size``)."""
+        from diskimg.info_text import image_name  # (what info prints: not for a copy)
+
         return image_name("raw", self.filename, self.options, WINDOW_OPTIONS)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import _thread
 import random
 import threading
 from pathlib import Path
@@ -58,41 +59,45 @@ def test_concatenated_sources_same_map_and_bytes_as_qemu(tmp_path: Path, qemu: A
 
 
 def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                readers: list[Any]) -> None:
     """Every data chunk of a pipelined copy is scanned once, on the read-ahead thread,
     and the target is the source's bytes (sources this small are copied inline unless
     the threshold is lowered: see the next test)."""
     srcs = _sources(tmp_path)
-    threads: list[str] = []
+    threads: list[int] = []
     real = copier.sparse_runs
 
     def spy(*a: Any) -> Any:
-        threads.append(threading.current_thread().name)
+        threads.append(_thread.get_ident())
         return real(*a)
 
     monkeypatch.setattr(copier, "sparse_runs", spy)
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)
     out = tmp_path / "o.qcow2"
     diskimg.convert([str(s) for s in srcs], str(out), "qcow2", format="raw")
-    assert threads and set(threads) == {"diskimg-readahead"}
+    assert len(readers) == len(srcs)  # a reader per source, none running now
+    assert not any(r.running.locked() for r in readers)
+    assert threads and set(threads) <= {r.ident for r in readers}
+    assert _thread.get_ident() not in threads
     with diskimg.open(out) as img:
         got = hashlib.sha256(img.read(0, img.size)).hexdigest()
     assert got == hashlib.sha256(b"".join(s.read_bytes() for s in srcs)).hexdigest()
 
 
 def test_small_sources_are_copied_inline_with_the_bytes_of_a_pipelined_copy(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readers: list[Any]) -> None:
     """Sources of at most ``_INLINE_MAX`` bytes are copied on the caller's thread: no
     read-ahead thread is started, every chunk is scanned on the caller's thread, and
     the target holds every byte (and every hole) that the pipelined copy writes."""
     srcs = _sources(tmp_path)
     assert all(s.stat().st_size <= copier._INLINE_MAX for s in srcs)
-    threads: list[str] = []
+    threads: list[int] = []
     started: list[str] = []
     real_scan, real_start = copier.sparse_runs, threading.Thread.start
 
     def spy(*a: Any) -> Any:
-        threads.append(threading.current_thread().name)
+        threads.append(_thread.get_ident())
         return real_scan(*a)
 
     def start(self: threading.Thread) -> None:
@@ -103,12 +108,12 @@ def test_small_sources_are_copied_inline_with_the_bytes_of_a_pipelined_copy(
     monkeypatch.setattr(threading.Thread, "start", start)
     inline = tmp_path / "inline.qcow2"
     diskimg.convert([str(s) for s in srcs], str(inline), "qcow2", format="raw")
-    assert started == []
-    assert threads and set(threads) == {threading.current_thread().name}
+    assert started == [] and readers == []
+    assert threads and set(threads) == {_thread.get_ident()}
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)
     piped = tmp_path / "piped.qcow2"
     diskimg.convert([str(s) for s in srcs], str(piped), "qcow2", format="raw")
-    assert "diskimg-readahead" in started
+    assert readers and all(r.ident is not None for r in readers)
     assert inline.read_bytes() == piped.read_bytes()  # same clusters, same holes
     with diskimg.open(inline) as img:
         got = hashlib.sha256(img.read(0, img.size)).hexdigest()
@@ -223,7 +228,7 @@ def test_a_long_data_run_is_cut_into_chunks_from_one_status_query(tmp_path: Path
 
 
 def test_a_compressed_run_moves_a_mid_sized_copy_to_the_pool_with_the_same_bytes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readers: list[Any]) -> None:
     """A qcow2 source above ``_DECODE_SWITCH_MIN`` (and at most ``_INLINE_MAX``) is copied
     inline while it has no compressed cluster: without one no thread starts; at its first
     compressed run the rest goes to the read-ahead thread and the decoding pool.  Either
@@ -253,11 +258,46 @@ def test_a_compressed_run_moves_a_mid_sized_copy_to_the_pool_with_the_same_bytes
     monkeypatch.setattr(threading.Thread, "start", start)
     out = tmp_path / "p.raw"
     diskimg.convert(plain, out, "raw", format="qcow2")
-    assert started == []
+    assert started == [] and readers == []
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(raw.read_bytes()).digest()
     out2 = tmp_path / "c.raw"
     diskimg.convert(packed, out2, "raw", format="qcow2")
-    assert "diskimg-readahead" in started
+    assert len(readers) == 1 and readers[0].ident is not None
     if (os.cpu_count() or 1) >= 2:
         assert any(n.startswith("diskimg-dec") for n in started)
     assert out2.read_bytes() == bytes(data)
+
+
+def test_the_readahead_ring_makes_only_the_buffers_a_copy_needs(tmp_path: Path) -> None:
+    """The ring's buffers are made by the reader when none is free, up to ``_BUFFERS``
+    (each populated whole: it is filled whole): a source with one data chunk among holes
+    makes one, a source of data chunks at most ``_BUFFERS``; the items are the source's
+    bytes either way."""  # (a sparse 256 MiB image made 4 x 2 MiB before, populated or not)
+    from diskimg.ops import readahead
+    from diskimg.ops.common import CHUNK
+
+    rng = random.Random(11)
+    sparse, dense = tmp_path / "sparse.raw", tmp_path / "dense.raw"
+    one = rng.randbytes(CHUNK)
+    with open(sparse, "wb") as f:
+        f.seek(5 * CHUNK)
+        f.write(one)
+        f.truncate(12 * CHUNK)
+    data = rng.randbytes(3 * readahead._BUFFERS * CHUNK)
+    dense.write_bytes(data)
+    for path, want in ((sparse, bytes(5 * CHUNK) + one + bytes(6 * CHUNK)), (dense, data)):
+        got = bytearray(len(want))
+        with diskimg.open(path, format="raw") as s:
+            cp = copier._Copier(s, zero_init=True, target_backing=False, backing_end=None,
+                                min_sparse=4096, alignment=8, compress=False, total=s.size)
+            with readahead._ReadAhead(s, cp._plan(s, 0)) as ahead:
+                for kind, pos, n, item, _ in ahead:
+                    if item is not None and kind is copier._DATA:
+                        got[pos : pos + n] = memoryview(item)[:n]
+                    ahead.release(item if kind is copier._DATA else None)
+                made = ahead.made
+        assert bytes(got) == want
+        if path == sparse:
+            assert made == 1
+        else:  # (how many depends on how far the reader gets ahead: never more)
+            assert 1 <= made <= readahead._BUFFERS

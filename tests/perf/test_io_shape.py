@@ -188,19 +188,21 @@ class _Failing(diskimg.BlockDevice):
         buf[:] = b"\x01" * len(buf)
 
 
+
+
 def test_reader_thread_errors_reach_the_caller_and_the_thread_ends(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readers: list[Any]) -> None:
     from diskimg.ops import copier
 
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)  # (a source this small is copied inline)
-    before = {t.name for t in threading.enumerate()}
     with pytest.raises(OSError, match="Input/output error"):
         diskimg.convert(_Failing(16 * MiB, 6 * MiB), tmp_path / "o.raw", "raw")
-    assert not [t for t in threading.enumerate()
-                if t.name == "diskimg-readahead" and t.name not in before]
+    assert len(readers) == 1 and readers[0].ident is not None
+    assert not readers[0].running.locked()  # the reader has returned
 
 
-def test_writer_errors_stop_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_writer_errors_stop_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       readers: list[Any]) -> None:
     from diskimg.ops import copier
 
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)  # (a source this small is copied inline)
@@ -213,7 +215,8 @@ def test_writer_errors_stop_the_reader(tmp_path: Path, monkeypatch: pytest.Monke
 
     with pytest.raises(OSError, match="No space"):
         diskimg.convert(_Failing(32 * MiB, 1 << 62), Tgt(), "raw", target_exists=True)
-    assert not [t for t in threading.enumerate() if t.name == "diskimg-readahead"]
+    assert len(readers) == 1 and readers[0].ident is not None
+    assert not readers[0].running.locked()  # the reader has returned
 
 
 @pytest.mark.parametrize("shift", [0, 1, 16, 33])

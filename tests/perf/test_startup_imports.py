@@ -337,7 +337,7 @@ def test_info_of_vmdk_and_raw_loads_only_their_allow_list(vmdk: Path, tmp_path: 
 #: diskimg.ops nor diskimg.operations' re-exports
 CONVERT = VERSION | {
     "diskimg.api", "diskimg.cli.commands", "diskimg.cli.commands._shared",
-    "diskimg.cli.commands.convert", "diskimg.cli.progress", "diskimg.cli.quickparse",
+    "diskimg.cli.commands.convert", "diskimg.cli.quickparse",
     "diskimg.device", "diskimg.hostio", "diskimg.hostio.file", "diskimg.hostio.lock",
     "diskimg.hostio.urls",
     "diskimg.info_text", "diskimg.ops", "diskimg.ops.common",
@@ -357,8 +357,12 @@ CONVERT_QCOW2 = QCOW2_READ | {"diskimg.qcow2.create", "diskimg.qcow2.refcount",
 #: target's files are named by ``HostFile.name``), queue and threading (a small image is
 #: copied without the read-ahead thread), contextlib, and the code of streamed targets,
 #: of ``--bitmaps`` and of NBD URLs (diskimg.ops.stream_convert, diskimg.hostio.sink,
-#: select, diskimg.ops.bitmap_copy, diskimg.nbd)
-NOT_FOR_CONVERT = ("pathlib", "re", "enum", "urllib", "ipaddress", "queue", "threading",
+#: select, diskimg.ops.bitmap_copy, diskimg.nbd); nor, for an image without compressed
+#: clusters or encryption, the qcow2 modules that read those; nor, without ``-p``, the
+#: progress code (diskimg.cli.progress)
+NOT_FOR_CONVERT = ("diskimg.qcow2.crypt", "diskimg.qcow2.compressed",  # (none here)
+                   "diskimg.cli.progress",  # (no -p)
+                   "pathlib", "re", "enum", "urllib", "ipaddress", "queue", "threading",
                    "contextlib", "select", "diskimg.ops.stream_convert",
                    "diskimg.hostio.sink", "diskimg.ops.bitmap_copy", "diskimg.nbd",
                    "dataclasses", "inspect", "ast", "dis", "tokenize", "argparse", "gettext",
@@ -402,6 +406,35 @@ def test_plain_convert_loads_only_its_allow_list(tmp_path: Path, src_fmt: str,
                          "them to the allow-list on purpose")
     bad = _denied(loaded, NOT_FOR_CONVERT)
     assert bad == [], f"`diskimg convert` {src_fmt} -> {out_fmt} now imports {_named(bad, who)}"
+
+
+@pytest.mark.parametrize("out_fmt", ["qcow2", "raw"])
+def test_a_pipelined_convert_loads_neither_queue_nor_threading(tmp_path: Path,
+                                                               out_fmt: str) -> None:
+    """A source above the inline threshold is copied with the read-ahead thread: a
+    ``_thread`` thread fed through ``_queue`` (C), so even then neither queue nor
+    threading (nor the functools and heapq they load) is imported; the target holds the
+    source's bytes."""
+    from diskimg.ops.copier import _INLINE_MAX
+
+    size = _INLINE_MAX + (4 << 20)
+    head, tail = bytes(range(256)) * 4096, b"t" * 65536  # 1 MiB, 64 KiB; holes between
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        f.write(head)
+        f.seek(size - len(tail))
+        f.write(tail)
+    dst = tmp_path / f"dst.{out_fmt}"
+    code, loaded, out, who = _probe("convert", "-O", out_fmt, str(src), str(dst))
+    assert (code, out) == (0, "")
+    with diskimg.open(dst) as img:
+        assert (img.format, img.size) == (out_fmt, size)
+        assert img.read(0, len(head)) == head
+        assert img.read(size - len(tail), len(tail)) == tail
+        assert img.read(len(head), 1 << 20) == bytes(1 << 20)
+    assert "diskimg.ops.readahead" in loaded
+    bad = _denied(loaded, ("queue", "threading", "heapq"))
+    assert bad == [], f"a pipelined convert now imports {_named(bad, who)}"
 
 
 def test_bitmaps_of_an_image_without_them_are_made_only_when_used(tmp_path: Path) -> None:

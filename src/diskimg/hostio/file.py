@@ -30,16 +30,26 @@ _ALIGN = 64
 _local = _thread._local()  # threading.local, without importing threading (start-up)
 
 
-def aligned_buffer(n: int) -> mmap.mmap:
-    """A writable, page-aligned buffer of ``n`` zero bytes (anonymous memory).
+def aligned_buffer(n: int, fill: bool = False) -> mmap.mmap:
+    """A writable, page-aligned buffer of ``n`` zero bytes (private anonymous memory).
 
     ``readinto`` fills one straight from the kernel.  A large ``bytearray`` starts 16
     bytes past a page boundary, where the kernel's copy from page-aligned file data was
     measured 4x slower (4K aliasing), so reads into it go through a bounce buffer: one
-    more copy."""
+    more copy.
+
+    ``fill``: the caller will fill the whole buffer, so its pages are made now, in one
+    system call (``MAP_POPULATE``, Linux), instead of by a page fault per 4 KiB page in
+    the middle of the reads that fill it (a 256 MiB convert: 2048 faults fewer)."""
     import mmap  # a shared library: not loaded by a command that reads no data (start-up)
 
-    return mmap.mmap(-1, max(1, n))
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if fill:
+        try:
+            flags |= mmap.MAP_POPULATE
+        except AttributeError:  # pragma: no cover - not Linux
+            pass
+    return mmap.mmap(-1, max(1, n), flags=flags)
 
 
 _ZERO_BYTES = bytes(1 << 20)

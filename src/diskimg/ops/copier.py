@@ -290,7 +290,7 @@ class _Copier:
                 if _DATA not in ks:
                     pending.append((start, n, None, ks))
                 else:
-                    buf = spare.pop() if spare else aligned_buffer(step)
+                    buf = spare.pop() if spare else aligned_buffer(step, fill=True)
                     self._read(reader.readinto, start, memoryview(buf)[:n])
                     pending.append((start, n, buf, pool.submit(work, buf, n, ks)))
                 drain(window)
@@ -417,9 +417,9 @@ class _Copier:
         than ``_INLINE_MAX`` is planned and read on a second thread, up to ``_BUFFERS - 1``
         chunks ahead of the writes (both sides spend their time in system calls that
         release the GIL); a smaller one is copied on this thread, with the same reads and
-        writes: for a copy that small, starting the thread, importing queue and threading
-        and the hand-offs cost more than the overlap saves (at 256 MiB the overlap wins in
-        wall time: see ``_INLINE_MAX``).  A source of this size whose compressed
+        writes: for a copy that small, starting the thread and the hand-offs cost more
+        than the overlap saves (at 256 MiB the overlap wins in wall time: see
+        ``_INLINE_MAX``).  A source of this size whose compressed
         clusters the pool can decode (:class:`_ClusterDecoder`) moves to the thread and
         its pool at its first compressed run when it is larger than
         ``_DECODE_SWITCH_MIN``."""
@@ -430,7 +430,7 @@ class _Copier:
         dec = (_ClusterDecoder.for_device(src)
                if pipelined and self.salvage is None and src.size > _DECODE_SWITCH_MIN
                else None)
-        buf = aligned_buffer(CHUNK)
+        buf = aligned_buffer(min(CHUNK, src.size), fill=True)  # (every run fits)
         for item in plan:
             kind, pos, n, runs = item
             if kind is _DATA:

@@ -18,7 +18,6 @@ from diskimg.ops.common import CHUNK
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
-    import queue
     from collections.abc import Callable, Iterator, Sequence
     from concurrent.futures import Future, ThreadPoolExecutor
     from typing import Any, TypeAlias
@@ -101,6 +100,7 @@ _Item: TypeAlias = "tuple[RunKind, int, int, Any, Any]"
 
 _COMBINE_BELOW = 256 << 10  # data pieces shorter than this are gathered into one write
 _BUFFERS = 4  # chunk buffers of a pipelined copy (one being written, the rest read ahead)
+_AHEAD = 4 * _BUFFERS  # plan items the reader may queue ahead of the writer
 
 
 class _Decoded:
@@ -128,53 +128,91 @@ class _ReadAhead:
     zero scan overlaps the writes instead of delaying them; a data run the scan finds all
     zero comes with item None (its buffer is reused at once).  Return each buffer with
     :meth:`release` once written.  Errors of the reader (and of ``scan``) are raised by
-    the iteration; leaving the ``with`` block stops the reader.  (queue and threading
-    are imported here: a small copy, done inline by the copier, loads neither.)"""
+    the iteration; leaving the ``with`` block stops the reader and waits for its end.
+    The reader is a ``_thread`` thread fed through ``_queue.SimpleQueue`` (both C): a
+    copy imports neither queue nor threading (about 2 ms of CPU with the functools,
+    heapq ... they load: issue 20), and an item is handed over without queue.Queue's
+    Condition, which is Python code."""
 
     def __init__(self, src: BlockDevice,
                  plan: Iterator[tuple[RunKind, int, int, list[int] | None]],
                  scan: Scan | None = None) -> None:
-        import queue
-        import threading
+        import _queue
+        import _thread
 
-        self._full = queue.Full
         self.src, self.plan, self.scan = src, plan, scan
         self.decoder = _ClusterDecoder.for_device(src)
-        self.free: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(_BUFFERS):
-            self.free.put(aligned_buffer(CHUNK))
-        self.ready: queue.Queue[_Item | BaseException | None] = queue.Queue(4 * _BUFFERS)
+        #: the ring: buffers written and given back; up to _BUFFERS are made, by the
+        #: reader, when it finds none free (a sparse source with little data makes one)
+        self.free: _queue.SimpleQueue[Any] = _queue.SimpleQueue()
+        self.made = 0
+        self._empty = _queue.Empty
+        self.ready: _queue.SimpleQueue[_Item | BaseException | None] = _queue.SimpleQueue()
+        #: a token per item the reader may queue ahead of the consumer, given back as the
+        #: consumer takes one: zero and backing runs hold no buffer, this bounds them
+        self.slots: _queue.SimpleQueue[bool] = _queue.SimpleQueue()
+        for _ in range(_AHEAD):
+            self.slots.put(True)
         self.stop = False
-        self.thread = threading.Thread(target=self._run, name="diskimg-readahead",
-                                       daemon=True)
+        #: held while the reader runs: acquiring it is the join
+        self.running = _thread.allocate_lock()
+        self._start_thread = _thread.start_new_thread
+        #: the reader's ``_thread.get_ident()``, once started
+        self.ident: int | None = None
 
     def __enter__(self) -> _ReadAhead:
-        self.thread.start()
+        self.running.acquire()
+        try:
+            self.ident = self._start_thread(self._main, ())
+        except BaseException:
+            self.running.release()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop = True
         self.free.put(None)  # wakes a reader waiting for a buffer
-        self.thread.join()
+        self.slots.put(True)  # ... or for a slot
+        with self.running:  # the reader has ended
+            pass
         if self.decoder is not None:
             self.decoder.close()
 
+    def _main(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.running.release()
+
+    def _buffer(self) -> Any:
+        """A free buffer of the ring, made (its pages populated: it is filled whole or
+        reused) while fewer than _BUFFERS exist; else the next one the consumer gives
+        back (None: stop)."""
+        try:
+            return self.free.get_nowait()
+        except self._empty:
+            if self.made < _BUFFERS:
+                self.made += 1
+                return aligned_buffer(CHUNK, fill=True)
+        return self.free.get()
+
     def _send(self, item: _Item | BaseException | None) -> bool:
-        """Queue ``item`` for the consumer; False when the consumer has gone."""
-        while not self.stop:
-            try:
-                self.ready.put(item, timeout=0.05)
-                return True
-            except self._full:
-                continue
-        return False
+        """Queue ``item`` for the consumer (once it has a slot); False when the consumer
+        has gone."""
+        if self.stop:
+            return False
+        self.slots.get()
+        if self.stop:
+            return False
+        self.ready.put(item)
+        return True
 
     def _flush_batch(self, batch: list[tuple[int, int, Run]]) -> bool:
         """Hand the gathered compressed clusters to the decoder; False when stopping."""
         if not batch:
             return True
         assert self.decoder is not None
-        buf = self.free.get()
+        buf = self._buffer()
         if buf is None or self.stop:
             return False
         pieces = [(pos, n) for pos, n, _ in batch]
@@ -205,7 +243,7 @@ class _ReadAhead:
                 buf: Any = runs  # zero and backing runs: what they merge
                 scanned = None
                 if kind is _DATA:
-                    buf = self.free.get()
+                    buf = self._buffer()
                     if buf is None or self.stop:
                         return
                     self.src.readinto(pos, memoryview(buf)[:n])
@@ -228,6 +266,7 @@ class _ReadAhead:
     def __iter__(self) -> Iterator[_Item]:
         while True:
             item = self.ready.get()
+            self.slots.put(True)
             if item is None:
                 return
             if isinstance(item, BaseException):

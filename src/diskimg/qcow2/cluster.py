@@ -13,7 +13,7 @@ delegates its ``_write`` and ``begin_change`` to them.
 
 from __future__ import annotations
 
-from diskimg.qcow2 import crypt, header_io
+from diskimg.qcow2 import header_io, lazy_modules
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2.cache import L2Table, u64_copy, u64_run, u64_zeros
 from diskimg.qcow2.layout import (
@@ -28,7 +28,10 @@ if TYPE_CHECKING:
     from typing import Any
 
     from diskimg.hostio.host import Host
+    from diskimg.qcow2 import crypt
     from diskimg.qcow2.image import Qcow2Image
+else:  # encryption: imported on first use (start-up, issue 20)
+    lazy_modules(globals(), "diskimg.qcow2", crypt="crypt")
 
 
 def clear_unknown_autoclear(host: Host, h: Header) -> None:

@@ -13,7 +13,6 @@ from diskimg import progname
 from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
 from diskimg.errors import CorruptImageError, DiskImgError, FormatError
 from diskimg.hostio import open_host_file
-from diskimg.info_text import image_name
 from diskimg.persistent_bitmaps import BitmapsOnFirstUse
 from diskimg.plan import Run
 from diskimg.policy import OpenPolicy, combine, full_name
@@ -530,6 +529,8 @@ class Qcow2Image(BlockDevice):
                 data["encrypt"] = luks_info(area)
             except DiskImgError:
                 data["encrypt"] = {"format": "luks"}
+        from diskimg.info_text import image_name  # (what info prints: not for a copy)
+
         backing = h.backing_file
         full = None
         if backing is not None and isinstance(self.host.path, str):

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from diskimg.hostio import zero_fill
 from diskimg.plan import RunKind
-from diskimg.qcow2 import compressed, crypt
+from diskimg.qcow2 import lazy_modules
 from diskimg.qcow2.mapper import lookup
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.plan import Run
+    from diskimg.qcow2 import compressed, crypt
     from diskimg.qcow2.image import Qcow2Image
+else:  # compressed clusters and encryption: imported on first use (a plain image's
+    # convert does without them: start-up, issue 20)
+    lazy_modules(globals(), "diskimg.qcow2", compressed="compressed", crypt="crypt")
 
 __all__ = ["plan", "read_backing", "readinto"]
 

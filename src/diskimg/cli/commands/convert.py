@@ -67,18 +67,18 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="with --bitmaps: skip inconsistent bitmaps")
 
 
-def _convert_progress(ctx: Context, a: argparse.Namespace, printer: QemuProgress,
+def _convert_progress(ctx: Context, a: argparse.Namespace, printer: QemuProgress | None,
                       srcs: list[BlockDevice], snap: tuple[str | None, str | None] | None,
                       target: Any, out_fmt: str, values: dict[str, str],
                       backing: str | None, backing_fmt: str | None, dst_path: str,
-                      sparse: int) -> Schedule:
-    """qemu-img convert's ``-p`` lines for these sources after the first (nothing without
+                      sparse: int) -> Schedule | None:
+    """qemu-img convert's ``-p`` lines for these sources after the first (None without
     ``-p``)."""
+    if printer is None:
+        return None
     from diskimg.ops import convert as conv
     from diskimg.cli.progress import Schedule, convert_schedule
 
-    if not printer.enabled:
-        return Schedule(printer, 0)
     view: BlockDevice | None = None
     try:
         if snap is not None:
@@ -169,21 +169,24 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         return print_help(out_fmt, a.files[-1] if len(a.files) > 1 else None)
     if len(a.files) < 2:
         raise UsageError("Must specify image file name")
-    from diskimg.cli.progress import QemuProgress
-
     # the target '-' is standard output, written as a stream: no progress lines in it
     to_stdout = a.files[-1] == "-" and not a.target_exists and not a.target_image_opts
-    printer = QemuProgress(a.progress and not a.quiet and not to_stdout, 1.0)
-    printer.report(0.0, 100)  # qemu-img's first line, printed before it opens anything
+    printer: QemuProgress | None = None
+    if a.progress and not a.quiet and not to_stdout:  # (the progress code: for -p only)
+        from diskimg.cli.progress import QemuProgress
+
+        printer = QemuProgress(True, 1.0)
+        printer.report(0.0, 100)  # qemu-img's first line, printed before it opens anything
     try:
         _convert(ctx, a, olist, out_fmt, sparse, rate, printer)
     finally:
-        printer.end()  # after 100, or wherever a failure stopped it
+        if printer is not None:
+            printer.end()  # after 100, or wherever a failure stopped it
     return 0
 
 
 def _convert(ctx: Context, a: argparse.Namespace, olist: str | None, out_fmt: str,
-             sparse: int, rate: int | None, printer: QemuProgress) -> None:
+             sparse: int, rate: int | None, printer: QemuProgress | None) -> None:
     """The part of :func:`cmd_convert` after qemu-img has started its progress line."""
     from diskimg.ops import convert as conv
 
@@ -255,7 +258,7 @@ def _convert(ctx: Context, a: argparse.Namespace, olist: str | None, out_fmt: st
             conv.convert(devs[: len(srcs)], target, out_fmt, options=values,
                          sparse_size=sparse, target_exists=a.target_exists,
                          backing_file=backing,
-                         backing_fmt=backing_fmt, progress=prog if prog.enabled else None,
+                         backing_fmt=backing_fmt, progress=prog,
                          snapshot=snap, compress=a.compress, secrets=ctx.secrets,
                          target_options=dst_opts,
                          workers=int(a.coroutines) if a.coroutines is not None else None,
@@ -271,7 +274,8 @@ def _convert(ctx: Context, a: argparse.Namespace, olist: str | None, out_fmt: st
                 raise DiskImgError(f"{label}: error while converting {out_fmt}: "
                                    f"{errors.create_reason(e, dst_path, exact=True)}") from e
             raise
-        prog.complete()
+        if prog is not None:
+            prog.complete()
     finally:
         if restore_sigterm is not None:
             restore_sigterm()
