@@ -530,7 +530,6 @@ class Qcow2Image(BlockDevice):
             except DiskImgError:
                 data["encrypt"] = {"format": "luks"}
         from diskimg.info_text import image_name  # (what info prints: not for a copy)
-
         backing = h.backing_file
         full = None
         if backing is not None and isinstance(self.host.path, str):
