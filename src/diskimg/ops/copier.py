@@ -30,7 +30,7 @@ from diskimg.plan import RunKind
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from collections.abc import Callable, Iterator, Sequence
-    from concurrent.futures import Future
+    from diskimg.hostio.workers import Job
     from typing import Any
 
 _DATA, _ZERO, _BACKING = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED
@@ -227,7 +227,7 @@ class _Copier:
         Result = list[bytes | bool | RunKind | None]
         from collections import deque  # (here: a plain copy does not load collections)
 
-        pending: deque[tuple[int, int, Any, Future[Result] | list[RunKind]]] = deque()
+        pending: deque[tuple[int, int, Any, Job[Result] | list[RunKind]]] = deque()
         spare: list[Any] = []
 
         def work(buf: Any, n: int, ks: list[RunKind]) -> Result:

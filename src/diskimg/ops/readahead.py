@@ -20,7 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     import queue
     from collections.abc import Callable, Iterator, Sequence
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from diskimg.hostio.workers import Job, WorkerPool
     from typing import Any, TypeAlias
 
 
@@ -109,7 +109,7 @@ class _Decoded:
 
     __slots__ = ("future", "buf", "pieces")
 
-    def __init__(self, future: Future[None], buf: Any, pieces: list[tuple[int, int]]) -> None:
+    def __init__(self, future: Job[None], buf: Any, pieces: list[tuple[int, int]]) -> None:
         self.future, self.buf, self.pieces = future, buf, pieces
 
 
@@ -249,8 +249,7 @@ class _ClusterDecoder:
         self.src = src
         self.workers = workers
         # started on the first compressed cluster: a source without any costs no threads
-        # (nor the concurrent.futures import)
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: WorkerPool | None = None
 
     @classmethod
     def for_device(cls, src: BlockDevice) -> _ClusterDecoder | None:
@@ -267,7 +266,7 @@ class _ClusterDecoder:
             return None
         return run
 
-    def decode_into(self, batch: list[tuple[int, int, Run]], buf: Any) -> Future[None]:
+    def decode_into(self, batch: list[tuple[int, int, Run]], buf: Any) -> Job[None]:
         """Decode the ``(pos, n, run)`` pieces back to back into ``buf`` on the pool."""
         if self.pool is None:
             from diskimg.hostio.workers import worker_pool

@@ -1,0 +1,92 @@
+"""The project's own worker pool (``diskimg.hostio.workers``): the part of
+``ThreadPoolExecutor``'s behaviour the copy paths rely on, without importing
+``concurrent.futures`` (whose ``logging`` import sat on a pipelined copy's critical path,
+issue 20)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from diskimg.hostio.workers import CancelledError, Job, WorkerPool, wait, worker_pool
+
+
+def test_results_in_submission_order_and_errors_kept() -> None:
+    with worker_pool(2, "t") as pool:
+        jobs = [pool.submit(pow, 3, k) for k in range(50)]
+        bad = pool.submit(int, "not a number")
+        assert [j.result() for j in jobs] == [3 ** k for k in range(50)]
+        with pytest.raises(ValueError, match="not a number"):
+            bad.result()
+        assert isinstance(bad.exception(), ValueError) and bad.done()
+        assert jobs[0].exception() is None
+        # a job that raised did not kill its worker
+        assert pool.submit(len, b"abc").result() == 3
+        assert list(pool.map(lambda x: x * 2, range(10))) == [x * 2 for x in range(10)]
+    assert len(pool._threads) == 2 and not any(t.is_alive() for t in pool._threads)
+
+
+def test_cancel_only_before_a_worker_takes_the_job() -> None:
+    gate = threading.Event()
+    started = threading.Event()
+    ran: list[int] = []
+
+    def block() -> int:
+        started.set()
+        gate.wait(10)
+        return 1
+
+    pool = worker_pool(1, "t")
+    first = pool.submit(block)
+    assert started.wait(10)
+    queued = [pool.submit(ran.append, k) for k in range(3)]
+    assert not first.cancel()  # running
+    assert queued[1].cancel() and queued[1].cancel() and queued[1].cancelled()
+    with pytest.raises(CancelledError):
+        queued[1].result()
+    gate.set()
+    assert first.result() == 1
+    wait(queued)
+    assert ran == [0, 2]  # the cancelled job never ran; the others did, in order
+    assert not queued[0].cancel()  # done
+    pool.shutdown()
+
+
+def test_shutdown_cancels_pending_jobs_and_refuses_new_ones() -> None:
+    gate = threading.Event()
+    pool = WorkerPool(1, "t")
+    busy = pool.submit(gate.wait, 10)
+    pending = [pool.submit(int, k) for k in range(5)]
+    gate.set()
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert busy.result() is True
+    for j in pending:  # each either ran before the shutdown or was cancelled, never both
+        assert j.done()
+        assert j.cancelled() or j.result() in range(5)
+    with pytest.raises(RuntimeError):
+        pool.submit(int, 1)
+
+
+def test_threads_named_started_on_demand_and_at_least_one() -> None:
+    pool = worker_pool(0, "named")
+    assert pool._max_workers == 1 and pool._threads == []
+    name = pool.submit(lambda: threading.current_thread().name).result()
+    assert name.startswith("diskimg-named")
+    pool.shutdown()
+
+
+def test_job_is_subscriptable_for_annotations() -> None:
+    assert Job[int] is Job
+
+
+def test_an_idle_process_wide_pool_does_not_hold_up_exit() -> None:
+    code = ("from diskimg.hostio.workers import worker_pool\n"
+            "p = worker_pool(2, 'idle')\n"
+            "assert p.submit(sum, [1, 2]).result() == 3\n"
+            "import sys; print(sorted(m for m in sys.modules if m.startswith('concurrent')))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, check=True)
+    assert r.stdout.strip() == "[]"  # and it exited: no import of concurrent.futures
