@@ -34,6 +34,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from diskimg.crypto.kernels import (
         cbc_decrypt_sectors,
         cbc_encrypt_sectors,
@@ -99,6 +101,35 @@ def check_sector_buffer(sector: int, buf: bytearray | memoryview) -> int:
     return n // SECTOR_SIZE
 
 
+def preload_kernels() -> Callable[[], None]:
+    """Start importing the sector kernels (:mod:`.kernels`: ``cryptography``'s ciphers and,
+    with ``diskimg[fast]``, numpy: ~50 ms of imports) on a thread, for a caller about to
+    spend a while without the GIL (a key slot's PBKDF2 run).  The import is the ordinary
+    one: whoever imports the module next waits for it to finish (Python's per-module
+    import lock), and a failure is left for that import to raise.  Returns the function
+    that waits for the thread: call it before returning, also on errors, so no import
+    is left running (a no-op when the kernels were loaded already)."""
+    import sys
+
+    if "diskimg.crypto.kernels" in sys.modules:
+        return _loaded
+    import threading
+
+    def load() -> None:
+        try:
+            import diskimg.crypto.kernels  # noqa: F401
+        except BaseException:  # raised again by the caller's own import
+            pass
+
+    t = threading.Thread(target=load, name="diskimg-preload", daemon=True)
+    t.start()
+    return t.join
+
+
+def _loaded() -> None:
+    """:func:`preload_kernels`' wait when there was nothing to load."""
+
+
 _KERNELS = ("cbc_decrypt_sectors", "cbc_encrypt_sectors", "xor_bytes", "xts_sectors")
 
 
@@ -113,4 +144,5 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = ["HASH_NAMES", "IVGEN_NAMES", "SECTOR_SIZE", "SectorCipher", "cbc_decrypt_sectors",
-           "cbc_encrypt_sectors", "check_sector_buffer", "wipe", "xor_bytes", "xts_sectors"]
+           "cbc_encrypt_sectors", "check_sector_buffer", "preload_kernels", "wipe", "xor_bytes",
+           "xts_sectors"]
