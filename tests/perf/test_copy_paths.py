@@ -261,3 +261,53 @@ def test_a_compressed_run_moves_a_mid_sized_copy_to_the_pool_with_the_same_bytes
     if (os.cpu_count() or 1) >= 2:
         assert any(n.startswith("diskimg-dec") for n in started)
     assert out2.read_bytes() == bytes(data)
+
+
+@pytest.mark.qemu
+def test_decoded_clusters_are_scanned_on_the_pool_with_qemus_holes(
+        tmp_path: Path, qemu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zero scan of decoded compressed clusters runs on the decoding workers (the
+    thread that writes does not scan them), and the target has qemu-img's bytes and
+    holes: clusters with zero runs inside, at their start, at their end, a zero sector
+    alone, all-zero and random (stored uncompressed) clusters."""
+    cs = 65536
+    rng = random.Random(31)
+    text = rng.randbytes(512) * 128
+    clusters = []
+    for i in range(160):
+        c = bytearray(text[i * 7 % 512:] + text[: i * 7 % 512])[:cs]
+        kind = i % 8
+        if kind == 0:
+            c[8192:16384] = bytes(8192)  # an inner zero run (>= -S's 4 KiB)
+        elif kind == 1:
+            c[:4096] = bytes(4096)  # a leading run
+        elif kind == 2:
+            c[-12288:] = bytes(12288)  # a trailing run
+        elif kind == 3:
+            c[1024:1536] = bytes(512)  # one zero sector: too short to be a hole
+        elif kind == 4:
+            c = bytearray(cs)
+        elif kind == 5:
+            c = bytearray(rng.randbytes(cs))
+        clusters.append(bytes(c))
+    raw = tmp_path / "s.raw"
+    raw.write_bytes(b"".join(clusters))
+    src = tmp_path / "c.qcow2"
+    qemu.img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, src)
+    threads: list[str] = []
+    real = copier.sparse_runs
+
+    def spy(*a: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*a)
+
+    monkeypatch.setattr(copier, "sparse_runs", spy)
+    monkeypatch.setattr(copier, "_INLINE_MAX", 0)
+    d_out, q_out = tmp_path / "d.raw", tmp_path / "q.raw"
+    diskimg.convert(src, d_out, "raw", format="qcow2")
+    qemu.img("convert", "-f", "qcow2", "-O", "raw", src, q_out)
+    assert d_out.read_bytes() == raw.read_bytes()
+    assert qemu.map(d_out, "raw") == qemu.map(q_out, "raw")
+    assert threads and threading.current_thread().name not in threads
+    if (os.cpu_count() or 1) >= 2:
+        assert any(n.startswith("diskimg-dec") for n in threads)
