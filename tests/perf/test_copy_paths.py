@@ -42,6 +42,20 @@ def _sources(tmp_path: Path) -> list[Path]:
     return paths
 
 
+def _scan_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads that run the copier's zero scan (``sparse_runs``), one
+    per call, from now on."""
+    threads: list[str] = []
+    real = copier.sparse_runs
+
+    def spy(*a: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*a)
+
+    monkeypatch.setattr(copier, "sparse_runs", spy)
+    return threads
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("ofmt", ["raw", "qcow2"])
 def test_concatenated_sources_same_map_and_bytes_as_qemu(tmp_path: Path, qemu: Any,
@@ -63,14 +77,7 @@ def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
     and the target is the source's bytes (sources this small are copied inline unless
     the threshold is lowered: see the next test)."""
     srcs = _sources(tmp_path)
-    threads: list[str] = []
-    real = copier.sparse_runs
-
-    def spy(*a: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return real(*a)
-
-    monkeypatch.setattr(copier, "sparse_runs", spy)
+    threads = _scan_threads(monkeypatch)
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)
     out = tmp_path / "o.qcow2"
     diskimg.convert([str(s) for s in srcs], str(out), "qcow2", format="raw")
@@ -294,14 +301,7 @@ def test_decoded_clusters_are_scanned_on_the_pool_with_qemus_holes(
     raw.write_bytes(b"".join(clusters))
     src = tmp_path / "c.qcow2"
     qemu.img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, src)
-    threads: list[str] = []
-    real = copier.sparse_runs
-
-    def spy(*a: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return real(*a)
-
-    monkeypatch.setattr(copier, "sparse_runs", spy)
+    threads = _scan_threads(monkeypatch)
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)
     d_out, q_out = tmp_path / "d.raw", tmp_path / "q.raw"
     diskimg.convert(src, d_out, "raw", format="qcow2")
