@@ -90,3 +90,33 @@ def test_an_idle_process_wide_pool_does_not_hold_up_exit() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60, check=True)
     assert r.stdout.strip() == "[]"  # and it exited: no import of concurrent.futures
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_workers_of_its_own() -> None:
+    """A pool used before a fork works in the child (whose copy of it has no threads):
+    the child's first submit starts its own workers instead of waiting for ever."""
+    import os
+
+    pool = worker_pool(2, "fork")
+    assert [j.result() for j in [pool.submit(pow, 2, 10), pool.submit(pow, 2, 11)]] == [
+        1024, 2048]
+    assert len(pool._threads) == 2  # every worker started before the fork
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running the parent's teardown
+        import signal
+
+        signal.alarm(30)  # a child that would wait for ever dies: the test fails, not hangs
+        try:
+            got = [pool.submit(pow, 2, k).result() for k in range(4)]
+            os.write(w, repr(got).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    assert out == "[1, 2, 4, 8]"
+    assert pool.submit(pow, 3, 2).result() == 9  # the parent's workers are untouched
+    pool.shutdown()

@@ -20,6 +20,7 @@ work matters (``result``/``wait``/``shutdown``) before it returns.
 
 from __future__ import annotations
 
+import os
 import threading
 from _queue import Empty, SimpleQueue
 
@@ -132,7 +133,9 @@ def wait(jobs: Iterable[Job[Any]]) -> None:
 
 class WorkerPool:
     """Up to ``max_workers`` daemon threads named ``diskimg-NAME_i``, started one per
-    submitted job until there are that many, taking jobs in submission order."""
+    submitted job until there are that many, taking jobs in submission order.  In a
+    forked child (which has none of the parent's threads) the first submit starts over
+    with new threads and an empty queue."""
 
     def __init__(self, max_workers: int, name: str) -> None:
         self._max_workers = max(1, max_workers)
@@ -141,6 +144,7 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
 
     def submit(self, fn: Callable[..., _T], *args: Any) -> Job[_T]:
         """Run ``fn(*args)`` on a worker; raises RuntimeError after :meth:`shutdown`."""
@@ -148,6 +152,8 @@ class WorkerPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new jobs after shutdown")
+            if self._pid != os.getpid():  # a forked child: the parent's threads are gone
+                self._pid, self._threads, self._queue = os.getpid(), [], SimpleQueue()
             self._queue.put(job)
             if len(self._threads) < self._max_workers:
                 t = threading.Thread(target=_work, args=(self._queue,), daemon=True,
