@@ -120,3 +120,37 @@ def test_a_forked_child_gets_workers_of_its_own() -> None:
     assert out == "[1, 2, 4, 8]"
     assert pool.submit(pow, 3, 2).result() == 9  # the parent's workers are untouched
     pool.shutdown()
+
+
+EXIT_PROBE = """\
+import sys, threading
+from diskimg.hostio.workers import worker_pool
+pool = worker_pool(1, "exit")
+gate = threading.Event()
+pool.submit(gate.wait, 0.3)  # the worker is still busy when the main thread ends
+queued = pool.submit(sum, [5, 6])  # still queued when the interpreter starts to exit
+
+class Late:  # finalized by the interpreter's last collections (a cycle)
+    def __del__(self):
+        out = [queued.result()]
+        try:
+            pool.submit(sum, [1])
+        except RuntimeError as e:
+            out.append(str(e))
+        sys.stdout.write(repr(out))
+        sys.stdout.flush()
+
+late = Late()
+late.self = late
+"""
+
+
+def test_at_exit_queued_jobs_finish_and_later_ones_are_refused() -> None:
+    """As with ThreadPoolExecutor: the pools are shut down at exit (their queued jobs
+    done), so a finalizer that waits for a job gets its result and one that submits
+    gets RuntimeError, instead of waiting for ever for daemon workers that no longer
+    run."""
+    r = subprocess.run([sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True,
+                       timeout=60, check=True)
+    out = eval(r.stdout)  # noqa: S307
+    assert out[0] == 11 and "shutdown" in out[1]

@@ -13,14 +13,16 @@ compressed cluster could be decoded (issue 20).  It offers the part of
 
 Invariants: a job runs at most once, and never after a successful :meth:`Job.cancel`;
 whatever it raises is kept for :meth:`Job.result` and never kills its worker.  The
-workers are daemon threads: an idle worker of a process-wide pool (which nobody shuts
-down) does not hold up the interpreter's exit; every caller waits for the jobs whose
-work matters (``result``/``wait``/``shutdown``) before it returns.
+workers are daemon threads; at interpreter exit (``atexit``, while they still run) every
+pool not shut down yet is shut down, its queued jobs done, as ThreadPoolExecutor's are,
+so a finalizer that waits for a job never waits for ever, and a later submit (during
+finalization) raises RuntimeError.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from _queue import Empty, SimpleQueue
 
@@ -47,6 +49,10 @@ else:
 __all__ = ["CancelledError", "Job", "WorkerPool", "wait", "worker_pool"]
 
 _PENDING, _RUNNING, _DONE, _CANCELLED = range(4)
+#: pools not shut down yet, shut down at interpreter exit (:func:`_at_exit`, registered
+#: with the first pool)
+_LIVE: set[WorkerPool] = set()
+_EXIT_HOOK: list[bool] = []
 
 
 class CancelledError(Exception):
@@ -145,13 +151,23 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
+        if not _EXIT_HOOK:
+            import atexit  # built in: costs nothing
+
+            atexit.register(_at_exit)
+            _EXIT_HOOK.append(True)
+        _LIVE.add(self)
 
     def submit(self, fn: Callable[..., _T], *args: Any) -> Job[_T]:
-        """Run ``fn(*args)`` on a worker; raises RuntimeError after :meth:`shutdown`."""
+        """Run ``fn(*args)`` on a worker; raises RuntimeError after :meth:`shutdown` and
+        once the interpreter is finalizing (its daemon workers no longer run: a job
+        queued then would be waited for for ever), as ThreadPoolExecutor does at exit."""
         job = Job(fn, args)
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new jobs after shutdown")
+            if sys.is_finalizing():
+                raise RuntimeError("cannot schedule new jobs after interpreter shutdown")
             if self._pid != os.getpid():  # a forked child: the parent's threads are gone
                 self._pid, self._threads, self._queue = os.getpid(), [], SimpleQueue()
             self._queue.put(job)
@@ -176,6 +192,7 @@ class WorkerPool:
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more jobs; with ``cancel_futures`` cancel those no worker took yet;
         with ``wait`` return once every worker has ended (after the jobs it took)."""
+        _LIVE.discard(self)
         with self._lock:
             self._closed = True
             threads = list(self._threads)
@@ -207,6 +224,13 @@ def _work(queue: SimpleQueue[Job[Any] | None]) -> None:
             return
         job._run()
         del job  # no reference to the last job's result while idle
+
+
+def _at_exit() -> None:
+    """Shut every live pool down, letting its queued jobs finish (the workers, daemon
+    threads, stop running once the interpreter finalizes)."""
+    for pool in list(_LIVE):
+        pool.shutdown(wait=True)
 
 
 def worker_pool(workers: int, name: str) -> WorkerPool:
