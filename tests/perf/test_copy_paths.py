@@ -43,6 +43,20 @@ def _sources(tmp_path: Path) -> list[Path]:
     return paths
 
 
+def _scan_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
+    """``(ident, name)`` of the threads that run the copier's zero scan
+    (``sparse_runs``), one per call, from now on."""
+    threads: list[tuple[int, str]] = []
+    real = copier.sparse_runs
+
+    def spy(*a: Any) -> Any:
+        threads.append((_thread.get_ident(), threading.current_thread().name))
+        return real(*a)
+
+    monkeypatch.setattr(copier, "sparse_runs", spy)
+    return threads
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("ofmt", ["raw", "qcow2"])
 def test_concatenated_sources_same_map_and_bytes_as_qemu(tmp_path: Path, qemu: Any,
@@ -65,19 +79,13 @@ def test_zero_scan_runs_on_the_readahead_thread(tmp_path: Path,
     and the target is the source's bytes (sources this small are copied inline unless
     the threshold is lowered: see the next test)."""
     srcs = _sources(tmp_path)
-    threads: list[int] = []
-    real = copier.sparse_runs
-
-    def spy(*a: Any) -> Any:
-        threads.append(_thread.get_ident())
-        return real(*a)
-
-    monkeypatch.setattr(copier, "sparse_runs", spy)
+    scans = _scan_threads(monkeypatch)
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)
     out = tmp_path / "o.qcow2"
     diskimg.convert([str(s) for s in srcs], str(out), "qcow2", format="raw")
     assert len(readers) == len(srcs)  # a reader per source, none running now
     assert not any(r.running.locked() for r in readers)
+    threads = [ident for ident, _ in scans]
     assert threads and set(threads) <= {r.ident for r in readers}
     assert _thread.get_ident() not in threads
     with diskimg.open(out) as img:
@@ -92,24 +100,19 @@ def test_small_sources_are_copied_inline_with_the_bytes_of_a_pipelined_copy(
     the target holds every byte (and every hole) that the pipelined copy writes."""
     srcs = _sources(tmp_path)
     assert all(s.stat().st_size <= copier._INLINE_MAX for s in srcs)
-    threads: list[int] = []
+    scans = _scan_threads(monkeypatch)
     started: list[str] = []
-    real_scan, real_start = copier.sparse_runs, threading.Thread.start
-
-    def spy(*a: Any) -> Any:
-        threads.append(_thread.get_ident())
-        return real_scan(*a)
+    real_start = threading.Thread.start
 
     def start(self: threading.Thread) -> None:
         started.append(self.name)
         real_start(self)
 
-    monkeypatch.setattr(copier, "sparse_runs", spy)
     monkeypatch.setattr(threading.Thread, "start", start)
     inline = tmp_path / "inline.qcow2"
     diskimg.convert([str(s) for s in srcs], str(inline), "qcow2", format="raw")
     assert started == [] and readers == []
-    assert threads and set(threads) == {_thread.get_ident()}
+    assert scans and {ident for ident, _ in scans} == {_thread.get_ident()}
     monkeypatch.setattr(copier, "_INLINE_MAX", 0)
     piped = tmp_path / "piped.qcow2"
     diskimg.convert([str(s) for s in srcs], str(piped), "qcow2", format="raw")
@@ -301,3 +304,46 @@ def test_the_readahead_ring_makes_only_the_buffers_a_copy_needs(tmp_path: Path) 
             assert made == 1
         else:  # (how many depends on how far the reader gets ahead: never more)
             assert 1 <= made <= readahead._BUFFERS
+
+
+@pytest.mark.qemu
+def test_decoded_clusters_are_scanned_on_the_pool_with_qemus_holes(
+        tmp_path: Path, qemu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zero scan of decoded compressed clusters runs on the decoding workers (the
+    thread that writes does not scan them), and the target has qemu-img's bytes and
+    holes: clusters with zero runs inside, at their start, at their end, a zero sector
+    alone, all-zero and random (stored uncompressed) clusters."""
+    cs = 65536
+    rng = random.Random(31)
+    text = rng.randbytes(512) * 128
+    clusters = []
+    for i in range(160):
+        c = bytearray(text[i * 7 % 512:] + text[: i * 7 % 512])[:cs]
+        kind = i % 8
+        if kind == 0:
+            c[8192:16384] = bytes(8192)  # an inner zero run (>= -S's 4 KiB)
+        elif kind == 1:
+            c[:4096] = bytes(4096)  # a leading run
+        elif kind == 2:
+            c[-12288:] = bytes(12288)  # a trailing run
+        elif kind == 3:
+            c[1024:1536] = bytes(512)  # one zero sector: too short to be a hole
+        elif kind == 4:
+            c = bytearray(cs)
+        elif kind == 5:
+            c = bytearray(rng.randbytes(cs))
+        clusters.append(bytes(c))
+    raw = tmp_path / "s.raw"
+    raw.write_bytes(b"".join(clusters))
+    src = tmp_path / "c.qcow2"
+    qemu.img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, src)
+    scans = _scan_threads(monkeypatch)
+    monkeypatch.setattr(copier, "_INLINE_MAX", 0)
+    d_out, q_out = tmp_path / "d.raw", tmp_path / "q.raw"
+    diskimg.convert(src, d_out, "raw", format="qcow2")
+    qemu.img("convert", "-f", "qcow2", "-O", "raw", src, q_out)
+    assert d_out.read_bytes() == raw.read_bytes()
+    assert qemu.map(d_out, "raw") == qemu.map(q_out, "raw")
+    assert scans and _thread.get_ident() not in {ident for ident, _ in scans}
+    if (os.cpu_count() or 1) >= 2:
+        assert any(n.startswith("diskimg-dec") for _, n in scans)

@@ -90,3 +90,53 @@ def test_crypt_private_xts_bytes_and_scratch_wiped(monkeypatch: pytest.MonkeyPat
         for k in made:
             assert not k._shifted.any() and not k._out_bits.any()
             assert not any(k._out) and not any(k._tweaks)
+
+
+PRELOAD_PROBE = """\
+import sys, threading
+area = open(sys.argv[1], "rb").read()
+from diskimg.crypto.luks import keyslots
+seen = []
+real = keyslots.pbkdf2_key
+
+def probe(*args, **kw):
+    seen.append((sorted(t.name for t in threading.enumerate()),
+                 "diskimg.crypto.luks.cipher" in sys.modules))
+    return real(*args, **kw)
+
+keyslots.pbkdf2_key = probe
+from diskimg.crypto.luks import open_luks
+cipher, payload = open_luks(area, sys.argv[2])
+buf = bytearray(open(sys.argv[3], "rb").read())
+cipher.decrypt(7, buf)
+print(repr((seen[0], payload, buf.hex(),
+            [t.name for t in threading.enumerate() if t.name == "diskimg-preload"])))
+"""
+
+
+def test_unlock_loads_the_sector_kernels_while_pbkdf2_runs(tmp_path: Any) -> None:
+    """open_luks starts importing the sector kernels (numpy's: ~50 ms) on a thread before
+    the key slot's PBKDF2 run (which releases the GIL), instead of before it, and the
+    cipher it returns decrypts the same bytes; no import thread outlives the call."""
+    import subprocess
+    import sys
+
+    from tests.unit.luks_testlib import MK64, PASS, luks_area
+
+    from diskimg.crypto.luks import LuksCipher, LuksHeader
+
+    area = luks_area()
+    (tmp_path / "area").write_bytes(area)
+    data = random.Random(3).randbytes(512 * 3000)
+    (tmp_path / "data").write_bytes(data)
+    r = subprocess.run([sys.executable, "-c", PRELOAD_PROBE, str(tmp_path / "area"),
+                        PASS.decode(), str(tmp_path / "data")],
+                       capture_output=True, text=True, timeout=120, check=True)
+    (threads, cipher_loaded), payload, plain_hex, left = eval(r.stdout)  # noqa: S307
+    assert "diskimg-preload" in threads and not cipher_loaded
+    assert left == []
+    header = LuksHeader.parse(area, len(area))
+    assert payload == header.payload_offset * 512
+    ref = bytearray(data)
+    LuksCipher(header.spec, MK64).decrypt(7, ref)
+    assert bytes.fromhex(plain_hex) == bytes(ref)

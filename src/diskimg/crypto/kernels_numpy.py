@@ -32,7 +32,11 @@ PIECE_SECTORS = 512
 # contiguous arrays several times faster than it broadcasts a 32-long row over each sector.
 _J = np.empty((2, PIECE_SECTORS, _COLS), _U64)
 _J[...] = np.arange(_COLS, dtype=_U64)  # block index j
-_S = np.uint64(63) - _J  # (x >> 1) >> (63 - j) == x >> (64 - j), also for j == 0
+# x >> (64 - j): what a shift by j moves out of a half; for j == 0 a shift by 64, which
+# numpy defines as 0 for unsigned types (>= 1.17: no C undefined behaviour)
+_S = np.uint64(64) - _J
+if np.right_shift(np.uint64(1 << 63), np.uint64(64)) != 0:  # never with numpy >= 1.17
+    raise ImportError("numpy's shifts by 64 bits are not 0: the pure-Python kernel is used")
 
 
 class NumpyXtsKernel:
@@ -69,7 +73,6 @@ class NumpyXtsKernel:
         r = self._out_bits[:, :n]  # what a shift by j moves out of each half
         np.copyto(r, t.T[:, :, None])
         np.left_shift(r, _J[:, :n], out=m)
-        np.right_shift(r, 1, out=r)
         np.right_shift(r, _S[:, :n], out=r)
         lo, hi = m[0], m[1]
         carry, h = r[0], r[1]  # lo >> (64 - j) moves into hi; h leaves the top

@@ -16,7 +16,7 @@ from diskimg.hostio.blockcache import BlockCache
 from diskimg.hostio.workers import worker_pool
 
 if TYPE_CHECKING:  # imported where used: opening an image starts no threads
-    from concurrent.futures import ThreadPoolExecutor
+    from diskimg.hostio.workers import WorkerPool
 
 #: the one wording of an object replaced under a reader (every remote host)
 CHANGED = "the object changed since it was opened"
@@ -53,7 +53,7 @@ class ObjectHost:
         self._cache = BlockCache(block_size, cache_bytes)
         self._workers = workers
         self._min_part = min_part
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: WorkerPool | None = None
         self._pool_lock = threading.Lock()
         self._changed = None
 
@@ -123,7 +123,7 @@ class ObjectHost:
             if err is not None:
                 raise err
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> WorkerPool:
         with self._pool_lock:
             if self._pool is None:      # the reading thread fetches too: one less
                 self._pool = worker_pool(self._workers - 1, "fetch")

@@ -32,7 +32,7 @@ from diskimg.ops.common import ProgressFn, Source, _open
 from diskimg.params import check_int
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
+    from diskimg.hostio.workers import Job
 
 BLOCK_SIZE = 4 << 20  # ovirt-imageio's default block size
 ALGORITHM = "blake2b"
@@ -175,7 +175,7 @@ def _checksum(dev: BlockDevice, blk: Blkhash, progress: ProgressFn | None,
     chunk = max(bs, READ_CHUNK // bs * bs)
     runs = _Runs(dev, size)
     pool = worker_pool(workers, "checksum") if workers else None
-    pending: deque[tuple[Future[bytes] | bytes, int]] = deque()  # in block order
+    pending: deque[tuple[Job[bytes] | bytes, int]] = deque()  # in block order
 
     def drain(keep: int) -> None:
         while pending:

@@ -30,7 +30,7 @@ from diskimg.plan import RunKind
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from collections.abc import Callable, Iterator, Sequence
-    from concurrent.futures import Future
+    from diskimg.hostio.workers import Job
     from typing import Any
 
 _DATA, _ZERO, _BACKING = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED
@@ -227,7 +227,7 @@ class _Copier:
         Result = list[bytes | bool | RunKind | None]
         from collections import deque  # (here: a plain copy does not load collections)
 
-        pending: deque[tuple[int, int, Any, Future[Result] | list[RunKind]]] = deque()
+        pending: deque[tuple[int, int, Any, Job[Result] | list[RunKind]]] = deque()
         spare: list[Any] = []
 
         def work(buf: Any, n: int, ks: list[RunKind]) -> Result:
@@ -446,13 +446,13 @@ class _Copier:
     def _pipelined(self, src: BlockDevice, base: int,
                    plan: Iterator[tuple[RunKind, int, int, list[int] | None]]) -> None:
         """Copy the rest of ``plan`` of ``src`` with the read-ahead thread."""
-        with _ReadAhead(src, plan, self._scan(base)) as ahead:
+        with _ReadAhead(src, plan, self._scan(base), self._scan_decoded(base)) as ahead:
             for kind, pos, n, item, runs in ahead:
                 if isinstance(item, _Decoded):  # compressed clusters decoded by the pool
-                    item.future.result()
+                    writes = item.future.result()
                     if self.limit is not None:
                         self.limit(n)
-                    self._put_decoded(base + pos, item, n)
+                    self._put_decoded(base + pos, item, n, writes)
                     ahead.release(item.buf)
                     continue
                 if kind is _DATA and self.limit is not None:
@@ -475,18 +475,44 @@ class _Copier:
 
         return scan
 
-    def _put_decoded(self, off: int, item: _Decoded, n: int) -> None:
-        """Write decoded compressed clusters gathered in ``item.buf[:n]``.  Sparse
-        detection works per block-status run (one cluster each), as qemu-img's does; when
-        the buffer holds no zero sector at all that is the same as one run for all."""
-        buf = item.buf
-        if self.min_sparse == 0 or _next_zero_sector(buf, 0, n) >= n:
-            self._put(_DATA, off, buf, n)
+    def _scan_decoded(self, base: int) -> Callable[[Any, int, list[tuple[int, int]]],
+                                                   list[tuple[int, Any, int, Any]]] | None:
+        """The zero scan of decoded compressed clusters of the source copied to ``base``,
+        for the decoding worker to run right after it decoded them (None when
+        :meth:`data` does not scan): the writes of :meth:`_put_decoded`, ``(offset in
+        the buffer, data, length, sparse runs)``.  Sparse detection works per
+        block-status run (one cluster each), as qemu-img's does; when the buffer holds no
+        zero sector at all that is the same as one run for all."""
+        if self.compress or self.min_sparse == 0:
+            return None
+        min_sparse, alignment = self.min_sparse, self.alignment
+
+        def scan(buf: Any, n: int, pieces: list[tuple[int, int]]
+                 ) -> list[tuple[int, Any, int, Any]]:
+            if _next_zero_sector(buf, 0, n) >= n:
+                return [(0, buf, n, sparse_runs(buf, n, min_sparse, base + pieces[0][0],
+                                                alignment))]
+            out = []
+            at = 0
+            for pos, k in pieces:
+                piece = buf[at : at + k]
+                out.append((at, piece, k, sparse_runs(piece, k, min_sparse, base + pos,
+                                                      alignment)))
+                at += k
+            return out
+
+        return scan
+
+    def _put_decoded(self, off: int, item: _Decoded, n: int,
+                     writes: list[tuple[int, Any, int, Any]] | None = None) -> None:
+        """Write decoded compressed clusters gathered in ``item.buf[:n]``: the ``writes``
+        :meth:`_scan_decoded` found on the decoding worker; None (no sparse detection,
+        ``-S 0``): the whole buffer."""
+        if writes is None:
+            self._put(_DATA, off, item.buf, n)
             return
-        at = 0
-        for _pos, k in item.pieces:
-            self._put(_DATA, off + at, buf[at : at + k], k)
-            at += k
+        for at, data, k, runs in writes:
+            self._put(_DATA, off + at, data, k, runs)
 
     def _put(self, kind: RunKind, off: int, item: Any, n: int,
              runs: list[tuple[int, int, bool]] | None = None) -> None:

@@ -19,7 +19,7 @@ from diskimg.ops.common import CHUNK
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from collections.abc import Callable, Iterator, Sequence
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from diskimg.hostio.workers import Job, WorkerPool
     from typing import Any, TypeAlias
 
 
@@ -109,13 +109,17 @@ class _Decoded:
 
     __slots__ = ("future", "buf", "pieces")
 
-    def __init__(self, future: Future[None], buf: Any, pieces: list[tuple[int, int]]) -> None:
+    def __init__(self, future: Job[Any], buf: Any, pieces: list[tuple[int, int]]) -> None:
         self.future, self.buf, self.pieces = future, buf, pieces
 
 
 #: what a ``scan`` of :class:`_ReadAhead` returns for a data buffer (the copier's sparse
 #: runs), handed to the consumer with the buffer
 Scan: TypeAlias = "Callable[[Any, int, int], Any]"
+#: ``scan_decoded(buf, n, pieces)``: the same for compressed clusters decoded into
+#: ``buf[:n]`` (``pieces``: their (guest position, length)), run by the decoding worker
+#: right after it decoded them; what it returns is the result of :attr:`_Decoded.future`
+ScanDecoded: TypeAlias = "Callable[[Any, int, list[tuple[int, int]]], Any]"
 
 
 class _ReadAhead:
@@ -127,20 +131,23 @@ class _ReadAhead:
     data buffer just read, and ``scanned`` is its result (None otherwise): the copier's
     zero scan overlaps the writes instead of delaying them; a data run the scan finds all
     zero comes with item None (its buffer is reused at once).  Return each buffer with
-    :meth:`release` once written.  Errors of the reader (and of ``scan``) are raised by
-    the iteration; leaving the ``with`` block stops the reader and waits for its end.
-    The reader is a ``_thread`` thread fed through ``_queue.SimpleQueue`` (both C): a
-    copy imports neither queue nor threading (about 2 ms of CPU with the functools,
-    heapq ... they load: issue 20), and an item is handed over without queue.Queue's
-    Condition, which is Python code."""
+    :meth:`release` once written.  ``scan_decoded``, when given, does the same for the
+    decoded compressed clusters, on the decoding pool (the zero scan is then off the
+    consumer's thread, which is the one that writes).  Errors of the reader (and of
+    ``scan``) are raised by the iteration; leaving the ``with`` block stops the reader
+    and waits for its end.  The reader is a ``_thread`` thread fed through
+    ``_queue.SimpleQueue`` (both C): a copy imports neither queue nor threading (about
+    2 ms of CPU with the functools, heapq ... they load: issue 20), and an item is handed
+    over without queue.Queue's Condition, which is Python code."""
 
     def __init__(self, src: BlockDevice,
                  plan: Iterator[tuple[RunKind, int, int, list[int] | None]],
-                 scan: Scan | None = None) -> None:
+                 scan: Scan | None = None, scan_decoded: ScanDecoded | None = None) -> None:
         import _queue
         import _thread
 
         self.src, self.plan, self.scan = src, plan, scan
+        self.scan_decoded = scan_decoded
         self.decoder = _ClusterDecoder.for_device(src)
         #: the ring: buffers written and given back; up to _BUFFERS are made, by the
         #: reader, when it finds none free (a sparse source with little data makes one)
@@ -216,7 +223,7 @@ class _ReadAhead:
         if buf is None or self.stop:
             return False
         pieces = [(pos, n) for pos, n, _ in batch]
-        fut = self.decoder.decode_into(list(batch), buf)
+        fut = self.decoder.decode_into(list(batch), buf, self.scan_decoded)
         total = sum(n for _, n in pieces)
         batch.clear()
         return self._send((_DATA, pieces[0][0], total, _Decoded(fut, buf, pieces), None))
@@ -288,8 +295,7 @@ class _ClusterDecoder:
         self.src = src
         self.workers = workers
         # started on the first compressed cluster: a source without any costs no threads
-        # (nor the concurrent.futures import)
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: WorkerPool | None = None
 
     @classmethod
     def for_device(cls, src: BlockDevice) -> _ClusterDecoder | None:
@@ -306,20 +312,24 @@ class _ClusterDecoder:
             return None
         return run
 
-    def decode_into(self, batch: list[tuple[int, int, Run]], buf: Any) -> Future[None]:
-        """Decode the ``(pos, n, run)`` pieces back to back into ``buf`` on the pool."""
+    def decode_into(self, batch: list[tuple[int, int, Run]], buf: Any,
+                    scan: ScanDecoded | None = None) -> Job[Any]:
+        """Decode the ``(pos, n, run)`` pieces back to back into ``buf`` on the pool; the
+        job's result is ``scan(buf, total, pieces)`` when ``scan`` is given, else None."""
         if self.pool is None:
             from diskimg.hostio.workers import worker_pool
 
             self.pool = worker_pool(self.workers, "dec")
-        return self.pool.submit(self._decode_batch, batch, buf)
+        return self.pool.submit(self._decode_batch, batch, buf, scan)
 
-    def _decode_batch(self, batch: list[tuple[int, int, Run]], buf: Any) -> None:
+    def _decode_batch(self, batch: list[tuple[int, int, Run]], buf: Any,
+                      scan: ScanDecoded | None) -> Any:
         mv = memoryview(buf)
         at = 0
         for _pos, n, run in batch:
             self.src.read_compressed(run, mv[at : at + n])
             at += n
+        return None if scan is None else scan(buf, at, [(p, n) for p, n, _ in batch])
 
     def close(self) -> None:
         if self.pool is not None:

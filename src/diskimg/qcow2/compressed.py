@@ -19,17 +19,16 @@ from diskimg.qcow2 import entries as E
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # the threads are started when first used
-    from concurrent.futures import ThreadPoolExecutor
-
+    from diskimg.hostio.workers import WorkerPool
     from diskimg.qcow2.image import Qcow2Image
 
 __all__ = ["decode", "decode_cached", "decode_many", "read_compressed"]
 
 _DECODED_CACHE = 8
-_POOL: ThreadPoolExecutor | None = None
+_POOL: WorkerPool | None = None
 
 
-def _pool() -> ThreadPoolExecutor:
+def _pool() -> WorkerPool:
     """A process-wide pool for decompression (threads: the codecs release the GIL)."""
     global _POOL
     if _POOL is None:

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
     from diskimg.hostio.host import Host
 
-if TYPE_CHECKING:     # concurrent.futures is imported when a pool is first needed
-    from concurrent.futures import Future, ThreadPoolExecutor
+if TYPE_CHECKING:     # the worker pool module is imported when a pool is first needed
+    from diskimg.hostio.workers import Job, WorkerPool
 
 _MARKER = S.GRAIN_MARKER.size
 _GRAIN_CACHE = 8      # decompressed grains kept
@@ -46,11 +46,11 @@ _GROUP_GAP = 64 << 10
 _BATCH_BYTES = 8 << 20
 #: pool threads; the thread asking takes a share too, so one CPU per inflating thread
 _POOL_WORKERS = min(4, (os.cpu_count() or 1) - 1)
-_pool: ThreadPoolExecutor | None = None
+_pool: WorkerPool | None = None
 _pool_lock = _thread.allocate_lock()
 
 
-def _inflate_pool() -> ThreadPoolExecutor | None:
+def _inflate_pool() -> WorkerPool | None:
     """The process's grain-inflate pool (zlib releases the GIL), made on first use (and
     again in a forked child, whose copy has no threads); None on a single CPU."""
     global _pool
@@ -247,7 +247,7 @@ class CompressedGrains:
             return
         step = max(2, -(-len(jobs) // (_POOL_WORKERS + 1)))
         mine = jobs[:step]
-        futs: list[Future[None]] = []
+        futs: list[Job[None]] = []
         for i in range(step, len(jobs), step):
             try:
                 futs.append(pool.submit(self._inflate_jobs, jobs[i:i + step]))
@@ -256,7 +256,7 @@ class CompressedGrains:
         try:
             self._inflate_jobs(mine)
         finally:
-            from concurrent.futures import wait
+            from diskimg.hostio.workers import wait
 
             wait(futs)
         for f in futs:

@@ -25,8 +25,8 @@ def _is_sink(host: Host | Sink) -> TypeIs[Sink]:
 
     return isinstance(host, Sink)
 
-if TYPE_CHECKING:     # concurrent.futures is imported when a pool is first needed
-    from concurrent.futures import Future, ThreadPoolExecutor
+if TYPE_CHECKING:     # the worker pool module is imported when a pool is first needed
+    from diskimg.hostio.workers import Job, WorkerPool
 
 _PAD = bytes(S.SECTOR)
 #: streamOptimized records are written with one pwritev per this many bytes
@@ -71,12 +71,12 @@ class StreamWriter:
         self.cur = bytearray()
         self.level = level
         n = threads if threads is not None else min(4, os.cpu_count() or 1)
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: WorkerPool | None = None
         if n > 1:
             from diskimg.hostio.workers import worker_pool
 
             self._pool = worker_pool(n, "deflate")
-        self._inflight: deque[tuple[int, Future[bytes]]] = deque()
+        self._inflight: deque[tuple[int, Job[bytes]]] = deque()
         self._max_inflight = 2 * n
 
     def _emit(self, *parts: bytes) -> int:

@@ -83,8 +83,10 @@ if TYPE_CHECKING:
         unlock,
     )
 
-#: the modules that need ``cryptography``, searched in this order for a name
-_LAZY_MODULES = ("kdf", "af", "cipher", "keyslots", "create")
+#: the modules that need ``cryptography``, searched in this order for a name (keyslots
+#: before cipher: ``open_luks`` is found without importing the cipher, whose sector
+#: kernels it loads on a thread while PBKDF2 runs)
+_LAZY_MODULES = ("kdf", "af", "keyslots", "cipher", "create")
 
 
 def __getattr__(name: str) -> object:
@@ -92,6 +94,8 @@ def __getattr__(name: str) -> object:
     the single ``luks.py`` module this package replaces keep working)."""
     import importlib
 
+    if name in _LAZY_MODULES:  # ``from diskimg.crypto.luks import keyslots``: that one only
+        return importlib.import_module(f"diskimg.crypto.luks.{name}")
     if not name.startswith("__"):
         for mod in _LAZY_MODULES:
             module = importlib.import_module(f"diskimg.crypto.luks.{mod}")

@@ -26,14 +26,17 @@ from diskimg.crypto import (
 )
 from diskimg.crypto.ivgen import IVGen, make_ivgen
 from diskimg.crypto.kernels import XtsKernel, cbc_decrypt_sectors, cbc_encrypt_sectors
-from diskimg.crypto.luks.header import CIPHER_KEY_SIZES, CIPHER_MODES, CipherSpec
+from diskimg.crypto.luks.header import (
+    CIPHER_KEY_SIZES,
+    CIPHER_MODES,
+    IMPLEMENTED_CIPHERS,
+    CipherSpec,
+)
 from diskimg.errors import EncryptionError, UnsupportedFeatureError, UsageError
 
 if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
+    from diskimg.hostio.workers import WorkerPool
 
-#: ciphers whose data path is implemented (needs the primitive in ``cryptography``)
-IMPLEMENTED_CIPHERS = ("aes",)
 _BATCH_SECTORS = 2048  # sectors per batched AES call (1 MiB)
 #: a request of at least this many sectors is shared between two threads when the
 #: kernel's work releases the GIL (numpy's XTS kernel): the caller and a crypt worker take
@@ -41,10 +44,10 @@ _BATCH_SECTORS = 2048  # sectors per batched AES call (1 MiB)
 PARALLEL_SECTORS = 1024
 SHARE_SECTORS = 512
 _CPUS = os.cpu_count() or 1
-_POOL: list[ThreadPoolExecutor] = []  # the one crypt worker, started on first use
+_POOL: list[WorkerPool] = []  # the one crypt worker, started on first use
 
 
-def _pool() -> ThreadPoolExecutor:
+def _pool() -> WorkerPool:
     if not _POOL:
         from diskimg.hostio.workers import worker_pool
 

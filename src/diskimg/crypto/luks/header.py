@@ -92,6 +92,9 @@ CIPHER_KEY_SIZES: dict[str, tuple[int, ...]] = {
     for name in LUKS_CIPHER_NAMES
 }
 CIPHER_MODES = ("ecb", "cbc", "xts", "ctr")
+#: ciphers whose data path is implemented (:mod:`.cipher`, needs the primitive in
+#: ``cryptography``); here so that an unlock checks it before importing the cipher
+IMPLEMENTED_CIPHERS = ("aes",)
 
 
 def slot_offset(index: int) -> int:

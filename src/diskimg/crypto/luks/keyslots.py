@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from diskimg.crypto import SECTOR_SIZE, KeyBuf, wipe
+from diskimg.crypto.preload import preload_kernels
 from diskimg.crypto.ivgen import make_ivgen
 from diskimg.crypto.luks.af import af_merge, af_split
-from diskimg.crypto.luks.cipher import IMPLEMENTED_CIPHERS, LuksCipher, equal_halves
 from diskimg.crypto.luks.header import (
+    IMPLEMENTED_CIPHERS,
     LUKS_DIGEST_LEN,
     LUKS_NUM_SLOTS,
     LUKS_SALT_LEN,
@@ -51,6 +52,7 @@ from diskimg.errors import (
 )
 
 if TYPE_CHECKING:
+    from diskimg.crypto.luks.cipher import LuksCipher
     from diskimg.hostio.host import Host
 
 
@@ -102,6 +104,9 @@ def _try_slot(header: LuksHeader, area: bytes | bytearray | memoryview, index: i
                            f"key slot {index} material lies outside the {len(area)}-byte LUKS area")
     slot_key = pbkdf2_key(header.hash_spec, passphrase, s.salt, s.iterations,
                           header.key_bytes)
+    # (imported after the PBKDF2 run: the sector kernels load meanwhile, open_luks)
+    from diskimg.crypto.luks.cipher import LuksCipher, equal_halves
+
     material: bytearray | None = None
     candidate: bytearray | None = None
     try:
@@ -147,7 +152,15 @@ def open_luks(area: bytes | bytearray | memoryview, passphrase: KeyBuf | str,
     """Parse + unlock a LUKS area; ``(cipher, payload_offset_bytes)``.  The cipher holds
     the only copy of the master key (wipe it with ``cipher.wipe()``)."""
     header = LuksHeader.parse(area, len(area))
-    master_key, _slot = unlock(header, area, passphrase, max_iterations)
+    # the sector kernels (numpy's: ~50 ms of imports) load on a thread while the key
+    # slot's PBKDF2 runs here without the GIL (issue 20)
+    loaded = preload_kernels()
+    try:
+        master_key, _slot = unlock(header, area, passphrase, max_iterations)
+    finally:
+        loaded()
+    from diskimg.crypto.luks.cipher import LuksCipher
+
     try:
         return LuksCipher(header.spec, master_key), header.payload_offset * SECTOR_SIZE
     finally:
@@ -160,6 +173,8 @@ def wrap_master_key(header: LuksHeader, master_key: KeyBuf, passphrase: KeyBuf,
 
     Picks a new salt into ``slot`` while the slot key would be a degenerate XTS key.  The
     split material is encrypted in place; the slot key is wiped."""
+    from diskimg.crypto.luks.cipher import LuksCipher, equal_halves
+
     spec = header.spec
     while True:
         slot_key = pbkdf2_key(header.hash_spec, passphrase, slot.salt, slot.iterations,
