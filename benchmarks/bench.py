@@ -623,12 +623,18 @@ def scale_jobs(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> list[
     return jobs
 
 
+def _is_python(v: Variant) -> bool:
+    """Whether ``v`` runs in this Python (``python ...`` or the installed ``diskimg``
+    script, whose interpreter is PY): its start-up floor is ``python -c pass``."""
+    return v.cmd[0] in (PY, str(Path(PY).with_name("diskimg")))
+
+
 def add_floors(jobs: list[Job]) -> None:
     """Give every job with a Python candidate the floor variant (``python -c pass``), timed
     interleaved with it: the report shows each such row's ratio net of the floor, i.e. how
     much of a miss the interpreter's start-up alone accounts for (issue 20 item 2)."""
     for job in jobs:
-        if job.name != "start-up floor" and any(c.cmd[0] == PY for c in job.cands):
+        if job.name != "start-up floor" and any(_is_python(c) for c in job.cands):
             job.floor = Variant(FLOOR_LABEL, [PY, "-c", "pass"])
 
 
@@ -742,13 +748,13 @@ def report(jobs: list[Job], meta: dict[str, str]) -> str:
                 # the floor taken off a Python reference (libqcow/libvmdk-python) too
                 net = None
                 if ratio is not None and rm is not None and fm is not None \
-                        and c.cmd[0] == PY:
-                    rnet = rm - fm if ref.cmd[0] == PY else rm
+                        and _is_python(c):
+                    rnet = rm - fm if _is_python(ref) else rm
                     net = (cm - fm) / rnet if (cm is not None and rnet > 0) else None
                 # the same with CPU times (user + system): less sensitive to other load
                 cnet = None
                 if net is not None and ccpu is not None and rcpu and fcpu is not None:
-                    rcnet = rcpu - fcpu if ref.cmd[0] == PY else rcpu
+                    rcnet = rcpu - fcpu if _is_python(ref) else rcpu
                     cnet = (ccpu - fcpu) / rcnet if rcnet > 0 else None
                 ok = ""
                 if ratio is not None and target is not None:
