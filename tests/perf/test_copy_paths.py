@@ -57,6 +57,20 @@ def _scan_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
     return threads
 
 
+def _started_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the ``threading`` threads started from now on (the worker pools';
+    the read-ahead reader is a ``_thread`` thread, seen by the ``readers`` fixture)."""
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        started.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return started
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("ofmt", ["raw", "qcow2"])
 def test_concatenated_sources_same_map_and_bytes_as_qemu(tmp_path: Path, qemu: Any,
@@ -101,14 +115,7 @@ def test_small_sources_are_copied_inline_with_the_bytes_of_a_pipelined_copy(
     srcs = _sources(tmp_path)
     assert all(s.stat().st_size <= copier._INLINE_MAX for s in srcs)
     scans = _scan_threads(monkeypatch)
-    started: list[str] = []
-    real_start = threading.Thread.start
-
-    def start(self: threading.Thread) -> None:
-        started.append(self.name)
-        real_start(self)
-
-    monkeypatch.setattr(threading.Thread, "start", start)
+    started = _started_threads(monkeypatch)
     inline = tmp_path / "inline.qcow2"
     diskimg.convert([str(s) for s in srcs], str(inline), "qcow2", format="raw")
     assert started == [] and readers == []
@@ -251,14 +258,7 @@ def test_a_compressed_run_moves_a_mid_sized_copy_to_the_pool_with_the_same_bytes
     with diskimg.open(packed, "r+") as img:  # an uncompressed head: copied inline first
         img.write(0, head)
     data[: len(head)] = head
-    started: list[str] = []
-    real_start = threading.Thread.start
-
-    def start(self: threading.Thread) -> None:
-        started.append(self.name)
-        real_start(self)
-
-    monkeypatch.setattr(threading.Thread, "start", start)
+    started = _started_threads(monkeypatch)
     out = tmp_path / "p.raw"
     diskimg.convert(plain, out, "raw", format="qcow2")
     assert started == [] and readers == []
