@@ -94,11 +94,12 @@ QCOW2_READ = OPEN_READ | {
     "diskimg.qcow2.flush", "diskimg.qcow2.header_io", "diskimg.qcow2.image",
     "diskimg.qcow2.layout", "diskimg.qcow2.mapper", "diskimg.qcow2.reader",
     "diskimg.qcow2.snapshot_table"}
-#: ``info`` of a qcow2 reads the header and the snapshot table only: not the tables
+#: ``info`` of a qcow2 reads the header (and a snapshot table, if it has one: not the
+#: test image) only: not the tables
 #: (cache, entries, mapper), the reader, the write side (cluster, header_io), compressed
 #: clusters or encryption (qcow2/image.py imports them on first use)
 QCOW2_INFO = OPEN_READ | {"diskimg.qcow2", "diskimg.qcow2.flush", "diskimg.qcow2.image",
-                          "diskimg.qcow2.layout", "diskimg.qcow2.snapshot_table"}
+                          "diskimg.qcow2.layout"}  # (no snapshot table: no table module)
 #: ``map`` walks the tables; it reads no data, and no refcounts where the host file has
 #: too few clusters for a metadata-preallocated image (qcow2/flush.py)
 QCOW2_MAP = QCOW2_INFO | {"diskimg.cli.commands.map", "diskimg.qcow2.cache",

@@ -18,18 +18,11 @@ from diskimg.plan import Run
 from diskimg.policy import OpenPolicy, combine, full_name
 from diskimg.qcow2 import OnFirstUse, lazy_modules
 from diskimg.qcow2 import flush as F
-from diskimg.qcow2.layout import (
-    COMPRESSION_TYPES,
-    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
-    QCOW2_COMPAT_LAZY_REFCOUNTS,
-    QCOW2_EXT_MAGIC_BITMAPS,
-    QCOW2_EXT_MAGIC_CRYPTO_HEADER,
-    QCOW2_INCOMPAT_CORRUPT,
-    QCOW2_INCOMPAT_DATA_FILE,
-    QCOW2_INCOMPAT_DIRTY,
-    QCOW_MAX_L1_SIZE,
-    Header,
-)
+from diskimg.qcow2.layout import (COMPRESSION_TYPES, QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+                                  QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_EXT_MAGIC_BITMAPS,
+                                  QCOW2_EXT_MAGIC_CRYPTO_HEADER, QCOW2_INCOMPAT_CORRUPT,
+                                  QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_DIRTY, QCOW_MAX_L1_SIZE,
+                                  Header, require_table_pointer)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first used
@@ -201,10 +194,13 @@ class Qcow2Image(BlockDevice):
     def _read_snapshot_table(self, for_check: bool) -> list[Snapshot]:
         """The snapshot table; when opened for check, an unreadable table reads as empty
         (qemu opens with BDRV_O_CHECK and leaves the table to the checker)."""
-        from diskimg.qcow2.snapshot_table import read_table
-
         self.snapshot_table_error: FormatError | None = None
         try:
+            if not self.header.nb_snapshots:  # (no need for the table's module: start-up)
+                require_table_pointer(self.header, self.cs)
+                return []
+            from diskimg.qcow2.snapshot_table import read_table
+
             return read_table(self)
         except FormatError as exc:
             if not for_check:
