@@ -146,6 +146,8 @@ NOT_FOR_READING = ("diskimg.ops", "diskimg.operations", "diskimg.pool", "diskimg
 #: initialisation imports the collections package): info decodes no table, map and check
 #: a few without it (cache.PURE_SWAPS)
 NOT_FOR_QCOW2_INFO = ("array", "collections")
+#: not for human ``info`` (diskimg.info_text writes it): the JSON/--output writer
+INFO_HUMAN_NOT = ("diskimg.cli.output",)
 #: nothing at all beyond the lines above: no argparse, no typing machinery, no regexes
 NOT_FOR_VERSION = ("argparse", "re", "typing", "dataclasses", "inspect", "enum", "pathlib",
                    "collections", "functools", "gettext", "locale", "struct")
@@ -235,6 +237,9 @@ def test_reading_commands_load_only_their_allow_list(image: Path, args: list[str
     assert out.splitlines()[0] == first_line.format(path=image)
     if args == ["info"]:
         assert "virtual size: 1 GiB (1073741824 bytes)" in out.splitlines()
+        # the human text is diskimg.info_text's: the JSON writer is for --output=json
+        assert _denied(loaded, INFO_HUMAN_NOT) == [], _named(_denied(loaded, INFO_HUMAN_NOT),
+                                                              who)
     if args[0] == "map":  # the one written cluster, at its host offset
         assert out.splitlines()[1].split()[:2] == ["0x100000", "0x10000"]
     extra = _unexpected(loaded, allowed)
@@ -329,7 +334,7 @@ def test_info_of_vmdk_and_raw_loads_only_their_allow_list(vmdk: Path, tmp_path: 
     size = 64 << 20 if fmt == "vmdk" else 4096
     assert f"virtual size: {size_to_str(size)} ({size} bytes)" in lines
     extra = _unexpected(loaded, allowed | {"diskimg.cli.commands.info"})
-    extra += _denied(loaded, denied)
+    extra += _denied(loaded, denied + INFO_HUMAN_NOT)
     assert extra == [], f"`diskimg info` of a {fmt} now also imports {_named(extra, who)}"
 
 
