@@ -10,11 +10,10 @@ A crash therefore leaves at most leaked clusters.
 from __future__ import annotations
 
 from diskimg import progname
-from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
+from diskimg.device import (BitmapsOnFirstUse, BlockDevice, ImageInfo, MapEntry, Status,
+                            requires_open)
 from diskimg.errors import CorruptImageError, DiskImgError, FormatError
 from diskimg.hostio import open_host_file
-from diskimg.persistent_bitmaps import BitmapsOnFirstUse
-from diskimg.plan import Run
 from diskimg.policy import OpenPolicy, combine, full_name
 from diskimg.qcow2 import OnFirstUse, lazy_modules
 from diskimg.qcow2 import flush as F
@@ -34,6 +33,7 @@ if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first use
     from diskimg.check_report import CheckReport
     from diskimg.crypto import SectorCipher
     from diskimg.hostio.host import Host
+    from diskimg.plan import Run
     from diskimg.qcow2 import cache, compressed, crypt, mapper, reader
     from diskimg.qcow2 import cluster as C
     from diskimg.qcow2 import entries as E
@@ -54,7 +54,7 @@ class Qcow2Image(BlockDevice):
     supports_compressed_write = True
     #: the persistent dirty bitmaps: read (and checked) on open when the image has the
     #: bitmaps extension, else made when first used (info and map do not load the module)
-    bitmaps: Bitmaps = BitmapsOnFirstUse("diskimg.qcow2.bitmaps")  # type: ignore[assignment]
+    bitmaps: Bitmaps = BitmapsOnFirstUse("diskimg.qcow2.bitmaps", "Bitmaps")  # type: ignore[assignment]
     #: the active L1 table, read at open (a short read refuses it), decoded on first use;
     #: the table caches made on first use: info loads no ``array``/``collections`` (nor,
     #: for a small image, map: cache.be_u64_table)
