@@ -87,8 +87,7 @@ class BlockDevice:
     is_backing: bool = False
     #: set by :func:`diskimg.open`: its reopening function and what it was given (path or
     #: URL, mode, format, options, policy; never secrets).  An image pickles as these and
-    #: unpickles by opening it again; None (over a file object, a backing file, a view)
-    #: refuses to pickle
+    #: unpickles by opening it again; None (file object, backing file, view) refuses to
     reopen_with: tuple[Callable[[dict[str, object]], BlockDevice], dict[str, object]] | None \
         = None
 
@@ -109,13 +108,15 @@ class BlockDevice:
     #: qemu's vmdk driver does (a streamOptimized extent compresses every grain anyway);
     #: raw refuses (qemu-img: "Compression not supported for this file format")
     supports_compressed_write: bool = False
+    #: the guest bytes are stored encrypted (LUKS, a qcow2 with an encryption method):
+    #: every command but info needs the key secret
+    encrypted: bool = False
     #: the internal snapshots of the image (qcow2's table); None for a format without
     #: them (raw, vmdk): ``snapshot -l`` lists none, every other action is refused
     snapshots: InternalSnapshots | None = None
     #: the persistent dirty bitmaps (qcow2 v3's); a format without them lists none and
     #: refuses every change with UnsupportedFeatureError
-    bitmaps: PersistentBitmaps = BitmapsOnFirstUse(  # type: ignore[assignment]
-        "diskimg.persistent_bitmaps", "NoBitmaps")
+    bitmaps: PersistentBitmaps = BitmapsOnFirstUse("diskimg.persistent_bitmaps", "NoBitmaps")  # type: ignore[assignment]
     #: the format was probed, not named, and it is raw: qemu-img warns before writing,
     #: and refuses writes to sector 0 that would make the file probe as another format
     probed: bool = False

@@ -119,6 +119,7 @@ class Qcow2Image(BlockDevice):
         # tables past the end of the file are found when used (check reports them, as qemu)
         self.header = h = Header.parse(host.pread(0, cs))
         self.cs = cs
+        self.encrypted = bool(h.crypt_method)
         if self.options:
             from diskimg.image_options import check_l2_cache_entry_size
 
@@ -539,7 +540,7 @@ class Qcow2Image(BlockDevice):
             actual_size=self.host.allocated_size(),
             dirty_flag=bool(h.incompatible_features & QCOW2_INCOMPAT_DIRTY),
             cluster_size=self.cs,
-            encrypted=bool(h.crypt_method),
+            encrypted=self.encrypted,
             backing_filename=backing,
             full_backing_filename=full,
             backing_filename_format=h.backing_format if backing is not None else None,
