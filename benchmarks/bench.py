@@ -218,6 +218,8 @@ class Variant:
     diskimg: bool = False    # a diskimg variant (gets a baseline twin with --baseline)
     samples: list[Sample] = field(default_factory=list)
     note: str = ""
+    #: instructions one run executes (valgrind cachegrind; start-up rows), when measured
+    instructions: int | None = None
     #: extra attempts after a failure; qemu-img's PBKDF2 calibration sometimes fails with
     #: "Unable to get accurate CPU usage" (coarse thread CPU clock), so LUKS creation is retried
     retries: int = 0
@@ -491,7 +493,7 @@ def floor_job(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> Job:
     how, also = "python -m diskimg", []
     # the CLI without a launcher: what bin/diskimg should cost (runpy, for -m, loads
     # importlib.util and contextlib)
-    bare = [PY, "-c", "import sys; from diskimg.cli.main import main; sys.exit(main())"]
+    bare = [PY, "-c", "from diskimg.cli.main import run; run()"]
     also = [Variant("diskimg --version (no launcher)", [*bare, "--version"], diskimg=True),
             Variant("diskimg info (no launcher)", [*bare, "info", "-f", "qcow2", str(small)],
                     diskimg=True)]
@@ -518,6 +520,23 @@ def floor_job(work: Path, qemu_img: str, qemu_io: str, cli: list[str]) -> Job:
                {})
 
 
+def count_instructions(job: Job) -> None:
+    """Each start-up row's instructions, from one run under valgrind's cachegrind (without
+    its cache simulation): unlike a clock, the count is the same from run to run (within
+    about 0.2%) whatever else the machine does, so it shows what a change did when the
+    machine's speed moves the clocks by more than the change.  Skipped without valgrind."""
+    if shutil.which("valgrind") is None:
+        return
+    for v in [*job.refs, *job.cands]:
+        r = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no",
+                            "--cachegrind-out-file=/dev/null", *v.cmd],
+                           capture_output=True, text=True, env=v.env, check=False)
+        refs = [line for line in r.stderr.splitlines() if "I   refs:" in line
+                or "I refs:" in line]
+        if r.returncode == 0 and refs:
+            v.instructions = int(refs[-1].split(":")[1].replace(",", ""))
+
+
 def import_time_ms(env: dict[str, str] | None = None, rounds: int = 9) -> float:
     """Median over ``rounds`` fresh interpreters of ``import diskimg``'s cumulative time
     as ``python -X importtime`` reports it, in ms."""
@@ -542,10 +561,14 @@ def floor_report(jobs: list[Job], imports: dict[str, float]) -> str:
     fl = _median(floor) if floor is not None else None
     fcpu = _cpu(floor) if floor is not None else None
     lines = ["| row | median ms | ratio to qemu-img info | above `python -c pass` ms "
-             "| target | met | CPU ms | CPU above floor ms | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|",
+             "| target | met | CPU ms | CPU above floor ms | peak RSS MiB "
+             "| instructions M | above floor M | ≈ ms at the floor's rate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| qemu-img info (64 MiB qcow2) | {_ms(rm)} | 1.00 | - | - | | {_ms(_cpu(ref))} "
-             f"| - | {_rss_s(ref)} |"]
+             f"| - | {_rss_s(ref)} | {_mi(ref.instructions)} | - | - |"]
+    fins = floor.instructions if floor is not None else None
+    #: instructions per CPU second of ``python -c pass``: turns a count into a time
+    rate = fins / fcpu if fins and fcpu else None
     for c in job.cands:
         cm, ccpu = _median(c), _cpu(c)
         above = cm - fl if cm is not None and fl is not None else None
@@ -560,19 +583,39 @@ def floor_report(jobs: list[Job], imports: dict[str, float]) -> str:
                      f" | {'-' if target is None else f'≤ {target:.0f}'} | {met} | "
                      f"{_ms(ccpu)} | "
                      f"{'-' if cabove is None or is_floor else f'{cabove * 1000:+.1f}'} | "
-                     f"{_rss_s(c)} |")
+                     f"{_rss_s(c)} | {_mi(c.instructions)} | {_mi_above(c, fins, is_floor)} "
+                     f"| {_ms_at(c, fins, rate, is_floor)} |")
     for label, ms in imports.items():
         lines.append(f"| {label} | {ms:.1f} | - | - | ≤ {IMPORT_TARGET_MS:.0f} | "
-                     f"{'yes' if ms <= IMPORT_TARGET_MS else 'no'} | - | - | - |")
+                     f"{'yes' if ms <= IMPORT_TARGET_MS else 'no'} | - | - | - | - | - | - |")
     return ("\n## Start-up floor\n\nWhole processes on a 64 MiB qcow2 (one 64 KiB cluster "
             "written), interleaved; `python -c pass` is the same "
             f"interpreter that runs diskimg ({PY}). Target (issue 20): each diskimg command at "
             f"most {FLOOR_TARGET_MS:.0f} ms above that floor, `import diskimg` at most "
             f"{IMPORT_TARGET_MS:.0f} ms of `python -X importtime` cumulative time (median of "
             "9 interpreters). The CPU columns (user + system time of the child, medians) "
-            "are less disturbed by other load than the wall-clock ones. Load: "
+            "are less disturbed by other load than the wall-clock ones; the instruction "
+            "counts (one run each under valgrind's cachegrind) are not disturbed at all, "
+            "and the last column turns a row's count above the floor into CPU time at the "
+            "floor's own instructions per CPU ms. Load: "
             f"{job.load[0]:.2f} before, {job.load[1]:.2f} after."
             "\n\n" + "\n".join(lines) + "\n")
+
+
+def _mi(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f}"
+
+
+def _mi_above(c: Variant, floor: int | None, is_floor: bool) -> str:
+    if c.instructions is None or floor is None or is_floor:
+        return "-"
+    return f"{(c.instructions - floor) / 1e6:+.1f}"
+
+
+def _ms_at(c: Variant, floor: int | None, rate: float | None, is_floor: bool) -> str:
+    if c.instructions is None or floor is None or rate is None or is_floor:
+        return "-"
+    return f"{(c.instructions - floor) / rate * 1000:+.1f}"
 
 
 def _ms(t: float | None) -> str:
@@ -895,6 +938,9 @@ def main(argv: list[str] | None = None) -> int:
             add_baseline(jobs, ns.baseline.resolve())
         run_jobs(jobs, ns.repeat, ns.timeout, qemu_img, ns.warmup)
         imports: dict[str, float] = {}
+        for job in jobs:
+            if job.name == "start-up floor":
+                count_instructions(job)
         if any(j.name == "start-up floor" for j in jobs):
             imports["`import diskimg`, -X importtime cumulative ms"] = import_time_ms()
             if ns.baseline is not None:

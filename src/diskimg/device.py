@@ -20,8 +20,6 @@ from _warnings import warn
 
 from diskimg.errors import ClosedImageError, CorruptImageError, UnsupportedFeatureError, UsageError
 from diskimg.params import check_int
-from diskimg.persistent_bitmaps import NoBitmapsSlot, PersistentBitmaps
-from diskimg.plan import Run
 from diskimg.records import ImageInfo as ImageInfo  # re-exported (they lived here)
 from diskimg.records import MapEntry as MapEntry
 from diskimg.records import Status as Status
@@ -30,15 +28,35 @@ from diskimg.records import mergeable
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
-    from typing import Concatenate, ParamSpec, Self, TypeVar
+    from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
     from diskimg.check_report import CheckReport  # built by the checkers, imported there
     from diskimg.hostio.host import Host
     from diskimg.internal_snapshots import InternalSnapshots  # a Protocol: types only
+    from diskimg.persistent_bitmaps import PersistentBitmaps
+    from diskimg.plan import Run
 
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
     _D = TypeVar("_D", bound="BlockDevice")
+
+
+class BitmapsOnFirstUse:
+    """How a format declares its persistent bitmaps: ``module.<factory>(device)``, made
+    when first asked for (the module imported then), and kept as the device's own
+    attribute (a non-data descriptor), so opening an image loads no bitmap code."""
+
+    __slots__ = ("module", "factory")
+
+    def __init__(self, module: str, factory: str) -> None:
+        self.module, self.factory = module, factory
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        module = __import__(self.module, fromlist=[self.factory])
+        bitmaps = obj.__dict__["bitmaps"] = module.__dict__[self.factory](obj)
+        return bitmaps
 
 
 class BlockDevice:
@@ -69,8 +87,7 @@ class BlockDevice:
     is_backing: bool = False
     #: set by :func:`diskimg.open`: its reopening function and what it was given (path or
     #: URL, mode, format, options, policy; never secrets).  An image pickles as these and
-    #: unpickles by opening it again; None (over a file object, a backing file, a view)
-    #: refuses to pickle
+    #: unpickles by opening it again; None (file object, backing file, view) refuses to
     reopen_with: tuple[Callable[[dict[str, object]], BlockDevice], dict[str, object]] | None \
         = None
 
@@ -91,12 +108,15 @@ class BlockDevice:
     #: qemu's vmdk driver does (a streamOptimized extent compresses every grain anyway);
     #: raw refuses (qemu-img: "Compression not supported for this file format")
     supports_compressed_write: bool = False
+    #: the guest bytes are stored encrypted (LUKS, a qcow2 with an encryption method):
+    #: every command but info needs the key secret
+    encrypted: bool = False
     #: the internal snapshots of the image (qcow2's table); None for a format without
     #: them (raw, vmdk): ``snapshot -l`` lists none, every other action is refused
     snapshots: InternalSnapshots | None = None
     #: the persistent dirty bitmaps (qcow2 v3's); a format without them lists none and
     #: refuses every change with UnsupportedFeatureError
-    bitmaps: PersistentBitmaps = NoBitmapsSlot()  # type: ignore[assignment]
+    bitmaps: PersistentBitmaps = BitmapsOnFirstUse("diskimg.persistent_bitmaps", "NoBitmaps")  # type: ignore[assignment]
     #: the format was probed, not named, and it is raw: qemu-img warns before writing,
     #: and refuses writes to sector 0 that would make the file probe as another format
     probed: bool = False

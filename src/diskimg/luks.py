@@ -66,6 +66,7 @@ class LuksImage(BlockDevice):
     """A LUKS1 volume over one :class:`HostFile` (qemu's ``luks`` block driver)."""
 
     format = "luks"
+    encrypted = True
 
     def __init__(self, host: Host, *, secrets: Mapping[str, bytes] | None = None,
                  options: Mapping[str, str] | None = None, unlock: bool = True) -> None:
@@ -184,7 +185,7 @@ class LuksImage(BlockDevice):
             format="luks",
             virtual_size=self.size,
             actual_size=self.host.allocated_size(),
-            encrypted=True,
+            encrypted=self.encrypted,
             format_specific={"type": "luks", "data": data},
         )
 

@@ -2,7 +2,8 @@
 :attr:`BlockDevice.bitmaps <diskimg.device.BlockDevice.bitmaps>` declares (qcow2 v3's
 ``qcow2.bitmaps.Bitmaps`` is one; a format without them gets :class:`NoBitmaps`, whose
 list is empty and whose every other call raises
-:class:`~diskimg.errors.UnsupportedFeatureError` in qemu-img's words)."""
+:class:`~diskimg.errors.UnsupportedFeatureError` in qemu-img's words).  Loaded when a
+device's bitmaps are first asked for (:class:`diskimg.device.BitmapsOnFirstUse`)."""
 
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ class NoBitmaps:
     """The bitmaps of a format that has none (raw, vmdk): nothing to list; adding is
     refused as qemu refuses it, and any named bitmap is not found."""
 
-    def __init__(self, filename: str) -> None:
-        self.filename = filename
+    def __init__(self, device: Any) -> None:
+        self.filename = device.filename
 
     def list(self) -> Sequence[BitmapRecord]:
         return []
@@ -94,28 +95,3 @@ class NoBitmaps:
 
     def dirty_extents(self, name: str) -> Iterator[tuple[int, int]]:
         raise self._missing(name)
-
-
-class NoBitmapsSlot:
-    """Class attribute giving each device of a format without bitmaps its
-    :class:`NoBitmaps` (a format with them sets the instance attribute)."""
-
-    def __get__(self, obj: Any, owner: type | None = None) -> PersistentBitmaps:
-        return NoBitmaps(obj.filename if obj is not None else "")
-
-
-class BitmapsOnFirstUse:
-    """Class attribute of a format whose bitmaps live in a module of their own (qcow2's
-    ``Bitmaps``): that module is imported and the device's bitmaps made when first asked
-    for, then kept as its own attribute (a non-data descriptor: the attribute takes
-    over), so opening an image without bitmaps does not load the module (start-up)."""
-
-    def __init__(self, module: str) -> None:
-        self.module = module
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        bitmaps = __import__(self.module, fromlist=["Bitmaps"]).Bitmaps(obj)
-        obj.__dict__["bitmaps"] = bitmaps
-        return bitmaps

@@ -254,7 +254,7 @@ def rebase(
                             new_dev = api.open(bpath, "r",
                                                api.backing_format(backing_fmt, bpath),
                                                force_share=force_share, **kw)
-                        if new_dev is not None and new_dev.info().encrypted:
+                        if new_dev is not None and new_dev.encrypted:
                             raise MissingSecretError(
                                 "Parameter 'encrypt.key-secret' is required for cipher")
                     except DiskImgError as e:

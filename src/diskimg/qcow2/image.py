@@ -10,26 +10,18 @@ A crash therefore leaves at most leaked clusters.
 from __future__ import annotations
 
 from diskimg import progname
-from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
+from diskimg.device import (BitmapsOnFirstUse, BlockDevice, ImageInfo, MapEntry, Status,
+                            requires_open)
 from diskimg.errors import CorruptImageError, DiskImgError, FormatError
 from diskimg.hostio import open_host_file
-from diskimg.persistent_bitmaps import BitmapsOnFirstUse
-from diskimg.plan import Run
 from diskimg.policy import OpenPolicy, combine, full_name
 from diskimg.qcow2 import OnFirstUse, lazy_modules
 from diskimg.qcow2 import flush as F
-from diskimg.qcow2.layout import (
-    COMPRESSION_TYPES,
-    QCOW2_AUTOCLEAR_DATA_FILE_RAW,
-    QCOW2_COMPAT_LAZY_REFCOUNTS,
-    QCOW2_EXT_MAGIC_BITMAPS,
-    QCOW2_EXT_MAGIC_CRYPTO_HEADER,
-    QCOW2_INCOMPAT_CORRUPT,
-    QCOW2_INCOMPAT_DATA_FILE,
-    QCOW2_INCOMPAT_DIRTY,
-    QCOW_MAX_L1_SIZE,
-    Header,
-)
+from diskimg.qcow2.layout import (COMPRESSION_TYPES, QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+                                  QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_EXT_MAGIC_BITMAPS,
+                                  QCOW2_EXT_MAGIC_CRYPTO_HEADER, QCOW2_INCOMPAT_CORRUPT,
+                                  QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_DIRTY, QCOW_MAX_L1_SIZE,
+                                  Header, require_table_pointer)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first used
@@ -41,6 +33,7 @@ if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first use
     from diskimg.check_report import CheckReport
     from diskimg.crypto import SectorCipher
     from diskimg.hostio.host import Host
+    from diskimg.plan import Run
     from diskimg.qcow2 import cache, compressed, crypt, mapper, reader
     from diskimg.qcow2 import cluster as C
     from diskimg.qcow2 import entries as E
@@ -61,7 +54,7 @@ class Qcow2Image(BlockDevice):
     supports_compressed_write = True
     #: the persistent dirty bitmaps: read (and checked) on open when the image has the
     #: bitmaps extension, else made when first used (info and map do not load the module)
-    bitmaps: Bitmaps = BitmapsOnFirstUse("diskimg.qcow2.bitmaps")  # type: ignore[assignment]
+    bitmaps: Bitmaps = BitmapsOnFirstUse("diskimg.qcow2.bitmaps", "Bitmaps")  # type: ignore[assignment]
     #: the active L1 table, read at open (a short read refuses it), decoded on first use;
     #: the table caches made on first use: info loads no ``array``/``collections`` (nor,
     #: for a small image, map: cache.be_u64_table)
@@ -126,6 +119,7 @@ class Qcow2Image(BlockDevice):
         # tables past the end of the file are found when used (check reports them, as qemu)
         self.header = h = Header.parse(host.pread(0, cs))
         self.cs = cs
+        self.encrypted = bool(h.crypt_method)
         if self.options:
             from diskimg.image_options import check_l2_cache_entry_size
 
@@ -201,10 +195,13 @@ class Qcow2Image(BlockDevice):
     def _read_snapshot_table(self, for_check: bool) -> list[Snapshot]:
         """The snapshot table; when opened for check, an unreadable table reads as empty
         (qemu opens with BDRV_O_CHECK and leaves the table to the checker)."""
-        from diskimg.qcow2.snapshot_table import read_table
-
         self.snapshot_table_error: FormatError | None = None
         try:
+            if not self.header.nb_snapshots:  # (no need for the table's module: start-up)
+                require_table_pointer(self.header, self.cs)
+                return []
+            from diskimg.qcow2.snapshot_table import read_table
+
             return read_table(self)
         except FormatError as exc:
             if not for_check:
@@ -543,7 +540,7 @@ class Qcow2Image(BlockDevice):
             actual_size=self.host.allocated_size(),
             dirty_flag=bool(h.incompatible_features & QCOW2_INCOMPAT_DIRTY),
             cluster_size=self.cs,
-            encrypted=bool(h.crypt_method),
+            encrypted=self.encrypted,
             backing_filename=backing,
             full_backing_filename=full,
             backing_filename_format=h.backing_format if backing is not None else None,

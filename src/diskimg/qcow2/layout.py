@@ -138,6 +138,28 @@ HDR_COMPATIBLE_FEATURES = _FIELDS["compatible_features"]
 HDR_AUTOCLEAR_FEATURES = _FIELDS["autoclear_features"]
 HDR_REFCOUNT_ORDER = _FIELDS["refcount_order"]
 HDR_HEADER_LENGTH = _FIELDS["header_length"]
+
+#: the fixed part of a snapshot table entry (snapshot_table.EntryHeader.SIZE)
+SNAPSHOT_ENTRY_HEADER_SIZE = 40
+
+
+def check_table_pointer(count: int, offset: int, cluster_size: int) -> str | None:
+    """qemu's check of the header's snapshot table fields (count, offset): None when
+    they are usable, else what is wrong ("too large" or "offset invalid")."""
+    if count > QCOW_MAX_SNAPSHOTS:
+        return "too large"
+    if offset % cluster_size or offset > (1 << 63) - 1 - count * SNAPSHOT_ENTRY_HEADER_SIZE:
+        return "offset invalid"
+    return None
+
+
+def require_table_pointer(h: Header, cluster_size: int) -> None:
+    """:func:`check_table_pointer` on an open (made even with no snapshots): a
+    :class:`FormatError` naming the field that is wrong."""
+    bad = check_table_pointer(h.nb_snapshots, h.snapshots_offset, cluster_size)
+    if bad is not None:
+        at = HDR_NB_SNAPSHOTS if bad == "too large" else HDR_SNAPSHOTS_OFFSET
+        raise FormatError(f"Snapshot table {bad}", offset=at.offset, field=at.name)
 HDR_COMPRESSION_TYPE = V3_HEADER_LENGTH  # one byte, present when header_length > 104
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import struct
 
 from diskimg.errors import FormatError
-from diskimg.qcow2.layout import (HDR_NB_SNAPSHOTS, HDR_SNAPSHOTS_OFFSET, QCOW_MAX_L1_SIZE,
-                                  QCOW_MAX_SNAPSHOTS)
+from diskimg.qcow2.layout import HDR_NB_SNAPSHOTS, QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
+from diskimg.qcow2.layout import check_table_pointer as check_table_pointer  # (the checker's)
+from diskimg.qcow2.layout import require_table_pointer
 from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False
@@ -158,16 +159,6 @@ class TableWalk:
             self.places.append(p)
             pos = p.end
         self.size = pos
-
-
-def check_table_pointer(count: int, offset: int, cluster_size: int) -> str | None:
-    """qemu's check of the header's snapshot table fields (count, offset): None when
-    they are usable, else what is wrong ("too large" or "offset invalid")."""
-    if count > QCOW_MAX_SNAPSHOTS:
-        return "too large"
-    if offset % cluster_size or offset > (1 << 63) - 1 - count * EntryHeader.SIZE:
-        return "offset invalid"
-    return None
 
 
 class Snapshot(Record):
@@ -339,10 +330,7 @@ def read_table(img: MetadataImage) -> list[Snapshot]:
     """Read the snapshot table named by the header, bounded by QEMU's limits.  The part
     of the table past the end of the file reads as zeros, as in QEMU."""
     h = img.header
-    bad = check_table_pointer(h.nb_snapshots, h.snapshots_offset, img.cs)
-    if bad is not None:
-        at = HDR_NB_SNAPSHOTS if bad == "too large" else HDR_SNAPSHOTS_OFFSET
-        raise FormatError(f"Snapshot table {bad}", offset=at.offset, field=at.name)
+    require_table_pointer(h, img.cs)
     if not h.nb_snapshots:
         return []
     # the largest table the count allows (entry: 40 + 1024 + 2 * 65535 + padding bytes),

@@ -208,15 +208,10 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
     except (DiskImgError, OSError) as e:
         raise errors.open_failure(label, e, fmt) from e
     key_option = "key-secret" if dev.format == "luks" else "encrypt.key-secret"
-    if need_key and key_option not in options and dev.format != "raw":
-        try:
-            encrypted = dev.info().encrypted
-        except DiskImgError:
-            encrypted = False
-        if encrypted:
-            dev.close()
-            raise DiskImgError(f"Could not open '{label}': Parameter '{key_option}' is "
-                               "required for cipher")
+    if need_key and dev.encrypted and key_option not in options:
+        dev.close()
+        raise DiskImgError(f"Could not open '{label}': Parameter '{key_option}' is "
+                           "required for cipher")
     if mode == "r+" and dev.probed:
         sys.stderr.write(PROBED_RAW_WARNING.format(path))
     return dev

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from diskimg.cli import errors, output
+from diskimg import info_text
+from diskimg.cli import errors
 from diskimg.cli.commands._shared import (Context, add_common, one_file, open_image, opened,
                                           output_format, same_file)
 from diskimg.errors import DiskImgError
@@ -58,11 +59,14 @@ def cmd_info(ctx: Context, a: argparse.Namespace) -> int:
         devs = dev.chain() if a.backing_chain else [dev]
         infos = [d.info().to_json() for d in devs]
     if ofmt == "json":  # every object in QEMU's QDict order, format-specific data too
-        text = output.to_json(output.qdict_order_deep(infos if a.backing_chain else infos[0]))
+        from diskimg.cli import output  # (the JSON writer: the human text is info_text's)
+
+        text = output.to_json(info_text.qdict_order_deep(infos if a.backing_chain else
+                                                         infos[0]))
     elif a.backing_chain:
-        text = output.info_chain_human(infos)
+        text = info_text.info_chain_human(infos)
     else:
-        text = output.info_human(infos[0])
+        text = info_text.info_human(infos[0])
     sys.stdout.write(text)
     return 0
 
