@@ -11,9 +11,9 @@ from diskimg.ops.chain import (_chain_layers, _commit_copy, _differing_sectors, 
 from diskimg.ops.common import _ZEROS, CHUNK, SECTOR, ProgressFn, Source, _open
 from diskimg.ops.compare import _compare, _first_diff_sector, compare
 from diskimg.ops.convert import _host_files, _pow2floor, _snapshot_view, convert
-from diskimg.ops.copier import _Copier
+from diskimg.ops.copier import _COMBINE_BELOW, _Copier
 from diskimg.ops.dd import dd
-from diskimg.ops.readahead import (_BUFFERS, _COMBINE_BELOW, _ClusterDecoder, _ClusterKinds,
+from diskimg.ops.readahead import (_BUFFERS, _ClusterDecoder, _ClusterKinds,
     _Concat, _Decoded, _kind_runs, _ReadAhead, _top_status)
 from diskimg.ops.zero import (_ZERO_SECTOR, _ZERO_WORD, _allocated_sectors,
     _first_zero_head, _next_zero_sector, _nonzero_at, is_zero, sparse_runs)

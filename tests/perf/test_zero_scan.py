@@ -15,7 +15,8 @@ import pytest
 from diskimg.hostio import aligned_buffer, all_zero, zero_fill
 from diskimg.hostio import file as hostfile
 from diskimg.ops.common import CHUNK
-from diskimg.ops.zero import _nonzero_at, sparse_runs
+from diskimg.ops import zero as zero_mod
+from diskimg.ops.zero import _first_zero_head, _nonzero_at, sparse_runs
 
 MAKERS: dict[str, Callable[[bytes], Any]] = {
     "bytes": bytes,
@@ -167,3 +168,49 @@ def test_the_first_zero_scan_of_a_process_maps_few_pages_of_the_zero_buffer() ->
     # the last sector's 4 KiB cluster (alignment 8 sectors) is data, the rest a hole
     assert runs.strip() == str([(0, (2 << 20) - 4096, False), ((2 << 20) - 4096, 4096, True)])
     assert int(faults) < 128, faults  # (512 and more when whole chunks were compared)
+
+
+def _ref_zero_head(data: bytes, pos: int, end: int) -> int:
+    """The first sector start in [pos, end), aligned to pos, whole sector inside, whose
+    first 8 bytes are zero."""
+    for s in range(pos, end - 511, 512):
+        if data[s : s + 8] == bytes(8):
+            return s
+    return end
+
+
+@pytest.mark.parametrize("kind", sorted(MAKERS))
+@pytest.mark.parametrize("pattern", ["random", "few zero heads", "zero first bytes",
+                                     "many zero heads"])
+def test_first_zero_head_matches_a_plain_scan(kind: str, pattern: str) -> None:
+    """The sector-head test (the first byte of each sector by an extended slice, then
+    the 8-byte head of the few candidates; one strided word copy when they are many)
+    finds the sector a plain scan finds: heads that are zero only in their first bytes,
+    zero runs straddling two heads, buffers where every sector starts with a zero byte
+    (more candidates than ``_FEW_ZERO_BYTES``), unaligned starts and partial ends."""
+    rng = random.Random(f"{kind}/{pattern}")
+    for size in (512, 4096 + 100, 65536, CHUNK):
+        data = bytearray(rng.randbytes(size))
+        nsec = size // 512
+        if pattern == "few zero heads":
+            for _ in range(3):  # zero runs of 7 bytes (no head), 8, and across a head
+                s = rng.randrange(nsec) * 512
+                k = min(rng.choice([7, 8, 600]), size - s)
+                data[s : s + k] = bytes(k)
+        elif pattern == "zero first bytes":  # candidates that are not zero heads
+            for s in range(0, size, 512):
+                data[s : s + 7] = bytes(7)
+                data[s + 7] = 1
+        elif pattern == "many zero heads":
+            for s in range(0, size, 512):
+                data[s] = 0
+            for _ in range(5):
+                s = rng.randrange(nsec) * 512
+                data[s : s + 8] = bytes(8)
+        frozen = bytes(data)
+        assert len(frozen) == size
+        buf = MAKERS[kind](frozen)
+        for pos, end in ((0, size), (3, size), (512, size - 1), (100, size // 2 + 5)):
+            assert _first_zero_head(buf, pos, end) == _ref_zero_head(frozen, pos, end), \
+                (size, pos, end)
+    assert zero_mod._FEW_ZERO_BYTES < 4096 // 512 * 8  # ("many" exceeds it)

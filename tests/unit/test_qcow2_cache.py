@@ -127,6 +127,24 @@ def test_a_zero_tail_decodes_as_struct_does(word: str, used: int) -> None:
     assert pack_be_table(t) == raw
 
 
+@pytest.mark.parametrize("word", ["H", "I", "Q"])
+def test_packing_swaps_only_up_to_the_last_non_zero_word(
+        monkeypatch: pytest.MonkeyPatch, word: str) -> None:
+    """pack_be_table, like be_table, leaves the zero tail of a table unswapped (a new
+    image's L2 tables and refcount blocks hold a few entries in 64 KiB): the bytes are
+    struct's, and the swap sees only the words up to the last non-zero one."""
+    swapped: list[int] = []
+    real = cache._swap
+    monkeypatch.setattr(cache, "_swap", lambda b, w: swapped.append(len(b)) or real(b, w))
+    size = struct.calcsize(word)
+    n = 65536 // size
+    for used in (0, 1, 3, n):
+        vals = [(i * 0x01020304 + 1) % (1 << 8 * size) for i in range(used)] + [0] * (n - used)
+        swapped.clear()
+        assert pack_be_table(array(word, vals)) == struct.pack(f">{n}{word}", *vals)
+        assert sum(swapped) == used * size, (used, swapped)
+
+
 def test_byte_words_need_no_swap() -> None:
     raw = bytes(range(200, 256))
     t = be_table(raw, "B")

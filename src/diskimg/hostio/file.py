@@ -156,7 +156,15 @@ def trailing_zeros(buf: bytes | bytearray | memoryview) -> int:
 
 
 def is_aligned(buf: memoryview) -> bool:
-    """True if ``buf`` (writable) starts on an ``_ALIGN``-byte boundary."""
+    """True if ``buf`` (writable) starts on an ``_ALIGN``-byte boundary.  A view of the
+    whole of an ``mmap`` (an :func:`aligned_buffer` read whole) starts on a page: told
+    without the address (so without loading ``_ctypes``: a small convert's one read)."""
+    import sys
+
+    mm = sys.modules.get("mmap")
+    if mm is not None and isinstance(buf.obj, mm.mmap) and buf.c_contiguous \
+            and buf.nbytes == len(buf.obj):
+        return True
     return _address(buf) % _ALIGN == 0
 
 

@@ -37,7 +37,7 @@ def is_stream_path(dst: str | os.PathLike[str]) -> bool:
     :func:`diskimg.ops.stream_convert.is_stream`): a URL other than an NBD one (a new
     object), or the path of a FIFO or a socket.  Here, not there, so that a convert to a
     file decides without importing the streaming code (start-up, issue 20)."""
-    if isinstance(dst, str):
+    if isinstance(dst, str) and "://" in dst:  # (no URL module for a file name)
         from diskimg.hostio.urls import is_url
 
         if is_url(dst):

@@ -5,7 +5,6 @@ sources."""
 
 from __future__ import annotations
 
-import itertools
 import time
 
 from diskimg.device import BlockDevice
@@ -14,16 +13,6 @@ from diskimg.hostio import aligned_buffer
 
 from diskimg.hostio import all_zero
 from diskimg.ops.common import _ZEROS, CHUNK, SECTOR, ProgressFn
-from diskimg.ops.readahead import (
-    _COMBINE_BELOW,
-    _ClusterDecoder,
-    _ClusterKinds,
-    _Concat,
-    _Decoded,
-    _kind_runs,
-    _ReadAhead,
-    _top_status,
-)
 from diskimg.ops.zero import _next_zero_sector, sparse_runs
 from diskimg.plan import RunKind
 
@@ -31,9 +20,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from collections.abc import Callable, Iterator, Sequence
     from diskimg.hostio.workers import Job
-    from typing import Any
+    from diskimg.ops.readahead import _Decoded
+    from typing import Any, TypeAlias
+
+    #: an item of :meth:`_Copier._plan`: (kind, position, length, merged run lengths)
+    _PlanItem: TypeAlias = tuple[RunKind, int, int, list[int] | None]
 
 _DATA, _ZERO, _BACKING = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED
+
+#: data pieces shorter than this are gathered into one write (:meth:`_Copier.write`)
+_COMBINE_BELOW = 256 << 10
 
 #: the errors of a source that ``--salvage`` reads past (a corrupt or unreadable range);
 #: a usage error (a bug) or an interrupt still ends the copy
@@ -215,6 +211,8 @@ class _Copier:
         # declared by the format (BlockDevice.supports_compressed_write): qcow2 compresses,
         # vmdk stores each cluster (its first extent's grain) as it is, as qemu's vmdk
         # does; raw, and a vmdk without grains, raise UnsupportedFeatureError here
+        from diskimg.ops.readahead import _ClusterKinds, _Concat, _kind_runs
+
         cs = tgt.compressed_cluster_size()
         compress = tgt.compress_cluster
         step = max(cs, CHUNK // cs * cs)
@@ -397,6 +395,8 @@ class _Copier:
                  n: int) -> tuple[RunKind, int]:
         """The kind and length of the status run of ``src`` at ``pos`` (at most ``n``)."""
         if self.target_backing:
+            from diskimg.ops.readahead import _top_status
+
             # top layer only: the rest is the target's backing
             kind, n = _top_status(src, pos, n)
             end = self.backing_end
@@ -427,9 +427,13 @@ class _Copier:
         if pipelined and self.salvage is None and src.size > _INLINE_MAX:
             self._pipelined(src, base, plan)
             return
-        dec = (_ClusterDecoder.for_device(src)
-               if pipelined and self.salvage is None and src.size > _DECODE_SWITCH_MIN
-               else None)
+        dec = None
+        if pipelined and self.salvage is None and src.size > _DECODE_SWITCH_MIN:
+            # (the read-ahead module is imported only by a copy that may use it: a small
+            # image's is not, start-up, issue 20)
+            from diskimg.ops.readahead import _ClusterDecoder
+
+            dec = _ClusterDecoder.for_device(src)
         buf = aligned_buffer(min(CHUNK, src.size), fill=True)  # (every run fits)
         for item in plan:
             kind, pos, n, runs = item
@@ -437,7 +441,7 @@ class _Copier:
                 if dec is not None and dec.entry(pos, n) is not None:
                     # compressed clusters: decoded on the pool from here on
                     self.flush_pending()
-                    self._pipelined(src, base, itertools.chain((item,), plan))
+                    self._pipelined(src, base, _then(item, plan))
                     return
                 self._read(src.readinto, pos, memoryview(buf)[:n])
             self._put(kind, base + pos, buf if kind is _DATA else runs, n)
@@ -446,6 +450,8 @@ class _Copier:
     def _pipelined(self, src: BlockDevice, base: int,
                    plan: Iterator[tuple[RunKind, int, int, list[int] | None]]) -> None:
         """Copy the rest of ``plan`` of ``src`` with the read-ahead thread."""
+        from diskimg.ops.readahead import _Decoded, _ReadAhead
+
         with _ReadAhead(src, plan, self._scan(base), self._scan_decoded(base)) as ahead:
             for kind, pos, n, item, runs in ahead:
                 if isinstance(item, _Decoded):  # compressed clusters decoded by the pool
@@ -530,3 +536,10 @@ class _Copier:
                 self.zero(off, k)
                 off += k
             self.tick(k)
+
+
+def _then(first: _PlanItem, rest: Iterator[_PlanItem]) -> Iterator[_PlanItem]:
+    """``first``, then the items of ``rest`` (``itertools.chain``, which a copy does not
+    import: start-up, issue 20)."""
+    yield first
+    yield from rest

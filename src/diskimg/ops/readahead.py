@@ -98,7 +98,6 @@ def _kind_runs(kinds: list[RunKind], cs: int,
 #: what :class:`_ReadAhead` yields: (kind, pos, n, item, scanned)
 _Item: TypeAlias = "tuple[RunKind, int, int, Any, Any]"
 
-_COMBINE_BELOW = 256 << 10  # data pieces shorter than this are gathered into one write
 _BUFFERS = 4  # chunk buffers of a pipelined copy (one being written, the rest read ahead)
 _AHEAD = 4 * _BUFFERS  # plan items the reader may queue ahead of the writer
 

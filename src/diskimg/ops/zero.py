@@ -4,6 +4,8 @@ bytes; nothing else is decided here."""
 
 from __future__ import annotations
 
+import sys
+
 from diskimg.hostio import all_zero
 from diskimg.ops.common import _ZEROS, SECTOR
 
@@ -46,14 +48,36 @@ def _nonzero_at(buf: Any, pos: int, end: int) -> int:
 is_zero = all_zero  # the old name of the one zero test (diskimg.hostio.all_zero)
 
 
+#: :func:`_first_zero_head` tests the 8-byte heads of the sectors whose first byte is
+#: zero one by one up to this many of them in a buffer, else all at once
+_FEW_ZERO_BYTES = 32
+
+
 def _first_zero_head(buf: Any, pos: int, end: int) -> int:
     """Start of the first whole sector in [pos, end) (aligned to ``pos``) whose first 8
-    bytes are zero, else ``end``.  Reads one word per sector (a strided copy in C), so
-    data without zero sectors is ruled out without touching most of its bytes."""
+    bytes are zero, else ``end``.  Reads the first byte of each sector (an extended slice
+    of ``buf``: a byte loop in C) and tests the 8-byte head only of the sectors where it
+    is zero, when they are few; otherwise one word per sector (a strided memoryview copy,
+    which moves each word with its own memcpy call: 150 thousand instructions for a 2 MiB
+    buffer, against 15 thousand for the byte slice).  Data without zero sectors is ruled
+    out without touching most of its bytes."""
     m = (end - pos) // SECTOR
     if m <= 0:
         return end
-    heads = memoryview(buf)[pos : pos + m * SECTOR].cast("Q")[:: SECTOR // 8].tobytes()
+    stop = pos + m * SECTOR
+    mm = sys.modules.get("mmap")  # (loaded if buf is one)
+    if isinstance(buf, bytes | bytearray) or (mm is not None and isinstance(buf, mm.mmap)):
+        firsts = buf[pos:stop:SECTOR]  # (bytes: the first byte of each sector)
+        if firsts.count(0) <= _FEW_ZERO_BYTES:
+            mv = memoryview(buf)
+            i = firsts.find(0)
+            while i >= 0:
+                s = pos + i * SECTOR
+                if _ZERO_WORD == mv[s : s + 8]:
+                    return s
+                i = firsts.find(0, i + 1)
+            return end
+    heads = memoryview(buf)[pos:stop].cast("Q")[:: SECTOR // 8].tobytes()
     p = heads.find(_ZERO_WORD)
     while p > 0 and p % 8:  # a zero run straddling two heads: not a zero head
         p = heads.find(_ZERO_WORD, p + 8 - p % 8)

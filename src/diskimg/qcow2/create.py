@@ -7,15 +7,13 @@ written only up to its last entry (so the file ends mid-cluster, as QEMU's does)
 
 from __future__ import annotations
 
-from array import array
-
 from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
 from diskimg.options import PREALLOCATION_MODES, check_preallocation, compat_version
 from diskimg.options import parse_bool as _bool
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
+from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array, u64_run
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -182,7 +180,8 @@ def create_qcow2(path: str | os.PathLike[str], size: int, *, backing_file: str |
         # clusters 0-2: header, refcount table, first refcount block (refcounts for 0..2).
         # The header cluster is written last: until then the file has no magic, so a crash
         # leaves no half-made image that qemu would open (B12)
-        host.pwrite(cs, pack_be_u64_array(array("Q", [2 * cs])).ljust(cs, b"\0"))
+        # (one entry: no ``array``, whose import loads ``collections``: start-up, issue 20)
+        host.pwrite(cs, pack_be_u64_array(u64_run(2 * cs, 1, 0)).ljust(cs, b"\0"))
         blk = RefBlock(h.refcount_order, bytes(cs))
         for c in range(3):
             blk[c] = 1
@@ -256,6 +255,8 @@ def _preallocate_space(path: str | os.PathLike[str], h: Header, mode: str) -> No
     and only then allocates the L2 tables: the first one in the freed cluster of the old
     refcount table, the others after the data.  Invariant: every cluster the file uses
     has refcount 1 and everything else 0, so ``check`` finds no leaks."""
+    from array import array  # (here: a plain create does not load it)
+
     cs = h.cluster_size
     order = h.refcount_order
     per_block = refblock_entries(cs, order)

@@ -14,7 +14,7 @@ import struct
 from diskimg.errors import CorruptImageError, UsageError
 from diskimg.hostio import all_zero
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.cache import TableCache, be_u64_array, pack_be_u64_array
+from diskimg.qcow2.cache import TableCache, be_u64_table, pack_be_u64_array, u64_zeros
 from diskimg.qcow2.layout import QCOW_MAX_REFTABLE_SIZE, Header
 from diskimg.qcow2.refblock import REFT_OFFSET_MASK as REFT_OFFSET_MASK  # the codec, re-
 from diskimg.qcow2.refblock import _narrow_pos  # exported (check imports it alone)
@@ -152,7 +152,9 @@ class Refcounts:
         self.block_bits = header.cluster_bits + 3 - self.order  # log2(entries per block)
         raw = host.pread_exact(header.refcount_table_offset,
                                header.refcount_table_clusters * cs, "refcount table")
-        self.table = be_u64_array(raw)
+        # a native view, not an ``array`` (whose import loads ``collections``): a writer
+        # of a small image does not load them (start-up, issue 20)
+        self.table = be_u64_table(raw)
         self.blocks: TableCache[RefBlock] = TableCache(
             host, cs, lambda b: RefBlock(self.order, b), cache_tables, "refcount block")
         self.free_cluster_index = 0
@@ -444,9 +446,7 @@ class Refcounts:
         if table_size * 8 > QCOW_MAX_REFTABLE_SIZE:
             raise CorruptImageError("Refcount table would exceed the maximum size (8 MiB); "
                                     "image too large for this cluster size")
-        from array import array
-
-        new_table = array("Q", bytes(8 * table_size))
+        new_table = u64_zeros(table_size)
         keep = min(table_size, self._max_table_index() + 1, len(self.table))
         new_table[:keep] = self.table[:keep]
         if new_block:
