@@ -176,20 +176,9 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
 
         printer = QemuProgress(True, 1.0)
         printer.report(0.0, 100)  # qemu-img's first line, printed before it opens anything
-    # no cyclic garbage collection while the command runs: the imports of the copy engine
-    # and of the formats would set off several passes over every object made since
-    # start-up (about 4 % of a small convert's CPU, issue 20), and a copy makes no
-    # reference cycles worth collecting (its buffers and tables are freed by reference
-    # counting); the collector is enabled again when the command ends
-    import gc
-
-    collecting = gc.isenabled()
-    gc.disable()
     try:
         _convert(ctx, a, olist, out_fmt, sparse, rate, printer)
     finally:
-        if collecting:
-            gc.enable()
         if printer is not None:
             printer.end()  # after 100, or wherever a failure stopped it
     return 0
