@@ -18,14 +18,14 @@ from diskimg.device import Status
 from diskimg.errors import CorruptImageError
 from diskimg.plan import Run, RunKind
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2.cache import u64_run
+from diskimg.qcow2.cache import HOST_LITTLE_ENDIAN, u64_run
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.qcow2.image import Qcow2Image
 
 __all__ = ["check_data_offset", "cluster_type", "l2_location", "lookup",
-           "progression_end", "status", "unallocated_until"]
+           "progression_end", "runs", "status", "statuses", "unallocated_until"]
 
 _DATA, _ZERO, _UNALLOC, _COMPRESSED = (RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED,
                                        RunKind.COMPRESSED)
@@ -161,6 +161,112 @@ def lookup(img: Qcow2Image, offset: int, length: int) -> Run:
                ent, fname)
 
 
+#: each byte value -> 0 (zero) or 1 (non-zero): :func:`_breaks`' masks, searched with find
+_NONZERO = bytes(1) + b"\x01" * 255
+#: (entries, cluster size) -> lanes (big integers, entry ``j`` in bits 64j..64j+63) of
+#: ``cs``, of bits 0-62 (all but COPIED), of bits 56-61 and of bit 62 (COMPRESSED)
+_LANES: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+
+
+def _lanes(n: int, cs: int) -> tuple[int, int, int, int]:
+    lanes = _LANES.get((n, cs))
+    if lanes is None:
+        lanes = _LANES[(n, cs)] = tuple(  # type: ignore[assignment]
+            int.from_bytes(v.to_bytes(8, "little") * n, "little")
+            for v in (cs, (1 << 63) - 1, 0x3F << 56, 1 << 62))
+        assert lanes is not None
+    return lanes
+
+
+def _breaks(ents: memoryview, cs: int) -> tuple[bytes, bytes] | None:
+    """Where a standard L2 table's entries break the two kinds of run, for a whole table
+    at once (a few big-integer operations over its bytes, no Python work per entry):
+    ``(same, stepped)``, 8 bytes per entry, the 8 bytes of entry ``j`` non-zero where entry
+    ``j + 1`` differs from entry ``j`` (``same``) or, COPIED aside, from entry ``j`` plus
+    ``cs`` (``stepped``).  None on a big-endian host or when an entry that is not
+    compressed has a reserved bit of 56-61 set (adding ``cs`` could carry into a flag):
+    :func:`runs` then asks :func:`lookup`."""
+    if not HOST_LITTLE_ENDIAN:
+        return None
+    n = len(ents)
+    step, flagless, reserved, compressed = _lanes(n, cs)
+    x = int.from_bytes(ents.cast("B"), "little")  # entry j in bits 64j..64j+63
+    bad = x & reserved
+    if bad and bad & ~(((x & compressed) >> 6) * 0x3F):  # (compressed lanes' 56-61)
+        return None
+    size = 8 * n
+    same = (x ^ (x >> 64)).to_bytes(size, "little").translate(_NONZERO)
+    x &= flagless  # (lanes below 2**63: adding cs carries into no other lane)
+    stepped = ((x + step) ^ (x >> 64)).to_bytes(size, "little").translate(_NONZERO)
+    return same, stepped
+
+
+def runs(img: Qcow2Image, offset: int, length: int) -> list[Run]:
+    """The runs successive :func:`lookup` calls give from guest ``offset`` (over at most
+    ``length`` > 0 bytes) up to the end of its L2 table, found with one pass over the
+    table (:func:`_breaks`): the cost of a table's runs is a few big-integer operations
+    and one ``find`` and one :func:`_classify` per run, not a lookup each.  Every run
+    starts with :func:`_classify` of its first entry (so :func:`check_data_offset` checks
+    it); it goes on over the entries equal to the first (unallocated and zero runs) or to
+    the first plus ``k`` clusters (data and zero runs with a host cluster) and, where
+    the raw entries differ, over entries :func:`_classify` finds of the same kind, host
+    contiguous: :func:`lookup`'s rule."""
+    fname = img.data_file_name
+    return [Run(pos, n, kind, host, ent, fname)
+            for pos, n, kind, host, ent in _runs(img, offset, length)]
+
+
+def _runs(img: Qcow2Image, offset: int,
+          length: int) -> list[tuple[int, int, RunKind, int | None, int]]:
+    """:func:`runs` as (offset, length, kind, host, entry) tuples."""
+    cs = img.cs
+    cluster = offset >> img.cb
+    in_off = offset & (cs - 1)
+    _, l2_off = l2_location(img, cluster)
+    idx = cluster & (img.l2_entries - 1)
+    masks = None
+    if l2_off and not img.extended:
+        ents = img.l2_cache.get(l2_off).entries
+        masks = _breaks(ents, cs)
+    if masks is None:
+        r = lookup(img, offset, length)
+        return [(r.offset, r.length, r.kind, r.host, r.entry)]
+    same, stepped = masks
+    end = offset + min(length, (img.l2_entries - idx) * cs - in_off)
+    stop = idx + -(-(in_off + end - offset) // cs)  # past the last entry in range
+    base = (cluster - idx) << img.cb  # guest offset of entry 0 of this table
+    out = []
+    pos, i, skip = offset, idx, in_off
+    last = 8 * (stop - 1)  # (the breaks after entry stop - 1 are out of range)
+    ent = ents[i]
+    kind, host = _classify(img, ent, l2_off, i, base)
+    while True:
+        j = i + 1
+        k2: RunKind | None = None
+        if kind is not _COMPRESSED:
+            mask = same if host is None else stepped
+            while j < stop:
+                b = mask.find(1, 8 * j - 8, last)
+                if b < 0:
+                    j = stop
+                    break
+                j = (b >> 3) + 1  # entry j breaks the raw run: the same kind and host?
+                k2, h2 = _classify(img, ents[j], l2_off, j, base)
+                if k2 is not kind or h2 != (None if host is None else host + (j - i) * cs):
+                    break
+                k2 = None
+                j += 1
+        n = min((j - i) * cs - skip, end - pos)
+        out.append((pos, n, kind, None if host is None else host + skip, ent))
+        if j >= stop:
+            return out
+        pos, i, skip, ent = pos + n, j, 0, ents[j]
+        if k2 is None:  # (entry j is classified once: as the break, or here)
+            kind, host = _classify(img, ent, l2_off, j, base)
+        else:
+            kind, host = k2, h2
+
+
 def _lookup_ext(img: Qcow2Image, ents: memoryview, l2_off: int, idx: int, offset: int,
                 max_len: int) -> Run:
     """:func:`lookup` in an extended L2 table: runs of equal subclusters of one cluster."""
@@ -205,15 +311,34 @@ def unallocated_until(img: Qcow2Image, offset: int, end: int) -> int:
     return min(end, j * span)
 
 
+def statuses(img: Qcow2Image, offset: int, length: int) -> list[Status]:
+    """The block status of each of :func:`runs` (``BlockDevice._status_batch``), stopping
+    after one that :func:`status` shortened (a data run over a hole of a
+    metadata-preallocated file), the last one taken on past unallocated L2 tables."""
+    out = []
+    for pos, n, kind, host, _ in _runs(img, offset, length):
+        st = _status(img, kind, n, host)
+        out.append(st)
+        if st.length < n:
+            break
+    out[-1] = img._status_coarse(pos, offset + length - pos, out[-1])
+    return out
+
+
 def status(img: Qcow2Image, run: Run) -> Status:
     """QEMU's qcow2 block status of ``run`` (from :func:`lookup`): host offsets are
     valid for data, zero-allocated and allocated-but-unused subclusters, never for
     compressed or encrypted clusters; with a metadata-preallocated image (see
     ``Qcow2Image.metadata_preallocation``) a DATA run over holes of the host file is
     split there, the holes reading as zeros."""
+    return _status(img, run.kind, run.length, run.host)
+
+
+def _status(img: Qcow2Image, kind: RunKind, n: int, host: int | None) -> Status:
+    """:func:`status` of a run of ``kind``, ``n`` bytes from ``host``."""
     fname = img.data_file_name or img.filename  # the image as named (./x stays)
-    host = None if img.header.crypt_method else run.host
-    kind, n = run.kind, run.length
+    if img.header.crypt_method:
+        host = None
     if kind is _DATA:
         if host is None:
             return Status(n, True, True, False)
