@@ -161,50 +161,78 @@ def lookup(img: Qcow2Image, offset: int, length: int) -> Run:
                ent, fname)
 
 
-#: each byte value -> 0 (zero) or 1 (non-zero): :func:`_breaks`' masks, searched with find
+#: each byte value -> 0 (zero) or 1 (non-zero): :class:`_Breaks`' masks, searched with find
 _NONZERO = bytes(1) + b"\x01" * 255
 #: (entries, cluster size) -> lanes (big integers, entry ``j`` in bits 64j..64j+63) of
 #: ``cs``, of bits 0-62 (all but COPIED), of bits 56-61 and of bit 62 (COMPRESSED)
 _LANES: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
 
-def _lanes(n: int, cs: int) -> tuple[int, int, int, int]:
-    lanes = _LANES.get((n, cs))
-    if lanes is None:
-        lanes = _LANES[(n, cs)] = tuple(  # type: ignore[assignment]
-            int.from_bytes(v.to_bytes(8, "little") * n, "little")
-            for v in (cs, (1 << 63) - 1, 0x3F << 56, 1 << 62))
-        assert lanes is not None
-    return lanes
+class _Breaks:
+    """Where a standard L2 table's entries break a run, for the whole table at once (a
+    few big-integer and bytes operations over its bytes, each made when first needed, no
+    Python work per entry): bytes masks, 8 per entry, searched with ``find(1)``.
 
+    :meth:`mask` of a run's first entry ``ent`` (and its host offset, None for none) is
+    ``(mask, d)``: the first byte ``b`` of ``mask`` at or after ``8 * (j - d)`` that is
+    non-zero makes entry ``(b >> 3) + d`` the first from ``j`` on that is not what the
+    raw run expects: not zero (a run of zero entries), not equal to its predecessor (a run
+    of equal entries), or, COPIED aside, not its predecessor plus ``cs`` (host-contiguous
+    runs).  None for the last kind when an entry that is not compressed has a reserved bit
+    of 56-61 set (adding ``cs`` could carry into a flag), or on a big-endian host: that
+    run is :func:`lookup`'s."""
 
-def _breaks(ents: memoryview, cs: int) -> tuple[bytes, bytes] | None:
-    """Where a standard L2 table's entries break the two kinds of run, for a whole table
-    at once (a few big-integer operations over its bytes, no Python work per entry):
-    ``(same, stepped)``, 8 bytes per entry, the 8 bytes of entry ``j`` non-zero where entry
-    ``j + 1`` differs from entry ``j`` (``same``) or, COPIED aside, from entry ``j`` plus
-    ``cs`` (``stepped``).  None on a big-endian host or when an entry that is not
-    compressed has a reserved bit of 56-61 set (adding ``cs`` could carry into a flag):
-    :func:`runs` then asks :func:`lookup`."""
-    if not HOST_LITTLE_ENDIAN:
-        return None
-    n = len(ents)
-    step, flagless, reserved, compressed = _lanes(n, cs)
-    x = int.from_bytes(ents.cast("B"), "little")  # entry j in bits 64j..64j+63
-    bad = x & reserved
-    if bad and bad & ~(((x & compressed) >> 6) * 0x3F):  # (compressed lanes' 56-61)
-        return None
-    size = 8 * n
-    same = (x ^ (x >> 64)).to_bytes(size, "little").translate(_NONZERO)
-    x &= flagless  # (lanes below 2**63: adding cs carries into no other lane)
-    stepped = ((x + step) ^ (x >> 64)).to_bytes(size, "little").translate(_NONZERO)
-    return same, stepped
+    __slots__ = ("ents", "cs", "x", "zero", "same", "stepped")
+
+    def __init__(self, ents: memoryview, cs: int) -> None:
+        self.ents, self.cs = ents, cs
+        self.x: int | None = None
+        self.zero: bytes | None = None
+        self.same: bytes | None = None
+        self.stepped: bytes | None = None
+
+    def _int(self) -> int:
+        if self.x is None:
+            self.x = int.from_bytes(self.ents.cast("B"), "little")
+        return self.x
+
+    def mask(self, ent: int, host: int | None) -> tuple[bytes | None, int]:
+        if not HOST_LITTLE_ENDIAN:
+            return None, 0
+        if host is None and not ent:
+            if self.zero is None:
+                self.zero = bytes(self.ents.cast("B")).translate(_NONZERO)
+            return self.zero, 0
+        size = 8 * len(self.ents)
+        if host is None:
+            if self.same is None:
+                x = self._int()
+                self.same = (x ^ (x >> 64)).to_bytes(size, "little").translate(_NONZERO)
+            return self.same, 1
+        if self.stepped is None:
+            n, cs = len(self.ents), self.cs
+            lanes = _LANES.get((n, cs))
+            if lanes is None:
+                lanes = _LANES[(n, cs)] = tuple(  # type: ignore[assignment]
+                    int.from_bytes(v.to_bytes(8, "little") * n, "little")
+                    for v in (cs, (1 << 63) - 1, 0x3F << 56, 1 << 62))
+                assert lanes is not None
+            step, flagless, reserved, compressed = lanes
+            x = self._int()
+            bad = x & reserved
+            if bad and bad & ~(((x & compressed) >> 6) * 0x3F):  # (compressed: 56-61)
+                self.stepped = b""
+            else:
+                x &= flagless  # (lanes below 2**63: adding cs carries into no other)
+                self.stepped = ((x + step) ^ (x >> 64)).to_bytes(size, "little") \
+                    .translate(_NONZERO)
+        return self.stepped or None, 1
 
 
 def runs(img: Qcow2Image, offset: int, length: int) -> list[Run]:
     """The runs successive :func:`lookup` calls give from guest ``offset`` (over at most
     ``length`` > 0 bytes) up to the end of its L2 table, found with one pass over the
-    table (:func:`_breaks`): the cost of a table's runs is a few big-integer operations
+    table (:class:`_Breaks`): the cost of a table's runs is a few big-integer operations
     and one ``find`` and one :func:`_classify` per run, not a lookup each.  Every run
     starts with :func:`_classify` of its first entry (so :func:`check_data_offset` checks
     it); it goes on over the entries equal to the first (unallocated and zero runs) or to
@@ -224,40 +252,44 @@ def _runs(img: Qcow2Image, offset: int,
     in_off = offset & (cs - 1)
     _, l2_off = l2_location(img, cluster)
     idx = cluster & (img.l2_entries - 1)
-    masks = None
-    if l2_off and not img.extended:
-        ents = img.l2_cache.get(l2_off).entries
-        masks = _breaks(ents, cs)
-    if masks is None:
+    if not l2_off or img.extended:
         r = lookup(img, offset, length)
         return [(r.offset, r.length, r.kind, r.host, r.entry)]
-    same, stepped = masks
+    ents = img.l2_cache.get(l2_off).entries
+    breaks = _Breaks(ents, cs)
     end = offset + min(length, (img.l2_entries - idx) * cs - in_off)
     stop = idx + -(-(in_off + end - offset) // cs)  # past the last entry in range
     base = (cluster - idx) << img.cb  # guest offset of entry 0 of this table
     out = []
     pos, i, skip = offset, idx, in_off
-    last = 8 * (stop - 1)  # (the breaks after entry stop - 1 are out of range)
     ent = ents[i]
     kind, host = _classify(img, ent, l2_off, i, base)
     while True:
         j = i + 1
         k2: RunKind | None = None
-        if kind is not _COMPRESSED:
-            mask = same if host is None else stepped
-            while j < stop:
-                b = mask.find(1, 8 * j - 8, last)
-                if b < 0:
-                    j = stop
-                    break
-                j = (b >> 3) + 1  # entry j breaks the raw run: the same kind and host?
-                k2, h2 = _classify(img, ents[j], l2_off, j, base)
-                if k2 is not kind or h2 != (None if host is None else host + (j - i) * cs):
-                    break
-                k2 = None
-                j += 1
-        n = min((j - i) * cs - skip, end - pos)
-        out.append((pos, n, kind, None if host is None else host + skip, ent))
+        mask, d = (None, 0) if kind is _COMPRESSED else breaks.mask(ent, host)
+        if mask is None and kind is not _COMPRESSED:
+            n = lookup(img, pos, end - pos).length
+            host = None if host is None else host + skip
+            j = i + -(-(skip + n) // cs)
+        else:
+            if mask is not None:
+                last = 8 * (stop - d)  # (breaks past entry stop - 1 are out of range)
+                while j < stop:
+                    b = mask.find(1, 8 * (j - d), last)
+                    if b < 0:
+                        j = stop
+                        break
+                    j = (b >> 3) + d  # entry j breaks the raw run: same kind and host?
+                    k2, h2 = _classify(img, ents[j], l2_off, j, base)
+                    if k2 is not kind or h2 != (None if host is None else
+                                                host + (j - i) * cs):
+                        break
+                    k2 = None
+                    j += 1
+            n = min((j - i) * cs - skip, end - pos)
+            host = None if host is None else host + skip
+        out.append((pos, n, kind, host, ent))
         if j >= stop:
             return out
         pos, i, skip, ent = pos + n, j, 0, ents[j]
