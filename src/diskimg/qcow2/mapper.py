@@ -176,40 +176,48 @@ class _Breaks:
     :meth:`mask` of a run's first entry ``ent`` (and its host offset, None for none) is
     ``(mask, d)``: the first byte ``b`` of ``mask`` at or after ``8 * (j - d)`` that is
     non-zero makes entry ``(b >> 3) + d`` the first from ``j`` on that is not what the
-    raw run expects: not zero (a run of zero entries), not equal to its predecessor (a run
-    of equal entries), or, COPIED aside, not its predecessor plus ``cs`` (host-contiguous
-    runs).  None for the last kind when an entry that is not compressed has a reserved bit
-    of 56-61 set (adding ``cs`` could carry into a flag), or on a big-endian host: that
-    run is :func:`lookup`'s."""
+    raw run expects: not zero (:meth:`nonzero`, a run of zero entries), not equal to its
+    predecessor (:meth:`same`, a run of equal entries), or, COPIED aside, not its
+    predecessor plus ``cs`` (:meth:`stepped`, host-contiguous runs).  None on a big-endian
+    host, and for :meth:`stepped` when an entry that is not compressed has a reserved bit
+    of 56-61 set (adding ``cs`` could carry into a flag): that run is :func:`lookup`'s."""
 
-    __slots__ = ("ents", "cs", "x", "zero", "same", "stepped")
+    __slots__ = ("ents", "cs", "x", "_nonzero", "_same", "_stepped")
 
     def __init__(self, ents: memoryview, cs: int) -> None:
         self.ents, self.cs = ents, cs
         self.x: int | None = None
-        self.zero: bytes | None = None
-        self.same: bytes | None = None
-        self.stepped: bytes | None = None
+        self._nonzero: bytes | None = None
+        self._same: bytes | None = None
+        self._stepped: bytes | None = None
 
-    def _int(self) -> int:
+    def value(self) -> int:
+        """The table as one integer, entry ``j`` in bits 64j..64j+63 (little-endian host)."""
         if self.x is None:
             self.x = int.from_bytes(self.ents.cast("B"), "little")
         return self.x
 
     def mask(self, ent: int, host: int | None) -> tuple[bytes | None, int]:
-        if not HOST_LITTLE_ENDIAN:
-            return None, 0
-        if host is None and not ent:
-            if self.zero is None:
-                self.zero = bytes(self.ents.cast("B")).translate(_NONZERO)
-            return self.zero, 0
-        size = 8 * len(self.ents)
-        if host is None:
-            if self.same is None:
-                x = self._int()
-                self.same = (x ^ (x >> 64)).to_bytes(size, "little").translate(_NONZERO)
-            return self.same, 1
-        if self.stepped is None:
+        if host is not None:
+            return self.stepped(), 1
+        if ent:
+            return self.same(), 1
+        return self.nonzero(), 0
+
+    def nonzero(self) -> bytes | None:
+        if self._nonzero is None and HOST_LITTLE_ENDIAN:
+            self._nonzero = bytes(self.ents.cast("B")).translate(_NONZERO)
+        return self._nonzero
+
+    def same(self) -> bytes | None:
+        if self._same is None and HOST_LITTLE_ENDIAN:
+            x = self.value()
+            self._same = (x ^ (x >> 64)).to_bytes(8 * len(self.ents), "little") \
+                .translate(_NONZERO)
+        return self._same
+
+    def stepped(self) -> bytes | None:
+        if self._stepped is None and HOST_LITTLE_ENDIAN:
             n, cs = len(self.ents), self.cs
             lanes = _LANES.get((n, cs))
             if lanes is None:
@@ -218,15 +226,15 @@ class _Breaks:
                     for v in (cs, (1 << 63) - 1, 0x3F << 56, 1 << 62))
                 assert lanes is not None
             step, flagless, reserved, compressed = lanes
-            x = self._int()
+            x = self.value()
             bad = x & reserved
             if bad and bad & ~(((x & compressed) >> 6) * 0x3F):  # (compressed: 56-61)
-                self.stepped = b""
+                self._stepped = b""
             else:
                 x &= flagless  # (lanes below 2**63: adding cs carries into no other)
-                self.stepped = ((x + step) ^ (x >> 64)).to_bytes(size, "little") \
+                self._stepped = ((x + step) ^ (x >> 64)).to_bytes(8 * n, "little") \
                     .translate(_NONZERO)
-        return self.stepped or None, 1
+        return self._stepped or None
 
 
 def runs(img: Qcow2Image, offset: int, length: int) -> list[Run]:

@@ -66,8 +66,8 @@ class _Copied(_Walk):
             raw = self.pread(l2_off, self.cs)
             if all_zero(raw):
                 continue
-            hosts = self._plain_hosts(raw)
-            if hosts is not None and self._all_copied_once(raw, hosts):
+            runs = self._plain_runs(l2_off, raw)
+            if runs is not None and self._runs_copied_once(raw, runs):
                 continue
             tab = be_u64_table(raw)
             dirty = 0
