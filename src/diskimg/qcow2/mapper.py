@@ -356,8 +356,10 @@ def statuses(img: Qcow2Image, offset: int, length: int) -> list[Status]:
     after one that :func:`status` shortened (a data run over a hole of a
     metadata-preallocated file), the last one taken on past unallocated L2 tables."""
     out = []
+    fname = img.data_file_name or img.filename
+    crypt = img.header.crypt_method
     for pos, n, kind, host, _ in _runs(img, offset, length):
-        st = _status(img, kind, n, host)
+        st = _status(img, kind, n, None if crypt else host, fname)
         out.append(st)
         if st.length < n:
             break
@@ -371,14 +373,15 @@ def status(img: Qcow2Image, run: Run) -> Status:
     compressed or encrypted clusters; with a metadata-preallocated image (see
     ``Qcow2Image.metadata_preallocation``) a DATA run over holes of the host file is
     split there, the holes reading as zeros."""
-    return _status(img, run.kind, run.length, run.host)
+    host = None if img.header.crypt_method else run.host
+    return _status(img, run.kind, run.length, host, img.data_file_name or img.filename)
 
 
-def _status(img: Qcow2Image, kind: RunKind, n: int, host: int | None) -> Status:
-    """:func:`status` of a run of ``kind``, ``n`` bytes from ``host``."""
-    fname = img.data_file_name or img.filename  # the image as named (./x stays)
-    if img.header.crypt_method:
-        host = None
+def _status(img: Qcow2Image, kind: RunKind, n: int, host: int | None,
+            fname: str) -> Status:
+    """:func:`status` of a run of ``kind``, ``n`` bytes from ``host`` (None in an
+    encrypted image) in the file named ``fname`` (the image's as named, ./x stays, or
+    its data file's)."""
     if kind is _DATA:
         if host is None:
             return Status(n, True, True, False)
