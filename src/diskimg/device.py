@@ -508,12 +508,13 @@ class BlockDevice:
         end = self.size if length is None else min(self.size, offset + length)
         pending: MapEntry | None = None
         pos = offset
+        alone = self.backing is None
         while pos < end:
             self._check_open()
             for top in self._status_batch(pos, end - pos):
-                stop = pos + max(1, top.length)  # (no bytes: the assertion below)
+                stop = pos + (top.length if top.length > 0 else 1)  # (0: asserted below)
                 while pos < stop:  # what block_status(pos, coarse=True) answers
-                    st, depth = (top, 0) if top.allocated or self.backing is None else \
+                    st, depth = (top, 0) if alone or top.allocated else \
                         self.block_status(pos, stop - pos, coarse=True)
                     if st.length <= 0:
                         raise AssertionError("block status made no progress")

@@ -173,12 +173,11 @@ class _Breaks:
     few big-integer and bytes operations over its bytes, each made when first needed, no
     Python work per entry): bytes masks, 8 per entry, searched with ``find(1)``.
 
-    :meth:`mask` of a run's first entry ``ent`` (and its host offset, None for none) is
-    ``(mask, d)``: the first byte ``b`` of ``mask`` at or after ``8 * (j - d)`` that is
-    non-zero makes entry ``(b >> 3) + d`` the first from ``j`` on that is not what the
-    raw run expects: not zero (:meth:`nonzero`, a run of zero entries), not equal to its
-    predecessor (:meth:`same`, a run of equal entries), or, COPIED aside, not its
-    predecessor plus ``cs`` (:meth:`stepped`, host-contiguous runs).  None on a big-endian
+    The first non-zero byte ``b`` of a mask at or after ``8 * (j - d)`` makes entry
+    ``(b >> 3) + d`` the first from ``j`` on that is not what the raw run expects: not
+    zero (:meth:`nonzero`, ``d`` 0: a run of zero entries), not equal to its predecessor
+    (:meth:`same`, ``d`` 1: a run of equal entries), or, COPIED aside, not its predecessor
+    plus ``cs`` (:meth:`stepped`, ``d`` 1: host-contiguous runs).  None on a big-endian
     host, and for :meth:`stepped` when an entry that is not compressed has a reserved bit
     of 56-61 set (adding ``cs`` could carry into a flag): that run is :func:`lookup`'s."""
 
@@ -196,13 +195,6 @@ class _Breaks:
         if self.x is None:
             self.x = int.from_bytes(self.ents.cast("B"), "little")
         return self.x
-
-    def mask(self, ent: int, host: int | None) -> tuple[bytes | None, int]:
-        if host is not None:
-            return self.stepped(), 1
-        if ent:
-            return self.same(), 1
-        return self.nonzero(), 0
 
     def nonzero(self) -> bytes | None:
         if self._nonzero is None and HOST_LITTLE_ENDIAN:
@@ -272,16 +264,31 @@ def _runs(img: Qcow2Image, offset: int,
     pos, i, skip = offset, idx, in_off
     ent = ents[i]
     kind, host = _classify(img, ent, l2_off, i, base)
+    step_m = same_m = zero_m = None  # (each made on first use; b"": unavailable)
     while True:
         j = i + 1
         k2: RunKind | None = None
-        mask, d = (None, 0) if kind is _COMPRESSED else breaks.mask(ent, host)
-        if mask is None and kind is not _COMPRESSED:
+        mask, d = None, 1
+        if kind is _COMPRESSED:
+            pass
+        elif host is not None:
+            if step_m is None:
+                step_m = breaks.stepped() or b""
+            mask = step_m
+        elif ent:
+            if same_m is None:
+                same_m = breaks.same() or b""
+            mask = same_m
+        else:
+            if zero_m is None:
+                zero_m = breaks.nonzero() or b""
+            mask, d = zero_m, 0
+        if not mask and kind is not _COMPRESSED:
             n = lookup(img, pos, end - pos).length
             host = None if host is None else host + skip
             j = i + -(-(skip + n) // cs)
         else:
-            if mask is not None:
+            if mask:
                 last = 8 * (stop - d)  # (breaks past entry stop - 1 are out of range)
                 while j < stop:
                     b = mask.find(1, 8 * (j - d), last)

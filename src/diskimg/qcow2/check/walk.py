@@ -98,12 +98,12 @@ class _Walk(_Stored):
             return None  # (a cluster at or past the end of the file: the full check)
         return runs
 
-    def _ones(self, n: int) -> memoryview:
-        """``n`` refcounts of 1, in the form of :attr:`imrt`."""
-        if len(self._ones_buf) < n:
+    def _ones(self) -> memoryview:
+        """An L2 table's worth of refcounts of 1, in the form of :attr:`imrt`."""
+        if not len(self._ones_buf):
             one = (1).to_bytes(self.itemsize, sys.byteorder)
             self._ones_buf = memoryview(bytearray(one * self.l2_size)).cast(self.tc)
-        return self._ones_buf[:n]
+        return self._ones_buf
 
     def _count_runs(self, runs: list[tuple[int, int]], frag: bool) -> None:
         """check_l2 for a table of plain data clusters (:meth:`_plain_runs`): one
@@ -114,11 +114,12 @@ class _Walk(_Stored):
         need = max(c + k for c, k in runs)
         if need > self.nb:
             self.grow_imrt(need)
-        imrt, cb = self.imrt, self.cbits
+        imrt, cb, ones = self.imrt, self.cbits, self._ones()
+        zeros = self.zeros(self.l2_size)
         nxt, frags, total = runs[0][0], 0, 0
         for c, k in runs:
-            if all_zero(imrt[c : c + k]):
-                imrt[c : c + k] = self._ones(k)
+            if imrt[c : c + k] == zeros[:k]:
+                imrt[c : c + k] = ones[:k]
             else:
                 self.inc(c << cb, k << cb, "data")
             frags += c != nxt
@@ -136,13 +137,16 @@ class _Walk(_Stored):
         side effect but filling the block cache."""
         if raw[::8].count(0x80) != sum(k for _, k in runs):
             return False
-        rb_bits, m = self.rb_bits, self.rb_entries - 1
+        rb_bits, m, ones = self.rb_bits, self.rb_entries - 1, self._ones()
+        cur, blk = -1, None
         for c, k in runs:
             while k:
                 i = c & m
                 piece = min(k, m + 1 - i)
-                blk = self.refblock(c >> rb_bits, quiet=True)
-                if blk is None or blk[i : i + piece] != self._ones(piece):
+                if c >> rb_bits != cur:
+                    cur = c >> rb_bits
+                    blk = self.refblock(cur, quiet=True)
+                if blk is None or blk[i : i + piece] != ones[:piece]:
                     return False
                 c, k = c + piece, k - piece
         return True
