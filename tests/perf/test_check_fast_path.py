@@ -17,7 +17,7 @@ import pytest
 from qemukit import QEMU
 
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2.check import copied as C_copied
+from diskimg.qcow2.check import refcounts as C_copied
 from diskimg.qcow2.check import walk as C
 
 QEMU_IMG = shutil.which("qemu-img")

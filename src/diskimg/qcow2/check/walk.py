@@ -19,7 +19,7 @@ from diskimg.qcow2.check.state import (
     _ZERO_ALLOC,
     _hexc,
 )
-from diskimg.qcow2.check.stored import _Stored
+from diskimg.qcow2.check.state import _Stored
 from diskimg.qcow2.entries import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
