@@ -70,16 +70,17 @@ class _Walk(_Stored):
         return runs
 
     def _find_plain_runs(self, raw: bytes) -> list[tuple[int, int]] | None:
-        ents = be_u64_table(raw)
-        n = len(ents)
-        breaks = _Breaks(ents, self.cs)
+        n = len(raw) // 8
+        breaks = _Breaks(raw, self.cs, big=True)  # (the bytes as read: no decode)
         bad = self._l2_bad_bits
         if bad is None:
             lane = ((1 << 63) - (1 << 56)) | (self.cs - 1)
             bad = self._l2_bad_bits = int.from_bytes(lane.to_bytes(8, "little") * n,
                                                      "little")
+        if breaks.value() & bad:
+            return None
         nonzero, stepped = breaks.nonzero(), breaks.stepped()
-        if nonzero is None or stepped is None or breaks.value() & bad:
+        if stepped is None:
             return None
         cb = self.cbits
         runs = []
@@ -89,7 +90,7 @@ class _Walk(_Stored):
             j = b >> 3  # a run from entry j, to before entry e
             b = stepped.find(1, 8 * j, last)
             e = n if b < 0 else (b >> 3) + 1
-            first = ents[j] & L2E_OFFSET_MASK
+            first = int.from_bytes(raw[8 * j : 8 * j + 8], "big") & L2E_OFFSET_MASK
             if not first:  # COPIED alone (no host offset), first in its run
                 return None
             runs.append((first >> cb, e - j))
