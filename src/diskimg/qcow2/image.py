@@ -348,8 +348,7 @@ class Qcow2Image(BlockDevice):
     def _check_data_offset(self, host_off: int, l2_off: int, idx: int, guest: int) -> None:
         mapper.check_data_offset(self, host_off, l2_off, idx, guest)  # (see there)
 
-    def _cluster_type(self, ent: int) -> int:
-        """:func:`entries.cluster_type` with this image's extended-L2 and data-file flags."""
+    def _cluster_type(self, ent: int) -> int:  # (with this image's ext-L2, data-file flags)
         return mapper.cluster_type(self, ent)
 
     @property
@@ -389,8 +388,9 @@ class Qcow2Image(BlockDevice):
         return mapper.statuses(self, offset, length)  # a whole L2 table's runs (map)
 
     def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
-        """qemu-img map's entries (see :meth:`BlockDevice.map`), of the image flushed first
-        after changes: qemu-img map's of the file (see :attr:`metadata_preallocation`)."""
+        """qemu-img map's entries (see :meth:`BlockDevice.map`).  After changes the image
+        is flushed first, so the entries are what qemu-img map reports for the file and
+        what map() reports after reopening it (see :attr:`metadata_preallocation`)."""
         self._check_open()
         if self._changed_since_map and not self.read_only:
             self.flush()
