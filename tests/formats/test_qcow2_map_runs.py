@@ -174,7 +174,7 @@ def test_reserved_bit_leaves_the_table_to_lookup(tmp_path: Path, qemu: Qemu) -> 
     with diskimg.open(img) as dev:
         assert isinstance(dev, Qcow2Image)
         ents = dev.l2_cache.get(mapper.l2_location(dev, (4 << 20) // CS)[1]).entries
-        assert mapper._Breaks(ents, CS).stepped() is None
+        assert mapper.TableBreaks(ents, CS).stepped() is None
     _assert_runs_as_lookups(img)
 
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from diskimg.qcow2.image import Qcow2Image
 
-__all__ = ["check_data_offset", "cluster_type", "l2_location", "lookup",
+__all__ = ["TableBreaks", "check_data_offset", "cluster_type", "l2_location", "lookup",
            "progression_end", "runs", "status", "statuses", "unallocated_until"]
 
 _DATA, _ZERO, _UNALLOC, _COMPRESSED = (RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED,
@@ -163,14 +163,14 @@ def lookup(img: Qcow2Image, offset: int, length: int) -> Run:
                ent, fname)
 
 
-#: each byte value -> 0 (zero) or 1 (non-zero): :class:`_Breaks`' masks, searched with find
+#: each byte value -> 0 (zero) or 1 (non-zero): :class:`TableBreaks`' masks, found with find
 _NONZERO = bytes(1) + b"\x01" * 255
 #: (entries, cluster size) -> lanes (big integers, entry ``j`` in bits 64j..64j+63) of
 #: ``cs``, of bits 0-62 (all but COPIED), of bits 56-61 and of bit 62 (COMPRESSED)
 _LANES: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
 
-class _Breaks:
+class TableBreaks:
     """Where a standard L2 table's entries break a run, for the whole table at once (a
     few big-integer and bytes operations over its bytes, each made when first needed, no
     Python work per entry): bytes masks, 8 per entry, searched with ``find(1)``.
@@ -248,7 +248,7 @@ class _Breaks:
 def runs(img: Qcow2Image, offset: int, length: int) -> list[Run]:
     """The runs successive :func:`lookup` calls give from guest ``offset`` (over at most
     ``length`` > 0 bytes) up to the end of its L2 table, found with one pass over the
-    table (:class:`_Breaks`): the cost of a table's runs is a few big-integer operations
+    table (:class:`TableBreaks`): the cost of a table's runs is a few big-integer operations
     and one ``find`` and one :func:`_classify` per run, not a lookup each.  Every run
     starts with :func:`_classify` of its first entry (so :func:`check_data_offset` checks
     it); it goes on over the entries equal to the first (unallocated and zero runs) or to
@@ -272,7 +272,7 @@ def _runs(img: Qcow2Image, offset: int,
         r = lookup(img, offset, length)
         return [(r.offset, r.length, r.kind, r.host, r.entry)]
     ents = img.l2_cache.get(l2_off).entries
-    breaks = _Breaks(ents, cs)
+    breaks = TableBreaks(ents, cs)
     end = offset + min(length, (img.l2_entries - idx) * cs - in_off)
     stop = idx + -(-(in_off + end - offset) // cs)  # past the last entry in range
     base = (cluster - idx) << img.cb  # guest offset of entry 0 of this table
