@@ -128,7 +128,6 @@ def _second_table(img: Path) -> None:
 
 CASES: dict[str, tuple[dict[str, object], Callable[[Path], None] | None]] = {
     "shared-cluster-one-table": ({}, _duplicate_entry(0, 40)),
-    "shared-cluster-after-its-run": ({}, _duplicate_entry(0, 16)),
     "shared-cluster-two-tables": ({}, _second_table),
     "refcount-bits-1-overflow": ({"refbits": 1}, _duplicate_entry(0, 40)),
     "clean": ({}, None),
