@@ -154,15 +154,20 @@ class BlockDevice:
         most ``end``), when the format knows it cheaply; ``offset`` when it does not."""
         return offset
 
-    def _status_coarse(self, offset: int, length: int) -> Status:
-        """:meth:`_status`, an unallocated run taken on past the format's table
-        boundaries (see :meth:`_unallocated_until`)."""
-        st = self._status(offset, length)
+    def _status_coarse(self, offset: int, length: int, st: Status | None = None) -> Status:
+        """:meth:`_status` (or ``st``, its answer), an unallocated run taken on past the
+        format's table boundaries (see :meth:`_unallocated_until`)."""
+        st = self._status(offset, length) if st is None else st
         if not st.allocated and st.length < length:
             more = self._unallocated_until(offset + st.length, offset + length) - offset
             if more > st.length:
                 st = Status(more, st.allocated, st.data, st.zero, st.offset, st.filename)
         return st
+
+    def _status_batch(self, offset: int, length: int) -> list[Status]:
+        """:meth:`_status_coarse` of one or more successive runs from ``offset``: what
+        :meth:`map` asks for (qcow2 answers a whole L2 table of runs at once)."""
+        return [self._status_coarse(offset, length)]
 
     def _flush(self) -> None:
         pass
@@ -523,21 +528,27 @@ class BlockDevice:
         end = self.size if length is None else min(self.size, offset + length)
         pending: MapEntry | None = None
         pos = offset
+        alone = self.backing is None
         while pos < end:
-            st, depth = self.block_status(pos, end - pos, coarse=True)
-            if st.length <= 0:
-                raise AssertionError("block status made no progress")
-            e = MapEntry(pos, st.length, depth, st.allocated, st.zero, st.data, st.offset,
-                         st.filename)
-            if pending is not None and mergeable(pending, e):
-                pending = MapEntry(pending.start, pending.length + e.length, pending.depth,
-                                   pending.present, pending.zero, pending.data,
-                                   pending.offset, pending.filename)
-            else:
-                if pending is not None:
-                    yield pending
-                pending = e
-            pos += st.length
+            self._check_open()
+            for top in self._status_batch(pos, end - pos):
+                stop = pos + (top.length if top.length > 0 else 1)  # (0: asserted below)
+                while pos < stop:  # what block_status(pos, coarse=True) answers
+                    st, depth = (top, 0) if alone or top.allocated else \
+                        self.block_status(pos, stop - pos, coarse=True)
+                    if st.length <= 0:
+                        raise AssertionError("block status made no progress")
+                    e = MapEntry(pos, st.length, depth, st.allocated, st.zero, st.data,
+                                 st.offset, st.filename)
+                    if pending is not None and mergeable(pending, e):
+                        pending = MapEntry(pending.start, pending.length + e.length,
+                                           pending.depth, pending.present, pending.zero,
+                                           pending.data, pending.offset, pending.filename)
+                    else:
+                        if pending is not None:
+                            yield pending
+                        pending = e
+                    pos += st.length
         if pending is not None:
             yield pending
 

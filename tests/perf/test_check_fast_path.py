@@ -17,7 +17,7 @@ import pytest
 from qemukit import QEMU
 
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2.check import copied as C_copied
+from diskimg.qcow2.check import refcounts as C_copied
 from diskimg.qcow2.check import walk as C
 
 QEMU_IMG = shutil.which("qemu-img")
@@ -94,7 +94,42 @@ def _reftable_entry(index_from_end: int, value: Callable[[int], int]) -> Callabl
     return damage
 
 
+def _l2_slot(img: Path, l1_index: int, index: int) -> int:
+    """File offset of entry ``index`` of the L2 table of L1 entry ``l1_index``."""
+    with open(img, "rb") as f:
+        hdr = f.read(104)
+        l1_off = struct.unpack_from(">Q", hdr, 40)[0]
+        f.seek(l1_off + 8 * l1_index)
+        return (struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00) + 8 * index
+
+
+def _duplicate_entry(l1_index: int, index: int) -> Callable[[Path], None]:
+    """Entry ``index`` of L1 entry ``l1_index``'s L2 table becomes a copy of entry 5 of
+    the first table (a cluster referenced twice: refcount 1 too low, COPIED wrong; with
+    1-bit refcounts an overflow)."""
+    def damage(img: Path) -> None:
+        src, dst = _l2_slot(img, 0, 5), _l2_slot(img, l1_index, index)
+        with open(img, "r+b") as f:
+            f.seek(src)
+            ent = f.read(8)
+            f.seek(dst)
+            f.write(ent)
+    return damage
+
+
+def _second_table(img: Path) -> None:
+    """A second L2 table (guest 512 MiB on), plain, whose entry 3 is a copy of entry 5
+    of the first table."""
+    QEMU.img("resize", "-q", img, "1G")
+    subprocess.run([QEMU_IO, "-f", "qcow2", "-c", "write -P 7 512M 1M", img], check=True,
+                   capture_output=True)
+    _duplicate_entry(1, 3)(img)
+
+
 CASES: dict[str, tuple[dict[str, object], Callable[[Path], None] | None]] = {
+    "shared-cluster-one-table": ({}, _duplicate_entry(0, 40)),
+    "shared-cluster-two-tables": ({}, _second_table),
+    "refcount-bits-1-overflow": ({"refbits": 1}, _duplicate_entry(0, 40)),
     "clean": ({}, None),
     "fragmented": ({"backwards": True}, None),
     "snapshot": ({"snapshot": True}, None),

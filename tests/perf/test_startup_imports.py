@@ -112,7 +112,7 @@ RAW_READ = OPEN_READ | {"diskimg.raw", "diskimg.options"}  # raw's offset/size o
 #: ``check`` of a qcow2 without snapshots or bitmaps that finds nothing: the counting
 #: passes only (no overlap protection, written for repairs, no snapshot-table reader)
 QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
-               ("copied", "refcounts", "state", "stored", "walk")} | {
+               ("refcounts", "state", "walk")} | {
     "diskimg.qcow2.check", "diskimg.check_report", "diskimg.qcow2.refblock"}
 #: ... and what a plain check must not load: repair and snapshot code, the bitmap modules,
 #: the JSON/--output writer (the human lines are the report's own), the allocator (only

@@ -66,14 +66,14 @@ def _valid_text(obj: Any) -> Any:
 # --- map ----------------------------------------------------------------------------
 
 
-def _b(v: bool) -> str:
-    return "true" if v else "false"
+_JSON_BOOL = {True: "true", False: "false"}
 
 
 def map_entry_json(e: MapEntry) -> str:
     """One ``map --output=json`` entry on one line, qemu's spacing."""
+    b = _JSON_BOOL
     s = (f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth}, '
-         f'"present": {_b(e.present)}, "zero": {_b(e.zero)}, "data": {_b(e.data)}')
+         f'"present": {b[e.present]}, "zero": {b[e.zero]}, "data": {b[e.data]}')
     if e.offset is not None:
         s += f', "offset": {e.offset}'
     return s + "}"

@@ -337,18 +337,15 @@ class Qcow2Image(BlockDevice):
         (None, None) without a backing file, format None when the header has none."""
         return self.header.backing_file, self.header.backing_format
 
-    # --- the read side: qcow2/mapper.py (L1/L2 walk, runs, block status), reader.py
-    # (executing a plan), compressed.py and crypt.py; these delegate for the write side
+    # --- the read side: qcow2/mapper.py, reader.py, compressed.py, crypt.py (and writes')
     def _l2_location(self, cluster: int) -> tuple[int, int]:
         """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``."""
         return mapper.l2_location(self, cluster)
 
     def _check_data_offset(self, host_off: int, l2_off: int, idx: int, guest: int) -> None:
-        """See :func:`mapper.check_data_offset`."""
-        mapper.check_data_offset(self, host_off, l2_off, idx, guest)
+        mapper.check_data_offset(self, host_off, l2_off, idx, guest)  # (see there)
 
-    def _cluster_type(self, ent: int) -> int:
-        """:func:`entries.cluster_type` with this image's extended-L2 and data-file flags."""
+    def _cluster_type(self, ent: int) -> int:  # (with this image's ext-L2, data-file flags)
         return mapper.cluster_type(self, ent)
 
     @property
@@ -383,6 +380,9 @@ class Qcow2Image(BlockDevice):
 
     def _status(self, offset: int, length: int) -> Status:
         return mapper.status(self, mapper.lookup(self, offset, length))
+
+    def _status_batch(self, offset: int, length: int) -> list[Status]:
+        return mapper.statuses(self, offset, length)  # a whole L2 table's runs (map)
 
     def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
         """qemu-img map's entries (see :meth:`BlockDevice.map`).  After changes the image

@@ -18,14 +18,16 @@ from diskimg.device import Status
 from diskimg.errors import CorruptImageError
 from diskimg.plan import Run, RunKind
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2.cache import u64_run
+from diskimg.qcow2.cache import HOST_LITTLE_ENDIAN, u64_run
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Literal
+
     from diskimg.qcow2.image import Qcow2Image
 
-__all__ = ["check_data_offset", "cluster_type", "l2_location", "lookup",
-           "progression_end", "status", "unallocated_until"]
+__all__ = ["TableBreaks", "check_data_offset", "cluster_type", "l2_location", "lookup",
+           "progression_end", "runs", "status", "statuses", "unallocated_until"]
 
 _DATA, _ZERO, _UNALLOC, _COMPRESSED = (RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED,
                                        RunKind.COMPRESSED)
@@ -161,6 +163,173 @@ def lookup(img: Qcow2Image, offset: int, length: int) -> Run:
                ent, fname)
 
 
+#: each byte value -> 0 (zero) or 1 (non-zero): :class:`TableBreaks`' masks, found with find
+_NONZERO = bytes(1) + b"\x01" * 255
+#: (entries, cluster size) -> lanes (big integers, entry ``j`` in bits 64j..64j+63) of
+#: ``cs``, of bits 0-62 (all but COPIED), of bits 56-61 and of bit 62 (COMPRESSED)
+_LANES: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+
+
+class TableBreaks:
+    """Where a standard L2 table's entries break a run, for the whole table at once (a
+    few big-integer and bytes operations over its bytes, each made when first needed, no
+    Python work per entry): bytes masks, 8 per entry, searched with ``find(1)``.
+
+    The first non-zero byte ``b`` of a mask at or after ``8 * (j - d)`` makes entry
+    ``(b >> 3) + d`` the first from ``j`` on that is not what the raw run expects: not
+    zero (:meth:`nonzero`, ``d`` 0: a run of zero entries), not equal to its predecessor
+    (:meth:`same`, ``d`` 1: a run of equal entries), or, COPIED aside, not its predecessor
+    plus ``cs`` (:meth:`stepped`, ``d`` 1: host-contiguous runs).  None for
+    :meth:`stepped` when an entry that is not compressed has a reserved bit of 56-61 set
+    (adding ``cs`` could carry into a flag): that run is :func:`lookup`'s.
+
+    ``table``: the table's bytes, big-endian as on disk (``big``, the checker's) or a
+    decoded table (:func:`diskimg.qcow2.cache.be_u64_table`, the L2 cache's)."""
+
+    __slots__ = ("buf", "n", "cs", "order", "x", "_nonzero", "_same", "_stepped")
+
+    def __init__(self, table: memoryview | bytes, cs: int, big: bool = False) -> None:
+        self.buf = memoryview(table).cast("B")
+        self.n, self.cs = len(self.buf) // 8, cs
+        self.order: Literal["big", "little"] = \
+            "big" if big or not HOST_LITTLE_ENDIAN else "little"
+        self.x: int | None = None
+        self._nonzero: bytes | None = None
+        self._same: bytes | None = None
+        self._stepped: bytes | None = None
+
+    def value(self) -> int:
+        """The table as one integer: entry ``j`` in bits 64j..64j+63 (little-endian),
+        or in bits 64(n-1-j).. (big-endian)."""
+        if self.x is None:
+            self.x = int.from_bytes(self.buf, self.order)
+        return self.x
+
+    def _mask(self, here: int, nxt: int) -> bytes:
+        """Per entry ``j``: whether lane ``j`` of ``here`` differs from lane ``j + 1``
+        of ``nxt`` (the next entry's lane in either byte order)."""
+        size = 8 * self.n
+        if self.order == "little":
+            return (here ^ (nxt >> 64)).to_bytes(size, "little").translate(_NONZERO)
+        # (the first entry's lane of nxt << 64 goes past the table: cut off)
+        return (here ^ (nxt << 64)).to_bytes(size + 8, "big")[8:].translate(_NONZERO)
+
+    def nonzero(self) -> bytes:
+        if self._nonzero is None:
+            self._nonzero = bytes(self.buf).translate(_NONZERO)
+        return self._nonzero
+
+    def same(self) -> bytes:
+        if self._same is None:
+            x = self.value()
+            self._same = self._mask(x, x)
+        return self._same
+
+    def stepped(self) -> bytes | None:
+        if self._stepped is None:
+            n, cs = self.n, self.cs
+            lanes = _LANES.get((n, cs))
+            if lanes is None:
+                lanes = _LANES[(n, cs)] = tuple(  # type: ignore[assignment]
+                    int.from_bytes(v.to_bytes(8, "little") * n, "little")
+                    for v in (cs, (1 << 63) - 1, 0x3F << 56, 1 << 62))
+                assert lanes is not None
+            step, flagless, reserved, compressed = lanes  # (the same in either order)
+            x = self.value()
+            bad = x & reserved
+            if bad and bad & ~(((x & compressed) >> 6) * 0x3F):  # (compressed: 56-61)
+                self._stepped = b""
+            else:
+                x &= flagless  # (lanes below 2**63: adding cs carries into no other)
+                self._stepped = self._mask(x + step, x)
+        return self._stepped or None
+
+
+def runs(img: Qcow2Image, offset: int, length: int) -> list[Run]:
+    """The runs successive :func:`lookup` calls give from guest ``offset`` (over at most
+    ``length`` > 0 bytes) up to the end of its L2 table, found with one pass over the
+    table (:class:`TableBreaks`): the cost of a table's runs is a few big-integer operations
+    and one ``find`` and one :func:`_classify` per run, not a lookup each.  Every run
+    starts with :func:`_classify` of its first entry (so :func:`check_data_offset` checks
+    it); it goes on over the entries equal to the first (unallocated and zero runs) or to
+    the first plus ``k`` clusters (data and zero runs with a host cluster) and, where
+    the raw entries differ, over entries :func:`_classify` finds of the same kind, host
+    contiguous: :func:`lookup`'s rule."""
+    fname = img.data_file_name
+    return [Run(pos, n, kind, host, ent, fname)
+            for pos, n, kind, host, ent in _runs(img, offset, length)]
+
+
+def _runs(img: Qcow2Image, offset: int,
+          length: int) -> list[tuple[int, int, RunKind, int | None, int]]:
+    """:func:`runs` as (offset, length, kind, host, entry) tuples."""
+    cs = img.cs
+    cluster = offset >> img.cb
+    in_off = offset & (cs - 1)
+    _, l2_off = l2_location(img, cluster)
+    idx = cluster & (img.l2_entries - 1)
+    if not l2_off or img.extended:
+        r = lookup(img, offset, length)
+        return [(r.offset, r.length, r.kind, r.host, r.entry)]
+    ents = img.l2_cache.get(l2_off).entries
+    breaks = TableBreaks(ents, cs)
+    end = offset + min(length, (img.l2_entries - idx) * cs - in_off)
+    stop = idx + -(-(in_off + end - offset) // cs)  # past the last entry in range
+    base = (cluster - idx) << img.cb  # guest offset of entry 0 of this table
+    out = []
+    pos, i, skip = offset, idx, in_off
+    ent = ents[i]
+    kind, host = _classify(img, ent, l2_off, i, base)
+    step_m = same_m = zero_m = None  # (each made on first use; b"": unavailable)
+    while True:
+        j = i + 1
+        k2: RunKind | None = None
+        mask, d = None, 1
+        if kind is _COMPRESSED:
+            pass
+        elif host is not None:
+            if step_m is None:
+                step_m = breaks.stepped() or b""
+            mask = step_m
+        elif ent:
+            if same_m is None:
+                same_m = breaks.same() or b""
+            mask = same_m
+        else:
+            if zero_m is None:
+                zero_m = breaks.nonzero() or b""
+            mask, d = zero_m, 0
+        if not mask and kind is not _COMPRESSED:
+            n = lookup(img, pos, end - pos).length
+            host = None if host is None else host + skip
+            j = i + -(-(skip + n) // cs)
+        else:
+            if mask:
+                last = 8 * (stop - d)  # (breaks past entry stop - 1 are out of range)
+                while j < stop:
+                    b = mask.find(1, 8 * (j - d), last)
+                    if b < 0:
+                        j = stop
+                        break
+                    j = (b >> 3) + d  # entry j breaks the raw run: same kind and host?
+                    k2, h2 = _classify(img, ents[j], l2_off, j, base)
+                    if k2 is not kind or h2 != (None if host is None else
+                                                host + (j - i) * cs):
+                        break
+                    k2 = None
+                    j += 1
+            n = min((j - i) * cs - skip, end - pos)
+            host = None if host is None else host + skip
+        out.append((pos, n, kind, host, ent))
+        if j >= stop:
+            return out
+        pos, i, skip, ent = pos + n, j, 0, ents[j]
+        if k2 is None:  # (entry j is classified once: as the break, or here)
+            kind, host = _classify(img, ent, l2_off, j, base)
+        else:
+            kind, host = k2, h2
+
+
 def _lookup_ext(img: Qcow2Image, ents: memoryview, l2_off: int, idx: int, offset: int,
                 max_len: int) -> Run:
     """:func:`lookup` in an extended L2 table: runs of equal subclusters of one cluster."""
@@ -205,15 +374,37 @@ def unallocated_until(img: Qcow2Image, offset: int, end: int) -> int:
     return min(end, j * span)
 
 
+def statuses(img: Qcow2Image, offset: int, length: int) -> list[Status]:
+    """The block status of each of :func:`runs` (``BlockDevice._status_batch``), stopping
+    after one that :func:`status` shortened (a data run over a hole of a
+    metadata-preallocated file), the last one taken on past unallocated L2 tables."""
+    out = []
+    fname = img.data_file_name or img.filename
+    crypt = img.header.crypt_method
+    for pos, n, kind, host, _ in _runs(img, offset, length):
+        st = _status(img, kind, n, None if crypt else host, fname)
+        out.append(st)
+        if st.length < n:
+            break
+    out[-1] = img._status_coarse(pos, offset + length - pos, out[-1])
+    return out
+
+
 def status(img: Qcow2Image, run: Run) -> Status:
     """QEMU's qcow2 block status of ``run`` (from :func:`lookup`): host offsets are
     valid for data, zero-allocated and allocated-but-unused subclusters, never for
     compressed or encrypted clusters; with a metadata-preallocated image (see
     ``Qcow2Image.metadata_preallocation``) a DATA run over holes of the host file is
     split there, the holes reading as zeros."""
-    fname = img.data_file_name or img.filename  # the image as named (./x stays)
     host = None if img.header.crypt_method else run.host
-    kind, n = run.kind, run.length
+    return _status(img, run.kind, run.length, host, img.data_file_name or img.filename)
+
+
+def _status(img: Qcow2Image, kind: RunKind, n: int, host: int | None,
+            fname: str) -> Status:
+    """:func:`status` of a run of ``kind``, ``n`` bytes from ``host`` (None in an
+    encrypted image) in the file named ``fname`` (the image's as named, ./x stays, or
+    its data file's)."""
     if kind is _DATA:
         if host is None:
             return Status(n, True, True, False)

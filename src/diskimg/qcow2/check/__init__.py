@@ -22,8 +22,8 @@ and by QEMU's table caps; the amount of L2 work is bounded by :data:`MAX_L2_ENTR
 
 Package layout (QEMU's seams): ``state`` (one pass's state, reference counting and the
 abort signals; the result is the format-neutral :class:`diskimg.check_report.CheckReport`,
-alias ``CheckResult``), ``stored`` (stored refcount blocks), ``walk`` (L1/L2
-traversal), ``copied`` (OFLAG_COPIED), ``refcounts`` (compare, repair).  Loaded only when
+alias ``CheckResult``, and the stored refcount blocks), ``walk`` (L1/L2 traversal),
+``refcounts`` (compare, OFLAG_COPIED, repair).  Loaded only when
 needed (start-up, issue 20): ``overlap`` (overlap protection and corruption signalling,
 for writes and findings), ``snapshots`` (an image with a snapshot table, or a bad table
 pointer), ``rebuild`` (``-r all`` of a broken refcount structure).

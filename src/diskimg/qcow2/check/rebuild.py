@@ -16,7 +16,7 @@ from diskimg.qcow2.refblock import encode_refblock
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from diskimg.qcow2.check.stored import _Stored
+    from diskimg.qcow2.check.state import _Stored
 
 
 def alloc_imrt(st: _Stored, count: int, first_free: list[int]) -> int:

@@ -6,10 +6,10 @@ classified by :func:`diskimg.qcow2.entries.cluster_type`, compressed descriptors
 from __future__ import annotations
 
 import struct
+import sys
 
 from diskimg.errors import FormatError
 from diskimg.hostio import all_zero
-from diskimg.hostio.file import trailing_zeros
 from diskimg.qcow2.cache import be_u64_table
 from diskimg.qcow2.check.state import _Abort
 from diskimg.qcow2.check.state import (
@@ -19,7 +19,7 @@ from diskimg.qcow2.check.state import (
     _ZERO_ALLOC,
     _hexc,
 )
-from diskimg.qcow2.check.stored import _Stored
+from diskimg.qcow2.check.state import _Stored
 from diskimg.qcow2.entries import (
     L1E_OFFSET_MASK,
     L1E_RESERVED_MASK,
@@ -38,10 +38,8 @@ from diskimg.qcow2.layout import (
     QCOW2_EXT_MAGIC_CRYPTO_HEADER,
     QCOW_MAX_L1_SIZE,
 )
+from diskimg.qcow2.mapper import TableBreaks
 
-
-#: each byte value with its top bit cleared: the COPIED flag (bit 63) of a big-endian entry
-_CLEAR_TOP_BIT = bytes(b & 0x7F for b in range(256))
 
 
 def _tables_bad(tables: list[tuple[int, int]], cs: int) -> bool:
@@ -49,83 +47,109 @@ def _tables_bad(tables: list[tuple[int, int]], cs: int) -> bool:
 
 
 class _Walk(_Stored):
-    def _plain_hosts(self, raw: bytes) -> list[int] | None:
-        """Host offsets of the entries of a standard L2 table (non-zero ones, in order)
-        when every one is a plain data cluster: no flag but COPIED, no reserved bit, a
-        non-zero cluster-aligned offset inside the file.  None when any entry needs the
-        entry-by-entry check (or the image has extended L2 entries or a data file).
+    def _plain_runs(self, l2_off: int, raw: bytes) -> list[tuple[int, int]] | None:
+        """The runs of host-contiguous clusters of a standard L2 table whose every
+        entry is 0 or a plain data cluster (no flag but COPIED, no reserved bit, a
+        non-zero cluster-aligned offset inside the file): (first host cluster, clusters)
+        each, in table order, the unallocated entries between them left out.  None when
+        any entry needs the entry-by-entry check (or the image has extended L2 entries
+        or a data file).
 
-        Decided with one big-integer AND over the table's entries up to its last non-zero
-        one (the bits no plain entry has: 56-62 and those below the cluster size), so a
-        clean table costs no Python work per entry but one list comprehension, and the
-        unused rest of a table nothing but a memcmp."""
+        Decided and found for the whole table at once: one big-integer AND over its
+        entries (the bits no plain entry has: 56-62 and those below the cluster size),
+        the map's break masks (:class:`diskimg.qcow2.mapper.TableBreaks`) and two ``find``
+        per run, so a clean table costs no Python work per entry.  Kept by table offset
+        (with its bytes) for the OFLAG_COPIED pass, which reads the table again."""
         if self.ext_l2 or self.data_file:
             return None
-        # the entries up to the last non-zero one (the rest have no host offset)
-        used = raw[: -(-(len(raw) - trailing_zeros(raw)) // 8) * 8]
+        hit = self._plain.get(l2_off)
+        if hit is not None and hit[0] == raw:
+            return hit[1]
+        runs = self._find_plain_runs(raw)
+        self._plain[l2_off] = (raw, runs)
+        return runs
+
+    def _find_plain_runs(self, raw: bytes) -> list[tuple[int, int]] | None:
+        n = len(raw) // 8
+        breaks = TableBreaks(raw, self.cs, big=True)  # (the bytes as read: no decode)
         bad = self._l2_bad_bits
         if bad is None:
             lane = ((1 << 63) - (1 << 56)) | (self.cs - 1)
-            bad = self._l2_bad_bits = lane.to_bytes(8, "big") * self.l2_size
-        if int.from_bytes(used, "big") & int.from_bytes(bad[: len(used)], "big"):
+            bad = self._l2_bad_bits = int.from_bytes(lane.to_bytes(8, "little") * n,
+                                                     "little")
+        if breaks.value() & bad:
             return None
-        # no bit but COPIED (63) and the offset's: an entry's host offset is the entry
-        # with its first byte's top bit cleared (a bytes.translate, not a loop per entry)
-        # (a zero entry is zero in either byte order: counted without a swap)
-        holes = memoryview(used).cast("Q").tolist().count(0)
-        flagless = bytearray(used)
-        flagless[::8] = flagless[::8].translate(_CLEAR_TOP_BIT)
-        offs = be_u64_table(flagless).tolist()
-        if offs.count(0) != holes:  # a flagged entry without a host offset
+        nonzero, stepped = breaks.nonzero(), breaks.stepped()
+        if stepped is None:
             return None
-        hosts = [h for h in offs if h] if holes else offs
-        if not hosts or max(hosts) >= self.file_len:
-            return None
-        return hosts
+        cb = self.cbits
+        runs = []
+        b = nonzero.find(1)
+        last = 8 * (n - 1)
+        while b >= 0:
+            j = b >> 3  # a run from entry j, to before entry e
+            b = stepped.find(1, 8 * j, last)
+            e = n if b < 0 else (b >> 3) + 1
+            first = int.from_bytes(raw[8 * j : 8 * j + 8], "big") & L2E_OFFSET_MASK
+            if not first:  # COPIED alone (no host offset), first in its run
+                return None
+            runs.append((first >> cb, e - j))
+            b = nonzero.find(1, 8 * e)
+        if not runs or (max(c + k for c, k in runs) - 1) << cb >= self.file_len:
+            return None  # (a cluster at or past the end of the file: the full check)
+        return runs
 
-    def _count_plain(self, hosts: list[int], frag: bool) -> bool:
-        """check_l2 for a table of plain data clusters (:meth:`_plain_hosts`): one
-        reference each, the allocation and fragmentation counts.  False, with nothing
-        counted, when a refcount could reach its maximum (the full check reports that)."""
-        ks = list(map(self.cbits.__rrshift__, hosts))  # h >> cbits: the clusters
-        need = max(ks) + 1
+    def _ones(self) -> memoryview:
+        """An L2 table's worth of refcounts of 1, in the form of :attr:`imrt`."""
+        if not len(self._ones_buf):
+            one = (1).to_bytes(self.itemsize, sys.byteorder)
+            self._ones_buf = memoryview(bytearray(one * self.l2_size)).cast(self.tc)
+        return self._ones_buf
+
+    def _count_runs(self, runs: list[tuple[int, int]], frag: bool) -> None:
+        """check_l2 for a table of plain data clusters (:meth:`_plain_runs`): one
+        reference each (a run of clusters not referenced yet set to 1 at once, any other
+        counted by :meth:`inc`, cluster by cluster, as the full check counts), the
+        allocation and fragmentation counts (a run not right after the previous one
+        starts a fragment)."""
+        need = max(c + k for c, k in runs)
         if need > self.nb:
             self.grow_imrt(need)
-        imrt = self.imrt
-        if max(map(imrt.__getitem__, ks)) + len(ks) >= self.rc_max:
-            return False
-        for k in ks:
-            imrt[k] += 1
+        imrt, cb, ones = self.imrt, self.cbits, self._ones()
+        zeros = self.zeros(self.l2_size)
+        nxt, frags, total = runs[0][0], 0, 0
+        for c, k in runs:
+            if imrt[c : c + k] == zeros[:k]:
+                imrt[c : c + k] = ones[:k]
+            else:
+                self.inc(c << cb, k << cb, "data")
+            frags += c != nxt
+            nxt = c + k
+            total += k
+        self.count_work(total)
         if frag:
-            # a cluster not right after the previous entry's starts a fragment
-            self.res.allocated_clusters += len(hosts)
-            self.res.fragmented_clusters += sum(map(int.__ne__, hosts[1:],
-                                                    map(self.cs.__add__, hosts)))
-        return True
+            self.res.allocated_clusters += total
+            self.res.fragmented_clusters += frags
 
-    def _all_copied_once(self, raw: bytes, hosts: list[int]) -> bool:
-        """True when every entry of a plain table (:meth:`_plain_hosts`) has COPIED set and
-        a stored refcount of exactly 1: check_oflag_copied has nothing to say about it.
-        Reads refcount blocks quietly (:meth:`refblock`), so answering False has no side
-        effect but filling the block cache."""
-        if raw[::8].count(0x80) != len(hosts):
+    def _runs_copied_once(self, raw: bytes, runs: list[tuple[int, int]]) -> bool:
+        """True when every entry of a plain table (:meth:`_plain_runs`) has COPIED set
+        and a stored refcount of exactly 1: check_oflag_copied has nothing to say about
+        it.  Reads refcount blocks quietly (:meth:`refblock`), so answering False has no
+        side effect but filling the block cache."""
+        if raw[::8].count(0x80) != sum(k for _, k in runs):
             return False
-        cb, rb_bits, m = self.cbits, self.rb_bits, self.rb_entries - 1
-        first, last = min(hosts) >> cb >> rb_bits, max(hosts) >> cb >> rb_bits
-        if first == last:  # one refcount block holds them all (2 GiB of 64 KiB clusters)
-            blk = self.refblock(first, quiet=True)
-            if blk is None:
-                return False
-            ks = map(m.__rand__, map(cb.__rrshift__, hosts))  # (h >> cb) & m
-            return list(map(blk.__getitem__, ks)).count(1) == len(hosts)
+        rb_bits, m, ones = self.rb_bits, self.rb_entries - 1, self._ones()
         cur, blk = -1, None
-        for h in hosts:
-            k = h >> cb
-            idx = k >> rb_bits
-            if idx != cur:
-                blk, cur = self.refblock(idx, quiet=True), idx
-            if blk is None or blk[k & m] != 1:
-                return False
+        for c, k in runs:
+            while k:
+                i = c & m
+                piece = min(k, m + 1 - i)
+                if c >> rb_bits != cur:
+                    cur = c >> rb_bits
+                    blk = self.refblock(cur, quiet=True)
+                if blk is None or blk[i : i + piece] != ones[:piece]:
+                    return False
+                c, k = c + piece, k - piece
         return True
 
     def check_l1(self, l1_offset: int, l1_size: int, frag: bool, active: bool,
@@ -157,9 +181,9 @@ class _Walk(_Stored):
         raw = self.pread(l2_off, self.cs)
         if all_zero(raw):
             return
-        hosts = self._plain_hosts(raw)
-        if hosts is not None and self._count_plain(hosts, frag):
-            self.count_work(len(hosts))
+        runs = self._plain_runs(l2_off, raw)
+        if runs is not None:
+            self._count_runs(runs, frag)
             return
         tab = be_u64_table(raw)
         res = self.res
