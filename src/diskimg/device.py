@@ -24,11 +24,12 @@ from diskimg.records import ImageInfo as ImageInfo  # re-exported (they lived he
 from diskimg.records import MapEntry as MapEntry
 from diskimg.records import Status as Status
 from diskimg.records import mergeable
+from diskimg.slotted import made_from
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
-    from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+    from typing import Concatenate, ParamSpec, Self, TypeVar
 
     from diskimg.check_report import CheckReport  # built by the checkers, imported there
     from diskimg.hostio.host import Host
@@ -39,24 +40,6 @@ if TYPE_CHECKING:
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
     _D = TypeVar("_D", bound="BlockDevice")
-
-
-class BitmapsOnFirstUse:
-    """How a format declares its persistent bitmaps: ``module.<factory>(device)``, made
-    when first asked for (the module imported then), and kept as the device's own
-    attribute (a non-data descriptor), so opening an image loads no bitmap code."""
-
-    __slots__ = ("module", "factory")
-
-    def __init__(self, module: str, factory: str) -> None:
-        self.module, self.factory = module, factory
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        module = __import__(self.module, fromlist=[self.factory])
-        bitmaps = obj.__dict__["bitmaps"] = module.__dict__[self.factory](obj)
-        return bitmaps
 
 
 class BlockDevice:
@@ -87,7 +70,7 @@ class BlockDevice:
     is_backing: bool = False
     #: set by :func:`diskimg.open`: its reopening function and what it was given (path or
     #: URL, mode, format, options, policy; never secrets).  An image pickles as these and
-    #: unpickles by opening it again; None (file object, backing file, view) refuses to
+    #: unpickles by opening it again; None (file object, backing file, view): no pickle
     reopen_with: tuple[Callable[[dict[str, object]], BlockDevice], dict[str, object]] | None \
         = None
 
@@ -116,7 +99,7 @@ class BlockDevice:
     snapshots: InternalSnapshots | None = None
     #: the persistent dirty bitmaps (qcow2 v3's); a format without them lists none and
     #: refuses every change with UnsupportedFeatureError
-    bitmaps: PersistentBitmaps = BitmapsOnFirstUse("diskimg.persistent_bitmaps", "NoBitmaps")  # type: ignore[assignment]
+    bitmaps: PersistentBitmaps = made_from("diskimg.persistent_bitmaps", "NoBitmaps")  # type: ignore[assignment]
     #: the format was probed, not named, and it is raw: qemu-img warns before writing,
     #: and refuses writes to sector 0 that would make the file probe as another format
     probed: bool = False

@@ -3,7 +3,7 @@
 ``qcow2.bitmaps.Bitmaps`` is one; a format without them gets :class:`NoBitmaps`, whose
 list is empty and whose every other call raises
 :class:`~diskimg.errors.UnsupportedFeatureError` in qemu-img's words).  Loaded when a
-device's bitmaps are first asked for (:class:`diskimg.device.BitmapsOnFirstUse`)."""
+device's bitmaps are first asked for (:func:`diskimg.slotted.made_from`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Record classes without :mod:`dataclasses` (start-up, issue 20 item 1).
+"""Record classes without :mod:`dataclasses` (start-up, issue 20 item 1), and the
+made-on-first-use class attribute (:class:`OnFirstUse`, :func:`made_from`).
 
 Importing :mod:`dataclasses` (and with it ``inspect``, ``ast``, ``dis``, ``tokenize`` ...)
 and generating each record's methods cost ``diskimg info`` about 17 ms of its start-up, so
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, NoReturn, Self
 
-__all__ = ["FrozenInstanceError", "FrozenRecord", "Record", "set_field", "set_fields"]
+__all__ = ["FrozenInstanceError", "FrozenRecord", "OnFirstUse", "Record", "made_from",
+           "set_field", "set_fields"]
 
 #: how a frozen record's ``__init__`` sets its fields
 set_field = object.__setattr__
@@ -88,3 +91,31 @@ class FrozenRecord(Record):
 
     def __hash__(self) -> int:  # type: ignore[override]  # Record's is None
         return hash(self._values())
+
+
+class OnFirstUse:
+    """A class attribute made for each instance, by ``make(instance)``, when first read,
+    then kept as the instance's own attribute (a non-data descriptor: the instance
+    attribute takes over, so later reads cost nothing and assignments just replace it).
+    Two threads reading it first get the same value."""
+
+    __slots__ = ("make", "name")
+
+    def __init__(self, make: Callable[[Any], object]) -> None:
+        self.make = make
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj.__dict__.setdefault(self.name, self.make(obj))
+
+
+def made_from(module: str, factory: str) -> OnFirstUse:
+    """An :class:`OnFirstUse` making ``module.factory(instance)``, the module imported
+    then: how a device declares a part whose code loads only when used (its persistent
+    bitmaps)."""
+    return OnFirstUse(lambda obj: __import__(module, fromlist=[factory]).__dict__[factory](obj))

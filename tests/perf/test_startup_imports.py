@@ -120,7 +120,8 @@ QCOW2_CHECK = {f"diskimg.qcow2.check.{m}" for m in
 #: fields are read by layout.read_fields) and array
 NOT_FOR_PLAIN_CHECK = ("diskimg.qcow2.check.overlap", "diskimg.qcow2.check.snapshots",
                        "diskimg.qcow2.check.rebuild",
-                       "diskimg.qcow2.snapshot", "diskimg.qcow2.bitmaps",
+                       "diskimg.qcow2.snapshot", "diskimg.qcow2.snapshot_table",
+                       "diskimg.qcow2.bitmaps",
                        "diskimg.qcow2.bitmap_table", "diskimg.cli.output", "diskimg.crypto",
                        "diskimg.qcow2.refcount", "diskimg.qcow2.header_io", "array",
                        "collections")
@@ -149,7 +150,7 @@ NOT_FOR_QCOW2_INFO = ("array", "collections")
 #: not for human ``info`` (diskimg.info_text writes it): the JSON/--output writer
 INFO_HUMAN_NOT = ("diskimg.cli.output",)
 #: ... nor, for a qcow2 without bitmaps, the typed plans (info maps nothing) or the
-#: bitmaps' interface (made on first use: device.BitmapsOnFirstUse)
+#: bitmaps' interface (made on first use: slotted.made_from)
 QCOW2_INFO_NOT = ("diskimg.plan", "diskimg.persistent_bitmaps")
 #: nothing at all beyond the lines above: no argparse, no typing machinery, no regexes
 NOT_FOR_VERSION = ("argparse", "re", "typing", "dataclasses", "inspect", "enum", "pathlib",

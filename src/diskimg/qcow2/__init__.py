@@ -1,35 +1,17 @@
 """qcow2: QEMU's copy-on-write image format (docs/interop/qcow2.txt).
 
-Also the package's two made-on-first-use helpers, so that opening an image for ``info``
-loads only what reading its header takes (start-up: tests/perf/test_startup_imports.py)."""
+Also the package's lazy module globals (:func:`lazy_modules`; the made-on-first-use
+attribute, :class:`~diskimg.slotted.OnFirstUse`, is shared with the device layer), so
+that opening an image for ``info`` loads only what reading its header takes (start-up:
+tests/perf/test_startup_imports.py)."""
 
 from __future__ import annotations
 
+from diskimg.slotted import OnFirstUse as OnFirstUse  # (re-exported: it lived here)
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import Any
-
-
-class OnFirstUse:
-    """A class attribute made for each instance, by ``make(instance)``, when first read,
-    then kept as the instance's own attribute (a non-data descriptor: the instance
-    attribute takes over, so later reads cost nothing and assignments just replace it).
-    Two threads reading it first get the same value."""
-
-    __slots__ = ("make", "name")
-
-    def __init__(self, make: Callable[[Any], object]) -> None:
-        self.make = make
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: object, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        return obj.__dict__.setdefault(self.name, self.make(obj))
 
 
 class LazyModule:

@@ -10,13 +10,13 @@ A crash therefore leaves at most leaked clusters.
 from __future__ import annotations
 
 from diskimg import progname
-from diskimg.device import (BitmapsOnFirstUse, BlockDevice, ImageInfo, MapEntry, Status,
-                            requires_open)
+from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
 from diskimg.errors import CorruptImageError, DiskImgError, FormatError
 from diskimg.hostio import open_host_file
 from diskimg.policy import OpenPolicy, combine, full_name
-from diskimg.qcow2 import OnFirstUse, lazy_modules
+from diskimg.qcow2 import lazy_modules
 from diskimg.qcow2 import flush as F
+from diskimg.slotted import OnFirstUse, made_from
 from diskimg.qcow2.layout import (COMPRESSION_TYPES, QCOW2_AUTOCLEAR_DATA_FILE_RAW,
                                   QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_EXT_MAGIC_BITMAPS,
                                   QCOW2_EXT_MAGIC_CRYPTO_HEADER, QCOW2_INCOMPAT_CORRUPT,
@@ -54,7 +54,7 @@ class Qcow2Image(BlockDevice):
     supports_compressed_write = True
     #: the persistent dirty bitmaps: read (and checked) on open when the image has the
     #: bitmaps extension, else made when first used (info and map do not load the module)
-    bitmaps: Bitmaps = BitmapsOnFirstUse("diskimg.qcow2.bitmaps", "Bitmaps")  # type: ignore[assignment]
+    bitmaps: Bitmaps = made_from("diskimg.qcow2.bitmaps", "Bitmaps")  # type: ignore[assignment]
     #: the active L1 table, read at open (a short read refuses it), decoded on first use;
     #: the table caches made on first use: info loads no ``array``/``collections`` (nor,
     #: for a small image, map: cache.be_u64_table)

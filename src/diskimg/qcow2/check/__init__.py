@@ -43,7 +43,7 @@ from diskimg.qcow2.layout import (
     Header,
     read_fields,
 )
-from diskimg.qcow2.snapshot_table import check_table_pointer
+from diskimg.qcow2.layout import check_table_pointer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
