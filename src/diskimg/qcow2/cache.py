@@ -11,6 +11,7 @@ import struct
 import sys
 
 from diskimg.hostio.file import trailing_zeros
+from diskimg.qcow2.entries import HOST_LITTLE_ENDIAN as HOST_LITTLE_ENDIAN  # (re-exported)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -35,9 +36,6 @@ else:  # typing is for the type checker: not imported at run time (start-up)
             return cls
 
     T = None
-
-#: True when native integers are little-endian (qcow2 is big-endian on disk).
-HOST_LITTLE_ENDIAN = sys.byteorder == "little"
 
 #: bytes of tables byte-swapped without ``array`` (on a little-endian host) before the
 #: module is imported: importing it (and the ``collections`` package its initialisation

@@ -1,9 +1,20 @@
-"""Pure codecs for L1/L2 entries and compressed-cluster descriptors (no I/O).
+"""Pure codecs for L1/L2 entries and compressed-cluster descriptors (no I/O), and
+:class:`TableBreaks`, where a whole L2 table's entries break a run (the map's and the
+checker's).
 
 Bit layouts from docs/interop/qcow2.txt; names from QEMU's qcow2.h.
 """
 
 from __future__ import annotations
+
+import sys
+
+#: the byte order of ``memoryview.cast`` words: the tables are big-endian on disk
+HOST_LITTLE_ENDIAN = sys.byteorder == "little"
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
 
 QCOW_OFLAG_COPIED = 1 << 63
 QCOW_OFLAG_COMPRESSED = 1 << 62
@@ -140,3 +151,99 @@ def encode_compressed(host: int, length: int, cluster_bits: int) -> int:
     if nb > mask or host >> x:
         raise ValueError("compressed cluster does not fit a descriptor")
     return QCOW_OFLAG_COMPRESSED | (nb << x) | host
+
+
+#: each byte value -> 0 (zero) or 1 (non-zero): :class:`TableBreaks`' masks, found with find
+_NONZERO = bytes(1) + b"\x01" * 255
+#: (entries, cluster size) -> lanes (big integers, entry ``j`` in bits 64j..64j+63) of
+#: ``cs``, of bits 0-62 (all but COPIED), of bits 56-61 and of bit 62 (COMPRESSED)
+_LANES: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+
+
+class TableBreaks:
+    """Where a standard L2 table's entries break a run, for the whole table at once (a
+    few big-integer and bytes operations over its bytes, each made when first needed, no
+    Python work per entry): bytes masks, 8 per entry, searched with ``find(1)``.
+
+    The first non-zero byte ``b`` of a mask at or after ``8 * (j - d)`` makes entry
+    ``(b >> 3) + d`` the first from ``j`` on that is not what the raw run expects: not
+    zero (:meth:`nonzero`, ``d`` 0: a run of zero entries), not equal to its predecessor
+    (:meth:`same`, ``d`` 1: a run of equal entries), or, COPIED aside, not its predecessor
+    plus ``cs`` (:meth:`stepped`, ``d`` 1: host-contiguous runs).  None for
+    :meth:`stepped` when an entry that is not compressed has a reserved bit of 56-61 set
+    (adding ``cs`` could carry into a flag): that run is :func:`lookup`'s.
+
+    ``table``: the table's bytes, big-endian as on disk (``big``, the checker's) or a
+    decoded table (:func:`diskimg.qcow2.cache.be_u64_table`, the L2 cache's)."""
+
+    __slots__ = ("buf", "n", "cs", "full", "order", "x", "_nonzero", "_same", "_stepped")
+
+    def __init__(self, table: memoryview | bytes, cs: int, big: bool = False) -> None:
+        from diskimg.hostio.file import trailing_zeros  # (loaded with the table cache)
+
+        buf = memoryview(table).cast("B")
+        # only the entries up to the last non-zero one, and one zero entry after it (the
+        # break that ends the last run) are in the masks: a break searched past them is
+        # not found, which is right, every entry there being zero as its predecessor
+        n = len(buf) // 8
+        used = min(n, n - trailing_zeros(buf) // 8 + 1)
+        self.buf, self.n, self.cs, self.full = buf[: 8 * used], used, cs, n
+        self.order: Literal["big", "little"] = \
+            "big" if big or not HOST_LITTLE_ENDIAN else "little"
+        self.x: int | None = None
+        self._nonzero: bytes | None = None
+        self._same: bytes | None = None
+        self._stepped: bytes | None = None
+
+    def value(self) -> int:
+        """The table as one integer: entry ``j`` in bits 64j..64j+63 (little-endian),
+        or in bits 64(n-1-j).. (big-endian)."""
+        if self.x is None:
+            self.x = int.from_bytes(self.buf, self.order)
+        return self.x
+
+    def _mask(self, here: int, nxt: int) -> bytes:
+        """Per entry ``j``: whether lane ``j`` of ``here`` differs from lane ``j + 1``
+        of ``nxt`` (the next entry's lane in either byte order)."""
+        size = 8 * self.n
+        if self.order == "little":
+            return (here ^ (nxt >> 64)).to_bytes(size, "little").translate(_NONZERO)
+        # (the first entry's lane of nxt << 64 goes past the table: cut off)
+        return (here ^ (nxt << 64)).to_bytes(size + 8, "big")[8:].translate(_NONZERO)
+
+    def nonzero(self) -> bytes:
+        if self._nonzero is None:
+            self._nonzero = bytes(self.buf).translate(_NONZERO)
+        return self._nonzero
+
+    def same(self) -> bytes:
+        if self._same is None:
+            x = self.value()
+            self._same = self._mask(x, x)
+        return self._same
+
+    def stepped(self) -> bytes | None:
+        if self._stepped is None:
+            n, cs = self.n, self.cs
+            # a whole table's lanes, made once and kept (an AND cuts them to n lanes), or
+            # for a table used up to a quarter at most, n lanes made for it alone
+            full = n if 4 * n < self.full else self.full
+            lanes = _LANES.get((full, cs)) if full == self.full else None
+            if lanes is None:
+                lanes = tuple(  # type: ignore[assignment]
+                    int.from_bytes(v.to_bytes(8, "little") * full, "little")
+                    for v in (cs, (1 << 63) - 1, 0x3F << 56, 1 << 62))
+                assert lanes is not None
+                if full == self.full:
+                    _LANES[(full, cs)] = lanes
+            step, flagless, reserved, compressed = lanes  # (the same in either order)
+            if n < full:
+                step &= (1 << (64 * n)) - 1  # (added, not ANDed: cut to the n lanes)
+            x = self.value()
+            bad = x & reserved
+            if bad and bad & ~(((x & compressed) >> 6) * 0x3F):  # (compressed: 56-61)
+                self._stepped = b""
+            else:
+                x &= flagless  # (lanes below 2**63: adding cs carries into no other)
+                self._stepped = self._mask(x + step, x)
+        return self._stepped or None

@@ -18,12 +18,11 @@ from diskimg.device import Status
 from diskimg.errors import CorruptImageError
 from diskimg.plan import Run, RunKind
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2.cache import HOST_LITTLE_ENDIAN, u64_run
+from diskimg.qcow2.entries import TableBreaks as TableBreaks  # (it lived here)
+from diskimg.qcow2.cache import u64_run
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Literal
-
     from diskimg.qcow2.image import Qcow2Image
 
 __all__ = ["TableBreaks", "check_data_offset", "cluster_type", "l2_location", "lookup",
@@ -161,88 +160,6 @@ def lookup(img: Qcow2Image, offset: int, length: int) -> Run:
         i += 1
     return Run(offset, min(n, max_len), kind, None if host is None else host + in_off,
                ent, fname)
-
-
-#: each byte value -> 0 (zero) or 1 (non-zero): :class:`TableBreaks`' masks, found with find
-_NONZERO = bytes(1) + b"\x01" * 255
-#: (entries, cluster size) -> lanes (big integers, entry ``j`` in bits 64j..64j+63) of
-#: ``cs``, of bits 0-62 (all but COPIED), of bits 56-61 and of bit 62 (COMPRESSED)
-_LANES: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-
-
-class TableBreaks:
-    """Where a standard L2 table's entries break a run, for the whole table at once (a
-    few big-integer and bytes operations over its bytes, each made when first needed, no
-    Python work per entry): bytes masks, 8 per entry, searched with ``find(1)``.
-
-    The first non-zero byte ``b`` of a mask at or after ``8 * (j - d)`` makes entry
-    ``(b >> 3) + d`` the first from ``j`` on that is not what the raw run expects: not
-    zero (:meth:`nonzero`, ``d`` 0: a run of zero entries), not equal to its predecessor
-    (:meth:`same`, ``d`` 1: a run of equal entries), or, COPIED aside, not its predecessor
-    plus ``cs`` (:meth:`stepped`, ``d`` 1: host-contiguous runs).  None for
-    :meth:`stepped` when an entry that is not compressed has a reserved bit of 56-61 set
-    (adding ``cs`` could carry into a flag): that run is :func:`lookup`'s.
-
-    ``table``: the table's bytes, big-endian as on disk (``big``, the checker's) or a
-    decoded table (:func:`diskimg.qcow2.cache.be_u64_table`, the L2 cache's)."""
-
-    __slots__ = ("buf", "n", "cs", "order", "x", "_nonzero", "_same", "_stepped")
-
-    def __init__(self, table: memoryview | bytes, cs: int, big: bool = False) -> None:
-        self.buf = memoryview(table).cast("B")
-        self.n, self.cs = len(self.buf) // 8, cs
-        self.order: Literal["big", "little"] = \
-            "big" if big or not HOST_LITTLE_ENDIAN else "little"
-        self.x: int | None = None
-        self._nonzero: bytes | None = None
-        self._same: bytes | None = None
-        self._stepped: bytes | None = None
-
-    def value(self) -> int:
-        """The table as one integer: entry ``j`` in bits 64j..64j+63 (little-endian),
-        or in bits 64(n-1-j).. (big-endian)."""
-        if self.x is None:
-            self.x = int.from_bytes(self.buf, self.order)
-        return self.x
-
-    def _mask(self, here: int, nxt: int) -> bytes:
-        """Per entry ``j``: whether lane ``j`` of ``here`` differs from lane ``j + 1``
-        of ``nxt`` (the next entry's lane in either byte order)."""
-        size = 8 * self.n
-        if self.order == "little":
-            return (here ^ (nxt >> 64)).to_bytes(size, "little").translate(_NONZERO)
-        # (the first entry's lane of nxt << 64 goes past the table: cut off)
-        return (here ^ (nxt << 64)).to_bytes(size + 8, "big")[8:].translate(_NONZERO)
-
-    def nonzero(self) -> bytes:
-        if self._nonzero is None:
-            self._nonzero = bytes(self.buf).translate(_NONZERO)
-        return self._nonzero
-
-    def same(self) -> bytes:
-        if self._same is None:
-            x = self.value()
-            self._same = self._mask(x, x)
-        return self._same
-
-    def stepped(self) -> bytes | None:
-        if self._stepped is None:
-            n, cs = self.n, self.cs
-            lanes = _LANES.get((n, cs))
-            if lanes is None:
-                lanes = _LANES[(n, cs)] = tuple(  # type: ignore[assignment]
-                    int.from_bytes(v.to_bytes(8, "little") * n, "little")
-                    for v in (cs, (1 << 63) - 1, 0x3F << 56, 1 << 62))
-                assert lanes is not None
-            step, flagless, reserved, compressed = lanes  # (the same in either order)
-            x = self.value()
-            bad = x & reserved
-            if bad and bad & ~(((x & compressed) >> 6) * 0x3F):  # (compressed: 56-61)
-                self._stepped = b""
-            else:
-                x &= flagless  # (lanes below 2**63: adding cs carries into no other)
-                self._stepped = self._mask(x + step, x)
-        return self._stepped or None
 
 
 def runs(img: Qcow2Image, offset: int, length: int) -> list[Run]:
