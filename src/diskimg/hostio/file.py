@@ -301,17 +301,22 @@ class HostFile:
     def _preadinto_shifted(self, offset: int, buf: memoryview, shift: int) -> int:
         """Read ``buf[:len(buf) - shift]`` into ``buf[shift:]`` (where the kernel's copy is
         at skew 0), then move it down in place: the bytes ``buf`` gets are those of a direct
-        read.  Returns how many bytes of ``buf`` are in place (the caller reads the rest
-        directly: at most ``shift`` bytes), or -1 when the file ended first (the rest of
-        ``buf`` is zeroed)."""
-        want = len(buf) - shift
-        got = 0
-        while got < want:
+        read.  The last ``shift`` bytes come in the same system call, into a small scratch
+        buffer.  Returns how many bytes of ``buf`` are in place (the caller reads the rest
+        directly), or -1 when the file ended first (the rest of ``buf`` is zeroed)."""
+        n = len(buf)
+        want = n - shift
+        tail = bytearray(shift)
+        k = os.preadv(self.fd, [buf[shift:], tail], offset)
+        if k == n:                            # the whole request in one system call
+            buf[:want] = buf[shift:]          # overlapping: memoryview copies with memmove
+            buf[want:] = tail
+            return n
+        got = min(max(k, 0), want)            # a short read: the tail is read again later
+        while 0 < k and got < want:
             k = os.preadv(self.fd, [buf[shift + got : shift + want]], offset + got)
-            if k <= 0:
-                break
-            got += k
-        buf[:got] = buf[shift : shift + got]  # overlapping: memoryview copies with memmove
+            got += max(k, 0)
+        buf[:got] = buf[shift : shift + got]
         if got < want:
             zero_fill(buf[got:])
             return -1
