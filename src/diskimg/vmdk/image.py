@@ -500,9 +500,11 @@ class VmdkImage(BlockDevice):
         ext = self.extents[0] if self.extents else None
         if self.desc.create_type != "streamOptimized" or not isinstance(ext, SparseExtent):
             return []
+        from diskimg.vmdk.lint import lint_stream  # check/info of a streamOptimized image
+
         text = self.desc.pack().decode("latin-1")
         return [{"extent": ext.filename, **f}
-                for f in S.lint_stream(ext.host.pread, ext.host.size(), text)]
+                for f in lint_stream(ext.host.pread, ext.host.size(), text)]
 
 
 def open_vmdk(host: Host, *, policy: OpenPolicy | None = None) -> VmdkImage:
