@@ -40,8 +40,8 @@ time to the same budget) from dominating what is meant to be data throughput.
 
 Reads: every reader reads every byte of the virtual disk in 1 MiB chunks into a buffer and
 discards it.  diskimg is timed twice: into a ``bytearray`` (which the kernel would fill
-slowly, so diskimg bounces large reads through an aligned buffer: one more copy) and into
-``diskimg.aligned_buffer`` (filled directly).  qemu-io is given one ``read`` command per
+slowly, so diskimg reads large runs a few KiB further into it and moves them down: one
+more copy) and into ``diskimg.aligned_buffer`` (filled directly).  qemu-io is given one ``read`` command per
 MiB; it allocates and pattern-fills a bounce buffer per command, so it is a slightly
 pessimistic reference.
 
@@ -310,7 +310,8 @@ with diskimg.open(sys.argv[1], format=sys.argv[2]) as img:
 """
 
 # the same loop into diskimg.aligned_buffer: the kernel fills it directly (a bytearray
-# of this size sits 16 bytes past a page boundary and is filled through a bounce buffer)
+# of this size sits 16 bytes past a page boundary: large reads into it land a few KiB on
+# and are moved down in place)
 READINTO_ALIGNED = READINTO.replace("bytearray(1 << 20)", "diskimg.aligned_buffer(1 << 20)")
 
 PYQCOW_READ = """\

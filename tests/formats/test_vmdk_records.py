@@ -15,6 +15,7 @@ from diskimg.hostio import open_host_file
 from diskimg.vmdk import create_vmdk, open_vmdk, sparse_layout, write_stream_optimized
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import Descriptor, ExtentLine
+from diskimg.vmdk.lint import lint_stream
 
 VMWARE_DESC = (
     b"# Disk DescriptorFile\nversion=1 \nCID=a454774a \nparentCID=ffffffff \n"
@@ -199,13 +200,13 @@ def test_stream_lint(tmp_path: Path) -> None:
     raw = bytearray(dst.read_bytes())
     raw[-512 - 1024 + 12] = 9                  # footer marker type
     dst.write_bytes(bytes(raw))
-    fs = S.lint_stream(lambda o, n: bytes(raw[o:o + n]), len(raw), None)
+    fs = lint_stream(lambda o, n: bytes(raw[o:o + n]), len(raw), None)
     assert any("unknown marker type" in str(f["problem"]) for f in fs)
     raw = bytearray(dst.read_bytes())
     h = S.SparseHeader.parse(bytes(raw[:512]))
     g = h.overhead * 512
     raw[g:g + 8] = (999 * 128).to_bytes(8, "little")    # grain lba no longer matches its GT
-    fs = S.lint_stream(lambda o, n: bytes(raw[o:o + n]), len(raw), None)
+    fs = lint_stream(lambda o, n: bytes(raw[o:o + n]), len(raw), None)
     assert any("does not point at the grain marker" in str(f["problem"]) for f in fs)
 
 

@@ -9,7 +9,8 @@ Modules, one job each: ``sparse`` (on-disk records: headers, markers, footer), `
 (the text descriptor), ``extent`` (the extent protocol; flat and zero extents),
 ``sparse_extent`` (hosted sparse grain tables), ``compressed`` (reading compressed grains),
 ``sesparse`` (seSparse), ``stream`` (writing streamOptimized), ``image`` (descriptor +
-extents as a device; executes the read plans), ``create`` (new images).
+extents as a device; executes the read plans), ``create`` (new images), ``lint``
+(VMware-acceptance lint of a streamOptimized file, loaded by check).
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ EMBEDDED_DESC_MAX = 1 << 20
 MAX_SIZE = (1 << 63) - 1
 #: qemu's MAX_BOUNCE_BUFFER: the most zero bytes one fallback write-zeroes request writes
 _MAX_BOUNCE = 32768 * S.SECTOR
+_DATA, _ZERO, _UNALLOC = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED
 
 
 def _extent_name(desc_path: Path | str, name: str) -> str:
@@ -305,25 +306,38 @@ class VmdkImage(BlockDevice):
             pos += n
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
-        """Execute each extent's plan: runs from ``lookup``, dispatched by kind."""
+        """Execute each extent's plan: runs from ``lookup``, dispatched by kind.  A
+        monolithic image (one extent) goes straight to it: no generator, no search."""
+        if len(self.extents) == 1:
+            self._read_extent(self.extents[0], 0, offset, buf)
+            return
         for pos, start, ext, n in self._each(offset, len(buf)):
-            fill = self._fill_for(start)
-            o = pos - start
-            end = o + n
-            at = pos - offset - o           # buf index of extent offset 0
-            while o < end:
-                run = ext.lookup(o, end - o)
-                part = buf[at + o:at + o + run.length]
-                kind = run.kind
-                if kind is RunKind.DATA:
-                    ext.read_data(run, part)
-                elif kind is RunKind.ZERO:
+            self._read_extent(ext, start, pos - start, buf[pos - offset:pos - offset + n])
+
+    def _read_extent(self, ext: Extent, start: int, o: int, buf: memoryview) -> None:
+        """Fill ``buf`` from extent offset ``o`` of ``ext`` (which starts at guest offset
+        ``start``): one ``lookup`` per run; a run covering the whole request reads into
+        ``buf`` itself (no slice); unallocated runs read as zeros, or the backing file's
+        bytes through :meth:`_fill_for` when there is one."""
+        end = o + len(buf)
+        at = o                              # extent offset of buf[0]
+        while o < end:
+            run = ext.lookup(o, end - o)
+            n = run.length
+            part = buf if n == len(buf) else buf[o - at:o - at + n]
+            kind = run.kind
+            if kind is _DATA:
+                ext.read_data(run, part)
+            elif kind is _UNALLOC:
+                if self.backing is None:
                     zero_fill(part)
-                elif kind is RunKind.UNALLOCATED:
-                    fill(o, part)
                 else:
-                    ext.read_compressed(run, part)
-                o += run.length
+                    self._fill_for(start)(o, part)
+            elif kind is _ZERO:
+                zero_fill(part)
+            else:
+                ext.read_compressed(run, part)
+            o += n
 
     def _before_write(self, offset: int, length: int) -> None:
         for _pos, _start, ext, _n in self._each(offset, length):
@@ -486,9 +500,11 @@ class VmdkImage(BlockDevice):
         ext = self.extents[0] if self.extents else None
         if self.desc.create_type != "streamOptimized" or not isinstance(ext, SparseExtent):
             return []
+        from diskimg.vmdk.lint import lint_stream  # check/info of a streamOptimized image
+
         text = self.desc.pack().decode("latin-1")
         return [{"extent": ext.filename, **f}
-                for f in S.lint_stream(ext.host.pread, ext.host.size(), text)]
+                for f in lint_stream(ext.host.pread, ext.host.size(), text)]
 
 
 def open_vmdk(host: Host, *, policy: OpenPolicy | None = None) -> VmdkImage:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 _GT_CACHE = 4096      # grain tables kept in memory (2 KiB each with 512 entries)
 _UNALLOC, _ZERO, _DATA, _COMPRESSED = (RunKind.UNALLOCATED, RunKind.ZERO, RunKind.DATA,
                                        RunKind.COMPRESSED)
+_GTE_ZEROED = S.GTE_ZEROED      # entries above it locate a grain (see _classify)
 
 
 def _zeroed_run(n: int) -> memoryview:
@@ -58,6 +59,9 @@ class SparseExtent(GrainMappedExtent):
         self.gb = g.grain_bytes
         self.read_only = read_only
         self.compressed = h.compressed
+        #: the kind of a grain table entry that locates a grain (above 1, see _classify)
+        self.data_kind = _COMPRESSED if h.compressed else _DATA
+        self.gtes = g.gtes
         self.has_markers = h.has_markers
         self.zero_grain = bool(h.flags & S.FLAG_ZERO_GRAIN)
         self.gd = S.le_u32_array(host.pread_exact(h.gd_offset * S.SECTOR, g.gd_entries * 4,
@@ -142,7 +146,7 @@ class SparseExtent(GrainMappedExtent):
             return _UNALLOC
         if gte == S.GTE_ZEROED and self.zero_grain:
             return _ZERO
-        return _COMPRESSED if self.compressed else _DATA
+        return self.data_kind
 
     def _not_streaming(self) -> None:
         """A streamOptimized extent being written front to back cannot be read back in
@@ -158,8 +162,9 @@ class SparseExtent(GrainMappedExtent):
         run is a series of compressed grains, ``host`` the grain record of the first one
         (read through :meth:`read_compressed`); UNALLOCATED and ZERO runs have no host.
         Refused while the extent is being streamed (reads and status come here)."""
-        self._not_streaming()
-        gb, gtes = self.gb, self.geo.gtes
+        if self.stream is not None:
+            self._not_streaming()
+        gb, gtes = self.gb, self.gtes
         grain = off // gb
         in_g = off - grain * gb
         gdi, idx = divmod(grain, gtes)
@@ -168,7 +173,7 @@ class SparseExtent(GrainMappedExtent):
         if t is None:
             return Run(off, max_len, _UNALLOC)
         ent = t[idx]
-        kind = self._classify(ent)
+        kind = self.data_kind if ent > _GTE_ZEROED else self._classify(ent)
         n = gb - in_g
         i = idx + 1
         if kind is _UNALLOC:
