@@ -41,9 +41,9 @@ time to the same budget) from dominating what is meant to be data throughput.
 Reads: every reader reads every byte of the virtual disk in 1 MiB chunks into a buffer and
 discards it.  diskimg is timed twice: into a ``bytearray`` (which the kernel would fill
 slowly, so diskimg reads large runs a few KiB further into it and moves them down: one
-more copy) and into ``diskimg.aligned_buffer`` (filled directly).  qemu-io is given one ``read`` command per
-MiB; it allocates and pattern-fills a bounce buffer per command, so it is a slightly
-pessimistic reference.
+more copy) and into ``diskimg.aligned_buffer`` (filled directly).  qemu-io is given one
+``read`` command per MiB; it allocates and pattern-fills a bounce buffer per command, so it
+is a slightly pessimistic reference.
 
 Start-up floor (issue 20 item 1): ``python -c pass`` with the interpreter (venv) that runs
 diskimg is the floor; ``python -I -S -c pass`` (no site-packages, no ``.pth`` hooks), ``python
