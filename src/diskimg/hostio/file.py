@@ -157,16 +157,21 @@ def trailing_zeros(buf: bytes | bytearray | memoryview) -> int:
 
 
 def is_aligned(buf: memoryview) -> bool:
-    """True if ``buf`` (writable) starts on an ``_ALIGN``-byte boundary.  A view of the
-    whole of an ``mmap`` (an :func:`aligned_buffer` read whole) starts on a page: told
-    without the address (so without loading ``_ctypes``: a small convert's one read)."""
+    """True if ``buf`` (writable) starts on an ``_ALIGN``-byte boundary."""
+    return _page_offset(buf) % _ALIGN == 0
+
+
+def _page_offset(buf: memoryview) -> int:
+    """Where ``buf`` (writable) starts in its page.  A view of the whole of an ``mmap``
+    (an :func:`aligned_buffer` read whole) starts on a page: told without the address (so
+    without loading ``_ctypes``: a small convert's one read)."""
     import sys
 
     mm = sys.modules.get("mmap")
     if mm is not None and isinstance(buf.obj, mm.mmap) and buf.c_contiguous \
             and buf.nbytes == len(buf.obj):
-        return True
-    return _address(buf) % _ALIGN == 0
+        return 0
+    return _address(buf) % _PAGE
 
 
 _Byte: Any = None
@@ -293,7 +298,7 @@ class HostFile:
         self._check_offset(offset, n)
         got = 0
         if n >= _BOUNCE_MIN:
-            skew = (_address(buf) - offset) % _PAGE
+            skew = (_page_offset(buf) - offset) % _PAGE
             if 0 < skew < _SLOW_SKEW:
                 got = self._preadinto_shifted(offset, buf, _PAGE - skew)
                 if got < 0:
