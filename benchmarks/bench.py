@@ -685,13 +685,18 @@ def add_floors(jobs: list[Job]) -> None:
 def add_baseline(jobs: list[Job], src: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(src))
     for job in jobs:
-        job.cands.extend([_twin(c, env) for c in job.cands if c.diskimg])
+        job.cands.extend([_twin(c, env, src.parent / "scripts" / "diskimg")
+                          for c in job.cands if c.diskimg])
 
 
-def _twin(c: Variant, env: dict[str, str]) -> Variant:
-    """``c`` run with another diskimg tree (its own output file)."""
+def _twin(c: Variant, env: dict[str, str], script: Path) -> Variant:
+    """``c`` run with another diskimg tree (its own output file); the installed
+    ``diskimg`` command becomes that tree's own script (``scripts/diskimg``, run by the
+    same interpreter), whose entry point matches the tree's CLI."""
     out = c.out.with_name("b" + c.out.name) if c.out is not None else None
     cmd = [str(out) if c.out is not None and a == str(c.out) else a for a in c.cmd]
+    if cmd and cmd[0] == str(Path(PY).with_name("diskimg")) and script.is_file():
+        cmd = [PY, str(script), *cmd[1:]]
     return Variant(c.label + " @baseline", cmd, out, c.out_fmt, env)
 
 
