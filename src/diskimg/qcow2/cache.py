@@ -87,8 +87,14 @@ def be_table(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
     of byte-or-wider entries); :func:`pack_be_table` is its inverse."""
     if typecode == "B" or not HOST_LITTLE_ENDIAN:
         return memoryview(bytearray(buf)).cast(typecode)
-    # the words up to the last non-zero byte are swapped, the zero tail (most of a small
-    # image's tables) is copied as it is: zero in either byte order
+    return _swap_used(buf, typecode)
+
+
+def _swap_used(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
+    """``buf``'s words byte-swapped into a new native memoryview of ``typecode``: the
+    words up to the last non-zero byte are swapped, the zero tail (most of a small
+    image's tables) is copied as it is, zero in either byte order (a 64 KiB table with a
+    few entries: one memcmp pass instead of a byte-reversal of every word)."""
     n = len(buf)
     size = struct.calcsize(typecode)
     used = -(-(n - trailing_zeros(buf)) // size) * size
@@ -110,22 +116,13 @@ _WORDS: dict[int, Word] = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 def pack_be_table(t: array[int] | memoryview) -> bytes:
     """A native table (``array`` or :func:`be_table`'s view, of any of its formats) → its
-    big-endian bytes.  As in :func:`be_table`, only the words up to the last non-zero
-    byte are swapped: the zero tail (most of a small image's L2 tables and refcount
-    blocks) is the same in either byte order (a 64 KiB table with a few entries: one
-    memcmp pass instead of a byte-reversal and a strided copy of every word)."""
+    big-endian bytes (as in :func:`be_table`, only the words up to the last non-zero
+    byte are swapped: :func:`_swap_used`)."""
     mv = memoryview(t)
     raw = mv.cast("B")
     if mv.itemsize == 1 or not HOST_LITTLE_ENDIAN:
         return raw.tobytes()
-    n, size = len(raw), mv.itemsize
-    used = -(-(n - trailing_zeros(raw)) // size) * size
-    if used == n:
-        return _swap(raw, _WORDS[size]).tobytes()
-    out = bytearray(n)
-    if used:
-        out[:used] = _swap(raw[:used], _WORDS[size]).cast("B")
-    return bytes(out)
+    return _swap_used(raw, _WORDS[mv.itemsize]).cast("B").tobytes()
 
 
 #: the u64 tables' name for it
