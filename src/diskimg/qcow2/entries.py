@@ -155,9 +155,23 @@ def encode_compressed(host: int, length: int, cluster_bits: int) -> int:
 
 #: each byte value -> 0 (zero) or 1 (non-zero): :class:`TableBreaks`' masks, found with find
 _NONZERO = bytes(1) + b"\x01" * 255
-#: (entries, cluster size) -> lanes (big integers, entry ``j`` in bits 64j..64j+63) of
-#: ``cs``, of bits 0-62 (all but COPIED), of bits 56-61 and of bit 62 (COMPRESSED)
-_LANES: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+#: (values, entries) -> :func:`lanes` of a whole table, made once
+_LANES: dict[tuple[tuple[int, ...], int], tuple[int, ...]] = {}
+
+
+def lanes(values: tuple[int, ...], n: int, full: int) -> tuple[int, ...]:
+    """Each of ``values`` (u64) repeated in lanes, as one big integer (entry ``j`` in bits
+    64j..64j+63; the same in either byte order), for the ``n`` masked entries of an L2
+    table of ``full``: a table used up to a quarter gets ``n`` lanes made for it alone;
+    any other the whole table's, made once and kept, which an AND cuts to its ``n``
+    entries (a caller that adds one cuts it itself)."""
+    m = n if 4 * n < full else full
+    got = _LANES.get((values, m)) if m == full else None
+    if got is None:
+        got = tuple(int.from_bytes(v.to_bytes(8, "little") * m, "little") for v in values)
+        if m == full:
+            _LANES[(values, m)] = got
+    return got
 
 
 class TableBreaks:
@@ -224,20 +238,11 @@ class TableBreaks:
 
     def stepped(self) -> bytes | None:
         if self._stepped is None:
-            n, cs = self.n, self.cs
-            # a whole table's lanes, made once and kept (an AND cuts them to n lanes), or
-            # for a table used up to a quarter at most, n lanes made for it alone
-            full = n if 4 * n < self.full else self.full
-            lanes = _LANES.get((full, cs)) if full == self.full else None
-            if lanes is None:
-                lanes = tuple(  # type: ignore[assignment]
-                    int.from_bytes(v.to_bytes(8, "little") * full, "little")
-                    for v in (cs, (1 << 63) - 1, 0x3F << 56, 1 << 62))
-                assert lanes is not None
-                if full == self.full:
-                    _LANES[(full, cs)] = lanes
-            step, flagless, reserved, compressed = lanes  # (the same in either order)
-            if n < full:
+            n = self.n
+            # cs, bits 0-62 (all but COPIED), bits 56-61 and bit 62 (COMPRESSED)
+            step, flagless, reserved, compressed = lanes(
+                (self.cs, (1 << 63) - 1, 0x3F << 56, 1 << 62), n, self.full)
+            if n < self.full:
                 step &= (1 << (64 * n)) - 1  # (added, not ANDed: cut to the n lanes)
             x = self.value()
             bad = x & reserved

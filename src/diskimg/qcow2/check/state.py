@@ -132,7 +132,6 @@ class _State:
         self.tc = refcount_typecode(self.order)
         self.itemsize = struct.calcsize(self.tc)
         self.work = 0
-        self._l2_bad_bits: int | None = None  # see _plain_runs
         #: L2 table offset -> (its bytes, :meth:`_Walk._plain_runs` of them)
         self._plain: dict[int, tuple[bytes, list[tuple[int, int]] | None]] = {}
         self._ones_buf = memoryview(b"").cast(self.tc)

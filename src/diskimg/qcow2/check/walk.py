@@ -38,7 +38,7 @@ from diskimg.qcow2.layout import (
     QCOW2_EXT_MAGIC_CRYPTO_HEADER,
     QCOW_MAX_L1_SIZE,
 )
-from diskimg.qcow2.entries import TableBreaks
+from diskimg.qcow2.entries import TableBreaks, lanes
 
 
 
@@ -72,15 +72,8 @@ class _Walk(_Stored):
     def _find_plain_runs(self, raw: bytes) -> list[tuple[int, int]] | None:
         n = len(raw) // 8
         breaks = TableBreaks(raw, self.cs, big=True)  # (the bytes as read: no decode)
-        # the bits no plain entry has, in every lane: a whole table's, made once (the
-        # AND cuts them to the masks' entries), or for a table used up to a quarter, its own
-        m = breaks.n if 4 * breaks.n < n else n
-        bad = self._l2_bad_bits if m == n else None
-        if bad is None:
-            lane = ((1 << 63) - (1 << 56)) | (self.cs - 1)
-            bad = int.from_bytes(lane.to_bytes(8, "little") * m, "little")
-            if m == n:
-                self._l2_bad_bits = bad
+        # the bits no plain entry has (56-62 and those below the cluster size), each lane
+        bad, = lanes((((1 << 63) - (1 << 56)) | (self.cs - 1),), breaks.n, n)
         if breaks.value() & bad:
             return None
         nonzero, stepped = breaks.nonzero(), breaks.stepped()
