@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 from diskimg.errors import ClosedImageError, DiskImgError, UsageError
 from diskimg.hostio import lock
@@ -165,8 +166,6 @@ def _page_offset(buf: memoryview) -> int:
     """Where ``buf`` (writable) starts in its page.  A view of the whole of an ``mmap``
     (an :func:`aligned_buffer` read whole) starts on a page: told without the address (so
     without loading ``_ctypes``: a small convert's one read)."""
-    import sys
-
     mm = sys.modules.get("mmap")
     if mm is not None and isinstance(buf.obj, mm.mmap) and buf.c_contiguous \
             and buf.nbytes == len(buf.obj):
