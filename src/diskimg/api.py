@@ -7,7 +7,6 @@ import os
 from diskimg.device import BlockDevice
 from diskimg.errors import BackingChainError, DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import open_host_file, path_name
-from diskimg.params import check_int
 from diskimg.policy import OpenPolicy
 from diskimg.probe import check_format, probe
 
@@ -403,6 +402,8 @@ def create(
                 f"Cannot create a {format} image on the NBD export '{path}': only raw "
                 "(its bytes as they are)", path=path, field="protocol")
     if size is not None:  # before anything touches the file: a refusal creates nothing
+        from diskimg.params import check_int
+
         size = check_int("size", size, minimum=None)
     opts = dict(options or {})
     if format not in FORMATS:

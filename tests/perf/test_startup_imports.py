@@ -83,7 +83,7 @@ OPEN_READ = VERSION | {
     "diskimg.api", "diskimg.cli.commands", "diskimg.cli.quickparse",
     "diskimg.cli.commands._shared", "diskimg.cli.output",
     "diskimg.device", "diskimg.hostio", "diskimg.hostio.file", "diskimg.hostio.lock",
-    "diskimg.info_text", "diskimg.params",
+    "diskimg.info_text",
     "diskimg.plan", "diskimg.policy", "diskimg.probe",
     "diskimg.records", "diskimg.slotted", "diskimg.units"}
 #: ... and of a qcow2 in particular: without a bitmaps extension no bitmap module, and no
