@@ -349,7 +349,7 @@ CONVERT = VERSION | {
     "diskimg.api", "diskimg.cli.commands", "diskimg.cli.commands._shared",
     "diskimg.cli.commands.convert", "diskimg.cli.quickparse",
     "diskimg.device", "diskimg.hostio", "diskimg.hostio.file",
-    "diskimg.hostio.urls",
+    "diskimg.hostio.urls", "diskimg.image_create",  # (the target's file, made by create)
     "diskimg.info_text", "diskimg.ops", "diskimg.ops.common",
     "diskimg.ops.convert", "diskimg.ops.copier",
     "diskimg.ops.zero", "diskimg.options", "diskimg.params",
