@@ -7,14 +7,12 @@ import os
 from diskimg.device import BlockDevice
 from diskimg.errors import BackingChainError, DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import open_host_file, path_name
-from diskimg.params import check_int
 from diskimg.policy import OpenPolicy
 from diskimg.probe import check_format, probe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Hashable, Mapping
-    from pathlib import Path
     from typing import Any
 
     from diskimg.hostio.fileobj import BinaryFile
@@ -208,25 +206,28 @@ def _open_one(src: str | Host, name: str, writable: bool, fmt: str | None, *, ba
     dev.filename = name  # as given (qemu prints ./x and sub/../x as they are written)
     try:
         if backing:
-            bname, bfmt = _backing_name(dev)
-            if bname is not None:
-                bsrc = _resolve_backing(policy, bname, host.path, top=top,
-                                        storage_options=storage_options)
+            bname, bfmt = dev.backing_file_name()
+            if bname is not None:  # (the chain's helpers: imported only for one)
+                from diskimg import backing_open as B
+
+                parent = host.path
+                bsrc = B.resolve(policy, bname, parent,
+                                 url=isinstance(parent, str) and _is_url(parent), top=top,
+                                 storage_options=storage_options)
                 bpath = bsrc if isinstance(bsrc, str) else bsrc.path
                 try:
-                    bfmt, bopts = _backing_open_options(options,
-                                                        backing_format(bfmt, bpath), bpath)
-                    dev.backing = _open_one(bsrc, _backing_display(name, bname), False,
+                    bfmt, bopts = B.open_options(options, backing_format(bfmt, bpath), bpath)
+                    dev.backing = _open_one(bsrc, B.display(name, bname), False,
                                             bfmt, backing=True,
                                             force_share=force_share, policy=policy,
                                             secrets=secrets, options=bopts,
                                             seen=seen, depth=depth + 1, unlock=unlock,
                                             storage_options=storage_options, top=top)
                 except DiskImgError as e:
-                    _blame_backing(e, bpath)
+                    B.blame(e, bpath)
                     raise
                 dev.backing.is_backing = True  # its finalizer leaves the warning to dev
-                _attach_backing(dev)
+                dev.backing_attached()
     except BaseException:
         dev.close()
         raise
@@ -271,34 +272,6 @@ def _device_over(host: Host, fmt: str | None, *, policy: OpenPolicy,
     return dev
 
 
-def _resolve_backing(policy: OpenPolicy, name: str, parent: Path | str, *,
-                     top: str | None = None,
-                     storage_options: Mapping[str, Any] | None = None) -> str | Host:
-    """The backing file ``name`` of the image ``parent``: a local path (the policy's
-    :meth:`~OpenPolicy.resolve`), or for an image read from a URL, a host in the same
-    store (:func:`diskimg.hostio.urls.open_backing`)."""
-    if isinstance(parent, str) and _is_url(parent):
-        from diskimg.hostio.urls import open_backing
-
-        got = open_backing(name, parent, policy, top=top, storage_options=storage_options)
-        return got if not isinstance(got, os.PathLike) else os.fspath(got)
-    return str(policy.resolve(name, parent))
-
-
-def _blame_backing(e: DiskImgError, path: Path | str) -> None:
-    """qemu's words for a backing file that would not open (a wrong passphrase, a
-    corrupt header): ``Could not open backing file: `` before the reason, once per level
-    of the chain; the innermost level also records the file and the bare reason
-    (:attr:`DiskImgError.backing_path`).  The error keeps its class and offset.
-    BackingChainError already names the files involved (missing, looping, refused by the
-    policy) and is left as it is."""
-    if isinstance(e, BackingChainError) or len(e.args) != 1 or not isinstance(e.args[0], str):
-        return
-    if e.backing_path is None:
-        e.backing_path, e.backing_reason = str(path), e.args[0]
-    e.args = (f"Could not open backing file: {e.args[0]}",)
-
-
 def backing_options(options: Mapping[str, str]) -> dict[str, str]:
     """The image options of the backing file: qemu's ``backing.`` prefix removed
     (``backing.encrypt.key-secret=s`` unlocks an encrypted backing file), without
@@ -306,28 +279,6 @@ def backing_options(options: Mapping[str, str]) -> dict[str, str]:
     from diskimg.image_options import backing_options as split
 
     return {k: v for k, v in split(options)[1].items() if not k.startswith("file.")}
-
-
-def _backing_open_options(options: Mapping[str, str], bfmt: str | None,
-                          bpath: Path | str) -> tuple[str | None, dict[str, str]]:
-    """The format and image options to open the backing file ``bpath`` with.
-    ``backing.driver`` sets its format (as in qemu); ``backing.file.filename`` may only
-    name the file the header names (diskimg follows no other), and the other
-    ``backing.file.*`` options are the file protocol's."""
-    if not any(k.startswith("backing.") for k in options):
-        return bfmt, {}
-    from diskimg.image_options import backing_options as split
-    from diskimg.image_options import check_protocol
-
-    driver, sub = split(options)
-    proto = {k[len("file."):]: v for k, v in sub.items() if k.startswith("file.")}
-    fname = proto.pop("filename", None)
-    check_protocol(proto)
-    if fname is not None and not _same_file(fname, bpath):
-        raise UsageError(f"Image option 'backing.file.filename' names '{fname}', not the "
-                         f"backing file '{bpath}' of the image header: diskimg follows "
-                         "only the header's backing file", field="backing.file.filename")
-    return driver or bfmt, {k: v for k, v in sub.items() if not k.startswith("file.")}
 
 
 #: qemu's device protocol drivers, which a backing format may name: they take only a
@@ -346,30 +297,6 @@ def backing_format(bfmt: str | None, name: PathLike) -> str | None:
         raise UsageError(f"'{bfmt}' driver requires '{name}' to be either a character or "
                          "block device", field="backing format")
     return bfmt
-
-
-def _same_file(a: PathLike, b: PathLike) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _backing_display(parent: str, name: str) -> str:
-    """The name a backing file opened for ``name`` (written in ``parent``) is shown by."""
-    from diskimg.policy import combine
-
-    if name.startswith("file:"):  # the policy opens it as a plain path (policy.resolve)
-        name = name[5:]
-    return combine(parent, name)
-
-
-def _backing_name(dev: BlockDevice) -> tuple[str | None, str | None]:
-    return dev.backing_file_name()
-
-
-def _attach_backing(dev: BlockDevice) -> None:
-    dev.backing_attached()
 
 
 def create(
@@ -403,6 +330,8 @@ def create(
                 f"Cannot create a {format} image on the NBD export '{path}': only raw "
                 "(its bytes as they are)", path=path, field="protocol")
     if size is not None:  # before anything touches the file: a refusal creates nothing
+        from diskimg.params import check_int
+
         size = check_int("size", size, minimum=None)
     opts = dict(options or {})
     if format not in FORMATS:
@@ -425,78 +354,6 @@ def create(
             pass
     if size < 0:
         raise UsageError("Image size must be less than 8 EiB!")
-    if nbd:
-        from diskimg.nbd.client_host import create_raw_on_export
+    from diskimg.image_create import make_image  # (not loaded by a command that opens)
 
-        prealloc = str(opts.pop("preallocation", "off"))
-        if opts:  # checked first: a refusal writes nothing
-            raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
-        create_raw_on_export(str(path), size, prealloc)
-        return
-    if format == "raw":
-        from diskimg.raw import create_raw
-
-        prealloc = str(opts.pop("preallocation", "off"))
-        if opts:  # checked first: a refusal creates and changes nothing (as qemu-img)
-            raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
-        existed = os.path.lexists(path)
-        host = open_host_file(path, True, create=True, truncate=False)
-        try:
-            create_raw(host, size, prealloc)
-        except BaseException:
-            if not existed:  # a refusal leaves no file behind (qemu-img leaves it empty)
-                from diskimg.pool.locking import unlink_if_same
-
-                unlink_if_same(host.fd, os.fspath(path))
-            raise
-        finally:
-            host.close()
-        return
-    existed = os.path.lexists(path)
-    try:
-        _create_image(path, format, size, backing_file, backing_fmt, opts, secrets)
-    except BaseException:
-        if not existed:  # a refused create leaves no file behind
-            _remove_created(path)
-        raise
-
-
-def _create_image(path: PathLike, format: str, size: int, backing_file: str | None,
-                  backing_fmt: str | None, opts: dict[str, Any],
-                  secrets: Mapping[str, bytes] | None) -> None:
-    """The luks, qcow2 and vmdk branches of :func:`create`."""
-    if format == "luks":
-        from diskimg.luks import create_luks_image
-
-        create_luks_image(path, size, opts, dict(secrets or {}))
-        return
-    if format == "qcow2":
-        from diskimg.hostio.file import path_name
-        from diskimg.qcow2.create import create_qcow2
-
-        create_qcow2(path_name(path), size, backing_file=backing_file, backing_fmt=backing_fmt,
-                     options=opts, secrets=dict(secrets or {}))
-        return
-    from pathlib import Path
-
-    from diskimg.vmdk import create_vmdk
-
-    create_vmdk(Path(path), size, backing_file=backing_file, options=opts)
-
-
-def _remove_created(path: PathLike) -> None:
-    """Remove the file a failed create made at ``path`` (a regular file only, and only
-    while the name still refers to it: never a file someone else put there since)."""
-    import stat
-
-    from diskimg.pool.locking import unlink_if_same
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return
-    try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            unlink_if_same(fd, os.fspath(path))
-    finally:
-        os.close(fd)
+    make_image(path, format, size, backing_file, backing_fmt, opts, secrets, nbd=nbd)

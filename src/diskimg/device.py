@@ -19,7 +19,6 @@ import os
 from _warnings import warn
 
 from diskimg.errors import ClosedImageError, CorruptImageError, UnsupportedFeatureError, UsageError
-from diskimg.params import check_int
 from diskimg.records import ImageInfo as ImageInfo  # re-exported (they lived here)
 from diskimg.records import MapEntry as MapEntry
 from diskimg.records import Status as Status
@@ -332,8 +331,7 @@ class BlockDevice:
     # --- public API ------------------------------------------------------------------
     def _check_range(self, offset: int, length: int) -> None:
         if type(offset) is not int or type(length) is not int:
-            offset = check_int("offset", offset)
-            length = check_int("length", length)
+            offset, length = _ints(offset, length)
         if offset < 0 or length < 0 or offset + length > self.size:
             raise UsageError(
                 f"request [{offset}, {offset + length}) is outside the image (size {self.size})"
@@ -474,7 +472,7 @@ class BlockDevice:
         decides (qemu-img convert's progress and copy differ there)."""
         self._check_open()
         if type(offset) is not int or type(length) is not int:
-            offset, length = check_int("offset", offset), check_int("length", length)
+            offset, length = _ints(offset, length)
         depth = 0
         dev: BlockDevice = self
         while True:
@@ -502,9 +500,10 @@ class BlockDevice:
     def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
         """Yield qemu-img map entries covering [offset, offset+length), merged like qemu."""
         self._check_open()  # now, not on the first next()
-        offset = check_int("offset", offset)
-        if length is not None:
-            length = check_int("length", length)
+        if type(offset) is not int or offset < 0 or (
+                length is not None and (type(length) is not int or length < 0)):
+            offset, n = _ints(offset, 0 if length is None else length)
+            length = None if length is None else n
         return self._map(offset, length)
 
     def _map(self, offset: int, length: int | None) -> Iterator[MapEntry]:
@@ -554,6 +553,13 @@ def __getattr__(name: str) -> object:
 
         return DeviceIO
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _ints(offset: object, length: object) -> tuple[int, int]:
+    """:func:`~diskimg.params.check_int` of both, imported only when needed (start-up)."""
+    from diskimg.params import check_int
+
+    return check_int("offset", offset), check_int("length", length)
 
 
 def requires_open(fn: Callable[Concatenate[_D, _P], _R]) -> Callable[Concatenate[_D, _P], _R]:

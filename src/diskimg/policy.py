@@ -12,7 +12,6 @@ says so (``allow_local_backing``).
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 
@@ -114,6 +113,8 @@ class OpenPolicy(Record):
         try:
             real = p.resolve()
         except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+            import errno
+
             why = os.strerror(errno.ELOOP)
             raise BackingChainError(
                 f"Could not open {what} '{p}' named by '{parent}': {why}",

@@ -7,8 +7,6 @@ magic and refused, so a VHD is never silently converted as if it were raw bytes.
 
 from __future__ import annotations
 
-import struct
-
 from diskimg.errors import UnsupportedFeatureError, WrongFormatError
 
 TYPE_CHECKING = False
@@ -40,7 +38,7 @@ def probe_bytes(head: bytes) -> str:
     """Name the format of an image whose first bytes are ``head`` ("qcow2", "vmdk", "luks",
     "raw", or a foreign format name diskimg does not implement)."""
     if head[:4] == QCOW_MAGIC and len(head) >= 8:
-        version = struct.unpack_from(">I", head, 4)[0]
+        version = int.from_bytes(head[4:8], "big")  # (no struct module: start-up)
         return "qcow2" if version >= 2 else ("qcow" if version == 1 else "raw")
     if head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC):
         return "vmdk"

@@ -18,6 +18,7 @@ import pytest
 import diskimg
 from diskimg import operations as ops
 from diskimg.hostio import aligned_buffer, open_host_file
+from diskimg.hostio import cmem
 from diskimg.hostio import file as hostfile
 from diskimg.plan import RunKind
 from diskimg.vmdk import sparse as S
@@ -245,7 +246,7 @@ def test_large_reads_are_copied_at_a_fast_skew(tmp_path: Path, shift: int, offse
             for _fd, bufs, at in c.calls["preadv"]:
                 assert bufs[0].obj is store
                 if len(bufs[0]) >= 64 << 10:
-                    skew = (hostfile._address(bufs[0]) - at) % 4096
+                    skew = (cmem.address(bufs[0]) - at) % 4096
                     assert skew == 0 or skew >= 32, (skew, at)
             assert c.count("preadv") <= 4
     finally:

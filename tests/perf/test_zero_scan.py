@@ -86,25 +86,26 @@ def test_zero_fill_clears_exactly_the_view(n: int, kind: str) -> None:
 
 def test_zero_fill_large_uses_one_memset(monkeypatch: pytest.MonkeyPatch) -> None:
     """A large fill is one memset of the view's own address and length (no copy loop),
-    libc's memset made from the _ctypes extension module (not the ctypes package)."""
+    libc's memset made from the _ctypes extension module (hostio.cmem, not the ctypes
+    package)."""
     import ctypes
 
-    from diskimg.hostio import file as hostfile
+    from diskimg.hostio import cmem
 
-    calls: list[tuple[int, int, int]] = []
-    real = hostfile._make_memset()
+    calls: list[tuple[int, int]] = []
+    real = cmem.memset_zero
 
-    def spy(dst: int, c: int, n: int) -> Any:
-        calls.append((dst, c, n))
-        return real(dst, c, n)
+    def spy(buf: memoryview, n: int) -> None:
+        calls.append((cmem.address(buf), n))
+        real(buf, n)
 
-    monkeypatch.setattr(hostfile, "_memset", spy)
+    monkeypatch.setattr(cmem, "memset_zero", spy)
     m = aligned_buffer(4 << 20)
     m[:] = b"\xff" * (4 << 20)
     view = memoryview(m)[4096 + 3 : (3 << 20) + 1]
     zero_fill(view)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
-    assert calls == [(addr, 0, len(view))]
+    assert calls == [(addr, len(view))]
     assert bytes(m[: 4096 + 3]) == b"\xff" * (4096 + 3)
     assert bytes(view) == bytes(len(view))
     assert bytes(m[(3 << 20) + 1 :]) == b"\xff" * ((4 << 20) - (3 << 20) - 1)

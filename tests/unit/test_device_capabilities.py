@@ -308,8 +308,8 @@ NOT_PROBES: dict[str, set[str]] = {
     "crypto/__init__.py": {"*"},                     # module __getattr__: lazy kernels
     "vmdk/__init__.py": {"*"},                       # module __getattr__: lazy create side
     "crypto/luks/kdf.py": {"derive_into"},           # cryptography version, decided once
-    "hostio/lock.py": {"F_OFD_SETLK", "F_OFD_GETLK"},   # fcntl constants by platform
-    "hostio/file.py": {"sysconf", "O_CLOEXEC", "O_NONBLOCK"},  # os
+    "hostio/file.py": {"sysconf", "O_CLOEXEC", "O_NONBLOCK",  # os
+                       "F_OFD_SETLK", "F_OFD_GETLK"},  # fcntl constants by platform
     "qcow2/compress.py": {"zd"},                     # thread-local decompressor
     "cli/main.py": {"reconfigure", "encoding", "object"},  # std streams, argparse namespace
     "cli/commands/snapshot.py": {"*"},               # argparse Action: its namespace dest

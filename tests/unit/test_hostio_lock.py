@@ -104,3 +104,21 @@ def test_qemu_img_resize_fails_against_diskimg_reader(make_image, qemu_img: str,
         assert 'Failed to get "write" lock' in res.stderr
     run([qemu_img, "resize", "-q", "-f", "raw", img, "2M"])
 
+
+
+@pytest.mark.parametrize("ltype, start, length", [(0, 100, 1), (1, 201, 1), (2, 100, 200),
+                                                  (1, (1 << 63) - 1, 0)])
+def test_flock_layout_is_structs(ltype: int, start: int, length: int) -> None:
+    """The ``struct flock`` lock.py builds without the struct module is byte for byte the
+    one ``struct.pack("hhqqi4x", ...)`` gives (native order, padding included); and
+    ``_fcntl`` reads ``l_type`` back from it."""
+    import struct
+
+    from diskimg.hostio import lock
+
+    want = struct.pack("hhqqi4x", ltype, 0, start, length, 0)
+    got = lock._flock(ltype, start, length)
+    assert got == want
+    assert struct.unpack("hhqqi4x", got)[0] == int.from_bytes(got[:2], "little"
+                                                              if struct.pack("=h", 1)[0]
+                                                              else "big", signed=True)

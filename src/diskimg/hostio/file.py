@@ -1,4 +1,5 @@
-"""HostFile: one open host file with positional I/O and sparse-file helpers.
+"""HostFile: one open host file with positional I/O and sparse-file helpers, and QEMU's
+image locking (its lock bytes on the file).
 
 Formats never call ``os`` directly; they get a HostFile.  A HostFile owns its fd and, when
 locking was asked for, QEMU's lock bytes on it (released on close).
@@ -6,12 +7,12 @@ locking was asked for, QEMU's lock bytes on it (released on close).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import sys
 
-from diskimg.errors import ClosedImageError, DiskImgError, UsageError
-from diskimg.hostio import lock
+from diskimg.errors import ClosedImageError, DiskImgError, ImageLockedError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -60,14 +61,18 @@ _ZEROS = memoryview(_ZERO_BYTES)
 
 def zero_fill(buf: memoryview) -> None:
     """Set ``buf`` (writable) to zeros without allocating: a large one with one libc
-    ``memset`` (half the time of a copy from a zero buffer, which reads as much as it
-    writes), a small one (or where ctypes is missing) by copying from one shared zero
-    buffer."""
+    ``memset`` (:mod:`diskimg.hostio.cmem`: half the time of a copy from a zero buffer,
+    which reads as much as it writes), a small one (or where ctypes is missing) by
+    copying from one shared zero buffer."""
     if buf.format != "B" or buf.ndim != 1:
         buf = buf.cast("B")
     n = buf.nbytes
-    if n >= _MEMSET_MIN and _memset_zero(buf, n):
-        return
+    if n >= _MEMSET_MIN:
+        try:
+            _cmem().memset_zero(buf, n)
+            return
+        except (ImportError, TypeError, ValueError):  # pragma: no cover - no ctypes here
+            pass
     z = len(_ZEROS)
     for p in range(0, n, z):
         k = min(z, n - p)
@@ -75,46 +80,18 @@ def zero_fill(buf: memoryview) -> None:
 
 
 _MEMSET_MIN = 64 << 10
+_CMEM: Any = None
 
 
-def _memset_zero(buf: memoryview, n: int) -> bool:
-    """``memset(buf, 0, n)`` through the ctypes extension module alone (as
-    :func:`_address`: the ctypes package costs about 3 ms of CPU to import, and a sparse
-    vmdk or qcow2 read fills its holes here); False when the buffer cannot be
-    addressed (read-only) or there is no ctypes."""
-    global _memset
-    try:
-        if _memset is None:
-            _memset = _make_memset()
-        _memset(_address(buf), 0, n)
-    except (ImportError, TypeError, ValueError):  # pragma: no cover - no ctypes here
-        return False
-    return True
+def _cmem() -> Any:
+    """:mod:`diskimg.hostio.cmem` (``_ctypes``), imported by the first large read that
+    needs it (ImportError where there is no ``_ctypes``)."""
+    global _CMEM
+    if _CMEM is None:
+        from diskimg.hostio import cmem
 
-
-_memset: Any = None
-
-
-def _make_memset() -> Any:
-    """libc's ``memset(void *, int, size_t)`` as a callable, built from ``_ctypes`` the
-    way ``ctypes.memset`` is: a C function type over the address ``_ctypes`` exports."""
-    import _ctypes
-
-    class _Ptr(_ctypes._SimpleCData):  # type: ignore[type-arg]
-        _type_ = "P"
-
-    class _Int(_ctypes._SimpleCData):  # type: ignore[type-arg]
-        _type_ = "i"
-
-    class _Size(_ctypes._SimpleCData):  # type: ignore[type-arg]
-        _type_ = "Q" if _ctypes.sizeof(_Ptr) == 8 else "I"  # size_t: pointer-sized
-
-    class _Memset(_ctypes.CFuncPtr):
-        _argtypes_ = (_Ptr, _Int, _Size)
-        _restype_ = _Ptr
-        _flags_ = _ctypes.FUNCFLAG_CDECL
-
-    return _Memset(_ctypes._memset_addr)  # type: ignore[attr-defined]
+        _CMEM = cmem
+    return _CMEM
 
 
 def all_zero(buf: bytes | bytearray | memoryview) -> bool:
@@ -165,32 +142,17 @@ def is_aligned(buf: memoryview) -> bool:
 def _page_offset(buf: memoryview) -> int:
     """Where ``buf`` (writable) starts in its page.  A view of the whole of an ``mmap``
     (an :func:`aligned_buffer` read whole) starts on a page: told without the address (so
-    without loading ``_ctypes``: a small convert's one read)."""
+    without loading ``_ctypes``: a small convert's one read).  Without ``_ctypes``: 0 (the
+    read is made straight, at whatever skew)."""
     mm = sys.modules.get("mmap")
     if mm is not None and isinstance(buf.obj, mm.mmap) and buf.c_contiguous \
             and buf.nbytes == len(buf.obj):
         return 0
-    return _address(buf) % _PAGE
-
-
-_Byte: Any = None
-
-
-def _address(buf: memoryview) -> int:
-    """The address of ``buf``'s first byte: ``ctypes.addressof(ctypes.c_char.from_buffer(
-    buf))`` made with the ctypes extension module alone (its one-byte simple type, as
-    ctypes defines ``c_char``), because the ctypes package costs about 3 ms of CPU to
-    import and every convert asks once (start-up, issue 20)."""
-    global _Byte
-    import _ctypes  # here, not at module level: only large reads ask
-
-    if _Byte is None:
-        class _Char(_ctypes._SimpleCData):  # type: ignore[type-arg]
-            _type_ = "c"
-
-        _Byte = _Char
-    address: int = _ctypes.addressof(_Byte.from_buffer(buf))
-    return address
+    try:
+        address: int = _cmem().address(buf)
+    except ImportError:  # pragma: no cover - no ctypes here
+        return 0
+    return address % _PAGE
 
 
 INT64_MAX = (1 << 63) - 1
@@ -209,6 +171,104 @@ def path_name(path: str | os.PathLike[str]) -> str:
     if name.startswith("/"):
         root = "//" if name.startswith("//") and not name.startswith("///") else "/"
     return root + "/".join(x for x in name.split("/") if x and x != ".") or "."
+
+
+# --- QEMU's lock bytes (OFD byte-range locks) -----------------------------------------
+# QEMU marks "I hold permission i" with a shared lock on byte ``100 + i`` and "I do not let
+# others have permission i" with a shared lock on byte ``200 + i``.  Taking permission i
+# conflicts with anybody's lock on ``200 + i``; refusing permission j conflicts with
+# anybody's lock on ``100 + j``.  Locks belong to the open file description, so one fd
+# per image.  (They live here, with the fd they lock, and not in a module of their own:
+# every open takes them, and each module on that path costs start-up, issue 20;
+# :mod:`diskimg.hostio.lock` re-exports them.)
+
+PERM_CONSISTENT_READ = 0
+PERM_WRITE = 1
+PERM_WRITE_UNCHANGED = 2
+PERM_RESIZE = 3
+PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize"}
+LOCK_BASE_PERM = 100
+LOCK_BASE_SHARED = 200
+
+_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+
+#: (held permissions, permissions refused to others) for a read-only and a writable open.
+READ_ONLY_PERMS = ({PERM_CONSISTENT_READ}, {PERM_WRITE, PERM_RESIZE})
+READ_WRITE_PERMS = ({PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE}, {PERM_WRITE, PERM_RESIZE})
+
+
+def _flock(ltype: int, start: int, length: int) -> bytes:
+    """The ``struct flock`` of one lock at ``start`` (``SEEK_SET``, pid 0), as
+    ``struct.pack("hhqqi4x", ltype, 0, start, length, 0)`` lays it out (native order and
+    alignment: ``l_type``, ``l_whence``, 4 bytes of padding, ``l_start``, ``l_len``,
+    ``l_pid``, 4 bytes of padding), made without the struct module (start-up)."""
+    order = sys.byteorder
+    return b"".join((ltype.to_bytes(2, order, signed=True), bytes(6),
+                     start.to_bytes(8, order, signed=True),
+                     length.to_bytes(8, order, signed=True), bytes(8)))
+
+
+def _fcntl(fd: int, cmd: int, ltype: int, byte: int) -> int:
+    res = fcntl.fcntl(fd, cmd, _flock(ltype, byte, 1))
+    return int.from_bytes(res[:2], sys.byteorder, signed=True)  # l_type
+
+
+def _unsupported(e: OSError) -> bool:
+    """Whether ``e`` says the file system has no OFD locks (nothing to honour then)."""
+    import errno  # only a failed lock call gets here (start-up)
+
+    return e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _held_by_other(fd: int, byte: int) -> bool:
+    try:
+        return _fcntl(fd, _GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
+    except OSError as e:
+        if _unsupported(e):
+            return False  # no OFD locks on this filesystem: nothing to honour
+        raise
+
+
+def acquire(fd: int, name: str, held: set[int], refused: set[int]) -> None:
+    """Check for conflicts, then take QEMU's lock bytes for ``held``/``refused`` permissions.
+
+    Raises :class:`ImageLockedError` with qemu-img's wording when another process conflicts.
+    """
+    for perm in sorted(held):
+        if _held_by_other(fd, LOCK_BASE_SHARED + perm):
+            raise ImageLockedError(
+                f'Failed to get "{PERM_NAMES[perm]}" lock\n'
+                f"Is another process using the image [{name}]?"
+            )
+    for perm in sorted(refused):
+        if _held_by_other(fd, LOCK_BASE_PERM + perm):
+            raise ImageLockedError(
+                f'Failed to get shared "{PERM_NAMES[perm]}" lock\n'
+                f"Is another process using the image [{name}]?"
+            )
+    try:
+        for perm in held:
+            _fcntl(fd, _SETLK, fcntl.F_RDLCK, LOCK_BASE_PERM + perm)
+        for perm in refused:
+            _fcntl(fd, _SETLK, fcntl.F_RDLCK, LOCK_BASE_SHARED + perm)
+    except OSError as e:
+        import errno
+
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise ImageLockedError(
+                f"Failed to lock byte range\nIs another process using the image [{name}]?"
+            ) from e
+        if not _unsupported(e):
+            raise
+
+
+def release(fd: int) -> None:
+    """Drop every lock byte this fd holds."""
+    try:
+        fcntl.fcntl(fd, _SETLK, _flock(fcntl.F_UNLCK, LOCK_BASE_PERM, 200))
+    except OSError:
+        pass
 
 
 class HostFile:
@@ -437,15 +497,15 @@ class HostFile:
 
     # --- locking and lifetime ---------------------------------------------------------
     def lock(self, writable: bool) -> None:
-        held, refused = lock.READ_WRITE_PERMS if writable else lock.READ_ONLY_PERMS
-        lock.acquire(self.fd, self.name, held, refused)
+        held, refused = READ_WRITE_PERMS if writable else READ_ONLY_PERMS
+        acquire(self.fd, self.name, held, refused)
         self.locked = True
 
     def close(self) -> None:
         """Release the lock bytes and close the fd (idempotent)."""
         fd, self._fd = self._fd, -1
         if fd >= 0:
-            lock.release(fd)
+            release(fd)
             os.close(fd)
 
     def __enter__(self) -> HostFile:
@@ -525,7 +585,7 @@ def open_host_file(
         if create and truncate:
             hf.empty()
     except BaseException:
-        lock.release(fd)
+        release(fd)
         os.close(fd)
         raise
     return hf

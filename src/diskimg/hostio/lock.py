@@ -1,84 +1,28 @@
-"""QEMU-compatible image locking with OFD byte-range locks.
+"""QEMU-compatible image locking with OFD byte-range locks: QEMU's lock bytes, taken and
+released by :mod:`diskimg.hostio.file` (with the fd they lock: one module fewer on every
+open, start-up), whose names this module re-exports where they have always been."""
 
-QEMU marks "I hold permission i" with a shared lock on byte ``100 + i`` and "I do not let
-others have permission i" with a shared lock on byte ``200 + i``.  Taking permission i
-conflicts with anybody's lock on ``200 + i``; refusing permission j conflicts with anybody's
-lock on ``100 + j``.  Locks belong to the open file description, so one fd per image.
-"""
+from diskimg.hostio.file import (
+    _GETLK,
+    _SETLK,
+    LOCK_BASE_PERM,
+    LOCK_BASE_SHARED,
+    PERM_CONSISTENT_READ,
+    PERM_NAMES,
+    PERM_RESIZE,
+    PERM_WRITE,
+    PERM_WRITE_UNCHANGED,
+    READ_ONLY_PERMS,
+    READ_WRITE_PERMS,
+    _fcntl,
+    _flock,
+    _held_by_other,
+    _unsupported,
+    acquire,
+    release,
+)
 
-from __future__ import annotations
-
-import errno
-import fcntl
-import struct
-
-from diskimg.errors import ImageLockedError
-
-PERM_CONSISTENT_READ = 0
-PERM_WRITE = 1
-PERM_WRITE_UNCHANGED = 2
-PERM_RESIZE = 3
-PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize"}
-LOCK_BASE_PERM = 100
-LOCK_BASE_SHARED = 200
-
-_FLOCK = struct.Struct("hhqqi4x")
-_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
-
-#: (held permissions, permissions refused to others) for a read-only and a writable open.
-READ_ONLY_PERMS = ({PERM_CONSISTENT_READ}, {PERM_WRITE, PERM_RESIZE})
-READ_WRITE_PERMS = ({PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE}, {PERM_WRITE, PERM_RESIZE})
-
-
-def _fcntl(fd: int, cmd: int, ltype: int, byte: int) -> int:
-    res = fcntl.fcntl(fd, cmd, _FLOCK.pack(ltype, 0, byte, 1, 0))
-    return int(_FLOCK.unpack(res)[0])
-
-
-def _held_by_other(fd: int, byte: int) -> bool:
-    try:
-        return _fcntl(fd, _GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
-    except OSError as e:
-        if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            return False  # no OFD locks on this filesystem: nothing to honour
-        raise
-
-
-def acquire(fd: int, name: str, held: set[int], refused: set[int]) -> None:
-    """Check for conflicts, then take QEMU's lock bytes for ``held``/``refused`` permissions.
-
-    Raises :class:`ImageLockedError` with qemu-img's wording when another process conflicts.
-    """
-    for perm in sorted(held):
-        if _held_by_other(fd, LOCK_BASE_SHARED + perm):
-            raise ImageLockedError(
-                f'Failed to get "{PERM_NAMES[perm]}" lock\n'
-                f"Is another process using the image [{name}]?"
-            )
-    for perm in sorted(refused):
-        if _held_by_other(fd, LOCK_BASE_PERM + perm):
-            raise ImageLockedError(
-                f'Failed to get shared "{PERM_NAMES[perm]}" lock\n'
-                f"Is another process using the image [{name}]?"
-            )
-    try:
-        for perm in held:
-            _fcntl(fd, _SETLK, fcntl.F_RDLCK, LOCK_BASE_PERM + perm)
-        for perm in refused:
-            _fcntl(fd, _SETLK, fcntl.F_RDLCK, LOCK_BASE_SHARED + perm)
-    except OSError as e:
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise ImageLockedError(
-                f"Failed to lock byte range\nIs another process using the image [{name}]?"
-            ) from e
-        if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-
-
-def release(fd: int) -> None:
-    """Drop every lock byte this fd holds."""
-    try:
-        fcntl.fcntl(fd, _SETLK, _FLOCK.pack(fcntl.F_UNLCK, 0, LOCK_BASE_PERM, 200, 0))
-    except OSError:
-        pass
+__all__ = ["LOCK_BASE_PERM", "LOCK_BASE_SHARED", "PERM_CONSISTENT_READ", "PERM_NAMES",
+           "PERM_RESIZE", "PERM_WRITE", "PERM_WRITE_UNCHANGED", "READ_ONLY_PERMS",
+           "READ_WRITE_PERMS", "_GETLK", "_SETLK", "_fcntl", "_flock", "_held_by_other",
+           "_unsupported", "acquire", "release"]
