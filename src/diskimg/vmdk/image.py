@@ -179,9 +179,9 @@ class VmdkImage(BlockDevice):
                 if not ro:
                     raise UnsupportedFeatureError("No write support for seSparse images "
                                                   "available")
-                from diskimg.vmdk.sesparse import SeSparseExtent  # rare: loaded on use
+                from diskimg.vmdk.sesparse import SeSparseExtent, SeSparseHeader  # on use
 
-                sh = S.SeSparseHeader.parse(eh.pread(0, S.SECTOR))
+                sh = SeSparseHeader.parse(eh.pread(0, S.SECTOR))
                 se = SeSparseExtent(eh, sh, shown, x.type)
                 if se.size < x.sectors * S.SECTOR:
                     raise FormatError(f"Extent {i} '{name}' is smaller than the descriptor "
@@ -216,7 +216,9 @@ class VmdkImage(BlockDevice):
     def _open_sparse(self, host: Host, shown: str, typ: str, ro: bool) -> SparseExtent:
         raw = host.pread(0, S.SECTOR)
         if raw[:4] == b"COWD" and typ == "VMFSSPARSE":
-            c = S.CowdHeader.parse(raw)        # read-only: qemu-compatible reads only
+            from diskimg.vmdk.cowd import CowdHeader  # rare: loaded on use
+
+            c = CowdHeader.parse(raw)        # read-only: qemu-compatible reads only
             return SparseExtent(host, c.as_sparse(), shown, typ, True,
                                 cowd_l1_size=c.l1dir_size)
         if raw[:4] != S.VMDK4_MAGIC:
@@ -230,7 +232,9 @@ class VmdkImage(BlockDevice):
             if fsize < 4 * S.SECTOR:
                 raise FormatError("Invalid footer (file too short)", offset=fsize)
             at = (fsize // S.SECTOR) * S.SECTOR - 3 * S.SECTOR
-            footer = S.parse_footer(host.pread(at, 3 * S.SECTOR), at)
+            from diskimg.vmdk.markers import parse_footer  # streamOptimized: on use
+
+            footer = parse_footer(host.pread(at, 3 * S.SECTOR), at)
             if footer.gd_offset == S.GD_AT_END:
                 raise FormatError(f"Invalid footer at {at:#x}: gdOffset is also at end",
                                   offset=at)

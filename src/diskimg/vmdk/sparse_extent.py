@@ -82,7 +82,9 @@ class SparseExtent(GrainMappedExtent):
         self.appendable = self.compressed and not read_only
         self.stream: StreamWriter | None = None
         if self.appendable:
-            S.check_stream_append(h, footer_at if footer_header is not None else 0, g, fsize)
+            from diskimg.vmdk.markers import check_stream_append  # write side: on use
+
+            check_stream_append(h, footer_at if footer_header is not None else 0, g, fsize)
             if fsize > h.overhead * S.SECTOR and self._holds_data():
                 raise UnsupportedFeatureError(
                     f"'{filename}': a streamOptimized image that already holds data is "
