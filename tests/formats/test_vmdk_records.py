@@ -173,12 +173,12 @@ def test_create_option_errors(tmp_path: Path) -> None:
 def test_embedded_descriptor_cid_rewrite_leaves_no_garbage(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
-    import diskimg.vmdk.image as image_mod
+    import diskimg.vmdk.image_write as write_mod
 
     p = tmp_path / "d.vmdk"
     create_vmdk(p, 1 << 20, options={})
     before = p.read_bytes()[512:512 * 21].split(b"\0")[0]
-    monkeypatch.setattr(image_mod, "new_cid", lambda previous=0: 5)
+    monkeypatch.setattr(write_mod, "new_cid", lambda previous=0: 5)
     with open_vmdk(open_host_file(p, True)) as img:
         img.write(0, b"x")
     after = p.read_bytes()[512:512 * 21]

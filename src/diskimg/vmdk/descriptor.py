@@ -15,6 +15,8 @@ from diskimg.slotted import FrozenRecord, Record, set_fields
 
 #: a separate descriptor file larger than this is refused (qemu reads at most 1 MiB - 1)
 MAX_DESCRIPTOR_FILE = (1 << 20) - 1
+#: embedded descriptors read at most this much (qemu reads 20 sectors)
+EMBEDDED_DESC_MAX = 1 << 20
 #: more extent lines than this are refused (qemu opens one file per line, unbounded)
 MAX_EXTENTS = 1024
 #: longest line accepted (qemu's sscanf widths bound names to 511 bytes)
