@@ -15,7 +15,8 @@ from diskimg.hostio import open_host_file
 from diskimg.vmdk import create_vmdk, open_vmdk, sparse_layout, write_stream_optimized
 from diskimg.vmdk import markers as M
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.descriptor import Descriptor, ExtentLine
+from diskimg.vmdk.descriptor import Descriptor
+from diskimg.vmdk.extent_line import ExtentLine
 from diskimg.vmdk.lint import lint_stream
 
 VMWARE_DESC = (

@@ -15,7 +15,8 @@ from diskimg.slotted import FrozenInstanceError
 from diskimg.vmdk import markers as M
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.cowd import CowdHeader
-from diskimg.vmdk.descriptor import Descriptor, ExtentLine
+from diskimg.vmdk.descriptor import Descriptor
+from diskimg.vmdk.extent_line import ExtentLine
 from diskimg.vmdk.sesparse import SeSparseHeader
 
 
