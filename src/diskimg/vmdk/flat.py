@@ -7,7 +7,7 @@ from __future__ import annotations
 from diskimg.device import Status
 from diskimg.errors import UnsupportedFeatureError, UsageError
 from diskimg.plan import Run, RunKind
-from diskimg.vmdk.extent import _NoCompression
+from diskimg.vmdk.sparse_extent import _NoCompression
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

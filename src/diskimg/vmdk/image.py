@@ -17,7 +17,7 @@ from diskimg.plan import Run, RunKind
 from diskimg.policy import OpenPolicy, full_name
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import EMBEDDED_DESC_MAX, NO_PARENT, Descriptor
-from diskimg.vmdk.extent import GrainMappedExtent
+from diskimg.vmdk.sparse_extent import GrainMappedExtent, SparseExtent
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # check_report is imported by check(): info and map do not load it
@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # check_report is imported by check(): info and map do not lo
     from diskimg.check_report import CheckReport
     from diskimg.hostio.host import Host
     from diskimg.vmdk.extent import Extent, Fill
-    from diskimg.vmdk.sparse_extent import SparseExtent
 
 #: the total virtual size is capped where int64 byte arithmetic would overflow
 MAX_SIZE = (1 << 63) - 1
@@ -115,12 +114,10 @@ class VmdkImage(BlockDevice):
         open_descriptor_file(self, fsize)
 
     def _open_sparse(self, host: Host, shown: str, typ: str, ro: bool) -> SparseExtent:
-        """The hosted sparse extent in ``host`` (``shown``: its name in messages; ``typ``: the
-        descriptor's extent type, "" for a monolithic file; ``ro``: opened read-only).  A
-        COWD extent (``typ`` VMFSSPARSE) is read-only; a streamOptimized one is read through
-        its footer's header when its header says the directory is at the end."""
-        from diskimg.vmdk.sparse_extent import SparseExtent
-
+        """The hosted sparse extent in ``host`` (``shown``: its name in messages; ``typ``:
+        the descriptor's extent type, "" for a monolithic file; ``ro``: opened read-only).
+        A COWD extent (``typ`` VMFSSPARSE) is read-only; a streamOptimized one is read
+        through its footer's header when its header says the directory is at the end."""
         raw = host.pread(0, S.SECTOR)
         if raw[:4] == b"COWD" and typ == "VMFSSPARSE":
             from diskimg.vmdk.cowd import CowdHeader  # rare: loaded on use

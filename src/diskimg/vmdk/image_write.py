@@ -8,7 +8,7 @@ from __future__ import annotations
 from diskimg.errors import UsageError
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import EMBEDDED_DESC_MAX, new_cid
-from diskimg.vmdk.extent import GrainMappedExtent
+from diskimg.vmdk.sparse_extent import GrainMappedExtent
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureErr
 from diskimg.plan import Run, RunKind
 from diskimg.slotted import FrozenRecord, set_field
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.extent import GrainMappedExtent
+from diskimg.vmdk.sparse_extent import GrainMappedExtent
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -1,18 +1,19 @@
-"""Hosted sparse extents (VMDK4 ``KDMV``: monolithicSparse, twoGbMaxExtentSparse,
-streamOptimized; and COWD vmfsSparse through its converted header): the grain directory
-and grain tables mapped to :class:`~diskimg.plan.Run` s.  This is the read side, all a
-read-only open loads; a writable extent is a
-:class:`~diskimg.vmdk.sparse_write.WritableSparseExtent` (grain allocation, grain-table
-write-back, the stream writer), whose module the first writable open imports (start-up,
-issue 20).
+"""Grain-mapped extents: what they share (:class:`GrainMappedExtent`, and the defaults of
+every extent without compressed grains), and hosted sparse extents (VMDK4 ``KDMV``:
+monolithicSparse, twoGbMaxExtentSparse, streamOptimized; and COWD vmfsSparse through its
+converted header): the grain directory and grain tables mapped to
+:class:`~diskimg.plan.Run` s.  This is the read side, all a read-only open loads; a
+writable extent is a :class:`~diskimg.vmdk.sparse_write.WritableSparseExtent` (grain
+allocation, grain-table write-back, the stream writer), whose module the first writable
+open imports (start-up, issue 20).
 """
 
 from __future__ import annotations
 
+from diskimg.device import Status
 from diskimg.errors import CorruptImageError, UsageError
 from diskimg.plan import Run, RunKind
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.extent import GrainMappedExtent
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -20,12 +21,81 @@ if TYPE_CHECKING:
 
     from diskimg.hostio.host import Host
     from diskimg.vmdk.compressed import CompressedGrains
+    from diskimg.vmdk.extent import Fill
     from diskimg.vmdk.stream import StreamWriter
 
 _GT_CACHE = 4096      # grain tables kept in memory (2 KiB each with 512 entries)
 _UNALLOC, _ZERO, _DATA, _COMPRESSED = (RunKind.UNALLOCATED, RunKind.ZERO, RunKind.DATA,
                                        RunKind.COMPRESSED)
 _GTE_ZEROED = S.GTE_ZEROED      # entries above it locate a grain (see _classify)
+
+
+class _NoCompression:
+    """For extents whose format has no compressed grains (a mapper never plans one)."""
+
+    filename: str
+    appendable = False
+    compressed = False
+
+    def read_compressed(self, run: Run, part: memoryview) -> None:
+        raise CorruptImageError(f"Compressed grain at offset {run.host or 0:#x} in "
+                                f"'{self.filename}', whose format has none", offset=run.host)
+
+    def finish(self) -> None:
+        """Nothing to do at close."""
+
+
+class GrainMappedExtent(_NoCompression):
+    """What the grain-mapped extents (hosted sparse, COWD, seSparse) share: ``status``
+    from the subclass's ``lookup``, and DATA runs read only when their grain lies inside
+    the file (checked against ``fsize``)."""
+
+    host: Host
+    filename: str
+    fsize: int
+    gb: int
+    #: how errors name a grain of this extent type
+    grain_noun = "Grain"
+
+    def lookup(self, off: int, length: int) -> Run:
+        raise NotImplementedError
+
+    def zero_init(self) -> bool:
+        """A grain never written reads as zeros (or, in a delta, as its parent)."""
+        return True
+
+    def write(self, off: int, data: memoryview, fill: Fill) -> None:
+        """A read-only extent (a writable one's class has its own ``write``)."""
+        raise UsageError(f"Cannot write to read-only extent '{self.filename}'")
+
+    def flush(self) -> None:
+        """Nothing to write back: a read-only extent changes nothing."""
+
+    def zeroable(self, off: int, length: int) -> bool:
+        return False
+
+    def mark_zeroed(self, off: int, length: int) -> None:
+        raise UsageError(f"'{self.filename}' has no zeroed grains")
+
+    def read_data(self, run: Run, part: memoryview) -> None:
+        host = run.host
+        assert host is not None
+        if host >= self.fsize:
+            raise CorruptImageError(f"{self.grain_noun} at offset {host:#x} for guest "
+                                    f"offset {run.offset:#x} lies past the end of "
+                                    f"'{self.filename}'", offset=host)
+        self.host.preadinto(host, part)
+
+    def status(self, off: int, length: int) -> Status:
+        r = self.lookup(off, length)
+        k = r.kind
+        if k is RunKind.UNALLOCATED:
+            return Status(r.length, False, False, True)
+        if k is RunKind.ZERO:
+            return Status(r.length, True, False, True)
+        if k is RunKind.COMPRESSED:
+            return Status(r.length, True, True, False, None, self.filename)
+        return Status(r.length, True, True, False, r.host, self.filename)
 
 
 class SparseExtent(GrainMappedExtent):
