@@ -92,7 +92,7 @@ class VmdkImage(BlockDevice):
             raise UnsupportedFeatureError("A COWD (vmfsSparse) extent is opened through its "
                                           "descriptor file (qemu 7.2 refuses it alone too)")
         if head[:4] == S.VMDK4_MAGIC:
-            ext = self._open_sparse(self.host, self.filename, "", self.read_only)
+            ext = self._open_sparse(self.host, self.filename, "", self.read_only, head)
             h = self._embedded = ext.header
             if h.desc_offset:
                 start = h.desc_offset * S.SECTOR
@@ -113,12 +113,15 @@ class VmdkImage(BlockDevice):
 
         open_descriptor_file(self, fsize)
 
-    def _open_sparse(self, host: Host, shown: str, typ: str, ro: bool) -> SparseExtent:
+    def _open_sparse(self, host: Host, shown: str, typ: str, ro: bool,
+                     raw: bytes | None = None) -> SparseExtent:
         """The hosted sparse extent in ``host`` (``shown``: its name in messages; ``typ``:
-        the descriptor's extent type, "" for a monolithic file; ``ro``: opened read-only).
-        A COWD extent (``typ`` VMFSSPARSE) is read-only; a streamOptimized one is read
-        through its footer's header when its header says the directory is at the end."""
-        raw = host.pread(0, S.SECTOR)
+        the descriptor's extent type, "" for a monolithic file; ``ro``: opened read-only;
+        ``raw``: its first sector, when already read).  A COWD extent (``typ``
+        VMFSSPARSE) is read-only; a streamOptimized one is read through its footer's
+        header when its header says the directory is at the end."""
+        if raw is None:
+            raw = host.pread(0, S.SECTOR)
         if raw[:4] == b"COWD" and typ == "VMFSSPARSE":
             from diskimg.vmdk.cowd import CowdHeader  # rare: loaded on use
 
