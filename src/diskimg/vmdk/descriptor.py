@@ -27,20 +27,23 @@ NO_PARENT = 0xFFFFFFFF
 # start-up, issue 20).  "Whitespace" is what str.isspace() (and re's \s) calls so.
 #   key line:     ^\s*([A-Za-z0-9_.]+)\s*=\s*(.*?)\s*$
 # (extent lines: diskimg.vmdk.extent_line)
-_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.")
+_KEY_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_."
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 def _key_value(line: str) -> tuple[str, str] | None:
-    """(key, value) of a ``key = value`` line (the grammar above), None otherwise."""
+    """(key, value) of a ``key = value`` line (the grammar above), None otherwise.  A key
+    holds neither ``=`` nor whitespace, so it is what precedes the first ``=`` less the
+    whitespace before it; str methods test it (no loop over characters: every open reads
+    the parent hint, a walk over the descriptor's lines)."""
     text = line.lstrip()
-    n = 0
-    while n < len(text) and text[n] in _KEY_CHARS:
-        n += 1
-    rest = text[n:].lstrip()
-    if not n or not rest.startswith("="):
+    eq = text.find("=")
+    if eq < 0:
         return None
-    return text[:n], rest[1:].strip()
+    key = text[:eq].rstrip()
+    if not key or key.strip(_KEY_CHARS):   # empty, or a character outside the key's set
+        return None
+    return key, text[eq + 1:].strip()
 
 
 class Descriptor(Record):
