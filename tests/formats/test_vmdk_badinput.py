@@ -26,7 +26,7 @@ from diskimg.errors import (
 from diskimg.hostio import open_host_file
 from diskimg.vmdk import create_vmdk, open_vmdk
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.sparse import (
+from diskimg.vmdk.sesparse import (
     SESPARSE_CONST_MAGIC,
     SESPARSE_VERSION,
     SESPARSE_VOLATILE_MAGIC,
@@ -400,7 +400,7 @@ def make_cowd(d: Path, l1_size: int = 1, gran: int = 16) -> Path:
     """A 4 MiB vmfsSparse (COWD) extent + descriptor, grains 0, 3, 100, 511 allocated."""
     import struct
 
-    from diskimg.vmdk.sparse import CowdHeader
+    from diskimg.vmdk.cowd import CowdHeader
 
     gtes, l2_off = 4096, 2
     f = bytearray(CowdHeader(1, 3, 8192, gran, 1, l1_size).pack())
@@ -479,7 +479,7 @@ def test_sesparse_hostile(tmp_path: Path) -> None:
                               ("flags", 1, "flags"), ("grain_dir_size", 0, "directory size"),
                               ("capacity", 2**62, "capacity")]:
         make_sesparse(tmp_path)
-        _patch(ext, 8 * S.SeSparseHeader.NAMES.index(field), "<Q", value)
+        _patch(ext, 8 * SeSparseHeader.NAMES.index(field), "<Q", value)
         _expect(p, DiskImgError, msg)
 
 

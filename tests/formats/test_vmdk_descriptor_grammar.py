@@ -1,6 +1,7 @@
 """The vmdk descriptor's line grammar, read without the re module (start-up, issue 20):
-diskimg.vmdk.descriptor's hand-written readers give exactly what the regular expressions
-they replaced gave, on the descriptor lines they are used for (a line holds no newline).
+the hand-written readers of diskimg.vmdk.descriptor (key lines) and diskimg.vmdk.extent_line
+(extent lines) give exactly what the regular expressions they replaced gave, on the
+descriptor lines they are used for (a line holds no newline).
 The expressions below are the specification, written once here."""
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from diskimg.errors import FormatError
-from diskimg.vmdk.descriptor import Descriptor, ExtentLine, _extent_fields, _key_value
+from diskimg.vmdk.descriptor import Descriptor, _key_value
+from diskimg.vmdk.extent_line import ExtentLine, _extent_fields
 
 EXTENT = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(-?\d+)\s+([A-Za-z]+)'
                     r'(?:\s+"([^"\r\n]*)"(?:\s+(-?\d+))?)?\s*$')

@@ -13,8 +13,10 @@ import pytest
 from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
 from diskimg.vmdk import create_vmdk, open_vmdk, sparse_layout, write_stream_optimized
+from diskimg.vmdk import markers as M
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.descriptor import Descriptor, ExtentLine
+from diskimg.vmdk.descriptor import Descriptor
+from diskimg.vmdk.extent_line import ExtentLine
 from diskimg.vmdk.lint import lint_stream
 
 VMWARE_DESC = (
@@ -55,10 +57,10 @@ def test_header_parse_pack_round_trip(tmp_path: Path) -> None:
     assert (h.rgd_offset, h.gd_offset, h.overhead) == (21, 663, 1408)  # qemu 7.2, 5 GiB
     raw = h.pack()
     assert len(raw) == 512 and S.SparseHeader.parse(raw) == h
-    m = S.Marker(4, 0, S.MARKER_GT)
-    assert S.Marker.parse(m.pack()) == m
-    g = S.pack_grain(128, b"abc")
-    assert len(g) == 512 and S.GRAIN_MARKER.unpack_from(g) == (128, 3)
+    m = M.Marker(4, 0, M.MARKER_GT)
+    assert M.Marker.parse(m.pack()) == m
+    g = M.pack_grain(128, b"abc")
+    assert len(g) == 512 and M.GRAIN_MARKER.unpack_from(g) == (128, 3)
 
 
 def _roundtrip_image(path: Path, size: int, ops: list[tuple[str, int, bytes | int]]) -> bytes:
@@ -129,9 +131,9 @@ def test_stream_optimized_roundtrip(tmp_path: Path) -> None:
     raw = dst.read_bytes()
     h = S.SparseHeader.parse(raw[:512])
     assert h.version == 3 and h.gd_offset == S.GD_AT_END and h.has_markers
-    assert S.Marker.parse(raw[-512:]) == S.Marker(0, 0, S.MARKER_EOS)
-    footer = S.parse_footer(raw[-1536:], len(raw) - 1536)
-    assert S.Marker.parse(raw[footer.gd_offset * 512 - 512:]).type == S.MARKER_GD
+    assert M.Marker.parse(raw[-512:]) == M.Marker(0, 0, M.MARKER_EOS)
+    footer = M.parse_footer(raw[-1536:], len(raw) - 1536)
+    assert M.Marker.parse(raw[footer.gd_offset * 512 - 512:]).type == M.MARKER_GD
     with open_vmdk(open_host_file(dst)) as img:
         assert img.read(0, size) == bytes(model)
         assert img.info().format_specific["data"]["create-type"] == "streamOptimized"
@@ -172,12 +174,12 @@ def test_create_option_errors(tmp_path: Path) -> None:
 def test_embedded_descriptor_cid_rewrite_leaves_no_garbage(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
-    import diskimg.vmdk.image as image_mod
+    import diskimg.vmdk.image_write as write_mod
 
     p = tmp_path / "d.vmdk"
     create_vmdk(p, 1 << 20, options={})
     before = p.read_bytes()[512:512 * 21].split(b"\0")[0]
-    monkeypatch.setattr(image_mod, "new_cid", lambda previous=0: 5)
+    monkeypatch.setattr(write_mod, "new_cid", lambda previous=0: 5)
     with open_vmdk(open_host_file(p, True)) as img:
         img.write(0, b"x")
     after = p.read_bytes()[512:512 * 21]

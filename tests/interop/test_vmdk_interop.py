@@ -15,7 +15,7 @@ from diskimg.errors import BackingChainError
 from diskimg.hostio import open_host_file
 from diskimg.raw import RawImage
 from diskimg.vmdk import VmdkImage, create_vmdk, open_vmdk, write_stream_optimized
-from diskimg.vmdk.sparse import (
+from diskimg.vmdk.sesparse import (
     SESPARSE_CONST_MAGIC,
     SESPARSE_VERSION,
     SESPARSE_VOLATILE_MAGIC,
@@ -300,7 +300,7 @@ def make_cowd(d: Path, l1_size: int = 1, gran: int = 16) -> Path:
     """A 4 MiB vmfsSparse (COWD) extent + descriptor, grains 0, 3, 100, 511 allocated."""
     import struct
 
-    from diskimg.vmdk.sparse import CowdHeader
+    from diskimg.vmdk.cowd import CowdHeader
 
     gtes, l2_off = 4096, 2
     f = bytearray(CowdHeader(1, 3, 8192, gran, 1, l1_size).pack())

@@ -21,7 +21,7 @@ from diskimg.hostio import aligned_buffer, open_host_file
 from diskimg.hostio import cmem
 from diskimg.hostio import file as hostfile
 from diskimg.plan import RunKind
-from diskimg.vmdk import sparse as S
+from diskimg.vmdk import markers as M
 
 MiB = 1 << 20
 
@@ -287,14 +287,14 @@ def test_incompressible_grains_are_stored_and_still_valid_zlib() -> None:
     rnd = os.urandom(65536)
     text = (b"guest host sector\n" * 4000)[:65536]
     head_random = rnd[:8192] + bytes(65536 - 8192)
-    assert S.looks_incompressible(rnd)
-    assert not S.looks_incompressible(text)
-    assert not S.looks_incompressible(head_random)
+    assert M.looks_incompressible(rnd)
+    assert not M.looks_incompressible(text)
+    assert not M.looks_incompressible(head_random)
     for g in (rnd, text, head_random):
-        out = S.compress_grain(g)
+        out = M.compress_grain(g)
         assert zlib.decompress(out) == g
-    assert len(S.compress_grain(text)) < 4096
-    assert len(S.compress_grain(head_random)) < 16384
+    assert len(M.compress_grain(text)) < 4096
+    assert len(M.compress_grain(head_random)) < 16384
 
 
 def test_stream_optimized_output_roundtrips(tmp_path: Path) -> None:

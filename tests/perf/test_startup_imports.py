@@ -104,9 +104,11 @@ QCOW2_INFO = OPEN_READ | {"diskimg.qcow2", "diskimg.qcow2.flush", "diskimg.qcow2
 #: too few clusters for a metadata-preallocated image (qcow2/flush.py)
 QCOW2_MAP = QCOW2_INFO | {"diskimg.cli.commands.map", "diskimg.qcow2.cache",
                           "diskimg.qcow2.entries", "diskimg.qcow2.mapper"}
-#: ... of a vmdk (the extent codecs: not the creation side, no qcow2) and of a raw file
+#: ... of a vmdk (the read side of a monolithic sparse file: not the creation or write
+#: side, the descriptor-file opener, flat extents, extent lines or check; the extent
+#: protocol is for the type checker; no qcow2) and of a raw file
 VMDK_READ = OPEN_READ | {f"diskimg.vmdk.{m}" for m in (
-    "descriptor", "extent", "image", "sparse", "sparse_extent")} | {
+    "descriptor", "image", "sparse", "sparse_extent")} | {
     "diskimg.vmdk"}  # (not seSparse, the stream writer or the compressed-grain reader)
 RAW_READ = OPEN_READ | {"diskimg.raw", "diskimg.options"}  # raw's offset/size options
 #: ``check`` of a qcow2 without snapshots or bitmaps that finds nothing: the counting

@@ -362,6 +362,62 @@ def test_reading_a_monolithic_sparse_vmdk_loads_no_codec_of_other_subformats(
                      "diskimg.vmdk.stream", "diskimg.vmdk.sesparse"} == set()
 
 
+#: what reading a sparse vmdk (read-only) loads of diskimg.vmdk, and what a separate
+#: descriptor file adds: the write side, check, and the records of other subformats load
+#: on first use (issue 20 item 4)
+VMDK_READ_SIDE = {"diskimg.vmdk", "diskimg.vmdk.descriptor", "diskimg.vmdk.image",
+                  "diskimg.vmdk.sparse", "diskimg.vmdk.sparse_extent"}
+DESCRIPTOR_FILE = {"diskimg.vmdk.descfile", "diskimg.vmdk.extent_line", "diskimg.vmdk.flat"}
+WRITE_SIDE = {"diskimg.vmdk.image_write"}    # + sparse_write for a sparse extent
+
+READ_THEN_WRITE_PROBE = """\
+import hashlib, sys
+sys.path.insert(0, sys.argv[1])
+import diskimg
+def vmdk_modules():
+    return " ".join(sorted(m for m in sys.modules if m.startswith("diskimg.vmdk")))
+with diskimg.open(sys.argv[2], format="vmdk") as img:
+    print(hashlib.sha256(img.read(0, img.size)).hexdigest())
+print(vmdk_modules())
+with diskimg.open(sys.argv[2], "r+", format="vmdk") as img:
+    img.write(int(sys.argv[3]), b"w" * 70000)
+print(vmdk_modules())
+"""
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "twoGbMaxExtentSparse",
+                                       "monolithicFlat"])
+def test_a_read_loads_only_the_read_side_and_a_write_then_loads_the_write_side(
+        tmp_path: Path, subformat: str) -> None:
+    """Issue 20 item 4 (the fixed cost of a read): a read-only open and a whole read load
+    the read side of the vmdk package only (no grain allocation, table write-back, CID
+    rewrite, check, extent protocol module; a monolithic file no descriptor-file opener);
+    the first write loads the write side, and the image then holds the source's bytes
+    with the written ones (every byte compared)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    raw, path = tmp_path / "src.raw", tmp_path / "d.vmdk"
+    _workload(raw, "rthzr")
+    diskimg.convert(raw, path, "vmdk", format="raw", options={"subformat": subformat})
+    src = str(Path(diskimg.__file__).resolve().parents[1])
+    at = 2 * MiB - 1000                    # across a grain into a hole
+    r = subprocess.run([sys.executable, "-S", "-c", READ_THEN_WRITE_PROBE, src, str(path),
+                        str(at)], capture_output=True, text=True, check=True)
+    digest, reading, writing = r.stdout.splitlines()
+    want = bytearray(raw.read_bytes())
+    assert digest == hashlib.sha256(want).hexdigest()
+    read_side = VMDK_READ_SIDE | (DESCRIPTOR_FILE if subformat != "monolithicSparse" else
+                                  set())
+    assert set(reading.split()) == read_side
+    sparse_write = {"diskimg.vmdk.sparse_write"} if "Sparse" in subformat else set()
+    assert set(writing.split()) == read_side | WRITE_SIDE | sparse_write
+    want[at:at + 70000] = b"w" * 70000
+    with diskimg.open(path, format="vmdk") as img:
+        assert img.read(0, img.size) == want
+
+
 @pytest.mark.parametrize("order", ["little", "big"])
 def test_grain_table_views_hold_the_little_endian_values_on_either_byte_order(
         monkeypatch: pytest.MonkeyPatch, order: str) -> None:

@@ -33,7 +33,8 @@ from qemukit import QEMU
 
 import diskimg
 from diskimg.hostio import open_host_file
-from diskimg.vmdk.descriptor import ExtentLine, build
+from diskimg.vmdk.create import build
+from diskimg.vmdk.extent_line import ExtentLine
 
 KiB = 1024
 GRAIN = 64 * KiB

@@ -12,8 +12,12 @@ import pytest
 from diskimg.cli.progress import QemuProgress, Schedule
 from diskimg.ops.chain import _Layer
 from diskimg.slotted import FrozenInstanceError
+from diskimg.vmdk import markers as M
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.descriptor import Descriptor, ExtentLine
+from diskimg.vmdk.cowd import CowdHeader
+from diskimg.vmdk.descriptor import Descriptor
+from diskimg.vmdk.extent_line import ExtentLine
+from diskimg.vmdk.sesparse import SeSparseHeader
 
 
 def test_sparse_header_defaults_replace_and_bytes() -> None:
@@ -32,18 +36,18 @@ def test_sparse_header_defaults_replace_and_bytes() -> None:
 
 
 def test_cowd_marker_geometry_and_sesparse_records() -> None:
-    c = S.CowdHeader(1, 3, 8192, 16, 4, 1)
+    c = CowdHeader(1, 3, 8192, 16, 4, 1)
     assert (c.file_sectors, c.sectors_per_track) == (0, 0)
-    assert S.CowdHeader.parse(c.pack()) == c
-    assert c.as_sparse().num_gtes_per_gt == S.CowdHeader.GTES
-    m = S.Marker(4, 0, S.MARKER_GT)
-    assert S.Marker.parse(m.pack()) == m and {m, S.Marker(4, 0, S.MARKER_GT)} == {m}
+    assert CowdHeader.parse(c.pack()) == c
+    assert c.as_sparse().num_gtes_per_gt == CowdHeader.GTES
+    m = M.Marker(4, 0, M.MARKER_GT)
+    assert M.Marker.parse(m.pack()) == m and {m, M.Marker(4, 0, M.MARKER_GT)} == {m}
     g = S.Geometry(65536, 512, 2, 2048, 1 << 20)
     assert g.replace(gtes=1).gtes == 1 and g.gtes == 512
     fields = tuple(range(26))
-    se = S.SeSparseHeader(fields)
+    se = SeSparseHeader(fields)
     assert (se.fields, se.version, se.grains_size) == (fields, 1, 25)
-    assert S.SeSparseHeader.parse(se.pack()) == se
+    assert SeSparseHeader.parse(se.pack()) == se
     with pytest.raises(AttributeError):
         _ = se.no_such_field
 

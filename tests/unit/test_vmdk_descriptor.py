@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from diskimg.vmdk.descriptor import NO_PARENT, Descriptor, ExtentLine, build, new_cid
+from diskimg.vmdk.create import build
+from diskimg.vmdk.descriptor import NO_PARENT, Descriptor, new_cid
+from diskimg.vmdk.extent_line import ExtentLine
 
 
 def test_new_cid_is_reproducible_with_source_date_epoch_and_never_the_previous(

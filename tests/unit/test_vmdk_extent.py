@@ -1,4 +1,5 @@
-"""diskimg.vmdk.extent: flat and zero extents as one-run plans; extent type guard."""
+"""diskimg.vmdk.flat: flat and zero extents as one-run plans; diskimg.vmdk.descfile: the
+extent type guard."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 from diskimg.errors import FormatError, UnsupportedFeatureError
 from diskimg.hostio import open_host_file
 from diskimg.plan import Run, RunKind
-from diskimg.vmdk.extent import FlatExtent, ZeroExtent, guard_type
+from diskimg.vmdk.descfile import guard_type
+from diskimg.vmdk.flat import FlatExtent, ZeroExtent
 
 
 def test_flat_extent_is_one_data_run_from_its_start(tmp_path: Path) -> None:

@@ -12,7 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from qemukit import Qemu
 
+from diskimg.vmdk import markers as M
 from diskimg.vmdk import sparse as S
+from diskimg.vmdk.cowd import CowdHeader
+from diskimg.vmdk.sesparse import SeSparseHeader
 
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 u32, u64 = st.integers(0, U32), st.integers(0, U64)
@@ -43,26 +46,26 @@ def test_sparse_header_pack_of_parse_is_the_sector(fields: bytes) -> None:
 
 @given(fields=st.lists(u32, min_size=10, max_size=10))
 def test_cowd_header_round_trips(fields: list[int]) -> None:
-    h = S.CowdHeader(*fields)
+    h = CowdHeader(*fields)
     raw = h.pack()
     assert len(raw) == 512 and raw[:4] == b"COWD"
-    assert S.CowdHeader.parse(raw) == h and S.CowdHeader.parse(raw).pack() == raw
+    assert CowdHeader.parse(raw) == h and CowdHeader.parse(raw).pack() == raw
 
 
 @given(value=u64, size=u32, typ=u32)
 def test_marker_round_trips(value: int, size: int, typ: int) -> None:
-    m = S.Marker(value, size, typ)
+    m = M.Marker(value, size, typ)
     raw = m.pack()
     assert len(raw) == 512 and raw[16:] == bytes(496)
-    assert S.Marker.parse(raw) == m and S.Marker.parse(raw).pack() == raw
+    assert M.Marker.parse(raw) == m and M.Marker.parse(raw).pack() == raw
 
 
 @given(fields=st.lists(u64, min_size=26, max_size=26))
 def test_sesparse_header_round_trips(fields: list[int]) -> None:
-    h = S.SeSparseHeader(tuple(fields))
+    h = SeSparseHeader(tuple(fields))
     raw = h.pack()
     assert len(raw) == 512
-    assert S.SeSparseHeader.parse(raw) == h and S.SeSparseHeader.parse(raw).pack() == raw
+    assert SeSparseHeader.parse(raw) == h and SeSparseHeader.parse(raw).pack() == raw
     assert (h.magic, h.grains_size) == (fields[0], fields[25])
 
 

@@ -12,6 +12,7 @@ import diskimg
 from diskimg.errors import CorruptImageError
 from diskimg.plan import Run, RunKind, check_plan
 from diskimg.vmdk import create_vmdk
+from diskimg.vmdk import markers as M
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.image import VmdkImage
 from diskimg.vmdk.sparse_extent import SparseExtent
@@ -98,7 +99,7 @@ def test_compressed_runs_name_the_first_grain_record(tmp_path: Path) -> None:
         raw = p.read_bytes()
         for r, lba in ((runs[0], 0), (runs[2], 5 * GB // S.SECTOR)):
             assert r.host is not None and r.filename == str(p)
-            assert S.GRAIN_MARKER.unpack_from(raw, r.host)[0] == lba
+            assert M.GRAIN_MARKER.unpack_from(raw, r.host)[0] == lba
         part = bytearray(GB + 7)                          # a whole grain and a piece
         ext.read_compressed(Run(GB, len(part), C, ext.lookup(GB, 1).host), memoryview(part))
         assert bytes(part) == want[GB:2 * GB + 7]

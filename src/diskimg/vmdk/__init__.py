@@ -5,12 +5,18 @@ streamOptimized front to back in VMware's marker layout.
 Public entry points: :func:`open_vmdk`, :func:`create_vmdk`, :func:`write_stream_optimized`,
 :class:`VmdkImage`.
 
-Modules, one job each: ``sparse`` (on-disk records: headers, markers, footer), ``descriptor``
-(the text descriptor), ``extent`` (the extent protocol; flat and zero extents),
-``sparse_extent`` (hosted sparse grain tables), ``compressed`` (reading compressed grains),
-``sesparse`` (seSparse), ``stream`` (writing streamOptimized), ``image`` (descriptor +
-extents as a device; executes the read plans), ``create`` (new images), ``lint``
-(VMware-acceptance lint of a streamOptimized file, loaded by check).
+Modules, one job each.  What opening and reading a monolithicSparse image loads:
+``sparse`` (the SparseExtentHeader and grain-table codecs), ``descriptor`` (the text
+descriptor), ``sparse_extent`` (what grain-mapped extents share; hosted sparse grain
+tables, read side), ``image`` (descriptor + extents as a device; executes the read
+plans); ``extent`` is the extent protocol, for the type checker.  Imported on first use:
+``descfile`` (the extents a separate descriptor file names), ``extent_line`` (its extent
+lines), ``flat`` (flat and zero extents), ``cowd`` and ``sesparse`` (those extents'
+headers; seSparse), ``markers`` (streamOptimized records), ``compressed`` (reading
+compressed grains), ``sparse_write`` (grain allocation and table write-back),
+``image_write`` (writes, write-zeroes, the new CID), ``stream`` (writing
+streamOptimized), ``check`` and ``lint`` (check; VMware-acceptance lint of a
+streamOptimized file), ``create`` (new images).
 """
 
 from __future__ import annotations

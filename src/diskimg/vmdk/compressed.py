@@ -23,7 +23,7 @@ from collections import OrderedDict
 
 from diskimg.errors import CorruptImageError
 from diskimg.hostio import aligned_buffer, zero_fill
-from diskimg.vmdk import sparse as S
+from diskimg.vmdk.markers import GRAIN_MARKER
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 if TYPE_CHECKING:     # the worker pool module is imported when a pool is first needed
     from diskimg.hostio.workers import Job, WorkerPool
 
-_MARKER = S.GRAIN_MARKER.size
+_MARKER = GRAIN_MARKER.size
 _GRAIN_CACHE = 8      # decompressed grains kept
 WHOLE_GRAIN_MAX = 1 << 20  # larger compressed grains are streamed, never held whole
 #: whole compressed grains in one request before they are inflated on the pool
@@ -204,7 +204,7 @@ class CompressedGrains:
         preads.  At most about :data:`_BATCH_BYTES` of file data is held at once.  On the
         pool, every task has finished (or failed) before this returns or
         raises, so nothing writes into the caller's buffer afterwards."""
-        tail = self.bound() + (S.GRAIN_MARKER.size if self.has_markers else 0)
+        tail = self.bound() + (GRAIN_MARKER.size if self.has_markers else 0)
         fsize = self.fsize
         groups: list[list[tuple[int, memoryview]]] = []
         for h, dst in items:
@@ -302,7 +302,7 @@ class CompressedGrains:
         (``buf[at:]`` holds it): non-zero, within deflate's bound and the file."""
         if at + _MARKER > len(buf):
             raise CorruptImageError(f"Grain marker at offset {h:#x} truncated", offset=h)
-        _lba, size = S.GRAIN_MARKER.unpack_from(buf, at)
+        _lba, size = GRAIN_MARKER.unpack_from(buf, at)
         if size == 0 or size > self.bound() or h + _MARKER + size > self.fsize:
             raise CorruptImageError(f"Grain marker at offset {h:#x} has invalid size "
                                     f"{size}", offset=h)

@@ -21,7 +21,8 @@ from diskimg.options import check_preallocation
 from diskimg.options import parse_bool as _bool
 from diskimg.policy import OpenPolicy
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.descriptor import NO_PARENT, ExtentLine, build, new_cid
+from diskimg.vmdk.descriptor import NO_PARENT, new_cid
+from diskimg.vmdk.extent_line import ExtentLine
 from diskimg.vmdk.image import VmdkImage
 from diskimg.vmdk.stream import StreamWriter
 
@@ -34,6 +35,36 @@ ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
 SPLIT_SIZE = 2 * 1024 * 1024 * 1024
 GRAIN_SECTORS = 128
 GTES = 512
+
+
+def build(*, cid: int, parent_cid: int, create_type: str, parent_hint: str | None,
+          extents: list[ExtentLine], hw_version: str, cylinders: int, heads: int,
+          adapter_type: str, tools_version: str) -> str:
+    """The descriptor text ``qemu-img create`` writes (qemu 7.2's template)."""
+    # qemu's template: the parent line takes the place of the blank line after createType
+    parent = f'parentFileNameHint="{parent_hint}"' if parent_hint else ""
+    ext = "".join(e.pack() + "\n" for e in extents)
+    return (
+        "# Disk DescriptorFile\n"
+        "version=1\n"
+        f"CID={cid:x}\n"
+        f"parentCID={parent_cid:x}\n"
+        f'createType="{create_type}"\n'
+        f"{parent}"
+        "\n"
+        "# Extent description\n"
+        f"{ext}"
+        "\n"
+        "# The Disk Data Base\n"
+        "#DDB\n"
+        "\n"
+        f'ddb.virtualHWVersion = "{hw_version}"\n'
+        f'ddb.geometry.cylinders = "{cylinders}"\n'
+        f'ddb.geometry.heads = "{heads}"\n'
+        'ddb.geometry.sectors = "63"\n'
+        f'ddb.adapterType = "{adapter_type}"\n'
+        f'ddb.toolsVersion = "{tools_version}"\n'
+    )
 
 
 def sparse_layout(capacity: int, *, zeroed_grain: bool = False,

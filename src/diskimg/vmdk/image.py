@@ -10,51 +10,27 @@ by bisection.  The first write changes the CID (as qemu does) so children notice
 
 from __future__ import annotations
 
-import os
-
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
-from diskimg.errors import (
-    BackingChainError,
-    DiskImgError,
-    FormatError,
-    UnsupportedFeatureError,
-    UsageError,
-)
-from diskimg.hostio import open_host_file, zero_fill
+from diskimg.errors import BackingChainError, FormatError, UnsupportedFeatureError
+from diskimg.hostio import zero_fill
 from diskimg.plan import Run, RunKind
 from diskimg.policy import OpenPolicy, full_name
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, NO_PARENT, Descriptor, new_cid
-from diskimg.vmdk.extent import Extent, FlatExtent, GrainMappedExtent, ZeroExtent, guard_type
-from diskimg.vmdk.sparse_extent import SparseExtent
+from diskimg.vmdk.descriptor import EMBEDDED_DESC_MAX, NO_PARENT, Descriptor
+from diskimg.vmdk.sparse_extent import GrainMappedExtent, SparseExtent
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # check_report is imported by check(): info and map do not load it
     from collections.abc import Iterator
-    from pathlib import Path  # imported where used: a monolithic vmdk needs none
     from typing import Any
 
     from diskimg.check_report import CheckReport
     from diskimg.hostio.host import Host
-    from diskimg.vmdk.extent import Fill
+    from diskimg.vmdk.extent import Extent, Fill
 
-#: createType values qemu 7.2 accepts in a separate descriptor file
-DESC_FILE_TYPES = ("monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse",
-                   "twoGbMaxExtentFlat")
-#: embedded descriptors read at most this much (qemu reads 20 sectors)
-EMBEDDED_DESC_MAX = 1 << 20
 #: the total virtual size is capped where int64 byte arithmetic would overflow
 MAX_SIZE = (1 << 63) - 1
-#: qemu's MAX_BOUNCE_BUFFER: the most zero bytes one fallback write-zeroes request writes
-_MAX_BOUNCE = 32768 * S.SECTOR
 _DATA, _ZERO, _UNALLOC = RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED
-
-
-def _extent_name(desc_path: Path | str, name: str) -> str:
-    """The extent's file name as qemu prints it (joined to the descriptor's directory as
-    the user spelled it)."""
-    parent = os.path.dirname(str(desc_path))
-    return os.path.join(parent, name) if parent and not name.startswith("/") else name
 
 
 class VmdkImage(BlockDevice):
@@ -75,7 +51,7 @@ class VmdkImage(BlockDevice):
     @property
     def compresses_every_write(self) -> bool:
         """True for a streamOptimized vmdk (every extent of compressed grains)."""
-        return all(isinstance(e, SparseExtent) and e.compressed for e in self.extents)
+        return all(e.compressed for e in self.extents)
 
     def host_files(self) -> list[Host]:
         """The descriptor (or monolithic sparse) file, then each extent file."""
@@ -116,7 +92,7 @@ class VmdkImage(BlockDevice):
             raise UnsupportedFeatureError("A COWD (vmfsSparse) extent is opened through its "
                                           "descriptor file (qemu 7.2 refuses it alone too)")
         if head[:4] == S.VMDK4_MAGIC:
-            ext = self._open_sparse(self.host, self.filename, "", self.read_only)
+            ext = self._open_sparse(self.host, self.filename, "", self.read_only, head)
             h = self._embedded = ext.header
             if h.desc_offset:
                 start = h.desc_offset * S.SECTOR
@@ -133,90 +109,23 @@ class VmdkImage(BlockDevice):
                 self.desc = Descriptor.parse(b"")
             self.extents = [ext]
             return
-        if fsize > MAX_DESCRIPTOR_FILE:
-            raise FormatError(f"Descriptor file '{self.filename}' is {fsize} bytes; the "
-                              f"limit is {MAX_DESCRIPTOR_FILE}")
-        self.desc = d = Descriptor.parse(self.host.pread(0, fsize))
-        ct = d.create_type
-        if ct is None:
-            raise FormatError("invalid VMDK image descriptor (no createType)")
-        if ct not in DESC_FILE_TYPES:
-            shown = "".join(c if c.isprintable() else "?" for c in ct[:64])
-            raise UnsupportedFeatureError(f"Unsupported image type '{shown}'")
-        if not d.extents:
-            raise FormatError(f"VMDK descriptor '{self.filename}' has no extents")
-        from pathlib import Path  # a separate descriptor names other files
+        from diskimg.vmdk.descfile import open_descriptor_file  # other files: on use
 
-        if not isinstance(self.host.path, Path) and any(
-                x.type != "ZERO" and x.access != "NOACCESS" for x in d.extents):
-            raise UnsupportedFeatureError(
-                f"VMDK descriptor '{self.filename}' names separate extent files: an image "
-                "read from a file object or URL must be a single file (monolithicSparse or "
-                "streamOptimized); open the descriptor from a local path instead")
-        for i, x in enumerate(d.extents, 1):
-            guard_type(x.type)
-            if x.type == "ZERO" or x.access == "NOACCESS":
-                self.extents.append(ZeroExtent(x.sectors * S.SECTOR, x.type,
-                                               x.filename if x.access == "NOACCESS" else None))
-                continue
-            assert x.filename is not None
-            name = x.filename
-            if not name or "\0" in name:
-                raise FormatError(f"Extent {i} has an invalid file name")
-            path = self._resolve_extent(name)
-            ro = self.read_only or x.access != "RW"
-            if _same_file(path, Path(self.host.path)):  # before its lock would refuse it as busy
-                raise FormatError(f"Extent {i} '{name}' is the descriptor file itself")
-            # QEMU's lock on every extent when the descriptor has it (qemu locks them all)
-            eh = open_host_file(path, not ro, lock_mode=self.host.locked)
-            self._own_hosts.append(eh)
-            shown = _extent_name(self.host.path, name)
-            if x.type in ("FLAT", "VMFS"):       # a VMFS line has no offset: 0
-                self.extents.append(FlatExtent(eh, (x.offset or 0) * S.SECTOR,
-                                               x.sectors * S.SECTOR,
-                                               shown, x.type, ro))
-            elif x.type == "SESPARSE":
-                if not ro:
-                    raise UnsupportedFeatureError("No write support for seSparse images "
-                                                  "available")
-                from diskimg.vmdk.sesparse import SeSparseExtent  # rare: loaded on use
+        open_descriptor_file(self, fsize)
 
-                sh = S.SeSparseHeader.parse(eh.pread(0, S.SECTOR))
-                se = SeSparseExtent(eh, sh, shown, x.type)
-                if se.size < x.sectors * S.SECTOR:
-                    raise FormatError(f"Extent {i} '{name}' is smaller than the descriptor "
-                                      "says")
-                se.size = x.sectors * S.SECTOR
-                self.extents.append(se)
-            else:
-                ext = self._open_sparse(eh, shown, x.type, ro)
-                if ext.size < x.sectors * S.SECTOR:
-                    raise FormatError(f"Extent {i} '{name}': the descriptor says "
-                                      f"{x.sectors} sectors but the sparse header has "
-                                      f"{ext.size // S.SECTOR}")
-                ext.size = x.sectors * S.SECTOR
-                self.extents.append(ext)
-
-    def _resolve_extent(self, name: str) -> Path:
-        from pathlib import Path
-
-        top = self.host.path
-        assert isinstance(top, Path)  # _open refuses extents of an image that is not local
-        path = self.policy.resolve(name, top, "vmdk extent")
-        if not self.policy.allow_extents_outside:
-            base = top.resolve().parent
-            real = path.resolve()
-            ok = [base, *self.policy.allowed_dirs]
-            if not any(real.is_relative_to(b) for b in ok):
-                raise BackingChainError(
-                    f"Refusing to open vmdk extent '{name}' named by '{self.filename}': it "
-                    "lies outside the descriptor's directory")
-        return path
-
-    def _open_sparse(self, host: Host, shown: str, typ: str, ro: bool) -> SparseExtent:
-        raw = host.pread(0, S.SECTOR)
+    def _open_sparse(self, host: Host, shown: str, typ: str, ro: bool,
+                     raw: bytes | None = None) -> SparseExtent:
+        """The hosted sparse extent in ``host`` (``shown``: its name in messages; ``typ``:
+        the descriptor's extent type, "" for a monolithic file; ``ro``: opened read-only;
+        ``raw``: its first sector, when already read).  A COWD extent (``typ``
+        VMFSSPARSE) is read-only; a streamOptimized one is read through its footer's
+        header when its header says the directory is at the end."""
+        if raw is None:
+            raw = host.pread(0, S.SECTOR)
         if raw[:4] == b"COWD" and typ == "VMFSSPARSE":
-            c = S.CowdHeader.parse(raw)        # read-only: qemu-compatible reads only
+            from diskimg.vmdk.cowd import CowdHeader  # rare: loaded on use
+
+            c = CowdHeader.parse(raw)        # read-only: qemu-compatible reads only
             return SparseExtent(host, c.as_sparse(), shown, typ, True,
                                 cowd_l1_size=c.l1dir_size)
         if raw[:4] != S.VMDK4_MAGIC:
@@ -230,12 +139,18 @@ class VmdkImage(BlockDevice):
             if fsize < 4 * S.SECTOR:
                 raise FormatError("Invalid footer (file too short)", offset=fsize)
             at = (fsize // S.SECTOR) * S.SECTOR - 3 * S.SECTOR
-            footer = S.parse_footer(host.pread(at, 3 * S.SECTOR), at)
+            from diskimg.vmdk.markers import parse_footer  # streamOptimized: on use
+
+            footer = parse_footer(host.pread(at, 3 * S.SECTOR), at)
             if footer.gd_offset == S.GD_AT_END:
                 raise FormatError(f"Invalid footer at {at:#x}: gdOffset is also at end",
                                   offset=at)
-        return SparseExtent(host, h, shown, typ, ro, footer_header=footer,
-                            footer_at=at + S.SECTOR if footer is not None else 0)
+        if ro:
+            return SparseExtent(host, h, shown, typ, True, footer_header=footer)
+        from diskimg.vmdk.sparse_write import WritableSparseExtent  # the write side: on use
+
+        return WritableSparseExtent(host, h, shown, typ, footer_header=footer,
+                                    footer_at=at + S.SECTOR if footer is not None else 0)
 
     # --- chain ------------------------------------------------------------------------
     @property
@@ -254,8 +169,7 @@ class VmdkImage(BlockDevice):
         when their host file does; a delta disk reads its parent."""
         if self.backing is not None or self.desc.parent_hint:
             return False
-        return all(e.host.zero_init() for e in self.extents
-                   if isinstance(e, FlatExtent))
+        return all(e.zero_init() for e in self.extents)
 
     def backing_file_name(self) -> tuple[str | None, str | None]:
         """(``parentFileNameHint``, ``"vmdk"``) for a delta disk, else (None, None)."""
@@ -339,73 +253,16 @@ class VmdkImage(BlockDevice):
                 ext.read_compressed(run, part)
             o += n
 
-    def _before_write(self, offset: int, length: int) -> None:
-        for _pos, _start, ext, _n in self._each(offset, length):
-            if ext.read_only:
-                raise UsageError(f"Cannot write to read-only extent '{ext.filename}'")
-        if not self._cid_updated:
-            self._cid_updated = True
-            if not any(e.appendable for e in self.extents):
-                self._write_descriptor_cid(new_cid(self.cid))
-
-    def _write_descriptor_cid(self, cid: int) -> None:
-        self.desc.set("CID", f"{cid:x}")
-        data = self.desc.pack()
-        if self._embedded is not None:
-            h = self._embedded
-            room = min(h.desc_size * S.SECTOR, EMBEDDED_DESC_MAX)
-            ends = [h.gd_offset, h.overhead] + ([h.rgd_offset] if h.flags & S.FLAG_RGD else [])
-            inside = h.desc_offset * S.SECTOR + room <= min(e for e in ends if e) * S.SECTOR
-            if h.desc_offset and len(data) <= room and inside:
-                # pad to the whole area: a shorter CID must not leave old bytes behind
-                self.host.pwrite(h.desc_offset * S.SECTOR, data.ljust(room, b"\0"))
-        else:
-            self.host.pwrite(0, data)
-            self.host.truncate(len(data))
-
     def _write(self, offset: int, data: memoryview) -> None:
-        self._before_write(offset, len(data))
-        for pos, start, ext, n in self._each(offset, len(data)):
-            ext.write(pos - start, data[pos - offset:pos - offset + n], self._fill_for(start))
+        from diskimg.vmdk.image_write import write  # the write side: loaded on first use
 
-    def _zero_alignment(self) -> int:
-        """qemu's pwrite_zeroes_alignment for vmdk: the largest grain of a non-flat extent
-        (at least one sector)."""
-        grained = [e for e in self.extents if isinstance(e, GrainMappedExtent)]
-        return max([S.SECTOR, *(e.gb for e in grained)])
+        write(self, offset, data)
 
     def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        """qemu 7.2's write-zeroes path (the block layer over vmdk_co_pwrite_zeroes), so the
-        same requests leave the same grain tables and host offsets: the range is split at
-        the zero alignment (an unaligned head, the aligned body, the tail); a piece whose
-        grains can all be marked zeroed is marked, any other piece is written as explicit
-        zero bytes (allocating grains like a write), at most 16 MiB per write."""
-        self._before_write(offset, length)
-        align = self._zero_alignment()
-        head = offset % align
-        tail = (offset + length) % align
-        zeros: bytes | None = None
-        while length > 0:
-            num = length
-            if head:
-                num = min(length, _MAX_BOUNCE, align - head)
-                head = (head + num) % align
-            elif tail and num > align:
-                num -= tail
-            if all(ext.zeroable(pos - start, n)
-                   for pos, start, ext, n in self._each(offset, num)):
-                for pos, start, ext, n in self._each(offset, num):
-                    ext.mark_zeroed(pos - start, n)
-            else:
-                num = min(num, _MAX_BOUNCE)
-                if zeros is None or len(zeros) < num:
-                    zeros = bytes(num)
-                data = memoryview(zeros)[:num]
-                for pos, start, ext, n in self._each(offset, num):
-                    ext.write(pos - start, data[pos - offset:pos - offset + n],
-                              self._fill_for(start))
-            offset += num
-            length -= num
+        """qemu 7.2's write-zeroes path (:func:`~diskimg.vmdk.image_write.write_zeroes`)."""
+        from diskimg.vmdk.image_write import write_zeroes
+
+        write_zeroes(self, offset, length)
 
     def _discard(self, offset: int, length: int) -> None:
         """qemu's vmdk driver has no discard; neither do we (contents unchanged)."""
@@ -450,8 +307,10 @@ class VmdkImage(BlockDevice):
         elif hint:
             from pathlib import Path
 
+            from diskimg.vmdk.descfile import extent_name  # a delta's parent: on use
+
             full = str(Path(hint) if hint.startswith("/") else
-                       Path(_extent_name(self.host.path, hint)))
+                       Path(extent_name(self.host.path, hint)))
         fs: dict[str, Any] = {
             "type": "vmdk",
             "data": {
@@ -474,31 +333,16 @@ class VmdkImage(BlockDevice):
     @requires_open
     def check(self, repair: str | None = None) -> CheckReport:
         """qemu-img check for vmdk: grain table entries must point inside their file."""
-        from diskimg.check_report import CheckReport
+        from diskimg.vmdk.check import check_image  # check only: loaded on use
 
-        res = CheckReport(filename=self.filename, format="vmdk")
-        res.findings.extend(self.lint())
-        for e in self.extents:
-            if isinstance(e, SparseExtent):
-                try:
-                    res.findings.extend(e.check_redundant())
-                    for _off, msg in e.check_grains():
-                        res.messages.append(msg)
-                        res.corruptions += 1
-                        res.error = "Invalid argument"     # qemu 7.2 fails the check
-                        res.findings.append({"extent": e.filename, "problem": msg})
-                except DiskImgError as err:
-                    res.check_errors += 1
-                    res.messages.append(f"ERROR: {err}")
-        return res
-
+        return check_image(self)
 
     @requires_open
     def lint(self) -> list[dict[str, Any]]:
         """VMware-acceptance findings (structure of a streamOptimized file); these do not
         count as corruptions (qemu accepts the files) but are reported in ``findings``."""
         ext = self.extents[0] if self.extents else None
-        if self.desc.create_type != "streamOptimized" or not isinstance(ext, SparseExtent):
+        if self.desc.create_type != "streamOptimized" or not isinstance(ext, GrainMappedExtent):
             return []
         from diskimg.vmdk.lint import lint_stream  # check/info of a streamOptimized image
 
@@ -516,11 +360,3 @@ def open_vmdk(host: Host, *, policy: OpenPolicy | None = None) -> VmdkImage:
 
 __all__ = ["NO_PARENT", "VmdkImage", "open_vmdk"]
 
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` are one file (False when either cannot be looked at: the open
-    that follows reports that)."""
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False

@@ -1,12 +1,21 @@
 """VMware-acceptance lint of a streamOptimized extent: its records walked against VMware's
 published layout.  Loaded by :meth:`VmdkImage.lint <diskimg.vmdk.image.VmdkImage.lint>`
 (``check`` of a streamOptimized image) only: opening and reading an image do not import it
-(start-up, issue 20).  The records are decoded by :mod:`diskimg.vmdk.sparse`.
+(start-up, issue 20).  The records are decoded by :mod:`diskimg.vmdk.sparse` and
+:mod:`diskimg.vmdk.markers`.
 """
 
 from __future__ import annotations
 
 from diskimg.errors import FormatError
+from diskimg.vmdk.markers import (
+    GRAIN_MARKER,
+    MARKER_EOS,
+    MARKER_FOOTER,
+    MARKER_GD,
+    MARKER_GT,
+    Marker,
+)
 from diskimg.vmdk.sparse import (
     COMPRESSION_DEFLATE,
     EOL_CHARS,
@@ -14,14 +23,8 @@ from diskimg.vmdk.sparse import (
     FLAG_MARKER,
     FLAG_NL_DETECT,
     GD_AT_END,
-    GRAIN_MARKER,
-    MARKER_EOS,
-    MARKER_FOOTER,
-    MARKER_GD,
-    MARKER_GT,
     MAX_GTES,
     SECTOR,
-    Marker,
     SparseHeader,
     le_u32_array,
 )

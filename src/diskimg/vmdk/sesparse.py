@@ -1,6 +1,7 @@
-"""seSparse extents (ESXi 6.5+ snapshots), read-only like qemu 7.2's driver: the header
-checks of :class:`~diskimg.vmdk.sparse.SeSparseHeader`, the volatile header, and the u64
-grain directory and tables mapped to :class:`~diskimg.plan.Run` s.
+"""seSparse extents (ESXi 6.5+ snapshots), read-only like qemu 7.2's driver: the constant
+header's codec and checks (:class:`SeSparseHeader`), the volatile header, and the u64
+grain directory and tables mapped to :class:`~diskimg.plan.Run` s.  Imported when a
+descriptor names a SESPARSE extent (start-up, issue 20).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from collections import OrderedDict
 
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError
 from diskimg.plan import Run, RunKind
+from diskimg.slotted import FrozenRecord, set_field
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.extent import GrainMappedExtent
+from diskimg.vmdk.sparse_extent import GrainMappedExtent
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -19,6 +21,68 @@ if TYPE_CHECKING:
 
     from diskimg.hostio.host import Host
     from diskimg.vmdk.extent import Fill
+
+SESPARSE_CONST_MAGIC = 0x00000000CAFEBABE
+SESPARSE_VOLATILE_MAGIC = 0x00000000CAFECAFE
+SESPARSE_VERSION = 0x0000000200000001
+
+
+class SeSparseHeader(FrozenRecord):
+    """seSparse constant header (sector 0; 26 little-endian u64, sizes/offsets in
+    sectors) plus the ``replay_journal`` field of the volatile header."""
+
+    __slots__ = ("fields",)
+    fields: tuple[int, ...]
+
+    def __init__(self, fields: tuple[int, ...]) -> None:
+        set_field(self, "fields", fields)
+
+    FMT = struct.Struct("<26Q")
+    NAMES = ("magic", "version", "capacity", "grain_size", "grain_table_size", "flags",
+             "reserved1", "reserved2", "reserved3", "reserved4", "volatile_header_offset",
+             "volatile_header_size", "journal_header_offset", "journal_header_size",
+             "journal_offset", "journal_size", "grain_dir_offset", "grain_dir_size",
+             "grain_tables_offset", "grain_tables_size", "free_bitmap_offset",
+             "free_bitmap_size", "backmap_offset", "backmap_size", "grains_offset",
+             "grains_size")
+
+    @classmethod
+    def parse(cls, buf: bytes) -> SeSparseHeader:
+        if len(buf) < cls.FMT.size:
+            raise FormatError("seSparse header truncated", offset=0)
+        return cls(cls.FMT.unpack_from(buf, 0))
+
+    def pack(self) -> bytes:
+        return self.FMT.pack(*self.fields).ljust(S.SECTOR, b"\0")
+
+    def __getattr__(self, name: str) -> int:
+        try:
+            return self.fields[SeSparseHeader.NAMES.index(name)]
+        except ValueError:
+            raise AttributeError(name) from None
+
+    def validate(self) -> None:
+        """qemu 7.2's checks: the only layout VMware writes (4 KiB grains, 4096-entry
+        tables), no flags."""
+        def off(name: str) -> int:
+            return 8 * SeSparseHeader.NAMES.index(name)
+        if self.magic != SESPARSE_CONST_MAGIC:
+            raise FormatError("Bad seSparse constant header magic", offset=0)
+        if self.version != SESPARSE_VERSION:
+            raise UnsupportedFeatureError(f"Unsupported seSparse version {self.version:#x}",
+                                          offset=off("version"))
+        if self.grain_size != 8:
+            raise UnsupportedFeatureError(f"Unsupported seSparse grain size {self.grain_size}",
+                                          offset=off("grain_size"))
+        if self.grain_table_size != 64:
+            raise UnsupportedFeatureError(f"Unsupported seSparse grain table size "
+                                          f"{self.grain_table_size}",
+                                          offset=off("grain_table_size"))
+        if self.flags != 0:
+            raise UnsupportedFeatureError(f"Unsupported seSparse flags {self.flags:#x}",
+                                          offset=off("flags"))
+        if self.capacity > (1 << 63) // S.SECTOR - 1:
+            raise FormatError("seSparse capacity too large", offset=off("capacity"))
 
 
 class SeSparseExtent(GrainMappedExtent):
@@ -32,7 +96,7 @@ class SeSparseExtent(GrainMappedExtent):
     GTES = 4096
     grain_noun = "seSparse grain"
 
-    def __init__(self, host: Host, h: S.SeSparseHeader, filename: str, typ: str) -> None:
+    def __init__(self, host: Host, h: SeSparseHeader, filename: str, typ: str) -> None:
         h.validate()
         self.host, self.header, self.filename, self.type = host, h, filename, typ
         self.read_only = True
@@ -40,7 +104,7 @@ class SeSparseExtent(GrainMappedExtent):
         self.size = h.capacity * S.SECTOR
         self.gb = h.grain_size * S.SECTOR
         vh = host.pread(h.volatile_header_offset * S.SECTOR, 32)
-        if len(vh) < 32 or struct.unpack_from("<Q", vh)[0] != S.SESPARSE_VOLATILE_MAGIC:
+        if len(vh) < 32 or struct.unpack_from("<Q", vh)[0] != SESPARSE_VOLATILE_MAGIC:
             raise FormatError("Bad seSparse volatile header magic",
                               offset=h.volatile_header_offset * S.SECTOR)
         if struct.unpack_from("<Q", vh, 24)[0]:

@@ -1,23 +1,22 @@
-"""Hosted sparse extents (VMDK4 ``KDMV``: monolithicSparse, twoGbMaxExtentSparse,
-streamOptimized; and COWD vmfsSparse through its converted header): the grain directory
-and grain tables, mapped to :class:`~diskimg.plan.Run` s, and grain allocation on write.
-
-Sparse write ordering: a grain's data is written before the grain table entry pointing at
-it; dirty grain tables go to disk (both the GD's and the redundant GD's copy) on flush.
+"""Grain-mapped extents: what they share (:class:`GrainMappedExtent`, and the defaults of
+every extent without compressed grains), and hosted sparse extents (VMDK4 ``KDMV``:
+monolithicSparse, twoGbMaxExtentSparse, streamOptimized; and COWD vmfsSparse through its
+converted header): the grain directory and grain tables mapped to
+:class:`~diskimg.plan.Run` s.  This is the read side, all a read-only open loads; a
+writable extent is a :class:`~diskimg.vmdk.sparse_write.WritableSparseExtent` (grain
+allocation, grain-table write-back, the stream writer), whose module the first writable
+open imports (start-up, issue 20).
 """
 
 from __future__ import annotations
 
-import struct
-
-from diskimg.errors import CorruptImageError, UnsupportedFeatureError, UsageError
+from diskimg.device import Status
+from diskimg.errors import CorruptImageError, UsageError
 from diskimg.plan import Run, RunKind
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.extent import GrainMappedExtent
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from typing import Any
 
     from diskimg.hostio.host import Host
@@ -31,24 +30,88 @@ _UNALLOC, _ZERO, _DATA, _COMPRESSED = (RunKind.UNALLOCATED, RunKind.ZERO, RunKin
 _GTE_ZEROED = S.GTE_ZEROED      # entries above it locate a grain (see _classify)
 
 
-def _zeroed_run(n: int) -> memoryview:
-    """``n`` grain table entries meaning "zeroed grain"."""
-    return S.u32_table([S.GTE_ZEROED] * n)
+class _NoCompression:
+    """For extents whose format has no compressed grains (a mapper never plans one)."""
+
+    filename: str
+    appendable = False
+    compressed = False
+
+    def read_compressed(self, run: Run, part: memoryview) -> None:
+        raise CorruptImageError(f"Compressed grain at offset {run.host or 0:#x} in "
+                                f"'{self.filename}', whose format has none", offset=run.host)
+
+    def finish(self) -> None:
+        """Nothing to do at close."""
+
+
+class GrainMappedExtent(_NoCompression):
+    """What the grain-mapped extents (hosted sparse, COWD, seSparse) share: ``status``
+    from the subclass's ``lookup``, and DATA runs read only when their grain lies inside
+    the file (checked against ``fsize``)."""
+
+    host: Host
+    filename: str
+    fsize: int
+    gb: int
+    #: how errors name a grain of this extent type
+    grain_noun = "Grain"
+
+    def lookup(self, off: int, length: int) -> Run:
+        raise NotImplementedError
+
+    def zero_init(self) -> bool:
+        """A grain never written reads as zeros (or, in a delta, as its parent)."""
+        return True
+
+    def write(self, off: int, data: memoryview, fill: Fill) -> None:
+        """A read-only extent (a writable one's class has its own ``write``)."""
+        raise UsageError(f"Cannot write to read-only extent '{self.filename}'")
+
+    def flush(self) -> None:
+        """Nothing to write back: a read-only extent changes nothing."""
+
+    def zeroable(self, off: int, length: int) -> bool:
+        return False
+
+    def mark_zeroed(self, off: int, length: int) -> None:
+        raise UsageError(f"'{self.filename}' has no zeroed grains")
+
+    def read_data(self, run: Run, part: memoryview) -> None:
+        host = run.host
+        assert host is not None
+        if host >= self.fsize:
+            raise CorruptImageError(f"{self.grain_noun} at offset {host:#x} for guest "
+                                    f"offset {run.offset:#x} lies past the end of "
+                                    f"'{self.filename}'", offset=host)
+        self.host.preadinto(host, part)
+
+    def status(self, off: int, length: int) -> Status:
+        r = self.lookup(off, length)
+        k = r.kind
+        if k is RunKind.UNALLOCATED:
+            return Status(r.length, False, False, True)
+        if k is RunKind.ZERO:
+            return Status(r.length, True, False, True)
+        if k is RunKind.COMPRESSED:
+            return Status(r.length, True, True, False, None, self.filename)
+        return Status(r.length, True, True, False, r.host, self.filename)
 
 
 class SparseExtent(GrainMappedExtent):
-    """A hosted sparse extent (monolithicSparse, twoGbMaxExtentSparse, streamOptimized).
+    """A hosted sparse extent (monolithicSparse, twoGbMaxExtentSparse, streamOptimized),
+    read-only (:class:`~diskimg.vmdk.sparse_write.WritableSparseExtent` adds writes).
 
     Invariants: the grain directory is validated to lie inside the file at open; every
-    grain table is checked to lie inside the file before it is read; new grains are
-    appended at ``next_sector`` (grain aligned, past every byte in use); a grain table
-    entry is set only after its grain's data is written.  Compressed extents are read-only
-    here except for an empty one, which accepts sequential writes (see :class:`StreamWriter`).
+    grain table is checked to lie inside the file before it is read.
     """
+
+    #: the stream writer of a writable streamOptimized extent, once written to
+    stream: StreamWriter | None = None
 
     def __init__(self, host: Host, header: S.SparseHeader, filename: str, typ: str,
                  read_only: bool, *, footer_header: S.SparseHeader | None = None,
-                 footer_at: int = 0, cowd_l1_size: int | None = None) -> None:
+                 cowd_l1_size: int | None = None) -> None:
         self.host = host
         self.header = h = footer_header or header
         self.filename, self.type = filename, typ
@@ -66,49 +129,11 @@ class SparseExtent(GrainMappedExtent):
         self.zero_grain = bool(h.flags & S.FLAG_ZERO_GRAIN)
         self.gd = S.le_u32_array(host.pread_exact(h.gd_offset * S.SECTOR, g.gd_entries * 4,
                                                   "grain directory"))
-        self.rgd: memoryview | None = None
-        if h.flags & S.FLAG_RGD and not read_only and not self.compressed:
-            self.rgd = S.le_u32_array(host.pread_exact(
-                h.rgd_offset * S.SECTOR, g.gd_entries * 4, "redundant grain directory"))
         #: grain tables by directory index, least recently used first
         self._gts: dict[int, memoryview] = {}
+        #: tables changed in memory, not yet written (a writable extent's): kept cached
         self._dirty: set[int] = set()
         self._cgrains: CompressedGrains | None = None     # made on the first compressed read
-        gsec = h.grain_size
-        fsec = -(-fsize // S.SECTOR)
-        self.next_sector = -(-fsec // gsec) * gsec     # grain aligned, past the file
-        #: a writable compressed extent is written front to back by a StreamWriter made on
-        #: the first write (opening never changes the file)
-        self.appendable = self.compressed and not read_only
-        self.stream: StreamWriter | None = None
-        if self.appendable:
-            S.check_stream_append(h, footer_at if footer_header is not None else 0, g, fsize)
-            if fsize > h.overhead * S.SECTOR and self._holds_data():
-                raise UnsupportedFeatureError(
-                    f"'{filename}': a streamOptimized image that already holds data is "
-                    "read-only (write a new one front to back)")
-
-    def _holds_data(self) -> bool:
-        """Whether any grain table entry is set (each distinct table read once: time
-        bounded by the file size, not by the number of directory entries)."""
-        seen: set[int] = set()
-        for gdi, sec in enumerate(self.gd):
-            if sec and sec not in seen:
-                seen.add(sec)
-                t = self._gt(gdi)
-                if t is not None and any(t):
-                    return True
-        return False
-
-    def _stream(self) -> StreamWriter:
-        """The stream writer, created (truncating at the validated ``overHead``) on the
-        first write."""
-        if self.stream is None:
-            from diskimg.vmdk.stream import StreamWriter  # write side: loaded on use
-
-            self.stream = StreamWriter(self.host, self.header,
-                                       truncate_at=self.header.overhead * S.SECTOR)
-        return self.stream
 
     # --- tables --------------------------------------------------------------------
     def _gt(self, gdi: int) -> memoryview | None:
@@ -237,160 +262,6 @@ class SparseExtent(GrainMappedExtent):
         if whole:
             cg.inflate_whole(whole)
 
-    # --- writes ----------------------------------------------------------------------
-    def _set_run(self, grain: int, count: int, sector: int) -> None:
-        """Point the entries of grains ``[grain, grain + count)`` at consecutive grains
-        from ``sector`` (already written), one slice assignment per grain table."""
-        gs = self.header.grain_size
-        for g, gdi, idx, n, t in self._table_runs(grain, grain + count):
-            first = sector + (g - grain) * gs
-            t[idx:idx + n] = S.u32_table(range(first, first + n * gs, gs))
-            self._dirty.add(gdi)
-        if len(self._dirty) > _GT_CACHE // 2:     # bound memory: write tables back early
-            self._write_gts()
-
-    def _table_runs(self, g: int, end: int) -> Iterator[tuple[int, int, int, int, memoryview]]:
-        """``(grain, gdi, idx, n, table)`` for grains ``[g, end)`` split at grain-table
-        boundaries; missing tables are allocated (callers are about to set entries)."""
-        gtes = self.geo.gtes
-        while g < end:
-            gdi, idx = divmod(g, gtes)
-            n = min(gtes - idx, end - g)
-            t = self._gt(gdi)
-            if t is None:
-                t = self._alloc_gt(gdi)
-            yield g, gdi, idx, n, t
-            g += n
-
-    def _alloc_gt(self, gdi: int) -> memoryview:
-        """A grain directory entry of 0 on write: append a zeroed grain table (and one for
-        the redundant directory), then point the directory entries at them."""
-        nsec = -(-self.geo.gt_bytes // S.SECTOR)
-        copies = 2 if self.rgd is not None else 1
-        gs = self.header.grain_size
-        start = self._reserve(-(-(nsec * copies) // gs) * gs)
-        self.host.pwrite(start * S.SECTOR, bytes(nsec * copies * S.SECTOR))
-        self.fsize = max(self.fsize, self.host.size())
-        self.gd[gdi] = start
-        self.host.pwrite(self.header.gd_offset * S.SECTOR + 4 * gdi, struct.pack("<I", start))
-        if self.rgd is not None:
-            self.rgd[gdi] = start + nsec
-            self.host.pwrite(self.header.rgd_offset * S.SECTOR + 4 * gdi,
-                             struct.pack("<I", start + nsec))
-        t = memoryview(bytearray(self.geo.gt_bytes)).cast("I")
-        self._gts[gdi] = t
-        return t
-
-    def _reserve(self, nsec: int) -> int:
-        """Reserve ``nsec`` sectors at the end of the file; sector numbers are u32."""
-        sec = self.next_sector
-        if sec + nsec > 0xFFFFFFFF:
-            raise UnsupportedFeatureError(f"Sparse extent '{self.filename}' is full: grain "
-                                          "offsets past 2 TiB do not fit a grain table entry")
-        self.next_sector += nsec
-        return sec
-
-    def _alloc_grains(self, n: int) -> int:
-        return self._reserve(n * self.header.grain_size) * S.SECTOR
-
-    def write(self, off: int, data: memoryview, fill: Fill) -> None:
-        if self.appendable:
-            self._stream().write(off, data)
-            return
-        gb = self.gb
-        pos = 0
-        while pos < len(data):
-            run = self.lookup(off + pos, len(data) - pos)
-            kind, n, host = run.kind, run.length, run.host or 0
-            if kind is _DATA:
-                if host < self.header.overhead * S.SECTOR or host >= self.fsize:
-                    raise CorruptImageError(f"Grain at offset {host:#x} overlaps the "
-                                            f"metadata of '{self.filename}' or lies past "
-                                            "its end", offset=host)
-                self.host.pwrite(host, data[pos:pos + n])
-                pos += n
-                continue
-            # allocate the grains of this run (UNALLOCATED or ZERO), one pwrite
-            g0 = (off + pos) // gb
-            in_g = (off + pos) - g0 * gb
-            end = off + pos + n
-            g1 = -(-end // gb)
-            if in_g == 0 and end % gb == 0:
-                out: bytearray | memoryview = data[pos:pos + n]  # whole grains: no copy
-            else:
-                out = bytearray((g1 - g0) * gb)
-                mv = memoryview(out)
-                if in_g:
-                    self._base(kind, g0 * gb, mv[:gb], fill)
-                if end % gb and (in_g == 0 or g1 - 1 > g0):
-                    self._base(kind, (g1 - 1) * gb, mv[(g1 - 1 - g0) * gb:], fill)
-                mv[in_g:in_g + n] = data[pos:pos + n]
-            host = self._alloc_grains(g1 - g0)
-            self.host.pwrite(host, out)
-            self.fsize = max(self.fsize, host + len(out))
-            self._set_run(g0, g1 - g0, host // S.SECTOR)
-            pos += n
-
-    @staticmethod
-    def _base(kind: RunKind, off: int, mv: memoryview, fill: Fill) -> None:
-        if kind is _UNALLOC:
-            fill(off, mv)
-        # ZERO: already zeros
-
-    def zeroable(self, off: int, length: int) -> bool:
-        """qemu's dry run of vmdk_co_pwrite_zeroes: only whole grains of an extent with
-        zeroed-grain entries (not a compressed one) can be marked zeroed."""
-        return (self.zero_grain and not self.compressed and off % self.gb == 0
-                and length % self.gb == 0)
-
-    def mark_zeroed(self, off: int, length: int) -> None:
-        """Set the entries of the whole grains ``[off, off + length)`` to zeroed (qemu:
-        VMDK_GTE_ZEROED, whatever they held); the grains' old data is leaked, as in qemu."""
-        for _g, gdi, idx, n, t in self._table_runs(off // self.gb, (off + length) // self.gb):
-            if t[idx:idx + n] != _zeroed_run(n):
-                t[idx:idx + n] = _zeroed_run(n)
-                self._dirty.add(gdi)
-                if len(self._dirty) > _GT_CACHE // 2:
-                    self._write_gts()
-
-    def flush(self) -> None:
-        if self.read_only:
-            return
-        if self.appendable:
-            return
-        self._write_gts()
-        self.host.flush()
-
-    def _write_gts(self) -> None:
-        """Write dirty grain tables (primary and redundant copy); grain data is already on
-        disk before any table pointing at it."""
-        nbytes = self.geo.gt_bytes
-        writes: list[tuple[int, bytes]] = []
-        for gdi in sorted(self._dirty):
-            raw = S.pack_le_u32_array(self._gts[gdi])[:nbytes]
-            writes.append((self.gd[gdi] * S.SECTOR, raw))
-            if self.rgd is not None and self.rgd[gdi]:
-                writes.append((self.rgd[gdi] * S.SECTOR, raw))
-        # tables that lie back to back in the file (qemu's layout) go out with one pwritev
-        writes.sort(key=lambda w: w[0])
-        i = 0
-        while i < len(writes):
-            at, parts = writes[i][0], [writes[i][1]]
-            end = at + nbytes
-            i += 1
-            while i < len(writes) and writes[i][0] == end and len(parts) < 512:
-                parts.append(writes[i][1])
-                end += nbytes
-                i += 1
-            self.host.pwritev(at, list(parts))
-        self._dirty.clear()
-
-    def finish(self) -> None:
-        """Close-time work: a stream writer writes its tables, footer and EOS marker."""
-        if self.stream is not None and not self.read_only:
-            self.stream.finish()
-            self.stream = None
-
     def info(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
         if self.compressed:
@@ -398,39 +269,3 @@ class SparseExtent(GrainMappedExtent):
         d.update({"virtual-size": self.size, "filename": self.filename,
                   "cluster-size": self.gb, "format": self.type})
         return d
-
-    def check_redundant(self) -> list[dict[str, Any]]:
-        """Findings where the redundant grain directory / tables disagree with the primary
-        ones (qemu neither reads nor checks them; VMware tools repair from them)."""
-        h = self.header
-        if not h.flags & S.FLAG_RGD or self.compressed:
-            return []
-        n = self.geo.gt_bytes
-        rgd = self.rgd if self.rgd is not None else S.le_u32_array(self.host.pread_exact(
-            h.rgd_offset * S.SECTOR, len(self.gd) * 4, "redundant grain directory"))
-        out: list[dict[str, Any]] = []
-        for i, (a, b) in enumerate(zip(self.gd, rgd, strict=True)):
-            if bool(a) != bool(b) or (a and self.host.pread(a * S.SECTOR, n) !=
-                                      self.host.pread(b * S.SECTOR, n)):
-                out.append({"extent": self.filename, "offset": b * S.SECTOR,
-                            "problem": f"redundant grain table {i} differs from the primary"})
-                if len(out) >= 100:
-                    break
-        return out
-
-    def check_grains(self) -> list[tuple[int, str]]:
-        """(guest offset, message) for grain table entries pointing past the file end."""
-        out: list[tuple[int, str]] = []
-        fsize = self.host.size()
-        for gdi in range(len(self.gd)):
-            t = self._gt(gdi)
-            if t is None:
-                continue
-            for idx, gte in enumerate(t):
-                if self._classify(gte) in (_DATA, _COMPRESSED) and gte * S.SECTOR >= fsize:
-                    g = gdi * self.geo.gtes + idx
-                    out.append((g * self.gb, f"ERROR: cluster offset for sector "
-                                             f"{g * self.gb // S.SECTOR} points after EOF"))
-                    return out
-        return out
-

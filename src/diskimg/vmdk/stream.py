@@ -8,6 +8,7 @@ from collections import deque
 
 from diskimg.errors import UsageError
 from diskimg.hostio import all_zero
+from diskimg.vmdk import markers as M
 from diskimg.vmdk import sparse as S
 
 TYPE_CHECKING = False
@@ -102,7 +103,7 @@ class StreamWriter:
     def _close_gt(self) -> None:
         if self.gt is not None and any(self.gt):
             nsec = -(-self.gtes * 4 // S.SECTOR)
-            self._emit(S.Marker(nsec, 0, S.MARKER_GT).pack())
+            self._emit(M.Marker(nsec, 0, M.MARKER_GT).pack())
             at = self._emit(S.pack_le_u32_array(self.gt).ljust(nsec * S.SECTOR, b"\0"))
             self.gd[self.gt_index] = at // S.SECTOR
         self.gt = None
@@ -114,8 +115,8 @@ class StreamWriter:
             self._close_gt()
             self.gt_index = gdi
             self.gt = array("I", bytes(4 * self.gtes))
-        n = S.GRAIN_MARKER.size + len(compressed)
-        at = self._emit(S.GRAIN_MARKER.pack(grain * self.header.grain_size, len(compressed)),
+        n = M.GRAIN_MARKER.size + len(compressed)
+        at = self._emit(M.GRAIN_MARKER.pack(grain * self.header.grain_size, len(compressed)),
                         compressed, _PAD[:-n % S.SECTOR])
         assert self.gt is not None
         self.gt[idx] = at // S.SECTOR
@@ -126,9 +127,9 @@ class StreamWriter:
             raise UsageError("streamOptimized grains must be added in ascending order")
         self.last_added = grain
         if self._pool is None:
-            self.put_grain(grain, S.compress_grain(data, self.level))
+            self.put_grain(grain, M.compress_grain(data, self.level))
             return
-        self._inflight.append((grain, self._pool.submit(S.compress_grain, data, self.level)))
+        self._inflight.append((grain, self._pool.submit(M.compress_grain, data, self.level)))
         while len(self._inflight) > self._max_inflight:
             self._pop()
 
@@ -174,17 +175,17 @@ class StreamWriter:
             self.close()
         self._close_gt()
         gd_sec = -(-self.gd_entries * 4 // S.SECTOR)
-        self._emit(S.Marker(gd_sec, 0, S.MARKER_GD).pack())
+        self._emit(M.Marker(gd_sec, 0, M.MARKER_GD).pack())
         gd_at = self._emit(S.pack_le_u32_array(self.gd).ljust(gd_sec * S.SECTOR, b"\0"))
         footer = self.header.with_(gd_offset=gd_at // S.SECTOR, rgd_offset=0,
                                    flags=self.header.flags & ~S.FLAG_RGD)
-        self._emit(S.Marker(1, 0, S.MARKER_FOOTER).pack())
+        self._emit(M.Marker(1, 0, M.MARKER_FOOTER).pack())
         host = self.host
         if not _is_sink(host) and \
                 S.SparseHeader.parse(host.pread(0, S.SECTOR)).gd_offset != S.GD_AT_END:
             host.pwrite(0, footer.with_(gd_offset=S.GD_AT_END).pack())
         self._emit(footer.pack())
-        self._emit(S.Marker(0, 0, S.MARKER_EOS).pack())
+        self._emit(M.Marker(0, 0, M.MARKER_EOS).pack())
         self._flush_out()
         if _is_sink(host):
             host.flush()
