@@ -31,17 +31,36 @@ def test_sparse_header_round_trips(version: int, flags: int, capacity: int, grai
     h = S.SparseHeader(version, flags, capacity, grain, doff, dsize, gtes, rgd, gd, overhead,
                        unclean, eol, comp)
     raw = h.pack()
-    assert len(raw) == 512 and raw[:4] == S.VMDK4_MAGIC and raw[S.SparseHeader.FMT.size:] \
-        == bytes(512 - S.SparseHeader.FMT.size)
+    assert len(raw) == 512 and raw[:4] == S.VMDK4_MAGIC and raw[S.SparseHeader.SIZE:] \
+        == bytes(512 - S.SparseHeader.SIZE)
     assert S.SparseHeader.parse(raw) == h
     assert S.SparseHeader.parse(raw).pack() == raw
 
 
-@given(fields=st.binary(min_size=S.SparseHeader.FMT.size - 4,
-                        max_size=S.SparseHeader.FMT.size - 4))
+@given(fields=st.binary(min_size=S.SparseHeader.SIZE - 4,
+                        max_size=S.SparseHeader.SIZE - 4))
 def test_sparse_header_pack_of_parse_is_the_sector(fields: bytes) -> None:
     raw = (S.VMDK4_MAGIC + fields).ljust(512, b"\0")
     assert S.SparseHeader.parse(raw).pack() == raw
+
+
+@given(fields=st.binary(min_size=S.SparseHeader.SIZE - 4,
+                        max_size=S.SparseHeader.SIZE - 4))
+def test_sparse_header_layout_is_the_struct_layout(fields: bytes) -> None:
+    """The header is read and written with ``int.from_bytes`` (no struct module on a
+    read-only open): its fields are those of the spec's packed little-endian layout,
+    ``<4sIIQQQQIQQQB4sH``, both ways."""
+    import struct
+
+    layout = struct.Struct("<4sIIQQQQIQQQB4sH")
+    raw = (S.VMDK4_MAGIC + fields).ljust(512, b"\0")
+    h = S.SparseHeader.parse(raw)
+    assert layout.unpack_from(raw, 0)[1:] == (
+        h.version, h.flags, h.capacity, h.grain_size, h.desc_offset, h.desc_size,
+        h.num_gtes_per_gt, h.rgd_offset, h.gd_offset, h.overhead, h.unclean_shutdown,
+        h.eol, h.compress_algorithm)
+    assert h.pack() == layout.pack(S.VMDK4_MAGIC, *layout.unpack_from(raw, 0)[1:]).ljust(
+        512, b"\0")
 
 
 @given(fields=st.lists(u32, min_size=10, max_size=10))

@@ -11,7 +11,6 @@ streamOptimized markers, grains and footer (:mod:`diskimg.vmdk.markers`), the CO
 
 from __future__ import annotations
 
-import struct
 import sys
 
 from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError
@@ -70,27 +69,37 @@ class SparseHeader(FrozenRecord):
                    num_gtes_per_gt, rgd_offset, gd_offset, overhead, unclean_shutdown, eol,
                    compress_algorithm)
 
-    FMT = struct.Struct("<4sIIQQQQIQQQB4sH")
+    #: (offset, width) of each integer field, in ``__slots__`` order but ``eol``: the
+    #: layout ``struct.Struct("<4sIIQQQQIQQQB4sH")`` gives, read with ``int.from_bytes``
+    #: (the struct module is a shared library a read-only open need not load: start-up)
+    INTS = ((4, 4), (8, 4), (12, 8), (20, 8), (28, 8), (36, 8), (44, 4), (48, 8), (56, 8),
+            (64, 8), (72, 1), (77, 2))
+    EOL_AT = 73
+    SIZE = 79
 
     @classmethod
     def parse(cls, buf: bytes) -> SparseHeader:
-        if len(buf) < cls.FMT.size:
+        if len(buf) < cls.SIZE:
             raise FormatError(f"VMDK sparse header truncated ({len(buf)} bytes)", offset=0)
-        (magic, version, flags, capacity, grain, doff, dsize, gtes, rgd, gd, overhead,
-         unclean, eol, comp) = cls.FMT.unpack_from(buf, 0)
-        if magic != VMDK4_MAGIC:
+        if buf[:4] != VMDK4_MAGIC:
             raise FormatError("Not a VMDK sparse extent (magic 'KDMV' missing at 0)",
                               offset=0)
+        (version, flags, capacity, grain, doff, dsize, gtes, rgd, gd, overhead, unclean,
+         comp) = [int.from_bytes(buf[o:o + n], "little") for o, n in cls.INTS]
         return cls(version, flags, capacity, grain, doff, dsize, gtes, rgd, gd, overhead,
-                   unclean, eol, comp)
+                   unclean, bytes(buf[cls.EOL_AT:cls.EOL_AT + 4]), comp)
 
     def pack(self) -> bytes:
-        head = self.FMT.pack(VMDK4_MAGIC, self.version, self.flags, self.capacity,
-                             self.grain_size, self.desc_offset, self.desc_size,
-                             self.num_gtes_per_gt, self.rgd_offset, self.gd_offset,
-                             self.overhead, self.unclean_shutdown, self.eol,
-                             self.compress_algorithm)
-        return head.ljust(SECTOR, b"\0")
+        out = bytearray(SECTOR)
+        out[:4] = VMDK4_MAGIC
+        values = (self.version, self.flags, self.capacity, self.grain_size,
+                  self.desc_offset, self.desc_size, self.num_gtes_per_gt, self.rgd_offset,
+                  self.gd_offset, self.overhead, self.unclean_shutdown,
+                  self.compress_algorithm)
+        for (o, n), value in zip(self.INTS, values):
+            out[o:o + n] = value.to_bytes(n, "little")
+        out[self.EOL_AT:self.EOL_AT + 4] = self.eol.ljust(4, b"\0")[:4]
+        return bytes(out)
 
     def with_(self, **kw: int) -> SparseHeader:
         return self.replace(**kw)
@@ -110,6 +119,8 @@ def le_u32_array(buf: bytes | bytearray) -> memoryview:
     without importing :mod:`array` (which loads :mod:`collections`: start-up, issue 20)."""
     b = bytearray(buf)
     if sys.byteorder == "big":
+        import struct
+
         n = len(b) // 4
         b = bytearray(struct.pack(f"={n}I", *struct.unpack(f"<{n}I", b)))
     return memoryview(b).cast("I")
@@ -117,6 +128,8 @@ def le_u32_array(buf: bytes | bytearray) -> memoryview:
 
 def u32_table(values: Iterable[int]) -> memoryview:
     """``values`` as a writable native ``"I"`` view (what a table slice is assigned)."""
+    import struct  # the write side only (a read-only open never gets here)
+
     v = list(values)
     return memoryview(bytearray(struct.pack(f"={len(v)}I", *v))).cast("I")
 
@@ -125,6 +138,8 @@ def pack_le_u32_array(a: memoryview | array[int]) -> bytes:
     """The entries of ``a`` (a view from :func:`le_u32_array` or an ``array("I")``) as
     little-endian u32 bytes."""
     if sys.byteorder == "big":
+        import struct
+
         return struct.pack(f"<{len(a)}I", *a)
     return a.tobytes()
 
