@@ -313,7 +313,8 @@ def test_a_plain_check_loads_only_the_counting_passes(image: Path, tmp_path: Pat
 @pytest.mark.parametrize("fmt, allowed, denied", [
     # a monolithic sparse vmdk names no other file (no pathlib); its descriptor is read
     # without re, its header without struct; no typing, no threading
-    ("vmdk", VMDK_READ, ("struct", "diskimg.qcow2", "diskimg.raw", "diskimg.ops", "diskimg.operations",
+    ("vmdk", VMDK_READ, ("struct", "diskimg.qcow2", "diskimg.raw", "diskimg.ops",
+                         "diskimg.operations",
                          "diskimg.pool", "diskimg.cli.parser", "diskimg.cli.progress",
                          "dataclasses", "inspect", "ast", "argparse", "concurrent", "queue",
                          "subprocess", "tempfile", "json", "re", "pathlib", "typing",
