@@ -260,6 +260,28 @@ def test_reading_commands_load_only_their_allow_list(image: Path, args: list[str
                           f"{_named(denied, who)}, which reading metadata must not load")
 
 
+@pytest.mark.parametrize("backing", ["base.qcow2", "./sub/../base.qcow2"])
+def test_info_of_an_overlay_loads_what_a_plain_image_loads(image: Path, tmp_path: Path,
+                                                          qemu: Qemu, backing: str) -> None:
+    """An overlay (the image of nearly every VM: a template as its backing file) costs
+    info no more than a plain image: the backing name is shown without pathlib or re (the
+    host declares it is local: ``Host.local``; the protocol test is
+    :func:`diskimg.policy.protocol`).  The text is qemu-img's, byte for byte."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.qcow2").write_bytes(image.read_bytes())
+    top = tmp_path / "top.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", top)
+    code, loaded, out, who = _probe("info", str(top))
+    assert code == 0
+    ref = qemu.img("info", top).stdout
+    assert f"(actual path: {tmp_path}/{backing})" in ref or backing == "base.qcow2"
+    assert out == ref
+    extra = _unexpected(loaded, QCOW2_INFO | {"diskimg.cli.commands.info"})
+    assert extra == [], _named(extra, who)
+    denied = _denied(loaded, ("pathlib", "re", "fnmatch", "urllib", "diskimg.backing_open"))
+    assert denied == [], _named(denied, who)
+
+
 @pytest.mark.qemu
 def test_map_reads_refcounts_only_for_a_file_that_may_be_preallocated(tmp_path: Path,
                                                                       qemu: Qemu) -> None:

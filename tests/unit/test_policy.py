@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import diskimg
 from diskimg.errors import BackingChainError
@@ -185,3 +187,25 @@ def test_backing_symlink_loop_is_the_images_fault(tmp_path: Path) -> None:
     with pytest.raises(BackingChainError) as e:
         OpenPolicy().for_top(top).resolve("a", top)
     assert e.value.reason == os.strerror(errno.ELOOP)
+
+
+_NAME_CHARS = st.sampled_from("aZz09+.-:/_ é\x00")
+
+
+@given(name=st.text(_NAME_CHARS, max_size=12) | st.sampled_from(
+    ["file:x", "json:{}", "nbd://h/e", "HTTPS://h", "a+b.c-d:x", "1a:x", "+a:x", ":x",
+     "é:x", "a é:x", "/abs:x", "C:\\x", "s3://b/k", "x"]))
+def test_protocol_is_rfc3986_scheme_prefix(name: str) -> None:
+    """``policy.protocol`` (no regex: start-up) answers as the grammar it replaced,
+    ``^[A-Za-z][A-Za-z0-9+.-]*:``, and ``urls.is_url``/``scheme`` as ``...://``; a
+    wrong answer would follow a protocol name as a file (or refuse a file name)."""
+    import re
+
+    from diskimg.hostio.urls import is_url, scheme
+    from diskimg.policy import protocol
+
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", name)
+    assert protocol(name) == (m.group(1) if m else None)
+    u = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", name)
+    assert is_url(name) is (u is not None)
+    assert scheme(name) == (u.group(1).lower() if u else "")

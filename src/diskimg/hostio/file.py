@@ -279,6 +279,8 @@ def release(fd: int) -> None:
 class HostFile:
     """A host file opened for positional I/O.  Offsets and lengths are in bytes."""
 
+    local = True
+
     def __init__(self, fd: int, path: str | os.PathLike[str], writable: bool) -> None:
         self._fd = fd
         #: the file's name as ``str(pathlib.Path(path))`` gives it (:func:`path_name`)

@@ -50,6 +50,7 @@ class FileObjectHost:
 
     sync = True
     locked = False
+    local = False
 
     def __init__(self, obj: BinaryFile, *, name: str | None = None,
                  writable: bool | None = None, zero_init: bool = True) -> None:

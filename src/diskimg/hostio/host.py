@@ -78,6 +78,9 @@ class Host(Protocol):
     writable: bool
     sync: bool
     locked: bool
+    #: a local file (``path`` is then a :class:`~pathlib.Path`): declared, so that a
+    #: caller who only asks need not build the Path (pathlib: start-up, issue 20)
+    local: bool
 
     @property
     def path(self) -> Path | str: ...

@@ -38,6 +38,7 @@ class ObjectHost:
 
     url: str
     name: str
+    local = False
     _size: int
     _closed: bool
     _block: int  # the size of the ranges fetched and cached

@@ -141,6 +141,7 @@ class PipeHost:
     writable = False
     sync = False
     locked = False
+    local = False
 
     def __init__(self, fd: int, path: str, head: bytes, size: int) -> None:
         self._fd = os.dup(fd)

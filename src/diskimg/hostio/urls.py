@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     #: for ``"r+"`` (an opener that cannot write refuses it)
     HostOpener = Callable[..., Host]
 
-_URL = r"^([A-Za-z][A-Za-z0-9+.-]*)://"  # compiled on first use (re caches it)
 _OPENERS: dict[str, HostOpener] = {}
 #: schemes whose opener lives in a module of diskimg: (module, function)
 _NBD = ("diskimg.nbd.client_host", "open_nbd")
@@ -75,19 +74,18 @@ def top_level_name(name: str) -> str:
 
 def is_url(name: str) -> bool:
     """Whether ``name`` is a URL (``scheme://...``) rather than a file name."""
-    if "://" not in name:  # no regex (nor ``re``) for a plain file name
+    if "://" not in name:  # a plain file name: not even the scheme's rule
         return False
-    import re
-
-    return re.match(_URL, name) is not None
+    return scheme(name) != ""
 
 
 def scheme(url: str) -> str:
-    """The URL's scheme, lower case."""
-    import re
+    """The URL's scheme, lower case ("" when ``url`` does not begin ``scheme://``: the
+    scheme's rule is :func:`diskimg.policy.protocol`'s)."""
+    from diskimg.policy import protocol
 
-    m = re.match(_URL, url)
-    return m.group(1).lower() if m else ""
+    got = protocol(url)
+    return got.lower() if got is not None and url[len(got) + 1:].startswith("//") else ""
 
 
 def register(name: str, opener: HostOpener) -> None:

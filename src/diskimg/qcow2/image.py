@@ -529,7 +529,7 @@ class Qcow2Image(BlockDevice):
         from diskimg.info_text import image_name  # (what info prints: not for a copy)
         backing = h.backing_file
         full = None
-        if backing is not None and isinstance(self.host.path, str):
+        if backing is not None and not self.host.local:
             full = full_name(backing, self.host.path)  # a URL, a file object
         elif backing is not None:
             full = combine(self.filename, backing)  # as written (./x stays)

@@ -302,7 +302,7 @@ class VmdkImage(BlockDevice):
         cs = self.cluster_size
         hint, _ = self.backing_file_name()
         full = None
-        if hint and isinstance(self.host.path, str):
+        if hint and not self.host.local:
             full = full_name(hint, self.host.path)  # a URL, a file object
         elif hint:
             from pathlib import Path
