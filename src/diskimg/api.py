@@ -210,9 +210,10 @@ def _open_one(src: str | Host, name: str, writable: bool, fmt: str | None, *, ba
             if bname is not None:  # (the chain's helpers: imported only for one)
                 from diskimg import backing_open as B
 
-                parent = host.path
-                bsrc = B.resolve(policy, bname, parent,
-                                 url=isinstance(parent, str) and _is_url(parent), top=top,
+                local = host.local  # (a local file's host.path would load pathlib)
+                parent = host.name if local else str(host.path)
+                bsrc = B.resolve(policy, bname, parent, local=local,
+                                 url=not local and _is_url(parent), top=top,
                                  storage_options=storage_options)
                 bpath = bsrc if isinstance(bsrc, str) else bsrc.path
                 try:

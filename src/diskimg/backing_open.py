@@ -21,19 +21,19 @@ if TYPE_CHECKING:
     PathLike = str | os.PathLike[str]
 
 
-def resolve(policy: OpenPolicy, name: str, parent: Path | str, *, url: bool,
+def resolve(policy: OpenPolicy, name: str, parent: str, *, local: bool, url: bool,
             top: str | None = None,
             storage_options: Mapping[str, Any] | None = None) -> str | Host:
-    """The backing file ``name`` of the image ``parent``: a local path (the policy's
-    :meth:`~OpenPolicy.resolve`), or for an image read from a URL (``url``), a host in
-    the same store (:func:`diskimg.hostio.urls.open_backing`)."""
+    """The backing file ``name`` of the image whose host is named ``parent`` (``local``:
+    a local file; ``url``: an image read from a URL): a local path (the policy's
+    :meth:`~OpenPolicy.resolve_name`), or for an image read from a URL, a host in the
+    same store (:func:`diskimg.hostio.urls.open_backing`)."""
     if url:
         from diskimg.hostio.urls import open_backing
 
-        got = open_backing(name, str(parent), policy, top=top,
-                           storage_options=storage_options)
+        got = open_backing(name, parent, policy, top=top, storage_options=storage_options)
         return got if not isinstance(got, os.PathLike) else os.fspath(got)
-    return str(policy.resolve(name, parent))
+    return policy.resolve_name(name, parent, local=local)
 
 
 def blame(e: DiskImgError, path: Path | str) -> None:

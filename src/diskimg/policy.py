@@ -98,17 +98,31 @@ class OpenPolicy(Record):
     def resolve(self, name: str, parent: Path | str, what: str = "backing file") -> Path:
         """Resolve ``name`` (as written in ``parent``) to a path, or raise naming it.
         ``parent`` is the naming image's host ``path``: a ``str`` when it is not a local
-        file, whose names are refused unless ``allow_local_backing``."""
-        from pathlib import Path  # an image without a backing file never gets here
+        file, whose names are refused unless ``allow_local_backing``.  (The rules:
+        :meth:`resolve_name`.)"""
+        from pathlib import Path
 
-        if not isinstance(parent, Path):
+        return Path(self.resolve_name(name, os.fspath(parent), what,
+                                      local=not isinstance(parent, str)))
+
+    def resolve_name(self, name: str, parent: str, what: str = "backing file", *,
+                     local: bool) -> str:
+        """:meth:`resolve` over names, without pathlib (an image naming a backing file is
+        opened without it: start-up, issue 20).  ``parent`` is the naming image's host
+        name, ``local`` whether that host is a local file (``Host.local``); the result is
+        the path as pathlib would print it (:func:`~diskimg.hostio.file.path_name`)."""
+        from diskimg.hostio.file import path_name
+
+        if not local:
             if not self.allow_local_backing:
                 raise BackingChainError(
                     f"Refusing to open {what} '{name}' named by '{parent}': an image read "
                     "from a file object or URL opens no local file unless the open policy "
                     "allows it (OpenPolicy(allow_local_backing=True))",
                     path=name, operation=f"open {what}", reason="not allowed by the policy")
-            parent = local_parent(parent)
+            parent = local_parent_name(parent)
+        else:
+            parent = path_name(parent)
         if name.startswith("json:") or (protocol(name) is not None
                                         and not name.startswith("file:")):
             raise BackingChainError(
@@ -116,41 +130,68 @@ class OpenPolicy(Record):
                 "names are not followed")
         if name.startswith("file:"):
             name = name[5:]
-        p = Path(name)
-        if not p.is_absolute():
-            p = parent.parent / p
+        p = path_name(name)
+        if not p.startswith("/"):
+            p = path_name(f"{_parent_dir(parent)}/{p}")
+        real = os.path.realpath(p)
         try:
-            real = p.resolve()
-        except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
-            import errno
-
-            why = os.strerror(errno.ELOOP)
+            st: os.stat_result | None = os.stat(real)
+            failed: OSError | None = None
+        except OSError as err:
+            st, failed = None, err
+        why = None if failed is None else _loop(failed)
+        if why is not None:  # a symlink loop is told before the policy (as pathlib did)
             raise BackingChainError(
                 f"Could not open {what} '{p}' named by '{parent}': {why}",
-                path=str(p), operation=f"open {what}", reason=why) from None
+                path=p, operation=f"open {what}", reason=why) from None
         if self.untrusted:
-            if not any(real.is_relative_to(d) for d in self.allowed_dirs):
+            if not any(_within(real, os.fspath(d)) for d in self.allowed_dirs):
                 raise BackingChainError(
                     f"Refusing to open {what} '{name}' named by '{parent}': it lies outside "
                     f"the allowed directories (--untrusted)")
-        try:
-            st = os.stat(real)
-        except FileNotFoundError:
+        if isinstance(failed, FileNotFoundError):
             raise BackingChainError(
                 f"Could not open {what} '{p}' named by '{parent}': No such file or directory",
-                path=str(p), operation=f"open {what}", reason="No such file or directory"
+                path=p, operation=f"open {what}", reason="No such file or directory"
             ) from None
-        except OSError as err:  # ENOTDIR, ENAMETOOLONG, EACCES, ELOOP: still the name's fault
+        if failed is not None:  # ENOTDIR, ENAMETOOLONG, EACCES: still the name's fault
             raise BackingChainError(
-                f"Could not open {what} '{p}' named by '{parent}': {err.strerror}",
-                path=str(p), operation=f"open {what}", reason=err.strerror
+                f"Could not open {what} '{p}' named by '{parent}': {failed.strerror}",
+                path=p, operation=f"open {what}", reason=failed.strerror
             ) from None
+        assert st is not None
         if not stat.S_ISREG(st.st_mode):  # devices too, with or without --untrusted
             kind = " (a block device)" if stat.S_ISBLK(st.st_mode) else ""
             raise BackingChainError(
                 f"Refusing to open {what} '{name}' named by '{parent}': not a regular "
                 f"file{kind}")
         return p
+
+
+def _loop(err: OSError) -> str | None:
+    """The words for ``err`` when it is a symlink loop (ELOOP), else None."""
+    import errno  # only a name that did not stat gets here
+
+    return os.strerror(errno.ELOOP) if err.errno == errno.ELOOP else None
+
+
+def _parent_dir(name: str) -> str:
+    """``str(pathlib.Path(name).parent)`` of a name :func:`path_name` made."""
+    head, sep, tail = name.rpartition("/")
+    if not sep:
+        return "."
+    if not tail:
+        return name                       # the root itself
+    return head or name[:len(name) - len(tail)]   # "/x" -> "/", "//x" -> "//"
+
+
+def _within(real: str, folder: str) -> bool:
+    """``pathlib.Path(real).is_relative_to(folder)`` for a resolved ``real``: the same
+    components, compared as names (no file system access)."""
+    from diskimg.hostio.file import path_name
+
+    d = path_name(folder)
+    return real == d or real.startswith(d if d.endswith("/") else d + "/")
 
 
 def local_parent(name: Path | str | os.PathLike[str]) -> Path:
@@ -161,9 +202,17 @@ def local_parent(name: Path | str | os.PathLike[str]) -> Path:
 
     if not isinstance(name, str):
         return Path(name)
+    return Path(local_parent_name(name))
+
+
+def local_parent_name(name: str) -> str:
+    """:func:`local_parent` of a name that is not a local file's host name: a URL's or a
+    file object's ``<label>`` is a name in the current directory; any other is itself."""
+    from diskimg.hostio.file import path_name
+
     if name.startswith("<") or protocol(name) is not None:
-        return Path.cwd() / "-"
-    return Path(name)
+        return os.path.join(os.getcwd(), "-")
+    return path_name(name)
 
 
 def full_name(name: str, parent: Path | str) -> str:

@@ -280,6 +280,13 @@ def test_info_of_an_overlay_loads_what_a_plain_image_loads(image: Path, tmp_path
     assert extra == [], _named(extra, who)
     denied = _denied(loaded, ("pathlib", "re", "fnmatch", "urllib", "diskimg.backing_open"))
     assert denied == [], _named(denied, who)
+    # map opens the backing chain (policy.resolve_name: still no pathlib, no re)
+    code, loaded, out, who = _probe("map", str(top))
+    assert code == 0
+    assert out == qemu.img("map", top).stdout
+    denied = _denied(loaded, ("pathlib", "re", "fnmatch", "urllib"))
+    assert denied == [], _named(denied, who)
+    assert "diskimg.backing_open" in loaded  # (the chain was followed)
 
 
 @pytest.mark.qemu

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import diskimg
@@ -209,3 +211,79 @@ def test_protocol_is_rfc3986_scheme_prefix(name: str) -> None:
     u = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", name)
     assert is_url(name) is (u is not None)
     assert scheme(name) == (u.group(1).lower() if u else "")
+
+
+def _pathlib_resolve(pol: OpenPolicy, name: str, parent: Path) -> tuple[str, str]:
+    """The oracle: what ``resolve`` answered when it was written with pathlib (a local
+    parent): ("ok", path) or ("refused"/"missing"/"loop"/"other", "")."""
+    if name.startswith("json:") or (re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name)
+                                    and not name.startswith("file:")):
+        return "refused", ""
+    if name.startswith("file:"):
+        name = name[5:]
+    p = Path(name)
+    if not p.is_absolute():
+        p = parent.parent / p
+    try:
+        real = p.resolve()
+    except (RuntimeError, OSError):
+        return "loop", ""
+    if pol.untrusted and not any(real.is_relative_to(d) for d in pol.allowed_dirs):
+        return "refused", ""
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return "missing", ""
+    except OSError:
+        return "other", ""
+    return ("ok", str(p)) if stat.S_ISREG(st.st_mode) else ("refused", "")
+
+
+@pytest.fixture(scope="module")
+def links(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tree with files, a subdirectory, a link out of it, a link loop, a FIFO and a
+    sibling directory whose name has the tree's as a prefix."""
+    root = tmp_path_factory.mktemp("links")
+    (root / "d" / "sub").mkdir(parents=True)
+    (root / "d" / "a").write_bytes(b"a")
+    (root / "d" / "sub" / "b").write_bytes(b"b")
+    (root / "out").write_bytes(b"o")
+    (root / "dd").mkdir()                        # a sibling whose name begins with "d"
+    (root / "dd" / "c").write_bytes(b"c")
+    (root / "d" / "up").symlink_to(root / "out")
+    (root / "d" / "loop").symlink_to(root / "d" / "loop2")
+    (root / "d" / "loop2").symlink_to(root / "d" / "loop")
+    os.mkfifo(root / "d" / "fifo")
+    return root
+
+
+@given(parts=st.lists(st.sampled_from(["a", "b", "sub", ".", "..", "", "up", "loop",
+                                        "fifo", "nope", "d", "dd", "c"]), min_size=1,
+                    max_size=5),
+       lead=st.sampled_from(["", "/", "file:", "json:", "nbd:"]),
+       untrusted=st.booleans(), parent=st.sampled_from(["d/top", "d/sub/top", "d//./top"]))
+@example(parts=["..", "dd", "c"], lead="", untrusted=True, parent="d/top")
+@example(parts=["..", "d", "loop"], lead="", untrusted=True, parent="d/top")
+@example(parts=["up"], lead="", untrusted=True, parent="d/sub/top")
+@example(parts=["sub", "..", "a"], lead="file:", untrusted=False, parent="d//./top")
+def test_resolve_name_answers_as_the_pathlib_rules(links: Path, parts: list[str], lead: str,
+                                                   untrusted: bool, parent: str) -> None:
+    """``resolve_name`` (no pathlib: an overlay opens without it) resolves, refuses and
+    fails on exactly the names the pathlib version did, to the same path, for names with
+    ``.``, ``..``, repeated slashes, links out of the tree, link loops and a FIFO, in a
+    trusted and an --untrusted policy."""
+    name = lead + "/".join(parts)
+    if lead == "/":
+        name = str(links) + name
+    top = links / parent
+    pol = OpenPolicy(untrusted=True).for_top(top) if untrusted else OpenPolicy()
+    want = _pathlib_resolve(pol, name, Path(top))
+    try:
+        got = ("ok", pol.resolve_name(name, str(top), local=True))
+    except BackingChainError as e:
+        msg = str(e)
+        got = ("loop" if "symbolic links" in msg else "missing" if "No such file" in msg
+               else "refused" if "Refusing" in msg else "other", "")
+    assert got == want
+    if got[0] == "ok":
+        assert pol.resolve(name, top) == Path(got[1])
