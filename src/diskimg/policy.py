@@ -145,7 +145,7 @@ class OpenPolicy(Record):
                 f"Could not open {what} '{p}' named by '{parent}': {why}",
                 path=p, operation=f"open {what}", reason=why) from None
         if self.untrusted:
-            if not any(_within(real, os.fspath(d)) for d in self.allowed_dirs):
+            if not any(within(real, os.fspath(d)) for d in self.allowed_dirs):
                 raise BackingChainError(
                     f"Refusing to open {what} '{name}' named by '{parent}': it lies outside "
                     f"the allowed directories (--untrusted)")
@@ -185,7 +185,7 @@ def _parent_dir(name: str) -> str:
     return head or name[:len(name) - len(tail)]   # "/x" -> "/", "//x" -> "//"
 
 
-def _within(real: str, folder: str) -> bool:
+def within(real: str, folder: str) -> bool:
     """``pathlib.Path(real).is_relative_to(folder)`` for a resolved ``real``: the same
     components, compared as names (no file system access)."""
     from diskimg.hostio.file import path_name

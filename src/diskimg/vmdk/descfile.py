@@ -8,16 +8,18 @@ monolithicSparse and streamOptimized images does not load it (start-up, issue 20
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from diskimg.errors import BackingChainError, FormatError, UnsupportedFeatureError
 from diskimg.hostio import open_host_file
+from diskimg.policy import within
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, Descriptor
 from diskimg.vmdk.flat import FlatExtent, ZeroExtent
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from diskimg.vmdk.image import VmdkImage
 
 #: createType values qemu 7.2 accepts in a separate descriptor file
@@ -56,7 +58,7 @@ def open_descriptor_file(img: VmdkImage, fsize: int) -> None:
         raise UnsupportedFeatureError(f"Unsupported image type '{shown}'")
     if not d.extents:
         raise FormatError(f"VMDK descriptor '{img.filename}' has no extents")
-    if not isinstance(img.host.path, Path) and any(
+    if not img.host.local and any(
             x.type != "ZERO" and x.access != "NOACCESS" for x in d.extents):
         raise UnsupportedFeatureError(
             f"VMDK descriptor '{img.filename}' names separate extent files: an image "
@@ -74,12 +76,12 @@ def open_descriptor_file(img: VmdkImage, fsize: int) -> None:
             raise FormatError(f"Extent {i} has an invalid file name")
         path = _resolve_extent(img, name)
         ro = img.read_only or x.access != "RW"
-        if _same_file(path, Path(img.host.path)):  # before its lock would refuse it as busy
+        if _same_file(path, img.host.name):  # before its lock would refuse it as busy
             raise FormatError(f"Extent {i} '{name}' is the descriptor file itself")
         # QEMU's lock on every extent when the descriptor has it (qemu locks them all)
         eh = open_host_file(path, not ro, lock_mode=img.host.locked)
         img._own_hosts.append(eh)
-        shown = extent_name(img.host.path, name)
+        shown = extent_name(img.host.name, name)
         if x.type in ("FLAT", "VMFS"):       # a VMFS line has no offset: 0
             img.extents.append(FlatExtent(eh, (x.offset or 0) * S.SECTOR,
                                            x.sectors * S.SECTOR,
@@ -107,27 +109,27 @@ def open_descriptor_file(img: VmdkImage, fsize: int) -> None:
             img.extents.append(ext)
 
 
-def _resolve_extent(img: VmdkImage, name: str) -> Path:
+def _resolve_extent(img: VmdkImage, name: str) -> str:
     """The path of extent file ``name`` (the policy's resolution), refused outside the
-    descriptor's directory unless the policy allows it."""
-    top = img.host.path
-    assert isinstance(top, Path)  # _open refuses extents of an image that is not local
-    path = img.policy.resolve(name, top, "vmdk extent")
+    descriptor's directory unless the policy allows it.  (Names, not pathlib: start-up.)"""
+    top = img.host.name
+    assert img.host.local  # _open refuses extents of an image that is not local
+    path = img.policy.resolve_name(name, top, "vmdk extent", local=True)
     if not img.policy.allow_extents_outside:
-        base = top.resolve().parent
-        real = path.resolve()
-        ok = [base, *img.policy.allowed_dirs]
-        if not any(real.is_relative_to(b) for b in ok):
+        base = os.path.dirname(os.path.realpath(top))
+        real = os.path.realpath(path)
+        ok = [base, *map(os.fspath, img.policy.allowed_dirs)]
+        if not any(within(real, b) for b in ok):
             raise BackingChainError(
                 f"Refusing to open vmdk extent '{name}' named by '{img.filename}': it "
                 "lies outside the descriptor's directory")
     return path
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _same_file(a: str, b: str) -> bool:
     """Whether ``a`` and ``b`` are one file (False when either cannot be looked at: the open
     that follows reports that)."""
     try:
-        return a.samefile(b)
+        return os.path.samefile(a, b)
     except OSError:
         return False

@@ -305,12 +305,11 @@ class VmdkImage(BlockDevice):
         if hint and not self.host.local:
             full = full_name(hint, self.host.path)  # a URL, a file object
         elif hint:
-            from pathlib import Path
-
+            from diskimg.hostio.file import path_name
             from diskimg.vmdk.descfile import extent_name  # a delta's parent: on use
 
-            full = str(Path(hint) if hint.startswith("/") else
-                       Path(extent_name(self.host.path, hint)))
+            full = path_name(hint if hint.startswith("/") else
+                             extent_name(self.host.name, hint))
         fs: dict[str, Any] = {
             "type": "vmdk",
             "data": {
