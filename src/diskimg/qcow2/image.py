@@ -163,7 +163,9 @@ class Qcow2Image(BlockDevice):
             if not name:
                 raise CorruptImageError("Image has an external data file (incompatible bit 2) "
                                         "but names none (header extension 0x44415441)")
-            path = self.policy.resolve(name, host.path, "data file")
+            path = self.policy.resolve_name(  # (no pathlib: start-up)
+                name, host.name if host.local else str(host.path), "data file",
+                local=host.local)
             self.data_host = open_host_file(path, not self.read_only,
                                             lock_mode=host.locked)
             self._data_file_opened = True
