@@ -16,7 +16,7 @@ from diskimg.errors import DiskImgError, ImageLockedError, UnsupportedFeatureErr
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     pass
 
-from diskimg.ops.common import CHUNK, SECTOR, ProgressFn
+from diskimg.ops import CHUNK, SECTOR, ProgressFn
 from diskimg.params import renamed
 from diskimg.slotted import FrozenRecord, set_fields
 

@@ -11,7 +11,7 @@ from diskimg import api
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 
-from diskimg.ops.common import SECTOR, ProgressFn, Source, _open, is_stream_path
+from diskimg.ops import SECTOR, ProgressFn, Source, _open, is_stream_path
 from diskimg.ops.copier import RateLimit, Salvage, _Copier
 from diskimg.params import renamed
 from diskimg.units import SIZE_HELP

@@ -12,7 +12,7 @@ from diskimg.errors import FormatError
 from diskimg.hostio import aligned_buffer
 
 from diskimg.hostio import all_zero
-from diskimg.ops.common import _ZEROS, CHUNK, SECTOR, ProgressFn
+from diskimg.ops import _ZEROS, CHUNK, SECTOR, ProgressFn
 from diskimg.ops.zero import _next_zero_sector, sparse_runs
 from diskimg.plan import RunKind
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from diskimg.hostio import all_zero
-from diskimg.ops.common import _ZEROS, SECTOR
+from diskimg.ops import _ZEROS, SECTOR
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -28,14 +28,10 @@ if TYPE_CHECKING:
     T = TypeVar("T", bound=Table)
     #: the formats of qcow2's unsigned table words: 1, 2, 4 and 8 bytes
     Word = Literal["B", "H", "I", "Q"]
-else:  # typing is for the type checker: not imported at run time (start-up)
-    class Generic:
-        """``Generic[T]`` as a base class, without typing: the class itself."""
-
-        def __class_getitem__(cls, _item: object) -> type:
-            return cls
-
+else:  # typing is for the type checker: not imported at run time (start-up).  There,
+    # ``Generic[T]`` is ``object``: a one-entry mapping, so that no class is built for it
     T = None
+    Generic = {T: object}
 
 #: bytes of tables byte-swapped without ``array`` (on a little-endian host) before the
 #: module is imported: importing it (and the ``collections`` package its initialisation
@@ -184,14 +180,18 @@ class TableCache(Generic[T]):
         self.load = load
         self.capacity = max(2, capacity)
         self.what = what
-        self.tables: OrderedDict[int, T] = new_lru()
+        #: least recently used first: a plain dict (insertion order), a table used again
+        #: moves to the end by being taken out and put back (the C ``OrderedDict`` would
+        #: load the ``_collections`` module with every image that reads a table)
+        self.tables: dict[int, T] = {}
         self.dirty: set[int] = set()
         self.before_write: Callable[[], None] | None = None
 
     def get(self, offset: int) -> T:
-        t = self.tables.get(offset)
+        tables = self.tables
+        t = tables.get(offset)
         if t is not None:
-            self.tables.move_to_end(offset)
+            tables[offset] = tables.pop(offset)
             return t
         data = self.host.pread_exact(offset, self.table_size, self.what)
         t = self.load(data)
@@ -208,8 +208,8 @@ class TableCache(Generic[T]):
         self.dirty.add(offset)
 
     def _insert(self, offset: int, table: T) -> None:
-        self.tables[offset] = table
-        self.tables.move_to_end(offset)
+        self.tables.pop(offset, None)
+        self.tables[offset] = table  # (the newest: at the end)
         if len(self.tables) > self.capacity:
             self._evict()
 
@@ -223,7 +223,7 @@ class TableCache(Generic[T]):
         if len(self.tables) > self.capacity:
             self.flush()
             while len(self.tables) > self.capacity:
-                self.tables.popitem(last=False)
+                del self.tables[next(iter(self.tables))]  # the least recently used
 
     def flush(self) -> None:
         """Write every dirty table (after ``before_write``)."""

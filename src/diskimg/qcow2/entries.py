@@ -75,6 +75,26 @@ def cluster_type(entry: int, *, extended: bool, has_data_file: bool) -> int:
     return ClusterType.UNALLOCATED
 
 
+def l2_offset(l1: memoryview, cluster: int, l2_bits: int, cs: int,
+              l1_table_offset: int) -> tuple[int, int]:
+    """(L1 index, L2 table host offset or 0) of guest cluster index ``cluster``: its L1
+    entry's offset, refused beyond the table (``l1``, native) or when not cluster aligned.
+    The one L1 lookup of reads (mapper), writes (cluster) and resize."""
+    l1i = cluster >> l2_bits
+    if l1i >= len(l1):
+        from diskimg.errors import CorruptImageError
+
+        raise CorruptImageError(f"Guest cluster {cluster} lies beyond the L1 table "
+                                f"({len(l1)} entries)")
+    off = l1[l1i] & L1E_OFFSET_MASK
+    if off % cs:
+        from diskimg.errors import CorruptImageError
+
+        raise CorruptImageError(f"L2 table offset {off:#x} in L1 entry {l1i} is not "
+                                "cluster aligned", offset=l1_table_offset + 8 * l1i)
+    return l1i, off
+
+
 def subcluster_type(entry: int, bitmap: int, index: int, *,
                     has_data_file: bool) -> int:
     """State of subcluster ``index`` (0..31) of an extended L2 entry + bitmap.  Whether

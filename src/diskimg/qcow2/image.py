@@ -289,7 +289,7 @@ class Qcow2Image(BlockDevice):
         self.__dict__.pop("_l1_raw", None)
         self.l1 = memoryview(l1)
         self.l1_dirty.clear()
-        self._decoded.clear()
+        self.__dict__.pop("_decoded", None)  # (made again when next used)
 
     def install_snapshots(self, snapshots: list[Snapshot]) -> None:
         """Make ``snapshots`` (already on disk and named by the header) the table."""
@@ -339,14 +339,16 @@ class Qcow2Image(BlockDevice):
 
     # --- the read side: qcow2/mapper.py, reader.py, compressed.py, crypt.py (and writes')
     def _l2_location(self, cluster: int) -> tuple[int, int]:
-        """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``."""
-        return mapper.l2_location(self, cluster)
+        """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``
+        (entries, not the mapper: a new image's writes do not load the read side)."""
+        return E.l2_offset(self.l1, cluster, self.l2_bits, self.cs,
+                           self.header.l1_table_offset)
 
     def _check_data_offset(self, host_off: int, l2_off: int, idx: int, guest: int) -> None:
         mapper.check_data_offset(self, host_off, l2_off, idx, guest)  # (see there)
 
     def _cluster_type(self, ent: int) -> int:  # (with this image's ext-L2, data-file flags)
-        return mapper.cluster_type(self, ent)
+        return E.cluster_type(ent, extended=self.extended, has_data_file=self._data_file_opened)
 
     @property
     def data_file_name(self) -> str | None:

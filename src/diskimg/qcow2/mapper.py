@@ -25,7 +25,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from diskimg.qcow2.image import Qcow2Image
 
-__all__ = ["TableBreaks", "check_data_offset", "cluster_type", "l2_location", "lookup",
+__all__ = ["TableBreaks", "check_data_offset", "l2_location", "lookup",
            "progression_end", "runs", "status", "statuses", "unallocated_until"]
 
 _DATA, _ZERO, _UNALLOC, _COMPRESSED = (RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED,
@@ -65,17 +65,9 @@ def progression_end(ents: memoryview, i: int, stop: int, first: int, step: int) 
 
 
 def l2_location(img: Qcow2Image, cluster: int) -> tuple[int, int]:
-    """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``."""
-    l1i = cluster >> img.l2_bits
-    if l1i >= len(img.l1):
-        raise CorruptImageError(f"Guest cluster {cluster} lies beyond the L1 table "
-                                f"({len(img.l1)} entries)")
-    off = img.l1[l1i] & E.L1E_OFFSET_MASK
-    if off % img.cs:
-        raise CorruptImageError(f"L2 table offset {off:#x} in L1 entry {l1i} is not "
-                                "cluster aligned",
-                                offset=img.header.l1_table_offset + 8 * l1i)
-    return l1i, off
+    """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``
+    (:func:`entries.l2_offset` on the image's L1 table)."""
+    return E.l2_offset(img.l1, cluster, img.l2_bits, img.cs, img.header.l1_table_offset)
 
 
 def check_data_offset(img: Qcow2Image, host_off: int, l2_off: int, idx: int,
@@ -97,11 +89,6 @@ def check_data_offset(img: Qcow2Image, host_off: int, l2_off: int, idx: int,
             f"{l2_off:#x})", offset=l2_off + idx * esize)
         img._mark_corrupt(err)
         raise err
-
-
-def cluster_type(img: Qcow2Image, ent: int) -> int:
-    """:func:`entries.cluster_type` with the image's extended-L2 and data-file flags."""
-    return E.cluster_type(ent, extended=img.extended, has_data_file=img._data_file_opened)
 
 
 def _classify(img: Qcow2Image, ent: int, l2_off: int, idx: int,

@@ -43,8 +43,10 @@ def readinto(img: Qcow2Image, offset: int, buf: memoryview) -> None:
     if crypt_method:
         crypt.cipher(img)  # data access needs the key, allocated or not
     runs = plan(img, offset, len(buf))
-    cache = img._decoded
-    todo = [r.entry for r in runs if r.kind is _COMPRESSED and r.entry not in cache]
+    todo = [r.entry for r in runs if r.kind is _COMPRESSED]
+    if todo:  # (the decoded-cluster cache is made by the first compressed read only)
+        cache = img._decoded
+        todo = [e for e in todo if e not in cache]
     decoded = compressed.decode_many(img, list(dict.fromkeys(todo))) if len(todo) > 1 \
         else {}
     mask = img.cs - 1

@@ -188,6 +188,7 @@ def _convert(ctx: Context, a: argparse.Namespace, olist: str | None, out_fmt: st
              sparse: int, rate: int | None, printer: QemuProgress | None) -> None:
     """The part of :func:`cmd_convert` after qemu-img has started its progress line."""
     from diskimg.ops import convert as conv
+    from diskimg.ops import is_url_name
 
     opts.creatable(out_fmt)
     *srcs, dst = a.files
@@ -252,11 +253,8 @@ def _convert(ctx: Context, a: argparse.Namespace, olist: str | None, out_fmt: st
                                  values, backing, backing_fmt, dst_path, sparse)
         created: list[bool] = []
         try:
-            if isinstance(target, str) and "://" in target:
-                from diskimg.hostio.urls import is_url  # (a URL: not for a file name)
-
-                if is_url(target):
-                    restore_sigterm = _terminate_as_exit()
+            if is_url_name(target):
+                restore_sigterm = _terminate_as_exit()
             conv.convert(devs[: len(srcs)], target, out_fmt, options=values,
                          sparse_size=sparse, target_exists=a.target_exists,
                          backing_file=backing,
