@@ -83,23 +83,27 @@ def be_table(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
     of byte-or-wider entries); :func:`pack_be_table` is its inverse."""
     if typecode == "B" or not HOST_LITTLE_ENDIAN:
         return memoryview(bytearray(buf)).cast(typecode)
-    return _swap_used(buf, typecode)
+    head = _swap_used(buf, typecode)
+    n = len(buf)
+    if head.nbytes == n:
+        return head
+    out = bytearray(n)  # (the zero tail)
+    out[: head.nbytes] = head.cast("B")
+    return memoryview(out).cast(typecode)
 
 
 def _swap_used(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
-    """``buf``'s words byte-swapped into a new native memoryview of ``typecode``: the
-    words up to the last non-zero byte are swapped, the zero tail (most of a small
-    image's tables) is copied as it is, zero in either byte order (a 64 KiB table with a
-    few entries: one memcmp pass instead of a byte-reversal of every word)."""
+    """The words of ``buf`` up to its last non-zero byte, byte-swapped: a new native
+    memoryview of ``typecode``, empty when ``buf`` is all zeros.  The zero tail (most of
+    a small image's tables) is zero in either byte order, so neither the decode nor the
+    encode swaps it (a 64 KiB table with a few entries: one memcmp pass instead of a
+    byte-reversal of every word); each puts it back its own way (the one rule of both)."""
     n = len(buf)
     size = struct.calcsize(typecode)
     used = -(-(n - trailing_zeros(buf)) // size) * size
     if used == n:
         return _swap(buf, typecode)
-    out = bytearray(n)
-    if used:
-        out[:used] = _swap(memoryview(buf)[:used], typecode).cast("B")
-    return memoryview(out).cast(typecode)
+    return _swap(memoryview(buf)[:used], typecode) if used else memoryview(b"").cast(typecode)
 
 
 def be_u64_table(buf: bytes | bytearray | memoryview) -> memoryview:
@@ -118,7 +122,8 @@ def pack_be_table(t: array[int] | memoryview) -> bytes:
     raw = mv.cast("B")
     if mv.itemsize == 1 or not HOST_LITTLE_ENDIAN:
         return raw.tobytes()
-    return _swap_used(raw, _WORDS[mv.itemsize]).cast("B").tobytes()
+    head = _swap_used(raw, _WORDS[mv.itemsize]).cast("B").tobytes()
+    return head.ljust(len(raw), b"\0")  # (the zero tail: no zeroed copy of the table)
 
 
 #: the u64 tables' name for it

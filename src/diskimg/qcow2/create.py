@@ -182,16 +182,23 @@ def create_qcow2(path: str | os.PathLike[str], size: int, *, backing_file: str |
         # leaves no half-made image that qemu would open (B12)
         # (one entry: no ``array``, whose import loads ``collections``: start-up, issue 20)
         host.pwrite(cs, pack_be_u64_array(u64_run(2 * cs, 1, 0)).ljust(cs, b"\0"))
+        # the L1 table follows, at cluster 3: counted in that first block when it fits
+        # there and nothing else is allocated (no LUKS area), as the allocator would place
+        # it; else the allocator places it
+        at_3 = bool(h.l1_size) and not h.crypt_method and \
+            3 + l1_clusters <= refblock_entries(cs, h.refcount_order)
         blk = RefBlock(h.refcount_order, bytes(cs))
-        for c in range(3):
-            blk[c] = 1
+        blk.fill(0, 3 + l1_clusters if at_3 else 3, 1)
         host.pwrite(2 * cs, blk.pack())
         if h.l1_size:
-            from diskimg.qcow2.refcount import Refcounts
+            if at_3:
+                l1_off = 3 * cs
+            else:
+                from diskimg.qcow2.refcount import Refcounts
 
-            rc = Refcounts(host, h)
-            l1_off = rc.alloc(l1_clusters)
-            rc.flush()
+                rc = Refcounts(host, h)
+                l1_off = rc.alloc(l1_clusters)
+                rc.flush()
             host.pwrite(l1_off, bytes(h.l1_size * 8))
             h.l1_table_offset = l1_off
             if h.crypt_method == QCOW_CRYPT_LUKS:
