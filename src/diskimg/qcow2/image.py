@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first use
     from diskimg.crypto import SectorCipher
     from diskimg.hostio.host import Host
     from diskimg.plan import Run
-    from diskimg.qcow2 import cache, compressed, crypt, mapper, reader
+    from diskimg.qcow2 import cache, compressed, crypt, mapper
     from diskimg.qcow2 import cluster as C
     from diskimg.qcow2 import entries as E
     from diskimg.qcow2.bitmaps import Bitmaps
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first use
     from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
 else:  # the tables, reads, writes, compressed clusters, encryption: imported on first use
     lazy_modules(globals(), "diskimg.qcow2", C="cluster", E="entries", cache="cache",
-                 compressed="compressed", crypt="crypt", mapper="mapper", reader="reader")
+                 compressed="compressed", crypt="crypt", mapper="mapper")
 
 
 class Qcow2Image(BlockDevice):
@@ -337,7 +337,7 @@ class Qcow2Image(BlockDevice):
         (None, None) without a backing file, format None when the header has none."""
         return self.header.backing_file, self.header.backing_format
 
-    # --- the read side: qcow2/mapper.py, reader.py, compressed.py, crypt.py (and writes')
+    # --- the read side: qcow2/mapper.py, compressed.py, crypt.py (and writes')
     def _l2_location(self, cluster: int) -> tuple[int, int]:
         """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``
         (entries, not the mapper: a new image's writes do not load the read side)."""
@@ -378,7 +378,7 @@ class Qcow2Image(BlockDevice):
         return crypt.cipher(self)
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
-        reader.readinto(self, offset, buf)
+        mapper.readinto(self, offset, buf)
 
     def _status(self, offset: int, length: int) -> Status:
         return mapper.status(self, mapper.lookup(self, offset, length))
