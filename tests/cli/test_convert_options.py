@@ -16,7 +16,7 @@ import pytest
 from qemukit import QEMU
 
 import diskimg
-from diskimg.ops.copier import RateLimit
+from diskimg.ops.copy_options import RateLimit
 
 from .conftest import make_raw, needs_qemu, qemu
 

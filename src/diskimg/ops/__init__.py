@@ -7,6 +7,7 @@
 - :mod:`.zero`: zero detection and sparse runs of a buffer (``-S``);
 - :mod:`.readahead`: block-status plans of the sources, background reads and decoding;
 - :mod:`.copier`: the convert copy loop writing a plan to the target;
+- :mod:`.copy_options`: the copy's ``-r`` rate limit and ``--salvage`` (loaded with them);
 - :mod:`.convert`, :mod:`.compare`, :mod:`.dd`: the commands;
 - :mod:`.chain`: ``commit`` and ``rebase`` over backing chains;
 - :mod:`.checksum`: ovirt-imageio's blkhash checksum of the guest content;

@@ -12,7 +12,7 @@ from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 
 from diskimg.ops import SECTOR, ProgressFn, Source, _open, is_stream_path
-from diskimg.ops.copier import RateLimit, Salvage, _Copier
+from diskimg.ops.copier import _Copier
 from diskimg.params import renamed
 from diskimg.units import SIZE_HELP
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from typing import Any
 
     from diskimg.hostio.host import Host
+    from diskimg.ops.copy_options import RateLimit, Salvage
     from diskimg.ops.stream_convert import StreamTarget
 
 
@@ -238,12 +239,18 @@ def convert(
                                            and sparse_size > 0 and tgt.has_zero_init())
             backing_end = tgt.backing.size if (target_backing and not target_exists
                                                and tgt.backing is not None) else None
+            limit: RateLimit | None = None
+            salvaged: Salvage | None = None
+            if rate_limit or salvage is not False:  # (-r, --salvage: their module then)
+                from diskimg.ops.copy_options import RateLimit, Salvage
+
+                limit = RateLimit(rate_limit) if rate_limit else None
+                salvaged = None if salvage is False else \
+                    Salvage(salvage if callable(salvage) else None)
             cp = _Copier(tgt, zero_init=zero_init, target_backing=target_backing,
                          backing_end=backing_end, min_sparse=sparse_size, alignment=align,
                          compress=compress, total=total, progress=progress,
-                         limit=RateLimit(rate_limit) if rate_limit else None,
-                         salvage=None if salvage is False else
-                         Salvage(salvage if callable(salvage) else None))
+                         limit=limit, salvage=salvaged)
             if progress is not None:
                 progress(0.0)
             if cp.salvage is not None:
