@@ -352,7 +352,7 @@ CONVERT = VERSION | {
     "diskimg.hostio.urls",
     "diskimg.info_text", "diskimg.ops",
     "diskimg.ops.convert", "diskimg.ops.copier",
-    "diskimg.ops.zero", "diskimg.options", "diskimg.params",
+    "diskimg.options", "diskimg.params",
     "diskimg.persistent_bitmaps", "diskimg.plan", "diskimg.policy", "diskimg.probe",
     "diskimg.records", "diskimg.slotted", "diskimg.units"}
 #: ... with a qcow2 on either side (the writer: create, refcounts; the bitmap modules
@@ -372,10 +372,11 @@ CONVERT_QCOW2 = QCOW2_READ | {"diskimg.qcow2.create", "diskimg.qcow2.refcount",
 #: progress code (diskimg.cli.progress); nor array (its initialisation imports the
 #: collections package: about 2.7 ms of CPU; a new qcow2's tables are native memoryviews)
 #: nor itertools, nor the URL parser (no URL here), nor the read-ahead thread's module;
-#: nor modules for what the ops package itself holds (diskimg.ops.common: the names every
-#: copy shares, by their old module), nor the C OrderedDict's module (the table caches are
-#: plain dicts)
+#: nor modules for what the ops package itself holds (diskimg.ops.common and .zero: the
+#: names every copy shares and its zero detection, by their old modules), nor the C
+#: OrderedDict's module (the table caches are plain dicts)
 NOT_FOR_CONVERT = ("array", "collections", "_collections", "diskimg.ops.common",
+                   "diskimg.ops.zero",
                    "diskimg.qcow2.reader",  # (the read plan is executed by the mapper)
                    "itertools", "diskimg.hostio.urls",
                    "diskimg.ops.readahead",  # (a small image is copied inline)

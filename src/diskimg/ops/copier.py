@@ -10,8 +10,7 @@ from diskimg.errors import FormatError
 from diskimg.hostio import aligned_buffer
 
 from diskimg.hostio import all_zero
-from diskimg.ops import _ZEROS, CHUNK, SECTOR, ProgressFn
-from diskimg.ops.zero import _next_zero_sector, sparse_runs
+from diskimg.ops import _ZEROS, CHUNK, SECTOR, ProgressFn, _next_zero_sector, sparse_runs
 from diskimg.plan import RunKind
 
 TYPE_CHECKING = False
