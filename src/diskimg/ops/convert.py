@@ -197,7 +197,7 @@ def convert(
         if isinstance(dst, BlockDevice):
             if not target_exists:
                 raise UsageError("an open target device needs target_exists=True")
-            tgt_cm: Any = _Borrowed(dst)
+            tgt = dst
         else:
             if not target_exists:
                 if not os.path.lexists(dst) and not _is_nbd(dst):
@@ -214,9 +214,9 @@ def convert(
             key = (options or {}).get(key_option)
             if key is not None and not target_exists:
                 topts.setdefault(key_option, str(key))  # the new image's key
-            tgt_cm = api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
-                              options=topts)
-        with tgt_cm as tgt:
+            tgt = api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
+                           options=topts)
+        try:
             if created is not None:
                 made_too = _new_files(tgt, created, listed)
             if not sync and not isinstance(dst, BlockDevice):
@@ -270,6 +270,9 @@ def convert(
 
                 copy_bitmaps(devs[0], tgt, skip, warn)
                 tgt.flush()
+        finally:
+            if tgt is not dst:  # (a borrowed device stays open)
+                tgt.close()
     except BaseException:
         if created is not None:
             _remove_created(created, made)
@@ -280,19 +283,6 @@ def convert(
         for dev, owned in opened:
             if owned:
                 dev.close()
-
-
-class _Borrowed:
-    """An open target device used as the ``with`` target: left open on exit."""
-
-    def __init__(self, dev: BlockDevice) -> None:
-        self.dev = dev
-
-    def __enter__(self) -> BlockDevice:
-        return self.dev
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _is_stream(dst: object) -> bool:
