@@ -378,6 +378,7 @@ CONVERT_QCOW2 = QCOW2_READ | {"diskimg.qcow2.create", "diskimg.qcow2.refcount",
 NOT_FOR_CONVERT = ("array", "collections", "_collections", "diskimg.ops.common",
                    "diskimg.ops.zero",
                    "diskimg.qcow2.reader",  # (the read plan is executed by the mapper)
+                   "diskimg.qcow2.cache",  # (the table codec and cache are in entries)
                    "itertools", "diskimg.hostio.urls",
                    "diskimg.ops.readahead",  # (a small image is copied inline)
                    "diskimg.qcow2.crypt", "diskimg.qcow2.compressed",  # (none here)

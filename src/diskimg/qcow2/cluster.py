@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from diskimg.qcow2 import header_io, lazy_modules
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2.cache import L2Table, u64_copy, u64_run, u64_zeros
+from diskimg.qcow2.entries import L2Table, u64_copy, u64_run, u64_zeros
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_MASK,
     QCOW2_COMPAT_LAZY_REFCOUNTS,

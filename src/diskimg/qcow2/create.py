@@ -13,7 +13,7 @@ from diskimg.options import PREALLOCATION_MODES, check_preallocation, compat_ver
 from diskimg.options import parse_bool as _bool
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array, u64_run
+from diskimg.qcow2.entries import be_u64_array, pack_be_u64_array, u64_run
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,

@@ -34,15 +34,16 @@ if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first use
     from diskimg.crypto import SectorCipher
     from diskimg.hostio.host import Host
     from diskimg.plan import Run
-    from diskimg.qcow2 import cache, compressed, crypt, mapper
+    from diskimg.qcow2 import compressed, crypt, mapper
+    from diskimg.qcow2 import entries as cache
     from diskimg.qcow2 import cluster as C
     from diskimg.qcow2 import entries as E
     from diskimg.qcow2.bitmaps import Bitmaps
-    from diskimg.qcow2.cache import L2Table, TableCache
+    from diskimg.qcow2.entries import L2Table, TableCache
     from diskimg.qcow2.refcount import Refcounts
     from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
 else:  # the tables, reads, writes, compressed clusters, encryption: imported on first use
-    lazy_modules(globals(), "diskimg.qcow2", C="cluster", E="entries", cache="cache",
+    lazy_modules(globals(), "diskimg.qcow2", C="cluster", E="entries", cache="entries",
                  compressed="compressed", crypt="crypt", mapper="mapper")
 
 

@@ -28,7 +28,7 @@ from diskimg.plan import Run, RunKind
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import lazy_modules
 from diskimg.qcow2.entries import TableBreaks as TableBreaks  # (it lived here)
-from diskimg.qcow2.cache import u64_run
+from diskimg.qcow2.entries import u64_run
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
