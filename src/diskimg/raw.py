@@ -17,8 +17,6 @@ import errno
 
 from diskimg.device import BlockDevice, ImageInfo, Status, requires_open
 from diskimg.errors import UnsupportedFeatureError, UsageError
-from diskimg.options import RAW_WINDOW_OPTIONS as WINDOW_OPTIONS
-from diskimg.options import check_preallocation
 from diskimg.plan import Run, RunKind
 
 TYPE_CHECKING = False
@@ -163,13 +161,17 @@ class RawImage(BlockDevice):
         """The name qemu-img prints for the image (``json:{...}`` with ``offset``/``size``)."""
         from diskimg.info_text import image_name  # (what info prints: not for a copy)
 
-        return image_name("raw", self.filename, self.options, WINDOW_OPTIONS)
+        from diskimg.options import RAW_WINDOW_OPTIONS
+
+        return image_name("raw", self.filename, self.options, RAW_WINDOW_OPTIONS)
 
 
 def window_options(options: Mapping[str, str], file_size: int) -> tuple[int, int | None]:
     """``(offset, size)`` of the window the image options ``offset=``/``size=`` name in a
     file of ``file_size`` bytes (size None: to the end of the file), checked with qemu's
     messages (the other options are :mod:`diskimg.image_options`' to check)."""
+    if "offset" not in options and "size" not in options:
+        return 0, None  # the whole file (no option parser loaded for it: start-up)
     from diskimg.options import parse_param_size
 
     offset = parse_param_size("offset", options["offset"]) if "offset" in options else 0
@@ -187,11 +189,18 @@ def window_options(options: Mapping[str, str], file_size: int) -> tuple[int, int
     return offset, size
 
 
+#: the preallocation modes a raw image takes
+_PREALLOCATION = ("off", "falloc", "full")
+
+
 def create_raw(host: HostFile, size: int, preallocation: str = "off") -> None:
     """Lay out a new raw image of ``size`` bytes on ``host``, emptying it first (QEMU's lock
     is held).  The file is emptied only once the file system has accepted ``size``: a
     refusal leaves it byte-identical."""
-    check_preallocation("raw", preallocation, ("off", "falloc", "full"))
+    if preallocation not in _PREALLOCATION:  # (options' refusal, in qemu's words)
+        from diskimg.options import check_preallocation
+
+        check_preallocation("raw", preallocation, _PREALLOCATION)
     size = -(-size // SECTOR) * SECTOR  # qemu-img rounds the file up to a whole sector
     if size >= 1 << 63:  # rounded past off_t: ftruncate's EINVAL in qemu
         raise UsageError("Could not resize file: Invalid argument")
@@ -203,8 +212,9 @@ def create_raw(host: HostFile, size: int, preallocation: str = "off") -> None:
             raise
         raise UsageError("The image size is too large for file format 'raw'") from None
     if preallocation == "off" and size:
-        # qemu allocates the first block so later opens can probe alignment
-        host.write_zeros(0, min(size, 4096))
+        # qemu allocates the first block so later opens can probe alignment (one pwrite of
+        # zeros, as qemu's: no module of zero-writing strategies for 4 KiB, start-up)
+        host.pwrite(0, bytes(min(size, 4096)))
     if preallocation == "falloc":
         host.preallocate(0, size)
     elif preallocation == "full":

@@ -16,7 +16,7 @@ import pytest
 from qemukit import QEMU
 
 import diskimg
-from diskimg.ops.copier import RateLimit
+from diskimg.ops.copy_options import RateLimit
 
 from .conftest import make_raw, needs_qemu, qemu
 
@@ -247,3 +247,16 @@ def test_salvage_past_a_corrupt_l2_table_as_qemu(di, tmp_path: Path) -> None:
     assert (tmp_path / "mine.raw").read_bytes() == (tmp_path / "ref.raw").read_bytes() == \
         bytes(65536)
     assert sha(img) == before
+
+
+def test_the_formats_convert_creates_without_the_option_parser_are_the_creatable_ones(
+        ) -> None:
+    """``convert`` without ``-o`` takes an output format of ``_shared.KNOWN_FORMATS`` as
+    creatable without loading :mod:`diskimg.options` (start-up): the same formats as the
+    option schemas, which ``options.creatable`` accepts."""
+    from diskimg import options
+    from diskimg.cli.commands._shared import KNOWN_FORMATS
+
+    assert set(KNOWN_FORMATS) == set(options.FORMAT_OPTIONS)
+    for fmt in KNOWN_FORMATS:
+        assert options.creatable(fmt) == fmt

@@ -1,8 +1,9 @@
 """The ``diskimg`` process freezes what start-up made (issue 20: cli/main.py ``run``).
 
 ``run()`` moves the objects alive once the command's modules are loaded out of the cyclic
-collector's reach (``gc.freeze``), so that the interpreter's collections (during the
-command and at exit) do not walk them again.  What a user relies on, and what these tests
+collector's reach (``gc.freeze``; the collector is off until then, and on again after),
+so that the interpreter's collections (during the command and at exit) do not walk them
+again.  What a user relies on, and what these tests
 pin: an image the command opens is made after that point, so an image left unclosed in a
 reference cycle is still finalized at exit, which flushes its tables; and a program that
 runs the CLI in its own process through ``main()`` gets none of its objects frozen.
@@ -34,7 +35,8 @@ def leaky(ctx, ns):
     img = diskimg.open(sys.argv[2], "r+")
     img.write(65536, b"\\x5a" * 65536)
     img.cycle = img  # only the cyclic collector can finalize it
-    print("frozen", gc.get_freeze_count() > 0, "tracked", gc.is_tracked(img))
+    print("frozen", gc.get_freeze_count() > 0, "tracked", gc.is_tracked(img),
+          "enabled", gc.isenabled())
     return 0
 
 info_cmd.run = leaky
@@ -51,8 +53,9 @@ def test_an_image_left_open_in_a_cycle_is_still_flushed_at_exit(tmp_path: Path,
     r = subprocess.run([sys.executable, "-W", "default", "-c", LEAKY_WRITER, SRC, str(path)],
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
-    # the freeze happened before the command, and the image (made later) is not frozen
-    assert r.stdout.split() == ["frozen", "True", "tracked", "True"]
+    # the freeze happened before the command, and the image (made later) is not frozen;
+    # the collector, off while the modules load, runs again during the command
+    assert r.stdout.split() == ["frozen", "True", "tracked", "True", "enabled", "True"]
     assert "unclosed image" in r.stderr  # finalized by the collection at exit
     qemu.check_clean(path)
     data = qemu.raw_bytes(path, "qcow2")

@@ -12,8 +12,8 @@ from array import array
 
 import pytest
 
-from diskimg.qcow2 import cache
-from diskimg.qcow2.cache import (
+from diskimg.qcow2 import entries as cache  # (the table codec and cache live there)
+from diskimg.qcow2.entries import (
     L2Table,
     TableCache,
     be_table,
@@ -166,7 +166,7 @@ def test_first_tables_are_decoded_without_array() -> None:
     ``array`` (start-up of map and check), then imports it; a table's zero tail is not
     counted; every table decodes the same."""
     code = ("import sys, struct, random\n"
-            "from diskimg.qcow2 import cache\n"
+            "from diskimg.qcow2 import entries as cache\n"
             "raw = random.Random(7).randbytes(4096)\n"
             "want = list(struct.unpack('>512Q', raw))\n"
             "tail = raw[:16] + bytes(65536 - 16)\n"  # two entries, then zeros

@@ -94,10 +94,26 @@ def run() -> NoReturn:
     command line) is moved out of the cyclic collector's reach (:func:`gc.freeze`), so
     that neither a collection during the command nor the interpreter's full collections
     at exit walk it again: about 2 ms of an ``info``.  Images, hosts and files are made
-    after that point, so an unclosed one is still finalized (and closed) at exit."""
+    after that point, so an unclosed one is still finalized (and closed) at exit.  Until
+    then the collector is off: the young-generation collections that loading the modules
+    triggers would only walk objects that are about to be frozen (0.5-0.8 M instructions
+    of an ``info`` or a convert); :func:`_settle` turns it back on."""
     global _PROCESS
     _PROCESS = True
+    import gc
+
+    gc.disable()
     sys.exit(main())
+
+
+def _settle() -> None:
+    """In the ``diskimg`` process (:func:`run`), once the command's modules are loaded and
+    before it opens anything: freeze what is alive and turn the collector back on."""
+    if _PROCESS:
+        import gc
+
+        gc.freeze()
+        gc.enable()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,6 +177,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if cmd in commands.POOL_ALIASES:
         from diskimg.cli.commands import pool as pool_entry
 
+        _settle()
         return pool_entry.run_argv(args)
     if cmd not in commands.NAMES:
         return _fail(CommandLineError(f"Command not found: {cmd}"))
@@ -184,10 +201,7 @@ def _main(argv: Sequence[str] | None) -> int:
             from diskimg.secrets import parse_objects
 
             ctx.secrets = parse_objects(objects)
-        if _PROCESS:
-            import gc
-
-            gc.freeze()  # the modules loaded so far; nothing opened yet (see run())
+        _settle()  # the modules loaded so far; nothing opened yet (see run())
         code: int = mod.run(ctx, ns)
         return code
     except quickparse.Exit as e:

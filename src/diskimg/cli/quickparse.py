@@ -57,6 +57,8 @@ _KNOWN = frozenset(("action", "dest", "default", "type", "choices", "metavar", "
                     "const"))
 #: the actions read, with the number of values each takes
 _ACTIONS = {"store": 1, "append": 1, "store_true": 0, "store_false": 0, "store_const": 0}
+#: argparse's defaults of the flag actions (the others' is None)
+_FLAG_DEFAULTS = {"store_true": False, "store_false": True}
 
 
 class _Spec:
@@ -76,23 +78,24 @@ class _Spec:
             self.files = True
             return
         action = kw.get("action", "store")
-        if not flags or not set(kw) <= _KNOWN or not isinstance(action, str) \
-                or action not in _ACTIONS:
-            raise _Unsupported
-        if any(not f.startswith("-") or f in ("-h", "--help") or f[1:2].isdigit()
-               for f in flags) or kw.get("default") == "==SUPPRESS==":
-            raise _Unsupported  # a positional, help, "-1" (argparse then reads numbers
-            # differently), a default that leaves the attribute unset
+        if not flags or not _KNOWN.issuperset(kw) or not isinstance(action, str) \
+                or action not in _ACTIONS or kw.get("default") == "==SUPPRESS==":
+            raise _Unsupported  # (a default that leaves the attribute unset)
+        for f in flags:
+            if f[:1] != "-" or f in ("-h", "--help") or f[1:2].isdigit():
+                raise _Unsupported  # a positional, help, "-1" (argparse then reads
+                # numbers differently)
         dest = kw.get("dest")
         if dest is None:
             long = [f for f in flags if f.startswith("--")]
             dest = (long or list(flags))[0].lstrip("-").replace("-", "_")
-        default = kw.get("default", {"store_true": False, "store_false": True}.get(action))
-        opt = _Opt(dest, action, default, kw.get("const"), kw.get("type"), kw.get("choices"))
+        opt = _Opt(dest, action, kw.get("default", _FLAG_DEFAULTS.get(action)),
+                   kw.get("const"), kw.get("type"), kw.get("choices"))
+        opts = self.opts
         for f in flags:
-            if f in self.opts:
+            if f in opts:
                 raise _Unsupported
-            self.opts[f] = opt
+            opts[f] = opt
         self.order.append(opt)
 
     def _value(self, opt: _Opt, text: str) -> Any:

@@ -28,7 +28,7 @@ from typing import Any
 
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
-from diskimg.ops.common import Source, _open
+from diskimg.ops import Source, _open
 from diskimg.params import check_int
 
 COUNT = 75000  # qemu-img bench's defaults

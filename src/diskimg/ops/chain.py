@@ -16,7 +16,7 @@ from diskimg.errors import DiskImgError, ImageLockedError, UnsupportedFeatureErr
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     pass
 
-from diskimg.ops.common import CHUNK, SECTOR, ProgressFn
+from diskimg.ops import CHUNK, SECTOR, ProgressFn
 from diskimg.params import renamed
 from diskimg.slotted import FrozenRecord, set_fields
 
@@ -158,7 +158,7 @@ def _open_data_file(top: Host, path: str, options: Mapping[str, str] | None,
 
 def _commit_copy(top: BlockDevice, base: BlockDevice, base_idx: int,
                  progress: ProgressFn | None, rate_limit: int | None = None) -> None:
-    from diskimg.ops.copier import RateLimit
+    from diskimg.ops.copy_options import RateLimit
 
     limit = RateLimit(rate_limit) if rate_limit else None
     size = top.size

@@ -28,7 +28,7 @@ from diskimg.device import BlockDevice
 from diskimg.errors import UsageError
 from diskimg.hostio import all_zero
 from diskimg.hostio.workers import worker_pool
-from diskimg.ops.common import ProgressFn, Source, _open
+from diskimg.ops import ProgressFn, Source, _open
 from diskimg.params import check_int
 
 if TYPE_CHECKING:

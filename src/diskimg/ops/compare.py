@@ -11,8 +11,7 @@ from diskimg.device import BlockDevice
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     pass
 
-from diskimg.ops.common import _ZEROS, CHUNK, SECTOR, ProgressFn, Source, _open
-from diskimg.ops.zero import _nonzero_at
+from diskimg.ops import _ZEROS, CHUNK, SECTOR, ProgressFn, Source, _nonzero_at, _open
 from diskimg.params import renamed
 
 # --- compare ------------------------------------------------------------------------

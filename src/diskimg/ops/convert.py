@@ -11,8 +11,8 @@ from diskimg import api
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 
-from diskimg.ops.common import SECTOR, ProgressFn, Source, _open, is_stream_path
-from diskimg.ops.copier import RateLimit, Salvage, _Copier
+from diskimg.ops import SECTOR, ProgressFn, Source, _open, is_stream_path
+from diskimg.ops.copier import _Copier
 from diskimg.params import renamed
 from diskimg.units import SIZE_HELP
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from typing import Any
 
     from diskimg.hostio.host import Host
+    from diskimg.ops.copy_options import RateLimit, Salvage
     from diskimg.ops.stream_convert import StreamTarget
 
 
@@ -196,7 +197,7 @@ def convert(
         if isinstance(dst, BlockDevice):
             if not target_exists:
                 raise UsageError("an open target device needs target_exists=True")
-            tgt_cm: Any = _Borrowed(dst)
+            tgt = dst
         else:
             if not target_exists:
                 if not os.path.lexists(dst) and not _is_nbd(dst):
@@ -213,9 +214,9 @@ def convert(
             key = (options or {}).get(key_option)
             if key is not None and not target_exists:
                 topts.setdefault(key_option, str(key))  # the new image's key
-            tgt_cm = api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
-                              options=topts)
-        with tgt_cm as tgt:
+            tgt = api.open(dst, "r+", out_format, secrets=dict(secrets or {}),
+                           options=topts)
+        try:
             if created is not None:
                 made_too = _new_files(tgt, created, listed)
             if not sync and not isinstance(dst, BlockDevice):
@@ -238,12 +239,18 @@ def convert(
                                            and sparse_size > 0 and tgt.has_zero_init())
             backing_end = tgt.backing.size if (target_backing and not target_exists
                                                and tgt.backing is not None) else None
+            limit: RateLimit | None = None
+            salvaged: Salvage | None = None
+            if rate_limit or salvage is not False:  # (-r, --salvage: their module then)
+                from diskimg.ops.copy_options import RateLimit, Salvage
+
+                limit = RateLimit(rate_limit) if rate_limit else None
+                salvaged = None if salvage is False else \
+                    Salvage(salvage if callable(salvage) else None)
             cp = _Copier(tgt, zero_init=zero_init, target_backing=target_backing,
                          backing_end=backing_end, min_sparse=sparse_size, alignment=align,
                          compress=compress, total=total, progress=progress,
-                         limit=RateLimit(rate_limit) if rate_limit else None,
-                         salvage=None if salvage is False else
-                         Salvage(salvage if callable(salvage) else None))
+                         limit=limit, salvage=salvaged)
             if progress is not None:
                 progress(0.0)
             if cp.salvage is not None:
@@ -263,6 +270,9 @@ def convert(
 
                 copy_bitmaps(devs[0], tgt, skip, warn)
                 tgt.flush()
+        finally:
+            if tgt is not dst:  # (a borrowed device stays open)
+                tgt.close()
     except BaseException:
         if created is not None:
             _remove_created(created, made)
@@ -273,19 +283,6 @@ def convert(
         for dev, owned in opened:
             if owned:
                 dev.close()
-
-
-class _Borrowed:
-    """An open target device used as the ``with`` target: left open on exit."""
-
-    def __init__(self, dev: BlockDevice) -> None:
-        self.dev = dev
-
-    def __enter__(self) -> BlockDevice:
-        return self.dev
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _is_stream(dst: object) -> bool:

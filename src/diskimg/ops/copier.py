@@ -5,21 +5,19 @@ sources."""
 
 from __future__ import annotations
 
-import time
-
 from diskimg.device import BlockDevice
 from diskimg.errors import FormatError
 from diskimg.hostio import aligned_buffer
 
 from diskimg.hostio import all_zero
-from diskimg.ops.common import _ZEROS, CHUNK, SECTOR, ProgressFn
-from diskimg.ops.zero import _next_zero_sector, sparse_runs
+from diskimg.ops import _ZEROS, CHUNK, SECTOR, ProgressFn, _next_zero_sector, sparse_runs
 from diskimg.plan import RunKind
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     from collections.abc import Callable, Iterator, Sequence
     from diskimg.hostio.workers import Job
+    from diskimg.ops.copy_options import Salvage
     from diskimg.ops.readahead import _Decoded
     from typing import Any, TypeAlias
 
@@ -34,63 +32,6 @@ _COMBINE_BELOW = 256 << 10
 #: the errors of a source that ``--salvage`` reads past (a corrupt or unreadable range);
 #: a usage error (a bug) or an interrupt still ends the copy
 READ_ERRORS = (FormatError, OSError)
-
-
-class RateLimit:
-    """``-r RATE`` (convert, commit): data is copied at ``rate`` bytes per second at
-    most.  A request goes out at once when the bytes before it are within the rate, else
-    after a sleep until they are (so the first request is not delayed, as in qemu-img,
-    whose zero and backing runs are not counted either)."""
-
-    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self.rate, self.clock, self.sleep = rate, clock, sleep
-        self.start: float | None = None
-        self.sent = 0
-
-    def __call__(self, n: int) -> None:
-        """Account for ``n`` bytes about to be copied, first waiting for their turn."""
-        now = self.clock()
-        if self.start is None:
-            self.start = now
-        due = self.start + self.sent / self.rate
-        if due > now:
-            self.sleep(due - now)
-        self.sent += n
-
-
-class Salvage:
-    """``--salvage``: a range of a source that cannot be read becomes zeros, sector by
-    sector, each unreadable sector reported as qemu-img reports it (``warn`` receives the
-    line; None keeps quiet, ``-q``)."""
-
-    def __init__(self, warn: Callable[[str], None] | None) -> None:
-        self.warn = warn
-
-    def _say(self, line: str) -> None:
-        if self.warn is not None:
-            self.warn(line)
-
-    def readinto(self, read: Callable[[int, memoryview], Any], off: int,
-                 buf: memoryview) -> None:
-        """``read(off, buf)``; on failure each sector again, unreadable ones zeroed."""
-        try:
-            read(off, buf)
-            return
-        except READ_ERRORS:
-            pass
-        for s in range(0, len(buf), SECTOR):
-            piece = buf[s : s + SECTOR]
-            try:
-                read(off + s, piece)
-            except READ_ERRORS:
-                piece[:] = _ZEROS[: len(piece)]
-                self._say(f"error while reading offset {off + s}: Input/output error")
-
-    def status_failed(self, pos: int) -> None:
-        """The block status at ``pos`` could not be read: the caller reads that one
-        sector as data (qemu-img's words for it)."""
-        self._say(f"error while reading block status at offset {pos}: Input/output error")
 
 
 #: sources up to this size are copied without the read-ahead thread (:meth:`_Copier.copy`):

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # imported where used: info/check/map never start threads
     pass
 
 from diskimg.ops.chain import _progress_steps
-from diskimg.ops.common import CHUNK, ProgressFn, Source, _open
+from diskimg.ops import CHUNK, ProgressFn, Source, _open
 from diskimg.params import check_int, renamed
 
 # --- dd -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from diskimg.device import BlockDevice
 from diskimg.hostio import aligned_buffer
 from diskimg.plan import Run, RunKind
 
-from diskimg.ops.common import CHUNK
+from diskimg.ops import CHUNK
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported where used: info/check/map never start threads

@@ -19,7 +19,7 @@ from diskimg.device import BlockDevice
 from diskimg.errors import UsageError
 from diskimg.hostio.sink import Sink, Writable, open_sink
 from diskimg.hostio.urls import is_url, scheme
-from diskimg.ops.common import _ZEROS, CHUNK, ProgressFn, is_stream_path
+from diskimg.ops import _ZEROS, CHUNK, ProgressFn, is_stream_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

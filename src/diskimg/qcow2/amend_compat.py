@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from diskimg.errors import UsageError
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2.amend_header import read_header, set_feature_bits, write_header
-from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
+from diskimg.qcow2.entries import be_u64_array, pack_be_u64_array
 from diskimg.qcow2.layout import (
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.amend_header import nb_bitmaps
-from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array
+from diskimg.qcow2.entries import be_u64_array, pack_be_u64_array
 from diskimg.qcow2.cluster import clear_unknown_autoclear
 from diskimg.qcow2.layout import (
     QCOW2_INCOMPAT_DATA_FILE,

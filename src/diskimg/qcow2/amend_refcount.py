@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from diskimg.errors import UsageError
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.cache import pack_be_u64_array
+from diskimg.qcow2.entries import pack_be_u64_array
 from diskimg.qcow2.layout import (
     HDR_AUTOCLEAR_FEATURES,
     HDR_COMPATIBLE_FEATURES,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from diskimg.qcow2 import header_io, lazy_modules
 from diskimg.qcow2 import entries as E
-from diskimg.qcow2.cache import L2Table, u64_copy, u64_run, u64_zeros
+from diskimg.qcow2.entries import L2Table, u64_copy, u64_run, u64_zeros
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_MASK,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -178,6 +178,15 @@ def _alloc_for_write(img: Qcow2Image, cluster: int, olds: list[int],
     return hosts
 
 
+def forget_decoded(img: Qcow2Image, ent: int) -> None:
+    """Drop the decoded copy of L2 entry ``ent``'s compressed cluster (the cache of
+    decoded clusters, keyed by entry, is made when a compressed cluster is first read:
+    an image that read none, a new one being written, has none to make here)."""
+    decoded = img.__dict__.get("_decoded")
+    if decoded is not None:
+        decoded.pop(ent, None)
+
+
 def free_entry(img: Qcow2Image, ent: int, punch: bool = False) -> None:
     """Schedule dropping the reference an L2 entry held (applied after the flush).
 
@@ -186,7 +195,7 @@ def free_entry(img: Qcow2Image, ent: int, punch: bool = False) -> None:
     Pending entries are (host, length, punch); a negative length marks a cluster of an
     external data file, which is only deallocated."""
     t = img._cluster_type(ent)
-    img._decoded.pop(ent, None)  # the decoded-cluster cache is keyed by entry
+    forget_decoded(img, ent)
     if img._data_file_opened:
         # data clusters of an external data file carry no refcount (identity mapped)
         if punch and t in (E.ClusterType.NORMAL, E.ClusterType.ZERO_ALLOC):
@@ -272,7 +281,7 @@ def write_in_table(img: Qcow2Image, ents: memoryview, l2_off: int, idx: int, clu
         img.data_host.pwrite(base, data[g - offset : stop - offset])
         first = base | copied
         ents[idx : idx + n] = u64_run(first, n, cs)
-        img._decoded.pop(0, None)  # as free_entry does for each (empty) old entry
+        forget_decoded(img, 0)  # as free_entry does for each (empty) old entry
         img.l2_cache.mark_dirty(l2_off)
         return
     to_alloc: list[int] = []
@@ -401,7 +410,7 @@ def _write_ext_in_table(img: Qcow2Image, cluster: int, g: int, stop: int, offset
         table.entries[i + 1] = new_bm
         if not (has_host and new_host == host):
             free_entry(img, ent)
-            img._decoded.pop(ent, None)
+            forget_decoded(img, ent)
     img.l2_cache.mark_dirty(l2_off)
 
 

@@ -67,7 +67,7 @@ def store_compressed(img: Qcow2Image, offset: int, mv: memoryview,
     img.data_host.pwrite(host, out)
     idx = cluster & (img.l2_entries - 1)
     new = E.encode_compressed(host, len(out), img.cb)
-    img._decoded.pop(new, None)  # same host bytes may have held a freed cluster
+    C.forget_decoded(img, new)  # same host bytes may have held a freed cluster
     if img.extended:
         old = table.entries[2 * idx]
         table.entries[2 * idx] = new
@@ -76,7 +76,7 @@ def store_compressed(img: Qcow2Image, offset: int, mv: memoryview,
         old = table.entries[idx]
         table.entries[idx] = new
     C.free_entry(img, old)
-    img._decoded.pop(old, None)
+    C.forget_decoded(img, old)
     img.l2_cache.mark_dirty(l2_off)
 
 
@@ -136,6 +136,6 @@ def write_compressed_clusters(
             ents = img.l2_cache.get(l2_off).entries
             old = ents[idx]
             ents[idx] = new
-            img._decoded.pop(new, None)  # same host bytes may have held a freed cluster
+            C.forget_decoded(img, new)  # same host bytes may have held a freed cluster
             C.free_entry(img, old)
             img.l2_cache.mark_dirty(l2_off)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from diskimg.errors import UsageError
 from diskimg.hostio import open_host_file
-from diskimg.options import PREALLOCATION_MODES, check_preallocation, compat_version
-from diskimg.options import parse_bool as _bool
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.cache import be_u64_array, pack_be_u64_array, u64_run
+from diskimg.qcow2.entries import be_u64_array, pack_be_u64_array, u64_run
 from diskimg.qcow2.layout import (
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -45,16 +43,33 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+def _flag(options: dict[str, Any], name: str) -> bool:
+    """Boolean option ``name`` taken from ``options`` (off when absent), parsed by the one
+    bool parser (:func:`diskimg.options.parse_bool`) when given: a create without ``-o``
+    loads no option parser (start-up, issue 20)."""
+    value = options.pop(name, False)
+    if value is False:
+        return False
+    from diskimg.options import parse_bool
+
+    return parse_bool(name, value)
+
+
 def plan_header(size: int, options: dict[str, Any], backing_file: str | None = None,
                 backing_fmt: str | None = None) -> tuple[Header, str]:
     """Validate qemu-img's qcow2 ``-o`` options; returns the new header and preallocation.
 
     Consumes the options it knows from ``options``.
     """
-    compat = str(options.pop("compat", "1.1"))
-    version = compat_version(compat)
-    if version is None:
-        raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
+    version = 3  # qemu-img's default, compat=1.1
+    if "compat" in options:
+        from diskimg.options import compat_version
+
+        compat = str(options.pop("compat"))
+        got = compat_version(compat)
+        if got is None:
+            raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
+        version = got
     cs_opt = options.pop("cluster_size", 65536)
     cs = cs_opt if isinstance(cs_opt, int) else parse_size(str(cs_opt))
     if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
@@ -65,11 +80,11 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
     if version == 2 and rb != 16:
         raise UsageError("Different refcount widths than 16 bits require compatibility level "
                          "1.1 or above (use version=v3 or greater)")
-    lazy = _bool("lazy_refcounts", options.pop("lazy_refcounts", False))
+    lazy = _flag(options, "lazy_refcounts")
     if lazy and version == 2:
         raise UsageError("Lazy refcounts only supported with compatibility level 1.1 and "
                          "above (use version=v3 or greater)")
-    extl2 = _bool("extended_l2", options.pop("extended_l2", False))
+    extl2 = _flag(options, "extended_l2")
     if extl2 and version == 2:
         raise UsageError("Extended L2 entries are only supported with compatibility level "
                          "1.1 and above (use version=v3 or greater)")
@@ -84,20 +99,23 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
         raise UsageError("Non-zlib compression type is only supported with compatibility "
                          "level 1.1 and above (use version=v3 or greater)")
     prealloc = str(options.pop("preallocation", "off"))
-    check_preallocation("qcow2", prealloc, PREALLOCATION_MODES)
+    if prealloc != "off":  # (off: qemu-img's default, always allowed)
+        from diskimg.options import PREALLOCATION_MODES, check_preallocation
+
+        check_preallocation("qcow2", prealloc, PREALLOCATION_MODES)
     if backing_file is not None and prealloc != "off" and not extl2:
         # qemu: preallocated clusters would hide the backing file (only extended L2 entries
         # can mark them unallocated-but-preallocated)
         raise UsageError("Backing file and preallocation can only be used at the same time "
                          "if extended_l2 is on")
     data_file = options.pop("data_file", None) or None
-    data_file_raw = _bool("data_file_raw", options.pop("data_file_raw", False))
+    data_file_raw = _flag(options, "data_file_raw")
     if data_file_raw and data_file is None:
         raise UsageError("data-file-raw requires data-file")
     if data_file is not None and version == 2:
         raise UsageError("External data files are only supported with compatibility level "
                          "1.1 and above (use version=v3 or greater)")
-    legacy = _bool("encryption", options.pop("encryption", False))
+    legacy = _flag(options, "encryption")
     enc_format = str(options.pop("encrypt.format", "aes" if legacy else "")) or None
     enc_opts = {k: options.pop(k) for k in list(options) if k.startswith("encrypt.")}
     if enc_format is None and enc_opts:
@@ -182,16 +200,23 @@ def create_qcow2(path: str | os.PathLike[str], size: int, *, backing_file: str |
         # leaves no half-made image that qemu would open (B12)
         # (one entry: no ``array``, whose import loads ``collections``: start-up, issue 20)
         host.pwrite(cs, pack_be_u64_array(u64_run(2 * cs, 1, 0)).ljust(cs, b"\0"))
+        # the L1 table follows, at cluster 3: counted in that first block when it fits
+        # there and nothing else is allocated (no LUKS area), as the allocator would place
+        # it; else the allocator places it
+        at_3 = bool(h.l1_size) and not h.crypt_method and \
+            3 + l1_clusters <= refblock_entries(cs, h.refcount_order)
         blk = RefBlock(h.refcount_order, bytes(cs))
-        for c in range(3):
-            blk[c] = 1
+        blk.fill(0, 3 + l1_clusters if at_3 else 3, 1)
         host.pwrite(2 * cs, blk.pack())
         if h.l1_size:
-            from diskimg.qcow2.refcount import Refcounts
+            if at_3:
+                l1_off = 3 * cs
+            else:
+                from diskimg.qcow2.refcount import Refcounts
 
-            rc = Refcounts(host, h)
-            l1_off = rc.alloc(l1_clusters)
-            rc.flush()
+                rc = Refcounts(host, h)
+                l1_off = rc.alloc(l1_clusters)
+                rc.flush()
             host.pwrite(l1_off, bytes(h.l1_size * 8))
             h.l1_table_offset = l1_off
             if h.crypt_method == QCOW_CRYPT_LUKS:

@@ -30,10 +30,16 @@ from diskimg.qcow2.layout import (
 )
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Protocol
-else:  # typing is for the type checker: not imported at run time (start-up)
-    Protocol = object
+if TYPE_CHECKING:  # the hosts' types are the type checker's: no classes to build at run
+    from typing import Protocol  # time (start-up, issue 20)
+
+    class _Host(Protocol):
+        def pread(self, offset: int, length: int) -> bytes: ...
+
+        def pwrite(self, offset: int, data: bytes) -> int | None: ...
+
+    class _SyncHost(_Host, Protocol):
+        def flush(self) -> None: ...
 
 __all__ = [
     "read_fields",
@@ -51,12 +57,6 @@ __all__ = [
     "write_fields",
     "write_header",
 ]
-
-
-class _Host(Protocol):
-    def pread(self, offset: int, length: int) -> bytes: ...
-
-    def pwrite(self, offset: int, data: bytes) -> int | None: ...
 
 
 def write_fields(host: _Host, *values: tuple[HeaderField, int]) -> None:
@@ -139,10 +139,6 @@ def set_feature_fields(host: _Host, incompat: int, compat: int, autoclear: int) 
     """All three v3 feature fields in one write (bytes 72-95)."""
     write_fields(host, (HDR_INCOMPATIBLE_FEATURES, incompat),
                  (HDR_COMPATIBLE_FEATURES, compat), (HDR_AUTOCLEAR_FEATURES, autoclear))
-
-
-class _SyncHost(_Host, Protocol):
-    def flush(self) -> None: ...
 
 
 def write_header(host: _SyncHost, h: Header) -> None:

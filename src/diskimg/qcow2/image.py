@@ -34,16 +34,17 @@ if TYPE_CHECKING:  # the ciphers, codecs and threads are imported when first use
     from diskimg.crypto import SectorCipher
     from diskimg.hostio.host import Host
     from diskimg.plan import Run
-    from diskimg.qcow2 import cache, compressed, crypt, mapper, reader
+    from diskimg.qcow2 import compressed, crypt, mapper
+    from diskimg.qcow2 import entries as cache
     from diskimg.qcow2 import cluster as C
     from diskimg.qcow2 import entries as E
     from diskimg.qcow2.bitmaps import Bitmaps
-    from diskimg.qcow2.cache import L2Table, TableCache
+    from diskimg.qcow2.entries import L2Table, TableCache
     from diskimg.qcow2.refcount import Refcounts
     from diskimg.qcow2.snapshot import Snapshot, SnapshotTable
 else:  # the tables, reads, writes, compressed clusters, encryption: imported on first use
-    lazy_modules(globals(), "diskimg.qcow2", C="cluster", E="entries", cache="cache",
-                 compressed="compressed", crypt="crypt", mapper="mapper", reader="reader")
+    lazy_modules(globals(), "diskimg.qcow2", C="cluster", E="entries", cache="entries",
+                 compressed="compressed", crypt="crypt", mapper="mapper")
 
 
 class Qcow2Image(BlockDevice):
@@ -291,7 +292,7 @@ class Qcow2Image(BlockDevice):
         self.__dict__.pop("_l1_raw", None)
         self.l1 = memoryview(l1)
         self.l1_dirty.clear()
-        self._decoded.clear()
+        self.__dict__.pop("_decoded", None)  # (made again when next used)
 
     def install_snapshots(self, snapshots: list[Snapshot]) -> None:
         """Make ``snapshots`` (already on disk and named by the header) the table."""
@@ -339,16 +340,18 @@ class Qcow2Image(BlockDevice):
         (None, None) without a backing file, format None when the header has none."""
         return self.header.backing_file, self.header.backing_format
 
-    # --- the read side: qcow2/mapper.py, reader.py, compressed.py, crypt.py (and writes')
+    # --- the read side: qcow2/mapper.py, compressed.py, crypt.py (and writes')
     def _l2_location(self, cluster: int) -> tuple[int, int]:
-        """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``."""
-        return mapper.l2_location(self, cluster)
+        """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``
+        (entries, not the mapper: a new image's writes do not load the read side)."""
+        return E.l2_offset(self.l1, cluster, self.l2_bits, self.cs,
+                           self.header.l1_table_offset)
 
     def _check_data_offset(self, host_off: int, l2_off: int, idx: int, guest: int) -> None:
         mapper.check_data_offset(self, host_off, l2_off, idx, guest)  # (see there)
 
     def _cluster_type(self, ent: int) -> int:  # (with this image's ext-L2, data-file flags)
-        return mapper.cluster_type(self, ent)
+        return E.cluster_type(ent, extended=self.extended, has_data_file=self._data_file_opened)
 
     @property
     def data_file_name(self) -> str | None:
@@ -378,7 +381,7 @@ class Qcow2Image(BlockDevice):
         return crypt.cipher(self)
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
-        reader.readinto(self, offset, buf)
+        mapper.readinto(self, offset, buf)
 
     def _status(self, offset: int, length: int) -> Status:
         return mapper.status(self, mapper.lookup(self, offset, length))

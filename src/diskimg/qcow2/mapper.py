@@ -10,23 +10,37 @@ clusters of one kind are merged into one run (DATA and ZERO-with-offset only whe
 host-contiguous), so a sequential read costs one run per progression of entries; a
 COMPRESSED run is one cluster whose raw L2 entry is ``Run.entry``; ``Run.filename`` names
 the external data file when there is one (the host offsets are in it), else None.
+
+Also the execution of a read plan (QEMU's qcow2_co_preadv_part; :func:`readinto`, here and
+not in a module of its own, which every read of a qcow2 would load: start-up, issue 20):
+the runs of :func:`lookup` covering the request, each dispatched on its
+:class:`~diskimg.plan.RunKind`: DATA read from the (data) file, decrypted when the image
+is encrypted; ZERO filled; UNALLOCATED read from the backing file (zeros past its end or
+without one); COMPRESSED decoded, several clusters at once on the decompression pool.
 """
 
 from __future__ import annotations
 
 from diskimg.device import Status
 from diskimg.errors import CorruptImageError
+from diskimg.hostio import zero_fill
 from diskimg.plan import Run, RunKind
 from diskimg.qcow2 import entries as E
+from diskimg.qcow2 import lazy_modules
 from diskimg.qcow2.entries import TableBreaks as TableBreaks  # (it lived here)
-from diskimg.qcow2.cache import u64_run
+from diskimg.qcow2.entries import u64_run
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from diskimg.qcow2 import compressed, crypt
     from diskimg.qcow2.image import Qcow2Image
+else:  # compressed clusters and encryption: imported on first use (a plain image's
+    # convert does without them: start-up, issue 20)
+    lazy_modules(globals(), "diskimg.qcow2", compressed="compressed", crypt="crypt")
 
-__all__ = ["TableBreaks", "check_data_offset", "cluster_type", "l2_location", "lookup",
-           "progression_end", "runs", "status", "statuses", "unallocated_until"]
+__all__ = ["TableBreaks", "check_data_offset", "l2_location", "lookup", "plan",
+           "progression_end", "read_backing", "readinto", "runs", "status", "statuses",
+           "unallocated_until"]
 
 _DATA, _ZERO, _UNALLOC, _COMPRESSED = (RunKind.DATA, RunKind.ZERO, RunKind.UNALLOCATED,
                                        RunKind.COMPRESSED)
@@ -65,17 +79,9 @@ def progression_end(ents: memoryview, i: int, stop: int, first: int, step: int) 
 
 
 def l2_location(img: Qcow2Image, cluster: int) -> tuple[int, int]:
-    """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``."""
-    l1i = cluster >> img.l2_bits
-    if l1i >= len(img.l1):
-        raise CorruptImageError(f"Guest cluster {cluster} lies beyond the L1 table "
-                                f"({len(img.l1)} entries)")
-    off = img.l1[l1i] & E.L1E_OFFSET_MASK
-    if off % img.cs:
-        raise CorruptImageError(f"L2 table offset {off:#x} in L1 entry {l1i} is not "
-                                "cluster aligned",
-                                offset=img.header.l1_table_offset + 8 * l1i)
-    return l1i, off
+    """(L1 index, L2 table host offset or 0) for guest cluster index ``cluster``
+    (:func:`entries.l2_offset` on the image's L1 table)."""
+    return E.l2_offset(img.l1, cluster, img.l2_bits, img.cs, img.header.l1_table_offset)
 
 
 def check_data_offset(img: Qcow2Image, host_off: int, l2_off: int, idx: int,
@@ -97,11 +103,6 @@ def check_data_offset(img: Qcow2Image, host_off: int, l2_off: int, idx: int,
             f"{l2_off:#x})", offset=l2_off + idx * esize)
         img._mark_corrupt(err)
         raise err
-
-
-def cluster_type(img: Qcow2Image, ent: int) -> int:
-    """:func:`entries.cluster_type` with the image's extended-L2 and data-file flags."""
-    return E.cluster_type(ent, extended=img.extended, has_data_file=img._data_file_opened)
 
 
 def _classify(img: Qcow2Image, ent: int, l2_off: int, idx: int,
@@ -335,3 +336,60 @@ def _status(img: Qcow2Image, kind: RunKind, n: int, host: int | None,
     if kind is _ZERO:
         return Status(n, True, False, True, host, name)
     return Status(n, False, False, img.backing is None, host, name)
+
+
+def plan(img: Qcow2Image, offset: int, length: int) -> list[Run]:
+    """The runs covering [offset, offset + length) (merged as :func:`lookup` merges)."""
+    runs = []
+    pos, end = offset, offset + length
+    while pos < end:
+        r = lookup(img, pos, end - pos)
+        runs.append(r)
+        pos += r.length
+    return runs
+
+
+def readinto(img: Qcow2Image, offset: int, buf: memoryview) -> None:
+    """Fill ``buf`` with the guest bytes at ``offset``: plan, then execute by kind."""
+    crypt_method = img.header.crypt_method
+    if crypt_method:
+        crypt.cipher(img)  # data access needs the key, allocated or not
+    runs = plan(img, offset, len(buf))
+    todo = [r.entry for r in runs if r.kind is _COMPRESSED]
+    if todo:  # (the decoded-cluster cache is made by the first compressed read only)
+        cache = img._decoded
+        todo = [e for e in todo if e not in cache]
+    decoded = compressed.decode_many(img, list(dict.fromkeys(todo))) if len(todo) > 1 \
+        else {}
+    mask = img.cs - 1
+    for r in runs:
+        pos = r.offset - offset
+        dst = buf[pos : pos + r.length]
+        kind = r.kind
+        if kind is _DATA:
+            assert r.host is not None  # DATA always has a host cluster
+            if crypt_method:
+                crypt.read_encrypted(img, r.offset, r.host, dst)
+            else:
+                img.data_host.preadinto(r.host, dst)
+        elif kind is _ZERO:
+            zero_fill(dst)
+        elif kind is _UNALLOC:
+            read_backing(img, r.offset, dst)
+        else:
+            data = decoded.get(r.entry) or compressed.decode_cached(img, r.entry)
+            c_off = r.offset & mask
+            dst[:] = data[c_off : c_off + r.length]
+
+
+def read_backing(img: Qcow2Image, offset: int, dst: memoryview) -> None:
+    """The backing file's bytes at ``offset`` (zeros past its end, or without one)."""
+    b = img.backing
+    n = len(dst)
+    if b is None or offset >= b.size:
+        zero_fill(dst)
+        return
+    k = min(n, b.size - offset)
+    b.readinto(offset, dst[:k])
+    if k < n:
+        zero_fill(dst[k:])

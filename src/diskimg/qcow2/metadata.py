@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from diskimg.errors import FormatError
     from diskimg.hostio.host import Host
     from diskimg.qcow2.bitmaps import Bitmaps
-    from diskimg.qcow2.cache import L2Table, TableCache
+    from diskimg.qcow2.entries import L2Table, TableCache
     from diskimg.qcow2.layout import Header
     from diskimg.qcow2.refcount import Refcounts
     from diskimg.qcow2.snapshot_table import Snapshot

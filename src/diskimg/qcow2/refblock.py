@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import struct
 
-from diskimg.qcow2.cache import be_table, pack_be_table
+from diskimg.qcow2.entries import be_table, pack_be_table
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from array import array
 
-    from diskimg.qcow2.cache import Word
+    from diskimg.qcow2.entries import Word
 
 __all__ = ["REFT_OFFSET_MASK", "decode_refblock", "encode_refblock", "max_refcount",
            "refblock_entries", "refcount_typecode"]

@@ -14,7 +14,7 @@ import struct
 from diskimg.errors import CorruptImageError, UsageError
 from diskimg.hostio import all_zero
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.cache import TableCache, be_u64_table, pack_be_u64_array, u64_zeros
+from diskimg.qcow2.entries import TableCache, be_u64_table, pack_be_u64_array, u64_zeros
 from diskimg.qcow2.layout import QCOW_MAX_REFTABLE_SIZE, Header
 from diskimg.qcow2.refblock import REFT_OFFSET_MASK as REFT_OFFSET_MASK  # the codec, re-
 from diskimg.qcow2.refblock import _narrow_pos  # exported (check imports it alone)

@@ -10,7 +10,7 @@ from diskimg.qcow2 import cluster as C
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2 import zero as Z
-from diskimg.qcow2.cache import pack_be_u64_array, u64_zeros
+from diskimg.qcow2.entries import pack_be_u64_array, u64_zeros
 from diskimg.qcow2.layout import l1_entries_for, l1_fits
 
 TYPE_CHECKING = False

@@ -25,7 +25,7 @@ from typing import Any
 from diskimg.device import BlockDevice
 from diskimg.errors import UsageError
 from diskimg.hostio.sink import Sink
-from diskimg.qcow2.cache import pack_be_u64_array
+from diskimg.qcow2.entries import pack_be_u64_array
 from diskimg.qcow2.create import plan_header
 from diskimg.qcow2.entries import QCOW_OFLAG_COPIED
 from diskimg.qcow2.layout import QCOW2_INCOMPAT_EXTL2, Header

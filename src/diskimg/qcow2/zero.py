@@ -184,7 +184,7 @@ def zero_clusters(img: Qcow2Image, first: int, end: int, unmap: bool, discard: b
                     # the entry lost its cluster; v2 has no zero flag, so a zero-write
                     # there is qemu's discard request, which punches the freed cluster
                     C.free_entry(img, old, punch=unmap or not v3)
-                img._decoded.pop(old, None)
+                C.forget_decoded(img, old)
         img.l2_cache.mark_dirty(l2_off)
         c += n
 
@@ -205,5 +205,5 @@ def zero_ext(img: Qcow2Image, ents: memoryview, idx: int, n: int, unmap: bool,
         new = (ent & (E.L2E_OFFSET_MASK | E.QCOW_OFLAG_COPIED)) if keep else 0
         if not keep:
             C.free_entry(img, ent, punch=unmap)  # a no-op for an entry without cluster
-            img._decoded.pop(ent, None)
+            C.forget_decoded(img, ent)
         ents[2 * j], ents[2 * j + 1] = new, E.L2_BITMAP_ALL_ZERO

@@ -19,7 +19,6 @@ from diskimg.units import INT64_MAX, SIZE_HELP, parse_size
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
-    from typing import Any
 
     from diskimg.cli.progress import QemuProgress, Schedule
 
@@ -215,23 +214,6 @@ def open_image(ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
     if mode == "r+" and dev.probed:
         sys.stderr.write(PROBED_RAW_WARNING.format(path))
     return dev
-
-
-class opened:  # noqa: N801  (a context manager used as a function)
-    """``with opened(ctx, name, mode, fmt, **kw) as dev``: :func:`open_image` on entry,
-    closed on leaving (a class: contextlib costs start-up, issue 20)."""
-
-    def __init__(self, ctx: Context, name: str, mode: str = "r", fmt: str | None = None,
-                 **kw: Any) -> None:
-        self.args = (ctx, name, mode, fmt)
-        self.kw = kw
-
-    def __enter__(self) -> BlockDevice:
-        self.dev = open_image(*self.args, **self.kw)
-        return self.dev
-
-    def __exit__(self, *exc: object) -> None:
-        self.dev.close()
 
 
 def one_file(args: argparse.Namespace) -> str:

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from diskimg import options as opts
-from diskimg.cli.commands._shared import (Context, add_common, collect_o, option_list, opened,
-                                          path_and_format, probe_name, target_cache)
+from diskimg.cli.commands._shared import (Context, add_common, collect_o, open_image,
+                                          option_list, path_and_format, probe_name, target_cache)
 from diskimg.cli.errors import CommandLineError
 from diskimg.cli.progress import QemuProgress, f32
 from diskimg.errors import DiskImgError
@@ -73,7 +73,7 @@ def _amend(ctx: Context, a: argparse.Namespace, olist: str, printer: QemuProgres
     name = str(a.files[0])
     # the image stays open (and unlocked: key slots are re-wrapped with its master key)
     # until amend's header rewrites, which amend.amend starts by closing it
-    with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
+    with open_image(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         fmt = dev.format
         if isinstance(dev, LuksImage):  # key slots only, with qemu's luks option names
             printer.report(0.0, 100)

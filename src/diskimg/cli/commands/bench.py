@@ -14,8 +14,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from diskimg.cli.commands._shared import (CACHE_MODES, Context, add_common, one_file, opened,
-                                          size_arg)
+from diskimg.cli.commands._shared import (CACHE_MODES, Context, add_common, one_file,
+                                          open_image, size_arg)
 from diskimg.cli.errors import ExitCode
 from diskimg.errors import DiskImgError, UsageError
 from diskimg.units import INT64_MAX
@@ -126,7 +126,7 @@ def cmd_bench(ctx: Context, a: argparse.Namespace) -> int:
         raise DiskImgError(f"Could not open '{name}': force-share=on can only be used with "
                            "read-only images")
     step = a.step or bufsize
-    with opened(ctx, name, "r+" if a.write else "r", a.format, image_opts=a.image_opts,
+    with open_image(ctx, name, "r+" if a.write else "r", a.format, image_opts=a.image_opts,
                 force_share=a.force_share) as dev:
         out = sys.stdout
         out.write(f"Sending {count} {'write' if a.write else 'read'} requests, {bufsize} "

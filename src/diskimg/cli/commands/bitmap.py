@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from diskimg.cli.commands._shared import Context, add_common, opened, size_arg
+from diskimg.cli.commands._shared import Context, add_common, open_image, size_arg
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
 
@@ -54,13 +54,13 @@ def cmd_bitmap(ctx: Context, a: argparse.Namespace) -> int:
     if len(a.files) != 2:
         raise UsageError("Expecting filename and bitmap name")
     name, bitmap = str(a.files[0]), str(a.files[1])
-    with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev, \
+    with open_image(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev, \
             contextlib.ExitStack() as stack:
         source: BlockDevice | None = None
         for act, arg in actions:
             try:
                 if act == "merge" and a.source_file and source is None:
-                    source = stack.enter_context(opened(ctx, a.source_file, "r",
+                    source = stack.enter_context(open_image(ctx, a.source_file, "r",
                                                         a.source_fmt))
                 _apply(dev, act, arg, bitmap, granularity, source)
             except DiskImgError as e:

@@ -8,14 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diskimg.cli.commands._shared import (
-    Context,
-    add_common,
-    one_file,
-    opened,
-    output_format,
-    size_arg,
-)
+from diskimg.cli.commands._shared import (Context, add_common, one_file, open_image,
+                                          output_format, size_arg)
 
 USAGE = ('[-f FMT] [--image-opts] [--object OBJ] [-U] [--output=human|json] [-p] '
          '[-a ALG] [-b BLOCK_SIZE] FILE')
@@ -44,7 +38,7 @@ def cmd_checksum(ctx: Context, a: argparse.Namespace) -> int:
     bs = size_arg(a.block_size, "block size") if a.block_size is not None else BLOCK_SIZE
     prog = Progress(a.progress and not a.quiet)
     try:
-        with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
+        with open_image(ctx, name, "r", a.format, image_opts=a.image_opts,
                     force_share=a.force_share) as dev:
             res = checksum(dev, algorithm=a.algorithm, block_size=bs,
                            progress=prog if prog.enabled else None)

@@ -8,9 +8,9 @@ import sys
 from typing import TYPE_CHECKING
 
 from diskimg import api
-from diskimg.cli.commands._shared import (Context, add_common, basic_schedule, check_backing_keys,
-                                          one_file, opened, path_and_format, same_file,
-                                          size_arg, target_cache)
+from diskimg.cli.commands._shared import (Context, add_common, basic_schedule,
+                                          check_backing_keys, one_file, open_image,
+                                          path_and_format, same_file, size_arg, target_cache)
 from diskimg.errors import DiskImgError
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def cmd_commit(ctx: Context, a: argparse.Namespace) -> int:
     name = one_file(a)
     target_cache(a)
     # open once the way qemu-img does, for its error messages (and the probed-raw warning)
-    with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
+    with open_image(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         backed = dev.backing is not None
         if backed:
             check_backing_keys(name, dev)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diskimg.cli.commands._shared import (Context, add_common, opened)
+from diskimg.cli.commands._shared import Context, add_common, open_image
 from diskimg.cli import errors
 from diskimg.cli.errors import CommandLineError
 from diskimg.errors import DiskImgError
@@ -33,9 +33,9 @@ def cmd_compare(ctx: Context, a: argparse.Namespace) -> int:
     printer = QemuProgress(a.progress and not a.quiet, 2.0)
     prog = Schedule(printer, 0)
     try:
-        with opened(ctx, a.files[0], "r", a.format, image_opts=a.image_opts,
+        with open_image(ctx, a.files[0], "r", a.format, image_opts=a.image_opts,
                     force_share=a.force_share) as d1, \
-             opened(ctx, a.files[1], "r", a.format2 or a.format, image_opts=a.image_opts,
+             open_image(ctx, a.files[1], "r", a.format2 or a.format, image_opts=a.image_opts,
                     force_share=a.force_share) as d2:
             if printer.enabled:
                 prog = compare_schedule(printer, d1, d2)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from diskimg import options as opts
-from diskimg.cli.commands._shared import (Context, _suppress, add_common, collect_o,
-                                          option_list, open_image, parse_image_opts,
+from diskimg.cli.commands._shared import (KNOWN_FORMATS, Context, _suppress, add_common,
+                                          collect_o, option_list, open_image, parse_image_opts,
                                           print_help, size_arg, snapshot_param,
                                           strip_file_protocol, target_cache)
 from diskimg.cli import errors
@@ -164,8 +163,11 @@ def cmd_convert(ctx: Context, a: argparse.Namespace) -> int:
         raise UsageError("--target-is-zero requires use of -n flag")
     if olist is not None and a.target_exists:
         raise UsageError("-o has no effect when skipping image creation")
-    if opts.is_help(olist):  # with a target name, the file protocol's options too
-        return print_help(out_fmt, a.files[-1] if len(a.files) > 1 else None)
+    if olist is not None:  # (-o given: its parser, diskimg.options, is loaded then)
+        from diskimg import options as opts
+
+        if opts.is_help(olist):  # with a target name, the file protocol's options too
+            return print_help(out_fmt, a.files[-1] if len(a.files) > 1 else None)
     if len(a.files) < 2:
         raise UsageError("Must specify image file name")
     # the target '-' is standard output, written as a stream: no progress lines in it
@@ -188,8 +190,12 @@ def _convert(ctx: Context, a: argparse.Namespace, olist: str | None, out_fmt: st
              sparse: int, rate: int | None, printer: QemuProgress | None) -> None:
     """The part of :func:`cmd_convert` after qemu-img has started its progress line."""
     from diskimg.ops import convert as conv
+    from diskimg.ops import is_url_name
 
-    opts.creatable(out_fmt)
+    if out_fmt not in KNOWN_FORMATS or olist is not None:  # (the formats it creates)
+        from diskimg import options as opts
+
+        opts.creatable(out_fmt)
     *srcs, dst = a.files
     values: dict[str, str] = {}
     if olist is not None:
@@ -252,11 +258,8 @@ def _convert(ctx: Context, a: argparse.Namespace, olist: str | None, out_fmt: st
                                  values, backing, backing_fmt, dst_path, sparse)
         created: list[bool] = []
         try:
-            if isinstance(target, str) and "://" in target:
-                from diskimg.hostio.urls import is_url  # (a URL: not for a file name)
-
-                if is_url(target):
-                    restore_sigterm = _terminate_as_exit()
+            if is_url_name(target):
+                restore_sigterm = _terminate_as_exit()
             conv.convert(devs[: len(srcs)], target, out_fmt, options=values,
                          sparse_size=sparse, target_exists=a.target_exists,
                          backing_file=backing,

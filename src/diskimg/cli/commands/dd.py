@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from diskimg import options as opts
-from diskimg.cli.commands._shared import (Context, add_common, opened, size_arg)
+from diskimg.cli.commands._shared import Context, add_common, open_image, size_arg
 from diskimg.cli.errors import ExitCode
 
 USAGE = '[-f FMT] [-O FMT] [-U] [-p] [bs=N] [count=N] [skip=N] if=IN of=OUT'
@@ -50,7 +50,7 @@ def cmd_dd(ctx: Context, a: argparse.Namespace) -> int:
     from diskimg.cli.progress import Progress
 
     prog = Progress(a.progress)
-    with opened(ctx, ops["if"], "r", a.format, image_opts=a.image_opts,
+    with open_image(ctx, ops["if"], "r", a.format, image_opts=a.image_opts,
                 force_share=a.force_share) as src:
         opts.creatable(out_fmt, named=False)  # qemu-img: after opening the input
         try:

@@ -6,7 +6,7 @@ import sys
 
 from diskimg import info_text
 from diskimg.cli import errors
-from diskimg.cli.commands._shared import (Context, add_common, one_file, open_image, opened,
+from diskimg.cli.commands._shared import (Context, add_common, one_file, open_image,
                                           output_format, same_file)
 from diskimg.errors import DiskImgError
 
@@ -30,7 +30,7 @@ def _check_chain_names(ctx: Context, name: str, a: argparse.Namespace) -> None:
     backing file is reported under its own name: ``Could not open 'B': Could not open
     'B': ...``."""
     try:
-        with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
+        with open_image(ctx, name, "r", a.format, image_opts=a.image_opts,
                     force_share=a.force_share, need_key=False, backing=True,
                     metadata_only=True):
             return
@@ -53,7 +53,7 @@ def cmd_info(ctx: Context, a: argparse.Namespace) -> int:
             open_image(ctx, name, "r", a.format, image_opts=True, force_share=a.force_share,
                        need_key=False, backing=False, metadata_only=True).close()
         _check_chain_names(ctx, name, a)
-    with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
+    with open_image(ctx, name, "r", a.format, image_opts=a.image_opts,
                 force_share=a.force_share, need_key=False, metadata_only=True,
                 backing=bool(a.backing_chain)) as dev:  # info needs no backing file
         devs = dev.chain() if a.backing_chain else [dev]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from diskimg.cli import output
-from diskimg.cli.commands._shared import (Context, add_common, one_file, opened, output_format,
-                                          size_arg)
+from diskimg.cli.commands._shared import (Context, add_common, one_file, open_image,
+                                          output_format, size_arg)
 from diskimg.device import MapEntry
 
 TYPE_CHECKING = False
@@ -33,7 +33,7 @@ def cmd_map(ctx: Context, a: argparse.Namespace) -> int:
     name = one_file(a)
     start = size_arg(a.start_offset, "start offset") if a.start_offset is not None else 0
     maxlen = size_arg(a.max_length, "max length") if a.max_length is not None else None
-    with opened(ctx, name, "r", a.format, image_opts=a.image_opts,
+    with open_image(ctx, name, "r", a.format, image_opts=a.image_opts,
                 force_share=a.force_share) as dev:
         chain = dev.chain()
         end = dev.size if maxlen is None else min(dev.size, start + maxlen)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from diskimg import api
 from diskimg.cli.commands._shared import (Context, add_common, basic_schedule,
-                                          check_backing_keys, one_file, opened,
+                                          check_backing_keys, one_file, open_image,
                                           path_and_format, resolve_backing, same_file,
                                           target_cache)
 from diskimg.cli.errors import CommandLineError
@@ -82,7 +82,7 @@ def _rebase(ctx: Context, a: argparse.Namespace, name: str, printer: QemuProgres
         raise UsageError(f"Invalid format name: '{a.backing_fmt}'")
     target_cache(a)
     backing = a.backing or None
-    with opened(ctx, name, "r+", a.format, backing=not a.unsafe,
+    with open_image(ctx, name, "r+", a.format, backing=not a.unsafe,
                 image_opts=a.image_opts) as dev:
         fmt = dev.format
         if not a.unsafe:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from diskimg import options as opts
-from diskimg.cli.commands._shared import (Context, add_common, open_image, opened)
+from diskimg.cli.commands._shared import Context, add_common, open_image
 from diskimg.cli.errors import CommandLineError, ExitCode
 from diskimg.errors import BackingChainError, DiskImgError, ImageLockedError, UsageError
 from diskimg.units import parse_size
@@ -39,7 +39,7 @@ def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
     if prealloc is not None and prealloc not in ("off", "metadata", "falloc", "full"):
         raise UsageError(f"Invalid preallocation mode '{prealloc}'")
     try:
-        with opened(ctx, name, "r", a.format, image_opts=a.image_opts, force_share=True,
+        with open_image(ctx, name, "r", a.format, image_opts=a.image_opts, force_share=True,
                     need_key=False) as probe:
             vmdk = probe.format == "vmdk"
     except BackingChainError:
@@ -54,7 +54,7 @@ def cmd_resize(ctx: Context, a: argparse.Namespace) -> int:
         except DiskImgError:
             pass  # e.g. a streamOptimized image with data, which diskimg only reads
         raise DiskImgError("Image format driver does not support resize")
-    with opened(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
+    with open_image(ctx, name, "r+", a.format, image_opts=a.image_opts) as dev:
         cur = dev.size
         new = cur + delta if rel == "+" else cur - delta if rel == "-" else delta
         if new <= 0:

@@ -7,7 +7,8 @@ import os
 import sys
 
 from diskimg.cli import errors, output
-from diskimg.cli.commands._shared import (PROBED_RAW_WARNING, Context, add_common, one_file, opened)
+from diskimg.cli.commands._shared import (PROBED_RAW_WARNING, Context, add_common,
+                                          one_file, open_image)
 from diskimg.cli.errors import CommandLineError
 from diskimg.errors import DiskImgError
 
@@ -55,7 +56,7 @@ def cmd_snapshot(ctx: Context, a: argparse.Namespace) -> int:
     if writable and a.force_share:
         raise DiskImgError(f"Could not open '{name}': force-share=on can only be used with "
                            "read-only images")
-    with opened(ctx, name, "r+" if writable else "r", None, image_opts=a.image_opts,
+    with open_image(ctx, name, "r+" if writable else "r", None, image_opts=a.image_opts,
                 force_share=a.force_share) as dev:
         table = dev.snapshots  # declared: None for a format without internal snapshots
         if action == "list":

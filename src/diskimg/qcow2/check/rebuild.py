@@ -10,7 +10,7 @@ from array import array
 
 from diskimg import progname
 from diskimg.qcow2 import header_io
-from diskimg.qcow2.cache import pack_be_u64_array
+from diskimg.qcow2.entries import pack_be_u64_array
 from diskimg.qcow2.check.state import _Abort
 from diskimg.qcow2.refblock import encode_refblock
 

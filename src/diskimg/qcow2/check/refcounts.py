@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 
 from diskimg.hostio import all_zero
-from diskimg.qcow2.cache import be_u64_table, pack_be_u64_array
+from diskimg.qcow2.entries import be_u64_table, pack_be_u64_array
 from diskimg.qcow2.check.state import (
     _NORMAL,
     _ZERO_ALLOC,

@@ -12,7 +12,7 @@ from diskimg import progname
 from diskimg.check_report import CheckReport
 from diskimg.errors import CorruptImageError
 from diskimg.hostio.file import trailing_zeros
-from diskimg.qcow2.cache import be_u64_table
+from diskimg.qcow2.entries import be_u64_table
 from diskimg.qcow2.entries import ClusterType
 from diskimg.qcow2.layout import (
     QCOW2_INCOMPAT_DATA_FILE,

@@ -10,7 +10,7 @@ import sys
 
 from diskimg.errors import FormatError
 from diskimg.hostio import all_zero
-from diskimg.qcow2.cache import be_u64_table
+from diskimg.qcow2.entries import be_u64_table
 from diskimg.qcow2.check.state import _Abort
 from diskimg.qcow2.check.state import (
     _COMPRESSED,
