@@ -164,11 +164,9 @@ class Qcow2Image(BlockDevice):
             if not name:
                 raise CorruptImageError("Image has an external data file (incompatible bit 2) "
                                         "but names none (header extension 0x44415441)")
-            path = self.policy.resolve_name(  # (no pathlib: start-up)
-                name, host.name if host.local else str(host.path), "data file",
-                local=host.local)
-            self.data_host = open_host_file(path, not self.read_only,
-                                            lock_mode=host.locked)
+            path = self.policy.resolve_name(name, host.name if host.local else str(host.path),
+                                            "data file", local=host.local)  # (no pathlib)
+            self.data_host = open_host_file(path, not self.read_only, lock_mode=host.locked)
             self._data_file_opened = True
         if unlock and h.crypt_method and "encrypt.key-secret" in self.options:
             _ = self.cipher  # like qemu: a wrong passphrase fails the open
