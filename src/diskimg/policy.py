@@ -25,23 +25,12 @@ if TYPE_CHECKING:
 MAX_CHAIN_DEPTH = 256
 
 
-def protocol(name: str) -> str | None:
-    """The protocol ``name`` begins with, as written, when it begins ``protocol:`` (an
-    ASCII letter, then ASCII letters, digits, ``+``, ``.`` or ``-``: RFC 3986's scheme,
-    qemu's protocol prefix: ``file:``, ``json:``, ``nbd:``, ``https:`` ...); else None.
-    The one rule for both (:func:`diskimg.hostio.urls.is_url` adds the ``//``); written
-    without ``re``, which an image naming a backing file need not load (start-up)."""
-    head, colon, _ = name.partition(":")
-    if colon and head.isascii() and head[:1].isalpha() \
-            and head.replace("+", "").replace(".", "").replace("-", "").isalnum():
-        return head
-    return None
-
-
 def combine(parent: str, name: str) -> str:
     """The path qemu shows for ``name`` as written in image ``parent``: ``name`` itself
     when absolute or protocol-prefixed (``file:``, ``json:`` ...), else ``name`` beside
     ``parent`` as both are written (``./x``, ``sub/../x`` stay as they are)."""
+    from diskimg.hostio.names import protocol  # (a leaf module: on use)
+
     if name.startswith("/") or protocol(name) is not None:
         return name
     return os.path.join(os.path.dirname(parent), name)
@@ -112,6 +101,7 @@ class OpenPolicy(Record):
         name, ``local`` whether that host is a local file (``Host.local``); the result is
         the path as pathlib would print it (:func:`~diskimg.hostio.file.path_name`)."""
         from diskimg.hostio.file import path_name
+        from diskimg.hostio.names import protocol  # (a leaf module: on use)
 
         if not local:
             if not self.allow_local_backing:
@@ -209,6 +199,7 @@ def local_parent_name(name: str) -> str:
     """:func:`local_parent` of a name that is not a local file's host name: a URL's or a
     file object's ``<label>`` is a name in the current directory; any other is itself."""
     from diskimg.hostio.file import path_name
+    from diskimg.hostio.names import protocol  # (a leaf module: on use)
 
     if name.startswith("<") or protocol(name) is not None:
         return os.path.join(os.getcwd(), "-")
@@ -218,6 +209,8 @@ def local_parent_name(name: str) -> str:
 def full_name(name: str, parent: Path | str) -> str:
     """``name`` as written in ``parent`` made whole for display (qemu-img info's
     ``full_backing_filename``): joined to a URL parent as a URL, to a local one as a path."""
+    from diskimg.hostio.names import protocol  # (a leaf module: on use)
+
     if name.startswith("/") or protocol(name) is not None:
         return name
     if isinstance(parent, str) and protocol(parent) is not None:

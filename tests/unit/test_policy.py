@@ -198,13 +198,13 @@ _NAME_CHARS = st.sampled_from("aZz09+.-:/_ é\x00")
     ["file:x", "json:{}", "nbd://h/e", "HTTPS://h", "a+b.c-d:x", "1a:x", "+a:x", ":x",
      "é:x", "a é:x", "/abs:x", "C:\\x", "s3://b/k", "x"]))
 def test_protocol_is_rfc3986_scheme_prefix(name: str) -> None:
-    """``policy.protocol`` (no regex: start-up) answers as the grammar it replaced,
+    """``hostio.names.protocol`` (no regex: start-up) answers as the grammar it replaced,
     ``^[A-Za-z][A-Za-z0-9+.-]*:``, and ``urls.is_url``/``scheme`` as ``...://``; a
     wrong answer would follow a protocol name as a file (or refuse a file name)."""
     import re
 
     from diskimg.hostio.urls import is_url, scheme
-    from diskimg.policy import protocol
+    from diskimg.hostio.names import protocol
 
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", name)
     assert protocol(name) == (m.group(1) if m else None)

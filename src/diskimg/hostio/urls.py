@@ -81,8 +81,8 @@ def is_url(name: str) -> bool:
 
 def scheme(url: str) -> str:
     """The URL's scheme, lower case ("" when ``url`` does not begin ``scheme://``: the
-    scheme's rule is :func:`diskimg.policy.protocol`'s)."""
-    from diskimg.policy import protocol
+    scheme's rule is :func:`diskimg.hostio.names.protocol`'s)."""
+    from diskimg.hostio.names import protocol
 
     got = protocol(url)
     return got.lower() if got is not None and url[len(got) + 1:].startswith("//") else ""
