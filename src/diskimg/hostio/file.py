@@ -21,18 +21,17 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
-# The kernel's copy from the page cache (x86 ``rep movsb``) is several times slower when
-# the destination address lies 1-15 bytes past the source's position in its page (4K
-# aliasing): 3-4x the time of a copy at skew 0 here.  Such a read goes to the caller's
-# buffer a few KiB further on, where the skew is 0, and is moved down in place by one
-# user-space memmove, which has no such penalty.  At skews 16-31 the copy is only a little
-# slower than at 0, and less than that memmove costs: a 1 MiB bytearray (malloc puts it 16
-# bytes into a page) read whole from a page-aligned offset is read straight into
-# (measured in-process, interleaved, median of 21 rounds of a 256 MiB raw read into a
-# bytearray: 36.9 ms of CPU straight, 39.3-39.8 ms shifted; the bench's sparse vmdk
-# 26.4-26.7 against 27.2-27.4).
+# The kernel's copy from the page cache (x86 ``rep movsb``) is slower when the destination
+# address lies 1-31 bytes past the source's position in its page (4K aliasing): 3-4x at
+# 1-15 bytes, less at 16-31.  Buffers from malloc (bytearray, bytes) sit 16 bytes into a
+# page, so a large read into one at a page-aligned file offset is made at that skew; it
+# goes to the caller's buffer a few KiB further on, where the skew is 0, and is moved down
+# in place by one user-space memmove, which has no such penalty.  (Reading straight in at
+# skew 16 was tried and measured, paired against this: the bench's 256 MiB sparse vmdk
+# into a bytearray 1.08x libvmdk against 0.97x, its 2 GiB one 168.7 ms of CPU in-process
+# against 159.2; only a 256 MiB raw read gained, 40.5 ms against 45.2.)
 _BOUNCE_MIN = 64 << 10       # smaller reads go straight to the caller's buffer
-_SLOW_SKEW = 16              # skews (address - offset) mod _PAGE in [1, 16) are slow
+_SLOW_SKEW = 32              # skews (address - offset) mod _PAGE in [1, 32) are slow
 _PAGE = 4096
 _ALIGN = 64
 
@@ -40,11 +39,10 @@ _ALIGN = 64
 def aligned_buffer(n: int, fill: bool = False) -> mmap.mmap:
     """A writable, page-aligned buffer of ``n`` zero bytes (private anonymous memory).
 
-    ``readinto`` fills one straight from the kernel at skew 0, the kernel's fastest
-    copy.  A large ``bytearray`` starts 16 bytes past a page boundary, where that copy
-    is a little slower (a 256 MiB raw read into one: 37.0 ms of CPU, 32.8 into this); a
-    buffer 1-15 bytes off is read a few KiB further on and moved down in place: one more
-    copy.
+    ``readinto`` fills one straight from the kernel.  A large ``bytearray`` starts 16
+    bytes past a page boundary, where the kernel's copy from page-aligned file data is
+    slower (4K aliasing), so large reads into it land a few KiB further on and are moved
+    down in place: one more copy.
 
     ``fill``: the caller will fill the whole buffer, so its pages are made now, in one
     system call (``MAP_POPULATE``, Linux), instead of by a page fault per 4 KiB page in
