@@ -7,7 +7,7 @@ import os
 from diskimg.device import BlockDevice
 from diskimg.errors import BackingChainError, DiskImgError, UnsupportedFeatureError, UsageError
 from diskimg.hostio import open_host_file, path_name
-from diskimg.policy import OpenPolicy
+from diskimg.policy import OpenPolicy, naming_parent
 from diskimg.probe import check_format, probe
 
 TYPE_CHECKING = False
@@ -210,8 +210,8 @@ def _open_one(src: str | Host, name: str, writable: bool, fmt: str | None, *, ba
             if bname is not None:  # (the chain's helpers: imported only for one)
                 from diskimg import backing_open as B
 
-                local = host.local  # (a local file's host.path would load pathlib)
-                parent = host.name if local else str(host.path)
+                local = host.local
+                parent = naming_parent(host)
                 bsrc = B.resolve(policy, bname, parent, local=local,
                                  url=not local and _is_url(parent), top=top,
                                  storage_options=storage_options)

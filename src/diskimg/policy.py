@@ -22,6 +22,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from diskimg.hostio.host import Host
+
 MAX_CHAIN_DEPTH = 256
 
 
@@ -193,6 +195,13 @@ def local_parent(name: Path | str | os.PathLike[str]) -> Path:
     if not isinstance(name, str):
         return Path(name)
     return Path(local_parent_name(name))
+
+
+def naming_parent(host: Host) -> str:
+    """The name the files ``host``'s image names are resolved against: a local file's
+    name (so that no :class:`~pathlib.Path` is built), else its ``path`` -- a URL as given
+    (an NBD host's ``name`` is qemu's spelling of it) or a file object's label."""
+    return host.name if host.local else str(host.path)
 
 
 def local_parent_name(name: str) -> str:

@@ -13,7 +13,7 @@ from diskimg import progname
 from diskimg.device import BlockDevice, ImageInfo, MapEntry, Status, requires_open
 from diskimg.errors import CorruptImageError, DiskImgError, FormatError
 from diskimg.hostio import open_host_file
-from diskimg.policy import OpenPolicy, combine, full_name
+from diskimg.policy import OpenPolicy, combine, full_name, naming_parent
 from diskimg.qcow2 import lazy_modules
 from diskimg.qcow2 import flush as F
 from diskimg.slotted import OnFirstUse, made_from
@@ -164,8 +164,8 @@ class Qcow2Image(BlockDevice):
             if not name:
                 raise CorruptImageError("Image has an external data file (incompatible bit 2) "
                                         "but names none (header extension 0x44415441)")
-            path = self.policy.resolve_name(name, host.name if host.local else str(host.path),
-                                            "data file", local=host.local)  # (no pathlib)
+            path = self.policy.resolve_name(name, naming_parent(host), "data file",
+                                            local=host.local)
             self.data_host = open_host_file(path, not self.read_only, lock_mode=host.locked)
             self._data_file_opened = True
         if unlock and h.crypt_method and "encrypt.key-secret" in self.options:
