@@ -22,16 +22,20 @@ if TYPE_CHECKING:
     from typing import Any
 
 # The kernel's copy from the page cache (x86 ``rep movsb``) is slower when the destination
-# address lies 1-31 bytes past the source's position in its page (4K aliasing): 3-4x at
-# 1-15 bytes, less at 16-31.  Buffers from malloc (bytearray, bytes) sit 16 bytes into a
+# address lies 1-31 bytes past the source's position in its page (4K aliasing): 2x at
+# 16-31 bytes, 4x at 1-15.  Buffers from malloc (bytearray, bytes) sit 16 bytes into a
 # page, so a large read into one at a page-aligned file offset is made at that skew; it
-# goes to the caller's buffer a few KiB further on, where the skew is 0, and is moved down
-# in place by one user-space memmove, which has no such penalty.  (Reading straight in at
-# skew 16 was tried and measured, paired against this: the bench's 256 MiB sparse vmdk
-# into a bytearray 1.08x libvmdk against 0.97x, its 2 GiB one 168.7 ms of CPU in-process
-# against 159.2; only a 256 MiB raw read gained, 40.5 ms against 45.2.)
+# goes to the caller's buffer _FAST_SKEW - skew bytes further on, where the copy is fast,
+# and is moved down in place by one user-space memmove.  Measured here (1 MiB reads from
+# tmpfs, interleaved, us per MiB): direct at skew 16 148-155, at 8 357; at 0 (a page-
+# aligned buffer) 99, at 32 92, at 33-63 and most larger skews 74-84.  A bytearray moved
+# to skew 48 (a 32-byte memmove) costs 98 in all, to skew 0 (a 4080-byte memmove, which
+# 4K-aliases its own loads and stores) 129; from skew 8, 0 costs 407.  (Reading straight
+# in at skew 16 was tried and measured, paired against moving it: the bench's 256 MiB
+# sparse vmdk into a bytearray 1.08x libvmdk against 0.97x.)
 _BOUNCE_MIN = 64 << 10       # smaller reads go straight to the caller's buffer
 _SLOW_SKEW = 32              # skews (address - offset) mod _PAGE in [1, 32) are slow
+_FAST_SKEW = 48              # where a read at a slow skew is made instead
 _PAGE = 4096
 _ALIGN = 64
 
@@ -41,7 +45,7 @@ def aligned_buffer(n: int, fill: bool = False) -> mmap.mmap:
 
     ``readinto`` fills one straight from the kernel.  A large ``bytearray`` starts 16
     bytes past a page boundary, where the kernel's copy from page-aligned file data is
-    slower (4K aliasing), so large reads into it land a few KiB further on and are moved
+    slower (4K aliasing), so large reads into it land 32 bytes further on and are moved
     down in place: one more copy.
 
     ``fill``: the caller will fill the whole buffer, so its pages are made now, in one
@@ -364,7 +368,7 @@ class HostFile:
         if n >= _BOUNCE_MIN:
             skew = (_page_offset(buf) - offset) % _PAGE
             if 0 < skew < _SLOW_SKEW:
-                got = self._preadinto_shifted(offset, buf, _PAGE - skew)
+                got = self._preadinto_shifted(offset, buf, _FAST_SKEW - skew)
                 if got < 0:
                     return n                  # end of file inside the shifted part
         while got < n:
@@ -377,7 +381,7 @@ class HostFile:
 
     def _preadinto_shifted(self, offset: int, buf: memoryview, shift: int) -> int:
         """Read ``buf[:len(buf) - shift]`` into ``buf[shift:]`` (where the kernel's copy is
-        at skew 0), then move it down in place: the bytes ``buf`` gets are those of a direct
+        at a fast skew), then move it down in place: the bytes ``buf`` gets are those of a direct
         read.  The last ``shift`` bytes come in the same system call, into a small scratch
         buffer.  Returns how many bytes of ``buf`` are in place (the caller reads the rest
         directly), or -1 when the file ended first (the rest of ``buf`` is zeroed)."""
