@@ -199,3 +199,28 @@ def test_bitmap_constants_and_conflicts() -> None:
     assert E.bitmap_conflicts(E.L2_BITMAP_ALL_ALLOC) == 0
     # the checker's repair of a misaligned preallocated cluster: allocated -> zero
     assert E.bitmap_with_zero(0b101 | 1 << 40, 0b101) == (0b101 | 1 << 8) << 32
+
+
+
+_L1_VALUES = [1 << 63, 0x1FF, 1 << 56, 0x200, 0x10000, 0x7FFF0000, (1 << 63) | 0x30000]
+
+
+@given(st.integers(0, 12000), st.lists(st.tuples(st.integers(0, 11999),
+                                                 st.sampled_from(_L1_VALUES)), max_size=6),
+       st.integers(0, 12100), st.integers(0, 12100))
+def test_first_masked_is_the_first_entry_with_a_masked_bit(
+        n: int, placed: list[tuple[int, int]], i: int, last: int) -> None:
+    """``first_masked`` (blocks of the table tested as big integers) finds the entry a
+    plain scan finds: flag-only entries (COPIED, reserved bits) are passed over, offsets
+    found, in long runs of empty entries (its blocks grow to 4096) and past the end."""
+    from array import array
+
+    words = [0] * n
+    for at, value in placed:
+        if at < n:
+            words[at] = value
+    table = memoryview(array("Q", words))
+    last = min(last, n)
+    mask = E.L1E_OFFSET_MASK
+    want = next((k for k in range(i, last) if table[k] & mask), last)
+    assert E.first_masked(table, i, last, mask) == want

@@ -222,6 +222,27 @@ def lanes(values: tuple[int, ...], n: int, full: int) -> tuple[int, ...]:
     return got
 
 
+def first_masked(table: memoryview | array[int], i: int, last: int, mask: int) -> int:
+    """The first ``k`` in ``[i, last)`` with ``table[k] & mask`` (``table``: native u64
+    entries, an L1 table), else ``last``.  Blocks of the table's bytes are tested as big
+    integers, growing from 8 entries to 4096 (no Python work per entry, and no more
+    memory than a 32 KiB block): a 16 TiB image's L1 table of 32768 mostly empty entries
+    costs a few block tests, not 32768 steps.  Lane ``j`` of a block's integer is its
+    entry ``j`` in either byte order, the mask being laid out as the entries are."""
+    words = memoryview(table)
+    k, block = i, 8
+    while k < last:
+        end = min(last, k + block)
+        x = int.from_bytes(words[k:end].cast("B"), "little")
+        if x:
+            x &= int.from_bytes(mask.to_bytes(8, sys.byteorder) * (end - k), "little")
+            if x:
+                return k + ((x & -x).bit_length() - 1) // 64
+        k = end
+        block = min(block * 8, 4096)
+    return last
+
+
 class TableBreaks:
     """Where a standard L2 table's entries break a run, for the whole table at once (a
     few big-integer and bytes operations over its bytes, each made when first needed, no

@@ -285,8 +285,7 @@ def unallocated_until(img: Qcow2Image, offset: int, end: int) -> int:
     if offset % span or i >= len(img.l1):
         return offset
     last = min(len(img.l1), -(-end // span))
-    mask = E.L1E_OFFSET_MASK
-    j = next((k for k in range(i, last) if img.l1[k] & mask), last)
+    j = E.first_masked(img.l1, i, last, E.L1E_OFFSET_MASK)
     if j == last == len(img.l1):
         return end  # unallocated to the end of the image
     return min(end, j * span)
