@@ -377,3 +377,30 @@ def test_resize_sets_the_data_file_length_as_qemu(tmp_path: Path, run, raw: bool
             assert same, f"{tool}: the raw data file is not the disk"
         assert "No errors were found" in run([QEMU_IMG, "check", img]).stdout
     assert sizes["diskimg"] == sizes["qemu"] == [300 * 1024, 1 << 20]
+
+
+@pytest.mark.parametrize(("size", "cs"), [((16 << 40), 65536), ((1 << 40) + 1536, 4096)],
+                         ids=["16T-64k", "1T+1536-4k"])
+def test_map_and_reads_of_a_sparse_image_with_a_large_l1_table(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], size: int, cs: int) -> None:
+    """A large virtual disk qemu wrote in a few far-apart places: L1 tables of 32768 and
+    262145 entries, nearly all empty, which map passes over in blocks
+    (``entries.first_masked``).  ``diskimg map --output=json`` is qemu-img's, byte for
+    byte, and the bytes around every write (offset 0 and the last partial cluster
+    included) are what qemu wrote, zeros elsewhere."""
+    from diskimg.cli.main import main
+
+    img = tmp_path / "big.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", img, str(size))
+    writes = [(0, 0x11, 4096), (size // 3 - size // 3 % 512 + 512, 0x22, 8192),
+              (size // 2, 0x33, 3 * cs), (size - 1536, 0x44, 1536)]
+    QEMU.io(img, *[f"write -P {p:#x} {off} {n}" for off, p, n in writes], cwd=img.parent)
+    capsys.readouterr()
+    assert main(["map", "--output=json", str(img)]) == 0
+    ours = capsys.readouterr().out
+    assert ours == QEMU.img("map", "--output=json", img).stdout
+    with diskimg.open(img) as d:
+        for off, pattern, n in writes:
+            lo, hi = max(0, off - 4096), min(size, off + n + 4096)
+            want = bytes(off - lo) + bytes([pattern]) * n + bytes(hi - off - n)
+            assert d.read(lo, hi - lo) == want, hex(off)

@@ -201,7 +201,6 @@ def test_bitmap_constants_and_conflicts() -> None:
     assert E.bitmap_with_zero(0b101 | 1 << 40, 0b101) == (0b101 | 1 << 8) << 32
 
 
-
 _L1_VALUES = [1 << 63, 0x1FF, 1 << 56, 0x200, 0x10000, 0x7FFF0000, (1 << 63) | 0x30000]
 
 
@@ -224,3 +223,20 @@ def test_first_masked_is_the_first_entry_with_a_masked_bit(
     mask = E.L1E_OFFSET_MASK
     want = next((k for k in range(i, last) if table[k] & mask), last)
     assert E.first_masked(table, i, last, mask) == want
+
+
+@pytest.mark.parametrize("start", [0, 3])
+def test_first_masked_finds_an_entry_on_every_block_edge(start: int) -> None:
+    """Entries just before, on and after each edge of ``first_masked``'s growing blocks
+    (8, 64, 512, then 4096 entries from ``start``) are found, behind a flag-only entry
+    (COPIED) that must be passed over: no entry falls between two blocks."""
+    from array import array
+
+    edges = [0, 8, 72, 584, 4680, 8776]
+    for at in sorted({max(0, e + d) for e in edges for d in (-1, 0, 1)}):
+        words = [0] * 9000
+        if at:
+            words[start + at - 1] = 1 << 63
+        words[start + at] = 0x10000
+        table = memoryview(array("Q", words))
+        assert E.first_masked(table, start, len(words), E.L1E_OFFSET_MASK) == start + at
