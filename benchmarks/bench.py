@@ -750,7 +750,7 @@ def run_jobs(jobs: list[Job], repeat: int, timeout: float, qemu_img: str,
                         print(f"   {v.label}: {v.note}", flush=True)
                         continue
                 v.samples.append(s)
-                print(f"   {v.label}: {s.seconds:.2f}s (cpu {s.cpu:.2f}s)  "
+                print(f"   {v.label}: {s.seconds:.3f}s (cpu {s.cpu:.2f}s)  "
                       f"{s.rss_kib / 1024:.0f} MiB", flush=True)
                 if v.out is not None and rnd == repeat - 1:
                     v.out.unlink(missing_ok=True)
@@ -843,6 +843,33 @@ def report(jobs: list[Job], meta: dict[str, str]) -> str:
         miss the start-up floor accounts for; the last ratio is the same with CPU times.
 
         """) + head + "\n\n" + "\n".join(lines) + "\n"
+
+
+def spread_report(jobs: list[Job]) -> str:
+    """Every timed variant's rounds: fastest, quartiles, slowest, and how many rounds took
+    over 1.5x its own fastest.  Informational: rows are rated by their medians above."""
+    lines = ["", "## Round spread", "",
+             "Each variant's rounds of the jobs above (seconds).  \"slow rounds\" counts the "
+             "rounds over 1.5x the variant's own fastest: on a VM whose freed memory the "
+             "host takes back (free page reporting), a round that is handed such pages pays "
+             "the host's page faults in its writes, whichever tool it runs "
+             "(benchmarks/bench_pagereport.py measures this).  \"fastest ratio\" is the "
+             "candidate's fastest round over the first reference's fastest.", "",
+             "| job | variant | rounds | fastest | 25% | median | 75% | slowest "
+             "| slow rounds | fastest ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for job in jobs:
+        ref0 = min((s.seconds for s in job.refs[0].samples), default=None) \
+            if job.refs else None
+        for v in [*job.refs, *job.cands]:
+            t = sorted(s.seconds for s in v.samples)
+            if len(t) < 2:
+                continue
+            q1, q2, q3 = statistics.quantiles(t, n=4, method="inclusive")
+            slow = sum(x > 1.5 * t[0] for x in t)
+            fr = f"{t[0] / ref0:.2f}" if (ref0 and v in job.cands) else "-"
+            lines.append(f"| {job.name} | {v.label} | {len(t)} | {t[0]:.3f} | {q1:.3f} | "
+                         f"{q2:.3f} | {q3:.3f} | {t[-1]:.3f} | {slow} | {fr} |")
+    return "\n".join(lines) + "\n"
 
 
 def _cpu_model() -> str:
@@ -977,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if ns.baseline is not None:
         meta["baseline"] = f"'@baseline' rows run diskimg from {ns.baseline}"
-    text = report(jobs, meta) + floor_report(jobs, imports)
+    text = report(jobs, meta) + floor_report(jobs, imports) + spread_report(jobs)
     print()
     print(text)
     if out is not None:
