@@ -66,7 +66,11 @@ interpreter (and whether it is a venv) and the qemu-img version.
 Noise: on a VM whose disk is shared, the convert rows that write ~1 GiB swing 2-4x between
 rounds (the host's write-back throttles whichever run follows a large write).  Pass
 ``--workdir /dev/shm/bench`` (tmpfs: the page cache without a disk behind it, ~5 GiB for the
-2 GiB workload) to measure the tools rather than the disk.
+2 GiB workload) to measure the tools rather than the disk.  On a VM with free page
+reporting, memory free for about 2 s goes back to the host, and a round whose writes are
+handed such memory pays host page faults (up to ~3x slower writes, whichever tool runs):
+the round-spread table at the end of the results shows how many rounds of each variant
+were hit, and ``benchmarks/bench_pagereport.py`` measures the effect on its own.
 
 Scale (issue 7): the same 100 MiB in a 1 GiB-virtual and a 16 TiB-virtual qcow2; convert,
 map and check of the big one are timed against the same diskimg command on the small one
