@@ -66,11 +66,10 @@ interpreter (and whether it is a venv) and the qemu-img version.
 Noise: on a VM whose disk is shared, the convert rows that write ~1 GiB swing 2-4x between
 rounds (the host's write-back throttles whichever run follows a large write).  Pass
 ``--workdir /dev/shm/bench`` (tmpfs: the page cache without a disk behind it, ~5 GiB for the
-2 GiB workload) to measure the tools rather than the disk.  On a VM with free page
-reporting, memory free for about 2 s goes back to the host, and a round whose writes are
-handed such memory pays host page faults (up to ~3x slower writes, whichever tool runs):
-the round-spread table at the end of the results shows how many rounds of each variant
-were hit, and ``benchmarks/bench_pagereport.py`` measures the effect on its own.
+2 GiB workload) to measure the tools rather than the disk.  Even on tmpfs, some rounds of
+the large converts take 1.5x to 7x their variant's fastest, for every tool, in the system
+time of their writes: the round-spread table at the end of the results shows how many
+rounds of each variant were hit.
 
 Scale (issue 7): the same 100 MiB in a 1 GiB-virtual and a 16 TiB-virtual qcow2; convert,
 map and check of the big one are timed against the same diskimg command on the small one
@@ -854,11 +853,10 @@ def spread_report(jobs: list[Job]) -> str:
     over 1.5x its own fastest.  Informational: rows are rated by their medians above."""
     lines = ["", "## Round spread", "",
              "Each variant's rounds of the jobs above (seconds).  \"slow rounds\" counts the "
-             "rounds over 1.5x the variant's own fastest: on a VM whose freed memory the "
-             "host takes back (free page reporting), a round that is handed such pages pays "
-             "the host's page faults in its writes, whichever tool it runs "
-             "(benchmarks/bench_pagereport.py measures this).  \"fastest ratio\" is the "
-             "candidate's fastest round over the first reference's fastest.", "",
+             "rounds over 1.5x the variant's own fastest (on the VMs this was written on, "
+             "such rounds hit every tool that writes a large output, in the system time of "
+             "its writes).  \"fastest ratio\" is the candidate's fastest round over the "
+             "first reference's fastest.", "",
              "| job | variant | rounds | fastest | 25% | median | 75% | slowest "
              "| slow rounds | fastest ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for job in jobs:
