@@ -6,6 +6,8 @@ by diskimg equal those qemu-nbd exports, in both directions."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -120,10 +122,51 @@ def test_refusals_leave_file_identical(tmp_path: Path) -> None:
     with diskimg.open(img) as d, pytest.raises(diskimg.UsageError):
         d.bitmaps.clear("b")  # read-only
     assert _sha(img) == before
+    before = _sha(img)  # a lone surrogate is text no bytes decode to: no name to store
+    with diskimg.open(img, "r+") as d, pytest.raises(diskimg.UsageError,
+                                                      match="lone surrogate"):
+        d.bitmaps.add("\ud800")
+    assert _sha(img) == before
     before = _sha(raw)
     with diskimg.open(raw, "r+", "raw") as d, pytest.raises(diskimg.UnsupportedFeatureError):
         d.bitmaps.add("b")
     assert _sha(raw) == before
+
+
+def test_a_name_that_is_not_utf8_keeps_its_bytes(tmp_path: Path) -> None:
+    """qemu-img stores a bitmap name as the bytes it is given.  diskimg stores such a name
+    the same way, shows it as qemu-img does (its bytes in text, U+FFFD in JSON), finds it
+    by the same command-line bytes, and keeps its bytes when it rewrites the directory
+    (it used to store U+FFFD instead, or fail with an internal error)."""
+    name = os.fsdecode(b"a\xffb")  # what the command line gives for these bytes
+    theirs, ours = tmp_path / "q.qcow2", tmp_path / "d.qcow2"
+    for p in (theirs, ours):
+        QEMU.img("create", "-q", "-f", "qcow2", p, "4M")
+    QEMU.img("bitmap", "--add", theirs, name)
+    assert _ours("--add", ours, name).returncode == 0
+    for p in (theirs, ours):
+        want = subprocess.run(["qemu-img", "info", p], capture_output=True, check=True).stdout
+        assert b"name: a\xffb\n" in want
+        got = subprocess.run([sys.executable, "-m", "diskimg", "info", p],
+                             capture_output=True, check=True).stdout
+        assert got == want
+        got_json = subprocess.run([sys.executable, "-m", "diskimg", "info", "--output=json",
+                                   p], capture_output=True, check=True).stdout
+        assert json.loads(got_json) == QEMU.info(p)
+        assert [b["name"] for b in _bitmaps(p)] == ["a\ufffdb"]
+    assert _ours("--add", "--disable", theirs, "second").returncode == 0  # a rewrite
+    with diskimg.open(theirs, "r+") as d:  # flags it in use, then stores it: two more
+        d.write(1 << 20, b"x" * 512)
+    info = subprocess.run(["qemu-img", "info", theirs], capture_output=True).stdout
+    assert b"name: a\xffb\n" in info and b"name: second\n" in info
+    assert QEMU.dirty_map(theirs, "second") == []
+    QEMU.check_clean(theirs)
+    QEMU.io(theirs, "write 0 64k")
+    assert _ours("--merge", name, theirs, "second").returncode == 0  # found as the source
+    assert QEMU.dirty_map(theirs, "second") == [(0, 65536), (1 << 20, 65536)]
+    assert _ours("--remove", theirs, name).returncode == 0
+    assert [b["name"] for b in _bitmaps(theirs)] == ["second"]
+    QEMU.check_clean(theirs)
 
 
 def test_in_use_bitmap_refused_like_qemu(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ TCP listening (127.0.0.1 by default), ``--discard``, and the accepted-but-unused
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -53,6 +54,25 @@ def test_refusals_change_nothing_and_unlock(tmp_path: Path, qemu: Qemu, sockdir:
         assert not Path(sock).exists()
     assert hashlib.sha256(img.read_bytes()).hexdigest() == before
     qemu.io(img, "read -P 0x5e 0 64k", "write 64k 512")   # not locked any more
+
+
+@pytest.mark.qemu
+def test_a_bitmap_name_that_is_not_utf8_is_refused_before_listening(
+        tmp_path: Path, qemu: Qemu, sockdir: Path) -> None:
+    """qemu-img stores any bytes as a bitmap name; NBD context names are UTF-8, so ``-B``
+    of such a bitmap is refused by name (it used to be "not found"), changing nothing."""
+    img = tmp_path / "u.qcow2"
+    qemu.img("create", "-f", "qcow2", img, "1M")
+    odd = os.fsdecode(b"a\xffb")  # what the command line gives for these bytes
+    qemu.img("bitmap", "--add", img, odd)
+    before = hashlib.sha256(img.read_bytes()).hexdigest()
+    sock = sockdir / "u.sock"
+    res = subprocess.run([sys.executable, "-m", "diskimg", "nbd", "-B", odd, "-k", sock, img],
+                         capture_output=True, timeout=60, check=False)
+    assert res.returncode == 1
+    assert b"Bitmap 'a\xffb' cannot be exported: its name is not UTF-8" in res.stderr
+    assert not sock.exists()
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == before
 
 
 @pytest.mark.qemu

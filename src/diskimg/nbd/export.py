@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from ..device import BlockDevice
 from ..errors import DiskImgError, UnsupportedFeatureError, UsageError
 from .meta import MetaContexts
+from .wire import QEMU_DIRTY_BITMAP_PREFIX, encode_string
 from .protocol import (NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_FLAG_DF,
                        NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE,
                        NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM,
@@ -74,6 +75,11 @@ class Export:
             names = [r.name for r in dev.bitmaps.list()]
             if b not in names:
                 raise UsageError(f"Bitmap '{b}' is not found", field="bitmap")
+            try:  # a name whose bytes are not UTF-8 (qemu-img stores any) has no context
+                encode_string(QEMU_DIRTY_BITMAP_PREFIX + b, "context name")
+            except (ValueError, UnicodeEncodeError):
+                raise UsageError(f"Bitmap '{b}' cannot be exported: its name is not UTF-8, "
+                                 "and NBD context names must be", field="bitmap") from None
         self._dirty_cache: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         #: bumped by every change, so cached dirty extents are read again
         self.generation = 0

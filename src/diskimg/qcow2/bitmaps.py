@@ -17,6 +17,7 @@ from diskimg.errors import FormatError, UnsupportedFeatureError, UsageError
 from diskimg.qcow2 import bitmap_table as BT
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.layout import QCOW2_AUTOCLEAR_BITMAPS, QCOW2_EXT_MAGIC_BITMAPS, Header
+from diskimg.qcow2.names import name_text, raw_name
 from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False
@@ -112,12 +113,12 @@ class BitmapEntry(Record):
             raise FormatError(f"Bitmap directory entry at {where + pos:#x} runs past the "
                               "directory", offset=where + pos)
         extra = bytes(buf[pos + _ENTRY.size : pos + _ENTRY.size + xlen])
-        name = bytes(buf[end - nlen : end]).decode("utf-8", "replace")
+        name = name_text(bytes(buf[end - nlen : end]))
         length = end - pos
         return cls(t_off, t_size, flags, typ, gbits, name, extra), length + (-length) % 8
 
     def pack(self) -> bytes:
-        name = self.name.encode()
+        name = raw_name(self.name)
         out = _ENTRY.pack(self.table_offset, self.table_size, self.flags, self.type,
                           self.granularity_bits, len(name), len(self.extra)) + self.extra + name
         return out + b"\0" * ((-len(out)) % 8)
@@ -235,13 +236,18 @@ class Bitmaps:
             raise UsageError("Bitmap name cannot be empty")
         if gran < 512 or gran & (gran - 1) or gran > 1 << BT.MAX_GRANULARITY_BITS:
             raise UsageError("Granularity must be power of 2 and at least 512")
+        try:
+            size = len(raw_name(name))
+        except UnicodeEncodeError:
+            raise UsageError("Bitmap name is not valid text (a lone surrogate that stands "
+                             "for no byte)") from None
         if any(e.name == name for e in self.entries):
             raise UsageError(f"Bitmap already exists: {name}")
         where = f"Can't make bitmap '{name}' persistent in '{img.host.path}': "
         if img.header.version < 3:
             raise UnsupportedFeatureError(where + "Cannot store dirty bitmaps in qcow2 v2 "
                                           "files")
-        if len(name.encode()) > BME_MAX_NAME_SIZE:
+        if size > BME_MAX_NAME_SIZE:
             raise UsageError(where + f"Name length exceeds maximum ({BME_MAX_NAME_SIZE} "
                              "characters)")
         if not img.size:  # qemu-img "adds" it, warns, and stores nothing

@@ -13,6 +13,7 @@ from diskimg.errors import FormatError
 from diskimg.qcow2.layout import HDR_NB_SNAPSHOTS, QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
 from diskimg.qcow2.layout import check_table_pointer as check_table_pointer  # (the checker's)
 from diskimg.qcow2.layout import require_table_pointer
+from diskimg.qcow2.names import name_text, raw_name
 from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False
@@ -300,14 +301,8 @@ def c_bytes(raw: bytes) -> bytes:
 
 
 def _c_string(raw: bytes) -> str:
-    """A C string field as text; bytes that are not UTF-8 survive as lone surrogates
-    (``surrogateescape``), so the name is rewritten byte for byte (:func:`raw_name`)."""
-    return c_bytes(raw).decode("utf-8", "surrogateescape")
-
-
-def raw_name(text: str) -> bytes:
-    """The on-disk bytes of a snapshot id or name (the inverse of reading it)."""
-    return text.encode("utf-8", "surrogateescape")
+    """A C string field as text (:func:`~diskimg.qcow2.names.name_text`)."""
+    return name_text(c_bytes(raw))
 
 
 def parse_table(buf: bytes, count: int, table_offset: int,
