@@ -21,6 +21,7 @@ from diskimg.qcow2.layout import (
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
     Header,
 )
+from diskimg.qcow2.layout import raw_name
 
 if TYPE_CHECKING:
     from diskimg.hostio.host import Host
@@ -62,11 +63,12 @@ def set_backing(host: Host, backing_file: str | None, backing_fmt: str | None) -
     """Rewrite the backing file name and format in the header (qcow2 ``change_backing_file``):
     ``backing_file`` None removes both.  Other extensions are kept."""
     h = read_header(host)
-    if backing_file is not None and len(backing_file.encode()) > BACKING_FILE_NAME_MAX:
+    if backing_file is not None and \
+            len(raw_name(backing_file, "Backing file name")) > BACKING_FILE_NAME_MAX:
         raise UsageError("Backing file name too long")
     h.backing_file = backing_file or None
     if backing_file and backing_fmt:
-        h.set_ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, backing_fmt.encode())
+        h.set_ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, raw_name(backing_fmt, "Backing format"))
     else:
         h.set_ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, None)
     try:

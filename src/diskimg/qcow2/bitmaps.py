@@ -17,7 +17,7 @@ from diskimg.errors import FormatError, UnsupportedFeatureError, UsageError
 from diskimg.qcow2 import bitmap_table as BT
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.layout import QCOW2_AUTOCLEAR_BITMAPS, QCOW2_EXT_MAGIC_BITMAPS, Header
-from diskimg.qcow2.names import name_text, raw_name
+from diskimg.qcow2.layout import name_text, raw_name
 from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False
@@ -236,11 +236,7 @@ class Bitmaps:
             raise UsageError("Bitmap name cannot be empty")
         if gran < 512 or gran & (gran - 1) or gran > 1 << BT.MAX_GRANULARITY_BITS:
             raise UsageError("Granularity must be power of 2 and at least 512")
-        try:
-            size = len(raw_name(name))
-        except UnicodeEncodeError:
-            raise UsageError("Bitmap name is not valid text (a lone surrogate that stands "
-                             "for no byte)") from None
+        size = len(raw_name(name, "Bitmap name"))
         if any(e.name == name for e in self.entries):
             raise UsageError(f"Bitmap already exists: {name}")
         where = f"Can't make bitmap '{name}' persistent in '{img.host.path}': "

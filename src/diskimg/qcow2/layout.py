@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import struct
 
-from diskimg.errors import CorruptImageError, FormatError, UnsupportedFeatureError, WrongFormatError
+from diskimg.errors import (CorruptImageError, FormatError, UnsupportedFeatureError, UsageError,
+                            WrongFormatError)
 from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False
@@ -36,6 +37,30 @@ def l1_entries_for(size: int, cluster_size: int, l2_entry_size: int = 8) -> int:
 def l1_fits(entries: int) -> bool:
     """Whether an L1 table of ``entries`` is within the spec's limit (QCOW_MAX_L1_SIZE)."""
     return entries * 8 <= QCOW_MAX_L1_SIZE
+
+# --- names -----------------------------------------------------------------------------
+# The one rule for names the image stores as bytes (snapshot ids and names, bitmap names,
+# the backing file, its format and the data file) and diskimg handles as text: bytes that
+# are not UTF-8 survive as lone surrogates (``surrogateescape``, as ``sys.argv`` and
+# ``os.fsdecode`` decode them), so a name read and written back is the same bytes, a name
+# typed on the command line finds it, a file name opens that file, the CLI prints its
+# bytes as they are (its streams use ``surrogateescape``) and JSON shows U+FFFD for each,
+# as qemu does.
+
+
+def name_text(raw: bytes) -> str:
+    """A stored name as text (the inverse of :func:`raw_name`)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def raw_name(text: str, what: str = "Name") -> bytes:
+    """The bytes that store ``text``; :class:`UsageError` naming ``what`` for a lone
+    surrogate that stands for no byte (text no decoding of bytes gives: the caller's)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid text (a lone surrogate that stands for no "
+                         "byte)") from None
 
 
 QCOW_CRYPT_NONE = 0
@@ -354,12 +379,12 @@ class Header(Record):
     @property
     def backing_format(self) -> str | None:
         e = self.ext(QCOW2_EXT_MAGIC_BACKING_FORMAT)
-        return e.data.split(b"\0", 1)[0].decode("utf-8", "replace") if e else None
+        return name_text(e.data.split(b"\0", 1)[0]) if e else None
 
     @property
     def data_file(self) -> str | None:
         e = self.ext(QCOW2_EXT_MAGIC_DATA_FILE)
-        return e.data.split(b"\0", 1)[0].decode("utf-8", "replace") if e else None
+        return name_text(e.data.split(b"\0", 1)[0]) if e else None
 
     # --- parse / pack ----------------------------------------------------------------
     @staticmethod
@@ -428,11 +453,7 @@ class Header(Record):
             if b"\0" in name:
                 raise FormatError(f"Backing file name at {bf_off:#x} contains a NUL byte",
                                   offset=bf_off)
-            try:
-                h.backing_file = name.decode("utf-8")
-            except UnicodeDecodeError:
-                raise FormatError(f"Backing file name at {bf_off:#x} is not valid UTF-8",
-                                  offset=bf_off) from None
+            h.backing_file = name_text(name)
         if h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE and h.data_file is None:
             # allowed by qemu only with an explicit data-file option; we require the name
             pass
@@ -528,7 +549,7 @@ class Header(Record):
                              self.autoclear_features, self.refcount_order, self.header_length)
             body += bytes(self.header_length - V3_HEADER_LENGTH)  # compression byte below
         hdr_len = V2_HEADER_LENGTH if self.version == 2 else self.header_length
-        bf = self.backing_file.encode() if self.backing_file else b""
+        bf = raw_name(self.backing_file, "Backing file name") if self.backing_file else b""
         kept = self.extensions
         exts = b"".join(e.pack() for e in kept) + _EXT_HDR.pack(QCOW2_EXT_MAGIC_END, 0)
         if hdr_len + len(exts) + len(bf) > cs:

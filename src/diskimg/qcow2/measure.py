@@ -32,6 +32,7 @@ from diskimg.qcow2.bitmaps import (
     BitmapsExt,
 )
 from diskimg.qcow2.layout import l1_entries_for, l1_fits
+from diskimg.qcow2.layout import raw_name
 from diskimg.qcow2.refcount import refcount_metadata_clusters, refcount_order_of
 from diskimg.units import parse_size
 
@@ -135,7 +136,7 @@ def bitmaps_size(bitmaps: Iterable[tuple[str, int, int]], cluster_size: int) -> 
         nclusters = BT.table_size(size, granularity.bit_length() - 1, cluster_size)
         total += nclusters * cluster_size
         total += _round_up(nclusters * BME_TABLE_ENTRY_SIZE, cluster_size)
-        dir_size += _round_up(BITMAP_DIR_ENTRY_SIZE + len(name.encode()), 8)
+        dir_size += _round_up(BITMAP_DIR_ENTRY_SIZE + len(raw_name(name)), 8)
     return total + _round_up(dir_size, cluster_size)
 
 

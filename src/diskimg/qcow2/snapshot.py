@@ -29,7 +29,7 @@ from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.entries import L2Table, be_u64_array, pack_be_u64_array, u64_copy
 from diskimg.qcow2.layout import QCOW_MAX_SNAPSHOTS
-from diskimg.qcow2.names import raw_name
+from diskimg.qcow2.layout import raw_name
 from diskimg.qcow2.refcount import RefBlock
 from diskimg.qcow2.snapshot_table import (
     QCOW_MAX_SNAPSHOT_EXTRA_DATA,
@@ -327,11 +327,7 @@ class SnapshotTable:
         img = self.img
         self._check_table_read()
         img.check_writable()
-        try:
-            size = len(raw_name(name))
-        except UnicodeEncodeError:
-            raise UsageError("Snapshot name is not valid text (a lone surrogate that "
-                             "stands for no byte)") from None
+        size = len(raw_name(name, "Snapshot name"))
         if "\0" in name or size > 0xFFFF:
             raise UsageError("Snapshot names end at the first NUL byte and hold at most "
                              "65535 bytes (the snapshot table's name_size field)")

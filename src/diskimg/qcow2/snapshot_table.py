@@ -13,7 +13,7 @@ from diskimg.errors import FormatError
 from diskimg.qcow2.layout import HDR_NB_SNAPSHOTS, QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
 from diskimg.qcow2.layout import check_table_pointer as check_table_pointer  # (the checker's)
 from diskimg.qcow2.layout import require_table_pointer
-from diskimg.qcow2.names import name_text, raw_name
+from diskimg.qcow2.layout import name_text, raw_name
 from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False
@@ -301,7 +301,7 @@ def c_bytes(raw: bytes) -> bytes:
 
 
 def _c_string(raw: bytes) -> str:
-    """A C string field as text (:func:`~diskimg.qcow2.names.name_text`)."""
+    """A C string field as text (:func:`~diskimg.qcow2.layout.name_text`)."""
     return name_text(c_bytes(raw))
 
 

@@ -14,7 +14,7 @@ from diskimg.qcow2.layout import (
     QCOW_MAX_SNAPSHOTS,
     Header,
 )
-from diskimg.qcow2.names import name_text
+from diskimg.qcow2.layout import name_text
 from diskimg.qcow2.snapshot_table import (
     QCOW_MAX_SNAPSHOT_EXTRA_DATA,
     EntryHeader,
