@@ -93,3 +93,17 @@ def test_a_name_that_stands_for_no_bytes_is_refused_by_name(tmp_path: Path) -> N
     with pytest.raises(diskimg.UsageError, match="lone surrogate"):
         diskimg.rebase(img, "b\ud800", backing_fmt="qcow2", unsafe=True)
     assert hashlib.sha256(img.read_bytes()).hexdigest() == before
+
+
+def test_measure_of_a_bitmap_named_by_bytes_is_qemus(tmp_path: Path) -> None:
+    """measure counts a bitmap's directory entry by the codec's own packing, so names
+    that are not UTF-8 (their bytes, not U+FFFD's three each) give qemu-img's numbers:
+    64 entries of 368 bytes fit the directory in one cluster, of 1048 bytes they do not."""
+    img = tmp_path / "m.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", img, "1M")
+    for i in range(64):
+        QEMU.img("bitmap", "--add", img, os.fsdecode(b"%02d" % i + b"\xff" * 338))
+    want = QEMU.img("measure", "--output=json", "-O", "qcow2", img).stdout
+    got = subprocess.run([*_ours(), "measure", "--output=json", "-O", "qcow2", img],
+                         capture_output=True, text=True, check=True).stdout
+    assert got == want

@@ -26,13 +26,11 @@ from diskimg.errors import FormatError, UsageError
 from diskimg.options import compat_version, parse_bool
 from diskimg.qcow2 import bitmap_table as BT
 from diskimg.qcow2.bitmaps import (
-    BITMAP_DIR_ENTRY_SIZE,
     QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
     BitmapEntry,
     BitmapsExt,
 )
 from diskimg.qcow2.layout import l1_entries_for, l1_fits
-from diskimg.qcow2.layout import raw_name
 from diskimg.qcow2.refcount import refcount_metadata_clusters, refcount_order_of
 from diskimg.units import parse_size
 
@@ -136,7 +134,7 @@ def bitmaps_size(bitmaps: Iterable[tuple[str, int, int]], cluster_size: int) -> 
         nclusters = BT.table_size(size, granularity.bit_length() - 1, cluster_size)
         total += nclusters * cluster_size
         total += _round_up(nclusters * BME_TABLE_ENTRY_SIZE, cluster_size)
-        dir_size += _round_up(BITMAP_DIR_ENTRY_SIZE + len(raw_name(name)), 8)
+        dir_size += len(BitmapEntry(0, 0, 0, 1, 0, name).pack())  # its directory entry
     return total + _round_up(dir_size, cluster_size)
 
 
