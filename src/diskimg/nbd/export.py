@@ -77,7 +77,7 @@ class Export:
                 raise UsageError(f"Bitmap '{b}' is not found", field="bitmap")
             try:  # a name whose bytes are not UTF-8 (qemu-img stores any) has no context
                 encode_string(QEMU_DIRTY_BITMAP_PREFIX + b, "context name")
-            except (ValueError, UnicodeEncodeError):
+            except ValueError:  # (UnicodeEncodeError is one)
                 raise UsageError(f"Bitmap '{b}' cannot be exported: its name is not UTF-8, "
                                  "and NBD context names must be", field="bitmap") from None
         self._dirty_cache: dict[str, tuple[int, list[tuple[int, int]]]] = {}

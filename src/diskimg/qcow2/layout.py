@@ -38,6 +38,7 @@ def l1_fits(entries: int) -> bool:
     """Whether an L1 table of ``entries`` is within the spec's limit (QCOW_MAX_L1_SIZE)."""
     return entries * 8 <= QCOW_MAX_L1_SIZE
 
+
 # --- names -----------------------------------------------------------------------------
 # The one rule for names the image stores as bytes (snapshot ids and names, bitmap names,
 # the backing file, its format and the data file) and diskimg handles as text: bytes that

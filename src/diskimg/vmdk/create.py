@@ -21,7 +21,7 @@ from diskimg.options import check_preallocation
 from diskimg.options import parse_bool as _bool
 from diskimg.policy import OpenPolicy
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.descriptor import NO_PARENT, new_cid
+from diskimg.vmdk.descriptor import NO_PARENT, new_cid, stored_text
 from diskimg.vmdk.extent_line import ExtentLine
 from diskimg.vmdk.image import VmdkImage
 from diskimg.vmdk.stream import StreamWriter
@@ -158,8 +158,13 @@ def _parse_options(size: int, opts: dict[str, Any]) -> _Options:
 
 def _descriptor(o: _Options, parent_cid: int, backing_file: str | None,
                 extents: list[ExtentLine]) -> bytes:
+    """The descriptor text naming ``extents`` and the parent by their files' bytes."""
+    named = [ExtentLine(x.access, x.sectors, x.type,
+                        None if x.filename is None else stored_text(x.filename, "Extent name"),
+                        x.offset) for x in extents]
+    hint = None if backing_file is None else stored_text(backing_file, "Backing file name")
     return build(cid=new_cid(), parent_cid=parent_cid, create_type=o.sub,
-                 parent_hint=backing_file, extents=extents, hw_version=o.hw_version,
+                 parent_hint=hint, extents=named, hw_version=o.hw_version,
                  cylinders=o.size // (63 * o.heads * S.SECTOR), heads=o.heads,
                  adapter_type=o.adapter, tools_version=o.tools).encode("latin-1")
 

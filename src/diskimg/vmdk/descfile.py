@@ -13,7 +13,7 @@ from diskimg.errors import BackingChainError, FormatError, UnsupportedFeatureErr
 from diskimg.hostio import open_host_file
 from diskimg.policy import within
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, Descriptor
+from diskimg.vmdk.descriptor import MAX_DESCRIPTOR_FILE, Descriptor, file_name
 from diskimg.vmdk.flat import FlatExtent, ZeroExtent
 
 TYPE_CHECKING = False
@@ -71,7 +71,7 @@ def open_descriptor_file(img: VmdkImage, fsize: int) -> None:
                                            x.filename if x.access == "NOACCESS" else None))
             continue
         assert x.filename is not None
-        name = x.filename
+        name = file_name(x.filename)
         if not name or "\0" in name:
             raise FormatError(f"Extent {i} has an invalid file name")
         path = _resolve_extent(img, name)

@@ -10,7 +10,9 @@ are bounded, NUL bytes end the text (qemu reads the descriptor as a C string).
 
 from __future__ import annotations
 
-from diskimg.errors import FormatError
+import os
+
+from diskimg.errors import FormatError, UsageError
 from diskimg.slotted import Record
 
 TYPE_CHECKING = False
@@ -170,3 +172,20 @@ def new_cid(previous: int = 0) -> int:
     cid = random_u32("vmdk-cid", previous)
     return cid if cid != previous else cid ^ 1
 
+
+def file_name(text: str) -> str:
+    """A file the descriptor names (an extent, the parent), as the name that opens it: the
+    descriptor's bytes for it (read as latin-1, one character each) decoded as a file name
+    (``os.fsdecode``: bytes that are not UTF-8 as lone surrogates), as qemu opens them."""
+    return os.fsdecode(text.encode("latin-1"))
+
+
+def stored_text(name: str, what: str) -> str:
+    """The descriptor characters that store file name ``name`` (:func:`file_name`'s
+    inverse); :class:`UsageError` naming ``what`` for a lone surrogate that stands for no
+    byte (text no decoding of bytes gives: the caller's)."""
+    try:
+        return os.fsencode(name).decode("latin-1")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid text (a lone surrogate that stands for no "
+                         "byte)") from None

@@ -16,7 +16,7 @@ from diskimg.hostio import zero_fill
 from diskimg.plan import Run, RunKind
 from diskimg.policy import OpenPolicy, full_name
 from diskimg.vmdk import sparse as S
-from diskimg.vmdk.descriptor import EMBEDDED_DESC_MAX, NO_PARENT, Descriptor
+from diskimg.vmdk.descriptor import EMBEDDED_DESC_MAX, NO_PARENT, Descriptor, file_name
 from diskimg.vmdk.sparse_extent import GrainMappedExtent, SparseExtent
 
 TYPE_CHECKING = False
@@ -174,7 +174,7 @@ class VmdkImage(BlockDevice):
     def backing_file_name(self) -> tuple[str | None, str | None]:
         """(``parentFileNameHint``, ``"vmdk"``) for a delta disk, else (None, None)."""
         hint = self.desc.parent_hint
-        return (hint, "vmdk") if hint else (None, None)
+        return (file_name(hint), "vmdk") if hint else (None, None)
 
     def backing_attached(self) -> None:
         """Called by the opener once ``self.backing`` is set: verify the parent CID."""
