@@ -62,3 +62,29 @@ def bitmaps_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     QEMU.io(p, "write -P 7 0 64k", "write -P 8 9M 1M", "write -P 9 5000k 1k")
     QEMU.img("bitmap", "--merge", "b", p, "c")
     return p
+
+
+@pytest.fixture
+def turns_at_the_edges(tmp_path: Path) -> Callable[[Path, str, int], None]:
+    """Two writers on ``img`` (format ``fmt``, ``size`` bytes): qemu-io writes at offset 0
+    and the last 512 bytes, diskimg reads every byte back and writes at 64 KiB, and
+    qemu-img's raw conversion holds every byte of both."""
+
+    def turns(img: Path, fmt: str, size: int) -> None:
+        import diskimg
+
+        QEMU.io(img, "write -P 0x11 0 4k", f"write -P 0x22 {size - 512} 512", fmt=fmt)
+        with diskimg.open(img, "r+") as d:
+            got = d.read(0, size)
+            d.write(65536, b"\x33" * 4096)
+        want = bytearray(size)
+        want[:4096] = b"\x11" * 4096
+        want[size - 512:] = b"\x22" * 512
+        assert got == bytes(want)
+        want[65536:65536 + 4096] = b"\x33" * 4096
+        ref = tmp_path / "turns-ref.raw"
+        QEMU.img("convert", "-f", fmt, "-O", "raw", img, ref)
+        assert ref.read_bytes() == bytes(want)
+        ref.unlink()
+
+    return turns
