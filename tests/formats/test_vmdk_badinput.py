@@ -358,6 +358,16 @@ def test_access_modes_and_zero_extents(tmp_path: Path) -> None:
             img.write(0, b"x")
 
 
+def test_a_noaccess_extent_is_named_by_its_bytes(tmp_path: Path) -> None:
+    """The refusal names the file the descriptor names (UTF-8 bytes: café), not the
+    latin-1 reading of its bytes (cafÃ©)."""
+    name = "café.bin".encode().decode("latin-1")  # _desc writes text as latin-1
+    p = _desc(tmp_path, f'RW 8 ZERO\nNOACCESS 8 FLAT "{name}" 0')
+    with open_vmdk(open_host_file(p, True)) as img, \
+            pytest.raises(UnsupportedFeatureError, match="Cannot read extent 'café.bin'"):
+        img.read(4096, 512)
+
+
 def test_mutation_smoke(tmp_path: Path) -> None:
     """Random corruptions of a sparse and a stream image: DiskImgError or success only."""
     import random

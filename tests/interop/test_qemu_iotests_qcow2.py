@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -250,6 +252,21 @@ def test_unknown_incompatible_features_named_from_the_table(
     _poke(src, 72, struct.pack(">Q", bits))
     _refused_alike(di, tmp_path, src, f"Unsupported qcow2 feature(s): {message}",
                    ALL_COMMANDS if table and len(table) > 4 else SOME_COMMANDS)
+
+
+def test_a_feature_name_that_is_not_utf8_is_printed_as_its_bytes(tmp_path: Path) -> None:
+    """qemu prints a feature-table name as the C string it is: diskimg too (it used to
+    print U+FFFD's bytes for a byte that is not UTF-8), and the refusal writes nothing."""
+    src = _plain(tmp_path)
+    _with_feature_table(src, [(0, 40, os.fsdecode(b"caf\xc3\xa9 \xff"))])
+    _poke(src, 72, struct.pack(">Q", 1 << 40))
+    before = src.read_bytes()
+    want = subprocess.run(["qemu-img", "info", src], capture_output=True).stderr
+    got = subprocess.run([sys.executable, "-m", "diskimg", "info", src],
+                         capture_output=True).stderr
+    assert want.endswith(b"Unsupported qcow2 feature(s): caf\xc3\xa9 \xff\n")
+    assert got.replace(b"diskimg", b"qemu-img") == want
+    assert src.read_bytes() == before
 
 
 def test_unknown_autoclear_and_compatible_bits(di: DI, tmp_path: Path) -> None:

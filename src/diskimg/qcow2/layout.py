@@ -219,7 +219,8 @@ class Extension(Record):
 
 
 def pack_feature_table(names: list[tuple[int, int, str]] = FEATURE_NAMES) -> bytes:
-    return b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in names)
+    return b"".join(struct.pack(">BB46s", t, b, raw_name(n, "Feature name"))
+                    for t, b, n in names)
 
 
 def _feature_entries(data: bytes) -> Iterator[tuple[int, int, bytes]]:
@@ -235,7 +236,7 @@ def _feature_entries(data: bytes) -> Iterator[tuple[int, int, bytes]]:
 
 
 def parse_feature_table(data: bytes) -> dict[tuple[int, int], str]:
-    return {(t, b): name.decode("latin-1") for t, b, name in _feature_entries(data)}
+    return {(t, b): name_text(name) for t, b, name in _feature_entries(data)}
 
 
 def unsupported_features_message(unknown: int, table: bytes | None) -> str:
@@ -244,7 +245,7 @@ def unsupported_features_message(unknown: int, table: bytes | None) -> str:
     parts = []
     for t, bit, name in _feature_entries(table or b""):
         if t == 0 and bit < 64 and unknown >> bit & 1:
-            parts.append(name.decode("utf-8", "replace"))
+            parts.append(name_text(name))  # printed as its bytes, as qemu does
             unknown &= ~(1 << bit)
     if unknown:
         parts.append(f"Unknown incompatible feature: {unknown:x}")

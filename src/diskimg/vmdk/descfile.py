@@ -67,8 +67,9 @@ def open_descriptor_file(img: VmdkImage, fsize: int) -> None:
     for i, x in enumerate(d.extents, 1):
         guard_type(x.type)
         if x.type == "ZERO" or x.access == "NOACCESS":
+            gone = x.filename if x.access == "NOACCESS" else None
             img.extents.append(ZeroExtent(x.sectors * S.SECTOR, x.type,
-                                           x.filename if x.access == "NOACCESS" else None))
+                                           None if gone is None else file_name(gone)))
             continue
         assert x.filename is not None
         name = file_name(x.filename)
