@@ -85,6 +85,13 @@ def test_a_name_that_stands_for_no_bytes_is_refused_by_name(tmp_path: Path) -> N
     with pytest.raises(diskimg.UsageError, match="lone surrogate"):
         diskimg.rebase(img, "b\ud800", backing_fmt="qcow2", unsafe=True)
     assert hashlib.sha256(img.read_bytes()).hexdigest() == before
+    ext = tmp_path / "e.qcow2"
+    QEMU.img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'e.raw'}", ext,
+             "1M")
+    before = hashlib.sha256(ext.read_bytes()).hexdigest()
+    with pytest.raises(diskimg.UsageError, match="Data file name is not valid text"):
+        diskimg.amend(ext, options={"data_file": "c\ud800"})
+    assert hashlib.sha256(ext.read_bytes()).hexdigest() == before
 
 
 def test_measure_of_a_bitmap_named_by_bytes_is_qemus(tmp_path: Path) -> None:

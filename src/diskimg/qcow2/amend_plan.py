@@ -194,6 +194,8 @@ def plan_amend(h: Header, options: Mapping[str, str]) -> AmendPlan:
     if data_file is not None and not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
         raise UsageError("data-file can only be set for images that use an external "
                          "data file")
+    if data_file is not None:
+        raw_name(data_file, "Data file name")  # by name, not as "No space left" below
     raw = options.get("data_file_raw")
     data_file_raw = None if raw is None else parse_bool("data_file_raw", raw)
     if data_file_raw and not h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
