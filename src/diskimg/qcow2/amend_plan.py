@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from diskimg import progname
 from diskimg.crypto.luks import KeySlotAmend
-from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
+from diskimg.errors import FormatError, UnsupportedFeatureError, UsageError
 from diskimg.options import compat_version, parse_bool, parse_param_size
 from diskimg.qcow2.amend_compat import LAZY_NEEDS_V3, check_downgradable
 from diskimg.qcow2.layout import (
@@ -194,8 +194,6 @@ def plan_amend(h: Header, options: Mapping[str, str]) -> AmendPlan:
     if data_file is not None and not h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE:
         raise UsageError("data-file can only be set for images that use an external "
                          "data file")
-    if data_file is not None:
-        raw_name(data_file, "Data file name")  # by name, not as "No space left" below
     raw = options.get("data_file_raw")
     data_file_raw = None if raw is None else parse_bool("data_file_raw", raw)
     if data_file_raw and not h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
@@ -228,9 +226,11 @@ def plan_amend(h: Header, options: Mapping[str, str]) -> AmendPlan:
                      None if size is None else parse_param_size("size", size),
                      keyslot_request(options) if encrypt else None, data_file, data_file_raw)
     if data_file is not None or data_file_raw is not None:
-        try:  # the new name must fit in the header cluster
+        # the new name must fit in the header cluster; one that is not text is refused
+        # by name (raw_name's UsageError passes through)
+        try:
             data_file_header(h, plan).pack()
-        except DiskImgError:
+        except FormatError:
             raise UsageError("Failed to update the image header: No space left on device") \
                 from None
     if plan.downgrade:

@@ -246,8 +246,8 @@ class Snapshot(Record):
         if extra_len >= 24:
             ic = struct.unpack_from(">Q", extra, 16)[0]
             icount = None if ic == (1 << 64) - 1 else ic
-        sid = _c_string(var[extra_len : extra_len + id_len])
-        name = _c_string(var[extra_len + id_len :])
+        sid = c_string(var[extra_len : extra_len + id_len])
+        name = c_string(var[extra_len + id_len :])
         if l1_size * 8 > QCOW_MAX_L1_SIZE:
             raise FormatError(f"Snapshot L1 table too large ({l1_size} entries) in entry at "
                               f"{where:#x}", offset=where)
@@ -300,8 +300,9 @@ def c_bytes(raw: bytes) -> bytes:
     return raw.split(b"\0", 1)[0]
 
 
-def _c_string(raw: bytes) -> str:
-    """A C string field as text (:func:`~diskimg.qcow2.layout.name_text`)."""
+def c_string(raw: bytes) -> str:
+    """A C string field (id or name) as text: its bytes up to the first NUL
+    (:func:`c_bytes`) by :func:`~diskimg.qcow2.layout.name_text`."""
     return name_text(c_bytes(raw))
 
 

@@ -14,12 +14,11 @@ from diskimg.qcow2.layout import (
     QCOW_MAX_SNAPSHOTS,
     Header,
 )
-from diskimg.qcow2.layout import name_text
 from diskimg.qcow2.snapshot_table import (
     QCOW_MAX_SNAPSHOT_EXTRA_DATA,
     EntryHeader,
     TableWalk,
-    c_bytes,
+    c_string,
     check_table_pointer,
     repair_hint,
 )
@@ -115,8 +114,8 @@ def read_snapshots(st: _State, nb_u: int, off_u: int) -> None:
     for p in walk.places:
         eh = p.header
         id_at = p.start + EntryHeader.SIZE + eh.extra_data_size
-        id_str = name_text(c_bytes(table.read(id_at, eh.id_len)))
-        name = name_text(c_bytes(table.read(id_at + eh.id_len, eh.name_len)))
+        id_str = c_string(table.read(id_at, eh.id_len))
+        name = c_string(table.read(id_at + eh.id_len, eh.name_len))
         snaps.append(_Snap(eh.l1_table_offset, eh.l1_size, id_str, name, p.extra_len,
                            off + p.start))
     pos = off + walk.size
