@@ -28,7 +28,7 @@ from diskimg.slotted import made_from
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
-    from typing import Concatenate, ParamSpec, Self, TypeVar
+    from typing import ClassVar, Concatenate, ParamSpec, Self, TypeVar
 
     from diskimg.check_report import CheckReport  # built by the checkers, imported there
     from diskimg.hostio.host import Host
@@ -107,6 +107,8 @@ class BlockDevice:
     options: Mapping[str, str] = type(type.__dict__)({})  # types.MappingProxyType({})
     #: True once :meth:`close` ran (set by :meth:`_mark_open` and :meth:`close`)
     _closed: bool = False
+    #: ``id()`` of this process's devices marked open and not closed (the CLI's exit asks)
+    open_devices: ClassVar[set[int]] = set()
 
     # --- primitives formats implement ------------------------------------------------
     def _readinto(self, offset: int, buf: memoryview) -> None:
@@ -194,9 +196,8 @@ class BlockDevice:
 
     @property
     def cluster_size(self) -> int | None:
-        """Bytes per cluster (qcow2) or grain (a sparse vmdk's first extent), what
-        ``qemu-img info`` shows as ``cluster_size``; None for a format without clusters
-        (raw, a flat vmdk)."""
+        """Bytes per cluster (qcow2) or grain (a sparse vmdk's first extent): ``qemu-img
+        info``'s ``cluster_size``; None without clusters (raw, a flat vmdk)."""
         return None
 
     @property
@@ -250,9 +251,8 @@ class BlockDevice:
 
     def compress_cluster(self, data: bytes | bytearray | memoryview) -> bytes | None:
         """The compressed form of one cluster of guest data, or None to store it as it is.
-        The default, for a format that takes compressed writes as ordinary ones (vmdk),
-        is None; one without compressed writes raises :class:`UnsupportedFeatureError`.
-        Pure and thread-safe."""
+        The default, for a format that takes compressed writes as ordinary ones (vmdk), is
+        None; one without them raises :class:`UnsupportedFeatureError`.  Pure, thread-safe."""
         if not self.supports_compressed_write:
             raise self._compression_refused()
         return None
@@ -316,6 +316,7 @@ class BlockDevice:
         """The last step of opening: from now on the finalizer closes this device."""
         self._closed = False
         self._opener_pid = os.getpid()
+        BlockDevice.open_devices.add(id(self))
 
     def __del__(self) -> None:
         # not "_closed" in __dict__: construction failed, the opener released the files
@@ -324,8 +325,7 @@ class BlockDevice:
         if self.__dict__.get("_opener_pid") != os.getpid():
             return  # a forked child's copy: flushing or unlocking would act on the parent's
         if self._warns_unclosed():
-            warn(f"unclosed image {self.filename!r}", ResourceWarning,
-                          stacklevel=2, source=self)
+            warn(f"unclosed image {self.filename!r}", ResourceWarning, stacklevel=2, source=self)
         self.close()
 
     # --- public API ------------------------------------------------------------------
@@ -402,6 +402,7 @@ class BlockDevice:
                 self._flush()
         finally:
             self._closed = True
+            BlockDevice.open_devices.discard(id(self))
             try:
                 self._close()
             finally:
@@ -563,8 +564,7 @@ def _ints(offset: object, length: object) -> tuple[int, int]:
 
 
 def requires_open(fn: Callable[Concatenate[_D, _P], _R]) -> Callable[Concatenate[_D, _P], _R]:
-    """Decorator for a format's public methods: :class:`ClosedImageError` once the
-    device is closed."""
+    """Decorator for a format's public methods: :class:`ClosedImageError` once closed."""
 
     def wrapper(self: _D, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         self._check_open()

@@ -54,6 +54,12 @@ if sys.argv[2] == "import":
     code = 0
 elif sys.argv[2] == "script":  # the installed ``diskimg`` command: run as __main__
     sys.argv = sys.argv[3:]
+    import os
+
+    def _exit(code):  # the command's quick exit (cli.main._leave), made to return here
+        raise SystemExit(code)
+
+    os._exit = _exit
     with open(sys.argv[0], encoding="utf-8") as f:
         script = compile(f.read(), sys.argv[0], "exec")
     try:

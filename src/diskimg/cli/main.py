@@ -103,7 +103,65 @@ def run() -> NoReturn:
     import gc
 
     gc.disable()
-    sys.exit(main())
+    _leave(main())
+
+
+def _leave(code: int) -> NoReturn:
+    """End the ``diskimg`` process with ``code``.  The interpreter's own exit finalizes
+    every object still alive, module by module, and runs the atexit callbacks: 3.4-4.1 M
+    instructions of an ``info``, ``check``, ``map`` or convert (about 1 ms of CPU, issue
+    20), after the command's work is done.
+    When :func:`_finalization_needed` finds nothing for it to do and stdout and stderr
+    flush, the process ends at once (``os._exit``), as a C program ends after closing its
+    files: everything written with a system call is the kernel's already.  Otherwise
+    (and whenever in doubt) the ordinary ``sys.exit``, with what :func:`_settle` froze
+    handed back to the collector first: a frozen object is never collected, so an image
+    held only by a cycle through frozen objects (a function and its module's globals,
+    once the interpreter drops the module) would never be finalized, and never flushed."""
+    try:
+        if not _finalization_needed():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    except Exception:  # a stream that cannot flush: the ordinary exit reports it
+        pass
+    import gc
+
+    gc.unfreeze()
+    sys.exit(code)
+
+
+def _finalization_needed() -> bool:
+    """Whether the interpreter's exit has work a command may need: an atexit callback
+    (worker pools, logging, coverage), a thread other than this one, or a live object
+    with a finalizer that is not closed (an unclosed image flushes its metadata when
+    finalized, a Python file its buffer, a generator runs its ``finally``).  Images are
+    counted as they open and close (``BlockDevice.open_devices``); the other
+    objects are the collector's, and :func:`_settle` froze what was alive before the
+    command opened anything, so what the command made is all there.  The standard
+    streams are left to :func:`_leave`, which flushes them."""
+    import atexit
+    import gc
+
+    ncallbacks = getattr(atexit, "_ncallbacks", None)
+    if ncallbacks is None or ncallbacks():
+        return True
+    device = sys.modules.get("diskimg.device")
+    if device is not None and device.BlockDevice.open_devices:  # frozen ones too
+        return True
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() != 1:
+        return True
+    objects = gc.get_objects()
+    final = {t for t in {type(o) for o in objects} if hasattr(t, "__del__")}
+    if not final:
+        return False
+    streams = {id(s) for s in (sys.stdin, sys.stdout, sys.stderr,
+                                sys.__stdin__, sys.__stdout__, sys.__stderr__)}
+    return any(type(o) in final and id(o) not in streams
+               and getattr(o, "closed", False) is not True     # files, images, sockets
+               and getattr(o, "gi_frame", o) is not None       # a generator not finished
+               for o in objects)
 
 
 def _settle() -> None:
