@@ -330,6 +330,8 @@ def create(
             raise UnsupportedFeatureError(
                 f"Cannot create a {format} image on the NBD export '{path}': only raw "
                 "(its bytes as they are)", path=path, field="protocol")
+    if not nbd:  # a name the host cannot take: refused before anything (path_name)
+        path_name(path)
     if size is not None:  # before anything touches the file: a refusal creates nothing
         from diskimg.params import check_int
 

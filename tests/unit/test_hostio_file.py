@@ -278,12 +278,15 @@ def test_trailing_zeros_counts_the_zero_bytes_at_the_end(data: bytes) -> None:
     assert trailing_zeros(data) == len(data) - len(data.rstrip(b"\0"))
 
 
-def test_is_aligned_matches_ctypes_at_every_offset() -> None:
-    """hostio.file's alignment test (the ctypes extension module alone, start-up) gives
+def test_page_offset_matches_ctypes_at_every_offset() -> None:
+    """hostio.file's page offset (the ctypes extension module alone, start-up) gives
     ctypes' own address: every offset into a bytearray and an aligned buffer."""
     import ctypes
 
-    from diskimg.hostio.file import _ALIGN, aligned_buffer, is_aligned
+    from diskimg.hostio.file import _ALIGN, _page_offset, aligned_buffer
+
+    def is_aligned(view: memoryview) -> bool:
+        return _page_offset(view) % _ALIGN == 0
 
     for store in (bytearray(1 << 17), aligned_buffer(1 << 17)):
         for off in range(0, 2 * _ALIGN + 3):
@@ -303,11 +306,11 @@ def test_aligned_buffers_are_private_zeroed_and_filled_ones_fault_no_more(fill: 
     import mmap
     import resource
 
-    from diskimg.hostio.file import aligned_buffer, is_aligned
+    from diskimg.hostio.file import _page_offset, aligned_buffer
 
     n = 2 << 20
     buf = aligned_buffer(n, fill=fill)
-    assert len(buf) == n and is_aligned(memoryview(buf))
+    assert len(buf) == n and _page_offset(memoryview(buf)) == 0
     assert buf[:] == bytes(n)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for p in range(0, n, mmap.PAGESIZE):

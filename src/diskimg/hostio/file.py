@@ -87,18 +87,14 @@ def zero_fill(buf: memoryview) -> None:
 
 
 _MEMSET_MIN = 64 << 10
-_CMEM: Any = None
 
 
 def _cmem() -> Any:
     """:mod:`diskimg.hostio.cmem` (``_ctypes``), imported by the first large read that
     needs it (ImportError where there is no ``_ctypes``)."""
-    global _CMEM
-    if _CMEM is None:
-        from diskimg.hostio import cmem
+    from diskimg.hostio import cmem
 
-        _CMEM = cmem
-    return _CMEM
+    return cmem
 
 
 def all_zero(buf: bytes | bytearray | memoryview) -> bool:
@@ -141,11 +137,6 @@ def trailing_zeros(buf: bytes | bytearray | memoryview) -> int:
     return n - hi
 
 
-def is_aligned(buf: memoryview) -> bool:
-    """True if ``buf`` (writable) starts on an ``_ALIGN``-byte boundary."""
-    return _page_offset(buf) % _ALIGN == 0
-
-
 def _page_offset(buf: memoryview) -> int:
     """Where ``buf`` (writable) starts in its page.  A view of the whole of an ``mmap``
     (an :func:`aligned_buffer` read whole) starts on a page: told without the address (so
@@ -168,12 +159,21 @@ INT64_MAX = (1 << 63) - 1
 def path_name(path: str | os.PathLike[str]) -> str:
     """``str(pathlib.Path(path))`` without importing pathlib (start-up, issue 20): the
     name with repeated slashes, ``.`` components and a trailing slash dropped (a leading
-    ``//`` kept), as pathlib prints it and as diskimg's messages name the file."""
+    ``//`` kept), as pathlib prints it and as diskimg's messages name the file.  Every local
+    name diskimg opens, creates or resolves passes here: one the host cannot take (a NUL
+    byte, a surrogate that stands for no byte; only a Python caller's) is a UsageError."""
     name = os.fspath(path)
     if not isinstance(name, str):  # pathlib's own refusal (bytes)
         from pathlib import Path
 
         return str(Path(path))
+    try:
+        nul: bool | None = b"\0" in os.fsencode(name)
+    except UnicodeEncodeError:
+        nul = None
+    if nul is not False:
+        raise UsageError(f"{name!r} is not a file name: it holds " + ("a NUL byte" if nul
+                         else "a surrogate that stands for no byte"), path=name, field="path")
     root = ""
     if name.startswith("/"):
         root = "//" if name.startswith("//") and not name.startswith("///") else "/"

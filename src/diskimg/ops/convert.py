@@ -10,6 +10,7 @@ import stat
 from diskimg import api
 from diskimg.device import BlockDevice
 from diskimg.errors import DiskImgError, UsageError
+from diskimg.hostio import path_name
 
 from diskimg.ops import SECTOR, ProgressFn, Source, _open, is_stream_path
 from diskimg.ops.copier import _Copier
@@ -147,6 +148,8 @@ def convert(
                          field="storage_options")
     kw: dict[str, Any] = {"force_share": force_share, "untrusted": untrusted,
                           "secrets": dict(secrets or {})}
+    if isinstance(dst, str | os.PathLike) and isinstance(os.fspath(dst), str):
+        path_name(dst)  # a name the host cannot take: refused before anything
     # the streaming code (and --bitmaps') is imported only when used (start-up, issue 20)
     streamed = (is_stream_path(dst) if isinstance(dst, str | os.PathLike)
                 else not isinstance(dst, BlockDevice) and _is_stream(dst))

@@ -21,7 +21,7 @@ from diskimg.qcow2.layout import (
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
     Header,
 )
-from diskimg.qcow2.layout import raw_name
+from diskimg.qcow2.layout import raw_c_name
 
 if TYPE_CHECKING:
     from diskimg.hostio.host import Host
@@ -64,11 +64,11 @@ def set_backing(host: Host, backing_file: str | None, backing_fmt: str | None) -
     ``backing_file`` None removes both.  Other extensions are kept."""
     h = read_header(host)
     if backing_file is not None and \
-            len(raw_name(backing_file, "Backing file name")) > BACKING_FILE_NAME_MAX:
+            len(raw_c_name(backing_file, "Backing file name")) > BACKING_FILE_NAME_MAX:
         raise UsageError("Backing file name too long")
     h.backing_file = backing_file or None
     if backing_file and backing_fmt:
-        h.set_ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, raw_name(backing_fmt, "Backing format"))
+        h.set_ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, raw_c_name(backing_fmt, "Backing format"))
     else:
         h.set_ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, None)
     try:

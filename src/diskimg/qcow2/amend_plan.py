@@ -24,7 +24,7 @@ from diskimg.qcow2.layout import (
     QCOW_CRYPT_LUKS,
     Header,
 )
-from diskimg.qcow2.layout import raw_name
+from diskimg.qcow2.layout import raw_c_name
 from diskimg.qcow2.refcount import refcount_order_of
 
 __all__ = [
@@ -247,7 +247,7 @@ def data_file_header(h: Header, plan: AmendPlan) -> Header:
     new = h.copy()
     if plan.data_file is not None:
         new.set_ext(QCOW2_EXT_MAGIC_DATA_FILE,
-                    raw_name(plan.data_file, "Data file name") or None)
+                    raw_c_name(plan.data_file, "Data file name") or None)
     if plan.data_file_raw is not None:
         if plan.data_file_raw:
             new.autoclear_features |= QCOW2_AUTOCLEAR_DATA_FILE_RAW

@@ -29,7 +29,7 @@ from diskimg.qcow2.layout import (
     l1_fits,
     pack_feature_table,
 )
-from diskimg.qcow2.layout import raw_name
+from diskimg.qcow2.layout import raw_c_name
 from diskimg.qcow2.refcount import (
     RefBlock,
     refblock_entries,
@@ -146,18 +146,18 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
     if backing_file is not None:
         h.backing_file = backing_file
         if backing_fmt is not None:
-            h.set_ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, raw_name(backing_fmt, "Backing format"))
+            h.set_ext(QCOW2_EXT_MAGIC_BACKING_FORMAT, raw_c_name(backing_fmt, "Backing format"))
     if version == 3 and cs >= 8192:
         # observed: qemu-img 7.2 writes the feature-name table only for clusters >= 8 KiB
         h.set_ext(QCOW2_EXT_MAGIC_FEATURE_TABLE, pack_feature_table())
-    if len(raw_name(backing_file, "Backing file name") if backing_file else b"") > 1023:
+    if len(raw_c_name(backing_file, "Backing file name") if backing_file else b"") > 1023:
         raise UsageError("Backing file name too long")
     if enc_format is not None:
         h.crypt_method = 1 if enc_format == "aes" else 2
         options["_encrypt"] = enc_opts  # consumed by create_qcow2
     if data_file is not None:
         h.incompatible_features |= QCOW2_INCOMPAT_DATA_FILE
-        h.set_ext(QCOW2_EXT_MAGIC_DATA_FILE, raw_name(str(data_file), "Data file name"))
+        h.set_ext(QCOW2_EXT_MAGIC_DATA_FILE, raw_c_name(str(data_file), "Data file name"))
         if data_file_raw:
             h.autoclear_features |= QCOW2_AUTOCLEAR_DATA_FILE_RAW
     return h, prealloc

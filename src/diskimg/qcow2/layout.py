@@ -64,6 +64,16 @@ def raw_name(text: str, what: str = "Name") -> bytes:
                          "byte)") from None
 
 
+def raw_c_name(text: str, what: str) -> bytes:
+    """:func:`raw_name` of a name QEMU reads as a C string (a backing or data file name, a
+    backing format): also :class:`UsageError` for a NUL byte, which would end it early (the
+    name read back, and the file opened, would be another)."""
+    raw = raw_name(text, what)
+    if b"\0" in raw:
+        raise UsageError(f"{what} cannot hold a NUL byte")
+    return raw
+
+
 QCOW_CRYPT_NONE = 0
 QCOW_CRYPT_AES = 1
 QCOW_CRYPT_LUKS = 2
@@ -551,7 +561,7 @@ class Header(Record):
                              self.autoclear_features, self.refcount_order, self.header_length)
             body += bytes(self.header_length - V3_HEADER_LENGTH)  # compression byte below
         hdr_len = V2_HEADER_LENGTH if self.version == 2 else self.header_length
-        bf = raw_name(self.backing_file, "Backing file name") if self.backing_file else b""
+        bf = raw_c_name(self.backing_file, "Backing file name") if self.backing_file else b""
         kept = self.extensions
         exts = b"".join(e.pack() for e in kept) + _EXT_HDR.pack(QCOW2_EXT_MAGIC_END, 0)
         if hdr_len + len(exts) + len(bf) > cs:

@@ -183,9 +183,13 @@ def file_name(text: str) -> str:
 def stored_text(name: str, what: str) -> str:
     """The descriptor characters that store file name ``name`` (:func:`file_name`'s
     inverse); :class:`UsageError` naming ``what`` for a lone surrogate that stands for no
-    byte (text no decoding of bytes gives: the caller's)."""
+    byte (text no decoding of bytes gives: the caller's) or a NUL byte (which ends the
+    descriptor's text)."""
     try:
-        return os.fsencode(name).decode("latin-1")
+        raw = os.fsencode(name)
     except UnicodeEncodeError:
         raise UsageError(f"{what} is not valid text (a lone surrogate that stands for no "
                          "byte)") from None
+    if b"\0" in raw:
+        raise UsageError(f"{what} cannot hold a NUL byte")
+    return raw.decode("latin-1")

@@ -1,0 +1,112 @@
+"""Names no file can have, from a Python caller: a NUL byte, or a surrogate that stands for
+no byte (``os.fsencode`` refuses it; a command line can pass neither).
+
+Every API call refuses such a name with :class:`UsageError` -- not the ``ValueError`` or
+``UnicodeEncodeError`` the ``os`` functions raise -- before it makes, changes or removes
+any file.  A name diskimg would store in an image for QEMU to read as a C string (a backing
+or data file name, a backing format, a vmdk parent or extent) is refused for a NUL byte
+too: stored, it would end early, and name (or make) another file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import diskimg
+from diskimg import UsageError
+
+NUL = "a\0b.img"
+SURROGATE = "a\ud800b.img"
+
+
+def _tree(d: Path) -> dict[str, str]:
+    """Every file under ``d`` with the hash of its bytes."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _setup(d: Path) -> None:
+    """An image, and one with an external data file."""
+    diskimg.create(d / "ok.qcow2", "qcow2", 1 << 20)
+    diskimg.create(d / "ext.qcow2", "qcow2", 1 << 20, options={"data_file": str(d / "ext.raw")})
+    for name in ("ok.qcow2", "ext.qcow2"):
+        with diskimg.open(d / name, "r+") as img:
+            img.write(0, b"\x5a" * 65536)
+
+
+#: API calls with the bad name in one argument (the others name usable files)
+CALLS: dict[str, Callable[[Path, str], Any]] = {
+    "open": lambda d, n: diskimg.open(d / n),
+    "open r+": lambda d, n: diskimg.open(d / n, "r+", format="qcow2"),
+    "info": lambda d, n: diskimg.info(d / n),
+    "check": lambda d, n: diskimg.check(d / n),
+    "map": lambda d, n: diskimg.map(d / n),
+    "create qcow2": lambda d, n: diskimg.create(d / n, "qcow2", 1 << 20),
+    "create raw": lambda d, n: diskimg.create(d / n, "raw", 1 << 20),
+    "create vmdk": lambda d, n: diskimg.create(d / n, "vmdk", 1 << 20),
+    "create with that backing file": lambda d, n: diskimg.create(
+        d / "new.qcow2", "qcow2", 1 << 20, backing_file=n, backing_fmt="qcow2"),
+    "convert from": lambda d, n: diskimg.convert(d / n, d / "out.raw", out_format="raw"),
+    "convert to raw": lambda d, n: diskimg.convert(d / "ok.qcow2", d / n, out_format="raw"),
+    "convert to qcow2": lambda d, n: diskimg.convert(d / "ok.qcow2", d / n,
+                                                     out_format="qcow2"),
+    "dd to": lambda d, n: diskimg.dd(d / "ok.qcow2", d / n, bs=65536),
+    "compare": lambda d, n: diskimg.compare(d / "ok.qcow2", d / n),
+    "rebase onto": lambda d, n: diskimg.rebase(d / "ok.qcow2", str(d / n), "qcow2"),
+}
+
+
+@pytest.mark.parametrize("name", [NUL, SURROGATE], ids=["NUL", "surrogate"])
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_a_name_no_file_can_have_is_the_callers_error_and_changes_nothing(
+        call: str, name: str, tmp_path: Path) -> None:
+    _setup(tmp_path)
+    before = _tree(tmp_path)
+    with pytest.raises(UsageError) as e:
+        CALLS[call](tmp_path, name)
+    why = "a NUL byte" if name == NUL else "a surrogate that stands for no byte"
+    assert str(e.value).endswith(f"is not a file name: it holds {why}"), str(e.value)
+    assert e.value.field == "path"
+    assert _tree(tmp_path) == before
+
+
+#: names stored in an image, with a NUL byte, and the message that refuses each
+STORED: dict[str, tuple[Callable[[Path], Any], str]] = {
+    "backing file (unsafe create)": (lambda d: diskimg.create(
+        d / "ok.qcow2", "qcow2", 1 << 20, backing_file="b\0x.qcow2", backing_fmt="qcow2",
+        unsafe=True), "Backing file name cannot hold a NUL byte"),
+    "backing format": (lambda d: diskimg.create(
+        d / "ok.qcow2", "qcow2", 1 << 20, backing_file="base.qcow2", backing_fmt="qcow\0",
+        unsafe=True), "Backing format cannot hold a NUL byte"),
+    "data file (create)": (lambda d: diskimg.create(
+        d / "ok.qcow2", "qcow2", 1 << 20, options={"data_file": str(d / "b\0x.raw")}),
+                           "Data file name cannot hold a NUL byte"),
+    "data file (amend)": (lambda d: diskimg.amend(
+        d / "ext.qcow2", {"data_file": "b\0x.raw"}), "Data file name cannot hold a NUL byte"),
+    "backing file (unsafe rebase)": (lambda d: diskimg.rebase(
+        d / "ok.qcow2", "b\0x.qcow2", "qcow2", unsafe=True),
+                                     "Backing file name cannot hold a NUL byte"),
+    "vmdk parent": (lambda d: diskimg.create(
+        d / "ok.qcow2", "vmdk", 1 << 20, backing_file=str(d / "b\0x.vmdk"),
+        backing_fmt="vmdk", unsafe=True), "'.*' is not a file name: it holds a NUL byte"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STORED))
+def test_a_stored_name_with_a_nul_byte_is_refused_before_any_write(case: str,
+                                                                  tmp_path: Path) -> None:
+    """Before: the data file's name was stored whole and read back up to the NUL, so the
+    create made (and the image then used) a data file named ``b``."""
+    _setup(tmp_path)
+    before = _tree(tmp_path)
+    call, message = STORED[case]
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        call(tmp_path)
+    assert _tree(tmp_path) == before  # the image byte-identical, no file made
+    assert sorted(os.listdir(tmp_path)) == ["ext.qcow2", "ext.raw", "ok.qcow2"]
