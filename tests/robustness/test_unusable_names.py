@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 import diskimg
-from diskimg import UsageError
+from diskimg import PoolError, PoolRegistry, UsageError
+from diskimg.pool.xml import PoolDef
 
 NUL = "a\0b.img"
 SURROGATE = "a\ud800b.img"
@@ -110,3 +111,31 @@ def test_a_stored_name_with_a_nul_byte_is_refused_before_any_write(case: str,
         call(tmp_path)
     assert _tree(tmp_path) == before  # the image byte-identical, no file made
     assert sorted(os.listdir(tmp_path)) == ["ext.qcow2", "ext.raw", "ok.qcow2"]
+
+
+#: storage pools: names and target directories are written into XML definitions, which
+#: hold UTF-8 text only, and become file names
+POOL_CALLS: dict[str, Callable[[Any, Path, str], Any]] = {
+    "pool name": lambda reg, d, n: reg.define(n, d / "dir"),
+    "pool target": lambda reg, d, n: reg.define("p", d / n),
+    "transient pool target": lambda reg, d, n: reg.create_xml(
+        PoolDef(name="t", type="dir", target_path=str(d / n))),
+    "volume name": lambda reg, d, n: reg.lookup("good").create_volume(n, 1 << 20, "qcow2"),
+}
+
+
+@pytest.mark.parametrize("name", [NUL, SURROGATE, "a\udcffb"], ids=["NUL", "surrogate",
+                                                                   "not UTF-8"])
+@pytest.mark.parametrize("call", sorted(POOL_CALLS))
+def test_a_pool_name_that_is_not_xml_text_is_refused_and_changes_nothing(
+        call: str, name: str, tmp_path: Path) -> None:
+    """Before: a NUL went into the definition, and a surrogate raised UnicodeEncodeError
+    while the definition was written."""
+    reg = PoolRegistry(tmp_path / "cfg", tmp_path / "state")
+    pool = reg.define("good", tmp_path / "dir")
+    pool.build()
+    pool.start()
+    before = _tree(tmp_path)
+    with pytest.raises(PoolError, match="invalid (pool name|target path|volume name) '"):
+        POOL_CALLS[call](reg, tmp_path, name)
+    assert _tree(tmp_path) == before

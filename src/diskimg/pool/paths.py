@@ -23,21 +23,44 @@ LIBVIRT_SYSTEM_STATE = Path("/run/libvirt/storage")
 DIR_TYPES = ("dir", "fs", "netfs")
 
 
+def _usable(text: str) -> bool:
+    """Whether ``text`` can be a name in a definition: XML text (UTF-8: no surrogate, which
+    a Python caller can pass) and a file name (no NUL)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in text
+
+
+def _shown(text: str) -> str:
+    """``text`` for a message (a surrogate as its escape)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def validate_pool_name(name: str) -> None:
-    """A pool name becomes a file name (NAME.xml): no '/', NUL, '.' or '..'."""
+    """A pool name becomes a file name (NAME.xml): no '/', NUL, '.' or '..', and XML text."""
     if "/" in name:
-        raise PoolError(f"XML error: name {name} cannot contain '/'")
-    if not name or name in (".", "..") or "\0" in name:
-        raise PoolError(f"XML error: invalid pool name '{name}'")
+        raise PoolError(f"XML error: name {_shown(name)} cannot contain '/'")
+    if not name or name in (".", "..") or not _usable(name):
+        raise PoolError(f"XML error: invalid pool name '{_shown(name)}'")
 
 
 def validate_volume_name(name: str) -> None:
-    """Refuse names that would leave the pool directory (libvirt's rule plus . and ..)."""
+    """Refuse names that would leave the pool directory (libvirt's rule plus . and ..), or
+    that are not XML text."""
     if "/" in name:
-        raise PoolError(f"Requested operation is not valid: volume name '{name}' cannot "
-                        "contain '/'")
-    if not name or name in (".", "..") or "\0" in name:
-        raise PoolError(f"Requested operation is not valid: invalid volume name '{name}'")
+        raise PoolError(f"Requested operation is not valid: volume name '{_shown(name)}' "
+                        "cannot contain '/'")
+    if not name or name in (".", "..") or not _usable(name):
+        raise PoolError("Requested operation is not valid: invalid volume name "
+                        f"'{_shown(name)}'")
+
+
+def validate_target_path(path: str | None) -> None:
+    """A pool's target directory is written into its definition: XML text, a file name."""
+    if path is not None and not _usable(path):
+        raise PoolError(f"XML error: invalid target path '{_shown(path)}'")
 
 
 def default_config_dir() -> Path:

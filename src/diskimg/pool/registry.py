@@ -22,6 +22,7 @@ from diskimg.pool.paths import (
     default_config_dir,
     default_state_dir,
     validate_pool_name,
+    validate_target_path,
     write_atomic,
 )
 from diskimg.pool.pool import Pool
@@ -162,6 +163,8 @@ class PoolRegistry:
         """Store a pool definition (``virsh pool-define``).  Re-defining a pool of the same
         name and UUID updates it; a started pool keeps running with its old definition."""
         d = xml if isinstance(xml, PoolDef) else PoolDef.from_xml(xml)
+        validate_pool_name(d.name)
+        validate_target_path(d.target_path)
         if d.target_path is not None and d.type in DIR_TYPES:
             if not os.path.isabs(d.target_path):
                 raise PoolError(f"XML error: target path '{d.target_path}' is not absolute")
@@ -184,6 +187,8 @@ class PoolRegistry:
     def create_xml(self, xml: str | bytes | PoolDef, *, build: bool = False) -> Pool:
         """Start a transient pool (``virsh pool-create``): no stored definition."""
         d = xml if isinstance(xml, PoolDef) else PoolDef.from_xml(xml)
+        validate_pool_name(d.name)
+        validate_target_path(d.target_path)
         if d.target_path is not None:
             d.target_path = os.path.normpath(os.path.abspath(d.target_path))
         old = self._check_conflicts(d)
