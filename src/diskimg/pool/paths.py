@@ -23,11 +23,12 @@ LIBVIRT_SYSTEM_STATE = Path("/run/libvirt/storage")
 DIR_TYPES = ("dir", "fs", "netfs")
 
 
-def _usable(text: str) -> bool:
-    """Whether ``text`` can be a name in a definition: XML text (UTF-8: no surrogate, which
-    a Python caller can pass) and a file name (no NUL)."""
+def _usable(text: str, xml: bool = True) -> bool:
+    """Whether ``text`` can be a file name (no NUL, and bytes for every character:
+    ``os.fsencode``) and, with ``xml``, text in a definition (UTF-8: no surrogate at all).
+    Only a Python caller can pass a name that fails."""
     try:
-        text.encode("utf-8")
+        text.encode("utf-8") if xml else os.fsencode(text)
     except UnicodeEncodeError:
         return False
     return "\0" not in text
@@ -48,11 +49,12 @@ def validate_pool_name(name: str) -> None:
 
 def validate_volume_name(name: str) -> None:
     """Refuse names that would leave the pool directory (libvirt's rule plus . and ..), or
-    that are not XML text."""
+    that no file can have.  (A file whose name is not UTF-8 is a volume, as libvirt lists
+    it.)"""
     if "/" in name:
         raise PoolError(f"Requested operation is not valid: volume name '{_shown(name)}' "
                         "cannot contain '/'")
-    if not name or name in (".", "..") or not _usable(name):
+    if not name or name in (".", "..") or not _usable(name, xml=False):
         raise PoolError("Requested operation is not valid: invalid volume name "
                         f"'{_shown(name)}'")
 
