@@ -15,7 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from diskimg.errors import PoolError
+from diskimg.errors import PoolError, UsageError
+from diskimg.hostio import path_name
 
 LIBVIRT_SYSTEM_DIR = Path("/etc/libvirt/storage")
 LIBVIRT_SYSTEM_STATE = Path("/run/libvirt/storage")
@@ -24,14 +25,16 @@ DIR_TYPES = ("dir", "fs", "netfs")
 
 
 def _usable(text: str, xml: bool = True) -> bool:
-    """Whether ``text`` can be a file name (no NUL, and bytes for every character:
-    ``os.fsencode``) and, with ``xml``, text in a definition (UTF-8: no surrogate at all).
-    Only a Python caller can pass a name that fails."""
+    """Whether ``text`` can be a file name (:func:`~diskimg.hostio.path_name`'s rule: no
+    NUL, a byte for every character) and, with ``xml``, text in a definition (UTF-8: no
+    surrogate at all).  Only a Python caller can pass a name that fails."""
     try:
-        text.encode("utf-8") if xml else os.fsencode(text)
-    except UnicodeEncodeError:
+        path_name(text)
+        if xml:
+            text.encode("utf-8")
+    except (UsageError, UnicodeEncodeError):
         return False
-    return "\0" not in text
+    return True
 
 
 def _shown(text: str) -> str:

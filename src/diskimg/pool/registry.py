@@ -178,8 +178,8 @@ class PoolRegistry:
 
     def define(self, name: str, target: str | os.PathLike[str], *, type: str = "dir",
                permissions: Permissions | None = None, uuid: str | None = None) -> Pool:
-        """``virsh pool-define-as NAME dir --target PATH``."""
-        validate_pool_name(name)
+        """``virsh pool-define-as NAME dir --target PATH`` (:meth:`define_xml` checks the
+        name and the target)."""
         return self.define_xml(PoolDef(name=name, type=type,
                                        target_path=os.path.abspath(os.fspath(target)),
                                        permissions=permissions, uuid=uuid))
