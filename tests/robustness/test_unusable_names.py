@@ -158,3 +158,28 @@ def test_a_volume_whose_name_is_not_utf8_is_listed(tmp_path: Path) -> None:
     pool.create_volume("ok.qcow2", 1 << 20, "qcow2")
     assert [v.name for v in pool.volumes()] == ["ok.qcow2", "x\udcffy.raw"]
     assert pool.volume("x\udcffy.raw").info().capacity == 512
+
+
+@pytest.mark.parametrize("args,said", [
+    ([b"\xff", b"dir", b"--target", b"T"], "invalid pool name '\\udcff'"),
+    ([b"ok", b"dir", b"--target", b"T/\xff"], "invalid target path '"),
+    ([b"\xff", b"dir", b"--target", b"T", b"--print-xml"], "invalid pool name '\\udcff'"),
+])
+def test_virsh_pool_define_as_refuses_a_name_that_is_not_utf8_in_libvirt_words(
+        args: list[bytes], said: str, tmp_path: Path) -> None:
+    """From the command line (arguments are bytes): an XML error as virsh's define gives,
+    exit 1, nothing stored.  Before: Python's codec message ('utf-8' codec can't encode
+    character '\\udcff' ...)."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "cfg"
+    argv = [os.fsencode(sys.executable), b"-m", b"diskimg", b"virsh", b"--config-dir",
+            os.fsencode(cfg), b"pool-define-as",
+            *[a.replace(b"T", os.fsencode(tmp_path / "t")) for a in args]]
+    r = subprocess.run(argv, capture_output=True, timeout=60)
+    err = r.stderr.decode("utf-8", "backslashreplace")
+    assert r.returncode == 1, err
+    assert err.startswith("error: Failed to define pool ") and f"error: XML error: {said}" in err
+    assert "codec" not in err and "Traceback" not in err
+    assert not cfg.exists() or not list(cfg.iterdir())

@@ -24,6 +24,7 @@ from diskimg.pool.cmdline import (
     read_file,
     table,
 )
+from diskimg.pool.paths import validate_pool_name, validate_target_path
 from diskimg.pool.pool import Pool
 from diskimg.pool.xml import PoolDef
 
@@ -51,6 +52,9 @@ def _pool_def_as(a: dict[str, Any], verb: str) -> tuple[PoolDef, str]:
         raise CmdError(fail, f"Operation not supported: --{unsupported[0]} is not used by "
                              "dir pools")
     target = a.get("target")
+    with Fail(fail):  # what no XML can hold is refused as define_xml words it
+        validate_pool_name(a["name"])
+        validate_target_path(target)
     lines = [f"<pool type='{esc(a['type'])}'>", f"  <name>{esc(a['name'])}</name>"]
     if target:
         lines += ["  <target>", f"    <path>{esc(target)}</path>", "  </target>"]
