@@ -158,11 +158,11 @@ class SparseExtent(GrainMappedExtent):
                 f"'{self.filename}'", offset=self.header.gd_offset * S.SECTOR + 4 * gdi)
         t = S.le_u32_array(self.host.pread(off, self.geo.gt_bytes))
         self._gts[gdi] = t
-        if len(self._gts) > _GT_CACHE:
-            for k in list(self._gts):
-                if k not in self._dirty:
-                    del self._gts[k]
-                    break
+        if len(self._gts) > _GT_CACHE:     # the least recently used clean table goes
+            dirty = self._dirty
+            old = next((k for k in self._gts if k not in dirty), None)
+            if old is not None:
+                del self._gts[old]
         return t
 
     def _classify(self, gte: int) -> RunKind:
