@@ -19,9 +19,15 @@ if TYPE_CHECKING:
 
 def make_image(path: PathLike, format: str, size: int,  # noqa: A002 - create's names
                backing_file: str | None, backing_fmt: str | None, opts: dict[str, Any],
-               secrets: Mapping[str, bytes] | None, *, nbd: bool = False) -> None:
+               secrets: Mapping[str, bytes] | None, *, nbd: bool = False,
+               lock: bool = True) -> None:
     """Create the image of :func:`diskimg.create` at ``path`` (``nbd``: on the NBD
-    export ``path`` names, raw only); ``opts`` are its ``-o`` options, checked here."""
+    export ``path`` names, raw only); ``opts`` are its ``-o`` options, checked here.
+
+    ``lock`` False: QEMU's lock bytes on the files made are neither tested nor taken.
+    Only for a caller that already holds the write lock on ``path`` through a descriptor
+    of its own (which a second one would conflict with), or was told to override a
+    running QEMU's (``virsh vol-wipe --force``)."""
     if nbd:
         from diskimg.nbd.client_host import create_raw_on_export
 
@@ -38,7 +44,7 @@ def make_image(path: PathLike, format: str, size: int,  # noqa: A002 - create's 
         if opts:  # checked first: a refusal creates and changes nothing (as qemu-img)
             raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
         existed = os.path.lexists(path)
-        host = open_host_file(path, True, create=True, truncate=False)
+        host = open_host_file(path, True, create=True, truncate=False, lock_mode=lock)
         try:
             create_raw(host, size, prealloc)
         except BaseException:
@@ -52,7 +58,7 @@ def make_image(path: PathLike, format: str, size: int,  # noqa: A002 - create's 
         return
     existed = os.path.lexists(path)
     try:
-        _create_image(path, format, size, backing_file, backing_fmt, opts, secrets)
+        _create_image(path, format, size, backing_file, backing_fmt, opts, secrets, lock)
     except BaseException:
         if not existed:  # a refused create leaves no file behind
             _remove_created(path)
@@ -61,25 +67,25 @@ def make_image(path: PathLike, format: str, size: int,  # noqa: A002 - create's 
 
 def _create_image(path: PathLike, format: str, size: int,  # noqa: A002
                   backing_file: str | None, backing_fmt: str | None, opts: dict[str, Any],
-                  secrets: Mapping[str, bytes] | None) -> None:
+                  secrets: Mapping[str, bytes] | None, lock: bool) -> None:
     """The luks, qcow2 and vmdk branches of :func:`make_image`."""
     if format == "luks":
         from diskimg.luks import create_luks_image
 
-        create_luks_image(path, size, opts, dict(secrets or {}))
+        create_luks_image(path, size, opts, dict(secrets or {}), lock=lock)
         return
     if format == "qcow2":
         from diskimg.hostio.file import path_name
         from diskimg.qcow2.create import create_qcow2
 
         create_qcow2(path_name(path), size, backing_file=backing_file, backing_fmt=backing_fmt,
-                     options=opts, secrets=dict(secrets or {}))
+                     options=opts, secrets=dict(secrets or {}), lock=lock)
         return
     from pathlib import Path
 
     from diskimg.vmdk import create_vmdk
 
-    create_vmdk(Path(path), size, backing_file=backing_file, options=opts)
+    create_vmdk(Path(path), size, backing_file=backing_file, options=opts, lock=lock)
 
 
 def _remove_created(path: PathLike) -> None:

@@ -217,11 +217,12 @@ def keyslot_request(options: Mapping[str, str]) -> KeySlotAmend:
 
 
 def create_luks_image(path: str | os.PathLike[str], size: int, options: Mapping[str, Any],
-                      secrets: Mapping[str, bytes]) -> None:
+                      secrets: Mapping[str, bytes], *, lock: bool = True) -> None:
     """Create a luks image of ``size`` guest bytes at ``path``, as ``qemu-img create -f
     luks`` does: the header and slot 0's key material written, the rest of the header
     area and the payload left as holes (``preallocation=falloc|full`` allocate the whole
-    file).  Every option is checked and the header built before the file is touched."""
+    file).  Every option is checked and the header built before the file is touched.
+    ``lock``: as :func:`diskimg.image_create.make_image`'s."""
     from diskimg.crypto.luks import build_luks
     from diskimg.hostio import open_host_file
 
@@ -240,7 +241,7 @@ def create_luks_image(path: str | os.PathLike[str], size: int, options: Mapping[
     area, cipher, _header = build_luks(secrets[str(key_id)], opts)
     cipher.wipe()
     total = len(area) + size
-    host = open_host_file(path, True, create=True, truncate=False)
+    host = open_host_file(path, True, create=True, truncate=False, lock_mode=lock)
     try:
         host.empty(reserve=total)  # a size the file system refuses leaves the file as it was
         host.truncate(total)

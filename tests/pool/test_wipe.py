@@ -79,13 +79,13 @@ def test_unknown_algorithm_and_unrecreatable_volumes_are_refused() -> None:
     with pytest.raises(PoolError, match="Unsupported wipe algorithm 'shred'; choose one of "
                                         "zero, nnsa"):
         wipe.check_algorithm("shred")
-    assert wipe.check_recreatable(VolumeDef(name="v", format="raw")) is False
-    assert wipe.check_recreatable(VolumeDef(name="v", format="qcow2")) is True
+    assert wipe.check_recreatable(VolumeDef(name="v", format="raw"), "v") is False
+    assert wipe.check_recreatable(VolumeDef(name="v", format="qcow2"), "v") is True
     with pytest.raises(PoolError, match="cannot re-create a 'vpc' volume"):
-        wipe.check_recreatable(VolumeDef(name="v", format="vpc"))
+        wipe.check_recreatable(VolumeDef(name="v", format="vpc"), "v")
     with pytest.raises(PoolError, match="encrypted volume"):
         wipe.check_recreatable(VolumeDef(name="v", format="qcow2",
-                                         encryption=Encryption("luks")))
+                                         encryption=Encryption("luks")), "v")
 
 
 @pytest.mark.qemu

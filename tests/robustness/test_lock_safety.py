@@ -414,6 +414,109 @@ def test_pool_verbs_leave_a_held_volume_alone(tmp_path: Path, qemu_io: str) -> N
     assert not failures, "\n".join(failures)
 
 
+def _virsh(tmp_path: Path) -> Callable[..., tuple[int, str]]:
+    """``virsh`` (diskimg's) over a config and state directory in ``tmp_path``, with an
+    active pool ``p1`` at ``tmp_path / "pool"``: (exit code, stderr) of a command."""
+    from diskimg.pool.cli import main
+
+    def virsh(*args: str) -> tuple[int, str]:
+        out, err = io.StringIO(), io.StringIO()
+        rc = main(["--config-dir", str(tmp_path / "cfg"), "--state-dir",
+                   str(tmp_path / "state"), *args], stdout=out, stderr=err)
+        return rc, err.getvalue()
+
+    for args in (["pool-define-as", "p1", "dir", "--target", str(tmp_path / "pool")],
+                 ["pool-build", "p1"], ["pool-start", "p1"]):
+        assert virsh(*args) == (0, ""), args
+    return virsh
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk"])
+def test_forced_wipe_of_a_held_volume_leaves_a_usable_empty_image(
+        tmp_path: Path, qemu_io: str, fmt: str) -> None:
+    """``vol-wipe --force`` on a qcow2 or vmdk volume a running qemu-io holds: the old data
+    is gone and an empty image of the same format and size is in its place.  The
+    re-create used to take QEMU's lock itself, was refused by qemu-io's, and left a
+    0-byte file (exit 1) where the volume was."""
+    virsh = _virsh(tmp_path)
+    name = f"vm.{fmt}"
+    path = tmp_path / "pool" / name
+    assert virsh("vol-create-as", "p1", name, "4M", "--format", fmt)[0] == 0
+    r = QEMU.io(path, "write -P 0x33 0 1M", fmt=fmt, cwd=tmp_path, ok=None, verify=False)
+    assert r.returncode == 0, r.stderr
+    before = QEMU.img("info", "--output=json", "-f", fmt, path, cwd=tmp_path, ok=None)
+    with held(qemu_io, path, fmt):
+        assert virsh("vol-wipe", name, "p1", "--force") == (0, "")
+    r = QEMU.img("check", "-f", fmt, path, cwd=tmp_path, ok=None)
+    assert r.returncode == 0 and "No errors were found" in r.stdout, r.stdout + r.stderr
+    after = QEMU.img("info", "--output=json", "-f", fmt, path, cwd=tmp_path, ok=None)
+    import json
+
+    old, new = json.loads(before.stdout), json.loads(after.stdout)
+    assert (new["format"], new["virtual-size"]) == (old["format"], old["virtual-size"])
+    r = QEMU.io(path, "read -P 0 0 4M", fmt=fmt, cwd=tmp_path, ok=None, verify=False)
+    assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
+    assert b"\x33" * 512 not in path.read_bytes()  # no sector of the old data is left
+
+
+def test_wipe_of_a_vmdk_whose_backing_file_is_gone_changes_nothing(
+        tmp_path: Path) -> None:
+    """A vmdk's re-create reads its backing file (the parent's CID).  With that file gone,
+    vol-wipe is refused before the first byte is overwritten: the volume stays
+    byte-identical (it used to be overwritten, then emptied, and the re-create failed)."""
+    virsh = _virsh(tmp_path)
+    pool = tmp_path / "pool"
+    QEMU.img("create", "-q", "-f", "vmdk", pool / "base.vmdk", "1M", cwd=tmp_path)
+    QEMU.img("create", "-q", "-f", "vmdk", "-b", pool / "base.vmdk", "-F", "vmdk",
+             pool / "child.vmdk", cwd=tmp_path)
+    r = QEMU.io(pool / "child.vmdk", "write -P 0x44 0 64k", fmt="vmdk", cwd=tmp_path,
+                ok=None, verify=False)
+    assert r.returncode == 0, r.stderr
+    (pool / "base.vmdk").unlink()
+    assert virsh("pool-refresh", "p1")[0] == 0
+    before = digests(tmp_path)
+    rc, err = virsh("vol-wipe", "child.vmdk", "p1")
+    assert rc == 1 and "Failed to wipe vol child.vmdk" in err, err
+    assert "base.vmdk" in err and "Traceback" not in err, err
+    assert digests(tmp_path) == before
+
+
+@pytest.mark.parametrize(("fmt", "opts"), [
+    ("raw", {}), ("raw", {"preallocation": "full"}), ("qcow2", {}),
+    ("qcow2", {"preallocation": "metadata"}), ("qcow2", {"preallocation": "falloc"}),
+    ("qcow2", {"data_file": "img.data"}), ("vmdk", {}),
+    ("vmdk", {"subformat": "twoGbMaxExtentSparse"}), ("vmdk", {"subformat": "monolithicFlat"}),
+    ("luks", {"key-secret": "s0", "iter-time": 10})])
+def test_a_create_told_not_to_lock_goes_ahead_where_a_locking_one_is_refused(
+        tmp_path: Path, qemu_io: str, fmt: str, opts: dict[str, object]) -> None:
+    """``make_image(lock=False)`` (how vol-wipe re-creates a volume whose lock its own
+    descriptor holds, or was forced past) takes no lock on any file it makes, on every
+    branch: raw, qcow2 with preallocation or a data file, multi-file vmdk, luks.  Without
+    it the same create over a file qemu-io holds is refused and changes no byte."""
+    from diskimg.image_create import make_image
+
+    secrets = {"s0": b"pw"}
+    img = tmp_path / f"img.{fmt}"
+    diskimg.create(img, fmt, 1 << 20, options=dict(opts), secrets=secrets)
+    with held(qemu_io, img, "raw"):
+        before = digests(tmp_path)
+        with pytest.raises(ImageLockedError):
+            make_image(img, fmt, 2 << 20, None, None, dict(opts), secrets)
+        assert digests(tmp_path) == before
+        make_image(img, fmt, 2 << 20, None, None, dict(opts), secrets, lock=False)
+    spec = (f"driver=luks,key-secret=s0,file.filename={img}" if fmt == "luks"
+            else f"driver={fmt},file.filename={img}")
+    obj = ["--object", "secret,id=s0,data=pw"] if fmt == "luks" else []
+    r = QEMU.img("info", "--output=json", *obj, "--image-opts", spec, cwd=tmp_path, ok=None)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    assert json.loads(r.stdout)["virtual-size"] == 2 << 20
+    if fmt in ("qcow2", "vmdk"):
+        r = QEMU.img("check", "-f", fmt, img, cwd=tmp_path, ok=None)
+        assert r.returncode == 0 and "No errors were found" in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize(("name", "fmt", "part", "pattern"),
                          [("ext.qcow2", "qcow2", "ext.data", 5),
                           ("flat.vmdk", "vmdk", "flat-flat.vmdk", 8)])

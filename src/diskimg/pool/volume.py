@@ -178,13 +178,12 @@ class Volume:
             raise PoolError("unsupported: wiping a volume of type 'dir'")
         with self._op_lock():
             d = self.definition()
-            recreate = wipe.check_recreatable(d)
+            recreate = wipe.check_recreatable(d, self.path)
             with locking.qemu_locked(self.path, self.name, self.pool.name, force) as host:
                 wipe.wipe_host(host, algorithm, progress)
-                if recreate:
+                if recreate:  # made while ``host`` holds the lock: nobody opens it between
                     os.ftruncate(host.fd, 0)
-            if recreate:
-                wipe.recreate(self.path, d, secrets)
+                    wipe.recreate(self.path, d, secrets)
 
     def resize(self, capacity: int, *, delta: bool = False, shrink: bool = False,
                allocate: bool = False, force: bool = False) -> int:

@@ -2,8 +2,10 @@
 overwritten, then re-created in its format.
 
 Invariants: every refusal (unknown algorithm, a format diskimg cannot re-create, an
-encrypted volume) happens before the first byte is overwritten; a pass covers the whole host
-file [0, size) and is fsynced; a verified pass reads every byte back.
+encrypted volume, a vmdk whose backing file cannot be read) happens before the first byte is
+overwritten; a pass covers the whole host file [0, size) and is fsynced; a verified pass
+reads every byte back; the new image is made while the wipe's descriptor still holds QEMU's
+write lock (or its override), so no other process opens the volume between the two.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from diskimg import api
 from diskimg.errors import PoolError
 from diskimg.hostio import HostFile
 from diskimg.pool.create import CHUNK, CREATE_FORMATS, check_can_create, qcow2_options
@@ -46,9 +47,10 @@ def check_algorithm(algorithm: str) -> None:
                         f"{', '.join(WIPE_ALGORITHMS)}")
 
 
-def check_recreatable(d: VolumeDef) -> bool:
-    """Whether the wiped volume ``d`` must be re-created as an empty image (any format but
-    raw); refuses, before anything is overwritten, one that cannot be."""
+def check_recreatable(d: VolumeDef, path: str) -> bool:
+    """Whether the wiped volume ``d`` (the file ``path``) must be re-created as an empty
+    image (any format but raw); refuses, before anything is overwritten, one that cannot
+    be."""
     if d.format == "raw":
         return False
     if d.format not in CREATE_FORMATS:
@@ -58,6 +60,10 @@ def check_recreatable(d: VolumeDef) -> bool:
         raise PoolError("unsupported: wiping an encrypted volume would need its "
                         "secret to re-create it; delete and re-create it instead")
     check_can_create(d.format or "raw")
+    if d.format == "vmdk" and d.backing is not None:  # the one input a re-create reads
+        from diskimg.vmdk.create import backing_cid
+
+        backing_cid(path, d.backing.path)
     return True
 
 
@@ -137,13 +143,17 @@ def wipe_host(host: HostFile, algorithm: str,
 
 def recreate(path: str, d: VolumeDef, secrets: Mapping[str, bytes] | None) -> None:
     """Create, in the emptied file ``path``, an image of ``d``'s format, capacity, options
-    and backing file, so the wiped volume stays usable."""
+    and backing file (not opened: ``qemu-img create -u``), so the wiped volume stays usable.
+    The caller holds QEMU's write lock on ``path`` through its own descriptor (or was told
+    to override a running QEMU's): the create neither tests nor takes it."""
+    from diskimg.image_create import make_image
+
     opts: dict[str, Any] = qcow2_options(d) if d.format == "qcow2" else {}
     b = d.backing
-    api.create(path, d.format or "raw", d.capacity,
-               backing_file=b.path if b else None,
-               backing_fmt=(b.format or "raw") if b else None,
-               unsafe=b is not None, options=opts, secrets=secrets)
+    if d.capacity is None:
+        raise PoolError(f"cannot re-create '{path}': its capacity is not known")
+    make_image(path, d.format or "raw", d.capacity, b.path if b else None,
+               (b.format or "raw") if b else None, opts, secrets, lock=False)
 
 
 __all__ = ["WIPE_ALGORITHMS", "check_algorithm", "check_recreatable", "overwrite",

@@ -165,8 +165,9 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
 
 def create_qcow2(path: str | os.PathLike[str], size: int, *, backing_file: str | None = None,
                  backing_fmt: str | None = None, options: dict[str, Any] | None = None,
-                 secrets: dict[str, bytes] | None = None) -> None:
-    """Write a new, empty qcow2 image at ``path`` (truncating it)."""
+                 secrets: dict[str, bytes] | None = None, lock: bool = True) -> None:
+    """Write a new, empty qcow2 image at ``path`` (truncating it).  ``lock``: as
+    :func:`diskimg.image_create.make_image`'s (for the image and its data file)."""
     opts = dict(options or {})
     opts.pop("size", None)
     opts.pop("backing_file", None)
@@ -185,10 +186,10 @@ def create_qcow2(path: str | os.PathLike[str], size: int, *, backing_file: str |
     l1_clusters = -(-h.l1_size * 8 // cs)
     # QEMU's lock on the image first: a refused create leaves it (and its data file) as
     # they were; the image is emptied only once the data file is made too
-    host = open_host_file(path, True, create=True, truncate=False)
+    host = open_host_file(path, True, create=True, truncate=False, lock_mode=lock)
     try:
         if h.data_file is not None:
-            _create_data_file(path, h.data_file, h.size)
+            _create_data_file(path, h.data_file, h.size, lock)
         reserve = 0
         if prealloc != "off" and h.data_file is None:  # the file will hold every cluster
             from diskimg.qcow2.measure import prealloc_size
@@ -230,12 +231,13 @@ def create_qcow2(path: str | os.PathLike[str], size: int, *, backing_file: str |
     if h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW and prealloc == "off":
         prealloc = "metadata"  # qemu maps a raw data file one to one from the start
     if prealloc in ("falloc", "full") and h.data_file is None:
-        _preallocate_space(path, h, prealloc)
+        _preallocate_space(path, h, prealloc, lock)
     elif prealloc != "off":
-        _preallocate(path, prealloc)
+        _preallocate(path, prealloc, lock)
 
 
-def _create_data_file(image: str | os.PathLike[str], name: str, size: int) -> None:
+def _create_data_file(image: str | os.PathLike[str], name: str, size: int,
+                      lock: bool) -> None:
     """Create the external data file as an empty raw image of the virtual size.
 
     Unlike qemu-img (which resolves the name against the working directory) the name is
@@ -247,7 +249,7 @@ def _create_data_file(image: str | os.PathLike[str], name: str, size: int) -> No
     p = Path(name)
     if not p.is_absolute():
         p = Path(image).parent / p
-    host = open_host_file(p, True, create=True, truncate=False)
+    host = open_host_file(p, True, create=True, truncate=False, lock_mode=lock)
     try:
         create_raw(host, size)
     finally:
@@ -272,7 +274,8 @@ def _add_luks_area(host: Any, h: Header, rc: Any, passphrase: bytes,
     h.set_ext(QCOW2_EXT_MAGIC_CRYPTO_HEADER, pack_fde_extension(off, len(area)))
 
 
-def _preallocate_space(path: str | os.PathLike[str], h: Header, mode: str) -> None:
+def _preallocate_space(path: str | os.PathLike[str], h: Header, mode: str,
+                       lock: bool) -> None:
     """``preallocation=falloc|full`` laid out as qemu-img 7.2 lays it out.
 
     QEMU first moves the refcount table to the end of the file, sized (with new refcount
@@ -288,7 +291,7 @@ def _preallocate_space(path: str | os.PathLike[str], h: Header, mode: str) -> No
     per_block = refblock_entries(cs, order)
     step = 2 if h.incompatible_features & QCOW2_INCOMPAT_EXTL2 else 1  # u64 words an entry
     per_l2 = cs // (8 * step)
-    host = open_host_file(path, True)
+    host = open_host_file(path, True, lock_mode=lock)
     try:
         old_end = -(-host.size() // cs)  # clusters in use (the file ends mid-cluster)
         n_data = -(-h.size // cs)
@@ -353,11 +356,11 @@ def _preallocate_space(path: str | os.PathLike[str], h: Header, mode: str) -> No
         host.close()
 
 
-def _preallocate(path: str | os.PathLike[str], mode: str) -> None:
+def _preallocate(path: str | os.PathLike[str], mode: str, lock: bool) -> None:
     """Allocate every L2 table and data cluster (``metadata``), then optionally the bytes."""
     from diskimg.qcow2.image import Qcow2Image
 
-    host = open_host_file(path, True)
+    host = open_host_file(path, True, lock_mode=lock)
     img = Qcow2Image(host)
     try:
         img.preallocate(0, img.size, mode)

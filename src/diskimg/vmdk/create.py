@@ -205,28 +205,37 @@ def _split_name(path: Path) -> tuple[str, str]:
     return (base[:dot], base[dot:]) if dot > 0 else (base, "")
 
 
+def backing_cid(path: str | os.PathLike[str], backing_file: str) -> int:
+    """The CID of the vmdk ``backing_file`` names (resolved against the directory of
+    ``path``, the new image): what its child's descriptor records as ``parentCID``.
+    Read without QEMU's lock (only its header and descriptor are read); a file that is
+    missing or not a vmdk is refused (UsageError, DiskImgError)."""
+    bpath = OpenPolicy().resolve(backing_file, Path(os.path.abspath(path)))
+    bh = open_host_file(bpath, False, lock_mode=False)
+    try:
+        from diskimg.probe import probe_bytes
+
+        fmt = probe_bytes(bh.pread(0, 2048))
+        if fmt != "vmdk":
+            raise UsageError("backing_file must be a vmdk image")
+        with VmdkImage(bh) as parent:
+            cid: int = parent.cid
+            return cid
+    finally:
+        bh.close()
+
+
 def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | None = None,
-                options: dict[str, Any] | None = None) -> None:
-    """Create a vmdk like ``qemu-img create -f vmdk`` with qemu's ``-o`` options."""
+                options: dict[str, Any] | None = None, lock: bool = True) -> None:
+    """Create a vmdk like ``qemu-img create -f vmdk`` with qemu's ``-o`` options.
+    ``lock`` False: QEMU's lock bytes on the files it makes are neither tested nor taken
+    (for a caller that holds the write lock through a descriptor of its own)."""
     path = Path(path)
     opts = dict(options or {})
     backing_file = backing_file or opts.pop("backing_file", None)
     o = _parse_options(size, opts)
     sub, zeroed, size = o.sub, o.zeroed, o.size
-    parent_cid = NO_PARENT
-    if backing_file:
-        bpath = OpenPolicy().resolve(backing_file, Path(os.path.abspath(path)))
-        bh = open_host_file(bpath, False, lock_mode=False)
-        try:
-            from diskimg.probe import probe_bytes
-
-            fmt = probe_bytes(bh.pread(0, 2048))
-            if fmt != "vmdk":
-                raise UsageError("backing_file must be a vmdk image")
-            with VmdkImage(bh) as parent:
-                parent_cid = parent.cid
-        finally:
-            bh.close()
+    parent_cid = backing_cid(path, backing_file) if backing_file else NO_PARENT
     prefix, postfix = _split_name(path)
     d = path.parent
     cap = size // S.SECTOR
@@ -249,11 +258,11 @@ def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | 
             remaining -= n
     # QEMU's lock on the descriptor, held throughout, and on every existing extent file
     # before anything is emptied: a refused create changes no file
-    desc_host = open_host_file(path, True, create=True, truncate=False)
+    desc_host = open_host_file(path, True, create=True, truncate=False, lock_mode=lock)
     try:
         for name, _n in parts:
             if os.path.lexists(d / name):
-                open_host_file(d / name, True).close()
+                open_host_file(d / name, True, lock_mode=lock).close()
         # the largest file this create makes, tried on the locked descriptor (the extents
         # share its directory): a file system that cannot hold it refuses before any change
         sizes = [n if flat else sparse_layout(n // S.SECTOR)[0].overhead * S.SECTOR
@@ -262,7 +271,7 @@ def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | 
             sizes.append(sparse_layout(cap)[0].overhead * S.SECTOR)
         desc_host.empty(max(sizes, default=0))
         for name, n in parts:
-            eh = open_host_file(d / name, True, create=True)
+            eh = open_host_file(d / name, True, create=True, lock_mode=lock)
             try:
                 if flat:
                     eh.truncate(n)
