@@ -226,7 +226,7 @@ def test_compression_type_and_bit_3_refused_as_qemu(
 
 
 # --- 4. unknown feature bits (iotest 036) --------------------------------------------------
-def _with_feature_table(src: Path, names: list[tuple[int, int, str]]) -> None:
+def _with_feature_table(src: Path, names: list[tuple[int, int, bytes]]) -> None:
     """Replace the feature-name table extension of ``src`` (the one header codec)."""
     buf = bytearray(src.read_bytes())
     h = Header.parse(bytes(buf[:65536]))
@@ -237,14 +237,14 @@ def _with_feature_table(src: Path, names: list[tuple[int, int, str]]) -> None:
 
 
 @pytest.mark.parametrize(("bits", "table", "message"), [
-    (0xE000000000000000, [*FEATURE_NAMES, (0, 63, "Test feature")],
+    (0xE000000000000000, [*FEATURE_NAMES, (0, 63, b"Test feature")],
      "Test feature, Unknown incompatible feature: 6000000000000000"),
     (1 << 63, None, "Unknown incompatible feature: 8000000000000000"),
-    ((1 << 40) | (1 << 5) | 1, [(0, 40, "forty"), (1, 5, "compat five"), (0, 0, "dirty"),
-                                (0, 5, "five")], "forty, five"),
+    ((1 << 40) | (1 << 5) | 1, [(0, 40, b"forty"), (1, 5, b"compat five"), (0, 0, b"dirty"),
+                                (0, 5, b"five")], "forty, five"),
 ], ids=["named-and-unknown", "no-table", "table-order"])
 def test_unknown_incompatible_features_named_from_the_table(
-        di: DI, tmp_path: Path, bits: int, table: list[tuple[int, int, str]] | None,
+        di: DI, tmp_path: Path, bits: int, table: list[tuple[int, int, bytes]] | None,
         message: str) -> None:
     src = _plain(tmp_path)
     if table is not None:
@@ -258,7 +258,7 @@ def test_a_feature_name_that_is_not_utf8_is_printed_as_its_bytes(tmp_path: Path)
     """qemu prints a feature-table name as the C string it is: diskimg too (it used to
     print U+FFFD's bytes for a byte that is not UTF-8), and the refusal writes nothing."""
     src = _plain(tmp_path)
-    _with_feature_table(src, [(0, 40, os.fsdecode(b"caf\xc3\xa9 \xff"))])
+    _with_feature_table(src, [(0, 40, b"caf\xc3\xa9 \xff")])
     _poke(src, 72, struct.pack(">Q", 1 << 40))
     before = src.read_bytes()
     want = subprocess.run(["qemu-img", "info", src], capture_output=True).stderr

@@ -304,3 +304,15 @@ def test_encodings_of_xml_bytes() -> None:
             VolumeDef.from_xml(BILLION_LAUGHS.encode(enc))
     with pytest.raises(PoolError, match=r"not valid UTF-8 \(byte 14"):
         VolumeDef.from_xml(b"<volume><name>\xff</name><capacity>1</capacity></volume>")
+
+
+def test_text_with_a_lone_surrogate_is_refused_in_its_own_words() -> None:
+    """A Python caller's XML text holding a lone surrogate (text no decoding of bytes
+    gives: a name from os.fsdecode of non-UTF-8 bytes) is refused as a PoolError naming
+    the character, not with the codec's words from inside ElementTree."""
+    doc = "<pool type='dir'><name>p\udcff</name><target><path>/x</path></target></pool>"
+    with pytest.raises(PoolError, match=r"^XML error: pool XML holds a lone surrogate at "
+                                        r"character 24 \(text that no decoding"):
+        PoolDef.from_xml(doc)
+    with pytest.raises(PoolError, match="lone surrogate at character 14"):
+        VolumeDef.from_xml("<volume><name>\udcff</name><capacity>1</capacity></volume>")

@@ -76,6 +76,12 @@ def parse_xml(text: str | bytes, what: str = "XML") -> tuple[ET.Element, dict[st
         except UnicodeDecodeError as err:
             raise PoolError(f"XML error: {what} is not valid {codec.upper()} (byte "
                             f"{err.start}: {err.reason})") from None
+    else:  # a Python caller's text: one holding a lone surrogate is no document's
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise PoolError(f"XML error: {what} holds a lone surrogate at character "
+                            f"{err.start} (text that no decoding of bytes gives)") from None
     if "\x00" in text:  # never valid XML; also what UTF-16/32 without a BOM look like
         raise PoolError(f"XML error: {what} contains NUL characters (UTF-16 or UTF-32 "
                         "without a byte order mark?)")

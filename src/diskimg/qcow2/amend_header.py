@@ -11,17 +11,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from diskimg.errors import DiskImgError, UnsupportedFeatureError, UsageError
+from diskimg.hostio.names import raw_c_name
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.bitmaps import BitmapsExt
-from diskimg.qcow2.header_io import write_header
 from diskimg.qcow2.cluster import clear_unknown_autoclear
+from diskimg.qcow2.header_io import write_header
 from diskimg.qcow2.layout import (
     BACKING_FILE_NAME_MAX,
     QCOW2_AUTOCLEAR_DATA_FILE_RAW,
     QCOW2_EXT_MAGIC_BACKING_FORMAT,
     Header,
 )
-from diskimg.qcow2.layout import raw_c_name
 
 if TYPE_CHECKING:
     from diskimg.hostio.host import Host

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from diskimg import progname
 from diskimg.crypto.luks import KeySlotAmend
 from diskimg.errors import FormatError, UnsupportedFeatureError, UsageError
+from diskimg.hostio.names import raw_c_name
 from diskimg.options import compat_version, parse_bool, parse_param_size
 from diskimg.qcow2.amend_compat import LAZY_NEEDS_V3, check_downgradable
 from diskimg.qcow2.layout import (
@@ -24,7 +25,6 @@ from diskimg.qcow2.layout import (
     QCOW_CRYPT_LUKS,
     Header,
 )
-from diskimg.qcow2.layout import raw_c_name
 from diskimg.qcow2.refcount import refcount_order_of
 
 __all__ = [

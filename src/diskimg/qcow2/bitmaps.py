@@ -14,10 +14,10 @@ import builtins
 import struct
 
 from diskimg.errors import FormatError, UnsupportedFeatureError, UsageError
+from diskimg.hostio.names import name_text, raw_name
 from diskimg.qcow2 import bitmap_table as BT
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.layout import QCOW2_AUTOCLEAR_BITMAPS, QCOW2_EXT_MAGIC_BITMAPS, Header
-from diskimg.qcow2.layout import name_text, raw_name
 from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False

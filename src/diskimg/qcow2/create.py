@@ -29,7 +29,6 @@ from diskimg.qcow2.layout import (
     l1_fits,
     pack_feature_table,
 )
-from diskimg.qcow2.layout import raw_c_name
 from diskimg.qcow2.refcount import (
     RefBlock,
     refblock_entries,
@@ -143,6 +142,8 @@ def plan_header(size: int, options: dict[str, Any], backing_file: str | None = N
             h.incompatible_features |= QCOW2_INCOMPAT_EXTL2
         if ctype:
             h.incompatible_features |= QCOW2_INCOMPAT_COMPRESSION
+    if backing_file is not None or data_file is not None:
+        from diskimg.hostio.names import raw_c_name  # (an image that names a file only)
     if backing_file is not None:
         h.backing_file = backing_file
         if backing_fmt is not None:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import struct
 
-from diskimg.errors import (CorruptImageError, FormatError, UnsupportedFeatureError, UsageError,
-                            WrongFormatError)
+from diskimg.errors import (
+    CorruptImageError,
+    FormatError,
+    UnsupportedFeatureError,
+    WrongFormatError,
+)
 from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False
@@ -39,40 +43,9 @@ def l1_fits(entries: int) -> bool:
     return entries * 8 <= QCOW_MAX_L1_SIZE
 
 
-# --- names -----------------------------------------------------------------------------
-# The one rule for names the image stores as bytes (snapshot ids and names, bitmap names,
-# the backing file, its format and the data file) and diskimg handles as text: bytes that
-# are not UTF-8 survive as lone surrogates (``surrogateescape``, as ``sys.argv`` and
-# ``os.fsdecode`` decode them), so a name read and written back is the same bytes, a name
-# typed on the command line finds it, a file name opens that file, the CLI prints its
-# bytes as they are (its streams use ``surrogateescape``) and JSON shows U+FFFD for each,
-# as qemu does.
-
-
-def name_text(raw: bytes) -> str:
-    """A stored name as text (the inverse of :func:`raw_name`)."""
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def raw_name(text: str, what: str = "Name") -> bytes:
-    """The bytes that store ``text``; :class:`UsageError` naming ``what`` for a lone
-    surrogate that stands for no byte (text no decoding of bytes gives: the caller's)."""
-    try:
-        return text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raise UsageError(f"{what} is not valid text (a lone surrogate that stands for no "
-                         "byte)") from None
-
-
-def raw_c_name(text: str, what: str) -> bytes:
-    """:func:`raw_name` of a name QEMU reads as a C string (a backing or data file name, a
-    backing format): also :class:`UsageError` for a NUL byte, which would end it early (the
-    name read back, and the file opened, would be another)."""
-    raw = raw_name(text, what)
-    if b"\0" in raw:
-        raise UsageError(f"{what} cannot hold a NUL byte")
-    return raw
-
+# --- names: one rule for every stored name (:mod:`diskimg.hostio.names`), imported where a name
+# is read or written (an image without a backing file, data file or feature table never
+# loads it: start-up, issue 20) -----------------------------------------------------------
 
 QCOW_CRYPT_NONE = 0
 QCOW_CRYPT_AES = 1
@@ -107,16 +80,17 @@ _SINGLE_EXTENSIONS = frozenset({
     QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_FEATURE_TABLE,
     QCOW2_EXT_MAGIC_CRYPTO_HEADER, QCOW2_EXT_MAGIC_BITMAPS, QCOW2_EXT_MAGIC_DATA_FILE})
 
-#: The feature-name table QEMU 7.2 writes into every v3 header, in its order.
-FEATURE_NAMES: list[tuple[int, int, str]] = [
-    (0, 0, "dirty bit"),
-    (0, 1, "corrupt bit"),
-    (0, 2, "external data file"),
-    (0, 3, "compression type"),
-    (0, 4, "extended L2 entries"),
-    (1, 0, "lazy refcounts"),
-    (2, 0, "bitmaps"),
-    (2, 1, "raw external data"),
+#: The feature-name table QEMU 7.2 writes into every v3 header, in its order: (type,
+#: bit, name as the bytes stored)
+FEATURE_NAMES: list[tuple[int, int, bytes]] = [
+    (0, 0, b"dirty bit"),
+    (0, 1, b"corrupt bit"),
+    (0, 2, b"external data file"),
+    (0, 3, b"compression type"),
+    (0, 4, b"extended L2 entries"),
+    (1, 0, b"lazy refcounts"),
+    (2, 0, b"bitmaps"),
+    (2, 1, b"raw external data"),
 ]
 
 _V2 = struct.Struct(">IIQIIQIIQQIIQ")
@@ -228,9 +202,18 @@ class Extension(Record):
         return _EXT_HDR.pack(self.type, len(self.data)) + self.data + b"\0" * pad
 
 
-def pack_feature_table(names: list[tuple[int, int, str]] = FEATURE_NAMES) -> bytes:
-    return b"".join(struct.pack(">BB46s", t, b, raw_name(n, "Feature name"))
-                    for t, b, n in names)
+def _stored_name(data: bytes) -> str:
+    """The name a header extension or the backing file name field stores: its bytes up
+    to the first NUL, as text."""
+    from diskimg.hostio.names import name_text
+
+    return name_text(data.split(b"\0", 1)[0])
+
+
+def pack_feature_table(names: list[tuple[int, int, bytes]] = FEATURE_NAMES) -> bytes:
+    """The feature-name table extension's data: 48 bytes an entry (a name of at most 46
+    bytes, NUL-padded)."""
+    return b"".join(struct.pack(">BB46s", t, b, n) for t, b, n in names)
 
 
 def _feature_entries(data: bytes) -> Iterator[tuple[int, int, bytes]]:
@@ -246,12 +229,16 @@ def _feature_entries(data: bytes) -> Iterator[tuple[int, int, bytes]]:
 
 
 def parse_feature_table(data: bytes) -> dict[tuple[int, int], str]:
+    from diskimg.hostio.names import name_text
+
     return {(t, b): name_text(name) for t, b, name in _feature_entries(data)}
 
 
 def unsupported_features_message(unknown: int, table: bytes | None) -> str:
     """qemu's refusal of the unknown incompatible feature bits ``unknown``: those the
     feature-name table ``table`` names, in its order, then the rest as a hex mask."""
+    from diskimg.hostio.names import name_text
+
     parts = []
     for t, bit, name in _feature_entries(table or b""):
         if t == 0 and bit < 64 and unknown >> bit & 1:
@@ -391,12 +378,12 @@ class Header(Record):
     @property
     def backing_format(self) -> str | None:
         e = self.ext(QCOW2_EXT_MAGIC_BACKING_FORMAT)
-        return name_text(e.data.split(b"\0", 1)[0]) if e else None
+        return _stored_name(e.data) if e else None
 
     @property
     def data_file(self) -> str | None:
         e = self.ext(QCOW2_EXT_MAGIC_DATA_FILE)
-        return name_text(e.data.split(b"\0", 1)[0]) if e else None
+        return _stored_name(e.data) if e else None
 
     # --- parse / pack ----------------------------------------------------------------
     @staticmethod
@@ -465,7 +452,7 @@ class Header(Record):
             if b"\0" in name:
                 raise FormatError(f"Backing file name at {bf_off:#x} contains a NUL byte",
                                   offset=bf_off)
-            h.backing_file = name_text(name)
+            h.backing_file = _stored_name(name)
         if h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE and h.data_file is None:
             # allowed by qemu only with an explicit data-file option; we require the name
             pass
@@ -561,7 +548,11 @@ class Header(Record):
                              self.autoclear_features, self.refcount_order, self.header_length)
             body += bytes(self.header_length - V3_HEADER_LENGTH)  # compression byte below
         hdr_len = V2_HEADER_LENGTH if self.version == 2 else self.header_length
-        bf = raw_c_name(self.backing_file, "Backing file name") if self.backing_file else b""
+        bf = b""
+        if self.backing_file:
+            from diskimg.hostio.names import raw_c_name
+
+            bf = raw_c_name(self.backing_file, "Backing file name")
         kept = self.extensions
         exts = b"".join(e.pack() for e in kept) + _EXT_HDR.pack(QCOW2_EXT_MAGIC_END, 0)
         if hdr_len + len(exts) + len(bf) > cs:

@@ -25,11 +25,11 @@ from collections import defaultdict
 
 from diskimg import progname
 from diskimg.errors import CorruptImageError, UsageError
+from diskimg.hostio.names import raw_name
 from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2.entries import L2Table, be_u64_array, pack_be_u64_array, u64_copy
 from diskimg.qcow2.layout import QCOW_MAX_SNAPSHOTS
-from diskimg.qcow2.layout import raw_name
 from diskimg.qcow2.refcount import RefBlock
 from diskimg.qcow2.snapshot_table import (
     QCOW_MAX_SNAPSHOT_EXTRA_DATA,

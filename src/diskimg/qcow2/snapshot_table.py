@@ -10,10 +10,14 @@ from __future__ import annotations
 import struct
 
 from diskimg.errors import FormatError
-from diskimg.qcow2.layout import HDR_NB_SNAPSHOTS, QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS
+from diskimg.hostio.names import name_text, raw_name
+from diskimg.qcow2.layout import (
+    HDR_NB_SNAPSHOTS,
+    QCOW_MAX_L1_SIZE,
+    QCOW_MAX_SNAPSHOTS,
+    require_table_pointer,
+)
 from diskimg.qcow2.layout import check_table_pointer as check_table_pointer  # (the checker's)
-from diskimg.qcow2.layout import require_table_pointer
-from diskimg.qcow2.layout import name_text, raw_name
 from diskimg.slotted import FrozenRecord, Record, set_field
 
 TYPE_CHECKING = False
@@ -302,7 +306,7 @@ def c_bytes(raw: bytes) -> bytes:
 
 def c_string(raw: bytes) -> str:
     """A C string field (id or name) as text: its bytes up to the first NUL
-    (:func:`c_bytes`) by :func:`~diskimg.qcow2.layout.name_text`."""
+    (:func:`c_bytes`) by :func:`~diskimg.hostio.names.name_text`."""
     return name_text(c_bytes(raw))
 
 

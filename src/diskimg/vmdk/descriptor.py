@@ -10,9 +10,7 @@ are bounded, NUL bytes end the text (qemu reads the descriptor as a C string).
 
 from __future__ import annotations
 
-import os
-
-from diskimg.errors import FormatError, UsageError
+from diskimg.errors import FormatError
 from diskimg.slotted import Record
 
 TYPE_CHECKING = False
@@ -175,21 +173,19 @@ def new_cid(previous: int = 0) -> int:
 
 def file_name(text: str) -> str:
     """A file the descriptor names (an extent, the parent), as the name that opens it: the
-    descriptor's bytes for it (read as latin-1, one character each) decoded as a file name
-    (``os.fsdecode``: bytes that are not UTF-8 as lone surrogates), as qemu opens them."""
-    return os.fsdecode(text.encode("latin-1"))
+    descriptor's bytes for it (read as latin-1, one character each) decoded by the one
+    rule for stored names (:mod:`diskimg.hostio.names`: bytes that are not UTF-8 as lone
+    surrogates, as ``os.fsdecode`` gives them), as qemu opens them."""
+    from diskimg.hostio.names import name_text  # (a name only an extent file or parent needs)
+
+    return name_text(text.encode("latin-1"))
 
 
 def stored_text(name: str, what: str) -> str:
     """The descriptor characters that store file name ``name`` (:func:`file_name`'s
-    inverse); :class:`UsageError` naming ``what`` for a lone surrogate that stands for no
-    byte (text no decoding of bytes gives: the caller's) or a NUL byte (which ends the
-    descriptor's text)."""
-    try:
-        raw = os.fsencode(name)
-    except UnicodeEncodeError:
-        raise UsageError(f"{what} is not valid text (a lone surrogate that stands for no "
-                         "byte)") from None
-    if b"\0" in raw:
-        raise UsageError(f"{what} cannot hold a NUL byte")
-    return raw.decode("latin-1")
+    inverse): :func:`diskimg.hostio.names.raw_c_name`'s bytes, one latin-1 character each
+    (:class:`UsageError` naming ``what`` for a lone surrogate that stands for no byte, or
+    a NUL byte, which ends the descriptor's text)."""
+    from diskimg.hostio.names import raw_c_name  # (the creating side only)
+
+    return raw_c_name(name, what).decode("latin-1")
