@@ -143,7 +143,8 @@ def wipe_host(host: HostFile, algorithm: str,
 
 def recreate(path: str, d: VolumeDef, secrets: Mapping[str, bytes] | None) -> None:
     """Create, in the emptied file ``path``, an image of ``d``'s format, capacity, options
-    and backing file (not opened: ``qemu-img create -u``), so the wiped volume stays usable.
+    and backing file (named unchecked, as ``qemu-img create -u``; a vmdk's is read for its
+    CID, checked by :func:`check_recreatable`), so the wiped volume stays usable.
     The caller holds QEMU's write lock on ``path`` through its own descriptor (or was told
     to override a running QEMU's): the create neither tests nor takes it."""
     from diskimg.image_create import make_image

@@ -43,10 +43,6 @@ def l1_fits(entries: int) -> bool:
     return entries * 8 <= QCOW_MAX_L1_SIZE
 
 
-# --- names: one rule for every stored name (:mod:`diskimg.hostio.names`), imported where a name
-# is read or written (an image without a backing file, data file or feature table never
-# loads it: start-up, issue 20) -----------------------------------------------------------
-
 QCOW_CRYPT_NONE = 0
 QCOW_CRYPT_AES = 1
 QCOW_CRYPT_LUKS = 2
@@ -204,7 +200,9 @@ class Extension(Record):
 
 def _stored_name(data: bytes) -> str:
     """The name a header extension or the backing file name field stores: its bytes up
-    to the first NUL, as text."""
+    to the first NUL, as text.  Every stored name follows the one rule of
+    :mod:`diskimg.hostio.names`, imported where a name is read or written (an image
+    without a backing file, data file or feature table never loads it: start-up)."""
     from diskimg.hostio.names import name_text
 
     return name_text(data.split(b"\0", 1)[0])
