@@ -41,3 +41,21 @@ def test_dd_size_and_map_match_qemu(di, src: Path, fmt: str, ops: list[str]) -> 
         assert a.read_bytes() == b.read_bytes()
     else:
         assert QEMU.compare(a, b) == 0
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk"])
+@pytest.mark.parametrize("target", ["missing/out.img", "dir.img"])
+def test_an_output_that_cannot_be_created_is_worded_as_qemu_words_it(
+        di, src: Path, fmt: str, target: str) -> None:
+    """qemu-img dd prefixes every failure to create its output with ``OUT: error while
+    creating output image:`` and words a file that would not open as "Could not create";
+    diskimg printed the bare open error.  Exit code and stderr are qemu's, for a missing
+    directory and for a directory in the output's place, and no file is made."""
+    d = src.parent
+    (d / "dir.img").mkdir()
+    before = sorted(p.name for p in d.iterdir())
+    args = ("dd", "-f", "raw", "-O", fmt, "bs=64k", "if=src.raw", f"of={target}")
+    mine, ref = di(*args, cwd=d), qemu(*args, cwd=d)
+    assert ref.rc == 1 and "error while creating output image: " in ref.err, ref.err
+    assert (mine.rc, mine.out, mine.err) == (ref.rc, ref.out, ref.err)
+    assert sorted(p.name for p in d.iterdir()) == before

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from diskimg import api
-from diskimg.errors import ImageLockedError, UsageError
-
-if TYPE_CHECKING:  # imported where used: info/check/map never start threads
-    pass
 
 from diskimg.ops.chain import _progress_steps
 from diskimg.ops import CHUNK, ProgressFn, Source, _open
@@ -35,6 +31,7 @@ def dd(
     secrets: Mapping[str, bytes] | None = None,
     warn: Callable[[str], None] | None = None,
     progress: ProgressFn | None = None,
+    on_created: Callable[[], None] | None = None,
 ) -> None:
     """``qemu-img dd``: copy ``count`` blocks of ``bs`` bytes after skipping ``skip`` blocks
     into a new image ``dst``.  The output size is ``min(count*bs, size) - skip*bs`` (qemu's
@@ -43,7 +40,8 @@ def dd(
     output is allocated as qemu-img dd's is (``map`` shows one data run).  ``format`` is
     the source's format (None probes; ``src_format`` is its deprecated name).
     ``progress`` gets the percentage of the output written after each chunk, 0 first and
-    100 last."""
+    100 last.  ``on_created`` is called once ``dst`` has been created (an error before
+    that left it as it was: the CLI words those as qemu-img dd does)."""
     src_format = renamed("format", format, "src_format", src_format)
     bs = check_int("bs", bs, minimum=1)
     skip = check_int("skip", skip)
@@ -61,16 +59,9 @@ def dd(
             if warn is not None:
                 warn(f"{dev.filename}: cannot skip to specified offset")
             in_pos = size
-        try:
-            api.create(dst, out_format, size - in_pos)
-        except ImageLockedError as e:  # qemu-img dd's words; the file is left as it was
-            raise ImageLockedError(f"{os.fspath(dst)}: error while creating output image: "
-                                   f"{e}") from e
-        except UsageError as e:  # an NBD export too small ("Cannot grow NBD nodes")
-            if not (isinstance(dst, str) and dst.startswith("nbd")):
-                raise
-            raise UsageError(f"{dst}: error while creating output image: {e}",
-                             path=dst, field=e.field) from e
+        api.create(dst, out_format, size - in_pos)  # a refusal leaves ``dst`` as it was
+        if on_created is not None:
+            on_created()
         with api.open(dst, "r+", out_format) as out:
             step = max(bs, CHUNK // bs * bs)
             buf = bytearray(step)

@@ -6,7 +6,9 @@ import argparse
 
 from diskimg import options as opts
 from diskimg.cli.commands._shared import Context, add_common, open_image, size_arg
+from diskimg.cli import errors
 from diskimg.cli.errors import ExitCode
+from diskimg.errors import DiskImgError
 
 USAGE = '[-f FMT] [-O FMT] [-U] [-p] [bs=N] [count=N] [skip=N] if=IN of=OUT'
 DESCRIPTION = '''Copy blocks from one image into a new one, like dd(1).
@@ -53,9 +55,18 @@ def cmd_dd(ctx: Context, a: argparse.Namespace) -> int:
     with open_image(ctx, ops["if"], "r", a.format, image_opts=a.image_opts,
                 force_share=a.force_share) as src:
         opts.creatable(out_fmt, named=False)  # qemu-img: after opening the input
+        created: list[bool] = []
         try:
             conv.dd(src, ops["of"], out_fmt, bs=bs, count=count, skip=skip, warn=ctx.warn,
-                    progress=prog if prog.enabled else None)
+                    progress=prog if prog.enabled else None,
+                    on_created=lambda: created.append(True))
+        except (DiskImgError, OSError) as e:
+            if created:
+                raise
+            # the output could not be created (a lock, a missing directory, an NBD export
+            # too small ...): in qemu-img dd's words
+            raise DiskImgError(f"{ops['of']}: error while creating output image: "
+                               f"{errors.create_reason(e, ops['of'], exact=True)}") from e
         finally:
             prog.end()
     return 0
