@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from diskimg import options as opts
-from diskimg.cli.commands._shared import Context, add_common, open_image, size_arg
 from diskimg.cli import errors
+from diskimg.cli.commands._shared import Context, add_common, open_image, size_arg
 from diskimg.cli.errors import ExitCode
 from diskimg.errors import DiskImgError
 
