@@ -481,6 +481,31 @@ def test_wipe_of_a_vmdk_whose_backing_file_is_gone_changes_nothing(
     assert digests(tmp_path) == before
 
 
+@pytest.mark.parametrize(("name", "fmt", "opts", "other"), [
+    ("vm.qcow2", "qcow2", ["-o", "data_file=vm.data"], "vm.data"),
+    ("vm.vmdk", "vmdk", ["-o", "subformat=monolithicFlat"], "vm-flat.vmdk"),
+    ("vm.vmdk", "vmdk", ["-o", "subformat=twoGbMaxExtentSparse"], "vm-s001.vmdk")])
+def test_wipe_of_a_volume_whose_data_lives_in_another_file_changes_nothing(
+        tmp_path: Path, name: str, fmt: str, opts: list[str], other: str) -> None:
+    """A qcow2 with an external data file, a vmdk with extent files: the guest's bytes are
+    in the other file, which wiping the volume file would leave as it is.  vol-wipe is
+    refused before the first byte is written (every file byte-identical, the guest data
+    still readable) instead of reporting a wipe that left the data behind."""
+    virsh = _virsh(tmp_path)
+    pool = tmp_path / "pool"
+    QEMU.img("create", "-q", "-f", fmt, *opts, pool / name, "1M", cwd=pool)
+    r = QEMU.io(pool / name, "write -P 0x5e 0 64k", fmt=fmt, cwd=pool, ok=None,
+                verify=False)
+    assert r.returncode == 0, r.stderr
+    assert b"\x5e" * 512 in (pool / other).read_bytes()
+    assert virsh("pool-refresh", "p1")[0] == 0
+    before = digests(tmp_path)
+    rc, err = virsh("vol-wipe", name, "p1")
+    assert rc == 1 and f"Failed to wipe vol {name}" in err, err
+    assert "keeps guest data in other files too" in err and other in err, err
+    assert digests(tmp_path) == before
+
+
 @pytest.mark.parametrize(("fmt", "opts"), [
     ("raw", {}), ("raw", {"preallocation": "full"}), ("qcow2", {}),
     ("qcow2", {"preallocation": "metadata"}), ("qcow2", {"preallocation": "falloc"}),

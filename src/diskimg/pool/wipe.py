@@ -2,10 +2,11 @@
 overwritten, then re-created in its format.
 
 Invariants: every refusal (unknown algorithm, a format diskimg cannot re-create, an
-encrypted volume, a vmdk whose backing file cannot be read) happens before the first byte is
-overwritten; a pass covers the whole host file [0, size) and is fsynced; a verified pass
-reads every byte back; the new image is made while the wipe's descriptor still holds QEMU's
-write lock (or its override), so no other process opens the volume between the two.
+encrypted volume, a vmdk whose backing file cannot be read, an image that keeps guest data
+in other files too) happens before the first byte is overwritten; a pass covers the whole
+host file [0, size) and is fsynced; a verified pass reads every byte back; the new image is
+made while the wipe's descriptor still holds QEMU's write lock (or its override), so no
+other process opens the volume between the two.
 """
 
 from __future__ import annotations
@@ -60,11 +61,31 @@ def check_recreatable(d: VolumeDef, path: str) -> bool:
         raise PoolError("unsupported: wiping an encrypted volume would need its "
                         "secret to re-create it; delete and re-create it instead")
     check_can_create(d.format or "raw")
+    _check_one_file(path, d.format or "raw")
     if d.format == "vmdk" and d.backing is not None:  # the one input a re-create reads
         from diskimg.vmdk.create import backing_cid
 
         backing_cid(path, d.backing.path)
     return True
+
+
+def _check_one_file(path: str, fmt: str) -> None:
+    """Refuse an image whose guest data lives in other files too (a qcow2 data file, a
+    vmdk's extent files: its declared :meth:`~diskimg.BlockDevice.host_files`): wiping the
+    volume file alone would leave that data where it was.  An image that does not open
+    names no other file diskimg could wipe: its file is wiped and re-created as before."""
+    from diskimg import api
+    from diskimg.errors import DiskImgError
+
+    try:
+        with api.open(path, "r", fmt, backing=False, force_share=True) as dev:
+            others = [str(h.path) for h in dev.host_files()[1:]]
+    except DiskImgError:
+        return
+    if others:
+        raise PoolError(f"unsupported: '{path}' keeps guest data in other files too "
+                        f"({', '.join(others)}); wiping the volume file alone would leave "
+                        "that data in place")
 
 
 def overwrite(fd: int, size: int, pattern: bytes | str, verify: bool = False,
