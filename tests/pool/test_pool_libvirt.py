@@ -188,3 +188,30 @@ def _attr(xml: str, path: str, attr: str) -> str | None:
 
     el = ET.fromstring(xml).find(path)
     return None if el is None else el.get(attr)
+
+
+@pytest.mark.skipif(VIRSH is None, reason="virsh not installed")
+@pytest.mark.parametrize("name", ["a/b", "..", "."])
+def test_print_xml_prints_a_name_define_refuses_as_virsh_does(tmp_path: Path,
+                                                              name: str) -> None:
+    """virsh builds ``pool-define-as --print-xml``'s XML without asking libvirt, so it
+    prints a pool name that define refuses (a '/', '.' or '..': the name becomes a file
+    name); diskimg refused it as define does.  The same stdout and exit code as virsh's;
+    the define itself is still refused and stores nothing."""
+    import io
+
+    from diskimg.pool.cli import main
+
+    args = ["pool-define-as", "--print-xml", name, "dir", "--target", "/srv/x"]
+    theirs = subprocess.run([VIRSH or "", "-c", "test:///default", *args],
+                            capture_output=True, text=True, timeout=60)
+    cfg = tmp_path / "cfg"
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(["--config-dir", str(cfg), "--state-dir", str(tmp_path / "st"), *args],
+              stdout=out, stderr=err)
+    assert (rc, out.getvalue()) == (theirs.returncode, theirs.stdout), err.getvalue()
+    assert rc == 0 and f"<name>{name}</name>" in out.getvalue()
+    rc = main(["--config-dir", str(cfg), "--state-dir", str(tmp_path / "st"), *args[:1],
+               *args[2:]], stdout=io.StringIO(), stderr=err)
+    assert rc == 1 and f"Failed to define pool {name}" in err.getvalue()
+    assert not cfg.exists() or not list(cfg.iterdir())

@@ -42,11 +42,13 @@ def _shown(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def validate_pool_name(name: str) -> None:
-    """A pool name becomes a file name (NAME.xml): no '/', NUL, '.' or '..', and XML text."""
-    if "/" in name:
+def validate_pool_name(name: str, *, file_name: bool = True) -> None:
+    """A pool name is XML text, not empty, and (``file_name``: a pool that is defined)
+    becomes a file name (NAME.xml): no '/', NUL, '.' or '..'.  ``file_name=False``: the XML
+    text alone (``--print-xml``, which virsh prints without asking libvirt)."""
+    if file_name and "/" in name:
         raise PoolError(f"XML error: name {_shown(name)} cannot contain '/'")
-    if not name or name in (".", "..") or not _usable(name):
+    if not name or (file_name and name in (".", "..")) or not _usable(name):
         raise PoolError(f"XML error: invalid pool name '{_shown(name)}'")
 
 

@@ -41,8 +41,24 @@ _POOL_AS = [Opt("name", required=True), Opt("type", required=True),
 _BUILD_FLAGS = [Opt("build", BOOL), Opt("no-overwrite", BOOL), Opt("overwrite", BOOL)]
 
 
-def _pool_def_as(a: dict[str, Any], verb: str) -> tuple[PoolDef, str]:
-    """The ``<pool>`` XML virsh builds from pool-define-as/pool-create-as arguments."""
+def _pool_def_as(a: dict[str, Any], verb: str) -> PoolDef:
+    """The definition the ``<pool>`` XML of pool-define-as/pool-create-as arguments holds
+    (:func:`_pool_xml`), refused as define refuses it."""
+    fail = f"Failed to {verb} pool {a['name']}"
+    xml = _pool_xml(a, verb)
+    with Fail(fail):  # what define refuses in words of its own, before the XML is read
+        validate_pool_name(a["name"])
+    with Fail(fail):
+        d = PoolDef.from_xml(xml)
+        if d.target_path is not None:
+            d.target_path = os.path.abspath(d.target_path)
+    return d
+
+
+def _pool_xml(a: dict[str, Any], verb: str) -> str:
+    """The ``<pool>`` XML of pool-define-as/pool-create-as arguments, as ``--print-xml``
+    prints it: refused only for a type or option diskimg does not build, or text no XML
+    can hold (a name that is no file name is printed, as virsh prints it)."""
     fail = f"Failed to {verb} pool {a['name']}"
     if a["type"] != "dir":
         raise CmdError(fail, f"Operation not supported: diskimg supports pool type 'dir', "
@@ -53,18 +69,13 @@ def _pool_def_as(a: dict[str, Any], verb: str) -> tuple[PoolDef, str]:
                              "dir pools")
     target = a.get("target")
     with Fail(fail):  # what no XML can hold is refused as define_xml words it
-        validate_pool_name(a["name"])
+        validate_pool_name(a["name"], file_name=False)
         validate_target_path(target)
     lines = [f"<pool type='{esc(a['type'])}'>", f"  <name>{esc(a['name'])}</name>"]
     if target:
         lines += ["  <target>", f"    <path>{esc(target)}</path>", "  </target>"]
     lines.append("</pool>")
-    xml = "\n".join(lines) + "\n"
-    with Fail(fail):
-        d = PoolDef.from_xml(xml)
-        if d.target_path is not None:
-            d.target_path = os.path.abspath(d.target_path)
-    return d, xml
+    return "\n".join(lines) + "\n"
 
 
 def _store_pool(ctx: Ctx, a: dict[str, Any], xml: str | bytes | PoolDef,
@@ -79,10 +90,10 @@ def _pool_from_args(transient: bool) -> Callable[[Ctx, dict[str, Any]], None]:
     verb = "create" if transient else "define"
 
     def run(ctx: Ctx, a: dict[str, Any]) -> None:
-        d, xml = _pool_def_as(a, verb)
         if a.get("print-xml"):
-            ctx.print(xml)
+            ctx.print(_pool_xml(a, verb))
             return
+        d = _pool_def_as(a, verb)
         with Fail(f"Failed to {verb} pool {a['name']}"):
             _store_pool(ctx, a, d, transient)
         ctx.extra(f"Pool {a['name']} {verb}d\n")
