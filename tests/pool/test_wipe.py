@@ -80,7 +80,10 @@ def test_unknown_algorithm_and_unrecreatable_volumes_are_refused() -> None:
                                         "zero, nnsa"):
         wipe.check_algorithm("shred")
     assert wipe.check_recreatable(VolumeDef(name="v", format="raw"), "v") is False
-    assert wipe.check_recreatable(VolumeDef(name="v", format="qcow2"), "v") is True
+    assert wipe.check_recreatable(VolumeDef(name="v", format="qcow2", capacity=1 << 20),
+                                  "v") is True
+    with pytest.raises(PoolError, match="its capacity is not known"):
+        wipe.check_recreatable(VolumeDef(name="v", format="qcow2"), "v")
     with pytest.raises(PoolError, match="cannot re-create a 'vpc' volume"):
         wipe.check_recreatable(VolumeDef(name="v", format="vpc"), "v")
     with pytest.raises(PoolError, match="encrypted volume"):

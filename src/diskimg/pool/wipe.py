@@ -61,6 +61,8 @@ def check_recreatable(d: VolumeDef, path: str) -> bool:
         raise PoolError("unsupported: wiping an encrypted volume would need its "
                         "secret to re-create it; delete and re-create it instead")
     check_can_create(d.format or "raw")
+    if d.capacity is None:
+        raise PoolError(f"cannot re-create '{path}': its capacity is not known")
     _check_one_file(path, d.format or "raw")
     if d.format == "vmdk" and d.backing is not None:  # the one input a re-create reads
         from diskimg.vmdk.create import backing_cid
@@ -172,8 +174,7 @@ def recreate(path: str, d: VolumeDef, secrets: Mapping[str, bytes] | None) -> No
 
     opts: dict[str, Any] = qcow2_options(d) if d.format == "qcow2" else {}
     b = d.backing
-    if d.capacity is None:
-        raise PoolError(f"cannot re-create '{path}': its capacity is not known")
+    assert d.capacity is not None  # refused by check_recreatable, before the wipe
     make_image(path, d.format or "raw", d.capacity, b.path if b else None,
                (b.format or "raw") if b else None, opts, secrets, lock=False)
 
