@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 import sys
 
-from diskimg.hostio.file import trailing_zeros
+from diskimg.hostio.file import all_zero, trailing_zeros
 
 #: the byte order of ``memoryview.cast`` words: the tables are big-endian on disk
 HOST_LITTLE_ENDIAN = sys.byteorder == "little"
@@ -224,20 +224,21 @@ def lanes(values: tuple[int, ...], n: int, full: int) -> tuple[int, ...]:
 
 def first_masked(table: memoryview | array[int], i: int, last: int, mask: int) -> int:
     """The first ``k`` in ``[i, last)`` with ``table[k] & mask`` (``table``: native u64
-    entries, an L1 table), else ``last``.  Blocks of the table's bytes are tested as big
-    integers, growing from 8 entries to 4096 (no Python work per entry, and no more
-    memory than a 32 KiB block): a 16 TiB image's L1 table of 32768 mostly empty entries
-    costs a few block tests, not 32768 steps.  Lane ``j`` of a block's integer is its
-    entry ``j`` in either byte order, the mask being laid out as the entries are."""
+    entries, an L1 table), else ``last``.  Runs of zero entries are passed over by
+    :func:`zero_head` (memcmp), then blocks from the first non-zero entry, growing from 8
+    entries to 4096, are tested as big integers (no Python work per entry, no more memory
+    than a 32 KiB block): a 16 TiB image's L1 table of 32768 mostly empty entries costs
+    a few memcmp passes, not 32768 steps.  Lane ``j`` of a block's integer is its entry
+    ``j`` in either byte order, the mask being laid out as the entries are."""
     words = memoryview(table)
     k, block = i, 8
     while k < last:
+        k += zero_head(words[k:last], 8) // 8
         end = min(last, k + block)
         x = int.from_bytes(words[k:end].cast("B"), "little")
+        x &= int.from_bytes(mask.to_bytes(8, sys.byteorder) * (end - k), "little")
         if x:
-            x &= int.from_bytes(mask.to_bytes(8, sys.byteorder) * (end - k), "little")
-            if x:
-                return k + ((x & -x).bit_length() - 1) // 64
+            return k + ((x & -x).bit_length() - 1) // 64
         k = end
         block = min(block * 8, 4096)
     return last
@@ -256,10 +257,14 @@ class TableBreaks:
     :meth:`stepped` when an entry that is not compressed has a reserved bit of 56-61 set
     (adding ``cs`` could carry into a flag): that run is :func:`lookup`'s.
 
+    The masks are made from ``lo``, the entry before the first non-zero one (``buf``, ``n``
+    and :meth:`value` are of those), the zero head before it given its masks' known bytes.
+
     ``table``: the table's bytes, big-endian as on disk (``big``, the checker's) or a
     decoded table (:func:`be_u64_table`, the L2 cache's)."""
 
-    __slots__ = ("buf", "n", "cs", "full", "order", "x", "_nonzero", "_same", "_stepped")
+    __slots__ = ("buf", "lo", "n", "cs", "full", "order", "x", "_nonzero", "_same",
+                 "_stepped")
 
     def __init__(self, table: memoryview | bytes, cs: int, big: bool = False) -> None:
         buf = memoryview(table).cast("B")
@@ -268,7 +273,9 @@ class TableBreaks:
         # not found, which is right, every entry there being zero as its predecessor
         n = len(buf) // 8
         used = min(n, n - trailing_zeros(buf) // 8 + 1)
-        self.buf, self.n, self.cs, self.full = buf[: 8 * used], used, cs, n
+        lo = max(0, zero_head(buf[: 8 * used], 8) // 8 - 1)
+        self.buf, self.lo, self.n = buf[8 * lo : 8 * used], lo, used - lo
+        self.cs, self.full = cs, n
         self.order: Literal["big", "little"] = \
             "big" if big or not HOST_LITTLE_ENDIAN else "little"
         self.x: int | None = None
@@ -277,24 +284,26 @@ class TableBreaks:
         self._stepped: bytes | None = None
 
     def value(self) -> int:
-        """The table as one integer: entry ``j`` in bits 64j..64j+63 (little-endian),
-        or in bits 64(n-1-j).. (big-endian)."""
+        """The entries from ``lo`` as one integer: entry ``lo + j`` in bits 64j..64j+63
+        (little-endian), or in bits 64(n-1-j).. (big-endian)."""
         if self.x is None:
             self.x = int.from_bytes(self.buf, self.order)
         return self.x
 
-    def _mask(self, here: int, nxt: int) -> bytes:
+    def _mask(self, here: int, nxt: int, head: bytes = bytes(8)) -> bytes:
         """Per entry ``j``: whether lane ``j`` of ``here`` differs from lane ``j + 1``
-        of ``nxt`` (the next entry's lane in either byte order)."""
+        of ``nxt`` (the next entry's lane in either byte order), after ``head`` (the
+        mask of one entry of the zero head) for each entry before ``lo``."""
         size = 8 * self.n
         if self.order == "little":
-            return (here ^ (nxt >> 64)).to_bytes(size, "little").translate(_NONZERO)
-        # (the first entry's lane of nxt << 64 goes past the table: cut off)
-        return (here ^ (nxt << 64)).to_bytes(size + 8, "big")[8:].translate(_NONZERO)
+            mask = (here ^ (nxt >> 64)).to_bytes(size, "little").translate(_NONZERO)
+        else:  # (the first entry's lane of nxt << 64 goes past the table: cut off)
+            mask = (here ^ (nxt << 64)).to_bytes(size + 8, "big")[8:].translate(_NONZERO)
+        return head * self.lo + mask if self.lo else mask
 
     def nonzero(self) -> bytes:
         if self._nonzero is None:
-            self._nonzero = bytes(self.buf).translate(_NONZERO)
+            self._nonzero = bytes(8 * self.lo) + bytes(self.buf).translate(_NONZERO)
         return self._nonzero
 
     def same(self) -> bytes:
@@ -317,7 +326,9 @@ class TableBreaks:
                 self._stepped = b""
             else:
                 x &= flagless  # (lanes below 2**63: adding cs carries into no other)
-                self._stepped = self._mask(x + step, x)
+                # (in the zero head each entry plus cs differs from the next in cs's bytes)
+                head = self.cs.to_bytes(8, self.order).translate(_NONZERO)
+                self._stepped = self._mask(x + step, x, head)
         return self._stepped or None
 
 
@@ -372,27 +383,51 @@ def be_table(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
     of byte-or-wider entries); :func:`pack_be_table` is its inverse."""
     if typecode == "B" or not HOST_LITTLE_ENDIAN:
         return memoryview(bytearray(buf)).cast(typecode)
-    head = _swap_used(buf, typecode)
+    start, used = _swap_used(buf, typecode)
     n = len(buf)
-    if head.nbytes == n:
-        return head
-    out = bytearray(n)  # (the zero tail)
-    out[: head.nbytes] = head.cast("B")
+    if used.nbytes == n:
+        return used
+    out = bytearray(n)  # (the zero head and tail)
+    out[start : start + used.nbytes] = used.cast("B")
     return memoryview(out).cast(typecode)
 
 
-def _swap_used(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
-    """The words of ``buf`` up to its last non-zero byte, byte-swapped: a new native
-    memoryview of ``typecode``, empty when ``buf`` is all zeros.  The zero tail (most of
-    a small image's tables) is zero in either byte order, so neither the decode nor the
-    encode swaps it (a 64 KiB table with a few entries: one memcmp pass instead of a
-    byte-reversal of every word); each puts it back its own way (the one rule of both)."""
+def zero_head(buf: bytes | bytearray | memoryview, size: int = 1) -> int:
+    """How many bytes of ``buf`` come before its first ``size``-byte word holding a
+    non-zero byte (``len(buf)`` when it holds none): a binary search with
+    :func:`~diskimg.hostio.file.all_zero` (memcmp), as ``trailing_zeros`` finds the tail."""
+    mv = memoryview(buf).cast("B")
+    n = len(mv)
+    if not all_zero(mv[:size]):
+        return 0
+    if all_zero(mv):
+        return n
+    lo, hi = 0, n  # mv[:lo] holds only zeros, mv[:hi] a non-zero byte
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        if all_zero(mv[lo:mid]):
+            lo = mid
+        else:
+            hi = mid
+    return lo - lo % size
+
+
+def _swap_used(buf: bytes | bytearray | memoryview, typecode: Word) -> tuple[int, memoryview]:
+    """The words of ``buf`` from its first to its last non-zero one, byte-swapped: (the
+    first one's byte offset, a new native memoryview of ``typecode``); (``len(buf)``,
+    empty) when ``buf`` is all zeros.  The zero head and tail (most of a sparse image's
+    tables) are zero in either byte order, so neither the decode nor the encode swaps
+    them (a 64 KiB table with a few entries: a few memcmp passes instead of a
+    byte-reversal of every word); each puts them back its own way (the one rule of both)."""
     n = len(buf)
     size = struct.calcsize(typecode)
     used = -(-(n - trailing_zeros(buf)) // size) * size
-    if used == n:
-        return _swap(buf, typecode)
-    return _swap(memoryview(buf)[:used], typecode) if used else memoryview(b"").cast(typecode)
+    if not used:
+        return n, memoryview(b"").cast(typecode)
+    start = zero_head(memoryview(buf)[:used], size)
+    if start == 0 and used == n:
+        return 0, _swap(buf, typecode)
+    return start, _swap(memoryview(buf)[start:used], typecode)
 
 
 def be_u64_table(buf: bytes | bytearray | memoryview) -> memoryview:
@@ -405,14 +440,15 @@ _WORDS: dict[int, Word] = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 def pack_be_table(t: array[int] | memoryview) -> bytes:
     """A native table (``array`` or :func:`be_table`'s view, of any of its formats) → its
-    big-endian bytes (as in :func:`be_table`, only the words up to the last non-zero
-    byte are swapped: :func:`_swap_used`)."""
+    big-endian bytes (as in :func:`be_table`, only the words from the first non-zero one
+    to the last are swapped: :func:`_swap_used`)."""
     mv = memoryview(t)
     raw = mv.cast("B")
     if mv.itemsize == 1 or not HOST_LITTLE_ENDIAN:
         return raw.tobytes()
-    head = _swap_used(raw, _WORDS[mv.itemsize]).cast("B").tobytes()
-    return head.ljust(len(raw), b"\0")  # (the zero tail: no zeroed copy of the table)
+    start, used = _swap_used(raw, _WORDS[mv.itemsize])
+    # (the zero head and tail: no zeroed copy of the whole table)
+    return b"".join((bytes(start), used.cast("B"))).ljust(len(raw), b"\0")
 
 
 #: the u64 tables' name for it
