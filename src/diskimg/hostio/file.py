@@ -22,17 +22,13 @@ if TYPE_CHECKING:
     from typing import Any
 
 # The kernel's copy from the page cache (x86 ``rep movsb``) is slower when the destination
-# address lies 1-31 bytes past the source's position in its page (4K aliasing): 2x at
-# 16-31 bytes, 4x at 1-15.  Buffers from malloc (bytearray, bytes) sit 16 bytes into a
-# page, so a large read into one at a page-aligned file offset is made at that skew; it
-# goes to the caller's buffer _FAST_SKEW - skew bytes further on, where the copy is fast,
-# and is moved down in place by one user-space memmove.  Measured here (1 MiB reads from
-# tmpfs, interleaved, us per MiB): direct at skew 16 148-155, at 8 357; at 0 (a page-
-# aligned buffer) 99, at 32 92, at 33-63 and most larger skews 74-84.  A bytearray moved
-# to skew 48 (a 32-byte memmove) costs 98 in all, to skew 0 (a 4080-byte memmove, which
-# 4K-aliases its own loads and stores) 129; from skew 8, 0 costs 407.  (Reading straight
-# in at skew 16 was tried and measured, paired against moving it: the bench's 256 MiB
-# sparse vmdk into a bytearray 1.08x libvmdk against 0.97x.)
+# address lies 1-31 bytes past the source's position in its page (4K aliasing).  Buffers
+# from malloc (bytearray, bytes) sit 16 bytes into a page, so a large read into one at a
+# page-aligned file offset goes _FAST_SKEW - skew bytes further on, where the copy is fast,
+# and is moved down in place by one memmove.  Measured here (1 MiB reads from tmpfs, us
+# per MiB): direct at skew 16 148-155, at 8 357; at 0 (page-aligned) 99, at 32 92, at
+# 33-63 74-84; moved from skew 48 (a 32-byte memmove) 98 in all, from 0 129.  Read straight
+# in at skew 16: the bench's 256 MiB sparse vmdk into a bytearray 1.08x libvmdk, not 0.97x.
 _BOUNCE_MIN = 64 << 10       # smaller reads go straight to the caller's buffer
 _SLOW_SKEW = 32              # skews (address - offset) mod _PAGE in [1, 32) are slow
 _FAST_SKEW = 48              # where a read at a slow skew is made instead
@@ -118,23 +114,27 @@ def all_zero(buf: bytes | bytearray | memoryview) -> bool:
 
 
 def trailing_zeros(buf: bytes | bytearray | memoryview) -> int:
-    """How many zero bytes ``buf`` ends with (``len(buf)`` when it holds nothing else):
-    a binary search for the shortest all-zero tail with :func:`all_zero` (memcmp), about
-    2 * len(buf) bytes compared, where ``bytes.rstrip(b"\\0")`` tests byte by byte and a
-    big integer made of ``buf`` costs a multiplication per byte (a 64 KiB L2 table with one
-    entry: 15 us against 250)."""
-    mv = memoryview(buf)
+    """How many zero bytes ``buf`` ends with (``len(buf)`` when it holds nothing else)."""
+    return zero_run(memoryview(buf).cast("B"), tail=True)
+
+
+def zero_run(mv: memoryview, tail: bool = False) -> int:
+    """How many zero bytes byte view ``mv`` starts (``tail``: ends) with: a binary search
+    with :func:`all_zero` (memcmp, about len(mv) bytes compared; ``rstrip`` tests byte by
+    byte, a big integer costs a multiplication per byte: 64 KiB, one entry: 15 us vs 250)."""
     n = len(mv)
+    if not n or mv[-1 if tail else 0]:
+        return 0
     if all_zero(mv):
         return n
-    lo, hi = 0, n  # mv[lo:] holds a non-zero byte, mv[hi:] none
+    lo, hi = 0, n  # the run is at least lo bytes long and shorter than hi
     while hi - lo > 1:
         mid = (lo + hi) >> 1
-        if all_zero(mv[mid:hi]):
-            hi = mid
-        else:
+        if all_zero(mv[n - mid : n - lo] if tail else mv[lo:mid]):
             lo = mid
-    return n - hi
+        else:
+            hi = mid
+    return lo
 
 
 def _page_offset(buf: memoryview) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 import sys
 
-from diskimg.hostio.file import all_zero, trailing_zeros
+from diskimg.hostio.file import trailing_zeros, zero_run
 
 #: the byte order of ``memoryview.cast`` words: the tables are big-endian on disk
 HOST_LITTLE_ENDIAN = sys.byteorder == "little"
@@ -225,7 +225,7 @@ def lanes(values: tuple[int, ...], n: int, full: int) -> tuple[int, ...]:
 def first_masked(table: memoryview | array[int], i: int, last: int, mask: int) -> int:
     """The first ``k`` in ``[i, last)`` with ``table[k] & mask`` (``table``: native u64
     entries, an L1 table), else ``last``.  Runs of zero entries are passed over by
-    :func:`zero_head` (memcmp), then blocks from the first non-zero entry, growing from 8
+    ``zero_run`` (memcmp), then blocks from the first non-zero entry, growing from 8
     entries to 4096, are tested as big integers (no Python work per entry, no more memory
     than a 32 KiB block): a 16 TiB image's L1 table of 32768 mostly empty entries costs
     a few memcmp passes, not 32768 steps.  Lane ``j`` of a block's integer is its entry
@@ -233,7 +233,7 @@ def first_masked(table: memoryview | array[int], i: int, last: int, mask: int) -
     words = memoryview(table)
     k, block = i, 8
     while k < last:
-        k += zero_head(words[k:last], 8) // 8
+        k += zero_run(words[k:last].cast("B")) // 8
         end = min(last, k + block)
         x = int.from_bytes(words[k:end].cast("B"), "little")
         x &= int.from_bytes(mask.to_bytes(8, sys.byteorder) * (end - k), "little")
@@ -273,7 +273,7 @@ class TableBreaks:
         # not found, which is right, every entry there being zero as its predecessor
         n = len(buf) // 8
         used = min(n, n - trailing_zeros(buf) // 8 + 1)
-        lo = max(0, zero_head(buf[: 8 * used], 8) // 8 - 1)
+        lo = max(0, zero_run(buf[: 8 * used]) // 8 - 1)
         self.buf, self.lo, self.n = buf[8 * lo : 8 * used], lo, used - lo
         self.cs, self.full = cs, n
         self.order: Literal["big", "little"] = \
@@ -392,26 +392,6 @@ def be_table(buf: bytes | bytearray | memoryview, typecode: Word) -> memoryview:
     return memoryview(out).cast(typecode)
 
 
-def zero_head(buf: bytes | bytearray | memoryview, size: int = 1) -> int:
-    """How many bytes of ``buf`` come before its first ``size``-byte word holding a
-    non-zero byte (``len(buf)`` when it holds none): a binary search with
-    :func:`~diskimg.hostio.file.all_zero` (memcmp), as ``trailing_zeros`` finds the tail."""
-    mv = memoryview(buf).cast("B")
-    n = len(mv)
-    if not all_zero(mv[:size]):
-        return 0
-    if all_zero(mv):
-        return n
-    lo, hi = 0, n  # mv[:lo] holds only zeros, mv[:hi] a non-zero byte
-    while hi - lo > 1:
-        mid = (lo + hi) >> 1
-        if all_zero(mv[lo:mid]):
-            lo = mid
-        else:
-            hi = mid
-    return lo - lo % size
-
-
 def _swap_used(buf: bytes | bytearray | memoryview, typecode: Word) -> tuple[int, memoryview]:
     """The words of ``buf`` from its first to its last non-zero one, byte-swapped: (the
     first one's byte offset, a new native memoryview of ``typecode``); (``len(buf)``,
@@ -424,7 +404,7 @@ def _swap_used(buf: bytes | bytearray | memoryview, typecode: Word) -> tuple[int
     used = -(-(n - trailing_zeros(buf)) // size) * size
     if not used:
         return n, memoryview(b"").cast(typecode)
-    start = zero_head(memoryview(buf)[:used], size)
+    start = zero_run(memoryview(buf).cast("B")[:used]) // size * size
     if start == 0 and used == n:
         return 0, _swap(buf, typecode)
     return start, _swap(memoryview(buf)[start:used], typecode)
