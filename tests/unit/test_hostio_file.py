@@ -280,17 +280,20 @@ def test_trailing_zeros_counts_the_zero_bytes_at_the_end(data: bytes) -> None:
     assert trailing_zeros(data) == len(data) - len(data.rstrip(b"\0"))
 
 
-@given(st.integers(0, 5000), st.binary(max_size=40), st.integers(0, 5000))
-def test_zero_run_counts_the_zero_bytes_at_either_end(head: int, body: bytes,
-                                                      tail: int) -> None:
+@given(st.integers(0, 5000), st.binary(max_size=40), st.integers(0, 5000),
+       st.sampled_from([1, 2, 4, 8]))
+def test_zero_run_counts_the_zero_bytes_at_either_end(head: int, body: bytes, tail: int,
+                                                      word: int) -> None:
     """zero_run, the binary search the table codec and the L1 walk use to pass over a zero
-    head (and trailing_zeros over a zero tail), counts what lstrip/rstrip count."""
+    head (and trailing_zeros over a zero tail), counts what lstrip/rstrip count, in whole
+    words."""
     from diskimg.hostio.file import zero_run
 
     data = bytes(head) + body + bytes(tail)
     mv = memoryview(data)
-    assert zero_run(mv) == len(data) - len(data.lstrip(b"\0"))
-    assert zero_run(mv, tail=True) == len(data) - len(data.rstrip(b"\0"))
+    lead, trail = len(data) - len(data.lstrip(b"\0")), len(data) - len(data.rstrip(b"\0"))
+    assert zero_run(mv, word=word) == lead // word * word
+    assert zero_run(mv, tail=True, word=word) == trail // word * word
 
 
 def test_page_offset_matches_ctypes_at_every_offset() -> None:

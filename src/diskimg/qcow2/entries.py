@@ -233,7 +233,7 @@ def first_masked(table: memoryview | array[int], i: int, last: int, mask: int) -
     words = memoryview(table)
     k, block = i, 8
     while k < last:
-        k += zero_run(words[k:last].cast("B")) // 8
+        k += zero_run(words[k:last].cast("B"), word=8) // 8
         end = min(last, k + block)
         x = int.from_bytes(words[k:end].cast("B"), "little")
         x &= int.from_bytes(mask.to_bytes(8, sys.byteorder) * (end - k), "little")
@@ -273,7 +273,7 @@ class TableBreaks:
         # not found, which is right, every entry there being zero as its predecessor
         n = len(buf) // 8
         used = min(n, n - trailing_zeros(buf) // 8 + 1)
-        lo = max(0, zero_run(buf[: 8 * used]) // 8 - 1)
+        lo = max(0, zero_run(buf[: 8 * used], word=8) // 8 - 1)
         self.buf, self.lo, self.n = buf[8 * lo : 8 * used], lo, used - lo
         self.cs, self.full = cs, n
         self.order: Literal["big", "little"] = \
@@ -404,7 +404,7 @@ def _swap_used(buf: bytes | bytearray | memoryview, typecode: Word) -> tuple[int
     used = -(-(n - trailing_zeros(buf)) // size) * size
     if not used:
         return n, memoryview(b"").cast(typecode)
-    start = zero_run(memoryview(buf).cast("B")[:used]) // size * size
+    start = zero_run(memoryview(buf).cast("B")[:used], word=size)
     if start == 0 and used == n:
         return 0, _swap(buf, typecode)
     return start, _swap(memoryview(buf)[start:used], typecode)
