@@ -20,6 +20,7 @@ from diskimg.hostio.sink import Sink
 from diskimg.options import check_preallocation
 from diskimg.options import parse_bool as _bool
 from diskimg.policy import OpenPolicy
+from diskimg.raw import create_raw
 from diskimg.vmdk import sparse as S
 from diskimg.vmdk.descriptor import NO_PARENT, new_cid, stored_text
 from diskimg.vmdk.extent_line import ExtentLine
@@ -273,8 +274,8 @@ def create_vmdk(path: str | os.PathLike[str], size: int, *, backing_file: str | 
         for name, n in parts:
             eh = open_host_file(d / name, True, create=True, lock_mode=lock)
             try:
-                if flat:
-                    eh.truncate(n)
+                if flat:  # a new file of the file protocol: its first block allocated
+                    create_raw(eh, n)
                     extents.append(ExtentLine("RW", n // S.SECTOR, "FLAT", name, 0))
                 else:
                     _init_sparse(eh, n // S.SECTOR, zeroed)
