@@ -346,10 +346,12 @@ def test_preallocation_on_create_and_resize_like_qemu(tmp_path: Path, mode: str)
 def test_resize_sets_the_data_file_length_as_qemu(tmp_path: Path, run, raw: bool) -> None:
     """Shrink then grow an image with an external data file: qemu-img cuts and extends
     the data file with the disk, so the cut-off data is gone and a raw data file stays
-    the disk byte for byte.  diskimg used to leave the data file at its old length."""
+    the disk byte for byte.  diskimg used to leave the data file at its old length.  The
+    grow maps the new clusters of a raw data file one to one, as qemu's implied
+    ``preallocation=metadata`` does (diskimg used to leave them unallocated)."""
     import diskimg
 
-    sizes = {}
+    sizes, maps = {}, {}
     for tool in ("qemu", "diskimg"):
         d = tmp_path / tool
         d.mkdir()
@@ -376,7 +378,9 @@ def test_resize_sets_the_data_file_length_as_qemu(tmp_path: Path, run, raw: bool
             same = data.read_bytes() == expect  # (no pytest diff of a MiB)
             assert same, f"{tool}: the raw data file is not the disk"
         assert "No errors were found" in run([QEMU_IMG, "check", img]).stdout
+        maps[tool] = run([QEMU_IMG, "map", "--output=json", img]).stdout
     assert sizes["diskimg"] == sizes["qemu"] == [300 * 1024, 1 << 20]
+    assert maps["diskimg"] == maps["qemu"]
 
 
 @pytest.mark.parametrize(("size", "cs"), [((16 << 40), 65536), ((1 << 40) + 1536, 4096)],

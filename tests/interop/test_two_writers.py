@@ -40,6 +40,9 @@ Semantics the model relies on (qcow2 as QEMU 7.2 implements it, which diskimg fo
 - growing an image that has a backing file makes the new range read as zeros; qemu 7.2
   otherwise leaves the rest of the old partial last cluster as it was (a shrink's
   leftovers show again), which the model takes from the image.
+- a LUKS image with a raw data file (``data_file_raw=on``) maps every cluster, those a
+  grow adds too, so clusters never written read as the decryption of zeros: the model
+  takes them from the image.
 """
 
 from __future__ import annotations
@@ -240,6 +243,16 @@ class Sequence:
                            secrets={"sec0": PASSPHRASE.encode()})
         self.model = bytearray(base[:cfg.size]) + bytearray(max(0, cfg.size - len(base)))
         self.base = base
+        if self.garbage_unwritten():
+            with self.diskimg_open("r") as img:
+                self.model[:] = img.read(0, img.size)
+
+    def garbage_unwritten(self) -> bool:
+        """Whether clusters never written read as the decryption of the raw data file's
+        zeros: a LUKS image with ``data_file_raw=on`` maps every cluster from the start
+        (and those a grow adds: qemu's implied ``preallocation=metadata``).  The model
+        takes them from the image; each check compares qemu's read with diskimg's."""
+        return self.cfg.luks and self.cfg.data_file == "raw"
 
     # --- drawing operations --------------------------------------------------------
     def offset(self, size: int) -> int:
@@ -438,6 +451,9 @@ class Sequence:
                 img.resize(new, shrink=new < old)
         del self.model[new:]
         self.model += bytes(new - len(self.model))
+        if new > old and self.garbage_unwritten():
+            with self.diskimg_open("r") as img:
+                self.model[old:new] = img.read(old, new - old)
         stale_end = min(new, -(-old // cs) * cs)
         if how == "qemu" and stale_end > old and not (
                 self.cfg.backing and self.cfg.backing_size > old):

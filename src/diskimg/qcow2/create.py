@@ -25,6 +25,7 @@ from diskimg.qcow2.layout import (
     V2_HEADER_LENGTH,
     V3_HEADER_LENGTH_COMPRESSION,
     Header,
+    implied_preallocation,
     l1_entries_for,
     l1_fits,
     pack_feature_table,
@@ -229,8 +230,7 @@ def create_qcow2(path: str | os.PathLike[str], size: int, *, backing_file: str |
         host.flush()
     finally:
         host.close()
-    if h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW and prealloc == "off":
-        prealloc = "metadata"  # qemu maps a raw data file one to one from the start
+    prealloc = implied_preallocation(h, prealloc)
     if prealloc in ("falloc", "full") and h.data_file is None:
         _preallocate_space(path, h, prealloc, lock)
     elif prealloc != "off":

@@ -149,6 +149,15 @@ HDR_HEADER_LENGTH = _FIELDS["header_length"]
 SNAPSHOT_ENTRY_HEADER_SIZE = 40
 
 
+def implied_preallocation(h: Header, mode: str) -> str:
+    """The preallocation a create or grow of ``h``'s image makes when asked for ``mode``:
+    a raw data file (``data_file_raw``) is mapped one to one from the start, so qemu
+    turns ``off`` into ``metadata`` (every new guest cluster mapped at its own offset)."""
+    if mode == "off" and h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
+        return "metadata"
+    return mode
+
+
 def check_table_pointer(count: int, offset: int, cluster_size: int) -> str | None:
     """qemu's check of the header's snapshot table fields (count, offset): None when
     they are usable, else what is wrong ("too large" or "offset invalid")."""

@@ -11,7 +11,7 @@ from diskimg.qcow2 import entries as E
 from diskimg.qcow2 import header_io
 from diskimg.qcow2 import zero as Z
 from diskimg.qcow2.entries import pack_be_u64_array, u64_zeros
-from diskimg.qcow2.layout import l1_entries_for, l1_fits
+from diskimg.qcow2.layout import implied_preallocation, l1_entries_for, l1_fits
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -112,6 +112,7 @@ def resize(img: Qcow2Image, new_size: int, *, shrink: bool = False,
     if over_backing and img.header.version < 3 and new_size > -(-img.size // img.cs) * img.cs:
         raise UnsupportedFeatureError("Failed to zero out new clusters: Operation not "
                                       "supported")
+    preallocation = implied_preallocation(img.header, preallocation)
     bitmaps = img.bitmaps if img.bitmaps.entries else None
     if bitmaps is not None:
         bitmaps.check_resize()  # qemu: an inconsistent bitmap refuses the resize
