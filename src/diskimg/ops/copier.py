@@ -250,12 +250,13 @@ class _Copier:
     def _concat_runs(self, devs: Sequence[BlockDevice]
                      ) -> Iterator[tuple[RunKind, int, int]]:
         """The status runs of the concatenated sources, in target offsets, consecutive
-        runs of a kind merged within one source (qemu's runs never cross sources)."""
+        runs of a kind merged within one source and on one side of a new target's
+        backing end (qemu's runs cross neither)."""
         base = 0
         for d in devs:
             kind_m, pos_m, n_m = _DATA, 0, 0
             for kind, pos, n in self._status_runs(d, base):
-                if n_m and kind is kind_m:
+                if n_m and kind is kind_m and base + pos != self.backing_end:
                     n_m += n
                     continue
                 if n_m:
@@ -341,13 +342,14 @@ class _Copier:
             # top layer only: the rest is the target's backing
             kind, n = _top_status(src, pos, n)
             end = self.backing_end
-            if end is not None and kind is _ZERO:
-                # past the end of a new target's backing file the target reads zeros
-                # of its own: qemu leaves zero runs there unwritten
-                if base + pos >= end:
-                    kind = _BACKING
-                elif base + pos + n > end:
+            if end is not None:
+                # qemu's status runs break at the end of a new target's backing file
+                # (which decides the kind of a compressed cluster across it); past it
+                # the target reads zeros of its own: zero runs there are left unwritten
+                if base + pos < end < base + pos + n:
                     n = end - base - pos
+                elif base + pos >= end and kind is _ZERO:
+                    kind = _BACKING
             return kind, n
         st, _ = src.block_status(pos, n, coarse=True)
         n = min(n, st.length)
