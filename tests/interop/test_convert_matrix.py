@@ -426,13 +426,13 @@ def _past_short_backing(case: Case, qemu_t: Img, diskimg_t: Img) -> bool:
     what the target held) past the end too, where the source reads zeros.  diskimg
     writes those zeros.  True when every byte where the targets differ lies past the
     end of the source's backing file and diskimg's byte there is the source's."""
-    if not case.backed or len(case.sources) != 1 or case.snapshot is not None:
+    if not case.backed or len(case.sources) != 1:
         return False
     end = _backing_end(case)
     if not 0 < end < case.sources[0].size:
         return False
     q, d = _read_all(qemu_t), _read_all(diskimg_t)
-    src = _read_all(case.sources[0])
+    src = _read_all(case.sources[0], case.snapshot)
     return q[:end] == d[:end] and d[end:] == src[end:] and len(q) == len(d)
 
 
@@ -492,7 +492,7 @@ def run_case(seed: int, d: Path, run: Run) -> tuple[Case, list[str]]:
         want = _read_all(qimg_t)
         if qemu_artifact:  # the source's zeros past its backing file's end
             end = _backing_end(case)
-            want = want[:end] + _read_all(case.sources[0])[end:]
+            want = want[:end] + _read_all(case.sources[0], case.snapshot)[end:]
     if got[: len(want)] != want or any(got[len(want):]):
         problems.append(f"diskimg reads the target differently from the source from byte "
                         f"{_first_diff(got, want)} (target {len(got)} bytes, source "
