@@ -23,7 +23,8 @@ file) and the same virtual size, every snapshot read by qemu matches, a raw data
 equals the model byte for byte, and ``qemu-img check`` is clean.
 
 A fresh encrypted image with data_file_raw starts from what qemu reads (qemu maps the
-zeroed data file one to one, and decrypted zeros are not zeros).  Resize is refused
+zeroed data file one to one, and decrypted zeros are not zeros); the clusters a grow adds
+are mapped the same way, and the model takes them from the image.  Resize is refused
 while snapshots exist (diskimg's rule; qemu-img 7.2 grows such an image).
 
 What each CI run covered is counted (tests/property/conftest.py prints the counters after
@@ -350,9 +351,16 @@ class Qcow2Machine(RuleBasedStateMachine):
             self._refused("grow of a v2 image over a longer backing file",
                           lambda: self.img.resize(new, shrink=True))
             return
+        old = self.size
         self.img.resize(new, shrink=True)
         _note(modelkit.resize_model(self.model, new))
         self.size = new
+        if new > old and self.encrypt and self.data_file == "on":
+            # the new clusters are mapped one to one over the raw data file's zeros, as
+            # at create (qemu's implied preallocation=metadata): they read as those
+            # zeros decrypted; the rest of the old last cluster is zeroed
+            cend = min(new, -(-old // cs) * cs)
+            self.model[cend:new] = self.img.read(cend, new - cend)
 
     @rule()
     def reopen(self) -> None:
